@@ -1,0 +1,48 @@
+# The two commands of the quick start. Both bootstrap themselves from a fresh clone on Debian with Python 3.11.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.midgate-installed
+# torch is installed first and pinned: an unpinned torch makes pip fetch a multi-GB CUDA build.
+TORCH_PIN := torch==2.13.0
+
+.PHONY: demo test lint typecheck pytest mosquitto bench clean
+
+demo: $(STAMP)
+	$(BIN)/midgate demo
+
+test: $(STAMP) mosquitto lint typecheck pytest
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet $(TORCH_PIN)
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+mosquitto:
+	@if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then :; \
+	elif [ "$$(id -u)" = "0" ]; then \
+		echo "installing mosquitto (the messaging tests run against a real broker)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
+	else \
+		echo "mosquitto is missing and this is not root: run 'sudo apt-get install mosquitto' and retry" >&2; exit 1; \
+	fi
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy protocol coordinator
+
+pytest: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):/usr/sbin:$$PATH" $(BIN)/pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	@for b in bench/*_bench.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

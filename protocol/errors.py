@@ -1,0 +1,188 @@
+"""One exception hierarchy for every rejection in the protocol, each with a stable reason code.
+
+Services count and log rejections by `reason`; the codes are part of the wire contract (docs/protocol.md) and never
+change meaning. Each error carries the offending values as keyword details, as transparency-dev/merkle's typed
+errors do, so a log line says what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+
+class Reason(StrEnum):
+    """Stable reason codes. Append new ones; never rename or reuse one."""
+
+    TOO_LARGE = "too_large"
+    MALFORMED = "malformed"
+    WRONG_TYPE = "wrong_type"
+    BAD_SIGNATURE = "bad_signature"
+    UNKNOWN_KEY = "unknown_key"
+    REVOKED_KEY = "revoked_key"
+    REPLAYED = "replayed"
+    EQUIVOCATION = "equivocation"
+    BAD_TOPIC = "bad_topic"
+    TOPIC_MISMATCH = "topic_mismatch"
+    RATE_LIMITED = "rate_limited"
+    BAD_KEY = "bad_key"
+    INSECURE_KEY_FILE = "insecure_key_file"
+    BAD_NOTE = "bad_note"
+    BAD_PROOF = "bad_proof"
+    ROOT_MISMATCH = "root_mismatch"
+    INCONSISTENT = "inconsistent"
+    STALE_CHECKPOINT = "stale_checkpoint"
+    INVITE_EXPIRED = "invite_expired"
+    INVITE_USED = "invite_used"
+    INVITE_INVALID = "invite_invalid"
+    UPDATE_MISMATCH = "update_mismatch"
+    POLICY_VIOLATION = "policy_violation"
+
+
+class ProtocolError(Exception):
+    """Base of every protocol rejection. `reason` is stable; `details` name the offending values."""
+
+    reason: Reason = Reason.MALFORMED
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def __str__(self) -> str:
+        if not self.details:
+            return f"{self.reason}: {self.message}"
+        shown = ", ".join(f"{k}={v!r}" for k, v in self.details.items())
+        return f"{self.reason}: {self.message} ({shown})"
+
+
+class TooLargeError(ProtocolError):
+    """The input exceeds a size limit; checked before any parsing."""
+
+    reason = Reason.TOO_LARGE
+
+
+class MalformedError(ProtocolError):
+    """The input is not well-formed (encoding, JSON, schema, lengths)."""
+
+    reason = Reason.MALFORMED
+
+
+class WrongTypeError(ProtocolError):
+    """A verified payload has a payloadType other than the one expected here."""
+
+    reason = Reason.WRONG_TYPE
+
+
+class BadSignatureError(ProtocolError):
+    """No signature by a trusted key verifies over the exact bytes."""
+
+    reason = Reason.BAD_SIGNATURE
+
+
+class UnknownKeyError(ProtocolError):
+    """The signer's key id is not among the trusted keys."""
+
+    reason = Reason.UNKNOWN_KEY
+
+
+class RevokedKeyError(ProtocolError):
+    """The signer's key was revoked."""
+
+    reason = Reason.REVOKED_KEY
+
+
+class ReplayedError(ProtocolError):
+    """A seq or nonce that was already used."""
+
+    reason = Reason.REPLAYED
+
+
+class EquivocationError(ProtocolError):
+    """Two different signed statements for the same slot (same key and seq, or same tree size)."""
+
+    reason = Reason.EQUIVOCATION
+
+
+class BadTopicError(ProtocolError):
+    """A topic or id outside the topic grammar or its safe alphabet."""
+
+    reason = Reason.BAD_TOPIC
+
+
+class TopicMismatchError(ProtocolError):
+    """A message arrived on a topic that does not belong to its signer."""
+
+    reason = Reason.TOPIC_MISMATCH
+
+
+class RateLimitedError(ProtocolError):
+    """A device exceeded its rate limit."""
+
+    reason = Reason.RATE_LIMITED
+
+
+class BadKeyError(ProtocolError):
+    """A key encoding (verifier key, signer key) is not valid."""
+
+    reason = Reason.BAD_KEY
+
+
+class InsecureKeyFileError(ProtocolError):
+    """A private key file is readable or writable by others than its owner."""
+
+    reason = Reason.INSECURE_KEY_FILE
+
+
+class BadNoteError(ProtocolError):
+    """A C2SP signed note is not well-formed."""
+
+    reason = Reason.BAD_NOTE
+
+
+class BadProofError(ProtocolError):
+    """A Merkle proof has the wrong shape for the sizes it claims."""
+
+    reason = Reason.BAD_PROOF
+
+
+class RootMismatchError(ProtocolError):
+    """A proof computed a root other than the expected one."""
+
+    reason = Reason.ROOT_MISMATCH
+
+
+class InconsistentError(ProtocolError):
+    """Two checkpoints that cannot both be views of one append-only log."""
+
+    reason = Reason.INCONSISTENT
+
+
+class StaleCheckpointError(ProtocolError):
+    """A checkpoint smaller than the one already trusted."""
+
+    reason = Reason.STALE_CHECKPOINT
+
+
+class InviteExpiredError(ProtocolError):
+    reason = Reason.INVITE_EXPIRED
+
+
+class InviteUsedError(ProtocolError):
+    reason = Reason.INVITE_USED
+
+
+class InviteInvalidError(ProtocolError):
+    reason = Reason.INVITE_INVALID
+
+
+class UpdateMismatchError(ProtocolError):
+    """A contribution report names an update hash other than the update the coordinator received."""
+
+    reason = Reason.UPDATE_MISMATCH
+
+
+class PolicyViolationError(ProtocolError):
+    """A configuration or request breaks MID policy (e.g. fee above the cap)."""
+
+    reason = Reason.POLICY_VIOLATION

@@ -1,0 +1,23 @@
+"""Shared fixtures: the public test vectors in ../shared/testvectors, read in place and never copied."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+VECTORS = Path(__file__).resolve().parents[2] / "shared" / "testvectors"
+
+VECTOR_SOURCES = {
+    "merkle": "transparency-dev/merkle testdata/inclusion and testdata/consistency",
+    "ed25519": "C2SP/wycheproof testvectors_v1/ed25519_test.json",
+    "signed-note": "the C2SP signed-note.md example and golang.org/x/mod sumdb/note ExampleSign",
+}
+
+
+def vectors_dir(kind: str) -> Path:
+    """The folder of one kind of public vectors; skips the test, naming the public source, when it is absent."""
+    path = VECTORS / kind
+    if not path.exists():
+        pytest.skip(f"{path} not found: these tests read public vectors from {VECTOR_SOURCES[kind]}")
+    return path
