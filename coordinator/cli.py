@@ -4,4 +4,6 @@ from __future__ import annotations
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, help="MID operator commands: serve the coordinator, broker configuration, invites, registry.")
+app = typer.Typer(
+    no_args_is_help=True, help="MID operator commands: serve the coordinator, broker configuration, invites, registry."
+)
