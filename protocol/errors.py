@@ -37,6 +37,8 @@ class Reason(StrEnum):
     INVITE_INVALID = "invite_invalid"
     UPDATE_MISMATCH = "update_mismatch"
     POLICY_VIOLATION = "policy_violation"
+    SENSOR_UNAVAILABLE = "sensor_unavailable"
+    SENSOR_IO = "sensor_io"
 
 
 class ProtocolError(Exception):
