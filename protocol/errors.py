@@ -37,6 +37,7 @@ class Reason(StrEnum):
     INVITE_INVALID = "invite_invalid"
     UPDATE_MISMATCH = "update_mismatch"
     POLICY_VIOLATION = "policy_violation"
+    SETTLEMENT_MISMATCH = "settlement_mismatch"
     SENSOR_UNAVAILABLE = "sensor_unavailable"
     SENSOR_IO = "sensor_io"
 
@@ -188,3 +189,9 @@ class PolicyViolationError(ProtocolError):
     """A configuration or request breaks MID policy (e.g. fee above the cap)."""
 
     reason = Reason.POLICY_VIOLATION
+
+
+class SettlementMismatchError(ProtocolError):
+    """A settlement or royalty record whose stored outputs differ from what its own inputs compute."""
+
+    reason = Reason.SETTLEMENT_MISMATCH
