@@ -37,9 +37,9 @@ class Reason(StrEnum):
     INVITE_INVALID = "invite_invalid"
     UPDATE_MISMATCH = "update_mismatch"
     POLICY_VIOLATION = "policy_violation"
-    SETTLEMENT_MISMATCH = "settlement_mismatch"
     SENSOR_UNAVAILABLE = "sensor_unavailable"
     SENSOR_IO = "sensor_io"
+    SETTLEMENT_MISMATCH = "settlement_mismatch"
 
 
 class ProtocolError(Exception):
