@@ -1,0 +1,234 @@
+"""DSSE signed envelopes (https://github.com/secure-systems-lab/dsse, envelope.md and protocol.md).
+
+    {"payloadType": "<type>", "payload": "<base64(bytes)>", "signatures": [{"keyid": "<hex>", "sig": "<base64>"}]}
+
+Each signature is Ed25519 over PAE(type, body) = "DSSEv1 <len(type)> <type> <len(body)> <body>". The key id is the
+hex of the signer's 4-byte C2SP signed-note key id (protocol.identity).
+
+`seal` and `open_envelope` are the only ways in and out. `open_envelope` checks the size before parsing, parses the
+wrapper with plain `json` (pydantic would cost a measurable share of the verify budget; bench/protocol_bench.py) but
+strictly, verifies the signature, and only then compares the payloadType: a `wrong_type` rejection therefore always
+names an authentic message sent to the wrong place, never a forgery. The payload itself is parsed only by `decode`,
+after verification, and keeps the exact bytes that were signed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from protocol.errors import (
+    BadKeyError,
+    BadSignatureError,
+    MalformedError,
+    TooLargeError,
+    UnknownKeyError,
+    WrongTypeError,
+)
+from protocol.identity import KEY_ID_SIZE, SIGNATURE_SIZE, SignerKey, VerifierKey
+
+MAX_ENVELOPE_SIZE = 64 * 1024
+MAX_SIGNATURES = 4
+MAX_PAYLOAD_TYPE_LEN = 128
+_ENVELOPE_KEYS = frozenset(("payloadType", "payload", "signatures"))
+_SIGNATURE_KEYS = frozenset(("keyid", "sig"))
+# Printable ASCII without space: a payloadType is a media type, and this keeps PAE lengths equal to character counts.
+_PAYLOAD_TYPE = re.compile(r"[\x21-\x7e]{1,128}")
+_KEY_ID_HEX = re.compile(f"[0-9a-f]{{{2 * KEY_ID_SIZE}}}")
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def pae(payload_type: str, payload: bytes) -> bytes:
+    """DSSE v1 pre-authentication encoding; lengths are ASCII decimal byte counts."""
+    type_bytes = payload_type.encode()
+    return b"DSSEv1 %d %b %d %b" % (len(type_bytes), type_bytes, len(payload), payload)
+
+
+class KeyRing(Mapping[str, VerifierKey]):
+    """Trusted verifier keys by hex key id. Two different keys with the same 4-byte id are refused, not shadowed."""
+
+    def __init__(self, keys: Iterable[VerifierKey] = ()) -> None:
+        self._keys: dict[str, VerifierKey] = {}
+        for key in keys:
+            self.add(key)
+
+    def add(self, key: VerifierKey) -> None:
+        kid = key.key_id.hex()
+        present = self._keys.get(kid)
+        if present is not None and present != key:
+            raise BadKeyError("a different key with the same key id is already trusted", key_id=kid, name=key.name)
+        self._keys[kid] = key
+
+    def remove(self, key: VerifierKey) -> None:
+        self._keys.pop(key.key_id.hex(), None)
+
+    def __getitem__(self, key_id_hex: str) -> VerifierKey:
+        return self._keys[key_id_hex]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+@dataclass(frozen=True)
+class VerifiedPayload:
+    """A payload whose signature verified: its type, its exact signed bytes, the signer and the envelope bytes."""
+
+    payload_type: str
+    payload: bytes
+    signer: VerifierKey
+    envelope: bytes
+
+    @property
+    def key_id(self) -> str:
+        return self.signer.key_id.hex()
+
+
+def seal(payload_type: str, payload: bytes, key: SignerKey) -> bytes:
+    """Sign `payload` as `payload_type` with `key`; returns the compact JSON envelope bytes."""
+    _check_payload_type(payload_type)
+    signature = key._sign(pae(payload_type, payload))
+    envelope = {
+        "payloadType": payload_type,
+        "payload": base64.b64encode(payload).decode("ascii"),
+        "signatures": [{"keyid": key.key_id.hex(), "sig": base64.b64encode(signature).decode("ascii")}],
+    }
+    data = json.dumps(envelope, separators=(",", ":")).encode("ascii")
+    if len(data) > MAX_ENVELOPE_SIZE:
+        raise TooLargeError("sealed envelope would exceed the size limit", limit=MAX_ENVELOPE_SIZE, found=len(data))
+    return data
+
+
+def open_envelope(data: bytes, trusted: Mapping[str, VerifierKey], expected_type: str) -> VerifiedPayload:
+    """Verify an envelope against `trusted` (hex key id -> key) and require `expected_type`.
+
+    Signatures by keys not in `trusted` are ignored; a trusted key's signature that does not verify is an error; at
+    least one trusted key must have signed. Raises only ProtocolError subclasses.
+    """
+    if len(data) > MAX_ENVELOPE_SIZE:
+        raise TooLargeError("envelope exceeds the size limit", limit=MAX_ENVELOPE_SIZE, found=len(data))
+    payload_type, payload, signatures = _parse(data)
+    message = pae(payload_type, payload)
+    signer: VerifierKey | None = None
+    for kid, sig in signatures:
+        key = trusted.get(kid)
+        if key is None:
+            continue
+        if not key.verifies(message, sig):
+            raise BadSignatureError("envelope signature does not verify", key_id=kid, payload_type=payload_type)
+        signer = signer or key
+    if signer is None:
+        raise UnknownKeyError("envelope is not signed by a trusted key", key_ids=[kid for kid, _ in signatures])
+    if payload_type != expected_type:
+        raise WrongTypeError("unexpected payloadType", expected=expected_type, found=payload_type)
+    return VerifiedPayload(payload_type, payload, signer, data)
+
+
+def decode(verified: VerifiedPayload, model: type[M]) -> M:
+    """Parse a verified payload with `model` (strict, extra fields forbidden); the type must be the model's own."""
+    return parse_unverified_payload(verified.payload_type, verified.payload, model)
+
+
+def parse_unverified_payload(payload_type: str, payload: bytes, model: type[M]) -> M:
+    """`decode` without the proof of a signature. Only for payloads that carry their own signer key (enrolment)."""
+    expected = getattr(model, "PAYLOAD_TYPE", None)
+    if expected is not None and payload_type != expected:
+        raise WrongTypeError("payload is not of the model's type", expected=expected, found=payload_type)
+    try:
+        return model.model_validate_json(payload, strict=True)
+    except ValidationError as exc:
+        raise MalformedError(
+            "payload does not match its schema",
+            payload_type=payload_type,
+            errors=[(".".join(str(p) for p in e["loc"]), e["type"]) for e in exc.errors(include_input=False)[:10]],
+        ) from None
+
+
+def peek_envelope(data: bytes) -> tuple[str, bytes, tuple[str, ...]]:
+    """The UNVERIFIED payloadType, payload and key ids of an envelope, for the one case where the signer's key
+    travels inside the payload (enrolment). Same size and strictness checks as `open_envelope`."""
+    if len(data) > MAX_ENVELOPE_SIZE:
+        raise TooLargeError("envelope exceeds the size limit", limit=MAX_ENVELOPE_SIZE, found=len(data))
+    payload_type, payload, signatures = _parse(data)
+    return payload_type, payload, tuple(kid for kid, _ in signatures)
+
+
+def _parse(data: bytes) -> tuple[str, bytes, list[tuple[str, bytes]]]:
+    try:
+        # Decoding first pins the encoding to UTF-8: json.loads(bytes) would also accept UTF-16 and UTF-32.
+        doc = json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise MalformedError("envelope is not a UTF-8 JSON document", error=type(exc).__name__) from None
+    if not isinstance(doc, dict) or doc.keys() != _ENVELOPE_KEYS:
+        raise MalformedError("envelope must be an object with payloadType, payload and signatures")
+    payload_type, payload_b64, signatures = doc["payloadType"], doc["payload"], doc["signatures"]
+    if not isinstance(payload_type, str) or not _PAYLOAD_TYPE.fullmatch(payload_type):
+        raise MalformedError("payloadType must be 1..128 printable ASCII characters without spaces")
+    payload = _strict_b64(payload_b64, "payload")
+    if not isinstance(signatures, list) or not 1 <= len(signatures) <= MAX_SIGNATURES:
+        raise MalformedError(f"signatures must be a list of 1..{MAX_SIGNATURES} entries")
+    parsed: list[tuple[str, bytes]] = []
+    for entry in signatures:
+        if not isinstance(entry, dict) or entry.keys() != _SIGNATURE_KEYS:
+            raise MalformedError("a signature must be an object with keyid and sig")
+        kid, sig_b64 = entry["keyid"], entry["sig"]
+        if not isinstance(kid, str) or not _KEY_ID_HEX.fullmatch(kid):
+            raise MalformedError(f"keyid must be {2 * KEY_ID_SIZE} lowercase hex characters")
+        sig = _strict_b64(sig_b64, "sig")
+        if len(sig) != SIGNATURE_SIZE:
+            raise MalformedError("sig must be a 64-byte Ed25519 signature", found=len(sig))
+        parsed.append((kid, sig))
+    return payload_type, payload, parsed
+
+
+def _strict_b64(value: Any, name: str) -> bytes:
+    """Standard base64 with padding, canonical: a text that re-encodes to itself (so no two texts share bytes)."""
+    if not isinstance(value, str):
+        raise MalformedError(f"{name} must be a base64 string")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise MalformedError(f"{name} is not valid base64") from None
+    if base64.b64encode(raw).decode("ascii") != value:
+        raise MalformedError(f"{name} is not canonical base64")
+    return raw
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        raise MalformedError("duplicate key in envelope JSON")
+    return doc
+
+
+def _no_constant(name: str) -> NoReturn:
+    raise MalformedError("NaN and Infinity are not JSON", found=name)
+
+
+def _check_payload_type(payload_type: str) -> None:
+    if not _PAYLOAD_TYPE.fullmatch(payload_type):
+        raise MalformedError("payloadType must be 1..128 printable ASCII characters without spaces")
+
+
+__all__ = [
+    "MAX_ENVELOPE_SIZE",
+    "MAX_SIGNATURES",
+    "KeyRing",
+    "VerifiedPayload",
+    "decode",
+    "open_envelope",
+    "pae",
+    "parse_unverified_payload",
+    "peek_envelope",
+    "seal",
+]

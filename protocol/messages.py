@@ -1,0 +1,383 @@
+"""The signed messages of the wire protocol, as strict pydantic v2 models.
+
+Every model is frozen, forbids unknown fields, validates strictly (no str->int coercion), carries a version field
+`v` and a class-level PAYLOAD_TYPE, the DSSE payloadType it travels under. A new field that old readers must not
+ignore means a new version: a new PAYLOAD_TYPE (`...v2+json`) and a new class, so a v1 reader rejects a v2 payload with
+`wrong_type` instead of misreading it.
+
+Wire conventions (docs/protocol.md):
+- u64 values (`seq`, Flower run and node ids) are decimal strings on the wire, since JSON numbers above 2^53 lose
+  precision in common parsers; in Python they are ints.
+- Timestamps are integer milliseconds since the epoch, UTC, between 2020-01-01 and 2100-01-01.
+- Money is an integer number of minor units; the knob bias is an integer in milli-units. Floats appear only for
+  measurements (losses, seconds, DP parameters) and never NaN or infinite.
+- `canonical_json()` is the byte encoding that is signed: sorted keys, no whitespace, UTF-8.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar, Literal, Self
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    StringConstraints,
+    ValidationInfo,
+    WithJsonSchema,
+    model_validator,
+)
+
+from protocol.envelope import VerifiedPayload, open_envelope, parse_unverified_payload, peek_envelope, seal
+from protocol.errors import BadKeyError, BadSignatureError, MalformedError, ReplayedError, UnknownKeyError
+from protocol.identity import SignerKey, VerifierKey
+
+U64_MAX = (1 << 64) - 1
+# 2020-01-01 and 2100-01-01 UTC: a timestamp outside is a unit error (seconds or microseconds), not a date.
+MIN_TIME_MS = 1_577_836_800_000
+MAX_TIME_MS = 4_102_444_800_000
+_U64_TEXT = re.compile(r"0|[1-9][0-9]{0,19}")
+
+
+def _parse_u64(value: Any, info: ValidationInfo) -> int:
+    if isinstance(value, str) and _U64_TEXT.fullmatch(value):
+        number = int(value)
+    elif info.mode == "python" and isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    else:
+        raise ValueError("u64 must be a decimal string without sign or leading zeros")
+    if not 0 <= number <= U64_MAX:
+        raise ValueError("u64 out of range")
+    return number
+
+
+U64 = Annotated[
+    int,
+    PlainValidator(_parse_u64),
+    PlainSerializer(str, return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "pattern": "^(0|[1-9][0-9]{0,19})$"}),
+]
+TimeMs = Annotated[int, Field(ge=MIN_TIME_MS, le=MAX_TIME_MS)]
+MinorUnits = Annotated[int, Field(ge=-(1 << 53), le=1 << 53)]
+"""Money in integer minor units (cents); bounded so every JSON parser holds it exactly."""
+Ident = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
+"""MID, device, member, buyer, job, task and purpose ids: the topic-safe alphabet (protocol.topics)."""
+Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Nonce = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+"""128 random bits, lowercase hex; chosen by the coordinator per round."""
+Measurement = Annotated[float, Field(allow_inf_nan=False, ge=0.0, le=1e12)]
+VerifierKeyText = Annotated[str, StringConstraints(min_length=1, max_length=512)]
+Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
+ShortText = Annotated[str, StringConstraints(max_length=256)]
+
+
+class WireMessage(BaseModel):
+    """Base of every signed message: strict, frozen, no unknown fields."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    PAYLOAD_TYPE: ClassVar[str]
+
+    def canonical_json(self) -> bytes:
+        """Sorted keys, no whitespace, UTF-8: the exact bytes that get signed."""
+        doc = self.model_dump(mode="json")
+        return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+    def seal(self, key: SignerKey) -> bytes:
+        """This message in a DSSE envelope signed by `key`."""
+        return seal(self.PAYLOAD_TYPE, self.canonical_json(), key)
+
+
+def _media_type(name: str) -> str:
+    return f"application/vnd.midgate.{name}.v1+json"
+
+
+# --- device -> coordinator (signed by the device key; `seq` strictly increasing per key) -------------------------
+
+
+class EnrolmentRequest(WireMessage):
+    """A device asks to join a MID with a one-time invite; signed by the device key it enrols."""
+
+    PAYLOAD_TYPE: ClassVar[str] = _media_type("enrolment-request")
+    v: Literal[1] = 1
+    mid: Ident
+    device: Ident
+    device_key: VerifierKeyText
+    """C2SP verifier key text of the key that signs this request and every later message of this device."""
+    invite_token: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{16,128}$")]
+    seq: U64
+    device_time_ms: TimeMs
+    agent_version: ShortText = ""
+
+
+class DpParams(BaseModel):
+    """Client-side fixed-clipping DP as applied by the ClientApp."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    clipping_norm: Annotated[float, Field(allow_inf_nan=False, gt=0.0, le=1e6)]
+    noise_multiplier: Annotated[float, Field(allow_inf_nan=False, ge=0.0, le=1e6)]
+
+
+class ContributionReport(WireMessage):
+    """One device's contribution to one training round, as the ClientApp recorded it."""
+
+    PAYLOAD_TYPE: ClassVar[str] = _media_type("contribution-report")
+    v: Literal[1] = 1
+    run_id: U64
+    round: Annotated[int, Field(ge=0, le=1_000_000)]
+    node_id: U64
+    seq: U64
+    device_time_ms: TimeMs
+    task_id: Ident
+    task_version: Annotated[int, Field(ge=1, le=1_000_000)]
+    round_nonce: Nonce
+    global_model_sha256: Sha256Hex
+    update_sha256: Sha256Hex
+    examples: Annotated[int, Field(ge=0, le=1 << 31)]
+    dataset_fingerprint: Sha256Hex
+    loss_before: Measurement
+    loss_after: Measurement
+    seconds: Measurement
+    dp: DpParams | None = None
+
+
+class DeviceStatus(StrEnum):
+    IDLE = "idle"
+    TRAINING = "training"
+    PAUSED = "paused"
+    STRIKING = "striking"
+
+
+class Heartbeat(WireMessage):
+    PAYLOAD_TYPE: ClassVar[str] = _media_type("heartbeat")
+    v: Literal[1] = 1
+    seq: U64
+    device_time_ms: TimeMs
+    # Lax only for the enum: it lets Python callers pass "idle"; JSON carries the value string either way.
+    status: Annotated[DeviceStatus, Field(strict=False)]
+    samples_stored: Annotated[int, Field(ge=0, le=1 << 40)] = 0
+    outbox_pending: Annotated[int, Field(ge=0, le=1 << 31)] = 0
+    agent_version: ShortText = ""
+
+
+class KnobUpdate(WireMessage):
+    """The member's one price knob: a bias in [-1, 1] carried as integer milli-units in [-1000, 1000]."""
+
+    PAYLOAD_TYPE: ClassVar[str] = _media_type("knob-update")
+    v: Literal[1] = 1
+    seq: U64
+    device_time_ms: TimeMs
+    bias_milli: Annotated[int, Field(ge=-1000, le=1000)]
+
+
+class ConsentPolicy(WireMessage):
+    """Which purposes the member allows and which buyers they refuse; replaces the previous policy as a whole."""
+
+    PAYLOAD_TYPE: ClassVar[str] = _media_type("consent-policy")
+    v: Literal[1] = 1
+    seq: U64
+    device_time_ms: TimeMs
+    allowed_purposes: Annotated[tuple[Ident, ...], Field(max_length=64)]
+    denied_buyers: Annotated[tuple[Ident, ...], Field(max_length=256)] = ()
+
+    @model_validator(mode="after")
+    def _no_duplicates(self) -> Self:
+        if len(set(self.allowed_purposes)) != len(self.allowed_purposes):
+            raise ValueError("allowed_purposes has duplicates")
+        if len(set(self.denied_buyers)) != len(self.denied_buyers):
+            raise ValueError("denied_buyers has duplicates")
+        return self
+
+
+class StrikeVote(WireMessage):
+    """A member joins (or leaves) a data strike against a buyer, a purpose, or a buyer for one purpose."""
+
+    PAYLOAD_TYPE: ClassVar[str] = _media_type("strike-vote")
+    v: Literal[1] = 1
+    seq: U64
+    device_time_ms: TimeMs
+    target_buyer: Ident | None = None
+    target_purpose: Ident | None = None
+    start_ms: TimeMs
+    end_ms: TimeMs | None = None
+    """None: until the member withdraws the vote."""
+    withdraw: bool = False
+
+    @model_validator(mode="after")
+    def _target_and_span(self) -> Self:
+        if self.target_buyer is None and self.target_purpose is None:
+            raise ValueError("a strike needs a target buyer, a target purpose, or both")
+        if self.end_ms is not None and self.end_ms <= self.start_ms:
+            raise ValueError("end_ms must be after start_ms")
+        return self
+
+
+# --- coordinator -> device (signed by the MID key) ----------------------------------------------------------------
+
+
+class EnrolmentResponse(WireMessage):
+    PAYLOAD_TYPE: ClassVar[str] = _media_type("enrolment-response")
+    v: Literal[1] = 1
+    mid: Ident
+    device: Ident
+    accepted: bool
+    reason: ShortText = ""
+    member: Ident | None = None
+    mid_key: VerifierKeyText
+    """C2SP verifier key text of the MID key that signs checkpoints, receipts and everything else sent down."""
+    request_seq: U64
+    issued_ms: TimeMs
+
+
+class Receipt(WireMessage):
+    """The coordinator logged a report: bound to it by key id, seq and envelope hash, with a C2SP tlog-proof."""
+
+    PAYLOAD_TYPE: ClassVar[str] = _media_type("receipt")
+    v: Literal[1] = 1
+    device_key_id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{8}$")]
+    seq: U64
+    envelope_sha256: Sha256Hex
+    leaf_index: U64
+    tlog_proof: Annotated[str, StringConstraints(min_length=1, max_length=32 * 1024)]
+    """C2SP tlog-proof text (format in docs/ledger.md), verified by protocol's ledger code, not here."""
+    issued_ms: TimeMs
+
+
+class CheckpointAnnouncement(WireMessage):
+    PAYLOAD_TYPE: ClassVar[str] = _media_type("checkpoint-announcement")
+    v: Literal[1] = 1
+    tree_size: U64
+    checkpoint: Annotated[str, StringConstraints(min_length=1, max_length=32 * 1024)]
+    """The C2SP tlog-checkpoint signed note, as text."""
+    issued_ms: TimeMs
+
+
+class RoundInvitation(WireMessage):
+    PAYLOAD_TYPE: ClassVar[str] = _media_type("round-invitation")
+    v: Literal[1] = 1
+    job_id: Ident
+    run_id: U64
+    round: Annotated[int, Field(ge=0, le=1_000_000)]
+    task_id: Ident
+    task_version: Annotated[int, Field(ge=1, le=1_000_000)]
+    purpose: Ident
+    buyer: Ident
+    nonce: Nonce
+    issued_ms: TimeMs
+    deadline_ms: TimeMs
+
+    @model_validator(mode="after")
+    def _deadline_after_issue(self) -> Self:
+        if self.deadline_ms <= self.issued_ms:
+            raise ValueError("deadline_ms must be after issued_ms")
+        return self
+
+
+class StatementLine(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    kind: Literal["training", "royalty", "fee", "adjustment"]
+    job_id: Ident | None = None
+    model_version: ShortText = ""
+    amount_minor: MinorUnits
+    memo: ShortText = ""
+
+
+class Statement(WireMessage):
+    """A member's statement for one period: every line in integer minor units, and their exact total."""
+
+    PAYLOAD_TYPE: ClassVar[str] = _media_type("statement")
+    v: Literal[1] = 1
+    mid: Ident
+    member: Ident
+    currency: Currency
+    period_start_ms: TimeMs
+    period_end_ms: TimeMs
+    lines: Annotated[tuple[StatementLine, ...], Field(max_length=1000)]
+    total_minor: MinorUnits
+    checkpoint_size: U64
+    """Tree size of the ledger checkpoint the statement was computed from, so the member can audit it."""
+    issued_ms: TimeMs
+
+    @model_validator(mode="after")
+    def _total_and_period(self) -> Self:
+        if self.period_end_ms <= self.period_start_ms:
+            raise ValueError("period_end_ms must be after period_start_ms")
+        if sum(line.amount_minor for line in self.lines) != self.total_minor:
+            raise ValueError("total_minor must equal the sum of the lines")
+        return self
+
+
+MESSAGE_TYPES: tuple[type[WireMessage], ...] = (
+    EnrolmentRequest,
+    EnrolmentResponse,
+    ContributionReport,
+    Heartbeat,
+    Receipt,
+    CheckpointAnnouncement,
+    RoundInvitation,
+    KnobUpdate,
+    ConsentPolicy,
+    StrikeVote,
+    Statement,
+)
+MESSAGE_BY_PAYLOAD_TYPE: dict[str, type[WireMessage]] = {m.PAYLOAD_TYPE: m for m in MESSAGE_TYPES}
+
+
+def require_newer_seq(last_seq: int | None, seq: int, key_id: str) -> None:
+    """Replay rule: a key's seq must be strictly greater than the last one accepted from it (None: none yet)."""
+    if last_seq is not None and seq <= last_seq:
+        raise ReplayedError("seq is not greater than the last accepted one", key_id=key_id, last=last_seq, found=seq)
+
+
+def open_enrolment_request(data: bytes) -> tuple[VerifiedPayload, EnrolmentRequest]:
+    """Verify a self-signed enrolment request: the one message whose signer key travels inside its payload.
+
+    The payload is parsed before the signature is checked (there is no other way to learn the key), but only
+    after the envelope's size and strictness checks, and only by the strict EnrolmentRequest model. The result proves
+    possession of the key; whether the device may join is the invite's business (coordinator).
+    """
+    payload_type, payload, key_ids = peek_envelope(data)
+    request = parse_unverified_payload(payload_type, payload, EnrolmentRequest)
+    try:
+        key = VerifierKey.parse(request.device_key)
+    except BadKeyError as exc:
+        raise MalformedError("device_key is not a C2SP verifier key", detail=exc.message) from None
+    try:
+        verified = open_envelope(data, {key.key_id.hex(): key}, EnrolmentRequest.PAYLOAD_TYPE)
+    except UnknownKeyError:
+        raise BadSignatureError("enrolment request is not signed by the key it enrols", key_ids=key_ids) from None
+    return verified, request
+
+
+__all__ = [
+    "MAX_TIME_MS",
+    "MESSAGE_BY_PAYLOAD_TYPE",
+    "MESSAGE_TYPES",
+    "MIN_TIME_MS",
+    "U64",
+    "U64_MAX",
+    "CheckpointAnnouncement",
+    "ConsentPolicy",
+    "ContributionReport",
+    "DeviceStatus",
+    "DpParams",
+    "EnrolmentRequest",
+    "EnrolmentResponse",
+    "Heartbeat",
+    "Ident",
+    "KnobUpdate",
+    "Receipt",
+    "RoundInvitation",
+    "Statement",
+    "StatementLine",
+    "StrikeVote",
+    "TimeMs",
+    "WireMessage",
+    "open_enrolment_request",
+    "require_newer_seq",
+]

@@ -1,0 +1,337 @@
+"""Message models: strictness, wire conventions (u64 strings, ms, minor units), canonical bytes, sealed round trips."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from protocol.envelope import KeyRing, decode, open_envelope, seal
+from protocol.errors import BadSignatureError, MalformedError, ReplayedError, WrongTypeError
+from protocol.identity import SignerKey
+from protocol.messages import (
+    MAX_TIME_MS,
+    MESSAGE_BY_PAYLOAD_TYPE,
+    MESSAGE_TYPES,
+    MIN_TIME_MS,
+    U64_MAX,
+    CheckpointAnnouncement,
+    ConsentPolicy,
+    ContributionReport,
+    DeviceStatus,
+    DpParams,
+    EnrolmentRequest,
+    EnrolmentResponse,
+    Heartbeat,
+    KnobUpdate,
+    Receipt,
+    RoundInvitation,
+    Statement,
+    StatementLine,
+    StrikeVote,
+    WireMessage,
+    open_enrolment_request,
+    require_newer_seq,
+)
+
+NOW = 1_800_000_000_000
+H = "ab" * 32
+DEVICE = SignerKey.generate("device-a")
+MID = SignerKey.generate("mid-example")
+
+
+def report(**changes: Any) -> ContributionReport:
+    fields: dict[str, Any] = {
+        "run_id": 12,
+        "round": 3,
+        "node_id": 2**63 + 1,
+        "seq": 41,
+        "device_time_ms": NOW,
+        "task_id": "har-cnn",
+        "task_version": 1,
+        "round_nonce": "0f" * 16,
+        "global_model_sha256": H,
+        "update_sha256": "cd" * 32,
+        "examples": 512,
+        "dataset_fingerprint": "ef" * 32,
+        "loss_before": 1.25,
+        "loss_after": 0.75,
+        "seconds": 12.5,
+        "dp": DpParams(clipping_norm=1.0, noise_multiplier=0.5),
+    }
+    fields.update(changes)
+    return ContributionReport(**fields)
+
+
+SAMPLES: list[WireMessage] = [
+    EnrolmentRequest(
+        mid="mid-a",
+        device="dev-1",
+        device_key=DEVICE.verifier.text(),
+        invite_token="A" * 22,
+        seq=1,
+        device_time_ms=NOW,
+    ),
+    EnrolmentResponse(
+        mid="mid-a",
+        device="dev-1",
+        accepted=True,
+        member="m-1",
+        mid_key=MID.verifier.text(),
+        request_seq=1,
+        issued_ms=NOW,
+    ),
+    report(),
+    Heartbeat(seq=2, device_time_ms=NOW, status=DeviceStatus.TRAINING, samples_stored=10),
+    Receipt(
+        device_key_id=DEVICE.key_id.hex(),
+        seq=41,
+        envelope_sha256=H,
+        leaf_index=7,
+        tlog_proof="c2sp.org/tlog-proof@v1\nindex 7\n",
+        issued_ms=NOW,
+    ),
+    CheckpointAnnouncement(tree_size=8, checkpoint="example.com/log\n8\nAAAA\n\n— x y\n", issued_ms=NOW),
+    RoundInvitation(
+        job_id="job-1",
+        run_id=5,
+        round=1,
+        task_id="har-cnn",
+        task_version=1,
+        purpose="health-research",
+        buyer="acme",
+        nonce="01" * 16,
+        issued_ms=NOW,
+        deadline_ms=NOW + 60_000,
+    ),
+    KnobUpdate(seq=3, device_time_ms=NOW, bias_milli=-250),
+    ConsentPolicy(seq=4, device_time_ms=NOW, allowed_purposes=("health-research",), denied_buyers=("adtech",)),
+    StrikeVote(seq=5, device_time_ms=NOW, target_buyer="acme", start_ms=NOW, end_ms=NOW + 1),
+    Statement(
+        mid="mid-a",
+        member="m-1",
+        currency="EUR",
+        period_start_ms=NOW,
+        period_end_ms=NOW + 1,
+        lines=(
+            StatementLine(kind="training", job_id="job-1", amount_minor=1234),
+            StatementLine(kind="fee", amount_minor=-34),
+        ),
+        total_minor=1200,
+        checkpoint_size=9,
+        issued_ms=NOW,
+    ),
+]
+
+
+def test_every_message_type_has_a_sample_and_a_unique_versioned_payload_type() -> None:
+    assert {type(m) for m in SAMPLES} == set(MESSAGE_TYPES)
+    assert len(MESSAGE_BY_PAYLOAD_TYPE) == len(MESSAGE_TYPES)
+    for model in MESSAGE_TYPES:
+        assert model.PAYLOAD_TYPE.startswith("application/vnd.midgate.")
+        assert model.PAYLOAD_TYPE.endswith(".v1+json")
+        assert model.model_fields["v"].default == 1
+
+
+@pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)
+def test_sealed_round_trip_of_every_message(message: WireMessage) -> None:
+    signer = DEVICE if type(message).__name__ in {"EnrolmentRequest", "ContributionReport"} else MID
+    verified = open_envelope(message.seal(signer), KeyRing([signer.verifier]), message.PAYLOAD_TYPE)
+    assert verified.payload == message.canonical_json()
+    assert decode(verified, type(message)) == message
+
+
+@pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)
+def test_canonical_json_is_sorted_compact_and_stable(message: WireMessage) -> None:
+    data = message.canonical_json()
+    doc = json.loads(data)
+    assert list(doc) == sorted(doc)
+    assert data == json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    assert type(message).model_validate_json(data).canonical_json() == data
+
+
+@pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)
+def test_every_message_refuses_unknown_fields(message: WireMessage) -> None:
+    doc = json.loads(message.canonical_json())
+    doc["unexpected"] = 1
+    with pytest.raises(ValidationError, match="extra_forbidden"):
+        type(message).model_validate_json(json.dumps(doc), strict=True)
+
+
+def test_u64_travels_as_a_decimal_string_and_keeps_precision() -> None:
+    big = report(seq=U64_MAX, node_id=2**53 + 1)
+    doc = json.loads(big.canonical_json())
+    assert doc["seq"] == str(U64_MAX)
+    assert doc["node_id"] == "9007199254740993"
+    assert ContributionReport.model_validate_json(big.canonical_json(), strict=True).node_id == 2**53 + 1
+
+
+@pytest.mark.parametrize("bad", [41, "041", "-1", "+1", " 1", "1.0", "1e3", str(U64_MAX + 1), "", "0x10", True])
+def test_u64_on_the_wire_must_be_a_canonical_decimal_string(bad: object) -> None:
+    doc = json.loads(report().canonical_json())
+    doc["seq"] = bad
+    with pytest.raises(ValidationError):
+        ContributionReport.model_validate_json(json.dumps(doc), strict=True)
+
+
+@pytest.mark.parametrize("bad", [-1, U64_MAX + 1, True, 1.0])
+def test_u64_in_python_must_be_an_int_in_range(bad: object) -> None:
+    with pytest.raises(ValidationError):
+        report(seq=bad)
+
+
+@pytest.mark.parametrize("ms", [MIN_TIME_MS - 1, MAX_TIME_MS + 1, 1_800_000_000, 1_800_000_000_000_000])
+def test_timestamps_outside_the_sane_range_are_refused(ms: int) -> None:
+    with pytest.raises(ValidationError):
+        report(device_time_ms=ms)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"loss_after": float("nan")},
+        {"loss_before": float("inf")},
+        {"seconds": -1.0},
+        {"examples": -1},
+        {"examples": "5"},
+        {"round": 1.0},
+        {"task_id": "Har"},
+        {"task_id": "a/b"},
+        {"task_id": "+"},
+        {"task_id": "-x"},
+        {"round_nonce": "0F" * 16},
+        {"update_sha256": "ab" * 31},
+        {"global_model_sha256": "xy" * 32},
+        {"task_version": 0},
+    ],
+)
+def test_contribution_report_field_rules(change: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        report(**change)
+
+
+def test_strict_json_does_not_coerce_strings_to_numbers() -> None:
+    doc = json.loads(report().canonical_json())
+    doc["examples"] = "512"
+    with pytest.raises(ValidationError):
+        ContributionReport.model_validate_json(json.dumps(doc), strict=True)
+
+
+def test_models_are_frozen() -> None:
+    with pytest.raises(ValidationError):
+        report().seq = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("bias", [-1001, 1001, 0.5, "0.5"])
+def test_knob_bias_is_integer_milli_units_within_bounds(bias: object) -> None:
+    with pytest.raises(ValidationError):
+        KnobUpdate(seq=1, device_time_ms=NOW, bias_milli=bias)  # type: ignore[arg-type]
+
+
+def test_knob_bias_bounds_are_inclusive() -> None:
+    assert KnobUpdate(seq=1, device_time_ms=NOW, bias_milli=1000).bias_milli == 1000
+    assert KnobUpdate(seq=1, device_time_ms=NOW, bias_milli=-1000).bias_milli == -1000
+
+
+def test_statement_total_must_equal_the_sum_of_its_lines() -> None:
+    statement = SAMPLES[-1]
+    assert isinstance(statement, Statement)
+    with pytest.raises(ValidationError, match="total_minor"):
+        Statement(**{**statement.model_dump(), "total_minor": 1201})
+
+
+def test_statement_money_is_integer() -> None:
+    with pytest.raises(ValidationError):
+        StatementLine(kind="royalty", amount_minor=1.5)  # type: ignore[arg-type]
+
+
+def test_strike_needs_a_target_and_a_forward_span() -> None:
+    with pytest.raises(ValidationError, match="target"):
+        StrikeVote(seq=1, device_time_ms=NOW, start_ms=NOW)
+    with pytest.raises(ValidationError, match="end_ms"):
+        StrikeVote(seq=1, device_time_ms=NOW, target_purpose="ads", start_ms=NOW, end_ms=NOW)
+
+
+def test_invitation_deadline_after_issue() -> None:
+    invitation = SAMPLES[6]
+    with pytest.raises(ValidationError, match="deadline"):
+        RoundInvitation(**{**invitation.model_dump(), "deadline_ms": NOW})
+
+
+def test_consent_lists_have_no_duplicates() -> None:
+    with pytest.raises(ValidationError, match="duplicates"):
+        ConsentPolicy(seq=1, device_time_ms=NOW, allowed_purposes=("a", "a"))
+
+
+def test_a_v2_payload_is_refused_by_the_v1_model() -> None:
+    doc = json.loads(KnobUpdate(seq=1, device_time_ms=NOW, bias_milli=0).canonical_json())
+    doc["v"] = 2
+    verified = open_envelope(
+        seal(KnobUpdate.PAYLOAD_TYPE, json.dumps(doc).encode(), DEVICE),
+        KeyRing([DEVICE.verifier]),
+        KnobUpdate.PAYLOAD_TYPE,
+    )
+    with pytest.raises(MalformedError):
+        decode(verified, KnobUpdate)
+
+
+def test_require_newer_seq_is_strict() -> None:
+    require_newer_seq(None, 0, "aa")
+    require_newer_seq(4, 5, "aa")
+    for seq in (4, 3, 0):
+        with pytest.raises(ReplayedError) as info:
+            require_newer_seq(4, seq, "aa")
+        assert info.value.details == {"key_id": "aa", "last": 4, "found": seq}
+
+
+def test_enrolment_request_proves_possession_of_its_key() -> None:
+    request = SAMPLES[0]
+    verified, parsed = open_enrolment_request(request.seal(DEVICE))
+    assert parsed == request
+    assert verified.signer == DEVICE.verifier
+
+
+def test_enrolment_request_signed_by_another_key_is_refused() -> None:
+    with pytest.raises(BadSignatureError):
+        open_enrolment_request(SAMPLES[0].seal(MID))
+
+
+def test_enrolment_request_with_tampered_payload_is_refused() -> None:
+    envelope = json.loads(SAMPLES[0].seal(DEVICE))
+    other = EnrolmentRequest(**{**SAMPLES[0].model_dump(), "device": "dev-2"})
+    envelope["payload"] = json.loads(other.seal(MID))["payload"]
+    with pytest.raises(BadSignatureError):
+        open_enrolment_request(json.dumps(envelope).encode())
+
+
+def test_enrolment_request_with_a_broken_key_text_is_malformed() -> None:
+    bad = EnrolmentRequest(**{**SAMPLES[0].model_dump(), "device_key": "not-a-key"})
+    with pytest.raises(MalformedError):
+        open_enrolment_request(bad.seal(DEVICE))
+
+
+def test_other_types_are_not_enrolment_requests() -> None:
+    with pytest.raises(WrongTypeError):
+        open_enrolment_request(SAMPLES[3].seal(DEVICE))
+
+
+@settings(max_examples=200, deadline=None)
+@given(seq=st.integers(0, U64_MAX), bias=st.integers(-1000, 1000), ms=st.integers(MIN_TIME_MS, MAX_TIME_MS))
+def test_property_knob_update_round_trips_through_the_wire(seq: int, bias: int, ms: int) -> None:
+    message = KnobUpdate(seq=seq, device_time_ms=ms, bias_milli=bias)
+    verified = open_envelope(message.seal(DEVICE), KeyRing([DEVICE.verifier]), KnobUpdate.PAYLOAD_TYPE)
+    assert decode(verified, KnobUpdate) == message
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=512))
+def test_property_arbitrary_verified_payloads_decode_or_are_malformed(data: bytes) -> None:
+    verified = open_envelope(
+        seal(Heartbeat.PAYLOAD_TYPE, data, DEVICE), KeyRing([DEVICE.verifier]), Heartbeat.PAYLOAD_TYPE
+    )
+    with pytest.raises(MalformedError):
+        decode(verified, Heartbeat)
