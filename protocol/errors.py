@@ -40,6 +40,7 @@ class Reason(StrEnum):
     SENSOR_UNAVAILABLE = "sensor_unavailable"
     SENSOR_IO = "sensor_io"
     SETTLEMENT_MISMATCH = "settlement_mismatch"
+    QUORUM_NOT_MET = "quorum_not_met"
 
 
 class ProtocolError(Exception):
@@ -195,3 +196,9 @@ class SettlementMismatchError(ProtocolError):
     """A settlement or royalty record whose stored outputs differ from what its own inputs compute."""
 
     reason = Reason.SETTLEMENT_MISMATCH
+
+
+class QuorumNotMetError(ProtocolError):
+    """A checkpoint lacks the required number of valid witness cosignatures."""
+
+    reason = Reason.QUORUM_NOT_MET
