@@ -1,0 +1,342 @@
+"""The MID's transparency log on SQLite: durable batched appends, signed checkpoints, proofs and receipts.
+
+One writer (the coordinator). Each `append` is one transaction holding the batch's leaves (exact bytes and leaf
+hashes), every interior node the batch completes, and the checkpoint signed over the new root; SQLite in WAL mode
+with `synchronous=FULL` makes the commit durable before `append` returns, so a process killed at any point reopens
+to the state after the last acknowledged batch. Appending keeps a compact range in memory (no rehashing of the
+tree); a proof reads O(log n) stored hashes in one query per table.
+
+Schema (format 1):
+    leaves(idx INTEGER PRIMARY KEY, hash BLOB, data BLOB)   -- hash = RFC 9162 leaf hash of data
+    nodes(id INTEGER PRIMARY KEY, hash BLOB)                -- perfect subtrees of level >= 1, id = level<<56 | index
+    checkpoints(size INTEGER PRIMARY KEY, note BLOB, issued_ms INTEGER)
+    meta(key TEXT PRIMARY KEY, value TEXT)                  -- origin, format
+
+`LedgerStore` is synchronous and thread-safe (one lock); event-loop code uses `AsyncLedger`, which runs each call
+in a worker thread so SQLite fsyncs and signing never block the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from coordinator.ledger.tree import CompactRange, NodeId, consistency_spans, hashes_for_spans, inclusion_spans
+from protocol.checkpoint import Checkpoint, Receipt, open_checkpoint, parse_checkpoint_text, sign_checkpoint
+from protocol.errors import BadProofError, InconsistentError, MalformedError, TooLargeError
+from protocol.identity import SignerKey, VerifierKey
+from protocol.leaves import MAX_SIGNED_SIZE, Leaf
+from protocol.merkle import leaf_hash
+from protocol.note import NoteSignature, add_signatures, parse_note
+from protocol.witness import CosignatureVerifier, verify_cosignature
+
+FORMAT = "1"
+MAX_LEAF_SIZE = MAX_SIGNED_SIZE + 6
+MAX_BATCH = 100_000
+LEVEL_SHIFT = 56
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS leaves(idx INTEGER PRIMARY KEY, hash BLOB NOT NULL, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS nodes(id INTEGER PRIMARY KEY, hash BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS checkpoints(size INTEGER PRIMARY KEY, note BLOB NOT NULL, issued_ms INTEGER NOT NULL);
+"""
+
+
+def node_key(level: int, index: int) -> int:
+    """The `nodes.id` of the perfect subtree (level, index), level >= 1."""
+    return (level << LEVEL_SHIFT) | index
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection with the ledger's durability settings: WAL and fsync on every commit."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    """Where a batch landed: leaves [first_index, first_index + count), and the checkpoint issued after it."""
+
+    first_index: int
+    count: int
+    checkpoint: bytes
+
+    @property
+    def indices(self) -> range:
+        return range(self.first_index, self.first_index + self.count)
+
+    @property
+    def size(self) -> int:
+        return self.first_index + self.count
+
+
+class LedgerStore:
+    """An open ledger file. Create or open with `LedgerStore.open(path, log_key)`; close with `close()` or `with`."""
+
+    def __init__(self, conn: sqlite3.Connection, log_key: SignerKey, path: Path) -> None:
+        self._conn = conn
+        self._key = log_key
+        self._lock = threading.Lock()
+        self.path = path
+        self.origin = log_key.name
+        self._range = self._load_range()
+
+    @classmethod
+    def open(cls, path: Path, log_key: SignerKey) -> LedgerStore:
+        """Open (creating if needed) the ledger at `path`, signed by `log_key` whose name is the log's origin.
+
+        Checks that the stored tree's root matches the latest stored checkpoint; raises InconsistentError if not.
+        """
+        conn = connect(path)
+        try:
+            conn.executescript("BEGIN;" + _SCHEMA + "COMMIT;")
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            if not meta:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.executemany(
+                    "INSERT INTO meta(key, value) VALUES (?, ?)", [("origin", log_key.name), ("format", FORMAT)]
+                )
+                conn.execute("COMMIT")
+            elif meta.get("origin") != log_key.name or meta.get("format") != FORMAT:
+                raise MalformedError(
+                    "ledger belongs to another log or format",
+                    expected=(log_key.name, FORMAT),
+                    found=(meta.get("origin"), meta.get("format")),
+                )
+            store = cls(conn, log_key, path)
+            store._check_latest_checkpoint()
+        except BaseException:
+            conn.close()
+            raise
+        return store
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> LedgerStore:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    @property
+    def size(self) -> int:
+        return self._range.size
+
+    @property
+    def verifier(self) -> VerifierKey:
+        """The log's public key: what members pin to verify checkpoints and receipts."""
+        return self._key.verifier
+
+    def root(self) -> bytes:
+        return self._range.root()
+
+    def append(self, leaves: Sequence[bytes]) -> AppendResult:
+        """Append a batch of leaves (exact bytes) in one durable transaction and issue a checkpoint over it.
+
+        Returns after the commit is on disk. On any failure nothing is written and the log is unchanged.
+        """
+        if not leaves:
+            raise MalformedError("a batch needs at least one leaf")
+        if len(leaves) > MAX_BATCH:
+            raise TooLargeError("batch too large", limit=MAX_BATCH, found=len(leaves))
+        for position, data in enumerate(leaves):
+            if len(data) > MAX_LEAF_SIZE:
+                raise TooLargeError("leaf too large", position=position, limit=MAX_LEAF_SIZE, found=len(data))
+        with self._lock:
+            grown = self._range.copy()
+            first = grown.size
+            leaf_rows = []
+            node_rows: list[tuple[NodeId, bytes]] = []
+            for offset, data in enumerate(leaves):
+                value = leaf_hash(data)
+                leaf_rows.append((first + offset, value, bytes(data)))
+                grown.append(value, node_rows)
+            note = sign_checkpoint(Checkpoint(self.origin, grown.size, grown.root()), self._key)
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany("INSERT INTO leaves(idx, hash, data) VALUES (?, ?, ?)", leaf_rows)
+                conn.executemany(
+                    "INSERT INTO nodes(id, hash) VALUES (?, ?)", [(node_key(*nid), h) for nid, h in node_rows]
+                )
+                conn.execute(
+                    "INSERT INTO checkpoints(size, note, issued_ms) VALUES (?, ?, ?)",
+                    (grown.size, note, time.time_ns() // 1_000_000),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            self._range = grown
+            return AppendResult(first, len(leaves), note)
+
+    def append_leaves(self, leaves: Sequence[Leaf]) -> AppendResult:
+        """Append typed leaves (see protocol.leaves)."""
+        return self.append([leaf.encode() for leaf in leaves])
+
+    def checkpoint(self, size: int | None = None) -> bytes:
+        """The signed checkpoint note at `size` (default: the latest), with any attached cosignatures."""
+        with self._lock:
+            if size is None:
+                row = self._conn.execute("SELECT note FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone()
+                if row is None:
+                    return self._empty_checkpoint()
+            else:
+                row = self._conn.execute("SELECT note FROM checkpoints WHERE size = ?", (size,)).fetchone()
+                if row is None:
+                    if size == 0:
+                        return self._empty_checkpoint()
+                    raise BadProofError("no checkpoint was issued at this size", size=size)
+            return bytes(row[0])
+
+    def checkpoint_sizes(self) -> list[int]:
+        with self._lock:
+            return [r[0] for r in self._conn.execute("SELECT size FROM checkpoints ORDER BY size")]
+
+    def leaf(self, index: int) -> bytes:
+        """The exact bytes of the leaf at `index`."""
+        with self._lock:
+            row = self._conn.execute("SELECT data FROM leaves WHERE idx = ?", (index,)).fetchone()
+        if row is None:
+            raise BadProofError("no leaf at this index", index=index, size=self.size)
+        return bytes(row[0])
+
+    def leaves(self, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+        """(index, bytes) of leaves in [start, end), read in one query."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT idx, data FROM leaves WHERE idx >= ? AND idx < ? ORDER BY idx", (start, end)
+            ).fetchall()
+        for idx, data in rows:
+            yield idx, bytes(data)
+
+    def inclusion_proof(self, index: int, size: int | None = None) -> list[bytes]:
+        """RFC 9162 inclusion path for leaf `index` in the tree of `size` (default: current). Requires index < size."""
+        size = self.size if size is None else size
+        if not 0 <= index < size <= self.size:
+            raise BadProofError("need 0 <= index < size <= log size", index=index, size=size, log_size=self.size)
+        return hashes_for_spans(inclusion_spans(index, size), self._read_nodes)
+
+    def consistency_proof(self, size1: int, size2: int | None = None) -> list[bytes]:
+        """RFC 9162 consistency proof from `size1` to `size2` (default: current); empty from size 0 (C2SP)."""
+        size2 = self.size if size2 is None else size2
+        if not 0 <= size1 <= size2 <= self.size:
+            raise BadProofError("need 0 <= size1 <= size2 <= log size", size1=size1, size2=size2, log_size=self.size)
+        return hashes_for_spans(consistency_spans(size1, size2), self._read_nodes)
+
+    def receipt(self, index: int, size: int | None = None) -> str:
+        """A c2sp.org/tlog-proof for leaf `index` against the stored checkpoint at `size` (default: latest)."""
+        note = self.checkpoint(size)
+        checkpoint = parse_checkpoint_text(parse_note(note).text)
+        proof = self.inclusion_proof(index, checkpoint.size)
+        return Receipt(index, tuple(proof), note).text()
+
+    def attach_cosignatures(
+        self, size: int, cosignatures: Sequence[NoteSignature], witnesses: Sequence[CosignatureVerifier]
+    ) -> bytes:
+        """Verify member cosignatures over the checkpoint at `size` and store them with it; returns the new note.
+
+        Each cosignature must come from one of `witnesses` and verify over this exact checkpoint, or nothing is
+        stored (BadSignatureError / UnknownKeyError).
+        """
+        note = self.checkpoint(size)
+        text = parse_note(note).text
+        for cosignature in cosignatures:
+            verify_cosignature(text, cosignature, witnesses)
+        updated = add_signatures(note, cosignatures)
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.execute("UPDATE checkpoints SET note = ? WHERE size = ?", (updated, size))
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        return updated
+
+    def _empty_checkpoint(self) -> bytes:
+        return sign_checkpoint(Checkpoint(self.origin, 0, CompactRange().root()), self._key)
+
+    def _read_nodes(self, ids: Sequence[NodeId]) -> Mapping[NodeId, bytes]:
+        leaf_ids = [index for level, index in ids if level == 0]
+        inner = {node_key(level, index): (level, index) for level, index in ids if level > 0}
+        found: dict[NodeId, bytes] = {}
+        with self._lock:
+            if leaf_ids:
+                marks = ",".join("?" * len(leaf_ids))
+                for idx, value in self._conn.execute(f"SELECT idx, hash FROM leaves WHERE idx IN ({marks})", leaf_ids):
+                    found[(0, idx)] = bytes(value)
+            if inner:
+                marks = ",".join("?" * len(inner))
+                for key, value in self._conn.execute(f"SELECT id, hash FROM nodes WHERE id IN ({marks})", list(inner)):
+                    found[inner[key]] = bytes(value)
+        missing = [nid for nid in ids if nid not in found]
+        if missing:
+            raise InconsistentError("ledger is missing stored tree nodes", missing=missing[:8])
+        return found
+
+    def _load_range(self) -> CompactRange:
+        row = self._conn.execute("SELECT max(idx) FROM leaves").fetchone()
+        size = 0 if row[0] is None else int(row[0]) + 1
+        ids = CompactRange.border_ids(size)
+        stored = self._read_nodes(ids) if ids else {}
+        return CompactRange(size, [stored[nid] for nid in ids])
+
+    def _check_latest_checkpoint(self) -> None:
+        row = self._conn.execute("SELECT size, note FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone()
+        latest_size, note = (0, None) if row is None else (int(row[0]), bytes(row[1]))
+        if latest_size != self.size:
+            raise InconsistentError(
+                "latest checkpoint size differs from the log size", expected=self.size, found=latest_size
+            )
+        if note is not None:
+            checkpoint = open_checkpoint(note, self._key.verifier).checkpoint
+            if checkpoint.root != self.root():
+                raise InconsistentError("stored tree does not match the latest checkpoint", size=self.size)
+
+
+class AsyncLedger:
+    """Event-loop facade over a `LedgerStore`: every call runs in a worker thread (SQLite fsync, signing)."""
+
+    def __init__(self, store: LedgerStore) -> None:
+        self.store = store
+
+    async def append(self, leaves: Sequence[bytes]) -> AppendResult:
+        return await asyncio.to_thread(self.store.append, list(leaves))
+
+    async def append_leaves(self, leaves: Sequence[Leaf]) -> AppendResult:
+        return await asyncio.to_thread(self.store.append_leaves, list(leaves))
+
+    async def checkpoint(self, size: int | None = None) -> bytes:
+        return await asyncio.to_thread(self.store.checkpoint, size)
+
+    async def receipt(self, index: int, size: int | None = None) -> str:
+        return await asyncio.to_thread(self.store.receipt, index, size)
+
+    async def inclusion_proof(self, index: int, size: int | None = None) -> list[bytes]:
+        return await asyncio.to_thread(self.store.inclusion_proof, index, size)
+
+    async def consistency_proof(self, size1: int, size2: int | None = None) -> list[bytes]:
+        return await asyncio.to_thread(self.store.consistency_proof, size1, size2)
+
+    async def attach_cosignatures(
+        self, size: int, cosignatures: Sequence[NoteSignature], witnesses: Sequence[CosignatureVerifier]
+    ) -> bytes:
+        return await asyncio.to_thread(self.store.attach_cosignatures, size, list(cosignatures), list(witnesses))
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.store.close)

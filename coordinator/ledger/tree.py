@@ -1,0 +1,164 @@
+"""Merkle proof generation over stored perfect-subtree hashes, and the compact range the log appends with.
+
+A node is named by (level, index): the perfect subtree of 2^level leaves starting at leaf index << level. The store
+keeps every such hash, so any RFC 9162 proof is a fold of O(log n) stored hashes: the proof hash for a range that is
+not a perfect subtree (the right border of a tree whose size is not a power of two) is the right-to-left fold of the
+perfect subtrees that tile it, as transparency-dev/merkle's `proof.Nodes` "ephemeral" node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from protocol.merkle import EMPTY_ROOT, leaf_hash, node_hash
+
+NodeId = tuple[int, int]
+# Reads the hashes of the named perfect subtrees (level 0 = leaf hashes) in one round trip.
+NodeReader = Callable[[Sequence[NodeId]], Mapping[NodeId, bytes]]
+Span = tuple[int, int]
+
+
+def tile(lo: int, hi: int) -> list[NodeId]:
+    """The perfect subtrees that tile leaves [lo, hi), left to right, largest first."""
+    nodes: list[NodeId] = []
+    while lo < hi:
+        level = (hi - lo).bit_length() - 1
+        if lo:
+            level = min(level, (lo & -lo).bit_length() - 1)
+        nodes.append((level, lo >> level))
+        lo += 1 << level
+    return nodes
+
+
+def inclusion_spans(index: int, size: int) -> list[Span]:
+    """The leaf ranges whose tree hashes form the RFC 9162 §2.1.3 inclusion path, leaf sibling first."""
+    spans: list[Span] = []
+    lo, hi = 0, size
+    while hi - lo > 1:
+        k = _split(hi - lo)
+        if index < lo + k:
+            spans.append((lo + k, hi))
+            hi = lo + k
+        else:
+            spans.append((lo, lo + k))
+            lo = lo + k
+    spans.reverse()
+    return spans
+
+
+def consistency_spans(size1: int, size2: int) -> list[Span]:
+    """The leaf ranges whose tree hashes form the RFC 9162 §2.1.4 consistency proof from size1 to size2."""
+    if size1 == 0 or size1 >= size2:
+        return []
+    spans: list[Span] = []
+    lo, hi, complete = 0, size2, True
+    while True:
+        if size1 == hi:
+            if not complete:
+                spans.append((lo, hi))
+            break
+        k = _split(hi - lo)
+        if size1 <= lo + k:
+            spans.append((lo + k, hi))
+            hi = lo + k
+        else:
+            spans.append((lo, lo + k))
+            lo, complete = lo + k, False
+    spans.reverse()
+    return spans
+
+
+def hashes_for_spans(spans: Sequence[Span], read: NodeReader) -> list[bytes]:
+    """Each span's tree hash, reading all needed stored nodes in one call."""
+    tiles = [tile(lo, hi) for lo, hi in spans]
+    stored = read(sorted({node for nodes in tiles for node in nodes}))
+    return [fold(stored[node] for node in nodes) for nodes in tiles]
+
+
+def fold(hashes: Iterable[bytes]) -> bytes:
+    """Tree hash of perfect subtrees given left to right with sizes descending: fold right to left."""
+    items = list(hashes)
+    if not items:
+        return EMPTY_ROOT
+    result = items[-1]
+    for left in reversed(items[:-1]):
+        result = node_hash(left, result)
+    return result
+
+
+def _split(n: int) -> int:
+    """The largest power of two smaller than n (n > 1)."""
+    return 1 << ((n - 1).bit_length() - 1)
+
+
+@dataclass
+class CompactRange:
+    """The right border of the tree: hashes of the perfect subtrees tiling [0, size), largest first.
+
+    Appending a leaf merges equal-sized neighbours; every merge is a new stored node. Appending n leaves costs about
+    2n hashes in total and never rereads the tree.
+    """
+
+    size: int = 0
+    border: list[bytes] = field(default_factory=list)
+
+    def copy(self) -> CompactRange:
+        return CompactRange(self.size, list(self.border))
+
+    def append(self, leaf: bytes, new_nodes: list[tuple[NodeId, bytes]]) -> None:
+        """Append one leaf hash; the interior nodes it completes (level >= 1) are added to `new_nodes`."""
+        index = self.size
+        value = leaf
+        self.border.append(value)
+        level = 0
+        while (index >> level) & 1:
+            right = self.border.pop()
+            value = node_hash(self.border.pop(), right)
+            level += 1
+            self.border.append(value)
+            new_nodes.append(((level, index >> level), value))
+        self.size += 1
+
+    def root(self) -> bytes:
+        return fold(self.border)
+
+    @staticmethod
+    def border_ids(size: int) -> list[NodeId]:
+        return tile(0, size)
+
+
+class MemoryTree:
+    """A whole tree in memory (tests, benchmarks, audits): the same proofs as the store, from a list of leaves."""
+
+    def __init__(self, leaves: Iterable[bytes] = ()) -> None:
+        self.levels: list[list[bytes]] = [[]]
+        self.range = CompactRange()
+        for data in leaves:
+            self.append(data)
+
+    @property
+    def size(self) -> int:
+        return self.range.size
+
+    def append(self, data: bytes) -> None:
+        value = leaf_hash(data)
+        created: list[tuple[NodeId, bytes]] = []
+        self.range.append(value, created)
+        self.levels[0].append(value)
+        for (level, _), node in created:
+            if len(self.levels) <= level:
+                self.levels.append([])
+            self.levels[level].append(node)
+
+    def read(self, ids: Sequence[NodeId]) -> dict[NodeId, bytes]:
+        return {(level, index): self.levels[level][index] for level, index in ids}
+
+    def root(self, size: int | None = None) -> bytes:
+        return fold(self.read(tile(0, self.size if size is None else size)).values())
+
+    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        return hashes_for_spans(inclusion_spans(index, size), self.read)
+
+    def consistency_proof(self, size1: int, size2: int) -> list[bytes]:
+        return hashes_for_spans(consistency_spans(size1, size2), self.read)
