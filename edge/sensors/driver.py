@@ -1,0 +1,36 @@
+"""The one interface every sensor driver implements, and the catalogue `midgate agent sensors list` shows."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from edge.sensors.sample import ChannelSpec, Sample
+
+
+@runtime_checkable
+class Sensor(Protocol):
+    """A source of samples.
+
+    `read(t_ms)` takes one reading and stamps it with `t_ms` (the scheduler's UTC time for this tick); it raises a
+    `SensorError` (or `MalformedError` for a bad recorded line) when the whole reading failed, and returns a sample
+    flagged PARTIAL when only some channels failed. `period_ms` is the sensor's own sampling period. `blocking`
+    drivers (bus or file I/O that can stall) are read in a worker thread so they never block the event loop.
+    """
+
+    name: str
+    channels: tuple[ChannelSpec, ...]
+    period_ms: float
+    blocking: bool
+
+    def read(self, t_ms: int) -> Sample: ...
+
+    def close(self) -> None: ...
+
+
+DRIVERS: dict[str, str] = {
+    "simulated": "environment (temperature, humidity, pressure, CO2, power) with daily cycles, per-device "
+    "differences, noise, dropouts, spikes and stuck values; deterministic for a seed",
+    "linux": "host sensors: CPU load, memory, load average, network counters, thermal zones in /sys/class/thermal",
+    "bme280": "Bosch BME280 temperature/humidity/pressure over I2C (smbus2), datasheet integer compensation",
+    "replay": "recorded data (CSV or UCR/UEA .ts, e.g. PLAID from the sktime wheel) at original or accelerated rate",
+}

@@ -1,0 +1,26 @@
+"""Typed sensor failures. Each carries a stable reason code from `protocol.errors` so the sampler can record it as a
+quality flag and a log line can say which device, register or file failed."""
+
+from __future__ import annotations
+
+from protocol.errors import MalformedError, ProtocolError, Reason, TooLargeError
+
+__all__ = ["MalformedError", "SensorError", "SensorIOError", "SensorUnavailableError", "TooLargeError"]
+
+
+class SensorError(ProtocolError):
+    """Base of failures while reading a sensor; the sampler retries these with backoff."""
+
+    reason = Reason.SENSOR_IO
+
+
+class SensorUnavailableError(SensorError):
+    """The sensor is not there (missing sysfs file, no device at the I2C address, data set not installed)."""
+
+    reason = Reason.SENSOR_UNAVAILABLE
+
+
+class SensorIOError(SensorError):
+    """The sensor is there but a read failed (I2C NACK, EIO, short read)."""
+
+    reason = Reason.SENSOR_IO

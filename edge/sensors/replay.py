@@ -1,0 +1,284 @@
+"""Replay of recorded real data as a sensor: CSV files and UCR/UEA `.ts` files (PLAID among them).
+
+A `.ts` replay plays its series one after the other, one value per tick, each sample labelled with the series' class
+and grouped by `segment` (the t_ms of the recording's first sample, unique and increasing), so the store can cut
+one window per recording. A CSV replay plays rows; an optional `t_ms` column gives the original rate (the median
+row spacing) and an optional `label` column gives labels. `speed` > 1 plays faster than recorded.
+
+A replay can be given a slice of its data (`series=` indices, `classes=` names), so that each simulated household
+in a demo or test plays different appliances. A bad line raises MalformedError for that tick only; the next read
+continues with the next line, as a flaky real sensor would.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import math
+import statistics
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from edge.sensors.errors import MalformedError, SensorUnavailableError, TooLargeError
+from edge.sensors.plaid import PLAID_CLASSES, Split, plaid_files
+from edge.sensors.sample import ChannelSpec, Quality, Sample
+from edge.sensors.tsfile import MAX_TS_BYTES, TsSeries, iter_ts
+
+MAX_CSV_BYTES = 256 * 1024 * 1024
+MAX_CSV_FIELDS = 65
+
+
+class TsReplaySensor:
+    """Plays `.ts` series (univariate or multivariate) value by value.
+
+    Parameters
+    ----------
+    name: sensor name in the store.
+    paths: `.ts` files, played in order.
+    rate_hz: original sampling rate of the recordings (a `.ts` file does not say); default 100.
+    speed: playback speed factor; default 1.0.
+    channel_names: names of the dimensions; default ("current",) for univariate files, else dim0..dimN.
+    series: indices (over all files, in order) to play; default all.
+    classes: class labels (as written in the file, or PLAID class names) to play; default all.
+    class_names: names for label indices, used by `classes`; default the file's own labels.
+    loop: start again after the last series; default True.
+    """
+
+    blocking = False
+
+    def __init__(
+        self,
+        name: str,
+        paths: Sequence[Path],
+        *,
+        rate_hz: float = 100.0,
+        speed: float = 1.0,
+        channel_names: Sequence[str] | None = None,
+        series: Sequence[int] | None = None,
+        classes: Sequence[str] | None = None,
+        class_names: Sequence[str] | None = None,
+        loop: bool = True,
+    ) -> None:
+        if rate_hz <= 0 or speed <= 0:
+            raise ValueError("rate_hz and speed must be positive")
+        if not paths:
+            raise SensorUnavailableError("replay needs at least one .ts file", sensor=name)
+        self.name = name
+        self.paths = [Path(p) for p in paths]
+        self.period_ms = 1000.0 / (rate_hz * speed)
+        self.loop = loop
+        header, _ = iter_ts(self.paths[0], MAX_TS_BYTES)
+        self.class_names = tuple(class_names) if class_names else header.class_labels
+        names = channel_names or (("current",) if header.dims == 1 else tuple(f"dim{i}" for i in range(header.dims)))
+        if len(names) != header.dims:
+            raise ValueError(f"{len(names)} channel names for {header.dims} dimensions")
+        self.channels = tuple(ChannelSpec(n, "") for n in names)
+        self._wanted_series = set(series) if series is not None else None
+        self._wanted_labels = None if classes is None else {self.class_names.index(c) for c in classes}
+        self._items = self._iterate()
+        self._current: TsSeries | None = None
+        self._pos = 0
+        self._segment = 0
+
+    def _iterate(self) -> Iterator[TsSeries | MalformedError]:
+        index = 0
+        for path in self.paths:
+            _, items = iter_ts(path, MAX_TS_BYTES)
+            for item in items:
+                at = index
+                index += 1
+                if isinstance(item, MalformedError):
+                    yield item
+                    continue
+                if self._wanted_series is not None and at not in self._wanted_series:
+                    continue
+                if self._wanted_labels is not None and item.label not in self._wanted_labels:
+                    continue
+                yield item
+
+    def _next_series(self) -> TsSeries:
+        restarted = False
+        while True:
+            item = next(self._items, None)
+            if item is None:
+                if not self.loop or restarted:
+                    raise SensorUnavailableError("replay has no (more) series to play", sensor=self.name)
+                restarted = True
+                self._items = self._iterate()
+                continue
+            if isinstance(item, MalformedError):
+                raise item
+            return item
+
+    def read(self, t_ms: int) -> Sample:
+        if self._current is None or self._pos >= self._current.values.shape[1]:
+            self._current = None
+            self._current = self._next_series()
+            self._pos = 0
+            self._segment = t_ms
+        values = self._current.values[:, self._pos]
+        self._pos += 1
+        return Sample(
+            self.name, t_ms, tuple(float(v) for v in values), Quality.REPLAYED, self._current.label, self._segment
+        )
+
+    def samples(self, start_ms: int, count: int | None = None) -> Iterator[Sample]:
+        """Play as fast as possible (for imports and tests): samples stamped start_ms + k * period_ms; stops at the
+        end of the data (or after `count`) even when looping."""
+        k = 0
+        loop, self.loop = self.loop, False
+        try:
+            while count is None or k < count:
+                try:
+                    yield self.read(start_ms + round(k * self.period_ms))
+                except SensorUnavailableError:
+                    return
+                k += 1
+        finally:
+            self.loop = loop
+
+    def close(self) -> None:
+        self._items = iter(())
+
+
+def plaid_replay(
+    name: str = "plaid",
+    *,
+    split: Split = "train",
+    rate_hz: float = 100.0,
+    speed: float = 1.0,
+    series: Sequence[int] | None = None,
+    classes: Sequence[str] | None = None,
+    loop: bool = True,
+) -> TsReplaySensor:
+    """A replay of PLAID from the installed sktime wheel; labels index PLAID_CLASSES, the channel is "current"."""
+    return TsReplaySensor(
+        name,
+        plaid_files(split),
+        rate_hz=rate_hz,
+        speed=speed,
+        channel_names=("current",),
+        series=series,
+        classes=classes,
+        class_names=PLAID_CLASSES,
+        loop=loop,
+    )
+
+
+class CsvReplaySensor:
+    """Plays a CSV file row by row. The header names the columns; `t_ms` and `label` are special, every other
+    column is a channel (a unit may follow in brackets: `power_w[W]`). Parameters as for TsReplaySensor; rate_hz
+    None takes the original rate from the `t_ms` column."""
+
+    blocking = True  # file reads
+
+    def __init__(
+        self, name: str, path: Path, *, rate_hz: float | None = None, speed: float = 1.0, loop: bool = True
+    ) -> None:
+        self.name = name
+        self.path = Path(path)
+        self.loop = loop
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError as exc:
+            raise SensorUnavailableError("no such CSV file", sensor=name, path=str(path)) from exc
+        if size > MAX_CSV_BYTES:
+            raise TooLargeError("CSV file exceeds the size limit", path=str(path), limit=MAX_CSV_BYTES, found=size)
+        header = self._open()
+        if not header or len(header) > MAX_CSV_FIELDS:
+            raise MalformedError("CSV header must name 1..65 columns", path=str(path))
+        self._t_col = header.index("t_ms") if "t_ms" in header else None
+        self._label_col = header.index("label") if "label" in header else None
+        self._value_cols = [i for i, h in enumerate(header) if i not in (self._t_col, self._label_col)]
+        if not self._value_cols:
+            raise MalformedError("CSV has no value columns", path=str(path))
+        self.channels = tuple(self._channel(header[i]) for i in self._value_cols)
+        self._width = len(header)
+        if rate_hz is None:
+            rate_hz = self._original_rate()
+        if rate_hz <= 0 or speed <= 0:
+            raise ValueError("rate_hz and speed must be positive")
+        self.period_ms = 1000.0 / (rate_hz * speed)
+        self._open()
+
+    @staticmethod
+    def _channel(column: str) -> ChannelSpec:
+        name, _, unit = column.partition("[")
+        return ChannelSpec(name.strip(), unit.rstrip("]").strip())
+
+    def _open(self) -> list[str]:
+        handle = self.path.open(newline="", encoding="utf-8")
+        self._handle: io.TextIOBase = handle
+        self._reader = csv.reader(handle)
+        self._line = 1
+        return [h.strip() for h in next(self._reader, [])]
+
+    def _original_rate(self) -> float:
+        if self._t_col is None:
+            raise ValueError(f"{self.path}: no t_ms column, so rate_hz must be given")
+        times: list[int] = []
+        for row in self._reader:
+            try:
+                times.append(int(row[self._t_col]))
+            except (ValueError, IndexError):
+                continue
+            if len(times) > 10_000:
+                break
+        steps = [b - a for a, b in itertools.pairwise(times) if b > a]
+        if not steps:
+            raise MalformedError("cannot derive the original rate from t_ms", path=str(self.path))
+        return 1000.0 / statistics.median(steps)
+
+    def _next_row(self) -> list[str]:
+        row = next(self._reader, None)
+        self._line += 1
+        if row is None:
+            if not self.loop:
+                raise SensorUnavailableError("CSV replay reached the end", sensor=self.name)
+            self._handle.close()
+            self._open()
+            row = next(self._reader, None)
+            self._line += 1
+            if row is None:
+                raise SensorUnavailableError("CSV file has no data rows", sensor=self.name)
+        return row
+
+    def read(self, t_ms: int) -> Sample:
+        row = self._next_row()
+        if len(row) != self._width:
+            raise MalformedError(
+                "CSV line has the wrong number of fields",
+                path=str(self.path),
+                line=self._line,
+                expected=self._width,
+                found=len(row),
+            )
+        try:
+            values = tuple(float(row[i]) for i in self._value_cols)
+            label = int(row[self._label_col]) if self._label_col is not None and row[self._label_col] else None
+        except ValueError as exc:
+            raise MalformedError(
+                "CSV value is not a number", path=str(self.path), line=self._line, detail=str(exc)[:80]
+            ) from exc
+        if any(math.isinf(v) for v in values):
+            raise MalformedError("CSV value is infinite", path=str(self.path), line=self._line)
+        return Sample(self.name, t_ms, values, Quality.REPLAYED, label)
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def plaid_class_counts(split: Split = "train") -> dict[str, int]:
+    """Per-class series counts straight from the files' own labels (the reference the window tests compare to)."""
+    counts = np.zeros(len(PLAID_CLASSES), np.int64)
+    for path in plaid_files(split):
+        _, items = iter_ts(path)
+        for item in items:
+            if isinstance(item, MalformedError):
+                raise item
+            if item.label is not None:
+                counts[item.label] += 1
+    return {n: int(c) for n, c in zip(PLAID_CLASSES, counts, strict=True)}
