@@ -26,7 +26,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from protocol.errors import BadNoteError, BadProofError, MalformedError, TooLargeError
+from protocol.errors import BadNoteError, BadProofError, MalformedError, ProtocolError, TooLargeError
 from protocol.identity import SignerKey, VerifierKey
 from protocol.merkle import HASH_SIZE, MAX_PROOF_HASHES, b64, leaf_hash, verify_inclusion
 from protocol.note import MAX_NOTE_SIZE, NoteVerifier, VerifiedNote, open_note, parse_note, sign_note
@@ -156,6 +156,28 @@ def verify_receipt_hash(receipt: bytes | str, leaf_hash_value: bytes, log_vkey: 
     cp = opened.checkpoint
     verify_inclusion(parsed.index, cp.size, leaf_hash_value, parsed.proof, cp.root)
     return VerifiedReceipt(parsed.index, opened)
+
+
+def verify_receipts(items: Sequence[tuple[bytes | str, bytes]], log_vkey: VerifierKey) -> list[VerifiedReceipt]:
+    """Verify a statement's (receipt, leaf bytes) pairs; each distinct checkpoint's signature is checked once.
+
+    Raises on the first receipt that does not verify, with its position in `items`.
+    """
+    opened: dict[bytes, VerifiedCheckpoint] = {}
+    results = []
+    for position, (receipt, leaf) in enumerate(items):
+        parsed = parse_receipt(receipt)
+        checkpoint = opened.get(parsed.checkpoint_note)
+        if checkpoint is None:
+            checkpoint = opened[parsed.checkpoint_note] = open_checkpoint(parsed.checkpoint_note, log_vkey)
+        cp = checkpoint.checkpoint
+        try:
+            verify_inclusion(parsed.index, cp.size, leaf_hash(leaf), parsed.proof, cp.root)
+        except ProtocolError as exc:
+            exc.details["receipt"] = position
+            raise
+        results.append(VerifiedReceipt(parsed.index, checkpoint))
+    return results
 
 
 @dataclass(frozen=True)

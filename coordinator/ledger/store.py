@@ -4,13 +4,18 @@ One writer (the coordinator). Each `append` is one transaction holding the batch
 hashes), every interior node the batch completes, and the checkpoint signed over the new root; SQLite in WAL mode
 with `synchronous=FULL` makes the commit durable before `append` returns, so a process killed at any point reopens
 to the state after the last acknowledged batch. Appending keeps a compact range in memory (no rehashing of the
-tree); a proof reads O(log n) stored hashes in one query per table.
+tree); a proof reads O(log n) stored hashes.
 
 Schema (format 1):
-    leaves(idx INTEGER PRIMARY KEY, hash BLOB, data BLOB)   -- hash = RFC 9162 leaf hash of data
-    nodes(id INTEGER PRIMARY KEY, hash BLOB)                -- perfect subtrees of level >= 1, id = level<<56 | index
+    leaves(idx INTEGER PRIMARY KEY, data BLOB)            -- exact leaf bytes
+    batches(end INTEGER PRIMARY KEY, start INTEGER, hashes BLOB)
     checkpoints(size INTEGER PRIMARY KEY, note BLOB, issued_ms INTEGER)
-    meta(key TEXT PRIMARY KEY, value TEXT)                  -- origin, format
+    meta(key TEXT PRIMARY KEY, value TEXT)                -- origin, format
+
+`batches.hashes` holds, for the batch of leaves [start, end), every tree hash the batch completed, level by level
+(leaf hashes, then level 1, ...; see `tree.batch_offset`): one row per batch instead of two rows per leaf, which is
+what keeps durable appends close to plain inserts (measured in bench/ledger_bench.py). A node's hash lives in the
+batch that holds the node's last leaf.
 
 `LedgerStore` is synchronous and thread-safe (one lock); event-loop code uses `AsyncLedger`, which runs each call
 in a worker thread so SQLite fsyncs and signing never block the loop.
@@ -19,6 +24,7 @@ in a worker thread so SQLite fsyncs and signing never block the loop.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import sqlite3
 import threading
 import time
@@ -27,31 +33,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from coordinator.ledger.tree import CompactRange, NodeId, consistency_spans, hashes_for_spans, inclusion_spans
+from coordinator.ledger.tree import (
+    CompactRange,
+    NodeId,
+    batch_offset,
+    consistency_spans,
+    hashes_for_spans,
+    inclusion_spans,
+    last_leaf,
+)
 from protocol.checkpoint import Checkpoint, Receipt, open_checkpoint, parse_checkpoint_text, sign_checkpoint
 from protocol.errors import BadProofError, InconsistentError, MalformedError, TooLargeError
 from protocol.identity import SignerKey, VerifierKey
 from protocol.leaves import MAX_SIGNED_SIZE, Leaf
-from protocol.merkle import leaf_hash
+from protocol.merkle import EMPTY_ROOT, HASH_SIZE
 from protocol.note import NoteSignature, add_signatures, parse_note
 from protocol.witness import CosignatureVerifier, verify_cosignature
 
 FORMAT = "1"
 MAX_LEAF_SIZE = MAX_SIGNED_SIZE + 6
 MAX_BATCH = 100_000
-LEVEL_SHIFT = 56
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS leaves(idx INTEGER PRIMARY KEY, hash BLOB NOT NULL, data BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS nodes(id INTEGER PRIMARY KEY, hash BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS leaves(idx INTEGER PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS batches("end" INTEGER PRIMARY KEY, start INTEGER NOT NULL, hashes BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS checkpoints(size INTEGER PRIMARY KEY, note BLOB NOT NULL, issued_ms INTEGER NOT NULL);
 """
-
-
-def node_key(level: int, index: int) -> int:
-    """The `nodes.id` of the perfect subtree (level, index), level >= 1."""
-    return (level << LEVEL_SHIFT) | index
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -144,6 +152,12 @@ class LedgerStore:
     def root(self) -> bytes:
         return self._range.root()
 
+    def root_at(self, size: int) -> bytes:
+        """The tree root at an earlier `size` (<= current), from O(log n) stored hashes."""
+        if not 0 <= size <= self.size:
+            raise BadProofError("size beyond the log", size=size, log_size=self.size)
+        return hashes_for_spans([(0, size)], self._read_nodes)[0] if size else EMPTY_ROOT
+
     def append(self, leaves: Sequence[bytes]) -> AppendResult:
         """Append a batch of leaves (exact bytes) in one durable transaction and issue a checkpoint over it.
 
@@ -159,19 +173,18 @@ class LedgerStore:
         with self._lock:
             grown = self._range.copy()
             first = grown.size
-            leaf_rows = []
-            node_rows: list[tuple[NodeId, bytes]] = []
-            for offset, data in enumerate(leaves):
-                value = leaf_hash(data)
-                leaf_rows.append((first + offset, value, bytes(data)))
-                grown.append(value, node_rows)
+            hash_leaf = hashlib.sha256
+            levels = grown.extend([hash_leaf(b"\x00" + data).digest() for data in leaves])
             note = sign_checkpoint(Checkpoint(self.origin, grown.size, grown.root()), self._key)
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.executemany("INSERT INTO leaves(idx, hash, data) VALUES (?, ?, ?)", leaf_rows)
                 conn.executemany(
-                    "INSERT INTO nodes(id, hash) VALUES (?, ?)", [(node_key(*nid), h) for nid, h in node_rows]
+                    "INSERT INTO leaves(idx, data) VALUES (?, ?)", zip(range(first, grown.size), leaves, strict=True)
+                )
+                conn.execute(
+                    'INSERT INTO batches("end", start, hashes) VALUES (?, ?, ?)',
+                    (grown.size, first, b"".join(h for level in levels for h in level)),
                 )
                 conn.execute(
                     "INSERT INTO checkpoints(size, note, issued_ms) VALUES (?, ?, ?)",
@@ -272,25 +285,31 @@ class LedgerStore:
         return sign_checkpoint(Checkpoint(self.origin, 0, CompactRange().root()), self._key)
 
     def _read_nodes(self, ids: Sequence[NodeId]) -> Mapping[NodeId, bytes]:
-        leaf_ids = [index for level, index in ids if level == 0]
-        inner = {node_key(level, index): (level, index) for level, index in ids if level > 0}
+        """Hashes of perfect subtrees, from the batch rows holding them (one read per distinct batch)."""
         found: dict[NodeId, bytes] = {}
+        batch: tuple[int, int] | None = None
         with self._lock:
-            if leaf_ids:
-                marks = ",".join("?" * len(leaf_ids))
-                for idx, value in self._conn.execute(f"SELECT idx, hash FROM leaves WHERE idx IN ({marks})", leaf_ids):
-                    found[(0, idx)] = bytes(value)
-            if inner:
-                marks = ",".join("?" * len(inner))
-                for key, value in self._conn.execute(f"SELECT id, hash FROM nodes WHERE id IN ({marks})", list(inner)):
-                    found[inner[key]] = bytes(value)
-        missing = [nid for nid in ids if nid not in found]
-        if missing:
-            raise InconsistentError("ledger is missing stored tree nodes", missing=missing[:8])
+            for level, index in sorted(ids, key=lambda nid: last_leaf(*nid)):
+                leaf = last_leaf(level, index)
+                if batch is None or not batch[0] <= leaf < batch[1]:
+                    # Reads only the key columns: the hashes blob's overflow pages are not touched here.
+                    row = self._conn.execute(
+                        'SELECT start, "end" FROM batches WHERE "end" > ? ORDER BY "end" LIMIT 1', (leaf,)
+                    ).fetchone()
+                    if row is None or not row[0] <= leaf:
+                        raise InconsistentError("ledger has no stored batch for a tree node", level=level, index=index)
+                    batch = (int(row[0]), int(row[1]))
+                offset = batch_offset(batch[0], batch[1], level, index) * HASH_SIZE
+                with self._conn.blobopen("batches", "hashes", batch[1], readonly=True) as blob:
+                    blob.seek(offset)
+                    value = blob.read(HASH_SIZE)
+                if len(value) != HASH_SIZE:
+                    raise InconsistentError("stored batch hashes are truncated", level=level, index=index)
+                found[(level, index)] = value
         return found
 
     def _load_range(self) -> CompactRange:
-        row = self._conn.execute("SELECT max(idx) FROM leaves").fetchone()
+        row = self._conn.execute('SELECT max("end") - 1 FROM batches').fetchone()
         size = 0 if row[0] is None else int(row[0]) + 1
         ids = CompactRange.border_ids(size)
         stored = self._read_nodes(ids) if ids else {}

@@ -8,6 +8,7 @@ perfect subtrees that tile it, as transparency-dev/merkle's `proof.Nodes` "ephem
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -96,8 +97,8 @@ def _split(n: int) -> int:
 class CompactRange:
     """The right border of the tree: hashes of the perfect subtrees tiling [0, size), largest first.
 
-    Appending a leaf merges equal-sized neighbours; every merge is a new stored node. Appending n leaves costs about
-    2n hashes in total and never rereads the tree.
+    Extending by a batch hashes each level of the batch once (about one node hash per leaf) and never rereads the
+    tree: a new node's left child is either in the batch or on the old border.
     """
 
     size: int = 0
@@ -106,19 +107,29 @@ class CompactRange:
     def copy(self) -> CompactRange:
         return CompactRange(self.size, list(self.border))
 
-    def append(self, leaf: bytes, new_nodes: list[tuple[NodeId, bytes]]) -> None:
-        """Append one leaf hash; the interior nodes it completes (level >= 1) are added to `new_nodes`."""
-        index = self.size
-        value = leaf
-        self.border.append(value)
+    def extend(self, leaf_hashes: Sequence[bytes]) -> list[list[bytes]]:
+        """Append leaf hashes; returns the batch's nodes level by level (`batch_layout` order), level 0 first.
+
+        Level l holds the nodes with index in [start >> l, end >> l) for the batch's leaves [start, end).
+        """
+        start, end = self.size, self.size + len(leaf_hashes)
+        old = dict(zip(_border_levels(start), self.border, strict=True))
+        levels = [list(leaf_hashes)]
+        sha256 = hashlib.sha256
         level = 0
-        while (index >> level) & 1:
-            right = self.border.pop()
-            value = node_hash(self.border.pop(), right)
+        while (end >> (level + 1)) > (start >> (level + 1)):
+            run = levels[level]
+            if (start >> level) & 1:
+                run = [old[level], *run]
+            # Inlined node_hash: this comprehension runs about once per appended leaf.
+            levels.append([sha256(b"\x01" + a + b).digest() for a, b in zip(run[0::2], run[1::2], strict=False)])
             level += 1
-            self.border.append(value)
-            new_nodes.append(((level, index >> level), value))
-        self.size += 1
+        border = []
+        for lvl in _border_levels(end):
+            created = levels[lvl] if lvl < len(levels) else []
+            border.append(created[-1] if created else old[lvl])
+        self.size, self.border = end, border
+        return levels
 
     def root(self) -> bytes:
         return fold(self.border)
@@ -126,6 +137,21 @@ class CompactRange:
     @staticmethod
     def border_ids(size: int) -> list[NodeId]:
         return tile(0, size)
+
+
+def batch_offset(start: int, end: int, level: int, index: int) -> int:
+    """Position (in hashes) of node (level, index) in the flat layout of the batch of leaves [start, end)."""
+    before = sum((end >> m) - (start >> m) for m in range(level))
+    return before + index - (start >> level)
+
+
+def last_leaf(level: int, index: int) -> int:
+    """The index of the last leaf under node (level, index): the leaf whose append completes the node."""
+    return ((index + 1) << level) - 1
+
+
+def _border_levels(size: int) -> list[int]:
+    return [level for level in range(size.bit_length() - 1, -1, -1) if (size >> level) & 1]
 
 
 class MemoryTree:
@@ -142,14 +168,10 @@ class MemoryTree:
         return self.range.size
 
     def append(self, data: bytes) -> None:
-        value = leaf_hash(data)
-        created: list[tuple[NodeId, bytes]] = []
-        self.range.append(value, created)
-        self.levels[0].append(value)
-        for (level, _), node in created:
+        for level, nodes in enumerate(self.range.extend([leaf_hash(data)])):
             if len(self.levels) <= level:
                 self.levels.append([])
-            self.levels[level].append(node)
+            self.levels[level].extend(nodes)
 
     def read(self, ids: Sequence[NodeId]) -> dict[NodeId, bytes]:
         return {(level, index): self.levels[level][index] for level, index in ids}
