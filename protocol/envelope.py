@@ -165,13 +165,16 @@ def peek_envelope(data: bytes) -> tuple[str, bytes, tuple[str, ...]]:
 
 def _parse(data: bytes) -> tuple[str, bytes, list[tuple[str, bytes]]]:
     try:
-        # Decoding first pins the encoding to UTF-8: json.loads(bytes) would also accept UTF-16 and UTF-32.
-        doc = json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+        # Decoding first pins the encoding to UTF-8: json.loads(bytes) would also accept UTF-16 and UTF-32. Objects
+        # stay lists of pairs (a C builtin as hook, measured cheaper than a Python one) so duplicates stay visible;
+        # one shared decoder, since json.loads with options builds a new one per call.
+        doc = _JSON.decode(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise MalformedError("envelope is not a UTF-8 JSON document", error=type(exc).__name__) from None
-    if not isinstance(doc, dict) or doc.keys() != _ENVELOPE_KEYS:
-        raise MalformedError("envelope must be an object with payloadType, payload and signatures")
-    payload_type, payload_b64, signatures = doc["payloadType"], doc["payload"], doc["signatures"]
+    fields = _fields(doc, _ENVELOPE_KEYS)
+    if fields is None:
+        raise MalformedError("envelope must be an object with exactly payloadType, payload and signatures")
+    payload_type, payload_b64, signatures = fields["payloadType"], fields["payload"], fields["signatures"]
     if not isinstance(payload_type, str) or not _PAYLOAD_TYPE.fullmatch(payload_type):
         raise MalformedError("payloadType must be 1..128 printable ASCII characters without spaces")
     payload = _strict_b64(payload_b64, "payload")
@@ -179,16 +182,26 @@ def _parse(data: bytes) -> tuple[str, bytes, list[tuple[str, bytes]]]:
         raise MalformedError(f"signatures must be a list of 1..{MAX_SIGNATURES} entries")
     parsed: list[tuple[str, bytes]] = []
     for entry in signatures:
-        if not isinstance(entry, dict) or entry.keys() != _SIGNATURE_KEYS:
-            raise MalformedError("a signature must be an object with keyid and sig")
-        kid, sig_b64 = entry["keyid"], entry["sig"]
+        sig_fields = _fields(entry, _SIGNATURE_KEYS)
+        if sig_fields is None:
+            raise MalformedError("a signature must be an object with exactly keyid and sig")
+        kid = sig_fields["keyid"]
         if not isinstance(kid, str) or not _KEY_ID_HEX.fullmatch(kid):
             raise MalformedError(f"keyid must be {2 * KEY_ID_SIZE} lowercase hex characters")
-        sig = _strict_b64(sig_b64, "sig")
+        sig = _strict_b64(sig_fields["sig"], "sig")
         if len(sig) != SIGNATURE_SIZE:
             raise MalformedError("sig must be a 64-byte Ed25519 signature", found=len(sig))
         parsed.append((kid, sig))
     return payload_type, payload, parsed
+
+
+def _fields(value: Any, keys: frozenset[str]) -> dict[str, Any] | None:
+    """A JSON object parsed as a pair list, as a dict; None unless its keys are exactly `keys`, each once."""
+    # Parsed JSON holds tuples only as object pairs, so the first element tells an object from an array.
+    if not isinstance(value, list) or len(value) != len(keys) or not isinstance(value[0], tuple):
+        return None
+    fields = dict(value)
+    return fields if fields.keys() == keys else None
 
 
 def _strict_b64(value: Any, name: str) -> bytes:
@@ -196,23 +209,20 @@ def _strict_b64(value: Any, name: str) -> bytes:
     if not isinstance(value, str):
         raise MalformedError(f"{name} must be a base64 string")
     try:
-        raw = base64.b64decode(value, validate=True)
+        raw = binascii.a2b_base64(value, strict_mode=True)
     except (binascii.Error, ValueError):
         raise MalformedError(f"{name} is not valid base64") from None
-    if base64.b64encode(raw).decode("ascii") != value:
+    # strict_mode still accepts non-zero bits after the last byte ("QR==" == "QQ=="); one bit flip must not pass.
+    if binascii.b2a_base64(raw, newline=False) != value.encode("ascii"):
         raise MalformedError(f"{name} is not canonical base64")
     return raw
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    doc = dict(pairs)
-    if len(doc) != len(pairs):
-        raise MalformedError("duplicate key in envelope JSON")
-    return doc
-
-
 def _no_constant(name: str) -> NoReturn:
     raise MalformedError("NaN and Infinity are not JSON", found=name)
+
+
+_JSON = json.JSONDecoder(object_pairs_hook=list, parse_constant=_no_constant)
 
 
 def _check_payload_type(payload_type: str) -> None:
