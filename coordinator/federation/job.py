@@ -1,0 +1,105 @@
+"""A job's run config as the ServerApp reads it, and the outcome it leaves behind.
+
+`flwr run` exits 0 even when the ServerApp fails, so the ServerApp always writes `outcome.json` into the run's
+output directory (finished or failed, with a reason); the coordinator reads that, and the run status from the
+SuperLink, rather than trusting the CLI's exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+U64_MAX = (1 << 64) - 1
+
+
+class JobRunConfig(BaseModel):
+    """Run-config keys of the midgate Flower app ([tool.flwr.app.config] in coordinator/federation/app).
+
+    Parameters
+    ----------
+    task_id, task_version: the task (protocol.tasks registry).
+    num_rounds: federated rounds (default 3).
+    selected_nodes: space-separated SuperLink node ids the coordinator selected (uint64 does not fit TOML ints).
+    min_nodes: fewest usable updates per round; below it the job fails (default 2).
+    round_timeout: seconds to wait for a round's replies before dropping the silent nodes (default 120).
+    join_timeout: seconds to wait for selected nodes to connect at the start of a round (default 60).
+    validation_path: the buyer's validation window file, on the coordinator.
+    output_dir: where the run's captures, final model and outcome go (a subdirectory per run id).
+    max_examples: cap on self-reported example counts used as aggregation weights.
+    seed: model initialisation seed.
+    dp_noise_multiplier, dp_clipping_norm: central DP with client-side fixed clipping when clipping norm > 0.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    task_id: str = Field(alias="task-id")
+    task_version: int = Field(alias="task-version", ge=1)
+    num_rounds: int = Field(alias="num-rounds", default=3, ge=1, le=10_000)
+    selected_nodes: tuple[int, ...] = Field(alias="selected-nodes", min_length=1)
+    min_nodes: int = Field(alias="min-nodes", default=2, ge=1)
+    round_timeout: float = Field(alias="round-timeout", default=120.0, gt=0)
+    join_timeout: float = Field(alias="join-timeout", default=60.0, ge=0)
+    validation_path: Path = Field(alias="validation-path")
+    output_dir: Path = Field(alias="output-dir")
+    max_examples: int = Field(alias="max-examples", default=100_000, ge=1)
+    seed: int = Field(default=0, ge=0)
+    dp_noise_multiplier: float = Field(alias="dp-noise-multiplier", default=0.0, ge=0)
+    dp_clipping_norm: float = Field(alias="dp-clipping-norm", default=0.0, ge=0)
+
+    @field_validator("selected_nodes", mode="before")
+    @classmethod
+    def _split_ids(cls, value: object) -> object:
+        if isinstance(value, str):
+            ids = tuple(int(part) for part in value.split())
+            if any(not 0 <= i <= U64_MAX for i in ids) or len(set(ids)) != len(ids):
+                raise ValueError("node ids must be distinct uint64 values")
+            return ids
+        return value
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, object]) -> JobRunConfig:
+        return cls.model_validate(dict(run_config))
+
+
+class NodeDropRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    round: int
+    node_id: int
+    reason: str
+    detail: str = ""
+
+
+class JobOutcome(BaseModel):
+    """What happened to one Flower run of a job."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    run_id: int
+    status: Literal["finished", "failed"]
+    reason: str = ""
+    rounds_completed: int = 0
+    drops: list[NodeDropRecord] = Field(default_factory=list)
+    validation: dict[int, dict[str, float]] = Field(default_factory=dict)
+    final_model_sha256: str = ""
+    privacy: dict[str, float] = Field(default_factory=dict)
+    seconds: float = 0.0
+
+    def write(self, directory: Path) -> Path:
+        path = directory / "outcome.json"
+        tmp = directory / ".outcome.json.tmp"
+        tmp.write_text(self.model_dump_json(indent=1))
+        with tmp.open("rb") as fh:
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def read(cls, directory: Path) -> JobOutcome:
+        return cls.model_validate(json.loads((directory / "outcome.json").read_text()), strict=False)

@@ -1,0 +1,46 @@
+"""The coordinator's cross-check of a device's contribution report against the update Flower delivered.
+
+Called after the report's signature verified and its bytes parsed (protocol.tasks.parse_contribution_record): the
+report must name the run, round and node of an update the strategy captured, and the same global-model and update
+hashes; otherwise it is refused with `update_mismatch` and nothing is recorded.
+"""
+
+from __future__ import annotations
+
+from coordinator.federation.capture import CapturedUpdate, RoundCapture
+from protocol.errors import UpdateMismatchError
+from protocol.tasks.contribution import ContributionRecord
+
+
+def find_update(record: ContributionRecord, capture: RoundCapture) -> CapturedUpdate:
+    """The captured update the report speaks of; raises UpdateMismatchError if the strategy received none."""
+    if record.run_id != capture.run_id or record.round != capture.round:
+        raise UpdateMismatchError(
+            "report names another run or round",
+            expected=(capture.run_id, capture.round),
+            found=(record.run_id, record.round),
+        )
+    for update in capture.updates:
+        if update.node_id == record.node_id:
+            return update
+    raise UpdateMismatchError("no update from this node in this round", node_id=record.node_id, round=record.round)
+
+
+def check_contribution(record: ContributionRecord, capture: RoundCapture) -> CapturedUpdate:
+    """The matching captured update if the report's hashes are exactly those of what Flower delivered."""
+    update = find_update(record, capture)
+    if record.global_model_sha256 != update.global_sha256:
+        raise UpdateMismatchError(
+            "report names another global model",
+            node_id=record.node_id,
+            expected=update.global_sha256,
+            found=record.global_model_sha256,
+        )
+    if record.update_sha256 != update.update_sha256:
+        raise UpdateMismatchError(
+            "report names another update",
+            node_id=record.node_id,
+            expected=update.update_sha256,
+            found=record.update_sha256,
+        )
+    return update

@@ -1,0 +1,104 @@
+"""midgate's Flower ServerApp: one buyer's job on the SuperLink, evaluated on the buyer's validation set.
+
+Component reference for the Flower app: `coordinator.federation.server_app:app`. The job comes entirely from the
+run config (`JobRunConfig`); everything the run produces goes to `output-dir/run-<run id>/`: per-round captures
+(capture.py), `final-model.npz` and `outcome.json`. Evaluation is centralised (Flower's `evaluate_fn`), so no
+federated evaluate message is ever sent: the buyer's validation data stays here, and rounds are one round trip.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg, Strategy
+
+from coordinator.federation.capture import CaptureDirectory
+from coordinator.federation.job import JobOutcome, JobRunConfig, NodeDropRecord
+from coordinator.federation.strategy import JobFailedError, JobStrategy
+from protocol.tasks.arrays import arrays_sha256
+from protocol.tasks.models import build_model, evaluate, load_arrays, model_arrays
+from protocol.tasks.spec import TaskSpec, get_task
+from protocol.tasks.windows import WindowSet, load_window_file
+
+app = ServerApp()
+
+
+class ValidationEvaluator:
+    """Flower `evaluate_fn`: the global model's loss and score on the buyer's validation windows."""
+
+    def __init__(self, spec: TaskSpec, validation: WindowSet) -> None:
+        self.spec = spec
+        self.validation = validation
+        self.model = build_model(spec)
+        self.history: dict[int, dict[str, float]] = {}
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        load_arrays(self.model, {name: a.numpy() for name, a in arrays.items()})
+        metrics = evaluate(self.spec, self.model, self.validation.x, self.validation.y)
+        self.history[server_round] = metrics
+        return MetricRecord(dict[str, int | float | list[int] | list[float]](metrics))
+
+
+def _inner_strategy(job: JobRunConfig) -> Strategy:
+    fedavg = FedAvg(fraction_evaluate=0.0, min_available_nodes=job.min_nodes, min_train_nodes=job.min_nodes)
+    if job.dp_clipping_norm <= 0:
+        return fedavg
+    return DifferentialPrivacyClientSideFixedClipping(
+        fedavg, job.dp_noise_multiplier, job.dp_clipping_norm, len(job.selected_nodes)
+    )
+
+
+def run_job(grid: Grid, run_id: int, job: JobRunConfig) -> JobOutcome:
+    """Run the job's rounds; always leaves outcome.json behind, and re-raises a failure after recording it."""
+    started = time.monotonic()
+    out_dir = job.output_dir / f"run-{run_id}"
+    capture = CaptureDirectory(out_dir)
+    spec = get_task(job.task_id, job.task_version)
+    evaluator = ValidationEvaluator(spec, load_window_file(job.validation_path, spec))
+    strategy = JobStrategy(
+        _inner_strategy(job),
+        job.selected_nodes,
+        job.min_nodes,
+        capture,
+        max_weight=job.max_examples,
+        join_timeout=job.join_timeout,
+        run_id=run_id,
+    )
+    outcome = JobOutcome(run_id=run_id, status="failed", reason="internal_error")
+    try:
+        result = strategy.start(
+            grid,
+            ArrayRecord({name: Array(a) for name, a in model_arrays(build_model(spec, seed=job.seed)).items()}),
+            num_rounds=job.num_rounds,
+            timeout=job.round_timeout,
+            train_config=ConfigRecord(),
+            evaluate_fn=evaluator,
+        )
+        final = {name: a.numpy() for name, a in result.arrays.items()}
+        with (out_dir / "final-model.npz").open("wb") as fh:
+            np.savez(fh, **final)  # type: ignore[arg-type]
+        outcome = JobOutcome(
+            run_id=run_id, status="finished", rounds_completed=job.num_rounds, final_model_sha256=arrays_sha256(final)
+        )
+    except JobFailedError as err:
+        outcome = JobOutcome(run_id=run_id, status="failed", reason=err.reason)
+        raise
+    finally:
+        outcome.drops = [
+            NodeDropRecord(round=d.round, node_id=d.node_id, reason=str(d.reason), detail=d.detail)
+            for d in strategy.drops
+        ]
+        outcome.validation = dict(evaluator.history)
+        if outcome.status == "failed":
+            outcome.rounds_completed = max((r for r in evaluator.history), default=0)
+        outcome.seconds = time.monotonic() - started
+        outcome.write(out_dir)
+    return outcome
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_job(grid, context.run_id, JobRunConfig.from_run_config(context.run_config))

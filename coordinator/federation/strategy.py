@@ -1,0 +1,227 @@
+"""The job strategy: Flower's FedAvg, wrapped so a job samples only its selected nodes, captures every node's
+update for attribution, and survives dropouts without hanging.
+
+Wrapping, not forking (as Flower's own DP wrappers do): `JobStrategy` delegates message construction and
+aggregation to the inner strategy (FedAvg, or Flower's DifferentialPrivacyClientSideFixedClipping around FedAvg)
+and adds only node selection, reply screening, capture and the minimum-participation rule.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import cast
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from coordinator.federation.capture import CapturedUpdate, DropReason, NodeDrop, RoundCapture, UpdateSink
+from protocol.tasks.arrays import arrays_sha256
+
+WEIGHT_KEY = "num-examples"
+NODE_UNAVAILABLE_CODE = 5  # flwr.common.constant.ErrorCode.NODE_UNAVAILABLE
+
+
+class JobFailedError(Exception):
+    """The job cannot go on; `reason` is recorded in the job outcome (stable strings)."""
+
+    def __init__(self, reason: str, message: str, **details: object) -> None:
+        super().__init__(f"{reason}: {message} {details}")
+        self.reason = reason
+        self.details = details
+
+
+class _SelectedNodes:
+    """The part of a Grid that FedAvg's sampling reads (`get_node_ids`), restricted to the job's nodes."""
+
+    def __init__(self, grid: Grid, node_ids: frozenset[int]) -> None:
+        self._grid = grid
+        self._node_ids = node_ids
+
+    def get_node_ids(self) -> list[int]:
+        return [n for n in self._grid.get_node_ids() if n in self._node_ids]
+
+
+class JobStrategy(Strategy):
+    """FedAvg (or a DP wrapper around it) for one buyer's job.
+
+    Parameters
+    ----------
+    inner:
+        The wrapped strategy; its minimum/fraction settings are overridden per round to "all live selected nodes".
+    selected_node_ids:
+        The SuperLink node ids the coordinator selected for the job; no other node is ever sent a message.
+    min_nodes:
+        Fewest updates a round may aggregate; below it the job fails with reason `too_few_replies` (or
+        `too_few_nodes` when too few selected nodes are connected at the start of a round).
+    join_timeout:
+        Seconds to wait at the start of a round for selected nodes to connect (default 60).
+    sink:
+        Receives every round's captured updates and drops before aggregation (the attribution hook).
+    max_weight:
+        Cap on the self-reported example count used as a node's aggregation weight (design: never trust it uncapped).
+    uniform_weights:
+        Weight every node 1 (required by Flower's DP accountant); default False.
+    run_id:
+        The Flower run id, recorded in captures.
+    """
+
+    def __init__(
+        self,
+        inner: Strategy,
+        selected_node_ids: Iterable[int],
+        min_nodes: int,
+        sink: UpdateSink,
+        *,
+        max_weight: int,
+        join_timeout: float = 60.0,
+        uniform_weights: bool = False,
+        run_id: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.inner = inner
+        self.selected = frozenset(selected_node_ids)
+        if not 1 <= min_nodes <= len(self.selected):
+            raise ValueError(f"min_nodes must be in 1..{len(self.selected)}, got {min_nodes}")
+        self.min_nodes = min_nodes
+        self.sink = sink
+        self.max_weight = max_weight
+        self.join_timeout = join_timeout
+        self.uniform_weights = uniform_weights
+        self.run_id = run_id
+        self._clock = clock
+        self._sleep = sleep
+        self.dropped: dict[int, NodeDrop] = {}  # nodes that died; not asked again in this job
+        self.drops: list[NodeDrop] = []
+        self._sent: frozenset[int] = frozenset()
+        self._outbox: list[Message] = []
+        self._global_sha256 = ""
+        self._global_shapes: dict[str, tuple[int, ...]] = {}
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def _live_selected(self, grid: Grid) -> frozenset[int]:
+        wanted = self.selected - set(self.dropped)
+        deadline = self._clock() + self.join_timeout
+        while True:
+            live = wanted & set(grid.get_node_ids())
+            if live == wanted or self._clock() >= deadline:
+                return live
+            self._sleep(0.2)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        live = self._live_selected(grid)
+        round_drops = [
+            NodeDrop(server_round, n, DropReason.DROPPED_EARLIER, str(self.dropped[n].reason)) for n in self.dropped
+        ]
+        round_drops += [
+            NodeDrop(server_round, n, DropReason.NOT_CONNECTED)
+            for n in sorted(self.selected - live - set(self.dropped))
+        ]
+        self.drops.extend(round_drops)
+        if len(live) < self.min_nodes:
+            raise JobFailedError(
+                "too_few_nodes",
+                "too few selected nodes connected",
+                round=server_round,
+                live=len(live),
+                minimum=self.min_nodes,
+            )
+        numpy_arrays = {name: a.numpy() for name, a in arrays.items()}
+        self._global_sha256 = arrays_sha256(numpy_arrays)
+        self._global_shapes = {name: tuple(a.shape) for name, a in numpy_arrays.items()}
+        self._sent = live
+        self._set_inner_sampling(len(live))
+        # Kept so replies can be matched to nodes by the message they answer: the grid stamps each message's id on
+        # push, and an error the SuperLink generates for a lost node names the SuperLink, not the node, as source.
+        self._outbox = list(
+            self.inner.configure_train(server_round, arrays, config, cast(Grid, _SelectedNodes(grid, live)))
+        )
+        return self._outbox
+
+    def _set_inner_sampling(self, count: int) -> None:
+        target = getattr(self.inner, "strategy", self.inner)  # Flower's DP wrappers keep the wrapped one here
+        for strategy in {id(self.inner): self.inner, id(target): target}.values():
+            for name, value in (("fraction_train", 1.0), ("min_train_nodes", count), ("min_available_nodes", count)):
+                if hasattr(strategy, name):
+                    setattr(strategy, name, value)
+
+    def _screen(self, server_round: int, node: int, msg: Message) -> CapturedUpdate | NodeDrop:
+        if msg.has_error():
+            code = msg.error.code
+            reason = DropReason.NODE_UNAVAILABLE if code == NODE_UNAVAILABLE_CODE else DropReason.ERROR_REPLY
+            return NodeDrop(server_round, node, reason, f"code {code}: {str(msg.error.reason)[:200]}")
+        records, metrics = msg.content.array_records, msg.content.metric_records
+        if len(records) != 1 or len(metrics) != 1:
+            return NodeDrop(server_round, node, DropReason.MALFORMED_REPLY, "need one ArrayRecord and one MetricRecord")
+        metric = next(iter(metrics.values()))
+        reported = metric.get(WEIGHT_KEY)
+        if not isinstance(reported, int) or isinstance(reported, bool) or reported <= 0:
+            return NodeDrop(server_round, node, DropReason.MALFORMED_REPLY, f"{WEIGHT_KEY} must be a positive int")
+        try:
+            update = {name: a.numpy() for name, a in next(iter(records.values())).items()}
+        except Exception as err:  # Flower raises several types for undecodable arrays; all mean the same here
+            return NodeDrop(server_round, node, DropReason.MALFORMED_REPLY, f"undecodable arrays: {type(err).__name__}")
+        shapes = {name: tuple(a.shape) for name, a in update.items()}
+        if shapes != self._global_shapes or not all(np.isfinite(a).all() for a in update.values()):
+            return NodeDrop(server_round, node, DropReason.MALFORMED_REPLY, "arrays differ from the global model's")
+        weight = 1 if self.uniform_weights else min(reported, self.max_weight)
+        values = {k: float(v) for k, v in metric.items() if isinstance(v, (int, float))}
+        return CapturedUpdate(
+            server_round, node, update, arrays_sha256(update), self._global_sha256, reported, weight, values
+        )
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        updates: list[CapturedUpdate] = []
+        accepted: list[Message] = []
+        round_drops: list[NodeDrop] = []
+        answered: set[int] = set()
+        destination = {m.metadata.message_id: m.metadata.dst_node_id for m in self._outbox}
+        for msg in list(replies):
+            node = destination.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            if node not in self._sent or node in answered:
+                round_drops.append(NodeDrop(server_round, node, DropReason.UNEXPECTED_NODE))
+                continue
+            answered.add(node)
+            outcome = self._screen(server_round, node, msg)
+            if isinstance(outcome, NodeDrop):
+                round_drops.append(outcome)
+                continue
+            updates.append(outcome)
+            metric = next(iter(msg.content.metric_records.values()))
+            metric[WEIGHT_KEY] = outcome.weight
+            accepted.append(msg)
+        round_drops += [NodeDrop(server_round, n, DropReason.NO_REPLY) for n in sorted(self._sent - answered)]
+        for drop in round_drops:
+            if drop.reason in (DropReason.NO_REPLY, DropReason.NODE_UNAVAILABLE):
+                self.dropped[drop.node_id] = drop
+        self.drops.extend(round_drops)
+        self.sink.on_round(
+            RoundCapture(self.run_id, server_round, self._global_sha256, tuple(updates), tuple(round_drops))
+        )
+        if len(updates) < self.min_nodes:
+            raise JobFailedError(
+                "too_few_replies",
+                "too few usable updates",
+                round=server_round,
+                usable=len(updates),
+                minimum=self.min_nodes,
+            )
+        return self.inner.aggregate_train(server_round, accepted)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        # Evaluation is centralised on the buyer's validation set (evaluate_fn): no federated evaluate round trip.
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None

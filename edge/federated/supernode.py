@@ -1,0 +1,193 @@
+"""The device's Flower SuperNode: its EC node key, and the process the agent starts for a job and stops after.
+
+The SuperNode authenticates to the MID's SuperLink with the device's own EC key (OpenSSH format, NIST P-256),
+trusts only the MID's CA, and passes the device's window file and spool directory to the ClientApp through its
+node config. It runs in its own process group so stopping it also stops Flower's SuperExec and app processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+EXIT_NODE_NOT_REGISTERED = 305  # flwr.supercore.exit.ExitCode: the SuperLink does not know this node key
+
+
+@dataclass(frozen=True)
+class NodeKey:
+    private_key: Path
+    public_key: Path
+
+
+def generate_node_key(directory: Path, name: str = "supernode") -> NodeKey:
+    """A fresh P-256 key pair in OpenSSH format; the private key is written 0600 and never logged."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    paths = NodeKey(directory / name, directory / f"{name}.pub")
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    fd = os.open(paths.private_key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, private)
+    finally:
+        os.close(fd)
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    paths.public_key.write_bytes(public + b"\n")
+    return paths
+
+
+def _flower_executable(name: str) -> str:
+    local = Path(sys.executable).with_name(name)
+    found = str(local) if local.exists() else shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} not found beside {sys.executable} or on PATH")
+    return found
+
+
+def _process(pid: int) -> psutil.Process | None:
+    try:
+        return psutil.Process(pid)
+    except psutil.Error:
+        return None
+
+
+def _kill_pids(pids: list[int], grace: float) -> None:
+    procs = [p for p in (_process(pid) for pid in pids) if p is not None]
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=grace)
+
+
+def _quote(value: str) -> str:
+    if "'" in value or "\n" in value:
+        raise ValueError("node config values must not contain quotes or newlines")
+    return f"'{value}'"
+
+
+@dataclass
+class SuperNodeProcess:
+    """One device's SuperNode for one job.
+
+    Parameters
+    ----------
+    flwr_home: the SuperNode's own FLWR_HOME.
+    superlink: the SuperLink's address (host:port).
+    ca_cert: the MID's CA certificate.
+    key: the device's node key (registered with the SuperLink at enrolment).
+    data_path, spool_dir: handed to the ClientApp as node config `data-path` and `spool-dir`.
+    clientappio_port: the SuperNode's local port for its ClientApps (Flower's default 9094 would collide).
+    extra_env: e.g. FLWR_SUPEREXEC_TASK_POLL_INTERVAL.
+    """
+
+    flwr_home: Path
+    superlink: str
+    ca_cert: Path
+    key: NodeKey
+    data_path: Path
+    spool_dir: Path
+    clientappio_port: int
+    isolation: str = "subprocess"
+    extra_env: dict[str, str] | None = None
+    log_path: Path | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    def argv(self) -> list[str]:
+        node_config = f"data-path={_quote(str(self.data_path))} spool-dir={_quote(str(self.spool_dir))}"
+        return [
+            _flower_executable("flower-supernode"),
+            "--superlink",
+            self.superlink,
+            "--root-certificates",
+            str(self.ca_cert),
+            "--auth-supernode-private-key",
+            str(self.key.private_key),
+            "--node-config",
+            node_config,
+            "--isolation",
+            self.isolation,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.clientappio_port),
+        ]
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(self.flwr_home), "PYTHONUNBUFFERED": "1"})
+        # Flower starts its SuperExec and ClientApp processes by bare name, so the scripts directory goes on PATH.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env.update(self.extra_env or {})
+        return env
+
+    def start(self) -> None:
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        log = (self.log_path or self.flwr_home / "supernode.log").open("ab")
+        self.proc = subprocess.Popen(
+            self.argv(), stdout=log, stderr=subprocess.STDOUT, env=self.env(), start_new_session=True
+        )
+        log.close()
+
+    def pids(self) -> list[int]:
+        """The SuperNode and every live process below it (SuperExec, ClientApps), for supervision and memory."""
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        with contextlib.suppress(psutil.Error):
+            return [self.proc.pid, *(c.pid for c in psutil.Process(self.proc.pid).children(recursive=True))]
+        return []
+
+    def stop(self, grace: float = 10.0) -> int | None:
+        """SIGTERM the SuperNode's group, SIGKILL what is left after `grace`, then end its detached descendants
+        (Flower starts the SuperExec in a new session) by PID; returns the SuperNode's exit code."""
+        if self.proc is None:
+            return None
+        below = self.pids()[1:]
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=grace)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        code = self.proc.wait(timeout=grace)
+        _kill_pids(below, grace)
+        return code
+
+    def kill(self) -> list[int]:
+        """SIGKILL the SuperNode and everything below it at once, as a power cut would; returns the PIDs killed."""
+        if self.proc is None:
+            return []
+        victims = self.pids()
+        for pid in victims:
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()
+        self.proc.wait(timeout=10)
+        psutil.wait_procs([p for p in (_process(pid) for pid in victims) if p is not None], timeout=10)
+        return victims
+
+    def wait_exit(self, timeout: float) -> int | None:
+        if self.proc is None:
+            return None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return self.proc.returncode
+            time.sleep(0.1)
+        return None

@@ -1,0 +1,79 @@
+"""One round of local training for a task, independent of Flower (the ClientApp and benchmarks call it)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field
+
+from protocol.tasks.models import build_model, evaluate, load_arrays, model_arrays, train_epochs
+from protocol.tasks.spec import TaskSpec
+from protocol.tasks.windows import WindowSet
+
+
+class LocalTrainingConfig(BaseModel):
+    """The run-config keys a ClientApp reads (names as in the Flower app's [tool.flwr.app.config]).
+
+    Parameters
+    ----------
+    task_id, task_version: the task the job trains.
+    local_epochs: passes over the local windows per round (default 1).
+    batch_size: minibatch size (default 32).
+    lr: Adam learning rate (default 0.003).
+    max_examples: at most this many windows per round, sampled per round from the seed (default 100000).
+    seed: base seed; the round number is added so every round shuffles differently but reproducibly.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    task_id: str = Field(alias="task-id")
+    task_version: int = Field(alias="task-version", ge=1)
+    local_epochs: int = Field(alias="local-epochs", default=1, ge=1, le=1000)
+    batch_size: int = Field(alias="batch-size", default=32, ge=1, le=65536)
+    lr: float = Field(default=0.003, gt=0, le=10)
+    max_examples: int = Field(alias="max-examples", default=100_000, ge=1)
+    seed: int = Field(default=0, ge=0)
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, object]) -> LocalTrainingConfig:
+        return cls.model_validate(dict(run_config))
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    arrays: dict[str, npt.NDArray[np.generic]]
+    examples: int
+    loss_before: float
+    loss_after: float
+
+
+def train_round(
+    spec: TaskSpec,
+    global_arrays: Mapping[str, npt.NDArray[np.generic]],
+    windows: WindowSet,
+    settings: LocalTrainingConfig,
+    server_round: int,
+) -> RoundResult:
+    """Train the global model on (a round-seeded sample of) the windows; losses are measured on the same sample."""
+    x, y = windows.x, windows.y
+    if len(x) > settings.max_examples:
+        pick = np.random.default_rng(settings.seed + server_round).choice(len(x), settings.max_examples, replace=False)
+        x, y = x[pick], None if y is None else y[pick]
+    model = build_model(spec)
+    load_arrays(model, global_arrays)
+    before = evaluate(spec, model, x, y)["loss"]
+    train_epochs(
+        spec,
+        model,
+        x,
+        y,
+        epochs=settings.local_epochs,
+        batch_size=settings.batch_size,
+        lr=settings.lr,
+        seed=settings.seed + server_round,
+    )
+    after = evaluate(spec, model, x, y)["loss"]
+    return RoundResult(arrays=model_arrays(model), examples=len(x), loss_before=before, loss_after=after)

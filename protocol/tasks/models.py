@@ -1,0 +1,200 @@
+"""The torch side of the task registry: one small model per task kind, its loss and its metrics.
+
+Imported only by code that trains or evaluates (ClientApp, ServerApp evaluation, benchmarks): it imports torch.
+`build_model` is deterministic for a seed, so device and coordinator can start from the same weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+from protocol.errors import MalformedError
+from protocol.tasks.spec import TaskKind, TaskSpec
+
+NDArrays = dict[str, npt.NDArray[np.generic]]
+
+
+class ApplianceClassifier(nn.Module):
+    """Two 1-D convolutions over (channels, length) and a linear head; about 4k parameters for PLAID."""
+
+    def __init__(self, spec: TaskSpec) -> None:
+        super().__init__()
+        h = spec.hidden
+        self.features = nn.Sequential(
+            nn.Conv1d(spec.channels, h // 2, kernel_size=7, stride=2, padding=3),
+            nn.ReLU(),
+            nn.Conv1d(h // 2, h, kernel_size=5, stride=2, padding=2),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool1d(4),
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(h * 4 + spec.channels, len(spec.labels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Appliance currents span three orders of magnitude: the convolutions see the waveform's shape at unit
+        # RMS and the head gets the log-RMS level separately, which trains far better than raw amperes.
+        rms = x.pow(2).mean(dim=2, keepdim=True).sqrt() + 1e-3
+        shape = self.features(x / rms)
+        return self.head(torch.cat([shape, rms.log().flatten(1)], dim=1))  # type: ignore[no-any-return]
+
+
+class NextStepForecaster(nn.Module):
+    """A GRU over the window; predicts the next sample of every channel."""
+
+    def __init__(self, spec: TaskSpec) -> None:
+        super().__init__()
+        self.gru = nn.GRU(spec.channels, spec.hidden, batch_first=True)
+        self.head = nn.Linear(spec.hidden, spec.channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, last = self.gru(x.transpose(1, 2))
+        return self.head(last[-1])  # type: ignore[no-any-return]
+
+
+class WindowAutoencoder(nn.Module):
+    """A dense bottleneck autoencoder over the flattened window."""
+
+    def __init__(self, spec: TaskSpec) -> None:
+        super().__init__()
+        size = spec.channels * spec.window_length
+        bottleneck = max(2, spec.hidden // 4)
+        self.encoder = nn.Sequential(
+            nn.Flatten(), nn.Linear(size, spec.hidden), nn.ReLU(), nn.Linear(spec.hidden, bottleneck)
+        )
+        self.decoder = nn.Sequential(nn.Linear(bottleneck, spec.hidden), nn.ReLU(), nn.Linear(spec.hidden, size))
+        self.shape = (spec.channels, spec.window_length)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x)).view(-1, *self.shape)  # type: ignore[no-any-return]
+
+
+_MODELS: dict[TaskKind, type[nn.Module]] = {
+    TaskKind.CLASSIFICATION: ApplianceClassifier,
+    TaskKind.FORECAST: NextStepForecaster,
+    TaskKind.AUTOENCODER: WindowAutoencoder,
+}
+
+
+def build_model(spec: TaskSpec, seed: int = 0) -> nn.Module:
+    """The task's model with weights drawn from `seed`, identical on every machine for the same seed."""
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        return _MODELS[spec.kind](spec)
+    finally:
+        torch.random.set_rng_state(generator_state)
+
+
+def model_arrays(model: nn.Module) -> NDArrays:
+    """The model's state as named numpy arrays (copies), in state_dict order."""
+    return {name: t.detach().cpu().numpy().copy() for name, t in model.state_dict().items()}
+
+
+def load_arrays(model: nn.Module, arrays: Mapping[str, npt.NDArray[np.generic]]) -> None:
+    """Load named arrays into the model; names, shapes and dtypes must match exactly."""
+    state = model.state_dict()
+    if set(arrays) != set(state):
+        raise MalformedError(
+            "arrays do not name the model's parameters",
+            missing=sorted(set(state) - set(arrays))[:8],
+            unexpected=sorted(set(arrays) - set(state))[:8],
+        )
+    for name, tensor in state.items():
+        value = np.asarray(arrays[name])
+        if tuple(value.shape) != tuple(tensor.shape):
+            raise MalformedError("array shape mismatch", name=name, expected=tuple(tensor.shape), found=value.shape)
+    model.load_state_dict({name: torch.from_numpy(np.array(arrays[name], copy=True)) for name in state})
+
+
+def check_batch(spec: TaskSpec, x: npt.NDArray[np.generic], y: npt.NDArray[np.generic] | None) -> None:
+    """Windows must be shaped (n, channels, window_length), with one target per window where the kind needs one."""
+    if x.ndim != 3 or x.shape[1:] != (spec.channels, spec.window_length):
+        raise MalformedError(
+            "windows have the wrong shape", expected=("n", spec.channels, spec.window_length), found=x.shape
+        )
+    if spec.kind is TaskKind.AUTOENCODER:
+        return
+    if y is None or len(y) != len(x):
+        raise MalformedError(
+            "targets missing or not one per window", windows=len(x), targets=None if y is None else len(y)
+        )
+    if spec.kind is TaskKind.CLASSIFICATION and len(y) and (int(y.min()) < 0 or int(y.max()) >= len(spec.labels)):
+        raise MalformedError("label index out of range", labels=len(spec.labels), found=(int(y.min()), int(y.max())))
+    if spec.kind is TaskKind.FORECAST and y.shape[1:] != (spec.channels,):
+        raise MalformedError("forecast targets have the wrong shape", expected=("n", spec.channels), found=y.shape)
+
+
+def to_tensors(
+    spec: TaskSpec, x: npt.NDArray[np.generic], y: npt.NDArray[np.generic] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    check_batch(spec, x, y)
+    xt = torch.as_tensor(np.asarray(x, dtype=np.float32))
+    if spec.kind is TaskKind.AUTOENCODER or y is None:
+        return xt, xt
+    if spec.kind is TaskKind.CLASSIFICATION:
+        return xt, torch.as_tensor(np.asarray(y, dtype=np.int64))
+    return xt, torch.as_tensor(np.asarray(y, dtype=np.float32))
+
+
+def loss_fn(spec: TaskSpec, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    if spec.kind is TaskKind.CLASSIFICATION:
+        return nn.functional.cross_entropy(outputs, targets)
+    return nn.functional.mse_loss(outputs, targets)
+
+
+@torch.no_grad()
+def evaluate(
+    spec: TaskSpec,
+    model: nn.Module,
+    x: npt.NDArray[np.generic],
+    y: npt.NDArray[np.generic] | None,
+    batch_size: int = 512,
+) -> dict[str, float]:
+    """Mean loss over the windows, plus accuracy (classification) or mean absolute error (the others)."""
+    xt, yt = to_tensors(spec, x, y)
+    if len(xt) == 0:
+        raise MalformedError("no windows to evaluate")
+    model.eval()
+    loss_sum, score_sum = 0.0, 0.0
+    for start in range(0, len(xt), batch_size):
+        xb, yb = xt[start : start + batch_size], yt[start : start + batch_size]
+        out = model(xb)
+        loss_sum += float(loss_fn(spec, out, yb)) * len(xb)
+        if spec.kind is TaskKind.CLASSIFICATION:
+            score_sum += float((out.argmax(dim=1) == yb).sum())
+        else:
+            score_sum += float((out - yb).abs().mean()) * len(xb)
+    metric = "accuracy" if spec.kind is TaskKind.CLASSIFICATION else "mae"
+    return {"loss": loss_sum / len(xt), metric: score_sum / len(xt)}
+
+
+def train_epochs(
+    spec: TaskSpec,
+    model: nn.Module,
+    x: npt.NDArray[np.generic],
+    y: npt.NDArray[np.generic] | None,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+) -> None:
+    """Plain minibatch Adam for `epochs` passes, shuffled from `seed` so a round is reproducible."""
+    xt, yt = to_tensors(spec, x, y)
+    if len(xt) == 0:
+        raise MalformedError("no windows to train on")
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(xt), generator=generator)
+        for start in range(0, len(xt), batch_size):
+            idx = order[start : start + batch_size]
+            optimiser.zero_grad()
+            loss_fn(spec, model(xt[idx]), yt[idx]).backward()  # type: ignore[no-untyped-call]
+            optimiser.step()

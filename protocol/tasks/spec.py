@@ -1,0 +1,129 @@
+"""Versioned training task specs: what a window is, what it is labelled with, and which model learns it.
+
+A job names a task by (id, version); device and coordinator must build exactly the same model from it, so a spec
+never changes once published: a change is a new version. This module is torch-free so that `import protocol` stays
+light; the models live in `protocol.tasks.models`, imported only by code that trains or evaluates.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from protocol.errors import MalformedError
+
+TaskId = Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,63}$")]
+
+
+class TaskKind(StrEnum):
+    """What the model predicts, which fixes the loss and the metrics."""
+
+    CLASSIFICATION = "classification"  # one label per window; cross-entropy; accuracy
+    FORECAST = "forecast"  # the next sample of every feature; MSE; MAE
+    AUTOENCODER = "autoencoder"  # the window itself; MSE; reconstruction error
+
+
+class TaskSpec(BaseModel):
+    """One published version of a training task.
+
+    Parameters
+    ----------
+    id, version:
+        The job names these two; together they select exactly one model architecture and data layout.
+    kind:
+        Fixes the loss and metrics (see `TaskKind`).
+    features:
+        Channel names of a window, in array order (windows are float32 arrays shaped (channels, window_length)).
+    window_length:
+        Samples per window and channel.
+    labels:
+        Class names in label-index order for classification; empty otherwise.
+    hidden:
+        Width of the model's hidden layers; part of the architecture, hence of the spec.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    id: TaskId
+    version: int = Field(ge=1)
+    kind: TaskKind
+    features: tuple[str, ...] = Field(min_length=1, max_length=64)
+    window_length: int = Field(ge=2, le=100_000)
+    labels: tuple[str, ...] = Field(default=(), max_length=1000)
+    hidden: int = Field(ge=1, le=4096)
+    description: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.id}@{self.version}"
+
+    @property
+    def channels(self) -> int:
+        return len(self.features)
+
+
+# PLAID (Plug-Load Appliance Identification Dataset, the UCR release sktime ships) has 11 appliance classes and
+# one current channel per recording, 100..1344 samples long; a window is one whole recording resampled by linear
+# interpolation to 128 points (edge.sensors.plaid), which keeps the start-up transient of every recording.
+PLAID_APPLIANCE = TaskSpec(
+    id="plaid-appliance",
+    version=1,
+    kind=TaskKind.CLASSIFICATION,
+    features=("current",),
+    window_length=128,
+    labels=(
+        "air_conditioner",
+        "compact_fluorescent_lamp",
+        "fan",
+        "fridge",
+        "hairdryer",
+        "heater",
+        "incandescent_light_bulb",
+        "laptop",
+        "microwave",
+        "vacuum",
+        "washing_machine",
+    ),
+    hidden=64,
+    description="Appliance classification from one recording of current resampled to 128 points (PLAID, 11 classes).",
+)
+
+ENV_FORECAST = TaskSpec(
+    id="env-forecast",
+    version=1,
+    kind=TaskKind.FORECAST,
+    features=("temperature_c", "humidity_pct", "pressure_hpa"),
+    window_length=32,
+    hidden=32,
+    description="Next-step forecast of temperature, humidity and pressure from the previous 32 samples.",
+)
+
+HOST_ANOMALY = TaskSpec(
+    id="host-anomaly",
+    version=1,
+    kind=TaskKind.AUTOENCODER,
+    features=("cpu_percent", "memory_percent", "load1", "cpu_temp_c"),
+    window_length=16,
+    hidden=16,
+    description="Autoencoder over host-sensor windows; reconstruction error is the anomaly score.",
+)
+
+REGISTRY: dict[tuple[str, int], TaskSpec] = {
+    (s.id, s.version): s for s in (PLAID_APPLIANCE, ENV_FORECAST, HOST_ANOMALY)
+}
+
+
+class UnknownTaskError(MalformedError):
+    """A job names a task id or version that is not in the registry."""
+
+
+def get_task(task_id: str, version: int) -> TaskSpec:
+    """The published spec for (task_id, version); raises UnknownTaskError naming what is known."""
+    spec = REGISTRY.get((task_id, version))
+    if spec is None:
+        raise UnknownTaskError(
+            "unknown task", task_id=task_id, version=version, known=sorted(s.key for s in REGISTRY.values())
+        )
+    return spec

@@ -1,0 +1,156 @@
+"""Real Flower Deployment Engine processes for tests and benchmarks: one SuperLink (TLS with a CA made here,
+SuperNode authentication) and SuperNodes with their own EC keys, each with its own FLWR_HOME, free ports and a log
+file under the test's directory. Everything started here is stopped by `Federation.stop()` by process group id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from coordinator.federation.job import JobOutcome
+from coordinator.federation.superlink import FlowerCli, SuperLinkProcess
+from coordinator.federation.tls import issue_superlink_tls
+from edge.federated.supernode import NodeKey, SuperNodeProcess, generate_node_key
+from protocol.tasks.windows import WindowSet, save_window_file, window_fingerprint
+
+APP_DIR = Path(__file__).resolve().parents[1] / "coordinator" / "federation" / "app"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def plaid_windows(split: str = "train") -> WindowSet:
+    """PLAID (the real recordings sktime ships, read by edge.sensors.plaid) as plaid-appliance@1 windows."""
+    from edge.sensors.plaid import load_plaid
+
+    data = load_plaid(split)  # type: ignore[arg-type]
+    x = data.X[:, None, :].astype(np.float32)
+    return WindowSet(x=x, y=data.y, fingerprint=window_fingerprint(x, data.y))
+
+
+def split_by_label(windows: WindowSet, parts: int, seed: int = 0, alpha: float = 0.5) -> list[WindowSet]:
+    """Non-IID split: each class's windows shared among devices by Dirichlet(alpha) proportions."""
+    assert windows.y is not None
+    rng = np.random.default_rng(seed)
+    buckets: list[list[int]] = [[] for _ in range(parts)]
+    for label in np.unique(windows.y):
+        idx = rng.permutation(np.flatnonzero(windows.y == label))
+        cuts = (np.cumsum(rng.dirichlet([alpha] * parts))[:-1] * len(idx)).astype(int)
+        for bucket, chunk in zip(buckets, np.split(idx, cuts), strict=True):
+            bucket.extend(chunk.tolist())
+    out = []
+    for bucket in buckets:
+        sel = np.array(sorted(bucket), dtype=np.int64)
+        x, y = windows.x[sel], windows.y[sel]
+        out.append(WindowSet(x=x, y=y, fingerprint=window_fingerprint(x, y)))
+    return out
+
+
+@dataclass
+class Device:
+    name: str
+    key: NodeKey
+    node_id: int | None
+    supernode: SuperNodeProcess
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.supernode.spool_dir
+
+
+@dataclass
+class Federation:
+    root: Path
+    superlink_env: dict[str, str] = field(default_factory=dict)
+    devices: list[Device] = field(default_factory=list)
+    superlink: SuperLinkProcess | None = None
+    cli: FlowerCli | None = None
+
+    def start(self) -> None:
+        tls = issue_superlink_tls(self.root / "ca", "test-mid")
+        self.superlink = SuperLinkProcess(
+            flwr_home=self.root / "superlink",
+            tls=tls,
+            port=free_port(),
+            log_path=self.root / "superlink.log",
+            extra_env=self.superlink_env,
+        )
+        self.superlink.start()
+        self.cli = FlowerCli(self.root / "cli", self.superlink.address, tls.ca_cert)
+        self.cli.write_config()
+
+    def add_device(
+        self, name: str, windows: WindowSet, *, register: bool = True, env: dict[str, str] | None = None
+    ) -> Device:
+        assert self.superlink is not None and self.cli is not None
+        home = self.root / name
+        key = generate_node_key(home / "keys")
+        node_id = self.cli.register_node(key.public_key) if register else None
+        data_path = home / "windows.npz"
+        save_window_file(data_path, windows)
+        supernode = SuperNodeProcess(
+            flwr_home=home / "flwr",
+            superlink=self.superlink.address,
+            ca_cert=self.superlink.tls.ca_cert,
+            key=key,
+            data_path=data_path,
+            spool_dir=home / "spool",
+            clientappio_port=free_port(),
+            extra_env=env,
+            log_path=self.root / f"{name}.log",
+        )
+        device = Device(name, key, node_id, supernode)
+        self.devices.append(device)
+        return device
+
+    def submit(self, validation: WindowSet, **overrides: str | int | float) -> int:
+        assert self.cli is not None
+        validation_path = self.root / "validation.npz"
+        save_window_file(validation_path, validation)
+        config: dict[str, str | int | float] = {
+            "selected-nodes": " ".join(str(d.node_id) for d in self.devices if d.node_id is not None),
+            "validation-path": str(validation_path),
+            "output-dir": str(self.root / "jobs"),
+        }
+        config.update(overrides)
+        return self.cli.submit_run(APP_DIR, config)
+
+    def run_dir(self, run_id: int) -> Path:
+        return self.root / "jobs" / f"run-{run_id}"
+
+    def wait_outcome(self, run_id: int, timeout: float) -> tuple[str, JobOutcome | None]:
+        """Polls the SuperLink until the run is finished; returns its status and the ServerApp's outcome."""
+        assert self.cli is not None
+        status = self.cli.wait_finished(run_id, timeout)
+        path = self.run_dir(run_id)
+        deadline = time.monotonic() + 10
+        while not (path / "outcome.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        outcome = JobOutcome.read(path) if (path / "outcome.json").exists() else None
+        return status, outcome
+
+    def stop(self) -> None:
+        for device in self.devices:
+            with contextlib.suppress(Exception):
+                device.supernode.stop()
+        if self.superlink is not None:
+            self.superlink.stop()
+
+    def print_logs(self, tail: int = 120) -> None:
+        """Printed at teardown; pytest shows it only for failed tests."""
+        for log in sorted(self.root.glob("*.log")):
+            lines = log.read_text(errors="replace").splitlines()[-tail:]
+            print(f"===== {log.name} (last {len(lines)} lines) =====")
+            print("\n".join(lines))
+        for outcome in sorted(self.root.glob("jobs/*/outcome.json")):
+            print(f"===== {outcome} =====\n{json.dumps(json.loads(outcome.read_text()), indent=1)[:4000]}")
