@@ -32,6 +32,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from coordinator.ledger.tree import (
     CompactRange,
@@ -62,6 +63,16 @@ CREATE TABLE IF NOT EXISTS checkpoints(size INTEGER PRIMARY KEY, note BLOB NOT N
 """
 
 
+def _read_origin(conn: sqlite3.Connection) -> str:
+    try:
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    except sqlite3.DatabaseError as exc:
+        raise MalformedError("not a ledger database", error=str(exc)) from exc
+    if meta.get("format") != FORMAT or not meta.get("origin"):
+        raise MalformedError("unknown ledger format", expected=FORMAT, found=meta.get("format"))
+    return str(meta["origin"])
+
+
 def connect(path: Path) -> sqlite3.Connection:
     """A connection with the ledger's durability settings: WAL and fsync on every commit."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -88,51 +99,34 @@ class AppendResult:
         return self.first_index + self.count
 
 
-class LedgerStore:
-    """An open ledger file. Create or open with `LedgerStore.open(path, log_key)`; close with `close()` or `with`."""
+class LedgerReader:
+    """Read access to a ledger file without its signing key: entries, checkpoints, proofs, receipts (CLI, audits)."""
 
-    def __init__(self, conn: sqlite3.Connection, log_key: SignerKey, path: Path) -> None:
+    def __init__(self, conn: sqlite3.Connection, path: Path, origin: str) -> None:
         self._conn = conn
-        self._key = log_key
         self._lock = threading.Lock()
         self.path = path
-        self.origin = log_key.name
+        self.origin = origin
         self._range = self._load_range()
 
     @classmethod
-    def open(cls, path: Path, log_key: SignerKey) -> LedgerStore:
-        """Open (creating if needed) the ledger at `path`, signed by `log_key` whose name is the log's origin.
-
-        Checks that the stored tree's root matches the latest stored checkpoint; raises InconsistentError if not.
-        """
-        conn = connect(path)
+    def open_existing(cls, path: Path) -> LedgerReader:
+        """Open an existing ledger for reading; raises MalformedError if `path` is not a ledger of this format."""
+        if not path.is_file():
+            raise MalformedError("no ledger file at this path", path=str(path))
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         try:
-            conn.executescript("BEGIN;" + _SCHEMA + "COMMIT;")
-            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-            if not meta:
-                conn.execute("BEGIN IMMEDIATE")
-                conn.executemany(
-                    "INSERT INTO meta(key, value) VALUES (?, ?)", [("origin", log_key.name), ("format", FORMAT)]
-                )
-                conn.execute("COMMIT")
-            elif meta.get("origin") != log_key.name or meta.get("format") != FORMAT:
-                raise MalformedError(
-                    "ledger belongs to another log or format",
-                    expected=(log_key.name, FORMAT),
-                    found=(meta.get("origin"), meta.get("format")),
-                )
-            store = cls(conn, log_key, path)
-            store._check_latest_checkpoint()
+            origin = _read_origin(conn)
+            return cls(conn, path, origin)
         except BaseException:
             conn.close()
             raise
-        return store
 
     def close(self) -> None:
         with self._lock:
             self._conn.close()
 
-    def __enter__(self) -> LedgerStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -144,11 +138,6 @@ class LedgerStore:
     def size(self) -> int:
         return self._range.size
 
-    @property
-    def verifier(self) -> VerifierKey:
-        """The log's public key: what members pin to verify checkpoints and receipts."""
-        return self._key.verifier
-
     def root(self) -> bytes:
         return self._range.root()
 
@@ -157,6 +146,135 @@ class LedgerStore:
         if not 0 <= size <= self.size:
             raise BadProofError("size beyond the log", size=size, log_size=self.size)
         return hashes_for_spans([(0, size)], self._read_nodes)[0] if size else EMPTY_ROOT
+
+    def checkpoint(self, size: int | None = None) -> bytes:
+        """The signed checkpoint note at `size` (default: the latest), with any attached cosignatures."""
+        with self._lock:
+            if size is None:
+                row = self._conn.execute("SELECT note FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone()
+                if row is None:
+                    return self._empty_checkpoint()
+            else:
+                row = self._conn.execute("SELECT note FROM checkpoints WHERE size = ?", (size,)).fetchone()
+                if row is None:
+                    if size == 0:
+                        return self._empty_checkpoint()
+                    raise BadProofError("no checkpoint was issued at this size", size=size)
+            return bytes(row[0])
+
+    def _empty_checkpoint(self) -> bytes:
+        raise BadProofError("the log is empty: no checkpoint was issued yet", size=0)
+
+    def checkpoint_sizes(self) -> list[int]:
+        with self._lock:
+            return [r[0] for r in self._conn.execute("SELECT size FROM checkpoints ORDER BY size")]
+
+    def leaf(self, index: int) -> bytes:
+        """The exact bytes of the leaf at `index`."""
+        with self._lock:
+            row = self._conn.execute("SELECT data FROM leaves WHERE idx = ?", (index,)).fetchone()
+        if row is None:
+            raise BadProofError("no leaf at this index", index=index, size=self.size)
+        return bytes(row[0])
+
+    def leaves(self, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+        """(index, bytes) of leaves in [start, end), read in one query."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT idx, data FROM leaves WHERE idx >= ? AND idx < ? ORDER BY idx", (start, end)
+            ).fetchall()
+        for idx, data in rows:
+            yield idx, bytes(data)
+
+    def inclusion_proof(self, index: int, size: int | None = None) -> list[bytes]:
+        """RFC 9162 inclusion path for leaf `index` in the tree of `size` (default: current). Requires index < size."""
+        size = self.size if size is None else size
+        if not 0 <= index < size <= self.size:
+            raise BadProofError("need 0 <= index < size <= log size", index=index, size=size, log_size=self.size)
+        return hashes_for_spans(inclusion_spans(index, size), self._read_nodes)
+
+    def consistency_proof(self, size1: int, size2: int | None = None) -> list[bytes]:
+        """RFC 9162 consistency proof from `size1` to `size2` (default: current); empty from size 0 (C2SP)."""
+        size2 = self.size if size2 is None else size2
+        if not 0 <= size1 <= size2 <= self.size:
+            raise BadProofError("need 0 <= size1 <= size2 <= log size", size1=size1, size2=size2, log_size=self.size)
+        return hashes_for_spans(consistency_spans(size1, size2), self._read_nodes)
+
+    def receipt(self, index: int, size: int | None = None) -> str:
+        """A c2sp.org/tlog-proof for leaf `index` against the stored checkpoint at `size` (default: latest)."""
+        note = self.checkpoint(size)
+        checkpoint = parse_checkpoint_text(parse_note(note).text)
+        proof = self.inclusion_proof(index, checkpoint.size)
+        return Receipt(index, tuple(proof), note).text()
+
+    def _read_nodes(self, ids: Sequence[NodeId]) -> Mapping[NodeId, bytes]:
+        """Hashes of perfect subtrees, from the batch rows holding them (one read per distinct batch)."""
+        found: dict[NodeId, bytes] = {}
+        batch: tuple[int, int] | None = None
+        with self._lock:
+            for level, index in sorted(ids, key=lambda nid: last_leaf(*nid)):
+                leaf = last_leaf(level, index)
+                if batch is None or not batch[0] <= leaf < batch[1]:
+                    # Reads only the key columns: the hashes blob's overflow pages are not touched here.
+                    row = self._conn.execute(
+                        'SELECT start, "end" FROM batches WHERE "end" > ? ORDER BY "end" LIMIT 1', (leaf,)
+                    ).fetchone()
+                    if row is None or not row[0] <= leaf:
+                        raise InconsistentError("ledger has no stored batch for a tree node", level=level, index=index)
+                    batch = (int(row[0]), int(row[1]))
+                offset = batch_offset(batch[0], batch[1], level, index) * HASH_SIZE
+                with self._conn.blobopen("batches", "hashes", batch[1], readonly=True) as blob:
+                    blob.seek(offset)
+                    value = blob.read(HASH_SIZE)
+                if len(value) != HASH_SIZE:
+                    raise InconsistentError("stored batch hashes are truncated", level=level, index=index)
+                found[(level, index)] = value
+        return found
+
+    def _load_range(self) -> CompactRange:
+        row = self._conn.execute('SELECT max("end") - 1 FROM batches').fetchone()
+        size = 0 if row[0] is None else int(row[0]) + 1
+        ids = CompactRange.border_ids(size)
+        stored = self._read_nodes(ids) if ids else {}
+        return CompactRange(size, [stored[nid] for nid in ids])
+
+
+class LedgerStore(LedgerReader):
+    """The log's single writer. Open with `LedgerStore.open(path, log_key)`; close with `close()` or `with`."""
+
+    def __init__(self, conn: sqlite3.Connection, log_key: SignerKey, path: Path) -> None:
+        super().__init__(conn, path, log_key.name)
+        self._key = log_key
+
+    @classmethod
+    def open(cls, path: Path, log_key: SignerKey) -> LedgerStore:
+        """Open (creating if needed) the ledger at `path`, signed by `log_key` whose name is the log's origin.
+
+        Checks that the stored tree's root matches the latest stored checkpoint; raises InconsistentError if not.
+        """
+        conn = connect(path)
+        try:
+            conn.executescript("BEGIN;" + _SCHEMA + "COMMIT;")
+            if conn.execute("SELECT count(*) FROM meta").fetchone()[0] == 0:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.executemany(
+                    "INSERT INTO meta(key, value) VALUES (?, ?)", [("origin", log_key.name), ("format", FORMAT)]
+                )
+                conn.execute("COMMIT")
+            origin = _read_origin(conn)
+            if origin != log_key.name:
+                raise MalformedError("ledger belongs to another log", expected=log_key.name, found=origin)
+            store = cls(conn, log_key, path)
+            store._check_latest_checkpoint()
+        except BaseException:
+            conn.close()
+            raise
+        return store
+
+    @property
+    def verifier(self) -> VerifierKey:
+        """The log's public key: what members pin to verify checkpoints and receipts."""
+        return self._key.verifier
 
     def append(self, leaves: Sequence[bytes]) -> AppendResult:
         """Append a batch of leaves (exact bytes) in one durable transaction and issue a checkpoint over it.
@@ -201,63 +319,6 @@ class LedgerStore:
         """Append typed leaves (see protocol.leaves)."""
         return self.append([leaf.encode() for leaf in leaves])
 
-    def checkpoint(self, size: int | None = None) -> bytes:
-        """The signed checkpoint note at `size` (default: the latest), with any attached cosignatures."""
-        with self._lock:
-            if size is None:
-                row = self._conn.execute("SELECT note FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone()
-                if row is None:
-                    return self._empty_checkpoint()
-            else:
-                row = self._conn.execute("SELECT note FROM checkpoints WHERE size = ?", (size,)).fetchone()
-                if row is None:
-                    if size == 0:
-                        return self._empty_checkpoint()
-                    raise BadProofError("no checkpoint was issued at this size", size=size)
-            return bytes(row[0])
-
-    def checkpoint_sizes(self) -> list[int]:
-        with self._lock:
-            return [r[0] for r in self._conn.execute("SELECT size FROM checkpoints ORDER BY size")]
-
-    def leaf(self, index: int) -> bytes:
-        """The exact bytes of the leaf at `index`."""
-        with self._lock:
-            row = self._conn.execute("SELECT data FROM leaves WHERE idx = ?", (index,)).fetchone()
-        if row is None:
-            raise BadProofError("no leaf at this index", index=index, size=self.size)
-        return bytes(row[0])
-
-    def leaves(self, start: int, end: int) -> Iterator[tuple[int, bytes]]:
-        """(index, bytes) of leaves in [start, end), read in one query."""
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT idx, data FROM leaves WHERE idx >= ? AND idx < ? ORDER BY idx", (start, end)
-            ).fetchall()
-        for idx, data in rows:
-            yield idx, bytes(data)
-
-    def inclusion_proof(self, index: int, size: int | None = None) -> list[bytes]:
-        """RFC 9162 inclusion path for leaf `index` in the tree of `size` (default: current). Requires index < size."""
-        size = self.size if size is None else size
-        if not 0 <= index < size <= self.size:
-            raise BadProofError("need 0 <= index < size <= log size", index=index, size=size, log_size=self.size)
-        return hashes_for_spans(inclusion_spans(index, size), self._read_nodes)
-
-    def consistency_proof(self, size1: int, size2: int | None = None) -> list[bytes]:
-        """RFC 9162 consistency proof from `size1` to `size2` (default: current); empty from size 0 (C2SP)."""
-        size2 = self.size if size2 is None else size2
-        if not 0 <= size1 <= size2 <= self.size:
-            raise BadProofError("need 0 <= size1 <= size2 <= log size", size1=size1, size2=size2, log_size=self.size)
-        return hashes_for_spans(consistency_spans(size1, size2), self._read_nodes)
-
-    def receipt(self, index: int, size: int | None = None) -> str:
-        """A c2sp.org/tlog-proof for leaf `index` against the stored checkpoint at `size` (default: latest)."""
-        note = self.checkpoint(size)
-        checkpoint = parse_checkpoint_text(parse_note(note).text)
-        proof = self.inclusion_proof(index, checkpoint.size)
-        return Receipt(index, tuple(proof), note).text()
-
     def attach_cosignatures(
         self, size: int, cosignatures: Sequence[NoteSignature], witnesses: Sequence[CosignatureVerifier]
     ) -> bytes:
@@ -283,37 +344,6 @@ class LedgerStore:
 
     def _empty_checkpoint(self) -> bytes:
         return sign_checkpoint(Checkpoint(self.origin, 0, CompactRange().root()), self._key)
-
-    def _read_nodes(self, ids: Sequence[NodeId]) -> Mapping[NodeId, bytes]:
-        """Hashes of perfect subtrees, from the batch rows holding them (one read per distinct batch)."""
-        found: dict[NodeId, bytes] = {}
-        batch: tuple[int, int] | None = None
-        with self._lock:
-            for level, index in sorted(ids, key=lambda nid: last_leaf(*nid)):
-                leaf = last_leaf(level, index)
-                if batch is None or not batch[0] <= leaf < batch[1]:
-                    # Reads only the key columns: the hashes blob's overflow pages are not touched here.
-                    row = self._conn.execute(
-                        'SELECT start, "end" FROM batches WHERE "end" > ? ORDER BY "end" LIMIT 1', (leaf,)
-                    ).fetchone()
-                    if row is None or not row[0] <= leaf:
-                        raise InconsistentError("ledger has no stored batch for a tree node", level=level, index=index)
-                    batch = (int(row[0]), int(row[1]))
-                offset = batch_offset(batch[0], batch[1], level, index) * HASH_SIZE
-                with self._conn.blobopen("batches", "hashes", batch[1], readonly=True) as blob:
-                    blob.seek(offset)
-                    value = blob.read(HASH_SIZE)
-                if len(value) != HASH_SIZE:
-                    raise InconsistentError("stored batch hashes are truncated", level=level, index=index)
-                found[(level, index)] = value
-        return found
-
-    def _load_range(self) -> CompactRange:
-        row = self._conn.execute('SELECT max("end") - 1 FROM batches').fetchone()
-        size = 0 if row[0] is None else int(row[0]) + 1
-        ids = CompactRange.border_ids(size)
-        stored = self._read_nodes(ids) if ids else {}
-        return CompactRange(size, [stored[nid] for nid in ids])
 
     def _check_latest_checkpoint(self) -> None:
         row = self._conn.execute("SELECT size, note FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone()
