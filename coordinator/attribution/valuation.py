@@ -1,0 +1,191 @@
+"""One round's valuation: screen the updates, build the coalition game over what is left, pick the method by size.
+
+The method is chosen by the number of players m (after screens merged near-duplicates): exact Shapley for
+m <= exact_max_players, GTG-style permutation sampling up to sampled_max_players, first-order values above. All
+randomness comes from a seed derived from (settings.seed, round index), so a round's valuation is reproducible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from coordinator.attribution.first_order import GradientFunction, first_order_values
+from coordinator.attribution.game import CoalitionGame, FloatVector, LossFunction
+from coordinator.attribution.sampling import sampled_shapley
+from coordinator.attribution.screens import ScreenFlag, ScreenReport, ScreenSettings, screen_updates
+from coordinator.attribution.shapley import EXACT_MAX_PLAYERS, exact_shapley
+from protocol.errors import MalformedError
+
+
+class ValuationMethod(StrEnum):
+    EXACT = "exact"
+    SAMPLED = "sampled"
+    FIRST_ORDER = "first_order"
+    NONE = "none"
+
+
+class ValuationSettings(BaseModel):
+    """How rounds are valued.
+
+    - exact_max_players (12, at most 12): exact Shapley up to this many players (2**m loss evaluations).
+    - sampled_max_players (200): permutation sampling up to this many; first-order values above.
+    - evaluations_per_player (25): sampling budget is this times m loss evaluations (25 % of 2**10 at m = 10).
+    - within_epsilon (0.01), between_epsilon (1e-4), convergence_tolerance (0.01): GTG-Shapley truncation and
+      stopping, see coordinator.attribution.sampling.
+    - example_count_cap (None): when set, and the coordinator verified each member's example count, weights are the
+      verified counts capped at this value (normalised); otherwise every player weighs 1/m. Self-reported counts
+      are never used.
+    - seed (0): root of the per-round sampling seed.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    exact_max_players: int = Field(default=EXACT_MAX_PLAYERS, ge=0, le=EXACT_MAX_PLAYERS)
+    sampled_max_players: int = Field(default=200, ge=0)
+    evaluations_per_player: int = Field(default=25, ge=1)
+    within_epsilon: float = Field(default=0.01, ge=0.0)
+    between_epsilon: float = Field(default=1e-4, ge=0.0)
+    convergence_tolerance: float = Field(default=0.01, ge=0.0)
+    example_count_cap: int | None = Field(default=None, ge=1)
+    seed: int = Field(default=0, ge=0)
+    screens: ScreenSettings = Field(default_factory=ScreenSettings)
+
+
+@dataclass(frozen=True)
+class RoundUpdates:
+    """What the strategy observed in one round: member ids, the global model it sent, and the (m, d) matrix of
+    updates it received (member parameters minus global). Example counts are optional; `verified_examples` are the
+    counts the coordinator checked itself (never the device's claim)."""
+
+    round_index: int
+    members: Sequence[str]
+    global_params: FloatVector
+    updates: FloatVector
+    reported_examples: Sequence[int | None] | None = None
+    verified_examples: Sequence[int | None] | None = None
+    previous_global_delta: FloatVector | None = None
+
+
+@dataclass(frozen=True)
+class RoundValuation:
+    round_index: int
+    method: ValuationMethod
+    values: dict[str, float]
+    standard_errors: dict[str, float]
+    flags: dict[str, list[ScreenFlag]]
+    players: list[tuple[str, ...]]
+    evaluations: int
+    grand_utility: float
+    base_loss: float
+    weights: dict[str, float] = field(default_factory=dict)
+
+
+def round_seed(root: int, round_index: int) -> int:
+    """The sampling seed of one round, independent of every other round's."""
+    return int(np.random.SeedSequence([root, round_index]).generate_state(1)[0])
+
+
+def _player_weights(
+    players: list[tuple[int, ...]], verified: Sequence[int | None] | None, cap: int | None
+) -> list[float]:
+    if cap is not None and verified is not None and all(verified[i] is not None for g in players for i in g):
+        # A near-duplicate group carries the data of one member, so it weighs as one member.
+        raw = [float(min(max(int(verified[i] or 0) for i in group), cap)) for group in players]
+        total = sum(raw)
+        if total > 0:
+            return [r / total for r in raw]
+    return [1.0 / len(players)] * len(players) if players else []
+
+
+def _check(updates: RoundUpdates) -> None:
+    m = len(updates.members)
+    if updates.updates.ndim != 2 or updates.updates.shape[0] != m:
+        raise MalformedError("one update row per member", members=m, updates_shape=updates.updates.shape)
+    if len(set(updates.members)) != m:
+        raise MalformedError("member ids must be unique", members=m, unique=len(set(updates.members)))
+    for name, counts in (("reported", updates.reported_examples), ("verified", updates.verified_examples)):
+        if counts is not None and len(counts) != m:
+            raise MalformedError(f"one {name} example count per member", members=m, counts=len(counts))
+
+
+def value_round(
+    updates: RoundUpdates,
+    loss: LossFunction,
+    settings: ValuationSettings,
+    gradient: GradientFunction | None = None,
+) -> RoundValuation:
+    """Screen, then value each member's update in this round; excluded members get 0, groups share one value."""
+    _check(updates)
+    report: ScreenReport = screen_updates(
+        updates.updates,
+        settings=settings.screens,
+        global_params=updates.global_params,
+        previous_global_delta=updates.previous_global_delta,
+        reported_examples=updates.reported_examples,
+        verified_examples=updates.verified_examples,
+    )
+    players = report.players
+    m = len(players)
+    weights = _player_weights(players, updates.verified_examples, settings.example_count_cap)
+    deltas = np.zeros((m, updates.global_params.shape[0]), dtype=np.float32)
+    for p, group in enumerate(players):
+        deltas[p] = updates.updates[list(group)].mean(axis=0)
+
+    player_values = np.zeros(m)
+    player_errors = np.zeros(m)
+    evaluations = 0
+    grand = 0.0
+    base = float("nan")
+    if m == 0:
+        method = ValuationMethod.NONE
+    elif m > settings.sampled_max_players:
+        if gradient is None:
+            raise MalformedError("first-order valuation needs a validation gradient", players=m)
+        method = ValuationMethod.FIRST_ORDER
+        player_values = first_order_values(gradient, updates.global_params, deltas, weights)
+        grand = float(player_values.sum())
+    else:
+        game = CoalitionGame(loss, updates.global_params, deltas, weights)
+        base = game.base_loss
+        if m <= settings.exact_max_players:
+            method = ValuationMethod.EXACT
+            player_values = exact_shapley(game)
+        else:
+            method = ValuationMethod.SAMPLED
+            sampled = sampled_shapley(
+                game,
+                budget=settings.evaluations_per_player * m,
+                seed=round_seed(settings.seed, updates.round_index),
+                within_epsilon=settings.within_epsilon,
+                between_epsilon=settings.between_epsilon,
+                convergence_tolerance=settings.convergence_tolerance,
+            )
+            player_values, player_errors = sampled.values, sampled.standard_errors
+        grand = game.grand_utility()
+        evaluations = game.evaluations
+
+    values = dict.fromkeys(updates.members, 0.0)
+    errors = dict.fromkeys(updates.members, 0.0)
+    member_weights = dict.fromkeys(updates.members, 0.0)
+    for p, group in enumerate(players):
+        for i in group:
+            values[updates.members[i]] = float(player_values[p]) / len(group)
+            errors[updates.members[i]] = float(player_errors[p]) / len(group)
+            member_weights[updates.members[i]] = weights[p] / len(group)
+    return RoundValuation(
+        round_index=updates.round_index,
+        method=method,
+        values=values,
+        standard_errors=errors,
+        flags={updates.members[i]: f for i, f in report.flags.items()},
+        players=[tuple(updates.members[i] for i in group) for group in players],
+        evaluations=evaluations,
+        grand_utility=grand,
+        base_loss=base,
+        weights=member_weights,
+    )

@@ -1,0 +1,98 @@
+"""MID royalty policy: the fee cap and how a member's knob becomes a reservation price.
+
+The fiduciary cap is structural: a policy with a fee above 30 % cannot be constructed, so a coordinator config that
+asks for one is refused at load time with PolicyViolationError. All quantities are integers (basis points,
+milli-units, minor units) so that every computation downstream is exact and reproducible.
+"""
+
+from __future__ import annotations
+
+import decimal
+from decimal import Decimal
+from typing import Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from protocol.errors import PolicyViolationError
+
+MAX_FEE_BPS = 3000
+BPS = 10_000
+KNOB_MIN_MILLI = -1000
+KNOB_MAX_MILLI = 1000
+
+# Decimal exp() is correctly rounded, so a price is the same on every machine (float exp is not guaranteed to be).
+_PRICE_CONTEXT = decimal.Context(prec=40, rounding=decimal.ROUND_HALF_EVEN)
+
+
+class KnobPolicy(BaseModel):
+    """price = clamp(round_half_even(base * exp(alpha * knob)), min, max), knob in [-1, +1].
+
+    - base_price_minor: the price of a member at knob 0, in minor units per job.
+    - alpha_milli (693 ~ ln 2): knob +1 asks about 2x base, knob -1 about 0.5x.
+    - min_price_minor / max_price_minor: the MID bounds every price is clamped to.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    base_price_minor: int = Field(ge=0)
+    alpha_milli: int = Field(default=693, ge=0, le=5000)
+    min_price_minor: int = Field(ge=0)
+    max_price_minor: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _bounds_hold_base(self) -> Self:
+        if not self.min_price_minor <= self.base_price_minor <= self.max_price_minor:
+            raise PolicyViolationError(
+                "knob bounds must contain the base price",
+                min_price_minor=self.min_price_minor,
+                base_price_minor=self.base_price_minor,
+                max_price_minor=self.max_price_minor,
+            )
+        return self
+
+
+class RoyaltyPolicy(BaseModel):
+    """One version of the MID's money policy; every settlement record carries the version it was computed under.
+
+    - version: increases with every policy change (changes apply to future jobs only).
+    - fee_bps: the MID fee in basis points of each payment, at most 3000 (30 %).
+    - knob: how knobs become prices.
+    - majority_excluded_earns_nothing (True): a member excluded by screens in more than half of a job's rounds
+      earns nothing from it even if its other rounds were valued positively.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    version: int = Field(ge=1)
+    fee_bps: int = Field(ge=0)
+    knob: KnobPolicy
+    majority_excluded_earns_nothing: bool = True
+
+    @model_validator(mode="after")
+    def _fee_within_cap(self) -> Self:
+        if self.fee_bps > MAX_FEE_BPS:
+            raise PolicyViolationError(
+                "MID fee above the 30 % cap (members keep at least 70 % of every payment)",
+                fee_bps=self.fee_bps,
+                max_fee_bps=MAX_FEE_BPS,
+            )
+        return self
+
+
+def check_knob(knob_milli: int) -> None:
+    """A knob is an integer number of milli-units in [-1000, +1000]."""
+    if isinstance(knob_milli, bool) or not isinstance(knob_milli, int):
+        raise PolicyViolationError("knob must be an integer in milli-units", knob_milli=knob_milli)
+    if not KNOB_MIN_MILLI <= knob_milli <= KNOB_MAX_MILLI:
+        raise PolicyViolationError(
+            "knob outside [-1000, +1000] milli-units", knob_milli=knob_milli, min=KNOB_MIN_MILLI, max=KNOB_MAX_MILLI
+        )
+
+
+def reservation_price(knob_milli: int, policy: KnobPolicy) -> int:
+    """The member's price in minor units for one job at this knob setting."""
+    check_knob(knob_milli)
+    exponent = _PRICE_CONTEXT.divide(Decimal(policy.alpha_milli * knob_milli), Decimal(1_000_000))
+    raw = _PRICE_CONTEXT.multiply(Decimal(policy.base_price_minor), _PRICE_CONTEXT.exp(exponent))
+    price = int(raw.to_integral_value(rounding=decimal.ROUND_HALF_EVEN))
+    return min(max(price, policy.min_price_minor), policy.max_price_minor)
