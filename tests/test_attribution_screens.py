@@ -1,0 +1,226 @@
+"""Screens, method selection, accumulation and reputation on synthetic updates with known structure."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from coordinator.attribution import (
+    AttributionAccount,
+    ReputationBook,
+    RoundUpdates,
+    RoundValuation,
+    ScreenFlag,
+    ScreenReason,
+    ScreenSettings,
+    ValuationMethod,
+    ValuationSettings,
+    screen_updates,
+    value_round,
+)
+from protocol.errors import MalformedError
+
+D = 4000
+SETTINGS = ScreenSettings()
+
+
+def honest_updates(m: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """m updates that share a common descent direction plus individual parts, as real local steps do."""
+    rng = np.random.default_rng(seed)
+    common = rng.standard_normal(D).astype(np.float32)
+    own = rng.standard_normal((m, D)).astype(np.float32)
+    scale = rng.uniform(0.5, 2.0, size=(m, 1)).astype(np.float32)
+    global_params = rng.standard_normal(D).astype(np.float32) * 10
+    return global_params, (0.01 * scale * (common + own)).astype(np.float32)
+
+
+def reasons(report_flags: dict[int, list[ScreenFlag]], i: int) -> set[ScreenReason]:
+    return {f.reason for f in report_flags.get(i, [])}
+
+
+def test_honest_updates_pass_every_screen() -> None:
+    global_params, deltas = honest_updates(8)
+    report = screen_updates(deltas, settings=SETTINGS, global_params=global_params)
+    assert report.flags == {}
+    assert report.players == [(i,) for i in range(8)]
+
+
+def test_each_free_rider_gets_its_reason() -> None:
+    global_params, deltas = honest_updates(6)
+    rng = np.random.default_rng(1)
+    previous = deltas[:4].mean(axis=0)
+    riders = np.stack(
+        [
+            np.zeros(D, np.float32),  # 6: zero
+            deltas[0] * 30,  # 7: a plausible direction at thirty times the size
+            rng.standard_normal(D).astype(np.float32) * float(np.linalg.norm(deltas[0])) / np.sqrt(D),  # 8: random
+            previous + 1e-4 * rng.standard_normal(D).astype(np.float32),  # 9: stale
+            np.full(D, np.nan, np.float32),  # 10: non-finite
+            rng.standard_normal(D).astype(np.float32) * 10 - global_params,  # 11: a fresh random model
+        ]
+    )
+    report = screen_updates(
+        np.concatenate([deltas, riders]), settings=SETTINGS, global_params=global_params, previous_global_delta=previous
+    )
+    assert reasons(report.flags, 6) == {ScreenReason.ZERO_UPDATE}
+    assert reasons(report.flags, 7) == {ScreenReason.NORM_OUTLIER}
+    assert reasons(report.flags, 8) == {ScreenReason.RANDOM_DIRECTION}
+    assert reasons(report.flags, 9) == {ScreenReason.STALE_UPDATE}
+    assert reasons(report.flags, 10) == {ScreenReason.NON_FINITE}
+    assert reasons(report.flags, 11) == {ScreenReason.RANDOM_WEIGHTS}
+    assert all(report.excluded(i) for i in range(6, 12))
+    assert [g for g in report.players] == [(i,) for i in range(6)]
+    assert not any(report.excluded(i) for i in range(6))
+
+
+def test_near_duplicates_form_one_player() -> None:
+    deltas = honest_updates(5)[1]
+    copy = deltas[2] * 1.0001
+    report = screen_updates(np.concatenate([deltas, copy[None, :], deltas[4][None, :]]), settings=SETTINGS)
+    assert report.players == [(0,), (1,), (2, 5), (3,), (4, 6)]
+    assert reasons(report.flags, 5) == {ScreenReason.NEAR_DUPLICATE}
+    assert not report.excluded(5)
+
+
+def test_near_duplicates_found_through_the_sketch_above_256_members() -> None:
+    _, deltas = honest_updates(300, seed=3)
+    deltas[299] = deltas[17] + 1e-6 * deltas[3]
+    report = screen_updates(deltas, settings=SETTINGS)
+    assert (17, 299) in report.players
+    assert sum(len(g) for g in report.players) == 300
+    assert len(report.players) == 299
+
+
+def test_self_report_mismatch_is_flagged_not_excluded() -> None:
+    _, deltas = honest_updates(4)
+    report = screen_updates(
+        deltas, settings=SETTINGS, reported_examples=[100, 1000, 105, None], verified_examples=[100, 100, 100, 100]
+    )
+    assert reasons(report.flags, 1) == {ScreenReason.SELF_REPORT_MISMATCH}
+    assert report.flags[1][0].measured == 10.0
+    assert not report.excluded(1)
+    assert set(report.flags) == {1}
+
+
+def quadratic_loss(target: np.ndarray):
+    def loss(params: np.ndarray) -> float:
+        return float(np.sum((params.astype(np.float64) - target) ** 2))
+
+    return loss
+
+
+def test_method_is_chosen_by_player_count() -> None:
+    rng = np.random.default_rng(5)
+    target = rng.standard_normal(D)
+    global_params = np.zeros(D, np.float32)
+
+    def gradient(params: np.ndarray) -> np.ndarray:
+        return (2 * (params.astype(np.float64) - target)).astype(np.float32)
+
+    settings = ValuationSettings(exact_max_players=4, sampled_max_players=8)
+    methods = []
+    for m in (3, 6, 12):
+        deltas = (0.05 * (target + rng.standard_normal((m, D)))).astype(np.float32)
+        updates = RoundUpdates(1, [f"m{i}" for i in range(m)], global_params, deltas)
+        valuation = value_round(updates, quadratic_loss(target), settings, gradient=gradient)
+        methods.append(valuation.method)
+        assert all(v > 0 for v in valuation.values.values())
+        assert sum(valuation.weights.values()) == pytest.approx(1.0)
+    assert methods == [ValuationMethod.EXACT, ValuationMethod.SAMPLED, ValuationMethod.FIRST_ORDER]
+    with pytest.raises(MalformedError):
+        value_round(updates, quadratic_loss(target), settings)
+
+
+def test_group_shares_one_value_and_excluded_get_zero() -> None:
+    rng = np.random.default_rng(6)
+    target = rng.standard_normal(D)
+    global_params = np.zeros(D, np.float32)
+    base = (0.05 * (target + rng.standard_normal((3, D)))).astype(np.float32)
+    deltas = np.concatenate([base, base[1][None, :], np.zeros((1, D), np.float32)])
+    names = ["a", "b", "c", "b-copy", "idle"]
+    valuation = value_round(RoundUpdates(1, names, global_params, deltas), quadratic_loss(target), ValuationSettings())
+    alone = value_round(RoundUpdates(1, names[:3], global_params, base), quadratic_loss(target), ValuationSettings())
+    assert valuation.values["idle"] == 0.0
+    assert valuation.values["b"] == valuation.values["b-copy"]
+    assert valuation.values["b"] + valuation.values["b-copy"] == pytest.approx(alone.values["b"], rel=1e-6)
+    assert valuation.players == [("a",), ("b", "b-copy"), ("c",)]
+    assert sum(valuation.values.values()) == pytest.approx(valuation.grand_utility, rel=1e-9)
+
+
+def test_verified_counts_set_weights_and_self_reports_do_not() -> None:
+    rng = np.random.default_rng(7)
+    target = rng.standard_normal(D)
+    deltas = (0.05 * (target + rng.standard_normal((3, D)))).astype(np.float32)
+    settings = ValuationSettings(example_count_cap=300)
+    common = {"round_index": 1, "members": ["a", "b", "c"], "global_params": np.zeros(D, np.float32)}
+    truthful = value_round(
+        RoundUpdates(**common, updates=deltas, reported_examples=[100, 200, 400], verified_examples=[100, 200, 400]),
+        quadratic_loss(target),
+        settings,
+    )
+    assert truthful.weights == pytest.approx({"a": 100 / 600, "b": 200 / 600, "c": 300 / 600})
+    lying = value_round(
+        RoundUpdates(**common, updates=deltas, reported_examples=[100, 2000, 400], verified_examples=[100, 200, 400]),
+        quadratic_loss(target),
+        settings,
+    )
+    assert lying.values == truthful.values
+    assert lying.weights == truthful.weights
+
+
+def test_bad_round_input_is_refused() -> None:
+    with pytest.raises(MalformedError):
+        value_round(
+            RoundUpdates(1, ["a", "a"], np.zeros(3, np.float32), np.zeros((2, 3), np.float32)),
+            lambda p: 0.0,
+            ValuationSettings(),
+        )
+    with pytest.raises(MalformedError):
+        value_round(
+            RoundUpdates(1, ["a", "b"], np.zeros(3, np.float32), np.zeros((3, 3), np.float32)),
+            lambda p: 0.0,
+            ValuationSettings(),
+        )
+
+
+def valuation(round_index: int, values: dict[str, float], flags: dict[str, list[ScreenFlag]] | None = None):
+    return RoundValuation(
+        round_index=round_index,
+        method=ValuationMethod.EXACT,
+        values=values,
+        standard_errors=dict.fromkeys(values, 0.0),
+        flags=flags or {},
+        players=[(m,) for m in values],
+        evaluations=0,
+        grand_utility=sum(values.values()),
+        base_loss=1.0,
+    )
+
+
+def test_account_accumulates_with_decay_and_counts_exclusions() -> None:
+    account = AttributionAccount(decay=0.5)
+    zero = [ScreenFlag(ScreenReason.ZERO_UPDATE, 0.0)]
+    account.add(valuation(1, {"a": 0.4, "b": 0.0}, {"b": zero}))
+    account.add(valuation(2, {"a": 0.2, "b": 0.1}))
+    assert account.totals == pytest.approx({"a": 0.5, "b": 0.05})
+    assert account.attribution_vector() == {"a": 500_000_000, "b": 50_000_000}
+    assert account.excluded_rounds == {"a": 0, "b": 1}
+    assert account.screens == {"a": set(), "b": {"zero_update"}}
+    with pytest.raises(MalformedError):
+        account.add(valuation(2, {"a": 1.0}))
+    with pytest.raises(MalformedError):
+        AttributionAccount(decay=0.0)
+
+
+def test_reputation_rewards_history_and_punishes_flags() -> None:
+    book = ReputationBook()
+    zero = [ScreenFlag(ScreenReason.ZERO_UPDATE, 0.0)]
+    lie = [ScreenFlag(ScreenReason.SELF_REPORT_MISMATCH, 10.0)]
+    assert book.score_milli("newcomer") == 500
+    for r in range(1, 11):
+        book.record(valuation(r, {"good": 0.1, "rider": 0.0, "liar": 0.1}, {"rider": zero, "liar": lie}))
+    assert book.score_milli("good") > 900
+    assert book.score_milli("rider") < 100
+    assert 400 < book.score_milli("liar") < book.score_milli("good")
+    assert book.meets("good", 800)
+    assert not book.meets("rider", 300)
