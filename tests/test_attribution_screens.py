@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
@@ -102,7 +104,7 @@ def test_self_report_mismatch_is_flagged_not_excluded() -> None:
     assert set(report.flags) == {1}
 
 
-def quadratic_loss(target: np.ndarray):
+def quadratic_loss(target: np.ndarray) -> Callable[[np.ndarray], float]:
     def loss(params: np.ndarray) -> float:
         return float(np.sum((params.astype(np.float64) - target) ** 2))
 
@@ -183,7 +185,7 @@ def test_bad_round_input_is_refused() -> None:
         )
 
 
-def valuation(round_index: int, values: dict[str, float], flags: dict[str, list[ScreenFlag]] | None = None):
+def valuation(round_index: int, values: dict[str, float], flags: dict[str, list[ScreenFlag]] | None = None) -> RoundValuation:
     return RoundValuation(
         round_index=round_index,
         method=ValuationMethod.EXACT,
