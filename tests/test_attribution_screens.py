@@ -185,7 +185,9 @@ def test_bad_round_input_is_refused() -> None:
         )
 
 
-def valuation(round_index: int, values: dict[str, float], flags: dict[str, list[ScreenFlag]] | None = None) -> RoundValuation:
+def valuation(
+    round_index: int, values: dict[str, float], flags: dict[str, list[ScreenFlag]] | None = None
+) -> RoundValuation:
     return RoundValuation(
         round_index=round_index,
         method=ValuationMethod.EXACT,
