@@ -115,8 +115,6 @@ def open_envelope(data: bytes, trusted: Mapping[str, VerifierKey], expected_type
     Signatures by keys not in `trusted` are ignored; a trusted key's signature that does not verify is an error; at
     least one trusted key must have signed. Raises only ProtocolError subclasses.
     """
-    if len(data) > MAX_ENVELOPE_SIZE:
-        raise TooLargeError("envelope exceeds the size limit", limit=MAX_ENVELOPE_SIZE, found=len(data))
     payload_type, payload, signatures = _parse(data)
     message = pae(payload_type, payload)
     signer: VerifierKey | None = None
@@ -131,7 +129,7 @@ def open_envelope(data: bytes, trusted: Mapping[str, VerifierKey], expected_type
         raise UnknownKeyError("envelope is not signed by a trusted key", key_ids=[kid for kid, _ in signatures])
     if payload_type != expected_type:
         raise WrongTypeError("unexpected payloadType", expected=expected_type, found=payload_type)
-    return VerifiedPayload(payload_type, payload, signer, data)
+    return VerifiedPayload(payload_type, payload, signer, bytes(data))
 
 
 def decode(verified: VerifiedPayload, model: type[M]) -> M:
@@ -157,13 +155,16 @@ def parse_unverified_payload(payload_type: str, payload: bytes, model: type[M]) 
 def peek_envelope(data: bytes) -> tuple[str, bytes, tuple[str, ...]]:
     """The UNVERIFIED payloadType, payload and key ids of an envelope, for the one case where the signer's key
     travels inside the payload (enrolment). Same size and strictness checks as `open_envelope`."""
-    if len(data) > MAX_ENVELOPE_SIZE:
-        raise TooLargeError("envelope exceeds the size limit", limit=MAX_ENVELOPE_SIZE, found=len(data))
     payload_type, payload, signatures = _parse(data)
     return payload_type, payload, tuple(kid for kid, _ in signatures)
 
 
 def _parse(data: bytes) -> tuple[str, bytes, list[tuple[str, bytes]]]:
+    """Size first, then strict JSON shape; nothing is verified here."""
+    if not isinstance(data, bytes | bytearray):
+        raise MalformedError("an envelope is bytes", found=type(data).__name__)
+    if len(data) > MAX_ENVELOPE_SIZE:
+        raise TooLargeError("envelope exceeds the size limit", limit=MAX_ENVELOPE_SIZE, found=len(data))
     try:
         # Decoding first pins the encoding to UTF-8: json.loads(bytes) would also accept UTF-16 and UTF-32. Objects
         # stay lists of pairs (a C builtin as hook, measured cheaper than a Python one) so duplicates stay visible;

@@ -319,3 +319,13 @@ def test_property_oversized_json_is_too_large(extra: int) -> None:
     pad = " " * (MAX_ENVELOPE_SIZE + extra - len(SAMPLE))
     with pytest.raises(TooLargeError):
         open_envelope(SAMPLE[:-1] + pad.encode() + b"}", RING, TYPE)
+
+
+@pytest.mark.parametrize("value", ["{}", None, 5, memoryview(b"{}")])
+def test_non_bytes_input_is_malformed_not_a_crash(value: object) -> None:
+    with pytest.raises(ProtocolError):
+        open_envelope(value, RING, TYPE)  # type: ignore[arg-type]
+
+
+def test_bytearray_input_is_accepted() -> None:
+    assert open_envelope(bytearray(SAMPLE), RING, TYPE).payload == b'{"seq":"1","v":1}'
