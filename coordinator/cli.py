@@ -2,8 +2,131 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import sys
+import time
+from pathlib import Path
+
 import typer
+
+from coordinator.broker.config import write_broker_files
+from coordinator.broker.logins import coordinator_password
+from coordinator.broker.passwords import hash_password
+from coordinator.broker.tls import ensure_broker_tls
+from coordinator.config import CoordinatorSettings
+from coordinator.registry.enrolment import issue_invite, load_or_create_mid_key
+from coordinator.registry.store import Registry
 
 app = typer.Typer(
     no_args_is_help=True, help="MID operator commands: serve the coordinator, broker configuration, invites, registry."
 )
+
+ConfigOption = typer.Option(None, "--config", "-c", help="coordinator.toml (env MIDGATE_COORDINATOR_* overrides)")
+OutputDirOption = typer.Option(None, help="where to write mosquitto.conf, acl, passwords, TLS files")
+TlsOption = typer.Option(True, help="write a TLS listener with the MID's own CA")
+
+
+def _settings(config: Path | None) -> CoordinatorSettings:
+    return CoordinatorSettings.load(config)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@app.command()
+def serve(config: Path | None = ConfigOption) -> None:
+    """Run ingest (MQTT -> verify -> dedup -> ledger -> receipts) and the enrolment/ledger HTTP API."""
+    from coordinator.ingest.service import JsonLogFormatter
+    from coordinator.ingest.service import serve as run_service
+
+    settings = _settings(config)
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.log_json:
+        handler.setFormatter(JsonLogFormatter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    try:
+        import uvloop
+
+        uvloop.run(run_service(settings))
+    except ImportError:
+        asyncio.run(run_service(settings))
+
+
+@app.command("broker-config")
+def broker_config(
+    config: Path | None = ConfigOption,
+    output_dir: Path | None = OutputDirOption,
+    tls: bool = TlsOption,
+) -> None:
+    """Write a complete Mosquitto configuration (TLS listener, password file, ACLs, queue sizing, persistence)."""
+    settings = _settings(config)
+    out = output_dir or settings.broker_config.output_dir
+    tls_files = ensure_broker_tls(out / "tls", settings.mid, settings.broker_config.tls_hostnames) if tls else None
+    password_file = settings.broker.password_file or settings.data_dir / "broker-coordinator.password"
+    registry = Registry(settings.registry_path)
+    try:
+        hashes = registry.active_password_hashes()
+    finally:
+        registry.close()
+    hashes[settings.broker.username] = hash_password(coordinator_password(password_file))
+    files = write_broker_files(out, settings.broker_config, settings.mid, settings.broker.username, hashes, tls_files)
+    typer.echo(f"wrote {files.config}, {files.acl}, {files.passwords} ({len(hashes)} logins)")
+    if tls_files is not None:
+        typer.echo(f"MID CA certificate for devices: {tls_files.ca_cert}")
+    typer.echo(f"run: mosquitto -c {files.config}")
+
+
+@app.command()
+def invite(
+    member: str = typer.Argument(..., help="member id ([a-z0-9-])"),
+    config: Path | None = ConfigOption,
+    ttl_s: int | None = typer.Option(None, help="seconds until the invite expires (default from config)"),
+) -> None:
+    """Create a single-use, expiring invite signed by the MID key; prints the token to hand to the member."""
+    from protocol.topics import check_id
+
+    settings = _settings(config)
+    check_id(member, "member")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    key = load_or_create_mid_key(settings.mid_key_file, settings.mid)
+    registry = Registry(settings.registry_path)
+    try:
+        token = issue_invite(registry, key, settings.mid, member, _now_ms(), ttl_s or settings.enrolment.invite_ttl_s)
+    finally:
+        registry.close()
+    typer.echo(token)
+
+
+@app.command()
+def revoke(device: str = typer.Argument(...), config: Path | None = ConfigOption) -> None:
+    """Revoke a device key: ingest refuses it from the next batch, and its broker login is removed."""
+    from coordinator.broker.logins import sync_broker_logins
+
+    settings = _settings(config)
+    registry = Registry(settings.registry_path)
+    try:
+        if not registry.revoke(device, _now_ms()):
+            typer.echo(f"no active device {device}", err=True)
+            raise typer.Exit(1)
+        passwords = settings.broker_config.output_dir / "passwords"
+        if passwords.exists():
+            password_file = settings.broker.password_file or settings.data_dir / "broker-coordinator.password"
+            sync_broker_logins(registry, passwords, settings.broker.username, password_file, settings.broker.pid_file)
+    finally:
+        registry.close()
+    typer.echo(f"revoked {device}")
+
+
+@app.command()
+def devices(config: Path | None = ConfigOption) -> None:
+    """List enrolled devices."""
+    settings = _settings(config)
+    registry = Registry(settings.registry_path)
+    try:
+        for d in registry.devices():
+            state = "revoked" if d.revoked else "active"
+            typer.echo(f"{d.device_id}\t{d.member_id}\t{state}\t{d.verifier.text()}")
+    finally:
+        registry.close()

@@ -151,6 +151,8 @@ class DeviceStatus(StrEnum):
     TRAINING = "training"
     PAUSED = "paused"
     STRIKING = "striking"
+    OFFLINE = "offline"
+    """Only in a device's MQTT last will: the broker publishes it when the device vanishes without a goodbye."""
 
 
 class Heartbeat(WireMessage):

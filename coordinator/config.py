@@ -1,0 +1,121 @@
+"""`coordinator.toml`: the MID operator's settings, one model, TOML + `MIDGATE_COORDINATOR_*` env overrides.
+
+Example:
+
+    mid = "riverside"
+    data_dir = "/var/lib/midgate"
+    [broker]
+    host = "127.0.0.1"
+    port = 8883
+    tls = true
+    [enrolment]
+    port = 8443
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import SettingsConfigDict
+
+from protocol.settings import RoleSettings
+
+_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+
+
+class BrokerSettings(BaseModel):
+    """How the coordinator reaches its broker, and what devices are told to connect to."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=1, le=65535)
+    tls: bool = False
+    ca_file: Path | None = None
+    username: str = "coordinator"
+    # The coordinator's own broker password lives in this 0600 file (written by `broker-config`).
+    password_file: Path | None = None
+    public_host: str | None = Field(default=None, description="host devices connect to; defaults to `host`")
+    public_port: int | None = Field(default=None, ge=1, le=65535)
+    # After an enrolment rewrites the password file, SIGHUP the broker named by this pid file so it rereads it.
+    pid_file: Path | None = None
+    client_id: str = "midgate-coordinator"
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+
+
+class BrokerConfigSettings(BaseModel):
+    """What `midgate coordinator broker-config` writes for Mosquitto."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    output_dir: Path = Path("broker")
+    listen_host: str = "0.0.0.0"
+    tls_port: int = Field(default=8883, ge=1, le=65535)
+    # A plain listener on loopback only, for a hub-local bridge or the coordinator on the same host.
+    local_port: int | None = Field(default=1883, ge=1, le=65535)
+    tls_hostnames: list[str] = Field(default_factory=lambda: ["localhost", "127.0.0.1"])
+    # Mosquitto's default of 1000 silently drops QoS 1 messages for a slow or offline subscriber (measured);
+    # 200,000 queued reports is days of one device's output and well under a gigabyte.
+    max_queued_messages: int = Field(default=200_000, ge=1000)
+    max_packet_size: int = Field(default=256 * 1024, ge=1024)
+    persistent_client_expiration: str = "30d"
+    autosave_interval_s: int = Field(default=60, ge=1)
+
+
+class EnrolmentSettings(BaseModel):
+    """The small HTTP endpoint that turns a signed invite into a device membership (TLS is terminated in front)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=8480, ge=0, le=65535)
+    invite_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
+    max_body_bytes: int = Field(default=16 * 1024, ge=1024)
+
+
+class IngestSettings(BaseModel):
+    """Batching and bounds of the MQTT -> verify -> ledger -> receipt pipeline."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_message_bytes: int = Field(default=64 * 1024, ge=1024)
+    batch_max: int = Field(default=500, ge=1)
+    batch_window_ms: int = Field(default=10, ge=0)
+    # Our own bound on unacknowledged messages in memory; the broker may ignore the Receive Maximum we advertise.
+    queue_max: int = Field(default=4000, ge=10)
+    receive_maximum: int = Field(default=2000, ge=1, le=65535)
+    rate_per_s: float = Field(default=50.0, gt=0, description="default per-device sustained reports per second")
+    rate_burst: int = Field(default=2000, ge=1, description="default per-device burst (a device back from offline)")
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    heartbeat_offline_s: int = Field(default=180, ge=10)
+
+
+class CoordinatorSettings(RoleSettings):
+    model_config = SettingsConfigDict(env_prefix="MIDGATE_COORDINATOR_", env_nested_delimiter="__", extra="forbid")
+
+    mid: str = Field(default="demo", pattern=_ID_PATTERN)
+    data_dir: Path = Path("coordinator-data")
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    broker_config: BrokerConfigSettings = Field(default_factory=BrokerConfigSettings)
+    enrolment: EnrolmentSettings = Field(default_factory=EnrolmentSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    log_json: bool = True
+
+    @property
+    def mid_key_file(self) -> Path:
+        return self.data_dir / "mid.key"
+
+    @property
+    def registry_path(self) -> Path:
+        return self.data_dir / "registry.sqlite"
+
+    @property
+    def ingest_path(self) -> Path:
+        return self.data_dir / "ingest.sqlite"
+
+    @property
+    def ledger_dir(self) -> Path:
+        return self.data_dir / "ledger"

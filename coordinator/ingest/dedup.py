@@ -1,0 +1,127 @@
+"""Which (device key, seq) pairs are already in the ledger, and evidence of equivocation.
+
+The ledger is the source of truth and lives in its own SQLite file, so the two cannot share a transaction. This
+index therefore records how far into the ledger it has looked (`indexed_size`) and, on open, catches up by reading
+the contribution leaves appended after that point: a crash between the ledger commit and the index commit costs a
+re-scan of one batch, never a duplicate ledger entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from protocol.envelope import peek_envelope
+from protocol.errors import ProtocolError
+from protocol.leaves import LeafKind, decode_leaf
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta VALUES ('indexed_size', 0);
+CREATE TABLE IF NOT EXISTS seen (
+    key_id TEXT NOT NULL,
+    seq TEXT NOT NULL,
+    digest BLOB NOT NULL,
+    leaf_index INTEGER NOT NULL,
+    PRIMARY KEY (key_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS equivocations (
+    id INTEGER PRIMARY KEY,
+    key_id TEXT NOT NULL,
+    seq TEXT NOT NULL,
+    logged_leaf_index INTEGER NOT NULL,
+    conflicting_envelope BLOB NOT NULL,
+    received_ms INTEGER NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class SeenEntry:
+    digest: bytes
+    leaf_index: int
+
+
+def envelope_digest(envelope: bytes) -> bytes:
+    return hashlib.sha256(envelope).digest()
+
+
+class DedupIndex:
+    """Synchronous; used only from the ingest worker thread."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _txn(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    @property
+    def indexed_size(self) -> int:
+        return int(self._db.execute("SELECT value FROM meta WHERE name = 'indexed_size'").fetchone()[0])
+
+    def lookup(self, key_id: str, seq: int) -> SeenEntry | None:
+        row = self._db.execute("SELECT digest, leaf_index FROM seen WHERE key_id = ? AND seq = ?", (key_id, str(seq)))
+        found = row.fetchone()
+        return None if found is None else SeenEntry(bytes(found[0]), int(found[1]))
+
+    def record(self, entries: Iterable[tuple[str, int, bytes, int]], indexed_size: int) -> None:
+        """Add `(key_id, seq, digest, leaf_index)` rows and move `indexed_size` forward, in one commit."""
+        with self._txn() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO seen VALUES (?, ?, ?, ?)", [(k, str(s), d, i) for k, s, d, i in entries]
+            )
+            db.execute("UPDATE meta SET value = ? WHERE name = 'indexed_size'", (indexed_size,))
+
+    def record_equivocation(self, key_id: str, seq: int, logged_leaf_index: int, envelope: bytes, now_ms: int) -> None:
+        with self._txn() as db:
+            db.execute(
+                "INSERT INTO equivocations (key_id, seq, logged_leaf_index, conflicting_envelope, received_ms)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (key_id, str(seq), logged_leaf_index, envelope, now_ms),
+            )
+
+    def equivocation_count(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM equivocations").fetchone()[0])
+
+    def catch_up(self, leaves: Iterable[tuple[int, bytes]], size: int) -> int:
+        """Index the contribution leaves in `leaves` (those after `indexed_size`); returns how many were added."""
+        entries = []
+        for index, data in leaves:
+            found = contribution_key(data)
+            if found is not None:
+                key_id, seq, envelope = found
+                entries.append((key_id, seq, envelope_digest(envelope), index))
+        self.record(entries, size)
+        return len(entries)
+
+
+def contribution_key(leaf_bytes: bytes) -> tuple[str, int, bytes] | None:
+    """(key id, seq, envelope) of a contribution leaf; None for other kinds. The ledger only holds verified leaves."""
+    try:
+        leaf = decode_leaf(leaf_bytes)
+        if leaf.kind is not LeafKind.CONTRIBUTION:
+            return None
+        _, payload, key_ids = peek_envelope(leaf.signed)
+        seq = int(json.loads(payload)["seq"])
+    except (ProtocolError, ValueError, KeyError, TypeError):
+        return None
+    return key_ids[0], seq, leaf.signed

@@ -1,0 +1,285 @@
+"""The ingest pipeline, synchronous and free of MQTT: size -> topic -> rate -> verify -> signer owns topic -> dedup
+-> ledger append (one durable batch) -> receipts.
+
+`screen` settles everything that needs no ledger commit (rejections, duplicates, heartbeats) so that the service
+can acknowledge those to the broker at once; `commit` appends the rest in one transaction and returns their receipts.
+Both run in one worker thread (crypto and SQLite never on the event loop). Rejections never change the ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from coordinator.ingest.dedup import DedupIndex, envelope_digest
+from coordinator.ledger.store import LedgerStore
+from coordinator.registry.store import Device, Registry
+from protocol.checkpoint import Receipt as TlogProof
+from protocol.envelope import KeyRing, VerifiedPayload, decode, open_envelope
+from protocol.errors import (
+    BadTopicError,
+    EquivocationError,
+    ProtocolError,
+    RateLimitedError,
+    Reason,
+    ReplayedError,
+    RevokedKeyError,
+    TooLargeError,
+    TopicMismatchError,
+    UnknownKeyError,
+)
+from protocol.identity import SignerKey
+from protocol.leaves import Leaf, LeafKind
+from protocol.messages import ContributionReport, Heartbeat, Receipt, StrikeVote, WireMessage, require_newer_seq
+from protocol.topics import Direction, DownKind, UpKind, down_topic, parse_topic
+
+log = logging.getLogger("midgate.ingest")
+
+# What each up kind carries and which ledger leaf it becomes (None: not logged, e.g. heartbeats).
+_KINDS: dict[UpKind, tuple[type[WireMessage], LeafKind | None]] = {
+    UpKind.REPORT: (ContributionReport, LeafKind.CONTRIBUTION),
+    UpKind.STRIKE: (StrikeVote, LeafKind.STRIKE),
+    UpKind.HEARTBEAT: (Heartbeat, None),
+}
+
+
+class Outcome(StrEnum):
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    HEARTBEAT = "heartbeat"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True)
+class InboundMessage:
+    """One MQTT message as received; `token` is opaque to the pipeline (the service's ack handle)."""
+
+    topic: str
+    payload: bytes
+    token: object = None
+    received_ns: int = 0
+
+
+@dataclass
+class Verdict:
+    message: InboundMessage
+    outcome: Outcome
+    reason: Reason | None = None
+    device: str | None = None
+    key_id: str | None = None
+    seq: int | None = None
+    leaf_index: int | None = None
+    receipt: bytes | None = None
+    receipt_topic: str | None = None
+    error: str = ""
+
+
+@dataclass
+class Candidate:
+    """A verified, new report waiting for the ledger commit."""
+
+    verdict: Verdict
+    device: Device
+    leaf: Leaf
+    digest: bytes
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    stamp: float
+
+
+@dataclass
+class ScreenResult:
+    settled: list[Verdict] = field(default_factory=list)
+    candidates: list[Candidate] = field(default_factory=list)
+
+
+class IngestPipeline:
+    """Owns the registry view, the dedup index and the ledger for one MID; one thread calls it at a time."""
+
+    def __init__(
+        self,
+        mid: str,
+        registry: Registry,
+        ledger: LedgerStore,
+        dedup: DedupIndex,
+        mid_key: SignerKey,
+        max_message_bytes: int,
+        default_rate_per_s: float,
+        default_burst: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.mid = mid
+        self.registry = registry
+        self.ledger = ledger
+        self.dedup = dedup
+        self.mid_key = mid_key
+        self.max_message_bytes = max_message_bytes
+        self.default_rate = default_rate_per_s
+        self.default_burst = default_burst
+        self._clock = clock
+        self._registry_version = -1
+        self._keyring = KeyRing()
+        self._by_key_id: dict[str, Device] = {}
+        self._by_device: dict[str, Device] = {}
+        self._buckets: dict[str, _Bucket] = {}
+        self._heartbeat_seq: dict[str, int] = {}
+        self.last_seen_ms: dict[str, int] = {}
+        self._catch_up()
+
+    def _catch_up(self) -> None:
+        start, size = self.dedup.indexed_size, self.ledger.size
+        if start < size:
+            added = self.dedup.catch_up(self.ledger.leaves(start, size), size)
+            log.info("dedup index caught up with the ledger", extra={"from": start, "to": size, "added": added})
+
+    def refresh_registry(self) -> None:
+        """Reload device keys when the registry changed (enrolment here, revocation from another process)."""
+        version = self.registry.version()
+        if version == self._registry_version:
+            return
+        devices = self.registry.devices()
+        keyring = KeyRing()
+        for device in devices:
+            if not device.revoked:
+                keyring.add(device.verifier)
+        self._keyring = keyring
+        self._by_key_id = {d.verifier.key_id.hex(): d for d in devices}
+        self._by_device = {d.device_id: d for d in devices}
+        self._registry_version = version
+
+    def screen(self, batch: Sequence[InboundMessage], now_ms: int) -> ScreenResult:
+        self.refresh_registry()
+        result = ScreenResult()
+        in_batch: dict[tuple[str, int], Candidate] = {}
+        for message in batch:
+            verdict = Verdict(message, Outcome.REJECTED)
+            try:
+                candidate = self._check(message, verdict, in_batch, now_ms)
+            except ProtocolError as exc:
+                verdict.outcome, verdict.reason, verdict.error = Outcome.REJECTED, exc.reason, str(exc)[:300]
+                result.settled.append(verdict)
+                continue
+            if candidate is None:
+                result.settled.append(verdict)
+            else:
+                assert verdict.key_id is not None and verdict.seq is not None
+                in_batch[(verdict.key_id, verdict.seq)] = candidate
+                result.candidates.append(candidate)
+        return result
+
+    def _check(
+        self, message: InboundMessage, verdict: Verdict, in_batch: dict[tuple[str, int], Candidate], now_ms: int
+    ) -> Candidate | None:
+        if len(message.payload) > self.max_message_bytes:
+            raise TooLargeError("message too large", limit=self.max_message_bytes, found=len(message.payload))
+        topic = parse_topic(message.topic)
+        if topic.mid != self.mid or topic.direction is not Direction.UP or topic.device is None:
+            raise BadTopicError("not an up topic of this MID", topic=message.topic)
+        assert isinstance(topic.kind, UpKind)
+        if topic.kind not in _KINDS:
+            raise BadTopicError("ingest does not take this kind", kind=str(topic.kind))
+        model, leaf_kind = _KINDS[topic.kind]
+        verdict.device = topic.device
+        self._take_token(topic.device)
+        verified = self._open(message.payload, model.PAYLOAD_TYPE)
+        signer = self._by_key_id[verified.key_id]
+        verdict.key_id = verified.key_id
+        if signer.device_id != topic.device:
+            raise TopicMismatchError(
+                "signer does not own this topic", topic_device=topic.device, signer=signer.device_id
+            )
+        body = decode(verified, model)
+        seq = int(getattr(body, "seq"))  # noqa: B009 - every up message carries seq; the models share no base field
+        verdict.seq = seq
+        self.last_seen_ms[signer.device_id] = now_ms
+        if leaf_kind is None:
+            require_newer_seq(self._heartbeat_seq.get(verified.key_id), seq, verified.key_id)
+            self._heartbeat_seq[verified.key_id] = seq
+            verdict.outcome = Outcome.HEARTBEAT
+            return None
+        digest = envelope_digest(message.payload)
+        seen = self.dedup.lookup(verified.key_id, seq)
+        pending = in_batch.get((verified.key_id, seq))
+        if seen is not None or pending is not None:
+            first_digest = seen.digest if seen is not None else pending.digest  # type: ignore[union-attr]
+            if first_digest != digest:
+                if seen is not None:
+                    self.dedup.record_equivocation(verified.key_id, seq, seen.leaf_index, message.payload, now_ms)
+                raise EquivocationError(
+                    "different bytes for a (key, seq) already logged", key_id=verified.key_id, seq=seq
+                )
+            verdict.outcome, verdict.reason = Outcome.DUPLICATE, Reason.REPLAYED
+            if seen is not None:
+                verdict.leaf_index = seen.leaf_index
+                self._attach_receipt(verdict, digest, self.ledger.checkpoint(), self.ledger.size, now_ms)
+            return None
+        return Candidate(verdict, signer, Leaf(leaf_kind, message.payload), digest)
+
+    def _open(self, payload: bytes, payload_type: str) -> VerifiedPayload:
+        try:
+            return open_envelope(payload, self._keyring, payload_type)
+        except UnknownKeyError as exc:
+            for kid in exc.details.get("key_ids", []):
+                device = self._by_key_id.get(kid)
+                if device is not None and device.revoked:
+                    raise RevokedKeyError("device key was revoked", key_id=kid, device=device.device_id) from None
+            raise
+
+    def _take_token(self, device_id: str) -> None:
+        device = self._by_device.get(device_id)
+        if device is None:
+            return
+        rate = device.rate_per_s if device.rate_per_s is not None else self.default_rate
+        burst = device.rate_burst if device.rate_burst is not None else self.default_burst
+        now = self._clock()
+        bucket = self._buckets.get(device_id)
+        if bucket is None:
+            bucket = self._buckets[device_id] = _Bucket(float(burst), now)
+        bucket.tokens = min(float(burst), bucket.tokens + (now - bucket.stamp) * rate)
+        bucket.stamp = now
+        if bucket.tokens < 1.0:
+            raise RateLimitedError("device exceeded its rate limit", device=device_id, rate_per_s=rate, burst=burst)
+        bucket.tokens -= 1.0
+
+    def commit(self, candidates: Sequence[Candidate], now_ms: int) -> list[Verdict]:
+        """Append every candidate in one durable ledger transaction, index them, and build their receipts."""
+        if not candidates:
+            return []
+        appended = self.ledger.append_leaves([c.leaf for c in candidates])
+        entries = []
+        for candidate, index in zip(candidates, appended.indices, strict=True):
+            v = candidate.verdict
+            assert v.key_id is not None and v.seq is not None
+            entries.append((v.key_id, v.seq, candidate.digest, index))
+        self.dedup.record(entries, appended.size)
+        verdicts = []
+        for candidate, index in zip(candidates, appended.indices, strict=True):
+            v = candidate.verdict
+            v.outcome, v.leaf_index = Outcome.ACCEPTED, index
+            self._attach_receipt(v, candidate.digest, appended.checkpoint, appended.size, now_ms)
+            verdicts.append(v)
+        return verdicts
+
+    def _attach_receipt(self, verdict: Verdict, digest: bytes, checkpoint: bytes, size: int, now_ms: int) -> None:
+        assert verdict.leaf_index is not None and verdict.key_id is not None and verdict.seq is not None
+        assert verdict.device is not None
+        proof = TlogProof(verdict.leaf_index, tuple(self.ledger.inclusion_proof(verdict.leaf_index, size)), checkpoint)
+        receipt = Receipt(
+            device_key_id=verdict.key_id,
+            seq=verdict.seq,
+            envelope_sha256=digest.hex(),
+            leaf_index=verdict.leaf_index,
+            tlog_proof=proof.text(),
+            issued_ms=now_ms,
+        )
+        verdict.receipt = receipt.seal(self.mid_key)
+        verdict.receipt_topic = down_topic(self.mid, verdict.device, DownKind.RECEIPT)
+
+
+__all__ = ["Candidate", "InboundMessage", "IngestPipeline", "Outcome", "ReplayedError", "ScreenResult", "Verdict"]

@@ -1,0 +1,274 @@
+"""`midgate coordinator serve`: the ingest service and the HTTP API in one asyncio process (uvloop when present).
+
+One task owns the batch loop: take what the broker delivered (up to `batch_max` or `batch_window_ms`), screen it in
+a worker thread, settle rejections and duplicates at once (ack + resent receipt), commit the rest to the ledger in
+one durable transaction, then publish receipts and the retained checkpoint and only then acknowledge those messages
+to the broker. A coordinator killed at any point loses nothing: unacknowledged messages are redelivered into the
+persistent session and dedup answers the ones that did make it into the ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+
+import uvicorn
+
+from coordinator.broker.logins import coordinator_password, sync_broker_logins
+from coordinator.config import CoordinatorSettings
+from coordinator.ingest.dedup import DedupIndex
+from coordinator.ingest.metrics import IngestMetrics
+from coordinator.ingest.mqtt import BrokerEndpoint, BrokerSession
+from coordinator.ingest.pipeline import InboundMessage, IngestPipeline, Outcome, Verdict
+from coordinator.ledger.store import LedgerStore
+from coordinator.registry.enrolment import Enroller, load_or_create_mid_key
+from coordinator.registry.http import build_app
+from coordinator.registry.store import Device, Registry
+from protocol.enrolment import BrokerCredentials
+from protocol.messages import CheckpointAnnouncement
+from protocol.topics import checkpoint_topic, coordinator_filters
+
+log = logging.getLogger("midgate.ingest")
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn without its own signal handlers: the service owns shutdown."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class CoordinatorService:
+    """`async with CoordinatorService(settings) as service: await service.run()`; `stop()` ends `run()`."""
+
+    def __init__(self, settings: CoordinatorSettings) -> None:
+        self.settings = settings
+        self.metrics = IngestMetrics()
+        self._stop = asyncio.Event()
+        self._queue: asyncio.Queue[InboundMessage] = asyncio.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._http: _QuietServer | None = None
+        self._http_task: asyncio.Task[None] | None = None
+
+    @property
+    def password_file(self) -> Path:
+        return self.settings.broker.password_file or self.settings.data_dir / "broker-coordinator.password"
+
+    async def __aenter__(self) -> CoordinatorService:
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        self._loop = asyncio.get_running_loop()
+        self.mid_key = load_or_create_mid_key(s.mid_key_file, s.mid)
+        self.ledger = LedgerStore.open(s.data_dir / "ledger.sqlite", self.mid_key)
+        self.registry = Registry(s.registry_path)
+        self.dedup = DedupIndex(s.ingest_path)
+        self.pipeline = await asyncio.to_thread(
+            IngestPipeline,
+            s.mid,
+            Registry(s.registry_path),
+            self.ledger,
+            self.dedup,
+            self.mid_key,
+            s.ingest.max_message_bytes,
+            s.ingest.rate_per_s,
+            s.ingest.rate_burst,
+        )
+        self.metrics.ledger_size.set(self.ledger.size)
+        endpoint = BrokerEndpoint(
+            host=s.broker.host,
+            port=s.broker.port,
+            username=s.broker.username,
+            password=coordinator_password(self.password_file),
+            client_id=s.broker.client_id,
+            ca_file=str(s.broker.ca_file) if s.broker.tls and s.broker.ca_file else None,
+            keepalive_s=s.broker.keepalive_s,
+        )
+        self.session = BrokerSession(
+            endpoint, coordinator_filters(s.mid), self._deliver, s.ingest.queue_max, s.ingest.receive_maximum
+        )
+        self.session.start()
+        if s.enrolment.enabled:
+            await self._start_http()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._http is not None and self._http_task is not None:
+            self._http.should_exit = True
+            await self._http_task
+        await asyncio.to_thread(self.session.stop)
+        self.dedup.close()
+        self.registry.close()
+        self.ledger.close()
+
+    async def _start_http(self) -> None:
+        s = self.settings
+        enroller = Enroller(
+            s.mid,
+            self.registry,
+            self.ledger,
+            self.mid_key,
+            self._credentials,
+            self._enrolled,
+            s.enrolment.max_body_bytes,
+        )
+        app = build_app(enroller, self.ledger, self.metrics.registry, self._count_refusal)
+        config = uvicorn.Config(app, host=s.enrolment.host, port=s.enrolment.port, log_level="warning", lifespan="off")
+        self._http = _QuietServer(config)
+        self._http_task = asyncio.create_task(self._http.serve())
+        while not self._http.started:
+            if self._http_task.done():
+                await self._http_task
+                raise RuntimeError("enrolment endpoint did not start")
+            await asyncio.sleep(0.01)
+
+    def _count_refusal(self, reason: object) -> None:
+        self.metrics.rejected.labels(reason=str(reason)).inc()
+
+    def _credentials(self, device_id: str, password: str) -> BrokerCredentials:
+        b = self.settings.broker
+        ca_pem = b.ca_file.read_text() if b.tls and b.ca_file else ""
+        return BrokerCredentials(
+            host=b.public_host or b.host,
+            port=b.public_port or b.port,
+            tls=b.tls,
+            ca_pem=ca_pem,
+            username=device_id,
+            password=password,
+        )
+
+    def _enrolled(self, device: Device) -> None:
+        log.info("device enrolled", extra={"device": device.device_id, "member": device.member_id})
+        self.sync_broker_logins()
+
+    def sync_broker_logins(self) -> None:
+        passwords = self.settings.broker_config.output_dir / "passwords"
+        if passwords.exists():
+            sync_broker_logins(
+                self.registry,
+                passwords,
+                self.settings.broker.username,
+                self.password_file,
+                self.settings.broker.pid_file,
+            )
+
+    def _deliver(self, message: InboundMessage) -> None:
+        """Called on paho's thread; hands the message to the event loop."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, message)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        stopper = asyncio.create_task(self._stop.wait())
+        try:
+            while not self._stop.is_set():
+                getter = asyncio.create_task(self._queue.get())
+                done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    break
+                batch = await self._collect(getter.result())
+                await self._process(batch)
+        finally:
+            stopper.cancel()
+
+    async def _collect(self, first: InboundMessage) -> list[InboundMessage]:
+        ingest = self.settings.ingest
+        batch = [first]
+        deadline = time.monotonic() + ingest.batch_window_ms / 1000
+        while len(batch) < ingest.batch_max:
+            try:
+                batch.append(self._queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except TimeoutError:
+                break
+        return batch
+
+    async def _process(self, batch: list[InboundMessage]) -> None:
+        self.metrics.received.inc(len(batch))
+        self.metrics.queue_depth.set(self.session.in_memory)
+        now_ms = time.time_ns() // 1_000_000
+        screened = await asyncio.to_thread(self.pipeline.screen, batch, now_ms)
+        self._settle(screened.settled)
+        if not screened.candidates:
+            return
+        committed = await asyncio.to_thread(self.pipeline.commit, screened.candidates, now_ms)
+        self.metrics.batch_size.observe(len(committed))
+        self.metrics.ledger_size.set(self.ledger.size)
+        self._announce_checkpoint(now_ms)
+        self._settle(committed)
+
+    def _announce_checkpoint(self, now_ms: int) -> None:
+        note = self.ledger.checkpoint()
+        announcement = CheckpointAnnouncement(tree_size=self.ledger.size, checkpoint=note.decode(), issued_ms=now_ms)
+        self.session.publish(checkpoint_topic(self.settings.mid), announcement.seal(self.mid_key), qos=1, retain=True)
+
+    def _settle(self, verdicts: list[Verdict]) -> None:
+        now_ns = time.monotonic_ns()
+        for v in verdicts:
+            if v.receipt is not None and v.receipt_topic is not None:
+                self.session.publish(v.receipt_topic, v.receipt, qos=1)
+                self.metrics.receipts.inc()
+                self.metrics.latency.observe((now_ns - v.message.received_ns) / 1e9)
+            self.session.settle(v.message.token)
+            if v.outcome is Outcome.ACCEPTED:
+                self.metrics.accepted.inc()
+            elif v.outcome is Outcome.HEARTBEAT:
+                self.metrics.heartbeats.inc()
+            else:
+                if v.outcome is Outcome.DUPLICATE:
+                    self.metrics.dedup_hits.inc()
+                self.metrics.rejected.labels(reason=str(v.reason)).inc()
+                if v.outcome is Outcome.REJECTED:
+                    log.warning(
+                        "message rejected",
+                        extra={"reason": str(v.reason), "topic": v.message.topic[:200], "error": v.error},
+                    )
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, message and the `extra` fields."""
+
+    _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, object] = {
+            "ts_ms": int(record.created * 1000),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in self._STANDARD:
+                doc[key] = value if isinstance(value, int | float | bool | None) else str(value)
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, separators=(",", ":"))
+
+
+async def serve(settings: CoordinatorSettings) -> None:
+    """Run until SIGTERM or SIGINT."""
+    import signal
+
+    async with CoordinatorService(settings) as service:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, service.stop)
+        await service.run()

@@ -1,0 +1,115 @@
+"""Turning a signed invite and a self-signed EnrolmentRequest into a device membership.
+
+Steps, each a typed rejection on failure and none leaving a trace when it fails: size -> the request is signed by
+the key it enrols (proof of possession) -> it names this MID -> the invite token verifies under the MID key and has
+not expired -> the registry redeems the invite exactly once and registers the device with fresh broker credentials
+-> the request envelope is appended to the ledger as an `enrol` leaf -> the grant carries the signed response, the
+leaf's receipt and the credentials. The broker learns the new login through `on_enrolled` (password file + reload).
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from coordinator.broker.passwords import hash_password, new_password
+from coordinator.ingest.dedup import envelope_digest
+from coordinator.ledger.store import LedgerStore
+from coordinator.registry.store import Device, Registry
+from protocol.checkpoint import Receipt as TlogProof
+from protocol.enrolment import BrokerCredentials, EnrolmentGrant, InviteClaim, open_invite, sign_invite
+from protocol.errors import InviteInvalidError, TooLargeError
+from protocol.identity import SignerKey, VerifierKey, load_signer_key, save_signer_key
+from protocol.leaves import Leaf, LeafKind
+from protocol.messages import EnrolmentResponse, Receipt, open_enrolment_request
+
+
+def mid_key_name(mid: str) -> str:
+    """The MID key's name, which is also its log's checkpoint origin (protocol.checkpoint)."""
+    return f"midgate/{mid}"
+
+
+def load_or_create_mid_key(path: Path, mid: str) -> SignerKey:
+    if path.exists():
+        key = load_signer_key(path)
+        if key.name != mid_key_name(mid):
+            raise InviteInvalidError("MID key file belongs to another MID", expected=mid_key_name(mid), found=key.name)
+        return key
+    key = SignerKey.generate(mid_key_name(mid))
+    save_signer_key(path, key)
+    return key
+
+
+def issue_invite(registry: Registry, mid_key: SignerKey, mid: str, member: str, now_ms: int, ttl_s: int) -> str:
+    """Record a new invite for `member` and return the token to hand to them."""
+    claim, token = sign_invite(mid_key, mid, now_ms + ttl_s * 1000)
+    registry.add_invite(claim.invite_id, member, now_ms, claim.expires_ms)
+    return token
+
+
+class Enroller:
+    """Thread-safe: the HTTP endpoint calls it from worker threads; one enrolment at a time."""
+
+    def __init__(
+        self,
+        mid: str,
+        registry: Registry,
+        ledger: LedgerStore,
+        mid_key: SignerKey,
+        broker: Callable[[str, str], BrokerCredentials],
+        on_enrolled: Callable[[Device], None],
+        max_body_bytes: int,
+    ) -> None:
+        self.mid = mid
+        self.registry = registry
+        self.ledger = ledger
+        self.mid_key = mid_key
+        self._broker = broker
+        self._on_enrolled = on_enrolled
+        self.max_body_bytes = max_body_bytes
+        self._lock = threading.Lock()
+
+    @property
+    def mid_verifier(self) -> VerifierKey:
+        return self.mid_key.verifier
+
+    def enrol(self, body: bytes, now_ms: int) -> EnrolmentGrant:
+        if len(body) > self.max_body_bytes:
+            raise TooLargeError("enrolment request too large", limit=self.max_body_bytes, found=len(body))
+        verified, request = open_enrolment_request(body)
+        if request.mid != self.mid:
+            raise InviteInvalidError("request names another MID", expected=self.mid, found=request.mid)
+        claim: InviteClaim = open_invite(request.invite_token, self.mid, self.mid_verifier, now_ms)
+        password = new_password()
+        with self._lock:
+            device = self.registry.redeem_invite(
+                claim.invite_id, now_ms, request.device, verified.signer, hash_password(password)
+            )
+            appended = self.ledger.append_leaves([Leaf(LeafKind.ENROL, body)])
+        self._on_enrolled(device)
+        index = appended.first_index
+        proof = TlogProof(index, tuple(self.ledger.inclusion_proof(index, appended.size)), appended.checkpoint)
+        response = EnrolmentResponse(
+            mid=self.mid,
+            device=device.device_id,
+            accepted=True,
+            member=device.member_id,
+            mid_key=self.mid_verifier.text(),
+            request_seq=request.seq,
+            issued_ms=now_ms,
+        ).seal(self.mid_key)
+        receipt = Receipt(
+            device_key_id=verified.key_id,
+            seq=request.seq,
+            envelope_sha256=envelope_digest(body).hex(),
+            leaf_index=index,
+            tlog_proof=proof.text(),
+            issued_ms=now_ms,
+        ).seal(self.mid_key)
+        return EnrolmentGrant(
+            response=base64.b64encode(response).decode(),
+            receipt=base64.b64encode(receipt).decode(),
+            broker=self._broker(device.device_id, password),
+        )

@@ -1,0 +1,184 @@
+"""The MID's registry (SQLite): members, their devices and device keys, invites, revocations, rate limits.
+
+Every write is one `BEGIN IMMEDIATE` transaction with `synchronous=FULL`: an invite must never be redeemable
+twice, and a revocation must survive a crash. `version` increases with every change so that long-running readers
+(the ingest pipeline keeps keys in memory) can notice edits made by another process (`midgate coordinator revoke`).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from protocol.errors import InviteExpiredError, InviteInvalidError, InviteUsedError, MalformedError
+from protocol.identity import VerifierKey
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta VALUES ('version', 0);
+CREATE TABLE IF NOT EXISTS members (
+    member_id TEXT PRIMARY KEY,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS invites (
+    invite_id TEXT PRIMARY KEY,
+    member_id TEXT NOT NULL REFERENCES members(member_id),
+    created_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    used_ms INTEGER,
+    device_id TEXT
+);
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY,
+    member_id TEXT NOT NULL REFERENCES members(member_id),
+    verifier_key TEXT NOT NULL UNIQUE,
+    key_id BLOB NOT NULL,
+    broker_password_hash TEXT NOT NULL,
+    enrolled_ms INTEGER NOT NULL,
+    revoked_ms INTEGER,
+    rate_per_s REAL,
+    rate_burst INTEGER
+);
+CREATE INDEX IF NOT EXISTS devices_by_key_id ON devices(key_id);
+"""
+
+
+@dataclass(frozen=True)
+class Invite:
+    invite_id: str
+    member_id: str
+    created_ms: int
+    expires_ms: int
+    used_ms: int | None
+    device_id: str | None
+
+
+@dataclass(frozen=True)
+class Device:
+    device_id: str
+    member_id: str
+    verifier: VerifierKey
+    broker_password_hash: str
+    enrolled_ms: int
+    revoked_ms: int | None
+    rate_per_s: float | None
+    rate_burst: int | None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_ms is not None
+
+
+class Registry:
+    """One SQLite file; safe to open from several processes (WAL)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+            self._db.execute("UPDATE meta SET value = value + 1 WHERE name = 'version'")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def version(self) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE name = 'version'").fetchone()
+        return int(row[0])
+
+    def add_invite(self, invite_id: str, member_id: str, now_ms: int, expires_ms: int) -> Invite:
+        """Record a new invite for `member_id` (the member is created on first invite)."""
+        with self._write() as db:
+            db.execute("INSERT OR IGNORE INTO members VALUES (?, ?)", (member_id, now_ms))
+            db.execute(
+                "INSERT INTO invites (invite_id, member_id, created_ms, expires_ms) VALUES (?, ?, ?, ?)",
+                (invite_id, member_id, now_ms, expires_ms),
+            )
+        return Invite(invite_id, member_id, now_ms, expires_ms, None, None)
+
+    def invite(self, invite_id: str) -> Invite | None:
+        row = self._db.execute(
+            "SELECT invite_id, member_id, created_ms, expires_ms, used_ms, device_id FROM invites WHERE invite_id = ?",
+            (invite_id,),
+        ).fetchone()
+        return Invite(*row) if row else None
+
+    def redeem_invite(
+        self, invite_id: str, now_ms: int, device_id: str, verifier: VerifierKey, broker_password_hash: str
+    ) -> Device:
+        """Use the invite once and register the device, atomically; expired, used or unknown invites raise."""
+        with self._write() as db:
+            row = db.execute(
+                "SELECT member_id, expires_ms, used_ms FROM invites WHERE invite_id = ?", (invite_id,)
+            ).fetchone()
+            if row is None:
+                raise InviteInvalidError("no such invite", invite_id=invite_id)
+            member_id, expires_ms, used_ms = row
+            if used_ms is not None:
+                raise InviteUsedError("invite already used", invite_id=invite_id, used_ms=used_ms)
+            if now_ms >= expires_ms:
+                raise InviteExpiredError("invite expired", invite_id=invite_id, expires_ms=expires_ms, now_ms=now_ms)
+            try:
+                db.execute(
+                    "INSERT INTO devices (device_id, member_id, verifier_key, key_id, broker_password_hash,"
+                    " enrolled_ms) VALUES (?, ?, ?, ?, ?, ?)",
+                    (device_id, member_id, verifier.text(), verifier.key_id, broker_password_hash, now_ms),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise MalformedError("device id or key already enrolled", device_id=device_id) from exc
+            db.execute(
+                "UPDATE invites SET used_ms = ?, device_id = ? WHERE invite_id = ?", (now_ms, device_id, invite_id)
+            )
+        return Device(device_id, member_id, verifier, broker_password_hash, now_ms, None, None, None)
+
+    def revoke(self, device_id: str, now_ms: int) -> bool:
+        """Revoke a device's key; True when it was active. Its broker login is dropped at the next config write."""
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE devices SET revoked_ms = ? WHERE device_id = ? AND revoked_ms IS NULL", (now_ms, device_id)
+            )
+            return cur.rowcount == 1
+
+    def set_rate_limit(self, device_id: str, per_s: float | None, burst: int | None) -> None:
+        with self._write() as db:
+            db.execute(
+                "UPDATE devices SET rate_per_s = ?, rate_burst = ? WHERE device_id = ?", (per_s, burst, device_id)
+            )
+
+    def device(self, device_id: str) -> Device | None:
+        row = self._db.execute(_DEVICE_SELECT + " WHERE device_id = ?", (device_id,)).fetchone()
+        return _device(row) if row else None
+
+    def devices(self) -> list[Device]:
+        return [_device(row) for row in self._db.execute(_DEVICE_SELECT + " ORDER BY device_id")]
+
+    def active_password_hashes(self) -> dict[str, str]:
+        """Broker logins of every device that is not revoked."""
+        rows = self._db.execute("SELECT device_id, broker_password_hash FROM devices WHERE revoked_ms IS NULL")
+        return {device_id: hashed for device_id, hashed in rows}
+
+
+_DEVICE_SELECT = (
+    "SELECT device_id, member_id, verifier_key, broker_password_hash, enrolled_ms, revoked_ms, rate_per_s, rate_burst"
+    " FROM devices"
+)
+
+
+def _device(row: tuple[str, str, str, str, int, int | None, float | None, int | None]) -> Device:
+    device_id, member_id, vkey, hashed, enrolled_ms, revoked_ms, rate, burst = row
+    return Device(device_id, member_id, VerifierKey.parse(vkey), hashed, enrolled_ms, revoked_ms, rate, burst)

@@ -1,0 +1,267 @@
+"""`midgate agent run`: one asyncio process serving every membership of this agent.
+
+Per membership, four loops with one owner (`MembershipRunner.run`): the spool loop signs ClientApp records into the
+outbox; the publish loop sends what is due (QoS 1), then schedules a resend with exponential backoff and jitter in
+case no receipt comes; the receipt loop verifies receipts (signature, inclusion, consistency with the trusted
+checkpoint) and only then removes reports from the outbox; the heartbeat loop says the device is alive. The outbox
+and proofs run on one dedicated thread per membership, so fsyncs and crypto never block the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import random
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from edge.agent.config import AgentSettings
+from edge.agent.ledger_view import LedgerView, ProofUnavailableError, http_consistency_fetcher
+from edge.agent.membership import Membership, load_memberships
+from edge.agent.outbox import Outbox, OutboxFullError
+from edge.agent.session import DeviceSession
+from edge.agent.spool import pending_files, read_record, reject_file, sign_report
+from protocol.envelope import decode, open_envelope
+from protocol.errors import ProtocolError
+from protocol.leaves import LeafKind
+from protocol.messages import DeviceStatus, Heartbeat, Receipt
+from protocol.topics import Direction, DownKind, UpKind, parse_topic, up_topic
+
+log = logging.getLogger("midgate.agent")
+T = TypeVar("T")
+
+_LEAF_KIND = {UpKind.REPORT.value: LeafKind.CONTRIBUTION, UpKind.STRIKE.value: LeafKind.STRIKE}
+_RECEIPT_BATCH = 500
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class MembershipRunner:
+    def __init__(self, settings: AgentSettings, membership: Membership) -> None:
+        self.settings = settings
+        self.membership = membership
+        self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"outbox-{membership.mid}")
+        self.outbox = Outbox(membership.outbox_path, settings.outbox_max_bytes)
+        trusted = LedgerView.parse_trusted(self.outbox.get_meta("trusted_checkpoint"))
+        self.view = LedgerView(
+            membership.mid_key,
+            membership.key.key_id.hex(),
+            http_consistency_fetcher(membership.record.enrolment_url),
+            trusted,
+        )
+        self._inbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._warned_full = False
+        self.session: DeviceSession | None = None
+        self.receipts_verified = 0
+        self.receipts_refused = 0
+
+    async def _in_db(self, fn: Callable[..., T], *args: object) -> T:
+        assert self._loop is not None
+        return await self._loop.run_in_executor(self._db, fn, *args)
+
+    def _topic(self, kind: str) -> str:
+        return up_topic(self.membership.mid, self.membership.device, UpKind(kind))
+
+    def _heartbeat(self, seq: int, status: DeviceStatus) -> bytes:
+        usage = self.outbox.usage()
+        return Heartbeat(
+            seq=seq, device_time_ms=_now_ms(), status=status, outbox_pending=usage.pending, agent_version="0.1"
+        ).seal(self.membership.key)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self._loop = asyncio.get_running_loop()
+        will_seq = await self._in_db(self.outbox.next_ephemeral_seq)
+        will = (self._topic(UpKind.HEARTBEAT), self._heartbeat(will_seq, DeviceStatus.OFFLINE))
+        s = self.settings
+        self.session = DeviceSession(
+            self.membership,
+            deliver=self._deliver_threadsafe,
+            on_connected=self._connected_threadsafe,
+            will=will,
+            protocol=s.mqtt_protocol,
+            keepalive_s=s.keepalive_s,
+            max_inflight=s.max_inflight,
+            reconnect=(s.reconnect_min_s, s.reconnect_max_s),
+        )
+        self.session.start()
+        tasks = [
+            asyncio.create_task(self._spool_loop(stop)),
+            asyncio.create_task(self._publish_loop(stop)),
+            asyncio.create_task(self._receipt_loop(stop)),
+            asyncio.create_task(self._heartbeat_loop(stop)),
+        ]
+        try:
+            await stop.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.to_thread(self.session.stop)
+            await self._in_db(self.outbox.close)
+            self._db.shutdown(wait=True)
+
+    def _deliver_threadsafe(self, topic: str, payload: bytes) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._inbox.put_nowait, (topic, payload))
+
+    def _connected_threadsafe(self) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._reconnected)
+
+    def _reconnected(self) -> None:
+        log.info("connected", extra={"mid": self.membership.mid})
+        self._resend_now = True
+        self._wake.set()
+
+    _resend_now = False
+
+    async def _spool_loop(self, stop: asyncio.Event) -> None:
+        directory = self.settings.spool_root / self.membership.mid
+        while not stop.is_set():
+            taken = await self._in_db(self._take_spool, directory)
+            if taken:
+                self._wake.set()
+                continue
+            await _sleep_or(stop, self.settings.spool_poll_s)
+
+    def _take_spool(self, directory: Path) -> int:
+        """Move up to one batch of spool files into the outbox; returns how many were taken."""
+        taken = 0
+        for path in pending_files(directory, 200):
+            name = path.name
+            if self.outbox.knows_spool_name(name):
+                path.unlink(missing_ok=True)
+                continue
+            try:
+                record = read_record(path)
+                sign = functools.partial(self._sign_record, record.fields)
+                self.outbox.enqueue(UpKind.REPORT.value, sign, _now_ms(), spool_name=name)
+            except OutboxFullError as exc:
+                log.error(
+                    "outbox full; records wait in the spool", extra={"mid": self.membership.mid, "error": str(exc)}
+                )
+                return taken
+            except (ProtocolError, OSError) as exc:
+                log.warning("spool record rejected", extra={"file": name, "error": str(exc)})
+                with contextlib.suppress(OSError):
+                    reject_file(path, exc)
+                continue
+            path.unlink(missing_ok=True)
+            taken += 1
+            self._check_disk()
+        return taken
+
+    def _sign_record(self, fields: dict[str, Any], seq: int) -> bytes:
+        return sign_report(fields, self.membership.key, seq, _now_ms())
+
+    def _check_disk(self) -> None:
+        used, bound = self.outbox.pending_bytes, self.outbox.max_bytes
+        if used >= self.settings.outbox_warn_fraction * bound:
+            if not self._warned_full:
+                log.warning(
+                    "outbox nearly full: reports are not being receipted",
+                    extra={"mid": self.membership.mid, "bytes": used, "bound": bound},
+                )
+                self._warned_full = True
+        else:
+            self._warned_full = False
+
+    def _backoff_ms(self, attempts: int) -> int:
+        s = self.settings
+        delay = min(s.resend_max_s, s.resend_after_s * (2 ** min(attempts, 16)))
+        return int(delay * random.uniform(0.75, 1.25) * 1000)
+
+    async def _publish_loop(self, stop: asyncio.Event) -> None:
+        assert self.session is not None
+        session = self.session
+        while not stop.is_set():
+            if session.connected.is_set():
+                if self._resend_now:
+                    self._resend_now = False
+                    await self._in_db(self.outbox.resend_all_now)
+                room = self.settings.max_inflight * 2 - session.unacked
+                if room > 0:
+                    now = _now_ms()
+                    due = await self._in_db(self.outbox.due, now, min(room, self.settings.publish_batch))
+                    if due:
+                        for report in due:
+                            session.publish(self._topic(report.kind), report.envelope, qos=1)
+                        await self._in_db(
+                            self.outbox.mark_sent,
+                            [r.seq for r in due],
+                            [now + self._backoff_ms(r.attempts) for r in due],
+                        )
+                        continue
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 0.2)
+
+    async def _receipt_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            batch = [await self._inbox.get()]
+            while len(batch) < _RECEIPT_BATCH and not self._inbox.empty():
+                batch.append(self._inbox.get_nowait())
+            settled = await self._in_db(self._settle, batch)
+            if settled:
+                self._wake.set()
+
+    def _settle(self, batch: list[tuple[str, bytes]]) -> int:
+        before = self.view.trusted
+        good: list[tuple[int, int, int, str]] = []
+        for topic, payload in batch:
+            try:
+                parsed = parse_topic(topic)
+                if parsed.direction is not Direction.DOWN or parsed.kind is not DownKind.RECEIPT:
+                    continue
+                mid_key = self.membership.mid_key
+                receipt = decode(open_envelope(payload, {mid_key.key_id.hex(): mid_key}, Receipt.PAYLOAD_TYPE), Receipt)
+                pending = self.outbox.pending(receipt.seq)
+                if pending is None:
+                    continue
+                result = self.view.settle(payload, pending.envelope, _LEAF_KIND[pending.kind], pending.seq)
+            except ProofUnavailableError as exc:
+                log.warning("no consistency proof yet; the report stays queued", extra={"error": str(exc)})
+                continue
+            except ProtocolError as exc:
+                self.receipts_refused += 1
+                log.warning("receipt refused", extra={"reason": str(exc.reason), "error": str(exc)})
+                continue
+            good.append((result.seq, result.leaf_index, result.tree_size, result.envelope_sha256))
+        moved = self.outbox.settle(good, _now_ms()) if good else 0
+        self.receipts_verified += moved
+        if self.view.trusted != before and self.view.trusted is not None:
+            self.outbox.set_meta("trusted_checkpoint", self.view.trusted_json())
+        return moved
+
+    async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
+        assert self.session is not None
+        while not stop.is_set():
+            if self.session.connected.is_set():
+                seq = await self._in_db(self.outbox.next_ephemeral_seq)
+                payload = await self._in_db(self._heartbeat, seq, DeviceStatus.IDLE)
+                self.session.publish(self._topic(UpKind.HEARTBEAT), payload, qos=0)
+            await _sleep_or(stop, self.settings.heartbeat_s)
+
+
+async def _sleep_or(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+async def run_agent(settings: AgentSettings, stop: asyncio.Event | None = None) -> None:
+    """Serve every membership under `data_dir` until `stop` is set (or SIGTERM/SIGINT when run from the CLI)."""
+    memberships = load_memberships(settings.data_dir / "mids")
+    if not memberships:
+        raise SystemExit(f"no memberships under {settings.data_dir / 'mids'}: run `midgate agent enrol` first")
+    stop = stop or asyncio.Event()
+    runners = [MembershipRunner(settings, m) for m in memberships]
+    await asyncio.gather(*(r.run(stop) for r in runners))

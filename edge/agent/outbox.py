@@ -1,0 +1,176 @@
+"""The agent's store-and-forward outbox: one SQLite file per membership, `synchronous=FULL`.
+
+A report is signed with the next `seq` and committed here before it is ever published, and it leaves only when the
+agent holds a receipt whose inclusion proof verified (a broker PUBACK is not durability: a SIGKILLed Mosquitto loses
+QoS 1 messages it had acknowledged). `next_seq` is persisted in the same transaction as the row, so a reboot never
+reuses a seq. Spool file names are recorded with the row so that a crash between the commit and the unlink of a
+spool file cannot enqueue the same record twice.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB);
+INSERT OR IGNORE INTO meta VALUES ('next_seq', 1);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    envelope BLOB NOT NULL,
+    spool_name TEXT UNIQUE,
+    created_ms INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_send_ms INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox(next_send_ms);
+CREATE TABLE IF NOT EXISTS receipts (
+    seq INTEGER PRIMARY KEY,
+    leaf_index INTEGER NOT NULL,
+    tree_size INTEGER NOT NULL,
+    envelope_sha256 TEXT NOT NULL,
+    spool_name TEXT UNIQUE,
+    received_ms INTEGER NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class PendingReport:
+    seq: int
+    kind: str
+    envelope: bytes
+    attempts: int
+
+
+@dataclass(frozen=True)
+class OutboxUsage:
+    pending: int
+    pending_bytes: int
+    receipted: int
+
+
+class OutboxFullError(Exception):
+    """The outbox reached its disk bound; new records wait in the spool until receipts free space."""
+
+
+class Outbox:
+    """Synchronous; the daemon calls it from one dedicated thread so the event loop never blocks on fsync."""
+
+    def __init__(self, path: Path, max_bytes: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.max_bytes = max_bytes
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self._pending_bytes = int(
+            self._db.execute("SELECT COALESCE(SUM(LENGTH(envelope)), 0) FROM outbox").fetchone()[0]
+        )
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _txn(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._pending_bytes
+
+    def knows_spool_name(self, spool_name: str) -> bool:
+        """True when this spool file was already taken in (its unlink may have been lost to a crash)."""
+        q = "SELECT 1 FROM outbox WHERE spool_name = ? UNION ALL SELECT 1 FROM receipts WHERE spool_name = ? LIMIT 1"
+        return self._db.execute(q, (spool_name, spool_name)).fetchone() is not None
+
+    def enqueue(self, kind: str, sign: Callable[[int], bytes], now_ms: int, spool_name: str | None = None) -> int:
+        """Allocate the next seq, sign with it (`sign(seq) -> envelope`), and commit row + counter together."""
+        with self._txn() as db:
+            seq = int(db.execute("SELECT value FROM meta WHERE name = 'next_seq'").fetchone()[0])
+            envelope = sign(seq)
+            if self._pending_bytes + len(envelope) > self.max_bytes:
+                raise OutboxFullError(f"outbox holds {self._pending_bytes} bytes, bound {self.max_bytes}")
+            db.execute("UPDATE meta SET value = ? WHERE name = 'next_seq'", (seq + 1,))
+            db.execute(
+                "INSERT INTO outbox (seq, kind, envelope, spool_name, created_ms) VALUES (?, ?, ?, ?, ?)",
+                (seq, kind, envelope, spool_name, now_ms),
+            )
+        self._pending_bytes += len(envelope)
+        return seq
+
+    def next_ephemeral_seq(self) -> int:
+        """A seq for a message that is not kept (heartbeat): still from the same persisted counter."""
+        with self._txn() as db:
+            seq = int(db.execute("SELECT value FROM meta WHERE name = 'next_seq'").fetchone()[0])
+            db.execute("UPDATE meta SET value = ? WHERE name = 'next_seq'", (seq + 1,))
+        return seq
+
+    def due(self, now_ms: int, limit: int) -> list[PendingReport]:
+        rows = self._db.execute(
+            "SELECT seq, kind, envelope, attempts FROM outbox WHERE next_send_ms <= ? ORDER BY seq LIMIT ?",
+            (now_ms, limit),
+        ).fetchall()
+        return [PendingReport(*row) for row in rows]
+
+    def mark_sent(self, seqs: list[int], next_send_ms: list[int]) -> None:
+        with self._txn() as db:
+            db.executemany(
+                "UPDATE outbox SET attempts = attempts + 1, next_send_ms = ? WHERE seq = ?",
+                list(zip(next_send_ms, seqs, strict=True)),
+            )
+
+    def resend_all_now(self) -> None:
+        """After a reconnect everything unreceipted is due again (the broker may have lost it)."""
+        with self._txn() as db:
+            db.execute("UPDATE outbox SET next_send_ms = 0")
+
+    def pending(self, seq: int) -> PendingReport | None:
+        row = self._db.execute("SELECT seq, kind, envelope, attempts FROM outbox WHERE seq = ?", (seq,)).fetchone()
+        return PendingReport(*row) if row else None
+
+    def settle(self, receipts: list[tuple[int, int, int, str]], now_ms: int) -> int:
+        """Move receipted reports `(seq, leaf_index, tree_size, envelope_sha256)` out; returns how many moved."""
+        moved = 0
+        freed = 0
+        with self._txn() as db:
+            for seq, leaf_index, tree_size, digest in receipts:
+                row = db.execute("SELECT LENGTH(envelope), spool_name FROM outbox WHERE seq = ?", (seq,)).fetchone()
+                if row is None:
+                    continue
+                db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+                db.execute(
+                    "INSERT OR REPLACE INTO receipts VALUES (?, ?, ?, ?, ?, ?)",
+                    (seq, leaf_index, tree_size, digest, row[1], now_ms),
+                )
+                moved += 1
+                freed += int(row[0])
+        self._pending_bytes -= freed
+        return moved
+
+    def get_meta(self, name: str) -> bytes | None:
+        row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def set_meta(self, name: str, value: bytes) -> None:
+        with self._txn() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
+
+    def usage(self) -> OutboxUsage:
+        pending = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+        receipted = int(self._db.execute("SELECT COUNT(*) FROM receipts").fetchone()[0])
+        return OutboxUsage(pending, self._pending_bytes, receipted)
+
+    def receipted_seqs(self) -> list[int]:
+        return [int(r[0]) for r in self._db.execute("SELECT seq FROM receipts ORDER BY seq")]

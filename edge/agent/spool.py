@@ -1,0 +1,92 @@
+"""The spool: how the Flower ClientApp hands contribution records to the agent (docs/messaging.md).
+
+The ClientApp writes one JSON object per record to `{spool_dir}/{mid}/{unique name}.json` atomically (write a
+temporary file not ending in `.json` in the same folder, then rename). The object holds the ContributionReport
+fields except `v`, `seq` and `device_time_ms`, which the agent sets when it signs. The agent signs and commits the
+record into its outbox, then deletes the file; a crash in between is harmless because the outbox remembers the file
+name. A file that is too large or does not make a valid report is moved to `rejected/` with the reason beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from protocol.errors import MalformedError, TooLargeError
+from protocol.identity import SignerKey
+from protocol.messages import ContributionReport
+
+MAX_SPOOL_FILE = 16 * 1024
+_AGENT_FIELDS = frozenset(("v", "seq", "device_time_ms"))
+
+
+@dataclass(frozen=True)
+class SpoolRecord:
+    path: Path
+    fields: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def read_record(path: Path) -> SpoolRecord:
+    """Read and pre-check one spool file (the full schema check happens when it is signed)."""
+    size = path.stat().st_size
+    if size > MAX_SPOOL_FILE:
+        raise TooLargeError("spool file too large", limit=MAX_SPOOL_FILE, found=size)
+    try:
+        fields = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedError("spool file is not JSON", file=path.name) from exc
+    if not isinstance(fields, dict):
+        raise MalformedError("spool record must be a JSON object", file=path.name)
+    if _AGENT_FIELDS & fields.keys():
+        raise MalformedError("spool record must not set v, seq or device_time_ms", file=path.name)
+    build_report(fields, 1, 1_700_000_000_000)
+    return SpoolRecord(path, fields)
+
+
+def build_report(fields: dict[str, Any], seq: int, now_ms: int) -> ContributionReport:
+    """The ContributionReport for a spool record with the agent's seq and time."""
+    doc = {**fields, "seq": str(seq), "device_time_ms": now_ms}
+    try:
+        return ContributionReport.model_validate_json(json.dumps(doc))
+    except ValueError as exc:
+        raise MalformedError("spool record is not a valid contribution report", error=str(exc)[:300]) from None
+
+
+def sign_report(fields: dict[str, Any], key: SignerKey, seq: int, now_ms: int) -> bytes:
+    """The sealed ContributionReport for a spool record."""
+    return build_report(fields, seq, now_ms).seal(key)
+
+
+def pending_files(directory: Path, limit: int) -> list[Path]:
+    """Complete spool files, oldest name first (temporary files do not end in .json)."""
+    if not directory.is_dir():
+        return []
+    names = sorted(e.name for e in os.scandir(directory) if e.is_file() and e.name.endswith(".json"))
+    return [directory / n for n in names[:limit]]
+
+
+def reject_file(path: Path, error: Exception) -> None:
+    rejected = path.parent / "rejected"
+    rejected.mkdir(exist_ok=True)
+    os.replace(path, rejected / path.name)
+    (rejected / (path.name + ".error")).write_text(str(error) + "\n")
+
+
+def write_record(directory: Path, name: str, fields: dict[str, Any]) -> Path:
+    """Atomically drop a record into a spool folder (what the ClientApp does; also used by tests and the demo)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"{name}.json"
+    tmp = directory / f".{name}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(json.dumps(fields).encode())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    return final

@@ -1,0 +1,476 @@
+"""A real Mosquitto per test: free loopback port, config and log in tmp_path, stopped by PID, log shown on failure.
+
+Use from a test module with `pytest_plugins = ["mqtt_fixtures"]` (pytest puts tests/ on sys.path), then ask for
+`mosquitto` (anonymous, no ACL) or `messaging_stack` (broker + coordinator + agents as real processes), or build a
+`MosquittoProcess(...)` for the auth/ACL configs written by `coordinator.broker`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+_READY_TIMEOUT_S = 20.0
+
+
+def free_port() -> int:
+    """A TCP port the OS reports free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout_s: float = _READY_TIMEOUT_S, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Poll until something accepts TCP connections on 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(0.2)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.02)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout_s}s")
+
+
+def basic_config(workdir: Path, port: int) -> str:
+    """An anonymous loopback listener with persistence; enough for tests that do not exercise broker auth."""
+    data = workdir / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    return "\n".join(
+        [
+            "per_listener_settings false",
+            f"listener {port} 127.0.0.1",
+            "allow_anonymous true",
+            "persistence true",
+            f"persistence_location {data}/",
+            "autosave_interval 1",
+            "max_queued_messages 1000000",
+            "max_inflight_messages 0",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "log_type information",
+            "connection_messages true",
+            "",
+        ]
+    )
+
+
+class MosquittoProcess:
+    """One mosquitto process with a given config file; restartable on the same port after a stop or SIGKILL."""
+
+    def __init__(self, workdir: Path, config_text: str, port: int) -> None:
+        self.workdir = workdir
+        self.port = port
+        self.config_path = workdir / "mosquitto.conf"
+        self.log_path = workdir / "mosquitto.log"
+        self.pid_path = workdir / "mosquitto.pid"
+        workdir.mkdir(parents=True, exist_ok=True)
+        if "pid_file" not in config_text:
+            config_text += f"pid_file {self.pid_path}\n"
+        if os.geteuid() == 0 and "\nuser " not in config_text:
+            # As root, mosquitto drops to user `mosquitto`, which cannot write into pytest's private tmp folders.
+            config_text += "user root\n"
+        self.config_path.write_text(config_text)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [MOSQUITTO, "-c", str(self.config_path), "-v"], stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir
+        )
+        log.close()
+        wait_for_port(self.port, proc=self.proc)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def reload(self) -> None:
+        """SIGHUP: mosquitto rereads its password and ACL files."""
+        os.kill(self.pid, signal.SIGHUP)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash: in-memory QoS 1 state not yet autosaved is lost."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.kill(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@contextlib.contextmanager
+def running_mosquitto(
+    workdir: Path, config_text: str | None = None, port: int | None = None
+) -> Iterator[MosquittoProcess]:
+    """Start mosquitto, yield it, always stop it by PID; print its log when the body raised."""
+    port = port or free_port()
+    broker = MosquittoProcess(workdir, config_text or basic_config(workdir, port), port)
+    failed = False
+    try:
+        broker.start()
+        yield broker
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        broker.stop()
+        if failed:
+            print(f"---- mosquitto log {broker.log_path} ----\n{broker.log_text()[-20000:]}")
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[MosquittoProcess]:
+    """An anonymous, persistent mosquitto on a free loopback port for one test."""
+    with running_mosquitto(tmp_path / "mosquitto") as broker:
+        yield broker
+        report = getattr(request.node, "rep_call", None)
+        if report is not None and report.failed:
+            print(f"---- mosquitto log {broker.log_path} ----\n{broker.log_text()[-20000:]}")
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    setattr(item, "rep_" + report.when, report)
+
+
+# --- the messaging stack as real processes: coordinator and agents -----------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else "python3"
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.05) -> None:
+    """Poll `predicate` until it holds; fail naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(poll_s)
+    raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+class ServiceProcess:
+    """A `midgate ...` subprocess with its log in a file; stopped (or SIGKILLed) by PID."""
+
+    def __init__(self, name: str, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.args = args
+        self.log_path = log_path
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [PYTHON, "-c", "from midgate_cli import app; app()", *self.args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=self.env,
+        )
+        log.close()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.alive:
+            assert self.proc is not None
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if not self.alive:
+            return
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def coordinator_toml(
+    data_dir: Path, mid: str, broker_port: int, http_port: int, extra: str = "", broker_extra: str = ""
+) -> str:
+    return f"""
+mid = "{mid}"
+data_dir = "{data_dir}"
+log_json = true
+[broker]
+host = "127.0.0.1"
+port = {broker_port}
+{broker_extra}
+[broker_config]
+output_dir = "{data_dir / "broker"}"
+[enrolment]
+host = "127.0.0.1"
+port = {http_port}
+[ingest]
+batch_window_ms = 5
+rate_per_s = 100000.0
+rate_burst = 100000
+{extra}
+"""
+
+
+def agent_toml(data_dir: Path, extra: str = "") -> str:
+    return f"""
+data_dir = "{data_dir}"
+heartbeat_s = 5.0
+spool_poll_s = 0.05
+resend_after_s = 2.0
+resend_max_s = 4.0
+reconnect_min_s = 1.0
+reconnect_max_s = 2.0
+{extra}
+"""
+
+
+def http_ready(port: int) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/info", timeout=1) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+def contribution_fields(i: int, device: str = "") -> dict[str, object]:
+    """A valid spool record; `update_sha256` is unique per (device, i) so the ledger can be checked exactly."""
+    import hashlib
+
+    def h(label: str) -> str:
+        return hashlib.sha256(f"{label}/{device}/{i}".encode()).hexdigest()
+
+    return {
+        "run_id": "7",
+        "round": i % 1000,
+        "node_id": "42",
+        "task_id": "appliance-load",
+        "task_version": 1,
+        "round_nonce": h("nonce")[:32],
+        "global_model_sha256": h("global"),
+        "update_sha256": h("update"),
+        "examples": 128,
+        "dataset_fingerprint": h("data"),
+        "loss_before": 0.9,
+        "loss_after": 0.5,
+        "seconds": 1.5,
+    }
+
+
+class AgentHandle:
+    def __init__(self, name: str, workdir: Path) -> None:
+        self.name = name
+        self.workdir = workdir
+        self.data_dir = workdir / "data"
+        self.config = workdir / "agent.toml"
+        self.process: ServiceProcess | None = None
+        self.mid = ""
+        self.device = ""
+
+    @property
+    def spool(self) -> Path:
+        return self.data_dir / "spool" / self.mid
+
+    @property
+    def outbox_path(self) -> Path:
+        return self.data_dir / "mids" / self.mid / "outbox.sqlite"
+
+    def outbox_counts(self) -> tuple[int, int]:
+        """(pending, receipted) read from the agent's outbox file without disturbing the agent."""
+        import sqlite3
+
+        if not self.outbox_path.exists():
+            return (0, 0)
+        db = sqlite3.connect(f"file:{self.outbox_path}?mode=ro", uri=True, timeout=30)
+        try:
+            pending = db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+            receipted = db.execute("SELECT COUNT(*) FROM receipts").fetchone()[0]
+        finally:
+            db.close()
+        return int(pending), int(receipted)
+
+    def spool_left(self) -> int:
+        return len(list(self.spool.glob("*.json"))) if self.spool.exists() else 0
+
+
+class MessagingStack:
+    """Real Mosquitto + `midgate coordinator serve` + `midgate agent run` processes, all under one tmp folder."""
+
+    def __init__(self, root: Path, mid: str = "riverside", coordinator_extra: str = "") -> None:
+        self.root = root
+        self.mid = mid
+        self.coordinator_extra = coordinator_extra
+        self.broker: MosquittoProcess | None = None
+        self.coordinator: ServiceProcess | None = None
+        self.agents: list[AgentHandle] = []
+        self.http_port = free_port()
+        self.data_dir = root / "coordinator"
+        self.config = root / "coordinator.toml"
+
+    def start_broker(self, config_text: str | None = None, port: int | None = None) -> MosquittoProcess:
+        port = port or free_port()
+        workdir = self.root / "mosquitto"
+        self.broker = MosquittoProcess(workdir, config_text or basic_config(workdir, port), port)
+        self.broker.start()
+        return self.broker
+
+    def start_coordinator(self) -> ServiceProcess:
+        assert self.broker is not None
+        if not self.config.exists():
+            self.config.write_text(
+                coordinator_toml(self.data_dir, self.mid, self.broker.port, self.http_port, self.coordinator_extra)
+            )
+        if self.coordinator is None:
+            self.coordinator = ServiceProcess(
+                "coordinator", ["coordinator", "serve", "--config", str(self.config)], self.root / "coordinator.log"
+            )
+        self.coordinator.start()
+        proc = self.coordinator
+        wait_until(lambda: http_ready(self.http_port) or not proc.alive, 60, "coordinator HTTP")
+        if not proc.alive:
+            raise RuntimeError("coordinator exited during startup")
+        return proc
+
+    def invite(self, member: str, ttl_s: int = 3600) -> str:
+        from coordinator.registry.enrolment import issue_invite, load_or_create_mid_key
+        from coordinator.registry.store import Registry
+
+        key = load_or_create_mid_key(self.data_dir / "mid.key", self.mid)
+        registry = Registry(self.data_dir / "registry.sqlite")
+        try:
+            return issue_invite(registry, key, self.mid, member, time.time_ns() // 1_000_000, ttl_s)
+        finally:
+            registry.close()
+
+    def enrol_agent(self, name: str, agent_extra: str = "") -> AgentHandle:
+        from edge.agent.config import AgentSettings
+        from edge.agent.enrolment import enrol
+
+        handle = AgentHandle(name, self.root / f"agent-{name}")
+        handle.workdir.mkdir(parents=True, exist_ok=True)
+        handle.config.write_text(agent_toml(handle.data_dir, agent_extra))
+        record = enrol(AgentSettings.load(handle.config), f"http://127.0.0.1:{self.http_port}", self.invite(name))
+        handle.mid, handle.device = record.mid, record.device
+        self.agents.append(handle)
+        return handle
+
+    def start_agent(self, handle: AgentHandle) -> ServiceProcess:
+        if handle.process is None:
+            handle.process = ServiceProcess(
+                f"agent-{handle.name}", ["agent", "run", "--config", str(handle.config)], handle.workdir / "agent.log"
+            )
+        handle.process.start()
+        return handle.process
+
+    def ledger_contributions(self) -> list[tuple[str, int, bytes]]:
+        """(key id, seq, envelope) of every contribution leaf in the coordinator's ledger, in log order."""
+        import json
+        import sqlite3
+
+        from protocol.envelope import peek_envelope
+        from protocol.leaves import LeafKind, decode_leaf
+
+        path = self.data_dir / "ledger.sqlite"
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        try:
+            rows = db.execute("SELECT data FROM leaves ORDER BY idx").fetchall()
+        finally:
+            db.close()
+        found = []
+        for (data,) in rows:
+            leaf = decode_leaf(bytes(data))
+            if leaf.kind is LeafKind.CONTRIBUTION:
+                _, payload, key_ids = peek_envelope(leaf.signed)
+                found.append((key_ids[0], int(json.loads(payload)["seq"]), leaf.signed))
+        return found
+
+    def ledger_size(self) -> int:
+        import sqlite3
+
+        db = sqlite3.connect(f"file:{self.data_dir / 'ledger.sqlite'}?mode=ro", uri=True, timeout=30)
+        try:
+            return int(db.execute("SELECT COUNT(*) FROM leaves").fetchone()[0])
+        finally:
+            db.close()
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """A value from the coordinator's /metrics (0.0 when absent)."""
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        wanted = f"{name}{{{labels}}}" if labels else name
+        for line in text.splitlines():
+            if line.startswith(wanted + " "):
+                return float(line.split()[-1])
+        return 0.0
+
+    def processes(self) -> list[tuple[str, Callable[[], str]]]:
+        out: list[tuple[str, Callable[[], str]]] = []
+        if self.broker is not None:
+            out.append(("mosquitto", self.broker.log_text))
+        if self.coordinator is not None:
+            out.append(("coordinator", self.coordinator.log_text))
+        for a in self.agents:
+            if a.process is not None:
+                out.append((a.process.name, a.process.log_text))
+        return out
+
+    def close(self, failed: bool) -> None:
+        for a in self.agents:
+            if a.process is not None:
+                a.process.stop()
+        if self.coordinator is not None:
+            self.coordinator.stop()
+        if self.broker is not None:
+            self.broker.stop()
+        if failed:
+            for name, text in self.processes():
+                print(f"---- {name} log (tail) ----\n{text()[-8000:]}")
+
+
+@pytest.fixture
+def messaging_stack(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[MessagingStack]:
+    """A MessagingStack under tmp_path; every process it started is stopped by PID, logs printed on failure."""
+    stack = MessagingStack(tmp_path)
+    try:
+        yield stack
+    finally:
+        report = getattr(request.node, "rep_call", None)
+        stack.close(failed=report is None or report.failed)

@@ -1,0 +1,47 @@
+"""Happy path against real processes: 3 agents enrol, 1,000 reports reach the ledger exactly once, all receipted."""
+
+from __future__ import annotations
+
+import pytest
+from mqtt_fixtures import MessagingStack, contribution_fields, wait_until
+
+from edge.agent.spool import write_record
+
+pytest_plugins = ["mqtt_fixtures"]
+
+REPORTS = 1000
+
+
+@pytest.mark.slow
+def test_three_agents_thousand_reports_exactly_once(messaging_stack: MessagingStack) -> None:
+    stack = messaging_stack
+    stack.start_broker()
+    stack.start_coordinator()
+    agents = [stack.enrol_agent(name) for name in ("ana", "ben", "cai")]
+    assert len({a.device for a in agents}) == 3
+    for agent in agents:
+        stack.start_agent(agent)
+    written: dict[str, set[str]] = {a.device: set() for a in agents}
+    for i in range(REPORTS):
+        agent = agents[i % 3]
+        fields = contribution_fields(i, agent.device)
+        write_record(agent.spool, f"r{i:05d}", fields)
+        written[agent.device].add(str(fields["update_sha256"]))
+
+    def all_receipted() -> bool:
+        return all(a.spool_left() == 0 and a.outbox_counts() == (0, len(written[a.device])) for a in agents)
+
+    wait_until(all_receipted, 120, "every report receipted by its agent")
+
+    leaves = stack.ledger_contributions()
+    assert len(leaves) == REPORTS
+    assert len({(kid, seq) for kid, seq, _ in leaves}) == REPORTS
+    import json
+
+    from protocol.envelope import peek_envelope
+
+    logged = {json.loads(peek_envelope(env)[1])["update_sha256"] for _, _, env in leaves}
+    assert logged == set().union(*written.values())
+    # Enrol leaves: one per agent, before any contribution.
+    assert stack.ledger_size() == REPORTS + 3
+    assert stack.metric("midgate_ingest_accepted_total") == REPORTS
