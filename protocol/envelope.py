@@ -143,13 +143,20 @@ def parse_unverified_payload(payload_type: str, payload: bytes, model: type[M]) 
     if expected is not None and payload_type != expected:
         raise WrongTypeError("payload is not of the model's type", expected=expected, found=payload_type)
     try:
-        return model.model_validate_json(payload, strict=True)
+        message = model.model_validate_json(payload, strict=True)
     except ValidationError as exc:
         raise MalformedError(
             "payload does not match its schema",
             payload_type=payload_type,
             errors=[(".".join(str(p) for p in e["loc"]), e["type"]) for e in exc.errors(include_input=False)[:10]],
         ) from None
+    # One message, one byte string: a payload in any other spelling (duplicate keys, which JSON parsers resolve
+    # differently; whitespace; escapes; other key order) is refused, so an auditor re-reading the logged bytes with
+    # any parser sees what the coordinator saw, and a seq signed twice with different bytes is a different message.
+    canonical = getattr(message, "canonical_json", None)
+    if canonical is not None and canonical() != payload:
+        raise MalformedError("payload is not in canonical JSON form", payload_type=payload_type)
+    return message
 
 
 def peek_envelope(data: bytes) -> tuple[str, bytes, tuple[str, ...]]:

@@ -335,3 +335,87 @@ def test_property_arbitrary_verified_payloads_decode_or_are_malformed(data: byte
     )
     with pytest.raises(MalformedError):
         decode(verified, Heartbeat)
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        lambda doc: json.dumps(doc, sort_keys=True),  # whitespace
+        lambda doc: json.dumps(dict(reversed(list(doc.items()))), separators=(",", ":")),  # key order
+        lambda doc: (
+            json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)[:-1] + ',"bias_milli":1000}'
+        ),  # duplicate key, last wins in pydantic
+    ],
+)
+def test_payloads_must_be_in_canonical_form(spelling: Any) -> None:
+    message = KnobUpdate(seq=7, device_time_ms=NOW, bias_milli=-5)
+    doc = json.loads(message.canonical_json())
+    payload = spelling(doc).encode()
+    assert payload != message.canonical_json()
+    verified = open_envelope(
+        seal(KnobUpdate.PAYLOAD_TYPE, payload, DEVICE), KeyRing([DEVICE.verifier]), KnobUpdate.PAYLOAD_TYPE
+    )
+    with pytest.raises(MalformedError):
+        decode(verified, KnobUpdate)
+
+
+def test_non_ascii_text_is_canonical_as_literal_utf8() -> None:
+    line = StatementLine(kind="royalty", amount_minor=5, memo="Zürich café")
+    statement = Statement(
+        mid="mid-a",
+        member="m-1",
+        currency="CHF",
+        period_start_ms=NOW,
+        period_end_ms=NOW + 1,
+        lines=(line,),
+        total_minor=5,
+        checkpoint_size=1,
+        issued_ms=NOW,
+    )
+    assert "Zürich".encode() in statement.canonical_json()
+    verified = open_envelope(statement.seal(MID), KeyRing([MID.verifier]), Statement.PAYLOAD_TYPE)
+    assert decode(verified, Statement) == statement
+    escaped = json.dumps(json.loads(statement.canonical_json()), sort_keys=True, separators=(",", ":")).encode()
+    verified = open_envelope(
+        seal(Statement.PAYLOAD_TYPE, escaped, MID), KeyRing([MID.verifier]), Statement.PAYLOAD_TYPE
+    )
+    with pytest.raises(MalformedError, match="canonical"):
+        decode(verified, Statement)
+
+
+finite = st.floats(min_value=0.0, max_value=1e12, allow_nan=False, allow_infinity=False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(loss_before=finite, loss_after=finite, seconds=finite, seq=st.integers(0, U64_MAX), memo=st.text(max_size=40))
+def test_property_floats_and_text_survive_the_canonical_round_trip(
+    loss_before: float, loss_after: float, seconds: float, seq: int, memo: str
+) -> None:
+    # decode refuses non-canonical payloads, so a float or string that re-encoded differently would fail here.
+    message = report(loss_before=loss_before, loss_after=loss_after, seconds=seconds, seq=seq)
+    verified = open_envelope(message.seal(DEVICE), KeyRing([DEVICE.verifier]), ContributionReport.PAYLOAD_TYPE)
+    assert decode(verified, ContributionReport) == message
+    line = StatementLine(kind="adjustment", amount_minor=0, memo=memo)
+    assert StatementLine.model_validate_json(line.model_dump_json(), strict=True) == line
+
+
+json_scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=30)
+json_values = st.recursive(
+    json_scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3), max_leaves=8
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(index=st.integers(0, len(SAMPLES) - 1), data=st.data())
+def test_property_any_field_replaced_by_any_json_value_decodes_or_is_malformed(index: int, data: st.DataObject) -> None:
+    message = SAMPLES[index]
+    doc = json.loads(message.canonical_json())
+    field = data.draw(st.sampled_from(sorted(doc)))
+    doc[field] = data.draw(json_values)
+    payload = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    verified = open_envelope(seal(message.PAYLOAD_TYPE, payload, MID), KeyRing([MID.verifier]), message.PAYLOAD_TYPE)
+    try:
+        decoded = decode(verified, type(message))
+    except MalformedError:
+        return
+    assert decoded.canonical_json() == payload
