@@ -33,7 +33,15 @@ from protocol.errors import (
 )
 from protocol.identity import SignerKey
 from protocol.leaves import Leaf, LeafKind
-from protocol.messages import ContributionReport, Heartbeat, Receipt, StrikeVote, WireMessage, require_newer_seq
+from protocol.messages import (
+    ContributionReport,
+    DeviceStatus,
+    Heartbeat,
+    Receipt,
+    StrikeVote,
+    WireMessage,
+    require_newer_seq,
+)
 from protocol.topics import Direction, DownKind, UpKind, down_topic, parse_topic
 
 log = logging.getLogger("midgate.ingest")
@@ -129,6 +137,7 @@ class IngestPipeline:
         self._by_device: dict[str, Device] = {}
         self._buckets: dict[str, _Bucket] = {}
         self._heartbeat_seq: dict[str, int] = {}
+        self._will_seq: dict[str, int] = {}
         self.last_seen_ms: dict[str, int] = {}
         self._catch_up()
 
@@ -199,8 +208,11 @@ class IngestPipeline:
         verdict.seq = seq
         self.last_seen_ms[signer.device_id] = now_ms
         if leaf_kind is None:
-            require_newer_seq(self._heartbeat_seq.get(verified.key_id), seq, verified.key_id)
-            self._heartbeat_seq[verified.key_id] = seq
+            # A last will is signed at connect time, so later heartbeats overtake its seq: wills keep their own order.
+            assert isinstance(body, Heartbeat)
+            last = self._will_seq if body.status is DeviceStatus.OFFLINE else self._heartbeat_seq
+            require_newer_seq(last.get(verified.key_id), seq, verified.key_id)
+            last[verified.key_id] = seq
             verdict.outcome = Outcome.HEARTBEAT
             return None
         digest = envelope_digest(message.payload)

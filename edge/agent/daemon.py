@@ -134,31 +134,35 @@ class MembershipRunner:
             await _sleep_or(stop, self.settings.spool_poll_s)
 
     def _take_spool(self, directory: Path) -> int:
-        """Move up to one batch of spool files into the outbox; returns how many were taken."""
-        taken = 0
-        for path in pending_files(directory, 200):
+        """Move up to one batch of spool files into the outbox in one commit, then unlink them; returns how many."""
+        items: list[tuple[str, Callable[[int], bytes], str | None]] = []
+        paths = {}
+        for path in pending_files(directory, self.settings.publish_batch):
             name = path.name
             if self.outbox.knows_spool_name(name):
                 path.unlink(missing_ok=True)
                 continue
             try:
                 record = read_record(path)
-                sign = functools.partial(self._sign_record, record.fields)
-                self.outbox.enqueue(UpKind.REPORT.value, sign, _now_ms(), spool_name=name)
-            except OutboxFullError as exc:
-                log.error(
-                    "outbox full; records wait in the spool", extra={"mid": self.membership.mid, "error": str(exc)}
-                )
-                return taken
             except (ProtocolError, OSError) as exc:
                 log.warning("spool record rejected", extra={"file": name, "error": str(exc)})
                 with contextlib.suppress(OSError):
                     reject_file(path, exc)
                 continue
-            path.unlink(missing_ok=True)
-            taken += 1
-            self._check_disk()
-        return taken
+            items.append((UpKind.REPORT.value, functools.partial(self._sign_record, record.fields), name))
+            paths[name] = path
+        if not items:
+            return 0
+        try:
+            taken = self.outbox.enqueue_many(items, _now_ms())
+        except OutboxFullError as exc:
+            log.error("outbox full; records wait in the spool", extra={"mid": self.membership.mid, "error": str(exc)})
+            return 0
+        for taken_name, _ in taken:
+            assert taken_name is not None
+            paths[taken_name].unlink(missing_ok=True)
+        self._check_disk()
+        return len(taken)
 
     def _sign_record(self, fields: dict[str, Any], seq: int) -> bytes:
         return sign_report(fields, self.membership.key, seq, _now_ms())

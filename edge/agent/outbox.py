@@ -110,6 +110,34 @@ class Outbox:
         self._pending_bytes += len(envelope)
         return seq
 
+    def enqueue_many(
+        self, items: list[tuple[str, Callable[[int], bytes], str | None]], now_ms: int
+    ) -> list[tuple[str | None, int]]:
+        """`enqueue` for a batch in one commit (one fsync); stops early at the disk bound.
+
+        Returns `(spool_name, seq)` of the items taken, in order; raises OutboxFullError only if none fit.
+        """
+        taken: list[tuple[str | None, int]] = []
+        added = 0
+        with self._txn() as db:
+            seq = int(db.execute("SELECT value FROM meta WHERE name = 'next_seq'").fetchone()[0])
+            for kind, sign, spool_name in items:
+                envelope = sign(seq)
+                if self._pending_bytes + added + len(envelope) > self.max_bytes:
+                    break
+                db.execute(
+                    "INSERT INTO outbox (seq, kind, envelope, spool_name, created_ms) VALUES (?, ?, ?, ?, ?)",
+                    (seq, kind, envelope, spool_name, now_ms),
+                )
+                taken.append((spool_name, seq))
+                added += len(envelope)
+                seq += 1
+            db.execute("UPDATE meta SET value = ? WHERE name = 'next_seq'", (seq,))
+        self._pending_bytes += added
+        if items and not taken:
+            raise OutboxFullError(f"outbox holds {self._pending_bytes} bytes, bound {self.max_bytes}")
+        return taken
+
     def next_ephemeral_seq(self) -> int:
         """A seq for a message that is not kept (heartbeat): still from the same persisted counter."""
         with self._txn() as db:
