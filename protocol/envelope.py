@@ -40,7 +40,7 @@ MAX_PAYLOAD_TYPE_LEN = 128
 _ENVELOPE_KEYS = frozenset(("payloadType", "payload", "signatures"))
 _SIGNATURE_KEYS = frozenset(("keyid", "sig"))
 # Printable ASCII without space: a payloadType is a media type, and this keeps PAE lengths equal to character counts.
-_PAYLOAD_TYPE = re.compile(r"[\x21-\x7e]{1,128}")
+_PAYLOAD_TYPE = re.compile(f"[\\x21-\\x7e]{{1,{MAX_PAYLOAD_TYPE_LEN}}}")
 _KEY_ID_HEX = re.compile(f"[0-9a-f]{{{2 * KEY_ID_SIZE}}}")
 
 M = TypeVar("M", bound=BaseModel)
