@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from coordinator.ledger.store import AsyncLedger, LedgerReader, LedgerStore
+from coordinator.ledger.store import UPPER_LEVEL, AsyncLedger, LedgerReader, LedgerStore
 from coordinator.ledger.tree import MemoryTree
 from protocol.checkpoint import (
     RECEIPT_HEADER,
@@ -221,3 +222,25 @@ def test_async_facade_appends_from_the_event_loop(tmp_path: Path, log_key: Signe
     with LedgerReader.open_existing(tmp_path / "ledger.db") as reader:
         assert reader.size == sum(range(1, 9))
         assert {leaf_hash(d) for _, d in reader.leaves(0, reader.size)} == {leaf_hash(bytes([i]) * 3) for i in range(8)}
+
+
+def test_proofs_past_the_cached_levels_match_after_reopen(tmp_path: Path, log_key: SignerKey) -> None:
+    """Enough leaves that nodes of level >= UPPER_LEVEL exist: cached at append, and read back after reopening."""
+    path = tmp_path / "ledger.db"
+    tree = MemoryTree()
+    rng = random.Random(7)
+    with LedgerStore.open(path, log_key) as store:
+        while store.size < 3 * (1 << UPPER_LEVEL):
+            batch = [rng.randbytes(rng.randrange(0, 40)) for _ in range(rng.randrange(1, 700))]
+            store.append(batch)
+            for data in batch:
+                tree.append(data)
+        live = [(i, s) for s in rng.sample(range(1, store.size + 1), 40) for i in rng.sample(range(s), 3)]
+        for index, size in live:
+            assert store.inclusion_proof(index, size) == tree.inclusion_proof(index, size)
+            assert store.consistency_proof(index + 1, size) == tree.consistency_proof(index + 1, size)
+    with LedgerStore.open(path, log_key) as store:
+        for index, size in live:
+            assert store.inclusion_proof(index, size) == tree.inclusion_proof(index, size)
+            assert store.consistency_proof(index, size) == tree.consistency_proof(index, size)
+        assert store.root() == tree.root()
