@@ -40,7 +40,7 @@ from protocol.errors import (
     UnknownKeyError,
 )
 from protocol.identity import PUBLIC_KEY_SIZE, SIGNATURE_SIZE, SignerKey, VerifierKey, check_key_name
-from protocol.merkle import b64, verify_consistency
+from protocol.merkle import EMPTY_ROOT, b64, verify_consistency
 from protocol.note import NoteSignature, parse_note
 
 ALG_COSIGNATURE_V1 = 0x04
@@ -196,7 +196,7 @@ class LogView:
         self.log_vkey = log_vkey
         self.evidence: list[Equivocation] = []
         self._note: bytes | None = None
-        self._checkpoint = Checkpoint(log_vkey.name, 0, b"")
+        self._checkpoint = Checkpoint(log_vkey.name, 0, EMPTY_ROOT)
         if trusted is not None:
             opened = open_checkpoint(trusted, log_vkey)
             self._note, self._checkpoint = trusted, opened.checkpoint

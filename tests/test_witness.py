@@ -105,6 +105,14 @@ def test_same_size_other_root_is_kept_as_evidence(store: LedgerStore, log_key: S
     view.update(trusted, [])  # the same checkpoint again is fine
 
 
+def test_fresh_view_accepts_the_empty_log(tmp_path: Path, log_key: SignerKey) -> None:
+    with LedgerStore.open(tmp_path / "empty.db", log_key) as empty:
+        view = LogView(log_key.verifier)
+        view.update(empty.checkpoint(), [])
+        assert (view.checkpoint.size, view.checkpoint.root) == (0, EMPTY_ROOT)
+        assert view.note == empty.checkpoint()
+
+
 def test_view_rejects_other_log_and_non_empty_proof_from_zero(store: LedgerStore, log_key: SignerKey) -> None:
     view = LogView(log_key.verifier)
     other = SignerKey.generate("mid.example/ledger")
