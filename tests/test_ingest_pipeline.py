@@ -1,0 +1,227 @@
+"""The ingest pipeline on real SQLite files and real Ed25519: every bad input is rejected with its reason code,
+changes nothing in the ledger, and the next good report is still accepted."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+from mqtt_fixtures import contribution_fields
+
+from coordinator.ingest.dedup import DedupIndex
+from coordinator.ingest.pipeline import InboundMessage, IngestPipeline, Outcome, Verdict
+from coordinator.ledger.store import LedgerStore
+from coordinator.registry.enrolment import mid_key_name
+from coordinator.registry.store import Registry
+from edge.agent.ledger_view import LedgerView
+from edge.agent.spool import build_report
+from protocol.errors import Reason
+from protocol.identity import SignerKey
+from protocol.leaves import LeafKind
+from protocol.messages import DeviceStatus, Heartbeat
+from protocol.topics import UpKind, up_topic
+
+MID = "riverside"
+NOW_MS = 1_790_000_000_000
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Fixture:
+    def __init__(self, root: Path, burst: int = 1000) -> None:
+        self.mid_key = SignerKey.generate(mid_key_name(MID))
+        self.registry = Registry(root / "registry.sqlite")
+        self.ledger = LedgerStore.open(root / "ledger.sqlite", self.mid_key)
+        self.dedup = DedupIndex(root / "ingest.sqlite")
+        self.clock = Clock()
+        self.keys: dict[str, SignerKey] = {}
+        for device in ("dev-a", "dev-b", "dev-c"):
+            self.enrol(device)
+        self.pipeline = IngestPipeline(
+            MID, self.registry, self.ledger, self.dedup, self.mid_key, 64 * 1024, 10.0, burst, clock=self.clock
+        )
+
+    def enrol(self, device: str) -> SignerKey:
+        key = SignerKey.generate(device)
+        invite = f"inv-{device}"
+        self.registry.add_invite(invite, f"member-{device}", NOW_MS, NOW_MS + 10_000)
+        self.registry.redeem_invite(invite, NOW_MS, device, key.verifier, "$7$101$x$y")
+        self.keys[device] = key
+        return key
+
+    def report(self, device: str, seq: int, i: int | None = None, key: SignerKey | None = None) -> bytes:
+        fields = contribution_fields(seq if i is None else i, device)
+        return build_report(fields, seq, NOW_MS).seal(key or self.keys[device])
+
+    def run(self, topic: str, payload: bytes) -> list[Verdict]:
+        screened = self.pipeline.screen([InboundMessage(topic, payload)], NOW_MS)
+        return screened.settled + self.pipeline.commit(screened.candidates, NOW_MS)
+
+    def one(self, topic: str, payload: bytes) -> Verdict:
+        (verdict,) = self.run(topic, payload)
+        return verdict
+
+
+def topic(device: str, kind: UpKind = UpKind.REPORT) -> str:
+    return up_topic(MID, device, kind)
+
+
+@pytest.fixture
+def fx(tmp_path: Path) -> Fixture:
+    return Fixture(tmp_path)
+
+
+def test_good_report_is_logged_and_its_receipt_verifies_on_the_device(fx: Fixture) -> None:
+    envelope = fx.report("dev-a", 1)
+    verdict = fx.one(topic("dev-a"), envelope)
+    assert verdict.outcome is Outcome.ACCEPTED and verdict.leaf_index == 0
+    assert fx.ledger.size == 1
+    assert verdict.receipt is not None and verdict.receipt_topic == f"mid/{MID}/dev/dev-a/down/receipt"
+    view = LedgerView(fx.mid_key.verifier, fx.keys["dev-a"].key_id.hex(), lambda a, b: [], None)
+    settled = view.settle(verdict.receipt, envelope, LeafKind.CONTRIBUTION, 1)
+    assert (settled.leaf_index, settled.tree_size) == (0, 1)
+
+
+def _rejects(fx: Fixture, topic_name: str, payload: bytes, reason: Reason) -> None:
+    before = fx.ledger.size
+    verdict = fx.one(topic_name, payload)
+    assert verdict.outcome is Outcome.REJECTED, verdict
+    assert verdict.reason is reason, verdict.error
+    assert fx.ledger.size == before
+    # ... and the service keeps serving the others.
+    good = fx.one(topic("dev-c"), fx.report("dev-c", fx.ledger.size + 100))
+    assert good.outcome is Outcome.ACCEPTED
+
+
+def test_forged_signature(fx: Fixture) -> None:
+    doc = json.loads(fx.report("dev-a", 1))
+    sig = bytearray(base64.b64decode(doc["signatures"][0]["sig"]))
+    sig[5] ^= 0x01
+    doc["signatures"][0]["sig"] = base64.b64encode(bytes(sig)).decode()
+    _rejects(fx, topic("dev-a"), json.dumps(doc).encode(), Reason.BAD_SIGNATURE)
+
+
+def test_payload_swapped_under_a_valid_signature(fx: Fixture) -> None:
+    doc = json.loads(fx.report("dev-a", 1))
+    doc["payload"] = json.loads(fx.report("dev-a", 2))["payload"]
+    _rejects(fx, topic("dev-a"), json.dumps(doc).encode(), Reason.BAD_SIGNATURE)
+
+
+def test_unknown_key(fx: Fixture) -> None:
+    stranger = SignerKey.generate("dev-a")
+    _rejects(fx, topic("dev-a"), fx.report("dev-a", 1, key=stranger), Reason.UNKNOWN_KEY)
+
+
+def test_revoked_key(fx: Fixture) -> None:
+    assert fx.one(topic("dev-b"), fx.report("dev-b", 1)).outcome is Outcome.ACCEPTED
+    assert fx.registry.revoke("dev-b", NOW_MS + 1)
+    _rejects(fx, topic("dev-b"), fx.report("dev-b", 2), Reason.REVOKED_KEY)
+
+
+def test_replayed_seq_same_bytes_resends_the_receipt_and_logs_nothing(fx: Fixture) -> None:
+    envelope = fx.report("dev-a", 7)
+    first = fx.one(topic("dev-a"), envelope)
+    assert first.outcome is Outcome.ACCEPTED
+    again = fx.one(topic("dev-a"), envelope)
+    assert (again.outcome, again.reason, again.leaf_index) == (Outcome.DUPLICATE, Reason.REPLAYED, first.leaf_index)
+    assert again.receipt is not None
+    assert fx.ledger.size == 1
+
+
+def test_same_seq_different_bytes_is_equivocation_with_evidence(fx: Fixture) -> None:
+    assert fx.one(topic("dev-a"), fx.report("dev-a", 7, i=1)).outcome is Outcome.ACCEPTED
+    _rejects(fx, topic("dev-a"), fx.report("dev-a", 7, i=2), Reason.EQUIVOCATION)
+    assert fx.dedup.equivocation_count() == 1
+
+
+def test_duplicate_within_one_batch_is_logged_once(fx: Fixture) -> None:
+    envelope = fx.report("dev-a", 3)
+    screened = fx.pipeline.screen([InboundMessage(topic("dev-a"), envelope)] * 3, NOW_MS)
+    committed = fx.pipeline.commit(screened.candidates, NOW_MS)
+    assert [v.outcome for v in committed] == [Outcome.ACCEPTED]
+    assert [v.outcome for v in screened.settled] == [Outcome.DUPLICATE, Outcome.DUPLICATE]
+    assert fx.ledger.size == 1
+
+
+def test_report_on_another_devices_topic(fx: Fixture) -> None:
+    _rejects(fx, topic("dev-b"), fx.report("dev-a", 1), Reason.TOPIC_MISMATCH)
+
+
+def test_oversized_payload(fx: Fixture) -> None:
+    _rejects(fx, topic("dev-a"), b"{" + b" " * (64 * 1024) + b"}", Reason.TOO_LARGE)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"not json",
+        b"{}",
+        b'{"payloadType": 1}',
+        b"\xff\xfe",
+        b"[]",
+        b'{"payloadType":"x","payload":"","signatures":[]}',
+    ],
+)
+def test_malformed_json(fx: Fixture, payload: bytes) -> None:
+    _rejects(fx, topic("dev-a"), payload, Reason.MALFORMED)
+
+
+def test_report_body_that_breaks_the_schema_is_malformed(fx: Fixture) -> None:
+    from protocol.envelope import seal
+    from protocol.messages import ContributionReport
+
+    body = json.dumps({"v": 1, "seq": "1", "surprise": True}).encode()
+    _rejects(fx, topic("dev-a"), seal(ContributionReport.PAYLOAD_TYPE, body, fx.keys["dev-a"]), Reason.MALFORMED)
+
+
+def test_wrong_payload_type(fx: Fixture) -> None:
+    heartbeat = Heartbeat(seq=1, device_time_ms=NOW_MS, status=DeviceStatus.IDLE).seal(fx.keys["dev-a"])
+    _rejects(fx, topic("dev-a"), heartbeat, Reason.WRONG_TYPE)
+
+
+@pytest.mark.parametrize("name", ["mid/other/dev/dev-a/up/report", "mid/riverside/dev/dev-a/down/receipt", "x/y"])
+def test_bad_topic(fx: Fixture, name: str) -> None:
+    _rejects(fx, name, fx.report("dev-a", 1), Reason.BAD_TOPIC)
+
+
+def test_flood_beyond_rate_limit_is_refused_then_recovers(tmp_path: Path) -> None:
+    fx = Fixture(tmp_path, burst=20)
+    verdicts = [fx.one(topic("dev-a"), fx.report("dev-a", seq)) for seq in range(1, 51)]
+    accepted = [v for v in verdicts if v.outcome is Outcome.ACCEPTED]
+    limited = [v for v in verdicts if v.reason is Reason.RATE_LIMITED]
+    assert (len(accepted), len(limited)) == (20, 30)
+    assert fx.ledger.size == 20
+    assert fx.one(topic("dev-b"), fx.report("dev-b", 1)).outcome is Outcome.ACCEPTED
+    fx.clock.t += 1.0  # 10 tokens/s refill
+    later = [fx.one(topic("dev-a"), fx.report("dev-a", seq)) for seq in range(51, 63)]
+    assert [v.outcome for v in later].count(Outcome.ACCEPTED) == 10
+
+
+def test_heartbeats_are_verified_not_logged_and_replays_refused(fx: Fixture) -> None:
+    beat = Heartbeat(seq=5, device_time_ms=NOW_MS, status=DeviceStatus.IDLE).seal(fx.keys["dev-a"])
+    assert fx.one(topic("dev-a", UpKind.HEARTBEAT), beat).outcome is Outcome.HEARTBEAT
+    assert fx.one(topic("dev-a", UpKind.HEARTBEAT), beat).reason is Reason.REPLAYED
+    will = Heartbeat(seq=2, device_time_ms=NOW_MS, status=DeviceStatus.OFFLINE).seal(fx.keys["dev-a"])
+    assert fx.one(topic("dev-a", UpKind.HEARTBEAT), will).outcome is Outcome.HEARTBEAT
+    assert fx.ledger.size == 0
+
+
+def test_dedup_index_catches_up_after_a_crash_between_ledger_and_index(tmp_path: Path) -> None:
+    fx = Fixture(tmp_path)
+    envelope = fx.report("dev-a", 9)
+    screened = fx.pipeline.screen([InboundMessage(topic("dev-a"), envelope)], NOW_MS)
+    # The ledger commits, then the process dies before the dedup index does.
+    fx.ledger.append_leaves([c.leaf for c in screened.candidates])
+    assert fx.dedup.indexed_size == 0
+    restarted = IngestPipeline(MID, fx.registry, fx.ledger, fx.dedup, fx.mid_key, 64 * 1024, 10.0, 100)
+    verdict = restarted.screen([InboundMessage(topic("dev-a"), envelope)], NOW_MS).settled[0]
+    assert verdict.outcome is Outcome.DUPLICATE and verdict.leaf_index == 0
+    assert fx.ledger.size == 1
