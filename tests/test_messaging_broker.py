@@ -1,0 +1,210 @@
+"""`midgate coordinator broker-config` against a real Mosquitto: TLS with the MID's CA, password logins kept in step
+with enrolment and revocation, and ACLs that keep each device to its own topics. Invites over the real endpoint."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+from mqtt_fixtures import MessagingStack, MosquittoProcess, contribution_fields, coordinator_toml, free_port, wait_until
+from paho.mqtt.enums import CallbackAPIVersion
+from typer.testing import CliRunner
+
+from coordinator.cli import app as coordinator_app
+from edge.agent.config import AgentSettings
+from edge.agent.enrolment import enrol
+from edge.agent.membership import load_membership
+from edge.agent.spool import build_report
+from protocol.enrolment import sign_invite
+from protocol.errors import InviteExpiredError, InviteInvalidError, InviteUsedError
+from protocol.identity import SignerKey
+from protocol.messages import EnrolmentRequest
+from protocol.topics import UpKind, up_topic
+
+pytest_plugins = ["mqtt_fixtures"]
+
+
+class DeviceClient:
+    """A bare MQTT 5 client with a device's credentials, recording PUBACK/SUBACK reason codes."""
+
+    def __init__(self, port: int, username: str, password: str, ca_file: Path | None) -> None:
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"probe-{username}", protocol=paho.MQTTv5)
+        self.client.username_pw_set(username, password)
+        if ca_file is not None:
+            self.client.tls_set(ca_certs=str(ca_file))
+        self.connack: list[int] = []
+        self.pubacks: dict[int, int] = {}
+        self.subacks: list[int] = []
+        self.received: list[str] = []
+        self.lock = threading.Lock()
+        self.client.on_connect = lambda c, u, f, rc, p: self.connack.append(rc.value)
+        self.client.on_publish = self._on_publish
+        self.client.on_message = lambda c, u, m: self.received.append(m.topic)
+        self.client.on_subscribe = lambda c, u, mid, rcs, p: self.subacks.extend(r.value for r in rcs)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        wait_until(lambda: bool(self.connack), 10, "CONNACK")
+
+    def _on_publish(self, c: object, u: object, mid: int, rc: paho.ReasonCode, p: object) -> None:
+        with self.lock:
+            self.pubacks[mid] = rc.value
+
+    def publish(self, topic: str, payload: bytes) -> int:
+        info = self.client.publish(topic, payload, qos=1)
+        wait_until(lambda: info.mid in self.pubacks, 10, f"PUBACK for {topic}")
+        return self.pubacks[info.mid]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.mark.slow
+def test_broker_config_tls_logins_and_acls(tmp_path: Path) -> None:
+    stack = MessagingStack(tmp_path)
+    broker_dir = tmp_path / "coordinator" / "broker"
+    tls_port, local_port = free_port(), free_port()
+    broker_extra = f'pid_file = "{broker_dir / "mosquitto.pid"}"'
+    extra = f"""
+[broker_config]
+output_dir = "{broker_dir}"
+listen_host = "127.0.0.1"
+tls_port = {tls_port}
+local_port = {local_port}
+"""
+    toml = coordinator_toml(stack.data_dir, stack.mid, local_port, stack.http_port, broker_extra=broker_extra)
+    stack.config.write_text(toml.replace(f'[broker_config]\noutput_dir = "{broker_dir}"\n', "") + extra)
+    failed = True
+    try:
+        result = CliRunner().invoke(coordinator_app, ["broker-config", "--config", str(stack.config)])
+        assert result.exit_code == 0, result.output
+        conf = (broker_dir / "mosquitto.conf").read_text()
+        assert "allow_anonymous false" in conf and f"listener {tls_port} 127.0.0.1" in conf
+        assert "max_queued_messages 200000" in conf
+        acl = (broker_dir / "acl").read_text()
+        assert "pattern write mid/riverside/dev/%u/up/#" in acl
+        assert (broker_dir / "passwords").stat().st_mode & 0o077 == 0
+
+        stack.broker = MosquittoProcess(broker_dir, conf + f"pid_file {broker_dir / 'mosquitto.pid'}\n", local_port)
+        stack.broker.start()
+        wait_until(lambda: (broker_dir / "mosquitto.pid").exists(), 10, "mosquitto pid file")
+        stack.start_coordinator()
+        ana, ben = stack.enrol_agent("ana"), stack.enrol_agent("ben")
+        ana_m = load_membership(ana.data_dir / "mids" / stack.mid)
+        ben_m = load_membership(ben.data_dir / "mids" / stack.mid)
+        ca = ana_m.directory / "ca.pem"
+        ca.write_text((broker_dir / "tls" / "ca.crt").read_text())
+
+        # The coordinator logs in with its own password; wait for its subscription before publishing.
+        wait_until(lambda: "Sending SUBACK to midgate-coordinator" in stack.broker.log_text(), 20, "coordinator up")
+        probe = DeviceClient(tls_port, ana_m.device, ana_m.record.broker.password, ca)
+        assert probe.connack == [0]
+        report = build_report(contribution_fields(1, ana_m.device), 1, int(time.time() * 1000)).seal(ana_m.key)
+        assert probe.publish(up_topic(stack.mid, ana_m.device, UpKind.REPORT), report) == 0
+        forged_topic = up_topic(stack.mid, ben_m.device, UpKind.REPORT)
+        assert probe.publish(forged_topic, report) == 135  # MQTT 5 "Not authorized"
+        # Mosquitto grants the SUBACK but never delivers another device's messages (read ACL per message).
+        probe.client.subscribe(f"mid/{stack.mid}/dev/{ben_m.device}/down/+", qos=1)
+        wait_until(lambda: len(probe.subacks) == 1, 10, "SUBACK")
+        ben_probe = DeviceClient(tls_port, ben_m.device, ben_m.record.broker.password, ca)
+        ben_probe.client.subscribe(f"mid/{stack.mid}/dev/{ben_m.device}/down/+", qos=1)
+        wait_until(lambda: len(ben_probe.subacks) == 1, 10, "SUBACK")
+        ben_report = build_report(contribution_fields(2, ben_m.device), 1, int(time.time() * 1000)).seal(ben_m.key)
+        assert ben_probe.publish(up_topic(stack.mid, ben_m.device, UpKind.REPORT), ben_report) == 0
+        wait_until(lambda: len(ben_probe.received) == 1, 20, "ben's receipt")
+        assert probe.received == []
+        probe.close()
+        ben_probe.close()
+        wait_until(lambda: stack.metric("midgate_ingest_accepted_total") == 2, 20, "the allowed reports accepted")
+        assert stack.metric("midgate_ingest_received_total") == 2
+        assert stack.metric("midgate_ingest_rejected_total", 'reason="topic_mismatch"') == 0
+
+        wrong = DeviceClient(tls_port, ana_m.device, "x" * 32, ca)
+        assert wrong.connack in ([134], [135])  # bad user name or password / not authorized
+        wrong.close()
+
+        result = CliRunner().invoke(coordinator_app, ["revoke", ben_m.device, "--config", str(stack.config)])
+        assert result.exit_code == 0, result.output
+        wait_until(lambda: ben_m.device not in (broker_dir / "passwords").read_text(), 5, "login removed")
+
+        def ben_refused() -> bool:
+            client = DeviceClient(tls_port, ben_m.device, ben_m.record.broker.password, ca)
+            client.close()
+            return client.connack == [134] or client.connack == [135]
+
+        wait_until(ben_refused, 10, "revoked device refused by the broker")
+        failed = False
+    finally:
+        stack.close(failed)
+
+
+def _post(port: int, body: bytes) -> tuple[int, dict[str, str]]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/enrol", data=body, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _request(token: str, mid: str = "riverside") -> bytes:
+    key = SignerKey.generate("d-probe")
+    return EnrolmentRequest(
+        mid=mid,
+        device="d-probe",
+        device_key=key.verifier.text(),
+        invite_token=token,
+        seq=0,
+        device_time_ms=int(time.time() * 1000),
+    ).seal(key)
+
+
+@pytest.mark.slow
+def test_invites_expired_reused_and_forged_are_refused(messaging_stack: MessagingStack) -> None:
+    stack = messaging_stack
+    stack.start_broker()
+    stack.start_coordinator()
+    url = f"http://127.0.0.1:{stack.http_port}"
+    ana = stack.enrol_agent("ana")
+    assert ana.device
+
+    token = stack.invite("ben")
+    settings = AgentSettings.load(None, data_dir=stack.root / "ben")
+    enrol(settings, url, token)
+    with pytest.raises(InviteUsedError):
+        enrol(AgentSettings.load(None, data_dir=stack.root / "ben2"), url, token)
+    status, body = _post(stack.http_port, _request(token))
+    assert (status, body["reason"]) == (409, "invite_used")
+
+    expired = stack.invite("cai", ttl_s=0)
+    with pytest.raises(InviteExpiredError):
+        enrol(AgentSettings.load(None, data_dir=stack.root / "cai"), url, expired)
+    status, body = _post(stack.http_port, _request(expired))
+    assert (status, body["reason"]) == (410, "invite_expired")
+
+    _, forged = sign_invite(SignerKey.generate("midgate/riverside"), "riverside", int(time.time() * 1000) + 60_000)
+    with pytest.raises(InviteInvalidError):
+        enrol(AgentSettings.load(None, data_dir=stack.root / "dan"), url, forged)
+    status, body = _post(stack.http_port, _request(forged))
+    assert (status, body["reason"]) == (403, "invite_invalid")
+    status, body = _post(stack.http_port, _request(stack.invite("eve"), mid="elsewhere"))
+    assert (status, body["reason"]) == (403, "invite_invalid")
+    status, body = _post(stack.http_port, b"{" * 100)
+    assert (status, body["reason"]) == (400, "malformed")
+
+    assert stack.metric("midgate_ingest_rejected_total", 'reason="invite_used"') == 2  # agent + raw POST
+    assert stack.metric("midgate_ingest_rejected_total", 'reason="invite_expired"') == 1
+    assert stack.metric("midgate_ingest_rejected_total", 'reason="invite_invalid"') == 2
+    from coordinator.registry.store import Registry
+
+    registry = Registry(stack.data_dir / "registry.sqlite")
+    try:
+        assert len(registry.devices()) == 2  # ana and ben; every refusal left nothing behind
+    finally:
+        registry.close()
+    assert stack.ledger_size() == 2
