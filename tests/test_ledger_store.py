@@ -205,12 +205,12 @@ def test_typed_leaves_round_trip_and_reject_ambiguity() -> None:
 
 def test_async_facade_appends_from_the_event_loop(tmp_path: Path, log_key: SignerKey) -> None:
     async def run() -> list[range]:
-        ledger = AsyncLedger(LedgerStore.open(tmp_path / "ledger.db", log_key))
+        ledger = await AsyncLedger.open(tmp_path / "ledger.db", log_key)
         try:
             results = await asyncio.gather(*(ledger.append([bytes([i]) * 3] * (i + 1)) for i in range(8)))
             receipts = await asyncio.gather(*(ledger.receipt(r.first_index) for r in results))
             for result, receipt in zip(results, receipts, strict=True):
-                data = await asyncio.to_thread(ledger.store.leaf, result.first_index)
+                data = await ledger.leaf(result.first_index)
                 verify_receipt(receipt, data, log_key.verifier)
             return [r.indices for r in results]
         finally:

@@ -395,6 +395,18 @@ class AsyncLedger:
     def __init__(self, store: LedgerStore) -> None:
         self.store = store
 
+    @classmethod
+    async def open(cls, path: Path, log_key: SignerKey) -> AsyncLedger:
+        """`LedgerStore.open` in a worker thread (it reads the file and checks the latest checkpoint)."""
+        return cls(await asyncio.to_thread(LedgerStore.open, path, log_key))
+
+    @property
+    def size(self) -> int:
+        return self.store.size
+
+    async def leaf(self, index: int) -> bytes:
+        return await asyncio.to_thread(self.store.leaf, index)
+
     async def append(self, leaves: Sequence[bytes]) -> AppendResult:
         return await asyncio.to_thread(self.store.append, list(leaves))
 
