@@ -1,0 +1,105 @@
+"""Host sensors of any Linux box or Raspberry Pi: CPU load, memory, load average, network throughput (psutil) and the
+thermal zones under /sys/class/thermal.
+
+Thermal zones are listed once at start; a zone whose `temp` file later disappears or fails to read makes that
+channel NaN and the sample PARTIAL (with the path in `Sample.error`) while the other channels keep coming. Network
+counters are turned into bytes per second between reads, because raw counters grow without bound and float32
+storage would lose their low digits.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import psutil
+
+from edge.sensors.errors import SensorUnavailableError
+from edge.sensors.sample import ChannelSpec, Quality, Sample
+
+THERMAL_ROOT = Path("/sys/class/thermal")
+_CPU_ZONE_TYPES = re.compile(r"cpu|x86_pkg_temp|soc|core|package", re.IGNORECASE)
+
+
+class LinuxHostSensor:
+    """Parameters: name (default "host"), period_ms (default 1000), thermal_root (default /sys/class/thermal).
+
+    Channels: cpu_percent, memory_percent, load1, net_rx_bps, net_tx_bps, then cpu_temp_c (the first zone whose type
+    looks like a CPU, else zone 0) and one `thermal_zoneN_c` per zone, when the host has thermal zones.
+    """
+
+    blocking = False  # psutil and sysfs reads are microseconds; no bus that can stall
+
+    def __init__(self, name: str = "host", *, period_ms: float = 1000.0, thermal_root: Path = THERMAL_ROOT) -> None:
+        self.name = name
+        self.period_ms = period_ms
+        self.zones = sorted(
+            (p for p in thermal_root.glob("thermal_zone*") if (p / "temp").exists()),
+            key=lambda p: int(p.name.removeprefix("thermal_zone") or 0),
+        )
+        channels = [
+            ChannelSpec("cpu_percent", "%"),
+            ChannelSpec("memory_percent", "%"),
+            ChannelSpec("load1", ""),
+            ChannelSpec("net_rx_bps", "B/s"),
+            ChannelSpec("net_tx_bps", "B/s"),
+        ]
+        self.cpu_zone: Path | None = None
+        if self.zones:
+            self.cpu_zone = next((z for z in self.zones if _CPU_ZONE_TYPES.search(_zone_type(z))), self.zones[0])
+            channels.append(ChannelSpec("cpu_temp_c", "°C"))
+            channels.extend(ChannelSpec(f"{z.name}_c", "°C") for z in self.zones)
+        self.channels = tuple(channels)
+        psutil.cpu_percent(interval=None)  # the first call only sets the reference point
+        self._net = psutil.net_io_counters()
+        self._net_t = time.monotonic()
+
+    def _net_rates(self) -> tuple[float, float]:
+        now = time.monotonic()
+        counters = psutil.net_io_counters()
+        elapsed = max(now - self._net_t, 1e-6)
+        rx = max(counters.bytes_recv - self._net.bytes_recv, 0) / elapsed
+        tx = max(counters.bytes_sent - self._net.bytes_sent, 0) / elapsed
+        self._net, self._net_t = counters, now
+        return rx, tx
+
+    def read(self, t_ms: int) -> Sample:
+        rx, tx = self._net_rates()
+        values = [psutil.cpu_percent(interval=None), psutil.virtual_memory().percent, psutil.getloadavg()[0], rx, tx]
+        errors: list[str] = []
+        temps: dict[Path, float] = {}
+        for zone in self.zones:
+            try:
+                temps[zone] = read_zone_celsius(zone)
+            except SensorUnavailableError as exc:
+                temps[zone] = float("nan")
+                errors.append(str(exc))
+        if self.cpu_zone is not None:
+            values.append(temps[self.cpu_zone])
+            values.extend(temps[z] for z in self.zones)
+        quality = Quality.PARTIAL if errors else Quality.OK
+        return Sample(self.name, t_ms, tuple(float(v) for v in values), quality, error="; ".join(errors) or None)
+
+    def close(self) -> None:
+        pass
+
+
+def _zone_type(zone: Path) -> str:
+    try:
+        return (zone / "type").read_text().strip()
+    except OSError:
+        return ""
+
+
+def read_zone_celsius(zone: Path) -> float:
+    """A thermal zone's temperature; sysfs reports millidegrees Celsius."""
+    path = zone / "temp"
+    try:
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise SensorUnavailableError("thermal zone unreadable", path=str(path), error=exc.strerror) from exc
+    try:
+        return int(text) / 1000.0
+    except ValueError as exc:
+        raise SensorUnavailableError("thermal zone value is not an integer", path=str(path), found=text[:16]) from exc
