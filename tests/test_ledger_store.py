@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.ledger import store as store_module
 from coordinator.ledger.store import UPPER_LEVEL, AsyncLedger, LedgerReader, LedgerStore
 from coordinator.ledger.tree import MemoryTree
 from protocol.checkpoint import (
@@ -131,6 +132,7 @@ def test_reopen_restores_the_tree(tmp_path: Path, log_key: SignerKey) -> None:
         assert reader.size == 4
         assert reader.leaf(3) == b"d"
         assert [i for i, _ in reader.leaves(1, 3)] == [1, 2]
+        assert [i for i, _ in reader.leaves(3, 99)] == [3]
 
 
 def test_rejected_batches_change_nothing(tmp_path: Path, log_key: SignerKey) -> None:
@@ -224,7 +226,9 @@ def test_async_facade_appends_from_the_event_loop(tmp_path: Path, log_key: Signe
         assert {leaf_hash(d) for _, d in reader.leaves(0, reader.size)} == {leaf_hash(bytes([i]) * 3) for i in range(8)}
 
 
-def test_proofs_past_the_cached_levels_match_after_reopen(tmp_path: Path, log_key: SignerKey) -> None:
+def test_proofs_past_the_cached_levels_match_after_reopen(
+    tmp_path: Path, log_key: SignerKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Enough leaves that nodes of level >= UPPER_LEVEL exist: cached at append, and read back after reopening."""
     path = tmp_path / "ledger.db"
     tree = MemoryTree()
@@ -244,3 +248,7 @@ def test_proofs_past_the_cached_levels_match_after_reopen(tmp_path: Path, log_ke
             assert store.inclusion_proof(index, size) == tree.inclusion_proof(index, size)
             assert store.consistency_proof(index, size) == tree.consistency_proof(index, size)
         assert store.root() == tree.root()
+        monkeypatch.setattr(store_module, "LEAF_CHUNK", 100)
+        assert [leaf_hash(d) for _, d in store.leaves(0, store.size)] == tree.levels[0]  # many chunks
+        monkeypatch.setattr(store_module, "LEAF_CHUNK", 100)
+        assert [leaf_hash(d) for _, d in store.leaves(0, store.size)] == tree.levels[0]  # many chunks

@@ -57,6 +57,7 @@ MAX_LEAF_SIZE = MAX_SIGNED_SIZE + 6
 MAX_BATCH = 100_000
 # Subtrees of 2^10 leaves and up are cached in memory once read or appended: about 2n/1024 hashes for n leaves.
 UPPER_LEVEL = 10
+LEAF_CHUNK = 4096
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -204,13 +205,18 @@ class LedgerReader:
         return bytes(row[0])
 
     def leaves(self, start: int, end: int) -> Iterator[tuple[int, bytes]]:
-        """(index, bytes) of leaves in [start, end), read in one query."""
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT idx, data FROM leaves WHERE idx >= ? AND idx < ? ORDER BY idx", (start, end)
-            ).fetchall()
-        for idx, data in rows:
-            yield idx, bytes(data)
+        """(index, bytes) of leaves in [start, end), read in chunks so a long range never sits in memory at once."""
+        while start < end:
+            with self._lock:
+                rows = self._conn.execute(
+                    "SELECT idx, data FROM leaves WHERE idx >= ? AND idx < ? ORDER BY idx LIMIT ?",
+                    (start, end, LEAF_CHUNK),
+                ).fetchall()
+            if not rows:
+                return
+            for idx, data in rows:
+                yield int(idx), bytes(data)
+            start = int(rows[-1][0]) + 1
 
     def inclusion_proof(self, index: int, size: int | None = None) -> list[bytes]:
         """RFC 9162 inclusion path for leaf `index` in the tree of `size` (default: current). Requires index < size."""
