@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.ledger import store as store_module
+from coordinator.ledger.audit import audit_ledger
 from coordinator.ledger.store import UPPER_LEVEL, AsyncLedger, LedgerReader, LedgerStore
 from coordinator.ledger.tree import MemoryTree
 from protocol.checkpoint import (
@@ -24,6 +25,7 @@ from protocol.checkpoint import (
 from protocol.errors import (
     BadProofError,
     BadSignatureError,
+    InconsistentError,
     MalformedError,
     ProtocolError,
     RootMismatchError,
@@ -157,6 +159,17 @@ def test_rejected_batches_change_nothing(tmp_path: Path, log_key: SignerKey) -> 
     assert conn.execute("SELECT count(*) FROM batches").fetchone()[0] == 1
     assert conn.execute("SELECT count(*) FROM checkpoints").fetchone()[0] == 1
     conn.close()
+
+
+def test_a_second_writer_on_the_same_file_is_refused(tmp_path: Path, log_key: SignerKey) -> None:
+    path = tmp_path / "ledger.db"
+    with LedgerStore.open(path, log_key) as first, LedgerStore.open(path, log_key) as second:
+        first.append([b"a"])
+        with pytest.raises(InconsistentError):
+            second.append([b"b"])
+        assert second.size == 0
+        first.append([b"c"])
+    assert audit_ledger(path, log_key.verifier).size == 2
 
 
 def test_open_refuses_another_log(tmp_path: Path, log_key: SignerKey) -> None:

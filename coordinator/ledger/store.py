@@ -328,6 +328,10 @@ class LedgerStore(LedgerReader):
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")
             try:
+                # One writer per file: a second LedgerStore on the same file would extend a stale tree.
+                stored_size = conn.execute('SELECT coalesce(max("end"), 0) FROM batches').fetchone()[0]
+                if stored_size != first:
+                    raise InconsistentError("another writer appended to this ledger", expected=first, found=stored_size)
                 conn.executemany(
                     "INSERT INTO leaves(idx, data) VALUES (?, ?)", zip(range(first, grown.size), leaves, strict=True)
                 )
