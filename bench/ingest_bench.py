@@ -1,0 +1,319 @@
+"""Ingest cost, throughput, publish->receipt latency and idle agent memory, on real processes.
+
+Setup: a real Mosquitto (persistence on) and `midgate coordinator serve` (ledger and dedup index with
+synchronous=FULL, batched commits) on loopback; N publisher processes, each one enrolled device whose reports are
+signed *before* the timed phase, publish QoS 1 and count the receipts that come back on their down topic.
+
+Figures (baseline measured in the same run):
+- coordinator CPU seconds per accepted report (psutil, user+system of the coordinator process over the saturated
+  phase), shown as a multiple of one raw Ed25519 verification with pyca/cryptography (the library ingest verifies
+  with) -- target <= 2x;
+- sustained accepted reports/s over the saturated phase;
+- publish -> receipt-arrival latency p50/p99 with one publisher paced at 1,000 reports/s -- target p99 < 100 ms;
+- resident memory of an idle `midgate agent run` (enrolled, connected, no training) -- target < 80 MB.
+
+Run: .venv/bin/python bench/ingest_bench.py [--publishers 3] [--reports 6000] [--rate 1000] [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+MID = "benchmid"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _fields(i: int, device: str) -> dict[str, object]:
+    from mqtt_fixtures import contribution_fields
+
+    return contribution_fields(i, device)
+
+
+# --- publisher process ---------------------------------------------------------------------------------------------
+
+
+def publisher_main(args: argparse.Namespace) -> None:
+    """Sign `reports` reports, then publish them (as fast as possible, or paced at `rate`/s); write timings as JSON."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from edge.agent.spool import build_report
+    from protocol.identity import SignerKey
+    from protocol.topics import DownKind, UpKind, down_topic, up_topic
+
+    key = SignerKey.parse(Path(args.key_file).read_text())
+    device = args.device
+    now = int(time.time() * 1000)
+    envelopes = [build_report(_fields(i, device), i + 1, now).seal(key) for i in range(args.reports)]
+    sent_at: dict[int, float] = {}
+    latencies: list[float] = []
+    done = threading.Event()
+    lock = threading.Lock()
+
+    def on_message(client: object, userdata: object, message: paho.MQTTMessage) -> None:
+        doc = json.loads(message.payload)
+        import base64
+
+        seq = int(json.loads(base64.b64decode(doc["payload"]))["seq"])
+        with lock:
+            start = sent_at.pop(seq, None)
+            if start is not None:
+                latencies.append(time.perf_counter() - start)
+            if len(latencies) == args.reports:
+                done.set()
+
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-{device}", protocol=paho.MQTTv5)
+    client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)
+    client.on_message = on_message
+    client.connect("127.0.0.1", args.port)
+    client.subscribe(down_topic(MID, device, DownKind.RECEIPT), qos=1)
+    client.loop_start()
+    time.sleep(0.5)
+    Path(args.ready_file).write_text("ready")
+    while not Path(args.go_file).exists():
+        time.sleep(0.01)
+    topic = up_topic(MID, device, UpKind.REPORT)
+    t0 = time.perf_counter()
+    interval = 1.0 / args.rate if args.rate else 0.0
+    for i, envelope in enumerate(envelopes):
+        if interval:
+            target = t0 + i * interval
+            delay = target - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        with lock:
+            sent_at[i + 1] = time.perf_counter()
+        client.publish(topic, envelope, qos=1)
+    done.wait(120)
+    t1 = time.perf_counter()
+    client.loop_stop()
+    client.disconnect()
+    Path(args.out).write_text(json.dumps({"latencies": latencies, "seconds": t1 - t0, "sent": len(envelopes)}))
+
+
+# --- orchestration -------------------------------------------------------------------------------------------------
+
+
+def raw_verify_us(samples: int = 3000) -> float:
+    """CPU time (not wall time: this machine is shared) of one verification, best of three runs."""
+    from protocol.identity import SignerKey
+
+    key = SignerKey.generate("bench")
+    message = b"x" * 600
+    sig = key._sign(message)
+    verifier = key.verifier
+    best = float("inf")
+    for _ in range(3):
+        t = time.process_time()
+        for _ in range(samples):
+            verifier.verifies(message, sig)
+        best = min(best, (time.process_time() - t) / samples)
+    return best * 1e6
+
+
+def metric(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+    return 0.0
+
+
+class Stack:
+    def __init__(self, root: Path) -> None:
+        from mqtt_fixtures import MosquittoProcess, basic_config, coordinator_toml
+
+        self.root = root
+        self.broker_port = _free_port()
+        self.http_port = _free_port()
+        self.broker = MosquittoProcess(root / "mosquitto", basic_config(root / "mosquitto", self.broker_port), 0)
+        self.broker.port = self.broker_port
+        self.data = root / "coordinator"
+        self.config = root / "coordinator.toml"
+        self.config.write_text(coordinator_toml(self.data, MID, self.broker_port, self.http_port))
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start_coordinator(self) -> subprocess.Popen[bytes]:
+        from mqtt_fixtures import PYTHON, http_ready, wait_until
+
+        log = (self.root / "coordinator.log").open("ab")
+        proc = subprocess.Popen(
+            [PYTHON, "-c", "from midgate_cli import app; app()", "coordinator", "serve", "--config", str(self.config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+        self.procs.append(proc)
+        wait_until(lambda: http_ready(self.http_port), 60, "coordinator HTTP")
+        return proc
+
+    def enrol_device(self, name: str) -> tuple[str, Path]:
+        """Register a device directly in the registry (as an enrolment would) and write its key for a publisher."""
+        from coordinator.registry.store import Registry
+        from protocol.identity import SignerKey, save_signer_key
+
+        device = f"d-{name}"
+        key = SignerKey.generate(device)
+        registry = Registry(self.data / "registry.sqlite")
+        now = int(time.time() * 1000)
+        registry.add_invite(f"inv-{name}", f"m-{name}", now, now + 60_000)
+        registry.redeem_invite(f"inv-{name}", now, device, key.verifier, "$7$101$unused$unused")
+        registry.close()
+        path = self.root / f"{device}.key"
+        save_signer_key(path, key)
+        return device, path
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    proc.wait(5)
+        self.broker.stop()
+
+
+def run_publishers(stack: Stack, devices: list[tuple[str, Path]], reports: int, rate: int) -> list[dict[str, object]]:
+    from mqtt_fixtures import wait_until
+
+    go = stack.root / f"go-{time.monotonic_ns()}"
+    procs, outs, readies = [], [], []
+    for device, key_file in devices:
+        out = stack.root / f"{device}-{rate}.json"
+        ready = stack.root / f"{device}-{rate}.ready"
+        cmd = [sys.executable, __file__, "--publisher", "--device", device, "--key-file", str(key_file)]
+        cmd += ["--port", str(stack.broker_port), "--reports", str(reports), "--rate", str(rate)]
+        cmd += ["--out", str(out), "--ready-file", str(ready), "--go-file", str(go)]
+        procs.append(subprocess.Popen(cmd, cwd=REPO))
+        outs.append(out)
+        readies.append(ready)
+    wait_until(lambda: all(r.exists() for r in readies), 120, "publishers signed and connected", poll_s=0.1)
+    go.write_text("go")
+    for proc in procs:
+        proc.wait(180)
+    return [json.loads(o.read_text()) for o in outs]
+
+
+def idle_agent_rss_mb(stack: Stack) -> float:
+    import psutil
+    from mqtt_fixtures import PYTHON, agent_toml
+
+    from coordinator.registry.enrolment import issue_invite, load_or_create_mid_key
+    from coordinator.registry.store import Registry
+    from edge.agent.config import AgentSettings
+    from edge.agent.enrolment import enrol
+
+    key = load_or_create_mid_key(stack.data / "mid.key", MID)
+    registry = Registry(stack.data / "registry.sqlite")
+    token = issue_invite(registry, key, MID, "idle-member", int(time.time() * 1000), 600)
+    registry.close()
+    agent_dir = stack.root / "agent"
+    agent_dir.mkdir()
+    config = agent_dir / "agent.toml"
+    config.write_text(agent_toml(agent_dir / "data"))
+    enrol(AgentSettings.load(config), f"http://127.0.0.1:{stack.http_port}", token)
+    log = (agent_dir / "agent.log").open("ab")
+    proc = subprocess.Popen(
+        [PYTHON, "-c", "from midgate_cli import app; app()", "agent", "run", "--config", str(config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+    )
+    stack.procs.append(proc)
+    time.sleep(6)  # a benchmark, not a test: let it connect, subscribe and send a heartbeat
+    return float(psutil.Process(proc.pid).memory_info().rss) / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--publisher", action="store_true")
+    parser.add_argument("--device")
+    parser.add_argument("--key-file")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--out")
+    parser.add_argument("--ready-file")
+    parser.add_argument("--go-file")
+    parser.add_argument("--publishers", type=int, default=3)
+    parser.add_argument("--reports", type=int, default=6000, help="reports per publisher in the saturated phase")
+    parser.add_argument("--rate", type=int, default=0)
+    parser.add_argument("--latency-rate", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of the paced latency phase")
+    args = parser.parse_args()
+    if args.publisher:
+        publisher_main(args)
+        return
+
+    import psutil
+
+    verify_before_us = raw_verify_us()
+    root = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
+    stack = Stack(root)
+    try:
+        stack.broker.start()
+        coordinator = stack.start_coordinator()
+        devices = [stack.enrol_device(f"p{i}") for i in range(args.publishers)]
+        pc = psutil.Process(coordinator.pid)
+        accepted0 = metric(stack.http_port, "midgate_ingest_accepted_total")
+        cpu0 = sum(pc.cpu_times()[:2])
+        t0 = time.perf_counter()
+        results = run_publishers(stack, devices, args.reports, 0)
+        wall = time.perf_counter() - t0
+        cpu = sum(pc.cpu_times()[:2]) - cpu0
+        accepted = metric(stack.http_port, "midgate_ingest_accepted_total") - accepted0
+        receipts = sum(len(r["latencies"]) for r in results)  # type: ignore[arg-type]
+        busy = max(float(r["seconds"]) for r in results)  # type: ignore[arg-type]
+        per_report_us = cpu / accepted * 1e6 if accepted else float("nan")
+
+        latency_device = [stack.enrol_device("lat")]
+        paced = run_publishers(stack, latency_device, int(args.latency_rate * args.seconds), args.latency_rate)[0]
+        lat = sorted(paced["latencies"])  # type: ignore[type-var]
+        p50 = statistics.median(lat) * 1e3
+        p99 = lat[int(0.99 * (len(lat) - 1))] * 1e3
+
+        rss = idle_agent_rss_mb(stack)
+        verify_us = min(verify_before_us, raw_verify_us())
+        print(f"ingest bench ({args.publishers} publishers x {args.reports} pre-signed reports, QoS 1, loopback)")
+        print(f"  load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (shared machine)")
+        print(f"  raw Ed25519 verify (pyca/cryptography, CPU time, baseline): {verify_us:8.1f} us")
+        print(
+            f"  coordinator CPU per accepted report:             {per_report_us:8.1f} us"
+            f"  = {per_report_us / verify_us:.2f}x raw verify (target <= 2x)"
+        )
+        print(f"  accepted {int(accepted)} of {args.publishers * args.reports}, receipts back {receipts}")
+        print(f"  sustained: {accepted / busy:8.0f} reports/s (first publish to last receipt; with setup {wall:.1f}s)")
+        print(
+            f"  latency at {args.latency_rate}/s for {args.seconds:.0f}s ({len(lat)} receipts): "
+            f"p50 {p50:.1f} ms, p99 {p99:.1f} ms (target p99 < 100 ms)"
+        )
+        print(f"  idle agent RSS: {rss:.1f} MB (target < 80 MB)")
+    finally:
+        stack.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
