@@ -182,3 +182,21 @@ def test_history_rewritten_and_resigned_by_the_mid_is_caught_by_members(
     with LedgerStore.open(ledger, log_key) as honest:
         body = AddCheckpointBody(MEMBER_SIZE, tuple(honest.consistency_proof(MEMBER_SIZE)), honest.checkpoint())
     LogView(log_key.verifier, member_checkpoint.read_bytes()).add_checkpoint(body.encode())
+
+
+def test_truncated_log_is_caught_by_a_newer_trusted_checkpoint(tmp_path: Path, ledger: Path) -> None:
+    newest = tmp_path / "newest.checkpoint"
+    conn = sqlite3.connect(ledger)
+    newest.write_bytes(bytes(conn.execute("SELECT note FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone()[0]))
+    conn.close()
+    cut = 100
+    _sql(
+        ledger,
+        ("DELETE FROM leaves WHERE idx >= ?", (cut,)),
+        ('DELETE FROM batches WHERE "end" > ?', (cut,)),
+        ("DELETE FROM checkpoints WHERE size > ?", (cut,)),
+    )
+    assert _verify(ledger)[0] == 0  # a consistent rollback: only a checkpoint from outside shows it
+    code, output = _verify(ledger, "--trusted", str(newest))
+    assert code == 1
+    assert f"trusted checkpoint at size {BATCH * BATCHES}" in output and "truncated" in output
