@@ -11,6 +11,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 from coordinator.ledger.store import FORMAT
@@ -112,7 +113,7 @@ def _take_leaves(rows: Iterator[tuple[int, bytes]], start: int, end: int) -> lis
 
 
 def _compare_batch(start: int, end: int, levels: list[list[bytes]], stored: bytes) -> None:
-    expected = b"".join(h for level in levels for h in level)
+    expected = b"".join(chain.from_iterable(levels))
     if stored == expected:
         return
     for level, nodes in enumerate(levels):

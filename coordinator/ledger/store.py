@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -337,7 +338,7 @@ class LedgerStore(LedgerReader):
                 )
                 conn.execute(
                     'INSERT INTO batches("end", start, hashes) VALUES (?, ?, ?)',
-                    (grown.size, first, b"".join(h for level in levels for h in level)),
+                    (grown.size, first, b"".join(chain.from_iterable(levels))),
                 )
                 conn.execute(
                     "INSERT INTO checkpoints(size, note, issued_ms) VALUES (?, ?, ?)",
