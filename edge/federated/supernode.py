@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,7 +22,11 @@ import psutil
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-EXIT_NODE_NOT_REGISTERED = 305  # flwr.supercore.exit.ExitCode: the SuperLink does not know this node key
+# Flower's own exit code (flwr.supercore.exit.ExitCode.SUPERNODE_CONNECTION_ERROR), logged as "Exit Code: 305"
+# when the SuperLink refuses to activate the node (e.g. its key is not registered); the process itself exits 1,
+# as every failing Flower process does, so supervision reads the code from the log.
+EXIT_NODE_NOT_REGISTERED = 305
+_EXIT_CODE_LINE = re.compile(rb"Exit Code: (\d+)")
 
 
 @dataclass(frozen=True)
@@ -181,6 +186,13 @@ class SuperNodeProcess:
         self.proc.wait(timeout=10)
         psutil.wait_procs([p for p in (_process(pid) for pid in victims) if p is not None], timeout=10)
         return victims
+
+    def flower_exit_code(self) -> int | None:
+        """The last "Exit Code: N" Flower logged for this SuperNode, if any."""
+        if self.log_path is None or not self.log_path.exists():
+            return None
+        codes = _EXIT_CODE_LINE.findall(self.log_path.read_bytes())
+        return int(codes[-1]) if codes else None
 
     def wait_exit(self, timeout: float) -> int | None:
         if self.proc is None:

@@ -1,0 +1,137 @@
+"""Real Flower Deployment Engine: a TLS SuperLink with SuperNode auth, SuperNodes with their own EC keys, the
+midgate ServerApp and ClientApp, PLAID windows on every device and the PLAID test split as the buyer's
+validation set."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from flower_fixtures import Federation, plaid_windows, split_by_label
+
+from coordinator.federation.capture import CaptureDirectory, DropReason
+from coordinator.federation.report_check import check_contribution
+from edge.federated.spool import pending_records
+from edge.federated.supernode import EXIT_NODE_NOT_REGISTERED
+from protocol.errors import UpdateMismatchError
+from protocol.tasks.contribution import parse_contribution_record
+from protocol.tasks.spec import get_task
+from protocol.tasks.windows import load_window_file
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def federation(tmp_path: Path) -> Iterator[Federation]:
+    fed = Federation(tmp_path)
+    try:
+        fed.start()
+        yield fed
+    finally:
+        fed.stop()
+        fed.print_logs()
+
+
+def _start_devices(fed: Federation, count: int) -> None:
+    for i, part in enumerate(split_by_label(plaid_windows("train"), count, seed=1)):
+        fed.add_device(f"dev{i}", part)
+    for device in fed.devices:
+        device.supernode.start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _wait_for(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_three_round_job_records_match_the_updates_the_strategy_received(federation: Federation) -> None:
+    _start_devices(federation, 3)
+    run_id = federation.submit(plaid_windows("test"), **{"num-rounds": 3, "local-epochs": 2})
+    status, outcome = federation.wait_outcome(run_id, timeout=240)
+    assert status == "finished:completed"
+    assert outcome is not None and outcome.status == "finished" and outcome.drops == []
+    assert outcome.rounds_completed == 3
+    print(f"validation accuracy by round: { {r: m['accuracy'] for r, m in outcome.validation.items()} }")
+    assert outcome.validation[3]["accuracy"] > outcome.validation[0]["accuracy"]
+
+    captures = CaptureDirectory(federation.run_dir(run_id))
+    node_ids = {d.node_id for d in federation.devices}
+    for server_round in (1, 2, 3):
+        capture = captures.load_round(server_round)
+        assert {u.node_id for u in capture.updates} == node_ids
+    for device in federation.devices:
+        records = [parse_contribution_record(p.read_bytes()) for p in pending_records(device.spool_dir)]
+        assert [r.round for r in records] == [1, 2, 3]
+        fingerprint = load_window_file(device.supernode.data_path, get_task("plaid-appliance", 1)).fingerprint
+        for record in records:
+            assert record.dataset_fingerprint == fingerprint
+            assert record.node_id == device.node_id and record.run_id == run_id
+            update = check_contribution(record, captures.load_round(record.round))
+            assert record.examples == update.examples_reported
+            assert record.loss_after < record.loss_before
+        # Each round's global model is the previous round's aggregate: the chain of hashes must link up.
+        assert len({r.global_model_sha256 for r in records}) == 3
+
+    forged = records[0].model_copy(update={"update_sha256": records[1].update_sha256})
+    with pytest.raises(UpdateMismatchError) as err:
+        check_contribution(forged, captures.load_round(forged.round))
+    assert err.value.details["found"] == records[1].update_sha256
+    assert err.value.details["expected"] == records[0].update_sha256
+
+
+def test_supernode_killed_mid_round_is_dropped_and_the_job_completes(federation: Federation) -> None:
+    _start_devices(federation, 3)
+    victim = federation.devices[2]
+    run_id = federation.submit(plaid_windows("test"), **{"num-rounds": 3, "min-nodes": 2, "round-timeout": 20.0})
+    log = victim.supernode.log_path
+    assert log is not None
+    _wait_for(lambda: log.read_text().count("Received successfully") >= 2, 120, "the victim to receive round 2")
+    killed = victim.supernode.kill()
+    assert len(killed) >= 2 and not [pid for pid in killed if _alive(pid)]  # SuperNode, SuperExec (+ ClientApp)
+
+    status, outcome = federation.wait_outcome(run_id, timeout=240)
+    assert status == "finished:completed"
+    assert outcome is not None and outcome.status == "finished" and outcome.rounds_completed == 3
+    drops = {(d.round, d.node_id): d.reason for d in outcome.drops}
+    assert drops[(2, victim.node_id)] in (DropReason.NO_REPLY, DropReason.NODE_UNAVAILABLE)
+    assert drops[(3, victim.node_id)] == DropReason.DROPPED_EARLIER
+    captures = CaptureDirectory(federation.run_dir(run_id))
+    assert victim.node_id not in {u.node_id for u in captures.load_round(2).updates}
+    assert len(captures.load_round(3).updates) == 2
+
+
+def test_job_fails_cleanly_with_a_reason_when_too_few_nodes_remain(federation: Federation) -> None:
+    _start_devices(federation, 3)
+    victim = federation.devices[2]
+    run_id = federation.submit(plaid_windows("test"), **{"num-rounds": 3, "min-nodes": 3, "round-timeout": 15.0})
+    log = victim.supernode.log_path
+    assert log is not None
+    _wait_for(lambda: log.read_text().count("Received successfully") >= 1, 120, "the victim to receive round 1")
+    victim.supernode.kill()
+    status, outcome = federation.wait_outcome(run_id, timeout=180)
+    assert status == "finished:failed"
+    assert outcome is not None and outcome.status == "failed" and outcome.reason == "too_few_replies"
+    assert outcome.rounds_completed == 0
+    assert any(d.node_id == victim.node_id and d.round == 1 for d in outcome.drops)
+
+
+def test_device_with_an_unregistered_key_cannot_join(federation: Federation) -> None:
+    stranger = federation.add_device("stranger", split_by_label(plaid_windows("train"), 3)[0], register=False)
+    stranger.supernode.start()
+    assert stranger.supernode.wait_exit(timeout=60) not in (None, 0)
+    assert stranger.supernode.flower_exit_code() == EXIT_NODE_NOT_REGISTERED
+    assert pending_records(stranger.spool_dir) == []
