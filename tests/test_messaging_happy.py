@@ -45,3 +45,17 @@ def test_three_agents_thousand_reports_exactly_once(messaging_stack: MessagingSt
     # Enrol leaves: one per agent, before any contribution.
     assert stack.ledger_size() == REPORTS + 3
     assert stack.metric("midgate_ingest_accepted_total") == REPORTS
+
+
+@pytest.mark.slow
+def test_agent_on_mqtt_311_is_served_the_same(messaging_stack: MessagingStack) -> None:
+    stack = messaging_stack
+    stack.start_broker()
+    stack.start_coordinator()
+    agent = stack.enrol_agent("old", agent_extra='mqtt_protocol = "3.1.1"')
+    stack.start_agent(agent)
+    for i in range(100):
+        write_record(agent.spool, f"r{i:05d}", contribution_fields(i, agent.device))
+    wait_until(lambda: agent.spool_left() == 0 and agent.outbox_counts() == (0, 100), 60, "100 receipts over 3.1.1")
+    assert len(stack.ledger_contributions()) == 100
+    assert stack.broker is not None and "(p2, c0" in stack.broker.log_text()  # protocol 3.1.1, persistent session
