@@ -26,6 +26,7 @@ from coordinator.royalties import (
     split_royalty,
     verify_settlement,
 )
+from coordinator.royalties.settlement import MAX_RECORD_BYTES
 from protocol.errors import MalformedError, PolicyViolationError, Reason, SettlementMismatchError, TooLargeError
 
 KNOB = KnobPolicy(base_price_minor=10_000, alpha_milli=693, min_price_minor=2_000, max_price_minor=50_000)
@@ -160,7 +161,7 @@ def test_non_canonical_or_malformed_bytes_are_refused() -> None:
     with pytest.raises(MalformedError):
         decode_record(record_bytes[:-1])
     with pytest.raises(TooLargeError):
-        decode_record(b" " * (4 * 1024 * 1024 + 1))
+        decode_record(b" " * (MAX_RECORD_BYTES + 1))
 
 
 def test_attribution_must_be_sorted_and_unique() -> None:

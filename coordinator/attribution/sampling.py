@@ -5,7 +5,7 @@ Three things keep the number of utility evaluations small:
   to anyone and no coalition is evaluated beyond U(N);
 - within-round truncation: once a permutation's prefix is within `within_epsilon` of U(N), the remaining players'
   marginals are taken as 0 without evaluating them (later players add almost nothing once the model is there);
-- guided, antithetic permutations: pass k starts with player k mod m (so every player is measured early, where
+- guided, antithetic permutations: pair k starts with player k mod m (so every player is measured early, where
   marginals are large), and each permutation is followed by its reverse, which cancels much of the position noise.
 The standard error per player is computed over antithetic pairs, which are independent of each other.
 """
@@ -68,8 +68,8 @@ def sampled_shapley(
     """Estimate Shapley values within `budget` evaluations (counting U(empty) and U(N)); deterministic for `seed`.
 
     `between_epsilon` is relative to the global model's validation loss; `within_epsilon` relative to |U(N)|.
-    Stops early when a full guided pass changes the estimates by less than `convergence_tolerance` on average
-    (relative to the largest estimate), after at least `min_passes` passes.
+    Stops early when the last min(m, 10) pairs changed the estimates by less than `convergence_tolerance` on average
+    (relative to the largest estimate), after at least `min_passes` such checks.
     """
     m = game.players
     zeros = np.zeros(m)
@@ -81,18 +81,21 @@ def sampled_shapley(
     rng = np.random.default_rng(seed)
     samples: list[npt.NDArray[np.float64]] = []
     previous_estimate: npt.NDArray[np.float64] | None = None
-    passes = 0
+    # Convergence is checked every `check_every` pairs: a full guided pass for small m, every 10 pairs for large m
+    # (where one pass of m permutations would cost far more than any budget).
+    check_every = min(m, 10)
     try:
         while game.evaluations < budget:
-            for first in range(m):
-                rest = [int(p) for p in rng.permutation([p for p in range(m) if p != first])]
-                order = [first, *rest]
-                forward = _marginals(game, order, grand, within_epsilon, budget)
-                backward = _marginals(game, order[::-1], grand, within_epsilon, budget)
-                samples.append((forward + backward) / 2)
-            passes += 1
+            first = len(samples) % m
+            rest = [int(p) for p in rng.permutation([p for p in range(m) if p != first])]
+            order = [first, *rest]
+            forward = _marginals(game, order, grand, within_epsilon, budget)
+            backward = _marginals(game, order[::-1], grand, within_epsilon, budget)
+            samples.append((forward + backward) / 2)
+            if len(samples) % check_every:
+                continue
             estimate = np.mean(samples, axis=0)
-            if previous_estimate is not None and passes >= min_passes:
+            if previous_estimate is not None and len(samples) >= min_passes * check_every:
                 scale = max(float(np.max(np.abs(estimate))), 1e-12)
                 if float(np.mean(np.abs(estimate - previous_estimate))) / scale < convergence_tolerance:
                     break

@@ -25,9 +25,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from coordinator.royalties.policy import BPS, KNOB_MAX_MILLI, KNOB_MIN_MILLI, RoyaltyPolicy, reservation_price
 from protocol.errors import MalformedError, SettlementMismatchError, TooLargeError
+from protocol.leaves import MAX_SIGNED_SIZE
 
 SCHEMA = "midgate.split.v1"
-MAX_RECORD_BYTES = 4 * 1024 * 1024
+# A record is stored verbatim as the body of one ledger leaf, so it obeys the leaf size limit (about 5,000 members).
+MAX_RECORD_BYTES = MAX_SIGNED_SIZE
 _ID_PATTERN = r"^[A-Za-z0-9._:\-]{1,128}$"
 
 PayoutReason = Literal["paid", "no_positive_value", "screened"]
