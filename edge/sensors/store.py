@@ -2,7 +2,8 @@
 
 Why this shape:
 - One row per reading of one sensor; the channel values are one little-endian float32 blob in the sensor's channel
-  order, so multi-channel windows are aligned by construction and a row costs ~60 bytes.
+  order, so multi-channel windows are aligned by construction and a row costs ~60 bytes. A failed reading keeps
+  its error text (truncated) next to its ERROR flag.
 - Writes are batched: one transaction per `write()` call. WAL with synchronous=NORMAL: a process crash (SIGKILL)
   loses no committed batch and the file reopens clean; only power loss can drop the last batches (never corrupt).
   Samples are not money, so the fsync per commit that the ledger pays is not paid here.
@@ -34,6 +35,7 @@ from edge.sensors.windows import Windows, WindowSpec
 
 SCHEMA_VERSION = "1"
 MAX_CHANNELS = 64
+MAX_ERROR_CHARS = 240
 _BAD = Quality.ERROR | Quality.PARTIAL
 _READ_CHUNK = 4096
 
@@ -52,7 +54,8 @@ CREATE TABLE IF NOT EXISTS samples(
     quality INTEGER NOT NULL,
     label INTEGER,
     segment INTEGER,
-    value BLOB NOT NULL
+    value BLOB NOT NULL,
+    error TEXT
 );
 CREATE INDEX IF NOT EXISTS samples_by_sensor ON samples(sensor_id, id);
 """
@@ -190,7 +193,9 @@ class SampleStore:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             self._db.executemany(
-                "INSERT INTO samples(sensor_id, t_ms, quality, label, segment, value) VALUES(?, ?, ?, ?, ?, ?)", rows
+                "INSERT INTO samples(sensor_id, t_ms, quality, label, segment, value, error)"
+                " VALUES(?, ?, ?, ?, ?, ?, ?)",
+                rows,
             )
             self._db.execute("COMMIT")
         except BaseException:
@@ -213,7 +218,8 @@ class SampleStore:
                     expected=len(row.channels),
                     found=len(s.values),
                 )
-            rows.append((row.id, s.t_ms, int(s.quality), s.label, s.segment, row.pack.pack(*s.values)))
+            error = s.error[:MAX_ERROR_CHARS] if s.error else None
+            rows.append((row.id, s.t_ms, int(s.quality), s.label, s.segment, row.pack.pack(*s.values), error))
         return rows
 
     # -- retention -----------------------------------------------------------------------------------------------
@@ -296,12 +302,13 @@ class SampleStore:
             return []
         with self._lock:
             found = self._db.execute(
-                "SELECT t_ms, quality, label, segment, value FROM samples WHERE sensor_id=? ORDER BY id DESC LIMIT ?",
+                "SELECT t_ms, quality, label, segment, value, error FROM samples WHERE sensor_id=?"
+                " ORDER BY id DESC LIMIT ?",
                 (row.id, n),
             ).fetchall()
         return [
-            Sample(sensor, t, tuple(float(v) for v in np.frombuffer(blob, "<f4")), Quality(q), lab, seg)
-            for t, q, lab, seg, blob in found
+            Sample(sensor, t, tuple(float(v) for v in np.frombuffer(blob, "<f4")), Quality(q), lab, seg, err)
+            for t, q, lab, seg, blob, err in found
         ]
 
     def stats(self) -> StoreStats:
