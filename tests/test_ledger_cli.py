@@ -12,9 +12,11 @@ from typer.testing import CliRunner
 
 from coordinator.ledger.cli import app
 from coordinator.ledger.store import LedgerStore
-from protocol.identity import SignerKey
+from protocol.identity import SignerKey, save_signer_key
 from protocol.leaves import Leaf, LeafKind
 from protocol.merkle import leaf_hash
+from protocol.note import parse_note
+from protocol.witness import Cosigner
 
 runner = CliRunner()
 
@@ -30,6 +32,7 @@ def setup(tmp_path: Path) -> dict[str, Path]:
         store.append_leaves([Leaf(LeafKind.ROYALTY, b"royalty")])
         (tmp_path / "leaf1").write_bytes(store.leaf(1))
     (tmp_path / "log.vkey").write_text(key.verifier.text() + "\n")
+    save_signer_key(tmp_path / "log.key", key)
     return {"db": db, "vkey": tmp_path / "log.vkey", "dir": tmp_path, "leaf1": tmp_path / "leaf1"}
 
 
@@ -114,3 +117,31 @@ def test_verify_command_in_a_real_process(setup: dict[str, Path]) -> None:
     assert (ok.returncode, ok.stdout) == (0, "ok\n"), ok.stderr
     usage = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert usage.returncode == 2, usage.stderr
+
+
+def test_witness_quorum_on_receipts_and_bodies(setup: dict[str, Path]) -> None:
+    key = SignerKey.parse((setup["dir"] / "log.key").read_text())
+    cosigners = [Cosigner(SignerKey.generate(f"member{i}.example/witness")) for i in range(3)]
+    for i, cosigner in enumerate(cosigners):
+        (setup["dir"] / f"w{i}.vkey").write_text(cosigner.verifier.text())
+    with LedgerStore.open(setup["db"], key) as store:
+        text = parse_note(store.checkpoint()).text
+        store.attach_cosignatures(
+            store.size, [c.cosign(text, 1_790_000_000) for c in cosigners[:2]], [c.verifier for c in cosigners]
+        )
+    proof = setup["dir"] / "p"
+    proof.write_text(_run("proof", str(setup["db"]), "1")[1])
+    base = ["verify-proof", str(proof), "--vkey", str(setup["vkey"]), "--leaf", str(setup["leaf1"])]
+    witnesses = [arg for i in range(3) for arg in ("--witness", str(setup["dir"] / f"w{i}.vkey"))]
+    assert _run(*base, *witnesses, "--quorum", "2")[0] == 0
+    code, output = _run(*base, *witnesses, "--quorum", "3")
+    assert code == 1 and "quorum_not_met" in output
+    assert _run(*base, *witnesses, "--quorum", "4")[0] == 2
+    assert _run(*base, *witnesses)[0] == 2
+
+    body = setup["dir"] / "body"
+    body.write_text(_run("proof", str(setup["db"]), "--old", "2")[1])
+    old = str(setup["dir"] / "old.checkpoint")
+    consistency = ["verify-consistency", str(body), "--vkey", str(setup["vkey"]), "--old", old, *witnesses]
+    assert _run(*consistency, "--quorum", "2")[0] == 0
+    assert _run(*consistency, "--quorum", "3")[0] == 1

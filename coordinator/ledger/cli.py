@@ -21,7 +21,7 @@ from protocol.identity import VerifierKey
 from protocol.leaves import decode_leaf
 from protocol.merkle import HASH_SIZE, b64, leaf_hash
 from protocol.note import parse_note
-from protocol.witness import LogView
+from protocol.witness import CosignaturePolicy, CosignatureVerifier, LogView
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -32,6 +32,13 @@ MAX_INPUT_FILE = 4 << 20
 
 VkeyOption = Annotated[str, typer.Option("--vkey", help="log verifier key: the vkey text or a file holding it")]
 ExistingFile = Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)]
+WitnessOption = Annotated[
+    list[str] | None,
+    typer.Option("--witness", help="a member witness key (cosignature vkey text or file); repeatable"),
+]
+QuorumOption = Annotated[
+    int, typer.Option("--quorum", min=0, help="require this many valid cosignatures from the --witness keys")
+]
 
 
 def _vkey(value: str) -> VerifierKey:
@@ -41,6 +48,24 @@ def _vkey(value: str) -> VerifierKey:
         return VerifierKey.parse(text)
     except ProtocolError as exc:
         raise typer.BadParameter(str(exc), param_hint="--vkey") from exc
+
+
+def _policy(witnesses: list[str] | None, quorum: int) -> CosignaturePolicy | None:
+    keys = []
+    for value in witnesses or []:
+        path = Path(value)
+        try:
+            keys.append(CosignatureVerifier.parse(path.read_text() if path.is_file() else value))
+        except ProtocolError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--witness") from exc
+    if quorum == 0:
+        if keys:
+            raise typer.BadParameter("--witness needs --quorum K", param_hint="--quorum")
+        return None
+    try:
+        return CosignaturePolicy(tuple(keys), quorum)
+    except ProtocolError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--quorum") from exc
 
 
 def _read(path: Path) -> bytes:
@@ -136,11 +161,14 @@ def verify_proof(
     vkey: VkeyOption,
     leaf: Annotated[Path | None, typer.Option("--leaf", exists=True, dir_okay=False, help="exact leaf bytes")] = None,
     leaf_hash_b64: Annotated[str | None, typer.Option("--leaf-hash", help="base64 RFC 9162 leaf hash")] = None,
+    witness: WitnessOption = None,
+    quorum: QuorumOption = 0,
 ) -> None:
-    """Check a c2sp.org/tlog-proof file for a leaf offline."""
+    """Check a c2sp.org/tlog-proof file for a leaf offline (and, with --quorum, its witness cosignatures)."""
     if (leaf is None) == (leaf_hash_b64 is None):
         raise typer.BadParameter("give exactly one of --leaf or --leaf-hash")
     key = _vkey(vkey)
+    policy = _policy(witness, quorum)
     receipt = _read(proof_file)
     try:
         if leaf is not None:
@@ -148,6 +176,8 @@ def verify_proof(
         else:
             assert leaf_hash_b64 is not None
             verified = verify_receipt_hash(receipt, _leaf_hash_arg(leaf_hash_b64), key)
+        if policy is not None:
+            policy.check(verified.checkpoint.note, key)
     except ProtocolError as exc:
         raise _fail(exc) from None
     _ok(f"leaf {verified.index} is in the tree of size {verified.checkpoint.checkpoint.size}")
@@ -168,13 +198,18 @@ def verify_consistency_cmd(
     body: Annotated[Path, typer.Argument(metavar="BODY", exists=True, dir_okay=False)],
     vkey: VkeyOption,
     old: Annotated[Path, typer.Option("--old", exists=True, dir_okay=False, help="the checkpoint you trust")],
+    witness: WitnessOption = None,
+    quorum: QuorumOption = 0,
 ) -> None:
-    """Check a tlog-witness add-checkpoint BODY against the OLD checkpoint you trust."""
+    """Check a tlog-witness add-checkpoint BODY against the OLD checkpoint you trust (and its cosignatures)."""
     key = _vkey(vkey)
+    policy = _policy(witness, quorum)
     try:
         view = LogView(key, _read(old))
         old_size = view.checkpoint.size
         accepted = view.add_checkpoint(_read(body))
+        if policy is not None:
+            policy.check(accepted.note, key)
     except ProtocolError as exc:
         raise _fail(exc) from None
     _ok(f"size {accepted.checkpoint.size} extends the trusted size {old_size}")
