@@ -41,6 +41,8 @@ class BrokerSettings(BaseModel):
     # After an enrolment rewrites the password file, SIGHUP the broker named by this pid file so it rereads it.
     pid_file: Path | None = None
     client_id: str = "midgate-coordinator"
+    # MQTT 5 by default; 3.1.1 for brokers without it (e.g. an embedded amqtt), with a persistent clean_session=0.
+    mqtt5: bool = True
     keepalive_s: int = Field(default=30, ge=5, le=3600)
 
 

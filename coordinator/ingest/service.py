@@ -89,6 +89,7 @@ class CoordinatorService:
             client_id=s.broker.client_id,
             ca_file=str(s.broker.ca_file) if s.broker.tls and s.broker.ca_file else None,
             keepalive_s=s.broker.keepalive_s,
+            mqtt5=s.broker.mqtt5,
         )
         self.session = BrokerSession(
             endpoint, coordinator_filters(s.mid), self._deliver, s.ingest.queue_max, s.ingest.receive_maximum
