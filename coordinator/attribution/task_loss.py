@@ -43,9 +43,16 @@ class TaskValidationLoss:
         self._targets = list(state.values())
 
     def flatten(self, arrays: Mapping[str, npt.NDArray[np.generic]]) -> FloatVector:
-        """Named arrays (model_arrays order) as one flat float32 vector."""
-        if list(arrays) != self.names:
-            raise MalformedError("arrays do not name the model's parameters in order", expected=self.names[:4])
+        """Named arrays as one flat float32 vector in the model's state_dict order; names and shapes must match."""
+        if set(arrays) != set(self.names):
+            raise MalformedError(
+                "arrays do not name the model's parameters",
+                missing=sorted(set(self.names) - set(arrays))[:4],
+                unexpected=sorted(set(arrays) - set(self.names))[:4],
+            )
+        for name, shape in zip(self.names, self.shapes, strict=True):
+            if tuple(np.shape(arrays[name])) != shape:
+                raise MalformedError("array shape mismatch", name=name, expected=shape, found=np.shape(arrays[name]))
         return np.concatenate([np.asarray(arrays[n], dtype=np.float32).ravel() for n in self.names])
 
     def unflatten(self, flat: FloatVector) -> dict[str, npt.NDArray[np.float32]]:

@@ -1,0 +1,128 @@
+"""The attribution hook of the job strategy: values every captured round on the buyer's validation set.
+
+`JobStrategy` (coordinator.federation.strategy) hands each round's captured per-node parameters to an UpdateSink
+before aggregating. The capture names the global model only by its SHA-256, so the ServerApp also shows this sink
+each global model it evaluates (`observe_global`, called from its evaluate_fn: round 0 is the initial model, round r
+the model that round r + 1 trains from). A round whose global model the sink has not seen is recorded as skipped,
+never raised: a valuation problem must not fail the buyer's job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from coordinator.attribution.history import AttributionAccount
+from coordinator.attribution.reputation import ReputationBook
+from coordinator.attribution.task_loss import TaskValidationLoss
+from coordinator.attribution.valuation import RoundUpdates, RoundValuation, ValuationSettings, value_round
+from coordinator.federation.capture import RoundCapture, UpdateSink
+from protocol.errors import ProtocolError
+from protocol.tasks.arrays import arrays_sha256
+
+
+@dataclass(frozen=True)
+class SkippedRound:
+    round: int
+    reason: str
+
+
+class AttributionSink:
+    """An UpdateSink that values rounds, accumulates a job's attribution and feeds the reputation book.
+
+    Parameters
+    ----------
+    loss:
+        Validation loss (and gradient) of the job's task model on the buyer's validation windows.
+    settings:
+        Valuation settings (method thresholds, screens, seed).
+    member_of:
+        Maps a SuperLink node id to the member id that attribution and pay are recorded under (default: str).
+    verified_examples:
+        (round, node id) -> the example count the coordinator verified itself, or None; never the node's claim.
+    decay:
+        lambda-MR round decay of the job's account (default 1.0, the plain sum).
+    reputation:
+        The MID's reputation book to record rounds into (default: a fresh one).
+    then:
+        Another sink to pass each capture on to afterwards (e.g. CaptureDirectory).
+    """
+
+    def __init__(
+        self,
+        loss: TaskValidationLoss,
+        settings: ValuationSettings,
+        *,
+        member_of: Callable[[int], str] = str,
+        verified_examples: Callable[[int, int], int | None] | None = None,
+        decay: float = 1.0,
+        reputation: ReputationBook | None = None,
+        then: UpdateSink | None = None,
+    ) -> None:
+        self.loss = loss
+        self.settings = settings
+        self.member_of = member_of
+        self.verified_examples = verified_examples
+        self.account = AttributionAccount(decay=decay)
+        self.reputation = reputation if reputation is not None else ReputationBook()
+        self.valuations: list[RoundValuation] = []
+        self.skipped: list[SkippedRound] = []
+        self._then = then
+        self._globals: dict[str, npt.NDArray[np.float32]] = {}
+        self._previous_global: npt.NDArray[np.float32] | None = None
+
+    def observe_global(self, arrays: Mapping[str, npt.NDArray[np.generic]]) -> None:
+        """Remember a global model the strategy may send out (keeps only the last two)."""
+        flat = self.loss.flatten(arrays)
+        digest = arrays_sha256(dict(arrays))
+        if digest in self._globals:
+            return
+        if self._globals:
+            self._previous_global = list(self._globals.values())[-1]
+        self._globals = {k: v for k, v in list(self._globals.items())[-1:]}
+        self._globals[digest] = flat
+
+    def on_round(self, capture: RoundCapture) -> None:
+        try:
+            self._value(capture)
+        except ProtocolError as error:
+            self.skipped.append(SkippedRound(capture.round, str(error)))
+        finally:
+            if self._then is not None:
+                self._then.on_round(capture)
+
+    def _value(self, capture: RoundCapture) -> None:
+        if not capture.updates:
+            self.skipped.append(SkippedRound(capture.round, "no updates"))
+            return
+        global_flat = self._globals.get(capture.global_sha256)
+        if global_flat is None:
+            self.skipped.append(SkippedRound(capture.round, f"global model {capture.global_sha256[:16]} not observed"))
+            return
+        updates = np.stack([self.loss.flatten(u.arrays) - global_flat for u in capture.updates])
+        previous = None
+        if self._previous_global is not None and list(self._globals)[-1] == capture.global_sha256:
+            previous = global_flat - self._previous_global
+        verified = None
+        if self.verified_examples is not None:
+            verified = [self.verified_examples(capture.round, u.node_id) for u in capture.updates]
+        valuation = value_round(
+            RoundUpdates(
+                round_index=capture.round,
+                members=[self.member_of(u.node_id) for u in capture.updates],
+                global_params=global_flat,
+                updates=updates,
+                reported_examples=[u.examples_reported for u in capture.updates],
+                verified_examples=verified,
+                previous_global_delta=previous,
+            ),
+            self.loss,
+            self.settings,
+            gradient=self.loss.gradient,
+        )
+        self.account.add(valuation)
+        self.reputation.record(valuation)
+        self.valuations.append(valuation)

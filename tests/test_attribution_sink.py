@@ -1,0 +1,95 @@
+"""The strategy's attribution hook, fed RoundCaptures of real PLAID training as JobStrategy produces them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from coordinator.attribution import ScreenReason, ValuationMethod, ValuationSettings
+from coordinator.attribution.round_sink import AttributionSink
+from coordinator.attribution.task_loss import TaskValidationLoss
+from coordinator.federation.capture import CapturedUpdate, RoundCapture
+from edge.sensors.plaid import load_plaid
+from protocol.tasks.arrays import arrays_sha256
+from protocol.tasks.models import build_model, load_arrays, model_arrays, train_epochs
+from protocol.tasks.spec import PLAID_APPLIANCE as SPEC
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.rounds: list[int] = []
+
+    def on_round(self, capture: RoundCapture) -> None:
+        self.rounds.append(capture.round)
+
+
+Data = tuple[TaskValidationLoss, np.ndarray, np.ndarray]
+
+
+@pytest.fixture(scope="module")
+def data() -> Data:
+    train = load_plaid("train", length=SPEC.window_length)
+    test = load_plaid("test", length=SPEC.window_length)
+    return TaskValidationLoss(SPEC, build_model(SPEC, 0), test.X[:, None, :], test.y), train.X[:, None, :], train.y
+
+
+def trained(global_arrays: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, rnd: int) -> dict[str, np.ndarray]:
+    model = build_model(SPEC, 0)
+    load_arrays(model, global_arrays)
+    train_epochs(SPEC, model, x, y, epochs=1, batch_size=16, lr=3e-3, seed=rnd)
+    return model_arrays(model)
+
+
+def capture(rnd: int, global_arrays: dict[str, np.ndarray], replies: dict[int, dict[str, np.ndarray]]) -> RoundCapture:
+    global_sha = arrays_sha256(global_arrays)
+    updates = tuple(
+        CapturedUpdate(rnd, node, arrays, arrays_sha256(arrays), global_sha, 100, 100, {})
+        for node, arrays in replies.items()
+    )
+    return RoundCapture(run_id=1, round=rnd, global_sha256=global_sha, updates=updates, drops=())
+
+
+def test_sink_values_captured_rounds_and_passes_them_on(
+    data: tuple[TaskValidationLoss, np.ndarray, np.ndarray],
+) -> None:
+    val, x, y = data
+    parts = np.array_split(np.random.default_rng(0).permutation(len(y))[:360], 3)
+    recorder = Recorder()
+    sink = AttributionSink(val, ValuationSettings(), member_of=lambda node: f"member-{node}", then=recorder)
+    global_arrays = model_arrays(build_model(SPEC, 0))
+    sink.observe_global(global_arrays)
+    for rnd in (1, 2):
+        replies = {10 + i: trained(global_arrays, x[p], y[p], rnd) for i, p in enumerate(parts)}
+        replies[99] = {k: v.copy() for k, v in global_arrays.items()}  # sends the global model back
+        sink.on_round(capture(rnd, global_arrays, replies))
+        honest = [val.flatten(replies[10 + i]) for i in range(3)]
+        global_arrays = val.unflatten(np.mean(honest, axis=0).astype(np.float32))
+        sink.observe_global(global_arrays)
+
+    assert recorder.rounds == [1, 2]
+    assert sink.skipped == []
+    assert [v.method for v in sink.valuations] == [ValuationMethod.EXACT, ValuationMethod.EXACT]
+    for valuation in sink.valuations:
+        assert {f.reason for f in valuation.flags["member-99"]} == {ScreenReason.ZERO_UPDATE}
+    assert sink.account.totals["member-99"] == 0.0
+    assert all(sink.account.totals[f"member-{10 + i}"] > 0 for i in range(3))
+    assert sink.reputation.score_milli("member-10") > sink.reputation.score_milli("member-99")
+
+
+def test_unknown_global_or_malformed_reply_is_skipped_not_raised(data: Data) -> None:
+    val, _, _ = data
+    recorder = Recorder()
+    sink = AttributionSink(val, ValuationSettings(), then=recorder)
+    global_arrays = model_arrays(build_model(SPEC, 0))
+    other = model_arrays(build_model(SPEC, 1))
+    sink.on_round(capture(1, global_arrays, {1: other, 2: other}))
+    assert [s.round for s in sink.skipped] == [1]
+    assert "not observed" in sink.skipped[0].reason
+
+    sink.observe_global(global_arrays)
+    bad = {k: v for k, v in other.items() if k != "head.bias"}
+    sink.on_round(capture(2, global_arrays, {1: bad}))
+    assert [s.round for s in sink.skipped] == [1, 2]
+    assert "malformed" in sink.skipped[1].reason
+    assert recorder.rounds == [1, 2]
+    assert sink.valuations == []
