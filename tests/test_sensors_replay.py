@@ -114,5 +114,5 @@ def test_ts_replay_of_a_slice_and_unknown_class(tmp_path: Path) -> None:
     assert [s.values[0] for s in sliced.samples(0)] == [3.0, 4.0, 5.0, 6.0]
     only_b = TsReplaySensor("t", [path], classes=["b"], loop=False)
     assert [s.values[0] for s in only_b.samples(0)] == [3.0, 4.0]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"unknown classes \['z'\]"):
         TsReplaySensor("t", [path], classes=["z"])

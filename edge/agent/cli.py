@@ -6,10 +6,13 @@ from pathlib import Path
 
 import typer
 
+from edge.sensors.cli import app as sensors_app
+
 app = typer.Typer(
     no_args_is_help=True,
     help="Member commands: run the agent daemon, enrol, sensors, knob, consent, pause, strike, statements.",
 )
+app.add_typer(sensors_app, name="sensors")
 
 
 ConfigOption = typer.Option(None, "--config", "-c", help="agent.toml (env MIDGATE_AGENT_* overrides)")

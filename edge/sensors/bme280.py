@@ -157,7 +157,7 @@ class Bme280Sensor:
     """
 
     blocking = True
-    channels = (
+    channels: tuple[ChannelSpec, ...] = (
         ChannelSpec("temperature_c", "°C"),
         ChannelSpec("pressure_hpa", "hPa"),
         ChannelSpec("humidity_pct", "%RH"),

@@ -77,6 +77,9 @@ class TsReplaySensor:
             raise ValueError(f"{len(names)} channel names for {header.dims} dimensions")
         self.channels = tuple(ChannelSpec(n, "") for n in names)
         self._wanted_series = set(series) if series is not None else None
+        unknown = sorted(set(classes or ()) - set(self.class_names))
+        if unknown:
+            raise ValueError(f"unknown classes {unknown}; this data set has {list(self.class_names)}")
         self._wanted_labels = None if classes is None else {self.class_names.index(c) for c in classes}
         self._items = self._iterate()
         self._current: TsSeries | None = None

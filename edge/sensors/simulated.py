@@ -61,7 +61,7 @@ class SimulatedEnvironmentSensor:
     """
 
     blocking = False
-    channels = (
+    channels: tuple[ChannelSpec, ...] = (
         ChannelSpec("temperature_c", "°C"),
         ChannelSpec("humidity_pct", "%RH"),
         ChannelSpec("pressure_hpa", "hPa"),

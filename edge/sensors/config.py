@@ -1,0 +1,127 @@
+"""Configuration of the sensors and the sample store: pydantic models the agent's settings embed (an agent.toml
+`[[sensors]]` array and a `[sample_store]` table), and the factory that turns them into drivers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from edge.sensors.driver import Sensor
+from edge.sensors.linux import THERMAL_ROOT
+from edge.sensors.store import Retention, SampleStore
+
+SensorName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
+PeriodMs = Annotated[float, Field(gt=0.0, le=86_400_000.0)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SimulatedConfig(_Strict):
+    driver: Literal["simulated"] = "simulated"
+    name: SensorName = "env"
+    device: str = Field(default="device-0", max_length=128)
+    seed: int = 0
+    period_ms: PeriodMs = 1000.0
+    dropout: Probability = 0.01
+    spike: Probability = 0.002
+    stuck: Probability = 0.01
+
+
+class LinuxConfig(_Strict):
+    driver: Literal["linux"] = "linux"
+    name: SensorName = "host"
+    period_ms: PeriodMs = 1000.0
+    thermal_root: Path = THERMAL_ROOT
+
+
+class Bme280Config(_Strict):
+    driver: Literal["bme280"] = "bme280"
+    name: SensorName = "bme280"
+    bus_number: int = Field(default=1, ge=0, le=255)
+    address: Literal[0x76, 0x77] = 0x76
+    period_ms: PeriodMs = 1000.0
+
+
+class ReplayConfig(_Strict):
+    """Replay of a recorded file (.csv or .ts); without `path`, PLAID from the installed sktime wheel."""
+
+    driver: Literal["replay"] = "replay"
+    name: SensorName = "plaid"
+    path: Path | None = None
+    split: Literal["train", "test", "all"] = "train"
+    rate_hz: float | None = Field(default=None, gt=0.0, le=1_000_000.0)
+    speed: float = Field(default=1.0, gt=0.0, le=1_000_000.0)
+    classes: tuple[str, ...] | None = None
+    series: tuple[int, ...] | None = None
+    loop: bool = True
+
+
+SensorConfig = Annotated[SimulatedConfig | LinuxConfig | Bme280Config | ReplayConfig, Field(discriminator="driver")]
+
+
+class SampleStoreConfig(_Strict):
+    path: Path = Path("samples.db")
+    max_age_days: float | None = Field(default=90.0, gt=0.0)
+    max_samples: int | None = Field(default=None, ge=1)
+    max_bytes: int | None = Field(default=2 * 1024**3, ge=64 * 1024)
+    batch_size: int = Field(default=2000, ge=1, le=1_000_000)
+
+    def open(self) -> SampleStore:
+        age = None if self.max_age_days is None else int(self.max_age_days * 86_400_000)
+        retention = Retention(max_age_ms=age, max_samples=self.max_samples, max_bytes=self.max_bytes)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return SampleStore(self.path, retention=retention, batch_size=self.batch_size)
+
+
+def build_sensor(config: SimulatedConfig | LinuxConfig | Bme280Config | ReplayConfig) -> Sensor:
+    """The driver a config describes; raises SensorUnavailableError when its hardware or data is not there."""
+    if isinstance(config, SimulatedConfig):
+        from edge.sensors.simulated import SimulatedEnvironmentSensor
+
+        return SimulatedEnvironmentSensor(
+            config.name,
+            device=config.device,
+            seed=config.seed,
+            period_ms=config.period_ms,
+            dropout=config.dropout,
+            spike=config.spike,
+            stuck=config.stuck,
+        )
+    if isinstance(config, LinuxConfig):
+        from edge.sensors.linux import LinuxHostSensor
+
+        return LinuxHostSensor(config.name, period_ms=config.period_ms, thermal_root=config.thermal_root)
+    if isinstance(config, Bme280Config):
+        from edge.sensors.bme280 import Bme280Sensor
+
+        return Bme280Sensor(
+            config.name, bus_number=config.bus_number, address=config.address, period_ms=config.period_ms
+        )
+    from edge.sensors.replay import CsvReplaySensor, TsReplaySensor, plaid_replay
+
+    if config.path is None:
+        return plaid_replay(
+            config.name,
+            split=config.split,
+            rate_hz=config.rate_hz or 100.0,
+            speed=config.speed,
+            series=config.series,
+            classes=config.classes,
+            loop=config.loop,
+        )
+    if config.path.suffix.lower() == ".csv":
+        return CsvReplaySensor(config.name, config.path, rate_hz=config.rate_hz, speed=config.speed, loop=config.loop)
+    return TsReplaySensor(
+        config.name,
+        [config.path],
+        rate_hz=config.rate_hz or 100.0,
+        speed=config.speed,
+        series=config.series,
+        classes=config.classes,
+        loop=config.loop,
+    )
