@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from coordinator.attribution import CoalitionGame, exact_shapley, first_order_values, sampled_shapley
 from protocol.errors import MalformedError, PolicyViolationError
@@ -175,3 +177,41 @@ def test_first_order_matches_exact_for_small_updates() -> None:
     exact = exact_shapley(setup.game(small))
     approx = first_order_values(setup.gradient, setup.global_params, small, setup.weights)
     np.testing.assert_allclose(approx, exact, rtol=2e-2)
+
+
+def table_game(m: int, table: list[float]) -> CoalitionGame:
+    """An arbitrary game: player i's update is the basis vector e_i, so the coalition model is its indicator vector
+    and the loss reads U(S) off a table (U(empty) = table[0] = 0 by construction)."""
+
+    def loss(params: np.ndarray) -> float:
+        mask = int(sum(1 << i for i in range(m) if params[i] > 0.5))
+        return -table[mask]
+
+    return CoalitionGame(loss, np.zeros(m, np.float32), np.eye(m, dtype=np.float32), [1.0] * m)
+
+
+@settings(max_examples=60, deadline=None)
+@given(m=st.integers(1, 5), data=st.data())
+def test_axioms_hold_for_arbitrary_games(m: int, data: st.DataObject) -> None:
+    values_strategy = st.floats(-10, 10, allow_nan=False, allow_infinity=False)
+    table = [0.0, *data.draw(st.lists(values_strategy, min_size=2**m - 1, max_size=2**m - 1))]
+    null = data.draw(st.integers(0, m - 1))
+    for mask in range(1 << m):
+        if mask >> null & 1:
+            table[mask] = table[mask & ~(1 << null)]  # the null player adds nothing to any coalition
+    game = table_game(m, table)
+    values = exact_shapley(game)
+    np.testing.assert_allclose(values, brute_force_shapley(game), atol=1e-9)
+    assert values.sum() == pytest.approx(table[-1], abs=1e-9)
+    assert values[null] == pytest.approx(0.0, abs=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(2, 5), data=st.data())
+def test_symmetric_players_in_arbitrary_games(m: int, data: st.DataObject) -> None:
+    by_size = data.draw(st.lists(st.floats(-5, 5, allow_nan=False), min_size=m + 1, max_size=m + 1))
+    extra = data.draw(st.floats(-5, 5, allow_nan=False))
+    # U depends only on the coalition's size, plus a bonus for player m-1: players 0..m-2 are interchangeable.
+    table = [by_size[mask.bit_count()] - by_size[0] + (extra if mask >> (m - 1) & 1 else 0.0) for mask in range(1 << m)]
+    values = exact_shapley(table_game(m, table))
+    np.testing.assert_allclose(values[:-1], values[0], atol=1e-9)
