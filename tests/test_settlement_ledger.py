@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from coordinator.ledger.cli import app as ledger_app
 from coordinator.ledger.store import LedgerReader, LedgerStore
 from coordinator.royalties import (
     KnobPolicy,
@@ -28,7 +29,7 @@ from coordinator.royalties.ledger_records import (
 )
 from protocol.checkpoint import verify_receipt
 from protocol.errors import MalformedError, SettlementMismatchError
-from protocol.identity import SignerKey
+from protocol.identity import SignerKey, save_signer_key
 from protocol.leaves import Leaf, LeafKind
 
 POLICY = RoyaltyPolicy(
@@ -145,3 +146,28 @@ def test_recompute_command_exit_codes(ledger: tuple[LedgerStore, Path]) -> None:
     statement = runner.invoke(app, ["statement", "ann", "--db", str(path), "--end-ms", "2"])
     assert statement.exit_code == 0, statement.output
     assert "job job-1" in statement.stdout
+
+
+def test_record_revenue_and_ledger_recompute_commands(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    key_path = tmp_path / "mid.key"
+    key = SignerKey.generate("midgate/test-mid")
+    save_signer_key(key_path, key)
+    with LedgerStore.open(path, key) as store:
+        append_split(store, settle_job(attribution(), 10_000, record_id="s", created_ms=1, currency="EUR"))
+    runner = CliRunner()
+    common = ["--currency", "EUR", "--db", str(path), "--log-key", str(key_path)]
+
+    logged = runner.invoke(app, ["record-revenue", "plaid-v1", "3000", "--record-id", "rev-1", *common])
+    assert logged.exit_code == 0, logged.output
+    assert "leaf 1" in logged.stdout
+    unknown = runner.invoke(app, ["record-revenue", "no-such-model", "3000", "--record-id", "rev-2", *common])
+    assert unknown.exit_code == 1
+    assert "no settlement for this model version" in unknown.stderr
+
+    checked = runner.invoke(ledger_app, ["recompute-settlement", "rev-1", "--db", str(path)])
+    assert checked.exit_code == 0, checked.output
+    assert checked.stdout.strip() == "ok"
+    with LedgerReader.open_existing(path) as reader:
+        assert reader.size == 2
+        assert sum(p.amount_minor for p in find_split(reader, "rev-1").record.payouts) == 3000 - 450

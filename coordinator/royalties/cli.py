@@ -1,4 +1,4 @@
-"""Royalty commands that read the ledger: recompute a settlement, print a member statement.
+"""Royalty commands over the ledger: recompute a settlement, print a member statement, record model revenue.
 
 `recompute_settlement_command` is meant to be registered as `midgate ledger recompute-settlement ID`
 (coordinator/ledger/cli.py belongs to the ledger component; the lead wires it there). Exit codes follow the ledger
@@ -8,15 +8,17 @@ commands: 0 and `ok` when the stored record reproduces, 1 and the reason when no
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from coordinator.ledger.store import LedgerReader
-from coordinator.royalties.ledger_records import recompute_from_ledger, statement_from_ledger
+from coordinator.ledger.store import LedgerReader, LedgerStore
+from coordinator.royalties.ledger_records import recompute_from_ledger, report_revenue, statement_from_ledger
 from coordinator.royalties.statement import render_statement
 from protocol.errors import ProtocolError
+from protocol.identity import load_signer_key
 
 app = typer.Typer(no_args_is_help=True, help="Royalty commands over the ledger: recompute settlements, statements.")
 
@@ -63,3 +65,30 @@ def statement_command(
     typer.echo(render_statement(result.statement), nl=False)
     if receipts:
         typer.echo(json.dumps(result.receipts, indent=2, sort_keys=True))
+
+
+@app.command("record-revenue")
+def record_revenue_command(
+    model_version: Annotated[str, typer.Argument(help="the model version the revenue was earned with")],
+    revenue_minor: Annotated[int, typer.Argument(min=0, help="revenue in integer minor units")],
+    record_id: Annotated[str, typer.Option(help="id of the royalty record (unique in the ledger)")],
+    currency: Annotated[str, typer.Option(help="ISO 4217 code")],
+    db: Annotated[Path, typer.Option("--db", dir_okay=False, help="ledger file (the coordinator's)")],
+    log_key: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="the MID's log signing key file")],
+) -> None:
+    """Operator side of a buyer's revenue report: split it by the model's stored attribution and log the split."""
+    try:
+        key = load_signer_key(log_key)
+        with LedgerStore.open(db, key) as store:
+            index = report_revenue(
+                store,
+                model_version,
+                revenue_minor,
+                record_id=record_id,
+                created_ms=time.time_ns() // 1_000_000,
+                currency=currency,
+            )
+    except ProtocolError as error:
+        typer.echo(f"invalid: {error}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"royalty record {record_id} at leaf {index}")
