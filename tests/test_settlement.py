@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import tomllib
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -217,3 +219,14 @@ def test_member_statement_lists_earnings_with_record_hashes() -> None:
     text = render_statement(statement)
     assert "Total: 800 EUR minor units" in text
     assert "job job-7: 600" in text
+
+
+def test_policy_in_a_toml_config_file_with_a_high_fee_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "coordinator.toml"
+    config.write_text(
+        "[royalties]\nversion = 4\nfee_bps = 3100\n\n"
+        "[royalties.knob]\nbase_price_minor = 1000\nmin_price_minor = 100\nmax_price_minor = 9000\n"
+    )
+    with pytest.raises(PolicyViolationError) as raised:
+        RoyaltyPolicy.model_validate(tomllib.loads(config.read_text())["royalties"])
+    assert raised.value.details["fee_bps"] == 3100
