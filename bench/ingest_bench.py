@@ -113,6 +113,31 @@ def publisher_main(args: argparse.Namespace) -> None:
     Path(args.out).write_text(json.dumps({"latencies": latencies, "seconds": t1 - t0, "sent": len(envelopes)}))
 
 
+def echo_main(args: argparse.Namespace) -> None:
+    """The MQTT floor: a bare paho subscriber that acks each report by hand and publishes one reply to its device,
+    with no verification, storage or signing. Its CPU per message is what any paho-based ingest pays first."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    def on_message(client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
+        device = message.topic.split("/")[3]
+        client.publish(f"mid/{MID}/dev/{device}/down/receipt", message.payload, qos=1)
+        client.ack(message.mid, message.qos)
+
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-echo", protocol=paho.MQTTv5, manual_ack=True)
+    client.max_inflight_messages_set(0)
+    client.max_queued_messages_set(0)
+    client.on_message = on_message
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 0
+    client.connect("127.0.0.1", args.port, properties=props)
+    client.subscribe(f"mid/{MID}/dev/+/up/+", qos=1)
+    Path(args.ready_file).write_text("ready")
+    client.loop_forever()
+
+
 # --- orchestration -------------------------------------------------------------------------------------------------
 
 
@@ -248,9 +273,34 @@ def idle_agent_rss_mb(stack: Stack) -> float:
     return float(psutil.Process(proc.pid).memory_info().rss) / 2**20
 
 
+def mqtt_floor_us(stack: Stack, publishers: int, reports: int) -> float:
+    """CPU per message of the bare paho echo consumer, fed by the same publishers (the coordinator is stopped)."""
+    import psutil
+    from mqtt_fixtures import wait_until
+
+    for proc in stack.procs:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            proc.wait(15)
+    ready = stack.root / "echo.ready"
+    cmd = [sys.executable, __file__, "--echo", "--port", str(stack.broker_port), "--ready-file", str(ready)]
+    echo = subprocess.Popen(cmd, cwd=REPO)
+    stack.procs.append(echo)
+    wait_until(ready.exists, 60, "echo consumer")
+    time.sleep(0.5)
+    pe = psutil.Process(echo.pid)
+    cpu0 = sum(pe.cpu_times()[:2])
+    devices = [stack.enrol_device(f"e{i}") for i in range(publishers)]
+    results = run_publishers(stack, devices, reports, 0)
+    cpu = sum(pe.cpu_times()[:2]) - cpu0
+    replies = sum(len(r["latencies"]) for r in results)  # type: ignore[arg-type]
+    return cpu / max(replies, 1) * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--publisher", action="store_true")
+    parser.add_argument("--echo", action="store_true")
     parser.add_argument("--device")
     parser.add_argument("--key-file")
     parser.add_argument("--port", type=int)
@@ -265,6 +315,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.publisher:
         publisher_main(args)
+        return
+    if args.echo:
+        echo_main(args)
         return
 
     import psutil
@@ -295,6 +348,7 @@ def main() -> None:
         p99 = lat[int(0.99 * (len(lat) - 1))] * 1e3
 
         rss = idle_agent_rss_mb(stack)
+        echo_us = mqtt_floor_us(stack, args.publishers, args.reports)
         verify_us = min(verify_before_us, raw_verify_us())
         print(f"ingest bench ({args.publishers} publishers x {args.reports} pre-signed reports, QoS 1, loopback)")
         print(f"  load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (shared machine)")
@@ -302,6 +356,10 @@ def main() -> None:
         print(
             f"  coordinator CPU per accepted report:             {per_report_us:8.1f} us"
             f"  = {per_report_us / verify_us:.2f}x raw verify (target <= 2x)"
+        )
+        print(
+            f"  MQTT floor (bare paho: receive, manual ack, publish reply): {echo_us:8.1f} us/message"
+            f"  = {echo_us / verify_us:.2f}x raw verify"
         )
         print(f"  accepted {int(accepted)} of {args.publishers * args.reports}, receipts back {receipts}")
         print(f"  sustained: {accepted / busy:8.0f} reports/s (first publish to last receipt; with setup {wall:.1f}s)")

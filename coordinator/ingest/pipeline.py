@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from coordinator.ingest.batch_proofs import batch_inclusion_proofs
 from coordinator.ingest.dedup import DedupIndex, envelope_digest
 from coordinator.ledger.store import LedgerStore
 from coordinator.registry.store import Device, Registry
@@ -263,25 +264,37 @@ class IngestPipeline:
         """Append every candidate in one durable ledger transaction, index them, and build their receipts."""
         if not candidates:
             return []
-        appended = self.ledger.append_leaves([c.leaf for c in candidates])
+        leaves = [c.leaf.encode() for c in candidates]
+        appended = self.ledger.append(leaves)
         entries = []
         for candidate, index in zip(candidates, appended.indices, strict=True):
             v = candidate.verdict
             assert v.key_id is not None and v.seq is not None
             entries.append((v.key_id, v.seq, candidate.digest, index))
         self.dedup.record(entries, appended.size)
+        proofs = batch_inclusion_proofs(appended.first_index, leaves, self.ledger.inclusion_proof)
         verdicts = []
-        for candidate, index in zip(candidates, appended.indices, strict=True):
+        for candidate, index, proof in zip(candidates, appended.indices, proofs, strict=True):
             v = candidate.verdict
             v.outcome, v.leaf_index = Outcome.ACCEPTED, index
-            self._attach_receipt(v, candidate.digest, appended.checkpoint, appended.size, now_ms)
+            self._attach_receipt(v, candidate.digest, appended.checkpoint, appended.size, now_ms, proof)
             verdicts.append(v)
         return verdicts
 
-    def _attach_receipt(self, verdict: Verdict, digest: bytes, checkpoint: bytes, size: int, now_ms: int) -> None:
+    def _attach_receipt(
+        self,
+        verdict: Verdict,
+        digest: bytes,
+        checkpoint: bytes,
+        size: int,
+        now_ms: int,
+        path: list[bytes] | None = None,
+    ) -> None:
         assert verdict.leaf_index is not None and verdict.key_id is not None and verdict.seq is not None
         assert verdict.device is not None
-        proof = TlogProof(verdict.leaf_index, tuple(self.ledger.inclusion_proof(verdict.leaf_index, size)), checkpoint)
+        if path is None:
+            path = self.ledger.inclusion_proof(verdict.leaf_index, size)
+        proof = TlogProof(verdict.leaf_index, tuple(path), checkpoint)
         receipt = Receipt(
             device_key_id=verdict.key_id,
             seq=verdict.seq,
