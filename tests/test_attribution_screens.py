@@ -228,3 +228,16 @@ def test_reputation_rewards_history_and_punishes_flags() -> None:
     assert 400 < book.score_milli("liar") < book.score_milli("good")
     assert book.meets("good", 800)
     assert not book.meets("rider", 300)
+
+
+def test_reputation_survives_a_snapshot_and_rejects_garbage() -> None:
+    book = ReputationBook(forgetting=0.9)
+    zero = [ScreenFlag(ScreenReason.ZERO_UPDATE, 0.0)]
+    book.record(valuation(1, {"a": 0.1, "b": 0.0}, {"b": zero}))
+    restored = ReputationBook.from_json(book.to_json())
+    assert restored == book
+    assert restored.score_milli("b") == book.score_milli("b") < 500
+    with pytest.raises(MalformedError):
+        ReputationBook.from_json(b'{"forgetting": 2.0, "exclusion_weight": 1.0, "members": {}}')
+    with pytest.raises(MalformedError):
+        ReputationBook.from_json(b"not json")

@@ -11,9 +11,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from coordinator.attribution.screens import ScreenReason
 from coordinator.attribution.valuation import RoundValuation
-from protocol.errors import MalformedError
+from protocol.errors import MalformedError, TooLargeError
+
+MAX_SNAPSHOT_BYTES = 16 * 1024 * 1024
+
+
+class _Evidence(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    good: float = Field(ge=0.0)
+    bad: float = Field(ge=0.0)
+
+
+class _Snapshot(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    forgetting: float = Field(gt=0.0, le=1.0)
+    exclusion_weight: float = Field(ge=0.0)
+    members: dict[str, _Evidence]
 
 
 @dataclass
@@ -56,3 +75,27 @@ class ReputationBook:
     def meets(self, member: str, min_reputation_milli: int) -> bool:
         """Whether the member may be selected for a job that requires `min_reputation_milli`."""
         return self.score_milli(member) >= min_reputation_milli
+
+    def to_json(self) -> bytes:
+        """The book's evidence, to persist between jobs."""
+        members = {
+            m: _Evidence(good=self.good.get(m, 0.0), bad=self.bad.get(m, 0.0))
+            for m in sorted(set(self.good) | set(self.bad))
+        }
+        snapshot = _Snapshot(forgetting=self.forgetting, exclusion_weight=self.exclusion_weight, members=members)
+        return snapshot.model_dump_json().encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> ReputationBook:
+        if len(data) > MAX_SNAPSHOT_BYTES:
+            raise TooLargeError("reputation snapshot too large", size=len(data), limit=MAX_SNAPSHOT_BYTES)
+        try:
+            snapshot = _Snapshot.model_validate_json(data)
+        except ValidationError as error:
+            raise MalformedError("not a reputation snapshot", errors=error.error_count()) from None
+        return cls(
+            forgetting=snapshot.forgetting,
+            exclusion_weight=snapshot.exclusion_weight,
+            good={m: e.good for m, e in snapshot.members.items()},
+            bad={m: e.bad for m, e in snapshot.members.items()},
+        )
