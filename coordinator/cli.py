@@ -7,16 +7,12 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-from coordinator.broker.config import write_broker_files
-from coordinator.broker.logins import coordinator_password
-from coordinator.broker.passwords import hash_password
-from coordinator.broker.tls import ensure_broker_tls
-from coordinator.config import CoordinatorSettings
-from coordinator.registry.enrolment import issue_invite, load_or_create_mid_key
-from coordinator.registry.store import Registry
+if TYPE_CHECKING:
+    from coordinator.config import CoordinatorSettings
 
 app = typer.Typer(
     no_args_is_help=True, help="MID operator commands: serve the coordinator, broker configuration, invites, registry."
@@ -27,7 +23,10 @@ OutputDirOption = typer.Option(None, help="where to write mosquitto.conf, acl, p
 TlsOption = typer.Option(True, help="write a TLS listener with the MID's own CA")
 
 
+# Imports live inside the commands: every `midgate` invocation (the agent's too) imports this module.
 def _settings(config: Path | None) -> CoordinatorSettings:
+    from coordinator.config import CoordinatorSettings
+
     return CoordinatorSettings.load(config)
 
 
@@ -61,6 +60,12 @@ def broker_config(
     tls: bool = TlsOption,
 ) -> None:
     """Write a complete Mosquitto configuration (TLS listener, password file, ACLs, queue sizing, persistence)."""
+    from coordinator.broker.config import write_broker_files
+    from coordinator.broker.logins import coordinator_password
+    from coordinator.broker.passwords import hash_password
+    from coordinator.broker.tls import ensure_broker_tls
+    from coordinator.registry.store import Registry
+
     settings = _settings(config)
     out = output_dir or settings.broker_config.output_dir
     tls_files = ensure_broker_tls(out / "tls", settings.mid, settings.broker_config.tls_hostnames) if tls else None
@@ -85,6 +90,8 @@ def invite(
     ttl_s: int | None = typer.Option(None, help="seconds until the invite expires (default from config)"),
 ) -> None:
     """Create a single-use, expiring invite signed by the MID key; prints the token to hand to the member."""
+    from coordinator.registry.enrolment import issue_invite, load_or_create_mid_key
+    from coordinator.registry.store import Registry
     from protocol.topics import check_id
 
     settings = _settings(config)
@@ -103,6 +110,7 @@ def invite(
 def revoke(device: str = typer.Argument(...), config: Path | None = ConfigOption) -> None:
     """Revoke a device key: ingest refuses it from the next batch, and its broker login is removed."""
     from coordinator.broker.logins import sync_broker_logins
+    from coordinator.registry.store import Registry
 
     settings = _settings(config)
     registry = Registry(settings.registry_path)
@@ -122,6 +130,8 @@ def revoke(device: str = typer.Argument(...), config: Path | None = ConfigOption
 @app.command()
 def devices(config: Path | None = ConfigOption) -> None:
     """List enrolled devices."""
+    from coordinator.registry.store import Registry
+
     settings = _settings(config)
     registry = Registry(settings.registry_path)
     try:
