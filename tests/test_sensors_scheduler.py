@@ -14,7 +14,7 @@ from edge.sensors.errors import SensorIOError
 from edge.sensors.sample import ChannelSpec, Quality, Sample
 from edge.sensors.scheduler import SamplingScheduler
 from edge.sensors.simulated import SimulatedEnvironmentSensor
-from edge.sensors.store import SampleStore
+from edge.sensors.store import EncodedSample, SampleStore
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -115,10 +115,10 @@ class GatedStore(SampleStore):
         self.gate = threading.Event()
         self.waiting = threading.Event()
 
-    def write(self, samples: Sequence[Sample]) -> int:
+    def write_encoded(self, rows: Sequence[EncodedSample]) -> int:
         self.waiting.set()
         self.gate.wait(30)
-        return super().write(samples)
+        return super().write_encoded(rows)
 
 
 def test_backpressure_bounds_the_queue_and_skips_ticks_instead(tmp_path: Path) -> None:

@@ -28,16 +28,19 @@ from typing import Protocol
 from edge.sensors.driver import Sensor
 from edge.sensors.errors import MalformedError
 from edge.sensors.sample import ChannelSpec, Quality, Sample
+from edge.sensors.store import EncodedSample
 
 log = logging.getLogger("midgate.sensors")
 
 
 class SampleSink(Protocol):
-    """Where samples go; `SampleStore` is one."""
+    """Where samples go; `SampleStore` is one. `encode` runs on the event loop, `write_encoded` in a thread."""
 
     def register(self, sensor: str, channels: Sequence[ChannelSpec]) -> None: ...
 
-    def write(self, samples: Sequence[Sample]) -> int: ...
+    def encode(self, sample: Sample) -> EncodedSample: ...
+
+    def write_encoded(self, rows: Sequence[EncodedSample]) -> int: ...
 
 
 class UtcClock:
@@ -106,14 +109,21 @@ class SamplingScheduler:
         self._queue: asyncio.Queue[Sample | None] = asyncio.Queue(maxsize=queue_size)
         self._sensor_tasks: list[asyncio.Task[None]] = []
         self._writer: asyncio.Task[None] | None = None
-        self._pending: list[Sample] = []  # collected by the writer, not yet handed to the store
+        self._pending: list[EncodedSample] = []  # collected by the writer, not yet handed to the store
+        self.rejected = 0  # samples the store refused to encode (a driver bug); dropped, logged
 
     async def __aenter__(self) -> SamplingScheduler:
         for sensor in self.sensors:
             await asyncio.to_thread(self.sink.register, sensor.name, sensor.channels)
         start = time.monotonic_ns()
+        n = len(self.sensors)
+        # Sensors' grids are staggered across one period so that ten 100 Hz sensors do not all wake at one instant
+        # and queue behind each other.
         self._sensor_tasks = [
-            asyncio.create_task(self._sample_forever(s, start), name=f"sensor:{s.name}") for s in self.sensors
+            asyncio.create_task(
+                self._sample_forever(s, start + (i * int(s.period_ms * 1_000_000)) // n), name=f"sensor:{s.name}"
+            )
+            for i, s in enumerate(self.sensors)
         ]
         self._writer = asyncio.create_task(self._write_forever(), name="sample-writer")
         return self
@@ -181,7 +191,14 @@ class SamplingScheduler:
                 status.last_error = str(exc)
                 backoff = min(self.backoff_initial_s * 2 ** (status.consecutive_failures - 1), self.backoff_max_s)
                 resume_ns = time.monotonic_ns() + int(backoff * 1e9)
-                log.warning("sensor %s failed (%s); retry in %.1f s", sensor.name, exc, backoff)
+                if status.consecutive_failures & (status.consecutive_failures - 1) == 0:  # 1st, 2nd, 4th, 8th, ...
+                    log.warning(
+                        "sensor %s failed %d times in a row (%s); retry in %.2f s",
+                        sensor.name,
+                        status.consecutive_failures,
+                        exc,
+                        backoff,
+                    )
                 await self._queue.put(Sample.failed(sensor.name, t_ms, len(sensor.channels), str(exc)))
                 flags = Quality.RETRIED
                 continue
@@ -202,7 +219,7 @@ class SamplingScheduler:
             first = await self._queue.get()
             if first is None:
                 return
-            self._pending.append(first)
+            self._take(first)
             stopping = False
             try:
                 async with asyncio.timeout_at(loop.time() + self.flush_interval_s):
@@ -211,7 +228,7 @@ class SamplingScheduler:
                         if item is None:
                             stopping = True
                             break
-                        self._pending.append(item)
+                        self._take(item)
             except TimeoutError:
                 pass
             batch, self._pending = self._pending, []
@@ -219,15 +236,18 @@ class SamplingScheduler:
             if stopping:
                 return
 
-    async def _write_batch(self, batch: list[Sample], *, retry: bool) -> None:
+    def _take(self, sample: Sample) -> None:
+        try:
+            self._pending.append(self.sink.encode(sample))
+        except MalformedError as exc:  # cannot succeed on retry; drop this sample, keep the rest going
+            self.rejected += 1
+            log.error("sample store rejected a sample: %s", exc)
+
+    async def _write_batch(self, batch: list[EncodedSample], *, retry: bool) -> None:
         delay = 0.1
         while True:
             try:
-                self.written += await asyncio.to_thread(self.sink.write, batch)
-                return
-            except MalformedError as exc:  # cannot succeed on retry; keep the rest of the system going
-                self.write_failures += 1
-                log.error("dropping a batch of %d samples the store rejected: %s", len(batch), exc)
+                self.written += await asyncio.to_thread(self.sink.write_encoded, batch)
                 return
             except Exception as exc:  # disk full, locked database: keep the batch, let backpressure build
                 self.write_failures += 1
