@@ -90,8 +90,6 @@ class IngestSettings(BaseModel):
     receive_maximum: int = Field(default=2000, ge=1, le=65535)
     rate_per_s: float = Field(default=50.0, gt=0, description="default per-device sustained reports per second")
     rate_burst: int = Field(default=2000, ge=1, description="default per-device burst (a device back from offline)")
-    metrics_port: int | None = Field(default=None, ge=0, le=65535)
-    metrics_host: str = "127.0.0.1"
     heartbeat_offline_s: int = Field(default=180, ge=10)
 
 

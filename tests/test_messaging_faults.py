@@ -7,6 +7,7 @@ outbox to be empty with N verified receipts and the ledger to hold exactly those
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from mqtt_fixtures import AgentHandle, MessagingStack, contribution_fields, wait_until
@@ -113,4 +114,37 @@ def test_agent_sigkill_mid_publish_then_restart(messaging_stack: MessagingStack)
     assert pending > 0 and receipted < 3000, "the kill must land mid-publish for this test to mean anything"
     stack.start_agent(agent)
     _wait_all_receipted([agent], written, 180)
+    _assert_ledger_exactly(stack, written)
+
+
+@pytest.mark.slow
+def test_qos1_redeliveries_to_a_frozen_then_killed_coordinator_are_logged_once(messaging_stack: MessagingStack) -> None:
+    import os
+    import signal
+
+    stack = messaging_stack
+    broker = stack.start_broker()
+    coordinator = stack.start_coordinator()
+    agent = stack.enrol_agent("ana")
+    written = _write_reports([agent], 2000)
+    stack.start_agent(agent)
+    wait_until(lambda: _contributions(stack) >= 100, 60, "100 reports in the ledger")
+    assert coordinator.proc is not None
+    os.kill(coordinator.proc.pid, signal.SIGSTOP)
+    # Whatever the broker already handed the frozen coordinator beyond the ledger is in flight, unacknowledged.
+    assert _contributions(stack) < 2000, "the freeze must land mid-stream for this test to mean anything"
+    mark = len(broker.log_text())
+    coordinator.kill()
+    stack.start_coordinator()
+    _wait_all_receipted([agent], written, 120)
+    # Mosquitto 2.0.11 resends in-flight messages under their old message ids but without setting the DUP flag, so
+    # redelivery shows as the same ids sent again on the resumed session.
+    log = broker.log_text()
+    sent = re.compile(r"Sending PUBLISH to midgate-coordinator \(d\d, q1, r0, m(\d+),")
+    acked = re.compile(r"Received PUBACK from midgate-coordinator \(Mid: (\d+),")
+    in_flight = set(sent.findall(log[:mark])) - set(acked.findall(log[:mark]))
+    resumed = log[mark:]
+    resent = set(sent.findall(resumed[resumed.find("as midgate-coordinator") :]))
+    assert in_flight, "messages were in flight to the frozen coordinator"
+    assert in_flight <= resent, f"{len(in_flight - resent)} in-flight messages were not redelivered"
     _assert_ledger_exactly(stack, written)

@@ -30,8 +30,10 @@ from coordinator.ledger.store import LedgerStore
 from coordinator.registry.enrolment import Enroller, load_or_create_mid_key
 from coordinator.registry.http import build_app
 from coordinator.registry.store import Device, Registry
+from protocol.checkpoint import parse_checkpoint_text
 from protocol.enrolment import BrokerCredentials
 from protocol.messages import CheckpointAnnouncement
+from protocol.note import parse_note
 from protocol.topics import checkpoint_topic, coordinator_filters
 
 log = logging.getLogger("midgate.ingest")
@@ -208,18 +210,25 @@ class CoordinatorService:
         now_ms = time.time_ns() // 1_000_000
         screened = await asyncio.to_thread(self.pipeline.screen, batch, now_ms)
         self._settle(screened.settled)
+        self._count_online(now_ms)
         if not screened.candidates:
             return
         committed = await asyncio.to_thread(self.pipeline.commit, screened.candidates, now_ms)
         self.metrics.batch_size.observe(len(committed))
         self.metrics.ledger_size.set(self.ledger.size)
-        self._announce_checkpoint(now_ms)
+        announcement = await asyncio.to_thread(self._checkpoint_announcement, now_ms)
+        self.session.publish(checkpoint_topic(self.settings.mid), announcement, qos=1, retain=True)
         self._settle(committed)
 
-    def _announce_checkpoint(self, now_ms: int) -> None:
+    def _checkpoint_announcement(self, now_ms: int) -> bytes:
+        """The latest signed checkpoint, sealed for the retained topic (SQLite read + signature: worker thread)."""
         note = self.ledger.checkpoint()
-        announcement = CheckpointAnnouncement(tree_size=self.ledger.size, checkpoint=note.decode(), issued_ms=now_ms)
-        self.session.publish(checkpoint_topic(self.settings.mid), announcement.seal(self.mid_key), qos=1, retain=True)
+        size = parse_checkpoint_text(parse_note(note).text).size
+        return CheckpointAnnouncement(tree_size=size, checkpoint=note.decode(), issued_ms=now_ms).seal(self.mid_key)
+
+    def _count_online(self, now_ms: int) -> None:
+        horizon = now_ms - self.settings.ingest.heartbeat_offline_s * 1000
+        self.metrics.devices_online.set(sum(1 for seen in self.pipeline.last_seen_ms.values() if seen >= horizon))
 
     def _settle(self, verdicts: list[Verdict]) -> None:
         now_ns = time.monotonic_ns()
