@@ -19,7 +19,7 @@ from coordinator.cli import app as coordinator_app
 from edge.agent.config import AgentSettings
 from edge.agent.enrolment import enrol
 from edge.agent.membership import load_membership
-from edge.agent.spool import build_report
+from edge.agent.spool import build_report, write_record
 from protocol.enrolment import sign_invite
 from protocol.errors import InviteExpiredError, InviteInvalidError, InviteUsedError
 from protocol.identity import SignerKey
@@ -69,7 +69,10 @@ def test_broker_config_tls_logins_and_acls(tmp_path: Path) -> None:
     stack = MessagingStack(tmp_path)
     broker_dir = tmp_path / "coordinator" / "broker"
     tls_port, local_port = free_port(), free_port()
-    broker_extra = f'pid_file = "{broker_dir / "mosquitto.pid"}"'
+    # Coordinator and devices all use the TLS listener, trusting the MID CA that broker-config creates.
+    broker_extra = (
+        f'pid_file = "{broker_dir / "mosquitto.pid"}"\ntls = true\nca_file = "{broker_dir / "tls" / "ca.crt"}"'
+    )
     extra = f"""
 [broker_config]
 output_dir = "{broker_dir}"
@@ -77,7 +80,7 @@ listen_host = "127.0.0.1"
 tls_port = {tls_port}
 local_port = {local_port}
 """
-    toml = coordinator_toml(stack.data_dir, stack.mid, local_port, stack.http_port, broker_extra=broker_extra)
+    toml = coordinator_toml(stack.data_dir, stack.mid, tls_port, stack.http_port, broker_extra=broker_extra)
     stack.config.write_text(toml.replace(f'[broker_config]\noutput_dir = "{broker_dir}"\n', "") + extra)
     failed = True
     try:
@@ -98,7 +101,8 @@ local_port = {local_port}
         ana_m = load_membership(ana.data_dir / "mids" / stack.mid)
         ben_m = load_membership(ben.data_dir / "mids" / stack.mid)
         ca = ana_m.directory / "ca.pem"
-        ca.write_text((broker_dir / "tls" / "ca.crt").read_text())
+        assert ana_m.record.broker.tls and ana_m.record.broker.port == tls_port
+        assert ca.read_text() == (broker_dir / "tls" / "ca.crt").read_text()  # handed out at enrolment
 
         # The coordinator logs in with its own password; wait for its subscription before publishing.
         wait_until(lambda: "Sending SUBACK to midgate-coordinator" in stack.broker.log_text(), 20, "coordinator up")
@@ -127,6 +131,13 @@ local_port = {local_port}
         wrong = DeviceClient(tls_port, ana_m.device, "x" * 32, ca)
         assert wrong.connack in ([134], [135])  # bad user name or password / not authorized
         wrong.close()
+
+        # The agent daemon itself over TLS with its enrolment credentials, within the ACL.
+        stack.start_agent(ana)
+        for i in range(20):
+            write_record(ana.spool, f"r{i:03d}", contribution_fields(100 + i, ana.device))
+        wait_until(lambda: ana.outbox_counts() == (0, 20), 60, "20 receipts over TLS")
+        assert "Denied" not in stack.broker.log_text().split("as " + ana.device)[-1]
 
         result = CliRunner().invoke(coordinator_app, ["revoke", ben_m.device, "--config", str(stack.config)])
         assert result.exit_code == 0, result.output
