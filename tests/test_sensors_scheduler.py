@@ -85,7 +85,8 @@ def test_a_failing_sensor_is_retried_with_backoff_and_never_stops_the_others(tmp
     assert all(s.quality == Quality.ERROR and np.isnan(s.values[0]) for s in failed)
     assert failed[0].error is not None and "sensor_io" in failed[0].error and "0x76" in failed[0].error
     gaps = np.diff([s.t_ms for s in failed])
-    assert (np.diff(gaps) > 0).all()  # each retry waits longer than the one before (exponential backoff)
+    # Retry i waits at least 20 ms * 2^i after the failure before it; a busy machine can only make gaps longer.
+    assert all(gap >= 20 * 2**i for i, gap in enumerate(gaps)), gaps
     assert status.skipped_ticks > 0
     assert scheduler.status["healthy"].samples >= 100
     store.close()
@@ -103,7 +104,7 @@ def test_the_first_good_sample_after_failures_says_so(tmp_path: Path) -> None:
     got = rows(store, "flaky")
     assert [s.quality & Quality.ERROR for s in got[:5]] == [0, 0, Quality.ERROR, Quality.ERROR, 0]
     assert got[4].quality & Quality.RETRIED and got[4].quality & Quality.SKIPPED_TICKS
-    assert got[5].quality == Quality.OK
+    assert not got[5].quality & (Quality.ERROR | Quality.RETRIED)  # (LATE may be set on a busy machine)
     store.close()
 
 
