@@ -218,3 +218,25 @@ def test_fingerprint_names_exactly_the_windows_used(store: SampleStore) -> None:
     again = store.windows(WindowSpec("env", ("temperature_c",), 10))
     assert again.fingerprint() == fp  # and reading the same store again gives the same commitment
     assert not math.isnan(float(windows.X.sum()))
+
+
+def test_a_file_that_is_not_a_store_is_refused_and_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "notes.db"
+    path.write_bytes(b"these are a member's notes, not SQLite\n" * 100)
+    before = path.read_bytes()
+    with pytest.raises(MalformedError) as err:
+        SampleStore(path)
+    assert err.value.details["path"] == str(path)
+    assert path.read_bytes() == before
+
+
+def test_a_store_of_another_schema_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "future.db"
+    SampleStore(path).close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE meta SET value='99' WHERE key='schema'")
+    db.commit()
+    db.close()
+    with pytest.raises(MalformedError) as err:
+        SampleStore(path)
+    assert err.value.details["found"] == "99"

@@ -125,13 +125,18 @@ class SampleStore:
         self._lock = threading.Lock()
         self._buffer: list[EncodedSample] = []
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
-        self._db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES('schema', ?)", (SCHEMA_VERSION,))
-        found = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0]
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_SCHEMA)
+            self._db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES('schema', ?)", (SCHEMA_VERSION,))
+            found = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise MalformedError("not a sample store (SQLite refused it)", path=str(self.path), error=str(exc)) from exc
         if found != SCHEMA_VERSION:
+            self._db.close()
             raise MalformedError("sample store has an unknown schema", path=str(self.path), found=found)
         self._sensors: dict[str, _SensorRow] = {}
         for sid, name, channels in self._db.execute("SELECT id, name, channels FROM sensors ORDER BY id"):
