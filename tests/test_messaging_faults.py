@@ -131,20 +131,27 @@ def test_qos1_redeliveries_to_a_frozen_then_killed_coordinator_are_logged_once(m
     wait_until(lambda: _contributions(stack) >= 100, 60, "100 reports in the ledger")
     assert coordinator.proc is not None
     os.kill(coordinator.proc.pid, signal.SIGSTOP)
-    # Whatever the broker already handed the frozen coordinator beyond the ledger is in flight, unacknowledged.
-    assert _contributions(stack) < 2000, "the freeze must land mid-stream for this test to mean anything"
-    mark = len(broker.log_text())
+    # More reports while it is frozen: the broker hands them to the coordinator, which cannot acknowledge them.
+    for i in range(2000, 2300):
+        fields = contribution_fields(i, agent.device)
+        write_record(agent.spool, f"r{i:05d}", fields)
+        written[agent.device].add(str(fields["update_sha256"]))
+    sent = re.compile(r"Sending PUBLISH to midgate-coordinator \(d\d, q1, r0, m(\d+),")
+    acked = re.compile(r"Received PUBACK from midgate-coordinator \(Mid: (\d+),")
+
+    def in_flight(log: str) -> set[str]:
+        return set(sent.findall(log)) - set(acked.findall(log))
+
+    wait_until(lambda: bool(in_flight(broker.log_text())), 60, "messages in flight to the frozen coordinator")
+    assert _contributions(stack) < 2300
     coordinator.kill()
+    mark = len(broker.log_text())
+    stranded = in_flight(broker.log_text()[:mark])
     stack.start_coordinator()
     _wait_all_receipted([agent], written, 120)
     # Mosquitto 2.0.11 resends in-flight messages under their old message ids but without setting the DUP flag, so
     # redelivery shows as the same ids sent again on the resumed session.
-    log = broker.log_text()
-    sent = re.compile(r"Sending PUBLISH to midgate-coordinator \(d\d, q1, r0, m(\d+),")
-    acked = re.compile(r"Received PUBACK from midgate-coordinator \(Mid: (\d+),")
-    in_flight = set(sent.findall(log[:mark])) - set(acked.findall(log[:mark]))
-    resumed = log[mark:]
+    resumed = broker.log_text()[mark:]
     resent = set(sent.findall(resumed[resumed.find("as midgate-coordinator") :]))
-    assert in_flight, "messages were in flight to the frozen coordinator"
-    assert in_flight <= resent, f"{len(in_flight - resent)} in-flight messages were not redelivered"
+    assert stranded <= resent, f"{len(stranded - resent)} in-flight messages were not redelivered"
     _assert_ledger_exactly(stack, written)
