@@ -62,3 +62,9 @@ def test_an_unavailable_driver_is_skipped_with_its_reason(tmp_path: Path) -> Non
 def test_stats_of_a_missing_store_fails_cleanly(tmp_path: Path) -> None:
     result = runner.invoke(app, ["sensors", "stats", "--store", str(tmp_path / "absent.db")])
     assert result.exit_code == 1 and "no sample store" in result.output
+
+
+def test_an_unknown_driver_is_a_usage_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["sensors", "sample", "-d", "teleport", "--store", str(tmp_path / "s.db")])
+    assert result.exit_code == 2 and "teleport" in result.output
+    assert not (tmp_path / "s.db").exists()
