@@ -1,17 +1,20 @@
 """Valuation cost per round vs the number of members, and sampling accuracy vs exact Shapley, for the PLAID model.
 
-Setup: task plaid-appliance@1 (protocol.tasks), validation = PLAID test split (537 windows, the buyer's set). Ten
-members train one real local epoch each on disjoint PLAID train partitions; for n members, member j sends base update
-j mod 10 perturbed by independent noise (5 % of its norm), because PLAID has too few recordings for 1,000 disjoint
-partitions. Each n is valued with the method ValuationSettings picks by default (exact <= 10, sampled <= 50,
-first-order above), screens included.
+Setup: task plaid-appliance@1 (protocol.tasks), validation = PLAID test split (537 windows, the buyer's set). Fifty
+members train one real local epoch each on disjoint PLAID train partitions (10-11 recordings each); for n members,
+member j sends base update j mod 50 plus independent noise (5 % of its norm), so up to n = 50 every member is a
+distinct real update, and above that PLAID has too few recordings for disjoint partitions. Each n is valued with
+the method ValuationSettings picks by default (exact <= 10, sampled <= 50, first-order above), screens included.
 
 Baselines measured in the same run:
 - time: one validation-loss evaluation of the model (every valuation time is also shown as a multiple of it);
 - accuracy: exact Shapley at n = 10 (1,024 evaluations); sampling at smaller budgets is reported as Spearman rank
   correlation and max error relative to max |exact value|, and as a fraction of the exact evaluation count.
 
-Run: .venv/bin/python bench/attribution_bench.py [--sizes 5,10,50,100,1000] [--seeds 3]
+Run: .venv/bin/python bench/attribution_bench.py [--sizes 5,10,50,100,1000] [--seeds 3] [--threads 1]
+
+torch runs single-threaded by default: on a shared machine, two intra-op threads under contention made one
+evaluation 3-4x slower than one thread (measured 217-339 ms vs 49-67 ms at load average 8 on 2 cores).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from coordinator.attribution import (
     exact_shapley,
     first_order_values,
     sampled_shapley,
+    screen_updates,
     value_round,
 )
 from coordinator.attribution.task_loss import TaskValidationLoss
@@ -36,7 +40,7 @@ from edge.sensors.plaid import load_plaid
 from protocol.tasks.models import build_model, load_arrays, model_arrays, train_epochs
 from protocol.tasks.spec import PLAID_APPLIANCE as SPEC
 
-BASE_MEMBERS = 10
+BASE_MEMBERS = 50
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -70,7 +74,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="5,10,50,100,1000")
     parser.add_argument("--seeds", type=int, default=3, help="sampling seeds per budget in the accuracy table")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")]
 
     test = load_plaid("test", length=SPEC.window_length)
@@ -89,16 +95,35 @@ def main() -> None:
     )
     print(f"baseline: one validation-loss evaluation = {eval_s * 1000:.2f} ms")
     print()
-    print(f"{'n':>6} {'method':>12} {'evaluations':>12} {'seconds':>9} {'x baseline':>11} {'ms/member':>10}")
+    print(
+        f"{'n':>6} {'method':>12} {'evaluations':>12} {'seconds':>9} {'x baseline':>11} {'ms/member':>10} "
+        f"{'screens s':>10}"
+    )
+    sampled_rounds = []
     for n in sizes:
         updates = members_updates(base, n, seed=n)
         round_updates = RoundUpdates(1, [f"m{i:04d}" for i in range(n)], global_flat, updates)
         started = time.perf_counter()
         valuation = value_round(round_updates, val, settings, gradient=val.gradient)
         seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        screen_updates(updates, settings=settings.screens, global_params=global_flat)
+        screens_s = time.perf_counter() - started
         print(
             f"{n:>6} {valuation.method.value:>12} {valuation.evaluations:>12} {seconds:>9.2f} "
-            f"{seconds / eval_s:>11.0f} {1000 * seconds / n:>10.2f}"
+            f"{seconds / eval_s:>11.0f} {1000 * seconds / n:>10.2f} {screens_s:>10.2f}"
+        )
+        if valuation.method.value == "sampled":
+            sampled_rounds.append((n, updates, valuation))
+    for n, updates, valuation in sampled_rounds:
+        # No exact reference at this size: compare first-order with the sampled estimate, the method it replaces.
+        weights = [1.0 / n] * n
+        linear = first_order_values(val.gradient, global_flat, updates, weights)
+        estimate = np.array([valuation.values[f"m{i:04d}"] for i in range(n)])
+        errors = np.array([valuation.standard_errors[f"m{i:04d}"] for i in range(n)])
+        print(
+            f"n = {n}: first-order vs sampled estimate: spearman {spearman(estimate, linear):.3f}; "
+            f"mean sampled standard error / mean |value| {float(np.mean(errors) / np.mean(np.abs(estimate))):.3f}"
         )
 
     print()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 import numpy as np
+import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
 from coordinator.attribution.first_order import GradientFunction, first_order_values
@@ -109,11 +110,60 @@ def _check(updates: RoundUpdates) -> None:
     m = len(updates.members)
     if updates.updates.ndim != 2 or updates.updates.shape[0] != m:
         raise MalformedError("one update row per member", members=m, updates_shape=updates.updates.shape)
+    if updates.global_params.ndim != 1 or updates.global_params.shape[0] != updates.updates.shape[1]:
+        raise MalformedError(
+            "updates and global model differ in size",
+            global_shape=updates.global_params.shape,
+            updates_shape=updates.updates.shape,
+        )
     if len(set(updates.members)) != m:
         raise MalformedError("member ids must be unique", members=m, unique=len(set(updates.members)))
     for name, counts in (("reported", updates.reported_examples), ("verified", updates.verified_examples)):
         if counts is not None and len(counts) != m:
             raise MalformedError(f"one {name} example count per member", members=m, counts=len(counts))
+
+
+@dataclass(frozen=True)
+class _PlayerValues:
+    method: ValuationMethod
+    values: npt.NDArray[np.float64]
+    errors: npt.NDArray[np.float64]
+    evaluations: int
+    grand: float
+    base_loss: float
+
+
+def _value_players(
+    updates: RoundUpdates,
+    deltas: FloatVector,
+    weights: list[float],
+    loss: LossFunction,
+    settings: ValuationSettings,
+    gradient: GradientFunction | None,
+) -> _PlayerValues:
+    m = deltas.shape[0]
+    zeros = np.zeros(m)
+    if m == 0:
+        return _PlayerValues(ValuationMethod.NONE, zeros, zeros, 0, 0.0, float("nan"))
+    if m > settings.sampled_max_players:
+        if gradient is None:
+            raise MalformedError("first-order valuation needs a validation gradient", players=m)
+        values = first_order_values(gradient, updates.global_params, deltas, weights)
+        return _PlayerValues(ValuationMethod.FIRST_ORDER, values, zeros, 0, float(values.sum()), float("nan"))
+    game = CoalitionGame(loss, updates.global_params, deltas, weights)
+    if m <= settings.exact_max_players:
+        method, values, errors = ValuationMethod.EXACT, exact_shapley(game), zeros
+    else:
+        sampled = sampled_shapley(
+            game,
+            budget=settings.evaluations_per_player * m,
+            seed=round_seed(settings.seed, updates.round_index),
+            within_epsilon=settings.within_epsilon,
+            between_epsilon=settings.between_epsilon,
+            convergence_tolerance=settings.convergence_tolerance,
+        )
+        method, values, errors = ValuationMethod.SAMPLED, sampled.values, sampled.standard_errors
+    return _PlayerValues(method, values, errors, game.evaluations, game.grand_utility(), game.base_loss)
 
 
 def value_round(
@@ -139,56 +189,25 @@ def value_round(
     for p, group in enumerate(players):
         deltas[p] = updates.updates[list(group)].mean(axis=0)
 
-    player_values = np.zeros(m)
-    player_errors = np.zeros(m)
-    evaluations = 0
-    grand = 0.0
-    base = float("nan")
-    if m == 0:
-        method = ValuationMethod.NONE
-    elif m > settings.sampled_max_players:
-        if gradient is None:
-            raise MalformedError("first-order valuation needs a validation gradient", players=m)
-        method = ValuationMethod.FIRST_ORDER
-        player_values = first_order_values(gradient, updates.global_params, deltas, weights)
-        grand = float(player_values.sum())
-    else:
-        game = CoalitionGame(loss, updates.global_params, deltas, weights)
-        base = game.base_loss
-        if m <= settings.exact_max_players:
-            method = ValuationMethod.EXACT
-            player_values = exact_shapley(game)
-        else:
-            method = ValuationMethod.SAMPLED
-            sampled = sampled_shapley(
-                game,
-                budget=settings.evaluations_per_player * m,
-                seed=round_seed(settings.seed, updates.round_index),
-                within_epsilon=settings.within_epsilon,
-                between_epsilon=settings.between_epsilon,
-                convergence_tolerance=settings.convergence_tolerance,
-            )
-            player_values, player_errors = sampled.values, sampled.standard_errors
-        grand = game.grand_utility()
-        evaluations = game.evaluations
+    outcome = _value_players(updates, deltas, weights, loss, settings, gradient)
 
     values = dict.fromkeys(updates.members, 0.0)
     errors = dict.fromkeys(updates.members, 0.0)
     member_weights = dict.fromkeys(updates.members, 0.0)
     for p, group in enumerate(players):
         for i in group:
-            values[updates.members[i]] = float(player_values[p]) / len(group)
-            errors[updates.members[i]] = float(player_errors[p]) / len(group)
+            values[updates.members[i]] = float(outcome.values[p]) / len(group)
+            errors[updates.members[i]] = float(outcome.errors[p]) / len(group)
             member_weights[updates.members[i]] = weights[p] / len(group)
     return RoundValuation(
         round_index=updates.round_index,
-        method=method,
+        method=outcome.method,
         values=values,
         standard_errors=errors,
         flags={updates.members[i]: f for i, f in report.flags.items()},
         players=[tuple(updates.members[i] for i in group) for group in players],
-        evaluations=evaluations,
-        grand_utility=grand,
-        base_loss=base,
+        evaluations=outcome.evaluations,
+        grand_utility=outcome.grand,
+        base_loss=outcome.base_loss,
         weights=member_weights,
     )
