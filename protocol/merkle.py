@@ -38,6 +38,23 @@ def node_hash(left: bytes, right: bytes) -> bytes:
     return hashlib.sha256(_NODE_PREFIX + left + right).digest()
 
 
+def merkle_root(leaves: Sequence[bytes]) -> bytes:
+    """RFC 9162 §2.1.1 tree hash over the leaves' exact bytes, in order; EMPTY_ROOT for no leaves.
+
+    Bottom-up, level by level: pairing adjacent nodes and promoting an unpaired last node unchanged gives the same
+    tree as the RFC's split at the largest power of two below n.
+    """
+    if not leaves:
+        return EMPTY_ROOT
+    level = [leaf_hash(item) for item in leaves]
+    while len(level) > 1:
+        paired = [node_hash(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            paired.append(level[-1])
+        level = paired
+    return level[0]
+
+
 def verify_inclusion(index: int, size: int, leaf: bytes, proof: Sequence[bytes], root: bytes) -> None:
     """Check that the leaf with hash `leaf` sits at `index` in the tree of `size` with `root`.
 

@@ -14,10 +14,11 @@ import pytest
 from conftest import vectors_dir
 
 from edge.sensors.errors import MalformedError
-from edge.sensors.fingerprint import dataset_fingerprint, merkle_root, window_hash
+from edge.sensors.fingerprint import dataset_fingerprint, window_hash
 from edge.sensors.sample import ChannelSpec, Sample
 from edge.sensors.store import Retention, SampleStore
 from edge.sensors.windows import WindowSpec
+from protocol.merkle import merkle_root
 
 ENV = (ChannelSpec("temperature_c", "°C"), ChannelSpec("humidity_pct", "%RH"))
 

@@ -3,10 +3,7 @@
 Each window hashes to `window_hash` (domain-separated SHA-256 over its start time, label, shape and float32 bytes);
 the fingerprint is the RFC 9162 §2.1 Merkle tree hash over those window hashes as leaves, in the order the round
 used them. A member can later prove that one window was in the round with an ordinary inclusion proof against the
-fingerprint, which the ledger helper's verifier (protocol/merkle.py) already checks.
-
-protocol/merkle.py has leaf and node hashing and proof verification but no root-of-a-list function yet, so the root
-is computed here with the same hashing; the lead may move `merkle_root` into protocol/merkle.py.
+fingerprint, which protocol/merkle.py checks.
 """
 
 from __future__ import annotations
@@ -16,6 +13,8 @@ import struct
 from collections.abc import Sequence
 
 import numpy as np
+
+from protocol.merkle import merkle_root
 
 WINDOW_HASH_DOMAIN = b"midgate.window.v1\x00"
 _WINDOW_HEADER = struct.Struct(">qqII")  # t_start_ms, label (-1 = none), channels, length
@@ -29,30 +28,6 @@ def window_hash(t_start_ms: int, label: int, window: np.ndarray) -> bytes:
     channels, length = window.shape
     body = np.ascontiguousarray(window, dtype="<f4").tobytes()
     return hashlib.sha256(WINDOW_HASH_DOMAIN + _WINDOW_HEADER.pack(t_start_ms, label, channels, length) + body).digest()
-
-
-def _leaf(data: bytes) -> bytes:
-    return hashlib.sha256(b"\x00" + data).digest()
-
-
-def _node(left: bytes, right: bytes) -> bytes:
-    return hashlib.sha256(b"\x01" + left + right).digest()
-
-
-def merkle_root(leaves: Sequence[bytes]) -> bytes:
-    """RFC 9162 §2.1.1 MTH over the leaf data in order; SHA-256("") for no leaves.
-
-    Computed bottom-up level by level: pairing adjacent nodes and promoting an unpaired last node unchanged gives
-    the same tree as the RFC's split at the largest power of two below n."""
-    if not leaves:
-        return hashlib.sha256(b"").digest()
-    level = [_leaf(item) for item in leaves]
-    while len(level) > 1:
-        paired = [_node(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
-        if len(level) % 2:
-            paired.append(level[-1])
-        level = paired
-    return level[0]
 
 
 def dataset_fingerprint(window_hashes: Sequence[bytes]) -> bytes:
