@@ -12,7 +12,9 @@ connection; otherwise the broker redelivers it after the reconnect and dedup ans
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -136,12 +138,26 @@ class BrokerSession:
         token = AckToken(self._generation, message.mid, message.qos)
         self._deliver(InboundMessage(message.topic, bytes(message.payload), token, time.monotonic_ns()))
 
-    def settle(self, token: object) -> None:
-        """Acknowledge (if still on the same connection) and free the message's slot. Call exactly once per message."""
+    def settle(self, token: object, ack: bool = True) -> None:
+        """Acknowledge (if still on the same connection) and free the message's slot. Call exactly once per message.
+
+        `ack=False` frees the slot only; the broker redelivers the message after the next reconnect.
+        """
         assert isinstance(token, AckToken)
-        if token.qos > 0 and token.generation == self._generation:
+        if ack and token.qos > 0 and token.generation == self._generation:
             self._client.ack(token.message_id, token.qos)
         self._slots.release()
+
+    def redeliver_unacknowledged(self) -> None:
+        """Drop the connection so that the broker redelivers every unacknowledged message on the resumed session.
+
+        Shutting the socket down (rather than calling paho from this thread) makes paho's own loop see a lost
+        connection and reconnect as it would after a network failure.
+        """
+        sock = self._client.socket()
+        if isinstance(sock, socket.socket):  # also ssl.SSLSocket
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         self._client.publish(topic, payload, qos=qos, retain=retain)

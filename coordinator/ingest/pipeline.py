@@ -175,6 +175,13 @@ class IngestPipeline:
                 verdict.outcome, verdict.reason, verdict.error = Outcome.REJECTED, exc.reason, str(exc)[:300]
                 result.settled.append(verdict)
                 continue
+            except (ValueError, TypeError, KeyError, UnicodeError, RecursionError) as exc:
+                # A parser bug must not take the service down; the refusal is safe because an honest device resends
+                # anything it holds no receipt for.
+                log.exception("unexpected error screening a message", extra={"topic": message.topic[:200]})
+                verdict.outcome, verdict.reason, verdict.error = Outcome.REJECTED, Reason.MALFORMED, repr(exc)[:300]
+                result.settled.append(verdict)
+                continue
             if candidate is None:
                 result.settled.append(verdict)
             else:

@@ -181,9 +181,22 @@ class CoordinatorService:
                     getter.cancel()
                     break
                 batch = await self._collect(getter.result())
-                await self._process(batch)
+                try:
+                    await self._process(batch)
+                except Exception:
+                    await self._recover(batch)
         finally:
             stopper.cancel()
+
+    async def _recover(self, batch: list[InboundMessage]) -> None:
+        """An unexpected failure (a storage error, a bug) must not stop the service or lose messages: leave the whole
+        batch unacknowledged, reconnect so the broker redelivers it, and let dedup sort out what did get committed."""
+        log.exception("batch failed; it will be redelivered", extra={"messages": len(batch)})
+        self.metrics.rejected.labels(reason="internal_error").inc(len(batch))
+        for message in batch:
+            self.session.settle(message.token, ack=False)
+        await asyncio.to_thread(self.session.redeliver_unacknowledged)
+        await asyncio.sleep(1.0)
 
     async def _collect(self, first: InboundMessage) -> list[InboundMessage]:
         ingest = self.settings.ingest
