@@ -15,7 +15,7 @@ import functools
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -93,12 +93,8 @@ class MembershipRunner:
             reconnect=(s.reconnect_min_s, s.reconnect_max_s),
         )
         self.session.start()
-        tasks = [
-            asyncio.create_task(self._spool_loop(stop)),
-            asyncio.create_task(self._publish_loop(stop)),
-            asyncio.create_task(self._receipt_loop(stop)),
-            asyncio.create_task(self._heartbeat_loop(stop)),
-        ]
+        loops = (self._spool_loop, self._publish_loop, self._receipt_loop, self._heartbeat_loop)
+        tasks = [asyncio.create_task(self._supervised(loop, stop)) for loop in loops]
         try:
             await stop.wait()
         finally:
@@ -108,6 +104,18 @@ class MembershipRunner:
             await asyncio.to_thread(self.session.stop)
             await self._in_db(self.outbox.close)
             self._db.shutdown(wait=True)
+
+    async def _supervised(self, loop: Callable[[asyncio.Event], Awaitable[None]], stop: asyncio.Event) -> None:
+        """Run one loop until `stop`; an unexpected error (a full disk, a bug) is logged and the loop restarted,
+        because everything it works on is in the outbox and survives the retry."""
+        while not stop.is_set():
+            try:
+                await loop(stop)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("agent loop failed; restarting it", extra={"loop": loop.__name__})
+                await _sleep_or(stop, 1.0)
 
     def _deliver_threadsafe(self, topic: str, payload: bytes) -> None:
         assert self._loop is not None
