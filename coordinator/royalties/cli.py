@@ -15,10 +15,11 @@ from typing import Annotated
 import typer
 
 from coordinator.ledger.store import LedgerReader, LedgerStore
-from coordinator.royalties.ledger_records import recompute_from_ledger, report_revenue, statement_from_ledger
-from coordinator.royalties.statement import render_statement
 from protocol.errors import ProtocolError
 from protocol.identity import load_signer_key
+
+# The record code (pydantic models, and through the attribution vector numpy) is imported inside the commands:
+# `midgate ledger` mounts recompute-settlement, and every `midgate` invocation imports that module.
 
 app = typer.Typer(no_args_is_help=True, help="Royalty commands over the ledger: recompute settlements, statements.")
 
@@ -30,6 +31,8 @@ def recompute_settlement_command(
     record_id: Annotated[str, typer.Argument(help="the record id of a settlement or royalty leaf")], db: LedgerFile
 ) -> None:
     """Recompute a settlement or royalty record from the inputs stored in its leaf and compare byte for byte."""
+    from coordinator.royalties.ledger_records import recompute_from_ledger
+
     try:
         with LedgerReader.open_existing(db) as reader:
             result = recompute_from_ledger(reader, record_id)
@@ -56,6 +59,9 @@ def statement_command(
     receipts: Annotated[bool, typer.Option(help="print the tlog-proof receipt of every record as JSON")] = False,
 ) -> None:
     """A member's plain statement for a period, from the ledger alone."""
+    from coordinator.royalties.ledger_records import statement_from_ledger
+    from coordinator.royalties.statement import render_statement
+
     try:
         with LedgerReader.open_existing(db) as reader:
             result = statement_from_ledger(reader, member, period_start_ms=start_ms, period_end_ms=end_ms)
@@ -77,6 +83,8 @@ def record_revenue_command(
     log_key: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="the MID's log signing key file")],
 ) -> None:
     """Operator side of a buyer's revenue report: split it by the model's stored attribution and log the split."""
+    from coordinator.royalties.ledger_records import report_revenue
+
     try:
         key = load_signer_key(log_key)
         with LedgerStore.open(db, key) as store:
