@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from coordinator.royalties.cli import app as royalties_app
+
 if TYPE_CHECKING:
     from coordinator.config import CoordinatorSettings
 
@@ -21,6 +23,9 @@ app = typer.Typer(
 ConfigOption = typer.Option(None, "--config", "-c", help="coordinator.toml (env MIDGATE_COORDINATOR_* overrides)")
 OutputDirOption = typer.Option(None, help="where to write mosquitto.conf, acl, passwords, TLS files")
 TlsOption = typer.Option(True, help="write a TLS listener with the MID's own CA")
+
+# Statements and revenue records over the ledger; that module imports its record code only when a command runs.
+app.add_typer(royalties_app, name="royalties")
 
 
 # Imports live inside the commands: every `midgate` invocation (the agent's too) imports this module.
