@@ -18,6 +18,7 @@ from coordinator.federation.job import JobOutcome
 from coordinator.federation.superlink import FlowerCli, SuperLinkProcess
 from coordinator.federation.tls import issue_superlink_tls
 from edge.federated.supernode import NodeKey, SuperNodeProcess, generate_node_key
+from edge.federated.warm_executor import WarmExecutor
 from protocol.tasks.windows import WindowSet, save_window_file, window_fingerprint
 
 APP_DIR = Path(__file__).resolve().parents[1] / "coordinator" / "federation" / "app"
@@ -67,6 +68,12 @@ class Device:
     def spool_dir(self) -> Path:
         return self.supernode.spool_dir
 
+    def start(self) -> None:
+        self.supernode.start()
+
+    def pids(self) -> list[int]:
+        return self.supernode.pids()
+
 
 @dataclass
 class Federation:
@@ -90,7 +97,13 @@ class Federation:
         self.cli.write_config()
 
     def add_device(
-        self, name: str, windows: WindowSet, *, register: bool = True, env: dict[str, str] | None = None
+        self,
+        name: str,
+        windows: WindowSet,
+        *,
+        register: bool = True,
+        env: dict[str, str] | None = None,
+        warm: bool = False,
     ) -> Device:
         assert self.superlink is not None and self.cli is not None
         home = self.root / name
@@ -108,6 +121,7 @@ class Federation:
             clientappio_port=free_port(),
             extra_env=env,
             log_path=self.root / f"{name}.log",
+            warm=WarmExecutor(home / "warm", log_path=self.root / f"{name}-warm.log") if warm else None,
         )
         device = Device(name, key, node_id, supernode)
         self.devices.append(device)

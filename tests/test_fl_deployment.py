@@ -35,9 +35,14 @@ def federation(tmp_path: Path) -> Iterator[Federation]:
         fed.print_logs()
 
 
-def _start_devices(fed: Federation, count: int) -> None:
+WARM_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
+
+
+def _start_devices(fed: Federation, count: int, warm: bool = False) -> None:
+    """`warm`: midgate's device configuration (process isolation, ClientApps forked from the warm executor);
+    otherwise Flower's default (a fresh ClientApp process per message)."""
     for i, part in enumerate(split_by_label(plaid_windows("train"), count, seed=1)):
-        fed.add_device(f"dev{i}", part)
+        fed.add_device(f"dev{i}", part, warm=warm, env=WARM_ENV if warm else None)
     for device in fed.devices:
         device.supernode.start()
 
@@ -59,7 +64,7 @@ def _wait_for(predicate: object, timeout: float, what: str) -> None:
 
 
 def test_three_round_job_records_match_the_updates_the_strategy_received(federation: Federation) -> None:
-    _start_devices(federation, 3)
+    _start_devices(federation, 3, warm=True)
     run_id = federation.submit(plaid_windows("test"), **{"num-rounds": 3, "local-epochs": 2})
     status, outcome = federation.wait_outcome(run_id, timeout=240)
     assert status == "finished:completed"
@@ -94,14 +99,15 @@ def test_three_round_job_records_match_the_updates_the_strategy_received(federat
 
 
 def test_supernode_killed_mid_round_is_dropped_and_the_job_completes(federation: Federation) -> None:
-    _start_devices(federation, 3)
+    _start_devices(federation, 3, warm=True)
     victim = federation.devices[2]
     run_id = federation.submit(plaid_windows("test"), **{"num-rounds": 3, "min-nodes": 2, "round-timeout": 20.0})
     log = victim.supernode.log_path
     assert log is not None
     _wait_for(lambda: log.read_text().count("Received successfully") >= 2, 120, "the victim to receive round 2")
     killed = victim.supernode.kill()
-    assert len(killed) >= 2 and not [pid for pid in killed if _alive(pid)]  # SuperNode, SuperExec (+ ClientApp)
+    # launchers, warm executor, SuperNode, SuperExec (+ ClientApp): all gone
+    assert len(killed) >= 5 and not [pid for pid in killed if _alive(pid)]
 
     status, outcome = federation.wait_outcome(run_id, timeout=240)
     assert status == "finished:completed"

@@ -34,6 +34,9 @@ class JobRunConfig(BaseModel):
     max_examples: cap on self-reported example counts used as aggregation weights.
     seed: model initialisation seed.
     dp_noise_multiplier, dp_clipping_norm: central DP with client-side fixed clipping when clipping norm > 0.
+    reply_poll_interval: seconds between reply pulls while a round is open (default 0.1; Flower's grid uses 3).
+    federated_evaluate: also send Flower's federated evaluate message each round (default False: evaluation is
+        centralised on the buyer's validation set; True only to measure Flower's default behaviour).
     """
 
     model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
@@ -51,6 +54,8 @@ class JobRunConfig(BaseModel):
     seed: int = Field(default=0, ge=0)
     dp_noise_multiplier: float = Field(alias="dp-noise-multiplier", default=0.0, ge=0)
     dp_clipping_norm: float = Field(alias="dp-clipping-norm", default=0.0, ge=0)
+    reply_poll_interval: float = Field(alias="reply-poll-interval", default=0.1, gt=0, le=60)
+    federated_evaluate: bool = Field(alias="federated-evaluate", default=False)
 
     @field_validator("selected_nodes", mode="before")
     @classmethod
@@ -88,6 +93,7 @@ class JobOutcome(BaseModel):
     drops: list[NodeDropRecord] = Field(default_factory=list)
     validation: dict[int, dict[str, float]] = Field(default_factory=dict)
     final_model_sha256: str = ""
+    round_seconds: dict[int, float] = Field(default_factory=dict)  # wall time of each round, aggregation included
     privacy: dict[str, float] = Field(default_factory=dict)
     seconds: float = 0.0
 

@@ -17,6 +17,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, 
 
 from coordinator.federation.capture import CaptureDirectory
 from coordinator.federation.job import JobOutcome, JobRunConfig, NodeDropRecord
+from coordinator.federation.polling_grid import PollingGrid
 from coordinator.federation.strategy import JobFailedError, JobStrategy
 from protocol.tasks.arrays import arrays_sha256
 from protocol.tasks.models import build_model, evaluate, load_arrays, model_arrays
@@ -34,8 +35,10 @@ class ValidationEvaluator:
         self.validation = validation
         self.model = build_model(spec)
         self.history: dict[int, dict[str, float]] = {}
+        self.evaluated_at: dict[int, float] = {}  # monotonic time each round's global model was ready
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        self.evaluated_at[server_round] = time.monotonic()
         load_arrays(self.model, {name: a.numpy() for name, a in arrays.items()})
         metrics = evaluate(self.spec, self.model, self.validation.x, self.validation.y)
         self.history[server_round] = metrics
@@ -43,7 +46,11 @@ class ValidationEvaluator:
 
 
 def _inner_strategy(job: JobRunConfig) -> Strategy:
-    fedavg = FedAvg(fraction_evaluate=0.0, min_available_nodes=job.min_nodes, min_train_nodes=job.min_nodes)
+    fedavg = FedAvg(
+        fraction_evaluate=1.0 if job.federated_evaluate else 0.0,
+        min_available_nodes=job.min_nodes,
+        min_train_nodes=job.min_nodes,
+    )
     if job.dp_clipping_norm <= 0:
         return fedavg
     return DifferentialPrivacyClientSideFixedClipping(
@@ -66,11 +73,12 @@ def run_job(grid: Grid, run_id: int, job: JobRunConfig) -> JobOutcome:
         max_weight=job.max_examples,
         join_timeout=job.join_timeout,
         run_id=run_id,
+        federated_evaluate=job.federated_evaluate,
     )
     outcome = JobOutcome(run_id=run_id, status="failed", reason="internal_error")
     try:
         result = strategy.start(
-            grid,
+            PollingGrid(grid, job.reply_poll_interval),
             ArrayRecord({name: Array(a) for name, a in model_arrays(build_model(spec, seed=job.seed)).items()}),
             num_rounds=job.num_rounds,
             timeout=job.round_timeout,
@@ -92,6 +100,11 @@ def run_job(grid: Grid, run_id: int, job: JobRunConfig) -> JobOutcome:
             for d in strategy.drops
         ]
         outcome.validation = dict(evaluator.history)
+        outcome.round_seconds = {
+            r: evaluator.evaluated_at[r] - evaluator.evaluated_at[r - 1]
+            for r in sorted(evaluator.evaluated_at)
+            if r - 1 in evaluator.evaluated_at
+        }
         if outcome.status == "failed":
             outcome.rounds_completed = max((r for r in evaluator.history), default=0)
         outcome.seconds = time.monotonic() - started

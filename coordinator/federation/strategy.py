@@ -66,6 +66,9 @@ class JobStrategy(Strategy):
         Weight every node 1 (required by Flower's DP accountant); default False.
     run_id:
         The Flower run id, recorded in captures.
+    federated_evaluate:
+        Delegate Flower's federated evaluate round to the inner strategy (default False: the job is evaluated
+        centrally on the buyer's validation set, which saves a round trip per round).
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class JobStrategy(Strategy):
         join_timeout: float = 60.0,
         uniform_weights: bool = False,
         run_id: int = 0,
+        federated_evaluate: bool = False,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -92,6 +96,7 @@ class JobStrategy(Strategy):
         self.join_timeout = join_timeout
         self.uniform_weights = uniform_weights
         self.run_id = run_id
+        self.federated_evaluate = federated_evaluate
         self._clock = clock
         self._sleep = sleep
         self.dropped: dict[int, NodeDrop] = {}  # nodes that died; not asked again in this job
@@ -220,8 +225,16 @@ class JobStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        # Evaluation is centralised on the buyer's validation set (evaluate_fn): no federated evaluate round trip.
-        return []
+        if not self.federated_evaluate:
+            return []  # evaluated centrally on the buyer's validation set (evaluate_fn): no extra round trip
+        live = frozenset(self._sent - set(self.dropped))
+        target = getattr(self.inner, "strategy", self.inner)
+        for name, value in (("fraction_evaluate", 1.0), ("min_evaluate_nodes", len(live))):
+            if hasattr(target, name):
+                setattr(target, name, value)
+        return self.inner.configure_evaluate(server_round, arrays, config, cast(Grid, _SelectedNodes(grid, live)))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return None
+        if not self.federated_evaluate:
+            return None
+        return self.inner.aggregate_evaluate(server_round, [r for r in replies if not r.has_error()])

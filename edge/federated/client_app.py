@@ -25,6 +25,7 @@ from edge.federated.training import LocalTrainingConfig, train_round
 from protocol.errors import MalformedError
 from protocol.tasks.arrays import arrays_sha256
 from protocol.tasks.contribution import ContributionRecord, DPParams
+from protocol.tasks.models import build_model, evaluate, load_arrays
 from protocol.tasks.spec import get_task
 from protocol.tasks.windows import load_window_file
 
@@ -123,3 +124,17 @@ def train(msg: Message, context: Context) -> Message:
     )
     update = ArrayRecord({name: Array(value) for name, value in result.arrays.items()})
     return Message(content=RecordDict({arrays_key: update, "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_local(msg: Message, context: Context) -> Message:
+    """Flower's federated evaluate on the local windows. midgate jobs evaluate centrally on the buyer's validation
+    set and never send this message; it exists so Flower's default configuration can be measured against them."""
+    settings = LocalTrainingConfig.from_run_config(context.run_config)
+    spec = get_task(settings.task_id, settings.task_version)
+    windows = load_window_file(_node_path(context, "data-path"), spec)
+    model = build_model(spec)
+    load_arrays(model, _numpy(msg.content.array_records[_only_record(msg.content.array_records, "ArrayRecord")]))
+    metrics: dict[str, int | float | list[int] | list[float]] = dict(evaluate(spec, model, windows.x, windows.y))
+    metrics["num-examples"] = len(windows)
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -22,6 +22,8 @@ import psutil
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from edge.federated.warm_executor import WarmExecutor
+
 # Flower's own exit code (flwr.supercore.exit.ExitCode.SUPERNODE_CONNECTION_ERROR), logged as "Exit Code: 305"
 # when the SuperLink refuses to activate the node (e.g. its key is not registered); the process itself exits 1,
 # as every failing Flower process does, so supervision reads the code from the log.
@@ -99,6 +101,9 @@ class SuperNodeProcess:
     data_path, spool_dir: handed to the ClientApp as node config `data-path` and `spool-dir`.
     clientappio_port: the SuperNode's local port for its ClientApps (Flower's default 9094 would collide).
     extra_env: e.g. FLWR_SUPEREXEC_TASK_POLL_INTERVAL.
+    warm: when given, the SuperNode runs with `--isolation process` and its SuperExec and ClientApps are forked
+        from this warm executor (edge.federated.warm_executor), which `start` starts and `stop` stops; otherwise
+        Flower's default: the SuperNode starts its own SuperExec, which starts a fresh ClientApp per message.
     """
 
     flwr_home: Path
@@ -108,15 +113,19 @@ class SuperNodeProcess:
     data_path: Path
     spool_dir: Path
     clientappio_port: int
-    isolation: str = "subprocess"
     extra_env: dict[str, str] | None = None
     log_path: Path | None = None
+    warm: WarmExecutor | None = None
     proc: subprocess.Popen[bytes] | None = None
+    superexec: subprocess.Popen[bytes] | None = None
+
+    def _command(self, name: str) -> str:
+        return str(self.warm.bin_dir / name) if self.warm is not None else _flower_executable(name)
 
     def argv(self) -> list[str]:
         node_config = f"data-path={_quote(str(self.data_path))} spool-dir={_quote(str(self.spool_dir))}"
         return [
-            _flower_executable("flower-supernode"),
+            self._command("flower-supernode"),
             "--superlink",
             self.superlink,
             "--root-certificates",
@@ -126,7 +135,7 @@ class SuperNodeProcess:
             "--node-config",
             node_config,
             "--isolation",
-            self.isolation,
+            "process" if self.warm is not None else "subprocess",
             "--host",
             "127.0.0.1",
             "--port",
@@ -136,54 +145,82 @@ class SuperNodeProcess:
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(self.flwr_home), "PYTHONUNBUFFERED": "1"})
-        # Flower starts its SuperExec and ClientApp processes by bare name, so the scripts directory goes on PATH.
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        # Flower starts its SuperExec and ClientApp processes by bare name, so the scripts directory goes on PATH,
+        # after the warm executor's launchers when there is one.
+        path = [str(Path(sys.executable).parent), env.get("PATH", "")]
+        if self.warm is not None:
+            path.insert(0, str(self.warm.bin_dir))
+        env["PATH"] = os.pathsep.join(path)
         env.update(self.extra_env or {})
         return env
 
     def start(self) -> None:
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         self.spool_dir.mkdir(parents=True, exist_ok=True)
+        if self.warm is not None and not self.warm.pids():
+            self.warm.start()
         log = (self.log_path or self.flwr_home / "supernode.log").open("ab")
-        self.proc = subprocess.Popen(
-            self.argv(), stdout=log, stderr=subprocess.STDOUT, env=self.env(), start_new_session=True
-        )
+        env = self.env()
+        self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        if self.warm is not None:
+            superexec = [
+                self._command("flower-superexec"),
+                "--runtime-api-address",
+                f"127.0.0.1:{self.clientappio_port}",
+                "--insecure",
+                "--parent-pid",
+                str(self.proc.pid),
+            ]
+            self.superexec = subprocess.Popen(
+                superexec, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         log.close()
 
     def pids(self) -> list[int]:
-        """The SuperNode and every live process below it (SuperExec, ClientApps), for supervision and memory."""
-        if self.proc is None or self.proc.poll() is not None:
-            return []
-        with contextlib.suppress(psutil.Error):
-            return [self.proc.pid, *(c.pid for c in psutil.Process(self.proc.pid).children(recursive=True))]
-        return []
+        """Every live process of this SuperNode: launchers, SuperNode, SuperExec, ClientApps, warm executor."""
+        found: list[int] = []
+        for proc in (self.proc, self.superexec):
+            if proc is not None and proc.poll() is None:
+                with contextlib.suppress(psutil.Error):
+                    found += [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
+        if self.warm is not None:
+            found += self.warm.pids()
+        return found
 
     def stop(self, grace: float = 10.0) -> int | None:
-        """SIGTERM the SuperNode's group, SIGKILL what is left after `grace`, then end its detached descendants
-        (Flower starts the SuperExec in a new session) by PID; returns the SuperNode's exit code."""
+        """SIGTERM the SuperNode (and SuperExec), SIGKILL what is left after `grace`, end detached descendants
+        (Flower starts its SuperExec in a new session) by PID, stop the warm executor; returns the SuperNode's
+        exit code."""
         if self.proc is None:
             return None
-        below = self.pids()[1:]
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=grace)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        code = self.proc.wait(timeout=grace)
+        below = self.pids()
+        for proc in (self.superexec, self.proc):
+            if proc is not None and proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        for proc in (self.superexec, self.proc):
+            if proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=grace)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=grace)
+        if self.warm is not None:
+            self.warm.stop(grace)
         _kill_pids(below, grace)
-        return code
+        return self.proc.returncode
 
     def kill(self) -> list[int]:
-        """SIGKILL the SuperNode and everything below it at once, as a power cut would; returns the PIDs killed."""
+        """SIGKILL every process of this SuperNode at once, as a power cut would; returns the PIDs killed."""
         if self.proc is None:
             return []
         victims = self.pids()
         for pid in victims:
             with contextlib.suppress(psutil.Error):
                 psutil.Process(pid).kill()
-        self.proc.wait(timeout=10)
+        for proc in (self.proc, self.superexec, self.warm.proc if self.warm else None):
+            if proc is not None:
+                proc.wait(timeout=10)
         psutil.wait_procs([p for p in (_process(pid) for pid in victims) if p is not None], timeout=10)
         return victims
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from protocol.tasks.models import build_model, evaluate, load_arrays, model_arrays, train_epochs
@@ -25,6 +26,8 @@ class LocalTrainingConfig(BaseModel):
     lr: Adam learning rate (default 0.003).
     max_examples: at most this many windows per round, sampled per round from the seed (default 100000).
     seed: base seed; the round number is added so every round shuffles differently but reproducibly.
+    torch_threads: intra-op threads for local training (default 1: the models are tiny, and more threads only
+        contend with each other and with Flower's processes on a small device; measured in bench/fl_bench.py).
     """
 
     model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
@@ -36,6 +39,7 @@ class LocalTrainingConfig(BaseModel):
     lr: float = Field(default=0.003, gt=0, le=10)
     max_examples: int = Field(alias="max-examples", default=100_000, ge=1)
     seed: int = Field(default=0, ge=0)
+    torch_threads: int = Field(alias="torch-threads", default=1, ge=1, le=256)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, object]) -> LocalTrainingConfig:
@@ -58,6 +62,7 @@ def train_round(
     server_round: int,
 ) -> RoundResult:
     """Train the global model on (a round-seeded sample of) the windows; losses are measured on the same sample."""
+    torch.set_num_threads(settings.torch_threads)
     x, y = windows.x, windows.y
     if len(x) > settings.max_examples:
         pick = np.random.default_rng(settings.seed + server_round).choice(len(x), settings.max_examples, replace=False)

@@ -1,0 +1,208 @@
+"""Federated round overhead, device memory and federated-vs-central accuracy on Flower's Deployment Engine.
+
+    .venv/bin/python bench/fl_bench.py rounds     # round wall time + device memory: Flower default vs midgate
+    .venv/bin/python bench/fl_bench.py accuracy   # PLAID non-IID across 5 devices vs central training
+
+`rounds` runs the same job (plaid-appliance@1, 5 devices, 64 windows per device per round, 1 local epoch) twice in
+one run, each on a fresh TLS SuperLink with authenticated SuperNodes:
+  baseline "flower-default": Flower 1.42 defaults: subprocess isolation (a fresh ClientApp process per message),
+      SuperExec task poll 1 s, Flower's grid (3 s reply poll), federated evaluate every round;
+  "midgate": centralised evaluation on the buyer's validation set, SuperExec poll 0.2 s, 0.1 s reply poll, and the
+      warm executor (ClientApps forked from a parent that already imported torch) when --warm is given.
+Round time is the wall time between two consecutive global models (rounds 2.. to leave out the one-time app
+install); memory is the peak over the job of the summed RSS, and of the summed PSS (shared pages counted once), of
+every process of one device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+import numpy as np
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from flower_fixtures import Federation, plaid_windows, split_by_label
+
+from protocol.tasks.models import build_model, evaluate, train_epochs
+from protocol.tasks.spec import get_task
+
+
+class MemorySampler:
+    """Samples the summed RSS and PSS of a changing set of processes every `interval` seconds."""
+
+    def __init__(self, pids: Callable[[], list[int]], interval: float = 0.25) -> None:
+        self.pids = pids
+        self.interval = interval
+        self.peak_rss = 0
+        self.peak_pss = 0
+        self.peak_breakdown: list[tuple[str, int, int]] = []  # (process, rss, pss) at the PSS peak
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss = pss = 0
+            breakdown = []
+            for pid in self.pids():
+                try:
+                    proc = psutil.Process(pid)
+                    info = proc.memory_full_info()
+                    name = " ".join(proc.cmdline()[1:3])[-60:]
+                except psutil.Error:
+                    continue
+                rss += info.rss
+                pss += getattr(info, "pss", info.rss)
+                breakdown.append((name, info.rss, getattr(info, "pss", info.rss)))
+            self.peak_rss = max(self.peak_rss, rss)
+            if pss > self.peak_pss:
+                self.peak_pss, self.peak_breakdown = pss, breakdown
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+CONFIGS: dict[str, dict[str, object]] = {
+    "flower-default": {
+        "env": {},
+        "run": {"reply-poll-interval": 3.0, "federated-evaluate": True},
+        "warm": False,
+    },
+    "midgate": {
+        "env": {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"},
+        "run": {"reply-poll-interval": 0.1, "federated-evaluate": False},
+        "warm": True,
+    },
+}
+
+
+def run_job(name: str, root: Path, devices: int, rounds: int, warm: bool) -> dict[str, object]:
+    config = CONFIGS[name]
+    fed = Federation(root)
+    try:
+        fed.start()
+        parts = split_by_label(plaid_windows("train"), devices, seed=0)
+        for i, part in enumerate(parts):
+            fed.add_device(f"dev{i}", part, env=dict(config["env"]), warm=warm and bool(config["warm"]))  # type: ignore[arg-type]
+        for device in fed.devices:
+            device.start()
+        run_config: dict[str, str | int | float] = {"num-rounds": rounds, "max-examples": 64, "min-nodes": devices}
+        run_config.update(config["run"])  # type: ignore[arg-type]
+        started = time.monotonic()
+        with MemorySampler(fed.devices[0].pids) as memory:
+            run_id = fed.submit(plaid_windows("test"), **run_config)
+            status, outcome = fed.wait_outcome(run_id, timeout=600)
+        total = time.monotonic() - started
+        if status != "finished:completed" or outcome is None:
+            fed.print_logs(60)
+            raise SystemExit(f"{name}: run ended {status}")
+        steady = [outcome.round_seconds[r] for r in range(2, rounds + 1)]
+        return {
+            "round_s": statistics.median(steady),
+            "round1_s": outcome.round_seconds[1],
+            "job_s": total,
+            "rss_mb": memory.peak_rss / 2**20,
+            "pss_mb": memory.peak_pss / 2**20,
+            "accuracy": outcome.validation[rounds]["accuracy"],
+            "breakdown": memory.peak_breakdown,  # type: ignore[dict-item]
+        }
+    finally:
+        fed.stop()
+
+
+def bench_rounds(args: argparse.Namespace) -> None:
+    results: dict[str, dict[str, float]] = {}
+    with TemporaryDirectory(prefix="fl_bench_") as tmp:
+        for name in args.configs:
+            results[name] = run_job(name, Path(tmp) / name, args.devices, args.rounds, args.warm)  # type: ignore[assignment]
+            r = results[name]
+            print(
+                f"{name:15s} round {r['round_s']:6.2f} s (round 1 {r['round1_s']:5.2f} s, job {r['job_s']:6.1f} s)  "
+                f"device peak RSS {r['rss_mb']:5.0f} MB  PSS {r['pss_mb']:5.0f} MB  accuracy {r['accuracy']:.3f}",
+                flush=True,
+            )
+            if args.verbose:
+                for proc, rss, pss in r["breakdown"]:  # type: ignore[attr-defined]
+                    print(f"    {proc:60s} RSS {rss / 2**20:6.0f} MB  PSS {pss / 2**20:6.0f} MB")
+    if len(results) < 2:
+        return
+    base, ours = results["flower-default"], results["midgate"]
+    print(f"round time ratio midgate / flower-default = {ours['round_s'] / base['round_s']:.3f} (target <= 0.15)")
+    print(f"device peak RSS midgate = {ours['rss_mb']:.0f} MB, PSS {ours['pss_mb']:.0f} MB (target <= 450 MB)")
+
+
+def bench_accuracy(args: argparse.Namespace) -> None:
+    spec = get_task("plaid-appliance", 1)
+    train, test = plaid_windows("train"), plaid_windows("test")
+    parts = split_by_label(train, args.devices, seed=0, alpha=args.alpha)
+    print(f"split: PLAID train ({len(train)} recordings) over {args.devices} devices, Dirichlet(alpha={args.alpha})")
+    for i, part in enumerate(parts):
+        assert part.y is not None
+        print(f"  dev{i}: {len(part)} windows, classes {np.bincount(part.y, minlength=11).tolist()}")
+    epochs = args.rounds * args.local_epochs
+    central = build_model(spec)
+    train_epochs(spec, central, train.x, train.y, epochs=epochs, batch_size=32, lr=0.003, seed=0)
+    central_acc = evaluate(spec, central, test.x, test.y)["accuracy"]
+    print(f"central: {epochs} epochs on the union, PLAID test accuracy {central_acc:.3f}", flush=True)
+    with TemporaryDirectory(prefix="fl_bench_") as tmp:
+        fed = Federation(Path(tmp))
+        try:
+            fed.start()
+            for i, part in enumerate(parts):
+                fed.add_device(f"dev{i}", part, env=dict(CONFIGS["midgate"]["env"]), warm=args.warm)  # type: ignore[arg-type]
+            for device in fed.devices:
+                device.start()
+            run_id = fed.submit(
+                test,
+                **{
+                    "num-rounds": args.rounds,
+                    "local-epochs": args.local_epochs,
+                    "min-nodes": args.devices,
+                    "round-timeout": 300.0,
+                },
+            )
+            status, outcome = fed.wait_outcome(run_id, timeout=1200)
+        finally:
+            fed.stop()
+    if status != "finished:completed" or outcome is None:
+        raise SystemExit(f"federated run ended {status}")
+    fed_acc = outcome.validation[args.rounds]["accuracy"]
+    print(f"federated: {args.rounds} rounds x {args.local_epochs} local epochs, PLAID test accuracy {fed_acc:.3f}")
+    print(f"gap central - federated = {100 * (central_acc - fed_acc):.1f} points (target <= 3)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["rounds", "accuracy"])
+    parser.add_argument("--devices", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--local-epochs", type=int, default=2)
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--warm", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--verbose", action="store_true", help="per-process memory at the peak")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    args = parser.parse_args()
+    if args.what == "rounds":
+        args.rounds = args.rounds or 4
+        bench_rounds(args)
+    else:
+        args.rounds = args.rounds or 20
+        bench_accuracy(args)
+
+
+if __name__ == "__main__":
+    main()

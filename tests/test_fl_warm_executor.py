@@ -1,0 +1,87 @@
+"""The warm executor: launchers reach the warm parent, which forks the real Flower entry point with the launcher's
+argv, environment, working directory and standard streams, and the launcher exits with the child's status."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from edge.federated.warm_executor import WarmExecutor, install_launchers
+
+
+@pytest.fixture
+def warm(tmp_path: Path) -> Iterator[WarmExecutor]:
+    executor = WarmExecutor(tmp_path / "warm")
+    executor.start()
+    try:
+        yield executor
+    finally:
+        executor.stop()
+        print((tmp_path / "warm" / "warm.log").read_text(errors="replace")[-4000:])
+
+
+def test_launcher_runs_the_flower_entry_point_in_a_forked_child(warm: WarmExecutor, tmp_path: Path) -> None:
+    out = subprocess.run(
+        [str(warm.bin_dir / "flower-superexec"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert out.returncode == 0
+    assert "usage: flower-superexec" in out.stdout  # argv[0] and the stdout descriptor reached the child
+    children = psutil.Process(warm.pids()[0]).children()
+    assert children == []  # the child was reaped
+
+
+def test_launcher_returns_the_child_exit_status_and_stderr(warm: WarmExecutor) -> None:
+    out = subprocess.run(
+        [str(warm.bin_dir / "flwr-clientapp"), "--no-such-flag"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 2  # argparse's usage error, from the forked Flower entry point
+    assert "flwr-clientapp: error:" in out.stderr  # the child's stderr is the launcher's
+
+
+def test_launcher_forwards_sigterm_to_the_child(warm: WarmExecutor, tmp_path: Path) -> None:
+    # A SuperExec pointed at a closed port keeps retrying until it is told to stop.
+    launcher = subprocess.Popen(
+        [str(warm.bin_dir / "flower-superexec"), "--runtime-api-address", "127.0.0.1:9", "--insecure"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(tmp_path / "home")},
+    )
+    try:
+        parent = psutil.Process(warm.pids()[0])
+        deadline = time.monotonic() + 30
+        while not parent.children() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (child,) = parent.children()
+        assert launcher.poll() is None
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=30)
+        gone, _ = psutil.wait_procs([child], timeout=30)
+        assert gone == [child]
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+
+
+def test_launcher_falls_back_to_the_plain_command_without_a_warm_parent(tmp_path: Path) -> None:
+    bin_dir = install_launchers(tmp_path / "bin", tmp_path / "absent.sock")
+    out = subprocess.run(
+        [str(bin_dir / "flower-superexec"), "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0 and "usage: flower-superexec" in out.stdout
