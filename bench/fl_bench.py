@@ -155,9 +155,13 @@ def bench_accuracy(args: argparse.Namespace) -> None:
         print(f"  dev{i}: {len(part)} windows, classes {np.bincount(part.y, minlength=11).tolist()}")
     epochs = args.rounds * args.local_epochs
     central = build_model(spec)
-    train_epochs(spec, central, train.x, train.y, epochs=epochs, batch_size=32, lr=0.003, seed=0)
+    train_epochs(spec, central, train.x, train.y, epochs=epochs, batch_size=args.batch_size, lr=args.lr, seed=0)
     central_acc = evaluate(spec, central, test.x, test.y)["accuracy"]
-    print(f"central: {epochs} epochs on the union, PLAID test accuracy {central_acc:.3f}", flush=True)
+    print(
+        f"central: {epochs} epochs on the union (Adam lr {args.lr}, batch {args.batch_size}), "
+        f"PLAID test accuracy {central_acc:.3f}",
+        flush=True,
+    )
     with TemporaryDirectory(prefix="fl_bench_") as tmp:
         fed = Federation(Path(tmp))
         try:
@@ -171,6 +175,9 @@ def bench_accuracy(args: argparse.Namespace) -> None:
                 **{
                     "num-rounds": args.rounds,
                     "local-epochs": args.local_epochs,
+                    "batch-size": args.batch_size,
+                    "lr": args.lr,
+                    "server-momentum": args.server_momentum,
                     "min-nodes": args.devices,
                     "round-timeout": 300.0,
                 },
@@ -181,7 +188,10 @@ def bench_accuracy(args: argparse.Namespace) -> None:
     if status != "finished:completed" or outcome is None:
         raise SystemExit(f"federated run ended {status}")
     fed_acc = outcome.validation[args.rounds]["accuracy"]
-    print(f"federated: {args.rounds} rounds x {args.local_epochs} local epochs, PLAID test accuracy {fed_acc:.3f}")
+    print(
+        f"federated: {args.rounds} rounds x {args.local_epochs} local epochs (same optimiser settings, FedAvgM "
+        f"server momentum {args.server_momentum}), PLAID test accuracy {fed_acc:.3f}"
+    )
     print(f"gap central - federated = {100 * (central_acc - fed_acc):.1f} points (target <= 3)")
 
 
@@ -192,6 +202,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=0.006)
+    parser.add_argument("--server-momentum", type=float, default=0.5)
     parser.add_argument("--warm", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--verbose", action="store_true", help="per-process memory at the peak")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 from flower_fixtures import Federation, plaid_windows, split_by_label
@@ -18,6 +19,7 @@ from edge.federated.spool import pending_records
 from edge.federated.supernode import EXIT_NODE_NOT_REGISTERED
 from protocol.errors import UpdateMismatchError
 from protocol.tasks.contribution import parse_contribution_record
+from protocol.tasks.models import build_model, model_arrays
 from protocol.tasks.spec import get_task
 from protocol.tasks.windows import load_window_file
 
@@ -141,3 +143,26 @@ def test_device_with_an_unregistered_key_cannot_join(federation: Federation) -> 
     assert stranger.supernode.wait_exit(timeout=60) not in (None, 0)
     assert stranger.supernode.flower_exit_code() == EXIT_NODE_NOT_REGISTERED
     assert pending_records(stranger.spool_dir) == []
+
+
+def test_dp_job_clips_updates_on_devices_and_reports_privacy_spent(federation: Federation) -> None:
+    _start_devices(federation, 3, warm=True)
+    clip = 0.05
+    run_id = federation.submit(
+        plaid_windows("test"), **{"num-rounds": 2, "dp-clipping-norm": clip, "dp-noise-multiplier": 0.8}
+    )
+    status, outcome = federation.wait_outcome(run_id, timeout=240)
+    assert status == "finished:completed"
+    assert outcome is not None and outcome.status == "finished"
+    assert 0 < outcome.privacy["epsilon"] < float("inf") and outcome.privacy["releases"] == 2
+    spec = get_task("plaid-appliance", 1)
+    initial = model_arrays(build_model(spec, seed=0))
+    captures = CaptureDirectory(federation.run_dir(run_id))
+    for update in captures.load_round(1).updates:
+        norm = np.sqrt(sum(float(np.sum((update.arrays[k] - initial[k]) ** 2)) for k in initial))
+        assert norm <= clip * (1 + 1e-4)  # fixedclipping_mod ran on the device before the update was sent
+    for device in federation.devices:
+        for path in pending_records(device.spool_dir):
+            record = parse_contribution_record(path.read_bytes())
+            assert record.dp is not None and record.dp.clipping_norm == clip
+            check_contribution(record, captures.load_round(record.round))  # hashed after clipping

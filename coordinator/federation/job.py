@@ -33,7 +33,11 @@ class JobRunConfig(BaseModel):
     output_dir: where the run's captures, final model and outcome go (a subdirectory per run id).
     max_examples: cap on self-reported example counts used as aggregation weights.
     seed: model initialisation seed.
-    dp_noise_multiplier, dp_clipping_norm: central DP with client-side fixed clipping when clipping norm > 0.
+    dp_noise_multiplier, dp_clipping_norm: central DP with client-side fixed clipping when clipping norm > 0
+        (Flower's fixedclipping_mod + DifferentialPrivacyClientSideFixedClipping); with noise > 0 the privacy spent
+        is accounted by Flower's RDP accountant at `dp_delta` (default 1e-5) and reported in the outcome.
+    server_momentum: FedAvgM's server momentum (default 0: plain FedAvg; ignored under DP, whose accountant needs
+        FedAvg); helps on non-IID splits (bench/fl_bench.py accuracy).
     reply_poll_interval: seconds between reply pulls while a round is open (default 0.1; Flower's grid uses 3).
     federated_evaluate: also send Flower's federated evaluate message each round (default False: evaluation is
         centralised on the buyer's validation set; True only to measure Flower's default behaviour).
@@ -54,6 +58,8 @@ class JobRunConfig(BaseModel):
     seed: int = Field(default=0, ge=0)
     dp_noise_multiplier: float = Field(alias="dp-noise-multiplier", default=0.0, ge=0)
     dp_clipping_norm: float = Field(alias="dp-clipping-norm", default=0.0, ge=0)
+    dp_delta: float = Field(alias="dp-delta", default=1e-5, gt=0, lt=1)
+    server_momentum: float = Field(alias="server-momentum", default=0.0, ge=0, lt=1)
     reply_poll_interval: float = Field(alias="reply-poll-interval", default=0.1, gt=0, le=60)
     federated_evaluate: bool = Field(alias="federated-evaluate", default=False)
 

@@ -13,7 +13,9 @@ import time
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg, Strategy
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg, FedAvgM, Strategy
+from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
+from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from coordinator.federation.capture import CaptureDirectory
 from coordinator.federation.job import JobOutcome, JobRunConfig, NodeDropRecord
@@ -46,16 +48,42 @@ class ValidationEvaluator:
 
 
 def _inner_strategy(job: JobRunConfig) -> Strategy:
-    fedavg = FedAvg(
-        fraction_evaluate=1.0 if job.federated_evaluate else 0.0,
-        min_available_nodes=job.min_nodes,
-        min_train_nodes=job.min_nodes,
-    )
+    """FedAvg (FedAvgM with server momentum), wrapped in Flower's client-side fixed-clipping DP (with its RDP
+    accountant when noise is added; the accountant supports plain FedAvg only)."""
+    common = {
+        "fraction_evaluate": 1.0 if job.federated_evaluate else 0.0,
+        "min_available_nodes": job.min_nodes,
+        "min_train_nodes": job.min_nodes,
+    }
     if job.dp_clipping_norm <= 0:
-        return fedavg
+        if job.server_momentum > 0:
+            return FedAvgM(server_momentum=job.server_momentum, **common)  # type: ignore[arg-type]
+        return FedAvg(**common)  # type: ignore[arg-type]
+    fedavg = FedAvg(**common)  # type: ignore[arg-type]
+    accountant = None
+    if job.dp_noise_multiplier > 0:
+        # Every selected node takes part in every round (no sampling amplification is claimed).
+        accountant = RdpAccountant(
+            PrivacyConfig(
+                target_delta=job.dp_delta,
+                population_size=len(job.selected_nodes),
+                neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                sampling_method=SamplingMethod.NO_AMPLIFICATION,
+            )
+        )
     return DifferentialPrivacyClientSideFixedClipping(
-        fedavg, job.dp_noise_multiplier, job.dp_clipping_norm, len(job.selected_nodes)
+        fedavg, job.dp_noise_multiplier, job.dp_clipping_norm, len(job.selected_nodes), accountant=accountant
     )
+
+
+def _privacy_spent(strategy: Strategy, job: JobRunConfig) -> dict[str, float]:
+    if not isinstance(strategy, DifferentialPrivacyClientSideFixedClipping):
+        return {}
+    spent = strategy.privacy_spent()
+    report = {"clipping_norm": job.dp_clipping_norm, "noise_multiplier": job.dp_noise_multiplier}
+    if spent is not None:
+        report.update({"epsilon": spent.epsilon, "delta": spent.delta, "releases": float(spent.num_releases)})
+    return report
 
 
 def run_job(grid: Grid, run_id: int, job: JobRunConfig) -> JobOutcome:
@@ -65,8 +93,9 @@ def run_job(grid: Grid, run_id: int, job: JobRunConfig) -> JobOutcome:
     capture = CaptureDirectory(out_dir)
     spec = get_task(job.task_id, job.task_version)
     evaluator = ValidationEvaluator(spec, load_window_file(job.validation_path, spec))
+    inner = _inner_strategy(job)
     strategy = JobStrategy(
-        _inner_strategy(job),
+        inner,
         job.selected_nodes,
         job.min_nodes,
         capture,
@@ -74,6 +103,7 @@ def run_job(grid: Grid, run_id: int, job: JobRunConfig) -> JobOutcome:
         join_timeout=job.join_timeout,
         run_id=run_id,
         federated_evaluate=job.federated_evaluate,
+        uniform_weights=job.dp_clipping_norm > 0,  # Flower's DP accountant requires equal client weights
     )
     outcome = JobOutcome(run_id=run_id, status="failed", reason="internal_error")
     try:
@@ -107,6 +137,7 @@ def run_job(grid: Grid, run_id: int, job: JobRunConfig) -> JobOutcome:
         }
         if outcome.status == "failed":
             outcome.rounds_completed = max((r for r in evaluator.history), default=0)
+        outcome.privacy = _privacy_spent(inner, job)
         outcome.seconds = time.monotonic() - started
         outcome.write(out_dir)
     return outcome

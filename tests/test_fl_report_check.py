@@ -1,0 +1,103 @@
+"""coordinator.federation.report_check: a device's report is accepted only for the exact update Flower delivered;
+CaptureDirectory re-hashes stored updates, so a tampered capture shows as a mismatch too."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from coordinator.federation.capture import CaptureDirectory, CapturedUpdate, DropReason, NodeDrop, RoundCapture
+from coordinator.federation.report_check import check_contribution
+from protocol.errors import Reason, UpdateMismatchError
+from protocol.tasks.arrays import arrays_sha256
+from protocol.tasks.contribution import ContributionRecord
+
+RUN, ROUND = 77, 2
+
+
+def _capture(tmp_path: Path) -> tuple[CaptureDirectory, dict[int, dict[str, np.ndarray]], str]:
+    rng = np.random.default_rng(0)
+    global_arrays = {"w": rng.standard_normal((3, 4)).astype(np.float32), "b": np.zeros(4, np.float32)}
+    global_sha = arrays_sha256(global_arrays)
+    updates = {n: {k: v + n for k, v in global_arrays.items()} for n in (11, 12)}
+    directory = CaptureDirectory(tmp_path / "run")
+    directory.on_round(
+        RoundCapture(
+            RUN,
+            ROUND,
+            global_sha,
+            tuple(
+                CapturedUpdate(ROUND, n, a, arrays_sha256(a), global_sha, 50, 50, {"loss-after": 1.0})
+                for n, a in updates.items()
+            ),
+            (NodeDrop(ROUND, 13, DropReason.NO_REPLY),),
+        )
+    )
+    return directory, updates, global_sha
+
+
+def _report(node: int, arrays: dict[str, np.ndarray], global_sha: str, **changes: object) -> ContributionRecord:
+    fields: dict[str, object] = {
+        "run_id": RUN,
+        "round": ROUND,
+        "node_id": node,
+        "task_id": "plaid-appliance",
+        "task_version": 1,
+        "global_model_sha256": global_sha,
+        "update_sha256": arrays_sha256(arrays),
+        "examples": 50,
+        "dataset_fingerprint": "sha256:" + "0" * 64,
+        "loss_before": 2.0,
+        "loss_after": 1.0,
+        "seconds": 0.3,
+        "created_ms": 1,
+    }
+    fields.update(changes)
+    return ContributionRecord.model_validate(fields)
+
+
+def test_matching_report_is_accepted(tmp_path: Path) -> None:
+    directory, updates, global_sha = _capture(tmp_path)
+    capture = directory.load_round(ROUND)
+    update = check_contribution(_report(12, updates[12], global_sha), capture)
+    assert update.node_id == 12 and update.update_sha256 == arrays_sha256(updates[12])
+    assert {d.node_id: d.reason for d in capture.drops} == {13: DropReason.NO_REPLY}
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"update_sha256": "f" * 64},  # names another update
+        {"global_model_sha256": "e" * 64},  # trained from another global model
+        {"node_id": 13},  # a node whose update never arrived
+        {"round": ROUND + 1},  # another round
+        {"run_id": RUN + 1},  # another run
+    ],
+)
+def test_report_naming_anything_else_is_refused(tmp_path: Path, changes: dict[str, object]) -> None:
+    directory, updates, global_sha = _capture(tmp_path)
+    with pytest.raises(UpdateMismatchError) as err:
+        check_contribution(_report(11, updates[11], global_sha, **changes), directory.load_round(ROUND))
+    assert err.value.reason is Reason.UPDATE_MISMATCH
+
+
+def test_another_nodes_update_hash_is_refused(tmp_path: Path) -> None:
+    directory, updates, global_sha = _capture(tmp_path)
+    with pytest.raises(UpdateMismatchError) as err:
+        check_contribution(_report(11, updates[12], global_sha), directory.load_round(ROUND))
+    assert err.value.details == {
+        "node_id": 11,
+        "expected": arrays_sha256(updates[11]),
+        "found": arrays_sha256(updates[12]),
+    }
+
+
+def test_tampered_capture_no_longer_matches_the_honest_report(tmp_path: Path) -> None:
+    directory, updates, global_sha = _capture(tmp_path)
+    tampered = {k: v.copy() for k, v in updates[11].items()}
+    tampered["b"][0] += 1
+    np.savez(tmp_path / "run" / f"round-{ROUND:06d}-node-11.npz", **tampered)
+    with pytest.raises(UpdateMismatchError):
+        check_contribution(_report(11, updates[11], global_sha), directory.load_round(ROUND))
