@@ -40,7 +40,7 @@ def test_failed_commits_are_redelivered_and_logged_exactly_once(tmp_path: Path, 
     now = int(time.time() * 1000)
     envelopes = [build_report(contribution_fields(i, "d-one"), i + 1, now).seal(key) for i in range(REPORTS)]
     failures: list[str] = []
-    extra: list[bytes] = []
+    resends: list[int] = []
 
     async def scenario() -> tuple[int, float]:
         async with CoordinatorService(settings) as service:
@@ -64,17 +64,17 @@ def test_failed_commits_are_redelivered_and_logged_exactly_once(tmp_path: Path, 
             for envelope in envelopes:
                 publisher.publish(up_topic("riverside", "d-one", UpKind.REPORT), envelope, qos=1)
             deadline = time.monotonic() + 60
-            nudge_at = time.monotonic() + 2
-            while service.ledger.size < REPORTS + len(extra) or service.session.in_memory > 0:
-                assert time.monotonic() < deadline, (service.ledger.size, service.session.in_memory, len(extra))
+            resend_at = time.monotonic() + 2
+            while service.ledger.size < REPORTS or service.session.in_memory > 0:
+                assert time.monotonic() < deadline, (service.ledger.size, service.session.in_memory, resends)
                 assert not runner.done(), "the service stopped"
-                # Mosquitto 2.0.11 holds messages queued for a resumed session until new traffic for that client
-                # arrives (measured here); devices' resends and heartbeats are that traffic, so the test sends a report.
-                if time.monotonic() > nudge_at:
-                    seq = REPORTS + len(extra) + 1
-                    extra.append(build_report(contribution_fields(seq, "d-one"), seq, now).seal(key))
-                    publisher.publish(up_topic("riverside", "d-one", UpKind.REPORT), extra[-1], qos=1)
-                    nudge_at = time.monotonic() + 2
+                # Like an agent without receipts: publish everything again. Needed because Mosquitto 2.0.11 may keep
+                # messages queued for a resumed session undelivered (measured here; cf. eclipse-mosquitto#3202).
+                if time.monotonic() > resend_at:
+                    resends.append(len(envelopes))
+                    for envelope in envelopes:
+                        publisher.publish(up_topic("riverside", "d-one", UpKind.REPORT), envelope, qos=1)
+                    resend_at = time.monotonic() + 2
                 await asyncio.sleep(0.05)
             publisher.loop_stop()
             publisher.disconnect()
@@ -86,4 +86,4 @@ def test_failed_commits_are_redelivered_and_logged_exactly_once(tmp_path: Path, 
     size, internal = asyncio.run(scenario())
     assert failures == ["before append", "after append"]
     assert internal >= 2
-    assert size == REPORTS + len(extra)
+    assert size == REPORTS
