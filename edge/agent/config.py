@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from edge.sensors.config import SampleStoreConfig, SensorConfig
 from protocol.settings import RoleSettings
 
 
@@ -38,6 +39,9 @@ class AgentSettings(RoleSettings):
     outbox_warn_fraction: float = Field(default=0.8, gt=0, le=1)
     reconnect_min_s: float = Field(default=1.0, gt=0)
     reconnect_max_s: float = Field(default=120.0, gt=0)
+    # `[[sensors]]` and `[sample_store]` are the sensors component's own models (edge.sensors.config).
+    sensors: list[SensorConfig] = Field(default_factory=list)
+    sample_store: SampleStoreConfig = Field(default_factory=SampleStoreConfig)
 
     @property
     def spool_root(self) -> Path:
