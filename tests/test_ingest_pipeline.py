@@ -225,3 +225,14 @@ def test_dedup_index_catches_up_after_a_crash_between_ledger_and_index(tmp_path:
     verdict = restarted.screen([InboundMessage(topic("dev-a"), envelope)], NOW_MS).settled[0]
     assert verdict.outcome is Outcome.DUPLICATE and verdict.leaf_index == 0
     assert fx.ledger.size == 1
+
+
+def test_equivocation_within_one_batch_is_refused_with_evidence(fx: Fixture) -> None:
+    first, second = fx.report("dev-a", 4, i=1), fx.report("dev-a", 4, i=2)
+    screened = fx.pipeline.screen(
+        [InboundMessage(topic("dev-a"), first), InboundMessage(topic("dev-a"), second)], NOW_MS
+    )
+    committed = fx.pipeline.commit(screened.candidates, NOW_MS)
+    assert [v.outcome for v in committed] == [Outcome.ACCEPTED]
+    assert [v.reason for v in screened.settled] == [Reason.EQUIVOCATION]
+    assert fx.ledger.size == 1 and fx.dedup.equivocation_count() == 1

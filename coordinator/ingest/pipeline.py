@@ -94,6 +94,8 @@ class Candidate:
     device: Device
     leaf: Leaf
     digest: bytes
+    conflicts: list[bytes] = field(default_factory=list)
+    """Different envelopes for the same (key, seq) seen in the same batch: evidence, stored once this one is logged."""
 
 
 @dataclass
@@ -231,6 +233,8 @@ class IngestPipeline:
             if first_digest != digest:
                 if seen is not None:
                     self.dedup.record_equivocation(verified.key_id, seq, seen.leaf_index, message.payload, now_ms)
+                elif pending is not None:
+                    pending.conflicts.append(message.payload)
                 raise EquivocationError(
                     "different bytes for a (key, seq) already logged", key_id=verified.key_id, seq=seq
                 )
@@ -284,6 +288,9 @@ class IngestPipeline:
         for candidate, index, proof in zip(candidates, appended.indices, proofs, strict=True):
             v = candidate.verdict
             v.outcome, v.leaf_index = Outcome.ACCEPTED, index
+            for conflicting in candidate.conflicts:
+                assert v.key_id is not None and v.seq is not None
+                self.dedup.record_equivocation(v.key_id, v.seq, index, conflicting, now_ms)
             self._attach_receipt(v, candidate.digest, appended.checkpoint, appended.size, now_ms, proof)
             verdicts.append(v)
         return verdicts
