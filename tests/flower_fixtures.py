@@ -39,22 +39,44 @@ def plaid_windows(split: str = "train") -> WindowSet:
     return WindowSet(x=x, y=data.y, fingerprint=window_fingerprint(x, data.y))
 
 
-def split_by_label(windows: WindowSet, parts: int, seed: int = 0, alpha: float = 0.5) -> list[WindowSet]:
-    """Non-IID split: each class's windows shared among devices by Dirichlet(alpha) proportions."""
-    assert windows.y is not None
+def split_indices_by_label(labels: np.ndarray, parts: int, seed: int = 0, alpha: float = 0.5) -> list[np.ndarray]:
+    """Non-IID split: each class's items shared among `parts` devices by Dirichlet(alpha) proportions."""
     rng = np.random.default_rng(seed)
     buckets: list[list[int]] = [[] for _ in range(parts)]
-    for label in np.unique(windows.y):
-        idx = rng.permutation(np.flatnonzero(windows.y == label))
+    for label in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == label))
         cuts = (np.cumsum(rng.dirichlet([alpha] * parts))[:-1] * len(idx)).astype(int)
         for bucket, chunk in zip(buckets, np.split(idx, cuts), strict=True):
             bucket.extend(chunk.tolist())
+    return [np.array(sorted(bucket), dtype=np.int64) for bucket in buckets]
+
+
+def split_by_label(windows: WindowSet, parts: int, seed: int = 0, alpha: float = 0.5) -> list[WindowSet]:
+    assert windows.y is not None
     out = []
-    for bucket in buckets:
-        sel = np.array(sorted(bucket), dtype=np.int64)
+    for sel in split_indices_by_label(windows.y, parts, seed, alpha):
         x, y = windows.x[sel], windows.y[sel]
         out.append(WindowSet(x=x, y=y, fingerprint=window_fingerprint(x, y)))
     return out
+
+
+def plaid_store_windows(directory: Path, series: np.ndarray) -> WindowSet:
+    """The device path end to end: replay the chosen PLAID training recordings into the device's SampleStore
+    (edge.sensors), then export plaid-appliance@1's windows from the store as the agent does."""
+    from edge.sensors.export import export_task_windows
+    from edge.sensors.replay import plaid_replay
+    from edge.sensors.store import SampleStore, write_all
+    from protocol.tasks.spec import get_task
+
+    directory.mkdir(parents=True, exist_ok=True)
+    sensor = plaid_replay(split="train", series=[int(i) for i in series], loop=False)
+    with SampleStore(directory / "samples.db") as store:
+        store.register(sensor.name, sensor.channels)
+        write_all(store, sensor.samples(1_795_000_000_000))
+        window_set, _ = export_task_windows(
+            store, get_task("plaid-appliance", 1), sensor.name, directory / "export.npz"
+        )
+    return window_set
 
 
 @dataclass

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from flower_fixtures import Federation, plaid_windows, split_by_label
+from flower_fixtures import Federation, plaid_store_windows, plaid_windows, split_by_label, split_indices_by_label
 
 from coordinator.federation.capture import CaptureDirectory, DropReason
 from coordinator.federation.report_check import check_contribution
@@ -21,7 +21,7 @@ from protocol.errors import UpdateMismatchError
 from protocol.tasks.contribution import parse_contribution_record
 from protocol.tasks.models import build_model, model_arrays
 from protocol.tasks.spec import get_task
-from protocol.tasks.windows import load_window_file
+from protocol.tasks.windows import WindowSet, load_window_file, window_fingerprint
 
 pytestmark = pytest.mark.slow
 
@@ -40,11 +40,18 @@ def federation(tmp_path: Path) -> Iterator[Federation]:
 WARM_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
 
 
-def _start_devices(fed: Federation, count: int, warm: bool = False) -> None:
+def _start_devices(fed: Federation, count: int, warm: bool = False, via_store: bool = False) -> None:
     """`warm`: midgate's device configuration (process isolation, ClientApps forked from the warm executor);
-    otherwise Flower's default (a fresh ClientApp process per message)."""
-    for i, part in enumerate(split_by_label(plaid_windows("train"), count, seed=1)):
-        fed.add_device(f"dev{i}", part, warm=warm, env=WARM_ENV if warm else None)
+    otherwise Flower's default (a fresh ClientApp process per message). `via_store`: each device's windows come
+    from replaying its PLAID recordings into its own SampleStore and exporting them, as on a real device."""
+    train = plaid_windows("train")
+    assert train.y is not None
+    for i, series in enumerate(split_indices_by_label(train.y, count, seed=1)):
+        if via_store:
+            windows = plaid_store_windows(fed.root / f"dev{i}" / "store", series)
+        else:
+            windows = WindowSet(train.x[series], train.y[series], window_fingerprint(train.x[series], train.y[series]))
+        fed.add_device(f"dev{i}", windows, warm=warm, env=WARM_ENV if warm else None)
     for device in fed.devices:
         device.supernode.start()
 
@@ -66,7 +73,7 @@ def _wait_for(predicate: object, timeout: float, what: str) -> None:
 
 
 def test_three_round_job_records_match_the_updates_the_strategy_received(federation: Federation) -> None:
-    _start_devices(federation, 3, warm=True)
+    _start_devices(federation, 3, warm=True, via_store=True)
     run_id = federation.submit(plaid_windows("test"), **{"num-rounds": 3, "local-epochs": 2})
     status, outcome = federation.wait_outcome(run_id, timeout=240)
     assert status == "finished:completed"
@@ -84,6 +91,7 @@ def test_three_round_job_records_match_the_updates_the_strategy_received(federat
         records = [parse_contribution_record(p.read_bytes()) for p in pending_records(device.spool_dir)]
         assert [r.round for r in records] == [1, 2, 3]
         fingerprint = load_window_file(device.supernode.data_path, get_task("plaid-appliance", 1)).fingerprint
+        assert fingerprint.startswith("merkle-sha256:")  # the sample store's dataset fingerprint
         for record in records:
             assert record.dataset_fingerprint == fingerprint
             assert record.node_id == device.node_id and record.run_id == run_id

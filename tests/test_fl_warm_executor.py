@@ -15,6 +15,8 @@ import pytest
 
 from edge.federated.warm_executor import WarmExecutor, install_launchers
 
+pytestmark = pytest.mark.slow  # real processes
+
 
 @pytest.fixture
 def warm(tmp_path: Path) -> Iterator[WarmExecutor]:
