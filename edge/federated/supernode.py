@@ -231,6 +231,10 @@ class SuperNodeProcess:
         codes = _EXIT_CODE_LINE.findall(self.log_path.read_bytes())
         return int(codes[-1]) if codes else None
 
+    def has_joined(self) -> bool:
+        """Whether this node's log shows it was ever activated by the SuperLink (it logs its node id then)."""
+        return self.log_path is not None and self.log_path.exists() and b"SuperNode ID:" in self.log_path.read_bytes()
+
     def wait_exit(self, timeout: float) -> int | None:
         if self.proc is None:
             return None
