@@ -61,3 +61,10 @@ def _print_audit_command(workdir: Path, console: Console) -> None:
         soft_wrap=True,
         highlight=False,
     )
+    console.print("and see the MID's rewritten history refused (exit 1):")
+    console.print(
+        f"  midgate ledger verify {workdir / 'attack' / 'rewritten-ledger.db'} --vkey {workdir / 'log.vkey'} "
+        f"--trusted {workdir / 'members' / 'household-1.checkpoint'}",
+        soft_wrap=True,
+        highlight=False,
+    )

@@ -40,8 +40,7 @@ ROUNDS = 3
 
 def run(workdir: Path, console: Console, rounds: int = ROUNDS) -> bool:
     """Run every step in `workdir`; True when every outcome was the expected one."""
-    started = time.perf_counter()
-    started_ms = int(time.time() * 1000)
+    started, started_ms = time.perf_counter(), int(time.time() * 1000)
     outcomes = Outcomes(console)
     names = [*HONEST, FREE_RIDER]
     console.print(Panel.fit("midgate demo: one MID, three households and a free rider, one buyer", style="bold"))
@@ -54,61 +53,83 @@ def run(workdir: Path, console: Console, rounds: int = ROUNDS) -> bool:
     validation = buyer_validation()
     console.print(f"   the buyer's held-out validation data: PLAID test split, {len(validation.y)} recordings")
 
-    job = FederatedJob(validation)
-    members = {n: MemberLedgerView(n, LogView(ids.log_key.verifier)) for n in names}
-    ledger_path = workdir / "ledger.db"
-    with LedgerStore.open(ledger_path, ids.log_key) as store:
+    with LedgerStore.open(workdir / "ledger.db", ids.log_key) as store:
+        members = {n: MemberLedgerView(n, LogView(ids.log_key.verifier)) for n in names}
+        scene = Scene(workdir, console, outcomes, ids, households, members, store, FederatedJob(validation))
         _section(console, 3, f"federated rounds in this process ({rounds}), task plaid-appliance@1")
-        accuracy = [job.buyer_metrics()["accuracy"]]
-        console.print(f"   initial global model: buyer accuracy {accuracy[0]:.1%}")
-        checks = IngestChecks(KeyRing([k.verifier for k in ids.devices.values()]))
-        for r in range(1, rounds + 1):
-            updates = [local_round(h, job.global_arrays, r) for h in households]
-            logged = _log_round(r, households, updates, ids, checks, store, members, outcomes)
-            valuation = job.value_and_aggregate(r, updates)
-            accuracy.append(job.buyer_metrics()["accuracy"])
-            _show_round(r, updates, logged, valuation, accuracy[-1], console)
-            if r == 1:
-                size, first = store.size, HONEST[0]
-                entry = logged[first]
-                show_rejections(
-                    checks,
-                    (entry.report, entry.envelope, updates[0].returned),
-                    ids.devices[first],
-                    ids.key_files[first],
-                    outcomes,
-                    console,
-                )
-                outcomes.expect("ledger size after the refusals", size, store.size)
-        outcomes.expect("free rider's accumulated value", 0.0, job.account.totals[FREE_RIDER])
-        outcomes.expect("buyer accuracy improved over the rounds", True, accuracy[-1] > accuracy[0])
-
+        _federated_rounds(scene, rounds)
         _section(console, 4, "settlement of the buyer's payment")
-        settlement = settle(store, job.account, KNOBS, int(time.time() * 1000), outcomes, console)
-        paid = {p.member: p.amount_minor for p in settlement.record.payouts}
-        outcomes.expect("free rider paid", 0, paid[FREE_RIDER])
-        outcomes.expect("every honest household paid", True, all(paid[n] > 0 for n in HONEST))
-        period = (started_ms, int(time.time() * 1000) + 1)
-        for name in names:
-            shown = console if name == HONEST[0] else None
-            member_statement_page(store, name, ids.log_key.verifier, period, workdir / "statements", outcomes, shown)
-
+        _settlement(scene, started_ms)
         _section(console, 5, "members check the log")
-        for view in members.values():
-            outcomes.expect(
-                f"{view.name} moves to the latest checkpoint (consistency proof)", store.size, view.catch_up(store)
-            )
-            view.save_checkpoint(workdir / "members")
-        notes = [v.view.note or b"" for v in members.values()]
-        got, _ = reason_of(lambda: audit_ledger(ledger_path, ids.log_key.verifier, notes))
-        outcomes.expect("full audit of the ledger file with every member's checkpoint", "accepted", got)
-        show_rewritten_history_caught(store, ids.log_key, members[HONEST[0]], workdir / "attack", outcomes, console)
+        _members_check(scene)
         size = store.size
 
     _section(console, 6, "what ran, and what is not in the demo yet")
     show_scope(console)
     _verdict(workdir, size, outcomes, time.perf_counter() - started, console)
     return outcomes.all_ok
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Everything the steps share: where files go, who takes part, the ledger, the job."""
+
+    workdir: Path
+    console: Console
+    outcomes: Outcomes
+    ids: Identities
+    households: list[Household]
+    members: dict[str, MemberLedgerView]
+    store: LedgerStore
+    job: FederatedJob
+
+
+def _federated_rounds(scene: Scene, rounds: int) -> None:
+    job, store, outcomes = scene.job, scene.store, scene.outcomes
+    accuracy = [job.buyer_metrics()["accuracy"]]
+    scene.console.print(f"   initial global model: buyer accuracy {accuracy[0]:.1%}")
+    checks = IngestChecks(KeyRing([k.verifier for k in scene.ids.devices.values()]))
+    for r in range(1, rounds + 1):
+        updates = [local_round(h, job.global_arrays, r) for h in scene.households]
+        logged = _log_round(r, scene, updates, checks)
+        valuation = job.value_and_aggregate(r, updates)
+        accuracy.append(job.buyer_metrics()["accuracy"])
+        _show_round(r, updates, logged, valuation, accuracy[-1], scene.console)
+        if r == 1:
+            size, first = store.size, HONEST[0]
+            entry = logged[first]
+            accepted = (entry.report, entry.envelope, updates[0].returned)
+            key, key_file = scene.ids.devices[first], scene.ids.key_files[first]
+            show_rejections(checks, accepted, key, key_file, outcomes, scene.console)
+            outcomes.expect("ledger size after the refusals", size, store.size)
+    outcomes.expect("free rider's accumulated value", 0.0, job.account.totals[FREE_RIDER])
+    outcomes.expect("buyer accuracy improved over the rounds", True, accuracy[-1] > accuracy[0])
+
+
+def _settlement(scene: Scene, started_ms: int) -> None:
+    store, outcomes = scene.store, scene.outcomes
+    settlement = settle(store, scene.job.account, KNOBS, int(time.time() * 1000), outcomes, scene.console)
+    paid = {p.member: p.amount_minor for p in settlement.record.payouts}
+    outcomes.expect("free rider paid", 0, paid[FREE_RIDER])
+    outcomes.expect("every honest household paid", True, all(paid[n] > 0 for n in HONEST))
+    period = (started_ms, int(time.time() * 1000) + 1)
+    for name in scene.members:
+        shown = scene.console if name == HONEST[0] else None
+        vkey = scene.ids.log_key.verifier
+        member_statement_page(store, name, vkey, period, scene.workdir / "statements", outcomes, shown)
+
+
+def _members_check(scene: Scene) -> None:
+    store, outcomes = scene.store, scene.outcomes
+    for view in scene.members.values():
+        moved_to = view.catch_up(store)
+        outcomes.expect(f"{view.name} moves to the latest checkpoint (consistency proof)", store.size, moved_to)
+        view.save_checkpoint(scene.workdir / "members")
+    notes = [v.view.note or b"" for v in scene.members.values()]
+    got, _ = reason_of(lambda: audit_ledger(store.path, scene.ids.log_key.verifier, notes))
+    outcomes.expect("full audit of the ledger file with every member's checkpoint", "accepted", got)
+    member = scene.members[HONEST[0]]
+    show_rewritten_history_caught(store, scene.ids.log_key, member, scene.workdir / "attack", outcomes, scene.console)
 
 
 @dataclass(frozen=True)
@@ -121,17 +142,11 @@ class LoggedReport:
 
 
 def _log_round(
-    round_index: int,
-    households: list[Household],
-    updates: list[LocalUpdate],
-    ids: Identities,
-    checks: IngestChecks,
-    store: LedgerStore,
-    members: dict[str, MemberLedgerView],
-    outcomes: Outcomes,
+    round_index: int, scene: Scene, updates: list[LocalUpdate], checks: IngestChecks
 ) -> dict[str, LoggedReport]:
     """Devices seal their reports; the coordinator verifies each against the update it received and logs them in
     one batch; each household verifies its receipt and moves its trusted checkpoint forward."""
+    households, ids, store, members, outcomes = scene.households, scene.ids, scene.store, scene.members, scene.outcomes
     nonce = round_nonce()
     sealed: dict[str, tuple[ContributionReport, bytes]] = {}
     for household, update in zip(households, updates, strict=True):

@@ -105,10 +105,12 @@ def test_full_demo_leaves_an_auditable_ledger_and_an_exact_settlement(tmp_path: 
         assert part in out
     assert "uses TLS" in out
 
-    # The command the demo prints for members works as printed.
-    line = next(s for s in out.splitlines() if s.strip().startswith("midgate ledger verify"))
-    code, verify_out = _invoke(*shlex.split(line)[1:])
+    # The commands the demo prints for members work as printed: the real ledger verifies, the fork does not.
+    real, forked = [s for s in out.splitlines() if s.strip().startswith("midgate ledger verify")]
+    code, verify_out = _invoke(*shlex.split(real)[1:])
     assert code == 0 and verify_out.startswith("ok"), verify_out
+    code, verify_out = _invoke(*shlex.split(forked)[1:])
+    assert code == 1 and "trusted checkpoint at size 13" in verify_out, verify_out
 
 
 def _accepted_report(tmp_path: Path) -> tuple[IngestChecks, SignerKey, Path, tuple[ContributionReport, bytes, dict]]:
