@@ -72,14 +72,14 @@ def publisher_main(args: argparse.Namespace) -> None:
     lock = threading.Lock()
 
     def on_message(client: object, userdata: object, message: paho.MQTTMessage) -> None:
-        doc = json.loads(message.payload)
-        import base64
-
-        seq = int(json.loads(base64.b64decode(doc["payload"]))["seq"])
+        # A ReceiptBatch: one message per device per ledger batch (timing only; the agent verifies, not the bench).
+        seqs = [int(entry["seq"]) for entry in json.loads(message.payload)["receipts"]]
+        arrived = time.perf_counter()
         with lock:
-            start = sent_at.pop(seq, None)
-            if start is not None:
-                latencies.append(time.perf_counter() - start)
+            for seq in seqs:
+                start = sent_at.pop(seq, None)
+                if start is not None:
+                    latencies.append(arrived - start)
             if len(latencies) == args.reports:
                 done.set()
 

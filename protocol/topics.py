@@ -27,7 +27,7 @@ from protocol.messages import (
     EnrolmentResponse,
     Heartbeat,
     KnobUpdate,
-    Receipt,
+    ReceiptBatch,
     RoundInvitation,
     Statement,
     StrikeVote,
@@ -84,7 +84,7 @@ MESSAGE_BY_UP_KIND: dict[UpKind, type[WireMessage]] = {
 }
 MESSAGE_BY_DOWN_KIND: dict[DownKind, type[WireMessage]] = {
     DownKind.ENROLLED: EnrolmentResponse,
-    DownKind.RECEIPT: Receipt,
+    DownKind.RECEIPT: ReceiptBatch,
     DownKind.INVITE: RoundInvitation,
     DownKind.STATEMENT: Statement,
 }

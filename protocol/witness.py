@@ -188,6 +188,27 @@ class Equivocation:
     size: int
 
 
+def verify_older_checkpoint(older: Checkpoint, trusted: Checkpoint, proof: Sequence[bytes]) -> None:
+    """Check that `older` (e.g. the checkpoint a late receipt names) is a prefix of the `trusted` tree.
+
+    An older checkpoint never replaces the trusted one, but a receipt under it counts only if it is consistent.
+    Requires older.size <= trusted.size (InconsistentError otherwise). Same size: the roots must be equal
+    (EquivocationError). Raises BadProofError / RootMismatchError for a proof that does not verify.
+    """
+    if older.size > trusted.size:
+        raise InconsistentError("checkpoint is newer than the trusted one", trusted=trusted.size, found=older.size)
+    if older.size == trusted.size:
+        if older.root != trusted.root:
+            raise EquivocationError(
+                "log signed two different trees of the same size",
+                size=older.size,
+                trusted=b64(trusted.root),
+                found=b64(older.root),
+            )
+        return
+    verify_consistency(older.size, trusted.size, proof, older.root, trusted.root)
+
+
 class LogView:
     """A member's view of the MID log: the last checkpoint it verified, and any evidence of equivocation."""
 

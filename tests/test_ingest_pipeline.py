@@ -20,7 +20,7 @@ from edge.agent.spool import build_report
 from protocol.errors import Reason
 from protocol.identity import SignerKey
 from protocol.leaves import LeafKind
-from protocol.messages import DeviceStatus, Heartbeat
+from protocol.messages import DeviceStatus, Heartbeat, ReceiptBatch
 from protocol.topics import UpKind, up_topic
 
 MID = "riverside"
@@ -84,10 +84,31 @@ def test_good_report_is_logged_and_its_receipt_verifies_on_the_device(fx: Fixtur
     verdict = fx.one(topic("dev-a"), envelope)
     assert verdict.outcome is Outcome.ACCEPTED and verdict.leaf_index == 0
     assert fx.ledger.size == 1
-    assert verdict.receipt is not None and verdict.receipt_topic == f"mid/{MID}/dev/dev-a/down/receipt"
+    ((receipt_topic, payload),) = fx.pipeline.receipt_batches([verdict], NOW_MS)
+    assert receipt_topic == f"mid/{MID}/dev/dev-a/down/receipt"
     view = LedgerView(fx.mid_key.verifier, fx.keys["dev-a"].key_id.hex(), lambda a, b: [], None)
-    settled = view.settle(verdict.receipt, envelope, LeafKind.CONTRIBUTION, 1)
-    assert (settled.leaf_index, settled.tree_size) == (0, 1)
+    outcome = view.settle_batch(ReceiptBatch.parse(payload), {1: (LeafKind.CONTRIBUTION, envelope)}.get)
+    assert [(r.seq, r.leaf_index, r.tree_size) for r in outcome.settled] == [(1, 0, 1)] and not outcome.refused
+
+
+def test_one_receipt_batch_per_device_covers_all_its_reports_of_a_ledger_batch(fx: Fixture) -> None:
+    envelopes = {(d, seq): fx.report(d, seq) for d in ("dev-a", "dev-b") for seq in range(1, 6)}
+    messages = [InboundMessage(topic(d), env) for (d, _), env in envelopes.items()]
+    screened = fx.pipeline.screen(messages, NOW_MS)
+    committed = fx.pipeline.commit(screened.candidates, NOW_MS)
+    batches = dict(fx.pipeline.receipt_batches(committed, NOW_MS))
+    assert sorted(batches) == [f"mid/{MID}/dev/dev-a/down/receipt", f"mid/{MID}/dev/dev-b/down/receipt"]
+    for device in ("dev-a", "dev-b"):
+        batch = ReceiptBatch.parse(batches[f"mid/{MID}/dev/{device}/down/receipt"])
+        held = {seq: (LeafKind.CONTRIBUTION, envelopes[(device, seq)]) for seq in range(1, 6)}
+        view = LedgerView(fx.mid_key.verifier, fx.keys[device].key_id.hex(), lambda a, b: [], None)
+        outcome = view.settle_batch(batch, held.get)
+        assert sorted(r.seq for r in outcome.settled) == [1, 2, 3, 4, 5] and not outcome.refused
+        # Another device's bytes do not verify under this device's paths.
+        other = "dev-b" if device == "dev-a" else "dev-a"
+        wrong = {seq: (LeafKind.CONTRIBUTION, envelopes[(other, seq)]) for seq in range(1, 6)}
+        refused = view.settle_batch(batch, wrong.get)
+        assert not refused.settled and len(refused.refused) == 5
 
 
 def _rejects(fx: Fixture, topic_name: str, payload: bytes, reason: Reason) -> None:
@@ -132,7 +153,10 @@ def test_replayed_seq_same_bytes_resends_the_receipt_and_logs_nothing(fx: Fixtur
     assert first.outcome is Outcome.ACCEPTED
     again = fx.one(topic("dev-a"), envelope)
     assert (again.outcome, again.reason, again.leaf_index) == (Outcome.DUPLICATE, Reason.REPLAYED, first.leaf_index)
-    assert again.receipt is not None
+    ((_, payload),) = fx.pipeline.receipt_batches([again], NOW_MS)
+    view = LedgerView(fx.mid_key.verifier, fx.keys["dev-a"].key_id.hex(), lambda a, b: [], None)
+    outcome = view.settle_batch(ReceiptBatch.parse(payload), {7: (LeafKind.CONTRIBUTION, envelope)}.get)
+    assert [r.leaf_index for r in outcome.settled] == [first.leaf_index]
     assert fx.ledger.size == 1
 
 

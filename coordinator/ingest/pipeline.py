@@ -2,7 +2,8 @@
 -> ledger append (one durable batch) -> receipts.
 
 `screen` settles everything that needs no ledger commit (rejections, duplicates, heartbeats) so that the service
-can acknowledge those to the broker at once; `commit` appends the rest in one transaction and returns their receipts.
+can acknowledge those to the broker at once; `commit` appends the rest in one transaction and gives each its
+inclusion path; `receipt_batches` turns verdicts into one ReceiptBatch per device.
 Both run in one worker thread (crypto and SQLite never on the event loop). Rejections never change the ledger.
 """
 
@@ -13,12 +14,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TypeVar
 
 from coordinator.ingest.batch_proofs import batch_inclusion_proofs
 from coordinator.ingest.dedup import DedupIndex, envelope_digest
 from coordinator.ledger.store import LedgerStore
 from coordinator.registry.store import Device, Registry
-from protocol.checkpoint import Receipt as TlogProof
 from protocol.envelope import KeyRing, VerifiedPayload, decode, open_envelope
 from protocol.errors import (
     BadTopicError,
@@ -38,14 +39,15 @@ from protocol.messages import (
     ContributionReport,
     DeviceStatus,
     Heartbeat,
-    Receipt,
     StrikeVote,
     WireMessage,
+    receipt_batch_json,
     require_newer_seq,
 )
 from protocol.topics import Direction, DownKind, UpKind, down_topic, parse_topic
 
 log = logging.getLogger("midgate.ingest")
+T = TypeVar("T")
 
 # What each up kind carries and which ledger leaf it becomes (None: not logged, e.g. heartbeats).
 _KINDS: dict[UpKind, tuple[type[WireMessage], LeafKind | None]] = {
@@ -81,8 +83,9 @@ class Verdict:
     key_id: str | None = None
     seq: int | None = None
     leaf_index: int | None = None
-    receipt: bytes | None = None
-    receipt_topic: str | None = None
+    path: list[bytes] | None = None
+    """Inclusion path of `leaf_index` under `checkpoint`: set when a receipt is owed (accepted or duplicate)."""
+    checkpoint: bytes | None = None
     error: str = ""
 
 
@@ -142,6 +145,7 @@ class IngestPipeline:
         self._heartbeat_seq: dict[str, int] = {}
         self._will_seq: dict[str, int] = {}
         self.last_seen_ms: dict[str, int] = {}
+        self._head: tuple[bytes, int] | None = None
         self._catch_up()
 
     def _catch_up(self) -> None:
@@ -169,6 +173,7 @@ class IngestPipeline:
         self.refresh_registry()
         result = ScreenResult()
         in_batch: dict[tuple[str, int], Candidate] = {}
+        self._head = None
         for message in batch:
             verdict = Verdict(message, Outcome.REJECTED)
             try:
@@ -240,8 +245,11 @@ class IngestPipeline:
                 )
             verdict.outcome, verdict.reason = Outcome.DUPLICATE, Reason.REPLAYED
             if seen is not None:
-                verdict.leaf_index = seen.leaf_index
-                self._attach_receipt(verdict, digest, self.ledger.checkpoint(), self.ledger.size, now_ms)
+                # One checkpoint read per screened batch, not per duplicate: a reconnect can redeliver thousands.
+                if self._head is None:
+                    self._head = (self.ledger.checkpoint(), self.ledger.size)
+                verdict.leaf_index, (verdict.checkpoint, size) = seen.leaf_index, self._head
+                verdict.path = self.ledger.inclusion_proof(seen.leaf_index, size)
             return None
         return Candidate(verdict, signer, Leaf(leaf_kind, message.payload), digest)
 
@@ -287,38 +295,35 @@ class IngestPipeline:
         verdicts = []
         for candidate, index, proof in zip(candidates, appended.indices, proofs, strict=True):
             v = candidate.verdict
-            v.outcome, v.leaf_index = Outcome.ACCEPTED, index
+            v.outcome, v.leaf_index, v.path, v.checkpoint = Outcome.ACCEPTED, index, proof, appended.checkpoint
             for conflicting in candidate.conflicts:
                 assert v.key_id is not None and v.seq is not None
                 self.dedup.record_equivocation(v.key_id, v.seq, index, conflicting, now_ms)
-            self._attach_receipt(v, candidate.digest, appended.checkpoint, appended.size, now_ms, proof)
             verdicts.append(v)
         return verdicts
 
-    def _attach_receipt(
-        self,
-        verdict: Verdict,
-        digest: bytes,
-        checkpoint: bytes,
-        size: int,
-        now_ms: int,
-        path: list[bytes] | None = None,
-    ) -> None:
-        assert verdict.leaf_index is not None and verdict.key_id is not None and verdict.seq is not None
-        assert verdict.device is not None
-        if path is None:
-            path = self.ledger.inclusion_proof(verdict.leaf_index, size)
-        proof = TlogProof(verdict.leaf_index, tuple(path), checkpoint)
-        receipt = Receipt(
-            device_key_id=verdict.key_id,
-            seq=verdict.seq,
-            envelope_sha256=digest.hex(),
-            leaf_index=verdict.leaf_index,
-            tlog_proof=proof.text(),
-            issued_ms=now_ms,
-        )
-        verdict.receipt = receipt.seal(self.mid_key)
-        verdict.receipt_topic = down_topic(self.mid, verdict.device, DownKind.RECEIPT)
+    def receipt_batches(self, verdicts: Sequence[Verdict], now_ms: int) -> list[tuple[str, bytes]]:
+        """One ReceiptBatch per device and checkpoint for the verdicts that owe a receipt: (topic, payload) pairs."""
+        groups: dict[tuple[str, bytes], list[tuple[int, int, list[bytes]]]] = {}
+        for v in verdicts:
+            if v.path is None or v.checkpoint is None:
+                continue
+            assert v.device is not None and v.seq is not None and v.leaf_index is not None
+            groups.setdefault((v.device, v.checkpoint), []).append((v.seq, v.leaf_index, v.path))
+        return [
+            (down_topic(self.mid, device, DownKind.RECEIPT), receipt_batch_json(checkpoint, chunk, now_ms))
+            for (device, checkpoint), entries in groups.items()
+            for chunk in _chunks(entries, RECEIPTS_PER_BATCH)
+        ]
+
+
+RECEIPTS_PER_BATCH = 128
+"""With inclusion paths of up to 32 hashes (a 4-billion-leaf log) 128 receipts stay near 200 KB, under the broker's
+256 KiB max_packet_size and ReceiptBatch's own size limit."""
+
+
+def _chunks(items: list[T], size: int) -> list[list[T]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 __all__ = ["Candidate", "InboundMessage", "IngestPipeline", "Outcome", "ReplayedError", "ScreenResult", "Verdict"]

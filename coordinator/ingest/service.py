@@ -2,9 +2,9 @@
 
 One task owns the batch loop: take what the broker delivered (up to `batch_max` or `batch_window_ms`), screen it in
 a worker thread, settle rejections and duplicates at once (ack + resent receipt), commit the rest to the ledger in
-one durable transaction, then publish receipts and the retained checkpoint and only then acknowledge those messages
-to the broker. A coordinator killed at any point loses nothing: unacknowledged messages are redelivered into the
-persistent session and dedup answers the ones that did make it into the ledger.
+one durable transaction, then publish one receipt batch per device and the retained checkpoint and only then
+acknowledge those messages to the broker. A coordinator killed at any point loses nothing: unacknowledged messages
+are redelivered into the persistent session and dedup answers the ones that did make it into the ledger.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from coordinator.config import CoordinatorSettings
 from coordinator.ingest.dedup import DedupIndex
 from coordinator.ingest.metrics import IngestMetrics
 from coordinator.ingest.mqtt import BrokerEndpoint, BrokerSession
-from coordinator.ingest.pipeline import InboundMessage, IngestPipeline, Outcome, Verdict
+from coordinator.ingest.pipeline import Candidate, InboundMessage, IngestPipeline, Outcome, ScreenResult, Verdict
 from coordinator.ledger.store import LedgerStore
 from coordinator.registry.enrolment import Enroller, load_or_create_mid_key
 from coordinator.registry.http import build_app
@@ -235,17 +235,25 @@ class CoordinatorService:
         self.metrics.received.inc(len(batch))
         self.metrics.queue_depth.set(self.session.in_memory)
         now_ms = time.time_ns() // 1_000_000
-        screened = await asyncio.to_thread(self.pipeline.screen, batch, now_ms)
-        self._settle(screened.settled)
+        screened, owed = await asyncio.to_thread(self._screen, batch, now_ms)
+        self._settle(screened.settled, owed)
         self._count_online(now_ms)
         if not screened.candidates:
             return
-        committed = await asyncio.to_thread(self.pipeline.commit, screened.candidates, now_ms)
+        committed, owed = await asyncio.to_thread(self._commit, screened.candidates, now_ms)
         self.metrics.batch_size.observe(len(committed))
         self.metrics.ledger_size.set(self.ledger.size)
         announcement = await asyncio.to_thread(self._checkpoint_announcement, now_ms)
         self.session.publish(checkpoint_topic(self.settings.mid), announcement, qos=1, retain=True)
-        self._settle(committed)
+        self._settle(committed, owed)
+
+    def _screen(self, batch: list[InboundMessage], now_ms: int) -> tuple[ScreenResult, list[tuple[str, bytes]]]:
+        screened = self.pipeline.screen(batch, now_ms)
+        return screened, self.pipeline.receipt_batches(screened.settled, now_ms)
+
+    def _commit(self, candidates: list[Candidate], now_ms: int) -> tuple[list[Verdict], list[tuple[str, bytes]]]:
+        committed = self.pipeline.commit(candidates, now_ms)
+        return committed, self.pipeline.receipt_batches(committed, now_ms)
 
     def _checkpoint_announcement(self, now_ms: int) -> bytes:
         """The latest signed checkpoint, sealed for the retained topic (SQLite read + signature: worker thread)."""
@@ -257,13 +265,15 @@ class CoordinatorService:
         horizon = now_ms - self.settings.ingest.heartbeat_offline_s * 1000
         self.metrics.devices_online.set(sum(1 for seen in self.pipeline.last_seen_ms.values() if seen >= horizon))
 
-    def _settle(self, verdicts: list[Verdict]) -> None:
+    def _settle(self, verdicts: list[Verdict], receipts_out: list[tuple[str, bytes]]) -> None:
+        """Publish the receipt batches these verdicts owe, then acknowledge every message to the broker."""
+        for topic, payload in receipts_out:
+            self.session.publish(topic, payload, qos=1)
         now_ns = time.monotonic_ns()
         counts: dict[Outcome, int] = dict.fromkeys(Outcome, 0)
         receipts = 0
         for v in verdicts:
-            if v.receipt is not None and v.receipt_topic is not None:
-                self.session.publish(v.receipt_topic, v.receipt, qos=1)
+            if v.path is not None:
                 receipts += 1
                 self.metrics.latency.observe((now_ns - v.message.received_ns) / 1e9)
             self.session.settle(v.message.token)

@@ -2,9 +2,10 @@
 
 Per membership, four loops with one owner (`MembershipRunner.run`): the spool loop signs ClientApp records into the
 outbox; the publish loop sends what is due (QoS 1), then schedules a resend with exponential backoff and jitter in
-case no receipt comes; the receipt loop verifies receipts (signature, inclusion, consistency with the trusted
-checkpoint) and only then removes reports from the outbox; the heartbeat loop says the device is alive. The outbox
-and proofs run on one dedicated thread per membership, so fsyncs and crypto never block the event loop.
+case no receipt comes; the receipt loop verifies receipt batches (checkpoint signature, consistency with the trusted
+checkpoint, each report's inclusion path) and only then removes reports from the outbox; the heartbeat loop says
+the device is alive. The outbox and proofs run on one dedicated thread per membership, so fsyncs and crypto never
+block the event loop.
 """
 
 from __future__ import annotations
@@ -26,10 +27,9 @@ from edge.agent.membership import Membership, load_memberships
 from edge.agent.outbox import Outbox, OutboxFullError
 from edge.agent.session import DeviceSession
 from edge.agent.spool import pending_files, read_record, reject_file, sign_report
-from protocol.envelope import decode, open_envelope
 from protocol.errors import ProtocolError
 from protocol.leaves import LeafKind
-from protocol.messages import DeviceStatus, Heartbeat, Receipt
+from protocol.messages import DeviceStatus, Heartbeat, ReceiptBatch
 from protocol.topics import Direction, DownKind, UpKind, parse_topic, up_topic
 
 log = logging.getLogger("midgate.agent")
@@ -49,12 +49,11 @@ class MembershipRunner:
         self.membership = membership
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"outbox-{membership.mid}")
         self.outbox = Outbox(membership.outbox_path, settings.outbox_max_bytes)
-        trusted = LedgerView.parse_trusted(self.outbox.get_meta("trusted_checkpoint"))
         self.view = LedgerView(
             membership.mid_key,
             membership.key.key_id.hex(),
             http_consistency_fetcher(membership.record.enrolment_url),
-            trusted,
+            self.outbox.get_meta("trusted_checkpoint"),
         )
         self._inbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
         self._wake = asyncio.Event()
@@ -227,32 +226,35 @@ class MembershipRunner:
                 self._wake.set()
 
     def _settle(self, batch: list[tuple[str, bytes]]) -> int:
-        before = self.view.trusted
+        before = self.view.trusted_note
         good: list[tuple[int, int, int, str]] = []
         for topic, payload in batch:
             try:
                 parsed = parse_topic(topic)
                 if parsed.direction is not Direction.DOWN or parsed.kind is not DownKind.RECEIPT:
                     continue
-                mid_key = self.membership.mid_key
-                receipt = decode(open_envelope(payload, {mid_key.key_id.hex(): mid_key}, Receipt.PAYLOAD_TYPE), Receipt)
-                pending = self.outbox.pending(receipt.seq)
-                if pending is None:
-                    continue
-                result = self.view.settle(payload, pending.envelope, _LEAF_KIND[pending.kind], pending.seq)
+                outcome = self.view.settle_batch(ReceiptBatch.parse(payload), self._held)
             except ProofUnavailableError as exc:
-                log.warning("no consistency proof yet; the report stays queued", extra={"error": str(exc)})
+                log.warning("no consistency proof yet; the reports stay queued", extra={"error": str(exc)})
                 continue
             except ProtocolError as exc:
                 self.receipts_refused += 1
-                log.warning("receipt refused", extra={"reason": str(exc.reason), "error": str(exc)})
+                log.warning("receipt batch refused", extra={"reason": str(exc.reason), "error": str(exc)})
                 continue
-            good.append((result.seq, result.leaf_index, result.tree_size, result.envelope_sha256))
+            for seq, exc in outcome.refused:
+                self.receipts_refused += 1
+                log.warning("receipt refused", extra={"seq": seq, "reason": str(exc.reason), "error": str(exc)})
+            good.extend((r.seq, r.leaf_index, r.tree_size, r.envelope_sha256) for r in outcome.settled)
         moved = self.outbox.settle(good, _now_ms()) if good else 0
         self.receipts_verified += moved
-        if self.view.trusted != before and self.view.trusted is not None:
-            self.outbox.set_meta("trusted_checkpoint", self.view.trusted_json())
+        after = self.view.trusted_note
+        if after is not None and after != before:
+            self.outbox.set_meta("trusted_checkpoint", after)
         return moved
+
+    def _held(self, seq: int) -> tuple[LeafKind, bytes] | None:
+        pending = self.outbox.pending(seq)
+        return None if pending is None else (_LEAF_KIND[pending.kind], pending.envelope)
 
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
         assert self.session is not None

@@ -128,7 +128,8 @@ def enrol(settings: AgentSettings, url: str, token: str, now_ms: int | None = No
     )
     outbox = Outbox(directory / "outbox.sqlite", settings.outbox_max_bytes)
     try:
-        outbox.set_meta("trusted_checkpoint", view.trusted_json())
+        assert view.trusted_note is not None
+        outbox.set_meta("trusted_checkpoint", view.trusted_note)
         outbox.set_meta("enrol_leaf_index", str(settled.leaf_index).encode())
     finally:
         outbox.close()

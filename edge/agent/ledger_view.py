@@ -2,8 +2,10 @@
 
 A receipt counts only if its inclusion proof verifies against a checkpoint signed by the MID key *and* that
 checkpoint is consistent with the last one this agent trusts (RFC 9162 consistency proof, fetched from the MID's
-HTTP API, which need not be trusted: the proof is checked). Checkpoints only move forward; an older one is checked
-against the trusted one rather than replacing it.
+HTTP API, which need not be trusted: the proof is checked). The trust rules are protocol.witness's: `LogView` moves
+the trusted checkpoint forward (and keeps equivocation evidence), `verify_older_checkpoint` checks an older one a
+late receipt names without replacing the trusted one. This module only adds fetching proofs and matching receipts to
+the reports in the outbox.
 """
 
 from __future__ import annotations
@@ -11,19 +13,19 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from protocol.checkpoint import Checkpoint, verify_receipt
+from protocol.checkpoint import Checkpoint, VerifiedCheckpoint, open_checkpoint, verify_receipt
 from protocol.envelope import decode, open_envelope
-from protocol.errors import InconsistentError, MalformedError, ProtocolError, ReplayedError, RootMismatchError
+from protocol.errors import InconsistentError, MalformedError, ProtocolError, ReplayedError
 from protocol.identity import VerifierKey
 from protocol.leaves import Leaf, LeafKind
-from protocol.merkle import HASH_SIZE, verify_consistency
-from protocol.messages import Receipt
+from protocol.merkle import HASH_SIZE, leaf_hash, verify_inclusion
+from protocol.messages import Receipt, ReceiptBatch
+from protocol.witness import LogView, verify_older_checkpoint
 
 MAX_PROOF_RESPONSE = 64 * 1024
 ConsistencyFetcher = Callable[[int, int], list[bytes]]
@@ -70,42 +72,43 @@ class LedgerView:
         mid_key: VerifierKey,
         device_key_id: str,
         fetch: ConsistencyFetcher,
-        trusted: tuple[int, bytes] | None,
+        trusted_note: bytes | None,
     ) -> None:
         self.mid_key = mid_key
         self.device_key_id = device_key_id
         self._fetch = fetch
-        self.trusted = trusted
-        self._known_roots: dict[int, bytes] = {} if trusted is None else {trusted[0]: trusted[1]}
+        self.log = LogView(mid_key, trusted_note)
+        self._older_roots: dict[int, bytes] = {}
 
-    def check_checkpoint(self, checkpoint: Checkpoint) -> bool:
-        """Raise if `checkpoint` is inconsistent with the trusted one; True when it became the new trusted one."""
-        size, root = checkpoint.size, checkpoint.root
-        known = self._known_roots.get(size)
-        if known is not None:
-            if known != root:
-                raise RootMismatchError("two checkpoints of the same size with different roots", size=size)
+    @property
+    def trusted(self) -> Checkpoint | None:
+        """The trusted checkpoint, None before the first receipt (enrolment) verified."""
+        return None if self.log.note is None else self.log.checkpoint
+
+    @property
+    def trusted_note(self) -> bytes | None:
+        """The exact signed note of the trusted checkpoint: what the agent persists to resume."""
+        return self.log.note
+
+    def check_checkpoint(self, opened: VerifiedCheckpoint) -> bool:
+        """Raise if `opened` is inconsistent with the trusted checkpoint; True when it became the new trusted one."""
+        new, trusted = opened.checkpoint, self.log.checkpoint
+        if self.log.note is not None and new.size == trusted.size and new.root == trusted.root:
             return False
-        if self.trusted is None:
-            self._trust(size, root)
+        if new.size >= trusted.size:
+            grows = self.log.note is not None and new.size > trusted.size
+            self.log.update(opened.note, self._fetch(trusted.size, new.size) if grows else [])
             return True
-        t_size, t_root = self.trusted
-        if size > t_size:
-            verify_consistency(t_size, size, self._fetch(t_size, size), t_root, root)
-            self._trust(size, root)
-            return True
-        verify_consistency(size, t_size, self._fetch(size, t_size), root, t_root)
-        self._known_roots[size] = root
+        if self._older_roots.get(new.size) == new.root:
+            return False
+        verify_older_checkpoint(new, trusted, self._fetch(new.size, trusted.size))
+        if len(self._older_roots) > 4096:
+            self._older_roots.clear()
+        self._older_roots[new.size] = new.root
         return False
 
-    def _trust(self, size: int, root: bytes) -> None:
-        self.trusted = (size, root)
-        self._known_roots[size] = root
-        if len(self._known_roots) > 4096:
-            self._known_roots = {size: root}
-
     def settle(self, receipt_envelope: bytes, envelope: bytes, kind: LeafKind, seq: int) -> SettledReport:
-        """Verify a receipt for the report `envelope` (seq `seq`); raises a ProtocolError when it does not hold."""
+        """Verify a signed Receipt (the enrolment grant's) for `envelope` (seq `seq`); raises a ProtocolError."""
         verified = open_envelope(receipt_envelope, {self.mid_key.key_id.hex(): self.mid_key}, Receipt.PAYLOAD_TYPE)
         receipt = decode(verified, Receipt)
         digest = hashlib.sha256(envelope).hexdigest()
@@ -116,25 +119,49 @@ class LedgerView:
             raise InconsistentError(
                 "receipt index differs from its proof", index=receipt.leaf_index, proof=proven.index
             )
-        self.check_checkpoint(proven.checkpoint.checkpoint)
+        self.check_checkpoint(proven.checkpoint)
         return SettledReport(seq, proven.index, proven.checkpoint.checkpoint.size, digest)
 
-    def trusted_json(self) -> bytes:
-        assert self.trusted is not None
-        return json.dumps({"size": self.trusted[0], "root": base64.b64encode(self.trusted[1]).decode()}).encode()
+    def settle_batch(self, batch: ReceiptBatch, held: Callable[[int], HeldReport | None]) -> BatchOutcome:
+        """Verify a ReceiptBatch against the reports this device holds (`held(seq)`: kind and envelope, or None).
 
-    @staticmethod
-    def parse_trusted(data: bytes | None) -> tuple[int, bytes] | None:
-        if data is None:
-            return None
-        doc = json.loads(data)
-        return int(doc["size"]), base64.b64decode(doc["root"])
+        The checkpoint's signature is checked once and its consistency with the trusted one once, and only when the
+        batch names a report still held (a receipt resent for a settled report costs no proof fetch). A path that
+        does not prove the held bytes is refused on its own; a bad checkpoint refuses the whole batch.
+        """
+        wanted = [(entry, report) for entry in batch.receipts if (report := held(entry.seq)) is not None]
+        outcome = BatchOutcome()
+        if not wanted:
+            return outcome
+        opened = open_checkpoint(batch.checkpoint.encode(), self.mid_key)
+        self.check_checkpoint(opened)
+        size, root = opened.checkpoint.size, opened.checkpoint.root
+        for entry, (kind, envelope) in wanted:
+            try:
+                path = [base64.b64decode(h) for h in entry.path]
+                verify_inclusion(entry.leaf_index, size, leaf_hash(Leaf(kind, envelope).encode()), path, root)
+            except ProtocolError as exc:
+                outcome.refused.append((entry.seq, exc))
+                continue
+            digest = hashlib.sha256(envelope).hexdigest()
+            outcome.settled.append(SettledReport(entry.seq, entry.leaf_index, size, digest))
+        return outcome
 
 
-def receipt_seq(receipt_envelope: bytes, mid_key: VerifierKey) -> int:
-    """The seq a signed receipt is for (signature checked; proof not yet)."""
-    verified = open_envelope(receipt_envelope, {mid_key.key_id.hex(): mid_key}, Receipt.PAYLOAD_TYPE)
-    return decode(verified, Receipt).seq
+HeldReport = tuple[LeafKind, bytes]
 
 
-__all__ = ["LedgerView", "ProofUnavailableError", "ProtocolError", "SettledReport", "http_consistency_fetcher"]
+@dataclass
+class BatchOutcome:
+    settled: list[SettledReport] = field(default_factory=list)
+    refused: list[tuple[int, ProtocolError]] = field(default_factory=list)
+
+
+__all__ = [
+    "BatchOutcome",
+    "LedgerView",
+    "ProofUnavailableError",
+    "ProtocolError",
+    "SettledReport",
+    "http_consistency_fetcher",
+]
