@@ -61,6 +61,14 @@ def _print_audit_command(workdir: Path, console: Console) -> None:
         soft_wrap=True,
         highlight=False,
     )
+    witnesses = " ".join(f"--witness {p}" for p in sorted((workdir / "members").glob("*.witness.vkey")))
+    console.print("check the settlement's receipt offline, with 3 of the 4 members' witness cosignatures required:")
+    console.print(
+        f"  midgate ledger verify-proof {workdir / 'members' / 'settlement.receipt'} --vkey {workdir / 'log.vkey'} "
+        f"--leaf {workdir / 'members' / 'settlement.leaf'} {witnesses} --quorum 3",
+        soft_wrap=True,
+        highlight=False,
+    )
     console.print("and see the MID's rewritten history refused (exit 1):")
     console.print(
         f"  midgate ledger verify {workdir / 'attack' / 'rewritten-ledger.db'} --vkey {workdir / 'log.vkey'} "

@@ -19,6 +19,8 @@ LOG_ORIGIN = "mid-demo.example/ledger"
 class Identities:
     log_key: SignerKey
     devices: dict[str, SignerKey]
+    witnesses: dict[str, SignerKey]
+    """Each member's witness key, used only to cosign checkpoints (distinct from its device key, docs/ledger.md)."""
     key_files: dict[str, Path]
 
 
@@ -26,10 +28,16 @@ def create_identities(workdir: Path, device_names: list[str], console: Console) 
     """Generate, save (0600) and reload every key, so the demo signs with what a device would load from disk."""
     keys_dir = workdir / "keys"
     keys_dir.mkdir(exist_ok=True)
-    table = Table("identity", "C2SP verifier key", "file mode", title="identities (Ed25519, one per device per MID)")
+    table = Table(
+        "identity",
+        "C2SP verifier key",
+        "file mode",
+        title="identities (Ed25519: one per device per MID, one witness key per member)",
+    )
     loaded: dict[str, SignerKey] = {}
     files: dict[str, Path] = {}
-    for name in [LOG_ORIGIN, *device_names]:
+    witness_names = {f"{name}-witness": name for name in device_names}
+    for name in [LOG_ORIGIN, *device_names, *witness_names]:
         path = keys_dir / (name.replace("/", "_") + ".key")
         save_signer_key(path, SignerKey.generate(name))
         loaded[name] = load_signer_key(path)
@@ -37,4 +45,6 @@ def create_identities(workdir: Path, device_names: list[str], console: Console) 
         table.add_row(name, loaded[name].verifier.text(), oct(path.stat().st_mode & 0o777))
     console.print(table)
     (workdir / "log.vkey").write_text(loaded[LOG_ORIGIN].verifier.text() + "\n")
-    return Identities(loaded[LOG_ORIGIN], {n: loaded[n] for n in device_names}, files)
+    devices = {n: loaded[n] for n in device_names}
+    witnesses = {member: loaded[name] for name, member in witness_names.items()}
+    return Identities(loaded[LOG_ORIGIN], devices, witnesses, files)

@@ -18,23 +18,26 @@ from rich.table import Table
 from coordinator.attribution import RoundValuation
 from coordinator.ledger.audit import audit_ledger
 from coordinator.ledger.store import LedgerStore
+from coordinator.royalties.ledger_records import find_split
 from demo.checks import Outcomes, reason_of
 from demo.households import Household, build_households, buyer_validation
 from demo.identities import Identities, create_identities
 from demo.reports import IngestChecks, round_nonce, seal_report, show_rejections
 from demo.scope import show_scope
-from demo.settlement import member_statement_page, settle
-from demo.trail import MemberLedgerView, log_reports, show_rewritten_history_caught
+from demo.settlement import RECORD_ID, member_statement_page, settle
+from demo.trail import MemberLedgerView, log_reports, show_rewritten_history_caught, witness_and_cosign
 from demo.training import FederatedJob, LocalUpdate, local_round
 from protocol.envelope import KeyRing
 from protocol.messages import ContributionReport
-from protocol.witness import LogView
+from protocol.witness import Cosigner, LogView
 
 HONEST = ("household-1", "household-2", "household-3")
 FREE_RIDER = "household-4"
 # Each member's one knob (milli-units, -1000..1000): how much above or below the MID's base price they sell.
 KNOBS = {"household-1": 0, "household-2": 300, "household-3": -200, FREE_RIDER: 0}
 RUN_ID = 1
+MIN_REPUTATION_MILLI = 500
+WITNESS_QUORUM = 3
 ROUNDS = 3
 
 
@@ -103,6 +106,13 @@ def _federated_rounds(scene: Scene, rounds: int) -> None:
             show_rejections(checks, accepted, key, key_file, outcomes, scene.console)
             outcomes.expect("ledger size after the refusals", size, store.size)
     outcomes.expect("free rider's accumulated value", 0.0, job.account.totals[FREE_RIDER])
+    scores = ", ".join(f"{n} {job.reputation.score_milli(n)}" for n in scene.members)
+    scene.console.print(f"   reputation (milli, 500 = newcomer): {scores}", highlight=False)
+    outcomes.expect(
+        f"who meets a job's minimum reputation of {MIN_REPUTATION_MILLI}",
+        list(HONEST),
+        [n for n in scene.members if job.reputation.meets(n, MIN_REPUTATION_MILLI)],
+    )
     outcomes.expect("buyer accuracy improved over the rounds", True, accuracy[-1] > accuracy[0])
 
 
@@ -121,10 +131,14 @@ def _settlement(scene: Scene, started_ms: int) -> None:
 
 def _members_check(scene: Scene) -> None:
     store, outcomes = scene.store, scene.outcomes
-    for view in scene.members.values():
-        moved_to = view.catch_up(store)
-        outcomes.expect(f"{view.name} moves to the latest checkpoint (consistency proof)", store.size, moved_to)
-        view.save_checkpoint(scene.workdir / "members")
+    witness_and_cosign(store, scene.members, scene.ids.witnesses, WITNESS_QUORUM, outcomes)
+    folder = scene.workdir / "members"
+    for member in scene.members.values():
+        member.save_checkpoint(folder)
+        (folder / f"{member.name}.witness.vkey").write_text(Cosigner(scene.ids.witnesses[member.name]).verifier.text())
+    settlement = find_split(store, RECORD_ID).index
+    (folder / "settlement.leaf").write_bytes(store.leaf(settlement))
+    (folder / "settlement.receipt").write_text(store.receipt(settlement))
     notes = [v.view.note or b"" for v in scene.members.values()]
     got, _ = reason_of(lambda: audit_ledger(store.path, scene.ids.log_key.verifier, notes))
     outcomes.expect("full audit of the ledger file with every member's checkpoint", "accepted", got)

@@ -14,6 +14,8 @@ RAN_FOR_REAL = (
     ("attribution", "screens + exact Shapley per round on the buyer's validation data; aggregation by its weights"),
     ("ledger", "SQLite transparency log (WAL, synchronous=FULL), checkpoints signed by the MID log key"),
     ("member checks", "receipts verified offline; checkpoints moved only with consistency proofs; fork caught"),
+    ("witnesses", "every member cosigns the latest checkpoint (tlog-cosignature); a 3-of-4 policy checks them"),
+    ("reputation", "beta reputation from the rounds; the free rider falls below a job's minimum"),
     ("settlement", "quote, fee cap, largest-remainder split, record logged and recomputed, member statement"),
 )
 
@@ -30,7 +32,6 @@ NOT_YET = (
         "finished now; see docs/federated.md): no gRPC, no node auth, no DP clipping",
     ),
     ("buyer HTTP API", "the buyer's job, quote and payment are function calls; no HTTP API runs"),
-    ("witness cosignatures", "members keep checkpoints but do not cosign them in the demo"),
 )
 
 TLS_NOTE = (

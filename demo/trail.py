@@ -8,6 +8,7 @@ member needs nothing from the coordinator but bytes.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,11 +18,12 @@ from coordinator.ledger.audit import audit_ledger
 from coordinator.ledger.store import LedgerStore
 from demo.checks import Outcomes, reason_of
 from demo.reports import tampered
-from protocol.checkpoint import parse_receipt, verify_receipt
-from protocol.errors import Reason
+from protocol.checkpoint import AddCheckpointBody, parse_receipt, verify_receipt
+from protocol.errors import ProtocolError, Reason
 from protocol.identity import SignerKey, VerifierKey
 from protocol.leaves import Leaf, LeafKind, decode_leaf
-from protocol.witness import LogView
+from protocol.note import NoteSignature
+from protocol.witness import CosignaturePolicy, Cosigner, LogView, Witness
 
 
 @dataclass
@@ -43,11 +45,12 @@ class MemberLedgerView:
         self.receipts.append((receipt, leaf))
         return self.view.checkpoint.size
 
-    def catch_up(self, store: LedgerStore) -> int:
-        """Accept the log's latest checkpoint only with a proof that it extends the trusted one."""
+    def witness_latest(self, store: LedgerStore, cosigner: Cosigner, now_s: int) -> NoteSignature:
+        """As a tlog-witness: accept the log's latest checkpoint only with a proof that it extends the trusted one,
+        then cosign it."""
         old = self.view.checkpoint.size
-        self.view.update(store.checkpoint(), store.consistency_proof(old, store.size))
-        return self.view.checkpoint.size
+        body = AddCheckpointBody(old, tuple(store.consistency_proof(old, store.size)), store.checkpoint())
+        return Witness(self.view, cosigner).add_checkpoint(body.encode(), now_s)
 
     def save_checkpoint(self, folder: Path) -> Path:
         folder.mkdir(exist_ok=True)
@@ -103,3 +106,33 @@ def show_rewritten_history_caught(
     got, detail = reason_of(lambda: audit_ledger(fork_path, vkey, [member.view.note or b""]))
     outcomes.expect(f"audit of the fork with {member.name}'s checkpoint", Reason.INCONSISTENT, got)
     console.print(f"   audit says: {detail}", highlight=False)
+
+
+def witness_and_cosign(
+    store: LedgerStore,
+    members: dict[str, MemberLedgerView],
+    witness_keys: dict[str, SignerKey],
+    quorum: int,
+    outcomes: Outcomes,
+) -> CosignaturePolicy:
+    """Every member witnesses the latest checkpoint and cosigns it; the log attaches the cosignatures, so every
+    receipt served from now on carries them, and a member's k-of-n policy can require them."""
+    cosigners = {name: Cosigner(witness_keys[name]) for name in members}
+    cosignatures: list[NoteSignature] = []
+    for name, member in members.items():
+        try:
+            cosignatures.append(member.witness_latest(store, cosigners[name], int(time.time())))
+            got = "accepted"
+        except ProtocolError as exc:
+            got = str(exc.reason)
+        outcomes.expect(f"{name} checks consistency to size {store.size} and cosigns", "accepted", got)
+    verifiers = [c.verifier for c in cosigners.values()]
+    store.attach_cosignatures(store.size, cosignatures, verifiers)
+    policy = CosignaturePolicy(tuple(verifiers), quorum)
+    log_vkey = next(iter(members.values())).view.log_vkey
+    got, _ = reason_of(lambda: policy.check(store.checkpoint(), log_vkey))
+    outcomes.expect(f"latest checkpoint carries {quorum} of {len(verifiers)} witness cosignatures", "accepted", got)
+    first_batch = store.checkpoint_sizes()[1]
+    got, _ = reason_of(lambda: policy.check(store.checkpoint(first_batch), log_vkey))
+    outcomes.expect(f"checkpoint at size {first_batch}, which no member cosigned", Reason.QUORUM_NOT_MET, got)
+    return policy

@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from coordinator.attribution import AttributionAccount, RoundUpdates, RoundValuation, ValuationSettings, value_round
+from coordinator.attribution import (
+    AttributionAccount,
+    ReputationBook,
+    RoundUpdates,
+    RoundValuation,
+    ValuationSettings,
+    value_round,
+)
 from coordinator.attribution.task_loss import TaskValidationLoss
 from demo.households import Household
 from edge.federated.training import LocalTrainingConfig, RoundResult, train_round
@@ -48,6 +55,7 @@ class FederatedJob:
     validation: LabelledWindows
     settings: ValuationSettings = field(default_factory=ValuationSettings)
     account: AttributionAccount = field(default_factory=AttributionAccount)
+    reputation: ReputationBook = field(default_factory=ReputationBook)
     valuations: list[RoundValuation] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -80,6 +88,7 @@ class FederatedJob:
             self.settings,
         )
         self.account.add(valuation)
+        self.reputation.record(valuation)
         self.valuations.append(valuation)
         weights = np.asarray([valuation.weights[n] for n in names], dtype=np.float32)
         aggregate = (weights[:, None] * deltas).sum(axis=0).astype(np.float32)
