@@ -69,15 +69,23 @@ def seal_report(
 
 @dataclass
 class IngestChecks:
-    """The coordinator's checks of one report before it is logged: signature by an enrolled key, schema, the update
-    it names is the one delivered, and a strictly newer seq for that key."""
+    """The coordinator's checks of one report before it is logged: signature by an enrolled key, schema, the global
+    model and update it names are the ones exchanged (as coordinator.federation.report_check does for Flower's
+    captures), and a strictly newer seq for that key."""
 
     ring: KeyRing
     last_seq: dict[str, int] = field(default_factory=dict)
 
-    def accept(self, envelope: bytes, delivered: Arrays | None = None) -> ContributionReport:
+    def accept(
+        self, envelope: bytes, delivered: Arrays | None = None, sent: Arrays | None = None
+    ) -> ContributionReport:
+        """The report, if it passes; otherwise the typed refusal, and nothing is remembered."""
         verified = open_envelope(envelope, self.ring, ContributionReport.PAYLOAD_TYPE)
         report = decode(verified, ContributionReport)
+        if sent is not None and report.global_model_sha256 != arrays_sha256(sent):
+            raise UpdateMismatchError(
+                "report names another global model", expected=arrays_sha256(sent), found=report.global_model_sha256
+            )
         if delivered is not None and report.update_sha256 != arrays_sha256(delivered):
             raise UpdateMismatchError(
                 "report names another update", expected=arrays_sha256(delivered), found=report.update_sha256

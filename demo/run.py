@@ -26,7 +26,7 @@ from demo.reports import IngestChecks, round_nonce, seal_report, show_rejections
 from demo.scope import show_scope
 from demo.settlement import RECORD_ID, member_statement_page, settle
 from demo.trail import MemberLedgerView, log_reports, show_rewritten_history_caught, witness_and_cosign
-from demo.training import FederatedJob, LocalUpdate, local_round
+from demo.training import Arrays, FederatedJob, LocalUpdate, local_round
 from protocol.envelope import KeyRing
 from protocol.messages import ContributionReport
 from protocol.witness import Cosigner, LogView
@@ -93,9 +93,11 @@ def _federated_rounds(scene: Scene, rounds: int) -> None:
     scene.console.print(f"   initial global model: buyer accuracy {accuracy[0]:.1%}")
     checks = IngestChecks(KeyRing([k.verifier for k in scene.ids.devices.values()]))
     for r in range(1, rounds + 1):
-        updates = [local_round(h, job.global_arrays, r) for h in scene.households]
-        logged = _log_round(r, scene, updates, checks)
-        valuation = job.value_and_aggregate(r, updates)
+        with scene.console.status(f"round {r}: households train on their own windows"):
+            updates = [local_round(h, job.global_arrays, r) for h in scene.households]
+        logged = _log_round(r, scene, updates, checks, job.global_arrays)
+        with scene.console.status(f"round {r}: the coordinator screens and values the updates"):
+            valuation = job.value_and_aggregate(r, updates)
         accuracy.append(job.buyer_metrics()["accuracy"])
         _show_round(r, updates, logged, valuation, accuracy[-1], scene.console)
         if r == 1:
@@ -156,7 +158,7 @@ class LoggedReport:
 
 
 def _log_round(
-    round_index: int, scene: Scene, updates: list[LocalUpdate], checks: IngestChecks
+    round_index: int, scene: Scene, updates: list[LocalUpdate], checks: IngestChecks, sent: Arrays
 ) -> dict[str, LoggedReport]:
     """Devices seal their reports; the coordinator verifies each against the update it received and logs them in
     one batch; each household verifies its receipt and moves its trusted checkpoint forward."""
@@ -175,7 +177,7 @@ def _log_round(
             nonce=nonce,
             fingerprint_hex=household.fingerprint_hex,
         )
-        got, _ = reason_of(lambda: checks.accept(envelope, update.returned))  # noqa: B023 - called at once
+        got, _ = reason_of(lambda: checks.accept(envelope, update.returned, sent))  # noqa: B023 - called at once
         if outcomes.record(f"round {round_index}: {household.name}'s report verified", "accepted", got):
             sealed[household.name] = (report, envelope)
     logged = log_reports(store, {name: envelope for name, (_, envelope) in sealed.items()})
