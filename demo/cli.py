@@ -15,6 +15,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from protocol.errors import ProtocolError
+
 app = typer.Typer(help="The end-to-end demo on embedded defaults, in one process.")
 
 
@@ -30,22 +32,32 @@ def demo(
     """Run the demo; exit 1 if any outcome differs from the expected one."""
     if ctx.invoked_subcommand is not None:
         return
+    console = Console()
+    if workdir is not None and workdir.exists() and any(workdir.iterdir()):
+        raise typer.BadParameter(f"{workdir} is not empty; the demo starts a new ledger", param_hint="--workdir")
+    try:
+        ok = _run_in(workdir, console, rounds)
+    except ProtocolError as exc:
+        # A refusal no step expected (e.g. PLAID missing: sktime not installed) ends the demo with its reason.
+        console.print(f"[bold red]the demo stopped:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    if not ok:
+        raise typer.Exit(1)
+
+
+def _run_in(workdir: Path | None, console: Console, rounds: int) -> bool:
     # Imported here so that `midgate --help` and the agent's commands do not pay for torch.
     from demo.run import run
 
-    console = Console()
-    if workdir is not None:
-        if workdir.exists() and any(workdir.iterdir()):
-            raise typer.BadParameter(f"{workdir} is not empty; the demo starts a new ledger", param_hint="--workdir")
-        workdir.mkdir(parents=True, exist_ok=True)
-        ok = run(workdir.resolve(), console, rounds)
-        _print_audit_command(workdir.resolve(), console)
-    else:
+    if workdir is None:
         with tempfile.TemporaryDirectory(prefix="midgate-demo-") as tmp:
             ok = run(Path(tmp), console, rounds)
         console.print("the files were in a temporary folder, now deleted; keep them with --workdir DIR")
-    if not ok:
-        raise typer.Exit(1)
+        return ok
+    workdir.mkdir(parents=True, exist_ok=True)
+    ok = run(workdir.resolve(), console, rounds)
+    _print_audit_command(workdir.resolve(), console)
+    return ok
 
 
 def _print_audit_command(workdir: Path, console: Console) -> None:

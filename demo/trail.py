@@ -63,6 +63,8 @@ class MemberLedgerView:
 def log_reports(store: LedgerStore, envelopes: dict[str, bytes]) -> dict[str, tuple[int, bytes]]:
     """Append the round's verified envelopes verbatim as contribution leaves, in one durable batch."""
     leaves = {name: Leaf(LeafKind.CONTRIBUTION, envelope).encode() for name, envelope in envelopes.items()}
+    if not leaves:
+        return {}
     appended = store.append(list(leaves.values()))
     return {name: (index, leaf) for (name, leaf), index in zip(leaves.items(), appended.indices, strict=True)}
 

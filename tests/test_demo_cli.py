@@ -188,3 +188,14 @@ def test_without_workdir_the_temp_folder_is_removed_and_a_failed_step_exits_1(
     assert code == 1
     assert seen and seen[0].parent == tmp_path
     assert os.listdir(tmp_path) == []
+
+
+def test_missing_plaid_stops_the_demo_with_its_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import edge.sensors.plaid
+
+    monkeypatch.setattr(edge.sensors.plaid, "PLAID_PACKAGE", "midgate-no-such-package")
+    code, out = _invoke("demo", "--workdir", str(tmp_path / "demo"))
+    assert code == 1
+    assert "the demo stopped: sensor_unavailable" in out
+    assert "pip install 'sktime==1.2.*'" in out
+    assert not (tmp_path / "demo" / "ledger.db").exists()
