@@ -24,7 +24,7 @@ from demo.households import Household, build_households, buyer_validation
 from demo.identities import Identities, create_identities
 from demo.reports import IngestChecks, round_nonce, seal_report, show_rejections
 from demo.scope import show_scope
-from demo.settlement import RECORD_ID, member_statement_page, settle
+from demo.settlement import RECORD_ID, later_royalty, member_statement_page, settle
 from demo.trail import MemberLedgerView, log_reports, show_rewritten_history_caught, witness_and_cosign
 from demo.training import Arrays, FederatedJob, LocalUpdate, local_round
 from protocol.envelope import KeyRing
@@ -38,6 +38,7 @@ KNOBS = {"household-1": 0, "household-2": 300, "household-3": -200, FREE_RIDER: 
 RUN_ID = 1
 MIN_REPUTATION_MILLI = 500
 WITNESS_QUORUM = 3
+LATER_REVENUE_MINOR = 12_345  # what the buyer later reports earning with the model
 ROUNDS = 3
 
 
@@ -61,7 +62,7 @@ def run(workdir: Path, console: Console, rounds: int = ROUNDS) -> bool:
         scene = Scene(workdir, console, outcomes, ids, households, members, store, FederatedJob(validation))
         _section(console, 3, f"federated rounds in this process ({rounds}), task plaid-appliance@1")
         _federated_rounds(scene, rounds)
-        _section(console, 4, "settlement of the buyer's payment")
+        _section(console, 4, "settlement of the buyer's payment, and a later royalty")
         _settlement(scene, started_ms)
         _section(console, 5, "members check the log")
         _members_check(scene)
@@ -124,6 +125,7 @@ def _settlement(scene: Scene, started_ms: int) -> None:
     paid = {p.member: p.amount_minor for p in settlement.record.payouts}
     outcomes.expect("free rider paid", 0, paid[FREE_RIDER])
     outcomes.expect("every honest household paid", True, all(paid[n] > 0 for n in HONEST))
+    later_royalty(store, LATER_REVENUE_MINOR, int(time.time() * 1000), outcomes, scene.console)
     period = (started_ms, int(time.time() * 1000) + 1)
     for name in scene.members:
         shown = scene.console if name == HONEST[0] else None

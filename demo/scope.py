@@ -16,7 +16,11 @@ RAN_FOR_REAL = (
     ("member checks", "receipts verified offline; checkpoints moved only with consistency proofs; fork caught"),
     ("witnesses", "every member cosigns the latest checkpoint (tlog-cosignature); a 3-of-4 policy checks them"),
     ("reputation", "beta reputation from the rounds; the free rider falls below a job's minimum"),
-    ("settlement", "quote, fee cap, largest-remainder split, record logged and recomputed, member statement"),
+    (
+        "settlement",
+        "quote, fee cap, largest-remainder split, record logged and recomputed; a later royalty split by the "
+        "stored attribution; member statements",
+    ),
 )
 
 NOT_YET = (

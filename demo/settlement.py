@@ -33,18 +33,20 @@ from coordinator.royalties.ledger_records import (
     append_split,
     find_split,
     recompute_from_ledger,
+    report_revenue,
     statement_from_ledger,
 )
 from demo.checks import Outcomes, reason_of
 from protocol.checkpoint import verify_receipts
 from protocol.errors import Reason
 from protocol.identity import VerifierKey
-from protocol.leaves import Leaf, LeafKind
+from protocol.leaves import Leaf, LeafKind, decode_leaf
 
 CURRENCY = "EUR"
 JOB_ID = "job-1"
 MODEL_VERSION = "plaid-appliance-1.job-1"
 RECORD_ID = "job-1.settlement"
+ROYALTY_ID = "job-1.royalty-1"
 KNOB = KnobPolicy(base_price_minor=10_000, min_price_minor=1_000, max_price_minor=100_000)
 POLICY = RoyaltyPolicy(version=1, fee_bps=2000, knob=KNOB)
 
@@ -97,6 +99,29 @@ def settle(
     got, _ = reason_of(lambda: RoyaltyPolicy(version=2, fee_bps=3500, knob=KNOB))
     outcomes.expect("a policy with a 35 % fee", Reason.POLICY_VIOLATION, got)
     return Settlement(record_bytes, record, index)
+
+
+def later_royalty(
+    store: LedgerStore, revenue_minor: int, created_ms: int, outcomes: Outcomes, console: Console
+) -> None:
+    """The buyer later reports revenue from the model: split by the attribution stored in the settlement leaf,
+    under the policy and knobs recorded then, and logged as a royalty leaf."""
+    index = report_revenue(
+        store, MODEL_VERSION, revenue_minor, record_id=ROYALTY_ID, created_ms=created_ms, currency=CURRENCY
+    )
+    record = decode_record(decode_leaf(store.leaf(index)).signed)
+    shares = ", ".join(f"{p.member} {p.amount_minor}" for p in record.payouts)
+    console.print(f"   later revenue {revenue_minor} {CURRENCY} minor units for {MODEL_VERSION}:", highlight=False)
+    console.print(f"   fee {record.fee_minor}; {shares}", highlight=False)
+    paid = sum(p.amount_minor for p in record.payouts)
+    outcomes.expect(
+        "royalty: fee + payouts + unallocated == revenue",
+        revenue_minor,
+        record.fee_minor + paid + record.unallocated_minor,
+    )
+    outcomes.expect(
+        "royalty leaf recomputed from its own inputs", True, recompute_from_ledger(store, ROYALTY_ID).matches
+    )
 
 
 def _show_payouts(record: SplitRecord, console: Console) -> None:

@@ -58,7 +58,7 @@ def test_full_demo_leaves_an_auditable_ledger_and_an_exact_settlement(tmp_path: 
     vkey = VerifierKey.parse((workdir / "log.vkey").read_text().strip())
     notes = [(workdir / "members" / f"{h}.checkpoint").read_bytes() for h in HOUSEHOLDS]
     report = audit_ledger(workdir / "ledger.db", vkey, notes)
-    assert (report.size, report.trusted_checked) == (3 * 4 + 1, 4)
+    assert (report.size, report.trusted_checked) == (3 * 4 + 2, 4)  # 12 reports, settlement, royalty
     witnesses = tuple(
         CosignatureVerifier.parse((workdir / "members" / f"{h}.witness.vkey").read_text()) for h in HOUSEHOLDS
     )
@@ -88,21 +88,24 @@ def test_full_demo_leaves_an_auditable_ledger_and_an_exact_settlement(tmp_path: 
     assert all(r.global_model_sha256 == r.update_sha256 for r in rider)  # sent the model back untouched
     assert all(r.global_model_sha256 != r.update_sha256 for h in HOUSEHOLDS[:3] for r in by_signer[h])
 
-    (split,) = splits
-    assert recompute_settlement(split.record_bytes) == split.record_bytes
-    record = split.record
-    payment = record.inputs.payment_minor
-    paid = {p.member: p for p in record.payouts}
-    assert record.fee_minor + sum(p.amount_minor for p in record.payouts) + record.unallocated_minor == payment
-    assert record.fee_minor * 10_000 <= 3_000 * payment
-    assert (paid["household-4"].amount_minor, paid["household-4"].reason) == (0, "screened")
-    assert all(paid[h].amount_minor > 0 for h in HOUSEHOLDS[:3])
+    assert [s.record.inputs.kind for s in splits] == ["settlement", "royalty"]
+    earned = 0
+    for split in splits:
+        assert recompute_settlement(split.record_bytes) == split.record_bytes
+        record = split.record
+        payment = record.inputs.payment_minor
+        paid = {p.member: p for p in record.payouts}
+        assert record.fee_minor + sum(p.amount_minor for p in record.payouts) + record.unallocated_minor == payment
+        assert record.fee_minor * 10_000 <= 3_000 * payment
+        assert (paid["household-4"].amount_minor, paid["household-4"].reason) == (0, "screened")
+        assert all(paid[h].amount_minor > 0 for h in HOUSEHOLDS[:3])
+        earned += paid["household-1"].amount_minor
     statement = (workdir / "statements" / "household-1.statement.txt").read_text()
-    assert f"Total: {paid['household-1'].amount_minor} EUR minor units" in statement
+    assert f"Total: {earned} EUR minor units" in statement
 
     fork = workdir / "attack" / "rewritten-ledger.db"
     audit_ledger(fork, vkey)  # re-signed by the MID's own key, so the file alone looks fine
-    with pytest.raises(LedgerCorruptError, match="trusted checkpoint at size 13"):
+    with pytest.raises(LedgerCorruptError, match="trusted checkpoint at size 14"):
         audit_ledger(fork, vkey, [notes[0]])
 
     for reason in REJECTIONS:
@@ -124,7 +127,7 @@ def test_full_demo_leaves_an_auditable_ledger_and_an_exact_settlement(tmp_path: 
     assert commands[2].count("--witness") == 4 and commands[2][-2:] == ["--quorum", "3"]
     results = [_invoke(*command) for command in commands]
     assert [code for code, _ in results] == [0, 0, 0, 1], results
-    assert "trusted checkpoint at size 13" in results[3][1]
+    assert "trusted checkpoint at size 14" in results[3][1]
 
 
 def _accepted_report(tmp_path: Path) -> tuple[IngestChecks, SignerKey, Path, tuple[ContributionReport, bytes, dict]]:
