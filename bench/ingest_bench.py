@@ -55,6 +55,8 @@ def _fields(i: int, device: str) -> dict[str, object]:
 
 def publisher_main(args: argparse.Namespace) -> None:
     """Sign `reports` reports, then publish them (as fast as possible, or paced at `rate`/s); write timings as JSON."""
+    import base64
+
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
@@ -72,8 +74,13 @@ def publisher_main(args: argparse.Namespace) -> None:
     lock = threading.Lock()
 
     def on_message(client: object, userdata: object, message: paho.MQTTMessage) -> None:
-        # A ReceiptBatch: one message per device per ledger batch (timing only; the agent verifies, not the bench).
-        seqs = [int(entry["seq"]) for entry in json.loads(message.payload)["receipts"]]
+        # A ReceiptBatch (one message per device per ledger batch; timing only, the agent is what verifies), or the
+        # echo consumer's reply, which is the report envelope itself.
+        doc = json.loads(message.payload)
+        if "receipts" in doc:
+            seqs = [int(entry["seq"]) for entry in doc["receipts"]]
+        else:
+            seqs = [int(json.loads(base64.b64decode(doc["payload"]))["seq"])]
         arrived = time.perf_counter()
         with lock:
             for seq in seqs:

@@ -113,7 +113,8 @@ def invite(
 
 @app.command()
 def revoke(device: str = typer.Argument(...), config: Path | None = ConfigOption) -> None:
-    """Revoke a device key: ingest refuses it from the next batch, and its broker login is removed."""
+    """Revoke a device key: ingest refuses it from the next batch, and its broker login is removed. `serve` (the
+    ledger's one writer) logs a MID-signed key-revoke leaf within a second, or at its next start if it is down."""
     from coordinator.broker.logins import sync_broker_logins
     from coordinator.registry.store import Registry
 

@@ -320,6 +320,20 @@ def receipt_batch_json(
     return f'{{"checkpoint":{note},"issued_ms":{issued_ms},"receipts":[{paths}],"v":1}}'.encode()
 
 
+class KeyRevocation(WireMessage):
+    """The MID revoked a device key: recorded in the log as a `key-revoke` leaf, signed by the MID key, so members
+    can audit that reports signed by the key after `revoked_ms` were refused."""
+
+    PAYLOAD_TYPE: ClassVar[str] = _media_type("key-revocation")
+    v: Literal[1] = 1
+    mid: Ident
+    device: Ident
+    device_key: VerifierKeyText
+    """C2SP verifier key text of the revoked key."""
+    revoked_ms: TimeMs
+    reason: ShortText = ""
+
+
 class CheckpointAnnouncement(WireMessage):
     PAYLOAD_TYPE: ClassVar[str] = _media_type("checkpoint-announcement")
     v: Literal[1] = 1
@@ -391,6 +405,7 @@ MESSAGE_TYPES: tuple[type[WireMessage], ...] = (
     Heartbeat,
     Receipt,
     ReceiptBatch,
+    KeyRevocation,
     CheckpointAnnouncement,
     RoundInvitation,
     KnobUpdate,
@@ -444,6 +459,7 @@ __all__ = [
     "EnrolmentResponse",
     "Heartbeat",
     "Ident",
+    "KeyRevocation",
     "KnobUpdate",
     "Receipt",
     "ReceiptBatch",

@@ -420,6 +420,19 @@ class MessagingStack:
                 found.append((key_ids[0], int(json.loads(payload)["seq"]), leaf.signed))
         return found
 
+    def ledger_leaves(self, kind: object) -> list[bytes]:
+        """The signed bytes of every leaf of `kind` (a protocol.leaves.LeafKind) in the ledger, in log order."""
+        import sqlite3
+
+        from protocol.leaves import decode_leaf
+
+        db = sqlite3.connect(f"file:{self.data_dir / 'ledger.sqlite'}?mode=ro", uri=True, timeout=30)
+        try:
+            rows = db.execute("SELECT data FROM leaves ORDER BY idx").fetchall()
+        finally:
+            db.close()
+        return [leaf.signed for leaf in (decode_leaf(bytes(data)) for (data,) in rows) if leaf.kind is kind]
+
     def ledger_size(self) -> int:
         import sqlite3
 

@@ -260,3 +260,17 @@ def test_equivocation_within_one_batch_is_refused_with_evidence(fx: Fixture) -> 
     assert [v.outcome for v in committed] == [Outcome.ACCEPTED]
     assert [v.reason for v in screened.settled] == [Reason.EQUIVOCATION]
     assert fx.ledger.size == 1 and fx.dedup.equivocation_count() == 1
+
+
+def test_dedup_high_water_mark_still_catches_out_of_order_resends_after_restart(fx: Fixture, tmp_path: Path) -> None:
+    envelopes = {seq: fx.report("dev-a", seq) for seq in (5, 3, 9)}
+    for env in envelopes.values():
+        assert fx.one(topic("dev-a"), env).outcome is Outcome.ACCEPTED
+    assert fx.one(topic("dev-a"), envelopes[3]).outcome is Outcome.DUPLICATE
+    fx.dedup.close()
+    reopened = DedupIndex(tmp_path / "ingest.sqlite")
+    restarted = IngestPipeline(MID, fx.registry, fx.ledger, reopened, fx.mid_key, 64 * 1024, 10.0, 1000)
+    for seq, env in envelopes.items():
+        verdict = restarted.screen([InboundMessage(topic("dev-a"), env)], NOW_MS).settled[0]
+        assert (verdict.outcome, verdict.seq) == (Outcome.DUPLICATE, seq)
+    assert fx.ledger.size == 3

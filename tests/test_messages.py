@@ -27,6 +27,7 @@ from protocol.messages import (
     EnrolmentRequest,
     EnrolmentResponse,
     Heartbeat,
+    KeyRevocation,
     KnobUpdate,
     Receipt,
     ReceiptBatch,
@@ -118,6 +119,7 @@ SAMPLES: list[WireMessage] = [
         receipts=(ReceiptPath(seq=41, leaf_index=7, path=("A" * 43 + "=",)),),
         issued_ms=NOW,
     ),
+    KeyRevocation(mid="mid-a", device="dev-1", device_key=DEVICE.verifier.text(), revoked_ms=NOW, reason="lost"),
     Statement(
         mid="mid-a",
         member="m-1",

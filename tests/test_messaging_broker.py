@@ -21,9 +21,11 @@ from edge.agent.enrolment import enrol
 from edge.agent.membership import load_membership
 from edge.agent.spool import build_report, write_record
 from protocol.enrolment import sign_invite
+from protocol.envelope import decode, open_envelope
 from protocol.errors import InviteExpiredError, InviteInvalidError, InviteUsedError
 from protocol.identity import SignerKey
-from protocol.messages import EnrolmentRequest
+from protocol.leaves import LeafKind
+from protocol.messages import EnrolmentRequest, KeyRevocation
 from protocol.topics import UpKind, up_topic
 
 pytest_plugins = ["mqtt_fixtures"]
@@ -149,6 +151,14 @@ local_port = {local_port}
             return client.connack == [134] or client.connack == [135]
 
         wait_until(ben_refused, 10, "revoked device refused by the broker")
+        # The running coordinator logs the revocation as a MID-signed key-revoke leaf, once.
+        wait_until(lambda: len(stack.ledger_leaves(LeafKind.KEY_REVOKE)) == 1, 10, "revocation logged")
+        (signed,) = stack.ledger_leaves(LeafKind.KEY_REVOKE)
+        mid_key = ana_m.mid_key
+        revocation = decode(
+            open_envelope(signed, {mid_key.key_id.hex(): mid_key}, KeyRevocation.PAYLOAD_TYPE), KeyRevocation
+        )
+        assert (revocation.device, revocation.device_key) == (ben_m.device, ben_m.key.verifier.text())
         failed = False
     finally:
         stack.close(failed)

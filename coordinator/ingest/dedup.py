@@ -19,6 +19,7 @@ from pathlib import Path
 from protocol.envelope import peek_envelope
 from protocol.errors import ProtocolError
 from protocol.leaves import LeafKind, decode_leaf
+from protocol.messages import U64_MAX
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -62,6 +63,7 @@ class DedupIndex:
         # skipping its fsync keeps one fsync (the ledger's) on the path from receive to receipt.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        self._highest: dict[str, int] = {}
 
     def close(self) -> None:
         self._db.close()
@@ -81,17 +83,35 @@ class DedupIndex:
         return int(self._db.execute("SELECT value FROM meta WHERE name = 'indexed_size'").fetchone()[0])
 
     def lookup(self, key_id: str, seq: int) -> SeenEntry | None:
+        # Agents number their reports upwards, so almost every new report is above its key's highest logged seq and
+        # needs no index read (measured: the per-report SELECT was about 5 % of ingest CPU).
+        highest = self._highest.get(key_id)
+        if highest is None:
+            highest = self._highest[key_id] = self._highest_logged(key_id)
+        if seq > highest:
+            return None
         row = self._db.execute("SELECT digest, leaf_index FROM seen WHERE key_id = ? AND seq = ?", (key_id, str(seq)))
         found = row.fetchone()
         return None if found is None else SeenEntry(bytes(found[0]), int(found[1]))
 
+    def _highest_logged(self, key_id: str) -> int:
+        """The key's highest indexed seq (-1: none). SQLite's CAST clamps above 2^63-1; then no seq is skipped."""
+        (found,) = self._db.execute("SELECT max(CAST(seq AS INTEGER)) FROM seen WHERE key_id = ?", (key_id,)).fetchone()
+        if found is None:
+            return -1
+        return int(found) if found < (1 << 63) - 1 else U64_MAX
+
     def record(self, entries: Iterable[tuple[str, int, bytes, int]], indexed_size: int) -> None:
         """Add `(key_id, seq, digest, leaf_index)` rows and move `indexed_size` forward, in one commit."""
+        rows = list(entries)
         with self._txn() as db:
-            db.executemany(
-                "INSERT OR IGNORE INTO seen VALUES (?, ?, ?, ?)", [(k, str(s), d, i) for k, s, d, i in entries]
-            )
+            db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?, ?, ?)", [(k, str(s), d, i) for k, s, d, i in rows])
             db.execute("UPDATE meta SET value = ? WHERE name = 'indexed_size'", (indexed_size,))
+        for key_id, seq, _, _ in rows:
+            # Only keys already loaded: an unloaded key's highest seq is read from the index when first needed.
+            highest = self._highest.get(key_id)
+            if highest is not None and seq > highest:
+                self._highest[key_id] = seq
 
     def record_equivocation(self, key_id: str, seq: int, logged_leaf_index: int, envelope: bytes, now_ms: int) -> None:
         with self._txn() as db:

@@ -19,6 +19,7 @@ from typing import TypeVar
 from coordinator.ingest.batch_proofs import batch_inclusion_proofs
 from coordinator.ingest.dedup import DedupIndex, envelope_digest
 from coordinator.ledger.store import LedgerStore
+from coordinator.registry.ledger_records import log_revocations
 from coordinator.registry.store import Device, Registry
 from protocol.envelope import KeyRing, VerifiedPayload, decode, open_envelope
 from protocol.errors import (
@@ -147,6 +148,7 @@ class IngestPipeline:
         self.last_seen_ms: dict[str, int] = {}
         self._head: tuple[bytes, int] | None = None
         self._catch_up()
+        self.refresh_registry()
 
     def _catch_up(self) -> None:
         start, size = self.dedup.indexed_size, self.ledger.size
@@ -155,7 +157,8 @@ class IngestPipeline:
             log.info("dedup index caught up with the ledger", extra={"from": start, "to": size, "added": added})
 
     def refresh_registry(self) -> None:
-        """Reload device keys when the registry changed (enrolment here, revocation from another process)."""
+        """Reload device keys when the registry changed (enrolment here, revocation from another process), and log
+        any revocation not yet in the ledger: this pipeline's thread is where the ledger's writer appends."""
         version = self.registry.version()
         if version == self._registry_version:
             return
@@ -168,6 +171,9 @@ class IngestPipeline:
         self._by_key_id = {d.verifier.key_id.hex(): d for d in devices}
         self._by_device = {d.device_id: d for d in devices}
         self._registry_version = version
+        logged = log_revocations(self.registry, self.ledger, self.mid_key, self.mid)
+        if logged:
+            log.info("key revocations logged", extra={"leaf_indices": str(logged)})
 
     def screen(self, batch: Sequence[InboundMessage], now_ms: int) -> ScreenResult:
         self.refresh_registry()

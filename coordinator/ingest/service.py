@@ -30,6 +30,7 @@ from coordinator.ingest.pipeline import Candidate, InboundMessage, IngestPipelin
 from coordinator.ledger.store import LedgerStore
 from coordinator.registry.enrolment import Enroller, load_or_create_mid_key
 from coordinator.registry.http import build_app
+from coordinator.registry.ledger_records import log_enrolments
 from coordinator.registry.store import Device, Registry
 from protocol.checkpoint import parse_checkpoint_text
 from protocol.enrolment import BrokerCredentials
@@ -39,6 +40,7 @@ from protocol.note import parse_note
 from protocol.topics import checkpoint_topic, coordinator_filters
 
 log = logging.getLogger("midgate.ingest")
+REGISTRY_POLL_S = 1.0
 
 
 class _QuietServer(uvicorn.Server):
@@ -86,6 +88,7 @@ class CoordinatorService:
             s.ingest.rate_per_s,
             s.ingest.rate_burst,
         )
+        await asyncio.to_thread(log_enrolments, self.registry, self.ledger)
         self.metrics.ledger_size.set(self.ledger.size)
         endpoint = BrokerEndpoint(
             host=s.broker.host,
@@ -189,10 +192,16 @@ class CoordinatorService:
             while not self._stop.is_set():
                 if not self._inbox:
                     waiter = asyncio.create_task(self._arrived.wait())
-                    done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                    done, _ = await asyncio.wait(
+                        {waiter, stopper}, timeout=REGISTRY_POLL_S, return_when=asyncio.FIRST_COMPLETED
+                    )
                     if waiter not in done:
                         waiter.cancel()
-                        break
+                        if stopper in done:
+                            break
+                        # Quiet broker: still notice revocations (and log them) without waiting for traffic.
+                        await asyncio.to_thread(self.pipeline.refresh_registry)
+                        continue
                     self._arrived.clear()
                     if not self._inbox:
                         continue

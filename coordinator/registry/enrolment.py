@@ -3,8 +3,11 @@
 Steps, each a typed rejection on failure and none leaving a trace when it fails: size -> the request is signed by
 the key it enrols (proof of possession) -> it names this MID -> the invite token verifies under the MID key and has
 not expired -> the registry redeems the invite exactly once and registers the device with fresh broker credentials
--> the request envelope is appended to the ledger as an `enrol` leaf -> the grant carries the signed response, the
-leaf's receipt and the credentials. The broker learns the new login through `on_enrolled` (password file + reload).
+-> the request envelope is appended to the ledger as an `enrol` leaf (owed in the registry's redeem transaction, so a
+crash before the append is repaired by `recover` at the next start) -> the grant carries the signed response, the
+leaf's receipt and the credentials. The same signed request sent again (the agent lost the answer) gets the same
+device and leaf with a fresh broker password. The broker learns the new login through `on_enrolled` (password
+file + reload).
 """
 
 from __future__ import annotations
@@ -17,12 +20,12 @@ from pathlib import Path
 from coordinator.broker.passwords import hash_password, new_password
 from coordinator.ingest.dedup import envelope_digest
 from coordinator.ledger.store import LedgerStore
+from coordinator.registry.ledger_records import log_enrolments
 from coordinator.registry.store import Device, Registry
 from protocol.checkpoint import Receipt as TlogProof
 from protocol.enrolment import BrokerCredentials, EnrolmentGrant, InviteClaim, open_invite, sign_invite
-from protocol.errors import InviteInvalidError, TooLargeError
+from protocol.errors import InviteInvalidError, InviteUsedError, TooLargeError
 from protocol.identity import SignerKey, VerifierKey, load_signer_key, save_signer_key
-from protocol.leaves import Leaf, LeafKind
 from protocol.messages import EnrolmentResponse, Receipt, open_enrolment_request
 
 
@@ -75,6 +78,11 @@ class Enroller:
     def mid_verifier(self) -> VerifierKey:
         return self.mid_key.verifier
 
+    def recover(self) -> list[int]:
+        """Log enrolments a crash left redeemed but unlogged (call before serving); returns their leaf indices."""
+        with self._lock:
+            return log_enrolments(self.registry, self.ledger)
+
     def enrol(self, body: bytes, now_ms: int) -> EnrolmentGrant:
         if len(body) > self.max_body_bytes:
             raise TooLargeError("enrolment request too large", limit=self.max_body_bytes, found=len(body))
@@ -84,13 +92,19 @@ class Enroller:
         claim: InviteClaim = open_invite(request.invite_token, self.mid, self.mid_verifier, now_ms)
         password = new_password()
         with self._lock:
-            device = self.registry.redeem_invite(
-                claim.invite_id, now_ms, request.device, verified.signer, hash_password(password)
-            )
-            appended = self.ledger.append_leaves([Leaf(LeafKind.ENROL, body)])
+            try:
+                device = self.registry.redeem_invite(
+                    claim.invite_id, now_ms, request.device, verified.signer, hash_password(password), request=body
+                )
+            except InviteUsedError:
+                device = self._same_request_again(claim.invite_id, body, hash_password(password))
+            index = self.registry.logged_index(device.device_id, "enrol")
+            if index is None:
+                # Registry first, then ledger: a crash in between leaves the enrolment owed, and `recover` logs it.
+                (index,) = log_enrolments(self.registry, self.ledger)
+            size = self.ledger.size
+            proof = TlogProof(index, tuple(self.ledger.inclusion_proof(index, size)), self.ledger.checkpoint(size))
         self._on_enrolled(device)
-        index = appended.first_index
-        proof = TlogProof(index, tuple(self.ledger.inclusion_proof(index, appended.size)), appended.checkpoint)
         response = EnrolmentResponse(
             mid=self.mid,
             device=device.device_id,
@@ -113,3 +127,13 @@ class Enroller:
             receipt=base64.b64encode(receipt).decode(),
             broker=self._broker(device.device_id, password),
         )
+
+    def _same_request_again(self, invite_id: str, body: bytes, password_hash: str) -> Device:
+        """An agent whose grant was lost (crash, timeout) sends the very same signed request again: answer it again
+        with a fresh broker password. Anything else under a used invite is `invite_used`."""
+        invite = self.registry.invite(invite_id)
+        device = None if invite is None or invite.device_id is None else self.registry.device(invite.device_id)
+        if device is None or device.revoked or self.registry.enrol_request(device.device_id) != body:
+            raise InviteUsedError("invite already used", invite_id=invite_id)
+        self.registry.set_broker_password(device.device_id, password_hash)
+        return device

@@ -43,6 +43,15 @@ CREATE TABLE IF NOT EXISTS devices (
     rate_burst INTEGER
 );
 CREATE INDEX IF NOT EXISTS devices_by_key_id ON devices(key_id);
+-- Which registry facts are in the ledger yet. The two files cannot share a transaction, so the registry remembers
+-- what still has to be logged and the ledger's writer (coordinator serve) logs it, also after a crash.
+CREATE TABLE IF NOT EXISTS ledger_records (
+    device_id TEXT NOT NULL REFERENCES devices(device_id),
+    kind TEXT NOT NULL CHECK (kind IN ('enrol', 'revoke')),
+    signed BLOB,
+    leaf_index INTEGER,
+    PRIMARY KEY (device_id, kind)
+);
 """
 
 
@@ -119,9 +128,19 @@ class Registry:
         return Invite(*row) if row else None
 
     def redeem_invite(
-        self, invite_id: str, now_ms: int, device_id: str, verifier: VerifierKey, broker_password_hash: str
+        self,
+        invite_id: str,
+        now_ms: int,
+        device_id: str,
+        verifier: VerifierKey,
+        broker_password_hash: str,
+        request: bytes | None = None,
     ) -> Device:
-        """Use the invite once and register the device, atomically; expired, used or unknown invites raise."""
+        """Use the invite once and register the device, atomically; expired, used or unknown invites raise.
+
+        `request` (the signed EnrolmentRequest) is kept in the same transaction as owed to the ledger, so an
+        enrolment the coordinator crashed before logging is logged at its next start (`unlogged`).
+        """
         with self._write() as db:
             row = db.execute(
                 "SELECT member_id, expires_ms, used_ms FROM invites WHERE invite_id = ?", (invite_id,)
@@ -144,6 +163,8 @@ class Registry:
             db.execute(
                 "UPDATE invites SET used_ms = ?, device_id = ? WHERE invite_id = ?", (now_ms, device_id, invite_id)
             )
+            if request is not None:
+                db.execute("INSERT INTO ledger_records VALUES (?, 'enrol', ?, NULL)", (device_id, request))
         return Device(device_id, member_id, verifier, broker_password_hash, now_ms, None, None, None)
 
     def revoke(self, device_id: str, now_ms: int) -> bool:
@@ -152,7 +173,56 @@ class Registry:
             cur = db.execute(
                 "UPDATE devices SET revoked_ms = ? WHERE device_id = ? AND revoked_ms IS NULL", (now_ms, device_id)
             )
+            if cur.rowcount == 1:
+                # The signed KeyRevocation is made by the ledger's writer, which holds the MID key.
+                db.execute("INSERT OR IGNORE INTO ledger_records VALUES (?, 'revoke', NULL, NULL)", (device_id,))
             return cur.rowcount == 1
+
+    def unlogged(self, kind: str) -> list[tuple[Device, bytes | None]]:
+        """Devices whose `kind` ('enrol' or 'revoke') is not in the ledger yet, with the signed bytes if stored."""
+        rows = self._db.execute(
+            "SELECT r.device_id, r.signed FROM ledger_records r WHERE r.kind = ? AND r.leaf_index IS NULL"
+            " ORDER BY r.rowid",
+            (kind,),
+        ).fetchall()
+        found = []
+        for device_id, signed in rows:
+            device = self.device(device_id)
+            if device is not None:
+                found.append((device, None if signed is None else bytes(signed)))
+        return found
+
+    def mark_logged(self, kind: str, entries: list[tuple[str, int]]) -> None:
+        """Record the ledger leaf index of each (device_id, leaf_index) `kind` record. Does not bump `version`:
+        nothing about keys or logins changed."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.executemany(
+                "UPDATE ledger_records SET leaf_index = ? WHERE device_id = ? AND kind = ?",
+                [(index, device_id, kind) for device_id, index in entries],
+            )
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def enrol_request(self, device_id: str) -> bytes | None:
+        row = self._db.execute(
+            "SELECT signed FROM ledger_records WHERE device_id = ? AND kind = 'enrol'", (device_id,)
+        ).fetchone()
+        return None if row is None or row[0] is None else bytes(row[0])
+
+    def set_broker_password(self, device_id: str, broker_password_hash: str) -> None:
+        with self._write() as db:
+            db.execute(
+                "UPDATE devices SET broker_password_hash = ? WHERE device_id = ?", (broker_password_hash, device_id)
+            )
+
+    def logged_index(self, device_id: str, kind: str) -> int | None:
+        row = self._db.execute(
+            "SELECT leaf_index FROM ledger_records WHERE device_id = ? AND kind = ?", (device_id, kind)
+        ).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
 
     def set_rate_limit(self, device_id: str, per_s: float | None, burst: int | None) -> None:
         with self._write() as db:

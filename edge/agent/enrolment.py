@@ -5,7 +5,8 @@
 2. Make a new Ed25519 key for this MID (never reused across MIDs), sign an EnrolmentRequest with it (proof of
    possession) and POST it to {URL}/v1/enrol.
 3. Check the grant: the response is signed by the MID key and names this device; the enrol receipt's inclusion proof
-   verifies for the exact request we sent. Only then are the key, credentials and CA written (0600).
+   verifies for the exact request we sent. Only then are the credentials and CA written (0600). The key and the
+   signed request are written (0600) before the POST, so a retry after a lost answer sends the same request.
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ from protocol.errors import (
     Reason,
     TooLargeError,
 )
-from protocol.identity import SignerKey, VerifierKey, save_signer_key
+from protocol.identity import SignerKey, VerifierKey, load_signer_key, save_signer_key
 from protocol.leaves import LeafKind
-from protocol.messages import EnrolmentRequest, EnrolmentResponse
+from protocol.messages import EnrolmentRequest, EnrolmentResponse, open_enrolment_request
 from protocol.topics import check_id
 
 MAX_RESPONSE = 128 * 1024
@@ -84,18 +85,8 @@ def enrol(settings: AgentSettings, url: str, token: str, now_ms: int | None = No
         raise InviteUsedError("this agent is already a member of this MID", mid=mid)
     open_invite(token, mid, mid_key, now_ms)
 
-    device = "d-" + secrets.token_hex(8)
-    key = SignerKey.generate(device)
-    request = EnrolmentRequest(
-        mid=mid,
-        device=device,
-        device_key=key.verifier.text(),
-        invite_token=token,
-        seq=0,
-        device_time_ms=now_ms,
-        agent_version=AGENT_VERSION,
-    )
-    envelope = request.seal(key)
+    key, envelope = pending_enrolment_request(directory, mid, token, now_ms)
+    device = key.name
     status, data = _http(base + "/v1/enrol", envelope)
     if status != 200:
         refusal = EnrolmentRefusal.model_validate_json(data)
@@ -116,7 +107,6 @@ def enrol(settings: AgentSettings, url: str, token: str, now_ms: int | None = No
     view = LedgerView(mid_key, key.key_id.hex(), lambda old, new: [], None)
     settled = view.settle(base64.b64decode(grant.receipt), envelope, LeafKind.ENROL, 0)
 
-    save_signer_key(directory / "device.key", key)
     record = MembershipRecord(
         mid=mid,
         device=device,
@@ -134,7 +124,45 @@ def enrol(settings: AgentSettings, url: str, token: str, now_ms: int | None = No
     finally:
         outbox.close()
     save_membership(directory, record)
+    (directory / PENDING_REQUEST).unlink(missing_ok=True)
     return record
+
+
+PENDING_REQUEST = "enrol-request.dsse"
+
+
+def pending_enrolment_request(directory: Path, mid: str, token: str, now_ms: int) -> tuple[SignerKey, bytes]:
+    """The key and signed EnrolmentRequest for this invite, made once and kept (0600) until the grant is stored.
+
+    A retry after a lost answer (timeout, crash, coordinator restart) sends the very same request, which the
+    coordinator answers again; a fresh key would find the invite already used by the first one.
+    """
+    key_file, request_file = directory / "device.key", directory / PENDING_REQUEST
+    if key_file.exists() and request_file.exists():
+        key = load_signer_key(key_file)
+        envelope = request_file.read_bytes()
+        _, pending = open_enrolment_request(envelope)
+        if pending.invite_token == token and pending.mid == mid and pending.device_key == key.verifier.text():
+            return key, envelope
+    device = "d-" + secrets.token_hex(8)
+    key = SignerKey.generate(device)
+    request = EnrolmentRequest(
+        mid=mid,
+        device=device,
+        device_key=key.verifier.text(),
+        invite_token=token,
+        seq=0,
+        device_time_ms=now_ms,
+        agent_version=AGENT_VERSION,
+    )
+    envelope = request.seal(key)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_signer_key(key_file, key)
+    tmp = request_file.with_suffix(".tmp")
+    tmp.write_bytes(envelope)
+    tmp.chmod(0o600)
+    tmp.replace(request_file)
+    return key, envelope
 
 
 def spool_dir_for(settings: AgentSettings, mid: str) -> Path:
