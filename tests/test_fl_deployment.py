@@ -74,13 +74,17 @@ def _wait_for(predicate: object, timeout: float, what: str) -> None:
 
 def test_three_round_job_records_match_the_updates_the_strategy_received(federation: Federation) -> None:
     _start_devices(federation, 3, warm=True, via_store=True)
-    run_id = federation.submit(plaid_windows("test"), **{"num-rounds": 3, "local-epochs": 2})
+    run_id = federation.submit(plaid_windows("test"), **{"num-rounds": 3, "local-epochs": 2, "attribution": True})
     status, outcome = federation.wait_outcome(run_id, timeout=240)
     assert status == "finished:completed"
     assert outcome is not None and outcome.status == "finished" and outcome.drops == []
     assert outcome.rounds_completed == 3
     print(f"validation accuracy by round: { {r: m['accuracy'] for r, m in outcome.validation.items()} }")
     assert outcome.validation[3]["accuracy"] > outcome.validation[0]["accuracy"]
+    # The captured updates reached attribution: every node was valued in every round.
+    assert outcome.attribution_skipped == {}
+    assert set(outcome.attribution) == {str(d.node_id) for d in federation.devices}
+    assert sum(outcome.attribution.values()) > 0
 
     captures = CaptureDirectory(federation.run_dir(run_id))
     node_ids = {d.node_id for d in federation.devices}

@@ -38,6 +38,8 @@ class JobRunConfig(BaseModel):
         is accounted by Flower's RDP accountant at `dp_delta` (default 1e-5) and reported in the outcome.
     server_momentum: FedAvgM's server momentum (default 0: plain FedAvg; ignored under DP, whose accountant needs
         FedAvg); helps on non-IID splits (bench/fl_bench.py accuracy).
+    attribution: value every round on the buyer's validation set with coordinator.attribution (Shapley family)
+        and report each node's accumulated value in the outcome (default False).
     reply_poll_interval: seconds between reply pulls while a round is open (default 0.1; Flower's grid uses 3).
     federated_evaluate: also send Flower's federated evaluate message each round (default False: evaluation is
         centralised on the buyer's validation set; True only to measure Flower's default behaviour).
@@ -60,6 +62,7 @@ class JobRunConfig(BaseModel):
     dp_clipping_norm: float = Field(alias="dp-clipping-norm", default=0.0, ge=0)
     dp_delta: float = Field(alias="dp-delta", default=1e-5, gt=0, lt=1)
     server_momentum: float = Field(alias="server-momentum", default=0.0, ge=0, lt=1)
+    attribution: bool = False
     reply_poll_interval: float = Field(alias="reply-poll-interval", default=0.1, gt=0, le=60)
     federated_evaluate: bool = Field(alias="federated-evaluate", default=False)
 
@@ -101,6 +104,8 @@ class JobOutcome(BaseModel):
     final_model_sha256: str = ""
     round_seconds: dict[int, float] = Field(default_factory=dict)  # wall time of each round, aggregation included
     privacy: dict[str, float] = Field(default_factory=dict)
+    attribution: dict[str, int] = Field(default_factory=dict)  # member (node id) -> value in nano-units
+    attribution_skipped: dict[int, str] = Field(default_factory=dict)
     seconds: float = 0.0
 
     def write(self, directory: Path) -> Path:

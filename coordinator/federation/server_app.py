@@ -17,7 +17,10 @@ from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, 
 from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
-from coordinator.federation.capture import CaptureDirectory
+from coordinator.attribution.round_sink import AttributionSink
+from coordinator.attribution.task_loss import TaskValidationLoss
+from coordinator.attribution.valuation import ValuationSettings
+from coordinator.federation.capture import CaptureDirectory, UpdateSink
 from coordinator.federation.job import JobOutcome, JobRunConfig, NodeDropRecord
 from coordinator.federation.polling_grid import PollingGrid
 from coordinator.federation.strategy import JobFailedError, JobStrategy
@@ -92,13 +95,23 @@ def run_job(grid: Grid, run_id: int, job: JobRunConfig) -> JobOutcome:
     out_dir = job.output_dir / f"run-{run_id}"
     capture = CaptureDirectory(out_dir)
     spec = get_task(job.task_id, job.task_version)
-    evaluator = ValidationEvaluator(spec, load_window_file(job.validation_path, spec))
+    validation = load_window_file(job.validation_path, spec)
+    evaluator = ValidationEvaluator(spec, validation)
+    sink: UpdateSink = capture
+    attribution = None
+    if job.attribution:
+        attribution = AttributionSink(
+            TaskValidationLoss(spec, build_model(spec), validation.x, validation.y),
+            ValuationSettings(seed=job.seed),
+            then=capture,
+        )
+        sink = attribution
     inner = _inner_strategy(job)
     strategy = JobStrategy(
         inner,
         job.selected_nodes,
         job.min_nodes,
-        capture,
+        sink,
         max_weight=job.max_examples,
         join_timeout=job.join_timeout,
         run_id=run_id,
@@ -138,6 +151,9 @@ def run_job(grid: Grid, run_id: int, job: JobRunConfig) -> JobOutcome:
         if outcome.status == "failed":
             outcome.rounds_completed = max((r for r in evaluator.history), default=0)
         outcome.privacy = _privacy_spent(inner, job)
+        if attribution is not None:
+            outcome.attribution = attribution.account.attribution_vector()
+            outcome.attribution_skipped = {r.round: r.reason for r in attribution.skipped}
         outcome.seconds = time.monotonic() - started
         outcome.write(out_dir)
     return outcome

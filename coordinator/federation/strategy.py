@@ -140,6 +140,9 @@ class JobStrategy(Strategy):
             )
         numpy_arrays = {name: a.numpy() for name, a in arrays.items()}
         self._global_sha256 = arrays_sha256(numpy_arrays)
+        observe_global = getattr(self.sink, "observe_global", None)  # attribution needs the global model itself
+        if callable(observe_global):
+            observe_global(numpy_arrays)
         self._global_shapes = {name: tuple(a.shape) for name, a in numpy_arrays.items()}
         self._sent = live
         self._set_inner_sampling(len(live))
