@@ -144,6 +144,8 @@ def test_unknown_key(fx: Fixture) -> None:
 def test_revoked_key(fx: Fixture) -> None:
     assert fx.one(topic("dev-b"), fx.report("dev-b", 1)).outcome is Outcome.ACCEPTED
     assert fx.registry.revoke("dev-b", NOW_MS + 1)
+    fx.pipeline.refresh_registry()  # picks up the revocation and logs it as a key-revoke leaf
+    assert fx.ledger.size == 2 and fx.registry.logged_index("dev-b", "revoke") == 1
     _rejects(fx, topic("dev-b"), fx.report("dev-b", 2), Reason.REVOKED_KEY)
 
 

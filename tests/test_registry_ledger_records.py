@@ -171,3 +171,22 @@ def test_agent_retry_after_a_lost_answer_sends_the_same_request_and_gets_the_sam
     other_key, _ = pending_enrolment_request(membership_dir, MID, other_token, NOW)
     assert other_key.text() != key.text()
     c.close()
+
+
+def test_an_enrolment_after_a_failed_append_logs_both(tmp_path: Path) -> None:
+    mid_key = SignerKey.generate(mid_key_name(MID))
+    c = Coordinator(tmp_path, mid_key, CrashingLedger)
+    first = _request(issue_invite(c.registry, mid_key, MID, "alice", NOW, 3600), "d-1")[1]
+    second = _request(issue_invite(c.registry, mid_key, MID, "bob", NOW, 3600), "d-2")[1]
+    enroller = c.enroller()
+    CrashingLedger.crash_next = True
+    with pytest.raises(OSError):
+        enroller.enrol(first, NOW)
+    grant = enroller.enrol(second, NOW + 1)
+    assert [signed for _, signed in _leaves(c.ledger, LeafKind.ENROL)] == [first, second]
+    receipt = decode(
+        open_envelope(base64.b64decode(grant.receipt), {mid_key.key_id.hex(): mid_key.verifier}, Receipt.PAYLOAD_TYPE),
+        Receipt,
+    )
+    assert receipt.leaf_index == 1
+    c.close()

@@ -101,7 +101,10 @@ class Enroller:
             index = self.registry.logged_index(device.device_id, "enrol")
             if index is None:
                 # Registry first, then ledger: a crash in between leaves the enrolment owed, and `recover` logs it.
-                (index,) = log_enrolments(self.registry, self.ledger)
+                # This also logs any other enrolment an earlier failed append left owed.
+                log_enrolments(self.registry, self.ledger)
+                index = self.registry.logged_index(device.device_id, "enrol")
+                assert index is not None
             size = self.ledger.size
             proof = TlogProof(index, tuple(self.ledger.inclusion_proof(index, size)), self.ledger.checkpoint(size))
         self._on_enrolled(device)
