@@ -20,27 +20,41 @@ from protocol.settings import RoleSettings
 
 
 class AgentSettings(RoleSettings):
+    """The member daemon: where it keeps its state, how it talks MQTT, its outbox bounds, its sensors."""
+
     model_config = SettingsConfigDict(env_prefix="MIDGATE_AGENT_", env_nested_delimiter="__", extra="forbid")
 
-    data_dir: Path = Path("agent-data")
+    data_dir: Path = Field(
+        default=Path("agent-data"), description="keys, memberships, outboxes; keep it private to the agent (0700)"
+    )
     spool_dir: Path | None = Field(
         default=None, description="where the ClientApp drops contribution records; default data_dir/spool"
     )
-    mqtt_protocol: Literal["auto", "5", "3.1.1"] = "auto"
-    keepalive_s: int = Field(default=60, ge=5, le=3600)
-    heartbeat_s: float = Field(default=60.0, gt=0)
-    spool_poll_s: float = Field(default=0.5, gt=0)
+    mqtt_protocol: Literal["auto", "5", "3.1.1"] = Field(
+        default="auto", description="MQTT version; auto tries 5 and falls back to 3.1.1"
+    )
+    keepalive_s: int = Field(default=60, ge=5, le=3600, description="MQTT keepalive in seconds")
+    heartbeat_s: float = Field(default=60.0, gt=0, description="seconds between signed heartbeats")
+    spool_poll_s: float = Field(default=0.5, gt=0, description="seconds between scans of the spool directory")
     # A report without a receipt after this long is published again, then with exponential backoff and jitter.
-    resend_after_s: float = Field(default=15.0, gt=0)
-    resend_max_s: float = Field(default=600.0, gt=0)
-    publish_batch: int = Field(default=200, ge=1)
-    max_inflight: int = Field(default=100, ge=1, le=65535)
-    outbox_max_bytes: int = Field(default=256 * 1024 * 1024, ge=64 * 1024)
-    outbox_warn_fraction: float = Field(default=0.8, gt=0, le=1)
-    reconnect_min_s: float = Field(default=1.0, gt=0)
-    reconnect_max_s: float = Field(default=120.0, gt=0)
+    resend_after_s: float = Field(
+        default=15.0, gt=0, description="resend a report without a verified receipt after this many seconds"
+    )
+    resend_max_s: float = Field(default=600.0, gt=0, description="upper bound of the resend backoff, seconds")
+    publish_batch: int = Field(default=200, ge=1, description="reports taken from the outbox per publish pass")
+    max_inflight: int = Field(default=100, ge=1, le=65535, description="QoS 1 publishes awaiting PUBACK at once")
+    outbox_max_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=64 * 1024, description="disk bound of each outbox; new records wait beyond it"
+    )
+    outbox_warn_fraction: float = Field(
+        default=0.8, gt=0, le=1, description="warn when an outbox reaches this fraction of its bound"
+    )
+    reconnect_min_s: float = Field(default=1.0, gt=0, description="first reconnect delay after losing the broker")
+    reconnect_max_s: float = Field(default=120.0, gt=0, description="upper bound of the reconnect backoff")
     # `[[sensors]]` and `[sample_store]` are the sensors component's own models (edge.sensors.config).
-    sensors: list[SensorConfig] = Field(default_factory=list)
+    sensors: list[SensorConfig] = Field(
+        default_factory=list, description="`[[sensors]]` tables, one per driver (docs/sensors.md)"
+    )
     sample_store: SampleStoreConfig = Field(default_factory=SampleStoreConfig)
 
     @property

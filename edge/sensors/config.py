@@ -65,11 +65,15 @@ SensorConfig = Annotated[SimulatedConfig | LinuxConfig | Bme280Config | ReplayCo
 
 
 class SampleStoreConfig(_Strict):
-    path: Path = Path("samples.db")
-    max_age_days: float | None = Field(default=90.0, gt=0.0)
-    max_samples: int | None = Field(default=None, ge=1)
-    max_bytes: int | None = Field(default=2 * 1024**3, ge=64 * 1024)
-    batch_size: int = Field(default=2000, ge=1, le=1_000_000)
+    path: Path = Field(default=Path("samples.db"), description="SQLite file of the device's samples (never leaves it)")
+    max_age_days: float | None = Field(default=90.0, gt=0.0, description="drop samples older than this; none: keep")
+    max_samples: int | None = Field(default=None, ge=1, description="keep at most this many samples, oldest dropped")
+    max_bytes: int | None = Field(
+        default=2 * 1024**3, ge=64 * 1024, description="keep the store under this size, oldest dropped first"
+    )
+    batch_size: int = Field(
+        default=2000, ge=1, le=1_000_000, description="samples per write transaction (a crash loses at most one)"
+    )
 
     def open(self) -> SampleStore:
         age = None if self.max_age_days is None else int(self.max_age_days * 86_400_000)
