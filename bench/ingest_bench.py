@@ -13,6 +13,13 @@ Figures (baseline measured in the same run):
 - resident memory of an idle `midgate agent run` (enrolled, connected, no training) -- target < 80 MB.
 
 Run: .venv/bin/python bench/ingest_bench.py [--publishers 3] [--reports 6000] [--rate 1000] [--seconds 5]
+
+Scale-out mode, `--workers K`: the saturated phase only, once with the single `serve` process and then with 1..K
+screening workers (`coordinator ingest-worker`, MQTT 5 shared subscription) in front of `serve` as sequencer, each on
+a fresh stack; reports total coordinator CPU (sequencer + workers) and the sequencer's own CPU per accepted report
+against the same raw-verify baseline, and the sustained reports/s. Publishers share the same 2 cores.
+
+    .venv/bin/python bench/ingest_bench.py --workers 2 [--publishers 3] [--reports 4000]
 """
 
 from __future__ import annotations
@@ -174,7 +181,7 @@ def metric(port: int, name: str) -> float:
 
 
 class Stack:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, extra: str = "") -> None:
         from mqtt_fixtures import MosquittoProcess, basic_config, coordinator_toml
 
         self.root = root
@@ -184,7 +191,7 @@ class Stack:
         self.broker.port = self.broker_port
         self.data = root / "coordinator"
         self.config = root / "coordinator.toml"
-        self.config.write_text(coordinator_toml(self.data, MID, self.broker_port, self.http_port))
+        self.config.write_text(coordinator_toml(self.data, MID, self.broker_port, self.http_port, extra))
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start_coordinator(self) -> subprocess.Popen[bytes]:
@@ -199,6 +206,18 @@ class Stack:
         )
         self.procs.append(proc)
         wait_until(lambda: http_ready(self.http_port), 60, "coordinator HTTP")
+        return proc
+
+    def start_worker(self, worker_id: str) -> subprocess.Popen[bytes]:
+        from mqtt_fixtures import PYTHON, wait_until
+
+        log_path = self.root / f"worker-{worker_id}.log"
+        log = log_path.open("ab")
+        cmd = [PYTHON, "-c", "from midgate_cli import app; app()", "coordinator", "ingest-worker"]
+        cmd += ["--config", str(self.config), "--worker-id", worker_id]
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        self.procs.append(proc)
+        wait_until(lambda: "connected to broker" in log_path.read_text(), 60, f"worker {worker_id}", poll_s=0.1)
         return proc
 
     def enrol_device(self, name: str) -> tuple[str, Path]:
@@ -304,6 +323,56 @@ def mqtt_floor_us(stack: Stack, publishers: int, reports: int) -> float:
     return cpu / max(replies, 1) * 1e6
 
 
+def saturated_run(workers: int, publishers: int, reports: int) -> dict[str, float]:
+    """One fresh stack: `serve` alone (workers=0) or as sequencer behind `workers` screening workers."""
+    import psutil
+
+    root = Path(tempfile.mkdtemp(prefix=f"ingest-bench-w{workers}-"))
+    stack = Stack(root, f"workers = {workers}" if workers else "")
+    try:
+        stack.broker.start()
+        sequencer = stack.start_coordinator()
+        worker_procs = [stack.start_worker(f"w{i + 1}") for i in range(workers)]
+        devices = [stack.enrol_device(f"p{i}") for i in range(publishers)]
+        watched = [psutil.Process(p.pid) for p in [sequencer, *worker_procs]]
+        accepted0 = metric(stack.http_port, "midgate_ingest_accepted_total")
+        cpu0 = [sum(p.cpu_times()[:2]) for p in watched]
+        results = run_publishers(stack, devices, reports, 0)
+        cpu = [sum(p.cpu_times()[:2]) - c for p, c in zip(watched, cpu0, strict=True)]
+        accepted = metric(stack.http_port, "midgate_ingest_accepted_total") - accepted0
+        busy = max(float(r["seconds"]) for r in results)  # type: ignore[arg-type]
+        n = max(accepted, 1.0)
+        return {
+            "accepted": accepted,
+            "sent": float(publishers * reports),
+            "total_us": sum(cpu) / n * 1e6,
+            "sequencer_us": cpu[0] / n * 1e6,
+            "worker_us": sum(cpu[1:]) / n * 1e6,
+            "per_s": accepted / busy,
+        }
+    finally:
+        stack.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def workers_main(args: argparse.Namespace) -> None:
+    verify_before_us = raw_verify_us()
+    runs = {k: saturated_run(k, args.publishers, args.reports) for k in range(args.workers + 1)}
+    verify_us = min(verify_before_us, raw_verify_us())
+    print(f"ingest scale-out bench ({args.publishers} publishers x {args.reports} pre-signed reports, QoS 1, loopback)")
+    print(f"  load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (shared with publishers)")
+    print(f"  raw Ed25519 verify (pyca/cryptography, CPU time, baseline): {verify_us:.1f} us")
+    base = runs[0]
+    for k, r in runs.items():
+        name = "serve alone (baseline)" if k == 0 else f"{k} worker(s) + sequencer"
+        print(
+            f"  {name:26s} accepted {int(r['accepted'])}/{int(r['sent'])}: total CPU {r['total_us']:6.1f} us/report"
+            f" = {r['total_us'] / verify_us:.2f}x verify (sequencer {r['sequencer_us']:6.1f} us"
+            f" = {r['sequencer_us'] / verify_us:.2f}x, workers {r['worker_us']:6.1f} us);"
+            f" {r['per_s']:6.0f} reports/s = {r['per_s'] / base['per_s']:.2f}x serve alone"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--publisher", action="store_true")
@@ -319,12 +388,16 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=0)
     parser.add_argument("--latency-rate", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=5.0, help="length of the paced latency phase")
+    parser.add_argument("--workers", type=int, default=0, help="scale-out mode: compare serve alone with 1..K workers")
     args = parser.parse_args()
     if args.publisher:
         publisher_main(args)
         return
     if args.echo:
         echo_main(args)
+        return
+    if args.workers:
+        workers_main(args)
         return
 
     import psutil

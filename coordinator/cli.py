@@ -58,6 +58,28 @@ def serve(config: Path | None = ConfigOption) -> None:
         asyncio.run(run_service(settings))
 
 
+@app.command("ingest-worker")
+def ingest_worker(
+    config: Path | None = ConfigOption,
+    worker_id: str = typer.Option(..., "--worker-id", help="unique per worker ([a-z0-9-]); names its broker session"),
+) -> None:
+    """Run one screening worker: MQTT 5 shared subscription -> verify -> authenticated hand-off to `serve`."""
+    from coordinator.ingest.service import JsonLogFormatter
+    from coordinator.ingest.worker import run_worker
+
+    settings = _settings(config)
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.log_json:
+        handler.setFormatter(JsonLogFormatter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    try:
+        import uvloop
+
+        uvloop.run(run_worker(settings, worker_id))
+    except ImportError:
+        asyncio.run(run_worker(settings, worker_id))
+
+
 @app.command("broker-config")
 def broker_config(
     config: Path | None = ConfigOption,

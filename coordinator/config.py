@@ -15,11 +15,15 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from protocol.settings import RoleSettings
+
+if TYPE_CHECKING:
+    from coordinator.royalties.policy import RoyaltyPolicy
 
 _ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 
@@ -91,6 +95,72 @@ class IngestSettings(BaseModel):
     rate_per_s: float = Field(default=50.0, gt=0, description="default per-device sustained reports per second")
     rate_burst: int = Field(default=2000, ge=1, description="default per-device burst (a device back from offline)")
     heartbeat_offline_s: int = Field(default=180, ge=10)
+    workers: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="screening workers (`midgate coordinator ingest-worker`); when > 0 `serve` only sequences what "
+        "they hand over and no longer subscribes to the device topics itself",
+    )
+    share_group: str = Field(default="ingest", pattern=_ID_PATTERN, description="MQTT 5 shared-subscription group")
+    handoff_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="a worker that gets no commit notice for a hand-off batch in this time has the broker redeliver "
+        "the batch's messages (dedup answers what was committed)",
+    )
+
+
+class RoyaltySettings(BaseModel):
+    """The MID's money policy (coordinator/royalties/policy.py); a fee above the 30 % cap refuses the whole config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(default=1, ge=1, description="policy version; raise it on every change (applies to new jobs)")
+    fee_bps: int = Field(default=1500, ge=0, description="MID fee in basis points of each payment, at most 3000 (30 %)")
+    base_price_minor: int = Field(default=1000, ge=0, description="a member's price per job at knob 0 (minor units)")
+    alpha_milli: int = Field(
+        default=693, ge=0, le=5000, description="knob steepness in milli-units: 693 (ln 2) makes knob +1 ask 2x base"
+    )
+    min_price_minor: int = Field(default=100, ge=0, description="lowest price any knob setting yields (minor units)")
+    max_price_minor: int = Field(default=100_000, ge=0, description="highest price any knob yields (minor units)")
+    majority_excluded_earns_nothing: bool = Field(
+        default=True, description="a member screened out of more than half a job's rounds earns nothing from it"
+    )
+    currency: str = Field(default="EUR", pattern=r"^[A-Z]{3}$", description="ISO 4217 code of every payment")
+
+    @model_validator(mode="after")
+    def _policy_holds(self) -> Self:
+        self.policy()  # PolicyViolationError (fee cap, knob bounds) is not a ValueError: it leaves load() as is
+        return self
+
+    def policy(self) -> RoyaltyPolicy:
+        from coordinator.royalties.policy import KnobPolicy, RoyaltyPolicy
+
+        knob = KnobPolicy(
+            base_price_minor=self.base_price_minor,
+            alpha_milli=self.alpha_milli,
+            min_price_minor=self.min_price_minor,
+            max_price_minor=self.max_price_minor,
+        )
+        return RoyaltyPolicy(
+            version=self.version,
+            fee_bps=self.fee_bps,
+            knob=knob,
+            majority_excluded_earns_nothing=self.majority_excluded_earns_nothing,
+        )
+
+
+class BuyerSettings(BaseModel):
+    """AI buyers allowed to use the buyer HTTP API (revenue reports), by buyer id."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    keys: dict[str, str] = Field(
+        default_factory=dict,
+        description="buyer id -> C2SP verifier key text (`midgate buyer keygen` prints it); others are refused",
+    )
+    max_body_bytes: int = Field(default=16 * 1024, ge=1024, description="largest revenue-report request accepted")
 
 
 class CoordinatorSettings(RoleSettings):
@@ -102,6 +172,8 @@ class CoordinatorSettings(RoleSettings):
     broker_config: BrokerConfigSettings = Field(default_factory=BrokerConfigSettings)
     enrolment: EnrolmentSettings = Field(default_factory=EnrolmentSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
+    royalties: RoyaltySettings = Field(default_factory=RoyaltySettings)
+    buyers: BuyerSettings = Field(default_factory=BuyerSettings)
     log_json: bool = True
 
     @property
@@ -115,6 +187,11 @@ class CoordinatorSettings(RoleSettings):
     @property
     def ingest_path(self) -> Path:
         return self.data_dir / "ingest.sqlite"
+
+    @property
+    def handoff_key_path(self) -> Path:
+        """HMAC key shared by `serve` and its screening workers (0600; copy it to workers on other hosts)."""
+        return self.data_dir / "ingest-handoff.key"
 
     @property
     def ledger_dir(self) -> Path:

@@ -9,6 +9,7 @@ Both run in one worker thread (crypto and SQLite never on the event loop). Rejec
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -21,10 +22,11 @@ from coordinator.ingest.dedup import DedupIndex, envelope_digest
 from coordinator.ledger.store import LedgerStore
 from coordinator.registry.ledger_records import log_revocations
 from coordinator.registry.store import Device, Registry
-from protocol.envelope import KeyRing, VerifiedPayload, decode, open_envelope
+from protocol.envelope import KeyRing, VerifiedPayload, decode, open_envelope, peek_envelope
 from protocol.errors import (
     BadTopicError,
     EquivocationError,
+    MalformedError,
     ProtocolError,
     RateLimitedError,
     Reason,
@@ -73,6 +75,9 @@ class InboundMessage:
     payload: bytes
     token: object = None
     received_ns: int = 0
+    prescreened: bool = False
+    """Screened and verified by a screening worker and handed over authenticated (coordinator/ingest/handoff.py):
+    the sequencer then only re-reads key id and seq and checks the key is still active."""
 
 
 @dataclass
@@ -114,8 +119,170 @@ class ScreenResult:
     candidates: list[Candidate] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Screened:
+    """What screening established about one message: who signed it, its seq, and the ledger leaf it becomes."""
+
+    signer: Device
+    key_id: str
+    seq: int
+    leaf_kind: LeafKind | None
+    """None: not logged (heartbeats), settled by screening alone."""
+
+
+class Screener:
+    """The per-message checks that need no ledger: size -> topic -> rate -> verify -> signer owns topic -> schema,
+    and heartbeat ordering. The sequencer (`serve`) and every screening worker (`ingest-worker`) run this same code.
+    One thread calls it at a time."""
+
+    def __init__(
+        self,
+        mid: str,
+        registry: Registry,
+        max_message_bytes: int,
+        default_rate_per_s: float,
+        default_burst: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.mid = mid
+        self.registry = registry
+        self.max_message_bytes = max_message_bytes
+        self.default_rate = default_rate_per_s
+        self.default_burst = default_burst
+        self._clock = clock
+        self._registry_version = -1
+        self._keyring = KeyRing()
+        self._by_key_id: dict[str, Device] = {}
+        self._by_device: dict[str, Device] = {}
+        self._buckets: dict[str, _Bucket] = {}
+        self._heartbeat_seq: dict[str, int] = {}
+        self._will_seq: dict[str, int] = {}
+        self.last_seen_ms: dict[str, int] = {}
+
+    def refresh_registry(self) -> bool:
+        """Reload device keys when the registry changed (enrolment, or revocation from another process)."""
+        version = self.registry.version()
+        if version == self._registry_version:
+            return False
+        devices = self.registry.devices()
+        keyring = KeyRing()
+        for device in devices:
+            if not device.revoked:
+                keyring.add(device.verifier)
+        self._keyring = keyring
+        self._by_key_id = {d.verifier.key_id.hex(): d for d in devices}
+        self._by_device = {d.device_id: d for d in devices}
+        self._registry_version = version
+        return True
+
+    def screen(self, message: InboundMessage, verdict: Verdict, now_ms: int) -> Screened:
+        """Every check, signature included; fills `verdict`'s device, key id and seq as they become known."""
+        if len(message.payload) > self.max_message_bytes:
+            raise TooLargeError("message too large", limit=self.max_message_bytes, found=len(message.payload))
+        topic = parse_topic(message.topic)
+        if topic.mid != self.mid or topic.direction is not Direction.UP or topic.device is None:
+            raise BadTopicError("not an up topic of this MID", topic=message.topic)
+        assert isinstance(topic.kind, UpKind)
+        if topic.kind not in _KINDS:
+            raise BadTopicError("ingest does not take this kind", kind=str(topic.kind))
+        model, leaf_kind = _KINDS[topic.kind]
+        verdict.device = topic.device
+        self._take_token(topic.device)
+        verified = self._open(message.payload, model.PAYLOAD_TYPE)
+        signer = self._by_key_id[verified.key_id]
+        verdict.key_id = verified.key_id
+        if signer.device_id != topic.device:
+            raise TopicMismatchError(
+                "signer does not own this topic", topic_device=topic.device, signer=signer.device_id
+            )
+        body = decode(verified, model)
+        seq = int(getattr(body, "seq"))  # noqa: B009 - every up message carries seq; the models share no base field
+        verdict.seq = seq
+        self.last_seen_ms[signer.device_id] = now_ms
+        if leaf_kind is None:
+            # A last will is signed at connect time, so later heartbeats overtake its seq: wills keep their own order.
+            assert isinstance(body, Heartbeat)
+            last = self._will_seq if body.status is DeviceStatus.OFFLINE else self._heartbeat_seq
+            require_newer_seq(last.get(verified.key_id), seq, verified.key_id)
+            last[verified.key_id] = seq
+            verdict.outcome = Outcome.HEARTBEAT
+        return Screened(signer, verified.key_id, seq, leaf_kind)
+
+    def reread(self, message: InboundMessage, verdict: Verdict, now_ms: int) -> Screened:
+        """A message a screening worker already screened and verified (its hand-off was authenticated): re-read the
+        key id and seq without verifying, and refuse a key revoked since the worker looked."""
+        topic = parse_topic(message.topic)
+        if topic.mid != self.mid or topic.direction is not Direction.UP or topic.device is None:
+            raise BadTopicError("not an up topic of this MID", topic=message.topic)
+        assert isinstance(topic.kind, UpKind)
+        if topic.kind not in _KINDS or _KINDS[topic.kind][1] is None:
+            raise BadTopicError("hand-off carries only ledger kinds", kind=str(topic.kind))
+        leaf_kind = _KINDS[topic.kind][1]
+        verdict.device = topic.device
+        _, payload, key_ids = peek_envelope(message.payload)
+        signer = next((self._by_key_id[k] for k in key_ids if k in self._by_key_id), None)
+        if signer is None:
+            raise UnknownKeyError("envelope is not signed by a known key", key_ids=list(key_ids))
+        key_id = signer.verifier.key_id.hex()
+        verdict.key_id = key_id
+        if signer.revoked:
+            raise RevokedKeyError("device key was revoked", key_id=key_id, device=signer.device_id)
+        if signer.device_id != topic.device:
+            raise TopicMismatchError(
+                "signer does not own this topic", topic_device=topic.device, signer=signer.device_id
+            )
+        # u64 fields travel as decimal strings (docs/protocol.md); the worker's strict decode already checked the form.
+        raw_seq = json.loads(payload)["seq"]
+        if not (isinstance(raw_seq, str) and raw_seq.isascii() and raw_seq.isdigit() and len(raw_seq) <= 20):
+            raise MalformedError("seq is not a decimal u64")
+        seq = int(raw_seq)
+        verdict.seq = seq
+        self.last_seen_ms[signer.device_id] = now_ms
+        return Screened(signer, key_id, seq, leaf_kind)
+
+    def _open(self, payload: bytes, payload_type: str) -> VerifiedPayload:
+        try:
+            return open_envelope(payload, self._keyring, payload_type)
+        except UnknownKeyError as exc:
+            for kid in exc.details.get("key_ids", []):
+                device = self._by_key_id.get(kid)
+                if device is not None and device.revoked:
+                    raise RevokedKeyError("device key was revoked", key_id=kid, device=device.device_id) from None
+            raise
+
+    def _take_token(self, device_id: str) -> None:
+        device = self._by_device.get(device_id)
+        if device is None:
+            return
+        rate = device.rate_per_s if device.rate_per_s is not None else self.default_rate
+        burst = device.rate_burst if device.rate_burst is not None else self.default_burst
+        now = self._clock()
+        bucket = self._buckets.get(device_id)
+        if bucket is None:
+            bucket = self._buckets[device_id] = _Bucket(float(burst), now)
+        bucket.tokens = min(float(burst), bucket.tokens + (now - bucket.stamp) * rate)
+        bucket.stamp = now
+        if bucket.tokens < 1.0:
+            raise RateLimitedError("device exceeded its rate limit", device=device_id, rate_per_s=rate, burst=burst)
+        bucket.tokens -= 1.0
+
+
+def screen_one(screener: Screener, message: InboundMessage, verdict: Verdict, now_ms: int) -> Screened | None:
+    """`screener.screen` with every failure turned into a settled rejection on `verdict` (None returned)."""
+    try:
+        return screener.screen(message, verdict, now_ms)
+    except ProtocolError as exc:
+        verdict.outcome, verdict.reason, verdict.error = Outcome.REJECTED, exc.reason, str(exc)[:300]
+    except (ValueError, TypeError, KeyError, UnicodeError, RecursionError) as exc:
+        # A parser bug must not take the service down; the refusal is safe because an honest device resends
+        # anything it holds no receipt for.
+        log.exception("unexpected error screening a message", extra={"topic": message.topic[:200]})
+        verdict.outcome, verdict.reason, verdict.error = Outcome.REJECTED, Reason.MALFORMED, repr(exc)[:300]
+    return None
+
+
 class IngestPipeline:
-    """Owns the registry view, the dedup index and the ledger for one MID; one thread calls it at a time."""
+    """The sequencer: a Screener plus the dedup index and the ledger for one MID; one thread calls it at a time."""
 
     def __init__(
         self,
@@ -134,21 +301,14 @@ class IngestPipeline:
         self.ledger = ledger
         self.dedup = dedup
         self.mid_key = mid_key
-        self.max_message_bytes = max_message_bytes
-        self.default_rate = default_rate_per_s
-        self.default_burst = default_burst
-        self._clock = clock
-        self._registry_version = -1
-        self._keyring = KeyRing()
-        self._by_key_id: dict[str, Device] = {}
-        self._by_device: dict[str, Device] = {}
-        self._buckets: dict[str, _Bucket] = {}
-        self._heartbeat_seq: dict[str, int] = {}
-        self._will_seq: dict[str, int] = {}
-        self.last_seen_ms: dict[str, int] = {}
+        self.screener = Screener(mid, registry, max_message_bytes, default_rate_per_s, default_burst, clock)
         self._head: tuple[bytes, int] | None = None
         self._catch_up()
         self.refresh_registry()
+
+    @property
+    def last_seen_ms(self) -> dict[str, int]:
+        return self.screener.last_seen_ms
 
     def _catch_up(self) -> None:
         start, size = self.dedup.indexed_size, self.ledger.size
@@ -157,20 +317,10 @@ class IngestPipeline:
             log.info("dedup index caught up with the ledger", extra={"from": start, "to": size, "added": added})
 
     def refresh_registry(self) -> None:
-        """Reload device keys when the registry changed (enrolment here, revocation from another process), and log
-        any revocation not yet in the ledger: this pipeline's thread is where the ledger's writer appends."""
-        version = self.registry.version()
-        if version == self._registry_version:
+        """Reload device keys when the registry changed, and log any revocation not yet in the ledger: this
+        pipeline's thread is where the ledger's writer appends."""
+        if not self.screener.refresh_registry():
             return
-        devices = self.registry.devices()
-        keyring = KeyRing()
-        for device in devices:
-            if not device.revoked:
-                keyring.add(device.verifier)
-        self._keyring = keyring
-        self._by_key_id = {d.verifier.key_id.hex(): d for d in devices}
-        self._by_device = {d.device_id: d for d in devices}
-        self._registry_version = version
         logged = log_revocations(self.registry, self.ledger, self.mid_key, self.mid)
         if logged:
             log.info("key revocations logged", extra={"leaf_indices": str(logged)})
@@ -206,49 +356,24 @@ class IngestPipeline:
     def _check(
         self, message: InboundMessage, verdict: Verdict, in_batch: dict[tuple[str, int], Candidate], now_ms: int
     ) -> Candidate | None:
-        if len(message.payload) > self.max_message_bytes:
-            raise TooLargeError("message too large", limit=self.max_message_bytes, found=len(message.payload))
-        topic = parse_topic(message.topic)
-        if topic.mid != self.mid or topic.direction is not Direction.UP or topic.device is None:
-            raise BadTopicError("not an up topic of this MID", topic=message.topic)
-        assert isinstance(topic.kind, UpKind)
-        if topic.kind not in _KINDS:
-            raise BadTopicError("ingest does not take this kind", kind=str(topic.kind))
-        model, leaf_kind = _KINDS[topic.kind]
-        verdict.device = topic.device
-        self._take_token(topic.device)
-        verified = self._open(message.payload, model.PAYLOAD_TYPE)
-        signer = self._by_key_id[verified.key_id]
-        verdict.key_id = verified.key_id
-        if signer.device_id != topic.device:
-            raise TopicMismatchError(
-                "signer does not own this topic", topic_device=topic.device, signer=signer.device_id
-            )
-        body = decode(verified, model)
-        seq = int(getattr(body, "seq"))  # noqa: B009 - every up message carries seq; the models share no base field
-        verdict.seq = seq
-        self.last_seen_ms[signer.device_id] = now_ms
-        if leaf_kind is None:
-            # A last will is signed at connect time, so later heartbeats overtake its seq: wills keep their own order.
-            assert isinstance(body, Heartbeat)
-            last = self._will_seq if body.status is DeviceStatus.OFFLINE else self._heartbeat_seq
-            require_newer_seq(last.get(verified.key_id), seq, verified.key_id)
-            last[verified.key_id] = seq
-            verdict.outcome = Outcome.HEARTBEAT
+        if message.prescreened:
+            screened = self.screener.reread(message, verdict, now_ms)
+        else:
+            screened = self.screener.screen(message, verdict, now_ms)
+        if screened.leaf_kind is None:
             return None
+        key_id, seq = screened.key_id, screened.seq
         digest = envelope_digest(message.payload)
-        seen = self.dedup.lookup(verified.key_id, seq)
-        pending = in_batch.get((verified.key_id, seq))
+        seen = self.dedup.lookup(key_id, seq)
+        pending = in_batch.get((key_id, seq))
         if seen is not None or pending is not None:
             first_digest = seen.digest if seen is not None else pending.digest  # type: ignore[union-attr]
             if first_digest != digest:
                 if seen is not None:
-                    self.dedup.record_equivocation(verified.key_id, seq, seen.leaf_index, message.payload, now_ms)
+                    self.dedup.record_equivocation(key_id, seq, seen.leaf_index, message.payload, now_ms)
                 elif pending is not None:
                     pending.conflicts.append(message.payload)
-                raise EquivocationError(
-                    "different bytes for a (key, seq) already logged", key_id=verified.key_id, seq=seq
-                )
+                raise EquivocationError("different bytes for a (key, seq) already logged", key_id=key_id, seq=seq)
             verdict.outcome, verdict.reason = Outcome.DUPLICATE, Reason.REPLAYED
             if seen is not None:
                 # One checkpoint read per screened batch, not per duplicate: a reconnect can redeliver thousands.
@@ -257,33 +382,7 @@ class IngestPipeline:
                 verdict.leaf_index, (verdict.checkpoint, size) = seen.leaf_index, self._head
                 verdict.path = self.ledger.inclusion_proof(seen.leaf_index, size)
             return None
-        return Candidate(verdict, signer, Leaf(leaf_kind, message.payload), digest)
-
-    def _open(self, payload: bytes, payload_type: str) -> VerifiedPayload:
-        try:
-            return open_envelope(payload, self._keyring, payload_type)
-        except UnknownKeyError as exc:
-            for kid in exc.details.get("key_ids", []):
-                device = self._by_key_id.get(kid)
-                if device is not None and device.revoked:
-                    raise RevokedKeyError("device key was revoked", key_id=kid, device=device.device_id) from None
-            raise
-
-    def _take_token(self, device_id: str) -> None:
-        device = self._by_device.get(device_id)
-        if device is None:
-            return
-        rate = device.rate_per_s if device.rate_per_s is not None else self.default_rate
-        burst = device.rate_burst if device.rate_burst is not None else self.default_burst
-        now = self._clock()
-        bucket = self._buckets.get(device_id)
-        if bucket is None:
-            bucket = self._buckets[device_id] = _Bucket(float(burst), now)
-        bucket.tokens = min(float(burst), bucket.tokens + (now - bucket.stamp) * rate)
-        bucket.stamp = now
-        if bucket.tokens < 1.0:
-            raise RateLimitedError("device exceeded its rate limit", device=device_id, rate_per_s=rate, burst=burst)
-        bucket.tokens -= 1.0
+        return Candidate(verdict, screened.signer, Leaf(screened.leaf_kind, message.payload), digest)
 
     def commit(self, candidates: Sequence[Candidate], now_ms: int) -> list[Verdict]:
         """Append every candidate in one durable ledger transaction, index them, and build their receipts."""
@@ -332,4 +431,15 @@ def _chunks(items: list[T], size: int) -> list[list[T]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-__all__ = ["Candidate", "InboundMessage", "IngestPipeline", "Outcome", "ReplayedError", "ScreenResult", "Verdict"]
+__all__ = [
+    "Candidate",
+    "InboundMessage",
+    "IngestPipeline",
+    "Outcome",
+    "ReplayedError",
+    "ScreenResult",
+    "Screened",
+    "Screener",
+    "Verdict",
+    "screen_one",
+]

@@ -24,6 +24,14 @@ import uvicorn
 from coordinator.broker.logins import coordinator_password, sync_broker_logins
 from coordinator.config import CoordinatorSettings
 from coordinator.ingest.dedup import DedupIndex
+from coordinator.ingest.handoff import (
+    VerifiedBatch,
+    is_handoff_topic,
+    load_or_create_handoff_key,
+    open_verified,
+    seal_committed,
+    sequencer_filters,
+)
 from coordinator.ingest.metrics import IngestMetrics
 from coordinator.ingest.mqtt import BrokerEndpoint, BrokerSession
 from coordinator.ingest.pipeline import Candidate, InboundMessage, IngestPipeline, Outcome, ScreenResult, Verdict
@@ -34,7 +42,7 @@ from coordinator.registry.ledger_records import log_enrolments
 from coordinator.registry.store import Device, Registry
 from protocol.checkpoint import parse_checkpoint_text
 from protocol.enrolment import BrokerCredentials
-from protocol.errors import Reason
+from protocol.errors import ProtocolError, Reason
 from protocol.messages import CheckpointAnnouncement
 from protocol.note import parse_note
 from protocol.topics import checkpoint_topic, coordinator_filters
@@ -100,9 +108,13 @@ class CoordinatorService:
             keepalive_s=s.broker.keepalive_s,
             mqtt5=s.broker.mqtt5,
         )
-        self.session = BrokerSession(
-            endpoint, coordinator_filters(s.mid), self._deliver, s.ingest.queue_max, s.ingest.receive_maximum
-        )
+        self.handoff_key = load_or_create_handoff_key(s.handoff_key_path)
+        # With screening workers the device topics are theirs (shared subscription); a plain subscription here would
+        # receive every message a second time.
+        filters = sequencer_filters(s.mid)
+        if not s.ingest.workers:
+            filters = coordinator_filters(s.mid) + filters
+        self.session = BrokerSession(endpoint, filters, self._deliver, s.ingest.queue_max, s.ingest.receive_maximum)
         self.session.start()
         if s.enrolment.enabled:
             await self._start_http()
@@ -241,20 +253,53 @@ class CoordinatorService:
                 await asyncio.wait_for(self._arrived.wait(), remaining)
 
     async def _process(self, batch: list[InboundMessage]) -> None:
-        self.metrics.received.inc(len(batch))
         self.metrics.queue_depth.set(self.session.in_memory)
         now_ms = time.time_ns() // 1_000_000
+        handoffs: list[tuple[InboundMessage, VerifiedBatch]] = []
+        if any(is_handoff_topic(self.settings.mid, m.topic) for m in batch):
+            batch, handoffs = self._unpack_handoffs(batch)
+        self.metrics.received.inc(len(batch))
         screened, owed = await asyncio.to_thread(self._screen, batch, now_ms)
         self._settle(screened.settled, owed)
         self._count_online(now_ms)
-        if not screened.candidates:
-            return
-        committed, owed = await asyncio.to_thread(self._commit, screened.candidates, now_ms)
-        self.metrics.batch_size.observe(len(committed))
-        self.metrics.ledger_size.set(self.ledger.size)
-        announcement = await asyncio.to_thread(self._checkpoint_announcement, now_ms)
-        self.session.publish(checkpoint_topic(self.settings.mid), announcement, qos=1, retain=True)
-        self._settle(committed, owed)
+        if screened.candidates:
+            committed, owed = await asyncio.to_thread(self._commit, screened.candidates, now_ms)
+            self.metrics.batch_size.observe(len(committed))
+            self.metrics.ledger_size.set(self.ledger.size)
+            announcement = await asyncio.to_thread(self._checkpoint_announcement, now_ms)
+            self.session.publish(checkpoint_topic(self.settings.mid), announcement, qos=1, retain=True)
+            self._settle(committed, owed)
+        # Everything a hand-off carried is now committed or settled: only now may its worker ack the originals.
+        for message, handoff in handoffs:
+            topic, notice = seal_committed(self.handoff_key, self.settings.mid, handoff.worker, handoff.batch_id)
+            self.session.publish(topic, notice, qos=1)
+            self.session.settle(message.token)
+
+    def _unpack_handoffs(
+        self, batch: list[InboundMessage]
+    ) -> tuple[list[InboundMessage], list[tuple[InboundMessage, VerifiedBatch]]]:
+        """Replace each authenticated hand-off by the envelopes it carries (marked prescreened, no ack token of their
+        own); a hand-off whose tag or shape is wrong is refused, counted and acknowledged at once."""
+        mid = self.settings.mid
+        messages: list[InboundMessage] = []
+        handoffs: list[tuple[InboundMessage, VerifiedBatch]] = []
+        for message in batch:
+            if not is_handoff_topic(mid, message.topic):
+                messages.append(message)
+                continue
+            try:
+                handoff = open_verified(self.handoff_key, mid, message.topic, message.payload)
+            except ProtocolError as exc:
+                log.warning("hand-off refused", extra={"reason": str(exc.reason), "topic": message.topic[:200]})
+                self.metrics.rejected.labels(reason=str(exc.reason)).inc()
+                self.session.settle(message.token)
+                continue
+            handoffs.append((message, handoff))
+            messages.extend(
+                InboundMessage(topic, envelope, None, message.received_ns, prescreened=True)
+                for topic, envelope in handoff.entries
+            )
+        return messages, handoffs
 
     def _screen(self, batch: list[InboundMessage], now_ms: int) -> tuple[ScreenResult, list[tuple[str, bytes]]]:
         screened = self.pipeline.screen(batch, now_ms)
@@ -285,7 +330,8 @@ class CoordinatorService:
             if v.path is not None:
                 receipts += 1
                 self.metrics.latency.observe((now_ns - v.message.received_ns) / 1e9)
-            self.session.settle(v.message.token)
+            if v.message.token is not None:  # handed-over envelopes are acknowledged with their hand-off
+                self.session.settle(v.message.token)
             counts[v.outcome] += 1
             if v.outcome is not Outcome.ACCEPTED and v.outcome is not Outcome.HEARTBEAT:
                 self.metrics.rejected.labels(reason=str(v.reason)).inc()

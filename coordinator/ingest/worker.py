@@ -1,0 +1,258 @@
+"""`midgate coordinator ingest-worker`: one screening worker of an MQTT 5 shared subscription.
+
+The broker hands each device message to one worker of the group. The worker runs the same screening as `serve`
+(`pipeline.Screener`: size -> topic -> rate -> verify -> signer owns topic -> schema, heartbeat order), acknowledges
+rejections and heartbeats at once, and hands the verified rest to the sequencer in authenticated batches
+(coordinator/ingest/handoff.py). It acknowledges those originals only when the sequencer's commit notice for their
+batch arrives, i.e. after the ledger commit. A worker killed at any point loses nothing: its unacknowledged messages
+stay in its persistent session (redelivered when it returns) and devices resend whatever they hold no receipt for;
+the sequencer's dedup answers everything that was committed already.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from coordinator.broker.logins import coordinator_password
+from coordinator.config import CoordinatorSettings
+from coordinator.ingest.handoff import (
+    HANDOFF_TARGET_BYTES,
+    VerifiedBatch,
+    committed_topic,
+    load_or_create_handoff_key,
+    open_committed,
+    seal_verified,
+    worker_filters,
+)
+from coordinator.ingest.mqtt import BrokerEndpoint, BrokerSession
+from coordinator.ingest.pipeline import InboundMessage, Outcome, Screener, Verdict, screen_one
+from coordinator.registry.store import Registry
+from protocol.errors import ProtocolError
+from protocol.topics import check_id
+
+log = logging.getLogger("midgate.ingest.worker")
+REGISTRY_POLL_S = 1.0
+STATS_EVERY_S = 5.0
+
+
+@dataclass
+class _Pending:
+    tokens: list[object]
+    sent: float
+
+
+@dataclass
+class WorkerCounts:
+    received: int = 0
+    forwarded: int = 0
+    committed: int = 0
+    heartbeats: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    redeliveries: int = 0
+
+
+class ScreeningWorker:
+    """`async with ScreeningWorker(settings, "1") as worker: await worker.run()`; `stop()` ends `run()`."""
+
+    def __init__(self, settings: CoordinatorSettings, worker_id: str) -> None:
+        self.settings = settings
+        self.worker_id = check_id(worker_id, "worker")
+        self.counts = WorkerCounts()
+        self._stop = asyncio.Event()
+        self._inbox: deque[InboundMessage] = deque()
+        self._notices: deque[InboundMessage] = deque()
+        self._arrived = asyncio.Event()
+        self._wake_pending = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: dict[int, _Pending] = {}
+        self._next_batch = time.time_ns()  # unique across restarts, so a stale notice never matches a new batch
+        self._notice_topic = committed_topic(settings.mid, self.worker_id)
+
+    async def __aenter__(self) -> ScreeningWorker:
+        s = self.settings
+        self._loop = asyncio.get_running_loop()
+        self.key = load_or_create_handoff_key(s.handoff_key_path)
+        self.registry = Registry(s.registry_path)
+        self.screener = Screener(
+            s.mid, self.registry, s.ingest.max_message_bytes, s.ingest.rate_per_s, s.ingest.rate_burst
+        )
+        await asyncio.to_thread(self.screener.refresh_registry)
+        password_file = s.broker.password_file or s.data_dir / "broker-coordinator.password"
+        endpoint = BrokerEndpoint(
+            host=s.broker.host,
+            port=s.broker.port,
+            username=s.broker.username,
+            password=coordinator_password(password_file),
+            client_id=f"{s.broker.client_id}-worker-{self.worker_id}",
+            ca_file=str(s.broker.ca_file) if s.broker.tls and s.broker.ca_file else None,
+            keepalive_s=s.broker.keepalive_s,
+            mqtt5=True,  # shared subscriptions are MQTT 5
+        )
+        filters = worker_filters(s.mid, self.worker_id, s.ingest.share_group)
+        self.session = BrokerSession(endpoint, filters, self._deliver, s.ingest.queue_max, s.ingest.receive_maximum)
+        self.session.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.session.stop)
+        self.registry.close()
+        self._log_counts("worker stopped")
+
+    def _deliver(self, message: InboundMessage) -> None:
+        """paho's thread: one loop wake-up per burst."""
+        assert self._loop is not None
+        (self._notices if message.topic == self._notice_topic else self._inbox).append(message)
+        if not self._wake_pending:
+            self._wake_pending = True
+            self._loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        self._wake_pending = False
+        self._arrived.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        last_stats = time.monotonic()
+        while not self._stop.is_set():
+            if not self._inbox and not self._notices:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), REGISTRY_POLL_S)
+                self._arrived.clear()
+            self._take_notices()
+            self._expire_pending()
+            if self._inbox:
+                await self._screen_batch(await self._collect())
+            elif not self._notices:
+                await asyncio.to_thread(self.screener.refresh_registry)
+            if time.monotonic() - last_stats > STATS_EVERY_S:
+                last_stats = time.monotonic()
+                self._log_counts("worker counts")
+
+    def _log_counts(self, what: str) -> None:
+        c = self.counts
+        log.info(
+            what,
+            extra={
+                "worker": self.worker_id,
+                "received": c.received,
+                "forwarded": c.forwarded,
+                "committed": c.committed,
+                "heartbeats": c.heartbeats,
+                "rejected": sum(c.rejected.values()),
+                "rejected_by_reason": str(c.rejected),
+                "redeliveries": c.redeliveries,
+                "awaiting_commit": sum(len(p.tokens) for p in self._pending.values()),
+            },
+        )
+
+    def _take_notices(self) -> None:
+        while self._notices:
+            notice = self._notices.popleft()
+            try:
+                batch_id = open_committed(self.key, self.settings.mid, self.worker_id, notice.topic, notice.payload)
+            except ProtocolError as exc:
+                log.warning("commit notice refused", extra={"reason": str(exc.reason)})
+                batch_id = None
+            self.session.settle(notice.token)
+            pending = self._pending.pop(batch_id, None) if batch_id is not None else None
+            if pending is None:
+                continue  # a repeat, or for a batch already given up and redelivered
+            for token in pending.tokens:
+                self.session.settle(token)
+            self.counts.committed += len(pending.tokens)
+
+    def _expire_pending(self) -> None:
+        """No commit notice in time (sequencer down, notice lost): free the slots unacknowledged and reconnect so the
+        broker redelivers the originals; they are screened again and the sequencer's dedup answers committed ones."""
+        horizon = time.monotonic() - self.settings.ingest.handoff_timeout_s
+        stale = [batch_id for batch_id, p in self._pending.items() if p.sent < horizon]
+        if not stale:
+            return
+        for batch_id in stale:
+            for token in self._pending.pop(batch_id).tokens:
+                self.session.settle(token, ack=False)
+                self.counts.redeliveries += 1
+        log.warning("no commit notice in time; asking the broker to redeliver", extra={"batches": len(stale)})
+        self.session.redeliver_unacknowledged()
+
+    async def _collect(self) -> list[InboundMessage]:
+        ingest = self.settings.ingest
+        batch: list[InboundMessage] = []
+        deadline = time.monotonic() + ingest.batch_window_ms / 1000
+        while True:
+            while self._inbox and len(batch) < ingest.batch_max:
+                batch.append(self._inbox.popleft())
+            remaining = deadline - time.monotonic()
+            if len(batch) >= ingest.batch_max or remaining <= 0:
+                return batch
+            self._arrived.clear()
+            if self._inbox:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+
+    def _screen(self, batch: list[InboundMessage]) -> tuple[list[Verdict], list[InboundMessage]]:
+        self.screener.refresh_registry()
+        now_ms = time.time_ns() // 1_000_000
+        settled: list[Verdict] = []
+        verified: list[InboundMessage] = []
+        for message in batch:
+            verdict = Verdict(message, Outcome.REJECTED)
+            screened = screen_one(self.screener, message, verdict, now_ms)
+            if screened is None or screened.leaf_kind is None:
+                settled.append(verdict)
+            else:
+                verified.append(message)
+        return settled, verified
+
+    async def _screen_batch(self, batch: list[InboundMessage]) -> None:
+        self.counts.received += len(batch)
+        settled, verified = await asyncio.to_thread(self._screen, batch)
+        for v in settled:
+            self.session.settle(v.message.token)
+            if v.outcome is Outcome.HEARTBEAT:
+                self.counts.heartbeats += 1
+            else:
+                reason = str(v.reason)
+                self.counts.rejected[reason] = self.counts.rejected.get(reason, 0) + 1
+        for chunk in _by_size(verified, HANDOFF_TARGET_BYTES):
+            batch_id = self._next_batch
+            self._next_batch += 1
+            entries = [(m.topic, m.payload) for m in chunk]
+            handoff = VerifiedBatch(self.worker_id, batch_id, entries)
+            topic, payload = seal_verified(self.key, self.settings.mid, handoff)
+            self._pending[batch_id] = _Pending([m.token for m in chunk], time.monotonic())
+            self.session.publish(topic, payload, qos=1)
+            self.counts.forwarded += len(chunk)
+
+
+def _by_size(messages: list[InboundMessage], target: int) -> list[list[InboundMessage]]:
+    """Consecutive chunks whose base64-encoded envelopes stay near `target` bytes (at least one message each)."""
+    chunks: list[list[InboundMessage]] = []
+    size = 0
+    for m in messages:
+        cost = len(m.payload) * 4 // 3 + len(m.topic) + 8
+        if not chunks or size + cost > target:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(m)
+        size += cost
+    return chunks
+
+
+async def run_worker(settings: CoordinatorSettings, worker_id: str) -> None:
+    """Run until SIGTERM or SIGINT."""
+    import signal
+
+    async with ScreeningWorker(settings, worker_id) as worker:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stop)
+        await worker.run()

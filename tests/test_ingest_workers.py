@@ -1,0 +1,123 @@
+"""Scale-out against real processes: two screening workers on an MQTT 5 shared subscription feed the sequencer.
+
+Mosquitto, `coordinator serve` (ingest.workers = 2), two `coordinator ingest-worker` processes and three agents.
+One worker is SIGKILLed mid-stream and restarted later: every report is in the ledger exactly once and every agent
+holds a verified receipt for each. A hand-off with a forged tag changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import paho.mqtt.client as paho
+import pytest
+from mqtt_fixtures import AgentHandle, MessagingStack, ServiceProcess, contribution_fields, wait_until
+from paho.mqtt.enums import CallbackAPIVersion
+
+from coordinator.ingest.handoff import VerifiedBatch, seal_verified, verified_topic
+from edge.agent.spool import write_record
+from protocol.envelope import peek_envelope
+
+pytest_plugins = ["mqtt_fixtures"]
+
+REPORTS = 1500
+
+
+def _start_worker(stack: MessagingStack, worker_id: str) -> ServiceProcess:
+    worker = ServiceProcess(
+        f"worker-{worker_id}",
+        ["coordinator", "ingest-worker", "--config", str(stack.config), "--worker-id", worker_id],
+        stack.root / f"worker-{worker_id}.log",
+    )
+    worker.start()
+    starts = worker.log_text().count("connected to broker")
+
+    def connected() -> bool:
+        if not worker.alive:
+            raise RuntimeError(f"worker {worker_id} exited:\n{worker.log_text()[-4000:]}")
+        return worker.log_text().count("connected to broker") > starts
+
+    wait_until(connected, 60, f"worker {worker_id} connected")
+    return worker
+
+
+def _forwarded_to(broker_log: str, client_id: str) -> int:
+    """Device messages the broker delivered to one worker (mosquitto -v logs every PUBLISH it sends)."""
+    return len(
+        re.findall(rf"Sending PUBLISH to {re.escape(client_id)} \(d\d, q1, r0, m\d+, 'mid/[^']+/up/", broker_log)
+    )
+
+
+@pytest.mark.slow
+def test_two_workers_and_a_sigkilled_one_lose_and_duplicate_nothing(messaging_stack: MessagingStack) -> None:
+    stack = messaging_stack
+    stack.coordinator_extra = "workers = 2"
+    broker = stack.start_broker()
+    stack.start_coordinator()
+    workers = [_start_worker(stack, "w1"), _start_worker(stack, "w2")]
+    try:
+        agents = [stack.enrol_agent(n) for n in ("ana", "ben", "cai")]
+        written: dict[str, set[str]] = {a.device: set() for a in agents}
+        for i in range(REPORTS):
+            agent = agents[i % len(agents)]
+            fields = contribution_fields(i, agent.device)
+            write_record(agent.spool, f"r{i:05d}", fields)
+            written[agent.device].add(str(fields["update_sha256"]))
+        for a in agents:
+            stack.start_agent(a)
+
+        wait_until(lambda: len(stack.ledger_contributions()) >= 300, 60, "300 reports in the ledger", poll_s=0.1)
+        workers[0].kill()
+        at_kill = len(stack.ledger_contributions())
+        assert at_kill < REPORTS, "the kill must land mid-stream for this test to mean anything"
+        # The surviving worker keeps the ledger growing on its own.
+        wait_until(lambda: len(stack.ledger_contributions()) >= at_kill + 200, 60, "progress with one worker")
+        workers[0] = _start_worker(stack, "w1")
+
+        def all_receipted(agents: list[AgentHandle] = agents) -> bool:
+            return all(a.spool_left() == 0 and a.outbox_counts() == (0, len(written[a.device])) for a in agents)
+
+        wait_until(all_receipted, 90, "every report receipted by its agent", poll_s=0.2)
+
+        leaves = stack.ledger_contributions()
+        logged = [json.loads(peek_envelope(env)[1])["update_sha256"] for _, _, env in leaves]
+        assert len(logged) == REPORTS
+        assert set(logged) == set().union(*written.values())
+        assert len({(kid, seq) for kid, seq, _ in leaves}) == REPORTS
+        # Both workers screened device traffic; the sequencer verified none itself (it subscribes to no up topic).
+        log = broker.log_text()
+        assert _forwarded_to(log, "midgate-coordinator-worker-w1") > 0
+        assert _forwarded_to(log, "midgate-coordinator-worker-w2") > 0
+        assert _forwarded_to(log, "midgate-coordinator") == 0
+        assert stack.metric("midgate_ingest_accepted_total") == REPORTS
+
+        # A hand-off with a forged tag (wrong key) carrying a copy of a logged envelope with a new seq is refused.
+        size_before = stack.ledger_size()
+        refused_before = stack.metric("midgate_ingest_rejected_total", 'reason="bad_signature"')
+        _, _, envelope = leaves[0]
+        topic, payload = seal_verified(
+            b"\x00" * 32, stack.mid, VerifiedBatch("w2", 1, [(f"mid/{stack.mid}/dev/x/up/report", envelope)])
+        )
+        assert topic == verified_topic(stack.mid, "w2")
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id="forger", protocol=paho.MQTTv5)
+        client.connect("127.0.0.1", broker.port)
+        client.loop_start()
+        try:
+            client.publish(topic, payload, qos=1).wait_for_publish(10)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+        wait_until(
+            lambda: stack.metric("midgate_ingest_rejected_total", 'reason="bad_signature"') == refused_before + 1,
+            20,
+            "the forged hand-off refused",
+        )
+        assert stack.ledger_size() == size_before
+    except BaseException:
+        for w in workers:
+            print(f"---- {w.name} log (tail) ----\n{w.log_text()[-6000:]}")
+        raise
+    finally:
+        for w in workers:
+            w.stop()
