@@ -15,15 +15,13 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Self
+from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from coordinator.royalties.policy import KnobPolicy, RoyaltyPolicy
 from protocol.settings import RoleSettings
-
-if TYPE_CHECKING:
-    from coordinator.royalties.policy import RoyaltyPolicy
 
 _ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 
@@ -135,8 +133,6 @@ class RoyaltySettings(BaseModel):
         return self
 
     def policy(self) -> RoyaltyPolicy:
-        from coordinator.royalties.policy import KnobPolicy, RoyaltyPolicy
-
         knob = KnobPolicy(
             base_price_minor=self.base_price_minor,
             alpha_milli=self.alpha_milli,
