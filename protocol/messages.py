@@ -398,6 +398,35 @@ class Statement(WireMessage):
         return self
 
 
+# --- buyer -> coordinator (signed by the buyer key; `seq` unique per key) ------------------------------------------
+
+
+class RevenueReport(WireMessage):
+    """A buyer reports revenue earned with a model over a period; the MID splits it among the model's contributors
+    as a ROYALTY leaf. Posted to the coordinator's buyer API (`POST /v1/buyer/revenue`), signed by a registered buyer
+    key; a (key, seq) is accepted once."""
+
+    PAYLOAD_TYPE: ClassVar[str] = _media_type("revenue-report")
+    v: Literal[1] = 1
+    mid: Ident
+    buyer: Ident
+    model_id: Ident
+    model_version: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:\-]{1,128}$")]
+    """The model version as named in its settlement record."""
+    period_start_ms: TimeMs
+    period_end_ms: TimeMs
+    amount_minor: Annotated[int, Field(ge=0, le=1 << 53)]
+    currency: Currency
+    seq: U64
+    issued_ms: TimeMs
+
+    @model_validator(mode="after")
+    def _period(self) -> Self:
+        if self.period_end_ms <= self.period_start_ms:
+            raise ValueError("period_end_ms must be after period_start_ms")
+        return self
+
+
 MESSAGE_TYPES: tuple[type[WireMessage], ...] = (
     EnrolmentRequest,
     EnrolmentResponse,
@@ -412,6 +441,7 @@ MESSAGE_TYPES: tuple[type[WireMessage], ...] = (
     ConsentPolicy,
     StrikeVote,
     Statement,
+    RevenueReport,
 )
 MESSAGE_BY_PAYLOAD_TYPE: dict[str, type[WireMessage]] = {m.PAYLOAD_TYPE: m for m in MESSAGE_TYPES}
 
@@ -464,6 +494,7 @@ __all__ = [
     "Receipt",
     "ReceiptBatch",
     "ReceiptPath",
+    "RevenueReport",
     "RoundInvitation",
     "Statement",
     "StatementLine",

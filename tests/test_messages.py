@@ -32,6 +32,7 @@ from protocol.messages import (
     Receipt,
     ReceiptBatch,
     ReceiptPath,
+    RevenueReport,
     RoundInvitation,
     Statement,
     StatementLine,
@@ -132,6 +133,18 @@ SAMPLES: list[WireMessage] = [
         ),
         total_minor=1200,
         checkpoint_size=9,
+        issued_ms=NOW,
+    ),
+    RevenueReport(
+        mid="mid-a",
+        buyer="acme",
+        model_id="air-quality",
+        model_version="job-1:v1",
+        period_start_ms=NOW,
+        period_end_ms=NOW + 1,
+        amount_minor=500_000,
+        currency="EUR",
+        seq=1,
         issued_ms=NOW,
     ),
 ]
@@ -247,10 +260,19 @@ def test_knob_bias_bounds_are_inclusive() -> None:
 
 
 def test_statement_total_must_equal_the_sum_of_its_lines() -> None:
-    statement = SAMPLES[-1]
-    assert isinstance(statement, Statement)
+    statement = next(m for m in SAMPLES if isinstance(m, Statement))
     with pytest.raises(ValidationError, match="total_minor"):
         Statement(**{**statement.model_dump(), "total_minor": 1201})
+
+
+def test_revenue_report_needs_a_forward_period_and_integer_money() -> None:
+    report = next(m for m in SAMPLES if isinstance(m, RevenueReport))
+    with pytest.raises(ValidationError, match="period_end_ms"):
+        RevenueReport(**{**report.model_dump(), "period_end_ms": report.period_start_ms})
+    with pytest.raises(ValidationError):
+        RevenueReport(**{**report.model_dump(), "amount_minor": 1.5})
+    with pytest.raises(ValidationError):
+        RevenueReport(**{**report.model_dump(), "amount_minor": -1})
 
 
 def test_statement_money_is_integer() -> None:
