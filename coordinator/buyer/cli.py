@@ -2,8 +2,98 @@
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
 app = typer.Typer(
     no_args_is_help=True, help="AI buyer commands: quotes, jobs, models and their provenance, revenue reports."
 )
+
+KeyFile = Annotated[Path, typer.Option("--key", dir_okay=False, help="the buyer's signing key file (0600)")]
+
+
+@app.command("keygen")
+def keygen(
+    key: KeyFile,
+    name: Annotated[str, typer.Option(help="key name, e.g. the buyer id")] = "midgate-buyer",
+    force: Annotated[bool, typer.Option(help="overwrite an existing key file")] = False,
+) -> None:
+    """Create the buyer's Ed25519 key (0600) and print its verifier key for the MID's `[buyers.keys]`."""
+    from protocol.identity import SignerKey, save_signer_key
+
+    if key.exists() and not force:
+        typer.echo(f"{key} exists; pass --force to replace it", err=True)
+        raise typer.Exit(1)
+    signer = SignerKey.generate(name)
+    save_signer_key(key, signer)
+    typer.echo(signer.verifier.text())
+
+
+@app.command("report-revenue")
+def report_revenue(
+    model_version: Annotated[str, typer.Argument(help="the model version, as named in its settlement")],
+    amount_minor: Annotated[int, typer.Argument(min=0, help="revenue in integer minor units")],
+    key: KeyFile,
+    coordinator: Annotated[str, typer.Option(help="the coordinator's base URL, e.g. https://mid.example")],
+    mid: Annotated[str, typer.Option(help="the MID id")],
+    buyer: Annotated[str, typer.Option(help="your buyer id, as the MID configured it")],
+    model_id: Annotated[str, typer.Option(help="the model id")],
+    currency: Annotated[str, typer.Option(help="ISO 4217 code")],
+    period_start_ms: Annotated[int, typer.Option(help="period start, ms since epoch UTC")],
+    period_end_ms: Annotated[int, typer.Option(help="period end, ms since epoch UTC")],
+    seq: Annotated[int, typer.Option(min=0, help="report number, unique per key (a repeat is refused as replayed)")],
+    timeout_s: Annotated[float, typer.Option(help="HTTP timeout")] = 30.0,
+) -> None:
+    """Sign a RevenueReport and post it; prints the royalty receipt (record id, leaf index, tlog-proof) as JSON."""
+    import urllib.error
+    import urllib.request
+
+    from pydantic import ValidationError
+
+    from coordinator.buyer.http import REVENUE_PATH
+    from protocol.errors import ProtocolError
+    from protocol.identity import load_signer_key
+    from protocol.messages import RevenueReport
+
+    try:
+        signer = load_signer_key(key)
+        report = RevenueReport(
+            mid=mid,
+            buyer=buyer,
+            model_id=model_id,
+            model_version=model_version,
+            period_start_ms=period_start_ms,
+            period_end_ms=period_end_ms,
+            amount_minor=amount_minor,
+            currency=currency,
+            seq=seq,
+            issued_ms=time.time_ns() // 1_000_000,
+        )
+    except (ProtocolError, ValidationError) as error:
+        typer.echo(f"invalid: {error}", err=True)
+        raise typer.Exit(2) from None
+    request = urllib.request.Request(
+        coordinator.rstrip("/") + REVENUE_PATH,
+        data=report.seal(signer),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            body = response.read()
+    except urllib.error.HTTPError as error:
+        detail = error.read()[:2048].decode(errors="replace")
+        try:
+            refusal = json.loads(detail)
+            typer.echo(f"refused: {refusal['reason']}: {refusal['message']}", err=True)
+        except (ValueError, KeyError, TypeError):
+            typer.echo(f"refused: HTTP {error.code}: {detail}", err=True)
+        raise typer.Exit(1) from None
+    except OSError as error:
+        typer.echo(f"unreachable: {coordinator}: {error}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(body.decode())

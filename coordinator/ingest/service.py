@@ -22,6 +22,7 @@ from types import TracebackType
 import uvicorn
 
 from coordinator.broker.logins import coordinator_password, sync_broker_logins
+from coordinator.buyer.http import RevenueDesk
 from coordinator.config import CoordinatorSettings
 from coordinator.ingest.dedup import DedupIndex
 from coordinator.ingest.handoff import (
@@ -142,7 +143,8 @@ class CoordinatorService:
             self._enrolled,
             s.enrolment.max_body_bytes,
         )
-        app = build_app(enroller, self.ledger, self.metrics.registry, self._count_refusal)
+        revenue = RevenueDesk(s.mid, s.royalties.currency, s.buyers.keys, self.ledger, s.buyers.max_body_bytes)
+        app = build_app(enroller, self.ledger, self.metrics.registry, self._count_refusal, revenue)
         config = uvicorn.Config(app, host=s.enrolment.host, port=s.enrolment.port, log_level="warning", lifespan="off")
         self._http = _QuietServer(config)
         self._http_task = asyncio.create_task(self._http.serve())

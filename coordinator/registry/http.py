@@ -1,4 +1,5 @@
-"""The coordinator's small HTTP API: enrolment, ledger checkpoint and consistency proofs, Prometheus metrics.
+"""The coordinator's small HTTP API: enrolment, ledger checkpoint and consistency proofs, Prometheus metrics, and the
+buyer API's revenue reports (coordinator/buyer/http.py).
 
 TLS is terminated in front of it (a reverse proxy) outside loopback demos. Handlers are plain `def`, so FastAPI runs
 them in its worker threads and SQLite or signing never block the event loop. Bodies are size-checked before parsing.
@@ -15,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from coordinator.buyer.http import RevenueDesk, revenue_router
 from coordinator.ledger.store import LedgerStore
 from coordinator.registry.enrolment import Enroller
 from protocol.enrolment import EnrolmentRefusal
@@ -35,8 +37,11 @@ def build_app(
     ledger: LedgerStore,
     metrics: CollectorRegistry,
     on_refusal: Callable[[Reason], None] = lambda reason: None,
+    revenue: RevenueDesk | None = None,
 ) -> FastAPI:
     app = FastAPI(title="midgate coordinator", docs_url=None, redoc_url=None, openapi_url=None)
+    if revenue is not None:
+        app.include_router(revenue_router(revenue, on_refusal))
 
     @app.get("/v1/info")
     def info() -> dict[str, str]:

@@ -1,0 +1,128 @@
+"""The buyer API: `POST /v1/buyer/revenue` turns a buyer-signed RevenueReport into a ROYALTY leaf.
+
+The buyer's signature is what triggers a royalty split, so the operator cannot invent revenue on a buyer's behalf and
+the buyer cannot later deny a report. The ledger itself is the dedup store: the royalty record id is derived from
+(buyer key, seq), so a replay is refused after a restart too, and no second table can drift from the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from coordinator.ledger.store import LedgerStore
+from coordinator.royalties.ledger_records import iter_splits, report_revenue
+from protocol.envelope import decode, open_envelope
+from protocol.errors import (
+    BadKeyError,
+    PolicyViolationError,
+    ProtocolError,
+    Reason,
+    ReplayedError,
+    TooLargeError,
+    UnknownKeyError,
+)
+from protocol.identity import VerifierKey
+from protocol.messages import RevenueReport
+
+REVENUE_PATH = "/v1/buyer/revenue"
+_STATUS = {
+    Reason.TOO_LARGE: 413,
+    Reason.BAD_SIGNATURE: 403,
+    Reason.UNKNOWN_KEY: 403,
+    Reason.REPLAYED: 409,
+    Reason.POLICY_VIOLATION: 422,
+}
+
+
+@dataclass(frozen=True)
+class RoyaltyReceipt:
+    record_id: str
+    index: int
+    receipt: str
+
+
+def revenue_record_id(buyer_key: VerifierKey, seq: int) -> str:
+    """The royalty record id of a (buyer key, seq): the dedup key, stored in the leaf itself."""
+    return f"revenue-{buyer_key.key_id.hex()[:16]}-{seq}"
+
+
+class RevenueDesk:
+    """Checks buyer revenue reports and logs their royalty split. Blocking (SQLite, signing): call from a thread."""
+
+    def __init__(
+        self, mid: str, currency: str, buyer_keys: Mapping[str, str], ledger: LedgerStore, max_body_bytes: int
+    ) -> None:
+        self.mid = mid
+        self.currency = currency
+        self.ledger = ledger
+        self.max_body_bytes = max_body_bytes
+        self._by_buyer: dict[str, VerifierKey] = {}
+        for buyer, text in buyer_keys.items():
+            try:
+                self._by_buyer[buyer] = VerifierKey.parse(text)
+            except BadKeyError as error:
+                raise BadKeyError(f"[buyers.keys] {buyer}: {error.message}", buyer=buyer) from None
+        self._trusted = {key.key_id.hex(): key for key in self._by_buyer.values()}
+        # One report at a time: the replay check and the append must not interleave.
+        self._lock = threading.Lock()
+
+    def accept(self, envelope: bytes, now_ms: int) -> RoyaltyReceipt:
+        if len(envelope) > self.max_body_bytes:
+            raise TooLargeError("revenue report too large", limit=self.max_body_bytes, size=len(envelope))
+        verified = open_envelope(envelope, self._trusted, RevenueReport.PAYLOAD_TYPE)
+        report = decode(verified, RevenueReport)
+        buyer_key = self._by_buyer.get(report.buyer)
+        if buyer_key is None or buyer_key.key_id != verified.signer.key_id:
+            raise UnknownKeyError("report is not signed by the key configured for its buyer", buyer=report.buyer)
+        if report.mid != self.mid:
+            raise PolicyViolationError("report is for another MID", expected=self.mid, found=report.mid)
+        if report.currency != self.currency:
+            raise PolicyViolationError(
+                "report currency is not the MID's", expected=self.currency, found=report.currency
+            )
+        record_id = revenue_record_id(buyer_key, report.seq)
+        with self._lock:
+            if any(split.record.inputs.record_id == record_id for split in iter_splits(self.ledger)):
+                raise ReplayedError("this buyer key already reported this seq", buyer=report.buyer, seq=report.seq)
+            index = report_revenue(
+                self.ledger,
+                report.model_version,
+                report.amount_minor,
+                record_id=record_id,
+                created_ms=now_ms,
+                currency=report.currency,
+            )
+        return RoyaltyReceipt(record_id, index, self.ledger.receipt(index))
+
+
+def revenue_router(desk: RevenueDesk, on_refusal: Callable[[Reason], None] = lambda reason: None) -> APIRouter:
+    router = APIRouter()
+
+    @router.post(REVENUE_PATH)
+    async def revenue(request: Request) -> Response:
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > desk.max_body_bytes:
+                return refusal(TooLargeError("revenue report too large", limit=desk.max_body_bytes), on_refusal)
+        try:
+            receipt = await asyncio.to_thread(desk.accept, body, time.time_ns() // 1_000_000)
+        except ProtocolError as error:
+            return refusal(error, on_refusal)
+        return JSONResponse({"record_id": receipt.record_id, "index": receipt.index, "receipt": receipt.receipt})
+
+    return router
+
+
+def refusal(error: ProtocolError, on_refusal: Callable[[Reason], None]) -> JSONResponse:
+    on_refusal(error.reason)
+    return JSONResponse(
+        {"reason": str(error.reason), "message": error.message[:1024]}, status_code=_STATUS.get(error.reason, 400)
+    )

@@ -1,0 +1,215 @@
+"""`midgate buyer report-revenue` against the coordinator's real HTTP app: a buyer-signed RevenueReport becomes a
+ROYALTY leaf whose split recomputes from the ledger; forged, unknown, replayed and off-policy reports are refused with
+their reason codes and change nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import uvicorn
+from mqtt_fixtures import free_port, wait_for_port
+from prometheus_client import CollectorRegistry
+
+from coordinator.buyer.http import RevenueDesk
+from coordinator.ledger.store import LedgerReader, LedgerStore
+from coordinator.registry.enrolment import Enroller, mid_key_name
+from coordinator.registry.http import build_app
+from coordinator.registry.store import Registry
+from coordinator.royalties import KnobPolicy, MemberAttribution, ModelAttribution, RoyaltyPolicy, settle_job
+from coordinator.royalties.ledger_records import append_split, find_split
+from protocol.checkpoint import verify_receipt
+from protocol.enrolment import BrokerCredentials
+from protocol.errors import Reason
+from protocol.identity import SignerKey, VerifierKey, save_signer_key
+from protocol.messages import RevenueReport
+
+MID = "riverside"
+CLI = [sys.executable, "-c", "from midgate_cli import app; app()"]
+POLICY = RoyaltyPolicy(
+    version=1, fee_bps=2000, knob=KnobPolicy(base_price_minor=1_000, min_price_minor=100, max_price_minor=10_000)
+)
+NOW = 1_800_000_000_000
+
+
+@dataclass
+class Coordinator:
+    url: str
+    ledger_path: Path
+    ledger: LedgerStore
+    log_key: VerifierKey
+    buyer_key: Path
+    refusals: list[Reason]
+
+
+def _no_broker(device: str, password: str) -> BrokerCredentials:
+    raise AssertionError("no enrolment in this test")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path) -> Iterator[Coordinator]:
+    buyer_key = tmp_path / "buyer.key"
+    keygen = _cli("buyer", "keygen", "--key", str(buyer_key), "--name", "acme")
+    assert keygen.returncode == 0, keygen.stderr
+    assert stat.S_IMODE(os.stat(buyer_key).st_mode) == 0o600
+    stranger = SignerKey.generate("acme")  # same name, different key: must not pass as acme
+    log_key = SignerKey.generate(mid_key_name(MID))
+    ledger_path = tmp_path / "ledger.sqlite"
+    ledger = LedgerStore.open(ledger_path, log_key)
+    members = [
+        MemberAttribution(member="ann", value_units=700, knob_milli=0, rounds=4, excluded_rounds=0),
+        MemberAttribution(member="bob", value_units=300, knob_milli=500, rounds=4, excluded_rounds=0),
+    ]
+    attribution = ModelAttribution(job_id="job-1", model_version="plaid-v1", policy=POLICY, members=members)
+    append_split(ledger, settle_job(attribution, 50_000, record_id="job-1.settlement", created_ms=NOW, currency="EUR"))
+    registry = Registry(tmp_path / "registry.sqlite")
+    enroller = Enroller(MID, registry, ledger, log_key, _no_broker, lambda device: None, 16 * 1024)
+    keys = {"acme": keygen.stdout.strip(), "globex": stranger.verifier.text()}
+    desk = RevenueDesk(MID, "EUR", keys, ledger, 16 * 1024)
+    refusals: list[Reason] = []
+    app = build_app(enroller, ledger, CollectorRegistry(), refusals.append, desk)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for_port(port)
+        yield Coordinator(f"http://127.0.0.1:{port}", ledger_path, ledger, log_key.verifier, buyer_key, refusals)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        registry.close()
+        ledger.close()
+
+
+def _report(c: Coordinator, *extra: str, amount: str = "40001", seq: str = "1", key: Path | None = None) -> list[str]:
+    return [
+        "buyer",
+        "report-revenue",
+        "plaid-v1",
+        amount,
+        "--key",
+        str(key or c.buyer_key),
+        "--coordinator",
+        c.url,
+        "--mid",
+        MID,
+        "--buyer",
+        "acme",
+        "--model-id",
+        "plaid",
+        "--currency",
+        "EUR",
+        "--period-start-ms",
+        str(NOW),
+        "--period-end-ms",
+        str(NOW + 86_400_000),
+        "--seq",
+        seq,
+        *extra,
+    ]
+
+
+def test_signed_report_appends_a_royalty_leaf_that_recomputes(coordinator: Coordinator) -> None:
+    c = coordinator
+    result = _cli(*_report(c))
+    assert result.returncode == 0, result.stderr
+    receipt = json.loads(result.stdout)
+    assert receipt["index"] == 1 and receipt["record_id"].startswith("revenue-")
+    with LedgerReader.open_existing(c.ledger_path) as reader:
+        split = find_split(reader, receipt["record_id"])
+        assert verify_receipt(receipt["receipt"], reader.leaf(split.index), c.log_key).index == split.index
+    assert split.index == 1 and split.record.inputs.kind == "royalty"
+    paid = {p.member: p.amount_minor for p in split.record.payouts}
+    assert sum(paid.values()) + split.record.fee_minor == 40_001
+    assert split.record.fee_minor <= 40_001 * 3000 // 10_000 and paid["ann"] > paid["bob"] > 0
+    recompute = _cli("ledger", "recompute-settlement", receipt["record_id"], "--db", str(c.ledger_path))
+    assert (recompute.returncode, recompute.stdout) == (0, "ok\n"), recompute.stderr
+
+
+def test_replayed_seq_is_refused_and_logs_nothing(coordinator: Coordinator) -> None:
+    c = coordinator
+    assert _cli(*_report(c)).returncode == 0
+    size = c.ledger.size
+    again = _cli(*_report(c, amount="99"))
+    assert again.returncode == 1 and "replayed" in again.stderr
+    assert c.ledger.size == size and c.refusals == [Reason.REPLAYED]
+    assert _cli(*_report(c, seq="2")).returncode == 0  # a new seq is a new report
+
+
+def test_unknown_and_impostor_keys_are_refused(coordinator: Coordinator, tmp_path: Path) -> None:
+    c = coordinator
+    unknown = tmp_path / "unknown.key"
+    save_signer_key(unknown, SignerKey.generate("acme"))
+    result = _cli(*_report(c, key=unknown))
+    assert result.returncode == 1 and "unknown_key" in result.stderr
+    assert c.ledger.size == 1 and c.refusals == [Reason.UNKNOWN_KEY]
+
+
+def _post(c: Coordinator, body: bytes) -> tuple[int, dict[str, str]]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(c.url + "/v1/buyer/revenue", data=body, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def _signed(key: SignerKey, **changes: object) -> bytes:
+    fields: dict[str, object] = {
+        "mid": MID,
+        "buyer": "globex",
+        "model_id": "plaid",
+        "model_version": "plaid-v1",
+        "period_start_ms": NOW,
+        "period_end_ms": NOW + 1,
+        "amount_minor": 1_000,
+        "currency": "EUR",
+        "seq": 7,
+        "issued_ms": NOW,
+    }
+    return RevenueReport.model_validate({**fields, **changes}).seal(key)
+
+
+def test_forged_and_off_policy_reports_are_refused_over_http(coordinator: Coordinator) -> None:
+    c = coordinator
+    acme = SignerKey.parse(c.buyer_key.read_text())
+    # acme's valid signature over one report, carried with another report's payload (a bigger amount)
+    forged = json.loads(_signed(acme, buyer="acme"))
+    forged["payload"] = json.loads(_signed(acme, buyer="acme", amount_minor=10**9))["payload"]
+    forged_body = json.dumps(forged)
+    cases = [
+        (forged_body.encode(), 403, "bad_signature"),
+        (_signed(acme), 403, "unknown_key"),  # acme's key signing as globex
+        (_signed(acme, buyer="acme", currency="USD"), 422, "policy_violation"),
+        (_signed(acme, buyer="acme", mid="elsewhere"), 422, "policy_violation"),
+        (_signed(acme, buyer="acme", model_version="never-settled"), 400, "malformed"),
+        (b"{" * 20_000, 413, "too_large"),
+        (b"not json", 400, "malformed"),
+    ]
+    for body, status, reason in cases:
+        answer_status, answer = _post(c, body)
+        assert (answer_status, answer["reason"]) == (status, reason), answer
+    assert c.ledger.size == 1
+    assert [str(r) for r in c.refusals] == [reason for _, _, reason in cases]
+
+
+def test_keygen_refuses_to_overwrite(coordinator: Coordinator) -> None:
+    before = coordinator.buyer_key.read_text()
+    result = _cli("buyer", "keygen", "--key", str(coordinator.buyer_key))
+    assert result.returncode == 1 and coordinator.buyer_key.read_text() == before
