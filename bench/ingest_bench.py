@@ -217,7 +217,7 @@ class Stack:
         cmd += ["--config", str(self.config), "--worker-id", worker_id]
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         self.procs.append(proc)
-        wait_until(lambda: "connected to broker" in log_path.read_text(), 60, f"worker {worker_id}", poll_s=0.1)
+        wait_until(lambda: log_path.read_text().count("connected to broker") >= 2, 60, f"worker {worker_id}")
         return proc
 
     def enrol_device(self, name: str) -> tuple[str, Path]:

@@ -62,7 +62,7 @@ def test_commit_notice_is_bound_to_its_worker() -> None:
 
 
 def test_worker_subscribes_with_an_mqtt5_shared_subscription() -> None:
-    assert worker_filters("m", "w1", "ingest") == ("$share/ingest/mid/m/dev/+/up/+", "mid/m/ingest/committed/w1")
+    assert worker_filters("m", "ingest") == ("$share/ingest/mid/m/dev/+/up/+",)
 
 
 def test_key_file_is_private_and_shared_by_every_process(tmp_path: Path) -> None:

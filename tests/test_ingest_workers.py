@@ -30,13 +30,14 @@ def _start_worker(stack: MessagingStack, worker_id: str) -> ServiceProcess:
         ["coordinator", "ingest-worker", "--config", str(stack.config), "--worker-id", worker_id],
         stack.root / f"worker-{worker_id}.log",
     )
-    worker.start()
     starts = worker.log_text().count("connected to broker")
+    worker.start()
 
     def connected() -> bool:
         if not worker.alive:
             raise RuntimeError(f"worker {worker_id} exited:\n{worker.log_text()[-4000:]}")
-        return worker.log_text().count("connected to broker") > starts
+        # Two connections: device messages (shared subscription) and commit notices.
+        return worker.log_text().count("connected to broker") >= starts + 2
 
     wait_until(connected, 60, f"worker {worker_id} connected")
     return worker
@@ -52,7 +53,9 @@ def _forwarded_to(broker_log: str, client_id: str) -> int:
 @pytest.mark.slow
 def test_two_workers_and_a_sigkilled_one_lose_and_duplicate_nothing(messaging_stack: MessagingStack) -> None:
     stack = messaging_stack
-    stack.coordinator_extra = "workers = 2"
+    # A small in-flight window, so that it is full of reports awaiting their commit while commit notices must still
+    # get through (they once queued behind those reports: a deadlock).
+    stack.coordinator_extra = "workers = 2\nreceive_maximum = 100\nqueue_max = 200"
     broker = stack.start_broker()
     stack.start_coordinator()
     workers = [_start_worker(stack, "w1"), _start_worker(stack, "w2")]

@@ -47,9 +47,11 @@ def sequencer_filters(mid: str) -> tuple[str, ...]:
     return (f"mid/{check_id(mid, 'mid')}/ingest/verified/+",)
 
 
-def worker_filters(mid: str, worker: str, group: str) -> tuple[str, ...]:
-    """The MQTT 5 shared subscription to every device's up topics, and this worker's commit notices."""
-    return (f"$share/{check_id(group, 'group')}/mid/{check_id(mid, 'mid')}/dev/+/up/+", committed_topic(mid, worker))
+def worker_filters(mid: str, group: str) -> tuple[str, ...]:
+    """The MQTT 5 shared subscription to every device's up topics. Commit notices come on a second connection
+    (`committed_topic`): on this one the device messages awaiting their commit fill the in-flight window, and a
+    notice queued behind them would never arrive (measured: a deadlock at Receive Maximum)."""
+    return (f"$share/{check_id(group, 'group')}/mid/{check_id(mid, 'mid')}/dev/+/up/+",)
 
 
 def is_handoff_topic(mid: str, topic: str) -> bool:

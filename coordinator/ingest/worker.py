@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -93,13 +94,17 @@ class ScreeningWorker:
             keepalive_s=s.broker.keepalive_s,
             mqtt5=True,  # shared subscriptions are MQTT 5
         )
-        filters = worker_filters(s.mid, self.worker_id, s.ingest.share_group)
+        filters = worker_filters(s.mid, s.ingest.share_group)
         self.session = BrokerSession(endpoint, filters, self._deliver, s.ingest.queue_max, s.ingest.receive_maximum)
+        notices = dataclasses.replace(endpoint, client_id=f"{endpoint.client_id}-notices")
+        self.notice_session = BrokerSession(notices, (self._notice_topic,), self._deliver, 1000, 1000)
+        self.notice_session.start()
         self.session.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await asyncio.to_thread(self.session.stop)
+        await asyncio.to_thread(self.notice_session.stop)
         self.registry.close()
         self._log_counts("worker stopped")
 
@@ -160,7 +165,7 @@ class ScreeningWorker:
             except ProtocolError as exc:
                 log.warning("commit notice refused", extra={"reason": str(exc.reason)})
                 batch_id = None
-            self.session.settle(notice.token)
+            self.notice_session.settle(notice.token)
             pending = self._pending.pop(batch_id, None) if batch_id is not None else None
             if pending is None:
                 continue  # a repeat, or for a batch already given up and redelivered
