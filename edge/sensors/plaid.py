@@ -23,25 +23,15 @@ import numpy as np
 
 from edge.sensors.errors import SensorUnavailableError
 from edge.sensors.tsfile import TsDataset, read_ts
+from protocol.tasks.spec import PLAID_APPLIANCE
 
 PLAID_PACKAGE = "sktime"
 PLAID_SUBDIR = ("datasets", "data", "PLAID")
 PLAID_DEFAULT_LENGTH = 128
 
-# Index order of the file's class labels 0..10, from the header comment of PLAID_TRAIN.ts.
-PLAID_CLASSES: tuple[str, ...] = (
-    "air_conditioner",
-    "compact_fluorescent_lamp",
-    "fan",
-    "fridge",
-    "hairdryer",
-    "heater",
-    "incandescent_light_bulb",
-    "laptop",
-    "microwave",
-    "vacuum",
-    "washing_machine",
-)
+# Index order of the file's class labels 0..10 (header comment of PLAID_TRAIN.ts); the plaid-appliance task names
+# them in that same order, so the task spec is the one place they are written down.
+PLAID_CLASSES: tuple[str, ...] = PLAID_APPLIANCE.labels
 
 Split = Literal["train", "test", "all"]
 
