@@ -117,6 +117,15 @@ def test_two_workers_and_a_sigkilled_one_lose_and_duplicate_nothing(messaging_st
             "the forged hand-off refused",
         )
         assert stack.ledger_size() == size_before
+
+        # Every worker, the restarted one included, got its commit notices: nothing left waiting at shutdown (a worker
+        # stuck with unacknowledged reports passes the checks above only because the agents resend to the other).
+        for w in workers:
+            w.stop()
+            stopped = [json.loads(line) for line in w.log_text().splitlines() if '"worker stopped"' in line]
+            assert stopped, f"{w.name} logged no shutdown counts"
+            assert stopped[-1]["awaiting_commit"] == 0
+            assert stopped[-1]["committed"] > 0
     except BaseException:
         for w in workers:
             print(f"---- {w.name} log (tail) ----\n{w.log_text()[-6000:]}")

@@ -48,9 +48,8 @@ def sequencer_filters(mid: str) -> tuple[str, ...]:
 
 
 def worker_filters(mid: str, group: str) -> tuple[str, ...]:
-    """The MQTT 5 shared subscription to every device's up topics. Commit notices come on a second connection
-    (`committed_topic`): on this one the device messages awaiting their commit fill the in-flight window, and a
-    notice queued behind them would never arrive (measured: a deadlock at Receive Maximum)."""
+    """The MQTT 5 shared subscription to every device's up topics. Hand-offs and commit notices (`committed_topic`)
+    use a second connection: on this one the device messages awaiting their commit fill the in-flight window."""
     return (f"$share/{check_id(group, 'group')}/mid/{check_id(mid, 'mid')}/dev/+/up/+",)
 
 

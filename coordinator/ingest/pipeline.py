@@ -271,14 +271,22 @@ def screen_one(screener: Screener, message: InboundMessage, verdict: Verdict, no
     """`screener.screen` with every failure turned into a settled rejection on `verdict` (None returned)."""
     try:
         return screener.screen(message, verdict, now_ms)
-    except ProtocolError as exc:
-        verdict.outcome, verdict.reason, verdict.error = Outcome.REJECTED, exc.reason, str(exc)[:300]
-    except (ValueError, TypeError, KeyError, UnicodeError, RecursionError) as exc:
-        # A parser bug must not take the service down; the refusal is safe because an honest device resends
-        # anything it holds no receipt for.
-        log.exception("unexpected error screening a message", extra={"topic": message.topic[:200]})
-        verdict.outcome, verdict.reason, verdict.error = Outcome.REJECTED, Reason.MALFORMED, repr(exc)[:300]
+    except _REFUSABLE as exc:
+        _refuse(verdict, exc)
     return None
+
+
+_REFUSABLE = (ProtocolError, ValueError, TypeError, KeyError, UnicodeError, RecursionError)
+
+
+def _refuse(verdict: Verdict, exc: BaseException) -> None:
+    if isinstance(exc, ProtocolError):
+        verdict.outcome, verdict.reason, verdict.error = Outcome.REJECTED, exc.reason, str(exc)[:300]
+        return
+    # A parser bug must not take the service down; the refusal is safe because an honest device resends anything it
+    # holds no receipt for.
+    log.error("unexpected error screening a message", exc_info=exc, extra={"topic": verdict.message.topic[:200]})
+    verdict.outcome, verdict.reason, verdict.error = Outcome.REJECTED, Reason.MALFORMED, repr(exc)[:300]
 
 
 class IngestPipeline:
@@ -334,15 +342,8 @@ class IngestPipeline:
             verdict = Verdict(message, Outcome.REJECTED)
             try:
                 candidate = self._check(message, verdict, in_batch, now_ms)
-            except ProtocolError as exc:
-                verdict.outcome, verdict.reason, verdict.error = Outcome.REJECTED, exc.reason, str(exc)[:300]
-                result.settled.append(verdict)
-                continue
-            except (ValueError, TypeError, KeyError, UnicodeError, RecursionError) as exc:
-                # A parser bug must not take the service down; the refusal is safe because an honest device resends
-                # anything it holds no receipt for.
-                log.exception("unexpected error screening a message", extra={"topic": message.topic[:200]})
-                verdict.outcome, verdict.reason, verdict.error = Outcome.REJECTED, Reason.MALFORMED, repr(exc)[:300]
+            except _REFUSABLE as exc:
+                _refuse(verdict, exc)
                 result.settled.append(verdict)
                 continue
             if candidate is None:

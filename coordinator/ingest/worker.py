@@ -96,15 +96,19 @@ class ScreeningWorker:
         )
         filters = worker_filters(s.mid, s.ingest.share_group)
         self.session = BrokerSession(endpoint, filters, self._deliver, s.ingest.queue_max, s.ingest.receive_maximum)
-        notices = dataclasses.replace(endpoint, client_id=f"{endpoint.client_id}-notices")
-        self.notice_session = BrokerSession(notices, (self._notice_topic,), self._deliver, 1000, 1000)
-        self.notice_session.start()
+        # Hand-offs go out and commit notices come in on a second connection. On the first, the device messages
+        # awaiting their commit fill both the broker's in-flight window (a notice queued behind them never arrives)
+        # and our own bound (paho's thread then waits for a free slot and sends nothing, so a hand-off published
+        # there never leaves): both were measured here as deadlocks.
+        handoff = dataclasses.replace(endpoint, client_id=f"{endpoint.client_id}-handoff")
+        self.handoff_session = BrokerSession(handoff, (self._notice_topic,), self._deliver, 1000, 1000)
+        self.handoff_session.start()
         self.session.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await asyncio.to_thread(self.session.stop)
-        await asyncio.to_thread(self.notice_session.stop)
+        await asyncio.to_thread(self.handoff_session.stop)
         self.registry.close()
         self._log_counts("worker stopped")
 
@@ -165,7 +169,7 @@ class ScreeningWorker:
             except ProtocolError as exc:
                 log.warning("commit notice refused", extra={"reason": str(exc.reason)})
                 batch_id = None
-            self.notice_session.settle(notice.token)
+            self.handoff_session.settle(notice.token)
             pending = self._pending.pop(batch_id, None) if batch_id is not None else None
             if pending is None:
                 continue  # a repeat, or for a batch already given up and redelivered
@@ -234,7 +238,7 @@ class ScreeningWorker:
             handoff = VerifiedBatch(self.worker_id, batch_id, entries)
             topic, payload = seal_verified(self.key, self.settings.mid, handoff)
             self._pending[batch_id] = _Pending([m.token for m in chunk], time.monotonic())
-            self.session.publish(topic, payload, qos=1)
+            self.handoff_session.publish(topic, payload, qos=1)
             self.counts.forwarded += len(chunk)
 
 
