@@ -23,7 +23,7 @@ from coordinator.attribution.valuation import ValuationSettings
 from coordinator.federation.capture import CaptureDirectory, UpdateSink
 from coordinator.federation.job import JobOutcome, JobRunConfig, NodeDropRecord
 from coordinator.federation.polling_grid import PollingGrid
-from coordinator.federation.strategy import JobFailedError, JobStrategy
+from coordinator.federation.strategy import AggregationWeighting, JobFailedError, JobStrategy
 from protocol.tasks.arrays import arrays_sha256
 from protocol.tasks.models import build_model, evaluate, load_arrays, model_arrays
 from protocol.tasks.spec import TaskSpec, get_task
@@ -89,6 +89,14 @@ def _privacy_spent(strategy: Strategy, job: JobRunConfig) -> dict[str, float]:
     return report
 
 
+def _weighting(job: JobRunConfig) -> AggregationWeighting:
+    if job.dp_clipping_norm > 0:
+        # Flower's DP accountant requires equal client weights; without verified counts FIXED is the same 1/n.
+        return AggregationWeighting.UNIFORM
+    # With attribution the model is aggregated with the weights it is valued (and members paid) with.
+    return AggregationWeighting.FIXED if job.attribution else AggregationWeighting.REPORTED_CAPPED
+
+
 def run_job(grid: Grid, run_id: int, job: JobRunConfig) -> JobOutcome:
     """Run the job's rounds; always leaves outcome.json behind, and re-raises a failure after recording it."""
     started = time.monotonic()
@@ -99,11 +107,10 @@ def run_job(grid: Grid, run_id: int, job: JobRunConfig) -> JobOutcome:
     evaluator = ValidationEvaluator(spec, validation)
     sink: UpdateSink = capture
     attribution = None
+    valuation = ValuationSettings(seed=job.seed)
     if job.attribution:
         attribution = AttributionSink(
-            TaskValidationLoss(spec, build_model(spec), validation.x, validation.y),
-            ValuationSettings(seed=job.seed),
-            then=capture,
+            TaskValidationLoss(spec, build_model(spec), validation.x, validation.y), valuation, then=capture
         )
         sink = attribution
     inner = _inner_strategy(job)
@@ -116,7 +123,8 @@ def run_job(grid: Grid, run_id: int, job: JobRunConfig) -> JobOutcome:
         join_timeout=job.join_timeout,
         run_id=run_id,
         federated_evaluate=job.federated_evaluate,
-        uniform_weights=job.dp_clipping_norm > 0,  # Flower's DP accountant requires equal client weights
+        weighting=_weighting(job),
+        example_count_cap=valuation.example_count_cap,
     )
     outcome = JobOutcome(run_id=run_id, status="failed", reason="internal_error")
     try:

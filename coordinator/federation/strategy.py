@@ -8,8 +8,10 @@ and adds only node selection, reply screening, capture and the minimum-participa
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from enum import StrEnum
 from typing import cast
 
 import numpy as np
@@ -22,6 +24,42 @@ from protocol.tasks.arrays import arrays_sha256
 
 WEIGHT_KEY = "num-examples"
 NODE_UNAVAILABLE_CODE = 5  # flwr.common.constant.ErrorCode.NODE_UNAVAILABLE
+
+
+class AggregationWeighting(StrEnum):
+    """What a node's update weighs in FedAvg."""
+
+    REPORTED_CAPPED = "reported-capped"
+    """The node's self-reported example count, capped at `max_weight` (plain FedAvg; jobs without attribution)."""
+    UNIFORM = "uniform"
+    """Every node 1 (Flower's DP accountant requires equal weights)."""
+    FIXED = "fixed"
+    """The weights attribution values with (coordinator.attribution.valuation): coordinator-verified example counts
+    capped at `example_count_cap` when every node of the round has one, otherwise every node 1. The model members
+    are paid for is then the model that was valued, and a node cannot buy weight by over-reporting its count."""
+
+
+def aggregation_weights(
+    reported: Mapping[int, int],
+    weighting: AggregationWeighting,
+    *,
+    max_weight: int,
+    verified: Mapping[int, int | None] | None = None,
+    example_count_cap: int | None = None,
+) -> dict[int, int]:
+    """Node id -> integer FedAvg weight for one round's accepted updates (FedAvg normalises by the sum).
+
+    `reported` are the nodes' own `num-examples` claims; only REPORTED_CAPPED reads them.
+    """
+    if weighting is AggregationWeighting.REPORTED_CAPPED:
+        return {node: min(count, max_weight) for node, count in reported.items()}
+    if weighting is AggregationWeighting.FIXED and example_count_cap is not None and verified is not None:
+        counts = {node: verified.get(node) for node in reported}
+        if all(count is not None for count in counts.values()):
+            capped = {node: min(max(int(count or 0), 0), example_count_cap) for node, count in counts.items()}
+            if sum(capped.values()) > 0:
+                return capped
+    return {node: 1 for node in reported}
 
 
 class JobFailedError(Exception):
@@ -63,7 +101,15 @@ class JobStrategy(Strategy):
     max_weight:
         Cap on the self-reported example count used as a node's aggregation weight (design: never trust it uncapped).
     uniform_weights:
-        Weight every node 1 (required by Flower's DP accountant); default False.
+        Weight every node 1 (required by Flower's DP accountant); default False. Shorthand for
+        `weighting=AggregationWeighting.UNIFORM`.
+    weighting:
+        How updates are weighted (AggregationWeighting); default REPORTED_CAPPED, or UNIFORM with `uniform_weights`.
+        Jobs with attribution use FIXED, so pay never depends on self-reported example counts.
+    verified_examples:
+        (round, node id) -> the example count the coordinator verified itself, or None (FIXED only).
+    example_count_cap:
+        Cap on verified counts (FIXED only; ValuationSettings.example_count_cap); None weighs every node 1.
     run_id:
         The Flower run id, recorded in captures.
     federated_evaluate:
@@ -81,6 +127,9 @@ class JobStrategy(Strategy):
         max_weight: int,
         join_timeout: float = 60.0,
         uniform_weights: bool = False,
+        weighting: AggregationWeighting | None = None,
+        verified_examples: Callable[[int, int], int | None] | None = None,
+        example_count_cap: int | None = None,
         run_id: int = 0,
         federated_evaluate: bool = False,
         clock: Callable[[], float] = time.monotonic,
@@ -95,6 +144,13 @@ class JobStrategy(Strategy):
         self.max_weight = max_weight
         self.join_timeout = join_timeout
         self.uniform_weights = uniform_weights
+        if weighting is None:
+            weighting = AggregationWeighting.UNIFORM if uniform_weights else AggregationWeighting.REPORTED_CAPPED
+        elif uniform_weights and weighting is not AggregationWeighting.UNIFORM:
+            raise ValueError("uniform_weights contradicts weighting")
+        self.weighting = weighting
+        self.verified_examples = verified_examples
+        self.example_count_cap = example_count_cap
         self.run_id = run_id
         self.federated_evaluate = federated_evaluate
         self._clock = clock
@@ -179,7 +235,7 @@ class JobStrategy(Strategy):
         shapes = {name: tuple(a.shape) for name, a in update.items()}
         if shapes != self._global_shapes or not all(np.isfinite(a).all() for a in update.values()):
             return NodeDrop(server_round, node, DropReason.MALFORMED_REPLY, "arrays differ from the global model's")
-        weight = 1 if self.uniform_weights else min(reported, self.max_weight)
+        weight = 1  # set for the whole round in aggregate_train (FIXED weights depend on every accepted node)
         values = {k: float(v) for k, v in metric.items() if isinstance(v, (int, float))}
         return CapturedUpdate(
             server_round, node, update, arrays_sha256(update), self._global_sha256, reported, weight, values
@@ -204,9 +260,11 @@ class JobStrategy(Strategy):
                 round_drops.append(outcome)
                 continue
             updates.append(outcome)
-            metric = next(iter(msg.content.metric_records.values()))
-            metric[WEIGHT_KEY] = outcome.weight
             accepted.append(msg)
+        weights = self._round_weights(server_round, updates)
+        updates = [dataclasses.replace(u, weight=weights[u.node_id]) for u in updates]
+        for msg, update in zip(accepted, updates, strict=True):
+            next(iter(msg.content.metric_records.values()))[WEIGHT_KEY] = update.weight
         round_drops += [NodeDrop(server_round, n, DropReason.NO_REPLY) for n in sorted(self._sent - answered)]
         for drop in round_drops:
             if drop.reason in (DropReason.NO_REPLY, DropReason.NODE_UNAVAILABLE):
@@ -224,6 +282,18 @@ class JobStrategy(Strategy):
                 minimum=self.min_nodes,
             )
         return self.inner.aggregate_train(server_round, accepted)
+
+    def _round_weights(self, server_round: int, updates: list[CapturedUpdate]) -> dict[int, int]:
+        verified = None
+        if self.verified_examples is not None:
+            verified = {u.node_id: self.verified_examples(server_round, u.node_id) for u in updates}
+        return aggregation_weights(
+            {u.node_id: u.examples_reported for u in updates},
+            self.weighting,
+            max_weight=self.max_weight,
+            verified=verified,
+            example_count_cap=self.example_count_cap,
+        )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
