@@ -133,3 +133,62 @@ def test_two_workers_and_a_sigkilled_one_lose_and_duplicate_nothing(messaging_st
     finally:
         for w in workers:
             w.stop()
+
+
+@pytest.mark.slow
+def test_reports_held_by_a_sigkilled_worker_come_back_through_its_session_without_any_resend(
+    messaging_stack: MessagingStack,
+) -> None:
+    """No agent outbox to hide a loss: a bare client publishes each pre-signed report exactly once, a worker is
+    SIGKILLed mid-stream and restarted, and every report still reaches the ledger: what the dead worker held
+    unacknowledged is redelivered to it on its resumed persistent session. (This does not isolate ack-after-commit:
+    a worker acking right after its hand-off would pass too, because the hand-off itself survives a worker kill.)"""
+    from coordinator.registry.store import Registry
+    from edge.agent.spool import build_report
+    from protocol.identity import SignerKey
+    from protocol.topics import UpKind, up_topic
+
+    stack = messaging_stack
+    stack.coordinator_extra = "workers = 2\nreceive_maximum = 100\nqueue_max = 200"
+    broker = stack.start_broker()
+    stack.start_coordinator()
+    workers = [_start_worker(stack, "w1"), _start_worker(stack, "w2")]
+    try:
+        key = SignerKey.generate("d-bare")
+        registry = Registry(stack.data_dir / "registry.sqlite")
+        try:
+            registry.add_invite("inv-bare", "m-bare", 0, 2**40)
+            registry.redeem_invite("inv-bare", 1, "d-bare", key.verifier, "$7$101$unused$unused")
+        finally:
+            registry.close()
+        total = 2000
+        envelopes = [
+            build_report(contribution_fields(i, "d-bare"), i + 1, 1_790_000_000_000).seal(key) for i in range(total)
+        ]
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bare-publisher", protocol=paho.MQTTv5)
+        client.max_inflight_messages_set(200)
+        client.max_queued_messages_set(0)
+        client.connect("127.0.0.1", broker.port)
+        client.loop_start()
+        try:
+            topic = up_topic(stack.mid, "d-bare", UpKind.REPORT)
+            infos = [client.publish(topic, envelope, qos=1) for envelope in envelopes]
+            wait_until(lambda: len(stack.ledger_contributions()) >= 300, 60, "300 reports in the ledger", poll_s=0.05)
+            workers[0].kill()
+            assert len(stack.ledger_contributions()) < total, "the kill must land mid-stream"
+            for info in infos:
+                info.wait_for_publish(60)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+        workers[0] = _start_worker(stack, "w1")
+        wait_until(lambda: len(stack.ledger_contributions()) == total, 60, "every report in the ledger", poll_s=0.2)
+        leaves = stack.ledger_contributions()
+        assert sorted(seq for _, seq, _ in leaves) == list(range(1, total + 1))
+    except BaseException:
+        for w in workers:
+            print(f"---- {w.name} log (tail) ----\n{w.log_text()[-6000:]}")
+        raise
+    finally:
+        for w in workers:
+            w.stop()
