@@ -91,6 +91,9 @@ def test_three_round_job_records_match_the_updates_the_strategy_received(federat
     for server_round in (1, 2, 3):
         capture = captures.load_round(server_round)
         assert {u.node_id for u in capture.updates} == node_ids
+        # Attribution on: aggregated with the valuation's fixed weights (1 each), not the reported example counts.
+        assert [u.weight for u in capture.updates] == [1] * len(node_ids)
+        assert all(u.examples_reported > 1 for u in capture.updates)
     for device in federation.devices:
         records = [parse_contribution_record(p.read_bytes()) for p in pending_records(device.spool_dir)]
         assert [r.round for r in records] == [1, 2, 3]
