@@ -12,7 +12,14 @@ import re
 
 import paho.mqtt.client as paho
 import pytest
-from mqtt_fixtures import AgentHandle, MessagingStack, ServiceProcess, contribution_fields, wait_until
+from mqtt_fixtures import (
+    AgentHandle,
+    MessagingStack,
+    MosquittoProcess,
+    ServiceProcess,
+    contribution_fields,
+    wait_until,
+)
 from paho.mqtt.enums import CallbackAPIVersion
 
 from coordinator.ingest.handoff import VerifiedBatch, seal_verified, verified_topic
@@ -192,3 +199,96 @@ def test_reports_held_by_a_sigkilled_worker_come_back_through_its_session_withou
     finally:
         for w in workers:
             w.stop()
+
+
+@pytest.mark.slow
+def test_workers_acknowledge_device_messages_only_after_the_sequencer_committed_them(
+    messaging_stack: MessagingStack,
+) -> None:
+    """With the sequencer frozen (SIGSTOP), the workers screen and hand over every report, yet the broker receives
+    no acknowledgement of a device message from them; after the sequencer resumes and commits, it receives all."""
+    import os
+    import signal
+
+    from coordinator.registry.store import Registry
+    from edge.agent.spool import build_report
+    from protocol.identity import SignerKey
+
+    stack = messaging_stack
+    stack.coordinator_extra = "workers = 2"
+    broker = stack.start_broker()
+    sequencer = stack.start_coordinator()
+    workers = [_start_worker(stack, "w1"), _start_worker(stack, "w2")]
+    assert sequencer.proc is not None
+    key = SignerKey.generate("d-bare")
+    registry = Registry(stack.data_dir / "registry.sqlite")
+    try:
+        registry.add_invite("inv-bare", "m-bare", 0, 2**40)
+        registry.redeem_invite("inv-bare", 1, "d-bare", key.verifier, "$7$101$unused$unused")
+    finally:
+        registry.close()
+    total = 300
+    envelopes = [
+        build_report(contribution_fields(i, "d-bare"), i + 1, 1_790_000_000_000).seal(key) for i in range(total)
+    ]
+    device_acks = re.compile(r"Received PUBACK from midgate-coordinator-worker-w\d \(Mid")
+    os.kill(sequencer.proc.pid, signal.SIGSTOP)
+    try:
+        _check_no_ack_before_commit(stack, broker, workers, sequencer.proc.pid, envelopes, device_acks)
+        wait_until(lambda: len(stack.ledger_contributions()) == total, 60, "every report in the ledger", poll_s=0.2)
+        wait_until(lambda: len(device_acks.findall(broker.log_text())) >= total, 60, "every report acknowledged")
+        assert sorted(seq for _, seq, _ in stack.ledger_contributions()) == list(range(1, total + 1))
+    except BaseException:
+        for w in workers:
+            print(f"---- {w.name} log (tail) ----\n{w.log_text()[-6000:]}")
+        raise
+    finally:
+        os.kill(sequencer.proc.pid, signal.SIGCONT)
+        for w in workers:
+            w.stop()
+
+
+def _check_no_ack_before_commit(
+    stack: MessagingStack,
+    broker: MosquittoProcess,
+    workers: list[ServiceProcess],
+    sequencer_pid: int,
+    envelopes: list[bytes],
+    device_acks: re.Pattern[str],
+) -> None:
+    """Publish while the sequencer is frozen, require no worker ack, then let the sequencer resume."""
+    import os
+    import signal
+
+    from protocol.topics import UpKind, up_topic
+
+    total = len(envelopes)
+    handoffs = re.compile(
+        r"Received PUBLISH from midgate-coordinator-worker-w\d-handoff \(d\d, q1, r0, m\d+, '([^']+)'"
+    )
+    delivered = re.compile(r"Sending PUBLISH to midgate-coordinator-worker-w\d \(d\d, q1, r0, m\d+, 'mid/[^']+/up/")
+    try:
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bare-publisher", protocol=paho.MQTTv5)
+        client.connect("127.0.0.1", broker.port)
+        client.loop_start()
+        try:
+            topic = up_topic(stack.mid, "d-bare", UpKind.REPORT)
+            for info in [client.publish(topic, envelope, qos=1) for envelope in envelopes]:
+                info.wait_for_publish(30)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+
+        def handed_over() -> bool:
+            log = broker.log_text()
+            return len(delivered.findall(log)) >= total and len(handoffs.findall(log)) >= 2
+
+        wait_until(handed_over, 60, "every report delivered to a worker and handed over", poll_s=0.1)
+        # Give the workers every chance to (wrongly) acknowledge: their counts show all reports forwarded.
+        wait_until(
+            lambda: sum(w.log_text().count('"forwarded":') for w in workers) > 0, 30, "worker counts", poll_s=0.2
+        )
+        assert len(stack.ledger_contributions()) == 0
+        assert device_acks.findall(broker.log_text()) == [], "a worker acknowledged a report before its commit"
+    finally:
+        os.kill(sequencer_pid, signal.SIGCONT)
