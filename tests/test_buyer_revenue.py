@@ -4,6 +4,7 @@ their reason codes and change nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import stat
@@ -16,10 +17,12 @@ from pathlib import Path
 
 import pytest
 import uvicorn
-from mqtt_fixtures import free_port, wait_for_port
+from mqtt_fixtures import MosquittoProcess, free_port, wait_for_port
 from prometheus_client import CollectorRegistry
 
 from coordinator.buyer.http import RevenueDesk
+from coordinator.config import CoordinatorSettings
+from coordinator.ingest.service import CoordinatorService
 from coordinator.ledger.store import LedgerReader, LedgerStore
 from coordinator.registry.enrolment import Enroller, mid_key_name
 from coordinator.registry.http import build_app
@@ -31,6 +34,8 @@ from protocol.enrolment import BrokerCredentials
 from protocol.errors import Reason
 from protocol.identity import SignerKey, VerifierKey, save_signer_key
 from protocol.messages import RevenueReport
+
+pytest_plugins = ["mqtt_fixtures"]
 
 MID = "riverside"
 CLI = [sys.executable, "-c", "from midgate_cli import app; app()"]
@@ -213,3 +218,34 @@ def test_keygen_refuses_to_overwrite(coordinator: Coordinator) -> None:
     before = coordinator.buyer_key.read_text()
     result = _cli("buyer", "keygen", "--key", str(coordinator.buyer_key))
     assert result.returncode == 1 and coordinator.buyer_key.read_text() == before
+
+
+def test_serve_mounts_the_revenue_endpoint(tmp_path: Path, mosquitto: MosquittoProcess) -> None:
+    """The real coordinator service, configured from settings with a `[buyers.keys]` entry, takes a buyer's report."""
+    buyer_key = tmp_path / "buyer.key"
+    keygen = _cli("buyer", "keygen", "--key", str(buyer_key), "--name", "acme")
+    assert keygen.returncode == 0, keygen.stderr
+    port = free_port()
+    settings = CoordinatorSettings.load(
+        None,
+        mid=MID,
+        data_dir=tmp_path / "coordinator",
+        broker={"port": mosquitto.port},
+        enrolment={"port": port},
+        buyers={"keys": {"acme": keygen.stdout.strip()}},
+    )
+    members = [MemberAttribution(member="ann", value_units=1, knob_milli=0, rounds=1, excluded_rounds=0)]
+    attribution = ModelAttribution(job_id="job-1", model_version="plaid-v1", policy=POLICY, members=members)
+    settled = settle_job(attribution, 10_000, record_id="job-1.settlement", created_ms=NOW, currency="EUR")
+
+    async def scenario() -> tuple[subprocess.CompletedProcess[str], int]:
+        async with CoordinatorService(settings) as service:
+            await asyncio.to_thread(append_split, service.ledger, settled)
+            url = f"http://127.0.0.1:{port}"
+            coordinator = Coordinator(url, tmp_path, service.ledger, service.mid_key.verifier, buyer_key, [])
+            result = await asyncio.to_thread(_cli, *_report(coordinator))
+            return result, service.ledger.size
+
+    result, size = asyncio.run(scenario())
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["index"] == 1 and size == 2
