@@ -31,21 +31,28 @@ class BrokerSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=1883, ge=1, le=65535)
-    tls: bool = False
-    ca_file: Path | None = None
-    username: str = "coordinator"
-    # The coordinator's own broker password lives in this 0600 file (written by `broker-config`).
-    password_file: Path | None = None
+    host: str = Field(default="127.0.0.1", description="broker host the coordinator connects to")
+    port: int = Field(default=1883, ge=1, le=65535, description="broker port the coordinator connects to")
+    tls: bool = Field(default=False, description="connect with TLS (required outside the embedded demo)")
+    ca_file: Path | None = Field(default=None, description="CA certificate that signed the broker's certificate")
+    username: str = Field(default="coordinator", description="the coordinator's broker login")
+    password_file: Path | None = Field(
+        default=None, description="0600 file with the coordinator's broker password (written by `broker-config`)"
+    )
     public_host: str | None = Field(default=None, description="host devices connect to; defaults to `host`")
-    public_port: int | None = Field(default=None, ge=1, le=65535)
-    # After an enrolment rewrites the password file, SIGHUP the broker named by this pid file so it rereads it.
-    pid_file: Path | None = None
-    client_id: str = "midgate-coordinator"
-    # MQTT 5 by default; 3.1.1 for brokers without it (e.g. an embedded amqtt), with a persistent clean_session=0.
-    mqtt5: bool = True
-    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    public_port: int | None = Field(
+        default=None, ge=1, le=65535, description="port devices connect to; defaults to `port`"
+    )
+    pid_file: Path | None = Field(
+        default=None, description="broker pid file: SIGHUP after an enrolment rewrites the password file"
+    )
+    client_id: str = Field(
+        default="midgate-coordinator", description="MQTT client id of the coordinator's persistent session"
+    )
+    mqtt5: bool = Field(
+        default=True, description="MQTT 5; false for 3.1.1-only brokers (persistent session with clean_session=0)"
+    )
+    keepalive_s: int = Field(default=30, ge=5, le=3600, description="MQTT keepalive in seconds")
 
 
 class BrokerConfigSettings(BaseModel):
@@ -53,18 +60,30 @@ class BrokerConfigSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    output_dir: Path = Path("broker")
-    listen_host: str = "0.0.0.0"
-    tls_port: int = Field(default=8883, ge=1, le=65535)
-    # A plain listener on loopback only, for a hub-local bridge or the coordinator on the same host.
-    local_port: int | None = Field(default=1883, ge=1, le=65535)
-    tls_hostnames: list[str] = Field(default_factory=lambda: ["localhost", "127.0.0.1"])
+    output_dir: Path = Field(default=Path("broker"), description="folder for mosquitto.conf, password, ACL, TLS")
+    listen_host: str = Field(default="0.0.0.0", description="address of the TLS listener devices connect to")
+    tls_port: int = Field(default=8883, ge=1, le=65535, description="port of the TLS listener")
+    local_port: int | None = Field(
+        default=1883,
+        ge=1,
+        le=65535,
+        description="plain listener on loopback only (coordinator on the same host, hub bridge); none: off",
+    )
+    tls_hostnames: list[str] = Field(
+        default_factory=lambda: ["localhost", "127.0.0.1"], description="names in the broker's server certificate"
+    )
     # Mosquitto's default of 1000 silently drops QoS 1 messages for a slow or offline subscriber (measured);
     # 200,000 queued reports is days of one device's output and well under a gigabyte.
-    max_queued_messages: int = Field(default=200_000, ge=1000)
-    max_packet_size: int = Field(default=256 * 1024, ge=1024)
-    persistent_client_expiration: str = "30d"
-    autosave_interval_s: int = Field(default=60, ge=1)
+    max_queued_messages: int = Field(
+        default=200_000, ge=1000, description="QoS 1 messages the broker queues per offline client"
+    )
+    max_packet_size: int = Field(default=256 * 1024, ge=1024, description="largest MQTT packet the broker accepts")
+    persistent_client_expiration: str = Field(
+        default="30d", description="how long the broker keeps the session of a device that stays away"
+    )
+    autosave_interval_s: int = Field(
+        default=60, ge=1, description="seconds between broker persistence saves (Mosquitto's default is 30 min)"
+    )
 
 
 class EnrolmentSettings(BaseModel):
@@ -72,11 +91,11 @@ class EnrolmentSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    enabled: bool = True
-    host: str = "127.0.0.1"
-    port: int = Field(default=8480, ge=0, le=65535)
-    invite_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
-    max_body_bytes: int = Field(default=16 * 1024, ge=1024)
+    enabled: bool = Field(default=True, description="serve the enrolment (and buyer) HTTP endpoint")
+    host: str = Field(default="127.0.0.1", description="address of the HTTP endpoint (behind a TLS proxy)")
+    port: int = Field(default=8480, ge=0, le=65535, description="port of the HTTP endpoint; 0 picks a free one")
+    invite_ttl_s: int = Field(default=7 * 24 * 3600, ge=60, description="how long a new invite stays valid")
+    max_body_bytes: int = Field(default=16 * 1024, ge=1024, description="largest enrolment request accepted")
 
 
 class IngestSettings(BaseModel):
@@ -84,15 +103,23 @@ class IngestSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_message_bytes: int = Field(default=64 * 1024, ge=1024)
-    batch_max: int = Field(default=500, ge=1)
-    batch_window_ms: int = Field(default=10, ge=0)
+    max_message_bytes: int = Field(
+        default=64 * 1024, ge=1024, description="larger device messages are refused (too_large) before parsing"
+    )
+    batch_max: int = Field(default=500, ge=1, description="reports per ledger transaction at most")
+    batch_window_ms: int = Field(default=10, ge=0, description="how long a batch waits to fill before it commits")
     # Our own bound on unacknowledged messages in memory; the broker may ignore the Receive Maximum we advertise.
-    queue_max: int = Field(default=4000, ge=10)
-    receive_maximum: int = Field(default=2000, ge=1, le=65535)
+    queue_max: int = Field(
+        default=4000, ge=10, description="unacknowledged messages held in memory at most, whatever the broker sends"
+    )
+    receive_maximum: int = Field(
+        default=2000, ge=1, le=65535, description="MQTT 5 Receive Maximum advertised to the broker"
+    )
     rate_per_s: float = Field(default=50.0, gt=0, description="default per-device sustained reports per second")
     rate_burst: int = Field(default=2000, ge=1, description="default per-device burst (a device back from offline)")
-    heartbeat_offline_s: int = Field(default=180, ge=10)
+    heartbeat_offline_s: int = Field(
+        default=180, ge=10, description="a device without a heartbeat for this long counts as offline"
+    )
     workers: int = Field(
         default=0,
         ge=0,
@@ -160,17 +187,21 @@ class BuyerSettings(BaseModel):
 
 
 class CoordinatorSettings(RoleSettings):
+    """The MID's coordinator: its identity and data folder, broker, enrolment endpoint, ingest, money policy."""
+
     model_config = SettingsConfigDict(env_prefix="MIDGATE_COORDINATOR_", env_nested_delimiter="__", extra="forbid")
 
-    mid: str = Field(default="demo", pattern=_ID_PATTERN)
-    data_dir: Path = Path("coordinator-data")
+    mid: str = Field(default="demo", pattern=_ID_PATTERN, description="the MID's id in topics and its log's origin")
+    data_dir: Path = Field(
+        default=Path("coordinator-data"), description="MID key, registry, ledger; keep it private to the service"
+    )
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     broker_config: BrokerConfigSettings = Field(default_factory=BrokerConfigSettings)
     enrolment: EnrolmentSettings = Field(default_factory=EnrolmentSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     royalties: RoyaltySettings = Field(default_factory=RoyaltySettings)
     buyers: BuyerSettings = Field(default_factory=BuyerSettings)
-    log_json: bool = True
+    log_json: bool = Field(default=True, description="structured JSON logs (false: plain text)")
 
     @property
     def mid_key_file(self) -> Path:
