@@ -24,7 +24,11 @@ RAN_FOR_REAL = (
 )
 
 NOT_YET = (
-    ("MQTT broker", "no Mosquitto is started: envelopes are handed from device to coordinator in memory"),
+    (
+        "MQTT broker",
+        "no Mosquitto is started: envelopes are handed from device to coordinator in memory "
+        "(the MQTT path is built and tested against a real Mosquitto: docs/messaging.md)",
+    ),
     (
         "coordinator ingest service",
         "no ingest service, registry or dedup index runs: the demo calls the same protocol "
@@ -32,10 +36,15 @@ NOT_YET = (
     ),
     (
         "Flower SuperLink / SuperNodes",
-        "rounds run in this process, not on the Flower Deployment Engine (being "
-        "finished now; see docs/federated.md): no gRPC, no node auth, no DP clipping",
+        "rounds run in this process, not on the Flower Deployment Engine (built and tested with real "
+        "processes, docs/federated.md, but not yet started by `coordinator serve` or the agent): "
+        "no gRPC, no node auth, no DP clipping",
     ),
-    ("buyer HTTP API", "the buyer's job, quote and payment are function calls; no HTTP API runs"),
+    (
+        "buyer HTTP API",
+        "the buyer's job, quote and payment are function calls; only revenue reports have an HTTP "
+        "endpoint so far (`midgate buyer report-revenue`)",
+    ),
 )
 
 TLS_NOTE = (
