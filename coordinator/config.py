@@ -186,6 +186,21 @@ class BuyerSettings(BaseModel):
     max_body_bytes: int = Field(default=16 * 1024, ge=1024, description="largest revenue-report request accepted")
 
 
+class FederationSettings(BaseModel):
+    """The MID's Flower SuperLink, run by `serve` (TLS with the MID CA, SuperNode authentication, telemetry off)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(default=False, description="`serve` also runs the MID's Flower SuperLink")
+    host: str = Field(default="127.0.0.1", description="address the SuperLink listens on (SuperNodes and `flwr`)")
+    port: int = Field(default=9093, ge=1, le=65535, description="port of the SuperLink's API")
+    public_host: str | None = Field(default=None, description="host devices' SuperNodes connect to; defaults to `host`")
+    tls_hostnames: list[str] = Field(
+        default_factory=lambda: ["localhost", "127.0.0.1"], description="names in the SuperLink's server certificate"
+    )
+    start_timeout_s: float = Field(default=60.0, gt=0, description="how long `serve` waits for the SuperLink to listen")
+
+
 class CoordinatorSettings(RoleSettings):
     """The MID's coordinator: its identity and data folder, broker, enrolment endpoint, ingest, money policy."""
 
@@ -201,6 +216,7 @@ class CoordinatorSettings(RoleSettings):
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     royalties: RoyaltySettings = Field(default_factory=RoyaltySettings)
     buyers: BuyerSettings = Field(default_factory=BuyerSettings)
+    federation: FederationSettings = Field(default_factory=FederationSettings)
     log_json: bool = Field(default=True, description="structured JSON logs (false: plain text)")
 
     @property
@@ -219,6 +235,11 @@ class CoordinatorSettings(RoleSettings):
     def handoff_key_path(self) -> Path:
         """HMAC key shared by `serve` and its screening workers (0600; copy it to workers on other hosts)."""
         return self.data_dir / "ingest-handoff.key"
+
+    @property
+    def federation_dir(self) -> Path:
+        """The SuperLink's FLWR_HOME and database, and the `flwr` CLI's own FLWR_HOME beside it."""
+        return self.data_dir / "federation"
 
     @property
     def ledger_dir(self) -> Path:

@@ -24,6 +24,7 @@ import uvicorn
 from coordinator.broker.logins import coordinator_password, sync_broker_logins
 from coordinator.buyer.http import RevenueDesk
 from coordinator.config import CoordinatorSettings
+from coordinator.federation.mid_superlink import MidSuperLink
 from coordinator.ingest.dedup import DedupIndex
 from coordinator.ingest.handoff import (
     VerifiedBatch,
@@ -73,6 +74,7 @@ class CoordinatorService:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._http: _QuietServer | None = None
         self._http_task: asyncio.Task[None] | None = None
+        self.superlink: MidSuperLink | None = None
 
     @property
     def password_file(self) -> Path:
@@ -117,6 +119,16 @@ class CoordinatorService:
             filters = coordinator_filters(s.mid) + filters
         self.session = BrokerSession(endpoint, filters, self._deliver, s.ingest.queue_max, s.ingest.receive_maximum)
         self.session.start()
+        if s.federation.enabled:
+            # Before the HTTP endpoint: enrolment registers devices' Flower keys with this SuperLink.
+            self.superlink = MidSuperLink(s)
+            try:
+                await asyncio.to_thread(self.superlink.start)
+            except BaseException:
+                await asyncio.to_thread(self.superlink.stop)
+                await asyncio.to_thread(self.session.stop)
+                raise
+            log.info("superlink started", extra={"address": self.superlink.public_address})
         if s.enrolment.enabled:
             await self._start_http()
         return self
@@ -127,6 +139,8 @@ class CoordinatorService:
         if self._http is not None and self._http_task is not None:
             self._http.should_exit = True
             await self._http_task
+        if self.superlink is not None:
+            await asyncio.to_thread(self.superlink.stop)
         await asyncio.to_thread(self.session.stop)
         self.dedup.close()
         self.registry.close()

@@ -1,0 +1,82 @@
+"""The MID's SuperLink as `serve` runs it: TLS from the MID's CA (the CA devices receive at enrolment), its own
+FLWR_HOME under the data folder, and the `flwr` CLI connection the coordinator uses to register devices' keys."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from coordinator.config import CoordinatorSettings
+from coordinator.federation.superlink import FlowerCli, SuperLinkProcess
+from coordinator.federation.tls import SuperLinkTls
+from coordinator.mid_ca import ensure_mid_ca, issue_server_tls
+
+
+def mid_ca_dir(settings: CoordinatorSettings) -> Path:
+    """Where the MID CA lives: beside the broker's CA certificate when that folder holds the CA key (what
+    `broker-config --tls` writes), else the folder `broker-config` would create it in."""
+    ca_file = settings.broker.ca_file
+    if ca_file is not None and (ca_file.parent / "ca.key").exists():
+        return ca_file.parent
+    return settings.broker_config.output_dir / "tls"
+
+
+def superlink_tls(settings: CoordinatorSettings) -> SuperLinkTls:
+    """The SuperLink's server certificate, issued by the MID CA once and reused across restarts."""
+    ca = ensure_mid_ca(mid_ca_dir(settings), f"midgate CA {settings.mid}")
+    tls_dir = settings.federation_dir / "tls"
+    cert, key = tls_dir / "superlink.pem", tls_dir / "superlink.key"
+    if cert.exists() and key.exists():
+        return SuperLinkTls(ca.cert_path, cert, key)
+    tls_dir.mkdir(parents=True, exist_ok=True)
+    return issue_server_tls(ca, cert, key, settings.federation.tls_hostnames)
+
+
+@dataclass
+class MidSuperLink:
+    """`start()` launches the SuperLink and prepares the `flwr` connection; `stop()` ends the SuperLink's process
+    group. `register_node` is serialised: concurrent `flwr supernode register` calls share one CLI home."""
+
+    settings: CoordinatorSettings
+    process: SuperLinkProcess | None = None
+    cli: FlowerCli | None = None
+    _register_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def public_address(self) -> str:
+        f = self.settings.federation
+        return f"{f.public_host or f.host}:{f.port}"
+
+    @property
+    def ca_pem(self) -> str:
+        if self.process is None:
+            raise RuntimeError("SuperLink not started")
+        return self.process.tls.ca_cert.read_text()
+
+    def start(self) -> None:
+        s = self.settings
+        tls = superlink_tls(s)
+        home = s.federation_dir / "superlink"
+        self.process = SuperLinkProcess(
+            flwr_home=home, tls=tls, port=s.federation.port, host=s.federation.host, log_path=home / "superlink.log"
+        )
+        self.process.start(timeout=s.federation.start_timeout_s)
+        self.cli = FlowerCli(s.federation_dir / "cli", self.process.address, tls.ca_cert)
+        self.cli.write_config()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+    def register_node(self, public_key_openssh: str) -> int:
+        """Register a device's Flower EC public key (OpenSSH text); returns the SuperLink's node id."""
+        if self.cli is None:
+            raise RuntimeError("SuperLink not started")
+        with self._register_lock:
+            key_file = self.settings.federation_dir / "cli" / "register.pub"
+            key_file.write_text(public_key_openssh.strip() + "\n")
+            try:
+                return self.cli.register_node(key_file)
+            finally:
+                key_file.unlink(missing_ok=True)
