@@ -93,22 +93,23 @@ def broker_config(
 ) -> None:
     """Write a complete Mosquitto configuration (TLS listener, password file, ACLs, queue sizing, persistence)."""
     from coordinator.broker.config import write_broker_files
-    from coordinator.broker.logins import coordinator_password
-    from coordinator.broker.passwords import hash_password
+    from coordinator.broker.logins import service_password_hashes
     from coordinator.broker.tls import ensure_broker_tls
     from coordinator.registry.store import Registry
 
     settings = _settings(config)
     out = output_dir or settings.broker_config.output_dir
     tls_files = ensure_broker_tls(out / "tls", settings.mid, settings.broker_config.tls_hostnames) if tls else None
-    password_file = settings.broker.password_file or settings.data_dir / "broker-coordinator.password"
     registry = Registry(settings.registry_path)
     try:
         hashes = registry.active_password_hashes()
     finally:
         registry.close()
-    hashes[settings.broker.username] = hash_password(coordinator_password(password_file))
-    files = write_broker_files(out, settings.broker_config, settings.mid, settings.broker.username, hashes, tls_files)
+    hashes.update(service_password_hashes(settings))
+    workers = settings.ingest.worker_ids
+    files = write_broker_files(
+        out, settings.broker_config, settings.mid, settings.broker.username, hashes, tls_files, workers
+    )
     typer.echo(f"wrote {files.config}, {files.acl}, {files.passwords} ({len(hashes)} logins)")
     if tls_files is not None:
         typer.echo(f"MID CA certificate for devices: {tls_files.ca_cert}")
@@ -153,8 +154,7 @@ def revoke(device: str = typer.Argument(...), config: Path | None = ConfigOption
             raise typer.Exit(1)
         passwords = settings.broker_config.output_dir / "passwords"
         if passwords.exists():
-            password_file = settings.broker.password_file or settings.data_dir / "broker-coordinator.password"
-            sync_broker_logins(registry, passwords, settings.broker.username, password_file, settings.broker.pid_file)
+            sync_broker_logins(registry, passwords, settings)
     finally:
         registry.close()
     typer.echo(f"revoked {device}")

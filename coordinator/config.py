@@ -15,9 +15,9 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Self
+from typing import Annotated, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from coordinator.royalties.policy import KnobPolicy, RoyaltyPolicy
@@ -126,6 +126,12 @@ class IngestSettings(BaseModel):
         le=64,
         description="screening workers (`midgate coordinator ingest-worker`); when > 0 `serve` only sequences what "
         "they hand over and no longer subscribes to the device topics itself",
+    )
+    worker_ids: list[Annotated[str, StringConstraints(pattern=_ID_PATTERN)]] = Field(
+        default_factory=list,
+        max_length=64,
+        description="screening worker ids that `broker-config` gives their own broker login `ingest.{id}` "
+        "(password in data_dir/broker-worker-{id}.password) with an ACL limited to what a worker needs",
     )
     share_group: str = Field(default="ingest", pattern=_ID_PATTERN, description="MQTT 5 shared-subscription group")
     handoff_timeout_s: float = Field(

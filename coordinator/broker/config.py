@@ -8,12 +8,13 @@ broker auth never replaces signature checks): a device, whose broker username is
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.broker.tls import BrokerTlsFiles
 from coordinator.config import BrokerConfigSettings
+from protocol.topics import check_id
 
 
 @dataclass(frozen=True)
@@ -25,9 +26,20 @@ class BrokerFiles:
     log: Path
 
 
-def render_acl(mid: str, coordinator_user: str) -> str:
-    """The ACL file: the coordinator reads every device's `up` and writes `down`, checkpoints and broadcasts."""
+def render_acl(mid: str, coordinator_user: str, worker_ids: Sequence[str] = ()) -> str:
+    """The ACL file: the coordinator reads every device's `up` and writes `down`, checkpoints and broadcasts; each
+    screening worker reads the device `up` topics (through its shared subscription), writes only its own hand-off
+    topic and reads only its own commit notices."""
     base = f"mid/{mid}"
+    workers: list[str] = []
+    for worker_id in worker_ids:
+        workers += [
+            f"user ingest.{check_id(worker_id, 'worker')}",
+            f"topic read {base}/dev/+/up/#",
+            f"topic write {base}/ingest/verified/{worker_id}",
+            f"topic read {base}/ingest/committed/{worker_id}",
+            "",
+        ]
     return "\n".join(
         [
             "# Written by `midgate coordinator broker-config`; regenerate rather than edit.",
@@ -36,10 +48,12 @@ def render_acl(mid: str, coordinator_user: str) -> str:
             f"topic write {base}/dev/+/down/#",
             f"topic readwrite {base}/ledger/checkpoint",
             f"topic write {base}/broadcast/#",
-            "# Screening workers log in as the coordinator: the hand-off topics belong to that login alone, so no",
-            "# device can slip an envelope past verification (each hand-off also carries an HMAC tag).",
+            "# The sequencer reads every worker's hand-offs and writes their commit notices; no device can slip an",
+            "# envelope past verification (each hand-off also carries an HMAC tag).",
             f"topic readwrite {base}/ingest/#",
             "",
+            "# Screening workers (ingest.worker_ids), one login each: `user` blocks end at the next `user` line.",
+            *workers,
             "# Every device: its broker username is its device id (%u); mosquitto refuses %u values with / + #.",
             f"pattern write {base}/dev/%u/up/#",
             f"pattern read {base}/dev/%u/down/#",
@@ -107,6 +121,7 @@ def write_broker_files(
     coordinator_user: str,
     password_hashes: Mapping[str, str],
     tls: BrokerTlsFiles | None,
+    worker_ids: Sequence[str] = (),
 ) -> BrokerFiles:
     """Write mosquitto.conf, the ACL and the password file into `directory` (password file 0600)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -118,7 +133,7 @@ def write_broker_files(
         log=directory / "mosquitto.log",
     )
     files.persistence_dir.mkdir(exist_ok=True)
-    files.acl.write_text(render_acl(mid, coordinator_user))
+    files.acl.write_text(render_acl(mid, coordinator_user, worker_ids))
     write_password_file(files.passwords, password_hashes)
     files.config.write_text(render_mosquitto_conf(settings, files, tls))
     return files

@@ -1,4 +1,11 @@
-"""Keeping the broker's password file in step with the registry, and telling Mosquitto to reread it."""
+"""Keeping the broker's password file in step with the registry, and telling Mosquitto to reread it.
+
+Besides the devices (username = device id), the broker knows the MID's own services: the coordinator (`serve`) and
+each screening worker listed in `ingest.worker_ids`, whose username is `ingest.{worker id}`. A device id never
+contains a dot, so no device can be given a worker's username, and a worker's ACL (coordinator/broker/config.py)
+is far narrower than the coordinator's: a stolen worker password cannot write commit notices or another worker's
+hand-offs.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +16,15 @@ from pathlib import Path
 
 from coordinator.broker.config import write_password_file
 from coordinator.broker.passwords import hash_password, new_password
+from coordinator.config import CoordinatorSettings
 from coordinator.registry.store import Registry
+from protocol.topics import check_id
 
 log = logging.getLogger("midgate.broker")
 
 
 def coordinator_password(path: Path) -> str:
-    """The coordinator's own broker password, created (0600) on first use."""
+    """A service's own broker password, created (0600) on first use."""
     if path.exists():
         return path.read_text().strip()
     password = new_password()
@@ -28,20 +37,36 @@ def coordinator_password(path: Path) -> str:
     return password
 
 
-def sync_broker_logins(
-    registry: Registry,
-    passwords_file: Path,
-    coordinator_user: str,
-    coordinator_password_file: Path,
-    pid_file: Path | None,
-) -> int:
-    """Rewrite the password file from the registry (revoked devices lose their login) and SIGHUP the broker.
+def coordinator_password_path(settings: CoordinatorSettings) -> Path:
+    return settings.broker.password_file or settings.data_dir / "broker-coordinator.password"
 
-    Returns the number of logins written.
-    """
+
+def worker_username(worker_id: str) -> str:
+    return f"ingest.{check_id(worker_id, 'worker')}"
+
+
+def worker_password_path(settings: CoordinatorSettings, worker_id: str) -> Path:
+    """0600, created by `broker-config` or the worker's first start; copy it with the hand-off key to a worker host."""
+    return settings.data_dir / f"broker-worker-{check_id(worker_id, 'worker')}.password"
+
+
+def service_password_hashes(settings: CoordinatorSettings) -> dict[str, str]:
+    """Hashed logins of the coordinator and of every configured screening worker (passwords created if missing)."""
+    hashes = {settings.broker.username: hash_password(coordinator_password(coordinator_password_path(settings)))}
+    for worker_id in settings.ingest.worker_ids:
+        hashes[worker_username(worker_id)] = hash_password(
+            coordinator_password(worker_password_path(settings, worker_id))
+        )
+    return hashes
+
+
+def sync_broker_logins(registry: Registry, passwords_file: Path, settings: CoordinatorSettings) -> int:
+    """Rewrite the password file from the registry (revoked devices lose their login) plus the service logins, and
+    SIGHUP the broker. Returns the number of logins written."""
     hashes = registry.active_password_hashes()
-    hashes[coordinator_user] = hash_password(coordinator_password(coordinator_password_file))
+    hashes.update(service_password_hashes(settings))
     write_password_file(passwords_file, hashes)
+    pid_file = settings.broker.pid_file
     if pid_file is not None and pid_file.exists():
         try:
             os.kill(int(pid_file.read_text().strip()), signal.SIGHUP)

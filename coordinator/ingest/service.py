@@ -190,13 +190,7 @@ class CoordinatorService:
     def sync_broker_logins(self) -> None:
         passwords = self.settings.broker_config.output_dir / "passwords"
         if passwords.exists():
-            sync_broker_logins(
-                self.registry,
-                passwords,
-                self.settings.broker.username,
-                self.password_file,
-                self.settings.broker.pid_file,
-            )
+            sync_broker_logins(self.registry, passwords, self.settings)
 
     def _deliver(self, message: InboundMessage) -> None:
         """Called on paho's thread. One loop wake-up per burst rather than per message (a measured per-report cost):

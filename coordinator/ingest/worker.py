@@ -19,7 +19,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from coordinator.broker.logins import coordinator_password
+from coordinator.broker.logins import coordinator_password, worker_password_path, worker_username
 from coordinator.config import CoordinatorSettings
 from coordinator.ingest.handoff import (
     HANDOFF_TARGET_BYTES,
@@ -83,12 +83,13 @@ class ScreeningWorker:
             s.mid, self.registry, s.ingest.max_message_bytes, s.ingest.rate_per_s, s.ingest.rate_burst
         )
         await asyncio.to_thread(self.screener.refresh_registry)
-        password_file = s.broker.password_file or s.data_dir / "broker-coordinator.password"
+        # Its own login (coordinator/broker/logins.py), not the coordinator's: the broker ACL then lets it write only
+        # its own hand-off topic and read only its own commit notices.
         endpoint = BrokerEndpoint(
             host=s.broker.host,
             port=s.broker.port,
-            username=s.broker.username,
-            password=coordinator_password(password_file),
+            username=worker_username(self.worker_id),
+            password=coordinator_password(worker_password_path(s, self.worker_id)),
             client_id=f"{s.broker.client_id}-worker-{self.worker_id}",
             ca_file=str(s.broker.ca_file) if s.broker.tls and s.broker.ca_file else None,
             keepalive_s=s.broker.keepalive_s,
