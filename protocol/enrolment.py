@@ -99,6 +99,8 @@ class EnrolmentGrant(BaseModel):
     response: Annotated[str, StringConstraints(max_length=32 * 1024)]
     receipt: Annotated[str, StringConstraints(max_length=32 * 1024)]
     broker: BrokerCredentials
+    superlink_ca_pem: Annotated[str, StringConstraints(max_length=16 * 1024)] = ""
+    """The CA the SuperLink's certificate chains to (the MID CA); empty when the MID runs no SuperLink."""
 
 
 class EnrolmentRefusal(BaseModel):

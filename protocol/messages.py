@@ -84,6 +84,7 @@ Measurement = Annotated[float, Field(allow_inf_nan=False, ge=0.0, le=1e12)]
 VerifierKeyText = Annotated[str, StringConstraints(min_length=1, max_length=512)]
 Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
 ShortText = Annotated[str, StringConstraints(max_length=256)]
+FlowerPublicKey = Annotated[str, StringConstraints(pattern=r"^(ecdsa-sha2-nistp256 [A-Za-z0-9+/]{100,200}={0,2})?$")]
 
 
 class WireMessage(BaseModel):
@@ -123,6 +124,9 @@ class EnrolmentRequest(WireMessage):
     seq: U64
     device_time_ms: TimeMs
     agent_version: ShortText = ""
+    flower_key: FlowerPublicKey = ""
+    """OpenSSH text of the device's Flower SuperNode key (P-256); the coordinator registers it with its SuperLink.
+    Empty: the device does not take part in federated training."""
 
 
 class DpParams(BaseModel):
@@ -244,6 +248,10 @@ class EnrolmentResponse(WireMessage):
     """C2SP verifier key text of the MID key that signs checkpoints, receipts and everything else sent down."""
     request_seq: U64
     issued_ms: TimeMs
+    flower_node_id: U64 = 0
+    """The SuperLink's node id for the request's `flower_key`; 0 when none was registered."""
+    superlink: ShortText = ""
+    """host:port of the MID's SuperLink the device's SuperNode connects to (TLS, MID CA); empty without one."""
 
 
 class Receipt(WireMessage):

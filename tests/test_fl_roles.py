@@ -1,19 +1,42 @@
 """The Flower Deployment Engine inside midgate's roles: `midgate coordinator serve` with `[federation] enabled`
 runs the MID's SuperLink (TLS from the MID CA, SuperNode authentication, no runtime dependency installation,
-telemetry off, FLWR_HOME under data_dir) and stops it with itself."""
+telemetry off, FLWR_HOME under data_dir) and stops it with itself; enrolment registers each device's Flower key with
+it and stores node id <-> device <-> member."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
+import stat
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-from mqtt_fixtures import MosquittoProcess, ServiceProcess, coordinator_toml, free_port, http_ready, wait_until
+from mqtt_fixtures import (
+    MosquittoProcess,
+    ServiceProcess,
+    agent_toml,
+    coordinator_toml,
+    free_port,
+    http_ready,
+    wait_until,
+)
 
-from coordinator.federation.superlink import FlowerCli, kill_pids
+from coordinator.config import CoordinatorSettings
+from coordinator.federation.superlink import CONNECTION, FlowerCli, kill_pids
+from coordinator.registry.store import Registry
+from edge.agent.config import AgentSettings
+from edge.agent.enrolment import enrol
+from edge.agent.membership import MembershipRecord
 from edge.federated.supernode import generate_node_key
+from protocol.errors import Reason
+from protocol.identity import SignerKey
+from protocol.messages import EnrolmentRequest
 
 pytest_plugins = ["mqtt_fixtures"]
 
@@ -83,3 +106,93 @@ def test_serve_runs_the_superlink_with_mid_ca_and_auth_and_stops_it(
     serve.stop()
     assert serve.proc.returncode == 0, serve.log_text()
     assert not [pid for pid in link_pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+
+
+def _invite(data_dir: Path, member: str) -> str:
+    from coordinator.registry.enrolment import issue_invite, load_or_create_mid_key
+    from coordinator.registry.store import Registry
+
+    key = load_or_create_mid_key(data_dir / "mid.key", MID)
+    registry = Registry(data_dir / "registry.sqlite")
+    try:
+        return issue_invite(registry, key, MID, member, time.time_ns() // 1_000_000, 3600)
+    finally:
+        registry.close()
+
+
+def _enrol(tmp_path: Path, name: str, http_port: int, token: str) -> tuple[AgentSettings, MembershipRecord]:
+    settings_file = tmp_path / f"agent-{name}.toml"
+    settings_file.write_text(agent_toml(tmp_path / f"agent-{name}"))
+    settings = AgentSettings.load(settings_file)
+    return settings, enrol(settings, f"http://127.0.0.1:{http_port}", token)
+
+
+def _http_port(data_dir: Path) -> int:
+    return CoordinatorSettings.load(data_dir.parent / "coordinator.toml").enrolment.port
+
+
+@pytest.mark.slow
+def test_enrolment_registers_the_flower_key_and_stores_node_device_member(
+    serve_with_superlink: tuple[ServiceProcess, Path, int], tmp_path: Path
+) -> None:
+    _, data_dir, link_port = serve_with_superlink
+    http_port = _http_port(data_dir)
+    enrolled = {name: _enrol(tmp_path, name, http_port, _invite(data_dir, name)) for name in ("ann", "bob")}
+    node_ids = {name: record.flower_node_id for name, (_, record) in enrolled.items()}
+    assert all(node_ids.values()) and len(set(node_ids.values())) == 2
+
+    registry = Registry(data_dir / "registry.sqlite")
+    try:
+        for name, (settings, record) in enrolled.items():
+            assert record.superlink == f"127.0.0.1:{link_port}"
+            assert "BEGIN CERTIFICATE" in record.superlink_ca_pem
+            membership = settings.membership_dir(MID)
+            private = membership / "flower" / "supernode"
+            assert stat.S_IMODE(private.stat().st_mode) == 0o600
+            node = registry.flower_node_by_id(record.flower_node_id)
+            assert node is not None
+            assert (node.device_id, node.member_id) == (record.device, name)
+            assert node.public_key == (membership / "flower" / "supernode.pub").read_text().strip()
+            assert (membership / "superlink-ca.pem").read_text() == record.superlink_ca_pem
+    finally:
+        registry.close()
+
+    # The SuperLink itself knows both keys under those node ids.
+    cli = FlowerCli(tmp_path / "flwr-cli", f"127.0.0.1:{link_port}", data_dir / "broker" / "tls" / "ca.crt")
+    cli.write_config()
+    listed = cli._run("supernode", "list", CONNECTION, "--format", "json")
+    for node_id in node_ids.values():
+        assert str(node_id) in listed
+
+
+@pytest.mark.slow
+def test_enrolment_with_a_bad_flower_key_is_refused_and_leaves_the_invite_unused(
+    serve_with_superlink: tuple[ServiceProcess, Path, int], tmp_path: Path
+) -> None:
+    _, data_dir, _ = serve_with_superlink
+    http_port = _http_port(data_dir)
+    token = _invite(data_dir, "cat")
+    key = SignerKey.generate("d-0123456789abcdef")
+    # Right prefix and length, but not a P-256 point: refused before the invite is used.
+    bogus = "ecdsa-sha2-nistp256 " + base64.b64encode(b"\x00" * 104).decode()
+    request = EnrolmentRequest(
+        mid=MID,
+        device=key.name,
+        device_key=key.verifier.text(),
+        invite_token=token,
+        seq=0,
+        device_time_ms=time.time_ns() // 1_000_000,
+        flower_key=bogus,
+    ).seal(key)
+    req = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/enrol", data=request, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(req, timeout=30)
+    assert json.loads(refused.value.read())["reason"] == Reason.BAD_KEY
+
+    registry = Registry(data_dir / "registry.sqlite")
+    try:
+        assert registry.device(key.name) is None
+    finally:
+        registry.close()
+    _, record = _enrol(tmp_path, "cat", http_port, token)
+    assert record.member == "cat" and record.flower_node_id != 0

@@ -156,6 +156,7 @@ class CoordinatorService:
             self._credentials,
             self._enrolled,
             s.enrolment.max_body_bytes,
+            self.superlink,
         )
         revenue = RevenueDesk(s.mid, s.royalties.currency, s.buyers.keys, self.ledger, s.buyers.max_body_bytes)
         app = build_app(enroller, self.ledger, self.metrics.registry, self._count_refusal, revenue)

@@ -7,7 +7,8 @@ not expired -> the registry redeems the invite exactly once and registers the de
 crash before the append is repaired by `recover` at the next start) -> the grant carries the signed response, the
 leaf's receipt and the credentials. The same signed request sent again (the agent lost the answer) gets the same
 device and leaf with a fresh broker password. The broker learns the new login through `on_enrolled` (password
-file + reload).
+file + reload). A request with a `flower_key` (checked to be a P-256 OpenSSH key before anything is written) also
+registers that key with the MID's SuperLink once per device; the node id is stored with the device and returned.
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ import base64
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from coordinator.broker.passwords import hash_password, new_password
 from coordinator.ingest.dedup import envelope_digest
@@ -24,9 +30,31 @@ from coordinator.registry.ledger_records import log_enrolments
 from coordinator.registry.store import Device, Registry
 from protocol.checkpoint import Receipt as TlogProof
 from protocol.enrolment import BrokerCredentials, EnrolmentGrant, InviteClaim, open_invite, sign_invite
-from protocol.errors import InviteInvalidError, InviteUsedError, TooLargeError
+from protocol.errors import BadKeyError, InviteInvalidError, InviteUsedError, TooLargeError
 from protocol.identity import SignerKey, VerifierKey, load_signer_key, save_signer_key
 from protocol.messages import EnrolmentResponse, Receipt, open_enrolment_request
+
+
+class FlowerRegistrar(Protocol):
+    """The MID's SuperLink as enrolment sees it (coordinator.federation.mid_superlink.MidSuperLink)."""
+
+    @property
+    def public_address(self) -> str: ...
+
+    @property
+    def ca_pem(self) -> str: ...
+
+    def register_node(self, public_key_openssh: str) -> int: ...
+
+
+def check_flower_key(text: str) -> None:
+    """Flower's SuperNode authentication takes P-256 keys; anything else is refused before the invite is used."""
+    try:
+        key = serialization.load_ssh_public_key(text.encode())
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise BadKeyError("flower_key is not an OpenSSH public key") from exc
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise BadKeyError("flower_key is not a P-256 key")
 
 
 def mid_key_name(mid: str) -> str:
@@ -64,8 +92,10 @@ class Enroller:
         broker: Callable[[str, str], BrokerCredentials],
         on_enrolled: Callable[[Device], None],
         max_body_bytes: int,
+        federation: FlowerRegistrar | None = None,
     ) -> None:
         self.mid = mid
+        self.federation = federation
         self.registry = registry
         self.ledger = ledger
         self.mid_key = mid_key
@@ -90,6 +120,8 @@ class Enroller:
         if request.mid != self.mid:
             raise InviteInvalidError("request names another MID", expected=self.mid, found=request.mid)
         claim: InviteClaim = open_invite(request.invite_token, self.mid, self.mid_verifier, now_ms)
+        if request.flower_key:
+            check_flower_key(request.flower_key)
         password = new_password()
         with self._lock:
             try:
@@ -107,6 +139,7 @@ class Enroller:
                 assert index is not None
             size = self.ledger.size
             proof = TlogProof(index, tuple(self.ledger.inclusion_proof(index, size)), self.ledger.checkpoint(size))
+            node_id = self._flower_node(device, request.flower_key, now_ms)
         self._on_enrolled(device)
         response = EnrolmentResponse(
             mid=self.mid,
@@ -116,6 +149,8 @@ class Enroller:
             mid_key=self.mid_verifier.text(),
             request_seq=request.seq,
             issued_ms=now_ms,
+            flower_node_id=node_id,
+            superlink=self.federation.public_address if node_id and self.federation else "",
         ).seal(self.mid_key)
         receipt = Receipt(
             device_key_id=verified.key_id,
@@ -129,7 +164,20 @@ class Enroller:
             response=base64.b64encode(response).decode(),
             receipt=base64.b64encode(receipt).decode(),
             broker=self._broker(device.device_id, password),
+            superlink_ca_pem=self.federation.ca_pem if node_id and self.federation else "",
         )
+
+    def _flower_node(self, device: Device, flower_key: str, now_ms: int) -> int:
+        """The device's SuperLink node id, registering its key the first time (a resent request finds it stored).
+        A registration that fails leaves the enrolment answered with an error; the agent's resent request retries."""
+        if not flower_key or self.federation is None:
+            return 0
+        known = self.registry.flower_node(device.device_id)
+        if known is not None:
+            return known.node_id
+        node_id = self.federation.register_node(flower_key)
+        self.registry.add_flower_node(device.device_id, node_id, flower_key, now_ms)
+        return node_id
 
     def _same_request_again(self, invite_id: str, body: bytes, password_hash: str) -> Device:
         """An agent whose grant was lost (crash, timeout) sends the very same signed request again: answer it again

@@ -52,6 +52,13 @@ CREATE TABLE IF NOT EXISTS ledger_records (
     leaf_index INTEGER,
     PRIMARY KEY (device_id, kind)
 );
+-- A device's Flower SuperNode key as registered with the MID's SuperLink: node_id <-> device <-> member.
+CREATE TABLE IF NOT EXISTS flower_nodes (
+    device_id TEXT PRIMARY KEY REFERENCES devices(device_id),
+    node_id INTEGER NOT NULL UNIQUE,
+    public_key TEXT NOT NULL UNIQUE,
+    registered_ms INTEGER NOT NULL
+);
 """
 
 
@@ -237,6 +244,27 @@ class Registry:
     def devices(self) -> list[Device]:
         return [_device(row) for row in self._db.execute(_DEVICE_SELECT + " ORDER BY device_id")]
 
+    def add_flower_node(self, device_id: str, node_id: int, public_key: str, now_ms: int) -> None:
+        """Remember the SuperLink node id registered for `device_id`'s Flower key (one per device)."""
+        with self._write() as db:
+            try:
+                # SQLite integers are signed 64-bit; Flower node ids are unsigned 64-bit.
+                db.execute(
+                    "INSERT INTO flower_nodes VALUES (?, ?, ?, ?)",
+                    (device_id, node_id - (1 << 64) if node_id >= 1 << 63 else node_id, public_key, now_ms),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise MalformedError("device, node id or Flower key already registered", device_id=device_id) from exc
+
+    def flower_node(self, device_id: str) -> FlowerNode | None:
+        row = self._db.execute(_NODE_SELECT + " WHERE f.device_id = ?", (device_id,)).fetchone()
+        return _flower_node(row) if row else None
+
+    def flower_node_by_id(self, node_id: int) -> FlowerNode | None:
+        signed = node_id - (1 << 64) if node_id >= 1 << 63 else node_id
+        row = self._db.execute(_NODE_SELECT + " WHERE f.node_id = ?", (signed,)).fetchone()
+        return _flower_node(row) if row else None
+
     def active_password_hashes(self) -> dict[str, str]:
         """Broker logins of every device that is not revoked."""
         rows = self._db.execute("SELECT device_id, broker_password_hash FROM devices WHERE revoked_ms IS NULL")
@@ -252,3 +280,23 @@ _DEVICE_SELECT = (
 def _device(row: tuple[str, str, str, str, int, int | None, float | None, int | None]) -> Device:
     device_id, member_id, vkey, hashed, enrolled_ms, revoked_ms, rate, burst = row
     return Device(device_id, member_id, VerifierKey.parse(vkey), hashed, enrolled_ms, revoked_ms, rate, burst)
+
+
+@dataclass(frozen=True)
+class FlowerNode:
+    node_id: int
+    device_id: str
+    member_id: str
+    public_key: str
+    registered_ms: int
+
+
+_NODE_SELECT = (
+    "SELECT f.node_id, f.device_id, d.member_id, f.public_key, f.registered_ms"
+    " FROM flower_nodes f JOIN devices d USING (device_id)"
+)
+
+
+def _flower_node(row: tuple[int, str, str, str, int]) -> FlowerNode:
+    node_id, device_id, member_id, public_key, registered_ms = row
+    return FlowerNode(node_id % (1 << 64), device_id, member_id, public_key, registered_ms)

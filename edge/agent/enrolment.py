@@ -7,6 +7,9 @@
 3. Check the grant: the response is signed by the MID key and names this device; the enrol receipt's inclusion proof
    verifies for the exact request we sent. Only then are the credentials and CA written (0600). The key and the
    signed request are written (0600) before the POST, so a retry after a lost answer sends the same request.
+
+The request also carries the public half of a fresh P-256 Flower SuperNode key for this MID (edge.federated.supernode,
+private key 0600 in the membership folder); the MID registers it with its SuperLink and answers with the node id.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from pathlib import Path
 
 from edge.agent.config import AgentSettings
 from edge.agent.ledger_view import LedgerView
-from edge.agent.membership import MembershipRecord, save_membership
+from edge.agent.membership import FLOWER_KEY_DIR, MembershipRecord, save_membership
 from edge.agent.outbox import Outbox
+from edge.federated.supernode import generate_node_key
 from protocol.enrolment import EnrolmentGrant, EnrolmentRefusal, open_invite
 from protocol.envelope import decode, open_envelope
 from protocol.errors import (
@@ -115,6 +119,9 @@ def enrol(settings: AgentSettings, url: str, token: str, now_ms: int | None = No
         enrolment_url=base,
         broker=grant.broker,
         enrolled_ms=now_ms,
+        flower_node_id=response.flower_node_id,
+        superlink=response.superlink,
+        superlink_ca_pem=grant.superlink_ca_pem,
     )
     outbox = Outbox(directory / "outbox.sqlite", settings.outbox_max_bytes)
     try:
@@ -146,6 +153,7 @@ def pending_enrolment_request(directory: Path, mid: str, token: str, now_ms: int
             return key, envelope
     device = "d-" + secrets.token_hex(8)
     key = SignerKey.generate(device)
+    flower_key = generate_node_key(directory / FLOWER_KEY_DIR).public_key.read_text().strip()
     request = EnrolmentRequest(
         mid=mid,
         device=device,
@@ -154,6 +162,7 @@ def pending_enrolment_request(directory: Path, mid: str, token: str, now_ms: int
         seq=0,
         device_time_ms=now_ms,
         agent_version=AGENT_VERSION,
+        flower_key=flower_key,
     )
     envelope = request.seal(key)
     directory.mkdir(parents=True, exist_ok=True)

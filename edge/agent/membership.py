@@ -4,6 +4,8 @@
 {data_dir}/mids/{mid}/membership.json  MID key, device id, enrolment URL, broker credentials (0600: a password)
 {data_dir}/mids/{mid}/ca.pem           the MID's CA certificate, when its broker uses TLS
 {data_dir}/mids/{mid}/outbox.sqlite    the outbox (edge.agent.outbox)
+{data_dir}/mids/{mid}/flower/          the device's Flower SuperNode key pair for this MID (private key 0600)
+{data_dir}/mids/{mid}/superlink-ca.pem the CA of the MID's SuperLink, when the MID registered the Flower key
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from protocol.identity import SignerKey, VerifierKey, load_signer_key
 from protocol.topics import check_id
 
 MAX_MEMBERSHIP_FILE = 64 * 1024
+FLOWER_KEY_DIR = "flower"
 
 
 class MembershipRecord(BaseModel):
@@ -31,6 +34,10 @@ class MembershipRecord(BaseModel):
     enrolment_url: str
     broker: BrokerCredentials
     enrolled_ms: int
+    flower_node_id: int = 0
+    """The SuperLink's node id for this device's Flower key; 0: the MID runs no SuperLink."""
+    superlink: str = ""
+    superlink_ca_pem: str = ""
 
 
 class Membership:
@@ -56,6 +63,15 @@ class Membership:
         return path if self.record.broker.tls else None
 
     @property
+    def flower_key_dir(self) -> Path:
+        return self.directory / FLOWER_KEY_DIR
+
+    @property
+    def superlink_ca_file(self) -> Path | None:
+        path = self.directory / "superlink-ca.pem"
+        return path if self.record.flower_node_id else None
+
+    @property
     def outbox_path(self) -> Path:
         return self.directory / "outbox.sqlite"
 
@@ -65,6 +81,8 @@ def save_membership(directory: Path, record: MembershipRecord) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     if record.broker.tls:
         (directory / "ca.pem").write_text(record.broker.ca_pem)
+    if record.flower_node_id:
+        (directory / "superlink-ca.pem").write_text(record.superlink_ca_pem)
     tmp = directory / "membership.json.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
