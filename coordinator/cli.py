@@ -67,6 +67,8 @@ def serve(config: Path | None = ConfigOption) -> None:
 def ingest_worker(
     config: Path | None = ConfigOption,
     worker_id: str = typer.Option(..., "--worker-id", help="unique per worker ([a-z0-9-]); names its broker session"),
+    metrics_port: int | None = typer.Option(None, help="serve Prometheus /metrics on this port (0: any free port)"),
+    metrics_host: str = typer.Option("127.0.0.1", help="address of the metrics endpoint"),
 ) -> None:
     """Run one screening worker: MQTT 5 shared subscription -> verify -> authenticated hand-off to `serve`."""
     from coordinator.ingest.service import JsonLogFormatter
@@ -80,9 +82,9 @@ def ingest_worker(
     try:
         import uvloop
 
-        uvloop.run(run_worker(settings, worker_id))
+        uvloop.run(run_worker(settings, worker_id, metrics_port, metrics_host))
     except ImportError:
-        asyncio.run(run_worker(settings, worker_id))
+        asyncio.run(run_worker(settings, worker_id, metrics_port, metrics_host))
 
 
 @app.command("broker-config")

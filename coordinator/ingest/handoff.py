@@ -21,8 +21,9 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from protocol.errors import BadSignatureError, MalformedError, TooLargeError
@@ -33,6 +34,7 @@ MAX_HANDOFF_BYTES = 1024 * 1024
 """Refused before parsing; workers split their batches well under the broker's 256 KiB packet limit."""
 HANDOFF_TARGET_BYTES = 192 * 1024
 _DOMAIN = b"midgate-ingest-handoff-v1\n"
+_DEVICE_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")  # protocol.topics.check_id's pattern
 
 
 def verified_topic(mid: str, worker: str) -> str:
@@ -85,6 +87,9 @@ class VerifiedBatch:
     batch_id: int
     entries: list[tuple[str, bytes]]
     """(device topic, envelope bytes) as the worker received and verified them."""
+    seen: dict[str, int] = field(default_factory=dict)
+    """device id -> ms when the worker last verified a heartbeat from it: heartbeats are settled by the worker and
+    never handed over, yet the sequencer's devices-online gauge must count those devices."""
 
 
 def seal_verified(key: bytes, mid: str, batch: VerifiedBatch) -> tuple[str, bytes]:
@@ -94,6 +99,7 @@ def seal_verified(key: bytes, mid: str, batch: VerifiedBatch) -> tuple[str, byte
             "w": batch.worker,
             "b": batch.batch_id,
             "e": [[t, base64.b64encode(env).decode("ascii")] for t, env in batch.entries],
+            **({"s": batch.seen} if batch.seen else {}),
         },
         separators=(",", ":"),
     ).encode()
@@ -140,9 +146,14 @@ def open_verified(key: bytes, mid: str, topic: str, payload: bytes) -> VerifiedB
             entries.append((item[0], base64.b64decode(item[1], validate=True)))
         except ValueError as exc:
             raise MalformedError("hand-off envelope is not base64") from exc
+    seen = doc.get("s", {})
+    if not isinstance(seen, dict) or not all(
+        isinstance(d, str) and _DEVICE_ID.fullmatch(d) and type(ms) is int and 0 <= ms < 2**63 for d, ms in seen.items()
+    ):
+        raise MalformedError("hand-off heartbeat summary is not {device id: ms}")
     batch_id = doc["b"]
     assert isinstance(batch_id, int)
-    return VerifiedBatch(worker, batch_id, entries)
+    return VerifiedBatch(worker, batch_id, entries, seen)
 
 
 def open_committed(key: bytes, mid: str, worker: str, topic: str, payload: bytes) -> int:

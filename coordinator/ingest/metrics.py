@@ -38,3 +38,26 @@ class IngestMetrics:
         self.ledger_size = Gauge("midgate_ledger_size", "leaves in the ledger", registry=r)
         self.queue_depth = Gauge("midgate_ingest_queue_depth", "received messages not yet acknowledged", registry=r)
         self.devices_online = Gauge("midgate_devices_online", "devices heard from recently", registry=r)
+
+
+@dataclass
+class WorkerMetrics:
+    """A screening worker's metrics (`ingest-worker --metrics-port`): the screening counters under the same names as
+    `serve`'s (so one dashboard sums them over the fleet; scrape labels tell the workers apart) plus the hand-off."""
+
+    registry: CollectorRegistry = field(default_factory=_registry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.received = Counter("midgate_ingest_received", "MQTT messages received", registry=r)
+        self.rejected = Counter("midgate_ingest_rejected", "messages rejected, by reason code", ["reason"], registry=r)
+        self.heartbeats = Counter("midgate_ingest_heartbeats", "verified heartbeats", registry=r)
+        self.forwarded = Counter("midgate_worker_forwarded", "verified messages handed to the sequencer", registry=r)
+        self.committed = Counter(
+            "midgate_worker_committed", "device messages acknowledged after their commit notice", registry=r
+        )
+        self.redeliveries = Counter(
+            "midgate_worker_redeliveries", "messages given up without a commit notice and redelivered", registry=r
+        )
+        self.awaiting_commit = Gauge("midgate_worker_awaiting_commit", "handed over, no commit notice yet", registry=r)
+        self.queue_depth = Gauge("midgate_ingest_queue_depth", "received messages not yet acknowledged", registry=r)

@@ -306,6 +306,7 @@ class CoordinatorService:
                 self.session.settle(message.token)
                 continue
             handoffs.append((message, handoff))
+            self._note_seen(handoff.seen, time.time_ns() // 1_000_000)
             messages.extend(
                 InboundMessage(topic, envelope, None, message.received_ns, prescreened=True)
                 for topic, envelope in handoff.entries
@@ -325,6 +326,12 @@ class CoordinatorService:
         note = self.ledger.checkpoint()
         size = parse_checkpoint_text(parse_note(note).text).size
         return CheckpointAnnouncement(tree_size=size, checkpoint=note.decode(), issued_ms=now_ms).seal(self.mid_key)
+
+    def _note_seen(self, seen: dict[str, int], now_ms: int) -> None:
+        """Heartbeats a worker verified and settled itself; a clock ahead of ours counts as now, not the future."""
+        last_seen = self.pipeline.last_seen_ms
+        for device, ms in seen.items():
+            last_seen[device] = max(last_seen.get(device, 0), min(ms, now_ms))
 
     def _count_online(self, now_ms: int) -> None:
         horizon = now_ms - self.settings.ingest.heartbeat_offline_s * 1000

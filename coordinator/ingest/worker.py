@@ -30,6 +30,7 @@ from coordinator.ingest.handoff import (
     seal_verified,
     worker_filters,
 )
+from coordinator.ingest.metrics import WorkerMetrics
 from coordinator.ingest.mqtt import BrokerEndpoint, BrokerSession
 from coordinator.ingest.pipeline import InboundMessage, Outcome, Screener, Verdict, screen_one
 from coordinator.registry.store import Registry
@@ -39,6 +40,8 @@ from protocol.topics import check_id
 log = logging.getLogger("midgate.ingest.worker")
 REGISTRY_POLL_S = 1.0
 STATS_EVERY_S = 5.0
+# Heartbeat summaries ride on the next hand-off, or go alone when no report came for this long.
+SEEN_EVERY_S = 1.0
 
 
 @dataclass
@@ -60,10 +63,17 @@ class WorkerCounts:
 class ScreeningWorker:
     """`async with ScreeningWorker(settings, "1") as worker: await worker.run()`; `stop()` ends `run()`."""
 
-    def __init__(self, settings: CoordinatorSettings, worker_id: str) -> None:
+    def __init__(
+        self, settings: CoordinatorSettings, worker_id: str, metrics_port: int | None = None, metrics_host: str = ""
+    ) -> None:
         self.settings = settings
         self.worker_id = check_id(worker_id, "worker")
         self.counts = WorkerCounts()
+        self.metrics = WorkerMetrics()
+        self._metrics_at = (metrics_host or "127.0.0.1", metrics_port)
+        self._metrics_server: object | None = None
+        self._seen: dict[str, int] = {}
+        self._seen_sent = time.monotonic()
         self._stop = asyncio.Event()
         self._inbox: deque[InboundMessage] = deque()
         self._notices: deque[InboundMessage] = deque()
@@ -105,12 +115,21 @@ class ScreeningWorker:
         self.handoff_session = BrokerSession(handoff, (self._notice_topic,), self._deliver, 1000, 1000)
         self.handoff_session.start()
         self.session.start()
+        host, port = self._metrics_at
+        if port is not None:
+            from prometheus_client import start_http_server
+
+            server, _ = start_http_server(port, host, registry=self.metrics.registry)
+            self._metrics_server = server
+            log.info("metrics endpoint", extra={"host": host, "port": server.server_address[1]})
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await asyncio.to_thread(self.session.stop)
         await asyncio.to_thread(self.handoff_session.stop)
         self.registry.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()  # type: ignore[attr-defined]
         self._log_counts("worker stopped")
 
     def _deliver(self, message: InboundMessage) -> None:
@@ -141,6 +160,10 @@ class ScreeningWorker:
                 await self._screen_batch(await self._collect())
             elif not self._notices:
                 await asyncio.to_thread(self.screener.refresh_registry)
+            if self._seen and time.monotonic() - self._seen_sent > SEEN_EVERY_S:
+                self._hand_over([])
+            self.metrics.awaiting_commit.set(sum(len(p.tokens) for p in self._pending.values()))
+            self.metrics.queue_depth.set(len(self._inbox))
             if time.monotonic() - last_stats > STATS_EVERY_S:
                 last_stats = time.monotonic()
                 self._log_counts("worker counts")
@@ -177,6 +200,7 @@ class ScreeningWorker:
             for token in pending.tokens:
                 self.session.settle(token)
             self.counts.committed += len(pending.tokens)
+            self.metrics.committed.inc(len(pending.tokens))
 
     def _expire_pending(self) -> None:
         """No commit notice in time (sequencer down, notice lost): free the slots unacknowledged and reconnect so the
@@ -189,6 +213,7 @@ class ScreeningWorker:
             for token in self._pending.pop(batch_id).tokens:
                 self.session.settle(token, ack=False)
                 self.counts.redeliveries += 1
+                self.metrics.redeliveries.inc()
         log.warning("no commit notice in time; asking the broker to redeliver", extra={"batches": len(stale)})
         self.session.redeliver_unacknowledged()
 
@@ -224,23 +249,38 @@ class ScreeningWorker:
 
     async def _screen_batch(self, batch: list[InboundMessage]) -> None:
         self.counts.received += len(batch)
+        self.metrics.received.inc(len(batch))
         settled, verified = await asyncio.to_thread(self._screen, batch)
         for v in settled:
             self.session.settle(v.message.token)
             if v.outcome is Outcome.HEARTBEAT:
                 self.counts.heartbeats += 1
+                self.metrics.heartbeats.inc()
+                # The screener accepted the signer as owner of this topic: mid/{mid}/dev/{device}/up/{kind}.
+                device = v.message.topic.split("/")[3]
+                self._seen[device] = self.screener.last_seen_ms.get(device, time.time_ns() // 1_000_000)
             else:
                 reason = str(v.reason)
                 self.counts.rejected[reason] = self.counts.rejected.get(reason, 0) + 1
+                self.metrics.rejected.labels(reason=reason).inc()
         for chunk in _by_size(verified, HANDOFF_TARGET_BYTES):
-            batch_id = self._next_batch
-            self._next_batch += 1
-            entries = [(m.topic, m.payload) for m in chunk]
-            handoff = VerifiedBatch(self.worker_id, batch_id, entries)
-            topic, payload = seal_verified(self.key, self.settings.mid, handoff)
+            self._hand_over(chunk)
+
+    def _hand_over(self, chunk: list[InboundMessage]) -> None:
+        """One authenticated hand-off; it carries the heartbeat summary gathered since the last one. A summary-only
+        hand-off (no chunk) awaits no commit notice: nothing of it needs acknowledging to the broker."""
+        batch_id = self._next_batch
+        self._next_batch += 1
+        entries = [(m.topic, m.payload) for m in chunk]
+        handoff = VerifiedBatch(self.worker_id, batch_id, entries, self._seen)
+        self._seen = {}
+        self._seen_sent = time.monotonic()
+        topic, payload = seal_verified(self.key, self.settings.mid, handoff)
+        if chunk:
             self._pending[batch_id] = _Pending([m.token for m in chunk], time.monotonic())
-            self.handoff_session.publish(topic, payload, qos=1)
-            self.counts.forwarded += len(chunk)
+        self.handoff_session.publish(topic, payload, qos=1)
+        self.counts.forwarded += len(chunk)
+        self.metrics.forwarded.inc(len(chunk))
 
 
 def _by_size(messages: list[InboundMessage], target: int) -> list[list[InboundMessage]]:
@@ -257,11 +297,13 @@ def _by_size(messages: list[InboundMessage], target: int) -> list[list[InboundMe
     return chunks
 
 
-async def run_worker(settings: CoordinatorSettings, worker_id: str) -> None:
+async def run_worker(
+    settings: CoordinatorSettings, worker_id: str, metrics_port: int | None = None, metrics_host: str = ""
+) -> None:
     """Run until SIGTERM or SIGINT."""
     import signal
 
-    async with ScreeningWorker(settings, worker_id) as worker:
+    async with ScreeningWorker(settings, worker_id, metrics_port, metrics_host) as worker:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
