@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import secrets
 import stat
 import time
 import urllib.error
@@ -15,6 +16,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import psutil
 import pytest
 from mqtt_fixtures import (
@@ -29,6 +31,7 @@ from mqtt_fixtures import (
 
 from coordinator.config import CoordinatorSettings
 from coordinator.federation.superlink import CONNECTION, FlowerCli, kill_pids
+from coordinator.registry.enrolment import load_or_create_mid_key, mid_key_name
 from coordinator.registry.store import Registry
 from edge.agent.config import AgentSettings
 from edge.agent.enrolment import enrol
@@ -36,7 +39,8 @@ from edge.agent.membership import MembershipRecord
 from edge.federated.supernode import generate_node_key
 from protocol.errors import Reason
 from protocol.identity import SignerKey
-from protocol.messages import EnrolmentRequest
+from protocol.messages import EnrolmentRequest, RoundInvitation
+from protocol.topics import DownKind, down_topic
 
 pytest_plugins = ["mqtt_fixtures"]
 
@@ -196,3 +200,86 @@ def test_enrolment_with_a_bad_flower_key_is_refused_and_leaves_the_invite_unused
         registry.close()
     _, record = _enrol(tmp_path, "cat", http_port, token)
     assert record.member == "cat" and record.flower_node_id != 0
+
+
+def _supernodes(pid: int) -> list[psutil.Process]:
+    with contextlib.suppress(psutil.Error):
+        return [p for p in psutil.Process(pid).children(recursive=True) if "flower-supernode" in " ".join(p.cmdline())]
+    return []
+
+
+def _invitation(key: SignerKey, job_id: str, run_id: int, deadline_s: float) -> bytes:
+    now = time.time_ns() // 1_000_000
+    return RoundInvitation(
+        job_id=job_id,
+        run_id=run_id,
+        round=1,
+        task_id="plaid-appliance",
+        task_version=1,
+        purpose="research",
+        buyer="acme",
+        nonce=secrets.token_hex(16),
+        issued_ms=now,
+        deadline_ms=now + int(deadline_s * 1000),
+    ).seal(key)
+
+
+@pytest.mark.slow
+def test_agent_runs_its_supernode_only_while_invited_to_a_job(
+    serve_with_superlink: tuple[ServiceProcess, Path, int], mosquitto: MosquittoProcess, tmp_path: Path
+) -> None:
+    _, data_dir, link_port = serve_with_superlink
+    settings, record = _enrol(tmp_path, "ann", _http_port(data_dir), _invite(data_dir, "ann"))
+    windows = tmp_path / "windows.npz"  # only read by a ClientApp when a round trains; this test trains nothing
+    windows.write_bytes(b"")
+    config = tmp_path / "agent-ann.toml"
+    config.write_text(agent_toml(tmp_path / "agent-ann", f'training_windows = "{windows}"'))
+    agent = ServiceProcess("agent", ["agent", "run", "--config", str(config)], tmp_path / "agent.log")
+    agent.start()
+    assert agent.proc is not None
+    below: list[int] = []
+    publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-coordinator")
+    try:
+        publisher.connect("127.0.0.1", mosquitto.port)
+        publisher.loop_start()
+        subscribed = f"Received PUBLISH from {record.device}"  # its first heartbeat: connected and subscribed
+        wait_until(lambda: subscribed in mosquitto.log_text() or not agent.alive, 60, "agent subscribed")
+        assert agent.alive
+        assert _supernodes(agent.proc.pid) == []  # between jobs: no Flower process
+        topic = down_topic(MID, record.device, DownKind.INVITE)
+
+        # An invitation not signed by the MID key starts nothing.
+        forged = _invitation(SignerKey.generate(mid_key_name(MID)), "job-x", 1, 60)
+        publisher.publish(topic, forged, qos=1).wait_for_publish(10)
+        wait_until(lambda: "invitation refused" in agent.log_text(), 30, "forged invitation refused")
+        assert _supernodes(agent.proc.pid) == []
+
+        mid_key = load_or_create_mid_key(data_dir / "mid.key", MID)
+        publisher.publish(topic, _invitation(mid_key, "job-1", 7, 25), qos=1).wait_for_publish(10)
+        wait_until(lambda: bool(_supernodes(agent.proc.pid)), 60, "SuperNode started for the job")  # type: ignore[union-attr]
+        node = _supernodes(agent.proc.pid)[0]
+        argv = node.cmdline()
+        below = [node.pid] + [c.pid for c in node.children(recursive=True)]
+        assert argv[argv.index("--superlink") + 1] == f"127.0.0.1:{link_port}"
+        membership = settings.membership_dir(MID)
+        assert argv[argv.index("--auth-supernode-private-key") + 1] == str(membership / "flower" / "supernode")
+        assert argv[argv.index("--root-certificates") + 1] == str(membership / "superlink-ca.pem")
+
+        # The job's deadline passes with no further invitation: the node and everything below it are gone.
+        below += [c.pid for c in node.children(recursive=True) if c.pid not in below]
+        wait_until(lambda: "supernode stopped" in agent.log_text(), 90, "SuperNode stopped after the job")
+        assert _supernodes(agent.proc.pid) == []
+        assert not [pid for pid in below if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+        assert agent.alive
+    except BaseException:
+        print(f"---- agent log ----\n{agent.log_text()[-8000:]}")
+        for log in (tmp_path / "agent-ann").glob("**/supernode.log"):
+            print(f"---- {log} ----\n{log.read_text(errors='replace')[-4000:]}")
+        raise
+    finally:
+        publisher.loop_stop()
+        publisher.disconnect()
+        if agent.proc is not None:
+            below += [p.pid for p in _supernodes(agent.proc.pid)]
+        agent.stop()
+        kill_pids(below, 5.0)

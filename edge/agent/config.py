@@ -30,6 +30,11 @@ class AgentSettings(RoleSettings):
     spool_dir: Path | None = Field(
         default=None, description="where the ClientApp drops contribution records; default data_dir/spool"
     )
+    training_windows: Path | None = Field(
+        default=None,
+        description="window file (edge.sensors.export.export_task_windows) the SuperNode trains on when the MID "
+        "invites it to a job; none: the agent does not join jobs",
+    )
     mqtt_protocol: Literal["auto", "5", "3.1.1"] = Field(
         default="auto", description="MQTT version; auto tries 5 and falls back to 3.1.1"
     )

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from edge.agent.config import AgentSettings
+from edge.agent.job_node import JobNode
 from edge.agent.ledger_view import LedgerView, ProofUnavailableError, http_consistency_fetcher
 from edge.agent.membership import Membership, load_memberships
 from edge.agent.outbox import Outbox, OutboxFullError
@@ -62,6 +63,8 @@ class MembershipRunner:
         self.session: DeviceSession | None = None
         self.receipts_verified = 0
         self.receipts_refused = 0
+        self.job_node = JobNode(membership, settings.spool_root / membership.mid, settings.training_windows)
+        self._job_tasks: set[asyncio.Task[None]] = set()
 
     async def _in_db(self, fn: Callable[..., T], *args: object) -> T:
         assert self._loop is not None
@@ -94,6 +97,7 @@ class MembershipRunner:
         self.session.start()
         loops = (self._spool_loop, self._publish_loop, self._receipt_loop, self._heartbeat_loop)
         tasks = [asyncio.create_task(self._supervised(loop, stop)) for loop in loops]
+        tasks.append(asyncio.create_task(self.job_node.run(stop)))
         try:
             await stop.wait()
         finally:
@@ -118,7 +122,15 @@ class MembershipRunner:
 
     def _deliver_threadsafe(self, topic: str, payload: bytes) -> None:
         assert self._loop is not None
+        if topic.endswith("/down/" + DownKind.INVITE.value):
+            self._loop.call_soon_threadsafe(self._invited, payload)
+            return
         self._loop.call_soon_threadsafe(self._inbox.put_nowait, (topic, payload))
+
+    def _invited(self, payload: bytes) -> None:
+        task = asyncio.create_task(self.job_node.invited(payload))
+        self._job_tasks.add(task)
+        task.add_done_callback(self._job_tasks.discard)
 
     def _connected_threadsafe(self) -> None:
         assert self._loop is not None

@@ -1,0 +1,131 @@
+"""The device's SuperNode lives only while the MID runs a job this member takes part in.
+
+A `RoundInvitation` on the device's own `down/invite` topic, signed by the MID key, announces a job round (see
+docs/federated.md). The first invitation of a job starts a SuperNodeSupervisor (edge.federated.supervisor) with the
+device's Flower key from enrolment; later invitations of the same job extend its `deadline_ms`. The node is stopped,
+with everything below it, when the deadline passes without a further invitation (the job ended) or the agent stops.
+Between jobs no Flower process runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge.agent.membership import Membership
+from edge.federated.supernode import NodeKey, SuperNodeProcess
+from edge.federated.supervisor import SuperNodeSupervisor
+from protocol.envelope import decode, open_envelope
+from protocol.errors import InviteExpiredError, MalformedError, ProtocolError
+from protocol.messages import RoundInvitation
+
+log = logging.getLogger("midgate.agent.job")
+
+MAX_INVITATION_BYTES = 8 * 1024
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class _Job:
+    job_id: str
+    run_id: int
+    deadline_ms: int
+    supervisor: SuperNodeSupervisor
+
+
+class JobNode:
+    """Owned by one MembershipRunner; all methods run on the agent's event loop."""
+
+    def __init__(self, membership: Membership, spool_dir: Path, windows: Path | None) -> None:
+        self.membership = membership
+        self.spool_dir = spool_dir
+        self.windows = windows
+        self.job: _Job | None = None
+        self.refused = 0
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()  # invitations arrive as separate tasks; one job change at a time
+
+    def open_invitation(self, payload: bytes, now_ms: int) -> RoundInvitation:
+        """Verify a RoundInvitation: size, MID signature, deadline not passed. Raises a ProtocolError otherwise."""
+        if len(payload) > MAX_INVITATION_BYTES:
+            raise MalformedError("invitation too large", size=len(payload))
+        mid_key = self.membership.mid_key
+        invitation = decode(
+            open_envelope(payload, {mid_key.key_id.hex(): mid_key}, RoundInvitation.PAYLOAD_TYPE), RoundInvitation
+        )
+        if invitation.deadline_ms <= now_ms:
+            raise InviteExpiredError("invitation deadline passed", deadline_ms=invitation.deadline_ms, now_ms=now_ms)
+        return invitation
+
+    def _make_process(self, run_dir: Path) -> SuperNodeProcess:
+        record = self.membership.record
+        ca = self.membership.superlink_ca_file
+        assert ca is not None and self.windows is not None
+        keys = self.membership.flower_key_dir
+        return SuperNodeProcess(
+            flwr_home=run_dir / "flwr",
+            superlink=record.superlink,
+            ca_cert=ca,
+            key=NodeKey(keys / "supernode", keys / "supernode.pub"),
+            data_path=self.windows,
+            spool_dir=self.spool_dir,
+            clientappio_port=_free_port(),
+            log_path=run_dir / "supernode.log",
+        )
+
+    async def invited(self, payload: bytes) -> None:
+        async with self._lock:
+            await self._invited(payload)
+
+    async def _invited(self, payload: bytes) -> None:
+        now_ms = time.time_ns() // 1_000_000
+        try:
+            invitation = self.open_invitation(payload, now_ms)
+        except ProtocolError as exc:
+            self.refused += 1
+            log.warning("invitation refused", extra={"reason": str(exc.reason), "error": str(exc)})
+            return
+        if not self.membership.record.flower_node_id or self.windows is None:
+            log.warning("invited, but this device has no Flower node or no training windows; not joining")
+            return
+        if self.job is not None and self.job.job_id == invitation.job_id:
+            self.job.deadline_ms = max(self.job.deadline_ms, invitation.deadline_ms)
+            return
+        await self.stop()  # a new job replaces an old one: one SuperNode per device
+        run_dir = self.membership.directory / "jobs" / invitation.job_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        supervisor = SuperNodeSupervisor(lambda: self._make_process(run_dir))
+        await supervisor.__aenter__()
+        self.job = _Job(invitation.job_id, invitation.run_id, invitation.deadline_ms, supervisor)
+        log.info("supernode started", extra={"job": invitation.job_id, "run_id": invitation.run_id})
+        self._wake.set()
+
+    async def stop(self) -> None:
+        job, self.job = self.job, None  # taken before awaiting: a concurrent stop finds nothing left to stop
+        if job is not None:
+            await job.supervisor.stop()
+            log.info("supernode stopped", extra={"job": job.job_id})
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Ends the job's SuperNode when its deadline passes; the agent stopping ends it too."""
+        try:
+            while not stop.is_set():
+                if self.job is not None and time.time_ns() // 1_000_000 >= self.job.deadline_ms:
+                    async with self._lock:
+                        if self.job is not None and time.time_ns() // 1_000_000 >= self.job.deadline_ms:
+                            await self.stop()
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 0.5)
+        finally:
+            await self.stop()
