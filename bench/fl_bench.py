@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/fl_bench.py rounds     # round wall time + device memory: Flower default vs midgate
     .venv/bin/python bench/fl_bench.py accuracy   # PLAID non-IID across 5 devices vs central training
+    .venv/bin/python bench/fl_bench.py simulate   # the same accuracy comparison in-process (no Flower), seconds
 
 `rounds` runs the same job (plaid-appliance@1, 5 devices, 64 windows per device per round, 1 local epoch) twice in
 one run, each on a fresh TLS SuperLink with authenticated SuperNodes:
@@ -32,8 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from flower_fixtures import Federation, plaid_windows, split_by_label
 
-from protocol.tasks.models import build_model, evaluate, train_epochs
+from edge.federated.training import LocalTrainingConfig, train_round
+from protocol.tasks.models import build_model, evaluate, load_arrays, model_arrays, train_epochs
 from protocol.tasks.spec import get_task
+from protocol.tasks.windows import WindowSet
 
 
 class MemorySampler:
@@ -195,9 +198,54 @@ def bench_accuracy(args: argparse.Namespace) -> None:
     print(f"gap central - federated = {100 * (central_acc - fed_acc):.1f} points (target <= 3)")
 
 
+def simulate_federated(args: argparse.Namespace, parts: list[WindowSet]) -> float:
+    """The accuracy job's rounds without Flower: the ClientApp's `train_round` on every device, then FedAvg
+    weighted by examples and Flower's FedAvgM server update (pseudo-gradient with momentum, server lr 1)."""
+    spec = get_task("plaid-appliance", 1)
+    settings = LocalTrainingConfig.from_run_config(
+        {
+            "task-id": spec.id,
+            "task-version": spec.version,
+            "local-epochs": args.local_epochs,
+            "batch-size": args.batch_size,
+            "lr": args.lr,
+        }
+    )
+    current = {k: v.astype(np.float64) for k, v in model_arrays(build_model(spec)).items()}
+    velocity = {k: np.zeros_like(v) for k, v in current.items()}
+    for server_round in range(1, args.rounds + 1):
+        results = [train_round(spec, current, part, settings, server_round) for part in parts]
+        total = sum(r.examples for r in results)
+        for name in current:
+            average = sum(r.examples * r.arrays[name].astype(np.float64) for r in results) / total
+            velocity[name] = args.server_momentum * velocity[name] + (current[name] - average)
+            current[name] = current[name] - velocity[name]
+    model = build_model(spec)
+    load_arrays(model, {k: v.astype(np.float32) for k, v in current.items()})
+    test = plaid_windows("test")
+    return evaluate(spec, model, test.x, test.y)["accuracy"]
+
+
+def bench_simulate(args: argparse.Namespace) -> None:
+    spec = get_task("plaid-appliance", 1)
+    train, test = plaid_windows("train"), plaid_windows("test")
+    parts = split_by_label(train, args.devices, seed=0, alpha=args.alpha)
+    epochs = args.rounds * args.local_epochs
+    central = build_model(spec)
+    train_epochs(spec, central, train.x, train.y, epochs=epochs, batch_size=args.batch_size, lr=args.lr, seed=0)
+    central_acc = evaluate(spec, central, test.x, test.y)["accuracy"]
+    fed_acc = simulate_federated(args, parts)
+    print(
+        f"simulated, Dirichlet(alpha={args.alpha}) over {args.devices} devices, Adam lr {args.lr}, batch "
+        f"{args.batch_size}: central {epochs} epochs {central_acc:.3f}; federated {args.rounds} rounds x "
+        f"{args.local_epochs} local epochs, server momentum {args.server_momentum}: {fed_acc:.3f}; "
+        f"gap {100 * (central_acc - fed_acc):.1f} points (target <= 3)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["rounds", "accuracy"])
+    parser.add_argument("what", choices=["rounds", "accuracy", "simulate"])
     parser.add_argument("--devices", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--local-epochs", type=int, default=2)
@@ -212,9 +260,12 @@ def main() -> None:
     if args.what == "rounds":
         args.rounds = args.rounds or 4
         bench_rounds(args)
-    else:
+    elif args.what == "accuracy":
         args.rounds = args.rounds or 20
         bench_accuracy(args)
+    else:
+        args.rounds = args.rounds or 20
+        bench_simulate(args)
 
 
 if __name__ == "__main__":
