@@ -14,10 +14,11 @@ Example:
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Annotated, Self
+from typing import Self
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from coordinator.royalties.policy import KnobPolicy, RoyaltyPolicy
@@ -127,13 +128,22 @@ class IngestSettings(BaseModel):
         description="screening workers (`midgate coordinator ingest-worker`); when > 0 `serve` only sequences what "
         "they hand over and no longer subscribes to the device topics itself",
     )
-    worker_ids: list[Annotated[str, StringConstraints(pattern=_ID_PATTERN)]] = Field(
+    worker_ids: list[str] = Field(
         default_factory=list,
         max_length=64,
         description="screening worker ids that `broker-config` gives their own broker login `ingest.{id}` "
         "(password in data_dir/broker-worker-{id}.password) with an ACL limited to what a worker needs",
     )
     share_group: str = Field(default="ingest", pattern=_ID_PATTERN, description="MQTT 5 shared-subscription group")
+
+    @field_validator("worker_ids")
+    @classmethod
+    def _worker_ids_are_ids(cls, ids: list[str]) -> list[str]:
+        bad = [i for i in ids if not re.fullmatch(_ID_PATTERN, i)]
+        if bad or len(set(ids)) != len(ids):
+            raise ValueError(f"worker ids must be unique and match {_ID_PATTERN}: {bad or ids}")
+        return ids
+
     handoff_timeout_s: float = Field(
         default=30.0,
         gt=0,
