@@ -18,6 +18,7 @@ every process of one device.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import threading
@@ -28,14 +29,15 @@ from tempfile import TemporaryDirectory
 
 import numpy as np
 import psutil
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from flower_fixtures import Federation, plaid_windows, split_by_label
 
 from edge.federated.training import LocalTrainingConfig, train_round
-from protocol.tasks.models import build_model, evaluate, load_arrays, model_arrays, train_epochs
-from protocol.tasks.spec import get_task
+from protocol.tasks.models import build_model, evaluate, load_arrays, loss_fn, model_arrays, to_tensors, train_epochs
+from protocol.tasks.spec import TaskSpec, get_task
 from protocol.tasks.windows import WindowSet
 
 
@@ -198,9 +200,45 @@ def bench_accuracy(args: argparse.Namespace) -> None:
     print(f"gap central - federated = {100 * (central_acc - fed_acc):.1f} points (target <= 3)")
 
 
+def corrected_epoch(
+    spec: TaskSpec,
+    model: torch.nn.Module,
+    part: WindowSet,
+    args: argparse.Namespace,
+    seed: int,
+    offset: list[torch.Tensor],
+) -> None:
+    """`train_epochs` with `offset` added to every minibatch gradient before the Adam step."""
+    xt, yt = to_tensors(spec, part.x, part.y)
+    optimiser = torch.optim.Adam(model.parameters(), lr=args.lr)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(args.local_epochs):
+        order = torch.randperm(len(xt), generator=generator)
+        for start in range(0, len(xt), args.batch_size):
+            idx = order[start : start + args.batch_size]
+            optimiser.zero_grad()
+            loss_fn(spec, model(xt[idx]), yt[idx]).backward()  # type: ignore[no-untyped-call]
+            for param, extra in zip(model.parameters(), offset, strict=True):
+                assert param.grad is not None
+                param.grad.add_(extra)
+            optimiser.step()
+
+
+def full_gradient(spec: TaskSpec, model: torch.nn.Module, part: WindowSet) -> list[torch.Tensor]:
+    xt, yt = to_tensors(spec, part.x, part.y)
+    model.zero_grad()
+    loss_fn(spec, model(xt), yt).backward()  # type: ignore[no-untyped-call]
+    return [p.grad.detach().clone() for p in model.parameters() if p.grad is not None]
+
+
 def simulate_federated(args: argparse.Namespace, parts: list[WindowSet]) -> float:
     """The accuracy job's rounds without Flower: the ClientApp's `train_round` on every device, then FedAvg
-    weighted by examples and Flower's FedAvgM server update (pseudo-gradient with momentum, server lr 1)."""
+    weighted by examples and Flower's FedAvgM server update (pseudo-gradient with momentum, server lr 1).
+
+    With --drift-correction c (SCAFFOLD-style, not in the deployment): each round every device first computes its
+    full-batch gradient g_i at the global model; the devices then train adding c * (g - g_i) to every minibatch
+    gradient, g being the example-weighted mean of the g_i at the same global model."""
     spec = get_task("plaid-appliance", 1)
     settings = LocalTrainingConfig.from_run_config(
         {
@@ -213,11 +251,26 @@ def simulate_federated(args: argparse.Namespace, parts: list[WindowSet]) -> floa
     )
     current = {k: v.astype(np.float64) for k, v in model_arrays(build_model(spec)).items()}
     velocity = {k: np.zeros_like(v) for k, v in current.items()}
+    weights = [len(part) for part in parts]
     for server_round in range(1, args.rounds + 1):
-        results = [train_round(spec, current, part, settings, server_round) for part in parts]
-        total = sum(r.examples for r in results)
+        global32 = {k: v.astype(np.float32) for k, v in current.items()}
+        if args.drift_correction > 0:
+            models = [build_model(spec) for _ in parts]
+            for model in models:
+                load_arrays(model, global32)
+            grads = [full_gradient(spec, model, part) for model, part in zip(models, parts, strict=True)]
+            mean = [
+                sum(w * g[j] for w, g in zip(weights, grads, strict=True)) / sum(weights) for j in range(len(grads[0]))
+            ]
+            updates: list[dict[str, np.ndarray]] = []
+            for model, part, grad in zip(models, parts, grads, strict=True):
+                offset = [args.drift_correction * (m - g) for m, g in zip(mean, grad, strict=True)]
+                corrected_epoch(spec, model, part, args, settings.seed + server_round, offset)
+                updates.append(model_arrays(model))
+        else:
+            updates = [train_round(spec, global32, part, settings, server_round).arrays for part in parts]
         for name in current:
-            average = sum(r.examples * r.arrays[name].astype(np.float64) for r in results) / total
+            average = sum(w * u[name].astype(np.float64) for w, u in zip(weights, updates, strict=True)) / sum(weights)
             velocity[name] = args.server_momentum * velocity[name] + (current[name] - average)
             current[name] = current[name] - velocity[name]
     model = build_model(spec)
@@ -227,18 +280,26 @@ def simulate_federated(args: argparse.Namespace, parts: list[WindowSet]) -> floa
 
 
 def bench_simulate(args: argparse.Namespace) -> None:
+    torch.set_num_threads(1)
     spec = get_task("plaid-appliance", 1)
     train, test = plaid_windows("train"), plaid_windows("test")
     parts = split_by_label(train, args.devices, seed=0, alpha=args.alpha)
     epochs = args.rounds * args.local_epochs
     central = build_model(spec)
-    train_epochs(spec, central, train.x, train.y, epochs=epochs, batch_size=args.batch_size, lr=args.lr, seed=0)
+    if args.central_cosine:
+        # One Adam per epoch, as each federated round starts a fresh one, with the lr on a cosine over the epochs.
+        for epoch in range(epochs):
+            lr = args.lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+            train_epochs(spec, central, train.x, train.y, epochs=1, batch_size=args.batch_size, lr=lr, seed=epoch)
+    else:
+        train_epochs(spec, central, train.x, train.y, epochs=epochs, batch_size=args.batch_size, lr=args.lr, seed=0)
     central_acc = evaluate(spec, central, test.x, test.y)["accuracy"]
     fed_acc = simulate_federated(args, parts)
     print(
         f"simulated, Dirichlet(alpha={args.alpha}) over {args.devices} devices, Adam lr {args.lr}, batch "
-        f"{args.batch_size}: central {epochs} epochs {central_acc:.3f}; federated {args.rounds} rounds x "
-        f"{args.local_epochs} local epochs, server momentum {args.server_momentum}: {fed_acc:.3f}; "
+        f"{args.batch_size}: central {epochs} epochs{' (cosine)' if args.central_cosine else ''} {central_acc:.3f}; "
+        f"federated {args.rounds} rounds x {args.local_epochs} local epochs, server momentum {args.server_momentum}, "
+        f"drift correction {args.drift_correction}: {fed_acc:.3f}; "
         f"gap {100 * (central_acc - fed_acc):.1f} points (target <= 3)"
     )
 
@@ -254,6 +315,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.006)
     parser.add_argument("--server-momentum", type=float, default=0.5)
     parser.add_argument("--warm", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--drift-correction", type=float, default=0.0, help="simulate: SCAFFOLD-style strength")
+    parser.add_argument("--central-cosine", action="store_true", help="simulate: cosine lr for central training")
     parser.add_argument("--verbose", action="store_true", help="per-process memory at the peak")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     args = parser.parse_args()
