@@ -162,7 +162,7 @@ class MembershipRunner:
                 path.unlink(missing_ok=True)
                 continue
             try:
-                record = read_record(path)
+                record = read_record(path, self.job_node.round_nonce)
             except (ProtocolError, OSError) as exc:
                 log.warning("spool record rejected", extra={"file": name, "error": str(exc)})
                 with contextlib.suppress(OSError):

@@ -52,6 +52,9 @@ class JobNode:
         self.windows = windows
         self.job: _Job | None = None
         self.refused = 0
+        # The latest job's invitation nonce goes into that job's reports (edge.agent.spool.report_fields); kept after
+        # the job ends because its last records may reach the spool after the deadline.
+        self.round_nonce: str | None = None
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()  # invitations arrive as separate tasks; one job change at a time
 
@@ -107,6 +110,7 @@ class JobNode:
         supervisor = SuperNodeSupervisor(lambda: self._make_process(run_dir))
         await supervisor.__aenter__()
         self.job = _Job(invitation.job_id, invitation.run_id, invitation.deadline_ms, supervisor)
+        self.round_nonce = invitation.nonce
         log.info("supernode started", extra={"job": invitation.job_id, "run_id": invitation.run_id})
         self._wake.set()
 

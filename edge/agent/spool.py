@@ -33,8 +33,34 @@ class SpoolRecord:
         return self.path.name
 
 
-def read_record(path: Path) -> SpoolRecord:
-    """Read and pre-check one spool file (the full schema check happens when it is signed)."""
+# protocol.tasks.contribution.RECORD_TYPE; not imported: that package is for training processes.
+_CLIENTAPP_RECORD = "application/vnd.midgate.contribution.v1+json"
+_FINGERPRINT_SCHEMES = ("merkle-sha256:", "sha256:")
+
+
+def report_fields(record: dict[str, Any], round_nonce: str | None) -> dict[str, Any]:
+    """The ContributionReport fields for a record the Flower ClientApp wrote (protocol.tasks.contribution): u64s as
+    decimal strings, the fingerprint's SHA-256 hex without its scheme prefix, and the nonce of the MID's invitation
+    to the job (edge.agent.job_node), which the ClientApp does not know."""
+    if round_nonce is None:
+        raise MalformedError("ClientApp record but no job invitation to take its round nonce from")
+    fields = {k: v for k, v in record.items() if k not in ("type", "created_ms")}
+    for key in ("run_id", "node_id"):
+        if isinstance(fields.get(key), int) and not isinstance(fields.get(key), bool):
+            fields[key] = str(fields[key])
+    fingerprint = fields.get("dataset_fingerprint")
+    if isinstance(fingerprint, str):
+        for scheme in _FINGERPRINT_SCHEMES:
+            if fingerprint.startswith(scheme):
+                fields["dataset_fingerprint"] = fingerprint.removeprefix(scheme)
+                break
+    fields["round_nonce"] = round_nonce
+    return fields
+
+
+def read_record(path: Path, round_nonce: str | None = None) -> SpoolRecord:
+    """Read and pre-check one spool file (the full schema check happens when it is signed). A record in the
+    ClientApp's format is translated with `report_fields`."""
     size = path.stat().st_size
     if size > MAX_SPOOL_FILE:
         raise TooLargeError("spool file too large", limit=MAX_SPOOL_FILE, found=size)
@@ -44,6 +70,8 @@ def read_record(path: Path) -> SpoolRecord:
         raise MalformedError("spool file is not JSON", file=path.name) from exc
     if not isinstance(fields, dict):
         raise MalformedError("spool record must be a JSON object", file=path.name)
+    if fields.get("type") == _CLIENTAPP_RECORD:
+        fields = report_fields(fields, round_nonce)
     if _AGENT_FIELDS & fields.keys():
         raise MalformedError("spool record must not set v, seq or device_time_ms", file=path.name)
     build_report(fields, 1, 1_700_000_000_000)
