@@ -12,12 +12,14 @@ connection; otherwise the broker redelivers it after the reconnect and dedup ans
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -165,3 +167,24 @@ class BrokerSession:
     @property
     def in_memory(self) -> int:
         return self._queue_max - self._slots._value
+
+
+async def collect_batch(
+    inbox: deque[InboundMessage], arrived: asyncio.Event, batch_max: int, window_ms: int
+) -> list[InboundMessage]:
+    """Up to `batch_max` messages from `inbox`, waiting at most `window_ms` after the call for more to arrive.
+
+    `arrived` is set by whoever appends to `inbox` (the MQTT thread, through the event loop)."""
+    batch: list[InboundMessage] = []
+    deadline = time.monotonic() + window_ms / 1000
+    while True:
+        while inbox and len(batch) < batch_max:
+            batch.append(inbox.popleft())
+        remaining = deadline - time.monotonic()
+        if len(batch) >= batch_max or remaining <= 0:
+            return batch
+        arrived.clear()
+        if inbox:
+            continue
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(arrived.wait(), remaining)

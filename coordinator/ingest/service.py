@@ -35,7 +35,7 @@ from coordinator.ingest.handoff import (
     sequencer_filters,
 )
 from coordinator.ingest.metrics import IngestMetrics
-from coordinator.ingest.mqtt import BrokerEndpoint, BrokerSession
+from coordinator.ingest.mqtt import BrokerEndpoint, BrokerSession, collect_batch
 from coordinator.ingest.pipeline import Candidate, InboundMessage, IngestPipeline, Outcome, ScreenResult, Verdict
 from coordinator.ledger.store import LedgerStore
 from coordinator.registry.enrolment import Enroller, load_or_create_mid_key
@@ -247,21 +247,8 @@ class CoordinatorService:
         await asyncio.sleep(1.0)
 
     async def _collect(self) -> list[InboundMessage]:
-        """Up to `batch_max` messages, waiting at most `batch_window_ms` after the first for more to arrive."""
         ingest = self.settings.ingest
-        batch: list[InboundMessage] = []
-        deadline = time.monotonic() + ingest.batch_window_ms / 1000
-        while True:
-            while self._inbox and len(batch) < ingest.batch_max:
-                batch.append(self._inbox.popleft())
-            remaining = deadline - time.monotonic()
-            if len(batch) >= ingest.batch_max or remaining <= 0:
-                return batch
-            self._arrived.clear()
-            if self._inbox:
-                continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), remaining)
+        return await collect_batch(self._inbox, self._arrived, ingest.batch_max, ingest.batch_window_ms)
 
     async def _process(self, batch: list[InboundMessage]) -> None:
         self.metrics.queue_depth.set(self.session.in_memory)

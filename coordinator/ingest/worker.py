@@ -31,7 +31,7 @@ from coordinator.ingest.handoff import (
     worker_filters,
 )
 from coordinator.ingest.metrics import WorkerMetrics
-from coordinator.ingest.mqtt import BrokerEndpoint, BrokerSession
+from coordinator.ingest.mqtt import BrokerEndpoint, BrokerSession, collect_batch
 from coordinator.ingest.pipeline import InboundMessage, Outcome, Screener, Verdict, screen_one
 from coordinator.registry.store import Registry
 from protocol.errors import ProtocolError
@@ -219,19 +219,7 @@ class ScreeningWorker:
 
     async def _collect(self) -> list[InboundMessage]:
         ingest = self.settings.ingest
-        batch: list[InboundMessage] = []
-        deadline = time.monotonic() + ingest.batch_window_ms / 1000
-        while True:
-            while self._inbox and len(batch) < ingest.batch_max:
-                batch.append(self._inbox.popleft())
-            remaining = deadline - time.monotonic()
-            if len(batch) >= ingest.batch_max or remaining <= 0:
-                return batch
-            self._arrived.clear()
-            if self._inbox:
-                continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), remaining)
+        return await collect_batch(self._inbox, self._arrived, ingest.batch_max, ingest.batch_window_ms)
 
     def _screen(self, batch: list[InboundMessage]) -> tuple[list[Verdict], list[InboundMessage]]:
         self.screener.refresh_registry()
