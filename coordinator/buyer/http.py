@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from coordinator.http_refusals import read_bounded_body, refusal
 from coordinator.ledger.store import LedgerStore
 from coordinator.royalties.ledger_records import iter_splits, report_revenue
 from protocol.envelope import decode, open_envelope
@@ -32,13 +33,6 @@ from protocol.identity import VerifierKey
 from protocol.messages import RevenueReport
 
 REVENUE_PATH = "/v1/buyer/revenue"
-_STATUS = {
-    Reason.TOO_LARGE: 413,
-    Reason.BAD_SIGNATURE: 403,
-    Reason.UNKNOWN_KEY: 403,
-    Reason.REPLAYED: 409,
-    Reason.POLICY_VIOLATION: 422,
-}
 
 
 @dataclass(frozen=True)
@@ -107,22 +101,11 @@ def revenue_router(desk: RevenueDesk, on_refusal: Callable[[Reason], None] = lam
 
     @router.post(REVENUE_PATH)
     async def revenue(request: Request) -> Response:
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > desk.max_body_bytes:
-                return refusal(TooLargeError("revenue report too large", limit=desk.max_body_bytes), on_refusal)
         try:
+            body = await read_bounded_body(request, desk.max_body_bytes, "revenue report")
             receipt = await asyncio.to_thread(desk.accept, body, time.time_ns() // 1_000_000)
         except ProtocolError as error:
             return refusal(error, on_refusal)
         return JSONResponse({"record_id": receipt.record_id, "index": receipt.index, "receipt": receipt.receipt})
 
     return router
-
-
-def refusal(error: ProtocolError, on_refusal: Callable[[Reason], None]) -> JSONResponse:
-    on_refusal(error.reason)
-    return JSONResponse(
-        {"reason": str(error.reason), "message": error.message[:1024]}, status_code=_STATUS.get(error.reason, 400)
-    )

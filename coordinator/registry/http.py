@@ -13,22 +13,15 @@ import time
 from collections.abc import Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from coordinator.buyer.http import RevenueDesk, revenue_router
+from coordinator.http_refusals import read_bounded_body, refusal
 from coordinator.ledger.store import LedgerStore
 from coordinator.registry.enrolment import Enroller
-from protocol.enrolment import EnrolmentRefusal
-from protocol.errors import ProtocolError, Reason, TooLargeError
+from protocol.errors import ProtocolError, Reason
 
-_STATUS = {
-    Reason.INVITE_EXPIRED: 410,
-    Reason.INVITE_USED: 409,
-    Reason.INVITE_INVALID: 403,
-    Reason.TOO_LARGE: 413,
-    Reason.BAD_SIGNATURE: 403,
-}
 MAX_PROOF_QUERY = 1 << 62
 
 
@@ -49,15 +42,11 @@ def build_app(
 
     @app.post("/v1/enrol")
     async def enrol(request: Request) -> Response:
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > enroller.max_body_bytes:
-                return _refuse(TooLargeError("enrolment request too large", limit=enroller.max_body_bytes), on_refusal)
         try:
+            body = await read_bounded_body(request, enroller.max_body_bytes, "enrolment request")
             grant = await asyncio.to_thread(enroller.enrol, body, time.time_ns() // 1_000_000)
         except ProtocolError as exc:
-            return _refuse(exc, on_refusal)
+            return refusal(exc, on_refusal)
         return Response(grant.model_dump_json(), media_type="application/json")
 
     @app.get("/v1/checkpoint")
@@ -79,9 +68,3 @@ def build_app(
         return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-def _refuse(exc: ProtocolError, on_refusal: Callable[[Reason], None]) -> JSONResponse:
-    on_refusal(exc.reason)
-    refusal = EnrolmentRefusal(reason=str(exc.reason), message=exc.message[:1024])
-    return JSONResponse(refusal.model_dump(), status_code=_STATUS.get(exc.reason, 400))
