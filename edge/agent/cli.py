@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -13,6 +14,9 @@ app = typer.Typer(
     help="Member commands: run the agent daemon, enrol, sensors, knob, consent, pause, strike, statements.",
 )
 app.add_typer(sensors_app, name="sensors")
+
+if TYPE_CHECKING:
+    from edge.agent.member_commands import Transition
 
 
 ConfigOption = typer.Option(None, "--config", "-c", help="agent.toml (env MIDGATE_AGENT_* overrides)")
@@ -56,3 +60,131 @@ def run(config: Path | None = ConfigOption) -> None:
         uvloop.run(main())
     except ImportError:
         asyncio.run(main())
+
+
+# --- member controls (edge.agent.member_commands): work whether the daemon runs or not ------------------------------
+
+MidNameOption = typer.Option(None, "--mid", help="the MID (as under data_dir/mids); default: every membership")
+_PICKUP = "a running agent applies it within member_poll_s seconds; a stopped one when it starts"
+
+
+def _control(config: Path | None, mid: str | None, transition: Transition, done: str) -> None:
+    """Apply one member transition to the chosen memberships; print each outcome; exit 1 if any was refused."""
+    from rich.console import Console
+
+    from edge.agent.config import AgentSettings
+    from edge.agent.member_commands import apply, membership_dirs, now_ms
+    from edge.agent.member_controls import describe
+    from edge.agent.member_state import MemberControlError
+
+    console, errors = Console(), Console(stderr=True)
+    try:
+        directories = membership_dirs(AgentSettings.load(config), mid)
+    except ValueError as exc:
+        errors.print(f"[red]{exc}[/red]")
+        raise typer.Exit(code=2) from None
+    refused = 0
+    for directory in directories:
+        try:
+            result = apply(directory, transition)
+        except MemberControlError as exc:
+            refused += 1
+            errors.print(f"[red]{directory.name}: refused: {exc}[/red]")
+            continue
+        what = done if result.changed else "unchanged"
+        console.print(f"[bold]{result.mid}[/bold]: {what} -> {describe(result.after, now_ms())}")
+    if refused:
+        raise typer.Exit(code=1)
+    console.print(f"[dim]{_PICKUP}[/dim]")
+
+
+@app.command()
+def pause(mid: str | None = MidNameOption, config: Path | None = ConfigOption) -> None:
+    """Stop taking part in jobs until `resume`: a running job's SuperNode stops, new invitations are declined,
+    heartbeats say paused. Kept across reboots."""
+    from edge.agent.member_state import pause as pause_state
+
+    _control(config, mid, pause_state, "paused")
+
+
+@app.command()
+def resume(mid: str | None = MidNameOption, config: Path | None = ConfigOption) -> None:
+    """Take part in jobs again after `pause` (strikes stay as they are)."""
+    from edge.agent.member_state import resume as resume_state
+
+    _control(config, mid, resume_state, "resumed")
+
+
+@app.command()
+def leave(
+    mid: str | None = MidNameOption,
+    config: Path | None = ConfigOption,
+    yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation"),
+) -> None:
+    """Leave the MID for good: no more jobs or heartbeats; reports already made are still delivered and paid."""
+    from edge.agent.member_state import leave as leave_state
+
+    if not yes:
+        typer.confirm(f"Leave {mid or 'every MID'} for good? This cannot be undone on this device", abort=True)
+    _control(config, mid, leave_state, "left")
+
+
+@app.command()
+def strike(
+    buyer: str | None = typer.Option(None, "--buyer", help="strike against this buyer"),
+    purpose: str | None = typer.Option(None, "--purpose", help="strike against this purpose (with --buyer: both)"),
+    until: str | None = typer.Option(None, "--until", help="end (ISO 8601, UTC if no zone); default: until unstrike"),
+    mid: str | None = MidNameOption,
+    config: Path | None = ConfigOption,
+) -> None:
+    """Join a data strike: the agent signs a StrikeVote for the MID's ledger and declines the target's jobs."""
+    import functools
+
+    from edge.agent.member_commands import parse_until
+    from edge.agent.member_state import MemberState
+    from edge.agent.member_state import strike as strike_state
+
+    try:
+        end_ms = parse_until(until)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+    def step(state: MemberState, now: int, buyer: str | None, purpose: str | None) -> MemberState:
+        return strike_state(state, now, buyer, purpose, end_ms)[0]
+
+    _control(config, mid, functools.partial(step, buyer=buyer, purpose=purpose), "striking")
+
+
+@app.command()
+def unstrike(
+    buyer: str | None = typer.Option(None, "--buyer", help="withdraw strikes against this buyer"),
+    purpose: str | None = typer.Option(None, "--purpose", help="withdraw strikes against this purpose"),
+    mid: str | None = MidNameOption,
+    config: Path | None = ConfigOption,
+) -> None:
+    """Withdraw strikes (all active ones, or those matching --buyer/--purpose): the agent signs the withdrawal."""
+    import functools
+
+    from edge.agent.member_state import MemberState
+    from edge.agent.member_state import unstrike as unstrike_state
+
+    def step(state: MemberState, now: int, buyer: str | None, purpose: str | None) -> MemberState:
+        return unstrike_state(state, now, buyer, purpose)[0]
+
+    _control(config, mid, functools.partial(step, buyer=buyer, purpose=purpose), "strike withdrawn")
+
+
+@app.command()
+def status(mid: str | None = MidNameOption, config: Path | None = ConfigOption) -> None:
+    """Show what the member chose per MID: paused or left, each strike and whether the MID has receipted its vote."""
+    from rich.console import Console
+
+    from edge.agent.config import AgentSettings
+    from edge.agent.member_commands import membership_dirs, status_table
+
+    try:
+        directories = membership_dirs(AgentSettings.load(config), mid)
+    except ValueError as exc:
+        Console(stderr=True).print(f"[red]{exc}[/red]")
+        raise typer.Exit(code=2) from None
+    Console(width=160).print(status_table(directories))

@@ -41,6 +41,11 @@ class AgentSettings(RoleSettings):
     keepalive_s: int = Field(default=60, ge=5, le=3600, description="MQTT keepalive in seconds")
     heartbeat_s: float = Field(default=60.0, gt=0, description="seconds between signed heartbeats")
     spool_poll_s: float = Field(default=0.5, gt=0, description="seconds between scans of the spool directory")
+    member_poll_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="seconds between checks of each membership's member.json (pause, leave, strike commands)",
+    )
     # A report without a receipt after this long is published again, then with exponential backoff and jitter.
     resend_after_s: float = Field(
         default=15.0, gt=0, description="resend a report without a verified receipt after this many seconds"

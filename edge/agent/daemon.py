@@ -4,8 +4,10 @@ Per membership, four loops with one owner (`MembershipRunner.run`): the spool lo
 outbox; the publish loop sends what is due (QoS 1), then schedules a resend with exponential backoff and jitter in
 case no receipt comes; the receipt loop verifies receipt batches (checkpoint signature, consistency with the trusted
 checkpoint, each report's inclusion path) and only then removes reports from the outbox; the heartbeat loop says
-the device is alive. The outbox and proofs run on one dedicated thread per membership, so fsyncs and crypto never
-block the event loop.
+the device is alive (with the member's status: idle, training, paused, striking; a member who left sends none). A
+fifth, the member loop, picks up the member's choices (edge.agent.member_controls): it stops a running job's
+SuperNode they no longer allow and queues the StrikeVotes they call for. The outbox and proofs run on one dedicated
+thread per membership, so fsyncs and crypto never block the event loop.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import Any, TypeVar
 from edge.agent.config import AgentSettings
 from edge.agent.job_node import JobNode
 from edge.agent.ledger_view import LedgerView, ProofUnavailableError, http_consistency_fetcher
+from edge.agent.member_controls import MemberControls
+from edge.agent.member_decisions import OwedVote, owed_votes, strike_vote
 from edge.agent.membership import Membership, load_memberships
 from edge.agent.outbox import Outbox, OutboxFullError
 from edge.agent.session import DeviceSession
@@ -63,7 +67,16 @@ class MembershipRunner:
         self.session: DeviceSession | None = None
         self.receipts_verified = 0
         self.receipts_refused = 0
-        self.job_node = JobNode(membership, settings.spool_root / membership.mid, settings.training_windows)
+        self.controls = MemberControls(membership.directory, membership.mid)
+        self.job_node = JobNode(
+            membership,
+            settings.spool_root / membership.mid,
+            settings.training_windows,
+            admit=self.controls.admit,
+            recheck=self.controls.recheck,
+        )
+        self._beat_now = asyncio.Event()
+        self._votes_due = True  # at start: a strike chosen while the daemon was down still needs its vote
         self._job_tasks: set[asyncio.Task[None]] = set()
 
     async def _in_db(self, fn: Callable[..., T], *args: object) -> T:
@@ -95,7 +108,7 @@ class MembershipRunner:
             reconnect=(s.reconnect_min_s, s.reconnect_max_s),
         )
         self.session.start()
-        loops = (self._spool_loop, self._publish_loop, self._receipt_loop, self._heartbeat_loop)
+        loops = (self._spool_loop, self._publish_loop, self._receipt_loop, self._heartbeat_loop, self._member_loop)
         tasks = [asyncio.create_task(self._supervised(loop, stop)) for loop in loops]
         tasks.append(asyncio.create_task(self.job_node.run(stop)))
         try:
@@ -271,11 +284,49 @@ class MembershipRunner:
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
         assert self.session is not None
         while not stop.is_set():
-            if self.session.connected.is_set():
+            status = self.controls.heartbeat_status(training=self.job_node.job is not None)
+            if status is not None and self.session.connected.is_set():
                 seq = await self._in_db(self.outbox.next_ephemeral_seq)
-                payload = await self._in_db(self._heartbeat, seq, DeviceStatus.IDLE)
+                payload = await self._in_db(self._heartbeat, seq, status)
                 self.session.publish(self._topic(UpKind.HEARTBEAT), payload, qos=0)
-            await _sleep_or(stop, self.settings.heartbeat_s)
+            self._beat_now.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._beat_now.wait(), self.settings.heartbeat_s)
+
+    async def _member_loop(self, stop: asyncio.Event) -> None:
+        """Apply the member's choices as the member commands change them: stop what they no longer allow, say the
+        new status at once, queue the strike votes they call for."""
+        while not stop.is_set():
+            reading = await self._in_db(self.controls.poll)
+            if reading is not None and self.controls.apply(reading):
+                self._votes_due = True
+                await self.job_node.enforce()
+                self._beat_now.set()
+            if self._votes_due:
+                queued: int = await self._in_db(self._queue_votes)
+                if queued:
+                    self._wake.set()
+            await _sleep_or(stop, self.settings.member_poll_s)
+
+    def _queue_votes(self) -> int:
+        """Sign and queue the StrikeVotes owed, in one commit; their outbox names make a crash or a restart in
+        between harmless (a vote already queued or receipted is never queued again)."""
+        owed = owed_votes(self.controls.state, self.outbox.knows_spool_name)
+        items: list[tuple[str, Callable[[int], bytes], str | None]] = [
+            (UpKind.STRIKE.value, functools.partial(self._sign_vote, vote), vote.name) for vote in owed
+        ]
+        try:
+            taken = self.outbox.enqueue_many(items, _now_ms()) if items else []
+        except OutboxFullError as exc:
+            log.error("outbox full; strike votes wait", extra={"mid": self.membership.mid, "error": str(exc)})
+            return 0
+        for name, seq in taken:
+            log.info("strike vote queued: %s, seq %d", name, seq)
+        self._votes_due = len(taken) < len(items)
+        return len(taken)
+
+    def _sign_vote(self, vote: OwedVote, seq: int) -> bytes:
+        return strike_vote(vote, seq, _now_ms()).seal(self.membership.key)
 
 
 async def _sleep_or(stop: asyncio.Event, seconds: float) -> None:

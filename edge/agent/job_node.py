@@ -5,6 +5,10 @@ docs/federated.md). The first invitation of a job starts a SuperNodeSupervisor (
 device's Flower key from enrolment; later invitations of the same job extend its `deadline_ms`. The node is stopped,
 with everything below it, when the deadline passes without a further invitation (the job ended) or the agent stops.
 Between jobs no Flower process runs.
+
+The member's choices gate every job (`admit`, edge.agent.member_decisions): an invitation for a job the member does
+not take part in (paused, left, on strike against its buyer or purpose) is declined -- logged, counted, nothing
+starts -- and `enforce` stops a running job's SuperNode as soon as the member's choices no longer allow it.
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ import contextlib
 import logging
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge.agent.member_decisions import RUN, Decision
 from edge.agent.membership import Membership
 from edge.federated.supernode import NodeKey, SuperNodeProcess
 from edge.federated.supervisor import SuperNodeSupervisor
@@ -41,17 +47,39 @@ class _Job:
     run_id: int
     deadline_ms: int
     supervisor: SuperNodeSupervisor
+    buyer: str
+    purpose: str
+
+
+Admit = Callable[[str, str], Decision]
+"""(buyer, purpose) -> run or decline."""
+
+
+def _admit_all(buyer: str, purpose: str) -> Decision:
+    return RUN
 
 
 class JobNode:
     """Owned by one MembershipRunner; all methods run on the agent's event loop."""
 
-    def __init__(self, membership: Membership, spool_dir: Path, windows: Path | None) -> None:
+    def __init__(
+        self,
+        membership: Membership,
+        spool_dir: Path,
+        windows: Path | None,
+        admit: Admit = _admit_all,
+        recheck: Admit = _admit_all,
+    ) -> None:
+        """`admit` decides each verified invitation (and counts declines); `recheck` asks the same of a running job
+        without counting. Both default to taking part in every job."""
         self.membership = membership
         self.spool_dir = spool_dir
         self.windows = windows
+        self.admit = admit
+        self.recheck = recheck
         self.job: _Job | None = None
         self.refused = 0
+        self.declined = 0
         # The latest job's invitation nonce goes into that job's reports (edge.agent.spool.report_fields); kept after
         # the job ends because its last records may reach the spool after the deadline.
         self.round_nonce: str | None = None
@@ -98,27 +126,51 @@ class JobNode:
             self.refused += 1
             log.warning("invitation refused", extra={"reason": str(exc.reason), "error": str(exc)})
             return
+        decision = self.admit(invitation.buyer, invitation.purpose)
+        if not decision.run:
+            self.declined += 1
+            log.info(
+                "invitation declined: job %s of buyer %s for purpose %s: %s",
+                invitation.job_id,
+                invitation.buyer,
+                invitation.purpose,
+                decision,
+                extra={"job": invitation.job_id, "reason": str(decision.reason)},
+            )
+            if self.job is not None and self.job.job_id == invitation.job_id:
+                await self.stop(str(decision))
+            return
         if not self.membership.record.flower_node_id or self.windows is None:
             log.warning("invited, but this device has no Flower node or no training windows; not joining")
             return
         if self.job is not None and self.job.job_id == invitation.job_id:
             self.job.deadline_ms = max(self.job.deadline_ms, invitation.deadline_ms)
             return
-        await self.stop()  # a new job replaces an old one: one SuperNode per device
+        await self.stop("replaced by a new job")  # one SuperNode per device
         run_dir = self.membership.directory / "jobs" / invitation.job_id
         run_dir.mkdir(parents=True, exist_ok=True)
         supervisor = SuperNodeSupervisor(lambda: self._make_process(run_dir))
         await supervisor.__aenter__()
-        self.job = _Job(invitation.job_id, invitation.run_id, invitation.deadline_ms, supervisor)
+        i = invitation
+        self.job = _Job(i.job_id, i.run_id, i.deadline_ms, supervisor, i.buyer, i.purpose)
         self.round_nonce = invitation.nonce
         log.info("supernode started", extra={"job": invitation.job_id, "run_id": invitation.run_id})
         self._wake.set()
 
-    async def stop(self) -> None:
+    async def stop(self, why: str = "job ended") -> None:
         job, self.job = self.job, None  # taken before awaiting: a concurrent stop finds nothing left to stop
         if job is not None:
             await job.supervisor.stop()
-            log.info("supernode stopped", extra={"job": job.job_id})
+            log.info("supernode stopped: %s", why, extra={"job": job.job_id})
+
+    async def enforce(self) -> None:
+        """Stop the running job's SuperNode (with everything below it) if the member's choices no longer allow it."""
+        async with self._lock:
+            if self.job is None:
+                return
+            decision = self.recheck(self.job.buyer, self.job.purpose)
+            if not decision.run:
+                await self.stop(str(decision))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Ends the job's SuperNode when its deadline passes; the agent stopping ends it too."""
@@ -132,4 +184,4 @@ class JobNode:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), 0.5)
         finally:
-            await self.stop()
+            await self.stop("agent stopping")

@@ -6,6 +6,7 @@
 {data_dir}/mids/{mid}/outbox.sqlite    the outbox (edge.agent.outbox)
 {data_dir}/mids/{mid}/flower/          the device's Flower SuperNode key pair for this MID (private key 0600)
 {data_dir}/mids/{mid}/superlink-ca.pem the CA of the MID's SuperLink, when the MID registered the Flower key
+{data_dir}/mids/{mid}/member.json      the member's choices: paused, left, strikes (edge.agent.member_state, 0600)
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from protocol.topics import check_id
 
 MAX_MEMBERSHIP_FILE = 64 * 1024
 FLOWER_KEY_DIR = "flower"
+MEMBERSHIP_FILE = "membership.json"
+OUTBOX_FILE = "outbox.sqlite"
 
 
 class MembershipRecord(BaseModel):
@@ -73,7 +76,7 @@ class Membership:
 
     @property
     def outbox_path(self) -> Path:
-        return self.directory / "outbox.sqlite"
+        return self.directory / OUTBOX_FILE
 
 
 def save_membership(directory: Path, record: MembershipRecord) -> None:
@@ -91,11 +94,11 @@ def save_membership(directory: Path, record: MembershipRecord) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, directory / "membership.json")
+    os.replace(tmp, directory / MEMBERSHIP_FILE)
 
 
 def load_membership(directory: Path) -> Membership:
-    path = directory / "membership.json"
+    path = directory / MEMBERSHIP_FILE
     if path.stat().st_size > MAX_MEMBERSHIP_FILE:
         raise ValueError(f"{path} is larger than {MAX_MEMBERSHIP_FILE} bytes")
     record = MembershipRecord.model_validate_json(path.read_bytes())
@@ -108,7 +111,7 @@ def load_memberships(mids_dir: Path) -> list[Membership]:
         return []
     found = []
     for child in sorted(mids_dir.iterdir()):
-        if (child / "membership.json").is_file():
+        if (child / MEMBERSHIP_FILE).is_file():
             check_id(child.name, "mid")
             found.append(load_membership(child))
     return found

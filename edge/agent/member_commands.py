@@ -1,0 +1,166 @@
+"""The work behind `midgate agent pause|resume|leave|strike|unstrike|status`, kept apart from typer.
+
+Each command is a pure transition (edge.agent.member_state) applied to one or every membership's `member.json`
+under its lock. The commands never talk to the daemon: a running daemon picks the file up within `member_poll_s`
+seconds (edge.agent.member_controls), and one that is not running reads it when it starts.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from rich.table import Table
+
+from edge.agent.config import AgentSettings
+from edge.agent.member_controls import describe
+from edge.agent.member_decisions import vote_name
+from edge.agent.member_state import (
+    MemberControlError,
+    MemberState,
+    Strike,
+    editing,
+    load_member_state,
+    save_member_state,
+)
+from edge.agent.membership import MEMBERSHIP_FILE, OUTBOX_FILE
+
+Transition = Callable[[MemberState, int], MemberState]
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def membership_dirs(settings: AgentSettings, mid: str | None) -> list[Path]:
+    """The folders of the memberships a command applies to: `mid`, or every enrolled one. Raises ValueError when
+    there is none (the message says which MIDs there are)."""
+    root = settings.data_dir / "mids"
+    enrolled = sorted(p for p in root.iterdir() if (p / MEMBERSHIP_FILE).is_file()) if root.is_dir() else []
+    if mid is None:
+        if not enrolled:
+            raise ValueError(f"no memberships under {root}: run `midgate agent enrol` first")
+        return enrolled
+    chosen = [p for p in enrolled if p.name == mid]
+    if not chosen:
+        known = ", ".join(p.name for p in enrolled) or "none"
+        raise ValueError(f"not a member of {mid!r} (memberships: {known})")
+    return chosen
+
+
+@dataclass(frozen=True)
+class Applied:
+    mid: str
+    before: MemberState
+    after: MemberState
+
+    @property
+    def changed(self) -> bool:
+        return self.before != self.after
+
+
+def apply(directory: Path, transition: Transition) -> Applied:
+    """Apply `transition` to the membership's member file under its lock; write only when something changed.
+    A MemberControlError (refused command, unusable file) propagates and nothing is written."""
+    with editing(directory) as before:
+        after = transition(before, now_ms())
+        if after != before:
+            save_member_state(directory, after)
+    return Applied(directory.name, before, after)
+
+
+def parse_until(text: str | None) -> int | None:
+    """`--until` as integer ms: ISO 8601 date or date-time; without a zone it is UTC."""
+    if text is None:
+        return None
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"--until must be an ISO 8601 date or date-time, found {text!r}") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp() * 1000)
+
+
+def _when(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class VoteState:
+    """Where a strike's vote (or withdrawal) is: not queued, queued in the outbox, or receipted by the MID."""
+
+    where: str
+    seq: int | None = None
+    leaf_index: int | None = None
+
+    def __str__(self) -> str:
+        if self.where == "receipted":
+            return f"receipted (seq {self.seq}, leaf {self.leaf_index})"
+        if self.where == "queued":
+            return f"queued (seq {self.seq})"
+        return self.where
+
+
+def vote_states(outbox: Path, names: list[str]) -> dict[str, VoteState]:
+    """Read-only look into the outbox for the named votes; the daemon may be writing it at the same time (WAL)."""
+    found = {name: VoteState("not queued yet") for name in names}
+    if not names or not outbox.exists():
+        return found
+    try:
+        db = sqlite3.connect(f"file:{outbox}?mode=ro", uri=True, timeout=5)
+        try:
+            marks = ",".join("?" * len(names))
+            for seq, name in db.execute(f"SELECT seq, spool_name FROM outbox WHERE spool_name IN ({marks})", names):
+                found[name] = VoteState("queued", int(seq))
+            query = f"SELECT seq, leaf_index, spool_name FROM receipts WHERE spool_name IN ({marks})"
+            for seq, leaf, name in db.execute(query, names):
+                found[name] = VoteState("receipted", int(seq), int(leaf))
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        return {name: VoteState(f"outbox unreadable: {exc}") for name in names}
+    return found
+
+
+def _strike_line(strike: Strike, votes: dict[str, VoteState], now: int) -> str:
+    span = f"{_when(strike.start_ms)} .. {_when(strike.end_ms) if strike.end_ms else 'withdrawn'}"
+    if strike.withdrawn_ms is not None:
+        span = f"{_when(strike.start_ms)} .. {_when(strike.withdrawn_ms)} (withdrawn)"
+        if votes[vote_name(strike.id, False)].where == "not queued yet":
+            state = "withdrawn before its vote was sent: nothing sent"
+        else:
+            state = f"withdrawal {votes[vote_name(strike.id, True)]}"
+    else:
+        state = f"vote {votes[vote_name(strike.id, False)]}"
+        if strike.end_ms is None:
+            span = f"since {_when(strike.start_ms)}"
+    active = "active" if strike.active(now) else "over"
+    return f"{strike.target_text()}: {active}, {span}; {state}"
+
+
+def status_table(directories: list[Path]) -> Table:
+    """One row per membership: what the member chose, each strike and where its vote is."""
+    now = now_ms()
+    table = Table(title="member controls")
+    for column in ("MID", "choices", "since", "strikes"):
+        table.add_column(column, overflow="fold")
+    for directory in directories:
+        try:
+            state: MemberState | None = load_member_state(directory)
+        except MemberControlError as exc:
+            table.add_row(directory.name, f"[red]{exc}[/red]", "-", "-")
+            continue
+        assert state is not None
+        names = [vote_name(s.id, w) for s in state.strikes for w in (False, True)]
+        votes = vote_states(directory / OUTBOX_FILE, names)
+        since = _when(state.left_ms if state.left_ms is not None else state.paused_ms)
+        strikes = "\n".join(_strike_line(s, votes, now) for s in state.strikes) or "-"
+        table.add_row(directory.name, describe(state, now), since, strikes)
+    return table

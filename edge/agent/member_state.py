@@ -1,0 +1,263 @@
+"""The member's own choices for one membership -- paused, left, on strike -- as durable state on the device.
+
+`{data_dir}/mids/{mid}/member.json` (0600), written only by the member commands (`midgate agent pause|resume|leave|
+strike|unstrike`), read by the running daemon (edge.agent.member_controls). It lives on the device and not in the
+daemon's memory because a member who paused must stay paused across a reboot, and the commands work whether the
+daemon runs or not. Writes replace the file atomically (temporary file, fsync, rename, fsync of the folder) under an
+advisory lock (`member.lock`), so a reader never sees half a file and two commands at once cannot lose an update.
+
+The transitions are pure functions `state -> state`; a refused one raises MemberControlError and changes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import secrets
+from collections.abc import Iterator
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+
+from protocol.messages import Ident, TimeMs
+
+MEMBER_FILE = "member.json"
+LOCK_FILE = "member.lock"
+MAX_MEMBER_FILE = 64 * 1024
+MAX_STRIKES = 256
+StrikeId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")]
+
+
+class ControlReason(StrEnum):
+    """Why a member command or the member file was refused; local to the device, not part of the wire protocol."""
+
+    TOO_LARGE = "too_large"
+    MALFORMED = "malformed"
+    UNREADABLE = "unreadable"
+    ALREADY_LEFT = "already_left"
+    NO_TARGET = "no_target"
+    BAD_SPAN = "bad_span"
+    NO_SUCH_STRIKE = "no_such_strike"
+    TOO_MANY_STRIKES = "too_many_strikes"
+
+
+class MemberControlError(Exception):
+    """A refused member command or an unusable member file; `details` name what was expected and what was found."""
+
+    def __init__(self, reason: ControlReason, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.details = details
+
+    def __str__(self) -> str:
+        shown = ", ".join(f"{k}={v!r}" for k, v in self.details.items())
+        return f"{self.reason}: {self.message}" + (f" ({shown})" if shown else "")
+
+
+class Strike(BaseModel):
+    """One strike of this member: against a buyer, a purpose, or a buyer for one purpose, from `start_ms` to `end_ms`
+    (None: until withdrawn). Its StrikeVote is signed by the daemon, which names it `strike-{id}-vote` in the outbox."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    id: StrikeId
+    target_buyer: Ident | None = None
+    target_purpose: Ident | None = None
+    start_ms: TimeMs
+    end_ms: TimeMs | None = None
+    withdrawn_ms: TimeMs | None = None
+
+    @model_validator(mode="after")
+    def _target_and_span(self) -> Self:
+        if self.target_buyer is None and self.target_purpose is None:
+            raise ValueError("a strike needs a target buyer, a target purpose, or both")
+        if self.end_ms is not None and self.end_ms <= self.start_ms:
+            raise ValueError("end_ms must be after start_ms")
+        return self
+
+    def active(self, now_ms: int) -> bool:
+        """Started, not ended, not withdrawn."""
+        if self.withdrawn_ms is not None or now_ms < self.start_ms:
+            return False
+        return self.end_ms is None or now_ms < self.end_ms
+
+    def covers(self, buyer: str, purpose: str) -> bool:
+        """True when a job for `buyer` and `purpose` is one this strike is against."""
+        buyer_hit = self.target_buyer is None or self.target_buyer == buyer
+        purpose_hit = self.target_purpose is None or self.target_purpose == purpose
+        return buyer_hit and purpose_hit
+
+    def target_text(self) -> str:
+        named = (f"buyer {self.target_buyer}" if self.target_buyer else "", self.target_purpose or "")
+        return ", ".join(filter(None, (named[0], f"purpose {named[1]}" if named[1] else "")))
+
+
+class MemberState(BaseModel):
+    """Everything the member chose for one membership. The default (no file yet) is: taking part, no strikes."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    v: Literal[1] = 1
+    paused_ms: TimeMs | None = None
+    """Since when the member pauses; None: not paused."""
+    left_ms: TimeMs | None = None
+    """When the member left this MID; final. None: still a member."""
+    strikes: Annotated[tuple[Strike, ...], Field(max_length=MAX_STRIKES)] = ()
+    changed_ms: int = 0
+
+    def active_strikes(self, now_ms: int) -> list[Strike]:
+        return [s for s in self.strikes if s.active(now_ms)]
+
+
+# --- the file ------------------------------------------------------------------------------------------------------
+
+
+def load_member_state(directory: Path) -> MemberState:
+    """The state in `directory/member.json`; the default when there is none. Raises MemberControlError
+    (too_large, unreadable, malformed) for a file that cannot be trusted; the file is left as it is."""
+    path = directory / MEMBER_FILE
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_MEMBER_FILE + 1)
+    except FileNotFoundError:
+        return MemberState()
+    except OSError as exc:
+        raise MemberControlError(
+            ControlReason.UNREADABLE, "member file cannot be read", path=str(path), error=str(exc)
+        ) from None
+    if len(data) > MAX_MEMBER_FILE:
+        raise MemberControlError(
+            ControlReason.TOO_LARGE, "member file too large", path=str(path), limit=MAX_MEMBER_FILE, found=len(data)
+        )
+    try:
+        return MemberState.model_validate_json(data)
+    except ValidationError as exc:
+        detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(file)'}: {e['msg']}" for e in exc.errors()[:3])
+        raise MemberControlError(
+            ControlReason.MALFORMED, "member file does not match its schema", path=str(path), found=detail
+        ) from None
+
+
+def save_member_state(directory: Path, state: MemberState) -> None:
+    """Replace `directory/member.json` atomically with `state`, 0600, durable before it returns."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f"{MEMBER_FILE}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, state.model_dump_json(indent=2).encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, directory / MEMBER_FILE)
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def editing(directory: Path) -> Iterator[MemberState]:
+    """Hold the member file's lock and yield its current state: read-modify-write by two commands at once is
+    serialised (flock, released with the process even if it dies)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield load_member_state(directory)
+    finally:
+        os.close(fd)
+
+
+# --- the member's commands as pure transitions ------------------------------------------------------------------------
+
+
+def _still_member(state: MemberState, command: str) -> None:
+    if state.left_ms is not None:
+        raise MemberControlError(
+            ControlReason.ALREADY_LEFT, f"cannot {command}: this membership was left", left_ms=state.left_ms
+        )
+
+
+def pause(state: MemberState, now_ms: int) -> MemberState:
+    """Stop taking part in jobs until `resume`. Pausing twice keeps the first time."""
+    _still_member(state, "pause")
+    if state.paused_ms is not None:
+        return state
+    return state.model_copy(update={"paused_ms": now_ms, "changed_ms": now_ms})
+
+
+def resume(state: MemberState, now_ms: int) -> MemberState:
+    """Take part in jobs again (strikes stay as they are)."""
+    _still_member(state, "resume")
+    if state.paused_ms is None:
+        return state
+    return state.model_copy(update={"paused_ms": None, "changed_ms": now_ms})
+
+
+def leave(state: MemberState, now_ms: int) -> MemberState:
+    """Leave the MID for good: no more jobs; what the outbox holds is still delivered, so past work is paid."""
+    if state.left_ms is not None:
+        return state
+    return state.model_copy(update={"left_ms": now_ms, "changed_ms": now_ms})
+
+
+def strike(
+    state: MemberState,
+    now_ms: int,
+    buyer: str | None,
+    purpose: str | None,
+    end_ms: int | None = None,
+    strike_id: str | None = None,
+) -> tuple[MemberState, Strike]:
+    """Join a strike from now against `buyer` and/or `purpose` until `end_ms` (None: until withdrawn).
+
+    An active strike with the same target is returned as is (striking twice is one strike).
+    """
+    _still_member(state, "strike")
+    if buyer is None and purpose is None:
+        raise MemberControlError(ControlReason.NO_TARGET, "a strike needs --buyer, --purpose, or both")
+    if end_ms is not None and end_ms <= now_ms:
+        raise MemberControlError(ControlReason.BAD_SPAN, "a strike must end in the future", now_ms=now_ms, found=end_ms)
+    for existing in state.active_strikes(now_ms):
+        if (existing.target_buyer, existing.target_purpose) == (buyer, purpose):
+            return state, existing
+    if len(state.strikes) >= MAX_STRIKES:
+        raise MemberControlError(ControlReason.TOO_MANY_STRIKES, "too many strikes kept", limit=MAX_STRIKES)
+    try:
+        new = Strike(
+            id=strike_id or secrets.token_hex(8),
+            target_buyer=buyer,
+            target_purpose=purpose,
+            start_ms=now_ms,
+            end_ms=end_ms,
+        )
+    except ValidationError as exc:
+        raise MemberControlError(
+            ControlReason.MALFORMED, "not a valid strike", found=exc.errors()[0]["msg"], buyer=buyer, purpose=purpose
+        ) from None
+    return state.model_copy(update={"strikes": (*state.strikes, new), "changed_ms": now_ms}), new
+
+
+def unstrike(
+    state: MemberState, now_ms: int, buyer: str | None = None, purpose: str | None = None
+) -> tuple[MemberState, list[Strike]]:
+    """Withdraw every active strike whose target matches (`buyer`/`purpose` None: any); returns the withdrawn ones.
+
+    Raises no_such_strike when nothing matches.
+    """
+    hits = [
+        s
+        for s in state.active_strikes(now_ms)
+        if (buyer is None or s.target_buyer == buyer) and (purpose is None or s.target_purpose == purpose)
+    ]
+    if not hits:
+        raise MemberControlError(ControlReason.NO_SUCH_STRIKE, "no active strike matches", buyer=buyer, purpose=purpose)
+    ids = {s.id for s in hits}
+    strikes = tuple(s.model_copy(update={"withdrawn_ms": now_ms}) if s.id in ids else s for s in state.strikes)
+    return state.model_copy(update={"strikes": strikes, "changed_ms": now_ms}), hits
