@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from coordinator.federation.job_cli import app as job_app
 from coordinator.royalties.cli import app as royalties_app
 
 if TYPE_CHECKING:
@@ -26,6 +27,8 @@ TlsOption = typer.Option(True, help="write a TLS listener with the MID's own CA"
 
 # Statements and revenue records over the ledger; that module imports its record code only when a command runs.
 app.add_typer(royalties_app, name="royalties")
+# Training jobs on the MID's SuperLink: `job start`, `job list`, `job show`.
+app.add_typer(job_app, name="job")
 
 
 # Imports live inside the commands: every `midgate` invocation (the agent's too) imports this module.
@@ -175,3 +178,59 @@ def devices(config: Path | None = ConfigOption) -> None:
             typer.echo(f"{d.device_id}\t{d.member_id}\t{state}\t{d.verifier.text()}")
     finally:
         registry.close()
+
+
+EvidenceDirOption = typer.Option(None, help="write each refused report's signed envelope here")
+
+
+@app.command()
+def flags(
+    config: Path | None = ConfigOption,
+    device: str | None = typer.Option(None, help="only this device"),
+    all_refusals: bool = typer.Option(False, "--all", help="also refusals that flag no one (dropped, never captured)"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per line, evidence included"),
+    evidence_dir: Path | None = EvidenceDirOption,
+) -> None:
+    """Devices flagged for contribution reports whose signed update hash is not what Flower delivered, with the
+    evidence: the signed envelope, what the round's capture holds, and the reason."""
+    import base64
+    import json
+
+    from coordinator.ingest.contributions import ContributionStore
+
+    settings = _settings(config)
+    if not settings.contributions_path.exists():
+        return
+    store = ContributionStore(settings.contributions_path)
+    try:
+        refusals = store.refusals(flagged_only=not all_refusals, device=device)
+    finally:
+        store.close()
+    if evidence_dir is not None:
+        evidence_dir.mkdir(parents=True, exist_ok=True)
+    for r in refusals:
+        if evidence_dir is not None:
+            (evidence_dir / f"{r.device}-{r.seq}.dsse.json").write_bytes(r.envelope)
+        if as_json:
+            doc = {
+                "device": r.device,
+                "key_id": r.key_id,
+                "seq": str(r.seq),
+                "run_id": str(r.run_id),
+                "round": r.round,
+                "node_id": str(r.node_id),
+                "reason": r.reason,
+                "flagged": r.flagged,
+                "detail": r.detail,
+                "capture": r.capture,
+                "envelope_sha256": r.envelope_sha256,
+                "envelope_b64": base64.b64encode(r.envelope).decode(),
+                "refused_ms": r.refused_ms,
+            }
+            typer.echo(json.dumps(doc, sort_keys=True))
+        else:
+            flag = "FLAGGED" if r.flagged else "refused"
+            typer.echo(
+                f"{r.device}\t{flag}\t{r.reason}\tseq={r.seq}\trun={r.run_id}\tround={r.round}\tnode={r.node_id}"
+                f"\treported={r.capture.get('reported_update_sha256')}\tcaptured={r.capture.get('update_sha256')}"
+            )

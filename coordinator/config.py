@@ -215,6 +215,22 @@ class FederationSettings(BaseModel):
         default_factory=lambda: ["localhost", "127.0.0.1"], description="names in the SuperLink's server certificate"
     )
     start_timeout_s: float = Field(default=60.0, gt=0, description="how long `serve` waits for the SuperLink to listen")
+    jobs_dir: Path | None = Field(
+        default=None,
+        description="the jobs' `output-dir`: round captures under `run-<id>/`, against which every contribution "
+        "report is cross-checked; default data_dir/federation/jobs",
+    )
+    # A device reports right after replying to Flower, so its report usually arrives before the strategy has the
+    # whole round and writes the capture; a round lasts at most join + round timeout (180 s by default).
+    report_grace_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="how long a contribution report waits for its round's capture before it is refused "
+        "(round_not_captured)",
+    )
+    capture_poll_s: float = Field(
+        default=0.5, gt=0, le=60, description="seconds between looks for the captures that waiting reports need"
+    )
 
 
 class CoordinatorSettings(RoleSettings):
@@ -256,6 +272,16 @@ class CoordinatorSettings(RoleSettings):
     def federation_dir(self) -> Path:
         """The SuperLink's FLWR_HOME and database, and the `flwr` CLI's own FLWR_HOME beside it."""
         return self.data_dir / "federation"
+
+    @property
+    def jobs_dir(self) -> Path:
+        """Where the jobs' round captures are (`[federation] jobs_dir`)."""
+        return self.federation.jobs_dir or self.federation_dir / "jobs"
+
+    @property
+    def contributions_path(self) -> Path:
+        """Contribution reports waiting for their round's capture, and refused reports kept as evidence."""
+        return self.data_dir / "contributions.sqlite"
 
     @property
     def ledger_dir(self) -> Path:

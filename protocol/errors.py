@@ -41,6 +41,8 @@ class Reason(StrEnum):
     SENSOR_IO = "sensor_io"
     SETTLEMENT_MISMATCH = "settlement_mismatch"
     QUORUM_NOT_MET = "quorum_not_met"
+    ROUND_NOT_CAPTURED = "round_not_captured"
+    UPDATE_DROPPED = "update_dropped"
 
 
 class ProtocolError(Exception):
@@ -202,3 +204,17 @@ class QuorumNotMetError(ProtocolError):
     """A checkpoint lacks the required number of valid witness cosignatures."""
 
     reason = Reason.QUORUM_NOT_MET
+
+
+class RoundNotCapturedError(ProtocolError):
+    """A contribution report for a run and round the MID holds no capture of, after the grace period: the round never
+    completed (or never existed). Not evidence of lying: the report is refused, the device is not flagged."""
+
+    reason = Reason.ROUND_NOT_CAPTURED
+
+
+class UpdateDroppedError(ProtocolError):
+    """A contribution report for a round whose capture lists the node as dropped (late, lost, error or malformed
+    reply): its update was not aggregated, so it is no contribution. Refused, not flagged."""
+
+    reason = Reason.UPDATE_DROPPED

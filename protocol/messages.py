@@ -372,6 +372,26 @@ class RoundInvitation(WireMessage):
         return self
 
 
+ReasonCode = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z_]{0,63}$")]
+"""A `protocol.errors.Reason` value (docs/protocol.md, reason codes)."""
+
+
+class Refusal(WireMessage):
+    """The MID refused one of this device's reports for good: the device stops resending it and keeps it, with the
+    reason, for the member to see. Bound to the report by key id, seq and the SHA-256 of its exact envelope bytes, so
+    it can only settle the report it names. Not sent for transient refusals (`rate_limited`), which a resend cures."""
+
+    PAYLOAD_TYPE: ClassVar[str] = _media_type("refusal")
+    v: Literal[1] = 1
+    device_key_id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{8}$")]
+    seq: U64
+    envelope_sha256: Sha256Hex
+    reason: ReasonCode
+    detail: ShortText = ""
+    """What was expected and what was found, for the member (e.g. the update hash the MID received)."""
+    issued_ms: TimeMs
+
+
 class StatementLine(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
     kind: Literal["training", "royalty", "fee", "adjustment"]
@@ -450,6 +470,7 @@ MESSAGE_TYPES: tuple[type[WireMessage], ...] = (
     StrikeVote,
     Statement,
     RevenueReport,
+    Refusal,
 )
 MESSAGE_BY_PAYLOAD_TYPE: dict[str, type[WireMessage]] = {m.PAYLOAD_TYPE: m for m in MESSAGE_TYPES}
 
@@ -502,6 +523,7 @@ __all__ = [
     "Receipt",
     "ReceiptBatch",
     "ReceiptPath",
+    "Refusal",
     "RevenueReport",
     "RoundInvitation",
     "Statement",

@@ -28,6 +28,7 @@ from protocol.messages import (
     Heartbeat,
     KnobUpdate,
     ReceiptBatch,
+    Refusal,
     RoundInvitation,
     Statement,
     StrikeVote,
@@ -65,6 +66,7 @@ class DownKind(StrEnum):
     RECEIPT = "receipt"
     INVITE = "invite"
     STATEMENT = "statement"
+    REFUSAL = "refusal"
 
 
 class BroadcastKind(StrEnum):
@@ -87,6 +89,7 @@ MESSAGE_BY_DOWN_KIND: dict[DownKind, type[WireMessage]] = {
     DownKind.RECEIPT: ReceiptBatch,
     DownKind.INVITE: RoundInvitation,
     DownKind.STATEMENT: Statement,
+    DownKind.REFUSAL: Refusal,
 }
 CHECKPOINT_MESSAGE: type[WireMessage] = CheckpointAnnouncement
 """The retained message on mid/{mid}/ledger/checkpoint."""

@@ -32,6 +32,7 @@ from protocol.messages import (
     Receipt,
     ReceiptBatch,
     ReceiptPath,
+    Refusal,
     RevenueReport,
     RoundInvitation,
     Statement,
@@ -145,6 +146,14 @@ SAMPLES: list[WireMessage] = [
         amount_minor=500_000,
         currency="EUR",
         seq=1,
+        issued_ms=NOW,
+    ),
+    Refusal(
+        device_key_id="0a1b2c3d",
+        seq=41,
+        envelope_sha256="ab" * 32,
+        reason="update_mismatch",
+        detail="report names another update",
         issued_ms=NOW,
     ),
 ]

@@ -7,12 +7,29 @@ hashes; otherwise it is refused with `update_mismatch` and nothing is recorded.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from coordinator.federation.capture import CapturedUpdate, RoundCapture
 from protocol.errors import UpdateMismatchError
-from protocol.tasks.contribution import ContributionRecord
 
 
-def find_update(record: ContributionRecord, capture: RoundCapture) -> CapturedUpdate:
+class ReportedUpdate(Protocol):
+    """What a report says about one node's update: the ClientApp's ContributionRecord and the wire protocol's signed
+    ContributionReport both carry these fields."""
+
+    @property
+    def run_id(self) -> int: ...
+    @property
+    def round(self) -> int: ...
+    @property
+    def node_id(self) -> int: ...
+    @property
+    def global_model_sha256(self) -> str: ...
+    @property
+    def update_sha256(self) -> str: ...
+
+
+def find_update(record: ReportedUpdate, capture: RoundCapture) -> CapturedUpdate:
     """The captured update the report speaks of; raises UpdateMismatchError if the strategy received none."""
     if record.run_id != capture.run_id or record.round != capture.round:
         raise UpdateMismatchError(
@@ -26,7 +43,7 @@ def find_update(record: ContributionRecord, capture: RoundCapture) -> CapturedUp
     raise UpdateMismatchError("no update from this node in this round", node_id=record.node_id, round=record.round)
 
 
-def check_contribution(record: ContributionRecord, capture: RoundCapture) -> CapturedUpdate:
+def check_contribution(record: ReportedUpdate, capture: RoundCapture) -> CapturedUpdate:
     """The matching captured update if the report's hashes are exactly those of what Flower delivered."""
     update = find_update(record, capture)
     if record.global_model_sha256 != update.global_sha256:

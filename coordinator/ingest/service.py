@@ -25,6 +25,7 @@ from coordinator.broker.logins import coordinator_password, sync_broker_logins
 from coordinator.buyer.http import RevenueDesk
 from coordinator.config import CoordinatorSettings
 from coordinator.federation.mid_superlink import MidSuperLink
+from coordinator.ingest.contributions import ContributionGate, open_contribution_gate
 from coordinator.ingest.dedup import DedupIndex
 from coordinator.ingest.handoff import (
     VerifiedBatch,
@@ -75,6 +76,8 @@ class CoordinatorService:
         self._http: _QuietServer | None = None
         self._http_task: asyncio.Task[None] | None = None
         self.superlink: MidSuperLink | None = None
+        self.contributions: ContributionGate | None = None
+        self._quiet_s = min(REGISTRY_POLL_S, settings.federation.capture_poll_s)
 
     @property
     def password_file(self) -> Path:
@@ -100,6 +103,20 @@ class CoordinatorService:
             s.ingest.rate_burst,
         )
         await asyncio.to_thread(log_enrolments, self.registry, self.ledger)
+        if s.federation.enabled:
+            # Contribution reports are cross-checked with the round captures of the MID's own jobs.
+            self.contributions = await asyncio.to_thread(
+                open_contribution_gate,
+                s.mid,
+                self.mid_key,
+                s.contributions_path,
+                s.registry_path,
+                s.jobs_dir,
+                s.federation.report_grace_s,
+                s.federation.capture_poll_s,
+                lambda key_id, seq: self.dedup.lookup(key_id, seq) is not None,
+                self.metrics.registry,
+            )
         self.metrics.ledger_size.set(self.ledger.size)
         endpoint = BrokerEndpoint(
             host=s.broker.host,
@@ -142,6 +159,8 @@ class CoordinatorService:
         if self.superlink is not None:
             await asyncio.to_thread(self.superlink.stop)
         await asyncio.to_thread(self.session.stop)
+        if self.contributions is not None:
+            self.contributions.close()
         self.dedup.close()
         self.registry.close()
         self.ledger.close()
@@ -216,7 +235,7 @@ class CoordinatorService:
                 if not self._inbox:
                     waiter = asyncio.create_task(self._arrived.wait())
                     done, _ = await asyncio.wait(
-                        {waiter, stopper}, timeout=REGISTRY_POLL_S, return_when=asyncio.FIRST_COMPLETED
+                        {waiter, stopper}, timeout=self._quiet_s, return_when=asyncio.FIRST_COMPLETED
                     )
                     if waiter not in done:
                         waiter.cancel()
@@ -224,6 +243,7 @@ class CoordinatorService:
                             break
                         # Quiet broker: still notice revocations (and log them) without waiting for traffic.
                         await asyncio.to_thread(self.pipeline.refresh_registry)
+                        await self._resolve_contributions()
                         continue
                     self._arrived.clear()
                     if not self._inbox:
@@ -233,6 +253,7 @@ class CoordinatorService:
                     await self._process(batch)
                 except Exception:
                     await self._recover(batch)
+                await self._resolve_contributions()
         finally:
             stopper.cancel()
 
@@ -260,6 +281,8 @@ class CoordinatorService:
         screened, owed = await asyncio.to_thread(self._screen, batch, now_ms)
         self._settle(screened.settled, owed)
         self._count_online(now_ms)
+        if self.contributions is not None and screened.candidates:
+            screened.candidates = await self._admit_contributions(screened.candidates, now_ms)
         if screened.candidates:
             committed, owed = await asyncio.to_thread(self._commit, screened.candidates, now_ms)
             self.metrics.batch_size.observe(len(committed))
@@ -272,6 +295,38 @@ class CoordinatorService:
             topic, notice = seal_committed(self.handoff_key, self.settings.mid, handoff.worker, handoff.batch_id)
             self.session.publish(topic, notice, qos=1)
             self.session.settle(message.token)
+
+    async def _admit_contributions(self, candidates: list[Candidate], now_ms: int) -> list[Candidate]:
+        """Cross-check contribution reports with their round's capture (coordinator/ingest/contributions.py): a
+        report waiting for it is stored durably, then acknowledged without a receipt; a refused one gets its Refusal."""
+        assert self.contributions is not None
+        admission = await asyncio.to_thread(self.contributions.admit, candidates, now_ms)
+        for verdict in admission.held:
+            if verdict.message.token is not None:
+                self.session.settle(verdict.message.token)
+        self._settle(admission.refused, admission.notices)
+        return admission.ready
+
+    async def _resolve_contributions(self) -> None:
+        """Log (and receipt) waiting reports whose round capture appeared; refuse those it contradicts or that
+        waited past the grace period. Runs between batches, on the thread that appends to the ledger."""
+        gate = self.contributions
+        if gate is None or not gate.due(time.monotonic()):
+            return
+        now_ms = time.time_ns() // 1_000_000
+        try:
+            resolution = await asyncio.to_thread(gate.resolve, now_ms)
+            self._settle(resolution.refused, resolution.notices)
+            if resolution.ready:
+                committed, owed = await asyncio.to_thread(self._commit, resolution.ready, now_ms)
+                await asyncio.to_thread(gate.logged, committed)
+                self.metrics.ledger_size.set(self.ledger.size)
+                announcement = await asyncio.to_thread(self._checkpoint_announcement, now_ms)
+                self.session.publish(checkpoint_topic(self.settings.mid), announcement, qos=1, retain=True)
+                self._settle(committed, owed)
+        except Exception:
+            # The waiting rows stay; the next poll retries them and dedup keeps a committed one from a second leaf.
+            log.exception("resolving waiting contribution reports failed")
 
     def _unpack_handoffs(
         self, batch: list[InboundMessage]

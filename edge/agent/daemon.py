@@ -30,6 +30,7 @@ from edge.agent.member_controls import MemberControls
 from edge.agent.member_decisions import OwedVote, owed_votes, strike_vote
 from edge.agent.membership import Membership, load_memberships
 from edge.agent.outbox import Outbox, OutboxFullError
+from edge.agent.refusals import settle_refusal
 from edge.agent.session import DeviceSession
 from edge.agent.spool import pending_files, read_record, reject_file, sign_report
 from protocol.errors import ProtocolError
@@ -256,6 +257,9 @@ class MembershipRunner:
         for topic, payload in batch:
             try:
                 parsed = parse_topic(topic)
+                if parsed.direction is Direction.DOWN and parsed.kind is DownKind.REFUSAL:
+                    settle_refusal(self.outbox, self.membership, payload, _now_ms())
+                    continue
                 if parsed.direction is not Direction.DOWN or parsed.kind is not DownKind.RECEIPT:
                     continue
                 outcome = self.view.settle_batch(ReceiptBatch.parse(payload), self._held)

@@ -9,6 +9,7 @@ spool file cannot enqueue the same record twice.
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,6 +37,18 @@ CREATE TABLE IF NOT EXISTS receipts (
     spool_name TEXT UNIQUE,
     received_ms INTEGER NOT NULL
 );
+-- Reports the MID refused for good (a MID-signed Refusal bound to the envelope's hash): kept for the member to see,
+-- never resent.
+CREATE TABLE IF NOT EXISTS refused (
+    seq INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    envelope BLOB NOT NULL,
+    envelope_sha256 TEXT NOT NULL,
+    spool_name TEXT UNIQUE,
+    reason TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    refused_ms INTEGER NOT NULL
+);
 """
 
 
@@ -52,6 +65,19 @@ class OutboxUsage:
     pending: int
     pending_bytes: int
     receipted: int
+    refused: int = 0
+
+
+@dataclass(frozen=True)
+class RefusedReport:
+    """A report the MID refused for good, with its reason code and the MID's detail."""
+
+    seq: int
+    kind: str
+    envelope: bytes
+    reason: str
+    detail: str
+    refused_ms: int
 
 
 class OutboxFullError(Exception):
@@ -92,8 +118,11 @@ class Outbox:
 
     def knows_spool_name(self, spool_name: str) -> bool:
         """True when this spool file was already taken in (its unlink may have been lost to a crash)."""
-        q = "SELECT 1 FROM outbox WHERE spool_name = ? UNION ALL SELECT 1 FROM receipts WHERE spool_name = ? LIMIT 1"
-        return self._db.execute(q, (spool_name, spool_name)).fetchone() is not None
+        q = (
+            "SELECT 1 FROM outbox WHERE spool_name = ? UNION ALL SELECT 1 FROM receipts WHERE spool_name = ?"
+            " UNION ALL SELECT 1 FROM refused WHERE spool_name = ? LIMIT 1"
+        )
+        return self._db.execute(q, (spool_name, spool_name, spool_name)).fetchone() is not None
 
     def enqueue(self, kind: str, sign: Callable[[int], bytes], now_ms: int, spool_name: str | None = None) -> int:
         """Allocate the next seq, sign with it (`sign(seq) -> envelope`), and commit row + counter together."""
@@ -187,6 +216,27 @@ class Outbox:
         self._pending_bytes -= freed
         return moved
 
+    def refuse(self, seq: int, envelope_sha256: str, reason: str, detail: str, now_ms: int) -> bool:
+        """Move a pending report the MID refused out of the outbox, kept with the reason; True when it moved.
+
+        Only the report whose exact envelope hashes to `envelope_sha256` moves, so a notice can settle nothing else.
+        """
+        with self._txn() as db:
+            row = db.execute("SELECT kind, envelope, spool_name FROM outbox WHERE seq = ?", (seq,)).fetchone()
+            if row is None or hashlib.sha256(bytes(row[1])).hexdigest() != envelope_sha256:
+                return False
+            db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+            db.execute(
+                "INSERT OR REPLACE INTO refused VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (seq, row[0], row[1], envelope_sha256, row[2], reason, detail, now_ms),
+            )
+        self._pending_bytes -= len(row[1])
+        return True
+
+    def refused(self) -> list[RefusedReport]:
+        rows = self._db.execute("SELECT seq, kind, envelope, reason, detail, refused_ms FROM refused ORDER BY seq")
+        return [RefusedReport(int(r[0]), r[1], bytes(r[2]), r[3], r[4], int(r[5])) for r in rows]
+
     def get_meta(self, name: str) -> bytes | None:
         row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
         return None if row is None else bytes(row[0])
@@ -198,7 +248,8 @@ class Outbox:
     def usage(self) -> OutboxUsage:
         pending = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
         receipted = int(self._db.execute("SELECT COUNT(*) FROM receipts").fetchone()[0])
-        return OutboxUsage(pending, self._pending_bytes, receipted)
+        refused = int(self._db.execute("SELECT COUNT(*) FROM refused").fetchone()[0])
+        return OutboxUsage(pending, self._pending_bytes, receipted, refused)
 
     def receipted_seqs(self) -> list[int]:
         return [int(r[0]) for r in self._db.execute("SELECT seq FROM receipts ORDER BY seq")]

@@ -1,0 +1,110 @@
+"""Find the round captures the strategy wrote (capture.py) from a report's run and round, and judge a report by them.
+
+The ServerApp writes `output-dir/run-<run id>/round-NNNNNN.json` (after the round's `.npz` files) when a round's
+replies are in; the coordinator points every job's `output-dir` at `[federation] jobs_dir`, so a report's run id and
+round name exactly one summary file. A summary that exists is complete (written atomically), and never changes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import replace
+from pathlib import Path
+
+from coordinator.federation.capture import CaptureDirectory, RoundCapture
+from coordinator.federation.report_check import ReportedUpdate, check_contribution
+from protocol.errors import UpdateDroppedError, UpdateMismatchError
+
+log = logging.getLogger("midgate.federation")
+
+
+def capture_summary_path(jobs_dir: Path, run_id: int, server_round: int) -> Path:
+    """Where the strategy writes `run_id`'s round summary (CaptureDirectory.round_path under `run-<id>`)."""
+    return jobs_dir / f"run-{run_id}" / f"round-{server_round:06d}.json"
+
+
+class RoundCaptures:
+    """Read-through cache of round captures under `jobs_dir`, hashes only (the arrays are dropped once re-hashed).
+
+    Parameters
+    ----------
+    jobs_dir: the jobs' output folder (`CoordinatorSettings.jobs_dir`).
+    max_rounds: captures kept in memory, least recently used dropped first (default 256).
+    """
+
+    def __init__(self, jobs_dir: Path, max_rounds: int = 256) -> None:
+        self.jobs_dir = jobs_dir
+        self.max_rounds = max_rounds
+        self._cache: OrderedDict[tuple[int, int], RoundCapture] = OrderedDict()
+        self._unreadable: set[tuple[int, int]] = set()
+
+    def get(self, run_id: int, server_round: int) -> RoundCapture | None:
+        """The round's capture, or None while the strategy has not written it (or it cannot be read)."""
+        key = (run_id, server_round)
+        found = self._cache.get(key)
+        if found is not None:
+            self._cache.move_to_end(key)
+            return found
+        path = capture_summary_path(self.jobs_dir, run_id, server_round)
+        if not path.is_file():
+            return None
+        try:
+            # load_round re-hashes every stored update, so a tampered .npz shows as a mismatch, not as the truth.
+            capture = CaptureDirectory(path.parent).load_round(server_round)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            if key not in self._unreadable:
+                self._unreadable.add(key)
+                log.error(
+                    "round capture unreadable", extra={"run_id": run_id, "round": server_round, "error": repr(exc)}
+                )
+            return None
+        capture = replace(capture, updates=tuple(replace(u, arrays={}) for u in capture.updates))
+        self._cache[key] = capture
+        if len(self._cache) > self.max_rounds:
+            self._cache.popitem(last=False)
+        return capture
+
+
+def judge_report(report: ReportedUpdate, capture: RoundCapture, signer_node_id: int | None) -> None:
+    """Raise unless `report` names exactly the update Flower delivered from the signer's own node in this round.
+
+    Parameters
+    ----------
+    report: the run, round, node and hashes a verified report states.
+    capture: the strategy's capture of that run and round.
+    signer_node_id: the SuperLink node id registered for the signing device (None: it has none).
+
+    Raises UpdateMismatchError (the report is false: the device is flagged) or UpdateDroppedError (the node's update
+    was dropped from the round: honest but no contribution).
+    """
+    if signer_node_id != report.node_id:
+        raise UpdateMismatchError(
+            "report names a Flower node that is not the signer's", expected=signer_node_id, found=report.node_id
+        )
+    for drop in capture.drops:
+        if drop.node_id == report.node_id:
+            raise UpdateDroppedError(
+                "the round dropped this node's update",
+                node_id=report.node_id,
+                round=report.round,
+                drop=str(drop.reason),
+            )
+    check_contribution(report, capture)
+
+
+def capture_evidence(capture: RoundCapture | None, node_id: int) -> dict[str, object]:
+    """What the capture holds for `node_id`, as kept beside a refused report (None: no capture)."""
+    if capture is None:
+        return {"captured": False}
+    update = next((u for u in capture.updates if u.node_id == node_id), None)
+    drop = next((d for d in capture.drops if d.node_id == node_id), None)
+    return {
+        "captured": True,
+        "run_id": str(capture.run_id),
+        "round": capture.round,
+        "global_sha256": capture.global_sha256,
+        "update_sha256": None if update is None else update.update_sha256,
+        "dropped": None if drop is None else str(drop.reason),
+        "nodes": sorted(str(u.node_id) for u in capture.updates),
+    }

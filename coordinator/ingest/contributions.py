@@ -1,0 +1,570 @@
+"""Contribution reports reach the ledger only for updates Flower delivered (issue 6).
+
+With `[federation] enabled` every verified, deduplicated ContributionReport is cross-checked against the round
+capture the strategy wrote (coordinator/federation/round_captures.py) before the ledger commit:
+
+- the capture exists and names the signer's node with the same global-model and update hashes: logged as before;
+- no capture yet (the device reports right after replying to Flower, before the strategy has the whole round): the
+  report waits in `pending_contributions` (its own SQLite file, `synchronous=FULL`, committed before the MQTT ack,
+  so a crash loses nothing), and the service re-checks it every `capture_poll_s`; after `report_grace_s` without a
+  capture it is refused `round_not_captured`;
+- the capture says otherwise: refused `update_mismatch`, and the device is *flagged*: the signed envelope, what the
+  capture holds and the reason are kept in `refused_contributions` (`midgate coordinator flags`), because the
+  device's own signature proves it reported an update it did not send. A dropped node's report is refused
+  `update_dropped`, unflagged.
+
+Every refusal is final and answered with a MID-signed `Refusal` on the device's `down/refusal` topic, so its outbox
+stops resending; a resend that arrives anyway is refused again from the stored row (and the notice re-sent).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from coordinator.federation.capture import RoundCapture
+from coordinator.federation.round_captures import RoundCaptures, capture_evidence, judge_report
+from coordinator.ingest.pipeline import Candidate, InboundMessage, Outcome, Verdict
+from coordinator.registry.store import Registry
+from protocol.envelope import peek_envelope
+from protocol.errors import EquivocationError, ProtocolError, Reason, RoundNotCapturedError
+from protocol.identity import SignerKey
+from protocol.leaves import Leaf, LeafKind
+from protocol.messages import Refusal
+from protocol.topics import DownKind, UpKind, down_topic, up_topic
+
+log = logging.getLogger("midgate.ingest")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS pending_contributions (
+    key_id TEXT NOT NULL,
+    seq TEXT NOT NULL,
+    device TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    node_id TEXT NOT NULL,
+    envelope BLOB NOT NULL,
+    received_ms INTEGER NOT NULL,
+    PRIMARY KEY (key_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS refused_contributions (
+    key_id TEXT NOT NULL,
+    seq TEXT NOT NULL,
+    device TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    node_id TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    flagged INTEGER NOT NULL,
+    envelope BLOB NOT NULL,
+    envelope_sha256 TEXT NOT NULL,
+    capture TEXT NOT NULL,
+    refused_ms INTEGER NOT NULL,
+    PRIMARY KEY (key_id, seq)
+) WITHOUT ROWID;
+"""
+
+FLAGGING_REASONS = frozenset({Reason.UPDATE_MISMATCH})
+"""Refusals that prove the device lied (its signature is on a false statement); the others are no one's fault."""
+
+
+@dataclass(frozen=True)
+class ReportedContribution:
+    """What a verified ContributionReport says, with who signed it (screening established key id, seq, device)."""
+
+    device: str
+    key_id: str
+    seq: int
+    run_id: int
+    round: int
+    node_id: int
+    global_model_sha256: str
+    update_sha256: str
+    envelope: bytes = field(repr=False)
+
+
+def reported_contribution(envelope: bytes, device: str, key_id: str, seq: int) -> ReportedContribution:
+    """Read the fields the cross-check needs from a verified report (its strict schema was checked by screening)."""
+    _, payload, _ = peek_envelope(envelope)
+    doc = json.loads(payload)
+    return ReportedContribution(
+        device,
+        key_id,
+        seq,
+        int(doc["run_id"]),
+        int(doc["round"]),
+        int(doc["node_id"]),
+        str(doc["global_model_sha256"]),
+        str(doc["update_sha256"]),
+        envelope,
+    )
+
+
+@dataclass(frozen=True)
+class RefusedContribution:
+    """A refused report and its evidence; `flagged` when the refusal proves the device lied."""
+
+    device: str
+    key_id: str
+    seq: int
+    run_id: int
+    round: int
+    node_id: int
+    reason: str
+    detail: str
+    flagged: bool
+    envelope: bytes = field(repr=False)
+    envelope_sha256: str
+    capture: dict[str, object]
+    refused_ms: int
+
+
+class ContributionStore:
+    """The SQLite file behind the gate (`CoordinatorSettings.contributions_path`); one thread writes it."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a held report is acknowledged to the broker once this commit returns; nothing else holds it then.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def pending_digest(self, key_id: str, seq: int) -> bytes | None:
+        row = self._db.execute(
+            "SELECT envelope FROM pending_contributions WHERE key_id = ? AND seq = ?", (key_id, str(seq))
+        ).fetchone()
+        return None if row is None else hashlib.sha256(bytes(row[0])).digest()
+
+    def refusal(self, key_id: str, seq: int) -> RefusedContribution | None:
+        row = self._db.execute(_REFUSED_SELECT + " WHERE key_id = ? AND seq = ?", (key_id, str(seq))).fetchone()
+        return None if row is None else _refused(row)
+
+    def pending_count(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM pending_contributions").fetchone()[0])
+
+    def pending(self, limit: int) -> list[tuple[ReportedContribution, int]]:
+        """Waiting reports, oldest first, with the time each was received."""
+        rows = self._db.execute(
+            "SELECT device, key_id, seq, envelope, received_ms FROM pending_contributions ORDER BY received_ms LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [
+            (reported_contribution(bytes(envelope), device, key_id, int(seq)), int(received_ms))
+            for device, key_id, seq, envelope, received_ms in rows
+        ]
+
+    def refusals(self, flagged_only: bool = False, device: str | None = None) -> list[RefusedContribution]:
+        query = _REFUSED_SELECT + " WHERE (? = 0 OR flagged = 1) AND (? IS NULL OR device = ?) ORDER BY refused_ms"
+        return [_refused(row) for row in self._db.execute(query, (int(flagged_only), device, device))]
+
+    def flag_counts(self) -> dict[str, int]:
+        rows = self._db.execute("SELECT device, COUNT(*) FROM refused_contributions WHERE flagged = 1 GROUP BY device")
+        return {device: int(n) for device, n in rows}
+
+
+def hold(db: sqlite3.Connection, report: ReportedContribution, now_ms: int) -> None:
+    db.execute(
+        "INSERT OR IGNORE INTO pending_contributions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            report.key_id,
+            str(report.seq),
+            report.device,
+            str(report.run_id),
+            report.round,
+            str(report.node_id),
+            report.envelope,
+            now_ms,
+        ),
+    )
+
+
+def record_refusal(db: sqlite3.Connection, refused: RefusedContribution) -> None:
+    """Keep the refusal (first one wins: a resend is refused from it) and drop any pending row of the report."""
+    db.execute(
+        "INSERT OR IGNORE INTO refused_contributions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            refused.key_id,
+            str(refused.seq),
+            refused.device,
+            str(refused.run_id),
+            refused.round,
+            str(refused.node_id),
+            refused.reason,
+            refused.detail,
+            int(refused.flagged),
+            refused.envelope,
+            refused.envelope_sha256,
+            json.dumps(refused.capture, sort_keys=True),
+            refused.refused_ms,
+        ),
+    )
+    db.execute("DELETE FROM pending_contributions WHERE key_id = ? AND seq = ?", (refused.key_id, str(refused.seq)))
+
+
+_REFUSED_SELECT = (
+    "SELECT device, key_id, seq, run_id, round, node_id, reason, detail, flagged, envelope, envelope_sha256, capture,"
+    " refused_ms FROM refused_contributions"
+)
+
+
+def _refused(row: tuple[Any, ...]) -> RefusedContribution:
+    device, key_id, seq, run_id, rnd, node_id, reason, detail, flagged, envelope, digest, capture, refused_ms = row
+    return RefusedContribution(
+        device=str(device),
+        key_id=str(key_id),
+        seq=int(str(seq)),
+        run_id=int(str(run_id)),
+        round=int(str(rnd)),
+        node_id=int(str(node_id)),
+        reason=str(reason),
+        detail=str(detail),
+        flagged=bool(flagged),
+        envelope=bytes(envelope),
+        envelope_sha256=str(digest),
+        capture=json.loads(str(capture)),
+        refused_ms=int(str(refused_ms)),
+    )
+
+
+@dataclass(frozen=True)
+class _Wait:
+    """The report's round is not captured yet; `new` when it is not stored as waiting already (a resend is)."""
+
+    new: bool
+
+
+_WAIT, _STILL_WAITING = _Wait(new=True), _Wait(new=False)
+
+
+@dataclass
+class Admission:
+    """What `ContributionGate.admit` made of a batch's candidates."""
+
+    ready: list[Candidate] = field(default_factory=list)
+    """Cross-checked (or no contribution at all): on to the ledger commit."""
+    held: list[Verdict] = field(default_factory=list)
+    """Stored durably to wait for their round's capture: acknowledge to the broker, no receipt yet."""
+    refused: list[Verdict] = field(default_factory=list)
+    """Refused for good (stored), each owed the Refusal notice in `notices`."""
+    notices: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+class ContributionMetrics:
+    """The gate's Prometheus series, in the service's registry (refusals are counted by reason by the service)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.held = Counter(
+            "midgate_contributions_held",
+            "contribution reports stored to wait for their round's capture",
+            registry=registry,
+        )
+        self.pending = Gauge(
+            "midgate_contributions_pending", "contribution reports waiting for their round's capture", registry=registry
+        )
+        self.flagged = Counter(
+            "midgate_devices_flagged", "reports whose signed update hash Flower did not deliver", registry=registry
+        )
+
+
+class ContributionGate:
+    """Cross-checks contribution reports before the ledger; runs on the ingest pipeline's thread, one call at a time.
+
+    Parameters
+    ----------
+    mid: the MID id (topics).
+    mid_key: signs the Refusal notices.
+    store: pending and refused reports.
+    registry: node id of each device's Flower key (`flower_nodes`); read, never written.
+    captures: the strategy's round captures.
+    grace_ms: how long a report waits for its round's capture before `round_not_captured`.
+    poll_s: how often waiting reports are re-checked (`due`).
+    in_ledger: (key id, seq) -> already logged (the dedup index): a crash between the ledger commit and the
+        pending row's deletion must not log a report twice.
+    metrics: the gate's series (None: not exported).
+    """
+
+    def __init__(
+        self,
+        mid: str,
+        mid_key: SignerKey,
+        store: ContributionStore,
+        registry: Registry,
+        captures: RoundCaptures,
+        grace_ms: int,
+        poll_s: float,
+        in_ledger: Callable[[str, int], bool],
+        metrics: ContributionMetrics | None = None,
+    ) -> None:
+        self.mid = mid
+        self.mid_key = mid_key
+        self.store = store
+        self.registry = registry
+        self.captures = captures
+        self.grace_ms = grace_ms
+        self.poll_s = poll_s
+        self.in_ledger = in_ledger
+        self.metrics = metrics
+        self._nodes: dict[str, int] = {}
+        self._registry_version = -1
+        self._pending = store.pending_count()
+        self._next_poll = 0.0
+        self._publish_pending()
+
+    @property
+    def pending_count(self) -> int:
+        return self._pending
+
+    def close(self) -> None:
+        self.store.close()
+        self.registry.close()
+
+    def due(self, now_monotonic: float) -> bool:
+        """True when reports are waiting and `poll_s` passed since the last `resolve`."""
+        return self._pending > 0 and now_monotonic >= self._next_poll
+
+    def admit(self, candidates: Sequence[Candidate], now_ms: int) -> Admission:
+        """Sort a batch's ledger candidates; held and refused reports are committed here, before any ack."""
+        admission = Admission()
+        held: list[ReportedContribution] = []
+        refusals: list[RefusedContribution] = []
+        self._refresh_nodes()
+        for candidate in candidates:
+            if candidate.leaf.kind is not LeafKind.CONTRIBUTION:
+                admission.ready.append(candidate)
+                continue
+            v = candidate.verdict
+            assert v.device is not None and v.key_id is not None and v.seq is not None
+            report = reported_contribution(candidate.leaf.signed, v.device, v.key_id, v.seq)
+            refused = self._admit_one(report, candidate.digest, now_ms)
+            if refused is None:
+                admission.ready.append(candidate)
+            elif isinstance(refused, _Wait):
+                if refused.new:
+                    held.append(report)
+                admission.held.append(v)
+            else:
+                if refused.reason != Reason.EQUIVOCATION:  # the waiting or refused original stays as it is
+                    refusals.append(refused)
+                self._refuse(v, refused, admission, now_ms)
+        if held or refusals:
+            with self.store.transaction() as db:
+                for report in held:
+                    hold(db, report, now_ms)
+                for refused in refusals:
+                    record_refusal(db, refused)
+            self._pending += len(held)
+            if self.metrics is not None:
+                self.metrics.held.inc(len(held))
+            self._publish_pending()
+        return admission
+
+    def _admit_one(
+        self, report: ReportedContribution, digest: bytes, now_ms: int
+    ) -> RefusedContribution | _Wait | None:
+        """None: matches its capture; _WAIT: waits for it; else the refusal (earlier refusals are repeated)."""
+        earlier = self.store.refusal(report.key_id, report.seq)
+        if earlier is not None:
+            if earlier.envelope_sha256 == digest.hex():
+                return earlier
+            return self._refusal(report, EquivocationError("other bytes for a refused (key, seq)"), None, now_ms)
+        waiting = self.store.pending_digest(report.key_id, report.seq)
+        if waiting is not None:
+            if waiting == digest:
+                return _STILL_WAITING
+            return self._refusal(report, EquivocationError("other bytes for a waiting (key, seq)"), None, now_ms)
+        capture = self.captures.get(report.run_id, report.round)
+        if capture is None:
+            return _WAIT
+        return self._judge(report, capture, now_ms)
+
+    def _judge(self, report: ReportedContribution, capture: RoundCapture, now_ms: int) -> RefusedContribution | None:
+        try:
+            judge_report(report, capture, self._nodes.get(report.device))
+        except ProtocolError as exc:
+            return self._refusal(report, exc, capture, now_ms)
+        return None
+
+    def resolve(self, now_ms: int, limit: int = 1000) -> Admission:
+        """Re-check waiting reports: those whose capture appeared become ledger candidates (`ready`; call `logged`
+        after their commit) or refusals; those past the grace period are refused `round_not_captured`."""
+        self._next_poll = time.monotonic() + self.poll_s
+        self._refresh_nodes()
+        admission = Admission()
+        refusals: list[RefusedContribution] = []
+        logged_already: list[ReportedContribution] = []
+        for report, received_ms in self.store.pending(limit):
+            if self.in_ledger(report.key_id, report.seq):
+                logged_already.append(report)
+                continue
+            capture = self.captures.get(report.run_id, report.round)
+            if capture is None:
+                if now_ms - received_ms < self.grace_ms:
+                    continue
+                expired = RoundNotCapturedError(
+                    "no capture of this round within the grace period",
+                    run_id=report.run_id,
+                    round=report.round,
+                    waited_ms=now_ms - received_ms,
+                )
+                refused: RefusedContribution | None = self._refusal(report, expired, None, now_ms)
+            else:
+                refused = self._judge(report, capture, now_ms)
+            if refused is None:
+                admission.ready.append(self._candidate(report))
+                continue
+            refusals.append(refused)
+            self._refuse(self._verdict(report), refused, admission, now_ms)
+        if refusals or logged_already:
+            with self.store.transaction() as db:
+                for refused in refusals:
+                    record_refusal(db, refused)
+                _delete_pending(db, logged_already)
+            self._pending = self.store.pending_count()
+            self._publish_pending()
+        return admission
+
+    def logged(self, verdicts: Sequence[Verdict]) -> None:
+        """The ledger committed these formerly waiting reports: forget them."""
+        done = [(v.key_id, str(v.seq)) for v in verdicts if v.key_id is not None and v.seq is not None]
+        if not done:
+            return
+        with self.store.transaction() as db:
+            db.executemany("DELETE FROM pending_contributions WHERE key_id = ? AND seq = ?", done)
+        self._pending = self.store.pending_count()
+        self._publish_pending()
+
+    def _refresh_nodes(self) -> None:
+        version = self.registry.version()
+        if version == self._registry_version:
+            return
+        nodes = {}
+        for device in self.registry.devices():
+            node = self.registry.flower_node(device.device_id)
+            if node is not None:
+                nodes[device.device_id] = node.node_id
+        self._nodes, self._registry_version = nodes, version
+
+    def _refusal(
+        self, report: ReportedContribution, exc: ProtocolError, capture: RoundCapture | None, now_ms: int
+    ) -> RefusedContribution:
+        flagged = exc.reason in FLAGGING_REASONS
+        refused = RefusedContribution(
+            device=report.device,
+            key_id=report.key_id,
+            seq=report.seq,
+            run_id=report.run_id,
+            round=report.round,
+            node_id=report.node_id,
+            reason=str(exc.reason),
+            detail=str(exc)[:256],
+            flagged=flagged,
+            envelope=report.envelope,
+            envelope_sha256=hashlib.sha256(report.envelope).hexdigest(),
+            capture={**capture_evidence(capture, report.node_id), "reported_update_sha256": report.update_sha256},
+            refused_ms=now_ms,
+        )
+        if flagged:
+            if self.metrics is not None:
+                self.metrics.flagged.inc()
+            log.warning(
+                "device flagged: its signed report names an update Flower did not deliver",
+                extra={
+                    "device": report.device,
+                    "seq": report.seq,
+                    "run_id": report.run_id,
+                    "round": report.round,
+                    "error": refused.detail,
+                },
+            )
+        return refused
+
+    def _refuse(self, verdict: Verdict, refused: RefusedContribution, admission: Admission, now_ms: int) -> None:
+        verdict.outcome, verdict.reason, verdict.error = Outcome.REJECTED, Reason(refused.reason), refused.detail
+        admission.refused.append(verdict)
+        admission.notices.append(self.refusal_notice(refused, now_ms))
+
+    def refusal_notice(self, refused: RefusedContribution, now_ms: int) -> tuple[str, bytes]:
+        """The MID-signed Refusal for `refused`, on its device's `down/refusal` topic."""
+        notice = Refusal(
+            device_key_id=refused.key_id,
+            seq=refused.seq,
+            envelope_sha256=refused.envelope_sha256,
+            reason=refused.reason,
+            detail=refused.detail,
+            issued_ms=now_ms,
+        )
+        return down_topic(self.mid, refused.device, DownKind.REFUSAL), notice.seal(self.mid_key)
+
+    def _verdict(self, report: ReportedContribution) -> Verdict:
+        # Acknowledged when it was held; received now as far as the latency histogram is concerned.
+        message = InboundMessage(
+            up_topic(self.mid, report.device, UpKind.REPORT), report.envelope, None, time.monotonic_ns()
+        )
+        return Verdict(message, Outcome.REJECTED, device=report.device, key_id=report.key_id, seq=report.seq)
+
+    def _candidate(self, report: ReportedContribution) -> Candidate:
+        device = self.registry.device(report.device)
+        assert device is not None  # devices are revoked, never deleted
+        leaf = Leaf(LeafKind.CONTRIBUTION, report.envelope)
+        return Candidate(self._verdict(report), device, leaf, hashlib.sha256(report.envelope).digest())
+
+    def _publish_pending(self) -> None:
+        if self.metrics is not None:
+            self.metrics.pending.set(self._pending)
+
+
+def _delete_pending(db: sqlite3.Connection, reports: Sequence[ReportedContribution]) -> None:
+    db.executemany(
+        "DELETE FROM pending_contributions WHERE key_id = ? AND seq = ?", [(r.key_id, str(r.seq)) for r in reports]
+    )
+
+
+def open_contribution_gate(
+    mid: str,
+    mid_key: SignerKey,
+    store_path: Path,
+    registry_path: Path,
+    jobs_dir: Path,
+    grace_s: float,
+    poll_s: float,
+    in_ledger: Callable[[str, int], bool],
+    metrics_registry: CollectorRegistry | None = None,
+) -> ContributionGate:
+    """The gate `serve` runs with `[federation] enabled` (its own registry connection and store file)."""
+    metrics = ContributionMetrics(metrics_registry) if metrics_registry is not None else None
+    return ContributionGate(
+        mid,
+        mid_key,
+        ContributionStore(store_path),
+        Registry(registry_path),
+        RoundCaptures(jobs_dir),
+        int(grace_s * 1000),
+        poll_s,
+        in_ledger,
+        metrics,
+    )

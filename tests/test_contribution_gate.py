@@ -1,0 +1,351 @@
+"""The contribution gate (coordinator/ingest/contributions.py) on real SQLite files, a real CaptureDirectory and real
+Ed25519: a report is logged only for the update Flower delivered from the signer's node; it waits durably for its
+round's capture, survives a restart while waiting, and is refused (and its device flagged) when the capture
+contradicts it; the device's outbox settles the MID-signed Refusal."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mqtt_fixtures import contribution_fields
+
+from coordinator.federation.capture import CaptureDirectory, CapturedUpdate, DropReason, NodeDrop, RoundCapture
+from coordinator.ingest.contributions import Admission, ContributionGate, open_contribution_gate
+from coordinator.ingest.dedup import DedupIndex
+from coordinator.ingest.pipeline import InboundMessage, IngestPipeline, Outcome, Verdict
+from coordinator.ledger.store import LedgerStore
+from coordinator.registry.enrolment import mid_key_name
+from coordinator.registry.store import Registry
+from edge.agent.membership import Membership, MembershipRecord
+from edge.agent.outbox import Outbox
+from edge.agent.refusals import settle_refusal
+from edge.agent.spool import build_report
+from protocol.enrolment import BrokerCredentials
+from protocol.envelope import decode, open_envelope
+from protocol.errors import Reason
+from protocol.identity import SignerKey
+from protocol.leaves import LeafKind, decode_leaf
+from protocol.messages import Refusal, StrikeVote
+from protocol.tasks.arrays import arrays_sha256
+from protocol.topics import UpKind, up_topic
+
+MID = "riverside"
+NOW_MS = 1_790_000_000_000
+RUN, ROUND = 77, 2
+NODES = {"dev-a": 11, "dev-b": 12, "dev-c": 13}
+GRACE_S = 60.0
+
+
+def _arrays(node: int) -> dict[str, np.ndarray]:
+    return {"w": np.full((3, 4), float(node), np.float32), "b": np.zeros(4, np.float32)}
+
+
+GLOBAL_SHA = arrays_sha256(_arrays(0))
+
+
+class Coordinator:
+    """The sequencer's state as `serve` opens it from its data folder: registry, ledger, dedup, pipeline, gate."""
+
+    def __init__(self, root: Path, mid_key: SignerKey) -> None:
+        self.root = root
+        self.mid_key = mid_key
+        self.registry = Registry(root / "registry.sqlite")
+        self.ledger = LedgerStore.open(root / "ledger.sqlite", mid_key)
+        self.dedup = DedupIndex(root / "ingest.sqlite")
+        self.pipeline = IngestPipeline(
+            MID, Registry(root / "registry.sqlite"), self.ledger, self.dedup, mid_key, 65536, 1e6, 10**6
+        )
+        self.gate: ContributionGate = open_contribution_gate(
+            MID,
+            mid_key,
+            root / "contributions.sqlite",
+            root / "registry.sqlite",
+            root / "jobs",
+            GRACE_S,
+            0.001,
+            lambda key_id, seq: self.dedup.lookup(key_id, seq) is not None,
+        )
+
+    def ingest(self, envelope: bytes, device: str, kind: UpKind = UpKind.REPORT) -> tuple[Admission, list[Verdict]]:
+        """One message through screen -> gate -> commit, as `serve` runs them."""
+        screened = self.pipeline.screen([InboundMessage(up_topic(MID, device, kind), envelope)], NOW_MS)
+        admission = self.gate.admit(screened.candidates, NOW_MS)
+        committed = self.pipeline.commit(admission.ready, NOW_MS)
+        return admission, screened.settled + committed
+
+    def resolve(self, now_ms: int = NOW_MS) -> tuple[Admission, list[Verdict]]:
+        admission = self.gate.resolve(now_ms)
+        committed = self.pipeline.commit(admission.ready, now_ms)
+        self.gate.logged(committed)
+        return admission, committed
+
+    def contributions_in_ledger(self) -> list[bytes]:
+        leaves = [decode_leaf(data) for _, data in self.ledger.leaves(0, self.ledger.size)]
+        return [leaf.signed for leaf in leaves if leaf.kind is LeafKind.CONTRIBUTION]
+
+    def close(self) -> None:
+        self.gate.close()
+        self.pipeline.registry.close()
+        self.dedup.close()
+        self.ledger.close()
+        self.registry.close()
+
+
+class World:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.mid_key = SignerKey.generate(mid_key_name(MID))
+        self.keys: dict[str, SignerKey] = {}
+        registry = Registry(root / "registry.sqlite")
+        for device, node in NODES.items():
+            key = SignerKey.generate(device)
+            registry.add_invite(f"inv-{device}", f"member-{device}", NOW_MS, NOW_MS + 10_000)
+            registry.redeem_invite(f"inv-{device}", NOW_MS, device, key.verifier, "$7$101$x$y")
+            registry.add_flower_node(device, node, f"ecdsa-sha2-nistp256 {device}", NOW_MS)
+            self.keys[device] = key
+        registry.close()
+        self.coordinator = Coordinator(root, self.mid_key)
+
+    def restart(self) -> Coordinator:
+        self.coordinator.close()
+        self.coordinator = Coordinator(self.root, self.mid_key)
+        return self.coordinator
+
+    def capture(self, server_round: int = ROUND) -> None:
+        """What the strategy writes once the round is in: dev-a's and dev-b's updates, dev-c dropped (late)."""
+        CaptureDirectory(self.root / "jobs" / f"run-{RUN}").on_round(
+            RoundCapture(
+                RUN,
+                server_round,
+                GLOBAL_SHA,
+                tuple(
+                    CapturedUpdate(server_round, n, _arrays(n), arrays_sha256(_arrays(n)), GLOBAL_SHA, 50, 50, {})
+                    for n in (11, 12)
+                ),
+                (NodeDrop(server_round, 13, DropReason.NO_REPLY),),
+            )
+        )
+
+    def report(self, device: str, seq: int, node: int | None = None, update_sha256: str | None = None) -> bytes:
+        node = NODES[device] if node is None else node
+        fields = {
+            **contribution_fields(seq, device),
+            "run_id": str(RUN),
+            "round": ROUND,
+            "node_id": str(node),
+            "global_model_sha256": GLOBAL_SHA,
+            "update_sha256": update_sha256 or arrays_sha256(_arrays(node)),
+        }
+        return build_report(fields, seq, NOW_MS).seal(self.keys[device])
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    w = World(tmp_path)
+    yield w
+    w.coordinator.close()
+
+
+def _refusal(world: World, notice: tuple[str, bytes]) -> Refusal:
+    topic, payload = notice
+    assert topic.endswith("/down/refusal")
+    verifier = world.mid_key.verifier
+    return decode(open_envelope(payload, {verifier.key_id.hex(): verifier}, Refusal.PAYLOAD_TYPE), Refusal)
+
+
+def test_report_before_its_capture_waits_then_is_logged_once_with_a_receipt(world: World) -> None:
+    c = world.coordinator
+    envelope = world.report("dev-a", 1)
+    admission, verdicts = c.ingest(envelope, "dev-a")
+    assert [v.seq for v in admission.held] == [1] and verdicts == [] and c.ledger.size == 0
+    assert c.gate.pending_count == 1
+    # The device resends while it waits: still one waiting row, still nothing logged.
+    admission, _ = c.ingest(envelope, "dev-a")
+    assert len(admission.held) == 1 and c.gate.pending_count == 1 and c.ledger.size == 0
+    assert c.resolve()[1] == []  # no capture yet: nothing happens
+
+    world.capture()
+    _, committed = c.resolve()
+    assert [v.outcome for v in committed] == [Outcome.ACCEPTED] and committed[0].path is not None
+    assert c.pipeline.receipt_batches(committed, NOW_MS)[0][0] == f"mid/{MID}/dev/dev-a/down/receipt"
+    assert c.contributions_in_ledger() == [envelope] and c.gate.pending_count == 0
+    # A resend after that is a plain duplicate answered with its receipt.
+    _, verdicts = c.ingest(envelope, "dev-a")
+    assert [v.outcome for v in verdicts] == [Outcome.DUPLICATE]
+
+
+def test_matching_report_after_its_capture_goes_straight_to_the_ledger(world: World) -> None:
+    world.capture()
+    c = world.coordinator
+    envelope = world.report("dev-b", 5)
+    admission, verdicts = c.ingest(envelope, "dev-b")
+    assert admission.held == [] and admission.refused == []
+    assert [v.outcome for v in verdicts] == [Outcome.ACCEPTED]
+    assert c.contributions_in_ledger() == [envelope]
+
+
+def test_other_update_hash_is_refused_flagged_kept_as_evidence_and_never_logged(world: World) -> None:
+    world.capture()
+    c = world.coordinator
+    forged = "ab" * 32
+    envelope = world.report("dev-a", 3, update_sha256=forged)
+    admission, verdicts = c.ingest(envelope, "dev-a")
+    assert verdicts == [] and c.ledger.size == 0
+    (refused,) = admission.refused
+    assert refused.outcome is Outcome.REJECTED and refused.reason is Reason.UPDATE_MISMATCH
+    notice = _refusal(world, admission.notices[0])
+    assert notice.seq == 3 and notice.reason == "update_mismatch"
+    assert notice.device_key_id == world.keys["dev-a"].key_id.hex()
+    assert notice.envelope_sha256 == hashlib.sha256(envelope).hexdigest()
+
+    (flag,) = c.gate.store.refusals(flagged_only=True)
+    assert flag.device == "dev-a" and flag.flagged and flag.envelope == envelope
+    assert flag.capture["update_sha256"] == arrays_sha256(_arrays(11))
+    assert flag.capture["reported_update_sha256"] == forged
+    assert c.gate.store.flag_counts() == {"dev-a": 1}
+
+    # A resend (the notice was lost) is refused again from the stored row, with a fresh notice; one flag only.
+    admission, _ = c.ingest(envelope, "dev-a")
+    assert [v.reason for v in admission.refused] == [Reason.UPDATE_MISMATCH] and len(admission.notices) == 1
+    assert len(c.gate.store.refusals()) == 1 and c.ledger.size == 0
+
+
+def test_waiting_report_the_capture_contradicts_is_refused_when_it_appears(world: World) -> None:
+    c = world.coordinator
+    honest, liar = world.report("dev-b", 1), world.report("dev-a", 1, update_sha256="cd" * 32)
+    c.ingest(honest, "dev-b")
+    c.ingest(liar, "dev-a")
+    assert c.gate.pending_count == 2
+    world.capture()
+    admission, committed = c.resolve()
+    assert [v.device for v in committed] == ["dev-b"]
+    assert [(v.device, v.reason) for v in admission.refused] == [("dev-a", Reason.UPDATE_MISMATCH)]
+    assert c.contributions_in_ledger() == [honest] and c.gate.pending_count == 0
+    assert c.gate.store.flag_counts() == {"dev-a": 1}
+
+
+def test_report_of_another_devices_node_is_a_false_claim(world: World) -> None:
+    world.capture()
+    c = world.coordinator
+    # dev-a names dev-b's node and its true update hash: the update exists, but dev-a did not send it.
+    admission, _ = c.ingest(world.report("dev-a", 1, node=12), "dev-a")
+    assert [v.reason for v in admission.refused] == [Reason.UPDATE_MISMATCH]
+    assert c.gate.store.flag_counts() == {"dev-a": 1} and c.ledger.size == 0
+
+
+def test_dropped_node_is_refused_without_a_flag(world: World) -> None:
+    world.capture()
+    c = world.coordinator
+    admission, _ = c.ingest(world.report("dev-c", 1), "dev-c")
+    assert [v.reason for v in admission.refused] == [Reason.UPDATE_DROPPED]
+    assert c.gate.store.flag_counts() == {} and len(c.gate.store.refusals()) == 1 and c.ledger.size == 0
+
+
+def test_waiting_reports_survive_a_restart_and_are_then_resolved(world: World) -> None:
+    envelopes = [world.report("dev-a", 1), world.report("dev-b", 1)]
+    for device, envelope in zip(("dev-a", "dev-b"), envelopes, strict=True):
+        world.coordinator.ingest(envelope, device)
+    c = world.restart()
+    assert c.gate.pending_count == 2 and c.ledger.size == 0
+    world.capture()
+    _, committed = c.resolve()
+    assert len(committed) == 2
+    assert sorted(c.contributions_in_ledger()) == sorted(envelopes) and c.gate.pending_count == 0
+
+
+def test_crash_between_the_ledger_commit_and_forgetting_the_waiting_row_logs_nothing_twice(world: World) -> None:
+    envelope = world.report("dev-a", 1)
+    world.coordinator.ingest(envelope, "dev-a")
+    world.capture()
+    admission = world.coordinator.gate.resolve(NOW_MS)
+    world.coordinator.pipeline.commit(admission.ready, NOW_MS)  # committed, then "crash" before gate.logged
+    c = world.restart()
+    assert c.gate.pending_count == 1
+    admission, committed = c.resolve()
+    assert admission.ready == [] and committed == [] and c.gate.pending_count == 0
+    assert c.contributions_in_ledger() == [envelope]
+
+
+def test_round_never_captured_is_refused_after_the_grace_period_without_a_flag(world: World) -> None:
+    c = world.coordinator
+    envelope = world.report("dev-a", 1)
+    c.ingest(envelope, "dev-a")
+    grace_ms = int(GRACE_S * 1000)
+    admission, _ = c.resolve(NOW_MS + grace_ms - 1)
+    assert admission.refused == [] and c.gate.pending_count == 1
+    admission, _ = c.resolve(NOW_MS + grace_ms)
+    assert [v.reason for v in admission.refused] == [Reason.ROUND_NOT_CAPTURED]
+    assert _refusal(world, admission.notices[0]).envelope_sha256 == hashlib.sha256(envelope).hexdigest()
+    assert c.gate.pending_count == 0 and c.gate.store.flag_counts() == {} and c.ledger.size == 0
+    # A capture written late changes nothing: the refusal was final and the device was told.
+    world.capture()
+    assert c.resolve()[1] == [] and c.ledger.size == 0
+
+
+def test_other_bytes_for_a_waiting_report_are_refused_and_the_original_keeps_waiting(world: World) -> None:
+    c = world.coordinator
+    original = world.report("dev-a", 1)
+    c.ingest(original, "dev-a")
+    admission, _ = c.ingest(world.report("dev-a", 1, update_sha256="ef" * 32), "dev-a")
+    assert [v.reason for v in admission.refused] == [Reason.EQUIVOCATION]
+    assert c.gate.pending_count == 1
+    world.capture()
+    c.resolve()
+    assert c.contributions_in_ledger() == [original]
+
+
+def test_strike_votes_pass_the_gate_untouched(world: World) -> None:
+    vote = StrikeVote(seq=1, device_time_ms=NOW_MS, target_buyer="acme", start_ms=NOW_MS).seal(world.keys["dev-a"])
+    admission, verdicts = world.coordinator.ingest(vote, "dev-a", UpKind.STRIKE)
+    assert admission.held == [] and [v.outcome for v in verdicts] == [Outcome.ACCEPTED]
+
+
+def _membership(root: Path, world: World, device: str) -> Membership:
+    record = MembershipRecord(
+        mid=MID,
+        device=device,
+        member=f"member-{device}",
+        mid_key=world.mid_key.verifier.text(),
+        enrolment_url="http://127.0.0.1:1",
+        broker=BrokerCredentials(host="127.0.0.1", port=1, tls=False, ca_pem="", username=device, password="x" * 24),
+        enrolled_ms=NOW_MS,
+    )
+    return Membership(root, record, world.keys[device])
+
+
+def test_the_agent_outbox_keeps_a_refused_report_and_stops_sending_it(world: World, tmp_path: Path) -> None:
+    world.capture()
+    membership = _membership(tmp_path / "agent", world, "dev-a")
+    outbox = Outbox(tmp_path / "agent" / "outbox.sqlite", 1 << 20)
+    try:
+        liar = world.report("dev-a", 1, update_sha256="ab" * 32)
+        seq = outbox.enqueue("report", lambda s: world.report("dev-a", s, update_sha256="ab" * 32), NOW_MS)
+        assert seq == 1 and outbox.pending(1) is not None and outbox.pending(1).envelope == liar  # type: ignore[union-attr]
+        admission, _ = world.coordinator.ingest(liar, "dev-a")
+        _, payload = admission.notices[0]
+
+        # A notice signed by another key, or for another device's key, settles nothing.
+        forged = Refusal(
+            device_key_id=world.keys["dev-a"].key_id.hex(),
+            seq=1,
+            envelope_sha256=hashlib.sha256(liar).hexdigest(),
+            reason="update_mismatch",
+            issued_ms=NOW_MS,
+        ).seal(world.keys["dev-b"])
+        assert not settle_refusal(outbox, membership, forged, NOW_MS)
+        other = _membership(tmp_path / "agent-b", world, "dev-b")
+        assert not settle_refusal(outbox, other, payload, NOW_MS)
+        assert outbox.usage().pending == 1
+
+        assert settle_refusal(outbox, membership, payload, NOW_MS)
+        usage = outbox.usage()
+        assert (usage.pending, usage.refused, usage.pending_bytes) == (0, 1, 0)
+        assert outbox.due(NOW_MS + 10**9, 100) == []  # never resent
+        (kept,) = outbox.refused()
+        assert kept.envelope == liar and kept.reason == "update_mismatch" and "update" in kept.detail
+        assert not settle_refusal(outbox, membership, payload, NOW_MS)  # a repeated notice changes nothing
+    finally:
+        outbox.close()
