@@ -13,12 +13,14 @@ import psutil
 import pytest
 from flower_fixtures import Federation, plaid_store_windows, plaid_windows, split_by_label, split_indices_by_label
 
-from coordinator.federation.capture import CaptureDirectory, DropReason
+from coordinator.federation.capture import CaptureDirectory, DropReason, RoundCapture
 from coordinator.federation.report_check import check_contribution
 from edge.federated.spool import pending_records
 from edge.federated.supernode import EXIT_NODE_NOT_REGISTERED
 from protocol.errors import UpdateMismatchError
+from protocol.tasks.arrays import arrays_sha256
 from protocol.tasks.contribution import parse_contribution_record
+from protocol.tasks.drift import drift_offsets
 from protocol.tasks.models import build_model, model_arrays
 from protocol.tasks.spec import get_task
 from protocol.tasks.windows import WindowSet, load_window_file, window_fingerprint
@@ -181,3 +183,94 @@ def test_dp_job_clips_updates_on_devices_and_reports_privacy_spent(federation: F
             record = parse_contribution_record(path.read_bytes())
             assert record.dp is not None and record.dp.clipping_norm == clip
             check_contribution(record, captures.load_round(record.round))  # hashed after clipping
+
+
+def _recomputed_offsets(capture: RoundCapture) -> dict[int, str]:
+    """Node id -> hash of the offset the strategy should have sent, from the captured gradients and weights."""
+    gradients = {u.node_id: u.gradient for u in capture.updates if u.gradient is not None}
+    weights = {u.node_id: u.weight for u in capture.updates}
+    return {node: arrays_sha256(o) for node, o in drift_offsets(gradients, weights, 1.0).items()}  # type: ignore[arg-type]
+
+
+def test_drift_corrected_job_records_match_the_captured_updates_gradients_and_offsets(federation: Federation) -> None:
+    _start_devices(federation, 3, warm=True)
+    run_id = federation.submit(
+        plaid_windows("test"), **{"num-rounds": 3, "drift-correction": 1.0, "local-epochs": 1, "batch-size": 8}
+    )
+    status, outcome = federation.wait_outcome(run_id, timeout=300)
+    assert status == "finished:completed"
+    assert outcome is not None and outcome.status == "finished" and outcome.drops == []
+    assert outcome.validation[3]["accuracy"] > outcome.validation[0]["accuracy"]
+    captures = CaptureDirectory(federation.run_dir(run_id))
+    node_ids = {d.node_id for d in federation.devices}
+    for server_round in (1, 2, 3):
+        capture = captures.load_round(server_round)
+        assert {u.node_id for u in capture.updates} == node_ids
+        assert all(u.gradient is not None and u.drift_offset_sha256 is not None for u in capture.updates)
+        # Weighted by examples here, the offsets the nodes trained with are the ones the captured gradients give.
+        assert [u.weight for u in capture.updates] == [u.examples_reported for u in capture.updates]
+        assert _recomputed_offsets(capture) == {u.node_id: u.drift_offset_sha256 for u in capture.updates}
+    for device in federation.devices:
+        records = [parse_contribution_record(p.read_bytes()) for p in pending_records(device.spool_dir)]
+        assert [r.round for r in records] == [1, 2, 3]
+        for record in records:
+            assert record.gradient_sha256 is not None and record.drift_offset_sha256 is not None
+            check_contribution(record, captures.load_round(record.round))
+    forged = records[1].model_copy(update={"gradient_sha256": records[2].gradient_sha256})
+    with pytest.raises(UpdateMismatchError) as err:
+        check_contribution(forged, captures.load_round(forged.round))
+    assert err.value.details["expected"] == records[1].gradient_sha256
+
+
+def test_drift_corrected_node_failing_its_gradient_query_is_not_sent_training(federation: Federation) -> None:
+    _start_devices(federation, 3, warm=True)
+    victim = federation.devices[2]
+    victim.supernode.data_path.unlink()  # its ClientApp cannot answer the gradient query: an error reply
+    run_id = federation.submit(
+        plaid_windows("test"), **{"num-rounds": 2, "drift-correction": 1.0, "min-nodes": 2, "round-timeout": 60.0}
+    )
+    status, outcome = federation.wait_outcome(run_id, timeout=300)
+    assert status == "finished:completed"
+    assert outcome is not None and outcome.status == "finished" and outcome.rounds_completed == 2
+    drops = {(d.round, d.node_id): d for d in outcome.drops}
+    assert set(drops) == {(1, victim.node_id), (2, victim.node_id)}  # asked again: an error reply is not a death
+    assert all(d.reason == DropReason.ERROR_REPLY and d.detail.startswith("gradient query") for d in drops.values())
+    captures = CaptureDirectory(federation.run_dir(run_id))
+    for server_round in (1, 2):
+        capture = captures.load_round(server_round)
+        assert {u.node_id for u in capture.updates} == {d.node_id for d in federation.devices[:2]}
+        assert [d.node_id for d in capture.drops] == [victim.node_id]
+    assert pending_records(victim.spool_dir) == []
+
+
+def test_drift_corrected_node_silent_in_the_gradient_query_is_dropped_for_the_job(federation: Federation) -> None:
+    _start_devices(federation, 3, warm=True)
+    victim = federation.devices[2]
+    run_id = federation.submit(
+        plaid_windows("test"), **{"num-rounds": 3, "drift-correction": 1.0, "min-nodes": 2, "round-timeout": 15.0}
+    )
+    round_one = federation.run_dir(run_id) / "round-000001.json"
+    # The round-1 capture is written after the victim's round-1 update arrived and before round 2's query is sent;
+    # the victim cannot pull, compute and answer that query (>= 0.5 s of SuperNode polls) before this kill lands.
+    _wait_for(round_one.exists, 180, "round 1's capture")
+    victim.supernode.kill()
+    status, outcome = federation.wait_outcome(run_id, timeout=240)
+    assert status == "finished:completed"
+    assert outcome is not None and outcome.status == "finished" and outcome.rounds_completed == 3
+    drops = {(d.round, d.node_id): d for d in outcome.drops}
+    assert drops[(2, victim.node_id)].reason in (DropReason.NO_REPLY, DropReason.NODE_UNAVAILABLE)
+    assert drops[(2, victim.node_id)].detail.startswith("gradient query")
+    assert drops[(3, victim.node_id)].reason == DropReason.DROPPED_EARLIER
+    captures = CaptureDirectory(federation.run_dir(run_id))
+    assert victim.node_id not in {u.node_id for u in captures.load_round(2).updates}
+    assert len(captures.load_round(3).updates) == 2
+
+
+def test_dp_job_asking_for_drift_correction_is_refused_with_a_reason(federation: Federation) -> None:
+    run_id = federation.submit(
+        plaid_windows("test"), **{"num-rounds": 1, "drift-correction": 1.0, "dp-clipping-norm": 0.1}
+    )
+    status, outcome = federation.wait_outcome(run_id, timeout=120)
+    assert status == "finished:failed"
+    assert outcome is not None and outcome.status == "failed" and outcome.reason == "invalid_run_config"
+    assert "drift-correction cannot be combined with DP" in outcome.detail

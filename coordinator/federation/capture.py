@@ -32,6 +32,8 @@ class DropReason(StrEnum):
     MALFORMED_REPLY = "malformed_reply"  # the reply does not carry the global model's arrays and a weight
     UNEXPECTED_NODE = "unexpected_node"  # a reply from a node the round did not send to
     DROPPED_EARLIER = "dropped_earlier"  # died in an earlier round of this job and is not asked again
+    # A node that fails the drift correction's gradient query (no_reply, node_unavailable, error_reply,
+    # malformed_reply, detail "gradient query") is not sent the round's train message.
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,11 @@ class CapturedUpdate:
     examples_reported: int
     weight: int
     metrics: dict[str, float]
+    gradient: NDArrays | None = field(default=None, repr=False)
+    """Drift-corrected jobs: the gradient the node returned to the round's query (protocol.tasks.drift)."""
+    gradient_sha256: str | None = None
+    drift_offset_sha256: str | None = None
+    """Drift-corrected jobs: hash of the offset the node was sent with its train message."""
 
 
 @dataclass(frozen=True)
@@ -81,7 +88,8 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 class CaptureDirectory:
-    """Default sink: `round-NNNNNN.json` plus `round-NNNNNN-node-ID.npz` per delivered update."""
+    """Default sink: `round-NNNNNN.json` plus `round-NNNNNN-node-ID.npz` per delivered update (and, in drift-corrected
+    jobs, `round-NNNNNN-node-ID.gradient.npz`: the gradient the node returned to the round's query)."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -94,6 +102,8 @@ class CaptureDirectory:
             with tmp.open("wb") as fh:
                 np.savez(fh, **update.arrays)  # type: ignore[arg-type]
             tmp.replace(path)
+            if update.gradient is not None:
+                self._write_npz(self._gradient_path(capture.round, update.node_id), update.gradient)
         summary = {
             "run_id": capture.run_id,
             "round": capture.round,
@@ -105,12 +115,24 @@ class CaptureDirectory:
                     "examples_reported": u.examples_reported,
                     "weight": u.weight,
                     "metrics": u.metrics,
+                    "gradient_sha256": u.gradient_sha256,
+                    "drift_offset_sha256": u.drift_offset_sha256,
                 }
                 for u in capture.updates
             ],
             "drops": [{"node_id": d.node_id, "reason": str(d.reason), "detail": d.detail} for d in capture.drops],
         }
         _write_atomically(self.round_path(capture.round), json.dumps(summary, indent=1).encode())
+
+    @staticmethod
+    def _write_npz(path: Path, arrays: NDArrays) -> None:
+        tmp = path.with_name(f".{path.name}.tmp")
+        with tmp.open("wb") as fh:
+            np.savez(fh, **arrays)  # type: ignore[arg-type]
+        tmp.replace(path)
+
+    def _gradient_path(self, server_round: int, node_id: int) -> Path:
+        return self.directory / f"round-{server_round:06d}-node-{node_id}.gradient.npz"
 
     def round_path(self, server_round: int) -> Path:
         return self.directory / f"round-{server_round:06d}.json"
@@ -123,6 +145,10 @@ class CaptureDirectory:
             path = self.directory / f"round-{server_round:06d}-node-{u['node_id']}.npz"
             with np.load(path, allow_pickle=False) as data:
                 arrays: NDArrays = {name: data[name] for name in data.files}
+            gradient: NDArrays | None = None
+            if u.get("gradient_sha256") is not None:
+                with np.load(self._gradient_path(server_round, int(u["node_id"])), allow_pickle=False) as data:
+                    gradient = {name: data[name] for name in data.files}
             updates.append(
                 CapturedUpdate(
                     round=server_round,
@@ -133,6 +159,9 @@ class CaptureDirectory:
                     examples_reported=int(u["examples_reported"]),
                     weight=int(u["weight"]),
                     metrics={k: float(v) for k, v in u["metrics"].items()},
+                    gradient=gradient,
+                    gradient_sha256=None if gradient is None else arrays_sha256(gradient),
+                    drift_offset_sha256=u.get("drift_offset_sha256"),
                 )
             )
         drops = tuple(

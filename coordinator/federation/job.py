@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 U64_MAX = (1 << 64) - 1
 
@@ -43,6 +43,11 @@ class JobRunConfig(BaseModel):
     reply_poll_interval: seconds between reply pulls while a round is open (default 0.1; Flower's grid uses 3).
     federated_evaluate: also send Flower's federated evaluate message each round (default False: evaluation is
         centralised on the buyer's validation set; True only to measure Flower's default behaviour).
+    drift_correction: strength in [0, 1] of the SCAFFOLD-style drift correction (protocol.tasks.drift; default 0:
+        off). Each round then costs one more message to every node (its gradient at the global model, sent before
+        training); it closes most of the federated-vs-central gap on label-skewed devices (docs/federated.md,
+        bench/fl_bench.py accuracy). Refused with DP (dp_clipping_norm > 0): the gradient would leave the device
+        unclipped and unnoised.
     """
 
     model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
@@ -65,6 +70,16 @@ class JobRunConfig(BaseModel):
     attribution: bool = False
     reply_poll_interval: float = Field(alias="reply-poll-interval", default=0.1, gt=0, le=60)
     federated_evaluate: bool = Field(alias="federated-evaluate", default=False)
+    drift_correction: float = Field(alias="drift-correction", default=0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _no_drift_correction_under_dp(self) -> JobRunConfig:
+        if self.drift_correction > 0 and self.dp_clipping_norm > 0:
+            raise ValueError(
+                "drift-correction cannot be combined with DP (dp-clipping-norm > 0): the gradient query would send "
+                "unclipped, unnoised gradients"
+            )
+        return self
 
     @field_validator("selected_nodes", mode="before")
     @classmethod
@@ -98,6 +113,7 @@ class JobOutcome(BaseModel):
     run_id: int
     status: Literal["finished", "failed"]
     reason: str = ""
+    detail: str = ""  # human-readable specifics of a failure (e.g. which run-config key was refused)
     rounds_completed: int = 0
     drops: list[NodeDropRecord] = Field(default_factory=list)
     validation: dict[int, dict[str, float]] = Field(default_factory=dict)

@@ -9,6 +9,8 @@ federated evaluate message is ever sent: the buyer's validation data stays here,
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -16,6 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg, FedAvgM, Strategy
 from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+from pydantic import ValidationError
 
 from coordinator.attribution.round_sink import AttributionSink
 from coordinator.attribution.task_loss import TaskValidationLoss
@@ -125,6 +128,8 @@ def run_job(grid: Grid, run_id: int, job: JobRunConfig) -> JobOutcome:
         federated_evaluate=job.federated_evaluate,
         weighting=_weighting(job),
         example_count_cap=valuation.example_count_cap,
+        drift_correction=job.drift_correction,
+        query_timeout=job.round_timeout,
     )
     outcome = JobOutcome(run_id=run_id, status="failed", reason="internal_error")
     try:
@@ -167,6 +172,25 @@ def run_job(grid: Grid, run_id: int, job: JobRunConfig) -> JobOutcome:
     return outcome
 
 
+def record_refused_config(run_id: int, run_config: Mapping[str, object], error: ValidationError) -> Path | None:
+    """Leave a failed outcome (`invalid_run_config`) for a run config the job refuses (e.g. drift correction with
+    DP), when it at least names an output directory: `flwr run` exits 0 either way, and the coordinator reads the
+    outcome. Returns the outcome's path, or None."""
+    output_dir = run_config.get("output-dir")
+    if not isinstance(output_dir, str) or not output_dir:
+        return None
+    out_dir = Path(output_dir) / f"run-{run_id}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
+    outcome = JobOutcome(run_id=run_id, status="failed", reason="invalid_run_config", detail=problems[:1000])
+    return outcome.write(out_dir)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_job(grid, context.run_id, JobRunConfig.from_run_config(context.run_config))
+    try:
+        job = JobRunConfig.from_run_config(context.run_config)
+    except ValidationError as err:
+        record_refused_config(context.run_id, context.run_config, err)
+        raise
+    run_job(grid, context.run_id, job)

@@ -3,7 +3,8 @@ update for attribution, and survives dropouts without hanging.
 
 Wrapping, not forking (as Flower's own DP wrappers do): `JobStrategy` delegates message construction and
 aggregation to the inner strategy (FedAvg, or Flower's DifferentialPrivacyClientSideFixedClipping around FedAvg)
-and adds only node selection, reply screening, capture and the minimum-participation rule.
+and adds only node selection, reply screening, capture, the minimum-participation rule and, when a job asks for
+it, the drift correction's gradient query before each round's training (protocol.tasks.drift).
 """
 
 from __future__ import annotations
@@ -11,18 +12,22 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import cast
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy.typing as npt
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from coordinator.federation.capture import CapturedUpdate, DropReason, NodeDrop, RoundCapture, UpdateSink
+from coordinator.federation.capture import CapturedUpdate, DropReason, NDArrays, NodeDrop, RoundCapture, UpdateSink
 from protocol.tasks.arrays import arrays_sha256
+from protocol.tasks.drift import DRIFT_OFFSET_KEY, GRADIENT_KEY, QUERY_GRADIENT, drift_offsets
 
 WEIGHT_KEY = "num-examples"
+QUERY_DETAIL = "gradient query"  # the detail of drops in the drift correction's query phase
 NODE_UNAVAILABLE_CODE = 5  # flwr.common.constant.ErrorCode.NODE_UNAVAILABLE
 
 
@@ -60,6 +65,16 @@ def aggregation_weights(
             if sum(capped.values()) > 0:
                 return capped
     return {node: 1 for node in reported}
+
+
+@dataclass(frozen=True)
+class QueriedGradient:
+    """A node's answer to a round's gradient query and the offset computed for it (protocol.tasks.drift)."""
+
+    gradient: NDArrays = field(repr=False)
+    gradient_sha256: str
+    offset: dict[str, npt.NDArray[np.float32]] = field(repr=False)
+    offset_sha256: str
 
 
 class JobFailedError(Exception):
@@ -115,6 +130,14 @@ class JobStrategy(Strategy):
     federated_evaluate:
         Delegate Flower's federated evaluate round to the inner strategy (default False: the job is evaluated
         centrally on the buyer's validation set, which saves a round trip per round).
+    drift_correction:
+        Strength in [0, 1] of the drift correction (protocol.tasks.drift); default 0: off. When on, every round first
+        sends each live selected node a `query.gradient` message, drops the nodes that do not answer it within
+        `query_timeout` (as in the train phase), averages the gradients with the round's aggregation weights and
+        sends each remaining node its offset in its train message (ArrayRecord `drift-offset`). Not with DP: the
+        gradient would leave the device unclipped and unnoised.
+    query_timeout:
+        Seconds to wait for the gradient query's replies (default 120).
     """
 
     def __init__(
@@ -132,6 +155,8 @@ class JobStrategy(Strategy):
         example_count_cap: int | None = None,
         run_id: int = 0,
         federated_evaluate: bool = False,
+        drift_correction: float = 0.0,
+        query_timeout: float = 120.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -153,6 +178,10 @@ class JobStrategy(Strategy):
         self.example_count_cap = example_count_cap
         self.run_id = run_id
         self.federated_evaluate = federated_evaluate
+        if not 0 <= drift_correction <= 1:
+            raise ValueError(f"drift_correction must be in [0, 1], got {drift_correction}")
+        self.drift_correction = drift_correction
+        self.query_timeout = query_timeout
         self._clock = clock
         self._sleep = sleep
         self.dropped: dict[int, NodeDrop] = {}  # nodes that died; not asked again in this job
@@ -161,6 +190,8 @@ class JobStrategy(Strategy):
         self._outbox: list[Message] = []
         self._global_sha256 = ""
         self._global_shapes: dict[str, tuple[int, ...]] = {}
+        self._query_drops: list[NodeDrop] = []  # this round's gradient-query drops, for the round's capture
+        self._gradients: dict[int, QueriedGradient] = {}  # this round's accepted gradients and offsets, by node
 
     def summary(self) -> None:
         self.inner.summary()
@@ -200,6 +231,9 @@ class JobStrategy(Strategy):
         if callable(observe_global):
             observe_global(numpy_arrays)
         self._global_shapes = {name: tuple(a.shape) for name, a in numpy_arrays.items()}
+        self._query_drops, self._gradients = [], {}
+        if self.drift_correction > 0:
+            live = self._query_gradients(server_round, arrays, grid, live)
         self._sent = live
         self._set_inner_sampling(len(live))
         # Kept so replies can be matched to nodes by the message they answer: the grid stamps each message's id on
@@ -207,7 +241,104 @@ class JobStrategy(Strategy):
         self._outbox = list(
             self.inner.configure_train(server_round, arrays, config, cast(Grid, _SelectedNodes(grid, live)))
         )
+        if self._gradients:
+            self._outbox = [self._with_offset(msg) for msg in self._outbox]
         return self._outbox
+
+    def _query_gradients(
+        self, server_round: int, arrays: ArrayRecord, grid: Grid, live: frozenset[int]
+    ) -> frozenset[int]:
+        """The drift correction's first message: each live node's gradient at the global model. Returns the nodes
+        that answered with a usable one (the others are dropped like silent or faulty train replies) and keeps
+        their gradients and offsets for the train messages and the round's capture."""
+        queries = [
+            Message(
+                content=RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})}),
+                message_type=f"{MessageType.QUERY}.{QUERY_GRADIENT}",
+                dst_node_id=node,
+            )
+            for node in sorted(live)
+        ]
+        replies = list(grid.send_and_receive(queries, timeout=self.query_timeout))
+        destination = {m.metadata.message_id: m.metadata.dst_node_id for m in queries}
+        accepted: dict[int, tuple[NDArrays, int]] = {}
+        drops: list[NodeDrop] = []
+        for msg in replies:
+            node = destination.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            if node not in live or node in accepted or any(d.node_id == node for d in drops):
+                drops.append(NodeDrop(server_round, node, DropReason.UNEXPECTED_NODE, QUERY_DETAIL))
+                continue
+            outcome = self._screen_gradient(server_round, node, msg)
+            if isinstance(outcome, NodeDrop):
+                drops.append(outcome)
+            else:
+                accepted[node] = outcome
+        answered = set(accepted) | {d.node_id for d in drops}
+        drops += [NodeDrop(server_round, n, DropReason.NO_REPLY, QUERY_DETAIL) for n in sorted(live - answered)]
+        for drop in drops:
+            if drop.reason in (DropReason.NO_REPLY, DropReason.NODE_UNAVAILABLE):
+                self.dropped[drop.node_id] = drop
+        self.drops.extend(drops)
+        self._query_drops = drops
+        if len(accepted) < self.min_nodes:
+            raise JobFailedError(
+                "too_few_replies",
+                "too few usable gradients",
+                round=server_round,
+                usable=len(accepted),
+                minimum=self.min_nodes,
+            )
+        weights = self._weights_for(server_round, {node: examples for node, (_, examples) in accepted.items()})
+        offsets = drift_offsets({n: g for n, (g, _) in accepted.items()}, weights, self.drift_correction)
+        self._gradients = {
+            node: QueriedGradient(gradient, arrays_sha256(gradient), offsets[node], arrays_sha256(offsets[node]))
+            for node, (gradient, _) in accepted.items()
+        }
+        return frozenset(accepted)
+
+    def _screen_gradient(self, server_round: int, node: int, msg: Message) -> tuple[NDArrays, int] | NodeDrop:
+        """A query reply must carry one gradient shaped like the global model, finite, and a positive count."""
+        if msg.has_error():
+            code = msg.error.code
+            reason = DropReason.NODE_UNAVAILABLE if code == NODE_UNAVAILABLE_CODE else DropReason.ERROR_REPLY
+            return NodeDrop(server_round, node, reason, f"{QUERY_DETAIL}: code {code}: {str(msg.error.reason)[:200]}")
+        records, metrics = msg.content.array_records, msg.content.metric_records
+        if set(records) != {GRADIENT_KEY} or len(metrics) != 1:
+            return NodeDrop(
+                server_round,
+                node,
+                DropReason.MALFORMED_REPLY,
+                f"{QUERY_DETAIL}: need one gradient and one MetricRecord",
+            )
+        reported = next(iter(metrics.values())).get(WEIGHT_KEY)
+        if not isinstance(reported, int) or isinstance(reported, bool) or reported <= 0:
+            return NodeDrop(
+                server_round, node, DropReason.MALFORMED_REPLY, f"{QUERY_DETAIL}: {WEIGHT_KEY} must be a positive int"
+            )
+        try:
+            gradient = {name: a.numpy() for name, a in records[GRADIENT_KEY].items()}
+        except Exception as err:  # Flower raises several types for undecodable arrays; all mean the same here
+            return NodeDrop(
+                server_round,
+                node,
+                DropReason.MALFORMED_REPLY,
+                f"{QUERY_DETAIL}: undecodable arrays: {type(err).__name__}",
+            )
+        shapes = {name: tuple(a.shape) for name, a in gradient.items()}
+        if shapes != self._global_shapes or not all(
+            a.dtype.kind == "f" and np.isfinite(a).all() for a in gradient.values()
+        ):
+            return NodeDrop(
+                server_round, node, DropReason.MALFORMED_REPLY, f"{QUERY_DETAIL}: arrays differ from the global model's"
+            )
+        return gradient, reported
+
+    def _with_offset(self, msg: Message) -> Message:
+        """The inner strategy's train message (whose content all nodes share) with this node's own offset added."""
+        node = msg.metadata.dst_node_id
+        content = RecordDict(dict(msg.content.items()))
+        content[DRIFT_OFFSET_KEY] = ArrayRecord({n: Array(a) for n, a in self._gradients[node].offset.items()})
+        return Message(content=content, message_type=msg.metadata.message_type, dst_node_id=node)
 
     def _set_inner_sampling(self, count: int) -> None:
         target = getattr(self.inner, "strategy", self.inner)  # Flower's DP wrappers keep the wrapped one here
@@ -237,8 +368,19 @@ class JobStrategy(Strategy):
             return NodeDrop(server_round, node, DropReason.MALFORMED_REPLY, "arrays differ from the global model's")
         weight = 1  # set for the whole round in aggregate_train (FIXED weights depend on every accepted node)
         values = {k: float(v) for k, v in metric.items() if isinstance(v, (int, float))}
+        queried = self._gradients.get(node)
         return CapturedUpdate(
-            server_round, node, update, arrays_sha256(update), self._global_sha256, reported, weight, values
+            server_round,
+            node,
+            update,
+            arrays_sha256(update),
+            self._global_sha256,
+            reported,
+            weight,
+            values,
+            gradient=None if queried is None else queried.gradient,
+            gradient_sha256=None if queried is None else queried.gradient_sha256,
+            drift_offset_sha256=None if queried is None else queried.offset_sha256,
         )
 
     def aggregate_train(
@@ -271,7 +413,9 @@ class JobStrategy(Strategy):
                 self.dropped[drop.node_id] = drop
         self.drops.extend(round_drops)
         self.sink.on_round(
-            RoundCapture(self.run_id, server_round, self._global_sha256, tuple(updates), tuple(round_drops))
+            RoundCapture(
+                self.run_id, server_round, self._global_sha256, tuple(updates), tuple(self._query_drops + round_drops)
+            )
         )
         if len(updates) < self.min_nodes:
             raise JobFailedError(
@@ -284,11 +428,15 @@ class JobStrategy(Strategy):
         return self.inner.aggregate_train(server_round, accepted)
 
     def _round_weights(self, server_round: int, updates: list[CapturedUpdate]) -> dict[int, int]:
+        return self._weights_for(server_round, {u.node_id: u.examples_reported for u in updates})
+
+    def _weights_for(self, server_round: int, reported: Mapping[int, int]) -> dict[int, int]:
+        """The round's weights for the nodes in `reported` (node id -> self-reported example count)."""
         verified = None
         if self.verified_examples is not None:
-            verified = {u.node_id: self.verified_examples(server_round, u.node_id) for u in updates}
+            verified = {node: self.verified_examples(server_round, node) for node in reported}
         return aggregation_weights(
-            {u.node_id: u.examples_reported for u in updates},
+            reported,
             self.weighting,
             max_weight=self.max_weight,
             verified=verified,

@@ -4,6 +4,11 @@ Component reference for the Flower app: `edge.federated.client_app:app`. The run
 (`task-id`, `task-version`) and the local hyper-parameters; the SuperNode's node config names the device's window
 file (`data-path`) and the spool directory the agent reads records from (`spool-dir`).
 
+Drift-corrected jobs (run config `drift-correction` > 0, protocol.tasks.drift) send each round a `query.gradient`
+message first, answered with the full-batch gradient at the global model, then a train message that carries the
+node's drift offset (ArrayRecord `drift-offset`) beside the global model; the contribution record then also names
+the hashes of the gradient returned and of the offset received.
+
 Mod order matters: `contribution_record_mod` is outermost so that it hashes the update exactly as Flower sends it,
 after `dp_clipping_mod` (Flower's fixedclipping_mod) has clipped it; the coordinator recomputes the same hash from
 the update it receives.
@@ -21,15 +26,17 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
 from edge.federated.spool import write_record
-from edge.federated.training import LocalTrainingConfig, train_round
+from edge.federated.training import LocalTrainingConfig, round_gradient, train_round
 from protocol.errors import MalformedError
 from protocol.tasks.arrays import arrays_sha256
 from protocol.tasks.contribution import ContributionRecord, DPParams
+from protocol.tasks.drift import DRIFT_OFFSET_KEY, GRADIENT_KEY, QUERY_GRADIENT
 from protocol.tasks.models import build_model, evaluate, load_arrays
 from protocol.tasks.spec import get_task
 from protocol.tasks.windows import load_window_file
 
 ROUND_STATE_KEY = "midgate.round"
+GRADIENT_STATE_KEY = "midgate.gradient"  # round -> hash of the gradient this node returned (for the round's record)
 CLIPPING_NORM_KEY = "clipping_norm"  # flwr.supercore.differential_privacy.KEY_CLIPPING_NORM
 
 
@@ -37,6 +44,19 @@ def _only_record(records: dict[str, ArrayRecord] | dict[str, MetricRecord] | dic
     if len(records) != 1:
         raise MalformedError(f"message must carry exactly one {kind}", found=len(records))
     return next(iter(records))
+
+
+def _model_record(content: RecordDict) -> str:
+    """Key of the global model's ArrayRecord: the only one, besides a drift offset."""
+    keys = [k for k in content.array_records if k != DRIFT_OFFSET_KEY]
+    if len(keys) != 1:
+        raise MalformedError("message must carry exactly one model ArrayRecord", found=len(keys))
+    return keys[0]
+
+
+def _drift_offset(content: RecordDict) -> dict[str, np.ndarray] | None:
+    record = content.array_records.get(DRIFT_OFFSET_KEY)
+    return None if record is None else _numpy(record)
 
 
 def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -55,8 +75,8 @@ def contribution_record_mod(msg: Message, context: Context, call_next: ClientApp
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, context)
     spool_dir = _node_path(context, "spool-dir")
-    received = msg.content.array_records[_only_record(msg.content.array_records, "ArrayRecord")]
-    global_sha256 = arrays_sha256(_numpy(received))
+    global_sha256 = arrays_sha256(_numpy(msg.content.array_records[_model_record(msg.content)]))
+    offset = _drift_offset(msg.content)
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
@@ -69,9 +89,12 @@ def contribution_record_mod(msg: Message, context: Context, call_next: ClientApp
     if isinstance(clipping, (int, float)) and not isinstance(clipping, bool):
         noise = context.run_config.get("dp-noise-multiplier", 0.0)
         dp = DPParams(clipping_norm=float(clipping), noise_multiplier=float(noise))  # type: ignore[arg-type]
+    server_round = int(config["server-round"])  # type: ignore[arg-type]
+    gradients = context.state.config_records.get(GRADIENT_STATE_KEY, ConfigRecord())
+    gradient_sha256 = gradients.get(str(server_round)) if offset is not None else None
     record = ContributionRecord(
         run_id=msg.metadata.run_id,
-        round=int(config["server-round"]),  # type: ignore[arg-type]
+        round=server_round,
         node_id=context.node_id,
         task_id=str(info["task-id"]),
         task_version=int(info["task-version"]),  # type: ignore[arg-type]
@@ -83,6 +106,8 @@ def contribution_record_mod(msg: Message, context: Context, call_next: ClientApp
         loss_after=float(metrics["loss-after"]),  # type: ignore[arg-type]
         seconds=float(metrics["seconds"]),  # type: ignore[arg-type]
         dp=dp,
+        gradient_sha256=gradient_sha256 if isinstance(gradient_sha256, str) else None,
+        drift_offset_sha256=None if offset is None else arrays_sha256(offset),
         created_ms=time.time_ns() // 1_000_000,
     )
     write_record(spool_dir, record)
@@ -107,10 +132,11 @@ def train(msg: Message, context: Context) -> Message:
     settings = LocalTrainingConfig.from_run_config(context.run_config)
     spec = get_task(settings.task_id, settings.task_version)
     windows = load_window_file(_node_path(context, "data-path"), spec)
-    arrays_key = _only_record(msg.content.array_records, "ArrayRecord")
+    arrays_key = _model_record(msg.content)
     config = msg.content.config_records[_only_record(msg.content.config_records, "ConfigRecord")]
     server_round = int(config["server-round"])  # type: ignore[arg-type]
-    result = train_round(spec, _numpy(msg.content.array_records[arrays_key]), windows, settings, server_round)
+    offset = _drift_offset(msg.content)
+    result = train_round(spec, _numpy(msg.content.array_records[arrays_key]), windows, settings, server_round, offset)
     context.state.config_records[ROUND_STATE_KEY] = ConfigRecord(
         {"task-id": spec.id, "task-version": spec.version, "dataset-fingerprint": windows.fingerprint}
     )
@@ -124,6 +150,27 @@ def train(msg: Message, context: Context) -> Message:
     )
     update = ArrayRecord({name: Array(value) for name, value in result.arrays.items()})
     return Message(content=RecordDict({arrays_key: update, "metrics": metrics}), reply_to=msg)
+
+
+@app.query(QUERY_GRADIENT)
+def gradient(msg: Message, context: Context) -> Message:
+    """Drift correction's query: the full-batch gradient at the global model in `msg`, on the same windows the
+    round's training will use; its hash is kept in the node's state for the round's contribution record."""
+    settings = LocalTrainingConfig.from_run_config(context.run_config)
+    spec = get_task(settings.task_id, settings.task_version)
+    windows = load_window_file(_node_path(context, "data-path"), spec)
+    config = msg.content.config_records[_only_record(msg.content.config_records, "ConfigRecord")]
+    server_round = int(config["server-round"])  # type: ignore[arg-type]
+    result = round_gradient(
+        spec, _numpy(msg.content.array_records[_model_record(msg.content)]), windows, settings, server_round
+    )
+    # Only this round's hash is kept: the state travels with every message of the run.
+    context.state.config_records[GRADIENT_STATE_KEY] = ConfigRecord({str(server_round): arrays_sha256(result.arrays)})
+    metrics = MetricRecord({"num-examples": result.examples, "loss": result.loss})
+    content = RecordDict(
+        {GRADIENT_KEY: ArrayRecord({n: Array(a) for n, a in result.arrays.items()}), "metrics": metrics}
+    )
+    return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()

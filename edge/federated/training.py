@@ -10,7 +10,7 @@ import numpy.typing as npt
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from protocol.tasks.models import build_model, evaluate, load_arrays, model_arrays, train_epochs
+from protocol.tasks.models import build_model, evaluate, full_gradient, load_arrays, model_arrays, train_epochs
 from protocol.tasks.spec import TaskSpec
 from protocol.tasks.windows import WindowSet
 
@@ -54,19 +54,56 @@ class RoundResult:
     loss_after: float
 
 
+def round_sample(
+    windows: WindowSet, settings: LocalTrainingConfig, server_round: int
+) -> tuple[npt.NDArray[np.generic], npt.NDArray[np.generic] | None]:
+    """The windows a round uses: all of them, or `max_examples` drawn from the round's seed (the same draw for the
+    round's gradient query and its training, so a drift offset is computed on the data it corrects)."""
+    x, y = windows.x, windows.y
+    if len(x) > settings.max_examples:
+        pick = np.random.default_rng(settings.seed + server_round).choice(len(x), settings.max_examples, replace=False)
+        x, y = x[pick], None if y is None else y[pick]
+    return x, y
+
+
+@dataclass(frozen=True)
+class RoundGradient:
+    arrays: dict[str, npt.NDArray[np.generic]]
+    examples: int
+    loss: float
+
+
+def round_gradient(
+    spec: TaskSpec,
+    global_arrays: Mapping[str, npt.NDArray[np.generic]],
+    windows: WindowSet,
+    settings: LocalTrainingConfig,
+    server_round: int,
+) -> RoundGradient:
+    """The full-batch gradient of the loss on the round's windows at the global model (drift-correction query)."""
+    torch.set_num_threads(settings.torch_threads)
+    x, y = round_sample(windows, settings, server_round)
+    model = build_model(spec)
+    load_arrays(model, global_arrays)
+    loss = evaluate(spec, model, x, y)["loss"]
+    return RoundGradient(arrays=full_gradient(spec, model, x, y), examples=len(x), loss=loss)
+
+
 def train_round(
     spec: TaskSpec,
     global_arrays: Mapping[str, npt.NDArray[np.generic]],
     windows: WindowSet,
     settings: LocalTrainingConfig,
     server_round: int,
+    gradient_offset: Mapping[str, npt.NDArray[np.generic]] | None = None,
 ) -> RoundResult:
-    """Train the global model on (a round-seeded sample of) the windows; losses are measured on the same sample."""
+    """Train the global model on (a round-seeded sample of) the windows; losses are measured on the same sample.
+
+    `gradient_offset`: the drift offset the coordinator sent for this round (protocol.tasks.drift), added to every
+    minibatch gradient; None trains plain.
+    """
     torch.set_num_threads(settings.torch_threads)
-    x, y = windows.x, windows.y
-    if len(x) > settings.max_examples:
-        pick = np.random.default_rng(settings.seed + server_round).choice(len(x), settings.max_examples, replace=False)
-        x, y = x[pick], None if y is None else y[pick]
+    x, y = round_sample(windows, settings, server_round)
     model = build_model(spec)
     load_arrays(model, global_arrays)
     before = evaluate(spec, model, x, y)["loss"]
@@ -79,6 +116,7 @@ def train_round(
         batch_size=settings.batch_size,
         lr=settings.lr,
         seed=settings.seed + server_round,
+        gradient_offset=gradient_offset,
     )
     after = evaluate(spec, model, x, y)["loss"]
     return RoundResult(arrays=model_arrays(model), examples=len(x), loss_before=before, loss_after=after)

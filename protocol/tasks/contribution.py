@@ -35,7 +35,9 @@ class ContributionRecord(BaseModel):
 
     `node_id` is the SuperLink's id of the node (stable per registered key); `global_model_sha256` and
     `update_sha256` are `protocol.tasks.arrays.arrays_sha256` of the arrays received and returned; `examples` is
-    self-reported and never used as an aggregation weight without a server-side cap.
+    self-reported and never used as an aggregation weight without a server-side cap. In drift-corrected jobs
+    (protocol.tasks.drift) `gradient_sha256` is the hash of the gradient the node returned to the round's query and
+    `drift_offset_sha256` that of the offset it trained with; both None otherwise.
     """
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
@@ -54,6 +56,8 @@ class ContributionRecord(BaseModel):
     loss_after: float
     seconds: float = Field(ge=0)
     dp: DPParams | None = None
+    gradient_sha256: Sha256Hex | None = None
+    drift_offset_sha256: Sha256Hex | None = None
     created_ms: int = Field(ge=0, le=U64_MAX)
 
     def to_json_bytes(self) -> bytes:

@@ -183,11 +183,17 @@ def train_epochs(
     batch_size: int,
     lr: float,
     seed: int,
+    gradient_offset: Mapping[str, npt.NDArray[np.generic]] | None = None,
 ) -> None:
-    """Plain minibatch Adam for `epochs` passes, shuffled from `seed` so a round is reproducible."""
+    """Plain minibatch Adam for `epochs` passes, shuffled from `seed` so a round is reproducible.
+
+    `gradient_offset` (named like the model's parameters) is added to every minibatch gradient before the Adam step:
+    the drift correction of protocol.tasks.drift. None trains without it.
+    """
     xt, yt = to_tensors(spec, x, y)
     if len(xt) == 0:
         raise MalformedError("no windows to train on")
+    offsets = _parameter_offsets(model, gradient_offset) if gradient_offset is not None else []
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     model.train()
@@ -197,4 +203,51 @@ def train_epochs(
             idx = order[start : start + batch_size]
             optimiser.zero_grad()
             loss_fn(spec, model(xt[idx]), yt[idx]).backward()  # type: ignore[no-untyped-call]
+            for param, offset in offsets:
+                if param.grad is not None:
+                    param.grad.add_(offset)
             optimiser.step()
+
+
+def _parameter_offsets(
+    model: nn.Module, offset: Mapping[str, npt.NDArray[np.generic]]
+) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """Pairs each trainable parameter with its offset. The offset names exactly the model's state (as the global
+    model's arrays do, so the coordinator screens it like an update); entries of buffers, which do not train, are
+    ignored."""
+    state = model.state_dict()
+    if set(offset) != set(state):
+        raise MalformedError(
+            "gradient offset does not name the model's arrays",
+            missing=sorted(set(state) - set(offset))[:8],
+            unexpected=sorted(set(offset) - set(state))[:8],
+        )
+    pairs = []
+    for name, param in model.named_parameters():
+        value = np.asarray(offset[name])
+        if tuple(value.shape) != tuple(param.shape):
+            raise MalformedError(
+                "gradient offset shape mismatch", name=name, expected=tuple(param.shape), found=value.shape
+            )
+        pairs.append((param, torch.as_tensor(np.asarray(value, dtype=np.float32))))
+    return pairs
+
+
+def full_gradient(
+    spec: TaskSpec, model: nn.Module, x: npt.NDArray[np.generic], y: npt.NDArray[np.generic] | None
+) -> NDArrays:
+    """The gradient of the mean loss over all the windows at the model's current weights, named like the model's
+    arrays (`model_arrays`), float32; zeros for buffers, which do not train. The model's weights are unchanged."""
+    xt, yt = to_tensors(spec, x, y)
+    if len(xt) == 0:
+        raise MalformedError("no windows to take a gradient on")
+    model.train()
+    model.zero_grad()
+    loss_fn(spec, model(xt), yt).backward()  # type: ignore[no-untyped-call]
+    params = dict(model.named_parameters())
+    grads: NDArrays = {}
+    for name, tensor in model.state_dict().items():
+        grad = params[name].grad if name in params else None
+        grads[name] = (grad if grad is not None else torch.zeros_like(tensor)).detach().cpu().numpy().astype(np.float32)
+    model.zero_grad()
+    return grads
