@@ -33,6 +33,18 @@ def superlink_tls(settings: CoordinatorSettings) -> SuperLinkTls:
     return issue_server_tls(ca, cert, key, settings.federation.tls_hostnames)
 
 
+def job_flower_cli(settings: CoordinatorSettings) -> FlowerCli:
+    """The `flwr` connection `job start` uses: its own FLWR_HOME (`serve` registers devices through another), the
+    SuperLink `serve` runs, trusted through the MID CA."""
+    f = settings.federation
+    ca_cert = mid_ca_dir(settings) / "ca.crt"
+    if not ca_cert.exists():
+        raise FileNotFoundError(f"no MID CA at {ca_cert}: start `midgate coordinator serve` with [federation] first")
+    cli = FlowerCli(settings.federation_dir / "job-cli", f"{f.host}:{f.port}", ca_cert)
+    cli.write_config()
+    return cli
+
+
 @dataclass
 class MidSuperLink:
     """`start()` launches the SuperLink and prepares the `flwr` connection; `stop()` ends the SuperLink's process

@@ -213,6 +213,17 @@ class FlowerCli:
             raise FlowerCliError(f"run {run_id} not listed")
         return str(runs[0]["status"])
 
+    def online_node_ids(self) -> set[int]:
+        """Node ids of the SuperNodes connected to the SuperLink now (`flwr supernode list`, status online)."""
+        data = self._json(self._run("supernode", "list", CONNECTION, "--format", "json"))
+        nodes = data.get("nodes")
+        if not isinstance(nodes, list):
+            raise FlowerCliError("flwr supernode list: no node list")
+        return {int(str(n["node-id"])) for n in nodes if isinstance(n, dict) and n.get("status") == "online"}
+
+    def stop_run(self, run_id: int) -> None:
+        self._run("stop", str(run_id), CONNECTION)
+
     def wait_finished(self, run_id: int, timeout: float, poll: float = 1.0) -> str:
         """Poll the run's status until it is `finished:*`; returns that status (e.g. finished:completed)."""
         deadline = time.monotonic() + timeout

@@ -1,0 +1,437 @@
+"""`midgate coordinator job start`: the MID operator runs one buyer's training job on its own SuperLink.
+
+A job is announced to each selected device by a MID-signed `RoundInvitation` on its `down/invite` topic; the agent
+starts its SuperNode for the job and keeps it until the invitation's deadline (edge/agent/job_node.py). So the
+command invites, waits for the devices' SuperNodes to connect, submits the run with `flwr run` (FlowerCli), and
+while the run lives re-invites every selected device with a later deadline, one lease ahead. `flwr run` exits 0 even
+when the ServerApp fails, so the job's result is the run's status on the SuperLink (`finished:completed`) together
+with the ServerApp's outcome.json, never the CLI's exit code. The run's output goes to the coordinator's `jobs_dir`
+(`run-<id>/`, where ingest cross-checks contribution reports with the round captures), and every job is recorded in
+`job-book/<job id>.json` under the federation folder (`JobBook`), which `job list` and `job show` read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Self
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from coordinator.federation.job import JobOutcome
+from coordinator.federation.superlink import FlowerCli, FlowerCliError
+from coordinator.registry.store import Registry
+from protocol.errors import ProtocolError
+from protocol.identity import SignerKey
+from protocol.messages import RoundInvitation
+from protocol.tasks.spec import get_task
+from protocol.topics import DownKind, down_topic
+
+APP_DIR = Path(__file__).resolve().parent / "app"
+JOB_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+TERMINAL_PREFIX = "finished"
+COMPLETED = "finished:completed"
+
+
+class JobRequestError(Exception):
+    """The job cannot start or went wrong; `reason` is a stable code, `details` name expected and found values."""
+
+    def __init__(self, reason: str, message: str, **details: object) -> None:
+        shown = ", ".join(f"{k}={v!r}" for k, v in details.items())
+        super().__init__(f"{reason}: {message}" + (f" ({shown})" if shown else ""))
+        self.reason = reason
+        self.details = details
+
+
+class JobRequest(BaseModel):
+    """What the operator asks for.
+
+    Parameters
+    ----------
+    job_id: names the job in invitations, reports and the job book ([a-z0-9-]).
+    task_id, task_version: a published task (protocol.tasks registry).
+    rounds: federated rounds.
+    devices: device ids to train on; empty means every enrolled device whose SuperNode connects within
+        `join_timeout_s` of the first invitation ("all online").
+    min_nodes: fewest usable updates per round (the ServerApp fails the job below it).
+    round_timeout_s: seconds the ServerApp waits for a round's replies.
+    join_timeout_s: seconds to wait for invited SuperNodes to connect, before the run and at each round's start.
+    validation_path: the buyer's validation window file, on the coordinator.
+    purpose, buyer: what the data is used for and by whom; they go into every invitation.
+    dp_clipping_norm, dp_noise_multiplier, dp_delta: the ServerApp's differential privacy (off at norm 0).
+    local_epochs: passes over each device's windows per round.
+    lease_s: a device keeps its SuperNode this long after the latest invitation; re-invited every lease / 3.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    job_id: str = Field(pattern=JOB_ID_PATTERN)
+    task_id: str
+    task_version: int = Field(ge=1)
+    rounds: int = Field(ge=1, le=10_000)
+    devices: tuple[str, ...] = ()
+    min_nodes: int = Field(default=2, ge=1)
+    round_timeout_s: float = Field(default=120.0, gt=0)
+    join_timeout_s: float = Field(default=60.0, gt=0)
+    validation_path: Path
+    purpose: str = Field(pattern=JOB_ID_PATTERN)
+    buyer: str = Field(pattern=JOB_ID_PATTERN)
+    dp_clipping_norm: float = Field(default=0.0, ge=0)
+    dp_noise_multiplier: float = Field(default=0.0, ge=0)
+    dp_delta: float = Field(default=1e-5, gt=0, lt=1)
+    local_epochs: int = Field(default=1, ge=1, le=1000)
+    lease_s: float = Field(default=120.0, ge=15, le=86_400)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        try:
+            get_task(self.task_id, self.task_version)
+        except ProtocolError as error:  # unknown task or version: pydantic reports ValueErrors only
+            raise ValueError(str(error)) from None
+        if self.devices and self.min_nodes > len(self.devices):
+            raise ValueError(f"min_nodes {self.min_nodes} exceeds the {len(self.devices)} devices selected")
+        if len(set(self.devices)) != len(self.devices):
+            raise ValueError("a device is named twice")
+        if self.dp_noise_multiplier > 0 and self.dp_clipping_norm <= 0:
+            raise ValueError("DP noise needs a clipping norm")
+        return self
+
+    def run_config(self, node_ids: list[int], output_dir: Path) -> dict[str, str | int | float]:
+        """The Flower app's run config (coordinator.federation.job.JobRunConfig) for these nodes."""
+        return {
+            "task-id": self.task_id,
+            "task-version": self.task_version,
+            "num-rounds": self.rounds,
+            "selected-nodes": " ".join(str(n) for n in node_ids),
+            "min-nodes": self.min_nodes,
+            "round-timeout": self.round_timeout_s,
+            "join-timeout": self.join_timeout_s,
+            "validation-path": str(self.validation_path.resolve()),
+            "output-dir": str(output_dir.resolve()),
+            "local-epochs": self.local_epochs,
+            "dp-clipping-norm": self.dp_clipping_norm,
+            "dp-noise-multiplier": self.dp_noise_multiplier,
+            "dp-delta": self.dp_delta,
+        }
+
+    def wait_bound_s(self) -> float:
+        """No wait is unbounded: the longest a healthy run of this job can take, with a margin."""
+        return self.join_timeout_s + self.rounds * (self.round_timeout_s + self.join_timeout_s) + 300.0
+
+
+class JobDevice(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device_id: str
+    member_id: str
+    node_id: int
+
+
+def select_devices(registry: Registry, names: tuple[str, ...]) -> list[JobDevice]:
+    """The devices to invite: those named (each must be enrolled, not revoked, with a Flower node), or with no names
+    every such device. Raises JobRequestError (unknown_device, revoked_device, no_flower_node, no_devices)."""
+    if not names:
+        candidates = [d for d in registry.devices() if not d.revoked]
+        found = [(d, registry.flower_node(d.device_id)) for d in candidates]
+        chosen = [JobDevice(device_id=d.device_id, member_id=d.member_id, node_id=n.node_id) for d, n in found if n]
+        if not chosen:
+            raise JobRequestError("no_devices", "no enrolled device has a Flower node", expected=">= 1", found=0)
+        return chosen
+    chosen = []
+    for name in names:
+        device = registry.device(name)
+        if device is None:
+            raise JobRequestError("unknown_device", "no such enrolled device", device=name)
+        if device.revoked:
+            raise JobRequestError("revoked_device", "the device's key is revoked", device=name)
+        node = registry.flower_node(name)
+        if node is None:
+            raise JobRequestError("no_flower_node", "the device enrolled without a Flower key", device=name)
+        chosen.append(JobDevice(device_id=name, member_id=device.member_id, node_id=node.node_id))
+    return chosen
+
+
+def round_invitation(
+    request: JobRequest, run_id: int, server_round: int, nonce: str, now_ms: int, mid_key: SignerKey
+) -> bytes:
+    """The signed invitation one device receives; `deadline_ms` is one lease from now."""
+    return RoundInvitation(
+        job_id=request.job_id,
+        run_id=run_id,
+        round=server_round,
+        task_id=request.task_id,
+        task_version=request.task_version,
+        purpose=request.purpose,
+        buyer=request.buyer,
+        nonce=nonce,
+        issued_ms=now_ms,
+        deadline_ms=now_ms + int(request.lease_s * 1000),
+    ).seal(mid_key)
+
+
+@dataclass(frozen=True)
+class BrokerLogin:
+    host: str
+    port: int
+    username: str
+    password: str
+    client_id: str
+    ca_file: str | None = None
+    mqtt5: bool = True
+
+
+class InvitationSender:
+    """A short-lived MQTT connection with the coordinator's login (its ACL writes `dev/+/down/#`), on its own client
+    id so it never takes over `serve`'s persistent session. `with` connects and disconnects."""
+
+    def __init__(self, login: BrokerLogin, timeout_s: float = 30.0) -> None:
+        self.login = login
+        self.timeout_s = timeout_s
+        protocol = paho.MQTTv5 if login.mqtt5 else paho.MQTTv311
+        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=login.client_id, protocol=protocol)
+        self._client.username_pw_set(login.username, login.password)
+        if login.ca_file:
+            self._client.tls_set(ca_certs=login.ca_file, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+
+    def __enter__(self) -> Self:
+        self._client.connect(self.login.host, self.login.port, keepalive=30)
+        self._client.loop_start()
+        deadline = time.monotonic() + self.timeout_s
+        while not self._client.is_connected():
+            if time.monotonic() >= deadline:
+                self.__exit__()
+                raise JobRequestError("broker_unreachable", "no MQTT connection", host=self.login.host)
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def send(self, topic: str, payload: bytes) -> None:
+        """Publish at QoS 1 and wait until the broker acknowledged it."""
+        info = self._client.publish(topic, payload, qos=1)
+        info.wait_for_publish(self.timeout_s)
+        if not info.is_published():
+            raise JobRequestError("broker_unreachable", "invitation not acknowledged by the broker", topic=topic)
+
+
+JobStatus = Literal["inviting", "running", "completed", "failed"]
+
+
+class JobRecord(BaseModel):
+    """One job as the MID ran it: what was asked, who was invited and selected, the run and its outcome."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request: JobRequest
+    invited: list[JobDevice]
+    nonces: dict[str, str]  # device id -> the invitation nonce its reports of this job carry
+    selected_node_ids: list[int] = Field(default_factory=list)
+    run_id: int | None = None
+    status: JobStatus = "inviting"
+    flower_status: str = ""
+    reason: str = ""
+    rounds_completed: int = 0
+    started_ms: int
+    ended_ms: int | None = None
+    outcome: JobOutcome | None = None
+
+
+class JobBook:
+    """One `<job id>.json` per job (written atomically: temporary name, fsync, rename)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def path(self, job_id: str) -> Path:
+        return self.directory / f"{job_id}.json"
+
+    def write(self, record: JobRecord) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.directory / f".{record.request.job_id}.json.tmp"
+        tmp.write_text(record.model_dump_json(indent=1))
+        with tmp.open("rb") as fh:
+            os.fsync(fh.fileno())
+        tmp.replace(self.path(record.request.job_id))
+
+    def read(self, job_id: str) -> JobRecord | None:
+        path = self.path(job_id)
+        if not path.exists():
+            return None
+        return JobRecord.model_validate(json.loads(path.read_text()))
+
+    def records(self) -> Iterator[JobRecord]:
+        for path in sorted(self.directory.glob("*.json")):
+            yield JobRecord.model_validate(json.loads(path.read_text()))
+
+
+def rounds_captured(run_dir: Path) -> int:
+    """Rounds whose replies the ServerApp captured (capture.CaptureDirectory writes `round-NNNNNN.json`)."""
+    return len(list(run_dir.glob("round-[0-9][0-9][0-9][0-9][0-9][0-9].json")))
+
+
+def job_succeeded(flower_status: str, outcome: JobOutcome | None, rounds: int) -> bool:
+    """A job succeeded only when the SuperLink says the run completed *and* the ServerApp recorded every round."""
+    return (
+        flower_status == COMPLETED
+        and outcome is not None
+        and outcome.status == "finished"
+        and outcome.rounds_completed == rounds
+    )
+
+
+@dataclass
+class JobRun:
+    """Runs one JobRequest to its end; `report` receives one line per event (the CLI prints them).
+
+    Parameters
+    ----------
+    request: the job.
+    registry: the MID's device registry (device -> member -> Flower node id).
+    mid_key: signs the invitations.
+    mid: the MID's id (topics).
+    cli: the `flwr` CLI connection to the MID's SuperLink.
+    sender: an open InvitationSender.
+    jobs_dir: the ServerApp's output folder (the coordinator's `jobs_dir`); the run writes `run-<id>/` there.
+    book: where the job is recorded.
+    report: progress lines.
+    poll_s: seconds between looks at the run's folder (round captures, outcome.json) (default 0.5).
+    status_every_s: seconds between `flwr ls` calls while the run has no outcome yet (default 15): each is a fresh
+        Python process costing about 1 s of CPU, taken from the job when the SuperLink shares the machine.
+    """
+
+    request: JobRequest
+    registry: Registry
+    mid_key: SignerKey
+    mid: str
+    cli: FlowerCli
+    sender: InvitationSender
+    jobs_dir: Path
+    book: JobBook
+    report: Callable[[str], None]
+    poll_s: float = 0.5
+    status_every_s: float = 15.0
+    clock: Callable[[], float] = time.monotonic
+
+    def run(self) -> JobRecord:
+        if self.book.read(self.request.job_id) is not None:
+            raise JobRequestError("job_exists", "a job with this id was already run", job=self.request.job_id)
+        devices = select_devices(self.registry, self.request.devices)
+        record = JobRecord(
+            request=self.request,
+            invited=devices,
+            nonces={d.device_id: secrets.token_hex(16) for d in devices},
+            started_ms=_now_ms(),
+        )
+        self.book.write(record)
+        try:
+            return self._run(record)
+        except BaseException as exc:
+            if record.run_id is not None and record.status == "running":
+                with contextlib.suppress(FlowerCliError, OSError):
+                    self.cli.stop_run(record.run_id)
+            self._finish(record, "failed", getattr(exc, "reason", type(exc).__name__))
+            raise
+
+    def _run(self, record: JobRecord) -> JobRecord:
+        request = self.request
+        self._invite(record, record.invited, run_id=0, server_round=1)
+        self.report(f"invited {len(record.invited)} device(s): {', '.join(d.device_id for d in record.invited)}")
+        joined = self._wait_joined({d.node_id for d in record.invited})
+        selected = record.invited if request.devices else [d for d in record.invited if d.node_id in joined]
+        missing = [d.device_id for d in record.invited if d.node_id not in joined]
+        if missing:
+            self.report(f"not connected after {request.join_timeout_s:.0f} s: {', '.join(missing)}")
+        if len([d for d in selected if d.node_id in joined]) < request.min_nodes:
+            record.selected_node_ids = [d.node_id for d in selected]
+            return self._finish(record, "failed", "too_few_nodes")
+        record.selected_node_ids = [d.node_id for d in selected]
+        record.run_id = self.cli.submit_run(APP_DIR, request.run_config(record.selected_node_ids, self.jobs_dir))
+        record.status = "running"
+        self.book.write(record)
+        self.report(f"run {record.run_id} submitted with {len(selected)} node(s)")
+        return self._follow(record, [d for d in record.invited if d.node_id in record.selected_node_ids])
+
+    def _follow(self, record: JobRecord, selected: list[JobDevice]) -> JobRecord:
+        assert record.run_id is not None
+        run_dir = self.jobs_dir / f"run-{record.run_id}"
+        deadline = self.clock() + self.request.wait_bound_s()
+        reinvite_every = self.request.lease_s / 3
+        last_invite = self.clock()
+        next_status = self.clock() + self.status_every_s
+        status = ""
+        while True:
+            done = rounds_captured(run_dir)
+            if done != record.rounds_completed:
+                record.rounds_completed = done
+                self.book.write(record)
+                self.report(f"round {done}/{self.request.rounds} captured")
+            outcome_written = (run_dir / "outcome.json").exists()
+            if outcome_written or self.clock() >= next_status:
+                status = self.cli.run_status(record.run_id)
+                next_status = self.clock() + (1.0 if outcome_written else self.status_every_s)
+                if status.startswith(TERMINAL_PREFIX):
+                    break
+            if self.clock() >= deadline:
+                self.cli.stop_run(record.run_id)
+                record.flower_status = status
+                return self._finish(record, "failed", "timeout")
+            if self.clock() - last_invite >= reinvite_every:
+                self._invite(record, selected, record.run_id, min(done + 1, self.request.rounds))
+                last_invite = self.clock()
+            time.sleep(self.poll_s)
+        record.flower_status = status
+        record.outcome = _read_outcome(run_dir, self.clock)
+        if record.outcome is not None:
+            record.rounds_completed = record.outcome.rounds_completed
+        if job_succeeded(status, record.outcome, self.request.rounds):
+            return self._finish(record, "completed", "")
+        reason = record.outcome.reason if record.outcome is not None and record.outcome.reason else status
+        return self._finish(record, "failed", reason or "no_outcome")
+
+    def _invite(self, record: JobRecord, devices: list[JobDevice], run_id: int, server_round: int) -> None:
+        now = _now_ms()
+        for device in devices:
+            payload = round_invitation(
+                self.request, run_id, server_round, record.nonces[device.device_id], now, self.mid_key
+            )
+            self.sender.send(down_topic(self.mid, device.device_id, DownKind.INVITE), payload)
+
+    def _wait_joined(self, node_ids: set[int]) -> set[int]:
+        deadline = self.clock() + self.request.join_timeout_s
+        while True:
+            online = self.cli.online_node_ids() & node_ids
+            if online == node_ids or self.clock() >= deadline:
+                return online
+            time.sleep(2.0)  # each `flwr supernode list` is a Python process: about 1 s of CPU
+
+    def _finish(self, record: JobRecord, status: JobStatus, reason: str) -> JobRecord:
+        record.status = status
+        record.reason = reason
+        record.ended_ms = _now_ms()
+        self.book.write(record)
+        return record
+
+
+def _read_outcome(run_dir: Path, clock: Callable[[], float], wait_s: float = 15.0) -> JobOutcome | None:
+    """The ServerApp writes outcome.json as it ends, which can be just after the SuperLink reports the run finished."""
+    deadline = clock() + wait_s
+    while not (run_dir / "outcome.json").exists():
+        if clock() >= deadline:
+            return None
+        time.sleep(0.1)
+    return JobOutcome.read(run_dir)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000

@@ -1,0 +1,182 @@
+"""`midgate coordinator job start`'s pieces without Flower: which devices a job invites, the signed invitation each
+receives, the request's refusals, the job book, and when a job counts as succeeded. The whole command runs end to
+end, against Mosquitto, `serve`'s SuperLink and real agents, in tests/test_fl_roles_e2e.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from coordinator.federation.job import JobOutcome
+from coordinator.federation.job_start import (
+    JobBook,
+    JobDevice,
+    JobRecord,
+    JobRequest,
+    JobRequestError,
+    job_succeeded,
+    round_invitation,
+    rounds_captured,
+    select_devices,
+)
+from coordinator.registry.enrolment import mid_key_name
+from coordinator.registry.store import Registry
+from protocol.envelope import decode, open_envelope
+from protocol.errors import BadSignatureError, ProtocolError
+from protocol.identity import SignerKey
+from protocol.messages import RoundInvitation
+
+NOW_MS = 1_795_000_000_000
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Registry:
+    """Three enrolled devices: d-one and d-two with Flower nodes, d-bare without; d-two is then revoked."""
+    reg = Registry(tmp_path / "registry.sqlite")
+    for device, node in (("d-one", 11), ("d-two", 22), ("d-bare", None)):
+        reg.add_invite(f"inv-{device}", f"member-{device}", NOW_MS, NOW_MS + 10_000)
+        reg.redeem_invite(f"inv-{device}", NOW_MS, device, SignerKey.generate(device).verifier, "$7$101$x$y")
+        if node is not None:
+            reg.add_flower_node(device, node, f"ecdsa-sha2-nistp256 {device}", NOW_MS)
+    return reg
+
+
+def _request(tmp_path: Path, **overrides: object) -> JobRequest:
+    validation = tmp_path / "validation.npz"
+    validation.write_bytes(b"")
+    fields: dict[str, object] = {
+        "job_id": "job-1",
+        "task_id": "plaid-appliance",
+        "task_version": 1,
+        "rounds": 2,
+        "validation_path": validation,
+        "purpose": "research",
+        "buyer": "acme",
+        "min_nodes": 1,
+    }
+    fields.update(overrides)
+    return JobRequest.model_validate(fields)
+
+
+def test_all_online_invites_every_active_device_with_a_flower_node(registry: Registry) -> None:
+    chosen = select_devices(registry, ())
+    assert [(d.device_id, d.member_id, d.node_id) for d in chosen] == [
+        ("d-one", "member-d-one", 11),
+        ("d-two", "member-d-two", 22),
+    ]
+    registry.revoke("d-two", NOW_MS + 1)
+    assert [d.device_id for d in select_devices(registry, ())] == ["d-one"]
+
+
+@pytest.mark.parametrize(
+    ("names", "reason"),
+    [(("d-one", "d-nobody"), "unknown_device"), (("d-bare",), "no_flower_node"), (("d-two",), "revoked_device")],
+)
+def test_named_devices_must_be_enrolled_active_and_have_a_flower_node(
+    registry: Registry, names: tuple[str, ...], reason: str
+) -> None:
+    registry.revoke("d-two", NOW_MS + 1)
+    with pytest.raises(JobRequestError) as err:
+        select_devices(registry, names)
+    assert err.value.reason == reason
+    assert err.value.details["device"] == names[-1]
+
+
+def test_no_device_to_invite_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(JobRequestError) as err:
+        select_devices(Registry(tmp_path / "empty.sqlite"), ())
+    assert err.value.reason == "no_devices"
+
+
+def test_invitation_is_signed_by_the_mid_and_expires_one_lease_later(tmp_path: Path) -> None:
+    mid_key = SignerKey.generate(mid_key_name("riverside"))
+    request = _request(tmp_path, lease_s=90)
+    payload = round_invitation(request, run_id=7, server_round=2, nonce="ab" * 16, now_ms=NOW_MS, mid_key=mid_key)
+    verifier = mid_key.verifier
+    invitation = decode(
+        open_envelope(payload, {verifier.key_id.hex(): verifier}, RoundInvitation.PAYLOAD_TYPE), RoundInvitation
+    )
+    assert (invitation.job_id, invitation.run_id, invitation.round) == ("job-1", 7, 2)
+    assert (invitation.task_id, invitation.task_version, invitation.purpose, invitation.buyer) == (
+        "plaid-appliance",
+        1,
+        "research",
+        "acme",
+    )
+    assert invitation.deadline_ms - invitation.issued_ms == 90_000
+    other = SignerKey.generate(mid_key_name("other")).verifier
+    with pytest.raises(ProtocolError) as err:
+        open_envelope(payload, {verifier.key_id.hex(): other}, RoundInvitation.PAYLOAD_TYPE)
+    assert isinstance(err.value, BadSignatureError)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "complaint"),
+    [
+        ({"task_version": 99}, "plaid-appliance"),
+        ({"devices": ("d-one",), "min_nodes": 2}, "min_nodes 2 exceeds"),
+        ({"devices": ("d-one", "d-one")}, "named twice"),
+        ({"dp_noise_multiplier": 1.0}, "clipping norm"),
+        ({"job_id": "Job 1"}, "job_id"),
+        ({"lease_s": 1}, "lease_s"),
+        ({"surprise": 1}, "surprise"),
+    ],
+)
+def test_request_refuses_what_cannot_run(tmp_path: Path, overrides: dict[str, object], complaint: str) -> None:
+    with pytest.raises((ValidationError, KeyError, LookupError, ValueError)) as err:
+        _request(tmp_path, **overrides)
+    assert complaint in str(err.value)
+
+
+def test_run_config_names_the_selected_nodes_and_the_job_folder(tmp_path: Path) -> None:
+    request = _request(tmp_path, round_timeout_s=30, dp_clipping_norm=1.5)
+    config = request.run_config([11, 22], tmp_path / "jobs" / "job-1")
+    assert config["selected-nodes"] == "11 22"
+    assert config["output-dir"] == str((tmp_path / "jobs" / "job-1").resolve())
+    assert (config["num-rounds"], config["round-timeout"], config["dp-clipping-norm"]) == (2, 30, 1.5)
+
+
+def test_job_book_keeps_records_across_reads(tmp_path: Path) -> None:
+    book = JobBook(tmp_path / "jobs")
+    record = JobRecord(
+        request=_request(tmp_path),
+        invited=[JobDevice(device_id="d-one", member_id="m", node_id=11)],
+        nonces={"d-one": "ab" * 16},
+        started_ms=NOW_MS,
+    )
+    book.write(record)
+    record.status = "completed"
+    record.outcome = JobOutcome(run_id=5, status="finished", rounds_completed=2)
+    book.write(record)
+    again = book.read("job-1")
+    assert again is not None and again.status == "completed" and again.outcome == record.outcome
+    assert [r.request.job_id for r in book.records()] == ["job-1"]
+    assert book.read("job-2") is None
+
+
+def test_rounds_captured_counts_round_summaries_only(tmp_path: Path) -> None:
+    (tmp_path / "round-000001.json").write_text("{}")
+    (tmp_path / "round-000002.json").write_text("{}")
+    (tmp_path / "round-000002-node-11.npz").write_bytes(b"")
+    (tmp_path / "outcome.json").write_text("{}")
+    assert rounds_captured(tmp_path) == 2
+    assert rounds_captured(tmp_path / "missing") == 0
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome", "succeeded"),
+    [
+        ("finished:completed", JobOutcome(run_id=1, status="finished", rounds_completed=2), True),
+        ("finished:completed", JobOutcome(run_id=1, status="failed", reason="too_few_replies"), False),
+        ("finished:completed", JobOutcome(run_id=1, status="finished", rounds_completed=1), False),
+        ("finished:completed", None, False),  # `flwr run` said nothing failed, but the ServerApp left no outcome
+        ("finished:failed", JobOutcome(run_id=1, status="finished", rounds_completed=2), False),
+        ("running", JobOutcome(run_id=1, status="finished", rounds_completed=2), False),
+    ],
+)
+def test_a_job_succeeds_only_when_the_run_completed_and_the_outcome_has_every_round(
+    status: str, outcome: JobOutcome | None, succeeded: bool
+) -> None:
+    assert job_succeeded(status, outcome, rounds=2) is succeeded
