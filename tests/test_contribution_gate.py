@@ -349,3 +349,30 @@ def test_the_agent_outbox_keeps_a_refused_report_and_stops_sending_it(world: Wor
         assert not settle_refusal(outbox, membership, payload, NOW_MS)  # a repeated notice changes nothing
     finally:
         outbox.close()
+
+
+def test_a_clientapp_record_without_drift_correction_still_becomes_a_report(tmp_path: Path) -> None:
+    """Records name gradient and offset hashes as null outside drift-corrected jobs; ContributionReport v1 has no such
+    fields, so the agent's translation drops the nulls (it refused every record once they appeared)."""
+    from edge.agent.spool import read_record
+    from protocol.tasks.contribution import ContributionRecord
+
+    record = ContributionRecord(
+        run_id=RUN,
+        round=ROUND,
+        node_id=11,
+        task_id="plaid-appliance",
+        task_version=1,
+        global_model_sha256=GLOBAL_SHA,
+        update_sha256=arrays_sha256(_arrays(11)),
+        examples=3,
+        dataset_fingerprint="sha256:" + "c" * 64,
+        loss_before=1.0,
+        loss_after=0.5,
+        seconds=1.0,
+        created_ms=1,
+    )
+    path = tmp_path / "record.json"
+    path.write_bytes(record.to_json_bytes())
+    fields = read_record(path, "0" * 32).fields
+    assert "gradient_sha256" not in fields and fields["update_sha256"] == record.update_sha256

@@ -36,6 +36,7 @@ class SpoolRecord:
 # protocol.tasks.contribution.RECORD_TYPE; not imported: that package is for training processes.
 _CLIENTAPP_RECORD = "application/vnd.midgate.contribution.v1+json"
 _FINGERPRINT_SCHEMES = ("merkle-sha256:", "sha256:")
+_DRIFT_FIELDS = ("gradient_sha256", "drift_offset_sha256")
 
 
 def report_fields(record: dict[str, Any], round_nonce: str | None) -> dict[str, Any]:
@@ -45,6 +46,10 @@ def report_fields(record: dict[str, Any], round_nonce: str | None) -> dict[str, 
     if round_nonce is None:
         raise MalformedError("ClientApp record but no job invitation to take its round nonce from")
     fields = {k: v for k, v in record.items() if k not in ("type", "created_ms")}
+    # Drift-correction hashes (null outside drift-corrected jobs) have no field in ContributionReport v1.
+    for key in _DRIFT_FIELDS:
+        if fields.get(key, "") is None:
+            del fields[key]
     for key in ("run_id", "node_id"):
         if isinstance(fields.get(key), int) and not isinstance(fields.get(key), bool):
             fields[key] = str(fields[key])
