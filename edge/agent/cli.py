@@ -11,7 +11,7 @@ from edge.sensors.cli import app as sensors_app
 
 app = typer.Typer(
     no_args_is_help=True,
-    help="Member commands: run the agent daemon, enrol, sensors, knob, consent, pause, strike, statements.",
+    help="Member commands: enrol, run the agent daemon, sensors; pause, resume, leave, strike, unstrike, status.",
 )
 app.add_typer(sensors_app, name="sensors")
 
@@ -138,8 +138,6 @@ def strike(
     config: Path | None = ConfigOption,
 ) -> None:
     """Join a data strike: the agent signs a StrikeVote for the MID's ledger and declines the target's jobs."""
-    import functools
-
     from edge.agent.member_commands import parse_until
     from edge.agent.member_state import MemberState
     from edge.agent.member_state import strike as strike_state
@@ -149,10 +147,10 @@ def strike(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
 
-    def step(state: MemberState, now: int, buyer: str | None, purpose: str | None) -> MemberState:
+    def step(state: MemberState, now: int) -> MemberState:
         return strike_state(state, now, buyer, purpose, end_ms)[0]
 
-    _control(config, mid, functools.partial(step, buyer=buyer, purpose=purpose), "striking")
+    _control(config, mid, step, "striking")
 
 
 @app.command()
@@ -163,15 +161,13 @@ def unstrike(
     config: Path | None = ConfigOption,
 ) -> None:
     """Withdraw strikes (all active ones, or those matching --buyer/--purpose): the agent signs the withdrawal."""
-    import functools
-
     from edge.agent.member_state import MemberState
     from edge.agent.member_state import unstrike as unstrike_state
 
-    def step(state: MemberState, now: int, buyer: str | None, purpose: str | None) -> MemberState:
+    def step(state: MemberState, now: int) -> MemberState:
         return unstrike_state(state, now, buyer, purpose)[0]
 
-    _control(config, mid, functools.partial(step, buyer=buyer, purpose=purpose), "strike withdrawn")
+    _control(config, mid, step, "strike withdrawn")
 
 
 @app.command()

@@ -307,14 +307,15 @@ class MembershipRunner:
                 await self.job_node.enforce()
                 self._beat_now.set()
             if self._votes_due:
-                queued: int = await self._in_db(self._queue_votes)
+                queued, owed = await self._in_db(self._queue_votes)
+                self._votes_due = queued < owed  # the outbox was full: try again next time
                 if queued:
                     self._wake.set()
             await _sleep_or(stop, self.settings.member_poll_s)
 
-    def _queue_votes(self) -> int:
-        """Sign and queue the StrikeVotes owed, in one commit; their outbox names make a crash or a restart in
-        between harmless (a vote already queued or receipted is never queued again)."""
+    def _queue_votes(self) -> tuple[int, int]:
+        """Sign and queue the StrikeVotes owed, in one commit; returns (queued, owed). Their outbox names make a crash
+        or a restart in between harmless (a vote already queued or receipted is never queued again)."""
         owed = owed_votes(self.controls.state, self.outbox.knows_spool_name)
         items: list[tuple[str, Callable[[int], bytes], str | None]] = [
             (UpKind.STRIKE.value, functools.partial(self._sign_vote, vote), vote.name) for vote in owed
@@ -323,11 +324,10 @@ class MembershipRunner:
             taken = self.outbox.enqueue_many(items, _now_ms()) if items else []
         except OutboxFullError as exc:
             log.error("outbox full; strike votes wait", extra={"mid": self.membership.mid, "error": str(exc)})
-            return 0
+            return 0, len(items)
         for name, seq in taken:
             log.info("strike vote queued: %s, seq %d", name, seq)
-        self._votes_due = len(taken) < len(items)
-        return len(taken)
+        return len(taken), len(items)
 
     def _sign_vote(self, vote: OwedVote, seq: int) -> bytes:
         return strike_vote(vote, seq, _now_ms()).seal(self.membership.key)

@@ -153,11 +153,10 @@ def status_table(directories: list[Path]) -> Table:
         table.add_column(column, overflow="fold")
     for directory in directories:
         try:
-            state: MemberState | None = load_member_state(directory)
+            state = load_member_state(directory)
         except MemberControlError as exc:
             table.add_row(directory.name, f"[red]{exc}[/red]", "-", "-")
             continue
-        assert state is not None
         names = [vote_name(s.id, w) for s in state.strikes for w in (False, True)]
         votes = vote_states(directory / OUTBOX_FILE, names)
         since = _when(state.left_ms if state.left_ms is not None else state.paused_ms)

@@ -92,8 +92,9 @@ class Strike(BaseModel):
         return buyer_hit and purpose_hit
 
     def target_text(self) -> str:
-        named = (f"buyer {self.target_buyer}" if self.target_buyer else "", self.target_purpose or "")
-        return ", ".join(filter(None, (named[0], f"purpose {named[1]}" if named[1] else "")))
+        """`buyer acme`, `purpose ads` or `buyer acme, purpose ads`."""
+        named = [("buyer", self.target_buyer), ("purpose", self.target_purpose)]
+        return ", ".join(f"{what} {value}" for what, value in named if value is not None)
 
 
 class MemberState(BaseModel):
