@@ -6,6 +6,7 @@ No mocks: real files, real Ed25519 signatures, real outbox (SQLite), the real ty
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import secrets
 import stat
@@ -374,12 +375,15 @@ def test_status_reads_where_each_vote_is_from_the_outbox(tmp_path: Path) -> None
     box = Outbox(tmp_path / "outbox.sqlite", 1 << 20)
     box.enqueue_many([("strike", lambda seq: b"v" * 10, "strike-aaaaaaaaaaaaaaaa-vote")] * 1, NOW)
     box.enqueue_many([("strike", lambda seq: b"w" * 10, "strike-bbbbbbbbbbbbbbbb-vote")], NOW)
+    box.enqueue_many([("strike", lambda seq: b"x" * 10, "strike-dddddddddddddddd-vote")], NOW)
     box.settle([(2, 40, 41, "00" * 32)], NOW)
+    assert box.refuse(3, hashlib.sha256(b"x" * 10).hexdigest(), "malformed", "", NOW)
     box.close()
-    names = ["strike-aaaaaaaaaaaaaaaa-vote", "strike-bbbbbbbbbbbbbbbb-vote", "strike-cccccccccccccccc-vote"]
+    names = [f"strike-{c * 16}-vote" for c in "abcd"]
     found = {name: str(state) for name, state in vote_states(tmp_path / "outbox.sqlite", names).items()}
     assert found == {
         names[0]: "queued (seq 1)",
         names[1]: "receipted (seq 2, leaf 40)",
         names[2]: "not queued yet",
+        names[3]: "refused by the MID: malformed (seq 3)",
     }

@@ -94,7 +94,7 @@ def _when(ms: int | None) -> str:
 
 @dataclass(frozen=True)
 class VoteState:
-    """Where a strike's vote (or withdrawal) is: not queued, queued in the outbox, or receipted by the MID."""
+    """Where a strike's vote (or withdrawal) is: not queued, queued in the outbox, receipted or refused by the MID."""
 
     where: str
     seq: int | None = None
@@ -105,6 +105,8 @@ class VoteState:
             return f"receipted (seq {self.seq}, leaf {self.leaf_index})"
         if self.where == "queued":
             return f"queued (seq {self.seq})"
+        if self.where.startswith("refused"):
+            return f"{self.where} (seq {self.seq})"
         return self.where
 
 
@@ -122,6 +124,10 @@ def vote_states(outbox: Path, names: list[str]) -> dict[str, VoteState]:
             query = f"SELECT seq, leaf_index, spool_name FROM receipts WHERE spool_name IN ({marks})"
             for seq, leaf, name in db.execute(query, names):
                 found[name] = VoteState("receipted", int(seq), int(leaf))
+            if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'refused'").fetchone():
+                query = f"SELECT seq, spool_name, reason FROM refused WHERE spool_name IN ({marks})"
+                for seq, name, reason in db.execute(query, names):
+                    found[name] = VoteState(f"refused by the MID: {reason}", int(seq))
         finally:
             db.close()
     except sqlite3.Error as exc:
