@@ -7,12 +7,12 @@ round name exactly one summary file. A summary that exists is complete (written 
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import OrderedDict
-from dataclasses import replace
 from pathlib import Path
 
-from coordinator.federation.capture import CaptureDirectory, RoundCapture
+from coordinator.federation.capture import CapturedUpdate, DropReason, NodeDrop, RoundCapture
 from coordinator.federation.report_check import ReportedUpdate, check_contribution
 from protocol.errors import UpdateDroppedError, UpdateMismatchError
 
@@ -25,7 +25,7 @@ def capture_summary_path(jobs_dir: Path, run_id: int, server_round: int) -> Path
 
 
 class RoundCaptures:
-    """Read-through cache of round captures under `jobs_dir`, hashes only (the arrays are dropped once re-hashed).
+    """Read-through cache of the round summaries under `jobs_dir` (hashes, drops; no arrays).
 
     Parameters
     ----------
@@ -50,8 +50,7 @@ class RoundCaptures:
         if not path.is_file():
             return None
         try:
-            # load_round re-hashes every stored update, so a tampered .npz shows as a mismatch, not as the truth.
-            capture = CaptureDirectory(path.parent).load_round(server_round)
+            capture = read_round_summary(path.read_bytes(), server_round)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             if key not in self._unreadable:
                 self._unreadable.add(key)
@@ -59,11 +58,43 @@ class RoundCaptures:
                     "round capture unreadable", extra={"run_id": run_id, "round": server_round, "error": repr(exc)}
                 )
             return None
-        capture = replace(capture, updates=tuple(replace(u, arrays={}) for u in capture.updates))
         self._cache[key] = capture
         if len(self._cache) > self.max_rounds:
             self._cache.popitem(last=False)
         return capture
+
+
+def read_round_summary(data: bytes, server_round: int) -> RoundCapture:
+    """A round summary (CaptureDirectory's `round-NNNNNN.json`) with the hashes the strategy computed when Flower
+    delivered each update, without the arrays.
+
+    Not `CaptureDirectory.load_round`, which re-reads and re-hashes every node's .npz (attribution needs the arrays):
+    measured, that made the cross-check cost as much again as all of screening (bench/contribution_gate_bench.py),
+    and the summary is the coordinator's own file, written atomically after the updates.
+    """
+    summary = json.loads(data)
+    global_sha256 = str(summary["global_sha256"])
+    updates = tuple(
+        CapturedUpdate(
+            round=server_round,
+            node_id=int(u["node_id"]),
+            arrays={},
+            update_sha256=str(u["update_sha256"]),
+            global_sha256=global_sha256,
+            examples_reported=int(u["examples_reported"]),
+            weight=int(u["weight"]),
+            metrics={k: float(v) for k, v in u["metrics"].items()},
+            gradient_sha256=u.get("gradient_sha256"),
+            drift_offset_sha256=u.get("drift_offset_sha256"),
+        )
+        for u in summary["updates"]
+    )
+    drops = tuple(
+        NodeDrop(server_round, int(d["node_id"]), DropReason(d["reason"]), str(d["detail"])) for d in summary["drops"]
+    )
+    if int(summary["round"]) != server_round:
+        raise ValueError(f"summary of round {summary['round']} in the file of round {server_round}")
+    return RoundCapture(int(summary["run_id"]), server_round, global_sha256, updates, drops)
 
 
 def judge_report(report: ReportedUpdate, capture: RoundCapture, signer_node_id: int | None) -> None:

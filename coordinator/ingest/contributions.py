@@ -154,12 +154,6 @@ class ContributionStore:
             self._db.execute("ROLLBACK")
             raise
 
-    def pending_digest(self, key_id: str, seq: int) -> bytes | None:
-        row = self._db.execute(
-            "SELECT envelope FROM pending_contributions WHERE key_id = ? AND seq = ?", (key_id, str(seq))
-        ).fetchone()
-        return None if row is None else hashlib.sha256(bytes(row[0])).digest()
-
     def refusal(self, key_id: str, seq: int) -> RefusedContribution | None:
         row = self._db.execute(_REFUSED_SELECT + " WHERE key_id = ? AND seq = ?", (key_id, str(seq))).fetchone()
         return None if row is None else _refused(row)
@@ -167,11 +161,27 @@ class ContributionStore:
     def pending_count(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM pending_contributions").fetchone()[0])
 
-    def pending(self, limit: int) -> list[tuple[ReportedContribution, int]]:
-        """Waiting reports, oldest first, with the time each was received."""
+    def pending_digests(self) -> dict[tuple[str, int], bytes]:
+        """(key id, seq) -> envelope SHA-256 of every waiting report."""
+        rows = self._db.execute("SELECT key_id, seq, envelope FROM pending_contributions")
+        return {(key_id, int(seq)): hashlib.sha256(bytes(envelope)).digest() for key_id, seq, envelope in rows}
+
+    def refused_keys(self) -> set[tuple[str, int]]:
+        return {(key_id, int(seq)) for key_id, seq in self._db.execute("SELECT key_id, seq FROM refused_contributions")}
+
+    def pending_rounds(self) -> list[tuple[int, int, int]]:
+        """(run id, round, oldest received_ms) of every round that reports wait for."""
         rows = self._db.execute(
-            "SELECT device, key_id, seq, envelope, received_ms FROM pending_contributions ORDER BY received_ms LIMIT ?",
-            (limit,),
+            "SELECT run_id, round, MIN(received_ms) FROM pending_contributions GROUP BY run_id, round ORDER BY 3"
+        )
+        return [(int(run_id), int(rnd), int(oldest)) for run_id, rnd, oldest in rows]
+
+    def pending(self, run_id: int, server_round: int, limit: int) -> list[tuple[ReportedContribution, int]]:
+        """Reports waiting for one round, oldest first, with the time each was received."""
+        rows = self._db.execute(
+            "SELECT device, key_id, seq, envelope, received_ms FROM pending_contributions"
+            " WHERE run_id = ? AND round = ? ORDER BY received_ms LIMIT ?",
+            (str(run_id), server_round, limit),
         ).fetchall()
         return [
             (reported_contribution(bytes(envelope), device, key_id, int(seq)), int(received_ms))
@@ -331,13 +341,16 @@ class ContributionGate:
         self.metrics = metrics
         self._nodes: dict[str, int] = {}
         self._registry_version = -1
-        self._pending = store.pending_count()
+        # In memory so that a new report costs no SQLite read; both are small (refusals are rare, and a report waits
+        # only until its round is complete).
+        self._waiting = store.pending_digests()
+        self._refused = store.refused_keys()
         self._next_poll = 0.0
         self._publish_pending()
 
     @property
     def pending_count(self) -> int:
-        return self._pending
+        return len(self._waiting)
 
     def close(self) -> None:
         self.store.close()
@@ -345,12 +358,12 @@ class ContributionGate:
 
     def due(self, now_monotonic: float) -> bool:
         """True when reports are waiting and `poll_s` passed since the last `resolve`."""
-        return self._pending > 0 and now_monotonic >= self._next_poll
+        return bool(self._waiting) and now_monotonic >= self._next_poll
 
     def admit(self, candidates: Sequence[Candidate], now_ms: int) -> Admission:
         """Sort a batch's ledger candidates; held and refused reports are committed here, before any ack."""
         admission = Admission()
-        held: list[ReportedContribution] = []
+        held: list[tuple[ReportedContribution, bytes]] = []
         refusals: list[RefusedContribution] = []
         self._refresh_nodes()
         for candidate in candidates:
@@ -365,7 +378,7 @@ class ContributionGate:
                 admission.ready.append(candidate)
             elif isinstance(refused, _Wait):
                 if refused.new:
-                    held.append(report)
+                    held.append((report, candidate.digest))
                 admission.held.append(v)
             else:
                 if refused.reason != Reason.EQUIVOCATION:  # the waiting or refused original stays as it is
@@ -373,11 +386,12 @@ class ContributionGate:
                 self._refuse(v, refused, admission, now_ms)
         if held or refusals:
             with self.store.transaction() as db:
-                for report in held:
+                for report, _ in held:
                     hold(db, report, now_ms)
                 for refused in refusals:
                     record_refusal(db, refused)
-            self._pending += len(held)
+            self._waiting.update(((r.key_id, r.seq), digest) for r, digest in held)
+            self._forget_refused(refusals)
             if self.metrics is not None:
                 self.metrics.held.inc(len(held))
             self._publish_pending()
@@ -387,12 +401,13 @@ class ContributionGate:
         self, report: ReportedContribution, digest: bytes, now_ms: int
     ) -> RefusedContribution | _Wait | None:
         """None: matches its capture; _WAIT: waits for it; else the refusal (earlier refusals are repeated)."""
-        earlier = self.store.refusal(report.key_id, report.seq)
+        slot = (report.key_id, report.seq)
+        earlier = self.store.refusal(*slot) if slot in self._refused else None
         if earlier is not None:
             if earlier.envelope_sha256 == digest.hex():
                 return earlier
             return self._refusal(report, EquivocationError("other bytes for a refused (key, seq)"), None, now_ms)
-        waiting = self.store.pending_digest(report.key_id, report.seq)
+        waiting = self._waiting.get(slot)
         if waiting is not None:
             if waiting == digest:
                 return _STILL_WAITING
@@ -417,7 +432,7 @@ class ContributionGate:
         admission = Admission()
         refusals: list[RefusedContribution] = []
         logged_already: list[ReportedContribution] = []
-        for report, received_ms in self.store.pending(limit):
+        for report, received_ms in self._resolvable(now_ms, limit):
             if self.in_ledger(report.key_id, report.seq):
                 logged_already.append(report)
                 continue
@@ -444,9 +459,23 @@ class ContributionGate:
                 for refused in refusals:
                     record_refusal(db, refused)
                 _delete_pending(db, logged_already)
-            self._pending = self.store.pending_count()
+            self._forget_refused(refusals)
+            for report in logged_already:
+                self._waiting.pop((report.key_id, report.seq), None)
             self._publish_pending()
         return admission
+
+    def _resolvable(self, now_ms: int, limit: int) -> list[tuple[ReportedContribution, int]]:
+        """Waiting reports of the rounds now captured or past the grace period (at most `limit`), so that rounds
+        still running never crowd out the ones that can be settled."""
+        found: list[tuple[ReportedContribution, int]] = []
+        for run_id, server_round, oldest_ms in self.store.pending_rounds():
+            if len(found) >= limit:
+                break
+            if now_ms - oldest_ms < self.grace_ms and self.captures.get(run_id, server_round) is None:
+                continue
+            found += self.store.pending(run_id, server_round, limit - len(found))
+        return found
 
     def logged(self, verdicts: Sequence[Verdict]) -> None:
         """The ledger committed these formerly waiting reports: forget them."""
@@ -455,8 +484,15 @@ class ContributionGate:
             return
         with self.store.transaction() as db:
             db.executemany("DELETE FROM pending_contributions WHERE key_id = ? AND seq = ?", done)
-        self._pending = self.store.pending_count()
+        for key_id, seq in done:
+            self._waiting.pop((key_id, int(seq)), None)
         self._publish_pending()
+
+    def _forget_refused(self, refusals: Sequence[RefusedContribution]) -> None:
+        """After their rows are committed: refused reports wait no more, and a resend is answered from the row."""
+        for refused in refusals:
+            self._waiting.pop((refused.key_id, refused.seq), None)
+            self._refused.add((refused.key_id, refused.seq))
 
     def _refresh_nodes(self) -> None:
         version = self.registry.version()
@@ -535,7 +571,7 @@ class ContributionGate:
 
     def _publish_pending(self) -> None:
         if self.metrics is not None:
-            self.metrics.pending.set(self._pending)
+            self.metrics.pending.set(len(self._waiting))
 
 
 def _delete_pending(db: sqlite3.Connection, reports: Sequence[ReportedContribution]) -> None:
