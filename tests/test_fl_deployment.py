@@ -247,7 +247,7 @@ def test_drift_corrected_node_silent_in_the_gradient_query_is_dropped_for_the_jo
     _start_devices(federation, 3, warm=True)
     victim = federation.devices[2]
     run_id = federation.submit(
-        plaid_windows("test"), **{"num-rounds": 3, "drift-correction": 1.0, "min-nodes": 2, "round-timeout": 15.0}
+        plaid_windows("test"), **{"num-rounds": 3, "drift-correction": 1.0, "min-nodes": 2, "round-timeout": 30.0}
     )
     round_one = federation.run_dir(run_id) / "round-000001.json"
     # The round-1 capture is written after the victim's round-1 update arrived and before round 2's query is sent;
@@ -268,9 +268,11 @@ def test_drift_corrected_node_silent_in_the_gradient_query_is_dropped_for_the_jo
 
 def test_dp_job_asking_for_drift_correction_is_refused_with_a_reason(federation: Federation) -> None:
     run_id = federation.submit(
-        plaid_windows("test"), **{"num-rounds": 1, "drift-correction": 1.0, "dp-clipping-norm": 0.1}
+        plaid_windows("test"),
+        **{"num-rounds": 1, "drift-correction": 1.0, "dp-clipping-norm": 0.1, "selected-nodes": "1 2"},
     )
     status, outcome = federation.wait_outcome(run_id, timeout=120)
     assert status == "finished:failed"
     assert outcome is not None and outcome.status == "failed" and outcome.reason == "invalid_run_config"
     assert "drift-correction cannot be combined with DP" in outcome.detail
+    assert not list(federation.run_dir(run_id).glob("round-*"))  # refused before any message was sent
