@@ -172,6 +172,21 @@ def _parse(data: bytes) -> tuple[str, bytes, list[tuple[str, bytes]]]:
         raise MalformedError("an envelope is bytes", found=type(data).__name__)
     if len(data) > MAX_ENVELOPE_SIZE:
         raise TooLargeError("envelope exceeds the size limit", limit=MAX_ENVELOPE_SIZE, found=len(data))
+    sealed = _SEALED.fullmatch(data)
+    if sealed is not None:
+        # Exactly the bytes `seal` writes (one signature, no whitespace, nothing escaped): the JSON parse below would
+        # find the same three strings. Measured: a tenth of a verification per report saved on the ingest path.
+        payload_type, payload_b64, kid, sig_b64 = sealed.groups()
+        return (
+            payload_type.decode("ascii"),
+            _strict_b64(payload_b64.decode("ascii"), "payload"),
+            [(kid.decode("ascii"), _strict_b64(sig_b64.decode("ascii"), "sig"))],
+        )
+    return _parse_json(data)
+
+
+def _parse_json(data: bytes) -> tuple[str, bytes, list[tuple[str, bytes]]]:
+    """The strict JSON parse of an envelope of any spelling (size already checked)."""
     try:
         # Decoding first pins the encoding to UTF-8: json.loads(bytes) would also accept UTF-16 and UTF-32. Objects
         # stay lists of pairs (a C builtin as hook, measured cheaper than a Python one) so duplicates stay visible;
@@ -231,6 +246,13 @@ def _no_constant(name: str) -> NoReturn:
 
 
 _JSON = json.JSONDecoder(object_pairs_hook=list, parse_constant=_no_constant)
+# `seal`'s own output. The payloadType class is _PAYLOAD_TYPE's without '"' and '\\' (which JSON would escape); the
+# base64 texts still go through _strict_b64, and anything else takes the JSON path.
+_SEALED = re.compile(
+    rb'\{"payloadType":"([\x21\x23-\x5b\x5d-\x7e]{1,%d})","payload":"([A-Za-z0-9+/]*={0,2})",'
+    rb'"signatures":\[\{"keyid":"([0-9a-f]{%d})","sig":"([A-Za-z0-9+/]{86}==)"\}\]\}'
+    % (MAX_PAYLOAD_TYPE_LEN, 2 * KEY_ID_SIZE)
+)
 
 
 def _check_payload_type(payload_type: str) -> None:

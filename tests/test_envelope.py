@@ -329,3 +329,86 @@ def test_non_bytes_input_is_malformed_not_a_crash(value: object) -> None:
 
 def test_bytearray_input_is_accepted() -> None:
     assert open_envelope(bytearray(SAMPLE), RING, TYPE).payload == b'{"seq":"1","v":1}'
+
+
+# --- the fast path for `seal`'s own spelling must agree with the strict JSON parse ------------------------------------
+
+
+def _both_parses(data: bytes) -> tuple[object, object]:
+    from protocol.envelope import _parse, _parse_json
+
+    def outcome(parse: object) -> object:
+        try:
+            return parse(data)  # type: ignore[operator]
+        except ProtocolError as exc:
+            return (type(exc), exc.reason, str(exc))
+
+    return outcome(_parse), outcome(_parse_json)
+
+
+def _sealed_variants() -> list[bytes]:
+    sealed = seal(TYPE, b'{"seq":"1"}', DEVICE)
+    doc = _doc(sealed)
+    sig = doc["signatures"][0]["sig"]  # type: ignore[index]
+    kid = DEVICE.key_id.hex()
+    other_sig = base64.b64encode(bytes(64)).decode()
+    variants = [
+        sealed,
+        seal("a", b"", DEVICE),
+        seal("x" * 128, bytes(range(256)), DEVICE),
+        seal(TYPE, b"\x00\xff" * 1000, OTHER),
+        # payloadType characters JSON escapes or that the fast path leaves to the JSON parse
+        sealed.replace(TYPE.encode(), b'a\\"b'),
+        sealed.replace(TYPE.encode(), b"a\\\\b"),
+        sealed.replace(TYPE.encode(), b"a\\u0041b"),
+        sealed.replace(TYPE.encode(), b"x" * 129),
+        sealed.replace(TYPE.encode(), b""),
+        sealed.replace(TYPE.encode(), b"a b"),
+        # non-canonical or broken base64 in both fields
+        sealed.replace(b'"payload":"', b'"payload":"A'),
+        sealed.replace(sig.encode(), sig[:-3].encode() + b"R=="),
+        sealed.replace(sig.encode(), sig[:-2].encode() + b"="),
+        sealed.replace(sig.encode(), sig.encode()[:-4] + b"===="),
+        sealed.replace(sig.encode(), b"A" * 84 + b"AA=="),
+        # other spellings and shapes
+        sealed.replace(b",", b", ", 1),
+        sealed.replace(b'{"keyid"', b'{"sig":"' + sig.encode() + b'","keyid"').replace(
+            b',"sig":"' + sig.encode() + b'"', b""
+        ),
+        sealed.replace(kid.encode(), kid.upper().encode()),
+        sealed.replace(b"}]}", b'},{"keyid":"' + kid.encode() + b'","sig":"' + other_sig.encode() + b'"}]}'),
+        sealed + b"\n",
+        b" " + sealed,
+    ]
+    return variants
+
+
+@pytest.mark.parametrize("index", range(len(_sealed_variants())))
+def test_fast_parse_of_sealed_envelopes_agrees_with_the_json_parse(index: int) -> None:
+    fast, strict = _both_parses(_sealed_variants()[index])
+    assert fast == strict
+
+
+def test_the_fast_path_takes_what_seal_writes() -> None:
+    from protocol.envelope import _SEALED
+
+    for envelope in _sealed_variants()[:4]:
+        assert _SEALED.fullmatch(envelope) is not None
+
+
+@given(
+    st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=130),
+    st.binary(max_size=300),
+)
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+def test_property_fast_parse_agrees_on_any_type_and_payload(payload_type: str, payload: bytes) -> None:
+    envelope = json.dumps(
+        {
+            "payloadType": payload_type,
+            "payload": base64.b64encode(payload).decode(),
+            "signatures": [{"keyid": DEVICE.key_id.hex(), "sig": base64.b64encode(bytes(64)).decode()}],
+        },
+        separators=(",", ":"),
+    ).encode()
+    fast, strict = _both_parses(envelope)
+    assert fast == strict
