@@ -411,12 +411,14 @@ def main() -> None:
         devices = [stack.enrol_device(f"p{i}") for i in range(args.publishers)]
         pc = psutil.Process(coordinator.pid)
         accepted0 = metric(stack.http_port, "midgate_ingest_accepted_total")
+        batches0 = metric(stack.http_port, "midgate_ingest_batch_size_count")
         cpu0 = sum(pc.cpu_times()[:2])
         t0 = time.perf_counter()
         results = run_publishers(stack, devices, args.reports, 0)
         wall = time.perf_counter() - t0
         cpu = sum(pc.cpu_times()[:2]) - cpu0
         accepted = metric(stack.http_port, "midgate_ingest_accepted_total") - accepted0
+        batches = metric(stack.http_port, "midgate_ingest_batch_size_count") - batches0
         receipts = sum(len(r["latencies"]) for r in results)  # type: ignore[arg-type]
         busy = max(float(r["seconds"]) for r in results)  # type: ignore[arg-type]
         per_report_us = cpu / accepted * 1e6 if accepted else float("nan")
@@ -441,7 +443,10 @@ def main() -> None:
             f"  MQTT floor (bare paho: receive, manual ack, publish reply): {echo_us:8.1f} us/message"
             f"  = {echo_us / verify_us:.2f}x raw verify"
         )
-        print(f"  accepted {int(accepted)} of {args.publishers * args.reports}, receipts back {receipts}")
+        print(
+            f"  accepted {int(accepted)} of {args.publishers * args.reports}, receipts back {receipts},"
+            f" {accepted / max(batches, 1):.0f} reports per ledger batch on average"
+        )
         print(f"  sustained: {accepted / busy:8.0f} reports/s (first publish to last receipt; with setup {wall:.1f}s)")
         print(
             f"  latency at {args.latency_rate}/s for {args.seconds:.0f}s ({len(lat)} receipts): "
