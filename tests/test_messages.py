@@ -459,3 +459,30 @@ def test_property_any_field_replaced_by_any_json_value_decodes_or_is_malformed(i
     except MalformedError:
         return
     assert decoded.canonical_json() == payload
+
+
+_JSON_LEAF = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(1 << 70), max_value=1 << 70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text()
+)
+
+
+@given(st.recursive(_JSON_LEAF, lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner), max_leaves=30))
+@settings(max_examples=300)
+def test_canonical_encoder_is_json_dumps_with_the_canonical_options(doc: object) -> None:
+    from protocol.messages import _canonical_text
+
+    assert _canonical_text(doc) == json.dumps(
+        doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+
+
+def test_canonical_encoder_refuses_what_json_dumps_refuses() -> None:
+    from protocol.messages import _canonical_text
+
+    for bad in [float("nan"), {"x": float("inf")}, {"b": b"bytes"}, {1: object()}]:
+        with pytest.raises((ValueError, TypeError)):
+            _canonical_text(bad)
