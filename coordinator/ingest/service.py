@@ -77,7 +77,10 @@ class CoordinatorService:
         self._http_task: asyncio.Task[None] | None = None
         self.superlink: MidSuperLink | None = None
         self.contributions: ContributionGate | None = None
-        self._quiet_s = min(REGISTRY_POLL_S, settings.federation.capture_poll_s)
+        # A quiet broker still wakes the loop: for registry changes, and for the captures waiting reports need.
+        self._quiet_s = REGISTRY_POLL_S
+        if settings.federation.enabled:
+            self._quiet_s = min(REGISTRY_POLL_S, settings.federation.capture_poll_s)
 
     @property
     def password_file(self) -> Path:
