@@ -400,7 +400,7 @@ def test_the_fast_path_takes_what_seal_writes() -> None:
     st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=130),
     st.binary(max_size=300),
 )
-@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_property_fast_parse_agrees_on_any_type_and_payload(payload_type: str, payload: bytes) -> None:
     envelope = json.dumps(
         {

@@ -471,7 +471,7 @@ _JSON_LEAF = (
 
 
 @given(st.recursive(_JSON_LEAF, lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner), max_leaves=30))
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 def test_canonical_encoder_is_json_dumps_with_the_canonical_options(doc: object) -> None:
     from protocol.messages import _canonical_text
 
