@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -136,3 +137,25 @@ def test_clientapp_does_not_wait_without_a_log_file() -> None:
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def test_a_folder_too_deep_for_a_unix_socket_gets_a_private_socket_folder(tmp_path: Path) -> None:
+    deep = tmp_path / ("agent-data-" + "x" * 40) / "mids" / "riverside" / "jobs" / ("job-" + "y" * 40) / "warm"
+    executor = WarmExecutor(deep)
+    assert len(os.fsencode(deep / "warm.sock")) > 108  # what bind() refuses: the agent's job folders get this deep
+    executor.start()
+    socket_dir = executor.socket_path.parent
+    try:
+        assert socket_dir != deep and stat.S_IMODE(socket_dir.stat().st_mode) == 0o700
+        out = subprocess.run(
+            [str(executor.bin_dir / "flower-superexec"), "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert out.returncode == 0 and "usage: flower-superexec" in out.stdout
+    finally:
+        executor.stop()
+        print((deep / "warm.log").read_text(errors="replace")[-4000:])
+    assert not socket_dir.exists()

@@ -21,12 +21,14 @@ import gc
 import json
 import os
 import selectors
+import shutil
 import signal
 import socket
 import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -43,6 +45,7 @@ ENTRY_POINTS: dict[str, tuple[str, str]] = {
 # torch._dynamo: the first optimiser a process builds imports it (about 800 modules, 1.3 s measured here).
 PRELOAD = ("torch", "torch._dynamo", "edge.federated.client_app", *(module for module, _ in ENTRY_POINTS.values()))
 MAX_REQUEST_BYTES = 1 << 20
+MAX_SOCKET_PATH_BYTES = 100  # sun_path holds 108 bytes on Linux (104 on BSDs), terminating NUL included
 
 # The SuperNode creates a message's task before it pulls the message's objects from the SuperLink, so the SuperExec
 # can start a ClientApp that asks for objects the SuperNode does not hold yet; Flower's object pull then backs off
@@ -290,10 +293,21 @@ class WarmExecutor:
     log_path: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=dict)
+    _socket: Path | None = None
+    _socket_dir: Path | None = None  # a private temporary folder, when `directory` is too deep for a socket path
 
     @property
     def socket_path(self) -> Path:
-        return self.directory / "warm.sock"
+        """`directory/warm.sock`, or the same name in a fresh 0700 temporary folder when that path does not fit a Unix
+        socket address (an agent's job folder, `mids/{mid}/jobs/{job id}/warm`, easily passes 108 bytes)."""
+        if self._socket is None:
+            default = self.directory / "warm.sock"
+            if len(os.fsencode(default)) <= MAX_SOCKET_PATH_BYTES:
+                self._socket = default
+            else:
+                self._socket_dir = Path(tempfile.mkdtemp(prefix="midgate-warm-"))
+                self._socket = self._socket_dir / "warm.sock"
+        return self._socket
 
     @property
     def bin_dir(self) -> Path:
@@ -342,6 +356,8 @@ class WarmExecutor:
                 with contextlib.suppress(psutil.Error):
                     psutil.Process(pid).kill()
             self.proc.wait(timeout=grace)
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
 
 
 def main() -> None:
