@@ -148,7 +148,13 @@ def test_job_book_keeps_records_across_reads(tmp_path: Path) -> None:
     )
     book.write(record)
     record.status = "completed"
-    record.outcome = JobOutcome(run_id=5, status="finished", rounds_completed=2)
+    record.outcome = JobOutcome(
+        run_id=5,
+        status="finished",
+        rounds_completed=2,
+        validation={0: {"accuracy": 0.1}, 2: {"accuracy": 0.3}},
+        round_seconds={2: 4.5},
+    )
     book.write(record)
     again = book.read("job-1")
     assert again is not None and again.status == "completed" and again.outcome == record.outcome

@@ -268,11 +268,16 @@ class JobBook:
         path = self.path(job_id)
         if not path.exists():
             return None
-        return JobRecord.model_validate(json.loads(path.read_text()))
+        return _parse_record(path)
 
     def records(self) -> Iterator[JobRecord]:
         for path in sorted(self.directory.glob("*.json")):
-            yield JobRecord.model_validate(json.loads(path.read_text()))
+            yield _parse_record(path)
+
+
+def _parse_record(path: Path) -> JobRecord:
+    # Lax, as JobOutcome.read: JSON object keys are strings, the outcome's round numbers ints.
+    return JobRecord.model_validate(json.loads(path.read_text()), strict=False)
 
 
 def rounds_captured(run_dir: Path) -> int:
