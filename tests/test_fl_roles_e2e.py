@@ -1,36 +1,43 @@
 """End to end through midgate's roles: Mosquitto + `coordinator serve` (with its SuperLink) + 3 enrolled
-`agent run`s on PLAID replay windows. The MID invites the devices (signed RoundInvitation on down/invite), each agent
-starts its SuperNode, a 2-round job runs on the SuperLink, and every round's contribution record goes ClientApp ->
-spool -> agent outbox (signed) -> MQTT -> coordinator ledger -> receipt verified by the agent; each ledger report
-names exactly the update the strategy received from that node (check_contribution)."""
+`agent run`s on PLAID replay windows. `midgate coordinator job start` invites the devices (signed RoundInvitation on
+down/invite), each agent starts its SuperNode, the command runs a 2-round job on the SuperLink, and every round's
+contribution record goes ClientApp -> spool -> agent outbox (signed) -> MQTT -> coordinator ledger -> receipt verified
+by the agent; each ledger report names exactly the update the strategy received from that node (check_contribution)."""
 
 from __future__ import annotations
 
 import json
-import secrets
-import time
+import subprocess
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import psutil
 import pytest
-from flower_fixtures import APP_DIR, plaid_windows, split_by_label
-from mqtt_fixtures import AgentHandle, MessagingStack, agent_toml, free_port, wait_until
+from flower_fixtures import plaid_windows, split_by_label
+from mqtt_fixtures import PYTHON, REPO, AgentHandle, MessagingStack, ServiceProcess, agent_toml, free_port, wait_until
 
 from coordinator.federation.capture import CaptureDirectory
 from coordinator.federation.job import JobOutcome
+from coordinator.federation.job_start import JobBook
 from coordinator.federation.report_check import check_contribution
-from coordinator.federation.superlink import FlowerCli, kill_pids
-from coordinator.registry.enrolment import load_or_create_mid_key
+from coordinator.federation.superlink import kill_pids
 from edge.agent.config import AgentSettings
 from edge.agent.enrolment import enrol
 from protocol.envelope import peek_envelope
-from protocol.messages import RoundInvitation
 from protocol.tasks.contribution import ContributionRecord
 from protocol.tasks.windows import save_window_file
-from protocol.topics import DownKind, down_topic
 
 pytest_plugins = ["mqtt_fixtures"]
+
+
+def _midgate(*args: str) -> str:
+    return subprocess.run(
+        [PYTHON, "-c", "from midgate_cli import app; app()", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
 
 
 def _flower_pids(pid: int) -> list[int]:
@@ -74,56 +81,35 @@ def test_two_round_job_reports_reach_the_ledger_and_match_the_strategys_updates(
             f"agent {handle.name} connected",
         )
 
-    mid_key = load_or_create_mid_key(stack.data_dir / "mid.key", stack.mid)
-    publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-mid-jobs")
-    publisher.connect("127.0.0.1", stack.broker.port)
-    publisher.loop_start()
     below: list[int] = []
+    validation = tmp_path / "validation.npz"
+    save_window_file(validation, plaid_windows("test"))
+    # The MID operator's command: it invites every enrolled device with a Flower node ("all online": no --device),
+    # runs the job on serve's SuperLink once their SuperNodes joined, re-invites while it runs, and exits 0 only when
+    # the run finished:completed with every round in the ServerApp's outcome.
+    job = ServiceProcess(
+        "job",
+        [
+            "coordinator", "job", "start", "job-1", "--config", str(stack.config), "--task", "plaid-appliance@1",
+            "--rounds", "2", "--validation", str(validation), "--purpose", "research", "--buyer", "acme",
+        ],
+        tmp_path / "job.log",
+    )  # fmt: skip
     try:
-        now = time.time_ns() // 1_000_000
-        nonces = {}
-        for _, record in agents:
-            nonces[record.flower_node_id] = secrets.token_hex(16)
-            invitation = RoundInvitation(
-                job_id="job-1",
-                run_id=0,
-                round=1,
-                task_id="plaid-appliance",
-                task_version=1,
-                purpose="research",
-                buyer="acme",
-                nonce=nonces[record.flower_node_id],
-                issued_ms=now,
-                deadline_ms=now + 240_000,
-            ).seal(mid_key)
-            publisher.publish(
-                down_topic(stack.mid, record.device, DownKind.INVITE), invitation, qos=1
-            ).wait_for_publish(10)
-        for handle, _ in agents:
-            assert handle.process is not None and handle.process.proc is not None
-            wait_until(lambda h=handle: "supernode started" in h.process.log_text(), 60, f"{handle.name} SuperNode")  # type: ignore[misc, union-attr]
-
-        ca = stack.data_dir / "broker" / "tls" / "ca.crt"
-        cli = FlowerCli(tmp_path / "flwr-cli", f"127.0.0.1:{link_port}", ca)
-        cli.write_config()
-        validation = tmp_path / "validation.npz"
-        save_window_file(validation, plaid_windows("test"))
-        run_id = cli.submit_run(
-            APP_DIR,
-            {
-                "selected-nodes": " ".join(str(r.flower_node_id) for _, r in agents),
-                "validation-path": str(validation),
-                "output-dir": str(tmp_path / "jobs"),
-                "num-rounds": 2,
-                "local-epochs": 1,
-            },
-        )
-        status = cli.wait_finished(run_id, timeout=200)
-        assert status == "finished:completed"
-        run_dir = tmp_path / "jobs" / f"run-{run_id}"
-        wait_until(lambda: (run_dir / "outcome.json").exists(), 30, "the ServerApp's outcome")
+        job.start()
+        assert job.proc is not None
+        assert job.proc.wait(timeout=240) == 0, job.log_path.read_text(errors="replace")
+        book = JobBook(stack.data_dir / "federation" / "job-book").read("job-1")
+        assert book is not None and (book.status, book.flower_status) == ("completed", "finished:completed")
+        assert sorted(book.selected_node_ids) == sorted(r.flower_node_id for _, r in agents)
+        nonces = {d.node_id: book.nonces[d.device_id] for d in book.invited}
+        # The job's output goes to the coordinator's `[federation] jobs_dir` (default), where ingest finds captures.
+        run_dir = stack.data_dir / "federation" / "jobs" / f"run-{book.run_id}"
         outcome = JobOutcome.read(run_dir)
         assert outcome.status == "finished" and outcome.rounds_completed == 2 and outcome.drops == []
+        assert book.outcome == outcome
+        listed = _midgate("coordinator", "job", "list", "--config", str(stack.config))
+        assert listed.splitlines()[0].startswith("job-1\tcompleted\tplaid-appliance@1\t2/2\t")
 
         # Every round's report of every node is in the ledger and receipted back to its agent.
         wait_until(
@@ -150,14 +136,15 @@ def test_two_round_job_reports_reach_the_ledger_and_match_the_strategys_updates(
             assert handle.process is not None and handle.process.proc is not None
             below += _flower_pids(handle.process.proc.pid)
     except BaseException:
+        if job.log_path.exists():
+            print(f"---- job start ----\n{job.log_path.read_text(errors='replace')[-6000:]}")
         for log in sorted(tmp_path.glob("agent-*/data/mids/*/jobs/*/supernode.log")):
             print(f"---- {log} ----\n{log.read_text(errors='replace')[-3000:]}")
         for log in sorted((stack.data_dir / "federation").glob("**/*.log")):
             print(f"---- {log} ----\n{log.read_text(errors='replace')[-6000:]}")
         raise
     finally:
-        publisher.loop_stop()
-        publisher.disconnect()
+        job.stop()
         for handle, _ in agents:
             if handle.process is not None and handle.process.proc is not None:
                 below += _flower_pids(handle.process.proc.pid)
