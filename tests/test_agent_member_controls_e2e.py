@@ -124,11 +124,22 @@ class Device:
                 self.tree |= {p.pid for p in psutil.Process(self.agent.proc.pid).children(recursive=True)}
         return set(self.tree)
 
+    def _below(self) -> list[str]:
+        """Command lines of every process below the agent."""
+        assert self.agent is not None and self.agent.proc is not None
+        found = []
+        with contextlib.suppress(psutil.Error):
+            for proc in psutil.Process(self.agent.proc.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    found.append(" ".join(proc.cmdline()))
+        return found
+
     def wait_supernode(self, what: str) -> set[int]:
+        """Wait for the job's SuperNode and its SuperExec (started by the SuperNode, or beside it by the agent when
+        ClientApps are forked from a warm executor); returns every process below the agent then."""
         wait_until(lambda: bool(self.supernodes()) or not self.alive, 60, what)
         assert self.alive
-        node = self.supernodes()[0]
-        wait_until(lambda: bool(node.children(recursive=True)), 60, "the SuperNode's SuperExec")
+        wait_until(lambda: any("superexec" in cmd for cmd in self._below()), 60, "the SuperNode's SuperExec")
         return self.note_tree()
 
     def wait_log(self, text: str, what: str, timeout: float = 60) -> None:
