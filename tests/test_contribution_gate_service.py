@@ -1,0 +1,116 @@
+"""The contribution cross-check in `coordinator serve` with real processes, no training: Mosquitto, `serve` with its
+SuperLink (so reports are cross-checked), two enrolled agents whose spool records name round 1 of run 5 before any
+capture of it exists. Both reports wait (acknowledged, not logged); `serve` is SIGKILLed and restarted; then the round's
+capture appears: the report naming the captured update is logged and receipted, the other is refused `update_mismatch`,
+flagged, and settled as refused in its agent's outbox."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import psutil
+import pytest
+from mqtt_fixtures import PYTHON, REPO, AgentHandle, MessagingStack, contribution_fields, free_port, wait_until
+
+from coordinator.federation.capture import CaptureDirectory, CapturedUpdate, RoundCapture
+from coordinator.federation.superlink import kill_pids
+from edge.agent.membership import Membership, load_memberships
+from edge.agent.spool import write_record
+from protocol.tasks.arrays import arrays_sha256
+
+pytest_plugins = ["mqtt_fixtures"]
+
+RUN, ROUND = 5, 1
+
+
+def _arrays(node: int) -> dict[str, np.ndarray]:
+    return {"w": np.full((2, 3), float(node % 1000), np.float32)}
+
+
+GLOBAL = arrays_sha256({"w": np.zeros((2, 3), np.float32)})
+
+
+def _membership(handle: AgentHandle) -> Membership:
+    (membership,) = load_memberships(handle.data_dir / "mids")
+    return membership
+
+
+def _report(handle: AgentHandle, update_sha256: str) -> None:
+    node = _membership(handle).record.flower_node_id
+    fields = {
+        **contribution_fields(1, handle.device),
+        "run_id": str(RUN),
+        "round": ROUND,
+        "node_id": str(node),
+        "global_model_sha256": GLOBAL,
+        "update_sha256": update_sha256,
+    }
+    write_record(handle.spool, "round-1", fields)
+
+
+def _refused(handle: AgentHandle) -> list[str]:
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{handle.outbox_path}?mode=ro", uri=True, timeout=30)
+    try:
+        return [str(r) for (r,) in db.execute("SELECT reason FROM refused")]
+    finally:
+        db.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_waiting_reports_survive_a_killed_coordinator_and_are_settled_when_the_capture_appears(
+    messaging_stack: MessagingStack,
+) -> None:
+    stack = messaging_stack
+    stack.start_broker()
+    stack.coordinator_extra = f"[federation]\nenabled = true\nport = {free_port()}\ncapture_poll_s = 0.1\n"
+    coordinator = stack.start_coordinator()
+    honest, liar = stack.enrol_agent("honest"), stack.enrol_agent("liar")
+    nodes = {h.name: _membership(h).record.flower_node_id for h in (honest, liar)}
+    assert all(nodes.values())
+    _report(honest, arrays_sha256(_arrays(nodes["honest"])))
+    _report(liar, arrays_sha256({"w": np.ones((2, 3), np.float32)}))
+    for handle in (honest, liar):
+        stack.start_agent(handle)
+
+    wait_until(lambda: stack.metric("midgate_contributions_pending") == 2, 60, "both reports waiting")
+    assert stack.ledger_contributions() == []
+    assert honest.outbox_counts() == (1, 0) and liar.outbox_counts() == (1, 0)
+
+    # A crash with both reports waiting: they were acknowledged to the broker, so only the coordinator holds them.
+    assert coordinator.proc is not None
+    below = [p.pid for p in psutil.Process(coordinator.proc.pid).children(recursive=True)]
+    coordinator.kill()
+    kill_pids(below, 5.0)  # the SuperLink runs in its own process group
+    stack.start_coordinator()
+
+    updates = tuple(
+        CapturedUpdate(ROUND, node, _arrays(node), arrays_sha256(_arrays(node)), GLOBAL, 10, 10, {})
+        for node in nodes.values()
+    )
+    CaptureDirectory(stack.data_dir / "federation" / "jobs" / f"run-{RUN}").on_round(
+        RoundCapture(RUN, ROUND, GLOBAL, updates, ())
+    )
+    wait_until(lambda: honest.outbox_counts() == (0, 1), 60, "the matching report receipted")
+    wait_until(lambda: _refused(liar) == ["update_mismatch"], 60, "the false report refused at its agent")
+    assert liar.outbox_counts() == (0, 0)
+
+    (logged,) = stack.ledger_contributions()
+    assert logged[0] == _membership(honest).key.key_id.hex()
+    flags_cmd = ["coordinator", "flags", "--json", "--config", str(stack.config)]
+    out = subprocess.run(
+        [PYTHON, "-c", "from midgate_cli import app; app()", *flags_cmd],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    (flag,) = [json.loads(line) for line in out.splitlines()]
+    assert (flag["device"], flag["reason"], flag["node_id"]) == (liar.device, "update_mismatch", str(nodes["liar"]))
+    assert stack.metric("midgate_contributions_pending") == 0
+    assert stack.metric("midgate_ingest_rejected_total", 'reason="update_mismatch"') >= 1
