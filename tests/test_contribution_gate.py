@@ -376,3 +376,29 @@ def test_a_clientapp_record_without_drift_correction_still_becomes_a_report(tmp_
     path.write_bytes(record.to_json_bytes())
     fields = read_record(path, "0" * 32).fields
     assert "gradient_sha256" not in fields and fields["update_sha256"] == record.update_sha256
+
+
+def test_a_report_that_waited_across_its_keys_revocation_is_refused(world: World) -> None:
+    c = world.coordinator
+    c.ingest(world.report("dev-a", 1), "dev-a")
+    c.registry.revoke("dev-a", NOW_MS + 1)
+    world.capture()
+    admission, committed = c.resolve()
+    assert committed == [] and [v.reason for v in admission.refused] == [Reason.REVOKED_KEY]
+    assert c.gate.store.flag_counts() == {} and c.gate.pending_count == 0
+    assert c.contributions_in_ledger() == []
+
+
+def test_rounds_still_running_do_not_crowd_out_a_captured_one(world: World) -> None:
+    c = world.coordinator
+    # Three reports wait for round 3 (still running), received first; one waits for round 2.
+    for seq, device in enumerate(("dev-a", "dev-b", "dev-c"), start=1):
+        fields = {**contribution_fields(seq, device), "run_id": str(RUN), "round": 3, "node_id": str(NODES[device])}
+        c.ingest(build_report(fields, seq, NOW_MS).seal(world.keys[device]), device)
+    late = world.report("dev-b", 9)
+    c.ingest(late, "dev-b")
+    world.capture()  # round 2 only
+    admission = c.gate.resolve(NOW_MS, limit=1)
+    assert [candidate.verdict.seq for candidate in admission.ready] == [9]
+    c.gate.logged(c.pipeline.commit(admission.ready, NOW_MS))
+    assert c.contributions_in_ledger() == [late] and c.gate.pending_count == 3

@@ -35,9 +35,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from coordinator.federation.capture import RoundCapture
 from coordinator.federation.round_captures import RoundCaptures, capture_evidence, judge_report
 from coordinator.ingest.pipeline import Candidate, InboundMessage, Outcome, Verdict
-from coordinator.registry.store import Registry
+from coordinator.registry.store import Device, Registry
 from protocol.envelope import peek_envelope
-from protocol.errors import EquivocationError, ProtocolError, Reason, RoundNotCapturedError
+from protocol.errors import EquivocationError, ProtocolError, Reason, RevokedKeyError, RoundNotCapturedError
 from protocol.identity import SignerKey
 from protocol.leaves import Leaf, LeafKind
 from protocol.messages import Refusal
@@ -449,8 +449,14 @@ class ContributionGate:
                 refused: RefusedContribution | None = self._refusal(report, expired, None, now_ms)
             else:
                 refused = self._judge(report, capture, now_ms)
+            signer = self.registry.device(report.device)
+            assert signer is not None  # devices are revoked, never deleted
+            if refused is None and signer.revoked:
+                # Screening refuses a revoked key; a report that waited across the revocation is refused the same.
+                revoked = RevokedKeyError("device key was revoked while the report waited", device=report.device)
+                refused = self._refusal(report, revoked, capture, now_ms)
             if refused is None:
-                admission.ready.append(self._candidate(report))
+                admission.ready.append(self._candidate(report, signer))
                 continue
             refusals.append(refused)
             self._refuse(self._verdict(report), refused, admission, now_ms)
@@ -563,11 +569,9 @@ class ContributionGate:
         )
         return Verdict(message, Outcome.REJECTED, device=report.device, key_id=report.key_id, seq=report.seq)
 
-    def _candidate(self, report: ReportedContribution) -> Candidate:
-        device = self.registry.device(report.device)
-        assert device is not None  # devices are revoked, never deleted
+    def _candidate(self, report: ReportedContribution, signer: Device) -> Candidate:
         leaf = Leaf(LeafKind.CONTRIBUTION, report.envelope)
-        return Candidate(self._verdict(report), device, leaf, hashlib.sha256(report.envelope).digest())
+        return Candidate(self._verdict(report), signer, leaf, hashlib.sha256(report.envelope).digest())
 
     def _publish_pending(self) -> None:
         if self.metrics is not None:
