@@ -24,8 +24,9 @@ from pathlib import Path
 
 from edge.agent.member_decisions import RUN, Decision
 from edge.agent.membership import Membership
-from edge.federated.supernode import NodeKey, SuperNodeProcess
+from edge.federated.supernode import DEVICE_ENV, NodeKey, SuperNodeProcess
 from edge.federated.supervisor import SuperNodeSupervisor
+from edge.federated.warm_executor import WarmExecutor
 from protocol.envelope import decode, open_envelope
 from protocol.errors import InviteExpiredError, MalformedError, ProtocolError
 from protocol.messages import RoundInvitation
@@ -112,6 +113,8 @@ class JobNode:
             spool_dir=self.spool_dir,
             clientappio_port=_free_port(),
             log_path=run_dir / "supernode.log",
+            extra_env=dict(DEVICE_ENV),
+            warm=WarmExecutor(run_dir / "warm", log_path=run_dir / "warm.log"),
         )
 
     async def invited(self, payload: bytes) -> None:

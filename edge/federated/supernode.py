@@ -28,6 +28,11 @@ from edge.federated.warm_executor import WarmExecutor
 # when the SuperLink refuses to activate the node (e.g. its key is not registered); the process itself exits 1,
 # as every failing Flower process does, so supervision reads the code from the log.
 EXIT_NODE_NOT_REGISTERED = 305
+
+# midgate's device configuration (with a WarmExecutor), what bench/fl_bench.py `rounds` measures as "midgate".
+# Flower's SuperExec asks its SuperNode for a task every 1 s by default; at 0.2 s the ClientApp is forked while the
+# SuperNode is still pulling the message (0.3-3 s measured), and it waits for the pull (warm_executor.wait_for_message).
+DEVICE_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
 _EXIT_CODE_LINE = re.compile(rb"Exit Code: (\d+)")
 
 
