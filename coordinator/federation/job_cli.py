@@ -67,6 +67,7 @@ def start(
     from rich.console import Console
 
     from coordinator.federation.job_start import JobRequest, JobRequestError
+    from coordinator.federation.superlink import FlowerCliError
 
     console = Console(stderr=False, highlight=False)
     task_id, _, version = task.partition("@")
@@ -94,11 +95,11 @@ def start(
         raise typer.Exit(2) from None
     settings = _settings(config)
     if not settings.federation.enabled:
-        console.print("[red]job refused[/red]: [federation] enabled = false in this coordinator's config")
+        console.print("[red]job refused[/red]: \\[federation] enabled = false in this coordinator's config")
         raise typer.Exit(2)
     try:
         record = _run(settings, request, console)
-    except JobRequestError as error:
+    except (JobRequestError, FlowerCliError, OSError) as error:  # OSError: no broker, no MID CA yet
         console.print(f"[red]job failed[/red]: {error}")
         raise typer.Exit(1) from None
     _print_outcome(console, record)
