@@ -195,7 +195,8 @@ def _recomputed_offsets(capture: RoundCapture) -> dict[int, str]:
 def test_drift_corrected_job_records_match_the_captured_updates_gradients_and_offsets(federation: Federation) -> None:
     _start_devices(federation, 3, warm=True)
     run_id = federation.submit(
-        plaid_windows("test"), **{"num-rounds": 3, "drift-correction": 1.0, "local-epochs": 1, "batch-size": 8}
+        plaid_windows("test"),
+        **{"num-rounds": 3, "drift-correction": 1.0, "local-epochs": 1, "batch-size": 8, "server-momentum": 0.5},
     )
     status, outcome = federation.wait_outcome(run_id, timeout=300)
     assert status == "finished:completed"

@@ -407,6 +407,10 @@ class JobStrategy(Strategy):
         updates = [dataclasses.replace(u, weight=weights[u.node_id]) for u in updates]
         for msg, update in zip(accepted, updates, strict=True):
             next(iter(msg.content.metric_records.values()))[WEIGHT_KEY] = update.weight
+            # FedAvgM pairs the update's arrays with the global model's by position, not by name: hand it every
+            # update in the global model's order (a packed reply comes back in canonical name order).
+            key = next(iter(msg.content.array_records))
+            msg.content[key] = ArrayRecord({name: Array(update.arrays[name]) for name in self._global_shapes})
         round_drops += [NodeDrop(server_round, n, DropReason.NO_REPLY) for n in sorted(self._sent - answered)]
         for drop in round_drops:
             if drop.reason in (DropReason.NO_REPLY, DropReason.NODE_UNAVAILABLE):
