@@ -125,8 +125,8 @@ _CANONICAL_ENCODER: Any = (
 )
 
 
-def _media_type(name: str) -> str:
-    return f"application/vnd.midgate.{name}.v1+json"
+def _media_type(name: str, version: int = 1) -> str:
+    return f"application/vnd.midgate.{name}.v{version}+json"
 
 
 # --- device -> coordinator (signed by the device key; `seq` strictly increasing per key) -------------------------
@@ -158,11 +158,9 @@ class DpParams(BaseModel):
     noise_multiplier: Annotated[float, Field(allow_inf_nan=False, ge=0.0, le=1e6)]
 
 
-class ContributionReport(WireMessage):
-    """One device's contribution to one training round, as the ClientApp recorded it."""
+class _RoundContribution(WireMessage):
+    """The fields every version of the contribution report carries, defined once so the versions cannot drift."""
 
-    PAYLOAD_TYPE: ClassVar[str] = _media_type("contribution-report")
-    v: Literal[1] = 1
     run_id: U64
     round: Annotated[int, Field(ge=0, le=1_000_000)]
     node_id: U64
@@ -179,6 +177,39 @@ class ContributionReport(WireMessage):
     loss_after: Measurement
     seconds: Measurement
     dp: DpParams | None = None
+
+
+class ContributionReport(_RoundContribution):
+    """One device's contribution to one training round, as the ClientApp recorded it."""
+
+    PAYLOAD_TYPE: ClassVar[str] = _media_type("contribution-report")
+    v: Literal[1] = 1
+
+
+class ContributionReportV2(_RoundContribution):
+    """A contribution report that also names the drift-correction hashes of its round (protocol.tasks.drift).
+
+    A new version, not new optional fields of v1: a v1 reader would drop the hashes and pass a report the capture
+    contradicts, so it must refuse the payload type instead. The agent signs v2 only for records that carry drift
+    hashes (drift-corrected jobs) and v1 for every other record, byte for byte as before; the coordinator takes both
+    on `up/report` and compares the hashes with the round's capture, a v1 report standing for "no drift correction".
+
+    Parameters
+    ----------
+    gradient_sha256: `arrays_sha256` of the full-batch gradient the node returned to the round's gradient query.
+    drift_offset_sha256: `arrays_sha256` of the drift offset the node trained with. Both set or both null.
+    """
+
+    PAYLOAD_TYPE: ClassVar[str] = _media_type("contribution-report", version=2)
+    v: Literal[2] = 2
+    gradient_sha256: Sha256Hex | None = None
+    drift_offset_sha256: Sha256Hex | None = None
+
+    @model_validator(mode="after")
+    def _drift_hashes_together(self) -> Self:
+        if (self.gradient_sha256 is None) != (self.drift_offset_sha256 is None):
+            raise ValueError("gradient_sha256 and drift_offset_sha256 must be both set or both null")
+        return self
 
 
 class DeviceStatus(StrEnum):
@@ -480,6 +511,7 @@ MESSAGE_TYPES: tuple[type[WireMessage], ...] = (
     EnrolmentRequest,
     EnrolmentResponse,
     ContributionReport,
+    ContributionReportV2,
     Heartbeat,
     Receipt,
     ReceiptBatch,
@@ -533,6 +565,7 @@ __all__ = [
     "CheckpointAnnouncement",
     "ConsentPolicy",
     "ContributionReport",
+    "ContributionReportV2",
     "DeviceStatus",
     "DpParams",
     "EnrolmentRequest",

@@ -6,6 +6,7 @@ contradicts it; the device's outbox settles the MID-signed Refusal."""
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +25,11 @@ from edge.agent.outbox import Outbox
 from edge.agent.refusals import settle_refusal
 from edge.agent.spool import build_report
 from protocol.enrolment import BrokerCredentials
-from protocol.envelope import decode, open_envelope
+from protocol.envelope import decode, open_envelope, peek_envelope, seal
 from protocol.errors import Reason
 from protocol.identity import SignerKey
 from protocol.leaves import LeafKind, decode_leaf
-from protocol.messages import Refusal, StrikeVote
+from protocol.messages import ContributionReport, ContributionReportV2, Refusal, StrikeVote
 from protocol.tasks.arrays import arrays_sha256
 from protocol.topics import UpKind, up_topic
 
@@ -44,6 +45,11 @@ def _arrays(node: int) -> dict[str, np.ndarray]:
 
 
 GLOBAL_SHA = arrays_sha256(_arrays(0))
+
+
+def _drift(node: int) -> tuple[str, str]:
+    """The gradient and drift-offset hashes a drift-corrected round captured for `node`."""
+    return arrays_sha256(_arrays(-node)), hashlib.sha256(b"offset %d" % node).hexdigest()
 
 
 class Coordinator:
@@ -114,22 +120,43 @@ class World:
         self.coordinator = Coordinator(self.root, self.mid_key)
         return self.coordinator
 
-    def capture(self, server_round: int = ROUND) -> None:
-        """What the strategy writes once the round is in: dev-a's and dev-b's updates, dev-c dropped (late)."""
+    def capture(self, server_round: int = ROUND, drift: bool = False) -> None:
+        """What the strategy writes once the round is in: dev-a's and dev-b's updates, dev-c dropped (late); with
+        `drift`, a drift-corrected round: each update also has its node's gradient and offset hashes (_drift)."""
         CaptureDirectory(self.root / "jobs" / f"run-{RUN}").on_round(
             RoundCapture(
                 RUN,
                 server_round,
                 GLOBAL_SHA,
                 tuple(
-                    CapturedUpdate(server_round, n, _arrays(n), arrays_sha256(_arrays(n)), GLOBAL_SHA, 50, 50, {})
+                    CapturedUpdate(
+                        server_round,
+                        n,
+                        _arrays(n),
+                        arrays_sha256(_arrays(n)),
+                        GLOBAL_SHA,
+                        50,
+                        50,
+                        {},
+                        gradient=_arrays(-n) if drift else None,
+                        gradient_sha256=_drift(n)[0] if drift else None,
+                        drift_offset_sha256=_drift(n)[1] if drift else None,
+                    )
                     for n in (11, 12)
                 ),
                 (NodeDrop(server_round, 13, DropReason.NO_REPLY),),
             )
         )
 
-    def report(self, device: str, seq: int, node: int | None = None, update_sha256: str | None = None) -> bytes:
+    def report(
+        self,
+        device: str,
+        seq: int,
+        node: int | None = None,
+        update_sha256: str | None = None,
+        drift: tuple[str | None, str | None] | None = None,
+    ) -> bytes:
+        """A report signed as the agent signs it: v1, or v2 when `drift` gives (gradient, offset) hashes."""
         node = NODES[device] if node is None else node
         fields = {
             **contribution_fields(seq, device),
@@ -139,6 +166,8 @@ class World:
             "global_model_sha256": GLOBAL_SHA,
             "update_sha256": update_sha256 or arrays_sha256(_arrays(node)),
         }
+        if drift is not None:
+            fields["gradient_sha256"], fields["drift_offset_sha256"] = drift
         return build_report(fields, seq, NOW_MS).seal(self.keys[device])
 
 
@@ -402,3 +431,84 @@ def test_rounds_still_running_do_not_crowd_out_a_captured_one(world: World) -> N
     assert [candidate.verdict.seq for candidate in admission.ready] == [9]
     c.gate.logged(c.pipeline.commit(admission.ready, NOW_MS))
     assert c.contributions_in_ledger() == [late] and c.gate.pending_count == 3
+
+
+def _payload_type(envelope: bytes) -> str:
+    return str(peek_envelope(envelope)[0])
+
+
+def test_drift_corrected_reports_naming_the_captured_hashes_are_logged_as_v2(world: World) -> None:
+    c = world.coordinator
+    waiting = world.report("dev-a", 1, drift=_drift(11))
+    admission, _ = c.ingest(waiting, "dev-a")
+    assert len(admission.held) == 1  # waits for its capture like a v1 report, read back from the gate's file
+    world.capture(drift=True)
+    _, committed = c.resolve()
+    assert [v.outcome for v in committed] == [Outcome.ACCEPTED]
+    straight = world.report("dev-b", 1, drift=_drift(12))
+    _, verdicts = c.ingest(straight, "dev-b")
+    assert [v.outcome for v in verdicts] == [Outcome.ACCEPTED]
+    assert c.contributions_in_ledger() == [waiting, straight]
+    assert {_payload_type(e) for e in (waiting, straight)} == {ContributionReportV2.PAYLOAD_TYPE}
+    assert c.gate.store.refusals() == []
+
+
+@pytest.mark.parametrize(
+    ("drift_round", "reported"),
+    [
+        (True, (hashlib.sha256(b"another gradient").hexdigest(), _drift(11)[1])),
+        (True, (_drift(11)[0], hashlib.sha256(b"another offset").hexdigest())),
+        (True, _drift(12)),  # dev-b's true hashes
+        (True, None),  # a v1 report (no drift hashes) for a drift-corrected round
+        (True, (None, None)),  # a v2 report saying "no drift correction" for a drift-corrected round
+        (False, _drift(11)),  # drift hashes for a round without drift correction
+    ],
+    ids=["gradient", "offset", "other-nodes", "v1-for-drift-round", "v2-null-for-drift-round", "v2-for-plain-round"],
+)
+def test_drift_hashes_other_than_the_captured_ones_are_an_update_mismatch(
+    world: World, drift_round: bool, reported: tuple[str | None, str | None] | None
+) -> None:
+    world.capture(drift=drift_round)
+    c = world.coordinator
+    envelope = world.report("dev-a", 1, drift=reported)
+    assert _payload_type(envelope) == (ContributionReport if reported is None else ContributionReportV2).PAYLOAD_TYPE
+    admission, verdicts = c.ingest(envelope, "dev-a")
+    assert verdicts == [] and c.ledger.size == 0
+    assert [v.reason for v in admission.refused] == [Reason.UPDATE_MISMATCH]
+    (flag,) = c.gate.store.refusals(flagged_only=True)
+    assert flag.envelope == envelope
+    expected = _drift(11) if drift_round else (None, None)
+    assert (flag.capture["gradient_sha256"], flag.capture["drift_offset_sha256"]) == expected
+    found = (flag.capture["reported_gradient_sha256"], flag.capture["reported_drift_offset_sha256"])
+    assert found == (reported or (None, None))
+
+
+def test_v1_reports_of_a_round_without_drift_correction_still_match(world: World) -> None:
+    world.capture()
+    c = world.coordinator
+    envelope = world.report("dev-a", 1)
+    assert _payload_type(envelope) == ContributionReport.PAYLOAD_TYPE
+    _, verdicts = c.ingest(envelope, "dev-a")
+    assert [v.outcome for v in verdicts] == [Outcome.ACCEPTED]
+    assert c.contributions_in_ledger() == [envelope]
+
+
+def test_a_v2_report_is_taken_only_on_the_report_topic(world: World) -> None:
+    world.capture(drift=True)
+    envelope = world.report("dev-a", 1, drift=_drift(11))
+    for kind in (UpKind.STRIKE, UpKind.HEARTBEAT):
+        _, verdicts = world.coordinator.ingest(envelope, "dev-a", kind)
+        assert [(v.outcome, v.reason) for v in verdicts] == [(Outcome.REJECTED, Reason.WRONG_TYPE)]
+        assert "contribution-report.v2" in verdicts[0].error
+    # Any other payloadType on up/report is still wrong_type, after the signature was checked.
+    vote = StrikeVote(seq=2, device_time_ms=NOW_MS, target_buyer="acme", start_ms=NOW_MS).seal(world.keys["dev-a"])
+    _, verdicts = world.coordinator.ingest(vote, "dev-a")
+    assert [(v.outcome, v.reason) for v in verdicts] == [(Outcome.REJECTED, Reason.WRONG_TYPE)]
+    # A v2 payload naming one drift hash only is signed and typed right, and still refused by its schema.
+    doc = json.loads(peek_envelope(envelope)[1])
+    doc.update(seq="3", drift_offset_sha256=None)
+    half = seal(ContributionReportV2.PAYLOAD_TYPE, json.dumps(doc, sort_keys=True, separators=(",", ":")).encode(),
+                world.keys["dev-a"])  # fmt: skip
+    _, verdicts = world.coordinator.ingest(half, "dev-a")
+    assert [(v.outcome, v.reason) for v in verdicts] == [(Outcome.REJECTED, Reason.MALFORMED)]
+    assert world.coordinator.ledger.size == 0

@@ -22,6 +22,7 @@ from protocol.messages import (
     CheckpointAnnouncement,
     ConsentPolicy,
     ContributionReport,
+    ContributionReportV2,
     DeviceStatus,
     DpParams,
     EnrolmentRequest,
@@ -70,6 +71,16 @@ def report(**changes: Any) -> ContributionReport:
     }
     fields.update(changes)
     return ContributionReport(**fields)
+
+
+G, OFFSET = "12" * 32, "34" * 32
+
+
+def report_v2(**changes: Any) -> ContributionReportV2:
+    """A drift-corrected job's report: v1's fields (without DP, which such jobs refuse) and the drift hashes."""
+    fields = {**report(dp=None).model_dump(exclude={"v"}), "gradient_sha256": G, "drift_offset_sha256": OFFSET}
+    fields.update(changes)
+    return ContributionReportV2(**fields)
 
 
 SAMPLES: list[WireMessage] = [
@@ -156,6 +167,7 @@ SAMPLES: list[WireMessage] = [
         detail="report names another update",
         issued_ms=NOW,
     ),
+    report_v2(),
 ]
 
 
@@ -164,8 +176,9 @@ def test_every_message_type_has_a_sample_and_a_unique_versioned_payload_type() -
     assert len(MESSAGE_BY_PAYLOAD_TYPE) == len(MESSAGE_TYPES)
     for model in MESSAGE_TYPES:
         assert model.PAYLOAD_TYPE.startswith("application/vnd.midgate.")
-        assert model.PAYLOAD_TYPE.endswith(".v1+json")
-        assert model.model_fields["v"].default == 1
+        version = model.model_fields["v"].default
+        assert model.PAYLOAD_TYPE.endswith(f".v{version}+json")
+        assert version == 1 or model is ContributionReportV2
 
 
 @pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)
@@ -243,6 +256,60 @@ def test_timestamps_outside_the_sane_range_are_refused(ms: int) -> None:
 def test_contribution_report_field_rules(change: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
         report(**change)
+
+
+def test_contribution_report_v2_round_trip_keeps_the_drift_hashes() -> None:
+    message = report_v2(seq=U64_MAX)
+    envelope = message.seal(DEVICE)
+    assert json.loads(envelope)["payloadType"] == "application/vnd.midgate.contribution-report.v2+json"
+    verified = open_envelope(envelope, KeyRing([DEVICE.verifier]), ContributionReportV2.PAYLOAD_TYPE)
+    decoded = decode(verified, ContributionReportV2)
+    assert decoded == message
+    assert (decoded.v, decoded.gradient_sha256, decoded.drift_offset_sha256) == (2, G, OFFSET)
+    assert json.loads(verified.payload)["v"] == 2
+
+
+def test_contribution_report_v2_names_both_drift_hashes_or_neither() -> None:
+    assert report_v2(gradient_sha256=None, drift_offset_sha256=None).gradient_sha256 is None
+    for one_missing in ({"gradient_sha256": None}, {"drift_offset_sha256": None}):
+        with pytest.raises(ValidationError, match="both set or both null"):
+            report_v2(**one_missing)
+    doc = json.loads(report_v2().canonical_json())
+    doc["drift_offset_sha256"] = None
+    payload = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    verified = open_envelope(
+        seal(ContributionReportV2.PAYLOAD_TYPE, payload, DEVICE),
+        KeyRing([DEVICE.verifier]),
+        ContributionReportV2.PAYLOAD_TYPE,
+    )
+    with pytest.raises(MalformedError):
+        decode(verified, ContributionReportV2)
+
+
+@pytest.mark.parametrize("bad", ["AB" * 32, "ab" * 31, "", 7])
+def test_contribution_report_v2_drift_hashes_are_sha256_hex(bad: object) -> None:
+    with pytest.raises(ValidationError):
+        report_v2(gradient_sha256=bad)
+
+
+def test_a_v1_reader_refuses_a_v2_report_by_its_payload_type() -> None:
+    ring = KeyRing([DEVICE.verifier])
+    envelope = report_v2().seal(DEVICE)
+    with pytest.raises(WrongTypeError) as raised:
+        open_envelope(envelope, ring, ContributionReport.PAYLOAD_TYPE)
+    assert raised.value.details == {
+        "expected": ContributionReport.PAYLOAD_TYPE,
+        "found": ContributionReportV2.PAYLOAD_TYPE,
+    }
+    with pytest.raises(WrongTypeError):
+        decode(open_envelope(envelope, ring, ContributionReportV2.PAYLOAD_TYPE), ContributionReport)
+    # Nor does a v2 body under v1's payloadType pass for a v1 report (or the reverse): `v` and the fields differ.
+    v2_body_as_v1 = seal(ContributionReport.PAYLOAD_TYPE, report_v2().canonical_json(), DEVICE)
+    with pytest.raises(MalformedError):
+        decode(open_envelope(v2_body_as_v1, ring, ContributionReport.PAYLOAD_TYPE), ContributionReport)
+    v1_body_as_v2 = seal(ContributionReportV2.PAYLOAD_TYPE, report(dp=None).canonical_json(), DEVICE)
+    with pytest.raises(MalformedError):
+        decode(open_envelope(v1_body_as_v2, ring, ContributionReportV2.PAYLOAD_TYPE), ContributionReportV2)
 
 
 def test_strict_json_does_not_coerce_strings_to_numbers() -> None:

@@ -2,8 +2,8 @@
 
 Called after the report's signature verified and its bytes parsed (protocol.tasks.parse_contribution_record): the
 report must name the run, round and node of an update the strategy captured, and the same global-model and update
-hashes (and, in drift-corrected jobs, gradient and offset hashes); otherwise it is refused with `update_mismatch`
-and nothing is recorded.
+hashes (and, in drift-corrected jobs, gradient and offset hashes, which only ContributionReportV2 carries); otherwise
+it is refused with `update_mismatch` and nothing is recorded.
 """
 
 from __future__ import annotations
@@ -66,17 +66,16 @@ def check_contribution(record: ReportedUpdate, capture: RoundCapture) -> Capture
 
 
 def _check_drift_hashes(record: ReportedUpdate, update: CapturedUpdate) -> None:
-    """Drift-corrected jobs (protocol.tasks.drift): a ClientApp record also names the gradient the node returned to
-    the round's query and the offset it trained with; both must be what the strategy captured (None when the job
-    has no drift correction). Reports whose schema has no such fields (the wire ContributionReport v1) are checked
-    on the update alone."""
+    """Drift-corrected jobs (protocol.tasks.drift): a record (ClientApp's, or the wire ContributionReportV2) also
+    names the gradient the node returned to the round's query and the offset it trained with; both must be what the
+    strategy captured (None when the job has no drift correction). A report whose schema has no such fields (the wire
+    ContributionReport v1) says "no drift correction": for a drift-corrected round it is a mismatch, not a pass,
+    or a device could keep its gradient and offset out of the check by signing the older version."""
     for field, expected in (
         ("gradient_sha256", update.gradient_sha256),
         ("drift_offset_sha256", update.drift_offset_sha256),
     ):
-        if not hasattr(record, field):
-            continue
-        found = getattr(record, field)
+        found = getattr(record, field, None)
         if found != expected:
             raise UpdateMismatchError(
                 f"report names another {field.removesuffix('_sha256').replace('_', ' ')}",

@@ -136,6 +136,8 @@ def capture_evidence(capture: RoundCapture | None, node_id: int) -> dict[str, ob
         "round": capture.round,
         "global_sha256": capture.global_sha256,
         "update_sha256": None if update is None else update.update_sha256,
+        "gradient_sha256": None if update is None else update.gradient_sha256,
+        "drift_offset_sha256": None if update is None else update.drift_offset_sha256,
         "dropped": None if drop is None else str(drop.reason),
         "nodes": sorted(str(u.node_id) for u in capture.updates),
     }

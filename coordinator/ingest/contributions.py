@@ -3,7 +3,8 @@
 With `[federation] enabled` every verified, deduplicated ContributionReport is cross-checked against the round
 capture the strategy wrote (coordinator/federation/round_captures.py) before the ledger commit:
 
-- the capture exists and names the signer's node with the same global-model and update hashes: logged as before;
+- the capture exists and names the signer's node with the same global-model and update hashes (and, in a
+  drift-corrected round, the gradient and offset hashes only a ContributionReportV2 names): logged as before;
 - no capture yet (the device reports right after replying to Flower, before the strategy has the whole round): the
   report waits in `pending_contributions` (its own SQLite file, `synchronous=FULL`, committed before the MQTT ack,
   so a crash loses nothing), and the service re-checks it every `capture_poll_s`; after `report_grace_s` without a
@@ -92,10 +93,15 @@ class ReportedContribution:
     global_model_sha256: str
     update_sha256: str
     envelope: bytes = field(repr=False)
+    gradient_sha256: str | None = None
+    drift_offset_sha256: str | None = None
+    """The drift-correction hashes of a ContributionReportV2; None for a v1 report, which stands for a round without
+    drift correction (report_check compares both with the capture either way)."""
 
 
 def reported_contribution(envelope: bytes, device: str, key_id: str, seq: int) -> ReportedContribution:
-    """Read the fields the cross-check needs from a verified report (its strict schema was checked by screening)."""
+    """Read the fields the cross-check needs from a verified report, v1 or v2 (its strict schema was checked by
+    screening, so a v1 payload has no drift hashes and a v2 payload's are both hex or both null)."""
     _, payload, _ = peek_envelope(envelope)
     doc = json.loads(payload)
     return ReportedContribution(
@@ -108,6 +114,8 @@ def reported_contribution(envelope: bytes, device: str, key_id: str, seq: int) -
         str(doc["global_model_sha256"]),
         str(doc["update_sha256"]),
         envelope,
+        doc.get("gradient_sha256"),
+        doc.get("drift_offset_sha256"),
     )
 
 
@@ -527,7 +535,12 @@ class ContributionGate:
             flagged=flagged,
             envelope=report.envelope,
             envelope_sha256=hashlib.sha256(report.envelope).hexdigest(),
-            capture={**capture_evidence(capture, report.node_id), "reported_update_sha256": report.update_sha256},
+            capture={
+                **capture_evidence(capture, report.node_id),
+                "reported_update_sha256": report.update_sha256,
+                "reported_gradient_sha256": report.gradient_sha256,
+                "reported_drift_offset_sha256": report.drift_offset_sha256,
+            },
             refused_ms=now_ms,
         )
         if flagged:

@@ -35,11 +35,13 @@ from protocol.errors import (
     TooLargeError,
     TopicMismatchError,
     UnknownKeyError,
+    WrongTypeError,
 )
 from protocol.identity import SignerKey
 from protocol.leaves import Leaf, LeafKind
 from protocol.messages import (
     ContributionReport,
+    ContributionReportV2,
     DeviceStatus,
     Heartbeat,
     StrikeVote,
@@ -57,6 +59,10 @@ _KINDS: dict[UpKind, tuple[type[WireMessage], LeafKind | None]] = {
     UpKind.REPORT: (ContributionReport, LeafKind.CONTRIBUTION),
     UpKind.STRIKE: (StrikeVote, LeafKind.STRIKE),
     UpKind.HEARTBEAT: (Heartbeat, None),
+}
+# Later versions a kind also takes (payloadType -> model); the envelope's payloadType picks the model.
+_LATER_VERSIONS: dict[UpKind, dict[str, type[WireMessage]]] = {
+    UpKind.REPORT: {ContributionReportV2.PAYLOAD_TYPE: ContributionReportV2},
 }
 
 
@@ -188,7 +194,16 @@ class Screener:
         model, leaf_kind = _KINDS[topic.kind]
         verdict.device = topic.device
         self._take_token(topic.device)
-        verified = self._open(message.payload, model.PAYLOAD_TYPE)
+        try:
+            verified = self._open(message.payload, model.PAYLOAD_TYPE)
+        except WrongTypeError as exc:
+            # Verified but of another type: a later version opens again under its own type (the signature is checked
+            # twice for these only, so the v1 path costs nothing more); any other type is refused as before.
+            later = _LATER_VERSIONS.get(topic.kind, {}).get(exc.details.get("found", ""))
+            if later is None:
+                raise
+            model = later
+            verified = self._open(message.payload, model.PAYLOAD_TYPE)
         signer = self._by_key_id[verified.key_id]
         verdict.key_id = verified.key_id
         if signer.device_id != topic.device:

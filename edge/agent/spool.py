@@ -2,7 +2,9 @@
 
 The ClientApp writes one JSON object per record to `{spool_dir}/{mid}/{unique name}.json` atomically (write a
 temporary file not ending in `.json` in the same folder, then rename). The object holds the ContributionReport
-fields except `v`, `seq` and `device_time_ms`, which the agent sets when it signs. The agent signs and commits the
+fields except `v`, `seq` and `device_time_ms`, which the agent sets when it signs. A record that names drift-correction
+hashes is signed as ContributionReportV2, any other as ContributionReport v1 (byte for byte what agents signed before
+v2 existed, so coordinators that predate v2 keep taking them). The agent signs and commits the
 record into its outbox, then deletes the file; a crash in between is harmless because the outbox remembers the file
 name. A file that is too large or does not make a valid report is moved to `rejected/` with the reason beside it.
 """
@@ -17,7 +19,7 @@ from typing import Any
 
 from protocol.errors import MalformedError, TooLargeError
 from protocol.identity import SignerKey
-from protocol.messages import ContributionReport
+from protocol.messages import ContributionReport, ContributionReportV2
 
 MAX_SPOOL_FILE = 16 * 1024
 _AGENT_FIELDS = frozenset(("v", "seq", "device_time_ms"))
@@ -37,6 +39,7 @@ class SpoolRecord:
 _CLIENTAPP_RECORD = "application/vnd.midgate.contribution.v1+json"
 _FINGERPRINT_SCHEMES = ("merkle-sha256:", "sha256:")
 _DRIFT_FIELDS = ("gradient_sha256", "drift_offset_sha256")
+_DRIFT_FIELDS_SET = frozenset(_DRIFT_FIELDS)
 
 
 def report_fields(record: dict[str, Any], round_nonce: str | None) -> dict[str, Any]:
@@ -46,7 +49,7 @@ def report_fields(record: dict[str, Any], round_nonce: str | None) -> dict[str, 
     if round_nonce is None:
         raise MalformedError("ClientApp record but no job invitation to take its round nonce from")
     fields = {k: v for k, v in record.items() if k not in ("type", "created_ms")}
-    # Drift-correction hashes (null outside drift-corrected jobs) have no field in ContributionReport v1.
+    # Null drift hashes (a job without drift correction): the record becomes a v1 report, which has no such fields.
     for key in _DRIFT_FIELDS:
         if fields.get(key, "") is None:
             del fields[key]
@@ -83,17 +86,23 @@ def read_record(path: Path, round_nonce: str | None = None) -> SpoolRecord:
     return SpoolRecord(path, fields)
 
 
-def build_report(fields: dict[str, Any], seq: int, now_ms: int) -> ContributionReport:
-    """The ContributionReport for a spool record with the agent's seq and time."""
+def report_model(fields: dict[str, Any]) -> type[ContributionReport | ContributionReportV2]:
+    """The report version a spool record is signed as: v2 when it names a drift hash (even only one, so that the
+    v2 model refuses it for lacking the other), v1 otherwise."""
+    return ContributionReportV2 if _DRIFT_FIELDS_SET & fields.keys() else ContributionReport
+
+
+def build_report(fields: dict[str, Any], seq: int, now_ms: int) -> ContributionReport | ContributionReportV2:
+    """The contribution report (v1 or v2, `report_model`) for a spool record with the agent's seq and time."""
     doc = {**fields, "seq": str(seq), "device_time_ms": now_ms}
     try:
-        return ContributionReport.model_validate_json(json.dumps(doc))
+        return report_model(fields).model_validate_json(json.dumps(doc))
     except ValueError as exc:
         raise MalformedError("spool record is not a valid contribution report", error=str(exc)[:300]) from None
 
 
 def sign_report(fields: dict[str, Any], key: SignerKey, seq: int, now_ms: int) -> bytes:
-    """The sealed ContributionReport for a spool record."""
+    """The sealed contribution report for a spool record."""
     return build_report(fields, seq, now_ms).seal(key)
 
 
