@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import re
 import statistics
 import sys
 import threading
@@ -35,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from flower_fixtures import Federation, plaid_windows, split_by_label
 
+from edge.federated.supernode import DEVICE_ENV
 from edge.federated.training import LocalTrainingConfig, round_gradient, train_round
 from protocol.tasks.drift import NDArrays, drift_offsets
 from protocol.tasks.models import build_model, evaluate, load_arrays, model_arrays, train_epochs
@@ -85,15 +88,32 @@ class MemorySampler:
 CONFIGS: dict[str, dict[str, object]] = {
     "flower-default": {
         "env": {},
-        "run": {"reply-poll-interval": 3.0, "federated-evaluate": True},
+        "run": {"reply-poll-interval": 3.0, "federated-evaluate": True, "pack-arrays": False},
         "warm": False,
     },
     "midgate": {
-        "env": {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"},
+        "env": DEVICE_ENV,
         "run": {"reply-poll-interval": 0.1, "federated-evaluate": False},
         "warm": True,
     },
 }
+
+
+def await_outcome_file(fed: Federation, run_id: int, timeout: float, status_every: float = 20.0) -> None:
+    """Wait for the ServerApp's outcome.json with a cheap file poll. Each `flwr ls` is a fresh Python process
+    (about 1 s of CPU here), so polling the run status every second, as `wait_finished` does, takes a good part of
+    one of the machine's 2 cores away from the job being timed; the status is asked only every `status_every` s in
+    case the ServerApp died without an outcome."""
+    assert fed.cli is not None
+    outcome = fed.run_dir(run_id) / "outcome.json"
+    deadline = time.monotonic() + timeout
+    next_status = time.monotonic() + status_every
+    while not outcome.exists() and time.monotonic() < deadline:
+        if time.monotonic() >= next_status:
+            if fed.cli.run_status(run_id).startswith("finished"):
+                return
+            next_status = time.monotonic() + status_every
+        time.sleep(0.2)
 
 
 def run_job(name: str, root: Path, devices: int, rounds: int, warm: bool) -> dict[str, object]:
@@ -111,8 +131,9 @@ def run_job(name: str, root: Path, devices: int, rounds: int, warm: bool) -> dic
         started = time.monotonic()
         with MemorySampler(fed.devices[0].pids) as memory:
             run_id = fed.submit(plaid_windows("test"), **run_config)
-            status, outcome = fed.wait_outcome(run_id, timeout=600)
-        total = time.monotonic() - started
+            await_outcome_file(fed, run_id, timeout=600)
+            total = time.monotonic() - started
+            status, outcome = fed.wait_outcome(run_id, timeout=60)
         if status != "finished:completed" or outcome is None:
             fed.print_logs(60)
             raise SystemExit(f"{name}: run ended {status}")
@@ -130,11 +151,67 @@ def run_job(name: str, root: Path, devices: int, rounds: int, warm: bool) -> dic
         fed.stop()
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_STAMPED = re.compile(r"^(?:DEBUG|INFO|WARNING|ERROR)\s+\d{4}-\d\d-\d\d (\d\d):(\d\d):(\d\d),(\d{3})\s*:\s+(.*)$")
+# One message's path through a SuperNode, in the order Flower logs it (flwr/supernode/start_client_internal.py and
+# flwr/supernode/runtime/run_clientapp.py); the timestamps are there only with FLWR_LOG_LEVEL=DEBUG.
+_PHASES = (
+    ("Receiving: train", "pull"),
+    ("Received successfully", "to app"),
+    ("Start `ClientApp` Loading", "app"),
+    ("Finished task", "reply poll"),
+    ("Sending: train", "push"),
+    ("Sent successfully", ""),
+)
+
+
+def message_timeline(log: Path) -> list[dict[str, float]]:
+    """Per train message of one SuperNode log: seconds in each phase, and `idle` since the previous reply was sent
+    (the SuperNode's 3 s idle poll is in there)."""
+    messages: list[dict[str, float]] = []
+    stamps: dict[str, float] = {}
+    last_sent: float | None = None
+    for raw in log.read_text(errors="replace").splitlines():
+        match = _STAMPED.match(_ANSI.sub("", raw))
+        if match is None:
+            continue
+        h, m, sec, ms, text = match.groups()
+        t = int(h) * 3600 + int(m) * 60 + int(sec) + int(ms) / 1000
+        for marker, _ in _PHASES:
+            if marker in text and (marker.startswith("Receiving") or stamps):
+                stamps = {} if marker.startswith("Receiving") else stamps
+                stamps.setdefault(marker, t)
+        if "Sent successfully" in text and len(stamps) == len(_PHASES):
+            phases = {name: stamps[_PHASES[i + 1][0]] - stamps[marker] for i, (marker, name) in enumerate(_PHASES[:-1])}
+            phases["idle"] = stamps["Receiving: train"] - last_sent if last_sent is not None else float("nan")
+            messages.append(phases)
+            last_sent, stamps = stamps["Sent successfully"], {}
+    return messages
+
+
+def print_timeline(root: Path) -> None:
+    """Median and max over the devices of each phase, per round, from the SuperNodes' DEBUG logs under `root`."""
+    per_device = [message_timeline(log) for log in sorted(root.glob("dev[0-9]*.log")) if not log.stem.endswith("warm")]
+    rounds = min((len(m) for m in per_device), default=0)
+    if rounds == 0:
+        print("    no timestamps: run with --timeline (FLWR_LOG_LEVEL=DEBUG) to get a per-round timeline")
+        return
+    names = [name for _, name in _PHASES[:-1]] + ["idle"]
+    print("    round " + "".join(f"{name:>17s}" for name in names) + "   (median / max over devices, s)")
+    for r in range(rounds):
+        cells = []
+        for name in names:
+            values = [m[r][name] for m in per_device if not math.isnan(m[r][name])]
+            cells.append(f"{statistics.median(values):7.2f} /{max(values):6.2f}  " if values else f"{'-':>17s}")
+        print(f"    {r + 1:5d} " + "".join(f"{c:>17s}" for c in cells))
+
+
 def bench_rounds(args: argparse.Namespace) -> None:
     results: dict[str, dict[str, float]] = {}
     with TemporaryDirectory(prefix="fl_bench_") as tmp:
+        root = args.keep_logs or Path(tmp)
         for name in args.configs:
-            results[name] = run_job(name, Path(tmp) / name, args.devices, args.rounds, args.warm)  # type: ignore[assignment]
+            results[name] = run_job(name, root / name, args.devices, args.rounds, args.warm)  # type: ignore[assignment]
             r = results[name]
             print(
                 f"{name:15s} round {r['round_s']:6.2f} s (round 1 {r['round1_s']:5.2f} s, job {r['job_s']:6.1f} s)  "
@@ -144,6 +221,8 @@ def bench_rounds(args: argparse.Namespace) -> None:
             if args.verbose:
                 for proc, rss, pss in r["breakdown"]:  # type: ignore[attr-defined]
                     print(f"    {proc:60s} RSS {rss / 2**20:6.0f} MB  PSS {pss / 2**20:6.0f} MB")
+            if args.timeline:
+                print_timeline(root / name)
     if len(results) < 2:
         return
     base, ours = results["flower-default"], results["midgate"]
@@ -319,10 +398,16 @@ def main() -> None:
     parser.add_argument("--central-cosine", action="store_true", help="simulate: cosine lr for central training")
     parser.add_argument("--seed", type=int, default=0, help="accuracy, simulate: split and initialisation seed")
     parser.add_argument("--verbose", action="store_true", help="per-process memory at the peak")
+    parser.add_argument("--keep-logs", type=Path, default=None, help="rounds: keep every process's log here")
+    parser.add_argument(
+        "--timeline", action="store_true", help="rounds: Flower DEBUG logs (timestamps) and a per-round phase table"
+    )
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     args = parser.parse_args()
     if args.what == "rounds":
         args.rounds = args.rounds or 4
+        if args.timeline:
+            os.environ["FLWR_LOG_LEVEL"] = "DEBUG"  # Flower logs timestamps only at DEBUG; it also logs far more
         bench_rounds(args)
     elif args.what == "accuracy":
         # The deployed recipe that meets issue 6's accuracy target: 40 x 1 with the drift correction.

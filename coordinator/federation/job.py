@@ -48,6 +48,8 @@ class JobRunConfig(BaseModel):
         training); it closes most of the federated-vs-central gap on label-skewed devices (docs/federated.md,
         bench/fl_bench.py accuracy). Refused with DP (dp_clipping_norm > 0): the gradient would leave the device
         unclipped and unnoised.
+    pack_arrays: send the model's arrays as one Array each way (protocol/tasks/packed.py; default True: 6 objects a
+        message instead of 16; False only to measure Flower's default behaviour).
     """
 
     model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
@@ -70,6 +72,7 @@ class JobRunConfig(BaseModel):
     attribution: bool = False
     reply_poll_interval: float = Field(alias="reply-poll-interval", default=0.1, gt=0, le=60)
     federated_evaluate: bool = Field(alias="federated-evaluate", default=False)
+    pack_arrays: bool = Field(alias="pack-arrays", default=True)
     drift_correction: float = Field(alias="drift-correction", default=0.0, ge=0, le=1)
 
     @model_validator(mode="after")

@@ -134,7 +134,7 @@ def run_job(grid: Grid, run_id: int, job: JobRunConfig) -> JobOutcome:
     outcome = JobOutcome(run_id=run_id, status="failed", reason="internal_error")
     try:
         result = strategy.start(
-            PollingGrid(grid, job.reply_poll_interval),
+            PollingGrid(grid, job.reply_poll_interval, pack=job.pack_arrays),
             ArrayRecord({name: Array(a) for name, a in model_arrays(build_model(spec, seed=job.seed)).items()}),
             num_rounds=job.num_rounds,
             timeout=job.round_timeout,

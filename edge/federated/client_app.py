@@ -25,6 +25,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
+from edge.federated.packed_mod import packed_arrays_mod
 from edge.federated.spool import write_record
 from edge.federated.training import LocalTrainingConfig, round_gradient, train_round
 from protocol.errors import MalformedError
@@ -122,7 +123,8 @@ def dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable
     return call_next(msg, context)
 
 
-app = ClientApp(mods=[contribution_record_mod, dp_clipping_mod])
+# packed_arrays_mod outermost: the mods inside it see the named arrays the contribution record hashes.
+app = ClientApp(mods=[packed_arrays_mod, contribution_record_mod, dp_clipping_mod])
 
 
 @app.train()
