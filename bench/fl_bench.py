@@ -293,16 +293,23 @@ def bench_accuracy(args: argparse.Namespace) -> None:
                 },
             )
             status, outcome = fed.wait_outcome(run_id, timeout=3600)
+            if status != "finished:completed" or outcome is None:
+                fed.print_logs(60)
+                raise SystemExit(f"federated run ended {status}")
         finally:
             fed.stop()
-    if status != "finished:completed" or outcome is None:
-        raise SystemExit(f"federated run ended {status}")
     fed_acc = outcome.validation[args.rounds]["accuracy"]
     round_s = statistics.median(outcome.round_seconds[r] for r in range(2, args.rounds + 1))
     print(
         f"federated: {args.rounds} rounds x {args.local_epochs} local epochs (same optimiser settings, FedAvgM "
-        f"server momentum {args.server_momentum}, drift correction {args.drift_correction}), PLAID test accuracy "
+        f"server momentum {args.server_momentum}, drift correction {args.drift_correction}), "
+        f"PLAID test accuracy "
         f"{fed_acc:.3f} (median round {round_s:.1f} s, job {outcome.seconds:.0f} s)"
+    )
+    last = range(max(1, args.rounds - 4), args.rounds + 1)
+    print(
+        "  accuracy of the last rounds' global models: "
+        + ", ".join(f"{r}: {outcome.validation[r]['accuracy']:.3f}" for r in last)
     )
     best = max(central, key=lambda recipe: central[recipe])
     print(
