@@ -256,3 +256,20 @@ def _wait_subscribed(publisher: paho.Client, session: BrokerSession, inbox: _Inb
     wait_until(probe_arrived, 30, "the ingest session's subscription", poll_s=0.2)
     publisher.publish("t/probe-end", b"", qos=1).wait_for_publish(10)
     _receive(session, inbox, 0, until_topic="t/probe-end")
+
+
+def test_settling_a_message_twice_changes_nothing_the_second_time() -> None:
+    """service._recover settles a whole failed batch, some of it possibly settled already: no second ack or slot."""
+    from coordinator.ingest.mqtt import AckToken
+
+    endpoint = BrokerEndpoint("127.0.0.1", 1, "ingest", "", "twice")
+    session = BrokerSession(endpoint, ("t/#",), lambda m: None, queue_max=2, receive_maximum=2)
+    acks: list[int] = []
+    session._client.ack_soon = acks.append  # type: ignore[method-assign]
+    assert session._slots.acquire(blocking=False)
+    token = AckToken(session._generation, 7, 1)
+    session.settle(token)
+    session.settle(token)
+    session.settle(token, ack=False)
+    assert acks == [7]
+    assert session.in_memory == 0

@@ -41,11 +41,14 @@ log = logging.getLogger("midgate.ingest.mqtt")
 SESSION_EXPIRY_S = 0xFFFFFFFF
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class AckToken:
+    """One received message's acknowledgement handle; `settled` once `BrokerSession.settle` has run for it."""
+
     generation: int
     message_id: int
     qos: int
+    settled: bool = False
 
 
 @dataclass(frozen=True)
@@ -147,11 +150,18 @@ class BrokerSession:
         self._deliver(InboundMessage(topic, payload, AckToken(self._generation, mid, qos), time.monotonic_ns()))
 
     def settle(self, token: object, ack: bool = True) -> None:
-        """Acknowledge (if still on the same connection) and free the message's slot. Call exactly once per message.
+        """Acknowledge (if still on the same connection) and free the message's slot. Call once per message; a
+        second call for the same token is refused with a warning and changes nothing.
 
         `ack=False` frees the slot only; the broker redelivers the message after the next reconnect.
         """
         assert isinstance(token, AckToken)
+        if token.settled:
+            # A recovery path that settles a whole batch may meet messages settled before the failure: acking or
+            # freeing a slot twice would ack another message or overrun the bound (BoundedSemaphore raises).
+            log.warning("message settled twice", extra={"message_id": token.message_id})
+            return
+        token.settled = True
         if ack and token.qos > 0 and token.generation == self._generation:
             if token.qos == 1:
                 self._client.ack_soon(token.message_id)
