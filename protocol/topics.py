@@ -23,6 +23,7 @@ from protocol.messages import (
     CheckpointAnnouncement,
     ConsentPolicy,
     ContributionReport,
+    ContributionReportV2,
     EnrolmentRequest,
     EnrolmentResponse,
     Heartbeat,
@@ -76,14 +77,16 @@ class BroadcastKind(StrEnum):
     STRIKE = "strike"
 
 
-MESSAGE_BY_UP_KIND: dict[UpKind, type[WireMessage]] = {
-    UpKind.ENROL: EnrolmentRequest,
-    UpKind.REPORT: ContributionReport,
-    UpKind.HEARTBEAT: Heartbeat,
-    UpKind.KNOB: KnobUpdate,
-    UpKind.CONSENT: ConsentPolicy,
-    UpKind.STRIKE: StrikeVote,
+MESSAGE_BY_UP_KIND: dict[UpKind, tuple[type[WireMessage], ...]] = {
+    UpKind.ENROL: (EnrolmentRequest,),
+    # v2 only for records of drift-corrected jobs; every other report is still signed as v1 (docs/protocol.md).
+    UpKind.REPORT: (ContributionReport, ContributionReportV2),
+    UpKind.HEARTBEAT: (Heartbeat,),
+    UpKind.KNOB: (KnobUpdate,),
+    UpKind.CONSENT: (ConsentPolicy,),
+    UpKind.STRIKE: (StrikeVote,),
 }
+"""The messages each up topic kind carries; the envelope's payloadType says which one."""
 MESSAGE_BY_DOWN_KIND: dict[DownKind, type[WireMessage]] = {
     DownKind.ENROLLED: EnrolmentResponse,
     DownKind.RECEIPT: ReceiptBatch,

@@ -65,6 +65,8 @@ def test_parse_names_the_parts() -> None:
 def test_every_kind_maps_to_a_message() -> None:
     assert set(MESSAGE_BY_UP_KIND) == set(UpKind)
     assert set(MESSAGE_BY_DOWN_KIND) == set(DownKind)
+    payload_types = [model.PAYLOAD_TYPE for models in MESSAGE_BY_UP_KIND.values() for model in models]
+    assert len(payload_types) == len(set(payload_types))  # a payloadType names one message on one kind
 
 
 @pytest.mark.parametrize(
