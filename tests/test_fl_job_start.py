@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from coordinator.federation.job import JobOutcome
+from coordinator.federation.job import JobOutcome, JobRunConfig
 from coordinator.federation.job_start import (
     JobBook,
     JobDevice,
@@ -119,6 +119,8 @@ def test_invitation_is_signed_by_the_mid_and_expires_one_lease_later(tmp_path: P
         ({"devices": ("d-one",), "min_nodes": 2}, "min_nodes 2 exceeds"),
         ({"devices": ("d-one", "d-one")}, "named twice"),
         ({"dp_noise_multiplier": 1.0}, "clipping norm"),
+        ({"drift_correction": 1.0, "dp_clipping_norm": 1.0}, "drift correction cannot be combined with DP"),
+        ({"drift_correction": 1.5}, "drift_correction"),
         ({"job_id": "Job 1"}, "job_id"),
         ({"lease_s": 1}, "lease_s"),
         ({"surprise": 1}, "surprise"),
@@ -136,6 +138,12 @@ def test_run_config_names_the_selected_nodes_and_the_job_folder(tmp_path: Path) 
     assert config["selected-nodes"] == "11 22"
     assert config["output-dir"] == str((tmp_path / "jobs" / "job-1").resolve())
     assert (config["num-rounds"], config["round-timeout"], config["dp-clipping-norm"]) == (2, 30, 1.5)
+
+
+def test_drift_correction_and_momentum_reach_the_serverapps_run_config(tmp_path: Path) -> None:
+    request = _request(tmp_path, drift_correction=1.0, server_momentum=0.5)
+    parsed = JobRunConfig.from_run_config(request.run_config([11, 22], tmp_path / "jobs" / "job-1"))
+    assert (parsed.drift_correction, parsed.server_momentum, parsed.selected_nodes) == (1.0, 0.5, (11, 22))
 
 
 def test_job_book_keeps_records_across_reads(tmp_path: Path) -> None:

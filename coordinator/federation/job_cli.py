@@ -58,6 +58,10 @@ def start(
     dp_clipping_norm: float = typer.Option(0.0, help="differential privacy: client-side clipping norm (0: off)"),
     dp_noise_multiplier: float = typer.Option(0.0, help="differential privacy: Gaussian noise multiplier"),
     dp_delta: float = typer.Option(1e-5, help="differential privacy: delta the spent epsilon is reported at"),
+    server_momentum: float = typer.Option(0.0, help="FedAvgM server momentum (0: plain FedAvg)"),
+    drift_correction: float = typer.Option(
+        0.0, help="drift correction strength in [0, 1] (a gradient query per round; not with DP)"
+    ),
     lease: float = typer.Option(120.0, help="seconds a device keeps its SuperNode after the latest invitation"),
     config: Path | None = ConfigOption,
 ) -> None:
@@ -88,6 +92,8 @@ def start(
             dp_clipping_norm=dp_clipping_norm,
             dp_noise_multiplier=dp_noise_multiplier,
             dp_delta=dp_delta,
+            server_momentum=server_momentum,
+            drift_correction=drift_correction,
             lease_s=lease,
         )
     except (ValidationError, ValueError, KeyError, LookupError) as error:
