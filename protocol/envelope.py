@@ -175,7 +175,7 @@ def _parse(data: bytes) -> tuple[str, bytes, list[tuple[str, bytes]]]:
     sealed = _SEALED.fullmatch(data)
     if sealed is not None:
         # Exactly the bytes `seal` writes (one signature, no whitespace, nothing escaped): the JSON parse below would
-        # find the same three strings. Measured: a tenth of a verification per report saved on the ingest path.
+        # find the same three strings. Measured: 9.4 -> 6.3 us per report envelope (a raw verification is ~105 us).
         payload_type, payload_b64, kid, sig_b64 = sealed.groups()
         return (
             payload_type.decode("ascii"),
