@@ -19,6 +19,7 @@ import binascii
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
@@ -109,8 +110,11 @@ def seal(payload_type: str, payload: bytes, key: SignerKey) -> bytes:
     return data
 
 
-def open_envelope(data: bytes, trusted: Mapping[str, VerifierKey], expected_type: str) -> VerifiedPayload:
-    """Verify an envelope against `trusted` (hex key id -> key) and require `expected_type`.
+def open_envelope(
+    data: bytes, trusted: Mapping[str, VerifierKey], expected_type: str | AbstractSet[str]
+) -> VerifiedPayload:
+    """Verify an envelope against `trusted` (hex key id -> key) and require `expected_type` (or one of a set: the
+    versions of a message a reader takes; the caller picks the model by `VerifiedPayload.payload_type`).
 
     Signatures by keys not in `trusted` are ignored; a trusted key's signature that does not verify is an error; at
     least one trusted key must have signed. Raises only ProtocolError subclasses.
@@ -127,8 +131,10 @@ def open_envelope(data: bytes, trusted: Mapping[str, VerifierKey], expected_type
         signer = signer or key
     if signer is None:
         raise UnknownKeyError("envelope is not signed by a trusted key", key_ids=[kid for kid, _ in signatures])
-    if payload_type != expected_type:
-        raise WrongTypeError("unexpected payloadType", expected=expected_type, found=payload_type)
+    accepted = (expected_type,) if isinstance(expected_type, str) else expected_type
+    if payload_type not in accepted:
+        expected = expected_type if isinstance(expected_type, str) else sorted(expected_type)
+        raise WrongTypeError("unexpected payloadType", expected=expected, found=payload_type)
     return VerifiedPayload(payload_type, payload, signer, bytes(data))
 
 

@@ -412,3 +412,13 @@ def test_property_fast_parse_agrees_on_any_type_and_payload(payload_type: str, p
     ).encode()
     fast, strict = _both_parses(envelope)
     assert fast == strict
+
+
+def test_open_envelope_takes_one_of_a_set_of_types_in_one_verification() -> None:
+    v1, v2 = "application/vnd.example.thing.v1+json", "application/vnd.example.thing.v2+json"
+    other = "application/vnd.example.other.v1+json"
+    envelope = seal(v2, b'{"v":2}', DEVICE)
+    assert open_envelope(envelope, RING, frozenset({v1, v2})).payload_type == v2
+    with pytest.raises(WrongTypeError) as err:
+        open_envelope(envelope, RING, frozenset({v1, other}))
+    assert (err.value.details["expected"], err.value.details["found"]) == (sorted({v1, other}), v2)

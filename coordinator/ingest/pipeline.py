@@ -35,7 +35,6 @@ from protocol.errors import (
     TooLargeError,
     TopicMismatchError,
     UnknownKeyError,
-    WrongTypeError,
 )
 from protocol.identity import SignerKey
 from protocol.leaves import Leaf, LeafKind
@@ -63,6 +62,11 @@ _KINDS: dict[UpKind, tuple[type[WireMessage], LeafKind | None]] = {
 # Later versions a kind also takes (payloadType -> model); the envelope's payloadType picks the model.
 _LATER_VERSIONS: dict[UpKind, dict[str, type[WireMessage]]] = {
     UpKind.REPORT: {ContributionReportV2.PAYLOAD_TYPE: ContributionReportV2},
+}
+# Every payloadType a kind takes, opened in one verification (a str for the common one-version kinds).
+_ACCEPTED: dict[UpKind, str | frozenset[str]] = {
+    kind: frozenset({model.PAYLOAD_TYPE, *_LATER_VERSIONS[kind]}) if kind in _LATER_VERSIONS else model.PAYLOAD_TYPE
+    for kind, (model, _) in _KINDS.items()
 }
 
 
@@ -199,16 +203,9 @@ class Screener:
         model, leaf_kind = _KINDS[topic.kind]
         verdict.device = topic.device
         self._take_token(topic.device)
-        try:
-            verified = self._open(message.payload, model.PAYLOAD_TYPE)
-        except WrongTypeError as exc:
-            # Verified but of another type: a later version opens again under its own type (the signature is checked
-            # twice for these only, so the v1 path costs nothing more); any other type is refused as before.
-            later = _LATER_VERSIONS.get(topic.kind, {}).get(exc.details.get("found", ""))
-            if later is None:
-                raise
-            model = later
-            verified = self._open(message.payload, model.PAYLOAD_TYPE)
+        verified = self._open(message.payload, _ACCEPTED[topic.kind])
+        if verified.payload_type != model.PAYLOAD_TYPE:
+            model = _LATER_VERSIONS[topic.kind][verified.payload_type]
         signer = self._by_key_id[verified.key_id]
         verdict.key_id = verified.key_id
         if signer.device_id != topic.device:
@@ -271,7 +268,7 @@ class Screener:
             self._topics[name] = topic
         return topic
 
-    def _open(self, payload: bytes, payload_type: str) -> VerifiedPayload:
+    def _open(self, payload: bytes, payload_type: str | frozenset[str]) -> VerifiedPayload:
         try:
             return open_envelope(payload, self._keyring, payload_type)
         except UnknownKeyError as exc:
