@@ -292,3 +292,65 @@ def _check_no_ack_before_commit(
         assert device_acks.findall(broker.log_text()) == [], "a worker acknowledged a report before its commit"
     finally:
         os.kill(sequencer_pid, signal.SIGCONT)
+
+
+@pytest.mark.slow
+def test_a_stopping_worker_waits_bounded_for_commit_notices_then_exits_with_its_counts(
+    messaging_stack: MessagingStack,
+) -> None:
+    """SIGTERM while the sequencer is frozen (SIGSTOP): the worker's hand-offs can get no commit notice, so its drain
+    gives up after min(handoff_timeout_s, DRAIN_MAX_S), says so, and exits by itself (not by the fixture's SIGKILL)
+    logging the reports it leaves unacknowledged in its session."""
+    import os
+    import signal
+
+    from coordinator.registry.store import Registry
+    from edge.agent.spool import build_report
+    from protocol.identity import SignerKey
+    from protocol.topics import UpKind, up_topic
+
+    stack = messaging_stack
+    stack.coordinator_extra = "workers = 2\nhandoff_timeout_s = 3.0"
+    broker = stack.start_broker()
+    sequencer = stack.start_coordinator()
+    assert sequencer.proc is not None
+    worker = _start_worker(stack, "w1")
+    key = SignerKey.generate("d-bare")
+    registry = Registry(stack.data_dir / "registry.sqlite")
+    try:
+        registry.add_invite("inv-bare", "m-bare", 0, 2**40)
+        registry.redeem_invite("inv-bare", 1, "d-bare", key.verifier, "$7$101$unused$unused")
+    finally:
+        registry.close()
+    total = 50
+    envelopes = [
+        build_report(contribution_fields(i, "d-bare"), i + 1, 1_790_000_000_000).seal(key) for i in range(total)
+    ]
+    handoffs = re.compile(r"Received PUBLISH from midgate-coordinator-worker-w1-handoff \(d\d, q1, r0, m\d+, '")
+    os.kill(sequencer.proc.pid, signal.SIGSTOP)
+    try:
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bare-publisher", protocol=paho.MQTTv5)
+        client.connect("127.0.0.1", broker.port)
+        client.loop_start()
+        try:
+            topic = up_topic(stack.mid, "d-bare", UpKind.REPORT)
+            for info in [client.publish(topic, envelope, qos=1) for envelope in envelopes]:
+                info.wait_for_publish(30)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+        wait_until(lambda: len(handoffs.findall(broker.log_text())) >= 1, 60, "a hand-off from w1", poll_s=0.1)
+        worker.stop()
+        assert worker.proc is not None and worker.proc.returncode == 0, "the worker did not exit by itself"
+        log = worker.log_text()
+        assert "stopping without the commit notices" in log
+        stopped = [json.loads(line) for line in log.splitlines() if '"worker stopped"' in line]
+        assert stopped, "no shutdown counts"
+        assert stopped[-1]["committed"] == 0
+        assert stopped[-1]["awaiting_commit"] == stopped[-1]["forwarded"] > 0
+    except BaseException:
+        print(f"---- {worker.name} log (tail) ----\n{worker.log_text()[-6000:]}")
+        raise
+    finally:
+        os.kill(sequencer.proc.pid, signal.SIGCONT)
+        worker.stop()

@@ -156,23 +156,34 @@ class IngestClient(paho.Client):
             with contextlib.suppress(BlockingIOError):
                 self._sockpairW.send(paho.sockpair_data)
 
-    def _packet_write(self) -> MQTTErrorCode:
+    def _queue_acks(self) -> None:
+        """Move the PUBACKs asked for into paho's out queue as one packet (under the lock, so that a `disconnect`
+        from another thread queues its DISCONNECT behind every ack asked for before it)."""
         with self._acks_lock:
             acks, self._acks = self._acks, []
-        if acks:
-            packet = b"".join([_PUBACK_HEADER.pack(_PUBACK, 2, mid) for mid in acks])
-            self._out_packet.append(
-                {
-                    "command": _PUBACK,
-                    "mid": 0,
-                    "qos": 0,
-                    "pos": 0,
-                    "to_process": len(packet),
-                    "packet": packet,
-                    "info": None,
-                }
-            )
+            if acks:
+                packet = b"".join([_PUBACK_HEADER.pack(_PUBACK, 2, mid) for mid in acks])
+                self._out_packet.append(
+                    {
+                        "command": _PUBACK,
+                        "mid": 0,
+                        "qos": 0,
+                        "pos": 0,
+                        "to_process": len(packet),
+                        "packet": packet,
+                        "info": None,
+                    }
+                )
+
+    def _packet_write(self) -> MQTTErrorCode:
+        self._queue_acks()
         return super()._packet_write()
+
+    def disconnect(self, *args: Any, **kwargs: Any) -> MQTTErrorCode:
+        # Acks asked for but not written yet go out ahead of the DISCONNECT: paho closes the socket once that is
+        # written, so acks queued behind it were dropped (a stopping worker's last commits left unacknowledged).
+        self._queue_acks()
+        return super().disconnect(*args, **kwargs)
 
     def reconnect(self) -> MQTTErrorCode:
         # Packet ids name messages of one connection only; paho drops its queued packets here too.

@@ -42,6 +42,10 @@ REGISTRY_POLL_S = 1.0
 STATS_EVERY_S = 5.0
 # Heartbeat summaries ride on the next hand-off, or go alone when no report came for this long.
 SEEN_EVERY_S = 1.0
+# A stopping worker waits at most this long (or handoff_timeout_s, if shorter) for the commit notices of batches it
+# already handed off: under the 10 s a container runtime gives before SIGKILL, and a notice normally takes
+# milliseconds, so only a sequencer that is down makes the drain last this long.
+DRAIN_MAX_S = 8.0
 
 
 @dataclass
@@ -58,6 +62,8 @@ class WorkerCounts:
     heartbeats: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     redeliveries: int = 0
+    dropped_at_shutdown: int = 0
+    """Device messages that arrived after the stop and were released unacknowledged (the broker redelivers them)."""
 
 
 class ScreeningWorker:
@@ -125,12 +131,15 @@ class ScreeningWorker:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await asyncio.to_thread(self.session.stop)
-        await asyncio.to_thread(self.handoff_session.stop)
-        self.registry.close()
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()  # type: ignore[attr-defined]
-        self._log_counts("worker stopped")
+        try:
+            await asyncio.to_thread(self.session.stop)
+            await asyncio.to_thread(self.handoff_session.stop)
+            self.registry.close()
+            if self._metrics_server is not None:
+                self._metrics_server.shutdown()  # type: ignore[attr-defined]
+        finally:
+            # Even when stopping failed: the counts say what this worker leaves unacknowledged in its session.
+            self._log_counts("worker stopped")
 
     def _deliver(self, message: InboundMessage) -> None:
         """paho's thread: one loop wake-up per burst."""
@@ -146,6 +155,7 @@ class ScreeningWorker:
 
     def stop(self) -> None:
         self._stop.set()
+        self._arrived.set()  # start the drain now, not at the end of the current 1 s registry-poll wait
 
     async def run(self) -> None:
         last_stats = time.monotonic()
@@ -167,6 +177,42 @@ class ScreeningWorker:
             if time.monotonic() - last_stats > STATS_EVERY_S:
                 last_stats = time.monotonic()
                 self._log_counts("worker counts")
+        await self._drain()
+
+    async def _drain(self) -> None:
+        """After `stop()`: screen nothing more, but wait (bounded) for the commit notices of batches already handed
+        off, so that their originals are acknowledged before the connection goes. Without this a worker stopped
+        right after its last hand-off left those reports unacknowledged in its session, to be redelivered and
+        answered by dedup only when that worker returns (a worker that never returns: never)."""
+        if self._seen:
+            self._hand_over([])  # the last heartbeat summary; it awaits no notice
+        deadline = time.monotonic() + min(self.settings.ingest.handoff_timeout_s, DRAIN_MAX_S)
+        while True:
+            self._drop_inbox()
+            self._take_notices()
+            remaining = deadline - time.monotonic()
+            if not self._pending or remaining <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            self._arrived.clear()
+        if self._pending:
+            log.warning(
+                "stopping without the commit notices of some hand-offs; the broker redelivers their reports",
+                extra={
+                    "worker": self.worker_id,
+                    "batches": len(self._pending),
+                    "reports": sum(len(p.tokens) for p in self._pending.values()),
+                    "waited_s": min(self.settings.ingest.handoff_timeout_s, DRAIN_MAX_S),
+                },
+            )
+
+    def _drop_inbox(self) -> None:
+        """Release device messages unscreened and unacknowledged: the broker redelivers them on this session's return
+        and devices resend what they hold no receipt for. Freeing their slots keeps paho's thread from blocking."""
+        while self._inbox:
+            self.session.settle(self._inbox.popleft().token, ack=False)
+            self.counts.dropped_at_shutdown += 1
 
     def _log_counts(self, what: str) -> None:
         c = self.counts
@@ -181,6 +227,7 @@ class ScreeningWorker:
                 "rejected": sum(c.rejected.values()),
                 "rejected_by_reason": str(c.rejected),
                 "redeliveries": c.redeliveries,
+                "dropped_at_shutdown": c.dropped_at_shutdown,
                 "awaiting_commit": sum(len(p.tokens) for p in self._pending.values()),
             },
         )
