@@ -300,7 +300,9 @@ def test_a_stopping_worker_waits_bounded_for_commit_notices_then_exits_with_its_
 ) -> None:
     """SIGTERM while the sequencer is frozen (SIGSTOP): the worker's hand-offs can get no commit notice, so its drain
     gives up after min(handoff_timeout_s, DRAIN_MAX_S), says so, and exits by itself (not by the fixture's SIGKILL)
-    logging the reports it leaves unacknowledged in its session."""
+    logging the reports it leaves unacknowledged in its session. Its 20 slots are all held by those reports while
+    the broker has sent it hundreds more (Receive Maximum 1,000): paho's thread waits for a slot, and once stopping it
+    must drop each of the rest at once (it used to wait 0.5 s for each: about a minute, past the 15 s SIGTERM grace)."""
     import os
     import signal
 
@@ -310,7 +312,7 @@ def test_a_stopping_worker_waits_bounded_for_commit_notices_then_exits_with_its_
     from protocol.topics import UpKind, up_topic
 
     stack = messaging_stack
-    stack.coordinator_extra = "workers = 2\nhandoff_timeout_s = 3.0"
+    stack.coordinator_extra = "workers = 2\nhandoff_timeout_s = 3.0\nqueue_max = 20\nreceive_maximum = 1000"
     broker = stack.start_broker()
     sequencer = stack.start_coordinator()
     assert sequencer.proc is not None
@@ -322,11 +324,12 @@ def test_a_stopping_worker_waits_bounded_for_commit_notices_then_exits_with_its_
         registry.redeem_invite("inv-bare", 1, "d-bare", key.verifier, "$7$101$unused$unused")
     finally:
         registry.close()
-    total = 50
+    total = 300
     envelopes = [
         build_report(contribution_fields(i, "d-bare"), i + 1, 1_790_000_000_000).seal(key) for i in range(total)
     ]
     handoffs = re.compile(r"Received PUBLISH from midgate-coordinator-worker-w1-handoff \(d\d, q1, r0, m\d+, '")
+    delivered = re.compile(r"Sending PUBLISH to midgate-coordinator-worker-w1 \(d\d, q1, r0, m\d+, 'mid/[^']+/up/")
     os.kill(sequencer.proc.pid, signal.SIGSTOP)
     try:
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bare-publisher", protocol=paho.MQTTv5)
@@ -340,6 +343,7 @@ def test_a_stopping_worker_waits_bounded_for_commit_notices_then_exits_with_its_
             client.disconnect()
             client.loop_stop()
         wait_until(lambda: len(handoffs.findall(broker.log_text())) >= 1, 60, "a hand-off from w1", poll_s=0.1)
+        wait_until(lambda: len(delivered.findall(broker.log_text())) >= total, 60, "every report sent to w1")
         worker.stop()
         assert worker.proc is not None and worker.proc.returncode == 0, "the worker did not exit by itself"
         log = worker.log_text()
