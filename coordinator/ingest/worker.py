@@ -186,7 +186,8 @@ class ScreeningWorker:
         answered by dedup only when that worker returns (a worker that never returns: never)."""
         if self._seen:
             self._hand_over([])  # the last heartbeat summary; it awaits no notice
-        deadline = time.monotonic() + min(self.settings.ingest.handoff_timeout_s, DRAIN_MAX_S)
+        wait_s = min(self.settings.ingest.handoff_timeout_s, DRAIN_MAX_S)
+        deadline = time.monotonic() + wait_s
         while True:
             self._drop_inbox()
             self._take_notices()
@@ -198,12 +199,13 @@ class ScreeningWorker:
             self._arrived.clear()
         if self._pending:
             log.warning(
-                "stopping without the commit notices of some hand-offs; the broker redelivers their reports",
+                "stopping without the commit notices of some hand-offs; their reports stay unacknowledged in this "
+                "worker's session (redelivered when it returns) and devices resend what they hold no receipt for",
                 extra={
                     "worker": self.worker_id,
                     "batches": len(self._pending),
                     "reports": sum(len(p.tokens) for p in self._pending.values()),
-                    "waited_s": min(self.settings.ingest.handoff_timeout_s, DRAIN_MAX_S),
+                    "waited_s": wait_s,
                 },
             )
 
