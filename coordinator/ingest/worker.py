@@ -188,6 +188,11 @@ class ScreeningWorker:
             self._hand_over([])  # the last heartbeat summary; it awaits no notice
         wait_s = min(self.settings.ingest.handoff_timeout_s, DRAIN_MAX_S)
         deadline = time.monotonic() + wait_s
+        if self._pending:
+            log.info(
+                "draining: waiting for the commit notices of handed-off batches",
+                extra={"worker": self.worker_id, "batches": len(self._pending), "at_most_s": wait_s},
+            )
         while True:
             self._drop_inbox()
             self._take_notices()
