@@ -294,6 +294,50 @@ def _check_no_ack_before_commit(
         os.kill(sequencer_pid, signal.SIGCONT)
 
 
+_W1_HANDOFFS = re.compile(r"Received PUBLISH from midgate-coordinator-worker-w1-handoff \(d\d, q1, r0, m\d+, '")
+_W1_DELIVERIES = re.compile(r"Sending PUBLISH to midgate-coordinator-worker-w1 \(d\d, q1, r0, m\d+, 'mid/[^']+/up/")
+_W1_DEVICE_ACKS = re.compile(r"Received PUBACK from midgate-coordinator-worker-w1 \(Mid")
+
+
+def _publish_to_frozen_sequencer(stack: MessagingStack, broker: MosquittoProcess, total: int) -> None:
+    """Register device d-bare, publish `total` reports once, and wait until worker w1 received them all and handed
+    at least one batch over (which the frozen sequencer cannot answer)."""
+    from coordinator.registry.store import Registry
+    from edge.agent.spool import build_report
+    from protocol.identity import SignerKey
+    from protocol.topics import UpKind, up_topic
+
+    key = SignerKey.generate("d-bare")
+    registry = Registry(stack.data_dir / "registry.sqlite")
+    try:
+        registry.add_invite("inv-bare", "m-bare", 0, 2**40)
+        registry.redeem_invite("inv-bare", 1, "d-bare", key.verifier, "$7$101$unused$unused")
+    finally:
+        registry.close()
+    envelopes = [
+        build_report(contribution_fields(i, "d-bare"), i + 1, 1_790_000_000_000).seal(key) for i in range(total)
+    ]
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bare-publisher", protocol=paho.MQTTv5)
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    try:
+        topic = up_topic(stack.mid, "d-bare", UpKind.REPORT)
+        for info in [client.publish(topic, envelope, qos=1) for envelope in envelopes]:
+            info.wait_for_publish(30)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    wait_until(lambda: len(_W1_HANDOFFS.findall(broker.log_text())) >= 1, 60, "a hand-off from w1", poll_s=0.1)
+    wait_until(lambda: len(_W1_DELIVERIES.findall(broker.log_text())) >= total, 60, "every report sent to w1")
+
+
+def _shutdown_counts(worker: ServiceProcess) -> dict[str, int]:
+    stopped = [json.loads(line) for line in worker.log_text().splitlines() if '"worker stopped"' in line]
+    assert stopped, f"{worker.name} logged no shutdown counts"
+    counts: dict[str, int] = stopped[-1]
+    return counts
+
+
 @pytest.mark.slow
 def test_a_stopping_worker_waits_bounded_for_commit_notices_then_exits_with_its_counts(
     messaging_stack: MessagingStack,
@@ -306,52 +350,57 @@ def test_a_stopping_worker_waits_bounded_for_commit_notices_then_exits_with_its_
     import os
     import signal
 
-    from coordinator.registry.store import Registry
-    from edge.agent.spool import build_report
-    from protocol.identity import SignerKey
-    from protocol.topics import UpKind, up_topic
-
     stack = messaging_stack
     stack.coordinator_extra = "workers = 2\nhandoff_timeout_s = 3.0\nqueue_max = 20\nreceive_maximum = 1000"
     broker = stack.start_broker()
     sequencer = stack.start_coordinator()
     assert sequencer.proc is not None
     worker = _start_worker(stack, "w1")
-    key = SignerKey.generate("d-bare")
-    registry = Registry(stack.data_dir / "registry.sqlite")
-    try:
-        registry.add_invite("inv-bare", "m-bare", 0, 2**40)
-        registry.redeem_invite("inv-bare", 1, "d-bare", key.verifier, "$7$101$unused$unused")
-    finally:
-        registry.close()
-    total = 300
-    envelopes = [
-        build_report(contribution_fields(i, "d-bare"), i + 1, 1_790_000_000_000).seal(key) for i in range(total)
-    ]
-    handoffs = re.compile(r"Received PUBLISH from midgate-coordinator-worker-w1-handoff \(d\d, q1, r0, m\d+, '")
-    delivered = re.compile(r"Sending PUBLISH to midgate-coordinator-worker-w1 \(d\d, q1, r0, m\d+, 'mid/[^']+/up/")
     os.kill(sequencer.proc.pid, signal.SIGSTOP)
     try:
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bare-publisher", protocol=paho.MQTTv5)
-        client.connect("127.0.0.1", broker.port)
-        client.loop_start()
-        try:
-            topic = up_topic(stack.mid, "d-bare", UpKind.REPORT)
-            for info in [client.publish(topic, envelope, qos=1) for envelope in envelopes]:
-                info.wait_for_publish(30)
-        finally:
-            client.disconnect()
-            client.loop_stop()
-        wait_until(lambda: len(handoffs.findall(broker.log_text())) >= 1, 60, "a hand-off from w1", poll_s=0.1)
-        wait_until(lambda: len(delivered.findall(broker.log_text())) >= total, 60, "every report sent to w1")
+        _publish_to_frozen_sequencer(stack, broker, 300)
         worker.stop()
         assert worker.proc is not None and worker.proc.returncode == 0, "the worker did not exit by itself"
-        log = worker.log_text()
-        assert "stopping without the commit notices" in log
-        stopped = [json.loads(line) for line in log.splitlines() if '"worker stopped"' in line]
-        assert stopped, "no shutdown counts"
-        assert stopped[-1]["committed"] == 0
-        assert stopped[-1]["awaiting_commit"] == stopped[-1]["forwarded"] > 0
+        assert "stopping without the commit notices" in worker.log_text()
+        counts = _shutdown_counts(worker)
+        assert counts["committed"] == 0
+        assert counts["awaiting_commit"] == counts["forwarded"] > 0
+    except BaseException:
+        print(f"---- {worker.name} log (tail) ----\n{worker.log_text()[-6000:]}")
+        raise
+    finally:
+        os.kill(sequencer.proc.pid, signal.SIGCONT)
+        worker.stop()
+
+
+@pytest.mark.slow
+def test_a_stopping_worker_acknowledges_what_is_committed_during_its_drain(messaging_stack: MessagingStack) -> None:
+    """SIGTERM while the sequencer is frozen, then the sequencer resumes: the draining worker gets the commit notices,
+    acknowledges every report it handed over to the broker (the PUBACKs go out ahead of its DISCONNECT) and stops
+    with nothing awaiting its commit. This is the race that made the fault tests fail about once in six runs."""
+    import os
+    import signal
+
+    stack = messaging_stack
+    stack.coordinator_extra = "workers = 2"
+    broker = stack.start_broker()
+    sequencer = stack.start_coordinator()
+    assert sequencer.proc is not None
+    worker = _start_worker(stack, "w1")
+    assert worker.proc is not None
+    os.kill(sequencer.proc.pid, signal.SIGSTOP)
+    try:
+        _publish_to_frozen_sequencer(stack, broker, 50)
+        os.kill(worker.proc.pid, signal.SIGTERM)
+        wait_until(lambda: "draining:" in worker.log_text(), 30, "the worker draining")
+        os.kill(sequencer.proc.pid, signal.SIGCONT)
+        worker.proc.wait(timeout=30)
+        assert worker.proc.returncode == 0
+        assert "stopping without the commit notices" not in worker.log_text()
+        counts = _shutdown_counts(worker)
+        assert counts["awaiting_commit"] == 0
+        assert counts["committed"] == counts["forwarded"] > 0
+        assert len(_W1_DEVICE_ACKS.findall(broker.log_text())) == counts["committed"]
     except BaseException:
         print(f"---- {worker.name} log (tail) ----\n{worker.log_text()[-6000:]}")
         raise
