@@ -6,13 +6,11 @@ flagged, and settled as refused in its agent's outbox."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-
 import numpy as np
 import psutil
 import pytest
-from mqtt_fixtures import PYTHON, REPO, AgentHandle, MessagingStack, contribution_fields, free_port, wait_until
+from fl_stack import flags, outbox_refused, start_federated_coordinator
+from mqtt_fixtures import AgentHandle, MessagingStack, contribution_fields, wait_until
 
 from coordinator.federation.capture import CaptureDirectory, CapturedUpdate, RoundCapture
 from coordinator.federation.superlink import kill_pids
@@ -51,13 +49,7 @@ def _report(handle: AgentHandle, update_sha256: str) -> None:
 
 
 def _refused(handle: AgentHandle) -> list[str]:
-    import sqlite3
-
-    db = sqlite3.connect(f"file:{handle.outbox_path}?mode=ro", uri=True, timeout=30)
-    try:
-        return [str(r) for (r,) in db.execute("SELECT reason FROM refused")]
-    finally:
-        db.close()
+    return [reason for _, reason in outbox_refused(handle)]
 
 
 @pytest.mark.slow
@@ -66,9 +58,9 @@ def test_waiting_reports_survive_a_killed_coordinator_and_are_settled_when_the_c
     messaging_stack: MessagingStack,
 ) -> None:
     stack = messaging_stack
-    stack.start_broker()
-    stack.coordinator_extra = f"[federation]\nenabled = true\nport = {free_port()}\ncapture_poll_s = 0.1\n"
-    coordinator = stack.start_coordinator()
+    start_federated_coordinator(stack, "capture_poll_s = 0.1\n")
+    coordinator = stack.coordinator
+    assert coordinator is not None
     honest, liar = stack.enrol_agent("honest"), stack.enrol_agent("liar")
     nodes = {h.name: _membership(h).record.flower_node_id for h in (honest, liar)}
     assert all(nodes.values())
@@ -101,16 +93,7 @@ def test_waiting_reports_survive_a_killed_coordinator_and_are_settled_when_the_c
 
     (logged,) = stack.ledger_contributions()
     assert logged[0] == _membership(honest).key.key_id.hex()
-    flags_cmd = ["coordinator", "flags", "--json", "--config", str(stack.config)]
-    out = subprocess.run(
-        [PYTHON, "-c", "from midgate_cli import app; app()", *flags_cmd],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout
-    (flag,) = [json.loads(line) for line in out.splitlines()]
+    (flag,) = flags(stack.config)
     assert (flag["device"], flag["reason"], flag["node_id"]) == (liar.device, "update_mismatch", str(nodes["liar"]))
     assert stack.metric("midgate_contributions_pending") == 0
     assert stack.metric("midgate_ingest_rejected_total", 'reason="update_mismatch"') >= 1
