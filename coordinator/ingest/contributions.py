@@ -25,8 +25,8 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from coordinator.federation.capture import RoundCapture
 from coordinator.federation.round_captures import RoundCaptures, capture_evidence, judge_report
 from coordinator.ingest.pipeline import Candidate, InboundMessage, Outcome, Verdict
+from coordinator.ingest.sqlite_files import immediate_transaction, open_wal
 from coordinator.registry.store import Device, Registry
 from protocol.envelope import peek_envelope
 from protocol.errors import EquivocationError, ProtocolError, Reason, RevokedKeyError, RoundNotCapturedError
@@ -142,25 +143,14 @@ class ContributionStore:
     """The SQLite file behind the gate (`CoordinatorSettings.contributions_path`); one thread writes it."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: a held report is acknowledged to the broker once this commit returns; nothing else holds it then.
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self._db = open_wal(path, "FULL", _SCHEMA)
 
     def close(self) -> None:
         self._db.close()
 
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
+    def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return immediate_transaction(self._db)
 
     def refusal(self, key_id: str, seq: int) -> RefusedContribution | None:
         row = self._db.execute(_REFUSED_SELECT + " WHERE key_id = ? AND seq = ?", (key_id, str(seq))).fetchone()

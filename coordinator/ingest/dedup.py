@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
+from coordinator.ingest.sqlite_files import immediate_transaction, open_wal
 from protocol.envelope import peek_envelope
 from protocol.errors import ProtocolError
 from protocol.leaves import LeafKind, decode_leaf
@@ -56,27 +57,16 @@ class DedupIndex:
     """Synchronous; used only from the ingest worker thread."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL, not FULL: this index is rebuilt from the ledger (catch_up) after a power loss rolls it back, and
         # skipping its fsync keeps one fsync (the ledger's) on the path from receive to receipt.
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self._db = open_wal(path, "NORMAL", _SCHEMA)
         self._highest: dict[str, int] = {}
 
     def close(self) -> None:
         self._db.close()
 
-    @contextmanager
-    def _txn(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
+    def _txn(self) -> AbstractContextManager[sqlite3.Connection]:
+        return immediate_transaction(self._db)
 
     @property
     def indexed_size(self) -> int:
