@@ -268,16 +268,7 @@ def _check_no_ack_before_commit(
     )
     delivered = re.compile(r"Sending PUBLISH to midgate-coordinator-worker-w\d \(d\d, q1, r0, m\d+, 'mid/[^']+/up/")
     try:
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bare-publisher", protocol=paho.MQTTv5)
-        client.connect("127.0.0.1", broker.port)
-        client.loop_start()
-        try:
-            topic = up_topic(stack.mid, "d-bare", UpKind.REPORT)
-            for info in [client.publish(topic, envelope, qos=1) for envelope in envelopes]:
-                info.wait_for_publish(30)
-        finally:
-            client.disconnect()
-            client.loop_stop()
+        _publish_once(broker, up_topic(stack.mid, "d-bare", UpKind.REPORT), envelopes)
 
         def handed_over() -> bool:
             log = broker.log_text()
@@ -292,6 +283,19 @@ def _check_no_ack_before_commit(
         assert device_acks.findall(broker.log_text()) == [], "a worker acknowledged a report before its commit"
     finally:
         os.kill(sequencer_pid, signal.SIGCONT)
+
+
+def _publish_once(broker: MosquittoProcess, topic: str, envelopes: list[bytes]) -> None:
+    """Publish each envelope once at QoS 1 from a plain MQTT 5 client (no agent, so nothing is resent)."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bare-publisher", protocol=paho.MQTTv5)
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    try:
+        for info in [client.publish(topic, envelope, qos=1) for envelope in envelopes]:
+            info.wait_for_publish(30)
+    finally:
+        client.disconnect()
+        client.loop_stop()
 
 
 _W1_HANDOFFS = re.compile(r"Received PUBLISH from midgate-coordinator-worker-w1-handoff \(d\d, q1, r0, m\d+, '")
@@ -317,16 +321,7 @@ def _publish_to_frozen_sequencer(stack: MessagingStack, broker: MosquittoProcess
     envelopes = [
         build_report(contribution_fields(i, "d-bare"), i + 1, 1_790_000_000_000).seal(key) for i in range(total)
     ]
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bare-publisher", protocol=paho.MQTTv5)
-    client.connect("127.0.0.1", broker.port)
-    client.loop_start()
-    try:
-        topic = up_topic(stack.mid, "d-bare", UpKind.REPORT)
-        for info in [client.publish(topic, envelope, qos=1) for envelope in envelopes]:
-            info.wait_for_publish(30)
-    finally:
-        client.disconnect()
-        client.loop_stop()
+    _publish_once(broker, up_topic(stack.mid, "d-bare", UpKind.REPORT), envelopes)
     wait_until(lambda: len(_W1_HANDOFFS.findall(broker.log_text())) >= 1, 60, "a hand-off from w1", poll_s=0.1)
     wait_until(lambda: len(_W1_DELIVERIES.findall(broker.log_text())) >= total, 60, "every report sent to w1")
 
