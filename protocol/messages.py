@@ -262,6 +262,15 @@ class ConsentPolicy(WireMessage):
         return self
 
 
+def check_strike_span(target_buyer: str | None, target_purpose: str | None, start_ms: int, end_ms: int | None) -> None:
+    """A strike names a buyer, a purpose or both, and ends (if it does) after it starts; raises ValueError otherwise.
+    Shared by the signed vote and the member's own record of it (edge/agent/member_state.py)."""
+    if target_buyer is None and target_purpose is None:
+        raise ValueError("a strike needs a target buyer, a target purpose, or both")
+    if end_ms is not None and end_ms <= start_ms:
+        raise ValueError("end_ms must be after start_ms")
+
+
 class StrikeVote(WireMessage):
     """A member joins (or leaves) a data strike against a buyer, a purpose, or a buyer for one purpose."""
 
@@ -278,10 +287,7 @@ class StrikeVote(WireMessage):
 
     @model_validator(mode="after")
     def _target_and_span(self) -> Self:
-        if self.target_buyer is None and self.target_purpose is None:
-            raise ValueError("a strike needs a target buyer, a target purpose, or both")
-        if self.end_ms is not None and self.end_ms <= self.start_ms:
-            raise ValueError("end_ms must be after start_ms")
+        check_strike_span(self.target_buyer, self.target_purpose, self.start_ms, self.end_ms)
         return self
 
 
@@ -585,6 +591,7 @@ __all__ = [
     "StrikeVote",
     "TimeMs",
     "WireMessage",
+    "check_strike_span",
     "open_enrolment_request",
     "receipt_batch_json",
     "require_newer_seq",

@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
-from protocol.messages import Ident, TimeMs
+from protocol.messages import Ident, TimeMs, check_strike_span
 
 MEMBER_FILE = "member.json"
 LOCK_FILE = "member.lock"
@@ -73,10 +73,7 @@ class Strike(BaseModel):
 
     @model_validator(mode="after")
     def _target_and_span(self) -> Self:
-        if self.target_buyer is None and self.target_purpose is None:
-            raise ValueError("a strike needs a target buyer, a target purpose, or both")
-        if self.end_ms is not None and self.end_ms <= self.start_ms:
-            raise ValueError("end_ms must be after start_ms")
+        check_strike_span(self.target_buyer, self.target_purpose, self.start_ms, self.end_ms)
         return self
 
     def active(self, now_ms: int) -> bool:
