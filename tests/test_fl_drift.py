@@ -6,6 +6,7 @@ and offset the strategy captured."""
 from __future__ import annotations
 
 import dataclasses
+import random
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,24 @@ def test_weighted_offsets_sum_to_zero_so_the_correction_does_not_bias_the_averag
             np.testing.assert_allclose(
                 gradients[node][name] + offsets[node][name], gradients[0][name] + offsets[0][name], atol=1e-5
             )
+
+
+def test_offsets_are_the_same_bits_whatever_order_the_gradients_arrived_in() -> None:
+    """The strategy sees replies in arrival order and records the offsets' hashes; an audit re-derives them from the
+    capture, in the capture's order. Float sums depend on order, so the mean must not."""
+    rng = np.random.default_rng(3)
+    shapes = {name: a.shape for name, a in model_arrays(build_model(SPEC)).items()}
+    gradients = {
+        node: {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+        for node in (91, 5, 40, 17, 63)
+    }
+    weights = {node: int(rng.integers(1, 200)) for node in gradients}
+    expected = {n: arrays_sha256(o) for n, o in drift_offsets(gradients, weights, 1.0).items()}
+    for seed in range(6):
+        order = list(gradients)
+        random.Random(seed).shuffle(order)
+        shuffled = {n: gradients[n] for n in order}
+        assert {n: arrays_sha256(o) for n, o in drift_offsets(shuffled, weights, 1.0).items()} == expected
 
 
 def test_gradients_that_do_not_line_up_are_refused_with_what_differs() -> None:

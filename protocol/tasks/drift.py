@@ -33,6 +33,8 @@ DRIFT_OFFSET_KEY = "drift-offset"
 def mean_gradient(gradients: Mapping[int, NDArrays], weights: Mapping[int, int]) -> dict[str, npt.NDArray[np.float64]]:
     """The weighted mean of the nodes' gradients, in float64.
 
+    The sum runs in ascending node-id order, so the result (to the bit) does not depend on the mapping's order.
+
     Parameters
     ----------
     gradients: node id -> named gradient arrays; every node must name the same arrays with the same shapes.
@@ -53,9 +55,12 @@ def mean_gradient(gradients: Mapping[int, NDArrays], weights: Mapping[int, int])
         if found != shapes:
             raise MalformedError("gradients differ in names or shapes", node_id=node, expected=shapes, found=found)
     total = float(sum(weights.values()))
+    # Sum in node-id order, not mapping order: float addition is not associative, and the offsets' hashes are
+    # recorded and re-derived (report checks, audits) from the same gradients arriving in whatever order.
+    order = sorted(gradients)
     return {
         name: sum(
-            (np.asarray(grad[name], dtype=np.float64) * (weights[node] / total) for node, grad in gradients.items()),
+            (np.asarray(gradients[node][name], dtype=np.float64) * (weights[node] / total) for node in order),
             start=np.zeros(shape, dtype=np.float64),
         )
         for name, shape in shapes.items()
