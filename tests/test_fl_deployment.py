@@ -81,6 +81,9 @@ def test_three_round_job_records_match_the_updates_the_strategy_received(federat
     assert status == "finished:completed"
     assert outcome is not None and outcome.status == "finished" and outcome.drops == []
     assert outcome.rounds_completed == 3
+    # One exchange with the devices per round (evaluation is centralised): two gaps in which the devices waited for
+    # the ServerApp, each a time, not a hang.
+    assert len(outcome.server_gaps) == 2 and all(0 <= gap < 60 for gap in outcome.server_gaps)
     print(f"validation accuracy by round: { {r: m['accuracy'] for r, m in outcome.validation.items()} }")
     assert outcome.validation[3]["accuracy"] > outcome.validation[0]["accuracy"]
     # The captured updates reached attribution: every node was valued in every round.
@@ -202,6 +205,7 @@ def test_drift_corrected_job_records_match_the_captured_updates_gradients_and_of
     assert status == "finished:completed"
     assert outcome is not None and outcome.status == "finished" and outcome.drops == []
     assert outcome.validation[3]["accuracy"] > outcome.validation[0]["accuracy"]
+    assert len(outcome.server_gaps) == 5  # two exchanges a round (the gradient query, then training)
     captures = CaptureDirectory(federation.run_dir(run_id))
     node_ids = {d.node_id for d in federation.devices}
     for server_round in (1, 2, 3):

@@ -50,6 +50,9 @@ class JobRunConfig(BaseModel):
         unclipped and unnoised.
     pack_arrays: send the model's arrays as one Array each way (protocol/tasks/packed.py; default True: 6 objects a
         message instead of 16; False only to measure Flower's default behaviour).
+    prompt_object_pull: on Flower's HTTP grid, ask again every 25 ms (up to 2 s) for a reply's objects that are
+        still being pushed instead of Flower's 1 s-doubling back-off (coordinator/federation/polling_grid.py;
+        default True; False only to measure Flower's default behaviour).
     """
 
     model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
@@ -74,6 +77,7 @@ class JobRunConfig(BaseModel):
     federated_evaluate: bool = Field(alias="federated-evaluate", default=False)
     pack_arrays: bool = Field(alias="pack-arrays", default=True)
     drift_correction: float = Field(alias="drift-correction", default=0.0, ge=0, le=1)
+    prompt_object_pull: bool = Field(alias="prompt-object-pull", default=True)
 
     @model_validator(mode="after")
     def _no_drift_correction_under_dp(self) -> JobRunConfig:
@@ -122,6 +126,9 @@ class JobOutcome(BaseModel):
     validation: dict[int, dict[str, float]] = Field(default_factory=dict)
     final_model_sha256: str = ""
     round_seconds: dict[int, float] = Field(default_factory=dict)  # wall time of each round, aggregation included
+    # ServerApp time between an exchange's last reply and the next exchange's push, in order (PollingGrid.server_gaps)
+    server_gaps: list[float] = Field(default_factory=list)
+    late_objects: int = 0  # reply objects still being pushed when first asked for (PromptObjectPull.waited)
     privacy: dict[str, float] = Field(default_factory=dict)
     attribution: dict[str, int] = Field(default_factory=dict)  # member (node id) -> value in nano-units
     attribution_skipped: dict[int, str] = Field(default_factory=dict)

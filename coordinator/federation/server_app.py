@@ -132,9 +132,11 @@ def run_job(grid: Grid, run_id: int, job: JobRunConfig) -> JobOutcome:
         query_timeout=job.round_timeout,
     )
     outcome = JobOutcome(run_id=run_id, status="failed", reason="internal_error")
+    polling: PollingGrid | None = None
     try:
+        polling = PollingGrid(grid, job.reply_poll_interval, pack=job.pack_arrays, prompt_pulls=job.prompt_object_pull)
         result = strategy.start(
-            PollingGrid(grid, job.reply_poll_interval, pack=job.pack_arrays),
+            polling,
             ArrayRecord({name: Array(a) for name, a in model_arrays(build_model(spec, seed=job.seed)).items()}),
             num_rounds=job.num_rounds,
             timeout=job.round_timeout,
@@ -163,6 +165,9 @@ def run_job(grid: Grid, run_id: int, job: JobRunConfig) -> JobOutcome:
         }
         if outcome.status == "failed":
             outcome.rounds_completed = max((r for r in evaluator.history), default=0)
+        if polling is not None:
+            outcome.server_gaps = [round(gap, 3) for gap in polling.server_gaps()]
+            outcome.late_objects = 0 if polling.prompt_pulls is None else polling.prompt_pulls.waited
         outcome.privacy = _privacy_spent(inner, job)
         if attribution is not None:
             outcome.attribution = attribution.account.attribution_vector()
