@@ -41,6 +41,7 @@ from edge.federated.supernode import DEVICE_ENV
 from edge.federated.training import LocalTrainingConfig, round_gradient, train_round
 from protocol.tasks.drift import NDArrays, drift_offsets
 from protocol.tasks.models import build_model, evaluate, load_arrays, model_arrays, train_epochs
+from protocol.tasks.schedule import LrSchedule, scheduled_lr
 from protocol.tasks.spec import get_task
 from protocol.tasks.windows import WindowSet
 
@@ -243,27 +244,36 @@ def bench_rounds(args: argparse.Namespace) -> None:
     print(f"device peak RSS midgate = {ours['rss_mb']:.0f} MB, PSS {ours['pss_mb']:.0f} MB (target <= 450 MB)")
 
 
-def train_central(args: argparse.Namespace, train: WindowSet, *, cosine: bool) -> torch.nn.Module:
+def train_central(args: argparse.Namespace, train: WindowSet, schedule: LrSchedule) -> torch.nn.Module:
     """The central baseline: the same model, optimiser settings and epochs budget (rounds x local epochs) on the
-    union of the devices' windows. `cosine`: one Adam per epoch, as each federated round starts a fresh one, with the
-    lr on a cosine over the epochs (the best central recipe measured for this budget)."""
+    union of the devices' windows. Constant: one Adam over all epochs. Any other schedule: one Adam per epoch, as
+    each federated round starts a fresh one, with the epoch's lr from the same function the devices use per round
+    (protocol.tasks.schedule), so central gets every lr recipe the federated job can use."""
     spec = get_task("plaid-appliance", 1)
     epochs = args.rounds * args.local_epochs
     central = build_model(spec, seed=args.seed)
-    if cosine:
-        for epoch in range(epochs):
-            lr = args.lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
-            train_epochs(spec, central, train.x, train.y, epochs=1, batch_size=args.batch_size, lr=lr, seed=epoch)
-    else:
+    if schedule is LrSchedule.CONSTANT:
         train_epochs(spec, central, train.x, train.y, epochs=epochs, batch_size=args.batch_size, lr=args.lr, seed=0)
+        return central
+    for epoch in range(epochs):
+        lr = scheduled_lr(schedule, args.lr, epoch + 1, epochs)
+        train_epochs(spec, central, train.x, train.y, epochs=1, batch_size=args.batch_size, lr=lr, seed=epoch)
     return central
+
+
+def central_accuracies(args: argparse.Namespace, train: WindowSet, test: WindowSet) -> dict[LrSchedule, float]:
+    """PLAID test accuracy of the central model under every lr schedule (the best one is the baseline)."""
+    spec = get_task("plaid-appliance", 1)
+    return {
+        schedule: evaluate(spec, train_central(args, train, schedule), test.x, test.y)["accuracy"]
+        for schedule in LrSchedule
+    }
 
 
 def bench_accuracy(args: argparse.Namespace) -> None:
     """Central (both recipes; the better one is the baseline) vs the federated job on the Deployment Engine, on the
     same split, evaluated on PLAID's test recordings. One torch thread everywhere, as on the devices."""
     torch.set_num_threads(1)
-    spec = get_task("plaid-appliance", 1)
     train, test = plaid_windows("train"), plaid_windows("test")
     parts = split_by_label(train, args.devices, seed=args.seed, alpha=args.alpha)
     print(
@@ -274,13 +284,11 @@ def bench_accuracy(args: argparse.Namespace) -> None:
         assert part.y is not None
         print(f"  dev{i}: {len(part)} windows, classes {np.bincount(part.y, minlength=11).tolist()}")
     epochs = args.rounds * args.local_epochs
-    central: dict[str, float] = {}
-    for recipe in ("constant lr", "cosine lr"):
-        model = train_central(args, train, cosine=recipe == "cosine lr")
-        central[recipe] = evaluate(spec, model, test.x, test.y)["accuracy"]
+    central = central_accuracies(args, train, test)
+    for schedule, accuracy in central.items():
         print(
-            f"central ({recipe}): {epochs} epochs on the union (Adam lr {args.lr}, batch {args.batch_size}), "
-            f"PLAID test accuracy {central[recipe]:.3f}",
+            f"central ({schedule} lr): {epochs} epochs on the union (Adam lr {args.lr}, batch {args.batch_size}), "
+            f"PLAID test accuracy {accuracy:.3f}",
             flush=True,
         )
     with TemporaryDirectory(prefix="fl_bench_") as tmp:
@@ -298,6 +306,7 @@ def bench_accuracy(args: argparse.Namespace) -> None:
                     "local-epochs": args.local_epochs,
                     "batch-size": args.batch_size,
                     "lr": args.lr,
+                    "lr-schedule": args.lr_schedule,
                     "seed": args.seed,
                     "server-momentum": args.server_momentum,
                     "drift-correction": args.drift_correction,
@@ -315,7 +324,7 @@ def bench_accuracy(args: argparse.Namespace) -> None:
     round_s = statistics.median(outcome.round_seconds[r] for r in range(2, args.rounds + 1))
     print(
         f"federated: {args.rounds} rounds x {args.local_epochs} local epochs (same optimiser settings, FedAvgM "
-        f"server momentum {args.server_momentum}, drift correction {args.drift_correction}), "
+        f"server momentum {args.server_momentum}, drift correction {args.drift_correction}, {args.lr_schedule} lr), "
         f"PLAID test accuracy "
         f"{fed_acc:.3f} (median round {round_s:.1f} s, job {outcome.seconds:.0f} s)"
     )
@@ -326,7 +335,7 @@ def bench_accuracy(args: argparse.Namespace) -> None:
     )
     best = max(central, key=lambda recipe: central[recipe])
     print(
-        f"gap central ({best}) - federated = {100 * (central[best] - fed_acc):.1f} points (target <= 3); "
+        f"gap central ({best} lr) - federated = {100 * (central[best] - fed_acc):.1f} points (target <= 3); "
         f"federated / central = {fed_acc / central[best]:.3f}"
     )
 
@@ -348,6 +357,8 @@ def simulate_federated(args: argparse.Namespace, parts: list[WindowSet]) -> floa
             "local-epochs": args.local_epochs,
             "batch-size": args.batch_size,
             "lr": args.lr,
+            "lr-schedule": args.lr_schedule,
+            "num-rounds": args.rounds,
         }
     )
     current = {k: v.astype(np.float64) for k, v in model_arrays(build_model(spec, seed=args.seed)).items()}
@@ -386,14 +397,21 @@ def bench_simulate(args: argparse.Namespace) -> None:
     train, test = plaid_windows("train"), plaid_windows("test")
     parts = split_by_label(train, args.devices, seed=args.seed, alpha=args.alpha)
     epochs = args.rounds * args.local_epochs
-    central = train_central(args, train, cosine=args.central_cosine)
-    central_acc = evaluate(spec, central, test.x, test.y)["accuracy"]
+    if args.central_cosine:  # the baseline is the best of every lr schedule, as in `accuracy`
+        central = central_accuracies(args, train, test)
+        best = max(central, key=lambda schedule: central[schedule])
+        central_acc = central[best]
+        recipe = f"best of {', '.join(f'{s} {a:.3f}' for s, a in central.items())}: {best}"
+    else:
+        central_acc = evaluate(spec, train_central(args, train, LrSchedule.CONSTANT), test.x, test.y)["accuracy"]
+        recipe = "constant lr"
     fed_acc = simulate_federated(args, parts)
     print(
         f"simulated, Dirichlet(alpha={args.alpha}) over {args.devices} devices, seed {args.seed}, Adam lr {args.lr}, "
-        f"batch {args.batch_size}: central {epochs} epochs{' (cosine)' if args.central_cosine else ''} "
+        f"batch {args.batch_size}: central {epochs} epochs ({recipe}) "
         f"{central_acc:.3f}; federated {args.rounds} rounds x {args.local_epochs} local epochs, server momentum "
-        f"{args.server_momentum}, drift correction {args.drift_correction} ({args.drift_mode}): {fed_acc:.3f}; "
+        f"{args.server_momentum}, drift correction {args.drift_correction} ({args.drift_mode}), "
+        f"{args.lr_schedule} lr: {fed_acc:.3f}; "
         f"gap {100 * (central_acc - fed_acc):.1f} points (target <= 3)"
     )
 
@@ -408,6 +426,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=0.006)
     parser.add_argument("--server-momentum", type=float, default=0.5)
+    parser.add_argument(
+        "--lr-schedule",
+        choices=[s.value for s in LrSchedule],
+        default=LrSchedule.CONSTANT.value,
+        help="accuracy, simulate: the federated client lr over the rounds (protocol.tasks.schedule)",
+    )
     parser.add_argument("--warm", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument(
         "--drift-correction", type=float, default=None, help="SCAFFOLD-style strength (accuracy: 1, simulate: 0)"
@@ -415,7 +439,11 @@ def main() -> None:
     parser.add_argument(
         "--drift-mode", choices=["fresh", "lagged"], default="fresh", help="simulate: see simulate_federated"
     )
-    parser.add_argument("--central-cosine", action="store_true", help="simulate: cosine lr for central training")
+    parser.add_argument(
+        "--central-cosine",
+        action="store_true",
+        help="simulate: the central baseline is the best of every lr schedule (as in accuracy), not constant lr",
+    )
     parser.add_argument("--seed", type=int, default=0, help="accuracy, simulate: split and initialisation seed")
     parser.add_argument("--verbose", action="store_true", help="per-process memory at the peak")
     parser.add_argument("--keep-logs", type=Path, default=None, help="rounds: keep every process's log here")

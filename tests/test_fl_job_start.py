@@ -27,6 +27,7 @@ from protocol.envelope import decode, open_envelope
 from protocol.errors import BadSignatureError, ProtocolError
 from protocol.identity import SignerKey
 from protocol.messages import RoundInvitation
+from protocol.tasks.schedule import LrSchedule
 
 NOW_MS = 1_795_000_000_000
 
@@ -121,6 +122,7 @@ def test_invitation_is_signed_by_the_mid_and_expires_one_lease_later(tmp_path: P
         ({"dp_noise_multiplier": 1.0}, "clipping norm"),
         ({"drift_correction": 1.0, "dp_clipping_norm": 1.0}, "drift correction cannot be combined with DP"),
         ({"drift_correction": 1.5}, "drift_correction"),
+        ({"lr_schedule": "linear"}, "lr_schedule"),
         ({"job_id": "Job 1"}, "job_id"),
         ({"lease_s": 1}, "lease_s"),
         ({"surprise": 1}, "surprise"),
@@ -140,10 +142,12 @@ def test_run_config_names_the_selected_nodes_and_the_job_folder(tmp_path: Path) 
     assert (config["num-rounds"], config["round-timeout"], config["dp-clipping-norm"]) == (2, 30, 1.5)
 
 
-def test_drift_correction_and_momentum_reach_the_serverapps_run_config(tmp_path: Path) -> None:
-    request = _request(tmp_path, drift_correction=1.0, server_momentum=0.5)
+def test_drift_correction_momentum_and_lr_schedule_reach_the_serverapps_run_config(tmp_path: Path) -> None:
+    request = _request(tmp_path, drift_correction=1.0, server_momentum=0.5, lr_schedule="late-cosine")
     parsed = JobRunConfig.from_run_config(request.run_config([11, 22], tmp_path / "jobs" / "job-1"))
     assert (parsed.drift_correction, parsed.server_momentum, parsed.selected_nodes) == (1.0, 0.5, (11, 22))
+    assert parsed.lr_schedule is LrSchedule.LATE_COSINE
+    assert JobRunConfig.from_run_config(_request(tmp_path).run_config([11], tmp_path)).lr_schedule == "constant"
 
 
 def test_job_book_keeps_records_across_reads(tmp_path: Path) -> None:

@@ -15,6 +15,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from protocol.tasks.schedule import LrSchedule
+
 U64_MAX = (1 << 64) - 1
 
 
@@ -50,6 +52,9 @@ class JobRunConfig(BaseModel):
         unclipped and unnoised.
     pack_arrays: send the model's arrays as one Array each way (protocol/tasks/packed.py; default True: 6 objects a
         message instead of 16; False only to measure Flower's default behaviour).
+    lr_schedule: the devices' lr over the rounds, `constant` (default) or `cosine` (protocol.tasks.schedule); each
+        device derives its round's lr from it with `lr` and `num-rounds` (edge.federated.training). Checked here so
+        a job naming an unknown schedule fails before its first round, not on every device.
     prompt_object_pull: on Flower's HTTP grid, ask again every 25 ms (up to 2 s) for a reply's objects that are
         still being pushed instead of Flower's 1 s-doubling back-off (coordinator/federation/polling_grid.py;
         default True; False only to measure Flower's default behaviour).
@@ -78,6 +83,7 @@ class JobRunConfig(BaseModel):
     pack_arrays: bool = Field(alias="pack-arrays", default=True)
     drift_correction: float = Field(alias="drift-correction", default=0.0, ge=0, le=1)
     prompt_object_pull: bool = Field(alias="prompt-object-pull", default=True)
+    lr_schedule: LrSchedule = Field(alias="lr-schedule", default=LrSchedule.CONSTANT)
 
     @model_validator(mode="after")
     def _no_drift_correction_under_dp(self) -> JobRunConfig:

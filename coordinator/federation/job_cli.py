@@ -62,6 +62,7 @@ def start(
     drift_correction: float = typer.Option(
         0.0, help="drift correction strength in [0, 1] (a gradient query per round; not with DP)"
     ),
+    lr_schedule: str = typer.Option("constant", help="client lr over the rounds: constant or cosine"),
     lease: float = typer.Option(120.0, help="seconds a device keeps its SuperNode after the latest invitation"),
     config: Path | None = ConfigOption,
 ) -> None:
@@ -94,6 +95,7 @@ def start(
             dp_delta=dp_delta,
             server_momentum=server_momentum,
             drift_correction=drift_correction,
+            lr_schedule=lr_schedule,
             lease_s=lease,
         )
     except (ValidationError, ValueError, KeyError, LookupError) as error:

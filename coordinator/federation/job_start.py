@@ -33,6 +33,7 @@ from coordinator.registry.store import Registry
 from protocol.errors import ProtocolError
 from protocol.identity import SignerKey
 from protocol.messages import RoundInvitation
+from protocol.tasks.schedule import LrSchedule
 from protocol.tasks.spec import get_task
 from protocol.topics import DownKind, down_topic
 
@@ -72,6 +73,7 @@ class JobRequest(BaseModel):
     server_momentum: FedAvgM's server momentum (default 0: plain FedAvg).
     drift_correction: strength in [0, 1] of the drift correction (one gradient query per round before training;
         default 0: off; refused with DP). The setting bench/fl_bench.py accuracy measures is 1 with momentum 0.5.
+    lr_schedule: the devices' lr over the rounds (protocol.tasks.schedule; default constant).
     lease_s: a device keeps its SuperNode this long after the latest invitation; re-invited every lease / 3.
     """
 
@@ -94,6 +96,7 @@ class JobRequest(BaseModel):
     local_epochs: int = Field(default=1, ge=1, le=1000)
     server_momentum: float = Field(default=0.0, ge=0, lt=1)
     drift_correction: float = Field(default=0.0, ge=0, le=1)
+    lr_schedule: LrSchedule = LrSchedule.CONSTANT
     lease_s: float = Field(default=120.0, ge=15, le=86_400)
 
     @model_validator(mode="after")
@@ -132,6 +135,7 @@ class JobRequest(BaseModel):
             "dp-delta": self.dp_delta,
             "server-momentum": self.server_momentum,
             "drift-correction": self.drift_correction,
+            "lr-schedule": self.lr_schedule.value,
         }
 
     def wait_bound_s(self) -> float:
