@@ -265,7 +265,7 @@ def test_settling_a_message_twice_changes_nothing_the_second_time() -> None:
     endpoint = BrokerEndpoint("127.0.0.1", 1, "ingest", "", "twice")
     session = BrokerSession(endpoint, ("t/#",), lambda m: None, queue_max=2, receive_maximum=2)
     acks: list[int] = []
-    session._client.ack_soon = acks.append  # type: ignore[method-assign]
+    session._client.ack_soon_all = acks.extend  # type: ignore[method-assign]
     assert session._slots.acquire(blocking=False)
     token = AckToken(session._generation, 7, 1)
     session.settle(token)
@@ -273,3 +273,32 @@ def test_settling_a_message_twice_changes_nothing_the_second_time() -> None:
     session.settle(token, ack=False)
     assert acks == [7]
     assert session.in_memory == 0
+
+
+def test_settling_a_batch_acks_and_frees_each_message_once() -> None:
+    """settle_all (one ack request and one slot release per batch) does what settle does for each token: QoS 1 acks
+    on the current connection only, every slot freed, a token settled before neither acked nor freed again."""
+    from coordinator.ingest.mqtt import AckToken
+
+    endpoint = BrokerEndpoint("127.0.0.1", 1, "ingest", "", "batch")
+    session = BrokerSession(endpoint, ("t/#",), lambda m: None, queue_max=5, receive_maximum=5)
+    acks: list[int] = []
+    session._client.ack_soon_all = acks.extend  # type: ignore[method-assign]
+    for _ in range(5):
+        assert session._slots.acquire(blocking=False)
+    current = session._generation
+    early = AckToken(current, 1, 1)
+    session.settle(early)
+    batch = [
+        early,
+        AckToken(current, 2, 1),
+        AckToken(current - 1, 3, 1),
+        AckToken(current, 4, 0),
+        AckToken(current, 5, 1),
+    ]
+    session.settle_all(batch)
+    assert acks == [1, 2, 5]
+    assert session.in_memory == 0
+    assert all(token.settled for token in batch)
+    with pytest.raises(ValueError):  # freeing a slot that was never taken would overrun the bound
+        session.settle_all([AckToken(current, 6, 1)], ack=False)

@@ -28,7 +28,7 @@ import contextlib
 import logging
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -144,9 +144,15 @@ class IngestClient(paho.Client):
     def ack_soon(self, mid: int) -> None:
         """PUBACK for QoS 1 packet `mid` (manual-ack mode, like `ack(mid, 1)`), written by paho's thread together with
         every other PUBACK asked for until it runs: one wake-up and one `send` per settled batch, not per message."""
+        self.ack_soon_all((mid,))
+
+    def ack_soon_all(self, mids: Sequence[int]) -> None:
+        """`ack_soon` for each of `mids`, under one lock and at most one wake-up of paho's thread."""
+        if not mids:
+            return
         with self._acks_lock:
-            self._acks.append(mid)
-            first = len(self._acks) == 1
+            first = not self._acks
+            self._acks.extend(mids)
         if first:
             self._wake_network_thread()
 

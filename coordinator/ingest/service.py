@@ -389,12 +389,13 @@ class CoordinatorService:
         now_ns = time.monotonic_ns()
         counts: dict[Outcome, int] = dict.fromkeys(Outcome, 0)
         receipts = 0
+        tokens = []
         for v in verdicts:
             if v.path is not None:
                 receipts += 1
                 self.metrics.latency.observe((now_ns - v.message.received_ns) / 1e9)
             if v.message.token is not None:  # handed-over envelopes are acknowledged with their hand-off
-                self.session.settle(v.message.token)
+                tokens.append(v.message.token)
             counts[v.outcome] += 1
             if v.outcome is not Outcome.ACCEPTED and v.outcome is not Outcome.HEARTBEAT:
                 self.metrics.rejected.labels(reason=str(v.reason)).inc()
@@ -403,6 +404,7 @@ class CoordinatorService:
                         "message rejected",
                         extra={"reason": str(v.reason), "topic": v.message.topic[:200], "error": v.error},
                     )
+        self.session.settle_all(tokens)
         self.metrics.accepted.inc(counts[Outcome.ACCEPTED])
         self.metrics.heartbeats.inc(counts[Outcome.HEARTBEAT])
         self.metrics.dedup_hits.inc(counts[Outcome.DUPLICATE])

@@ -251,8 +251,7 @@ class ScreeningWorker:
             pending = self._pending.pop(batch_id, None) if batch_id is not None else None
             if pending is None:
                 continue  # a repeat, or for a batch already given up and redelivered
-            for token in pending.tokens:
-                self.session.settle(token)
+            self.session.settle_all(pending.tokens)
             self.counts.committed += len(pending.tokens)
             self.metrics.committed.inc(len(pending.tokens))
 
@@ -293,8 +292,8 @@ class ScreeningWorker:
         self.counts.received += len(batch)
         self.metrics.received.inc(len(batch))
         settled, verified = await asyncio.to_thread(self._screen, batch)
+        self.session.settle_all([v.message.token for v in settled])
         for v in settled:
-            self.session.settle(v.message.token)
             if v.outcome is Outcome.HEARTBEAT:
                 self.counts.heartbeats += 1
                 self.metrics.heartbeats.inc()
