@@ -62,7 +62,9 @@ def start(
     drift_correction: float = typer.Option(
         0.0, help="drift correction strength in [0, 1] (a gradient query per round; not with DP)"
     ),
-    lr_schedule: str = typer.Option("constant", help="client lr over the rounds: constant or cosine"),
+    lr_schedule: str = typer.Option(
+        "constant", help="client lr over the rounds: constant, cosine or late-cosine (protocol.tasks.schedule)"
+    ),
     lease: float = typer.Option(120.0, help="seconds a device keeps its SuperNode after the latest invitation"),
     config: Path | None = ConfigOption,
 ) -> None:
