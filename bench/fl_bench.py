@@ -40,7 +40,7 @@ from flower_fixtures import Federation, plaid_windows, split_by_label
 from edge.federated.supernode import DEVICE_ENV
 from edge.federated.training import LocalTrainingConfig, round_gradient, train_round
 from protocol.tasks.drift import NDArrays, drift_offsets
-from protocol.tasks.models import build_model, evaluate, load_arrays, model_arrays, train_epochs
+from protocol.tasks.models import AdamState, build_model, evaluate, load_arrays, model_arrays, train_epochs
 from protocol.tasks.schedule import LrSchedule, scheduled_lr
 from protocol.tasks.spec import get_task
 from protocol.tasks.windows import WindowSet
@@ -244,29 +244,61 @@ def bench_rounds(args: argparse.Namespace) -> None:
     print(f"device peak RSS midgate = {ours['rss_mb']:.0f} MB, PSS {ours['pss_mb']:.0f} MB (target <= 450 MB)")
 
 
-def train_central(args: argparse.Namespace, train: WindowSet, schedule: LrSchedule) -> torch.nn.Module:
-    """The central baseline: the same model, optimiser settings and epochs budget (rounds x local epochs) on the
-    union of the devices' windows. Constant: one Adam over all epochs. Any other schedule: one Adam per epoch, as
-    each federated round starts a fresh one, with the epoch's lr from the same function the devices use per round
-    (protocol.tasks.schedule), so central gets every lr recipe the federated job can use."""
+def central_epochs(args: argparse.Namespace) -> int:
+    """The epochs budget: rounds x local epochs, each round seeing `round_fraction` of a device's windows."""
+    return round(args.rounds * args.local_epochs * args.round_fraction)
+
+
+def train_central(
+    args: argparse.Namespace, train: WindowSet, schedule: LrSchedule, kept_adam: bool = False, warmup_steps: int = 0
+) -> torch.nn.Module:
+    """The central baseline: the same model, optimiser settings and epochs budget on the union of the devices'
+    windows. Constant: one Adam over all epochs. Any other schedule: the epoch's lr from the same function the
+    devices use per round (protocol.tasks.schedule), so central gets every lr recipe the federated job can use, with
+    one Adam per epoch (as each federated round starts a fresh one) or, `kept_adam`, one Adam over all epochs whose
+    state carries from epoch to epoch (as a device's does with optimizer-state kept); `warmup_steps` ramps each
+    epoch's lr up as a round's is with --warmup-steps."""
     spec = get_task("plaid-appliance", 1)
-    epochs = args.rounds * args.local_epochs
+    epochs = central_epochs(args)
     central = build_model(spec, seed=args.seed)
     if schedule is LrSchedule.CONSTANT:
         train_epochs(spec, central, train.x, train.y, epochs=epochs, batch_size=args.batch_size, lr=args.lr, seed=0)
         return central
+    adam: AdamState | None = None
     for epoch in range(epochs):
         lr = scheduled_lr(schedule, args.lr, epoch + 1, epochs)
-        train_epochs(spec, central, train.x, train.y, epochs=1, batch_size=args.batch_size, lr=lr, seed=epoch)
+        state = train_epochs(
+            spec,
+            central,
+            train.x,
+            train.y,
+            epochs=1,
+            batch_size=args.batch_size,
+            lr=lr,
+            seed=epoch,
+            adam_state=adam,
+            warmup_steps=warmup_steps,
+        )
+        adam = state if kept_adam else None
     return central
 
 
-def central_accuracies(args: argparse.Namespace, train: WindowSet, test: WindowSet) -> dict[LrSchedule, float]:
-    """PLAID test accuracy of the central model under every lr schedule (the best one is the baseline)."""
+def central_accuracies(args: argparse.Namespace, train: WindowSet, test: WindowSet) -> dict[str, float]:
+    """PLAID test accuracy of the central model under every lr schedule (the best one is the baseline); when the
+    devices keep their Adam state, also every schedule with one Adam kept over the epochs, and with a per-round
+    warmup, also every schedule with the same warmup per epoch."""
     spec = get_task("plaid-appliance", 1)
+    scheduled = [schedule for schedule in LrSchedule if schedule is not LrSchedule.CONSTANT]
+    recipes = [(schedule, False, 0) for schedule in LrSchedule]
+    if args.optimizer_state == "kept":
+        recipes += [(schedule, True, 0) for schedule in scheduled]
+    if args.warmup_steps:
+        recipes += [(schedule, False, args.warmup_steps) for schedule in scheduled]
     return {
-        schedule: evaluate(spec, train_central(args, train, schedule), test.x, test.y)["accuracy"]
-        for schedule in LrSchedule
+        f"{schedule}{' kept Adam' if kept else ''}{f' warmup {warmup}' if warmup else ''}": evaluate(
+            spec, train_central(args, train, schedule, kept, warmup), test.x, test.y
+        )["accuracy"]
+        for schedule, kept, warmup in recipes
     }
 
 
@@ -283,7 +315,7 @@ def bench_accuracy(args: argparse.Namespace) -> None:
     for i, part in enumerate(parts):
         assert part.y is not None
         print(f"  dev{i}: {len(part)} windows, classes {np.bincount(part.y, minlength=11).tolist()}")
-    epochs = args.rounds * args.local_epochs
+    epochs = central_epochs(args)
     central = central_accuracies(args, train, test)
     for schedule, accuracy in central.items():
         print(
@@ -340,6 +372,15 @@ def bench_accuracy(args: argparse.Namespace) -> None:
     )
 
 
+def without_first_moment(adam: AdamState) -> AdamState:
+    """Adam's state with its momentum (exp_avg) zeroed: the per-weight step sizes (exp_avg_sq) and step count stay,
+    the direction the device's own data pushed in last round does not."""
+    per_param = adam["state"]
+    assert isinstance(per_param, dict)
+    state = {index: {**entry, "exp_avg": torch.zeros_like(entry["exp_avg"])} for index, entry in per_param.items()}
+    return {**adam, "state": state}
+
+
 def simulate_federated(args: argparse.Namespace, parts: list[WindowSet]) -> float:
     """The accuracy job's rounds without Flower: the ClientApp's `train_round` on every device, then FedAvg
     weighted by examples and Flower's FedAvgM server update (pseudo-gradient with momentum, server lr 1).
@@ -348,38 +389,55 @@ def simulate_federated(args: argparse.Namespace, parts: list[WindowSet]) -> floa
     ClientApp and JobStrategy call): "fresh" (what the deployment runs) asks every device for its full-batch gradient
     g_i at the round's global model, then each device trains adding c * (g - g_i) to every minibatch gradient, g the
     example-weighted mean; "lagged" (one message per round, measured and rejected) uses instead the g_i each device
-    returned with its previous round (no correction in round 1)."""
+    returned with its previous round (no correction in round 1).
+
+    --optimizer-state kept: each device keeps its Adam state (moments, step count) from its previous round instead of
+    starting a fresh Adam every round; second-moment: keeps only the per-weight step sizes and the step count (the
+    momentum starts at zero). --round-fraction f: each round trains on f of every device's windows (drawn
+    per round from the round's seed, as max-examples does), so 80 rounds at 0.5 spend the epochs of 40 at 1."""
     spec = get_task("plaid-appliance", 1)
-    settings = LocalTrainingConfig.from_run_config(
-        {
-            "task-id": spec.id,
-            "task-version": spec.version,
-            "local-epochs": args.local_epochs,
-            "batch-size": args.batch_size,
-            "lr": args.lr,
-            "lr-schedule": args.lr_schedule,
-            "num-rounds": args.rounds,
-        }
-    )
+    settings = [
+        LocalTrainingConfig.from_run_config(
+            {
+                "task-id": spec.id,
+                "task-version": spec.version,
+                "local-epochs": args.local_epochs,
+                "batch-size": args.batch_size,
+                "lr": args.lr,
+                "lr-schedule": args.lr_schedule,
+                "num-rounds": args.rounds,
+                "max-examples": math.ceil(len(part) * args.round_fraction),
+            }
+        )
+        for part in parts
+    ]
     current = {k: v.astype(np.float64) for k, v in model_arrays(build_model(spec, seed=args.seed)).items()}
     velocity = {k: np.zeros_like(v) for k, v in current.items()}
     weights = {i: len(part) for i, part in enumerate(parts)}
     previous: dict[int, NDArrays] = {}
+    adam_states: dict[int, AdamState] = {}
     for server_round in range(1, args.rounds + 1):
         global32 = {k: v.astype(np.float32) for k, v in current.items()}
         offsets: dict[int, dict[str, np.ndarray]] = {}
         if args.drift_correction > 0:
             grads = {
-                i: round_gradient(spec, global32, part, settings, server_round).arrays for i, part in enumerate(parts)
+                i: round_gradient(spec, global32, part, settings[i], server_round).arrays
+                for i, part in enumerate(parts)
             }
             basis = grads if args.drift_mode == "fresh" else previous
             if basis:
                 offsets = drift_offsets(basis, weights, args.drift_correction)  # type: ignore[assignment]
             previous = grads
-        updates = [
-            train_round(spec, global32, part, settings, server_round, offsets.get(i)).arrays
-            for i, part in enumerate(parts)
-        ]
+        updates = []
+        for i, part in enumerate(parts):
+            result = train_round(
+                spec, global32, part, settings[i], server_round, offsets.get(i), adam_states.get(i), args.warmup_steps
+            )
+            if args.optimizer_state == "kept":
+                adam_states[i] = result.adam_state
+            elif args.optimizer_state == "second-moment":
+                adam_states[i] = without_first_moment(result.adam_state)
+            updates.append(result.arrays)
         total = sum(weights.values())
         for name in current:
             average = sum(weights[i] * u[name].astype(np.float64) for i, u in enumerate(updates)) / total
@@ -396,7 +454,7 @@ def bench_simulate(args: argparse.Namespace) -> None:
     spec = get_task("plaid-appliance", 1)
     train, test = plaid_windows("train"), plaid_windows("test")
     parts = split_by_label(train, args.devices, seed=args.seed, alpha=args.alpha)
-    epochs = args.rounds * args.local_epochs
+    epochs = central_epochs(args)
     if args.central_cosine:  # the baseline is the best of every lr schedule, as in `accuracy`
         central = central_accuracies(args, train, test)
         best = max(central, key=lambda schedule: central[schedule])
@@ -411,7 +469,9 @@ def bench_simulate(args: argparse.Namespace) -> None:
         f"batch {args.batch_size}: central {epochs} epochs ({recipe}) "
         f"{central_acc:.3f}; federated {args.rounds} rounds x {args.local_epochs} local epochs, server momentum "
         f"{args.server_momentum}, drift correction {args.drift_correction} ({args.drift_mode}), "
-        f"{args.lr_schedule} lr: {fed_acc:.3f}; "
+        f"{args.lr_schedule} lr, {args.optimizer_state} Adam state, round fraction {args.round_fraction}, warmup "
+        f"{args.warmup_steps} steps: "
+        f"{fed_acc:.3f}; "
         f"gap {100 * (central_acc - fed_acc):.1f} points (target <= 3)"
     )
 
@@ -439,6 +499,26 @@ def main() -> None:
     )
     parser.add_argument(
         "--drift-mode", choices=["fresh", "lagged"], default="fresh", help="simulate: see simulate_federated"
+    )
+    parser.add_argument(
+        "--optimizer-state",
+        choices=["fresh", "kept", "second-moment"],
+        default="fresh",
+        help="simulate: every device's Adam starts fresh each round, or keeps its state from its previous round",
+    )
+    parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=0,
+        help="simulate: each round's (and, for the central baseline, each epoch's) Adam lr ramps up over this many "
+        "steps",
+    )
+    parser.add_argument(
+        "--round-fraction",
+        type=float,
+        default=1.0,
+        help="simulate: the share of a device's windows one round trains on (max-examples per device); the central "
+        "epochs budget is rounds x local epochs x this",
     )
     parser.add_argument(
         "--central-cosine",
