@@ -150,9 +150,6 @@ def test_reports_held_by_a_sigkilled_worker_come_back_through_its_session_withou
     SIGKILLed mid-stream and restarted, and every report still reaches the ledger: what the dead worker held
     unacknowledged is redelivered to it on its resumed persistent session. (This does not isolate ack-after-commit:
     a worker acking right after its hand-off would pass too, because the hand-off itself survives a worker kill.)"""
-    from coordinator.registry.store import Registry
-    from edge.agent.spool import build_report
-    from protocol.identity import SignerKey
     from protocol.topics import UpKind, up_topic
 
     stack = messaging_stack
@@ -161,17 +158,8 @@ def test_reports_held_by_a_sigkilled_worker_come_back_through_its_session_withou
     stack.start_coordinator()
     workers = [_start_worker(stack, "w1"), _start_worker(stack, "w2")]
     try:
-        key = SignerKey.generate("d-bare")
-        registry = Registry(stack.data_dir / "registry.sqlite")
-        try:
-            registry.add_invite("inv-bare", "m-bare", 0, 2**40)
-            registry.redeem_invite("inv-bare", 1, "d-bare", key.verifier, "$7$101$unused$unused")
-        finally:
-            registry.close()
         total = 2000
-        envelopes = [
-            build_report(contribution_fields(i, "d-bare"), i + 1, 1_790_000_000_000).seal(key) for i in range(total)
-        ]
+        envelopes = _bare_device_reports(stack, total)
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bare-publisher", protocol=paho.MQTTv5)
         client.max_inflight_messages_set(200)
         client.max_queued_messages_set(0)
@@ -210,27 +198,14 @@ def test_workers_acknowledge_device_messages_only_after_the_sequencer_committed_
     import os
     import signal
 
-    from coordinator.registry.store import Registry
-    from edge.agent.spool import build_report
-    from protocol.identity import SignerKey
-
     stack = messaging_stack
     stack.coordinator_extra = "workers = 2"
     broker = stack.start_broker()
     sequencer = stack.start_coordinator()
     workers = [_start_worker(stack, "w1"), _start_worker(stack, "w2")]
     assert sequencer.proc is not None
-    key = SignerKey.generate("d-bare")
-    registry = Registry(stack.data_dir / "registry.sqlite")
-    try:
-        registry.add_invite("inv-bare", "m-bare", 0, 2**40)
-        registry.redeem_invite("inv-bare", 1, "d-bare", key.verifier, "$7$101$unused$unused")
-    finally:
-        registry.close()
     total = 300
-    envelopes = [
-        build_report(contribution_fields(i, "d-bare"), i + 1, 1_790_000_000_000).seal(key) for i in range(total)
-    ]
+    envelopes = _bare_device_reports(stack, total)
     device_acks = re.compile(r"Received PUBACK from midgate-coordinator-worker-w\d \(Mid")
     os.kill(sequencer.proc.pid, signal.SIGSTOP)
     try:
@@ -285,6 +260,22 @@ def _check_no_ack_before_commit(
         os.kill(sequencer_pid, signal.SIGCONT)
 
 
+def _bare_device_reports(stack: MessagingStack, total: int) -> list[bytes]:
+    """Enrol device d-bare straight into the registry and sign reports seq 1..total with its key (no agent)."""
+    from coordinator.registry.store import Registry
+    from edge.agent.spool import build_report
+    from protocol.identity import SignerKey
+
+    key = SignerKey.generate("d-bare")
+    registry = Registry(stack.data_dir / "registry.sqlite")
+    try:
+        registry.add_invite("inv-bare", "m-bare", 0, 2**40)
+        registry.redeem_invite("inv-bare", 1, "d-bare", key.verifier, "$7$101$unused$unused")
+    finally:
+        registry.close()
+    return [build_report(contribution_fields(i, "d-bare"), i + 1, 1_790_000_000_000).seal(key) for i in range(total)]
+
+
 def _publish_once(broker: MosquittoProcess, topic: str, envelopes: list[bytes]) -> None:
     """Publish each envelope once at QoS 1 from a plain MQTT 5 client (no agent, so nothing is resent)."""
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bare-publisher", protocol=paho.MQTTv5)
@@ -306,21 +297,9 @@ _W1_DEVICE_ACKS = re.compile(r"Received PUBACK from midgate-coordinator-worker-w
 def _publish_to_frozen_sequencer(stack: MessagingStack, broker: MosquittoProcess, total: int) -> None:
     """Register device d-bare, publish `total` reports once, and wait until worker w1 received them all and handed
     at least one batch over (which the frozen sequencer cannot answer)."""
-    from coordinator.registry.store import Registry
-    from edge.agent.spool import build_report
-    from protocol.identity import SignerKey
     from protocol.topics import UpKind, up_topic
 
-    key = SignerKey.generate("d-bare")
-    registry = Registry(stack.data_dir / "registry.sqlite")
-    try:
-        registry.add_invite("inv-bare", "m-bare", 0, 2**40)
-        registry.redeem_invite("inv-bare", 1, "d-bare", key.verifier, "$7$101$unused$unused")
-    finally:
-        registry.close()
-    envelopes = [
-        build_report(contribution_fields(i, "d-bare"), i + 1, 1_790_000_000_000).seal(key) for i in range(total)
-    ]
+    envelopes = _bare_device_reports(stack, total)
     _publish_once(broker, up_topic(stack.mid, "d-bare", UpKind.REPORT), envelopes)
     wait_until(lambda: len(_W1_HANDOFFS.findall(broker.log_text())) >= 1, 60, "a hand-off from w1", poll_s=0.1)
     wait_until(lambda: len(_W1_DELIVERIES.findall(broker.log_text())) >= total, 60, "every report sent to w1")
