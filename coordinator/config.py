@@ -208,8 +208,24 @@ class FederationSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = Field(default=False, description="`serve` also runs the MID's Flower SuperLink")
-    host: str = Field(default="127.0.0.1", description="address the SuperLink listens on (SuperNodes and `flwr`)")
-    port: int = Field(default=9093, ge=1, le=65535, description="port of the SuperLink's API")
+    host: str = Field(default="127.0.0.1", description="address devices' SuperNodes connect to")
+    port: int = Field(default=9093, ge=1, le=65535, description="port devices' SuperNodes connect to")
+    fleet_front: bool = Field(
+        default=True,
+        description="devices reach only the SuperLink's Fleet API, through the fleet front on host:port, which also "
+        "holds a device's empty pull until its next message (coordinator.federation.fleet_front); the SuperLink "
+        "itself listens on 127.0.0.1:superlink_port. False: the SuperLink listens on host:port, all its APIs",
+    )
+    superlink_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="the SuperLink's own port on 127.0.0.1 behind the fleet front; 0 picks a free one. `serve` "
+        "writes the address to federation/superlink-address, where `job start` reads it",
+    )
+    fleet_hold_s: float = Field(
+        default=5.0, ge=0, le=25, description="how long the fleet front holds a device's pull that found no message"
+    )
     public_host: str | None = Field(default=None, description="host devices' SuperNodes connect to; defaults to `host`")
     tls_hostnames: list[str] = Field(
         default_factory=lambda: ["localhost", "127.0.0.1"], description="names in the SuperLink's server certificate"

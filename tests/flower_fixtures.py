@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from coordinator.federation.fleet_front import FleetFrontProcess
 from coordinator.federation.job import JobOutcome
 from coordinator.federation.superlink import FlowerCli, SuperLinkProcess
 from coordinator.federation.tls import issue_superlink_tls
@@ -104,6 +105,15 @@ class Federation:
     devices: list[Device] = field(default_factory=list)
     superlink: SuperLinkProcess | None = None
     cli: FlowerCli | None = None
+    # Devices reach the SuperLink through a fleet front holding empty pulls for this many seconds (None: directly).
+    front_hold_s: float | None = None
+    front: FleetFrontProcess | None = None
+
+    @property
+    def fleet_address(self) -> str:
+        """Where the devices' SuperNodes connect: the fleet front when there is one, else the SuperLink."""
+        assert self.superlink is not None
+        return self.front.address if self.front is not None else self.superlink.address
 
     def start(self) -> None:
         tls = issue_superlink_tls(self.root / "ca", "test-mid")
@@ -117,6 +127,19 @@ class Federation:
         self.superlink.start()
         self.cli = FlowerCli(self.root / "cli", self.superlink.address, tls.ca_cert)
         self.cli.write_config()
+        if self.front_hold_s is not None:
+            self.front = FleetFrontProcess(
+                listen_host="127.0.0.1",
+                listen_port=free_port(),
+                upstream=self.superlink.address,
+                ca_cert=tls.ca_cert,
+                cert=tls.server_cert,
+                key=tls.server_key,
+                log_path=self.root / "front.log",
+                hold_s=self.front_hold_s,
+                stats_path=self.root / "front-stats.json",
+            )
+            self.front.start()
 
     def add_device(
         self,
@@ -135,7 +158,7 @@ class Federation:
         save_window_file(data_path, windows)
         supernode = SuperNodeProcess(
             flwr_home=home / "flwr",
-            superlink=self.superlink.address,
+            superlink=self.fleet_address,
             ca_cert=self.superlink.tls.ca_cert,
             key=key,
             data_path=data_path,
@@ -179,6 +202,8 @@ class Federation:
         for device in self.devices:
             with contextlib.suppress(Exception):
                 device.supernode.stop()
+        if self.front is not None:
+            self.front.stop()
         if self.superlink is not None:
             self.superlink.stop()
 

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def federation(tmp_path: Path) -> Iterator[Federation]:
-    fed = Federation(tmp_path)
+    fed = Federation(tmp_path, front_hold_s=5.0)  # devices connect through a fleet front, as under `serve`
     try:
         fed.start()
         yield fed
@@ -112,6 +112,12 @@ def test_three_round_job_records_match_the_updates_the_strategy_received(federat
             assert record.loss_after < record.loss_before
         # Each round's global model is the previous round's aggregate: the chain of hashes must link up.
         assert len({r.global_model_sha256 for r in records}) == 3
+
+    # Between rounds the devices' pulls found nothing at first and were held by the front until their next message.
+    assert federation.front is not None
+    federation.front.stop()
+    stats = federation.front.stats()
+    assert stats.get("held_pulls_answered", 0) >= 2, stats
 
     forged = records[0].model_copy(update={"update_sha256": records[1].update_sha256})
     with pytest.raises(UpdateMismatchError) as err:

@@ -30,7 +30,7 @@ from mqtt_fixtures import (
 )
 
 from coordinator.config import CoordinatorSettings
-from coordinator.federation.superlink import CONNECTION, FlowerCli, kill_pids
+from coordinator.federation.superlink import CONNECTION, FlowerCli, FlowerCliError, kill_pids
 from coordinator.registry.enrolment import load_or_create_mid_key, mid_key_name
 from coordinator.registry.store import Registry
 from edge.agent.config import AgentSettings
@@ -81,6 +81,17 @@ def serve_with_superlink(tmp_path: Path, mosquitto: MosquittoProcess) -> Iterato
         kill_pids(below, 5.0)  # only matters if serve died without stopping its SuperLink
 
 
+def _fronts(pid: int) -> list[psutil.Process]:
+    with contextlib.suppress(psutil.Error):
+        return [p for p in psutil.Process(pid).children(recursive=True) if "fleet_front" in " ".join(p.cmdline())]
+    return []
+
+
+def _superlink_address(data_dir: Path) -> str:
+    """The SuperLink's own API, behind the fleet front: `serve` writes it for `job start`."""
+    return (data_dir / "federation" / "superlink-address").read_text().strip()
+
+
 @pytest.mark.slow
 def test_serve_runs_the_superlink_with_mid_ca_and_auth_and_stops_it(
     serve_with_superlink: tuple[ServiceProcess, Path, int], tmp_path: Path
@@ -98,18 +109,30 @@ def test_serve_runs_the_superlink_with_mid_ca_and_auth_and_stops_it(
     # The SuperLink's certificate chains to the MID CA that `broker-config --tls` uses and devices receive.
     ca_cert = data_dir / "broker" / "tls" / "ca.crt"
     assert argv[argv.index("--ssl-ca-certfile") + 1] == str(ca_cert)
+    # The SuperLink listens on loopback only; devices' port is the fleet front's.
+    internal = _superlink_address(data_dir)
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert internal == f"127.0.0.1:{argv[argv.index('--port') + 1]}" and internal != f"127.0.0.1:{link_port}"
+    fronts = _fronts(serve.proc.pid)
+    assert len(fronts) == 1
 
     # A client that trusts only the MID CA reaches it over TLS and can register a SuperNode key (auth is on).
-    cli = FlowerCli(tmp_path / "flwr-cli", f"127.0.0.1:{link_port}", ca_cert)
+    cli = FlowerCli(tmp_path / "flwr-cli", internal, ca_cert)
     cli.write_config()
     first = cli.register_node(generate_node_key(tmp_path / "k1").public_key)
     second = cli.register_node(generate_node_key(tmp_path / "k2").public_key)
     assert first != second and first > 0 and second > 0
+    # Through the devices' port the same Control API is not there.
+    public = FlowerCli(tmp_path / "flwr-public", f"127.0.0.1:{link_port}", ca_cert)
+    public.write_config()
+    with pytest.raises(FlowerCliError):
+        public.register_node(generate_node_key(tmp_path / "k3").public_key)
 
-    link_pids = [p.pid for p in links] + [c.pid for p in links for c in p.children(recursive=True)]
+    link_pids = [p.pid for p in links + fronts] + [c.pid for p in links for c in p.children(recursive=True)]
     serve.stop()
     assert serve.proc.returncode == 0, serve.log_text()
     assert not [pid for pid in link_pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    assert not (data_dir / "federation" / "superlink-address").exists()
 
 
 def _invite(data_dir: Path, member: str) -> str:
@@ -162,7 +185,7 @@ def test_enrolment_registers_the_flower_key_and_stores_node_device_member(
         registry.close()
 
     # The SuperLink itself knows both keys under those node ids.
-    cli = FlowerCli(tmp_path / "flwr-cli", f"127.0.0.1:{link_port}", data_dir / "broker" / "tls" / "ca.crt")
+    cli = FlowerCli(tmp_path / "flwr-cli", _superlink_address(data_dir), data_dir / "broker" / "tls" / "ca.crt")
     cli.write_config()
     listed = cli._run("supernode", "list", CONNECTION, "--format", "json")
     for node_id in node_ids.values():

@@ -1,13 +1,16 @@
 """The MID's SuperLink as `serve` runs it: TLS from the MID's CA (the CA devices receive at enrolment), its own
-FLWR_HOME under the data folder, and the `flwr` CLI connection the coordinator uses to register devices' keys."""
+FLWR_HOME under the data folder, the fleet front devices connect through (the SuperLink itself then listens on
+loopback only), and the `flwr` CLI connection the coordinator uses to register devices' keys."""
 
 from __future__ import annotations
 
+import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator.config import CoordinatorSettings
+from coordinator.federation.fleet_front import FleetFrontProcess
 from coordinator.federation.superlink import FlowerCli, SuperLinkProcess
 from coordinator.federation.tls import SuperLinkTls
 from coordinator.mid_ca import ensure_mid_ca, issue_server_tls
@@ -33,16 +36,30 @@ def superlink_tls(settings: CoordinatorSettings) -> SuperLinkTls:
     return issue_server_tls(ca, cert, key, settings.federation.tls_hostnames)
 
 
+def superlink_address_file(settings: CoordinatorSettings) -> Path:
+    """Where `serve` writes the address of the SuperLink's own API (Control, ServerAppIo), for `job start`."""
+    return settings.federation_dir / "superlink-address"
+
+
 def job_flower_cli(settings: CoordinatorSettings) -> FlowerCli:
     """The `flwr` connection `job start` uses: its own FLWR_HOME (`serve` registers devices through another), the
     SuperLink `serve` runs, trusted through the MID CA."""
-    f = settings.federation
     ca_cert = mid_ca_dir(settings) / "ca.crt"
-    if not ca_cert.exists():
-        raise FileNotFoundError(f"no MID CA at {ca_cert}: start `midgate coordinator serve` with [federation] first")
-    cli = FlowerCli(settings.federation_dir / "job-cli", f"{f.host}:{f.port}", ca_cert)
+    address_file = superlink_address_file(settings)
+    if not ca_cert.exists() or not address_file.exists():
+        raise FileNotFoundError(
+            f"no MID CA at {ca_cert} or no SuperLink address at {address_file}: "
+            "start `midgate coordinator serve` with [federation] enabled first"
+        )
+    cli = FlowerCli(settings.federation_dir / "job-cli", address_file.read_text().strip(), ca_cert)
     cli.write_config()
     return cli
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -52,6 +69,7 @@ class MidSuperLink:
 
     settings: CoordinatorSettings
     process: SuperLinkProcess | None = None
+    front: FleetFrontProcess | None = None
     cli: FlowerCli | None = None
     _register_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -67,17 +85,40 @@ class MidSuperLink:
         return self.process.tls.ca_cert.read_text()
 
     def start(self) -> None:
-        s = self.settings
+        s, f = self.settings, self.settings.federation
         tls = superlink_tls(s)
         home = s.federation_dir / "superlink"
-        self.process = SuperLinkProcess(
-            flwr_home=home, tls=tls, port=s.federation.port, host=s.federation.host, log_path=home / "superlink.log"
-        )
-        self.process.start(timeout=s.federation.start_timeout_s)
+        if f.fleet_front:
+            host, port = "127.0.0.1", f.superlink_port or free_loopback_port()
+        else:
+            host, port = f.host, f.port
+        self.process = SuperLinkProcess(flwr_home=home, tls=tls, port=port, host=host, log_path=home / "superlink.log")
+        self.process.start(timeout=f.start_timeout_s)
+        if f.fleet_front:
+            self.front = FleetFrontProcess(
+                listen_host=f.host,
+                listen_port=f.port,
+                upstream=self.process.address,
+                ca_cert=tls.ca_cert,
+                cert=tls.server_cert,
+                key=tls.server_key,
+                log_path=s.federation_dir / "fleet-front.log",
+                hold_s=f.fleet_hold_s,
+                stats_path=s.federation_dir / "fleet-front.json",
+            )
+            try:
+                self.front.start(timeout=f.start_timeout_s)
+            except BaseException:
+                self.process.stop()
+                raise
+        superlink_address_file(s).write_text(self.process.address + "\n")
         self.cli = FlowerCli(s.federation_dir / "cli", self.process.address, tls.ca_cert)
         self.cli.write_config()
 
     def stop(self) -> None:
+        superlink_address_file(self.settings).unlink(missing_ok=True)
+        if self.front is not None:
+            self.front.stop()
         if self.process is not None:
             self.process.stop()
 

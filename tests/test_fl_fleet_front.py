@@ -1,0 +1,178 @@
+"""The fleet front (coordinator.federation.fleet_front): the devices' only way to the SuperLink.
+
+Against a real TLS SuperLink: only Fleet API requests pass, the rest are refused with a reason and counted; a
+SuperLink that is gone is a 502, not a dead front. The rules that decide how often a held pull asks again are
+checked on the front itself. That held pulls carry real jobs is shown by tests/test_fl_deployment.py, whose
+devices connect through a front as they do under `serve`.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from flower_fixtures import Federation, free_port, plaid_windows
+from flwr.proto.fleet_pb2 import PullMessagesRequest, PullMessagesResponse, PushMessagesRequest
+from flwr.proto.message_pb2 import Message as ProtoMessage
+
+from coordinator.federation.fleet_front import (
+    FleetFront,
+    FleetFrontProcess,
+    HoldPolicy,
+    _node_id,
+    has_messages,
+    upstream_ssl_context,
+)
+from coordinator.federation.superlink import SuperLinkProcess
+from coordinator.federation.tls import issue_superlink_tls
+from protocol.tasks.windows import WindowSet
+
+
+def test_a_pull_response_with_a_message_is_told_from_an_empty_one() -> None:
+    empty = PullMessagesResponse().SerializeToString()
+    one = PullMessagesResponse(messages_list=[ProtoMessage()]).SerializeToString()
+    assert not has_messages(empty)
+    assert has_messages(one)
+    assert has_messages(b"\xff\xff not protobuf")  # unreadable: passed on at once, never held
+
+
+def test_the_node_a_pull_or_push_is_for_is_read_from_its_body() -> None:
+    pull = PullMessagesRequest()
+    pull.node.node_id = 4711
+    push = PushMessagesRequest()
+    push.node.node_id = 99
+    assert _node_id(PullMessagesRequest, pull.SerializeToString()) == 4711
+    assert _node_id(PushMessagesRequest, push.SerializeToString()) == 99
+    assert _node_id(PullMessagesRequest, b"\xff\xff") is None
+
+
+def test_held_pulls_ask_fast_only_after_the_last_working_node_pushed_and_share_one_rate() -> None:
+    policy = HoldPolicy(hold_s=5.0, poll_s=0.02, hot_s=1.0, idle_poll_s=0.5, idle_rate=20.0, work_s=600.0)
+    front = FleetFront(upstream="https://127.0.0.1:1", verify=ssl.create_default_context(), hold=policy)
+    # Nobody has replied yet (a job starting, or devices idle): the slow poll.
+    assert front._poll_interval() == 0.5
+    # Two nodes work on a round; one of them replies: still slow, the other's reply is what the round waits for.
+    now = time.monotonic()
+    front._working.update({1: now, 2: now})
+    front._replied(1)
+    assert front._poll_interval() == 0.5
+    # The last working node replies: the next round's messages are coming, so the held pulls ask fast; five held
+    # pulls each ask five times less often, so the SuperLink sees one pull per poll_s in sum.
+    front._replied(2)
+    front._held = 5
+    assert front._poll_interval() == pytest.approx(0.1)
+    # 40 held pulls while slow: together at most idle_rate a second.
+    front._working[3] = time.monotonic()
+    front._held = 40
+    assert front._poll_interval() == pytest.approx(2.0)
+    # A node that took the round's message and never replied (it died) stops counting as working after work_s.
+    front._working[3] = time.monotonic() - policy.work_s - 1
+    front._all_replied_at = time.monotonic()
+    assert front._poll_interval() == pytest.approx(0.8)
+
+
+@pytest.fixture
+def link_and_front(tmp_path: Path) -> Iterator[tuple[SuperLinkProcess, FleetFrontProcess]]:
+    tls = issue_superlink_tls(tmp_path / "ca", "test-mid")
+    link = SuperLinkProcess(flwr_home=tmp_path / "superlink", tls=tls, port=free_port(), log_path=tmp_path / "sl.log")
+    front = FleetFrontProcess(
+        listen_host="127.0.0.1",
+        listen_port=free_port(),
+        upstream=link.address,
+        ca_cert=tls.ca_cert,
+        cert=tls.server_cert,
+        key=tls.server_key,
+        log_path=tmp_path / "front.log",
+        hold_s=1.0,
+        stats_path=tmp_path / "front.json",
+        max_body_mb=1.0,
+    )
+    try:
+        link.start()
+        front.start()
+        yield link, front
+    except BaseException:
+        for log in (tmp_path / "sl.log", tmp_path / "front.log"):
+            if log.exists():
+                print(f"---- {log.name} ----\n{log.read_text(errors='replace')[-4000:]}")
+        raise
+    finally:
+        front.stop()
+        link.stop()
+
+
+@pytest.mark.slow
+def test_only_the_fleet_api_passes_and_a_missing_superlink_is_a_502(
+    link_and_front: tuple[SuperLinkProcess, FleetFrontProcess],
+) -> None:
+    link, front = link_and_front
+    with httpx.Client(base_url=f"https://{front.address}", verify=upstream_ssl_context(link.tls.ca_cert)) as client:
+        # The Control API (what starts and stops runs) is on the SuperLink's port, not on the devices'.
+        control = client.post("/v1/control/list-runs", content=b"")
+        assert control.status_code == 404 and control.json() == {"error": "not_fleet_api"}
+        assert client.get("/v1/fleet/pull-messages").status_code == 404  # the Fleet API is POST only
+
+        # A Fleet request reaches the SuperLink, whose answer comes back unchanged: without a node's signature it
+        # is refused there (and, not being a 200, it is not held).
+        unsigned = client.post(
+            "/v1/fleet/pull-messages",
+            content=PullMessagesRequest().SerializeToString(),
+            headers={"content-type": "application/protobuf"},
+        )
+        direct = httpx.post(
+            f"https://{link.address}/v1/fleet/pull-messages",
+            content=PullMessagesRequest().SerializeToString(),
+            headers={"content-type": "application/protobuf"},
+            verify=upstream_ssl_context(link.tls.ca_cert),
+        )
+        assert unsigned.status_code == direct.status_code and 400 <= unsigned.status_code < 500
+        assert unsigned.content == direct.content
+
+        oversized = client.post("/v1/fleet/push-object", content=b"\0" * (2 * 2**20))
+        assert oversized.status_code == 413 and oversized.json() == {"error": "body_too_large"}
+
+        link.stop()
+        gone = client.post("/v1/fleet/pull-messages", content=PullMessagesRequest().SerializeToString())
+        assert gone.status_code == 502 and gone.json() == {"error": "superlink_unreachable"}
+        # The front is still there and answers the next request the same way.
+        assert client.post("/v1/fleet/pull-messages", content=b"").status_code == 502
+
+    front.stop()
+    # A graceful stop (uvicorn re-raises the SIGTERM it handled, so the exit code is -15): the counters were saved.
+    assert "fleet front stopping" in front.log_path.read_text()
+    stats = front.stats()
+    assert stats["refused_not_fleet"] == 2
+    assert stats["refused_too_large"] == 1
+    assert stats["upstream_error"] == 2
+    assert stats["forwarded"] == 1 and "pulls_held" not in stats
+
+
+@pytest.mark.slow
+def test_an_idle_supernodes_pulls_are_held_asked_again_with_its_signature_and_answered_empty(tmp_path: Path) -> None:
+    fed = Federation(tmp_path, front_hold_s=1.0)
+    try:
+        fed.start()
+        assert fed.front is not None
+        train = plaid_windows("train")
+        fed.add_device("dev0", WindowSet(train.x[:8], train.y[:8] if train.y is not None else None, "fp")).start()
+        front = fed.front
+        # No run: every pull finds nothing. The front asks again with the SuperNode's own signed request (the
+        # SuperLink accepts it: no refusals) and answers it empty when the hold runs out.
+        deadline = time.monotonic() + 60
+        while front.stats().get("held_pulls_empty", 0) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        stats = front.stats()
+        assert stats.get("held_pulls_empty", 0) >= 2, stats
+        assert stats["held_requests"] >= stats["held_pulls_empty"]
+        assert "held_pulls_refused" not in stats and "upstream_error" not in stats
+        assert "held_pulls_answered" not in stats
+        assert fed.devices[0].supernode.proc is not None and fed.devices[0].supernode.proc.poll() is None
+    except BaseException:
+        fed.print_logs()
+        raise
+    finally:
+        fed.stop()
