@@ -96,11 +96,20 @@ CONFIGS: dict[str, dict[str, object]] = {
             "prompt-object-pull": False,
         },
         "warm": False,
+        "front_hold_s": None,
     },
     "midgate": {
         "env": DEVICE_ENV,
         "run": {"reply-poll-interval": 0.1, "federated-evaluate": False},
         "warm": True,
+        "front_hold_s": 5.0,
+    },
+    # midgate with the devices connected straight to the SuperLink (session 3's figures): the fleet front's share.
+    "midgate-direct": {
+        "env": DEVICE_ENV,
+        "run": {"reply-poll-interval": 0.1, "federated-evaluate": False},
+        "warm": True,
+        "front_hold_s": None,
     },
 }
 
@@ -124,7 +133,7 @@ def await_outcome_file(fed: Federation, run_id: int, timeout: float, status_ever
 
 def run_job(name: str, root: Path, devices: int, rounds: int, warm: bool) -> dict[str, object]:
     config = CONFIGS[name]
-    fed = Federation(root)
+    fed = Federation(root, front_hold_s=config["front_hold_s"])  # type: ignore[arg-type]
     try:
         fed.start()
         parts = split_by_label(plaid_windows("train"), devices, seed=0)
@@ -237,11 +246,54 @@ def bench_rounds(args: argparse.Namespace) -> None:
                     print(f"    {proc:60s} RSS {rss / 2**20:6.0f} MB  PSS {pss / 2**20:6.0f} MB")
             if args.timeline:
                 print_timeline(root / name)
-    if len(results) < 2:
+    if "flower-default" not in results:
         return
-    base, ours = results["flower-default"], results["midgate"]
-    print(f"round time ratio midgate / flower-default = {ours['round_s'] / base['round_s']:.3f} (target <= 0.15)")
-    print(f"device peak RSS midgate = {ours['rss_mb']:.0f} MB, PSS {ours['pss_mb']:.0f} MB (target <= 450 MB)")
+    base = results["flower-default"]
+    for name in (n for n in ("midgate", "midgate-direct") if n in results):
+        ours = results[name]
+        print(f"round time ratio {name} / flower-default = {ours['round_s'] / base['round_s']:.3f} (target <= 0.15)")
+        print(f"device peak RSS {name} = {ours['rss_mb']:.0f} MB, PSS {ours['pss_mb']:.0f} MB (target <= 450 MB)")
+
+
+TAIL_MARK = "tail-averaged"
+
+
+class ModelTail:
+    """The tail of a trajectory of weights (global models round by round, or the central model epoch by epoch):
+    the mean of the last `last` models (server-side SWA/Polyak averaging), or, with `ema` > 0, their exponential
+    moving average with that decay, started at the first model."""
+
+    def __init__(self, last: int = 0, ema: float = 0.0) -> None:
+        if (last > 0) == (ema > 0) or not 0 <= ema < 1:
+            raise ValueError(f"a tail is the last K models or an EMA with decay in (0, 1), found {last=} {ema=}")
+        self.last, self.ema = last, ema
+        self.models: list[dict[str, np.ndarray]] = []
+
+    def add(self, arrays: dict[str, np.ndarray]) -> None:
+        current = {k: np.asarray(v, dtype=np.float64) for k, v in arrays.items()}
+        if self.ema:
+            previous = self.models[0] if self.models else current
+            self.models = [{k: self.ema * previous[k] + (1 - self.ema) * v for k, v in current.items()}]
+        else:
+            self.models = [*self.models, current][-self.last :]
+
+    def average(self) -> dict[str, np.ndarray]:
+        """The averaged weights, float32 as the model's."""
+        return {k: np.mean([m[k] for m in self.models], axis=0).astype(np.float32) for k in self.models[0]}
+
+    def __str__(self) -> str:
+        return f"EMA {self.ema}" if self.ema else f"mean of the last {self.last}"
+
+
+def new_tail(args: argparse.Namespace) -> ModelTail | None:
+    return ModelTail(args.tail_average, args.tail_ema) if args.tail_average or args.tail_ema else None
+
+
+def accuracy_of(arrays: dict[str, np.ndarray], test: WindowSet) -> float:
+    spec = get_task("plaid-appliance", 1)
+    model = build_model(spec)
+    load_arrays(model, arrays)
+    return evaluate(spec, model, test.x, test.y)["accuracy"]
 
 
 def central_epochs(args: argparse.Namespace) -> int:
@@ -250,20 +302,27 @@ def central_epochs(args: argparse.Namespace) -> int:
 
 
 def train_central(
-    args: argparse.Namespace, train: WindowSet, schedule: LrSchedule, kept_adam: bool = False, warmup_steps: int = 0
+    args: argparse.Namespace,
+    train: WindowSet,
+    schedule: LrSchedule,
+    kept_adam: bool = False,
+    warmup_steps: int = 0,
+    tail: ModelTail | None = None,
 ) -> torch.nn.Module:
     """The central baseline: the same model, optimiser settings and epochs budget on the union of the devices'
     windows. Constant: one Adam over all epochs. Any other schedule: the epoch's lr from the same function the
     devices use per round (protocol.tasks.schedule), so central gets every lr recipe the federated job can use, with
     one Adam per epoch (as each federated round starts a fresh one) or, `kept_adam`, one Adam over all epochs whose
     state carries from epoch to epoch (as a device's does with optimizer-state kept); `warmup_steps` ramps each
-    epoch's lr up as a round's is with --warmup-steps."""
+    epoch's lr up as a round's is with --warmup-steps. `tail` is given the weights after every epoch; constant lr
+    with a tail trains epoch by epoch with its one Adam carried over (reshuffled per epoch from the epoch's seed)."""
     spec = get_task("plaid-appliance", 1)
     epochs = central_epochs(args)
     central = build_model(spec, seed=args.seed)
-    if schedule is LrSchedule.CONSTANT:
+    if schedule is LrSchedule.CONSTANT and tail is None:
         train_epochs(spec, central, train.x, train.y, epochs=epochs, batch_size=args.batch_size, lr=args.lr, seed=0)
         return central
+    kept_adam = kept_adam or schedule is LrSchedule.CONSTANT
     adam: AdamState | None = None
     for epoch in range(epochs):
         lr = scheduled_lr(schedule, args.lr, epoch + 1, epochs)
@@ -280,6 +339,8 @@ def train_central(
             warmup_steps=warmup_steps,
         )
         adam = state if kept_adam else None
+        if tail is not None:
+            tail.add(model_arrays(central))
     return central
 
 
@@ -294,12 +355,15 @@ def central_accuracies(args: argparse.Namespace, train: WindowSet, test: WindowS
         recipes += [(schedule, True, 0) for schedule in scheduled]
     if args.warmup_steps:
         recipes += [(schedule, False, args.warmup_steps) for schedule in scheduled]
-    return {
-        f"{schedule}{' kept Adam' if kept else ''}{f' warmup {warmup}' if warmup else ''}": evaluate(
-            spec, train_central(args, train, schedule, kept, warmup), test.x, test.y
-        )["accuracy"]
-        for schedule, kept, warmup in recipes
-    }
+    accuracies: dict[str, float] = {}
+    for schedule, kept, warmup in recipes:
+        name = f"{schedule}{' kept Adam' if kept else ''}{f' warmup {warmup}' if warmup else ''}"
+        tail = new_tail(args)
+        model = train_central(args, train, schedule, kept, warmup, tail)
+        accuracies[name] = evaluate(spec, model, test.x, test.y)["accuracy"]
+        if tail is not None:
+            accuracies[f"{name} {TAIL_MARK}"] = accuracy_of(tail.average(), test)
+    return accuracies
 
 
 def bench_accuracy(args: argparse.Namespace) -> None:
@@ -381,7 +445,73 @@ def without_first_moment(adam: AdamState) -> AdamState:
     return {**adam, "state": state}
 
 
-def simulate_federated(args: argparse.Namespace, parts: list[WindowSet]) -> float:
+class ServerUpdate:
+    """The server's step from a round's FedAvg average to the next global model, in float64, with Flower 1.42's
+    arithmetic (flwr/serverapp/strategy/fedavgm.py, fedopt.py, fedadam.py, fedyogi.py):
+    fedavgm: v = momentum * v + (x - average); x -= server_lr * v;
+    fedadam / fedyogi: d = average - x, m = beta1 * m + (1 - beta1) * d, Adam's or Yogi's second moment v of d, and
+    x += eta * m / (sqrt(v) + tau) (Adam's eta bias-corrected with the round number, as Flower does).
+    The server lr (or eta) follows --server-lr-schedule over the rounds (Flower's is constant): Adam's and Yogi's
+    steps are normalised by the updates' own size, so the clients' decaying lr alone does not shrink them."""
+
+    def __init__(self, args: argparse.Namespace, current: dict[str, np.ndarray]) -> None:
+        self.kind: str = args.server_optimizer
+        self.momentum: float = args.server_momentum
+        self.lr: float = args.server_lr
+        self.schedule = LrSchedule(args.server_lr_schedule)
+        self.rounds: int = args.rounds
+        self.tau: float = args.server_tau
+        self.beta1, self.beta2 = 0.9, 0.99  # Flower's FedAdam/FedYogi defaults
+        self.m = {k: np.zeros_like(v) for k, v in current.items()}
+        self.v = {k: np.zeros_like(v) for k, v in current.items()}
+
+    def step(self, current: dict[str, np.ndarray], average: dict[str, np.ndarray], server_round: int) -> None:
+        """Moves `current` (in place) one server step towards the round's `average`."""
+        lr = scheduled_lr(self.schedule, self.lr, server_round, self.rounds)
+        if self.kind == "fedavgm":
+            for name in current:
+                self.m[name] = self.momentum * self.m[name] + (current[name] - average[name])
+                current[name] = current[name] - lr * self.m[name]
+            return
+        eta = lr
+        if self.kind == "fedadam":
+            eta *= math.sqrt(1 - self.beta2 ** (server_round + 1.0)) / (1 - self.beta1 ** (server_round + 1.0))
+        for name in current:
+            d = average[name] - current[name]
+            self.m[name] = self.beta1 * self.m[name] + (1 - self.beta1) * d
+            if self.kind == "fedadam":
+                self.v[name] = self.beta2 * self.v[name] + (1 - self.beta2) * d**2
+            else:
+                self.v[name] = self.v[name] - (1 - self.beta2) * d**2 * np.sign(self.v[name] - d**2)
+            current[name] = current[name] + eta * self.m[name] / (np.sqrt(self.v[name]) + self.tau)
+
+
+def scaled_offsets(
+    gradients: dict[int, NDArrays], weights: dict[int, int], strength: float
+) -> dict[int, dict[str, np.ndarray]]:
+    """protocol.tasks.drift's offsets at `strength`; above 1, which the protocol refuses, the full offsets scaled up
+    (simulation only: an over-correction lever)."""
+    if strength <= 1:
+        return drift_offsets(gradients, weights, strength)
+    full = drift_offsets(gradients, weights, 1.0)
+    return {node: {k: (strength * v).astype(np.float32) for k, v in offset.items()} for node, offset in full.items()}
+
+
+def float32_average(
+    updates: list[NDArrays], weights: dict[int, int], rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """FedAvg as the deployment computes it (flwr/serverapp/strategy/strategy_utils.py aggregate_arrayrecords): in
+    float32, each update times its weight share added in the order the replies arrived, here drawn from `rng`."""
+    total = sum(weights.values())
+    average: dict[str, np.ndarray] = {}
+    for i in rng.permutation(len(updates)):
+        for name, value in updates[i].items():
+            term = np.asarray(value) * (weights[int(i)] / total)
+            average[name] = term if name not in average else average[name] + term
+    return average
+
+
+def simulate_federated(args: argparse.Namespace, parts: list[WindowSet]) -> tuple[float, float | None]:
     """The accuracy job's rounds without Flower: the ClientApp's `train_round` on every device, then FedAvg
     weighted by examples and Flower's FedAvgM server update (pseudo-gradient with momentum, server lr 1).
 
@@ -394,7 +524,9 @@ def simulate_federated(args: argparse.Namespace, parts: list[WindowSet]) -> floa
     --optimizer-state kept: each device keeps its Adam state (moments, step count) from its previous round instead of
     starting a fresh Adam every round; second-moment: keeps only the per-weight step sizes and the step count (the
     momentum starts at zero). --round-fraction f: each round trains on f of every device's windows (drawn
-    per round from the round's seed, as max-examples does), so 80 rounds at 0.5 spend the epochs of 40 at 1."""
+    per round from the round's seed, as max-examples does), so 80 rounds at 0.5 spend the epochs of 40 at 1.
+    --server-optimizer: see ServerUpdate. --float32-order: see float32_average. Returns the final global model's
+    accuracy and, with --tail-average or --tail-ema, that of the average of the last global models (None without)."""
     spec = get_task("plaid-appliance", 1)
     settings = [
         LocalTrainingConfig.from_run_config(
@@ -411,8 +543,10 @@ def simulate_federated(args: argparse.Namespace, parts: list[WindowSet]) -> floa
         )
         for part in parts
     ]
-    current = {k: v.astype(np.float64) for k, v in model_arrays(build_model(spec, seed=args.seed)).items()}
-    velocity = {k: np.zeros_like(v) for k, v in current.items()}
+    dtype = np.float64 if args.float32_order is None else np.float32
+    current = {k: v.astype(dtype) for k, v in model_arrays(build_model(spec, seed=args.seed)).items()}
+    server = ServerUpdate(args, current)
+    tail = new_tail(args)
     weights = {i: len(part) for i, part in enumerate(parts)}
     previous: dict[int, NDArrays] = {}
     adam_states: dict[int, AdamState] = {}
@@ -426,7 +560,7 @@ def simulate_federated(args: argparse.Namespace, parts: list[WindowSet]) -> floa
             }
             basis = grads if args.drift_mode == "fresh" else previous
             if basis:
-                offsets = drift_offsets(basis, weights, args.drift_correction)  # type: ignore[assignment]
+                offsets = scaled_offsets(basis, weights, args.drift_correction)
             previous = grads
         updates = []
         for i, part in enumerate(parts):
@@ -439,14 +573,23 @@ def simulate_federated(args: argparse.Namespace, parts: list[WindowSet]) -> floa
                 adam_states[i] = without_first_moment(result.adam_state)
             updates.append(result.arrays)
         total = sum(weights.values())
-        for name in current:
-            average = sum(weights[i] * u[name].astype(np.float64) for i, u in enumerate(updates)) / total
-            velocity[name] = args.server_momentum * velocity[name] + (current[name] - average)
-            current[name] = current[name] - velocity[name]
-    model = build_model(spec)
-    load_arrays(model, {k: v.astype(np.float32) for k, v in current.items()})
+        if args.float32_order is None:
+            average = {
+                name: sum(
+                    (weights[i] * u[name].astype(np.float64) for i, u in enumerate(updates)),
+                    start=np.zeros_like(current[name]),
+                )
+                / total
+                for name in current
+            }
+        else:
+            average = float32_average(updates, weights, np.random.default_rng([args.float32_order, server_round]))
+        server.step(current, average, server_round)
+        if tail is not None:
+            tail.add(current)
     test = plaid_windows("test")
-    return evaluate(spec, model, test.x, test.y)["accuracy"]
+    final = accuracy_of({k: v.astype(np.float32) for k, v in current.items()}, test)
+    return final, None if tail is None else accuracy_of(tail.average(), test)
 
 
 def bench_simulate(args: argparse.Namespace) -> None:
@@ -457,23 +600,42 @@ def bench_simulate(args: argparse.Namespace) -> None:
     epochs = central_epochs(args)
     if args.central_cosine:  # the baseline is the best of every lr schedule, as in `accuracy`
         central = central_accuracies(args, train, test)
-        best = max(central, key=lambda schedule: central[schedule])
+        raw = {recipe: a for recipe, a in central.items() if not recipe.endswith(TAIL_MARK)}
+        best = max(raw, key=lambda schedule: raw[schedule])
         central_acc = central[best]
-        recipe = f"best of {', '.join(f'{s} {a:.3f}' for s, a in central.items())}: {best}"
+        recipe = f"best of {', '.join(f'{s} {a:.3f}' for s, a in raw.items())}: {best}"
+    elif new_tail(args) is not None:
+        raise SystemExit("--tail-average and --tail-ema need --central-cosine (the central models get the same tail)")
     else:
+        central = {}
         central_acc = evaluate(spec, train_central(args, train, LrSchedule.CONSTANT), test.x, test.y)["accuracy"]
         recipe = "constant lr"
-    fed_acc = simulate_federated(args, parts)
+    fed_acc, fed_tail = simulate_federated(args, parts)
+    server = (
+        f"FedAvgM server momentum {args.server_momentum}"
+        if args.server_optimizer == "fedavgm"
+        else f"{args.server_optimizer} server (tau {args.server_tau})"
+    ) + ("" if args.server_lr_schedule == "constant" else f" ({args.server_lr_schedule} server lr)")
     print(
         f"simulated, Dirichlet(alpha={args.alpha}) over {args.devices} devices, seed {args.seed}, Adam lr {args.lr}, "
         f"batch {args.batch_size}: central {epochs} epochs ({recipe}) "
-        f"{central_acc:.3f}; federated {args.rounds} rounds x {args.local_epochs} local epochs, server momentum "
-        f"{args.server_momentum}, drift correction {args.drift_correction} ({args.drift_mode}), "
+        f"{central_acc:.3f}; federated {args.rounds} rounds x {args.local_epochs} local epochs, {server} server lr "
+        f"{args.server_lr}, drift correction {args.drift_correction} ({args.drift_mode}), "
         f"{args.lr_schedule} lr, {args.optimizer_state} Adam state, round fraction {args.round_fraction}, warmup "
         f"{args.warmup_steps} steps: "
         f"{fed_acc:.3f}; "
         f"gap {100 * (central_acc - fed_acc):.1f} points (target <= 3)"
     )
+    if fed_tail is not None:
+        tails = {recipe: a for recipe, a in central.items() if recipe.endswith(TAIL_MARK)}
+        best_tail = max(tails, key=lambda schedule: tails[schedule])
+        best_any = max(central, key=lambda schedule: central[schedule])
+        print(
+            f"tail ({new_tail(args)} models): central {', '.join(f'{s} {a:.3f}' for s, a in tails.items())}; "
+            f"federated {fed_tail:.3f}; gap to the best tail-averaged central ({best_tail}) "
+            f"{100 * (tails[best_tail] - fed_tail):.1f} points, to the best central of all ({best_any}) "
+            f"{100 * (central[best_any] - fed_tail):.1f} points"
+        )
 
 
 def main() -> None:
@@ -519,6 +681,41 @@ def main() -> None:
         default=1.0,
         help="simulate: the share of a device's windows one round trains on (max-examples per device); the central "
         "epochs budget is rounds x local epochs x this",
+    )
+    parser.add_argument(
+        "--server-optimizer",
+        choices=["fedavgm", "fedadam", "fedyogi"],
+        default="fedavgm",
+        help="simulate: the server's update rule (Flower's; see ServerUpdate)",
+    )
+    parser.add_argument(
+        "--server-lr", type=float, default=1.0, help="simulate: FedAvgM's server lr, FedAdam/FedYogi's eta"
+    )
+    parser.add_argument(
+        "--server-lr-schedule",
+        choices=[s.value for s in LrSchedule],
+        default=LrSchedule.CONSTANT.value,
+        help="simulate: the server lr / eta over the rounds (constant: Flower's)",
+    )
+    parser.add_argument(
+        "--float32-order",
+        type=int,
+        default=None,
+        help="simulate: aggregate and step the server in float32 as Flower does, the updates summed in an order "
+        "drawn per round from this seed (replies arrive in a different order each deployed run); default float64",
+    )
+    parser.add_argument("--server-tau", type=float, default=1e-3, help="simulate: FedAdam/FedYogi's tau")
+    parser.add_argument(
+        "--tail-average",
+        type=int,
+        default=0,
+        help="simulate: also evaluate the mean of the last K global models (and of the central models' last K epochs)",
+    )
+    parser.add_argument(
+        "--tail-ema",
+        type=float,
+        default=0.0,
+        help="simulate: also evaluate the EMA (this decay) of the global models, and of the central epochs' models",
     )
     parser.add_argument(
         "--central-cosine",
