@@ -118,6 +118,7 @@ def test_three_round_job_records_match_the_updates_the_strategy_received(federat
     federation.front.stop()
     stats = federation.front.stats()
     assert stats.get("held_pulls_answered", 0) >= 2, stats
+    assert "held_pulls_refused" not in stats and "upstream_error" not in stats, stats
 
     forged = records[0].model_copy(update={"update_sha256": records[1].update_sha256})
     with pytest.raises(UpdateMismatchError) as err:

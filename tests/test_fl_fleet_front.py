@@ -18,6 +18,7 @@ import pytest
 from flower_fixtures import Federation, free_port, plaid_windows
 from flwr.proto.fleet_pb2 import PullMessagesRequest, PullMessagesResponse, PushMessagesRequest
 from flwr.proto.message_pb2 import Message as ProtoMessage
+from flwr.proto.message_pb2 import PullObjectResponse
 
 from coordinator.federation.fleet_front import (
     FleetFront,
@@ -25,6 +26,7 @@ from coordinator.federation.fleet_front import (
     HoldPolicy,
     _node_id,
     has_messages,
+    object_not_yet_pushed,
     upstream_ssl_context,
 )
 from coordinator.federation.superlink import SuperLinkProcess
@@ -38,6 +40,14 @@ def test_a_pull_response_with_a_message_is_told_from_an_empty_one() -> None:
     assert not has_messages(empty)
     assert has_messages(one)
     assert has_messages(b"\xff\xff not protobuf")  # unreadable: passed on at once, never held
+
+
+def test_an_object_the_sender_is_still_pushing_is_told_from_one_that_is_there_or_unknown() -> None:
+    assert object_not_yet_pushed(PullObjectResponse(object_found=True, object_available=False).SerializeToString())
+    there = PullObjectResponse(object_found=True, object_available=True, object_content=b"\0" * 1000)
+    assert not object_not_yet_pushed(there.SerializeToString())
+    assert not object_not_yet_pushed(PullObjectResponse(object_found=False).SerializeToString())  # Flower's error
+    assert not object_not_yet_pushed(b"\xff\xff")  # unreadable: passed on as is
 
 
 def test_the_node_a_pull_or_push_is_for_is_read_from_its_body() -> None:

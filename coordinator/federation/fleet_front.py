@@ -39,6 +39,7 @@ from typing import Any
 
 import httpx
 from flwr.proto.fleet_pb2 import PullMessagesRequest, PullMessagesResponse, PushMessagesRequest
+from flwr.proto.message_pb2 import PullObjectResponse
 from google.protobuf.message import DecodeError
 
 from coordinator.federation.superlink import stop_process_group, wait_for_port
@@ -48,6 +49,7 @@ log = logging.getLogger("midgate.federation.front")
 FLEET_PREFIX = "/v1/fleet/"
 PULL_MESSAGES = "/v1/fleet/pull-messages"
 PUSH_MESSAGES = "/v1/fleet/push-messages"
+PULL_OBJECT = "/v1/fleet/pull-object"
 # Hop-by-hop headers (RFC 9110 section 7.6.1) and those the HTTP clients set themselves.
 _NOT_FORWARDED = frozenset({b"host", b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"te"})
 _RESPONSE_HEADERS = ("content-type",)
@@ -76,6 +78,21 @@ class HoldPolicy:
     idle_poll_s: float = 0.5
     idle_rate: float = 20.0
     work_s: float = 900.0
+    object_poll_s: float = 0.025
+    object_hold_s: float = 2.0
+
+
+def object_not_yet_pushed(body: bytes) -> bool:
+    """Whether a PullObject response says the object exists but its content has not arrived yet (the sender is
+    still pushing it). Such an answer is a few bytes; one with content never is, and is not parsed."""
+    if len(body) > 16:
+        return False
+    response = PullObjectResponse()
+    try:
+        response.ParseFromString(body)
+    except DecodeError:
+        return False
+    return response.object_found and not response.object_available
 
 
 def has_messages(body: bytes) -> bool:
@@ -185,6 +202,8 @@ class FleetFront:
             return response
         if path == PUSH_MESSAGES:
             self._replied(_node_id(PushMessagesRequest, body))
+        if path == PULL_OBJECT and object_not_yet_pushed(response.content):
+            return await self._hold_object_pull(path, body, headers, response)
         if path != PULL_MESSAGES:
             return response
         node_id = _node_id(PullMessagesRequest, body)
@@ -213,6 +232,24 @@ class FleetFront:
             return response
         finally:
             self._held -= 1
+
+    async def _hold_object_pull(
+        self, path: str, body: bytes, headers: list[tuple[str, str]], response: httpx.Response
+    ) -> httpx.Response:
+        """A message's object asked for while the ServerApp is still pushing it: the SuperNode would back off 1 s
+        (doubling) before asking again (flwr.supercore.inflatable.pull_objects); the front asks every
+        `object_poll_s` for up to `object_hold_s` instead."""
+        assert self._client is not None
+        self.counts["object_pulls_held"] += 1
+        deadline = time.monotonic() + self.hold.object_hold_s
+        while time.monotonic() < deadline:
+            await asyncio.sleep(self.hold.object_poll_s)
+            response = await self._client.post(path, content=body, headers=headers)
+            self.counts["held_requests"] += 1
+            if response.status_code != 200 or not object_not_yet_pushed(response.content):
+                return response
+        self.counts["object_pulls_still_missing"] += 1
+        return response
 
     def _replied(self, node_id: int | None) -> None:
         self._working.pop(node_id, None)
