@@ -370,6 +370,8 @@ def bench_accuracy(args: argparse.Namespace) -> None:
     """Central (both recipes; the better one is the baseline) vs the federated job on the Deployment Engine, on the
     same split, evaluated on PLAID's test recordings. One torch thread everywhere, as on the devices."""
     torch.set_num_threads(1)
+    if args.tail_ema:
+        raise SystemExit("accuracy: the ServerApp averages the last K global models (--tail-average); no EMA")
     train, test = plaid_windows("train"), plaid_windows("test")
     parts = split_by_label(train, args.devices, seed=args.seed, alpha=args.alpha)
     print(
@@ -388,7 +390,7 @@ def bench_accuracy(args: argparse.Namespace) -> None:
             flush=True,
         )
     with TemporaryDirectory(prefix="fl_bench_") as tmp:
-        fed = Federation(Path(tmp))
+        fed = Federation(Path(tmp), front_hold_s=CONFIGS["midgate"]["front_hold_s"])  # type: ignore[arg-type]
         try:
             fed.start()
             for i, part in enumerate(parts):
@@ -408,6 +410,7 @@ def bench_accuracy(args: argparse.Namespace) -> None:
                     "drift-correction": args.drift_correction,
                     "min-nodes": args.devices,
                     "round-timeout": 300.0,
+                    "tail-average": args.tail_average or 1,
                 },
             )
             status, outcome = fed.wait_outcome(run_id, timeout=3600)
@@ -416,13 +419,16 @@ def bench_accuracy(args: argparse.Namespace) -> None:
                 raise SystemExit(f"federated run ended {status}")
         finally:
             fed.stop()
-    fed_acc = outcome.validation[args.rounds]["accuracy"]
+    # The job's final model: the last round's global model, or with --tail-average K the mean of the last K (the
+    # ServerApp's `tail-average`); central then also counts each schedule's mean of its last K epochs' models.
+    fed_acc = outcome.final_validation["accuracy"]
     round_s = statistics.median(outcome.round_seconds[r] for r in range(2, args.rounds + 1))
     print(
         f"federated: {args.rounds} rounds x {args.local_epochs} local epochs (same optimiser settings, FedAvgM "
         f"server momentum {args.server_momentum}, drift correction {args.drift_correction}, {args.lr_schedule} lr), "
         f"PLAID test accuracy "
-        f"{fed_acc:.3f} (median round {round_s:.1f} s, job {outcome.seconds:.0f} s)"
+        f"{fed_acc:.3f}{f' (mean of the last {args.tail_average} global models)' if args.tail_average else ''} "
+        f"(median round {round_s:.1f} s, job {outcome.seconds:.0f} s)"
     )
     last = range(max(1, args.rounds - 4), args.rounds + 1)
     print(
@@ -709,7 +715,8 @@ def main() -> None:
         "--tail-average",
         type=int,
         default=0,
-        help="simulate: also evaluate the mean of the last K global models (and of the central models' last K epochs)",
+        help="simulate, accuracy: also evaluate the mean of the last K global models (accuracy: the job's run-config "
+        "`tail-average`, its final model), and central the mean of its last K epochs' models",
     )
     parser.add_argument(
         "--tail-ema",

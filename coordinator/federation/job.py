@@ -58,6 +58,9 @@ class JobRunConfig(BaseModel):
     prompt_object_pull: on Flower's HTTP grid, ask again every 25 ms (up to 2 s) for a reply's objects that are
         still being pushed instead of Flower's 1 s-doubling back-off (coordinator/federation/polling_grid.py;
         default True; False only to measure Flower's default behaviour).
+    tail_average: the job's final model is the mean of the last K rounds' global models (default 1: the last one);
+        it is evaluated on the buyer's validation set (JobOutcome.final_validation) and is `final-model.npz`. The
+        rounds' own global models, and so every contribution record and capture, are unchanged.
     """
 
     model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
@@ -84,6 +87,7 @@ class JobRunConfig(BaseModel):
     drift_correction: float = Field(alias="drift-correction", default=0.0, ge=0, le=1)
     prompt_object_pull: bool = Field(alias="prompt-object-pull", default=True)
     lr_schedule: LrSchedule = Field(alias="lr-schedule", default=LrSchedule.CONSTANT)
+    tail_average: int = Field(alias="tail-average", default=1, ge=1, le=1000)
 
     @model_validator(mode="after")
     def _no_drift_correction_under_dp(self) -> JobRunConfig:
@@ -131,6 +135,8 @@ class JobOutcome(BaseModel):
     drops: list[NodeDropRecord] = Field(default_factory=list)
     validation: dict[int, dict[str, float]] = Field(default_factory=dict)
     final_model_sha256: str = ""
+    # the final model's metrics: the last round's (validation[num_rounds]), or the tail average's (`tail-average`)
+    final_validation: dict[str, float] = Field(default_factory=dict)
     round_seconds: dict[int, float] = Field(default_factory=dict)  # wall time of each round, aggregation included
     # ServerApp time between an exchange's last reply and the next exchange's push, in order (PollingGrid.server_gaps)
     server_gaps: list[float] = Field(default_factory=list)

@@ -9,10 +9,12 @@ federated evaluate message is ever sent: the buyer's validation data stays here,
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg, FedAvgM, Strategy
@@ -38,19 +40,36 @@ app = ServerApp()
 class ValidationEvaluator:
     """Flower `evaluate_fn`: the global model's loss and score on the buyer's validation windows."""
 
-    def __init__(self, spec: TaskSpec, validation: WindowSet) -> None:
+    def __init__(self, spec: TaskSpec, validation: WindowSet, tail: int = 1) -> None:
         self.spec = spec
         self.validation = validation
         self.model = build_model(spec)
         self.history: dict[int, dict[str, float]] = {}
         self.evaluated_at: dict[int, float] = {}  # monotonic time each round's global model was ready
+        self.tail: deque[dict[str, npt.NDArray[np.generic]]] = deque(maxlen=tail)  # the last rounds' models
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         self.evaluated_at[server_round] = time.monotonic()
-        load_arrays(self.model, {name: a.numpy() for name, a in arrays.items()})
-        metrics = evaluate(self.spec, self.model, self.validation.x, self.validation.y)
+        model = {name: a.numpy() for name, a in arrays.items()}
+        if server_round >= 1:
+            self.tail.append(model)
+        metrics = self.score(model)
         self.history[server_round] = metrics
         return MetricRecord(dict[str, int | float | list[int] | list[float]](metrics))
+
+    def score(self, model: Mapping[str, npt.NDArray[np.generic]]) -> dict[str, float]:
+        load_arrays(self.model, model)
+        return evaluate(self.spec, self.model, self.validation.x, self.validation.y)
+
+
+def tail_average(models: Sequence[Mapping[str, npt.NDArray[np.generic]]]) -> dict[str, npt.NDArray[np.generic]]:
+    """The element-wise mean of the models (in float64, in round order), each array in its own dtype."""
+    if not models:
+        raise ValueError("no global model to average")
+    return {
+        name: np.mean(np.stack([np.asarray(m[name], dtype=np.float64) for m in models]), axis=0).astype(first.dtype)
+        for name, first in models[0].items()
+    }
 
 
 def _inner_strategy(job: JobRunConfig) -> Strategy:
@@ -107,7 +126,7 @@ def run_job(grid: Grid, run_id: int, job: JobRunConfig) -> JobOutcome:
     capture = CaptureDirectory(out_dir)
     spec = get_task(job.task_id, job.task_version)
     validation = load_window_file(job.validation_path, spec)
-    evaluator = ValidationEvaluator(spec, validation)
+    evaluator = ValidationEvaluator(spec, validation, job.tail_average)
     sink: UpdateSink = capture
     attribution = None
     valuation = ValuationSettings(seed=job.seed)
@@ -143,11 +162,19 @@ def run_job(grid: Grid, run_id: int, job: JobRunConfig) -> JobOutcome:
             train_config=ConfigRecord(),
             evaluate_fn=evaluator,
         )
-        final = {name: a.numpy() for name, a in result.arrays.items()}
+        final: dict[str, npt.NDArray[np.generic]] = {name: a.numpy() for name, a in result.arrays.items()}
+        final_metrics = evaluator.history.get(job.num_rounds, {})
+        if job.tail_average > 1:
+            final = tail_average(evaluator.tail)
+            final_metrics = evaluator.score(final)
         with (out_dir / "final-model.npz").open("wb") as fh:
             np.savez(fh, **final)  # type: ignore[arg-type]
         outcome = JobOutcome(
-            run_id=run_id, status="finished", rounds_completed=job.num_rounds, final_model_sha256=arrays_sha256(final)
+            run_id=run_id,
+            status="finished",
+            rounds_completed=job.num_rounds,
+            final_model_sha256=arrays_sha256(final),
+            final_validation=final_metrics,
         )
     except JobFailedError as err:
         outcome = JobOutcome(run_id=run_id, status="failed", reason=err.reason)
