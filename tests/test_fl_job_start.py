@@ -125,6 +125,7 @@ def test_invitation_is_signed_by_the_mid_and_expires_one_lease_later(tmp_path: P
         ({"lr_schedule": "linear"}, "lr_schedule"),
         ({"job_id": "Job 1"}, "job_id"),
         ({"lease_s": 1}, "lease_s"),
+        ({"tail_average": 3}, "exceeds the job's 2 rounds"),
         ({"surprise": 1}, "surprise"),
     ],
 )
@@ -148,6 +149,7 @@ def test_drift_correction_momentum_and_lr_schedule_reach_the_serverapps_run_conf
     assert (parsed.drift_correction, parsed.server_momentum, parsed.selected_nodes) == (1.0, 0.5, (11, 22))
     assert parsed.lr_schedule is LrSchedule.LATE_COSINE
     assert JobRunConfig.from_run_config(_request(tmp_path).run_config([11], tmp_path)).lr_schedule == "constant"
+    assert JobRunConfig.from_run_config(_request(tmp_path, tail_average=2).run_config([11], tmp_path)).tail_average == 2
 
 
 def test_job_book_keeps_records_across_reads(tmp_path: Path) -> None:

@@ -65,6 +65,7 @@ def start(
     lr_schedule: str = typer.Option(
         "constant", help="client lr over the rounds: constant, cosine or late-cosine (protocol.tasks.schedule)"
     ),
+    tail_average: int = typer.Option(1, help="the final model is the mean of the last K rounds' global models"),
     lease: float = typer.Option(120.0, help="seconds a device keeps its SuperNode after the latest invitation"),
     config: Path | None = ConfigOption,
 ) -> None:
@@ -98,6 +99,7 @@ def start(
             server_momentum=server_momentum,
             drift_correction=drift_correction,
             lr_schedule=lr_schedule,
+            tail_average=tail_average,
             lease_s=lease,
         )
     except (ValidationError, ValueError, KeyError, LookupError) as error:

@@ -74,6 +74,7 @@ class JobRequest(BaseModel):
     drift_correction: strength in [0, 1] of the drift correction (one gradient query per round before training;
         default 0: off; refused with DP). The setting bench/fl_bench.py accuracy measures is 1 with momentum 0.5.
     lr_schedule: the devices' lr over the rounds (protocol.tasks.schedule; default constant).
+    tail_average: the final model is the mean of the last K rounds' global models (default 1: the last one).
     lease_s: a device keeps its SuperNode this long after the latest invitation; re-invited every lease / 3.
     """
 
@@ -97,6 +98,7 @@ class JobRequest(BaseModel):
     server_momentum: float = Field(default=0.0, ge=0, lt=1)
     drift_correction: float = Field(default=0.0, ge=0, le=1)
     lr_schedule: LrSchedule = LrSchedule.CONSTANT
+    tail_average: int = Field(default=1, ge=1, le=1000)
     lease_s: float = Field(default=120.0, ge=15, le=86_400)
 
     @model_validator(mode="after")
@@ -111,6 +113,8 @@ class JobRequest(BaseModel):
             raise ValueError("a device is named twice")
         if self.dp_noise_multiplier > 0 and self.dp_clipping_norm <= 0:
             raise ValueError("DP noise needs a clipping norm")
+        if self.tail_average > self.rounds:
+            raise ValueError(f"tail_average {self.tail_average} exceeds the job's {self.rounds} rounds")
         if self.drift_correction > 0 and self.dp_clipping_norm > 0:
             raise ValueError(
                 "drift correction cannot be combined with DP: its gradient query is neither clipped nor noised"
@@ -136,6 +140,7 @@ class JobRequest(BaseModel):
             "server-momentum": self.server_momentum,
             "drift-correction": self.drift_correction,
             "lr-schedule": self.lr_schedule.value,
+            "tail-average": self.tail_average,
         }
 
     def wait_bound_s(self) -> float:
