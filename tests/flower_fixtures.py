@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,7 @@ import numpy as np
 
 from coordinator.federation.fleet_front import FleetFrontProcess
 from coordinator.federation.job import JobOutcome
-from coordinator.federation.superlink import FlowerCli, SuperLinkProcess
+from coordinator.federation.superlink import FlowerCli, SuperLinkProcess, free_loopback_port
 from coordinator.federation.tls import issue_superlink_tls
 from edge.federated.supernode import NodeKey, SuperNodeProcess, generate_node_key
 from edge.federated.warm_executor import WarmExecutor
@@ -25,10 +24,7 @@ from protocol.tasks.windows import WindowSet, save_window_file, window_fingerpri
 APP_DIR = Path(__file__).resolve().parents[1] / "coordinator" / "federation" / "app"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+free_port = free_loopback_port
 
 
 def plaid_windows(split: str = "train") -> WindowSet:
@@ -128,14 +124,11 @@ class Federation:
         self.cli = FlowerCli(self.root / "cli", self.superlink.address, tls.ca_cert)
         self.cli.write_config()
         if self.front_hold_s is not None:
-            self.front = FleetFrontProcess(
-                listen_host="127.0.0.1",
-                listen_port=free_port(),
-                upstream=self.superlink.address,
-                ca_cert=tls.ca_cert,
-                cert=tls.server_cert,
-                key=tls.server_key,
-                log_path=self.root / "front.log",
+            self.front = FleetFrontProcess.beside(
+                self.superlink,
+                "127.0.0.1",
+                free_port(),
+                self.root / "front.log",
                 hold_s=self.front_hold_s,
                 stats_path=self.root / "front-stats.json",
             )

@@ -89,14 +89,11 @@ def test_held_pulls_ask_fast_only_after_the_last_working_node_pushed_and_share_o
 def link_and_front(tmp_path: Path) -> Iterator[tuple[SuperLinkProcess, FleetFrontProcess]]:
     tls = issue_superlink_tls(tmp_path / "ca", "test-mid")
     link = SuperLinkProcess(flwr_home=tmp_path / "superlink", tls=tls, port=free_port(), log_path=tmp_path / "sl.log")
-    front = FleetFrontProcess(
-        listen_host="127.0.0.1",
-        listen_port=free_port(),
-        upstream=link.address,
-        ca_cert=tls.ca_cert,
-        cert=tls.server_cert,
-        key=tls.server_key,
-        log_path=tmp_path / "front.log",
+    front = FleetFrontProcess.beside(
+        link,
+        "127.0.0.1",
+        free_port(),
+        tmp_path / "front.log",
         hold_s=1.0,
         stats_path=tmp_path / "front.json",
         max_body_mb=1.0,

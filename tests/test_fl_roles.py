@@ -47,10 +47,15 @@ pytest_plugins = ["mqtt_fixtures"]
 MID = "riverside"
 
 
-def _superlinks(pid: int) -> list[psutil.Process]:
+def _children_running(pid: int, command: str) -> list[psutil.Process]:
+    """The processes below `pid` whose command line contains `command`."""
     with contextlib.suppress(psutil.Error):
-        return [p for p in psutil.Process(pid).children(recursive=True) if "flower-superlink" in " ".join(p.cmdline())]
+        return [p for p in psutil.Process(pid).children(recursive=True) if command in " ".join(p.cmdline())]
     return []
+
+
+def _superlinks(pid: int) -> list[psutil.Process]:
+    return _children_running(pid, "flower-superlink")
 
 
 @pytest.fixture
@@ -82,9 +87,7 @@ def serve_with_superlink(tmp_path: Path, mosquitto: MosquittoProcess) -> Iterato
 
 
 def _fronts(pid: int) -> list[psutil.Process]:
-    with contextlib.suppress(psutil.Error):
-        return [p for p in psutil.Process(pid).children(recursive=True) if "fleet_front" in " ".join(p.cmdline())]
-    return []
+    return _children_running(pid, "fleet_front")
 
 
 def _superlink_address(data_dir: Path) -> str:

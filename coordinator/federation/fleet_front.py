@@ -8,8 +8,8 @@ reachable from the devices' network.
 It also holds a SuperNode's empty pull. A SuperNode that pulls and finds no message sleeps a fixed 3 s before it
 pulls again (`flwr/supernode/start_client_internal.py`); right after pushing a round's reply it always finds none,
 because the next round's message waits for the other devices' replies. The front asks the SuperLink again, on the
-SuperNode's behalf, every `poll_s` (growing to `max_poll_s`) for up to `hold_s`, and answers as soon as a message is
-there, so the next round starts when it is ready rather than after the SuperNode's sleep. The repeated request is
+SuperNode's behalf and at the rate `HoldPolicy` sets, for up to `hold_s`, and answers as soon as a message is there,
+so the next round starts when it is ready rather than after the SuperNode's sleep. The repeated request is
 the SuperNode's own, signed headers included (Flower's signature covers only a timestamp that stays valid for
 minutes); a pull that stays empty is answered empty after `hold_s`, as the SuperLink would have answered it.
 Flower's code is not changed: the SuperNode still sleeps whenever its pull comes back empty.
@@ -42,7 +42,7 @@ from flwr.proto.fleet_pb2 import PullMessagesRequest, PullMessagesResponse, Push
 from flwr.proto.message_pb2 import PullObjectResponse
 from google.protobuf.message import DecodeError
 
-from coordinator.federation.superlink import stop_process_group, wait_for_port
+from coordinator.federation.superlink import SuperLinkProcess, stop_process_group, wait_for_port
 
 log = logging.getLogger("midgate.federation.front")
 
@@ -52,7 +52,6 @@ PUSH_MESSAGES = "/v1/fleet/push-messages"
 PULL_OBJECT = "/v1/fleet/pull-object"
 # Hop-by-hop headers (RFC 9110 section 7.6.1) and those the HTTP clients set themselves.
 _NOT_FORWARDED = frozenset({b"host", b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"te"})
-_RESPONSE_HEADERS = ("content-type",)
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -381,6 +380,22 @@ class FleetFrontProcess:
     stats_path: Path | None = None
     max_body_mb: float = 256.0
     proc: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def beside(
+        cls, link: SuperLinkProcess, listen_host: str, listen_port: int, log_path: Path, **options: Any
+    ) -> FleetFrontProcess:
+        """A front for `link`, serving its certificate and trusting its CA; `options` are the other fields."""
+        return cls(
+            listen_host=listen_host,
+            listen_port=listen_port,
+            upstream=link.address,
+            ca_cert=link.tls.ca_cert,
+            cert=link.tls.server_cert,
+            key=link.tls.server_key,
+            log_path=log_path,
+            **options,
+        )
 
     @property
     def address(self) -> str:

@@ -4,14 +4,13 @@ loopback only), and the `flwr` CLI connection the coordinator uses to register d
 
 from __future__ import annotations
 
-import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator.config import CoordinatorSettings
 from coordinator.federation.fleet_front import FleetFrontProcess
-from coordinator.federation.superlink import FlowerCli, SuperLinkProcess
+from coordinator.federation.superlink import FlowerCli, SuperLinkProcess, free_loopback_port
 from coordinator.federation.tls import SuperLinkTls
 from coordinator.mid_ca import ensure_mid_ca, issue_server_tls
 
@@ -56,12 +55,6 @@ def job_flower_cli(settings: CoordinatorSettings) -> FlowerCli:
     return cli
 
 
-def free_loopback_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclass
 class MidSuperLink:
     """`start()` launches the SuperLink and prepares the `flwr` connection; `stop()` ends the SuperLink's process
@@ -95,14 +88,11 @@ class MidSuperLink:
         self.process = SuperLinkProcess(flwr_home=home, tls=tls, port=port, host=host, log_path=home / "superlink.log")
         self.process.start(timeout=f.start_timeout_s)
         if f.fleet_front:
-            self.front = FleetFrontProcess(
-                listen_host=f.host,
-                listen_port=f.port,
-                upstream=self.process.address,
-                ca_cert=tls.ca_cert,
-                cert=tls.server_cert,
-                key=tls.server_key,
-                log_path=s.federation_dir / "fleet-front.log",
+            self.front = FleetFrontProcess.beside(
+                self.process,
+                f.host,
+                f.port,
+                s.federation_dir / "fleet-front.log",
                 hold_s=f.fleet_hold_s,
                 stats_path=s.federation_dir / "fleet-front.json",
             )

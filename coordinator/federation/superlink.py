@@ -46,6 +46,13 @@ def flower_executable(name: str) -> str:
     return found
 
 
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that the OS reports free now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def wait_for_port(host: str, port: int, deadline: float, alive: subprocess.Popen[bytes] | None = None) -> None:
     """Poll until something accepts TCP connections on host:port; fails early if `alive` exits."""
     while time.monotonic() < deadline:
