@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from flwr.supercore.task_identity import TaskIdentity
 
 VECTORS = Path(__file__).resolve().parents[2] / "shared" / "testvectors"
 
@@ -21,3 +23,11 @@ def vectors_dir(kind: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not found: these tests read public vectors from {VECTOR_SOURCES[kind]}")
     return path
+
+
+@pytest.fixture
+def in_a_task() -> Iterator[None]:
+    """Flower builds messages only inside a task (it stamps the run and node from TaskIdentity)."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 3
+    yield
+    TaskIdentity._run_id = TaskIdentity._node_id = TaskIdentity._task_id = None  # type: ignore[assignment]

@@ -5,12 +5,10 @@ every malformed packing is refused with a reason, and a round trip changes no ca
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from edge.federated.packed_mod import packed_arrays_mod
 from protocol.errors import MalformedError, ProtocolError, TooLargeError
@@ -112,14 +110,6 @@ def test_unpacking_refuses_a_packed_array_that_is_not_bytes() -> None:
     record = ArrayRecord({PACKED_KEY: Array(np.zeros(4, dtype=np.float32))})
     with pytest.raises(MalformedError, match="1-D uint8"):
         unpack_record(record)
-
-
-@pytest.fixture
-def in_a_task() -> Iterator[None]:
-    """Flower builds messages only inside a task (it stamps the run and node from TaskIdentity)."""
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 3
-    yield
-    TaskIdentity._run_id = TaskIdentity._node_id = TaskIdentity._task_id = None  # type: ignore[assignment]
 
 
 def _message(content: RecordDict) -> Message:

@@ -403,6 +403,11 @@ class JobStrategy(Strategy):
                 continue
             updates.append(outcome)
             accepted.append(msg)
+        # FedAvg sums the float32 updates in list order and float addition is not associative: in arrival order
+        # the same updates gave a different global model (up to 3 points of PLAID accuracy after 40 rounds) each
+        # run. In node-id order the global model follows from the recorded updates alone, as the offsets do.
+        by_node = sorted(range(len(updates)), key=lambda k: updates[k].node_id)
+        updates, accepted = [updates[k] for k in by_node], [accepted[k] for k in by_node]
         weights = self._round_weights(server_round, updates)
         updates = [dataclasses.replace(u, weight=weights[u.node_id]) for u in updates]
         for msg, update in zip(accepted, updates, strict=True):

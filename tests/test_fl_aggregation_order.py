@@ -1,0 +1,74 @@
+"""FedAvg sums the round's float32 updates in the order of the list it is handed. The job's strategy hands them over
+in node-id order, so the global model follows from the recorded updates alone, whatever order the replies arrived
+in (docs/federated.md, "Accuracy": in arrival order the same updates gave a different model each run)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+from coordinator.federation.capture import RoundCapture
+from coordinator.federation.strategy import WEIGHT_KEY, JobStrategy
+
+NODES = {11: 50, 12: 143, 13: 7}  # node id -> examples
+
+
+class _Sink:
+    def on_round(self, capture: RoundCapture) -> None:
+        pass
+
+
+class _Grid:
+    def get_node_ids(self) -> list[int]:
+        return sorted(NODES)
+
+
+def _updates() -> dict[int, np.ndarray]:
+    """Updates of very different magnitudes, so that their float32 sum depends on the order it is taken in."""
+    rng = np.random.default_rng(0)
+    return {node: (rng.standard_normal(4096) * 10.0 ** (2 - i)).astype(np.float32) for i, node in enumerate(NODES)}
+
+
+def _aggregate(arrival: list[int]) -> np.ndarray:
+    strategy = JobStrategy(FedAvg(), NODES, len(NODES), _Sink(), max_weight=10**6, join_timeout=0.0)
+    global_model = ArrayRecord({"w": Array(np.zeros(4096, dtype=np.float32))})
+    sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, global_model, ConfigRecord(), _Grid())}
+    for node, message in sent.items():
+        message.metadata.__dict__["_message_id"] = f"train-{node}"  # as the grid stamps it on push
+    updates = _updates()
+    replies = [
+        Message(
+            RecordDict(
+                {
+                    "arrays": ArrayRecord({"w": Array(updates[node])}),
+                    "metrics": MetricRecord({WEIGHT_KEY: NODES[node]}),
+                }
+            ),
+            reply_to=sent[node],
+        )
+        for node in arrival
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    return arrays["w"].numpy()
+
+
+def _float32_fedavg(order: list[int]) -> np.ndarray:
+    """Flower's aggregate_arrayrecords for the updates taken in `order`."""
+    updates, total = _updates(), sum(NODES.values())
+    out = updates[order[0]] * (NODES[order[0]] / total)
+    for node in order[1:]:
+        out = out + updates[node] * (NODES[node] / total)
+    return out
+
+
+@pytest.mark.usefixtures("in_a_task")
+def test_the_global_model_does_not_depend_on_the_order_replies_arrive_in() -> None:
+    by_node, reversed_arrival = sorted(NODES), sorted(NODES, reverse=True)
+    # The premise: summed in arrival order, these updates give two different models.
+    assert not np.array_equal(_float32_fedavg(by_node), _float32_fedavg(reversed_arrival))
+
+    for arrival in (by_node, reversed_arrival, [12, 11, 13]):
+        assert np.array_equal(_aggregate(arrival), _float32_fedavg(by_node)), arrival
