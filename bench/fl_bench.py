@@ -517,6 +517,31 @@ def float32_average(
     return average
 
 
+def fednova_average(
+    current: dict[str, np.ndarray],
+    average: dict[str, np.ndarray],
+    updates: list[NDArrays],
+    weights: dict[int, int],
+    args: argparse.Namespace,
+) -> dict[str, np.ndarray]:
+    """FedNova's aggregate (Wang et al. 2020): each device's update divided by its number of local steps, the
+    weighted mean scaled back by the weighted mean step count, so devices with more windows (more Adam steps of
+    about lr each) do not pull the average towards their own optimum beyond their share of the data."""
+    total = sum(weights.values())
+    steps = {i: math.ceil(w / args.batch_size) * args.local_epochs for i, w in weights.items()}
+    effective = sum(weights[i] * steps[i] for i in weights) / total
+    del average  # recomputed from the normalised updates
+    return {
+        name: current[name]
+        - effective
+        * sum(
+            (weights[i] / total) * (current[name] - u[name].astype(np.float64)) / steps[i]
+            for i, u in enumerate(updates)
+        )
+        for name in current
+    }
+
+
 def simulate_federated(args: argparse.Namespace, parts: list[WindowSet]) -> tuple[float, float | None]:
     """The accuracy job's rounds without Flower: the ClientApp's `train_round` on every device, then FedAvg
     weighted by examples and Flower's FedAvgM server update (pseudo-gradient with momentum, server lr 1).
@@ -545,6 +570,7 @@ def simulate_federated(args: argparse.Namespace, parts: list[WindowSet]) -> tupl
                 "lr-schedule": args.lr_schedule,
                 "num-rounds": args.rounds,
                 "max-examples": math.ceil(len(part) * args.round_fraction),
+                "seed": args.seed,  # as `accuracy` passes it to the job: devices shuffle from seed + round
             }
         )
         for part in parts
@@ -590,6 +616,8 @@ def simulate_federated(args: argparse.Namespace, parts: list[WindowSet]) -> tupl
             }
         else:
             average = float32_average(updates, weights, np.random.default_rng([args.float32_order, server_round]))
+        if args.normalize_steps:
+            average = fednova_average(current, average, updates, weights, args)
         server.step(current, average, server_round)
         if tail is not None:
             tail.add(current)
@@ -709,6 +737,11 @@ def main() -> None:
         default=None,
         help="simulate: aggregate and step the server in float32 as Flower does, the updates summed in an order "
         "drawn per round from this seed (replies arrive in a different order each deployed run); default float64",
+    )
+    parser.add_argument(
+        "--normalize-steps",
+        action="store_true",
+        help="simulate: FedNova's aggregate, each update divided by its device's local steps (fednova_average)",
     )
     parser.add_argument("--server-tau", type=float, default=1e-3, help="simulate: FedAdam/FedYogi's tau")
     parser.add_argument(
