@@ -8,6 +8,7 @@ devices connect through a front as they do under `serve`.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import time
 from collections.abc import Iterator
@@ -83,6 +84,34 @@ def test_held_pulls_ask_fast_only_after_the_last_working_node_pushed_and_share_o
     front._working[3] = time.monotonic() - policy.work_s - 1
     front._all_replied_at = time.monotonic()
     assert front._poll_interval() == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize(
+    ("path", "upstream_answer"),
+    [
+        ("/v1/fleet/pull-messages", PullMessagesResponse()),
+        ("/v1/fleet/pull-object", PullObjectResponse(object_found=True, object_available=False)),
+    ],
+)
+def test_with_holding_off_an_empty_answer_goes_back_at_once_and_nothing_is_counted_as_held(
+    path: str, upstream_answer: PullMessagesResponse | PullObjectResponse
+) -> None:
+    asked: list[str] = []
+
+    def superlink(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.path)
+        return httpx.Response(200, content=upstream_answer.SerializeToString())
+
+    async def pull() -> httpx.Response:
+        front._client = httpx.AsyncClient(transport=httpx.MockTransport(superlink), base_url=front.upstream)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=front), base_url="http://front") as client:
+            return await client.post(path, content=PullMessagesRequest().SerializeToString())
+
+    front = FleetFront("https://127.0.0.1:1", ssl.create_default_context(), HoldPolicy(hold_s=0.0, object_hold_s=0.0))
+    answer = asyncio.run(pull())
+    assert answer.status_code == 200 and answer.content == upstream_answer.SerializeToString()
+    assert asked == [path]
+    assert dict(front.counts) == {"forwarded": 1}
 
 
 @pytest.fixture

@@ -201,7 +201,7 @@ class FleetFront:
             return response
         if path == PUSH_MESSAGES:
             self._replied(_node_id(PushMessagesRequest, body))
-        if path == PULL_OBJECT and object_not_yet_pushed(response.content):
+        if path == PULL_OBJECT and self.hold.object_hold_s > 0 and object_not_yet_pushed(response.content):
             return await self._hold_object_pull(path, body, headers, response)
         if path != PULL_MESSAGES:
             return response
@@ -209,6 +209,8 @@ class FleetFront:
         if has_messages(response.content):
             self._working[node_id] = time.monotonic()
             return response
+        if self.hold.hold_s <= 0:
+            return response  # holding is off: the empty answer goes back at once, as the SuperLink gave it
         # An empty pull: ask again on the SuperNode's behalf until a message is there or the hold is over.
         self.counts["pulls_held"] += 1
         self._held += 1
