@@ -454,7 +454,8 @@ def without_first_moment(adam: AdamState) -> AdamState:
 class ServerUpdate:
     """The server's step from a round's FedAvg average to the next global model, in float64, with Flower 1.42's
     arithmetic (flwr/serverapp/strategy/fedavgm.py, fedopt.py, fedadam.py, fedyogi.py):
-    fedavgm: v = momentum * v + (x - average); x -= server_lr * v;
+    fedavgm: v = momentum * v + (x - average); x -= server_lr * v
+    (with --server-nesterov: x -= server_lr * ((x - average) + momentum * v));
     fedadam / fedyogi: d = average - x, m = beta1 * m + (1 - beta1) * d, Adam's or Yogi's second moment v of d, and
     x += eta * m / (sqrt(v) + tau) (Adam's eta bias-corrected with the round number, as Flower does).
     The server lr (or eta) follows --server-lr-schedule over the rounds (Flower's is constant): Adam's and Yogi's
@@ -467,6 +468,7 @@ class ServerUpdate:
         self.schedule = LrSchedule(args.server_lr_schedule)
         self.rounds: int = args.rounds
         self.tau: float = args.server_tau
+        self.nesterov: bool = args.server_nesterov
         self.beta1, self.beta2 = 0.9, 0.99  # Flower's FedAdam/FedYogi defaults
         self.m = {k: np.zeros_like(v) for k, v in current.items()}
         self.v = {k: np.zeros_like(v) for k, v in current.items()}
@@ -476,8 +478,10 @@ class ServerUpdate:
         lr = scheduled_lr(self.schedule, self.lr, server_round, self.rounds)
         if self.kind == "fedavgm":
             for name in current:
-                self.m[name] = self.momentum * self.m[name] + (current[name] - average[name])
-                current[name] = current[name] - lr * self.m[name]
+                pseudo_gradient = current[name] - average[name]
+                self.m[name] = self.momentum * self.m[name] + pseudo_gradient
+                step = pseudo_gradient + self.momentum * self.m[name] if self.nesterov else self.m[name]
+                current[name] = current[name] - lr * step
             return
         eta = lr
         if self.kind == "fedadam":
@@ -742,6 +746,11 @@ def main() -> None:
         "--normalize-steps",
         action="store_true",
         help="simulate: FedNova's aggregate, each update divided by its device's local steps (fednova_average)",
+    )
+    parser.add_argument(
+        "--server-nesterov",
+        action="store_true",
+        help="simulate: FedAvgM with Nesterov momentum (torch.optim.SGD's convention; Flower 1.42 has none)",
     )
     parser.add_argument("--server-tau", type=float, default=1e-3, help="simulate: FedAdam/FedYogi's tau")
     parser.add_argument(
