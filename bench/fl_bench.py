@@ -469,6 +469,7 @@ class ServerUpdate:
         self.rounds: int = args.rounds
         self.tau: float = args.server_tau
         self.nesterov: bool = args.server_nesterov
+        self.momentum_schedule = LrSchedule(args.server_momentum_schedule)
         self.beta1, self.beta2 = 0.9, 0.99  # Flower's FedAdam/FedYogi defaults
         self.m = {k: np.zeros_like(v) for k, v in current.items()}
         self.v = {k: np.zeros_like(v) for k, v in current.items()}
@@ -477,10 +478,11 @@ class ServerUpdate:
         """Moves `current` (in place) one server step towards the round's `average`."""
         lr = scheduled_lr(self.schedule, self.lr, server_round, self.rounds)
         if self.kind == "fedavgm":
+            momentum = self.momentum * scheduled_lr(self.momentum_schedule, 1.0, server_round, self.rounds)
             for name in current:
                 pseudo_gradient = current[name] - average[name]
-                self.m[name] = self.momentum * self.m[name] + pseudo_gradient
-                step = pseudo_gradient + self.momentum * self.m[name] if self.nesterov else self.m[name]
+                self.m[name] = momentum * self.m[name] + pseudo_gradient
+                step = pseudo_gradient + momentum * self.m[name] if self.nesterov else self.m[name]
                 current[name] = current[name] - lr * step
             return
         eta = lr
@@ -746,6 +748,12 @@ def main() -> None:
         "--normalize-steps",
         action="store_true",
         help="simulate: FedNova's aggregate, each update divided by its device's local steps (fednova_average)",
+    )
+    parser.add_argument(
+        "--server-momentum-schedule",
+        choices=[s.value for s in LrSchedule],
+        default=LrSchedule.CONSTANT.value,
+        help="simulate: FedAvgM's momentum over the rounds, shaped like an lr schedule (constant: Flower's)",
     )
     parser.add_argument(
         "--server-nesterov",
