@@ -678,6 +678,11 @@ def bench_simulate(args: argparse.Namespace) -> None:
         )
 
 
+def schedule_option(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
+    """A simulate option naming a protocol.tasks.schedule shape for a server-side quantity (constant: Flower's)."""
+    parser.add_argument(flag, choices=[s.value for s in LrSchedule], default=LrSchedule.CONSTANT.value, help=help)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["rounds", "accuracy", "simulate"])
@@ -731,11 +736,8 @@ def main() -> None:
     parser.add_argument(
         "--server-lr", type=float, default=1.0, help="simulate: FedAvgM's server lr, FedAdam/FedYogi's eta"
     )
-    parser.add_argument(
-        "--server-lr-schedule",
-        choices=[s.value for s in LrSchedule],
-        default=LrSchedule.CONSTANT.value,
-        help="simulate: the server lr / eta over the rounds (constant: Flower's)",
+    schedule_option(
+        parser, "--server-lr-schedule", "simulate: the server lr / eta over the rounds (constant: Flower's)"
     )
     parser.add_argument(
         "--float32-order",
@@ -749,11 +751,10 @@ def main() -> None:
         action="store_true",
         help="simulate: FedNova's aggregate, each update divided by its device's local steps (fednova_average)",
     )
-    parser.add_argument(
+    schedule_option(
+        parser,
         "--server-momentum-schedule",
-        choices=[s.value for s in LrSchedule],
-        default=LrSchedule.CONSTANT.value,
-        help="simulate: FedAvgM's momentum over the rounds, shaped like an lr schedule (constant: Flower's)",
+        "simulate: FedAvgM's momentum over the rounds, shaped like an lr schedule (constant: Flower's)",
     )
     parser.add_argument(
         "--server-nesterov",
