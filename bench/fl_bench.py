@@ -525,7 +525,6 @@ def float32_average(
 
 def fednova_average(
     current: dict[str, np.ndarray],
-    average: dict[str, np.ndarray],
     updates: list[NDArrays],
     weights: dict[int, int],
     args: argparse.Namespace,
@@ -536,7 +535,6 @@ def fednova_average(
     total = sum(weights.values())
     steps = {i: math.ceil(w / args.batch_size) * args.local_epochs for i, w in weights.items()}
     effective = sum(weights[i] * steps[i] for i in weights) / total
-    del average  # recomputed from the normalised updates
     return {
         name: current[name]
         - effective
@@ -623,7 +621,7 @@ def simulate_federated(args: argparse.Namespace, parts: list[WindowSet]) -> tupl
         else:
             average = float32_average(updates, weights, np.random.default_rng([args.float32_order, server_round]))
         if args.normalize_steps:
-            average = fednova_average(current, average, updates, weights, args)
+            average = fednova_average(current, updates, weights, args)  # replaces the plain mean
         server.step(current, average, server_round)
         if tail is not None:
             tail.add(current)

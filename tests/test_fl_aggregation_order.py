@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from coordinator.federation.capture import RoundCapture
 from coordinator.federation.strategy import WEIGHT_KEY, JobStrategy
@@ -56,12 +57,13 @@ def _aggregate(arrival: list[int]) -> np.ndarray:
 
 
 def _float32_fedavg(order: list[int]) -> np.ndarray:
-    """Flower's aggregate_arrayrecords for the updates taken in `order`."""
-    updates, total = _updates(), sum(NODES.values())
-    out = updates[order[0]] * (NODES[order[0]] / total)
-    for node in order[1:]:
-        out = out + updates[node] * (NODES[node] / total)
-    return out
+    """Flower's own FedAvg sum for the updates taken in `order`."""
+    updates = _updates()
+    records = [
+        RecordDict({"arrays": ArrayRecord({"w": Array(updates[n])}), "metrics": MetricRecord({WEIGHT_KEY: NODES[n]})})
+        for n in order
+    ]
+    return aggregate_arrayrecords(records, WEIGHT_KEY)["w"].numpy()
 
 
 @pytest.mark.usefixtures("in_a_task")
