@@ -6,6 +6,7 @@ the timed phase). The same reports go through the sequencer's steps in batches o
 
 - baseline: `screen` + `commit` (what `serve` does without `[federation] enabled`);
 - checked: `screen` + `ContributionGate.admit` + `commit`, every round already captured (reports go straight on);
+  each report's invitation nonce is checked against the job record `job start` would have written for the run;
 - held: `screen` + `admit` with no capture yet (every report stored to wait), then the captures appear and `resolve`
   + `commit` + `logged` log them all: the path reports take when they arrive before their round is complete.
 
@@ -28,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from mqtt_fixtures import contribution_fields  # noqa: E402
+from mqtt_fixtures import contribution_fields, write_job_record  # noqa: E402
 
 from coordinator.federation.capture import CaptureDirectory, CapturedUpdate, RoundCapture  # noqa: E402
 from coordinator.ingest.contributions import open_contribution_gate  # noqa: E402
@@ -62,6 +63,7 @@ class Fleet:
         self.mid_key = SignerKey.generate(mid_key_name(MID))
         self.keys = {f"dev-{i}": SignerKey.generate(f"dev-{i}") for i in range(devices)}
         self.nodes = {device: 1000 + i for i, device in enumerate(self.keys)}
+        self.nonces = {device: f"{i:032x}" for i, device in enumerate(self.keys)}
         self.rounds = rounds
         self.messages = []
         for r in range(1, rounds + 1):
@@ -69,6 +71,7 @@ class Fleet:
                 node = self.nodes[device]
                 fields = {
                     **contribution_fields(r, device),
+                    "round_nonce": self.nonces[device],
                     "run_id": str(RUN),
                     "round": r,
                     "node_id": str(node),
@@ -85,6 +88,7 @@ class Fleet:
             registry.redeem_invite(f"inv-{device}", NOW_MS, device, key.verifier, "$7$101$x$y")
             registry.add_flower_node(device, self.nodes[device], f"k-{device}", NOW_MS)
         registry.close()
+        write_job_record(root / "job-book", "bench-job", RUN, {d: (self.nodes[d], self.nonces[d]) for d in self.keys})
 
     def capture(self, root: Path) -> None:
         directory = CaptureDirectory(root / "jobs" / f"run-{RUN}")
@@ -113,6 +117,7 @@ def _run(fleet: Fleet, variant: str) -> tuple[float, int]:
             root / "contributions.sqlite",
             root / "registry.sqlite",
             root / "jobs",
+            root / "job-book",
             3600.0,
             0.001,
             lambda key_id, seq: dedup.lookup(key_id, seq) is not None,

@@ -295,6 +295,11 @@ class CoordinatorSettings(RoleSettings):
         return self.federation.jobs_dir or self.federation_dir / "jobs"
 
     @property
+    def job_book_dir(self) -> Path:
+        """`job start`'s record of every job, `<job id>.json` (JobBook); ingest reads the invitation nonces there."""
+        return self.federation_dir / "job-book"
+
+    @property
     def contributions_path(self) -> Path:
         """Contribution reports waiting for their round's capture, and refused reports kept as evidence."""
         return self.data_dir / "contributions.sqlite"

@@ -43,6 +43,7 @@ class Reason(StrEnum):
     QUORUM_NOT_MET = "quorum_not_met"
     ROUND_NOT_CAPTURED = "round_not_captured"
     UPDATE_DROPPED = "update_dropped"
+    WRONG_ROUND_NONCE = "wrong_round_nonce"
 
 
 class ProtocolError(Exception):
@@ -218,3 +219,12 @@ class UpdateDroppedError(ProtocolError):
     reply): its update was not aggregated, so it is no contribution. Refused, not flagged."""
 
     reason = Reason.UPDATE_DROPPED
+
+
+class WrongRoundNonceError(ProtocolError):
+    """A contribution report whose `round_nonce` is not the nonce the MID's invitation to the run's job gave the
+    signing device (another device's, another job's, one never issued, or a run of no job the MID started). Refused,
+    not flagged: an honest agent invited to a new job while its last job's records are still spooled signs those with
+    the new job's nonce (edge/agent/job_node.py keeps only the latest)."""
+
+    reason = Reason.WRONG_ROUND_NONCE

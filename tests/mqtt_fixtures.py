@@ -293,6 +293,40 @@ def contribution_fields(i: int, device: str = "") -> dict[str, object]:
     }
 
 
+def write_job_record(book_dir: Path, job_id: str, run_id: int, invited: dict[str, tuple[int, str]]) -> None:
+    """The record `midgate coordinator job start` keeps of a running job (JobBook), for tests and benchmarks that run
+    or fake a Flower run without it: with `[federation] enabled` ingest refuses a captured round's reports unless a job
+    record names the run and gives the signing device the report's nonce (`wrong_round_nonce`).
+
+    book_dir: the coordinator's job book (`CoordinatorSettings.job_book_dir`: data_dir/federation/job-book).
+    invited: device id -> (its Flower node id, the nonce its reports of this run carry).
+    """
+    from coordinator.federation.job_start import JobBook, JobDevice, JobRecord, JobRequest
+
+    request = JobRequest(
+        job_id=job_id,
+        task_id="plaid-appliance",
+        task_version=1,
+        rounds=1,
+        devices=tuple(invited),
+        min_nodes=1,
+        validation_path=book_dir / "validation.npz",
+        purpose="research",
+        buyer="acme",
+    )
+    devices = [JobDevice(device_id=d, member_id=f"member-{d}", node_id=node) for d, (node, _) in invited.items()]
+    record = JobRecord(
+        request=request,
+        invited=devices,
+        nonces={d: nonce for d, (_, nonce) in invited.items()},
+        selected_node_ids=[d.node_id for d in devices],
+        run_id=run_id,
+        status="running",
+        started_ms=int(time.time() * 1000),
+    )
+    JobBook(book_dir).write(record)
+
+
 class AgentHandle:
     def __init__(self, name: str, workdir: Path) -> None:
         self.name = name

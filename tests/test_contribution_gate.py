@@ -1,19 +1,27 @@
 """The contribution gate (coordinator/ingest/contributions.py) on real SQLite files, a real CaptureDirectory and real
 Ed25519: a report is logged only for the update Flower delivered from the signer's node; it waits durably for its
 round's capture, survives a restart while waiting, and is refused (and its device flagged) when the capture
-contradicts it; the device's outbox settles the MID-signed Refusal."""
+contradicts it; the device's outbox settles the MID-signed Refusal. A report must also carry the nonce of its device's
+invitation to the run's job, as `job start` recorded it (`wrong_round_nonce` otherwise)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import secrets
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from mqtt_fixtures import contribution_fields
+from mqtt_fixtures import contribution_fields, write_job_record
 
+from coordinator.federation import issued_nonces
 from coordinator.federation.capture import CaptureDirectory, CapturedUpdate, DropReason, NodeDrop, RoundCapture
+from coordinator.federation.issued_nonces import RACY_NS, IssuedNonces
+from coordinator.federation.job_start import JobBook
 from coordinator.ingest.contributions import Admission, ContributionGate, open_contribution_gate
 from coordinator.ingest.dedup import DedupIndex
 from coordinator.ingest.pipeline import InboundMessage, IngestPipeline, Outcome, Verdict
@@ -70,6 +78,7 @@ class Coordinator:
             root / "contributions.sqlite",
             root / "registry.sqlite",
             root / "jobs",
+            root / "job-book",
             GRACE_S,
             0.001,
             lambda key_id, seq: self.dedup.lookup(key_id, seq) is not None,
@@ -77,7 +86,14 @@ class Coordinator:
 
     def ingest(self, envelope: bytes, device: str, kind: UpKind = UpKind.REPORT) -> tuple[Admission, list[Verdict]]:
         """One message through screen -> gate -> commit, as `serve` runs them."""
-        screened = self.pipeline.screen([InboundMessage(up_topic(MID, device, kind), envelope)], NOW_MS)
+        return self.ingest_batch([(envelope, device)], kind)
+
+    def ingest_batch(
+        self, messages: list[tuple[bytes, str]], kind: UpKind = UpKind.REPORT
+    ) -> tuple[Admission, list[Verdict]]:
+        """(envelope, device) pairs as one batch through screen -> gate -> commit."""
+        batch = [InboundMessage(up_topic(MID, device, kind), envelope) for envelope, device in messages]
+        screened = self.pipeline.screen(batch, NOW_MS)
         admission = self.gate.admit(screened.candidates, NOW_MS)
         committed = self.pipeline.commit(admission.ready, NOW_MS)
         return admission, screened.settled + committed
@@ -105,6 +121,9 @@ class World:
         self.root = root
         self.mid_key = SignerKey.generate(mid_key_name(MID))
         self.keys: dict[str, SignerKey] = {}
+        # The job `job start` recorded for RUN: one invitation nonce per device, in the job book ingest reads.
+        self.nonces = {device: secrets.token_hex(16) for device in NODES}
+        write_job_record(self.book, "job-77", RUN, {d: (NODES[d], self.nonces[d]) for d in NODES})
         registry = Registry(root / "registry.sqlite")
         for device, node in NODES.items():
             key = SignerKey.generate(device)
@@ -115,17 +134,21 @@ class World:
         registry.close()
         self.coordinator = Coordinator(root, self.mid_key)
 
+    @property
+    def book(self) -> Path:
+        return self.root / "job-book"
+
     def restart(self) -> Coordinator:
         self.coordinator.close()
         self.coordinator = Coordinator(self.root, self.mid_key)
         return self.coordinator
 
-    def capture(self, server_round: int = ROUND, drift: bool = False) -> None:
+    def capture(self, server_round: int = ROUND, drift: bool = False, run: int = RUN) -> None:
         """What the strategy writes once the round is in: dev-a's and dev-b's updates, dev-c dropped (late); with
         `drift`, a drift-corrected round: each update also has its node's gradient and offset hashes (_drift)."""
-        CaptureDirectory(self.root / "jobs" / f"run-{RUN}").on_round(
+        CaptureDirectory(self.root / "jobs" / f"run-{run}").on_round(
             RoundCapture(
-                RUN,
+                run,
                 server_round,
                 GLOBAL_SHA,
                 tuple(
@@ -155,12 +178,16 @@ class World:
         node: int | None = None,
         update_sha256: str | None = None,
         drift: tuple[str | None, str | None] | None = None,
+        nonce: str | None = None,
+        run: int = RUN,
     ) -> bytes:
-        """A report signed as the agent signs it: v1, or v2 when `drift` gives (gradient, offset) hashes."""
+        """A report signed as the agent signs it: v1, or v2 when `drift` gives (gradient, offset) hashes; it carries
+        the device's invitation nonce of RUN's job unless `nonce` is given."""
         node = NODES[device] if node is None else node
         fields = {
             **contribution_fields(seq, device),
-            "run_id": str(RUN),
+            "round_nonce": self.nonces[device] if nonce is None else nonce,
+            "run_id": str(run),
             "round": ROUND,
             "node_id": str(node),
             "global_model_sha256": GLOBAL_SHA,
@@ -422,7 +449,13 @@ def test_rounds_still_running_do_not_crowd_out_a_captured_one(world: World) -> N
     c = world.coordinator
     # Three reports wait for round 3 (still running), received first; one waits for round 2.
     for seq, device in enumerate(("dev-a", "dev-b", "dev-c"), start=1):
-        fields = {**contribution_fields(seq, device), "run_id": str(RUN), "round": 3, "node_id": str(NODES[device])}
+        fields = {
+            **contribution_fields(seq, device),
+            "round_nonce": world.nonces[device],
+            "run_id": str(RUN),
+            "round": 3,
+            "node_id": str(NODES[device]),
+        }
         c.ingest(build_report(fields, seq, NOW_MS).seal(world.keys[device]), device)
     late = world.report("dev-b", 9)
     c.ingest(late, "dev-b")
@@ -512,3 +545,188 @@ def test_a_v2_report_is_taken_only_on_the_report_topic(world: World) -> None:
     _, verdicts = world.coordinator.ingest(half, "dev-a")
     assert [(v.outcome, v.reason) for v in verdicts] == [(Outcome.REJECTED, Reason.MALFORMED)]
     assert world.coordinator.ledger.size == 0
+
+
+# The invitation nonce: `job start` gives each invited device its own nonce and records it in the job book; a report
+# must carry its signer's nonce of the run's job (wrong_round_nonce otherwise: refused, never logged, not flagged).
+
+
+@pytest.mark.parametrize("captured", [True, False], ids=["after-capture", "before-capture"])
+def test_a_nonce_the_mid_never_issued_is_refused_and_the_other_reports_of_the_batch_are_not(
+    world: World, captured: bool
+) -> None:
+    if captured:
+        world.capture()
+    c = world.coordinator
+    forged = "0f" * 16
+    wrong, right = world.report("dev-a", 1, nonce=forged), world.report("dev-b", 1)
+    admission, verdicts = c.ingest_batch([(wrong, "dev-a"), (right, "dev-b")])
+    (refused,) = admission.refused
+    assert (refused.device, refused.outcome, refused.reason) == ("dev-a", Outcome.REJECTED, Reason.WRONG_ROUND_NONCE)
+    assert "did not issue" in refused.error
+    notice = _refusal(world, admission.notices[0])
+    assert (notice.seq, notice.reason) == (1, "wrong_round_nonce")
+    assert notice.envelope_sha256 == hashlib.sha256(wrong).hexdigest()
+    assert forged not in notice.detail and world.nonces["dev-a"] not in notice.detail  # no nonce leaves the MID
+    (row,) = c.gate.store.refusals()
+    assert (row.device, row.reason, row.flagged, row.envelope) == ("dev-a", "wrong_round_nonce", False, wrong)
+    assert c.gate.store.flag_counts() == {}
+    if captured:
+        assert [(v.device, v.outcome) for v in verdicts] == [("dev-b", Outcome.ACCEPTED)]
+    else:
+        # The refusal needs no capture: only the honest report waits for it.
+        assert [v.device for v in admission.held] == ["dev-b"] and c.gate.pending_count == 1
+        world.capture()
+        c.resolve()
+    assert c.contributions_in_ledger() == [right]
+    # A resend is refused again from the stored row; nothing more is kept or logged.
+    admission, _ = c.ingest(wrong, "dev-a")
+    assert [v.reason for v in admission.refused] == [Reason.WRONG_ROUND_NONCE] and len(admission.notices) == 1
+    assert len(c.gate.store.refusals()) == 1 and c.contributions_in_ledger() == [right]
+
+
+def test_the_nonce_of_another_devices_invitation_to_the_same_job_is_refused(world: World) -> None:
+    world.capture()
+    c = world.coordinator
+    # Every hash of dev-a's report is true; only its nonce is the one the job's invitation gave dev-b.
+    stolen = world.report("dev-a", 1, nonce=world.nonces["dev-b"])
+    admission, verdicts = c.ingest(stolen, "dev-a")
+    assert verdicts == [] and [v.reason for v in admission.refused] == [Reason.WRONG_ROUND_NONCE]
+    assert "another device's invitation" in admission.refused[0].error
+    assert c.contributions_in_ledger() == [] and c.gate.store.flag_counts() == {}
+    # dev-b's own report with that nonce is still its to log.
+    _, verdicts = c.ingest(world.report("dev-b", 1), "dev-b")
+    assert [v.outcome for v in verdicts] == [Outcome.ACCEPTED]
+
+
+def test_a_nonce_is_good_only_for_the_run_of_its_job_and_for_the_devices_it_invited(world: World) -> None:
+    other_run = RUN + 1
+    other_nonce = secrets.token_hex(16)
+    write_job_record(world.book, "job-78", other_run, {"dev-a": (NODES["dev-a"], other_nonce)})
+    world.capture()
+    world.capture(run=other_run)
+    c = world.coordinator
+    # dev-a's nonce of its other job, on a report of this run (an agent moved to a new job signs with the new nonce).
+    admission, _ = c.ingest(world.report("dev-a", 1, nonce=other_nonce), "dev-a")
+    assert [v.reason for v in admission.refused] == [Reason.WRONG_ROUND_NONCE]
+    # dev-b's nonce of this run's job, on a report of the other run, whose job did not invite dev-b.
+    admission, _ = c.ingest(world.report("dev-b", 1, run=other_run), "dev-b")
+    assert [v.reason for v in admission.refused] == [Reason.WRONG_ROUND_NONCE]
+    assert "did not invite" in admission.refused[0].error
+    assert c.contributions_in_ledger() == []
+    right = world.report("dev-a", 2, nonce=other_nonce, run=other_run)
+    _, verdicts = c.ingest(right, "dev-a")
+    assert [v.outcome for v in verdicts] == [Outcome.ACCEPTED] and c.contributions_in_ledger() == [right]
+
+
+def test_a_run_no_job_record_names_waits_for_its_capture_and_is_then_refused(world: World) -> None:
+    """`job start` records the run id before any round of the run can end, so a missing record is final only once
+    the round is captured; a run started outside `job start` gets nothing logged."""
+    unknown_run = RUN + 100
+    c = world.coordinator
+    envelope = world.report("dev-a", 1, run=unknown_run)
+    admission, _ = c.ingest(envelope, "dev-a")
+    assert len(admission.held) == 1 and admission.refused == []
+    world.capture(run=unknown_run)
+    admission, committed = c.resolve()
+    assert committed == [] and [v.reason for v in admission.refused] == [Reason.WRONG_ROUND_NONCE]
+    assert "no job" in admission.refused[0].error
+    assert c.gate.pending_count == 0 and c.gate.store.flag_counts() == {} and c.contributions_in_ledger() == []
+    # Straight after the capture too: refused at once.
+    admission, _ = c.ingest(world.report("dev-b", 1, run=unknown_run), "dev-b")
+    assert [v.reason for v in admission.refused] == [Reason.WRONG_ROUND_NONCE] and c.ledger.size == 0
+
+
+def test_a_job_record_written_after_the_reports_arrived_decides_them(world: World) -> None:
+    late_run = RUN + 200
+    nonces = {"dev-a": secrets.token_hex(16), "dev-b": secrets.token_hex(16)}
+    c = world.coordinator
+    right = world.report("dev-a", 1, nonce=nonces["dev-a"], run=late_run)
+    wrong = world.report("dev-b", 1, run=late_run)  # dev-b's nonce of RUN's job
+    c.ingest_batch([(right, "dev-a"), (wrong, "dev-b")])
+    assert c.gate.pending_count == 2
+    write_job_record(world.book, "job-late", late_run, {d: (NODES[d], n) for d, n in nonces.items()})
+    world.capture(run=late_run)
+    admission, committed = c.resolve()
+    assert [v.device for v in committed] == ["dev-a"] and c.contributions_in_ledger() == [right]
+    assert [(v.device, v.reason) for v in admission.refused] == [("dev-b", Reason.WRONG_ROUND_NONCE)]
+
+
+def test_the_gate_reads_the_job_book_after_a_restart(world: World) -> None:
+    world.capture()
+    c = world.restart()
+    admission, verdicts = c.ingest_batch(
+        [(world.report("dev-a", 1), "dev-a"), (world.report("dev-b", 1, nonce=world.nonces["dev-a"]), "dev-b")]
+    )
+    assert [v.device for v in verdicts] == ["dev-a"]
+    assert [(v.device, v.reason) for v in admission.refused] == [("dev-b", Reason.WRONG_ROUND_NONCE)]
+
+
+class _Reads:
+    """Counts the job book's folder listings and file reads of coordinator.federation.issued_nonces."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.listings = self.files = 0
+        listdir, read_bytes = os.listdir, Path.read_bytes
+
+        def counted_listdir(path: Path) -> list[str]:
+            self.listings += 1
+            return listdir(path)
+
+        def counted_read_bytes(path: Path) -> bytes:
+            self.files += 1
+            return read_bytes(path)
+
+        monkeypatch.setattr(issued_nonces.os, "listdir", counted_listdir)
+        monkeypatch.setattr(issued_nonces.Path, "read_bytes", counted_read_bytes)
+
+
+def _age(folder: Path) -> None:
+    """Date the folder back past RACY_NS, as it is once no job was written for a while."""
+    then = time.time_ns() - 10 * RACY_NS
+    os.utime(folder, ns=(then, then))
+
+
+def test_issued_nonces_parse_each_job_file_once_and_pick_up_new_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    book = tmp_path / "job-book"
+    issued = IssuedNonces(book)
+    assert issued.for_run(5) is None  # no job started yet: no folder
+    write_job_record(book, "job-5", 5, {"d-one": (1, "aa" * 16)})
+    _age(book)
+    reads = _Reads(monkeypatch)
+    for _ in range(100):
+        assert issued.for_run(5) == {"d-one": "aa" * 16}
+    assert (reads.listings, reads.files) == (1, 1)
+    # An unknown run in an unchanged folder costs one stat: no listing, no read.
+    for _ in range(100):
+        assert issued.for_run(6) is None
+    assert (reads.listings, reads.files) == (1, 1)
+    write_job_record(book, "job-6", 6, {"d-two": (2, "bb" * 16)})
+    assert issued.for_run(6) == {"d-two": "bb" * 16}
+    assert reads.files == 2  # job-5, which names its run, is not read again
+    # A scan of a folder written within RACY_NS is not trusted: a write in the same clock tick is not missed.
+    listed = reads.listings
+    assert issued.for_run(7) is None and issued.for_run(7) is None
+    assert reads.listings == listed + 2
+
+
+def test_issued_nonces_wait_for_the_run_id_and_skip_unreadable_records(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    book_dir = tmp_path / "job-book"
+    write_job_record(book_dir, "job-9", 9, {"d-one": (1, "cc" * 16)})
+    book = JobBook(book_dir)
+    record = book.read("job-9")
+    assert record is not None
+    record.run_id, record.status = None, "inviting"  # invited, `flwr run` not returned yet
+    book.write(record)
+    (book_dir / "broken.json").write_text("{not json")
+    issued = IssuedNonces(book_dir)
+    with caplog.at_level(logging.ERROR, logger="midgate.federation"):
+        assert issued.for_run(9) is None
+    assert "job record unreadable" in caplog.text
+    record.run_id, record.status = 9, "running"
+    book.write(record)
+    assert issued.for_run(9) == {"d-one": "cc" * 16}

@@ -2,7 +2,9 @@
 SuperLink (so reports are cross-checked), two enrolled agents whose spool records name round 1 of run 5 before any
 capture of it exists. Both reports wait (acknowledged, not logged); `serve` is SIGKILLed and restarted; then the round's
 capture appears: the report naming the captured update is logged and receipted, the other is refused `update_mismatch`,
-flagged, and settled as refused in its agent's outbox."""
+flagged, and settled as refused in its agent's outbox. The run's job record (as `job start` keeps it) gives each agent
+its invitation nonce; a report carrying the other agent's nonce is refused `wrong_round_nonce` on arrival, without
+waiting for the capture and without a flag."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import numpy as np
 import psutil
 import pytest
 from fl_stack import flags, outbox_refused, start_federated_coordinator
-from mqtt_fixtures import AgentHandle, MessagingStack, contribution_fields, wait_until
+from mqtt_fixtures import AgentHandle, MessagingStack, contribution_fields, wait_until, write_job_record
 
 from coordinator.federation.capture import CaptureDirectory, CapturedUpdate, RoundCapture
 from coordinator.federation.superlink import kill_pids
@@ -35,17 +37,23 @@ def _membership(handle: AgentHandle) -> Membership:
     return membership
 
 
-def _report(handle: AgentHandle, update_sha256: str) -> None:
+def _nonce(handle: AgentHandle) -> str:
+    """The nonce the job's invitation gave the agent's device (what its spool records carry)."""
+    return str(contribution_fields(1, handle.device)["round_nonce"])
+
+
+def _report(handle: AgentHandle, update_sha256: str, name: str = "round-1", nonce: str | None = None) -> None:
     node = _membership(handle).record.flower_node_id
     fields = {
         **contribution_fields(1, handle.device),
+        "round_nonce": _nonce(handle) if nonce is None else nonce,
         "run_id": str(RUN),
         "round": ROUND,
         "node_id": str(node),
         "global_model_sha256": GLOBAL,
         "update_sha256": update_sha256,
     }
-    write_record(handle.spool, "round-1", fields)
+    write_record(handle.spool, name, fields)
 
 
 def _refused(handle: AgentHandle) -> list[str]:
@@ -64,12 +72,17 @@ def test_waiting_reports_survive_a_killed_coordinator_and_are_settled_when_the_c
     honest, liar = stack.enrol_agent("honest"), stack.enrol_agent("liar")
     nodes = {h.name: _membership(h).record.flower_node_id for h in (honest, liar)}
     assert all(nodes.values())
+    book = stack.data_dir / "federation" / "job-book"
+    write_job_record(book, "job-5", RUN, {h.device: (nodes[h.name], _nonce(h)) for h in (honest, liar)})
     _report(honest, arrays_sha256(_arrays(nodes["honest"])))
+    _report(honest, arrays_sha256(_arrays(nodes["honest"])), "round-1-again", nonce=_nonce(liar))
     _report(liar, arrays_sha256({"w": np.ones((2, 3), np.float32)}))
     for handle in (honest, liar):
         stack.start_agent(handle)
 
     wait_until(lambda: stack.metric("midgate_contributions_pending") == 2, 60, "both reports waiting")
+    wait_until(lambda: _refused(honest) == ["wrong_round_nonce"], 60, "the other agent's nonce refused at once")
+    assert stack.metric("midgate_ingest_rejected_total", 'reason="wrong_round_nonce"') == 1
     assert stack.ledger_contributions() == []
     assert honest.outbox_counts() == (1, 0) and liar.outbox_counts() == (1, 0)
 
@@ -93,7 +106,8 @@ def test_waiting_reports_survive_a_killed_coordinator_and_are_settled_when_the_c
 
     (logged,) = stack.ledger_contributions()
     assert logged[0] == _membership(honest).key.key_id.hex()
-    (flag,) = flags(stack.config)
+    assert _refused(honest) == ["wrong_round_nonce"]
+    (flag,) = flags(stack.config)  # the nonce refusal flags no one
     assert (flag["device"], flag["reason"], flag["node_id"]) == (liar.device, "update_mismatch", str(nodes["liar"]))
     assert stack.metric("midgate_contributions_pending") == 0
     assert stack.metric("midgate_ingest_rejected_total", 'reason="update_mismatch"') >= 1

@@ -1,5 +1,6 @@
 """coordinator.federation.report_check: a device's report is accepted only for the exact update Flower delivered;
-CaptureDirectory re-hashes stored updates, so a tampered capture shows as a mismatch too."""
+CaptureDirectory re-hashes stored updates, so a tampered capture shows as a mismatch too. Its nonce must be the one
+the MID's invitation to the run's job gave the signing device."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import numpy as np
 import pytest
 
 from coordinator.federation.capture import CaptureDirectory, CapturedUpdate, DropReason, NodeDrop, RoundCapture
-from coordinator.federation.report_check import check_contribution
-from protocol.errors import Reason, UpdateMismatchError
+from coordinator.federation.report_check import check_contribution, check_round_nonce
+from protocol.errors import Reason, UpdateMismatchError, WrongRoundNonceError
 from protocol.tasks.arrays import arrays_sha256
 from protocol.tasks.contribution import ContributionRecord
 
@@ -101,3 +102,33 @@ def test_tampered_capture_no_longer_matches_the_honest_report(tmp_path: Path) ->
     np.savez(tmp_path / "run" / f"round-{ROUND:06d}-node-11.npz", **tampered)
     with pytest.raises(UpdateMismatchError):
         check_contribution(_report(11, updates[11], global_sha), directory.load_round(ROUND))
+
+
+ISSUED = {"d-one": "a1" * 16, "d-two": "b2" * 16}
+
+
+@pytest.mark.parametrize(
+    ("device", "nonce", "issued", "why"),
+    [
+        ("d-one", "a1" * 16, ISSUED, None),
+        ("d-one", "a1" * 15 + "a0", ISSUED, "did not issue"),  # one nibble off
+        ("d-one", "A1" * 16, ISSUED, "did not issue"),  # nonces are lowercase hex: compared as bytes
+        ("d-one", "b2" * 16, ISSUED, "another device's invitation"),
+        ("d-three", "a1" * 16, ISSUED, "did not invite"),
+        ("d-one", "a1" * 16, {}, "did not invite"),
+        ("d-one", "a1" * 16, None, "no job"),
+        ("d-one", "é" * 32, ISSUED, "did not issue"),  # never raises anything but the refusal
+    ],
+    ids=["issued", "other-nonce", "upper-case", "other-device", "not-invited", "no-devices", "no-job", "non-ascii"],
+)
+def test_round_nonce_must_be_the_one_issued_to_the_signing_device(
+    device: str, nonce: str, issued: dict[str, str] | None, why: str | None
+) -> None:
+    if why is None:
+        check_round_nonce(device, RUN, nonce, issued)
+        return
+    with pytest.raises(WrongRoundNonceError) as err:
+        check_round_nonce(device, RUN, nonce, issued)
+    assert err.value.reason is Reason.WRONG_ROUND_NONCE and why in err.value.message
+    assert err.value.details["run_id"] == RUN
+    assert not any(n in str(err.value) for n in ISSUED.values()) and nonce not in str(err.value)

@@ -39,7 +39,7 @@ def _settings(config: Path | None) -> CoordinatorSettings:
 def _book(settings: CoordinatorSettings) -> JobBook:
     from coordinator.federation.job_start import JobBook
 
-    return JobBook(settings.federation_dir / "job-book")
+    return JobBook(settings.job_book_dir)
 
 
 @app.command()

@@ -3,15 +3,19 @@
 Called after the report's signature verified and its bytes parsed (protocol.tasks.parse_contribution_record): the
 report must name the run, round and node of an update the strategy captured, and the same global-model and update
 hashes (and, in drift-corrected jobs, gradient and offset hashes, which only ContributionReportV2 carries); otherwise
-it is refused with `update_mismatch` and nothing is recorded.
+it is refused with `update_mismatch` and nothing is recorded. A signed report must also carry the nonce of the
+invitation the MID sent its signer for the run's job (`check_round_nonce`); otherwise it is refused
+`wrong_round_nonce`.
 """
 
 from __future__ import annotations
 
+import hmac
+from collections.abc import Mapping
 from typing import Protocol
 
 from coordinator.federation.capture import CapturedUpdate, RoundCapture
-from protocol.errors import UpdateMismatchError
+from protocol.errors import UpdateMismatchError, WrongRoundNonceError
 
 
 class ReportedUpdate(Protocol):
@@ -83,3 +87,34 @@ def _check_drift_hashes(record: ReportedUpdate, update: CapturedUpdate) -> None:
                 expected=expected,
                 found=found,
             )
+
+
+def check_round_nonce(device: str, run_id: int, round_nonce: str, issued: Mapping[str, str] | None) -> None:
+    """Raise WrongRoundNonceError unless `round_nonce` is the nonce the MID's invitation to `run_id`'s job gave the
+    signing `device` (`job start` draws one per invited device: JobRecord.nonces).
+
+    Parameters
+    ----------
+    device: the device whose key signed the report (screening established it).
+    run_id, round_nonce: what the report states.
+    issued: device id -> nonce, of the job record that names `run_id` (coordinator.federation.issued_nonces);
+        None: no job record names the run, so the MID issued no nonce for it.
+
+    Compared in constant time (the nonce is the device's proof of its invitation); the error names the run and the
+    device, never a nonce: its detail goes to the logs and, in the Refusal notice, to the device.
+    """
+    if issued is None:
+        raise WrongRoundNonceError("no job of this MID names the run, so it issued no nonce for it", run_id=run_id)
+    expected = issued.get(device)
+    if expected is None:
+        raise WrongRoundNonceError("the run's job did not invite the signing device", run_id=run_id, device=device)
+    found = round_nonce.encode()
+    if hmac.compare_digest(found, expected.encode()):
+        return
+    if any(hmac.compare_digest(found, nonce.encode()) for other, nonce in issued.items() if other != device):
+        raise WrongRoundNonceError(
+            "report carries the nonce of another device's invitation", run_id=run_id, device=device
+        )
+    raise WrongRoundNonceError(
+        "report carries a nonce the MID did not issue to its device for this run", run_id=run_id, device=device
+    )

@@ -14,6 +14,17 @@ capture the strategy wrote (coordinator/federation/round_captures.py) before the
   device's own signature proves it reported an update it did not send. A dropped node's report is refused
   `update_dropped`, unflagged.
 
+Before that, the report's `round_nonce` must be the nonce the MID's invitation to the run's job gave the signing
+device (the job book `job start` writes; coordinator.federation.issued_nonces), or it is refused
+`wrong_round_nonce`, unflagged (an honest agent moved to a new job can sign its last job's records with the new
+nonce). A report whose job record is readable is checked on arrival, so a wrong nonce never waits. A run that no job
+record names is refused `wrong_round_nonce` too, but only once its round is captured: `job start` records the run id
+before the run's first round can end, so until then a missing record may only be late, and the report waits as any
+other. Such runs exist only outside `job start` (a hand-made `flwr run` on the MID's SuperLink; tests and benchmarks
+write a job record for theirs), and their devices hold no invitation of the MID for them: nothing the MID invited,
+nothing logged. Without `[federation] enabled` there is no gate, no capture and no job book: reports are logged
+unchecked, as in the demo and bench/ingest_bench.py.
+
 Every refusal is final and answered with a MID-signed `Refusal` on the device's `down/refusal` topic, so its outbox
 stops resending; a resend that arrives anyway is refused again from the stored row (and the notice re-sent).
 """
@@ -34,6 +45,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from coordinator.federation.capture import RoundCapture
+from coordinator.federation.issued_nonces import IssuedNonces
+from coordinator.federation.report_check import check_round_nonce
 from coordinator.federation.round_captures import RoundCaptures, capture_evidence, judge_report
 from coordinator.ingest.pipeline import Candidate, InboundMessage, Outcome, Verdict
 from coordinator.ingest.sqlite_files import immediate_transaction, open_wal
@@ -93,6 +106,7 @@ class ReportedContribution:
     node_id: int
     global_model_sha256: str
     update_sha256: str
+    round_nonce: str = field(repr=False)
     envelope: bytes = field(repr=False)
     gradient_sha256: str | None = None
     drift_offset_sha256: str | None = None
@@ -114,6 +128,7 @@ def reported_contribution(envelope: bytes, device: str, key_id: str, seq: int) -
         int(doc["node_id"]),
         str(doc["global_model_sha256"]),
         str(doc["update_sha256"]),
+        str(doc["round_nonce"]),
         envelope,
         doc.get("gradient_sha256"),
         doc.get("drift_offset_sha256"),
@@ -309,6 +324,7 @@ class ContributionGate:
     store: pending and refused reports.
     registry: node id of each device's Flower key (`flower_nodes`); read, never written.
     captures: the strategy's round captures.
+    issued: the invitation nonces of the MID's jobs, by run id (the job book).
     grace_ms: how long a report waits for its round's capture before `round_not_captured`.
     poll_s: how often waiting reports are re-checked (`due`).
     in_ledger: (key id, seq) -> already logged (the dedup index): a crash between the ledger commit and the
@@ -323,6 +339,7 @@ class ContributionGate:
         store: ContributionStore,
         registry: Registry,
         captures: RoundCaptures,
+        issued: IssuedNonces,
         grace_ms: int,
         poll_s: float,
         in_ledger: Callable[[str, int], bool],
@@ -333,6 +350,7 @@ class ContributionGate:
         self.store = store
         self.registry = registry
         self.captures = captures
+        self.issued = issued
         self.grace_ms = grace_ms
         self.poll_s = poll_s
         self.in_ledger = in_ledger
@@ -412,11 +430,19 @@ class ContributionGate:
             return self._refusal(report, EquivocationError("other bytes for a waiting (key, seq)"), None, now_ms)
         capture = self.captures.get(report.run_id, report.round)
         if capture is None:
+            issued = self.issued.for_run(report.run_id)
+            if issued is not None:  # no record yet: it may be late until the round is captured (`_judge`)
+                try:
+                    check_round_nonce(report.device, report.run_id, report.round_nonce, issued)
+                except ProtocolError as exc:
+                    return self._refusal(report, exc, None, now_ms)
             return _WAIT
         return self._judge(report, capture, now_ms)
 
     def _judge(self, report: ReportedContribution, capture: RoundCapture, now_ms: int) -> RefusedContribution | None:
+        """The nonce of the signer's invitation (a run no job record names is refused by now), then the capture."""
         try:
+            check_round_nonce(report.device, report.run_id, report.round_nonce, self.issued.for_run(report.run_id))
             judge_report(report, capture, self._nodes.get(report.device))
         except ProtocolError as exc:
             return self._refusal(report, exc, capture, now_ms)
@@ -593,12 +619,14 @@ def open_contribution_gate(
     store_path: Path,
     registry_path: Path,
     jobs_dir: Path,
+    job_book_dir: Path,
     grace_s: float,
     poll_s: float,
     in_ledger: Callable[[str, int], bool],
     metrics_registry: CollectorRegistry | None = None,
 ) -> ContributionGate:
-    """The gate `serve` runs with `[federation] enabled` (its own registry connection and store file)."""
+    """The gate `serve` runs with `[federation] enabled` (its own registry connection and store file); `jobs_dir`
+    holds the round captures, `job_book_dir` the job records with their invitation nonces."""
     metrics = ContributionMetrics(metrics_registry) if metrics_registry is not None else None
     return ContributionGate(
         mid,
@@ -606,6 +634,7 @@ def open_contribution_gate(
         ContributionStore(store_path),
         Registry(registry_path),
         RoundCaptures(jobs_dir),
+        IssuedNonces(job_book_dir),
         int(grace_s * 1000),
         poll_s,
         in_ledger,

@@ -115,6 +115,7 @@ class CoordinatorService:
                 s.contributions_path,
                 s.registry_path,
                 s.jobs_dir,
+                s.job_book_dir,
                 s.federation.report_grace_s,
                 s.federation.capture_poll_s,
                 lambda key_id, seq: self.dedup.lookup(key_id, seq) is not None,
