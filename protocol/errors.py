@@ -224,7 +224,8 @@ class UpdateDroppedError(ProtocolError):
 class WrongRoundNonceError(ProtocolError):
     """A contribution report whose `round_nonce` is not the nonce the MID's invitation to the run's job gave the
     signing device (another device's, another job's, one never issued, or a run of no job the MID started). Refused,
-    not flagged: an honest agent invited to a new job while its last job's records are still spooled signs those with
-    the new job's nonce (edge/agent/job_node.py keeps only the latest)."""
+    not flagged: an honest agent maps run ids to nonces only from invitations that named the run (edge/agent/job_node.py
+    `nonce_for`), so a record of a job that ended before any did, still spooled when a new job starts, gets the new
+    job's nonce."""
 
     reason = Reason.WRONG_ROUND_NONCE

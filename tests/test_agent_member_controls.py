@@ -45,9 +45,11 @@ from edge.agent.member_state import (
 )
 from edge.agent.membership import Membership, MembershipRecord
 from edge.agent.outbox import Outbox
+from edge.agent.spool import report_fields
 from midgate_cli import app
 from protocol.enrolment import BrokerCredentials
 from protocol.envelope import decode, open_envelope
+from protocol.errors import MalformedError
 from protocol.identity import SignerKey
 from protocol.messages import DeviceStatus, RoundInvitation, StrikeVote
 
@@ -291,17 +293,19 @@ def _membership(tmp_path: Path) -> tuple[Membership, SignerKey]:
     return Membership(tmp_path, record, SignerKey.generate("d-1")), mid_key
 
 
-def _invitation(mid_key: SignerKey, job: str, buyer: str, purpose: str) -> bytes:
+def _invitation(
+    mid_key: SignerKey, job: str, buyer: str, purpose: str, run_id: int = 1, nonce: str | None = None
+) -> bytes:
     now = time.time_ns() // 1_000_000
     return RoundInvitation(
         job_id=job,
-        run_id=1,
+        run_id=run_id,
         round=1,
         task_id="plaid-appliance",
         task_version=1,
         purpose=purpose,
         buyer=buyer,
-        nonce=secrets.token_hex(16),
+        nonce=nonce or secrets.token_hex(16),
         issued_ms=now,
         deadline_ms=now + 60_000,
     ).seal(mid_key)
@@ -321,6 +325,29 @@ def test_job_node_declines_invitations_the_member_does_not_allow(tmp_path: Path)
 
     asyncio.run(invite())
     assert node.job is None and node.declined == 1 and controls.declined == {DeclineReason.MEMBER_STRIKING: 1}
+
+
+def test_a_spooled_record_carries_the_nonce_of_its_own_runs_invitation(tmp_path: Path) -> None:
+    """A record of an earlier job still in the spool when a later job's invitation arrives is signed with its own
+    job's nonce (ingest refuses any other: wrong_round_nonce); a run no invitation named is refused, not guessed."""
+    membership, mid_key = _membership(tmp_path)
+    controls = MemberControls(tmp_path, "riverside")
+    node = JobNode(membership, tmp_path / "spool", None, admit=controls.admit, recheck=controls.recheck)
+    first, second = "a" * 32, "b" * 32
+
+    async def invite() -> None:
+        await node.invited(_invitation(mid_key, "job-1", "acme", "research", run_id=0, nonce=first))  # before the run
+        await node.invited(_invitation(mid_key, "job-1", "acme", "research", run_id=7, nonce=first))  # renewal
+        await node.invited(_invitation(mid_key, "job-2", "acme", "research", run_id=9, nonce=second))
+
+    asyncio.run(invite())
+    record = {"run_id": 7, "node_id": 5, "round": 1}
+    assert report_fields(record, node.nonce_for)["round_nonce"] == first
+    assert report_fields({**record, "run_id": 9}, node.nonce_for)["round_nonce"] == second
+    with pytest.raises(MalformedError, match="no job invitation"):
+        report_fields({**record, "run_id": 8}, node.nonce_for)  # no job started here, so no latest nonce either
+    with pytest.raises(MalformedError, match="integer run_id"):
+        report_fields({**record, "run_id": "7"}, node.nonce_for)
 
 
 # --- the commands ---------------------------------------------------------------------------------------------------

@@ -16,8 +16,9 @@ capture the strategy wrote (coordinator/federation/round_captures.py) before the
 
 Before that, the report's `round_nonce` must be the nonce the MID's invitation to the run's job gave the signing
 device (the job book `job start` writes; coordinator.federation.issued_nonces), or it is refused
-`wrong_round_nonce`, unflagged (an honest agent moved to a new job can sign its last job's records with the new
-nonce). A report whose job record is readable is checked on arrival, so a wrong nonce never waits. A run that no job
+`wrong_round_nonce`, unflagged (an honest agent signs a record with its own run's nonce, edge.agent.job_node
+`nonce_for`, but only once an invitation named that run; an earlier one falls back to the latest job's nonce).
+A report whose job record is readable is checked on arrival, so a wrong nonce never waits. A run that no job
 record names is refused `wrong_round_nonce` too, but only once its round is captured: `job start` records the run id
 before the run's first round can end, so until then a missing record may only be late, and the report waits as any
 other. Such runs exist only outside `job start` (a hand-made `flwr run` on the MID's SuperLink; tests and benchmarks

@@ -176,7 +176,7 @@ class MembershipRunner:
                 path.unlink(missing_ok=True)
                 continue
             try:
-                record = read_record(path, self.job_node.round_nonce)
+                record = read_record(path, self.job_node.nonce_for)
             except (ProtocolError, OSError) as exc:
                 log.warning("spool record rejected", extra={"file": name, "error": str(exc)})
                 with contextlib.suppress(OSError):

@@ -34,6 +34,8 @@ from protocol.messages import RoundInvitation
 log = logging.getLogger("midgate.agent.job")
 
 MAX_INVITATION_BYTES = 8 * 1024
+MAX_REMEMBERED_RUNS = 64
+"""Run ids whose invitation nonce the agent keeps for records still in the spool (the oldest is forgotten first)."""
 
 
 def _free_port() -> int:
@@ -82,8 +84,11 @@ class JobNode:
         self.refused = 0
         self.declined = 0
         # The latest job's invitation nonce goes into that job's reports (edge.agent.spool.report_fields); kept after
-        # the job ends because its last records may reach the spool after the deadline.
+        # the job ends because its last records may reach the spool after the deadline. Invitations that name the run
+        # (every one after the first) also map its run id to its nonce, so a record of an earlier job still waiting
+        # in the spool when a new job starts carries its own job's nonce, not the new one (`nonce_for`).
         self.round_nonce: str | None = None
+        self._run_nonces: dict[int, str] = {}
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()  # invitations arrive as separate tasks; one job change at a time
 
@@ -143,6 +148,7 @@ class JobNode:
             if self.job is not None and self.job.job_id == invitation.job_id:
                 await self.stop(str(decision))
             return
+        self._remember_run(invitation)
         if not self.membership.record.flower_node_id or self.windows is None:
             log.warning("invited, but this device has no Flower node or no training windows; not joining")
             return
@@ -159,6 +165,19 @@ class JobNode:
         self.round_nonce = invitation.nonce
         log.info("supernode started", extra={"job": invitation.job_id, "run_id": invitation.run_id})
         self._wake.set()
+
+    def _remember_run(self, invitation: RoundInvitation) -> None:
+        """Map the invitation's run id to its nonce (run id 0: the first invitation, sent before the run exists)."""
+        if invitation.run_id:
+            self._run_nonces.pop(invitation.run_id, None)
+            self._run_nonces[invitation.run_id] = invitation.nonce
+            while len(self._run_nonces) > MAX_REMEMBERED_RUNS:
+                del self._run_nonces[next(iter(self._run_nonces))]
+
+    def nonce_for(self, run_id: int) -> str | None:
+        """The nonce a report of `run_id` carries: that run's invitation's, else the latest job's (a run whose
+        invitations named no run id yet is the latest job's: records exist only once the run does)."""
+        return self._run_nonces.get(run_id, self.round_nonce)
 
     async def stop(self, why: str = "job ended") -> None:
         job, self.job = self.job, None  # taken before awaiting: a concurrent stop finds nothing left to stop

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,10 +43,20 @@ _DRIFT_FIELDS = ("gradient_sha256", "drift_offset_sha256")
 _DRIFT_FIELDS_SET = frozenset(_DRIFT_FIELDS)
 
 
-def report_fields(record: dict[str, Any], round_nonce: str | None) -> dict[str, Any]:
+RoundNonce = str | Callable[[int], str | None] | None
+"""The invitation nonce a record's report carries: one nonce, or the nonce for the record's run id
+(edge.agent.job_node.JobNode.nonce_for), or None when no invitation was received."""
+
+
+def report_fields(record: dict[str, Any], round_nonce: RoundNonce) -> dict[str, Any]:
     """The ContributionReport fields for a record the Flower ClientApp wrote (protocol.tasks.contribution): u64s as
     decimal strings, the fingerprint's SHA-256 hex without its scheme prefix, and the nonce of the MID's invitation
-    to the job (edge.agent.job_node), which the ClientApp does not know."""
+    to the record's job (edge.agent.job_node), which the ClientApp does not know."""
+    if callable(round_nonce):
+        run_id = record.get("run_id")
+        if not isinstance(run_id, int) or isinstance(run_id, bool):
+            raise MalformedError("ClientApp record without an integer run_id")
+        round_nonce = round_nonce(run_id)
     if round_nonce is None:
         raise MalformedError("ClientApp record but no job invitation to take its round nonce from")
     fields = {k: v for k, v in record.items() if k not in ("type", "created_ms")}
@@ -66,7 +77,7 @@ def report_fields(record: dict[str, Any], round_nonce: str | None) -> dict[str, 
     return fields
 
 
-def read_record(path: Path, round_nonce: str | None = None) -> SpoolRecord:
+def read_record(path: Path, round_nonce: RoundNonce = None) -> SpoolRecord:
     """Read and pre-check one spool file (the full schema check happens when it is signed). A record in the
     ClientApp's format is translated with `report_fields`."""
     size = path.stat().st_size
