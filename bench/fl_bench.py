@@ -357,8 +357,7 @@ def train_central(
 def central_accuracies(args: argparse.Namespace, train: WindowSet, test: WindowSet) -> dict[str, float]:
     """PLAID test accuracy of the central model under every lr schedule and epoch budget (central_budgets; the best
     one is the baseline); when the devices keep their Adam state, also every schedule with one Adam kept over the
-    epochs, and with a per-round warmup, also every schedule with the same warmup per epoch. Names carry the budget
-    when there is more than one."""
+    epochs, and with a per-round warmup, also every schedule with the same warmup per epoch. Names carry the budget."""
     spec = get_task("plaid-appliance", 1)
     scheduled = [schedule for schedule in LrSchedule if schedule is not LrSchedule.CONSTANT]
     recipes = [(schedule, False, 0) for schedule in LrSchedule]
@@ -366,12 +365,11 @@ def central_accuracies(args: argparse.Namespace, train: WindowSet, test: WindowS
         recipes += [(schedule, True, 0) for schedule in scheduled]
     if args.warmup_steps:
         recipes += [(schedule, False, args.warmup_steps) for schedule in scheduled]
-    budgets = central_budgets(args)
     accuracies: dict[str, float] = {}
-    for epochs in budgets:
+    for epochs in central_budgets(args):
         for schedule, kept, warmup in recipes:
             name = f"{schedule} lr{' kept Adam' if kept else ''}{f' warmup {warmup}' if warmup else ''}"
-            name += f", {epochs} epochs" if len(budgets) > 1 else ""
+            name += f", {epochs} epochs"
             tail = new_tail(args)
             model = train_central(args, train, schedule, kept, warmup, tail, epochs)
             accuracies[name] = evaluate(spec, model, test.x, test.y)["accuracy"]
@@ -395,12 +393,10 @@ def bench_accuracy(args: argparse.Namespace) -> None:
     for i, part in enumerate(parts):
         assert part.y is not None
         print(f"  dev{i}: {len(part)} windows, classes {np.bincount(part.y, minlength=11).tolist()}")
-    epochs = central_epochs(args)
     central = central_accuracies(args, train, test)
-    for schedule, accuracy in central.items():
+    for recipe, accuracy in central.items():
         print(
-            f"central ({schedule}{'' if len(central_budgets(args)) > 1 else f', {epochs} epochs'}): on the union "
-            f"(Adam lr {args.lr}, batch {args.batch_size}), "
+            f"central ({recipe}): on the union (Adam lr {args.lr}, batch {args.batch_size}), "
             f"PLAID test accuracy {accuracy:.3f}",
             flush=True,
         )
