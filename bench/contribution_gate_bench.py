@@ -1,4 +1,4 @@
-"""What the contribution cross-check (coordinator/ingest/contributions.py) costs the sequencer, in process.
+"""What the contribution cross-check (coordinator/gate/gate.py) costs the sequencer, in process.
 
 Setup: real SQLite files (registry, ledger with synchronous=FULL, dedup index, the gate's store), real Ed25519, a real
 CaptureDirectory per round; D enrolled devices with Flower nodes, each reporting every one of R rounds (signed before
@@ -31,10 +31,11 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from mqtt_fixtures import contribution_fields, write_job_record  # noqa: E402
 
-from coordinator.federation.capture import CaptureDirectory, CapturedUpdate, RoundCapture  # noqa: E402
-from coordinator.ingest.contributions import open_contribution_gate  # noqa: E402
-from coordinator.ingest.dedup import DedupIndex  # noqa: E402
+from coordinator.capture.directory import CaptureDirectory  # noqa: E402
+from coordinator.capture.round import CapturedUpdate, RoundCapture  # noqa: E402
+from coordinator.gate.gate import open_contribution_gate  # noqa: E402
 from coordinator.ingest.pipeline import InboundMessage, IngestPipeline  # noqa: E402
+from coordinator.ledger.dedup import DedupIndex  # noqa: E402
 from coordinator.ledger.store import LedgerStore  # noqa: E402
 from coordinator.registry.enrolment import mid_key_name  # noqa: E402
 from coordinator.registry.store import Registry  # noqa: E402

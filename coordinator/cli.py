@@ -196,7 +196,7 @@ def flags(
     import base64
     import json
 
-    from coordinator.ingest.contributions import ContributionStore
+    from coordinator.gate.gate import ContributionStore
 
     settings = _settings(config)
     if not settings.contributions_path.exists():

@@ -70,7 +70,7 @@ def seal_report(
 @dataclass
 class IngestChecks:
     """The coordinator's checks of one report before it is logged: signature by an enrolled key, schema, the global
-    model and update it names are the ones exchanged (as coordinator.federation.report_check does for Flower's
+    model and update it names are the ones exchanged (as coordinator.gate.update_check does for Flower's
     captures), and a strictly newer seq for that key."""
 
     ring: KeyRing

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -163,6 +164,12 @@ def parse_unverified_payload(payload_type: str, payload: bytes, model: type[M]) 
     if canonical is not None and canonical() != payload:
         raise MalformedError("payload is not in canonical JSON form", payload_type=payload_type)
     return message
+
+
+def envelope_digest(envelope: bytes) -> bytes:
+    """SHA-256 of a signed envelope's exact bytes: how the ledger, dedup, receipts and the agent's own records name one
+    signed statement (two different statements under one (key, seq) have different digests: equivocation)."""
+    return hashlib.sha256(envelope).digest()
 
 
 def peek_envelope(data: bytes) -> tuple[str, bytes, tuple[str, ...]]:

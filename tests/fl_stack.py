@@ -20,10 +20,11 @@ import psutil
 from flower_fixtures import plaid_windows, split_by_label
 from mqtt_fixtures import PYTHON, REPO, AgentHandle, MessagingStack, ServiceProcess, agent_toml, free_port, wait_until
 
-from coordinator.federation.capture import CaptureDirectory, CapturedUpdate
+from coordinator.capture.directory import CaptureDirectory
+from coordinator.capture.round import CapturedUpdate
 from coordinator.federation.job_start import JobBook, JobRecord
-from coordinator.federation.report_check import check_contribution
 from coordinator.federation.superlink import kill_pids
+from coordinator.gate.update_check import check_contribution
 from edge.agent.config import AgentSettings
 from edge.agent.enrolment import enrol
 from edge.agent.membership import MembershipRecord

@@ -8,7 +8,7 @@ import pytest
 from flwr.serverapp.strategy import FedAvg
 
 from coordinator.attribution.valuation import _player_weights
-from coordinator.federation.capture import CapturedUpdate, RoundCapture
+from coordinator.capture.round import CapturedUpdate, RoundCapture
 from coordinator.federation.strategy import AggregationWeighting, JobStrategy, aggregation_weights
 
 REPORTED = {11: 50, 12: 1_000_000, 13: 200}  # node 12 claims a million examples

@@ -8,7 +8,7 @@ import pytest
 from coordinator.attribution import ScreenReason, ValuationMethod, ValuationSettings
 from coordinator.attribution.round_sink import AttributionSink
 from coordinator.attribution.task_loss import TaskValidationLoss
-from coordinator.federation.capture import CapturedUpdate, RoundCapture
+from coordinator.capture.round import CapturedUpdate, RoundCapture
 from edge.sensors.plaid import load_plaid
 from protocol.tasks.arrays import arrays_sha256
 from protocol.tasks.models import build_model, load_arrays, model_arrays, train_epochs

@@ -1,4 +1,4 @@
-"""The contribution gate (coordinator/ingest/contributions.py) on real SQLite files, a real CaptureDirectory and real
+"""The contribution gate (coordinator/gate/gate.py) on real SQLite files, a real CaptureDirectory and real
 Ed25519: a report is logged only for the update Flower delivered from the signer's node; it waits durably for its
 round's capture, survives a restart while waiting, and is refused (and its device flagged) when the capture
 contradicts it; the device's outbox settles the MID-signed Refusal. A report must also carry the nonce of its device's
@@ -18,13 +18,14 @@ import numpy as np
 import pytest
 from mqtt_fixtures import contribution_fields, write_job_record
 
-from coordinator.federation import issued_nonces
-from coordinator.federation.capture import CaptureDirectory, CapturedUpdate, DropReason, NodeDrop, RoundCapture
-from coordinator.federation.issued_nonces import RACY_NS, IssuedNonces
+from coordinator.capture.directory import CaptureDirectory
+from coordinator.capture.round import CapturedUpdate, DropReason, NodeDrop, RoundCapture
+from coordinator.gate import issued_nonces
 from coordinator.federation.job_start import JobBook
-from coordinator.ingest.contributions import Admission, ContributionGate, open_contribution_gate
-from coordinator.ingest.dedup import DedupIndex
+from coordinator.gate.gate import Admission, ContributionGate, open_contribution_gate
+from coordinator.gate.issued_nonces import RACY_NS, IssuedNonces
 from coordinator.ingest.pipeline import InboundMessage, IngestPipeline, Outcome, Verdict
+from coordinator.ledger.dedup import DedupIndex
 from coordinator.ledger.store import LedgerStore
 from coordinator.registry.enrolment import mid_key_name
 from coordinator.registry.store import Registry
@@ -663,7 +664,7 @@ def test_the_gate_reads_the_job_book_after_a_restart(world: World) -> None:
 
 
 class _Reads:
-    """Counts the job book's folder listings and file reads of coordinator.federation.issued_nonces."""
+    """Counts the job book's folder listings and file reads of coordinator.gate.issued_nonces."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.listings = self.files = 0

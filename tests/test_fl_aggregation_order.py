@@ -10,7 +10,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from coordinator.federation.capture import RoundCapture
+from coordinator.capture.round import RoundCapture
 from coordinator.federation.strategy import WEIGHT_KEY, JobStrategy
 
 NODES = {11: 50, 12: 143, 13: 7}  # node id -> examples

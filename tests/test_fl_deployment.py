@@ -13,8 +13,9 @@ import psutil
 import pytest
 from flower_fixtures import Federation, plaid_store_windows, plaid_windows, split_by_label, split_indices_by_label
 
-from coordinator.federation.capture import CaptureDirectory, DropReason, RoundCapture
-from coordinator.federation.report_check import check_contribution
+from coordinator.capture.directory import CaptureDirectory
+from coordinator.capture.round import DropReason, RoundCapture
+from coordinator.gate.update_check import check_contribution
 from edge.federated.spool import pending_records
 from edge.federated.supernode import EXIT_NODE_NOT_REGISTERED
 from protocol.errors import UpdateMismatchError

@@ -14,9 +14,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from coordinator.federation.capture import CaptureDirectory, CapturedUpdate, RoundCapture
+from coordinator.capture.directory import CaptureDirectory
+from coordinator.capture.round import CapturedUpdate, RoundCapture
 from coordinator.federation.job import JobRunConfig
-from coordinator.federation.report_check import check_contribution
+from coordinator.gate.update_check import check_contribution
 from edge.federated.training import LocalTrainingConfig, round_gradient, round_sample, train_round
 from protocol.errors import MalformedError, Reason, UpdateMismatchError
 from protocol.tasks.arrays import arrays_sha256

@@ -22,7 +22,7 @@ from fl_stack import (
 )
 from mqtt_fixtures import MessagingStack, wait_until
 
-from coordinator.federation.capture import CaptureDirectory
+from coordinator.capture.directory import CaptureDirectory
 from coordinator.federation.job import JobOutcome
 from protocol.messages import ContributionReportV2
 

@@ -1,4 +1,4 @@
-"""coordinator.federation.report_check: a device's report is accepted only for the exact update Flower delivered;
+"""coordinator.gate.update_check: a device's report is accepted only for the exact update Flower delivered;
 CaptureDirectory re-hashes stored updates, so a tampered capture shows as a mismatch too. Its nonce must be the one
 the MID's invitation to the run's job gave the signing device."""
 
@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.federation.capture import CaptureDirectory, CapturedUpdate, DropReason, NodeDrop, RoundCapture
-from coordinator.federation.report_check import check_contribution, check_round_nonce
+from coordinator.capture.directory import CaptureDirectory
+from coordinator.capture.round import CapturedUpdate, DropReason, NodeDrop, RoundCapture
+from coordinator.gate.update_check import check_contribution, check_round_nonce
 from protocol.errors import Reason, UpdateMismatchError, WrongRoundNonceError
 from protocol.tasks.arrays import arrays_sha256
 from protocol.tasks.contribution import ContributionRecord

@@ -13,7 +13,7 @@ import psutil
 import pytest
 from flower_fixtures import Federation, plaid_windows, split_by_label
 
-from coordinator.federation.capture import CaptureDirectory
+from coordinator.capture.directory import CaptureDirectory
 from edge.federated.supernode import EXIT_NODE_NOT_REGISTERED, SuperNodeProcess
 from edge.federated.supervisor import SuperNodeSupervisor, SupervisorState
 

@@ -29,7 +29,7 @@ from fl_stack import (
 )
 from mqtt_fixtures import AgentHandle, MessagingStack, wait_until
 
-from coordinator.federation.capture import CaptureDirectory
+from coordinator.capture.directory import CaptureDirectory
 from coordinator.federation.job import JobOutcome
 from edge.agent.membership import load_memberships
 from edge.agent.spool import report_fields, write_record

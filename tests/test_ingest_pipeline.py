@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from mqtt_fixtures import contribution_fields
 
-from coordinator.ingest.dedup import DedupIndex
 from coordinator.ingest.pipeline import InboundMessage, IngestPipeline, Outcome, Verdict
+from coordinator.ledger.dedup import DedupIndex
 from coordinator.ledger.store import LedgerStore
 from coordinator.registry.enrolment import mid_key_name
 from coordinator.registry.store import Registry

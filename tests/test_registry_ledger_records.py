@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.ingest.dedup import DedupIndex
 from coordinator.ingest.pipeline import IngestPipeline
+from coordinator.ledger.dedup import DedupIndex
 from coordinator.ledger.store import AppendResult, LedgerStore
 from coordinator.registry.enrolment import Enroller, issue_invite, mid_key_name
 from coordinator.registry.store import Device, Registry

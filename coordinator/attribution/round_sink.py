@@ -19,7 +19,7 @@ from coordinator.attribution.history import AttributionAccount
 from coordinator.attribution.reputation import ReputationBook
 from coordinator.attribution.task_loss import TaskValidationLoss
 from coordinator.attribution.valuation import RoundUpdates, RoundValuation, ValuationSettings, value_round
-from coordinator.federation.capture import RoundCapture, UpdateSink
+from coordinator.capture.round import RoundCapture, UpdateSink
 from protocol.errors import ProtocolError
 from protocol.tasks.arrays import arrays_sha256
 

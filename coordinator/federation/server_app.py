@@ -2,7 +2,7 @@
 
 Component reference for the Flower app: `coordinator.federation.server_app:app`. The job comes entirely from the
 run config (`JobRunConfig`); everything the run produces goes to `output-dir/run-<run id>/`: per-round captures
-(capture.py), `final-model.npz` and `outcome.json`. Evaluation is centralised (Flower's `evaluate_fn`), so no
+(coordinator.capture), `final-model.npz` and `outcome.json`. Evaluation is centralised (Flower's `evaluate_fn`), so no
 federated evaluate message is ever sent: the buyer's validation data stays here, and rounds are one round trip.
 """
 
@@ -25,7 +25,8 @@ from pydantic import ValidationError
 from coordinator.attribution.round_sink import AttributionSink
 from coordinator.attribution.task_loss import TaskValidationLoss
 from coordinator.attribution.valuation import ValuationSettings
-from coordinator.federation.capture import CaptureDirectory, UpdateSink
+from coordinator.capture.directory import CaptureDirectory
+from coordinator.capture.round import UpdateSink
 from coordinator.federation.job import JobOutcome, JobRunConfig, NodeDropRecord
 from coordinator.federation.polling_grid import PollingGrid
 from coordinator.federation.strategy import AggregationWeighting, JobFailedError, JobStrategy

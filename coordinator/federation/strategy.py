@@ -22,7 +22,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from coordinator.federation.capture import CapturedUpdate, DropReason, NDArrays, NodeDrop, RoundCapture, UpdateSink
+from coordinator.capture.round import CapturedUpdate, DropReason, NDArrays, NodeDrop, RoundCapture, UpdateSink
 from protocol.tasks.arrays import arrays_sha256
 from protocol.tasks.drift import DRIFT_OFFSET_KEY, GRADIENT_KEY, QUERY_GRADIENT, drift_offsets
 

@@ -18,11 +18,11 @@ from enum import StrEnum
 from typing import TypeVar
 
 from coordinator.ingest.batch_proofs import batch_inclusion_proofs
-from coordinator.ingest.dedup import DedupIndex, envelope_digest
+from coordinator.ledger.dedup import DedupIndex
 from coordinator.ledger.store import LedgerStore
 from coordinator.registry.ledger_records import log_revocations
 from coordinator.registry.store import Device, Registry
-from protocol.envelope import KeyRing, VerifiedPayload, decode, open_envelope, peek_envelope
+from protocol.envelope import KeyRing, VerifiedPayload, decode, envelope_digest, open_envelope, peek_envelope
 from protocol.errors import (
     BadTopicError,
     EquivocationError,

@@ -25,8 +25,7 @@ from coordinator.broker.logins import coordinator_password, sync_broker_logins
 from coordinator.buyer.http import RevenueDesk
 from coordinator.config import CoordinatorSettings
 from coordinator.federation.mid_superlink import MidSuperLink
-from coordinator.ingest.contributions import ContributionGate, open_contribution_gate
-from coordinator.ingest.dedup import DedupIndex
+from coordinator.gate.gate import ContributionGate, open_contribution_gate
 from coordinator.ingest.handoff import (
     VerifiedBatch,
     is_handoff_topic,
@@ -38,6 +37,7 @@ from coordinator.ingest.handoff import (
 from coordinator.ingest.metrics import IngestMetrics
 from coordinator.ingest.mqtt import BrokerEndpoint, BrokerSession, collect_batch
 from coordinator.ingest.pipeline import Candidate, InboundMessage, IngestPipeline, Outcome, ScreenResult, Verdict
+from coordinator.ledger.dedup import DedupIndex
 from coordinator.ledger.store import LedgerStore
 from coordinator.registry.enrolment import Enroller, load_or_create_mid_key
 from coordinator.registry.http import build_app
@@ -301,7 +301,7 @@ class CoordinatorService:
             self.session.settle(message.token)
 
     async def _admit_contributions(self, candidates: list[Candidate], now_ms: int) -> list[Candidate]:
-        """Cross-check contribution reports with their round's capture (coordinator/ingest/contributions.py): a
+        """Cross-check contribution reports with their round's capture (coordinator/gate/gate.py): a
         report waiting for it is stored durably, then acknowledged without a receipt; a refused one gets its Refusal."""
         assert self.contributions is not None
         admission = await asyncio.to_thread(self.contributions.admit, candidates, now_ms)

@@ -15,7 +15,6 @@ import typer
 
 from coordinator.ledger.audit import audit_ledger
 from coordinator.ledger.store import LedgerReader
-from coordinator.royalties.cli import recompute_settlement_command
 from protocol.checkpoint import AddCheckpointBody, parse_checkpoint_text, verify_receipt, verify_receipt_hash
 from protocol.errors import ProtocolError
 from protocol.identity import VerifierKey
@@ -214,7 +213,3 @@ def verify_consistency_cmd(
     except ProtocolError as exc:
         raise _fail(exc) from None
     _ok(f"size {accepted.checkpoint.size} extends the trusted size {old_size}")
-
-
-# Defined by the royalty component (coordinator/royalties/cli.py); a ledger command because it reads only the ledger.
-app.command("recompute-settlement")(recompute_settlement_command)

@@ -24,12 +24,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from coordinator.broker.passwords import hash_password, new_password
-from coordinator.ingest.dedup import envelope_digest
 from coordinator.ledger.store import LedgerStore
 from coordinator.registry.ledger_records import log_enrolments
 from coordinator.registry.store import Device, Registry
 from protocol.checkpoint import Receipt as TlogProof
 from protocol.enrolment import BrokerCredentials, EnrolmentGrant, InviteClaim, open_invite, sign_invite
+from protocol.envelope import envelope_digest
 from protocol.errors import BadKeyError, InviteInvalidError, InviteUsedError, TooLargeError
 from protocol.identity import SignerKey, VerifierKey, load_signer_key, save_signer_key
 from protocol.messages import EnrolmentResponse, Receipt, open_enrolment_request

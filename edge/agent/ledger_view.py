@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from protocol.checkpoint import Checkpoint, VerifiedCheckpoint, open_checkpoint, verify_receipt
-from protocol.envelope import decode, open_envelope
+from protocol.envelope import decode, envelope_digest, open_envelope
 from protocol.errors import InconsistentError, MalformedError, ProtocolError, ReplayedError
 from protocol.identity import VerifierKey
 from protocol.leaves import Leaf, LeafKind
@@ -111,7 +110,7 @@ class LedgerView:
         """Verify a signed Receipt (the enrolment grant's) for `envelope` (seq `seq`); raises a ProtocolError."""
         verified = open_envelope(receipt_envelope, {self.mid_key.key_id.hex(): self.mid_key}, Receipt.PAYLOAD_TYPE)
         receipt = decode(verified, Receipt)
-        digest = hashlib.sha256(envelope).hexdigest()
+        digest = envelope_digest(envelope).hex()
         if receipt.device_key_id != self.device_key_id or receipt.seq != seq or receipt.envelope_sha256 != digest:
             raise ReplayedError("receipt is for another report", seq=seq, receipt_seq=receipt.seq)
         proven = verify_receipt(receipt.tlog_proof, Leaf(kind, envelope).encode(), self.mid_key)
@@ -143,7 +142,7 @@ class LedgerView:
             except ProtocolError as exc:
                 outcome.refused.append((entry.seq, exc))
                 continue
-            digest = hashlib.sha256(envelope).hexdigest()
+            digest = envelope_digest(envelope).hex()
             outcome.settled.append(SettledReport(entry.seq, entry.leaf_index, size, digest))
         return outcome
 

@@ -9,12 +9,13 @@ spool file cannot enqueue the same record twice.
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from protocol.envelope import envelope_digest
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB);
@@ -223,7 +224,7 @@ class Outbox:
         """
         with self._txn() as db:
             row = db.execute("SELECT kind, envelope, spool_name FROM outbox WHERE seq = ?", (seq,)).fetchone()
-            if row is None or hashlib.sha256(bytes(row[1])).hexdigest() != envelope_sha256:
+            if row is None or envelope_digest(bytes(row[1])).hex() != envelope_sha256:
                 return False
             db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
             db.execute(

@@ -2,7 +2,7 @@
 
 The agent wraps these exact bytes in a signed envelope; the coordinator verifies the signature first, then parses
 with `parse_contribution_record`, then cross-checks `update_sha256` against the update Flower delivered for that
-node (coordinator.federation.report_check).
+node (coordinator.gate.update_check).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Contribution reports reach the ledger only for updates Flower delivered (issue 6).
 
 With `[federation] enabled` every verified, deduplicated ContributionReport is cross-checked against the round
-capture the strategy wrote (coordinator/federation/round_captures.py) before the ledger commit:
+capture the strategy wrote (coordinator/gate/round_captures.py) before the ledger commit:
 
 - the capture exists and names the signer's node with the same global-model and update hashes (and, in a
   drift-corrected round, the gradient and offset hashes only a ContributionReportV2 names): logged as before;
@@ -15,7 +15,7 @@ capture the strategy wrote (coordinator/federation/round_captures.py) before the
   `update_dropped`, unflagged.
 
 Before that, the report's `round_nonce` must be the nonce the MID's invitation to the run's job gave the signing
-device (the job book `job start` writes; coordinator.federation.issued_nonces), or it is refused
+device (the job book `job start` writes; coordinator.gate.issued_nonces), or it is refused
 `wrong_round_nonce`, unflagged (an honest agent signs a record with its own run's nonce, edge.agent.job_node
 `nonce_for`, but only once an invitation named that run; an earlier one falls back to the latest job's nonce).
 A report whose job record is readable is checked on arrival, so a wrong nonce never waits. A run that no job
@@ -32,7 +32,6 @@ stops resending; a resend that arrives anyway is refused again from the stored r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import sqlite3
@@ -45,14 +44,14 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from coordinator.federation.capture import RoundCapture
-from coordinator.federation.issued_nonces import IssuedNonces
-from coordinator.federation.report_check import check_round_nonce
-from coordinator.federation.round_captures import RoundCaptures, capture_evidence, judge_report
+from coordinator.capture.round import RoundCapture
+from coordinator.gate.issued_nonces import IssuedNonces
+from coordinator.gate.round_captures import RoundCaptures, capture_evidence, judge_report
+from coordinator.gate.update_check import check_round_nonce
 from coordinator.ingest.pipeline import Candidate, InboundMessage, Outcome, Verdict
-from coordinator.ingest.sqlite_files import immediate_transaction, open_wal
 from coordinator.registry.store import Device, Registry
-from protocol.envelope import peek_envelope
+from coordinator.sqlite_files import immediate_transaction, open_wal
+from protocol.envelope import envelope_digest, peek_envelope
 from protocol.errors import EquivocationError, ProtocolError, Reason, RevokedKeyError, RoundNotCapturedError
 from protocol.identity import SignerKey
 from protocol.leaves import Leaf, LeafKind
@@ -112,7 +111,7 @@ class ReportedContribution:
     gradient_sha256: str | None = None
     drift_offset_sha256: str | None = None
     """The drift-correction hashes of a ContributionReportV2; None for a v1 report, which stands for a round without
-    drift correction (report_check compares both with the capture either way)."""
+    drift correction (update_check compares both with the capture either way)."""
 
 
 def reported_contribution(envelope: bytes, device: str, key_id: str, seq: int) -> ReportedContribution:
@@ -178,7 +177,7 @@ class ContributionStore:
     def pending_digests(self) -> dict[tuple[str, int], bytes]:
         """(key id, seq) -> envelope SHA-256 of every waiting report."""
         rows = self._db.execute("SELECT key_id, seq, envelope FROM pending_contributions")
-        return {(key_id, int(seq)): hashlib.sha256(bytes(envelope)).digest() for key_id, seq, envelope in rows}
+        return {(key_id, int(seq)): envelope_digest(bytes(envelope)) for key_id, seq, envelope in rows}
 
     def refused_keys(self) -> set[tuple[str, int]]:
         return {(key_id, int(seq)) for key_id, seq in self._db.execute("SELECT key_id, seq FROM refused_contributions")}
@@ -551,7 +550,7 @@ class ContributionGate:
             detail=str(exc)[:256],
             flagged=flagged,
             envelope=report.envelope,
-            envelope_sha256=hashlib.sha256(report.envelope).hexdigest(),
+            envelope_sha256=envelope_digest(report.envelope).hex(),
             capture={
                 **capture_evidence(capture, report.node_id),
                 "reported_update_sha256": report.update_sha256,
@@ -601,7 +600,7 @@ class ContributionGate:
 
     def _candidate(self, report: ReportedContribution, signer: Device) -> Candidate:
         leaf = Leaf(LeafKind.CONTRIBUTION, report.envelope)
-        return Candidate(self._verdict(report), signer, leaf, hashlib.sha256(report.envelope).digest())
+        return Candidate(self._verdict(report), signer, leaf, envelope_digest(report.envelope))
 
     def _publish_pending(self) -> None:
         if self.metrics is not None:

@@ -8,7 +8,6 @@ re-scan of one batch, never a duplicate ledger entry.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 from collections.abc import Iterable
@@ -16,8 +15,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.ingest.sqlite_files import immediate_transaction, open_wal
-from protocol.envelope import peek_envelope
+from coordinator.sqlite_files import immediate_transaction, open_wal
+from protocol.envelope import envelope_digest, peek_envelope
 from protocol.errors import ProtocolError
 from protocol.leaves import LeafKind, decode_leaf
 from protocol.messages import U64_MAX
@@ -47,10 +46,6 @@ CREATE TABLE IF NOT EXISTS equivocations (
 class SeenEntry:
     digest: bytes
     leaf_index: int
-
-
-def envelope_digest(envelope: bytes) -> bytes:
-    return hashlib.sha256(envelope).digest()
 
 
 class DedupIndex:

@@ -1,27 +1,21 @@
-"""Find the round captures the strategy wrote (capture.py) from a report's run and round, and judge a report by them.
+"""Find a report's round capture (coordinator.capture) by its run and round, and judge the report by it.
 
-The ServerApp writes `output-dir/run-<run id>/round-NNNNNN.json` (after the round's `.npz` files) when a round's
-replies are in; the coordinator points every job's `output-dir` at `[federation] jobs_dir`, so a report's run id and
-round name exactly one summary file. A summary that exists is complete (written atomically), and never changes.
+The gate reads only the round summaries (hashes and drops), never the arrays, and keeps the latest ones in memory:
+a summary that exists is complete and never changes.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import OrderedDict
 from pathlib import Path
 
-from coordinator.federation.capture import CapturedUpdate, DropReason, NodeDrop, RoundCapture
-from coordinator.federation.report_check import ReportedUpdate, check_contribution
+from coordinator.capture.directory import capture_summary_path, read_round_summary
+from coordinator.capture.round import RoundCapture
+from coordinator.gate.update_check import ReportedUpdate, check_contribution
 from protocol.errors import UpdateDroppedError, UpdateMismatchError
 
 log = logging.getLogger("midgate.federation")
-
-
-def capture_summary_path(jobs_dir: Path, run_id: int, server_round: int) -> Path:
-    """Where the strategy writes `run_id`'s round summary (CaptureDirectory.round_path under `run-<id>`)."""
-    return jobs_dir / f"run-{run_id}" / f"round-{server_round:06d}.json"
 
 
 class RoundCaptures:
@@ -62,39 +56,6 @@ class RoundCaptures:
         if len(self._cache) > self.max_rounds:
             self._cache.popitem(last=False)
         return capture
-
-
-def read_round_summary(data: bytes, server_round: int) -> RoundCapture:
-    """A round summary (CaptureDirectory's `round-NNNNNN.json`) with the hashes the strategy computed when Flower
-    delivered each update, without the arrays.
-
-    Not `CaptureDirectory.load_round`, which re-reads and re-hashes every node's .npz (attribution needs the arrays):
-    measured, that made the cross-check cost as much again as all of screening (bench/contribution_gate_bench.py),
-    and the summary is the coordinator's own file, written atomically after the updates.
-    """
-    summary = json.loads(data)
-    global_sha256 = str(summary["global_sha256"])
-    updates = tuple(
-        CapturedUpdate(
-            round=server_round,
-            node_id=int(u["node_id"]),
-            arrays={},
-            update_sha256=str(u["update_sha256"]),
-            global_sha256=global_sha256,
-            examples_reported=int(u["examples_reported"]),
-            weight=int(u["weight"]),
-            metrics={k: float(v) for k, v in u["metrics"].items()},
-            gradient_sha256=u.get("gradient_sha256"),
-            drift_offset_sha256=u.get("drift_offset_sha256"),
-        )
-        for u in summary["updates"]
-    )
-    drops = tuple(
-        NodeDrop(server_round, int(d["node_id"]), DropReason(d["reason"]), str(d["detail"])) for d in summary["drops"]
-    )
-    if int(summary["round"]) != server_round:
-        raise ValueError(f"summary of round {summary['round']} in the file of round {server_round}")
-    return RoundCapture(int(summary["run_id"]), server_round, global_sha256, updates, drops)
 
 
 def judge_report(report: ReportedUpdate, capture: RoundCapture, signer_node_id: int | None) -> None:

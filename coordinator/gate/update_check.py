@@ -14,7 +14,7 @@ import hmac
 from collections.abc import Mapping
 from typing import Protocol
 
-from coordinator.federation.capture import CapturedUpdate, RoundCapture
+from coordinator.capture.round import CapturedUpdate, RoundCapture
 from protocol.errors import UpdateMismatchError, WrongRoundNonceError
 
 
@@ -97,7 +97,7 @@ def check_round_nonce(device: str, run_id: int, round_nonce: str, issued: Mappin
     ----------
     device: the device whose key signed the report (screening established it).
     run_id, round_nonce: what the report states.
-    issued: device id -> nonce, of the job record that names `run_id` (coordinator.federation.issued_nonces);
+    issued: device id -> nonce, of the job record that names `run_id` (coordinator.gate.issued_nonces);
         None: no job record names the run, so the MID issued no nonce for it.
 
     Compared in constant time (the nonce is the device's proof of its invitation); the error names the run and the

@@ -1,0 +1,1 @@
+"""Round captures: each node's update as Flower delivered it, kept for attribution and for the contribution gate."""
