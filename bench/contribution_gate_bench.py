@@ -37,7 +37,7 @@ from coordinator.gate.gate import open_contribution_gate  # noqa: E402
 from coordinator.ingest.pipeline import InboundMessage, IngestPipeline  # noqa: E402
 from coordinator.ledger.dedup import DedupIndex  # noqa: E402
 from coordinator.ledger.store import LedgerStore  # noqa: E402
-from coordinator.registry.enrolment import mid_key_name  # noqa: E402
+from coordinator.mid_key import mid_key_name  # noqa: E402
 from coordinator.registry.store import Registry  # noqa: E402
 from edge.agent.spool import build_report  # noqa: E402
 from protocol.identity import SignerKey  # noqa: E402
@@ -113,15 +113,15 @@ def _run(fleet: Fleet, variant: str) -> tuple[float, int]:
         registry = Registry(root / "registry.sqlite")
         pipeline = IngestPipeline(MID, registry, ledger, dedup, fleet.mid_key, 65536, 1e9, 10**9)
         gate = open_contribution_gate(
-            MID,
-            fleet.mid_key,
-            root / "contributions.sqlite",
-            root / "registry.sqlite",
-            root / "jobs",
-            root / "job-book",
-            3600.0,
-            0.001,
-            lambda key_id, seq: dedup.lookup(key_id, seq) is not None,
+            mid=MID,
+            mid_key=fleet.mid_key,
+            store_path=root / "contributions.sqlite",
+            registry=registry,
+            jobs_dir=root / "jobs",
+            job_book_dir=root / "job-book",
+            grace_s=3600.0,
+            poll_s=0.001,
+            in_ledger=lambda key_id, seq: dedup.lookup(key_id, seq) is not None,
         )
         started = time.process_time()
         for i in range(0, len(fleet.messages), BATCH):

@@ -430,7 +430,8 @@ def idle_agent_rss_mb(stack: Stack) -> float:
     import psutil
     from mqtt_fixtures import PYTHON, agent_toml
 
-    from coordinator.registry.enrolment import issue_invite, load_or_create_mid_key
+    from coordinator.enrolment.enroller import issue_invite
+    from coordinator.mid_key import load_or_create_mid_key
     from coordinator.registry.store import Registry
     from edge.agent.config import AgentSettings
     from edge.agent.enrolment import enrol

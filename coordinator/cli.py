@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -50,20 +47,12 @@ def _now_ms() -> int:
 @app.command()
 def serve(config: Path | None = ConfigOption) -> None:
     """Run ingest (MQTT -> verify -> dedup -> ledger -> receipts) and the enrolment/ledger HTTP API."""
-    from coordinator.ingest.service import JsonLogFormatter
-    from coordinator.ingest.service import serve as run_service
+    from coordinator.serve.assembly import serve as serve_process
+    from coordinator.serve.runtime import configure_logging, run_service
 
     settings = _settings(config)
-    handler = logging.StreamHandler(sys.stderr)
-    if settings.log_json:
-        handler.setFormatter(JsonLogFormatter())
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
-    try:
-        import uvloop
-
-        uvloop.run(run_service(settings))
-    except ImportError:
-        asyncio.run(run_service(settings))
+    configure_logging(settings.log_json)
+    run_service(serve_process(settings))
 
 
 @app.command("ingest-worker")
@@ -74,20 +63,12 @@ def ingest_worker(
     metrics_host: str = typer.Option("127.0.0.1", help="address of the metrics endpoint"),
 ) -> None:
     """Run one screening worker: MQTT 5 shared subscription -> verify -> authenticated hand-off to `serve`."""
-    from coordinator.ingest.service import JsonLogFormatter
     from coordinator.ingest.worker import run_worker
+    from coordinator.serve.runtime import configure_logging, run_service
 
     settings = _settings(config)
-    handler = logging.StreamHandler(sys.stderr)
-    if settings.log_json:
-        handler.setFormatter(JsonLogFormatter())
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
-    try:
-        import uvloop
-
-        uvloop.run(run_worker(settings, worker_id, metrics_port, metrics_host))
-    except ImportError:
-        asyncio.run(run_worker(settings, worker_id, metrics_port, metrics_host))
+    configure_logging(settings.log_json)
+    run_service(run_worker(settings, worker_id, metrics_port, metrics_host))
 
 
 @app.command("broker-config")
@@ -128,7 +109,8 @@ def invite(
     ttl_s: int | None = typer.Option(None, help="seconds until the invite expires (default from config)"),
 ) -> None:
     """Create a single-use, expiring invite signed by the MID key; prints the token to hand to the member."""
-    from coordinator.registry.enrolment import issue_invite, load_or_create_mid_key
+    from coordinator.enrolment.enroller import issue_invite
+    from coordinator.mid_key import load_or_create_mid_key
     from coordinator.registry.store import Registry
     from protocol.topics import check_id
 

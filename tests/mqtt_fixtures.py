@@ -402,7 +402,8 @@ class MessagingStack:
         return proc
 
     def invite(self, member: str, ttl_s: int = 3600) -> str:
-        from coordinator.registry.enrolment import issue_invite, load_or_create_mid_key
+        from coordinator.enrolment.enroller import issue_invite
+        from coordinator.mid_key import load_or_create_mid_key
         from coordinator.registry.store import Registry
 
         key = load_or_create_mid_key(self.data_dir / "mid.key", self.mid)

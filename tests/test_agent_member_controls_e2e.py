@@ -23,7 +23,7 @@ from mqtt_fixtures import PYTHON, REPO, MosquittoProcess, ServiceProcess, agent_
 from test_fl_roles import _enrol, _http_port, _invite, _supernodes, serve_with_superlink
 
 from coordinator.federation.superlink import kill_pids
-from coordinator.registry.enrolment import load_or_create_mid_key
+from coordinator.mid_key import load_or_create_mid_key
 from protocol.envelope import decode, open_envelope, peek_envelope
 from protocol.identity import SignerKey, load_signer_key
 from protocol.leaves import LeafKind, decode_leaf

@@ -22,13 +22,14 @@ from prometheus_client import CollectorRegistry
 
 from coordinator.buyer.http import RevenueDesk
 from coordinator.config import CoordinatorSettings
-from coordinator.ingest.service import CoordinatorService
+from coordinator.enrolment.enroller import Enroller
 from coordinator.ledger.store import LedgerReader, LedgerStore
-from coordinator.registry.enrolment import Enroller, mid_key_name
-from coordinator.registry.http import build_app
+from coordinator.mid_key import mid_key_name
 from coordinator.registry.store import Registry
 from coordinator.royalties import KnobPolicy, MemberAttribution, ModelAttribution, RoyaltyPolicy, settle_job
 from coordinator.royalties.ledger_records import append_split, find_split
+from coordinator.serve.assembly import CoordinatorProcess
+from coordinator.serve.http import build_http_app
 from protocol.checkpoint import verify_receipt
 from protocol.enrolment import BrokerCredentials
 from protocol.errors import Reason
@@ -84,7 +85,9 @@ def coordinator(tmp_path: Path) -> Iterator[Coordinator]:
     keys = {"acme": keygen.stdout.strip(), "globex": stranger.verifier.text()}
     desk = RevenueDesk(MID, "EUR", keys, ledger, 16 * 1024)
     refusals: list[Reason] = []
-    app = build_app(enroller, ledger, CollectorRegistry(), refusals.append, desk)
+    app = build_http_app(
+        enroller=enroller, ledger=ledger, revenue=desk, metrics=CollectorRegistry(), on_refusal=refusals.append
+    )
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -239,7 +242,8 @@ def test_serve_mounts_the_revenue_endpoint(tmp_path: Path, mosquitto: MosquittoP
     settled = settle_job(attribution, 10_000, record_id="job-1.settlement", created_ms=NOW, currency="EUR")
 
     async def scenario() -> tuple[subprocess.CompletedProcess[str], int]:
-        async with CoordinatorService(settings) as service:
+        async with CoordinatorProcess(settings) as process:
+            service = process.storage
             await asyncio.to_thread(append_split, service.ledger, settled)
             url = f"http://127.0.0.1:{port}"
             coordinator = Coordinator(url, tmp_path, service.ledger, service.mid_key.verifier, buyer_key, [])

@@ -20,14 +20,14 @@ from mqtt_fixtures import contribution_fields, write_job_record
 
 from coordinator.capture.directory import CaptureDirectory
 from coordinator.capture.round import CapturedUpdate, DropReason, NodeDrop, RoundCapture
-from coordinator.gate import issued_nonces
 from coordinator.federation.job_start import JobBook
+from coordinator.gate import issued_nonces
 from coordinator.gate.gate import Admission, ContributionGate, open_contribution_gate
 from coordinator.gate.issued_nonces import RACY_NS, IssuedNonces
 from coordinator.ingest.pipeline import InboundMessage, IngestPipeline, Outcome, Verdict
 from coordinator.ledger.dedup import DedupIndex
 from coordinator.ledger.store import LedgerStore
-from coordinator.registry.enrolment import mid_key_name
+from coordinator.mid_key import mid_key_name
 from coordinator.registry.store import Registry
 from edge.agent.membership import Membership, MembershipRecord
 from edge.agent.outbox import Outbox
@@ -74,15 +74,15 @@ class Coordinator:
             MID, Registry(root / "registry.sqlite"), self.ledger, self.dedup, mid_key, 65536, 1e6, 10**6
         )
         self.gate: ContributionGate = open_contribution_gate(
-            MID,
-            mid_key,
-            root / "contributions.sqlite",
-            root / "registry.sqlite",
-            root / "jobs",
-            root / "job-book",
-            GRACE_S,
-            0.001,
-            lambda key_id, seq: self.dedup.lookup(key_id, seq) is not None,
+            mid=MID,
+            mid_key=mid_key,
+            store_path=root / "contributions.sqlite",
+            registry=self.registry,
+            jobs_dir=root / "jobs",
+            job_book_dir=root / "job-book",
+            grace_s=GRACE_S,
+            poll_s=0.001,
+            in_ledger=lambda key_id, seq: self.dedup.lookup(key_id, seq) is not None,
         )
 
     def ingest(self, envelope: bytes, device: str, kind: UpKind = UpKind.REPORT) -> tuple[Admission, list[Verdict]]:

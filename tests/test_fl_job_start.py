@@ -21,7 +21,7 @@ from coordinator.federation.job_start import (
     rounds_captured,
     select_devices,
 )
-from coordinator.registry.enrolment import mid_key_name
+from coordinator.mid_key import mid_key_name
 from coordinator.registry.store import Registry
 from protocol.envelope import decode, open_envelope
 from protocol.errors import BadSignatureError, ProtocolError

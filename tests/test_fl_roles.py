@@ -31,7 +31,7 @@ from mqtt_fixtures import (
 
 from coordinator.config import CoordinatorSettings
 from coordinator.federation.superlink import CONNECTION, FlowerCli, FlowerCliError, kill_pids
-from coordinator.registry.enrolment import load_or_create_mid_key, mid_key_name
+from coordinator.mid_key import load_or_create_mid_key, mid_key_name
 from coordinator.registry.store import Registry
 from edge.agent.config import AgentSettings
 from edge.agent.enrolment import enrol
@@ -139,7 +139,8 @@ def test_serve_runs_the_superlink_with_mid_ca_and_auth_and_stops_it(
 
 
 def _invite(data_dir: Path, member: str) -> str:
-    from coordinator.registry.enrolment import issue_invite, load_or_create_mid_key
+    from coordinator.enrolment.enroller import issue_invite
+    from coordinator.mid_key import load_or_create_mid_key
     from coordinator.registry.store import Registry
 
     key = load_or_create_mid_key(data_dir / "mid.key", MID)

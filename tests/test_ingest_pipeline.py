@@ -13,7 +13,7 @@ from mqtt_fixtures import contribution_fields
 from coordinator.ingest.pipeline import InboundMessage, IngestPipeline, Outcome, Verdict
 from coordinator.ledger.dedup import DedupIndex
 from coordinator.ledger.store import LedgerStore
-from coordinator.registry.enrolment import mid_key_name
+from coordinator.mid_key import mid_key_name
 from coordinator.registry.store import Registry
 from edge.agent.ledger_view import LedgerView
 from edge.agent.spool import build_report

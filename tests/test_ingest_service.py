@@ -13,8 +13,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from coordinator.config import CoordinatorSettings
 from coordinator.ingest.pipeline import Candidate, Verdict
-from coordinator.ingest.service import CoordinatorService
 from coordinator.registry.store import Registry
+from coordinator.serve.assembly import CoordinatorProcess
 from edge.agent.spool import build_report
 from protocol.identity import SignerKey
 from protocol.topics import UpKind, up_topic
@@ -43,7 +43,8 @@ def test_failed_commits_are_redelivered_and_logged_exactly_once(tmp_path: Path, 
     resends: list[int] = []
 
     async def scenario() -> tuple[int, float]:
-        async with CoordinatorService(settings) as service:
+        async with CoordinatorProcess(settings) as process:
+            service = process.ingest
             original = service.pipeline.commit
 
             def failing_commit(candidates: list[Candidate], now_ms: int) -> list[Verdict]:

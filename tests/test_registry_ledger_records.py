@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.enrolment.enroller import Enroller, issue_invite
 from coordinator.ingest.pipeline import IngestPipeline
 from coordinator.ledger.dedup import DedupIndex
 from coordinator.ledger.store import AppendResult, LedgerStore
-from coordinator.registry.enrolment import Enroller, issue_invite, mid_key_name
+from coordinator.mid_key import mid_key_name
 from coordinator.registry.store import Device, Registry
 from edge.agent.enrolment import PENDING_REQUEST, pending_enrolment_request
 from protocol.checkpoint import verify_receipt

@@ -122,7 +122,7 @@ def _run(settings: CoordinatorSettings, request: JobRequest, console: Console) -
     from coordinator.broker.logins import coordinator_password, coordinator_password_path
     from coordinator.federation.job_start import BrokerLogin, InvitationSender, JobRun
     from coordinator.federation.mid_superlink import job_flower_cli
-    from coordinator.registry.enrolment import load_or_create_mid_key
+    from coordinator.mid_key import load_or_create_mid_key
     from coordinator.registry.store import Registry
 
     s = settings

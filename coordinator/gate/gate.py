@@ -48,6 +48,7 @@ from coordinator.capture.round import RoundCapture
 from coordinator.gate.issued_nonces import IssuedNonces
 from coordinator.gate.round_captures import RoundCaptures, capture_evidence, judge_report
 from coordinator.gate.update_check import check_round_nonce
+from coordinator.ingest.admission import Admission
 from coordinator.ingest.pipeline import Candidate, InboundMessage, Outcome, Verdict
 from coordinator.registry.store import Device, Registry
 from coordinator.sqlite_files import immediate_transaction, open_wal
@@ -284,19 +285,6 @@ class _Wait:
 _WAIT, _STILL_WAITING = _Wait(new=True), _Wait(new=False)
 
 
-@dataclass
-class Admission:
-    """What `ContributionGate.admit` made of a batch's candidates."""
-
-    ready: list[Candidate] = field(default_factory=list)
-    """Cross-checked (or no contribution at all): on to the ledger commit."""
-    held: list[Verdict] = field(default_factory=list)
-    """Stored durably to wait for their round's capture: acknowledge to the broker, no receipt yet."""
-    refused: list[Verdict] = field(default_factory=list)
-    """Refused for good (stored), each owed the Refusal notice in `notices`."""
-    notices: list[tuple[str, bytes]] = field(default_factory=list)
-
-
 class ContributionMetrics:
     """The gate's Prometheus series, in the service's registry (refusals are counted by reason by the service)."""
 
@@ -334,6 +322,7 @@ class ContributionGate:
 
     def __init__(
         self,
+        *,
         mid: str,
         mid_key: SignerKey,
         store: ContributionStore,
@@ -614,10 +603,11 @@ def _delete_pending(db: sqlite3.Connection, reports: Sequence[ReportedContributi
 
 
 def open_contribution_gate(
+    *,
     mid: str,
     mid_key: SignerKey,
     store_path: Path,
-    registry_path: Path,
+    registry: Registry,
     jobs_dir: Path,
     job_book_dir: Path,
     grace_s: float,
@@ -625,18 +615,18 @@ def open_contribution_gate(
     in_ledger: Callable[[str, int], bool],
     metrics_registry: CollectorRegistry | None = None,
 ) -> ContributionGate:
-    """The gate `serve` runs with `[federation] enabled` (its own registry connection and store file); `jobs_dir`
-    holds the round captures, `job_book_dir` the job records with their invitation nonces."""
+    """The gate `serve` runs with `[federation] enabled` (its own store file); `jobs_dir` holds the round captures,
+    `job_book_dir` the job records with their invitation nonces."""
     metrics = ContributionMetrics(metrics_registry) if metrics_registry is not None else None
     return ContributionGate(
-        mid,
-        mid_key,
-        ContributionStore(store_path),
-        Registry(registry_path),
-        RoundCaptures(jobs_dir),
-        IssuedNonces(job_book_dir),
-        int(grace_s * 1000),
-        poll_s,
-        in_ledger,
-        metrics,
+        mid=mid,
+        mid_key=mid_key,
+        store=ContributionStore(store_path),
+        registry=registry,
+        captures=RoundCaptures(jobs_dir),
+        issued=IssuedNonces(job_book_dir),
+        grace_ms=int(grace_s * 1000),
+        poll_s=poll_s,
+        in_ledger=in_ledger,
+        metrics=metrics,
     )

@@ -1,31 +1,25 @@
-"""`midgate coordinator serve`: the ingest service and the HTTP API in one asyncio process (uvloop when present).
+"""The ingest service `serve` runs: MQTT -> screen -> contribution gate -> ledger -> receipts, one batch at a time.
 
 One task owns the batch loop: take what the broker delivered (up to `batch_max` or `batch_window_ms`), screen it in
 a worker thread, settle rejections and duplicates at once (ack + resent receipt), commit the rest to the ledger in
 one durable transaction, then publish one receipt batch per device and the retained checkpoint and only then
 acknowledge those messages to the broker. A coordinator killed at any point loses nothing: unacknowledged messages
 are redelivered into the persistent session and dedup answers the ones that did make it into the ledger.
+
+The service is handed what it uses (coordinator/serve/assembly.py builds it): the ledger, the pipeline, the
+contribution gate when federation is on, the metrics; it owns only its broker session and its batch loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator
-from pathlib import Path
 from types import TracebackType
 
-import uvicorn
-
-from coordinator.broker.logins import coordinator_password, sync_broker_logins
-from coordinator.buyer.http import RevenueDesk
 from coordinator.config import CoordinatorSettings
-from coordinator.federation.mid_superlink import MidSuperLink
-from coordinator.gate.gate import ContributionGate, open_contribution_gate
+from coordinator.ingest.admission import ContributionAdmission
 from coordinator.ingest.handoff import (
     VerifiedBatch,
     is_handoff_topic,
@@ -37,15 +31,10 @@ from coordinator.ingest.handoff import (
 from coordinator.ingest.metrics import IngestMetrics
 from coordinator.ingest.mqtt import BrokerEndpoint, BrokerSession, collect_batch
 from coordinator.ingest.pipeline import Candidate, InboundMessage, IngestPipeline, Outcome, ScreenResult, Verdict
-from coordinator.ledger.dedup import DedupIndex
 from coordinator.ledger.store import LedgerStore
-from coordinator.registry.enrolment import Enroller, load_or_create_mid_key
-from coordinator.registry.http import build_app
-from coordinator.registry.ledger_records import log_enrolments
-from coordinator.registry.store import Device, Registry
 from protocol.checkpoint import parse_checkpoint_text
-from protocol.enrolment import BrokerCredentials
 from protocol.errors import ProtocolError, Reason
+from protocol.identity import SignerKey
 from protocol.messages import CheckpointAnnouncement
 from protocol.note import parse_note
 from protocol.topics import checkpoint_topic, coordinator_filters
@@ -54,167 +43,66 @@ log = logging.getLogger("midgate.ingest")
 REGISTRY_POLL_S = 1.0
 
 
-class _QuietServer(uvicorn.Server):
-    """uvicorn without its own signal handlers: the service owns shutdown."""
+class IngestService:
+    """`async with IngestService(...) as ingest: await ingest.run()`; `stop()` ends `run()`.
 
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
+    Parameters
+    ----------
+    settings: the coordinator's settings (`mid`, `[ingest]`, `[federation] capture_poll_s`, the hand-off key path).
+    mid_key: signs checkpoint announcements.
+    ledger: the MID's log (the pipeline appends to it; the service reads checkpoints from it).
+    pipeline: screen, dedup and commit (coordinator/ingest/pipeline.py).
+    gate: the contribution gate (coordinator/gate/), or None when federation is off.
+    metrics: ingest's Prometheus series.
+    broker: the coordinator's own broker login.
+    """
 
-
-class CoordinatorService:
-    """`async with CoordinatorService(settings) as service: await service.run()`; `stop()` ends `run()`."""
-
-    def __init__(self, settings: CoordinatorSettings) -> None:
+    def __init__(
+        self,
+        *,
+        settings: CoordinatorSettings,
+        mid_key: SignerKey,
+        ledger: LedgerStore,
+        pipeline: IngestPipeline,
+        gate: ContributionAdmission | None,
+        metrics: IngestMetrics,
+        broker: BrokerEndpoint,
+    ) -> None:
         self.settings = settings
-        self.metrics = IngestMetrics()
+        self.mid_key = mid_key
+        self.ledger = ledger
+        self.pipeline = pipeline
+        self.contributions = gate
+        self.metrics = metrics
+        self._broker = broker
         self._stop = asyncio.Event()
         self._inbox: deque[InboundMessage] = deque()
         self._arrived = asyncio.Event()
         self._wake_pending = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._http: _QuietServer | None = None
-        self._http_task: asyncio.Task[None] | None = None
-        self.superlink: MidSuperLink | None = None
-        self.contributions: ContributionGate | None = None
         # A quiet broker still wakes the loop: for registry changes, and for the captures waiting reports need.
         self._quiet_s = REGISTRY_POLL_S
-        if settings.federation.enabled:
+        if gate is not None:
             self._quiet_s = min(REGISTRY_POLL_S, settings.federation.capture_poll_s)
 
-    @property
-    def password_file(self) -> Path:
-        return self.settings.broker.password_file or self.settings.data_dir / "broker-coordinator.password"
-
-    async def __aenter__(self) -> CoordinatorService:
+    async def __aenter__(self) -> IngestService:
         s = self.settings
-        s.data_dir.mkdir(parents=True, exist_ok=True)
         self._loop = asyncio.get_running_loop()
-        self.mid_key = load_or_create_mid_key(s.mid_key_file, s.mid)
-        self.ledger = LedgerStore.open(s.data_dir / "ledger.sqlite", self.mid_key)
-        self.registry = Registry(s.registry_path)
-        self.dedup = DedupIndex(s.ingest_path)
-        self.pipeline = await asyncio.to_thread(
-            IngestPipeline,
-            s.mid,
-            Registry(s.registry_path),
-            self.ledger,
-            self.dedup,
-            self.mid_key,
-            s.ingest.max_message_bytes,
-            s.ingest.rate_per_s,
-            s.ingest.rate_burst,
-        )
-        await asyncio.to_thread(log_enrolments, self.registry, self.ledger)
-        if s.federation.enabled:
-            # Contribution reports are cross-checked with the round captures of the MID's own jobs.
-            self.contributions = await asyncio.to_thread(
-                open_contribution_gate,
-                s.mid,
-                self.mid_key,
-                s.contributions_path,
-                s.registry_path,
-                s.jobs_dir,
-                s.job_book_dir,
-                s.federation.report_grace_s,
-                s.federation.capture_poll_s,
-                lambda key_id, seq: self.dedup.lookup(key_id, seq) is not None,
-                self.metrics.registry,
-            )
         self.metrics.ledger_size.set(self.ledger.size)
-        endpoint = BrokerEndpoint(
-            host=s.broker.host,
-            port=s.broker.port,
-            username=s.broker.username,
-            password=coordinator_password(self.password_file),
-            client_id=s.broker.client_id,
-            ca_file=str(s.broker.ca_file) if s.broker.tls and s.broker.ca_file else None,
-            keepalive_s=s.broker.keepalive_s,
-            mqtt5=s.broker.mqtt5,
-        )
         self.handoff_key = load_or_create_handoff_key(s.handoff_key_path)
         # With screening workers the device topics are theirs (shared subscription); a plain subscription here would
         # receive every message a second time.
         filters = sequencer_filters(s.mid)
         if not s.ingest.workers:
             filters = coordinator_filters(s.mid) + filters
-        self.session = BrokerSession(endpoint, filters, self._deliver, s.ingest.queue_max, s.ingest.receive_maximum)
+        self.session = BrokerSession(self._broker, filters, self._deliver, s.ingest.queue_max, s.ingest.receive_maximum)
         self.session.start()
-        if s.federation.enabled:
-            # Before the HTTP endpoint: enrolment registers devices' Flower keys with this SuperLink.
-            self.superlink = MidSuperLink(s)
-            try:
-                await asyncio.to_thread(self.superlink.start)
-            except BaseException:
-                await asyncio.to_thread(self.superlink.stop)
-                await asyncio.to_thread(self.session.stop)
-                raise
-            log.info("superlink started", extra={"address": self.superlink.public_address})
-        if s.enrolment.enabled:
-            await self._start_http()
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._http is not None and self._http_task is not None:
-            self._http.should_exit = True
-            await self._http_task
-        if self.superlink is not None:
-            await asyncio.to_thread(self.superlink.stop)
         await asyncio.to_thread(self.session.stop)
-        if self.contributions is not None:
-            self.contributions.close()
-        self.dedup.close()
-        self.registry.close()
-        self.ledger.close()
-
-    async def _start_http(self) -> None:
-        s = self.settings
-        enroller = Enroller(
-            s.mid,
-            self.registry,
-            self.ledger,
-            self.mid_key,
-            self._credentials,
-            self._enrolled,
-            s.enrolment.max_body_bytes,
-            self.superlink,
-        )
-        revenue = RevenueDesk(s.mid, s.royalties.currency, s.buyers.keys, self.ledger, s.buyers.max_body_bytes)
-        app = build_app(enroller, self.ledger, self.metrics.registry, self._count_refusal, revenue)
-        config = uvicorn.Config(app, host=s.enrolment.host, port=s.enrolment.port, log_level="warning", lifespan="off")
-        self._http = _QuietServer(config)
-        self._http_task = asyncio.create_task(self._http.serve())
-        while not self._http.started:
-            if self._http_task.done():
-                await self._http_task
-                raise RuntimeError("enrolment endpoint did not start")
-            await asyncio.sleep(0.01)
-
-    def _count_refusal(self, reason: object) -> None:
-        self.metrics.rejected.labels(reason=str(reason)).inc()
-
-    def _credentials(self, device_id: str, password: str) -> BrokerCredentials:
-        b = self.settings.broker
-        ca_pem = b.ca_file.read_text() if b.tls and b.ca_file else ""
-        return BrokerCredentials(
-            host=b.public_host or b.host,
-            port=b.public_port or b.port,
-            tls=b.tls,
-            ca_pem=ca_pem,
-            username=device_id,
-            password=password,
-        )
-
-    def _enrolled(self, device: Device) -> None:
-        log.info("device enrolled", extra={"device": device.device_id, "member": device.member_id})
-        self.sync_broker_logins()
-
-    def sync_broker_logins(self) -> None:
-        passwords = self.settings.broker_config.output_dir / "passwords"
-        if passwords.exists():
-            sync_broker_logins(self.registry, passwords, self.settings)
 
     def _deliver(self, message: InboundMessage) -> None:
         """Called on paho's thread. One loop wake-up per burst rather than per message (a measured per-report cost):
@@ -410,34 +298,3 @@ class CoordinatorService:
         self.metrics.heartbeats.inc(counts[Outcome.HEARTBEAT])
         self.metrics.dedup_hits.inc(counts[Outcome.DUPLICATE])
         self.metrics.receipts.inc(receipts)
-
-
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object a line: time, level, logger, message and the `extra` fields."""
-
-    _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
-
-    def format(self, record: logging.LogRecord) -> str:
-        doc: dict[str, object] = {
-            "ts_ms": int(record.created * 1000),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        for key, value in record.__dict__.items():
-            if key not in self._STANDARD:
-                doc[key] = value if isinstance(value, int | float | bool | None) else str(value)
-        if record.exc_info:
-            doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc, separators=(",", ":"))
-
-
-async def serve(settings: CoordinatorSettings) -> None:
-    """Run until SIGTERM or SIGINT."""
-    import signal
-
-    async with CoordinatorService(settings) as service:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, service.stop)
-        await service.run()

@@ -8,10 +8,12 @@ twice, and a revocation must survive a crash. `version` increases with every cha
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from protocol.errors import InviteExpiredError, InviteInvalidError, InviteUsedError, MalformedError
 from protocol.identity import VerifierKey
@@ -89,7 +91,9 @@ class Device:
 
 
 class Registry:
-    """One SQLite file; safe to open from several processes (WAL)."""
+    """One SQLite file; safe to open from several processes (WAL) and to share between threads: `serve` holds one
+    instance for ingest's worker thread, the HTTP endpoint's threads and the contribution gate. Every statement and
+    every write transaction runs under one lock, so no thread's statements ever land inside another's transaction."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,24 +102,35 @@ class Registry:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        self._lock = threading.RLock()
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            self._db.close()
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-            self._db.execute("UPDATE meta SET value = value + 1 WHERE name = 'version'")
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
+    def _write(self, bump_version: bool = True) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                if bump_version:
+                    self._db.execute("UPDATE meta SET value = value + 1 WHERE name = 'version'")
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def _rows(self, sql: str, params: tuple[object, ...] = ()) -> list[Any]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    def _row(self, sql: str, params: tuple[object, ...] = ()) -> Any:
+        with self._lock:
+            return self._db.execute(sql, params).fetchone()
 
     def version(self) -> int:
-        row = self._db.execute("SELECT value FROM meta WHERE name = 'version'").fetchone()
-        return int(row[0])
+        return int(self._row("SELECT value FROM meta WHERE name = 'version'")[0])
 
     def add_invite(self, invite_id: str, member_id: str, now_ms: int, expires_ms: int) -> Invite:
         """Record a new invite for `member_id` (the member is created on first invite)."""
@@ -128,10 +143,10 @@ class Registry:
         return Invite(invite_id, member_id, now_ms, expires_ms, None, None)
 
     def invite(self, invite_id: str) -> Invite | None:
-        row = self._db.execute(
+        row = self._row(
             "SELECT invite_id, member_id, created_ms, expires_ms, used_ms, device_id FROM invites WHERE invite_id = ?",
             (invite_id,),
-        ).fetchone()
+        )
         return Invite(*row) if row else None
 
     def redeem_invite(
@@ -187,11 +202,11 @@ class Registry:
 
     def unlogged(self, kind: str) -> list[tuple[Device, bytes | None]]:
         """Devices whose `kind` ('enrol' or 'revoke') is not in the ledger yet, with the signed bytes if stored."""
-        rows = self._db.execute(
+        rows = self._rows(
             "SELECT r.device_id, r.signed FROM ledger_records r WHERE r.kind = ? AND r.leaf_index IS NULL"
             " ORDER BY r.rowid",
             (kind,),
-        ).fetchall()
+        )
         found = []
         for device_id, signed in rows:
             device = self.device(device_id)
@@ -202,21 +217,14 @@ class Registry:
     def mark_logged(self, kind: str, entries: list[tuple[str, int]]) -> None:
         """Record the ledger leaf index of each (device_id, leaf_index) `kind` record. Does not bump `version`:
         nothing about keys or logins changed."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            self._db.executemany(
+        with self._write(bump_version=False) as db:
+            db.executemany(
                 "UPDATE ledger_records SET leaf_index = ? WHERE device_id = ? AND kind = ?",
                 [(index, device_id, kind) for device_id, index in entries],
             )
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
 
     def enrol_request(self, device_id: str) -> bytes | None:
-        row = self._db.execute(
-            "SELECT signed FROM ledger_records WHERE device_id = ? AND kind = 'enrol'", (device_id,)
-        ).fetchone()
+        row = self._row("SELECT signed FROM ledger_records WHERE device_id = ? AND kind = 'enrol'", (device_id,))
         return None if row is None or row[0] is None else bytes(row[0])
 
     def set_broker_password(self, device_id: str, broker_password_hash: str) -> None:
@@ -226,9 +234,7 @@ class Registry:
             )
 
     def logged_index(self, device_id: str, kind: str) -> int | None:
-        row = self._db.execute(
-            "SELECT leaf_index FROM ledger_records WHERE device_id = ? AND kind = ?", (device_id, kind)
-        ).fetchone()
+        row = self._row("SELECT leaf_index FROM ledger_records WHERE device_id = ? AND kind = ?", (device_id, kind))
         return None if row is None or row[0] is None else int(row[0])
 
     def set_rate_limit(self, device_id: str, per_s: float | None, burst: int | None) -> None:
@@ -238,11 +244,11 @@ class Registry:
             )
 
     def device(self, device_id: str) -> Device | None:
-        row = self._db.execute(_DEVICE_SELECT + " WHERE device_id = ?", (device_id,)).fetchone()
+        row = self._row(_DEVICE_SELECT + " WHERE device_id = ?", (device_id,))
         return _device(row) if row else None
 
     def devices(self) -> list[Device]:
-        return [_device(row) for row in self._db.execute(_DEVICE_SELECT + " ORDER BY device_id")]
+        return [_device(row) for row in self._rows(_DEVICE_SELECT + " ORDER BY device_id")]
 
     def add_flower_node(self, device_id: str, node_id: int, public_key: str, now_ms: int) -> None:
         """Remember the SuperLink node id registered for `device_id`'s Flower key (one per device)."""
@@ -257,17 +263,17 @@ class Registry:
                 raise MalformedError("device, node id or Flower key already registered", device_id=device_id) from exc
 
     def flower_node(self, device_id: str) -> FlowerNode | None:
-        row = self._db.execute(_NODE_SELECT + " WHERE f.device_id = ?", (device_id,)).fetchone()
+        row = self._row(_NODE_SELECT + " WHERE f.device_id = ?", (device_id,))
         return _flower_node(row) if row else None
 
     def flower_node_by_id(self, node_id: int) -> FlowerNode | None:
         signed = node_id - (1 << 64) if node_id >= 1 << 63 else node_id
-        row = self._db.execute(_NODE_SELECT + " WHERE f.node_id = ?", (signed,)).fetchone()
+        row = self._row(_NODE_SELECT + " WHERE f.node_id = ?", (signed,))
         return _flower_node(row) if row else None
 
     def active_password_hashes(self) -> dict[str, str]:
         """Broker logins of every device that is not revoked."""
-        rows = self._db.execute("SELECT device_id, broker_password_hash FROM devices WHERE revoked_ms IS NULL")
+        rows = self._rows("SELECT device_id, broker_password_hash FROM devices WHERE revoked_ms IS NULL")
         return {device_id: hashed for device_id, hashed in rows}
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Protocol
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -31,7 +30,7 @@ from protocol.checkpoint import Receipt as TlogProof
 from protocol.enrolment import BrokerCredentials, EnrolmentGrant, InviteClaim, open_invite, sign_invite
 from protocol.envelope import envelope_digest
 from protocol.errors import BadKeyError, InviteInvalidError, InviteUsedError, TooLargeError
-from protocol.identity import SignerKey, VerifierKey, load_signer_key, save_signer_key
+from protocol.identity import SignerKey, VerifierKey
 from protocol.messages import EnrolmentResponse, Receipt, open_enrolment_request
 
 
@@ -55,22 +54,6 @@ def check_flower_key(text: str) -> None:
         raise BadKeyError("flower_key is not an OpenSSH public key") from exc
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise BadKeyError("flower_key is not a P-256 key")
-
-
-def mid_key_name(mid: str) -> str:
-    """The MID key's name, which is also its log's checkpoint origin (protocol.checkpoint)."""
-    return f"midgate/{mid}"
-
-
-def load_or_create_mid_key(path: Path, mid: str) -> SignerKey:
-    if path.exists():
-        key = load_signer_key(path)
-        if key.name != mid_key_name(mid):
-            raise InviteInvalidError("MID key file belongs to another MID", expected=mid_key_name(mid), found=key.name)
-        return key
-    key = SignerKey.generate(mid_key_name(mid))
-    save_signer_key(path, key)
-    return key
 
 
 def issue_invite(registry: Registry, mid_key: SignerKey, mid: str, member: str, now_ms: int, ttl_s: int) -> str:

@@ -1,0 +1,1 @@
+"""Enrolment: a signed invite and a self-signed request become a device membership (docs/messaging.md)."""

@@ -1,0 +1,232 @@
+"""The process `midgate coordinator serve` runs, assembled in one place from small builders.
+
+Storage first (the MID key, the ledger, the registry and ledger-following dedup index: one instance each, shared by
+every service), then the services that use it: ingest with its contribution gate, the MID's SuperLink with its fleet
+front, and the HTTP endpoint (enrolment, the ledger's proofs, buyers' revenue, metrics). Each builder takes the
+settings and what it uses, nothing more. `CoordinatorProcess` enters them in dependency order on one exit stack, so
+they stop in reverse order, also when a later one fails to start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+
+from coordinator.broker.logins import coordinator_password, coordinator_password_path, sync_broker_logins
+from coordinator.buyer.http import RevenueDesk
+from coordinator.config import CoordinatorSettings
+from coordinator.enrolment.enroller import Enroller
+from coordinator.federation.mid_superlink import MidSuperLink
+from coordinator.gate.gate import ContributionGate, open_contribution_gate
+from coordinator.ingest.metrics import IngestMetrics
+from coordinator.ingest.mqtt import BrokerEndpoint
+from coordinator.ingest.pipeline import IngestPipeline
+from coordinator.ingest.service import IngestService
+from coordinator.ledger.dedup import DedupIndex
+from coordinator.ledger.store import LedgerStore
+from coordinator.mid_key import load_or_create_mid_key
+from coordinator.registry.ledger_records import log_enrolments
+from coordinator.registry.store import Device, Registry
+from coordinator.serve.http import HttpEndpoint, build_http_app
+from protocol.enrolment import BrokerCredentials
+from protocol.identity import SignerKey
+
+log = logging.getLogger("midgate.serve")
+
+
+@dataclass
+class Storage:
+    """The MID's durable state, opened once per process and shared by every service."""
+
+    mid_key: SignerKey
+    ledger: LedgerStore
+    registry: Registry
+    dedup: DedupIndex
+
+    def close(self) -> None:
+        self.dedup.close()
+        self.registry.close()
+        self.ledger.close()
+
+
+def open_storage(settings: CoordinatorSettings) -> Storage:
+    """Open (creating on first start) the MID key, ledger, registry and dedup index; log any enrolment a crash left
+    redeemed but unlogged, before anything else appends."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    mid_key = load_or_create_mid_key(settings.mid_key_file, settings.mid)
+    ledger = LedgerStore.open(settings.data_dir / "ledger.sqlite", mid_key)
+    storage = Storage(mid_key, ledger, Registry(settings.registry_path), DedupIndex(settings.ingest_path))
+    log_enrolments(storage.registry, storage.ledger)
+    return storage
+
+
+def build_pipeline(settings: CoordinatorSettings, storage: Storage) -> IngestPipeline:
+    return IngestPipeline(
+        mid=settings.mid,
+        registry=storage.registry,
+        ledger=storage.ledger,
+        dedup=storage.dedup,
+        mid_key=storage.mid_key,
+        max_message_bytes=settings.ingest.max_message_bytes,
+        default_rate_per_s=settings.ingest.rate_per_s,
+        default_burst=settings.ingest.rate_burst,
+    )
+
+
+def build_gate(settings: CoordinatorSettings, storage: Storage, metrics: IngestMetrics) -> ContributionGate:
+    """The contribution gate: reports are cross-checked with the round captures of the MID's own jobs."""
+    dedup = storage.dedup
+    return open_contribution_gate(
+        mid=settings.mid,
+        mid_key=storage.mid_key,
+        store_path=settings.contributions_path,
+        registry=storage.registry,
+        jobs_dir=settings.jobs_dir,
+        job_book_dir=settings.job_book_dir,
+        grace_s=settings.federation.report_grace_s,
+        poll_s=settings.federation.capture_poll_s,
+        in_ledger=lambda key_id, seq: dedup.lookup(key_id, seq) is not None,
+        metrics_registry=metrics.registry,
+    )
+
+
+def broker_endpoint(settings: CoordinatorSettings) -> BrokerEndpoint:
+    """The coordinator's own broker login (its password file is created 0600 on first use)."""
+    b = settings.broker
+    return BrokerEndpoint(
+        host=b.host,
+        port=b.port,
+        username=b.username,
+        password=coordinator_password(coordinator_password_path(settings)),
+        client_id=b.client_id,
+        ca_file=str(b.ca_file) if b.tls and b.ca_file else None,
+        keepalive_s=b.keepalive_s,
+        mqtt5=b.mqtt5,
+    )
+
+
+def device_broker_credentials(settings: CoordinatorSettings) -> Callable[[str, str], BrokerCredentials]:
+    """What an enrolment grant tells a device about the broker, given its login and fresh password."""
+    b = settings.broker
+    ca_pem = b.ca_file.read_text() if b.tls and b.ca_file else ""
+
+    def credentials(device_id: str, password: str) -> BrokerCredentials:
+        return BrokerCredentials(
+            host=b.public_host or b.host,
+            port=b.public_port or b.port,
+            tls=b.tls,
+            ca_pem=ca_pem,
+            username=device_id,
+            password=password,
+        )
+
+    return credentials
+
+
+def broker_login_sync(settings: CoordinatorSettings, registry: Registry) -> Callable[[Device], None]:
+    """After each enrolment: rewrite the broker's password file (when `broker-config` wrote one) and reload it."""
+    passwords = settings.broker_config.output_dir / "passwords"
+
+    def enrolled(device: Device) -> None:
+        log.info("device enrolled", extra={"device": device.device_id, "member": device.member_id})
+        if passwords.exists():
+            sync_broker_logins(registry, passwords, settings)
+
+    return enrolled
+
+
+def build_enroller(settings: CoordinatorSettings, storage: Storage, superlink: MidSuperLink | None) -> Enroller:
+    return Enroller(
+        settings.mid,
+        storage.registry,
+        storage.ledger,
+        storage.mid_key,
+        broker=device_broker_credentials(settings),
+        on_enrolled=broker_login_sync(settings, storage.registry),
+        max_body_bytes=settings.enrolment.max_body_bytes,
+        federation=superlink,
+    )
+
+
+def build_revenue_desk(settings: CoordinatorSettings, storage: Storage) -> RevenueDesk:
+    return RevenueDesk(
+        settings.mid, settings.royalties.currency, settings.buyers.keys, storage.ledger, settings.buyers.max_body_bytes
+    )
+
+
+class CoordinatorProcess:
+    """`async with CoordinatorProcess(settings) as process: await process.run()`; `stop()` ends `run()`."""
+
+    def __init__(self, settings: CoordinatorSettings) -> None:
+        self.settings = settings
+        self.metrics = IngestMetrics()
+        self.superlink: MidSuperLink | None = None
+        self.http: HttpEndpoint | None = None
+        self._stack = contextlib.AsyncExitStack()
+
+    async def __aenter__(self) -> CoordinatorProcess:
+        s = self.settings
+        async with contextlib.AsyncExitStack() as stack:
+            self.storage = await asyncio.to_thread(open_storage, s)
+            stack.callback(self.storage.close)
+            pipeline = await asyncio.to_thread(build_pipeline, s, self.storage)
+            gate = None
+            if s.federation.enabled:
+                gate = await asyncio.to_thread(build_gate, s, self.storage, self.metrics)
+                stack.callback(gate.close)
+            ingest = IngestService(
+                settings=s,
+                mid_key=self.storage.mid_key,
+                ledger=self.storage.ledger,
+                pipeline=pipeline,
+                gate=gate,
+                metrics=self.metrics,
+                broker=broker_endpoint(s),
+            )
+            self.ingest = await stack.enter_async_context(ingest)
+            if s.federation.enabled:
+                # Before the HTTP endpoint: enrolment registers devices' Flower keys with this SuperLink.
+                superlink = MidSuperLink(s)
+                stack.push_async_callback(asyncio.to_thread, superlink.stop)
+                await asyncio.to_thread(superlink.start)
+                self.superlink = superlink
+                log.info("superlink started", extra={"address": superlink.public_address})
+            if s.enrolment.enabled:
+                app = build_http_app(
+                    enroller=build_enroller(s, self.storage, self.superlink),
+                    ledger=self.storage.ledger,
+                    revenue=build_revenue_desk(s, self.storage),
+                    metrics=self.metrics.registry,
+                    on_refusal=self._count_refusal,
+                )
+                self.http = await stack.enter_async_context(HttpEndpoint(app, s.enrolment.host, s.enrolment.port))
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._stack.aclose()
+
+    def _count_refusal(self, reason: object) -> None:
+        self.metrics.rejected.labels(reason=str(reason)).inc()
+
+    def stop(self) -> None:
+        self.ingest.stop()
+
+    async def run(self) -> None:
+        await self.ingest.run()
+
+
+async def serve(settings: CoordinatorSettings) -> None:
+    """Run until SIGTERM or SIGINT."""
+    async with CoordinatorProcess(settings) as process:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, process.stop)
+        await process.run()

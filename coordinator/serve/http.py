@@ -1,0 +1,82 @@
+"""The coordinator's HTTP endpoint: every router mounted here, and the uvicorn server's lifetime.
+
+Routers: enrolment (coordinator/enrolment/http.py), the ledger's checkpoints and proofs (coordinator/ledger/http.py),
+buyers' revenue reports (coordinator/buyer/http.py) and Prometheus metrics. TLS is terminated in front of it (a reverse
+proxy) outside loopback demos. Every refusal is counted through `on_refusal`, as ingest's rejections are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterator
+from types import TracebackType
+
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from coordinator.buyer.http import RevenueDesk, revenue_router
+from coordinator.enrolment.enroller import Enroller
+from coordinator.enrolment.http import enrolment_router
+from coordinator.ledger.http import ledger_router
+from coordinator.ledger.store import LedgerStore
+from protocol.errors import Reason
+
+
+def build_http_app(
+    *,
+    enroller: Enroller,
+    ledger: LedgerStore,
+    revenue: RevenueDesk,
+    metrics: CollectorRegistry,
+    on_refusal: Callable[[Reason], None],
+) -> FastAPI:
+    app = FastAPI(title="midgate coordinator", docs_url=None, redoc_url=None, openapi_url=None)
+    app.include_router(enrolment_router(enroller, on_refusal))
+    app.include_router(ledger_router(ledger))
+    app.include_router(revenue_router(revenue, on_refusal))
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn without its own signal handlers: the process owns shutdown."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class HttpEndpoint:
+    """`async with HttpEndpoint(app, host, port)`: serving once entered (the bound port is `port`), stopped on exit."""
+
+    def __init__(self, app: FastAPI, host: str, port: int) -> None:
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+        self._server = _QuietServer(config)
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self._server.servers[0].sockets[0].getsockname()[1])
+
+    async def __aenter__(self) -> HttpEndpoint:
+        self._task = asyncio.create_task(self._server.serve())
+        while not self._server.started:
+            if self._task.done():
+                await self._task
+                raise RuntimeError("HTTP endpoint did not start")
+            await asyncio.sleep(0.01)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._task is not None:
+            self._server.should_exit = True
+            await self._task
