@@ -36,9 +36,8 @@ NOT_YET = (
     ),
     (
         "Flower SuperLink / SuperNodes",
-        "rounds run in this process, not on the Flower Deployment Engine (built and tested with real "
-        "processes, docs/federated.md, but not yet started by `coordinator serve` or the agent): "
-        "no gRPC, no node auth, no DP clipping",
+        "rounds run in this process, not on the Flower Deployment Engine (which `coordinator serve` and "
+        "`agent run` do start, with TLS and node auth: docs/federated.md): no SuperLink, no DP clipping",
     ),
     (
         "buyer HTTP API",

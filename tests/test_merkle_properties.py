@@ -11,8 +11,9 @@ import hashlib
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from memory_tree import MemoryTree
 
-from coordinator.ledger.tree import CompactRange, MemoryTree
+from coordinator.ledger.tree import CompactRange
 from protocol.errors import BadProofError, ProtocolError, RootMismatchError
 from protocol.merkle import EMPTY_ROOT, leaf_hash, verify_consistency, verify_inclusion
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 from conftest import vectors_dir
+from memory_tree import MemoryTree
 
-from coordinator.ledger.tree import MemoryTree
 from protocol.errors import ProtocolError
 from protocol.merkle import verify_consistency, verify_inclusion
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import hmac
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from coordinator.broker.passwords import hash_password, password_matches
+from coordinator.broker.passwords import hash_password
 from coordinator.registry.store import Registry
 from protocol.errors import InviteExpiredError, InviteInvalidError, InviteUsedError, MalformedError
 from protocol.identity import SignerKey
@@ -19,6 +21,15 @@ NOW = 1_790_000_000_000
 @pytest.fixture
 def registry(tmp_path: Path) -> Registry:
     return Registry(tmp_path / "registry.sqlite")
+
+
+def password_matches(password: str, hashed: str) -> bool:
+    """True when `password` produces `hashed` (a `$7$` entry), as Mosquitto checks a login."""
+    parts = hashed.split("$")
+    if len(parts) != 5 or parts[1] != "7":
+        raise MalformedError("not a mosquitto $7$ password hash")
+    iterations, salt_b64 = int(parts[2]), parts[3]
+    return hmac.compare_digest(hash_password(password, base64.b64decode(salt_b64), iterations), hashed)
 
 
 def test_invite_redeems_once(registry: Registry) -> None:

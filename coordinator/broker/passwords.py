@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import secrets
-
-from protocol.errors import MalformedError
 
 PBKDF2_ITERATIONS = 101
 SALT_SIZE = 12
@@ -22,15 +19,6 @@ def hash_password(password: str, salt: bytes | None = None, iterations: int = PB
     salt = salt if salt is not None else secrets.token_bytes(SALT_SIZE)
     digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
     return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
-
-
-def password_matches(password: str, hashed: str) -> bool:
-    """True when `password` produces `hashed` (a `$7$` entry)."""
-    parts = hashed.split("$")
-    if len(parts) != 5 or parts[1] != "7":
-        raise MalformedError("not a mosquitto $7$ password hash")
-    iterations, salt_b64 = int(parts[2]), parts[3]
-    return hmac.compare_digest(hash_password(password, base64.b64decode(salt_b64), iterations), hashed)
 
 
 def new_password() -> str:

@@ -17,13 +17,12 @@ Schema (format 1):
 what keeps durable appends close to plain inserts (measured in bench/ledger_bench.py). A node's hash lives in the
 batch that holds the node's last leaf.
 
-`LedgerStore` is synchronous and thread-safe (one lock); event-loop code uses `AsyncLedger`, which runs each call
-in a worker thread so SQLite fsyncs and signing never block the loop.
+`LedgerStore` is synchronous and thread-safe (one lock); event-loop code hands each call to a worker thread
+(`asyncio.to_thread`), so SQLite fsyncs and signing never block the loop.
 """
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import hashlib
 import sqlite3
@@ -398,48 +397,3 @@ class LedgerStore(LedgerReader):
             checkpoint = open_checkpoint(note, self._key.verifier).checkpoint
             if checkpoint.root != self.root():
                 raise InconsistentError("stored tree does not match the latest checkpoint", size=self.size)
-
-
-class AsyncLedger:
-    """Event-loop facade over a `LedgerStore`: every call runs in a worker thread (SQLite fsync, signing)."""
-
-    def __init__(self, store: LedgerStore) -> None:
-        self.store = store
-
-    @classmethod
-    async def open(cls, path: Path, log_key: SignerKey) -> AsyncLedger:
-        """`LedgerStore.open` in a worker thread (it reads the file and checks the latest checkpoint)."""
-        return cls(await asyncio.to_thread(LedgerStore.open, path, log_key))
-
-    @property
-    def size(self) -> int:
-        return self.store.size
-
-    async def leaf(self, index: int) -> bytes:
-        return await asyncio.to_thread(self.store.leaf, index)
-
-    async def append(self, leaves: Sequence[bytes]) -> AppendResult:
-        return await asyncio.to_thread(self.store.append, list(leaves))
-
-    async def append_leaves(self, leaves: Sequence[Leaf]) -> AppendResult:
-        return await asyncio.to_thread(self.store.append_leaves, list(leaves))
-
-    async def checkpoint(self, size: int | None = None) -> bytes:
-        return await asyncio.to_thread(self.store.checkpoint, size)
-
-    async def receipt(self, index: int, size: int | None = None) -> str:
-        return await asyncio.to_thread(self.store.receipt, index, size)
-
-    async def inclusion_proof(self, index: int, size: int | None = None) -> list[bytes]:
-        return await asyncio.to_thread(self.store.inclusion_proof, index, size)
-
-    async def consistency_proof(self, size1: int, size2: int | None = None) -> list[bytes]:
-        return await asyncio.to_thread(self.store.consistency_proof, size1, size2)
-
-    async def attach_cosignatures(
-        self, size: int, cosignatures: Sequence[NoteSignature], witnesses: Sequence[CosignatureVerifier]
-    ) -> bytes:
-        return await asyncio.to_thread(self.store.attach_cosignatures, size, list(cosignatures), list(witnesses))
-
-    async def aclose(self) -> None:
-        await asyncio.to_thread(self.store.close)

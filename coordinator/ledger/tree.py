@@ -12,7 +12,7 @@ import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from protocol.merkle import EMPTY_ROOT, leaf_hash, node_hash
+from protocol.merkle import EMPTY_ROOT, node_hash
 
 NodeId = tuple[int, int]
 # Reads the hashes of the named perfect subtrees (level 0 = leaf hashes) in one round trip.
@@ -152,35 +152,3 @@ def last_leaf(level: int, index: int) -> int:
 
 def _border_levels(size: int) -> list[int]:
     return [level for level in range(size.bit_length() - 1, -1, -1) if (size >> level) & 1]
-
-
-class MemoryTree:
-    """A whole tree in memory (tests, benchmarks, audits): the same proofs as the store, from a list of leaves."""
-
-    def __init__(self, leaves: Iterable[bytes] = ()) -> None:
-        self.levels: list[list[bytes]] = [[]]
-        self.range = CompactRange()
-        for data in leaves:
-            self.append(data)
-
-    @property
-    def size(self) -> int:
-        return self.range.size
-
-    def append(self, data: bytes) -> None:
-        for level, nodes in enumerate(self.range.extend([leaf_hash(data)])):
-            if len(self.levels) <= level:
-                self.levels.append([])
-            self.levels[level].extend(nodes)
-
-    def read(self, ids: Sequence[NodeId]) -> dict[NodeId, bytes]:
-        return {(level, index): self.levels[level][index] for level, index in ids}
-
-    def root(self, size: int | None = None) -> bytes:
-        return fold(self.read(tile(0, self.size if size is None else size)).values())
-
-    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
-        return hashes_for_spans(inclusion_spans(index, size), self.read)
-
-    def consistency_proof(self, size1: int, size2: int) -> list[bytes]:
-        return hashes_for_spans(consistency_spans(size1, size2), self.read)
