@@ -264,7 +264,7 @@ class ConsentPolicy(WireMessage):
 
 def check_strike_span(target_buyer: str | None, target_purpose: str | None, start_ms: int, end_ms: int | None) -> None:
     """A strike names a buyer, a purpose or both, and ends (if it does) after it starts; raises ValueError otherwise.
-    Shared by the signed vote and the member's own record of it (edge/agent/member_state.py)."""
+    Shared by the signed vote and the member's own record of it (edge/agent/controls/state.py)."""
     if target_buyer is None and target_purpose is None:
         raise ValueError("a strike needs a target buyer, a target purpose, or both")
     if end_ms is not None and end_ms <= start_ms:

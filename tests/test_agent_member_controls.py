@@ -16,10 +16,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from edge.agent.job_node import JobNode
-from edge.agent.member_commands import apply, parse_until, vote_states
-from edge.agent.member_controls import MemberControls
-from edge.agent.member_decisions import (
+from edge.agent.controls.commands import apply, parse_until, vote_states
+from edge.agent.controls.decisions import (
     DeclineReason,
     OwedVote,
     decide,
@@ -28,7 +26,7 @@ from edge.agent.member_decisions import (
     strike_vote,
     vote_name,
 )
-from edge.agent.member_state import (
+from edge.agent.controls.state import (
     MAX_MEMBER_FILE,
     MEMBER_FILE,
     ControlReason,
@@ -43,6 +41,8 @@ from edge.agent.member_state import (
     strike,
     unstrike,
 )
+from edge.agent.controls.watch import MemberControls
+from edge.agent.job_node import JobNode
 from edge.agent.membership import Membership, MembershipRecord
 from edge.agent.outbox import Outbox
 from edge.agent.spool import report_fields

@@ -16,7 +16,7 @@ app = typer.Typer(
 app.add_typer(sensors_app, name="sensors")
 
 if TYPE_CHECKING:
-    from edge.agent.member_commands import Transition
+    from edge.agent.controls.commands import Transition
 
 
 ConfigOption = typer.Option(None, "--config", "-c", help="agent.toml (env MIDGATE_AGENT_* overrides)")
@@ -62,7 +62,7 @@ def run(config: Path | None = ConfigOption) -> None:
         asyncio.run(main())
 
 
-# --- member controls (edge.agent.member_commands): work whether the daemon runs or not ------------------------------
+# --- member controls (edge.agent.controls.commands): work whether the daemon runs or not ------------------------------
 
 MidNameOption = typer.Option(None, "--mid", help="the MID (as under data_dir/mids); default: every membership")
 _PICKUP = "a running agent applies it within member_poll_s seconds; a stopped one when it starts"
@@ -73,9 +73,9 @@ def _control(config: Path | None, mid: str | None, transition: Transition, done:
     from rich.console import Console
 
     from edge.agent.config import AgentSettings
-    from edge.agent.member_commands import apply, membership_dirs, now_ms
-    from edge.agent.member_controls import describe
-    from edge.agent.member_state import MemberControlError
+    from edge.agent.controls.commands import apply, membership_dirs, now_ms
+    from edge.agent.controls.state import MemberControlError
+    from edge.agent.controls.watch import describe
 
     console, errors = Console(), Console(stderr=True)
     try:
@@ -102,7 +102,7 @@ def _control(config: Path | None, mid: str | None, transition: Transition, done:
 def pause(mid: str | None = MidNameOption, config: Path | None = ConfigOption) -> None:
     """Stop taking part in jobs until `resume`: a running job's SuperNode stops, new invitations are declined,
     heartbeats say paused. Kept across reboots."""
-    from edge.agent.member_state import pause as pause_state
+    from edge.agent.controls.state import pause as pause_state
 
     _control(config, mid, pause_state, "paused")
 
@@ -110,7 +110,7 @@ def pause(mid: str | None = MidNameOption, config: Path | None = ConfigOption) -
 @app.command()
 def resume(mid: str | None = MidNameOption, config: Path | None = ConfigOption) -> None:
     """Take part in jobs again after `pause` (strikes stay as they are)."""
-    from edge.agent.member_state import resume as resume_state
+    from edge.agent.controls.state import resume as resume_state
 
     _control(config, mid, resume_state, "resumed")
 
@@ -122,7 +122,7 @@ def leave(
     yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation"),
 ) -> None:
     """Leave the MID for good: no more jobs or heartbeats; reports already made are still delivered and paid."""
-    from edge.agent.member_state import leave as leave_state
+    from edge.agent.controls.state import leave as leave_state
 
     if not yes:
         typer.confirm(f"Leave {mid or 'every MID'} for good? This cannot be undone on this device", abort=True)
@@ -138,9 +138,9 @@ def strike(
     config: Path | None = ConfigOption,
 ) -> None:
     """Join a data strike: the agent signs a StrikeVote for the MID's ledger and declines the target's jobs."""
-    from edge.agent.member_commands import parse_until
-    from edge.agent.member_state import MemberState
-    from edge.agent.member_state import strike as strike_state
+    from edge.agent.controls.commands import parse_until
+    from edge.agent.controls.state import MemberState
+    from edge.agent.controls.state import strike as strike_state
 
     try:
         end_ms = parse_until(until)
@@ -161,8 +161,8 @@ def unstrike(
     config: Path | None = ConfigOption,
 ) -> None:
     """Withdraw strikes (all active ones, or those matching --buyer/--purpose): the agent signs the withdrawal."""
-    from edge.agent.member_state import MemberState
-    from edge.agent.member_state import unstrike as unstrike_state
+    from edge.agent.controls.state import MemberState
+    from edge.agent.controls.state import unstrike as unstrike_state
 
     def step(state: MemberState, now: int) -> MemberState:
         return unstrike_state(state, now, buyer, purpose)[0]
@@ -176,7 +176,7 @@ def status(mid: str | None = MidNameOption, config: Path | None = ConfigOption) 
     from rich.console import Console
 
     from edge.agent.config import AgentSettings
-    from edge.agent.member_commands import membership_dirs, status_table
+    from edge.agent.controls.commands import membership_dirs, status_table
 
     try:
         directories = membership_dirs(AgentSettings.load(config), mid)

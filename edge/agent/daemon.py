@@ -5,7 +5,7 @@ outbox; the publish loop sends what is due (QoS 1), then schedules a resend with
 case no receipt comes; the receipt loop verifies receipt batches (checkpoint signature, consistency with the trusted
 checkpoint, each report's inclusion path) and only then removes reports from the outbox; the heartbeat loop says
 the device is alive (with the member's status: idle, training, paused, striking; a member who left sends none). A
-fifth, the member loop, picks up the member's choices (edge.agent.member_controls): it stops a running job's
+fifth, the member loop, picks up the member's choices (edge.agent.controls.watch): it stops a running job's
 SuperNode they no longer allow and queues the StrikeVotes they call for. The outbox and proofs run on one dedicated
 thread per membership, so fsyncs and crypto never block the event loop.
 """
@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from edge.agent.config import AgentSettings
+from edge.agent.controls.decisions import OwedVote, owed_votes, strike_vote
+from edge.agent.controls.watch import MemberControls
 from edge.agent.job_node import JobNode
 from edge.agent.ledger_view import LedgerView, ProofUnavailableError, http_consistency_fetcher
-from edge.agent.member_controls import MemberControls
-from edge.agent.member_decisions import OwedVote, owed_votes, strike_vote
 from edge.agent.membership import Membership, load_memberships
 from edge.agent.outbox import Outbox, OutboxFullError
 from edge.agent.refusals import settle_refusal

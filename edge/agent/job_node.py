@@ -6,7 +6,7 @@ device's Flower key from enrolment; later invitations of the same job extend its
 with everything below it, when the deadline passes without a further invitation (the job ended) or the agent stops.
 Between jobs no Flower process runs.
 
-The member's choices gate every job (`admit`, edge.agent.member_decisions): an invitation for a job the member does
+The member's choices gate every job (`admit`, edge.agent.controls.decisions): an invitation for a job the member does
 not take part in (paused, left, on strike against its buyer or purpose) is declined -- logged, counted, nothing
 starts -- and `enforce` stops a running job's SuperNode as soon as the member's choices no longer allow it.
 """
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge.agent.member_decisions import RUN, Decision
+from edge.agent.controls.decisions import RUN, Decision
 from edge.agent.membership import Membership
 from edge.federated.supernode import DEVICE_ENV, NodeKey, SuperNodeProcess
 from edge.federated.supervisor import SuperNodeSupervisor

@@ -6,7 +6,7 @@
 {data_dir}/mids/{mid}/outbox.sqlite    the outbox (edge.agent.outbox)
 {data_dir}/mids/{mid}/flower/          the device's Flower SuperNode key pair for this MID (private key 0600)
 {data_dir}/mids/{mid}/superlink-ca.pem the CA of the MID's SuperLink, when the MID registered the Flower key
-{data_dir}/mids/{mid}/member.json      the member's choices: paused, left, strikes (edge.agent.member_state, 0600)
+{data_dir}/mids/{mid}/member.json      the member's choices: paused, left, strikes (edge.agent.controls.state, 0600)
 """
 
 from __future__ import annotations

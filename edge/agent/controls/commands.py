@@ -1,8 +1,8 @@
 """The work behind `midgate agent pause|resume|leave|strike|unstrike|status`, kept apart from typer.
 
-Each command is a pure transition (edge.agent.member_state) applied to one or every membership's `member.json`
+Each command is a pure transition (edge.agent.controls.state) applied to one or every membership's `member.json`
 under its lock. The commands never talk to the daemon: a running daemon picks the file up within `member_poll_s`
-seconds (edge.agent.member_controls), and one that is not running reads it when it starts.
+seconds (edge.agent.controls.watch), and one that is not running reads it when it starts.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from pathlib import Path
 from rich.table import Table
 
 from edge.agent.config import AgentSettings
-from edge.agent.member_controls import describe
-from edge.agent.member_decisions import vote_name
-from edge.agent.member_state import (
+from edge.agent.controls.decisions import vote_name
+from edge.agent.controls.state import (
     MemberControlError,
     MemberState,
     Strike,
@@ -27,6 +26,7 @@ from edge.agent.member_state import (
     load_member_state,
     save_member_state,
 )
+from edge.agent.controls.watch import describe
 from edge.agent.membership import MEMBERSHIP_FILE, OUTBOX_FILE
 
 Transition = Callable[[MemberState, int], MemberState]

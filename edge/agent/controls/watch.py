@@ -1,4 +1,4 @@
-"""The running daemon's view of the member's choices for one membership (edge.agent.member_state).
+"""The running daemon's view of the member's choices for one membership (edge.agent.controls.state).
 
 The member commands write `member.json` whether the daemon runs or not; the daemon notices a change by polling the
 file's identity (inode, size, mtime: an atomic replace always changes the inode) every `member_poll_s` seconds on
@@ -16,8 +16,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge.agent.member_decisions import Decision, DeclineReason, decide, heartbeat_status
-from edge.agent.member_state import MEMBER_FILE, MemberControlError, MemberState, load_member_state
+from edge.agent.controls.decisions import Decision, DeclineReason, decide, heartbeat_status
+from edge.agent.controls.state import MEMBER_FILE, MemberControlError, MemberState, load_member_state
 from protocol.messages import DeviceStatus
 
 log = logging.getLogger("midgate.agent.member")

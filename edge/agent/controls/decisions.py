@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from edge.agent.member_state import MemberState, Strike
+from edge.agent.controls.state import MemberState, Strike
 from protocol.messages import DeviceStatus, StrikeVote
 
 

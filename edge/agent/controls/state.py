@@ -1,7 +1,7 @@
 """The member's own choices for one membership -- paused, left, on strike -- as durable state on the device.
 
 `{data_dir}/mids/{mid}/member.json` (0600), written only by the member commands (`midgate agent pause|resume|leave|
-strike|unstrike`), read by the running daemon (edge.agent.member_controls). It lives on the device and not in the
+strike|unstrike`), read by the running daemon (edge.agent.controls.watch). It lives on the device and not in the
 daemon's memory because a member who paused must stay paused across a reboot, and the commands work whether the
 daemon runs or not. Writes replace the file atomically (temporary file, fsync, rename, fsync of the folder) under an
 advisory lock (`member.lock`), so a reader never sees half a file and two commands at once cannot lose an update.
