@@ -161,8 +161,6 @@ def run_job(name: str, root: Path, devices: int, rounds: int, warm: bool) -> dic
             "pss_mb": memory.peak_pss / 2**20,
             "accuracy": outcome.validation[rounds]["accuracy"],
             "breakdown": memory.peak_breakdown,  # type: ignore[dict-item]
-            "server_gaps": outcome.server_gaps,  # type: ignore[dict-item]
-            "late_objects": outcome.late_objects,
         }
     finally:
         fed.stop()
@@ -234,12 +232,6 @@ def bench_rounds(args: argparse.Namespace) -> None:
                 f"{name:15s} round {r['round_s']:6.2f} s (round 1 {r['round1_s']:5.2f} s, job {r['job_s']:6.1f} s)  "
                 f"device peak RSS {r['rss_mb']:5.0f} MB  PSS {r['pss_mb']:5.0f} MB  accuracy {r['accuracy']:.3f}",
                 flush=True,
-            )
-            gaps = r["server_gaps"]
-            print(
-                "    ServerApp between last reply and next push: "
-                + " ".join(f"{g:.2f}" for g in gaps)  # type: ignore[attr-defined]
-                + f" s; reply objects asked for before they were pushed: {r['late_objects']}"
             )
             if args.verbose:
                 for proc, rss, pss in r["breakdown"]:  # type: ignore[attr-defined]
