@@ -14,6 +14,9 @@ from flwr.serverapp.strategy import FedAvg
 from coordinator.capture.round import RoundCapture
 from coordinator.federation.strategy.wrapper import StrategyWrapper
 
+WEIGHT_KEY = FedAvg().weighted_by_key
+"""The MetricRecord key FedAvg weighs by, and the ClientApp writes its example count under ("num-examples")."""
+
 Answer = RecordDict | Error | None
 """A node's answer to a message: content, an error, or None (it stays silent)."""
 
@@ -33,11 +36,11 @@ def reply(message: Message, answer: RecordDict | Error) -> Message:
 
 
 def arrays_reply(arrays: dict[str, np.ndarray], examples: object, key: str = "arrays", **metrics: float) -> RecordDict:
-    """A reply carrying one ArrayRecord under `key` and a MetricRecord with `num-examples` (FedAvg's key)."""
+    """A reply carrying one ArrayRecord under `key` and a MetricRecord with the example count under WEIGHT_KEY."""
     return RecordDict(
         {
             key: ArrayRecord({name: Array(a) for name, a in arrays.items()}),
-            "metrics": MetricRecord({"num-examples": examples, **metrics}),  # type: ignore[dict-item]
+            "metrics": MetricRecord({WEIGHT_KEY: examples, **metrics}),  # type: ignore[dict-item]
         }
     )
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
-from strategy_fakes import AnsweringGrid, HandedReplies, RecordingSink, arrays_reply, reply, stamp
+from strategy_fakes import WEIGHT_KEY, AnsweringGrid, HandedReplies, RecordingSink, arrays_reply, reply, stamp
 
 from coordinator.attribution.valuation import _player_weights
 from coordinator.federation.strategy.participation import Participation
@@ -72,12 +72,12 @@ def test_fixed_weights_fall_back_to_equal_when_any_count_is_unverified() -> None
 )
 def test_a_round_is_captured_and_aggregated_with_the_jobs_rule(rule: RoundWeights, expected: dict[int, int]) -> None:
     sink, inner = RecordingSink(), HandedReplies()
-    strategy = UpdateCapture(inner, sink, Participation(REPORTED, 1), rule)
+    strategy = UpdateCapture(inner, sink, Participation(REPORTED, 1), rule, weighted_by_key=WEIGHT_KEY)
     model = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
     sent = stamp(strategy.configure_train(1, model, ConfigRecord(), AnsweringGrid(REPORTED)))  # type: ignore[arg-type]
     strategy.aggregate_train(
         1, [reply(m, arrays_reply({"w": np.ones(2, np.float32)}, REPORTED[m.metadata.dst_node_id])) for m in sent]
     )
     assert {u.node_id: u.weight for u in sink.captures[0].updates} == expected
-    handed = {m.metadata.src_node_id: m.content.metric_records["metrics"]["num-examples"] for m in inner.handed}
+    handed = {m.metadata.src_node_id: m.content.metric_records["metrics"][WEIGHT_KEY] for m in inner.handed}
     assert handed == expected  # FedAvg weighs by what attribution recorded, never by the nodes' own claims

@@ -10,14 +10,13 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
-from strategy_fakes import AnsweringGrid, RecordingSink, stamp
+from strategy_fakes import WEIGHT_KEY, AnsweringGrid, RecordingSink, stamp
 
 from coordinator.federation.strategy.participation import Participation
 from coordinator.federation.strategy.update_capture import UpdateCapture
 from coordinator.federation.strategy.weights import AggregationWeighting, RoundWeights
 
 NODES = {11: 50, 12: 143, 13: 7}  # node id -> examples
-WEIGHT_KEY = FedAvg().weighted_by_key
 
 
 def _updates() -> dict[int, np.ndarray]:
@@ -32,6 +31,7 @@ def _aggregate(arrival: list[int]) -> np.ndarray:
         RecordingSink(),
         Participation(NODES, len(NODES)),
         RoundWeights(AggregationWeighting.REPORTED_CAPPED, max_weight=10**6),
+        weighted_by_key=WEIGHT_KEY,
     )
     global_model = ArrayRecord({"w": Array(np.zeros(4096, dtype=np.float32))})
     messages = strategy.configure_train(1, global_model, ConfigRecord(), AnsweringGrid(NODES))  # type: ignore[arg-type]

@@ -10,7 +10,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp.strategy import FedAvg
-from strategy_fakes import Answer, AnsweringGrid, arrays_reply
+from strategy_fakes import WEIGHT_KEY, Answer, AnsweringGrid, arrays_reply
 
 from coordinator.capture.round import DropReason, NodeDrop
 from coordinator.federation.strategy.drift_correction import DriftCorrection
@@ -47,7 +47,12 @@ def _device(misbehaving: dict[int, Answer]) -> Callable[[Message], Answer]:
 
 def _drift(participation: Participation, strength: float = 1.0) -> DriftCorrection:
     return DriftCorrection(
-        FedAvg(min_train_nodes=1, min_available_nodes=1), strength, participation, REPORTED_CAPPED, query_timeout=3.0
+        FedAvg(min_train_nodes=1, min_available_nodes=1),
+        strength,
+        participation,
+        REPORTED_CAPPED,
+        weighted_by_key=WEIGHT_KEY,
+        query_timeout=3.0,
     )
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
-from strategy_fakes import AnsweringGrid, HandedReplies, RecordingSink, arrays_reply, reply, stamp
+from strategy_fakes import WEIGHT_KEY, AnsweringGrid, HandedReplies, RecordingSink, arrays_reply, reply, stamp
 
 from coordinator.capture.round import DropReason, NodeDrop
 from coordinator.federation.strategy.drift_correction import QueriedGradient
@@ -37,7 +37,9 @@ def _sent(strategy: UpdateCapture, nodes: list[int]) -> dict[int, Message]:
 def test_every_reply_is_screened_and_each_drop_keeps_its_reason() -> None:
     nodes = [11, 12, 13, 14, 15, 16, 17]
     participation, sink = Participation(nodes, min_nodes=1), RecordingSink()
-    strategy = UpdateCapture(HandedReplies(), sink, participation, REPORTED_CAPPED, run_id=5)
+    strategy = UpdateCapture(
+        HandedReplies(), sink, participation, REPORTED_CAPPED, weighted_by_key=WEIGHT_KEY, run_id=5
+    )
     sent = _sent(strategy, nodes)
     stranger = stamp([Message(RecordDict(), dst_node_id=77, message_type=MessageType.TRAIN)])[0]
     replies = [
@@ -77,7 +79,7 @@ def test_every_reply_is_screened_and_each_drop_keeps_its_reason() -> None:
 def test_too_few_usable_updates_fail_the_job_after_the_sink_has_the_round() -> None:
     participation, sink = Participation([11, 12], min_nodes=2), RecordingSink()
     inner = HandedReplies()
-    strategy = UpdateCapture(inner, sink, participation, REPORTED_CAPPED)
+    strategy = UpdateCapture(inner, sink, participation, REPORTED_CAPPED, weighted_by_key=WEIGHT_KEY)
     sent = _sent(strategy, [11, 12])
     with pytest.raises(JobFailedError) as err:
         strategy.aggregate_train(1, [reply(sent[11], arrays_reply(_trained(1.0), 9))])
@@ -90,7 +92,8 @@ def test_too_few_usable_updates_fail_the_job_after_the_sink_has_the_round() -> N
 def test_fedavg_gets_each_update_with_its_weight_in_the_global_models_array_order() -> None:
     participation, sink = Participation([11, 12], min_nodes=2), RecordingSink()
     inner = HandedReplies()
-    strategy = UpdateCapture(inner, sink, participation, RoundWeights(AggregationWeighting.UNIFORM, max_weight=5))
+    uniform = RoundWeights(AggregationWeighting.UNIFORM, max_weight=5)
+    strategy = UpdateCapture(inner, sink, participation, uniform, weighted_by_key=WEIGHT_KEY)
     sent = _sent(strategy, [11, 12])
     backwards = {name: _trained(1.0)[name] for name in reversed(GLOBAL)}  # as a packed reply comes back
     arrays, _ = strategy.aggregate_train(
@@ -99,7 +102,7 @@ def test_fedavg_gets_each_update_with_its_weight_in_the_global_models_array_orde
     assert [m.metadata.src_node_id for m in inner.handed] == [11, 12]
     for message in inner.handed:
         assert list(message.content.array_records["arrays"]) == list(GLOBAL)  # FedAvgM pairs arrays by position
-        assert message.content.metric_records["metrics"]["num-examples"] == 1
+        assert message.content.metric_records["metrics"][WEIGHT_KEY] == 1
     assert arrays is not None and np.allclose(arrays["w"].numpy(), 2.0)  # the unweighted mean of 1 and 3
 
 
@@ -108,7 +111,14 @@ def test_a_drift_corrected_update_is_captured_with_its_nodes_gradient_and_offset
     offset = {name: np.full_like(a, -0.25) for name, a in GLOBAL.items()}
     queried = QueriedGradient(gradient, arrays_sha256(gradient), offset, arrays_sha256(offset))
     participation, sink = Participation([11], min_nodes=1), RecordingSink()
-    strategy = UpdateCapture(HandedReplies(), sink, participation, REPORTED_CAPPED, queried_gradient={11: queried}.get)
+    strategy = UpdateCapture(
+        HandedReplies(),
+        sink,
+        participation,
+        REPORTED_CAPPED,
+        weighted_by_key=WEIGHT_KEY,
+        queried_gradient={11: queried}.get,
+    )
     sent = _sent(strategy, [11])
     strategy.aggregate_train(1, [reply(sent[11], arrays_reply(_trained(1.0), 4))])
     (update,) = sink.captures[0].updates

@@ -132,22 +132,34 @@ def aggregator(job: JobRunConfig) -> FedAvg | DifferentialPrivacyClientSideFixed
 def job_strategy(
     job: JobRunConfig,
     run_id: int,
-    inner: Strategy,
+    inner: FedAvg | DifferentialPrivacyClientSideFixedClipping,
     sink: UpdateSink,
     participation: Participation,
     example_count_cap: int | None,
 ) -> Strategy:
-    """The job's wrappers around `inner` (coordinator.federation.strategy): selection, capture, and the drift
-    correction when the job asks for it."""
+    """The job's wrappers around `inner` (`aggregator`; coordinator.federation.strategy): selection, capture, and the
+    drift correction when the job asks for it. They read and write the example count under the key FedAvg weighs
+    by."""
+    fedavg = inner if isinstance(inner, FedAvg) else inner.strategy
+    if not isinstance(fedavg, FedAvg):
+        raise TypeError(f"the job aggregates with FedAvg, not {type(fedavg).__name__}")
     weights = RoundWeights(_weighting(job), job.max_examples, example_count_cap=example_count_cap)
     drift = None
     if job.drift_correction > 0:
-        drift = DriftCorrection(inner, job.drift_correction, participation, weights, query_timeout=job.round_timeout)
+        drift = DriftCorrection(
+            inner,
+            job.drift_correction,
+            participation,
+            weights,
+            weighted_by_key=fedavg.weighted_by_key,
+            query_timeout=job.round_timeout,
+        )
     capture = UpdateCapture(
         drift or inner,
         sink,
         participation,
         weights,
+        weighted_by_key=fedavg.weighted_by_key,
         run_id=run_id,
         queried_gradient=None if drift is None else drift.queried,
     )

@@ -59,7 +59,7 @@ class DriftCorrection(StrategyWrapper):
     query_timeout:
         Seconds to wait for the query's replies (default 120).
     weighted_by_key:
-        The MetricRecord key of a reply's example count (default "num-examples", FedAvg's).
+        The MetricRecord key of a reply's example count, which FedAvg weighs by (its `weighted_by_key`).
     """
 
     def __init__(
@@ -69,8 +69,8 @@ class DriftCorrection(StrategyWrapper):
         participation: Participation,
         weights: RoundWeights,
         *,
+        weighted_by_key: str,
         query_timeout: float = 120.0,
-        weighted_by_key: str = "num-examples",
     ) -> None:
         super().__init__(strategy)
         if not 0 < strength <= 1:

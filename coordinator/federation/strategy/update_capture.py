@@ -44,8 +44,7 @@ class UpdateCapture(StrategyWrapper):
         Node id -> the gradient the node answered the round's gradient query with and the offset it was sent
         (`DriftCorrection.queried`), recorded with its update; default None: the job has no drift correction.
     weighted_by_key:
-        The MetricRecord key of a reply's example count and of the weight FedAvg reads (default "num-examples",
-        FedAvg's).
+        The MetricRecord key of a reply's example count, which FedAvg weighs by (its `weighted_by_key`).
     """
 
     def __init__(
@@ -55,9 +54,9 @@ class UpdateCapture(StrategyWrapper):
         participation: Participation,
         weights: RoundWeights,
         *,
+        weighted_by_key: str,
         run_id: int = 0,
         queried_gradient: Callable[[int], QueriedGradient | None] | None = None,
-        weighted_by_key: str = "num-examples",
     ) -> None:
         super().__init__(strategy)
         self.sink = sink
