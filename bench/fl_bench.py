@@ -36,11 +36,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from flower_fixtures import Federation, plaid_windows, split_by_label
+from optimizer_state import AdamState, train_epochs_with_state, train_round_with_state, without_first_moment
 
 from edge.federated.supernode import DEVICE_ENV
 from edge.federated.training import LocalTrainingConfig, round_gradient, train_round
 from protocol.tasks.drift import NDArrays, drift_offsets
-from protocol.tasks.models import AdamState, build_model, evaluate, load_arrays, model_arrays, train_epochs
+from protocol.tasks.models import build_model, evaluate, load_arrays, model_arrays, train_epochs
 from protocol.tasks.schedule import LrSchedule, scheduled_lr
 from protocol.tasks.spec import get_task
 from protocol.tasks.windows import WindowSet
@@ -161,8 +162,6 @@ def run_job(name: str, root: Path, devices: int, rounds: int, warm: bool) -> dic
             "pss_mb": memory.peak_pss / 2**20,
             "accuracy": outcome.validation[rounds]["accuracy"],
             "breakdown": memory.peak_breakdown,  # type: ignore[dict-item]
-            "server_gaps": outcome.server_gaps,  # type: ignore[dict-item]
-            "late_objects": outcome.late_objects,
         }
     finally:
         fed.stop()
@@ -234,12 +233,6 @@ def bench_rounds(args: argparse.Namespace) -> None:
                 f"{name:15s} round {r['round_s']:6.2f} s (round 1 {r['round1_s']:5.2f} s, job {r['job_s']:6.1f} s)  "
                 f"device peak RSS {r['rss_mb']:5.0f} MB  PSS {r['pss_mb']:5.0f} MB  accuracy {r['accuracy']:.3f}",
                 flush=True,
-            )
-            gaps = r["server_gaps"]
-            print(
-                "    ServerApp between last reply and next push: "
-                + " ".join(f"{g:.2f}" for g in gaps)  # type: ignore[attr-defined]
-                + f" s; reply objects asked for before they were pushed: {r['late_objects']}"
             )
             if args.verbose:
                 for proc, rss, pss in r["breakdown"]:  # type: ignore[attr-defined]
@@ -336,7 +329,7 @@ def train_central(
     adam: AdamState | None = None
     for epoch in range(epochs):
         lr = scheduled_lr(schedule, args.lr, epoch + 1, epochs)
-        state = train_epochs(
+        state = train_epochs_with_state(
             spec,
             central,
             train.x,
@@ -451,15 +444,6 @@ def bench_accuracy(args: argparse.Namespace) -> None:
         f"gap central ({best}) - federated = {100 * (central[best] - fed_acc):.1f} points (target <= 3); "
         f"federated / central = {fed_acc / central[best]:.3f}"
     )
-
-
-def without_first_moment(adam: AdamState) -> AdamState:
-    """Adam's state with its momentum (exp_avg) zeroed: the per-weight step sizes (exp_avg_sq) and step count stay,
-    the direction the device's own data pushed in last round does not."""
-    per_param = adam["state"]
-    assert isinstance(per_param, dict)
-    state = {index: {**entry, "exp_avg": torch.zeros_like(entry["exp_avg"])} for index, entry in per_param.items()}
-    return {**adam, "state": state}
 
 
 class ServerUpdate:
@@ -611,14 +595,17 @@ def simulate_federated(args: argparse.Namespace, parts: list[WindowSet]) -> tupl
             previous = grads
         updates = []
         for i, part in enumerate(parts):
-            result = train_round(
+            if args.optimizer_state == "fresh" and not args.warmup_steps:  # what the ClientApp runs
+                updates.append(train_round(spec, global32, part, settings[i], server_round, offsets.get(i)).arrays)
+                continue
+            arrays, state = train_round_with_state(
                 spec, global32, part, settings[i], server_round, offsets.get(i), adam_states.get(i), args.warmup_steps
             )
             if args.optimizer_state == "kept":
-                adam_states[i] = result.adam_state
+                adam_states[i] = state
             elif args.optimizer_state == "second-moment":
-                adam_states[i] = without_first_moment(result.adam_state)
-            updates.append(result.arrays)
+                adam_states[i] = without_first_moment(state)
+            updates.append(arrays)
         total = sum(weights.values())
         if args.float32_order is None:
             average = {

@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.serverapp.strategy import FedAvg
+from flwr.app import Array, ArrayRecord, ConfigRecord
+from strategy_fakes import WEIGHT_KEY, AnsweringGrid, HandedReplies, RecordingSink, arrays_reply, reply, stamp
 
 from coordinator.attribution.valuation import _player_weights
-from coordinator.capture.round import CapturedUpdate, RoundCapture
-from coordinator.federation.strategy import AggregationWeighting, JobStrategy, aggregation_weights
+from coordinator.federation.strategy.participation import Participation
+from coordinator.federation.strategy.update_capture import UpdateCapture
+from coordinator.federation.strategy.weights import AggregationWeighting, RoundWeights, aggregation_weights
 
 REPORTED = {11: 50, 12: 1_000_000, 13: 200}  # node 12 claims a million examples
-
-
-class _Sink:
-    def on_round(self, capture: RoundCapture) -> None:
-        pass
 
 
 def _normalised(weights: dict[int, int]) -> list[float]:
@@ -55,34 +52,32 @@ def test_fixed_weights_fall_back_to_equal_when_any_count_is_unverified() -> None
     assert _normalised(weights) == pytest.approx(_player_weights([(0,), (1,), (2,)], [40, None, 100], 300))
 
 
-def _update(node: int, reported: int) -> CapturedUpdate:
-    return CapturedUpdate(1, node, [np.zeros(2, dtype=np.float32)], "a" * 64, "b" * 64, reported, 1, {})
-
-
+@pytest.mark.usefixtures("in_a_task")
 @pytest.mark.parametrize(
-    ("options", "expected"),
+    ("rule", "expected"),
     [
-        ({}, {11: 50, 12: 500, 13: 200}),
-        ({"uniform_weights": True}, {11: 1, 12: 1, 13: 1}),
-        ({"weighting": AggregationWeighting.FIXED}, {11: 1, 12: 1, 13: 1}),
+        (RoundWeights(AggregationWeighting.REPORTED_CAPPED, max_weight=500), {11: 50, 12: 500, 13: 200}),
+        (RoundWeights(AggregationWeighting.UNIFORM, max_weight=500), {11: 1, 12: 1, 13: 1}),
+        (RoundWeights(AggregationWeighting.FIXED, max_weight=500), {11: 1, 12: 1, 13: 1}),
         (
-            {
-                "weighting": AggregationWeighting.FIXED,
-                "verified_examples": lambda rnd, node: {11: 7, 12: 9_999, 13: 3}[node],
-                "example_count_cap": 8,
-            },
+            RoundWeights(
+                AggregationWeighting.FIXED,
+                max_weight=500,
+                verified_examples=lambda rnd, node: {11: 7, 12: 9_999, 13: 3}[node],
+                example_count_cap=8,
+            ),
             {11: 7, 12: 8, 13: 3},
         ),
     ],
 )
-def test_strategy_weighs_a_round_by_its_option(options: dict[str, object], expected: dict[int, int]) -> None:
-    strategy = JobStrategy(FedAvg(), REPORTED, 1, _Sink(), max_weight=500, **options)  # type: ignore[arg-type]
-    updates = [_update(node, count) for node, count in REPORTED.items()]
-    assert strategy._round_weights(1, updates) == expected
-
-
-def test_uniform_contradicting_fixed_is_refused() -> None:
-    with pytest.raises(ValueError, match="contradicts"):
-        JobStrategy(
-            FedAvg(), REPORTED, 1, _Sink(), max_weight=5, uniform_weights=True, weighting=AggregationWeighting.FIXED
-        )
+def test_a_round_is_captured_and_aggregated_with_the_jobs_rule(rule: RoundWeights, expected: dict[int, int]) -> None:
+    sink, inner = RecordingSink(), HandedReplies()
+    strategy = UpdateCapture(inner, sink, Participation(REPORTED, 1), rule, weighted_by_key=WEIGHT_KEY)
+    model = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
+    sent = stamp(strategy.configure_train(1, model, ConfigRecord(), AnsweringGrid(REPORTED)))  # type: ignore[arg-type]
+    strategy.aggregate_train(
+        1, [reply(m, arrays_reply({"w": np.ones(2, np.float32)}, REPORTED[m.metadata.dst_node_id])) for m in sent]
+    )
+    assert {u.node_id: u.weight for u in sink.captures[0].updates} == expected
+    handed = {m.metadata.src_node_id: m.content.metric_records["metrics"][WEIGHT_KEY] for m in inner.handed}
+    assert handed == expected  # FedAvg weighs by what attribution recorded, never by the nodes' own claims

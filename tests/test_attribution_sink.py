@@ -1,4 +1,4 @@
-"""The strategy's attribution hook, fed RoundCaptures of real PLAID training as JobStrategy produces them."""
+"""The strategy's attribution hook, fed RoundCaptures of real PLAID training as UpdateCapture produces them."""
 
 from __future__ import annotations
 

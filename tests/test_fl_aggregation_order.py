@@ -1,6 +1,7 @@
-"""FedAvg sums the round's float32 updates in the order of the list it is handed. The job's strategy hands them over
-in node-id order, so the global model follows from the recorded updates alone, whatever order the replies arrived
-in (docs/federated.md, "Accuracy": in arrival order the same updates gave a different model each run)."""
+"""FedAvg sums the round's float32 updates in the order of the list it is handed. The job strategy's UpdateCapture
+hands them over in node-id order, so the global model follows from the recorded updates alone, whatever order the
+replies arrived in (docs/federated.md, "Accuracy": in arrival order the same updates gave a different model each
+run)."""
 
 from __future__ import annotations
 
@@ -9,21 +10,13 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from strategy_fakes import WEIGHT_KEY, AnsweringGrid, RecordingSink, stamp
 
-from coordinator.capture.round import RoundCapture
-from coordinator.federation.strategy import WEIGHT_KEY, JobStrategy
+from coordinator.federation.strategy.participation import Participation
+from coordinator.federation.strategy.update_capture import UpdateCapture
+from coordinator.federation.strategy.weights import AggregationWeighting, RoundWeights
 
 NODES = {11: 50, 12: 143, 13: 7}  # node id -> examples
-
-
-class _Sink:
-    def on_round(self, capture: RoundCapture) -> None:
-        pass
-
-
-class _Grid:
-    def get_node_ids(self) -> list[int]:
-        return sorted(NODES)
 
 
 def _updates() -> dict[int, np.ndarray]:
@@ -33,11 +26,16 @@ def _updates() -> dict[int, np.ndarray]:
 
 
 def _aggregate(arrival: list[int]) -> np.ndarray:
-    strategy = JobStrategy(FedAvg(), NODES, len(NODES), _Sink(), max_weight=10**6, join_timeout=0.0)
+    strategy = UpdateCapture(
+        FedAvg(),
+        RecordingSink(),
+        Participation(NODES, len(NODES)),
+        RoundWeights(AggregationWeighting.REPORTED_CAPPED, max_weight=10**6),
+        weighted_by_key=WEIGHT_KEY,
+    )
     global_model = ArrayRecord({"w": Array(np.zeros(4096, dtype=np.float32))})
-    sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, global_model, ConfigRecord(), _Grid())}
-    for node, message in sent.items():
-        message.metadata.__dict__["_message_id"] = f"train-{node}"  # as the grid stamps it on push
+    messages = strategy.configure_train(1, global_model, ConfigRecord(), AnsweringGrid(NODES))  # type: ignore[arg-type]
+    sent = {m.metadata.dst_node_id: m for m in stamp(messages)}
     updates = _updates()
     replies = [
         Message(

@@ -53,6 +53,18 @@ def test_the_evaluator_keeps_the_last_k_rounds_models_and_scores_their_mean() ->
     assert set(evaluator.history) == {0, 1, 2, 3}
 
 
+def test_the_evaluator_shows_every_global_model_it_scores_to_its_observer() -> None:
+    """Attribution values a round's updates as deltas from the model that round was sent: the initial model, then
+    each round's aggregate, exactly the models Flower hands its evaluate_fn."""
+    seen: list[dict[str, np.ndarray]] = []
+    evaluator = ValidationEvaluator(SPEC, _validation(), observe=lambda model: seen.append(dict(model)))
+    rounds = [model_arrays(build_model(SPEC, seed=s)) for s in range(3)]
+    for server_round, arrays in enumerate(rounds):
+        evaluator(server_round, ArrayRecord({n: Array(a) for n, a in arrays.items()}))
+    assert len(seen) == 3
+    assert all(np.array_equal(seen[r][n], rounds[r][n]) for r in range(3) for n in rounds[r])
+
+
 def test_tail_average_is_a_run_config_key_of_at_least_one(tmp_path: Path) -> None:
     base: dict[str, object] = {
         "task-id": "plaid-appliance",

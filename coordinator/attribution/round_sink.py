@@ -1,10 +1,10 @@
 """The attribution hook of the job strategy: values every captured round on the buyer's validation set.
 
-`JobStrategy` (coordinator.federation.strategy) hands each round's captured per-node parameters to an UpdateSink
-before aggregating. The capture names the global model only by its SHA-256, so the ServerApp also shows this sink
-each global model it evaluates (`observe_global`, called from its evaluate_fn: round 0 is the initial model, round r
-the model that round r + 1 trains from). A round whose global model the sink has not seen is recorded as skipped,
-never raised: a valuation problem must not fail the buyer's job.
+The strategy's `UpdateCapture` (coordinator.federation.strategy.update_capture) hands each round's captured per-node
+parameters to an UpdateSink before aggregating. The capture names the global model only by its SHA-256, so the
+ServerApp also shows this sink each global model it evaluates (`observe_global`, called from its evaluate_fn: round 0
+is the initial model, round r the model that round r + 1 trains from). A round whose global model the sink has not
+seen is recorded as skipped, never raised: a valuation problem must not fail the buyer's job.
 """
 
 from __future__ import annotations

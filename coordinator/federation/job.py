@@ -28,7 +28,7 @@ class JobRunConfig(BaseModel):
     task_id, task_version: the task (protocol.tasks registry).
     num_rounds: federated rounds (default 3).
     selected_nodes: space-separated SuperLink node ids the coordinator selected (uint64 does not fit TOML ints).
-    min_nodes: fewest usable updates per round; below it the job fails (default 2).
+    min_nodes: fewest usable updates per round, at most the selected nodes; below it the job fails (default 2).
     round_timeout: seconds to wait for a round's replies before dropping the silent nodes (default 120).
     join_timeout: seconds to wait for selected nodes to connect at the start of a round (default 60).
     validation_path: the buyer's validation window file, on the coordinator.
@@ -90,6 +90,12 @@ class JobRunConfig(BaseModel):
     tail_average: int = Field(alias="tail-average", default=1, ge=1, le=1000)
 
     @model_validator(mode="after")
+    def _min_nodes_can_be_met(self) -> JobRunConfig:
+        if self.min_nodes > len(self.selected_nodes):
+            raise ValueError(f"min-nodes {self.min_nodes} exceeds the {len(self.selected_nodes)} selected nodes")
+        return self
+
+    @model_validator(mode="after")
     def _no_drift_correction_under_dp(self) -> JobRunConfig:
         if self.drift_correction > 0 and self.dp_clipping_norm > 0:
             raise ValueError(
@@ -138,9 +144,6 @@ class JobOutcome(BaseModel):
     # the final model's metrics: the last round's (validation[num_rounds]), or the tail average's (`tail-average`)
     final_validation: dict[str, float] = Field(default_factory=dict)
     round_seconds: dict[int, float] = Field(default_factory=dict)  # wall time of each round, aggregation included
-    # ServerApp time between an exchange's last reply and the next exchange's push, in order (PollingGrid.server_gaps)
-    server_gaps: list[float] = Field(default_factory=list)
-    late_objects: int = 0  # reply objects still being pushed when first asked for (PromptObjectPull.waited)
     privacy: dict[str, float] = Field(default_factory=dict)
     attribution: dict[str, int] = Field(default_factory=dict)  # member (node id) -> value in nano-units
     attribution_skipped: dict[int, str] = Field(default_factory=dict)

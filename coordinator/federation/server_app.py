@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,11 @@ from coordinator.capture.directory import CaptureDirectory
 from coordinator.capture.round import UpdateSink
 from coordinator.federation.job import JobOutcome, JobRunConfig, NodeDropRecord
 from coordinator.federation.polling_grid import PollingGrid
-from coordinator.federation.strategy import AggregationWeighting, JobFailedError, JobStrategy
+from coordinator.federation.strategy.drift_correction import DriftCorrection
+from coordinator.federation.strategy.participation import JobFailedError, Participation
+from coordinator.federation.strategy.selection import NodeSelection
+from coordinator.federation.strategy.update_capture import UpdateCapture
+from coordinator.federation.strategy.weights import AggregationWeighting, RoundWeights
 from protocol.tasks.arrays import arrays_sha256
 from protocol.tasks.models import build_model, evaluate, load_arrays, model_arrays
 from protocol.tasks.spec import TaskSpec, get_task
@@ -39,12 +43,23 @@ app = ServerApp()
 
 
 class ValidationEvaluator:
-    """Flower `evaluate_fn`: the global model's loss and score on the buyer's validation windows."""
+    """Flower `evaluate_fn`: the global model's loss and score on the buyer's validation windows.
 
-    def __init__(self, spec: TaskSpec, validation: WindowSet, tail: int = 1) -> None:
+    Flower calls it with the initial model (round 0) and after every round with the model the next round trains
+    from, so it also shows each of them to `observe` (default None): attribution values a round's updates as deltas
+    from the model it was sent (AttributionSink.observe_global)."""
+
+    def __init__(
+        self,
+        spec: TaskSpec,
+        validation: WindowSet,
+        tail: int = 1,
+        observe: Callable[[Mapping[str, npt.NDArray[np.generic]]], None] | None = None,
+    ) -> None:
         self.spec = spec
         self.validation = validation
         self.model = build_model(spec)
+        self.observe = observe
         self.history: dict[int, dict[str, float]] = {}
         self.evaluated_at: dict[int, float] = {}  # monotonic time each round's global model was ready
         self.tail: deque[dict[str, npt.NDArray[np.generic]]] = deque(maxlen=tail)  # the last rounds' models
@@ -52,6 +67,8 @@ class ValidationEvaluator:
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         self.evaluated_at[server_round] = time.monotonic()
         model = {name: a.numpy() for name, a in arrays.items()}
+        if self.observe is not None:
+            self.observe(model)
         if server_round >= 1:
             self.tail.append(model)
         metrics = self.score(model)
@@ -73,19 +90,29 @@ def tail_average(models: Sequence[Mapping[str, npt.NDArray[np.generic]]]) -> dic
     }
 
 
-def _inner_strategy(job: JobRunConfig) -> Strategy:
+def aggregator(job: JobRunConfig) -> FedAvg | DifferentialPrivacyClientSideFixedClipping:
     """FedAvg (FedAvgM with server momentum), wrapped in Flower's client-side fixed-clipping DP (with its RDP
-    accountant when noise is added; the accountant supports plain FedAvg only)."""
-    common = {
-        "fraction_evaluate": 1.0 if job.federated_evaluate else 0.0,
-        "min_available_nodes": job.min_nodes,
-        "min_train_nodes": job.min_nodes,
-    }
+    accountant when noise is added; the accountant supports plain FedAvg only).
+
+    It samples every node its grid lists: the wrappers above it (`job_strategy`) decide which nodes those are and
+    never list fewer than `min-nodes`, so FedAvg's own minimums are set to that and its sampling never waits."""
+    fraction_evaluate = 1.0 if job.federated_evaluate else 0.0
+    if job.dp_clipping_norm <= 0 and job.server_momentum > 0:
+        return FedAvgM(
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=job.min_nodes,
+            min_evaluate_nodes=job.min_nodes,
+            min_available_nodes=job.min_nodes,
+            server_momentum=job.server_momentum,
+        )
+    fedavg = FedAvg(
+        fraction_evaluate=fraction_evaluate,
+        min_train_nodes=job.min_nodes,
+        min_evaluate_nodes=job.min_nodes,
+        min_available_nodes=job.min_nodes,
+    )
     if job.dp_clipping_norm <= 0:
-        if job.server_momentum > 0:
-            return FedAvgM(server_momentum=job.server_momentum, **common)  # type: ignore[arg-type]
-        return FedAvg(**common)  # type: ignore[arg-type]
-    fedavg = FedAvg(**common)  # type: ignore[arg-type]
+        return fedavg
     accountant = None
     if job.dp_noise_multiplier > 0:
         # Every selected node takes part in every round (no sampling amplification is claimed).
@@ -100,6 +127,43 @@ def _inner_strategy(job: JobRunConfig) -> Strategy:
     return DifferentialPrivacyClientSideFixedClipping(
         fedavg, job.dp_noise_multiplier, job.dp_clipping_norm, len(job.selected_nodes), accountant=accountant
     )
+
+
+def job_strategy(
+    job: JobRunConfig,
+    run_id: int,
+    inner: FedAvg | DifferentialPrivacyClientSideFixedClipping,
+    sink: UpdateSink,
+    participation: Participation,
+    example_count_cap: int | None,
+) -> Strategy:
+    """The job's wrappers around `inner` (`aggregator`; coordinator.federation.strategy): selection, capture, and the
+    drift correction when the job asks for it. They read and write the example count under the key FedAvg weighs
+    by."""
+    fedavg = inner if isinstance(inner, FedAvg) else inner.strategy
+    if not isinstance(fedavg, FedAvg):
+        raise TypeError(f"the job aggregates with FedAvg, not {type(fedavg).__name__}")
+    weights = RoundWeights(_weighting(job), job.max_examples, example_count_cap=example_count_cap)
+    drift = None
+    if job.drift_correction > 0:
+        drift = DriftCorrection(
+            inner,
+            job.drift_correction,
+            participation,
+            weights,
+            weighted_by_key=fedavg.weighted_by_key,
+            query_timeout=job.round_timeout,
+        )
+    capture = UpdateCapture(
+        drift or inner,
+        sink,
+        participation,
+        weights,
+        weighted_by_key=fedavg.weighted_by_key,
+        run_id=run_id,
+        queried_gradient=None if drift is None else drift.queried,
+    )
+    return NodeSelection(capture, participation, join_timeout=job.join_timeout)
 
 
 def _privacy_spent(strategy: Strategy, job: JobRunConfig) -> dict[str, float]:
@@ -127,7 +191,6 @@ def run_job(grid: Grid, run_id: int, job: JobRunConfig) -> JobOutcome:
     capture = CaptureDirectory(out_dir)
     spec = get_task(job.task_id, job.task_version)
     validation = load_window_file(job.validation_path, spec)
-    evaluator = ValidationEvaluator(spec, validation, job.tail_average)
     sink: UpdateSink = capture
     attribution = None
     valuation = ValuationSettings(seed=job.seed)
@@ -136,21 +199,12 @@ def run_job(grid: Grid, run_id: int, job: JobRunConfig) -> JobOutcome:
             TaskValidationLoss(spec, build_model(spec), validation.x, validation.y), valuation, then=capture
         )
         sink = attribution
-    inner = _inner_strategy(job)
-    strategy = JobStrategy(
-        inner,
-        job.selected_nodes,
-        job.min_nodes,
-        sink,
-        max_weight=job.max_examples,
-        join_timeout=job.join_timeout,
-        run_id=run_id,
-        federated_evaluate=job.federated_evaluate,
-        weighting=_weighting(job),
-        example_count_cap=valuation.example_count_cap,
-        drift_correction=job.drift_correction,
-        query_timeout=job.round_timeout,
+    evaluator = ValidationEvaluator(
+        spec, validation, job.tail_average, observe=None if attribution is None else attribution.observe_global
     )
+    inner = aggregator(job)
+    participation = Participation(job.selected_nodes, job.min_nodes)
+    strategy = job_strategy(job, run_id, inner, sink, participation, valuation.example_count_cap)
     outcome = JobOutcome(run_id=run_id, status="failed", reason="internal_error")
     polling: PollingGrid | None = None
     try:
@@ -183,7 +237,7 @@ def run_job(grid: Grid, run_id: int, job: JobRunConfig) -> JobOutcome:
     finally:
         outcome.drops = [
             NodeDropRecord(round=d.round, node_id=d.node_id, reason=str(d.reason), detail=d.detail)
-            for d in strategy.drops
+            for d in participation.drops
         ]
         outcome.validation = dict(evaluator.history)
         outcome.round_seconds = {
@@ -193,9 +247,6 @@ def run_job(grid: Grid, run_id: int, job: JobRunConfig) -> JobOutcome:
         }
         if outcome.status == "failed":
             outcome.rounds_completed = max((r for r in evaluator.history), default=0)
-        if polling is not None:
-            outcome.server_gaps = [round(gap, 3) for gap in polling.server_gaps()]
-            outcome.late_objects = 0 if polling.prompt_pulls is None else polling.prompt_pulls.waited
         outcome.privacy = _privacy_spent(inner, job)
         if attribution is not None:
             outcome.attribution = attribution.account.attribution_vector()

@@ -10,15 +10,7 @@ import numpy.typing as npt
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from protocol.tasks.models import (
-    AdamState,
-    build_model,
-    evaluate,
-    full_gradient,
-    load_arrays,
-    model_arrays,
-    train_epochs,
-)
+from protocol.tasks.models import build_model, evaluate, full_gradient, load_arrays, model_arrays, train_epochs
 from protocol.tasks.schedule import LrSchedule, scheduled_lr
 from protocol.tasks.spec import TaskSpec
 from protocol.tasks.windows import WindowSet
@@ -78,7 +70,6 @@ class RoundResult:
     examples: int
     loss_before: float
     loss_after: float
-    adam_state: AdamState
 
 
 def round_sample(
@@ -123,16 +114,12 @@ def train_round(
     settings: LocalTrainingConfig,
     server_round: int,
     gradient_offset: Mapping[str, npt.NDArray[np.generic]] | None = None,
-    adam_state: AdamState | None = None,
-    warmup_steps: int = 0,
 ) -> RoundResult:
     """Train the global model on (a round-seeded sample of) the windows; losses are measured on the same sample.
 
     `gradient_offset`: the drift offset the coordinator sent for this round (protocol.tasks.drift), added to every
     minibatch gradient; None trains plain. The lr is the round's under the job's schedule (a round outside the job's
     is refused before any work).
-    `adam_state`: the device's Adam state from its previous round (kept optimiser state); None starts a fresh Adam.
-    `warmup_steps`: Adam's lr ramps up over the round's first steps (models.train_epochs; 0: none).
     """
     lr = settings.round_lr(server_round)
     torch.set_num_threads(settings.torch_threads)
@@ -140,7 +127,7 @@ def train_round(
     model = build_model(spec)
     load_arrays(model, global_arrays)
     before = evaluate(spec, model, x, y)["loss"]
-    adam = train_epochs(
+    train_epochs(
         spec,
         model,
         x,
@@ -150,10 +137,6 @@ def train_round(
         lr=lr,
         seed=settings.seed + server_round,
         gradient_offset=gradient_offset,
-        adam_state=adam_state,
-        warmup_steps=warmup_steps,
     )
     after = evaluate(spec, model, x, y)["loss"]
-    return RoundResult(
-        arrays=model_arrays(model), examples=len(x), loss_before=before, loss_after=after, adam_state=adam
-    )
+    return RoundResult(arrays=model_arrays(model), examples=len(x), loss_before=before, loss_after=after)

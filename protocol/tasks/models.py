@@ -6,7 +6,7 @@ Imported only by code that trains or evaluates (ClientApp, ServerApp evaluation,
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -17,7 +17,6 @@ from protocol.errors import MalformedError
 from protocol.tasks.spec import TaskKind, TaskSpec
 
 NDArrays = dict[str, npt.NDArray[np.generic]]
-AdamState = dict[str, object]  # torch.optim.Adam.state_dict(): per-parameter exp_avg, exp_avg_sq, step; param_groups
 
 
 class ApplianceClassifier(nn.Module):
@@ -185,47 +184,50 @@ def train_epochs(
     lr: float,
     seed: int,
     gradient_offset: Mapping[str, npt.NDArray[np.generic]] | None = None,
-    adam_state: AdamState | None = None,
-    warmup_steps: int = 0,
-) -> AdamState:
-    """Plain minibatch Adam for `epochs` passes, shuffled from `seed` so a round is reproducible.
+) -> None:
+    """Plain minibatch Adam, fresh at `lr`, for `epochs` passes shuffled from `seed` so a round is reproducible.
 
     `gradient_offset` (named like the model's parameters) is added to every minibatch gradient before the Adam step:
     the drift correction of protocol.tasks.drift. None trains without it.
-    `adam_state`: the moment estimates and step count a previous call returned for a model of the same task; None
-    starts a fresh Adam. The lr is always `lr`, never the saved one. Returns Adam's state after the last step.
-    `warmup_steps`: the lr ramps linearly from lr / warmup_steps to lr over the first steps (0: none).
     """
     xt, yt = to_tensors(spec, x, y)
     if len(xt) == 0:
         raise MalformedError("no windows to train on")
-    offsets = _parameter_offsets(model, gradient_offset) if gradient_offset is not None else []
+    offsets = parameter_offsets(model, gradient_offset) if gradient_offset is not None else []
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
-    if adam_state is not None:
-        optimiser.load_state_dict(adam_state)
-        for group in optimiser.param_groups:
-            group["lr"] = lr
-    generator = torch.Generator().manual_seed(seed)
     model.train()
-    step = 0
+    for batch in minibatches(len(xt), epochs, batch_size, seed):
+        train_step(spec, model, optimiser, xt[batch], yt[batch], offsets)
+
+
+def minibatches(count: int, epochs: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """The index batches of `epochs` passes over `count` windows, each pass in an order drawn from one generator
+    seeded with `seed`."""
+    generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
-        order = torch.randperm(len(xt), generator=generator)
-        for start in range(0, len(xt), batch_size):
-            idx = order[start : start + batch_size]
-            step += 1
-            if step <= warmup_steps:
-                for group in optimiser.param_groups:
-                    group["lr"] = lr * step / warmup_steps
-            optimiser.zero_grad()
-            loss_fn(spec, model(xt[idx]), yt[idx]).backward()  # type: ignore[no-untyped-call]
-            for param, offset in offsets:
-                if param.grad is not None:
-                    param.grad.add_(offset)
-            optimiser.step()
-    return optimiser.state_dict()
+        order = torch.randperm(count, generator=generator)
+        for start in range(0, count, batch_size):
+            yield order[start : start + batch_size]
 
 
-def _parameter_offsets(
+def train_step(
+    spec: TaskSpec,
+    model: nn.Module,
+    optimiser: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    offsets: Sequence[tuple[nn.Parameter, torch.Tensor]] = (),
+) -> None:
+    """One optimiser step on one minibatch, each parameter's gradient plus its offset (`parameter_offsets`)."""
+    optimiser.zero_grad()
+    loss_fn(spec, model(x), y).backward()  # type: ignore[no-untyped-call]
+    for param, offset in offsets:
+        if param.grad is not None:
+            param.grad.add_(offset)
+    optimiser.step()
+
+
+def parameter_offsets(
     model: nn.Module, offset: Mapping[str, npt.NDArray[np.generic]]
 ) -> list[tuple[nn.Parameter, torch.Tensor]]:
     """Pairs each trainable parameter with its offset. The offset names exactly the model's state (as the global

@@ -1,13 +1,21 @@
-"""train_epochs' Adam state across calls and its per-call lr warmup (the levers `bench/fl_bench.py simulate
---optimizer-state` and `--warmup-steps` measure), with the real PLAID model on synthetic windows."""
+"""The bench's Adam state across calls and its per-call lr warmup (bench/optimizer_state.py, the levers
+`bench/fl_bench.py simulate --optimizer-state` and `--warmup-steps` measure), against production's `train_epochs`,
+with the real PLAID model on synthetic windows."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from protocol.tasks import get_task
 from protocol.tasks.models import build_model, load_arrays, model_arrays, train_epochs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench/ is scripts, not an installed package
+
+from optimizer_state import train_epochs_with_state
 
 SPEC = get_task("plaid-appliance", 1)
 
@@ -33,10 +41,10 @@ def test_kept_state_continues_one_adam_and_fresh_state_restarts_it() -> None:
 
     def two_calls(carry: bool) -> np.ndarray:
         model = build_model(SPEC)
-        state = train_epochs(SPEC, model, x, y, epochs=1, batch_size=len(x), lr=0.01, seed=0)
+        state = train_epochs_with_state(SPEC, model, x, y, epochs=1, batch_size=len(x), lr=0.01, seed=0)
         restarted = build_model(SPEC)  # a device rebuilds its model every round
         load_arrays(restarted, model_arrays(model))
-        train_epochs(
+        train_epochs_with_state(
             SPEC, restarted, x, y, epochs=1, batch_size=len(x), lr=0.01, seed=1, adam_state=state if carry else None
         )
         return _flat(restarted)
@@ -48,13 +56,13 @@ def test_kept_state_continues_one_adam_and_fresh_state_restarts_it() -> None:
 def test_kept_state_trains_at_the_given_lr_not_the_saved_one() -> None:
     x, y = _windows()
     model = build_model(SPEC)
-    state = train_epochs(SPEC, model, x, y, epochs=1, batch_size=len(x), lr=0.01, seed=0)
+    state = train_epochs_with_state(SPEC, model, x, y, epochs=1, batch_size=len(x), lr=0.01, seed=0)
     start = model_arrays(model)
     moved = {}
     for lr in (0.01, 0.0):
         again = build_model(SPEC)
         load_arrays(again, start)
-        after = train_epochs(SPEC, again, x, y, epochs=1, batch_size=len(x), lr=lr, seed=0, adam_state=state)
+        after = train_epochs_with_state(SPEC, again, x, y, epochs=1, batch_size=len(x), lr=lr, seed=0, adam_state=state)
         moved[lr] = np.abs(_flat(again) - np.concatenate([a.ravel() for a in start.values()])).max()
         assert after["param_groups"][0]["lr"] == lr  # type: ignore[index]
     assert moved[0.0] == 0.0 < moved[0.01]
@@ -64,6 +72,14 @@ def test_kept_state_trains_at_the_given_lr_not_the_saved_one() -> None:
 def test_warmup_makes_the_first_step_lr_over_warmup(warmup: int) -> None:
     x, y = _windows()
     ramped, scaled = build_model(SPEC), build_model(SPEC)
-    train_epochs(SPEC, ramped, x, y, epochs=1, batch_size=len(x), lr=0.01, seed=0, warmup_steps=warmup)
+    train_epochs_with_state(SPEC, ramped, x, y, epochs=1, batch_size=len(x), lr=0.01, seed=0, warmup_steps=warmup)
     train_epochs(SPEC, scaled, x, y, epochs=1, batch_size=len(x), lr=0.01 / warmup, seed=0)
     np.testing.assert_array_equal(_flat(ramped), _flat(scaled))
+
+
+def test_without_a_state_or_warmup_it_trains_exactly_as_production() -> None:
+    x, y = _windows()
+    ours, production = build_model(SPEC), build_model(SPEC)
+    train_epochs_with_state(SPEC, ours, x, y, epochs=2, batch_size=4, lr=0.01, seed=3)
+    train_epochs(SPEC, production, x, y, epochs=2, batch_size=4, lr=0.01, seed=3)
+    np.testing.assert_array_equal(_flat(ours), _flat(production))
