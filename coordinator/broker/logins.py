@@ -83,6 +83,8 @@ def reload_broker(pid_file: Path) -> bool:
         pid = int(pid_file.read_text().strip())
     except FileNotFoundError:
         reason = "no pid file (broker not running, or `[broker] pid_file` names another file)"
+    except OSError as error:
+        reason = f"cannot read the pid file: {error.strerror}"
     except ValueError:
         reason = "the pid file holds no pid"
     else:

@@ -19,6 +19,7 @@ from types import TracebackType
 
 from coordinator.broker.config import device_ca_file
 from coordinator.broker.logins import coordinator_password, coordinator_password_path, sync_broker_logins
+from coordinator.broker.owners import BrokerFilesError
 from coordinator.buyer.http import RevenueDesk
 from coordinator.config import CoordinatorSettings
 from coordinator.enrolment.enroller import Enroller
@@ -137,7 +138,12 @@ def broker_login_sync(settings: CoordinatorSettings, registry: Registry) -> Call
 
     def enrolled(device: Device) -> None:
         log.info("device enrolled", extra={"device": device.device_id, "member": device.member_id})
-        sync_broker_logins(registry, settings)
+        try:
+            sync_broker_logins(registry, settings)
+        except BrokerFilesError as error:
+            # The broker keeps the logins it had; this enrolment fails, and the agent's rerun is answered again.
+            log.error("broker logins not rewritten", extra={"device": device.device_id, "reason": str(error)})
+            raise
 
     return enrolled
 
