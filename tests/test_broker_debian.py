@@ -22,7 +22,15 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
-from mqtt_fixtures import MOSQUITTO, MessagingStack, MosquittoProcess, coordinator_toml, free_port, wait_until
+from mqtt_fixtures import (
+    MOSQUITTO,
+    MessagingStack,
+    MosquittoProcess,
+    coordinator_toml,
+    free_port,
+    wait_for_port,
+    wait_until,
+)
 from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import ValidationError
 from typer.testing import CliRunner
@@ -200,8 +208,10 @@ def test_reload_signals_only_a_mosquitto(tmp_path: Path, monkeypatch: pytest.Mon
     finally:
         kill(bystander.pid, signal.SIGKILL)
         bystander.wait(timeout=10)
-    broker = subprocess.Popen([MOSQUITTO, "-p", str(free_port())], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port = free_port()
+    broker = subprocess.Popen([MOSQUITTO, "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        wait_for_port(port, proc=broker)  # Popen may return before exec has renamed the child (seen: "python")
         pid_file.write_text(f"{broker.pid}\n")
         assert reload_broker(pid_file)
         assert signalled == [(broker.pid, signal.SIGHUP)]
