@@ -77,15 +77,22 @@ def broker_config(
     output_dir: Path | None = OutputDirOption,
     tls: bool = TlsOption,
 ) -> None:
-    """Write a complete Mosquitto configuration (TLS listener, password file, ACLs, queue sizing, persistence)."""
-    from coordinator.broker.config import write_broker_files
+    """Write a complete Mosquitto configuration (TLS listener, password file, ACLs, queue sizing, persistence, log,
+    pid file) owned for the account Mosquitto runs as, and a systemd drop-in for Debian's mosquitto.service."""
+    from coordinator.broker.config import broker_files, write_broker_files
     from coordinator.broker.logins import service_password_hashes
+    from coordinator.broker.owners import BrokerFilesError, broker_account, folders_the_broker_cannot_enter
     from coordinator.broker.tls import ensure_broker_tls
     from coordinator.registry.store import Registry
 
     settings = _settings(config)
-    out = output_dir or settings.broker_config.output_dir
-    tls_files = ensure_broker_tls(out / "tls", settings.mid, settings.broker_config.tls_hostnames) if tls else None
+    files = broker_files(settings, output_dir)
+    try:
+        account = broker_account(settings.broker_config.user)
+    except BrokerFilesError as error:
+        typer.echo(f"broker-config: {error}", err=True)
+        raise typer.Exit(2) from None
+    tls_files = ensure_broker_tls(files.tls_dir, settings.mid, settings.broker_config.tls_hostnames) if tls else None
     registry = Registry(settings.registry_path)
     try:
         hashes = registry.active_password_hashes()
@@ -93,13 +100,26 @@ def broker_config(
         registry.close()
     hashes.update(service_password_hashes(settings))
     workers = settings.ingest.worker_ids
-    files = write_broker_files(
-        out, settings.broker_config, settings.mid, settings.broker.username, hashes, tls_files, workers
+    write_broker_files(
+        files, settings.broker_config, settings.mid, settings.broker.username, hashes, tls_files, account, workers
     )
     typer.echo(f"wrote {files.config}, {files.acl}, {files.passwords} ({len(hashes)} logins)")
     if tls_files is not None:
         typer.echo(f"MID CA certificate for devices: {tls_files.ca_cert}")
-    typer.echo(f"run: mosquitto -c {files.config}")
+    if account is None:
+        typer.echo("not run as root: every file stays with this user, so run Mosquitto as this user too")
+    else:
+        typer.echo(f"owned for Mosquitto's account {account.name} (group {account.group})")
+        for folder in folders_the_broker_cannot_enter(files.directory, account):
+            typer.echo(f"warning: {account.name} cannot enter {folder}; Mosquitto will not reach its files", err=True)
+    if files.directory.resolve() != settings.broker_config.output_dir.resolve():
+        typer.echo(
+            f"warning: `serve` rewrites the logins in {settings.broker_config.output_dir}: set [broker_config] "
+            f"output_dir to {files.directory}",
+            err=True,
+        )
+    typer.echo(f"run: mosquitto -c {files.config}   (as root: it drops to {settings.broker_config.user})")
+    typer.echo(f"systemd: install {files.systemd_dropin} as /etc/systemd/system/mosquitto.service.d/midgate.conf")
 
 
 @app.command()
@@ -131,6 +151,7 @@ def revoke(device: str = typer.Argument(...), config: Path | None = ConfigOption
     """Revoke a device key: ingest refuses it from the next batch, and its broker login is removed. `serve` (the
     ledger's one writer) logs a MID-signed key-revoke leaf within a second, or at its next start if it is down."""
     from coordinator.broker.logins import sync_broker_logins
+    from coordinator.broker.owners import BrokerFilesError
     from coordinator.registry.store import Registry
 
     settings = _settings(config)
@@ -139,9 +160,10 @@ def revoke(device: str = typer.Argument(...), config: Path | None = ConfigOption
         if not registry.revoke(device, _now_ms()):
             typer.echo(f"no active device {device}", err=True)
             raise typer.Exit(1)
-        passwords = settings.broker_config.output_dir / "passwords"
-        if passwords.exists():
-            sync_broker_logins(registry, passwords, settings)
+        sync_broker_logins(registry, settings)
+    except BrokerFilesError as error:
+        typer.echo(f"revoked {device}, but its broker login stays until the logins are rewritten: {error}", err=True)
+        raise typer.Exit(1) from None
     finally:
         registry.close()
     typer.echo(f"revoked {device}")

@@ -40,12 +40,28 @@ class BrokerSettings(BaseModel):
     password_file: Path | None = Field(
         default=None, description="0600 file with the coordinator's broker password (written by `broker-config`)"
     )
-    public_host: str | None = Field(default=None, description="host devices connect to; defaults to `host`")
+    # Devices are told the broker's device-facing TLS listener, never the coordinator's own connection above: the
+    # coordinator usually sits on the plain loopback listener, which devices cannot (and must not) use.
+    public_host: str | None = Field(
+        default=None,
+        description="host of the broker's TLS listener named in every enrolment grant; default: the first of "
+        "`broker_config.tls_hostnames` (a name in the broker's certificate)",
+    )
     public_port: int | None = Field(
-        default=None, ge=1, le=65535, description="port devices connect to; defaults to `port`"
+        default=None,
+        ge=1,
+        le=65535,
+        description="port of that listener, named in every enrolment grant; default `broker_config.tls_port`",
+    )
+    public_tls: bool = Field(
+        default=True,
+        description="grants tell devices to use TLS and trust the MID CA (`ca_file`, else the `tls/ca.crt` that "
+        "`broker-config` writes); false only for loopback tests and demos, and then `public_port` is required",
     )
     pid_file: Path | None = Field(
-        default=None, description="broker pid file: SIGHUP after an enrolment rewrites the password file"
+        default=None,
+        description="the broker's pid file, written into mosquitto.conf by `broker-config`; `serve` and `revoke` "
+        "SIGHUP that pid after rewriting the logins; default `broker_config.output_dir/run/mosquitto.pid`",
     )
     client_id: str = Field(
         default="midgate-coordinator", description="MQTT client id of the coordinator's persistent session"
@@ -55,13 +71,28 @@ class BrokerSettings(BaseModel):
     )
     keepalive_s: int = Field(default=30, ge=5, le=3600, description="MQTT keepalive in seconds")
 
+    @model_validator(mode="after")
+    def _plain_devices_name_their_port(self) -> Self:
+        if not self.public_tls and self.public_port is None:
+            raise ValueError("[broker] public_tls = false needs public_port: the TLS port is no plain listener")
+        return self
+
 
 class BrokerConfigSettings(BaseModel):
     """What `midgate coordinator broker-config` writes for Mosquitto."""
 
     model_config = ConfigDict(extra="forbid")
 
-    output_dir: Path = Field(default=Path("broker"), description="folder for mosquitto.conf, password, ACL, TLS")
+    output_dir: Path = Field(
+        default=Path("broker"),
+        description="folder for mosquitto.conf, logins, ACL, TLS, persistence, log, pid file and the systemd drop-in; "
+        "keep it outside data_dir (the broker's user must be able to reach it)",
+    )
+    user: str = Field(
+        default="mosquitto",
+        description="account Mosquitto drops root to (`user` in mosquitto.conf); when `broker-config` runs as root, "
+        "it owns the logins, ACL, TLS key, persistence, log and pid folders",
+    )
     listen_host: str = Field(default="0.0.0.0", description="address of the TLS listener devices connect to")
     tls_port: int = Field(default=8883, ge=1, le=65535, description="port of the TLS listener")
     local_port: int | None = Field(
@@ -71,7 +102,9 @@ class BrokerConfigSettings(BaseModel):
         description="plain listener on loopback only (coordinator on the same host, hub bridge); none: off",
     )
     tls_hostnames: list[str] = Field(
-        default_factory=lambda: ["localhost", "127.0.0.1"], description="names in the broker's server certificate"
+        default_factory=lambda: ["localhost", "127.0.0.1"],
+        min_length=1,
+        description="names in the broker's server certificate",
     )
     # Mosquitto's default of 1000 silently drops QoS 1 messages for a slow or offline subscriber (measured);
     # 200,000 queued reports is days of one device's output and well under a gigabyte.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -75,7 +76,10 @@ class MosquittoProcess:
         self.workdir = workdir
         self.port = port
         self.config_path = workdir / "mosquitto.conf"
-        self.log_path = workdir / "mosquitto.log"
+        # With `log_dest file` (what broker-config writes) Mosquitto logs only there, not to its standard output.
+        log_dest = re.search(r"^log_dest file (.+)$", config_text, re.MULTILINE)
+        self.log_path = Path(log_dest.group(1)) if log_dest else workdir / "mosquitto.log"
+        self.stdout_path = workdir / "mosquitto.stdout" if log_dest else self.log_path
         self.pid_path = workdir / "mosquitto.pid"
         workdir.mkdir(parents=True, exist_ok=True)
         if "pid_file" not in config_text:
@@ -87,7 +91,7 @@ class MosquittoProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        log = self.log_path.open("ab")
+        log = self.stdout_path.open("ab")
         self.proc = subprocess.Popen(
             [MOSQUITTO, "-c", str(self.config_path), "-v"], stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir
         )
@@ -120,7 +124,8 @@ class MosquittoProcess:
             self.proc.wait(timeout=10)
 
     def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        paths = dict.fromkeys([self.stdout_path, self.log_path])  # what it said before it opened its log, then the log
+        return "".join(path.read_text(errors="replace") for path in paths if path.exists())
 
 
 @contextlib.contextmanager
@@ -223,8 +228,17 @@ class ServiceProcess:
 
 
 def coordinator_toml(
-    data_dir: Path, mid: str, broker_port: int, http_port: int, extra: str = "", broker_extra: str = ""
+    data_dir: Path,
+    mid: str,
+    broker_port: int,
+    http_port: int,
+    extra: str = "",
+    broker_extra: str = "",
+    plain_devices: bool = True,
 ) -> str:
+    """plain_devices: enrolment grants name the coordinator's own plain listener (loopback tests); False: the broker's
+    TLS listener from `[broker_config]` and the MID CA, as in production."""
+    devices = f"public_port = {broker_port}\npublic_tls = false" if plain_devices else ""
     return f"""
 mid = "{mid}"
 data_dir = "{data_dir}"
@@ -232,6 +246,7 @@ log_json = true
 [broker]
 host = "127.0.0.1"
 port = {broker_port}
+{devices}
 {broker_extra}
 [broker_config]
 output_dir = "{data_dir / "broker"}"

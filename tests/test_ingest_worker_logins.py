@@ -41,7 +41,11 @@ def test_each_worker_has_its_own_login_limited_to_its_own_topics(messaging_stack
     broker_extra = f'pid_file = "{broker_dir / "mosquitto.pid"}"'
     toml = coordinator_toml(stack.data_dir, stack.mid, local_port, stack.http_port, extra, broker_extra)
     stack.config.write_text(
-        toml.replace("[broker_config]\n", f'[broker_config]\nlocal_port = {local_port}\nlisten_host = "127.0.0.1"\n')
+        toml.replace(
+            "[broker_config]\n",
+            # Mosquitto runs as root here: its `mosquitto` user cannot enter pytest's private folders.
+            f'[broker_config]\nlocal_port = {local_port}\nlisten_host = "127.0.0.1"\nuser = "root"\n',
+        )
     )
     settings = CoordinatorSettings.load(stack.config)
     workers = []

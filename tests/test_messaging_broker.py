@@ -75,14 +75,19 @@ def test_broker_config_tls_logins_and_acls(tmp_path: Path) -> None:
     broker_extra = (
         f'pid_file = "{broker_dir / "mosquitto.pid"}"\ntls = true\nca_file = "{broker_dir / "tls" / "ca.crt"}"'
     )
+    # Mosquitto runs as root here: its `mosquitto` user cannot enter pytest's private folders (test_broker_debian.py
+    # runs it the packaged way).
     extra = f"""
 [broker_config]
 output_dir = "{broker_dir}"
 listen_host = "127.0.0.1"
 tls_port = {tls_port}
 local_port = {local_port}
+user = "root"
 """
-    toml = coordinator_toml(stack.data_dir, stack.mid, tls_port, stack.http_port, broker_extra=broker_extra)
+    toml = coordinator_toml(
+        stack.data_dir, stack.mid, tls_port, stack.http_port, broker_extra=broker_extra, plain_devices=False
+    )
     stack.config.write_text(toml.replace(f'[broker_config]\noutput_dir = "{broker_dir}"\n', "") + extra)
     failed = True
     try:
@@ -95,7 +100,8 @@ local_port = {local_port}
         assert "pattern write mid/riverside/dev/%u/up/#" in acl
         assert (broker_dir / "passwords").stat().st_mode & 0o077 == 0
 
-        stack.broker = MosquittoProcess(broker_dir, conf + f"pid_file {broker_dir / 'mosquitto.pid'}\n", local_port)
+        assert f"pid_file {broker_dir / 'mosquitto.pid'}" in conf
+        stack.broker = MosquittoProcess(broker_dir, conf, local_port)
         stack.broker.start()
         wait_until(lambda: (broker_dir / "mosquitto.pid").exists(), 10, "mosquitto pid file")
         stack.start_coordinator()
@@ -103,7 +109,9 @@ local_port = {local_port}
         ana_m = load_membership(ana.data_dir / "mids" / stack.mid)
         ben_m = load_membership(ben.data_dir / "mids" / stack.mid)
         ca = ana_m.directory / "ca.pem"
-        assert ana_m.record.broker.tls and ana_m.record.broker.port == tls_port
+        # The grant names the TLS listener by a name in its certificate, as the agent must verify it.
+        grant = ana_m.record.broker
+        assert (grant.host, grant.port, grant.tls) == ("localhost", tls_port, True)
         assert ca.read_text() == (broker_dir / "tls" / "ca.crt").read_text()  # handed out at enrolment
 
         # The coordinator logs in with its own password; wait for its subscription before publishing.

@@ -1,4 +1,6 @@
-"""A complete Mosquitto configuration for one MID: listeners, TLS, password file, ACLs, queue sizing, persistence.
+"""A complete Mosquitto configuration for one MID: listeners, TLS, password file, ACLs, queue sizing, persistence,
+log and pid file, each owned the way the broker needs (coordinator/broker/owners.py), and a systemd drop-in that runs
+Debian's packaged `mosquitto.service` with it.
 
 The ACL is the broker's half of topic ownership (the coordinator checks the signer against the topic as well;
 broker auth never replaces signature checks): a device, whose broker username is its device id, may write only
@@ -12,18 +14,67 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from coordinator.broker.owners import BrokerAccount, replace_file, set_owner
 from coordinator.broker.tls import BrokerTlsFiles
-from coordinator.config import BrokerConfigSettings
+from coordinator.config import BrokerConfigSettings, CoordinatorSettings
 from protocol.topics import check_id
+
+# Debian's mosquitto.service starts this binary; the drop-in only changes which configuration it reads.
+MOSQUITTO_BINARY = "/usr/sbin/mosquitto"
 
 
 @dataclass(frozen=True)
 class BrokerFiles:
-    config: Path
-    passwords: Path
-    acl: Path
-    persistence_dir: Path
-    log: Path
+    """Where everything `broker-config` writes lives, under one folder (the pid file may be elsewhere)."""
+
+    directory: Path
+    pid_file: Path
+
+    @property
+    def config(self) -> Path:
+        return self.directory / "mosquitto.conf"
+
+    @property
+    def passwords(self) -> Path:
+        return self.directory / "passwords"
+
+    @property
+    def acl(self) -> Path:
+        return self.directory / "acl"
+
+    @property
+    def tls_dir(self) -> Path:
+        """The MID CA (ca.crt, and ca.key, which the broker never reads) and the broker's server certificate."""
+        return self.directory / "tls"
+
+    @property
+    def persistence_dir(self) -> Path:
+        return self.directory / "data"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.directory / "log"
+
+    @property
+    def log(self) -> Path:
+        return self.log_dir / "mosquitto.log"
+
+    @property
+    def systemd_dropin(self) -> Path:
+        """Install as /etc/systemd/system/mosquitto.service.d/midgate.conf."""
+        return self.directory / "systemd" / "mosquitto.service.d" / "midgate.conf"
+
+
+def broker_files(settings: CoordinatorSettings, directory: Path | None = None) -> BrokerFiles:
+    """The broker's files for these settings: in `directory` if given (`broker-config --output-dir`), else in
+    `[broker_config] output_dir`, where `serve` and `revoke` rewrite the logins."""
+    directory = directory or settings.broker_config.output_dir
+    return BrokerFiles(directory, settings.broker.pid_file or directory / "run" / "mosquitto.pid")
+
+
+def device_ca_file(settings: CoordinatorSettings) -> Path:
+    """The CA devices trust for the broker: `[broker] ca_file`, else the MID CA that `broker-config` writes."""
+    return settings.broker.ca_file or broker_files(settings).tls_dir / "ca.crt"
 
 
 def render_acl(mid: str, coordinator_user: str, worker_ids: Sequence[str] = ()) -> str:
@@ -78,6 +129,9 @@ def render_mosquitto_conf(
     """mosquitto.conf for Mosquitto 2.x."""
     lines = [
         "# Written by `midgate coordinator broker-config`.",
+        # Started as root, Mosquitto drops to this user before it opens any file below (and rereads them all as it).
+        f"user {settings.user}",
+        f"pid_file {files.pid_file}",
         "per_listener_settings false",
         "allow_anonymous false",
         f"password_file {files.passwords}",
@@ -114,39 +168,56 @@ def render_mosquitto_conf(
     return "\n".join(lines)
 
 
+def render_systemd_dropin(files: BrokerFiles) -> str:
+    """A drop-in for Debian's mosquitto.service (Type=notify, ExecReload=kill -HUP $MAINPID): the same unit, run with
+    the MID's mosquitto.conf instead of /etc/mosquitto/mosquitto.conf."""
+    return "\n".join(
+        [
+            "# Written by `midgate coordinator broker-config`. Install as",
+            "# /etc/systemd/system/mosquitto.service.d/midgate.conf, then:",
+            "#   systemctl daemon-reload && systemctl restart mosquitto",
+            "# Mosquitto starts as root and drops to the `user` named in its configuration.",
+            "[Service]",
+            "ExecStart=",
+            f"ExecStart={MOSQUITTO_BINARY} -c {files.config}",
+            "",
+        ]
+    )
+
+
 def write_broker_files(
-    directory: Path,
+    files: BrokerFiles,
     settings: BrokerConfigSettings,
     mid: str,
     coordinator_user: str,
     password_hashes: Mapping[str, str],
     tls: BrokerTlsFiles | None,
+    account: BrokerAccount | None,
     worker_ids: Sequence[str] = (),
-) -> BrokerFiles:
-    """Write mosquitto.conf, the ACL and the password file into `directory` (password file 0600)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    files = BrokerFiles(
-        config=directory / "mosquitto.conf",
-        passwords=directory / "passwords",
-        acl=directory / "acl",
-        persistence_dir=directory / "data",
-        log=directory / "mosquitto.log",
-    )
-    files.persistence_dir.mkdir(exist_ok=True)
-    files.acl.write_text(render_acl(mid, coordinator_user, worker_ids))
-    write_password_file(files.passwords, password_hashes)
-    files.config.write_text(render_mosquitto_conf(settings, files, tls))
-    return files
-
-
-def write_password_file(path: Path, password_hashes: Mapping[str, str]) -> None:
-    """Replace the password file atomically so a broker reload never reads half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, render_password_file(password_hashes).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+) -> None:
+    """Write mosquitto.conf, the ACL, the password file and the systemd drop-in, and give every file and folder the
+    broker uses its owner and mode (`account` None: all stay with the user running this, as Mosquitto will too)."""
+    broker = (account.uid, account.gid) if account else None
+    # What the broker only reads or enters belongs to the writer, in the broker's group.
+    readable = (os.geteuid(), account.gid) if account else None
+    files.directory.mkdir(parents=True, exist_ok=True)
+    set_owner(files.directory, 0o750, readable)
+    for folder, mode in ((files.persistence_dir, 0o700), (files.log_dir, 0o750)):
+        folder.mkdir(exist_ok=True)
+        set_owner(folder, mode, broker)
+        for inside in folder.iterdir():  # e.g. a mosquitto.db saved while the broker still ran as another user
+            set_owner(inside, 0o600, broker)
+    if files.pid_file.parent == files.directory / "run":
+        files.pid_file.parent.mkdir(exist_ok=True)
+        # The coordinator reads the pid it signals; a pid is no secret.
+        set_owner(files.pid_file.parent, 0o755, broker)
+    replace_file(files.acl, render_acl(mid, coordinator_user, worker_ids).encode(), 0o600, broker)
+    replace_file(files.passwords, render_password_file(password_hashes).encode(), 0o600, broker)
+    replace_file(files.config, render_mosquitto_conf(settings, files, tls).encode(), 0o640, readable)
+    if tls is not None:
+        set_owner(tls.server_cert.parent, 0o750, readable)
+        set_owner(tls.server_key, 0o600, broker)
+        for public in (tls.ca_cert, tls.server_cert):
+            set_owner(public, 0o644, None)
+    files.systemd_dropin.parent.mkdir(parents=True, exist_ok=True)
+    replace_file(files.systemd_dropin, render_systemd_dropin(files).encode(), 0o644, None)

@@ -14,7 +14,8 @@ import os
 import signal
 from pathlib import Path
 
-from coordinator.broker.config import write_password_file
+from coordinator.broker.config import broker_files, render_password_file
+from coordinator.broker.owners import rewrite_file
 from coordinator.broker.passwords import hash_password, new_password
 from coordinator.config import CoordinatorSettings
 from coordinator.registry.store import Registry
@@ -60,16 +61,51 @@ def service_password_hashes(settings: CoordinatorSettings) -> dict[str, str]:
     return hashes
 
 
-def sync_broker_logins(registry: Registry, passwords_file: Path, settings: CoordinatorSettings) -> int:
-    """Rewrite the password file from the registry (revoked devices lose their login) plus the service logins, and
-    SIGHUP the broker. Returns the number of logins written."""
+def sync_broker_logins(registry: Registry, settings: CoordinatorSettings) -> int:
+    """Rewrite the password file `broker-config` wrote from the registry (revoked devices lose their login) plus the
+    service logins, keeping the owner and mode the broker reads it with, and SIGHUP the broker. Returns the number of
+    logins written; 0, touching nothing, when there is no password file to keep in step."""
+    files = broker_files(settings)
+    if not files.passwords.exists():
+        return 0
     hashes = registry.active_password_hashes()
     hashes.update(service_password_hashes(settings))
-    write_password_file(passwords_file, hashes)
-    pid_file = settings.broker.pid_file
-    if pid_file is not None and pid_file.exists():
-        try:
-            os.kill(int(pid_file.read_text().strip()), signal.SIGHUP)
-        except (ValueError, ProcessLookupError) as exc:
-            log.warning("could not signal the broker to reload", extra={"pid_file": str(pid_file), "error": str(exc)})
+    rewrite_file(files.passwords, render_password_file(hashes).encode())
+    reload_broker(files.pid_file)
     return len(hashes)
+
+
+def reload_broker(pid_file: Path) -> bool:
+    """SIGHUP the Mosquitto whose pid `pid_file` holds, so it rereads its logins. False, logged with the reason, when
+    there is none: until the broker reloads, new devices are refused and revoked ones still let in."""
+    reason = ""
+    try:
+        pid = int(pid_file.read_text().strip())
+    except FileNotFoundError:
+        reason = "no pid file (broker not running, or `[broker] pid_file` names another file)"
+    except OSError as error:
+        reason = f"cannot read the pid file: {error.strerror}"
+    except ValueError:
+        reason = "the pid file holds no pid"
+    else:
+        if not _runs_mosquitto(pid):
+            reason = f"pid {pid} is not a running mosquitto (stale pid file)"
+        else:
+            try:
+                os.kill(pid, signal.SIGHUP)
+                return True
+            except ProcessLookupError:
+                reason = f"pid {pid} has exited"
+            except PermissionError:
+                reason = f"not permitted to signal pid {pid}: run `serve` as root or as the broker's user"
+    log.error("broker not reloaded: its logins are stale", extra={"pid_file": str(pid_file), "reason": reason})
+    return False
+
+
+def _runs_mosquitto(pid: int) -> bool:
+    """A stale pid file may name an unrelated process now, which SIGHUP would end; Linux tells us what runs there."""
+    comm = Path(f"/proc/{pid}/comm")
+    try:
+        return comm.read_text().strip() == "mosquitto"
+    except FileNotFoundError:
+        return not Path("/proc/self").exists()  # no procfs (not Linux): trust the pid file

@@ -17,7 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
+from coordinator.broker.config import device_ca_file
 from coordinator.broker.logins import coordinator_password, coordinator_password_path, sync_broker_logins
+from coordinator.broker.owners import BrokerFilesError
 from coordinator.buyer.http import RevenueDesk
 from coordinator.config import CoordinatorSettings
 from coordinator.enrolment.enroller import Enroller
@@ -111,18 +113,21 @@ def broker_endpoint(settings: CoordinatorSettings) -> BrokerEndpoint:
 
 
 def device_broker_credentials(settings: CoordinatorSettings) -> Callable[[str, str], BrokerCredentials]:
-    """What an enrolment grant tells a device about the broker, given its login and fresh password."""
+    """What an enrolment grant tells a device about the broker, given its login and fresh password: the broker's
+    device-facing TLS listener and the CA to trust for it (`[broker] public_*`), whatever listener the coordinator
+    itself uses (usually the plain loopback one, which devices cannot reach)."""
     b = settings.broker
-    ca_pem = b.ca_file.read_text() if b.tls and b.ca_file else ""
+    host = b.public_host or settings.broker_config.tls_hostnames[0]
+    port = b.public_port or settings.broker_config.tls_port
+    ca_file = device_ca_file(settings)
+    if b.public_tls and not ca_file.exists():
+        log.error("no broker CA for devices: enrolment fails until it exists", extra={"ca_file": str(ca_file)})
 
     def credentials(device_id: str, password: str) -> BrokerCredentials:
+        # Read at each enrolment: `broker-config` may have written the CA after `serve` started.
+        ca_pem = ca_file.read_text() if b.public_tls else ""
         return BrokerCredentials(
-            host=b.public_host or b.host,
-            port=b.public_port or b.port,
-            tls=b.tls,
-            ca_pem=ca_pem,
-            username=device_id,
-            password=password,
+            host=host, port=port, tls=b.public_tls, ca_pem=ca_pem, username=device_id, password=password
         )
 
     return credentials
@@ -130,12 +135,15 @@ def device_broker_credentials(settings: CoordinatorSettings) -> Callable[[str, s
 
 def broker_login_sync(settings: CoordinatorSettings, registry: Registry) -> Callable[[Device], None]:
     """After each enrolment: rewrite the broker's password file (when `broker-config` wrote one) and reload it."""
-    passwords = settings.broker_config.output_dir / "passwords"
 
     def enrolled(device: Device) -> None:
         log.info("device enrolled", extra={"device": device.device_id, "member": device.member_id})
-        if passwords.exists():
-            sync_broker_logins(registry, passwords, settings)
+        try:
+            sync_broker_logins(registry, settings)
+        except BrokerFilesError as error:
+            # The broker keeps the logins it had; this enrolment fails, and the agent's rerun is answered again.
+            log.error("broker logins not rewritten", extra={"device": device.device_id, "reason": str(error)})
+            raise
 
     return enrolled
 
