@@ -23,7 +23,7 @@ from mqtt_fixtures import PYTHON, REPO, AgentHandle, MessagingStack, ServiceProc
 from coordinator.federation.capture import CaptureDirectory, CapturedUpdate
 from coordinator.federation.job_start import JobBook, JobRecord
 from coordinator.federation.report_check import check_contribution
-from coordinator.federation.superlink import kill_pids
+from coordinator.federation.superlink_process import kill_pids
 from edge.agent.config import AgentSettings
 from edge.agent.enrolment import enrol
 from edge.agent.membership import MembershipRecord

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from coordinator.federation.fleet_front import FleetFrontProcess
+from coordinator.federation.flower_cli import FlowerCli
 from coordinator.federation.job import JobOutcome
-from coordinator.federation.superlink import FlowerCli, SuperLinkProcess, free_loopback_port
-from coordinator.federation.tls import issue_superlink_tls
+from coordinator.federation.superlink_process import SuperLinkProcess, free_loopback_port
+from coordinator.mid_ca import ServerTls, ensure_mid_ca, issue_server_tls
 from edge.federated.supernode import NodeKey, SuperNodeProcess, generate_node_key
 from edge.federated.warm_executor import WarmExecutor
 from protocol.tasks.windows import WindowSet, save_window_file, window_fingerprint
@@ -25,6 +26,14 @@ APP_DIR = Path(__file__).resolve().parents[1] / "coordinator" / "federation" / "
 
 
 free_port = free_loopback_port
+
+
+def issue_superlink_tls(
+    directory: Path, mid_name: str, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")
+) -> ServerTls:
+    """A MID CA under `directory` (created on first use) and a new SuperLink server certificate for `hosts`."""
+    ca = ensure_mid_ca(directory, f"{mid_name} CA")
+    return issue_server_tls(ca, directory / "superlink.pem", directory / "superlink.key", list(hosts))
 
 
 def plaid_windows(split: str = "train") -> WindowSet:

@@ -15,7 +15,7 @@ from fl_stack import flags, outbox_refused, start_federated_coordinator
 from mqtt_fixtures import AgentHandle, MessagingStack, contribution_fields, wait_until, write_job_record
 
 from coordinator.federation.capture import CaptureDirectory, CapturedUpdate, RoundCapture
-from coordinator.federation.superlink import kill_pids
+from coordinator.federation.superlink_process import kill_pids
 from edge.agent.membership import Membership, load_memberships
 from edge.agent.spool import write_record
 from protocol.tasks.arrays import arrays_sha256

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from flower_fixtures import Federation, free_port, plaid_windows
+from flower_fixtures import Federation, free_port, issue_superlink_tls, plaid_windows
 from flwr.proto.fleet_pb2 import PullMessagesRequest, PullMessagesResponse, PushMessagesRequest
 from flwr.proto.message_pb2 import Message as ProtoMessage
 from flwr.proto.message_pb2 import PullObjectResponse
@@ -30,8 +30,7 @@ from coordinator.federation.fleet_front import (
     object_not_yet_pushed,
     upstream_ssl_context,
 )
-from coordinator.federation.superlink import SuperLinkProcess
-from coordinator.federation.tls import issue_superlink_tls
+from coordinator.federation.superlink_process import SuperLinkProcess
 from protocol.tasks.windows import WindowSet
 
 

@@ -42,7 +42,7 @@ from flwr.proto.fleet_pb2 import PullMessagesRequest, PullMessagesResponse, Push
 from flwr.proto.message_pb2 import PullObjectResponse
 from google.protobuf.message import DecodeError
 
-from coordinator.federation.superlink import SuperLinkProcess, stop_process_group, wait_for_port
+from coordinator.federation.superlink_process import SuperLinkProcess, stop_process_group, wait_for_port
 
 log = logging.getLogger("midgate.federation.front")
 

@@ -74,8 +74,8 @@ def start(
     from pydantic import ValidationError
     from rich.console import Console
 
+    from coordinator.federation.flower_cli import FlowerCliError
     from coordinator.federation.job_start import JobRequest, JobRequestError
-    from coordinator.federation.superlink import FlowerCliError
 
     console = Console(stderr=False, highlight=False)
     task_id, _, version = task.partition("@")

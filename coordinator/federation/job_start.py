@@ -27,8 +27,8 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from coordinator.federation.flower_cli import FlowerCli, FlowerCliError
 from coordinator.federation.job import JobOutcome
-from coordinator.federation.superlink import FlowerCli, FlowerCliError
 from coordinator.registry.store import Registry
 from protocol.errors import ProtocolError
 from protocol.identity import SignerKey
