@@ -89,25 +89,20 @@ class MemorySampler:
 CONFIGS: dict[str, dict[str, object]] = {
     "flower-default": {
         "env": {},
-        "run": {
-            "reply-poll-interval": 3.0,
-            "federated-evaluate": True,
-            "pack-arrays": False,
-            "prompt-object-pull": False,
-        },
+        "run": {"flower-acceleration": False, "federated-evaluate": True},
         "warm": False,
         "front_hold_s": None,
     },
     "midgate": {
         "env": DEVICE_ENV,
-        "run": {"reply-poll-interval": 0.1, "federated-evaluate": False},
+        "run": {"federated-evaluate": False},
         "warm": True,
         "front_hold_s": 5.0,
     },
     # midgate with the devices connected straight to the SuperLink (session 3's figures): the fleet front's share.
     "midgate-direct": {
         "env": DEVICE_ENV,
-        "run": {"reply-poll-interval": 0.1, "federated-evaluate": False},
+        "run": {"federated-evaluate": False},
         "warm": True,
         "front_hold_s": None,
     },

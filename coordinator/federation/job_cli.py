@@ -148,6 +148,7 @@ def _run(settings: CoordinatorSettings, request: JobRequest, console: Console) -
                 jobs_dir=s.jobs_dir,
                 book=_book(s),
                 report=lambda line: console.print(f"[cyan]{request.job_id}[/cyan] {line}"),
+                flower_acceleration=s.federation.flower_acceleration,
             )
             with console.status(f"job {request.job_id}: {request.task_id}@{request.task_version}"):
                 return run.run()

@@ -93,7 +93,7 @@ class MidSuperLink:
                 f.host,
                 f.port,
                 s.federation_dir / "fleet-front.log",
-                hold_s=f.fleet_hold_s,
+                hold_s=f.fleet_hold_s if f.flower_acceleration else 0.0,
                 stats_path=s.federation_dir / "fleet-front.json",
             )
             try:

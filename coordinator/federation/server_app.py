@@ -25,9 +25,9 @@ from pydantic import ValidationError
 from coordinator.attribution.round_sink import AttributionSink
 from coordinator.attribution.task_loss import TaskValidationLoss
 from coordinator.attribution.valuation import ValuationSettings
+from coordinator.federation.acceleration import GridAcceleration
 from coordinator.federation.capture import CaptureDirectory, UpdateSink
 from coordinator.federation.job import JobOutcome, JobRunConfig, NodeDropRecord
-from coordinator.federation.polling_grid import PollingGrid
 from coordinator.federation.strategy import AggregationWeighting, JobFailedError, JobStrategy
 from protocol.tasks.arrays import arrays_sha256
 from protocol.tasks.models import build_model, evaluate, load_arrays, model_arrays
@@ -151,11 +151,11 @@ def run_job(grid: Grid, run_id: int, job: JobRunConfig) -> JobOutcome:
         query_timeout=job.round_timeout,
     )
     outcome = JobOutcome(run_id=run_id, status="failed", reason="internal_error")
-    polling: PollingGrid | None = None
+    acceleration: GridAcceleration | None = None
     try:
-        polling = PollingGrid(grid, job.reply_poll_interval, pack=job.pack_arrays, prompt_pulls=job.prompt_object_pull)
+        acceleration = GridAcceleration.around(grid) if job.flower_acceleration else None
         result = strategy.start(
-            polling,
+            grid if acceleration is None else acceleration.grid,
             ArrayRecord({name: Array(a) for name, a in model_arrays(build_model(spec, seed=job.seed)).items()}),
             num_rounds=job.num_rounds,
             timeout=job.round_timeout,
@@ -192,9 +192,9 @@ def run_job(grid: Grid, run_id: int, job: JobRunConfig) -> JobOutcome:
         }
         if outcome.status == "failed":
             outcome.rounds_completed = max((r for r in evaluator.history), default=0)
-        if polling is not None:
-            outcome.server_gaps = [round(gap, 3) for gap in polling.server_gaps()]
-            outcome.late_objects = 0 if polling.prompt_pulls is None else polling.prompt_pulls.waited
+        if acceleration is not None:
+            outcome.server_gaps = [round(gap, 3) for gap in acceleration.grid.server_gaps()]
+            outcome.late_objects = acceleration.late_objects
         outcome.privacy = _privacy_spent(inner, job)
         if attribution is not None:
             outcome.attribution = attribution.account.attribution_vector()
