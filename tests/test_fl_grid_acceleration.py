@@ -1,15 +1,13 @@
 """The ServerApp's grid accelerations (coordinator.federation.acceleration), each alone: the 0.1 s reply poll and
 packed arrays around a grid that stands in for Flower's, prompt object pulls through Flower's own HTTP runtime client
-against a real HTTP server, and a pin on the Flower grid internals they rely on."""
+against a real HTTP server (tests/test_flower_internals.py pins the Flower internals they rely on)."""
 
 from __future__ import annotations
 
-import inspect
 import threading
 from collections.abc import Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import flwr
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
@@ -123,18 +121,6 @@ def test_only_flowers_http_grid_is_wrapped_and_only_once(object_server: _ObjectS
     assert prompt_object_pulls(ReplyPollGrid(grid)) is None  # any other Grid is left as it is
     untouched = _grid(object_server)
     assert not isinstance(untouched._runtime_client.PullObject, PromptObjectPull)  # acceleration off: nothing wraps
-
-
-def test_the_flower_grid_internals_the_accelerations_rely_on_are_still_there() -> None:
-    """What each acceleration works around or reaches into, on flwr 1.42 (pyproject pins flwr==1.42.*). A Flower
-    upgrade that changes any of it fails here, rather than rounds silently slowing down (docs/federated.md,
-    "Flower acceleration", says what to do): `prompt_object_pulls` replaces `PullObject` on the client behind
-    `HttpGrid._runtime_client`, which `HttpGrid.pull_messages` looks up at each pull; `ReplyPollGrid` exists because
-    `HttpGrid.send_and_receive` sleeps 3 s between pulls."""
-    assert flwr.__version__.startswith("1.42."), flwr.__version__
-    assert isinstance(inspect.getattr_static(HttpGrid, "_runtime_client"), property)
-    assert "pull_object_protobuf=self._runtime_client.PullObject" in inspect.getsource(HttpGrid.pull_messages)
-    assert "time.sleep(3)" in inspect.getsource(HttpGrid.send_and_receive)
 
 
 class _Inner(Grid):
