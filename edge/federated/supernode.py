@@ -73,7 +73,8 @@ def _process(pid: int) -> psutil.Process | None:
         return None
 
 
-def _kill_pids(pids: list[int], grace: float) -> None:
+def kill_pids(pids: list[int], grace: float) -> None:
+    """SIGTERM each live PID, then SIGKILL those still alive after `grace` seconds."""
     procs = [p for p in (_process(pid) for pid in pids) if p is not None]
     for proc in procs:
         with contextlib.suppress(psutil.Error):
@@ -211,7 +212,7 @@ class SuperNodeProcess:
                 proc.wait(timeout=grace)
         if self.warm is not None:
             self.warm.stop(grace)
-        _kill_pids(below, grace)
+        kill_pids(below, grace)
         return self.proc.returncode
 
     def kill(self) -> list[int]:

@@ -38,6 +38,7 @@ from pathlib import Path
 import psutil
 
 from edge.federated.acceleration.message_wait import wait_for_message
+from edge.federated.supernode import kill_pids
 
 ENTRY_POINTS: dict[str, tuple[str, str]] = {
     "flwr-clientapp": ("flwr.supernode.cli.flwr_clientapp", "flwr_clientapp"),
@@ -222,15 +223,7 @@ def _reap(waiting: dict[int, socket.socket]) -> None:
 
 
 def _stop_children(waiting: dict[int, socket.socket], grace: float = 5.0) -> None:
-    children = psutil.Process().children(recursive=True)
-    for child in children:
-        with contextlib.suppress(psutil.Error):
-            child.terminate()
-    _, alive = psutil.wait_procs(children, timeout=grace)
-    for child in alive:
-        with contextlib.suppress(psutil.Error):
-            child.kill()
-    psutil.wait_procs(alive, timeout=grace)
+    kill_pids([child.pid for child in psutil.Process().children(recursive=True)], grace)
     _reap(waiting)
 
 
