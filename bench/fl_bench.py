@@ -1,15 +1,19 @@
 """Federated round overhead, device memory and federated-vs-central accuracy on Flower's Deployment Engine.
 
-    .venv/bin/python bench/fl_bench.py rounds     # round wall time + device memory: Flower default vs midgate
+    .venv/bin/python bench/fl_bench.py rounds     # round wall time + device memory, Flower acceleration on and off
     .venv/bin/python bench/fl_bench.py accuracy   # PLAID non-IID across 5 devices (drift-corrected) vs central
     .venv/bin/python bench/fl_bench.py simulate   # the same accuracy comparison in-process (no Flower), seconds
 
-`rounds` runs the same job (plaid-appliance@1, 5 devices, 64 windows per device per round, 1 local epoch) twice in
-one run, each on a fresh TLS SuperLink with authenticated SuperNodes:
-  baseline "flower-default": Flower 1.42 defaults: subprocess isolation (a fresh ClientApp process per message),
-      SuperExec task poll 1 s, Flower's grid (3 s reply poll), federated evaluate every round;
-  "midgate": centralised evaluation on the buyer's validation set, SuperExec poll 0.2 s, 0.1 s reply poll, and the
-      warm executor (ClientApps forked from a parent that already imported torch) when --warm is given.
+`rounds` runs the same job (plaid-appliance@1, 5 devices, 64 windows per device per round, 1 local epoch) once per
+configuration in one run, each on a fresh TLS SuperLink with authenticated SuperNodes (`CONFIGS`):
+  baseline "flower-default": Flower 1.42 as shipped: Flower acceleration off (subprocess isolation, a fresh ClientApp
+      process per message, SuperExec task poll 1 s, Flower's grid with its 3 s reply poll), devices straight to the
+      SuperLink, and FedAvg's federated evaluate every round;
+  "midgate": what `serve` and the agent run by default: centralised evaluation on the buyer's validation set,
+      Flower acceleration on (coordinator.federation.acceleration, edge.federated.acceleration), devices through the
+      fleet front;
+  "midgate-unaccelerated": the same with `flower_acceleration = false` on both sides (the front only filters);
+  "midgate-direct": midgate with the devices straight to the SuperLink (no front, so no pull hold).
 Round time is the wall time between two consecutive global models (rounds 2.. to leave out the one-time app
 install); memory is the peak over the job of the summed RSS, and of the summed PSS (shared pages counted once), of
 every process of one device.
@@ -26,6 +30,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
@@ -38,7 +43,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from flower_fixtures import Federation, plaid_windows, split_by_label
 from optimizer_state import AdamState, train_epochs_with_state, train_round_with_state, without_first_moment
 
-from edge.federated.supernode import DEVICE_ENV
 from edge.federated.training import LocalTrainingConfig, round_gradient, train_round
 from protocol.tasks.drift import NDArrays, drift_offsets
 from protocol.tasks.models import build_model, evaluate, load_arrays, model_arrays, train_epochs
@@ -87,31 +91,26 @@ class MemorySampler:
         self._thread.join()
 
 
-CONFIGS: dict[str, dict[str, object]] = {
-    "flower-default": {
-        "env": {},
-        "run": {
-            "reply-poll-interval": 3.0,
-            "federated-evaluate": True,
-            "pack-arrays": False,
-            "prompt-object-pull": False,
-        },
-        "warm": False,
-        "front_hold_s": None,
-    },
-    "midgate": {
-        "env": DEVICE_ENV,
-        "run": {"reply-poll-interval": 0.1, "federated-evaluate": False},
-        "warm": True,
-        "front_hold_s": 5.0,
-    },
-    # midgate with the devices connected straight to the SuperLink (session 3's figures): the fleet front's share.
-    "midgate-direct": {
-        "env": DEVICE_ENV,
-        "run": {"reply-poll-interval": 0.1, "federated-evaluate": False},
-        "warm": True,
-        "front_hold_s": None,
-    },
+@dataclass(frozen=True)
+class RoundsConfig:
+    """One configuration `rounds` times: Flower acceleration on or off (the one switch, both sides), the devices
+    through a fleet front or straight to the SuperLink, federated evaluate as FedAvg's default or centralised."""
+
+    accelerated: bool
+    front: bool
+    federated_evaluate: bool = False
+
+    @property
+    def front_hold_s(self) -> float | None:
+        """The fixture's front: None for none; one that holds for `serve`'s default 5 s only when accelerated."""
+        return None if not self.front else 5.0 if self.accelerated else 0.0
+
+
+CONFIGS = {
+    "flower-default": RoundsConfig(accelerated=False, front=False, federated_evaluate=True),
+    "midgate": RoundsConfig(accelerated=True, front=True),
+    "midgate-unaccelerated": RoundsConfig(accelerated=False, front=True),
+    "midgate-direct": RoundsConfig(accelerated=True, front=False),
 }
 
 
@@ -132,18 +131,23 @@ def await_outcome_file(fed: Federation, run_id: int, timeout: float, status_ever
         time.sleep(0.2)
 
 
-def run_job(name: str, root: Path, devices: int, rounds: int, warm: bool) -> dict[str, object]:
+def run_job(name: str, root: Path, devices: int, rounds: int) -> dict[str, object]:
     config = CONFIGS[name]
-    fed = Federation(root, front_hold_s=config["front_hold_s"])  # type: ignore[arg-type]
+    fed = Federation(root, front_hold_s=config.front_hold_s)
     try:
         fed.start()
         parts = split_by_label(plaid_windows("train"), devices, seed=0)
         for i, part in enumerate(parts):
-            fed.add_device(f"dev{i}", part, env=dict(config["env"]), warm=warm and bool(config["warm"]))  # type: ignore[arg-type]
+            fed.add_device(f"dev{i}", part, accelerated=config.accelerated)
         for device in fed.devices:
             device.start()
-        run_config: dict[str, str | int | float] = {"num-rounds": rounds, "max-examples": 64, "min-nodes": devices}
-        run_config.update(config["run"])  # type: ignore[arg-type]
+        run_config: dict[str, str | int | float] = {
+            "num-rounds": rounds,
+            "max-examples": 64,
+            "min-nodes": devices,
+            "flower-acceleration": config.accelerated,
+            "federated-evaluate": config.federated_evaluate,
+        }
         started = time.monotonic()
         with MemorySampler(fed.devices[0].pids) as memory:
             run_id = fed.submit(plaid_windows("test"), **run_config)
@@ -227,7 +231,7 @@ def bench_rounds(args: argparse.Namespace) -> None:
     with TemporaryDirectory(prefix="fl_bench_") as tmp:
         root = args.keep_logs or Path(tmp)
         for name in args.configs:
-            results[name] = run_job(name, root / name, args.devices, args.rounds, args.warm)  # type: ignore[assignment]
+            results[name] = run_job(name, root / name, args.devices, args.rounds)  # type: ignore[assignment]
             r = results[name]
             print(
                 f"{name:15s} round {r['round_s']:6.2f} s (round 1 {r['round1_s']:5.2f} s, job {r['job_s']:6.1f} s)  "
@@ -242,10 +246,14 @@ def bench_rounds(args: argparse.Namespace) -> None:
     if "flower-default" not in results:
         return
     base = results["flower-default"]
-    for name in (n for n in ("midgate", "midgate-direct") if n in results):
+    for name in (n for n in CONFIGS if n != "flower-default" and n in results):
         ours = results[name]
-        print(f"round time ratio {name} / flower-default = {ours['round_s'] / base['round_s']:.3f} (target <= 0.15)")
-        print(f"device peak RSS {name} = {ours['rss_mb']:.0f} MB, PSS {ours['pss_mb']:.0f} MB (target <= 450 MB)")
+        targets = (" (target <= 0.15)", " (target <= 450 MB)") if name == "midgate" else ("", "")
+        print(f"round time ratio {name} / flower-default = {ours['round_s'] / base['round_s']:.3f}{targets[0]}")
+        print(f"device peak RSS {name} = {ours['rss_mb']:.0f} MB, PSS {ours['pss_mb']:.0f} MB{targets[1]}")
+    if "midgate" in results and "midgate-unaccelerated" in results:
+        ratio = results["midgate"]["round_s"] / results["midgate-unaccelerated"]["round_s"]
+        print(f"round time ratio midgate / midgate-unaccelerated = {ratio:.3f} (what Flower acceleration buys)")
 
 
 TAIL_MARK = "tail-averaged"
@@ -394,11 +402,11 @@ def bench_accuracy(args: argparse.Namespace) -> None:
             flush=True,
         )
     with TemporaryDirectory(prefix="fl_bench_") as tmp:
-        fed = Federation(Path(tmp), front_hold_s=CONFIGS["midgate"]["front_hold_s"])  # type: ignore[arg-type]
+        fed = Federation(Path(tmp), front_hold_s=CONFIGS["midgate"].front_hold_s)
         try:
             fed.start()
             for i, part in enumerate(parts):
-                fed.add_device(f"dev{i}", part, env=dict(CONFIGS["midgate"]["env"]), warm=args.warm)  # type: ignore[arg-type]
+                fed.add_device(f"dev{i}", part, accelerated=True)
             for device in fed.devices:
                 device.start()
             run_id = fed.submit(
@@ -696,7 +704,6 @@ def main() -> None:
         help="the federated client lr over the rounds, protocol.tasks.schedule (accuracy: late-cosine, simulate: "
         "constant)",
     )
-    parser.add_argument("--warm", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument(
         "--drift-correction", type=float, default=None, help="SCAFFOLD-style strength (accuracy: 1, simulate: 0)"
     )

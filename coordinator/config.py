@@ -243,11 +243,18 @@ class FederationSettings(BaseModel):
     enabled: bool = Field(default=False, description="`serve` also runs the MID's Flower SuperLink")
     host: str = Field(default="127.0.0.1", description="address devices' SuperNodes connect to")
     port: int = Field(default=9093, ge=1, le=65535, description="port devices' SuperNodes connect to")
+    flower_acceleration: bool = Field(
+        default=True,
+        description="the workarounds for Flower internals that shorten a round (coordinator.federation.acceleration: "
+        "0.1 s reply poll, packed arrays, prompt object pulls in every job `job start` runs; the fleet front holding "
+        'empty pulls). False: Flower\'s own grid and an unholding front (docs/federated.md, "Flower acceleration")',
+    )
     fleet_front: bool = Field(
         default=True,
-        description="devices reach only the SuperLink's Fleet API, through the fleet front on host:port, which also "
-        "holds a device's empty pull until its next message (coordinator.federation.fleet_front); the SuperLink "
-        "itself listens on 127.0.0.1:superlink_port. False: the SuperLink listens on host:port, all its APIs",
+        description="devices reach only the SuperLink's Fleet API, through the fleet front on host:port "
+        "(coordinator.federation.fleet_front), which with flower_acceleration also holds a device's empty pull until "
+        "its next message; the SuperLink itself listens on 127.0.0.1:superlink_port. False: the SuperLink listens on "
+        "host:port, all its APIs",
     )
     superlink_port: int = Field(
         default=0,
@@ -257,7 +264,11 @@ class FederationSettings(BaseModel):
         "writes the address to federation/superlink-address, where `job start` reads it",
     )
     fleet_hold_s: float = Field(
-        default=5.0, ge=0, le=25, description="how long the fleet front holds a device's pull that found no message"
+        default=5.0,
+        ge=0,
+        le=25,
+        description="how long the fleet front holds a device's pull that found no message (with flower_acceleration; "
+        "0: no holding)",
     )
     public_host: str | None = Field(default=None, description="host devices' SuperNodes connect to; defaults to `host`")
     tls_hostnames: list[str] = Field(

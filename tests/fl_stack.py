@@ -23,7 +23,7 @@ from mqtt_fixtures import PYTHON, REPO, AgentHandle, MessagingStack, ServiceProc
 from coordinator.capture.directory import CaptureDirectory
 from coordinator.capture.round import CapturedUpdate
 from coordinator.federation.job_start import JobBook, JobRecord
-from coordinator.federation.superlink import kill_pids
+from coordinator.federation.superlink_process import kill_pids
 from coordinator.gate.update_check import check_contribution
 from edge.agent.config import AgentSettings
 from edge.agent.enrolment import enrol
@@ -83,13 +83,16 @@ def start_federated_coordinator(stack: MessagingStack, extra: str = "") -> int:
     return link_port
 
 
-def enrol_plaid_agent(stack: MessagingStack, name: str, windows_path: Path, spool_poll_s: float = 0.05) -> PlaidAgent:
+def enrol_plaid_agent(
+    stack: MessagingStack, name: str, windows_path: Path, spool_poll_s: float = 0.05, extra: str = ""
+) -> PlaidAgent:
     """Enrols one device over HTTP whose agent trains on `windows_path`; returns its handle (not started) and record.
 
     spool_poll_s: how often its agent reads the ClientApp's records from its spool (agent_toml's 0.05 s by default).
+    extra: more agent.toml settings, one `key = value` a line.
     """
     handle = AgentHandle(name, windows_path.parent)
-    toml = agent_toml(handle.data_dir, f'training_windows = "{windows_path}"')
+    toml = agent_toml(handle.data_dir, f'training_windows = "{windows_path}"\n{extra}')
     handle.config.write_text(toml.replace("spool_poll_s = 0.05", f"spool_poll_s = {spool_poll_s}"))
     record = enrol(AgentSettings.load(handle.config), f"http://127.0.0.1:{stack.http_port}", stack.invite(name))
     assert record.flower_node_id != 0
@@ -99,12 +102,13 @@ def enrol_plaid_agent(stack: MessagingStack, name: str, windows_path: Path, spoo
 
 
 def start_plaid_agents(
-    stack: MessagingStack, devices: int, spool_poll_s: dict[str, float] | None = None
+    stack: MessagingStack, devices: int, spool_poll_s: dict[str, float] | None = None, extra: str = ""
 ) -> list[PlaidAgent]:
     """Splits PLAID's training windows by label (seed 1) among devices m0, m1, ..., enrols each and starts its
     `agent run`; returns once the broker saw every agent publish.
 
     spool_poll_s: device name -> its agent's spool poll period, where not the default 0.05 s.
+    extra: more agent.toml settings for every agent, one `key = value` a line.
     """
     agents = []
     for i, windows in enumerate(split_by_label(plaid_windows("train"), devices, seed=1)):
@@ -112,7 +116,8 @@ def start_plaid_agents(
         workdir = stack.root / f"agent-{name}"
         workdir.mkdir()
         save_window_file(workdir / "windows.npz", windows)
-        handle, record = enrol_plaid_agent(stack, name, workdir / "windows.npz", (spool_poll_s or {}).get(name, 0.05))
+        poll = (spool_poll_s or {}).get(name, 0.05)
+        handle, record = enrol_plaid_agent(stack, name, workdir / "windows.npz", poll, extra)
         stack.start_agent(handle)
         agents.append((handle, record))
     broker = stack.broker

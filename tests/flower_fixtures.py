@@ -14,17 +14,26 @@ from pathlib import Path
 import numpy as np
 
 from coordinator.federation.fleet_front import FleetFrontProcess
+from coordinator.federation.flower_cli import FlowerCli
 from coordinator.federation.job import JobOutcome
-from coordinator.federation.superlink import FlowerCli, SuperLinkProcess, free_loopback_port
-from coordinator.federation.tls import issue_superlink_tls
+from coordinator.federation.superlink_process import SuperLinkProcess, free_loopback_port
+from coordinator.mid_ca import ServerTls, ensure_mid_ca, issue_server_tls
+from edge.federated.acceleration.device import accelerated as accelerated_supernode
 from edge.federated.supernode import NodeKey, SuperNodeProcess, generate_node_key
-from edge.federated.warm_executor import WarmExecutor
 from protocol.tasks.windows import WindowSet, save_window_file, window_fingerprint
 
 APP_DIR = Path(__file__).resolve().parents[1] / "coordinator" / "federation" / "app"
 
 
 free_port = free_loopback_port
+
+
+def issue_superlink_tls(
+    directory: Path, mid_name: str, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")
+) -> ServerTls:
+    """A MID CA under `directory` (created on first use) and a new SuperLink server certificate for `hosts`."""
+    ca = ensure_mid_ca(directory, f"{mid_name} CA")
+    return issue_server_tls(ca, directory / "superlink.pem", directory / "superlink.key", list(hosts))
 
 
 def plaid_windows(split: str = "train") -> WindowSet:
@@ -140,9 +149,11 @@ class Federation:
         windows: WindowSet,
         *,
         register: bool = True,
-        env: dict[str, str] | None = None,
-        warm: bool = False,
+        accelerated: bool = False,
     ) -> Device:
+        """A device with its own key (registered unless `register` is false) and SuperNode, not started yet;
+        `accelerated`: its SuperNode runs as the agent's does with Flower acceleration on (edge.federated.acceleration).
+        """
         assert self.superlink is not None and self.cli is not None
         home = self.root / name
         key = generate_node_key(home / "keys")
@@ -157,10 +168,10 @@ class Federation:
             data_path=data_path,
             spool_dir=home / "spool",
             clientappio_port=free_port(),
-            extra_env=env,
             log_path=self.root / f"{name}.log",
-            warm=WarmExecutor(home / "warm", log_path=self.root / f"{name}-warm.log") if warm else None,
         )
+        if accelerated:
+            supernode = accelerated_supernode(supernode, home / "warm", self.root / f"{name}-warm.log")
         device = Device(name, key, node_id, supernode)
         self.devices.append(device)
         return device

@@ -22,7 +22,7 @@ import pytest
 from mqtt_fixtures import PYTHON, REPO, MosquittoProcess, ServiceProcess, agent_toml, wait_until
 from test_fl_roles import _enrol, _http_port, _invite, _supernodes, serve_with_superlink
 
-from coordinator.federation.superlink import kill_pids
+from coordinator.federation.superlink_process import kill_pids
 from coordinator.mid_key import load_or_create_mid_key
 from protocol.envelope import decode, open_envelope, peek_envelope
 from protocol.identity import SignerKey, load_signer_key

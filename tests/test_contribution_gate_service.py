@@ -16,7 +16,7 @@ from mqtt_fixtures import AgentHandle, MessagingStack, contribution_fields, wait
 
 from coordinator.capture.directory import CaptureDirectory
 from coordinator.capture.round import CapturedUpdate, RoundCapture
-from coordinator.federation.superlink import kill_pids
+from coordinator.federation.superlink_process import kill_pids
 from edge.agent.membership import Membership, load_memberships
 from edge.agent.spool import write_record
 from protocol.tasks.arrays import arrays_sha256

@@ -48,13 +48,10 @@ def federation(tmp_path: Path) -> Iterator[Federation]:
         fed.print_logs()
 
 
-WARM_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
-
-
-def _start_devices(fed: Federation, count: int, warm: bool = False, via_store: bool = False) -> None:
-    """`warm`: midgate's device configuration (process isolation, ClientApps forked from the warm executor);
-    otherwise Flower's default (a fresh ClientApp process per message). `via_store`: each device's windows come
-    from replaying its PLAID recordings into its own SampleStore and exporting them, as on a real device."""
+def _start_devices(fed: Federation, count: int, accelerated: bool = False, via_store: bool = False) -> None:
+    """`accelerated`: the agent's device configuration (edge.federated.acceleration: ClientApps forked from the
+    warm executor); otherwise Flower's default (a fresh ClientApp process per message). `via_store`: each device's
+    windows come from replaying its PLAID recordings into its own SampleStore and exporting them, as on a device."""
     train = plaid_windows("train")
     assert train.y is not None
     for i, series in enumerate(split_indices_by_label(train.y, count, seed=1)):
@@ -62,7 +59,7 @@ def _start_devices(fed: Federation, count: int, warm: bool = False, via_store: b
             windows = plaid_store_windows(fed.root / f"dev{i}" / "store", series)
         else:
             windows = WindowSet(train.x[series], train.y[series], window_fingerprint(train.x[series], train.y[series]))
-        fed.add_device(f"dev{i}", windows, warm=warm, env=WARM_ENV if warm else None)
+        fed.add_device(f"dev{i}", windows, accelerated=accelerated)
     for device in fed.devices:
         device.supernode.start()
 
@@ -90,7 +87,7 @@ def _received(device: Device) -> list[str]:
 
 
 def test_three_round_job_records_match_the_updates_the_strategy_received(federation: Federation) -> None:
-    _start_devices(federation, 3, warm=True, via_store=True)
+    _start_devices(federation, 3, accelerated=True, via_store=True)
     run_id = federation.submit(plaid_windows("test"), **{"num-rounds": 3, "local-epochs": 2, "attribution": True})
     status, outcome = federation.wait_outcome(run_id, timeout=240)
     assert status == "finished:completed"
@@ -142,7 +139,7 @@ def test_three_round_job_records_match_the_updates_the_strategy_received(federat
 
 
 def test_supernode_killed_mid_round_is_dropped_and_the_job_completes(federation: Federation) -> None:
-    _start_devices(federation, 3, warm=True)
+    _start_devices(federation, 3, accelerated=True)
     victim = federation.devices[2]
     run_id = federation.submit(plaid_windows("test"), **{"num-rounds": 3, "min-nodes": 2, "round-timeout": 20.0})
     log = victim.supernode.log_path
@@ -187,7 +184,7 @@ def test_device_with_an_unregistered_key_cannot_join(federation: Federation) -> 
 
 
 def test_dp_job_clips_updates_on_devices_and_reports_privacy_spent(federation: Federation) -> None:
-    _start_devices(federation, 3, warm=True)
+    _start_devices(federation, 3, accelerated=True)
     clip = 0.05
     run_id = federation.submit(
         plaid_windows("test"), **{"num-rounds": 2, "dp-clipping-norm": clip, "dp-noise-multiplier": 0.8}
@@ -217,7 +214,7 @@ def _recomputed_offsets(capture: RoundCapture) -> dict[int, str]:
 
 
 def test_drift_corrected_job_records_match_the_captured_updates_gradients_and_offsets(federation: Federation) -> None:
-    _start_devices(federation, 3, warm=True)
+    _start_devices(federation, 3, accelerated=True)
     run_id = federation.submit(
         plaid_windows("test"),
         **{"num-rounds": 3, "drift-correction": 1.0, "local-epochs": 1, "batch-size": 8, "server-momentum": 0.5},
@@ -250,7 +247,7 @@ def test_drift_corrected_job_records_match_the_captured_updates_gradients_and_of
 
 
 def test_drift_corrected_node_failing_its_gradient_query_is_not_sent_training(federation: Federation) -> None:
-    _start_devices(federation, 3, warm=True)
+    _start_devices(federation, 3, accelerated=True)
     victim = federation.devices[2]
     victim.supernode.data_path.unlink()  # its ClientApp cannot answer the gradient query: an error reply
     run_id = federation.submit(
@@ -271,7 +268,7 @@ def test_drift_corrected_node_failing_its_gradient_query_is_not_sent_training(fe
 
 
 def test_drift_corrected_node_silent_in_the_gradient_query_is_dropped_for_the_job(federation: Federation) -> None:
-    _start_devices(federation, 3, warm=True)
+    _start_devices(federation, 3, accelerated=True)
     victim = federation.devices[2]
     run_id = federation.submit(
         plaid_windows("test"), **{"num-rounds": 3, "drift-correction": 1.0, "min-nodes": 2, "round-timeout": 30.0}

@@ -1,8 +1,9 @@
-"""The fleet front (coordinator.federation.fleet_front): the devices' only way to the SuperLink.
+"""The fleet front (coordinator.federation.fleet_front): the devices' only way to the SuperLink, and its hold
+(coordinator.federation.acceleration.pull_hold, Flower acceleration).
 
 Against a real TLS SuperLink: only Fleet API requests pass, the rest are refused with a reason and counted; a
 SuperLink that is gone is a 502, not a dead front. The rules that decide how often a held pull asks again are
-checked on the front itself. That held pulls carry real jobs is shown by tests/test_fl_deployment.py, whose
+checked on the hold itself. That held pulls carry real jobs is shown by tests/test_fl_deployment.py, whose
 devices connect through a front as they do under `serve`.
 """
 
@@ -16,22 +17,20 @@ from pathlib import Path
 
 import httpx
 import pytest
-from flower_fixtures import Federation, free_port, plaid_windows
+from flower_fixtures import Federation, free_port, issue_superlink_tls, plaid_windows
 from flwr.proto.fleet_pb2 import PullMessagesRequest, PullMessagesResponse, PushMessagesRequest
 from flwr.proto.message_pb2 import Message as ProtoMessage
 from flwr.proto.message_pb2 import PullObjectResponse
 
-from coordinator.federation.fleet_front import (
-    FleetFront,
-    FleetFrontProcess,
+from coordinator.federation.acceleration.pull_hold import (
     HoldPolicy,
-    _node_id,
+    PullHold,
     has_messages,
+    node_id,
     object_not_yet_pushed,
-    upstream_ssl_context,
 )
-from coordinator.federation.superlink import SuperLinkProcess
-from coordinator.federation.tls import issue_superlink_tls
+from coordinator.federation.fleet_front import FleetFront, FleetFrontProcess, upstream_ssl_context
+from coordinator.federation.superlink_process import SuperLinkProcess
 from protocol.tasks.windows import WindowSet
 
 
@@ -56,34 +55,34 @@ def test_the_node_a_pull_or_push_is_for_is_read_from_its_body() -> None:
     pull.node.node_id = 4711
     push = PushMessagesRequest()
     push.node.node_id = 99
-    assert _node_id(PullMessagesRequest, pull.SerializeToString()) == 4711
-    assert _node_id(PushMessagesRequest, push.SerializeToString()) == 99
-    assert _node_id(PullMessagesRequest, b"\xff\xff") is None
+    assert node_id(PullMessagesRequest, pull.SerializeToString()) == 4711
+    assert node_id(PushMessagesRequest, push.SerializeToString()) == 99
+    assert node_id(PullMessagesRequest, b"\xff\xff") is None
 
 
 def test_held_pulls_ask_fast_only_after_the_last_working_node_pushed_and_share_one_rate() -> None:
     policy = HoldPolicy(hold_s=5.0, poll_s=0.02, hot_s=1.0, idle_poll_s=0.5, idle_rate=20.0, work_s=600.0)
-    front = FleetFront(upstream="https://127.0.0.1:1", verify=ssl.create_default_context(), hold=policy)
+    hold = PullHold(policy)
     # Nobody has replied yet (a job starting, or devices idle): the slow poll.
-    assert front._poll_interval() == 0.5
+    assert hold._poll_interval() == 0.5
     # Two nodes work on a round; one of them replies: still slow, the other's reply is what the round waits for.
     now = time.monotonic()
-    front._working.update({1: now, 2: now})
-    front._replied(1)
-    assert front._poll_interval() == 0.5
+    hold._working.update({1: now, 2: now})
+    hold._replied(1)
+    assert hold._poll_interval() == 0.5
     # The last working node replies: the next round's messages are coming, so the held pulls ask fast; five held
     # pulls each ask five times less often, so the SuperLink sees one pull per poll_s in sum.
-    front._replied(2)
-    front._held = 5
-    assert front._poll_interval() == pytest.approx(0.1)
+    hold._replied(2)
+    hold._held = 5
+    assert hold._poll_interval() == pytest.approx(0.1)
     # 40 held pulls while slow: together at most idle_rate a second.
-    front._working[3] = time.monotonic()
-    front._held = 40
-    assert front._poll_interval() == pytest.approx(2.0)
+    hold._working[3] = time.monotonic()
+    hold._held = 40
+    assert hold._poll_interval() == pytest.approx(2.0)
     # A node that took the round's message and never replied (it died) stops counting as working after work_s.
-    front._working[3] = time.monotonic() - policy.work_s - 1
-    front._all_replied_at = time.monotonic()
-    assert front._poll_interval() == pytest.approx(0.8)
+    hold._working[3] = time.monotonic() - policy.work_s - 1
+    hold._all_replied_at = time.monotonic()
+    assert hold._poll_interval() == pytest.approx(0.8)
 
 
 @pytest.mark.parametrize(
@@ -93,7 +92,7 @@ def test_held_pulls_ask_fast_only_after_the_last_working_node_pushed_and_share_o
         ("/v1/fleet/pull-object", PullObjectResponse(object_found=True, object_available=False)),
     ],
 )
-def test_with_holding_off_an_empty_answer_goes_back_at_once_and_nothing_is_counted_as_held(
+def test_without_a_hold_an_empty_answer_goes_back_at_once_and_nothing_is_counted_as_held(
     path: str, upstream_answer: PullMessagesResponse | PullObjectResponse
 ) -> None:
     asked: list[str] = []
@@ -107,11 +106,35 @@ def test_with_holding_off_an_empty_answer_goes_back_at_once_and_nothing_is_count
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=front), base_url="http://front") as client:
             return await client.post(path, content=PullMessagesRequest().SerializeToString())
 
-    front = FleetFront("https://127.0.0.1:1", ssl.create_default_context(), HoldPolicy(hold_s=0.0, object_hold_s=0.0))
+    front = FleetFront("https://127.0.0.1:1", ssl.create_default_context())  # Flower acceleration off
     answer = asyncio.run(pull())
     assert answer.status_code == 200 and answer.content == upstream_answer.SerializeToString()
     assert asked == [path]
-    assert dict(front.counts) == {"forwarded": 1}
+    assert front.stats() == {"forwarded": 1}
+
+
+def test_with_a_hold_an_empty_pull_is_asked_again_and_answered_when_its_message_is_there() -> None:
+    message = PullMessagesResponse(messages_list=[ProtoMessage()]).SerializeToString()
+    answers = [PullMessagesResponse().SerializeToString()] * 3 + [message]
+    asked: list[bytes] = []
+
+    def superlink(request: httpx.Request) -> httpx.Response:
+        asked.append(request.content)
+        return httpx.Response(200, content=answers[min(len(asked), len(answers)) - 1])
+
+    async def pull() -> httpx.Response:
+        front._client = httpx.AsyncClient(transport=httpx.MockTransport(superlink), base_url=front.upstream)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=front), base_url="http://front") as client:
+            return await client.post("/v1/fleet/pull-messages", content=request.SerializeToString())
+
+    request = PullMessagesRequest()
+    request.node.node_id = 4711
+    hold = PullHold(HoldPolicy(hold_s=30.0, idle_poll_s=0.01, idle_rate=1000.0))
+    front = FleetFront("https://127.0.0.1:1", ssl.create_default_context(), hold)
+    answer = asyncio.run(pull())
+    assert answer.status_code == 200 and answer.content == message
+    assert asked == [request.SerializeToString()] * 4  # the SuperNode's own request, asked again unchanged
+    assert front.stats() == {"forwarded": 1, "pulls_held": 1, "held_requests": 3, "held_pulls_answered": 1}
 
 
 @pytest.fixture

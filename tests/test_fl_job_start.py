@@ -152,6 +152,15 @@ def test_drift_correction_momentum_and_lr_schedule_reach_the_serverapps_run_conf
     assert JobRunConfig.from_run_config(_request(tmp_path, tail_average=2).run_config([11], tmp_path)).tail_average == 2
 
 
+@pytest.mark.parametrize("accelerated", [True, False])
+def test_the_mids_flower_acceleration_switch_reaches_the_serverapps_run_config(
+    tmp_path: Path, accelerated: bool
+) -> None:
+    config = _request(tmp_path).run_config([11], tmp_path, flower_acceleration=accelerated)
+    assert JobRunConfig.from_run_config(config).flower_acceleration is accelerated
+    assert JobRunConfig.from_run_config(_request(tmp_path).run_config([11], tmp_path)).flower_acceleration
+
+
 def test_job_book_keeps_records_across_reads(tmp_path: Path) -> None:
     book = JobBook(tmp_path / "jobs")
     record = JobRecord(

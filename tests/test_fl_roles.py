@@ -30,7 +30,8 @@ from mqtt_fixtures import (
 )
 
 from coordinator.config import CoordinatorSettings
-from coordinator.federation.superlink import CONNECTION, FlowerCli, FlowerCliError, kill_pids
+from coordinator.federation.flower_cli import CONNECTION, FlowerCli, FlowerCliError
+from coordinator.federation.superlink_process import kill_pids
 from coordinator.mid_key import load_or_create_mid_key, mid_key_name
 from coordinator.registry.store import Registry
 from edge.agent.config import AgentSettings

@@ -2,9 +2,15 @@
 `agent run`s on PLAID replay windows. `midgate coordinator job start` invites the devices (signed RoundInvitation on
 down/invite), each agent starts its SuperNode, the command runs a 2-round job on the SuperLink, and every round's
 contribution record goes ClientApp -> spool -> agent outbox (signed) -> MQTT -> coordinator ledger -> receipt verified
-by the agent; each ledger report names exactly the update the strategy received from that node (check_contribution)."""
+by the agent; each ledger report names exactly the update the strategy received from that node (check_contribution).
+
+It runs twice: with Flower acceleration (the default: coordinator.federation.acceleration, edge.federated.acceleration)
+and with `flower_acceleration = false` in the coordinator's and the agents' config, Flower as shipped, so that a Flower
+upgrade can drop the acceleration knowing the job's outcome does not depend on it."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 from fl_stack import (
@@ -27,20 +33,22 @@ pytest_plugins = ["mqtt_fixtures"]
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
+@pytest.mark.parametrize("accelerated", [True, False], ids=["flower-acceleration", "flower-as-shipped"])
 def test_two_round_job_reports_reach_the_ledger_and_match_the_strategys_updates(
-    messaging_stack: MessagingStack,
+    messaging_stack: MessagingStack, accelerated: bool
 ) -> None:
     stack = messaging_stack
-    start_federated_coordinator(stack)
-    agents = start_plaid_agents(stack, 3)
+    switch = f"flower_acceleration = {str(accelerated).lower()}"
+    start_federated_coordinator(stack, switch)
+    agents = start_plaid_agents(stack, 3, extra=switch)
 
     with stopping_federation(stack, agents) as teardown:
         # The MID operator's command: it invites every enrolled device with a Flower node ("all online": no
         # --device), runs the job on serve's SuperLink once their SuperNodes joined, re-invites while it runs, and
         # exits 0 only when the run finished:completed with every round in the ServerApp's outcome.
         job = start_job(stack, teardown, "job-1", 2)
-        book = finished_job(stack, job, "job-1")
+        book = finished_job(stack, job, "job-1", timeout_s=360)
         assert (book.status, book.flower_status) == ("completed", "finished:completed")
         assert sorted(book.selected_node_ids) == sorted(r.flower_node_id for _, r in agents)
         nonces = job_nonces(book)
@@ -61,3 +69,13 @@ def test_two_round_job_reports_reach_the_ledger_and_match_the_strategys_updates(
         by_node = {r.flower_node_id: r for _, r in agents}
         reports = checked_ledger_reports(stack, captures, nonces)
         assert {(r.record.node_id, r.record.round) for r, _ in reports} == {(n, r) for n in by_node for r in (1, 2)}
+
+        # The switch reached every piece, and nothing else differed: the ServerApp ran on the accelerated grid or on
+        # Flower's (its outcome says which); the fleet front held the devices' empty pulls or only passed them on; each
+        # agent ran its job's SuperNode through a warm executor or as Flower starts it.
+        assert outcome.flower_acceleration is accelerated
+        stats_file = stack.data_dir / "federation" / "fleet-front.json"
+        wait_until(lambda: stats_file.exists() and "forwarded" in json.loads(stats_file.read_text()), 30, "front stats")
+        assert ("pulls_held" in json.loads(stats_file.read_text())) is accelerated
+        for handle, _ in agents:
+            assert (handle.data_dir / "mids" / handle.mid / "jobs" / "job-1" / "warm.log").exists() is accelerated

@@ -7,7 +7,6 @@ import os
 import signal
 import stat
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from edge.federated.warm_executor import WarmExecutor, install_launchers, message_pulled, wait_for_message
+from edge.federated.acceleration.warm_executor import WarmExecutor, install_launchers
 
 pytestmark = pytest.mark.slow  # real processes
 
@@ -92,53 +91,6 @@ def test_launcher_falls_back_to_the_plain_command_without_a_warm_parent(tmp_path
 
 
 # The SuperNode's own log lines around a message pull (flwr/supernode/start_client_internal.py), as its log holds them.
-RECEIVING = b"\x1b[92mINFO \x1b[0m:      Receiving: train message (ID: ab12)\n"
-RECEIVED = b"\x1b[92mINFO \x1b[0m:      Received successfully\n"
-FAILED = b"\x1b[91mERROR \x1b[0m:     Failed to receive message ab12: timeout\n"
-NOISE = b'INFO:     127.0.0.1:40840 - "POST /v1/runtime/acquire-task HTTP/1.1" 200 OK\n'
-
-
-@pytest.mark.parametrize(
-    ("tail", "pulled"),
-    [
-        (NOISE, None),  # no message yet: nothing to wait for
-        (NOISE + RECEIVING + NOISE, False),  # the SuperNode is still pulling the message's objects
-        (RECEIVING + NOISE + RECEIVED, True),
-        (RECEIVING + FAILED, True),  # nothing will arrive; Flower's ClientApp reports the failure
-        (RECEIVING + RECEIVED + NOISE + RECEIVING, False),  # the earlier message's outcome does not count
-    ],
-)
-def test_message_pulled_reads_the_last_message_in_the_supernode_log(tail: bytes, pulled: bool | None) -> None:
-    assert message_pulled(tail) is pulled
-
-
-def test_clientapp_waits_until_the_supernode_log_shows_its_message_pulled(tmp_path: Path) -> None:
-    log = tmp_path / "supernode.log"
-    log.write_bytes(NOISE + RECEIVING)
-    fd = os.open(log, os.O_WRONLY | os.O_APPEND)  # write-only, as the ClientApp's standard output is
-    try:
-        assert wait_for_message(fd, timeout=0.3) >= 0.3  # still pulling: it waits out its bound
-        done = threading.Event()
-        waited: list[float] = []
-        waiter = threading.Thread(target=lambda: (waited.append(wait_for_message(fd, timeout=120)), done.set()))
-        waiter.start()
-        assert not done.wait(0.3)  # still waiting for the pull
-        os.write(fd, NOISE + RECEIVED)
-        waiter.join(120)
-        assert done.is_set() and waited[0] < 120
-    finally:
-        os.close(fd)
-
-
-def test_clientapp_does_not_wait_without_a_log_file() -> None:
-    read_end, write_end = os.pipe()
-    try:
-        assert wait_for_message(write_end, timeout=30) == 0.0
-    finally:
-        os.close(read_end)
-        os.close(write_end)
-
-
 def test_a_folder_too_deep_for_a_unix_socket_gets_a_private_socket_folder(tmp_path: Path) -> None:
     deep = tmp_path / ("agent-data-" + "x" * 40) / "mids" / "riverside" / "jobs" / ("job-" + "y" * 40) / "warm"
     executor = WarmExecutor(deep)

@@ -1,6 +1,7 @@
 """The packed wire form of a model's arrays (protocol/tasks/packed.py): what the ServerApp's grid and the ClientApp's
-outermost mod exchange instead of one Flower Array per tensor. Unpacking is a trust boundary (devices' replies), so
-every malformed packing is refused with a reason, and a round trip changes no canonical hash."""
+outermost mod (edge.federated.acceleration.packed_arrays) exchange instead of one Flower Array per tensor. Unpacking
+is a trust boundary (devices' replies), so every malformed packing is refused with a reason, and a round trip
+changes no canonical hash."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from edge.federated.packed_mod import packed_arrays_mod
+from edge.federated.acceleration.packed_arrays import packed_arrays_mod
 from protocol.errors import MalformedError, ProtocolError, TooLargeError
 from protocol.tasks.arrays import arrays_sha256
 from protocol.tasks.models import build_model, model_arrays

@@ -5,14 +5,9 @@ address with the SuperLink's TLS certificate, passes only `/v1/fleet/*` requests
 listens on loopback only), and answers everything else with 404, so the APIs that start and stop runs are not
 reachable from the devices' network.
 
-It also holds a SuperNode's empty pull. A SuperNode that pulls and finds no message sleeps a fixed 3 s before it
-pulls again (`flwr/supernode/start_client_internal.py`); right after pushing a round's reply it always finds none,
-because the next round's message waits for the other devices' replies. The front asks the SuperLink again, on the
-SuperNode's behalf and at the rate `HoldPolicy` sets, for up to `hold_s`, and answers as soon as a message is there,
-so the next round starts when it is ready rather than after the SuperNode's sleep. The repeated request is
-the SuperNode's own, signed headers included (Flower's signature covers only a timestamp that stays valid for
-minutes); a pull that stays empty is answered empty after `hold_s`, as the SuperLink would have answered it.
-Flower's code is not changed: the SuperNode still sleeps whenever its pull comes back empty.
+With Flower acceleration on (`[federation] flower_acceleration`, the default), the front also holds a SuperNode's
+empty pull, and its pull of an object still being pushed, until there is something to answer
+(coordinator.federation.acceleration.pull_hold); off, it passes every answer on as the SuperLink gave it.
 
 Run as `python -m coordinator.federation.fleet_front --listen HOST:PORT --upstream 127.0.0.1:PORT ...`;
 `FleetFrontProcess` starts and stops it beside the SuperLink.
@@ -26,7 +21,6 @@ import contextlib
 import json
 import logging
 import os
-import random
 import ssl
 import subprocess
 import sys
@@ -38,18 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from flwr.proto.fleet_pb2 import PullMessagesRequest, PullMessagesResponse, PushMessagesRequest
-from flwr.proto.message_pb2 import PullObjectResponse
-from google.protobuf.message import DecodeError
 
-from coordinator.federation.superlink import SuperLinkProcess, stop_process_group, wait_for_port
+from coordinator.federation.acceleration.pull_hold import HoldPolicy, PullHold
+from coordinator.federation.superlink_process import SuperLinkProcess, stop_process_group, wait_for_port
 
 log = logging.getLogger("midgate.federation.front")
 
 FLEET_PREFIX = "/v1/fleet/"
-PULL_MESSAGES = "/v1/fleet/pull-messages"
-PUSH_MESSAGES = "/v1/fleet/push-messages"
-PULL_OBJECT = "/v1/fleet/pull-object"
 # Hop-by-hop headers (RFC 9110 section 7.6.1) and those the HTTP clients set themselves.
 _NOT_FORWARDED = frozenset({b"host", b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"te"})
 
@@ -58,67 +47,22 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
-@dataclass(frozen=True)
-class HoldPolicy:
-    """How long an empty pull is held, and how often the SuperLink is asked again meanwhile.
-
-    A round's next messages appear only after every device working on the round has pushed its reply. The front
-    sees that: a node works from the pull that brought it a message to its push. For `hot_s` after the last
-    working node pushed, the held pulls together ask the SuperLink every `poll_s` (each of n held pulls every
-    n x `poll_s`, staggered); otherwise each asks every `idle_poll_s`, and all of them together at most
-    `idle_rate` times a second. When one held pull is answered with a message, every other held pull asks at once
-    (a round's messages are sent together). So the SuperLink sees a bounded rate of extra pulls, however many
-    devices wait.
-    """
-
-    hold_s: float = 5.0
-    poll_s: float = 0.02
-    hot_s: float = 1.0
-    idle_poll_s: float = 0.5
-    idle_rate: float = 20.0
-    work_s: float = 900.0
-    object_poll_s: float = 0.025
-    object_hold_s: float = 2.0
-
-
-def object_not_yet_pushed(body: bytes) -> bool:
-    """Whether a PullObject response says the object exists but its content has not arrived yet (the sender is
-    still pushing it). Such an answer is a few bytes; one with content never is, and is not parsed."""
-    if len(body) > 16:
-        return False
-    response = PullObjectResponse()
-    try:
-        response.ParseFromString(body)
-    except DecodeError:
-        return False
-    return response.object_found and not response.object_available
-
-
-def has_messages(body: bytes) -> bool:
-    """Whether a PullMessages response body carries a message; an unreadable body counts as one (passed on as is)."""
-    response = PullMessagesResponse()
-    try:
-        response.ParseFromString(body)
-    except DecodeError:
-        return True
-    return len(response.messages_list) > 0
-
-
 @dataclass
 class FleetFront:
-    """The ASGI app: forwards Fleet requests to `upstream` (https://127.0.0.1:PORT) and holds empty pulls."""
+    """The ASGI app: forwards Fleet requests to `upstream` (https://127.0.0.1:PORT); with a `hold`, its answers go
+    back through it (Flower acceleration), without one as the SuperLink gave them."""
 
     upstream: str
     verify: ssl.SSLContext
-    hold: HoldPolicy = field(default_factory=HoldPolicy)
+    hold: PullHold | None = None
     max_body_bytes: int = 256 * 2**20
     stats_path: Path | None = None
     counts: Counter[str] = field(default_factory=Counter)
     _client: httpx.AsyncClient | None = None
-    _working: dict[int | None, float] = field(default_factory=dict)  # node id -> when its message was pulled
-    _all_replied_at: float = 0.0
-    _held: int = 0
-    _news: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def stats(self) -> dict[str, int]:
+        """The front's counters and its hold's."""
+        return {**self.counts, **(self.hold.counts if self.hold is not None else {})}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -145,7 +89,7 @@ class FleetFront:
                 if self._client is not None:
                     await self._client.aclose()
                 self._write_stats()
-                log.info("fleet front stopping: %s", dict(self.counts))
+                log.info("fleet front stopping: %s", self.stats())
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -153,8 +97,8 @@ class FleetFront:
         written: dict[str, int] = {}
         while True:
             await asyncio.sleep(seconds)
-            if dict(self.counts) != written:
-                written = dict(self.counts)
+            if self.stats() != written:
+                written = self.stats()
                 self._write_stats()
                 log.info("fleet front: %s", written)
 
@@ -164,7 +108,7 @@ class FleetFront:
             return
         try:
             tmp = self.stats_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(dict(self.counts), sort_keys=True))
+            tmp.write_text(json.dumps(self.stats(), sort_keys=True))
             tmp.replace(self.stats_path)
         except OSError as exc:
             log.warning("could not write %s: %s", self.stats_path, exc)
@@ -194,98 +138,17 @@ class FleetFront:
         await _reply(send, response.status_code, response.content, content_type)
 
     async def _forward(self, path: str, body: bytes, headers: list[tuple[str, str]]) -> httpx.Response:
-        assert self._client is not None, "lifespan startup has not run"
-        response = await self._client.post(path, content=body, headers=headers)
+        client = self._client
+        assert client is not None, "lifespan startup has not run"
+
+        async def ask() -> httpx.Response:
+            return await client.post(path, content=body, headers=headers)
+
+        response = await ask()
         self.counts["forwarded"] += 1
-        if response.status_code != 200:
+        if self.hold is None or response.status_code != 200:
             return response
-        if path == PUSH_MESSAGES:
-            self._replied(_node_id(PushMessagesRequest, body))
-        if path == PULL_OBJECT and self.hold.object_hold_s > 0 and object_not_yet_pushed(response.content):
-            return await self._hold_object_pull(path, body, headers, response)
-        if path != PULL_MESSAGES:
-            return response
-        node_id = _node_id(PullMessagesRequest, body)
-        if has_messages(response.content):
-            self._working[node_id] = time.monotonic()
-            return response
-        if self.hold.hold_s <= 0:
-            return response  # holding is off: the empty answer goes back at once, as the SuperLink gave it
-        # An empty pull: ask again on the SuperNode's behalf until a message is there or the hold is over.
-        self.counts["pulls_held"] += 1
-        self._held += 1
-        try:
-            deadline = time.monotonic() + self.hold.hold_s
-            while (remaining := deadline - time.monotonic()) > 0:
-                await self._wait_for_news(min(remaining, self._poll_interval() * random.uniform(0.5, 1.5)))
-                response = await self._client.post(path, content=body, headers=headers)
-                self.counts["held_requests"] += 1
-                if response.status_code != 200:
-                    self.counts["held_pulls_refused"] += 1  # e.g. the run or the node ended: passed on as is
-                    return response
-                if has_messages(response.content):
-                    self.counts["held_pulls_answered"] += 1
-                    self._working[node_id] = time.monotonic()
-                    self._news.set()  # the other held pulls ask now: their messages were sent with this one
-                    self._news = asyncio.Event()
-                    return response
-            self.counts["held_pulls_empty"] += 1
-            return response
-        finally:
-            self._held -= 1
-
-    async def _hold_object_pull(
-        self, path: str, body: bytes, headers: list[tuple[str, str]], response: httpx.Response
-    ) -> httpx.Response:
-        """A message's object asked for while the ServerApp is still pushing it: the SuperNode would back off 1 s
-        (doubling) before asking again (flwr.supercore.inflatable.pull_objects); the front asks every
-        `object_poll_s` for up to `object_hold_s` instead."""
-        assert self._client is not None
-        self.counts["object_pulls_held"] += 1
-        deadline = time.monotonic() + self.hold.object_hold_s
-        while time.monotonic() < deadline:
-            await asyncio.sleep(self.hold.object_poll_s)
-            response = await self._client.post(path, content=body, headers=headers)
-            self.counts["held_requests"] += 1
-            if response.status_code != 200 or not object_not_yet_pushed(response.content):
-                return response
-        self.counts["object_pulls_still_missing"] += 1
-        return response
-
-    def _replied(self, node_id: int | None) -> None:
-        self._working.pop(node_id, None)
-        if not self._still_working():
-            self._all_replied_at = time.monotonic()
-
-    def _still_working(self) -> bool:
-        """Whether a node is working on a message; one that has not replied within `work_s` is taken for gone (it
-        died, or its round was given up) and stops slowing the others' held pulls."""
-        now = time.monotonic()
-        for node_id, since in list(self._working.items()):
-            if now - since > self.hold.work_s:
-                del self._working[node_id]
-        return bool(self._working)
-
-    def _poll_interval(self) -> float:
-        """One held pull's wait before it asks again; n held pulls ask n times as often as one, in sum."""
-        held = max(1, self._held)
-        if not self._still_working() and time.monotonic() - self._all_replied_at < self.hold.hot_s:
-            return self.hold.poll_s * held
-        return max(self.hold.idle_poll_s, held / self.hold.idle_rate)
-
-    async def _wait_for_news(self, seconds: float) -> None:
-        """Sleep `seconds`, or less if another held pull was just answered."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._news.wait(), seconds)
-
-
-def _node_id(request_type: type[PullMessagesRequest] | type[PushMessagesRequest], body: bytes) -> int | None:
-    request = request_type()
-    try:
-        request.ParseFromString(body)
-    except DecodeError:
-        return None
-    return int(request.node.node_id)
+        return await self.hold.answer(path, body, response, ask)
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:
@@ -332,7 +195,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ca-cert", type=Path, required=True)
     parser.add_argument("--cert", type=Path, required=True, help="the SuperLink's server certificate")
     parser.add_argument("--key", type=Path, required=True)
-    parser.add_argument("--hold-s", type=float, default=HoldPolicy.hold_s, help="0 passes empty pulls on at once")
+    parser.add_argument(
+        "--hold-s", type=float, default=HoldPolicy.hold_s, help="0: no holding, every answer passes on at once"
+    )
     parser.add_argument("--poll-s", type=float, default=HoldPolicy.poll_s)
     parser.add_argument("--hot-s", type=float, default=HoldPolicy.hot_s)
     parser.add_argument("--idle-poll-s", type=float, default=HoldPolicy.idle_poll_s)
@@ -348,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     front = FleetFront(
         upstream=f"https://{host}:{port}",
         verify=upstream_ssl_context(args.ca_cert),
-        hold=HoldPolicy(args.hold_s, args.poll_s, args.hot_s, args.idle_poll_s),
+        hold=PullHold(HoldPolicy(args.hold_s, args.poll_s, args.hot_s, args.idle_poll_s)) if args.hold_s > 0 else None,
         max_body_bytes=int(args.max_body_mb * 2**20),
         stats_path=args.stats_file,
     )
@@ -378,7 +243,7 @@ class FleetFrontProcess:
     cert: Path
     key: Path
     log_path: Path
-    hold_s: float = HoldPolicy.hold_s
+    hold_s: float = HoldPolicy.hold_s  # 0: no holding (Flower acceleration off)
     stats_path: Path | None = None
     max_body_mb: float = 256.0
     proc: subprocess.Popen[bytes] | None = None

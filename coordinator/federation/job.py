@@ -42,7 +42,6 @@ class JobRunConfig(BaseModel):
         FedAvg); helps on non-IID splits (bench/fl_bench.py accuracy).
     attribution: value every round on the buyer's validation set with coordinator.attribution (Shapley family)
         and report each node's accumulated value in the outcome (default False).
-    reply_poll_interval: seconds between reply pulls while a round is open (default 0.1; Flower's grid uses 3).
     federated_evaluate: also send Flower's federated evaluate message each round (default False: evaluation is
         centralised on the buyer's validation set; True only to measure Flower's default behaviour).
     drift_correction: strength in [0, 1] of the SCAFFOLD-style drift correction (protocol.tasks.drift; default 0:
@@ -50,14 +49,12 @@ class JobRunConfig(BaseModel):
         training); it closes most of the federated-vs-central gap on label-skewed devices (docs/federated.md,
         bench/fl_bench.py accuracy). Refused with DP (dp_clipping_norm > 0): the gradient would leave the device
         unclipped and unnoised.
-    pack_arrays: send the model's arrays as one Array each way (protocol/tasks/packed.py; default True: 6 objects a
-        message instead of 16; False only to measure Flower's default behaviour).
     lr_schedule: the devices' lr over the rounds, `constant` (default) or `cosine` (protocol.tasks.schedule); each
         device derives its round's lr from it with `lr` and `num-rounds` (edge.federated.training). Checked here so
         a job naming an unknown schedule fails before its first round, not on every device.
-    prompt_object_pull: on Flower's HTTP grid, ask again every 25 ms (up to 2 s) for a reply's objects that are
-        still being pushed instead of Flower's 1 s-doubling back-off (coordinator/federation/polling_grid.py;
-        default True; False only to measure Flower's default behaviour).
+    flower_acceleration: run on Flower's grid wrapped in the coordinator-side accelerations (0.1 s reply poll,
+        packed arrays, prompt object pulls: coordinator.federation.acceleration; default True); False: on Flower's
+        own grid. `job start` sets it from `[federation] flower_acceleration`.
     tail_average: the job's final model is the mean of the last K rounds' global models (default 1: the last one);
         it is evaluated on the buyer's validation set (JobOutcome.final_validation) and is `final-model.npz`. The
         rounds' own global models, and so every contribution record and capture, are unchanged.
@@ -81,11 +78,9 @@ class JobRunConfig(BaseModel):
     dp_delta: float = Field(alias="dp-delta", default=1e-5, gt=0, lt=1)
     server_momentum: float = Field(alias="server-momentum", default=0.0, ge=0, lt=1)
     attribution: bool = False
-    reply_poll_interval: float = Field(alias="reply-poll-interval", default=0.1, gt=0, le=60)
     federated_evaluate: bool = Field(alias="federated-evaluate", default=False)
-    pack_arrays: bool = Field(alias="pack-arrays", default=True)
     drift_correction: float = Field(alias="drift-correction", default=0.0, ge=0, le=1)
-    prompt_object_pull: bool = Field(alias="prompt-object-pull", default=True)
+    flower_acceleration: bool = Field(alias="flower-acceleration", default=True)
     lr_schedule: LrSchedule = Field(alias="lr-schedule", default=LrSchedule.CONSTANT)
     tail_average: int = Field(alias="tail-average", default=1, ge=1, le=1000)
 
@@ -144,6 +139,8 @@ class JobOutcome(BaseModel):
     # the final model's metrics: the last round's (validation[num_rounds]), or the tail average's (`tail-average`)
     final_validation: dict[str, float] = Field(default_factory=dict)
     round_seconds: dict[int, float] = Field(default_factory=dict)  # wall time of each round, aggregation included
+    # whether the ServerApp ran on Flower acceleration's grid (coordinator.federation.acceleration)
+    flower_acceleration: bool = False
     privacy: dict[str, float] = Field(default_factory=dict)
     attribution: dict[str, int] = Field(default_factory=dict)  # member (node id) -> value in nano-units
     attribution_skipped: dict[int, str] = Field(default_factory=dict)

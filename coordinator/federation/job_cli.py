@@ -74,8 +74,8 @@ def start(
     from pydantic import ValidationError
     from rich.console import Console
 
+    from coordinator.federation.flower_cli import FlowerCliError
     from coordinator.federation.job_start import JobRequest, JobRequestError
-    from coordinator.federation.superlink import FlowerCliError
 
     console = Console(stderr=False, highlight=False)
     task_id, _, version = task.partition("@")
@@ -148,6 +148,7 @@ def _run(settings: CoordinatorSettings, request: JobRequest, console: Console) -
                 jobs_dir=s.jobs_dir,
                 book=_book(s),
                 report=lambda line: console.print(f"[cyan]{request.job_id}[/cyan] {line}"),
+                flower_acceleration=s.federation.flower_acceleration,
             )
             with console.status(f"job {request.job_id}: {request.task_id}@{request.task_version}"):
                 return run.run()

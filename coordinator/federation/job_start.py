@@ -27,8 +27,8 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from coordinator.federation.flower_cli import FlowerCli, FlowerCliError
 from coordinator.federation.job import JobOutcome
-from coordinator.federation.superlink import FlowerCli, FlowerCliError
 from coordinator.registry.store import Registry
 from protocol.errors import ProtocolError
 from protocol.identity import SignerKey
@@ -121,8 +121,11 @@ class JobRequest(BaseModel):
             )
         return self
 
-    def run_config(self, node_ids: list[int], output_dir: Path) -> dict[str, str | int | float]:
-        """The Flower app's run config (coordinator.federation.job.JobRunConfig) for these nodes."""
+    def run_config(
+        self, node_ids: list[int], output_dir: Path, flower_acceleration: bool = True
+    ) -> dict[str, str | int | float]:
+        """The Flower app's run config (coordinator.federation.job.JobRunConfig) for these nodes; the MID's
+        `[federation] flower_acceleration` goes in as `flower-acceleration`."""
         return {
             "task-id": self.task_id,
             "task-version": self.task_version,
@@ -141,6 +144,7 @@ class JobRequest(BaseModel):
             "drift-correction": self.drift_correction,
             "lr-schedule": self.lr_schedule.value,
             "tail-average": self.tail_average,
+            "flower-acceleration": flower_acceleration,
         }
 
     def wait_bound_s(self) -> float:
@@ -333,6 +337,7 @@ class JobRun:
     poll_s: seconds between looks at the run's folder (round captures, outcome.json) (default 0.5).
     status_every_s: seconds between `flwr ls` calls while the run has no outcome yet (default 15): each is a fresh
         Python process costing about 1 s of CPU, taken from the job when the SuperLink shares the machine.
+    flower_acceleration: the run's `flower-acceleration` (the MID's `[federation] flower_acceleration`; default True).
     """
 
     request: JobRequest
@@ -346,6 +351,7 @@ class JobRun:
     report: Callable[[str], None]
     poll_s: float = 0.5
     status_every_s: float = 15.0
+    flower_acceleration: bool = True
     clock: Callable[[], float] = time.monotonic
 
     def run(self) -> JobRecord:
@@ -381,7 +387,8 @@ class JobRun:
             record.selected_node_ids = [d.node_id for d in selected]
             return self._finish(record, "failed", "too_few_nodes")
         record.selected_node_ids = [d.node_id for d in selected]
-        record.run_id = self.cli.submit_run(APP_DIR, request.run_config(record.selected_node_ids, self.jobs_dir))
+        run_config = request.run_config(record.selected_node_ids, self.jobs_dir, self.flower_acceleration)
+        record.run_id = self.cli.submit_run(APP_DIR, run_config)
         record.status = "running"
         self.book.write(record)
         self.report(f"run {record.run_id} submitted with {len(selected)} node(s)")

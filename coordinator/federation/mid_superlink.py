@@ -10,9 +10,9 @@ from pathlib import Path
 
 from coordinator.config import CoordinatorSettings
 from coordinator.federation.fleet_front import FleetFrontProcess
-from coordinator.federation.superlink import FlowerCli, SuperLinkProcess, free_loopback_port
-from coordinator.federation.tls import SuperLinkTls
-from coordinator.mid_ca import ensure_mid_ca, issue_server_tls
+from coordinator.federation.flower_cli import FlowerCli
+from coordinator.federation.superlink_process import SuperLinkProcess, free_loopback_port
+from coordinator.mid_ca import ServerTls, ensure_mid_ca, issue_server_tls
 
 
 def mid_ca_dir(settings: CoordinatorSettings) -> Path:
@@ -24,13 +24,13 @@ def mid_ca_dir(settings: CoordinatorSettings) -> Path:
     return settings.broker_config.output_dir / "tls"
 
 
-def superlink_tls(settings: CoordinatorSettings) -> SuperLinkTls:
+def superlink_tls(settings: CoordinatorSettings) -> ServerTls:
     """The SuperLink's server certificate, issued by the MID CA once and reused across restarts."""
     ca = ensure_mid_ca(mid_ca_dir(settings), f"midgate CA {settings.mid}")
     tls_dir = settings.federation_dir / "tls"
     cert, key = tls_dir / "superlink.pem", tls_dir / "superlink.key"
     if cert.exists() and key.exists():
-        return SuperLinkTls(ca.cert_path, cert, key)
+        return ServerTls(ca.cert_path, cert, key)
     tls_dir.mkdir(parents=True, exist_ok=True)
     return issue_server_tls(ca, cert, key, settings.federation.tls_hostnames)
 
@@ -93,7 +93,7 @@ class MidSuperLink:
                 f.host,
                 f.port,
                 s.federation_dir / "fleet-front.log",
-                hold_s=f.fleet_hold_s,
+                hold_s=f.fleet_hold_s if f.flower_acceleration else 0.0,
                 stats_path=s.federation_dir / "fleet-front.json",
             )
             try:

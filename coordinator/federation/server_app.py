@@ -27,8 +27,8 @@ from coordinator.attribution.task_loss import TaskValidationLoss
 from coordinator.attribution.valuation import ValuationSettings
 from coordinator.capture.directory import CaptureDirectory
 from coordinator.capture.round import UpdateSink
+from coordinator.federation.acceleration import GridAcceleration
 from coordinator.federation.job import JobOutcome, JobRunConfig, NodeDropRecord
-from coordinator.federation.polling_grid import PollingGrid
 from coordinator.federation.strategy.drift_correction import DriftCorrection
 from coordinator.federation.strategy.participation import JobFailedError, Participation
 from coordinator.federation.strategy.selection import NodeSelection
@@ -206,11 +206,11 @@ def run_job(grid: Grid, run_id: int, job: JobRunConfig) -> JobOutcome:
     participation = Participation(job.selected_nodes, job.min_nodes)
     strategy = job_strategy(job, run_id, inner, sink, participation, valuation.example_count_cap)
     outcome = JobOutcome(run_id=run_id, status="failed", reason="internal_error")
-    polling: PollingGrid | None = None
+    acceleration: GridAcceleration | None = None
     try:
-        polling = PollingGrid(grid, job.reply_poll_interval, pack=job.pack_arrays, prompt_pulls=job.prompt_object_pull)
+        acceleration = GridAcceleration.around(grid) if job.flower_acceleration else None
         result = strategy.start(
-            polling,
+            grid if acceleration is None else acceleration.grid,
             ArrayRecord({name: Array(a) for name, a in model_arrays(build_model(spec, seed=job.seed)).items()}),
             num_rounds=job.num_rounds,
             timeout=job.round_timeout,
@@ -247,6 +247,7 @@ def run_job(grid: Grid, run_id: int, job: JobRunConfig) -> JobOutcome:
         }
         if outcome.status == "failed":
             outcome.rounds_completed = max((r for r in evaluator.history), default=0)
+        outcome.flower_acceleration = acceleration is not None
         outcome.privacy = _privacy_spent(inner, job)
         if attribution is not None:
             outcome.attribution = attribution.account.attribution_vector()

@@ -35,6 +35,12 @@ class AgentSettings(RoleSettings):
         description="window file (edge.sensors.export.export_task_windows) the SuperNode trains on when the MID "
         "invites it to a job; none: the agent does not join jobs",
     )
+    flower_acceleration: bool = Field(
+        default=True,
+        description="run the SuperNode of a job through the warm executor, with the SuperExec's 0.2 s task poll and "
+        "ClientApps that wait for their message (edge.federated.acceleration); false: Flower's own device processes "
+        '(docs/federated.md, "Flower acceleration")',
+    )
     mqtt_protocol: Literal["auto", "5", "3.1.1"] = Field(
         default="auto", description="MQTT version; auto tries 5 and falls back to 3.1.1"
     )

@@ -75,6 +75,7 @@ class MembershipRunner:
             settings.training_windows,
             admit=self.controls.admit,
             recheck=self.controls.recheck,
+            flower_acceleration=settings.flower_acceleration,
         )
         self._beat_now = asyncio.Event()
         self._votes_due = True  # at start: a strike chosen while the daemon was down still needs its vote

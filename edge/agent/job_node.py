@@ -24,9 +24,9 @@ from pathlib import Path
 
 from edge.agent.controls.decisions import RUN, Decision
 from edge.agent.membership import Membership
-from edge.federated.supernode import DEVICE_ENV, NodeKey, SuperNodeProcess
+from edge.federated.acceleration.device import accelerated
+from edge.federated.supernode import NodeKey, SuperNodeProcess
 from edge.federated.supervisor import SuperNodeSupervisor
-from edge.federated.warm_executor import WarmExecutor
 from protocol.envelope import decode, open_envelope
 from protocol.errors import InviteExpiredError, MalformedError, ProtocolError
 from protocol.messages import RoundInvitation
@@ -72,14 +72,17 @@ class JobNode:
         windows: Path | None,
         admit: Admit = _admit_all,
         recheck: Admit = _admit_all,
+        flower_acceleration: bool = True,
     ) -> None:
         """`admit` decides each verified invitation (and counts declines); `recheck` asks the same of a running job
-        without counting. Both default to taking part in every job."""
+        without counting. Both default to taking part in every job. `flower_acceleration` (agent.toml's) runs each
+        job's SuperNode through edge.federated.acceleration."""
         self.membership = membership
         self.spool_dir = spool_dir
         self.windows = windows
         self.admit = admit
         self.recheck = recheck
+        self.flower_acceleration = flower_acceleration
         self.job: _Job | None = None
         self.refused = 0
         self.declined = 0
@@ -109,7 +112,7 @@ class JobNode:
         ca = self.membership.superlink_ca_file
         assert ca is not None and self.windows is not None
         keys = self.membership.flower_key_dir
-        return SuperNodeProcess(
+        process = SuperNodeProcess(
             flwr_home=run_dir / "flwr",
             superlink=record.superlink,
             ca_cert=ca,
@@ -118,9 +121,8 @@ class JobNode:
             spool_dir=self.spool_dir,
             clientappio_port=_free_port(),
             log_path=run_dir / "supernode.log",
-            extra_env=dict(DEVICE_ENV),
-            warm=WarmExecutor(run_dir / "warm", log_path=run_dir / "warm.log"),
         )
+        return accelerated(process, run_dir / "warm", run_dir / "warm.log") if self.flower_acceleration else process
 
     async def invited(self, payload: bytes) -> None:
         async with self._lock:

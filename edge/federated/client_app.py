@@ -25,7 +25,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
-from edge.federated.packed_mod import packed_arrays_mod
+from edge.federated.acceleration.packed_arrays import packed_arrays_mod
 from edge.federated.spool import write_record
 from edge.federated.training import LocalTrainingConfig, round_gradient, train_round
 from protocol.errors import MalformedError

@@ -17,22 +17,20 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from edge.federated.warm_executor import WarmExecutor
+if TYPE_CHECKING:  # edge.federated.acceleration builds on this module
+    from edge.federated.acceleration.warm_executor import WarmExecutor
 
 # Flower's own exit code (flwr.supercore.exit.ExitCode.SUPERNODE_CONNECTION_ERROR), logged as "Exit Code: 305"
 # when the SuperLink refuses to activate the node (e.g. its key is not registered); the process itself exits 1,
 # as every failing Flower process does, so supervision reads the code from the log.
 EXIT_NODE_NOT_REGISTERED = 305
 
-# midgate's device configuration (with a WarmExecutor), what bench/fl_bench.py `rounds` measures as "midgate".
-# Flower's SuperExec asks its SuperNode for a task every 1 s by default; at 0.2 s the ClientApp is forked while the
-# SuperNode is still pulling the message (0.3-3 s measured), and it waits for the pull (warm_executor.wait_for_message).
-DEVICE_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
 _EXIT_CODE_LINE = re.compile(rb"Exit Code: (\d+)")
 
 
@@ -75,7 +73,8 @@ def _process(pid: int) -> psutil.Process | None:
         return None
 
 
-def _kill_pids(pids: list[int], grace: float) -> None:
+def kill_pids(pids: list[int], grace: float) -> None:
+    """SIGTERM each live PID, then SIGKILL those still alive after `grace` seconds."""
     procs = [p for p in (_process(pid) for pid in pids) if p is not None]
     for proc in procs:
         with contextlib.suppress(psutil.Error):
@@ -105,10 +104,11 @@ class SuperNodeProcess:
     key: the device's node key (registered with the SuperLink at enrolment).
     data_path, spool_dir: handed to the ClientApp as node config `data-path` and `spool-dir`.
     clientappio_port: the SuperNode's local port for its ClientApps (Flower's default 9094 would collide).
-    extra_env: e.g. FLWR_SUPEREXEC_TASK_POLL_INTERVAL.
+    extra_env: more environment for Flower's processes.
     warm: when given, the SuperNode runs with `--isolation process` and its SuperExec and ClientApps are forked
-        from this warm executor (edge.federated.warm_executor), which `start` starts and `stop` stops; otherwise
-        Flower's default: the SuperNode starts its own SuperExec, which starts a fresh ClientApp per message.
+        from this warm executor (Flower acceleration: edge.federated.acceleration.device.accelerated sets it), which
+        `start` starts and `stop` stops; otherwise Flower's default: the SuperNode starts its own SuperExec, which
+        starts a fresh ClientApp per message.
     """
 
     flwr_home: Path
@@ -212,7 +212,7 @@ class SuperNodeProcess:
                 proc.wait(timeout=grace)
         if self.warm is not None:
             self.warm.stop(grace)
-        _kill_pids(below, grace)
+        kill_pids(below, grace)
         return self.proc.returncode
 
     def kill(self) -> list[int]:

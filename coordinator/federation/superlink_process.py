@@ -1,14 +1,13 @@
-"""Supervision of the MID's Flower SuperLink and the `flwr` CLI calls the coordinator makes against it.
+"""One Flower SuperLink as a child process, and the process-group handling it shares with the fleet front.
 
 The SuperLink always runs with TLS (the MID's CA), SuperNode authentication, no runtime dependency installation
-(the ServerApp imports the installed midgate), telemetry off and its own FLWR_HOME. `flwr run` exits 0 even when
-the ServerApp fails, so run completion is read from `flwr ls` and from the ServerApp's outcome.json.
+(the ServerApp imports the installed midgate), telemetry off and its own FLWR_HOME. The `flwr` CLI calls against it
+are coordinator.federation.flower_cli; the SuperLink as `serve` configures it is coordinator.federation.mid_superlink.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -21,10 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from coordinator.federation.tls import SuperLinkTls
-
-CONNECTION = "midgate"
-TERMINAL_PREFIX = "finished"
+from coordinator.mid_ca import ServerTls
 
 
 def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -109,7 +105,7 @@ class SuperLinkProcess:
     """One SuperLink: `start()` launches it in its own process group, `stop()` ends that group."""
 
     flwr_home: Path
-    tls: SuperLinkTls
+    tls: ServerTls
     port: int
     host: str = "127.0.0.1"
     log_path: Path | None = None
@@ -157,85 +153,3 @@ class SuperLinkProcess:
     def stop(self) -> None:
         if self.proc is not None:
             stop_process_group(self.proc)
-
-
-class FlowerCliError(RuntimeError):
-    pass
-
-
-@dataclass(frozen=True)
-class FlowerCli:
-    """The `flwr` CLI with its own FLWR_HOME holding one connection, `midgate`, to the SuperLink over TLS."""
-
-    flwr_home: Path
-    address: str
-    ca_cert: Path
-
-    def write_config(self) -> None:
-        self.flwr_home.mkdir(parents=True, exist_ok=True)
-        (self.flwr_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "{self.address}"\nroot-certificates = "{self.ca_cert}"\n'
-        )
-
-    def _run(self, *args: str, timeout: float = 120.0) -> str:
-        proc = subprocess.run(
-            [flower_executable("flwr"), *args],
-            capture_output=True,
-            env=flower_env(self.flwr_home),
-            timeout=timeout,
-            check=False,
-        )
-        out = proc.stdout.decode(errors="replace")
-        if proc.returncode != 0:
-            raise FlowerCliError(
-                f"flwr {args[0]} exited {proc.returncode}: {out[-2000:]} {proc.stderr.decode()[-2000:]}"
-            )
-        return out
-
-    @staticmethod
-    def _json(out: str) -> dict[str, object]:
-        start = out.find("{")
-        if start < 0:
-            raise FlowerCliError(f"no JSON in flwr output: {out[-500:]}")
-        value = json.loads(out[start:])
-        if not isinstance(value, dict) or value.get("success") is False:
-            raise FlowerCliError(f"flwr reported failure: {out[-1000:]}")
-        return value
-
-    def register_node(self, public_key: Path) -> int:
-        """Register a SuperNode's EC public key (OpenSSH format); returns its node id."""
-        data = self._json(self._run("supernode", "register", str(public_key), CONNECTION, "--format", "json"))
-        return int(str(data["node-id"]))
-
-    def submit_run(self, app_dir: Path, run_config: dict[str, str | int | float]) -> int:
-        pairs = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
-        data = self._json(self._run("run", str(app_dir), CONNECTION, "--run-config", pairs, "--format", "json"))
-        return int(str(data["run-id"]))
-
-    def run_status(self, run_id: int) -> str:
-        data = self._json(self._run("ls", CONNECTION, "--run-id", str(run_id), "--format", "json"))
-        runs = data.get("runs")
-        if not isinstance(runs, list) or not runs:
-            raise FlowerCliError(f"run {run_id} not listed")
-        return str(runs[0]["status"])
-
-    def online_node_ids(self) -> set[int]:
-        """Node ids of the SuperNodes connected to the SuperLink now (`flwr supernode list`, status online)."""
-        data = self._json(self._run("supernode", "list", CONNECTION, "--format", "json"))
-        nodes = data.get("nodes")
-        if not isinstance(nodes, list):
-            raise FlowerCliError("flwr supernode list: no node list")
-        return {int(str(n["node-id"])) for n in nodes if isinstance(n, dict) and n.get("status") == "online"}
-
-    def stop_run(self, run_id: int) -> None:
-        self._run("stop", str(run_id), CONNECTION)
-
-    def wait_finished(self, run_id: int, timeout: float, poll: float = 1.0) -> str:
-        """Poll the run's status until it is `finished:*`; returns that status (e.g. finished:completed)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            status = self.run_status(run_id)
-            if status.startswith(TERMINAL_PREFIX) or time.monotonic() >= deadline:
-                return status
-            time.sleep(poll)

@@ -1,6 +1,9 @@
-"""The ClientApp's outermost mod: unpack a message whose model arrays the ServerApp packed into one Array, and pack
-the reply the same way (protocol/tasks/packed.py says why). Everything inside it, the contribution record included,
-sees and hashes the named arrays. A message that is not packed passes through, and so does its reply."""
+"""The device's half of packed model arrays, the ClientApp's outermost mod: unpack a message whose model arrays the
+ServerApp packed into one Array, and pack the reply the same way (protocol/tasks/packed.py says why;
+coordinator.federation.acceleration.packed_arrays is the ServerApp's half). Everything inside it, the contribution
+record included, sees and hashes the named arrays. A message that is not packed passes through, and so does its
+reply: the MID decides per job (`[federation] flower_acceleration`), so this mod is in every ClientApp whatever the
+agent's own `flower_acceleration` says; without it a packed message could not be trained on."""
 
 from __future__ import annotations
 

@@ -9,8 +9,9 @@ of launcher scripts (`install_launchers`) that ask the warm parent to fork the r
 standard streams, then wait for it and exit with its status, forwarding signals. SuperNode and SuperExec are forked
 the same way, so every Flower process of the device shares the one copy of torch, numpy and Flower in memory.
 
-Fork safety: the parent never runs torch code or starts threads, so children start from a quiescent interpreter.
-If the warm parent is unreachable, a launcher execs the ordinary Flower command instead.
+A forked ClientApp first waits until the SuperNode's log shows its message pulled (message_wait.py). Fork safety:
+the parent never runs torch code or starts threads, so children start from a quiescent interpreter. If the warm
+parent is unreachable, a launcher execs the ordinary Flower command instead.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import selectors
 import shutil
 import signal
 import socket
-import stat
 import struct
 import subprocess
 import sys
@@ -37,6 +37,9 @@ from pathlib import Path
 
 import psutil
 
+from edge.federated.acceleration.message_wait import wait_for_message
+from edge.federated.supernode import kill_pids
+
 ENTRY_POINTS: dict[str, tuple[str, str]] = {
     "flwr-clientapp": ("flwr.supernode.cli.flwr_clientapp", "flwr_clientapp"),
     "flower-superexec": ("flwr.supercore.cli.flower_superexec", "flower_superexec"),
@@ -47,19 +50,8 @@ PRELOAD = ("torch", "torch._dynamo", "edge.federated.client_app", *(module for m
 MAX_REQUEST_BYTES = 1 << 20
 MAX_SOCKET_PATH_BYTES = 100  # sun_path holds 108 bytes on Linux (104 on BSDs), terminating NUL included
 
-# The SuperNode creates a message's task before it pulls the message's objects from the SuperLink, so the SuperExec
-# can start a ClientApp that asks for objects the SuperNode does not hold yet; Flower's object pull then backs off
-# 1 s, doubling (flwr.supercore.constant.PULL_INITIAL_BACKOFF), which measured 1.3-2 s of every round on a loaded
-# machine. The SuperNode handles one message at a time and logs these lines around the pull, so a ClientApp child
-# waits until the last "Receiving" line in the SuperNode's log (its own standard output) has an outcome after it.
-RECEIVING_LINE = b"Receiving: "
-RECEIVED_LINES = (b"Received successfully", b"Failed to receive message")
-MESSAGE_WAIT_S = 15.0
-MESSAGE_POLL_S = 0.01
-LOG_TAIL_BYTES = 256 * 1024
-
 _LAUNCHER = """#!{python} -I
-# midgate warm-executor launcher for `{name}` (edge/federated/warm_executor.py); generated, do not edit.
+# midgate warm-executor launcher for `{name}` (edge/federated/acceleration/warm_executor.py); generated, do not edit.
 import json, os, signal, socket, struct, sys
 SOCKET, FALLBACK, NAME = {socket!r}, {fallback!r}, {name!r}
 try:
@@ -123,48 +115,6 @@ def _recv_request(conn: socket.socket) -> tuple[dict[str, object], list[int]]:
     if not isinstance(argv, list) or not argv or argv[0] not in ENTRY_POINTS:
         raise ValueError("unknown entry point")
     return request, fds
-
-
-def message_pulled(log_tail: bytes) -> bool | None:
-    """Whether the SuperNode finished pulling the message it received last, judged from the tail of its log: True
-    (pulled, or failed: either way there is nothing to wait for), False (still pulling), None (no message seen)."""
-    start = log_tail.rfind(RECEIVING_LINE)
-    if start < 0:
-        return None
-    after = log_tail[start:]
-    return any(line in after for line in RECEIVED_LINES)
-
-
-def wait_for_message(log_fd: int, timeout: float = MESSAGE_WAIT_S, poll: float = MESSAGE_POLL_S) -> float:
-    """Block until `message_pulled` holds for the log open on `log_fd`, at most `timeout` seconds; returns the
-    seconds waited. Returns at once when the descriptor is not a regular file (no log to read) or shows no message.
-
-    Parameters
-    ----------
-    log_fd: the SuperNode's log, which is the ClientApp's standard output under midgate's SuperNodeProcess.
-    timeout: upper bound; afterwards the ClientApp starts anyway and Flower's own retry takes over.
-    poll: seconds between reads of the log's tail.
-    """
-    started = time.monotonic()
-    try:
-        if not stat.S_ISREG(os.fstat(log_fd).st_mode):
-            return 0.0
-        # The log is open write-only (append); reading needs a descriptor of its own (Linux: through /proc).
-        reader = os.open(f"/proc/self/fd/{log_fd}", os.O_RDONLY)
-    except OSError:
-        return 0.0
-    try:
-        while time.monotonic() - started < timeout:
-            size = os.fstat(reader).st_size
-            offset = max(0, size - LOG_TAIL_BYTES)
-            if message_pulled(os.pread(reader, size - offset, offset)) is not False:
-                break
-            time.sleep(poll)
-    except OSError:
-        pass
-    finally:
-        os.close(reader)
-    return time.monotonic() - started
 
 
 def _run_child(request: dict[str, object], fds: list[int], entry: Callable[[], None]) -> None:
@@ -273,15 +223,7 @@ def _reap(waiting: dict[int, socket.socket]) -> None:
 
 
 def _stop_children(waiting: dict[int, socket.socket], grace: float = 5.0) -> None:
-    children = psutil.Process().children(recursive=True)
-    for child in children:
-        with contextlib.suppress(psutil.Error):
-            child.terminate()
-    _, alive = psutil.wait_procs(children, timeout=grace)
-    for child in alive:
-        with contextlib.suppress(psutil.Error):
-            child.kill()
-    psutil.wait_procs(alive, timeout=grace)
+    kill_pids([child.pid for child in psutil.Process().children(recursive=True)], grace)
     _reap(waiting)
 
 
@@ -320,7 +262,14 @@ class WarmExecutor:
         env = dict(os.environ)
         env.update(self.env)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edge.federated.warm_executor", "serve", "--socket", str(self.socket_path)],
+            [
+                sys.executable,
+                "-m",
+                "edge.federated.acceleration.warm_executor",
+                "serve",
+                "--socket",
+                str(self.socket_path),
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
