@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from edge.agent.job_node import JobNode
+from edge.agent.job_node import NONCES_FILE, JobNode
 from edge.agent.member_commands import apply, parse_until, vote_states
 from edge.agent.member_controls import MemberControls
 from edge.agent.member_decisions import (
@@ -348,6 +348,19 @@ def test_a_spooled_record_carries_the_nonce_of_its_own_runs_invitation(tmp_path:
         report_fields({**record, "run_id": 8}, node.nonce_for)  # no job started here, so no latest nonce either
     with pytest.raises(MalformedError, match="integer run_id"):
         report_fields({**record, "run_id": "7"}, node.nonce_for)
+
+    # An agent restarted with records still in the spool signs them as the one that took the invitations would.
+    again = JobNode(membership, tmp_path / "spool", None, admit=controls.admit, recheck=controls.recheck)
+    assert (again.nonce_for(7), again.nonce_for(9), again.nonce_for(8)) == (first, second, None)
+    assert (tmp_path / NONCES_FILE).stat().st_mode & 0o077 == 0
+
+
+def test_unreadable_invitation_nonces_cost_the_nonces_not_the_agent(tmp_path: Path) -> None:
+    membership, _ = _membership(tmp_path)
+    for damaged in (b"\x00garbage", b'{"latest": null, "runs": {"07": "' + b"a" * 32 + b'"}}'):
+        (tmp_path / NONCES_FILE).write_bytes(damaged)
+        node = JobNode(membership, tmp_path / "spool", None)
+        assert node.nonce_for(7) is None and node.round_nonce is None
 
 
 # --- the commands ---------------------------------------------------------------------------------------------------
