@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from mqtt_fixtures import contribution_body
 from typer.testing import CliRunner
 
 from edge.agent.job_node import NONCES_FILE, JobNode
@@ -45,7 +46,7 @@ from edge.agent.member_state import (
 )
 from edge.agent.membership import Membership, MembershipRecord
 from edge.agent.outbox import Outbox
-from edge.agent.spool import report_fields
+from edge.federated.spool import read_record, write_body
 from midgate_cli import app
 from protocol.enrolment import BrokerCredentials
 from protocol.envelope import decode, open_envelope
@@ -341,16 +342,14 @@ def test_a_spooled_record_carries_the_nonce_of_its_own_runs_invitation(tmp_path:
         await node.invited(_invitation(mid_key, "job-2", "acme", "research", run_id=9, nonce=second))
 
     asyncio.run(invite())
-    record = {"run_id": 7, "node_id": 5, "round": 1}
-    assert report_fields(record, node.nonce_for)["round_nonce"] == first
-    assert report_fields({**record, "run_id": 9}, node.nonce_for)["round_nonce"] == second
-    with pytest.raises(MalformedError, match="no job invitation"):
-        report_fields({**record, "run_id": 8}, node.nonce_for)  # no job started here, so no latest nonce either
-    with pytest.raises(MalformedError, match="integer run_id"):
-        report_fields({**record, "run_id": "7"}, node.nonce_for)
+    spool = tmp_path / "spool"
+    assert read_record(write_body(spool, contribution_body(0, run_id=7)), node.nonce_for).round_nonce == first
+    assert read_record(write_body(spool, contribution_body(0, run_id=9)), node.nonce_for).round_nonce == second
+    with pytest.raises(MalformedError, match="no job invitation"):  # no job started here, so no latest nonce either
+        read_record(write_body(spool, contribution_body(0, run_id=8)), node.nonce_for)
 
-    # An agent restarted with records still in the spool signs them as the one that took the invitations would.
-    again = JobNode(membership, tmp_path / "spool", None, admit=controls.admit, recheck=controls.recheck)
+    # An agent restarted with bodies still in the spool signs them as the one that took the invitations would.
+    again = JobNode(membership, spool, None, admit=controls.admit, recheck=controls.recheck)
     assert (again.nonce_for(7), again.nonce_for(9), again.nonce_for(8)) == (first, second, None)
     assert (tmp_path / NONCES_FILE).stat().st_mode & 0o077 == 0
 

@@ -11,7 +11,7 @@ not take part in (paused, left, on strike against its buyer or purpose) is decli
 starts -- and `enforce` stops a running job's SuperNode as soon as the member's choices no longer allow it.
 
 Each invitation's nonce is what the agent signs that job's contribution reports with (`nonce_for`,
-edge.agent.spool); the nonces are kept on disk (InvitationNonces), so that an agent restart loses none.
+edge.federated.spool); the nonces are kept on disk (InvitationNonces), so that an agent restart loses none.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ class JobNode:
         self.job: _Job | None = None
         self.refused = 0
         self.declined = 0
-        # The latest job's invitation nonce goes into that job's reports (edge.agent.spool.report_fields); kept after
+        # The latest job's invitation nonce goes into that job's reports (edge.federated.spool.read_record); kept after
         # the job ends because its last records may reach the spool after the deadline. Invitations that name the run
         # (every one after the first) also map its run id to its nonce, so a record of an earlier job still waiting
         # in the spool when a new job starts carries its own job's nonce, not the new one (`nonce_for`).
