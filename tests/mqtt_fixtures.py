@@ -533,6 +533,12 @@ class MessagingStack:
         self.invite_to_run(handle)
         return process
 
+    def take_invitation(self, handle: AgentHandle) -> None:
+        """`start_invited_agent`, then stop it again: it keeps the invitation's nonce on disk
+        (edge.agent.job_node.InvitationNonces), so bodies written into its spool now wait there, all of them, until
+        it starts again and signs them."""
+        self.start_invited_agent(handle).stop()
+
     def start_agent(self, handle: AgentHandle) -> ServiceProcess:
         if handle.process is None:
             handle.process = ServiceProcess(

@@ -64,8 +64,9 @@ def test_each_worker_has_its_own_login_limited_to_its_own_topics(messaging_stack
         assert "as midgate-coordinator-worker-w2 (p5, c0, k30, u'ingest.w2')" in log
 
         agent = stack.enrol_agent("ana")
-        stack.start_invited_agent(agent)  # the invitation with the coordinator's own login
+        stack.take_invitation(agent)  # the invitation with the coordinator's own login
         hashes = write_bodies([agent], REPORTS)[agent.device]
+        stack.start_agent(agent)
         wait_until(lambda: agent.outbox_counts() == (0, REPORTS), 60, "every report receipted", poll_s=0.2)
         leaves = stack.ledger_contributions()
         assert {json.loads(peek_envelope(env)[1])["update_sha256"] for _, _, env in leaves} == hashes

@@ -69,8 +69,10 @@ def test_two_workers_and_a_sigkilled_one_lose_and_duplicate_nothing(messaging_st
     try:
         agents = [stack.enrol_agent(n) for n in ("ana", "ben", "cai")]
         for a in agents:
-            stack.start_invited_agent(a)
+            stack.take_invitation(a)
         written = write_bodies(agents, REPORTS)
+        for a in agents:
+            stack.start_agent(a)
 
         wait_until(lambda: len(stack.ledger_contributions()) >= 300, 60, "300 reports in the ledger", poll_s=0.1)
         workers[0].kill()

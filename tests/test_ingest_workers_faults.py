@@ -58,8 +58,10 @@ def test_sequencer_sigkill_with_workers_loses_and_duplicates_nothing(messaging_s
     try:
         agents = [stack.enrol_agent(n) for n in ("ana", "ben")]
         for a in agents:
-            stack.start_invited_agent(a)
+            stack.take_invitation(a)
         written = write_bodies(agents, REPORTS)
+        for a in agents:
+            stack.start_agent(a)
         wait_until(lambda: len(stack.ledger_contributions()) >= 300, 40, "300 reports in the ledger", poll_s=0.05)
         sequencer.kill()
         assert len(stack.ledger_contributions()) < REPORTS, "the kill must land mid-stream"
@@ -84,8 +86,10 @@ def test_broker_sigkill_with_workers_loses_and_duplicates_nothing(messaging_stac
     try:
         agents = [stack.enrol_agent(n) for n in ("ana", "ben")]
         for a in agents:
-            stack.start_invited_agent(a)
+            stack.take_invitation(a)
         written = write_bodies(agents, REPORTS)
+        for a in agents:
+            stack.start_agent(a)
         wait_until(lambda: len(stack.ledger_contributions()) >= 300, 40, "300 reports in the ledger", poll_s=0.05)
         broker.kill()
         assert len(stack.ledger_contributions()) < REPORTS, "the kill must land mid-stream"

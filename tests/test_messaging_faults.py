@@ -1,6 +1,6 @@
 """Faults against real processes, counts asserted: nothing lost, nothing twice in the ledger.
 
-Each test starts its agents with the MID's invitation to the reports' run, writes N spool bodies, breaks something
+Each test gives its agents the MID's invitation to the reports' run, writes N spool bodies up front, breaks something
 mid-stream, repairs it, and then requires every agent's outbox to be empty with N verified receipts and the ledger to
 hold exactly those N reports once each.
 """
@@ -45,8 +45,10 @@ def test_coordinator_sigkill_mid_stream_loses_and_duplicates_nothing(messaging_s
     coordinator = stack.start_coordinator()
     agents = [stack.enrol_agent(n) for n in ("ana", "ben")]
     for a in agents:
-        stack.start_invited_agent(a)
+        stack.take_invitation(a)
     written = write_bodies(agents, 3000)
+    for a in agents:
+        stack.start_agent(a)
     wait_until(lambda: _contributions(stack) >= 300, 60, "300 reports in the ledger")
     coordinator.kill()
     in_ledger_at_kill = _contributions(stack)
@@ -63,8 +65,10 @@ def test_broker_sigkill_mid_stream_loses_and_duplicates_nothing(messaging_stack:
     stack.start_coordinator()
     agents = [stack.enrol_agent(n) for n in ("ana", "ben")]
     for a in agents:
-        stack.start_invited_agent(a)
+        stack.take_invitation(a)
     written = write_bodies(agents, 3000)
+    for a in agents:
+        stack.start_agent(a)
     wait_until(lambda: _contributions(stack) >= 300, 60, "300 reports in the ledger")
     broker.kill()
     assert _contributions(stack) < 3000, "the kill must land mid-stream for this test to mean anything"
@@ -96,13 +100,10 @@ def test_agent_sigkill_mid_publish_then_restart(messaging_stack: MessagingStack)
     stack.start_broker()
     stack.start_coordinator()
     agent = stack.enrol_agent("ana")
-    stack.start_invited_agent(agent)
+    stack.take_invitation(agent)
     written = write_bodies([agent], 3000)
-    # Every body signed before the kill: the restarted agent knows no invitation until the broker hands it the
-    # retained one again, and would reject a body it read before that.
-    wait_until(lambda: agent.spool_left() == 0 and agent.outbox_counts()[1] >= 200, 60, "200 receipts")
-    assert agent.process is not None
-    process = agent.process
+    process = stack.start_agent(agent)
+    wait_until(lambda: agent.outbox_counts()[1] >= 200, 60, "200 receipts")
     process.kill()
     pending, receipted = agent.outbox_counts()
     assert pending > 0 and receipted < 3000, "the kill must land mid-publish for this test to mean anything"
@@ -120,8 +121,9 @@ def test_qos1_redeliveries_to_a_frozen_then_killed_coordinator_are_logged_once(m
     broker = stack.start_broker()
     coordinator = stack.start_coordinator()
     agent = stack.enrol_agent("ana")
-    stack.start_invited_agent(agent)
+    stack.take_invitation(agent)
     written = write_bodies([agent], 2000)
+    stack.start_agent(agent)
     wait_until(lambda: _contributions(stack) >= 100, 60, "100 reports in the ledger")
     assert coordinator.proc is not None
     os.kill(coordinator.proc.pid, signal.SIGSTOP)

@@ -158,8 +158,10 @@ def test_agent_falls_back_to_311_and_coordinator_runs_on_311(messaging_stack: Me
         stack.start_coordinator()
         agents = [stack.enrol_agent(n) for n in ("ana", "ben")]  # mqtt_protocol defaults to "auto"
         for a in agents:
-            stack.start_invited_agent(a)
+            stack.take_invitation(a)
         written = write_bodies(agents, REPORTS)
+        for a in agents:
+            stack.start_agent(a)
 
         def done() -> bool:
             return all(a.spool_left() == 0 and a.outbox_counts() == (0, len(written[a.device])) for a in agents)
