@@ -22,7 +22,7 @@ from binascii import b2a_base64
 from collections.abc import Sequence
 from enum import StrEnum
 from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
-from typing import Annotated, Any, ClassVar, Literal, NoReturn, Self
+from typing import Annotated, Any, ClassVar, Literal, NoReturn, Self, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -129,6 +129,19 @@ _CANONICAL_ENCODER: Any = (
 )
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
+def _parse_bounded(model: type[M], data: bytes, limit: int, what: str) -> M:
+    """Strict JSON parse of unsigned bytes (no envelope to check first), refused before parsing beyond `limit`."""
+    if len(data) > limit:
+        raise TooLargeError(f"{what} too large", limit=limit, found=len(data))
+    try:
+        return model.model_validate_json(data)
+    except ValidationError as exc:
+        raise MalformedError(f"{what} does not match its schema", detail=str(exc)[:300]) from None
+
+
 def _media_type(name: str, version: int = 1) -> str:
     return f"application/vnd.midgate.{name}.v{version}+json"
 
@@ -205,12 +218,7 @@ class ContributionBody(CanonicalModel):
     @classmethod
     def parse(cls, data: bytes) -> Self:
         """Parse the JSON bytes of a body; size is checked before parsing. Raises TooLargeError / MalformedError."""
-        if len(data) > MAX_CONTRIBUTION_BODY_BYTES:
-            raise TooLargeError("contribution body too large", limit=MAX_CONTRIBUTION_BODY_BYTES, found=len(data))
-        try:
-            return cls.model_validate_json(data)
-        except ValidationError as exc:
-            raise MalformedError("not a valid contribution body", detail=str(exc)[:300]) from None
+        return _parse_bounded(cls, data, MAX_CONTRIBUTION_BODY_BYTES, "contribution body")
 
 
 class ContributionReport(ContributionBody, WireMessage):
@@ -384,12 +392,7 @@ class ReceiptBatch(WireMessage):
     @classmethod
     def parse(cls, data: bytes) -> ReceiptBatch:
         """Parse the JSON bytes of a batch; size is checked before parsing. Raises TooLargeError / MalformedError."""
-        if len(data) > MAX_RECEIPT_BATCH_BYTES:
-            raise TooLargeError("receipt batch too large", limit=MAX_RECEIPT_BATCH_BYTES, found=len(data))
-        try:
-            return cls.model_validate_json(data)
-        except ValidationError as exc:
-            raise MalformedError("receipt batch does not match its schema", detail=str(exc)[:300]) from None
+        return _parse_bounded(cls, data, MAX_RECEIPT_BATCH_BYTES, "receipt batch")
 
 
 def _quoted_b64(hashes: Sequence[bytes]) -> str:

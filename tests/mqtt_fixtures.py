@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
+    from protocol.identity import SignerKey
     from protocol.messages import ContributionBody, ContributionReport
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -326,6 +327,37 @@ def contribution_report(
     )
 
 
+def signed_invitation(
+    mid_key: SignerKey,
+    job_id: str,
+    run_id: int,
+    *,
+    nonce: str | None = None,
+    deadline_s: float = 60.0,
+    buyer: str = "acme",
+    purpose: str = "research",
+) -> bytes:
+    """A RoundInvitation to round 1 of `run_id`, signed by `mid_key` as `job start` signs it (a fresh nonce unless
+    `nonce` is given), valid for `deadline_s` from now."""
+    import secrets
+
+    from protocol.messages import RoundInvitation
+
+    now = time.time_ns() // 1_000_000
+    return RoundInvitation(
+        job_id=job_id,
+        run_id=run_id,
+        round=1,
+        task_id="plaid-appliance",
+        task_version=1,
+        purpose=purpose,
+        buyer=buyer,
+        nonce=secrets.token_hex(16) if nonce is None else nonce,
+        issued_ms=now,
+        deadline_ms=now + int(deadline_s * 1000),
+    ).seal(mid_key)
+
+
 def write_bodies(agents: list[AgentHandle], total: int, first: int = 0) -> dict[str, set[str]]:
     """Contribution bodies `first`..`first + total - 1` into the agents' spools, dealt round robin; returns device ->
     the update hashes written, to check the ledger against."""
@@ -485,24 +517,12 @@ class MessagingStack:
         from coordinator.broker.logins import coordinator_password, coordinator_password_path
         from coordinator.config import CoordinatorSettings
         from coordinator.registry.enrolment import load_or_create_mid_key
-        from protocol.messages import RoundInvitation
         from protocol.topics import DownKind, down_topic
 
         settings = CoordinatorSettings.load(self.config)
         nonce = round_nonce(device) if nonce is None else nonce
-        now = time.time_ns() // 1_000_000
-        invitation = RoundInvitation(
-            job_id=f"job-{run_id}",
-            run_id=run_id,
-            round=1,
-            task_id="appliance-load",
-            task_version=1,
-            purpose="research",
-            buyer="acme",
-            nonce=nonce,
-            issued_ms=now,
-            deadline_ms=now + 86_400_000,
-        ).seal(load_or_create_mid_key(settings.mid_key_file, self.mid))
+        mid_key = load_or_create_mid_key(settings.mid_key_file, self.mid)
+        invitation = signed_invitation(mid_key, f"job-{run_id}", run_id, nonce=nonce, deadline_s=86_400)
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-invite-{device}")
         client.username_pw_set(settings.broker.username, coordinator_password(coordinator_password_path(settings)))
         if settings.broker.tls and settings.broker.ca_file is not None:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from mqtt_fixtures import contribution_body
+from mqtt_fixtures import contribution_body, signed_invitation
 from typer.testing import CliRunner
 
 from edge.agent.job_node import NONCES_FILE, JobNode
@@ -52,7 +52,7 @@ from protocol.enrolment import BrokerCredentials
 from protocol.envelope import decode, open_envelope
 from protocol.errors import MalformedError
 from protocol.identity import SignerKey
-from protocol.messages import DeviceStatus, RoundInvitation, StrikeVote
+from protocol.messages import DeviceStatus, StrikeVote
 
 NOW = 1_790_000_000_000
 HOUR = 3_600_000
@@ -294,24 +294,6 @@ def _membership(tmp_path: Path) -> tuple[Membership, SignerKey]:
     return Membership(tmp_path, record, SignerKey.generate("d-1")), mid_key
 
 
-def _invitation(
-    mid_key: SignerKey, job: str, buyer: str, purpose: str, run_id: int = 1, nonce: str | None = None
-) -> bytes:
-    now = time.time_ns() // 1_000_000
-    return RoundInvitation(
-        job_id=job,
-        run_id=run_id,
-        round=1,
-        task_id="plaid-appliance",
-        task_version=1,
-        purpose=purpose,
-        buyer=buyer,
-        nonce=nonce or secrets.token_hex(16),
-        issued_ms=now,
-        deadline_ms=now + 60_000,
-    ).seal(mid_key)
-
-
 def test_job_node_declines_invitations_the_member_does_not_allow(tmp_path: Path) -> None:
     membership, mid_key = _membership(tmp_path)
     save_member_state(tmp_path, strike(MemberState(), time.time_ns() // 1_000_000 - 1, "acme", None)[0])
@@ -321,8 +303,8 @@ def test_job_node_declines_invitations_the_member_does_not_allow(tmp_path: Path)
     node = JobNode(membership, tmp_path / "spool", None, admit=controls.admit, recheck=controls.recheck)
 
     async def invite() -> None:
-        await node.invited(_invitation(mid_key, "job-1", "acme", "research"))
-        await node.invited(_invitation(mid_key, "job-2", "globex", "research"))
+        await node.invited(signed_invitation(mid_key, "job-1", 1))
+        await node.invited(signed_invitation(mid_key, "job-2", 1, buyer="globex"))
 
     asyncio.run(invite())
     assert node.job is None and node.declined == 1 and controls.declined == {DeclineReason.MEMBER_STRIKING: 1}
@@ -337,9 +319,9 @@ def test_a_spooled_record_carries_the_nonce_of_its_own_runs_invitation(tmp_path:
     first, second = "a" * 32, "b" * 32
 
     async def invite() -> None:
-        await node.invited(_invitation(mid_key, "job-1", "acme", "research", run_id=0, nonce=first))  # before the run
-        await node.invited(_invitation(mid_key, "job-1", "acme", "research", run_id=7, nonce=first))  # renewal
-        await node.invited(_invitation(mid_key, "job-2", "acme", "research", run_id=9, nonce=second))
+        await node.invited(signed_invitation(mid_key, "job-1", 0, nonce=first))  # before the run
+        await node.invited(signed_invitation(mid_key, "job-1", 7, nonce=first))  # renewal
+        await node.invited(signed_invitation(mid_key, "job-2", 9, nonce=second))
 
     asyncio.run(invite())
     spool = tmp_path / "spool"

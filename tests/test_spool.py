@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 
 import pytest
-from mqtt_fixtures import contribution_body
-from test_agent_member_controls import _invitation, _membership
+from mqtt_fixtures import contribution_body, signed_invitation
+from test_agent_member_controls import _membership
 
 from edge.agent.config import AgentSettings
 from edge.agent.daemon import MembershipRunner
@@ -147,7 +147,7 @@ def test_the_agent_takes_each_body_into_its_outbox_once_and_deletes_it_only_afte
     runner = MembershipRunner(settings, membership)
     spool = settings.spool_root / "riverside"
     try:
-        asyncio.run(runner.job_node.invited(_invitation(mid_key, "job-1", "acme", "research", run_id=7, nonce=NONCE)))
+        asyncio.run(runner.job_node.invited(signed_invitation(mid_key, "job-1", 7, nonce=NONCE)))
         taken = write_body(spool, contribution_body(0, run_id=7))
         stray = write_body(spool, contribution_body(1, run_id=8))  # no invitation named run 8
         assert runner._take_spool(spool) == 1
