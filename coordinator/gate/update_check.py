@@ -3,9 +3,8 @@
 Called after the report's signature verified and its bytes parsed: the report must name the run, round and node of
 an update the strategy captured, and the same global-model and update hashes (and, in drift-corrected jobs, the
 gradient and offset hashes; null in other jobs); otherwise it is refused with `update_mismatch` and nothing is
-recorded. A signed report must also carry the nonce of the
-invitation the MID sent its signer for the run's job (`check_round_nonce`); otherwise it is refused
-`wrong_round_nonce`.
+recorded. A signed report must also carry the nonce of the invitation the MID sent its signer for the run's job
+(`check_round_nonce`); otherwise it is refused `wrong_round_nonce`.
 """
 
 from __future__ import annotations
