@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from mqtt_fixtures import contribution_fields, write_job_record  # noqa: E402
+from mqtt_fixtures import contribution_report, write_job_record  # noqa: E402
 
 from coordinator.capture.directory import CaptureDirectory  # noqa: E402
 from coordinator.capture.round import CapturedUpdate, RoundCapture  # noqa: E402
@@ -39,7 +39,6 @@ from coordinator.ledger.dedup import DedupIndex  # noqa: E402
 from coordinator.ledger.store import LedgerStore  # noqa: E402
 from coordinator.mid_key import mid_key_name  # noqa: E402
 from coordinator.registry.store import Registry  # noqa: E402
-from edge.agent.spool import build_report  # noqa: E402
 from protocol.identity import SignerKey  # noqa: E402
 from protocol.tasks.arrays import arrays_sha256  # noqa: E402
 from protocol.topics import UpKind, up_topic  # noqa: E402
@@ -70,16 +69,19 @@ class Fleet:
         for r in range(1, rounds + 1):
             for device, key in self.keys.items():
                 node = self.nodes[device]
-                fields = {
-                    **contribution_fields(r, device),
-                    "round_nonce": self.nonces[device],
-                    "run_id": str(RUN),
-                    "round": r,
-                    "node_id": str(node),
-                    "global_model_sha256": GLOBAL,
-                    "update_sha256": arrays_sha256(_arrays(node, r)),
-                }
-                envelope = build_report(fields, r, NOW_MS).seal(key)
+                report = contribution_report(
+                    r,
+                    device,
+                    r,
+                    NOW_MS,
+                    nonce=self.nonces[device],
+                    run_id=RUN,
+                    round=r,
+                    node_id=node,
+                    global_model_sha256=GLOBAL,
+                    update_sha256=arrays_sha256(_arrays(node, r)),
+                )
+                envelope = report.seal(key)
                 self.messages.append(InboundMessage(up_topic(MID, device, UpKind.REPORT), envelope))
 
     def setup(self, root: Path) -> None:

@@ -47,10 +47,15 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+
+if TYPE_CHECKING:
+    from protocol.messages import ContributionReport
+
 MID = "benchmid"
 
 
@@ -60,10 +65,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _fields(i: int, device: str) -> dict[str, object]:
-    from mqtt_fixtures import contribution_fields
+def _report(i: int, device: str, seq: int, now_ms: int) -> ContributionReport:
+    from mqtt_fixtures import contribution_report
 
-    return contribution_fields(i, device)
+    return contribution_report(i, device, seq, now_ms)
 
 
 # --- publisher process ---------------------------------------------------------------------------------------------
@@ -76,14 +81,13 @@ def publisher_main(args: argparse.Namespace) -> None:
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from edge.agent.spool import build_report
     from protocol.identity import SignerKey
     from protocol.topics import DownKind, UpKind, down_topic, up_topic
 
     key = SignerKey.parse(Path(args.key_file).read_text())
     device = args.device
     now = int(time.time() * 1000)
-    envelopes = [build_report(_fields(i, device), i + 1, now).seal(key) for i in range(args.reports)]
+    envelopes = [_report(i, device, i + 1, now).seal(key) for i in range(args.reports)]
     sent_at: dict[int, float] = {}
     latencies: list[float] = []
     done = threading.Event()
@@ -170,7 +174,7 @@ PROBE_EVERY_S = 0.5
 def python_reference_us(samples: int = 20) -> float:
     """CPU time of one pass of interpreter-bound work like ingest's own (JSON parse and canonical re-encode of a
     report payload, a dict and a few objects): a yardstick for how fast Python code runs at the moment."""
-    payload = json.dumps(_fields(7, "d-probe"), sort_keys=True, separators=(",", ":")).encode()
+    payload = _report(7, "d-probe", 1, 1_790_000_000_000).canonical_json()
     t = time.process_time()
     for i in range(samples):
         doc = json.loads(payload)

@@ -22,7 +22,7 @@ from binascii import b2a_base64
 from collections.abc import Sequence
 from enum import StrEnum
 from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
-from typing import Annotated, Any, ClassVar, Literal, NoReturn, Self
+from typing import Annotated, Any, ClassVar, Literal, NoReturn, Self, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -88,16 +88,20 @@ ShortText = Annotated[str, StringConstraints(max_length=256)]
 FlowerPublicKey = Annotated[str, StringConstraints(pattern=r"^(ecdsa-sha2-nistp256 [A-Za-z0-9+/]{100,200}={0,2})?$")]
 
 
-class WireMessage(BaseModel):
-    """Base of every signed message: strict, frozen, no unknown fields."""
+class CanonicalModel(BaseModel):
+    """Strict, frozen, no unknown fields, and one byte encoding (`canonical_json`)."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    PAYLOAD_TYPE: ClassVar[str]
 
     def canonical_json(self) -> bytes:
         """Sorted keys, no whitespace, UTF-8: the exact bytes that get signed."""
         return _canonical_text(self.model_dump(mode="json")).encode()
+
+
+class WireMessage(CanonicalModel):
+    """Base of every signed message."""
+
+    PAYLOAD_TYPE: ClassVar[str]
 
     def seal(self, key: SignerKey) -> bytes:
         """This message in a DSSE envelope signed by `key`."""
@@ -123,6 +127,19 @@ _CANONICAL_ENCODER: Any = (
     if c_make_encoder is None
     else c_make_encoder(None, _no_default, encode_basestring, None, ":", ",", True, False, False)
 )
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _parse_bounded(model: type[M], data: bytes, limit: int, what: str) -> M:
+    """Strict JSON parse of unsigned bytes (no envelope to check first), refused before parsing beyond `limit`."""
+    if len(data) > limit:
+        raise TooLargeError(f"{what} too large", limit=limit, found=len(data))
+    try:
+        return model.model_validate_json(data)
+    except ValidationError as exc:
+        raise MalformedError(f"{what} does not match its schema", detail=str(exc)[:300]) from None
 
 
 def _media_type(name: str, version: int = 1) -> str:
@@ -151,57 +168,44 @@ class EnrolmentRequest(WireMessage):
 
 
 class DpParams(BaseModel):
-    """Client-side fixed-clipping DP as applied by the ClientApp."""
+    """Client-side fixed-clipping DP as applied by the ClientApp (Flower's fixedclipping_mod); noise is added at the
+    server."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
     clipping_norm: Annotated[float, Field(allow_inf_nan=False, gt=0.0, le=1e6)]
     noise_multiplier: Annotated[float, Field(allow_inf_nan=False, ge=0.0, le=1e6)]
 
 
-class _RoundContribution(WireMessage):
-    """The fields every version of the contribution report carries, defined once so the versions cannot drift."""
+MAX_CONTRIBUTION_BODY_BYTES = 8 * 1024
+"""A body is under 1 KiB; anything much larger is not one, and is refused before it is parsed."""
+
+
+class ContributionBody(CanonicalModel):
+    """What one node did in one round of one Flower run: the contribution report before the agent signs it.
+
+    The ClientApp writes exactly this (its `canonical_json`) into the spool (edge.federated.spool); the agent adds
+    seq, device time and the round nonce and signs the result as a ContributionReport. `global_model_sha256` and
+    `update_sha256` are `protocol.tasks.arrays.arrays_sha256` of the arrays received and returned; `examples` is
+    self-reported and never an aggregation weight without a server-side cap. In drift-corrected jobs
+    (protocol.tasks.drift) `gradient_sha256` is the hash of the gradient the node returned to the round's query and
+    `drift_offset_sha256` that of the offset it trained with; both null otherwise.
+    """
 
     run_id: U64
-    round: Annotated[int, Field(ge=0, le=1_000_000)]
+    round: Annotated[int, Field(ge=1, le=1_000_000)]
+    """Flower's server round; Flower counts from 1."""
     node_id: U64
-    seq: U64
-    device_time_ms: TimeMs
     task_id: Ident
     task_version: Annotated[int, Field(ge=1, le=1_000_000)]
-    round_nonce: Nonce
     global_model_sha256: Sha256Hex
     update_sha256: Sha256Hex
     examples: Annotated[int, Field(ge=0, le=1 << 31)]
     dataset_fingerprint: Sha256Hex
+    """The SHA-256 hex of the device's window set, without the window file's scheme prefix (docs/protocol.md)."""
     loss_before: Measurement
     loss_after: Measurement
     seconds: Measurement
     dp: DpParams | None = None
-
-
-class ContributionReport(_RoundContribution):
-    """One device's contribution to one training round, as the ClientApp recorded it."""
-
-    PAYLOAD_TYPE: ClassVar[str] = _media_type("contribution-report")
-    v: Literal[1] = 1
-
-
-class ContributionReportV2(_RoundContribution):
-    """A contribution report that also names the drift-correction hashes of its round (protocol.tasks.drift).
-
-    A new version, not new optional fields of v1: a v1 reader would drop the hashes and pass a report the capture
-    contradicts, so it must refuse the payload type instead. The agent signs v2 only for records that carry drift
-    hashes (drift-corrected jobs) and v1 for every other record, byte for byte as before; the coordinator takes both
-    on `up/report` and compares the hashes with the round's capture, a v1 report standing for "no drift correction".
-
-    Parameters
-    ----------
-    gradient_sha256: `arrays_sha256` of the full-batch gradient the node returned to the round's gradient query.
-    drift_offset_sha256: `arrays_sha256` of the drift offset the node trained with. Both set or both null.
-    """
-
-    PAYLOAD_TYPE: ClassVar[str] = _media_type("contribution-report", version=2)
-    v: Literal[2] = 2
     gradient_sha256: Sha256Hex | None = None
     drift_offset_sha256: Sha256Hex | None = None
 
@@ -210,6 +214,34 @@ class ContributionReportV2(_RoundContribution):
         if (self.gradient_sha256 is None) != (self.drift_offset_sha256 is None):
             raise ValueError("gradient_sha256 and drift_offset_sha256 must be both set or both null")
         return self
+
+    @classmethod
+    def parse(cls, data: bytes) -> Self:
+        """Parse the JSON bytes of a body; size is checked before parsing. Raises TooLargeError / MalformedError."""
+        return _parse_bounded(cls, data, MAX_CONTRIBUTION_BODY_BYTES, "contribution body")
+
+
+class ContributionReport(ContributionBody, WireMessage):
+    """One device's signed contribution to one training round: the ClientApp's ContributionBody and what the agent
+    adds when it signs it.
+
+    v2, because v2 added the drift-correction hashes; v1 (no drift hashes) is retired (docs/protocol.md, Versioning).
+    """
+
+    PAYLOAD_TYPE: ClassVar[str] = _media_type("contribution-report", version=2)
+    v: Literal[2] = 2
+    seq: U64
+    device_time_ms: TimeMs
+    round_nonce: Nonce
+    """The nonce of the MID's RoundInvitation to this run's job, as the signing device received it."""
+
+    @classmethod
+    def from_body(
+        cls, body: ContributionBody, *, seq: int, device_time_ms: int, round_nonce: str
+    ) -> ContributionReport:
+        """The report the agent signs for `body`."""
+        fields = {name: getattr(body, name) for name in ContributionBody.model_fields}
+        return cls(**fields, seq=seq, device_time_ms=device_time_ms, round_nonce=round_nonce)
 
 
 class DeviceStatus(StrEnum):
@@ -360,12 +392,7 @@ class ReceiptBatch(WireMessage):
     @classmethod
     def parse(cls, data: bytes) -> ReceiptBatch:
         """Parse the JSON bytes of a batch; size is checked before parsing. Raises TooLargeError / MalformedError."""
-        if len(data) > MAX_RECEIPT_BATCH_BYTES:
-            raise TooLargeError("receipt batch too large", limit=MAX_RECEIPT_BATCH_BYTES, found=len(data))
-        try:
-            return cls.model_validate_json(data)
-        except ValidationError as exc:
-            raise MalformedError("receipt batch does not match its schema", detail=str(exc)[:300]) from None
+        return _parse_bounded(cls, data, MAX_RECEIPT_BATCH_BYTES, "receipt batch")
 
 
 def _quoted_b64(hashes: Sequence[bytes]) -> str:
@@ -517,7 +544,6 @@ MESSAGE_TYPES: tuple[type[WireMessage], ...] = (
     EnrolmentRequest,
     EnrolmentResponse,
     ContributionReport,
-    ContributionReportV2,
     Heartbeat,
     Receipt,
     ReceiptBatch,
@@ -561,6 +587,7 @@ def open_enrolment_request(data: bytes) -> tuple[VerifiedPayload, EnrolmentReque
 
 
 __all__ = [
+    "MAX_CONTRIBUTION_BODY_BYTES",
     "MAX_RECEIPT_BATCH_BYTES",
     "MAX_TIME_MS",
     "MESSAGE_BY_PAYLOAD_TYPE",
@@ -568,10 +595,11 @@ __all__ = [
     "MIN_TIME_MS",
     "U64",
     "U64_MAX",
+    "CanonicalModel",
     "CheckpointAnnouncement",
     "ConsentPolicy",
+    "ContributionBody",
     "ContributionReport",
-    "ContributionReportV2",
     "DeviceStatus",
     "DpParams",
     "EnrolmentRequest",

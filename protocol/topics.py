@@ -23,7 +23,6 @@ from protocol.messages import (
     CheckpointAnnouncement,
     ConsentPolicy,
     ContributionReport,
-    ContributionReportV2,
     EnrolmentRequest,
     EnrolmentResponse,
     Heartbeat,
@@ -79,8 +78,7 @@ class BroadcastKind(StrEnum):
 
 MESSAGE_BY_UP_KIND: dict[UpKind, tuple[type[WireMessage], ...]] = {
     UpKind.ENROL: (EnrolmentRequest,),
-    # v2 only for records of drift-corrected jobs; every other report is still signed as v1 (docs/protocol.md).
-    UpKind.REPORT: (ContributionReport, ContributionReportV2),
+    UpKind.REPORT: (ContributionReport,),
     UpKind.HEARTBEAT: (Heartbeat,),
     UpKind.KNOB: (KnobUpdate,),
     UpKind.CONSENT: (ConsentPolicy,),

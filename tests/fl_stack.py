@@ -14,7 +14,6 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import psutil
 from flower_fixtures import plaid_windows, split_by_label
@@ -29,7 +28,7 @@ from edge.agent.config import AgentSettings
 from edge.agent.enrolment import enrol
 from edge.agent.membership import MembershipRecord
 from protocol.envelope import peek_envelope
-from protocol.tasks.contribution import ContributionRecord
+from protocol.messages import ContributionReport
 from protocol.tasks.windows import save_window_file
 
 PlaidAgent = tuple[AgentHandle, MembershipRecord]
@@ -186,26 +185,20 @@ def job_nonces(book: JobRecord) -> dict[int, str]:
 
 @dataclass(frozen=True)
 class LoggedReport:
-    """One contribution report in the coordinator's ledger: its signer, its signed payload and the record it names."""
+    """One contribution report in the coordinator's ledger: its signer, its signed payload and the report it is."""
 
     key_id: str
     payload_type: str
     payload: bytes
-    fields: dict[str, Any]
-    record: ContributionRecord
+    report: ContributionReport
 
 
 def logged_reports(stack: MessagingStack) -> list[LoggedReport]:
-    """Every contribution report in the ledger, in log order (v1 and v2 read as the ClientApp's record)."""
+    """Every contribution report in the ledger, in log order."""
     found = []
     for key_id, _, envelope in stack.ledger_contributions():
         payload_type, payload, _ = peek_envelope(envelope)
-        fields = json.loads(payload)
-        record = ContributionRecord.model_validate(
-            {**{k: fields[k] for k in ContributionRecord.model_fields if k in fields}, "created_ms": 0},
-            strict=False,
-        )
-        found.append(LoggedReport(key_id, payload_type, payload, fields, record))
+        found.append(LoggedReport(key_id, payload_type, payload, ContributionReport.model_validate_json(payload)))
     return found
 
 
@@ -220,10 +213,10 @@ def checked_ledger_reports(
     nonces: Flower node id -> its invitation's nonce (`job_nonces`).
     """
     checked = []
-    for report in logged_reports(stack):
-        nonce = nonces[report.record.node_id]
-        assert report.fields["round_nonce"] == nonce, f"{report.record} carries another nonce than its invitation's"
-        checked.append((report, check_contribution(report.record, captures.load_round(report.record.round))))
+    for logged in logged_reports(stack):
+        report = logged.report
+        assert report.round_nonce == nonces[report.node_id], f"{report} carries another nonce than its invitation's"
+        checked.append((logged, check_contribution(report, captures.load_round(report.round))))
     return checked
 
 

@@ -17,8 +17,13 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from protocol.identity import SignerKey
+    from protocol.messages import ContributionBody, ContributionReport
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 _READY_TIMEOUT_S = 20.0
@@ -284,20 +289,33 @@ def http_ready(port: int) -> bool:
         return False
 
 
-def contribution_fields(i: int, device: str = "") -> dict[str, object]:
-    """A valid spool record; `update_sha256` is unique per (device, i) so the ledger can be checked exactly."""
+RUN_ID = 7
+"""The Flower run the contribution bodies of messaging tests belong to (MessagingStack.invite_to_run)."""
+
+
+def round_nonce(device: str) -> str:
+    """The invitation nonce tests give `device` for its reports of RUN_ID."""
     import hashlib
+
+    return hashlib.sha256(f"nonce/{device}".encode()).hexdigest()[:32]
+
+
+def contribution_body(i: int, device: str = "", **changes: object) -> ContributionBody:
+    """A valid spool body, the i-th of `device`: a (round, node) of its own, so each has its own spool name, and an
+    `update_sha256` unique per (device, i), so the ledger can be checked exactly. `changes` replace fields."""
+    import hashlib
+
+    from protocol.messages import ContributionBody
 
     def h(label: str) -> str:
         return hashlib.sha256(f"{label}/{device}/{i}".encode()).hexdigest()
 
-    return {
-        "run_id": "7",
-        "round": i % 1000,
-        "node_id": "42",
+    fields: dict[str, object] = {
+        "run_id": RUN_ID,
+        "round": i % 1000 + 1,
+        "node_id": 42 + i // 1000,
         "task_id": "appliance-load",
         "task_version": 1,
-        "round_nonce": h("nonce")[:32],
         "global_model_sha256": h("global"),
         "update_sha256": h("update"),
         "examples": 128,
@@ -306,6 +324,67 @@ def contribution_fields(i: int, device: str = "") -> dict[str, object]:
         "loss_after": 0.5,
         "seconds": 1.5,
     }
+    return ContributionBody.model_validate({**fields, **changes})
+
+
+def contribution_report(
+    i: int, device: str, seq: int, now_ms: int, nonce: str | None = None, **changes: object
+) -> ContributionReport:
+    """The report an agent signs for `contribution_body(i, device, **changes)`: with `seq`, `now_ms` and its
+    invitation nonce (`round_nonce(device)` unless `nonce` is given)."""
+    from protocol.messages import ContributionReport
+
+    return ContributionReport.from_body(
+        contribution_body(i, device, **changes),
+        seq=seq,
+        device_time_ms=now_ms,
+        round_nonce=round_nonce(device) if nonce is None else nonce,
+    )
+
+
+def signed_invitation(
+    mid_key: SignerKey,
+    job_id: str,
+    run_id: int,
+    *,
+    nonce: str | None = None,
+    deadline_s: float = 60.0,
+    buyer: str = "acme",
+    purpose: str = "research",
+) -> bytes:
+    """A RoundInvitation to round 1 of `run_id`, signed by `mid_key` as `job start` signs it (a fresh nonce unless
+    `nonce` is given), valid for `deadline_s` from now."""
+    import secrets
+
+    from protocol.messages import RoundInvitation
+
+    now = time.time_ns() // 1_000_000
+    return RoundInvitation(
+        job_id=job_id,
+        run_id=run_id,
+        round=1,
+        task_id="plaid-appliance",
+        task_version=1,
+        purpose=purpose,
+        buyer=buyer,
+        nonce=secrets.token_hex(16) if nonce is None else nonce,
+        issued_ms=now,
+        deadline_ms=now + int(deadline_s * 1000),
+    ).seal(mid_key)
+
+
+def write_bodies(agents: list[AgentHandle], total: int, first: int = 0) -> dict[str, set[str]]:
+    """Contribution bodies `first`..`first + total - 1` into the agents' spools, dealt round robin; returns device ->
+    the update hashes written, to check the ledger against."""
+    from edge.federated.spool import write_body
+
+    written: dict[str, set[str]] = {a.device: set() for a in agents}
+    for i in range(first, first + total):
+        agent = agents[i % len(agents)]
+        body = contribution_body(i, agent.device)
+        write_body(agent.spool, body)
+        written[agent.device].add(body.update_sha256)
+    return written
 
 
 def write_job_record(book_dir: Path, job_id: str, run_id: int, invited: dict[str, tuple[int, str]]) -> None:
@@ -340,6 +419,10 @@ def write_job_record(book_dir: Path, job_id: str, run_id: int, invited: dict[str
         started_ms=int(time.time() * 1000),
     )
     JobBook(book_dir).write(record)
+
+
+NOT_JOINING = "not joining"
+"""What an agent without training windows logs once it took an invitation (edge.agent.job_node)."""
 
 
 class AgentHandle:
@@ -439,6 +522,58 @@ class MessagingStack:
         handle.mid, handle.device = record.mid, record.device
         self.agents.append(handle)
         return handle
+
+    def publish_invitation(self, device: str, run_id: int = RUN_ID, nonce: str | None = None) -> str:
+        """Publish the MID's RoundInvitation of `device` to run `run_id` as `job start` does (signed by the MID key,
+        with the coordinator's broker login), but retained, so that the device's agent takes it whenever it
+        subscribes; returns its nonce (`round_nonce(device)` unless given). The agent signs the spool bodies of the
+        run with it and rejects those of a run no invitation named (edge.federated.spool)."""
+        import paho.mqtt.client as mqtt
+        from coordinator.registry.enrolment import load_or_create_mid_key
+
+        from coordinator.broker.logins import coordinator_password, coordinator_password_path
+        from coordinator.config import CoordinatorSettings
+        from protocol.topics import DownKind, down_topic
+
+        settings = CoordinatorSettings.load(self.config)
+        nonce = round_nonce(device) if nonce is None else nonce
+        mid_key = load_or_create_mid_key(settings.mid_key_file, self.mid)
+        invitation = signed_invitation(mid_key, f"job-{run_id}", run_id, nonce=nonce, deadline_s=86_400)
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-invite-{device}")
+        client.username_pw_set(settings.broker.username, coordinator_password(coordinator_password_path(settings)))
+        if settings.broker.tls and settings.broker.ca_file is not None:
+            client.tls_set(ca_certs=str(settings.broker.ca_file))
+        client.connect(settings.broker.host, settings.broker.port)
+        client.loop_start()
+        try:
+            topic = down_topic(self.mid, device, DownKind.INVITE)
+            client.publish(topic, invitation, qos=1, retain=True).wait_for_publish(10)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+        return nonce
+
+    def invite_to_run(self, handle: AgentHandle, run_id: int = RUN_ID, nonce: str | None = None) -> str:
+        """`publish_invitation` for a running agent, then wait until it took the invitation (it logs that it does
+        not join: test agents have no training windows); returns the nonce. Write spool bodies after this."""
+        assert handle.process is not None, "start the agent first"
+        process = handle.process
+        before = process.log_text().count(NOT_JOINING)
+        nonce = self.publish_invitation(handle.device, run_id, nonce)
+        wait_until(lambda: process.log_text().count(NOT_JOINING) > before, 30, f"{handle.name} took the invitation")
+        return nonce
+
+    def start_invited_agent(self, handle: AgentHandle) -> ServiceProcess:
+        """`start_agent`, then `invite_to_run`: the agent signs the spool bodies of RUN_ID from then on."""
+        process = self.start_agent(handle)
+        self.invite_to_run(handle)
+        return process
+
+    def take_invitation(self, handle: AgentHandle) -> None:
+        """`start_invited_agent`, then stop it again: it keeps the invitation's nonce on disk
+        (edge.agent.job_node.InvitationNonces), so bodies written into its spool now wait there, all of them, until
+        it starts again and signs them."""
+        self.start_invited_agent(handle).stop()
 
     def start_agent(self, handle: AgentHandle) -> ServiceProcess:
         if handle.process is None:

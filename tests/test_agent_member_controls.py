@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from mqtt_fixtures import contribution_body, signed_invitation
 from typer.testing import CliRunner
 
 from edge.agent.controls.commands import apply, parse_until, vote_states
@@ -42,16 +43,16 @@ from edge.agent.controls.state import (
     unstrike,
 )
 from edge.agent.controls.watch import MemberControls
-from edge.agent.job_node import JobNode
+from edge.agent.job_node import NONCES_FILE, JobNode
 from edge.agent.membership import Membership, MembershipRecord
 from edge.agent.outbox import Outbox
-from edge.agent.spool import report_fields
+from edge.federated.spool import read_record, write_body
 from midgate_cli import app
 from protocol.enrolment import BrokerCredentials
 from protocol.envelope import decode, open_envelope
 from protocol.errors import MalformedError
 from protocol.identity import SignerKey
-from protocol.messages import DeviceStatus, RoundInvitation, StrikeVote
+from protocol.messages import DeviceStatus, StrikeVote
 
 NOW = 1_790_000_000_000
 HOUR = 3_600_000
@@ -293,24 +294,6 @@ def _membership(tmp_path: Path) -> tuple[Membership, SignerKey]:
     return Membership(tmp_path, record, SignerKey.generate("d-1")), mid_key
 
 
-def _invitation(
-    mid_key: SignerKey, job: str, buyer: str, purpose: str, run_id: int = 1, nonce: str | None = None
-) -> bytes:
-    now = time.time_ns() // 1_000_000
-    return RoundInvitation(
-        job_id=job,
-        run_id=run_id,
-        round=1,
-        task_id="plaid-appliance",
-        task_version=1,
-        purpose=purpose,
-        buyer=buyer,
-        nonce=nonce or secrets.token_hex(16),
-        issued_ms=now,
-        deadline_ms=now + 60_000,
-    ).seal(mid_key)
-
-
 def test_job_node_declines_invitations_the_member_does_not_allow(tmp_path: Path) -> None:
     membership, mid_key = _membership(tmp_path)
     save_member_state(tmp_path, strike(MemberState(), time.time_ns() // 1_000_000 - 1, "acme", None)[0])
@@ -320,8 +303,8 @@ def test_job_node_declines_invitations_the_member_does_not_allow(tmp_path: Path)
     node = JobNode(membership, tmp_path / "spool", None, admit=controls.admit, recheck=controls.recheck)
 
     async def invite() -> None:
-        await node.invited(_invitation(mid_key, "job-1", "acme", "research"))
-        await node.invited(_invitation(mid_key, "job-2", "globex", "research"))
+        await node.invited(signed_invitation(mid_key, "job-1", 1))
+        await node.invited(signed_invitation(mid_key, "job-2", 1, buyer="globex"))
 
     asyncio.run(invite())
     assert node.job is None and node.declined == 1 and controls.declined == {DeclineReason.MEMBER_STRIKING: 1}
@@ -336,18 +319,29 @@ def test_a_spooled_record_carries_the_nonce_of_its_own_runs_invitation(tmp_path:
     first, second = "a" * 32, "b" * 32
 
     async def invite() -> None:
-        await node.invited(_invitation(mid_key, "job-1", "acme", "research", run_id=0, nonce=first))  # before the run
-        await node.invited(_invitation(mid_key, "job-1", "acme", "research", run_id=7, nonce=first))  # renewal
-        await node.invited(_invitation(mid_key, "job-2", "acme", "research", run_id=9, nonce=second))
+        await node.invited(signed_invitation(mid_key, "job-1", 0, nonce=first))  # before the run
+        await node.invited(signed_invitation(mid_key, "job-1", 7, nonce=first))  # renewal
+        await node.invited(signed_invitation(mid_key, "job-2", 9, nonce=second))
 
     asyncio.run(invite())
-    record = {"run_id": 7, "node_id": 5, "round": 1}
-    assert report_fields(record, node.nonce_for)["round_nonce"] == first
-    assert report_fields({**record, "run_id": 9}, node.nonce_for)["round_nonce"] == second
-    with pytest.raises(MalformedError, match="no job invitation"):
-        report_fields({**record, "run_id": 8}, node.nonce_for)  # no job started here, so no latest nonce either
-    with pytest.raises(MalformedError, match="integer run_id"):
-        report_fields({**record, "run_id": "7"}, node.nonce_for)
+    spool = tmp_path / "spool"
+    assert read_record(write_body(spool, contribution_body(0, run_id=7)), node.nonce_for).round_nonce == first
+    assert read_record(write_body(spool, contribution_body(0, run_id=9)), node.nonce_for).round_nonce == second
+    with pytest.raises(MalformedError, match="no job invitation"):  # no job started here, so no latest nonce either
+        read_record(write_body(spool, contribution_body(0, run_id=8)), node.nonce_for)
+
+    # An agent restarted with bodies still in the spool signs them as the one that took the invitations would.
+    again = JobNode(membership, spool, None, admit=controls.admit, recheck=controls.recheck)
+    assert (again.nonce_for(7), again.nonce_for(9), again.nonce_for(8)) == (first, second, None)
+    assert (tmp_path / NONCES_FILE).stat().st_mode & 0o077 == 0
+
+
+def test_unreadable_invitation_nonces_cost_the_nonces_not_the_agent(tmp_path: Path) -> None:
+    membership, _ = _membership(tmp_path)
+    for damaged in (b"\x00garbage", b'{"latest": null, "runs": {"07": "' + b"a" * 32 + b'"}}'):
+        (tmp_path / NONCES_FILE).write_bytes(damaged)
+        node = JobNode(membership, tmp_path / "spool", None)
+        assert node.nonce_for(7) is None and node.round_nonce is None
 
 
 # --- the commands ---------------------------------------------------------------------------------------------------

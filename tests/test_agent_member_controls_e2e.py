@@ -9,17 +9,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import secrets
 import sqlite3
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import psutil
 import pytest
-from mqtt_fixtures import PYTHON, REPO, MosquittoProcess, ServiceProcess, agent_toml, wait_until
+from mqtt_fixtures import PYTHON, REPO, MosquittoProcess, ServiceProcess, agent_toml, signed_invitation, wait_until
 from test_fl_roles import _enrol, _http_port, _invite, _supernodes, serve_with_superlink
 
 from coordinator.federation.superlink_process import kill_pids
@@ -27,7 +25,7 @@ from coordinator.mid_key import load_or_create_mid_key
 from protocol.envelope import decode, open_envelope, peek_envelope
 from protocol.identity import SignerKey, load_signer_key
 from protocol.leaves import LeafKind, decode_leaf
-from protocol.messages import RoundInvitation, StrikeVote
+from protocol.messages import StrikeVote
 from protocol.topics import DownKind, UpKind, down_topic, up_topic
 
 pytest_plugins = ["mqtt_fixtures"]
@@ -97,19 +95,10 @@ class Device:
         return subprocess.run([*argv, str(self.config)], cwd=REPO, capture_output=True, text=True, timeout=60)
 
     def invite(self, job_id: str, buyer: str = "acme", purpose: str = "research", deadline_s: float = 300) -> None:
-        now = time.time_ns() // 1_000_000
-        invitation = RoundInvitation(
-            job_id=job_id,
-            run_id=int(hashlib.sha256(job_id.encode()).hexdigest()[:8], 16),
-            round=1,
-            task_id="plaid-appliance",
-            task_version=1,
-            purpose=purpose,
-            buyer=buyer,
-            nonce=secrets.token_hex(16),
-            issued_ms=now,
-            deadline_ms=now + int(deadline_s * 1000),
-        ).seal(self.mid_key)
+        run_id = int(hashlib.sha256(job_id.encode()).hexdigest()[:8], 16)
+        invitation = signed_invitation(
+            self.mid_key, job_id, run_id, deadline_s=deadline_s, buyer=buyer, purpose=purpose
+        )
         topic = down_topic(MID, self.record.device, DownKind.INVITE)
         self.mqtt.publish(topic, invitation, qos=1).wait_for_publish(10)
 

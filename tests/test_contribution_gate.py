@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mqtt_fixtures import contribution_fields, write_job_record
+from mqtt_fixtures import contribution_report, write_job_record
 
 from coordinator.capture.directory import CaptureDirectory
 from coordinator.capture.round import CapturedUpdate, DropReason, NodeDrop, RoundCapture
@@ -32,13 +32,12 @@ from coordinator.registry.store import Registry
 from edge.agent.membership import Membership, MembershipRecord
 from edge.agent.outbox import Outbox
 from edge.agent.refusals import settle_refusal
-from edge.agent.spool import build_report
 from protocol.enrolment import BrokerCredentials
 from protocol.envelope import decode, open_envelope, peek_envelope, seal
 from protocol.errors import Reason
 from protocol.identity import SignerKey
 from protocol.leaves import LeafKind, decode_leaf
-from protocol.messages import ContributionReport, ContributionReportV2, Refusal, StrikeVote
+from protocol.messages import ContributionReport, Refusal, StrikeVote
 from protocol.tasks.arrays import arrays_sha256
 from protocol.topics import UpKind, up_topic
 
@@ -181,22 +180,26 @@ class World:
         drift: tuple[str | None, str | None] | None = None,
         nonce: str | None = None,
         run: int = RUN,
+        server_round: int = ROUND,
     ) -> bytes:
-        """A report signed as the agent signs it: v1, or v2 when `drift` gives (gradient, offset) hashes; it carries
-        the device's invitation nonce of RUN's job unless `nonce` is given."""
+        """A report signed as the agent signs it, naming `drift`'s (gradient, offset) hashes (none by default); it
+        carries the device's invitation nonce of RUN's job unless `nonce` is given."""
         node = NODES[device] if node is None else node
-        fields = {
-            **contribution_fields(seq, device),
-            "round_nonce": self.nonces[device] if nonce is None else nonce,
-            "run_id": str(run),
-            "round": ROUND,
-            "node_id": str(node),
-            "global_model_sha256": GLOBAL_SHA,
-            "update_sha256": update_sha256 or arrays_sha256(_arrays(node)),
-        }
-        if drift is not None:
-            fields["gradient_sha256"], fields["drift_offset_sha256"] = drift
-        return build_report(fields, seq, NOW_MS).seal(self.keys[device])
+        gradient, offset = (None, None) if drift is None else drift
+        return contribution_report(
+            seq,
+            device,
+            seq,
+            NOW_MS,
+            nonce=self.nonces[device] if nonce is None else nonce,
+            run_id=run,
+            round=server_round,
+            node_id=node,
+            global_model_sha256=GLOBAL_SHA,
+            update_sha256=update_sha256 or arrays_sha256(_arrays(node)),
+            gradient_sha256=gradient,
+            drift_offset_sha256=offset,
+        ).seal(self.keys[device])
 
 
 @pytest.fixture
@@ -408,33 +411,6 @@ def test_the_agent_outbox_keeps_a_refused_report_and_stops_sending_it(world: Wor
         outbox.close()
 
 
-def test_a_clientapp_record_without_drift_correction_still_becomes_a_report(tmp_path: Path) -> None:
-    """Records name gradient and offset hashes as null outside drift-corrected jobs; ContributionReport v1 has no such
-    fields, so the agent's translation drops the nulls (it refused every record once they appeared)."""
-    from edge.agent.spool import read_record
-    from protocol.tasks.contribution import ContributionRecord
-
-    record = ContributionRecord(
-        run_id=RUN,
-        round=ROUND,
-        node_id=11,
-        task_id="plaid-appliance",
-        task_version=1,
-        global_model_sha256=GLOBAL_SHA,
-        update_sha256=arrays_sha256(_arrays(11)),
-        examples=3,
-        dataset_fingerprint="sha256:" + "c" * 64,
-        loss_before=1.0,
-        loss_after=0.5,
-        seconds=1.0,
-        created_ms=1,
-    )
-    path = tmp_path / "record.json"
-    path.write_bytes(record.to_json_bytes())
-    fields = read_record(path, "0" * 32).fields
-    assert "gradient_sha256" not in fields and fields["update_sha256"] == record.update_sha256
-
-
 def test_a_report_that_waited_across_its_keys_revocation_is_refused(world: World) -> None:
     c = world.coordinator
     c.ingest(world.report("dev-a", 1), "dev-a")
@@ -450,14 +426,7 @@ def test_rounds_still_running_do_not_crowd_out_a_captured_one(world: World) -> N
     c = world.coordinator
     # Three reports wait for round 3 (still running), received first; one waits for round 2.
     for seq, device in enumerate(("dev-a", "dev-b", "dev-c"), start=1):
-        fields = {
-            **contribution_fields(seq, device),
-            "round_nonce": world.nonces[device],
-            "run_id": str(RUN),
-            "round": 3,
-            "node_id": str(NODES[device]),
-        }
-        c.ingest(build_report(fields, seq, NOW_MS).seal(world.keys[device]), device)
+        c.ingest(world.report(device, seq, server_round=3), device)
     late = world.report("dev-b", 9)
     c.ingest(late, "dev-b")
     world.capture()  # round 2 only
@@ -471,11 +440,11 @@ def _payload_type(envelope: bytes) -> str:
     return str(peek_envelope(envelope)[0])
 
 
-def test_drift_corrected_reports_naming_the_captured_hashes_are_logged_as_v2(world: World) -> None:
+def test_drift_corrected_reports_naming_the_captured_hashes_are_logged(world: World) -> None:
     c = world.coordinator
     waiting = world.report("dev-a", 1, drift=_drift(11))
     admission, _ = c.ingest(waiting, "dev-a")
-    assert len(admission.held) == 1  # waits for its capture like a v1 report, read back from the gate's file
+    assert len(admission.held) == 1  # waits for its capture like any report, read back from the gate's file
     world.capture(drift=True)
     _, committed = c.resolve()
     assert [v.outcome for v in committed] == [Outcome.ACCEPTED]
@@ -483,7 +452,6 @@ def test_drift_corrected_reports_naming_the_captured_hashes_are_logged_as_v2(wor
     _, verdicts = c.ingest(straight, "dev-b")
     assert [v.outcome for v in verdicts] == [Outcome.ACCEPTED]
     assert c.contributions_in_ledger() == [waiting, straight]
-    assert {_payload_type(e) for e in (waiting, straight)} == {ContributionReportV2.PAYLOAD_TYPE}
     assert c.gate.store.refusals() == []
 
 
@@ -493,11 +461,10 @@ def test_drift_corrected_reports_naming_the_captured_hashes_are_logged_as_v2(wor
         (True, (hashlib.sha256(b"another gradient").hexdigest(), _drift(11)[1])),
         (True, (_drift(11)[0], hashlib.sha256(b"another offset").hexdigest())),
         (True, _drift(12)),  # dev-b's true hashes
-        (True, None),  # a v1 report (no drift hashes) for a drift-corrected round
-        (True, (None, None)),  # a v2 report saying "no drift correction" for a drift-corrected round
+        (True, None),  # a report saying "no drift correction" for a drift-corrected round
         (False, _drift(11)),  # drift hashes for a round without drift correction
     ],
-    ids=["gradient", "offset", "other-nodes", "v1-for-drift-round", "v2-null-for-drift-round", "v2-for-plain-round"],
+    ids=["gradient", "offset", "other-nodes", "null-for-drift-round", "hashes-for-plain-round"],
 )
 def test_drift_hashes_other_than_the_captured_ones_are_an_update_mismatch(
     world: World, drift_round: bool, reported: tuple[str | None, str | None] | None
@@ -505,7 +472,6 @@ def test_drift_hashes_other_than_the_captured_ones_are_an_update_mismatch(
     world.capture(drift=drift_round)
     c = world.coordinator
     envelope = world.report("dev-a", 1, drift=reported)
-    assert _payload_type(envelope) == (ContributionReport if reported is None else ContributionReportV2).PAYLOAD_TYPE
     admission, verdicts = c.ingest(envelope, "dev-a")
     assert verdicts == [] and c.ledger.size == 0
     assert [v.reason for v in admission.refused] == [Reason.UPDATE_MISMATCH]
@@ -517,17 +483,18 @@ def test_drift_hashes_other_than_the_captured_ones_are_an_update_mismatch(
     assert found == (reported or (None, None))
 
 
-def test_v1_reports_of_a_round_without_drift_correction_still_match(world: World) -> None:
+def test_reports_without_drift_hashes_of_a_round_without_drift_correction_match(world: World) -> None:
     world.capture()
     c = world.coordinator
     envelope = world.report("dev-a", 1)
     assert _payload_type(envelope) == ContributionReport.PAYLOAD_TYPE
+    assert json.loads(peek_envelope(envelope)[1])["gradient_sha256"] is None
     _, verdicts = c.ingest(envelope, "dev-a")
     assert [v.outcome for v in verdicts] == [Outcome.ACCEPTED]
     assert c.contributions_in_ledger() == [envelope]
 
 
-def test_a_v2_report_is_taken_only_on_the_report_topic(world: World) -> None:
+def test_a_report_is_taken_only_on_the_report_topic(world: World) -> None:
     world.capture(drift=True)
     envelope = world.report("dev-a", 1, drift=_drift(11))
     for kind in (UpKind.STRIKE, UpKind.HEARTBEAT):
@@ -538,10 +505,10 @@ def test_a_v2_report_is_taken_only_on_the_report_topic(world: World) -> None:
     vote = StrikeVote(seq=2, device_time_ms=NOW_MS, target_buyer="acme", start_ms=NOW_MS).seal(world.keys["dev-a"])
     _, verdicts = world.coordinator.ingest(vote, "dev-a")
     assert [(v.outcome, v.reason) for v in verdicts] == [(Outcome.REJECTED, Reason.WRONG_TYPE)]
-    # A v2 payload naming one drift hash only is signed and typed right, and still refused by its schema.
+    # A payload naming one drift hash only is signed and typed right, and still refused by its schema.
     doc = json.loads(peek_envelope(envelope)[1])
     doc.update(seq="3", drift_offset_sha256=None)
-    half = seal(ContributionReportV2.PAYLOAD_TYPE, json.dumps(doc, sort_keys=True, separators=(",", ":")).encode(),
+    half = seal(ContributionReport.PAYLOAD_TYPE, json.dumps(doc, sort_keys=True, separators=(",", ":")).encode(),
                 world.keys["dev-a"])  # fmt: skip
     _, verdicts = world.coordinator.ingest(half, "dev-a")
     assert [(v.outcome, v.reason) for v in verdicts] == [(Outcome.REJECTED, Reason.MALFORMED)]

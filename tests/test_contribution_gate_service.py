@@ -1,10 +1,10 @@
 """The contribution cross-check in `coordinator serve` with real processes, no training: Mosquitto, `serve` with its
-SuperLink (so reports are cross-checked), two enrolled agents whose spool records name round 1 of run 5 before any
-capture of it exists. Both reports wait (acknowledged, not logged); `serve` is SIGKILLed and restarted; then the round's
-capture appears: the report naming the captured update is logged and receipted, the other is refused `update_mismatch`,
-flagged, and settled as refused in its agent's outbox. The run's job record (as `job start` keeps it) gives each agent
-its invitation nonce; a report carrying the other agent's nonce is refused `wrong_round_nonce` on arrival, without
-waiting for the capture and without a flag."""
+SuperLink (so reports are cross-checked), two enrolled agents invited to run 5 whose spool bodies name round 1 of it
+before any capture of it exists. Both reports wait (acknowledged, not logged); `serve` is SIGKILLed and restarted; then
+the round's capture appears: the report naming the captured update is logged and receipted, the other is refused
+`update_mismatch`, flagged, and settled as refused in its agent's outbox. The run's job record (as `job start` keeps
+it) names each agent's invitation nonce; a report the honest agent signed while its invitation carried the other
+agent's nonce is refused `wrong_round_nonce` on arrival, without waiting for the capture and without a flag."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import numpy as np
 import psutil
 import pytest
 from fl_stack import flags, outbox_refused, start_federated_coordinator
-from mqtt_fixtures import AgentHandle, MessagingStack, contribution_fields, wait_until, write_job_record
+from mqtt_fixtures import AgentHandle, MessagingStack, contribution_body, round_nonce, wait_until, write_job_record
 
 from coordinator.capture.directory import CaptureDirectory
 from coordinator.capture.round import CapturedUpdate, RoundCapture
 from coordinator.federation.superlink_process import kill_pids
 from edge.agent.membership import Membership, load_memberships
-from edge.agent.spool import write_record
+from edge.federated.spool import write_body
 from protocol.tasks.arrays import arrays_sha256
 
 pytest_plugins = ["mqtt_fixtures"]
@@ -38,23 +38,19 @@ def _membership(handle: AgentHandle) -> Membership:
     return membership
 
 
-def _nonce(handle: AgentHandle) -> str:
-    """The nonce the job's invitation gave the agent's device (what its spool records carry)."""
-    return str(contribution_fields(1, handle.device)["round_nonce"])
-
-
-def _report(handle: AgentHandle, update_sha256: str, name: str = "round-1", nonce: str | None = None) -> None:
+def _report(handle: AgentHandle, update_sha256: str, server_round: int = ROUND) -> None:
+    """A spool body of run RUN for the agent's own Flower node."""
     node = _membership(handle).record.flower_node_id
-    fields = {
-        **contribution_fields(1, handle.device),
-        "round_nonce": _nonce(handle) if nonce is None else nonce,
-        "run_id": str(RUN),
-        "round": ROUND,
-        "node_id": str(node),
-        "global_model_sha256": GLOBAL,
-        "update_sha256": update_sha256,
-    }
-    write_record(handle.spool, name, fields)
+    body = contribution_body(
+        1,
+        handle.device,
+        run_id=RUN,
+        round=server_round,
+        node_id=node,
+        global_model_sha256=GLOBAL,
+        update_sha256=update_sha256,
+    )
+    write_body(handle.spool, body)
 
 
 def _refused(handle: AgentHandle) -> list[str]:
@@ -74,12 +70,17 @@ def test_waiting_reports_survive_a_killed_coordinator_and_are_settled_when_the_c
     nodes = {h.name: _membership(h).record.flower_node_id for h in (honest, liar)}
     assert all(nodes.values())
     book = stack.data_dir / "federation" / "job-book"
-    write_job_record(book, "job-5", RUN, {h.device: (nodes[h.name], _nonce(h)) for h in (honest, liar)})
-    _report(honest, arrays_sha256(_arrays(nodes["honest"])))
-    _report(honest, arrays_sha256(_arrays(nodes["honest"])), "round-1-again", nonce=_nonce(liar))
-    _report(liar, arrays_sha256({"w": np.ones((2, 3), np.float32)}))
+    write_job_record(book, "job-5", RUN, {h.device: (nodes[h.name], round_nonce(h.device)) for h in (honest, liar)})
     for handle in (honest, liar):
         stack.start_agent(handle)
+    # First an invitation to the run carrying the liar's nonce: the honest agent signs its round-2 body with it.
+    stack.invite_to_run(honest, RUN, nonce=round_nonce(liar.device))
+    _report(honest, arrays_sha256(_arrays(nodes["honest"])), server_round=2)
+    wait_until(lambda: honest.outbox_counts()[0] + len(_refused(honest)) == 1, 30, "the round-2 report signed")
+    for handle in (honest, liar):
+        stack.invite_to_run(handle, RUN)
+    _report(honest, arrays_sha256(_arrays(nodes["honest"])))
+    _report(liar, arrays_sha256({"w": np.ones((2, 3), np.float32)}))
 
     wait_until(lambda: stack.metric("midgate_contributions_pending") == 2, 60, "both reports waiting")
     wait_until(lambda: _refused(honest) == ["wrong_round_nonce"], 60, "the other agent's nonce refused at once")

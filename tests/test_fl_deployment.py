@@ -24,11 +24,11 @@ from flower_fixtures import (
 from coordinator.capture.directory import CaptureDirectory
 from coordinator.capture.round import DropReason, RoundCapture
 from coordinator.gate.update_check import check_contribution
-from edge.federated.spool import pending_records
+from edge.federated.spool import pending_files
 from edge.federated.supernode import EXIT_NODE_NOT_REGISTERED
 from protocol.errors import UpdateMismatchError
+from protocol.messages import ContributionBody
 from protocol.tasks.arrays import arrays_sha256
-from protocol.tasks.contribution import parse_contribution_record
 from protocol.tasks.drift import drift_offsets
 from protocol.tasks.models import build_model, model_arrays
 from protocol.tasks.spec import get_task
@@ -62,6 +62,11 @@ def _start_devices(fed: Federation, count: int, accelerated: bool = False, via_s
         fed.add_device(f"dev{i}", windows, accelerated=accelerated)
     for device in fed.devices:
         device.supernode.start()
+
+
+def _bodies(spool_dir: Path) -> list[ContributionBody]:
+    """The contribution bodies the device's ClientApp spooled (no agent takes them here), oldest name first."""
+    return [ContributionBody.parse(p.read_bytes()) for p in pending_files(spool_dir, 1000)]
 
 
 def _alive(pid: int) -> bool:
@@ -111,12 +116,12 @@ def test_three_round_job_records_match_the_updates_the_strategy_received(federat
         assert [u.weight for u in capture.updates] == [1] * len(node_ids)
         assert all(u.examples_reported > 1 for u in capture.updates)
     for device in federation.devices:
-        records = [parse_contribution_record(p.read_bytes()) for p in pending_records(device.spool_dir)]
+        records = _bodies(device.spool_dir)
         assert [r.round for r in records] == [1, 2, 3]
         fingerprint = load_window_file(device.supernode.data_path, get_task("plaid-appliance", 1)).fingerprint
         assert fingerprint.startswith("merkle-sha256:")  # the sample store's dataset fingerprint
         for record in records:
-            assert record.dataset_fingerprint == fingerprint
+            assert record.dataset_fingerprint == fingerprint.removeprefix("merkle-sha256:")  # bare hex in the report
             assert record.node_id == device.node_id and record.run_id == run_id
             update = check_contribution(record, captures.load_round(record.round))
             assert record.examples == update.examples_reported
@@ -180,7 +185,7 @@ def test_device_with_an_unregistered_key_cannot_join(federation: Federation) -> 
     stranger.supernode.start()
     assert stranger.supernode.wait_exit(timeout=60) not in (None, 0)
     assert stranger.supernode.flower_exit_code() == EXIT_NODE_NOT_REGISTERED
-    assert pending_records(stranger.spool_dir) == []
+    assert _bodies(stranger.spool_dir) == []
 
 
 def test_dp_job_clips_updates_on_devices_and_reports_privacy_spent(federation: Federation) -> None:
@@ -200,8 +205,7 @@ def test_dp_job_clips_updates_on_devices_and_reports_privacy_spent(federation: F
         norm = np.sqrt(sum(float(np.sum((update.arrays[k] - initial[k]) ** 2)) for k in initial))
         assert norm <= clip * (1 + 1e-4)  # fixedclipping_mod ran on the device before the update was sent
     for device in federation.devices:
-        for path in pending_records(device.spool_dir):
-            record = parse_contribution_record(path.read_bytes())
+        for record in _bodies(device.spool_dir):
             assert record.dp is not None and record.dp.clipping_norm == clip
             check_contribution(record, captures.load_round(record.round))  # hashed after clipping
 
@@ -235,7 +239,7 @@ def test_drift_corrected_job_records_match_the_captured_updates_gradients_and_of
         assert [u.weight for u in capture.updates] == [u.examples_reported for u in capture.updates]
         assert _recomputed_offsets(capture) == {u.node_id: u.drift_offset_sha256 for u in capture.updates}
     for device in federation.devices:
-        records = [parse_contribution_record(p.read_bytes()) for p in pending_records(device.spool_dir)]
+        records = _bodies(device.spool_dir)
         assert [r.round for r in records] == [1, 2, 3]
         for record in records:
             assert record.gradient_sha256 is not None and record.drift_offset_sha256 is not None
@@ -264,7 +268,7 @@ def test_drift_corrected_node_failing_its_gradient_query_is_not_sent_training(fe
         capture = captures.load_round(server_round)
         assert {u.node_id for u in capture.updates} == {d.node_id for d in federation.devices[:2]}
         assert [d.node_id for d in capture.drops] == [victim.node_id]
-    assert pending_records(victim.spool_dir) == []
+    assert _bodies(victim.spool_dir) == []
 
 
 def test_drift_corrected_node_silent_in_the_gradient_query_is_dropped_for_the_job(federation: Federation) -> None:

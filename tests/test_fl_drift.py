@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mqtt_fixtures import contribution_body
 from pydantic import ValidationError
 
 from coordinator.capture.directory import CaptureDirectory
@@ -20,8 +21,8 @@ from coordinator.federation.job import JobRunConfig
 from coordinator.gate.update_check import check_contribution
 from edge.federated.training import LocalTrainingConfig, round_gradient, round_sample, train_round
 from protocol.errors import MalformedError, Reason, UpdateMismatchError
+from protocol.messages import ContributionBody
 from protocol.tasks.arrays import arrays_sha256
-from protocol.tasks.contribution import ContributionRecord
 from protocol.tasks.drift import drift_offsets, mean_gradient
 from protocol.tasks.models import build_model, full_gradient, load_arrays, loss_fn, model_arrays, to_tensors
 from protocol.tasks.spec import get_task
@@ -224,7 +225,7 @@ def _drift_capture(tmp_path: Path) -> tuple[CaptureDirectory, dict[str, np.ndarr
     return directory, gradient, update
 
 
-def _record(update: CapturedUpdate, **changes: object) -> ContributionRecord:
+def _record(update: CapturedUpdate, **changes: object) -> ContributionBody:
     fields: dict[str, object] = {
         "run_id": 5,
         "round": 3,
@@ -233,17 +234,10 @@ def _record(update: CapturedUpdate, **changes: object) -> ContributionRecord:
         "task_version": SPEC.version,
         "global_model_sha256": update.global_sha256,
         "update_sha256": update.update_sha256,
-        "examples": 40,
-        "dataset_fingerprint": "sha256:" + "0" * 64,
-        "loss_before": 2.0,
-        "loss_after": 1.0,
-        "seconds": 0.3,
         "gradient_sha256": update.gradient_sha256,
         "drift_offset_sha256": update.drift_offset_sha256,
-        "created_ms": 1,
     }
-    fields.update(changes)
-    return ContributionRecord.model_validate(fields)
+    return contribution_body(0, **{**fields, **changes})
 
 
 def test_a_drift_corrected_record_must_name_the_captured_gradient_and_offset(tmp_path: Path) -> None:
@@ -257,8 +251,8 @@ def test_a_drift_corrected_record_must_name_the_captured_gradient_and_offset(tmp
         assert err.value.reason is Reason.UPDATE_MISMATCH
         assert err.value.details["found"] == "ab" * 32
         assert err.value.details["expected"] == getattr(update, field)
-        with pytest.raises(UpdateMismatchError):  # a record that leaves them out does not match either
-            check_contribution(_record(update, **{field: None}), loaded)
+    with pytest.raises(UpdateMismatchError):  # a body that leaves them out does not match either
+        check_contribution(_record(update, gradient_sha256=None, drift_offset_sha256=None), loaded)
     tampered = {n: a + 1 for n, a in gradient.items()}
     with (tmp_path / "run" / "round-000003-node-11.gradient.npz").open("wb") as fh:
         np.savez(fh, **tampered)  # type: ignore[arg-type]

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mqtt_fixtures import contribution_body
 
 from coordinator.capture.directory import CaptureDirectory
 from coordinator.capture.round import CapturedUpdate, DropReason, NodeDrop, RoundCapture
 from coordinator.gate.update_check import check_contribution, check_round_nonce
 from protocol.errors import Reason, UpdateMismatchError, WrongRoundNonceError
+from protocol.messages import ContributionBody
 from protocol.tasks.arrays import arrays_sha256
-from protocol.tasks.contribution import ContributionRecord
 
 RUN, ROUND = 77, 2
 
@@ -40,24 +41,16 @@ def _capture(tmp_path: Path) -> tuple[CaptureDirectory, dict[int, dict[str, np.n
     return directory, updates, global_sha
 
 
-def _report(node: int, arrays: dict[str, np.ndarray], global_sha: str, **changes: object) -> ContributionRecord:
+def _report(node: int, arrays: dict[str, np.ndarray], global_sha: str, **changes: object) -> ContributionBody:
     fields: dict[str, object] = {
         "run_id": RUN,
         "round": ROUND,
         "node_id": node,
         "task_id": "plaid-appliance",
-        "task_version": 1,
         "global_model_sha256": global_sha,
         "update_sha256": arrays_sha256(arrays),
-        "examples": 50,
-        "dataset_fingerprint": "sha256:" + "0" * 64,
-        "loss_before": 2.0,
-        "loss_after": 1.0,
-        "seconds": 0.3,
-        "created_ms": 1,
     }
-    fields.update(changes)
-    return ContributionRecord.model_validate(fields)
+    return contribution_body(0, **{**fields, **changes})
 
 
 def test_matching_report_is_accepted(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import secrets
 import stat
 import time
 import urllib.error
@@ -26,6 +25,7 @@ from mqtt_fixtures import (
     coordinator_toml,
     free_port,
     http_ready,
+    signed_invitation,
     wait_until,
 )
 
@@ -40,7 +40,7 @@ from edge.agent.membership import MembershipRecord
 from edge.federated.supernode import generate_node_key
 from protocol.errors import Reason
 from protocol.identity import SignerKey
-from protocol.messages import EnrolmentRequest, RoundInvitation
+from protocol.messages import EnrolmentRequest
 from protocol.topics import DownKind, down_topic
 
 pytest_plugins = ["mqtt_fixtures"]
@@ -236,22 +236,6 @@ def _supernodes(pid: int) -> list[psutil.Process]:
     return []
 
 
-def _invitation(key: SignerKey, job_id: str, run_id: int, deadline_s: float) -> bytes:
-    now = time.time_ns() // 1_000_000
-    return RoundInvitation(
-        job_id=job_id,
-        run_id=run_id,
-        round=1,
-        task_id="plaid-appliance",
-        task_version=1,
-        purpose="research",
-        buyer="acme",
-        nonce=secrets.token_hex(16),
-        issued_ms=now,
-        deadline_ms=now + int(deadline_s * 1000),
-    ).seal(key)
-
-
 @pytest.mark.slow
 def test_agent_runs_its_supernode_only_while_invited_to_a_job(
     serve_with_superlink: tuple[ServiceProcess, Path, int], mosquitto: MosquittoProcess, tmp_path: Path
@@ -277,13 +261,13 @@ def test_agent_runs_its_supernode_only_while_invited_to_a_job(
         topic = down_topic(MID, record.device, DownKind.INVITE)
 
         # An invitation not signed by the MID key starts nothing.
-        forged = _invitation(SignerKey.generate(mid_key_name(MID)), "job-x", 1, 60)
+        forged = signed_invitation(SignerKey.generate(mid_key_name(MID)), "job-x", 1)
         publisher.publish(topic, forged, qos=1).wait_for_publish(10)
         wait_until(lambda: "invitation refused" in agent.log_text(), 30, "forged invitation refused")
         assert _supernodes(agent.proc.pid) == []
 
         mid_key = load_or_create_mid_key(data_dir / "mid.key", MID)
-        publisher.publish(topic, _invitation(mid_key, "job-1", 7, 25), qos=1).wait_for_publish(10)
+        publisher.publish(topic, signed_invitation(mid_key, "job-1", 7, deadline_s=25), qos=1).wait_for_publish(10)
         wait_until(lambda: bool(_supernodes(agent.proc.pid)), 60, "SuperNode started for the job")  # type: ignore[union-attr]
         node = _supernodes(agent.proc.pid)[0]
         argv = node.cmdline()

@@ -68,7 +68,7 @@ def test_two_round_job_reports_reach_the_ledger_and_match_the_strategys_updates(
         captures = CaptureDirectory(run_dir)
         by_node = {r.flower_node_id: r for _, r in agents}
         reports = checked_ledger_reports(stack, captures, nonces)
-        assert {(r.record.node_id, r.record.round) for r, _ in reports} == {(n, r) for n in by_node for r in (1, 2)}
+        assert {(r.report.node_id, r.report.round) for r, _ in reports} == {(n, r) for n in by_node for r in (1, 2)}
 
         # The switch reached every piece, and nothing else differed: the ServerApp ran on the accelerated grid or on
         # Flower's (its outcome says which); the fleet front held the devices' empty pulls or only passed them on; each

@@ -3,7 +3,7 @@ flagged". Mosquitto + `coordinator serve` (with its SuperLink, so contribution r
 strategy's round captures) + 3 enrolled `agent run`s with SuperNodes, a 2-round job run by `midgate coordinator job
 start` (tests/fl_stack.py, as in tests/test_fl_roles_e2e.py). Two devices are honest: their reports usually arrive
 before the round's capture exists, wait for it, and are then logged and receipted. One device lies: its member rewrites
-the ClientApp's records on disk to name another update hash before the agent signs them. The coordinator refuses those
+the ClientApp's bodies on disk to name another update hash before the agent signs them. The coordinator refuses those
 reports (`update_mismatch`), keeps them out of the ledger, flags the device with the signed evidence (`midgate
 coordinator flags`) and sends a MID-signed Refusal; the agent moves them out of its outbox and stops resending them."""
 
@@ -32,25 +32,24 @@ from mqtt_fixtures import AgentHandle, MessagingStack, wait_until
 from coordinator.capture.directory import CaptureDirectory
 from coordinator.federation.job import JobOutcome
 from edge.agent.membership import load_memberships
-from edge.agent.spool import report_fields, write_record
+from edge.federated.spool import pending_files, write_body
 from protocol.envelope import peek_envelope
+from protocol.messages import ContributionBody
 
 pytest_plugins = ["mqtt_fixtures"]
 
 LIAR = "m2"
 
 
-def _tamper_spool(handle: AgentHandle, nonce: str) -> dict[tuple[int, int], str]:
-    """The liar's member rewrites each ClientApp record in the spool (the agent reads it only at start) into report
-    fields naming another update hash; returns (node, round) -> the hash it now claims."""
+def _tamper_spool(handle: AgentHandle) -> dict[tuple[int, int], str]:
+    """The liar's member rewrites each ClientApp body in the spool (the agent reads it only at start) to name another
+    update hash; returns (node, round) -> the hash it now claims."""
     claimed = {}
-    for path in sorted(handle.spool.glob("*.contribution.json")):
-        record = json.loads(path.read_bytes())
-        fields = report_fields(record, nonce)
-        fields["update_sha256"] = hashlib.sha256(b"not the update I sent" + path.name.encode()).hexdigest()
-        claimed[(int(record["node_id"]), int(record["round"]))] = fields["update_sha256"]
-        write_record(handle.spool, path.name.removesuffix(".json") + "-edited", fields)
-        path.unlink()
+    for path in pending_files(handle.spool, 10):
+        body = ContributionBody.parse(path.read_bytes())
+        lie = hashlib.sha256(b"not the update I sent" + path.name.encode()).hexdigest()
+        write_body(handle.spool, ContributionBody(**{**dict(body), "update_sha256": lie}))  # same name: replaced
+        claimed[(body.node_id, body.round)] = lie
     return claimed
 
 
@@ -83,11 +82,12 @@ def test_a_device_whose_reports_name_another_update_hash_is_refused_and_flagged(
             "every honest report receipted",
         )
 
-        # The liar's member edits the records its agent has not taken in yet, then the agent starts over.
-        wait_until(lambda: len(list(liar.spool.glob("*.contribution.json"))) == 2, 30, "the liar's two records")
+        # The liar's member edits the bodies its agent has not taken in yet, then the agent starts over.
+        wait_until(lambda: len(pending_files(liar.spool, 10)) == 2, 30, "the liar's two bodies")
         assert liar.process is not None and liar.process.proc is not None
         stop_agent(liar, teardown.below)
-        claimed = _tamper_spool(liar, nonces[liar_record.flower_node_id])
+        # The restarted agent signs them with the nonce of its invitation to the run, which it kept on disk.
+        claimed = _tamper_spool(liar)
         stack.start_agent(liar)
         wait_until(lambda: len(outbox_refused(liar)) == 2, 60, "the liar's agent told of both refusals")
         assert liar.outbox_counts() == (0, 0)  # nothing pending: nothing is resent; nothing receipted
@@ -121,4 +121,4 @@ def test_a_device_whose_reports_name_another_update_hash_is_refused_and_flagged(
         (liar_membership,) = load_memberships(liar.data_dir / "mids")
         reports = checked_ledger_reports(stack, captures, nonces)
         assert liar_membership.key.key_id.hex() not in {r.key_id for r, _ in reports}
-        assert {(r.record.node_id, r.record.round) for r, _ in reports} == {(n, r) for n in by_node for r in (1, 2)}
+        assert {(r.report.node_id, r.report.round) for r, _ in reports} == {(n, r) for n in by_node for r in (1, 2)}

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from mqtt_fixtures import contribution_fields
+from mqtt_fixtures import contribution_report
 
 from coordinator.ingest.pipeline import InboundMessage, IngestPipeline, Outcome, Verdict
 from coordinator.ledger.dedup import DedupIndex
@@ -16,7 +16,6 @@ from coordinator.ledger.store import LedgerStore
 from coordinator.mid_key import mid_key_name
 from coordinator.registry.store import Registry
 from edge.agent.ledger_view import LedgerView
-from edge.agent.spool import build_report
 from protocol.errors import Reason
 from protocol.identity import SignerKey
 from protocol.leaves import LeafKind
@@ -58,8 +57,7 @@ class Fixture:
         return key
 
     def report(self, device: str, seq: int, i: int | None = None, key: SignerKey | None = None) -> bytes:
-        fields = contribution_fields(seq if i is None else i, device)
-        return build_report(fields, seq, NOW_MS).seal(key or self.keys[device])
+        return contribution_report(seq if i is None else i, device, seq, NOW_MS).seal(key or self.keys[device])
 
     def run(self, topic: str, payload: bytes) -> list[Verdict]:
         screened = self.pipeline.screen([InboundMessage(topic, payload)], NOW_MS)
@@ -211,6 +209,14 @@ def test_report_body_that_breaks_the_schema_is_malformed(fx: Fixture) -> None:
 def test_wrong_payload_type(fx: Fixture) -> None:
     heartbeat = Heartbeat(seq=1, device_time_ms=NOW_MS, status=DeviceStatus.IDLE).seal(fx.keys["dev-a"])
     _rejects(fx, topic("dev-a"), heartbeat, Reason.WRONG_TYPE)
+
+
+def test_a_report_under_the_retired_v1_payload_type_is_the_wrong_type(fx: Fixture) -> None:
+    from protocol.envelope import seal
+
+    report = contribution_report(1, "dev-a", 1, NOW_MS)
+    v1 = "application/vnd.midgate.contribution-report.v1+json"
+    _rejects(fx, topic("dev-a"), seal(v1, report.canonical_json(), fx.keys["dev-a"]), Reason.WRONG_TYPE)
 
 
 @pytest.mark.parametrize("name", ["mid/other/dev/dev-a/up/report", "mid/riverside/dev/dev-a/down/receipt", "x/y"])

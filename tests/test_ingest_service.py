@@ -8,14 +8,13 @@ import time
 from pathlib import Path
 
 import paho.mqtt.client as paho
-from mqtt_fixtures import MosquittoProcess, contribution_fields
+from mqtt_fixtures import MosquittoProcess, contribution_report
 from paho.mqtt.enums import CallbackAPIVersion
 
 from coordinator.config import CoordinatorSettings
 from coordinator.ingest.pipeline import Candidate, Verdict
 from coordinator.registry.store import Registry
 from coordinator.serve.assembly import CoordinatorProcess
-from edge.agent.spool import build_report
 from protocol.identity import SignerKey
 from protocol.topics import UpKind, up_topic
 
@@ -38,7 +37,7 @@ def test_failed_commits_are_redelivered_and_logged_exactly_once(tmp_path: Path, 
     registry.redeem_invite("i1", 2, "d-one", key.verifier, "unused")
     registry.close()
     now = int(time.time() * 1000)
-    envelopes = [build_report(contribution_fields(i, "d-one"), i + 1, now).seal(key) for i in range(REPORTS)]
+    envelopes = [contribution_report(i, "d-one", i + 1, now).seal(key) for i in range(REPORTS)]
     failures: list[str] = []
     resends: list[int] = []
 

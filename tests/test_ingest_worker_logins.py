@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from mqtt_fixtures import MessagingStack, MosquittoProcess, contribution_fields, coordinator_toml, free_port, wait_until
+from mqtt_fixtures import MessagingStack, MosquittoProcess, coordinator_toml, free_port, wait_until, write_bodies
 from test_ingest_workers import _start_worker
 from test_messaging_broker import DeviceClient
 from typer.testing import CliRunner
@@ -21,7 +21,6 @@ from coordinator.broker.logins import worker_password_path
 from coordinator.cli import app as coordinator_app
 from coordinator.config import CoordinatorSettings
 from coordinator.ingest.handoff import committed_topic, seal_committed, verified_topic
-from edge.agent.spool import write_record
 from protocol.envelope import peek_envelope
 from protocol.topics import UpKind, up_topic
 
@@ -69,11 +68,8 @@ def test_each_worker_has_its_own_login_limited_to_its_own_topics(messaging_stack
         assert "as midgate-coordinator-worker-w2 (p5, c0, k30, u'ingest.w2')" in log
 
         agent = stack.enrol_agent("ana")
-        hashes = set()
-        for i in range(REPORTS):
-            fields = contribution_fields(i, agent.device)
-            write_record(agent.spool, f"r{i:05d}", fields)
-            hashes.add(str(fields["update_sha256"]))
+        stack.take_invitation(agent)  # the invitation with the coordinator's own login
+        hashes = write_bodies([agent], REPORTS)[agent.device]
         stack.start_agent(agent)
         wait_until(lambda: agent.outbox_counts() == (0, REPORTS), 60, "every report receipted", poll_s=0.2)
         leaves = stack.ledger_contributions()
@@ -97,9 +93,7 @@ def test_each_worker_has_its_own_login_limited_to_its_own_topics(messaging_stack
             # Subscribing to w2's notices is granted by Mosquitto but nothing is delivered (read ACL per message).
             thief.client.subscribe(committed_topic(stack.mid, "w2"), qos=1)
             wait_until(lambda: len(thief.subacks) == 1, 10, "SUBACK")
-            more = [contribution_fields(i, agent.device) for i in range(REPORTS, REPORTS + 20)]
-            for i, fields in enumerate(more, REPORTS):
-                write_record(agent.spool, f"r{i:05d}", fields)
+            write_bodies([agent], 20, first=REPORTS)
             wait_until(lambda: agent.outbox_counts() == (0, REPORTS + 20), 60, "20 more receipted", poll_s=0.2)
             assert "Sending PUBLISH to midgate-coordinator-worker-w2-handoff" in stack.broker.log_text()
             assert not [t for t in thief.received if "/committed/" in t]

@@ -11,10 +11,9 @@ import urllib.request
 
 import paho.mqtt.client as paho
 import pytest
-from mqtt_fixtures import MessagingStack, ServiceProcess, contribution_fields, free_port, wait_until
+from mqtt_fixtures import MessagingStack, ServiceProcess, free_port, wait_until, write_bodies
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge.agent.spool import write_record
 from protocol.topics import UpKind, up_topic
 
 pytest_plugins = ["mqtt_fixtures"]
@@ -74,8 +73,8 @@ def test_worker_metrics_and_devices_online_through_heartbeat_summaries(messaging
         assert stack.metric("midgate_ingest_accepted_total") == 0
 
         ana = agents[0]
-        for i in range(REPORTS):
-            write_record(ana.spool, f"r{i:05d}", contribution_fields(i, ana.device))
+        stack.invite_to_run(ana)
+        write_bodies([ana], REPORTS)
         wait_until(lambda: ana.outbox_counts() == (0, REPORTS), 60, "every report receipted", poll_s=0.2)
         assert len(stack.ledger_contributions()) == REPORTS
         wait_until(lambda: _metric(port, "midgate_worker_awaiting_commit") == 0, 20, "no hand-off awaiting a commit")

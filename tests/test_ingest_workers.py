@@ -17,13 +17,13 @@ from mqtt_fixtures import (
     MessagingStack,
     MosquittoProcess,
     ServiceProcess,
-    contribution_fields,
+    contribution_report,
     wait_until,
+    write_bodies,
 )
 from paho.mqtt.enums import CallbackAPIVersion
 
 from coordinator.ingest.handoff import VerifiedBatch, seal_verified, verified_topic
-from edge.agent.spool import write_record
 from protocol.envelope import peek_envelope
 
 pytest_plugins = ["mqtt_fixtures"]
@@ -68,12 +68,9 @@ def test_two_workers_and_a_sigkilled_one_lose_and_duplicate_nothing(messaging_st
     workers = [_start_worker(stack, "w1"), _start_worker(stack, "w2")]
     try:
         agents = [stack.enrol_agent(n) for n in ("ana", "ben", "cai")]
-        written: dict[str, set[str]] = {a.device: set() for a in agents}
-        for i in range(REPORTS):
-            agent = agents[i % len(agents)]
-            fields = contribution_fields(i, agent.device)
-            write_record(agent.spool, f"r{i:05d}", fields)
-            written[agent.device].add(str(fields["update_sha256"]))
+        for a in agents:
+            stack.take_invitation(a)
+        written = write_bodies(agents, REPORTS)
         for a in agents:
             stack.start_agent(a)
 
@@ -263,7 +260,6 @@ def _check_no_ack_before_commit(
 def _bare_device_reports(stack: MessagingStack, total: int) -> list[bytes]:
     """Enrol device d-bare straight into the registry and sign reports seq 1..total with its key (no agent)."""
     from coordinator.registry.store import Registry
-    from edge.agent.spool import build_report
     from protocol.identity import SignerKey
 
     key = SignerKey.generate("d-bare")
@@ -273,7 +269,7 @@ def _bare_device_reports(stack: MessagingStack, total: int) -> list[bytes]:
         registry.redeem_invite("inv-bare", 1, "d-bare", key.verifier, "$7$101$unused$unused")
     finally:
         registry.close()
-    return [build_report(contribution_fields(i, "d-bare"), i + 1, 1_790_000_000_000).seal(key) for i in range(total)]
+    return [contribution_report(i, "d-bare", i + 1, 1_790_000_000_000).seal(key) for i in range(total)]
 
 
 def _publish_once(broker: MosquittoProcess, topic: str, envelopes: list[bytes]) -> None:

@@ -10,25 +10,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from mqtt_fixtures import AgentHandle, MessagingStack, ServiceProcess, contribution_fields, wait_until
+from mqtt_fixtures import AgentHandle, MessagingStack, ServiceProcess, wait_until, write_bodies
 from test_ingest_workers import _start_worker
 
-from edge.agent.spool import write_record
 from protocol.envelope import peek_envelope
 
 pytest_plugins = ["mqtt_fixtures"]
 
 REPORTS = 2000
-
-
-def _write_reports(agents: list[AgentHandle], total: int) -> dict[str, set[str]]:
-    written: dict[str, set[str]] = {a.device: set() for a in agents}
-    for i in range(total):
-        agent = agents[i % len(agents)]
-        fields = contribution_fields(i, agent.device)
-        write_record(agent.spool, f"r{i:05d}", fields)
-        written[agent.device].add(str(fields["update_sha256"]))
-    return written
 
 
 def _finish(stack: MessagingStack, agents: list[AgentHandle], written: dict[str, set[str]]) -> None:
@@ -68,7 +57,9 @@ def test_sequencer_sigkill_with_workers_loses_and_duplicates_nothing(messaging_s
     workers = [_start_worker(stack, "w1"), _start_worker(stack, "w2")]
     try:
         agents = [stack.enrol_agent(n) for n in ("ana", "ben")]
-        written = _write_reports(agents, REPORTS)
+        for a in agents:
+            stack.take_invitation(a)
+        written = write_bodies(agents, REPORTS)
         for a in agents:
             stack.start_agent(a)
         wait_until(lambda: len(stack.ledger_contributions()) >= 300, 40, "300 reports in the ledger", poll_s=0.05)
@@ -94,7 +85,9 @@ def test_broker_sigkill_with_workers_loses_and_duplicates_nothing(messaging_stac
     workers = [_start_worker(stack, "w1"), _start_worker(stack, "w2")]
     try:
         agents = [stack.enrol_agent(n) for n in ("ana", "ben")]
-        written = _write_reports(agents, REPORTS)
+        for a in agents:
+            stack.take_invitation(a)
+        written = write_bodies(agents, REPORTS)
         for a in agents:
             stack.start_agent(a)
         wait_until(lambda: len(stack.ledger_contributions()) >= 300, 40, "300 reports in the ledger", poll_s=0.05)

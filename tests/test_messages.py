@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from protocol.envelope import KeyRing, decode, open_envelope, seal
-from protocol.errors import BadSignatureError, MalformedError, ReplayedError, WrongTypeError
+from protocol.errors import BadSignatureError, MalformedError, ReplayedError, TooLargeError, WrongTypeError
 from protocol.identity import SignerKey
 from protocol.messages import (
+    MAX_CONTRIBUTION_BODY_BYTES,
     MAX_TIME_MS,
     MESSAGE_BY_PAYLOAD_TYPE,
     MESSAGE_TYPES,
@@ -21,8 +22,8 @@ from protocol.messages import (
     U64_MAX,
     CheckpointAnnouncement,
     ConsentPolicy,
+    ContributionBody,
     ContributionReport,
-    ContributionReportV2,
     DeviceStatus,
     DpParams,
     EnrolmentRequest,
@@ -76,11 +77,9 @@ def report(**changes: Any) -> ContributionReport:
 G, OFFSET = "12" * 32, "34" * 32
 
 
-def report_v2(**changes: Any) -> ContributionReportV2:
-    """A drift-corrected job's report: v1's fields (without DP, which such jobs refuse) and the drift hashes."""
-    fields = {**report(dp=None).model_dump(exclude={"v"}), "gradient_sha256": G, "drift_offset_sha256": OFFSET}
-    fields.update(changes)
-    return ContributionReportV2(**fields)
+def drift_report(**changes: Any) -> ContributionReport:
+    """A drift-corrected job's report: no DP (such jobs refuse it), and the drift hashes."""
+    return report(**{"dp": None, "gradient_sha256": G, "drift_offset_sha256": OFFSET, **changes})
 
 
 SAMPLES: list[WireMessage] = [
@@ -167,7 +166,7 @@ SAMPLES: list[WireMessage] = [
         detail="report names another update",
         issued_ms=NOW,
     ),
-    report_v2(),
+    drift_report(seq=42),
 ]
 
 
@@ -178,7 +177,7 @@ def test_every_message_type_has_a_sample_and_a_unique_versioned_payload_type() -
         assert model.PAYLOAD_TYPE.startswith("application/vnd.midgate.")
         version = model.model_fields["v"].default
         assert model.PAYLOAD_TYPE.endswith(f".v{version}+json")
-        assert version == 1 or model is ContributionReportV2
+        assert version == 1 or model is ContributionReport  # v2: v1 (without drift hashes) is retired
 
 
 @pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)
@@ -258,58 +257,114 @@ def test_contribution_report_field_rules(change: dict[str, Any]) -> None:
         report(**change)
 
 
-def test_contribution_report_v2_round_trip_keeps_the_drift_hashes() -> None:
-    message = report_v2(seq=U64_MAX)
+def test_contribution_report_round_trip_keeps_the_drift_hashes() -> None:
+    message = drift_report(seq=U64_MAX)
     envelope = message.seal(DEVICE)
     assert json.loads(envelope)["payloadType"] == "application/vnd.midgate.contribution-report.v2+json"
-    verified = open_envelope(envelope, KeyRing([DEVICE.verifier]), ContributionReportV2.PAYLOAD_TYPE)
-    decoded = decode(verified, ContributionReportV2)
+    verified = open_envelope(envelope, KeyRing([DEVICE.verifier]), ContributionReport.PAYLOAD_TYPE)
+    decoded = decode(verified, ContributionReport)
     assert decoded == message
     assert (decoded.v, decoded.gradient_sha256, decoded.drift_offset_sha256) == (2, G, OFFSET)
     assert json.loads(verified.payload)["v"] == 2
 
 
-def test_contribution_report_v2_names_both_drift_hashes_or_neither() -> None:
-    assert report_v2(gradient_sha256=None, drift_offset_sha256=None).gradient_sha256 is None
+def test_a_report_without_drift_correction_carries_both_drift_hashes_as_null() -> None:
+    doc = json.loads(report().canonical_json())
+    assert (doc["gradient_sha256"], doc["drift_offset_sha256"]) == (None, None)
+    # Every field is always present: a payload that leaves the nulls out is not in canonical form.
+    del doc["gradient_sha256"], doc["drift_offset_sha256"]
+    payload = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    verified = open_envelope(
+        seal(ContributionReport.PAYLOAD_TYPE, payload, DEVICE),
+        KeyRing([DEVICE.verifier]),
+        ContributionReport.PAYLOAD_TYPE,
+    )
+    with pytest.raises(MalformedError, match="canonical"):
+        decode(verified, ContributionReport)
+
+
+def test_contribution_report_names_both_drift_hashes_or_neither() -> None:
+    assert drift_report(gradient_sha256=None, drift_offset_sha256=None).gradient_sha256 is None
     for one_missing in ({"gradient_sha256": None}, {"drift_offset_sha256": None}):
         with pytest.raises(ValidationError, match="both set or both null"):
-            report_v2(**one_missing)
-    doc = json.loads(report_v2().canonical_json())
+            drift_report(**one_missing)
+    doc = json.loads(drift_report().canonical_json())
     doc["drift_offset_sha256"] = None
     payload = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
     verified = open_envelope(
-        seal(ContributionReportV2.PAYLOAD_TYPE, payload, DEVICE),
+        seal(ContributionReport.PAYLOAD_TYPE, payload, DEVICE),
         KeyRing([DEVICE.verifier]),
-        ContributionReportV2.PAYLOAD_TYPE,
+        ContributionReport.PAYLOAD_TYPE,
     )
     with pytest.raises(MalformedError):
-        decode(verified, ContributionReportV2)
+        decode(verified, ContributionReport)
 
 
 @pytest.mark.parametrize("bad", ["AB" * 32, "ab" * 31, "", 7])
-def test_contribution_report_v2_drift_hashes_are_sha256_hex(bad: object) -> None:
+def test_contribution_report_drift_hashes_are_sha256_hex(bad: object) -> None:
     with pytest.raises(ValidationError):
-        report_v2(gradient_sha256=bad)
+        drift_report(gradient_sha256=bad)
 
 
-def test_a_v1_reader_refuses_a_v2_report_by_its_payload_type() -> None:
-    ring = KeyRing([DEVICE.verifier])
-    envelope = report_v2().seal(DEVICE)
+def test_the_retired_v1_report_is_refused_by_its_payload_type() -> None:
+    v1 = "application/vnd.midgate.contribution-report.v1+json"
+    assert v1 not in MESSAGE_BY_PAYLOAD_TYPE
+    envelope = seal(v1, report().canonical_json(), DEVICE)
     with pytest.raises(WrongTypeError) as raised:
-        open_envelope(envelope, ring, ContributionReport.PAYLOAD_TYPE)
-    assert raised.value.details == {
-        "expected": ContributionReport.PAYLOAD_TYPE,
-        "found": ContributionReportV2.PAYLOAD_TYPE,
+        open_envelope(envelope, KeyRing([DEVICE.verifier]), ContributionReport.PAYLOAD_TYPE)
+    assert raised.value.details == {"expected": ContributionReport.PAYLOAD_TYPE, "found": v1}
+
+
+def test_the_report_is_its_body_and_what_the_agent_adds_when_it_signs() -> None:
+    message = report()
+    spooled = ContributionBody.parse(body().canonical_json())
+    assert ContributionReport.from_body(spooled, seq=41, device_time_ms=NOW, round_nonce="0f" * 16) == message
+    assert set(ContributionReport.model_fields) - set(ContributionBody.model_fields) == {
+        "v",
+        "seq",
+        "device_time_ms",
+        "round_nonce",
     }
-    with pytest.raises(WrongTypeError):
-        decode(open_envelope(envelope, ring, ContributionReportV2.PAYLOAD_TYPE), ContributionReport)
-    # Nor does a v2 body under v1's payloadType pass for a v1 report (or the reverse): `v` and the fields differ.
-    v2_body_as_v1 = seal(ContributionReport.PAYLOAD_TYPE, report_v2().canonical_json(), DEVICE)
-    with pytest.raises(MalformedError):
-        decode(open_envelope(v2_body_as_v1, ring, ContributionReport.PAYLOAD_TYPE), ContributionReport)
-    v1_body_as_v2 = seal(ContributionReportV2.PAYLOAD_TYPE, report(dp=None).canonical_json(), DEVICE)
-    with pytest.raises(MalformedError):
-        decode(open_envelope(v1_body_as_v2, ring, ContributionReportV2.PAYLOAD_TYPE), ContributionReportV2)
+    with pytest.raises(MalformedError):  # a signed report is not a body: it carries what only the agent adds
+        ContributionBody.parse(message.canonical_json())
+
+
+def body(**changes: Any) -> ContributionBody:
+    """The body of `report()`: what the ClientApp writes."""
+    fields = {name: getattr(report(), name) for name in ContributionBody.model_fields}
+    return ContributionBody(**{**fields, **changes})
+
+
+def test_contribution_body_round_trips_exactly() -> None:
+    message = body(run_id=U64_MAX)
+    data = message.canonical_json()
+    assert json.loads(data)["run_id"] == str(U64_MAX)
+    assert ContributionBody.parse(data) == message
+    assert ContributionBody.parse(data).canonical_json() == data
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"extra": 1}, MalformedError),
+        ({"update_sha256": "B" * 64}, MalformedError),
+        ({"round": 0}, MalformedError),  # Flower counts rounds from 1
+        ({"examples": "100"}, MalformedError),
+        ({"examples": (1 << 31) + 1}, MalformedError),
+        ({"node_id": str(1 << 64)}, MalformedError),
+        ({"node_id": 42}, MalformedError),  # u64 travels as a decimal string
+        ({"dataset_fingerprint": "sha256:" + H}, MalformedError),  # the window file's form, not the report's
+        ({"gradient_sha256": G}, MalformedError),  # one drift hash without the other
+        ({"seq": "1"}, MalformedError),  # what only the agent adds when it signs
+        ({"round_nonce": "0f" * 16}, MalformedError),
+        ({"task_id": "x" * (MAX_CONTRIBUTION_BODY_BYTES + 1)}, TooLargeError),
+    ],
+    ids=lambda value: "-".join(value) if isinstance(value, dict) else "",
+)
+def test_bad_contribution_bodies_are_refused(change: dict[str, Any], error: type[Exception]) -> None:
+    doc = {**json.loads(body().canonical_json()), **change}
+    with pytest.raises(error):
+        ContributionBody.parse(json.dumps(doc).encode())
 
 
 def test_strict_json_does_not_coerce_strings_to_numbers() -> None:

@@ -9,12 +9,11 @@ import time
 
 import paho.mqtt.client as paho
 import pytest
-from mqtt_fixtures import MessagingStack, contribution_fields, wait_until
+from mqtt_fixtures import MessagingStack, contribution_report, wait_until, write_bodies
 from paho.mqtt.enums import CallbackAPIVersion
 
 from coordinator.registry.store import Registry
 from edge.agent.membership import load_membership
-from edge.agent.spool import build_report, write_record
 from protocol.identity import SignerKey
 from protocol.messages import DeviceStatus, Heartbeat
 from protocol.topics import UpKind, up_topic
@@ -38,9 +37,8 @@ def test_bad_input_is_refused_counted_and_others_keep_being_served(messaging_sta
     finally:
         registry.close()
 
-    stack.start_agent(ana)
-    for i in range(HONEST_REPORTS):
-        write_record(ana.spool, f"r{i:05d}", contribution_fields(i, ana.device))
+    stack.start_invited_agent(ana)
+    write_bodies([ana], HONEST_REPORTS)
 
     attacker = paho.Client(CallbackAPIVersion.VERSION2, client_id="attacker", protocol=paho.MQTTv5)
     attacker.connect("127.0.0.1", broker.port)
@@ -48,7 +46,7 @@ def test_bad_input_is_refused_counted_and_others_keep_being_served(messaging_sta
     now = int(time.time() * 1000)
 
     def report(key: SignerKey, device: str, seq: int) -> bytes:
-        return build_report(contribution_fields(10_000 + seq, device), seq, now).seal(key)
+        return contribution_report(10_000 + seq, device, seq, now).seal(key)
 
     ana_topic = up_topic(stack.mid, ana.device, UpKind.REPORT)
     forged = json.loads(report(ana_m.key, ana.device, 900_001))

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
-from mqtt_fixtures import MessagingStack, MosquittoProcess, contribution_fields, coordinator_toml, free_port, wait_until
+from mqtt_fixtures import (
+    MessagingStack,
+    MosquittoProcess,
+    contribution_report,
+    coordinator_toml,
+    free_port,
+    wait_until,
+    write_bodies,
+)
 from paho.mqtt.enums import CallbackAPIVersion
 from typer.testing import CliRunner
 
@@ -19,7 +27,6 @@ from coordinator.cli import app as coordinator_app
 from edge.agent.config import AgentSettings
 from edge.agent.enrolment import enrol
 from edge.agent.membership import load_membership
-from edge.agent.spool import build_report, write_record
 from protocol.enrolment import sign_invite
 from protocol.envelope import decode, open_envelope
 from protocol.errors import InviteExpiredError, InviteInvalidError, InviteUsedError
@@ -118,7 +125,7 @@ user = "root"
         wait_until(lambda: "Sending SUBACK to midgate-coordinator" in stack.broker.log_text(), 20, "coordinator up")
         probe = DeviceClient(tls_port, ana_m.device, ana_m.record.broker.password, ca)
         assert probe.connack == [0]
-        report = build_report(contribution_fields(1, ana_m.device), 1, int(time.time() * 1000)).seal(ana_m.key)
+        report = contribution_report(1, ana_m.device, 1, int(time.time() * 1000)).seal(ana_m.key)
         assert probe.publish(up_topic(stack.mid, ana_m.device, UpKind.REPORT), report) == 0
         forged_topic = up_topic(stack.mid, ben_m.device, UpKind.REPORT)
         assert probe.publish(forged_topic, report) == 135  # MQTT 5 "Not authorized"
@@ -128,7 +135,7 @@ user = "root"
         ben_probe = DeviceClient(tls_port, ben_m.device, ben_m.record.broker.password, ca)
         ben_probe.client.subscribe(f"mid/{stack.mid}/dev/{ben_m.device}/down/+", qos=1)
         wait_until(lambda: len(ben_probe.subacks) == 1, 10, "SUBACK")
-        ben_report = build_report(contribution_fields(2, ben_m.device), 1, int(time.time() * 1000)).seal(ben_m.key)
+        ben_report = contribution_report(2, ben_m.device, 1, int(time.time() * 1000)).seal(ben_m.key)
         assert ben_probe.publish(up_topic(stack.mid, ben_m.device, UpKind.REPORT), ben_report) == 0
         wait_until(lambda: len(ben_probe.received) == 1, 20, "ben's receipt")
         assert probe.received == []
@@ -143,9 +150,8 @@ user = "root"
         wrong.close()
 
         # The agent daemon itself over TLS with its enrolment credentials, within the ACL.
-        stack.start_agent(ana)
-        for i in range(20):
-            write_record(ana.spool, f"r{i:03d}", contribution_fields(100 + i, ana.device))
+        stack.start_invited_agent(ana)  # the invitation over TLS with the coordinator's login, as `job start` sends it
+        write_bodies([ana], 20, first=100)
         wait_until(lambda: ana.outbox_counts() == (0, 20), 60, "20 receipts over TLS")
         assert "Denied" not in stack.broker.log_text().split("as " + ana.device)[-1]
 

@@ -1,7 +1,8 @@
 """Faults against real processes, counts asserted: nothing lost, nothing twice in the ledger.
 
-Each test writes N spool records up front, breaks something mid-stream, repairs it, and then requires every agent's
-outbox to be empty with N verified receipts and the ledger to hold exactly those N reports once each.
+Each test gives its agents the MID's invitation to the reports' run, writes N spool bodies up front, breaks something
+mid-stream, repairs it, and then requires every agent's outbox to be empty with N verified receipts and the ledger to
+hold exactly those N reports once each.
 """
 
 from __future__ import annotations
@@ -10,22 +11,11 @@ import json
 import re
 
 import pytest
-from mqtt_fixtures import AgentHandle, MessagingStack, contribution_fields, wait_until
+from mqtt_fixtures import AgentHandle, MessagingStack, wait_until, write_bodies
 
-from edge.agent.spool import write_record
 from protocol.envelope import peek_envelope
 
 pytest_plugins = ["mqtt_fixtures"]
-
-
-def _write_reports(agents: list[AgentHandle], total: int) -> dict[str, set[str]]:
-    written: dict[str, set[str]] = {a.device: set() for a in agents}
-    for i in range(total):
-        agent = agents[i % len(agents)]
-        fields = contribution_fields(i, agent.device)
-        write_record(agent.spool, f"r{i:05d}", fields)
-        written[agent.device].add(str(fields["update_sha256"]))
-    return written
 
 
 def _wait_all_receipted(agents: list[AgentHandle], written: dict[str, set[str]], timeout_s: float) -> None:
@@ -54,7 +44,9 @@ def test_coordinator_sigkill_mid_stream_loses_and_duplicates_nothing(messaging_s
     stack.start_broker()
     coordinator = stack.start_coordinator()
     agents = [stack.enrol_agent(n) for n in ("ana", "ben")]
-    written = _write_reports(agents, 3000)
+    for a in agents:
+        stack.take_invitation(a)
+    written = write_bodies(agents, 3000)
     for a in agents:
         stack.start_agent(a)
     wait_until(lambda: _contributions(stack) >= 300, 60, "300 reports in the ledger")
@@ -72,7 +64,9 @@ def test_broker_sigkill_mid_stream_loses_and_duplicates_nothing(messaging_stack:
     broker = stack.start_broker()
     stack.start_coordinator()
     agents = [stack.enrol_agent(n) for n in ("ana", "ben")]
-    written = _write_reports(agents, 3000)
+    for a in agents:
+        stack.take_invitation(a)
+    written = write_bodies(agents, 3000)
     for a in agents:
         stack.start_agent(a)
     wait_until(lambda: _contributions(stack) >= 300, 60, "300 reports in the ledger")
@@ -89,9 +83,9 @@ def test_agent_offline_for_5000_reports_then_reconnects(messaging_stack: Messagi
     broker = stack.start_broker()
     stack.start_coordinator()
     agent = stack.enrol_agent("ana")
+    stack.start_invited_agent(agent)
     broker.stop()
-    stack.start_agent(agent)
-    written = _write_reports([agent], 5000)
+    written = write_bodies([agent], 5000)
     # Offline, every record is still signed and committed to the outbox, and the spool drains.
     wait_until(lambda: agent.spool_left() == 0 and agent.outbox_counts() == (5000, 0), 120, "5000 reports queued")
     assert _contributions(stack) == 0
@@ -106,7 +100,8 @@ def test_agent_sigkill_mid_publish_then_restart(messaging_stack: MessagingStack)
     stack.start_broker()
     stack.start_coordinator()
     agent = stack.enrol_agent("ana")
-    written = _write_reports([agent], 3000)
+    stack.take_invitation(agent)
+    written = write_bodies([agent], 3000)
     process = stack.start_agent(agent)
     wait_until(lambda: agent.outbox_counts()[1] >= 200, 60, "200 receipts")
     process.kill()
@@ -126,16 +121,14 @@ def test_qos1_redeliveries_to_a_frozen_then_killed_coordinator_are_logged_once(m
     broker = stack.start_broker()
     coordinator = stack.start_coordinator()
     agent = stack.enrol_agent("ana")
-    written = _write_reports([agent], 2000)
+    stack.take_invitation(agent)
+    written = write_bodies([agent], 2000)
     stack.start_agent(agent)
     wait_until(lambda: _contributions(stack) >= 100, 60, "100 reports in the ledger")
     assert coordinator.proc is not None
     os.kill(coordinator.proc.pid, signal.SIGSTOP)
     # More reports while it is frozen: the broker hands them to the coordinator, which cannot acknowledge them.
-    for i in range(2000, 2300):
-        fields = contribution_fields(i, agent.device)
-        write_record(agent.spool, f"r{i:05d}", fields)
-        written[agent.device].add(str(fields["update_sha256"]))
+    written[agent.device] |= write_bodies([agent], 300, first=2000)[agent.device]
     sent = re.compile(r"Sending PUBLISH to midgate-coordinator \(d\d, q1, r0, m(\d+),")
     acked = re.compile(r"Received PUBACK from midgate-coordinator \(Mid: (\d+),")
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from mqtt_fixtures import MessagingStack, contribution_fields, wait_until
-
-from edge.agent.spool import write_record
+from mqtt_fixtures import MessagingStack, wait_until, write_bodies
 
 pytest_plugins = ["mqtt_fixtures"]
 
@@ -20,13 +18,8 @@ def test_three_agents_thousand_reports_exactly_once(messaging_stack: MessagingSt
     agents = [stack.enrol_agent(name) for name in ("ana", "ben", "cai")]
     assert len({a.device for a in agents}) == 3
     for agent in agents:
-        stack.start_agent(agent)
-    written: dict[str, set[str]] = {a.device: set() for a in agents}
-    for i in range(REPORTS):
-        agent = agents[i % 3]
-        fields = contribution_fields(i, agent.device)
-        write_record(agent.spool, f"r{i:05d}", fields)
-        written[agent.device].add(str(fields["update_sha256"]))
+        stack.start_invited_agent(agent)
+    written = write_bodies(agents, REPORTS)
 
     def all_receipted() -> bool:
         return all(a.spool_left() == 0 and a.outbox_counts() == (0, len(written[a.device])) for a in agents)
@@ -53,9 +46,8 @@ def test_agent_on_mqtt_311_is_served_the_same(messaging_stack: MessagingStack) -
     stack.start_broker()
     stack.start_coordinator()
     agent = stack.enrol_agent("old", agent_extra='mqtt_protocol = "3.1.1"')
-    stack.start_agent(agent)
-    for i in range(100):
-        write_record(agent.spool, f"r{i:05d}", contribution_fields(i, agent.device))
+    stack.start_invited_agent(agent)
+    write_bodies([agent], 100)
     wait_until(lambda: agent.spool_left() == 0 and agent.outbox_counts() == (0, 100), 60, "100 receipts over 3.1.1")
     assert len(stack.ledger_contributions()) == 100
     assert stack.broker is not None and "(p2, c0" in stack.broker.log_text()  # protocol 3.1.1, persistent session

@@ -15,9 +15,8 @@ import socket
 import threading
 
 import pytest
-from mqtt_fixtures import MessagingStack, contribution_fields, coordinator_toml, free_port, wait_until
+from mqtt_fixtures import MessagingStack, coordinator_toml, free_port, wait_until, write_bodies
 
-from edge.agent.spool import write_record
 from protocol.envelope import peek_envelope
 
 pytest_plugins = ["mqtt_fixtures"]
@@ -158,12 +157,9 @@ def test_agent_falls_back_to_311_and_coordinator_runs_on_311(messaging_stack: Me
         )
         stack.start_coordinator()
         agents = [stack.enrol_agent(n) for n in ("ana", "ben")]  # mqtt_protocol defaults to "auto"
-        written: dict[str, set[str]] = {a.device: set() for a in agents}
-        for i in range(REPORTS):
-            agent = agents[i % 2]
-            fields = contribution_fields(i, agent.device)
-            write_record(agent.spool, f"r{i:05d}", fields)
-            written[agent.device].add(str(fields["update_sha256"]))
+        for a in agents:
+            stack.take_invitation(a)
+        written = write_bodies(agents, REPORTS)
         for a in agents:
             stack.start_agent(a)
 

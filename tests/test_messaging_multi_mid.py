@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from mqtt_fixtures import MessagingStack, ServiceProcess, agent_toml, contribution_fields, wait_until
+from mqtt_fixtures import NOT_JOINING, MessagingStack, ServiceProcess, agent_toml, contribution_body, wait_until
 
 from edge.agent.config import AgentSettings
 from edge.agent.enrolment import enrol
 from edge.agent.membership import load_memberships
-from edge.agent.spool import write_record
+from edge.federated.spool import write_body
 
 pytest_plugins = ["mqtt_fixtures"]
 
@@ -37,9 +37,12 @@ def test_one_agent_in_two_mids(messaging_stack: MessagingStack) -> None:
         assert memberships[0].key.verifier != memberships[1].key.verifier
         assert memberships[0].device != memberships[1].device
         process.start()
+        for stack, m in ((river, memberships[1]), (hill, memberships[0])):
+            stack.publish_invitation(m.device)
+        wait_until(lambda: process.log_text().count(NOT_JOINING) >= 2, 30, "both MIDs' invitations taken")
         for m in memberships:
             for i in range(50):
-                write_record(settings.spool_root / m.mid, f"r{i:03d}", contribution_fields(i, m.device))
+                write_body(settings.spool_root / m.mid, contribution_body(i, m.device))
         wait_until(
             lambda: len(river.ledger_contributions()) == 50 and len(hill.ledger_contributions()) == 50, 60, "both"
         )

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from protocol.errors import Reason
-from protocol.messages import MESSAGE_TYPES, DpParams, StatementLine
+from protocol.messages import MESSAGE_TYPES, ContributionBody, DpParams, StatementLine
 from protocol.topics import BroadcastKind, DownKind, UpKind
 
 DOC = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
@@ -27,7 +27,7 @@ def test_every_message_is_documented_with_its_payload_type_and_fields(model: typ
         assert f"`{name}`" in body, f"{model.__name__}.{name} undocumented"
 
 
-@pytest.mark.parametrize("model", [DpParams, StatementLine], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("model", [ContributionBody, DpParams, StatementLine], ids=lambda m: m.__name__)
 def test_nested_models_are_documented(model: type) -> None:
     for name in model.model_fields:
         assert f"`{name}`" in DOC

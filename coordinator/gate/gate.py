@@ -3,8 +3,8 @@
 With `[federation] enabled` every verified, deduplicated ContributionReport is cross-checked against the round
 capture the strategy wrote (coordinator/gate/round_captures.py) before the ledger commit:
 
-- the capture exists and names the signer's node with the same global-model and update hashes (and, in a
-  drift-corrected round, the gradient and offset hashes only a ContributionReportV2 names): logged as before;
+- the capture exists and names the signer's node with the same global-model and update hashes (and the same
+  gradient and offset hashes: both null unless the round was drift-corrected): logged as before;
 - no capture yet (the device reports right after replying to Flower, before the strategy has the whole round): the
   report waits in `pending_contributions` (its own SQLite file, `synchronous=FULL`, committed before the MQTT ack,
   so a crash loses nothing), and the service re-checks it every `capture_poll_s`; after `report_grace_s` without a
@@ -56,7 +56,7 @@ from protocol.envelope import envelope_digest, peek_envelope
 from protocol.errors import EquivocationError, ProtocolError, Reason, RevokedKeyError, RoundNotCapturedError
 from protocol.identity import SignerKey
 from protocol.leaves import Leaf, LeafKind
-from protocol.messages import Refusal
+from protocol.messages import ContributionReport, Refusal
 from protocol.topics import DownKind, UpKind, down_topic, up_topic
 
 log = logging.getLogger("midgate.ingest")
@@ -97,43 +97,18 @@ FLAGGING_REASONS = frozenset({Reason.UPDATE_MISMATCH})
 
 @dataclass(frozen=True)
 class ReportedContribution:
-    """What a verified ContributionReport says, with who signed it (screening established key id, seq, device)."""
+    """A verified ContributionReport with who signed it (screening established the device and key id)."""
 
     device: str
     key_id: str
-    seq: int
-    run_id: int
-    round: int
-    node_id: int
-    global_model_sha256: str
-    update_sha256: str
-    round_nonce: str = field(repr=False)
+    message: ContributionReport
     envelope: bytes = field(repr=False)
-    gradient_sha256: str | None = None
-    drift_offset_sha256: str | None = None
-    """The drift-correction hashes of a ContributionReportV2; None for a v1 report, which stands for a round without
-    drift correction (update_check compares both with the capture either way)."""
 
 
-def reported_contribution(envelope: bytes, device: str, key_id: str, seq: int) -> ReportedContribution:
-    """Read the fields the cross-check needs from a verified report, v1 or v2 (its strict schema was checked by
-    screening, so a v1 payload has no drift hashes and a v2 payload's are both hex or both null)."""
+def reported_contribution(envelope: bytes, device: str, key_id: str) -> ReportedContribution:
+    """Parse a report whose signature and schema screening checked (so it parses; no canonical-form check again)."""
     _, payload, _ = peek_envelope(envelope)
-    doc = json.loads(payload)
-    return ReportedContribution(
-        device,
-        key_id,
-        seq,
-        int(doc["run_id"]),
-        int(doc["round"]),
-        int(doc["node_id"]),
-        str(doc["global_model_sha256"]),
-        str(doc["update_sha256"]),
-        str(doc["round_nonce"]),
-        envelope,
-        doc.get("gradient_sha256"),
-        doc.get("drift_offset_sha256"),
-    )
+    return ReportedContribution(device, key_id, ContributionReport.model_validate_json(payload), envelope)
 
 
 @dataclass(frozen=True)
@@ -198,7 +173,7 @@ class ContributionStore:
             (str(run_id), server_round, limit),
         ).fetchall()
         return [
-            (reported_contribution(bytes(envelope), device, key_id, int(seq)), int(received_ms))
+            (reported_contribution(bytes(envelope), device, key_id), int(received_ms))
             for device, key_id, seq, envelope, received_ms in rows
         ]
 
@@ -216,11 +191,11 @@ def hold(db: sqlite3.Connection, report: ReportedContribution, now_ms: int) -> N
         "INSERT OR IGNORE INTO pending_contributions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (
             report.key_id,
-            str(report.seq),
+            str(report.message.seq),
             report.device,
-            str(report.run_id),
-            report.round,
-            str(report.node_id),
+            str(report.message.run_id),
+            report.message.round,
+            str(report.message.node_id),
             report.envelope,
             now_ms,
         ),
@@ -377,7 +352,7 @@ class ContributionGate:
                 continue
             v = candidate.verdict
             assert v.device is not None and v.key_id is not None and v.seq is not None
-            report = reported_contribution(candidate.leaf.signed, v.device, v.key_id, v.seq)
+            report = reported_contribution(candidate.leaf.signed, v.device, v.key_id)
             refused = self._admit_one(report, candidate.digest, now_ms)
             if refused is None:
                 admission.ready.append(candidate)
@@ -395,7 +370,7 @@ class ContributionGate:
                     hold(db, report, now_ms)
                 for refused in refusals:
                     record_refusal(db, refused)
-            self._waiting.update(((r.key_id, r.seq), digest) for r, digest in held)
+            self._waiting.update(((r.key_id, r.message.seq), digest) for r, digest in held)
             self._forget_refused(refusals)
             if self.metrics is not None:
                 self.metrics.held.inc(len(held))
@@ -406,7 +381,7 @@ class ContributionGate:
         self, report: ReportedContribution, digest: bytes, now_ms: int
     ) -> RefusedContribution | _Wait | None:
         """None: matches its capture; _WAIT: waits for it; else the refusal (earlier refusals are repeated)."""
-        slot = (report.key_id, report.seq)
+        slot = (report.key_id, report.message.seq)
         earlier = self.store.refusal(*slot) if slot in self._refused else None
         if earlier is not None:
             if earlier.envelope_sha256 == digest.hex():
@@ -417,12 +392,12 @@ class ContributionGate:
             if waiting == digest:
                 return _STILL_WAITING
             return self._refusal(report, EquivocationError("other bytes for a waiting (key, seq)"), None, now_ms)
-        capture = self.captures.get(report.run_id, report.round)
+        capture = self.captures.get(report.message.run_id, report.message.round)
         if capture is None:
-            issued = self.issued.for_run(report.run_id)
+            issued = self.issued.for_run(report.message.run_id)
             if issued is not None:  # no record yet: it may be late until the round is captured (`_judge`)
                 try:
-                    check_round_nonce(report.device, report.run_id, report.round_nonce, issued)
+                    check_round_nonce(report.device, report.message.run_id, report.message.round_nonce, issued)
                 except ProtocolError as exc:
                     return self._refusal(report, exc, None, now_ms)
             return _WAIT
@@ -431,8 +406,13 @@ class ContributionGate:
     def _judge(self, report: ReportedContribution, capture: RoundCapture, now_ms: int) -> RefusedContribution | None:
         """The nonce of the signer's invitation (a run no job record names is refused by now), then the capture."""
         try:
-            check_round_nonce(report.device, report.run_id, report.round_nonce, self.issued.for_run(report.run_id))
-            judge_report(report, capture, self._nodes.get(report.device))
+            check_round_nonce(
+                report.device,
+                report.message.run_id,
+                report.message.round_nonce,
+                self.issued.for_run(report.message.run_id),
+            )
+            judge_report(report.message, capture, self._nodes.get(report.device))
         except ProtocolError as exc:
             return self._refusal(report, exc, capture, now_ms)
         return None
@@ -446,17 +426,17 @@ class ContributionGate:
         refusals: list[RefusedContribution] = []
         logged_already: list[ReportedContribution] = []
         for report, received_ms in self._resolvable(now_ms, limit):
-            if self.in_ledger(report.key_id, report.seq):
+            if self.in_ledger(report.key_id, report.message.seq):
                 logged_already.append(report)
                 continue
-            capture = self.captures.get(report.run_id, report.round)
+            capture = self.captures.get(report.message.run_id, report.message.round)
             if capture is None:
                 if now_ms - received_ms < self.grace_ms:
                     continue
                 expired = RoundNotCapturedError(
                     "no capture of this round within the grace period",
-                    run_id=report.run_id,
-                    round=report.round,
+                    run_id=report.message.run_id,
+                    round=report.message.round,
                     waited_ms=now_ms - received_ms,
                 )
                 refused: RefusedContribution | None = self._refusal(report, expired, None, now_ms)
@@ -480,7 +460,7 @@ class ContributionGate:
                 _delete_pending(db, logged_already)
             self._forget_refused(refusals)
             for report in logged_already:
-                self._waiting.pop((report.key_id, report.seq), None)
+                self._waiting.pop((report.key_id, report.message.seq), None)
             self._publish_pending()
         return admission
 
@@ -531,20 +511,20 @@ class ContributionGate:
         refused = RefusedContribution(
             device=report.device,
             key_id=report.key_id,
-            seq=report.seq,
-            run_id=report.run_id,
-            round=report.round,
-            node_id=report.node_id,
+            seq=report.message.seq,
+            run_id=report.message.run_id,
+            round=report.message.round,
+            node_id=report.message.node_id,
             reason=str(exc.reason),
             detail=str(exc)[:256],
             flagged=flagged,
             envelope=report.envelope,
             envelope_sha256=envelope_digest(report.envelope).hex(),
             capture={
-                **capture_evidence(capture, report.node_id),
-                "reported_update_sha256": report.update_sha256,
-                "reported_gradient_sha256": report.gradient_sha256,
-                "reported_drift_offset_sha256": report.drift_offset_sha256,
+                **capture_evidence(capture, report.message.node_id),
+                "reported_update_sha256": report.message.update_sha256,
+                "reported_gradient_sha256": report.message.gradient_sha256,
+                "reported_drift_offset_sha256": report.message.drift_offset_sha256,
             },
             refused_ms=now_ms,
         )
@@ -555,9 +535,9 @@ class ContributionGate:
                 "device flagged: its signed report names an update Flower did not deliver",
                 extra={
                     "device": report.device,
-                    "seq": report.seq,
-                    "run_id": report.run_id,
-                    "round": report.round,
+                    "seq": report.message.seq,
+                    "run_id": report.message.run_id,
+                    "round": report.message.round,
                     "error": refused.detail,
                 },
             )
@@ -582,10 +562,10 @@ class ContributionGate:
 
     def _verdict(self, report: ReportedContribution) -> Verdict:
         # Acknowledged when it was held; received now as far as the latency histogram is concerned.
-        message = InboundMessage(
+        inbound = InboundMessage(
             up_topic(self.mid, report.device, UpKind.REPORT), report.envelope, None, time.monotonic_ns()
         )
-        return Verdict(message, Outcome.REJECTED, device=report.device, key_id=report.key_id, seq=report.seq)
+        return Verdict(inbound, Outcome.REJECTED, device=report.device, key_id=report.key_id, seq=report.message.seq)
 
     def _candidate(self, report: ReportedContribution, signer: Device) -> Candidate:
         leaf = Leaf(LeafKind.CONTRIBUTION, report.envelope)
@@ -598,7 +578,8 @@ class ContributionGate:
 
 def _delete_pending(db: sqlite3.Connection, reports: Sequence[ReportedContribution]) -> None:
     db.executemany(
-        "DELETE FROM pending_contributions WHERE key_id = ? AND seq = ?", [(r.key_id, str(r.seq)) for r in reports]
+        "DELETE FROM pending_contributions WHERE key_id = ? AND seq = ?",
+        [(r.key_id, str(r.message.seq)) for r in reports],
     )
 
 

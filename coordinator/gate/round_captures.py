@@ -12,8 +12,9 @@ from pathlib import Path
 
 from coordinator.capture.directory import capture_summary_path, read_round_summary
 from coordinator.capture.round import RoundCapture
-from coordinator.gate.update_check import ReportedUpdate, check_contribution
+from coordinator.gate.update_check import check_contribution
 from protocol.errors import UpdateDroppedError, UpdateMismatchError
+from protocol.messages import ContributionBody
 
 log = logging.getLogger("midgate.federation")
 
@@ -58,7 +59,7 @@ class RoundCaptures:
         return capture
 
 
-def judge_report(report: ReportedUpdate, capture: RoundCapture, signer_node_id: int | None) -> None:
+def judge_report(report: ContributionBody, capture: RoundCapture, signer_node_id: int | None) -> None:
     """Raise unless `report` names exactly the update Flower delivered from the signer's own node in this round.
 
     Parameters

@@ -1,40 +1,23 @@
 """The coordinator's cross-check of a device's contribution report against the update Flower delivered.
 
-Called after the report's signature verified and its bytes parsed (protocol.tasks.parse_contribution_record): the
-report must name the run, round and node of an update the strategy captured, and the same global-model and update
-hashes (and, in drift-corrected jobs, gradient and offset hashes, which only ContributionReportV2 carries); otherwise
-it is refused with `update_mismatch` and nothing is recorded. A signed report must also carry the nonce of the
-invitation the MID sent its signer for the run's job (`check_round_nonce`); otherwise it is refused
-`wrong_round_nonce`.
+Called after the report's signature verified and its bytes parsed: the report must name the run, round and node of
+an update the strategy captured, and the same global-model and update hashes (and, in drift-corrected jobs, the
+gradient and offset hashes; null in other jobs); otherwise it is refused with `update_mismatch` and nothing is
+recorded. A signed report must also carry the nonce of the invitation the MID sent its signer for the run's job
+(`check_round_nonce`); otherwise it is refused `wrong_round_nonce`.
 """
 
 from __future__ import annotations
 
 import hmac
 from collections.abc import Mapping
-from typing import Protocol
 
 from coordinator.capture.round import CapturedUpdate, RoundCapture
 from protocol.errors import UpdateMismatchError, WrongRoundNonceError
+from protocol.messages import ContributionBody
 
 
-class ReportedUpdate(Protocol):
-    """What a report says about one node's update: the ClientApp's ContributionRecord and the wire protocol's signed
-    ContributionReport both carry these fields."""
-
-    @property
-    def run_id(self) -> int: ...
-    @property
-    def round(self) -> int: ...
-    @property
-    def node_id(self) -> int: ...
-    @property
-    def global_model_sha256(self) -> str: ...
-    @property
-    def update_sha256(self) -> str: ...
-
-
-def find_update(record: ReportedUpdate, capture: RoundCapture) -> CapturedUpdate:
+def find_update(record: ContributionBody, capture: RoundCapture) -> CapturedUpdate:
     """The captured update the report speaks of; raises UpdateMismatchError if the strategy received none."""
     if record.run_id != capture.run_id or record.round != capture.round:
         raise UpdateMismatchError(
@@ -48,8 +31,9 @@ def find_update(record: ReportedUpdate, capture: RoundCapture) -> CapturedUpdate
     raise UpdateMismatchError("no update from this node in this round", node_id=record.node_id, round=record.round)
 
 
-def check_contribution(record: ReportedUpdate, capture: RoundCapture) -> CapturedUpdate:
-    """The matching captured update if the report's hashes are exactly those of what Flower delivered."""
+def check_contribution(record: ContributionBody, capture: RoundCapture) -> CapturedUpdate:
+    """The matching captured update if the report's hashes are exactly those of what Flower delivered (a signed
+    ContributionReport is a ContributionBody, and so is what the ClientApp spooled)."""
     update = find_update(record, capture)
     if record.global_model_sha256 != update.global_sha256:
         raise UpdateMismatchError(
@@ -69,23 +53,18 @@ def check_contribution(record: ReportedUpdate, capture: RoundCapture) -> Capture
     return update
 
 
-def _check_drift_hashes(record: ReportedUpdate, update: CapturedUpdate) -> None:
-    """Drift-corrected jobs (protocol.tasks.drift): a record (ClientApp's, or the wire ContributionReportV2) also
-    names the gradient the node returned to the round's query and the offset it trained with; both must be what the
-    strategy captured (None when the job has no drift correction). A report whose schema has no such fields (the wire
-    ContributionReport v1) says "no drift correction": for a drift-corrected round it is a mismatch, not a pass,
-    or a device could keep its gradient and offset out of the check by signing the older version."""
-    for field, expected in (
-        ("gradient_sha256", update.gradient_sha256),
-        ("drift_offset_sha256", update.drift_offset_sha256),
+def _check_drift_hashes(record: ContributionBody, update: CapturedUpdate) -> None:
+    """Drift-corrected jobs (protocol.tasks.drift): a report also names the gradient the node returned to the round's
+    query and the offset it trained with; both must be what the strategy captured, null when the job has no drift
+    correction. So null hashes for a drift-corrected round are a mismatch, not a pass, or a device could keep its
+    gradient and offset out of the check by leaving them out."""
+    for field, found, expected in (
+        ("gradient", record.gradient_sha256, update.gradient_sha256),
+        ("drift offset", record.drift_offset_sha256, update.drift_offset_sha256),
     ):
-        found = getattr(record, field, None)
         if found != expected:
             raise UpdateMismatchError(
-                f"report names another {field.removesuffix('_sha256').replace('_', ' ')}",
-                node_id=record.node_id,
-                expected=expected,
-                found=found,
+                f"report names another {field}", node_id=record.node_id, expected=expected, found=found
             )
 
 

@@ -40,7 +40,6 @@ from protocol.identity import SignerKey
 from protocol.leaves import Leaf, LeafKind
 from protocol.messages import (
     ContributionReport,
-    ContributionReportV2,
     DeviceStatus,
     Heartbeat,
     StrikeVote,
@@ -58,15 +57,6 @@ _KINDS: dict[UpKind, tuple[type[WireMessage], LeafKind | None]] = {
     UpKind.REPORT: (ContributionReport, LeafKind.CONTRIBUTION),
     UpKind.STRIKE: (StrikeVote, LeafKind.STRIKE),
     UpKind.HEARTBEAT: (Heartbeat, None),
-}
-# Later versions a kind also takes (payloadType -> model); the envelope's payloadType picks the model.
-_LATER_VERSIONS: dict[UpKind, dict[str, type[WireMessage]]] = {
-    UpKind.REPORT: {ContributionReportV2.PAYLOAD_TYPE: ContributionReportV2},
-}
-# Every payloadType a kind takes, opened in one verification (a str for the common one-version kinds).
-_ACCEPTED: dict[UpKind, str | frozenset[str]] = {
-    kind: frozenset({model.PAYLOAD_TYPE, *_LATER_VERSIONS[kind]}) if kind in _LATER_VERSIONS else model.PAYLOAD_TYPE
-    for kind, (model, _) in _KINDS.items()
 }
 
 
@@ -203,9 +193,7 @@ class Screener:
         model, leaf_kind = _KINDS[topic.kind]
         verdict.device = topic.device
         self._take_token(topic.device)
-        verified = self._open(message.payload, _ACCEPTED[topic.kind])
-        if verified.payload_type != model.PAYLOAD_TYPE:
-            model = _LATER_VERSIONS[topic.kind][verified.payload_type]
+        verified = self._open(message.payload, model.PAYLOAD_TYPE)
         signer = self._by_key_id[verified.key_id]
         verdict.key_id = verified.key_id
         if signer.device_id != topic.device:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from edge.agent.config import AgentSettings
 from edge.agent.controls.decisions import OwedVote, owed_votes, strike_vote
@@ -32,7 +32,7 @@ from edge.agent.membership import Membership, load_memberships
 from edge.agent.outbox import Outbox, OutboxFullError
 from edge.agent.refusals import settle_refusal
 from edge.agent.session import DeviceSession
-from edge.agent.spool import pending_files, read_record, reject_file, sign_report
+from edge.federated.spool import SpooledRecord, pending_files, read_record, reject_file
 from protocol.errors import ProtocolError
 from protocol.leaves import LeafKind
 from protocol.messages import DeviceStatus, Heartbeat, ReceiptBatch
@@ -183,7 +183,7 @@ class MembershipRunner:
                 with contextlib.suppress(OSError):
                     reject_file(path, exc)
                 continue
-            items.append((UpKind.REPORT.value, functools.partial(self._sign_record, record.fields), name))
+            items.append((UpKind.REPORT.value, functools.partial(self._sign_record, record), name))
             paths[name] = path
         if not items:
             return 0
@@ -198,8 +198,8 @@ class MembershipRunner:
         self._check_disk()
         return len(taken)
 
-    def _sign_record(self, fields: dict[str, Any], seq: int) -> bytes:
-        return sign_report(fields, self.membership.key, seq, _now_ms())
+    def _sign_record(self, record: SpooledRecord, seq: int) -> bytes:
+        return record.seal(self.membership.key, seq, _now_ms())
 
     def _check_disk(self) -> None:
         used, bound = self.outbox.pending_bytes, self.outbox.max_bytes

@@ -9,6 +9,9 @@ Between jobs no Flower process runs.
 The member's choices gate every job (`admit`, edge.agent.controls.decisions): an invitation for a job the member does
 not take part in (paused, left, on strike against its buyer or purpose) is declined -- logged, counted, nothing
 starts -- and `enforce` stops a running job's SuperNode as soon as the member's choices no longer allow it.
+
+Each invitation's nonce is what the agent signs that job's contribution reports with (`nonce_for`,
+edge.federated.spool); the nonces are kept on disk (InvitationNonces), so that an agent restart loses none.
 """
 
 from __future__ import annotations
@@ -21,21 +24,38 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
 from edge.agent.controls.decisions import RUN, Decision
 from edge.agent.membership import Membership
+from edge.durable_file import replace_file
 from edge.federated.acceleration.device import accelerated
 from edge.federated.supernode import NodeKey, SuperNodeProcess
 from edge.federated.supervisor import SuperNodeSupervisor
 from protocol.envelope import decode, open_envelope
 from protocol.errors import InviteExpiredError, MalformedError, ProtocolError
-from protocol.messages import RoundInvitation
+from protocol.messages import Nonce, RoundInvitation
 
 log = logging.getLogger("midgate.agent.job")
 
 MAX_INVITATION_BYTES = 8 * 1024
 MAX_REMEMBERED_RUNS = 64
 """Run ids whose invitation nonce the agent keeps for records still in the spool (the oldest is forgotten first)."""
+NONCES_FILE = "invitation-nonces.json"
+
+
+class InvitationNonces(BaseModel):
+    """The nonces of the MID's invitations the agent took, kept in the membership folder (NONCES_FILE): a body the
+    ClientApp spooled before the agent restarted is still signed with its run's nonce, and not rejected for want of
+    one (the coordinator re-invites only devices of a job still running, and only every so often)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    latest: Nonce | None = None
+    """The latest job's nonce (JobNode.round_nonce)."""
+    runs: dict[Annotated[str, StringConstraints(pattern=r"^[1-9][0-9]{0,19}$")], Nonce] = {}
+    """Decimal run id -> its invitation's nonce, oldest first."""
 
 
 def _free_port() -> int:
@@ -86,12 +106,13 @@ class JobNode:
         self.job: _Job | None = None
         self.refused = 0
         self.declined = 0
-        # The latest job's invitation nonce goes into that job's reports (edge.agent.spool.report_fields); kept after
+        # The latest job's invitation nonce goes into that job's reports (edge.federated.spool.read_record); kept after
         # the job ends because its last records may reach the spool after the deadline. Invitations that name the run
         # (every one after the first) also map its run id to its nonce, so a record of an earlier job still waiting
         # in the spool when a new job starts carries its own job's nonce, not the new one (`nonce_for`).
         self.round_nonce: str | None = None
         self._run_nonces: dict[int, str] = {}
+        self._load_nonces()
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()  # invitations arrive as separate tasks; one job change at a time
 
@@ -150,7 +171,8 @@ class JobNode:
             if self.job is not None and self.job.job_id == invitation.job_id:
                 await self.stop(str(decision))
             return
-        self._remember_run(invitation)
+        if self._remember_run(invitation):
+            await self._save_nonces()
         if not self.membership.record.flower_node_id or self.windows is None:
             log.warning("invited, but this device has no Flower node or no training windows; not joining")
             return
@@ -165,16 +187,44 @@ class JobNode:
         i = invitation
         self.job = _Job(i.job_id, i.run_id, i.deadline_ms, supervisor, i.buyer, i.purpose)
         self.round_nonce = invitation.nonce
+        await self._save_nonces()
         log.info("supernode started", extra={"job": invitation.job_id, "run_id": invitation.run_id})
         self._wake.set()
 
-    def _remember_run(self, invitation: RoundInvitation) -> None:
-        """Map the invitation's run id to its nonce (run id 0: the first invitation, sent before the run exists)."""
-        if invitation.run_id:
-            self._run_nonces.pop(invitation.run_id, None)
-            self._run_nonces[invitation.run_id] = invitation.nonce
-            while len(self._run_nonces) > MAX_REMEMBERED_RUNS:
-                del self._run_nonces[next(iter(self._run_nonces))]
+    def _remember_run(self, invitation: RoundInvitation) -> bool:
+        """Map the invitation's run id to its nonce (run id 0: the first invitation, sent before the run exists);
+        True when that changed what the agent keeps."""
+        runs = self._run_nonces
+        if not invitation.run_id:
+            return False
+        if next(reversed(runs), None) == invitation.run_id and runs[invitation.run_id] == invitation.nonce:
+            return False  # a renewal of the latest run: nothing to write
+        runs.pop(invitation.run_id, None)
+        runs[invitation.run_id] = invitation.nonce
+        while len(runs) > MAX_REMEMBERED_RUNS:
+            del runs[next(iter(runs))]
+        return True
+
+    @property
+    def _nonces_path(self) -> Path:
+        return self.membership.directory / NONCES_FILE
+
+    def _load_nonces(self) -> None:
+        """What an earlier run of the agent kept; an unreadable file costs only the nonces (logged), never the agent."""
+        try:
+            kept = InvitationNonces.model_validate_json(self._nonces_path.read_bytes())
+        except FileNotFoundError:
+            return
+        except (OSError, ValidationError) as exc:
+            log.error("invitation nonces unreadable; starting without them", extra={"error": str(exc)[:300]})
+            return
+        self.round_nonce = kept.latest
+        self._run_nonces = {int(run_id): nonce for run_id, nonce in kept.runs.items()}
+
+    async def _save_nonces(self) -> None:
+        kept = InvitationNonces(latest=self.round_nonce, runs={str(r): n for r, n in self._run_nonces.items()})
+        # fsync off the event loop; the caller holds the job lock, so saves never overtake each other.
+        await asyncio.to_thread(replace_file, self._nonces_path, kept.model_dump_json().encode())
 
     def nonce_for(self, run_id: int) -> str | None:
         """The nonce a report of `run_id` carries: that run's invitation's, else the latest job's (a run whose

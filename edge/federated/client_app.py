@@ -1,12 +1,13 @@
-"""midgate's Flower ClientApp: local training on the device's windows, and one contribution record per round.
+"""midgate's Flower ClientApp: local training on the device's windows, and one contribution body per round.
 
 Component reference for the Flower app: `edge.federated.client_app:app`. The run config names the task
 (`task-id`, `task-version`) and the local hyper-parameters; the SuperNode's node config names the device's window
-file (`data-path`) and the spool directory the agent reads records from (`spool-dir`).
+file (`data-path`) and the spool directory the agent reads contribution bodies from (`spool-dir`,
+edge.federated.spool).
 
 Drift-corrected jobs (run config `drift-correction` > 0, protocol.tasks.drift) send each round a `query.gradient`
 message first, answered with the full-batch gradient at the global model, then a train message that carries the
-node's drift offset (ArrayRecord `drift-offset`) beside the global model; the contribution record then also names
+node's drift offset (ArrayRecord `drift-offset`) beside the global model; the contribution body then also names
 the hashes of the gradient returned and of the offset received.
 
 Mod order matters: `contribution_record_mod` is outermost so that it hashes the update exactly as Flower sends it,
@@ -26,11 +27,11 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
 from edge.federated.acceleration.packed_arrays import packed_arrays_mod
-from edge.federated.spool import write_record
+from edge.federated.spool import write_body
 from edge.federated.training import LocalTrainingConfig, round_gradient, train_round
 from protocol.errors import MalformedError
+from protocol.messages import ContributionBody, DpParams
 from protocol.tasks.arrays import arrays_sha256
-from protocol.tasks.contribution import ContributionRecord, DPParams
 from protocol.tasks.drift import DRIFT_OFFSET_KEY, GRADIENT_KEY, QUERY_GRADIENT
 from protocol.tasks.models import build_model, evaluate, load_arrays
 from protocol.tasks.spec import get_task
@@ -72,7 +73,7 @@ def _node_path(context: Context, key: str) -> Path:
 
 
 def contribution_record_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Writes the round's contribution record to the spool after a successful train reply."""
+    """Writes the round's contribution body to the spool after a successful train reply."""
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, context)
     spool_dir = _node_path(context, "spool-dir")
@@ -89,11 +90,11 @@ def contribution_record_mod(msg: Message, context: Context, call_next: ClientApp
     dp = None
     if isinstance(clipping, (int, float)) and not isinstance(clipping, bool):
         noise = context.run_config.get("dp-noise-multiplier", 0.0)
-        dp = DPParams(clipping_norm=float(clipping), noise_multiplier=float(noise))  # type: ignore[arg-type]
+        dp = DpParams(clipping_norm=float(clipping), noise_multiplier=float(noise))  # type: ignore[arg-type]
     server_round = int(config["server-round"])  # type: ignore[arg-type]
     gradients = context.state.config_records.get(GRADIENT_STATE_KEY, ConfigRecord())
     gradient_sha256 = gradients.get(str(server_round)) if offset is not None else None
-    record = ContributionRecord(
+    body = ContributionBody(
         run_id=msg.metadata.run_id,
         round=server_round,
         node_id=context.node_id,
@@ -102,17 +103,23 @@ def contribution_record_mod(msg: Message, context: Context, call_next: ClientApp
         global_model_sha256=global_sha256,
         update_sha256=arrays_sha256(_numpy(update)),
         examples=int(metrics["num-examples"]),  # type: ignore[arg-type]
-        dataset_fingerprint=str(info["dataset-fingerprint"]),
+        dataset_fingerprint=fingerprint_sha256(str(info["dataset-fingerprint"])),
         loss_before=float(metrics["loss-before"]),  # type: ignore[arg-type]
         loss_after=float(metrics["loss-after"]),  # type: ignore[arg-type]
         seconds=float(metrics["seconds"]),  # type: ignore[arg-type]
         dp=dp,
         gradient_sha256=gradient_sha256 if isinstance(gradient_sha256, str) else None,
         drift_offset_sha256=None if offset is None else arrays_sha256(offset),
-        created_ms=time.time_ns() // 1_000_000,
     )
-    write_record(spool_dir, record)
+    write_body(spool_dir, body)
     return reply
+
+
+def fingerprint_sha256(fingerprint: str) -> str:
+    """The SHA-256 hex a report names for a window file's fingerprint: the file keeps its scheme in front
+    (`merkle-sha256:` for the sample store's Merkle root, `sha256:` for a canonical array hash), the report only the
+    hex (docs/protocol.md)."""
+    return fingerprint.rpartition(":")[2]
 
 
 def dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -123,7 +130,7 @@ def dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable
     return call_next(msg, context)
 
 
-# packed_arrays_mod outermost: the mods inside it see the named arrays the contribution record hashes.
+# packed_arrays_mod outermost: the mods inside it see the named arrays the contribution body hashes.
 app = ClientApp(mods=[packed_arrays_mod, contribution_record_mod, dp_clipping_mod])
 
 
@@ -157,7 +164,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.query(QUERY_GRADIENT)
 def gradient(msg: Message, context: Context) -> Message:
     """Drift correction's query: the full-batch gradient at the global model in `msg`, on the same windows the
-    round's training will use; its hash is kept in the node's state for the round's contribution record."""
+    round's training will use; its hash is kept in the node's state for the round's contribution body."""
     settings = LocalTrainingConfig.from_run_config(context.run_config)
     spec = get_task(settings.task_id, settings.task_version)
     windows = load_window_file(_node_path(context, "data-path"), spec)

@@ -1,18 +1,14 @@
 """Versioned training tasks both sides agree on. Torch-free: models are in `protocol.tasks.models`."""
 
 from protocol.tasks.arrays import arrays_sha256, canonical_bytes
-from protocol.tasks.contribution import ContributionRecord, DPParams, parse_contribution_record
 from protocol.tasks.spec import REGISTRY, TaskKind, TaskSpec, UnknownTaskError, get_task
 
 __all__ = [
     "REGISTRY",
-    "ContributionRecord",
-    "DPParams",
     "TaskKind",
     "TaskSpec",
     "UnknownTaskError",
     "arrays_sha256",
     "canonical_bytes",
     "get_task",
-    "parse_contribution_record",
 ]
