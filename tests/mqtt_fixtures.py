@@ -529,7 +529,7 @@ class MessagingStack:
         subscribes; returns its nonce (`round_nonce(device)` unless given). The agent signs the spool bodies of the
         run with it and rejects those of a run no invitation named (edge.federated.spool)."""
         import paho.mqtt.client as mqtt
-        from coordinator.registry.enrolment import load_or_create_mid_key
+        from coordinator.mid_key import load_or_create_mid_key
 
         from coordinator.broker.logins import coordinator_password, coordinator_password_path
         from coordinator.config import CoordinatorSettings

@@ -11,12 +11,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
+from edge.durable_file import replace_file
 from protocol.enrolment import BrokerCredentials
 from protocol.identity import SignerKey, VerifierKey, load_signer_key
 from protocol.topics import check_id
@@ -86,15 +86,7 @@ def save_membership(directory: Path, record: MembershipRecord) -> None:
         (directory / "ca.pem").write_text(record.broker.ca_pem)
     if record.flower_node_id:
         (directory / "superlink-ca.pem").write_text(record.superlink_ca_pem)
-    tmp = directory / "membership.json.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, record.model_dump_json(indent=2).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, directory / MEMBERSHIP_FILE)
+    replace_file(directory / MEMBERSHIP_FILE, record.model_dump_json(indent=2).encode())
 
 
 def load_membership(directory: Path) -> Membership:

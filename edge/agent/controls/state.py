@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
+from edge.durable_file import replace_file
 from protocol.messages import Ident, TimeMs, check_strike_span
 
 MEMBER_FILE = "member.json"
@@ -142,21 +143,7 @@ def load_member_state(directory: Path) -> MemberState:
 
 def save_member_state(directory: Path, state: MemberState) -> None:
     """Replace `directory/member.json` atomically with `state`, 0600, durable before it returns."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f"{MEMBER_FILE}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, state.model_dump_json(indent=2).encode() + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, directory / MEMBER_FILE)
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    replace_file(directory / MEMBER_FILE, state.model_dump_json(indent=2).encode() + b"\n")
 
 
 @contextlib.contextmanager
