@@ -46,6 +46,7 @@ from edge.agent.job_node import JobNode
 from edge.agent.membership import Membership, MembershipRecord
 from edge.agent.outbox import Outbox
 from edge.agent.spool import report_fields
+from edge.sensors.export import WindowSource
 from midgate_cli import app
 from protocol.enrolment import BrokerCredentials
 from protocol.envelope import decode, open_envelope
@@ -311,20 +312,24 @@ def _invitation(
     ).seal(mid_key)
 
 
+NO_STORE = WindowSource(Path("/nonexistent/samples.db"))
+
+
 def test_job_node_declines_invitations_the_member_does_not_allow(tmp_path: Path) -> None:
     membership, mid_key = _membership(tmp_path)
     save_member_state(tmp_path, strike(MemberState(), time.time_ns() // 1_000_000 - 1, "acme", None)[0])
     controls = MemberControls(tmp_path, "riverside")
-    # No training windows: an admitted invitation would log "not joining" and still start nothing; a declined one
-    # must never get that far.
-    node = JobNode(membership, tmp_path / "spool", None, admit=controls.admit, recheck=controls.recheck)
+    # No sample store: an admitted invitation is declined for its data and starts nothing; one the member does not
+    # allow is declined before its data is looked at.
+    node = JobNode(membership, tmp_path / "spool", NO_STORE, admit=controls.admit, recheck=controls.recheck)
 
     async def invite() -> None:
         await node.invited(_invitation(mid_key, "job-1", "acme", "research"))
         await node.invited(_invitation(mid_key, "job-2", "globex", "research"))
 
     asyncio.run(invite())
-    assert node.job is None and node.declined == 1 and controls.declined == {DeclineReason.MEMBER_STRIKING: 1}
+    assert node.job is None and node.declined == 2 and controls.declined == {DeclineReason.MEMBER_STRIKING: 1}
+    assert node.data_declines == {DeclineReason.NO_FITTING_DATA: 1}
 
 
 def test_a_spooled_record_carries_the_nonce_of_its_own_runs_invitation(tmp_path: Path) -> None:
@@ -332,7 +337,7 @@ def test_a_spooled_record_carries_the_nonce_of_its_own_runs_invitation(tmp_path:
     job's nonce (ingest refuses any other: wrong_round_nonce); a run no invitation named is refused, not guessed."""
     membership, mid_key = _membership(tmp_path)
     controls = MemberControls(tmp_path, "riverside")
-    node = JobNode(membership, tmp_path / "spool", None, admit=controls.admit, recheck=controls.recheck)
+    node = JobNode(membership, tmp_path / "spool", NO_STORE, admit=controls.admit, recheck=controls.recheck)
     first, second = "a" * 32, "b" * 32
 
     async def invite() -> None:

@@ -9,6 +9,11 @@ Between jobs no Flower process runs.
 The member's choices gate every job (`admit`, edge.agent.controls.decisions): an invitation for a job the member does
 not take part in (paused, left, on strike against its buyer or purpose) is declined -- logged, counted, nothing
 starts -- and `enforce` stops a running job's SuperNode as soon as the member's choices no longer allow it.
+
+Then the data: the first invitation of a job cuts the task's windows from the agent's own sample store, as the task
+spec says (edge.sensors.export.WindowSource), into `mids/{mid}/jobs/{job_id}/windows.npz`, the file the SuperNode's
+ClientApp trains on. A store without the task's inputs, or with too few windows, declines the job with that reason
+(once: its re-invitations are not cut again).
 """
 
 from __future__ import annotations
@@ -18,24 +23,31 @@ import contextlib
 import logging
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge.agent.controls.decisions import RUN, Decision
+from edge.agent.controls.decisions import RUN, Decision, DeclineReason
 from edge.agent.membership import Membership
 from edge.federated.supernode import DEVICE_ENV, NodeKey, SuperNodeProcess
 from edge.federated.supervisor import SuperNodeSupervisor
 from edge.federated.warm_executor import WarmExecutor
+from edge.sensors.errors import MissingInputsError, TooFewWindowsError
+from edge.sensors.export import WindowSource
 from protocol.envelope import decode, open_envelope
 from protocol.errors import InviteExpiredError, MalformedError, ProtocolError
 from protocol.messages import RoundInvitation
+from protocol.tasks.spec import UnknownTaskError, get_task
 
 log = logging.getLogger("midgate.agent.job")
 
 MAX_INVITATION_BYTES = 8 * 1024
 MAX_REMEMBERED_RUNS = 64
 """Run ids whose invitation nonce the agent keeps for records still in the spool (the oldest is forgotten first)."""
+MAX_REMEMBERED_DECLINES = 64
+"""Jobs declined for their data whose re-invitations are ignored (the oldest is forgotten first)."""
+WINDOW_FILE = "windows.npz"
 
 
 def _free_port() -> int:
@@ -69,12 +81,13 @@ class JobNode:
         self,
         membership: Membership,
         spool_dir: Path,
-        windows: Path | None,
+        windows: WindowSource,
         admit: Admit = _admit_all,
         recheck: Admit = _admit_all,
     ) -> None:
-        """`admit` decides each verified invitation (and counts declines); `recheck` asks the same of a running job
-        without counting. Both default to taking part in every job."""
+        """`windows`: where a job's windows are cut from. `admit` decides each verified invitation (and counts
+        declines); `recheck` asks the same of a running job without counting. Both default to taking part in every
+        job."""
         self.membership = membership
         self.spool_dir = spool_dir
         self.windows = windows
@@ -83,6 +96,8 @@ class JobNode:
         self.job: _Job | None = None
         self.refused = 0
         self.declined = 0
+        self.data_declines: Counter[DeclineReason] = Counter()
+        self._unfit: dict[str, Decision] = {}  # job id -> why its data declined it
         # The latest job's invitation nonce goes into that job's reports (edge.agent.spool.report_fields); kept after
         # the job ends because its last records may reach the spool after the deadline. Invitations that name the run
         # (every one after the first) also map its run id to its nonce, so a record of an earlier job still waiting
@@ -107,14 +122,14 @@ class JobNode:
     def _make_process(self, run_dir: Path) -> SuperNodeProcess:
         record = self.membership.record
         ca = self.membership.superlink_ca_file
-        assert ca is not None and self.windows is not None
+        assert ca is not None
         keys = self.membership.flower_key_dir
         return SuperNodeProcess(
             flwr_home=run_dir / "flwr",
             superlink=record.superlink,
             ca_cert=ca,
             key=NodeKey(keys / "supernode", keys / "supernode.pub"),
-            data_path=self.windows,
+            data_path=run_dir / WINDOW_FILE,
             spool_dir=self.spool_dir,
             clientappio_port=_free_port(),
             log_path=run_dir / "supernode.log",
@@ -136,28 +151,30 @@ class JobNode:
             return
         decision = self.admit(invitation.buyer, invitation.purpose)
         if not decision.run:
-            self.declined += 1
-            log.info(
-                "invitation declined: job %s of buyer %s for purpose %s: %s",
-                invitation.job_id,
-                invitation.buyer,
-                invitation.purpose,
-                decision,
-                extra={"job": invitation.job_id, "reason": str(decision.reason)},
-            )
+            self._declined(invitation, decision)
             if self.job is not None and self.job.job_id == invitation.job_id:
                 await self.stop(str(decision))
             return
         self._remember_run(invitation)
-        if not self.membership.record.flower_node_id or self.windows is None:
-            log.warning("invited, but this device has no Flower node or no training windows; not joining")
+        if not self.membership.record.flower_node_id:
+            log.warning("invited, but this device has no Flower node; not joining")
             return
         if self.job is not None and self.job.job_id == invitation.job_id:
             self.job.deadline_ms = max(self.job.deadline_ms, invitation.deadline_ms)
             return
-        await self.stop("replaced by a new job")  # one SuperNode per device
+        if invitation.job_id in self._unfit:
+            return  # its data declined it at its first invitation; a re-invitation changes nothing
         run_dir = self.membership.directory / "jobs" / invitation.job_id
         run_dir.mkdir(parents=True, exist_ok=True)
+        fit = await self._cut_windows(invitation, run_dir / WINDOW_FILE)
+        if not fit.run and fit.reason is not None:
+            self.data_declines[fit.reason] += 1
+            self._unfit[invitation.job_id] = fit
+            while len(self._unfit) > MAX_REMEMBERED_DECLINES:
+                del self._unfit[next(iter(self._unfit))]
+            self._declined(invitation, fit)
+            return
+        await self.stop("replaced by a new job")  # one SuperNode per device
         supervisor = SuperNodeSupervisor(lambda: self._make_process(run_dir))
         await supervisor.__aenter__()
         i = invitation
@@ -165,6 +182,41 @@ class JobNode:
         self.round_nonce = invitation.nonce
         log.info("supernode started", extra={"job": invitation.job_id, "run_id": invitation.run_id})
         self._wake.set()
+
+    def _declined(self, invitation: RoundInvitation, decision: Decision) -> None:
+        self.declined += 1
+        log.info(
+            "invitation declined: job %s of buyer %s for purpose %s: %s",
+            invitation.job_id,
+            invitation.buyer,
+            invitation.purpose,
+            decision,
+            extra={"job": invitation.job_id, "reason": str(decision.reason)},
+        )
+
+    async def _cut_windows(self, invitation: RoundInvitation, path: Path) -> Decision:
+        """Cut the job's windows from the sample store into `path` (in a thread: it reads the whole store), or say
+        why the data cannot take part."""
+        try:
+            task = get_task(invitation.task_id, invitation.task_version)
+        except UnknownTaskError as exc:
+            return Decision(False, DeclineReason.UNKNOWN_TASK, detail=str(exc))
+        try:
+            cut = await asyncio.to_thread(self.windows.cut, task, path)
+        except TooFewWindowsError as exc:
+            return Decision(False, DeclineReason.TOO_FEW_WINDOWS, detail=str(exc))
+        except (MissingInputsError, ProtocolError, OSError) as exc:  # no store, or one that cannot be read
+            return Decision(False, DeclineReason.NO_FITTING_DATA, detail=str(exc))
+        log.info(
+            "windows cut for job %s: %d windows of %s from sensor %s, fingerprint %s",
+            invitation.job_id,
+            cut.count,
+            cut.task,
+            cut.sensor,
+            cut.fingerprint,
+            extra={"job": invitation.job_id},
+        )
+        return RUN
 
     def _remember_run(self, invitation: RoundInvitation) -> None:
         """Map the invitation's run id to its nonce (run id 0: the first invitation, sent before the run exists)."""
