@@ -159,7 +159,7 @@ class SampleCollection:
             state = "finished" if status.ended else "stopped" if stopped else "sampling"
             out.append(self._report(config, sensor, state, status.samples, status, now_ms, now))
         for load in self.loads:
-            state = "stopped" if stopped and load.state == "loading" else load.state
+            state = "stopped" if stopped and load.state == "loading" else load.state  # a load ends at its batch
             out.append(self._report(load.config, load.sensor, state, load.samples, load, now_ms, now))
         return sorted(out, key=lambda h: h.name)
 
@@ -240,9 +240,8 @@ class SampleCollection:
                     self._commit(load, batch, key, mark)
                     batch = []
             self._commit(load, batch, key, mark)
-        if mark["done"]:
-            load.state = "loaded"
-            log.info("replay %s loaded: %d samples", sensor.name, load.samples)
+        load.state = "loaded" if mark["done"] else "stopped"
+        log.info("replay %s %s: %d samples", sensor.name, load.state, load.samples)
 
     def _commit(self, load: _Load, batch: list[Sample], key: str, mark: dict[str, object]) -> None:
         """Write a batch, then how far the load got (a crash in between repeats at most this batch)."""

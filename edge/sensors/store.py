@@ -302,7 +302,8 @@ class SampleStore:
             self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)", (key, value))
 
     def save_health(self, reports: Sequence[SensorHealth]) -> None:
-        """Replace the stored health of these sensors (one transaction)."""
+        """Replace the stored health with `reports` (one transaction): the sensors the daemon runs now, so one taken
+        out of agent.toml does not linger in `agent status`."""
         rows = [
             (
                 h.name,
@@ -321,7 +322,8 @@ class SampleStore:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany("INSERT OR REPLACE INTO sensor_health VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                self._db.execute("DELETE FROM sensor_health")
+                self._db.executemany("INSERT INTO sensor_health VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
