@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -105,5 +106,6 @@ def test_a_fast_replay_is_loaded_once_and_resumes_where_it_stopped(
         assert store.count() == 30 and states(store) == {"rec": "loaded"}
         times = [s.t_ms for s in reversed(store.latest("rec", 100))]
         assert times == [mark["start_ms"] + 10 * k for k in range(30)]  # one recording at 100 Hz, no gap, no repeat
+        assert times[-1] < time.time() * 1000  # stamped so that it ends when the load began: past data
         asyncio.run(run(store))  # an agent restarted after the load: nothing loaded twice
         assert store.count() == 30 and states(store) == {"rec": "loaded"}

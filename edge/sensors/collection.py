@@ -2,9 +2,10 @@
 
 `midgate agent run` owns one (entered before the memberships start, left after they stop), and so does
 `midgate agent sensors sample --config`. Live sensors run under one SamplingScheduler. A replay with
-`speed = "max"` is loaded instead: played once in a worker thread, as fast as the store takes it, and the store
-remembers how far it got (meta key `replay-load:NAME`), so a restart neither loads the same recordings twice nor
-starts over (a crash can repeat at most the batch in flight). Every `health_interval_s` the per-sensor health (rate,
+`speed = "max"` is loaded instead: played once in a worker thread, as fast as the store takes it, stamped at its
+recorded rate so that it ends when the load began (past data, never future data), and the store remembers how far
+it got (meta key `replay-load:NAME`), so a restart neither loads the same recordings twice nor starts over (a crash
+can repeat at most the batch in flight). Every `health_interval_s` the per-sensor health (rate,
 last sample, errors by kind) replaces the store's sensor_health table, which `midgate agent status`, another
 process, reads. Nothing here blocks the event loop: building drivers (files, buses), loads and store writes run in
 threads.
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from edge.sensors.config import ReplayConfig, SampleStoreConfig, SensorConfig, build_sensor
 from edge.sensors.driver import Sensor
 from edge.sensors.errors import ReplayEndedError
+from edge.sensors.replay import CsvReplaySensor, TsReplaySensor
 from edge.sensors.sample import Sample
 from edge.sensors.scheduler import SamplingScheduler, SensorStatus
 from edge.sensors.store import SampleStore, SensorHealth
@@ -46,7 +48,7 @@ class _Load:
     """A replay being loaded as fast as the store takes it (`speed = "max"`)."""
 
     config: ReplayConfig
-    sensor: Sensor
+    sensor: TsReplaySensor | CsvReplaySensor
     state: str = "loading"
     samples: int = 0
     errors: Counter[str] = field(default_factory=Counter)
@@ -105,6 +107,12 @@ class SampleCollection:
         self._rate_base: dict[str, tuple[int, float]] = {}  # name -> (samples, monotonic s) at the last record
 
     @property
+    def done(self) -> bool:
+        """Nothing left to collect: no live sensor still sampling and every load over."""
+        live = self.scheduler is not None and any(not s.ended for s in self.scheduler.status.values())
+        return not live and all(load.state != "loading" for load in self.loads)
+
+    @property
     def sensors(self) -> list[Sensor]:
         return [s for _, s in self.live] + [load.sensor for load in self.loads]
 
@@ -113,6 +121,7 @@ class SampleCollection:
         started = time.monotonic()
         for config, sensor in built:
             if isinstance(config, ReplayConfig) and config.fast:
+                assert isinstance(sensor, TsReplaySensor | CsvReplaySensor)
                 self.loads.append(_Load(config, sensor))
             else:
                 self.live.append((config, sensor))
@@ -215,7 +224,9 @@ class SampleCollection:
         digest = hashlib.sha256(load.config.model_dump_json().encode()).hexdigest()
         mark = json.loads(self.store.get_meta(key) or "{}")
         if mark.get("config") != digest:  # a new or changed replay starts from its beginning
-            mark = {"config": digest, "start_ms": _now_ms(), "reads": 0, "samples": 0, "done": False}
+            # Stamped as if recorded at its own rate up to now: a loaded recording is past data, never future data.
+            start_ms = _now_ms() - round(sensor.recorded_length() * sensor.period_ms)
+            mark = {"config": digest, "start_ms": start_ms, "reads": 0, "samples": 0, "done": False}
         load.samples = int(mark["samples"])
         if not mark["done"]:
             for _ in range(int(mark["reads"])):  # resume where the last run stopped

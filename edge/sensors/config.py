@@ -57,8 +57,8 @@ SeriesSlice = Annotated[str, Field(pattern=r"^\d*:\d*(:[1-9]\d*)?$")]
 class ReplayConfig(_Strict):
     """Replay of a recorded file (.csv or .ts); without `path`, PLAID from the installed sktime wheel.
 
-    `speed = "max"` plays the data once, as fast as the store takes it, stamped at the recorded rate from the moment
-    loading starts (to load recordings, not to imitate a live sensor); the store remembers how far it got, so a
+    `speed = "max"` plays the data once, as fast as the store takes it, stamped at the recorded rate so that it ends
+    when loading began (to load recordings, not to imitate a live sensor); the store remembers how far it got, so a
     restarted agent neither loads the same data twice nor starts over.
     """
 

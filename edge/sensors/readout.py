@@ -113,8 +113,8 @@ def live_table(collection: SampleCollection) -> Table:
 
 
 async def sample_live(configs: list[SensorConfig], store: SampleStore, seconds: float) -> int:
-    """Collect from `configs` into `store` with a live table until `seconds` pass (forever if 0); returns the
-    number of sensors that ran (0: none could start)."""
+    """Collect from `configs` into `store` with a live table until `seconds` pass (forever if 0), or until nothing is
+    left to do (no live sensor, every load done); returns the number of sensors that ran (0: none could start)."""
     async with SampleCollection(configs, store, flush_interval_s=0.5, health_interval_s=1.0) as collection:
         for health in collection.unavailable:
             Console(stderr=True).print(f"skipping {health.name} ({health.driver}): {health.last_error}")
@@ -122,7 +122,7 @@ async def sample_live(configs: list[SensorConfig], store: SampleStore, seconds: 
             return 0
         end = time.monotonic() + seconds if seconds > 0 else math.inf
         with Live(live_table(collection), refresh_per_second=4, console=Console()) as live:
-            while time.monotonic() < end:
+            while time.monotonic() < end and not collection.done:
                 await asyncio.sleep(min(0.25, max(end - time.monotonic(), 0.0)))
                 live.update(live_table(collection))
         return len(collection.sensors)

@@ -147,6 +147,10 @@ class TsReplaySensor:
             self.name, t_ms, tuple(float(v) for v in values), Quality.REPLAYED, self._current.label, self._segment
         )
 
+    def recorded_length(self) -> int:
+        """Reads one play of the chosen series takes (a bad line is one read), without playing them."""
+        return sum(1 if isinstance(item, MalformedError) else item.values.shape[1] for item in self._iterate())
+
     def samples(self, start_ms: int, count: int | None = None) -> Iterator[Sample]:
         """Play as fast as possible (for imports and tests): samples stamped start_ms + k * period_ms; stops at the
         end of the data (or after `count`) even when looping."""
@@ -309,6 +313,16 @@ class CsvReplaySensor:
             if row is None:
                 raise SensorUnavailableError("CSV file has no data rows", sensor=self.name)
         return row
+
+    def recorded_length(self) -> int:
+        """Reads one play of the file takes (rows of the chosen classes; a bad row is one read), without playing it."""
+        with self.path.open(newline="", encoding="utf-8") as handle:
+            rows = csv.reader(handle)
+            next(rows, None)
+            if self._wanted_labels is None or self._label_col is None:
+                return sum(1 for _ in rows)
+            wanted = {self.class_names[i] if self.class_names else str(i) for i in self._wanted_labels}
+            return sum(1 for row in rows if len(row) != self._width or row[self._label_col].strip() in wanted)
 
     def _label(self, cell: str) -> int | None:
         text = cell.strip()
