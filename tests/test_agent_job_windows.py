@@ -15,11 +15,11 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
+from test_agent_member_controls import _membership
 
 import edge.agent.job_node as job_node_module
 from edge.agent.controls.decisions import DeclineReason
 from edge.agent.job_node import WINDOW_FILE, JobNode
-from edge.agent.membership import Membership, MembershipRecord
 from edge.federated.supernode import SuperNodeProcess
 from edge.sensors.export import WindowSource
 from edge.sensors.plaid import PLAID_CLASSES, load_plaid, plaid_files
@@ -28,7 +28,6 @@ from edge.sensors.sample import ChannelSpec
 from edge.sensors.simulated import SimulatedEnvironmentSensor
 from edge.sensors.store import SampleStore, write_all
 from edge.sensors.tsfile import read_ts
-from protocol.enrolment import BrokerCredentials
 from protocol.identity import SignerKey
 from protocol.messages import RoundInvitation
 from protocol.tasks.spec import PLAID_APPLIANCE, REGISTRY, TaskKind, TaskSpec, get_task
@@ -57,19 +56,7 @@ class StandInSupervisor:
 def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[JobNode, SignerKey]:
     monkeypatch.setattr(job_node_module, "SuperNodeSupervisor", StandInSupervisor)
     StandInSupervisor.started = []
-    mid_key = SignerKey.generate("riverside")
-    record = MembershipRecord(
-        mid="riverside",
-        device="d-1",
-        member="ann",
-        mid_key=mid_key.verifier.text(),
-        enrolment_url="http://127.0.0.1:1",
-        broker=BrokerCredentials(host="127.0.0.1", port=1, username="d-1", password="x" * 16, tls=False),
-        enrolled_ms=1,
-        flower_node_id=5,
-        superlink="127.0.0.1:1",
-    )
-    membership = Membership(tmp_path / "mids" / "riverside", record, SignerKey.generate("d-1"))
+    membership, mid_key = _membership(tmp_path)  # the device of a MID that runs a SuperLink
     return JobNode(membership, tmp_path / "spool", WindowSource(tmp_path / "samples.db", min_windows=5)), mid_key
 
 
