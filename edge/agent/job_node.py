@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -48,6 +49,12 @@ MAX_REMEMBERED_RUNS = 64
 MAX_REMEMBERED_DECLINES = 64
 """Jobs declined for their data whose re-invitations are ignored (the oldest is forgotten first)."""
 WINDOW_FILE = "windows.npz"
+
+
+def _detail(exc: Exception) -> str:
+    """An error as a decline's detail: what was missing and what was found, without the error's own reason code."""
+    text = str(exc)
+    return text.removeprefix(f"{exc.reason}: ") if isinstance(exc, ProtocolError) else text
 
 
 def _free_port() -> int:
@@ -200,13 +207,13 @@ class JobNode:
         try:
             task = get_task(invitation.task_id, invitation.task_version)
         except UnknownTaskError as exc:
-            return Decision(False, DeclineReason.UNKNOWN_TASK, detail=str(exc))
+            return Decision(False, DeclineReason.UNKNOWN_TASK, detail=_detail(exc))
         try:
             cut = await asyncio.to_thread(self.windows.cut, task, path)
         except TooFewWindowsError as exc:
-            return Decision(False, DeclineReason.TOO_FEW_WINDOWS, detail=str(exc))
-        except (MissingInputsError, ProtocolError, OSError) as exc:  # no store, or one that cannot be read
-            return Decision(False, DeclineReason.NO_FITTING_DATA, detail=str(exc))
+            return Decision(False, DeclineReason.TOO_FEW_WINDOWS, detail=_detail(exc))
+        except (MissingInputsError, ProtocolError, OSError, sqlite3.Error) as exc:  # no store, or an unreadable one
+            return Decision(False, DeclineReason.NO_FITTING_DATA, detail=_detail(exc))
         log.info(
             "windows cut for job %s: %d windows of %s from sensor %s, fingerprint %s",
             invitation.job_id,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -161,7 +162,7 @@ class SampleCollection:
     def health(self, *, stopped: bool = False) -> list[SensorHealth]:
         """Every configured sensor's health now; rates are over the time since the last record."""
         now_ms, now = _now_ms(), time.monotonic()
-        out = list(self.unavailable)
+        out = [dataclasses.replace(h, updated_ms=now_ms) for h in self.unavailable]
         assert self.scheduler is not None
         for config, sensor in self.live:
             status = self.scheduler.status[sensor.name]
@@ -183,7 +184,8 @@ class SampleCollection:
         now: float,
     ) -> SensorHealth:
         base_samples, base_time = self._rate_base[sensor.name]
-        rate = (samples - base_samples) / (now - base_time) if now > base_time else 0.0
+        moving = state in ("sampling", "loading") and now > base_time
+        rate = (samples - base_samples) / (now - base_time) if moving else 0.0
         last = seen.last_sample
         return SensorHealth(
             sensor.name,
@@ -228,6 +230,7 @@ class SampleCollection:
             start_ms = _now_ms() - round(sensor.recorded_length() * sensor.period_ms)
             mark = {"config": digest, "start_ms": start_ms, "reads": 0, "samples": 0, "done": False}
         load.samples = int(mark["samples"])
+        self._rate_base[sensor.name] = (load.samples, time.monotonic())  # a rate of this run, not of earlier ones
         if not mark["done"]:
             for _ in range(int(mark["reads"])):  # resume where the last run stopped
                 with contextlib.suppress(ProtocolError):
