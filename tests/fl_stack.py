@@ -1,7 +1,8 @@
 """The federated end-to-end stack, one setup for every test that trains through midgate's roles: Mosquitto +
-`coordinator serve` with `[federation] enabled` (its SuperLink on a free port) + enrolled `agent run`s on PLAID
-windows split by label, a job run by the MID operator's `midgate coordinator job start`, and the reports the ledger
-logged. Builds on mqtt_fixtures' MessagingStack (processes stopped by PID there) and flower_fixtures' PLAID windows;
+`coordinator serve` with `[federation] enabled` (its SuperLink on a free port) + enrolled `agent run`s each replaying
+its share of PLAID's recordings (split by label) into its own sample store from its agent.toml and cutting the job's
+windows from it when invited, a job run by the MID operator's `midgate coordinator job start`, and the reports the
+ledger logged. Builds on mqtt_fixtures' MessagingStack (processes stopped by PID there) and flower_fixtures' split;
 `stopping_federation` stops what the agents' SuperNodes left behind (they run in their own process groups).
 """
 
@@ -16,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-from flower_fixtures import plaid_windows, split_by_label
+from agent_sensing import plaid_sensor_toml, wait_loaded
+from flower_fixtures import plaid_windows, split_indices_by_label
 from mqtt_fixtures import PYTHON, REPO, AgentHandle, MessagingStack, ServiceProcess, agent_toml, free_port, wait_until
 
 from coordinator.capture.directory import CaptureDirectory
@@ -83,15 +85,16 @@ def start_federated_coordinator(stack: MessagingStack, extra: str = "") -> int:
 
 
 def enrol_plaid_agent(
-    stack: MessagingStack, name: str, windows_path: Path, spool_poll_s: float = 0.05, extra: str = ""
+    stack: MessagingStack, name: str, workdir: Path, series: list[int], spool_poll_s: float = 0.05, extra: str = ""
 ) -> PlaidAgent:
-    """Enrols one device over HTTP whose agent trains on `windows_path`; returns its handle (not started) and record.
+    """Enrols one device over HTTP whose agent replays PLAID training recordings `series` into its sample store;
+    returns its handle (not started) and record.
 
     spool_poll_s: how often its agent reads the ClientApp's records from its spool (agent_toml's 0.05 s by default).
     extra: more agent.toml settings, one `key = value` a line.
     """
-    handle = AgentHandle(name, windows_path.parent)
-    toml = agent_toml(handle.data_dir, f'training_windows = "{windows_path}"\n{extra}')
+    handle = AgentHandle(name, workdir)
+    toml = agent_toml(handle.data_dir, plaid_sensor_toml(series) + f"\n{extra}")
     handle.config.write_text(toml.replace("spool_poll_s = 0.05", f"spool_poll_s = {spool_poll_s}"))
     record = enrol(AgentSettings.load(handle.config), f"http://127.0.0.1:{stack.http_port}", stack.invite(name))
     assert record.flower_node_id != 0
@@ -103,25 +106,29 @@ def enrol_plaid_agent(
 def start_plaid_agents(
     stack: MessagingStack, devices: int, spool_poll_s: dict[str, float] | None = None, extra: str = ""
 ) -> list[PlaidAgent]:
-    """Splits PLAID's training windows by label (seed 1) among devices m0, m1, ..., enrols each and starts its
-    `agent run`; returns once the broker saw every agent publish.
+    """Splits PLAID's training recordings by label (seed 1) among devices m0, m1, ..., enrols each with a replay of
+    its share in its agent.toml and starts its `agent run`; returns once every agent has loaded its recordings and
+    the broker saw it publish.
 
     spool_poll_s: device name -> its agent's spool poll period, where not the default 0.05 s.
     extra: more agent.toml settings for every agent, one `key = value` a line.
     """
+    from edge.sensors.plaid import load_plaid_series
+
+    labels = load_plaid_series("train")[0].labels
     agents = []
-    for i, windows in enumerate(split_by_label(plaid_windows("train"), devices, seed=1)):
+    for i, series in enumerate(split_indices_by_label(labels, devices, seed=1)):
         name = f"m{i}"
         workdir = stack.root / f"agent-{name}"
         workdir.mkdir()
-        save_window_file(workdir / "windows.npz", windows)
         poll = (spool_poll_s or {}).get(name, 0.05)
-        handle, record = enrol_plaid_agent(stack, name, workdir / "windows.npz", poll, extra)
+        handle, record = enrol_plaid_agent(stack, name, workdir, series.tolist(), poll, extra)
         stack.start_agent(handle)
         agents.append((handle, record))
     broker = stack.broker
     assert broker is not None
     for handle, _ in agents:
+        wait_loaded(handle.data_dir / "samples.db")
         wait_until(
             lambda h=handle: f"Received PUBLISH from {h.device}" in broker.log_text(),  # type: ignore[misc]
             60,

@@ -351,9 +351,10 @@ def signed_invitation(
     deadline_s: float = 60.0,
     buyer: str = "acme",
     purpose: str = "research",
+    task_id: str = "plaid-appliance",
 ) -> bytes:
-    """A RoundInvitation to round 1 of `run_id`, signed by `mid_key` as `job start` signs it (a fresh nonce unless
-    `nonce` is given), valid for `deadline_s` from now."""
+    """A RoundInvitation to round 1 of `run_id` for `task_id`@1, signed by `mid_key` as `job start` signs it (a fresh
+    nonce unless `nonce` is given), valid for `deadline_s` from now."""
     import secrets
 
     from protocol.messages import RoundInvitation
@@ -363,7 +364,7 @@ def signed_invitation(
         job_id=job_id,
         run_id=run_id,
         round=1,
-        task_id="plaid-appliance",
+        task_id=task_id,
         task_version=1,
         purpose=purpose,
         buyer=buyer,
@@ -529,10 +530,10 @@ class MessagingStack:
         subscribes; returns its nonce (`round_nonce(device)` unless given). The agent signs the spool bodies of the
         run with it and rejects those of a run no invitation named (edge.federated.spool)."""
         import paho.mqtt.client as mqtt
-        from coordinator.mid_key import load_or_create_mid_key
 
         from coordinator.broker.logins import coordinator_password, coordinator_password_path
         from coordinator.config import CoordinatorSettings
+        from coordinator.mid_key import load_or_create_mid_key
         from protocol.topics import DownKind, down_topic
 
         settings = CoordinatorSettings.load(self.config)

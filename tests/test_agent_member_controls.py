@@ -47,6 +47,7 @@ from edge.agent.job_node import NONCES_FILE, JobNode
 from edge.agent.membership import Membership, MembershipRecord
 from edge.agent.outbox import Outbox
 from edge.federated.spool import read_record, write_body
+from edge.sensors.export import WindowSource
 from midgate_cli import app
 from protocol.enrolment import BrokerCredentials
 from protocol.envelope import decode, open_envelope
@@ -294,20 +295,24 @@ def _membership(tmp_path: Path) -> tuple[Membership, SignerKey]:
     return Membership(tmp_path, record, SignerKey.generate("d-1")), mid_key
 
 
+NO_STORE = WindowSource(Path("/nonexistent/samples.db"))
+
+
 def test_job_node_declines_invitations_the_member_does_not_allow(tmp_path: Path) -> None:
     membership, mid_key = _membership(tmp_path)
     save_member_state(tmp_path, strike(MemberState(), time.time_ns() // 1_000_000 - 1, "acme", None)[0])
     controls = MemberControls(tmp_path, "riverside")
-    # No training windows: an admitted invitation would log "not joining" and still start nothing; a declined one
-    # must never get that far.
-    node = JobNode(membership, tmp_path / "spool", None, admit=controls.admit, recheck=controls.recheck)
+    # No sample store: an admitted invitation is declined for its data and starts nothing; one the member does not
+    # allow is declined before its data is looked at.
+    node = JobNode(membership, tmp_path / "spool", NO_STORE, admit=controls.admit, recheck=controls.recheck)
 
     async def invite() -> None:
         await node.invited(signed_invitation(mid_key, "job-1", 1))
         await node.invited(signed_invitation(mid_key, "job-2", 1, buyer="globex"))
 
     asyncio.run(invite())
-    assert node.job is None and node.declined == 1 and controls.declined == {DeclineReason.MEMBER_STRIKING: 1}
+    assert node.job is None and node.declined == 2 and controls.declined == {DeclineReason.MEMBER_STRIKING: 1}
+    assert node.data_declines == {DeclineReason.NO_FITTING_DATA: 1}
 
 
 def test_a_spooled_record_carries_the_nonce_of_its_own_runs_invitation(tmp_path: Path) -> None:
@@ -315,7 +320,7 @@ def test_a_spooled_record_carries_the_nonce_of_its_own_runs_invitation(tmp_path:
     job's nonce (ingest refuses any other: wrong_round_nonce); a run no invitation named is refused, not guessed."""
     membership, mid_key = _membership(tmp_path)
     controls = MemberControls(tmp_path, "riverside")
-    node = JobNode(membership, tmp_path / "spool", None, admit=controls.admit, recheck=controls.recheck)
+    node = JobNode(membership, tmp_path / "spool", NO_STORE, admit=controls.admit, recheck=controls.recheck)
     first, second = "a" * 32, "b" * 32
 
     async def invite() -> None:
@@ -331,7 +336,7 @@ def test_a_spooled_record_carries_the_nonce_of_its_own_runs_invitation(tmp_path:
         read_record(write_body(spool, contribution_body(0, run_id=8)), node.nonce_for)
 
     # An agent restarted with bodies still in the spool signs them as the one that took the invitations would.
-    again = JobNode(membership, spool, None, admit=controls.admit, recheck=controls.recheck)
+    again = JobNode(membership, spool, NO_STORE, admit=controls.admit, recheck=controls.recheck)
     assert (again.nonce_for(7), again.nonce_for(9), again.nonce_for(8)) == (first, second, None)
     assert (tmp_path / NONCES_FILE).stat().st_mode & 0o077 == 0
 
@@ -340,7 +345,7 @@ def test_unreadable_invitation_nonces_cost_the_nonces_not_the_agent(tmp_path: Pa
     membership, _ = _membership(tmp_path)
     for damaged in (b"\x00garbage", b'{"latest": null, "runs": {"07": "' + b"a" * 32 + b'"}}'):
         (tmp_path / NONCES_FILE).write_bytes(damaged)
-        node = JobNode(membership, tmp_path / "spool", None)
+        node = JobNode(membership, tmp_path / "spool", NO_STORE)
         assert node.nonce_for(7) is None and node.round_nonce is None
 
 

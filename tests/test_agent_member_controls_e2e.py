@@ -17,6 +17,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import psutil
 import pytest
+from agent_sensing import plaid_sensor_toml, wait_loaded
 from mqtt_fixtures import PYTHON, REPO, MosquittoProcess, ServiceProcess, agent_toml, signed_invitation, wait_until
 from test_fl_roles import _enrol, _http_port, _invite, _supernodes, serve_with_superlink
 
@@ -41,12 +42,8 @@ class Device:
         self.tmp_path = tmp_path
         self.coordinator_dir = data_dir
         self.settings, self.record = _enrol(tmp_path, "ann", _http_port(data_dir), _invite(data_dir, "ann"))
-        windows = tmp_path / "windows.npz"  # only read when a round trains; these tests train nothing
-        windows.write_bytes(b"")
-        self.config = tmp_path / "agent-ann.toml"
-        self.config.write_text(
-            agent_toml(tmp_path / "agent-ann", f'training_windows = "{windows}"\nmember_poll_s = 0.2')
-        )
+        self.config = tmp_path / "agent-ann.toml"  # the member's recordings: windows to cut when a job invites it
+        self.config.write_text(agent_toml(tmp_path / "agent-ann", "member_poll_s = 0.2\n" + plaid_sensor_toml("0:20")))
         self.membership_dir = self.settings.membership_dir(MID)
         self.device_key = load_signer_key(self.membership_dir / "device.key").verifier
         self.mid_key: SignerKey = load_or_create_mid_key(data_dir / "mid.key", MID)
@@ -72,6 +69,7 @@ class Device:
         before = len(self.statuses)
         wait_until(lambda: len(self.statuses) > before or not self.alive, 60, "the agent's first heartbeat")
         assert self.alive
+        wait_loaded(self.tmp_path / "agent-ann" / "samples.db")  # the job windows it will be asked for
 
     def stop_agent(self) -> None:
         if self.agent is not None:

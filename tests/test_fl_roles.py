@@ -15,9 +15,11 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import paho.mqtt.client as mqtt
 import psutil
 import pytest
+from agent_sensing import plaid_sensor_toml, wait_loaded
 from mqtt_fixtures import (
     MosquittoProcess,
     ServiceProcess,
@@ -38,9 +40,12 @@ from edge.agent.config import AgentSettings
 from edge.agent.enrolment import enrol
 from edge.agent.membership import MembershipRecord
 from edge.federated.supernode import generate_node_key
+from edge.sensors.plaid import load_plaid
 from protocol.errors import Reason
 from protocol.identity import SignerKey
 from protocol.messages import EnrolmentRequest
+from protocol.tasks.spec import get_task
+from protocol.tasks.windows import load_window_file
 from protocol.topics import DownKind, down_topic
 
 pytest_plugins = ["mqtt_fixtures"]
@@ -242,10 +247,8 @@ def test_agent_runs_its_supernode_only_while_invited_to_a_job(
 ) -> None:
     _, data_dir, link_port = serve_with_superlink
     settings, record = _enrol(tmp_path, "ann", _http_port(data_dir), _invite(data_dir, "ann"))
-    windows = tmp_path / "windows.npz"  # only read by a ClientApp when a round trains; this test trains nothing
-    windows.write_bytes(b"")
     config = tmp_path / "agent-ann.toml"
-    config.write_text(agent_toml(tmp_path / "agent-ann", f'training_windows = "{windows}"'))
+    config.write_text(agent_toml(tmp_path / "agent-ann", plaid_sensor_toml("0:40")))  # the member's recordings
     agent = ServiceProcess("agent", ["agent", "run", "--config", str(config)], tmp_path / "agent.log")
     agent.start()
     assert agent.proc is not None
@@ -257,8 +260,17 @@ def test_agent_runs_its_supernode_only_while_invited_to_a_job(
         subscribed = f"Received PUBLISH from {record.device}"  # its first heartbeat: connected and subscribed
         wait_until(lambda: subscribed in mosquitto.log_text() or not agent.alive, 60, "agent subscribed")
         assert agent.alive
+        wait_loaded(tmp_path / "agent-ann" / "samples.db")
         assert _supernodes(agent.proc.pid) == []  # between jobs: no Flower process
         topic = down_topic(MID, record.device, DownKind.INVITE)
+        mid_key = load_or_create_mid_key(data_dir / "mid.key", MID)
+
+        # A job whose task needs inputs this member's store lacks is declined, with the reason; nothing starts.
+        without_inputs = signed_invitation(mid_key, "job-env", 3, task_id="env-forecast")
+        publisher.publish(topic, without_inputs, qos=1).wait_for_publish(10)
+        wait_until(lambda: "invitation declined: job job-env" in agent.log_text(), 30, "job without inputs declined")
+        assert "no_fitting_data" in agent.log_text() and "lack ['temperature_c'" in agent.log_text()
+        assert _supernodes(agent.proc.pid) == []
 
         # An invitation not signed by the MID key starts nothing.
         forged = signed_invitation(SignerKey.generate(mid_key_name(MID)), "job-x", 1)
@@ -266,7 +278,6 @@ def test_agent_runs_its_supernode_only_while_invited_to_a_job(
         wait_until(lambda: "invitation refused" in agent.log_text(), 30, "forged invitation refused")
         assert _supernodes(agent.proc.pid) == []
 
-        mid_key = load_or_create_mid_key(data_dir / "mid.key", MID)
         publisher.publish(topic, signed_invitation(mid_key, "job-1", 7, deadline_s=25), qos=1).wait_for_publish(10)
         wait_until(lambda: bool(_supernodes(agent.proc.pid)), 60, "SuperNode started for the job")  # type: ignore[union-attr]
         node = _supernodes(agent.proc.pid)[0]
@@ -276,6 +287,14 @@ def test_agent_runs_its_supernode_only_while_invited_to_a_job(
         membership = settings.membership_dir(MID)
         assert argv[argv.index("--auth-supernode-private-key") + 1] == str(membership / "flower" / "supernode")
         assert argv[argv.index("--root-certificates") + 1] == str(membership / "superlink-ca.pem")
+        # The windows were cut from the store for this job: segment mode, one window per recording, PLAID's labels.
+        windows = membership / "jobs" / "job-1" / "windows.npz"
+        assert f"data-path='{windows}'" in argv[argv.index("--node-config") + 1]
+        cut = load_window_file(windows, get_task("plaid-appliance", 1))
+        assert cut.x.shape == (40, 1, 128) and cut.fingerprint.startswith("merkle-sha256:")
+        plaid = load_plaid("train")
+        np.testing.assert_array_equal(cut.y, plaid.y[:40])
+        np.testing.assert_allclose(cut.x[:, 0, :], plaid.X[:40], rtol=1e-6)
 
         # The job's deadline passes with no further invitation: the node and everything below it are gone.
         below += [c.pid for c in node.children(recursive=True) if c.pid not in below]

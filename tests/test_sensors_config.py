@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import tomllib
 from pathlib import Path
 
@@ -63,3 +64,53 @@ def test_toml_builds_the_sensors_and_store(tmp_path: Path) -> None:
 def test_bad_sensor_config_is_refused(bad: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         SENSORS.validate_python([bad])
+
+
+def test_a_replay_of_any_file_is_configured_in_full(tmp_path: Path) -> None:
+    ts = tmp_path / "rec.ts"
+    ts.write_text(
+        "@problemName R\n@univariate false\n@dimensions 2\n@classLabel true 1 2\n@data\n1,2:3,4:1\n5,6:7,8:2\n9:10:1\n"
+    )
+    toml = f"""
+[[sensors]]
+driver = "replay"
+name = "rec"
+path = "{ts}"
+channels = ["current", "voltage"]
+class_names = ["fan", "fridge"]
+classes = ["fridge", "fan"]
+series = "1:"
+speed = "max"
+"""
+    config = SENSORS.validate_python(tomllib.loads(toml)["sensors"])[0]
+    assert config.fast and config.series_selection() == range(1, sys.maxsize)
+    sensor = build_sensor(config)
+    assert [c.name for c in sensor.channels] == ["current", "voltage"] and sensor.class_names == ("fan", "fridge")
+    assert [(s.values, s.label) for s in sensor.samples(0)] == [((5.0, 7.0), 1), ((6.0, 8.0), 1), ((9.0, 10.0), 0)]
+    assert SENSORS.validate_python([{"driver": "replay", "series": "0:150:2"}])[0].series_selection() == range(
+        0, 150, 2
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "why"),
+    [
+        ({"channels": ["a", "b", "c"]}, "3 channel names for 2 dimensions"),
+        ({"class_names": ["x"]}, "1 class names for 2 labels"),
+        ({"classes": ["oven"]}, "unknown classes"),
+    ],
+)
+def test_a_replay_its_file_contradicts_is_unavailable_with_the_reason(
+    tmp_path: Path, extra: dict[str, object], why: str
+) -> None:
+    ts = tmp_path / "rec.ts"
+    ts.write_text("@problemName R\n@univariate false\n@dimensions 2\n@classLabel true 1 2\n@data\n1:2:1\n")
+    config = SENSORS.validate_python([{"driver": "replay", "path": str(ts), **extra}])[0]
+    with pytest.raises(SensorUnavailableError, match=why):
+        build_sensor(config)
+
+
+def test_bad_replay_settings_are_refused() -> None:
+    for bad in ({"series": "a:b"}, {"speed": "fast"}, {"speed": 0}, {"channels": []}):
+        with pytest.raises(ValidationError):
+            SENSORS.validate_python([{"driver": "replay", **bad}])

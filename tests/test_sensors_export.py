@@ -19,7 +19,7 @@ from protocol.tasks.windows import load_window_file
 def test_plaid_task_file_loads_with_the_task_checks_and_keeps_the_data_sets_labels(tmp_path: Path) -> None:
     sensor = plaid_replay(split="test")
     with SampleStore(tmp_path / "d.db") as store:
-        store.register(sensor.name, sensor.channels)
+        store.register(sensor.name, sensor.channels, sensor.class_names)
         write_all(store, sensor.samples(0))
         window_set, windows = export_task_windows(store, PLAID_APPLIANCE, "plaid", tmp_path / "plaid.npz")
     loaded = load_window_file(tmp_path / "plaid.npz", PLAID_APPLIANCE)

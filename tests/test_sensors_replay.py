@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.sensors.errors import MalformedError, SensorUnavailableError
+from edge.sensors.errors import MalformedError, ReplayEndedError, SensorUnavailableError
 from edge.sensors.plaid import plaid_dir
 from edge.sensors.replay import CsvReplaySensor, TsReplaySensor
 from edge.sensors.sample import Quality
@@ -116,3 +116,47 @@ def test_ts_replay_of_a_slice_and_unknown_class(tmp_path: Path) -> None:
     assert [s.values[0] for s in only_b.samples(0)] == [3.0, 4.0]
     with pytest.raises(ValueError, match=r"unknown classes \['z'\]"):
         TsReplaySensor("t", [path], classes=["z"])
+
+
+def test_csv_labels_by_class_name_with_chosen_columns_classes_and_recordings(tmp_path: Path) -> None:
+    path = tmp_path / "kitchen.csv"
+    path.write_text(
+        "t_ms,voltage_v[V],power_w[W],label,segment\n"
+        "0,230,10,kettle,1\n100,231,11,kettle,1\n200,229,50,toaster,2\n300,230,51,toaster,2\n400,230,12,kettle,3\n"
+    )
+    sensor = CsvReplaySensor("kitchen", path, loop=False, channels=["power_w"], classes=["kettle"])
+    assert sensor.class_names == ("kettle", "toaster")  # the file's names, in order of first appearance
+    assert [(c.name, c.unit) for c in sensor.channels] == [("power_w", "W")]
+    got = [sensor.read(t) for t in range(3)]
+    assert [(s.values, s.label, s.segment) for s in got] == [((10.0,), 0, 1), ((11.0,), 0, 1), ((12.0,), 0, 3)]
+    with pytest.raises(ReplayEndedError):  # done, not broken
+        sensor.read(4)
+
+    named = CsvReplaySensor("kitchen", path, loop=False, class_names=["fan", "toaster", "kettle"])
+    assert [named.read(t).label for t in range(5)] == [2, 2, 1, 1, 2]
+    with pytest.raises(ValueError, match=r"no column \['current'\]"):
+        CsvReplaySensor("kitchen", path, channels=["current"])
+
+
+def test_csv_integer_labels_without_names_and_a_label_outside_the_classes(tmp_path: Path) -> None:
+    path = tmp_path / "x.csv"
+    path.write_text("x,label\n1,0\n2,1\n3,7\n")
+    plain = CsvReplaySensor("x", path, rate_hz=1.0, loop=False)
+    assert plain.class_names == () and [plain.read(t).label for t in range(3)] == [0, 1, 7]
+    named = CsvReplaySensor("x", path, rate_hz=1.0, loop=False, class_names=["off", "on"])
+    assert [named.read(t).label for t in range(2)] == [0, 1]
+    with pytest.raises(MalformedError, match="not one of the classes") as err:
+        named.read(2)
+    assert err.value.details["line"] == 4
+
+
+def test_ts_replay_names_the_files_labels_and_plays_a_range_of_series(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.ts"
+    path.write_text(TS_HEADER + "1,2:a\n3,4:b\n5,6:a\n7:b\n")
+    sensor = TsReplaySensor("t", [path], series=range(1, 1_000_000), class_names=["fan", "fridge"], loop=False)
+    assert sensor.class_names == ("fan", "fridge")
+    assert [(s.values[0], s.label) for s in sensor.samples(0)] == [(3.0, 1), (4.0, 1), (5.0, 0), (6.0, 0), (7.0, 1)]
+    with pytest.raises(ValueError, match="3 class names for 2 labels"):
+        TsReplaySensor("t", [path], class_names=["fan", "fridge", "oven"])
+    with pytest.raises(SensorUnavailableError):
+        TsReplaySensor("t", [tmp_path / "absent.ts"])

@@ -23,6 +23,7 @@ class FlakySensor:
     """A sensor that fails whenever `failing()` says so (e.g. an I2C device unplugged and plugged back)."""
 
     channels = (ChannelSpec("x", ""),)
+    class_names: tuple[str, ...] = ()
     blocking = False
 
     def __init__(self, name: str, period_ms: float, failing: Callable[[int], bool]) -> None:

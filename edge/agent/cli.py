@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from edge.sensors.cli import app as sensors_app
+from edge.agent.sensors_cli import app as sensors_app
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -172,15 +172,19 @@ def unstrike(
 
 @app.command()
 def status(mid: str | None = MidNameOption, config: Path | None = ConfigOption) -> None:
-    """Show what the member chose per MID: paused or left, each strike and whether the MID has receipted its vote."""
+    """Show what the member chose per MID (paused or left, each strike and whether the MID has receipted its vote)
+    and how each sensor samples (rate, last sample, errors by kind)."""
     from rich.console import Console
 
     from edge.agent.config import AgentSettings
-    from edge.agent.controls.commands import membership_dirs, status_table
+    from edge.agent.controls.commands import membership_dirs, sensors_table, status_table
 
+    settings = AgentSettings.load(config)
     try:
-        directories = membership_dirs(AgentSettings.load(config), mid)
+        directories = membership_dirs(settings, mid)
     except ValueError as exc:
         Console(stderr=True).print(f"[red]{exc}[/red]")
         raise typer.Exit(code=2) from None
-    Console(width=160).print(status_table(directories))
+    console = Console(width=160)
+    console.print(status_table(directories))
+    console.print(sensors_table(settings))

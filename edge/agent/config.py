@@ -5,17 +5,22 @@ Example:
     data_dir = "/var/lib/midgate-agent"
     heartbeat_s = 60
     outbox_max_bytes = 268435456
+
+    [[sensors]]
+    driver = "replay"
+    path = "/home/ann/recordings/kitchen.csv"
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from edge.sensors.config import SampleStoreConfig, SensorConfig
+from edge.sensors.export import WindowSource
 from protocol.settings import RoleSettings
 
 
@@ -30,10 +35,16 @@ class AgentSettings(RoleSettings):
     spool_dir: Path | None = Field(
         default=None, description="where the ClientApp drops contribution records; default data_dir/spool"
     )
-    training_windows: Path | None = Field(
-        default=None,
-        description="window file (edge.sensors.export.export_task_windows) the SuperNode trains on when the MID "
-        "invites it to a job; none: the agent does not join jobs",
+    min_job_windows: int = Field(
+        default=10,
+        ge=1,
+        description="a job invitation is declined when the sample store gives fewer windows of the job's task",
+    )
+    max_job_windows: int | None = Field(
+        default=100_000, ge=1, description="at most this many windows (the oldest first) go into one job; none: all"
+    )
+    sensor_health_s: float = Field(
+        default=5.0, gt=0, description="seconds between writes of each sensor's rate, last sample and errors"
     )
     flower_acceleration: bool = Field(
         default=True,
@@ -69,9 +80,27 @@ class AgentSettings(RoleSettings):
     reconnect_max_s: float = Field(default=120.0, gt=0, description="upper bound of the reconnect backoff")
     # `[[sensors]]` and `[sample_store]` are the sensors component's own models (edge.sensors.config).
     sensors: list[SensorConfig] = Field(
-        default_factory=list, description="`[[sensors]]` tables, one per driver (docs/sensors.md)"
+        default_factory=list,
+        description="`[[sensors]]` tables, one per sensor, sampled by `agent run` into the sample store "
+        "(docs/sensors.md)",
     )
+    # A relative `sample_store.path` is under data_dir: the store is the member's data and stays in the agent's
+    # private folder, wherever the daemon was started from.
     sample_store: SampleStoreConfig = Field(default_factory=SampleStoreConfig)
+
+    @model_validator(mode="after")
+    def _sensing(self) -> Self:
+        names = [s.name for s in self.sensors]
+        if len(set(names)) != len(names):
+            raise ValueError(f"[[sensors]] names must be unique, found {names}")
+        if not self.sample_store.path.is_absolute():
+            self.sample_store = self.sample_store.model_copy(update={"path": self.data_dir / self.sample_store.path})
+        return self
+
+    @property
+    def window_source(self) -> WindowSource:
+        """Where the windows of a job this agent is invited to come from."""
+        return WindowSource(self.sample_store.path, self.min_job_windows, self.max_job_windows)
 
     @property
     def spool_root(self) -> Path:

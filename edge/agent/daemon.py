@@ -33,6 +33,7 @@ from edge.agent.outbox import Outbox, OutboxFullError
 from edge.agent.refusals import settle_refusal
 from edge.agent.session import DeviceSession
 from edge.federated.spool import SpooledRecord, pending_files, read_record, reject_file
+from edge.sensors.collection import open_collection
 from protocol.errors import ProtocolError
 from protocol.leaves import LeafKind
 from protocol.messages import DeviceStatus, Heartbeat, ReceiptBatch
@@ -72,7 +73,7 @@ class MembershipRunner:
         self.job_node = JobNode(
             membership,
             settings.spool_root / membership.mid,
-            settings.training_windows,
+            settings.window_source,
             admit=self.controls.admit,
             recheck=self.controls.recheck,
             flower_acceleration=settings.flower_acceleration,
@@ -346,4 +347,5 @@ async def run_agent(settings: AgentSettings, stop: asyncio.Event | None = None) 
         raise SystemExit(f"no memberships under {settings.data_dir / 'mids'}: run `midgate agent enrol` first")
     stop = stop or asyncio.Event()
     runners = [MembershipRunner(settings, m) for m in memberships]
-    await asyncio.gather(*(r.run(stop) for r in runners))
+    async with open_collection(settings.sensors, settings.sample_store, settings.sensor_health_s):
+        await asyncio.gather(*(r.run(stop) for r in runners))

@@ -12,6 +12,11 @@ starts -- and `enforce` stops a running job's SuperNode as soon as the member's 
 
 Each invitation's nonce is what the agent signs that job's contribution reports with (`nonce_for`,
 edge.federated.spool); the nonces are kept on disk (InvitationNonces), so that an agent restart loses none.
+
+Then the data: the first invitation of a job cuts the task's windows from the agent's own sample store, as the task
+spec says (edge.sensors.export.WindowSource), into `mids/{mid}/jobs/{job_id}/windows.npz`, the file the SuperNode's
+ClientApp trains on. A store without the task's inputs, or with too few windows, declines the job with that reason
+(once: its re-invitations are not cut again).
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ import asyncio
 import contextlib
 import logging
 import socket
+import sqlite3
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,15 +35,18 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
-from edge.agent.controls.decisions import RUN, Decision
+from edge.agent.controls.decisions import RUN, Decision, DeclineReason
 from edge.agent.membership import Membership
 from edge.durable_file import replace_file
 from edge.federated.acceleration.device import accelerated
 from edge.federated.supernode import NodeKey, SuperNodeProcess
 from edge.federated.supervisor import SuperNodeSupervisor
+from edge.sensors.errors import MissingInputsError, TooFewWindowsError
+from edge.sensors.export import WindowSource
 from protocol.envelope import decode, open_envelope
 from protocol.errors import InviteExpiredError, MalformedError, ProtocolError
 from protocol.messages import Nonce, RoundInvitation
+from protocol.tasks.spec import UnknownTaskError, get_task
 
 log = logging.getLogger("midgate.agent.job")
 
@@ -56,6 +66,17 @@ class InvitationNonces(BaseModel):
     """The latest job's nonce (JobNode.round_nonce)."""
     runs: dict[Annotated[str, StringConstraints(pattern=r"^[1-9][0-9]{0,19}$")], Nonce] = {}
     """Decimal run id -> its invitation's nonce, oldest first."""
+
+
+MAX_REMEMBERED_DECLINES = 64
+"""Jobs declined for their data whose re-invitations are ignored (the oldest is forgotten first)."""
+WINDOW_FILE = "windows.npz"
+
+
+def _detail(exc: Exception) -> str:
+    """An error as a decline's detail: what was missing and what was found, without the error's own reason code."""
+    text = str(exc)
+    return text.removeprefix(f"{exc.reason}: ") if isinstance(exc, ProtocolError) else text
 
 
 def _free_port() -> int:
@@ -89,14 +110,14 @@ class JobNode:
         self,
         membership: Membership,
         spool_dir: Path,
-        windows: Path | None,
+        windows: WindowSource,
         admit: Admit = _admit_all,
         recheck: Admit = _admit_all,
         flower_acceleration: bool = True,
     ) -> None:
-        """`admit` decides each verified invitation (and counts declines); `recheck` asks the same of a running job
-        without counting. Both default to taking part in every job. `flower_acceleration` (agent.toml's) runs each
-        job's SuperNode through edge.federated.acceleration."""
+        """`windows`: where a job's windows are cut from. `admit` decides each verified invitation (and counts
+        declines); `recheck` asks the same of a running job without counting. Both default to taking part in every
+        job. `flower_acceleration` (agent.toml's) runs each job's SuperNode through edge.federated.acceleration."""
         self.membership = membership
         self.spool_dir = spool_dir
         self.windows = windows
@@ -106,6 +127,8 @@ class JobNode:
         self.job: _Job | None = None
         self.refused = 0
         self.declined = 0
+        self.data_declines: Counter[DeclineReason] = Counter()
+        self._unfit: dict[str, Decision] = {}  # job id -> why its data declined it
         # The latest job's invitation nonce goes into that job's reports (edge.federated.spool.read_record); kept after
         # the job ends because its last records may reach the spool after the deadline. Invitations that name the run
         # (every one after the first) also map its run id to its nonce, so a record of an earlier job still waiting
@@ -131,14 +154,14 @@ class JobNode:
     def _make_process(self, run_dir: Path) -> SuperNodeProcess:
         record = self.membership.record
         ca = self.membership.superlink_ca_file
-        assert ca is not None and self.windows is not None
+        assert ca is not None
         keys = self.membership.flower_key_dir
         process = SuperNodeProcess(
             flwr_home=run_dir / "flwr",
             superlink=record.superlink,
             ca_cert=ca,
             key=NodeKey(keys / "supernode", keys / "supernode.pub"),
-            data_path=self.windows,
+            data_path=run_dir / WINDOW_FILE,
             spool_dir=self.spool_dir,
             clientappio_port=_free_port(),
             log_path=run_dir / "supernode.log",
@@ -159,29 +182,31 @@ class JobNode:
             return
         decision = self.admit(invitation.buyer, invitation.purpose)
         if not decision.run:
-            self.declined += 1
-            log.info(
-                "invitation declined: job %s of buyer %s for purpose %s: %s",
-                invitation.job_id,
-                invitation.buyer,
-                invitation.purpose,
-                decision,
-                extra={"job": invitation.job_id, "reason": str(decision.reason)},
-            )
+            self._declined(invitation, decision)
             if self.job is not None and self.job.job_id == invitation.job_id:
                 await self.stop(str(decision))
             return
         if self._remember_run(invitation):
             await self._save_nonces()
-        if not self.membership.record.flower_node_id or self.windows is None:
-            log.warning("invited, but this device has no Flower node or no training windows; not joining")
+        if not self.membership.record.flower_node_id:
+            log.warning("invited, but this device has no Flower node; not joining")
             return
         if self.job is not None and self.job.job_id == invitation.job_id:
             self.job.deadline_ms = max(self.job.deadline_ms, invitation.deadline_ms)
             return
-        await self.stop("replaced by a new job")  # one SuperNode per device
+        if invitation.job_id in self._unfit:
+            return  # its data declined it at its first invitation; a re-invitation changes nothing
         run_dir = self.membership.directory / "jobs" / invitation.job_id
         run_dir.mkdir(parents=True, exist_ok=True)
+        fit = await self._cut_windows(invitation, run_dir / WINDOW_FILE)
+        if not fit.run and fit.reason is not None:
+            self.data_declines[fit.reason] += 1
+            self._unfit[invitation.job_id] = fit
+            while len(self._unfit) > MAX_REMEMBERED_DECLINES:
+                del self._unfit[next(iter(self._unfit))]
+            self._declined(invitation, fit)
+            return
+        await self.stop("replaced by a new job")  # one SuperNode per device
         supervisor = SuperNodeSupervisor(lambda: self._make_process(run_dir))
         await supervisor.__aenter__()
         i = invitation
@@ -190,6 +215,41 @@ class JobNode:
         await self._save_nonces()
         log.info("supernode started", extra={"job": invitation.job_id, "run_id": invitation.run_id})
         self._wake.set()
+
+    def _declined(self, invitation: RoundInvitation, decision: Decision) -> None:
+        self.declined += 1
+        log.info(
+            "invitation declined: job %s of buyer %s for purpose %s: %s",
+            invitation.job_id,
+            invitation.buyer,
+            invitation.purpose,
+            decision,
+            extra={"job": invitation.job_id, "reason": str(decision.reason)},
+        )
+
+    async def _cut_windows(self, invitation: RoundInvitation, path: Path) -> Decision:
+        """Cut the job's windows from the sample store into `path` (in a thread: it reads the whole store), or say
+        why the data cannot take part."""
+        try:
+            task = get_task(invitation.task_id, invitation.task_version)
+        except UnknownTaskError as exc:
+            return Decision(False, DeclineReason.UNKNOWN_TASK, detail=_detail(exc))
+        try:
+            cut = await asyncio.to_thread(self.windows.cut, task, path)
+        except TooFewWindowsError as exc:
+            return Decision(False, DeclineReason.TOO_FEW_WINDOWS, detail=_detail(exc))
+        except (MissingInputsError, ProtocolError, OSError, sqlite3.Error) as exc:  # no store, or an unreadable one
+            return Decision(False, DeclineReason.NO_FITTING_DATA, detail=_detail(exc))
+        log.info(
+            "windows cut for job %s: %d windows of %s from sensor %s, fingerprint %s",
+            invitation.job_id,
+            cut.count,
+            cut.task,
+            cut.sensor,
+            cut.fingerprint,
+            extra={"job": invitation.job_id},
+        )
+        return RUN
 
     def _remember_run(self, invitation: RoundInvitation) -> bool:
         """Map the invitation's run id to its nonce (run id 0: the first invitation, sent before the run exists);

@@ -157,6 +157,7 @@ class Bme280Sensor:
     """
 
     blocking = True
+    class_names: tuple[str, ...] = ()  # unlabelled
     channels: tuple[ChannelSpec, ...] = (
         ChannelSpec("temperature_c", "°C"),
         ChannelSpec("pressure_hpa", "hPa"),

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from edge.sensors.driver import Sensor
+from edge.sensors.errors import SensorUnavailableError
 from edge.sensors.linux import THERMAL_ROOT
 from edge.sensors.store import Retention, SampleStore
 
@@ -47,25 +50,55 @@ class Bme280Config(_Strict):
     period_ms: PeriodMs = 1000.0
 
 
+SeriesSlice = Annotated[str, Field(pattern=r"^\d*:\d*(:[1-9]\d*)?$")]
+"""Python slice syntax over series indices: "0:150", "150:", "::2"."""
+
+
 class ReplayConfig(_Strict):
-    """Replay of a recorded file (.csv or .ts); without `path`, PLAID from the installed sktime wheel."""
+    """Replay of a recorded file (.csv or .ts); without `path`, PLAID from the installed sktime wheel.
+
+    `speed = "max"` plays the data once, as fast as the store takes it, stamped at the recorded rate so that it ends
+    when loading began (to load recordings, not to imitate a live sensor); the store remembers how far it got, so a
+    restarted agent neither loads the same data twice nor starts over.
+    """
 
     driver: Literal["replay"] = "replay"
     name: SensorName = "plaid"
     path: Path | None = None
     split: Literal["train", "test", "all"] = "train"
     rate_hz: float | None = Field(default=None, gt=0.0, le=1_000_000.0)
-    speed: float = Field(default=1.0, gt=0.0, le=1_000_000.0)
+    speed: Annotated[float, Field(gt=0.0, le=1_000_000.0)] | Literal["max"] = 1.0
+    channels: tuple[str, ...] | None = Field(
+        default=None, min_length=1, description=".ts: names of the dimensions; CSV: the columns to play"
+    )
+    class_names: tuple[str, ...] | None = Field(
+        default=None, min_length=1, description="names of the file's labels in label-index order"
+    )
     classes: tuple[str, ...] | None = None
-    series: tuple[int, ...] | None = None
+    series: tuple[int, ...] | SeriesSlice | None = None
     loop: bool = True
+
+    @property
+    def fast(self) -> bool:
+        return self.speed == "max"
+
+    def series_selection(self) -> Sequence[int] | None:
+        """`series` as indices: a tuple as it is, a slice string as a range (open-ended up to any length)."""
+        if not isinstance(self.series, str):
+            return self.series
+        parts = [int(p) if p else None for p in self.series.split(":")]
+        start, stop, step = [*parts, None, None][:3]
+        return range(start or 0, sys.maxsize if stop is None else stop, step or 1)
 
 
 SensorConfig = Annotated[SimulatedConfig | LinuxConfig | Bme280Config | ReplayConfig, Field(discriminator="driver")]
 
 
 class SampleStoreConfig(_Strict):
-    path: Path = Field(default=Path("samples.db"), description="SQLite file of the device's samples (never leaves it)")
+    path: Path = Field(
+        default=Path("samples.db"),
+        description="SQLite file of the device's samples (never leaves it); in agent.toml relative to data_dir",
+    )
     max_age_days: float | None = Field(default=90.0, gt=0.0, description="drop samples older than this; none: keep")
     max_samples: int | None = Field(default=None, ge=1, description="keep at most this many samples, oldest dropped")
     max_bytes: int | None = Field(
@@ -106,26 +139,40 @@ def build_sensor(config: SimulatedConfig | LinuxConfig | Bme280Config | ReplayCo
         return Bme280Sensor(
             config.name, bus_number=config.bus_number, address=config.address, period_ms=config.period_ms
         )
-    from edge.sensors.replay import CsvReplaySensor, TsReplaySensor, plaid_replay
+    return _replay(config)
 
-    if config.path is None:
-        return plaid_replay(
+
+def _replay(config: ReplayConfig) -> Sensor:
+    from edge.sensors.plaid import PLAID_CLASSES, plaid_files
+    from edge.sensors.replay import CsvReplaySensor, TsReplaySensor
+
+    speed = 1.0 if config.speed == "max" else config.speed
+    loop = config.loop and not config.fast
+    try:
+        if config.path is not None and config.path.suffix.lower() == ".csv":
+            if config.series is not None:
+                raise ValueError("series selects recordings of a .ts file; a CSV replay takes classes and channels")
+            return CsvReplaySensor(
+                config.name,
+                config.path,
+                rate_hz=config.rate_hz,
+                speed=speed,
+                loop=loop,
+                channels=config.channels,
+                class_names=config.class_names,
+                classes=config.classes,
+            )
+        plaid = config.path is None
+        return TsReplaySensor(
             config.name,
-            split=config.split,
+            plaid_files(config.split) if config.path is None else [config.path],
             rate_hz=config.rate_hz or 100.0,
-            speed=config.speed,
-            series=config.series,
+            speed=speed,
+            channel_names=config.channels or (("current",) if plaid else None),
+            series=config.series_selection(),
             classes=config.classes,
-            loop=config.loop,
+            class_names=config.class_names or (PLAID_CLASSES if plaid else None),
+            loop=loop,
         )
-    if config.path.suffix.lower() == ".csv":
-        return CsvReplaySensor(config.name, config.path, rate_hz=config.rate_hz, speed=config.speed, loop=config.loop)
-    return TsReplaySensor(
-        config.name,
-        [config.path],
-        rate_hz=config.rate_hz or 100.0,
-        speed=config.speed,
-        series=config.series,
-        classes=config.classes,
-        loop=config.loop,
-    )
+    except ValueError as exc:  # the file and the configuration disagree: say so as an unavailable sensor
+        raise SensorUnavailableError(str(exc), sensor=config.name) from exc

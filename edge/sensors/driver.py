@@ -13,12 +13,15 @@ class Sensor(Protocol):
 
     `read(t_ms)` takes one reading and stamps it with `t_ms` (the scheduler's UTC time for this tick); it raises a
     `SensorError` (or `MalformedError` for a bad recorded line) when the whole reading failed, and returns a sample
-    flagged PARTIAL when only some channels failed. `period_ms` is the sensor's own sampling period. `blocking`
-    drivers (bus or file I/O that can stall) are read in a worker thread so they never block the event loop.
+    flagged PARTIAL when only some channels failed; a replay that does not loop raises `ReplayEndedError` once it
+    has played everything. `period_ms` is the sensor's own sampling period. `blocking` drivers (bus or file I/O that
+    can stall) are read in a worker thread so they never block the event loop. `class_names` names the label
+    indexes a labelled source puts in its samples (empty for live sensors, which carry no labels).
     """
 
     name: str
     channels: tuple[ChannelSpec, ...]
+    class_names: tuple[str, ...]
     period_ms: float
     blocking: bool
 

@@ -5,7 +5,16 @@ from __future__ import annotations
 
 from protocol.errors import MalformedError, ProtocolError, Reason, TooLargeError
 
-__all__ = ["MalformedError", "SensorError", "SensorIOError", "SensorUnavailableError", "TooLargeError"]
+__all__ = [
+    "MalformedError",
+    "MissingInputsError",
+    "ReplayEndedError",
+    "SensorError",
+    "SensorIOError",
+    "SensorUnavailableError",
+    "TooFewWindowsError",
+    "TooLargeError",
+]
 
 
 class SensorError(ProtocolError):
@@ -24,3 +33,17 @@ class SensorIOError(SensorError):
     """The sensor is there but a read failed (I2C NACK, EIO, short read)."""
 
     reason = Reason.SENSOR_IO
+
+
+class ReplayEndedError(SensorUnavailableError):
+    """A replay that does not loop has played all its data: the sensor is done, not broken (the scheduler stops
+    sampling it instead of retrying)."""
+
+
+class MissingInputsError(MalformedError):
+    """The store holds no data a task can train on: no sensor has the task's features, or the labels of those that
+    do have no class names or names outside the task's classes. `details["sensors"]` says why, per sensor."""
+
+
+class TooFewWindowsError(MalformedError):
+    """The store's fitting data gives fewer windows than a job needs."""

@@ -1,41 +1,50 @@
 """From the sample store to a task's window file: the hand-off between sensing and federated training.
 
-The agent exports a task's windows into the .npz window file that the SuperNode's ClientApp reads
-(`protocol.tasks.windows`), so a Flower task process never opens the live store. The file's fingerprint is the
-Merkle root of the window hashes (edge.sensors.fingerprint) and the per-window hashes travel with it (`hashes`,
-(n, 32) uint8), so a round that trains on a subset can name exactly that subset: `dataset_fingerprint(hashes[idx])`.
+When the MID invites the device to a job, the agent cuts the task's windows from its own store (`WindowSource.cut`)
+into the .npz window file that the SuperNode's ClientApp reads (`protocol.tasks.windows`), so a Flower task process
+never opens the live store. The file's fingerprint is the Merkle root of the window hashes (edge.sensors.fingerprint)
+and the per-window hashes travel with it (`hashes`, (n, 32) uint8), so a round that trains on a subset can name
+exactly that subset: `dataset_fingerprint(hashes[idx])`.
 
-How a task's windows are cut:
-- classification: labelled windows only; a task whose features are one recording per window (PLAID) uses segment
-  mode (one window per recording), others sliding windows of `window_length`.
+How a task's windows are cut is the task spec's to say (`window_mode`, `window_stride`), never a list of task ids:
+- classification: labelled windows only, labels mapped to the task's classes by name; a sensor whose labels have
+  no names, or names the task does not have, is refused rather than relabelled.
 - forecast: sliding windows of `window_length + 1`; x is the first `window_length` samples, y the last one (the next
   sample of every feature), so the hash commits to input and target together.
-- autoencoder: sliding windows of `window_length`, no targets.
+- autoencoder: windows of `window_length`, no targets.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from edge.sensors.errors import MissingInputsError, TooFewWindowsError
 from edge.sensors.store import SampleStore
-from edge.sensors.windows import WindowMode, Windows, WindowSpec
+from edge.sensors.windows import Windows, WindowSpec
 from protocol.tasks.spec import TaskKind, TaskSpec
 from protocol.tasks.windows import WindowSet
 
 FINGERPRINT_PREFIX = "merkle-sha256:"
-SEGMENT_TASKS = frozenset({"plaid-appliance"})
 
 
 def window_spec_for(task: TaskSpec, sensor: str, *, max_gap_ms: int | None = None) -> WindowSpec:
     """How `task`'s windows are cut from `sensor`'s samples (see the module docstring)."""
-    if task.kind is TaskKind.CLASSIFICATION:
-        mode: WindowMode = "segment" if task.id in SEGMENT_TASKS else "sliding"
-        return WindowSpec(sensor, task.features, task.window_length, mode=mode, labelled=True, max_gap_ms=max_gap_ms)
     length = task.window_length + 1 if task.kind is TaskKind.FORECAST else task.window_length
-    return WindowSpec(sensor, task.features, length, max_gap_ms=max_gap_ms)
+    classification = task.kind is TaskKind.CLASSIFICATION
+    return WindowSpec(
+        sensor,
+        task.features,
+        length,
+        mode=task.window_mode,
+        stride=task.window_stride,
+        labelled=classification,
+        classes=task.labels if classification else None,
+        max_gap_ms=max_gap_ms,
+    )
 
 
 def task_window_set(task: TaskSpec, windows: Windows) -> WindowSet:
@@ -52,12 +61,8 @@ def task_window_set(task: TaskSpec, windows: Windows) -> WindowSet:
     return WindowSet(x=windows.X, y=None, fingerprint=fingerprint)
 
 
-def export_task_windows(
-    store: SampleStore, task: TaskSpec, sensor: str, path: Path, *, limit: int | None = None
-) -> tuple[WindowSet, Windows]:
-    """Cut `task`'s windows from `sensor` and write them (x, y, fingerprint, hashes) atomically to `path`."""
-    windows = store.windows(window_spec_for(task, sensor), limit=limit)
-    window_set = task_window_set(task, windows)
+def write_window_file(path: Path, window_set: WindowSet, windows: Windows) -> None:
+    """Write (x, y, fingerprint, hashes) atomically to `path`, so a ClientApp never reads a half-written file."""
     payload: dict[str, np.ndarray] = {
         "x": window_set.x,
         "fingerprint": np.array(window_set.fingerprint),
@@ -71,4 +76,82 @@ def export_task_windows(
         fh.flush()
         os.fsync(fh.fileno())
     tmp.replace(path)
+
+
+def export_task_windows(
+    store: SampleStore, task: TaskSpec, sensor: str, path: Path, *, limit: int | None = None
+) -> tuple[WindowSet, Windows]:
+    """Cut `task`'s windows from `sensor` and write them to the window file `path`."""
+    windows = store.windows(window_spec_for(task, sensor), limit=limit)
+    window_set = task_window_set(task, windows)
+    write_window_file(path, window_set, windows)
     return window_set, windows
+
+
+@dataclass(frozen=True)
+class CutWindows:
+    """What a job's window file holds: from which sensor, how many windows, per class, and their fingerprint."""
+
+    task: str
+    sensor: str
+    path: Path
+    count: int
+    fingerprint: str
+    per_class: dict[str, int]
+
+
+@dataclass(frozen=True)
+class WindowSource:
+    """Where a job's windows come from: the device's sample store, and how many windows a job takes.
+
+    Parameters
+    ----------
+    store_path: the agent's sample store (read-only here; the daemon keeps writing it).
+    min_windows: fewer fitting windows than this and the job is declined; default 1.
+    max_windows: at most this many windows go into a job, the oldest first; default None (all).
+    """
+
+    store_path: Path
+    min_windows: int = 1
+    max_windows: int | None = None
+
+    def cut(self, task: TaskSpec, path: Path) -> CutWindows:
+        """Cut `task`'s windows from the store's best fitting sensor (the one giving the most windows) into `path`.
+
+        Raises MissingInputsError (no sensor has the task's features and class names; its details say why, per
+        sensor, or that there is no store), TooFewWindowsError (fewer than `min_windows`). Blocking: run it in a
+        worker thread."""
+        if not self.store_path.is_file():
+            raise MissingInputsError("no sample store", path=str(self.store_path), task=task.key)
+        inputs = window_spec_for(task, "")
+        with SampleStore(self.store_path, readonly=True) as store:
+            fitting, misfits = store.fitting_sensors(inputs.features, inputs.classes)
+            if not fitting:
+                raise MissingInputsError(
+                    "the store has no data with the task's inputs",
+                    task=task.key,
+                    features=task.features,
+                    sensors=misfits,
+                )
+            best: tuple[str, Windows] | None = None
+            for sensor in fitting:
+                windows = store.windows(window_spec_for(task, sensor), limit=self.max_windows)
+                if best is None or len(windows) > len(best[1]):
+                    best = (sensor, windows)
+        assert best is not None
+        sensor, windows = best
+        if len(windows) < self.min_windows:
+            raise TooFewWindowsError(
+                "too few windows for the task",
+                task=task.key,
+                sensor=sensor,
+                found=len(windows),
+                needed=self.min_windows,
+            )
+        window_set = task_window_set(task, windows)
+        write_window_file(path, window_set, windows)
+        per_class: dict[str, int] = {}
+        if task.labels:
+            counts = np.bincount(windows.y, minlength=len(task.labels))
+            per_class = {name: int(n) for name, n in zip(task.labels, counts, strict=True) if n}
+        return CutWindows(task.key, sensor, path, len(windows), window_set.fingerprint, per_class)

@@ -15,18 +15,11 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from edge.sensors.config import (
-    Bme280Config,
-    LinuxConfig,
-    ReplayConfig,
-    SensorConfig,
-    SimulatedConfig,
-    build_sensor,
-)
-from edge.sensors.driver import DRIVERS, Sensor
+from edge.sensors.collection import SampleCollection
+from edge.sensors.config import Bme280Config, LinuxConfig, ReplayConfig, SensorConfig, SimulatedConfig
+from edge.sensors.driver import DRIVERS
 from edge.sensors.errors import SensorError
-from edge.sensors.scheduler import SamplingScheduler
-from edge.sensors.store import SampleStore, StoreStats
+from edge.sensors.store import SampleStore, SensorHealth, StoreStats
 
 
 def availability(driver: str) -> str:
@@ -71,50 +64,68 @@ def sensor_configs(drivers: list[str], rate_hz: float, device: str, seed: int) -
     return [known[d] for d in drivers]
 
 
-def build_available(configs: list[SensorConfig]) -> tuple[list[Sensor], list[str]]:
-    """The sensors that could be started, and one line per sensor that could not (with its reason code)."""
-    sensors: list[Sensor] = []
-    skipped: list[str] = []
-    for config in configs:
-        try:
-            sensors.append(build_sensor(config))
-        except SensorError as exc:
-            skipped.append(f"skipping {config.driver}: {exc}")
-    return sensors, skipped
-
-
 def _fmt(value: float) -> str:
     return "NaN" if math.isnan(value) else f"{value:.6g}"
 
 
-def live_table(scheduler: SamplingScheduler, sensors: list[Sensor]) -> Table:
-    table = Table(title=f"live readings -> {scheduler.written} samples written")
-    for column in ("sensor", "time (UTC)", "readings", "flags", "samples", "failures", "skipped", "last error"):
+def _when(t_ms: int | None, *, precise: bool = False) -> str:
+    if t_ms is None:
+        return ""
+    moment = datetime.fromtimestamp(t_ms / 1000, UTC)
+    return moment.strftime("%H:%M:%S.%f")[:-3] if precise else moment.isoformat(timespec="seconds")
+
+
+def _errors(counts: dict[str, int]) -> str:
+    return ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items())) or "0"
+
+
+def live_table(collection: SampleCollection) -> Table:
+    """What `agent sensors sample` shows while it runs: each sensor's state, newest reading and error counts."""
+    written = collection.scheduler.written if collection.scheduler else 0
+    table = Table(title=f"live readings -> {written} live samples written to {collection.store.path}")
+    for column in ("sensor", "state", "time (UTC)", "readings", "samples", "rate/s", "errors", "last error"):
         table.add_column(column)
-    for sensor in sensors:
-        status = scheduler.status[sensor.name]
-        last = status.last_sample
-        when = readings = flags = ""
-        if last is not None:
-            when = datetime.fromtimestamp(last.t_ms / 1000, UTC).strftime("%H:%M:%S.%f")[:-3]
+    newest = {s.name: s for s in collection.sensors}
+    last = (
+        {name: status.last_sample for name, status in collection.scheduler.status.items()}
+        if collection.scheduler
+        else {}
+    )
+    last.update({load.sensor.name: load.last_sample for load in collection.loads})
+    for health in collection.health():
+        sample, sensor = last.get(health.name), newest.get(health.name)
+        readings = ""
+        if sample is not None and sensor is not None:
             readings = "  ".join(
-                f"{c.name}={_fmt(v)}{c.unit}" for c, v in zip(sensor.channels, last.values, strict=True)
+                f"{c.name}={_fmt(v)}{c.unit}" for c, v in zip(sensor.channels, sample.values, strict=True)
             )
-            flags = str(last.quality.name or int(last.quality))
-        row = (str(status.samples), str(status.failures), str(status.skipped_ticks), (status.last_error or "")[:60])
-        table.add_row(sensor.name, when, readings, flags, *row)
+        table.add_row(
+            health.name,
+            health.state,
+            _when(health.last_t_ms, precise=True),
+            readings,
+            str(health.samples),
+            f"{health.rate_hz:.1f}",
+            _errors(health.errors),
+            (health.last_error or "")[:60],
+        )
     return table
 
 
-async def sample_live(sensors: list[Sensor], store: SampleStore, seconds: float) -> int:
-    """Sample into `store` with a live table until `seconds` pass (forever if 0); returns samples written."""
-    async with SamplingScheduler(sensors, store, flush_interval_s=0.5) as scheduler:
+async def sample_live(configs: list[SensorConfig], store: SampleStore, seconds: float) -> int:
+    """Collect from `configs` into `store` with a live table until `seconds` pass (forever if 0), or until nothing is
+    left to do (no live sensor, every load done); returns the number of sensors that ran (0: none could start)."""
+    async with SampleCollection(configs, store, flush_interval_s=0.5, health_interval_s=1.0) as collection:
+        for health in collection.unavailable:
+            Console(stderr=True).print(f"skipping {health.name} ({health.driver}): {health.last_error}")
+        if not collection.sensors:
+            return 0
         end = time.monotonic() + seconds if seconds > 0 else math.inf
-        with Live(live_table(scheduler, sensors), refresh_per_second=4, console=Console()) as live:
-            while time.monotonic() < end:
+        with Live(live_table(collection), refresh_per_second=4, console=Console()) as live:
+            while time.monotonic() < end and not collection.done:
                 await asyncio.sleep(min(0.25, max(end - time.monotonic(), 0.0)))
-                live.update(live_table(scheduler, sensors))
-    return scheduler.written
+                live.update(live_table(collection))
+        return len(collection.sensors)
 
 
 def run_loop(main: Coroutine[Any, Any, int]) -> int:
@@ -128,15 +139,29 @@ def run_loop(main: Coroutine[Any, Any, int]) -> int:
 
 def stats_table(summary: StoreStats) -> Table:
     table = Table(title=f"{summary.path}: {summary.samples} samples, {summary.file_bytes / 1e6:.1f} MB on disk")
-    for column in ("sensor", "channels", "samples", "errors", "labelled", "first (UTC)", "last (UTC)"):
-        table.add_column(column)
-
-    def when(t: int | None) -> str:
-        return "" if t is None else datetime.fromtimestamp(t / 1000, UTC).isoformat(timespec="seconds")
-
+    for column in ("sensor", "channels", "classes", "samples", "errors", "labelled", "first (UTC)", "last (UTC)"):
+        table.add_column(column, overflow="fold")
     for s in summary.sensors:
         channels = ", ".join(c.name for c in s.channels)
-        table.add_row(
-            s.name, channels, str(s.samples), str(s.errors), str(s.labelled), when(s.first_t_ms), when(s.last_t_ms)
-        )
+        classes = ", ".join(s.classes) or "-"
+        row = (str(s.samples), str(s.errors), str(s.labelled), _when(s.first_t_ms), _when(s.last_t_ms))
+        table.add_row(s.name, channels, classes, *row)
+    return table
+
+
+def health_table(reports: list[SensorHealth], now_ms: int, interval_s: float) -> Table:
+    """`agent status`'s sensors: what the daemon last wrote, and how long ago; a report older than three
+    intervals says the daemon is not running (or stuck)."""
+    newest = max((h.updated_ms for h in reports), default=0)
+    age_s = (now_ms - newest) / 1000
+    stale = " (not updated for a while: is `agent run` running?)" if age_s > 3 * interval_s else ""
+    table = Table(title=f"sensors, as the agent saw them {age_s:.0f} s ago{stale}" if reports else "sensors")
+    for column in ("sensor", "driver", "state", "rate/s", "samples", "last sample (UTC)", "errors", "last error"):
+        table.add_column(column, overflow="fold")
+    if not reports:
+        table.add_row("-", "-", "no sensor has run yet", "-", "-", "-", "-", "-")
+    for h in reports:
+        last = f"{_when(h.last_t_ms)} ({(now_ms - h.last_t_ms) / 1000:.0f} s ago)" if h.last_t_ms else "-"
+        row = (f"{h.rate_hz:.2f}", str(h.samples), last, _errors(h.errors), (h.last_error or "")[:80])
+        table.add_row(h.name, h.driver, h.state, *row)
     return table

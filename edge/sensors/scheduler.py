@@ -8,7 +8,8 @@
   catch-up reads.
 - Failures: a read that raises becomes an ERROR sample naming the error; the sensor then waits an exponential
   backoff (doubling from `backoff_initial_s` to `backoff_max_s`) before the next try, and its first good sample after
-  that is flagged RETRIED. Other sensors never notice.
+  that is flagged RETRIED. Other sensors never notice. A replay that has played all its data (ReplayEndedError) is
+  done, not failing: its task ends.
 - Blocking drivers (I2C, file replay) are read in a worker thread, and store writes always are, so the loop keeps
   its timing.
 """
@@ -20,13 +21,13 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from edge.sensors.driver import Sensor
-from edge.sensors.errors import MalformedError
+from edge.sensors.errors import MalformedError, ReplayEndedError
 from edge.sensors.sample import ChannelSpec, Quality, Sample
 from edge.sensors.store import EncodedSample
 
@@ -36,7 +37,7 @@ log = logging.getLogger("midgate.sensors")
 class SampleSink(Protocol):
     """Where samples go; `SampleStore` is one. `encode` runs on the event loop, `write_encoded` in a thread."""
 
-    def register(self, sensor: str, channels: Sequence[ChannelSpec]) -> None: ...
+    def register(self, sensor: str, channels: Sequence[ChannelSpec], classes: Sequence[str] = ()) -> None: ...
 
     def encode(self, sample: Sample) -> EncodedSample: ...
 
@@ -56,7 +57,9 @@ class UtcClock:
 
 @dataclass
 class SensorStatus:
-    """What the scheduler knows about one sensor; `lateness_ns` keeps the last 10,000 tick latenesses."""
+    """What the scheduler knows about one sensor; `lateness_ns` keeps the last 10,000 tick latenesses, `errors`
+    counts failed reads by reason code (sensor_io, sensor_unavailable, malformed, ...); `ended`: a replay that
+    played all its data."""
 
     name: str
     period_ms: float
@@ -66,6 +69,8 @@ class SensorStatus:
     skipped_ticks: int = 0
     last_error: str | None = None
     last_sample: Sample | None = None
+    errors: Counter[str] = field(default_factory=Counter)
+    ended: bool = False
     lateness_ns: deque[int] = field(default_factory=lambda: deque(maxlen=10_000))
 
 
@@ -114,7 +119,7 @@ class SamplingScheduler:
 
     async def __aenter__(self) -> SamplingScheduler:
         for sensor in self.sensors:
-            await asyncio.to_thread(self.sink.register, sensor.name, sensor.channels)
+            await asyncio.to_thread(self.sink.register, sensor.name, sensor.channels, sensor.class_names)
         start = time.monotonic_ns()
         n = len(self.sensors)
         # Sensors' grids are staggered across one period so that ten 100 Hz sensors do not all wake at one instant
@@ -185,8 +190,13 @@ class SamplingScheduler:
                     )
             except asyncio.CancelledError:
                 raise
+            except ReplayEndedError:
+                status.ended = True
+                log.info("sensor %s played all its data (%d samples)", sensor.name, status.samples)
+                return
             except Exception as exc:  # any driver failure is recorded; it must never end the loop
                 status.failures += 1
+                status.errors[str(getattr(exc, "reason", type(exc).__name__))] += 1
                 status.consecutive_failures += 1
                 status.last_error = str(exc)
                 backoff = min(self.backoff_initial_s * 2 ** (status.consecutive_failures - 1), self.backoff_max_s)

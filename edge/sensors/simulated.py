@@ -61,6 +61,7 @@ class SimulatedEnvironmentSensor:
     """
 
     blocking = False
+    class_names: tuple[str, ...] = ()  # unlabelled
     channels: tuple[ChannelSpec, ...] = (
         ChannelSpec("temperature_c", "°C"),
         ChannelSpec("humidity_pct", "%RH"),

@@ -11,6 +11,10 @@ Why this shape:
   row count is max(id) - min(id) + 1 without a table scan.
 - Window reads use their own read-only connection and stream rows with fetchmany, so training reads the store while
   the sampler keeps writing, and memory grows with the windows returned, never with the store.
+- A labelled sensor's class names are stored with it (a sensor version is its name, channels and class names), so
+  windows map labels to a task's classes by name; indexes alone would silently relabel data from another file.
+- The sampler's per-sensor health (rate, last sample, errors by kind) is kept in a small table beside the samples,
+  so `midgate agent status`, another process, reads what the daemon sees.
 """
 
 from __future__ import annotations
@@ -20,23 +24,21 @@ import math
 import sqlite3
 import struct
 import threading
-from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edge.sensors.errors import MalformedError
-from edge.sensors.plaid import resample
+from edge.sensors.errors import MalformedError, MissingInputsError
 from edge.sensors.sample import ChannelSpec, Quality, Sample
-from edge.sensors.windows import Windows, WindowSpec
+from edge.sensors.windows import WindowCutter, Windows, WindowSpec
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 MAX_CHANNELS = 64
+MAX_CLASSES = 1000
 MAX_ERROR_CHARS = 240
-_BAD = Quality.ERROR | Quality.PARTIAL
 _READ_CHUNK = 4096
 
 _SCHEMA = """
@@ -45,7 +47,8 @@ CREATE TABLE IF NOT EXISTS sensors(
     id INTEGER PRIMARY KEY,
     name TEXT NOT NULL,
     channels TEXT NOT NULL,
-    UNIQUE(name, channels)
+    classes TEXT NOT NULL DEFAULT '[]',
+    UNIQUE(name, channels, classes)
 );
 CREATE TABLE IF NOT EXISTS samples(
     id INTEGER PRIMARY KEY,
@@ -58,6 +61,35 @@ CREATE TABLE IF NOT EXISTS samples(
     error TEXT
 );
 CREATE INDEX IF NOT EXISTS samples_by_sensor ON samples(sensor_id, id);
+CREATE TABLE IF NOT EXISTS sensor_health(
+    name TEXT PRIMARY KEY,
+    driver TEXT NOT NULL,
+    state TEXT NOT NULL,
+    period_ms REAL NOT NULL,
+    samples INTEGER NOT NULL,
+    rate_hz REAL NOT NULL,
+    last_t_ms INTEGER,
+    errors TEXT NOT NULL,
+    last_error TEXT,
+    updated_ms INTEGER NOT NULL
+);
+"""
+
+# Schema 1 had no class names: sensor versions were unique by (name, channels). SQLite cannot change a UNIQUE
+# constraint in place, so the table is rebuilt (https://sqlite.org/lang_altertable.html#otheralter); ids are kept,
+# so every sample keeps its sensor. Old labels get no names: they can no longer train a classification task.
+_MIGRATE_FROM_1 = """
+CREATE TABLE sensors_v2(
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    channels TEXT NOT NULL,
+    classes TEXT NOT NULL DEFAULT '[]',
+    UNIQUE(name, channels, classes)
+);
+INSERT INTO sensors_v2(id, name, channels) SELECT id, name, channels FROM sensors;
+DROP TABLE sensors;
+ALTER TABLE sensors_v2 RENAME TO sensors;
+UPDATE meta SET value = '2' WHERE key = 'schema';
 """
 
 
@@ -79,6 +111,7 @@ class Retention:
 class SensorStats:
     name: str
     channels: tuple[ChannelSpec, ...]
+    classes: tuple[str, ...]
     samples: int
     errors: int
     labelled: int
@@ -96,10 +129,32 @@ class StoreStats:
 
 
 @dataclass(frozen=True, slots=True)
+class SensorHealth:
+    """How sampling one sensor goes, as the daemon last saw it.
+
+    `state`: sampling, loading (a replay played as fast as the store takes it), loaded, finished (a replay that
+    played all its data), unavailable (could not be started; `last_error` says why) or stopped (the daemon ended).
+    `rate_hz`: samples stored per second over the last interval; `errors`: failed reads by reason code.
+    """
+
+    name: str
+    driver: str
+    state: str
+    period_ms: float
+    samples: int = 0
+    rate_hz: float = 0.0
+    last_t_ms: int | None = None
+    errors: dict[str, int] = field(default_factory=dict)
+    last_error: str | None = None
+    updated_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class _SensorRow:
     id: int
     name: str
     channels: tuple[ChannelSpec, ...]
+    classes: tuple[str, ...]
     pack: struct.Struct
 
 
@@ -111,6 +166,19 @@ def _decode_channels(text: str) -> tuple[ChannelSpec, ...]:
     return tuple(ChannelSpec(n, u) for n, u in json.loads(text))
 
 
+def _encode_classes(classes: Sequence[str]) -> str:
+    return json.dumps(list(classes), separators=(",", ":"))
+
+
+def _decode_classes(text: str) -> tuple[str, ...]:
+    return tuple(str(c) for c in json.loads(text))
+
+
+def _label_map(classes: tuple[str, ...], wanted: tuple[str, ...]) -> np.ndarray:
+    """Each stored label index's position in `wanted` (by name). Requires set(classes) <= set(wanted)."""
+    return np.array([wanted.index(c) for c in classes], dtype=np.int64)
+
+
 class SampleStore:
     """A device's sample store. Thread-safe for one writer thread plus any number of window readers.
 
@@ -118,30 +186,62 @@ class SampleStore:
     that produce one sample at a time; `windows()`/`iter_windows()` cut training windows; `stats()` summarises.
     """
 
-    def __init__(self, path: Path | str, *, retention: Retention | None = None, batch_size: int = 5000) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        retention: Retention | None = None,
+        batch_size: int = 5000,
+        readonly: bool = False,
+    ) -> None:
+        """`readonly`: read what another process writes (windows, stats, health) without ever writing; the store
+        must exist and be of the current schema."""
         self.path = Path(path)
         self.retention = retention or Retention()
         self.batch_size = batch_size
+        self.readonly = readonly
         self._lock = threading.Lock()
         self._buffer: list[EncodedSample] = []
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        if readonly:
+            if not self.path.is_file():
+                raise MalformedError("no sample store here", path=str(self.path))
+            self._db = self._reader()
+        else:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(_SCHEMA)
-            self._db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES('schema', ?)", (SCHEMA_VERSION,))
-            found = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0]
+            self._open_schema()
         except sqlite3.DatabaseError as exc:
             self._db.close()
             raise MalformedError("not a sample store (SQLite refused it)", path=str(self.path), error=str(exc)) from exc
-        if found != SCHEMA_VERSION:
+        except MalformedError:
             self._db.close()
-            raise MalformedError("sample store has an unknown schema", path=str(self.path), found=found)
+            raise
         self._sensors: dict[str, _SensorRow] = {}
-        for sid, name, channels in self._db.execute("SELECT id, name, channels FROM sensors ORDER BY id"):
+        for sid, name, channels, classes in self._db.execute(
+            "SELECT id, name, channels, classes FROM sensors ORDER BY id"
+        ):
             specs = _decode_channels(channels)
-            self._sensors[name] = _SensorRow(sid, name, specs, struct.Struct(f"<{len(specs)}f"))
+            self._sensors[name] = _SensorRow(sid, name, specs, _decode_classes(classes), _pack(specs))
+
+    def _open_schema(self) -> None:
+        """Check the schema version first, then create or upgrade: a file of another version is left as it is."""
+        has_meta = self._db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
+        found = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() if has_meta else None
+        version = None if found is None else str(found[0])
+        if version not in (None, "1", SCHEMA_VERSION) or (self.readonly and version != SCHEMA_VERSION):
+            raise MalformedError(
+                "sample store has an unknown schema", path=str(self.path), found=version, expected=SCHEMA_VERSION
+            )
+        if self.readonly:
+            return
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        if version == "1":
+            self._db.execute("PRAGMA foreign_keys=OFF")  # the rebuild drops the table samples refer to
+            self._db.executescript("BEGIN IMMEDIATE;" + _MIGRATE_FROM_1 + "COMMIT;")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+        self._db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES('schema', ?)", (SCHEMA_VERSION,))
 
     def __enter__(self) -> SampleStore:
         return self
@@ -158,25 +258,88 @@ class SampleStore:
 
     # -- writing -------------------------------------------------------------------------------------------------
 
-    def register(self, sensor: str, channels: Sequence[ChannelSpec]) -> None:
-        """Declare a sensor's channels before writing its samples. Idempotent; a changed channel list starts a new
-        version of the sensor (older rows keep their own channel list)."""
+    def register(self, sensor: str, channels: Sequence[ChannelSpec], classes: Sequence[str] = ()) -> None:
+        """Declare a sensor's channels, and the class names its label indexes stand for, before writing its
+        samples. Idempotent; a changed channel or class list starts a new version of the sensor (older rows keep
+        their own lists)."""
         if not sensor or not channels or len(channels) > MAX_CHANNELS:
             raise MalformedError("sensor needs a name and 1..64 channels", sensor=sensor, channels=len(channels))
-        text = _encode_channels(channels)
+        if len(classes) > MAX_CLASSES or len(set(classes)) != len(classes):
+            raise MalformedError("class names must be distinct, at most 1000", sensor=sensor, classes=len(classes))
+        text, names = _encode_channels(channels), _encode_classes(classes)
         with self._lock:
             known = self._sensors.get(sensor)
-            if known and _encode_channels(known.channels) == text:
+            if known and known.channels == tuple(channels) and known.classes == tuple(classes):
                 return
-            self._db.execute("INSERT OR IGNORE INTO sensors(name, channels) VALUES(?, ?)", (sensor, text))
-            sid = self._db.execute("SELECT id FROM sensors WHERE name=? AND channels=?", (sensor, text)).fetchone()[0]
-            self._sensors[sensor] = _SensorRow(sid, sensor, tuple(channels), struct.Struct(f"<{len(channels)}f"))
+            self._db.execute(
+                "INSERT OR IGNORE INTO sensors(name, channels, classes) VALUES(?, ?, ?)", (sensor, text, names)
+            )
+            sid = self._db.execute(
+                "SELECT id FROM sensors WHERE name=? AND channels=? AND classes=?", (sensor, text, names)
+            ).fetchone()[0]
+            self._sensors[sensor] = _SensorRow(sid, sensor, tuple(channels), tuple(classes), _pack(channels))
 
     def channels(self, sensor: str) -> tuple[ChannelSpec, ...]:
         row = self._sensors.get(sensor)
         if row is None:
             raise MalformedError("unknown sensor", sensor=sensor)
         return row.channels
+
+    def classes(self, sensor: str) -> tuple[str, ...]:
+        """The class names the current version of `sensor` labels with (empty: none)."""
+        row = self._sensors.get(sensor)
+        if row is None:
+            raise MalformedError("unknown sensor", sensor=sensor)
+        return row.classes
+
+    def get_meta(self, key: str) -> str | None:
+        with self._lock:
+            found = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if found is None else str(found[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)", (key, value))
+
+    def save_health(self, reports: Sequence[SensorHealth]) -> None:
+        """Replace the stored health with `reports` (one transaction): the sensors the daemon runs now, so one taken
+        out of agent.toml does not linger in `agent status`."""
+        rows = [
+            (
+                h.name,
+                h.driver,
+                h.state,
+                h.period_ms,
+                h.samples,
+                h.rate_hz,
+                h.last_t_ms,
+                json.dumps(h.errors, sort_keys=True),
+                h.last_error[:MAX_ERROR_CHARS] if h.last_error else None,
+                h.updated_ms,
+            )
+            for h in reports
+        ]
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("DELETE FROM sensor_health")
+                self._db.executemany("INSERT INTO sensor_health VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def health(self) -> list[SensorHealth]:
+        """The stored health of every sensor the daemon ran, by name."""
+        with self._lock:
+            found = self._db.execute(
+                "SELECT name, driver, state, period_ms, samples, rate_hz, last_t_ms, errors, last_error, updated_ms"
+                " FROM sensor_health ORDER BY name"
+            ).fetchall()
+        return [
+            SensorHealth(n, d, st, float(p), int(c), float(r), t, dict(json.loads(e)), le, int(u))
+            for n, d, st, p, c, r, t, e, le, u in found
+        ]
 
     def write(self, samples: Sequence[Sample]) -> int:
         """Commit `samples` as one transaction and apply retention; returns the number written. A sample of an
@@ -334,15 +497,16 @@ class SampleStore:
     def stats(self) -> StoreStats:
         with self._lock:
             sensors = []
-            for sid, name, channels in self._db.execute(
-                "SELECT id, name, channels FROM sensors ORDER BY id"
+            for sid, name, channels, classes in self._db.execute(
+                "SELECT id, name, channels, classes FROM sensors ORDER BY id"
             ).fetchall():
                 n, errors, labelled, first, last = self._db.execute(
                     "SELECT count(*), coalesce(sum(quality & 1 != 0), 0), count(label), min(t_ms), max(t_ms)"
                     " FROM samples WHERE sensor_id=?",
                     (sid,),
                 ).fetchone()
-                sensors.append(SensorStats(name, _decode_channels(channels), n, errors, labelled, first, last))
+                specs, names = _decode_channels(channels), _decode_classes(classes)
+                sensors.append(SensorStats(name, specs, names, n, errors, labelled, first, last))
             bounds = self._id_range()
             used = self._used_bytes()
         file_bytes = sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
@@ -370,12 +534,13 @@ class SampleStore:
         Sliding mode: a run of consecutive samples of one segment and one label without errors (and without gaps
         larger than `max_gap_ms`) is cut every `stride` samples into windows of `length`. Segment mode: each
         segment (one recording) whose samples are all good becomes one window, resampled to `length`; labelled
-        windows need every sample of the window to carry the same label."""
+        windows need every sample of the window to carry the same label. Raises MissingInputsError when no
+        version of the sensor has the features (and, with `spec.classes`, class names among them)."""
         versions = self._versions_with(spec)
-        cutter = _WindowCutter(spec)
+        cutter = WindowCutter(spec)
         reader = self._reader()
         try:
-            for sid, columns in versions:
+            for sid, columns, labels in versions:
                 cutter.start_source()
                 sql = "SELECT t_ms, quality, label, segment, value FROM samples WHERE sensor_id=?"
                 args: list[Any] = [sid]
@@ -387,7 +552,7 @@ class SampleStore:
                     args.append(spec.until_ms)
                 cursor = reader.execute(sql + " ORDER BY id", args)
                 while rows := cursor.fetchmany(_READ_CHUNK):
-                    cutter.feed(rows, columns)
+                    cutter.feed(rows, columns, labels)
                     while cutter.ready() >= batch:
                         yield cutter.take(batch)
             cutter.finish()
@@ -396,105 +561,66 @@ class SampleStore:
         finally:
             reader.close()
 
-    def _versions_with(self, spec: WindowSpec) -> list[tuple[int, np.ndarray]]:
-        out: list[tuple[int, np.ndarray]] = []
+    def fitting_sensors(
+        self, features: Sequence[str], classes: Sequence[str] | None
+    ) -> tuple[list[str], dict[str, str]]:
+        """The sensors (by name) with a version whose data can make windows of `features` labelled with `classes`
+        (None: unlabelled), and for every other sensor why not (see `input_misfit`)."""
+        reasons: dict[str, list[str]] = {}
         with self._lock:
-            found = self._db.execute("SELECT id, channels FROM sensors WHERE name=? ORDER BY id", (spec.sensor,))
-            for sid, text in found.fetchall():
-                names = [c.name for c in _decode_channels(text)]
-                if all(f in names for f in spec.features):
-                    out.append((sid, np.array([names.index(f) for f in spec.features], dtype=np.int64)))
+            found = self._db.execute("SELECT name, channels, classes FROM sensors ORDER BY name, id").fetchall()
+        for name, channels, names in found:
+            specs = [c.name for c in _decode_channels(channels)]
+            reasons.setdefault(name, []).append(input_misfit(specs, _decode_classes(names), features, classes))
+        fitting = [name for name, why in reasons.items() if "" in why]
+        misfits = {name: "; ".join(dict.fromkeys(why)) for name, why in reasons.items() if "" not in why}
+        return fitting, misfits
+
+    def _versions_with(self, spec: WindowSpec) -> list[tuple[int, np.ndarray, np.ndarray | None]]:
+        """(version id, feature columns, label map) of each version of the sensor that fits `spec`; raises
+        MissingInputsError saying, per version, why none does."""
+        out: list[tuple[int, np.ndarray, np.ndarray | None]] = []
+        misfits: list[str] = []
+        with self._lock:
+            found = self._db.execute(
+                "SELECT id, channels, classes FROM sensors WHERE name=? ORDER BY id", (spec.sensor,)
+            ).fetchall()
+        for sid, channels, classes in found:
+            names = [c.name for c in _decode_channels(channels)]
+            why = input_misfit(names, _decode_classes(classes), spec.features, spec.classes)
+            if why:
+                misfits.append(why)
+                continue
+            columns = np.array([names.index(f) for f in spec.features], dtype=np.int64)
+            labels = None if spec.classes is None else _label_map(_decode_classes(classes), spec.classes)
+            out.append((sid, columns, labels))
         if not out:
-            raise MalformedError(
-                "no sensor in the store has these features", sensor=spec.sensor, features=spec.features
+            raise MissingInputsError(
+                "the store has no data with the task's inputs",
+                sensors={spec.sensor: "; ".join(misfits) or "no such sensor in the store"},
+                features=spec.features,
             )
         return out
 
 
-class _WindowCutter:
-    """Turns a stream of rows into windows, holding at most one window's (or one segment's) samples."""
+def input_misfit(
+    channels: Sequence[str], classes: Sequence[str], features: Sequence[str], wanted: Sequence[str] | None
+) -> str:
+    """Why a sensor version's data cannot make windows of `features` labelled with `wanted` classes ("" if it can).
+    Labels are matched by name: a version without class names, or with names outside `wanted`, does not fit."""
+    missing = [f for f in features if f not in channels]
+    if missing:
+        return f"channels {list(channels)} lack {missing}"
+    if wanted is None:
+        return ""
+    if not classes:
+        return "its labels have no class names"
+    unknown = [c for c in classes if c not in wanted]
+    return f"classes {unknown} are not the task's" if unknown else ""
 
-    def __init__(self, spec: WindowSpec) -> None:
-        self.spec = spec
-        self.stride = spec.stride or spec.length
-        self._run: deque[np.ndarray] = deque(maxlen=spec.length)
-        self._run_t: deque[int] = deque(maxlen=spec.length)
-        self._run_n = 0
-        self._key: tuple[int | None, int | None] | None = None
-        self._last_t: int | None = None
-        self._segment: list[np.ndarray] = []
-        self._segment_t = 0
-        self._segment_ok = True
-        self._out_x: list[np.ndarray] = []
-        self._out_y: list[int] = []
-        self._out_t: list[int] = []
 
-    def start_source(self) -> None:
-        self._close_run()
-
-    def feed(self, rows: list[tuple[Any, ...]], columns: np.ndarray) -> None:
-        segment_mode = self.spec.mode == "segment"
-        for t, quality, label, segment, blob in rows:
-            values = np.frombuffer(blob, "<f4")[columns]
-            good = not (quality & _BAD) and not np.isnan(values).any()
-            key = (segment, label)
-            gap = (
-                self.spec.max_gap_ms is not None
-                and self._last_t is not None
-                and t - self._last_t > self.spec.max_gap_ms
-            )
-            if key != self._key or gap:
-                self._close_run()
-                self._key = key
-                self._segment_t = t
-            self._last_t = t
-            if segment_mode:
-                self._segment_ok = self._segment_ok and good
-                self._segment.append(values)
-                continue
-            if not good:
-                self._close_run()
-                self._key = key
-                continue
-            self._run.append(values)
-            self._run_t.append(t)
-            self._run_n += 1
-            if self._run_n >= self.spec.length and (self._run_n - self.spec.length) % self.stride == 0:
-                self._emit(np.stack(self._run, axis=1), label, self._run_t[0])
-
-    def _emit(self, window: np.ndarray, label: int | None, t_start: int) -> None:
-        if self.spec.labelled and label is None:
-            return
-        self._out_x.append(window.astype(np.float32, copy=False))
-        self._out_y.append(-1 if label is None else int(label))
-        self._out_t.append(t_start)
-
-    def _close_run(self) -> None:
-        if self.spec.mode == "segment" and self._segment and self._key is not None:
-            segment, label = self._key
-            if segment is not None and self._segment_ok:
-                series = np.stack(self._segment, axis=1)
-                window = np.stack([resample(ch, self.spec.length) for ch in series])
-                self._emit(window, label, self._segment_t)
-        self._segment = []
-        self._segment_ok = True
-        self._run.clear()
-        self._run_t.clear()
-        self._run_n = 0
-        self._key = None
-        self._last_t = None
-
-    def finish(self) -> None:
-        self._close_run()
-
-    def ready(self) -> int:
-        return len(self._out_x)
-
-    def take(self, n: int) -> Windows:
-        xs, self._out_x = self._out_x[:n], self._out_x[n:]
-        ys, self._out_y = self._out_y[:n], self._out_y[n:]
-        ts, self._out_t = self._out_t[:n], self._out_t[n:]
-        return Windows.build(np.stack(xs), np.asarray(ys, np.int64), np.asarray(ts, np.int64))
+def _pack(channels: Sequence[ChannelSpec]) -> struct.Struct:
+    return struct.Struct(f"<{len(channels)}f")
 
 
 def write_all(store: SampleStore, samples: Iterable[Sample], batch: int = 5000) -> int:

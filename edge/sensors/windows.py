@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any
 
 import numpy as np
 
 from edge.sensors.fingerprint import dataset_fingerprint, window_hash
+from edge.sensors.plaid import resample
+from edge.sensors.sample import Quality
+from protocol.tasks.spec import WindowMode
 
-WindowMode = Literal["sliding", "segment"]
+__all__ = ["WindowCutter", "WindowMode", "WindowSpec", "Windows"]
+
+_BAD = Quality.ERROR | Quality.PARTIAL
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +37,10 @@ class WindowSpec:
         Sliding step in samples; default `length` (non-overlapping).
     labelled:
         Only windows whose samples all carry the same label (classification); default False.
+    classes:
+        Class names in the label order the windows must use (a task's `labels`): stored labels are mapped to these
+        by name, and a sensor whose labels have no names, or names outside these, is refused. Default None: the
+        stored label indexes as they are.
     max_gap_ms:
         A gap between consecutive samples larger than this starts a new run; default None (no gap check).
     since_ms, until_ms:
@@ -43,6 +53,7 @@ class WindowSpec:
     mode: WindowMode = "sliding"
     stride: int | None = None
     labelled: bool = False
+    classes: tuple[str, ...] | None = None
     max_gap_ms: int | None = None
     since_ms: int | None = None
     until_ms: int | None = None
@@ -103,3 +114,99 @@ class Windows:
             np.concatenate([p.t_start_ms for p in parts]),
             np.concatenate([p.hashes for p in parts]),
         )
+
+
+class WindowCutter:
+    """Turns a stream of store rows into windows (see `SampleStore.iter_windows`), holding at most one window's (or
+    one segment's) samples. Rows come per source (a version of the sensor): `start_source` between sources."""
+
+    def __init__(self, spec: WindowSpec) -> None:
+        self.spec = spec
+        self.stride = spec.stride or spec.length
+        self._run: deque[np.ndarray] = deque(maxlen=spec.length)
+        self._run_t: deque[int] = deque(maxlen=spec.length)
+        self._run_n = 0
+        self._key: tuple[int | None, int | None] | None = None
+        self._last_t: int | None = None
+        self._segment: list[np.ndarray] = []
+        self._segment_t = 0
+        self._segment_ok = True
+        self._out_x: list[np.ndarray] = []
+        self._out_y: list[int] = []
+        self._out_t: list[int] = []
+
+    def start_source(self) -> None:
+        self._close_run()
+
+    def feed(self, rows: list[tuple[Any, ...]], columns: np.ndarray, labels: np.ndarray | None = None) -> None:
+        """Cut `rows` (t_ms, quality, label, segment, value blob) of one source. `columns` picks the spec's features
+        from the source's channels; `labels` maps the source's label indexes to the spec's (-1: none of them)."""
+        segment_mode = self.spec.mode == "segment"
+        for t, quality, stored, segment, blob in rows:
+            values = np.frombuffer(blob, "<f4")[columns]
+            good = not (quality & _BAD) and not np.isnan(values).any()
+            label = stored if labels is None or stored is None else _mapped(labels, stored)
+            key = (segment, label)
+            gap = (
+                self.spec.max_gap_ms is not None
+                and self._last_t is not None
+                and t - self._last_t > self.spec.max_gap_ms
+            )
+            if key != self._key or gap:
+                self._close_run()
+                self._key = key
+                self._segment_t = t
+            self._last_t = t
+            if segment_mode:
+                self._segment_ok = self._segment_ok and good
+                self._segment.append(values)
+                continue
+            if not good:
+                self._close_run()
+                self._key = key
+                continue
+            self._run.append(values)
+            self._run_t.append(t)
+            self._run_n += 1
+            if self._run_n >= self.spec.length and (self._run_n - self.spec.length) % self.stride == 0:
+                self._emit(np.stack(self._run, axis=1), label, self._run_t[0])
+
+    def _emit(self, window: np.ndarray, label: int | None, t_start: int) -> None:
+        if self.spec.labelled and label is None:
+            return
+        self._out_x.append(window.astype(np.float32, copy=False))
+        self._out_y.append(-1 if label is None else int(label))
+        self._out_t.append(t_start)
+
+    def _close_run(self) -> None:
+        if self.spec.mode == "segment" and self._segment and self._key is not None:
+            segment, label = self._key
+            if segment is not None and self._segment_ok:
+                series = np.stack(self._segment, axis=1)
+                window = np.stack([resample(ch, self.spec.length) for ch in series])
+                self._emit(window, label, self._segment_t)
+        self._segment = []
+        self._segment_ok = True
+        self._run.clear()
+        self._run_t.clear()
+        self._run_n = 0
+        self._key = None
+        self._last_t = None
+
+    def finish(self) -> None:
+        self._close_run()
+
+    def ready(self) -> int:
+        return len(self._out_x)
+
+    def take(self, n: int) -> Windows:
+        xs, self._out_x = self._out_x[:n], self._out_x[n:]
+        ys, self._out_y = self._out_y[:n], self._out_y[n:]
+        ts, self._out_t = self._out_t[:n], self._out_t[n:]
+        return Windows.build(np.stack(xs), np.asarray(ys, np.int64), np.asarray(ts, np.int64))
+
+
+def _mapped(labels: np.ndarray, stored: int) -> int | None:
+    """A stored label index in the spec's order; None when the source's classes do not name it."""
+    found = int(labels[stored]) if 0 <= stored < len(labels) else -1
+    return None if found < 0 else found

@@ -8,13 +8,18 @@ light; the models live in `protocol.tasks.models`, imported only by code that tr
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from protocol.errors import MalformedError
 
 TaskId = Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,63}$")]
+
+WindowMode = Literal["sliding", "segment"]
+"""How a device cuts a task's windows from its samples: "sliding" cuts runs of consecutive good samples every
+`window_stride` samples; "segment" makes one window of each recorded segment (one recording), resampled to
+`window_length`."""
 
 
 class TaskKind(StrEnum):
@@ -39,7 +44,12 @@ class TaskSpec(BaseModel):
     window_length:
         Samples per window and channel.
     labels:
-        Class names in label-index order for classification; empty otherwise.
+        Class names in label-index order for classification; empty otherwise. A device maps its own labels to
+        these by name, never by index.
+    window_mode:
+        How a device cuts windows from its samples (`WindowMode`); default "sliding".
+    window_stride:
+        Sliding step in samples; default None: one window length (non-overlapping). Sliding mode only.
     hidden:
         Width of the model's hidden layers; part of the architecture, hence of the spec.
     """
@@ -52,8 +62,16 @@ class TaskSpec(BaseModel):
     features: tuple[str, ...] = Field(min_length=1, max_length=64)
     window_length: int = Field(ge=2, le=100_000)
     labels: tuple[str, ...] = Field(default=(), max_length=1000)
+    window_mode: WindowMode = "sliding"
+    window_stride: int | None = Field(default=None, ge=1, le=100_000)
     hidden: int = Field(ge=1, le=4096)
     description: str = ""
+
+    @model_validator(mode="after")
+    def _stride_only_when_sliding(self) -> Self:
+        if self.window_mode == "segment" and self.window_stride is not None:
+            raise ValueError("window_stride applies to sliding windows only")
+        return self
 
     @property
     def key(self) -> str:
@@ -86,6 +104,7 @@ PLAID_APPLIANCE = TaskSpec(
         "vacuum",
         "washing_machine",
     ),
+    window_mode="segment",
     hidden=64,
     description="Appliance classification from one recording of current resampled to 128 points (PLAID, 11 classes).",
 )

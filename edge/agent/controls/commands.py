@@ -2,7 +2,8 @@
 
 Each command is a pure transition (edge.agent.controls.state) applied to one or every membership's `member.json`
 under its lock. The commands never talk to the daemon: a running daemon picks the file up within `member_poll_s`
-seconds (edge.agent.controls.watch), and one that is not running reads it when it starts.
+seconds (edge.agent.controls.watch), and one that is not running reads it when it starts. `status` reads what the
+daemon wrote the same way: the outbox, and the sensors' health in the sample store.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from edge.agent.controls.state import (
 )
 from edge.agent.controls.watch import describe
 from edge.agent.membership import MEMBERSHIP_FILE, OUTBOX_FILE
+from edge.sensors.readout import health_table
+from edge.sensors.store import SampleStore
+from protocol.errors import ProtocolError
 
 Transition = Callable[[MemberState, int], MemberState]
 
@@ -169,3 +173,23 @@ def status_table(directories: list[Path]) -> Table:
         strikes = "\n".join(_strike_line(s, votes, now) for s in state.strikes) or "-"
         table.add_row(directory.name, describe(state, now), since, strikes)
     return table
+
+
+def sensors_table(settings: AgentSettings) -> Table:
+    """Each configured sensor's rate, last sample and errors by kind, as the running daemon last wrote them into
+    the sample store (read-only: the daemon keeps writing)."""
+    path = settings.sample_store.path
+    if not path.is_file():
+        table = Table(title="sensors")
+        table.add_column("sample store")
+        table.add_row(f"no sample store at {path} yet: `midgate agent run` creates it")
+        return table
+    try:
+        with SampleStore(path, readonly=True) as store:
+            reports = store.health()
+    except (ProtocolError, sqlite3.Error) as exc:
+        table = Table(title="sensors")
+        table.add_column("sample store")
+        table.add_row(f"[red]{path} unreadable: {exc}[/red]")
+        return table
+    return health_table(reports, now_ms(), settings.sensor_health_s)

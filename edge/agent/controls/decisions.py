@@ -25,6 +25,12 @@ class DeclineReason(StrEnum):
     STATE_UNREADABLE = "member_state_unreadable"
     """The member file could not be read when the daemon started: it takes part in nothing until the file is
     fixed, because it cannot know whether the member paused, left or struck."""
+    UNKNOWN_TASK = "unknown_task"
+    """The job's task is not one this agent knows how to cut windows for."""
+    NO_FITTING_DATA = "no_fitting_data"
+    """The sample store holds no data with the task's inputs (features, and class names for classification)."""
+    TOO_FEW_WINDOWS = "too_few_windows"
+    """The store's fitting data gives fewer windows than `min_job_windows`."""
 
 
 @dataclass(frozen=True)
@@ -33,13 +39,15 @@ class Decision:
     reason: DeclineReason | None = None
     strike: Strike | None = None
     """The strike that declined the job, for the log."""
+    detail: str = ""
+    """What the data lacked, for the log (data declines)."""
 
     def __str__(self) -> str:
         if self.run:
             return "run"
         if self.strike is not None:
             return f"{self.reason} ({self.strike.target_text()})"
-        return str(self.reason)
+        return f"{self.reason} ({self.detail})" if self.detail else str(self.reason)
 
 
 RUN = Decision(run=True)

@@ -1,0 +1,179 @@
+"""A job invitation makes the agent cut the task's windows from its own sample store, as the task spec says (segment
+or sliding; labels by class name), into the job's folder, and hand that file to the SuperNode; a store without the
+task's inputs, or with too few windows, declines the job with its reason. The SuperNode itself is a stand-in here
+(tests/test_fl_roles.py runs the real one from a real `agent run`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pytest
+from test_agent_member_controls import _membership
+
+import edge.agent.job_node as job_node_module
+from edge.agent.controls.decisions import DeclineReason
+from edge.agent.job_node import WINDOW_FILE, JobNode
+from edge.federated.supernode import SuperNodeProcess
+from edge.sensors.export import WindowSource
+from edge.sensors.plaid import PLAID_CLASSES, load_plaid, plaid_files
+from edge.sensors.replay import plaid_replay
+from edge.sensors.sample import ChannelSpec
+from edge.sensors.simulated import SimulatedEnvironmentSensor
+from edge.sensors.store import SampleStore, write_all
+from edge.sensors.tsfile import read_ts
+from protocol.identity import SignerKey
+from protocol.messages import RoundInvitation
+from protocol.tasks.spec import PLAID_APPLIANCE, REGISTRY, TaskKind, TaskSpec, get_task
+from protocol.tasks.windows import load_window_file
+
+RECORDINGS = 30
+
+
+class StandInSupervisor:
+    """Records the SuperNode the agent would start, without starting Flower."""
+
+    started: ClassVar[list[SuperNodeProcess]] = []
+
+    def __init__(self, make: Callable[[], SuperNodeProcess]) -> None:
+        self.make = make
+
+    async def __aenter__(self) -> StandInSupervisor:
+        StandInSupervisor.started.append(self.make())
+        return self
+
+    async def stop(self) -> None:
+        pass
+
+
+@pytest.fixture
+def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[JobNode, SignerKey]:
+    monkeypatch.setattr(job_node_module, "SuperNodeSupervisor", StandInSupervisor)
+    StandInSupervisor.started = []
+    membership, mid_key = _membership(tmp_path)  # the device of a MID that runs a SuperLink
+    return JobNode(membership, tmp_path / "spool", WindowSource(tmp_path / "samples.db", min_windows=5)), mid_key
+
+
+def invite(node: JobNode, mid_key: SignerKey, job: str, task: str) -> None:
+    now = time.time_ns() // 1_000_000
+    task_id, _, version = task.partition("@")
+    payload = RoundInvitation(
+        job_id=job,
+        run_id=1,
+        round=1,
+        task_id=task_id,
+        task_version=int(version),
+        purpose="research",
+        buyer="acme",
+        nonce=secrets.token_hex(16),
+        issued_ms=now,
+        deadline_ms=now + 60_000,
+    ).seal(mid_key)
+    asyncio.run(node.invited(payload))
+
+
+def plaid_store(path: Path, recordings: int = RECORDINGS) -> None:
+    sensor = plaid_replay(split="train", series=range(recordings), loop=False)
+    with SampleStore(path) as store:
+        store.register(sensor.name, sensor.channels, sensor.class_names)
+        write_all(store, sensor.samples(1_790_000_000_000))
+
+
+def job_windows(node: JobNode, job: str) -> Path:
+    path = node.membership.directory / "jobs" / job / WINDOW_FILE
+    assert [p.data_path for p in StandInSupervisor.started] == [path]  # the file the SuperNode trains on
+    return path
+
+
+def test_plaid_windows_are_cut_in_segment_mode_one_per_recording(node: tuple[JobNode, SignerKey]) -> None:
+    agent, mid_key = node
+    plaid_store(agent.windows.store_path)
+    invite(agent, mid_key, "job-1", "plaid-appliance@1")
+    assert agent.job is not None and agent.declined == 0
+    cut = load_window_file(job_windows(agent, "job-1"), PLAID_APPLIANCE)
+    reference = load_plaid("train")
+    assert cut.x.shape == (RECORDINGS, 1, 128) and cut.fingerprint.startswith("merkle-sha256:")
+    np.testing.assert_array_equal(cut.y, reference.y[:RECORDINGS])
+    np.testing.assert_allclose(cut.x[:, 0], reference.X[:RECORDINGS], rtol=1e-6)
+
+
+def test_a_sliding_task_gets_sliding_windows_labelled_by_class_name(
+    node: tuple[JobNode, SignerKey], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task no code names: its spec alone (sliding, stride, its own class order) decides how windows are cut."""
+    spec = TaskSpec(
+        id="appliance-sliding",
+        version=1,
+        kind=TaskKind.CLASSIFICATION,
+        features=("current",),
+        window_length=32,
+        labels=tuple(reversed(PLAID_CLASSES)),
+        window_mode="sliding",
+        window_stride=16,
+        hidden=8,
+    )
+    monkeypatch.setitem(REGISTRY, (spec.id, spec.version), spec)
+    agent, mid_key = node
+    plaid_store(agent.windows.store_path)
+    invite(agent, mid_key, "job-2", "appliance-sliding@1")
+    cut = load_window_file(job_windows(agent, "job-2"), get_task("appliance-sliding", 1))
+    assert cut.y is not None
+    reference = load_plaid("train")
+    lengths = [s.values.shape[1] for s in read_ts(plaid_files("train")[0]).series[:RECORDINGS]]
+    assert len(cut.x) == sum((n - 32) // 16 + 1 for n in lengths)  # windows never straddle two recordings
+    # PLAID's label i is the task's class 10 - i: mapped by name, never taken as an index.
+    assert set(cut.y.tolist()) == {10 - int(label) for label in reference.y[:RECORDINGS]}
+
+
+def test_a_forecast_task_is_cut_from_the_sensor_that_has_its_features(node: tuple[JobNode, SignerKey]) -> None:
+    agent, mid_key = node
+    plaid_store(agent.windows.store_path)  # a second sensor that does not fit: it is passed over
+    env = SimulatedEnvironmentSensor("env", device="a", dropout=0)
+    with SampleStore(agent.windows.store_path) as store:
+        store.register("env", env.channels)
+        write_all(store, (env.read(t) for t in range(0, 660_000, 1000)))
+    invite(agent, mid_key, "job-3", "env-forecast@1")
+    cut = load_window_file(job_windows(agent, "job-3"), get_task("env-forecast", 1))
+    assert cut.x.shape == (20, 3, 32) and cut.y is not None and cut.y.shape == (20, 3)  # 660 samples / 33
+
+
+def test_a_store_without_the_tasks_inputs_declines_with_the_reason(
+    node: tuple[JobNode, SignerKey], caplog: pytest.LogCaptureFixture
+) -> None:
+    agent, mid_key = node
+    plaid_store(agent.windows.store_path)
+    with caplog.at_level(logging.INFO, logger="midgate.agent.job"):
+        invite(agent, mid_key, "job-4", "env-forecast@1")
+        invite(agent, mid_key, "job-4", "env-forecast@1")  # re-invited: already declined, not cut again
+    assert agent.job is None and StandInSupervisor.started == []
+    assert agent.declined == 1 and agent.data_declines == {DeclineReason.NO_FITTING_DATA: 1}
+    declined = [r.getMessage() for r in caplog.records if "declined" in r.getMessage()]
+    assert len(declined) == 1 and "no_fitting_data" in declined[0] and "lack ['temperature_c'" in declined[0]
+    assert not (agent.membership.directory / "jobs" / "job-4" / WINDOW_FILE).exists()
+
+
+def test_labels_named_otherwise_than_the_tasks_classes_decline(node: tuple[JobNode, SignerKey]) -> None:
+    agent, mid_key = node
+    with SampleStore(agent.windows.store_path) as store:
+        store.register("meter", (ChannelSpec("current", "A"),), ("kettle", "toaster"))
+        store.register("bare", (ChannelSpec("current", "A"),))
+    invite(agent, mid_key, "job-5", "plaid-appliance@1")
+    assert agent.job is None and agent.data_declines == {DeclineReason.NO_FITTING_DATA: 1}
+    assert "no_fitting_data" in str(agent._unfit["job-5"])
+    assert "are not the task's" in str(agent._unfit["job-5"]) and "no class names" in str(agent._unfit["job-5"])
+
+
+def test_too_few_windows_and_an_unknown_task_decline(node: tuple[JobNode, SignerKey]) -> None:
+    agent, mid_key = node
+    plaid_store(agent.windows.store_path, recordings=3)  # the node needs 5
+    invite(agent, mid_key, "job-6", "plaid-appliance@1")
+    invite(agent, mid_key, "job-7", "plaid-appliance@9")
+    assert agent.job is None and StandInSupervisor.started == []
+    assert agent.data_declines == {DeclineReason.TOO_FEW_WINDOWS: 1, DeclineReason.UNKNOWN_TASK: 1}
+    assert "found=3, needed=5" in str(agent._unfit["job-6"])
