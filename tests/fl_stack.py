@@ -94,7 +94,8 @@ def enrol_plaid_agent(
     extra: more agent.toml settings, one `key = value` a line.
     """
     handle = AgentHandle(name, workdir)
-    toml = agent_toml(handle.data_dir, plaid_sensor_toml(series) + f"\n{extra}")
+    # Top-level keys before the [[sensors]] table, or TOML files them under it.
+    toml = agent_toml(handle.data_dir, f"{extra}\n{plaid_sensor_toml(series)}")
     handle.config.write_text(toml.replace("spool_poll_s = 0.05", f"spool_poll_s = {spool_poll_s}"))
     record = enrol(AgentSettings.load(handle.config), f"http://127.0.0.1:{stack.http_port}", stack.invite(name))
     assert record.flower_node_id != 0

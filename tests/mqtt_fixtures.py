@@ -422,8 +422,16 @@ def write_job_record(book_dir: Path, job_id: str, run_id: int, invited: dict[str
     JobBook(book_dir).write(record)
 
 
-NOT_JOINING = "not joining"
-"""What an agent without training windows logs once it took an invitation (edge.agent.job_node)."""
+def holds_nonce(data_dir: Path, mid: str, nonce: str) -> bool:
+    """Whether the agent keeps `nonce` among its invitations' nonces (edge.agent.job_node.NONCES_FILE, written before
+    it decides whether to join): it signs the spool bodies of that run from then on, whether or not it joins."""
+    from edge.agent.job_node import NONCES_FILE
+
+    path = data_dir / "mids" / mid / NONCES_FILE
+    try:
+        return nonce in path.read_text()
+    except FileNotFoundError:
+        return False
 
 
 class AgentHandle:
@@ -555,13 +563,11 @@ class MessagingStack:
         return nonce
 
     def invite_to_run(self, handle: AgentHandle, run_id: int = RUN_ID, nonce: str | None = None) -> str:
-        """`publish_invitation` for a running agent, then wait until it took the invitation (it logs that it does
-        not join: test agents have no training windows); returns the nonce. Write spool bodies after this."""
+        """`publish_invitation` for a running agent, then wait until it took the invitation (it keeps the
+        invitation's nonce, whether or not it joins); returns the nonce. Write spool bodies after this."""
         assert handle.process is not None, "start the agent first"
-        process = handle.process
-        before = process.log_text().count(NOT_JOINING)
         nonce = self.publish_invitation(handle.device, run_id, nonce)
-        wait_until(lambda: process.log_text().count(NOT_JOINING) > before, 30, f"{handle.name} took the invitation")
+        wait_until(lambda: holds_nonce(handle.data_dir, self.mid, nonce), 30, f"{handle.name} took the invitation")
         return nonce
 
     def start_invited_agent(self, handle: AgentHandle) -> ServiceProcess:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from mqtt_fixtures import NOT_JOINING, MessagingStack, ServiceProcess, agent_toml, contribution_body, wait_until
+from mqtt_fixtures import MessagingStack, ServiceProcess, agent_toml, contribution_body, holds_nonce, wait_until
 
 from edge.agent.config import AgentSettings
 from edge.agent.enrolment import enrol
@@ -37,9 +37,14 @@ def test_one_agent_in_two_mids(messaging_stack: MessagingStack) -> None:
         assert memberships[0].key.verifier != memberships[1].key.verifier
         assert memberships[0].device != memberships[1].device
         process.start()
-        for stack, m in ((river, memberships[1]), (hill, memberships[0])):
-            stack.publish_invitation(m.device)
-        wait_until(lambda: process.log_text().count(NOT_JOINING) >= 2, 30, "both MIDs' invitations taken")
+        nonces = {
+            m.mid: stack.publish_invitation(m.device) for stack, m in ((river, memberships[1]), (hill, memberships[0]))
+        }
+        wait_until(
+            lambda: all(holds_nonce(settings.data_dir, mid, nonce) for mid, nonce in nonces.items()),
+            30,
+            "both MIDs' invitations taken",
+        )
         for m in memberships:
             for i in range(50):
                 write_body(settings.spool_root / m.mid, contribution_body(i, m.device))
