@@ -8,9 +8,10 @@ manager in aiomqtt's shape) and `serve` uses it until it is lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import NoReturn, TypeVar
 
@@ -66,4 +67,23 @@ async def stay_connected(
         attempt += 1
 
 
-__all__ = ["JITTER", "backoff_s", "stay_connected"]
+@contextlib.asynccontextmanager
+async def staying_connected(
+    connect: Callable[[], AbstractAsyncContextManager[C]],
+    serve: Callable[[C], Awaitable[object]],
+    failures: tuple[type[Exception], ...],
+    delays: tuple[float, float],
+    log: logging.Logger,
+    what: str,
+) -> AsyncIterator[None]:
+    """`stay_connected` as a task owned by the `async with` block: started on entry, cancelled and awaited on exit."""
+    task = asyncio.create_task(stay_connected(connect, serve, failures, delays, log, what))
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+__all__ = ["JITTER", "backoff_s", "stay_connected", "staying_connected"]

@@ -9,13 +9,14 @@ back, and no more than `queue_max` unacknowledged messages are ever held however
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 import struct
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -283,31 +284,40 @@ def test_client_holds_no_more_than_queue_max_and_takes_the_rest_as_places_free(t
         _run(lambda: _bounded(broker.port))
 
 
-async def _bounded(port: int) -> None:
-    client_id = f"bound-{uuid.uuid4().hex[:8]}"
+@contextlib.asynccontextmanager
+async def _subscribed(
+    port: int, queue_max: int, receive_maximum: int
+) -> AsyncIterator[tuple[paho.Client, ManualAckClient]]:
+    """A publisher and a client subscribed to `t/#` (probes drained), both closed on exit."""
+    client_id = f"ingest-{uuid.uuid4().hex[:8]}"
     publisher = _publisher(port, client_id)
     try:
-        async with ManualAckClient(_endpoint(port, client_id), queue_max=5, receive_maximum=1000) as client:
+        async with ManualAckClient(_endpoint(port, client_id), queue_max, receive_maximum) as client:
             await client.subscribe("t/#")
             await _wait_subscribed(publisher, client)
-            infos = [publisher.publish("t/m", f"{i}".encode(), qos=1) for i in range(300)]
-            for info in infos:  # all of them are at the broker, which may send up to 1000 unacknowledged
-                await asyncio.to_thread(info.wait_for_publish, 30)
-            held = await client.batch(300, 500)
-            assert len(held) == 5 and client.in_memory == 5
-            await asyncio.sleep(0.3)
-            assert client.waiting == 0, "a message arrived without a free place"
-            got = [m.payload for m in held]
-            client.settle_all([m.token for m in held])
-            while len(got) < 300:
-                batch = await client.batch(300, 50)
-                assert client.in_memory <= 5
-                got += [m.payload for m in batch]
-                client.settle_all([m.token for m in batch])
-            assert got == [f"{i}".encode() for i in range(300)]
+            yield publisher, client
     finally:
         publisher.loop_stop()
         publisher.disconnect()
+
+
+async def _bounded(port: int) -> None:
+    async with _subscribed(port, queue_max=5, receive_maximum=1000) as (publisher, client):
+        infos = [publisher.publish("t/m", f"{i}".encode(), qos=1) for i in range(300)]
+        for info in infos:  # all of them are at the broker, which may send up to 1000 unacknowledged
+            await asyncio.to_thread(info.wait_for_publish, 30)
+        held = await client.batch(300, 500)
+        assert len(held) == 5 and client.in_memory == 5
+        await asyncio.sleep(0.3)
+        assert client.waiting == 0, "a message arrived without a free place"
+        got = [m.payload for m in held]
+        client.settle_all([m.token for m in held])
+        while len(got) < 300:
+            batch = await client.batch(300, 50)
+            assert client.in_memory <= 5
+            got += [m.payload for m in batch]
+            client.settle_all([m.token for m in batch])
+        assert got == [f"{i}".encode() for i in range(300)]
 
 
 def test_a_dropped_connection_is_made_again_and_redelivers_what_was_not_acknowledged(tmp_path: Path) -> None:
@@ -316,27 +326,19 @@ def test_a_dropped_connection_is_made_again_and_redelivers_what_was_not_acknowle
 
 
 async def _dropped(port: int) -> None:
-    client_id = f"drop-{uuid.uuid4().hex[:8]}"
-    publisher = _publisher(port, client_id)
-    try:
-        async with ManualAckClient(_endpoint(port, client_id), queue_max=50, receive_maximum=50) as client:
-            await client.subscribe("t/#")
-            await _wait_subscribed(publisher, client)
-            for i in range(10):
-                await asyncio.to_thread(publisher.publish("t/m", f"{i}".encode(), qos=1).wait_for_publish, 30)
-            first: list[InboundMessage] = []
-            while len(first) < 10:
-                first += await client.batch(10 - len(first), 100)
-            client.settle_all([m.token for m in first[:4]])  # acknowledged now, on the live connection
-            client.settle_all([m.token for m in first[4:]], ack=False)
-            assert client.connects == 1
-            client.redeliver_unacknowledged()
-            again = await _receive(client, 6)
-            assert [m.payload for m in again] == [f"{i}".encode() for i in range(4, 10)]
-            assert client.connects == 2
-    finally:
-        publisher.loop_stop()
-        publisher.disconnect()
+    async with _subscribed(port, queue_max=50, receive_maximum=50) as (publisher, client):
+        for i in range(10):
+            await asyncio.to_thread(publisher.publish("t/m", f"{i}".encode(), qos=1).wait_for_publish, 30)
+        first: list[InboundMessage] = []
+        while len(first) < 10:
+            first += await client.batch(10 - len(first), 100)
+        client.settle_all([m.token for m in first[:4]])  # acknowledged now, on the live connection
+        client.settle_all([m.token for m in first[4:]], ack=False)
+        assert client.connects == 1
+        client.redeliver_unacknowledged()
+        again = await _receive(client, 6)
+        assert [m.payload for m in again] == [f"{i}".encode() for i in range(4, 10)]
+        assert client.connects == 2
 
 
 # --- acknowledging ---------------------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from coordinator.ingest.pipeline import InboundMessage
-from protocol.reconnect import stay_connected
+from protocol.reconnect import staying_connected
 
 log = logging.getLogger("midgate.ingest.mqtt")
 
@@ -314,7 +314,8 @@ class ManualAckClient:
         self._reading = False
         self._dropping = False
         self._resume_due = False
-        self._session: asyncio.Task[None] | None = None
+        self._read_ns = 0
+        self._session: contextlib.AbstractAsyncContextManager[None] | None = None
         self._connack: asyncio.Future[None] | None = None
         self._lost: asyncio.Future[str] | None = None
         self._closed = asyncio.Event()
@@ -354,10 +355,10 @@ class ManualAckClient:
     async def __aenter__(self) -> Self:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
-        what = f"broker {self.endpoint.host}:{self.endpoint.port} as {self.endpoint.client_id}"
-        self._session = asyncio.create_task(
-            stay_connected(self._connect, self._serve, (MqttError,), self.endpoint.reconnect_s, log, what)
-        )
+        e = self.endpoint
+        what = f"broker {e.host}:{e.port} as {e.client_id}"
+        self._session = staying_connected(self._connect, self._serve, (MqttError,), e.reconnect_s, log, what)
+        await self._session.__aenter__()
         return self
 
     async def __aexit__(
@@ -365,9 +366,7 @@ class ManualAckClient:
     ) -> None:
         """Leave the session: acknowledgements already asked for go out ahead of the DISCONNECT."""
         assert self._session is not None
-        self._session.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._session
+        await self._session.__aexit__(None, None, None)
         if self._paho.socket() is not None:
             self._paho.disconnect()
             with contextlib.suppress(TimeoutError):
@@ -494,6 +493,8 @@ class ManualAckClient:
 
     def _readable(self) -> None:
         client = self._paho
+        self._read_ns = time.monotonic_ns()
+        before = len(self._inbox)
         client.loop_read()
         sock = client.socket()
         # TLS: bytes already decrypted into the SSL object do not make the socket readable again.
@@ -506,6 +507,8 @@ class ManualAckClient:
             assert self._loop is not None
             self._loop.remove_reader(self._fd)
             self._reading = False
+        if len(self._inbox) > before:
+            self.arrived.set()
 
     def _watch_socket(self) -> None:
         assert self._loop is not None
@@ -519,9 +522,13 @@ class ManualAckClient:
         client = self._paho
         if not client.held_back or client.places <= 0:
             return
+        before = len(self._inbox)
+        self._read_ns = time.monotonic_ns()
         if client.read_buffered() != MQTTErrorCode.MQTT_ERR_SUCCESS:
             log.warning("dropping the connection: a buffered packet did not parse")
             self._drop_connection()
+        if len(self._inbox) > before:
+            self.arrived.set()
         if not client.held_back:
             self._watch_socket()
 
@@ -565,10 +572,11 @@ class ManualAckClient:
         # Only QoS 2 still takes paho's own path; the subscriptions are QoS 1, so the broker never sends it.
         self._paho.places -= 1
         self._received(message.topic, bytes(message.payload), message.mid, message.qos)
+        self.arrived.set()
 
     def _received(self, topic: str, payload: bytes, mid: int, qos: int) -> None:
-        self._inbox.append(InboundMessage(topic, payload, AckToken(self._connection, mid, qos), time.monotonic_ns()))
-        self.arrived.set()
+        # `arrived` is set and the clock read once per socket read, not per message (measured per-message costs).
+        self._inbox.append(InboundMessage(topic, payload, AckToken(self._connection, mid, qos), self._read_ns))
 
     @property
     def messages(self) -> AsyncIterator[InboundMessage]:

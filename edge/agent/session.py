@@ -22,7 +22,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge.agent.membership import Membership
-from protocol.reconnect import stay_connected
+from protocol.reconnect import staying_connected
 from protocol.topics import device_filters
 
 log = logging.getLogger("midgate.agent.mqtt")
@@ -61,23 +61,20 @@ class DeviceSession:
         self.connected = asyncio.Event()
         self._client: aiomqtt.Client | None = None
         self._publishing: set[asyncio.Task[None]] = set()
-        self._session: asyncio.Task[None] | None = None
+        self._session: contextlib.AbstractAsyncContextManager[None] | None = None
 
     async def __aenter__(self) -> Self:
         broker = self.membership.record.broker
         what = f"broker {broker.host}:{broker.port} of {self.membership.mid}"
-        self._session = asyncio.create_task(
-            stay_connected(self._connect, self._serve, (aiomqtt.MqttError,), self._reconnect, log, what)
-        )
+        self._session = staying_connected(self._connect, self._serve, (aiomqtt.MqttError,), self._reconnect, log, what)
+        await self._session.__aenter__()
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         assert self._session is not None
-        self._session.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._session
+        await self._session.__aexit__(exc_type, exc, tb)
 
     @property
     def unacked(self) -> int:
