@@ -30,7 +30,15 @@ from coordinator.ingest.handoff import (
 )
 from coordinator.ingest.metrics import IngestMetrics
 from coordinator.ingest.mqtt import BrokerEndpoint, ManualAckClient
-from coordinator.ingest.pipeline import Candidate, InboundMessage, IngestPipeline, Outcome, ScreenResult, Verdict
+from coordinator.ingest.pipeline import (
+    Candidate,
+    InboundMessage,
+    IngestPipeline,
+    Outcome,
+    ScreenResult,
+    Verdict,
+    freeze_startup_objects,
+)
 from coordinator.ledger.store import LedgerStore
 from protocol.checkpoint import parse_checkpoint_text
 from protocol.errors import ProtocolError, Reason
@@ -105,6 +113,7 @@ class IngestService:
         self._stop.set()
 
     async def run(self) -> None:
+        freeze_startup_objects()
         stopper = asyncio.create_task(self._stop.wait())
         try:
             while not self._stop.is_set():

@@ -31,7 +31,7 @@ from coordinator.ingest.handoff import (
 )
 from coordinator.ingest.metrics import WorkerMetrics
 from coordinator.ingest.mqtt import BrokerEndpoint, ManualAckClient
-from coordinator.ingest.pipeline import InboundMessage, Outcome, Screener, Verdict, screen_one
+from coordinator.ingest.pipeline import InboundMessage, Outcome, Screener, Verdict, freeze_startup_objects, screen_one
 from coordinator.registry.store import Registry
 from protocol.errors import ProtocolError
 from protocol.topics import check_id
@@ -141,6 +141,7 @@ class ScreeningWorker:
         self._arrived.set()  # start the drain now, not at the end of the current 1 s registry-poll wait
 
     async def run(self) -> None:
+        freeze_startup_objects()
         last_stats = time.monotonic()
         while not self._stop.is_set():
             if not self.session.waiting and not self.handoff_session.waiting:
