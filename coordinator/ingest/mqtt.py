@@ -420,7 +420,7 @@ class ManualAckClient:
         """Subscribe (again: a broker that lost its sessions has forgotten them), then wait for the connection's end."""
         assert self._lost is not None
         if self._filters:
-            await self._subscribe(self._filters)
+            await self._subscribe(list(self._filters))
         reason = await self._lost
         raise MqttError(f"connection lost: {reason}")
 
