@@ -11,11 +11,11 @@ Figures (baseline measured in the same run):
   target <= 2x. The saturated phase runs `--rounds` times on the same stack, each with devices of its own; every
   round is printed and the median is the figure: one round is 4-6 s of traffic, and rounds of one run on one stack
   differ by several percent;
-- per round, the CPU of the event-loop thread and of the other threads, what the broker delivered (received,
-  duplicates: a redelivery would be screened and verified again and cost CPU without an accepted report), and a probe
-  process's timing of raw verifications and of a Python reference workload during the round against just before it:
-  the machine's own speed moves (other tenants of the host, caches shared with the publishers), and the probe shows
-  by how much and for which kind of work;
+- per round, the CPU of the event-loop thread (the MQTT client and the batch loop) and of the other threads (the
+  pipeline's worker threads), what the broker delivered (received, duplicates: a redelivery would be screened and
+  verified again and cost CPU without an accepted report), and a probe process's timing of raw verifications and of
+  a Python reference workload during the round against just before it: the machine's own speed moves (other tenants
+  of the host, caches shared with the publishers), and the probe shows by how much and for which kind of work;
 - sustained accepted reports/s over the saturated phase (median of the rounds);
 - publish -> receipt-arrival latency p50/p99 with one publisher paced at 1,000 reports/s -- target p99 < 100 ms;
 - resident memory of an idle `midgate agent run` (enrolled, connected, no training) -- target < 80 MB.
@@ -413,7 +413,8 @@ def print_rounds(rounds: list[dict[str, float]], verify_us: float) -> None:
             f" {r['accepted'] / max(r['batches'], 1):.0f} per ledger batch"
         )
         print(
-            f"           loop thread {r['loop_us']:.1f} us, other threads (pipeline, paho) {r['other_us']:.1f} us;"
+            f"           loop thread (MQTT client, batch loop) {r['loop_us']:.1f} us,"
+            f" other threads (pipeline) {r['other_us']:.1f} us;"
             f" probe during / before the round: verify {r['verify_during_us']:.1f} / {r['verify_before_us']:.1f} us"
             f" ({r['verify_during_us'] / r['verify_before_us']:.2f}x), Python reference"
             f" {r['python_during_us']:.1f} / {r['python_before_us']:.1f} us"

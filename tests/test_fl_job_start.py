@@ -1,16 +1,21 @@
 """`midgate coordinator job start`'s pieces without Flower: which devices a job invites, the signed invitation each
-receives, the request's refusals, the job book, and when a job counts as succeeded. The whole command runs end to
-end, against Mosquitto, `serve`'s SuperLink and real agents, in tests/test_fl_roles_e2e.py."""
+receives and how it is published, the request's refusals, the job book, and when a job counts as succeeded. The whole
+command runs end to end, against Mosquitto, `serve`'s SuperLink and real agents, in tests/test_fl_roles_e2e.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import paho.mqtt.client as paho
 import pytest
+from mqtt_fixtures import MosquittoProcess, free_port, wait_until
+from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import ValidationError
 
 from coordinator.federation.job import JobOutcome, JobRunConfig
 from coordinator.federation.job_start import (
+    BrokerLogin,
+    InvitationSender,
     JobBook,
     JobDevice,
     JobRecord,
@@ -28,7 +33,9 @@ from protocol.errors import BadSignatureError, ProtocolError
 from protocol.identity import SignerKey
 from protocol.messages import RoundInvitation
 from protocol.tasks.schedule import LrSchedule
+from protocol.topics import DownKind, down_topic
 
+pytest_plugins = ["mqtt_fixtures"]
 NOW_MS = 1_795_000_000_000
 
 
@@ -209,3 +216,29 @@ def test_a_job_succeeds_only_when_the_run_completed_and_the_outcome_has_every_ro
     status: str, outcome: JobOutcome | None, succeeded: bool
 ) -> None:
     assert job_succeeded(status, outcome, rounds=2) is succeeded
+
+
+def test_invitations_are_published_at_qos_1_and_an_unreachable_broker_is_a_job_error(
+    mosquitto: MosquittoProcess,
+) -> None:
+    got: list[tuple[str, bytes]] = []
+    device = paho.Client(CallbackAPIVersion.VERSION2, client_id="d-one", protocol=paho.MQTTv5)
+    device.on_message = lambda c, u, m: got.append((m.topic, bytes(m.payload)))
+    device.on_subscribe = lambda c, u, mid, rcs, p: got.append(("subscribed", b""))
+    device.connect("127.0.0.1", mosquitto.port)
+    device.loop_start()
+    try:
+        device.subscribe("mid/riverside/dev/+/down/#", qos=1)
+        wait_until(lambda: bool(got), 10, "the device's subscription")
+        sent = [(down_topic("riverside", d, DownKind.INVITE), f"invitation for {d}".encode()) for d in ("a", "b")]
+        with InvitationSender(BrokerLogin("127.0.0.1", mosquitto.port, "coordinator", "", "job-1")) as sender:
+            sender.send_all(sent)
+        wait_until(lambda: len(got) == 3, 10, "both invitations")
+        assert sorted(got[1:]) == sorted(sent)
+    finally:
+        device.loop_stop()
+        device.disconnect()
+    nobody = BrokerLogin("127.0.0.1", free_port(), "coordinator", "", "job-2")
+    with pytest.raises(JobRequestError) as refused, InvitationSender(nobody, timeout_s=5):
+        pass
+    assert refused.value.reason == "broker_unreachable"

@@ -12,6 +12,7 @@ with the ServerApp's outcome.json, never the CLI's exit code. The run's output g
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -23,8 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Self
 
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
+import aiomqtt
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from coordinator.federation.flower_cli import FlowerCli, FlowerCliError
@@ -214,39 +214,52 @@ class BrokerLogin:
 
 
 class InvitationSender:
-    """A short-lived MQTT connection with the coordinator's login (its ACL writes `dev/+/down/#`), on its own client
-    id so it never takes over `serve`'s persistent session. `with` connects and disconnects."""
+    """Publishes invitations with the coordinator's login (its ACL writes `dev/+/down/#`) on its own client id, so it
+    never takes over `serve`'s persistent session. `JobRun` is synchronous (it polls the flwr CLI between rounds), so
+    each burst of invitations is one short aiomqtt connection on an event loop of its own; `with` checks up front that
+    the broker takes the login, before the job is recorded."""
 
     def __init__(self, login: BrokerLogin, timeout_s: float = 30.0) -> None:
         self.login = login
         self.timeout_s = timeout_s
-        protocol = paho.MQTTv5 if login.mqtt5 else paho.MQTTv311
-        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=login.client_id, protocol=protocol)
-        self._client.username_pw_set(login.username, login.password)
-        if login.ca_file:
-            self._client.tls_set(ca_certs=login.ca_file, tls_version=ssl.PROTOCOL_TLS_CLIENT)
 
     def __enter__(self) -> Self:
-        self._client.connect(self.login.host, self.login.port, keepalive=30)
-        self._client.loop_start()
-        deadline = time.monotonic() + self.timeout_s
-        while not self._client.is_connected():
-            if time.monotonic() >= deadline:
-                self.__exit__()
-                raise JobRequestError("broker_unreachable", "no MQTT connection", host=self.login.host)
-            time.sleep(0.05)
+        self.send_all([])
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
+        pass
 
-    def send(self, topic: str, payload: bytes) -> None:
-        """Publish at QoS 1 and wait until the broker acknowledged it."""
-        info = self._client.publish(topic, payload, qos=1)
-        info.wait_for_publish(self.timeout_s)
-        if not info.is_published():
-            raise JobRequestError("broker_unreachable", "invitation not acknowledged by the broker", topic=topic)
+    def send_all(self, messages: list[tuple[str, bytes]]) -> None:
+        """Publish each (topic, payload) at QoS 1 and return once the broker acknowledged every one."""
+        asyncio.run(self._publish(messages))
+
+    async def _publish(self, messages: list[tuple[str, bytes]]) -> None:
+        login = self.login
+        tls = (
+            aiomqtt.TLSParameters(ca_certs=login.ca_file, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            if login.ca_file
+            else None
+        )
+        client = aiomqtt.Client(
+            login.host,
+            login.port,
+            username=login.username,
+            password=login.password,
+            identifier=login.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5 if login.mqtt5 else aiomqtt.ProtocolVersion.V311,
+            keepalive=30,
+            timeout=self.timeout_s,
+            tls_params=tls,
+        )
+        client.pending_calls_threshold = max(10, len(messages))
+        try:
+            async with client:
+                await asyncio.gather(*(client.publish(topic, payload, qos=1) for topic, payload in messages))
+        except aiomqtt.MqttError as exc:
+            raise JobRequestError(
+                "broker_unreachable", "invitations not acknowledged by the broker", host=login.host, error=str(exc)
+            ) from None
 
 
 JobStatus = Literal["inviting", "running", "completed", "failed"]
@@ -433,11 +446,13 @@ class JobRun:
 
     def _invite(self, record: JobRecord, devices: list[JobDevice], run_id: int, server_round: int) -> None:
         now = _now_ms()
+        messages = []
         for device in devices:
             payload = round_invitation(
                 self.request, run_id, server_round, record.nonces[device.device_id], now, self.mid_key
             )
-            self.sender.send(down_topic(self.mid, device.device_id, DownKind.INVITE), payload)
+            messages.append((down_topic(self.mid, device.device_id, DownKind.INVITE), payload))
+        self.sender.send_all(messages)
 
     def _wait_joined(self, node_ids: set[int]) -> set[int]:
         deadline = self.clock() + self.request.join_timeout_s

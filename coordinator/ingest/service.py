@@ -13,9 +13,9 @@ contribution gate when federation is on, the metrics; it owns only its broker se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections import deque
 from types import TracebackType
 
 from coordinator.config import CoordinatorSettings
@@ -29,8 +29,16 @@ from coordinator.ingest.handoff import (
     sequencer_filters,
 )
 from coordinator.ingest.metrics import IngestMetrics
-from coordinator.ingest.mqtt import BrokerEndpoint, BrokerSession, collect_batch
-from coordinator.ingest.pipeline import Candidate, InboundMessage, IngestPipeline, Outcome, ScreenResult, Verdict
+from coordinator.ingest.mqtt import BrokerEndpoint, ManualAckClient
+from coordinator.ingest.pipeline import (
+    Candidate,
+    InboundMessage,
+    IngestPipeline,
+    Outcome,
+    ScreenResult,
+    Verdict,
+    freeze_startup_objects,
+)
 from coordinator.ledger.store import LedgerStore
 from protocol.checkpoint import parse_checkpoint_text
 from protocol.errors import ProtocolError, Reason
@@ -76,10 +84,7 @@ class IngestService:
         self.metrics = metrics
         self._broker = broker
         self._stop = asyncio.Event()
-        self._inbox: deque[InboundMessage] = deque()
-        self._arrived = asyncio.Event()
-        self._wake_pending = False
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._exits = contextlib.AsyncExitStack()
         # A quiet broker still wakes the loop: for registry changes, and for the captures waiting reports need.
         self._quiet_s = REGISTRY_POLL_S
         if gate is not None:
@@ -87,7 +92,6 @@ class IngestService:
 
     async def __aenter__(self) -> IngestService:
         s = self.settings
-        self._loop = asyncio.get_running_loop()
         self.metrics.ledger_size.set(self.ledger.size)
         self.handoff_key = load_or_create_handoff_key(s.handoff_key_path)
         # With screening workers the device topics are theirs (shared subscription); a plain subscription here would
@@ -95,37 +99,26 @@ class IngestService:
         filters = sequencer_filters(s.mid)
         if not s.ingest.workers:
             filters = coordinator_filters(s.mid) + filters
-        self.session = BrokerSession(self._broker, filters, self._deliver, s.ingest.queue_max, s.ingest.receive_maximum)
-        self.session.start()
+        self.session = ManualAckClient(self._broker, s.ingest.queue_max, s.ingest.receive_maximum)
+        await self._exits.enter_async_context(self.session)
+        await self.session.subscribe(*filters)
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await asyncio.to_thread(self.session.stop)
-
-    def _deliver(self, message: InboundMessage) -> None:
-        """Called on paho's thread. One loop wake-up per burst rather than per message (a measured per-report cost):
-        the flag is only cleared on the loop, after which any later append schedules a new wake-up."""
-        assert self._loop is not None
-        self._inbox.append(message)
-        if not self._wake_pending:
-            self._wake_pending = True
-            self._loop.call_soon_threadsafe(self._wake)
-
-    def _wake(self) -> None:
-        self._wake_pending = False
-        self._arrived.set()
+        await self._exits.aclose()
 
     def stop(self) -> None:
         self._stop.set()
 
     async def run(self) -> None:
+        freeze_startup_objects()
         stopper = asyncio.create_task(self._stop.wait())
         try:
             while not self._stop.is_set():
-                if not self._inbox:
-                    waiter = asyncio.create_task(self._arrived.wait())
+                if not self.session.waiting:
+                    waiter = asyncio.create_task(self.session.arrived.wait())
                     done, _ = await asyncio.wait(
                         {waiter, stopper}, timeout=self._quiet_s, return_when=asyncio.FIRST_COMPLETED
                     )
@@ -137,8 +130,8 @@ class IngestService:
                         await asyncio.to_thread(self.pipeline.refresh_registry)
                         await self._resolve_contributions()
                         continue
-                    self._arrived.clear()
-                    if not self._inbox:
+                    self.session.arrived.clear()
+                    if not self.session.waiting:
                         continue
                 batch = await self._collect()
                 try:
@@ -154,14 +147,13 @@ class IngestService:
         batch unacknowledged, reconnect so the broker redelivers it, and let dedup sort out what did get committed."""
         log.exception("batch failed; it will be redelivered", extra={"messages": len(batch)})
         self.metrics.rejected.labels(reason="internal_error").inc(len(batch))
-        for message in batch:
-            self.session.settle(message.token, ack=False)
-        await asyncio.to_thread(self.session.redeliver_unacknowledged)
+        self.session.settle_all([message.token for message in batch], ack=False)
+        self.session.redeliver_unacknowledged()
         await asyncio.sleep(1.0)
 
     async def _collect(self) -> list[InboundMessage]:
         ingest = self.settings.ingest
-        return await collect_batch(self._inbox, self._arrived, ingest.batch_max, ingest.batch_window_ms)
+        return await self.session.batch(ingest.batch_max, ingest.batch_window_ms)
 
     async def _process(self, batch: list[InboundMessage]) -> None:
         self.metrics.queue_depth.set(self.session.in_memory)

@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 from coordinator.broker.logins import coordinator_password, worker_password_path, worker_username
@@ -31,8 +30,8 @@ from coordinator.ingest.handoff import (
     worker_filters,
 )
 from coordinator.ingest.metrics import WorkerMetrics
-from coordinator.ingest.mqtt import BrokerEndpoint, BrokerSession, collect_batch
-from coordinator.ingest.pipeline import InboundMessage, Outcome, Screener, Verdict, screen_one
+from coordinator.ingest.mqtt import BrokerEndpoint, ManualAckClient
+from coordinator.ingest.pipeline import InboundMessage, Outcome, Screener, Verdict, freeze_startup_objects, screen_one
 from coordinator.registry.store import Registry
 from protocol.errors import ProtocolError
 from protocol.topics import check_id
@@ -81,18 +80,15 @@ class ScreeningWorker:
         self._seen: dict[str, int] = {}
         self._seen_sent = time.monotonic()
         self._stop = asyncio.Event()
-        self._inbox: deque[InboundMessage] = deque()
-        self._notices: deque[InboundMessage] = deque()
         self._arrived = asyncio.Event()
-        self._wake_pending = False
-        self._loop: asyncio.AbstractEventLoop | None = None
+        """Set by either connection when messages arrive."""
+        self._exits = contextlib.AsyncExitStack()
         self._pending: dict[int, _Pending] = {}
         self._next_batch = time.time_ns()  # unique across restarts, so a stale notice never matches a new batch
         self._notice_topic = committed_topic(settings.mid, self.worker_id)
 
     async def __aenter__(self) -> ScreeningWorker:
         s = self.settings
-        self._loop = asyncio.get_running_loop()
         self.key = load_or_create_handoff_key(s.handoff_key_path)
         self.registry = Registry(s.registry_path)
         self.screener = Screener(
@@ -111,16 +107,16 @@ class ScreeningWorker:
             keepalive_s=s.broker.keepalive_s,
             mqtt5=True,  # shared subscriptions are MQTT 5
         )
-        filters = worker_filters(s.mid, s.ingest.share_group)
-        self.session = BrokerSession(endpoint, filters, self._deliver, s.ingest.queue_max, s.ingest.receive_maximum)
         # Hand-offs go out and commit notices come in on a second connection. On the first, the device messages
         # awaiting their commit fill both the broker's in-flight window (a notice queued behind them never arrives)
-        # and our own bound (paho's thread then waits for a free slot and sends nothing, so a hand-off published
-        # there never leaves): both were measured here as deadlocks.
+        # and our own bound (a notice behind them is never read): measured here as a deadlock.
         handoff = dataclasses.replace(endpoint, client_id=f"{endpoint.client_id}-handoff")
-        self.handoff_session = BrokerSession(handoff, (self._notice_topic,), self._deliver, 1000, 1000)
-        self.handoff_session.start()
-        self.session.start()
+        self.handoff_session = ManualAckClient(handoff, 1000, 1000, arrived=self._arrived)
+        await self._exits.enter_async_context(self.handoff_session)
+        await self.handoff_session.subscribe(self._notice_topic)
+        self.session = ManualAckClient(endpoint, s.ingest.queue_max, s.ingest.receive_maximum, arrived=self._arrived)
+        await self._exits.enter_async_context(self.session)
+        await self.session.subscribe(*worker_filters(s.mid, s.ingest.share_group))
         host, port = self._metrics_at
         if port is not None:
             from prometheus_client import start_http_server
@@ -132,8 +128,7 @@ class ScreeningWorker:
 
     async def __aexit__(self, *exc: object) -> None:
         try:
-            await asyncio.to_thread(self.session.stop)
-            await asyncio.to_thread(self.handoff_session.stop)
+            await self._exits.aclose()
             self.registry.close()
             if self._metrics_server is not None:
                 self._metrics_server.shutdown()  # type: ignore[attr-defined]
@@ -141,39 +136,28 @@ class ScreeningWorker:
             # Even when stopping failed: the counts say what this worker leaves unacknowledged in its session.
             self._log_counts("worker stopped")
 
-    def _deliver(self, message: InboundMessage) -> None:
-        """paho's thread: one loop wake-up per burst."""
-        assert self._loop is not None
-        (self._notices if message.topic == self._notice_topic else self._inbox).append(message)
-        if not self._wake_pending:
-            self._wake_pending = True
-            self._loop.call_soon_threadsafe(self._wake)
-
-    def _wake(self) -> None:
-        self._wake_pending = False
-        self._arrived.set()
-
     def stop(self) -> None:
         self._stop.set()
         self._arrived.set()  # start the drain now, not at the end of the current 1 s registry-poll wait
 
     async def run(self) -> None:
+        freeze_startup_objects()
         last_stats = time.monotonic()
         while not self._stop.is_set():
-            if not self._inbox and not self._notices:
+            if not self.session.waiting and not self.handoff_session.waiting:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._arrived.wait(), REGISTRY_POLL_S)
                 self._arrived.clear()
             self._take_notices()
             self._expire_pending()
-            if self._inbox:
+            if self.session.waiting:
                 await self._screen_batch(await self._collect())
-            elif not self._notices:
+            elif not self.handoff_session.waiting:
                 await asyncio.to_thread(self.screener.refresh_registry)
             if self._seen and time.monotonic() - self._seen_sent > SEEN_EVERY_S:
                 self._hand_over([])
             self.metrics.awaiting_commit.set(sum(len(p.tokens) for p in self._pending.values()))
-            self.metrics.queue_depth.set(len(self._inbox))
+            self.metrics.queue_depth.set(self.session.waiting)
             if time.monotonic() - last_stats > STATS_EVERY_S:
                 last_stats = time.monotonic()
                 self._log_counts("worker counts")
@@ -216,10 +200,10 @@ class ScreeningWorker:
 
     def _drop_inbox(self) -> None:
         """Release device messages unscreened and unacknowledged: the broker redelivers them on this session's return
-        and devices resend what they hold no receipt for. Freeing their slots keeps paho's thread from blocking."""
-        while self._inbox:
-            self.session.settle(self._inbox.popleft().token, ack=False)
-            self.counts.dropped_at_shutdown += 1
+        and devices resend what they hold no receipt for. Freeing their places lets the client read on to the end."""
+        dropped = self.session.take(self.session.waiting)
+        self.session.settle_all([message.token for message in dropped], ack=False)
+        self.counts.dropped_at_shutdown += len(dropped)
 
     def _log_counts(self, what: str) -> None:
         c = self.counts
@@ -240,8 +224,7 @@ class ScreeningWorker:
         )
 
     def _take_notices(self) -> None:
-        while self._notices:
-            notice = self._notices.popleft()
+        for notice in self.handoff_session.take(self.handoff_session.waiting):
             try:
                 batch_id = open_committed(self.key, self.settings.mid, self.worker_id, notice.topic, notice.payload)
             except ProtocolError as exc:
@@ -256,7 +239,7 @@ class ScreeningWorker:
             self.metrics.committed.inc(len(pending.tokens))
 
     def _expire_pending(self) -> None:
-        """No commit notice in time (sequencer down, notice lost): free the slots unacknowledged and reconnect so the
+        """No commit notice in time (sequencer down, notice lost): free the places unacknowledged and reconnect so the
         broker redelivers the originals; they are screened again and the sequencer's dedup answers committed ones."""
         horizon = time.monotonic() - self.settings.ingest.handoff_timeout_s
         stale = [batch_id for batch_id, p in self._pending.items() if p.sent < horizon]
@@ -272,7 +255,7 @@ class ScreeningWorker:
 
     async def _collect(self) -> list[InboundMessage]:
         ingest = self.settings.ingest
-        return await collect_batch(self._inbox, self._arrived, ingest.batch_max, ingest.batch_window_ms)
+        return await self.session.batch(ingest.batch_max, ingest.batch_window_ms)
 
     def _screen(self, batch: list[InboundMessage]) -> tuple[list[Verdict], list[InboundMessage]]:
         self.screener.refresh_registry()

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +36,7 @@ from edge.sensors.collection import open_collection
 from protocol.errors import ProtocolError
 from protocol.leaves import LeafKind
 from protocol.messages import DeviceStatus, Heartbeat, ReceiptBatch
+from protocol.reconnect import backoff_s
 from protocol.topics import Direction, DownKind, UpKind, parse_topic, up_topic
 
 log = logging.getLogger("midgate.agent")
@@ -102,25 +102,32 @@ class MembershipRunner:
         s = self.settings
         self.session = DeviceSession(
             self.membership,
-            deliver=self._deliver_threadsafe,
-            on_connected=self._connected_threadsafe,
+            deliver=self._deliver,
+            on_connected=self._reconnected,
             will=will,
             protocol=s.mqtt_protocol,
             keepalive_s=s.keepalive_s,
             max_inflight=s.max_inflight,
             reconnect=(s.reconnect_min_s, s.reconnect_max_s),
         )
-        self.session.start()
-        loops = (self._spool_loop, self._publish_loop, self._receipt_loop, self._heartbeat_loop, self._member_loop)
-        tasks = [asyncio.create_task(self._supervised(loop, stop)) for loop in loops]
-        tasks.append(asyncio.create_task(self.job_node.run(stop)))
         try:
-            await stop.wait()
+            async with self.session:
+                loops = (
+                    self._spool_loop,
+                    self._publish_loop,
+                    self._receipt_loop,
+                    self._heartbeat_loop,
+                    self._member_loop,
+                )
+                tasks = [asyncio.create_task(self._supervised(loop, stop)) for loop in loops]
+                tasks.append(asyncio.create_task(self.job_node.run(stop)))
+                try:
+                    await stop.wait()
+                finally:
+                    for task in tasks:
+                        task.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await asyncio.to_thread(self.session.stop)
             await self._in_db(self.outbox.close)
             self._db.shutdown(wait=True)
 
@@ -136,21 +143,16 @@ class MembershipRunner:
                 log.exception("agent loop failed; restarting it", extra={"loop": loop.__name__})
                 await _sleep_or(stop, 1.0)
 
-    def _deliver_threadsafe(self, topic: str, payload: bytes) -> None:
-        assert self._loop is not None
+    def _deliver(self, topic: str, payload: bytes) -> None:
         if topic.endswith("/down/" + DownKind.INVITE.value):
-            self._loop.call_soon_threadsafe(self._invited, payload)
+            self._invited(payload)
             return
-        self._loop.call_soon_threadsafe(self._inbox.put_nowait, (topic, payload))
+        self._inbox.put_nowait((topic, payload))
 
     def _invited(self, payload: bytes) -> None:
         task = asyncio.create_task(self.job_node.invited(payload))
         self._job_tasks.add(task)
         task.add_done_callback(self._job_tasks.discard)
-
-    def _connected_threadsafe(self) -> None:
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._reconnected)
 
     def _reconnected(self) -> None:
         log.info("connected", extra={"mid": self.membership.mid})
@@ -215,9 +217,7 @@ class MembershipRunner:
             self._warned_full = False
 
     def _backoff_ms(self, attempts: int) -> int:
-        s = self.settings
-        delay = min(s.resend_max_s, s.resend_after_s * (2 ** min(attempts, 16)))
-        return int(delay * random.uniform(0.75, 1.25) * 1000)
+        return int(backoff_s(attempts, self.settings.resend_after_s, self.settings.resend_max_s) * 1000)
 
     async def _publish_loop(self, stop: asyncio.Event) -> None:
         assert self.session is not None

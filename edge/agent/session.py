@@ -1,25 +1,28 @@
-"""The device's MQTT session: paho-mqtt 2.x on its own network thread, owned by `DeviceSession`.
+"""The device's MQTT session: aiomqtt on the agent's event loop, kept connected by protocol.reconnect.
 
-MQTT 5 with a persistent session (clean_start off, long session expiry) so receipts published while the device is
-away wait at the broker; 3.1.1 with clean_session off when the broker or the config says so ("auto" falls back after
+MQTT 5 with a persistent session (clean start off, long session expiry) so receipts published while the device is
+away wait at the broker; 3.1.1 with clean session off when the broker or the config says so ("auto" falls back after
 an "unsupported protocol version" refusal). TLS trusts only the CA the MID handed out at enrolment. The last will is
 a heartbeat signed at connect time with status `offline`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import math
 import ssl
-import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from types import TracebackType
+from typing import Self
 
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
+import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
 from edge.agent.membership import Membership
+from protocol.reconnect import staying_connected
 from protocol.topics import device_filters
 
 log = logging.getLogger("midgate.agent.mqtt")
@@ -29,6 +32,12 @@ _UNSUPPORTED_PROTOCOL = (132, 1)  # MQTT 5 reason code, MQTT 3.1.1 CONNACK retur
 
 
 class DeviceSession:
+    """`async with DeviceSession(...) as session:` keeps one connection to the MID's broker, reconnecting with backoff
+    (`reconnect`: first and largest delay), until the block ends.
+
+    Messages on the device's topics go to `deliver(topic, payload)`; `on_connected()` runs after every connection is
+    made and subscribed. Both run on the event loop."""
+
     def __init__(
         self,
         membership: Membership,
@@ -49,102 +58,103 @@ class DeviceSession:
         self._keepalive = keepalive_s
         self._max_inflight = max_inflight
         self._reconnect = reconnect
-        self.connected = threading.Event()
-        self._lock = threading.Lock()
-        self._unacked = 0
-        self._client = self._build()
+        self.connected = asyncio.Event()
+        self._client: aiomqtt.Client | None = None
+        self._publishing: set[asyncio.Task[None]] = set()
+        self._session: contextlib.AbstractAsyncContextManager[None] | None = None
 
-    def _build(self) -> paho.Client:
-        m = self.membership
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=m.device,
-            protocol=paho.MQTTv5 if self._mqtt5 else paho.MQTTv311,
-            clean_session=None if self._mqtt5 else False,
-        )
-        client.username_pw_set(m.record.broker.username, m.record.broker.password)
-        if m.ca_file is not None:
-            client.tls_set(ca_certs=str(m.ca_file), tls_version=ssl.PROTOCOL_TLS_CLIENT)
-        if self._will is not None:
-            client.will_set(self._will[0], self._will[1], qos=1, retain=False)
-        client.max_inflight_messages_set(self._max_inflight)
-        client.max_queued_messages_set(0)
-        lo, hi = self._reconnect
-        client.reconnect_delay_set(max(1, int(lo)), max(1, int(hi)))
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        client.on_publish = self._on_publish
-        return client
-
-    def start(self) -> None:
+    async def __aenter__(self) -> Self:
         broker = self.membership.record.broker
-        if self._mqtt5:
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = SESSION_EXPIRY_S
-            self._client.connect_async(broker.host, broker.port, self._keepalive, clean_start=False, properties=props)
-        else:
-            self._client.connect_async(broker.host, broker.port, self._keepalive)
-        self._client.loop_start()
+        what = f"broker {broker.host}:{broker.port} of {self.membership.mid}"
+        self._session = staying_connected(self._connect, self._serve, (aiomqtt.MqttError,), self._reconnect, log, what)
+        await self._session.__aenter__()
+        return self
 
-    def stop(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
-        self.connected.clear()
-
-    def abort(self) -> None:
-        """Drop the connection without DISCONNECT, so the broker publishes the last will (tests, shutdown on crash)."""
-        self._client.loop_stop()
-        sock = self._client.socket()
-        if sock is not None:
-            sock.close()
-        self.connected.clear()
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self._session is not None
+        await self._session.__aexit__(exc_type, exc, tb)
 
     @property
     def unacked(self) -> int:
-        """QoS 1 publishes handed to paho and not yet PUBACKed (paho queues beyond its in-flight window)."""
-        return self._unacked
+        """Publishes not yet acknowledged by the broker (paho queues beyond its in-flight window)."""
+        return len(self._publishing)
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1) -> bool:
-        info = self._client.publish(topic, payload, qos=qos)
-        if info.rc != paho.MQTT_ERR_SUCCESS and info.rc != paho.MQTT_ERR_NO_CONN:
-            return False
-        with self._lock:
-            self._unacked += 1
-        return True
+    def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
+        """Send now if connected; otherwise nothing (the outbox sends again after the next connection)."""
+        client = self._client
+        if client is None:
+            return
+        task = asyncio.create_task(self._publish(client, topic, payload, qos))
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
 
-    def _on_connect(
-        self, client: paho.Client, userdata: object, flags: object, reason: ReasonCode, props: object
-    ) -> None:
-        if reason.is_failure:
-            if self._mode == "auto" and self._mqtt5 and reason.value in _UNSUPPORTED_PROTOCOL:
+    async def _publish(self, client: aiomqtt.Client, topic: str, payload: bytes, qos: int) -> None:
+        try:
+            # No timeout of its own: a lost connection cancels it (`_serve`), and the outbox resends.
+            await client.publish(topic, payload, qos=qos, timeout=math.inf)
+        except aiomqtt.MqttError as exc:
+            log.debug("publish not acknowledged", extra={"topic": topic, "error": str(exc)})
+
+    @contextlib.asynccontextmanager
+    async def _connect(self) -> AsyncIterator[aiomqtt.Client]:
+        client = self._client_for(self._mqtt5)
+        connected = False
+        try:
+            async with client:
+                connected = True
+                yield client
+        except aiomqtt.MqttCodeError as exc:
+            refusal = getattr(exc.rc, "value", exc.rc)
+            if not connected and self._mode == "auto" and self._mqtt5 and refusal in _UNSUPPORTED_PROTOCOL:
                 log.warning("broker does not speak MQTT 5; falling back to 3.1.1")
                 self._mqtt5 = False
-                threading.Thread(target=self._rebuild, name="mqtt-fallback", daemon=True).start()
-            else:
-                log.warning("broker refused the connection: %s", reason)
-            return
+            raise
+
+    def _client_for(self, mqtt5: bool) -> aiomqtt.Client:
         m = self.membership
-        for topic_filter in device_filters(m.mid, m.device):
-            client.subscribe(topic_filter, qos=1)
-        with self._lock:
-            self._unacked = 0
+        broker = m.record.broker
+        will = aiomqtt.Will(self._will[0], self._will[1], qos=1, retain=False) if self._will else None
+        tls = (
+            aiomqtt.TLSParameters(ca_certs=str(m.ca_file), tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            if m.ca_file is not None
+            else None
+        )
+        if mqtt5:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = SESSION_EXPIRY_S
+            persistence: dict[str, object] = {"clean_start": False, "properties": props}
+        else:
+            persistence = {"clean_session": False}
+        client = aiomqtt.Client(
+            broker.host,
+            broker.port,
+            username=broker.username,
+            password=broker.password,
+            identifier=m.device,
+            protocol=aiomqtt.ProtocolVersion.V5 if mqtt5 else aiomqtt.ProtocolVersion.V311,
+            will=will,
+            keepalive=self._keepalive,
+            max_inflight_messages=self._max_inflight,
+            tls_params=tls,
+            **persistence,  # type: ignore[arg-type]
+        )
+        # aiomqtt warns above 10 publishes awaiting their PUBACK; the publish loop keeps up to twice the window.
+        client.pending_calls_threshold = 2 * self._max_inflight + 10
+        return client
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        m = self.membership
+        await client.subscribe([(f, 1) for f in device_filters(m.mid, m.device)])
+        self._client = client
         self.connected.set()
-        self._on_connected()
-
-    def _rebuild(self) -> None:
-        self._client.loop_stop()
-        self._client = self._build()
-        self.start()
-
-    def _on_disconnect(
-        self, client: paho.Client, userdata: object, flags: object, reason: ReasonCode, props: object
-    ) -> None:
-        self.connected.clear()
-
-    def _on_message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
-        self._deliver(message.topic, bytes(message.payload))
-
-    def _on_publish(self, client: paho.Client, userdata: object, mid: int, reason: ReasonCode, props: object) -> None:
-        with self._lock:
-            self._unacked = max(0, self._unacked - 1)
+        try:
+            self._on_connected()
+            async for message in client.messages:
+                self._deliver(message.topic.value, message.payload)
+        finally:
+            self._client = None
+            self.connected.clear()
+            for task in self._publishing:
+                task.cancel()
