@@ -8,7 +8,8 @@
 configuration in one run, each on a fresh TLS SuperLink with authenticated SuperNodes (`CONFIGS`):
   baseline "flower-default": Flower 1.42 as shipped: Flower acceleration off (subprocess isolation, a fresh ClientApp
       process per message, SuperExec task poll 1 s, Flower's grid with its 3 s reply poll), devices straight to the
-      SuperLink, and FedAvg's federated evaluate every round;
+      SuperLink, and FedAvg's federated evaluate every round (the job on Flower's default FedAvg: the bench's own
+      ServerApp, bench/flower_default_server.py, in a copy of midgate's app, `flower_default_app`);
   "midgate": what `serve` and the agent run by default: centralised evaluation on the buyer's validation set,
       Flower acceleration on (coordinator.federation.acceleration, edge.federated.acceleration), devices through the
       fleet front;
@@ -25,6 +26,7 @@ import argparse
 import math
 import os
 import re
+import shutil
 import statistics
 import sys
 import threading
@@ -40,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from flower_fixtures import Federation, plaid_windows, split_by_label
+from flower_fixtures import APP_DIR, Federation, plaid_windows, split_by_label
 from optimizer_state import AdamState, train_epochs_with_state, train_round_with_state, without_first_moment
 
 from edge.federated.training import LocalTrainingConfig, round_gradient, train_round
@@ -94,11 +96,12 @@ class MemorySampler:
 @dataclass(frozen=True)
 class RoundsConfig:
     """One configuration `rounds` times: Flower acceleration on or off (the one switch, both sides), the devices
-    through a fleet front or straight to the SuperLink, federated evaluate as FedAvg's default or centralised."""
+    through a fleet front or straight to the SuperLink, midgate's ServerApp (centralised evaluation) or the job on
+    Flower's default FedAvg (`flower_fedavg`: federated evaluate every round too)."""
 
     accelerated: bool
     front: bool
-    federated_evaluate: bool = False
+    flower_fedavg: bool = False
 
     @property
     def front_hold_s(self) -> float | None:
@@ -107,11 +110,29 @@ class RoundsConfig:
 
 
 CONFIGS = {
-    "flower-default": RoundsConfig(accelerated=False, front=False, federated_evaluate=True),
+    "flower-default": RoundsConfig(accelerated=False, front=False, flower_fedavg=True),
     "midgate": RoundsConfig(accelerated=True, front=True),
     "midgate-unaccelerated": RoundsConfig(accelerated=False, front=True),
     "midgate-direct": RoundsConfig(accelerated=True, front=False),
 }
+
+
+FLOWER_DEFAULT_SERVER = Path(__file__).with_name("flower_default_server.py")
+PRODUCTION_SERVERAPP = 'serverapp = "coordinator.federation.server_app:app"'
+
+
+def flower_default_app(directory: Path) -> Path:
+    """midgate's Flower app (its run-config keys and defaults, its ClientApp) with the ServerApp of
+    flower_default_server in place of midgate's, that module shipped inside the app: Flower puts the installed app's
+    directory on the ServerApp process's sys.path, so nothing else has to be installed or put on PYTHONPATH."""
+    production = (APP_DIR / "pyproject.toml").read_text()
+    if production.count(PRODUCTION_SERVERAPP) != 1:
+        raise RuntimeError(f"{APP_DIR / 'pyproject.toml'} no longer names the ServerApp as {PRODUCTION_SERVERAPP}")
+    directory.mkdir(parents=True, exist_ok=True)
+    bench_serverapp = f'serverapp = "{FLOWER_DEFAULT_SERVER.stem}:app"'
+    (directory / "pyproject.toml").write_text(production.replace(PRODUCTION_SERVERAPP, bench_serverapp))
+    shutil.copyfile(FLOWER_DEFAULT_SERVER, directory / FLOWER_DEFAULT_SERVER.name)
+    return directory
 
 
 def await_outcome_file(fed: Federation, run_id: int, timeout: float, status_every: float = 20.0) -> None:
@@ -146,11 +167,11 @@ def run_job(name: str, root: Path, devices: int, rounds: int) -> dict[str, objec
             "max-examples": 64,
             "min-nodes": devices,
             "flower-acceleration": config.accelerated,
-            "federated-evaluate": config.federated_evaluate,
         }
+        app_dir = flower_default_app(root / "app") if config.flower_fedavg else APP_DIR
         started = time.monotonic()
         with MemorySampler(fed.devices[0].pids) as memory:
-            run_id = fed.submit(plaid_windows("test"), **run_config)
+            run_id = fed.submit(plaid_windows("test"), app_dir=app_dir, **run_config)
             await_outcome_file(fed, run_id, timeout=600)
             total = time.monotonic() - started
             status, outcome = fed.wait_outcome(run_id, timeout=60)

@@ -176,7 +176,8 @@ class Federation:
         self.devices.append(device)
         return device
 
-    def submit(self, validation: WindowSet, **overrides: str | int | float) -> int:
+    def submit(self, validation: WindowSet, app_dir: Path = APP_DIR, **overrides: str | int | float) -> int:
+        """`flwr run` of the Flower app in `app_dir` (midgate's unless given) for the devices added."""
         assert self.cli is not None
         validation_path = self.root / "validation.npz"
         save_window_file(validation_path, validation)
@@ -186,7 +187,7 @@ class Federation:
             "output-dir": str(self.root / "jobs"),
         }
         config.update(overrides)
-        return self.cli.submit_run(APP_DIR, config)
+        return self.cli.submit_run(app_dir, config)
 
     def run_dir(self, run_id: int) -> Path:
         return self.root / "jobs" / f"run-{run_id}"

@@ -42,8 +42,6 @@ class JobRunConfig(BaseModel):
         FedAvg); helps on non-IID splits (bench/fl_bench.py accuracy).
     attribution: value every round on the buyer's validation set with coordinator.attribution (Shapley family)
         and report each node's accumulated value in the outcome (default False).
-    federated_evaluate: also send Flower's federated evaluate message each round (default False: evaluation is
-        centralised on the buyer's validation set; True only to measure Flower's default behaviour).
     drift_correction: strength in [0, 1] of the SCAFFOLD-style drift correction (protocol.tasks.drift; default 0:
         off). Each round then costs one more message to every node (its gradient at the global model, sent before
         training); it closes most of the federated-vs-central gap on label-skewed devices (docs/federated.md,
@@ -78,7 +76,6 @@ class JobRunConfig(BaseModel):
     dp_delta: float = Field(alias="dp-delta", default=1e-5, gt=0, lt=1)
     server_momentum: float = Field(alias="server-momentum", default=0.0, ge=0, lt=1)
     attribution: bool = False
-    federated_evaluate: bool = Field(alias="federated-evaluate", default=False)
     drift_correction: float = Field(alias="drift-correction", default=0.0, ge=0, le=1)
     flower_acceleration: bool = Field(alias="flower-acceleration", default=True)
     lr_schedule: LrSchedule = Field(alias="lr-schedule", default=LrSchedule.CONSTANT)

@@ -90,23 +90,29 @@ def tail_average(models: Sequence[Mapping[str, npt.NDArray[np.generic]]]) -> dic
     }
 
 
+Aggregator = Callable[[JobRunConfig], FedAvg | DifferentialPrivacyClientSideFixedClipping]
+"""What `run_job` builds the job's FedAvg with: production's is `aggregator`; bench/fl_bench.py's flower-default
+configuration passes FedAvg as Flower ships it (bench/flower_default_server.py)."""
+
+
 def aggregator(job: JobRunConfig) -> FedAvg | DifferentialPrivacyClientSideFixedClipping:
     """FedAvg (FedAvgM with server momentum), wrapped in Flower's client-side fixed-clipping DP (with its RDP
     accountant when noise is added; the accountant supports plain FedAvg only).
 
     It samples every node its grid lists: the wrappers above it (`job_strategy`) decide which nodes those are and
-    never list fewer than `min-nodes`, so FedAvg's own minimums are set to that and its sampling never waits."""
-    fraction_evaluate = 1.0 if job.federated_evaluate else 0.0
+    never list fewer than `min-nodes`, so FedAvg's own minimums are set to that and its sampling never waits.
+    Evaluation is centralised (`ValidationEvaluator`), so FedAvg never sends the federated evaluate message
+    (fraction_evaluate 0, where Flower's default is 1)."""
     if job.dp_clipping_norm <= 0 and job.server_momentum > 0:
         return FedAvgM(
-            fraction_evaluate=fraction_evaluate,
+            fraction_evaluate=0.0,
             min_train_nodes=job.min_nodes,
             min_evaluate_nodes=job.min_nodes,
             min_available_nodes=job.min_nodes,
             server_momentum=job.server_momentum,
         )
     fedavg = FedAvg(
-        fraction_evaluate=fraction_evaluate,
+        fraction_evaluate=0.0,
         min_train_nodes=job.min_nodes,
         min_evaluate_nodes=job.min_nodes,
         min_available_nodes=job.min_nodes,
@@ -184,8 +190,9 @@ def _weighting(job: JobRunConfig) -> AggregationWeighting:
     return AggregationWeighting.FIXED if job.attribution else AggregationWeighting.REPORTED_CAPPED
 
 
-def run_job(grid: Grid, run_id: int, job: JobRunConfig) -> JobOutcome:
-    """Run the job's rounds; always leaves outcome.json behind, and re-raises a failure after recording it."""
+def run_job(grid: Grid, run_id: int, job: JobRunConfig, aggregate: Aggregator = aggregator) -> JobOutcome:
+    """Run the job's rounds on the FedAvg `aggregate` builds; always leaves outcome.json behind, and re-raises a
+    failure after recording it."""
     started = time.monotonic()
     out_dir = job.output_dir / f"run-{run_id}"
     capture = CaptureDirectory(out_dir)
@@ -202,7 +209,7 @@ def run_job(grid: Grid, run_id: int, job: JobRunConfig) -> JobOutcome:
     evaluator = ValidationEvaluator(
         spec, validation, job.tail_average, observe=None if attribution is None else attribution.observe_global
     )
-    inner = aggregator(job)
+    inner = aggregate(job)
     participation = Participation(job.selected_nodes, job.min_nodes)
     strategy = job_strategy(job, run_id, inner, sink, participation, valuation.example_count_cap)
     outcome = JobOutcome(run_id=run_id, status="failed", reason="internal_error")
