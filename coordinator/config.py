@@ -349,5 +349,10 @@ class CoordinatorSettings(RoleSettings):
         return self.data_dir / "contributions.sqlite"
 
     @property
+    def ledger_path(self) -> Path:
+        """The MID's log (`serve` is its one writer; commands read it with LedgerReader)."""
+        return self.data_dir / "ledger.sqlite"
+
+    @property
     def ledger_dir(self) -> Path:
         return self.data_dir / "ledger"

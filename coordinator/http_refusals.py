@@ -22,6 +22,7 @@ HTTP_STATUS = {
     Reason.UNKNOWN_KEY: 403,
     Reason.REPLAYED: 409,
     Reason.POLICY_VIOLATION: 422,
+    Reason.UNKNOWN_MODEL: 404,
 }
 _MAX_MESSAGE = 1024
 

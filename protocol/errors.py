@@ -44,6 +44,7 @@ class Reason(StrEnum):
     ROUND_NOT_CAPTURED = "round_not_captured"
     UPDATE_DROPPED = "update_dropped"
     WRONG_ROUND_NONCE = "wrong_round_nonce"
+    UNKNOWN_MODEL = "unknown_model"
 
 
 class ProtocolError(Exception):
@@ -229,3 +230,11 @@ class WrongRoundNonceError(ProtocolError):
     job's nonce."""
 
     reason = Reason.WRONG_ROUND_NONCE
+
+
+class UnknownModelError(ProtocolError):
+    """A revenue report (or a royalty recorded by hand) names a model version the MID has no settlement for: a model
+    it never trained, a typo, or a job not settled yet. Nothing is logged; the report may be sent again once the job's
+    settlement is in the ledger."""
+
+    reason = Reason.UNKNOWN_MODEL

@@ -9,6 +9,8 @@ from coordinator.attribution import ScreenReason, ValuationMethod, ValuationSett
 from coordinator.attribution.round_sink import AttributionSink
 from coordinator.attribution.task_loss import TaskValidationLoss
 from coordinator.capture.round import CapturedUpdate, RoundCapture
+from coordinator.federation.job import JobOutcome, NodeHistory
+from coordinator.federation.server_app import record_attribution
 from edge.sensors.plaid import load_plaid
 from protocol.tasks.arrays import arrays_sha256
 from protocol.tasks.models import build_model, load_arrays, model_arrays, train_epochs
@@ -74,6 +76,24 @@ def test_sink_values_captured_rounds_and_passes_them_on(
     assert sink.account.totals["member-99"] == 0.0
     assert all(sink.account.totals[f"member-{10 + i}"] > 0 for i in range(3))
     assert sink.reputation.score_milli("member-10") > sink.reputation.score_milli("member-99")
+
+    # What the ServerApp leaves in outcome.json for `serve` to log and settle by: the account, and each round.
+    outcome = JobOutcome(run_id=1, status="finished")
+    record_attribution(outcome, sink)
+    assert outcome.attribution == sink.account.attribution_vector()
+    assert outcome.attribution_history["member-99"] == NodeHistory(rounds=2, excluded_rounds=2, screens=["zero_update"])
+    assert outcome.attribution_history["member-10"] == NodeHistory(rounds=2, excluded_rounds=0, screens=[])
+    for rnd in (1, 2):
+        valued = outcome.attribution_rounds[rnd]
+        assert (valued.method, valued.excluded, valued.screens) == (
+            "exact",
+            ["member-99"],
+            {"member-99": ["zero_update"]},
+        )
+        assert valued.values["member-99"] == 0 and all(valued.values[f"member-{10 + i}"] > 0 for i in range(3))
+    assert sum(sum(v.values.values()) for v in outcome.attribution_rounds.values()) == pytest.approx(
+        sum(outcome.attribution.values()), abs=8
+    )
 
 
 def test_unknown_global_or_malformed_reply_is_skipped_not_raised(data: Data) -> None:

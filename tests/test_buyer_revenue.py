@@ -206,7 +206,7 @@ def test_forged_and_off_policy_reports_are_refused_over_http(coordinator: Coordi
         (_signed(acme), 403, "unknown_key"),  # acme's key signing as globex
         (_signed(acme, buyer="acme", currency="USD"), 422, "policy_violation"),
         (_signed(acme, buyer="acme", mid="elsewhere"), 422, "policy_violation"),
-        (_signed(acme, buyer="acme", model_version="never-settled"), 400, "malformed"),
+        (_signed(acme, buyer="acme", model_version="never-settled"), 404, "unknown_model"),
         (b"{" * 20_000, 413, "too_large"),
         (b"not json", 400, "malformed"),
     ]

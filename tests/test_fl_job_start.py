@@ -155,8 +155,34 @@ def test_drift_correction_momentum_and_lr_schedule_reach_the_serverapps_run_conf
     parsed = JobRunConfig.from_run_config(request.run_config([11, 22], tmp_path / "jobs" / "job-1"))
     assert (parsed.drift_correction, parsed.server_momentum, parsed.selected_nodes) == (1.0, 0.5, (11, 22))
     assert parsed.lr_schedule is LrSchedule.LATE_COSINE
-    assert JobRunConfig.from_run_config(_request(tmp_path).run_config([11], tmp_path)).lr_schedule == "constant"
+    constant = _request(tmp_path, lr_schedule="constant")
+    assert JobRunConfig.from_run_config(constant.run_config([11], tmp_path)).lr_schedule == "constant"
     assert JobRunConfig.from_run_config(_request(tmp_path, tail_average=2).run_config([11], tmp_path)).tail_average == 2
+
+
+def test_a_job_given_only_a_task_runs_the_tasks_measured_recipe_with_attribution(tmp_path: Path) -> None:
+    request = _request(tmp_path, rounds=None)
+    assert (request.rounds, request.local_epochs, request.batch_size, request.lr) == (60, 1, 8, 0.006)
+    assert (request.lr_schedule, request.server_momentum, request.drift_correction) == ("late-cosine", 0.7, 1.0)
+    assert (request.tail_average, request.attribution) == (10, True)
+    config = request.run_config([11, 22], tmp_path)
+    assert (config["batch-size"], config["lr"], config["attribution"]) == (8, 0.006, True)
+    parsed = JobRunConfig.from_run_config(config)
+    assert (parsed.num_rounds, parsed.tail_average, parsed.server_momentum, parsed.attribution) == (60, 10, 0.7, True)
+    # A task without a measured recipe keeps the generic one.
+    generic = _request(tmp_path, task_id="env-forecast", rounds=None)
+    assert (generic.rounds, generic.lr_schedule, generic.drift_correction, generic.batch_size) == (3, "constant", 0, 32)
+
+
+def test_what_the_operator_gives_overrides_the_recipe_which_fits_around_it(tmp_path: Path) -> None:
+    short = _request(tmp_path, rounds=5, lr=0.01, attribution=False)
+    assert (short.rounds, short.tail_average, short.lr, short.batch_size, short.attribution) == (5, 5, 0.01, 8, False)
+    assert _request(tmp_path, rounds=20).tail_average == 10
+    # DP and the recipe's drift correction cannot go together: without --drift-correction a DP job runs without it;
+    # asked for explicitly, it is refused (test_request_refuses_what_cannot_run).
+    assert _request(tmp_path, dp_clipping_norm=1.0).drift_correction == 0.0
+    # What the book stored reads back unchanged, not re-filled from a recipe that may have changed since.
+    assert JobRequest.model_validate_json(short.model_dump_json()) == short
 
 
 @pytest.mark.parametrize("accelerated", [True, False])

@@ -163,7 +163,7 @@ def test_record_revenue_and_ledger_recompute_commands(tmp_path: Path) -> None:
     assert "leaf 1" in logged.stdout
     unknown = runner.invoke(app, ["record-revenue", "no-such-model", "3000", "--record-id", "rev-2", *common])
     assert unknown.exit_code == 1
-    assert "no settlement for this model version" in unknown.stderr
+    assert "unknown_model: no settlement for this model version" in unknown.stderr
 
     checked = runner.invoke(ledger_app, ["recompute-settlement", "rev-1", "--db", str(path)])
     assert checked.exit_code == 0, checked.output

@@ -120,6 +120,29 @@ class NodeDropRecord(BaseModel):
     detail: str = ""
 
 
+class RoundAttribution(BaseModel):
+    """One valued round: the method, and per node id (as text, like JSON object keys) its value in nano-units
+    (undecayed), the screens that flagged it and whether one of them excluded it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    method: str
+    values: dict[str, int] = Field(default_factory=dict)
+    screens: dict[str, list[str]] = Field(default_factory=dict)
+    excluded: list[str] = Field(default_factory=list)
+
+
+class NodeHistory(BaseModel):
+    """A node's part in the job's valuation: rounds valued, rounds a screen excluded it, every screen that flagged
+    it (what a settlement's `MemberAttribution` records)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    rounds: int = 0
+    excluded_rounds: int = 0
+    screens: list[str] = Field(default_factory=list)
+
+
 class JobOutcome(BaseModel):
     """What happened to one Flower run of a job."""
 
@@ -140,6 +163,8 @@ class JobOutcome(BaseModel):
     flower_acceleration: bool = False
     privacy: dict[str, float] = Field(default_factory=dict)
     attribution: dict[str, int] = Field(default_factory=dict)  # member (node id) -> value in nano-units
+    attribution_history: dict[str, NodeHistory] = Field(default_factory=dict)  # node id -> its rounds and screens
+    attribution_rounds: dict[int, RoundAttribution] = Field(default_factory=dict)  # round -> its valuation
     attribution_skipped: dict[int, str] = Field(default_factory=dict)
     seconds: float = 0.0
 

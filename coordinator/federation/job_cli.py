@@ -5,6 +5,7 @@ Imports live inside the commands: every `midgate` invocation (the agent's too) i
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,11 +43,14 @@ def _book(settings: CoordinatorSettings) -> JobBook:
     return JobBook(settings.job_book_dir)
 
 
+RECIPE_HELP = "default: the task's recipe (docs/federated.md, Defaults)"
+
+
 @app.command()
 def start(
     job_id: str = typer.Argument(..., help="the job's id ([a-z0-9-]), unique on this MID"),
     task: str = typer.Option(..., help="task id and version, e.g. plaid-appliance@1"),
-    rounds: int = typer.Option(3, help="federated rounds"),
+    rounds: int | None = typer.Option(None, help=f"federated rounds; {RECIPE_HELP}"),
     device: list[str] | None = DeviceOption,
     min_nodes: int = typer.Option(2, help="fewest usable updates per round"),
     round_timeout: float = typer.Option(120.0, help="seconds to wait for a round's replies"),
@@ -54,23 +58,31 @@ def start(
     validation: Path = ValidationOption,
     purpose: str = typer.Option(..., help="what the data is used for ([a-z0-9-])"),
     buyer: str = typer.Option(..., help="the buyer's id ([a-z0-9-])"),
-    local_epochs: int = typer.Option(1, help="local epochs per round"),
+    local_epochs: int | None = typer.Option(None, help=f"local epochs per round; {RECIPE_HELP}"),
+    batch_size: int | None = typer.Option(None, help=f"the devices' minibatch size; {RECIPE_HELP}"),
+    lr: float | None = typer.Option(None, help=f"the devices' base learning rate (Adam); {RECIPE_HELP}"),
     dp_clipping_norm: float = typer.Option(0.0, help="differential privacy: client-side clipping norm (0: off)"),
     dp_noise_multiplier: float = typer.Option(0.0, help="differential privacy: Gaussian noise multiplier"),
     dp_delta: float = typer.Option(1e-5, help="differential privacy: delta the spent epsilon is reported at"),
-    server_momentum: float = typer.Option(0.0, help="FedAvgM server momentum (0: plain FedAvg)"),
-    drift_correction: float = typer.Option(
-        0.0, help="drift correction strength in [0, 1] (a gradient query per round; not with DP)"
+    server_momentum: float | None = typer.Option(
+        None, help=f"FedAvgM server momentum (0: plain FedAvg); {RECIPE_HELP}"
     ),
-    lr_schedule: str = typer.Option(
-        "constant", help="client lr over the rounds: constant, cosine or late-cosine (protocol.tasks.schedule)"
+    drift_correction: float | None = typer.Option(
+        None, help=f"drift correction strength in [0, 1] (a gradient query per round; not with DP); {RECIPE_HELP}"
     ),
-    tail_average: int = typer.Option(1, help="the final model is the mean of the last K rounds' global models"),
+    lr_schedule: str | None = typer.Option(
+        None, help=f"client lr over the rounds: constant, cosine or late-cosine; {RECIPE_HELP}"
+    ),
+    tail_average: int | None = typer.Option(
+        None, help=f"the final model is the mean of the last K rounds' global models; {RECIPE_HELP}, at most --rounds"
+    ),
+    attribution: bool = typer.Option(True, help="value every round on the validation set (needed to settle the job)"),
     lease: float = typer.Option(120.0, help="seconds a device keeps its SuperNode after the latest invitation"),
     config: Path | None = ConfigOption,
 ) -> None:
     """Invite the devices (signed RoundInvitations), run the job on the SuperLink, re-invite while it runs, and
-    print its outcome. Exits 0 only when the run finished:completed with every round."""
+    print its outcome, its model version and the ledger leaves `serve` logged it in. Exits 0 only when the run
+    finished:completed with every round."""
     from pydantic import ValidationError
     from rich.console import Console
 
@@ -80,27 +92,32 @@ def start(
     console = Console(stderr=False, highlight=False)
     task_id, _, version = task.partition("@")
     try:
-        request = JobRequest(
-            job_id=job_id,
-            task_id=task_id,
-            task_version=int(version or "0"),
-            rounds=rounds,
-            devices=tuple(device or ()),
-            min_nodes=min_nodes,
-            round_timeout_s=round_timeout,
-            join_timeout_s=join_timeout,
-            validation_path=validation,
-            purpose=purpose,
-            buyer=buyer,
-            local_epochs=local_epochs,
-            dp_clipping_norm=dp_clipping_norm,
-            dp_noise_multiplier=dp_noise_multiplier,
-            dp_delta=dp_delta,
-            server_momentum=server_momentum,
-            drift_correction=drift_correction,
-            lr_schedule=lr_schedule,
-            tail_average=tail_average,
-            lease_s=lease,
+        request = JobRequest.model_validate(
+            {
+                "job_id": job_id,
+                "task_id": task_id,
+                "task_version": int(version or "0"),
+                "rounds": rounds,
+                "devices": tuple(device or ()),
+                "min_nodes": min_nodes,
+                "round_timeout_s": round_timeout,
+                "join_timeout_s": join_timeout,
+                "validation_path": validation,
+                "purpose": purpose,
+                "buyer": buyer,
+                "local_epochs": local_epochs,
+                "batch_size": batch_size,
+                "lr": lr,
+                "dp_clipping_norm": dp_clipping_norm,
+                "dp_noise_multiplier": dp_noise_multiplier,
+                "dp_delta": dp_delta,
+                "server_momentum": server_momentum,
+                "drift_correction": drift_correction,
+                "lr_schedule": lr_schedule,
+                "tail_average": tail_average,
+                "attribution": attribution,
+                "lease_s": lease,
+            }
         )
     except (ValidationError, ValueError, KeyError, LookupError) as error:
         console.print(f"[red]job refused[/red]: {error}")
@@ -109,13 +126,127 @@ def start(
     if not settings.federation.enabled:
         console.print("[red]job refused[/red]: \\[federation] enabled = false in this coordinator's config")
         raise typer.Exit(2)
+    ledger_size = _ledger_size(settings)
     try:
         record = _run(settings, request, console)
     except (JobRequestError, FlowerCliError, OSError) as error:  # OSError: no broker, no MID CA yet
         console.print(f"[red]job failed[/red]: {error}")
         raise typer.Exit(1) from None
     _print_outcome(console, record)
+    if record.status in ("completed", "failed"):
+        _print_logged(console, settings, record, ledger_size)
     raise typer.Exit(0 if record.status == "completed" else 1)
+
+
+def _ledger_size(settings: CoordinatorSettings) -> int:
+    """The ledger's size now: leaves appended later are looked for from here (0 when there is no ledger yet)."""
+    from coordinator.ledger.store import LedgerReader
+
+    if not settings.ledger_path.exists():
+        return 0
+    with LedgerReader.open_existing(settings.ledger_path) as reader:
+        return reader.size
+
+
+def _print_logged(console: Console, settings: CoordinatorSettings, record: JobRecord, start: int) -> None:
+    """Wait (bounded) for `serve` to log the job, then say where; the job's result does not depend on it."""
+    from coordinator.federation.job_ledger import is_job_leaf, wait_for_leaf
+
+    index = wait_for_leaf(settings.ledger_path, is_job_leaf(record.request.job_id), LOGGED_WAIT_S, start=start)
+    if index is None:
+        console.print(f"not in the ledger after {LOGGED_WAIT_S:.0f} s: `coordinator serve` logs it when it runs")
+        return
+    console.print(f"logged: JOB leaf {index}, then one ROUND leaf per captured round")
+
+
+LOGGED_WAIT_S = 30.0
+"""How long `job start` and `job settle` wait for `serve` to append what they recorded (it looks every second)."""
+
+
+@app.command()
+def settle(
+    job_id: str = typer.Argument(..., help="a completed job of this MID"),
+    payment: int = typer.Option(..., min=0, help="the buyer's payment in integer minor units (e.g. cents)"),
+    currency: str = typer.Option(..., help="ISO 4217 code; must be the MID's ([royalties] currency)"),
+    timeout: float = typer.Option(LOGGED_WAIT_S, help="seconds to wait for `serve` to append the settlement"),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Record the buyer's payment for a completed job (until the buyer API takes payments); `serve` settles it
+    under the MID's policy (fee at most the cap, the rest to members by the job's attribution) and appends the
+    SETTLEMENT leaf. Prints the leaf's index and the split. A job is paid once: repeating the same payment waits
+    for the same settlement, another amount is refused."""
+    from coordinator.federation.job_ledger import is_settlement_leaf, wait_for_leaf
+    from coordinator.federation.job_start import JobPayment
+
+    settings = _settings(config)
+    book = _book(settings)
+    record = book.read(job_id)
+    refusal = _settle_refusal(settings, record, currency)
+    if refusal:
+        typer.echo(f"settlement refused: {refusal}", err=True)
+        raise typer.Exit(2)
+    start = _ledger_size(settings)
+    asked = JobPayment(job_id=job_id, payment_minor=payment, currency=currency, recorded_ms=_now_ms())
+    if book.payment(job_id) is not None:
+        start = 0  # recorded before: it may be settled already
+    recorded = book.record_payment(asked)
+    if (recorded.payment_minor, recorded.currency) != (payment, currency):
+        typer.echo(
+            f"settlement refused: job {job_id} already has a payment of {recorded.payment_minor} {recorded.currency}",
+            err=True,
+        )
+        raise typer.Exit(2)
+    index = wait_for_leaf(settings.ledger_path, is_settlement_leaf(job_id), timeout, start=start)
+    if index is None:
+        typer.echo(
+            f"payment recorded; not settled after {timeout:.0f} s: `coordinator serve` settles it when it runs"
+            " (its log says why it did not)",
+            err=True,
+        )
+        raise typer.Exit(1)
+    _print_settlement(settings, index)
+
+
+def _settle_refusal(settings: CoordinatorSettings, record: JobRecord | None, currency: str) -> str:
+    """Why a payment cannot be recorded for this job, or "" when it can."""
+    if record is None:
+        return "no such job"
+    if record.status != "completed" or record.model_version is None:
+        return f"the job is {record.status}, not completed: it has no model to pay for"
+    if not record.request.attribution:
+        return "the job ran without attribution: there is nothing to split its payment by"
+    if currency != settings.royalties.currency:
+        return f"policy_violation: the MID settles in {settings.royalties.currency}, not {currency}"
+    return ""
+
+
+def _print_settlement(settings: CoordinatorSettings, index: int) -> None:
+    from coordinator.ledger.store import LedgerReader
+    from coordinator.royalties.settlement import decode_record
+    from protocol.leaves import decode_leaf
+
+    with LedgerReader.open_existing(settings.ledger_path) as reader:
+        record = decode_record(decode_leaf(reader.leaf(index)).signed)
+    inputs = record.inputs
+    typer.echo(
+        f"settled: SETTLEMENT leaf {index}, record {inputs.record_id}, model version {inputs.attribution.model_version}"
+    )
+    policy = inputs.attribution.policy
+    typer.echo(
+        f"payment {inputs.payment_minor} {inputs.currency}: fee {record.fee_minor} (policy v{policy.version}, fee"
+        f" {policy.fee_bps} bps), members {record.pool_minor - record.unallocated_minor},"
+        f" unallocated {record.unallocated_minor}"
+    )
+    typer.echo("member\tamount\treason\tvalue_units")
+    values = {m.member: m.value_units for m in inputs.attribution.members}
+    for payout in record.payouts:
+        typer.echo(f"{payout.member}\t{payout.amount_minor}\t{payout.reason}\t{values[payout.member]}")
+
+
+def _now_ms() -> int:
+    import time
+
+    return time.time_ns() // 1_000_000
 
 
 def _run(settings: CoordinatorSettings, request: JobRequest, console: Console) -> JobRecord:
@@ -175,11 +306,28 @@ def _print_outcome(console: Console, record: JobRecord) -> None:
         console.print(table)
     for drop in outcome.drops:
         console.print(f"dropped: round {drop.round} node {drop.node_id}: {drop.reason} {drop.detail}".rstrip())
+    if outcome.attribution:
+        devices = {str(d.node_id): d for d in record.invited}
+        table = Table("device", "member", "value (nano-units)", "rounds", "excluded", "screens", title="attribution")
+        for node, units in sorted(outcome.attribution.items(), key=lambda item: -item[1]):
+            history = outcome.attribution_history.get(node)
+            device = devices.get(node)
+            table.add_row(
+                device.device_id if device else node,
+                device.member_id if device else "?",
+                str(units),
+                str(history.rounds if history else "-"),
+                str(history.excluded_rounds if history else "-"),
+                ", ".join(history.screens) if history else "",
+            )
+        console.print(table)
+    if record.model_version:
+        console.print(f"model version: {record.model_version}")
 
 
 @app.command("list")
 def list_jobs(config: Path | None = ConfigOption) -> None:
-    """The jobs this MID ran: id, status, task, rounds, run id, final validation accuracy."""
+    """The jobs this MID ran: id, status, task, rounds, run id, reason, final validation accuracy, model version."""
     for record in _book(_settings(config)).records():
         r = record.request
         accuracy = ""
@@ -188,15 +336,21 @@ def list_jobs(config: Path | None = ConfigOption) -> None:
             accuracy = f"{last.get('accuracy', float('nan')):.4f}" if "accuracy" in last else ""
         typer.echo(
             f"{r.job_id}\t{record.status}\t{r.task_id}@{r.task_version}\t"
-            f"{record.rounds_completed}/{r.rounds}\trun={record.run_id}\t{record.reason or '-'}\t{accuracy}"
+            f"{record.rounds_completed}/{r.rounds}\trun={record.run_id}\t{record.reason or '-'}\t{accuracy}\t"
+            f"{record.model_version or '-'}"
         )
 
 
 @app.command()
 def show(job_id: str = typer.Argument(...), config: Path | None = ConfigOption) -> None:
-    """One job's full record (request, invited devices, run, outcome) as JSON."""
+    """One job's full record (request, invited devices, run, outcome, `model_version`) as JSON, and its payment
+    when `job settle` recorded one."""
     record = _book(_settings(config)).read(job_id)
     if record is None:
         typer.echo(f"no job {job_id}", err=True)
         raise typer.Exit(1)
-    typer.echo(record.model_dump_json(indent=1))
+    shown = record.model_dump(mode="json")
+    payment = _book(_settings(config)).payment(job_id)
+    if payment is not None:
+        shown["payment"] = payment.model_dump(mode="json")
+    typer.echo(json.dumps(shown, indent=1))

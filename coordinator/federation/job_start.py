@@ -32,6 +32,7 @@ from coordinator.federation.job import JobOutcome
 from coordinator.registry.store import Registry
 from protocol.errors import ProtocolError
 from protocol.identity import SignerKey
+from protocol.job_log import model_version
 from protocol.messages import RoundInvitation
 from protocol.tasks.schedule import LrSchedule
 from protocol.tasks.spec import get_task
@@ -54,13 +55,14 @@ class JobRequestError(Exception):
 
 
 class JobRequest(BaseModel):
-    """What the operator asks for.
+    """What the operator asks for. Every training setting left out comes from the task's recipe
+    (protocol.tasks.spec.TrainingRecipe): a job started with only a task and devices runs the task's measured default.
 
     Parameters
     ----------
     job_id: names the job in invitations, reports and the job book ([a-z0-9-]).
     task_id, task_version: a published task (protocol.tasks registry).
-    rounds: federated rounds.
+    rounds: federated rounds (default: the task's).
     devices: device ids to train on; empty means every enrolled device whose SuperNode connects within
         `join_timeout_s` of the first invitation ("all online").
     min_nodes: fewest usable updates per round (the ServerApp fails the job below it).
@@ -69,12 +71,15 @@ class JobRequest(BaseModel):
     validation_path: the buyer's validation window file, on the coordinator.
     purpose, buyer: what the data is used for and by whom; they go into every invitation.
     dp_clipping_norm, dp_noise_multiplier, dp_delta: the ServerApp's differential privacy (off at norm 0).
-    local_epochs: passes over each device's windows per round.
-    server_momentum: FedAvgM's server momentum (default 0: plain FedAvg).
+    local_epochs, batch_size, lr: the devices' local training (default: the task's).
+    server_momentum: FedAvgM's server momentum (default: the task's; 0 is plain FedAvg).
     drift_correction: strength in [0, 1] of the drift correction (one gradient query per round before training;
-        default 0: off; refused with DP). The setting bench/fl_bench.py accuracy measures is 1 with momentum 0.5.
-    lr_schedule: the devices' lr over the rounds (protocol.tasks.schedule; default constant).
-    tail_average: the final model is the mean of the last K rounds' global models (default 1: the last one).
+        default: the task's, except 0 under DP, with which it is refused).
+    lr_schedule: the devices' lr over the rounds (protocol.tasks.schedule; default: the task's).
+    tail_average: the final model is the mean of the last K rounds' global models (default: the task's, at most
+        `rounds`).
+    attribution: value every round on the buyer's validation set (docs/attribution.md) so the job can be settled
+        (default True).
     lease_s: a device keeps its SuperNode this long after the latest invitation; re-invited every lease / 3.
     """
 
@@ -94,19 +99,42 @@ class JobRequest(BaseModel):
     dp_clipping_norm: float = Field(default=0.0, ge=0)
     dp_noise_multiplier: float = Field(default=0.0, ge=0)
     dp_delta: float = Field(default=1e-5, gt=0, lt=1)
-    local_epochs: int = Field(default=1, ge=1, le=1000)
-    server_momentum: float = Field(default=0.0, ge=0, lt=1)
-    drift_correction: float = Field(default=0.0, ge=0, le=1)
-    lr_schedule: LrSchedule = LrSchedule.CONSTANT
-    tail_average: int = Field(default=1, ge=1, le=1000)
+    local_epochs: int = Field(ge=1, le=1000)
+    batch_size: int = Field(ge=1, le=65536)
+    lr: float = Field(gt=0, le=10)
+    server_momentum: float = Field(ge=0, lt=1)
+    drift_correction: float = Field(ge=0, le=1)
+    lr_schedule: LrSchedule
+    tail_average: int = Field(ge=1, le=1000)
+    attribution: bool = True
     lease_s: float = Field(default=120.0, ge=15, le=86_400)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_recipe(cls, data: object) -> object:
+        if not isinstance(data, dict):
+            return data
+        given = {key: value for key, value in data.items() if value is not None}  # None: not given
+        try:
+            recipe = get_task(given.get("task_id"), given.get("task_version")).recipe  # type: ignore[arg-type]
+        except ProtocolError as error:  # unknown task or version: pydantic reports ValueErrors only
+            raise ValueError(str(error)) from None
+        rounds = given.get("rounds", recipe.rounds)
+        defaults: dict[str, object] = {
+            "rounds": rounds,
+            "local_epochs": recipe.local_epochs,
+            "batch_size": recipe.batch_size,
+            "lr": recipe.lr,
+            "lr_schedule": recipe.lr_schedule,
+            "server_momentum": recipe.server_momentum,
+            # The recipe's drift correction is not silently turned into a refused DP job.
+            "drift_correction": 0.0 if _positive(given.get("dp_clipping_norm")) else recipe.drift_correction,
+            "tail_average": min(recipe.tail_average, rounds) if isinstance(rounds, int) else recipe.tail_average,
+        }
+        return {**defaults, **given}
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
-        try:
-            get_task(self.task_id, self.task_version)
-        except ProtocolError as error:  # unknown task or version: pydantic reports ValueErrors only
-            raise ValueError(str(error)) from None
         if self.devices and self.min_nodes > len(self.devices):
             raise ValueError(f"min_nodes {self.min_nodes} exceeds the {len(self.devices)} devices selected")
         if len(set(self.devices)) != len(self.devices):
@@ -137,6 +165,8 @@ class JobRequest(BaseModel):
             "validation-path": str(self.validation_path.resolve()),
             "output-dir": str(output_dir.resolve()),
             "local-epochs": self.local_epochs,
+            "batch-size": self.batch_size,
+            "lr": self.lr,
             "dp-clipping-norm": self.dp_clipping_norm,
             "dp-noise-multiplier": self.dp_noise_multiplier,
             "dp-delta": self.dp_delta,
@@ -144,12 +174,17 @@ class JobRequest(BaseModel):
             "drift-correction": self.drift_correction,
             "lr-schedule": self.lr_schedule.value,
             "tail-average": self.tail_average,
+            "attribution": self.attribution,
             "flower-acceleration": flower_acceleration,
         }
 
     def wait_bound_s(self) -> float:
         """No wait is unbounded: the longest a healthy run of this job can take, with a margin."""
         return self.join_timeout_s + self.rounds * (self.round_timeout_s + self.join_timeout_s) + 300.0
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, int | float) and value > 0
 
 
 class JobDevice(BaseModel):
@@ -282,6 +317,21 @@ class JobRecord(BaseModel):
     started_ms: int
     ended_ms: int | None = None
     outcome: JobOutcome | None = None
+    # What buyers report revenue against (protocol.job_log.model_version); set when the job completed.
+    model_version: str | None = None
+
+
+class JobPayment(BaseModel):
+    """The buyer's payment for a job as the operator recorded it with `job settle` (until the buyer API takes
+    payments). `serve`, the ledger's writer, settles it under the MID's policy and appends the SETTLEMENT leaf
+    (coordinator/federation/job_ledger.py)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    job_id: str = Field(pattern=JOB_ID_PATTERN)
+    payment_minor: int = Field(ge=0, le=10**15)
+    currency: str = Field(pattern=r"^[A-Z]{3}$")
+    recorded_ms: int = Field(ge=0)
 
 
 class JobBook:
@@ -310,6 +360,43 @@ class JobBook:
     def records(self) -> Iterator[JobRecord]:
         for path in sorted(self.directory.glob("*.json")):
             yield _parse_record(path)
+
+    def job_ids(self) -> list[str]:
+        """The ids of every recorded job, without reading the records."""
+        return sorted(path.stem for path in self.directory.glob("*.json"))
+
+    @property
+    def payments_dir(self) -> Path:
+        return self.directory / "payments"
+
+    def record_payment(self, payment: JobPayment) -> JobPayment:
+        """Record a job's payment once: written in full under a temporary name, fsynced, then linked to its name,
+        which fails if a payment is already there. Returns the payment on record: this one, or the one before."""
+        self.payments_dir.mkdir(parents=True, exist_ok=True)
+        path = self.payments_dir / f"{payment.job_id}.json"
+        tmp = self.payments_dir / f".{payment.job_id}.{secrets.token_hex(4)}.tmp"
+        tmp.write_text(payment.model_dump_json())
+        with tmp.open("rb") as fh:
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+        recorded = self.payment(payment.job_id)
+        assert recorded is not None
+        return recorded
+
+    def payment(self, job_id: str) -> JobPayment | None:
+        path = self.payments_dir / f"{job_id}.json"
+        if not path.exists():
+            return None
+        return JobPayment.model_validate_json(path.read_bytes())
+
+    def paid_job_ids(self) -> list[str]:
+        """The ids of every job with a recorded payment."""
+        return sorted(path.stem for path in self.payments_dir.glob("*.json"))
 
 
 def _parse_record(path: Path) -> JobRecord:
@@ -466,6 +553,8 @@ class JobRun:
         record.status = status
         record.reason = reason
         record.ended_ms = _now_ms()
+        if status == "completed" and record.outcome is not None and record.outcome.final_model_sha256:
+            record.model_version = model_version(self.request.job_id, record.outcome.final_model_sha256)
         self.book.write(record)
         return record
 

@@ -22,13 +22,14 @@ from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from pydantic import ValidationError
 
+from coordinator.attribution.history import to_value_units
 from coordinator.attribution.round_sink import AttributionSink
 from coordinator.attribution.task_loss import TaskValidationLoss
 from coordinator.attribution.valuation import ValuationSettings
 from coordinator.capture.directory import CaptureDirectory
 from coordinator.capture.round import UpdateSink
 from coordinator.federation.acceleration import GridAcceleration
-from coordinator.federation.job import JobOutcome, JobRunConfig, NodeDropRecord
+from coordinator.federation.job import JobOutcome, JobRunConfig, NodeDropRecord, NodeHistory, RoundAttribution
 from coordinator.federation.strategy.drift_correction import DriftCorrection
 from coordinator.federation.strategy.participation import JobFailedError, Participation
 from coordinator.federation.strategy.selection import NodeSelection
@@ -257,11 +258,35 @@ def run_job(grid: Grid, run_id: int, job: JobRunConfig, aggregate: Aggregator = 
         outcome.flower_acceleration = acceleration is not None
         outcome.privacy = _privacy_spent(inner, job)
         if attribution is not None:
-            outcome.attribution = attribution.account.attribution_vector()
-            outcome.attribution_skipped = {r.round: r.reason for r in attribution.skipped}
+            record_attribution(outcome, attribution)
         outcome.seconds = time.monotonic() - started
         outcome.write(out_dir)
     return outcome
+
+
+def record_attribution(outcome: JobOutcome, sink: AttributionSink) -> None:
+    """The job's valuation in its outcome: each node's accumulated value and history, and each round's values and
+    screens (what `serve` logs in the job's ROUND leaves and settles the job by)."""
+    account = sink.account
+    outcome.attribution = account.attribution_vector()
+    outcome.attribution_history = {
+        node: NodeHistory(
+            rounds=account.member_rounds.get(node, 0),
+            excluded_rounds=account.excluded_rounds.get(node, 0),
+            screens=sorted(account.screens.get(node, set())),
+        )
+        for node in outcome.attribution
+    }
+    outcome.attribution_rounds = {
+        v.round_index: RoundAttribution(
+            method=str(v.method),
+            values={node: to_value_units(value) for node, value in sorted(v.values.items())},
+            screens={node: sorted({str(f.reason) for f in flags}) for node, flags in sorted(v.flags.items()) if flags},
+            excluded=sorted(node for node, flags in v.flags.items() if any(f.excludes for f in flags)),
+        )
+        for v in sink.valuations
+    }
+    outcome.attribution_skipped = {r.round: r.reason for r in sink.skipped}
 
 
 def record_refused_config(run_id: int, run_config: Mapping[str, object], error: ValidationError) -> Path | None:

@@ -11,10 +11,12 @@ These functions do blocking SQLite reads and writes: async callers run them with
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from coordinator.ledger.store import LedgerReader, LedgerStore
+from coordinator.royalties.attribution_record import job_attribution
+from coordinator.royalties.policy import RoyaltyPolicy
 from coordinator.royalties.settlement import (
     ModelAttribution,
     SplitRecord,
@@ -22,11 +24,13 @@ from coordinator.royalties.settlement import (
     decode_record,
     encode_record,
     record_hash,
+    settle_job,
     split_royalty,
     verify_settlement,
 )
 from coordinator.royalties.statement import MemberStatement, member_statement
-from protocol.errors import MalformedError, ProtocolError
+from protocol.errors import MalformedError, ProtocolError, UnknownModelError
+from protocol.job_log import JobLogRecord
 from protocol.leaves import Leaf, LeafKind, decode_leaf
 
 _KINDS = {"settlement": LeafKind.SETTLEMENT, "royalty": LeafKind.ROYALTY}
@@ -59,9 +63,10 @@ def append_split(store: LedgerStore, record_bytes: bytes) -> int:
     return store.append_leaves([Leaf(_KINDS[record.inputs.kind], record_bytes)]).first_index
 
 
-def iter_splits(reader: LedgerReader) -> Iterator[LedgerSplit]:
-    """Every settlement and royalty leaf in log order. A leaf of those kinds that is not a valid record raises."""
-    for index, data in reader.leaves(0, reader.size):
+def iter_splits(reader: LedgerReader, start: int = 0) -> Iterator[LedgerSplit]:
+    """Every settlement and royalty leaf from index `start` on, in log order. A leaf of those kinds that is not a
+    valid record raises."""
+    for index, data in reader.leaves(start, reader.size):
         leaf = decode_leaf(data)
         if leaf.kind in (LeafKind.SETTLEMENT, LeafKind.ROYALTY):
             try:
@@ -87,12 +92,36 @@ def recompute_from_ledger(reader: LedgerReader, record_id: str) -> Recomputation
 
 
 def model_attribution_from_ledger(reader: LedgerReader, model_version: str) -> ModelAttribution:
-    """The attribution stored with a model version's job settlement."""
+    """The attribution stored with a model version's job settlement; UnknownModelError when no settlement names it."""
     for split in iter_splits(reader):
         inputs = split.record.inputs
         if inputs.kind == "settlement" and inputs.attribution.model_version == model_version:
             return inputs.attribution
-    raise MalformedError("no settlement for this model version", model_version=model_version)
+    raise UnknownModelError("no settlement for this model version", model_version=model_version)
+
+
+def settlement_record_id(job_id: str) -> str:
+    """The record id of a job's settlement: one per job, so the ledger itself refuses a second one."""
+    return f"settlement-{job_id}"
+
+
+def settle_logged_job(
+    store: LedgerStore,
+    job: JobLogRecord,
+    payment_minor: int,
+    *,
+    currency: str,
+    created_ms: int,
+    policy: RoyaltyPolicy,
+    knobs_milli: Mapping[str, int] | None = None,
+) -> int:
+    """Settle the buyer's payment for a logged, completed job under `policy` (fee floored, at most the policy's cap;
+    the rest to members by the JOB leaf's attribution) and append the SETTLEMENT leaf; returns its index."""
+    attribution = job_attribution(job, knobs_milli or {}, policy)
+    record_bytes = settle_job(
+        attribution, payment_minor, record_id=settlement_record_id(job.job_id), created_ms=created_ms, currency=currency
+    )
+    return append_split(store, record_bytes)
 
 
 def report_revenue(

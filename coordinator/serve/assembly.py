@@ -23,6 +23,8 @@ from coordinator.broker.owners import BrokerFilesError
 from coordinator.buyer.http import RevenueDesk
 from coordinator.config import CoordinatorSettings
 from coordinator.enrolment.enroller import Enroller
+from coordinator.federation.job_ledger import JobLedger
+from coordinator.federation.job_start import JobBook
 from coordinator.federation.mid_superlink import MidSuperLink
 from coordinator.gate.gate import ContributionGate, open_contribution_gate
 from coordinator.ingest.metrics import IngestMetrics
@@ -61,7 +63,7 @@ def open_storage(settings: CoordinatorSettings) -> Storage:
     redeemed but unlogged, before anything else appends."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     mid_key = load_or_create_mid_key(settings.mid_key_file, settings.mid)
-    ledger = LedgerStore.open(settings.data_dir / "ledger.sqlite", mid_key)
+    ledger = LedgerStore.open(settings.ledger_path, mid_key)
     storage = Storage(mid_key, ledger, Registry(settings.registry_path), DedupIndex(settings.ingest_path))
     log_enrolments(storage.registry, storage.ledger)
     return storage
@@ -161,6 +163,17 @@ def build_enroller(settings: CoordinatorSettings, storage: Storage, superlink: M
     )
 
 
+def build_job_ledger(settings: CoordinatorSettings, storage: Storage) -> JobLedger:
+    """What logs the jobs `job start` ran and settles the payments `job settle` recorded (both write the job book)."""
+    return JobLedger(
+        JobBook(settings.job_book_dir),
+        settings.jobs_dir,
+        storage.ledger,
+        settings.royalties.policy(),
+        settings.royalties.currency,
+    )
+
+
 def build_revenue_desk(settings: CoordinatorSettings, storage: Storage) -> RevenueDesk:
     return RevenueDesk(
         settings.mid, settings.royalties.currency, settings.buyers.keys, storage.ledger, settings.buyers.max_body_bytes
@@ -174,7 +187,9 @@ class CoordinatorProcess:
         self.settings = settings
         self.metrics = IngestMetrics()
         self.superlink: MidSuperLink | None = None
+        self.job_ledger: JobLedger | None = None
         self.http: HttpEndpoint | None = None
+        self._stopped = asyncio.Event()
         self._stack = contextlib.AsyncExitStack()
 
     async def __aenter__(self) -> CoordinatorProcess:
@@ -204,6 +219,7 @@ class CoordinatorProcess:
                 await asyncio.to_thread(superlink.start)
                 self.superlink = superlink
                 log.info("superlink started", extra={"address": superlink.public_address})
+                self.job_ledger = build_job_ledger(s, self.storage)
             if s.enrolment.enabled:
                 app = build_http_app(
                     enroller=build_enroller(s, self.storage, self.superlink),
@@ -225,10 +241,20 @@ class CoordinatorProcess:
         self.metrics.rejected.labels(reason=str(reason)).inc()
 
     def stop(self) -> None:
+        self._stopped.set()
         self.ingest.stop()
 
     async def run(self) -> None:
-        await self.ingest.run()
+        """Ingest, and beside it (federation on) the job book's follower, until `stop()`."""
+        if self.job_ledger is None:
+            await self.ingest.run()
+            return
+        follower = asyncio.create_task(self.job_ledger.run(self._stopped))
+        try:
+            await self.ingest.run()
+        finally:
+            self._stopped.set()
+            await follower
 
 
 async def serve(settings: CoordinatorSettings) -> None:

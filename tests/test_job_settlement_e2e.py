@@ -1,0 +1,122 @@
+"""A job ends in attribution and a settlement, on real processes: Mosquitto + `coordinator serve` (its SuperLink, its
+buyer API) + 3 enrolled `agent run`s replaying PLAID. `midgate coordinator job start` runs a job with only a task,
+its rounds and the devices' defaults (attribution on: the task's recipe), `serve` logs it as a JOB leaf and a ROUND
+leaf per round, `midgate coordinator job settle` records the buyer's payment and `serve` appends its SETTLEMENT leaf,
+`job show` prints the model version, and a buyer's signed revenue report for that version is split as a ROYALTY leaf
+while one for an unknown version is refused `unknown_model`."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+import pytest
+from fl_stack import (
+    finished_job,
+    job_run_dir,
+    midgate,
+    start_federated_coordinator,
+    start_job,
+    start_plaid_agents,
+    stopping_federation,
+)
+from mqtt_fixtures import PYTHON, REPO, MessagingStack
+
+from coordinator.capture.directory import CaptureDirectory
+from coordinator.ledger.store import LedgerReader
+from coordinator.royalties.settlement import decode_record
+from protocol.job_log import decode_job_record, decode_round_record
+from protocol.leaves import LeafKind, decode_leaf
+
+pytest_plugins = ["mqtt_fixtures"]
+
+JOB = "job-paid"
+ROUNDS = 2
+PAYMENT = 10_000
+
+
+def _leaves(stack: MessagingStack, kind: LeafKind) -> list[tuple[int, bytes]]:
+    with LedgerReader.open_existing(stack.data_dir / "ledger.sqlite") as reader:
+        found = []
+        for index, data in reader.leaves(0, reader.size):
+            leaf = decode_leaf(data)
+            if leaf.kind is kind:
+                found.append((index, leaf.signed))
+        return found
+
+
+def _report_revenue(stack: MessagingStack, key: str, model_version: str, seq: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            PYTHON, "-c", "from midgate_cli import app; app()", "buyer", "report-revenue", model_version, "3000",
+            "--key", key, "--coordinator", f"http://127.0.0.1:{stack.http_port}", "--mid", stack.mid,
+            "--buyer", "acme", "--model-id", "appliance-classifier", "--currency", "EUR",
+            "--period-start-ms", "1795000000000", "--period-end-ms", "1797000000000", "--seq", str(seq),
+        ],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_job_is_valued_logged_settled_and_its_model_version_earns_royalties(messaging_stack: MessagingStack) -> None:
+    stack = messaging_stack
+    buyer_key = stack.root / "acme.key"
+    acme = midgate("buyer", "keygen", "--key", str(buyer_key), "--name", "acme").strip()
+    # start_federated_coordinator's extra goes under [federation]; the tables after it are the MID's money settings.
+    start_federated_coordinator(stack, f'[royalties]\nfee_bps = 2000\n[buyers.keys]\nacme = "{acme}"')
+    agents = start_plaid_agents(stack, 3)
+    members = {record.device: handle.name for handle, record in agents}
+
+    with stopping_federation(stack, agents) as teardown:
+        job = start_job(stack, teardown, JOB, ROUNDS)
+        book = finished_job(stack, job, JOB, timeout_s=420)
+        assert book.request.attribution and book.model_version is not None
+        assert book.model_version == f"{JOB}:{book.outcome.final_model_sha256[:16]}"  # type: ignore[union-attr]
+        said = job.log_text()
+        assert f"model version: {book.model_version}" in said
+        assert re.search(r"logged: JOB leaf \d+", said), said[-3000:]
+        shown = json.loads(midgate("coordinator", "job", "show", JOB, "--config", str(stack.config)))
+        assert shown["model_version"] == book.model_version
+
+        # serve logged the job, and each round as the ServerApp captured it, valued.
+        [(job_index, job_body)] = _leaves(stack, LeafKind.JOB)
+        logged = decode_job_record(job_body)
+        assert (logged.status, logged.model_version, logged.rounds_completed) == ("completed", book.model_version, 2)
+        assert {d.device for d in logged.devices} == set(members)
+        assert {m.member for m in logged.attribution} == {d.member for d in logged.devices}
+        rounds = _leaves(stack, LeafKind.ROUND)
+        assert [index for index, _ in rounds] == [job_index + 1, job_index + 2]
+        captures = CaptureDirectory(job_run_dir(stack, book))
+        for _, body in rounds:
+            rnd = decode_round_record(body)
+            captured = captures.load_round(rnd.round)
+            assert rnd.valuation == "exact" and rnd.global_sha256 == captured.global_sha256
+            assert {(u.node_id, u.update_sha256) for u in rnd.updates} == {
+                (u.node_id, u.update_sha256) for u in captured.updates
+            }
+            assert all(u.value_units is not None for u in rnd.updates)
+
+        # The operator records the buyer's payment; serve settles it under the MID's policy.
+        settled = midgate(
+            "coordinator", "job", "settle", JOB, "--payment", str(PAYMENT), "--currency", "EUR",
+            "--config", str(stack.config),
+        )  # fmt: skip
+        [(settlement_index, settlement_body)] = _leaves(stack, LeafKind.SETTLEMENT)
+        assert f"SETTLEMENT leaf {settlement_index}, record settlement-{JOB}" in settled
+        record = decode_record(settlement_body)
+        paid = sum(p.amount_minor for p in record.payouts)
+        assert record.fee_minor + paid + record.unallocated_minor == PAYMENT
+        assert record.fee_minor <= PAYMENT * 3 // 10 and paid >= PAYMENT * 7 // 10
+        assert record.inputs.attribution.model_version == book.model_version
+
+        # The buyer reports revenue against the model version; a version no settlement names is refused.
+        accepted = _report_revenue(stack, str(buyer_key), book.model_version, seq=1)
+        assert accepted.returncode == 0, accepted.stderr
+        [(royalty_index, royalty_body)] = _leaves(stack, LeafKind.ROYALTY)
+        assert json.loads(accepted.stdout)["index"] == royalty_index
+        assert decode_record(royalty_body).inputs.attribution == record.inputs.attribution
+        unknown = _report_revenue(stack, str(buyer_key), f"{JOB}:0000000000000000", seq=2)
+        assert unknown.returncode == 1 and "refused: unknown_model" in unknown.stderr, unknown.stderr
+        assert len(_leaves(stack, LeafKind.ROYALTY)) == 1
