@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from coordinator.ledger.cli import app as ledger_app
 from coordinator.ledger.store import LedgerReader, LedgerStore
 from coordinator.royalties import (
     KnobPolicy,
@@ -27,6 +26,7 @@ from coordinator.royalties.ledger_records import (
     report_revenue,
     statement_from_ledger,
 )
+from midgate_cli import app as midgate
 from protocol.checkpoint import verify_receipt
 from protocol.errors import MalformedError, SettlementMismatchError
 from protocol.identity import SignerKey, save_signer_key
@@ -165,7 +165,8 @@ def test_record_revenue_and_ledger_recompute_commands(tmp_path: Path) -> None:
     assert unknown.exit_code == 1
     assert "unknown_model: no settlement for this model version" in unknown.stderr
 
-    checked = runner.invoke(ledger_app, ["recompute-settlement", "rev-1", "--db", str(path)])
+    # `midgate ledger recompute-settlement`, as the console script mounts it (midgate_cli).
+    checked = runner.invoke(midgate, ["ledger", "recompute-settlement", "rev-1", "--db", str(path)])
     assert checked.exit_code == 0, checked.output
     assert checked.stdout.strip() == "ok"
     with LedgerReader.open_existing(path) as reader:

@@ -410,7 +410,10 @@ class IngestPipeline:
             if seen is not None:
                 # One checkpoint read per screened batch, not per duplicate: a reconnect can redeliver thousands.
                 if self._head is None:
-                    self._head = (self.ledger.checkpoint(), self.ledger.size)
+                    # Size first, then the checkpoint of exactly that size: serve's other writers (the job-book
+                    # follower, the revenue desk) may append between two reads of "the latest".
+                    size = self.ledger.size
+                    self._head = (self.ledger.checkpoint(size), size)
                 verdict.leaf_index, (verdict.checkpoint, size) = seen.leaf_index, self._head
                 verdict.path = self.ledger.inclusion_proof(seen.leaf_index, size)
             return None
