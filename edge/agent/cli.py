@@ -172,12 +172,13 @@ def unstrike(
 
 @app.command()
 def status(mid: str | None = MidNameOption, config: Path | None = ConfigOption) -> None:
-    """Show what the member chose per MID (paused or left, each strike and whether the MID has receipted its vote)
-    and how each sensor samples (rate, last sample, errors by kind)."""
+    """Show per MID the device, the daemon's connection to the MID (and why it failed), the outbox, the latest
+    verified receipt and the jobs joined; what the member chose (paused or left, each strike and whether the MID has
+    receipted its vote); and how each sensor samples (rate, last sample, errors by kind)."""
     from rich.console import Console
 
     from edge.agent.config import AgentSettings
-    from edge.agent.controls.commands import membership_dirs, sensors_table, status_table
+    from edge.agent.controls.commands import agent_table, membership_dirs, sensors_table, status_table
 
     settings = AgentSettings.load(config)
     try:
@@ -186,5 +187,6 @@ def status(mid: str | None = MidNameOption, config: Path | None = ConfigOption) 
         Console(stderr=True).print(f"[red]{exc}[/red]")
         raise typer.Exit(code=2) from None
     console = Console(width=160)
+    console.print(agent_table(directories))
     console.print(status_table(directories))
     console.print(sensors_table(settings))
