@@ -88,8 +88,9 @@ def start(
 
     from coordinator.federation.flower_cli import FlowerCliError
     from coordinator.federation.job_start import JobRequest, JobRequestError
+    from protocol.settings import validation_problems
 
-    console = Console(stderr=False, highlight=False)
+    console = Console(stderr=False, highlight=False, soft_wrap=True)  # a line a line, also in a log file
     task_id, _, version = task.partition("@")
     try:
         request = JobRequest.model_validate(
@@ -119,18 +120,21 @@ def start(
                 "lease_s": lease,
             }
         )
-    except (ValidationError, ValueError, KeyError, LookupError) as error:
-        console.print(f"[red]job refused[/red]: {error}")
+    except ValidationError as error:
+        typer.echo(f"job refused: {validation_problems(error)}", err=True)
+        raise typer.Exit(2) from None
+    except (ValueError, KeyError, LookupError) as error:
+        typer.echo(f"job refused: {error}", err=True)
         raise typer.Exit(2) from None
     settings = _settings(config)
     if not settings.federation.enabled:
-        console.print("[red]job refused[/red]: \\[federation] enabled = false in this coordinator's config")
+        typer.echo("job refused: [federation] enabled = false in this coordinator's config", err=True)
         raise typer.Exit(2)
     ledger_size = _ledger_size(settings)
     try:
         record = _run(settings, request, console)
     except (JobRequestError, FlowerCliError, OSError) as error:  # OSError: no broker, no MID CA yet
-        console.print(f"[red]job failed[/red]: {error}")
+        typer.echo(f"job failed: {' '.join(str(error).split())}", err=True)  # flwr's output, on one line
         raise typer.Exit(1) from None
     _print_outcome(console, record)
     if record.status in ("completed", "failed"):

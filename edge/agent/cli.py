@@ -77,7 +77,7 @@ def _control(config: Path | None, mid: str | None, transition: Transition, done:
     from edge.agent.controls.state import MemberControlError
     from edge.agent.controls.watch import describe
 
-    console, errors = Console(), Console(stderr=True)
+    console, errors = Console(), Console(stderr=True, soft_wrap=True)  # an error is one line
     try:
         directories = membership_dirs(AgentSettings.load(config), mid)
     except ValueError as exc:
@@ -184,7 +184,7 @@ def status(mid: str | None = MidNameOption, config: Path | None = ConfigOption) 
     try:
         directories = membership_dirs(settings, mid)
     except ValueError as exc:
-        Console(stderr=True).print(f"[red]{exc}[/red]")
+        Console(stderr=True, soft_wrap=True).print(f"[red]{exc}[/red]")
         raise typer.Exit(code=2) from None
     console = Console(width=160)
     console.print(agent_table(directories))
