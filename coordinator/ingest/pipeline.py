@@ -139,7 +139,11 @@ class Screened:
 class Screener:
     """The per-message checks that need no ledger: size -> topic -> rate -> verify -> signer owns topic -> schema,
     and heartbeat ordering. The sequencer (`serve`) and every screening worker (`ingest-worker`) run this same code.
-    One thread calls it at a time."""
+    One thread calls it at a time.
+
+    `logged(key_id, seq)`: whether the ledger holds a statement of that key under that seq (the sequencer's dedup
+    index), so that a heartbeat cannot reuse it; a screening worker has no index and passes none.
+    """
 
     def __init__(
         self,
@@ -149,7 +153,9 @@ class Screener:
         default_rate_per_s: float,
         default_burst: int,
         clock: Callable[[], float] = time.monotonic,
+        logged: Callable[[str, int], bool] = lambda key_id, seq: False,
     ) -> None:
+        self.logged = logged
         self.mid = mid
         self.registry = registry
         self.max_message_bytes = max_message_bytes
@@ -212,6 +218,10 @@ class Screener:
             assert isinstance(body, Heartbeat)
             last = self._will_seq if body.status is DeviceStatus.OFFLINE else self._heartbeat_seq
             require_newer_seq(last.get(key_id), seq, key_id)
+            if self.logged(key_id, seq):
+                raise EquivocationError(
+                    "a heartbeat under the (key, seq) of a logged statement", key_id=key_id, seq=seq
+                )
             last[key_id] = seq
             verdict.outcome = Outcome.HEARTBEAT
         return Screened(signer, key_id, seq, leaf_kind)
@@ -340,7 +350,15 @@ class IngestPipeline:
         self.ledger = ledger
         self.dedup = dedup
         self.mid_key = mid_key
-        self.screener = Screener(mid, registry, max_message_bytes, default_rate_per_s, default_burst, clock)
+        self.screener = Screener(
+            mid,
+            registry,
+            max_message_bytes,
+            default_rate_per_s,
+            default_burst,
+            clock,
+            logged=lambda key_id, seq: dedup.lookup(key_id, seq) is not None,
+        )
         self._head: tuple[bytes, int] | None = None
         self._catch_up()
         self.refresh_registry()
@@ -425,6 +443,10 @@ class IngestPipeline:
             return []
         leaves = [c.leaf.encode() for c in candidates]
         appended = self.ledger.append(leaves)
+        # Serve's other writers (enrolment, the job-book follower, the revenue desk) may have appended since the index
+        # last moved: index their device-signed leaves (enrolment requests) before recording past them.
+        if self.dedup.indexed_size < appended.first_index:
+            self.dedup.catch_up(self.ledger.leaves(self.dedup.indexed_size, appended.first_index), appended.first_index)
         entries = []
         for candidate, index in zip(candidates, appended.indices, strict=True):
             v = candidate.verdict
