@@ -44,6 +44,7 @@ class Reason(StrEnum):
     ROUND_NOT_CAPTURED = "round_not_captured"
     UPDATE_DROPPED = "update_dropped"
     WRONG_ROUND_NONCE = "wrong_round_nonce"
+    STALE_REQUEST = "stale_request"
 
 
 class ProtocolError(Exception):
@@ -229,3 +230,11 @@ class WrongRoundNonceError(ProtocolError):
     job's nonce."""
 
     reason = Reason.WRONG_ROUND_NONCE
+
+
+class StaleRequestError(ProtocolError):
+    """A signed request (a member's statement request) whose `issued_ms` lies outside the coordinator's window: a
+    replay of an old request, or a device clock far off. Requests carry a nonce and a time instead of a seq, so a
+    nonce is remembered only for as long as its request could be accepted."""
+
+    reason = Reason.STALE_REQUEST
