@@ -50,8 +50,8 @@ from protocol.errors import (
     RootMismatchError,
 )
 from protocol.identity import SignerKey
-from protocol.ledger_api import StatementProof, verify_statement
 from protocol.leaves import Leaf, LeafKind
+from protocol.ledger_api import StatementProof, verify_statement
 from protocol.messages import MAX_TIME_MS, MIN_TIME_MS, ReceiptBatch, StatementRequest, receipt_batch_json
 from protocol.note import parse_note
 from protocol.witness import Cosigner
@@ -417,7 +417,7 @@ def test_kept_receipts_are_proven_offline_and_under_the_witnessed_checkpoint(mid
     outbox = _receipted_outbox(mid, membership, 3)
     kept = outbox.kept_receipts()
     assert [r.seq for r in kept] == [1, 2, 3] and all(r.envelope and r.checkpoint and r.path for r in kept)
-    checks, proven = check_offline(kept, membership.key.verifier, mid.log_key.verifier)
+    checks, _ = check_offline(kept, membership.key.verifier, mid.log_key.verifier)
     assert [c.status for c in checks] == [ReceiptStatus.PROVEN] * 3
     outbox.close()
 
@@ -479,3 +479,44 @@ def test_receipts_kept_before_envelopes_were_are_listed_not_checked(tmp_path: Pa
     checks, _ = check_offline(kept, SignerKey.generate("d").verifier, SignerKey.generate("m").verifier)
     assert [c.status for c in checks] == [ReceiptStatus.NOT_KEPT]
     outbox.close()
+
+
+def test_the_member_commands_print_only_what_verified(mid: Mid, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from edge.agent.membership import save_membership
+    from midgate_cli import app
+    from protocol.identity import save_signer_key
+
+    data_dir = tmp_path / "agent-ann"
+    membership = mid.membership("ann", tmp_path)
+    directory = data_dir / "mids" / MID
+    save_membership(directory, membership.record)
+    save_signer_key(directory / "device.key", membership.key)
+    config = tmp_path / "agent.toml"
+    config.write_text(f'data_dir = "{data_dir}"\n')
+    mid.cosign("ann", "bob")
+    runner = CliRunner()
+
+    shown = runner.invoke(app, ["agent", "statement", "--config", str(config)])
+    assert shown.exit_code == 0, shown.output
+    assert "job job-1: 13333 EUR" in shown.output and "Total: 15733 EUR minor units" in shown.output
+    receipts = runner.invoke(app, ["agent", "receipts", "--verify", "--config", str(config)])
+    assert receipts.exit_code == 0 and "no receipts yet" in receipts.output, receipts.output
+    assert (
+        runner.invoke(
+            app, ["agent", "statement", "--since", "2030-01-01", "--until", "2029-01-01", "--config", str(config)]
+        ).exit_code
+        == 2
+    )
+
+    index = next(i for i, data in mid.ledger.leaves(0, mid.ledger.size) if b"job-1.settlement" in data)
+    db = sqlite3.connect(tmp_path / "ledger.sqlite")
+    (data,) = db.execute("SELECT data FROM leaves WHERE idx = ?", (index,)).fetchone()
+    db.execute("UPDATE leaves SET data = ? WHERE idx = ?", (bytes(data).replace(b"13333", b"23333"), index))
+    db.commit()
+    db.close()
+    refused = runner.invoke(app, ["agent", "statement", "--config", str(config)])
+    assert refused.exit_code == 1
+    assert "statement refused: root_mismatch" in refused.output and f"leaf_index={index}" in refused.output
+    assert "Total" not in refused.output

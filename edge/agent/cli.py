@@ -217,13 +217,13 @@ def receipts(
     except ValueError as exc:
         Console(stderr=True).print(f"[red]{exc}[/red]")
         raise typer.Exit(code=2) from None
-    console, errors = Console(width=160), Console(stderr=True)
+    console = Console(width=160)
     failed = False
     for directory in directories:
         report = verify_membership_receipts(load_membership(directory), settings.outbox_max_bytes, verify)
         console.print(report.table())
         for problem in report.problems:
-            errors.print(f"[red]{directory.name}: {problem}[/red]")
+            typer.echo(f"{directory.name}: {problem}", err=True)  # plain: a reason's details are no markup
         failed |= not report.ok
     if failed:
         raise typer.Exit(code=1)
@@ -253,12 +253,13 @@ def statement(
     from protocol.messages import MAX_TIME_MS, MIN_TIME_MS
 
     settings = AgentSettings.load(config)
-    errors = Console(stderr=True)
     try:
         directories = membership_dirs(settings, mid)
         start, end = parse_until(since) or MIN_TIME_MS, parse_until(until) or MAX_TIME_MS
+        if not MIN_TIME_MS <= start < end <= MAX_TIME_MS:
+            raise ValueError("--since must be before --until, both between 2020-01-01 and 2100-01-01")
     except ValueError as exc:
-        errors.print(f"[red]{exc}[/red]")
+        Console(stderr=True).print(f"[red]{exc}[/red]")
         raise typer.Exit(code=2) from None
     failed = False
     for directory in directories:
@@ -272,11 +273,11 @@ def statement(
         try:
             verified = fetch_statement(membership, client, trusted, (start, end), time.time_ns() // 1_000_000)
         except ProofUnavailableError as exc:
-            errors.print(f"[red]{membership.mid}: no statement: {exc}[/red]")
+            typer.echo(f"{membership.mid}: no statement: {exc}", err=True)
             failed = True
             continue
         except ProtocolError as exc:
-            errors.print(f"[red]{membership.mid}: statement refused: {exc}[/red]")
+            typer.echo(f"{membership.mid}: statement refused: {exc}", err=True)
             failed = True
             continue
         typer.echo(render_statement(membership.mid, membership.record.member, verified), nl=False)

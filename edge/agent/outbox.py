@@ -86,6 +86,7 @@ class OutboxUsage:
     pending: int
     pending_bytes: int
     receipted: int
+    """Messages sent through the outbox and receipted (the kept enrolment receipt is not one)."""
     refused: int = 0
 
 
@@ -334,7 +335,7 @@ class Outbox:
 
     def usage(self) -> OutboxUsage:
         pending = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
-        receipted = int(self._db.execute("SELECT COUNT(*) FROM receipts").fetchone()[0])
+        receipted = int(self._db.execute("SELECT COUNT(*) FROM receipts WHERE kind IS NOT 'enrol'").fetchone()[0])
         refused = int(self._db.execute("SELECT COUNT(*) FROM refused").fetchone()[0])
         return OutboxUsage(pending, self._pending_bytes, receipted, refused)
 
