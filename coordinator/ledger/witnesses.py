@@ -72,6 +72,8 @@ class WitnessDesk:
         checkpoint = parse_checkpoint_text(note.text)
         if checkpoint.origin != self.ledger.origin:
             raise BadNoteError("checkpoint of another log", expected=self.ledger.origin, found=checkpoint.origin)
+        if checkpoint.size == 0:
+            raise MalformedError("the empty tree is not witnessed")
         log_key = self.ledger.verifier
         lines = [s for s in note.signatures if (s.name, s.key_id) != (log_key.name, log_key.key_id)]
         if not lines:

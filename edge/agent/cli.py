@@ -16,6 +16,7 @@ app = typer.Typer(
 app.add_typer(sensors_app, name="sensors")
 
 if TYPE_CHECKING:
+    from edge.agent.config import AgentSettings
     from edge.agent.controls.commands import Transition
 
 
@@ -68,23 +69,31 @@ MidNameOption = typer.Option(None, "--mid", help="the MID (as under data_dir/mid
 _PICKUP = "a running agent applies it within member_poll_s seconds; a stopped one when it starts"
 
 
+def _chosen(settings: AgentSettings, mid: str | None) -> list[Path]:
+    """The membership folders a command applies to; an unknown `--mid` (or none enrolled) exits 2 with one line."""
+    from rich.console import Console
+
+    from edge.agent.controls.commands import membership_dirs
+
+    try:
+        return membership_dirs(settings, mid)
+    except ValueError as exc:
+        Console(stderr=True).print(f"[red]{exc}[/red]")
+        raise typer.Exit(code=2) from None
+
+
 def _control(config: Path | None, mid: str | None, transition: Transition, done: str) -> None:
     """Apply one member transition to the chosen memberships; print each outcome; exit 1 if any was refused."""
     from rich.console import Console
 
     from edge.agent.config import AgentSettings
-    from edge.agent.controls.commands import apply, membership_dirs, now_ms
+    from edge.agent.controls.commands import apply, now_ms
     from edge.agent.controls.state import MemberControlError
     from edge.agent.controls.watch import describe
 
     console, errors = Console(), Console(stderr=True)
-    try:
-        directories = membership_dirs(AgentSettings.load(config), mid)
-    except ValueError as exc:
-        errors.print(f"[red]{exc}[/red]")
-        raise typer.Exit(code=2) from None
     refused = 0
-    for directory in directories:
+    for directory in _chosen(AgentSettings.load(config), mid):
         try:
             result = apply(directory, transition)
         except MemberControlError as exc:
@@ -177,14 +186,10 @@ def status(mid: str | None = MidNameOption, config: Path | None = ConfigOption) 
     from rich.console import Console
 
     from edge.agent.config import AgentSettings
-    from edge.agent.controls.commands import membership_dirs, sensors_table, status_table
+    from edge.agent.controls.commands import sensors_table, status_table
 
     settings = AgentSettings.load(config)
-    try:
-        directories = membership_dirs(settings, mid)
-    except ValueError as exc:
-        Console(stderr=True).print(f"[red]{exc}[/red]")
-        raise typer.Exit(code=2) from None
+    directories = _chosen(settings, mid)
     console = Console(width=160)
     console.print(status_table(directories))
     console.print(sensors_table(settings))
@@ -207,19 +212,13 @@ def receipts(
     from rich.console import Console
 
     from edge.agent.config import AgentSettings
-    from edge.agent.controls.commands import membership_dirs
     from edge.agent.membership import load_membership
     from edge.agent.receipts import verify_membership_receipts
 
     settings = AgentSettings.load(config)
-    try:
-        directories = membership_dirs(settings, mid)
-    except ValueError as exc:
-        Console(stderr=True).print(f"[red]{exc}[/red]")
-        raise typer.Exit(code=2) from None
     console = Console(width=160)
     failed = False
-    for directory in directories:
+    for directory in _chosen(settings, mid):
         report = verify_membership_receipts(load_membership(directory), settings.outbox_max_bytes, verify)
         console.print(report.table())
         for problem in report.problems:
@@ -244,7 +243,7 @@ def statement(
     from rich.console import Console
 
     from edge.agent.config import AgentSettings
-    from edge.agent.controls.commands import membership_dirs, parse_until
+    from edge.agent.controls.commands import parse_until
     from edge.agent.ledger_client import LedgerClient, ProofUnavailableError
     from edge.agent.membership import load_membership
     from edge.agent.outbox import Outbox
@@ -253,8 +252,8 @@ def statement(
     from protocol.messages import MAX_TIME_MS, MIN_TIME_MS
 
     settings = AgentSettings.load(config)
+    directories = _chosen(settings, mid)
     try:
-        directories = membership_dirs(settings, mid)
         start, end = parse_until(since) or MIN_TIME_MS, parse_until(until) or MAX_TIME_MS
         if not MIN_TIME_MS <= start < end <= MAX_TIME_MS:
             raise ValueError("--since must be before --until, both between 2020-01-01 and 2100-01-01")
