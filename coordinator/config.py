@@ -235,6 +235,21 @@ class BuyerSettings(BaseModel):
     max_body_bytes: int = Field(default=16 * 1024, ge=1024, description="largest revenue-report request accepted")
 
 
+class WitnessSettings(BaseModel):
+    """Members' agents as the log's witnesses (docs/ledger.md, "Witnesses"): how many cosignatures make a checkpoint
+    witnessed, the one members' statements and receipts are verified against."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    quorum_max: int = Field(
+        default=3,
+        ge=1,
+        le=32,
+        description="a checkpoint is witnessed when a majority of the enrolled, unrevoked devices cosigned it, but at "
+        "most this many are required",
+    )
+
+
 class FederationSettings(BaseModel):
     """The MID's Flower SuperLink, run by `serve` (TLS with the MID CA, SuperNode authentication, telemetry off)."""
 
@@ -309,6 +324,7 @@ class CoordinatorSettings(RoleSettings):
     royalties: RoyaltySettings = Field(default_factory=RoyaltySettings)
     buyers: BuyerSettings = Field(default_factory=BuyerSettings)
     federation: FederationSettings = Field(default_factory=FederationSettings)
+    witnesses: WitnessSettings = Field(default_factory=WitnessSettings)
     log_json: bool = Field(default=True, description="structured JSON logs (false: plain text)")
 
     @property

@@ -23,6 +23,10 @@ HTTP_STATUS = {
     Reason.REPLAYED: 409,
     Reason.POLICY_VIOLATION: 422,
     Reason.UNKNOWN_MODEL: 404,
+    Reason.REVOKED_KEY: 403,
+    Reason.STALE_REQUEST: 403,
+    Reason.INCONSISTENT: 409,
+    Reason.QUORUM_NOT_MET: 503,
 }
 _MAX_MESSAGE = 1024
 

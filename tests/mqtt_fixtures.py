@@ -461,7 +461,8 @@ class AgentHandle:
         db = sqlite3.connect(f"file:{self.outbox_path}?mode=ro", uri=True, timeout=30)
         try:
             pending = db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
-            receipted = db.execute("SELECT COUNT(*) FROM receipts").fetchone()[0]
+            # The enrolment request's receipt is kept there too (seq 0, kind enrol): count the reports.
+            receipted = db.execute("SELECT COUNT(*) FROM receipts WHERE kind IS NOT 'enrol'").fetchone()[0]
         finally:
             db.close()
         return int(pending), int(receipted)
