@@ -313,7 +313,11 @@ class CoordinatorSettings(RoleSettings):
 
     model_config = SettingsConfigDict(env_prefix="MIDGATE_COORDINATOR_", env_nested_delimiter="__", extra="forbid")
 
-    mid: str = Field(default="demo", pattern=_ID_PATTERN, description="the MID's id in topics and its log's origin")
+    mid: str = Field(
+        default="demo",
+        pattern=_ID_PATTERN,
+        description="the MID's id in topics; its log's origin (and MID key name) is midgate/{mid}",
+    )
     data_dir: Path = Field(
         default=Path("coordinator-data"), description="MID key, registry, ledger; keep it private to the service"
     )
