@@ -29,6 +29,7 @@ from edge.agent.controls.state import (
 )
 from edge.agent.controls.watch import describe
 from edge.agent.membership import MEMBERSHIP_FILE, OUTBOX_FILE
+from edge.sensors.errors import StoreNotReadyError
 from edge.sensors.readout import health_table
 from edge.sensors.store import SampleStore
 from protocol.errors import ProtocolError
@@ -187,6 +188,11 @@ def sensors_table(settings: AgentSettings) -> Table:
     try:
         with SampleStore(path, readonly=True) as store:
             reports = store.health()
+    except StoreNotReadyError:
+        table = Table(title="sensors")
+        table.add_column("sample store")
+        table.add_row(f"no samples yet: `midgate agent run` is creating {path}")
+        return table
     except (ProtocolError, sqlite3.Error) as exc:
         table = Table(title="sensors")
         table.add_column("sample store")
