@@ -397,7 +397,14 @@ def test_the_doc_s_worked_example_checks_out_with_the_client_s_own_code() -> Non
 
 @pytest.mark.slow
 def test_a_client_written_from_the_docs_enrols_publishes_and_verifies_its_receipts(tmp_path: Path) -> None:
-    from mqtt_fixtures import MessagingStack, MosquittoProcess, coordinator_toml, free_port, wait_until
+    from mqtt_fixtures import (
+        MessagingStack,
+        MosquittoProcess,
+        coordinator_toml,
+        free_port,
+        tls_broker_config_toml,
+        wait_until,
+    )
     from typer.testing import CliRunner
 
     from coordinator.cli import app as coordinator_app
@@ -406,7 +413,6 @@ def test_a_client_written_from_the_docs_enrols_publishes_and_verifies_its_receip
     broker_dir = tmp_path / "coordinator" / "broker"
     tls_port, local_port = free_port(), free_port()
     # The coordinator uses the plain loopback listener; devices are granted the TLS one with the MID CA, as deployed.
-    # Mosquitto runs as root here: its `mosquitto` user cannot enter pytest's private folders.
     buyer = PrivateKey("acme")
     config = coordinator_toml(
         stack.data_dir,
@@ -416,19 +422,8 @@ def test_a_client_written_from_the_docs_enrols_publishes_and_verifies_its_receip
         broker_extra=f'pid_file = "{broker_dir}/mosquitto.pid"',
         plain_devices=False,
     ).replace(f'[broker_config]\noutput_dir = "{broker_dir}"\n', "")
-    stack.config.write_text(
-        config
-        + f"""
-[broker_config]
-output_dir = "{broker_dir}"
-listen_host = "127.0.0.1"
-tls_port = {tls_port}
-local_port = {local_port}
-user = "root"
-[buyers.keys]
-acme = "{buyer.public.text()}"
-"""
-    )
+    buyers = f'[buyers.keys]\nacme = "{buyer.public.text()}"\n'
+    stack.config.write_text(config + tls_broker_config_toml(broker_dir, tls_port, local_port) + buyers)
     failed = True
     try:
         result = CliRunner().invoke(coordinator_app, ["broker-config", "--config", str(stack.config)])
