@@ -535,7 +535,7 @@ def _client_session(base: str, token: str, buyer: PrivateKey, metric: Any) -> li
     _checkpoints_and_witnessing(base, mid_key, log, key)
     _revenue_reports(base, mid, buyer, now_ms)
     status, content_type, body = http("GET", f"{base}/metrics")
-    assert status == 200 and content_type.startswith("text/plain; version=")
+    assert (status, content_type) == (200, "text/plain; version=1.0.0; charset=utf-8")
     assert b'midgate_ingest_rejected_total{reason="invite_used"} 1.0' in body
     assert metric("midgate_ingest_rejected_total", 'reason="equivocation"') == 1
     return [first_password, broker["password"]]
