@@ -59,6 +59,9 @@ _KINDS: dict[UpKind, tuple[type[WireMessage], LeafKind | None]] = {
     UpKind.STRIKE: (StrikeVote, LeafKind.STRIKE),
     UpKind.HEARTBEAT: (Heartbeat, None),
 }
+INGEST_KINDS = frozenset(_KINDS)
+"""The up kinds ingest takes; a message of any other is refused `bad_topic` (docs/protocol.md, "A device's MQTT
+session")."""
 
 
 TOPIC_CACHE_SIZE = 65_536
@@ -306,6 +309,17 @@ def freeze_startup_objects() -> None:
     objects frozen, 10 ms each. Startup objects that later become cyclic garbage are never freed, a bounded cost."""
     gc.collect()
     gc.freeze()
+
+
+def log_rejection(verdict: Verdict) -> None:
+    """One WARNING line for a rejected message (docs/protocol.md, "Rejections are counted and logged"); a rate-limited
+    one is only counted, so a flood does not flood the log as well. A resend answered with its receipt (DUPLICATE) is
+    no rejection to log. `error` is built from the rejection's details, which never hold a secret."""
+    if verdict.outcome is Outcome.REJECTED and verdict.reason is not Reason.RATE_LIMITED:
+        log.warning(
+            "message rejected",
+            extra={"reason": str(verdict.reason), "topic": verdict.message.topic[:200], "error": verdict.error},
+        )
 
 
 def screen_one(screener: Screener, message: InboundMessage, verdict: Verdict, now_ms: int) -> Screened | None:
