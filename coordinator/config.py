@@ -235,6 +235,21 @@ class BuyerSettings(BaseModel):
     max_body_bytes: int = Field(default=16 * 1024, ge=1024, description="largest revenue-report request accepted")
 
 
+class WitnessSettings(BaseModel):
+    """Members' agents as the log's witnesses (docs/ledger.md, "Witnesses"): how many cosignatures make a checkpoint
+    witnessed, the one members' statements and receipts are verified against."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    quorum_max: int = Field(
+        default=3,
+        ge=1,
+        le=32,
+        description="a checkpoint is witnessed when a majority of the enrolled, unrevoked devices cosigned it, but at "
+        "most this many are required",
+    )
+
+
 class FederationSettings(BaseModel):
     """The MID's Flower SuperLink, run by `serve` (TLS with the MID CA, SuperNode authentication, telemetry off)."""
 
@@ -298,7 +313,11 @@ class CoordinatorSettings(RoleSettings):
 
     model_config = SettingsConfigDict(env_prefix="MIDGATE_COORDINATOR_", env_nested_delimiter="__", extra="forbid")
 
-    mid: str = Field(default="demo", pattern=_ID_PATTERN, description="the MID's id in topics and its log's origin")
+    mid: str = Field(
+        default="demo",
+        pattern=_ID_PATTERN,
+        description="the MID's id in topics; its log's origin (and MID key name) is midgate/{mid}",
+    )
     data_dir: Path = Field(
         default=Path("coordinator-data"), description="MID key, registry, ledger; keep it private to the service"
     )
@@ -309,6 +328,7 @@ class CoordinatorSettings(RoleSettings):
     royalties: RoyaltySettings = Field(default_factory=RoyaltySettings)
     buyers: BuyerSettings = Field(default_factory=BuyerSettings)
     federation: FederationSettings = Field(default_factory=FederationSettings)
+    witnesses: WitnessSettings = Field(default_factory=WitnessSettings)
     log_json: bool = Field(default=True, description="structured JSON logs (false: plain text)")
 
     @property

@@ -45,6 +45,7 @@ class Reason(StrEnum):
     UPDATE_DROPPED = "update_dropped"
     WRONG_ROUND_NONCE = "wrong_round_nonce"
     UNKNOWN_MODEL = "unknown_model"
+    STALE_REQUEST = "stale_request"
 
 
 class ProtocolError(Exception):
@@ -238,3 +239,11 @@ class UnknownModelError(ProtocolError):
     settlement is in the ledger."""
 
     reason = Reason.UNKNOWN_MODEL
+
+
+class StaleRequestError(ProtocolError):
+    """A signed request (a member's statement request) whose `issued_ms` lies outside the coordinator's window: a
+    replay of an old request, or a device clock far off. Requests carry a nonce and a time instead of a seq, so a
+    nonce is remembered only for as long as its request could be accepted."""
+
+    reason = Reason.STALE_REQUEST

@@ -519,6 +519,32 @@ class Statement(WireMessage):
         return self
 
 
+class StatementRequest(WireMessage):
+    """A member's device asks its MID for the member's settlement and royalty leaves, with inclusion proofs
+    (HTTP `POST /v1/member/statement`). Signed by the device key; the MID answers with the lines of the member the
+    device belongs to, and only those.
+
+    It carries no `seq`: it is a read, signed by `midgate agent statement` while the daemon owns the device's seq
+    counter, and it changes nothing at the MID. A fresh nonce and `issued_ms` make it unreplayable instead: the MID
+    refuses a request outside its time window (`stale_request`) and a nonce it has seen within it (`replayed`)."""
+
+    PAYLOAD_TYPE: ClassVar[str] = _media_type("statement-request")
+    v: Literal[1] = 1
+    mid: Ident
+    device: Ident
+    period_start_ms: TimeMs
+    period_end_ms: TimeMs
+    nonce: Nonce
+    """128 random bits drawn by the device for this request alone."""
+    issued_ms: TimeMs
+
+    @model_validator(mode="after")
+    def _period(self) -> Self:
+        if self.period_end_ms <= self.period_start_ms:
+            raise ValueError("period_end_ms must be after period_start_ms")
+        return self
+
+
 # --- buyer -> coordinator (signed by the buyer key; `seq` unique per key) ------------------------------------------
 
 
@@ -564,6 +590,7 @@ MESSAGE_TYPES: tuple[type[WireMessage], ...] = (
     Statement,
     RevenueReport,
     Refusal,
+    StatementRequest,
 )
 MESSAGE_BY_PAYLOAD_TYPE: dict[str, type[WireMessage]] = {m.PAYLOAD_TYPE: m for m in MESSAGE_TYPES}
 
@@ -624,6 +651,7 @@ __all__ = [
     "RoundInvitation",
     "Statement",
     "StatementLine",
+    "StatementRequest",
     "StrikeVote",
     "TimeMs",
     "WireMessage",

@@ -9,6 +9,11 @@ tlog-cosignature (`cosignature/v1`, Ed25519, key id algorithm byte 0x04, POSIX *
 requires) and returns the signature line; the coordinator attaches it to the checkpoint it serves.
 `CosignaturePolicy` requires k valid cosignatures from a set of member witness keys before a checkpoint is trusted,
 so trust rests with the members and not with the MID's key alone.
+
+A running agent cosigns with its device key (`CosignatureVerifier.for_key` is the same key in the cosignature role),
+so the MID knows every witness key from enrolment and no second key has to be enrolled. That is safe because the two
+uses can never sign the same bytes: a cosigned message starts `cosignature/v1\n`, a DSSE envelope's PAE starts
+`DSSEv1 `, and a device key signs nothing else.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from protocol.errors import (
 )
 from protocol.identity import PUBLIC_KEY_SIZE, SIGNATURE_SIZE, SignerKey, VerifierKey, check_key_name
 from protocol.merkle import EMPTY_ROOT, b64, verify_consistency
-from protocol.note import NoteSignature, parse_note
+from protocol.note import Note, NoteSignature, parse_note
 
 ALG_COSIGNATURE_V1 = 0x04
 COSIGNATURE_HEADER = "cosignature/v1\n"
@@ -88,6 +93,11 @@ class CosignatureVerifier:
             raise BadKeyError("key id does not match the key", expected=verifier.key_id.hex(), found=kid_hex)
         return verifier
 
+    @classmethod
+    def for_key(cls, key: VerifierKey) -> CosignatureVerifier:
+        """The cosignature/v1 verifier of an Ed25519 signing key (same name and public key, key id with 0x04)."""
+        return cls(key.name, key.public_key)
+
     def text(self) -> str:
         return f"{self.name}+{self.key_id.hex()}+{b64(bytes([ALG_COSIGNATURE_V1]) + self.public_key)}"
 
@@ -112,7 +122,7 @@ class CosignatureVerifier:
 
 
 class Cosigner:
-    """A member's witness identity: an Ed25519 key used only for cosignature/v1 (distinct from its device key)."""
+    """A member's witness identity: an Ed25519 key signing cosignature/v1 (a device key, or a key of its own)."""
 
     def __init__(self, key: SignerKey) -> None:
         self._key = key
@@ -124,6 +134,21 @@ class Cosigner:
             raise MalformedError("cosignature timestamp out of range", found=timestamp)
         signature = self._key._sign(cosigned_message(checkpoint_text, timestamp))
         return NoteSignature(self.verifier.name, self.verifier.key_id, timestamp.to_bytes(8, "big") + signature)
+
+    def cosigned_note(self, checkpoint_text: str, timestamp: int) -> bytes:
+        """The checkpoint text with this witness's cosignature as its one signature line: a C2SP note, what an agent
+        posts to its MID (`POST /v1/cosignature`)."""
+        return Note(checkpoint_text, (self.cosign(checkpoint_text, timestamp),)).encode()
+
+    def has_cosigned(self, note: bytes) -> bool:
+        """True when `note` carries a cosignature by this witness that verifies over its text."""
+        parsed = parse_note(note)
+        return any(
+            sig.name == self.verifier.name
+            and sig.key_id == self.verifier.key_id
+            and self.verifier.verifies(parsed.text.encode(), sig.signature)
+            for sig in parsed.signatures
+        )
 
 
 def verify_cosignature(

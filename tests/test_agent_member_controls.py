@@ -44,6 +44,7 @@ from edge.agent.controls.state import (
 )
 from edge.agent.controls.watch import MemberControls
 from edge.agent.job_node import NONCES_FILE, JobNode
+from edge.agent.ledger_view import SettledReport
 from edge.agent.membership import Membership, MembershipRecord
 from edge.agent.outbox import Outbox
 from edge.federated.spool import read_record, write_body
@@ -403,7 +404,7 @@ def test_status_reads_where_each_vote_is_from_the_outbox(tmp_path: Path) -> None
     box.enqueue_many([("strike", lambda seq: b"v" * 10, "strike-aaaaaaaaaaaaaaaa-vote")] * 1, NOW)
     box.enqueue_many([("strike", lambda seq: b"w" * 10, "strike-bbbbbbbbbbbbbbbb-vote")], NOW)
     box.enqueue_many([("strike", lambda seq: b"x" * 10, "strike-dddddddddddddddd-vote")], NOW)
-    box.settle([(2, 40, 41, "00" * 32)], NOW)
+    box.settle([SettledReport(2, 40, 41, "00" * 32)], NOW)
     assert box.refuse(3, hashlib.sha256(b"x" * 10).hexdigest(), "malformed", "", NOW)
     box.close()
     names = [f"strike-{c * 16}-vote" for c in "abcd"]

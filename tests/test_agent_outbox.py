@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from edge.agent.ledger_view import SettledReport
 from edge.agent.outbox import Outbox, OutboxFullError
 
 
@@ -37,7 +38,7 @@ def test_disk_bound_takes_what_fits_and_then_refuses(tmp_path: Path) -> None:
 def test_settle_moves_reports_out_and_keeps_spool_names(tmp_path: Path) -> None:
     box = Outbox(tmp_path / "o.sqlite", 1 << 20)
     box.enqueue_many([("report", _signer(), "a.json"), ("report", _signer(), "b.json")], 1)
-    assert box.settle([(1, 10, 11, "00" * 32), (99, 1, 1, "00" * 32)], 5) == 1
+    assert box.settle([SettledReport(1, 10, 11, "00" * 32), SettledReport(99, 1, 1, "00" * 32)], 5) == 1
     assert box.usage().pending == 1 and box.usage().receipted == 1
     assert box.knows_spool_name("a.json")
     assert [r.seq for r in box.due(0, 10)] == [2]

@@ -13,6 +13,7 @@ import pytest
 from mqtt_fixtures import PYTHON, REPO, ServiceProcess, free_port, wait_until
 
 from edge.agent.membership import MembershipRecord, save_membership
+from edge.sensors.errors import StoreNotReadyError
 from edge.sensors.store import SampleStore
 from protocol.enrolment import BrokerCredentials
 from protocol.identity import SignerKey, save_signer_key
@@ -74,8 +75,11 @@ def test_agent_run_fills_the_store_from_its_config_and_status_shows_each_sensor(
         def health() -> dict[str, tuple[str, int, dict[str, int]]]:
             if not store_path.exists():
                 return {}
-            with SampleStore(store_path, readonly=True) as store:
-                return {h.name: (h.state, h.samples, h.errors) for h in store.health()}
+            try:
+                with SampleStore(store_path, readonly=True) as store:
+                    return {h.name: (h.state, h.samples, h.errors) for h in store.health()}
+            except StoreNotReadyError:  # the daemon has created the file, not yet its schema
+                return {}
 
         def collected() -> bool:
             seen = health()

@@ -18,8 +18,8 @@ from coordinator.registry.store import Registry
 from edge.agent.ledger_view import LedgerView
 from protocol.errors import Reason
 from protocol.identity import SignerKey
-from protocol.leaves import LeafKind
-from protocol.messages import DeviceStatus, Heartbeat, ReceiptBatch
+from protocol.leaves import Leaf, LeafKind
+from protocol.messages import DeviceStatus, EnrolmentRequest, Heartbeat, ReceiptBatch
 from protocol.topics import UpKind, up_topic
 
 MID = "riverside"
@@ -282,3 +282,43 @@ def test_dedup_high_water_mark_still_catches_out_of_order_resends_after_restart(
         verdict = restarted.screen([InboundMessage(topic("dev-a"), env)], NOW_MS).settled[0]
         assert (verdict.outcome, verdict.seq) == (Outcome.DUPLICATE, seq)
     assert fx.ledger.size == 3
+
+
+def _enrolment_request(fx: Fixture, device: str, seq: int) -> bytes:
+    return EnrolmentRequest(
+        mid=MID,
+        device=device,
+        device_key=fx.keys[device].verifier.text(),
+        invite_token="i" * 22,
+        seq=seq,
+        device_time_ms=NOW_MS,
+    ).seal(fx.keys[device])
+
+
+def test_one_key_seq_names_one_statement_across_every_kind_the_key_signs(fx: Fixture) -> None:
+    """docs/protocol.md "Replay rules": a report reusing the seq of the device's logged enrolment request (appended by
+    another of serve's writers, the enrolment endpoint) or a heartbeat reusing a logged report's seq is
+    `equivocation`; reports resent out of order are still taken."""
+    fx.ledger.append_leaves([Leaf(LeafKind.ENROL, _enrolment_request(fx, "dev-a", 0))])
+    assert fx.one(topic("dev-a"), fx.report("dev-a", 5)).outcome is Outcome.ACCEPTED
+    assert fx.dedup.lookup(fx.keys["dev-a"].key_id.hex(), 0) is not None  # the enrolment was indexed on the way
+    _rejects(fx, topic("dev-a"), fx.report("dev-a", 0), Reason.EQUIVOCATION)
+    assert fx.one(topic("dev-a"), fx.report("dev-a", 2)).outcome is Outcome.ACCEPTED  # an older seq, resent late
+    beat = Heartbeat(seq=5, device_time_ms=NOW_MS, status=DeviceStatus.IDLE).seal(fx.keys["dev-a"])
+    _rejects(fx, topic("dev-a", UpKind.HEARTBEAT), beat, Reason.EQUIVOCATION)
+    later = Heartbeat(seq=6, device_time_ms=NOW_MS, status=DeviceStatus.IDLE).seal(fx.keys["dev-a"])
+    assert fx.one(topic("dev-a", UpKind.HEARTBEAT), later).outcome is Outcome.HEARTBEAT
+    assert fx.ledger.size == 5  # the enrolment, dev-a's reports 5 and 2, and the report of dev-c each _rejects adds
+
+
+def test_dedup_catch_up_indexes_every_device_signed_kind(tmp_path: Path) -> None:
+    """A crash between the ledger commit and the index commit is repaired for enrolment requests and strike votes
+    too, not only reports: the index follows every leaf a device key signed."""
+    fx = Fixture(tmp_path)
+    fx.ledger.append_leaves(
+        [Leaf(LeafKind.ENROL, _enrolment_request(fx, "dev-b", 0)), Leaf(LeafKind.CONTRIBUTION, fx.report("dev-b", 4))]
+    )
+    fresh = DedupIndex(tmp_path / "fresh.sqlite")
+    assert fresh.catch_up(fx.ledger.leaves(0, fx.ledger.size), fx.ledger.size) == 2
+    key_id = fx.keys["dev-b"].key_id.hex()
+    assert fresh.lookup(key_id, 0) is not None and fresh.lookup(key_id, 4) is not None

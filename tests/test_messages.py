@@ -39,6 +39,7 @@ from protocol.messages import (
     RoundInvitation,
     Statement,
     StatementLine,
+    StatementRequest,
     StrikeVote,
     WireMessage,
     open_enrolment_request,
@@ -167,6 +168,14 @@ SAMPLES: list[WireMessage] = [
         issued_ms=NOW,
     ),
     drift_report(seq=42),
+    StatementRequest(
+        mid="mid-a",
+        device="dev-1",
+        period_start_ms=NOW,
+        period_end_ms=NOW + 1,
+        nonce="ab" * 16,
+        issued_ms=NOW,
+    ),
 ]
 
 
@@ -404,6 +413,14 @@ def test_revenue_report_needs_a_forward_period_and_integer_money() -> None:
         RevenueReport(**{**report.model_dump(), "amount_minor": 1.5})
     with pytest.raises(ValidationError):
         RevenueReport(**{**report.model_dump(), "amount_minor": -1})
+
+
+def test_statement_request_needs_a_forward_period_and_a_nonce() -> None:
+    request = next(m for m in SAMPLES if isinstance(m, StatementRequest))
+    with pytest.raises(ValidationError, match="period_end_ms"):
+        StatementRequest(**{**request.model_dump(), "period_end_ms": request.period_start_ms})
+    with pytest.raises(ValidationError):
+        StatementRequest(**{**request.model_dump(), "nonce": "AB" * 16})
 
 
 def test_statement_money_is_integer() -> None:

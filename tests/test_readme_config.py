@@ -38,3 +38,18 @@ def test_every_setting_is_described() -> None:
                 elif not field.description:
                     missing.append(f"{model.__name__}: {prefix}{name}")
     assert not missing, "settings without a description (README reference): " + ", ".join(missing)
+
+
+def test_the_log_origin_the_readme_names_is_the_one_the_ledger_signs(tmp_path: Path) -> None:
+    """README says the log's origin is midgate/{mid}: a coordinator's checkpoint must carry exactly that origin."""
+    from coordinator.ledger.store import LedgerStore
+    from coordinator.mid_key import load_or_create_mid_key
+    from protocol.checkpoint import parse_checkpoint_text
+    from protocol.note import parse_note
+
+    assert "its log's origin (and MID key name) is midgate/{mid}" in (ROOT / "README.md").read_text()
+    key = load_or_create_mid_key(tmp_path / "mid.key", "riverside")
+    with LedgerStore.open(tmp_path / "ledger.sqlite", key) as store:
+        store.append([b"leaf"])
+        origin = parse_checkpoint_text(parse_note(store.checkpoint()).text).origin
+    assert origin == "midgate/riverside"

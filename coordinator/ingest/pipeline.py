@@ -60,6 +60,9 @@ _KINDS: dict[UpKind, tuple[type[WireMessage], LeafKind | None]] = {
     UpKind.STRIKE: (StrikeVote, LeafKind.STRIKE),
     UpKind.HEARTBEAT: (Heartbeat, None),
 }
+INGEST_KINDS = frozenset(_KINDS)
+"""The up kinds ingest takes; a message of any other is refused `bad_topic` (docs/protocol.md, "A device's MQTT
+session")."""
 
 
 TOPIC_CACHE_SIZE = 65_536
@@ -140,7 +143,11 @@ class Screened:
 class Screener:
     """The per-message checks that need no ledger: size -> topic -> rate -> verify -> signer owns topic -> schema,
     and heartbeat ordering. The sequencer (`serve`) and every screening worker (`ingest-worker`) run this same code.
-    One thread calls it at a time."""
+    One thread calls it at a time.
+
+    `logged(key_id, seq)`: whether the ledger holds a statement of that key under that seq (the sequencer's dedup
+    index), so that a heartbeat cannot reuse it; a screening worker has no index and passes none.
+    """
 
     def __init__(
         self,
@@ -150,7 +157,9 @@ class Screener:
         default_rate_per_s: float,
         default_burst: int,
         clock: Callable[[], float] = time.monotonic,
+        logged: Callable[[str, int], bool] = lambda key_id, seq: False,
     ) -> None:
+        self.logged = logged
         self.mid = mid
         self.registry = registry
         self.max_message_bytes = max_message_bytes
@@ -216,6 +225,10 @@ class Screener:
             assert isinstance(body, Heartbeat)
             last = self._will_seq if body.status is DeviceStatus.OFFLINE else self._heartbeat_seq
             require_newer_seq(last.get(key_id), seq, key_id)
+            if self.logged(key_id, seq):
+                raise EquivocationError(
+                    "a heartbeat under the (key, seq) of a logged statement", key_id=key_id, seq=seq
+                )
             last[key_id] = seq
             self.note_status(signer.device_id, body.status, now_ms)
             verdict.outcome = Outcome.HEARTBEAT
@@ -310,6 +323,17 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
+def log_rejection(verdict: Verdict) -> None:
+    """One WARNING line for a rejected message (docs/protocol.md, "Rejections are counted and logged"); a rate-limited
+    one is only counted, so a flood does not flood the log as well. A resend answered with its receipt (DUPLICATE) is
+    no rejection to log. `error` is built from the rejection's details, which never hold a secret."""
+    if verdict.outcome is Outcome.REJECTED and verdict.reason is not Reason.RATE_LIMITED:
+        log.warning(
+            "message rejected",
+            extra={"reason": str(verdict.reason), "topic": verdict.message.topic[:200], "error": verdict.error},
+        )
+
+
 def screen_one(screener: Screener, message: InboundMessage, verdict: Verdict, now_ms: int) -> Screened | None:
     """`screener.screen` with every failure turned into a settled rejection on `verdict` (None returned)."""
     try:
@@ -352,7 +376,15 @@ class IngestPipeline:
         self.ledger = ledger
         self.dedup = dedup
         self.mid_key = mid_key
-        self.screener = Screener(mid, registry, max_message_bytes, default_rate_per_s, default_burst, clock)
+        self.screener = Screener(
+            mid,
+            registry,
+            max_message_bytes,
+            default_rate_per_s,
+            default_burst,
+            clock,
+            logged=lambda key_id, seq: dedup.lookup(key_id, seq) is not None,
+        )
         self._head: tuple[bytes, int] | None = None
         self._catch_up()
         self.refresh_registry()
@@ -459,6 +491,10 @@ class IngestPipeline:
         ]
         if strikes:  # before the dedup index: `_catch_up` finds what a crash in between left out
             self.registry.record_strike_votes(strikes)
+        # Serve's other writers (enrolment, the job-book follower, the revenue desk) may have appended since the index
+        # last moved: index their device-signed leaves (enrolment requests) before recording past them.
+        if self.dedup.indexed_size < appended.first_index:
+            self.dedup.catch_up(self.ledger.leaves(self.dedup.indexed_size, appended.first_index), appended.first_index)
         entries = []
         for candidate, index in zip(candidates, appended.indices, strict=True):
             v = candidate.verdict

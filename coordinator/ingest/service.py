@@ -38,11 +38,12 @@ from coordinator.ingest.pipeline import (
     ScreenResult,
     Verdict,
     freeze_startup_objects,
+    log_rejection,
 )
 from coordinator.ingest.presence import PresenceRecorder
 from coordinator.ledger.store import LedgerStore
 from protocol.checkpoint import parse_checkpoint_text
-from protocol.errors import ProtocolError, Reason
+from protocol.errors import ProtocolError
 from protocol.identity import SignerKey
 from protocol.messages import CheckpointAnnouncement
 from protocol.note import parse_note
@@ -296,11 +297,7 @@ class IngestService:
             counts[v.outcome] += 1
             if v.outcome is not Outcome.ACCEPTED and v.outcome is not Outcome.HEARTBEAT:
                 self.metrics.rejected.labels(reason=str(v.reason)).inc()
-                if v.outcome is Outcome.REJECTED and v.reason is not Reason.RATE_LIMITED:
-                    log.warning(
-                        "message rejected",
-                        extra={"reason": str(v.reason), "topic": v.message.topic[:200], "error": v.error},
-                    )
+                log_rejection(v)
         self.session.settle_all(tokens)
         if log.isEnabledFor(logging.DEBUG):  # one check per batch: nothing per report unless asked for
             _log_verdicts(verdicts)

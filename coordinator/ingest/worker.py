@@ -31,7 +31,15 @@ from coordinator.ingest.handoff import (
 )
 from coordinator.ingest.metrics import WorkerMetrics
 from coordinator.ingest.mqtt import BrokerEndpoint, ManualAckClient
-from coordinator.ingest.pipeline import InboundMessage, Outcome, Screener, Verdict, freeze_startup_objects, screen_one
+from coordinator.ingest.pipeline import (
+    InboundMessage,
+    Outcome,
+    Screener,
+    Verdict,
+    freeze_startup_objects,
+    log_rejection,
+    screen_one,
+)
 from coordinator.registry.store import Registry
 from protocol.errors import ProtocolError
 from protocol.messages import DeviceStatus
@@ -291,6 +299,7 @@ class ScreeningWorker:
                 reason = str(v.reason)
                 self.counts.rejected[reason] = self.counts.rejected.get(reason, 0) + 1
                 self.metrics.rejected.labels(reason=reason).inc()
+                log_rejection(v)
         for chunk in _by_size(verified, HANDOFF_TARGET_BYTES):
             self._hand_over(chunk)
 

@@ -110,10 +110,10 @@ class DedupIndex:
         return int(self._db.execute("SELECT COUNT(*) FROM equivocations").fetchone()[0])
 
     def catch_up(self, leaves: Iterable[tuple[int, bytes]], size: int) -> int:
-        """Index the contribution leaves in `leaves` (those after `indexed_size`); returns how many were added."""
+        """Index the device-signed leaves in `leaves` (those after `indexed_size`); returns how many were added."""
         entries = []
         for index, data in leaves:
-            found = contribution_key(data)
+            found = signed_statement_key(data)
             if found is not None:
                 key_id, seq, envelope = found
                 entries.append((key_id, seq, envelope_digest(envelope), index))
@@ -121,11 +121,17 @@ class DedupIndex:
         return len(entries)
 
 
-def contribution_key(leaf_bytes: bytes) -> tuple[str, int, bytes] | None:
-    """(key id, seq, envelope) of a contribution leaf; None for other kinds. The ledger only holds verified leaves."""
+DEVICE_SIGNED = frozenset({LeafKind.ENROL, LeafKind.CONTRIBUTION, LeafKind.STRIKE})
+"""Leaf kinds whose envelope a device key signed with a seq: its enrolment request (seq 0), reports, strike votes.
+A (key, seq) names one statement across all of them (docs/protocol.md, "Replay rules")."""
+
+
+def signed_statement_key(leaf_bytes: bytes) -> tuple[str, int, bytes] | None:
+    """(key id, seq, envelope) of a device-signed leaf; None for the MID's own records. The ledger only holds verified
+    leaves."""
     try:
         leaf = decode_leaf(leaf_bytes)
-        if leaf.kind is not LeafKind.CONTRIBUTION:
+        if leaf.kind not in DEVICE_SIGNED:
             return None
         _, payload, key_ids = peek_envelope(leaf.signed)
         seq = int(json.loads(payload)["seq"])

@@ -2,7 +2,8 @@
 
 Storage first (the MID key, the ledger, the registry and ledger-following dedup index: one instance each, shared by
 every service), then the services that use it: ingest with its contribution gate, the MID's SuperLink with its fleet
-front, and the HTTP endpoint (enrolment, the ledger's proofs, buyers' revenue, metrics). Each builder takes the
+front, and the HTTP endpoint (enrolment, the ledger's proofs and witnesses, members' statements, buyers' revenue,
+metrics). Each builder takes the
 settings and what it uses, nothing more. `CoordinatorProcess` enters them in dependency order on one exit stack, so
 they stop in reverse order, also when a later one fails to start.
 """
@@ -33,9 +34,12 @@ from coordinator.ingest.pipeline import IngestPipeline
 from coordinator.ingest.service import IngestService
 from coordinator.ledger.dedup import DedupIndex
 from coordinator.ledger.store import LedgerStore
+from coordinator.ledger.witnesses import WitnessDesk
 from coordinator.mid_key import load_or_create_mid_key
+from coordinator.registry.device_keys import DeviceKeys
 from coordinator.registry.ledger_records import log_enrolments
 from coordinator.registry.store import Device, Registry
+from coordinator.royalties.statement_http import StatementDesk
 from coordinator.serve.http import HttpEndpoint, build_http_app
 from protocol.enrolment import BrokerCredentials
 from protocol.identity import SignerKey
@@ -181,6 +185,14 @@ def build_revenue_desk(settings: CoordinatorSettings, storage: Storage) -> Reven
     )
 
 
+def build_member_desks(settings: CoordinatorSettings, storage: Storage) -> tuple[WitnessDesk, StatementDesk]:
+    """The witness exchange (agents' cosignatures in, the witnessed checkpoint out) and members' proven statements,
+    both over the registry's device keys."""
+    devices = DeviceKeys(storage.registry)
+    witnesses = WitnessDesk(storage.ledger, devices.witnesses, settings.witnesses.quorum_max)
+    return witnesses, StatementDesk(settings.mid, storage.ledger, devices, witnesses)
+
+
 class CoordinatorProcess:
     """`async with CoordinatorProcess(settings) as process: await process.run()`; `stop()` ends `run()`."""
 
@@ -222,12 +234,15 @@ class CoordinatorProcess:
                 log.info("superlink started", extra={"address": superlink.public_address})
                 self.job_ledger = build_job_ledger(s, self.storage)
             if s.enrolment.enabled:
+                witnesses, statements = await asyncio.to_thread(build_member_desks, s, self.storage)
                 app = build_http_app(
                     enroller=build_enroller(s, self.storage, self.superlink),
                     ledger=self.storage.ledger,
                     revenue=build_revenue_desk(s, self.storage),
                     metrics=self.metrics.registry,
                     on_refusal=self._count_refusal,
+                    witnesses=witnesses,
+                    statements=statements,
                 )
                 self.http = await stack.enter_async_context(HttpEndpoint(app, s.enrolment.host, s.enrolment.port))
             self._stack = stack.pop_all()

@@ -1,7 +1,8 @@
 """The coordinator's HTTP endpoint: every router mounted here, and the uvicorn server's lifetime.
 
-Routers: enrolment (coordinator/enrolment/http.py), the ledger's checkpoints and proofs (coordinator/ledger/http.py),
-buyers' revenue reports (coordinator/buyer/http.py) and Prometheus metrics. TLS is terminated in front of it (a reverse
+Routers: enrolment (coordinator/enrolment/http.py), the ledger's checkpoints, proofs and witness exchange
+(coordinator/ledger/http.py), members' proven statements (coordinator/royalties/statement_http.py), buyers' revenue
+reports (coordinator/buyer/http.py) and Prometheus metrics. TLS is terminated in front of it (a reverse
 proxy) outside loopback demos. Every refusal is counted through `on_refusal`, as ingest's rejections are.
 """
 
@@ -22,6 +23,8 @@ from coordinator.enrolment.enroller import Enroller
 from coordinator.enrolment.http import enrolment_router
 from coordinator.ledger.http import ledger_router
 from coordinator.ledger.store import LedgerStore
+from coordinator.ledger.witnesses import WitnessDesk
+from coordinator.royalties.statement_http import StatementDesk, statement_router
 from protocol.errors import Reason
 
 
@@ -32,11 +35,16 @@ def build_http_app(
     revenue: RevenueDesk,
     metrics: CollectorRegistry,
     on_refusal: Callable[[Reason], None],
+    witnesses: WitnessDesk | None = None,
+    statements: StatementDesk | None = None,
 ) -> FastAPI:
+    """The app `serve` runs; without `witnesses` and `statements` (tests of other routers) their routes are absent."""
     app = FastAPI(title="midgate coordinator", docs_url=None, redoc_url=None, openapi_url=None)
     app.include_router(enrolment_router(enroller, on_refusal))
-    app.include_router(ledger_router(ledger))
+    app.include_router(ledger_router(ledger, witnesses, on_refusal))
     app.include_router(revenue_router(revenue, on_refusal))
+    if statements is not None:
+        app.include_router(statement_router(statements, on_refusal))
 
     @app.get("/metrics")
     def prometheus() -> Response:

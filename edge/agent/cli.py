@@ -16,6 +16,7 @@ app = typer.Typer(
 app.add_typer(sensors_app, name="sensors")
 
 if TYPE_CHECKING:
+    from edge.agent.config import AgentSettings
     from edge.agent.controls.commands import Transition
 
 
@@ -68,23 +69,31 @@ MidNameOption = typer.Option(None, "--mid", help="the MID (as under data_dir/mid
 _PICKUP = "a running agent applies it within member_poll_s seconds; a stopped one when it starts"
 
 
+def _chosen(settings: AgentSettings, mid: str | None) -> list[Path]:
+    """The membership folders a command applies to; an unknown `--mid` (or none enrolled) exits 2 with one line."""
+    from rich.console import Console
+
+    from edge.agent.controls.commands import membership_dirs
+
+    try:
+        return membership_dirs(settings, mid)
+    except ValueError as exc:
+        Console(stderr=True, soft_wrap=True).print(f"[red]{exc}[/red]")
+        raise typer.Exit(code=2) from None
+
+
 def _control(config: Path | None, mid: str | None, transition: Transition, done: str) -> None:
     """Apply one member transition to the chosen memberships; print each outcome; exit 1 if any was refused."""
     from rich.console import Console
 
     from edge.agent.config import AgentSettings
-    from edge.agent.controls.commands import apply, membership_dirs, now_ms
+    from edge.agent.controls.commands import apply, now_ms
     from edge.agent.controls.state import MemberControlError
     from edge.agent.controls.watch import describe
 
     console, errors = Console(), Console(stderr=True, soft_wrap=True)  # an error is one line
-    try:
-        directories = membership_dirs(AgentSettings.load(config), mid)
-    except ValueError as exc:
-        errors.print(f"[red]{exc}[/red]")
-        raise typer.Exit(code=2) from None
     refused = 0
-    for directory in directories:
+    for directory in _chosen(AgentSettings.load(config), mid):
         try:
             result = apply(directory, transition)
         except MemberControlError as exc:
@@ -178,15 +187,100 @@ def status(mid: str | None = MidNameOption, config: Path | None = ConfigOption) 
     from rich.console import Console
 
     from edge.agent.config import AgentSettings
-    from edge.agent.controls.commands import agent_table, membership_dirs, sensors_table, status_table
+    from edge.agent.controls.commands import agent_table, sensors_table, status_table
 
     settings = AgentSettings.load(config)
-    try:
-        directories = membership_dirs(settings, mid)
-    except ValueError as exc:
-        Console(stderr=True, soft_wrap=True).print(f"[red]{exc}[/red]")
-        raise typer.Exit(code=2) from None
+    directories = _chosen(settings, mid)
     console = Console(width=160)
     console.print(agent_table(directories))
     console.print(status_table(directories))
     console.print(sensors_table(settings))
+
+
+# --- what the member can check on this device (docs/member.md, "Checking the MID") --------------------------------
+
+
+@app.command()
+def receipts(
+    verify: bool = typer.Option(
+        False, "--verify", help="also check each receipt against the MID's latest witnessed checkpoint (asks the MID)"
+    ),
+    mid: str | None = MidNameOption,
+    config: Path | None = ConfigOption,
+) -> None:
+    """List every message the MID receipted (reports, strike votes, the enrolment), each proven offline from the
+    envelope and receipt kept with it; with --verify also under the checkpoint a quorum of witnesses cosigned.
+    Exit 1 if any receipt is refused or the witnessed checkpoint does not check out."""
+    from rich.console import Console
+
+    from edge.agent.config import AgentSettings
+    from edge.agent.membership import load_membership
+    from edge.agent.receipts import verify_membership_receipts
+
+    settings = AgentSettings.load(config)
+    console = Console(width=160)
+    failed = False
+    for directory in _chosen(settings, mid):
+        report = verify_membership_receipts(load_membership(directory), settings.outbox_max_bytes, verify)
+        console.print(report.table())
+        for problem in report.problems:
+            typer.echo(f"{directory.name}: {problem}", err=True)  # plain: a reason's details are no markup
+        failed |= not report.ok
+    if failed:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def statement(
+    since: str | None = typer.Option(None, "--since", help="period start (ISO 8601, UTC if no zone); default: all"),
+    until: str | None = typer.Option(None, "--until", help="period end, exclusive (ISO 8601); default: none"),
+    mid: str | None = MidNameOption,
+    config: Path | None = ConfigOption,
+) -> None:
+    """Fetch the member's settlement and royalty lines from the MID (a request signed with the device key) and print
+    them only after every line verified on this device: in the log under a checkpoint a quorum of witnesses cosigned,
+    consistent with the device's own trusted checkpoint, read from the leaf itself. Exit 1 if anything is refused."""
+    import time
+
+    from rich.console import Console
+
+    from edge.agent.config import AgentSettings
+    from edge.agent.controls.commands import parse_until
+    from edge.agent.ledger_client import LedgerClient, ProofUnavailableError
+    from edge.agent.membership import load_membership
+    from edge.agent.outbox import Outbox
+    from edge.agent.statement import fetch_statement, render_statement
+    from protocol.errors import ProtocolError
+    from protocol.messages import MAX_TIME_MS, MIN_TIME_MS
+
+    settings = AgentSettings.load(config)
+    directories = _chosen(settings, mid)
+    try:
+        start, end = parse_until(since) or MIN_TIME_MS, parse_until(until) or MAX_TIME_MS
+        if not MIN_TIME_MS <= start < end <= MAX_TIME_MS:
+            raise ValueError("--since must be before --until, both between 2020-01-01 and 2100-01-01")
+    except ValueError as exc:
+        Console(stderr=True, soft_wrap=True).print(f"[red]{exc}[/red]")
+        raise typer.Exit(code=2) from None
+    failed = False
+    for directory in directories:
+        membership = load_membership(directory)
+        outbox = Outbox(membership.outbox_path, settings.outbox_max_bytes)
+        try:
+            trusted = outbox.get_meta("trusted_checkpoint")
+        finally:
+            outbox.close()
+        client = LedgerClient(membership.record.enrolment_url)
+        try:
+            verified = fetch_statement(membership, client, trusted, (start, end), time.time_ns() // 1_000_000)
+        except ProofUnavailableError as exc:
+            typer.echo(f"{membership.mid}: no statement: {exc}", err=True)
+            failed = True
+            continue
+        except ProtocolError as exc:
+            typer.echo(f"{membership.mid}: statement refused: {exc}", err=True)
+            failed = True
+            continue
+        typer.echo(render_statement(membership.mid, membership.record.member, verified), nl=False)
+    if failed:
+        raise typer.Exit(code=1)

@@ -76,6 +76,12 @@ class AgentSettings(RoleSettings):
     outbox_warn_fraction: float = Field(
         default=0.8, gt=0, le=1, description="warn when an outbox reaches this fraction of its bound"
     )
+    witness_every_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="seconds between cosignatures: the agent checks the checkpoint its MID asks witnesses to cosign "
+        "against its own trusted one, and cosigns it (docs/ledger.md, Witnesses)",
+    )
     reconnect_min_s: float = Field(default=1.0, gt=0, description="first reconnect delay after losing the broker")
     reconnect_max_s: float = Field(default=120.0, gt=0, description="upper bound of the reconnect backoff")
     # `[[sensors]]` and `[sample_store]` are the sensors component's own models (edge.sensors.config).

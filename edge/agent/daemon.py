@@ -3,12 +3,14 @@
 Per membership, four loops with one owner (`MembershipRunner.run`): the spool loop signs ClientApp records into the
 outbox; the publish loop sends what is due (QoS 1), then schedules a resend with exponential backoff and jitter in
 case no receipt comes; the receipt loop verifies receipt batches (checkpoint signature, consistency with the trusted
-checkpoint, each report's inclusion path) and only then removes reports from the outbox; the heartbeat loop says
-the device is alive (with the member's status: idle, training, paused, striking, left). A
-fifth, the member loop, picks up the member's choices (edge.agent.controls.watch): it stops a running job's
-SuperNode they no longer allow and queues the StrikeVotes they call for. The outbox and proofs run on one dedicated
-thread per membership, so fsyncs and crypto never block the event loop. Beside them the status loop keeps
-`daemon-status.json` (edge.agent.daemon_status) true for `agent status`: connection, its failure, jobs joined.
+checkpoint, each report's inclusion path) and only then moves reports out of the outbox, kept with their receipts;
+the heartbeat loop says the device is alive (with the member's status: idle, training, paused, striking, left). A
+fifth, the member loop, picks up the member's choices (edge.agent.controls.watch): it stops a running job's SuperNode
+they no longer allow and queues the StrikeVotes they call for. A sixth, the witness loop, makes the device one of the
+log's witnesses (edge.agent.witnessing): it cosigns the checkpoints it has checked. The outbox, proofs and the MID's
+ledger API run on one dedicated thread per membership, so fsyncs, crypto and HTTP never block the event loop. Beside
+them the status loop keeps `daemon-status.json` (edge.agent.daemon_status) true for `agent status`: connection, its
+failure, jobs joined.
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ from edge.agent.controls.decisions import OwedVote, owed_votes, strike_vote
 from edge.agent.controls.watch import MemberControls
 from edge.agent.daemon_status import DaemonStatus, read_daemon_status, with_job, write_daemon_status
 from edge.agent.job_node import JobNode
-from edge.agent.ledger_view import LedgerView, ProofUnavailableError, http_consistency_fetcher
+from edge.agent.ledger_client import LedgerClient, ProofUnavailableError
+from edge.agent.ledger_view import LedgerView, SettledReport
 from edge.agent.membership import Membership, load_memberships
-from edge.agent.outbox import Outbox, OutboxFullError
+from edge.agent.outbox import LEAF_KIND, Outbox, OutboxFullError
 from edge.agent.refusals import settle_refusal
 from edge.agent.session import DeviceSession
+from edge.agent.witnessing import cosign_candidate
 from edge.federated.spool import SpooledRecord, pending_files, read_record, reject_file
 from edge.sensors.collection import open_collection
 from protocol.errors import ProtocolError
@@ -41,11 +45,11 @@ from protocol.leaves import LeafKind
 from protocol.messages import DeviceStatus, Heartbeat, ReceiptBatch
 from protocol.reconnect import backoff_s
 from protocol.topics import Direction, DownKind, UpKind, parse_topic, up_topic
+from protocol.witness import Cosigner
 
 log = logging.getLogger("midgate.agent")
 T = TypeVar("T")
 
-_LEAF_KIND = {UpKind.REPORT.value: LeafKind.CONTRIBUTION, UpKind.STRIKE.value: LeafKind.STRIKE}
 _RECEIPT_BATCH = 500
 
 
@@ -59,12 +63,15 @@ class MembershipRunner:
         self.membership = membership
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"outbox-{membership.mid}")
         self.outbox = Outbox(membership.outbox_path, settings.outbox_max_bytes)
+        self.ledger_api = LedgerClient(membership.record.enrolment_url)
         self.view = LedgerView(
             membership.mid_key,
             membership.key.key_id.hex(),
-            http_consistency_fetcher(membership.record.enrolment_url),
+            self.ledger_api.consistency,
             self.outbox.get_meta("trusted_checkpoint"),
         )
+        self.cosigner = Cosigner(membership.key)
+        self.cosigned = 0
         self._inbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -122,6 +129,7 @@ class MembershipRunner:
                     self._receipt_loop,
                     self._heartbeat_loop,
                     self._member_loop,
+                    self._witness_loop,
                 )
                 tasks = [asyncio.create_task(self._supervised(loop, stop)) for loop in loops]
                 tasks.append(asyncio.create_task(self.job_node.run(stop)))
@@ -259,7 +267,7 @@ class MembershipRunner:
 
     def _settle(self, batch: list[tuple[str, bytes]]) -> int:
         before = self.view.trusted_note
-        good: list[tuple[int, int, int, str]] = []
+        good: list[SettledReport] = []
         for topic, payload in batch:
             try:
                 parsed = parse_topic(topic)
@@ -276,20 +284,24 @@ class MembershipRunner:
                 self.receipts_refused += 1
                 log.warning("receipt batch refused", extra={"reason": str(exc.reason), "error": str(exc)})
                 continue
-            for seq, exc in outcome.refused:
+            for seq, error in outcome.refused:
                 self.receipts_refused += 1
-                log.warning("receipt refused", extra={"seq": seq, "reason": str(exc.reason), "error": str(exc)})
-            good.extend((r.seq, r.leaf_index, r.tree_size, r.envelope_sha256) for r in outcome.settled)
+                log.warning("receipt refused", extra={"seq": seq, "reason": str(error.reason), "error": str(error)})
+            good.extend(outcome.settled)
         moved = self.outbox.settle(good, _now_ms()) if good else 0
         self.receipts_verified += moved
+        self._keep_trust(before)
+        return moved
+
+    def _keep_trust(self, before: bytes | None) -> None:
+        """Persist the trusted checkpoint when it moved, so a restart resumes from it."""
         after = self.view.trusted_note
         if after is not None and after != before:
             self.outbox.set_meta("trusted_checkpoint", after)
-        return moved
 
     def _held(self, seq: int) -> tuple[LeafKind, bytes] | None:
         pending = self.outbox.pending(seq)
-        return None if pending is None else (_LEAF_KIND[pending.kind], pending.envelope)
+        return None if pending is None else (LEAF_KIND[pending.kind], pending.envelope)
 
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
         assert self.session is not None
@@ -302,6 +314,29 @@ class MembershipRunner:
             self._beat_now.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._beat_now.wait(), self.settings.heartbeat_s)
+
+    async def _witness_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                size = await self._in_db(self._witness)
+                if size is not None:
+                    self.cosigned += 1
+                    log.debug("checkpoint cosigned", extra={"mid": self.membership.mid, "size": size})
+            except ProofUnavailableError as exc:
+                log.debug("no checkpoint to cosign now", extra={"mid": self.membership.mid, "error": str(exc)})
+            except ProtocolError as exc:
+                log.warning(
+                    "checkpoint not cosigned: it does not check out",
+                    extra={"mid": self.membership.mid, "reason": str(exc.reason), "error": str(exc)},
+                )
+            await _sleep_or(stop, self.settings.witness_every_s)
+
+    def _witness(self) -> int | None:
+        before = self.view.trusted_note
+        try:
+            return cosign_candidate(self.view, self.ledger_api, self.cosigner, time.time_ns() // 1_000_000_000)
+        finally:
+            self._keep_trust(before)
 
     async def _member_loop(self, stop: asyncio.Event) -> None:
         """Apply the member's choices as the member commands change them: stop what they no longer allow, say the

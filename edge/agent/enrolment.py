@@ -42,7 +42,7 @@ from protocol.identity import SignerKey, VerifierKey, load_signer_key, save_sign
 from protocol.leaves import LeafKind
 from protocol.messages import EnrolmentRequest, EnrolmentResponse, open_enrolment_request
 from protocol.private_files import private_dir, private_file
-from protocol.topics import check_id
+from protocol.topics import UpKind, check_id
 
 MAX_RESPONSE = 128 * 1024
 AGENT_VERSION = "midgate-agent/0.1"
@@ -129,6 +129,7 @@ def enrol(settings: AgentSettings, url: str, token: str, now_ms: int | None = No
         assert view.trusted_note is not None
         outbox.set_meta("trusted_checkpoint", view.trusted_note)
         outbox.set_meta("enrol_leaf_index", str(settled.leaf_index).encode())
+        outbox.keep_receipt(settled, UpKind.ENROL.value, envelope, now_ms)
     finally:
         outbox.close()
     save_membership(directory, record)

@@ -2,65 +2,41 @@
 
 A receipt counts only if its inclusion proof verifies against a checkpoint signed by the MID key *and* that
 checkpoint is consistent with the last one this agent trusts (RFC 9162 consistency proof, fetched from the MID's
-HTTP API, which need not be trusted: the proof is checked). The trust rules are protocol.witness's: `LogView` moves
-the trusted checkpoint forward (and keeps equivocation evidence), `verify_older_checkpoint` checks an older one a
-late receipt names without replacing the trusted one. This module only adds fetching proofs and matching receipts to
-the reports in the outbox.
+HTTP API by edge.agent.ledger_client, which need not be trusted: the proof is checked). The trust rules are
+protocol.witness's: `LogView` moves the trusted checkpoint forward (and keeps equivocation evidence),
+`verify_older_checkpoint` checks an older one a late receipt names without replacing the trusted one. This module
+only adds matching receipts to the reports in the outbox.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from protocol.checkpoint import Checkpoint, VerifiedCheckpoint, open_checkpoint, verify_receipt
+from protocol.checkpoint import Checkpoint, VerifiedCheckpoint, open_checkpoint, parse_receipt, verify_receipt
 from protocol.envelope import decode, envelope_digest, open_envelope
-from protocol.errors import InconsistentError, MalformedError, ProtocolError, ReplayedError
+from protocol.errors import InconsistentError, ProtocolError, ReplayedError
 from protocol.identity import VerifierKey
 from protocol.leaves import Leaf, LeafKind
-from protocol.merkle import HASH_SIZE, leaf_hash, verify_inclusion
+from protocol.merkle import leaf_hash, verify_inclusion
 from protocol.messages import Receipt, ReceiptBatch
 from protocol.witness import LogView, verify_older_checkpoint
 
-MAX_PROOF_RESPONSE = 64 * 1024
 ConsistencyFetcher = Callable[[int, int], list[bytes]]
 
 
 @dataclass(frozen=True)
 class SettledReport:
+    """A report whose receipt verified: where it sits in the log, its inclusion path and the signed checkpoint the
+    path leads to (what the agent keeps as the report's receipt, edge.agent.outbox)."""
+
     seq: int
     leaf_index: int
     tree_size: int
     envelope_sha256: str
-
-
-class ProofUnavailableError(Exception):
-    """The MID's API could not be reached for a consistency proof; try again later (nothing is settled)."""
-
-
-def http_consistency_fetcher(base_url: str, timeout_s: float = 10.0) -> ConsistencyFetcher:
-    def fetch(old: int, new: int) -> list[bytes]:
-        url = f"{base_url.rstrip('/')}/v1/consistency?old={old}&new={new}"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout_s) as response:
-                body = response.read(MAX_PROOF_RESPONSE + 1)
-        except (urllib.error.URLError, OSError, TimeoutError) as exc:
-            raise ProofUnavailableError(str(exc)) from exc
-        if len(body) > MAX_PROOF_RESPONSE:
-            raise MalformedError("consistency proof response too large")
-        try:
-            proof = [base64.b64decode(line, validate=True) for line in body.decode("ascii").splitlines()]
-        except (UnicodeDecodeError, binascii.Error, ValueError) as exc:
-            raise MalformedError("consistency proof is not base64 lines") from exc
-        if any(len(h) != HASH_SIZE for h in proof):
-            raise MalformedError("consistency proof hash of the wrong size")
-        return proof
-
-    return fetch
+    path: tuple[bytes, ...] = ()
+    checkpoint: bytes = b""
 
 
 class LedgerView:
@@ -119,7 +95,8 @@ class LedgerView:
                 "receipt index differs from its proof", index=receipt.leaf_index, proof=proven.index
             )
         self.check_checkpoint(proven.checkpoint)
-        return SettledReport(seq, proven.index, proven.checkpoint.checkpoint.size, digest)
+        path = parse_receipt(receipt.tlog_proof).proof
+        return SettledReport(seq, proven.index, proven.checkpoint.checkpoint.size, digest, path, proven.checkpoint.note)
 
     def settle_batch(self, batch: ReceiptBatch, held: Callable[[int], HeldReport | None]) -> BatchOutcome:
         """Verify a ReceiptBatch against the reports this device holds (`held(seq)`: kind and envelope, or None).
@@ -137,13 +114,13 @@ class LedgerView:
         size, root = opened.checkpoint.size, opened.checkpoint.root
         for entry, (kind, envelope) in wanted:
             try:
-                path = [base64.b64decode(h) for h in entry.path]
+                path = tuple(base64.b64decode(h) for h in entry.path)
                 verify_inclusion(entry.leaf_index, size, leaf_hash(Leaf(kind, envelope).encode()), path, root)
             except ProtocolError as exc:
                 outcome.refused.append((entry.seq, exc))
                 continue
             digest = envelope_digest(envelope).hex()
-            outcome.settled.append(SettledReport(entry.seq, entry.leaf_index, size, digest))
+            outcome.settled.append(SettledReport(entry.seq, entry.leaf_index, size, digest, path, opened.note))
         return outcome
 
 
@@ -158,9 +135,8 @@ class BatchOutcome:
 
 __all__ = [
     "BatchOutcome",
+    "ConsistencyFetcher",
     "LedgerView",
-    "ProofUnavailableError",
     "ProtocolError",
     "SettledReport",
-    "http_consistency_fetcher",
 ]

@@ -5,6 +5,11 @@ agent holds a receipt whose inclusion proof verified (a broker PUBACK is not dur
 QoS 1 messages it had acknowledged). `next_seq` is persisted in the same transaction as the row, so a reboot never
 reuses a seq. Spool file names are recorded with the row so that a crash between the commit and the unlink of a
 spool file cannot enqueue the same record twice.
+
+A receipted report moves to `receipts` with everything needed to prove it again later, offline: its exact envelope,
+its leaf index, its inclusion path and (in `checkpoints`, once per tree size) the MID-signed checkpoint the path
+leads to. That is the member's own record of what it sent and what the MID logged (`midgate agent receipts`,
+edge.agent.receipts); rows receipted before this was kept have no envelope, path or checkpoint.
 """
 
 from __future__ import annotations
@@ -15,7 +20,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge.agent.ledger_view import SettledReport
 from protocol.envelope import envelope_digest
+from protocol.leaves import LeafKind
+from protocol.topics import UpKind
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB);
@@ -38,6 +46,8 @@ CREATE TABLE IF NOT EXISTS receipts (
     spool_name TEXT UNIQUE,
     received_ms INTEGER NOT NULL
 );
+-- The MID-signed checkpoints receipts lead to, once per tree size.
+CREATE TABLE IF NOT EXISTS checkpoints (size INTEGER PRIMARY KEY, note BLOB NOT NULL);
 -- Reports the MID refused for good (a MID-signed Refusal bound to the envelope's hash): kept for the member to see,
 -- never resent.
 CREATE TABLE IF NOT EXISTS refused (
@@ -51,6 +61,16 @@ CREATE TABLE IF NOT EXISTS refused (
     refused_ms INTEGER NOT NULL
 );
 """
+# Added to `receipts` after its first version (ALTER TABLE on open): the kept report and its inclusion path
+# (concatenated 32-byte hashes, leaf sibling first).
+_RECEIPT_COLUMNS = (("kind", "TEXT"), ("envelope", "BLOB"), ("path", "BLOB"))
+_HASH = 32
+LEAF_KIND = {
+    UpKind.REPORT.value: LeafKind.CONTRIBUTION,
+    UpKind.STRIKE.value: LeafKind.STRIKE,
+    UpKind.ENROL.value: LeafKind.ENROL,
+}
+"""The ledger leaf each kind of kept message is logged as: its receipt proves `Leaf(LEAF_KIND[kind], envelope)`."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +86,7 @@ class OutboxUsage:
     pending: int
     pending_bytes: int
     receipted: int
+    """Messages sent through the outbox and receipted (the kept enrolment receipt is not one)."""
     refused: int = 0
 
 
@@ -79,6 +100,21 @@ class RefusedReport:
     reason: str
     detail: str
     refused_ms: int
+
+
+@dataclass(frozen=True)
+class KeptReceipt:
+    """A receipted report as kept: its envelope, where the MID logged it, and the proof of that."""
+
+    seq: int
+    kind: str | None
+    envelope: bytes | None
+    envelope_sha256: str
+    leaf_index: int
+    tree_size: int
+    path: tuple[bytes, ...] | None
+    checkpoint: bytes | None
+    received_ms: int
 
 
 class OutboxFullError(Exception):
@@ -96,6 +132,10 @@ class Outbox:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(receipts)")}
+        for name, sql_type in _RECEIPT_COLUMNS:
+            if name not in present:
+                self._db.execute(f"ALTER TABLE receipts ADD COLUMN {name} {sql_type}")
         self._pending_bytes = int(
             self._db.execute("SELECT COALESCE(SUM(LENGTH(envelope)), 0) FROM outbox").fetchone()[0]
         )
@@ -198,24 +238,71 @@ class Outbox:
         row = self._db.execute("SELECT seq, kind, envelope, attempts FROM outbox WHERE seq = ?", (seq,)).fetchone()
         return PendingReport(*row) if row else None
 
-    def settle(self, receipts: list[tuple[int, int, int, str]], now_ms: int) -> int:
-        """Move receipted reports `(seq, leaf_index, tree_size, envelope_sha256)` out; returns how many moved."""
+    def settle(self, receipts: list[SettledReport], now_ms: int) -> int:
+        """Move receipted reports out of the outbox into `receipts`, kept with their proofs; returns how many moved."""
         moved = 0
         freed = 0
         with self._txn() as db:
-            for seq, leaf_index, tree_size, digest in receipts:
-                row = db.execute("SELECT LENGTH(envelope), spool_name FROM outbox WHERE seq = ?", (seq,)).fetchone()
+            for receipt in receipts:
+                row = db.execute(
+                    "SELECT kind, envelope, spool_name FROM outbox WHERE seq = ?", (receipt.seq,)
+                ).fetchone()
                 if row is None:
                     continue
-                db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
-                db.execute(
-                    "INSERT OR REPLACE INTO receipts VALUES (?, ?, ?, ?, ?, ?)",
-                    (seq, leaf_index, tree_size, digest, row[1], now_ms),
-                )
+                db.execute("DELETE FROM outbox WHERE seq = ?", (receipt.seq,))
+                self._keep(db, receipt, row[0], bytes(row[1]), row[2], now_ms)
                 moved += 1
-                freed += int(row[0])
+                freed += len(row[1])
         self._pending_bytes -= freed
         return moved
+
+    def keep_receipt(self, receipt: SettledReport, kind: str, envelope: bytes, now_ms: int) -> None:
+        """Keep a receipted message that never was in the outbox (the enrolment request and its grant's receipt)."""
+        with self._txn() as db:
+            self._keep(db, receipt, kind, envelope, None, now_ms)
+
+    @staticmethod
+    def _keep(
+        db: sqlite3.Connection, receipt: SettledReport, kind: str, envelope: bytes, spool_name: str | None, now_ms: int
+    ) -> None:
+        db.execute(
+            "INSERT OR REPLACE INTO receipts (seq, leaf_index, tree_size, envelope_sha256, spool_name, received_ms,"
+            " kind, envelope, path) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                receipt.seq,
+                receipt.leaf_index,
+                receipt.tree_size,
+                receipt.envelope_sha256,
+                spool_name,
+                now_ms,
+                kind,
+                envelope,
+                b"".join(receipt.path),
+            ),
+        )
+        if receipt.checkpoint:
+            db.execute("INSERT OR IGNORE INTO checkpoints VALUES (?, ?)", (receipt.tree_size, receipt.checkpoint))
+
+    def kept_receipts(self) -> list[KeptReceipt]:
+        """Every receipted report, by seq, with its envelope and proof where kept."""
+        rows = self._db.execute(
+            "SELECT r.seq, r.kind, r.envelope, r.envelope_sha256, r.leaf_index, r.tree_size, r.path, c.note,"
+            " r.received_ms FROM receipts r LEFT JOIN checkpoints c ON c.size = r.tree_size ORDER BY r.seq"
+        ).fetchall()
+        return [
+            KeptReceipt(
+                seq=int(seq),
+                kind=kind,
+                envelope=None if envelope is None else bytes(envelope),
+                envelope_sha256=digest,
+                leaf_index=int(index),
+                tree_size=int(size),
+                path=None if path is None else tuple(bytes(path[i : i + _HASH]) for i in range(0, len(path), _HASH)),
+                checkpoint=None if note is None else bytes(note),
+                received_ms=int(received_ms),
+            )
+            for seq, kind, envelope, digest, index, size, path, note, received_ms in rows
+        ]
 
     def refuse(self, seq: int, envelope_sha256: str, reason: str, detail: str, now_ms: int) -> bool:
         """Move a pending report the MID refused out of the outbox, kept with the reason; True when it moved.
@@ -248,7 +335,7 @@ class Outbox:
 
     def usage(self) -> OutboxUsage:
         pending = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
-        receipted = int(self._db.execute("SELECT COUNT(*) FROM receipts").fetchone()[0])
+        receipted = int(self._db.execute("SELECT COUNT(*) FROM receipts WHERE kind IS NOT 'enrol'").fetchone()[0])
         refused = int(self._db.execute("SELECT COUNT(*) FROM refused").fetchone()[0])
         return OutboxUsage(pending, self._pending_bytes, receipted, refused)
 

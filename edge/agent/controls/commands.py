@@ -31,6 +31,7 @@ from edge.agent.controls.state import (
 from edge.agent.controls.watch import describe
 from edge.agent.daemon_status import DaemonStatus, daemon_running, read_daemon_status
 from edge.agent.membership import MEMBERSHIP_FILE, OUTBOX_FILE, load_membership
+from edge.sensors.errors import StoreNotReadyError
 from edge.sensors.readout import health_table
 from edge.sensors.store import SampleStore
 from protocol.errors import ProtocolError
@@ -256,6 +257,11 @@ def sensors_table(settings: AgentSettings) -> Table:
     try:
         with SampleStore(path, readonly=True) as store:
             reports = store.health()
+    except StoreNotReadyError:
+        table = Table(title="sensors")
+        table.add_column("sample store")
+        table.add_row(f"no samples yet: `midgate agent run` is creating {path}")
+        return table
     except (ProtocolError, sqlite3.Error) as exc:
         table = Table(title="sensors")
         table.add_column("sample store")
