@@ -43,15 +43,18 @@ from protocol.tasks.windows import save_window_file  # noqa: E402
 JOB = "bench-overhead"
 
 
-def timed_job(stack: MessagingStack, rounds: int) -> tuple[float, list[tuple[float, str]], int]:
-    """Run `job start` to its exit: (wall seconds, [(seconds since start, line)], exit code)."""
+def timed_job(stack: MessagingStack, rounds: int | None, job: str = JOB) -> tuple[float, list[tuple[float, str]], int]:
+    """Run `job start` to its exit with only a task, the buyer's validation windows (PLAID's test split) and, unless
+    None (the task's recipe), `--rounds`: (wall seconds, [(seconds since start, line)], exit code)."""
     validation = stack.root / "validation.npz"
     save_window_file(validation, plaid_windows("test"))
     argv = [
-        PYTHON, "-c", "from midgate_cli import app; app()", "coordinator", "job", "start", JOB,
-        "--config", str(stack.config), "--task", "plaid-appliance@1", "--rounds", str(rounds),
+        PYTHON, "-c", "from midgate_cli import app; app()", "coordinator", "job", "start", job,
+        "--config", str(stack.config), "--task", "plaid-appliance@1",
         "--validation", str(validation), "--purpose", "research", "--buyer", "acme",
     ]  # fmt: skip
+    if rounds is not None:
+        argv += ["--rounds", str(rounds)]
     started = time.monotonic()
     lines: list[tuple[float, str]] = []
     with subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
