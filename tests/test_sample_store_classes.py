@@ -46,9 +46,9 @@ def test_data_whose_classes_the_task_lacks_or_that_has_no_names_is_refused(tmp_p
         store.write([Sample("bare", 0, (1.0,), label=0)])
         with pytest.raises(MissingInputsError, match="no class names"):
             store.windows(WindowSpec("bare", ("power_w",), 1, labelled=True, classes=("kettle",)))
-        fitting, misfits = store.fitting_sensors(("power_w",), ("kettle", "toaster", "fan"))
+        fitting, misfits = store.fitting_sensors(WindowSpec("", ("power_w",), 1, classes=("kettle", "toaster", "fan")))
         assert fitting == ["meter"] and misfits == {"bare": "its labels have no class names"}
-        fitting, misfits = store.fitting_sensors(("voltage_v",), None)
+        fitting, misfits = store.fitting_sensors(WindowSpec("", ("voltage_v",), 1))
         assert fitting == [] and set(misfits) == {"meter", "bare"} and "lack ['voltage_v']" in misfits["meter"]
 
 
@@ -121,7 +121,7 @@ def test_a_schema_1_store_is_upgraded_in_place_and_keeps_every_sample(tmp_path: 
             store.windows(WindowSpec("meter", ("power_w",), 5, labelled=True, classes=("kettle",)))
         store.register("meter", METER, ("kettle",))
         store.write([Sample("meter", 100, (1.0,), label=0)])
-        assert store.get_meta("schema") == "2"
+        assert store.get_meta("schema") == "3"
     check = sqlite3.connect(path)
     assert check.execute("PRAGMA foreign_key_check").fetchall() == []
     assert check.execute("PRAGMA integrity_check").fetchone() == ("ok",)
