@@ -125,8 +125,8 @@ class WindowSource:
         """Cut `task`'s windows from the store's best fitting sensor (the one giving the most windows) into `path`.
 
         Raises MissingInputsError (no sensor has the task's inputs, units, sources and class names; its details say
-        why, per sensor, or that there is no store), TooFewWindowsError (fewer than `min_windows`). Blocking: run it in a
-        worker thread."""
+        why, per sensor, or that there is no store), TooFewWindowsError (fewer than `min_windows`). Blocking: run it
+        in a worker thread."""
         if not self.store_path.is_file():
             raise MissingInputsError("no sample store", path=str(self.store_path), task=task.key)
         inputs = window_spec_for(task, "")
