@@ -19,7 +19,7 @@ from typing import Annotated, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
-from protocol.errors import MalformedError, TooLargeError
+from protocol.errors import MalformedError, Reason, TooLargeError
 from protocol.messages import WireMessage
 from protocol.tasks.schedule import LrSchedule
 
@@ -257,7 +257,9 @@ REGISTRY: dict[tuple[str, int], TaskSpec] = {
 
 
 class UnknownTaskError(MalformedError):
-    """A job names a task id or version that is not in the registry."""
+    """A job names a task id or version that is not in the registry (or the MID's catalogue)."""
+
+    reason = Reason.UNKNOWN_TASK
 
 
 def get_task(task_id: str, version: int) -> TaskSpec:
@@ -267,4 +269,31 @@ def get_task(task_id: str, version: int) -> TaskSpec:
         raise UnknownTaskError(
             "unknown task", task_id=task_id, version=version, known=sorted(s.key for s in REGISTRY.values())
         )
+    return spec
+
+
+def task_file(folder: Path, task_id: str, version: int) -> Path:
+    """Where a verified spec is handed to the Flower process that trains or aggregates it (`load_task`)."""
+    return folder / f"{task_id}@{version}.json"
+
+
+def write_task_file(folder: Path, spec: TaskSpec) -> Path:
+    """Write `spec` (already verified by the caller) into `folder` for `load_task`, atomically."""
+    path = task_file(folder, spec.id, spec.version)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(spec.canonical_json())
+    tmp.replace(path)
+    return path
+
+
+def load_task(folder: Path, task_id: str, version: int) -> TaskSpec:
+    """The spec of task_id@version that the process which started this one verified and wrote into `folder` (the
+    agent for a device's ClientApp, `job start` for the ServerApp), else the built-in one (UnknownTaskError if none)."""
+    try:
+        data = task_file(folder, task_id, version).read_bytes()
+    except FileNotFoundError:
+        return get_task(task_id, version)
+    spec = parse_task_spec(data)
+    if (spec.id, spec.version) != (task_id, version):
+        raise MalformedError("task file holds another task", expected=f"{task_id}@{version}", found=spec.key)
     return spec
