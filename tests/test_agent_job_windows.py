@@ -6,6 +6,8 @@ task's inputs, or with too few windows, declines the job with its reason. The Su
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
 import secrets
 import time
@@ -20,6 +22,7 @@ from test_agent_member_controls import _membership
 import edge.agent.job_node as job_node_module
 from edge.agent.controls.decisions import DeclineReason
 from edge.agent.job_node import WINDOW_FILE, JobNode
+from edge.agent.ledger_client import ProofUnavailableError, RefusedByMidError
 from edge.federated.supernode import SuperNodeProcess
 from edge.sensors.export import WindowSource
 from edge.sensors.plaid import PLAID_CLASSES, load_plaid, plaid_files
@@ -30,7 +33,17 @@ from edge.sensors.store import SampleStore, write_all
 from edge.sensors.tsfile import read_ts
 from protocol.identity import SignerKey
 from protocol.messages import RoundInvitation
-from protocol.tasks.spec import PLAID_APPLIANCE, REGISTRY, ModelFamily, ModelSpec, TaskKind, TaskSpec, get_task
+from protocol.tasks.signed import seal_task_spec
+from protocol.tasks.spec import (
+    PLAID_APPLIANCE,
+    REGISTRY,
+    ModelFamily,
+    ModelSpec,
+    TaskKind,
+    TaskSpec,
+    get_task,
+    load_task,
+)
 from protocol.tasks.windows import load_window_file
 
 RECORDINGS = 30
@@ -199,3 +212,72 @@ def test_too_few_windows_and_an_unknown_task_decline(node: tuple[JobNode, Signer
     assert agent.job is None and StandInSupervisor.started == []
     assert agent.data_declines == {DeclineReason.TOO_FEW_WINDOWS: 1, DeclineReason.UNKNOWN_TASK: 1}
     assert "found=3, needed=5" in str(agent._unfit["job-6"])
+
+
+def signed_by(key: SignerKey, spec: TaskSpec) -> Callable[[str, int], bytes]:
+    """A MID answering `GET /v1/tasks/...` with `spec` sealed by `key`."""
+    return lambda task_id, version: seal_task_spec(spec, key)
+
+
+def test_a_task_spec_the_mid_signed_is_fetched_verified_and_handed_to_the_clientapp(
+    node: tuple[JobNode, SignerKey],
+) -> None:
+    agent, mid_key = node
+    spec = PLAID_APPLIANCE.model_copy(
+        update={"id": "appliance-mlp", "model": ModelSpec(family=ModelFamily.MLP_CLASSIFIER, hidden=8)}
+    )
+    agent.task_specs = signed_by(mid_key, spec)
+    plaid_store(agent.windows.store_path)
+    invite(agent, mid_key, "job-8", "appliance-mlp@1")
+    path = job_windows(agent, "job-8")
+    assert load_task(path.parent, "appliance-mlp", 1) == spec
+    assert load_window_file(path, spec).x.shape == (RECORDINGS, 1, 128)
+
+
+@pytest.mark.parametrize("attack", ["unsigned", "tampered", "changed-built-in"])
+def test_a_spec_not_signed_by_the_mid_or_tampered_is_refused_and_nothing_runs(
+    node: tuple[JobNode, SignerKey], attack: str
+) -> None:
+    agent, mid_key = node
+    plaid_store(agent.windows.store_path)
+    if attack == "unsigned":  # signed, but by another key than the MID's (a buyer's, another MID's)
+        agent.task_specs = signed_by(SignerKey.generate("acme"), PLAID_APPLIANCE)
+        expected = "unknown_key"
+    elif attack == "tampered":
+        genuine = json.loads(seal_task_spec(PLAID_APPLIANCE, mid_key))
+        payload = base64.b64decode(genuine["payload"]).replace(b'"hidden":64', b'"hidden":65')
+        genuine["payload"] = base64.b64encode(payload).decode()
+        agent.task_specs = lambda task_id, version: json.dumps(genuine).encode()
+        expected = "bad_signature"
+    else:  # the MID's own signature over other contents under a built-in's id@version
+        changed = PLAID_APPLIANCE.model_copy(
+            update={"model": ModelSpec(family=ModelFamily.CONV1D_CLASSIFIER, hidden=32)}
+        )
+        agent.task_specs = signed_by(mid_key, changed)
+        expected = "differs from the published one"
+    invite(agent, mid_key, "job-9", "plaid-appliance@1")
+    assert agent.job is None and StandInSupervisor.started == []
+    assert agent.data_declines == {DeclineReason.TASK_SPEC_REFUSED: 1}
+    assert expected in str(agent._unfit["job-9"])
+    assert not (agent.membership.directory / "jobs" / "job-9" / WINDOW_FILE).exists()
+
+
+def test_a_task_the_mid_does_not_have_is_declined_and_an_unreachable_mid_leaves_the_built_ins(
+    node: tuple[JobNode, SignerKey],
+) -> None:
+    agent, mid_key = node
+    plaid_store(agent.windows.store_path)
+
+    def unknown(task_id: str, version: int) -> bytes:
+        raise RefusedByMidError(404, "unknown_task", "unknown task")
+
+    def unreachable(task_id: str, version: int) -> bytes:
+        raise ProofUnavailableError("connection refused")
+
+    agent.task_specs = unknown
+    invite(agent, mid_key, "job-10", "vibration-fault@1")
+    agent.task_specs = unreachable
+    invite(agent, mid_key, "job-11", "vibration-fault@1")
+    assert agent.data_declines == {DeclineReason.UNKNOWN_TASK: 2}
+    invite(agent, mid_key, "job-12", "plaid-appliance@1")
+    assert agent.job is not None and agent.job.job_id == "job-12"
