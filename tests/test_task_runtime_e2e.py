@@ -23,6 +23,7 @@ from fl_stack import (
     stopping_federation,
 )
 from mqtt_fixtures import MessagingStack, wait_until
+from test_task_specs import VIBRATION
 
 from protocol.tasks.spec import parse_task_spec
 from protocol.tasks.windows import WindowSet, window_fingerprint
@@ -30,20 +31,7 @@ from protocol.tasks.windows import WindowSet, window_fingerprint
 pytest_plugins = ["mqtt_fixtures"]
 
 JOB = "job-vibration"
-SPEC = {
-    "id": "vibration-fault",
-    "version": 1,
-    "kind": "classification",
-    "description": "Bearing state from two accelerometer axes (synthetic).",
-    "inputs": [
-        {"name": "accel_x", "unit": "g", "sources": ["vibration-rig"]},
-        {"name": "accel_y", "unit": "g", "sources": ["vibration-rig"]},
-    ],
-    "window_length": 16,
-    "labels": ["healthy", "worn"],
-    "model": {"family": "mlp-classifier", "hidden": 8},
-    "recipe": {"rounds": 2, "batch_size": 8, "lr": 0.01},
-}
+SPEC = VIBRATION  # two accelerometer axes in g from a "vibration-rig", healthy/worn, the MLP family, 2 rounds
 WINDOWS_PER_CLASS = 20
 
 
