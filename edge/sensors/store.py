@@ -96,8 +96,10 @@ ALTER TABLE sensors_v2 RENAME TO sensors;
 UPDATE meta SET value = '2' WHERE key = 'schema';
 """
 
-# Schema 2 had no sources; the same rebuild widens the UNIQUE constraint. Old versions get source '' (unknown): their
-# data can no longer train a task, whose inputs always name their sources.
+# Schema 2 had no sources; the same rebuild widens the UNIQUE constraint. A sensor the daemon last ran as a live
+# driver (`sensor_health.driver` simulated, linux or bme280: each has one fixed source) gets that source; the others
+# (replays: a PLAID replay and any other univariate file look alike) get '' (unknown), so their data no longer trains
+# a task, whose inputs always name their sources, until it is recorded again.
 _MIGRATE_FROM_2 = """
 CREATE TABLE sensors_v3(
     id INTEGER PRIMARY KEY,
@@ -111,6 +113,10 @@ INSERT INTO sensors_v3(id, name, channels, classes) SELECT id, name, channels, c
 DROP TABLE sensors;
 ALTER TABLE sensors_v3 RENAME TO sensors;
 UPDATE meta SET value = '3' WHERE key = 'schema';
+"""
+_LIVE_SOURCES_FROM_HEALTH = """
+UPDATE sensors SET source = coalesce((SELECT driver FROM sensor_health h WHERE h.name = sensors.name
+    AND h.driver IN ('simulated', 'linux', 'bme280')), '');
 """
 
 
@@ -263,6 +269,9 @@ class SampleStore:
         if version in ("1", "2"):
             self._db.execute("PRAGMA foreign_keys=OFF")  # the rebuild drops the table samples refer to
             steps = (_MIGRATE_FROM_1 if version == "1" else "") + _MIGRATE_FROM_2
+            health = "SELECT 1 FROM sqlite_master WHERE type='table' AND name='sensor_health'"
+            if self._db.execute(health).fetchone():
+                steps += _LIVE_SOURCES_FROM_HEALTH
             self._db.executescript("BEGIN IMMEDIATE;" + steps + "COMMIT;")
         self._db.execute("PRAGMA foreign_keys=ON")
         # One transaction: a reader (`agent status`) sees no schema or the whole one with its version, never tables
