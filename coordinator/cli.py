@@ -10,6 +10,7 @@ import typer
 
 from coordinator.federation.job_cli import app as job_app
 from coordinator.royalties.cli import app as royalties_app
+from coordinator.tasks.cli import app as task_app
 
 if TYPE_CHECKING:
     from coordinator.config import CoordinatorSettings
@@ -26,6 +27,8 @@ TlsOption = typer.Option(True, help="write a TLS listener with the MID's own CA"
 app.add_typer(royalties_app, name="royalties")
 # Training jobs on the MID's SuperLink: `job start`, `job list`, `job show`.
 app.add_typer(job_app, name="job")
+# Task specs the MID signs and serves: `task add`, `task list`, `task show`.
+app.add_typer(task_app, name="task")
 
 
 # Imports live inside the commands: every `midgate` invocation (the agent's too) imports this module.

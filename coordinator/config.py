@@ -340,6 +340,11 @@ class CoordinatorSettings(RoleSettings):
         return self.data_dir / "registry.sqlite"
 
     @property
+    def tasks_path(self) -> Path:
+        """The task catalogue (coordinator.tasks): the specs the operator approved, signed with the MID key."""
+        return self.data_dir / "tasks.sqlite"
+
+    @property
     def ingest_path(self) -> Path:
         return self.data_dir / "ingest.sqlite"
 

@@ -26,6 +26,7 @@ HTTP_STATUS: dict[Reason, int] = {
     Reason.REPLAYED: 409,
     Reason.POLICY_VIOLATION: 422,
     Reason.UNKNOWN_MODEL: 404,
+    Reason.UNKNOWN_TASK: 404,
     Reason.REVOKED_KEY: 403,
     Reason.STALE_REQUEST: 403,
     Reason.INCONSISTENT: 409,

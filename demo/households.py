@@ -60,7 +60,7 @@ def slices(names: list[str], riders: set[str], seed: int) -> dict[str, list[int]
 def replay_household(name: str, series: list[int], store_path: Path, free_rider: bool) -> Household:
     sensor = plaid_replay(SENSOR, split="train", series=series, loop=False)
     with SampleStore(store_path) as store:
-        store.register(sensor.name, sensor.channels, sensor.class_names)
+        store.register(sensor.name, sensor.channels, sensor.class_names, sensor.source)
         written = write_all(store, sensor.samples(REPLAY_START_MS))
         windows = store.windows(window_spec_for(PLAID_APPLIANCE, SENSOR))
     return Household(name, free_rider, store_path, written, windows, task_window_set(PLAID_APPLIANCE, windows))

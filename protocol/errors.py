@@ -45,6 +45,7 @@ class Reason(StrEnum):
     UPDATE_DROPPED = "update_dropped"
     WRONG_ROUND_NONCE = "wrong_round_nonce"
     UNKNOWN_MODEL = "unknown_model"
+    UNKNOWN_TASK = "unknown_task"
     STALE_REQUEST = "stale_request"
 
 

@@ -31,7 +31,7 @@ from edge.agent.enrolment import enrol
 from edge.agent.membership import MembershipRecord
 from protocol.envelope import peek_envelope
 from protocol.messages import ContributionReport
-from protocol.tasks.windows import save_window_file
+from protocol.tasks.windows import WindowSet, save_window_file
 
 PlaidAgent = tuple[AgentHandle, MembershipRecord]
 
@@ -93,9 +93,17 @@ def enrol_plaid_agent(
     spool_poll_s: how often its agent reads the ClientApp's records from its spool (agent_toml's 0.05 s by default).
     extra: more agent.toml settings, one `key = value` a line.
     """
+    return enrol_agent(stack, name, workdir, plaid_sensor_toml(series), spool_poll_s, extra)
+
+
+def enrol_agent(
+    stack: MessagingStack, name: str, workdir: Path, sensors: str, spool_poll_s: float = 0.05, extra: str = ""
+) -> PlaidAgent:
+    """Enrols one device over HTTP whose agent.toml has the `[[sensors]]` tables `sensors`; returns its handle (not
+    started) and record. spool_poll_s, extra: as for enrol_plaid_agent."""
     handle = AgentHandle(name, workdir)
     # Top-level keys before the [[sensors]] table, or TOML files them under it.
-    toml = agent_toml(handle.data_dir, f"{extra}\n{plaid_sensor_toml(series)}")
+    toml = agent_toml(handle.data_dir, f"{extra}\n{sensors}")
     handle.config.write_text(toml.replace("spool_poll_s = 0.05", f"spool_poll_s = {spool_poll_s}"))
     record = enrol(AgentSettings.load(handle.config), f"http://127.0.0.1:{stack.http_port}", stack.invite(name))
     assert record.flower_node_id != 0
@@ -147,20 +155,29 @@ class Teardown:
     below: list[int] = field(default_factory=list)
 
 
-def start_job(stack: MessagingStack, teardown: Teardown, job_id: str, rounds: int, *options: str) -> ServiceProcess:
-    """Starts the MID operator's `coordinator job start` for every enrolled device with a Flower node ("all online"),
-    PLAID's test windows as validation; it invites them, runs the job on serve's SuperLink and re-invites while it
-    runs.
+def start_job(
+    stack: MessagingStack,
+    teardown: Teardown,
+    job_id: str,
+    rounds: int,
+    *options: str,
+    task: str = "plaid-appliance@1",
+    validation_set: WindowSet | None = None,
+) -> ServiceProcess:
+    """Starts the MID operator's `coordinator job start` for every enrolled device with a Flower node ("all online");
+    it invites them, runs the job on serve's SuperLink and re-invites while it runs.
 
     teardown: stops the job when the test ends.
     options: more `job start` options, e.g. "--drift-correction", "1.0".
+    task: the task's id@version (default plaid-appliance@1).
+    validation_set: the buyer's validation windows (default PLAID's test windows).
     """
     validation = stack.root / "validation.npz"
-    save_window_file(validation, plaid_windows("test"))
+    save_window_file(validation, plaid_windows("test") if validation_set is None else validation_set)
     job = ServiceProcess(
         "job",
         [
-            "coordinator", "job", "start", job_id, "--config", str(stack.config), "--task", "plaid-appliance@1",
+            "coordinator", "job", "start", job_id, "--config", str(stack.config), "--task", task,
             "--rounds", str(rounds), "--validation", str(validation), "--purpose", "research", "--buyer", "acme",
             *options,
         ],

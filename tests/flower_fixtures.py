@@ -77,7 +77,7 @@ def plaid_store_windows(directory: Path, series: np.ndarray) -> WindowSet:
     directory.mkdir(parents=True, exist_ok=True)
     sensor = plaid_replay(split="train", series=[int(i) for i in series], loop=False)
     with SampleStore(directory / "samples.db") as store:
-        store.register(sensor.name, sensor.channels, sensor.class_names)
+        store.register(sensor.name, sensor.channels, sensor.class_names, sensor.source)
         write_all(store, sensor.samples(1_795_000_000_000))
         window_set, _ = export_task_windows(
             store, get_task("plaid-appliance", 1), sensor.name, directory / "export.npz"

@@ -6,6 +6,8 @@ task's inputs, or with too few windows, declines the job with its reason. The Su
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
 import secrets
 import time
@@ -20,17 +22,28 @@ from test_agent_member_controls import _membership
 import edge.agent.job_node as job_node_module
 from edge.agent.controls.decisions import DeclineReason
 from edge.agent.job_node import WINDOW_FILE, JobNode
+from edge.agent.ledger_client import ProofUnavailableError, RefusedByMidError
 from edge.federated.supernode import SuperNodeProcess
 from edge.sensors.export import WindowSource
 from edge.sensors.plaid import PLAID_CLASSES, load_plaid, plaid_files
-from edge.sensors.replay import plaid_replay
+from edge.sensors.replay import TsReplaySensor, plaid_replay
 from edge.sensors.sample import ChannelSpec
 from edge.sensors.simulated import SimulatedEnvironmentSensor
 from edge.sensors.store import SampleStore, write_all
 from edge.sensors.tsfile import read_ts
 from protocol.identity import SignerKey
 from protocol.messages import RoundInvitation
-from protocol.tasks.spec import PLAID_APPLIANCE, REGISTRY, TaskKind, TaskSpec, get_task
+from protocol.tasks.signed import seal_task_spec
+from protocol.tasks.spec import (
+    PLAID_APPLIANCE,
+    REGISTRY,
+    ModelFamily,
+    ModelSpec,
+    TaskKind,
+    TaskSpec,
+    get_task,
+    load_task,
+)
 from protocol.tasks.windows import load_window_file
 
 RECORDINGS = 30
@@ -81,7 +94,7 @@ def invite(node: JobNode, mid_key: SignerKey, job: str, task: str) -> None:
 def plaid_store(path: Path, recordings: int = RECORDINGS) -> None:
     sensor = plaid_replay(split="train", series=range(recordings), loop=False)
     with SampleStore(path) as store:
-        store.register(sensor.name, sensor.channels, sensor.class_names)
+        store.register(sensor.name, sensor.channels, sensor.class_names, sensor.source)
         write_all(store, sensor.samples(1_790_000_000_000))
 
 
@@ -111,12 +124,12 @@ def test_a_sliding_task_gets_sliding_windows_labelled_by_class_name(
         id="appliance-sliding",
         version=1,
         kind=TaskKind.CLASSIFICATION,
-        features=("current",),
+        inputs=PLAID_APPLIANCE.inputs,
         window_length=32,
         labels=tuple(reversed(PLAID_CLASSES)),
         window_mode="sliding",
         window_stride=16,
-        hidden=8,
+        model=ModelSpec(family=ModelFamily.CONV1D_CLASSIFIER, hidden=8),
     )
     monkeypatch.setitem(REGISTRY, (spec.id, spec.version), spec)
     agent, mid_key = node
@@ -136,7 +149,7 @@ def test_a_forecast_task_is_cut_from_the_sensor_that_has_its_features(node: tupl
     plaid_store(agent.windows.store_path)  # a second sensor that does not fit: it is passed over
     env = SimulatedEnvironmentSensor("env", device="a", dropout=0)
     with SampleStore(agent.windows.store_path) as store:
-        store.register("env", env.channels)
+        store.register("env", env.channels, source=env.source)
         write_all(store, (env.read(t) for t in range(0, 660_000, 1000)))
     invite(agent, mid_key, "job-3", "env-forecast@1")
     cut = load_window_file(job_windows(agent, "job-3"), get_task("env-forecast", 1))
@@ -161,12 +174,34 @@ def test_a_store_without_the_tasks_inputs_declines_with_the_reason(
 def test_labels_named_otherwise_than_the_tasks_classes_decline(node: tuple[JobNode, SignerKey]) -> None:
     agent, mid_key = node
     with SampleStore(agent.windows.store_path) as store:
-        store.register("meter", (ChannelSpec("current", "A"),), ("kettle", "toaster"))
-        store.register("bare", (ChannelSpec("current", "A"),))
+        store.register("meter", (ChannelSpec("current", "A"),), ("kettle", "toaster"), source="plaid")
+        store.register("bare", (ChannelSpec("current", "A"),), source="plaid")
     invite(agent, mid_key, "job-5", "plaid-appliance@1")
     assert agent.job is None and agent.data_declines == {DeclineReason.NO_FITTING_DATA: 1}
     assert "no_fitting_data" in str(agent._unfit["job-5"])
     assert "are not the task's" in str(agent._unfit["job-5"]) and "no class names" in str(agent._unfit["job-5"])
+
+
+def test_a_series_of_another_origin_is_refused_not_trained_as_appliances(
+    node: tuple[JobNode, SignerKey], tmp_path: Path
+) -> None:
+    """A univariate recording of anything is named "current" by the replay, and even with PLAID's class names it
+    is not PLAID: the task takes only its declared sources and units, and says why it refused."""
+    agent, mid_key = node
+    foreign = TsReplaySensor("vibration", plaid_files("train"), series=range(RECORDINGS), loop=False)
+    assert foreign.channels == (ChannelSpec("current", ""),) and foreign.source == "replay"
+    wrong_unit = TsReplaySensor(
+        "amps", plaid_files("train"), series=range(RECORDINGS), loop=False, channel_units=("mA",), source="plaid"
+    )
+    with SampleStore(agent.windows.store_path) as store:
+        for sensor in (foreign, wrong_unit):
+            store.register(sensor.name, sensor.channels, PLAID_CLASSES, sensor.source)
+            write_all(store, sensor.samples(1_795_000_000_000))
+    invite(agent, mid_key, "job-7", "plaid-appliance@1")
+    assert agent.job is None and agent.data_declines == {DeclineReason.NO_FITTING_DATA: 1}
+    why = str(agent._unfit["job-7"])
+    assert "source 'replay' is not one of ['plaid']" in why and "current in 'mA', not 'A'" in why
+    assert not (agent.membership.directory / "jobs" / "job-7" / WINDOW_FILE).exists()
 
 
 def test_too_few_windows_and_an_unknown_task_decline(node: tuple[JobNode, SignerKey]) -> None:
@@ -177,3 +212,72 @@ def test_too_few_windows_and_an_unknown_task_decline(node: tuple[JobNode, Signer
     assert agent.job is None and StandInSupervisor.started == []
     assert agent.data_declines == {DeclineReason.TOO_FEW_WINDOWS: 1, DeclineReason.UNKNOWN_TASK: 1}
     assert "found=3, needed=5" in str(agent._unfit["job-6"])
+
+
+def signed_by(key: SignerKey, spec: TaskSpec) -> Callable[[str, int], bytes]:
+    """A MID answering `GET /v1/tasks/...` with `spec` sealed by `key`."""
+    return lambda task_id, version: seal_task_spec(spec, key)
+
+
+def test_a_task_spec_the_mid_signed_is_fetched_verified_and_handed_to_the_clientapp(
+    node: tuple[JobNode, SignerKey],
+) -> None:
+    agent, mid_key = node
+    spec = PLAID_APPLIANCE.model_copy(
+        update={"id": "appliance-mlp", "model": ModelSpec(family=ModelFamily.MLP_CLASSIFIER, hidden=8)}
+    )
+    agent.task_specs = signed_by(mid_key, spec)
+    plaid_store(agent.windows.store_path)
+    invite(agent, mid_key, "job-8", "appliance-mlp@1")
+    path = job_windows(agent, "job-8")
+    assert load_task(path.parent, "appliance-mlp", 1) == spec
+    assert load_window_file(path, spec).x.shape == (RECORDINGS, 1, 128)
+
+
+@pytest.mark.parametrize("attack", ["unsigned", "tampered", "changed-built-in"])
+def test_a_spec_not_signed_by_the_mid_or_tampered_is_refused_and_nothing_runs(
+    node: tuple[JobNode, SignerKey], attack: str
+) -> None:
+    agent, mid_key = node
+    plaid_store(agent.windows.store_path)
+    if attack == "unsigned":  # signed, but by another key than the MID's (a buyer's, another MID's)
+        agent.task_specs = signed_by(SignerKey.generate("acme"), PLAID_APPLIANCE)
+        expected = "unknown_key"
+    elif attack == "tampered":
+        genuine = json.loads(seal_task_spec(PLAID_APPLIANCE, mid_key))
+        payload = base64.b64decode(genuine["payload"]).replace(b'"hidden":64', b'"hidden":65')
+        genuine["payload"] = base64.b64encode(payload).decode()
+        agent.task_specs = lambda task_id, version: json.dumps(genuine).encode()
+        expected = "bad_signature"
+    else:  # the MID's own signature over other contents under a built-in's id@version
+        changed = PLAID_APPLIANCE.model_copy(
+            update={"model": ModelSpec(family=ModelFamily.CONV1D_CLASSIFIER, hidden=32)}
+        )
+        agent.task_specs = signed_by(mid_key, changed)
+        expected = "differs from the published one"
+    invite(agent, mid_key, "job-9", "plaid-appliance@1")
+    assert agent.job is None and StandInSupervisor.started == []
+    assert agent.data_declines == {DeclineReason.TASK_SPEC_REFUSED: 1}
+    assert expected in str(agent._unfit["job-9"])
+    assert not (agent.membership.directory / "jobs" / "job-9" / WINDOW_FILE).exists()
+
+
+def test_a_task_the_mid_does_not_have_is_declined_and_an_unreachable_mid_leaves_the_built_ins(
+    node: tuple[JobNode, SignerKey],
+) -> None:
+    agent, mid_key = node
+    plaid_store(agent.windows.store_path)
+
+    def unknown(task_id: str, version: int) -> bytes:
+        raise RefusedByMidError(404, "unknown_task", "unknown task")
+
+    def unreachable(task_id: str, version: int) -> bytes:
+        raise ProofUnavailableError("connection refused")
+
+    agent.task_specs = unknown
+    invite(agent, mid_key, "job-10", "vibration-fault@1")
+    agent.task_specs = unreachable
+    invite(agent, mid_key, "job-11", "vibration-fault@1")
+    assert agent.data_declines == {DeclineReason.UNKNOWN_TASK: 2}
+    invite(agent, mid_key, "job-12", "plaid-appliance@1")
+    assert agent.job is not None and agent.job.job_id == "job-12"

@@ -3,6 +3,7 @@ a secret: the console script (midgate_cli.MidgateApp) run in-process as the memb
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -178,3 +179,34 @@ def test_a_bug_keeps_its_traceback_but_not_the_local_variables(
     with pytest.raises(RuntimeError, match="a bug near"):
         app(["coordinator", "devices"], prog_name="midgate")
     assert app.pretty_exceptions_show_locals is False
+
+
+def test_task_commands_approve_list_show_and_refuse_in_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, coordinator_config: Path
+) -> None:
+    from test_task_specs import VIBRATION
+
+    spec = tmp_path / "vibration.json"
+    spec.write_text(json.dumps(VIBRATION))
+    code, out, _ = _midgate(capsys, "coordinator", "task", "add", str(spec), "--config", str(coordinator_config))
+    assert code == 0 and out.startswith("added: vibration-fault@1  classification  mlp-classifier  accel_x[g]")
+    code, out, _ = _midgate(capsys, "coordinator", "task", "list", "--config", str(coordinator_config))
+    assert [line.split()[0] for line in out.splitlines()] == [
+        "env-forecast@1", "host-anomaly@1", "plaid-appliance@1", "vibration-fault@1"
+    ]  # fmt: skip
+    code, out, _ = _midgate(
+        capsys, "coordinator", "task", "show", "vibration-fault@1", "--config", str(coordinator_config)
+    )
+    assert code == 0 and json.loads(out)["model"] == {"family": "mlp-classifier", "hidden": 8}
+    spec.write_text(json.dumps({**VIBRATION, "description": "changed after publishing"}))
+    code, _, err = _midgate(capsys, "coordinator", "task", "add", str(spec), "--config", str(coordinator_config))
+    assert code == 2 and _one_line(err).startswith(
+        "task refused: policy_violation: a published task spec never changes"
+    )
+    spec.write_text(json.dumps({**VIBRATION, "model": {"family": "user-code", "hidden": 8}}))
+    code, _, err = _midgate(capsys, "coordinator", "task", "add", str(spec), "--config", str(coordinator_config))
+    assert code == 2 and _one_line(err).startswith("task refused: malformed: task spec does not match its schema")
+    code, _, err = _midgate(
+        capsys, "coordinator", "task", "show", "vibration-fault@2", "--config", str(coordinator_config)
+    )
+    assert code == 1 and _one_line(err).startswith("unknown_task: unknown task")

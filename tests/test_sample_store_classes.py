@@ -46,9 +46,9 @@ def test_data_whose_classes_the_task_lacks_or_that_has_no_names_is_refused(tmp_p
         store.write([Sample("bare", 0, (1.0,), label=0)])
         with pytest.raises(MissingInputsError, match="no class names"):
             store.windows(WindowSpec("bare", ("power_w",), 1, labelled=True, classes=("kettle",)))
-        fitting, misfits = store.fitting_sensors(("power_w",), ("kettle", "toaster", "fan"))
+        fitting, misfits = store.fitting_sensors(WindowSpec("", ("power_w",), 1, classes=("kettle", "toaster", "fan")))
         assert fitting == ["meter"] and misfits == {"bare": "its labels have no class names"}
-        fitting, misfits = store.fitting_sensors(("voltage_v",), None)
+        fitting, misfits = store.fitting_sensors(WindowSpec("", ("voltage_v",), 1))
         assert fitting == [] and set(misfits) == {"meter", "bare"} and "lack ['voltage_v']" in misfits["meter"]
 
 
@@ -121,10 +121,39 @@ def test_a_schema_1_store_is_upgraded_in_place_and_keeps_every_sample(tmp_path: 
             store.windows(WindowSpec("meter", ("power_w",), 5, labelled=True, classes=("kettle",)))
         store.register("meter", METER, ("kettle",))
         store.write([Sample("meter", 100, (1.0,), label=0)])
-        assert store.get_meta("schema") == "2"
+        assert store.get_meta("schema") == "3"
     check = sqlite3.connect(path)
     assert check.execute("PRAGMA foreign_key_check").fetchall() == []
     assert check.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     check.close()
     with SampleStore(path) as again:
         assert again.count() == 11
+
+
+def test_a_schema_2_store_gets_sources_only_where_its_driver_proves_them(tmp_path: Path) -> None:
+    """Schema 2 kept no sources: a live driver's sensor gets its driver's (one fixed source), a replay's stays
+    unknown (a PLAID replay and any univariate file look alike), so old replayed data trains no task until reloaded."""
+    path = tmp_path / "v2.db"
+    with SampleStore(path) as store:
+        store.register("env", (ChannelSpec("temperature_c", "°C"),), source="simulated")
+        store.register("plaid", (ChannelSpec("current", "A"),), ("kettle", "toaster"), source="plaid")
+        store.write([Sample("env", 0, (20.0,)), Sample("plaid", 0, (1.0,), label=0)])
+        store.save_health(
+            [SensorHealth("env", "simulated", "sampling", 1000.0), SensorHealth("plaid", "replay", "loaded", 10.0)]
+        )
+    db = sqlite3.connect(path)  # back to schema 2: the sensors table without its source column
+    db.executescript(
+        "PRAGMA foreign_keys=OFF; BEGIN;"
+        "CREATE TABLE s2(id INTEGER PRIMARY KEY, name TEXT NOT NULL, channels TEXT NOT NULL,"
+        " classes TEXT NOT NULL DEFAULT '[]', UNIQUE(name, channels, classes));"
+        "INSERT INTO s2 SELECT id, name, channels, classes FROM sensors; DROP TABLE sensors;"
+        "ALTER TABLE s2 RENAME TO sensors; UPDATE meta SET value='2' WHERE key='schema'; COMMIT;"
+    )
+    db.close()
+    with SampleStore(path) as store:
+        assert store.get_meta("schema") == "3" and store.count() == 2
+        sources = ("simulated", "plaid")
+        fitting, misfits = store.fitting_sensors(WindowSpec("", ("temperature_c",), 1, sources=sources))
+        assert fitting == ["env"]
+        fitting, misfits = store.fitting_sensors(WindowSpec("", ("current",), 1, sources=sources))
+        assert fitting == [] and misfits["plaid"] == "source 'unknown' is not one of ['simulated', 'plaid']"

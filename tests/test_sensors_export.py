@@ -19,7 +19,7 @@ from protocol.tasks.windows import load_window_file
 def test_plaid_task_file_loads_with_the_task_checks_and_keeps_the_data_sets_labels(tmp_path: Path) -> None:
     sensor = plaid_replay(split="test")
     with SampleStore(tmp_path / "d.db") as store:
-        store.register(sensor.name, sensor.channels, sensor.class_names)
+        store.register(sensor.name, sensor.channels, sensor.class_names, sensor.source)
         write_all(store, sensor.samples(0))
         window_set, windows = export_task_windows(store, PLAID_APPLIANCE, "plaid", tmp_path / "plaid.npz")
     loaded = load_window_file(tmp_path / "plaid.npz", PLAID_APPLIANCE)
@@ -43,7 +43,7 @@ def test_forecast_targets_are_the_next_sample(tmp_path: Path) -> None:
         ChannelSpec("pressure_hpa", "hPa"),
     )
     with SampleStore(tmp_path / "d.db") as store:
-        store.register("bme", channels)
+        store.register("bme", channels, source="bme280")
         store.write([Sample("bme", t, env.read(t).values[:3]) for t in range(0, 330_000, 1000)])
         window_set, _ = export_task_windows(store, ENV_FORECAST, "bme", tmp_path / "env.npz")
     assert window_set.x.shape == (10, 3, 32)  # 330 samples -> 10 windows of 33 (32 inputs + 1 target)

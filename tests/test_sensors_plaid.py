@@ -57,7 +57,7 @@ def test_plaid_series_have_varying_lengths_so_windows_must_be_resampled() -> Non
 def test_store_windows_from_replayed_plaid_match_the_data_set(tmp_path: Path) -> None:
     sensor = plaid_replay(split="train")
     with SampleStore(tmp_path / "device.db") as store:
-        store.register(sensor.name, sensor.channels, sensor.class_names)
+        store.register(sensor.name, sensor.channels, sensor.class_names, sensor.source)
         write_all(store, sensor.samples(1_764_000_000_000))
         windows = store.windows(WindowSpec("plaid", ("current",), 128, mode="segment", labelled=True))
     expected = plaid_class_counts("train")
@@ -73,7 +73,7 @@ def test_store_windows_from_replayed_plaid_match_the_data_set(tmp_path: Path) ->
 def test_a_replay_slice_plays_only_the_chosen_appliances(tmp_path: Path) -> None:
     sensor = plaid_replay(split="test", classes=["fridge", "heater"])
     with SampleStore(tmp_path / "household.db") as store:
-        store.register(sensor.name, sensor.channels, sensor.class_names)
+        store.register(sensor.name, sensor.channels, sensor.class_names, sensor.source)
         write_all(store, sensor.samples(0))
         windows = store.windows(WindowSpec("plaid", ("current",), 128, mode="segment", labelled=True))
     counts = plaid_class_counts("test")

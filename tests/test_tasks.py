@@ -36,7 +36,7 @@ def test_registry_has_the_three_required_tasks() -> None:
 def test_unknown_task_is_a_typed_error(task_id: str, version: int) -> None:
     with pytest.raises(UnknownTaskError) as err:
         get_task(task_id, version)
-    assert err.value.reason is Reason.MALFORMED
+    assert err.value.reason is Reason.UNKNOWN_TASK
     assert err.value.details["task_id"] == task_id
 
 

@@ -97,3 +97,52 @@ def report_revenue(
         typer.echo(f"unreachable: {coordinator}: {error}", err=True)
         raise typer.Exit(1) from None
     typer.echo(body.decode())
+
+
+MAX_TASK_LIST_BYTES = 8 * 1024 * 1024
+
+
+@app.command("tasks")
+def tasks(
+    coordinator: Annotated[str, typer.Option(help="the coordinator's base URL, e.g. https://mid.example")],
+    mid_key: Annotated[
+        str | None, typer.Option(help="the MID's verifier key: check every spec's signature against it")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the specs as JSON, one a line")] = False,
+    timeout_s: Annotated[float, typer.Option(help="HTTP timeout")] = 30.0,
+) -> None:
+    """The MID's tasks (public, read-only): id@version, kind, model family, inputs with units and sources."""
+    import urllib.request
+
+    from coordinator.tasks.http import TASKS_PATH
+    from protocol.errors import ProtocolError
+    from protocol.identity import VerifierKey
+    from protocol.tasks.signed import open_task_spec
+    from protocol.tasks.spec import TaskSpec
+
+    try:
+        with urllib.request.urlopen(coordinator.rstrip("/") + TASKS_PATH, timeout=timeout_s) as response:
+            listed = json.loads(response.read(MAX_TASK_LIST_BYTES))["tasks"]
+        key = VerifierKey.parse(mid_key) if mid_key is not None else None
+        specs: list[TaskSpec] = []
+        for entry in listed:
+            envelope = str(entry["envelope"]).encode()
+            if key is not None:
+                specs.append(open_task_spec(envelope, key))
+            else:
+                from protocol.envelope import peek_envelope
+                from protocol.tasks.spec import parse_task_spec
+
+                specs.append(parse_task_spec(peek_envelope(envelope)[1]))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        typer.echo(f"unreachable or not a task list: {coordinator}: {error}", err=True)
+        raise typer.Exit(1) from None
+    except ProtocolError as error:
+        typer.echo(f"refused: {error}", err=True)
+        raise typer.Exit(1) from None
+    for spec in specs:
+        if as_json:
+            typer.echo(spec.canonical_json().decode())
+            continue
+        inputs = ", ".join(f"{i.name}[{i.unit}] from {'|'.join(i.sources)}" for i in spec.inputs)
+        typer.echo(f"{spec.key}  {spec.kind}  {spec.model.family}  {inputs}  {spec.description}")

@@ -17,6 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from protocol.tasks.schedule import LrSchedule
 
+TASKS_DIR = "tasks"
+"""Under the run config's `output-dir`: the task specs `job start` took from the MID's catalogue (verified there), which
+the ServerApp builds its model from (protocol.tasks.spec.load_task)."""
+
 U64_MAX = (1 << 64) - 1
 
 

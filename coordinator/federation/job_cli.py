@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
     from coordinator.config import CoordinatorSettings
     from coordinator.federation.job_start import JobBook, JobRecord, JobRequest
+    from protocol.tasks.spec import TaskSpec
 
 app = typer.Typer(no_args_is_help=True, help="Training jobs on the MID's Flower SuperLink (`serve` runs it).")
 
@@ -88,11 +89,14 @@ def start(
 
     from coordinator.federation.flower_cli import FlowerCliError
     from coordinator.federation.job_start import JobRequest, JobRequestError
+    from protocol.errors import ProtocolError
     from protocol.settings import validation_problems
 
     console = Console(stderr=False, highlight=False, soft_wrap=True)  # a line a line, also in a log file
     task_id, _, version = task.partition("@")
+    settings = _settings(config)
     try:
+        spec = _catalogue_task(settings, task_id, version)
         request = JobRequest.model_validate(
             {
                 "job_id": job_id,
@@ -118,21 +122,21 @@ def start(
                 "tail_average": tail_average,
                 "attribution": attribution,
                 "lease_s": lease,
-            }
+            },
+            context={"task": spec},
         )
     except ValidationError as error:
         typer.echo(f"job refused: {validation_problems(error)}", err=True)
         raise typer.Exit(2) from None
-    except (ValueError, KeyError, LookupError) as error:
+    except (ValueError, KeyError, LookupError, ProtocolError) as error:
         typer.echo(f"job refused: {error}", err=True)
         raise typer.Exit(2) from None
-    settings = _settings(config)
     if not settings.federation.enabled:
         typer.echo("job refused: [federation] enabled = false in this coordinator's config", err=True)
         raise typer.Exit(2)
     ledger_size = _ledger_size(settings)
     try:
-        record = _run(settings, request, console)
+        record = _run(settings, request, spec, console)
     except (JobRequestError, FlowerCliError, OSError) as error:  # OSError: no broker, no MID CA yet
         typer.echo(f"job failed: {' '.join(str(error).split())}", err=True)  # flwr's output, on one line
         raise typer.Exit(1) from None
@@ -140,6 +144,17 @@ def start(
     if record.status in ("completed", "failed"):
         _print_logged(console, settings, record, ledger_size)
     raise typer.Exit(0 if record.status == "completed" else 1)
+
+
+def _catalogue_task(settings: CoordinatorSettings, task_id: str, version: str) -> TaskSpec | None:
+    """The job's spec from the MID's task catalogue (what devices will fetch); None when the version is not a number
+    (the request's validation says why). Raises UnknownTaskError naming the tasks the catalogue has."""
+    from coordinator.tasks.cli import open_catalogue
+
+    if not version.isdecimal():
+        return None
+    with open_catalogue(settings) as catalogue:
+        return catalogue.get(task_id, int(version)).spec
 
 
 def _ledger_size(settings: CoordinatorSettings) -> int:
@@ -253,7 +268,7 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _run(settings: CoordinatorSettings, request: JobRequest, console: Console) -> JobRecord:
+def _run(settings: CoordinatorSettings, request: JobRequest, spec: TaskSpec | None, console: Console) -> JobRecord:
     from coordinator.broker.logins import coordinator_password, coordinator_password_path
     from coordinator.federation.job_start import BrokerLogin, InvitationSender, JobRun
     from coordinator.federation.mid_superlink import job_flower_cli
@@ -285,6 +300,7 @@ def _run(settings: CoordinatorSettings, request: JobRequest, console: Console) -
                 report=lambda line: console.print(f"[cyan]{request.job_id}[/cyan] {line}"),
                 offline_after_s=s.ingest.heartbeat_offline_s,
                 flower_acceleration=s.federation.flower_acceleration,
+                task=spec,
             )
             with console.status(f"job {request.job_id}: {request.task_id}@{request.task_version}"):
                 return run.run()

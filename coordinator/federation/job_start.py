@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Literal, Self
 
 import aiomqtt
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 from coordinator.capture.directory import capture_summary_path, read_round_summary, read_validation
 from coordinator.federation.flower_cli import FlowerCli, FlowerCliError
-from coordinator.federation.job import JobOutcome
+from coordinator.federation.job import TASKS_DIR, JobOutcome
 from coordinator.registry.presence import absence, active_strikes
 from coordinator.registry.store import Registry
 from protocol.errors import ProtocolError
@@ -45,7 +45,7 @@ from protocol.identity import SignerKey
 from protocol.job_log import model_version
 from protocol.messages import RoundInvitation
 from protocol.tasks.schedule import LrSchedule
-from protocol.tasks.spec import get_task
+from protocol.tasks.spec import TaskSpec, get_task, write_task_file
 from protocol.topics import DownKind, down_topic
 
 APP_DIR = Path(__file__).resolve().parent / "app"
@@ -122,14 +122,24 @@ class JobRequest(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _task_recipe(cls, data: object) -> object:
+    def _task_recipe(cls, data: object, info: ValidationInfo) -> object:
+        """Fill what is not given from the task's recipe: the spec in the validation context's "task" (the MID's
+        catalogue's, `job start`), else the built-in one. A request read back with every field needs no spec."""
         if not isinstance(data, dict):
             return data
         given = {key: value for key, value in data.items() if value is not None}  # None: not given
+        if all(name in given for name in _RECIPE_FIELDS):
+            return given
+        task = (info.context or {}).get("task")
         try:
-            recipe = get_task(given.get("task_id"), given.get("task_version")).recipe  # type: ignore[arg-type]
+            if not isinstance(task, TaskSpec) or (task.id, task.version) != (
+                given.get("task_id"),
+                given.get("task_version"),
+            ):
+                task = get_task(given.get("task_id"), given.get("task_version"))  # type: ignore[arg-type]
         except ProtocolError as error:  # unknown task or version: pydantic reports ValueErrors only
             raise ValueError(str(error)) from None
+        recipe = task.recipe
         rounds = given.get("rounds", recipe.rounds)
         defaults: dict[str, object] = {
             "rounds": rounds,
@@ -192,6 +202,18 @@ class JobRequest(BaseModel):
     def wait_bound_s(self) -> float:
         """No wait is unbounded: the longest a healthy run of this job can take, with a margin."""
         return self.join_timeout_s + self.rounds * (self.round_timeout_s + self.join_timeout_s) + 300.0
+
+
+_RECIPE_FIELDS = (
+    "rounds",
+    "local_epochs",
+    "batch_size",
+    "lr",
+    "lr_schedule",
+    "server_momentum",
+    "drift_correction",
+    "tail_average",
+)
 
 
 def _positive(value: object) -> bool:
@@ -474,6 +496,8 @@ class JobRun:
     status_every_s: seconds between `flwr ls` calls while the run has no outcome yet (default 15): each is a fresh
         Python process costing about 1 s of CPU, taken from the job when the SuperLink shares the machine.
     flower_acceleration: the run's `flower-acceleration` (the MID's `[federation] flower_acceleration`; default True).
+    task: the job's spec from the MID's catalogue, handed to the ServerApp under `jobs_dir/tasks/`; default None: the
+        built-in spec the request names.
     """
 
     request: JobRequest
@@ -489,6 +513,7 @@ class JobRun:
     poll_s: float = 0.25
     status_every_s: float = 15.0
     flower_acceleration: bool = True
+    task: TaskSpec | None = None
     clock: Callable[[], float] = time.monotonic
     _started: float = field(default=0.0, init=False)
 
@@ -537,6 +562,9 @@ class JobRun:
             f" to join: {', '.join(d.device_id for d in selected)}"
         )
         run_config = request.run_config(record.selected_node_ids, self.jobs_dir, self.flower_acceleration)
+        if self.task is not None:
+            (self.jobs_dir / TASKS_DIR).mkdir(parents=True, exist_ok=True)
+            write_task_file(self.jobs_dir / TASKS_DIR, self.task)
         record.run_id = self.cli.submit_run(APP_DIR, run_config)
         record.status = "running"
         record.submitted_ms = _now_ms()

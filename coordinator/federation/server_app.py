@@ -29,7 +29,14 @@ from coordinator.attribution.valuation import ValuationSettings
 from coordinator.capture.directory import CaptureDirectory
 from coordinator.capture.round import UpdateSink
 from coordinator.federation.acceleration import GridAcceleration
-from coordinator.federation.job import JobOutcome, JobRunConfig, NodeDropRecord, NodeHistory, RoundAttribution
+from coordinator.federation.job import (
+    TASKS_DIR,
+    JobOutcome,
+    JobRunConfig,
+    NodeDropRecord,
+    NodeHistory,
+    RoundAttribution,
+)
 from coordinator.federation.strategy.drift_correction import DriftCorrection
 from coordinator.federation.strategy.participation import JobFailedError, Participation
 from coordinator.federation.strategy.selection import NodeSelection
@@ -37,7 +44,7 @@ from coordinator.federation.strategy.update_capture import UpdateCapture
 from coordinator.federation.strategy.weights import AggregationWeighting, RoundWeights
 from protocol.tasks.arrays import arrays_sha256
 from protocol.tasks.models import build_model, evaluate, load_arrays, model_arrays
-from protocol.tasks.spec import TaskSpec, get_task
+from protocol.tasks.spec import TaskSpec, load_task
 from protocol.tasks.windows import WindowSet, load_window_file
 
 app = ServerApp()
@@ -203,7 +210,7 @@ def run_job(grid: Grid, run_id: int, job: JobRunConfig, aggregate: Aggregator = 
     started = time.monotonic()
     out_dir = job.output_dir / f"run-{run_id}"
     capture = CaptureDirectory(out_dir)
-    spec = get_task(job.task_id, job.task_version)
+    spec = load_task(job.output_dir / TASKS_DIR, job.task_id, job.task_version)
     validation = load_window_file(job.validation_path, spec)
     sink: UpdateSink = capture
     attribution = None

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -41,6 +42,7 @@ from coordinator.registry.ledger_records import log_enrolments
 from coordinator.registry.store import Device, Registry
 from coordinator.royalties.statement_http import StatementDesk
 from coordinator.serve.http import HttpEndpoint, build_http_app
+from coordinator.tasks.catalogue import TaskCatalogue
 from protocol.enrolment import BrokerCredentials
 from protocol.identity import SignerKey
 from protocol.private_files import private_dir, private_file
@@ -56,8 +58,10 @@ class Storage:
     ledger: LedgerStore
     registry: Registry
     dedup: DedupIndex
+    tasks: TaskCatalogue
 
     def close(self) -> None:
+        self.tasks.close()
         self.dedup.close()
         self.registry.close()
         self.ledger.close()
@@ -69,7 +73,10 @@ def open_storage(settings: CoordinatorSettings) -> Storage:
     private_dir(settings.data_dir)
     mid_key = load_or_create_mid_key(settings.mid_key_file, settings.mid)
     ledger = LedgerStore.open(private_file(settings.ledger_path), mid_key)
-    storage = Storage(mid_key, ledger, Registry(settings.registry_path), DedupIndex(settings.ingest_path))
+    tasks = TaskCatalogue(
+        settings.tasks_path, mid_key, time.time_ns() // 1_000_000
+    )  # signs the built-ins at first start
+    storage = Storage(mid_key, ledger, Registry(settings.registry_path), DedupIndex(settings.ingest_path), tasks)
     log_enrolments(storage.registry, storage.ledger)
     return storage
 
@@ -243,6 +250,7 @@ class CoordinatorProcess:
                     on_refusal=self._count_refusal,
                     witnesses=witnesses,
                     statements=statements,
+                    tasks=self.storage.tasks,
                 )
                 self.http = await stack.enter_async_context(HttpEndpoint(app, s.enrolment.host, s.enrolment.port))
             self._stack = stack.pop_all()

@@ -2,8 +2,9 @@
 
 Routers: enrolment (coordinator/enrolment/http.py), the ledger's checkpoints, proofs and witness exchange
 (coordinator/ledger/http.py), members' proven statements (coordinator/royalties/statement_http.py), buyers' revenue
-reports (coordinator/buyer/http.py) and Prometheus metrics. TLS is terminated in front of it (a reverse
-proxy) outside loopback demos. Every refusal is counted through `on_refusal`, as ingest's rejections are.
+reports (coordinator/buyer/http.py), the MID's signed task specs (coordinator/tasks/http.py) and Prometheus metrics.
+TLS is terminated in front of it (a reverse proxy) outside loopback demos. Every refusal is counted through
+`on_refusal`, as ingest's rejections are.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from coordinator.ledger.http import ledger_router
 from coordinator.ledger.store import LedgerStore
 from coordinator.ledger.witnesses import WitnessDesk
 from coordinator.royalties.statement_http import StatementDesk, statement_router
+from coordinator.tasks.catalogue import TaskCatalogue
+from coordinator.tasks.http import tasks_router
 from protocol.errors import Reason
 
 
@@ -37,14 +40,18 @@ def build_http_app(
     on_refusal: Callable[[Reason], None],
     witnesses: WitnessDesk | None = None,
     statements: StatementDesk | None = None,
+    tasks: TaskCatalogue | None = None,
 ) -> FastAPI:
-    """The app `serve` runs; without `witnesses` and `statements` (tests of other routers) their routes are absent."""
+    """The app `serve` runs; without `witnesses`, `statements` and `tasks` (tests of other routers) their routes are
+    absent."""
     app = FastAPI(title="midgate coordinator", docs_url=None, redoc_url=None, openapi_url=None)
     app.include_router(enrolment_router(enroller, on_refusal))
     app.include_router(ledger_router(ledger, witnesses, on_refusal))
     app.include_router(revenue_router(revenue, on_refusal))
     if statements is not None:
         app.include_router(statement_router(statements, on_refusal))
+    if tasks is not None:
+        app.include_router(tasks_router(tasks, on_refusal))
 
     @app.get("/metrics")
     def prometheus() -> Response:

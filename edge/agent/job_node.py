@@ -13,10 +13,12 @@ starts -- and `enforce` stops a running job's SuperNode as soon as the member's 
 Each invitation's nonce is what the agent signs that job's contribution reports with (`nonce_for`,
 edge.federated.spool); the nonces are kept on disk (InvitationNonces), so that an agent restart loses none.
 
-Then the data: the first invitation of a job cuts the task's windows from the agent's own sample store, as the task
-spec says (edge.sensors.export.WindowSource), into `mids/{mid}/jobs/{job_id}/windows.npz`, the file the SuperNode's
-ClientApp trains on. A store without the task's inputs, or with too few windows, declines the job with that reason
-(once: its re-invitations are not cut again).
+Then the task and the data: the first invitation of a job fetches the task's spec from the MID and verifies its
+signature (edge.agent.job_task; refused: `task_spec_refused`), then cuts the task's windows from the agent's own
+sample store, as the spec says (edge.sensors.export.WindowSource), into `mids/{mid}/jobs/{job_id}/windows.npz`, the
+file the SuperNode's ClientApp trains on, with the verified spec beside it (`{task}@{version}.json`). A store
+without the task's inputs, or with too few windows, declines the job with that reason (once: its re-invitations are
+not cut again).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
 from edge.agent.controls.decisions import RUN, Decision, DeclineReason
+from edge.agent.job_task import TaskSpecFetch, job_task
 from edge.agent.membership import Membership
 from edge.durable_file import replace_file
 from edge.federated.acceleration.device import accelerated
@@ -46,7 +49,7 @@ from edge.sensors.export import WindowSource
 from protocol.envelope import decode, open_envelope
 from protocol.errors import InviteExpiredError, MalformedError, ProtocolError
 from protocol.messages import Nonce, RoundInvitation
-from protocol.tasks.spec import UnknownTaskError, get_task
+from protocol.tasks.spec import UnknownTaskError, write_task_file
 
 log = logging.getLogger("midgate.agent.job")
 
@@ -114,16 +117,19 @@ class JobNode:
         admit: Admit = _admit_all,
         recheck: Admit = _admit_all,
         flower_acceleration: bool = True,
+        task_specs: TaskSpecFetch | None = None,
     ) -> None:
         """`windows`: where a job's windows are cut from. `admit` decides each verified invitation (and counts
         declines); `recheck` asks the same of a running job without counting. Both default to taking part in every
-        job. `flower_acceleration` (agent.toml's) runs each job's SuperNode through edge.federated.acceleration."""
+        job. `flower_acceleration` (agent.toml's) runs each job's SuperNode through edge.federated.acceleration.
+        `task_specs` fetches the MID's signed task specs (edge.agent.job_task); None: the built-in tasks only."""
         self.membership = membership
         self.spool_dir = spool_dir
         self.windows = windows
         self.admit = admit
         self.recheck = recheck
         self.flower_acceleration = flower_acceleration
+        self.task_specs = task_specs
         self.job: _Job | None = None
         self.refused = 0
         self.declined = 0
@@ -230,16 +236,22 @@ class JobNode:
     async def _cut_windows(self, invitation: RoundInvitation, path: Path) -> Decision:
         """Cut the job's windows from the sample store into `path` (in a thread: it reads the whole store), or say
         why the data cannot take part."""
+        mid_key = self.membership.mid_key
         try:
-            task = get_task(invitation.task_id, invitation.task_version)
+            i = invitation
+            task = await asyncio.to_thread(job_task, i.task_id, i.task_version, mid_key, self.task_specs)
         except UnknownTaskError as exc:
             return Decision(False, DeclineReason.UNKNOWN_TASK, detail=_detail(exc))
+        except ProtocolError as exc:
+            return Decision(False, DeclineReason.TASK_SPEC_REFUSED, detail=f"{exc.reason}: {_detail(exc)}")
         try:
             cut = await asyncio.to_thread(self.windows.cut, task, path)
         except TooFewWindowsError as exc:
             return Decision(False, DeclineReason.TOO_FEW_WINDOWS, detail=_detail(exc))
         except (MissingInputsError, ProtocolError, OSError, sqlite3.Error) as exc:  # no store, or an unreadable one
             return Decision(False, DeclineReason.NO_FITTING_DATA, detail=_detail(exc))
+        # Beside the windows: the ClientApp trains the spec verified here (protocol.tasks.spec.load_task).
+        await asyncio.to_thread(write_task_file, path.parent, task)
         log.info(
             "windows cut for job %s: %d windows of %s from sensor %s, fingerprint %s",
             invitation.job_id,

@@ -1,5 +1,5 @@
 """The agent's client of its MID's ledger API (docs/protocol.md, "Member ledger API"): checkpoints, consistency
-proofs, the witness list, cosignatures, the member's proven statement.
+proofs, the witness list, cosignatures, the member's proven statement; and the MID's signed task specs.
 
 Nothing it fetches is trusted: the callers check every note's signature and every proof. Blocking (urllib): the
 daemon calls it from its outbox thread, the member commands from their own process. A network failure is
@@ -18,6 +18,7 @@ from protocol.errors import MalformedError, TooLargeError
 from protocol.ledger_api import MAX_STATEMENT_BYTES, StatementProof, WitnessList
 from protocol.merkle import HASH_SIZE
 from protocol.note import MAX_NOTE_SIZE
+from protocol.tasks.signed import MAX_SIGNED_TASK_SPEC_BYTES
 
 MAX_PROOF_RESPONSE = 64 * 1024
 MAX_REFUSAL = 8 * 1024
@@ -69,6 +70,10 @@ class LedgerClient:
     def cosign(self, cosigned_note: bytes) -> None:
         """Hand the MID a cosignature: the checkpoint text with this witness's cosignature line."""
         self._call("POST", "/v1/cosignature", body=cosigned_note, content_type=NOTE_TYPE, limit=MAX_REFUSAL)
+
+    def task_spec(self, task_id: str, version: int) -> bytes:
+        """The MID's signed spec of task_id@version (a DSSE envelope, not verified; protocol.tasks.signed)."""
+        return self._call("GET", f"/v1/tasks/{task_id}@{version}", limit=MAX_SIGNED_TASK_SPEC_BYTES)
 
     def statement(self, request_envelope: bytes) -> StatementProof:
         """The member's settlement and royalty leaves with their proofs, for a signed StatementRequest."""

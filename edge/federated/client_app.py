@@ -34,7 +34,7 @@ from protocol.messages import ContributionBody, DpParams
 from protocol.tasks.arrays import arrays_sha256
 from protocol.tasks.drift import DRIFT_OFFSET_KEY, GRADIENT_KEY, QUERY_GRADIENT
 from protocol.tasks.models import build_model, evaluate, load_arrays
-from protocol.tasks.spec import get_task
+from protocol.tasks.spec import load_task
 from protocol.tasks.windows import load_window_file
 
 ROUND_STATE_KEY = "midgate.round"
@@ -139,7 +139,7 @@ def train(msg: Message, context: Context) -> Message:
     """One round of local training from the global arrays in `msg`."""
     started = time.perf_counter()
     settings = LocalTrainingConfig.from_run_config(context.run_config)
-    spec = get_task(settings.task_id, settings.task_version)
+    spec = load_task(_node_path(context, "data-path").parent, settings.task_id, settings.task_version)
     windows = load_window_file(_node_path(context, "data-path"), spec)
     arrays_key = _model_record(msg.content)
     config = msg.content.config_records[_only_record(msg.content.config_records, "ConfigRecord")]
@@ -166,7 +166,7 @@ def gradient(msg: Message, context: Context) -> Message:
     """Drift correction's query: the full-batch gradient at the global model in `msg`, on the same windows the
     round's training will use; its hash is kept in the node's state for the round's contribution body."""
     settings = LocalTrainingConfig.from_run_config(context.run_config)
-    spec = get_task(settings.task_id, settings.task_version)
+    spec = load_task(_node_path(context, "data-path").parent, settings.task_id, settings.task_version)
     windows = load_window_file(_node_path(context, "data-path"), spec)
     config = msg.content.config_records[_only_record(msg.content.config_records, "ConfigRecord")]
     server_round = int(config["server-round"])  # type: ignore[arg-type]
@@ -187,7 +187,7 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     """Flower's federated evaluate on the local windows. midgate jobs evaluate centrally on the buyer's validation
     set and never send this message; it exists so Flower's default configuration can be measured against them."""
     settings = LocalTrainingConfig.from_run_config(context.run_config)
-    spec = get_task(settings.task_id, settings.task_version)
+    spec = load_task(_node_path(context, "data-path").parent, settings.task_id, settings.task_version)
     windows = load_window_file(_node_path(context, "data-path"), spec)
     model = build_model(spec)
     load_arrays(model, _numpy(msg.content.array_records[_only_record(msg.content.array_records, "ArrayRecord")]))

@@ -158,6 +158,7 @@ class Bme280Sensor:
 
     blocking = True
     class_names: tuple[str, ...] = ()  # unlabelled
+    source: str = "bme280"
     channels: tuple[ChannelSpec, ...] = (
         ChannelSpec("temperature_c", "°C"),
         ChannelSpec("pressure_hpa", "hPa"),

@@ -222,7 +222,7 @@ class SampleCollection:
 
     def _load_blocking(self, load: _Load) -> None:
         sensor, key = load.sensor, LOAD_KEY + load.sensor.name
-        self.store.register(sensor.name, sensor.channels, sensor.class_names)
+        self.store.register(sensor.name, sensor.channels, sensor.class_names, sensor.source)
         digest = hashlib.sha256(load.config.model_dump_json().encode()).hexdigest()
         mark = json.loads(self.store.get_meta(key) or "{}")
         if mark.get("config") != digest:  # a new or changed replay starts from its beginning

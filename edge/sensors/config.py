@@ -15,6 +15,7 @@ from edge.sensors.errors import SensorUnavailableError
 from edge.sensors.linux import THERMAL_ROOT
 from edge.sensors.store import Retention, SampleStore
 from protocol.private_files import private_file
+from protocol.tasks.spec import SourceName
 
 SensorName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
 PeriodMs = Annotated[float, Field(gt=0.0, le=86_400_000.0)]
@@ -76,6 +77,14 @@ class ReplayConfig(_Strict):
         default=None, min_length=1, description="names of the file's labels in label-index order"
     )
     classes: tuple[str, ...] | None = None
+    source: SourceName | None = Field(
+        default=None,
+        description='the kind of sensor that recorded the file, which tasks match ("plaid" without `path`); default '
+        '"replay": of unstated origin, which no task takes',
+    )
+    units: tuple[str, ...] | None = Field(
+        default=None, min_length=1, description=".ts: the units of the dimensions (CSV: in the header, `name[unit]`)"
+    )
     series: tuple[int, ...] | SeriesSlice | None = None
     loop: bool = True
 
@@ -143,7 +152,7 @@ def build_sensor(config: SimulatedConfig | LinuxConfig | Bme280Config | ReplayCo
 
 
 def _replay(config: ReplayConfig) -> Sensor:
-    from edge.sensors.plaid import PLAID_CLASSES, plaid_files
+    from edge.sensors.plaid import PLAID_CHANNELS, PLAID_CLASSES, PLAID_SOURCE, PLAID_UNITS, plaid_files
     from edge.sensors.replay import CsvReplaySensor, TsReplaySensor
 
     speed = 1.0 if config.speed == "max" else config.speed
@@ -161,6 +170,7 @@ def _replay(config: ReplayConfig) -> Sensor:
                 channels=config.channels,
                 class_names=config.class_names,
                 classes=config.classes,
+                source=config.source or "replay",
             )
         plaid = config.path is None
         return TsReplaySensor(
@@ -168,11 +178,13 @@ def _replay(config: ReplayConfig) -> Sensor:
             plaid_files(config.split) if config.path is None else [config.path],
             rate_hz=config.rate_hz or 100.0,
             speed=speed,
-            channel_names=config.channels or (("current",) if plaid else None),
+            channel_names=config.channels or (PLAID_CHANNELS if plaid else None),
             series=config.series_selection(),
             classes=config.classes,
             class_names=config.class_names or (PLAID_CLASSES if plaid else None),
             loop=loop,
+            channel_units=config.units or (PLAID_UNITS if plaid and not config.channels else None),
+            source=config.source or (PLAID_SOURCE if plaid else "replay"),
         )
     except ValueError as exc:  # the file and the configuration disagree: say so as an unavailable sensor
         raise SensorUnavailableError(str(exc), sensor=config.name) from exc

@@ -16,12 +16,16 @@ class Sensor(Protocol):
     flagged PARTIAL when only some channels failed; a replay that does not loop raises `ReplayEndedError` once it
     has played everything. `period_ms` is the sensor's own sampling period. `blocking` drivers (bus or file I/O that
     can stall) are read in a worker thread so they never block the event loop. `class_names` names the label
-    indexes a labelled source puts in its samples (empty for live sensors, which carry no labels).
+    indexes a labelled source puts in its samples (empty for live sensors, which carry no labels). `source` is the kind
+    of sensor the data comes from ("simulated", "linux", "bme280", "plaid", "replay" for a recorded file of unstated
+    origin, or what the member declared for it): the store keeps it with the samples, and a task takes data only from
+    the sources its inputs name (protocol.tasks.spec.TaskInput).
     """
 
     name: str
     channels: tuple[ChannelSpec, ...]
     class_names: tuple[str, ...]
+    source: str
     period_ms: float
     blocking: bool
 

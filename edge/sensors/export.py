@@ -7,6 +7,8 @@ and the per-window hashes travel with it (`hashes`, (n, 32) uint8), so a round t
 exactly that subset: `dataset_fingerprint(hashes[idx])`.
 
 How a task's windows are cut is the task spec's to say (`window_mode`, `window_stride`), never a list of task ids:
+- inputs: only a sensor with every input channel in the input's unit, of one of the inputs' sources (the kind of
+  sensor the store recorded with the data), is cut; any other is refused with the reason, never renamed.
 - classification: labelled windows only, labels mapped to the task's classes by name; a sensor whose labels have
   no names, or names the task does not have, is refused rather than relabelled.
 - forecast: sliding windows of `window_length + 1`; x is the first `window_length` samples, y the last one (the next
@@ -32,9 +34,11 @@ FINGERPRINT_PREFIX = "merkle-sha256:"
 
 
 def window_spec_for(task: TaskSpec, sensor: str, *, max_gap_ms: int | None = None) -> WindowSpec:
-    """How `task`'s windows are cut from `sensor`'s samples (see the module docstring)."""
+    """How `task`'s windows are cut from `sensor`'s samples (see the module docstring): only from a version of the
+    sensor with the task's inputs in their units, of a source every input takes."""
     length = task.window_length + 1 if task.kind is TaskKind.FORECAST else task.window_length
     classification = task.kind is TaskKind.CLASSIFICATION
+    first, *others = task.inputs
     return WindowSpec(
         sensor,
         task.features,
@@ -43,6 +47,8 @@ def window_spec_for(task: TaskSpec, sensor: str, *, max_gap_ms: int | None = Non
         stride=task.window_stride,
         labelled=classification,
         classes=task.labels if classification else None,
+        units=tuple(i.unit for i in task.inputs),
+        sources=tuple(s for s in first.sources if all(s in other.sources for other in others)),
         max_gap_ms=max_gap_ms,
     )
 
@@ -118,14 +124,14 @@ class WindowSource:
     def cut(self, task: TaskSpec, path: Path) -> CutWindows:
         """Cut `task`'s windows from the store's best fitting sensor (the one giving the most windows) into `path`.
 
-        Raises MissingInputsError (no sensor has the task's features and class names; its details say why, per
-        sensor, or that there is no store), TooFewWindowsError (fewer than `min_windows`). Blocking: run it in a
-        worker thread."""
+        Raises MissingInputsError (no sensor has the task's inputs, units, sources and class names; its details say
+        why, per sensor, or that there is no store), TooFewWindowsError (fewer than `min_windows`). Blocking: run it
+        in a worker thread."""
         if not self.store_path.is_file():
             raise MissingInputsError("no sample store", path=str(self.store_path), task=task.key)
         inputs = window_spec_for(task, "")
         with SampleStore(self.store_path, readonly=True) as store:
-            fitting, misfits = store.fitting_sensors(inputs.features, inputs.classes)
+            fitting, misfits = store.fitting_sensors(inputs)
             if not fitting:
                 raise MissingInputsError(
                     "the store has no data with the task's inputs",

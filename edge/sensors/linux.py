@@ -31,6 +31,7 @@ class LinuxHostSensor:
 
     blocking = False  # psutil and sysfs reads are microseconds; no bus that can stall
     class_names: tuple[str, ...] = ()  # unlabelled
+    source: str = "linux"
 
     def __init__(self, name: str = "host", *, period_ms: float = 1000.0, thermal_root: Path = THERMAL_ROOT) -> None:
         self.name = name

@@ -32,6 +32,10 @@ PLAID_DEFAULT_LENGTH = 128
 # Index order of the file's class labels 0..10 (header comment of PLAID_TRAIN.ts); the plaid-appliance task names
 # them in that same order, so the task spec is the one place they are written down.
 PLAID_CLASSES: tuple[str, ...] = PLAID_APPLIANCE.labels
+# What a PLAID replay records (edge.sensors.replay.plaid_replay): the task's one input, its unit and its source.
+PLAID_CHANNELS: tuple[str, ...] = PLAID_APPLIANCE.features
+PLAID_UNITS: tuple[str, ...] = tuple(i.unit for i in PLAID_APPLIANCE.inputs)
+PLAID_SOURCE = "plaid"
 
 Split = Literal["train", "test", "all"]
 

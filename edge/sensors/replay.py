@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.sensors.errors import MalformedError, ReplayEndedError, SensorUnavailableError, TooLargeError
-from edge.sensors.plaid import PLAID_CLASSES, Split, plaid_files
+from edge.sensors.plaid import PLAID_CHANNELS, PLAID_CLASSES, PLAID_SOURCE, PLAID_UNITS, Split, plaid_files
 from edge.sensors.sample import ChannelSpec, Quality, Sample
 from edge.sensors.tsfile import MAX_TS_BYTES, TsSeries, iter_ts
 
@@ -59,6 +59,9 @@ class TsReplaySensor:
     classes: class names to play; default all.
     class_names: names of the file's class labels in their @classLabel order; default the labels as written.
     loop: start again after the last series; default True.
+    channel_units: the dimensions' units; default none ("").
+    source: the kind of sensor that recorded the files (`Sensor.source`); default "replay": of unstated origin, which
+        no task takes (a univariate file's channel is named "current" whatever it measured).
     """
 
     blocking = False
@@ -75,6 +78,8 @@ class TsReplaySensor:
         classes: Sequence[str] | None = None,
         class_names: Sequence[str] | None = None,
         loop: bool = True,
+        channel_units: Sequence[str] | None = None,
+        source: str = "replay",
     ) -> None:
         if rate_hz <= 0 or speed <= 0:
             raise ValueError("rate_hz and speed must be positive")
@@ -94,7 +99,11 @@ class TsReplaySensor:
         names = channel_names or (("current",) if header.dims == 1 else tuple(f"dim{i}" for i in range(header.dims)))
         if len(names) != header.dims:
             raise ValueError(f"{len(names)} channel names for {header.dims} dimensions")
-        self.channels = tuple(ChannelSpec(n, "") for n in names)
+        units = channel_units or ("",) * len(names)
+        if len(units) != len(names):
+            raise ValueError(f"{len(units)} channel units for {len(names)} channels")
+        self.channels = tuple(ChannelSpec(n, u) for n, u in zip(names, units, strict=True))
+        self.source = source
         # A range stays a range: `in` is O(1) and an open-ended slice needs no list of every index.
         self._wanted_series = series if series is None or isinstance(series, range) else frozenset(series)
         self._wanted_labels = _wanted_classes(classes, self.class_names)
@@ -180,17 +189,20 @@ def plaid_replay(
     classes: Sequence[str] | None = None,
     loop: bool = True,
 ) -> TsReplaySensor:
-    """A replay of PLAID from the installed sktime wheel; labels index PLAID_CLASSES, the channel is "current"."""
+    """A replay of PLAID from the installed sktime wheel; labels index PLAID_CLASSES, the channel is "current" in
+    amperes, the source "plaid"."""
     return TsReplaySensor(
         name,
         plaid_files(split),
         rate_hz=rate_hz,
         speed=speed,
-        channel_names=("current",),
+        channel_names=PLAID_CHANNELS,
         series=series,
         classes=classes,
         class_names=PLAID_CLASSES,
         loop=loop,
+        channel_units=PLAID_UNITS,
+        source=PLAID_SOURCE,
     )
 
 
@@ -206,6 +218,7 @@ class CsvReplaySensor:
         an index into them. Default: the distinct label names in the file in order of first appearance, or, when
         every label is an integer, no names.
     classes: class names to play; rows of other classes are skipped. Default all.
+    source: the kind of sensor that recorded the file (`Sensor.source`); default "replay" (unstated origin).
     """
 
     blocking = True  # file reads
@@ -221,8 +234,10 @@ class CsvReplaySensor:
         channels: Sequence[str] | None = None,
         class_names: Sequence[str] | None = None,
         classes: Sequence[str] | None = None,
+        source: str = "replay",
     ) -> None:
         self.name = name
+        self.source = source
         self.path = Path(path)
         self.loop = loop
         try:

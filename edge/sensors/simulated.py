@@ -62,6 +62,7 @@ class SimulatedEnvironmentSensor:
 
     blocking = False
     class_names: tuple[str, ...] = ()  # unlabelled
+    source: str = "simulated"
     channels: tuple[ChannelSpec, ...] = (
         ChannelSpec("temperature_c", "°C"),
         ChannelSpec("humidity_pct", "%RH"),

@@ -13,6 +13,9 @@ Why this shape:
   the sampler keeps writing, and memory grows with the windows returned, never with the store.
 - A labelled sensor's class names are stored with it (a sensor version is its name, channels and class names), so
   windows map labels to a task's classes by name; indexes alone would silently relabel data from another file.
+- So is its source, the kind of sensor the data came from (edge.sensors.driver.Sensor.source): a task declares the
+  sources and units of its inputs, and data of another origin with the same channel name is refused, not trained
+  as if it were the task's (a univariate recording is named "current" whatever it measured).
 - The sampler's per-sensor health (rate, last sample, errors by kind) is kept in a small table beside the samples,
   so `midgate agent status`, another process, reads what the daemon sees.
 """
@@ -35,7 +38,7 @@ from edge.sensors.errors import MalformedError, MissingInputsError, StoreNotRead
 from edge.sensors.sample import ChannelSpec, Quality, Sample
 from edge.sensors.windows import WindowCutter, Windows, WindowSpec
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 MAX_CHANNELS = 64
 MAX_CLASSES = 1000
 MAX_ERROR_CHARS = 240
@@ -48,7 +51,8 @@ CREATE TABLE IF NOT EXISTS sensors(
     name TEXT NOT NULL,
     channels TEXT NOT NULL,
     classes TEXT NOT NULL DEFAULT '[]',
-    UNIQUE(name, channels, classes)
+    source TEXT NOT NULL DEFAULT '',
+    UNIQUE(name, channels, classes, source)
 );
 CREATE TABLE IF NOT EXISTS samples(
     id INTEGER PRIMARY KEY,
@@ -90,6 +94,29 @@ INSERT INTO sensors_v2(id, name, channels) SELECT id, name, channels FROM sensor
 DROP TABLE sensors;
 ALTER TABLE sensors_v2 RENAME TO sensors;
 UPDATE meta SET value = '2' WHERE key = 'schema';
+"""
+
+# Schema 2 had no sources; the same rebuild widens the UNIQUE constraint. A sensor the daemon last ran as a live
+# driver (`sensor_health.driver` simulated, linux or bme280: each has one fixed source) gets that source; the others
+# (replays: a PLAID replay and any other univariate file look alike) get '' (unknown), so their data no longer trains
+# a task, whose inputs always name their sources, until it is recorded again.
+_MIGRATE_FROM_2 = """
+CREATE TABLE sensors_v3(
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    channels TEXT NOT NULL,
+    classes TEXT NOT NULL DEFAULT '[]',
+    source TEXT NOT NULL DEFAULT '',
+    UNIQUE(name, channels, classes, source)
+);
+INSERT INTO sensors_v3(id, name, channels, classes) SELECT id, name, channels, classes FROM sensors;
+DROP TABLE sensors;
+ALTER TABLE sensors_v3 RENAME TO sensors;
+UPDATE meta SET value = '3' WHERE key = 'schema';
+"""
+_LIVE_SOURCES_FROM_HEALTH = """
+UPDATE sensors SET source = coalesce((SELECT driver FROM sensor_health h WHERE h.name = sensors.name
+    AND h.driver IN ('simulated', 'linux', 'bme280')), '');
 """
 
 
@@ -155,6 +182,7 @@ class _SensorRow:
     name: str
     channels: tuple[ChannelSpec, ...]
     classes: tuple[str, ...]
+    source: str
     pack: struct.Struct
 
 
@@ -217,11 +245,11 @@ class SampleStore:
             self._db.close()
             raise
         self._sensors: dict[str, _SensorRow] = {}
-        for sid, name, channels, classes in self._db.execute(
-            "SELECT id, name, channels, classes FROM sensors ORDER BY id"
+        for sid, name, channels, classes, source in self._db.execute(
+            "SELECT id, name, channels, classes, source FROM sensors ORDER BY id"
         ):
             specs = _decode_channels(channels)
-            self._sensors[name] = _SensorRow(sid, name, specs, _decode_classes(classes), _pack(specs))
+            self._sensors[name] = _SensorRow(sid, name, specs, _decode_classes(classes), source, _pack(specs))
 
     def _open_schema(self) -> None:
         """Check the schema version first, then create or upgrade: a file of another version is left as it is."""
@@ -230,7 +258,7 @@ class SampleStore:
         version = None if found is None else str(found[0])
         if self.readonly and version is None:
             raise StoreNotReadyError("the sample store is still being created", path=str(self.path))
-        if version not in (None, "1", SCHEMA_VERSION) or (self.readonly and version != SCHEMA_VERSION):
+        if version not in (None, "1", "2", SCHEMA_VERSION) or (self.readonly and version != SCHEMA_VERSION):
             raise MalformedError(
                 "sample store has an unknown schema", path=str(self.path), found=version, expected=SCHEMA_VERSION
             )
@@ -238,9 +266,13 @@ class SampleStore:
             return
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        if version == "1":
+        if version in ("1", "2"):
             self._db.execute("PRAGMA foreign_keys=OFF")  # the rebuild drops the table samples refer to
-            self._db.executescript("BEGIN IMMEDIATE;" + _MIGRATE_FROM_1 + "COMMIT;")
+            steps = (_MIGRATE_FROM_1 if version == "1" else "") + _MIGRATE_FROM_2
+            health = "SELECT 1 FROM sqlite_master WHERE type='table' AND name='sensor_health'"
+            if self._db.execute(health).fetchone():
+                steps += _LIVE_SOURCES_FROM_HEALTH
+            self._db.executescript("BEGIN IMMEDIATE;" + steps + "COMMIT;")
         self._db.execute("PRAGMA foreign_keys=ON")
         # One transaction: a reader (`agent status`) sees no schema or the whole one with its version, never tables
         # without the version row.
@@ -262,10 +294,12 @@ class SampleStore:
 
     # -- writing -------------------------------------------------------------------------------------------------
 
-    def register(self, sensor: str, channels: Sequence[ChannelSpec], classes: Sequence[str] = ()) -> None:
-        """Declare a sensor's channels, and the class names its label indexes stand for, before writing its
-        samples. Idempotent; a changed channel or class list starts a new version of the sensor (older rows keep
-        their own lists)."""
+    def register(
+        self, sensor: str, channels: Sequence[ChannelSpec], classes: Sequence[str] = (), source: str = ""
+    ) -> None:
+        """Declare a sensor's channels, the class names its label indexes stand for, and its source (the kind of
+        sensor, `Sensor.source`; "" unknown), before writing its samples. Idempotent; a changed channel or class
+        list or source starts a new version of the sensor (older rows keep their own)."""
         if not sensor or not channels or len(channels) > MAX_CHANNELS:
             raise MalformedError("sensor needs a name and 1..64 channels", sensor=sensor, channels=len(channels))
         if len(classes) > MAX_CLASSES or len(set(classes)) != len(classes):
@@ -273,15 +307,14 @@ class SampleStore:
         text, names = _encode_channels(channels), _encode_classes(classes)
         with self._lock:
             known = self._sensors.get(sensor)
-            if known and known.channels == tuple(channels) and known.classes == tuple(classes):
+            if known and (known.channels, known.classes, known.source) == (tuple(channels), tuple(classes), source):
                 return
-            self._db.execute(
-                "INSERT OR IGNORE INTO sensors(name, channels, classes) VALUES(?, ?, ?)", (sensor, text, names)
-            )
+            row = (sensor, text, names, source)
+            self._db.execute("INSERT OR IGNORE INTO sensors(name, channels, classes, source) VALUES(?, ?, ?, ?)", row)
             sid = self._db.execute(
-                "SELECT id FROM sensors WHERE name=? AND channels=? AND classes=?", (sensor, text, names)
+                "SELECT id FROM sensors WHERE name=? AND channels=? AND classes=? AND source=?", row
             ).fetchone()[0]
-            self._sensors[sensor] = _SensorRow(sid, sensor, tuple(channels), tuple(classes), _pack(channels))
+            self._sensors[sensor] = _SensorRow(sid, sensor, tuple(channels), tuple(classes), source, _pack(channels))
 
     def channels(self, sensor: str) -> tuple[ChannelSpec, ...]:
         row = self._sensors.get(sensor)
@@ -565,17 +598,15 @@ class SampleStore:
         finally:
             reader.close()
 
-    def fitting_sensors(
-        self, features: Sequence[str], classes: Sequence[str] | None
-    ) -> tuple[list[str], dict[str, str]]:
-        """The sensors (by name) with a version whose data can make windows of `features` labelled with `classes`
-        (None: unlabelled), and for every other sensor why not (see `input_misfit`)."""
+    def fitting_sensors(self, inputs: WindowSpec) -> tuple[list[str], dict[str, str]]:
+        """The sensors (by name) with a version whose data can make windows of `inputs` (its features, units,
+        sources and classes; its sensor is ignored), and for every other sensor why not (see `input_misfit`)."""
         reasons: dict[str, list[str]] = {}
         with self._lock:
-            found = self._db.execute("SELECT name, channels, classes FROM sensors ORDER BY name, id").fetchall()
-        for name, channels, names in found:
-            specs = [c.name for c in _decode_channels(channels)]
-            reasons.setdefault(name, []).append(input_misfit(specs, _decode_classes(names), features, classes))
+            found = self._db.execute("SELECT name, channels, classes, source FROM sensors ORDER BY name, id").fetchall()
+        for name, channels, names, source in found:
+            why = input_misfit(_decode_channels(channels), _decode_classes(names), source, inputs)
+            reasons.setdefault(name, []).append(why)
         fitting = [name for name, why in reasons.items() if "" in why]
         misfits = {name: "; ".join(dict.fromkeys(why)) for name, why in reasons.items() if "" not in why}
         return fitting, misfits
@@ -587,14 +618,15 @@ class SampleStore:
         misfits: list[str] = []
         with self._lock:
             found = self._db.execute(
-                "SELECT id, channels, classes FROM sensors WHERE name=? ORDER BY id", (spec.sensor,)
+                "SELECT id, channels, classes, source FROM sensors WHERE name=? ORDER BY id", (spec.sensor,)
             ).fetchall()
-        for sid, channels, classes in found:
-            names = [c.name for c in _decode_channels(channels)]
-            why = input_misfit(names, _decode_classes(classes), spec.features, spec.classes)
+        for sid, channels, classes, source in found:
+            specs = _decode_channels(channels)
+            why = input_misfit(specs, _decode_classes(classes), source, spec)
             if why:
                 misfits.append(why)
                 continue
+            names = [c.name for c in specs]
             columns = np.array([names.index(f) for f in spec.features], dtype=np.int64)
             labels = None if spec.classes is None else _label_map(_decode_classes(classes), spec.classes)
             out.append((sid, columns, labels))
@@ -607,19 +639,26 @@ class SampleStore:
         return out
 
 
-def input_misfit(
-    channels: Sequence[str], classes: Sequence[str], features: Sequence[str], wanted: Sequence[str] | None
-) -> str:
-    """Why a sensor version's data cannot make windows of `features` labelled with `wanted` classes ("" if it can).
-    Labels are matched by name: a version without class names, or with names outside `wanted`, does not fit."""
-    missing = [f for f in features if f not in channels]
+def input_misfit(channels: Sequence[ChannelSpec], classes: Sequence[str], source: str, spec: WindowSpec) -> str:
+    """Why a sensor version's data cannot make `spec`'s windows ("" if it can): a missing feature, a source the spec
+    does not take (unknown: ""), a feature in another unit, or labels that do not name `spec.classes`. Labels are
+    matched by name: a version without class names, or with names outside the spec's, does not fit."""
+    units = {c.name: c.unit for c in channels}
+    missing = [f for f in spec.features if f not in units]
     if missing:
-        return f"channels {list(channels)} lack {missing}"
-    if wanted is None:
+        return f"channels {list(units)} lack {missing}"
+    if spec.sources is not None and source not in spec.sources:
+        return f"source {source or 'unknown'!r} is not one of {list(spec.sources)}"
+    if spec.units is not None:
+        pairs = zip(spec.features, spec.units, strict=True)
+        wrong = [f"{f} in {units[f]!r}, not {u!r}" for f, u in pairs if units[f] != u]
+        if wrong:
+            return f"units differ: {', '.join(wrong)}"
+    if spec.classes is None:
         return ""
     if not classes:
         return "its labels have no class names"
-    unknown = [c for c in classes if c not in wanted]
+    unknown = [c for c in classes if c not in spec.classes]
     return f"classes {unknown} are not the task's" if unknown else ""
 
 

@@ -41,6 +41,12 @@ class WindowSpec:
         Class names in the label order the windows must use (a task's `labels`): stored labels are mapped to these
         by name, and a sensor whose labels have no names, or names outside these, is refused. Default None: the
         stored label indexes as they are.
+    units:
+        The features' units, in order: a sensor version whose channels are in other units does not fit. Default None:
+        not checked.
+    sources:
+        The sensor kinds (`Sensor.source`) the data may come from; a version of another source does not fit. Default
+        None: not checked.
     max_gap_ms:
         A gap between consecutive samples larger than this starts a new run; default None (no gap check).
     since_ms, until_ms:
@@ -54,6 +60,8 @@ class WindowSpec:
     stride: int | None = None
     labelled: bool = False
     classes: tuple[str, ...] | None = None
+    units: tuple[str, ...] | None = None
+    sources: tuple[str, ...] | None = None
     max_gap_ms: int | None = None
     since_ms: int | None = None
     until_ms: int | None = None
@@ -63,6 +71,8 @@ class WindowSpec:
             raise ValueError("length and stride must be positive")
         if not self.features:
             raise ValueError("a window needs at least one feature")
+        if self.units is not None and len(self.units) != len(self.features):
+            raise ValueError("one unit per feature")
 
 
 @dataclass(frozen=True, slots=True)

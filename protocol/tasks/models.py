@@ -1,4 +1,5 @@
-"""The torch side of the task registry: one small model per task kind, its loss and its metrics.
+"""The torch side of the task specs: one small model per vetted family (protocol.tasks.spec.ModelFamily), the loss
+and the metrics of each task kind. A spec picks a family and its hyperparameters; nothing else can be built here.
 
 Imported only by code that trains or evaluates (ClientApp, ServerApp evaluation, benchmarks): it imports torch.
 `build_model` is deterministic for a seed, so device and coordinator can start from the same weights.
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from protocol.errors import MalformedError
-from protocol.tasks.spec import TaskKind, TaskSpec
+from protocol.tasks.spec import ModelFamily, TaskKind, TaskSpec
 
 NDArrays = dict[str, npt.NDArray[np.generic]]
 
@@ -41,6 +42,22 @@ class ApplianceClassifier(nn.Module):
         rms = x.pow(2).mean(dim=2, keepdim=True).sqrt() + 1e-3
         shape = self.features(x / rms)
         return self.head(torch.cat([shape, rms.log().flatten(1)], dim=1))  # type: ignore[no-any-return]
+
+
+class WindowMLP(nn.Module):
+    """One dense hidden layer over the flattened window and a linear head over the classes."""
+
+    def __init__(self, spec: TaskSpec) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(spec.channels * spec.window_length, spec.hidden),
+            nn.ReLU(),
+            nn.Linear(spec.hidden, len(spec.labels)),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)  # type: ignore[no-any-return]
 
 
 class NextStepForecaster(nn.Module):
@@ -73,10 +90,11 @@ class WindowAutoencoder(nn.Module):
         return self.decoder(self.encoder(x)).view(-1, *self.shape)  # type: ignore[no-any-return]
 
 
-_MODELS: dict[TaskKind, type[nn.Module]] = {
-    TaskKind.CLASSIFICATION: ApplianceClassifier,
-    TaskKind.FORECAST: NextStepForecaster,
-    TaskKind.AUTOENCODER: WindowAutoencoder,
+_MODELS: dict[ModelFamily, type[nn.Module]] = {
+    ModelFamily.CONV1D_CLASSIFIER: ApplianceClassifier,
+    ModelFamily.MLP_CLASSIFIER: WindowMLP,
+    ModelFamily.GRU_FORECASTER: NextStepForecaster,
+    ModelFamily.DENSE_AUTOENCODER: WindowAutoencoder,
 }
 
 
@@ -85,7 +103,7 @@ def build_model(spec: TaskSpec, seed: int = 0) -> nn.Module:
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        return _MODELS[spec.kind](spec)
+        return _MODELS[spec.model.family](spec)
     finally:
         torch.random.set_rng_state(generator_state)
 

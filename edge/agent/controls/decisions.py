@@ -26,9 +26,13 @@ class DeclineReason(StrEnum):
     """The member file could not be read when the daemon started: it takes part in nothing until the file is
     fixed, because it cannot know whether the member paused, left or struck."""
     UNKNOWN_TASK = "unknown_task"
-    """The job's task is not one this agent knows how to cut windows for."""
+    """Neither the MID nor the built-in tasks have the job's task."""
+    TASK_SPEC_REFUSED = "task_spec_refused"
+    """The MID's spec of the job's task is not signed by the MID's key, tampered with, malformed, outside the bounds
+    or not of a vetted model family (edge.agent.job_task); nothing of it runs."""
     NO_FITTING_DATA = "no_fitting_data"
-    """The sample store holds no data with the task's inputs (features, and class names for classification)."""
+    """The sample store holds no data with the task's inputs: the channels in their units, from one of the inputs'
+    sources, and class names for classification. Data of another origin is refused, never relabelled."""
     TOO_FEW_WINDOWS = "too_few_windows"
     """The store's fitting data gives fewer windows than `min_job_windows`."""
 
