@@ -381,3 +381,17 @@ class CoordinatorSettings(RoleSettings):
     @property
     def ledger_dir(self) -> Path:
         return self.data_dir / "ledger"
+
+    @classmethod
+    def load_for_command(cls, path: Path | None) -> CoordinatorSettings:
+        """The settings a command runs with; an invalid config (e.g. policy_violation: a fee above the 30 % cap) ends
+        the command with one line on stderr and exit code 2, and nothing starts."""
+        import typer
+
+        from protocol.errors import ProtocolError
+
+        try:
+            return cls.load(path)
+        except ProtocolError as error:
+            typer.echo(f"invalid config: {error}", err=True)
+            raise typer.Exit(2) from None

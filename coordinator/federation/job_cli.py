@@ -29,13 +29,8 @@ ValidationOption = typer.Option(..., exists=True, dir_okay=False, help="the buye
 
 def _settings(config: Path | None) -> CoordinatorSettings:
     from coordinator.config import CoordinatorSettings
-    from protocol.errors import ProtocolError
 
-    try:
-        return CoordinatorSettings.load(config)
-    except ProtocolError as error:
-        typer.echo(f"invalid config: {error}", err=True)
-        raise typer.Exit(2) from None
+    return CoordinatorSettings.load_for_command(config)
 
 
 def _book(settings: CoordinatorSettings) -> JobBook:

@@ -27,13 +27,8 @@ ConfigOption = typer.Option(None, "--config", "-c", help="coordinator.toml (env 
 
 def _settings(config: Path | None) -> CoordinatorSettings:
     from coordinator.config import CoordinatorSettings
-    from protocol.errors import ProtocolError
 
-    try:
-        return CoordinatorSettings.load(config)
-    except ProtocolError as error:
-        typer.echo(f"invalid config: {error}", err=True)
-        raise typer.Exit(2) from None
+    return CoordinatorSettings.load_for_command(config)
 
 
 @contextlib.contextmanager
