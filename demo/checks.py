@@ -1,13 +1,10 @@
-"""The demo's verdict: every step states the outcome it expects, and one differing outcome fails the whole demo."""
+"""The demo's verdict: a step states the outcome it expects, and one differing outcome fails the whole demo."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from rich.console import Console
-
-from protocol.errors import ProtocolError
 
 
 @dataclass(frozen=True)
@@ -48,12 +45,3 @@ class Outcomes:
     @property
     def failed(self) -> list[StepOutcome]:
         return [s for s in self.steps if not s.ok]
-
-
-def reason_of(attempt: Callable[[], object]) -> tuple[str, str]:
-    """The reason code an attempt was refused with, or "accepted" when nothing was raised."""
-    try:
-        attempt()
-    except ProtocolError as exc:
-        return str(exc.reason), exc.message
-    return "accepted", "(no error raised)"
