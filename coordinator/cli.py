@@ -44,14 +44,27 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+LogLevelOption = typer.Option(
+    "info", "--log-level", help="debug: also one line per report accepted or refused; warning: problems only"
+)
+
+
+def _log_level(name: str) -> int:
+    levels = {"debug": 10, "info": 20, "warning": 30, "error": 40}  # logging's own numbers
+    if name.lower() not in levels:
+        raise typer.BadParameter(f"one of {', '.join(levels)}", param_hint="--log-level")
+    return levels[name.lower()]
+
+
 @app.command()
-def serve(config: Path | None = ConfigOption) -> None:
-    """Run ingest (MQTT -> verify -> dedup -> ledger -> receipts) and the enrolment/ledger HTTP API."""
+def serve(config: Path | None = ConfigOption, log_level: str = LogLevelOption) -> None:
+    """Run ingest (MQTT -> verify -> dedup -> ledger -> receipts) and the enrolment/ledger HTTP API; logs `ready`
+    with its addresses once it is up."""
     from coordinator.serve.assembly import serve as serve_process
     from coordinator.serve.runtime import configure_logging, run_service
 
     settings = _settings(config)
-    configure_logging(settings.log_json)
+    configure_logging(settings.log_json, _log_level(log_level))
     run_service(serve_process(settings))
 
 
@@ -61,13 +74,14 @@ def ingest_worker(
     worker_id: str = typer.Option(..., "--worker-id", help="unique per worker ([a-z0-9-]); names its broker session"),
     metrics_port: int | None = typer.Option(None, help="serve Prometheus /metrics on this port (0: any free port)"),
     metrics_host: str = typer.Option("127.0.0.1", help="address of the metrics endpoint"),
+    log_level: str = LogLevelOption,
 ) -> None:
     """Run one screening worker: MQTT 5 shared subscription -> verify -> authenticated hand-off to `serve`."""
     from coordinator.ingest.worker import run_worker
     from coordinator.serve.runtime import configure_logging, run_service
 
     settings = _settings(config)
-    configure_logging(settings.log_json)
+    configure_logging(settings.log_json, _log_level(log_level))
     run_service(run_worker(settings, worker_id, metrics_port, metrics_host))
 
 
@@ -132,11 +146,12 @@ def invite(
     from coordinator.enrolment.enroller import issue_invite
     from coordinator.mid_key import load_or_create_mid_key
     from coordinator.registry.store import Registry
+    from protocol.private_files import private_dir
     from protocol.topics import check_id
 
     settings = _settings(config)
     check_id(member, "member")
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.data_dir)
     key = load_or_create_mid_key(settings.mid_key_file, settings.mid)
     registry = Registry(settings.registry_path)
     try:
@@ -169,19 +184,62 @@ def revoke(device: str = typer.Argument(...), config: Path | None = ConfigOption
     typer.echo(f"revoked {device}")
 
 
+DEVICE_COLUMNS = ("device", "member", "key", "online", "last_seen", "status", "paused", "striking", "left", "verifier")
+
+
 @app.command()
 def devices(config: Path | None = ConfigOption) -> None:
-    """List enrolled devices."""
+    """Enrolled devices, one a line under a header (tab-separated): whether the key is active or revoked, whether
+    the device is online and when the MID last heard from it, and what its member said in signed messages: paused,
+    striking (and against whom), left. `serve` keeps this in the registry as it hears it (docs/messaging.md,
+    "Presence")."""
+    from coordinator.registry.presence import active_strikes
     from coordinator.registry.store import Registry
+    from protocol.messages import DeviceStatus
 
     settings = _settings(config)
+    now = _now_ms()
     registry = Registry(settings.registry_path)
     try:
-        for d in registry.devices():
-            state = "revoked" if d.revoked else "active"
-            typer.echo(f"{d.device_id}\t{d.member_id}\t{state}\t{d.verifier.text()}")
+        enrolled, heard = registry.devices(), registry.presence()
+        striking = active_strikes(registry.strike_votes(), now)
     finally:
         registry.close()
+    if not enrolled:
+        typer.echo("no devices enrolled yet (`midgate coordinator invite MEMBER` makes an invite)")
+        return
+    typer.echo("\t".join(DEVICE_COLUMNS))
+    offline_after_ms = settings.ingest.heartbeat_offline_s * 1000
+    for d in enrolled:
+        presence = heard.get(d.device_id)
+        status = presence.status if presence is not None else None
+        online = "-" if presence is None else "yes" if presence.online(now, offline_after_ms) else "no"
+        seen = "never" if presence is None else f"{_utc(presence.last_seen_ms)} ({_ago(now - presence.last_seen_ms)})"
+        since = "" if presence is None else f"since {_utc(presence.status_ms)}"
+        row = (
+            d.device_id,
+            d.member_id,
+            "revoked" if d.revoked else "active",
+            online,
+            seen,
+            str(status) if status is not None else "-",
+            since if status is DeviceStatus.PAUSED else "no",
+            "; ".join(s.target_text() for s in striking.get(d.device_id, [])) or "no",
+            since if status is DeviceStatus.LEFT else "no",
+            d.verifier.text(),
+        )
+        typer.echo("\t".join(row))
+
+
+def _utc(ms: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ms / 1000))
+
+
+def _ago(ms: int) -> str:
+    seconds = max(0, ms // 1000)
+    if seconds < 120:
+        return f"{seconds} s ago"
+    return f"{seconds // 60} min ago" if seconds < 7200 else f"{seconds // 3600} h ago"
 
 
 EvidenceDirOption = typer.Option(None, help="write each refused report's signed envelope here")

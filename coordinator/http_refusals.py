@@ -1,11 +1,14 @@
 """How the coordinator's HTTP endpoints read bodies and refuse: size checked while reading, one JSON refusal shape.
 
-Every refusal is `{"reason": <reason code>, "message": ...}` with an HTTP status chosen by reason code, and is counted
-through `on_refusal` like the MQTT ingest's rejections.
+Every refusal is `{"reason": <reason code>, "message": ...}` with an HTTP status chosen by reason code, is counted
+through `on_refusal` like the MQTT ingest's rejections, and is logged as one WARNING line (docs/protocol.md,
+"Reason codes" gives the status of every code and "Rejections are counted and logged" the line; tests hold both to
+this module).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from fastapi import Request
@@ -13,7 +16,7 @@ from fastapi.responses import JSONResponse
 
 from protocol.errors import ProtocolError, Reason, TooLargeError
 
-HTTP_STATUS = {
+HTTP_STATUS: dict[Reason, int] = {
     Reason.INVITE_EXPIRED: 410,
     Reason.INVITE_USED: 409,
     Reason.INVITE_INVALID: 403,
@@ -28,7 +31,16 @@ HTTP_STATUS = {
     Reason.INCONSISTENT: 409,
     Reason.QUORUM_NOT_MET: 503,
 }
+"""The status of the reason codes an endpoint refuses with; every other code is 400 (`http_status`)."""
+
 _MAX_MESSAGE = 1024
+_MAX_LOGGED_ERROR = 300
+log = logging.getLogger("midgate.http")
+
+
+def http_status(reason: Reason) -> int:
+    """The HTTP status a refusal with `reason` carries."""
+    return HTTP_STATUS.get(reason, 400)
 
 
 async def read_bounded_body(request: Request, limit: int, what: str) -> bytes:
@@ -42,8 +54,11 @@ async def read_bounded_body(request: Request, limit: int, what: str) -> bytes:
 
 
 def refusal(error: ProtocolError, on_refusal: Callable[[Reason], None]) -> JSONResponse:
+    """The answer to a refused request; counts it and logs it (its details name offending values, never secrets)."""
+    status = http_status(error.reason)
     on_refusal(error.reason)
-    return JSONResponse(
-        {"reason": str(error.reason), "message": error.message[:_MAX_MESSAGE]},
-        status_code=HTTP_STATUS.get(error.reason, 400),
+    log.warning(
+        "request refused",
+        extra={"reason": str(error.reason), "status": status, "error": str(error)[:_MAX_LOGGED_ERROR]},
     )
+    return JSONResponse({"reason": str(error.reason), "message": error.message[:_MAX_MESSAGE]}, status_code=status)

@@ -12,11 +12,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
+from protocol.private_files import private_file
+
 
 def open_wal(path: Path, synchronous: Literal["FULL", "NORMAL"], schema: str) -> sqlite3.Connection:
-    """Open (creating folders and tables as needed) `path` in WAL mode, usable from the one thread that writes it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    """Open (creating folders 0700, the file 0600 and tables as needed) `path` in WAL mode, usable from the one thread
+    that writes it."""
+    db = sqlite3.connect(private_file(path), isolation_level=None, check_same_thread=False, timeout=30)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute(f"PRAGMA synchronous={synchronous}")
     db.executescript(schema)

@@ -6,13 +6,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from protocol.private_files import private_dir
+
 
 def replace_file(path: Path, data: bytes) -> None:
-    """Write `data` to `.{name}.{pid}.tmp` beside `path` (0600), fsync it, rename it over `path`, fsync the folder.
+    """Write `data` to `.{name}.{pid}.tmp` beside `path` (0600; missing folders 0700), fsync it, rename it over
+    `path`, fsync the folder.
 
     The temporary name starts with `.` and ends in `.tmp`, so folder scans that take `*.json` never see it.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:

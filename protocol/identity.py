@@ -22,6 +22,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from protocol.errors import BadKeyError, InsecureKeyFileError
+from protocol.private_files import private_dir
 
 ALG_ED25519 = 0x01
 PUBLIC_KEY_SIZE = 32
@@ -135,8 +136,9 @@ class SignerKey:
 
 
 def save_signer_key(path: Path, key: SignerKey) -> None:
-    """Write `key` to `path` with mode 0600, atomically (a crash leaves the old file or the new one)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `key` to `path` with mode 0600 (missing folders 0700), atomically (a crash leaves the old file or the
+    new one)."""
+    private_dir(path.parent)
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:

@@ -249,6 +249,8 @@ class DeviceStatus(StrEnum):
     TRAINING = "training"
     PAUSED = "paused"
     STRIKING = "striking"
+    LEFT = "left"
+    """The member left this MID for good: it takes part in no job again (its outbox is still delivered)."""
     OFFLINE = "offline"
     """Only in a device's MQTT last will: the broker publishes it when the device vanishes without a goodbye."""
 
@@ -301,6 +303,12 @@ def check_strike_span(target_buyer: str | None, target_purpose: str | None, star
         raise ValueError("a strike needs a target buyer, a target purpose, or both")
     if end_ms is not None and end_ms <= start_ms:
         raise ValueError("end_ms must be after start_ms")
+
+
+def strike_covers(target_buyer: str | None, target_purpose: str | None, buyer: str, purpose: str) -> bool:
+    """True when a strike against `target_buyer` and/or `target_purpose` is against a job for `buyer` and `purpose`
+    (a target left None matches any). The agent declines such a job; the MID does not wait for the striker."""
+    return target_buyer in (None, buyer) and target_purpose in (None, purpose)
 
 
 class StrikeVote(WireMessage):
@@ -651,4 +659,5 @@ __all__ = [
     "open_enrolment_request",
     "receipt_batch_json",
     "require_newer_seq",
+    "strike_covers",
 ]

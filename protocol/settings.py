@@ -11,6 +11,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Self
 
+from pydantic import ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, TomlConfigSettingsSource
 
 _config_file: ContextVar[Path | None] = ContextVar("midgate_config_file", default=None)
@@ -43,3 +44,12 @@ class RoleSettings(BaseSettings):
             return cls(**overrides)  # type: ignore[arg-type]
         finally:
             _config_file.reset(token)
+
+
+def validation_problems(error: ValidationError) -> str:
+    """A pydantic error as one line, `field.path: message; ...`, without the values given: a settings file holds
+    passwords, and an error message is printed and logged."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in problem['loc']) or 'value'}: {problem['msg']}"
+        for problem in error.errors(include_url=False, include_input=False, include_context=False)
+    )

@@ -266,6 +266,20 @@ rate_burst = 100000
 """
 
 
+def tls_broker_config_toml(broker_dir: Path, tls_port: int, local_port: int) -> str:
+    """The `[broker_config]` table for a broker as `broker-config` writes it (TLS for devices on `tls_port`, the plain
+    loopback listener on `local_port`), run as root: its `mosquitto` user cannot enter pytest's private folders
+    (test_broker_debian.py runs it the packaged way). Replaces the table `coordinator_toml` writes."""
+    return f"""
+[broker_config]
+output_dir = "{broker_dir}"
+listen_host = "127.0.0.1"
+tls_port = {tls_port}
+local_port = {local_port}
+user = "root"
+"""
+
+
 def agent_toml(data_dir: Path, extra: str = "") -> str:
     return f"""
 data_dir = "{data_dir}"

@@ -220,10 +220,11 @@ def test_invitation_times_state_decides_run_or_decline(
         (MemberState(strikes=(_strike(),)), False, DeviceStatus.STRIKING),
         (MemberState(strikes=(_strike(end_ms=NOW - 1),)), False, DeviceStatus.IDLE),
         (MemberState(paused_ms=NOW, strikes=(_strike(),)), False, DeviceStatus.PAUSED),
-        (MemberState(left_ms=NOW), False, None),
+        (MemberState(left_ms=NOW), False, DeviceStatus.LEFT),
+        (MemberState(left_ms=NOW, paused_ms=NOW), True, DeviceStatus.LEFT),
     ],
 )
-def test_heartbeat_status(state: MemberState | None, training: bool, status: DeviceStatus | None) -> None:
+def test_heartbeat_status(state: MemberState | None, training: bool, status: DeviceStatus) -> None:
     assert heartbeat_status(state, NOW, training) == status
 
 

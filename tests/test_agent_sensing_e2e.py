@@ -1,8 +1,8 @@
 """A real `midgate agent run` collects what its agent.toml lists: a live CSV replay (with a damaged line), the
 simulated household, a recording loaded as fast as the store takes it, and a BME280 that is not there; the store fills
 while it runs (polled, never slept on), `midgate agent status` (another process) shows each sensor's rate, last sample
-and errors by kind, and SIGTERM leaves every sensor's last state in the store. No broker runs: sensing does not wait
-for the MID."""
+and errors by kind, and why the agent is not connected, and SIGTERM leaves every sensor's last state in the store. No
+broker runs: sensing does not wait for the MID."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 from mqtt_fixtures import PYTHON, REPO, ServiceProcess, free_port, wait_until
 
 from edge.agent.membership import MembershipRecord, save_membership
+from edge.sensors.errors import StoreNotReadyError
 from edge.sensors.store import SampleStore
 from protocol.enrolment import BrokerCredentials
 from protocol.identity import SignerKey, save_signer_key
@@ -74,8 +75,11 @@ def test_agent_run_fills_the_store_from_its_config_and_status_shows_each_sensor(
         def health() -> dict[str, tuple[str, int, dict[str, int]]]:
             if not store_path.exists():
                 return {}
-            with SampleStore(store_path, readonly=True) as store:
-                return {h.name: (h.state, h.samples, h.errors) for h in store.health()}
+            try:
+                with SampleStore(store_path, readonly=True) as store:
+                    return {h.name: (h.state, h.samples, h.errors) for h in store.health()}
+            except StoreNotReadyError:  # the daemon has created the file, not yet its schema
+                return {}
 
         def collected() -> bool:
             seen = health()
@@ -106,6 +110,8 @@ def test_agent_run_fills_the_store_from_its_config_and_status_shows_each_sensor(
         assert "sampling" in rows["env"] and " s ago)" in rows["env"], status  # its rate, its last sample and when
         assert "sampling" in rows["meter"] and "malformed" in rows["meter"], status  # errors by kind
         assert "loaded" in rows["rec"] and "unavailable" in rows["bme"] and "I2C" in rows["bme"], status
+        words = " ".join(status.split())  # the agent's own table: why it is not connected (cells may fold)
+        assert "not connected to 127.0.0.1:" in words and "Connection refused" in words, status
     finally:
         agent.stop()
     assert agent.proc is not None and agent.proc.returncode == 0, agent.log_text()

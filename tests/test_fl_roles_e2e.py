@@ -45,8 +45,9 @@ def test_two_round_job_reports_reach_the_ledger_and_match_the_strategys_updates(
 
     with stopping_federation(stack, agents) as teardown:
         # The MID operator's command: it invites every enrolled device with a Flower node ("all online": no
-        # --device), runs the job on serve's SuperLink once their SuperNodes joined, re-invites while it runs, and
-        # exits 0 only when the run finished:completed with every round in the ServerApp's outcome.
+        # --device), runs the job on serve's SuperLink (its first round waits for their SuperNodes to join),
+        # re-invites while it runs, and exits 0 only when the run finished:completed with every round in the
+        # ServerApp's outcome.
         job = start_job(stack, teardown, "job-1", 2)
         book = finished_job(stack, job, "job-1", timeout_s=360)
         assert (book.status, book.flower_status) == ("completed", "finished:completed")
@@ -57,7 +58,8 @@ def test_two_round_job_reports_reach_the_ledger_and_match_the_strategys_updates(
         assert outcome.status == "finished" and outcome.rounds_completed == 2 and outcome.drops == []
         assert book.outcome == outcome
         listed = midgate("coordinator", "job", "list", "--config", str(stack.config))
-        assert listed.splitlines()[0].startswith("job-1\tcompleted\tplaid-appliance@1\t2/2\t")
+        assert listed.splitlines()[0].split("\t")[:3] == ["job", "status", "task"]
+        assert listed.splitlines()[1].startswith("job-1\tcompleted\tplaid-appliance@1\t2/2\t")
 
         # Every round's report of every node is in the ledger and receipted back to its agent.
         wait_until(

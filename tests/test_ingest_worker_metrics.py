@@ -84,7 +84,8 @@ def test_worker_metrics_and_devices_online_through_heartbeat_summaries(messaging
         assert metrics["midgate_worker_committed_total"] == metrics["midgate_worker_forwarded_total"]
         assert metrics["midgate_ingest_received_total"] >= REPORTS + 2
 
-        # One malformed message on ana's topic: the worker refuses it and counts it by reason code.
+        # One malformed message on ana's topic: the worker refuses it, counts it by reason code and logs it as serve
+        # would (docs/protocol.md, "Rejections are counted and logged").
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id="garbage", protocol=paho.MQTTv5)
         client.connect("127.0.0.1", broker.port)
         client.loop_start()
@@ -99,6 +100,8 @@ def test_worker_metrics_and_devices_online_through_heartbeat_summaries(messaging
 
         wait_until(lambda: sum(rejected().values()) == 1, 20, "the malformed message counted")
         assert list(rejected()) == ['midgate_ingest_rejected_total{reason="malformed"}']
+        logged = [line for line in worker.log_text().splitlines() if '"msg":"message rejected"' in line]
+        assert len(logged) == 1 and '"level":"warning"' in logged[0] and '"reason":"malformed"' in logged[0]
         assert len(stack.ledger_contributions()) == REPORTS
     except BaseException:
         print(f"---- worker log (tail) ----\n{worker.log_text()[-6000:]}")

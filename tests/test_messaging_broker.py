@@ -17,6 +17,7 @@ from mqtt_fixtures import (
     contribution_report,
     coordinator_toml,
     free_port,
+    tls_broker_config_toml,
     wait_until,
     write_bodies,
 )
@@ -82,16 +83,7 @@ def test_broker_config_tls_logins_and_acls(tmp_path: Path) -> None:
     broker_extra = (
         f'pid_file = "{broker_dir / "mosquitto.pid"}"\ntls = true\nca_file = "{broker_dir / "tls" / "ca.crt"}"'
     )
-    # Mosquitto runs as root here: its `mosquitto` user cannot enter pytest's private folders (test_broker_debian.py
-    # runs it the packaged way).
-    extra = f"""
-[broker_config]
-output_dir = "{broker_dir}"
-listen_host = "127.0.0.1"
-tls_port = {tls_port}
-local_port = {local_port}
-user = "root"
-"""
+    extra = tls_broker_config_toml(broker_dir, tls_port, local_port)
     toml = coordinator_toml(
         stack.data_dir, stack.mid, tls_port, stack.http_port, broker_extra=broker_extra, plain_devices=False
     )

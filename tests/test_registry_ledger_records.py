@@ -19,7 +19,7 @@ from edge.agent.enrolment import PENDING_REQUEST, pending_enrolment_request
 from protocol.checkpoint import verify_receipt
 from protocol.enrolment import BrokerCredentials
 from protocol.envelope import decode, open_envelope
-from protocol.errors import InviteUsedError
+from protocol.errors import BadKeyError, InviteUsedError
 from protocol.identity import SignerKey
 from protocol.leaves import Leaf, LeafKind, decode_leaf
 from protocol.messages import EnrolmentRequest, KeyRevocation, Receipt
@@ -190,4 +190,22 @@ def test_an_enrolment_after_a_failed_append_logs_both(tmp_path: Path) -> None:
         Receipt,
     )
     assert receipt.leaf_index == 1
+    c.close()
+
+
+def test_a_device_key_not_named_after_its_device_is_refused_and_the_invite_stays_unused(tmp_path: Path) -> None:
+    """docs/protocol.md "Identities": witness lists and cosignature lines name a device by its key's name."""
+    mid_key = SignerKey.generate(mid_key_name(MID))
+    c = Coordinator(tmp_path, mid_key)
+    token = issue_invite(c.registry, mid_key, MID, "alice", NOW, 3600)
+    for name in ("d-2", "Not/An-Id"):
+        key = SignerKey.generate(name)
+        request = EnrolmentRequest(
+            mid=MID, device="d-1", device_key=key.verifier.text(), invite_token=token, seq=0, device_time_ms=NOW
+        )
+        with pytest.raises(BadKeyError):
+            c.enroller().enrol(request.seal(key), NOW)
+    assert c.registry.devices() == [] and c.ledger.size == 0
+    c.enroller().enrol(_request(token, "d-1")[1], NOW)  # the invite was not used up
+    assert [d.device_id for d in c.registry.devices()] == ["d-1"]
     c.close()

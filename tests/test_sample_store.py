@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import vectors_dir
 
-from edge.sensors.errors import MalformedError
+from edge.sensors.errors import MalformedError, StoreNotReadyError
 from edge.sensors.fingerprint import dataset_fingerprint, window_hash
 from edge.sensors.sample import ChannelSpec, Sample
 from edge.sensors.store import Retention, SampleStore
@@ -241,3 +241,16 @@ def test_a_store_of_another_schema_version_is_refused(tmp_path: Path) -> None:
     with pytest.raises(MalformedError) as err:
         SampleStore(path)
     assert err.value.details["found"] == "99"
+
+
+def test_a_reader_of_a_store_still_being_created_is_told_so_not_that_it_is_damaged(tmp_path: Path) -> None:
+    """`agent status` may look while `agent run` has created the file and not yet its schema; the schema and its
+    version are then written in one transaction, so a reader never sees tables without the version row."""
+    path = tmp_path / "samples.db"
+    sqlite3.connect(path).close()  # the file exists, empty: what a writer's connect leaves before its first commit
+    with pytest.raises(StoreNotReadyError):
+        SampleStore(path, readonly=True)
+    with SampleStore(path):
+        pass
+    with SampleStore(path, readonly=True) as store:
+        assert store.health() == []

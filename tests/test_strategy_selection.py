@@ -74,6 +74,29 @@ def test_a_late_node_is_waited_for_and_a_missing_one_is_recorded_not_connected()
     assert participation.drops == [NodeDrop(1, 3, DropReason.NOT_CONNECTED)]
 
 
+def test_a_node_that_never_joined_is_not_waited_for_again_but_taken_when_it_comes() -> None:
+    grid = AnsweringGrid([1, 2])
+    participation = Participation([1, 2, 3], min_nodes=2)
+    strategy, clock = _selection(participation, grid, join_timeout=5.0)
+    assert _train_destinations(strategy, 1, grid) == {1, 2}
+    waited = clock.now
+    assert _train_destinations(strategy, 2, grid) == {1, 2}
+    assert clock.now == waited  # node 3 did not come within the first wait: round 2 does not wait for it
+    grid.connected.append(3)
+    assert _train_destinations(strategy, 3, grid) == {1, 2, 3}
+    assert [(d.round, d.node_id) for d in participation.drops] == [(1, 3), (2, 3)]
+
+
+def test_a_node_that_joined_is_waited_for_at_the_next_round() -> None:
+    grid = AnsweringGrid([1, 2])
+    participation = Participation([1, 2], min_nodes=1)
+    strategy, clock = _selection(participation, grid, join_timeout=5.0)
+    assert _train_destinations(strategy, 1, grid) == {1, 2}
+    grid.connected.remove(2)  # reconnecting
+    clock.joins_after = {2: clock.now + 1.0}
+    assert _train_destinations(strategy, 2, grid) == {1, 2}
+
+
 def test_a_node_gone_for_the_job_is_not_asked_again_even_when_connected() -> None:
     grid = AnsweringGrid([1, 2, 3])
     participation = Participation([1, 2, 3], min_nodes=2)

@@ -83,6 +83,13 @@ class CaptureDirectory:
     def round_path(self, server_round: int) -> Path:
         return self.directory / f"round-{server_round:06d}.json"
 
+    def record_validation(self, server_round: int, metrics: dict[str, float], seconds: float | None) -> None:
+        """`validation-NNNNNN.json`: the global model after `server_round` scored on the buyer's validation set, and
+        the round's wall time (None for round 0, the initial model), written atomically as each round ends so that
+        `job start` prints every round while the run goes on (outcome.json has them all only at the end)."""
+        doc = {"round": server_round, "metrics": metrics, "seconds": seconds}
+        _write_atomically(validation_path(self.directory, server_round), json.dumps(doc).encode())
+
     def load_round(self, server_round: int) -> RoundCapture:
         """Read a round back with its arrays, re-hashing every stored update (a tampered .npz shows as a hash
         mismatch against the summary's own hashes, which `read_round_summary` alone would not notice)."""
@@ -108,6 +115,20 @@ class CaptureDirectory:
     def _read_npz(path: Path) -> NDArrays:
         with np.load(path, allow_pickle=False) as data:
             return {name: data[name] for name in data.files}
+
+
+def validation_path(run_dir: Path, server_round: int) -> Path:
+    return run_dir / f"validation-{server_round:06d}.json"
+
+
+def read_validation(run_dir: Path, server_round: int) -> tuple[dict[str, float], float | None] | None:
+    """The metrics and wall time `record_validation` wrote for `server_round`; None while there is none yet."""
+    try:
+        doc = json.loads(validation_path(run_dir, server_round).read_bytes())
+    except FileNotFoundError:
+        return None
+    seconds = doc["seconds"]
+    return {str(k): float(v) for k, v in doc["metrics"].items()}, None if seconds is None else float(seconds)
 
 
 def read_round_summary(data: bytes, server_round: int) -> RoundCapture:

@@ -1,14 +1,15 @@
 """Turning a signed invite and a self-signed EnrolmentRequest into a device membership.
 
 Steps, each a typed rejection on failure and none leaving a trace when it fails: size -> the request is signed by
-the key it enrols (proof of possession) -> it names this MID -> the invite token verifies under the MID key and has
-not expired -> the registry redeems the invite exactly once and registers the device with fresh broker credentials
--> the request envelope is appended to the ledger as an `enrol` leaf (owed in the registry's redeem transaction, so a
-crash before the append is repaired by `recover` at the next start) -> the grant carries the signed response, the
-leaf's receipt and the credentials. The same signed request sent again (the agent lost the answer) gets the same
-device and leaf with a fresh broker password. The broker learns the new login through `on_enrolled` (password
-file + reload). A request with a `flower_key` (checked to be a P-256 OpenSSH key before anything is written) also
-registers that key with the MID's SuperLink once per device; the node id is stored with the device and returned.
+the key it enrols (proof of possession), which is named after the device -> it names this MID -> the invite token
+verifies under the MID key and has not expired -> the registry redeems the invite exactly once and registers the
+device with fresh broker credentials -> the request envelope is appended to the ledger as an `enrol` leaf (owed in
+the registry's redeem transaction, so a crash before the append is repaired by `recover` at the next start) -> the
+grant carries the signed response, the leaf's receipt and the credentials. The same signed request sent again (the
+agent lost the answer) gets the same device and leaf with a fresh broker password. The broker learns the new login
+through `on_enrolled` (password file + reload). A request with a `flower_key` (checked to be a P-256 OpenSSH key
+before anything is written) also registers that key with the MID's SuperLink once per device; the node id is stored
+with the device and returned.
 """
 
 from __future__ import annotations
@@ -100,6 +101,10 @@ class Enroller:
         if len(body) > self.max_body_bytes:
             raise TooLargeError("enrolment request too large", limit=self.max_body_bytes, found=len(body))
         verified, request = open_enrolment_request(body)
+        if verified.signer.name != request.device:
+            # Witness lists and cosignature lines name a device by its key's name (docs/protocol.md, "Identities"); a
+            # key named otherwise would misname the device there, or (not an id) break the witness list for everyone.
+            raise BadKeyError("device_key must be named after the device", device=request.device)
         if request.mid != self.mid:
             raise InviteInvalidError("request names another MID", expected=self.mid, found=request.mid)
         claim: InviteClaim = open_invite(request.invite_token, self.mid, self.mid_verifier, now_ms)

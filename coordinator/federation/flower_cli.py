@@ -1,5 +1,5 @@
 """The `flwr` CLI calls the coordinator makes against its SuperLink: register a device's key, submit a run, read
-its status, list the connected nodes, stop a run. `flwr run` exits 0 even when the ServerApp fails, so run
+its status, stop a run. `flwr run` exits 0 even when the ServerApp fails, so run
 completion is read from `flwr ls` (and from the ServerApp's outcome.json), never from the CLI's exit code.
 """
 
@@ -77,14 +77,6 @@ class FlowerCli:
         if not isinstance(runs, list) or not runs:
             raise FlowerCliError(f"run {run_id} not listed")
         return str(runs[0]["status"])
-
-    def online_node_ids(self) -> set[int]:
-        """Node ids of the SuperNodes connected to the SuperLink now (`flwr supernode list`, status online)."""
-        data = self._json(self._run("supernode", "list", CONNECTION, "--format", "json"))
-        nodes = data.get("nodes")
-        if not isinstance(nodes, list):
-            raise FlowerCliError("flwr supernode list: no node list")
-        return {int(str(n["node-id"])) for n in nodes if isinstance(n, dict) and n.get("status") == "online"}
 
     def stop_run(self, run_id: int) -> None:
         self._run("stop", str(run_id), CONNECTION)

@@ -88,8 +88,9 @@ def start(
 
     from coordinator.federation.flower_cli import FlowerCliError
     from coordinator.federation.job_start import JobRequest, JobRequestError
+    from protocol.settings import validation_problems
 
-    console = Console(stderr=False, highlight=False)
+    console = Console(stderr=False, highlight=False, soft_wrap=True)  # a line a line, also in a log file
     task_id, _, version = task.partition("@")
     try:
         request = JobRequest.model_validate(
@@ -119,18 +120,21 @@ def start(
                 "lease_s": lease,
             }
         )
-    except (ValidationError, ValueError, KeyError, LookupError) as error:
-        console.print(f"[red]job refused[/red]: {error}")
+    except ValidationError as error:
+        typer.echo(f"job refused: {validation_problems(error)}", err=True)
+        raise typer.Exit(2) from None
+    except (ValueError, KeyError, LookupError) as error:
+        typer.echo(f"job refused: {error}", err=True)
         raise typer.Exit(2) from None
     settings = _settings(config)
     if not settings.federation.enabled:
-        console.print("[red]job refused[/red]: \\[federation] enabled = false in this coordinator's config")
+        typer.echo("job refused: [federation] enabled = false in this coordinator's config", err=True)
         raise typer.Exit(2)
     ledger_size = _ledger_size(settings)
     try:
         record = _run(settings, request, console)
     except (JobRequestError, FlowerCliError, OSError) as error:  # OSError: no broker, no MID CA yet
-        console.print(f"[red]job failed[/red]: {error}")
+        typer.echo(f"job failed: {' '.join(str(error).split())}", err=True)  # flwr's output, on one line
         raise typer.Exit(1) from None
     _print_outcome(console, record)
     if record.status in ("completed", "failed"):
@@ -279,6 +283,7 @@ def _run(settings: CoordinatorSettings, request: JobRequest, console: Console) -
                 jobs_dir=s.jobs_dir,
                 book=_book(s),
                 report=lambda line: console.print(f"[cyan]{request.job_id}[/cyan] {line}"),
+                offline_after_s=s.ingest.heartbeat_offline_s,
                 flower_acceleration=s.federation.flower_acceleration,
             )
             with console.status(f"job {request.job_id}: {request.task_id}@{request.task_version}"):
@@ -299,11 +304,11 @@ def _print_outcome(console: Console, record: JobRecord) -> None:
     outcome = record.outcome
     if outcome is None:
         return
-    if outcome.validation:
-        table = Table("round", *sorted(next(iter(outcome.validation.values()))), title="validation (buyer's set)")
-        for server_round, metrics in sorted(outcome.validation.items()):
-            table.add_row(str(server_round), *(f"{metrics[k]:.4f}" for k in sorted(metrics)))
-        console.print(table)
+    if outcome.final_validation:
+        tail = record.request.tail_average
+        averaged = f" (mean of the last {tail} rounds)" if tail > 1 else ""
+        shown = ", ".join(f"{name} {value:.4f}" for name, value in sorted(outcome.final_validation.items()))
+        console.print(f"final model{averaged} on the buyer's validation set: {shown}")
     for drop in outcome.drops:
         console.print(f"dropped: round {drop.round} node {drop.node_id}: {drop.reason} {drop.detail}".rstrip())
     if outcome.attribution:
@@ -327,8 +332,14 @@ def _print_outcome(console: Console, record: JobRecord) -> None:
 
 @app.command("list")
 def list_jobs(config: Path | None = ConfigOption) -> None:
-    """The jobs this MID ran: id, status, task, rounds, run id, reason, final validation accuracy, model version."""
-    for record in _book(_settings(config)).records():
+    """The jobs this MID ran, one a line under a header (tab-separated): id, status, task, rounds, run id, reason,
+    final validation accuracy, model version."""
+    records = list(_book(_settings(config)).records())
+    if not records:
+        typer.echo("no jobs yet (`midgate coordinator job start` runs one)")
+        return
+    typer.echo("job\tstatus\ttask\trounds\trun\treason\taccuracy\tmodel_version")
+    for record in records:
         r = record.request
         accuracy = ""
         if record.outcome is not None and record.outcome.validation:
@@ -336,7 +347,7 @@ def list_jobs(config: Path | None = ConfigOption) -> None:
             accuracy = f"{last.get('accuracy', float('nan')):.4f}" if "accuracy" in last else ""
         typer.echo(
             f"{r.job_id}\t{record.status}\t{r.task_id}@{r.task_version}\t"
-            f"{record.rounds_completed}/{r.rounds}\trun={record.run_id}\t{record.reason or '-'}\t{accuracy}\t"
+            f"{record.rounds_completed}/{r.rounds}\t{record.run_id or '-'}\t{record.reason or '-'}\t{accuracy or '-'}\t"
             f"{record.model_version or '-'}"
         )
 

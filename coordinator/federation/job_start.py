@@ -1,13 +1,21 @@
 """`midgate coordinator job start`: the MID operator runs one buyer's training job on its own SuperLink.
 
 A job is announced to each selected device by a MID-signed `RoundInvitation` on its `down/invite` topic; the agent
-starts its SuperNode for the job and keeps it until the invitation's deadline (edge/agent/job_node.py). So the
-command invites, waits for the devices' SuperNodes to connect, submits the run with `flwr run` (FlowerCli), and
-while the run lives re-invites every selected device with a later deadline, one lease ahead. `flwr run` exits 0 even
-when the ServerApp fails, so the job's result is the run's status on the SuperLink (`finished:completed`) together
-with the ServerApp's outcome.json, never the CLI's exit code. The run's output goes to the coordinator's `jobs_dir`
-(`run-<id>/`, where ingest cross-checks contribution reports with the round captures), and every job is recorded in
-`job-book/<job id>.json` under the federation folder (`JobBook`), which `job list` and `job show` read.
+starts its SuperNode for the job and keeps it until the invitation's deadline (edge/agent/job_node.py). Devices whose
+members said they will not come -- paused, striking against the job's buyer or purpose, left -- and devices the MID
+has not heard from lately are not invited and not waited for (`expected_devices`, from what `serve` keeps of the
+devices' signed heartbeats and strike votes: coordinator/registry/presence.py); the command says whom it waits for
+and whom not, and why.
+
+The command invites the others and submits the run with `flwr run` (FlowerCli) at once: the ServerApp starts while
+the devices start their SuperNodes, and its first round waits for them up to the join timeout (NodeSelection), so no
+second of the job goes to polling the SuperLink for joins. While the run lives it re-invites every selected device
+with a later deadline, one lease ahead, and prints each round as it ends (elapsed time, nodes, the buyer's
+validation metrics). `flwr run` exits 0 even when the ServerApp fails, so the job's result is the run's status on
+the SuperLink (`finished:completed`) together with the ServerApp's outcome.json, never the CLI's exit code. The run's
+output goes to the coordinator's `jobs_dir` (`run-<id>/`, where ingest cross-checks contribution reports with the
+round captures), and every job is recorded in `job-book/<job id>.json` under the federation folder (`JobBook`),
+which `job list` and `job show` read.
 """
 
 from __future__ import annotations
@@ -20,15 +28,17 @@ import secrets
 import ssl
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Self
 
 import aiomqtt
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from coordinator.capture.directory import capture_summary_path, read_round_summary, read_validation
 from coordinator.federation.flower_cli import FlowerCli, FlowerCliError
 from coordinator.federation.job import JobOutcome
+from coordinator.registry.presence import absence, active_strikes
 from coordinator.registry.store import Registry
 from protocol.errors import ProtocolError
 from protocol.identity import SignerKey
@@ -63,11 +73,12 @@ class JobRequest(BaseModel):
     job_id: names the job in invitations, reports and the job book ([a-z0-9-]).
     task_id, task_version: a published task (protocol.tasks registry).
     rounds: federated rounds (default: the task's).
-    devices: device ids to train on; empty means every enrolled device whose SuperNode connects within
-        `join_timeout_s` of the first invitation ("all online").
+    devices: device ids to train on; empty means every enrolled device with a Flower node ("all online"). Either way
+        the devices known not to come are left out (`expected_devices`).
     min_nodes: fewest usable updates per round (the ServerApp fails the job below it).
     round_timeout_s: seconds the ServerApp waits for a round's replies.
-    join_timeout_s: seconds to wait for invited SuperNodes to connect, before the run and at each round's start.
+    join_timeout_s: seconds the first round waits for the invited SuperNodes to connect (later rounds wait as long
+        for a node that joined before and dropped out).
     validation_path: the buyer's validation window file, on the coordinator.
     purpose, buyer: what the data is used for and by whom; they go into every invitation.
     dp_clipping_norm, dp_noise_multiplier, dp_delta: the ServerApp's differential privacy (off at norm 0).
@@ -219,6 +230,25 @@ def select_devices(registry: Registry, names: tuple[str, ...]) -> list[JobDevice
     return chosen
 
 
+def expected_devices(
+    registry: Registry, devices: list[JobDevice], request: JobRequest, now_ms: int, offline_after_ms: int
+) -> tuple[list[JobDevice], dict[str, str]]:
+    """Split `devices` into those the job invites and waits for, and those it knows will not come (device id -> why:
+    coordinator.registry.presence.absence, from what the devices last said in signed messages)."""
+    heard = registry.presence()
+    striking = active_strikes(registry.strike_votes(), now_ms)
+    coming: list[JobDevice] = []
+    absent: dict[str, str] = {}
+    for device in devices:
+        strikes = striking.get(device.device_id, [])
+        why = absence(heard.get(device.device_id), strikes, request.buyer, request.purpose, now_ms, offline_after_ms)
+        if why is None:
+            coming.append(device)
+        else:
+            absent[device.device_id] = why
+    return coming, absent
+
+
 def round_invitation(
     request: JobRequest, run_id: int, server_round: int, nonce: str, now_ms: int, mid_key: SignerKey
 ) -> bytes:
@@ -308,8 +338,12 @@ class JobRecord(BaseModel):
     request: JobRequest
     invited: list[JobDevice]
     nonces: dict[str, str]  # device id -> the invitation nonce its reports of this job carry
+    not_waited_for: dict[str, str] = Field(default_factory=dict)
+    """Devices the job selected but knew would not come (device id -> why): not invited, not waited for."""
     selected_node_ids: list[int] = Field(default_factory=list)
     run_id: int | None = None
+    submitted_ms: int | None = None
+    """When the run was submitted to the SuperLink (`started_ms` is when the command began)."""
     status: JobStatus = "inviting"
     flower_status: str = ""
     reason: str = ""
@@ -434,7 +468,9 @@ class JobRun:
     jobs_dir: the ServerApp's output folder (the coordinator's `jobs_dir`); the run writes `run-<id>/` there.
     book: where the job is recorded.
     report: progress lines.
-    poll_s: seconds between looks at the run's folder (round captures, outcome.json) (default 0.5).
+    offline_after_s: a device not heard from for this long is not waited for (the MID's
+        `[ingest] heartbeat_offline_s`; default 180).
+    poll_s: seconds between looks at the run's folder (round captures, validations, outcome.json) (default 0.25).
     status_every_s: seconds between `flwr ls` calls while the run has no outcome yet (default 15): each is a fresh
         Python process costing about 1 s of CPU, taken from the job when the SuperLink shares the machine.
     flower_acceleration: the run's `flower-acceleration` (the MID's `[federation] flower_acceleration`; default True).
@@ -449,20 +485,31 @@ class JobRun:
     jobs_dir: Path
     book: JobBook
     report: Callable[[str], None]
-    poll_s: float = 0.5
+    offline_after_s: float = 180.0
+    poll_s: float = 0.25
     status_every_s: float = 15.0
     flower_acceleration: bool = True
     clock: Callable[[], float] = time.monotonic
+    _started: float = field(default=0.0, init=False)
 
     def run(self) -> JobRecord:
+        self._started = self.clock()
         if self.book.read(self.request.job_id) is not None:
             raise JobRequestError("job_exists", "a job with this id was already run", job=self.request.job_id)
-        devices = select_devices(self.registry, self.request.devices)
+        now = _now_ms()
+        devices, absent = expected_devices(
+            self.registry,
+            select_devices(self.registry, self.request.devices),
+            self.request,
+            now,
+            int(self.offline_after_s * 1000),
+        )
         record = JobRecord(
             request=self.request,
             invited=devices,
             nonces={d.device_id: secrets.token_hex(16) for d in devices},
-            started_ms=_now_ms(),
+            not_waited_for=absent,
+            started_ms=now,
         )
         self.book.write(record)
         try:
@@ -476,27 +523,37 @@ class JobRun:
 
     def _run(self, record: JobRecord) -> JobRecord:
         request = self.request
-        self._invite(record, record.invited, run_id=0, server_round=1)
-        self.report(f"invited {len(record.invited)} device(s): {', '.join(d.device_id for d in record.invited)}")
-        joined = self._wait_joined({d.node_id for d in record.invited})
-        selected = record.invited if request.devices else [d for d in record.invited if d.node_id in joined]
-        missing = [d.device_id for d in record.invited if d.node_id not in joined]
-        if missing:
-            self.report(f"not connected after {request.join_timeout_s:.0f} s: {', '.join(missing)}")
-        if len([d for d in selected if d.node_id in joined]) < request.min_nodes:
-            record.selected_node_ids = [d.node_id for d in selected]
-            return self._finish(record, "failed", "too_few_nodes")
+        if record.not_waited_for:
+            absent = ", ".join(f"{device} ({why})" for device, why in record.not_waited_for.items())
+            self.report(f"not waiting for {len(record.not_waited_for)} device(s): {absent}")
+        selected = record.invited
         record.selected_node_ids = [d.node_id for d in selected]
+        if len(selected) < request.min_nodes:
+            self.report(f"{len(selected)} device(s) can take part, fewer than min_nodes {request.min_nodes}")
+            return self._finish(record, "failed", "too_few_nodes")
+        self._invite(record, selected, run_id=0, server_round=1)
+        self.report(
+            f"invited {len(selected)} device(s); the first round waits up to {request.join_timeout_s:.0f} s for them"
+            f" to join: {', '.join(d.device_id for d in selected)}"
+        )
         run_config = request.run_config(record.selected_node_ids, self.jobs_dir, self.flower_acceleration)
         record.run_id = self.cli.submit_run(APP_DIR, run_config)
         record.status = "running"
+        record.submitted_ms = _now_ms()
         self.book.write(record)
+        # The first invitation could name no run; this one does, so each agent keys its reports of the run to the
+        # job's nonce even when another job's invitation reaches it meanwhile.
+        self._invite(record, selected, record.run_id, 1)
         self.report(f"run {record.run_id} submitted with {len(selected)} node(s)")
-        return self._follow(record, [d for d in record.invited if d.node_id in record.selected_node_ids])
+        return self._follow(record, selected)
 
     def _follow(self, record: JobRecord, selected: list[JobDevice]) -> JobRecord:
         assert record.run_id is not None
         run_dir = self.jobs_dir / f"run-{record.run_id}"
+        devices = {d.node_id: d.device_id for d in selected}
+        progress = RoundProgress(
+            self.jobs_dir, record.run_id, devices, self.request, self.report, self.clock, self._started
+        )
         deadline = self.clock() + self.request.wait_bound_s()
         reinvite_every = self.request.lease_s / 3
         last_invite = self.clock()
@@ -507,11 +564,12 @@ class JobRun:
             if done != record.rounds_completed:
                 record.rounds_completed = done
                 self.book.write(record)
-                self.report(f"round {done}/{self.request.rounds} captured")
+            progress.show()
             outcome_written = (run_dir / "outcome.json").exists()
             if outcome_written or self.clock() >= next_status:
                 status = self.cli.run_status(record.run_id)
-                next_status = self.clock() + (1.0 if outcome_written else self.status_every_s)
+                # After the outcome the ServerApp is exiting: the SuperLink says so within a second.
+                next_status = self.clock() + (0.5 if outcome_written else self.status_every_s)
                 if status.startswith(TERMINAL_PREFIX):
                     break
             if self.clock() >= deadline:
@@ -524,6 +582,7 @@ class JobRun:
             time.sleep(self.poll_s)
         record.flower_status = status
         record.outcome = _read_outcome(run_dir, self.clock)
+        progress.show()
         if record.outcome is not None:
             record.rounds_completed = record.outcome.rounds_completed
         if job_succeeded(status, record.outcome, self.request.rounds):
@@ -541,14 +600,6 @@ class JobRun:
             messages.append((down_topic(self.mid, device.device_id, DownKind.INVITE), payload))
         self.sender.send_all(messages)
 
-    def _wait_joined(self, node_ids: set[int]) -> set[int]:
-        deadline = self.clock() + self.request.join_timeout_s
-        while True:
-            online = self.cli.online_node_ids() & node_ids
-            if online == node_ids or self.clock() >= deadline:
-                return online
-            time.sleep(2.0)  # each `flwr supernode list` is a Python process: about 1 s of CPU
-
     def _finish(self, record: JobRecord, status: JobStatus, reason: str) -> JobRecord:
         record.status = status
         record.reason = reason
@@ -557,6 +608,45 @@ class JobRun:
             record.model_version = model_version(self.request.job_id, record.outcome.final_model_sha256)
         self.book.write(record)
         return record
+
+
+@dataclass
+class RoundProgress:
+    """One line per round as the run ends it: elapsed time since the command began, the round's own time, how many
+    nodes sent an update, and the global model's metrics on the buyer's validation set (the ServerApp writes them per
+    round: CaptureDirectory.record_validation); after the first round, the devices that did not join."""
+
+    jobs_dir: Path
+    run_id: int
+    devices: dict[int, str]  # node id -> device id, of the selected devices
+    request: JobRequest
+    report: Callable[[str], None]
+    clock: Callable[[], float]
+    started: float
+    shown: int = 0
+
+    def show(self) -> None:
+        """Print every round ended since the last call."""
+        while self.shown < self.request.rounds:
+            server_round = self.shown + 1
+            scored = read_validation(self.jobs_dir / f"run-{self.run_id}", server_round)
+            summary = capture_summary_path(self.jobs_dir, self.run_id, server_round)
+            if scored is None or not summary.exists():
+                return
+            capture = read_round_summary(summary.read_bytes(), server_round)
+            metrics, seconds = scored
+            took = "" if seconds is None else f" (the round {seconds:.1f} s)"
+            shown = ", ".join(f"{name} {value:.4f}" for name, value in sorted(metrics.items()))
+            self.report(
+                f"round {server_round}/{self.request.rounds}: {self.clock() - self.started:.1f} s{took},"
+                f" {len(capture.updates)} node(s), {shown}"
+            )
+            if server_round == 1:
+                came = {u.node_id for u in capture.updates} | {d.node_id for d in capture.drops}
+                missing = [device for node, device in self.devices.items() if node not in came]
+                if missing:
+                    self.report(f"not joined within {self.request.join_timeout_s:.0f} s: {', '.join(missing)}")
+            self.shown = server_round
 
 
 def _read_outcome(run_dir: Path, clock: Callable[[], float], wait_s: float = 15.0) -> JobOutcome | None:

@@ -48,7 +48,8 @@ class ValidationEvaluator:
 
     Flower calls it with the initial model (round 0) and after every round with the model the next round trains
     from, so it also shows each of them to `observe` (default None): attribution values a round's updates as deltas
-    from the model it was sent (AttributionSink.observe_global)."""
+    from the model it was sent (AttributionSink.observe_global). `record` (default None) receives each round's
+    metrics and wall time as it is scored (CaptureDirectory.record_validation: `job start` prints them)."""
 
     def __init__(
         self,
@@ -56,11 +57,13 @@ class ValidationEvaluator:
         validation: WindowSet,
         tail: int = 1,
         observe: Callable[[Mapping[str, npt.NDArray[np.generic]]], None] | None = None,
+        record: Callable[[int, dict[str, float], float | None], None] | None = None,
     ) -> None:
         self.spec = spec
         self.validation = validation
         self.model = build_model(spec)
         self.observe = observe
+        self.record = record
         self.history: dict[int, dict[str, float]] = {}
         self.evaluated_at: dict[int, float] = {}  # monotonic time each round's global model was ready
         self.tail: deque[dict[str, npt.NDArray[np.generic]]] = deque(maxlen=tail)  # the last rounds' models
@@ -74,6 +77,9 @@ class ValidationEvaluator:
             self.tail.append(model)
         metrics = self.score(model)
         self.history[server_round] = metrics
+        if self.record is not None:
+            previous = self.evaluated_at.get(server_round - 1)
+            self.record(server_round, metrics, None if previous is None else self.evaluated_at[server_round] - previous)
         return MetricRecord(dict[str, int | float | list[int] | list[float]](metrics))
 
     def score(self, model: Mapping[str, npt.NDArray[np.generic]]) -> dict[str, float]:
@@ -208,7 +214,11 @@ def run_job(grid: Grid, run_id: int, job: JobRunConfig, aggregate: Aggregator = 
         )
         sink = attribution
     evaluator = ValidationEvaluator(
-        spec, validation, job.tail_average, observe=None if attribution is None else attribution.observe_global
+        spec,
+        validation,
+        job.tail_average,
+        observe=None if attribution is None else attribution.observe_global,
+        record=capture.record_validation,
     )
     inner = aggregate(job)
     participation = Participation(job.selected_nodes, job.min_nodes)

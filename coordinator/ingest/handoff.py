@@ -10,7 +10,8 @@ coordinator's data_dir), because the sequencer skips signature verification for 
 tag, anyone able to publish on the internal topic (a broker misconfiguration, a stolen device login on a broker
 without the ACL) could put unverified envelopes into the ledger. The broker ACL restricts the topics as well.
 
-Wire form: 32-byte tag || JSON `{"w": worker, "b": batch id, "e": [[topic, base64 envelope], ...]}` (verified), or
+Wire form: 32-byte tag || JSON `{"w": worker, "b": batch id, "e": [[topic, base64 envelope], ...]}` (verified; with
+`"s": {device: ms}` and `"st": {device: status}` when it carries the worker's heartbeat summary), or
 tag || JSON `{"w": worker, "b": batch id}` (committed). The tag covers a domain string, the topic and the body.
 """
 
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from protocol.errors import BadSignatureError, MalformedError, TooLargeError
+from protocol.messages import DeviceStatus
 from protocol.topics import check_id
 
 TAG_BYTES = 32
@@ -35,6 +37,7 @@ MAX_HANDOFF_BYTES = 1024 * 1024
 HANDOFF_TARGET_BYTES = 192 * 1024
 _DOMAIN = b"midgate-ingest-handoff-v1\n"
 _DEVICE_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")  # protocol.topics.check_id's pattern
+_STATUSES = frozenset(str(status) for status in DeviceStatus)
 
 
 def verified_topic(mid: str, worker: str) -> str:
@@ -90,6 +93,9 @@ class VerifiedBatch:
     seen: dict[str, int] = field(default_factory=dict)
     """device id -> ms when the worker last verified a heartbeat from it: heartbeats are settled by the worker and
     never handed over, yet the sequencer's devices-online gauge must count those devices."""
+    statuses: dict[str, DeviceStatus] = field(default_factory=dict)
+    """device id -> the status its latest heartbeat said, for the sequencer's record of presence
+    (coordinator/ingest/presence.py)."""
 
 
 def seal_verified(key: bytes, mid: str, batch: VerifiedBatch) -> tuple[str, bytes]:
@@ -100,6 +106,7 @@ def seal_verified(key: bytes, mid: str, batch: VerifiedBatch) -> tuple[str, byte
             "b": batch.batch_id,
             "e": [[t, base64.b64encode(env).decode("ascii")] for t, env in batch.entries],
             **({"s": batch.seen} if batch.seen else {}),
+            **({"st": {d: str(status) for d, status in batch.statuses.items()}} if batch.statuses else {}),
         },
         separators=(",", ":"),
     ).encode()
@@ -151,9 +158,14 @@ def open_verified(key: bytes, mid: str, topic: str, payload: bytes) -> VerifiedB
         isinstance(d, str) and _DEVICE_ID.fullmatch(d) and type(ms) is int and 0 <= ms < 2**63 for d, ms in seen.items()
     ):
         raise MalformedError("hand-off heartbeat summary is not {device id: ms}")
+    statuses = doc.get("st", {})
+    if not isinstance(statuses, dict) or not all(
+        isinstance(d, str) and _DEVICE_ID.fullmatch(d) and status in _STATUSES for d, status in statuses.items()
+    ):
+        raise MalformedError("hand-off status summary is not {device id: heartbeat status}")
     batch_id = doc["b"]
     assert isinstance(batch_id, int)
-    return VerifiedBatch(worker, batch_id, entries, seen)
+    return VerifiedBatch(worker, batch_id, entries, seen, {d: DeviceStatus(s) for d, s in statuses.items()})
 
 
 def open_committed(key: bytes, mid: str, worker: str, topic: str, payload: bytes) -> int:

@@ -19,6 +19,7 @@ from enum import StrEnum
 from typing import TypeVar
 
 from coordinator.ingest.batch_proofs import batch_inclusion_proofs
+from coordinator.ingest.presence import logged_strike_vote
 from coordinator.ledger.dedup import DedupIndex
 from coordinator.ledger.store import LedgerStore
 from coordinator.registry.ledger_records import log_revocations
@@ -38,7 +39,7 @@ from protocol.errors import (
     UnknownKeyError,
 )
 from protocol.identity import SignerKey
-from protocol.leaves import Leaf, LeafKind
+from protocol.leaves import Leaf, LeafKind, decode_leaf
 from protocol.messages import (
     ContributionReport,
     DeviceStatus,
@@ -59,6 +60,9 @@ _KINDS: dict[UpKind, tuple[type[WireMessage], LeafKind | None]] = {
     UpKind.STRIKE: (StrikeVote, LeafKind.STRIKE),
     UpKind.HEARTBEAT: (Heartbeat, None),
 }
+INGEST_KINDS = frozenset(_KINDS)
+"""The up kinds ingest takes; a message of any other is refused `bad_topic` (docs/protocol.md, "A device's MQTT
+session")."""
 
 
 TOPIC_CACHE_SIZE = 65_536
@@ -171,6 +175,9 @@ class Screener:
         self._will_seq: dict[str, int] = {}
         self._topics: dict[str, Topic] = {}
         self.last_seen_ms: dict[str, int] = {}
+        self.statuses: dict[str, tuple[DeviceStatus, int]] = {}
+        """Device id -> the status its latest heartbeat said and since when (coordinator/ingest/presence.py)."""
+        self.statuses_changed = False
 
     def refresh_registry(self) -> bool:
         """Reload device keys when the registry changed (enrolment, or revocation from another process)."""
@@ -223,8 +230,16 @@ class Screener:
                     "a heartbeat under the (key, seq) of a logged statement", key_id=key_id, seq=seq
                 )
             last[key_id] = seq
+            self.note_status(signer.device_id, body.status, now_ms)
             verdict.outcome = Outcome.HEARTBEAT
         return Screened(signer, key_id, seq, leaf_kind)
+
+    def note_status(self, device_id: str, status: DeviceStatus, now_ms: int) -> None:
+        """Remember what a device's heartbeat said (here, or at a screening worker that handed it over)."""
+        known = self.statuses.get(device_id)
+        if known is None or known[0] is not status:
+            self.statuses[device_id] = (status, now_ms)
+            self.statuses_changed = True
 
     def reread(self, message: InboundMessage, verdict: Verdict, now_ms: int) -> Screened:
         """A message a screening worker already screened and verified (its hand-off was authenticated): re-read the
@@ -308,6 +323,17 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
+def log_rejection(verdict: Verdict) -> None:
+    """One WARNING line for a rejected message (docs/protocol.md, "Rejections are counted and logged"); a rate-limited
+    one is only counted, so a flood does not flood the log as well. A resend answered with its receipt (DUPLICATE) is
+    no rejection to log. `error` is built from the rejection's details, which never hold a secret."""
+    if verdict.outcome is Outcome.REJECTED and verdict.reason is not Reason.RATE_LIMITED:
+        log.warning(
+            "message rejected",
+            extra={"reason": str(verdict.reason), "topic": verdict.message.topic[:200], "error": verdict.error},
+        )
+
+
 def screen_one(screener: Screener, message: InboundMessage, verdict: Verdict, now_ms: int) -> Screened | None:
     """`screener.screen` with every failure turned into a settled rejection on `verdict` (None returned)."""
     try:
@@ -370,8 +396,23 @@ class IngestPipeline:
     def _catch_up(self) -> None:
         start, size = self.dedup.indexed_size, self.ledger.size
         if start < size:
+            # Strike votes first: `commit` records them before the dedup index, so what the index lacks they may too.
+            leaves = ((index, decode_leaf(data)) for index, data in self.ledger.leaves(start, size))
+            self._record_strike_votes([(index, leaf.signed) for index, leaf in leaves if leaf.kind is LeafKind.STRIKE])
             added = self.dedup.catch_up(self.ledger.leaves(start, size), size)
             log.info("dedup index caught up with the ledger", extra={"from": start, "to": size, "added": added})
+
+    def _record_strike_votes(self, logged: list[tuple[int, bytes]]) -> None:
+        """Keep the (leaf index, envelope) StrikeVotes in the registry, their signers found by key id."""
+        if not logged:
+            return
+        devices = {d.verifier.key_id.hex(): d.device_id for d in self.registry.devices()}
+        votes = []
+        for index, envelope in logged:
+            device = next((devices[k] for k in peek_envelope(envelope)[2] if k in devices), None)
+            if device is not None:
+                votes.append(logged_strike_vote(index, device, envelope))
+        self.registry.record_strike_votes(votes)
 
     def refresh_registry(self) -> None:
         """Reload device keys when the registry changed, and log any revocation not yet in the ledger: this
@@ -443,6 +484,13 @@ class IngestPipeline:
             return []
         leaves = [c.leaf.encode() for c in candidates]
         appended = self.ledger.append(leaves)
+        strikes = [
+            logged_strike_vote(index, c.device.device_id, c.leaf.signed)
+            for c, index in zip(candidates, appended.indices, strict=True)
+            if c.leaf.kind is LeafKind.STRIKE
+        ]
+        if strikes:  # before the dedup index: `_catch_up` finds what a crash in between left out
+            self.registry.record_strike_votes(strikes)
         # Serve's other writers (enrolment, the job-book follower, the revenue desk) may have appended since the index
         # last moved: index their device-signed leaves (enrolment requests) before recording past them.
         if self.dedup.indexed_size < appended.first_index:

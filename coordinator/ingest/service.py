@@ -38,10 +38,12 @@ from coordinator.ingest.pipeline import (
     ScreenResult,
     Verdict,
     freeze_startup_objects,
+    log_rejection,
 )
+from coordinator.ingest.presence import PresenceRecorder
 from coordinator.ledger.store import LedgerStore
 from protocol.checkpoint import parse_checkpoint_text
-from protocol.errors import ProtocolError, Reason
+from protocol.errors import ProtocolError
 from protocol.identity import SignerKey
 from protocol.messages import CheckpointAnnouncement
 from protocol.note import parse_note
@@ -83,6 +85,7 @@ class IngestService:
         self.contributions = gate
         self.metrics = metrics
         self._broker = broker
+        self.presence = PresenceRecorder(pipeline.registry, pipeline.screener)
         self._stop = asyncio.Event()
         self._exits = contextlib.AsyncExitStack()
         # A quiet broker still wakes the loop: for registry changes, and for the captures waiting reports need.
@@ -129,6 +132,7 @@ class IngestService:
                         # Quiet broker: still notice revocations (and log them) without waiting for traffic.
                         await asyncio.to_thread(self.pipeline.refresh_registry)
                         await self._resolve_contributions()
+                        await self._record_presence()
                         continue
                     self.session.arrived.clear()
                     if not self.session.waiting:
@@ -165,6 +169,7 @@ class IngestService:
         screened, owed = await asyncio.to_thread(self._screen, batch, now_ms)
         self._settle(screened.settled, owed)
         self._count_online(now_ms)
+        await self._record_presence()
         if self.contributions is not None and screened.candidates:
             screened.candidates = await self._admit_contributions(screened.candidates, now_ms)
         if screened.candidates:
@@ -232,7 +237,7 @@ class IngestService:
                 self.session.settle(message.token)
                 continue
             handoffs.append((message, handoff))
-            self._note_seen(handoff.seen, time.time_ns() // 1_000_000)
+            self._note_seen(handoff, time.time_ns() // 1_000_000)
             messages.extend(
                 InboundMessage(topic, envelope, None, message.received_ns, prescreened=True)
                 for topic, envelope in handoff.entries
@@ -253,11 +258,23 @@ class IngestService:
         size = parse_checkpoint_text(parse_note(note).text).size
         return CheckpointAnnouncement(tree_size=size, checkpoint=note.decode(), issued_ms=now_ms).seal(self.mid_key)
 
-    def _note_seen(self, seen: dict[str, int], now_ms: int) -> None:
+    def _note_seen(self, handoff: VerifiedBatch, now_ms: int) -> None:
         """Heartbeats a worker verified and settled itself; a clock ahead of ours counts as now, not the future."""
         last_seen = self.pipeline.last_seen_ms
-        for device, ms in seen.items():
+        for device, ms in handoff.seen.items():
             last_seen[device] = max(last_seen.get(device, 0), min(ms, now_ms))
+        for device, status in handoff.statuses.items():
+            self.pipeline.screener.note_status(device, status, min(handoff.seen.get(device, now_ms), now_ms))
+
+    async def _record_presence(self) -> None:
+        """What devices said about themselves, into the registry (batched: coordinator/ingest/presence.py). Never
+        fails the batch: the messages are settled already, and the next write carries what this one missed."""
+        if not self.presence.due():
+            return
+        try:
+            await asyncio.to_thread(self.presence.write)
+        except Exception:
+            log.exception("device presence not recorded; trying again with the next batch")
 
     def _count_online(self, now_ms: int) -> None:
         horizon = now_ms - self.settings.ingest.heartbeat_offline_s * 1000
@@ -280,13 +297,26 @@ class IngestService:
             counts[v.outcome] += 1
             if v.outcome is not Outcome.ACCEPTED and v.outcome is not Outcome.HEARTBEAT:
                 self.metrics.rejected.labels(reason=str(v.reason)).inc()
-                if v.outcome is Outcome.REJECTED and v.reason is not Reason.RATE_LIMITED:
-                    log.warning(
-                        "message rejected",
-                        extra={"reason": str(v.reason), "topic": v.message.topic[:200], "error": v.error},
-                    )
+                log_rejection(v)
         self.session.settle_all(tokens)
+        if log.isEnabledFor(logging.DEBUG):  # one check per batch: nothing per report unless asked for
+            _log_verdicts(verdicts)
         self.metrics.accepted.inc(counts[Outcome.ACCEPTED])
         self.metrics.heartbeats.inc(counts[Outcome.HEARTBEAT])
         self.metrics.dedup_hits.inc(counts[Outcome.DUPLICATE])
         self.metrics.receipts.inc(receipts)
+
+
+def _log_verdicts(verdicts: list[Verdict]) -> None:
+    """One DEBUG line per signed report or vote settled (`serve --log-level debug`); heartbeats are not listed."""
+    for v in verdicts:
+        if v.outcome is Outcome.HEARTBEAT:
+            continue
+        log.debug(
+            "report %s: device %s, seq %s%s",
+            "accepted" if v.outcome is Outcome.ACCEPTED else f"refused ({v.reason})",
+            v.device,
+            v.seq,
+            f", leaf {v.leaf_index}" if v.leaf_index is not None else "",
+            extra={"outcome": str(v.outcome), "reason": str(v.reason or ""), "device": v.device, "seq": v.seq},
+        )

@@ -31,9 +31,18 @@ from coordinator.ingest.handoff import (
 )
 from coordinator.ingest.metrics import WorkerMetrics
 from coordinator.ingest.mqtt import BrokerEndpoint, ManualAckClient
-from coordinator.ingest.pipeline import InboundMessage, Outcome, Screener, Verdict, freeze_startup_objects, screen_one
+from coordinator.ingest.pipeline import (
+    InboundMessage,
+    Outcome,
+    Screener,
+    Verdict,
+    freeze_startup_objects,
+    log_rejection,
+    screen_one,
+)
 from coordinator.registry.store import Registry
 from protocol.errors import ProtocolError
+from protocol.messages import DeviceStatus
 from protocol.topics import check_id
 
 log = logging.getLogger("midgate.ingest.worker")
@@ -78,6 +87,7 @@ class ScreeningWorker:
         self._metrics_at = (metrics_host or "127.0.0.1", metrics_port)
         self._metrics_server: object | None = None
         self._seen: dict[str, int] = {}
+        self._statuses: dict[str, DeviceStatus] = {}
         self._seen_sent = time.monotonic()
         self._stop = asyncio.Event()
         self._arrived = asyncio.Event()
@@ -283,10 +293,13 @@ class ScreeningWorker:
                 # The screener accepted the signer as owner of this topic: mid/{mid}/dev/{device}/up/{kind}.
                 device = v.message.topic.split("/")[3]
                 self._seen[device] = self.screener.last_seen_ms.get(device, time.time_ns() // 1_000_000)
+                if device in self.screener.statuses:
+                    self._statuses[device] = self.screener.statuses[device][0]
             else:
                 reason = str(v.reason)
                 self.counts.rejected[reason] = self.counts.rejected.get(reason, 0) + 1
                 self.metrics.rejected.labels(reason=reason).inc()
+                log_rejection(v)
         for chunk in _by_size(verified, HANDOFF_TARGET_BYTES):
             self._hand_over(chunk)
 
@@ -296,8 +309,8 @@ class ScreeningWorker:
         batch_id = self._next_batch
         self._next_batch += 1
         entries = [(m.topic, m.payload) for m in chunk]
-        handoff = VerifiedBatch(self.worker_id, batch_id, entries, self._seen)
-        self._seen = {}
+        handoff = VerifiedBatch(self.worker_id, batch_id, entries, self._seen, self._statuses)
+        self._seen, self._statuses = {}, {}
         self._seen_sent = time.monotonic()
         topic, payload = seal_verified(self.key, self.settings.mid, handoff)
         if chunk:

@@ -1,4 +1,5 @@
-"""The MID's registry (SQLite): members, their devices and device keys, invites, revocations, rate limits.
+"""The MID's registry (SQLite, 0600): members, their devices and device keys, invites, revocations, rate limits, and
+what devices last said about themselves (presence, strike votes).
 
 Every write is one `BEGIN IMMEDIATE` transaction with `synchronous=FULL`: an invite must never be redeemable
 twice, and a revocation must survive a crash. `version` increases with every change so that long-running readers
@@ -9,14 +10,17 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coordinator.registry.presence import Presence, StrikeVoteRecord
 from protocol.errors import InviteExpiredError, InviteInvalidError, InviteUsedError, MalformedError
 from protocol.identity import VerifierKey
+from protocol.messages import DeviceStatus
+from protocol.private_files import private_file
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -61,6 +65,25 @@ CREATE TABLE IF NOT EXISTS flower_nodes (
     public_key TEXT NOT NULL UNIQUE,
     registered_ms INTEGER NOT NULL
 );
+-- What each device last said about itself (coordinator/registry/presence.py): written by serve's ingest in batches,
+-- read by `coordinator devices` and `job start`.
+CREATE TABLE IF NOT EXISTS device_presence (
+    device_id TEXT PRIMARY KEY REFERENCES devices(device_id),
+    status TEXT NOT NULL,
+    status_ms INTEGER NOT NULL,
+    last_seen_ms INTEGER NOT NULL,
+    offline INTEGER NOT NULL
+);
+-- Every StrikeVote the ledger logged, by leaf index: who strikes against whom, without reading the whole log.
+CREATE TABLE IF NOT EXISTS strike_votes (
+    leaf_index INTEGER PRIMARY KEY,
+    device_id TEXT NOT NULL REFERENCES devices(device_id),
+    target_buyer TEXT,
+    target_purpose TEXT,
+    start_ms INTEGER NOT NULL,
+    end_ms INTEGER,
+    withdraw INTEGER NOT NULL
+);
 """
 
 
@@ -96,7 +119,7 @@ class Registry:
     every write transaction runs under one lock, so no thread's statements ever land inside another's transaction."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_file(path)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -270,6 +293,48 @@ class Registry:
         signed = node_id - (1 << 64) if node_id >= 1 << 63 else node_id
         row = self._row(_NODE_SELECT + " WHERE f.node_id = ?", (signed,))
         return _flower_node(row) if row else None
+
+    def record_presence(self, entries: Sequence[Presence]) -> None:
+        """Merge what ingest heard since its last write, in one transaction that leaves `version` alone (no key or
+        login changed). A last will (`offline`) keeps the status the device had; a status is kept with the time it
+        was first heard."""
+        with self._write(bump_version=False) as db:
+            db.executemany(
+                "INSERT INTO device_presence VALUES (?, ?, ?, ?, ?) ON CONFLICT(device_id) DO UPDATE SET"
+                " status = CASE WHEN excluded.offline THEN status ELSE excluded.status END,"
+                " status_ms = CASE WHEN excluded.offline OR excluded.status = status THEN status_ms"
+                " ELSE excluded.status_ms END,"
+                " last_seen_ms = MAX(last_seen_ms, excluded.last_seen_ms),"
+                " offline = excluded.offline",
+                [(p.device_id, str(p.status), p.status_ms, p.last_seen_ms, int(p.offline)) for p in entries],
+            )
+
+    def presence(self) -> dict[str, Presence]:
+        """Device id -> what it last said about itself (devices never heard from have no entry)."""
+        rows = self._rows("SELECT device_id, status, status_ms, last_seen_ms, offline FROM device_presence")
+        return {row[0]: Presence(row[0], DeviceStatus(row[1]), row[2], row[3], bool(row[4])) for row in rows}
+
+    def record_strike_votes(self, votes: Sequence[StrikeVoteRecord]) -> None:
+        """Keep logged StrikeVotes; a vote already kept (same leaf) is left as it is."""
+        with self._write(bump_version=False) as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO strike_votes VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (v.leaf_index, v.device_id, v.target_buyer, v.target_purpose, v.start_ms, v.end_ms, int(v.withdraw))
+                    for v in votes
+                ],
+            )
+
+    def strike_votes(self) -> list[StrikeVoteRecord]:
+        """Every logged StrikeVote and withdrawal, in log order."""
+        rows = self._rows(
+            "SELECT leaf_index, device_id, target_buyer, target_purpose, start_ms, end_ms, withdraw FROM strike_votes"
+            " ORDER BY leaf_index"
+        )
+        return [
+            StrikeVoteRecord(index, device, buyer, purpose, start_ms, end_ms, bool(withdraw))
+            for index, device, buyer, purpose, start_ms, end_ms, withdraw in rows
+        ]
 
     def active_password_hashes(self) -> dict[str, str]:
         """Broker logins of every device that is not revoked."""

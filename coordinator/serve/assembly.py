@@ -43,6 +43,7 @@ from coordinator.royalties.statement_http import StatementDesk
 from coordinator.serve.http import HttpEndpoint, build_http_app
 from protocol.enrolment import BrokerCredentials
 from protocol.identity import SignerKey
+from protocol.private_files import private_dir, private_file
 
 log = logging.getLogger("midgate.serve")
 
@@ -63,11 +64,11 @@ class Storage:
 
 
 def open_storage(settings: CoordinatorSettings) -> Storage:
-    """Open (creating on first start) the MID key, ledger, registry and dedup index; log any enrolment a crash left
-    redeemed but unlogged, before anything else appends."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    """Open (creating on first start: folders 0700, databases 0600) the MID key, ledger, registry and dedup index;
+    log any enrolment a crash left redeemed but unlogged, before anything else appends."""
+    private_dir(settings.data_dir)
     mid_key = load_or_create_mid_key(settings.mid_key_file, settings.mid)
-    ledger = LedgerStore.open(settings.ledger_path, mid_key)
+    ledger = LedgerStore.open(private_file(settings.ledger_path), mid_key)
     storage = Storage(mid_key, ledger, Registry(settings.registry_path), DedupIndex(settings.ingest_path))
     log_enrolments(storage.registry, storage.ledger)
     return storage
@@ -245,7 +246,20 @@ class CoordinatorProcess:
                 )
                 self.http = await stack.enter_async_context(HttpEndpoint(app, s.enrolment.host, s.enrolment.port))
             self._stack = stack.pop_all()
+        addresses = self.addresses()
+        log.info("ready: %s", ", ".join(f"{name} {where}" for name, where in addresses.items()), extra=addresses)
         return self
+
+    def addresses(self) -> dict[str, str]:
+        """Where the started process is reached: its HTTP endpoint, the broker ingest reads (its connection is
+        logged apart, with every failure's reason), the SuperLink devices connect to."""
+        s = self.settings
+        found = {"mid": s.mid, "broker": f"{'mqtts' if s.broker.tls else 'mqtt'}://{s.broker.host}:{s.broker.port}"}
+        if self.http is not None:
+            found["http"] = f"http://{s.enrolment.host}:{self.http.port}"
+        if self.superlink is not None:
+            found["superlink"] = self.superlink.public_address
+        return found
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

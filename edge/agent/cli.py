@@ -78,7 +78,7 @@ def _chosen(settings: AgentSettings, mid: str | None) -> list[Path]:
     try:
         return membership_dirs(settings, mid)
     except ValueError as exc:
-        Console(stderr=True).print(f"[red]{exc}[/red]")
+        Console(stderr=True, soft_wrap=True).print(f"[red]{exc}[/red]")
         raise typer.Exit(code=2) from None
 
 
@@ -91,7 +91,7 @@ def _control(config: Path | None, mid: str | None, transition: Transition, done:
     from edge.agent.controls.state import MemberControlError
     from edge.agent.controls.watch import describe
 
-    console, errors = Console(), Console(stderr=True)
+    console, errors = Console(), Console(stderr=True, soft_wrap=True)  # an error is one line
     refused = 0
     for directory in _chosen(AgentSettings.load(config), mid):
         try:
@@ -181,16 +181,18 @@ def unstrike(
 
 @app.command()
 def status(mid: str | None = MidNameOption, config: Path | None = ConfigOption) -> None:
-    """Show what the member chose per MID (paused or left, each strike and whether the MID has receipted its vote)
-    and how each sensor samples (rate, last sample, errors by kind)."""
+    """Show per MID the device, the daemon's connection to the MID (and why it failed), the outbox, the latest
+    verified receipt and the jobs joined; what the member chose (paused or left, each strike and whether the MID has
+    receipted its vote); and how each sensor samples (rate, last sample, errors by kind)."""
     from rich.console import Console
 
     from edge.agent.config import AgentSettings
-    from edge.agent.controls.commands import sensors_table, status_table
+    from edge.agent.controls.commands import agent_table, sensors_table, status_table
 
     settings = AgentSettings.load(config)
     directories = _chosen(settings, mid)
     console = Console(width=160)
+    console.print(agent_table(directories))
     console.print(status_table(directories))
     console.print(sensors_table(settings))
 
@@ -258,7 +260,7 @@ def statement(
         if not MIN_TIME_MS <= start < end <= MAX_TIME_MS:
             raise ValueError("--since must be before --until, both between 2020-01-01 and 2100-01-01")
     except ValueError as exc:
-        Console(stderr=True).print(f"[red]{exc}[/red]")
+        Console(stderr=True, soft_wrap=True).print(f"[red]{exc}[/red]")
         raise typer.Exit(code=2) from None
     failed = False
     for directory in directories:

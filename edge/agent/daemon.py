@@ -4,12 +4,13 @@ Per membership, four loops with one owner (`MembershipRunner.run`): the spool lo
 outbox; the publish loop sends what is due (QoS 1), then schedules a resend with exponential backoff and jitter in
 case no receipt comes; the receipt loop verifies receipt batches (checkpoint signature, consistency with the trusted
 checkpoint, each report's inclusion path) and only then moves reports out of the outbox, kept with their receipts;
-the heartbeat loop says the device is alive (with the member's status: idle, training, paused, striking; a member
-who left sends none). A fifth, the member loop, picks up the member's choices (edge.agent.controls.watch): it stops
-a running job's SuperNode they no longer allow and queues the StrikeVotes they call for. A sixth, the witness loop,
-makes the device one of the log's witnesses (edge.agent.witnessing): it cosigns the checkpoints it has checked. The
-outbox, proofs and the MID's ledger API run on one dedicated thread per membership, so fsyncs, crypto and HTTP never
-block the event loop.
+the heartbeat loop says the device is alive (with the member's status: idle, training, paused, striking, left). A
+fifth, the member loop, picks up the member's choices (edge.agent.controls.watch): it stops a running job's SuperNode
+they no longer allow and queues the StrikeVotes they call for. A sixth, the witness loop, makes the device one of the
+log's witnesses (edge.agent.witnessing): it cosigns the checkpoints it has checked. The outbox, proofs and the MID's
+ledger API run on one dedicated thread per membership, so fsyncs, crypto and HTTP never block the event loop. Beside
+them the status loop keeps `daemon-status.json` (edge.agent.daemon_status) true for `agent status`: connection, its
+failure, jobs joined.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +29,7 @@ from typing import TypeVar
 from edge.agent.config import AgentSettings
 from edge.agent.controls.decisions import OwedVote, owed_votes, strike_vote
 from edge.agent.controls.watch import MemberControls
+from edge.agent.daemon_status import DaemonStatus, read_daemon_status, with_job, write_daemon_status
 from edge.agent.job_node import JobNode
 from edge.agent.ledger_client import LedgerClient, ProofUnavailableError
 from edge.agent.ledger_view import LedgerView, SettledReport
@@ -120,6 +123,7 @@ class MembershipRunner:
         try:
             async with self.session:
                 loops = (
+                    self._status_loop,
                     self._spool_loop,
                     self._publish_loop,
                     self._receipt_loop,
@@ -303,7 +307,7 @@ class MembershipRunner:
         assert self.session is not None
         while not stop.is_set():
             status = self.controls.heartbeat_status(training=self.job_node.job is not None)
-            if status is not None and self.session.connected.is_set():
+            if self.session.connected.is_set():
                 seq = await self._in_db(self.outbox.next_ephemeral_seq)
                 payload = await self._in_db(self._heartbeat, seq, status)
                 self.session.publish(self._topic(UpKind.HEARTBEAT), payload, qos=0)
@@ -369,6 +373,36 @@ class MembershipRunner:
     def _sign_vote(self, vote: OwedVote, seq: int) -> bytes:
         return strike_vote(vote, seq, _now_ms()).seal(self.membership.key)
 
+    async def _status_loop(self, stop: asyncio.Event) -> None:
+        """Rewrite the membership's daemon-status.json whenever the connection or the running job changes."""
+        assert self.session is not None
+        broker = self.membership.record.broker
+        kept = await asyncio.to_thread(read_daemon_status, self.membership.directory)
+        status = DaemonStatus(
+            pid=os.getpid(),
+            broker=f"{broker.host}:{broker.port}",
+            connected=False,
+            since_ms=_now_ms(),
+            jobs_joined=kept.jobs_joined if kept else (),
+            jobs_joined_count=kept.jobs_joined_count if kept else 0,
+        )
+        written = None
+        while not stop.is_set():
+            connected = self.session.connected.is_set()
+            if connected != status.connected:
+                status = status.model_copy(update={"connected": connected, "since_ms": _now_ms()})
+            job = self.job_node.job
+            running = None if job is None else job.job_id
+            status = with_job(status.model_copy(update={"failure": self.session.failure}), running)
+            if status != written:
+                await asyncio.to_thread(write_daemon_status, self.membership.directory, status)
+                written = status
+            await _sleep_or(stop, STATUS_EVERY_S)
+
+
+STATUS_EVERY_S = 1.0
+"""How often the status loop looks for a change (it writes only when there is one)."""
+
 
 async def _sleep_or(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
@@ -382,5 +416,16 @@ async def run_agent(settings: AgentSettings, stop: asyncio.Event | None = None) 
         raise SystemExit(f"no memberships under {settings.data_dir / 'mids'}: run `midgate agent enrol` first")
     stop = stop or asyncio.Event()
     runners = [MembershipRunner(settings, m) for m in memberships]
+    for m in memberships:
+        broker = m.record.broker
+        log.info(
+            "agent running for %s as device %s; broker %s:%s%s",
+            m.mid,
+            m.device,
+            broker.host,
+            broker.port,
+            " (TLS)" if broker.tls else "",
+            extra={"mid": m.mid, "device": m.device},
+        )
     async with open_collection(settings.sensors, settings.sample_store, settings.sensor_health_s):
         await asyncio.gather(*(r.run(stop) for r in runners))

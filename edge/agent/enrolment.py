@@ -41,6 +41,7 @@ from protocol.errors import (
 from protocol.identity import SignerKey, VerifierKey, load_signer_key, save_signer_key
 from protocol.leaves import LeafKind
 from protocol.messages import EnrolmentRequest, EnrolmentResponse, open_enrolment_request
+from protocol.private_files import private_dir, private_file
 from protocol.topics import UpKind, check_id
 
 MAX_RESPONSE = 128 * 1024
@@ -123,7 +124,7 @@ def enrol(settings: AgentSettings, url: str, token: str, now_ms: int | None = No
         superlink=response.superlink,
         superlink_ca_pem=grant.superlink_ca_pem,
     )
-    outbox = Outbox(directory / "outbox.sqlite", settings.outbox_max_bytes)
+    outbox = Outbox(private_file(directory / "outbox.sqlite"), settings.outbox_max_bytes)
     try:
         assert view.trusted_note is not None
         outbox.set_meta("trusted_checkpoint", view.trusted_note)
@@ -154,6 +155,7 @@ def pending_enrolment_request(directory: Path, mid: str, token: str, now_ms: int
             return key, envelope
     device = "d-" + secrets.token_hex(8)
     key = SignerKey.generate(device)
+    private_dir(directory)  # the data folder and the membership's: keys, the grant's password, the outbox
     flower_key = generate_node_key(directory / FLOWER_KEY_DIR).public_key.read_text().strip()
     request = EnrolmentRequest(
         mid=mid,
@@ -166,7 +168,6 @@ def pending_enrolment_request(directory: Path, mid: str, token: str, now_ms: int
         flower_key=flower_key,
     )
     envelope = request.seal(key)
-    directory.mkdir(parents=True, exist_ok=True)
     save_signer_key(key_file, key)
     tmp = request_file.with_suffix(".tmp")
     tmp.write_bytes(envelope)

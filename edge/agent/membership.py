@@ -1,9 +1,11 @@
-"""One agent, several MIDs: each membership is a folder with its own key, broker credentials and outbox.
+"""One agent, several MIDs: each membership is a folder (0700, like the data folder) with its own key, broker
+credentials and outbox.
 
 {data_dir}/mids/{mid}/device.key       Ed25519 signer key for this MID only (0600), so memberships are unlinkable
 {data_dir}/mids/{mid}/membership.json  MID key, device id, enrolment URL, broker credentials (0600: a password)
 {data_dir}/mids/{mid}/ca.pem           the MID's CA certificate, when its broker uses TLS
-{data_dir}/mids/{mid}/outbox.sqlite    the outbox (edge.agent.outbox)
+{data_dir}/mids/{mid}/outbox.sqlite    the outbox (edge.agent.outbox, 0600)
+{data_dir}/mids/{mid}/daemon-status.json what the running daemon tells `agent status` (edge.agent.daemon_status)
 {data_dir}/mids/{mid}/flower/          the device's Flower SuperNode key pair for this MID (private key 0600)
 {data_dir}/mids/{mid}/superlink-ca.pem the CA of the MID's SuperLink, when the MID registered the Flower key
 {data_dir}/mids/{mid}/member.json      the member's choices: paused, left, strikes (edge.agent.controls.state, 0600)
@@ -19,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, StringConstraints
 from edge.durable_file import replace_file
 from protocol.enrolment import BrokerCredentials
 from protocol.identity import SignerKey, VerifierKey, load_signer_key
+from protocol.private_files import private_dir
 from protocol.topics import check_id
 
 MAX_MEMBERSHIP_FILE = 64 * 1024
@@ -81,7 +84,7 @@ class Membership:
 
 def save_membership(directory: Path, record: MembershipRecord) -> None:
     """Write the record 0600 and atomically; the CA next to it when the broker uses TLS."""
-    directory.mkdir(parents=True, exist_ok=True)
+    private_dir(directory)
     if record.broker.tls:
         (directory / "ca.pem").write_text(record.broker.ca_pem)
     if record.flower_node_id:

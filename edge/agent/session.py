@@ -59,6 +59,8 @@ class DeviceSession:
         self._max_inflight = max_inflight
         self._reconnect = reconnect
         self.connected = asyncio.Event()
+        self.failure = ""
+        """Why the latest connection attempt failed or the connection was lost; "" while connected."""
         self._client: aiomqtt.Client | None = None
         self._publishing: set[asyncio.Task[None]] = set()
         self._session: contextlib.AbstractAsyncContextManager[None] | None = None
@@ -104,9 +106,12 @@ class DeviceSession:
         try:
             async with client:
                 connected = True
+                self.failure = ""
                 yield client
-        except aiomqtt.MqttCodeError as exc:
-            refusal = getattr(exc.rc, "value", exc.rc)
+        except aiomqtt.MqttError as exc:
+            self.failure = str(exc) or type(exc).__name__  # for `agent status` (edge.agent.daemon_status)
+            refusal = exc.rc if isinstance(exc, aiomqtt.MqttCodeError) else None
+            refusal = getattr(refusal, "value", refusal)
             if not connected and self._mode == "auto" and self._mqtt5 and refusal in _UNSUPPORTED_PROTOCOL:
                 log.warning("broker does not speak MQTT 5; falling back to 3.1.1")
                 self._mqtt5 = False

@@ -14,6 +14,7 @@ from edge.sensors.driver import Sensor
 from edge.sensors.errors import SensorUnavailableError
 from edge.sensors.linux import THERMAL_ROOT
 from edge.sensors.store import Retention, SampleStore
+from protocol.private_files import private_file
 
 SensorName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
 PeriodMs = Annotated[float, Field(gt=0.0, le=86_400_000.0)]
@@ -111,8 +112,7 @@ class SampleStoreConfig(_Strict):
     def open(self) -> SampleStore:
         age = None if self.max_age_days is None else int(self.max_age_days * 86_400_000)
         retention = Retention(max_age_ms=age, max_samples=self.max_samples, max_bytes=self.max_bytes)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        return SampleStore(self.path, retention=retention, batch_size=self.batch_size)
+        return SampleStore(private_file(self.path), retention=retention, batch_size=self.batch_size)
 
 
 def build_sensor(config: SimulatedConfig | LinuxConfig | Bme280Config | ReplayConfig) -> Sensor:

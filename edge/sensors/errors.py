@@ -12,6 +12,7 @@ __all__ = [
     "SensorError",
     "SensorIOError",
     "SensorUnavailableError",
+    "StoreNotReadyError",
     "TooFewWindowsError",
     "TooLargeError",
 ]
@@ -38,6 +39,11 @@ class SensorIOError(SensorError):
 class ReplayEndedError(SensorUnavailableError):
     """A replay that does not loop has played all its data: the sensor is done, not broken (the scheduler stops
     sampling it instead of retrying)."""
+
+
+class StoreNotReadyError(MalformedError):
+    """A reader opened the sample store while the daemon was still creating it (the file exists, its schema does not
+    yet): there is nothing to read, which is not the same as a damaged store."""
 
 
 class MissingInputsError(MalformedError):

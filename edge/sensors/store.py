@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.sensors.errors import MalformedError, MissingInputsError
+from edge.sensors.errors import MalformedError, MissingInputsError, StoreNotReadyError
 from edge.sensors.sample import ChannelSpec, Quality, Sample
 from edge.sensors.windows import WindowCutter, Windows, WindowSpec
 
@@ -228,6 +228,8 @@ class SampleStore:
         has_meta = self._db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
         found = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() if has_meta else None
         version = None if found is None else str(found[0])
+        if self.readonly and version is None:
+            raise StoreNotReadyError("the sample store is still being created", path=str(self.path))
         if version not in (None, "1", SCHEMA_VERSION) or (self.readonly and version != SCHEMA_VERSION):
             raise MalformedError(
                 "sample store has an unknown schema", path=str(self.path), found=version, expected=SCHEMA_VERSION
@@ -240,8 +242,10 @@ class SampleStore:
             self._db.execute("PRAGMA foreign_keys=OFF")  # the rebuild drops the table samples refer to
             self._db.executescript("BEGIN IMMEDIATE;" + _MIGRATE_FROM_1 + "COMMIT;")
         self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
-        self._db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES('schema', ?)", (SCHEMA_VERSION,))
+        # One transaction: a reader (`agent status`) sees no schema or the whole one with its version, never tables
+        # without the version row.
+        version_row = f"INSERT OR IGNORE INTO meta(key, value) VALUES('schema', '{SCHEMA_VERSION}');"
+        self._db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA};{version_row}COMMIT;")
 
     def __enter__(self) -> SampleStore:
         return self

@@ -55,10 +55,13 @@ class NodeView(Grid):
 class NodeSelection(StrategyWrapper):
     """Restricts a strategy to the job's selected nodes that are connected and not gone for the job.
 
-    At the start of each round it waits up to `join_timeout` for those nodes to connect, records each one left out
-    (`not_connected`, `dropped_earlier`) and fails the job with `too_few_nodes` when fewer than the participation's
-    minimum remain; the wrapped strategy then samples from a `NodeView` of the remaining ones. A federated evaluation,
-    when the wrapped strategy asks for one, goes to the round's nodes that are still in the job.
+    At the start of each round it waits up to `join_timeout` for the nodes it expects to connect, records each one
+    left out (`not_connected`, `dropped_earlier`) and fails the job with `too_few_nodes` when fewer than the
+    participation's minimum remain; the wrapped strategy then samples from a `NodeView` of the remaining ones. It
+    expects every selected node at the first round, later only those that joined a round: a node that did not come
+    within the first wait costs no round its timeout again, and takes part as soon as it is connected at a round's
+    start. A federated evaluation, when the wrapped strategy asks for one, goes to the round's nodes that are still in
+    the job.
 
     Parameters
     ----------
@@ -88,13 +91,16 @@ class NodeSelection(StrategyWrapper):
         self._clock = clock
         self._sleep = sleep
         self._round_nodes: frozenset[int] = frozenset()
+        self._joined: set[int] | None = None  # nodes connected at a round's start; None before the first round
 
     def _connected(self, grid: Grid) -> frozenset[int]:
         wanted = self.participation.selected - set(self.participation.gone)
+        expected = wanted if self._joined is None else wanted & self._joined
         deadline = self._clock() + self.join_timeout
         while True:
             live = wanted & set(grid.get_node_ids())
-            if live == wanted or self._clock() >= deadline:
+            if expected <= live or self._clock() >= deadline:
+                self._joined = (self._joined or set()) | live
                 return live
             self._sleep(0.2)
 

@@ -3,7 +3,8 @@
 Each command is a pure transition (edge.agent.controls.state) applied to one or every membership's `member.json`
 under its lock. The commands never talk to the daemon: a running daemon picks the file up within `member_poll_s`
 seconds (edge.agent.controls.watch), and one that is not running reads it when it starts. `status` reads what the
-daemon wrote the same way: the outbox, and the sensors' health in the sample store.
+daemon wrote the same way: its status file (edge.agent.daemon_status), the outbox, and the sensors' health in the
+sample store.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from edge.agent.controls.state import (
     save_member_state,
 )
 from edge.agent.controls.watch import describe
-from edge.agent.membership import MEMBERSHIP_FILE, OUTBOX_FILE
+from edge.agent.daemon_status import DaemonStatus, daemon_running, read_daemon_status
+from edge.agent.membership import MEMBERSHIP_FILE, OUTBOX_FILE, load_membership
+from edge.sensors.errors import StoreNotReadyError
 from edge.sensors.readout import health_table
 from edge.sensors.store import SampleStore
 from protocol.errors import ProtocolError
@@ -155,6 +158,73 @@ def _strike_line(strike: Strike, votes: dict[str, VoteState], now: int) -> str:
     return f"{strike.target_text()}: {active}, {span}; {state}"
 
 
+@dataclass(frozen=True)
+class OutboxState:
+    """What the outbox holds, read without disturbing the daemon: reports waiting for their receipt, and the latest
+    receipt the daemon verified (seq, leaf index, when)."""
+
+    waiting: int
+    last_receipt: tuple[int, int, int] | None
+    problem: str = ""
+
+
+def outbox_state(outbox: Path) -> OutboxState:
+    if not outbox.exists():
+        return OutboxState(0, None, "no outbox yet")
+    try:
+        db = sqlite3.connect(f"file:{outbox}?mode=ro", uri=True, timeout=5)
+        try:
+            waiting = int(db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+            row = db.execute(
+                "SELECT seq, leaf_index, received_ms FROM receipts ORDER BY received_ms DESC, seq DESC LIMIT 1"
+            ).fetchone()
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        return OutboxState(0, None, f"outbox unreadable: {exc}")
+    return OutboxState(waiting, None if row is None else (int(row[0]), int(row[1]), int(row[2])))
+
+
+def _connection(status: DaemonStatus | None) -> str:
+    if status is None:
+        return "agent not run yet (`midgate agent run`)"
+    state = f"connected to {status.broker}" if status.connected else f"not connected to {status.broker}"
+    said = f"{state} since {_when(status.since_ms)}" + (f": {status.failure}" if status.failure else "")
+    if not daemon_running(status.pid):
+        return f"agent not running (when it stopped: {said})"
+    return said
+
+
+def _jobs(status: DaemonStatus | None) -> str:
+    if status is None or not status.jobs_joined_count:
+        return "none"
+    latest = f"{status.jobs_joined_count} (latest {status.jobs_joined[-1]})"
+    return f"{latest}; running {status.job}" if status.job else latest
+
+
+def agent_table(directories: list[Path]) -> Table:
+    """One row per membership: the device, the daemon's connection to the MID's broker (and why it failed), reports
+    waiting in the outbox, the latest verified receipt, jobs joined."""
+    table = Table(title="agent")
+    for column in ("MID", "device", "connection", "outbox", "last verified receipt", "jobs joined"):
+        table.add_column(column, overflow="fold")
+    for directory in directories:
+        try:
+            device = load_membership(directory).device
+        except (OSError, ValueError) as exc:
+            table.add_row(directory.name, f"[red]membership unreadable: {exc}[/red]", "-", "-", "-", "-")
+            continue
+        daemon = read_daemon_status(directory)
+        outbox = outbox_state(directory / OUTBOX_FILE)
+        receipt = "none yet"
+        if outbox.last_receipt is not None:
+            seq, leaf, when = outbox.last_receipt
+            receipt = f"seq {seq}, leaf {leaf}, {_when(when)}"
+        waiting = outbox.problem or f"{outbox.waiting} waiting for a receipt"
+        table.add_row(directory.name, device, _connection(daemon), waiting, receipt, _jobs(daemon))
+    return table
+
+
 def status_table(directories: list[Path]) -> Table:
     """One row per membership: what the member chose, each strike and where its vote is."""
     now = now_ms()
@@ -187,6 +257,11 @@ def sensors_table(settings: AgentSettings) -> Table:
     try:
         with SampleStore(path, readonly=True) as store:
             reports = store.health()
+    except StoreNotReadyError:
+        table = Table(title="sensors")
+        table.add_column("sample store")
+        table.add_row(f"no samples yet: `midgate agent run` is creating {path}")
+        return table
     except (ProtocolError, sqlite3.Error) as exc:
         table = Table(title="sensors")
         table.add_column("sample store")

@@ -2,7 +2,7 @@
 
 - `decide`: run the SuperNode for a job the MID invites this device to, or decline it with a reason. Declining means
   the device never starts Flower for that job; the MID's strategy already drops nodes that stay silent.
-- `heartbeat_status`: what the signed heartbeat says (None: a member who left sends none).
+- `heartbeat_status`: what the signed heartbeat says (`left` once the member left: the MID stops waiting for it).
 - `owed_votes`: the StrikeVotes the member's strikes call for that the outbox does not hold yet.
 """
 
@@ -67,13 +67,13 @@ def decide(state: MemberState | None, buyer: str, purpose: str, now_ms: int) -> 
     return RUN
 
 
-def heartbeat_status(state: MemberState | None, now_ms: int, training: bool) -> DeviceStatus | None:
-    """The status a heartbeat carries; None when the member left (a left member is not available, so it stops
-    saying it is alive; the MQTT session stays up only to deliver the outbox and take receipts)."""
+def heartbeat_status(state: MemberState | None, now_ms: int, training: bool) -> DeviceStatus:
+    """The status a heartbeat carries. A member who left keeps saying so (`left`), signed, for as long as the agent
+    runs to deliver its outbox: the MID then knows it will not come, rather than guessing from silence."""
     if state is None:
         return DeviceStatus.PAUSED
     if state.left_ms is not None:
-        return None
+        return DeviceStatus.LEFT
     if state.paused_ms is not None:
         return DeviceStatus.PAUSED
     if state.active_strikes(now_ms):

@@ -23,7 +23,8 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from edge.durable_file import replace_file
-from protocol.messages import Ident, TimeMs, check_strike_span
+from protocol.messages import Ident, TimeMs, check_strike_span, strike_covers
+from protocol.private_files import private_dir
 
 MEMBER_FILE = "member.json"
 LOCK_FILE = "member.lock"
@@ -85,9 +86,7 @@ class Strike(BaseModel):
 
     def covers(self, buyer: str, purpose: str) -> bool:
         """True when a job for `buyer` and `purpose` is one this strike is against."""
-        buyer_hit = self.target_buyer is None or self.target_buyer == buyer
-        purpose_hit = self.target_purpose is None or self.target_purpose == purpose
-        return buyer_hit and purpose_hit
+        return strike_covers(self.target_buyer, self.target_purpose, buyer, purpose)
 
     def target_text(self) -> str:
         """`buyer acme`, `purpose ads` or `buyer acme, purpose ads`."""
@@ -150,7 +149,7 @@ def save_member_state(directory: Path, state: MemberState) -> None:
 def editing(directory: Path) -> Iterator[MemberState]:
     """Hold the member file's lock and yield its current state: read-modify-write by two commands at once is
     serialised (flock, released with the process even if it dies)."""
-    directory.mkdir(parents=True, exist_ok=True)
+    private_dir(directory)
     fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

@@ -112,7 +112,7 @@ class MemberControls:
         """`admit` for a job already running, without counting: the question is whether to stop it."""
         return decide(self.state, buyer, purpose, _now_ms())
 
-    def heartbeat_status(self, training: bool) -> DeviceStatus | None:
+    def heartbeat_status(self, training: bool) -> DeviceStatus:
         return heartbeat_status(self.state, _now_ms(), training)
 
     @property

@@ -1,0 +1,108 @@
+"""A job's time outside its rounds, on real processes, as a new operator runs it.
+
+Setup (the same as tests/fl_stack.py): Mosquitto, `midgate coordinator serve` with its SuperLink, D enrolled
+`midgate agent run` daemons each replaying its share of PLAID (split by label), all on this machine. Then
+`midgate coordinator job start` with only a task, the devices' defaults and `--rounds R`, timed from the command's
+start to its exit (Python start-up included), each line it prints stamped with the time it arrived.
+
+Printed, from the same run:
+- total: the command's wall time;
+- rounds: the run's own round times, the wall time between consecutive global models as the ServerApp measured them
+  (`outcome.json` round_seconds; round 1 runs from the initial model's evaluation, so it holds the ClientApps' start);
+- outside: total - rounds: inviting, waiting for the SuperNodes, submitting the run, the run's end, the outcome and
+  the JOB leaf `serve` logs, the command's exit;
+- outside, strict: total - R x the median of rounds 2..R, so that round 1's one-time start counts as outside too;
+- the time of each printed line (where the time outside goes).
+
+Run: .venv/bin/python bench/job_overhead_bench.py [--devices 5] [--rounds 3]   (about 2 minutes on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from fl_stack import start_federated_coordinator, start_plaid_agents, stopping_federation  # noqa: E402
+from flower_fixtures import plaid_windows  # noqa: E402
+from mqtt_fixtures import PYTHON, MessagingStack  # noqa: E402
+
+from coordinator.federation.job import JobOutcome  # noqa: E402
+from coordinator.federation.job_start import JobBook  # noqa: E402
+from protocol.tasks.windows import save_window_file  # noqa: E402
+
+JOB = "bench-overhead"
+
+
+def timed_job(stack: MessagingStack, rounds: int) -> tuple[float, list[tuple[float, str]], int]:
+    """Run `job start` to its exit: (wall seconds, [(seconds since start, line)], exit code)."""
+    validation = stack.root / "validation.npz"
+    save_window_file(validation, plaid_windows("test"))
+    argv = [
+        PYTHON, "-c", "from midgate_cli import app; app()", "coordinator", "job", "start", JOB,
+        "--config", str(stack.config), "--task", "plaid-appliance@1", "--rounds", str(rounds),
+        "--validation", str(validation), "--purpose", "research", "--buyer", "acme",
+    ]  # fmt: skip
+    started = time.monotonic()
+    lines: list[tuple[float, str]] = []
+    with subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append((time.monotonic() - started, line.rstrip()))
+        code = proc.wait()
+    return time.monotonic() - started, lines, code
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--keep", type=Path, help="run in this (new) folder and keep it: every process's log")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="job-overhead-") as tmp:
+        root = Path(tmp) if args.keep is None else args.keep
+        root.mkdir(parents=True, exist_ok=True)
+        stack = MessagingStack(root)
+        try:
+            start_federated_coordinator(stack)
+            agents = start_plaid_agents(stack, args.devices)
+            with stopping_federation(stack, agents):
+                total, lines, code = timed_job(stack, args.rounds)
+        finally:
+            stack.close(failed=False)
+        for at, line in lines:
+            print(f"{at:7.2f} s  {line}")
+        if code != 0:
+            raise SystemExit(f"job start exited {code}")
+        record = JobBook(stack.data_dir / "federation" / "job-book").read(JOB)
+        assert record is not None and record.run_id is not None
+        outcome = JobOutcome.read(stack.data_dir / "federation" / "jobs" / f"run-{record.run_id}")
+    seconds = [outcome.round_seconds[r] for r in sorted(outcome.round_seconds)]
+    rounds_s = sum(seconds)
+    steady = statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0]
+    print(
+        json.dumps(
+            {
+                "devices": args.devices,
+                "rounds": args.rounds,
+                "total_s": round(total, 2),
+                "round_seconds": [round(s, 2) for s in seconds],
+                "rounds_s": round(rounds_s, 2),
+                "outside_s": round(total - rounds_s, 2),
+                "outside_strict_s": round(total - args.rounds * steady, 2),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
