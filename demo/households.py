@@ -30,7 +30,14 @@ SHARE_SEED = 0
 class Role(StrEnum):
     HOUSEHOLD = "household"
     FREE_RIDER = "free rider"
+    STRIKES = "strikes"
     PAUSES = "pauses"
+
+    @property
+    def sits_out(self) -> bool:
+        """The member tells the MID before the job that it will not take part (a strike against the job's buyer,
+        a pause), so `job start` neither invites it nor waits for it."""
+        return self in (Role.STRIKES, Role.PAUSES)
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,9 @@ class Household:
             "resend_after_s = 5.0\n"
             "# Cosign the MID's checkpoints every 2 s (default 30 s), so statements verify right after a settlement.\n"
             "witness_every_s = 2.0\n"
+            "# A heartbeat every 5 s (default 60 s): the MID hears the new device, and its member's pause, before\n"
+            "# the job starts a few seconds later; `job start` does not wait for a device it has not heard from.\n"
+            "heartbeat_s = 5.0\n"
             "\n[[sensors]]\n"
             'driver = "replay"          # PLAID from the installed sktime wheel\n'
             f'name = "{SENSOR}"\n'
@@ -76,18 +86,22 @@ class Household:
         )
 
 
-def plan_households(root: Path, honest: int = 3) -> list[Household]:
-    """`honest` households that train, the free rider, and one household that pauses before the job; disjoint
-    random shares of PLAID's 537 training recordings (the free rider's: RIDER_RECORDINGS of RIDER_CLASS)."""
+def plan_households(root: Path, honest: int = 2) -> list[Household]:
+    """`honest` households that train, one that strikes against the job's buyer, the free rider, and one that
+    pauses before the job; disjoint random shares of PLAID's 537 training recordings (the free rider's:
+    RIDER_RECORDINGS of RIDER_CLASS)."""
     labels = np.asarray([s.label for s in load_plaid_series("train")[0].series], dtype=np.int64)
     rng = np.random.default_rng(SHARE_SEED)
     rider_label = PLAID_CLASSES.index(RIDER_CLASS)
     rider = rng.choice(np.flatnonzero(labels == rider_label), RIDER_RECORDINGS, replace=False)
     rest = rng.permutation(np.setdiff1d(np.arange(len(labels)), rider))
-    # The honest households share most recordings; the one that pauses holds fewer (its data sits this job out).
-    shares = np.array_split(rest, honest + 1)
-    roles = [Role.HOUSEHOLD] * honest + [Role.FREE_RIDER, Role.PAUSES]
-    picked = [*shares[:honest], rider, shares[honest]]
+    # The honest households hold most recordings; the two that sit the job out hold fewer, so that the job trains
+    # on most of PLAID (the central baseline trains on what the job's devices held, whatever that is).
+    weights = np.array([3.0] * honest + [1.0, 1.0])
+    cuts = np.cumsum(weights / weights.sum() * len(rest)).round().astype(int)[:-1]
+    shares = np.split(rest, cuts)
+    roles = [Role.HOUSEHOLD] * honest + [Role.STRIKES, Role.FREE_RIDER, Role.PAUSES]
+    picked = [*shares[:honest], shares[honest], rider, shares[honest + 1]]
     households = []
     for i, (role, chosen) in enumerate(zip(roles, picked, strict=True)):
         member = f"household-{i + 1}"

@@ -3,9 +3,11 @@
 1. The operator sets up the MID: the buyer's key in its config, `broker-config`, Mosquitto, `coordinator serve`
    (with its Flower SuperLink).
 2. Households join: `coordinator invite`, `agent enrol`, `agent run` replaying their PLAID recordings.
-3. One household pauses, one joins a strike (its signed vote becomes a ledger leaf).
-4. The operator runs the buyer's job (`coordinator job start`): invitations, Flower rounds on the devices, every
-   round valued; `serve` logs the job and its rounds.
+3. One household pauses, one strikes against the buyer (its signed vote becomes a ledger leaf); the operator sees
+   both in `coordinator devices`.
+4. The operator runs the buyer's job (`coordinator job start`): it neither invites nor waits for the paused and the
+   striking household, the others train in Flower rounds on their devices, every round valued; `serve` logs the job
+   and its rounds.
 5. The operator settles it (`job settle`), the buyer reports revenue (`buyer report-revenue`).
 6. Every member verifies its statement on its own agent (`agent statement`), and one proves its receipts (`agent
    receipts --verify`); a payout the operator changes in its database is refused by that member's agent.
@@ -30,7 +32,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from demo.baseline import CentralResult, train_central, write_buyer_validation
+from demo.baseline import CentralResult, train_central
 from demo.broker import BrokerKind, BrokerPlan, find_mosquitto
 from demo.checks import Outcomes
 from demo.households import Household, Role, plan_households
@@ -46,7 +48,6 @@ BUYER = "acme"
 JOB = "job-1"
 TASK = get_task("plaid-appliance", 1)
 PURPOSE = "research"
-STRIKE_PURPOSE = "advertising"
 FEE_BPS = 2000
 PAYMENT_MINOR = 100_000
 """What the buyer pays for the job: 1,000.00 EUR."""
@@ -54,8 +55,9 @@ REVENUE_MINOR = 40_000
 """What the buyer reports having earned with the model in one month: 400.00 EUR."""
 REVENUE_PERIOD_MS = (1_798_761_600_000, 1_801_440_000_000)
 JOIN_TIMEOUT_S = 30.0
-"""How long `job start` waits for invited SuperNodes. The paused household never comes and the MID does not know
-it paused, so this is waited out; an agent starts its SuperNode about 10 s after an invitation here."""
+"""How long the job's first round waits for the invited SuperNodes to join; an agent starts its SuperNode about
+10 s after its invitation here. The paused and the striking households are neither invited nor waited for: their
+agents told the MID (`job start` says so), so nothing is waited out."""
 ROUND_TIMEOUT_S = 90.0
 RECIPE_MEASURED = (0.784, 0.832)
 RECIPE_GAP_POINTS = 1.6
@@ -297,12 +299,18 @@ class DemoRun:
     # --- 3. pause and strike -----------------------------------------------------------------------------------
 
     def pause_and_strike(self) -> None:
+        """One member pauses, one strikes against the job's buyer, each on its own device; their agents say so in
+        signed messages (a heartbeat saying paused, a StrikeVote the ledger logs), and the operator sees it in
+        `coordinator devices` before starting the job."""
         self.step("3. Member controls on the members' own devices: a pause and a data strike")
         paused = next(h for h in self.households if h.role is Role.PAUSES)
-        self.command(paused.member, f"agent pause --config {self.paths.rel(paused.config)}")
-        striker = self.households[2]
-        config = self.paths.rel(striker.config)
-        self.command(striker.member, f"agent strike --buyer {BUYER} --purpose {STRIKE_PURPOSE} --config {config}")
+        striker = next(h for h in self.households if h.role is Role.STRIKES)
+        self.commands(
+            [
+                Command(paused.member, f"agent pause --config {self.paths.rel(paused.config)}"),
+                Command(striker.member, f"agent strike --buyer {BUYER} --config {self.paths.rel(striker.config)}"),
+            ]
+        )
         device = self.devices[striker.member]
 
         def logged_vote() -> str | None:
@@ -311,24 +319,22 @@ class DemoRun:
 
         wait_until(lambda: logged_vote() is not None, 60, f"{striker.member}'s strike vote in the ledger", 0.5)
         self.outcomes.expect(
-            f"{striker.member}'s signed vote is a STRIKE leaf",
-            f"buyer {BUYER}, purpose {STRIKE_PURPOSE}",
-            logged_vote(),
+            f"{striker.member}'s signed vote is a STRIKE leaf", f"buyer {BUYER}, purpose None", logged_vote()
         )
-        self.command(striker.member, f"agent status --config {config}", name=f"status-{striker.member}")
-        self.note(striker.member, f"strikes against {BUYER}'s {STRIKE_PURPOSE} jobs only: it trains the job below")
+        wait_until(
+            partial(_mid_heard, self.paths.coordinator / "registry.sqlite", self.devices, paused, striker),
+            60,
+            "the MID to hear every device, the pause and the strike",
+            0.5,
+        )
+        self.command("operator", "coordinator devices --config coordinator.toml", name="coordinator-devices")
 
     # --- 4. the job --------------------------------------------------------------------------------------------
 
     def run_job(self) -> None:
         tail = tail_for(self.rounds)
         self.step(f"4. The buyer's job: {TASK.key}, {self.rounds} rounds on the households' Flower SuperNodes")
-        write_buyer_validation(TASK, self.paths.validation)
-        self.note(
-            "buyer",
-            f"validation windows: PLAID's test recordings, which no household holds "
-            f"({self.paths.rel(self.paths.validation)})",
-        )
+        self.buyer_validation()
         args = (
             f"coordinator job start {JOB} --task {TASK.key} --rounds {self.rounds} --tail-average {tail} "
             f"--validation {self.paths.rel(self.paths.validation)} --purpose {PURPOSE} --buyer {BUYER} "
@@ -342,9 +348,32 @@ class DemoRun:
             raise DemoStepError(f"the job did not complete (exit {job.proc.returncode}); its log: {job.log}")
         shown_job = self.command("operator", f"coordinator job show {JOB} --config coordinator.toml", quiet=True)
         self.job_record = json.loads(shown_job)
+        not_waited = self.job_record.get("not_waited_for") or {}
+        assert isinstance(not_waited, dict)
+        sat_out = {self.devices[h.member]: h.member for h in self.households if h.role.sits_out}
+        self.outcomes.expect(
+            "`job start` neither invited nor waited for the paused and the striking household",
+            sorted(sat_out.values()),
+            sorted(sat_out.get(str(device), str(device)) for device in not_waited),
+        )
         self.note(
             "operator",
             f"`job show` names the model version the buyer reports against: {self.job_record['model_version']}",
+        )
+
+    def buyer_validation(self) -> None:
+        """The buyer cuts its validation windows from PLAID's test recordings, which no household holds, with the
+        tools the members' agents use: a replay into a sample store of its own, then the task's windows from it."""
+        p = self.paths
+        config = p.buyer_key.parent / "sensors.toml"
+        config.write_text(
+            f'data_dir = "{p.buyer_key.parent / "data"}"\n\n'
+            '[[sensors]]\ndriver = "replay"\nname = "plaid"\nsplit = "test"\nspeed = "max"\n'
+        )
+        self.command("buyer", f"agent sensors sample --config {p.rel(config)}", quiet=True)
+        self.command(
+            "buyer",
+            f"agent sensors windows --config {p.rel(config)} --task {TASK.key} --out {p.rel(p.validation)}",
         )
 
     def _follow(self, service: Service, timeout_s: float) -> None:
@@ -494,8 +523,7 @@ class DemoRun:
             for h in self.households
             if self.devices[h.member] in trained
         ]
-        validation = write_buyer_validation(TASK, self.paths.validation)
-        return [train_central(TASK, files, validation, e) for e in epochs]
+        return [train_central(TASK, files, self.paths.validation, e) for e in epochs]
 
 
 def _log_name(args: str) -> str:
@@ -530,6 +558,24 @@ def _agent_ready(agent: Service, store: Path) -> bool:
             return any(h.state == "loaded" for h in opened.health())
     except MalformedError:
         return False
+
+
+def _mid_heard(registry_file: Path, devices: dict[str, str], paused: Household, striker: Household) -> bool:
+    """The registry `serve` keeps has heard a heartbeat from every device, `paused`'s saying paused, and holds
+    `striker`'s logged vote: what `coordinator devices` and `job start` read."""
+    from coordinator.registry.store import Registry
+    from protocol.messages import DeviceStatus
+
+    registry = Registry(registry_file)
+    try:
+        heard, votes = registry.presence(), registry.strike_votes()
+    finally:
+        registry.close()
+    return (
+        all(device in heard for device in devices.values())
+        and heard[devices[paused.member]].status is DeviceStatus.PAUSED
+        and any(v.device_id == devices[striker.member] for v in votes)
+    )
 
 
 def _witnessed_size(url: str) -> int:
@@ -579,9 +625,11 @@ def ledger_checks(facts: LedgerFacts, summary: Summary, outcomes: Outcomes) -> N
     seqs = [(device, report.seq) for _, device, report in facts.contributions]
     outcomes.expect("no (device, seq) logged twice", len(seqs), len(set(seqs)))
     for m in summary.members:
-        if m.role == str(Role.PAUSES):
+        if Role(m.role).sits_out:
             outcomes.expect(
-                f"{m.member} (paused) trained, reported", "no, 0", f"{'yes' if m.trained else 'no'}, {m.contributions}"
+                f"{m.member} ({m.role}) trained, reported",
+                "no, 0",
+                f"{'yes' if m.trained else 'no'}, {m.contributions}",
             )
     for label, split in (("settlement", summary.settlement), ("royalty", summary.royalty)):
         if split is None:
@@ -641,16 +689,23 @@ def run_demo(workdir: Path, console: Console, rounds: int, broker: str) -> bool:
 
 
 def _free_rider_note(summary: Summary, households: list[Household], console: Console) -> None:
-    """What the planted free rider got, beside what it brought."""
-    trained = [h for h in households if h.role is not Role.PAUSES]
+    """What the planted free rider got, beside what it brought and what the screens made of it."""
+    trained = [h for h in households if not h.role.sits_out]
     pool = summary.settlement.members_minor if summary.settlement else 0
     for h, line in zip(households, summary.members, strict=True):
         if h.role is Role.FREE_RIDER and pool:
             share = len(h.series) / sum(len(t.series) for t in trained)
+            screened = (
+                f"screens ({', '.join(line.screens)}) excluded it in {line.excluded_rounds} of its "
+                f"{line.valued_rounds} rounds"
+                if line.screens
+                else "no screen flagged it"
+            )
             console.print(
                 f"{h.member}, the planted free rider, brought {len(h.series)} recordings ({share:.0%} of the job's) "
-                f"and was paid {line.settlement_minor / pool:.0%} of the members' share: its value is what the "
-                "valuation measured for its updates, screens included (docs/attribution.md)."
+                f"and was paid {line.settlement_minor / pool:.0%} of the members' share: {screened}, and a member "
+                "excluded in at most half its rounds is paid for the value measured in the rounds it was not "
+                "excluded from (docs/attribution.md, section 2)."
             )
 
 

@@ -19,8 +19,15 @@ def show_scope(console: Console, broker: BrokerKind, statements_checked: bool) -
         ran.add_row("MQTT broker", "EMBEDDED amqtt instead of Mosquitto: anonymous, no ACL, no TLS, MQTT 3.1.1")
     ran.add_row("coordinator", "`coordinator serve`: enrolment, MQTT ingest, ledger, receipts, buyer API, job ledger")
     ran.add_row("Flower", "serve's SuperLink (TLS, SuperNode authentication) and each device's SuperNode and ClientApp")
-    ran.add_row("members", "`agent run` per household: replay into its sample store, windows, signed reports, receipts")
-    ran.add_row("operator, buyer", "`coordinator invite`, `job start`, `job settle`; `buyer keygen`, `report-revenue`")
+    ran.add_row(
+        "members",
+        "`agent run` per household: replay into its sample store, windows, signed reports, receipts, heartbeats "
+        "saying paused or striking, cosigned checkpoints; `agent pause`, `strike`, `statement`, `receipts --verify`",
+    )
+    ran.add_row(
+        "operator, buyer",
+        "`coordinator invite`, `devices`, `job start`, `job show`, `job settle`; `buyer keygen`, `report-revenue`",
+    )
     console.print(ran)
 
     missing = Table("part", "what that means here", title="what the demo does not run", title_justify="left")
@@ -36,9 +43,9 @@ def show_scope(console: Console, broker: BrokerKind, statements_checked: bool) -
     )
     missing.add_row("knob, consent", "not built: every member prices at the MID's base price and consents to all")
     missing.add_row(
-        "MID side of strikes", "votes are logged and the striker's agent declines; no quorum, no stop-selling"
+        "strike quorum",
+        "a vote is logged and the MID leaves its member out of the target's jobs; no quorum, no stop-selling",
     )
-    missing.add_row("pause notice", "the MID does not learn of a pause: `job start` waits out its join timeout for it")
     if not statements_checked:
         missing.add_row("member statements", "members do not yet verify their statement on their own agent")
     missing.add_row("dashboard", "not built")

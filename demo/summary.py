@@ -27,6 +27,10 @@ class MemberLine:
     contributions: int
     """Contribution reports of the job's run logged for its device."""
     value_units: int | None
+    valued_rounds: int
+    """Rounds the job valued its updates in (the JOB leaf's attribution)."""
+    excluded_rounds: int
+    """Of those, rounds a screen excluded it from the valuation."""
     screens: list[str]
     settlement_minor: int
     royalty_minor: int
@@ -80,7 +84,7 @@ class Summary:
             "trained",
             "reports logged",
             "value (nano-units)",
-            "screens",
+            "screened out",
             f"settlement {currency}",
             f"royalty {currency}",
             "statement verified",
@@ -93,7 +97,7 @@ class Summary:
                 "yes" if m.trained else "no",
                 str(m.contributions),
                 "-" if m.value_units is None else f"{m.value_units:,}",
-                ", ".join(m.screens) or "-",
+                f"{m.excluded_rounds}/{m.valued_rounds} ({', '.join(m.screens)})" if m.screens else "-",
                 _money(m.settlement_minor),
                 _money(m.royalty_minor),
                 {True: "yes", False: "NO", None: "-"}[m.statement_verified],
@@ -136,6 +140,8 @@ def summarise(
                 trained=device in selected,
                 contributions=contributions.get(device, 0),
                 value_units=value.value_units if value else None,
+                valued_rounds=value.rounds if value else 0,
+                excluded_rounds=value.excluded_rounds if value else 0,
                 screens=list(value.screens) if value else [],
                 settlement_minor=_paid(settlement, h.member),
                 royalty_minor=_paid(royalty, h.member),
