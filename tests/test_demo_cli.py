@@ -18,6 +18,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -78,6 +79,13 @@ class ProcessWatch:
         self._stop.set()
         self._thread.join()
 
+    def kill_left(self) -> None:
+        for pid, (created, _) in self.seen.items():
+            with contextlib.suppress(psutil.Error):
+                proc = psutil.Process(pid)
+                if proc.create_time() == created:
+                    proc.kill()
+
     def alive(self) -> list[str]:
         """Processes the demo started that still run, and live processes in the groups of those it started."""
         left = []
@@ -93,12 +101,38 @@ class ProcessWatch:
         return left
 
 
+@contextlib.contextmanager
+def _watched_demo(workdir: Path) -> Iterator[tuple[subprocess.Popen[str], ProcessWatch]]:
+    """The demo started in `workdir` with a watch on its processes. If the body fails (an assertion, a
+    timeout), a demo still running is stopped as a person would (SIGTERM: the demo stops what it started), then whatever of its
+    processes is still alive is killed, so that a failing test leaves nothing behind either."""
+    demo = _demo(workdir)
+    watch = ProcessWatch(demo)
+    try:
+        yield demo, watch
+    except BaseException:
+        if demo.poll() is None:
+            demo.terminate()
+            try:
+                demo.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                demo.kill()
+                demo.wait()
+        watch.stop()
+        watch.kill_left()
+        raise
+    watch.stop()
+
+
 def _gone_within(watch: ProcessWatch, workdir: Path, seconds: float) -> list[str]:
-    """What is still alive after `seconds` (processes SIGKILLed last are reaped by init just after)."""
+    """What is still alive after `seconds` (processes SIGKILLed last are reaped by init just after); then killed,
+    so that the test that finds it leaves nothing behind itself."""
     deadline = time.monotonic() + seconds
     while (watch.alive() or _left_behind(workdir)) and time.monotonic() < deadline:
         time.sleep(0.5)
-    return watch.alive() + _left_behind(workdir)
+    left = watch.alive() + _left_behind(workdir)
+    watch.kill_left()
+    return left
 
 
 def _left_behind(workdir: Path) -> list[str]:
@@ -136,14 +170,8 @@ def _one(records: list[SplitRecord]) -> SplitRecord:
 @pytest.mark.timeout(900)
 def test_the_demos_summary_is_the_ledgers_and_it_leaves_no_process_behind(tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
-    demo = _demo(workdir)
-    watch = ProcessWatch(demo)
-    try:
+    with _watched_demo(workdir) as (demo, watch):
         code = demo.wait(timeout=840)
-    finally:
-        watch.stop()
-        if demo.poll() is None:
-            demo.kill()
     said = (tmp_path / "demo.out").read_text()
     assert code == 0, said[-6000:]
     assert "every outcome as expected" in said
@@ -245,19 +273,13 @@ def test_the_demos_summary_is_the_ledgers_and_it_leaves_no_process_behind(tmp_pa
 @pytest.mark.timeout(600)
 def test_ctrl_c_stops_every_process_the_demo_started(tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
-    demo = _demo(workdir)
-    watch = ProcessWatch(demo)
-    try:
+    with _watched_demo(workdir) as (demo, watch):
         # Interrupt it while the job runs: broker, serve, five agents and the devices' Flower processes are up.
         wait_until(lambda: "round 1/" in _text(workdir / "logs" / "job-start.log"), 400, "the job's first round")
         running = psutil.Process(demo.pid).children(recursive=True)
         assert len(running) >= 10, [p.cmdline() for p in running]
         demo.send_signal(signal.SIGINT)
         code = demo.wait(timeout=120)
-    finally:
-        watch.stop()
-        if demo.poll() is None:
-            demo.kill()
     said = (tmp_path / "demo.out").read_text()
     assert code == 130, said[-3000:]
     assert "interrupted" in said and "stopped agent-household-1" in said
