@@ -25,22 +25,12 @@ class Outcomes:
     console: Console
     steps: list[StepOutcome] = field(default_factory=list)
 
-    def record(self, step: str, expected: object, got: object) -> bool:
-        """Count an outcome the caller shows itself (e.g. in a table)."""
-        outcome = StepOutcome(step, str(expected), str(got))
-        self.steps.append(outcome)
-        return outcome.ok
-
     def expect(self, step: str, expected: object, got: object) -> bool:
         outcome = StepOutcome(step, str(expected), str(got))
         self.steps.append(outcome)
         mark = "[green]ok[/]" if outcome.ok else f"[bold red]FAILED[/] (expected {outcome.expected})"
         self.console.print(f"   {mark:<12} {step}: {outcome.got}", highlight=False)
         return outcome.ok
-
-    @property
-    def all_ok(self) -> bool:
-        return all(s.ok for s in self.steps)
 
     @property
     def failed(self) -> list[StepOutcome]:

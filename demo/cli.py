@@ -1,5 +1,6 @@
-"""`midgate demo`: one MID, five households (one a planted free rider, one paused), one buyer, on the processes a
-MID runs: Mosquitto, `coordinator serve` with its Flower SuperLink, an `agent run` per household, and the operator's,
+"""`midgate demo`: one MID, five households (one a planted free rider, one paused, one striking against the buyer),
+one buyer, on the processes a MID runs: Mosquitto (or, only where it cannot be installed, an embedded broker, named
+as such), `coordinator serve` with its Flower SuperLink, an `agent run` per household, and the operator's,
 members' and buyer's commands. The demo fails (exit 1) if any outcome differs from the expected one, and stops every
 process it started, also on Ctrl-C and SIGTERM. What it does not run is listed at the end of every run.
 """

@@ -78,10 +78,6 @@ class Processes:
         self.started_pids.append(proc.pid)
         return service
 
-    def run(self, name: str, argv: list[str], timeout_s: float, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """Run a command to completion; `run_all` with one."""
-        return self.run_all([(name, argv)], timeout_s, check)[0]
-
     def run_all(
         self, commands: list[tuple[str, list[str]]], timeout_s: float, check: bool = True
     ) -> list[subprocess.CompletedProcess[str]]:
