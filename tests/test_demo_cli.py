@@ -103,8 +103,8 @@ class ProcessWatch:
 
 @contextlib.contextmanager
 def _watched_demo(workdir: Path) -> Iterator[tuple[subprocess.Popen[str], ProcessWatch]]:
-    """The demo started in `workdir` with a watch on its processes. If the body fails (an assertion, a
-    timeout), a demo still running is stopped as a person would (SIGTERM: the demo stops what it started), then whatever of its
+    """The demo started in `workdir` with a watch on its processes. If the body fails (an assertion, a timeout), a
+    demo still running is stopped as a person would (SIGTERM: the demo stops what it started), then whatever of its
     processes is still alive is killed, so that a failing test leaves nothing behind either."""
     demo = _demo(workdir)
     watch = ProcessWatch(demo)
