@@ -1,13 +1,10 @@
-"""The demo's verdict: every step states the outcome it expects, and one differing outcome fails the whole demo."""
+"""The demo's verdict: a step states the outcome it expects, and one differing outcome fails the whole demo."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from rich.console import Console
-
-from protocol.errors import ProtocolError
 
 
 @dataclass(frozen=True)
@@ -28,12 +25,6 @@ class Outcomes:
     console: Console
     steps: list[StepOutcome] = field(default_factory=list)
 
-    def record(self, step: str, expected: object, got: object) -> bool:
-        """Count an outcome the caller shows itself (e.g. in a table)."""
-        outcome = StepOutcome(step, str(expected), str(got))
-        self.steps.append(outcome)
-        return outcome.ok
-
     def expect(self, step: str, expected: object, got: object) -> bool:
         outcome = StepOutcome(step, str(expected), str(got))
         self.steps.append(outcome)
@@ -42,18 +33,5 @@ class Outcomes:
         return outcome.ok
 
     @property
-    def all_ok(self) -> bool:
-        return all(s.ok for s in self.steps)
-
-    @property
     def failed(self) -> list[StepOutcome]:
         return [s for s in self.steps if not s.ok]
-
-
-def reason_of(attempt: Callable[[], object]) -> tuple[str, str]:
-    """The reason code an attempt was refused with, or "accepted" when nothing was raised."""
-    try:
-        attempt()
-    except ProtocolError as exc:
-        return str(exc.reason), exc.message
-    return "accepted", "(no error raised)"

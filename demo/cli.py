@@ -1,23 +1,25 @@
-"""`midgate demo`: one MID, three households and a free rider, one buyer, in one process on real parts.
-
-Real Ed25519 keys, DSSE reports, PLAID recordings replayed into SQLite sample stores, torch training of the task
-model, Shapley attribution, a SQLite transparency ledger with signed checkpoints and receipts, and an exact
-settlement. The demo fails (exit 1) if any step's outcome differs from the expected one, so `make demo` doubles as
-a smoke test of everything it touches. What it does not run yet is listed at the end of every run.
+"""`midgate demo`: one MID, five households (one a planted free rider, one paused, one striking against the buyer),
+one buyer, on the processes a MID runs: Mosquitto (or, only where it cannot be installed, an embedded broker, named
+as such), `coordinator serve` with its Flower SuperLink, an `agent run` per household, and the operator's,
+members' and buyer's commands. The demo fails (exit 1) if any outcome differs from the expected one, and stops every
+process it started, also on Ctrl-C and SIGTERM. What it does not run is listed at the end of every run.
 """
 
 from __future__ import annotations
 
+import signal
+import sys
 import tempfile
 from pathlib import Path
+from types import FrameType
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from protocol.errors import ProtocolError
+app = typer.Typer(help="The end-to-end demo on the processes a MID runs (Mosquitto, serve, SuperLink, agents).")
 
-app = typer.Typer(help="The end-to-end demo on embedded defaults, in one process.")
+DEFAULT_ROUNDS = 8
 
 
 @app.callback(invoke_without_command=True)
@@ -25,66 +27,61 @@ def demo(
     ctx: typer.Context,
     workdir: Annotated[
         Path | None,
-        typer.Option("--workdir", help="Keep every file here (a new or empty folder) instead of a deleted temp dir."),
+        typer.Option("--workdir", help="Keep every file and log here (a new or empty folder) instead of a temp dir."),
     ] = None,
-    rounds: Annotated[int, typer.Option("--rounds", min=1, max=5, help="Federated rounds.")] = 3,
+    rounds: Annotated[
+        int,
+        typer.Option("--rounds", min=1, max=60, help="Federated rounds (the task's recipe: 60; see docs/demo.md)."),
+    ] = DEFAULT_ROUNDS,
+    broker: Annotated[
+        str,
+        typer.Option(help="auto: Mosquitto when installed, else the embedded broker; or mosquitto, embedded."),
+    ] = "auto",
 ) -> None:
-    """Run the demo; exit 1 if any outcome differs from the expected one."""
+    """Run the demo; exit 1 if any outcome differs from the expected one, 130 when interrupted."""
     if ctx.invoked_subcommand is not None:
         return
-    console = Console()
+    if broker not in ("auto", "mosquitto", "embedded"):
+        raise typer.BadParameter("auto, mosquitto or embedded", param_hint="--broker")
     if workdir is not None and workdir.exists() and any(workdir.iterdir()):
-        raise typer.BadParameter(f"{workdir} is not empty; the demo starts a new ledger", param_hint="--workdir")
+        raise typer.BadParameter(f"{workdir} is not empty; the demo starts a new MID", param_hint="--workdir")
+    # Piped into a file or a test, Rich would squeeze the tables into 80 columns.
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        ok = _run_in(workdir, console, rounds)
-    except ProtocolError as exc:
-        # A refusal no step expected (e.g. PLAID missing: sktime not installed) ends the demo with its reason.
-        console.print(f"[bold red]the demo stopped:[/] {exc}", highlight=False)
+        ok = _run_in(workdir, console, rounds, broker)
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/]: every process the demo started has been stopped")
+        raise typer.Exit(130) from None
+    except LookupError as error:
+        console.print(f"[bold red]the demo cannot start:[/] {error}")
         raise typer.Exit(1) from None
     if not ok:
         raise typer.Exit(1)
 
 
-def _run_in(workdir: Path | None, console: Console, rounds: int) -> bool:
-    # Imported here so that `midgate --help` and the agent's commands do not pay for torch.
-    from demo.run import run
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM ends the demo as Ctrl-C does: through its cleanup."""
+    raise KeyboardInterrupt
+
+
+def _run_in(workdir: Path | None, console: Console, rounds: int, broker: str) -> bool:
+    # Imported here so that `midgate --help` and the agent's commands do not pay for the demo's imports.
+    from demo.run import run_demo
+    from demo.services import DemoStepError
+
+    def attempt(folder: Path) -> bool:
+        try:
+            return run_demo(folder, console, rounds, broker)
+        except DemoStepError as error:
+            console.print(f"[bold red]the demo stopped:[/] {error}", highlight=False)
+            console.print(f"every process's log is in {folder / 'logs'}")
+            return False
 
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="midgate-demo-") as tmp:
-            ok = run(Path(tmp), console, rounds)
+            ok = attempt(Path(tmp))
         console.print("the files were in a temporary folder, now deleted; keep them with --workdir DIR")
         return ok
     workdir.mkdir(parents=True, exist_ok=True)
-    ok = run(workdir.resolve(), console, rounds)
-    _print_audit_command(workdir.resolve(), console)
-    return ok
-
-
-def _print_audit_command(workdir: Path, console: Console) -> None:
-    console.print("audit the ledger yourself, with a member's checkpoint:")
-    console.print(
-        f"  midgate ledger verify {workdir / 'ledger.db'} --vkey {workdir / 'log.vkey'} "
-        f"--trusted {workdir / 'members' / 'household-1.checkpoint'}",
-        soft_wrap=True,
-        highlight=False,
-    )
-    console.print(
-        f"  midgate ledger recompute-settlement job-1.settlement --db {workdir / 'ledger.db'}",
-        soft_wrap=True,
-        highlight=False,
-    )
-    witnesses = " ".join(f"--witness {p}" for p in sorted((workdir / "members").glob("*.witness.vkey")))
-    console.print("check the settlement's receipt offline, with 3 of the 4 members' witness cosignatures required:")
-    console.print(
-        f"  midgate ledger verify-proof {workdir / 'members' / 'settlement.receipt'} --vkey {workdir / 'log.vkey'} "
-        f"--leaf {workdir / 'members' / 'settlement.leaf'} {witnesses} --quorum 3",
-        soft_wrap=True,
-        highlight=False,
-    )
-    console.print("and see the MID's rewritten history refused (exit 1):")
-    console.print(
-        f"  midgate ledger verify {workdir / 'attack' / 'rewritten-ledger.db'} --vkey {workdir / 'log.vkey'} "
-        f"--trusted {workdir / 'members' / 'household-1.checkpoint'}",
-        soft_wrap=True,
-        highlight=False,
-    )
+    return attempt(workdir.resolve())

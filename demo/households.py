@@ -1,88 +1,111 @@
-"""Three simulated households and one free rider, each replaying its own slice of the real PLAID recordings.
+"""The demo's members: households, each replaying its own disjoint share of PLAID's recordings through its agent.
 
-Each household's device plays its recordings through the replay driver into its own SampleStore file, then cuts
-the task's windows from the store exactly as the agent does before a round (edge.sensors.export), so the windows,
-labels and dataset fingerprint come from the same code a real device runs. The buyer's validation data is PLAID's
-test split, which no household holds.
+Every household's `agent.toml` lists one `[[sensors]]` replay of the PLAID recordings it holds (by index), which
+`agent run` loads into the household's own sample store; when invited to a job, the agent cuts the task's windows
+from that store itself. The demo only decides who holds which recordings.
+
+The planted free rider: an agent cannot be configured to send back an update trained on nothing (its ClientApp
+always trains on the windows its store gives, and a store giving fewer than `min_job_windows` declines the job), so
+the demo plants the closest real thing: a member holding ten recordings of one appliance that the other households
+already have plenty of, joining the job to be paid for them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
-from rich.table import Table
 
-from edge.sensors.export import task_window_set, window_spec_for
-from edge.sensors.plaid import PLAID_CLASSES, LabelledWindows, load_plaid
-from edge.sensors.replay import plaid_replay
-from edge.sensors.store import SampleStore, write_all
-from edge.sensors.windows import Windows
-from protocol.tasks.spec import PLAID_APPLIANCE
-from protocol.tasks.windows import WindowSet
+from edge.sensors.plaid import PLAID_CLASSES, load_plaid_series
 
 SENSOR = "plaid"
-# Recordings per household (disjoint slices of PLAID's 537 training recordings); the free rider holds a few too,
-# but never trains on them.
-HONEST_SLICE = 150
-RIDER_SLICE = 30
-REPLAY_START_MS = 1_764_000_000_000
+RIDER_CLASS = "compact_fluorescent_lamp"
+RIDER_RECORDINGS = 10
+"""The fewest windows an agent joins a job with (agent.toml `min_job_windows`' default)."""
+SHARE_SEED = 0
+
+
+class Role(StrEnum):
+    HOUSEHOLD = "household"
+    FREE_RIDER = "free rider"
+    STRIKES = "strikes"
+    PAUSES = "pauses"
+
+    @property
+    def sits_out(self) -> bool:
+        """The member tells the MID before the job that it will not take part (a strike against the job's buyer,
+        a pause), so `job start` neither invites it nor waits for it."""
+        return self in (Role.STRIKES, Role.PAUSES)
 
 
 @dataclass(frozen=True)
 class Household:
-    name: str
-    free_rider: bool
-    store_path: Path
-    samples: int
-    windows: Windows
-    window_set: WindowSet
+    """One member and its device: the recordings it replays and what it does in the demo."""
+
+    member: str
+    role: Role
+    series: tuple[int, ...]
+    """Indices of PLAID training recordings this household's agent replays."""
+    classes: tuple[str, ...]
+    """The appliances among them, most recordings first."""
+    folder: Path
 
     @property
-    def fingerprint_hex(self) -> str:
-        return self.windows.fingerprint().hex()
+    def config(self) -> Path:
+        return self.folder / "agent.toml"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.folder / "data"
+
+    @property
+    def store(self) -> Path:
+        return self.data_dir / "samples.db"
+
+    def agent_toml(self, mqtt_protocol: str = "auto") -> str:
+        """The member's agent.toml: its data folder and the replay of its recordings into its sample store;
+        `mqtt_protocol` "3.1.1" for a broker that speaks nothing newer."""
+        series = ", ".join(str(i) for i in self.series)
+        return (
+            f'data_dir = "{self.data_dir}"\n'
+            f'mqtt_protocol = "{mqtt_protocol}"\n'
+            "# Receipts come back within a second or two here; the default (15 s) suits devices on slow links.\n"
+            "resend_after_s = 5.0\n"
+            "# Cosign the MID's checkpoints every 2 s (default 30 s), so statements verify right after a settlement.\n"
+            "witness_every_s = 2.0\n"
+            "# A heartbeat every 5 s (default 60 s): the MID hears the new device, and its member's pause, before\n"
+            "# the job starts a few seconds later; `job start` does not wait for a device it has not heard from.\n"
+            "heartbeat_s = 5.0\n"
+            "\n[[sensors]]\n"
+            'driver = "replay"          # PLAID from the installed sktime wheel\n'
+            f'name = "{SENSOR}"\n'
+            'speed = "max"             # load the recordings once, as fast as the store takes them\n'
+            f"series = [{series}]\n"
+        )
 
 
-def slices(names: list[str], riders: set[str], seed: int) -> dict[str, list[int]]:
-    """Disjoint random slices of the training recordings: whose recordings each household replays."""
-    order = np.random.default_rng(seed).permutation(537).tolist()
-    out: dict[str, list[int]] = {}
-    at = 0
-    for name in names:
-        size = RIDER_SLICE if name in riders else HONEST_SLICE
-        out[name] = sorted(order[at : at + size])
-        at += size
-    return out
-
-
-def replay_household(name: str, series: list[int], store_path: Path, free_rider: bool) -> Household:
-    sensor = plaid_replay(SENSOR, split="train", series=series, loop=False)
-    with SampleStore(store_path) as store:
-        store.register(sensor.name, sensor.channels, sensor.class_names, sensor.source)
-        written = write_all(store, sensor.samples(REPLAY_START_MS))
-        windows = store.windows(window_spec_for(PLAID_APPLIANCE, SENSOR))
-    return Household(name, free_rider, store_path, written, windows, task_window_set(PLAID_APPLIANCE, windows))
-
-
-def build_households(workdir: Path, names: list[str], riders: set[str], console: Console) -> list[Household]:
-    stores = workdir / "households"
-    stores.mkdir(exist_ok=True)
-    households = [
-        replay_household(name, series, stores / f"{name}.db", name in riders)
-        for name, series in slices(names, riders, seed=0).items()
-    ]
-    table = Table("household", "samples replayed", "windows", "appliances (windows per class)", "dataset fingerprint")
-    for h in households:
-        counts = np.bincount(h.windows.y, minlength=len(PLAID_CLASSES))
-        mix = ", ".join(f"{PLAID_CLASSES[i]} {c}" for i, c in enumerate(counts) if c)
-        label = f"{h.name} (free rider)" if h.free_rider else h.name
-        table.add_row(label, f"{h.samples:,}", str(len(h.windows)), mix, h.fingerprint_hex[:16] + "...")
-    console.print(table)
+def plan_households(root: Path, honest: int = 2) -> list[Household]:
+    """`honest` households that train, one that strikes against the job's buyer, the free rider, and one that
+    pauses before the job; disjoint random shares of PLAID's 537 training recordings (the free rider's:
+    RIDER_RECORDINGS of RIDER_CLASS)."""
+    labels = np.asarray([s.label for s in load_plaid_series("train")[0].series], dtype=np.int64)
+    rng = np.random.default_rng(SHARE_SEED)
+    rider_label = PLAID_CLASSES.index(RIDER_CLASS)
+    rider = rng.choice(np.flatnonzero(labels == rider_label), RIDER_RECORDINGS, replace=False)
+    rest = rng.permutation(np.setdiff1d(np.arange(len(labels)), rider))
+    # The honest households hold most recordings; the two that sit the job out hold fewer, so that the job trains
+    # on most of PLAID (the central baseline trains on what the job's devices held, whatever that is).
+    weights = np.array([3.0] * honest + [1.0, 1.0])
+    cuts = np.cumsum(weights / weights.sum() * len(rest)).round().astype(int)[:-1]
+    shares = np.split(rest, cuts)
+    roles = [Role.HOUSEHOLD] * honest + [Role.STRIKES, Role.FREE_RIDER, Role.PAUSES]
+    picked = [*shares[:honest], shares[honest], rider, shares[honest + 1]]
+    households = []
+    for i, (role, chosen) in enumerate(zip(roles, picked, strict=True)):
+        member = f"household-{i + 1}"
+        counts = np.bincount(labels[chosen], minlength=len(PLAID_CLASSES))
+        classes = tuple(PLAID_CLASSES[c] for c in np.argsort(-counts, kind="stable") if counts[c])
+        households.append(Household(member, role, tuple(sorted(int(s) for s in chosen)), classes, root / member))
     return households
-
-
-def buyer_validation() -> LabelledWindows:
-    """PLAID's test split: the buyer's held-out validation data (no household has these recordings)."""
-    return load_plaid("test", length=PLAID_APPLIANCE.window_length)

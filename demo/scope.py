@@ -1,64 +1,61 @@
-"""What the demo ran for real, and what it does not run yet: said plainly at the end of every run."""
+"""What the demo ran, what it did not, and where it ran without TLS: printed at the end of every run, and kept true
+(docs/demo.md has the same tables)."""
 
 from __future__ import annotations
 
 from rich.console import Console
 from rich.table import Table
 
-RAN_FOR_REAL = (
-    ("identities", "Ed25519 keys generated, written 0600, read back; C2SP verifier keys"),
-    ("signed reports", "DSSE envelopes sealed by each device key, verified before parsing, seq replay rule"),
-    ("sensors", "PLAID recordings from the sktime wheel replayed into one SQLite sample store per household"),
-    ("windows + fingerprint", "task windows cut from the stores; Merkle fingerprint in every report"),
-    ("local training", "plaid-appliance@1 trained with torch by edge.federated.training.train_round"),
-    ("attribution", "screens + exact Shapley per round on the buyer's validation data; aggregation by its weights"),
-    ("ledger", "SQLite transparency log (WAL, synchronous=FULL), checkpoints signed by the MID log key"),
-    ("member checks", "receipts verified offline; checkpoints moved only with consistency proofs; fork caught"),
-    ("witnesses", "every member cosigns the latest checkpoint (tlog-cosignature); a 3-of-4 policy checks them"),
-    ("reputation", "beta reputation from the rounds; the free rider falls below a job's minimum"),
-    (
-        "settlement",
-        "quote, fee cap, largest-remainder split, record logged and recomputed; a later royalty split by the "
-        "stored attribution; member statements",
-    ),
-)
-
-NOT_YET = (
-    (
-        "MQTT broker",
-        "no Mosquitto is started: envelopes are handed from device to coordinator in memory "
-        "(the MQTT path is built and tested against a real Mosquitto: docs/messaging.md)",
-    ),
-    (
-        "coordinator ingest service",
-        "no ingest service, registry or dedup index runs: the demo calls the same protocol "
-        "checks and appends to the ledger directly",
-    ),
-    (
-        "Flower SuperLink / SuperNodes",
-        "rounds run in this process, not on the Flower Deployment Engine (which `coordinator serve` and "
-        "`agent run` do start, with TLS and node auth: docs/federated.md): no SuperLink, no DP clipping",
-    ),
-    (
-        "buyer HTTP API",
-        "the buyer's job, quote and payment are function calls; only revenue reports have an HTTP "
-        "endpoint so far (`midgate buyer report-revenue`)",
-    ),
-)
-
-TLS_NOTE = (
-    "The demo runs in one process with no network: nothing is encrypted because nothing leaves the process. "
-    "Everything outside the embedded demo (MQTT broker, Flower SuperLink, HTTP APIs) uses TLS."
-)
+from demo.broker import BrokerKind
 
 
-def show_scope(console: Console) -> None:
-    ran = Table("part", "what ran", title="ran for real in this demo")
-    for part, what in RAN_FOR_REAL:
-        ran.add_row(part, what)
+def show_scope(console: Console, broker: BrokerKind, statements_checked: bool) -> None:
+    ran = Table("part", "how it ran", title="what ran, as real processes", title_justify="left")
+    if broker is BrokerKind.MOSQUITTO:
+        ran.add_row(
+            "MQTT broker", "Mosquitto from `coordinator broker-config`: logins, per-device ACLs, TLS for devices"
+        )
+    else:
+        ran.add_row("MQTT broker", "EMBEDDED amqtt instead of Mosquitto: anonymous, no ACL, no TLS, MQTT 3.1.1")
+    ran.add_row("coordinator", "`coordinator serve`: enrolment, MQTT ingest, ledger, receipts, buyer API, job ledger")
+    ran.add_row("Flower", "serve's SuperLink (TLS, SuperNode authentication) and each device's SuperNode and ClientApp")
+    ran.add_row(
+        "members",
+        "`agent run` per household: replay into its sample store, windows, signed reports, receipts, heartbeats "
+        "saying paused or striking, cosigned checkpoints; `agent pause`, `strike`, `statement`, `receipts --verify`",
+    )
+    ran.add_row(
+        "operator, buyer",
+        "`coordinator invite`, `devices`, `job start`, `job show`, `job settle`; `buyer keygen`, `report-revenue`",
+    )
     console.print(ran)
-    missing = Table("not in the demo yet", "what that means here", title="what the demo does not run yet")
-    for part, meaning in NOT_YET:
-        missing.add_row(part, meaning)
+
+    missing = Table("part", "what that means here", title="what the demo does not run", title_justify="left")
+    missing.add_row(
+        "buyer job API",
+        "no quote, escrow or provenance manifest: the operator starts the job and records "
+        "the payment with `job settle`",
+    )
+    missing.add_row(
+        "free rider",
+        "no agent sends a data-free update (its ClientApp always trains): the planted rider "
+        "holds 10 recordings of one common appliance",
+    )
+    missing.add_row("knob, consent", "not built: every member prices at the MID's base price and consents to all")
+    missing.add_row(
+        "strike quorum",
+        "a vote is logged and the MID leaves its member out of the target's jobs; no quorum, no stop-selling",
+    )
+    if not statements_checked:
+        missing.add_row("member statements", "members do not yet verify their statement on their own agent")
+    missing.add_row("dashboard", "not built")
     console.print(missing)
-    console.print(TLS_NOTE)
+    if broker is BrokerKind.MOSQUITTO:
+        devices = "devices reach the broker's listener and the SuperLink over TLS with the MID's CA"
+    else:
+        devices = "devices reach the SuperLink over TLS with the MID's CA, but the embedded broker in plain TCP"
+    console.print(
+        f"TLS: {devices}; the coordinator uses the broker's plain loopback listener, and the enrolment and buyer "
+        "HTTP endpoint is plain HTTP on loopback (in production a TLS proxy fronts it). Outside the demo, TLS "
+        "everywhere.",
+    )
