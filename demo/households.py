@@ -75,9 +75,6 @@ class Household:
             "resend_after_s = 5.0\n"
             "# Cosign the MID's checkpoints every 2 s (default 30 s), so statements verify right after a settlement.\n"
             "witness_every_s = 2.0\n"
-            "# A heartbeat every 5 s (default 60 s): the MID hears the new device, and its member's pause, before\n"
-            "# the job starts a few seconds later; `job start` does not wait for a device it has not heard from.\n"
-            "heartbeat_s = 5.0\n"
             "\n[[sensors]]\n"
             'driver = "replay"          # PLAID from the installed sktime wheel\n'
             f'name = "{SENSOR}"\n'

@@ -280,10 +280,13 @@ user = "root"
 """
 
 
-def agent_toml(data_dir: Path, extra: str = "") -> str:
+def agent_toml(data_dir: Path, extra: str = "", heartbeat_s: float | None = 5.0) -> str:
+    """An agent.toml for the tests: quick heartbeats, spool polls, resends and reconnects; `heartbeat_s` None keeps
+    the agent's default heartbeat period."""
+    beat = "" if heartbeat_s is None else f"heartbeat_s = {heartbeat_s}"
     return f"""
 data_dir = "{data_dir}"
-heartbeat_s = 5.0
+{beat}
 spool_poll_s = 0.05
 resend_after_s = 2.0
 resend_max_s = 4.0
@@ -535,13 +538,13 @@ class MessagingStack:
         finally:
             registry.close()
 
-    def enrol_agent(self, name: str, agent_extra: str = "") -> AgentHandle:
+    def enrol_agent(self, name: str, agent_extra: str = "", heartbeat_s: float | None = 5.0) -> AgentHandle:
         from edge.agent.config import AgentSettings
         from edge.agent.enrolment import enrol
 
         handle = AgentHandle(name, self.root / f"agent-{name}")
         handle.workdir.mkdir(parents=True, exist_ok=True)
-        handle.config.write_text(agent_toml(handle.data_dir, agent_extra))
+        handle.config.write_text(agent_toml(handle.data_dir, agent_extra, heartbeat_s))
         record = enrol(AgentSettings.load(handle.config), f"http://127.0.0.1:{self.http_port}", self.invite(name))
         handle.mid, handle.device = record.mid, record.device
         self.agents.append(handle)

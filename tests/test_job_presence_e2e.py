@@ -102,3 +102,24 @@ def test_a_paused_striking_or_departed_member_is_not_waited_for(messaging_stack:
         assert f"1 (latest {JOB})" in status, status
         for handle in (paused, striking, left):
             assert not (handle.data_dir / "mids" / handle.mid / "jobs" / JOB).exists()  # never invited
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_device_is_heard_as_soon_as_its_agent_connects(messaging_stack: MessagingStack) -> None:
+    """The agent's first heartbeat goes out when its session connects, not one heartbeat period after it started (by
+    then a job started in the meantime has passed the device by as "never heard from"). The agent keeps its default
+    period, 60 s; the MID must list it online well before that."""
+    from edge.agent.config import AgentSettings
+
+    stack = messaging_stack
+    _start_coordinator(stack)
+    handle = stack.enrol_agent("m0", heartbeat_s=None)
+    assert AgentSettings.load(handle.config).heartbeat_s >= 60
+    stack.start_agent(handle)
+
+    def heard() -> bool:
+        shown = _devices(stack).get(handle.device)
+        return shown is not None and shown["online"] == "yes"
+
+    wait_until(heard, 30, "the MID to hear the new device", poll_s=1.0)

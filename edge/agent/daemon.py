@@ -171,6 +171,8 @@ class MembershipRunner:
         log.info("connected", extra={"mid": self.membership.mid})
         self._resend_now = True
         self._wake.set()
+        # Say the device is here at once: a job started before the next period would pass it by as never heard from.
+        self._beat_now.set()
 
     _resend_now = False
 
