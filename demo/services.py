@@ -21,8 +21,10 @@ from pathlib import Path
 
 from coordinator.federation.superlink_process import descendants, stop_process_group
 
-MIDGATE = [sys.executable, "-c", "from midgate_cli import app; app()"]
-"""`midgate` as this interpreter runs it: the code the demo itself runs, whether installed or on PYTHONPATH."""
+MIDGATE = [sys.executable, "-P", "-c", "from midgate_cli import app; app()"]
+"""`midgate` as this interpreter runs it: the code the demo itself runs, whether installed or on PYTHONPATH, and
+never the working directory on sys.path (`-P`: the demo's folder holds a data folder named `coordinator`, which would
+shadow the package)."""
 
 
 class DemoStepError(RuntimeError):

@@ -271,6 +271,7 @@ class FleetFrontProcess:
     def argv(self) -> list[str]:
         return [
             sys.executable,
+            "-P",  # never the working directory on sys.path: a data folder named like a package would shadow it
             "-m",
             "coordinator.federation.fleet_front",
             "--listen",

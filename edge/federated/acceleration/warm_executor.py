@@ -264,6 +264,7 @@ class WarmExecutor:
         self.proc = subprocess.Popen(
             [
                 sys.executable,
+                "-P",  # never the working directory on sys.path: a data folder named like a package would shadow it
                 "-m",
                 "edge.federated.acceleration.warm_executor",
                 "serve",
