@@ -10,10 +10,11 @@ Two links put members in one group (one player of the coalition game, weighing a
   from the same distribution). bench/adversary_bench.py measures both.
 
 A group's members are paid by how much of the group's data each carries. Two copies of one update are
-indistinguishable, but a partial copy is not: a copycat that sends half of a member's update, or twice it, is
-scaled away from the size an update from that data has. Each member's share falls with the distance of its size
-(its projection on the group's direction) from the round's typical update size (the median norm of the updates
-outside the group): share ∝ min(s/typical, typical/s)^falloff.
+indistinguishable, but a partial copy is not: a copycat that sends half of a member's update is shorter than an
+update from that data. Each member's share is ∝ min(s, typical)^falloff, s its size along the group's direction and
+typical the round's typical update size (the median norm of the updates outside the group): a shrunk copy takes
+little (at falloff 8, a half-size copy of a typical update takes 0.5^8 / (1 + 0.5^8) = 0.4 % of the group), and a
+copy scaled up beyond the typical size gains nothing over the original.
 """
 
 from __future__ import annotations
@@ -56,11 +57,7 @@ def near_duplicate_pairs(unit: npt.NDArray[np.float64], threshold: float) -> lis
     exact = unit.shape[0] <= SKETCH_ABOVE
     margin = 0.0 if exact else _SKETCH_MARGIN
     rows, cols = np.nonzero(np.triu(gram >= threshold - margin, k=1))
-    return [
-        (int(r), int(c))
-        for r, c in zip(rows, cols, strict=True)
-        if exact or float(unit[r] @ unit[c]) >= threshold
-    ]
+    return [(int(r), int(c)) for r, c in zip(rows, cols, strict=True) if exact or float(unit[r] @ unit[c]) >= threshold]
 
 
 def _centred_similarity(
@@ -127,8 +124,9 @@ def union_groups(candidates: list[int], pairs: list[tuple[int, int]]) -> list[tu
 
 
 def group_shares(deltas: FloatVector, group: tuple[int, ...], typical_norm: float, falloff: float) -> list[float]:
-    """Each member's share of its group (summing to 1), by how close its size along the group's direction is to
-    `typical_norm`; equal shares when the sizes cannot be told apart or no typical size is known."""
+    """Each member's share of its group (summing to 1), ∝ min(size along the group's direction, `typical_norm`) **
+    falloff; equal shares when the sizes cannot be told apart (the median size stands in when no typical size is
+    known)."""
     rows = np.asarray(deltas[list(group)], dtype=np.float64)
     norms = np.linalg.norm(rows, axis=1)
     direction = (rows / np.maximum(norms[:, None], 1e-30)).sum(axis=0)
@@ -139,8 +137,7 @@ def group_shares(deltas: FloatVector, group: tuple[int, ...], typical_norm: floa
     typical = typical_norm if typical_norm > 0.0 else float(np.median(sizes))
     if typical <= 0.0:
         return [1.0 / len(group)] * len(group)
-    closeness = np.where(sizes > 0.0, np.minimum(sizes / typical, typical / np.maximum(sizes, 1e-30)), 0.0)
-    raw = closeness**falloff
+    raw = np.minimum(sizes / typical, 1.0) ** falloff
     total = float(raw.sum())
     if total <= 0.0:
         return [1.0 / len(group)] * len(group)

@@ -71,7 +71,8 @@ class ScreenSettings(BaseModel):
     - zero_tolerance (1e-6): an update whose norm is below this fraction of the peers' median norm (or exactly 0
       without peers) equals the global model.
     - min_global_cosine (0.5): the returned parameters (global + update) must point roughly where the global model
-      does; a training step keeps this cosine near 1, a freshly drawn random model gives about 0.
+      does; a training step keeps this cosine near 1, a freshly drawn random model gives about 0. The bound is scaled by
+      the median update's cosine when that is below 1 (a first step from a small initial model may turn it more).
     - norm_ratio_limit (10.0): an update more than this many times the others' median norm is an outlier
       (random weights are orders of magnitude larger than a training step); with verified example counts the limit
       grows with the update's count over the median count (more data, more local steps, a longer update).
@@ -81,13 +82,13 @@ class ScreenSettings(BaseModel):
     - history_rounds (8): how many earlier global models that span includes (the sink keeps this many).
     - noise_z (2.0): a residual whose |noise_z| against the other players' consensus and against the validation
       gradient are both below this is indistinguishable from noise (data_free.noise_z is about N(0, 1) for noise).
-    - consensus_z (6.0): the random-direction screen only runs when the other players' median |noise_z| against
-      their own consensus is at least this: without agreement among them, being different proves nothing.
+    - consensus_z (6.0): the random-direction screen only runs when the other players' median evidence (the larger
+      |noise_z| of the two) is at least this: where they are noise-like too, being different proves nothing.
     - duplicate_cosine (0.999): pairs at or above this cosine are one player.
     - same_data_similarity (0.5): pairs whose centred residual similarity (groups.py) is at or above this trained the
       same data: one player. 1.0 turns the test off.
-    - copy_falloff (4.0): how fast a group member's share falls with the distance of its size from the typical one
-      (a half-size copy of a typical update takes 0.5^4 / (1 + 0.5^4) = 6 % of the group).
+    - copy_falloff (8.0): a group member's share is ∝ min(its size, the typical size) ** copy_falloff (groups.py):
+      a half-size copy of a typical update takes 0.5^8 / (1 + 0.5^8) = 0.4 % of the group.
     - self_report_tolerance (0.1): relative difference allowed between reported and verified example counts.
     """
 
@@ -103,7 +104,7 @@ class ScreenSettings(BaseModel):
     consensus_z: float = Field(default=6.0, ge=0.0)
     duplicate_cosine: float = Field(default=0.999, gt=0.0, le=1.0)
     same_data_similarity: float = Field(default=0.5, gt=0.0, le=1.0)
-    copy_falloff: float = Field(default=4.0, ge=0.0)
+    copy_falloff: float = Field(default=8.0, ge=0.0)
     self_report_tolerance: float = Field(default=0.1, ge=0.0)
 
 
@@ -167,11 +168,14 @@ def _own_screens(
     explained: npt.NDArray[np.float64],
 ) -> list[int]:
     """Step 1 after zero updates: each update judged against the global models alone."""
-    if global_params is not None and float(np.linalg.norm(global_params)) > 0.0:
+    if global_params is not None and float(np.linalg.norm(global_params)) > 0.0 and candidates:
+        cosines = {i: _cosine(global_params + state.safe[i], global_params) for i in candidates}
+        # Early steps from a small initial model can turn it further than half-way: an unrelated model is one far
+        # below the typical update's cosine, not just below the bound.
+        bound = settings.min_global_cosine * min(1.0, float(np.median(list(cosines.values()))))
         for i in candidates:
-            cosine = _cosine(global_params + state.safe[i], global_params)
-            if cosine < settings.min_global_cosine:
-                state.flag(i, ScreenReason.RANDOM_WEIGHTS, cosine)
+            if cosines[i] < bound:
+                state.flag(i, ScreenReason.RANDOM_WEIGHTS, cosines[i])
         candidates = state.unflagged(candidates)
     if previous_global_delta is not None and float(np.linalg.norm(previous_global_delta)) > 0.0:
         for i in candidates:
@@ -256,14 +260,16 @@ def _random_directions(
     unit = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-30)
     total = unit.sum(axis=0)
     consensus = np.array([abs(noise_z(rows[p], total - unit[p])) for p in range(len(players))])
-    gradient = None if validation_gradient is None else np.asarray(validation_gradient, dtype=np.float64)
+    evidence = consensus.copy()
+    if validation_gradient is not None:
+        gradient = np.asarray(validation_gradient, dtype=np.float64)
+        evidence = np.maximum(evidence, np.array([abs(noise_z(row, gradient)) for row in rows]))
     for p, group in enumerate(players):
-        if float(np.median(np.delete(consensus, p))) < settings.consensus_z or consensus[p] >= settings.noise_z:
-            continue
-        if gradient is not None and abs(noise_z(rows[p], gradient)) >= settings.noise_z:
-            continue
-        for i in group:
-            state.flag(i, ScreenReason.RANDOM_DIRECTION, float(consensus[p]))
+        # Armed only where the other players carry evidence of data themselves: where they are noise-like too,
+        # being noise-like proves nothing about this one.
+        if float(np.median(np.delete(evidence, p))) >= settings.consensus_z and evidence[p] < settings.noise_z:
+            for i in group:
+                state.flag(i, ScreenReason.RANDOM_DIRECTION, float(evidence[p]))
     return [g for g in players if not any(f.excludes for i in g for f in state.flags[i])]
 
 
