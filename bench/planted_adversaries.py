@@ -318,9 +318,54 @@ class JobResult:
         return sum(any(f.excludes for f in v.flags.get(member, [])) for v in self.valuations)
 
 
+def flower_aggregate(aggregation: str, global_params: Vector, updates: Sequence[Vector]) -> Vector | None:
+    """The next global model as the ServerApp's robust strategy for `aggregation` (server_app.robust_aggregator,
+    Flower's own FedMedian, FedTrimmedAvg, Krum, Bulyan) computes it from these admitted updates; None when the
+    strategy declines the round (Bulyan with fewer than 4 f + 3 replies)."""
+    import logging
+
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from coordinator.federation.job import JobRunConfig
+    from coordinator.federation.server_app import robust_aggregator
+
+    job = JobRunConfig.from_run_config(
+        {
+            "task-id": "bench",
+            "task-version": 1,
+            "selected-nodes": " ".join(str(n) for n in range(1, len(updates) + 1)),
+            "min-nodes": 1,
+            "validation-path": "",
+            "output-dir": "",
+            "aggregation": aggregation,
+        }
+    )
+    # Flower logs every aggregation at INFO; a table of hundreds of jobs would drown in it.
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    # Flower builds messages only inside a task (it stamps them with the task's run and node).
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    replies = [
+        Message(
+            RecordDict(
+                {
+                    "arrays": ArrayRecord({"params": Array((global_params + u).astype(np.float32))}),
+                    "metrics": MetricRecord({"num-examples": 1}),
+                }
+            ),
+            dst_node_id=0,
+            message_type="train",
+        )
+        for u in updates
+    ]
+    arrays, _ = robust_aggregator(job).aggregate_train(1, replies)
+    return None if arrays is None else np.asarray(arrays["params"].numpy(), dtype=np.float32)
+
+
 @dataclass
 class Job:
-    """One job: `data` per honest member (named m000, m001, ...), optionally one adversary, `rounds` rounds."""
+    """One job: `data` per honest member (named m000, m001, ...), optionally one adversary, `rounds` rounds,
+    aggregated with the valuation's weights (`fedavg`) or by one of Flower's robust strategies."""
 
     world: World
     data: list[Data]
@@ -328,6 +373,7 @@ class Job:
     seed: int
     adversary: Adversary | None = None
     settings: ValuationSettings = field(default_factory=ValuationSettings)
+    aggregation: str = "fedavg"
 
     def run(self) -> JobResult:
         names = [f"m{i:03d}" for i in range(len(self.data))]
@@ -360,10 +406,22 @@ class Job:
             )
             account.add(valuation)
             valuations.append(valuation)
-            step = sum(valuation.weights[n] * matrix[i].astype(np.float64) for i, n in enumerate(members))
             earlier = [global_params, *earlier][: self.settings.screens.history_rounds]
-            global_params = (global_params + np.asarray(step)).astype(np.float32)
+            global_params = self._aggregate(global_params, members, matrix, valuation)
         return JobResult(account, valuations, self.world.accuracy(global_params))
+
+    def _aggregate(
+        self, global_params: Vector, members: list[str], matrix: Vector, valuation: RoundValuation
+    ) -> Vector:
+        """What ValuedAggregation hands the job's strategy: excluded updates left out, the rest weighed as valued."""
+        admitted = [i for i, n in enumerate(members) if valuation.weights[n] > 0.0]
+        if not admitted:
+            return global_params
+        if self.aggregation == "fedavg":
+            step = sum(valuation.weights[members[i]] * matrix[i].astype(np.float64) for i in admitted)
+            return (global_params + np.asarray(step)).astype(np.float32)
+        aggregated = flower_aggregate(self.aggregation, global_params, [matrix[i] for i in admitted])
+        return global_params if aggregated is None else aggregated
 
 
 @dataclass(frozen=True)
@@ -403,12 +461,18 @@ class AttackOutcome:
 
 
 def attack(
-    world: World, adversary: Adversary, data: list[Data], rounds: int, seed: int, clean: JobResult | None = None
+    world: World,
+    adversary: Adversary,
+    data: list[Data],
+    rounds: int,
+    seed: int,
+    clean: JobResult | None = None,
+    aggregation: str = "fedavg",
 ) -> AttackOutcome:
     """Run the job without and with the adversary (the clean run may be passed in, it does not depend on it)."""
     if clean is None:
-        clean = Job(world, data, rounds, seed).run()
-    attacked = Job(world, data, rounds, seed, adversary).run()
+        clean = Job(world, data, rounds, seed, aggregation=aggregation).run()
+    attacked = Job(world, data, rounds, seed, adversary, aggregation=aggregation).run()
     return AttackOutcome(adversary, len(data), seed, clean, attacked)
 
 
