@@ -12,6 +12,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -161,29 +162,21 @@ def robust_aggregator(job: JobRunConfig) -> FedAvg:
     f = (selected nodes - 3) // 4 malicious nodes, the most Bulyan tolerates (it needs 4 f + 3 replies; a round with
     fewer keeps the global model)."""
     n = job.min_nodes
+    sampling: dict[str, Any] = {
+        "fraction_evaluate": 0.0,
+        "min_train_nodes": n,
+        "min_evaluate_nodes": n,
+        "min_available_nodes": n,
+    }
     malicious = max(0, (len(job.selected_nodes) - 3) // 4)
     if job.aggregation is Aggregation.FEDMEDIAN:
-        return FedMedian(fraction_evaluate=0.0, min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n)
+        return FedMedian(**sampling)
     if job.aggregation is Aggregation.FEDTRIMMEDAVG:
-        return FedTrimmedAvg(
-            fraction_evaluate=0.0, min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n, beta=0.2
-        )
+        return FedTrimmedAvg(**sampling, beta=0.2)
     if job.aggregation is Aggregation.KRUM:
-        return Krum(
-            fraction_evaluate=0.0,
-            min_train_nodes=n,
-            min_evaluate_nodes=n,
-            min_available_nodes=n,
-            num_malicious_nodes=malicious,
-        )
+        return Krum(**sampling, num_malicious_nodes=malicious)
     if job.aggregation is Aggregation.BULYAN:
-        return Bulyan(
-            fraction_evaluate=0.0,
-            min_train_nodes=n,
-            min_evaluate_nodes=n,
-            min_available_nodes=n,
-            num_malicious_nodes=malicious,
-        )
+        return Bulyan(**sampling, num_malicious_nodes=malicious)
     raise ValueError(f"not a robust aggregation: {job.aggregation}")
 
 
