@@ -199,7 +199,14 @@ class RoyaltySettings(BaseModel):
     min_price_minor: int = Field(default=100, ge=0, description="lowest price any knob setting yields (minor units)")
     max_price_minor: int = Field(default=100_000, ge=0, description="highest price any knob yields (minor units)")
     majority_excluded_earns_nothing: bool = Field(
-        default=True, description="a member screened out of more than half a job's rounds earns nothing from it"
+        default=False,
+        description="a member any screen excluded from more than half a job's rounds earns nothing from it (the rule "
+        "before issue 17: it also takes the pay of an honest member a consensus screen excluded)",
+    )
+    data_free_earns_nothing: bool = Field(
+        default=True,
+        description="a member a data-free proof (zero, stale, random-weights or data-free screen) excluded from more "
+        "than half a job's rounds earns nothing from it; others keep the value of their admitted rounds",
     )
     currency: str = Field(default="EUR", pattern=r"^[A-Z]{3}$", description="ISO 4217 code of every payment")
 
@@ -220,6 +227,7 @@ class RoyaltySettings(BaseModel):
             fee_bps=self.fee_bps,
             knob=knob,
             majority_excluded_earns_nothing=self.majority_excluded_earns_nothing,
+            data_free_earns_nothing=self.data_free_earns_nothing,
         )
 
 

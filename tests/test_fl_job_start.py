@@ -8,6 +8,7 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
+from flwr.serverapp.strategy import Bulyan, FedMedian, FedTrimmedAvg, Krum
 from mqtt_fixtures import MosquittoProcess, free_port, wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import ValidationError
@@ -26,6 +27,7 @@ from coordinator.federation.job_start import (
     rounds_captured,
     select_devices,
 )
+from coordinator.federation.server_app import aggregator
 from coordinator.mid_key import mid_key_name
 from coordinator.registry.store import Registry
 from protocol.envelope import decode, open_envelope
@@ -133,6 +135,9 @@ def test_invitation_is_signed_by_the_mid_and_expires_one_lease_later(tmp_path: P
         ({"job_id": "Job 1"}, "job_id"),
         ({"lease_s": 1}, "lease_s"),
         ({"tail_average": 3}, "exceeds the job's 2 rounds"),
+        ({"aggregation": "krum", "dp_clipping_norm": 1.0}, "cannot be combined with DP"),
+        ({"aggregation": "fedmedian", "server_momentum": 0.5}, "cannot be combined with DP or server momentum"),
+        ({"aggregation": "geomedian"}, "aggregation"),
         ({"surprise": 1}, "surprise"),
     ],
 )
@@ -158,6 +163,23 @@ def test_drift_correction_momentum_and_lr_schedule_reach_the_serverapps_run_conf
     constant = _request(tmp_path, lr_schedule="constant")
     assert JobRunConfig.from_run_config(constant.run_config([11], tmp_path)).lr_schedule == "constant"
     assert JobRunConfig.from_run_config(_request(tmp_path, tail_average=2).run_config([11], tmp_path)).tail_average == 2
+
+
+@pytest.mark.parametrize(
+    ("aggregation", "strategy"),
+    [("fedmedian", FedMedian), ("fedtrimmedavg", FedTrimmedAvg), ("krum", Krum), ("bulyan", Bulyan)],
+)
+def test_a_robust_aggregation_reaches_the_serverapp_as_flowers_strategy_without_the_recipes_momentum(
+    tmp_path: Path, aggregation: str, strategy: type
+) -> None:
+    request = _request(tmp_path, rounds=None, aggregation=aggregation)  # the PLAID recipe has momentum 0.7
+    assert request.server_momentum == 0.0
+    parsed = JobRunConfig.from_run_config(request.run_config(list(range(11, 22)), tmp_path))
+    assert parsed.aggregation == aggregation
+    built = aggregator(parsed)
+    assert type(built) is strategy
+    if isinstance(built, (Krum, Bulyan)):
+        assert built.num_malicious_nodes == 2  # (11 selected - 3) // 4
 
 
 def test_a_job_given_only_a_task_runs_the_tasks_measured_recipe_with_attribution(tmp_path: Path) -> None:

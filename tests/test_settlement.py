@@ -42,8 +42,17 @@ def attribution(members: list[MemberAttribution], fee_bps: int = 2000) -> ModelA
     return ModelAttribution(job_id="job-7", model_version="job-7.v1", policy=policy(fee_bps), members=members)
 
 
-def member(name: str, value: int, knob: int = 0, rounds: int = 4, excluded: int = 0) -> MemberAttribution:
-    return MemberAttribution(member=name, value_units=value, knob_milli=knob, rounds=rounds, excluded_rounds=excluded)
+def member(
+    name: str, value: int, knob: int = 0, rounds: int = 4, excluded: int = 0, screens: tuple[str, ...] = ()
+) -> MemberAttribution:
+    return MemberAttribution(
+        member=name,
+        value_units=value,
+        knob_milli=knob,
+        rounds=rounds,
+        excluded_rounds=excluded,
+        screens=sorted(screens),
+    )
 
 
 def settle(attr: ModelAttribution, payment: int, record_id: str = "s-1", created_ms: int = 1_000) -> bytes:
@@ -55,20 +64,33 @@ members_strategy = st.lists(
     min_size=1,
     max_size=40,
 )
+SCREENS = ("data_free", "near_duplicate", "random_direction", "zero_update")
 
 
 @settings(max_examples=300, deadline=None)
-@given(payment=st.integers(0, 10**13), fee_bps=st.integers(0, MAX_FEE_BPS), rows=members_strategy)
-def test_parts_sum_exactly_to_the_payment(payment: int, fee_bps: int, rows: list[tuple[int, int, int]]) -> None:
-    members = [member(f"m{i:03d}", v, k, rounds=4, excluded=e) for i, (v, k, e) in enumerate(rows)]
+@given(
+    payment=st.integers(0, 10**13),
+    fee_bps=st.integers(0, MAX_FEE_BPS),
+    rows=members_strategy,
+    screens=st.lists(st.sets(st.sampled_from(SCREENS)), min_size=40, max_size=40),
+)
+def test_parts_sum_exactly_to_the_payment(
+    payment: int, fee_bps: int, rows: list[tuple[int, int, int]], screens: list[set[str]]
+) -> None:
+    members = [
+        member(f"m{i:03d}", v, k, rounds=4, excluded=e, screens=tuple(screens[i])) for i, (v, k, e) in enumerate(rows)
+    ]
     record = decode_record(settle(attribution(members, fee_bps), payment))
     paid = sum(p.amount_minor for p in record.payouts)
     assert record.fee_minor + paid + record.unallocated_minor == payment
     assert record.fee_minor * 10_000 <= payment * fee_bps
     assert record.pool_minor == payment - record.fee_minor
     for row, payout in zip(members, record.payouts, strict=True):
-        if row.value_units <= 0 or 2 * row.excluded_rounds > row.rounds:
+        proven = {"data_free", "zero_update"} & set(row.screens)
+        if row.value_units <= 0 or (2 * row.excluded_rounds > row.rounds and proven):
             assert payout.amount_minor == 0
+        elif payment * (10_000 - fee_bps) >= 10_000 * sum(max(r.value_units, 0) for r in members) * 10:
+            assert payout.amount_minor > 0  # a pool this large leaves no eligible member at 0
     eligible = [p for p in record.payouts if p.weight > 0]
     if eligible:
         assert record.unallocated_minor == 0
@@ -114,10 +136,44 @@ def test_knob_raises_the_share_of_equal_value() -> None:
     assert paid["dear"] > 3 * paid["cheap"]
 
 
-def test_member_excluded_in_most_rounds_earns_nothing() -> None:
-    record = decode_record(settle(attribution([member("a", 10, rounds=4, excluded=3), member("b", 10)]), 1_000))
+def test_a_member_proven_data_free_in_most_rounds_earns_nothing_and_one_merely_screened_keeps_its_value() -> None:
+    members = [
+        member("b", 10),
+        member("different", 10, rounds=4, excluded=3, screens=("random_direction",)),
+        member("once", 10, rounds=4, excluded=1, screens=("zero_update",)),
+        member("rider", 10, rounds=4, excluded=3, screens=("data_free",)),
+    ]
+    record = decode_record(settle(attribution(members), 1_000))
     paid = {p.member: (p.amount_minor, p.reason) for p in record.payouts}
-    assert paid == {"a": (0, "screened"), "b": (800, "paid")}
+    # The value of the admitted rounds is all "different" has (screened rounds are valued 0): no cliff takes it.
+    assert paid == {"rider": (0, "screened"), "different": (267, "paid"), "once": (266, "paid"), "b": (267, "paid")}
+
+
+def test_the_old_rule_is_a_policy_choice_and_a_record_made_under_it_still_verifies() -> None:
+    old_rule = policy().model_copy(update={"majority_excluded_earns_nothing": True, "data_free_earns_nothing": False})
+    members = [member("a", 10, rounds=4, excluded=3, screens=("random_direction",)), member("b", 10)]
+    record = decode_record(
+        settle(ModelAttribution(job_id="job-7", model_version="job-7.v1", policy=old_rule, members=members), 1_000)
+    )
+    assert {p.member: (p.amount_minor, p.reason) for p in record.payouts} == {"a": (0, "screened"), "b": (800, "paid")}
+    # A record as the code before the data-free rule wrote it (no such key in its policy) reproduces byte for byte.
+    verified = verify_settlement(LEGACY_RECORD)
+    assert verified.inputs.attribution.policy.data_free_earns_nothing is False
+    assert recompute_settlement(LEGACY_RECORD) == LEGACY_RECORD
+    assert {p.member: p.reason for p in verified.payouts} == {"ann": "paid", "cid": "screened"}
+
+
+LEGACY_RECORD = (
+    b'{"fee_minor":200,"inputs":{"attribution":{"job_id":"job-1","members":[{"excluded_rounds":0,"knob_milli":0,'
+    b'"member":"ann","rounds":4,"screens":[],"value_units":7},{"excluded_rounds":3,"knob_milli":0,"member":"cid",'
+    b'"rounds":4,"screens":["random_direction"],"value_units":5}],"model_version":"job-1:00","policy":{"fee_bps":2000,'
+    b'"knob":{"alpha_milli":693,"base_price_minor":1000,"max_price_minor":100000,"min_price_minor":100},'
+    b'"majority_excluded_earns_nothing":true,"version":1}},"created_ms":1,"currency":"EUR","kind":"settlement",'
+    b'"payment_minor":1000,"record_id":"settlement-job-1"},"payouts":[{"amount_minor":800,"member":"ann",'
+    b'"price_minor":1000,"reason":"paid","weight":7000},{"amount_minor":0,"member":"cid","price_minor":1000,'
+    b'"reason":"screened","weight":0}],"pool_minor":800,"schema_id":"midgate.split.v1","unallocated_minor":0}'
+)
+"""Written by the settlement code of commit d28f8d5 (before issue 17), under its default policy."""
 
 
 def test_nobody_positive_leaves_the_pool_unallocated() -> None:

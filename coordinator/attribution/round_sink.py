@@ -71,19 +71,31 @@ class AttributionSink:
         self.valuations: list[RoundValuation] = []
         self.skipped: list[SkippedRound] = []
         self._then = then
+        # The global models seen, oldest first: the last one is what the next round trains from, the ones before it
+        # are what a member without data could replay or mix (screens: data_free).
         self._globals: dict[str, npt.NDArray[np.float32]] = {}
-        self._previous_global: npt.NDArray[np.float32] | None = None
+        self._excluded: dict[int, frozenset[int]] = {}
+        self._weights: dict[int, dict[int, float]] = {}
 
     def observe_global(self, arrays: Mapping[str, npt.NDArray[np.generic]]) -> None:
-        """Remember a global model the strategy may send out (keeps only the last two)."""
+        """Remember a global model the strategy may send out (keeps the last `history_rounds` + 1)."""
         flat = self.loss.flatten(arrays)
         digest = arrays_sha256(dict(arrays))
         if digest in self._globals:
             return
-        if self._globals:
-            self._previous_global = list(self._globals.values())[-1]
-        self._globals = {k: v for k, v in list(self._globals.items())[-1:]}
         self._globals[digest] = flat
+        keep = self.settings.screens.history_rounds + 1
+        self._globals = dict(list(self._globals.items())[-keep:])
+
+    def excluded_nodes(self, server_round: int) -> frozenset[int]:
+        """Node ids a screen excluded in `server_round` (empty for a round not valued): the strategy aggregates
+        without them (coordinator.federation.strategy.valued_aggregation)."""
+        return self._excluded.get(server_round, frozenset())
+
+    def member_weights(self, server_round: int) -> dict[int, float]:
+        """Node id -> the weight the round's valuation gave its update (0 when excluded); empty for a round not
+        valued."""
+        return dict(self._weights.get(server_round, {}))
 
     def on_round(self, capture: RoundCapture) -> None:
         try:
@@ -103,21 +115,23 @@ class AttributionSink:
             self.skipped.append(SkippedRound(capture.round, f"global model {capture.global_sha256[:16]} not observed"))
             return
         updates = np.stack([self.loss.flatten(u.arrays) - global_flat for u in capture.updates])
-        previous = None
-        if self._previous_global is not None and list(self._globals)[-1] == capture.global_sha256:
-            previous = global_flat - self._previous_global
+        seen = list(self._globals)
+        earlier = [self._globals[d] for d in reversed(seen[: seen.index(capture.global_sha256)])]
         verified = None
         if self.verified_examples is not None:
             verified = [self.verified_examples(capture.round, u.node_id) for u in capture.updates]
+        members = [self.member_of(u.node_id) for u in capture.updates]
         valuation = value_round(
             RoundUpdates(
                 round_index=capture.round,
-                members=[self.member_of(u.node_id) for u in capture.updates],
+                members=members,
                 global_params=global_flat,
                 updates=updates,
                 reported_examples=[u.examples_reported for u in capture.updates],
                 verified_examples=verified,
-                previous_global_delta=previous,
+                previous_global_delta=global_flat - earlier[0] if earlier else None,
+                earlier_globals=earlier,
+                reported_losses=[_reported_losses(u.metrics) for u in capture.updates],
             ),
             self.loss,
             self.settings,
@@ -126,3 +140,16 @@ class AttributionSink:
         self.account.add(valuation)
         self.reputation.record(valuation)
         self.valuations.append(valuation)
+        nodes = {member: u.node_id for member, u in zip(members, capture.updates, strict=True)}
+        self._excluded[capture.round] = frozenset(
+            nodes[member] for member, flags in valuation.flags.items() if any(f.excludes for f in flags)
+        )
+        self._weights[capture.round] = {nodes[member]: w for member, w in valuation.weights.items()}
+
+
+def _reported_losses(metrics: Mapping[str, float]) -> tuple[float, float] | None:
+    """The (loss before, loss after) training a device reported (edge.federated.client_app), if it did."""
+    before, after = metrics.get("loss-before"), metrics.get("loss-after")
+    if before is None or after is None:
+        return None
+    return float(before), float(after)

@@ -1,11 +1,21 @@
 """Screens that run before valuation and keep free riders and copies out of the coalition game.
 
-Each screen records a reason and the measured quantity that triggered it, so a member can be told why. Screens
-that exclude (non-finite, zero, norm outlier, stale, random direction) take the update out of the game entirely:
-an excluded update has no coalition to improve and is valued 0. Near-duplicates are not excluded but merged into one
-player whose value the group shares, so a copy earns nothing extra. A self-report that contradicts what the
-coordinator observed is only flagged: valuation never reads self-reported counts, so the lie cannot change pay, but
-it counts against reputation.
+Each screen records a reason and the measured quantity that triggered it, so a member can be told why. They run in
+an order that keeps the consensus honest (issue 17):
+1. screens that judge an update on its own: non-finite, zero (the global model sent back), random weights (a model
+   unrelated to the one sent), a replay of the last global step, and data-free (data_free.py: an update that lies
+   in what the global models alone can build — a scaled, shrunk or stale copy, a mix of earlier global models);
+2. grouping (groups.py): near-duplicates and updates from the same data become one player, so a copy counts once in
+   every consensus below and in the game;
+3. random direction: a player whose residual is noise against both the other players and the validation gradient,
+   only in a round where the other players agree with one another.
+The norm outlier screen (limit scaled by verified example counts) runs between 1 and 2: it compares with the
+median norm, which a few copies do not move.
+Excluded updates take no part in the game and get aggregation weight 0. The screens of step 1 except non-finite
+prove that an update carries no data (`DATA_FREE_PROOFS`): settlement pays nothing to a member they excluded in most
+of its rounds. Consensus screens prove nothing about data (an honest member can simply be different), so a member
+they exclude keeps the value of the rounds where it was admitted. A self-report that contradicts what the coordinator
+observed, or a training loss reported for an update that is data-free, is only flagged: it costs reputation.
 """
 
 from __future__ import annotations
@@ -18,13 +28,9 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
+from coordinator.attribution.data_free import data_free_basis, explained_fraction, noise_z, residuals
 from coordinator.attribution.game import FloatVector
-
-# Above this many candidates, near-duplicate search runs on a seeded random sketch and confirms candidates exactly
-# (the full Gram matrix costs m^2 d; the sketch costs m d k with k = 128).
-_SKETCH_ABOVE = 256
-_SKETCH_DIMENSIONS = 128
-_SKETCH_SEED = 0x5EED
+from coordinator.attribution.groups import group_shares, near_duplicate_pairs, same_data_pairs, union_groups
 
 
 class ScreenReason(StrEnum):
@@ -32,10 +38,13 @@ class ScreenReason(StrEnum):
     ZERO_UPDATE = "zero_update"
     NORM_OUTLIER = "norm_outlier"
     STALE_UPDATE = "stale_update"
+    DATA_FREE = "data_free"
     RANDOM_DIRECTION = "random_direction"
     RANDOM_WEIGHTS = "random_weights"
     NEAR_DUPLICATE = "near_duplicate"
+    SAME_DATA = "same_data"
     SELF_REPORT_MISMATCH = "self_report_mismatch"
+    LOSS_CLAIM_UNSUPPORTED = "loss_claim_unsupported"
 
 
 EXCLUDING_REASONS = frozenset(
@@ -44,25 +53,42 @@ EXCLUDING_REASONS = frozenset(
         ScreenReason.ZERO_UPDATE,
         ScreenReason.NORM_OUTLIER,
         ScreenReason.STALE_UPDATE,
+        ScreenReason.DATA_FREE,
         ScreenReason.RANDOM_DIRECTION,
         ScreenReason.RANDOM_WEIGHTS,
     }
 )
+DATA_FREE_PROOFS = frozenset(
+    {ScreenReason.ZERO_UPDATE, ScreenReason.RANDOM_WEIGHTS, ScreenReason.STALE_UPDATE, ScreenReason.DATA_FREE}
+)
+"""Screens whose finding needs no other member: the update is provably not trained from the global model on data.
+coordinator.royalties.settlement keeps the same names (it does not import numpy)."""
 
 
 class ScreenSettings(BaseModel):
-    """Thresholds of the screens; defaults are what the planted-behaviour tests run with.
+    """Thresholds of the screens; defaults are what the planted-behaviour tests and bench/adversary_bench.py run with.
 
     - zero_tolerance (1e-6): an update whose norm is below this fraction of the peers' median norm (or exactly 0
       without peers) equals the global model.
     - min_global_cosine (0.5): the returned parameters (global + update) must point roughly where the global model
-      does; a training step keeps this cosine near 1, a freshly drawn random model gives about 0.
-    - norm_ratio_limit (10.0): an update more than this many times the peers' median norm is an outlier (random
-      weights are orders of magnitude larger than a training step).
-    - stale_cosine (0.99): cosine with the previous round's global change at or above this is a replayed delta.
-    - random_cosine_scale (4.0): |cosine| with the peers' consensus below scale/sqrt(d) is what a random direction
-      gives; only applied when the peers themselves agree (median cosine above 3x that bound) and there are >= 3.
+      does; a training step keeps this cosine near 1, a freshly drawn random model gives about 0. The bound is scaled by
+      the median update's cosine when that is below 1 (a first step from a small initial model may turn it more).
+    - norm_ratio_limit (10.0): an update more than this many times the others' median norm is an outlier
+      (random weights are orders of magnitude larger than a training step); with verified example counts the limit
+      grows with the update's count over the median count (more data, more local steps, a longer update).
+    - stale_cosine (0.99): cosine with the previous round's global change at or above this is a replayed step.
+    - data_free_explained (0.95): an update with at least this share of its energy in the span of the current and
+      earlier global models is data-free (updates from data: at most 0.47 in bench/adversary_bench.py).
+    - history_rounds (8): how many earlier global models that span includes (the sink keeps this many).
+    - noise_z (2.0): a residual whose |noise_z| against the other players' consensus and against the validation
+      gradient are both below this is indistinguishable from noise (data_free.noise_z is about N(0, 1) for noise).
+    - consensus_z (6.0): the random-direction screen only runs when the other players' median evidence (the larger
+      |noise_z| of the two) is at least this: where they are noise-like too, being different proves nothing.
     - duplicate_cosine (0.999): pairs at or above this cosine are one player.
+    - same_data_similarity (0.5): pairs whose centred residual similarity (groups.py) is at or above this trained the
+      same data: one player. 1.0 turns the test off.
+    - copy_falloff (8.0): a group member's share is ∝ min(its size, the typical size) ** copy_falloff (groups.py):
+      a half-size copy of a typical update takes 0.5^8 / (1 + 0.5^8) = 0.4 % of the group.
     - self_report_tolerance (0.1): relative difference allowed between reported and verified example counts.
     """
 
@@ -72,8 +98,13 @@ class ScreenSettings(BaseModel):
     min_global_cosine: float = Field(default=0.5, ge=-1.0, le=1.0)
     norm_ratio_limit: float = Field(default=10.0, gt=1.0)
     stale_cosine: float = Field(default=0.99, gt=0.0, le=1.0)
-    random_cosine_scale: float = Field(default=4.0, ge=0.0)
+    data_free_explained: float = Field(default=0.95, gt=0.0, le=1.0)
+    history_rounds: int = Field(default=8, ge=0, le=64)
+    noise_z: float = Field(default=2.0, ge=0.0)
+    consensus_z: float = Field(default=6.0, ge=0.0)
     duplicate_cosine: float = Field(default=0.999, gt=0.0, le=1.0)
+    same_data_similarity: float = Field(default=0.5, gt=0.0, le=1.0)
+    copy_falloff: float = Field(default=8.0, ge=0.0)
     self_report_tolerance: float = Field(default=0.1, ge=0.0)
 
 
@@ -86,60 +117,185 @@ class ScreenFlag:
     def excludes(self) -> bool:
         return self.reason in EXCLUDING_REASONS
 
+    @property
+    def proves_data_free(self) -> bool:
+        return self.reason in DATA_FREE_PROOFS
+
 
 @dataclass(frozen=True)
 class ScreenReport:
-    """Flags per member index, and the players left for valuation: tuples of member indices (a tuple of more than
-    one is a near-duplicate group), ordered by their smallest index."""
+    """Flags per member index, the players left for valuation (tuples of member indices, a tuple of more than one
+    being a group of copies or of the same data, ordered by their smallest index), and each admitted member's share
+    of its player (1.0 alone; a group's shares sum to 1)."""
 
     flags: dict[int, list[ScreenFlag]] = field(default_factory=dict)
     players: list[tuple[int, ...]] = field(default_factory=list)
+    shares: dict[int, float] = field(default_factory=dict)
 
     def excluded(self, member: int) -> bool:
         return any(flag.excludes for flag in self.flags.get(member, []))
 
 
-def _cosine(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> float:
+def _cosine(a: npt.NDArray[np.generic], b: npt.NDArray[np.generic]) -> float:
     na = float(np.linalg.norm(a))
     nb = float(np.linalg.norm(b))
     if na == 0.0 or nb == 0.0:
         return 0.0
-    return float(np.dot(a, b)) / (na * nb)
+    return float(np.dot(a.astype(np.float64), b.astype(np.float64))) / (na * nb)
 
 
-def _near_duplicate_pairs(unit: npt.NDArray[np.float32], threshold: float) -> list[tuple[int, int]]:
-    m = unit.shape[0]
-    if m <= _SKETCH_ABOVE:
-        gram = unit @ unit.T
-        rows, cols = np.nonzero(np.triu(gram >= threshold, k=1))
-        return [(int(r), int(c)) for r, c in zip(rows, cols, strict=True)]
-    rng = np.random.default_rng(_SKETCH_SEED)
-    projection = rng.standard_normal((unit.shape[1], _SKETCH_DIMENSIONS), dtype=np.float32)
-    sketch = unit @ projection
-    sketch /= np.maximum(np.linalg.norm(sketch, axis=1, keepdims=True), 1e-30)
-    # Near-parallel vectors stay near-parallel under a random projection; 0.9 leaves a wide margin and every
-    # candidate is confirmed on the full vectors.
-    rows, cols = np.nonzero(np.triu(sketch @ sketch.T >= 0.9, k=1))
-    return [(int(r), int(c)) for r, c in zip(rows, cols, strict=True) if float(np.dot(unit[r], unit[c])) >= threshold]
+@dataclass
+class _Round:
+    """The screens' working state for one round."""
+
+    safe: npt.NDArray[np.float32]
+    norms: npt.NDArray[np.float64]
+    flags: dict[int, list[ScreenFlag]]
+
+    def flag(self, member: int, reason: ScreenReason, measured: float) -> None:
+        self.flags[member].append(ScreenFlag(reason, measured))
+
+    def unflagged(self, members: Sequence[int]) -> list[int]:
+        return [i for i in members if not any(f.excludes for f in self.flags[i])]
 
 
-def _groups(candidates: list[int], pairs: list[tuple[int, int]]) -> list[tuple[int, ...]]:
-    parent = {c: c for c in candidates}
+def _own_screens(
+    state: _Round,
+    candidates: list[int],
+    settings: ScreenSettings,
+    global_params: FloatVector | None,
+    previous_global_delta: FloatVector | None,
+    explained: npt.NDArray[np.float64],
+) -> list[int]:
+    """Step 1 after zero updates: each update judged against the global models alone."""
+    if global_params is not None and float(np.linalg.norm(global_params)) > 0.0 and candidates:
+        cosines = {i: _cosine(global_params + state.safe[i], global_params) for i in candidates}
+        # Early steps from a small initial model can turn it further than half-way: an unrelated model is one far
+        # below the typical update's cosine, not just below the bound.
+        bound = settings.min_global_cosine * min(1.0, float(np.median(list(cosines.values()))))
+        for i in candidates:
+            if cosines[i] < bound:
+                state.flag(i, ScreenReason.RANDOM_WEIGHTS, cosines[i])
+        candidates = state.unflagged(candidates)
+    if previous_global_delta is not None and float(np.linalg.norm(previous_global_delta)) > 0.0:
+        for i in candidates:
+            cosine = _cosine(state.safe[i], previous_global_delta)
+            if cosine >= settings.stale_cosine:
+                state.flag(i, ScreenReason.STALE_UPDATE, cosine)
+        candidates = state.unflagged(candidates)
+    for i in candidates:
+        if explained[i] >= settings.data_free_explained:
+            state.flag(i, ScreenReason.DATA_FREE, float(explained[i]))
+    return state.unflagged(candidates)
 
-    def root(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
 
-    for a, b in pairs:
-        ra, rb = root(a), root(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    grouped: dict[int, list[int]] = {}
-    for c in candidates:
-        grouped.setdefault(root(c), []).append(c)
-    return sorted((tuple(sorted(g)) for g in grouped.values()), key=lambda g: g[0])
+def _groups(
+    state: _Round, candidates: list[int], unit_residuals: npt.NDArray[np.float64], settings: ScreenSettings
+) -> tuple[list[tuple[int, ...]], dict[int, float]]:
+    """Step 2: near-duplicates and same-data pairs joined into players; each member's share of its player."""
+    unit = np.zeros((len(candidates), state.safe.shape[1]))
+    for row, i in enumerate(candidates):
+        unit[row] = state.safe[i] / state.norms[i]
+    duplicates = [(candidates[a], candidates[b]) for a, b in near_duplicate_pairs(unit, settings.duplicate_cosine)]
+    same: list[tuple[int, int, float]] = []
+    if settings.same_data_similarity < 1.0:
+        rows = unit_residuals[candidates]
+        same = [(candidates[a], candidates[b], s) for a, b, s in same_data_pairs(rows, settings.same_data_similarity)]
+    players = union_groups(candidates, duplicates + [(a, b) for a, b, _ in same])
+    shares = {i: 1.0 for i in candidates}
+    copied = {i for pair in duplicates for i in pair}
+    strongest: dict[int, float] = {}
+    for a, b, similarity in same:
+        strongest[a] = max(strongest.get(a, 0.0), similarity)
+        strongest[b] = max(strongest.get(b, 0.0), similarity)
+    for group in players:
+        if len(group) == 1:
+            continue
+        outside = [state.norms[i] for i in candidates if i not in group]
+        typical = float(np.median(outside)) if outside else 0.0
+        for i, share in zip(group, group_shares(state.safe, group, typical, settings.copy_falloff), strict=True):
+            shares[i] = share
+            if i in copied:
+                state.flag(i, ScreenReason.NEAR_DUPLICATE, float(len(group)))
+            else:
+                state.flag(i, ScreenReason.SAME_DATA, strongest.get(i, 0.0))
+    return players, shares
+
+
+def _norm_outliers(
+    state: _Round, candidates: list[int], settings: ScreenSettings, verified_examples: Sequence[int | None] | None
+) -> list[int]:
+    """Updates far longer than the others'. It runs before grouping: a median is not moved by a few copies."""
+    if len(candidates) < 3:
+        return candidates
+    counts = None
+    if verified_examples is not None and all(verified_examples[i] is not None for i in candidates):
+        counts = {i: float(verified_examples[i] or 0) for i in candidates}
+    median_count = float(np.median(list(counts.values()))) if counts else 0.0
+    for i in candidates:
+        peer_median = float(np.median([state.norms[j] for j in candidates if j != i]))
+        limit = settings.norm_ratio_limit
+        if counts is not None and median_count > 0.0:
+            # More verified data means more local steps: a longer honest update, not an outlier.
+            limit *= max(1.0, counts[i] / median_count)
+        ratio = float(state.norms[i]) / peer_median if peer_median > 0.0 else 0.0
+        if ratio > limit:
+            state.flag(i, ScreenReason.NORM_OUTLIER, ratio)
+    return state.unflagged(candidates)
+
+
+def _random_directions(
+    state: _Round,
+    players: list[tuple[int, ...]],
+    shares: dict[int, float],
+    remaining: npt.NDArray[np.float64],
+    settings: ScreenSettings,
+    validation_gradient: FloatVector | None,
+) -> list[tuple[int, ...]]:
+    """Step 3: a player (its members' share-weighted residual) that is noise against the other players' consensus
+    and against the validation gradient, in a round where the other players agree with one another."""
+    if len(players) < 3 or settings.noise_z <= 0.0:
+        return players
+    rows = np.stack([sum(shares[i] * remaining[i] for i in g) for g in players])
+    unit = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-30)
+    total = unit.sum(axis=0)
+    consensus = np.array([abs(noise_z(rows[p], total - unit[p])) for p in range(len(players))])
+    evidence = consensus.copy()
+    if validation_gradient is not None:
+        gradient = np.asarray(validation_gradient, dtype=np.float64)
+        evidence = np.maximum(evidence, np.array([abs(noise_z(row, gradient)) for row in rows]))
+    for p, group in enumerate(players):
+        # Armed only where the other players carry evidence of data themselves: where they are noise-like too,
+        # being noise-like proves nothing about this one.
+        if float(np.median(np.delete(evidence, p))) >= settings.consensus_z and evidence[p] < settings.noise_z:
+            for i in group:
+                state.flag(i, ScreenReason.RANDOM_DIRECTION, float(evidence[p]))
+    return [g for g in players if not any(f.excludes for i in g for f in state.flags[i])]
+
+
+def _self_reports(
+    state: _Round,
+    settings: ScreenSettings,
+    reported_examples: Sequence[int | None] | None,
+    verified_examples: Sequence[int | None] | None,
+    reported_losses: Sequence[tuple[float, float] | None] | None,
+) -> None:
+    if reported_examples is not None and verified_examples is not None:
+        for i, (reported, verified) in enumerate(zip(reported_examples, verified_examples, strict=True)):
+            if reported is None or verified is None:
+                continue
+            gap = abs(reported - verified) / max(verified, 1)
+            if gap > settings.self_report_tolerance:
+                state.flag(i, ScreenReason.SELF_REPORT_MISMATCH, float(reported / max(verified, 1)))
+    if reported_losses is not None:
+        for i, losses in enumerate(reported_losses):
+            # A claimed training loss drop means nothing by itself (a member can write any number), but claiming one
+            # for an update that provably was not trained is a lie on the record.
+            if losses is None or not any(f.proves_data_free for f in state.flags[i]):
+                continue
+            before, after = losses
+            if np.isfinite(before) and np.isfinite(after) and after < before:
+                state.flag(i, ScreenReason.LOSS_CLAIM_UNSUPPORTED, float(before - after))
 
 
 def screen_updates(
@@ -148,76 +304,49 @@ def screen_updates(
     settings: ScreenSettings,
     global_params: FloatVector | None = None,
     previous_global_delta: FloatVector | None = None,
+    earlier_globals: Sequence[FloatVector] = (),
+    validation_gradient: FloatVector | None = None,
     reported_examples: Sequence[int | None] | None = None,
     verified_examples: Sequence[int | None] | None = None,
+    reported_losses: Sequence[tuple[float, float] | None] | None = None,
 ) -> ScreenReport:
-    """Screen the (m, d) matrix of observed updates (each member's parameters minus the global model)."""
-    m, d = deltas.shape
-    flags: dict[int, list[ScreenFlag]] = {i: [] for i in range(m)}
+    """Screen the (m, d) matrix of observed updates (each member's parameters minus the global model).
 
+    `earlier_globals` are the global models of earlier rounds, most recent first (at most `history_rounds` are
+    used); `validation_gradient` is the validation loss gradient at the global model; `reported_losses` are the
+    members' own (loss before, loss after) training claims.
+    """
+    m = deltas.shape[0]
     finite: npt.NDArray[np.bool_] = np.asarray(np.isfinite(deltas).all(axis=1))
     safe = np.where(finite[:, None], deltas, 0.0).astype(np.float32)
-    norms = np.linalg.norm(safe, axis=1).astype(np.float64)
+    state = _Round(safe, np.linalg.norm(safe.astype(np.float64), axis=1), {i: [] for i in range(m)})
     alive = [i for i in range(m) if bool(finite[i])]
     for i in range(m):
         if not finite[i]:
-            flags[i].append(ScreenFlag(ScreenReason.NON_FINITE, 0.0))
+            state.flag(i, ScreenReason.NON_FINITE, 0.0)
 
-    positive = [norms[i] for i in alive if norms[i] > 0.0]
+    positive = [state.norms[i] for i in alive if state.norms[i] > 0.0]
     median_norm = float(np.median(positive)) if positive else 0.0
     for i in alive:
-        if norms[i] == 0.0 or norms[i] <= settings.zero_tolerance * median_norm:
-            flags[i].append(ScreenFlag(ScreenReason.ZERO_UPDATE, float(norms[i])))
-    candidates = [i for i in alive if not flags[i]]
+        if state.norms[i] == 0.0 or state.norms[i] <= settings.zero_tolerance * median_norm:
+            state.flag(i, ScreenReason.ZERO_UPDATE, float(state.norms[i]))
+    candidates = state.unflagged(alive)
 
-    if global_params is not None and float(np.linalg.norm(global_params)) > 0.0:
-        for i in candidates:
-            cosine = _cosine(global_params + safe[i], global_params)
-            if cosine < settings.min_global_cosine:
-                flags[i].append(ScreenFlag(ScreenReason.RANDOM_WEIGHTS, cosine))
-        candidates = [i for i in candidates if not flags[i]]
+    earlier = list(earlier_globals)[: settings.history_rounds]
+    basis = data_free_basis(global_params, previous_global_delta, earlier)
+    remaining = residuals(basis, safe)
+    explained = explained_fraction(safe, remaining)
+    candidates = _own_screens(state, candidates, settings, global_params, previous_global_delta, explained)
+    candidates = _norm_outliers(state, candidates, settings, verified_examples)
 
-    if len(candidates) >= 3:
-        for i in candidates:
-            peer_median = float(np.median([norms[j] for j in candidates if j != i]))
-            ratio = norms[i] / peer_median
-            if ratio > settings.norm_ratio_limit:
-                flags[i].append(ScreenFlag(ScreenReason.NORM_OUTLIER, float(ratio)))
-        candidates = [i for i in candidates if not flags[i]]
-
-    if previous_global_delta is not None and float(np.linalg.norm(previous_global_delta)) > 0.0:
-        for i in candidates:
-            cosine = _cosine(safe[i], previous_global_delta)
-            if cosine >= settings.stale_cosine:
-                flags[i].append(ScreenFlag(ScreenReason.STALE_UPDATE, cosine))
-        candidates = [i for i in candidates if not flags[i]]
-
-    unit = np.zeros_like(safe)
-    for i in candidates:
-        unit[i] = safe[i] / norms[i]
-    if len(candidates) >= 3 and settings.random_cosine_scale > 0.0:
-        bound = settings.random_cosine_scale / np.sqrt(d)
-        total = unit[candidates].sum(axis=0)
-        consensus = {i: _cosine(unit[i], total - unit[i]) for i in candidates}
-        for i in candidates:
-            peers = float(np.median([consensus[j] for j in candidates if j != i]))
-            if abs(consensus[i]) < bound and peers > 3 * bound:
-                flags[i].append(ScreenFlag(ScreenReason.RANDOM_DIRECTION, consensus[i]))
-        candidates = [i for i in candidates if not flags[i]]
-
-    pairs = _near_duplicate_pairs(unit[candidates], settings.duplicate_cosine) if candidates else []
-    players = _groups(candidates, [(candidates[a], candidates[b]) for a, b in pairs])
-    for group in players:
-        if len(group) > 1:
-            for i in group:
-                flags[i].append(ScreenFlag(ScreenReason.NEAR_DUPLICATE, float(len(group))))
-
-    if reported_examples is not None and verified_examples is not None:
-        for i, (reported, verified) in enumerate(zip(reported_examples, verified_examples, strict=True)):
-            if reported is None or verified is None:
-                continue
-            gap = abs(reported - verified) / max(verified, 1)
-            if gap > settings.self_report_tolerance:
-                flags[i].append(ScreenFlag(ScreenReason.SELF_REPORT_MISMATCH, float(reported / max(verified, 1))))
-
-    return ScreenReport(flags={i: f for i, f in flags.items() if f}, players=players)
+    residual_norms = np.linalg.norm(remaining, axis=1, keepdims=True)
+    unit_residuals = remaining / np.maximum(residual_norms, 1e-30)
+    players, shares = _groups(state, candidates, unit_residuals, settings)
+    players = _random_directions(state, players, shares, remaining, settings, validation_gradient)
+    _self_reports(state, settings, reported_examples, verified_examples, reported_losses)
+    admitted = {i for g in players for i in g}
+    return ScreenReport(
+        flags={i: f for i, f in state.flags.items() if f},
+        players=players,
+        shares={i: s for i, s in shares.items() if i in admitted},
+    )

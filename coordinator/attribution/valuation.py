@@ -64,7 +64,10 @@ class ValuationSettings(BaseModel):
 class RoundUpdates:
     """What the strategy observed in one round: member ids, the global model it sent, and the (m, d) matrix of
     updates it received (member parameters minus global). Example counts are optional; `verified_examples` are the
-    counts the coordinator checked itself (never the device's claim)."""
+    counts the coordinator checked itself (never the device's claim). `earlier_globals` are the global models of
+    earlier rounds, most recent first, and `previous_global_delta` the last global step: what a member without data
+    could build its update from (data_free.py). `reported_losses` are the members' own (before, after) training
+    loss claims, never trusted, only checked against the update."""
 
     round_index: int
     members: Sequence[str]
@@ -73,6 +76,8 @@ class RoundUpdates:
     reported_examples: Sequence[int | None] | None = None
     verified_examples: Sequence[int | None] | None = None
     previous_global_delta: FloatVector | None = None
+    earlier_globals: Sequence[FloatVector] = ()
+    reported_losses: Sequence[tuple[float, float] | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,13 @@ def _check(updates: RoundUpdates) -> None:
     for name, counts in (("reported", updates.reported_examples), ("verified", updates.verified_examples)):
         if counts is not None and len(counts) != m:
             raise MalformedError(f"one {name} example count per member", members=m, counts=len(counts))
+    if updates.reported_losses is not None and len(updates.reported_losses) != m:
+        raise MalformedError("one reported loss pair per member", members=m, losses=len(updates.reported_losses))
+    for earlier in updates.earlier_globals:
+        if earlier.shape != updates.global_params.shape:
+            raise MalformedError(
+                "an earlier global model differs in size", global_shape=updates.global_params.shape, found=earlier.shape
+            )
 
 
 @dataclass(frozen=True)
@@ -139,16 +151,17 @@ def _value_players(
     weights: list[float],
     loss: LossFunction,
     settings: ValuationSettings,
-    gradient: GradientFunction | None,
+    validation_gradient: FloatVector | None,
 ) -> _PlayerValues:
     m = deltas.shape[0]
     zeros = np.zeros(m)
     if m == 0:
         return _PlayerValues(ValuationMethod.NONE, zeros, zeros, 0, 0.0, float("nan"))
     if m > settings.sampled_max_players:
-        if gradient is None:
+        if validation_gradient is None:
             raise MalformedError("first-order valuation needs a validation gradient", players=m)
-        values = first_order_values(gradient, updates.global_params, deltas, weights)
+        gradient = validation_gradient
+        values = first_order_values(lambda _: gradient, updates.global_params, deltas, weights)
         return _PlayerValues(ValuationMethod.FIRST_ORDER, values, zeros, 0, float(values.sum()), float("nan"))
     game = CoalitionGame(loss, updates.global_params, deltas, weights)
     if m <= settings.exact_max_players:
@@ -172,33 +185,44 @@ def value_round(
     settings: ValuationSettings,
     gradient: GradientFunction | None = None,
 ) -> RoundValuation:
-    """Screen, then value each member's update in this round; excluded members get 0, groups share one value."""
+    """Screen, then value each member's update in this round; excluded members get 0 and weight 0, a group's
+    members share its value and its weight by their shares (screens.ScreenReport.shares).
+
+    `gradient`, when given, is evaluated once at the global model: the screens judge residuals against it, and above
+    `sampled_max_players` it gives the first-order values.
+    """
     _check(updates)
+    validation_gradient = None if gradient is None else gradient(updates.global_params)
     report: ScreenReport = screen_updates(
         updates.updates,
         settings=settings.screens,
         global_params=updates.global_params,
         previous_global_delta=updates.previous_global_delta,
+        earlier_globals=updates.earlier_globals,
+        validation_gradient=validation_gradient,
         reported_examples=updates.reported_examples,
         verified_examples=updates.verified_examples,
+        reported_losses=updates.reported_losses,
     )
     players = report.players
     m = len(players)
     weights = _player_weights(players, updates.verified_examples, settings.example_count_cap)
     deltas = np.zeros((m, updates.global_params.shape[0]), dtype=np.float32)
     for p, group in enumerate(players):
-        deltas[p] = updates.updates[list(group)].mean(axis=0)
+        # A group is one member's data: valued (and aggregated) as its members' updates weighed by their shares.
+        deltas[p] = sum(report.shares[i] * updates.updates[i].astype(np.float64) for i in group)
 
-    outcome = _value_players(updates, deltas, weights, loss, settings, gradient)
+    outcome = _value_players(updates, deltas, weights, loss, settings, validation_gradient)
 
     values = dict.fromkeys(updates.members, 0.0)
     errors = dict.fromkeys(updates.members, 0.0)
     member_weights = dict.fromkeys(updates.members, 0.0)
     for p, group in enumerate(players):
         for i in group:
-            values[updates.members[i]] = float(outcome.values[p]) / len(group)
-            errors[updates.members[i]] = float(outcome.errors[p]) / len(group)
-            member_weights[updates.members[i]] = weights[p] / len(group)
+            share = report.shares[i]
+            values[updates.members[i]] = float(outcome.values[p]) * share
+            errors[updates.members[i]] = float(outcome.errors[p]) * share
+            member_weights[updates.members[i]] = weights[p] * share
     return RoundValuation(
         round_index=updates.round_index,
         method=outcome.method,

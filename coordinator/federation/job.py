@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
@@ -22,6 +23,27 @@ TASKS_DIR = "tasks"
 the ServerApp builds its model from (protocol.tasks.spec.load_task)."""
 
 U64_MAX = (1 << 64) - 1
+
+
+class Aggregation(StrEnum):
+    """How a job's updates become the next global model: FedAvg, or one of Flower's robust strategies
+    (flwr.serverapp.strategy) for a buyer or policy that asks for one (docs/attribution.md, "Robust aggregation")."""
+
+    FEDAVG = "fedavg"
+    FEDMEDIAN = "fedmedian"
+    FEDTRIMMEDAVG = "fedtrimmedavg"
+    KRUM = "krum"
+    BULYAN = "bulyan"
+
+
+def aggregation_conflict(aggregation: Aggregation, dp_clipping_norm: float, server_momentum: float) -> str:
+    """Why a job cannot aggregate this way with these settings ("" when it can)."""
+    if aggregation is Aggregation.FEDAVG or (dp_clipping_norm <= 0 and server_momentum <= 0):
+        return ""
+    return (
+        f"aggregation {aggregation} cannot be combined with DP or server momentum: Flower's DP accountant and "
+        "FedAvgM both assume FedAvg"
+    )
 
 
 class JobRunConfig(BaseModel):
@@ -60,6 +82,9 @@ class JobRunConfig(BaseModel):
     tail_average: the job's final model is the mean of the last K rounds' global models (default 1: the last one);
         it is evaluated on the buyer's validation set (JobOutcome.final_validation) and is `final-model.npz`. The
         rounds' own global models, and so every contribution record and capture, are unchanged.
+    aggregation: `fedavg` (default) or a robust strategy of Flower's: `fedmedian`, `fedtrimmedavg` (beta 0.2),
+        `krum` or `bulyan` (both assuming (selected nodes - 3) // 4 malicious nodes). Refused with DP (its accountant
+        assumes FedAvg) and with server momentum (FedAvgM is FedAvg's).
     """
 
     model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
@@ -84,6 +109,14 @@ class JobRunConfig(BaseModel):
     flower_acceleration: bool = Field(alias="flower-acceleration", default=True)
     lr_schedule: LrSchedule = Field(alias="lr-schedule", default=LrSchedule.CONSTANT)
     tail_average: int = Field(alias="tail-average", default=1, ge=1, le=1000)
+    aggregation: Aggregation = Aggregation.FEDAVG
+
+    @model_validator(mode="after")
+    def _robust_aggregation_alone(self) -> JobRunConfig:
+        conflict = aggregation_conflict(self.aggregation, self.dp_clipping_norm, self.server_momentum)
+        if conflict:
+            raise ValueError(conflict)
+        return self
 
     @model_validator(mode="after")
     def _min_nodes_can_be_met(self) -> JobRunConfig:

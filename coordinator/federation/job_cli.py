@@ -73,6 +73,9 @@ def start(
         None, help=f"the final model is the mean of the last K rounds' global models; {RECIPE_HELP}, at most --rounds"
     ),
     attribution: bool = typer.Option(True, help="value every round on the validation set (needed to settle the job)"),
+    aggregation: str = typer.Option(
+        "fedavg", help="fedavg, or Flower's robust fedmedian, fedtrimmedavg, krum or bulyan (not with DP or momentum)"
+    ),
     lease: float = typer.Option(120.0, help="seconds a device keeps its SuperNode after the latest invitation"),
     config: Path | None = ConfigOption,
 ) -> None:
@@ -116,6 +119,7 @@ def start(
                 "lr_schedule": lr_schedule,
                 "tail_average": tail_average,
                 "attribution": attribution,
+                "aggregation": aggregation,
                 "lease_s": lease,
             },
             context={"task": spec},

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validat
 
 from coordinator.capture.directory import capture_summary_path, read_round_summary, read_validation
 from coordinator.federation.flower_cli import FlowerCli, FlowerCliError
-from coordinator.federation.job import TASKS_DIR, JobOutcome
+from coordinator.federation.job import TASKS_DIR, Aggregation, JobOutcome, aggregation_conflict
 from coordinator.registry.presence import absence, active_strikes
 from coordinator.registry.store import Registry
 from protocol.errors import ProtocolError
@@ -91,6 +91,8 @@ class JobRequest(BaseModel):
         `rounds`).
     attribution: value every round on the buyer's validation set (docs/attribution.md) so the job can be settled
         (default True).
+    aggregation: `fedavg` (default) or Flower's robust `fedmedian`, `fedtrimmedavg`, `krum`, `bulyan`
+        (coordinator.federation.job.Aggregation); with a robust one the recipe's server momentum defaults to 0.
     lease_s: a device keeps its SuperNode this long after the latest invitation; re-invited every lease / 3.
     """
 
@@ -118,6 +120,7 @@ class JobRequest(BaseModel):
     lr_schedule: LrSchedule
     tail_average: int = Field(ge=1, le=1000)
     attribution: bool = True
+    aggregation: Aggregation = Aggregation.FEDAVG
     lease_s: float = Field(default=120.0, ge=15, le=86_400)
 
     @model_validator(mode="before")
@@ -147,7 +150,8 @@ class JobRequest(BaseModel):
             "batch_size": recipe.batch_size,
             "lr": recipe.lr,
             "lr_schedule": recipe.lr_schedule,
-            "server_momentum": recipe.server_momentum,
+            # FedAvgM's momentum is FedAvg's: a robust aggregation runs without it unless asked (and then refused).
+            "server_momentum": recipe.server_momentum if given.get("aggregation", "fedavg") == "fedavg" else 0.0,
             # The recipe's drift correction is not silently turned into a refused DP job.
             "drift_correction": 0.0 if _positive(given.get("dp_clipping_norm")) else recipe.drift_correction,
             "tail_average": min(recipe.tail_average, rounds) if isinstance(rounds, int) else recipe.tail_average,
@@ -168,6 +172,9 @@ class JobRequest(BaseModel):
             raise ValueError(
                 "drift correction cannot be combined with DP: its gradient query is neither clipped nor noised"
             )
+        conflict = aggregation_conflict(self.aggregation, self.dp_clipping_norm, self.server_momentum)
+        if conflict:
+            raise ValueError(conflict)
         return self
 
     def run_config(
@@ -196,6 +203,7 @@ class JobRequest(BaseModel):
             "lr-schedule": self.lr_schedule.value,
             "tail-average": self.tail_average,
             "attribution": self.attribution,
+            "aggregation": self.aggregation.value,
             "flower-acceleration": flower_acceleration,
         }
 

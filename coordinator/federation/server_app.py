@@ -12,12 +12,22 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg, FedAvgM, Strategy
+from flwr.serverapp.strategy import (
+    Bulyan,
+    DifferentialPrivacyClientSideFixedClipping,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedTrimmedAvg,
+    Krum,
+    Strategy,
+)
 from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from pydantic import ValidationError
@@ -31,6 +41,7 @@ from coordinator.capture.round import UpdateSink
 from coordinator.federation.acceleration import GridAcceleration
 from coordinator.federation.job import (
     TASKS_DIR,
+    Aggregation,
     JobOutcome,
     JobRunConfig,
     NodeDropRecord,
@@ -41,6 +52,7 @@ from coordinator.federation.strategy.drift_correction import DriftCorrection
 from coordinator.federation.strategy.participation import JobFailedError, Participation
 from coordinator.federation.strategy.selection import NodeSelection
 from coordinator.federation.strategy.update_capture import UpdateCapture
+from coordinator.federation.strategy.valued_aggregation import RoundVerdict, ValuedAggregation
 from coordinator.federation.strategy.weights import AggregationWeighting, RoundWeights
 from protocol.tasks.arrays import arrays_sha256
 from protocol.tasks.models import build_model, evaluate, load_arrays, model_arrays
@@ -116,7 +128,10 @@ def aggregator(job: JobRunConfig) -> FedAvg | DifferentialPrivacyClientSideFixed
     It samples every node its grid lists: the wrappers above it (`job_strategy`) decide which nodes those are and
     never list fewer than `min-nodes`, so FedAvg's own minimums are set to that and its sampling never waits.
     Evaluation is centralised (`ValidationEvaluator`), so FedAvg never sends the federated evaluate message
-    (fraction_evaluate 0, where Flower's default is 1)."""
+    (fraction_evaluate 0, where Flower's default is 1). A job asking for robust aggregation gets Flower's strategy
+    of that name instead (`robust_aggregator`)."""
+    if job.aggregation is not Aggregation.FEDAVG:
+        return robust_aggregator(job)
     if job.dp_clipping_norm <= 0 and job.server_momentum > 0:
         return FedAvgM(
             fraction_evaluate=0.0,
@@ -149,6 +164,29 @@ def aggregator(job: JobRunConfig) -> FedAvg | DifferentialPrivacyClientSideFixed
     )
 
 
+def robust_aggregator(job: JobRunConfig) -> FedAvg:
+    """Flower's robust strategy the job names, sampling like `aggregator`'s FedAvg. Krum and Bulyan assume
+    f = (selected nodes - 3) // 4 malicious nodes, the most Bulyan tolerates (it needs 4 f + 3 replies; a round with
+    fewer keeps the global model)."""
+    n = job.min_nodes
+    sampling: dict[str, Any] = {
+        "fraction_evaluate": 0.0,
+        "min_train_nodes": n,
+        "min_evaluate_nodes": n,
+        "min_available_nodes": n,
+    }
+    malicious = max(0, (len(job.selected_nodes) - 3) // 4)
+    if job.aggregation is Aggregation.FEDMEDIAN:
+        return FedMedian(**sampling)
+    if job.aggregation is Aggregation.FEDTRIMMEDAVG:
+        return FedTrimmedAvg(**sampling, beta=0.2)
+    if job.aggregation is Aggregation.KRUM:
+        return Krum(**sampling, num_malicious_nodes=malicious)
+    if job.aggregation is Aggregation.BULYAN:
+        return Bulyan(**sampling, num_malicious_nodes=malicious)
+    raise ValueError(f"not a robust aggregation: {job.aggregation}")
+
+
 def job_strategy(
     job: JobRunConfig,
     run_id: int,
@@ -156,18 +194,28 @@ def job_strategy(
     sink: UpdateSink,
     participation: Participation,
     example_count_cap: int | None,
+    verdict: RoundVerdict | None = None,
 ) -> Strategy:
-    """The job's wrappers around `inner` (`aggregator`; coordinator.federation.strategy): selection, capture, and the
-    drift correction when the job asks for it. They read and write the example count under the key FedAvg weighs
-    by."""
+    """The job's wrappers around `inner` (`aggregator`; coordinator.federation.strategy): selection, capture, the
+    valuation's verdict on aggregation when the job is valued (`verdict`: the AttributionSink), and the drift
+    correction when the job asks for it. They read and write the example count under the key FedAvg weighs by."""
     fedavg = inner if isinstance(inner, FedAvg) else inner.strategy
     if not isinstance(fedavg, FedAvg):
         raise TypeError(f"the job aggregates with FedAvg, not {type(fedavg).__name__}")
-    weights = RoundWeights(_weighting(job), job.max_examples, example_count_cap=example_count_cap)
+    weighting = _weighting(job)
+    weights = RoundWeights(weighting, job.max_examples, example_count_cap=example_count_cap)
+    aggregated: Strategy = inner
+    if verdict is not None:
+        aggregated = ValuedAggregation(
+            inner,
+            verdict,
+            weighted_by_key=fedavg.weighted_by_key,
+            reweigh=weighting is AggregationWeighting.FIXED,
+        )
     drift = None
     if job.drift_correction > 0:
         drift = DriftCorrection(
-            inner,
+            aggregated,
             job.drift_correction,
             participation,
             weights,
@@ -175,7 +223,7 @@ def job_strategy(
             query_timeout=job.round_timeout,
         )
     capture = UpdateCapture(
-        drift or inner,
+        drift or aggregated,
         sink,
         participation,
         weights,
@@ -229,7 +277,7 @@ def run_job(grid: Grid, run_id: int, job: JobRunConfig, aggregate: Aggregator = 
     )
     inner = aggregate(job)
     participation = Participation(job.selected_nodes, job.min_nodes)
-    strategy = job_strategy(job, run_id, inner, sink, participation, valuation.example_count_cap)
+    strategy = job_strategy(job, run_id, inner, sink, participation, valuation.example_count_cap, attribution)
     outcome = JobOutcome(run_id=run_id, status="failed", reason="internal_error")
     acceleration: GridAcceleration | None = None
     try:

@@ -11,7 +11,16 @@ import decimal
 from decimal import Decimal
 from typing import Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    model_serializer,
+    model_validator,
+)
 
 from protocol.errors import PolicyViolationError
 
@@ -57,8 +66,16 @@ class RoyaltyPolicy(BaseModel):
     - version: increases with every policy change (changes apply to future jobs only).
     - fee_bps: the MID fee in basis points of each payment, at most 3000 (30 %).
     - knob: how knobs become prices.
-    - majority_excluded_earns_nothing (True): a member excluded by screens in more than half of a job's rounds
-      earns nothing from it even if its other rounds were valued positively.
+    - majority_excluded_earns_nothing (False): a member excluded by any screen in more than half of a job's rounds
+      earns nothing from it even if its other rounds were valued positively. The rule before issue 17; it also
+      takes away the pay of an honest member a consensus screen excluded for being different.
+    - data_free_earns_nothing (True): a member a data-free proof excluded (coordinator.attribution.screens
+      DATA_FREE_PROOFS: its update was provably not trained from the model on data) in more than half of a job's
+      rounds earns nothing from it; every other member keeps the value of the rounds where it was admitted.
+
+    A stored record without `data_free_earns_nothing` was computed before the field existed, under False: decoding
+    such a record (context {"stored": True}, as settlement.decode_record passes) reads it as False, and False is
+    left out of the encoding, so those records keep their bytes.
     """
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
@@ -66,7 +83,23 @@ class RoyaltyPolicy(BaseModel):
     version: int = Field(ge=1)
     fee_bps: int = Field(ge=0)
     knob: KnobPolicy
-    majority_excluded_earns_nothing: bool = True
+    majority_excluded_earns_nothing: bool = False
+    data_free_earns_nothing: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stored_before_the_data_free_rule(cls, data: object, info: ValidationInfo) -> object:
+        stored = isinstance(info.context, dict) and info.context.get("stored") is True
+        if stored and isinstance(data, dict) and "data_free_earns_nothing" not in data:
+            return {**data, "data_free_earns_nothing": False}
+        return data
+
+    @model_serializer(mode="wrap")
+    def _without_the_rule_when_off(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> object:
+        dumped = handler(self)
+        if isinstance(dumped, dict) and not self.data_free_earns_nothing:
+            dumped.pop("data_free_earns_nothing", None)
+        return dumped
 
     @model_validator(mode="after")
     def _fee_within_cap(self) -> Self:

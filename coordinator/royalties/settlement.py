@@ -6,8 +6,9 @@ byte for byte from the record alone; that is what lets a member audit their pay 
 
 Split of a payment P under policy fee f (basis points):
 - fee = floor(P * f / 10000) (rounding always favours members, so the fee never exceeds the cap);
-- pool = P - fee; eligible members have a positive attributed value and were not excluded by screens in most
-  rounds; member weight = value_units * reservation price (value earns, the knob scales what value is worth);
+- pool = P - fee; eligible members have a positive attributed value and were not proven data-free in most rounds
+  (the policy's rule for screened members, `_payout_reason`); member weight = value_units * reservation price (value
+  earns, the knob scales what value is worth);
 - part_i = floor(pool * w_i / W), and the pool - sum(parts) leftover minor units go one each to the largest
   remainders pool * w_i mod W, ties broken by member id (largest-remainder / Hamilton method), so the parts sum
   exactly to the pool; with no eligible member the pool is unallocated (returned to the payer);
@@ -33,6 +34,10 @@ MAX_RECORD_BYTES = MAX_SIGNED_SIZE
 _ID_PATTERN = r"^[A-Za-z0-9._:\-]{1,128}$"
 
 PayoutReason = Literal["paid", "no_positive_value", "screened"]
+
+DATA_FREE_PROOFS = frozenset({"data_free", "random_weights", "stale_update", "zero_update"})
+"""The screens that prove an update was not trained on data: coordinator.attribution.screens.DATA_FREE_PROOFS by
+name (this module is imported without numpy, so it does not import the screens)."""
 
 
 class MemberAttribution(BaseModel):
@@ -119,7 +124,13 @@ def largest_remainder(total: int, weights: Sequence[int], names: Sequence[str]) 
 
 
 def _payout_reason(member: MemberAttribution, policy: RoyaltyPolicy) -> PayoutReason:
-    if policy.majority_excluded_earns_nothing and 2 * member.excluded_rounds > member.rounds:
+    """A member excluded in most of its rounds earns nothing when the policy says so: under `data_free_earns_nothing`
+    only if a data-free proof is among its screens (a consensus screen proves nothing about data, and such a member
+    keeps the value of its admitted rounds: excluded rounds are valued 0 anyway)."""
+    mostly_excluded = 2 * member.excluded_rounds > member.rounds
+    if mostly_excluded and policy.majority_excluded_earns_nothing:
+        return "screened"
+    if mostly_excluded and policy.data_free_earns_nothing and DATA_FREE_PROOFS.intersection(member.screens):
         return "screened"
     if member.value_units <= 0:
         return "no_positive_value"
@@ -167,7 +178,7 @@ def decode_record(record_bytes: bytes) -> SplitRecord:
     if len(record_bytes) > MAX_RECORD_BYTES:
         raise TooLargeError("split record too large", size=len(record_bytes), limit=MAX_RECORD_BYTES)
     try:
-        record = SplitRecord.model_validate_json(record_bytes, strict=True)
+        record = SplitRecord.model_validate_json(record_bytes, strict=True, context={"stored": True})
     except ValidationError as error:
         raise MalformedError("not a split record", errors=error.error_count(), first=error.errors()[0]["msg"]) from None
     if encode_record(record) != record_bytes:

@@ -1,0 +1,144 @@
+"""Which updates carry the same data, and how a group of them shares one member's value.
+
+Two links put members in one group (one player of the coalition game, weighing as one member):
+- near-duplicates: cosine of the updates >= `duplicate_cosine` (0.999): a copy, scaled or not;
+- same data: the parts of two updates that no data-free member could build (data_free.residuals) point the same way
+  once what every member learnt is taken out. For a pair (i, j) the common part is the mean unit residual of the
+  other members; the pair's similarity is the cosine of the two unit residuals minus that mean. Training the same
+  data with another shuffling seed keeps it high (PLAID, 30-110 recordings: 0.51-0.77; synthetic tasks: >= 0.82),
+  members with different data keep it low (PLAID <= 0.47; synthetic <= 0.81 only for members drawing the same classes
+  from the same distribution). bench/adversary_bench.py measures both.
+
+A group's members are paid by how much of the group's data each carries. Two copies of one update are
+indistinguishable, but a partial copy is not: a copycat that sends half of a member's update is shorter than an
+update from that data. Each member's share is ∝ min(s, typical)^falloff, s its size along the group's direction and
+typical the round's typical update size (the median norm of the updates outside the group): a shrunk copy takes
+little (at falloff 8, a half-size copy of a typical update takes 0.5^8 / (1 + 0.5^8) = 0.4 % of the group), and a
+copy scaled up beyond the typical size gains nothing over the original.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from coordinator.attribution.game import FloatVector
+
+# Above this many candidates, pair search runs on a seeded random sketch and confirms candidates exactly (the full
+# Gram matrix costs m^2 d; the sketch costs m d k with k = 256).
+SKETCH_ABOVE = 256
+_SKETCH_DIMENSIONS = 256
+_SKETCH_SEED = 0x5EED
+# A sketched cosine is within about 3 / sqrt(k) = 0.19 of the true one (k = 256): candidates this far below a
+# threshold are confirmed exactly, the rest are not pairs.
+_SKETCH_MARGIN = 0.2
+
+
+def _sketch(unit: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    rng = np.random.default_rng(_SKETCH_SEED)
+    projection = rng.standard_normal((unit.shape[1], _SKETCH_DIMENSIONS)).astype(np.float32)
+    sketch = (unit.astype(np.float32) @ projection).astype(np.float64)
+    sketch /= np.maximum(np.linalg.norm(sketch, axis=1, keepdims=True), 1e-30)
+    return sketch
+
+
+def _approximate_gram(unit: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    if unit.shape[0] <= SKETCH_ABOVE:
+        return unit @ unit.T
+    sketch = _sketch(unit)
+    return sketch @ sketch.T
+
+
+def near_duplicate_pairs(unit: npt.NDArray[np.float64], threshold: float) -> list[tuple[int, int]]:
+    """Index pairs (a < b) of unit rows whose cosine is >= threshold."""
+    if unit.shape[0] < 2:
+        return []
+    gram = _approximate_gram(unit)
+    exact = unit.shape[0] <= SKETCH_ABOVE
+    margin = 0.0 if exact else _SKETCH_MARGIN
+    rows, cols = np.nonzero(np.triu(gram >= threshold - margin, k=1))
+    return [(int(r), int(c)) for r, c in zip(rows, cols, strict=True) if exact or float(unit[r] @ unit[c]) >= threshold]
+
+
+def _centred_similarity(
+    gram: npt.NDArray[np.float64], to_sum: npt.NDArray[np.float64], sum_square: float, others: int
+) -> npt.NDArray[np.float64]:
+    """Cosine of u_i − M and u_j − M, M the mean of the other `others` unit rows, for every pair at once (from the
+    Gram matrix, each row's dot product with the sum of all rows, and the sum's squared norm)."""
+    s_i = to_sum[:, None]
+    s_j = to_sum[None, :]
+    # u_i·M = (s_i − 1 − G_ij) / n; M·M = (S·S − 2 s_i − 2 s_j + 2 + 2 G_ij) / n²
+    i_dot_m = (s_i - 1.0 - gram) / others
+    j_dot_m = (s_j - 1.0 - gram) / others
+    m_dot_m = (sum_square - 2.0 * s_i - 2.0 * s_j + 2.0 + 2.0 * gram) / others**2
+    cross = gram - i_dot_m - j_dot_m + m_dot_m
+    norm_i = np.maximum(1.0 - 2.0 * i_dot_m + m_dot_m, 1e-30)
+    norm_j = np.maximum(1.0 - 2.0 * j_dot_m + m_dot_m, 1e-30)
+    return np.asarray(cross / np.sqrt(norm_i * norm_j))
+
+
+def same_data_pairs(unit_residuals: npt.NDArray[np.float64], threshold: float) -> list[tuple[int, int, float]]:
+    """Pairs (a < b, similarity) of unit residual rows whose leave-pair-out centred similarity is >= threshold.
+    Requires at least 4 rows (with fewer, the other members' mean is too thin to take the common part out)."""
+    m = unit_residuals.shape[0]
+    if m < 4:
+        return []
+    total = unit_residuals.sum(axis=0)
+    to_sum = unit_residuals @ total
+    sum_square = float(total @ total)
+    exact = m <= SKETCH_ABOVE
+    gram = _approximate_gram(unit_residuals)
+    similarity = _centred_similarity(gram, to_sum, sum_square, m - 2)
+    margin = 0.0 if exact else _SKETCH_MARGIN
+    rows, cols = np.nonzero(np.triu(similarity >= threshold - margin, k=1))
+    pairs = []
+    for r, c in zip(rows, cols, strict=True):
+        value = float(similarity[r, c])
+        if not exact:
+            cosine = float(unit_residuals[r] @ unit_residuals[c])
+            pair_gram = np.array([[1.0, cosine], [cosine, 1.0]])
+            value = float(_centred_similarity(pair_gram, to_sum[[r, c]], sum_square, m - 2)[0, 1])
+        if value >= threshold:
+            pairs.append((int(r), int(c), value))
+    return pairs
+
+
+def union_groups(candidates: list[int], pairs: list[tuple[int, int]]) -> list[tuple[int, ...]]:
+    """Connected components of `candidates` under `pairs`, each sorted, ordered by their smallest member."""
+    parent = {c: c for c in candidates}
+
+    def root(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in pairs:
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    grouped: dict[int, list[int]] = {}
+    for c in candidates:
+        grouped.setdefault(root(c), []).append(c)
+    return sorted((tuple(sorted(g)) for g in grouped.values()), key=lambda g: g[0])
+
+
+def group_shares(deltas: FloatVector, group: tuple[int, ...], typical_norm: float, falloff: float) -> list[float]:
+    """Each member's share of its group (summing to 1), ∝ min(size along the group's direction, `typical_norm`) **
+    falloff; equal shares when the sizes cannot be told apart (the median size stands in when no typical size is
+    known)."""
+    rows = np.asarray(deltas[list(group)], dtype=np.float64)
+    norms = np.linalg.norm(rows, axis=1)
+    direction = (rows / np.maximum(norms[:, None], 1e-30)).sum(axis=0)
+    length = float(np.linalg.norm(direction))
+    if length == 0.0:
+        return [1.0 / len(group)] * len(group)
+    sizes = np.maximum(rows @ (direction / length), 0.0)
+    typical = typical_norm if typical_norm > 0.0 else float(np.median(sizes))
+    if typical <= 0.0:
+        return [1.0 / len(group)] * len(group)
+    raw = np.minimum(sizes / typical, 1.0) ** falloff
+    total = float(raw.sum())
+    if total <= 0.0:
+        return [1.0 / len(group)] * len(group)
+    return [float(r / total) for r in raw]
