@@ -19,17 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
 from fl_bench import central_accuracies
-from fl_stack import start_federated_coordinator, start_plaid_agents, stopping_federation
 from flower_fixtures import plaid_windows
-from job_overhead_bench import timed_job
-from mqtt_fixtures import MessagingStack
+from job_overhead_bench import job_on_real_processes
 
-from coordinator.federation.job import JobOutcome
-from coordinator.federation.job_start import JobBook
 from protocol.tasks.spec import get_task
 
 JOB = "bench-default"
@@ -60,24 +55,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="the central model's initialisation seed")
     parser.add_argument("--keep", type=Path, help="run in this (new) folder and keep it: every process's log")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="default-job-") as tmp:
-        root = Path(tmp) if args.keep is None else args.keep
-        root.mkdir(parents=True, exist_ok=True)
-        stack = MessagingStack(root)
-        try:
-            start_federated_coordinator(stack)
-            agents = start_plaid_agents(stack, args.devices)
-            with stopping_federation(stack, agents):
-                total, lines, code = timed_job(stack, None, JOB)
-        finally:
-            stack.close(failed=False)
-        for at, line in lines:
-            print(f"{at:7.2f} s  {line}")
-        if code != 0:
-            raise SystemExit(f"job start exited {code}")
-        record = JobBook(stack.data_dir / "federation" / "job-book").read(JOB)
-        assert record is not None and record.run_id is not None
-        outcome = JobOutcome.read(stack.data_dir / "federation" / "jobs" / f"run-{record.run_id}")
+    total, outcome = job_on_real_processes(args.devices, None, JOB, args.keep)
     federated = outcome.final_validation["accuracy"]
     central = central_baseline(args.seed)
     best = max(central, key=central.__getitem__)

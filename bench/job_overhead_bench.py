@@ -65,30 +65,36 @@ def timed_job(stack: MessagingStack, rounds: int | None, job: str = JOB) -> tupl
     return time.monotonic() - started, lines, code
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--devices", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--keep", type=Path, help="run in this (new) folder and keep it: every process's log")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="job-overhead-") as tmp:
-        root = Path(tmp) if args.keep is None else args.keep
+def job_on_real_processes(devices: int, rounds: int | None, job: str, keep: Path | None) -> tuple[float, JobOutcome]:
+    """Start the MID and `devices` PLAID agents, run `timed_job`, print its lines as they were stamped, stop every
+    process; the job's wall seconds and outcome. `keep`: run in this (new) folder and keep it."""
+    with tempfile.TemporaryDirectory(prefix="bench-job-") as tmp:
+        root = Path(tmp) if keep is None else keep
         root.mkdir(parents=True, exist_ok=True)
         stack = MessagingStack(root)
         try:
             start_federated_coordinator(stack)
-            agents = start_plaid_agents(stack, args.devices)
+            agents = start_plaid_agents(stack, devices)
             with stopping_federation(stack, agents):
-                total, lines, code = timed_job(stack, args.rounds)
+                total, lines, code = timed_job(stack, rounds, job)
         finally:
             stack.close(failed=False)
         for at, line in lines:
             print(f"{at:7.2f} s  {line}")
         if code != 0:
             raise SystemExit(f"job start exited {code}")
-        record = JobBook(stack.data_dir / "federation" / "job-book").read(JOB)
+        record = JobBook(stack.data_dir / "federation" / "job-book").read(job)
         assert record is not None and record.run_id is not None
-        outcome = JobOutcome.read(stack.data_dir / "federation" / "jobs" / f"run-{record.run_id}")
+        return total, JobOutcome.read(stack.data_dir / "federation" / "jobs" / f"run-{record.run_id}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--keep", type=Path, help="run in this (new) folder and keep it: every process's log")
+    args = parser.parse_args()
+    total, outcome = job_on_real_processes(args.devices, args.rounds, JOB, args.keep)
     seconds = [outcome.round_seconds[r] for r in sorted(outcome.round_seconds)]
     rounds_s = sum(seconds)
     steady = statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0]
