@@ -9,6 +9,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 from flwr.serverapp.strategy import Bulyan, FedMedian, FedTrimmedAvg, Krum
+from job_requests import job_request
 from mqtt_fixtures import MosquittoProcess, free_port, wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import ValidationError
@@ -53,23 +54,6 @@ def registry(tmp_path: Path) -> Registry:
     return reg
 
 
-def _request(tmp_path: Path, **overrides: object) -> JobRequest:
-    validation = tmp_path / "validation.npz"
-    validation.write_bytes(b"")
-    fields: dict[str, object] = {
-        "job_id": "job-1",
-        "task_id": "plaid-appliance",
-        "task_version": 1,
-        "rounds": 2,
-        "validation_path": validation,
-        "purpose": "research",
-        "buyer": "acme",
-        "min_nodes": 1,
-    }
-    fields.update(overrides)
-    return JobRequest.model_validate(fields)
-
-
 def test_all_online_invites_every_active_device_with_a_flower_node(registry: Registry) -> None:
     chosen = select_devices(registry, ())
     assert [(d.device_id, d.member_id, d.node_id) for d in chosen] == [
@@ -102,7 +86,7 @@ def test_no_device_to_invite_is_refused(tmp_path: Path) -> None:
 
 def test_invitation_is_signed_by_the_mid_and_expires_one_lease_later(tmp_path: Path) -> None:
     mid_key = SignerKey.generate(mid_key_name("riverside"))
-    request = _request(tmp_path, lease_s=90)
+    request = job_request(tmp_path, lease_s=90)
     payload = round_invitation(request, run_id=7, server_round=2, nonce="ab" * 16, now_ms=NOW_MS, mid_key=mid_key)
     verifier = mid_key.verifier
     invitation = decode(
@@ -143,12 +127,12 @@ def test_invitation_is_signed_by_the_mid_and_expires_one_lease_later(tmp_path: P
 )
 def test_request_refuses_what_cannot_run(tmp_path: Path, overrides: dict[str, object], complaint: str) -> None:
     with pytest.raises((ValidationError, KeyError, LookupError, ValueError)) as err:
-        _request(tmp_path, **overrides)
+        job_request(tmp_path, **overrides)
     assert complaint in str(err.value)
 
 
 def test_run_config_names_the_selected_nodes_and_the_job_folder(tmp_path: Path) -> None:
-    request = _request(tmp_path, round_timeout_s=30, dp_clipping_norm=1.5)
+    request = job_request(tmp_path, round_timeout_s=30, dp_clipping_norm=1.5)
     config = request.run_config([11, 22], tmp_path / "jobs" / "job-1")
     assert config["selected-nodes"] == "11 22"
     assert config["output-dir"] == str((tmp_path / "jobs" / "job-1").resolve())
@@ -156,13 +140,14 @@ def test_run_config_names_the_selected_nodes_and_the_job_folder(tmp_path: Path) 
 
 
 def test_drift_correction_momentum_and_lr_schedule_reach_the_serverapps_run_config(tmp_path: Path) -> None:
-    request = _request(tmp_path, drift_correction=1.0, server_momentum=0.5, lr_schedule="late-cosine")
+    request = job_request(tmp_path, drift_correction=1.0, server_momentum=0.5, lr_schedule="late-cosine")
     parsed = JobRunConfig.from_run_config(request.run_config([11, 22], tmp_path / "jobs" / "job-1"))
     assert (parsed.drift_correction, parsed.server_momentum, parsed.selected_nodes) == (1.0, 0.5, (11, 22))
     assert parsed.lr_schedule is LrSchedule.LATE_COSINE
-    constant = _request(tmp_path, lr_schedule="constant")
+    constant = job_request(tmp_path, lr_schedule="constant")
     assert JobRunConfig.from_run_config(constant.run_config([11], tmp_path)).lr_schedule == "constant"
-    assert JobRunConfig.from_run_config(_request(tmp_path, tail_average=2).run_config([11], tmp_path)).tail_average == 2
+    averaged = job_request(tmp_path, tail_average=2)
+    assert JobRunConfig.from_run_config(averaged.run_config([11], tmp_path)).tail_average == 2
 
 
 @pytest.mark.parametrize(
@@ -172,7 +157,7 @@ def test_drift_correction_momentum_and_lr_schedule_reach_the_serverapps_run_conf
 def test_a_robust_aggregation_reaches_the_serverapp_as_flowers_strategy_without_the_recipes_momentum(
     tmp_path: Path, aggregation: str, strategy: type
 ) -> None:
-    request = _request(tmp_path, rounds=None, aggregation=aggregation)  # the PLAID recipe has momentum 0.7
+    request = job_request(tmp_path, rounds=None, aggregation=aggregation)  # the PLAID recipe has momentum 0.7
     assert request.server_momentum == 0.0
     parsed = JobRunConfig.from_run_config(request.run_config(list(range(11, 22)), tmp_path))
     assert parsed.aggregation == aggregation
@@ -183,7 +168,7 @@ def test_a_robust_aggregation_reaches_the_serverapp_as_flowers_strategy_without_
 
 
 def test_a_job_given_only_a_task_runs_the_tasks_measured_recipe_with_attribution(tmp_path: Path) -> None:
-    request = _request(tmp_path, rounds=None)
+    request = job_request(tmp_path, rounds=None)
     assert (request.rounds, request.local_epochs, request.batch_size, request.lr) == (60, 1, 8, 0.006)
     assert (request.lr_schedule, request.server_momentum, request.drift_correction) == ("late-cosine", 0.7, 1.0)
     assert (request.tail_average, request.attribution) == (10, True)
@@ -192,17 +177,17 @@ def test_a_job_given_only_a_task_runs_the_tasks_measured_recipe_with_attribution
     parsed = JobRunConfig.from_run_config(config)
     assert (parsed.num_rounds, parsed.tail_average, parsed.server_momentum, parsed.attribution) == (60, 10, 0.7, True)
     # A task without a measured recipe keeps the generic one.
-    generic = _request(tmp_path, task_id="env-forecast", rounds=None)
+    generic = job_request(tmp_path, task_id="env-forecast", rounds=None)
     assert (generic.rounds, generic.lr_schedule, generic.drift_correction, generic.batch_size) == (3, "constant", 0, 32)
 
 
 def test_what_the_operator_gives_overrides_the_recipe_which_fits_around_it(tmp_path: Path) -> None:
-    short = _request(tmp_path, rounds=5, lr=0.01, attribution=False)
+    short = job_request(tmp_path, rounds=5, lr=0.01, attribution=False)
     assert (short.rounds, short.tail_average, short.lr, short.batch_size, short.attribution) == (5, 5, 0.01, 8, False)
-    assert _request(tmp_path, rounds=20).tail_average == 10
+    assert job_request(tmp_path, rounds=20).tail_average == 10
     # DP and the recipe's drift correction cannot go together: without --drift-correction a DP job runs without it;
     # asked for explicitly, it is refused (test_request_refuses_what_cannot_run).
-    assert _request(tmp_path, dp_clipping_norm=1.0).drift_correction == 0.0
+    assert job_request(tmp_path, dp_clipping_norm=1.0).drift_correction == 0.0
     # What the book stored reads back unchanged, not re-filled from a recipe that may have changed since.
     assert JobRequest.model_validate_json(short.model_dump_json()) == short
 
@@ -211,15 +196,15 @@ def test_what_the_operator_gives_overrides_the_recipe_which_fits_around_it(tmp_p
 def test_the_mids_flower_acceleration_switch_reaches_the_serverapps_run_config(
     tmp_path: Path, accelerated: bool
 ) -> None:
-    config = _request(tmp_path).run_config([11], tmp_path, flower_acceleration=accelerated)
+    config = job_request(tmp_path).run_config([11], tmp_path, flower_acceleration=accelerated)
     assert JobRunConfig.from_run_config(config).flower_acceleration is accelerated
-    assert JobRunConfig.from_run_config(_request(tmp_path).run_config([11], tmp_path)).flower_acceleration
+    assert JobRunConfig.from_run_config(job_request(tmp_path).run_config([11], tmp_path)).flower_acceleration
 
 
 def test_job_book_keeps_records_across_reads(tmp_path: Path) -> None:
     book = JobBook(tmp_path / "jobs")
     record = JobRecord(
-        request=_request(tmp_path),
+        request=job_request(tmp_path),
         invited=[JobDevice(device_id="d-one", member_id="m", node_id=11)],
         nonces={"d-one": "ab" * 16},
         started_ms=NOW_MS,

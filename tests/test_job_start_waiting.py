@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from job_requests import job_request
 
 from coordinator.capture.directory import CaptureDirectory
 from coordinator.capture.round import CapturedUpdate, RoundCapture
@@ -55,20 +56,8 @@ def registry(tmp_path: Path) -> Registry:
 
 
 def _request(tmp_path: Path, **overrides: object) -> JobRequest:
-    validation = tmp_path / "validation.npz"
-    validation.write_bytes(b"")
-    fields: dict[str, object] = {
-        "job_id": "job-1",
-        "task_id": "plaid-appliance",
-        "task_version": 1,
-        "rounds": 2,
-        "validation_path": validation,
-        "purpose": "research",
-        "buyer": "acme",
-        "min_nodes": 1,
-        "join_timeout_s": 600,
-    }
-    return JobRequest.model_validate(fields | overrides)
+    """A job that would wait 10 minutes for devices to join, unless the test says otherwise."""
+    return job_request(tmp_path, **{"join_timeout_s": 600, **overrides})
 
 
 class FakeRun:
