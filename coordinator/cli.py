@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from coordinator.dashboard.cli import operator_app, report_command
 from coordinator.federation.job_cli import app as job_app
 from coordinator.royalties.cli import app as royalties_app
 from coordinator.tasks.cli import app as task_app
@@ -25,8 +26,12 @@ TlsOption = typer.Option(True, help="write a TLS listener with the MID's own CA"
 
 # Statements and revenue records over the ledger; that module imports its record code only when a command runs.
 app.add_typer(royalties_app, name="royalties")
-# Training jobs on the MID's SuperLink: `job start`, `job list`, `job show`.
+# Training jobs on the MID's SuperLink: `job start`, `job list`, `job show`; `job report` is the dashboard's (it sits
+# above the job commands' module in the layers, so it is mounted here).
+job_app.command("report")(report_command)
 app.add_typer(job_app, name="job")
+# The dashboard's login: `operator passwd`.
+app.add_typer(operator_app, name="operator")
 # Task specs the MID signs and serves: `task add`, `task list`, `task show`.
 app.add_typer(task_app, name="task")
 

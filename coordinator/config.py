@@ -258,6 +258,23 @@ class WitnessSettings(BaseModel):
     )
 
 
+class DashboardSettings(BaseModel):
+    """The operator dashboard under `/operator` on the HTTP endpoint (coordinator/dashboard), behind the operator's
+    password (`midgate coordinator operator passwd`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(default=True, description="serve the operator dashboard beside the HTTP API")
+    session_ttl_s: int = Field(
+        default=8 * 3600, ge=60, le=30 * 24 * 3600, description="how long an operator login lasts, seconds"
+    )
+    secure_cookie: bool = Field(
+        default=True,
+        description="send the session cookie only over HTTPS (the TLS proxy in front); browsers also send it to "
+        "http://localhost and 127.0.0.1. False only for plain-HTTP tests",
+    )
+
+
 class FederationSettings(BaseModel):
     """The MID's Flower SuperLink, run by `serve` (TLS with the MID CA, SuperNode authentication, telemetry off)."""
 
@@ -337,6 +354,7 @@ class CoordinatorSettings(RoleSettings):
     buyers: BuyerSettings = Field(default_factory=BuyerSettings)
     federation: FederationSettings = Field(default_factory=FederationSettings)
     witnesses: WitnessSettings = Field(default_factory=WitnessSettings)
+    dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
     log_json: bool = Field(default=True, description="structured JSON logs (false: plain text)")
 
     @property
@@ -385,6 +403,11 @@ class CoordinatorSettings(RoleSettings):
     def ledger_path(self) -> Path:
         """The MID's log (`serve` is its one writer; commands read it with LedgerReader)."""
         return self.data_dir / "ledger.sqlite"
+
+    @property
+    def operator_password_path(self) -> Path:
+        """The operator's dashboard password, scrypt-hashed (0600; `midgate coordinator operator passwd`)."""
+        return self.data_dir / "operator-password"
 
     @property
     def ledger_dir(self) -> Path:

@@ -31,6 +31,7 @@ HTTP_STATUS: dict[Reason, int] = {
     Reason.STALE_REQUEST: 403,
     Reason.INCONSISTENT: 409,
     Reason.QUORUM_NOT_MET: 503,
+    Reason.BAD_LOGIN: 401,
 }
 """The status of the reason codes an endpoint refuses with; every other code is 400 (`http_status`)."""
 

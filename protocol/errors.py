@@ -47,6 +47,7 @@ class Reason(StrEnum):
     UNKNOWN_MODEL = "unknown_model"
     UNKNOWN_TASK = "unknown_task"
     STALE_REQUEST = "stale_request"
+    BAD_LOGIN = "bad_login"
 
 
 class ProtocolError(Exception):

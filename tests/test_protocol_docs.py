@@ -13,6 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
+from coordinator.dashboard.http import dashboard_router
 from coordinator.gate.gate import ContributionMetrics
 from coordinator.http_refusals import http_status, refusal
 from coordinator.ingest.metrics import IngestMetrics
@@ -101,6 +102,7 @@ def test_every_http_route_of_serve_is_in_the_endpoint_table_and_no_other() -> No
         witnesses=placeholder,
         statements=placeholder,
         tasks=placeholder,
+        dashboard=dashboard_router(placeholder, placeholder, lambda reason: None),
     )
     served = {f"{method.upper()} {path}" for path, item in app.openapi()["paths"].items() for method in item}
     assert served == set(_http_table())

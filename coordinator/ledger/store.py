@@ -196,6 +196,12 @@ class LedgerReader:
         with self._lock:
             return [r[0] for r in self._conn.execute("SELECT size FROM checkpoints ORDER BY size")]
 
+    def checkpoint_history(self) -> list[tuple[int, int]]:
+        """(size, issued_ms) of every checkpoint issued, oldest first: how the log grew."""
+        with self._lock:
+            rows = self._conn.execute("SELECT size, issued_ms FROM checkpoints ORDER BY size").fetchall()
+        return [(int(size), int(issued)) for size, issued in rows]
+
     def leaf(self, index: int) -> bytes:
         """The exact bytes of the leaf at `index`."""
         with self._lock:

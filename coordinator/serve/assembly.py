@@ -3,7 +3,7 @@
 Storage first (the MID key, the ledger, the registry and ledger-following dedup index: one instance each, shared by
 every service), then the services that use it: ingest with its contribution gate, the MID's SuperLink with its fleet
 front, and the HTTP endpoint (enrolment, the ledger's proofs and witnesses, members' statements, buyers' revenue,
-metrics). Each builder takes the
+metrics, the operator dashboard). Each builder takes the
 settings and what it uses, nothing more. `CoordinatorProcess` enters them in dependency order on one exit stack, so
 they stop in reverse order, also when a later one fails to start.
 """
@@ -19,11 +19,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
+from fastapi import APIRouter
+
 from coordinator.broker.config import device_ca_file
 from coordinator.broker.logins import coordinator_password, coordinator_password_path, sync_broker_logins
 from coordinator.broker.owners import BrokerFilesError
 from coordinator.buyer.http import RevenueDesk
 from coordinator.config import CoordinatorSettings
+from coordinator.dashboard.auth import OperatorLogin
+from coordinator.dashboard.http import dashboard_router
+from coordinator.dashboard.pages import DashboardSources
 from coordinator.enrolment.enroller import Enroller
 from coordinator.federation.job_ledger import JobLedger
 from coordinator.federation.job_start import JobBook
@@ -44,6 +49,7 @@ from coordinator.royalties.statement_http import StatementDesk
 from coordinator.serve.http import HttpEndpoint, build_http_app
 from coordinator.tasks.catalogue import TaskCatalogue
 from protocol.enrolment import BrokerCredentials
+from protocol.errors import Reason
 from protocol.identity import SignerKey
 from protocol.private_files import private_dir, private_file
 
@@ -200,6 +206,30 @@ def build_member_desks(settings: CoordinatorSettings, storage: Storage) -> tuple
     return witnesses, StatementDesk(settings.mid, storage.ledger, devices, witnesses)
 
 
+def build_dashboard(
+    settings: CoordinatorSettings, storage: Storage, metrics: IngestMetrics, on_refusal: Callable[[Reason], None]
+) -> APIRouter | None:
+    """The operator dashboard's routes (`[dashboard] enabled`), reading serve's own registry, ledger and metrics."""
+    if not settings.dashboard.enabled:
+        return None
+    sources = DashboardSources(
+        mid=settings.mid,
+        registry=storage.registry,
+        ledger=storage.ledger,
+        book=JobBook(settings.job_book_dir),
+        jobs_dir=settings.jobs_dir,
+        metrics=metrics.registry,
+        offline_after_s=settings.ingest.heartbeat_offline_s,
+    )
+    login = OperatorLogin(settings.operator_password_path, float(settings.dashboard.session_ttl_s))
+    if not login.configured:
+        log.warning(
+            "no operator password: the dashboard refuses every login until `midgate coordinator operator passwd`",
+            extra={"file": str(settings.operator_password_path)},
+        )
+    return dashboard_router(sources, login, on_refusal, secure_cookie=settings.dashboard.secure_cookie)
+
+
 class CoordinatorProcess:
     """`async with CoordinatorProcess(settings) as process: await process.run()`; `stop()` ends `run()`."""
 
@@ -251,6 +281,7 @@ class CoordinatorProcess:
                     witnesses=witnesses,
                     statements=statements,
                     tasks=self.storage.tasks,
+                    dashboard=build_dashboard(s, self.storage, self.metrics, self._count_refusal),
                 )
                 self.http = await stack.enter_async_context(HttpEndpoint(app, s.enrolment.host, s.enrolment.port))
             self._stack = stack.pop_all()
@@ -274,7 +305,7 @@ class CoordinatorProcess:
     ) -> None:
         await self._stack.aclose()
 
-    def _count_refusal(self, reason: object) -> None:
+    def _count_refusal(self, reason: Reason) -> None:
         self.metrics.rejected.labels(reason=str(reason)).inc()
 
     def stop(self) -> None:

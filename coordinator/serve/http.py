@@ -2,7 +2,8 @@
 
 Routers: enrolment (coordinator/enrolment/http.py), the ledger's checkpoints, proofs and witness exchange
 (coordinator/ledger/http.py), members' proven statements (coordinator/royalties/statement_http.py), buyers' revenue
-reports (coordinator/buyer/http.py), the MID's signed task specs (coordinator/tasks/http.py) and Prometheus metrics.
+reports (coordinator/buyer/http.py), the MID's signed task specs (coordinator/tasks/http.py), Prometheus metrics and
+the operator dashboard (coordinator/dashboard/http.py, built by the composition root).
 TLS is terminated in front of it (a reverse proxy) outside loopback demos. Every refusal is counted through
 `on_refusal`, as ingest's rejections are.
 """
@@ -15,7 +16,7 @@ from collections.abc import Callable, Iterator
 from types import TracebackType
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -41,9 +42,10 @@ def build_http_app(
     witnesses: WitnessDesk | None = None,
     statements: StatementDesk | None = None,
     tasks: TaskCatalogue | None = None,
+    dashboard: APIRouter | None = None,
 ) -> FastAPI:
-    """The app `serve` runs; without `witnesses`, `statements` and `tasks` (tests of other routers) their routes are
-    absent."""
+    """The app `serve` runs; without `witnesses`, `statements`, `tasks` and `dashboard` (tests of other routers; the
+    operator dashboard off) their routes are absent."""
     app = FastAPI(title="midgate coordinator", docs_url=None, redoc_url=None, openapi_url=None)
     app.include_router(enrolment_router(enroller, on_refusal))
     app.include_router(ledger_router(ledger, witnesses, on_refusal))
@@ -52,6 +54,8 @@ def build_http_app(
         app.include_router(statement_router(statements, on_refusal))
     if tasks is not None:
         app.include_router(tasks_router(tasks, on_refusal))
+    if dashboard is not None:
+        app.include_router(dashboard)
 
     @app.get("/metrics")
     def prometheus() -> Response:

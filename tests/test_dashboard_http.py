@@ -1,0 +1,150 @@
+"""The operator dashboard under /operator, served by the coordinator's real HTTP app: every page refuses without a
+session (a redirect to the login form), a wrong password is refused `bad_login` and counted, a flood of wrong
+passwords is refused `rate_limited`, the session cookie is HttpOnly and SameSite=Strict, and once logged in each page
+shows what the registry, the ledger and the metrics hold."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dashboard_data import JOB, settled_mid
+from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
+from typer.testing import CliRunner
+
+from coordinator.cli import app as coordinator_app
+from coordinator.dashboard.auth import MAX_FAILURES, OperatorLogin, check_password, hash_password
+from coordinator.dashboard.http import dashboard_router
+from coordinator.dashboard.pages import DashboardSources
+from coordinator.federation.job_start import JobBook
+from coordinator.ingest.metrics import IngestMetrics
+from coordinator.ledger.store import LedgerStore
+from coordinator.registry.presence import Presence
+from coordinator.registry.store import Registry
+from coordinator.serve.http import build_http_app
+from protocol.errors import MalformedError, Reason
+from protocol.identity import SignerKey
+from protocol.messages import DeviceStatus
+
+NOW_MS = 1_795_000_100_000
+PASSWORD = "correct horse battery"
+PAGES = ["/operator", "/operator/devices", "/operator/jobs", f"/operator/jobs/{JOB}", "/operator/payouts",
+         "/operator/ledger", "/operator/rejections"]  # fmt: skip
+
+
+class Dashboard:
+    def __init__(self, client: TestClient, metrics: IngestMetrics, refused: list[Reason], ledger: LedgerStore) -> None:
+        self.client, self.metrics, self.refused, self.ledger = client, metrics, refused, ledger
+
+    def log_in(self, password: str = PASSWORD) -> Any:
+        return self.client.post("/operator/login", content=f"password={password.replace(' ', '+')}",
+                                headers={"content-type": "application/x-www-form-urlencoded"},
+                                follow_redirects=False)  # fmt: skip
+
+
+@pytest.fixture
+def dashboard(tmp_path: Path) -> Iterator[Dashboard]:
+    with LedgerStore.open(tmp_path / "ledger.sqlite", SignerKey.generate("midgate/test-mid")) as ledger:
+        settled_mid(tmp_path, ledger)
+        registry = Registry(tmp_path / "registry.sqlite")
+        for i, device in enumerate(["d-a", "d-b", "d-c"]):
+            registry.add_invite(f"inv{i}", "ann" if i < 2 else "bob", NOW_MS - 10_000, NOW_MS + 10_000)
+            registry.redeem_invite(f"inv{i}", NOW_MS - 5_000, device, SignerKey.generate(device).verifier, "h")
+        registry.record_presence([Presence("d-a", DeviceStatus("idle"), NOW_MS, 4_000_000_000_000, False)])
+        metrics = IngestMetrics()
+        refused: list[Reason] = []
+
+        def on_refusal(reason: Reason) -> None:
+            refused.append(reason)
+            metrics.rejected.labels(reason=str(reason)).inc()
+
+        metrics.rejected.labels(reason="bad_signature").inc(3)
+        password_file = tmp_path / "operator-password"
+        password_file.write_text(hash_password(PASSWORD, log2_n=10) + "\n")
+        sources = DashboardSources("test-mid", registry, ledger, JobBook(tmp_path / "job-book"), tmp_path / "jobs",
+                                   metrics.registry, 180.0)  # fmt: skip
+        router = dashboard_router(sources, OperatorLogin(password_file), on_refusal, secure_cookie=False)
+        placeholder: Any = object()
+        app = build_http_app(enroller=placeholder, ledger=ledger, revenue=placeholder, metrics=CollectorRegistry(),
+                             on_refusal=on_refusal, dashboard=router)  # fmt: skip
+        with TestClient(app) as client:
+            yield Dashboard(client, metrics, refused, ledger)
+        registry.close()
+
+
+def test_every_page_refuses_without_a_session_and_shows_only_the_login_form(dashboard: Dashboard) -> None:
+    for path in PAGES:
+        answer = dashboard.client.get(path, follow_redirects=False)
+        assert (answer.status_code, answer.headers["location"]) == (303, "/operator/login"), path
+        assert JOB not in answer.text
+    forged = dashboard.client.get("/operator/jobs", cookies={"midgate_operator": "forged"}, follow_redirects=False)
+    assert forged.status_code == 303
+    form = dashboard.client.get("/operator/login")
+    assert form.status_code == 200 and '<label for="password">' in form.text
+    assert "script-src" not in form.headers["content-security-policy"]
+    assert "default-src 'none'" in form.headers["content-security-policy"]
+
+
+def test_a_wrong_password_is_refused_and_counted_and_a_flood_is_rate_limited(dashboard: Dashboard) -> None:
+    wrong = dashboard.log_in("not the password at all")
+    assert wrong.status_code == 401 and 'role="alert"' in wrong.text and "set-cookie" not in wrong.headers
+    assert dashboard.refused == [Reason.BAD_LOGIN]
+    for _ in range(MAX_FAILURES - 1):
+        dashboard.log_in("not the password at all")
+    limited = dashboard.log_in()  # even the right password, until the window passes
+    assert limited.status_code == 400 and dashboard.refused[-1] is Reason.RATE_LIMITED
+    assert dashboard.refused.count(Reason.BAD_LOGIN) == MAX_FAILURES
+
+
+def test_after_login_the_pages_show_devices_jobs_payouts_ledger_and_refusals(dashboard: Dashboard) -> None:
+    answer = dashboard.log_in()
+    assert answer.status_code == 303 and answer.headers["location"] == "/operator"
+    cookie = answer.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie and "path=/operator" in cookie
+    pages = {path: dashboard.client.get(path) for path in PAGES}
+    assert all(p.status_code == 200 for p in pages.values()), {k: v.status_code for k, v in pages.items()}
+    devices = pages["/operator/devices"].text
+    assert '<th scope="row">d-a</th><td>ann</td><td>online</td><td>idle</td>' in devices
+    assert '<th scope="row">d-c</th><td>bob</td><td>never heard</td>' in devices
+    jobs = pages["/operator/jobs"].text
+    assert f'<a href="/operator/jobs/{JOB}">{JOB}</a>' in jobs and "settled" in jobs
+    job = pages[f"/operator/jobs/{JOB}"].text
+    assert "Value per member per round" in job and "Payouts per member" in job and "Rounds (ROUND leaves)" in job
+    payouts = pages["/operator/payouts"].text
+    assert "Earnings per member" in payouts
+    assert f'<th scope="row">{JOB}</th><td>settlement</td>' in payouts
+    assert f'<th scope="row">{JOB}</th><td>royalty</td>' in payouts
+    ledger = pages["/operator/ledger"].text
+    assert f'<th scope="row">size</th><td>{dashboard.ledger.size}</td>' in ledger
+    assert '<th scope="row">SETTLEMENT leaves</th><td class="num">1</td>' in ledger
+    rejections = pages["/operator/rejections"].text
+    assert '<th scope="row">bad_signature</th><td class="num">3</td>' in rejections
+    assert dashboard.client.get("/operator/jobs/nope").status_code == 404
+
+    out = dashboard.client.post("/operator/logout", follow_redirects=False)
+    assert out.status_code == 303
+    assert dashboard.client.get("/operator/jobs", follow_redirects=False).status_code == 303
+
+
+def test_the_password_hash_is_scrypt_salted_and_passwd_writes_it_0600(tmp_path: Path) -> None:
+    first, second = hash_password(PASSWORD, log2_n=10), hash_password(PASSWORD, log2_n=10)
+    assert first.startswith("scrypt$10$8$1$") and first != second
+    assert check_password(first, PASSWORD) and not check_password(first, PASSWORD + "!")
+    with pytest.raises(MalformedError):
+        check_password("md5$abc", PASSWORD)
+    with pytest.raises(MalformedError):
+        hash_password("short")
+    config = tmp_path / "coordinator.toml"
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n')
+    done = CliRunner().invoke(coordinator_app, ["operator", "passwd", "--password-stdin", "--config", str(config)],
+                              input=PASSWORD + "\n")  # fmt: skip
+    assert done.exit_code == 0, done.output
+    path = tmp_path / "data" / "operator-password"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert check_password(path.read_text(), PASSWORD)
+    assert PASSWORD not in path.read_text()
