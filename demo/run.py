@@ -513,6 +513,23 @@ class DemoRun:
             "central_recipe_budget": asdict(full),
         }
 
+    def job_report(self, accuracy: dict[str, object]) -> Path:
+        """The operator writes the job's HTML report (`job report`), with the central baseline at the same budget
+        beside the job's accuracy curve; returns its path."""
+        self.step("10. The job's report, one HTML file to open in any browser (no network needed)")
+        same = accuracy["central_same_budget"]
+        assert isinstance(same, dict)
+        path = self.paths.root / "job-report.html"
+        label = f"central-training-{same['epochs']}-epochs"
+        args = (
+            f"coordinator job report {JOB} --html {self.paths.rel(path)} --baseline-accuracy {same['accuracy']:.6f} "
+            f"--baseline-label {label} --config coordinator.toml"
+        )
+        self.command("operator", args, quiet=True)
+        self.outcomes.expect("the job report written", True, path.exists())
+        self.console.print(f"job report: {path}", soft_wrap=True)
+        return path
+
     def _central(self, epochs: list[int]) -> list[CentralResult]:
         """The central baseline on the windows the job's devices trained on (each one's window file for the job)."""
         job = LedgerFacts.read(self.paths.ledger).job(JOB)
@@ -676,6 +693,7 @@ def run_demo(workdir: Path, console: Console, rounds: int, broker: str) -> bool:
     _free_rider_note(summary, demo.households, console)
     summary.accuracy = demo.accuracy()
     summary.write(workdir / "summary.json")
+    demo.job_report(summary.accuracy)
     show_scope(console, plan.kind, statements_checked=bool(statements))
     elapsed = time.monotonic() - started
     failed = demo.outcomes.failed

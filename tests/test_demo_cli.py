@@ -175,6 +175,7 @@ def test_the_demos_summary_is_the_ledgers_and_it_leaves_no_process_behind(tmp_pa
     said = (tmp_path / "demo.out").read_text()
     assert code == 0, said[-6000:]
     assert "every outcome as expected" in said
+    assert f"job report: {workdir / 'job-report.html'}" in said
     assert len(watch.seen) >= 15, watch.seen  # broker, serve, five agents, their SuperNodes, the commands
     assert _gone_within(watch, workdir, 10) == []
 
@@ -200,6 +201,9 @@ def test_the_demos_summary_is_the_ledgers_and_it_leaves_no_process_behind(tmp_pa
     assert Counter(device for device, report in reports if report.run_id == job.run_id) == captured
     assert len({(device, report.seq) for device, report in reports}) == len(reports)
 
+    # The job's report: written by the real `job report` command, with the job and its payouts.
+    report = (workdir / "job-report.html").read_text()
+    assert f"Job report: {JOB}" in report and "Payouts per member" in report and "central-training-" in report
     summary = json.loads((workdir / "summary.json").read_text())
     assert (summary["job_id"], summary["model_version"], summary["run_id"]) == (JOB, job.model_version, job.run_id)
     assert summary["ledger_size"] == len(leaves)
