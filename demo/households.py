@@ -75,6 +75,8 @@ class Household:
             "resend_after_s = 5.0\n"
             "# Cosign the MID's checkpoints every 2 s (default 30 s), so statements verify right after a settlement.\n"
             "witness_every_s = 2.0\n"
+            "# Five agents on one host: each serves its member page on a free port (data/member-page.url).\n"
+            "member_page_port = 0\n"
             "\n[[sensors]]\n"
             'driver = "replay"          # PLAID from the installed sktime wheel\n'
             f'name = "{SENSOR}"\n'

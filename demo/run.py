@@ -446,6 +446,10 @@ class DemoRun:
             "exit 0",
             f"exit {kept.returncode}",
         )
+        for h in self.households:
+            url = h.data_dir / "member-page.url"
+            if url.exists():
+                self.note(h.member, f"the same statement in a browser: {url.read_text().strip()}")
         self._tampered_statement_refused(first)
         return verified
 

@@ -284,9 +284,12 @@ def agent_toml(data_dir: Path, extra: str = "", heartbeat_s: float | None = 5.0)
     """An agent.toml for the tests: quick heartbeats, spool polls, resends and reconnects; `heartbeat_s` None keeps
     the agent's default heartbeat period."""
     beat = "" if heartbeat_s is None else f"heartbeat_s = {heartbeat_s}"
+    # Several agents share this host: each serves its member page on a free port (member-page.url says which).
+    page = "" if "member_page_port" in extra else "member_page_port = 0"
     return f"""
 data_dir = "{data_dir}"
 {beat}
+{page}
 spool_poll_s = 0.05
 resend_after_s = 2.0
 resend_max_s = 4.0

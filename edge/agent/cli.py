@@ -246,10 +246,9 @@ def statement(
 
     from edge.agent.config import AgentSettings
     from edge.agent.controls.commands import parse_until
-    from edge.agent.ledger_client import LedgerClient, ProofUnavailableError
+    from edge.agent.ledger_client import ProofUnavailableError
     from edge.agent.membership import load_membership
-    from edge.agent.outbox import Outbox
-    from edge.agent.statement import fetch_statement, render_statement
+    from edge.agent.statement import fetch_membership_statement, render_statement
     from protocol.errors import ProtocolError
     from protocol.messages import MAX_TIME_MS, MIN_TIME_MS
 
@@ -265,14 +264,10 @@ def statement(
     failed = False
     for directory in directories:
         membership = load_membership(directory)
-        outbox = Outbox(membership.outbox_path, settings.outbox_max_bytes)
         try:
-            trusted = outbox.get_meta("trusted_checkpoint")
-        finally:
-            outbox.close()
-        client = LedgerClient(membership.record.enrolment_url)
-        try:
-            verified = fetch_statement(membership, client, trusted, (start, end), time.time_ns() // 1_000_000)
+            verified = fetch_membership_statement(
+                membership, settings.outbox_max_bytes, (start, end), time.time_ns() // 1_000_000
+            )
         except ProofUnavailableError as exc:
             typer.echo(f"{membership.mid}: no statement: {exc}", err=True)
             failed = True

@@ -24,6 +24,18 @@ from edge.sensors.export import WindowSource
 from protocol.settings import RoleSettings
 
 
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class AgentSettings(RoleSettings):
     """The member daemon: where it keeps its state, how it talks MQTT, its outbox bounds, its sensors."""
 
@@ -84,6 +96,22 @@ class AgentSettings(RoleSettings):
     )
     reconnect_min_s: float = Field(default=1.0, gt=0, description="first reconnect delay after losing the broker")
     reconnect_max_s: float = Field(default=120.0, gt=0, description="upper bound of the reconnect backoff")
+    member_page_port: int | None = Field(
+        default=8490,
+        ge=0,
+        le=65535,
+        description="port of the member page `agent run` serves (statement, receipts, earnings: edge/agent/"
+        "member_page.py); 0 picks a free one, none: off. The address is written to data_dir/member-page.url",
+    )
+    member_page_host: str = Field(
+        default="127.0.0.1",
+        description="address the member page listens on; anything but loopback also needs member_page_home_network",
+    )
+    member_page_home_network: bool = Field(
+        default=False,
+        description="let the member page listen beyond loopback (e.g. a Pi hub's owner opening it from the home "
+        "network); it has no login, so whoever reaches the address reads the member's earnings",
+    )
     # `[[sensors]]` and `[sample_store]` are the sensors component's own models (edge.sensors.config).
     sensors: list[SensorConfig] = Field(
         default_factory=list,
@@ -99,6 +127,11 @@ class AgentSettings(RoleSettings):
         names = [s.name for s in self.sensors]
         if len(set(names)) != len(names):
             raise ValueError(f"[[sensors]] names must be unique, found {names}")
+        if not self.member_page_home_network and not is_loopback(self.member_page_host):
+            raise ValueError(
+                f"member_page_host {self.member_page_host!r} is not loopback: set member_page_home_network = true to "
+                "serve the member page beyond this machine"
+            )
         if not self.sample_store.path.is_absolute():
             self.sample_store = self.sample_store.model_copy(update={"path": self.data_dir / self.sample_store.path})
         return self

@@ -33,6 +33,7 @@ from edge.agent.daemon_status import DaemonStatus, read_daemon_status, with_job,
 from edge.agent.job_node import JobNode
 from edge.agent.ledger_client import LedgerClient, ProofUnavailableError
 from edge.agent.ledger_view import LedgerView, SettledReport
+from edge.agent.member_page import serving_member_page
 from edge.agent.membership import Membership, load_memberships
 from edge.agent.outbox import LEAF_KIND, Outbox, OutboxFullError
 from edge.agent.refusals import settle_refusal
@@ -430,5 +431,8 @@ async def run_agent(settings: AgentSettings, stop: asyncio.Event | None = None) 
             " (TLS)" if broker.tls else "",
             extra={"mid": m.mid, "device": m.device},
         )
-    async with open_collection(settings.sensors, settings.sample_store, settings.sensor_health_s):
+    async with (
+        open_collection(settings.sensors, settings.sample_store, settings.sensor_health_s),
+        serving_member_page(settings, memberships),
+    ):
         await asyncio.gather(*(r.run(stop) for r in runners))

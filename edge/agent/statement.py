@@ -11,11 +11,13 @@ the leaf bytes and pays this member; and then the checkpoint is consistent with 
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from edge.agent.ledger_client import LedgerClient
 from edge.agent.ledger_view import LedgerView
 from edge.agent.membership import Membership
+from edge.agent.outbox import Outbox
 from protocol.ledger_api import VerifiedStatement, verify_statement
 from protocol.messages import StatementRequest
 
@@ -52,19 +54,76 @@ def fetch_statement(
     return verified
 
 
+def fetch_membership_statement(
+    membership: Membership, outbox_max_bytes: int, period: tuple[int, int], now_ms: int
+) -> VerifiedStatement:
+    """`fetch_statement` against the MID the membership names, checked against the agent's own trusted checkpoint
+    (kept in the membership's outbox): what `agent statement` and the member page both ask."""
+    outbox = Outbox(membership.outbox_path, outbox_max_bytes)
+    try:
+        trusted = outbox.get_meta("trusted_checkpoint")
+    finally:
+        outbox.close()
+    client = LedgerClient(membership.record.enrolment_url)
+    return fetch_statement(membership, client, trusted, period, now_ms)
+
+
+@dataclass(frozen=True)
+class StatementRow:
+    """One payout line as the member reads it, from one verified leaf."""
+
+    day: str
+    what: str
+    amount_minor: int
+    currency: str
+    reason: str
+    record_id: str
+    index: int
+
+
+@dataclass(frozen=True)
+class StatementView:
+    """What the member is shown, on the terminal (`render_statement`) and on the member page
+    (edge/agent/member_page.py): both render this one view, so their numbers cannot differ."""
+
+    mid: str
+    member: str
+    checkpoint_size: int
+    rows: list[StatementRow]
+    totals_minor: list[tuple[str, int]]
+    """(currency, total), sorted by currency."""
+
+
+def statement_view(mid: str, member: str, statement: VerifiedStatement) -> StatementView:
+    rows = [
+        StatementRow(
+            _day(line.created_ms),
+            f"job {line.job_id}" if line.kind == "settlement" else f"model {line.model_version}",
+            line.amount_minor,
+            line.currency,
+            line.reason,
+            line.record_id,
+            line.index,
+        )
+        for line in statement.lines
+    ]
+    return StatementView(
+        mid, member, statement.checkpoint.checkpoint.size, rows, sorted(statement.totals_minor.items())
+    )
+
+
 def render_statement(mid: str, member: str, statement: VerifiedStatement) -> str:
     """The plain statement a member reads: one line per payout, then the totals."""
-    checkpoint = statement.checkpoint.checkpoint
-    out = [f"Statement for member {member} of {mid}, verified under the witnessed log of size {checkpoint.size}"]
-    for line in statement.lines:
-        what = f"job {line.job_id}" if line.kind == "settlement" else f"model {line.model_version}"
+    view = statement_view(mid, member, statement)
+    out = [f"Statement for member {member} of {mid}, verified under the witnessed log of size {view.checkpoint_size}"]
+    for row in view.rows:
         out.append(
-            f"  {_day(line.created_ms)}  {what}: {line.amount_minor} {line.currency} minor units"
-            f" ({line.reason}; record {line.record_id}, leaf {line.index})"
+            f"  {row.day}  {row.what}: {row.amount_minor} {row.currency} minor units"
+            f" ({row.reason}; record {row.record_id}, leaf {row.index})"
         )
-    if not statement.lines:
+    if not view.rows:
         out.append("  no earnings in this period")
-    for currency, total in sorted(statement.totals_minor.items()):
+    for currency, total in view.totals_minor:
         out.append(f"Total: {total} {currency} minor units")
     return "\n".join(out) + "\n"
 

@@ -1,0 +1,98 @@
+"""The member page (edge/agent/member_page.py) against a real MID HTTP endpoint (tests/test_member_ledger_api.py's):
+its statement table holds exactly the lines and totals `agent statement` prints, it is served by the agent's own
+server on loopback only, answers only loopback Host names, only GET, and a non-loopback address needs the member's
+explicit choice."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+from test_member_ledger_api import ALL_TIME, MID, Mid, _now_ms, mid  # noqa: F401  (mid: the fixture)
+
+from edge.agent.config import AgentSettings
+from edge.agent.ledger_client import LedgerClient
+from edge.agent.member_page import gather, render_member_page, serving_member_page
+from edge.agent.statement import fetch_statement, render_statement
+
+
+def _statement_rows(html: str) -> list[tuple[str, str, str]]:
+    """(for, amount, currency) of each statement row on the page."""
+    rows = re.findall(
+        r'<tr><th scope="row">(\d{4}-\d\d-\d\d)</th><td>([^<]*)</td>'
+        r'<td class="num">(\d+)</td><td class="num">([A-Z]{3})',
+        html,
+    )
+    return [(what, amount, currency) for _, what, amount, currency in rows]
+
+
+def _printed_rows(text: str) -> list[tuple[str, str, str]]:
+    return re.findall(r"^  \d{4}-\d\d-\d\d  (.*?): (\d+) ([A-Z]{3}) minor units", text, re.MULTILINE)
+
+
+def test_the_page_shows_what_agent_statement_prints(mid: Mid, tmp_path: Path) -> None:  # noqa: F811
+    mid.cosign("ann", "bob")
+    membership = mid.membership("ann", tmp_path)
+    printed = render_statement(
+        MID, "ann", fetch_statement(membership, LedgerClient(mid.url), None, ALL_TIME, _now_ms())
+    )
+    settings = AgentSettings(data_dir=tmp_path / "agent")
+    html = render_member_page(gather(settings, [membership], _now_ms()), _now_ms())
+    assert (
+        _statement_rows(html)
+        == _printed_rows(printed)
+        == [
+            ("job job-1", "13333", "EUR"),
+            ("job job-3", "2400", "EUR"),
+        ]
+    )
+    total = re.search(r"^Total: (\d+) EUR minor units$", printed, re.MULTILINE)
+    assert total is not None and f'<th scope="row">EUR</th><td class="num">{total.group(1)}</td>' in html
+    assert "Every kept receipt verified on this device (0)." in html
+    assert "<script" not in html and 'role="img"' in html  # the earnings chart
+
+
+def test_a_statement_the_mid_cannot_give_is_said_not_raised(tmp_path: Path, mid: Mid) -> None:  # noqa: F811
+    membership = mid.membership("ann", tmp_path)
+    membership.record = membership.record.model_copy(update={"enrolment_url": "http://127.0.0.1:9"})
+    html = render_member_page(gather(AgentSettings(data_dir=tmp_path / "a"), [membership], _now_ms()), _now_ms())
+    assert 'role="alert">no statement:' in html
+
+
+def _get(url: str, method: str = "GET", host: str | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url, method=method, headers={"Host": host} if host else {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def test_the_agent_serves_it_on_loopback_and_refuses_other_hosts_and_methods(mid: Mid, tmp_path: Path) -> None:  # noqa: F811
+    mid.cosign("ann", "bob")
+    settings = AgentSettings(data_dir=tmp_path / "agent", member_page_port=0)
+
+    async def visit() -> None:
+        async with serving_member_page(settings, [mid.membership("ann", tmp_path)]) as url:
+            assert url is not None and url.startswith("http://127.0.0.1:")
+            assert (tmp_path / "agent" / "member-page.url").read_text().strip() == url
+            status, html = await asyncio.to_thread(_get, url)
+            assert status == 200 and _statement_rows(html)[0] == ("job job-1", "13333", "EUR")
+            assert (await asyncio.to_thread(_get, url, "GET", "evil.example"))[0] == 421
+            assert (await asyncio.to_thread(_get, url, "POST"))[0] == 405
+            assert (await asyncio.to_thread(_get, url + "nope"))[0] == 404
+
+    asyncio.run(visit())
+    assert not (tmp_path / "agent" / "member-page.url").exists()
+
+
+def test_beyond_loopback_only_when_the_member_turns_it_on(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="member_page_home_network"):
+        AgentSettings(data_dir=tmp_path, member_page_host="0.0.0.0")
+    assert AgentSettings(data_dir=tmp_path, member_page_host="0.0.0.0", member_page_home_network=True)
+    assert AgentSettings(data_dir=tmp_path, member_page_host="::1").member_page_port == 8490
