@@ -6,7 +6,7 @@ STAMP := $(VENV)/.midgate-installed
 # torch is installed first and pinned: an unpinned torch makes pip fetch a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: demo test lint typecheck pytest mosquitto bench clean
+.PHONY: demo test lint typecheck pytest mosquitto chromium bench clean
 
 # The demo runs the Mosquitto `make test` installs; only where it cannot be installed, an embedded broker (amqtt, in a
 # venv of its own so that its dependencies never touch midgate's), and the demo says so.
@@ -22,7 +22,7 @@ demo: $(STAMP)
 		PATH="$(CURDIR)/$(EMBEDDED_BROKER)/bin:$$PATH" $(BIN)/midgate demo --broker embedded; \
 	fi
 
-test: $(STAMP) mosquitto lint typecheck pytest
+test: $(STAMP) mosquitto chromium lint typecheck pytest
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,17 @@ mosquitto:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
 	else \
 		echo "mosquitto is missing and this is not root: run 'sudo apt-get install mosquitto' and retry" >&2; exit 1; \
+	fi
+
+# The browser tests of the dashboard, job report and member page (tests/test_dashboard_browser.py) drive Debian's
+# Chromium through its chromedriver with Selenium; without root they skip and say so.
+chromium:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = "0" ]; then \
+		echo "installing chromium and chromium-driver (the browser tests run in a real Chromium)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else \
+		echo "chromium is missing and this is not root: the browser tests will skip ('sudo apt-get install chromium chromium-driver' runs them)" >&2; \
 	fi
 
 lint: $(STAMP)

@@ -123,16 +123,25 @@ def _y_axis(frame: Frame, ticks: list[float], label: str) -> list[str]:
 
 def _x_label(frame: Frame, label: str) -> str:
     x = frame.left + frame.inner_w / 2
-    return f'<text x="{x:.1f}" y="{frame.height - 8}" text-anchor="middle" fill="{TEXT}">{escape(label)}</text>'
+    y = frame.top + frame.inner_h + 34
+    return f'<text x="{x:.1f}" y="{y}" text-anchor="middle" fill="{TEXT}">{escape(label)}</text>'
+
+
+LEGEND_COLUMNS = 2
+LEGEND_ROW = 16
+
+
+def _legend_height(count: int) -> int:
+    return LEGEND_ROW * ((count + LEGEND_COLUMNS - 1) // LEGEND_COLUMNS)
 
 
 def _legend(frame: Frame, names: Sequence[str], kind: str) -> list[str]:
-    """Legend entries in one row under the plot (rows wrap every 4 entries)."""
+    """Legend entries under the x axis's label, LEGEND_COLUMNS a row."""
     out = []
     for i, name in enumerate(names):
-        row, col = divmod(i, 4)
-        x = frame.left + col * (frame.inner_w / 4)
-        y = frame.top + frame.inner_h + 22 + row * 14
+        row, col = divmod(i, LEGEND_COLUMNS)
+        x = frame.left + col * (frame.inner_w / LEGEND_COLUMNS)
+        y = frame.top + frame.inner_h + 52 + row * LEGEND_ROW
         colour = PALETTE[i % len(PALETTE)]
         if kind == "line":
             dash = DASHES[i % len(DASHES)]
@@ -161,7 +170,7 @@ def line_chart(
 ) -> str:
     """Lines through each series' points, markers on each point; `y_floor`/`y_ceiling` widen (never narrow) the y
     range, e.g. 0..1 for an accuracy. With no points at all, a chart that says so."""
-    frame = frame or Frame(bottom=56 + 14 * ((len(series) - 1) // 4))
+    frame = frame or Frame(bottom=48 + _legend_height(len(series)))
     out = _open(frame, title, desc, chart_id)
     points = [p for s in series for p in s.points if math.isfinite(p[0]) and math.isfinite(p[1])]
     if not points:
@@ -225,7 +234,8 @@ def bar_chart(
 ) -> str:
     """Grouped bars: one group per category, one bar per series (`values[i]` belongs to `categories[i]`). Negative
     values hang below the zero line, which is always drawn."""
-    frame = frame or Frame(bottom=56 + 14 * ((len(series) - 1) // 4))
+    legend = len(series) if len(series) > 1 else 0
+    frame = frame or Frame(bottom=48 + _legend_height(legend))
     out = _open(frame, title, desc, chart_id)
     for s in series:
         if len(s.values) != len(categories):
@@ -314,6 +324,8 @@ def page(title: str, body: str, *, nav: str = "") -> str:
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        # An empty icon, so that no browser asks the server for /favicon.ico (a 404 in its console).
+        '<link rel="icon" href="data:,">\n'
         f"<title>{escape(title)}</title>\n<style>{PAGE_CSS}</style>\n</head>\n<body>\n"
         '<a class="skip" href="#main">Skip to content</a>\n'
         + (f'<nav aria-label="Pages">{nav}</nav>\n' if nav else "")

@@ -100,7 +100,8 @@ def test_the_report_shows_the_job_s_rounds_values_and_payouts_as_the_ledger_hold
     assert growth[-1][1] == str(ledger.size)
 
     # Self-contained and accessible: no script, nothing fetched, every chart titled and described.
-    assert not [t for t, _ in parsed.tags if t in ("script", "link", "iframe", "img", "object")]
+    assert not [t for t, _ in parsed.tags if t in ("script", "iframe", "img", "object", "embed")]
+    assert [a for t, a in parsed.tags if t == "link"] == [{"rel": "icon", "href": "data:,"}]  # no favicon request
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", html)
     assert [a.get("lang") for t, a in parsed.tags if t == "html"] == ["en"]
     charts = re.findall(r"<svg .*?</svg>", html, re.DOTALL)
