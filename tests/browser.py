@@ -76,11 +76,16 @@ def console_errors(driver: Any) -> list[dict[str, object]]:
     return [entry for entry in driver.get_log("browser") if entry.get("level") == "SEVERE"]
 
 
-def visit(driver: Any, url: str, shots: Path, name: str) -> str:
-    """Open `url`, save a full screenshot as shots/NAME.png, assert the console stayed clean; the page's text."""
-    driver.get(url)
+def visit(driver: Any, url: str | None, shots: Path, name: str) -> str:
+    """Open `url` (None: stay on the page the browser shows), wait until it has loaded, save a screenshot as
+    shots/NAME.png and assert the console stayed clean; the page's text."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    if url is not None:
+        driver.get(url)
+    WebDriverWait(driver, 30).until(lambda d: d.execute_script("return document.readyState") == "complete")
     shots.mkdir(parents=True, exist_ok=True)
     driver.save_screenshot(str(shots / f"{name}.png"))
     errors = console_errors(driver)
-    assert errors == [], f"{url}: {errors}"
+    assert errors == [], f"{driver.current_url}: {errors}"
     return str(driver.find_element("tag name", "body").text)

@@ -2,8 +2,8 @@
 
 Fast: the report of a job the real job-book follower logged and settled (tests/dashboard_data.py) opens from its
 file with a clean console and shows its rounds and payouts. Slow: on real processes -- Mosquitto, `coordinator
-serve` with its SuperLink, three `agent run`s replaying PLAID -- a 2-round job is run, settled and paid a royalty
-through the real commands; then the report `job report` writes, every operator page (after a refused
+serve` with its SuperLink, two `agent run`s replaying PLAID -- a 2-round job is run and settled through the real
+commands; then the report `job report` writes, every operator page (after a refused
 unauthenticated visit and a login with the password `operator passwd` set) and one member's page load without a
 console error, show the job, its rounds and its payouts, and the member page's numbers are the ones that member's
 `agent statement` prints. Screenshots go to the test's tmp_path/screenshots."""
@@ -88,7 +88,7 @@ def test_after_a_real_job_the_report_dashboard_and_member_page_show_it(messaging
     stack = messaging_stack
     shots = stack.root / "screenshots"
     start_federated_coordinator(stack)
-    agents = start_plaid_agents(stack, 3, extra="witness_every_s = 1.0")
+    agents = start_plaid_agents(stack, 2, extra="witness_every_s = 1.0")
     config = str(stack.config)
     base = f"http://127.0.0.1:{stack.http_port}"
 
@@ -123,11 +123,11 @@ def test_after_a_real_job_the_report_dashboard_and_member_page_show_it(messaging
             text = visit(driver, report.as_uri(), shots, "job-report")
             assert f"Job report: {JOB}" in text and "Accuracy per round" in text and "Payouts per member" in text
 
-            driver.get(base + "/operator/jobs")
-            assert driver.current_url == base + "/operator/login"
-            visit(driver, base + "/operator/login", shots, "login")
+            login = visit(driver, base + "/operator/jobs", shots, "login")  # redirected to the login form
+            assert driver.current_url == base + "/operator/login" and "Operator password" in login
             driver.find_element("id", "password").send_keys(PASSWORD)
             driver.find_element("css selector", "form[action='/operator/login'] button").click()
+            visit(driver, None, shots, "after-login")
             assert driver.current_url == base + "/operator"
 
             overview = visit(driver, base + "/operator", shots, "overview")
@@ -137,7 +137,7 @@ def test_after_a_real_job_the_report_dashboard_and_member_page_show_it(messaging
             jobs = visit(driver, base + "/operator/jobs", shots, "jobs")
             assert f"{JOB} completed" in jobs and f"{ROUNDS} of {ROUNDS}" in jobs and "settled" in jobs
             driver.find_element("link text", JOB).click()
-            job = visit(driver, driver.current_url, shots, "job")
+            job = visit(driver, None, shots, "job")
             rounds = driver.find_elements("css selector", "table:first-of-type ~ table tbody tr")
             assert len(rounds) >= ROUNDS and "Rounds (ROUND leaves)" in job
             assert f"{PAYMENT} " in job and "Payouts per member" in job
