@@ -7,7 +7,8 @@ ENROL leaves logged (coordinator.registry.ledger_records), 100 ended jobs of 20 
 book, each logged as a JOB leaf and 5 ROUND leaves and settled as a SETTLEMENT leaf (one append per job, as `serve`
 does), and refusal counters in the metrics. Baseline, measured in the same run: `GET /metrics`, the cheapest answer
 of the same app. The first render of a page after start reads the whole log once (the digest); it is reported
-apart as "cold", then each page is rendered --repeat times.
+apart as "cold", then each page is rendered --repeat times. CPU time (the process's, every thread) is printed beside
+wall time: on a shared 2-core machine the wall-clock p95 is mostly the other processes' load.
 
 Run: flock /tmp/bench.lock nice -n 19 .venv/bin/python bench/dashboard_bench.py [--devices 1000] [--jobs 100]
      [--repeat 30]
@@ -116,14 +117,16 @@ def build_mid(root: Path, devices: int, jobs: int) -> tuple[LedgerStore, Registr
     return ledger, registry, book
 
 
-def timed(client: TestClient, path: str, repeat: int) -> list[float]:
-    times = []
+def timed(client: TestClient, path: str, repeat: int) -> tuple[list[float], list[float]]:
+    """Wall-clock and CPU milliseconds (this process, every thread: the test client runs the app in one) per GET."""
+    wall, cpu = [], []
     for _ in range(repeat):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         answer = client.get(path)
-        times.append((time.perf_counter() - start) * 1000)
+        wall.append((time.perf_counter() - start) * 1000)
+        cpu.append((time.process_time() - start_cpu) * 1000)
         assert answer.status_code == 200, (path, answer.status_code)
-    return times
+    return wall, cpu
 
 
 def p95(values: list[float]) -> float:
@@ -158,19 +161,21 @@ def main() -> None:
                                 headers={"content-type": "application/x-www-form-urlencoded"},
                                 follow_redirects=False)  # fmt: skip
             assert login.status_code == 303, login.text
-            cold = timed(client, "/operator/jobs", 1)[0]
-            baseline = timed(client, "/metrics", args.repeat)
+            cold_wall, cold_cpu = timed(client, "/operator/jobs", 1)
+            baseline, baseline_cpu = timed(client, "/metrics", args.repeat)
             base95 = p95(baseline)
-            print(f"cold first page (reads the whole log once): {cold:.0f} ms")
-            print(f"{'page':<28} {'p50 ms':>8} {'p95 ms':>8} {'p95 / baseline':>15}")
-            print(f"{'GET /metrics (baseline)':<28} {statistics.median(baseline):>8.1f} {base95:>8.1f} {1.0:>15.1f}")
-            worst = 0.0
+            print(f"cold first page (reads the whole log once): {cold_wall[0]:.0f} ms, CPU {cold_cpu[0]:.0f} ms")
+            print(f"{'page':<28} {'p50 ms':>8} {'p95 ms':>8} {'CPU p95 ms':>11} {'p95 / baseline':>15}")
+            print(f"{'GET /metrics (baseline)':<28} {statistics.median(baseline):>8.1f} {base95:>8.1f}"
+                  f" {p95(baseline_cpu):>11.1f} {1.0:>15.1f}")  # fmt: skip
+            worst = worst_cpu = 0.0
             for path in ("/operator", "/operator/devices", "/operator/jobs", f"/operator/jobs/job-{args.jobs // 2:03d}",
                          "/operator/payouts", "/operator/ledger", "/operator/rejections"):  # fmt: skip
-                times = timed(client, path, args.repeat)
-                worst = max(worst, p95(times))
-                print(f"{path:<28} {statistics.median(times):>8.1f} {p95(times):>8.1f} {p95(times) / base95:>15.1f}")
-            print(f"worst page p95: {worst:.0f} ms (target < 300 ms): {'met' if worst < 300 else 'NOT met'}")
+                times, cpu = timed(client, path, args.repeat)
+                worst, worst_cpu = max(worst, p95(times)), max(worst_cpu, p95(cpu))
+                print(f"{path:<28} {statistics.median(times):>8.1f} {p95(times):>8.1f} {p95(cpu):>11.1f}"
+                      f" {p95(times) / base95:>15.1f}")  # fmt: skip
+            print(f"worst page p95: {worst:.0f} ms wall, {worst_cpu:.0f} ms CPU (target < 300 ms)")
         registry.close()
         ledger.close()
 

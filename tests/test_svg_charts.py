@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from protocol.svg_charts import PALETTE, Series, bar_chart, data_table, line_chart, nice_ticks, page
+from protocol.svg_charts import AXIS, PALETTE, TEXT, Series, bar_chart, data_table, line_chart, nice_ticks, page
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -101,3 +101,18 @@ def test_tables_and_pages_escape_what_they_show() -> None:
     html = page("t & u", table)
     assert html.startswith("<!DOCTYPE html>") and '<html lang="en">' in html and "<title>t &amp; u</title>" in html
     assert "<script" not in html and "http" not in html.replace("http://www.w3.org/2000/svg", "")
+
+
+def _luminance(colour: str) -> float:
+    def channel(c: int) -> float:
+        s = c / 255
+        return s / 12.92 if s <= 0.03928 else ((s + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (int(colour[i : i + 2], 16) for i in (1, 3, 5))
+    return 0.2126 * channel(r) + 0.7152 * channel(g) + 0.0722 * channel(b)
+
+
+@pytest.mark.parametrize("colour", [*PALETTE, TEXT, AXIS])
+def test_every_colour_reaches_wcag_aa_contrast_against_the_white_background(colour: str) -> None:
+    ratio = (1.0 + 0.05) / (_luminance(colour) + 0.05)
+    assert ratio >= 4.5, f"{colour}: {ratio:.2f}:1"

@@ -38,6 +38,7 @@ from protocol.checkpoint import parse_checkpoint_text
 from protocol.note import parse_note
 from protocol.svg_charts import Series, bar_chart, data_table, escape, page
 
+TOP_EARNERS = 30
 PAGES = (
     ("", "Overview"),
     ("devices", "Devices"),
@@ -135,7 +136,7 @@ def _page(sources: DashboardSources, current: str, title: str, body: str) -> str
 
 def overview_page(sources: DashboardSources, now_ms: int) -> str:
     digest = sources.refreshed()
-    devices = sources.registry.devices()
+    devices = sources.registry.roster()
     presence = sources.registry.presence()
     offline_ms = int(sources.offline_after_s * 1000)
     online = sum(1 for d in devices if d.device_id in presence and presence[d.device_id].online(now_ms, offline_ms))
@@ -155,7 +156,7 @@ def overview_page(sources: DashboardSources, now_ms: int) -> str:
 
 
 def devices_page(sources: DashboardSources, now_ms: int) -> str:
-    devices = sources.registry.devices()
+    devices = sources.registry.roster()
     presence = sources.registry.presence()
     offline_ms = int(sources.offline_after_s * 1000)
     rows = []
@@ -319,16 +320,19 @@ def payouts_page(sources: DashboardSources) -> str:
         numeric_from=2,
     )
     members = sorted(per_member)
+    # A chart of a thousand bars says nothing: it shows the top earners, the table every member.
+    top = sorted(members, key=lambda k: (-sum(per_member[k]), k))[:TOP_EARNERS]
     chart = bar_chart(
-        "Earnings per member",
-        [f"{m} ({c})" for m, c in members],
+        "Earnings per member" + (f" (the {len(top)} highest of {len(members)})" if len(top) < len(members) else ""),
+        [f"{m} ({c})" for m, c in top],
         [
-            Series("settlements", values=tuple(float(per_member[k][0]) for k in members)),
-            Series("royalties", values=tuple(float(per_member[k][1]) for k in members)),
+            Series("settlements", values=tuple(float(per_member[k][0]) for k in top)),
+            Series("royalties", values=tuple(float(per_member[k][1]) for k in top)),
         ],
         x_label="member",
         y_label="minor units",
-        desc="Each member's total from settlements and from royalties, in minor units; the table lists the same.",
+        desc="The members' totals from settlements and from royalties, in minor units, highest first; the table"
+        " lists every member.",
         chart_id="earnings",
     )
     member_table = data_table(
