@@ -21,6 +21,7 @@ from coordinator.cli import app as coordinator_app
 from coordinator.dashboard.auth import MAX_FAILURES, OperatorLogin, check_password, hash_password
 from coordinator.dashboard.http import dashboard_router
 from coordinator.dashboard.pages import DashboardSources
+from coordinator.dashboard.refusal_history import RefusalHistory
 from coordinator.federation.job_start import JobBook
 from coordinator.ingest.metrics import IngestMetrics
 from coordinator.ledger.store import LedgerStore
@@ -63,15 +64,20 @@ def dashboard(tmp_path: Path) -> Iterator[Dashboard]:
             refused.append(reason)
             metrics.rejected.labels(reason=str(reason)).inc()
 
-        metrics.rejected.labels(reason="bad_signature").inc(3)
+        metrics.rejected.labels(reason="bad_signature").inc(1)
         password_file = tmp_path / "operator-password"
         password_file.write_text(hash_password(PASSWORD, log2_n=10) + "\n")
+        clock = iter(range(NOW_MS, NOW_MS + 10**9, 60_000))
+        history = RefusalHistory(metrics.registry, clock_ms=lambda: next(clock))
+        history.sample()  # a minute before the test's refusals
         sources = DashboardSources("test-mid", registry, ledger, JobBook(tmp_path / "job-book"), tmp_path / "jobs",
-                                   metrics.registry, 180.0)  # fmt: skip
+                                   metrics.registry, 180.0, history=history)  # fmt: skip
         router = dashboard_router(sources, OperatorLogin(password_file), on_refusal, secure_cookie=False)
         placeholder: Any = object()
         app = build_http_app(enroller=placeholder, ledger=ledger, revenue=placeholder, metrics=CollectorRegistry(),
                              on_refusal=on_refusal, dashboard=router)  # fmt: skip
+        metrics.rejected.labels(reason="bad_signature").inc(2)
+        history.sample()
         with TestClient(app) as client:
             yield Dashboard(client, metrics, refused, ledger)
         registry.close()
@@ -124,6 +130,9 @@ def test_after_login_the_pages_show_devices_jobs_payouts_ledger_and_refusals(das
     assert '<th scope="row">SETTLEMENT leaves</th><td class="num">1</td>' in ledger
     rejections = pages["/operator/rejections"].text
     assert '<th scope="row">bad_signature</th><td class="num">3</td>' in rejections
+    # Over time: serve's minute samples, the first (1 refusal) and the latest (3).
+    assert "Refusals over time" in rejections
+    assert '<th scope="row">bad_signature</th><td class="num">1</td><td class="num">3</td>' in rejections
     assert dashboard.client.get("/operator/jobs/nope").status_code == 404
 
     out = dashboard.client.post("/operator/logout", follow_redirects=False)

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from coordinator.capture.directory import capture_summary_path, read_round_summary, read_validation
 from coordinator.dashboard.ledger_digest import LedgerDigest
+from coordinator.dashboard.refusal_history import RefusalHistory, refusal_totals
 from coordinator.dashboard.report import (
     MAX_GROWTH_POINTS,
     JobReport,
@@ -36,7 +37,7 @@ from coordinator.ledger.store import LedgerReader
 from coordinator.registry.store import Registry
 from protocol.checkpoint import parse_checkpoint_text
 from protocol.note import parse_note
-from protocol.svg_charts import Series, bar_chart, data_table, escape, page
+from protocol.svg_charts import Series, bar_chart, data_table, escape, line_chart, page
 
 TOP_EARNERS = 30
 PAGES = (
@@ -109,6 +110,8 @@ class DashboardSources:
     offline_after_s: float
     digest: LedgerDigest = field(default_factory=LedgerDigest)
     books: BookCache | None = None
+    history: RefusalHistory | None = None
+    """serve's minute samples of the refusal counters (None: only the totals are shown)."""
 
     def __post_init__(self) -> None:
         self.books = self.books or BookCache(self.book)
@@ -142,7 +145,7 @@ def overview_page(sources: DashboardSources, now_ms: int) -> str:
     online = sum(1 for d in devices if d.device_id in presence and presence[d.device_id].online(now_ms, offline_ms))
     records = sources.books.records() if sources.books else []
     running = sum(1 for r in records if r.status in ("inviting", "running"))
-    refused = sum(_rejections(sources.metrics).values())
+    refused = sum(refusal_totals(sources.metrics).values())
     rows = [
         ["devices enrolled", sum(1 for d in devices if not d.revoked)],
         ["devices online", online],
@@ -376,19 +379,8 @@ def ledger_page(sources: DashboardSources) -> str:
     return _page(sources, "ledger", "Ledger", body)
 
 
-def _rejections(metrics: CollectorRegistry) -> dict[str, float]:
-    found: dict[str, float] = {}
-    for family in metrics.collect():
-        if family.name != "midgate_ingest_rejected":
-            continue
-        for sample in family.samples:
-            if sample.name.endswith("_total"):
-                found[sample.labels.get("reason", "?")] = found.get(sample.labels.get("reason", "?"), 0) + sample.value
-    return found
-
-
 def rejections_page(sources: DashboardSources) -> str:
-    counts = sorted(_rejections(sources.metrics).items(), key=lambda kv: (-kv[1], kv[0]))
+    counts = sorted(refusal_totals(sources.metrics).items(), key=lambda kv: (-kv[1], kv[0]))
     chart = bar_chart(
         "Refused messages by reason",
         [reason for reason, _ in counts],
@@ -401,5 +393,30 @@ def rejections_page(sources: DashboardSources) -> str:
     )
     table = data_table("Refused by reason", ["reason", "count"], [[r, int(v)] for r, v in counts])
     body = f'<figure class="figure">{chart}<figcaption>{table}</figcaption></figure>'
+    body += over_time(sources.history.snapshot() if sources.history else [], [r for r, _ in counts][:8])
     body += f'<p class="muted">Counted since this process started ({_when(time.time_ns() // 1_000_000)} now).</p>'
     return _page(sources, "rejections", "Refused messages", body)
+
+
+def over_time(samples: list[tuple[int, dict[str, float]]], reasons: list[str]) -> str:
+    """The refusal totals of the most frequent `reasons` at each of serve's minute samples (the last day)."""
+    if len(samples) < 2 or not reasons:
+        return '<p class="muted">Refusals over time appear once serve has sampled its counters twice (each minute).</p>'
+    first = samples[0][0]
+    series = [
+        Series(reason, tuple(((ms - first) / 60_000, totals.get(reason, 0.0)) for ms, totals in samples))
+        for reason in reasons
+    ]
+    chart = line_chart(
+        "Refusals over time",
+        series,
+        x_label=f"minutes since {_when(first)}",
+        y_label="refused so far",
+        desc="The running count of refusals for the most frequent reason codes, sampled once a minute; the table"
+        " lists the first and the latest sample.",
+        chart_id="rejections-over-time",
+        y_floor=0.0,
+    )
+    rows = [[reason, int(samples[0][1].get(reason, 0)), int(samples[-1][1].get(reason, 0))] for reason in reasons]
+    table = data_table(f"Refusals at {_when(first)} and at {_when(samples[-1][0])}", ["reason", "then", "latest"], rows)
+    return f'<figure class="figure">{chart}<figcaption>{table}</figcaption></figure>'

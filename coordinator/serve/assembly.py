@@ -15,7 +15,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -29,6 +29,7 @@ from coordinator.config import CoordinatorSettings
 from coordinator.dashboard.auth import OperatorLogin
 from coordinator.dashboard.http import dashboard_router
 from coordinator.dashboard.pages import DashboardSources
+from coordinator.dashboard.refusal_history import RefusalHistory
 from coordinator.enrolment.enroller import Enroller
 from coordinator.federation.job_ledger import JobLedger
 from coordinator.federation.job_start import JobBook
@@ -208,8 +209,9 @@ def build_member_desks(settings: CoordinatorSettings, storage: Storage) -> tuple
 
 def build_dashboard(
     settings: CoordinatorSettings, storage: Storage, metrics: IngestMetrics, on_refusal: Callable[[Reason], None]
-) -> APIRouter | None:
-    """The operator dashboard's routes (`[dashboard] enabled`), reading serve's own registry, ledger and metrics."""
+) -> tuple[APIRouter, DashboardSources] | None:
+    """The operator dashboard's routes (`[dashboard] enabled`) and what its pages read: serve's own registry,
+    ledger and metrics (with the minute samples of its refusal counters)."""
     if not settings.dashboard.enabled:
         return None
     sources = DashboardSources(
@@ -220,6 +222,7 @@ def build_dashboard(
         jobs_dir=settings.jobs_dir,
         metrics=metrics.registry,
         offline_after_s=settings.ingest.heartbeat_offline_s,
+        history=RefusalHistory(metrics.registry),
     )
     login = OperatorLogin(settings.operator_password_path, float(settings.dashboard.session_ttl_s))
     if not login.configured:
@@ -227,7 +230,7 @@ def build_dashboard(
             "no operator password: the dashboard refuses every login until `midgate coordinator operator passwd`",
             extra={"file": str(settings.operator_password_path)},
         )
-    return dashboard_router(sources, login, on_refusal, secure_cookie=settings.dashboard.secure_cookie)
+    return dashboard_router(sources, login, on_refusal, secure_cookie=settings.dashboard.secure_cookie), sources
 
 
 class CoordinatorProcess:
@@ -239,6 +242,7 @@ class CoordinatorProcess:
         self.superlink: MidSuperLink | None = None
         self.job_ledger: JobLedger | None = None
         self.http: HttpEndpoint | None = None
+        self.dashboard: DashboardSources | None = None
         self._stopped = asyncio.Event()
         self._stack = contextlib.AsyncExitStack()
 
@@ -272,6 +276,8 @@ class CoordinatorProcess:
                 self.job_ledger = build_job_ledger(s, self.storage)
             if s.enrolment.enabled:
                 witnesses, statements = await asyncio.to_thread(build_member_desks, s, self.storage)
+                dashboard = build_dashboard(s, self.storage, self.metrics, self._count_refusal)
+                self.dashboard = dashboard[1] if dashboard else None
                 app = build_http_app(
                     enroller=build_enroller(s, self.storage, self.superlink),
                     ledger=self.storage.ledger,
@@ -281,7 +287,7 @@ class CoordinatorProcess:
                     witnesses=witnesses,
                     statements=statements,
                     tasks=self.storage.tasks,
-                    dashboard=build_dashboard(s, self.storage, self.metrics, self._count_refusal),
+                    dashboard=dashboard[0] if dashboard else None,
                 )
                 self.http = await stack.enter_async_context(HttpEndpoint(app, s.enrolment.host, s.enrolment.port))
             self._stack = stack.pop_all()
@@ -313,16 +319,23 @@ class CoordinatorProcess:
         self.ingest.stop()
 
     async def run(self) -> None:
-        """Ingest, and beside it (federation on) the job book's follower, until `stop()`."""
-        if self.job_ledger is None:
-            await self.ingest.run()
-            return
-        follower = asyncio.create_task(self.job_ledger.run(self._stopped))
+        """Ingest, and beside it the job book's follower (federation on) and the dashboard's refusal sampler and
+        first read of the log (dashboard on), until `stop()`."""
+        helpers: list[Awaitable[object]] = []
+        if self.job_ledger is not None:
+            helpers.append(asyncio.create_task(self.job_ledger.run(self._stopped)))
+        if self.dashboard is not None:
+            if self.dashboard.history is not None:
+                helpers.append(asyncio.create_task(self.dashboard.history.run(self._stopped)))
+            # The digest's first read of the whole log, now rather than at the operator's first page.
+            helpers.append(asyncio.create_task(asyncio.to_thread(self.dashboard.refreshed)))
         try:
             await self.ingest.run()
         finally:
             self._stopped.set()
-            await follower
+            for helper in helpers:
+                with contextlib.suppress(Exception):
+                    await helper
 
 
 async def serve(settings: CoordinatorSettings) -> None:
