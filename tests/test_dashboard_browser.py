@@ -145,6 +145,8 @@ def test_after_a_real_job_the_report_dashboard_and_member_page_show_it(messaging
             assert f"{JOB} settlement" in payouts
             ledger = visit(driver, base + "/operator/ledger", shots, "ledger")
             assert "SETTLEMENT leaves 1" in ledger and "witness cosignatures" in ledger
+            # The agents cosigned (the statement above verified under a witnessed checkpoint): the page names them.
+            assert "Witnesses that cosigned the latest cosigned checkpoint" in ledger
             visit(driver, base + "/operator/rejections", shots, "rejections")
 
             shown = visit(driver, page_url, shots, "member-page")

@@ -40,6 +40,7 @@ from protocol.note import parse_note
 from protocol.svg_charts import Series, bar_chart, data_table, escape, line_chart, page
 
 TOP_EARNERS = 30
+COSIGNED_LOOKBACK = 50
 PAGES = (
     ("", "Overview"),
     ("devices", "Devices"),
@@ -348,6 +349,16 @@ def payouts_page(sources: DashboardSources) -> str:
     return _page(sources, "payouts", "Payouts and royalties", body)
 
 
+def _latest_cosigned(ledger: LedgerReader, sizes: list[int], origin: str) -> tuple[int, list[str]] | None:
+    """(size, witness names) of the newest of the last COSIGNED_LOOKBACK checkpoints that carries cosignatures
+    (witnesses cosign a checkpoint after it is issued, so the latest often has none yet)."""
+    for size in sizes[:COSIGNED_LOOKBACK]:
+        names = [s.name for s in parse_note(ledger.checkpoint(size)).signatures if s.name != origin]
+        if names:
+            return size, names
+    return None
+
+
 def ledger_page(sources: DashboardSources) -> str:
     digest = sources.refreshed()
     growth = ledger_growth(sources.ledger)
@@ -372,9 +383,17 @@ def ledger_page(sources: DashboardSources) -> str:
             ],
             numeric_from=99,
         )
-        body += data_table(
-            "Witnesses that cosigned it", ["witness"], [[name] for name in sorted(cosigners)], numeric_from=99
-        )
+        witnessed = _latest_cosigned(sources.ledger, [size for _, size in reversed(growth)], origin)
+        if witnessed is None:
+            body += "<p>No witness has cosigned any of the latest checkpoints yet.</p>"
+        else:
+            size, names = witnessed
+            body += data_table(
+                f"Witnesses that cosigned the latest cosigned checkpoint (size {size})",
+                ["witness"],
+                [[name] for name in sorted(names)],
+                numeric_from=99,
+            )
     body += growth_section(thin(growth, MAX_GROWTH_POINTS), digest.size)
     return _page(sources, "ledger", "Ledger", body)
 
