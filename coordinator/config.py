@@ -21,6 +21,7 @@ from typing import Self
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from coordinator.policy.document import MidPolicy, from_royalty_settings, load_policy_file
 from coordinator.royalties.policy import KnobPolicy, RoyaltyPolicy
 from protocol.settings import RoleSettings
 
@@ -337,7 +338,26 @@ class CoordinatorSettings(RoleSettings):
     buyers: BuyerSettings = Field(default_factory=BuyerSettings)
     federation: FederationSettings = Field(default_factory=FederationSettings)
     witnesses: WitnessSettings = Field(default_factory=WitnessSettings)
+    policy_file: Path | None = Field(
+        default=None,
+        description="the MID's policy, one TOML file (README, \"The MID's policy\"): fee, knob curve, reputation "
+        "minimums, strike quorum, purpose vocabulary, leave defaults; `serve` logs every change as a POLICY leaf. "
+        "Default data_dir/policy.toml when it exists, else `[royalties]` with the policy's defaults",
+    )
     log_json: bool = Field(default=True, description="structured JSON logs (false: plain text)")
+
+    @property
+    def policy_path(self) -> Path:
+        """Where the MID's policy file is (`policy_file`, default data_dir/policy.toml); `policy apply` installs
+        a file there."""
+        return self.policy_file or self.data_dir / "policy.toml"
+
+    def mid_policy(self) -> MidPolicy:
+        """The policy in force by configuration: the policy file, or `[royalties]` with the policy's defaults when
+        there is none. Raises PolicyViolationError (fee above the cap) or MalformedError (not a policy)."""
+        if self.policy_path.exists() or self.policy_file is not None:
+            return load_policy_file(self.policy_path)
+        return from_royalty_settings(self.royalties.policy())
 
     @property
     def mid_key_file(self) -> Path:
