@@ -21,7 +21,6 @@ from typing import Self
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from coordinator.policy.document import MidPolicy, from_royalty_settings, load_policy_file
 from coordinator.royalties.policy import KnobPolicy, RoyaltyPolicy
 from protocol.settings import RoleSettings
 
@@ -352,12 +351,10 @@ class CoordinatorSettings(RoleSettings):
         a file there."""
         return self.policy_file or self.data_dir / "policy.toml"
 
-    def mid_policy(self) -> MidPolicy:
-        """The policy in force by configuration: the policy file, or `[royalties]` with the policy's defaults when
-        there is none. Raises PolicyViolationError (fee above the cap) or MalformedError (not a policy)."""
-        if self.policy_path.exists() or self.policy_file is not None:
-            return load_policy_file(self.policy_path)
-        return from_royalty_settings(self.royalties.policy())
+    @property
+    def manifests_dir(self) -> Path:
+        """The provenance manifests the MID issued, one per job (coordinator.provenance.shelf)."""
+        return self.data_dir / "manifests"
 
     @property
     def mid_key_file(self) -> Path:

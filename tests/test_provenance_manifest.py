@@ -256,3 +256,39 @@ def test_the_commands_issue_once_and_verify(settled: Settled, tmp_path: Path) ->
     np.savez(other, w=np.zeros(3, dtype=np.float32))
     bad = runner.invoke(midgate, ["buyer", "verify-model", str(other), str(manifest), "--mid-key", key])
     assert bad.exit_code == 1 and "refused: model hash: model_mismatch" in bad.output, bad.output
+
+
+def test_a_revenue_report_may_name_the_model_by_its_manifest(settled: Settled, tmp_path: Path) -> None:
+    from coordinator.buyer.http import RevenueDesk
+    from coordinator.provenance.shelf import ManifestShelf
+    from coordinator.royalties.ledger_records import iter_splits
+    from protocol.messages import RevenueReport
+
+    shelf = ManifestShelf(tmp_path / "manifests", settled.mid_key.verifier)
+    shelf.put(JOB, settled.envelope)
+    assert shelf.put(JOB, b"another") == settled.envelope  # issued once
+    buyer = SignerKey.generate("acme")
+    desk = RevenueDesk(MID, "EUR", {"acme": buyer.verifier.text()}, settled.ledger, 16 * 1024, manifests=shelf)
+
+    def report(model: str, seq: int) -> bytes:
+        return RevenueReport(
+            mid=MID,
+            buyer="acme",
+            model_id="appliances",
+            model_version=model,
+            period_start_ms=NOW,
+            period_end_ms=NOW + 1000,
+            amount_minor=3000,
+            currency="EUR",
+            seq=seq,
+            issued_ms=NOW,
+        ).seal(buyer)
+
+    reference = manifest_reference(_manifest(settled.envelope))
+    receipt = desk.accept(report(reference, 1), NOW + 90_000)
+    royalty = [s for s in iter_splits(settled.ledger) if s.record.inputs.kind == "royalty"]
+    assert [s.index for s in royalty] == [receipt.index]
+    assert royalty[0].record.inputs.attribution.model_version == _manifest(settled.envelope).model_version
+    with pytest.raises(ProtocolError) as caught:
+        desk.accept(report("manifest:" + "0" * 64, 2), NOW + 90_000)
+    assert caught.value.reason is Reason.UNKNOWN_MODEL

@@ -39,6 +39,7 @@ from typing import Annotated, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
+from coordinator.config import CoordinatorSettings
 from coordinator.royalties.policy import MAX_FEE_BPS, KnobPolicy, RoyaltyPolicy
 from protocol.errors import MalformedError, PolicyViolationError, TooLargeError
 
@@ -144,7 +145,7 @@ class MidPolicy(BaseModel):
     reputation: ReputationPolicy = Field(default_factory=ReputationPolicy)
     strikes: StrikePolicy = Field(default_factory=StrikePolicy)
     leave: LeaveDefaults = Field(default_factory=LeaveDefaults)
-    purposes: tuple[Purpose, ...] = Field(default=DEFAULT_PURPOSES, min_length=1, max_length=256)
+    purposes: list[Purpose] = Field(default_factory=lambda: list(DEFAULT_PURPOSES), min_length=1, max_length=256)
 
     @model_validator(mode="after")
     def _within_policy(self) -> Self:
@@ -214,6 +215,15 @@ def load_policy_file(path: Path) -> MidPolicy:
     except OSError as exc:
         raise MalformedError("policy file cannot be read", path=str(path), error=exc.strerror) from None
     return parse_policy(data, str(path))
+
+
+def configured_policy(settings: CoordinatorSettings) -> MidPolicy:
+    """The policy in force by configuration: the policy file (`policy_file`, default data_dir/policy.toml when it
+    exists), or `[royalties]` with the policy's defaults when there is none. Raises PolicyViolationError (fee above
+    the cap) or MalformedError (not a policy, or a configured file that is missing)."""
+    if settings.policy_path.exists() or settings.policy_file is not None:
+        return load_policy_file(settings.policy_path)
+    return from_royalty_settings(settings.royalties.policy())
 
 
 def from_royalty_settings(royalty: RoyaltyPolicy) -> MidPolicy:

@@ -42,7 +42,7 @@ def manifest(
     settings = CoordinatorSettings.load_for_command(config)
     try:
         mid_key = load_or_create_mid_key(settings.mid_key_file, settings.mid)
-        shelf = ManifestShelf(settings.data_dir / "manifests", mid_key.verifier)
+        shelf = ManifestShelf(settings.manifests_dir, mid_key.verifier)
         envelope = shelf.get(job_id)
         if envelope is None:
             with LedgerReader.open_existing(settings.ledger_path) as reader:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from coordinator.config import CoordinatorSettings
 from coordinator.ledger.store import LedgerReader
+from coordinator.policy.document import configured_policy
 from coordinator.policy.ledger_records import iter_policies, policy_at
 from protocol.errors import PolicyViolationError
 from protocol.provenance import PurposeTerms
@@ -16,7 +17,7 @@ def purpose_terms(settings: CoordinatorSettings, reader: LedgerReader, code: str
     POLICY leaf takes the first one, and a log without any takes the configured policy (version 0). A purpose the
     vocabulary lacks (a `job start` does not check it yet) gets terms that say so, never invented ones."""
     logged = policy_at(reader, started_ms) or next(iter_policies(reader), None)
-    policy, version = (logged.policy, logged.version) if logged is not None else (settings.mid_policy(), 0)
+    policy, version = (logged.policy, logged.version) if logged is not None else (configured_policy(settings), 0)
     try:
         purpose = policy.purpose(code)
     except PolicyViolationError:
