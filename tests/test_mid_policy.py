@@ -178,3 +178,11 @@ def test_policy_apply_and_show_through_the_cli(tmp_path: Path) -> None:
     shown = _cli("policy", "show", "--config", str(config))
     assert "current: version 1" in shown.stdout and '"fee_bps": 1200' in shown.stdout, shown.stdout
     assert Reason.POLICY_VIOLATION.value == "policy_violation"
+
+
+def test_the_readme_example_is_a_policy() -> None:
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    section = text[text.index("## The MID's policy") :]
+    start = section.index("```toml\n") + len("```toml\n")
+    policy = parse_policy(section[start : section.index("```", start)].encode())
+    assert (policy.fee_bps, policy.strikes.quorum_bps, [p.code for p in policy.purposes]) == (1500, 5000, ["research"])
