@@ -87,6 +87,7 @@ def start(
 
     from coordinator.federation.flower_cli import FlowerCliError
     from coordinator.federation.job_start import JobRequest, JobRequestError
+    from coordinator.policy.in_force import policy_in_force
     from protocol.errors import ProtocolError
     from protocol.settings import validation_problems
 
@@ -124,6 +125,8 @@ def start(
             },
             context={"task": spec},
         )
+        # A job is purpose-bound: the purpose must be in the vocabulary of the policy in force (policy_violation).
+        policy_in_force(settings)[0].purpose(purpose)
     except ValidationError as error:
         typer.echo(f"job refused: {validation_problems(error)}", err=True)
         raise typer.Exit(2) from None
