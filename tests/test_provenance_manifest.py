@@ -217,6 +217,9 @@ def test_a_checkpoint_not_signed_by_the_mid_is_refused(settled: Settled) -> None
     altered = m.checkpoint.replace(f"\n{lines[1]}\n", f"\n{int(lines[1]) + 1}\n", 1)
     error = _refusal(_resealed(settled, checkpoint=altered), settled.model, settled.mid_key)
     assert (error.reason, error.details["step"]) == (Reason.BAD_SIGNATURE, "checkpoint")
+    # A manifest that names another MID than the log it cites.
+    error = _refusal(_resealed(settled, mid="elsewhere"), settled.model, settled.mid_key)
+    assert (error.reason, error.details["step"]) == (Reason.MANIFEST_MISMATCH, "checkpoint")
 
 
 def test_a_wrong_proof_or_index_is_refused(settled: Settled) -> None:
