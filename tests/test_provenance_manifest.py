@@ -324,3 +324,23 @@ def test_the_operator_command_issues_a_settled_jobs_manifest_once(settled: Settl
         midgate, ["coordinator", "job", "manifest", "job-9", "--out", str(out), "--config", str(config)]
     )
     assert unknown.exit_code == 2 and "manifest refused: unknown_model" in unknown.output, unknown.output
+
+
+def test_a_manifest_built_while_serve_appends_is_against_the_tree_the_reader_knows(settled: Settled) -> None:
+    from coordinator.ledger.store import LedgerReader
+
+    with LedgerReader.open_existing(settled.ledger.path) as reader:
+        known = reader.size
+        settled.ledger.append([_report(SignerKey.generate("dev-late"), RUN, 9, 2)])  # serve appends meanwhile
+        envelope = build_manifest(
+            reader,
+            JOB,
+            mid=MID,
+            mid_key=settled.mid_key,
+            model_path=settled.model,
+            spec=REGISTRY[("plaid-appliance", 1)],
+            purpose=_purpose(),
+            now_ms=NOW + 90_000,
+        )
+    verified = verify_manifest(envelope, settled.model, settled.mid_key.verifier)
+    assert verified.checkpoint.checkpoint.size == known < settled.ledger.size
