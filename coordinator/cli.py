@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from coordinator.federation.job_cli import app as job_app
+from coordinator.market.cli import operator_app as buyer_app
 from coordinator.royalties.cli import app as royalties_app
 from coordinator.tasks.cli import app as task_app
 
@@ -29,6 +30,8 @@ app.add_typer(royalties_app, name="royalties")
 app.add_typer(job_app, name="job")
 # Task specs the MID signs and serves: `task add`, `task list`, `task show`.
 app.add_typer(task_app, name="task")
+# Buyers allowed to use the buyer job API: `buyer add`, `buyer revoke`, `buyer list`.
+app.add_typer(buyer_app, name="buyer")
 
 
 # Imports live inside the commands: every `midgate` invocation (the agent's too) imports this module.

@@ -47,6 +47,10 @@ class Reason(StrEnum):
     UNKNOWN_MODEL = "unknown_model"
     UNKNOWN_TASK = "unknown_task"
     STALE_REQUEST = "stale_request"
+    UNSIGNED = "unsigned"
+    UNKNOWN_JOB = "unknown_job"
+    JOB_STATE = "job_state"
+    IDEMPOTENCY_MISMATCH = "idempotency_mismatch"
 
 
 class ProtocolError(Exception):
@@ -248,3 +252,27 @@ class StaleRequestError(ProtocolError):
     nonce is remembered only for as long as its request could be accepted."""
 
     reason = Reason.STALE_REQUEST
+
+
+class UnsignedError(ProtocolError):
+    """A buyer API request without the signature headers it needs (docs/protocol.md, "Buyer request signatures")."""
+
+    reason = Reason.UNSIGNED
+
+
+class UnknownJobError(ProtocolError):
+    """A job id the MID does not hold for this buyer: never requested, or another buyer's (not told apart)."""
+
+    reason = Reason.UNKNOWN_JOB
+
+
+class JobStateError(ProtocolError):
+    """A step a job cannot take in its state (accept before a quote, download before delivery, ...)."""
+
+    reason = Reason.JOB_STATE
+
+
+class IdempotencyMismatchError(ProtocolError):
+    """An Idempotency-Key the buyer used before for another request body."""
+
+    reason = Reason.IDEMPOTENCY_MISMATCH

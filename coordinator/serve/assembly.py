@@ -36,6 +36,9 @@ from coordinator.ingest.service import IngestService
 from coordinator.ledger.dedup import DedupIndex
 from coordinator.ledger.store import LedgerStore
 from coordinator.ledger.witnesses import WitnessDesk
+from coordinator.market.desk import JobDesk, MarketTerms
+from coordinator.market.runner import FlowerJobLauncher
+from coordinator.market.store import MarketStore
 from coordinator.mid_key import load_or_create_mid_key
 from coordinator.registry.device_keys import DeviceKeys
 from coordinator.registry.ledger_records import log_enrolments
@@ -192,6 +195,35 @@ def build_revenue_desk(settings: CoordinatorSettings, storage: Storage) -> Reven
     )
 
 
+def build_job_desk(settings: CoordinatorSettings, storage: Storage) -> JobDesk:
+    """Buyers' jobs: registered buyers and their jobs in market.sqlite, run on the MID's SuperLink when federation is
+    on (without it jobs are requested and quoted, and acceptance is refused). Jobs a previous run left mid-way are
+    failed and refunded, or their settlement awaited again (JobDesk.recover)."""
+    m = settings.market
+    terms = MarketTerms(
+        currency=settings.royalties.currency,
+        policy=settings.royalties.policy(),
+        validation_dir=settings.data_dir / "market" / "validation",
+        quote_ttl_s=m.quote_ttl_s,
+        max_validation_bytes=m.max_validation_bytes,
+        dp_clipping_norm=m.dp_clipping_norm,
+        dp_noise_multiplier=m.dp_noise_multiplier,
+        join_timeout_s=m.join_timeout_s,
+        round_timeout_s=m.round_timeout_s,
+        offline_after_s=settings.ingest.heartbeat_offline_s,
+        settle_timeout_s=m.settle_timeout_s,
+    )
+    launcher = FlowerJobLauncher(settings, storage.mid_key) if settings.federation.enabled else None
+    desk = JobDesk(MarketStore(settings.market_path), storage.tasks, storage.registry, storage.ledger, terms, launcher)
+    desk.recover()
+    return desk
+
+
+def close_job_desk(desk: JobDesk) -> None:
+    desk.close()
+    desk.store.close()
+
+
 def build_member_desks(settings: CoordinatorSettings, storage: Storage) -> tuple[WitnessDesk, StatementDesk]:
     """The witness exchange (agents' cosignatures in, the witnessed checkpoint out) and members' proven statements,
     both over the registry's device keys."""
@@ -242,6 +274,8 @@ class CoordinatorProcess:
                 self.job_ledger = build_job_ledger(s, self.storage)
             if s.enrolment.enabled:
                 witnesses, statements = await asyncio.to_thread(build_member_desks, s, self.storage)
+                market = await asyncio.to_thread(build_job_desk, s, self.storage)
+                stack.push_async_callback(asyncio.to_thread, close_job_desk, market)
                 app = build_http_app(
                     enroller=build_enroller(s, self.storage, self.superlink),
                     ledger=self.storage.ledger,
@@ -251,6 +285,7 @@ class CoordinatorProcess:
                     witnesses=witnesses,
                     statements=statements,
                     tasks=self.storage.tasks,
+                    market=market,
                 )
                 self.http = await stack.enter_async_context(HttpEndpoint(app, s.enrolment.host, s.enrolment.port))
             self._stack = stack.pop_all()
