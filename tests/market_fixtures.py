@@ -150,4 +150,3 @@ def market(tmp_path: Path) -> Iterator[Market]:
     registry.close()
     catalogue.close()
     ledger.close()
-

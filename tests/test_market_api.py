@@ -229,7 +229,9 @@ def test_a_job_that_fails_after_acceptance_refunds_its_escrow(market: Market, tm
     assert refund.reason == ended["reason"]
     # The escrow leaf holds the buyer's own signature over exactly the accept request it records.
     key = market.acme.key.verifier
-    signed = decode(open_envelope(deposit.authorisation.encode(), {key.key_id.hex(): key}, BuyerRequestStatement.PAYLOAD_TYPE), BuyerRequestStatement)  # fmt: skip
+    trusted = {key.key_id.hex(): key}
+    verified = open_envelope(deposit.authorisation.encode(), trusted, BuyerRequestStatement.PAYLOAD_TYPE)
+    signed = decode(verified, BuyerRequestStatement)
     assert signed.target == f"/v1/jobs/{job_id}/accept"
     assert signed.body_sha256 == hashlib.sha256(deposit.authorised_body.encode()).hexdigest()
     assert deposit.authorised_body.encode() == body

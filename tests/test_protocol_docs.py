@@ -101,6 +101,7 @@ def test_every_http_route_of_serve_is_in_the_endpoint_table_and_no_other() -> No
         witnesses=placeholder,
         statements=placeholder,
         tasks=placeholder,
+        market=placeholder,
     )
     served = {f"{method.upper()} {path}" for path, item in app.openapi()["paths"].items() for method in item}
     assert served == set(_http_table())

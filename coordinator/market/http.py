@@ -66,12 +66,12 @@ _SIGNATURE = Header(default=None, alias=SIGNATURE_HEADER, description="the reque
 
 def market_router(desk: JobDesk, on_refusal: Callable[[Reason], None] = lambda reason: None) -> APIRouter:
     router = APIRouter(tags=["buyer jobs"])
-    store = desk.store
 
     async def signed_call(request: Request, limit: int, action: Callable[[SignedRequest, bytes], Any]) -> Any:
         body = await read_bounded_body(request, limit, "request body")
         header = request.headers.get(SIGNATURE_HEADER)
-        signed = await asyncio.to_thread(authenticate, store, request.method, request_target(request), header, body)
+        target = request_target(request)
+        signed = await asyncio.to_thread(authenticate, desk.store, request.method, target, header, body)
         return await asyncio.to_thread(action, signed, body)
 
     def answer(job: MarketJob, status: int = 200) -> JSONResponse:
