@@ -359,7 +359,24 @@ class CoordinatorSettings(RoleSettings):
     federation: FederationSettings = Field(default_factory=FederationSettings)
     witnesses: WitnessSettings = Field(default_factory=WitnessSettings)
     market: MarketSettings = Field(default_factory=MarketSettings)
+    policy_file: Path | None = Field(
+        default=None,
+        description="the MID's policy, one TOML file (README, \"The MID's policy\"): fee, knob curve, reputation "
+        "minimums, strike quorum, purpose vocabulary, leave defaults; `serve` logs every change as a POLICY leaf. "
+        "Default data_dir/policy.toml when it exists, else `[royalties]` with the policy's defaults",
+    )
     log_json: bool = Field(default=True, description="structured JSON logs (false: plain text)")
+
+    @property
+    def policy_path(self) -> Path:
+        """Where the MID's policy file is (`policy_file`, default data_dir/policy.toml); `policy apply` installs
+        a file there."""
+        return self.policy_file or self.data_dir / "policy.toml"
+
+    @property
+    def manifests_dir(self) -> Path:
+        """The provenance manifests the MID issued, one per job (coordinator.provenance.shelf)."""
+        return self.data_dir / "manifests"
 
     @property
     def mid_key_file(self) -> Path:

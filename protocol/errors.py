@@ -51,6 +51,8 @@ class Reason(StrEnum):
     UNKNOWN_JOB = "unknown_job"
     JOB_STATE = "job_state"
     IDEMPOTENCY_MISMATCH = "idempotency_mismatch"
+    MODEL_MISMATCH = "model_mismatch"
+    MANIFEST_MISMATCH = "manifest_mismatch"
 
 
 class ProtocolError(Exception):
@@ -276,3 +278,16 @@ class IdempotencyMismatchError(ProtocolError):
     """An Idempotency-Key the buyer used before for another request body."""
 
     reason = Reason.IDEMPOTENCY_MISMATCH
+
+
+class ModelMismatchError(ProtocolError):
+    """A model file whose SHA-256 is not the one its provenance manifest names: another model, or altered bytes."""
+
+    reason = Reason.MODEL_MISMATCH
+
+
+class ManifestMismatchError(ProtocolError):
+    """A provenance manifest field that contradicts the ledger leaf it cites (job, model version, members, rounds,
+    task, purpose), or a leaf of another kind than the manifest says."""
+
+    reason = Reason.MANIFEST_MISMATCH

@@ -24,6 +24,8 @@ from coordinator.market.desk import JobDesk, MarketTerms
 from coordinator.market.runner import FlowerJobLauncher
 from coordinator.market.store import MarketStore
 from coordinator.mid_key import mid_key_name
+from coordinator.policy.document import configured_policy
+from coordinator.policy.ledger_records import PolicyLog
 from coordinator.registry.presence import Presence
 from coordinator.registry.store import Registry
 from coordinator.serve.http import build_http_app
@@ -128,7 +130,10 @@ def market(tmp_path: Path) -> Iterator[Market]:
         offline_after_s=3600,
         settle_timeout_s=5,
     )
-    desk = JobDesk(store, catalogue, registry, ledger, terms, FlowerJobLauncher(settings, mid_key))
+    policies = PolicyLog(ledger, lambda: configured_policy(settings))
+    policies.sync()  # the MID policy's first POLICY leaf, as serve appends it at start
+    launcher = FlowerJobLauncher(settings, mid_key)
+    desk = JobDesk(store, catalogue, registry, ledger, terms, launcher, policies=policies)
     acme, globex = Buyer("acme", SignerKey.generate("acme")), Buyer("globex", SignerKey.generate("globex"))
     store.add_buyer(acme.name, acme.key.verifier, now)
     store.add_buyer(globex.name, globex.key.verifier, now)

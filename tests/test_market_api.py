@@ -136,6 +136,7 @@ def test_a_buyer_cannot_see_or_act_on_another_buyers_job(market: Market, tmp_pat
         ("GET", f"/v1/jobs/{job_id}", b""),
         ("GET", f"/v1/jobs/{job_id}/events", b""),
         ("GET", f"/v1/jobs/{job_id}/model", b""),
+        ("GET", f"/v1/jobs/{job_id}/manifest", b""),
         ("POST", f"/v1/jobs/{job_id}/quote", b""),
         ("POST", f"/v1/jobs/{job_id}/accept", json.dumps(accept).encode()),
         ("POST", f"/v1/jobs/{job_id}/cancel", b""),
@@ -172,6 +173,7 @@ def test_a_request_repeated_under_its_idempotency_key_is_the_same_job(market: Ma
         ({"task": TASK, "purpose": "research", "min_members": 5, "max_members": 2}, 400, "malformed"),
         ({"task": TASK, "purpose": "Research!"}, 400, "malformed"),
         ({"task": "no-such-task@1", "purpose": "research"}, 404, "unknown_task"),
+        ({"task": TASK, "purpose": "advertising"}, 422, "policy_violation"),  # not in the MID's purpose vocabulary
         ({"task": TASK, "purpose": "research", "rounds": 0}, 400, "malformed"),
         (b"x" * 20_000, 413, "too_large"),
     ],
@@ -189,6 +191,7 @@ def test_steps_out_of_order_or_off_the_quote_are_refused(market: Market, tmp_pat
     accept = {"quote_sha256": "0" * 64, "amount_minor": 1}
     _refused(market.call(market.acme, "POST", f"/v1/jobs/{job_id}/accept", accept), 409, "job_state")
     _refused(market.call(market.acme, "GET", f"/v1/jobs/{job_id}/model"), 409, "job_state")
+    _refused(market.call(market.acme, "GET", f"/v1/jobs/{job_id}/manifest"), 409, "job_state")
     wrong_shape = validation_bytes(tmp_path, length=17)
     _refused(market.call(market.acme, "POST", f"/v1/jobs/{job_id}/validation", wrong_shape), 400, "malformed")
     _refused(market.call(market.acme, "POST", f"/v1/jobs/{job_id}/validation", b"not a window file"), 400, "malformed")

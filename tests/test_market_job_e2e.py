@@ -3,13 +3,15 @@
 the buyer with `midgate coordinator buyer add` while serve runs; the buyer requests a job with its validation data,
 gets a quote, accepts it (ESCROW leaf), follows it over server-sent events until serve has run it, settled it under
 the MID's policy (SETTLEMENT leaf) and released the escrow into the settlement (ESCROW_RELEASE leaf), and downloads
-the model, whose hash is the job's."""
+the model, whose hash is the job's, and the provenance manifest serve issued, which `buyer verify-model` verifies
+offline."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
+import urllib.request
 
 import numpy as np
 import pytest
@@ -91,6 +93,25 @@ def test_a_buyer_requests_pays_follows_and_downloads_a_settled_job(messaging_sta
         assert downloaded.returncode == 0, downloaded.stderr
         with np.load(model) as arrays:
             assert arrays_sha256({name: arrays[name] for name in arrays.files}) == shown["model_sha256"]
+        # The provenance manifest serve issued at delivery, verified offline with only the MID's key.
+        assert shown["manifest"] is True, shown["reason"]
+        manifest = stack.root / "model.manifest.json"
+        fetched = buyer("manifest", job_id, "-o", str(manifest))
+        assert fetched.returncode == 0, fetched.stderr
+        with urllib.request.urlopen(f"http://127.0.0.1:{stack.http_port}/v1/info", timeout=10) as info:
+            mid_key = json.loads(info.read())["mid_key"]
+        verify = [PYTHON, "-c", "from midgate_cli import app; app()", "buyer", "verify-model"]
+        verified = subprocess.run(
+            [*verify, str(model), str(manifest), "--mid-key", mid_key], cwd=REPO, capture_output=True, text=True
+        )
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+        other = stack.root / "other.npz"
+        with np.load(model) as arrays:
+            np.savez(other, **{name: arrays[name] + 1 for name in arrays.files})
+        refused = subprocess.run(
+            [*verify, str(other), str(manifest), "--mid-key", mid_key], cwd=REPO, capture_output=True, text=True
+        )
+        assert refused.returncode == 1 and "model_mismatch" in refused.stdout + refused.stderr
 
         # The money: escrow in, the job settled under the policy for exactly the escrowed amount, escrow released.
         leaves = _leaves(stack)

@@ -380,3 +380,13 @@ def show(job_id: str = typer.Argument(...), config: Path | None = ConfigOption) 
     if payment is not None:
         shown["payment"] = payment.model_dump(mode="json")
     typer.echo(json.dumps(shown, indent=1))
+
+
+def _mount_manifest() -> None:
+    # The manifest command lives with the manifests (coordinator/provenance); `job` is where an operator looks for it.
+    from coordinator.provenance.cli import manifest
+
+    app.command("manifest")(manifest)
+
+
+_mount_manifest()

@@ -296,3 +296,23 @@ def download(
         raise typer.Exit(1)
     output.write_bytes(data)
     typer.echo(f"{output}: model version {job['model_version']}, sha256 {found}")
+
+
+@buyer_job_app.command("manifest")
+def manifest(
+    job_id: JobId,
+    output: Annotated[Path, typer.Option("--output", "-o", dir_okay=False, help="where to write the manifest")],
+    key: Path = KeyOption,
+    buyer: str = BuyerOption,
+    coordinator: str = CoordinatorOption,
+) -> None:
+    """Download the delivered job's provenance manifest (signed by the MID); check it and the model offline with
+    `midgate buyer verify-model MODEL MANIFEST --mid-key VKEY`."""
+    from coordinator.market.client import Refused
+
+    try:
+        data = _client(key, buyer, coordinator).manifest(job_id)
+    except Refused as error:
+        _refused(error)
+    output.write_bytes(data)
+    typer.echo(f"{output}: verify with `midgate buyer verify-model MODEL {output} --mid-key VKEY`")

@@ -81,6 +81,9 @@ class BuyerClient:
     def model(self, job_id: str) -> bytes:
         return self.call("GET", f"{JOBS_PATH}/{job_id}/model")[1]
 
+    def manifest(self, job_id: str) -> bytes:
+        return self.call("GET", f"{JOBS_PATH}/{job_id}/manifest")[1]
+
     def events(self, job_id: str) -> Iterator[dict[str, Any]]:
         """The job's server-sent events, each the job's JSON, until the job ends."""
         target = f"{JOBS_PATH}/{job_id}/events"

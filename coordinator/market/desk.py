@@ -48,6 +48,7 @@ from coordinator.market.models import (
     Progress,
 )
 from coordinator.market.store import MarketStore
+from coordinator.policy.ledger_records import PolicyLog
 from coordinator.registry.presence import absence, active_strikes
 from coordinator.registry.store import Registry
 from coordinator.royalties.policy import RoyaltyPolicy
@@ -89,6 +90,14 @@ class JobLauncher(Protocol):
     def model_path(self, record: JobRecord) -> Path: ...
 
 
+class ManifestIssuer(Protocol):
+    """Issues a settled job's signed provenance manifest once and keeps it (coordinator/market/runner.py)."""
+
+    def issue(self, job_id: str) -> bytes: ...
+
+    def get(self, job_id: str) -> bytes | None: ...
+
+
 @dataclass(frozen=True)
 class MarketTerms:
     """The MID's terms for buyer jobs (`[market]` and `[royalties]` of its config).
@@ -125,6 +134,8 @@ class JobDesk:
         terms: MarketTerms,
         launcher: JobLauncher | None,
         clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+        policies: PolicyLog | None = None,
+        manifests: ManifestIssuer | None = None,
     ) -> None:
         self.store = store
         self.catalogue = catalogue
@@ -133,6 +144,8 @@ class JobDesk:
         self.terms = terms
         self.launcher = launcher
         self.clock_ms = clock_ms
+        self.policies = policies
+        self.manifests = manifests
         self._lock = threading.RLock()  # every read-modify-write of a job document
         self._stopping = threading.Event()
         self._workers: dict[str, threading.Thread] = {}
@@ -146,6 +159,9 @@ class JobDesk:
             raise TooLargeError("job request too large", limit=MAX_REQUEST_BYTES, found=len(body))
         request = _parse(JobRequestBody, body)
         spec = self.catalogue.get(request.task_id, request.task_version).spec
+        current = self.policies.current() if self.policies is not None else None
+        if current is not None:
+            current.policy.purpose(request.purpose)  # policy_violation: not in the MID's purpose vocabulary
         if request.rounds is None:
             request = request.model_copy(update={"rounds": spec.recipe.rounds})
         now = self.clock_ms()
@@ -199,7 +215,8 @@ class JobDesk:
                     expected=f">= {job.request.min_members}",
                     found=len(members),
                 )
-            priced = quote_job(dict.fromkeys(members, DEFAULT_KNOB_MILLI), self.terms.policy)
+            policy = self._policy()
+            priced = quote_job(dict.fromkeys(members, DEFAULT_KNOB_MILLI), policy)
             job.quote = JobQuote(
                 job_id=job_id,
                 members=members,
@@ -210,7 +227,7 @@ class JobDesk:
                 total_minor=priced.total_minor,
                 currency=self.terms.currency,
                 policy_version=priced.policy_version,
-                fee_bps=self.terms.policy.fee_bps,
+                fee_bps=policy.fee_bps,
                 issued_ms=now,
                 expires_ms=now + int(self.terms.quote_ttl_s * 1000),
             )
@@ -427,8 +444,32 @@ class JobDesk:
             job.ledger.job, job.ledger.settlement = logged, settled
             job.ledger.release = self._append(release)
             job.reason = ""
+            self._save(job, "settling")
+        manifest, why = self._issue_manifest(job_id)
+        with self._lock:
+            job = self._stored(job_id)
+            job.manifest, job.reason = manifest, why
             self._save(job, "delivered")
-        log.info("job delivered", extra={"job": job_id, "settlement_leaf": settled})
+        log.info("job delivered", extra={"job": job_id, "settlement_leaf": settled, "manifest": manifest})
+
+    def _issue_manifest(self, job_id: str) -> tuple[bool, str]:
+        """(issued, why not): a delivered job without a manifest still has its model and settlement."""
+        if self.manifests is None:
+            return False, "no manifest: this coordinator issues none"
+        try:
+            self.manifests.issue(job_id)
+        except (ProtocolError, OSError) as error:
+            log.error("manifest not issued", extra={"job": job_id, "reason": _reason(error)})
+            return False, f"no manifest: {_reason(error)}"[:256]
+        return True, ""
+
+    def manifest(self, buyer: str, job_id: str) -> bytes:
+        job = self._own(buyer, job_id)
+        _require(job, ("delivered",), "the manifest is issued once the job is delivered")
+        found = self.manifests.get(job_id) if self.manifests is not None else None
+        if found is None:
+            raise JobStateError("the job was delivered without a manifest", job=job_id, reason=job.reason)
+        return found
 
     def _fail(self, job_id: str, reason: str) -> None:
         """End the job failed; escrow held for it goes back to the buyer (REFUND leaf)."""
@@ -453,6 +494,11 @@ class JobDesk:
         log.warning("job failed", extra={"job": job_id, "reason": reason[:256]})
 
     # Storage helpers
+
+    def _policy(self) -> RoyaltyPolicy:
+        """The policy a quote made now is priced under: the latest POLICY leaf's, else the configured one."""
+        current = self.policies.current() if self.policies is not None else None
+        return current.royalty() if current is not None else self.terms.policy
 
     def _append(self, record: EscrowRecord) -> int:
         return self.ledger.append_leaves([Leaf(record.kind, record.canonical_json())]).first_index

@@ -27,6 +27,7 @@ JOBS_PATH = "/v1/jobs"
 EVENTS_POLL_S = 1.0
 EVENTS_MAX_S = 24 * 3600.0
 EVENTS_KEEPALIVE_S = 15.0
+MANIFEST_TYPE = "application/vnd.dsse.envelope.v1+json"
 
 
 def authenticate(store: MarketStore, method: str, target: str, header: str | None, body: bytes) -> SignedRequest:
@@ -157,6 +158,19 @@ def market_router(desk: JobDesk, on_refusal: Callable[[Reason], None] = lambda r
         except ProtocolError as error:
             return refusal(error, on_refusal)
         return FileResponse(path, media_type="application/octet-stream", filename=f"{job_id}.npz")
+
+    @router.get(
+        JOBS_PATH + "/{job_id}/manifest",
+        response_class=Response,
+        responses={200: {"content": {MANIFEST_TYPE: {}}, "description": "the signed provenance manifest"}},
+    )
+    async def download_manifest(request: Request, job_id: str, signature: str | None = _SIGNATURE) -> Response:
+        """The delivered job's provenance manifest, signed by the MID (`midgate buyer verify-model` checks it)."""
+        try:
+            found = await signed_call(request, MAX_REQUEST_BYTES, lambda s, body: desk.manifest(s.buyer, job_id))
+        except ProtocolError as error:
+            return refusal(error, on_refusal)
+        return Response(found, media_type=MANIFEST_TYPE)
 
     @router.get(
         JOBS_PATH + "/{job_id}/events",
