@@ -37,7 +37,7 @@ from coordinator.ledger.dedup import DedupIndex
 from coordinator.ledger.store import LedgerStore
 from coordinator.ledger.witnesses import WitnessDesk
 from coordinator.market.desk import JobDesk, MarketTerms
-from coordinator.market.runner import FlowerJobLauncher
+from coordinator.market.runner import FlowerJobLauncher, ServeManifests
 from coordinator.market.store import MarketStore
 from coordinator.mid_key import load_or_create_mid_key
 from coordinator.policy.document import configured_policy
@@ -235,7 +235,8 @@ def build_revenue_desk(settings: CoordinatorSettings, storage: Storage) -> Reven
 
 def build_job_desk(settings: CoordinatorSettings, storage: Storage, policies: PolicyLog) -> JobDesk:
     """Buyers' jobs: registered buyers and their jobs in market.sqlite, run on the MID's SuperLink when federation is
-    on (without it jobs are requested and quoted, and acceptance is refused). Jobs a previous run left mid-way are
+    on (without it jobs are requested and quoted, and acceptance is refused), quoted under the latest POLICY leaf,
+    delivered with their provenance manifest. Jobs a previous run left mid-way are
     failed and refunded, or their settlement awaited again (JobDesk.recover)."""
     m = settings.market
     terms = MarketTerms(
@@ -252,7 +253,16 @@ def build_job_desk(settings: CoordinatorSettings, storage: Storage, policies: Po
         settle_timeout_s=m.settle_timeout_s,
     )
     launcher = FlowerJobLauncher(settings, storage.mid_key) if settings.federation.enabled else None
-    desk = JobDesk(MarketStore(settings.market_path), storage.tasks, storage.registry, storage.ledger, terms, launcher)
+    desk = JobDesk(
+        MarketStore(settings.market_path),
+        storage.tasks,
+        storage.registry,
+        storage.ledger,
+        terms,
+        launcher,
+        policies=policies,
+        manifests=ServeManifests(settings, storage.ledger, storage.tasks, storage.mid_key),
+    )
     desk.recover()
     return desk
 
