@@ -34,8 +34,9 @@ from typing import Protocol, TypeVar
 
 from pydantic import ValidationError
 
+from coordinator.federation.flower_cli import FlowerCliError
 from coordinator.federation.job_ledger import is_job_leaf, is_settlement_leaf
-from coordinator.federation.job_start import JobBook, JobPayment, JobRecord, JobRequest
+from coordinator.federation.job_start import JobBook, JobPayment, JobRecord, JobRequest, JobRequestError
 from coordinator.ledger.store import LedgerStore
 from coordinator.market.models import (
     TERMINAL,
@@ -380,15 +381,17 @@ class JobDesk:
                 },
                 context={"task": spec},
             )
-            record = self.launcher.run(request, spec, lambda line: log.info(line, extra={"job": job_id}))
-        except (ProtocolError, ValidationError, OSError, RuntimeError) as error:
+            record = self.launcher.run(request, spec, lambda line: self._report(job_id, line))
+        except (ProtocolError, ValidationError, OSError, RuntimeError, JobRequestError, FlowerCliError) as error:
             self._fail(job_id, _reason(error))
             return
         with self._lock:
             job = self._stored(job_id)
+            if job.cancel_requested:  # also when the stop came too late to end the run: the buyer does not pay
+                self._fail(job_id, "cancelled by the buyer")
+                return
             if record.status != "completed" or record.model_version is None:
-                cancelled = job.cancel_requested
-                self._fail(job_id, "cancelled by the buyer" if cancelled else f"the run failed: {record.reason}")
+                self._fail(job_id, f"the run failed: {record.reason}")
                 return
             assert job.escrow is not None and record.outcome is not None
             escrow = job.escrow
@@ -405,6 +408,12 @@ class JobDesk:
             )
         )
         self._settle(job_id)
+
+    def _report(self, job_id: str, line: str) -> None:
+        """A line of the run's progress; a cancel asked before the run had an id to stop is carried out now."""
+        log.info(line, extra={"job": job_id})
+        if self.launcher is not None and self._stored(job_id).cancel_requested:
+            self.launcher.stop(job_id)
 
     def _settle(self, job_id: str) -> None:
         """Wait for the SETTLEMENT leaf serve appends for the job, then release the escrow into it."""
