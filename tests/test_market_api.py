@@ -257,3 +257,13 @@ def test_an_accepted_job_the_coordinator_lost_on_restart_is_refunded(market: Mar
     assert ended["state"] == "failed" and "restarted" in ended["reason"]
     [(_, refund)] = _leaves(market, LeafKind.REFUND)
     assert decode_escrow_record(refund).amount_minor == job["quote"]["total_minor"]
+
+
+def test_events_stream_the_job_until_it_ends(market: Market, tmp_path: Path) -> None:
+    job = market.quoted_job(market.acme, tmp_path)
+    job_id = job["job_id"]
+    market.call(market.acme, "POST", f"/v1/jobs/{job_id}/cancel")
+    streamed = market.call(market.acme, "GET", f"/v1/jobs/{job_id}/events")
+    assert streamed.status_code == 200 and streamed.headers["content-type"].startswith("text/event-stream")
+    events = [json.loads(line[len("data: ") :]) for line in streamed.text.splitlines() if line.startswith("data: ")]
+    assert [e["state"] for e in events] == ["cancelled"] and events[0]["job_id"] == job_id
