@@ -190,7 +190,12 @@ class RoyaltySettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    version: int = Field(default=1, ge=1, description="policy version; raise it on every change (applies to new jobs)")
+    version: int = Field(
+        default=1,
+        ge=1,
+        description="not read by `serve` any more: a policy's version is its POLICY leaf's, counted by the log "
+        '(README, "The MID\'s policy"); kept so older configs load',
+    )
     fee_bps: int = Field(default=1500, ge=0, description="MID fee in basis points of each payment, at most 3000 (30 %)")
     base_price_minor: int = Field(default=1000, ge=0, description="a member's price per job at knob 0 (minor units)")
     alpha_milli: int = Field(

@@ -254,6 +254,10 @@ def verify_manifest(envelope: bytes, model_path: Path, mid_key: VerifierKey) -> 
         _check_model(manifest.model, model_path)
     with _step("checkpoint"):
         checkpoint = open_checkpoint(manifest.checkpoint.encode(), mid_key)
+        if manifest.log_origin != f"midgate/{manifest.mid}":
+            raise ManifestMismatchError(
+                "the log origin is not the MID's", expected=f"midgate/{manifest.mid}", found=manifest.log_origin
+            )
         if checkpoint.checkpoint.origin != manifest.log_origin:
             raise ManifestMismatchError(
                 "checkpoint is of another log", expected=manifest.log_origin, found=checkpoint.checkpoint.origin

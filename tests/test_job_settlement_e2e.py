@@ -109,6 +109,7 @@ def test_a_job_is_valued_logged_settled_and_its_model_version_earns_royalties(me
         )  # fmt: skip
         [(settlement_index, settlement_body)] = _leaves(stack, LeafKind.SETTLEMENT)
         assert f"SETTLEMENT leaf {settlement_index}, record settlement-{JOB}" in settled
+        assert "manifest issued: manifest:" in settled, settled
         record = decode_record(settlement_body)
         paid = sum(p.amount_minor for p in record.payouts)
         assert record.fee_minor + paid + record.unallocated_minor == PAYMENT
@@ -124,7 +125,7 @@ def test_a_job_is_valued_logged_settled_and_its_model_version_earns_royalties(me
         manifest = stack.root / "job-paid.manifest.json"
         issued = midgate("coordinator", "job", "manifest", JOB, "--out", str(manifest), "--config", str(stack.config))
         reference = re.search(r"reference: (manifest:[0-9a-f]{64})", issued)
-        assert reference is not None, issued
+        assert reference is not None and f"manifest issued: {reference[1]}" in settled, issued  # the one settle issued
         model = job_run_dir(stack, book) / "final-model.npz"
         mid_key = load_signer_key(stack.data_dir / "mid.key").verifier.text()
         verify = [PYTHON, "-c", "from midgate_cli import app; app()", "buyer", "verify-model"]

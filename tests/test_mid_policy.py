@@ -186,3 +186,24 @@ def test_the_readme_example_is_a_policy() -> None:
     start = section.index("```toml\n") + len("```toml\n")
     policy = parse_policy(section[start : section.index("```", start)].encode())
     assert (policy.fee_bps, policy.strikes.quorum_bps, [p.code for p in policy.purposes]) == (1500, 5000, ["research"])
+
+
+def test_a_policy_change_reaches_only_quotes_made_after_it(tmp_path: Path) -> None:
+    from coordinator.royalties.quote import quote_job
+
+    settings = CoordinatorSettings.load(_config(tmp_path))
+    _write(tmp_path, 1000)
+    storage = open_storage(settings)
+    try:
+        policies = build_policy_log(settings, storage)
+        knobs = {"ann": 0, "bob": 500}
+        before = quote_job(knobs, current_policy(storage.ledger).royalty())  # type: ignore[union-attr]
+        _write(tmp_path, 3000)
+        policies.sync()
+        after = quote_job(knobs, current_policy(storage.ledger).royalty())  # type: ignore[union-attr]
+        assert (before.policy_version, after.policy_version) == (1, 2)
+        assert before.members_minor == after.members_minor and before.fee_minor < after.fee_minor
+        # The earlier quote's version is still in the log, unchanged, for its settlement.
+        assert policies.version(before.policy_version).royalty().fee_bps == 1000
+    finally:
+        storage.close()

@@ -23,7 +23,7 @@ from midgate_cli import app as midgate
 from protocol.checkpoint import Checkpoint, sign_checkpoint
 from protocol.envelope import peek_envelope
 from protocol.errors import ProtocolError, Reason
-from protocol.identity import SignerKey
+from protocol.identity import SignerKey, save_signer_key
 from protocol.job_log import JobDeviceEntry, JobLogRecord, MemberValue, model_version
 from protocol.leaves import Leaf, LeafKind
 from protocol.merkle import merkle_root
@@ -109,11 +109,15 @@ def _purpose() -> PurposeTerms:
 
 @pytest.fixture
 def settled(tmp_path: Path) -> Iterator[Settled]:
+    # Laid out as a coordinator's data_dir, so the commands find the key, the ledger and the run's model.
+    data = tmp_path / "data"
     mid_key = SignerKey.generate(f"midgate/{MID}")
-    ledger = LedgerStore.open(tmp_path / "ledger.sqlite", mid_key)
+    save_signer_key(data / "mid.key", mid_key)
+    ledger = LedgerStore.open(data / "ledger.sqlite", mid_key)
     devices = {m: SignerKey.generate(f"dev-{m}") for m in MEMBERS}
     arrays = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(4, dtype=np.float32)}
-    model = tmp_path / "final-model.npz"
+    model = data / "federation" / "jobs" / f"run-{RUN}" / "final-model.npz"
+    model.parent.mkdir(parents=True)
     with model.open("wb") as fh:
         np.savez(fh, **arrays)  # type: ignore[arg-type]
     # Contribution leaves of this run, one of another run between them, then the JOB leaf and the settlement.
@@ -213,6 +217,9 @@ def test_a_checkpoint_not_signed_by_the_mid_is_refused(settled: Settled) -> None
     altered = m.checkpoint.replace(f"\n{lines[1]}\n", f"\n{int(lines[1]) + 1}\n", 1)
     error = _refusal(_resealed(settled, checkpoint=altered), settled.model, settled.mid_key)
     assert (error.reason, error.details["step"]) == (Reason.BAD_SIGNATURE, "checkpoint")
+    # A manifest that names another MID than the log it cites.
+    error = _refusal(_resealed(settled, mid="elsewhere"), settled.model, settled.mid_key)
+    assert (error.reason, error.details["step"]) == (Reason.MANIFEST_MISMATCH, "checkpoint")
 
 
 def test_a_wrong_proof_or_index_is_refused(settled: Settled) -> None:
@@ -292,3 +299,48 @@ def test_a_revenue_report_may_name_the_model_by_its_manifest(settled: Settled, t
     with pytest.raises(ProtocolError) as caught:
         desk.accept(report("manifest:" + "0" * 64, 2), NOW + 90_000)
     assert caught.value.reason is Reason.UNKNOWN_MODEL
+
+
+def test_the_operator_command_issues_a_settled_jobs_manifest_once(settled: Settled, tmp_path: Path) -> None:
+    config = tmp_path / "coordinator.toml"
+    config.write_text(f'mid = "{MID}"\ndata_dir = "{tmp_path / "data"}"\n')
+    runner = CliRunner()
+    out = tmp_path / "issued.json"
+    command = ["coordinator", "job", "manifest", JOB, "--out", str(out), "--config", str(config)]
+    first = runner.invoke(midgate, command)
+    assert first.exit_code == 0, first.output
+    verified = verify_manifest(out.read_bytes(), settled.model, settled.mid_key.verifier)
+    assert (
+        verified.manifest.purpose.code == "research" and verified.manifest.purpose.dpv == "dpv:ResearchAndDevelopment"
+    )
+    assert f"reference: {verified.reference}" in first.output
+    again = runner.invoke(midgate, command)
+    assert (
+        again.exit_code == 0
+        and out.read_bytes() == (tmp_path / "data" / "manifests" / f"{JOB}.manifest.json").read_bytes()
+    )
+    assert f"reference: {verified.reference}" in again.output  # issued once: the same manifest
+    unknown = runner.invoke(
+        midgate, ["coordinator", "job", "manifest", "job-9", "--out", str(out), "--config", str(config)]
+    )
+    assert unknown.exit_code == 2 and "manifest refused: unknown_model" in unknown.output, unknown.output
+
+
+def test_a_manifest_built_while_serve_appends_is_against_the_tree_the_reader_knows(settled: Settled) -> None:
+    from coordinator.ledger.store import LedgerReader
+
+    with LedgerReader.open_existing(settled.ledger.path) as reader:
+        known = reader.size
+        settled.ledger.append([_report(SignerKey.generate("dev-late"), RUN, 9, 2)])  # serve appends meanwhile
+        envelope = build_manifest(
+            reader,
+            JOB,
+            mid=MID,
+            mid_key=settled.mid_key,
+            model_path=settled.model,
+            spec=REGISTRY[("plaid-appliance", 1)],
+            purpose=_purpose(),
+            now_ms=NOW + 90_000,
+        )
+    verified = verify_manifest(envelope, settled.model, settled.mid_key.verifier)
+    assert verified.checkpoint.checkpoint.size == known < settled.ledger.size

@@ -35,7 +35,13 @@ def keygen(
 
 @app.command("report-revenue")
 def report_revenue(
-    model_version: Annotated[str, typer.Argument(help="the model version, as named in its settlement")],
+    model_version: Annotated[
+        str,
+        typer.Argument(
+            help="the model version, as named in its settlement, or its manifest as `manifest:<sha256>` (the"
+            " reference `verify-model` prints)"
+        ),
+    ],
     amount_minor: Annotated[int, typer.Argument(min=0, help="revenue in integer minor units")],
     key: KeyFile,
     coordinator: Annotated[str, typer.Option(help="the coordinator's base URL, e.g. https://mid.example")],

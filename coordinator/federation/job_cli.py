@@ -87,6 +87,7 @@ def start(
 
     from coordinator.federation.flower_cli import FlowerCliError
     from coordinator.federation.job_start import JobRequest, JobRequestError
+    from coordinator.policy.in_force import policy_in_force
     from protocol.errors import ProtocolError
     from protocol.settings import validation_problems
 
@@ -124,6 +125,8 @@ def start(
             },
             context={"task": spec},
         )
+        # A job is purpose-bound: the purpose must be in the vocabulary of the policy in force (policy_violation).
+        policy_in_force(settings)[0].purpose(purpose)
     except ValidationError as error:
         typer.echo(f"job refused: {validation_problems(error)}", err=True)
         raise typer.Exit(2) from None
@@ -191,8 +194,9 @@ def settle(
 ) -> None:
     """Record the buyer's payment for a completed job (until the buyer API takes payments); `serve` settles it
     under the MID's policy (fee at most the cap, the rest to members by the job's attribution) and appends the
-    SETTLEMENT leaf. Prints the leaf's index and the split. A job is paid once: repeating the same payment waits
-    for the same settlement, another amount is refused."""
+    SETTLEMENT leaf. Prints the leaf's index and the split, and issues the job's provenance manifest (`job manifest`
+    writes it out). A job is paid once: repeating the same payment waits for the same settlement, another amount is
+    refused."""
     from coordinator.federation.job_ledger import is_settlement_leaf, wait_for_leaf
     from coordinator.federation.job_start import JobPayment
 
@@ -223,6 +227,23 @@ def settle(
         )
         raise typer.Exit(1)
     _print_settlement(settings, index)
+    _issue_manifest(settings, job_id)
+
+
+def _issue_manifest(settings: CoordinatorSettings, job_id: str) -> None:
+    """Issue the settled job's provenance manifest (kept in data_dir/manifests; `job manifest` writes it out). The
+    settlement stands whether or not this works: a failure is one line, and `job manifest` tries again."""
+    from coordinator.provenance.issue import issue_manifest
+    from protocol.errors import ProtocolError
+    from protocol.provenance import manifest_reference, read_manifest_unverified
+
+    try:
+        envelope = issue_manifest(settings, job_id)
+    except (ProtocolError, OSError) as error:
+        typer.echo(f"manifest not issued: {error}", err=True)
+        return
+    reference = manifest_reference(read_manifest_unverified(envelope))
+    typer.echo(f"manifest issued: {reference} (`midgate coordinator job manifest {job_id} --out FILE` writes it)")
 
 
 def _settle_refusal(settings: CoordinatorSettings, record: JobRecord | None, currency: str) -> str:

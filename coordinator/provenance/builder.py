@@ -108,7 +108,9 @@ def build_manifest(
         raise ModelMismatchError(
             "the model file is not the job's final model", expected=job.final_model_sha256, found=arrays
         )
-    note = reader.checkpoint()
+    # The checkpoint at the size this reader opened with: `serve` may append (and sign a larger one) meanwhile, and
+    # this reader can prove inclusion only in the tree it knows.
+    note = reader.checkpoint(reader.size)
     size_now = parse_checkpoint_text(parse_note(note).text).size
     root, count = contribution_root(
         job_contribution_leaves(reader.leaves(0, settled.settlement_index), job.run_id, settled.settlement_index)

@@ -27,41 +27,16 @@ def manifest(
     purpose and licence, rounds, members, contribution root, JOB and SETTLEMENT leaves with their inclusion proofs in
     a signed checkpoint). Issued once per job: asking again writes the same manifest. Prints its reference
     (`manifest:<sha256>`), which revenue reports may name the model by."""
-    import time
-
     from coordinator.config import CoordinatorSettings
-    from coordinator.ledger.store import LedgerReader
     from coordinator.mid_key import load_or_create_mid_key
-    from coordinator.provenance.builder import build_manifest, find_settled_job, model_file_path
-    from coordinator.provenance.shelf import ManifestShelf
-    from coordinator.provenance.terms import purpose_terms
-    from coordinator.tasks.cli import open_catalogue
+    from coordinator.provenance.issue import issue_manifest
     from protocol.errors import ProtocolError
     from protocol.provenance import manifest_reference, open_manifest
 
     settings = CoordinatorSettings.load_for_command(config)
     try:
+        envelope = issue_manifest(settings, job_id, model)
         mid_key = load_or_create_mid_key(settings.mid_key_file, settings.mid)
-        shelf = ManifestShelf(settings.manifests_dir, mid_key.verifier)
-        envelope = shelf.get(job_id)
-        if envelope is None:
-            with LedgerReader.open_existing(settings.ledger_path) as reader:
-                job = find_settled_job(reader, job_id).job
-                with open_catalogue(settings) as catalogue:
-                    spec = catalogue.get(job.task_id, job.task_version).spec
-                purpose = purpose_terms(settings, reader, job.purpose, job.started_ms)
-                path = model or model_file_path(settings.jobs_dir, job.run_id or 0)
-                envelope = build_manifest(
-                    reader,
-                    job_id,
-                    mid=settings.mid,
-                    mid_key=mid_key,
-                    model_path=path,
-                    spec=spec,
-                    purpose=purpose,
-                    now_ms=time.time_ns() // 1_000_000,
-                )
-            envelope = shelf.put(job_id, envelope)
         issued = open_manifest(envelope, mid_key.verifier)
     except ProtocolError as error:
         typer.echo(f"manifest refused: {error}", err=True)
