@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,13 +15,10 @@ from coordinator.config import CoordinatorSettings
 from coordinator.federation.flower_cli import FlowerCli, FlowerCliError
 from coordinator.federation.job_start import BrokerLogin, InvitationSender, JobBook, JobRecord, JobRequest, JobRun
 from coordinator.federation.mid_superlink import job_flower_cli
-from coordinator.ledger.store import LedgerStore
 from coordinator.market.models import Progress
-from coordinator.provenance.builder import build_manifest, find_settled_job, model_file_path
+from coordinator.provenance.issue import issue_manifest
 from coordinator.provenance.shelf import ManifestShelf
-from coordinator.provenance.terms import purpose_terms
 from coordinator.registry.store import Registry
-from coordinator.tasks.catalogue import TaskCatalogue
 from protocol.identity import SignerKey
 from protocol.tasks.spec import TaskSpec
 
@@ -30,37 +26,19 @@ MODEL_FILE = "final-model.npz"
 
 
 class ServeManifests:
-    """Issues a delivered job's provenance manifest inside `serve` (what `coordinator job manifest` does from the
-    command line: coordinator/provenance), kept on the same shelf, so both hand out the same bytes."""
+    """Issues a delivered job's provenance manifest inside `serve`, with the same `issue_manifest` as `coordinator
+    job manifest` and `job settle` (coordinator/provenance/issue.py): one manifest per job, kept, the same bytes
+    whoever asks."""
 
-    def __init__(
-        self, settings: CoordinatorSettings, ledger: LedgerStore, catalogue: TaskCatalogue, mid_key: SignerKey
-    ) -> None:
+    def __init__(self, settings: CoordinatorSettings, mid_key: SignerKey) -> None:
         self.settings = settings
-        self.ledger = ledger
-        self.catalogue = catalogue
-        self.mid_key = mid_key
         self.shelf = ManifestShelf(settings.manifests_dir, mid_key.verifier)
 
     def get(self, job_id: str) -> bytes | None:
         return self.shelf.get(job_id)
 
     def issue(self, job_id: str) -> bytes:
-        kept = self.shelf.get(job_id)
-        if kept is not None:
-            return kept
-        job = find_settled_job(self.ledger, job_id).job
-        envelope = build_manifest(
-            self.ledger,
-            job_id,
-            mid=self.settings.mid,
-            mid_key=self.mid_key,
-            model_path=model_file_path(self.settings.jobs_dir, job.run_id or 0),
-            spec=self.catalogue.get(job.task_id, job.task_version).spec,
-            purpose=purpose_terms(self.settings, self.ledger, job.purpose, job.started_ms),
-            now_ms=time.time_ns() // 1_000_000,
-        )
-        return self.shelf.put(job_id, envelope)
+        return issue_manifest(self.settings, job_id)
 
 
 class FlowerJobLauncher:

@@ -261,7 +261,7 @@ def build_job_desk(settings: CoordinatorSettings, storage: Storage, policies: Po
         terms,
         launcher,
         policies=policies,
-        manifests=ServeManifests(settings, storage.ledger, storage.tasks, storage.mid_key),
+        manifests=ServeManifests(settings, storage.mid_key),
     )
     desk.recover()
     return desk
