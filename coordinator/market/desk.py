@@ -304,9 +304,10 @@ class JobDesk:
         _require(job, ("delivered",), "the model is downloaded once the job is delivered")
         assert self.launcher is not None
         record = self.launcher.book.read(job_id)
-        if record is None:
-            raise UnknownJobError("the job's run record is gone", job=job_id)
-        return self.launcher.model_path(record)
+        path = None if record is None else self.launcher.model_path(record)
+        if path is None or not path.is_file():
+            raise JobStateError("the delivered model's file is gone from the coordinator", job=job_id)
+        return path
 
     def validation_path(self, job_id: str) -> Path:
         return self.terms.validation_dir / f"{job_id}.npz"
