@@ -19,9 +19,9 @@ the first failure with its reason code and the `step` that failed (`details["ste
    this model version, arrays hash, task, purpose, buyer, rounds and run, and this job's SETTLEMENT leaf naming the
    same model version and members.
 
-The contribution root cannot be checked offline (the leaves are in the MID's log, not in the manifest): anyone who
-reads the log recomputes it with `job_contribution_leaves` and `contribution_root` (docs/protocol.md, "Provenance
-manifest").
+The contribution root cannot be checked from the manifest alone (the leaves are in the MID's log, not in the
+manifest): anyone who holds a copy of the log checks it with `check_contributions` (`verify-model --ledger`;
+docs/protocol.md, "Provenance manifest").
 
 A revenue report may name the model by its manifest: `manifest_reference(manifest)` is `manifest:<SHA-256 of the
 manifest's canonical JSON>`.
@@ -235,6 +235,25 @@ def contribution_root(leaves: Iterable[bytes]) -> tuple[str, int]:
     """RFC 9162 tree hash (hex) over the contribution leaves' exact bytes, and their count."""
     items = list(leaves)
     return merkle_root(items).hex(), len(items)
+
+
+def check_contributions(manifest: Manifest, log_root: bytes, leaves: Iterable[tuple[int, bytes]]) -> None:
+    """Check the manifest's contribution root against a copy of the MID's log: `log_root` is that copy's root at the
+    manifest's checkpoint size (it must be the checkpoint's root, so the copy is the log the MID signed) and `leaves`
+    its (index, bytes) from 0 in order. Raises ManifestMismatchError with `step` "contributions"."""
+    with _step("contributions"):
+        checkpoint_text = manifest.checkpoint[: manifest.checkpoint.index("\n\n") + 1]
+        root_line = checkpoint_text.split("\n")[2]
+        if base64.b64encode(log_root).decode() != root_line:
+            raise ManifestMismatchError(
+                "the log copy is not the log the manifest's checkpoint signs", expected=root_line
+            )
+        c = manifest.contributions
+        root, count = contribution_root(job_contribution_leaves(leaves, c.run_id, c.before_index))
+        if (root, count) != (c.root, c.count):
+            raise ManifestMismatchError(
+                "the contribution root is not the log's", expected=c.root, found=root, count=count, claimed=c.count
+            )
 
 
 def leaf_inclusion(index: int, leaf: bytes, proof: Iterable[bytes]) -> LeafInclusion:

@@ -263,6 +263,18 @@ def test_the_commands_issue_once_and_verify(settled: Settled, tmp_path: Path) ->
     np.savez(other, w=np.zeros(3, dtype=np.float32))
     bad = runner.invoke(midgate, ["buyer", "verify-model", str(other), str(manifest), "--mid-key", key])
     assert bad.exit_code == 1 and "refused: model hash: model_mismatch" in bad.output, bad.output
+    # With a copy of the log, the contribution root is recomputed too; a manifest whose root is not the log's fails.
+    ledger = ["--ledger", str(settled.ledger.path)]
+    audited = runner.invoke(
+        midgate, ["buyer", "verify-model", str(settled.model), str(manifest), "--mid-key", key, *ledger]
+    )
+    assert audited.exit_code == 0 and "contribution root recomputed" in audited.output, audited.output
+    wrong = _manifest(settled.envelope).contributions.model_copy(update={"root": "0" * 64}).model_dump(mode="json")
+    manifest.write_bytes(_resealed(settled, contributions=wrong))
+    refused = runner.invoke(
+        midgate, ["buyer", "verify-model", str(settled.model), str(manifest), "--mid-key", key, *ledger]
+    )
+    assert refused.exit_code == 1 and "refused: contributions: manifest_mismatch" in refused.output, refused.output
 
 
 def test_a_revenue_report_may_name_the_model_by_its_manifest(settled: Settled, tmp_path: Path) -> None:

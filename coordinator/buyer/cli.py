@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from protocol.provenance import Manifest
 
 app = typer.Typer(
     no_args_is_help=True, help="AI buyer commands: quotes, jobs, models and their provenance, revenue reports."
@@ -161,6 +164,12 @@ def verify_model(
     mid_key: Annotated[
         str, typer.Option(help="the MID's verifier key (C2SP text), or a file holding it; obtained out of band")
     ],
+    ledger: Annotated[
+        Path | None,
+        typer.Option(
+            dir_okay=False, help="a copy of the MID's ledger file: also recompute the contribution root from it"
+        ),
+    ] = None,
 ) -> None:
     """Verify offline, with nothing but the MID's key, that MODEL is the model MANIFEST describes: the MID's
     signature, the model's hash, the checkpoint's signature, and the inclusion of the job's JOB and SETTLEMENT leaves
@@ -180,6 +189,8 @@ def verify_model(
         raise typer.Exit(2) from None
     try:
         verified = verify_manifest(envelope, model, key)
+        if ledger is not None:
+            _check_contributions(verified.manifest, ledger, verified.checkpoint.checkpoint.size)
     except ProtocolError as error:
         step = error.details.get("step", "manifest")
         typer.echo(f"refused: {step}: {error}", err=True)
@@ -198,4 +209,20 @@ def verify_model(
         f"settlement leaf {m.settlement_leaf.index} and job leaf {m.job_leaf.index} included in checkpoint"
         f" {checkpoint.origin} size {checkpoint.size}"
     )
+    if ledger is not None:
+        typer.echo(f"contribution root recomputed from {ledger}: it is the log's")
     typer.echo(f"reference: {verified.reference}")
+
+
+def _check_contributions(manifest: Manifest, ledger: Path, size: int) -> None:
+    from coordinator.ledger.store import LedgerReader
+    from protocol.errors import ProtocolError
+    from protocol.provenance import check_contributions
+
+    try:
+        with LedgerReader.open_existing(ledger) as reader:
+            leaves = reader.leaves(0, manifest.contributions.before_index)
+            check_contributions(manifest, reader.root_at(size), leaves)
+    except ProtocolError as error:  # a copy shorter than the checkpoint, or not a ledger
+        error.details.setdefault("step", "contributions")
+        raise
