@@ -265,7 +265,10 @@ class MarketSettings(BaseModel):
     join_timeout_s: float = Field(default=60.0, gt=0, description="seconds a buyer job waits for its devices to join")
     round_timeout_s: float = Field(default=120.0, gt=0, description="seconds a buyer job waits for a round's replies")
     settle_timeout_s: float = Field(
-        default=300.0, gt=0, description="how long a completed buyer job waits for its SETTLEMENT leaf"
+        default=300.0,
+        gt=0,
+        description="after this long without its SETTLEMENT leaf a completed buyer job's status says it is late "
+        "(serve keeps waiting)",
     )
 
 

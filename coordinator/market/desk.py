@@ -107,7 +107,7 @@ class MarketTerms:
     max_validation_bytes: the largest validation upload. validation_dir: where uploads are kept.
     dp_clipping_norm, dp_noise_multiplier: the DP a `dp_required` job trains with.
     join_timeout_s, round_timeout_s: the job's Flower waits. offline_after_s: a device not heard from for this long
-    is not quoted. settle_timeout_s: how long the worker waits for serve to settle a completed job.
+    is not quoted. settle_timeout_s: after this long without its settlement a completed job's status says it is late.
     """
 
     currency: str
@@ -418,8 +418,10 @@ class JobDesk:
 
     def _settle(self, job_id: str) -> None:
         """Wait for the SETTLEMENT leaf serve appends for the job, then release the escrow into it."""
-        deadline = time.monotonic() + self.terms.settle_timeout_s
-        settled, logged, start = None, None, 0
+        deadline: float | None = time.monotonic() + self.terms.settle_timeout_s
+        settled: int | None = None
+        logged: int | None = None
+        start = 0
         match_job, match_settlement = is_job_leaf(job_id), is_settlement_leaf(job_id)
         while settled is None:
             size = self.ledger.size
@@ -430,13 +432,18 @@ class JobDesk:
                 elif match_settlement(leaf):
                     settled = index
             start = size
-            if settled is None and (self._stopping.wait(0.25) or time.monotonic() > deadline):
+            if settled is not None:
+                break
+            stopping = self._stopping.wait(0.25)
+            if stopping or (deadline is not None and time.monotonic() > deadline):
+                deadline = None  # said once; the wait goes on until serve stops (and resumes at its next start)
                 with self._lock:
                     job = self._stored(job_id)
                     job.reason = "not settled yet: serve settles the recorded payment (its log says why it did not)"
                     job.ledger.job = logged
                     self._save(job, "settling")
-                return
+                if stopping:
+                    return
         with self._lock:
             job = self._stored(job_id)
             assert job.escrow is not None
