@@ -129,10 +129,14 @@ def test_a_job_is_valued_logged_settled_and_its_model_version_earns_royalties(me
         model = job_run_dir(stack, book) / "final-model.npz"
         mid_key = load_signer_key(stack.data_dir / "mid.key").verifier.text()
         verify = [PYTHON, "-c", "from midgate_cli import app; app()", "buyer", "verify-model"]
+        ledger = ["--ledger", str(stack.data_dir / "ledger.sqlite")]  # the auditor's copy: the root is recomputed
         verified = subprocess.run(
-            [*verify, str(model), str(manifest), "--mid-key", mid_key], cwd=REPO, capture_output=True, text=True
+            [*verify, str(model), str(manifest), "--mid-key", mid_key, *ledger],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
         )
-        assert verified.returncode == 0, verified.stderr
+        assert verified.returncode == 0 and "contribution root recomputed" in verified.stdout, verified.stderr
         assert f"settlement leaf {settlement_index}" in verified.stdout and reference[1] in verified.stdout
         assert f"members {len(record.payouts)}:" in verified.stdout
         other = stack.root / "other-model.npz"
