@@ -174,7 +174,7 @@ def verify_model(
     """Verify offline, with nothing but the MID's key, that MODEL is the model MANIFEST describes: the MID's
     signature, the model's hash, the checkpoint's signature, and the inclusion of the job's JOB and SETTLEMENT leaves
     in that checkpoint (protocol/provenance.py). Exits 0 and prints the manifest's summary and reference, or exits 1
-    with the failed step and its reason code (2: the key or a file cannot be read)."""
+    with the failed step and its reason code (2: the key or the manifest file cannot be read)."""
     from protocol.errors import ProtocolError
     from protocol.identity import VerifierKey
     from protocol.provenance import MAX_MANIFEST_BYTES, verify_manifest
