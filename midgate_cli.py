@@ -15,6 +15,7 @@ import typer
 from coordinator.buyer.cli import app as buyer_app
 from coordinator.cli import app as coordinator_app
 from coordinator.ledger.cli import app as ledger_app
+from coordinator.market.cli import buyer_job_app
 from coordinator.royalties.cli import recompute_settlement_command
 from demo.cli import app as demo_app
 from edge.agent.cli import app as agent_app
@@ -71,6 +72,8 @@ app = MidgateApp(
 )
 app.add_typer(agent_app, name="agent")
 app.add_typer(coordinator_app, name="coordinator")
+# A buyer's jobs through the signed API: the market's client, mounted here (coordinator.buyer sits below it).
+buyer_app.add_typer(buyer_job_app, name="job")
 app.add_typer(buyer_app, name="buyer")
 # The auditor's commands read only the ledger; recompute-settlement is the royalty component's, so it is mounted here
 # rather than imported by the ledger's CLI (the ledger sits below money: pyproject's import-linter contract).

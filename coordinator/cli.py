@@ -10,6 +10,7 @@ import typer
 
 from coordinator.dashboard.cli import operator_app, report_command
 from coordinator.federation.job_cli import app as job_app
+from coordinator.market.cli import operator_app as buyer_app
 from coordinator.policy.cli import app as policy_app
 from coordinator.royalties.cli import app as royalties_app
 from coordinator.tasks.cli import app as task_app
@@ -35,6 +36,8 @@ app.add_typer(job_app, name="job")
 app.add_typer(operator_app, name="operator")
 # Task specs the MID signs and serves: `task add`, `task list`, `task show`.
 app.add_typer(task_app, name="task")
+# Buyers allowed to use the buyer job API: `buyer add`, `buyer revoke`, `buyer list`.
+app.add_typer(buyer_app, name="buyer")
 # The MID's policy file and its POLICY leaves: `policy show`, `policy apply FILE`.
 app.add_typer(policy_app, name="policy")
 

@@ -248,6 +248,30 @@ class BuyerSettings(BaseModel):
     max_body_bytes: int = Field(default=16 * 1024, ge=1024, description="largest revenue-report request accepted")
 
 
+class MarketSettings(BaseModel):
+    """Buyer jobs through the buyer API (docs/protocol.md, "Buyer jobs"): buyers are registered with
+    `midgate coordinator buyer add`; jobs run on the MID's SuperLink (`[federation] enabled`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    quote_ttl_s: float = Field(default=900.0, gt=0, le=86_400, description="how long a quote can be accepted")
+    max_validation_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024, description="largest validation data upload accepted"
+    )
+    dp_clipping_norm: float = Field(default=1.0, gt=0, description="client-side clipping norm of a `dp_required` job")
+    dp_noise_multiplier: float = Field(
+        default=0.5, gt=0, description="Gaussian noise multiplier of a `dp_required` job"
+    )
+    join_timeout_s: float = Field(default=60.0, gt=0, description="seconds a buyer job waits for its devices to join")
+    round_timeout_s: float = Field(default=120.0, gt=0, description="seconds a buyer job waits for a round's replies")
+    settle_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="after this long without its SETTLEMENT leaf a completed buyer job's status says it is late "
+        "(serve keeps waiting)",
+    )
+
+
 class WitnessSettings(BaseModel):
     """Members' agents as the log's witnesses (docs/ledger.md, "Witnesses"): how many cosignatures make a checkpoint
     witnessed, the one members' statements and receipts are verified against."""
@@ -360,6 +384,7 @@ class CoordinatorSettings(RoleSettings):
     federation: FederationSettings = Field(default_factory=FederationSettings)
     witnesses: WitnessSettings = Field(default_factory=WitnessSettings)
     dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
+    market: MarketSettings = Field(default_factory=MarketSettings)
     policy_file: Path | None = Field(
         default=None,
         description="the MID's policy, one TOML file (README, \"The MID's policy\"): fee, knob curve, reputation "
@@ -391,6 +416,11 @@ class CoordinatorSettings(RoleSettings):
     def tasks_path(self) -> Path:
         """The task catalogue (coordinator.tasks): the specs the operator approved, signed with the MID key."""
         return self.data_dir / "tasks.sqlite"
+
+    @property
+    def market_path(self) -> Path:
+        """Registered buyers, their request nonces and their jobs (coordinator.market.store)."""
+        return self.data_dir / "market.sqlite"
 
     @property
     def ingest_path(self) -> Path:

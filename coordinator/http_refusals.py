@@ -32,6 +32,10 @@ HTTP_STATUS: dict[Reason, int] = {
     Reason.INCONSISTENT: 409,
     Reason.QUORUM_NOT_MET: 503,
     Reason.BAD_LOGIN: 401,
+    Reason.UNSIGNED: 401,
+    Reason.UNKNOWN_JOB: 404,
+    Reason.JOB_STATE: 409,
+    Reason.IDEMPOTENCY_MISMATCH: 409,
 }
 """The status of the reason codes an endpoint refuses with; every other code is 400 (`http_status`)."""
 

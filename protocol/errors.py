@@ -48,6 +48,10 @@ class Reason(StrEnum):
     UNKNOWN_TASK = "unknown_task"
     STALE_REQUEST = "stale_request"
     BAD_LOGIN = "bad_login"
+    UNSIGNED = "unsigned"
+    UNKNOWN_JOB = "unknown_job"
+    JOB_STATE = "job_state"
+    IDEMPOTENCY_MISMATCH = "idempotency_mismatch"
     MODEL_MISMATCH = "model_mismatch"
     MANIFEST_MISMATCH = "manifest_mismatch"
 
@@ -251,6 +255,30 @@ class StaleRequestError(ProtocolError):
     nonce is remembered only for as long as its request could be accepted."""
 
     reason = Reason.STALE_REQUEST
+
+
+class UnsignedError(ProtocolError):
+    """A buyer API request without the signature headers it needs (docs/protocol.md, "Buyer request signatures")."""
+
+    reason = Reason.UNSIGNED
+
+
+class UnknownJobError(ProtocolError):
+    """A job id the MID does not hold for this buyer: never requested, or another buyer's (not told apart)."""
+
+    reason = Reason.UNKNOWN_JOB
+
+
+class JobStateError(ProtocolError):
+    """A step a job cannot take in its state (accept before a quote, download before delivery, ...)."""
+
+    reason = Reason.JOB_STATE
+
+
+class IdempotencyMismatchError(ProtocolError):
+    """An Idempotency-Key the buyer used before for another request body."""
+
+    reason = Reason.IDEMPOTENCY_MISMATCH
 
 
 class ModelMismatchError(ProtocolError):

@@ -34,6 +34,9 @@ class LeafKind(IntEnum):
     SETTLEMENT = 7
     ROYALTY = 8
     STRIKE = 9
+    ESCROW = 10
+    ESCROW_RELEASE = 11
+    REFUND = 12
 
 
 @dataclass(frozen=True)

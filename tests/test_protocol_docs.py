@@ -103,6 +103,7 @@ def test_every_http_route_of_serve_is_in_the_endpoint_table_and_no_other() -> No
         statements=placeholder,
         tasks=placeholder,
         dashboard=dashboard_router(placeholder, placeholder, lambda reason: None),
+        market=placeholder,
     )
     served = {f"{method.upper()} {path}" for path, item in app.openapi()["paths"].items() for method in item}
     assert served == set(_http_table())

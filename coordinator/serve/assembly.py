@@ -42,6 +42,9 @@ from coordinator.ingest.service import IngestService
 from coordinator.ledger.dedup import DedupIndex
 from coordinator.ledger.store import LedgerStore
 from coordinator.ledger.witnesses import WitnessDesk
+from coordinator.market.desk import JobDesk, MarketTerms
+from coordinator.market.runner import FlowerJobLauncher, ServeManifests
+from coordinator.market.store import MarketStore
 from coordinator.mid_key import load_or_create_mid_key
 from coordinator.policy.document import configured_policy
 from coordinator.policy.ledger_records import PolicyLog
@@ -237,6 +240,45 @@ def build_revenue_desk(settings: CoordinatorSettings, storage: Storage) -> Reven
     )
 
 
+def build_job_desk(settings: CoordinatorSettings, storage: Storage, policies: PolicyLog) -> JobDesk:
+    """Buyers' jobs: registered buyers and their jobs in market.sqlite, run on the MID's SuperLink when federation is
+    on (without it jobs are requested and quoted, and acceptance is refused), quoted under the latest POLICY leaf,
+    delivered with their provenance manifest. Jobs a previous run left mid-way are
+    failed and refunded, or their settlement awaited again (JobDesk.recover)."""
+    m = settings.market
+    terms = MarketTerms(
+        currency=settings.royalties.currency,
+        policy=settings.royalties.policy(),
+        validation_dir=settings.data_dir / "market" / "validation",
+        quote_ttl_s=m.quote_ttl_s,
+        max_validation_bytes=m.max_validation_bytes,
+        dp_clipping_norm=m.dp_clipping_norm,
+        dp_noise_multiplier=m.dp_noise_multiplier,
+        join_timeout_s=m.join_timeout_s,
+        round_timeout_s=m.round_timeout_s,
+        offline_after_s=settings.ingest.heartbeat_offline_s,
+        settle_timeout_s=m.settle_timeout_s,
+    )
+    launcher = FlowerJobLauncher(settings, storage.mid_key) if settings.federation.enabled else None
+    desk = JobDesk(
+        MarketStore(settings.market_path),
+        storage.tasks,
+        storage.registry,
+        storage.ledger,
+        terms,
+        launcher,
+        policies=policies,
+        manifests=ServeManifests(settings, storage.mid_key),
+    )
+    desk.recover()
+    return desk
+
+
+def close_job_desk(desk: JobDesk) -> None:
+    desk.close()
+    desk.store.close()
+
+
 def build_member_desks(settings: CoordinatorSettings, storage: Storage) -> tuple[WitnessDesk, StatementDesk]:
     """The witness exchange (agents' cosignatures in, the witnessed checkpoint out) and members' proven statements,
     both over the registry's device keys."""
@@ -317,6 +359,8 @@ class CoordinatorProcess:
                 witnesses, statements = await asyncio.to_thread(build_member_desks, s, self.storage)
                 dashboard = build_dashboard(s, self.storage, self.metrics, self._count_refusal)
                 self.dashboard = dashboard[1] if dashboard else None
+                market = await asyncio.to_thread(build_job_desk, s, self.storage, self.policies)
+                stack.push_async_callback(asyncio.to_thread, close_job_desk, market)
                 app = build_http_app(
                     enroller=build_enroller(s, self.storage, self.superlink),
                     ledger=self.storage.ledger,
@@ -327,6 +371,7 @@ class CoordinatorProcess:
                     statements=statements,
                     tasks=self.storage.tasks,
                     dashboard=dashboard[0] if dashboard else None,
+                    market=market,
                 )
                 self.http = await stack.enter_async_context(HttpEndpoint(app, s.enrolment.host, s.enrolment.port))
             self._stack = stack.pop_all()

@@ -2,8 +2,9 @@
 
 Routers: enrolment (coordinator/enrolment/http.py), the ledger's checkpoints, proofs and witness exchange
 (coordinator/ledger/http.py), members' proven statements (coordinator/royalties/statement_http.py), buyers' revenue
-reports (coordinator/buyer/http.py), the MID's signed task specs (coordinator/tasks/http.py), Prometheus metrics and
-the operator dashboard (coordinator/dashboard/http.py, built by the composition root).
+reports (coordinator/buyer/http.py), the MID's signed task specs (coordinator/tasks/http.py), buyers' jobs
+(coordinator/market/http.py), Prometheus metrics and the operator dashboard (coordinator/dashboard/http.py, built by
+the composition root); the OpenAPI document of the API (not the dashboard's pages) at `/v1/openapi.json`.
 TLS is terminated in front of it (a reverse proxy) outside loopback demos. Every refusal is counted through
 `on_refusal`, as ingest's rejections are.
 """
@@ -26,10 +27,14 @@ from coordinator.enrolment.http import enrolment_router
 from coordinator.ledger.http import ledger_router
 from coordinator.ledger.store import LedgerStore
 from coordinator.ledger.witnesses import WitnessDesk
+from coordinator.market.desk import JobDesk
+from coordinator.market.http import market_router
 from coordinator.royalties.statement_http import StatementDesk, statement_router
 from coordinator.tasks.catalogue import TaskCatalogue
 from coordinator.tasks.http import tasks_router
 from protocol.errors import Reason
+
+OPENAPI_PATH = "/v1/openapi.json"
 
 
 def build_http_app(
@@ -42,11 +47,12 @@ def build_http_app(
     witnesses: WitnessDesk | None = None,
     statements: StatementDesk | None = None,
     tasks: TaskCatalogue | None = None,
+    market: JobDesk | None = None,
     dashboard: APIRouter | None = None,
 ) -> FastAPI:
-    """The app `serve` runs; without `witnesses`, `statements`, `tasks` and `dashboard` (tests of other routers; the
-    operator dashboard off) their routes are absent."""
-    app = FastAPI(title="midgate coordinator", docs_url=None, redoc_url=None, openapi_url=None)
+    """The app `serve` runs; without `witnesses`, `statements`, `tasks`, `market` and `dashboard` (tests of other
+    routers; the operator dashboard off) their routes are absent. Its OpenAPI document is served at OPENAPI_PATH."""
+    app = FastAPI(title="midgate coordinator", docs_url=None, redoc_url=None, openapi_url=OPENAPI_PATH)
     app.include_router(enrolment_router(enroller, on_refusal))
     app.include_router(ledger_router(ledger, witnesses, on_refusal))
     app.include_router(revenue_router(revenue, on_refusal))
@@ -55,7 +61,9 @@ def build_http_app(
     if tasks is not None:
         app.include_router(tasks_router(tasks, on_refusal))
     if dashboard is not None:
-        app.include_router(dashboard)
+        app.include_router(dashboard, include_in_schema=False)
+    if market is not None:
+        app.include_router(market_router(market, on_refusal))
 
     @app.get("/metrics")
     def prometheus() -> Response:

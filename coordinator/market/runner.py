@@ -1,0 +1,124 @@
+"""How `serve` runs a buyer's job: the federation's own `JobRun` (what `midgate coordinator job start` runs), in the
+desk's worker thread, against the SuperLink `serve` itself started, recording into the same job book, so `serve`'s
+JobLedger logs and settles it as it does an operator's job."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from coordinator.broker.logins import coordinator_password, coordinator_password_path
+from coordinator.capture.directory import read_validation
+from coordinator.config import CoordinatorSettings
+from coordinator.federation.flower_cli import FlowerCli, FlowerCliError
+from coordinator.federation.job_start import BrokerLogin, InvitationSender, JobBook, JobRecord, JobRequest, JobRun
+from coordinator.federation.mid_superlink import job_flower_cli
+from coordinator.market.models import Progress
+from coordinator.provenance.issue import issue_manifest
+from coordinator.provenance.shelf import ManifestShelf
+from coordinator.registry.store import Registry
+from protocol.identity import SignerKey
+from protocol.tasks.spec import TaskSpec
+
+MODEL_FILE = "final-model.npz"
+
+
+class ServeManifests:
+    """Issues a delivered job's provenance manifest inside `serve`, with the same `issue_manifest` as `coordinator
+    job manifest` and `job settle` (coordinator/provenance/issue.py): one manifest per job, kept, the same bytes
+    whoever asks."""
+
+    def __init__(self, settings: CoordinatorSettings, mid_key: SignerKey) -> None:
+        self.settings = settings
+        self.shelf = ManifestShelf(settings.manifests_dir, mid_key.verifier)
+
+    def get(self, job_id: str) -> bytes | None:
+        return self.shelf.get(job_id)
+
+    def issue(self, job_id: str) -> bytes:
+        return issue_manifest(self.settings, job_id)
+
+
+class FlowerJobLauncher:
+    """Runs buyer jobs on the MID's SuperLink (coordinator.market.desk.JobLauncher)."""
+
+    def __init__(self, settings: CoordinatorSettings, mid_key: SignerKey) -> None:
+        self.settings = settings
+        self.mid_key = mid_key
+        self.book = JobBook(settings.job_book_dir)
+        self._clis: dict[str, FlowerCli] = {}
+        self._lock = threading.Lock()
+
+    def run(self, request: JobRequest, spec: TaskSpec, report: Callable[[str], None]) -> JobRecord:
+        s = self.settings
+        login = BrokerLogin(
+            host=s.broker.host,
+            port=s.broker.port,
+            username=s.broker.username,
+            password=coordinator_password(coordinator_password_path(s)),
+            client_id=f"{s.broker.client_id}-job-{request.job_id}",
+            ca_file=str(s.broker.ca_file) if s.broker.tls and s.broker.ca_file else None,
+            mqtt5=s.broker.mqtt5,
+        )
+        cli = job_flower_cli(s)
+        with self._lock:
+            self._clis[request.job_id] = cli
+        registry = Registry(s.registry_path)
+        try:
+            with InvitationSender(login) as sender:
+                return JobRun(
+                    request=request,
+                    registry=registry,
+                    mid_key=self.mid_key,
+                    mid=s.mid,
+                    cli=cli,
+                    sender=sender,
+                    jobs_dir=s.jobs_dir,
+                    book=self.book,
+                    report=report,
+                    offline_after_s=s.ingest.heartbeat_offline_s,
+                    flower_acceleration=s.federation.flower_acceleration,
+                    task=spec,
+                ).run()
+        finally:
+            registry.close()
+            with self._lock:
+                self._clis.pop(request.job_id, None)
+
+    def stop(self, job_id: str) -> None:
+        """Stop the job's run on the SuperLink (JobRun then ends it failed); nothing when it has no run yet."""
+        with self._lock:
+            cli = self._clis.get(job_id)
+        record = self.book.read(job_id)
+        if cli is not None and record is not None and record.run_id is not None:
+            with contextlib.suppress(FlowerCliError, OSError):
+                cli.stop_run(record.run_id)
+
+    def progress(self, job_id: str) -> Progress | None:
+        record = self.book.read(job_id)
+        if record is None:
+            return None
+        metrics: dict[str, float] = {}
+        if record.run_id is not None and record.rounds_completed > 0:
+            scored = read_validation(self.run_dir(record), record.rounds_completed)
+            if scored is not None:
+                metrics = scored[0]
+        if record.outcome is not None and record.outcome.final_validation:
+            metrics = dict(record.outcome.final_validation)
+        return Progress(
+            round=record.rounds_completed,
+            rounds=record.request.rounds,
+            members=sorted({d.member_id for d in record.invited}),
+            devices=[d.device_id for d in record.invited],
+            accuracy=metrics.get("accuracy"),
+            metrics=metrics,
+            run_id=record.run_id,
+        )
+
+    def run_dir(self, record: JobRecord) -> Path:
+        return self.settings.jobs_dir / f"run-{record.run_id}"
+
+    def model_path(self, record: JobRecord) -> Path:
+        return self.run_dir(record) / MODEL_FILE
