@@ -38,6 +38,7 @@ from planted_adversaries import (
     SyntheticWorld,
     World,
     attack,
+    honest_exclusion_reasons,
     honest_exclusions,
 )
 
@@ -118,6 +119,7 @@ def run_world(
                 cells.setdefault((m, adversary.name), Cell([])).outcomes.append(outcome)
                 jobs.append(outcome.attacked)
         exclusions[m] = honest_exclusions(jobs, m)
+        print(f"{name}, {m} members: honest exclusions by screen {honest_exclusion_reasons(jobs, m)}", flush=True)
     return cells, exclusions, accuracy, time.perf_counter() - started
 
 

@@ -1,17 +1,27 @@
 """Valuation cost per round vs the number of members, and sampling accuracy vs exact Shapley, for the PLAID model.
 
 Setup: task plaid-appliance@1 (protocol.tasks), validation = PLAID test split (537 windows, the buyer's set). Fifty
-members train one real local epoch each on disjoint PLAID train partitions (10-11 recordings each); for n members,
-member j sends base update j mod 50 plus independent noise (5 % of its norm), so up to n = 50 every member is a
-distinct real update, and above that PLAID has too few recordings for disjoint partitions. Each n is valued with
-the method ValuationSettings picks by default (exact <= 10, sampled <= 50, first-order above), screens included.
+members train one real local epoch each on disjoint PLAID train partitions (10-11 recordings each); for n <= 50,
+member j sends base update j and independent noise (5 % of its norm). PLAID has too few recordings for more disjoint
+partitions, so above 50 every member trains its own real epoch on its own random draw of `--recordings` train
+recordings (with its own shuffle seed): n distinct members, as a real round of n devices has (two draws share about
+recordings^2 / 537 recordings). The row "1000 (50 data)" is the old bench's round of 1,000 members: the 50 base
+updates again and again plus 5 % noise, which the same-data grouping merges into at most 50 players (so that round is
+valued by sampling, not first-order). Every round carries 8 earlier global models and the last global step (built
+from the base updates), as the ServerApp's rounds do, so the data-free screen projects on the full history. Each n is
+valued with the method ValuationSettings picks by default (exact <= 10, sampled <= 50, first-order above), screens
+included.
 
 Baselines measured in the same run:
 - time: one validation-loss evaluation of the model (every valuation time is also shown as a multiple of it);
+- code: with --baseline-rev REV, the same rounds valued by the attribution code of commit REV (exported with git
+  archive and run in its own process, alternating with the current code `--repeats` times; medians shown, ratio
+  = REV's seconds / current seconds);
 - accuracy: exact Shapley at n = 10 (1,024 evaluations); sampling at smaller budgets is reported as Spearman rank
   correlation and max error relative to max |exact value|, and as a fraction of the exact evaluation count.
 
-Run: .venv/bin/python bench/attribution_bench.py [--sizes 5,10,50,100,1000] [--seeds 3] [--threads 1]
+Run: .venv/bin/python bench/attribution_bench.py [--sizes 5,10,50,100,1000,1000c] [--seeds 3] [--threads 1]
+     [--baseline-rev 7755380] [--repeats 2] [--recordings 32] [--no-accuracy]
 
 torch runs single-threaded by default: on a shared machine, two intra-op threads under contention made one
 evaluation 3-4x slower than one thread (measured 217-339 ms vs 49-67 ms at load average 8 on 2 cores).
@@ -20,7 +30,13 @@ evaluation 3-4x slower than one thread (measured 217-339 ms vs 49-67 ms at load 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,6 +57,8 @@ from protocol.tasks.models import build_model, load_arrays, model_arrays, train_
 from protocol.tasks.spec import PLAID_APPLIANCE as SPEC
 
 BASE_MEMBERS = 50
+HISTORY = 8
+REPO = Path(__file__).resolve().parent.parent
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -49,17 +67,38 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def base_updates(val: TaskValidationLoss, global_flat: np.ndarray) -> np.ndarray:
+def validation_loss() -> TaskValidationLoss:
+    test = load_plaid("test", length=SPEC.window_length)
+    return TaskValidationLoss(SPEC, build_model(SPEC, 0), test.X[:, None, :], test.y)
+
+
+def trained_updates(
+    val: TaskValidationLoss, global_flat: np.ndarray, parts: list[np.ndarray], seeds: list[int]
+) -> np.ndarray:
+    """One real local epoch from the global model per member, on the train recordings of its part."""
     train = load_plaid("train", length=SPEC.window_length)
     x, y = train.X[:, None, :], train.y
-    order = np.random.default_rng(0).permutation(len(y))
-    rows = []
-    for part in np.array_split(order, BASE_MEMBERS):
-        model = build_model(SPEC, 0)
-        load_arrays(model, val.unflatten(global_flat))
-        train_epochs(SPEC, model, x[part], y[part], epochs=1, batch_size=16, lr=3e-3, seed=1)
-        rows.append(val.flatten(model_arrays(model)) - global_flat)
-    return np.stack(rows)
+    start = val.unflatten(global_flat)
+    model = build_model(SPEC, 0)
+    out = np.empty((len(parts), global_flat.shape[0]), dtype=np.float32)
+    for row, (part, seed) in enumerate(zip(parts, seeds, strict=True)):
+        load_arrays(model, start)
+        train_epochs(SPEC, model, x[part], y[part], epochs=1, batch_size=16, lr=3e-3, seed=seed)
+        out[row] = val.flatten(model_arrays(model)) - global_flat
+    return out
+
+
+def base_updates(val: TaskValidationLoss, global_flat: np.ndarray) -> np.ndarray:
+    count = len(load_plaid("train", length=SPEC.window_length).y)
+    order = np.random.default_rng(0).permutation(count)
+    return trained_updates(val, global_flat, list(np.array_split(order, BASE_MEMBERS)), [1] * BASE_MEMBERS)
+
+
+def distinct_updates(val: TaskValidationLoss, global_flat: np.ndarray, n: int, recordings: int) -> np.ndarray:
+    """n members, each its own random draw of `recordings` train recordings and its own shuffle seed."""
+    count = len(load_plaid("train", length=SPEC.window_length).y)
+    parts = [np.random.default_rng([n, j]).choice(count, recordings, replace=False) for j in range(n)]
+    return trained_updates(val, global_flat, parts, [1000 + j for j in range(n)])
 
 
 def members_updates(base: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -70,62 +109,141 @@ def members_updates(base: np.ndarray, n: int, seed: int) -> np.ndarray:
     return (picked + scale * noise).astype(np.float32)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="5,10,50,100,1000")
-    parser.add_argument("--seeds", type=int, default=3, help="sampling seeds per budget in the accuracy table")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    sizes = [int(s) for s in args.sizes.split(",")]
+def history(base: np.ndarray, global_flat: np.ndarray) -> list[np.ndarray]:
+    """HISTORY earlier global models, most recent first: each one global step (the mean of a random half of the base
+    updates) before the next."""
+    rng = np.random.default_rng(7)
+    earlier, current = [], global_flat.astype(np.float32)
+    for _ in range(HISTORY):
+        step = base[rng.choice(len(base), len(base) // 2, replace=False)].mean(axis=0)
+        current = (current - step).astype(np.float32)
+        earlier.append(current)
+    return earlier
 
-    test = load_plaid("test", length=SPEC.window_length)
-    val = TaskValidationLoss(SPEC, build_model(SPEC, 0), test.X[:, None, :], test.y)
-    global_flat = val.flatten(model_arrays(build_model(SPEC, 0)))
-    base = base_updates(val, global_flat)
+
+def worker(inputs: Path, output: Path, threads: int) -> None:
+    """Value one saved round with whatever coordinator.attribution PYTHONPATH gives (current code or a baseline)."""
+    torch.set_num_threads(threads)
+    data = np.load(inputs)
+    val = validation_loss()
+    global_flat, updates, earlier = data["global"], data["updates"], list(data["earlier"])
+    n = updates.shape[0]
+    round_updates = RoundUpdates(
+        1,
+        [f"m{i:04d}" for i in range(n)],
+        global_flat,
+        updates,
+        previous_global_delta=global_flat - earlier[0],
+        earlier_globals=earlier,
+    )
     settings = ValuationSettings()
-
-    started = time.perf_counter()
-    for _ in range(50):
-        val(global_flat)
-    eval_s = (time.perf_counter() - started) / 50
-    print(
-        f"model: {SPEC.key}, {val.size} parameters; validation windows: {len(test.y)}; torch threads: "
-        f"{torch.get_num_threads()}"
+    started, cpu = time.perf_counter(), time.process_time()
+    valuation = value_round(round_updates, val, settings, gradient=val.gradient)
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu
+    gradient = val.gradient(global_flat)
+    started, cpu = time.perf_counter(), time.process_time()
+    screen_updates(
+        updates,
+        settings=settings.screens,
+        global_params=global_flat,
+        previous_global_delta=global_flat - earlier[0],
+        earlier_globals=earlier,
+        validation_gradient=gradient,
     )
-    print(f"baseline: one validation-loss evaluation = {eval_s * 1000:.2f} ms")
-    print()
-    print(
-        f"{'n':>6} {'method':>12} {'evaluations':>12} {'seconds':>9} {'x baseline':>11} {'ms/member':>10} "
-        f"{'screens s':>10}"
-    )
-    sampled_rounds = []
-    for n in sizes:
-        updates = members_updates(base, n, seed=n)
-        round_updates = RoundUpdates(1, [f"m{i:04d}" for i in range(n)], global_flat, updates)
-        started = time.perf_counter()
-        valuation = value_round(round_updates, val, settings, gradient=val.gradient)
-        seconds = time.perf_counter() - started
-        started = time.perf_counter()
-        screen_updates(updates, settings=settings.screens, global_params=global_flat)
-        screens_s = time.perf_counter() - started
-        print(
-            f"{n:>6} {valuation.method.value:>12} {valuation.evaluations:>12} {seconds:>9.2f} "
-            f"{seconds / eval_s:>11.0f} {1000 * seconds / n:>10.2f} {screens_s:>10.2f}"
-        )
-        if valuation.method.value == "sampled":
-            sampled_rounds.append((n, updates, valuation))
-    for n, updates, valuation in sampled_rounds:
-        # No exact reference at this size: compare first-order with the sampled estimate, the method it replaces.
-        weights = [1.0 / n] * n
-        linear = first_order_values(val.gradient, global_flat, updates, weights)
-        estimate = np.array([valuation.values[f"m{i:04d}"] for i in range(n)])
-        errors = np.array([valuation.standard_errors[f"m{i:04d}"] for i in range(n)])
-        print(
-            f"n = {n}: first-order vs sampled estimate: spearman {spearman(estimate, linear):.3f}; "
-            f"mean sampled standard error / mean |value| {float(np.mean(errors) / np.mean(np.abs(estimate))):.3f}"
-        )
+    screens_s, screens_cpu = time.perf_counter() - started, time.process_time() - cpu
+    excluded = sum(1 for flags in valuation.flags.values() if any(f.excludes for f in flags))
+    result = {
+        "seconds": seconds,
+        "screens": screens_s,
+        "cpu": cpu_seconds,
+        "screens_cpu": screens_cpu,
+        "method": valuation.method.value,
+        "evaluations": valuation.evaluations,
+        "players": len(valuation.players),
+        "excluded": excluded,
+        "values": [valuation.values[f"m{i:04d}"] for i in range(n)],
+    }
+    output.write_text(json.dumps(result))
 
+
+def run_worker(inputs: Path, code_root: Path, threads: int) -> dict[str, object]:
+    output = inputs.with_suffix(f".{code_root.name}.json")
+    env = dict(os.environ, PYTHONPATH=str(code_root))
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(inputs), str(output)]
+    subprocess.run([*command, "--threads", str(threads)], check=True, env=env, cwd=code_root)
+    result: dict[str, object] = json.loads(output.read_text())
+    return result
+
+
+def export_revision(revision: str, into: Path) -> Path:
+    root = into / f"rev-{revision}"
+    root.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", revision, "coordinator", "protocol", "edge"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    return root
+
+
+def median(values: list[float]) -> float:
+    return float(np.median(values))
+
+
+def cost_table(args: argparse.Namespace, val: TaskValidationLoss, global_flat: np.ndarray, base: np.ndarray) -> None:
+    earlier = history(base, global_flat)
+    with tempfile.TemporaryDirectory(prefix="attribution-bench-") as scratch:
+        roots = [REPO]
+        if args.baseline_rev:
+            roots.append(export_revision(args.baseline_rev, Path(scratch)))
+        columns = f"{'n':>14} {'players':>8} {'excluded':>8} {'method':>12} {'evals':>6} {'x eval':>7}"
+        columns += f" {'round s':>8} {'CPU s':>6} {'screens s':>9} {'CPU s':>6}"
+        if args.baseline_rev:
+            columns += f" | {'base s':>7} {'CPU s':>6} {'screens s':>9} {'CPU s':>6} | {'ratio':>5} {'CPU':>5}"
+            columns += f" {'screens':>7} {'CPU':>5}"
+        print(columns)
+        for size in args.sizes.split(","):
+            copies = size.endswith("c")
+            n = int(size.rstrip("c"))
+            if copies or n <= BASE_MEMBERS:
+                updates, label = members_updates(base, n, seed=n), f"{n} (50 data)" if copies else str(n)
+            else:
+                started = time.perf_counter()
+                updates, label = distinct_updates(val, global_flat, n, args.recordings), str(n)
+                print(f"  ({n} distinct members trained in {time.perf_counter() - started:.1f} s)", flush=True)
+            inputs = Path(scratch) / f"round-{size}.npz"
+            np.savez(inputs, updates=updates, earlier=np.stack(earlier), **{"global": global_flat})
+            runs: dict[Path, list[dict[str, object]]] = {root: [] for root in roots}
+            for _ in range(args.repeats):
+                for root in roots:
+                    runs[root].append(run_worker(inputs, root, args.threads))
+            current = timings(runs[REPO])
+            first = runs[REPO][0]
+            line = (
+                f"{label:>14} {first['players']:>8} {first['excluded']:>8} {first['method']:>12} "
+                f"{first['evaluations']:>6} {current[0] / args.eval_s:>7.0f}"
+                + "".join(f" {t:>{w}.2f}" for t, w in zip(current, (8, 6, 9, 6), strict=True))
+            )
+            if args.baseline_rev:
+                old = timings(runs[roots[1]])
+                line += " |" + "".join(f" {t:>{w}.2f}" for t, w in zip(old, (7, 6, 9, 6), strict=True)) + " |"
+                line += "".join(f" {o / c:>{w}.1f}" for o, c, w in zip(old, current, (5, 5, 7, 5), strict=True))
+                base_first = runs[roots[1]][0]
+                same = all(base_first[key] == first[key] for key in ("players", "excluded", "method"))
+                gap = float(np.max(np.abs(np.array(base_first["values"]) - np.array(first["values"]))))
+                line += f"   same players/method: {same}, max |value difference| {gap:.1e}"
+            print(line, flush=True)
+
+
+def timings(runs: list[dict[str, object]]) -> list[float]:
+    """Medians over the runs of: round seconds, round CPU seconds, screens seconds, screens CPU seconds."""
+    return [median([float(str(r[key])) for r in runs]) for key in ("seconds", "cpu", "screens", "screens_cpu")]
+
+
+def accuracy_table(
+    args: argparse.Namespace, val: TaskValidationLoss, global_flat: np.ndarray, base: np.ndarray
+) -> None:
     print()
     print("accuracy at n = 10 against exact Shapley (baseline)")
     updates = members_updates(base, 10, seed=10)
@@ -168,6 +286,39 @@ def main() -> None:
     )
     order_exact = np.argsort(-exact)
     print(f"exact values (x1e3), best first: {np.round(exact[order_exact] * 1e3, 3).tolist()}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="5,10,50,100,1000,1000c", help="member counts; 'c': copies of 50 data")
+    parser.add_argument("--seeds", type=int, default=3, help="sampling seeds per budget in the accuracy table")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--baseline-rev", default="", help="also value every round with this commit's code")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per round and code, alternating; medians")
+    parser.add_argument("--recordings", type=int, default=32, help="train recordings per member above 50 members")
+    parser.add_argument("--no-accuracy", action="store_true", help="skip the accuracy table")
+    parser.add_argument("--worker", nargs=2, type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker[0], args.worker[1], args.threads)
+        return
+    torch.set_num_threads(args.threads)
+
+    val = validation_loss()
+    global_flat = val.flatten(model_arrays(build_model(SPEC, 0)))
+    base = base_updates(val, global_flat)
+    started = time.perf_counter()
+    for _ in range(50):
+        val(global_flat)
+    args.eval_s = (time.perf_counter() - started) / 50
+    print(f"model: {SPEC.key}, {val.size} parameters; torch threads: {torch.get_num_threads()}")
+    print(f"baseline: one validation-loss evaluation = {args.eval_s * 1000:.2f} ms")
+    if args.baseline_rev:
+        print(f"baseline code: {args.baseline_rev}; {args.repeats} run(s) per round and code, alternating")
+    print()
+    cost_table(args, val, global_flat, base)
+    if not args.no_accuracy:
+        accuracy_table(args, val, global_flat, base)
 
 
 if __name__ == "__main__":

@@ -481,3 +481,15 @@ def honest_exclusions(results: Sequence[JobResult], members: int) -> tuple[int, 
     names = [f"m{i:03d}" for i in range(members)]
     excluded = sum(r.excluded(n) for r in results for n in names)
     return excluded, sum(len(r.valuations) * members for r in results)
+
+
+def honest_exclusion_reasons(results: Sequence[JobResult], members: int) -> dict[str, int]:
+    """Honest member-rounds excluded, by the screen that excluded them (a member-round may count under two)."""
+    counts: dict[str, int] = {}
+    for result in results:
+        for valuation in result.valuations:
+            for i in range(members):
+                for flag in valuation.flags.get(f"m{i:03d}", []):
+                    if flag.excludes:
+                        counts[flag.reason.value] = counts.get(flag.reason.value, 0) + 1
+    return counts

@@ -6,6 +6,9 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from coordinator.attribution import (
     AttributionAccount,
@@ -17,9 +20,11 @@ from coordinator.attribution import (
     ScreenSettings,
     ValuationMethod,
     ValuationSettings,
+    groups,
     screen_updates,
     value_round,
 )
+from coordinator.attribution.screens import leave_one_out_medians
 from protocol.errors import MalformedError
 
 D = 4000
@@ -91,6 +96,34 @@ def test_near_duplicates_found_through_the_sketch_above_256_members() -> None:
     assert (17, 299) in report.players
     assert sum(len(g) for g in report.players) == 300
     assert len(report.players) == 299
+
+
+@hypothesis_settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=2, max_size=40))
+def test_leave_one_out_medians_match_the_median_of_the_others(values: list[float]) -> None:
+    # Ties included: the screens' vectorised "median of the others" must be np.median with the element removed.
+    array = np.array(values)
+    expected = [float(np.median(np.delete(array, i))) for i in range(len(values))]
+    assert leave_one_out_medians(array).tolist() == pytest.approx(expected, rel=0, abs=0)
+
+
+def test_same_data_pairs_through_the_sketch_equal_the_exact_pairs() -> None:
+    # Above 256 rows the pairs come from a sketch confirmed by exact cosines: they must be the exact test's pairs.
+    rng = np.random.default_rng(5)
+    common = rng.standard_normal(2000)
+    rows = 0.3 * common + rng.standard_normal((300, 2000))
+    for a, b, mix in ((3, 250, 0.9), (10, 11, 0.7), (40, 41, 0.55), (60, 290, 0.3)):
+        rows[b] = mix * rows[a] + (1 - mix) * rows[b]
+    unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    total = unit.sum(axis=0)
+    exact = groups._centred_similarity(unit @ unit.T, unit @ total, float(total @ total), 298)
+    expected = {(int(r), int(c)) for r, c in zip(*np.nonzero(np.triu(exact >= 0.5, k=1)), strict=True)}
+    found = groups.same_data_pairs(unit, 0.5)
+    assert unit.shape[0] > groups.SKETCH_ABOVE
+    assert {(a, b) for a, b, _ in found} == expected
+    assert {(3, 250), (10, 11)} <= expected
+    for a, b, similarity in found:
+        assert similarity == pytest.approx(exact[a, b], abs=1e-5)
 
 
 def test_self_report_mismatch_is_flagged_not_excluded() -> None:

@@ -57,19 +57,29 @@ def data_free_basis(
     return np.stack(rows)
 
 
+_ROW_CHUNK = 256
+
+
 def residuals(basis: Basis, deltas: FloatVector) -> npt.NDArray[np.float64]:
-    """Each row of `deltas` minus its projection on the span: the part no data-free member could have built."""
-    rows = np.asarray(deltas, dtype=np.float64)
+    """Each row of `deltas` minus its projection on the span: the part no data-free member could have built
+    (float64, computed a block of rows at a time so the only (m, d) array is the result)."""
+    rows = np.array(deltas, dtype=np.float64)
     if basis.shape[0] == 0:
-        return rows.copy()
-    return rows - (rows @ basis.T) @ basis
+        return rows
+    for start in range(0, rows.shape[0], _ROW_CHUNK):
+        block = rows[start : start + _ROW_CHUNK]
+        block -= (block @ basis.T) @ basis
+    return rows
 
 
 def explained_fraction(deltas: FloatVector, remaining: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     """Per row, the share of the update's energy that lies in the data-free span (1 − |residual|² / |update|²);
     0 for a zero row."""
-    total = np.sum(np.asarray(deltas, dtype=np.float64) ** 2, axis=1)
-    left = np.sum(remaining**2, axis=1)
+    total = np.empty(deltas.shape[0])
+    for start in range(0, deltas.shape[0], _ROW_CHUNK):
+        block = np.asarray(deltas[start : start + _ROW_CHUNK], dtype=np.float64)
+        total[start : start + _ROW_CHUNK] = np.einsum("ij,ij->i", block, block)
+    left = np.einsum("ij,ij->i", remaining, remaining)
     safe = np.where(total > 0.0, total, 1.0)
     return np.where(total > 0.0, 1.0 - left / safe, 0.0)
 
@@ -81,3 +91,11 @@ def noise_z(residual: npt.NDArray[np.float64], reference: npt.NDArray[np.float64
     if spread == 0.0:
         return 0.0
     return float(np.sum(products)) / spread
+
+
+def noise_z_rows(residuals: npt.NDArray[np.float64], references: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """`noise_z` of each row of `residuals` against the matching row of `references` (or one row broadcast)."""
+    products = residuals * references
+    spread = np.sqrt(np.einsum("ij,ij->i", products, products))
+    sums = products.sum(axis=1)
+    return np.where(spread > 0.0, sums / np.where(spread > 0.0, spread, 1.0), 0.0)

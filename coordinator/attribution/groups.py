@@ -34,19 +34,31 @@ _SKETCH_SEED = 0x5EED
 _SKETCH_MARGIN = 0.2
 
 
-def _sketch(unit: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+def _sketch(unit: npt.NDArray[np.floating]) -> npt.NDArray[np.float32]:
     rng = np.random.default_rng(_SKETCH_SEED)
-    projection = rng.standard_normal((unit.shape[1], _SKETCH_DIMENSIONS)).astype(np.float32)
-    sketch = (unit.astype(np.float32) @ projection).astype(np.float64)
+    projection = rng.standard_normal((unit.shape[1], _SKETCH_DIMENSIONS), dtype=np.float32)
+    sketch = np.asarray(unit, dtype=np.float32) @ projection
     sketch /= np.maximum(np.linalg.norm(sketch, axis=1, keepdims=True), 1e-30)
     return sketch
 
 
-def _approximate_gram(unit: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+def _approximate_gram(unit: npt.NDArray[np.floating]) -> npt.NDArray[np.float64]:
     if unit.shape[0] <= SKETCH_ABOVE:
-        return unit @ unit.T
+        exact = np.asarray(unit, dtype=np.float64)
+        return exact @ exact.T
     sketch = _sketch(unit)
-    return sketch @ sketch.T
+    return np.asarray(sketch @ sketch.T, dtype=np.float64)
+
+
+def _exact_cosines(
+    unit: npt.NDArray[np.floating], rows: npt.NDArray[np.intp], cols: npt.NDArray[np.intp]
+) -> npt.NDArray[np.float64]:
+    """unit[r] · unit[c] for each candidate pair the sketch found, from one matrix product over the rows involved
+    (not one full-length dot product per pair: a round of copies has tens of thousands of candidates)."""
+    involved, inverse = np.unique(np.concatenate([rows, cols]), return_inverse=True)
+    block = np.asarray(unit[involved], dtype=np.float32)
+    gram = block @ block.T
+    return np.asarray(gram[inverse[: rows.shape[0]], inverse[rows.shape[0] :]], dtype=np.float64)
 
 
 def near_duplicate_pairs(unit: npt.NDArray[np.float64], threshold: float) -> list[tuple[int, int]]:
@@ -57,7 +69,10 @@ def near_duplicate_pairs(unit: npt.NDArray[np.float64], threshold: float) -> lis
     exact = unit.shape[0] <= SKETCH_ABOVE
     margin = 0.0 if exact else _SKETCH_MARGIN
     rows, cols = np.nonzero(np.triu(gram >= threshold - margin, k=1))
-    return [(int(r), int(c)) for r, c in zip(rows, cols, strict=True) if exact or float(unit[r] @ unit[c]) >= threshold]
+    if not exact and rows.size:
+        keep = _exact_cosines(unit, rows, cols) >= threshold
+        rows, cols = rows[keep], cols[keep]
+    return [(int(r), int(c)) for r, c in zip(rows, cols, strict=True)]
 
 
 def _centred_similarity(
@@ -65,8 +80,18 @@ def _centred_similarity(
 ) -> npt.NDArray[np.float64]:
     """Cosine of u_i − M and u_j − M, M the mean of the other `others` unit rows, for every pair at once (from the
     Gram matrix, each row's dot product with the sum of all rows, and the sum's squared norm)."""
-    s_i = to_sum[:, None]
-    s_j = to_sum[None, :]
+    return _centred_terms(gram, to_sum[:, None], to_sum[None, :], sum_square, others)
+
+
+def _centred_terms(
+    gram: npt.NDArray[np.float64],
+    s_i: npt.NDArray[np.float64],
+    s_j: npt.NDArray[np.float64],
+    sum_square: float,
+    others: int,
+) -> npt.NDArray[np.float64]:
+    """The centred similarity from cosines G_ij and row sums s_i, s_j: every pair of a Gram matrix (s_i a column,
+    s_j a row) or a list of pairs (all three aligned vectors)."""
     # u_i·M = (s_i − 1 − G_ij) / n; M·M = (S·S − 2 s_i − 2 s_j + 2 + 2 G_ij) / n²
     i_dot_m = (s_i - 1.0 - gram) / others
     j_dot_m = (s_j - 1.0 - gram) / others
@@ -91,16 +116,15 @@ def same_data_pairs(unit_residuals: npt.NDArray[np.float64], threshold: float) -
     similarity = _centred_similarity(gram, to_sum, sum_square, m - 2)
     margin = 0.0 if exact else _SKETCH_MARGIN
     rows, cols = np.nonzero(np.triu(similarity >= threshold - margin, k=1))
-    pairs = []
-    for r, c in zip(rows, cols, strict=True):
-        value = float(similarity[r, c])
-        if not exact:
-            cosine = float(unit_residuals[r] @ unit_residuals[c])
-            pair_gram = np.array([[1.0, cosine], [cosine, 1.0]])
-            value = float(_centred_similarity(pair_gram, to_sum[[r, c]], sum_square, m - 2)[0, 1])
-        if value >= threshold:
-            pairs.append((int(r), int(c), value))
-    return pairs
+    if exact:
+        values = similarity[rows, cols]
+    elif rows.size:
+        cosines = _exact_cosines(unit_residuals, rows, cols)
+        values = _centred_terms(cosines, to_sum[rows], to_sum[cols], sum_square, m - 2)
+    else:
+        values = np.zeros(0)
+    keep = values >= threshold
+    return [(int(r), int(c), float(v)) for r, c, v in zip(rows[keep], cols[keep], values[keep], strict=True)]
 
 
 def union_groups(candidates: list[int], pairs: list[tuple[int, int]]) -> list[tuple[int, ...]]:

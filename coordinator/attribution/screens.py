@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
-from coordinator.attribution.data_free import data_free_basis, explained_fraction, noise_z, residuals
+from coordinator.attribution.data_free import data_free_basis, explained_fraction, noise_z_rows, residuals
 from coordinator.attribution.game import FloatVector
 from coordinator.attribution.groups import group_shares, near_duplicate_pairs, same_data_pairs, union_groups
 
@@ -136,12 +136,58 @@ class ScreenReport:
         return any(flag.excludes for flag in self.flags.get(member, []))
 
 
-def _cosine(a: npt.NDArray[np.generic], b: npt.NDArray[np.generic]) -> float:
-    na = float(np.linalg.norm(a))
-    nb = float(np.linalg.norm(b))
-    if na == 0.0 or nb == 0.0:
-        return 0.0
-    return float(np.dot(a.astype(np.float64), b.astype(np.float64))) / (na * nb)
+_ROW_CHUNK = 256
+"""Rows per block when a screen needs an (m, d) temporary: bounds its memory to 256 d floats whatever m is."""
+
+
+def _row_dots(matrix: npt.NDArray[np.generic], vector: npt.NDArray[np.generic]) -> npt.NDArray[np.float64]:
+    """Each row's dot product with `vector`, accumulated in float64 (a block of rows at a time)."""
+    reference = np.asarray(vector, dtype=np.float64)
+    out = np.empty(matrix.shape[0])
+    for start in range(0, matrix.shape[0], _ROW_CHUNK):
+        out[start : start + _ROW_CHUNK] = np.asarray(matrix[start : start + _ROW_CHUNK], dtype=np.float64) @ reference
+    return out
+
+
+def _row_norms(matrix: npt.NDArray[np.generic]) -> npt.NDArray[np.float64]:
+    """Each row's Euclidean norm, accumulated in float64 (a block of rows at a time)."""
+    out = np.empty(matrix.shape[0])
+    for start in range(0, matrix.shape[0], _ROW_CHUNK):
+        block = np.asarray(matrix[start : start + _ROW_CHUNK], dtype=np.float64)
+        out[start : start + _ROW_CHUNK] = np.sqrt(np.einsum("ij,ij->i", block, block))
+    return out
+
+
+def leave_one_out_medians(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """For each i, the median of `values` without element i (np.median of the other n - 1), from one sort.
+    Requires at least 2 values."""
+    n = values.shape[0]
+    ordered = np.sort(values)
+    rank = np.empty(n, dtype=np.int64)
+    rank[np.argsort(values, kind="stable")] = np.arange(n)
+    # Without the element of rank r, position k of the others' sorted order holds ordered[k] below r, else
+    # ordered[k + 1]; their median is the mean of positions (n - 2) // 2 and (n - 1) // 2.
+    low, high = (n - 2) // 2, (n - 1) // 2
+    at_low = np.where(low < rank, ordered[low], ordered[low + 1])
+    at_high = np.where(high < rank, ordered[high], ordered[high + 1])
+    return np.asarray((at_low + at_high) / 2.0)
+
+
+def _take(matrix: npt.NDArray[np.generic], rows: list[int]) -> npt.NDArray[np.generic]:
+    """matrix[rows] without a copy when the rows are all of them in order (the usual round: no one excluded)."""
+    if len(rows) == matrix.shape[0] and rows == list(range(len(rows))):
+        return matrix
+    return matrix[rows]
+
+
+def _cosines_with(
+    safe: npt.NDArray[np.float32], norms: npt.NDArray[np.float64], rows: list[int], reference: FloatVector
+) -> npt.NDArray[np.float64]:
+    """Cosine of each listed update with `reference` (0 for a zero row or reference), one matrix-vector product."""
+    size = float(np.linalg.norm(np.asarray(reference, dtype=np.float64)))
+    dots = _row_dots(_take(safe, rows), reference)
+    scale = norms[rows] * size
+    return np.where(scale > 0.0, dots / np.where(scale > 0.0, scale, 1.0), 0.0)
 
 
 @dataclass
@@ -169,19 +215,25 @@ def _own_screens(
 ) -> list[int]:
     """Step 1 after zero updates: each update judged against the global models alone."""
     if global_params is not None and float(np.linalg.norm(global_params)) > 0.0 and candidates:
-        cosines = {i: _cosine(global_params + state.safe[i], global_params) for i in candidates}
+        # cos(θ + δ, θ) from θ·θ, θ·δ and δ·δ: one matrix-vector product for every update.
+        theta = np.asarray(global_params, dtype=np.float64)
+        theta_sq = float(theta @ theta)
+        along = _row_dots(_take(state.safe, candidates), theta)
+        returned_sq = np.maximum(theta_sq + 2.0 * along + state.norms[candidates] ** 2, 0.0)
+        scale = np.sqrt(theta_sq * returned_sq)
+        cosines = np.where(scale > 0.0, (theta_sq + along) / np.where(scale > 0.0, scale, 1.0), 0.0)
         # Early steps from a small initial model can turn it further than half-way: an unrelated model is one far
         # below the typical update's cosine, not just below the bound.
-        bound = settings.min_global_cosine * min(1.0, float(np.median(list(cosines.values()))))
-        for i in candidates:
-            if cosines[i] < bound:
-                state.flag(i, ScreenReason.RANDOM_WEIGHTS, cosines[i])
+        bound = settings.min_global_cosine * min(1.0, float(np.median(cosines)))
+        for i, cosine in zip(candidates, cosines, strict=True):
+            if cosine < bound:
+                state.flag(i, ScreenReason.RANDOM_WEIGHTS, float(cosine))
         candidates = state.unflagged(candidates)
-    if previous_global_delta is not None and float(np.linalg.norm(previous_global_delta)) > 0.0:
-        for i in candidates:
-            cosine = _cosine(state.safe[i], previous_global_delta)
+    if previous_global_delta is not None and float(np.linalg.norm(previous_global_delta)) > 0.0 and candidates:
+        stale = _cosines_with(state.safe, state.norms, candidates, previous_global_delta)
+        for i, cosine in zip(candidates, stale, strict=True):
             if cosine >= settings.stale_cosine:
-                state.flag(i, ScreenReason.STALE_UPDATE, cosine)
+                state.flag(i, ScreenReason.STALE_UPDATE, float(cosine))
         candidates = state.unflagged(candidates)
     for i in candidates:
         if explained[i] >= settings.data_free_explained:
@@ -192,15 +244,14 @@ def _own_screens(
 def _groups(
     state: _Round, candidates: list[int], unit_residuals: npt.NDArray[np.float64], settings: ScreenSettings
 ) -> tuple[list[tuple[int, ...]], dict[int, float]]:
-    """Step 2: near-duplicates and same-data pairs joined into players; each member's share of its player."""
-    unit = np.zeros((len(candidates), state.safe.shape[1]))
-    for row, i in enumerate(candidates):
-        unit[row] = state.safe[i] / state.norms[i]
+    """Step 2: near-duplicates and same-data pairs joined into players; each member's share of its player.
+    `unit_residuals` has one row per candidate, in the order of `candidates`."""
+    unit = _take(state.safe, candidates) / state.norms[candidates, None].astype(np.float32)
     duplicates = [(candidates[a], candidates[b]) for a, b in near_duplicate_pairs(unit, settings.duplicate_cosine)]
     same: list[tuple[int, int, float]] = []
     if settings.same_data_similarity < 1.0:
-        rows = unit_residuals[candidates]
-        same = [(candidates[a], candidates[b], s) for a, b, s in same_data_pairs(rows, settings.same_data_similarity)]
+        pairs = same_data_pairs(unit_residuals, settings.same_data_similarity)
+        same = [(candidates[a], candidates[b], v) for a, b, v in pairs]
     players = union_groups(candidates, duplicates + [(a, b) for a, b, _ in same])
     shares = {i: 1.0 for i in candidates}
     copied = {i for pair in duplicates for i in pair}
@@ -211,8 +262,9 @@ def _groups(
     for group in players:
         if len(group) == 1:
             continue
-        outside = [state.norms[i] for i in candidates if i not in group]
-        typical = float(np.median(outside)) if outside else 0.0
+        inside = set(group)
+        outside = state.norms[[i for i in candidates if i not in inside]]
+        typical = float(np.median(outside)) if outside.size else 0.0
         for i, share in zip(group, group_shares(state.safe, group, typical, settings.copy_falloff), strict=True):
             shares[i] = share
             if i in copied:
@@ -232,8 +284,8 @@ def _norm_outliers(
     if verified_examples is not None and all(verified_examples[i] is not None for i in candidates):
         counts = {i: float(verified_examples[i] or 0) for i in candidates}
     median_count = float(np.median(list(counts.values()))) if counts else 0.0
-    for i in candidates:
-        peer_median = float(np.median([state.norms[j] for j in candidates if j != i]))
+    peer_medians = leave_one_out_medians(state.norms[candidates])
+    for i, peer_median in zip(candidates, peer_medians, strict=True):
         limit = settings.norm_ratio_limit
         if counts is not None and median_count > 0.0:
             # More verified data means more local steps: a longer honest update, not an outlier.
@@ -256,18 +308,27 @@ def _random_directions(
     and against the validation gradient, in a round where the other players agree with one another."""
     if len(players) < 3 or settings.noise_z <= 0.0:
         return players
-    rows = np.stack([sum(shares[i] * remaining[i] for i in g) for g in players])
-    unit = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-30)
-    total = unit.sum(axis=0)
-    consensus = np.array([abs(noise_z(rows[p], total - unit[p])) for p in range(len(players))])
-    evidence = consensus.copy()
-    if validation_gradient is not None:
-        gradient = np.asarray(validation_gradient, dtype=np.float64)
-        evidence = np.maximum(evidence, np.array([abs(noise_z(row, gradient)) for row in rows]))
+    rows = remaining[[g[0] for g in players]] * np.array([shares[g[0]] for g in players])[:, None]
     for p, group in enumerate(players):
-        # Armed only where the other players carry evidence of data themselves: where they are noise-like too,
-        # being noise-like proves nothing about this one.
-        if float(np.median(np.delete(evidence, p))) >= settings.consensus_z and evidence[p] < settings.noise_z:
+        for i in group[1:]:
+            rows[p] += shares[i] * remaining[i]
+    sizes = _row_norms(rows)
+    unit = rows / np.maximum(sizes, 1e-30)[:, None]
+    total = unit.sum(axis=0)
+    gradient = None if validation_gradient is None else np.asarray(validation_gradient, dtype=np.float64)
+    evidence = np.empty(len(players))
+    for start in range(0, len(players), _ROW_CHUNK):
+        block = slice(start, start + _ROW_CHUNK)
+        # data_free.noise_z of each player's residual against the sum of the other players' unit residuals...
+        evidence[block] = np.abs(noise_z_rows(rows[block], total[None, :] - unit[block]))
+        if gradient is not None:
+            # ... and against the validation gradient: the larger of the two is the evidence of data.
+            evidence[block] = np.maximum(evidence[block], np.abs(noise_z_rows(rows[block], gradient[None, :])))
+    # Armed only where the other players carry evidence of data themselves: where they are noise-like too, being
+    # noise-like proves nothing about this one.
+    others = leave_one_out_medians(evidence)
+    for p, group in enumerate(players):
+        if float(others[p]) >= settings.consensus_z and evidence[p] < settings.noise_z:
             for i in group:
                 state.flag(i, ScreenReason.RANDOM_DIRECTION, float(evidence[p]))
     return [g for g in players if not any(f.excludes for i in g for f in state.flags[i])]
@@ -318,8 +379,10 @@ def screen_updates(
     """
     m = deltas.shape[0]
     finite: npt.NDArray[np.bool_] = np.asarray(np.isfinite(deltas).all(axis=1))
-    safe = np.where(finite[:, None], deltas, 0.0).astype(np.float32)
-    state = _Round(safe, np.linalg.norm(safe.astype(np.float64), axis=1), {i: [] for i in range(m)})
+    safe = np.asarray(deltas, dtype=np.float32)
+    if not finite.all():
+        safe = np.where(finite[:, None], safe, np.float32(0.0))
+    state = _Round(safe, _row_norms(safe), {i: [] for i in range(m)})
     alive = [i for i in range(m) if bool(finite[i])]
     for i in range(m):
         if not finite[i]:
@@ -339,8 +402,8 @@ def screen_updates(
     candidates = _own_screens(state, candidates, settings, global_params, previous_global_delta, explained)
     candidates = _norm_outliers(state, candidates, settings, verified_examples)
 
-    residual_norms = np.linalg.norm(remaining, axis=1, keepdims=True)
-    unit_residuals = remaining / np.maximum(residual_norms, 1e-30)
+    kept = _take(remaining, candidates)
+    unit_residuals = kept / np.maximum(_row_norms(kept), 1e-30)[:, None]
     players, shares = _groups(state, candidates, unit_residuals, settings)
     players = _random_directions(state, players, shares, remaining, settings, validation_gradient)
     _self_reports(state, settings, reported_examples, verified_examples, reported_losses)

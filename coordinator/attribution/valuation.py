@@ -205,12 +205,13 @@ def value_round(
         reported_losses=updates.reported_losses,
     )
     players = report.players
-    m = len(players)
     weights = _player_weights(players, updates.verified_examples, settings.example_count_cap)
-    deltas = np.zeros((m, updates.global_params.shape[0]), dtype=np.float32)
+    # A group is one member's data: valued (and aggregated) as its members' updates weighed by their shares. A
+    # player alone (share 1) is its update as it is: one gather for all of them, a sum only for the groups.
+    deltas = np.asarray(updates.updates[[group[0] for group in players]], dtype=np.float32)
     for p, group in enumerate(players):
-        # A group is one member's data: valued (and aggregated) as its members' updates weighed by their shares.
-        deltas[p] = sum(report.shares[i] * updates.updates[i].astype(np.float64) for i in group)
+        if len(group) > 1:
+            deltas[p] = sum(report.shares[i] * updates.updates[i].astype(np.float64) for i in group)
 
     outcome = _value_players(updates, deltas, weights, loss, settings, validation_gradient)
 
