@@ -229,6 +229,40 @@ def devices(config: Path | None = ConfigOption) -> None:
         typer.echo("\t".join(row))
 
 
+@app.command()
+def strikes(config: Path | None = ConfigOption) -> None:
+    """Strikes members vote now, one target a line under a header (tab-separated): how many members strike against
+    it, how many the quorum needs (`[members] strike_quorum_bps` of the active members), whether it is in force (new
+    jobs for the target are refused with reason `strike`) and who strikes. Every vote is a strike leaf in the ledger."""
+    from coordinator.registry.store import Registry
+    from coordinator.registry.strikes import StrikeTally
+
+    settings = _settings(config)
+    registry = Registry(settings.registry_path)
+    try:
+        tally = StrikeTally(registry.strike_votes(), registry.devices(), settings.members.strike_quorum_bps, _now_ms())
+    finally:
+        registry.close()
+    counts = tally.counts()
+    typer.echo(
+        f"{tally.active_members} active member(s); quorum {tally.needed}"
+        f" ({settings.members.strike_quorum_bps / 100:g} % of them, at least 1)"
+    )
+    if not counts:
+        typer.echo("no strike votes in force")
+        return
+    typer.echo("\t".join(("target", "strikers", "quorum", "in_force", "members")))
+    for count in counts:
+        row = (
+            count.target.text(),
+            str(len(count.strikers)),
+            str(count.needed),
+            "yes" if count.in_force else "no",
+            ",".join(count.strikers),
+        )
+        typer.echo("\t".join(row))
+
+
 def _utc(ms: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ms / 1000))
 

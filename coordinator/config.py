@@ -316,6 +316,20 @@ class FederationSettings(BaseModel):
     )
 
 
+class MemberSettings(BaseModel):
+    """`[members]`: what the MID honours of its members' choices (strikes), until the MID policy file carries it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strike_quorum_bps: int = Field(
+        default=5000,
+        gt=0,
+        le=10_000,
+        description="a strike is in force (new jobs for its target refused) while at least this share of the active "
+        "members, in basis points and rounded up, strike against the target",
+    )
+
+
 class CoordinatorSettings(RoleSettings):
     """The MID's coordinator: its identity and data folder, broker, enrolment endpoint, ingest, money policy."""
 
@@ -337,6 +351,7 @@ class CoordinatorSettings(RoleSettings):
     buyers: BuyerSettings = Field(default_factory=BuyerSettings)
     federation: FederationSettings = Field(default_factory=FederationSettings)
     witnesses: WitnessSettings = Field(default_factory=WitnessSettings)
+    members: MemberSettings = Field(default_factory=MemberSettings)
     log_json: bool = Field(default=True, description="structured JSON logs (false: plain text)")
 
     @property

@@ -47,6 +47,7 @@ class Reason(StrEnum):
     UNKNOWN_MODEL = "unknown_model"
     UNKNOWN_TASK = "unknown_task"
     STALE_REQUEST = "stale_request"
+    STRIKE = "strike"
 
 
 class ProtocolError(Exception):
@@ -248,3 +249,10 @@ class StaleRequestError(ProtocolError):
     nonce is remembered only for as long as its request could be accepted."""
 
     reason = Reason.STALE_REQUEST
+
+
+class StrikeInForceError(ProtocolError):
+    """A job (or a quote for one) whose buyer and purpose a members' strike in force covers: at least the MID's
+    strike quorum of its active members strike against it (coordinator/registry/strikes.py)."""
+
+    reason = Reason.STRIKE

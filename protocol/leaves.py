@@ -34,6 +34,12 @@ class LeafKind(IntEnum):
     SETTLEMENT = 7
     ROYALTY = 8
     STRIKE = 9
+    LEAVE = 10
+    """A member's signed LeaveNotice."""
+    KNOB = 11
+    """A member's signed KnobUpdate."""
+    CONSENT = 12
+    """A member's signed ConsentPolicy."""
 
 
 @dataclass(frozen=True)

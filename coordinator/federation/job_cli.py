@@ -136,7 +136,11 @@ def start(
     ledger_size = _ledger_size(settings)
     try:
         record = _run(settings, request, spec, console)
-    except (JobRequestError, FlowerCliError, OSError) as error:  # OSError: no broker, no MID CA yet
+    except JobRequestError as error:
+        verdict = "refused" if error.reason == "strike" else "failed"
+        typer.echo(f"job {verdict}: {error}", err=True)
+        raise typer.Exit(2 if verdict == "refused" else 1) from None
+    except (FlowerCliError, OSError) as error:  # OSError: no broker, no MID CA yet
         typer.echo(f"job failed: {' '.join(str(error).split())}", err=True)  # flwr's output, on one line
         raise typer.Exit(1) from None
     _print_outcome(console, record)
@@ -300,6 +304,7 @@ def _run(settings: CoordinatorSettings, request: JobRequest, spec: TaskSpec | No
                 offline_after_s=s.ingest.heartbeat_offline_s,
                 flower_acceleration=s.federation.flower_acceleration,
                 task=spec,
+                strike_quorum_bps=s.members.strike_quorum_bps,
             )
             with console.status(f"job {request.job_id}: {request.task_id}@{request.task_version}"):
                 return run.run()

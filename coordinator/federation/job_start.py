@@ -40,6 +40,7 @@ from coordinator.federation.flower_cli import FlowerCli, FlowerCliError
 from coordinator.federation.job import TASKS_DIR, Aggregation, JobOutcome, aggregation_conflict
 from coordinator.registry.presence import absence, active_strikes
 from coordinator.registry.store import Registry
+from coordinator.registry.strikes import strike_refusal
 from protocol.errors import ProtocolError
 from protocol.identity import SignerKey
 from protocol.job_log import model_version
@@ -264,14 +265,21 @@ def expected_devices(
     registry: Registry, devices: list[JobDevice], request: JobRequest, now_ms: int, offline_after_ms: int
 ) -> tuple[list[JobDevice], dict[str, str]]:
     """Split `devices` into those the job invites and waits for, and those it knows will not come (device id -> why:
+    the member's logged consent excludes the job's buyer or purpose (coordinator.registry.member_choices), or
     coordinator.registry.presence.absence, from what the devices last said in signed messages)."""
     heard = registry.presence()
     striking = active_strikes(registry.strike_votes(), now_ms)
+    consents = registry.consents()
     coming: list[JobDevice] = []
     absent: dict[str, str] = {}
     for device in devices:
         strikes = striking.get(device.device_id, [])
-        why = absence(heard.get(device.device_id), strikes, request.buyer, request.purpose, now_ms, offline_after_ms)
+        consent = consents.get(device.member_id)
+        why = consent.excludes(request.buyer, request.purpose) if consent is not None else None
+        if why is None:
+            why = absence(
+                heard.get(device.device_id), strikes, request.buyer, request.purpose, now_ms, offline_after_ms
+            )
         if why is None:
             coming.append(device)
         else:
@@ -506,6 +514,8 @@ class JobRun:
     flower_acceleration: the run's `flower-acceleration` (the MID's `[federation] flower_acceleration`; default True).
     task: the job's spec from the MID's catalogue, handed to the ServerApp under `jobs_dir/tasks/`; default None: the
         built-in spec the request names.
+    strike_quorum_bps: the MID's strike quorum (`[members] strike_quorum_bps`; default 5000): a job whose buyer and
+        purpose a strike in force covers is refused with reason `strike` (coordinator.registry.strikes).
     """
 
     request: JobRequest
@@ -522,6 +532,7 @@ class JobRun:
     status_every_s: float = 15.0
     flower_acceleration: bool = True
     task: TaskSpec | None = None
+    strike_quorum_bps: int = 5000
     clock: Callable[[], float] = time.monotonic
     _started: float = field(default=0.0, init=False)
 
@@ -530,6 +541,9 @@ class JobRun:
         if self.book.read(self.request.job_id) is not None:
             raise JobRequestError("job_exists", "a job with this id was already run", job=self.request.job_id)
         now = _now_ms()
+        struck = strike_refusal(self.registry, self.request.buyer, self.request.purpose, self.strike_quorum_bps, now)
+        if struck is not None:
+            raise JobRequestError("strike", struck, buyer=self.request.buyer, purpose=self.request.purpose)
         devices, absent = expected_devices(
             self.registry,
             select_devices(self.registry, self.request.devices),

@@ -91,7 +91,23 @@ def build_pipeline(settings: CoordinatorSettings, storage: Storage) -> IngestPip
         max_message_bytes=settings.ingest.max_message_bytes,
         default_rate_per_s=settings.ingest.rate_per_s,
         default_burst=settings.ingest.rate_burst,
+        on_departed=departed_logins_sync(settings, storage.registry),
     )
+
+
+def departed_logins_sync(settings: CoordinatorSettings, registry: Registry) -> Callable[[list[str]], None]:
+    """After a member left: rewrite the broker's password file without its devices' logins and reload the broker.
+    A failure is logged: the keys are revoked already (ingest refuses them), the broker merely still lets them in."""
+
+    def departed(devices: list[str]) -> None:
+        try:
+            sync_broker_logins(registry, settings)
+        except BrokerFilesError as error:
+            log.error(
+                "broker logins not rewritten after a departure", extra={"devices": str(devices), "reason": str(error)}
+            )
+
+    return departed
 
 
 def build_gate(settings: CoordinatorSettings, storage: Storage, metrics: IngestMetrics) -> ContributionGate:
@@ -251,6 +267,7 @@ class CoordinatorProcess:
                     witnesses=witnesses,
                     statements=statements,
                     tasks=self.storage.tasks,
+                    knob_policy=(s.royalties.policy(), s.royalties.currency),
                 )
                 self.http = await stack.enter_async_context(HttpEndpoint(app, s.enrolment.host, s.enrolment.port))
             self._stack = stack.pop_all()

@@ -25,6 +25,8 @@ from coordinator.enrolment.http import enrolment_router
 from coordinator.ledger.http import ledger_router
 from coordinator.ledger.store import LedgerStore
 from coordinator.ledger.witnesses import WitnessDesk
+from coordinator.royalties.knob_http import knob_router
+from coordinator.royalties.policy import RoyaltyPolicy
 from coordinator.royalties.statement_http import StatementDesk, statement_router
 from coordinator.tasks.catalogue import TaskCatalogue
 from coordinator.tasks.http import tasks_router
@@ -41,6 +43,7 @@ def build_http_app(
     witnesses: WitnessDesk | None = None,
     statements: StatementDesk | None = None,
     tasks: TaskCatalogue | None = None,
+    knob_policy: tuple[RoyaltyPolicy, str] | None = None,
 ) -> FastAPI:
     """The app `serve` runs; without `witnesses`, `statements` and `tasks` (tests of other routers) their routes are
     absent."""
@@ -52,6 +55,8 @@ def build_http_app(
         app.include_router(statement_router(statements, on_refusal))
     if tasks is not None:
         app.include_router(tasks_router(tasks, on_refusal))
+    if knob_policy is not None:
+        app.include_router(knob_router(*knob_policy, on_refusal))
 
     @app.get("/metrics")
     def prometheus() -> Response:
