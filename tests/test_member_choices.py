@@ -246,7 +246,7 @@ def test_the_knob_price_is_the_quote_s_reservation_price_and_spans_the_policy_s_
     )
     price = knob_price(policy, "EUR", 500)
     assert (price.price_minor, price.base_price_minor) == (1414, 1000)  # 1000 * e^(0.693 * 0.5), rounded
-    assert (price.lowest_minor, price.highest_minor) == (600, 1500)  # 500 and 1999 clamped to the MID's bounds
+    assert (price.lowest_minor, price.highest_minor) == (600, 1500)  # 500 and 2000 clamped to the bounds
     with pytest.raises(PolicyViolationError):
         knob_price(policy, "EUR", 1001)
 

@@ -162,6 +162,7 @@ def mid(tmp_path: Path) -> Iterator[Mid]:
         on_refusal=refusals.append,
         witnesses=witnesses,
         statements=StatementDesk(MID, ledger, devices, witnesses),
+        knob_policy=(POLICY, "EUR"),
     )
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
@@ -316,6 +317,32 @@ def test_statement_requests_are_refused_unsigned_foreign_replayed_stale_or_revok
         Reason.POLICY_VIOLATION,
         Reason.REVOKED_KEY,
     ]
+
+
+def test_a_member_who_left_still_reads_and_verifies_its_lines_with_its_departed_key(mid: Mid, tmp_path: Path) -> None:
+    mid.cosign("ann", "bob")
+    revoked = mid.registry.record_departure("cat", 99, CREATED + 1)  # cat's logged LeaveNotice
+    assert revoked == ["d-cat"] and mid.registry.device("d-cat").revoked  # type: ignore[union-attr]
+    statement = fetch_statement(mid.membership("cat", tmp_path), LedgerClient(mid.url), None, ALL_TIME, _now_ms())
+    assert [line.job_id for line in statement.lines] == ["job-2", "job-3"]
+    # Only its own lines: the departed key asking as another device is refused, as before.
+    url = mid.url + "/v1/member/statement"
+    assert _post(url, mid.request("ann", key=mid.keys["cat"]))[0] == 403
+    # A key the operator revoked (not by leaving) reads nothing.
+    mid.registry.revoke("d-bob", CREATED + 2)
+    status, answer = _post(url, mid.request("bob"))
+    assert (status, answer["reason"]) == (403, "revoked_key")
+
+
+def test_the_knob_price_endpoint_says_what_a_knob_yields_and_refuses_a_bad_knob(mid: Mid) -> None:
+    client = LedgerClient(mid.url)
+    price = client.knob_price(-1000)
+    assert (price.knob_milli, price.price_minor, price.lowest_minor, price.currency) == (-1000, 500, 500, "EUR")
+    assert price.highest_minor == 2000 and price.base_price_minor == 1000 and price.policy_version == POLICY.version
+    for bad, reason in (("1001", "policy_violation"), ("0.5", "malformed"), ("x" * 30, "malformed")):
+        with pytest.raises(RefusedByMidError) as refused:
+            client._call("GET", f"/v1/member/knob-price?knob_milli={bad}", limit=4096)
+        assert refused.value.reason == reason
 
 
 def _answer(mid: Mid, member: str) -> StatementProof:
