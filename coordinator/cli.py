@@ -201,6 +201,7 @@ def devices(config: Path | None = ConfigOption) -> None:
     try:
         enrolled, heard = registry.devices(), registry.presence()
         striking = active_strikes(registry.strike_votes(), now)
+        departed = registry.departures()
     finally:
         registry.close()
     if not enrolled:
@@ -211,6 +212,9 @@ def devices(config: Path | None = ConfigOption) -> None:
     for d in enrolled:
         presence = heard.get(d.device_id)
         status = presence.status if presence is not None else None
+        departure = departed.get(d.device_id)
+        if departure is not None:  # its logged LeaveNotice: a heartbeat after it is refused (revoked key)
+            status = DeviceStatus.LEFT
         online = "-" if presence is None else "yes" if presence.online(now, offline_after_ms) else "no"
         seen = "never" if presence is None else f"{_utc(presence.last_seen_ms)} ({_ago(now - presence.last_seen_ms)})"
         since = "" if presence is None else f"since {_utc(presence.status_ms)}"
@@ -223,7 +227,7 @@ def devices(config: Path | None = ConfigOption) -> None:
             str(status) if status is not None else "-",
             since if status is DeviceStatus.PAUSED else "no",
             "; ".join(s.target_text() for s in striking.get(d.device_id, [])) or "no",
-            since if status is DeviceStatus.LEFT else "no",
+            f"since {_utc(departure.left_ms)}" if departure else since if status is DeviceStatus.LEFT else "no",
             d.verifier.text(),
         )
         typer.echo("\t".join(row))

@@ -91,8 +91,13 @@ def test_a_member_who_left_is_never_selected_again(tmp_path: Path) -> None:
     registry = _registry(tmp_path, ["d-ann", "d-bob"])
     registry.record_departure("m-d-ann", 3, _now_ms())
     assert [d.device_id for d in select_devices(registry, ())] == ["d-bob"]
+    # Named, it is reported as left and not invited (a device the operator revoked is refused outright).
+    named = select_devices(registry, ("d-ann", "d-bob"))
+    coming, absent = expected_devices(registry, named, job_request(tmp_path), _now_ms(), 180_000)
+    assert ([d.device_id for d in coming], absent) == (["d-bob"], {"d-ann": "left"})
+    registry.revoke("d-bob", _now_ms())
     with pytest.raises(JobRequestError, match="revoked_device"):
-        select_devices(registry, ("d-ann",))
+        select_devices(registry, ("d-bob",))
 
 
 # --- strikes at quorum ----------------------------------------------------------------------------------------------

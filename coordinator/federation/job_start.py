@@ -239,7 +239,9 @@ class JobDevice(BaseModel):
 
 def select_devices(registry: Registry, names: tuple[str, ...]) -> list[JobDevice]:
     """The devices to invite: those named (each must be enrolled, not revoked, with a Flower node), or with no names
-    every such device. Raises JobRequestError (unknown_device, revoked_device, no_flower_node, no_devices)."""
+    every such device. A named device whose member left is kept for `expected_devices` to report as `left` (its key
+    is revoked, it is never invited). Raises JobRequestError (unknown_device, revoked_device, no_flower_node,
+    no_devices)."""
     if not names:
         candidates = [d for d in registry.devices() if not d.revoked]
         found = [(d, registry.flower_node(d.device_id)) for d in candidates]
@@ -248,11 +250,12 @@ def select_devices(registry: Registry, names: tuple[str, ...]) -> list[JobDevice
             raise JobRequestError("no_devices", "no enrolled device has a Flower node", expected=">= 1", found=0)
         return chosen
     chosen = []
+    departed = registry.departures()
     for name in names:
         device = registry.device(name)
         if device is None:
             raise JobRequestError("unknown_device", "no such enrolled device", device=name)
-        if device.revoked:
+        if device.revoked and name not in departed:
             raise JobRequestError("revoked_device", "the device's key is revoked", device=name)
         node = registry.flower_node(name)
         if node is None:
@@ -270,12 +273,15 @@ def expected_devices(
     heard = registry.presence()
     striking = active_strikes(registry.strike_votes(), now_ms)
     consents = registry.consents()
+    departed = registry.departures()
     coming: list[JobDevice] = []
     absent: dict[str, str] = {}
     for device in devices:
         strikes = striking.get(device.device_id, [])
         consent = consents.get(device.member_id)
         why = consent.excludes(request.buyer, request.purpose) if consent is not None else None
+        if device.device_id in departed:
+            why = "left"
         if why is None:
             why = absence(
                 heard.get(device.device_id), strikes, request.buyer, request.purpose, now_ms, offline_after_ms

@@ -244,8 +244,10 @@ def unstrike(
 ) -> tuple[MemberState, list[Strike]]:
     """Withdraw every active strike whose target matches (`buyer`/`purpose` None: any); returns the withdrawn ones.
 
-    Raises no_such_strike when nothing matches.
+    Raises no_such_strike when nothing matches, already_left after leaving: the MID revokes a departed member's key
+    and no longer counts its votes, so a withdrawal could neither be logged nor change anything.
     """
+    _still_member(state, "withdraw a strike")
     hits = [
         s
         for s in state.active_strikes(now_ms)
