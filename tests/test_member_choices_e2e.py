@@ -78,10 +78,11 @@ def _leaf_kinds(stack: MessagingStack) -> list[LeafKind]:
         db.close()
 
 
-def _job_start(stack: MessagingStack) -> subprocess.CompletedProcess[str]:
+def _job_start(stack: MessagingStack, job_id: str = "job-struck", *options: str) -> subprocess.CompletedProcess[str]:
+    """`coordinator job start` of buyer acme for research, to its end (these jobs end before any run)."""
     validation = stack.root / "validation.npz"
     validation.write_bytes(b"")
-    argv = [PYTHON, "-c", "from midgate_cli import app; app()", "coordinator", "job", "start", "job-struck"]
+    argv = [PYTHON, "-c", "from midgate_cli import app; app()", "coordinator", "job", "start", job_id, *options]
     argv += ["--config", str(stack.config), "--task", "plaid-appliance@1", "--rounds", "1"]
     argv += ["--validation", str(validation), "--purpose", "research", "--buyer", "acme"]
     return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -139,3 +140,46 @@ def test_a_strike_at_quorum_refuses_the_job_and_a_member_who_left_is_revoked_and
     wait_until(lambda: LeafKind.KEY_REVOKE in _leaf_kinds(stack), 30, "the key-revoke leaf", poll_s=0.5)
     kinds = [k for k in _leaf_kinds(stack) if k not in (LeafKind.ENROL, LeafKind.POLICY)]
     assert kinds == [LeafKind.STRIKE, LeafKind.STRIKE, LeafKind.STRIKE, LeafKind.LEAVE, LeafKind.KEY_REVOKE]
+
+
+def _member_choices(stack: MessagingStack, member: str) -> tuple[int | None, tuple[str, ...] | str | None]:
+    """(knob, allowed purposes) serve kept for `member`; "none" while no consent is kept."""
+    registry = Registry(stack.data_dir / "registry.sqlite")
+    try:
+        knob, consent = registry.knobs().get(member), registry.consents().get(member)
+        return (None if knob is None else knob.bias_milli), ("none" if consent is None else consent.allowed_purposes)
+    finally:
+        registry.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_knob_and_consent_a_member_sets_reach_the_mid_and_consent_keeps_it_out_of_a_job(
+    messaging_stack: MessagingStack,
+) -> None:
+    stack = messaging_stack
+    start_federated_coordinator(stack)
+    ann = stack.enrol_agent("ann", "member_poll_s = 0.2")
+    process = stack.start_agent(ann)
+    wait_until(lambda: _heard(stack) == 1, 60, "the agent heard", poll_s=0.5)
+
+    knob = _member(ann, "knob", "set", "0.5")
+    assert knob.returncode == 0, knob.stderr
+    # The MID's default policy: base 1000, alpha ln 2, bounds 100..100000; 1000 * 2^0.5, rounded.
+    said = " ".join(knob.stdout.split())
+    assert "riverside: knob +0.500: your price 1414 EUR minor units per job" in said, said
+    assert "knob -1 -> 500, 0 -> 1000, +1 -> 2000" in said
+    consent = _member(ann, "consent", "allow", "--purpose", "ads")
+    assert consent.returncode == 0, consent.stderr
+    wait_until(lambda: _member_choices(stack, "ann") == (500, ("ads",)), 60, "the knob and consent logged")
+
+    # The agent declines a research invitation on its own...
+    stack.publish_invitation(ann.device)
+    wait_until(lambda: "consent_excludes" in process.log_text(), 60, "the agent to decline the invitation")
+    # ...and the MID does not select the member for a research job: with nobody else, too few nodes.
+    job = _job_start(stack, "job-research", "--min-nodes", "1")
+    said = " ".join(job.stdout.split())
+    assert job.returncode == 1, job.stdout + job.stderr
+    assert f"not waiting for 1 device(s): {ann.device} (consent does not allow purpose research)" in said, said
+    assert "fewer than min_nodes 1" in said
+    assert [k for k in _leaf_kinds(stack) if k is not LeafKind.ENROL] == [LeafKind.KNOB, LeafKind.CONSENT]
