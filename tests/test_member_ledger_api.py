@@ -37,6 +37,7 @@ from edge.agent.ledger_client import LedgerClient, RefusedByMidError
 from edge.agent.ledger_view import LedgerView
 from edge.agent.membership import Membership, MembershipRecord
 from edge.agent.outbox import Outbox
+from edge.agent.portfolio import collect, render_portfolio, totals_minor
 from edge.agent.receipts import ReceiptStatus, check_offline, check_witnessed, verify_membership_receipts
 from edge.agent.statement import fetch_statement, render_statement
 from edge.agent.witnessing import cosign_candidate
@@ -51,7 +52,7 @@ from protocol.errors import (
 )
 from protocol.identity import SignerKey
 from protocol.leaves import Leaf, LeafKind
-from protocol.ledger_api import StatementProof, verify_statement
+from protocol.ledger_api import StatementProof, VerifiedStatement, verify_statement
 from protocol.messages import MAX_TIME_MS, MIN_TIME_MS, ReceiptBatch, StatementRequest, receipt_batch_json
 from protocol.note import parse_note
 from protocol.witness import Cosigner
@@ -343,6 +344,37 @@ def test_the_knob_price_endpoint_says_what_a_knob_yields_and_refuses_a_bad_knob(
         with pytest.raises(RefusedByMidError) as refused:
             client._call("GET", f"/v1/member/knob-price?knob_milli={bad}", limit=4096)
         assert refused.value.reason == reason
+
+
+def test_the_portfolio_totals_its_verified_lines_and_a_tampered_statement_counts_nothing(
+    mid: Mid, tmp_path: Path
+) -> None:
+    mid.cosign("ann", "bob")
+
+    class Tampering(LedgerClient):
+        """A MID (or a path to it) that alters one byte of the first leaf it sends."""
+
+        def statement(self, request_envelope: bytes) -> StatementProof:
+            proof = super().statement(request_envelope)
+            leaf = bytearray(base64.b64decode(proof.leaves[0].leaf))
+            leaf[-20] ^= 1
+            first = proof.leaves[0].model_copy(update={"leaf": base64.b64encode(bytes(leaf)).decode()})
+            return proof.model_copy(update={"leaves": (first, *proof.leaves[1:])})
+
+    ann, bob, cat = (mid.membership(m, tmp_path) for m in ("ann", "bob", "cat"))
+
+    def fetch(membership: Membership) -> VerifiedStatement:
+        client = Tampering(mid.url) if membership is cat else LedgerClient(mid.url)
+        return fetch_statement(membership, client, None, ALL_TIME, _now_ms())
+
+    earnings = collect([ann, bob, cat], fetch)
+    verified = [e.statement for e in earnings if e.statement is not None]
+    lines = [line.amount_minor for statement in verified for line in statement.lines]
+    assert totals_minor(earnings) == {"EUR": sum(lines)} and len(lines) == 3  # ann's two lines and bob's one
+    assert earnings[2].statement is None and earnings[2].problem.startswith("refused: root_mismatch")
+    printed = render_portfolio(earnings)
+    assert f"Total across MIDs: {sum(lines)} EUR minor units" in printed
+    assert "NOT COUNTED, refused: root_mismatch" in printed
 
 
 def _answer(mid: Mid, member: str) -> StatementProof:

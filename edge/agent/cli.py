@@ -424,3 +424,37 @@ def statement(
         typer.echo(render_statement(membership.mid, membership.record.member, verified), nl=False)
     if failed:
         raise typer.Exit(code=1)
+
+
+@app.command()
+def portfolio(config: Path | None = ConfigOption) -> None:
+    """Everything this member earns across its MIDs: each membership's settlement and royalty lines fetched with its
+    own key and verified against its own MID's ledger (as `statement` does), totals per currency over the verified
+    lines only. Exit 1 if any membership's statement is refused or cannot be fetched."""
+    import time
+
+    from edge.agent.config import AgentSettings
+    from edge.agent.ledger_client import LedgerClient
+    from edge.agent.membership import Membership, load_membership
+    from edge.agent.outbox import Outbox
+    from edge.agent.portfolio import collect, render_portfolio
+    from edge.agent.statement import fetch_statement
+    from protocol.ledger_api import VerifiedStatement
+    from protocol.messages import MAX_TIME_MS, MIN_TIME_MS
+
+    settings = AgentSettings.load(config)
+    memberships = [load_membership(d) for d in _chosen(settings, None)]
+
+    def fetch(membership: Membership) -> VerifiedStatement:
+        outbox = Outbox(membership.outbox_path, settings.outbox_max_bytes)
+        try:
+            trusted = outbox.get_meta("trusted_checkpoint")
+        finally:
+            outbox.close()
+        client = LedgerClient(membership.record.enrolment_url)
+        return fetch_statement(membership, client, trusted, (MIN_TIME_MS, MAX_TIME_MS), time.time_ns() // 1_000_000)
+
+    earnings = collect(memberships, fetch)
+    typer.echo(render_portfolio(earnings), nl=False)
+    if any(e.statement is None for e in earnings):
+        raise typer.Exit(code=1)
