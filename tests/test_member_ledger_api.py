@@ -30,7 +30,7 @@ from coordinator.mid_key import mid_key_name
 from coordinator.registry.device_keys import DeviceKeys
 from coordinator.registry.store import Registry
 from coordinator.royalties import KnobPolicy, MemberAttribution, ModelAttribution, RoyaltyPolicy, settle_job
-from coordinator.royalties.ledger_records import append_split
+from coordinator.royalties.ledger_records import append_split, report_revenue
 from coordinator.royalties.statement_http import REQUEST_WINDOW_MS, StatementDesk
 from coordinator.serve.http import build_http_app
 from edge.agent.ledger_client import LedgerClient, RefusedByMidError
@@ -324,8 +324,16 @@ def test_a_member_who_left_still_reads_and_verifies_its_lines_with_its_departed_
     mid.cosign("ann", "bob")
     revoked = mid.registry.record_departure("cat", 99, CREATED + 1)  # cat's logged LeaveNotice
     assert revoked == ["d-cat"] and mid.registry.device("d-cat").revoked  # type: ignore[union-attr]
+    # After cat left, the buyer reports revenue on a model cat helped train: the royalty still pays cat.
+    report_revenue(mid.ledger, "job-3-v1", 3_000, record_id="royalty-1", created_ms=CREATED + 2, currency="EUR")
+    mid.cosign("ann", "bob")
     statement = fetch_statement(mid.membership("cat", tmp_path), LedgerClient(mid.url), None, ALL_TIME, _now_ms())
-    assert [line.job_id for line in statement.lines] == ["job-2", "job-3"]
+    assert [(line.kind, line.job_id) for line in statement.lines] == [
+        ("settlement", "job-2"),
+        ("settlement", "job-3"),
+        ("royalty", "job-3"),
+    ]
+    assert statement.lines[-1].amount_minor > 0
     # Only its own lines: the departed key asking as another device is refused, as before.
     url = mid.url + "/v1/member/statement"
     assert _post(url, mid.request("ann", key=mid.keys["cat"]))[0] == 403
