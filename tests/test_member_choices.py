@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from coordinator.cli import app as coordinator_app
 from coordinator.federation.job_start import JobRequestError, expected_devices, select_devices
 from coordinator.ingest.pipeline import IngestPipeline, Outcome
-from coordinator.registry.member_choices import ConsentRecord, knobs_for
+from coordinator.registry.member_choices import ConsentRecord, KnobSetting, knobs_for
 from coordinator.registry.presence import Presence, StrikeVoteRecord
 from coordinator.registry.store import Registry
 from coordinator.registry.strikes import StrikeTally, StrikeTarget, quorum_needed, refuse_if_struck, strike_refusal
@@ -227,6 +227,17 @@ def test_the_latest_logged_knob_and_consent_of_each_member_are_kept(fx: Fixture)
     assert fx.registry.knobs()["member-dev-a"].bias_milli == -400
     kinds = [decode_leaf(fx.ledger.leaf(i)).kind for i in range(fx.ledger.size)]
     assert kinds == [LeafKind.KNOB, LeafKind.KNOB, LeafKind.CONSENT, LeafKind.CONSENT]
+
+
+def test_job_start_keeps_the_invited_members_knobs_at_its_start_for_the_settlement(tmp_path: Path) -> None:
+    registry = _registry(tmp_path, ["d-ann", "d-bob"])
+    registry.record_knob(KnobSetting("m-d-ann", 700, 5, NOW_MS))
+    run, lines = _job_run(tmp_path, registry, job_request(tmp_path), came=[100, 101])
+    record = run.run()
+    assert record.status == "completed", (record.reason, lines)
+    assert record.knobs_milli == {"m-d-ann": 700, "m-d-bob": 0}
+    registry.record_knob(KnobSetting("m-d-ann", -200, 6, NOW_MS))  # changed after the start: not this job's
+    assert run.book.read("job-1").knobs_milli == {"m-d-ann": 700, "m-d-bob": 0}  # type: ignore[union-attr]
 
 
 def test_a_consent_policy_naming_purposes_and_any_purpose_is_refused() -> None:

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validat
 from coordinator.capture.directory import capture_summary_path, read_round_summary, read_validation
 from coordinator.federation.flower_cli import FlowerCli, FlowerCliError
 from coordinator.federation.job import TASKS_DIR, Aggregation, JobOutcome, aggregation_conflict
+from coordinator.registry.member_choices import knobs_for
 from coordinator.registry.presence import absence, active_strikes
 from coordinator.registry.store import Registry
 from coordinator.registry.strikes import strike_refusal
@@ -397,6 +398,9 @@ class JobRecord(BaseModel):
     outcome: JobOutcome | None = None
     # What buyers report revenue against (protocol.job_log.model_version); set when the job completed.
     model_version: str | None = None
+    knobs_milli: dict[str, int] = Field(default_factory=dict)
+    """Member -> its logged knob when the job started (coordinator.registry.member_choices.knobs_for): the job is
+    settled at these prices, so a knob changed while it runs applies from the next job."""
 
 
 class JobPayment(BaseModel):
@@ -563,6 +567,7 @@ class JobRun:
             nonces={d.device_id: secrets.token_hex(16) for d in devices},
             not_waited_for=absent,
             started_ms=now,
+            knobs_milli=knobs_for(sorted({d.member_id for d in devices}), self.registry.knobs()),
         )
         self.book.write(record)
         try:
