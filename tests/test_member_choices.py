@@ -25,6 +25,7 @@ from coordinator.royalties.knob_http import knob_price
 from coordinator.royalties.policy import KnobPolicy, RoyaltyPolicy
 from edge.agent.controls.decisions import LEAVE_NAME, DeclineReason, decide, owed_choices
 from edge.agent.controls.state import MemberControlError, MemberState, allow, allow_every_purpose, deny, set_knob
+from edge.agent.controls.watch import describe
 from protocol.errors import PolicyViolationError, Reason, StrikeInForceError
 from protocol.identity import SignerKey
 from protocol.leaves import LeafKind, decode_leaf
@@ -280,6 +281,12 @@ def test_the_agent_declines_an_invitation_its_member_s_consent_excludes() -> Non
     assert decide(allow_every_purpose(allow(state, NOW_MS + 2, [], ["acme"]), NOW_MS + 3), "acme", "ads", NOW_MS).run
     with pytest.raises(MemberControlError, match="no_purpose_list"):
         deny(MemberState(), NOW_MS, ["ads"], [])  # the device does not know the whole vocabulary
+
+
+def test_the_member_s_knob_and_consent_are_described_with_its_other_choices() -> None:
+    state = deny(allow(set_knob(MemberState(), NOW_MS, -250), NOW_MS, ["research"], []), NOW_MS, [], ["globex"])
+    assert describe(state, NOW_MS) == "taking part; knob -0.250; purposes allowed: research; buyers denied: globex"
+    assert describe(MemberState(), NOW_MS) == "taking part"
 
 
 def test_the_agent_owes_one_signed_message_per_knob_and_consent_change_and_a_leave_only_once_delivered() -> None:
