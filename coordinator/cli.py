@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from coordinator.federation.job_cli import app as job_app
+from coordinator.policy.cli import app as policy_app
 from coordinator.royalties.cli import app as royalties_app
 from coordinator.tasks.cli import app as task_app
 
@@ -29,6 +30,8 @@ app.add_typer(royalties_app, name="royalties")
 app.add_typer(job_app, name="job")
 # Task specs the MID signs and serves: `task add`, `task list`, `task show`.
 app.add_typer(task_app, name="task")
+# The MID's policy file and its POLICY leaves: `policy show`, `policy apply FILE`.
+app.add_typer(policy_app, name="policy")
 
 
 # Imports live inside the commands: every `midgate` invocation (the agent's too) imports this module.
@@ -236,21 +239,25 @@ def devices(config: Path | None = ConfigOption) -> None:
 @app.command()
 def strikes(config: Path | None = ConfigOption) -> None:
     """Strikes members vote now, one target a line under a header (tab-separated): how many members strike against
-    it, how many the quorum needs (`[members] strike_quorum_bps` of the active members), whether it is in force (new
+    it, how many the quorum needs (the policy's `[strikes]`: quorum_bps of the active members, at least min_members),
+    whether it is in force (new
     jobs for the target are refused with reason `strike`) and who strikes. Every vote is a strike leaf in the ledger."""
+    from coordinator.policy.in_force import policy_in_force
     from coordinator.registry.store import Registry
     from coordinator.registry.strikes import StrikeTally
 
     settings = _settings(config)
+    strikes = policy_in_force(settings)[0].strikes
     registry = Registry(settings.registry_path)
     try:
-        tally = StrikeTally(registry.strike_votes(), registry.devices(), settings.members.strike_quorum_bps, _now_ms())
+        votes, devices = registry.strike_votes(), registry.devices()
+        tally = StrikeTally(votes, devices, strikes.quorum_bps, _now_ms(), strikes.min_members)
     finally:
         registry.close()
     counts = tally.counts()
     typer.echo(
         f"{tally.active_members} active member(s); quorum {tally.needed}"
-        f" ({settings.members.strike_quorum_bps / 100:g} % of them, at least 1)"
+        f" ({strikes.quorum_bps / 100:g} % of them, at least {strikes.min_members})"
     )
     if not counts:
         typer.echo("no strike votes in force")

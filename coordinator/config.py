@@ -190,7 +190,12 @@ class RoyaltySettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    version: int = Field(default=1, ge=1, description="policy version; raise it on every change (applies to new jobs)")
+    version: int = Field(
+        default=1,
+        ge=1,
+        description="not read by `serve` any more: a policy's version is its POLICY leaf's, counted by the log "
+        '(README, "The MID\'s policy"); kept so older configs load',
+    )
     fee_bps: int = Field(default=1500, ge=0, description="MID fee in basis points of each payment, at most 3000 (30 %)")
     base_price_minor: int = Field(default=1000, ge=0, description="a member's price per job at knob 0 (minor units)")
     alpha_milli: int = Field(
@@ -316,20 +321,6 @@ class FederationSettings(BaseModel):
     )
 
 
-class MemberSettings(BaseModel):
-    """`[members]`: what the MID honours of its members' choices (strikes), until the MID policy file carries it."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    strike_quorum_bps: int = Field(
-        default=5000,
-        gt=0,
-        le=10_000,
-        description="a strike is in force (new jobs for its target refused) while at least this share of the active "
-        "members, in basis points and rounded up, strike against the target",
-    )
-
-
 class CoordinatorSettings(RoleSettings):
     """The MID's coordinator: its identity and data folder, broker, enrolment endpoint, ingest, money policy."""
 
@@ -351,8 +342,24 @@ class CoordinatorSettings(RoleSettings):
     buyers: BuyerSettings = Field(default_factory=BuyerSettings)
     federation: FederationSettings = Field(default_factory=FederationSettings)
     witnesses: WitnessSettings = Field(default_factory=WitnessSettings)
-    members: MemberSettings = Field(default_factory=MemberSettings)
+    policy_file: Path | None = Field(
+        default=None,
+        description="the MID's policy, one TOML file (README, \"The MID's policy\"): fee, knob curve, reputation "
+        "minimums, strike quorum, purpose vocabulary, leave defaults; `serve` logs every change as a POLICY leaf. "
+        "Default data_dir/policy.toml when it exists, else `[royalties]` with the policy's defaults",
+    )
     log_json: bool = Field(default=True, description="structured JSON logs (false: plain text)")
+
+    @property
+    def policy_path(self) -> Path:
+        """Where the MID's policy file is (`policy_file`, default data_dir/policy.toml); `policy apply` installs
+        a file there."""
+        return self.policy_file or self.data_dir / "policy.toml"
+
+    @property
+    def manifests_dir(self) -> Path:
+        """The provenance manifests the MID issued, one per job (coordinator.provenance.shelf)."""
+        return self.data_dir / "manifests"
 
     @property
     def mid_key_file(self) -> Path:

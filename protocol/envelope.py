@@ -96,8 +96,8 @@ class VerifiedPayload:
         return self.signer.key_id.hex()
 
 
-def seal(payload_type: str, payload: bytes, key: SignerKey) -> bytes:
-    """Sign `payload` as `payload_type` with `key`; returns the compact JSON envelope bytes."""
+def seal(payload_type: str, payload: bytes, key: SignerKey, *, max_size: int = MAX_ENVELOPE_SIZE) -> bytes:
+    """Sign `payload` as `payload_type` with `key`; returns the compact JSON envelope bytes (at most `max_size`)."""
     _check_payload_type(payload_type)
     signature = key._sign(pae(payload_type, payload))
     envelope = {
@@ -106,21 +106,26 @@ def seal(payload_type: str, payload: bytes, key: SignerKey) -> bytes:
         "signatures": [{"keyid": key.key_id.hex(), "sig": base64.b64encode(signature).decode("ascii")}],
     }
     data = json.dumps(envelope, separators=(",", ":")).encode("ascii")
-    if len(data) > MAX_ENVELOPE_SIZE:
-        raise TooLargeError("sealed envelope would exceed the size limit", limit=MAX_ENVELOPE_SIZE, found=len(data))
+    if len(data) > max_size:
+        raise TooLargeError("sealed envelope would exceed the size limit", limit=max_size, found=len(data))
     return data
 
 
 def open_envelope(
-    data: bytes, trusted: Mapping[str, VerifierKey], expected_type: str | AbstractSet[str]
+    data: bytes,
+    trusted: Mapping[str, VerifierKey],
+    expected_type: str | AbstractSet[str],
+    *,
+    max_size: int = MAX_ENVELOPE_SIZE,
 ) -> VerifiedPayload:
     """Verify an envelope against `trusted` (hex key id -> key) and require `expected_type` (or one of a set: the
     versions of a message a reader takes; the caller picks the model by `VerifiedPayload.payload_type`).
 
     Signatures by keys not in `trusted` are ignored; a trusted key's signature that does not verify is an error; at
-    least one trusted key must have signed. Raises only ProtocolError subclasses.
+    least one trusted key must have signed. Raises only ProtocolError subclasses. `max_size` is the wire limit;
+    only a document that is not a message (a provenance manifest, protocol.provenance) may raise it.
     """
-    payload_type, payload, signatures = _parse(data)
+    payload_type, payload, signatures = _parse(data, max_size)
     message = pae(payload_type, payload)
     signer: VerifierKey | None = None
     for kid, sig in signatures:
@@ -172,19 +177,19 @@ def envelope_digest(envelope: bytes) -> bytes:
     return hashlib.sha256(envelope).digest()
 
 
-def peek_envelope(data: bytes) -> tuple[str, bytes, tuple[str, ...]]:
+def peek_envelope(data: bytes, *, max_size: int = MAX_ENVELOPE_SIZE) -> tuple[str, bytes, tuple[str, ...]]:
     """The UNVERIFIED payloadType, payload and key ids of an envelope, for the one case where the signer's key
     travels inside the payload (enrolment). Same size and strictness checks as `open_envelope`."""
-    payload_type, payload, signatures = _parse(data)
+    payload_type, payload, signatures = _parse(data, max_size)
     return payload_type, payload, tuple(kid for kid, _ in signatures)
 
 
-def _parse(data: bytes) -> tuple[str, bytes, list[tuple[str, bytes]]]:
+def _parse(data: bytes, max_size: int = MAX_ENVELOPE_SIZE) -> tuple[str, bytes, list[tuple[str, bytes]]]:
     """Size first, then strict JSON shape; nothing is verified here."""
     if not isinstance(data, bytes | bytearray):
         raise MalformedError("an envelope is bytes", found=type(data).__name__)
-    if len(data) > MAX_ENVELOPE_SIZE:
-        raise TooLargeError("envelope exceeds the size limit", limit=MAX_ENVELOPE_SIZE, found=len(data))
+    if len(data) > max_size:
+        raise TooLargeError("envelope exceeds the size limit", limit=max_size, found=len(data))
     sealed = _SEALED.fullmatch(data)
     if sealed is not None:
         # Exactly the bytes `seal` writes (one signature, no whitespace, nothing escaped): the JSON parse below would

@@ -47,6 +47,8 @@ class Reason(StrEnum):
     UNKNOWN_MODEL = "unknown_model"
     UNKNOWN_TASK = "unknown_task"
     STALE_REQUEST = "stale_request"
+    MODEL_MISMATCH = "model_mismatch"
+    MANIFEST_MISMATCH = "manifest_mismatch"
     STRIKE = "strike"
 
 
@@ -249,6 +251,19 @@ class StaleRequestError(ProtocolError):
     nonce is remembered only for as long as its request could be accepted."""
 
     reason = Reason.STALE_REQUEST
+
+
+class ModelMismatchError(ProtocolError):
+    """A model file whose SHA-256 is not the one its provenance manifest names: another model, or altered bytes."""
+
+    reason = Reason.MODEL_MISMATCH
+
+
+class ManifestMismatchError(ProtocolError):
+    """A provenance manifest field that contradicts the ledger leaf it cites (job, model version, members, rounds,
+    task, purpose), or a leaf of another kind than the manifest says."""
+
+    reason = Reason.MANIFEST_MISMATCH
 
 
 class StrikeInForceError(ProtocolError):

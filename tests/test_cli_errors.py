@@ -150,6 +150,11 @@ def test_a_job_without_a_running_coordinator_is_one_line(
         "job refused: min_nodes: Input should be greater than or equal to 1;"
         " purpose: String should match pattern '^[a-z0-9][a-z0-9-]{0,62}$'"
     )
+    # A purpose outside the MID policy's vocabulary (issue 18): refused before anything starts.
+    code, _, err = _midgate(capsys, "coordinator", "job", "start", "job-1", "--task", "plaid-appliance@1",
+                            "--validation", str(validation), "--purpose", "surveillance", "--buyer", "acme",
+                            "--config", str(coordinator_config))  # fmt: skip
+    assert code == 2 and _one_line(err).startswith("job refused: policy_violation: purpose not in the MID's vocabulary")
 
 
 def test_agent_commands_without_a_membership_are_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

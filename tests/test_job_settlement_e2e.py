@@ -3,7 +3,10 @@ buyer API) + 3 enrolled `agent run`s replaying PLAID. `midgate coordinator job s
 its rounds and the devices' defaults (attribution on: the task's recipe), `serve` logs it as a JOB leaf and a ROUND
 leaf per round, `midgate coordinator job settle` records the buyer's payment and `serve` appends its SETTLEMENT leaf,
 `job show` prints the model version, and a buyer's signed revenue report for that version is split as a ROYALTY leaf
-while one for an unknown version is refused `unknown_model`."""
+while one for an unknown version is refused `unknown_model`. `serve` logged its policy as the first POLICY leaf;
+`midgate coordinator job manifest` issues the job's signed provenance manifest, the real `midgate buyer verify-model`
+verifies it offline with only the MID's key and refuses another model file, and a revenue report naming the model by
+its manifest (`manifest:<sha256>`) is split by the same attribution."""
 
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from mqtt_fixtures import PYTHON, REPO, MessagingStack
 from coordinator.capture.directory import CaptureDirectory
 from coordinator.ledger.store import LedgerReader
 from coordinator.royalties.settlement import decode_record
+from protocol.identity import load_signer_key
 from protocol.job_log import decode_job_record, decode_round_record
 from protocol.leaves import LeafKind, decode_leaf
 
@@ -105,11 +109,38 @@ def test_a_job_is_valued_logged_settled_and_its_model_version_earns_royalties(me
         )  # fmt: skip
         [(settlement_index, settlement_body)] = _leaves(stack, LeafKind.SETTLEMENT)
         assert f"SETTLEMENT leaf {settlement_index}, record settlement-{JOB}" in settled
+        assert "manifest issued: manifest:" in settled, settled
         record = decode_record(settlement_body)
         paid = sum(p.amount_minor for p in record.payouts)
         assert record.fee_minor + paid + record.unallocated_minor == PAYMENT
         assert record.fee_minor <= PAYMENT * 3 // 10 and paid >= PAYMENT * 7 // 10
         assert record.inputs.attribution.model_version == book.model_version
+
+        # serve logged the MID's policy when it started: version 1, the fee of [royalties].
+        [(_, policy_body)] = _leaves(stack, LeafKind.POLICY)
+        assert json.loads(policy_body)["version"] == 1 and json.loads(policy_body)["policy"]["fee_bps"] == 2000
+        assert record.inputs.attribution.policy.version == 1
+
+        # The operator issues the job's provenance manifest; the buyer verifies it offline with the MID's key.
+        manifest = stack.root / "job-paid.manifest.json"
+        issued = midgate("coordinator", "job", "manifest", JOB, "--out", str(manifest), "--config", str(stack.config))
+        reference = re.search(r"reference: (manifest:[0-9a-f]{64})", issued)
+        assert reference is not None and f"manifest issued: {reference[1]}" in settled, issued  # the one settle issued
+        model = job_run_dir(stack, book) / "final-model.npz"
+        mid_key = load_signer_key(stack.data_dir / "mid.key").verifier.text()
+        verify = [PYTHON, "-c", "from midgate_cli import app; app()", "buyer", "verify-model"]
+        verified = subprocess.run(
+            [*verify, str(model), str(manifest), "--mid-key", mid_key], cwd=REPO, capture_output=True, text=True
+        )
+        assert verified.returncode == 0, verified.stderr
+        assert f"settlement leaf {settlement_index}" in verified.stdout and reference[1] in verified.stdout
+        assert f"members {len(record.payouts)}:" in verified.stdout
+        other = stack.root / "other-model.npz"
+        other.write_bytes(model.read_bytes()[:-1] + bytes([model.read_bytes()[-1] ^ 1]))
+        refused = subprocess.run(
+            [*verify, str(other), str(manifest), "--mid-key", mid_key], cwd=REPO, capture_output=True, text=True
+        )
+        assert refused.returncode == 1 and "refused: model hash: model_mismatch" in refused.stderr, refused.stderr
 
         # The buyer reports revenue against the model version; a version no settlement names is refused.
         accepted = _report_revenue(stack, str(buyer_key), book.model_version, seq=1)
@@ -120,3 +151,6 @@ def test_a_job_is_valued_logged_settled_and_its_model_version_earns_royalties(me
         unknown = _report_revenue(stack, str(buyer_key), f"{JOB}:0000000000000000", seq=2)
         assert unknown.returncode == 1 and "refused: unknown_model" in unknown.stderr, unknown.stderr
         assert len(_leaves(stack, LeafKind.ROYALTY)) == 1
+        by_manifest = _report_revenue(stack, str(buyer_key), reference[1], seq=3)
+        assert by_manifest.returncode == 0, by_manifest.stderr
+        assert decode_record(_leaves(stack, LeafKind.ROYALTY)[-1][1]).inputs.attribution == record.inputs.attribution

@@ -112,12 +112,16 @@ def _vote(
 
 
 @pytest.mark.parametrize(
-    ("active", "bps", "needed"), [(4, 5000, 2), (5, 5000, 3), (3, 10_000, 3), (1, 1, 1), (0, 5000, 1), (10, 3333, 4)]
+    ("active", "bps", "least", "needed"),
+    [
+        *[(4, 5000, 1, 2), (5, 5000, 1, 3), (3, 10_000, 1, 3), (1, 1, 1, 1), (0, 5000, 1, 1), (10, 3333, 1, 4)],
+        *[(4, 5000, 3, 3), (2, 5000, 3, 3), (10, 5000, 3, 5), (0, 5000, 0, 1)],
+    ],
 )
-def test_the_quorum_is_a_share_of_the_active_members_rounded_up_and_at_least_one(
-    active: int, bps: int, needed: int
+def test_the_quorum_is_a_share_of_the_active_members_rounded_up_and_at_least_min_members(
+    active: int, bps: int, least: int, needed: int
 ) -> None:
-    assert quorum_needed(active, bps) == needed
+    assert quorum_needed(active, bps, least) == needed
 
 
 def test_a_strike_below_quorum_changes_nothing_at_quorum_refuses_and_ends_by_the_same_rule(tmp_path: Path) -> None:
@@ -181,10 +185,23 @@ def test_job_start_refuses_a_job_a_strike_in_force_covers_with_reason_strike(tmp
     assert run.sender.sent == []  # type: ignore[attr-defined]
 
 
+def strike_policy_toml(quorum_bps: int, min_members: int) -> str:
+    """A MID policy file (coordinator/policy) with this strike quorum, the default money terms, research and ads."""
+    purposes = "".join(
+        f'[[purposes]]\ncode = "{code}"\ndpv = "{dpv}"\nlabel = "{code}"\nlicence = "{code} only"\n'
+        for code, dpv in (("research", "dpv:ResearchAndDevelopment"), ("ads", "dpv:Advertising"))
+    )
+    return (
+        "fee_bps = 1500\n[knob]\nbase_price_minor = 1000\nalpha_milli = 693\nmin_price_minor = 100\n"
+        f"max_price_minor = 100000\n[strikes]\nquorum_bps = {quorum_bps}\nmin_members = {min_members}\n{purposes}"
+    )
+
+
 def test_coordinator_strikes_shows_each_target_its_count_and_whether_it_is_in_force(tmp_path: Path) -> None:
     config = tmp_path / "coordinator.toml"
-    config.write_text(f'mid = "riverside"\ndata_dir = "{tmp_path / "data"}"\n[members]\nstrike_quorum_bps = 5000\n')
+    config.write_text(f'mid = "riverside"\ndata_dir = "{tmp_path / "data"}"\n')
     (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "policy.toml").write_text(strike_policy_toml(5000, 1))
     registry = _registry(tmp_path / "data", ["d-ann", "d-bob", "d-cid"], name="registry.sqlite")
     start = _now_ms() - 1000
     registry.record_strike_votes(
@@ -198,6 +215,10 @@ def test_coordinator_strikes_shows_each_target_its_count_and_whether_it_is_in_fo
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0] == "3 active member(s); quorum 2 (50 % of them, at least 1)"
+    # The policy's min_members raises the quorum above the share: with 3 members and at least 3, not in force.
+    (tmp_path / "data" / "policy.toml").write_text(strike_policy_toml(5000, 3))
+    result = CliRunner().invoke(coordinator_app, ["strikes", "--config", str(config)])
+    assert result.output.splitlines()[2] == "buyer acme\t2\t3\tno\tm-d-ann,m-d-bob"
     assert lines[1:] == [
         "target\tstrikers\tquorum\tin_force\tmembers",
         "buyer acme\t2\t2\tyes\tm-d-ann,m-d-bob",

@@ -13,6 +13,7 @@ import subprocess
 import pytest
 from fl_stack import midgate, start_federated_coordinator
 from mqtt_fixtures import PYTHON, REPO, AgentHandle, MessagingStack, wait_until
+from test_member_choices import strike_policy_toml
 
 from coordinator.registry.store import Registry
 from protocol.leaves import LeafKind, decode_leaf
@@ -94,7 +95,9 @@ def test_a_strike_at_quorum_refuses_the_job_and_a_member_who_left_is_revoked_and
     messaging_stack: MessagingStack,
 ) -> None:
     stack = messaging_stack
-    start_federated_coordinator(stack, "[members]\nstrike_quorum_bps = 10000")
+    stack.data_dir.mkdir(parents=True, exist_ok=True)
+    (stack.data_dir / "policy.toml").write_text(strike_policy_toml(10_000, 1))  # every active member, at least one
+    start_federated_coordinator(stack)
     ann = stack.enrol_agent("ann", "member_poll_s = 0.2\nwitness_every_s = 1.0")
     bob = stack.enrol_agent("bob", "member_poll_s = 0.2\nwitness_every_s = 1.0")
     for handle in (ann, bob):

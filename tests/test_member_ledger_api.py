@@ -163,7 +163,7 @@ def mid(tmp_path: Path) -> Iterator[Mid]:
         on_refusal=refusals.append,
         witnesses=witnesses,
         statements=StatementDesk(MID, ledger, devices, witnesses),
-        knob_policy=(POLICY, "EUR"),
+        knob_policy=(lambda: POLICY, "EUR"),
     )
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))

@@ -234,4 +234,4 @@ def test_invites_expired_reused_and_forged_are_refused(messaging_stack: Messagin
         assert len(registry.devices()) == 2  # ana and ben; every refusal left nothing behind
     finally:
         registry.close()
-    assert stack.ledger_size() == 2
+    assert stack.ledger_size() == 2 + 1  # their enrolments, and the POLICY leaf serve logs when it starts

@@ -35,8 +35,8 @@ def test_three_agents_thousand_reports_exactly_once(messaging_stack: MessagingSt
 
     logged = {json.loads(peek_envelope(env)[1])["update_sha256"] for _, _, env in leaves}
     assert logged == set().union(*written.values())
-    # Enrol leaves: one per agent, before any contribution.
-    assert stack.ledger_size() == REPORTS + 3
+    # Enrol leaves: one per agent, before any contribution; and the POLICY leaf serve logs when it starts.
+    assert stack.ledger_size() == REPORTS + 3 + 1
     assert stack.metric("midgate_ingest_accepted_total") == REPORTS
 
 

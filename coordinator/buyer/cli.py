@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from protocol.provenance import Manifest
 
 app = typer.Typer(
     no_args_is_help=True, help="AI buyer commands: quotes, jobs, models and their provenance, revenue reports."
@@ -35,7 +38,13 @@ def keygen(
 
 @app.command("report-revenue")
 def report_revenue(
-    model_version: Annotated[str, typer.Argument(help="the model version, as named in its settlement")],
+    model_version: Annotated[
+        str,
+        typer.Argument(
+            help="the model version, as named in its settlement, or its manifest as `manifest:<sha256>` (the"
+            " reference `verify-model` prints)"
+        ),
+    ],
     amount_minor: Annotated[int, typer.Argument(min=0, help="revenue in integer minor units")],
     key: KeyFile,
     coordinator: Annotated[str, typer.Option(help="the coordinator's base URL, e.g. https://mid.example")],
@@ -146,3 +155,74 @@ def tasks(
             continue
         inputs = ", ".join(f"{i.name}[{i.unit}] from {'|'.join(i.sources)}" for i in spec.inputs)
         typer.echo(f"{spec.key}  {spec.kind}  {spec.model.family}  {inputs}  {spec.description}")
+
+
+@app.command("verify-model")
+def verify_model(
+    model: Annotated[Path, typer.Argument(dir_okay=False, help="the delivered model file")],
+    manifest: Annotated[Path, typer.Argument(dir_okay=False, help="its provenance manifest (signed by the MID)")],
+    mid_key: Annotated[
+        str, typer.Option(help="the MID's verifier key (C2SP text), or a file holding it; obtained out of band")
+    ],
+    ledger: Annotated[
+        Path | None,
+        typer.Option(
+            dir_okay=False, help="a copy of the MID's ledger file: also recompute the contribution root from it"
+        ),
+    ] = None,
+) -> None:
+    """Verify offline, with nothing but the MID's key, that MODEL is the model MANIFEST describes: the MID's
+    signature, the model's hash, the checkpoint's signature, and the inclusion of the job's JOB and SETTLEMENT leaves
+    in that checkpoint (protocol/provenance.py). Exits 0 and prints the manifest's summary and reference, or exits 1
+    with the failed step and its reason code (2: the key or a file cannot be read)."""
+    from protocol.errors import ProtocolError
+    from protocol.identity import VerifierKey
+    from protocol.provenance import MAX_MANIFEST_BYTES, verify_manifest
+
+    try:
+        key_text = Path(mid_key).read_text() if Path(mid_key).is_file() else mid_key
+        key = VerifierKey.parse(key_text)
+        with manifest.open("rb") as fh:
+            envelope = fh.read(MAX_MANIFEST_BYTES + 1)
+    except (ProtocolError, OSError, ValueError) as error:
+        typer.echo(f"cannot verify: {error}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        verified = verify_manifest(envelope, model, key)
+        if ledger is not None:
+            _check_contributions(verified.manifest, ledger, verified.checkpoint.checkpoint.size)
+    except ProtocolError as error:
+        step = error.details.get("step", "manifest")
+        typer.echo(f"refused: {step}: {error}", err=True)
+        raise typer.Exit(1) from None
+    m = verified.manifest
+    checkpoint = verified.checkpoint.checkpoint
+    typer.echo(f"verified: {model} is model {m.model_version} of job {m.job_id} (MID {m.mid})")
+    typer.echo(f"model sha256 {m.model.sha256}; task {m.task.id}@{m.task.version} spec sha256 {m.task.spec_sha256}")
+    typer.echo(f"purpose {m.purpose.code} ({m.purpose.dpv or 'no DPV concept'}), policy v{m.purpose.policy_version}")
+    typer.echo(f"licence: {m.purpose.licence}")
+    typer.echo(f"rounds {m.rounds_completed}/{m.rounds}; members {len(m.members)}: {', '.join(m.members)}")
+    typer.echo(
+        f"contributions: {m.contributions.count} leaves of run {m.contributions.run_id}, root {m.contributions.root}"
+    )
+    typer.echo(
+        f"settlement leaf {m.settlement_leaf.index} and job leaf {m.job_leaf.index} included in checkpoint"
+        f" {checkpoint.origin} size {checkpoint.size}"
+    )
+    if ledger is not None:
+        typer.echo(f"contribution root recomputed from {ledger}: it is the log's")
+    typer.echo(f"reference: {verified.reference}")
+
+
+def _check_contributions(manifest: Manifest, ledger: Path, size: int) -> None:
+    from coordinator.ledger.store import LedgerReader
+    from protocol.errors import ProtocolError
+    from protocol.provenance import check_contributions
+
+    try:
+        with LedgerReader.open_existing(ledger) as reader:
+            leaves = reader.leaves(0, manifest.contributions.before_index)
+            check_contributions(manifest, reader.root_at(size), leaves)
+    except ProtocolError as error:  # a copy shorter than the checkpoint, or not a ledger
+        error.details.setdefault("step", "contributions")
+        raise

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 
 from coordinator.http_refusals import read_bounded_body, refusal
 from coordinator.ledger.store import LedgerStore
+from coordinator.provenance.shelf import ManifestShelf
 from coordinator.royalties.ledger_records import iter_splits, report_revenue
 from protocol.envelope import decode, open_envelope
 from protocol.errors import (
@@ -28,9 +29,11 @@ from protocol.errors import (
     ReplayedError,
     TooLargeError,
     UnknownKeyError,
+    UnknownModelError,
 )
 from protocol.identity import VerifierKey
 from protocol.messages import RevenueReport
+from protocol.provenance import is_manifest_reference
 
 REVENUE_PATH = "/v1/buyer/revenue"
 
@@ -51,9 +54,16 @@ class RevenueDesk:
     """Checks buyer revenue reports and logs their royalty split. Blocking (SQLite, signing): call from a thread."""
 
     def __init__(
-        self, mid: str, currency: str, buyer_keys: Mapping[str, str], ledger: LedgerStore, max_body_bytes: int
+        self,
+        mid: str,
+        currency: str,
+        buyer_keys: Mapping[str, str],
+        ledger: LedgerStore,
+        max_body_bytes: int,
+        manifests: ManifestShelf | None = None,
     ) -> None:
         self.mid = mid
+        self.manifests = manifests
         self.currency = currency
         self.ledger = ledger
         self.max_body_bytes = max_body_bytes
@@ -82,18 +92,28 @@ class RevenueDesk:
                 "report currency is not the MID's", expected=self.currency, found=report.currency
             )
         record_id = revenue_record_id(buyer_key, report.seq)
+        model_version = self.model_version(report.model_version)
         with self._lock:
             if any(split.record.inputs.record_id == record_id for split in iter_splits(self.ledger)):
                 raise ReplayedError("this buyer key already reported this seq", buyer=report.buyer, seq=report.seq)
             index = report_revenue(
                 self.ledger,
-                report.model_version,
+                model_version,
                 report.amount_minor,
                 record_id=record_id,
                 created_ms=now_ms,
                 currency=report.currency,
             )
         return RoyaltyReceipt(record_id, index, self.ledger.receipt(index))
+
+    def model_version(self, named: str) -> str:
+        """The model version a report names: as in its settlement, or by its provenance manifest
+        (`manifest:<sha256>`, protocol.provenance), which must be one this MID issued (UnknownModelError)."""
+        if not is_manifest_reference(named):
+            return named
+        if self.manifests is None:
+            raise UnknownModelError("this MID resolves no manifest references", reference=named)
+        return self.manifests.resolve(named).model_version
 
 
 def revenue_router(desk: RevenueDesk, on_refusal: Callable[[Reason], None] = lambda reason: None) -> APIRouter:

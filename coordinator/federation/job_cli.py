@@ -87,6 +87,7 @@ def start(
 
     from coordinator.federation.flower_cli import FlowerCliError
     from coordinator.federation.job_start import JobRequest, JobRequestError
+    from coordinator.policy.in_force import policy_in_force
     from protocol.errors import ProtocolError
     from protocol.settings import validation_problems
 
@@ -124,6 +125,9 @@ def start(
             },
             context={"task": spec},
         )
+        # A job is purpose-bound: the purpose must be in the vocabulary of the policy in force (policy_violation).
+        policy = policy_in_force(settings)[0]
+        policy.purpose(purpose)
     except ValidationError as error:
         typer.echo(f"job refused: {validation_problems(error)}", err=True)
         raise typer.Exit(2) from None
@@ -135,7 +139,7 @@ def start(
         raise typer.Exit(2)
     ledger_size = _ledger_size(settings)
     try:
-        record = _run(settings, request, spec, console)
+        record = _run(settings, request, spec, console, (policy.strikes.quorum_bps, policy.strikes.min_members))
     except JobRequestError as error:
         verdict = "refused" if error.reason == "strike" else "failed"
         typer.echo(f"job {verdict}: {error}", err=True)
@@ -195,8 +199,9 @@ def settle(
 ) -> None:
     """Record the buyer's payment for a completed job (until the buyer API takes payments); `serve` settles it
     under the MID's policy (fee at most the cap, the rest to members by the job's attribution) and appends the
-    SETTLEMENT leaf. Prints the leaf's index and the split. A job is paid once: repeating the same payment waits
-    for the same settlement, another amount is refused."""
+    SETTLEMENT leaf. Prints the leaf's index and the split, and issues the job's provenance manifest (`job manifest`
+    writes it out). A job is paid once: repeating the same payment waits for the same settlement, another amount is
+    refused."""
     from coordinator.federation.job_ledger import is_settlement_leaf, wait_for_leaf
     from coordinator.federation.job_start import JobPayment
 
@@ -227,6 +232,23 @@ def settle(
         )
         raise typer.Exit(1)
     _print_settlement(settings, index)
+    _issue_manifest(settings, job_id)
+
+
+def _issue_manifest(settings: CoordinatorSettings, job_id: str) -> None:
+    """Issue the settled job's provenance manifest (kept in data_dir/manifests; `job manifest` writes it out). The
+    settlement stands whether or not this works: a failure is one line, and `job manifest` tries again."""
+    from coordinator.provenance.issue import issue_manifest
+    from protocol.errors import ProtocolError
+    from protocol.provenance import manifest_reference, read_manifest_unverified
+
+    try:
+        envelope = issue_manifest(settings, job_id)
+    except (ProtocolError, OSError) as error:
+        typer.echo(f"manifest not issued: {error}", err=True)
+        return
+    reference = manifest_reference(read_manifest_unverified(envelope))
+    typer.echo(f"manifest issued: {reference} (`midgate coordinator job manifest {job_id} --out FILE` writes it)")
 
 
 def _settle_refusal(settings: CoordinatorSettings, record: JobRecord | None, currency: str) -> str:
@@ -271,7 +293,14 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _run(settings: CoordinatorSettings, request: JobRequest, spec: TaskSpec | None, console: Console) -> JobRecord:
+def _run(
+    settings: CoordinatorSettings,
+    request: JobRequest,
+    spec: TaskSpec | None,
+    console: Console,
+    strikes: tuple[int, int],
+) -> JobRecord:
+    """Run the job; `strikes`: the (quorum_bps, min_members) of the policy in force."""
     from coordinator.broker.logins import coordinator_password, coordinator_password_path
     from coordinator.federation.job_start import BrokerLogin, InvitationSender, JobRun
     from coordinator.federation.mid_superlink import job_flower_cli
@@ -304,7 +333,8 @@ def _run(settings: CoordinatorSettings, request: JobRequest, spec: TaskSpec | No
                 offline_after_s=s.ingest.heartbeat_offline_s,
                 flower_acceleration=s.federation.flower_acceleration,
                 task=spec,
-                strike_quorum_bps=s.members.strike_quorum_bps,
+                strike_quorum_bps=strikes[0],
+                strike_min_members=strikes[1],
             )
             with console.status(f"job {request.job_id}: {request.task_id}@{request.task_version}"):
                 return run.run()
@@ -385,3 +415,13 @@ def show(job_id: str = typer.Argument(...), config: Path | None = ConfigOption) 
     if payment is not None:
         shown["payment"] = payment.model_dump(mode="json")
     typer.echo(json.dumps(shown, indent=1))
+
+
+def _mount_manifest() -> None:
+    # The manifest command lives with the manifests (coordinator/provenance); `job` is where an operator looks for it.
+    from coordinator.provenance.cli import manifest
+
+    app.command("manifest")(manifest)
+
+
+_mount_manifest()

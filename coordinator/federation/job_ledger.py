@@ -187,17 +187,26 @@ class JobLedger:
     book: the job book `job start` and `job settle` write.
     jobs_dir: where the jobs' round captures are (`[federation] jobs_dir`).
     ledger: the MID's log; this process is its writer.
-    policy: the MID's royalty policy (`[royalties]`), under which payments are settled.
+    policy: the MID's royalty policy payments are settled under, or what gives it for a logged job (`serve`: the
+        POLICY leaf version in force when the job started, coordinator.serve.assembly `settlement_policy`).
     currency: the MID's currency; a payment in another is not settled.
     """
 
     def __init__(
-        self, book: JobBook, jobs_dir: Path, ledger: LedgerStore, policy: RoyaltyPolicy, currency: str
+        self,
+        book: JobBook,
+        jobs_dir: Path,
+        ledger: LedgerStore,
+        policy: RoyaltyPolicy | Callable[[JobLogRecord], RoyaltyPolicy],
+        currency: str,
     ) -> None:
         self.book = book
         self.jobs_dir = jobs_dir
         self.ledger = ledger
-        self.policy = policy
+        fixed = policy
+        self.policy_for: Callable[[JobLogRecord], RoyaltyPolicy] = (
+            (lambda job: fixed) if isinstance(fixed, RoyaltyPolicy) else fixed
+        )
         self.currency = currency
         self._jobs: dict[str, int] | None = None  # job id -> its JOB leaf's index (None: the log not read yet)
         self._settlements: set[str] = set()  # record ids of the settlements in the log
@@ -281,7 +290,7 @@ class JobLedger:
             payment.payment_minor,
             currency=payment.currency,
             created_ms=payment.recorded_ms,
-            policy=self.policy,
+            policy=self.policy_for(job),
             knobs_milli=booked.knobs_milli if booked is not None else None,  # the knobs when the job started
         )
         self._settlements.add(settlement_record_id(job_id))

@@ -524,8 +524,9 @@ class JobRun:
     flower_acceleration: the run's `flower-acceleration` (the MID's `[federation] flower_acceleration`; default True).
     task: the job's spec from the MID's catalogue, handed to the ServerApp under `jobs_dir/tasks/`; default None: the
         built-in spec the request names.
-    strike_quorum_bps: the MID's strike quorum (`[members] strike_quorum_bps`; default 5000): a job whose buyer and
-        purpose a strike in force covers is refused with reason `strike` (coordinator.registry.strikes).
+    strike_quorum_bps, strike_min_members: the strike quorum of the MID policy in force (`[strikes] quorum_bps`,
+        `min_members`; defaults 5000 and 1): a job whose buyer and purpose a strike in force covers is refused with
+        reason `strike` (coordinator.registry.strikes).
     """
 
     request: JobRequest
@@ -543,6 +544,7 @@ class JobRun:
     flower_acceleration: bool = True
     task: TaskSpec | None = None
     strike_quorum_bps: int = 5000
+    strike_min_members: int = 1
     clock: Callable[[], float] = time.monotonic
     _started: float = field(default=0.0, init=False)
 
@@ -551,7 +553,14 @@ class JobRun:
         if self.book.read(self.request.job_id) is not None:
             raise JobRequestError("job_exists", "a job with this id was already run", job=self.request.job_id)
         now = _now_ms()
-        struck = strike_refusal(self.registry, self.request.buyer, self.request.purpose, self.strike_quorum_bps, now)
+        struck = strike_refusal(
+            self.registry,
+            self.request.buyer,
+            self.request.purpose,
+            self.strike_quorum_bps,
+            now,
+            self.strike_min_members,
+        )
         if struck is not None:
             raise JobRequestError("strike", struck, buyer=self.request.buyer, purpose=self.request.purpose)
         devices, absent = expected_devices(

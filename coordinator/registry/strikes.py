@@ -5,9 +5,10 @@ target while one of its votes covering the target is in force. A target is a buy
 purpose; a vote covers a target when each thing the vote names is what the target names (a strike against buyer
 acme covers "acme for ads" too). The strike against a target is in force while the members striking against it are
 at least the quorum: `quorum_bps` basis points of the MID's active members (those with a device key not revoked),
-rounded up, and never fewer than one. Votes of members who left (their keys are revoked) no longer count; each member
-counts once whatever number of its devices voted. The strike ends by the same rule: withdrawals (or the votes'
-`end_ms`) bring the count under the quorum.
+rounded up, and never fewer than `min_members` (both from the MID policy's `[strikes]`, coordinator/policy). Votes
+of members who left (their keys are revoked) no longer count; each member counts once whatever number of its
+devices voted. The strike ends by the same rule: withdrawals (or the votes' `end_ms`) bring the count under the
+quorum.
 
 `strike_refusal` is the one question job start and quotes ask: is a job of this buyer for this purpose refused, and
 why.
@@ -51,18 +52,26 @@ class StrikeCount:
         return len(self.strikers) >= self.needed
 
 
-def quorum_needed(active_members: int, quorum_bps: int) -> int:
-    """Members needed for a strike: ceil(active * quorum_bps / 10000), at least 1. Requires 0 < quorum_bps <= 10000."""
-    return max(1, -(-active_members * quorum_bps // BPS))
+def quorum_needed(active_members: int, quorum_bps: int, min_members: int = 1) -> int:
+    """Members needed for a strike: ceil(active * quorum_bps / 10000), at least `min_members` (and at least 1).
+    Requires 0 < quorum_bps <= 10000. With fewer active members than `min_members` no strike is ever in force."""
+    return max(1, min_members, -(-active_members * quorum_bps // BPS))
 
 
 class StrikeTally:
     """The strike votes in force at `now_ms` among the active members of `devices`."""
 
-    def __init__(self, votes: Iterable[StrikeVoteRecord], devices: Iterable[Device], quorum_bps: int, now_ms: int):
+    def __init__(
+        self,
+        votes: Iterable[StrikeVoteRecord],
+        devices: Iterable[Device],
+        quorum_bps: int,
+        now_ms: int,
+        min_members: int = 1,
+    ) -> None:
         members_by_device = {d.device_id: d.member_id for d in devices if not d.revoked}
         self.active_members = len(set(members_by_device.values()))
-        self.needed = quorum_needed(self.active_members, quorum_bps)
+        self.needed = quorum_needed(self.active_members, quorum_bps, min_members)
         self._votes = [
             (members_by_device[device], vote)
             for device, votes in active_strikes(votes, now_ms).items()
@@ -98,16 +107,21 @@ class StrikeTally:
         )
 
 
-def strike_refusal(registry: Registry, buyer: str, purpose: str, quorum_bps: int, now_ms: int) -> str | None:
+def strike_refusal(
+    registry: Registry, buyer: str, purpose: str, quorum_bps: int, now_ms: int, min_members: int = 1
+) -> str | None:
     """Why the MID refuses a new job (or quote) of `buyer` for `purpose` with reason `strike`, or None when no strike
-    in force covers it. `quorum_bps`: the MID's strike quorum (`[members] strike_quorum_bps`)."""
-    return StrikeTally(registry.strike_votes(), registry.devices(), quorum_bps, now_ms).refusal(buyer, purpose)
+    in force covers it. `quorum_bps`, `min_members`: the policy in force's `[strikes]` (MidPolicy.strikes)."""
+    tally = StrikeTally(registry.strike_votes(), registry.devices(), quorum_bps, now_ms, min_members)
+    return tally.refusal(buyer, purpose)
 
 
-def refuse_if_struck(registry: Registry, buyer: str, purpose: str, quorum_bps: int, now_ms: int) -> None:
+def refuse_if_struck(
+    registry: Registry, buyer: str, purpose: str, quorum_bps: int, now_ms: int, min_members: int = 1
+) -> None:
     """`strike_refusal` as the buyer API raises it: StrikeInForceError (reason `strike`, HTTP 409) when a strike in
     force covers a job of `buyer` for `purpose`."""
-    why = strike_refusal(registry, buyer, purpose, quorum_bps, now_ms)
+    why = strike_refusal(registry, buyer, purpose, quorum_bps, now_ms, min_members)
     if why is not None:
         raise StrikeInForceError(why, buyer=buyer, purpose=purpose)
 

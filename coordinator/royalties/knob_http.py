@@ -34,8 +34,9 @@ def knob_price(policy: RoyaltyPolicy, currency: str, knob_milli: int) -> KnobPri
 
 
 def knob_router(
-    policy: RoyaltyPolicy, currency: str, on_refusal: Callable[[Reason], None] = lambda reason: None
+    policy: Callable[[], RoyaltyPolicy], currency: str, on_refusal: Callable[[Reason], None] = lambda reason: None
 ) -> APIRouter:
+    """`policy()`: the money policy in force now (serve: the latest POLICY leaf)."""
     router = APIRouter()
 
     @router.get(KNOB_PRICE_PATH)
@@ -43,7 +44,7 @@ def knob_router(
         try:
             if not (knob_milli.lstrip("-").isdigit() and len(knob_milli) <= 6):
                 raise MalformedError("knob_milli is an integer in [-1000, 1000]", found=knob_milli[:20])
-            answer = knob_price(policy, currency, int(knob_milli))
+            answer = knob_price(policy(), currency, int(knob_milli))
         except ProtocolError as error:
             return refusal(error, on_refusal)
         return Response(answer.canonical_json(), media_type="application/json")

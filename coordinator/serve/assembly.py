@@ -37,14 +37,19 @@ from coordinator.ledger.dedup import DedupIndex
 from coordinator.ledger.store import LedgerStore
 from coordinator.ledger.witnesses import WitnessDesk
 from coordinator.mid_key import load_or_create_mid_key
+from coordinator.policy.document import configured_policy
+from coordinator.policy.ledger_records import PolicyLog
+from coordinator.provenance.shelf import ManifestShelf
 from coordinator.registry.device_keys import DeviceKeys
 from coordinator.registry.ledger_records import log_enrolments
 from coordinator.registry.store import Device, Registry
+from coordinator.royalties.policy import RoyaltyPolicy
 from coordinator.royalties.statement_http import StatementDesk
 from coordinator.serve.http import HttpEndpoint, build_http_app
 from coordinator.tasks.catalogue import TaskCatalogue
 from protocol.enrolment import BrokerCredentials
 from protocol.identity import SignerKey
+from protocol.job_log import JobLogRecord
 from protocol.private_files import private_dir, private_file
 
 log = logging.getLogger("midgate.serve")
@@ -191,20 +196,64 @@ def build_enroller(settings: CoordinatorSettings, storage: Storage, superlink: M
     )
 
 
-def build_job_ledger(settings: CoordinatorSettings, storage: Storage) -> JobLedger:
+def build_policy_log(settings: CoordinatorSettings, storage: Storage) -> PolicyLog:
+    """The MID policy's versions in the log, with a POLICY leaf appended now when the configured policy (the policy
+    file, or `[royalties]`) differs from the latest logged one. A policy file that breaks policy (a fee above the
+    cap) stops `serve` from starting; once running, a bad file is logged and the current version stays in force."""
+
+    def stamp() -> object:
+        try:
+            found = settings.policy_path.stat()
+        except FileNotFoundError:
+            return None
+        return (found.st_mtime_ns, found.st_size)
+
+    policies = PolicyLog(storage.ledger, lambda: configured_policy(settings), stamp)
+    policies.sync()
+    return policies
+
+
+def policy_in_force_now(policies: PolicyLog) -> Callable[[], RoyaltyPolicy]:
+    """The money policy in force now (the latest POLICY leaf), read at each call: what `GET /v1/member/knob-price`
+    prices a knob under."""
+
+    def policy() -> RoyaltyPolicy:
+        logged = policies.current() or policies.versions[0]
+        return logged.royalty()
+
+    return policy
+
+
+def settlement_policy(policies: PolicyLog) -> Callable[[JobLogRecord], RoyaltyPolicy]:
+    """The policy a logged job is settled under: the version in force when it started (a change while it ran does
+    not touch it); a job older than every POLICY leaf takes the first."""
+
+    def policy(job: JobLogRecord) -> RoyaltyPolicy:
+        logged = policies.at(job.started_ms) or policies.versions[0]
+        return logged.royalty()
+
+    return policy
+
+
+def build_job_ledger(settings: CoordinatorSettings, storage: Storage, policies: PolicyLog) -> JobLedger:
     """What logs the jobs `job start` ran and settles the payments `job settle` recorded (both write the job book)."""
     return JobLedger(
         JobBook(settings.job_book_dir),
         settings.jobs_dir,
         storage.ledger,
-        settings.royalties.policy(),
+        settlement_policy(policies),
         settings.royalties.currency,
     )
 
 
 def build_revenue_desk(settings: CoordinatorSettings, storage: Storage) -> RevenueDesk:
     return RevenueDesk(
-        settings.mid, settings.royalties.currency, settings.buyers.keys, storage.ledger, settings.buyers.max_body_bytes
+        settings.mid,
+        settings.royalties.currency,
+        settings.buyers.keys,
+        storage.ledger,
+        settings.buyers.max_body_bytes,
+        manifests=ManifestShelf(settings.manifests_dir, storage.mid_key.verifier),
     )
 
 
@@ -233,6 +282,7 @@ class CoordinatorProcess:
         async with contextlib.AsyncExitStack() as stack:
             self.storage = await asyncio.to_thread(open_storage, s)
             stack.callback(self.storage.close)
+            self.policies = await asyncio.to_thread(build_policy_log, s, self.storage)
             pipeline = await asyncio.to_thread(build_pipeline, s, self.storage)
             gate = None
             if s.federation.enabled:
@@ -255,7 +305,7 @@ class CoordinatorProcess:
                 await asyncio.to_thread(superlink.start)
                 self.superlink = superlink
                 log.info("superlink started", extra={"address": superlink.public_address})
-                self.job_ledger = build_job_ledger(s, self.storage)
+                self.job_ledger = build_job_ledger(s, self.storage, self.policies)
             if s.enrolment.enabled:
                 witnesses, statements = await asyncio.to_thread(build_member_desks, s, self.storage)
                 app = build_http_app(
@@ -267,7 +317,7 @@ class CoordinatorProcess:
                     witnesses=witnesses,
                     statements=statements,
                     tasks=self.storage.tasks,
-                    knob_policy=(s.royalties.policy(), s.royalties.currency),
+                    knob_policy=(policy_in_force_now(self.policies), s.royalties.currency),
                 )
                 self.http = await stack.enter_async_context(HttpEndpoint(app, s.enrolment.host, s.enrolment.port))
             self._stack = stack.pop_all()
@@ -299,16 +349,15 @@ class CoordinatorProcess:
         self.ingest.stop()
 
     async def run(self) -> None:
-        """Ingest, and beside it (federation on) the job book's follower, until `stop()`."""
-        if self.job_ledger is None:
-            await self.ingest.run()
-            return
-        follower = asyncio.create_task(self.job_ledger.run(self._stopped))
+        """Ingest, and beside it the policy file's follower and (federation on) the job book's, until `stop()`."""
+        followers = [asyncio.create_task(self.policies.run(self._stopped))]
+        if self.job_ledger is not None:
+            followers.append(asyncio.create_task(self.job_ledger.run(self._stopped)))
         try:
             await self.ingest.run()
         finally:
             self._stopped.set()
-            await follower
+            await asyncio.gather(*followers)
 
 
 async def serve(settings: CoordinatorSettings) -> None:

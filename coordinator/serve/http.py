@@ -43,7 +43,7 @@ def build_http_app(
     witnesses: WitnessDesk | None = None,
     statements: StatementDesk | None = None,
     tasks: TaskCatalogue | None = None,
-    knob_policy: tuple[RoyaltyPolicy, str] | None = None,
+    knob_policy: tuple[Callable[[], RoyaltyPolicy], str] | None = None,
 ) -> FastAPI:
     """The app `serve` runs; without `witnesses`, `statements` and `tasks` (tests of other routers) their routes are
     absent."""
