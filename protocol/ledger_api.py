@@ -93,6 +93,27 @@ class KnobPrice(CanonicalModel):
         return _parse_bounded(cls, data, 4096, "knob price")
 
 
+class PurposeTerm(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    code: Ident
+    dpv: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    """The W3C Data Privacy Vocabulary concept the purpose is (e.g. `dpv:ScientificResearch`)."""
+    label: Annotated[str, StringConstraints(max_length=256)]
+
+
+class PurposeList(CanonicalModel):
+    """The purposes a job may name under the MID's policy in force (`GET /v1/member/purposes`): what a member's
+    consent chooses from."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    policy_version: Annotated[int, Field(ge=0)]
+    purposes: Annotated[tuple[PurposeTerm, ...], Field(max_length=256)]
+
+    @classmethod
+    def parse(cls, data: bytes) -> PurposeList:
+        return _parse_bounded(cls, data, 256 * 1024, "purpose list")
+
+
 class ProvenLeaf(BaseModel):
     """One leaf of the log with its RFC 9162 inclusion path under the answer's checkpoint."""
 
@@ -274,6 +295,8 @@ __all__ = [
     "KnobPrice",
     "PaidLine",
     "ProvenLeaf",
+    "PurposeList",
+    "PurposeTerm",
     "StatementProof",
     "VerifiedStatement",
     "WitnessKey",

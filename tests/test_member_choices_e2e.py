@@ -172,6 +172,8 @@ def test_the_knob_and_consent_a_member_sets_reach_the_mid_and_consent_keeps_it_o
     said = " ".join(knob.stdout.split())
     assert "riverside: knob +0.500: your price 1414 EUR minor units per job" in said, said
     assert "knob -1 -> 500, 0 -> 1000, +1 -> 2000" in said
+    unknown = _member(ann, "consent", "allow", "--purpose", "astrology")
+    assert unknown.returncode == 2 and "not in the MID's purposes (policy v1): astrology" in unknown.stderr
     consent = _member(ann, "consent", "allow", "--purpose", "ads")
     assert consent.returncode == 0, consent.stderr
     wait_until(lambda: _member_choices(stack, "ann") == (500, ("ads",)), 60, "the knob and consent logged")

@@ -52,7 +52,7 @@ from protocol.errors import (
 )
 from protocol.identity import SignerKey
 from protocol.leaves import Leaf, LeafKind
-from protocol.ledger_api import StatementProof, VerifiedStatement, verify_statement
+from protocol.ledger_api import PurposeList, PurposeTerm, StatementProof, VerifiedStatement, verify_statement
 from protocol.messages import MAX_TIME_MS, MIN_TIME_MS, ReceiptBatch, StatementRequest, receipt_batch_json
 from protocol.note import parse_note
 from protocol.witness import Cosigner
@@ -66,6 +66,9 @@ POLICY = RoyaltyPolicy(
 ALL_TIME = (MIN_TIME_MS, MAX_TIME_MS)
 CREATED = 1_800_000_000_000
 MEMBERS = ("ann", "bob", "cat")
+VOCABULARY = PurposeList(
+    policy_version=2, purposes=(PurposeTerm(code="research", dpv="dpv:ResearchAndDevelopment", label="R&D"),)
+)
 
 
 def _now_ms() -> int:
@@ -164,6 +167,7 @@ def mid(tmp_path: Path) -> Iterator[Mid]:
         witnesses=witnesses,
         statements=StatementDesk(MID, ledger, devices, witnesses),
         knob_policy=(lambda: POLICY, "EUR"),
+        purposes=lambda: VOCABULARY,
     )
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
@@ -345,6 +349,7 @@ def test_a_member_who_left_still_reads_and_verifies_its_lines_with_its_departed_
 
 def test_the_knob_price_endpoint_says_what_a_knob_yields_and_refuses_a_bad_knob(mid: Mid) -> None:
     client = LedgerClient(mid.url)
+    assert client.purposes() == VOCABULARY  # what consent chooses from
     price = client.knob_price(-1000)
     assert (price.knob_milli, price.price_minor, price.lowest_minor, price.currency) == (-1000, 500, 500, "EUR")
     assert price.highest_minor == 2000 and price.base_price_minor == 1000 and price.policy_version == POLICY.version

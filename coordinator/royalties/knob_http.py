@@ -15,9 +15,10 @@ from fastapi.responses import Response
 from coordinator.http_refusals import refusal
 from coordinator.royalties.policy import KNOB_MAX_MILLI, KNOB_MIN_MILLI, RoyaltyPolicy, reservation_price
 from protocol.errors import MalformedError, ProtocolError, Reason
-from protocol.ledger_api import KnobPrice
+from protocol.ledger_api import KnobPrice, PurposeList
 
 KNOB_PRICE_PATH = "/v1/member/knob-price"
+PURPOSES_PATH = "/v1/member/purposes"
 
 
 def knob_price(policy: RoyaltyPolicy, currency: str, knob_milli: int) -> KnobPrice:
@@ -34,10 +35,21 @@ def knob_price(policy: RoyaltyPolicy, currency: str, knob_milli: int) -> KnobPri
 
 
 def knob_router(
-    policy: Callable[[], RoyaltyPolicy], currency: str, on_refusal: Callable[[Reason], None] = lambda reason: None
+    policy: Callable[[], RoyaltyPolicy],
+    currency: str,
+    on_refusal: Callable[[Reason], None] = lambda reason: None,
+    purposes: Callable[[], PurposeList] | None = None,
 ) -> APIRouter:
-    """`policy()`: the money policy in force now (serve: the latest POLICY leaf)."""
+    """`policy()`: the money policy in force now (serve: the latest POLICY leaf); `purposes()`: the vocabulary of
+    the policy in force, served on PURPOSES_PATH for members' consent (absent: no such route)."""
     router = APIRouter()
+
+    if purposes is not None:
+        listed = purposes
+
+        @router.get(PURPOSES_PATH)
+        def vocabulary() -> Response:
+            return Response(listed().canonical_json(), media_type="application/json")
 
     @router.get(KNOB_PRICE_PATH)
     def price(knob_milli: str = "0") -> Response:
@@ -52,4 +64,4 @@ def knob_router(
     return router
 
 
-__all__ = ["KNOB_PRICE_PATH", "knob_price", "knob_router"]
+__all__ = ["KNOB_PRICE_PATH", "PURPOSES_PATH", "knob_price", "knob_router"]

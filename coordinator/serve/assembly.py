@@ -50,6 +50,7 @@ from coordinator.tasks.catalogue import TaskCatalogue
 from protocol.enrolment import BrokerCredentials
 from protocol.identity import SignerKey
 from protocol.job_log import JobLogRecord
+from protocol.ledger_api import PurposeList, PurposeTerm
 from protocol.private_files import private_dir, private_file
 
 log = logging.getLogger("midgate.serve")
@@ -224,6 +225,17 @@ def policy_in_force_now(policies: PolicyLog) -> Callable[[], RoyaltyPolicy]:
     return policy
 
 
+def purposes_in_force_now(policies: PolicyLog) -> Callable[[], PurposeList]:
+    """The purpose vocabulary of the policy in force now, as `GET /v1/member/purposes` serves it."""
+
+    def purposes() -> PurposeList:
+        logged = policies.current() or policies.versions[0]
+        terms = tuple(PurposeTerm(code=p.code, dpv=p.dpv, label=p.label) for p in logged.policy.purposes)
+        return PurposeList(policy_version=logged.version, purposes=terms)
+
+    return purposes
+
+
 def settlement_policy(policies: PolicyLog) -> Callable[[JobLogRecord], RoyaltyPolicy]:
     """The policy a logged job is settled under: the version in force when it started (a change while it ran does
     not touch it); a job older than every POLICY leaf takes the first."""
@@ -318,6 +330,7 @@ class CoordinatorProcess:
                     statements=statements,
                     tasks=self.storage.tasks,
                     knob_policy=(policy_in_force_now(self.policies), s.royalties.currency),
+                    purposes=purposes_in_force_now(self.policies),
                 )
                 self.http = await stack.enter_async_context(HttpEndpoint(app, s.enrolment.host, s.enrolment.port))
             self._stack = stack.pop_all()

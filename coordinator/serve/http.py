@@ -31,6 +31,7 @@ from coordinator.royalties.statement_http import StatementDesk, statement_router
 from coordinator.tasks.catalogue import TaskCatalogue
 from coordinator.tasks.http import tasks_router
 from protocol.errors import Reason
+from protocol.ledger_api import PurposeList
 
 
 def build_http_app(
@@ -44,6 +45,7 @@ def build_http_app(
     statements: StatementDesk | None = None,
     tasks: TaskCatalogue | None = None,
     knob_policy: tuple[Callable[[], RoyaltyPolicy], str] | None = None,
+    purposes: Callable[[], PurposeList] | None = None,
 ) -> FastAPI:
     """The app `serve` runs; without `witnesses`, `statements` and `tasks` (tests of other routers) their routes are
     absent."""
@@ -56,7 +58,7 @@ def build_http_app(
     if tasks is not None:
         app.include_router(tasks_router(tasks, on_refusal))
     if knob_policy is not None:
-        app.include_router(knob_router(*knob_policy, on_refusal))
+        app.include_router(knob_router(*knob_policy, on_refusal, purposes))
 
     @app.get("/metrics")
     def prometheus() -> Response:

@@ -291,6 +291,8 @@ def consent_allow(
 
     if not (purpose or buyer or any_purpose):
         raise typer.BadParameter("name a --purpose, a --buyer or --any-purpose")
+    if purpose:
+        _check_vocabulary(config, mid, purpose)
 
     def step(state: MemberState, now: int) -> MemberState:
         if any_purpose:
@@ -298,6 +300,31 @@ def consent_allow(
         return allow(state, now, purpose, buyer)
 
     _control(config, mid, step, "consent changed")
+
+
+def _check_vocabulary(config: Path | None, mid: str | None, purposes: list[str]) -> None:
+    """Each purpose must be in the vocabulary of each chosen MID's policy in force (asked of the MID): exit 2
+    naming the MID's purposes when one is not, exit 1 when the MID cannot be asked (nothing is changed)."""
+    from edge.agent.config import AgentSettings
+    from edge.agent.ledger_client import LedgerClient, ProofUnavailableError
+    from edge.agent.membership import load_membership
+    from protocol.errors import ProtocolError
+
+    for directory in _chosen(AgentSettings.load(config), mid):
+        try:
+            listed = LedgerClient(load_membership(directory).record.enrolment_url).purposes()
+        except (ProofUnavailableError, ProtocolError) as exc:
+            typer.echo(f"{directory.name}: cannot check the MID's purposes now, nothing changed: {exc}", err=True)
+            raise typer.Exit(code=1) from None
+        codes = [p.code for p in listed.purposes]
+        unknown = [p for p in purposes if p not in codes]
+        if unknown:
+            typer.echo(
+                f"{directory.name}: not in the MID's purposes (policy v{listed.policy_version}): "
+                f"{', '.join(unknown)}; its purposes: {', '.join(codes)}",
+                err=True,
+            )
+            raise typer.Exit(code=2)
 
 
 @consent_app.command("deny")

@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 
 from protocol.errors import MalformedError, TooLargeError
-from protocol.ledger_api import MAX_STATEMENT_BYTES, KnobPrice, StatementProof, WitnessList
+from protocol.ledger_api import MAX_STATEMENT_BYTES, KnobPrice, PurposeList, StatementProof, WitnessList
 from protocol.merkle import HASH_SIZE
 from protocol.note import MAX_NOTE_SIZE
 from protocol.tasks.signed import MAX_SIGNED_TASK_SPEC_BYTES
@@ -78,6 +78,10 @@ class LedgerClient:
     def knob_price(self, knob_milli: int) -> KnobPrice:
         """What `knob_milli` means under the MID's current policy: the price it yields and the knob's range."""
         return KnobPrice.parse(self._call("GET", f"/v1/member/knob-price?knob_milli={knob_milli}", limit=4096))
+
+    def purposes(self) -> PurposeList:
+        """The purposes the MID's policy in force lets a job name: what consent chooses from."""
+        return PurposeList.parse(self._call("GET", "/v1/member/purposes", limit=256 * 1024))
 
     def statement(self, request_envelope: bytes) -> StatementProof:
         """The member's settlement and royalty leaves with their proofs, for a signed StatementRequest."""
