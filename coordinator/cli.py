@@ -212,6 +212,7 @@ def devices(config: Path | None = ConfigOption) -> None:
     try:
         enrolled, heard = registry.devices(), registry.presence()
         striking = active_strikes(registry.strike_votes(), now)
+        departed = registry.departures()
     finally:
         registry.close()
     if not enrolled:
@@ -222,6 +223,9 @@ def devices(config: Path | None = ConfigOption) -> None:
     for d in enrolled:
         presence = heard.get(d.device_id)
         status = presence.status if presence is not None else None
+        departure = departed.get(d.device_id)
+        if departure is not None:  # its logged LeaveNotice: a heartbeat after it is refused (revoked key)
+            status = DeviceStatus.LEFT
         online = "-" if presence is None else "yes" if presence.online(now, offline_after_ms) else "no"
         seen = "never" if presence is None else f"{_utc(presence.last_seen_ms)} ({_ago(now - presence.last_seen_ms)})"
         since = "" if presence is None else f"since {_utc(presence.status_ms)}"
@@ -234,8 +238,46 @@ def devices(config: Path | None = ConfigOption) -> None:
             str(status) if status is not None else "-",
             since if status is DeviceStatus.PAUSED else "no",
             "; ".join(s.target_text() for s in striking.get(d.device_id, [])) or "no",
-            since if status is DeviceStatus.LEFT else "no",
+            f"since {_utc(departure.left_ms)}" if departure else since if status is DeviceStatus.LEFT else "no",
             d.verifier.text(),
+        )
+        typer.echo("\t".join(row))
+
+
+@app.command()
+def strikes(config: Path | None = ConfigOption) -> None:
+    """Strikes members vote now, one target a line under a header (tab-separated): how many members strike against
+    it, how many the quorum needs (the policy's `[strikes]`: quorum_bps of the active members, at least min_members),
+    whether it is in force (new
+    jobs for the target are refused with reason `strike`) and who strikes. Every vote is a strike leaf in the ledger."""
+    from coordinator.policy.in_force import policy_in_force
+    from coordinator.registry.store import Registry
+    from coordinator.registry.strikes import StrikeTally
+
+    settings = _settings(config)
+    strikes = policy_in_force(settings)[0].strikes
+    registry = Registry(settings.registry_path)
+    try:
+        votes, devices = registry.strike_votes(), registry.devices()
+        tally = StrikeTally(votes, devices, strikes.quorum_bps, _now_ms(), strikes.min_members)
+    finally:
+        registry.close()
+    counts = tally.counts()
+    typer.echo(
+        f"{tally.active_members} active member(s); quorum {tally.needed}"
+        f" ({strikes.quorum_bps / 100:g} % of them, at least {strikes.min_members})"
+    )
+    if not counts:
+        typer.echo("no strike votes in force")
+        return
+    typer.echo("\t".join(("target", "strikers", "quorum", "in_force", "members")))
+    for count in counts:
+        row = (
+            count.target.text(),
+            str(len(count.strikers)),
+            str(count.needed),
+            "yes" if count.in_force else "no",
+            ",".join(count.strikers),
         )
         typer.echo("\t".join(row))
 

@@ -29,6 +29,7 @@ HTTP_STATUS: dict[Reason, int] = {
     Reason.UNKNOWN_TASK: 404,
     Reason.REVOKED_KEY: 403,
     Reason.STALE_REQUEST: 403,
+    Reason.STRIKE: 409,
     Reason.INCONSISTENT: 409,
     Reason.QUORUM_NOT_MET: 503,
     Reason.BAD_LOGIN: 401,

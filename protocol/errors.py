@@ -54,6 +54,7 @@ class Reason(StrEnum):
     IDEMPOTENCY_MISMATCH = "idempotency_mismatch"
     MODEL_MISMATCH = "model_mismatch"
     MANIFEST_MISMATCH = "manifest_mismatch"
+    STRIKE = "strike"
 
 
 class ProtocolError(Exception):
@@ -292,3 +293,10 @@ class ManifestMismatchError(ProtocolError):
     task, purpose), or a leaf of another kind than the manifest says."""
 
     reason = Reason.MANIFEST_MISMATCH
+
+
+class StrikeInForceError(ProtocolError):
+    """A job (or a quote for one) whose buyer and purpose a members' strike in force covers: at least the MID's
+    strike quorum of its active members strike against it (coordinator/registry/strikes.py)."""
+
+    reason = Reason.STRIKE

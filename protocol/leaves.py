@@ -37,6 +37,12 @@ class LeafKind(IntEnum):
     ESCROW = 10
     ESCROW_RELEASE = 11
     REFUND = 12
+    LEAVE = 13
+    """A member's signed LeaveNotice."""
+    KNOB = 14
+    """A member's signed KnobUpdate."""
+    CONSENT = 15
+    """A member's signed ConsentPolicy."""
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,48 @@ class WitnessList(CanonicalModel):
         return CosignaturePolicy(keys, self.quorum)
 
 
+class KnobPrice(CanonicalModel):
+    """What a knob setting means under the MID's current policy (`GET /v1/member/knob-price?knob_milli=N`): the
+    member's price per job at that knob, and the range the whole knob spans, in minor units of `currency`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    policy_version: Annotated[int, Field(ge=1)]
+    currency: Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
+    knob_milli: Annotated[int, Field(ge=-1000, le=1000)]
+    price_minor: Annotated[int, Field(ge=0)]
+    lowest_minor: Annotated[int, Field(ge=0)]
+    """The price at knob -1."""
+    highest_minor: Annotated[int, Field(ge=0)]
+    """The price at knob +1."""
+    base_price_minor: Annotated[int, Field(ge=0)]
+    """The price at knob 0 (the default)."""
+
+    @classmethod
+    def parse(cls, data: bytes) -> KnobPrice:
+        return _parse_bounded(cls, data, 4096, "knob price")
+
+
+class PurposeTerm(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    code: Ident
+    dpv: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    """The W3C Data Privacy Vocabulary concept the purpose is (e.g. `dpv:ScientificResearch`)."""
+    label: Annotated[str, StringConstraints(max_length=256)]
+
+
+class PurposeList(CanonicalModel):
+    """The purposes a job may name under the MID's policy in force (`GET /v1/member/purposes`): what a member's
+    consent chooses from."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    policy_version: Annotated[int, Field(ge=0)]
+    purposes: Annotated[tuple[PurposeTerm, ...], Field(max_length=256)]
+
+    @classmethod
+    def parse(cls, data: bytes) -> PurposeList:
+        return _parse_bounded(cls, data, 256 * 1024, "purpose list")
+
+
 class ProvenLeaf(BaseModel):
     """One leaf of the log with its RFC 9162 inclusion path under the answer's checkpoint."""
 
@@ -250,8 +292,11 @@ def _b64(text: str, what: str) -> bytes:
 
 __all__ = [
     "MAX_STATEMENT_LEAVES",
+    "KnobPrice",
     "PaidLine",
     "ProvenLeaf",
+    "PurposeList",
+    "PurposeTerm",
     "StatementProof",
     "VerifiedStatement",
     "WitnessKey",

@@ -278,7 +278,8 @@ class KnobUpdate(WireMessage):
 
 
 class ConsentPolicy(WireMessage):
-    """Which purposes the member allows and which buyers they refuse; replaces the previous policy as a whole."""
+    """Which purposes the member allows and which buyers they refuse; replaces the previous policy as a whole.
+    `any_purpose`: every purpose of the MID's vocabulary is allowed (then `allowed_purposes` is empty)."""
 
     PAYLOAD_TYPE: ClassVar[str] = _media_type("consent-policy")
     v: Literal[1] = 1
@@ -286,9 +287,12 @@ class ConsentPolicy(WireMessage):
     device_time_ms: TimeMs
     allowed_purposes: Annotated[tuple[Ident, ...], Field(max_length=64)]
     denied_buyers: Annotated[tuple[Ident, ...], Field(max_length=256)] = ()
+    any_purpose: bool = False
 
     @model_validator(mode="after")
     def _no_duplicates(self) -> Self:
+        if self.any_purpose and self.allowed_purposes:
+            raise ValueError("any_purpose allows every purpose: allowed_purposes must be empty")
         if len(set(self.allowed_purposes)) != len(self.allowed_purposes):
             raise ValueError("allowed_purposes has duplicates")
         if len(set(self.denied_buyers)) != len(self.denied_buyers):
@@ -303,6 +307,18 @@ def check_strike_span(target_buyer: str | None, target_purpose: str | None, star
         raise ValueError("a strike needs a target buyer, a target purpose, or both")
     if end_ms is not None and end_ms <= start_ms:
         raise ValueError("end_ms must be after start_ms")
+
+
+def consent_excludes(
+    allowed_purposes: Sequence[str] | None, denied_buyers: Sequence[str], buyer: str, purpose: str
+) -> str | None:
+    """Why a member's consent rules out a job of `buyer` for `purpose`, or None when it allows it.
+    `allowed_purposes` None: every purpose. The agent declines such a job; the MID never selects the member for it."""
+    if buyer in denied_buyers:
+        return f"consent denies buyer {buyer}"
+    if allowed_purposes is not None and purpose not in allowed_purposes:
+        return f"consent does not allow purpose {purpose}"
+    return None
 
 
 def strike_covers(target_buyer: str | None, target_purpose: str | None, buyer: str, purpose: str) -> bool:
@@ -329,6 +345,19 @@ class StrikeVote(WireMessage):
     def _target_and_span(self) -> Self:
         check_strike_span(self.target_buyer, self.target_purpose, self.start_ms, self.end_ms)
         return self
+
+
+class LeaveNotice(WireMessage):
+    """The member leaves this MID for good (`midgate agent leave`). The MID logs it as a `leave` leaf, revokes the
+    member's device keys and broker logins, and never selects the member again; royalties from models it helped train
+    keep being split to it, and its departed device key can still sign StatementRequests (and nothing else)."""
+
+    PAYLOAD_TYPE: ClassVar[str] = _media_type("leave-notice")
+    v: Literal[1] = 1
+    seq: U64
+    device_time_ms: TimeMs
+    left_ms: TimeMs
+    """When the member chose to leave (`member.json`), as the device's clock said."""
 
 
 # --- coordinator -> device (signed by the MID key) ----------------------------------------------------------------
@@ -587,6 +616,7 @@ MESSAGE_TYPES: tuple[type[WireMessage], ...] = (
     KnobUpdate,
     ConsentPolicy,
     StrikeVote,
+    LeaveNotice,
     Statement,
     RevenueReport,
     Refusal,
@@ -643,6 +673,7 @@ __all__ = [
     "Ident",
     "KeyRevocation",
     "KnobUpdate",
+    "LeaveNotice",
     "Receipt",
     "ReceiptBatch",
     "ReceiptPath",
@@ -656,6 +687,7 @@ __all__ = [
     "TimeMs",
     "WireMessage",
     "check_strike_span",
+    "consent_excludes",
     "open_enrolment_request",
     "receipt_batch_json",
     "require_newer_seq",

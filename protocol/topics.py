@@ -27,6 +27,7 @@ from protocol.messages import (
     EnrolmentResponse,
     Heartbeat,
     KnobUpdate,
+    LeaveNotice,
     ReceiptBatch,
     Refusal,
     RoundInvitation,
@@ -57,6 +58,7 @@ class UpKind(StrEnum):
     KNOB = "knob"
     CONSENT = "consent"
     STRIKE = "strike"
+    LEAVE = "leave"
 
 
 class DownKind(StrEnum):
@@ -83,6 +85,7 @@ MESSAGE_BY_UP_KIND: dict[UpKind, tuple[type[WireMessage], ...]] = {
     UpKind.KNOB: (KnobUpdate,),
     UpKind.CONSENT: (ConsentPolicy,),
     UpKind.STRIKE: (StrikeVote,),
+    UpKind.LEAVE: (LeaveNotice,),
 }
 """The messages each up topic kind carries; the envelope's payloadType says which one."""
 MESSAGE_BY_DOWN_KIND: dict[DownKind, type[WireMessage]] = {

@@ -2,7 +2,8 @@
 real `midgate agent run`, and the commands run as CLI subprocesses. While the agent's SuperNode runs for a job,
 pause / strike / leave stop it with every process below it (asserted by PID), invitations the member does not allow
 start nothing, resume lets the next one start it again, and a StrikeVote (and its withdrawal) reaches the MID's
-ledger with a receipt the agent verified. A leave survives a restart of the agent."""
+ledger with a receipt the agent verified. A leave is sent to the MID as a signed LeaveNotice and survives a restart
+of the agent."""
 
 from __future__ import annotations
 
@@ -289,9 +290,12 @@ def test_leave_stops_the_supernode_for_good_and_the_outbox_still_delivers(device
     refused = device.command("resume")
     assert refused.returncode == 1 and "already_left" in refused.stderr
 
-    # After leaving, what goes through the outbox is still delivered and receipted (here: a strike withdrawal).
-    assert device.command("unstrike").returncode == 0
-    wait_until(lambda: device.receipted(vote_name.replace("-vote", "-withdraw")) is not None, 60, "the withdrawal")
+    # Once the outbox is delivered the agent tells the MID, signed: the MID logs the LeaveNotice (and revokes the
+    # device's key with it: tests/test_member_choices_e2e.py), so nothing can be withdrawn after leaving.
+    wait_until(lambda: device.receipted("leave") is not None, 60, "the leave notice's receipt")
+    assert device.receipted(vote_name.replace("-vote", "-withdraw")) is None
+    refused = device.command("unstrike")
+    assert refused.returncode == 1 and "already_left" in refused.stderr
 
     # For good: a restarted agent reads the file and still declines.
     device.stop_agent()

@@ -243,6 +243,16 @@ def test_a_recorded_payment_is_settled_once_under_the_policy_and_buyers_revenue_
     assert refused.value.reason == "unknown_model"
 
 
+def test_a_job_is_settled_at_the_knobs_its_members_had_when_it_started(tmp_path: Path, ledger: LedgerStore) -> None:
+    book = JobBook(tmp_path / "job-book")
+    book.write(_ended(tmp_path).model_copy(update={"knobs_milli": {"ann": 1000, "bob": -500}}))
+    book.record_payment(JobPayment(job_id="job-7", payment_minor=10_001, currency="EUR", recorded_ms=NOW_MS))
+    assert _follower(tmp_path, ledger).follow() == [0, 1, 2, 3]
+    record = decode_record(decode_leaf(ledger.leaf(3)).signed)
+    knobs = {m.member: m.knob_milli for m in record.inputs.attribution.members}
+    assert knobs == {"ann": 1000, "bob": -500, "cid": 0}  # cid set none: the base price
+
+
 def test_a_payment_in_another_currency_is_not_settled_and_said_once(
     tmp_path: Path, ledger: LedgerStore, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -215,7 +215,8 @@ def test_typed_leaves_round_trip_and_reject_ambiguity() -> None:
     for bad in (good + b"x", good[:-1], b"\x02" + good[1:], good[:1] + b"\x00" + good[2:], good[:5], b""):
         with pytest.raises(MalformedError):
             decode_leaf(bad)
-    assert len(LeafKind) == 12
+    # Kinds are appended, never renumbered: the values run 1, 2, 3, ... with no gap or reuse.
+    assert [kind.value for kind in LeafKind] == list(range(1, len(LeafKind) + 1))
 
 
 def test_appends_from_worker_threads_are_serialised(tmp_path: Path, log_key: SignerKey) -> None:

@@ -30,13 +30,14 @@ from coordinator.mid_key import mid_key_name
 from coordinator.registry.device_keys import DeviceKeys
 from coordinator.registry.store import Registry
 from coordinator.royalties import KnobPolicy, MemberAttribution, ModelAttribution, RoyaltyPolicy, settle_job
-from coordinator.royalties.ledger_records import append_split
+from coordinator.royalties.ledger_records import append_split, report_revenue
 from coordinator.royalties.statement_http import REQUEST_WINDOW_MS, StatementDesk
 from coordinator.serve.http import build_http_app
 from edge.agent.ledger_client import LedgerClient, RefusedByMidError
 from edge.agent.ledger_view import LedgerView
 from edge.agent.membership import Membership, MembershipRecord
 from edge.agent.outbox import Outbox
+from edge.agent.portfolio import collect, render_portfolio, totals_minor
 from edge.agent.receipts import ReceiptStatus, check_offline, check_witnessed, verify_membership_receipts
 from edge.agent.statement import fetch_statement, render_statement
 from edge.agent.witnessing import cosign_candidate
@@ -51,7 +52,7 @@ from protocol.errors import (
 )
 from protocol.identity import SignerKey
 from protocol.leaves import Leaf, LeafKind
-from protocol.ledger_api import StatementProof, verify_statement
+from protocol.ledger_api import PurposeList, PurposeTerm, StatementProof, VerifiedStatement, verify_statement
 from protocol.messages import MAX_TIME_MS, MIN_TIME_MS, ReceiptBatch, StatementRequest, receipt_batch_json
 from protocol.note import parse_note
 from protocol.witness import Cosigner
@@ -65,6 +66,9 @@ POLICY = RoyaltyPolicy(
 ALL_TIME = (MIN_TIME_MS, MAX_TIME_MS)
 CREATED = 1_800_000_000_000
 MEMBERS = ("ann", "bob", "cat")
+VOCABULARY = PurposeList(
+    policy_version=2, purposes=(PurposeTerm(code="research", dpv="dpv:ResearchAndDevelopment", label="R&D"),)
+)
 
 
 def _now_ms() -> int:
@@ -162,6 +166,8 @@ def mid(tmp_path: Path) -> Iterator[Mid]:
         on_refusal=refusals.append,
         witnesses=witnesses,
         statements=StatementDesk(MID, ledger, devices, witnesses),
+        knob_policy=(lambda: POLICY, "EUR"),
+        purposes=lambda: VOCABULARY,
     )
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
@@ -316,6 +322,72 @@ def test_statement_requests_are_refused_unsigned_foreign_replayed_stale_or_revok
         Reason.POLICY_VIOLATION,
         Reason.REVOKED_KEY,
     ]
+
+
+def test_a_member_who_left_still_reads_and_verifies_its_lines_with_its_departed_key(mid: Mid, tmp_path: Path) -> None:
+    mid.cosign("ann", "bob")
+    revoked = mid.registry.record_departure("cat", 99, CREATED + 1)  # cat's logged LeaveNotice
+    assert revoked == ["d-cat"] and mid.registry.device("d-cat").revoked  # type: ignore[union-attr]
+    # After cat left, the buyer reports revenue on a model cat helped train: the royalty still pays cat.
+    report_revenue(mid.ledger, "job-3-v1", 3_000, record_id="royalty-1", created_ms=CREATED + 2, currency="EUR")
+    mid.cosign("ann", "bob")
+    statement = fetch_statement(mid.membership("cat", tmp_path), LedgerClient(mid.url), None, ALL_TIME, _now_ms())
+    assert [(line.kind, line.job_id) for line in statement.lines] == [
+        ("settlement", "job-2"),
+        ("settlement", "job-3"),
+        ("royalty", "job-3"),
+    ]
+    assert statement.lines[-1].amount_minor > 0
+    # Only its own lines: the departed key asking as another device is refused, as before.
+    url = mid.url + "/v1/member/statement"
+    assert _post(url, mid.request("ann", key=mid.keys["cat"]))[0] == 403
+    # A key the operator revoked (not by leaving) reads nothing.
+    mid.registry.revoke("d-bob", CREATED + 2)
+    status, answer = _post(url, mid.request("bob"))
+    assert (status, answer["reason"]) == (403, "revoked_key")
+
+
+def test_the_knob_price_endpoint_says_what_a_knob_yields_and_refuses_a_bad_knob(mid: Mid) -> None:
+    client = LedgerClient(mid.url)
+    assert client.purposes() == VOCABULARY  # what consent chooses from
+    price = client.knob_price(-1000)
+    assert (price.knob_milli, price.price_minor, price.lowest_minor, price.currency) == (-1000, 500, 500, "EUR")
+    assert price.highest_minor == 2000 and price.base_price_minor == 1000 and price.policy_version == POLICY.version
+    for bad, reason in (("1001", "policy_violation"), ("0.5", "malformed"), ("x" * 30, "malformed")):
+        with pytest.raises(RefusedByMidError) as refused:
+            client._call("GET", f"/v1/member/knob-price?knob_milli={bad}", limit=4096)
+        assert refused.value.reason == reason
+
+
+def test_the_portfolio_totals_its_verified_lines_and_a_tampered_statement_counts_nothing(
+    mid: Mid, tmp_path: Path
+) -> None:
+    mid.cosign("ann", "bob")
+
+    class Tampering(LedgerClient):
+        """A MID (or a path to it) that alters one byte of the first leaf it sends."""
+
+        def statement(self, request_envelope: bytes) -> StatementProof:
+            proof = super().statement(request_envelope)
+            leaf = bytearray(base64.b64decode(proof.leaves[0].leaf))
+            leaf[-20] ^= 1
+            first = proof.leaves[0].model_copy(update={"leaf": base64.b64encode(bytes(leaf)).decode()})
+            return proof.model_copy(update={"leaves": (first, *proof.leaves[1:])})
+
+    ann, bob, cat = (mid.membership(m, tmp_path) for m in ("ann", "bob", "cat"))
+
+    def fetch(membership: Membership) -> VerifiedStatement:
+        client = Tampering(mid.url) if membership is cat else LedgerClient(mid.url)
+        return fetch_statement(membership, client, None, ALL_TIME, _now_ms())
+
+    earnings = collect([ann, bob, cat], fetch)
+    verified = [e.statement for e in earnings if e.statement is not None]
+    lines = [line.amount_minor for statement in verified for line in statement.lines]
+    assert totals_minor(earnings) == {"EUR": sum(lines)} and len(lines) == 3  # ann's two lines and bob's one
+    assert earnings[2].statement is None and earnings[2].problem.startswith("refused: root_mismatch")
+    printed = render_portfolio(earnings)
+    assert f"Total across MIDs: {sum(lines)} EUR minor units" in printed
+    assert "NOT COUNTED, refused: root_mismatch" in printed
 
 
 def _answer(mid: Mid, member: str) -> StatementProof:

@@ -31,6 +31,7 @@ from protocol.messages import (
     Heartbeat,
     KeyRevocation,
     KnobUpdate,
+    LeaveNotice,
     Receipt,
     ReceiptBatch,
     ReceiptPath,
@@ -127,6 +128,7 @@ SAMPLES: list[WireMessage] = [
     KnobUpdate(seq=3, device_time_ms=NOW, bias_milli=-250),
     ConsentPolicy(seq=4, device_time_ms=NOW, allowed_purposes=("health-research",), denied_buyers=("adtech",)),
     StrikeVote(seq=5, device_time_ms=NOW, target_buyer="acme", start_ms=NOW, end_ms=NOW + 1),
+    LeaveNotice(seq=6, device_time_ms=NOW, left_ms=NOW - 1000),
     ReceiptBatch(
         checkpoint="example.com/log\n8\nAAAA\n\n— x y\n",
         receipts=(ReceiptPath(seq=41, leaf_index=7, path=("A" * 43 + "=",)),),

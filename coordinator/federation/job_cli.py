@@ -126,7 +126,8 @@ def start(
             context={"task": spec},
         )
         # A job is purpose-bound: the purpose must be in the vocabulary of the policy in force (policy_violation).
-        policy_in_force(settings)[0].purpose(purpose)
+        policy = policy_in_force(settings)[0]
+        policy.purpose(purpose)
     except ValidationError as error:
         typer.echo(f"job refused: {validation_problems(error)}", err=True)
         raise typer.Exit(2) from None
@@ -138,8 +139,12 @@ def start(
         raise typer.Exit(2)
     ledger_size = _ledger_size(settings)
     try:
-        record = _run(settings, request, spec, console)
-    except (JobRequestError, FlowerCliError, OSError) as error:  # OSError: no broker, no MID CA yet
+        record = _run(settings, request, spec, console, (policy.strikes.quorum_bps, policy.strikes.min_members))
+    except JobRequestError as error:
+        verdict = "refused" if error.reason == "strike" else "failed"
+        typer.echo(f"job {verdict}: {error}", err=True)
+        raise typer.Exit(2 if verdict == "refused" else 1) from None
+    except (FlowerCliError, OSError) as error:  # OSError: no broker, no MID CA yet
         typer.echo(f"job failed: {' '.join(str(error).split())}", err=True)  # flwr's output, on one line
         raise typer.Exit(1) from None
     _print_outcome(console, record)
@@ -288,7 +293,14 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _run(settings: CoordinatorSettings, request: JobRequest, spec: TaskSpec | None, console: Console) -> JobRecord:
+def _run(
+    settings: CoordinatorSettings,
+    request: JobRequest,
+    spec: TaskSpec | None,
+    console: Console,
+    strikes: tuple[int, int],
+) -> JobRecord:
+    """Run the job; `strikes`: the (quorum_bps, min_members) of the policy in force."""
     from coordinator.broker.logins import coordinator_password, coordinator_password_path
     from coordinator.federation.job_start import BrokerLogin, InvitationSender, JobRun
     from coordinator.federation.mid_superlink import job_flower_cli
@@ -321,6 +333,8 @@ def _run(settings: CoordinatorSettings, request: JobRequest, spec: TaskSpec | No
                 offline_after_s=s.ingest.heartbeat_offline_s,
                 flower_acceleration=s.federation.flower_acceleration,
                 task=spec,
+                strike_quorum_bps=strikes[0],
+                strike_min_members=strikes[1],
             )
             with console.status(f"job {request.job_id}: {request.task_id}@{request.task_version}"):
                 return run.run()

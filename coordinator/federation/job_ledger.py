@@ -283,6 +283,7 @@ class JobLedger:
         if payment.currency != self.currency:
             raise MalformedError("payment currency is not the MID's", expected=self.currency, found=payment.currency)
         job = decode_job_record(decode_leaf(self.ledger.leaf(jobs[job_id])).signed)
+        booked = self.book.read(job_id)
         index = settle_logged_job(
             self.ledger,
             job,
@@ -290,6 +291,7 @@ class JobLedger:
             currency=payment.currency,
             created_ms=payment.recorded_ms,
             policy=self.policy_for(job),
+            knobs_milli=booked.knobs_milli if booked is not None else None,  # the knobs when the job started
         )
         self._settlements.add(settlement_record_id(job_id))
         log.info("job settled", extra={"job": job_id, "leaf_index": index, "payment_minor": payment.payment_minor})

@@ -38,8 +38,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validat
 from coordinator.capture.directory import capture_summary_path, read_round_summary, read_validation
 from coordinator.federation.flower_cli import FlowerCli, FlowerCliError
 from coordinator.federation.job import TASKS_DIR, Aggregation, JobOutcome, aggregation_conflict
+from coordinator.registry.member_choices import knobs_for
 from coordinator.registry.presence import absence, active_strikes
 from coordinator.registry.store import Registry
+from coordinator.registry.strikes import strike_refusal
 from protocol.errors import ProtocolError
 from protocol.identity import SignerKey
 from protocol.job_log import model_version
@@ -238,7 +240,9 @@ class JobDevice(BaseModel):
 
 def select_devices(registry: Registry, names: tuple[str, ...]) -> list[JobDevice]:
     """The devices to invite: those named (each must be enrolled, not revoked, with a Flower node), or with no names
-    every such device. Raises JobRequestError (unknown_device, revoked_device, no_flower_node, no_devices)."""
+    every such device. A named device whose member left is kept for `expected_devices` to report as `left` (its key
+    is revoked, it is never invited). Raises JobRequestError (unknown_device, revoked_device, no_flower_node,
+    no_devices)."""
     if not names:
         candidates = [d for d in registry.devices() if not d.revoked]
         found = [(d, registry.flower_node(d.device_id)) for d in candidates]
@@ -247,11 +251,12 @@ def select_devices(registry: Registry, names: tuple[str, ...]) -> list[JobDevice
             raise JobRequestError("no_devices", "no enrolled device has a Flower node", expected=">= 1", found=0)
         return chosen
     chosen = []
+    departed = registry.departures()
     for name in names:
         device = registry.device(name)
         if device is None:
             raise JobRequestError("unknown_device", "no such enrolled device", device=name)
-        if device.revoked:
+        if device.revoked and name not in departed:
             raise JobRequestError("revoked_device", "the device's key is revoked", device=name)
         node = registry.flower_node(name)
         if node is None:
@@ -264,14 +269,24 @@ def expected_devices(
     registry: Registry, devices: list[JobDevice], request: JobRequest, now_ms: int, offline_after_ms: int
 ) -> tuple[list[JobDevice], dict[str, str]]:
     """Split `devices` into those the job invites and waits for, and those it knows will not come (device id -> why:
+    the member's logged consent excludes the job's buyer or purpose (coordinator.registry.member_choices), or
     coordinator.registry.presence.absence, from what the devices last said in signed messages)."""
     heard = registry.presence()
     striking = active_strikes(registry.strike_votes(), now_ms)
+    consents = registry.consents()
+    departed = registry.departures()
     coming: list[JobDevice] = []
     absent: dict[str, str] = {}
     for device in devices:
         strikes = striking.get(device.device_id, [])
-        why = absence(heard.get(device.device_id), strikes, request.buyer, request.purpose, now_ms, offline_after_ms)
+        consent = consents.get(device.member_id)
+        why = consent.excludes(request.buyer, request.purpose) if consent is not None else None
+        if device.device_id in departed:
+            why = "left"
+        if why is None:
+            why = absence(
+                heard.get(device.device_id), strikes, request.buyer, request.purpose, now_ms, offline_after_ms
+            )
         if why is None:
             coming.append(device)
         else:
@@ -383,6 +398,9 @@ class JobRecord(BaseModel):
     outcome: JobOutcome | None = None
     # What buyers report revenue against (protocol.job_log.model_version); set when the job completed.
     model_version: str | None = None
+    knobs_milli: dict[str, int] = Field(default_factory=dict)
+    """Member -> its logged knob when the job started (coordinator.registry.member_choices.knobs_for): the job is
+    settled at these prices, so a knob changed while it runs applies from the next job."""
 
 
 class JobPayment(BaseModel):
@@ -506,6 +524,9 @@ class JobRun:
     flower_acceleration: the run's `flower-acceleration` (the MID's `[federation] flower_acceleration`; default True).
     task: the job's spec from the MID's catalogue, handed to the ServerApp under `jobs_dir/tasks/`; default None: the
         built-in spec the request names.
+    strike_quorum_bps, strike_min_members: the strike quorum of the MID policy in force (`[strikes] quorum_bps`,
+        `min_members`; defaults 5000 and 1): a job whose buyer and purpose a strike in force covers is refused with
+        reason `strike` (coordinator.registry.strikes).
     """
 
     request: JobRequest
@@ -522,6 +543,8 @@ class JobRun:
     status_every_s: float = 15.0
     flower_acceleration: bool = True
     task: TaskSpec | None = None
+    strike_quorum_bps: int = 5000
+    strike_min_members: int = 1
     clock: Callable[[], float] = time.monotonic
     _started: float = field(default=0.0, init=False)
 
@@ -530,6 +553,16 @@ class JobRun:
         if self.book.read(self.request.job_id) is not None:
             raise JobRequestError("job_exists", "a job with this id was already run", job=self.request.job_id)
         now = _now_ms()
+        struck = strike_refusal(
+            self.registry,
+            self.request.buyer,
+            self.request.purpose,
+            self.strike_quorum_bps,
+            now,
+            self.strike_min_members,
+        )
+        if struck is not None:
+            raise JobRequestError("strike", struck, buyer=self.request.buyer, purpose=self.request.purpose)
         devices, absent = expected_devices(
             self.registry,
             select_devices(self.registry, self.request.devices),
@@ -543,6 +576,7 @@ class JobRun:
             nonces={d.device_id: secrets.token_hex(16) for d in devices},
             not_waited_for=absent,
             started_ms=now,
+            knobs_milli=knobs_for(sorted({d.member_id for d in devices}), self.registry.knobs()),
         )
         self.book.write(record)
         try:

@@ -19,6 +19,7 @@ from enum import StrEnum
 from typing import TypeVar
 
 from coordinator.ingest.batch_proofs import batch_inclusion_proofs
+from coordinator.ingest.member_records import MEMBER_KINDS, LoggedChoice, record_member_choices
 from coordinator.ingest.presence import logged_strike_vote
 from coordinator.ledger.dedup import DedupIndex
 from coordinator.ledger.store import LedgerStore
@@ -41,9 +42,12 @@ from protocol.errors import (
 from protocol.identity import SignerKey
 from protocol.leaves import Leaf, LeafKind, decode_leaf
 from protocol.messages import (
+    ConsentPolicy,
     ContributionReport,
     DeviceStatus,
     Heartbeat,
+    KnobUpdate,
+    LeaveNotice,
     StrikeVote,
     WireMessage,
     receipt_batch_json,
@@ -58,6 +62,9 @@ T = TypeVar("T")
 _KINDS: dict[UpKind, tuple[type[WireMessage], LeafKind | None]] = {
     UpKind.REPORT: (ContributionReport, LeafKind.CONTRIBUTION),
     UpKind.STRIKE: (StrikeVote, LeafKind.STRIKE),
+    UpKind.LEAVE: (LeaveNotice, LeafKind.LEAVE),
+    UpKind.KNOB: (KnobUpdate, LeafKind.KNOB),
+    UpKind.CONSENT: (ConsentPolicy, LeafKind.CONSENT),
     UpKind.HEARTBEAT: (Heartbeat, None),
 }
 INGEST_KINDS = frozenset(_KINDS)
@@ -370,8 +377,12 @@ class IngestPipeline:
         default_rate_per_s: float,
         default_burst: int,
         clock: Callable[[], float] = time.monotonic,
+        on_departed: Callable[[list[str]], None] = lambda devices: None,
     ) -> None:
+        """`on_departed(devices)`: called (on this pipeline's thread) after a logged LeaveNotice revoked `devices`,
+        so their broker logins go too (`serve` rewrites the broker's password file)."""
         self.mid = mid
+        self.on_departed = on_departed
         self.registry = registry
         self.ledger = ledger
         self.dedup = dedup
@@ -397,8 +408,9 @@ class IngestPipeline:
         start, size = self.dedup.indexed_size, self.ledger.size
         if start < size:
             # Strike votes first: `commit` records them before the dedup index, so what the index lacks they may too.
-            leaves = ((index, decode_leaf(data)) for index, data in self.ledger.leaves(start, size))
+            leaves = [(index, decode_leaf(data)) for index, data in self.ledger.leaves(start, size)]
             self._record_strike_votes([(index, leaf.signed) for index, leaf in leaves if leaf.kind is LeafKind.STRIKE])
+            self._record_choices([(index, leaf) for index, leaf in leaves if leaf.kind in MEMBER_KINDS])
             added = self.dedup.catch_up(self.ledger.leaves(start, size), size)
             log.info("dedup index caught up with the ledger", extra={"from": start, "to": size, "added": added})
 
@@ -413,6 +425,22 @@ class IngestPipeline:
             if device is not None:
                 votes.append(logged_strike_vote(index, device, envelope))
         self.registry.record_strike_votes(votes)
+
+    def _record_choices(self, logged: list[tuple[int, Leaf]]) -> None:
+        """Keep the (leaf index, leaf) members' choices (leave, knob, consent) in the registry, signers by key id."""
+        if not logged:
+            return
+        devices = {d.verifier.key_id.hex(): d.device_id for d in self.registry.devices()}
+        choices = []
+        for index, leaf in logged:
+            device = next((devices[k] for k in peek_envelope(leaf.signed)[2] if k in devices), None)
+            if device is not None:
+                choices.append(LoggedChoice(index, leaf.kind, device, leaf.signed))
+        self._departed(record_member_choices(self.registry, choices, time.time_ns() // 1_000_000))
+
+    def _departed(self, revoked: list[str]) -> None:
+        if revoked:
+            self.on_departed(revoked)
 
     def refresh_registry(self) -> None:
         """Reload device keys when the registry changed, and log any revocation not yet in the ledger: this
@@ -491,6 +519,13 @@ class IngestPipeline:
         ]
         if strikes:  # before the dedup index: `_catch_up` finds what a crash in between left out
             self.registry.record_strike_votes(strikes)
+        choices = [
+            LoggedChoice(index, c.leaf.kind, c.device.device_id, c.leaf.signed)
+            for c, index in zip(candidates, appended.indices, strict=True)
+            if c.leaf.kind in MEMBER_KINDS
+        ]
+        if choices:  # likewise before the dedup index
+            self._departed(record_member_choices(self.registry, choices, now_ms))
         # Serve's other writers (enrolment, the job-book follower, the revenue desk) may have appended since the index
         # last moved: index their device-signed leaves (enrolment requests) before recording past them.
         if self.dedup.indexed_size < appended.first_index:

@@ -121,8 +121,11 @@ class DedupIndex:
         return len(entries)
 
 
-DEVICE_SIGNED = frozenset({LeafKind.ENROL, LeafKind.CONTRIBUTION, LeafKind.STRIKE})
-"""Leaf kinds whose envelope a device key signed with a seq: its enrolment request (seq 0), reports, strike votes.
+DEVICE_SIGNED = frozenset(
+    {LeafKind.ENROL, LeafKind.CONTRIBUTION, LeafKind.STRIKE, LeafKind.LEAVE, LeafKind.KNOB, LeafKind.CONSENT}
+)
+"""Leaf kinds whose envelope a device key signed with a seq: its enrolment request (seq 0), reports, strike votes,
+leave notices, knob updates and consent policies.
 A (key, seq) names one statement across all of them (docs/protocol.md, "Replay rules")."""
 
 

@@ -131,10 +131,17 @@ class LedgerReader:
         self._ends: list[int] = []
         self._starts: list[int] = []
         self._upper: dict[NodeId, bytes] = {}
-        for start, end in conn.execute('SELECT start, "end" FROM batches ORDER BY "end"'):
-            self._starts.append(int(start))
-            self._ends.append(int(end))
-        self._range = self._load_range()
+        # One read transaction: the batch list and the size must come from one snapshot of the file. Read apart, an
+        # append by the writer (`serve`) in between gave a size whose nodes no batch in the list stored (seen by
+        # `job start` polling the ledger while serve logged a member's leave and its key revocation).
+        conn.execute("BEGIN")
+        try:
+            for start, end in conn.execute('SELECT start, "end" FROM batches ORDER BY "end"'):
+                self._starts.append(int(start))
+                self._ends.append(int(end))
+            self._range = self._load_range()
+        finally:
+            conn.execute("COMMIT")
 
     @classmethod
     def open_existing(cls, path: Path) -> LedgerReader:

@@ -21,6 +21,8 @@ class DeviceKeySnapshot:
     """Every device (revoked ones too, so a revoked key is told apart from an unknown one), by hex key id."""
     witnesses: tuple[CosignatureVerifier, ...]
     """The unrevoked devices' keys in the cosignature/v1 role, by device id."""
+    departed: frozenset[str] = frozenset()
+    """Devices revoked because their member left: their keys may still read the member's statement."""
 
 
 class DeviceKeys:
@@ -38,6 +40,7 @@ class DeviceKeys:
                     version,
                     {d.verifier.key_id.hex(): d for d in devices},
                     tuple(CosignatureVerifier.for_key(d.verifier) for d in devices if not d.revoked),
+                    frozenset(self.registry.departures()),
                 )
             return self._snapshot
 

@@ -8,6 +8,7 @@ twice, and a revocation must survive a crash. `version` increases with every cha
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coordinator.registry.member_choices import ConsentRecord, Departure, KnobSetting
 from coordinator.registry.presence import Presence, StrikeVoteRecord
 from protocol.errors import InviteExpiredError, InviteInvalidError, InviteUsedError, MalformedError
 from protocol.identity import VerifierKey
@@ -83,6 +85,26 @@ CREATE TABLE IF NOT EXISTS strike_votes (
     start_ms INTEGER NOT NULL,
     end_ms INTEGER,
     withdraw INTEGER NOT NULL
+);
+-- Devices revoked because their member left (a logged LeaveNotice): such a key may still read its member's statement.
+CREATE TABLE IF NOT EXISTS departures (
+    device_id TEXT PRIMARY KEY REFERENCES devices(device_id),
+    member_id TEXT NOT NULL REFERENCES members(member_id),
+    leaf_index INTEGER NOT NULL,
+    left_ms INTEGER NOT NULL
+);
+-- Each member's latest logged KnobUpdate and ConsentPolicy (the one with the highest leaf index wins).
+CREATE TABLE IF NOT EXISTS member_knobs (
+    member_id TEXT PRIMARY KEY REFERENCES members(member_id),
+    bias_milli INTEGER NOT NULL,
+    leaf_index INTEGER NOT NULL,
+    device_time_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS member_consents (
+    member_id TEXT PRIMARY KEY REFERENCES members(member_id),
+    allowed_purposes TEXT NOT NULL,
+    denied_buyers TEXT NOT NULL,
+    leaf_index INTEGER NOT NULL
 );
 """
 
@@ -354,10 +376,76 @@ class Registry:
             for index, device, buyer, purpose, start_ms, end_ms, withdraw in rows
         ]
 
+    def record_departure(self, member_id: str, leaf_index: int, now_ms: int) -> list[str]:
+        """The member's LeaveNotice was logged at `leaf_index`: revoke every active device of the member (each owed
+        to the ledger as a key-revoke leaf, like `revoke`) and remember them as departed, in one transaction.
+        Returns the devices revoked now (none when the departure was already recorded)."""
+        with self._write() as db:
+            rows = db.execute(
+                "SELECT device_id FROM devices WHERE member_id = ? AND revoked_ms IS NULL ORDER BY device_id",
+                (member_id,),
+            ).fetchall()
+            revoked = [device_id for (device_id,) in rows]
+            for device_id in revoked:
+                db.execute("UPDATE devices SET revoked_ms = ? WHERE device_id = ?", (now_ms, device_id))
+                db.execute("INSERT OR IGNORE INTO ledger_records VALUES (?, 'revoke', NULL, NULL)", (device_id,))
+                db.execute(
+                    "INSERT OR IGNORE INTO departures VALUES (?, ?, ?, ?)", (device_id, member_id, leaf_index, now_ms)
+                )
+            return revoked
+
+    def departures(self) -> dict[str, Departure]:
+        """Device id -> its departure, for every device revoked because its member left."""
+        rows = self._rows("SELECT device_id, member_id, leaf_index, left_ms FROM departures")
+        return {row[0]: Departure(*row) for row in rows}
+
+    def departed_members(self) -> set[str]:
+        return {row[0] for row in self._rows("SELECT DISTINCT member_id FROM departures")}
+
+    def record_knob(self, setting: KnobSetting) -> None:
+        """Keep the member's knob if this leaf is its latest."""
+        with self._write(bump_version=False) as db:
+            db.execute(
+                "INSERT INTO member_knobs VALUES (?, ?, ?, ?) ON CONFLICT(member_id) DO UPDATE SET"
+                " bias_milli = excluded.bias_milli, leaf_index = excluded.leaf_index,"
+                " device_time_ms = excluded.device_time_ms WHERE excluded.leaf_index > leaf_index",
+                (setting.member_id, setting.bias_milli, setting.leaf_index, setting.device_time_ms),
+            )
+
+    def knobs(self) -> dict[str, KnobSetting]:
+        rows = self._rows("SELECT member_id, bias_milli, leaf_index, device_time_ms FROM member_knobs")
+        return {row[0]: KnobSetting(*row) for row in rows}
+
+    def record_consent(self, consent: ConsentRecord) -> None:
+        """Keep the member's consent if this leaf is its latest."""
+        with self._write(bump_version=False) as db:
+            db.execute(
+                "INSERT INTO member_consents VALUES (?, ?, ?, ?) ON CONFLICT(member_id) DO UPDATE SET"
+                " allowed_purposes = excluded.allowed_purposes, denied_buyers = excluded.denied_buyers,"
+                " leaf_index = excluded.leaf_index WHERE excluded.leaf_index > leaf_index",
+                (
+                    consent.member_id,
+                    json.dumps(None if consent.allowed_purposes is None else list(consent.allowed_purposes)),
+                    json.dumps(list(consent.denied_buyers)),
+                    consent.leaf_index,
+                ),
+            )
+
+    def consents(self) -> dict[str, ConsentRecord]:
+        rows = self._rows("SELECT member_id, allowed_purposes, denied_buyers, leaf_index FROM member_consents")
+        return {
+            member: ConsentRecord(member, _purposes(json.loads(allowed)), tuple(json.loads(denied)), index)
+            for member, allowed, denied, index in rows
+        }
+
     def active_password_hashes(self) -> dict[str, str]:
         """Broker logins of every device that is not revoked."""
         rows = self._rows("SELECT device_id, broker_password_hash FROM devices WHERE revoked_ms IS NULL")
         return {device_id: hashed for device_id, hashed in rows}
+
+
+def _purposes(stored: list[str] | None) -> tuple[str, ...] | None:
+    return None if stored is None else tuple(stored)
 
 
 _DEVICE_SELECT = (

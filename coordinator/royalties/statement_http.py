@@ -3,7 +3,9 @@ settlement and royalty leaf of the period that pays the device's member, each wi
 checkpoint (protocol/ledger_api.py; docs/protocol.md, "Member ledger API").
 
 A member gets the leaves naming its own member id and no others: the member is the one the registry holds for the
-signing device, whatever the request says. The checkpoint is the latest witnessed one when it holds every leaf of the
+signing device, whatever the request says. A member who left keeps this read: the key of a device revoked by the
+member's LeaveNotice (and by nothing else) still signs statement requests, and only those, since ingest and the
+broker refuse it everywhere else. The checkpoint is the latest witnessed one when it holds every leaf of the
 answer, else the latest (the agent then reports the lines as not yet witnessed). Requests carry a nonce and a time
 instead of a seq (a read must not spend the daemon's seqs): one outside `REQUEST_WINDOW_MS` of the coordinator's
 clock is `stale_request`, a nonce seen within it `replayed`. Nonces are kept in memory only: after a restart a
@@ -95,7 +97,8 @@ class StatementDesk:
     def answer(self, envelope: bytes, now_ms: int) -> StatementProof:
         if len(envelope) > MAX_REQUEST_BYTES:
             raise TooLargeError("statement request too large", limit=MAX_REQUEST_BYTES, found=len(envelope))
-        by_key_id = self.devices.current().by_key_id
+        keys = self.devices.current()
+        by_key_id = keys.by_key_id
         verified = open_envelope(
             envelope, {kid: d.verifier for kid, d in by_key_id.items()}, StatementRequest.PAYLOAD_TYPE
         )
@@ -103,7 +106,9 @@ class StatementDesk:
         device = by_key_id[verified.signer.key_id.hex()]
         if device.device_id != request.device:
             raise UnknownKeyError("request is not signed by the key of the device it names", device=request.device)
-        if device.revoked:
+        if device.revoked and device.device_id not in keys.departed:
+            # A key revoked because its member left stays the member's credential for this read alone: the member
+            # keeps being paid royalties on models it helped train and must be able to see them.
             raise RevokedKeyError("the device's key is revoked", device=device.device_id)
         if request.mid != self.mid:
             raise PolicyViolationError("request is for another MID", expected=self.mid, found=request.mid)

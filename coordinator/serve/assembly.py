@@ -60,6 +60,7 @@ from protocol.enrolment import BrokerCredentials
 from protocol.errors import Reason
 from protocol.identity import SignerKey
 from protocol.job_log import JobLogRecord
+from protocol.ledger_api import PurposeList, PurposeTerm
 from protocol.private_files import private_dir, private_file
 
 log = logging.getLogger("midgate.serve")
@@ -106,7 +107,23 @@ def build_pipeline(settings: CoordinatorSettings, storage: Storage) -> IngestPip
         max_message_bytes=settings.ingest.max_message_bytes,
         default_rate_per_s=settings.ingest.rate_per_s,
         default_burst=settings.ingest.rate_burst,
+        on_departed=departed_logins_sync(settings, storage.registry),
     )
+
+
+def departed_logins_sync(settings: CoordinatorSettings, registry: Registry) -> Callable[[list[str]], None]:
+    """After a member left: rewrite the broker's password file without its devices' logins and reload the broker.
+    A failure is logged: the keys are revoked already (ingest refuses them), the broker merely still lets them in."""
+
+    def departed(devices: list[str]) -> None:
+        try:
+            sync_broker_logins(registry, settings)
+        except BrokerFilesError as error:
+            log.error(
+                "broker logins not rewritten after a departure", extra={"devices": str(devices), "reason": str(error)}
+            )
+
+    return departed
 
 
 def build_gate(settings: CoordinatorSettings, storage: Storage, metrics: IngestMetrics) -> ContributionGate:
@@ -205,6 +222,28 @@ def build_policy_log(settings: CoordinatorSettings, storage: Storage) -> PolicyL
     policies = PolicyLog(storage.ledger, lambda: configured_policy(settings), stamp)
     policies.sync()
     return policies
+
+
+def policy_in_force_now(policies: PolicyLog) -> Callable[[], RoyaltyPolicy]:
+    """The money policy in force now (the latest POLICY leaf), read at each call: what `GET /v1/member/knob-price`
+    prices a knob under."""
+
+    def policy() -> RoyaltyPolicy:
+        logged = policies.current() or policies.versions[0]
+        return logged.royalty()
+
+    return policy
+
+
+def purposes_in_force_now(policies: PolicyLog) -> Callable[[], PurposeList]:
+    """The purpose vocabulary of the policy in force now, as `GET /v1/member/purposes` serves it."""
+
+    def purposes() -> PurposeList:
+        logged = policies.current() or policies.versions[0]
+        terms = tuple(PurposeTerm(code=p.code, dpv=p.dpv, label=p.label) for p in logged.policy.purposes)
+        return PurposeList(policy_version=logged.version, purposes=terms)
+
+    return purposes
 
 
 def settlement_policy(policies: PolicyLog) -> Callable[[JobLogRecord], RoyaltyPolicy]:
@@ -372,6 +411,8 @@ class CoordinatorProcess:
                     tasks=self.storage.tasks,
                     dashboard=dashboard[0] if dashboard else None,
                     market=market,
+                    knob_policy=(policy_in_force_now(self.policies), s.royalties.currency),
+                    purposes=purposes_in_force_now(self.policies),
                 )
                 self.http = await stack.enter_async_context(HttpEndpoint(app, s.enrolment.host, s.enrolment.port))
             self._stack = stack.pop_all()

@@ -29,10 +29,13 @@ from coordinator.ledger.store import LedgerStore
 from coordinator.ledger.witnesses import WitnessDesk
 from coordinator.market.desk import JobDesk
 from coordinator.market.http import market_router
+from coordinator.royalties.knob_http import knob_router
+from coordinator.royalties.policy import RoyaltyPolicy
 from coordinator.royalties.statement_http import StatementDesk, statement_router
 from coordinator.tasks.catalogue import TaskCatalogue
 from coordinator.tasks.http import tasks_router
 from protocol.errors import Reason
+from protocol.ledger_api import PurposeList
 
 OPENAPI_PATH = "/v1/openapi.json"
 
@@ -49,9 +52,12 @@ def build_http_app(
     tasks: TaskCatalogue | None = None,
     market: JobDesk | None = None,
     dashboard: APIRouter | None = None,
+    knob_policy: tuple[Callable[[], RoyaltyPolicy], str] | None = None,
+    purposes: Callable[[], PurposeList] | None = None,
 ) -> FastAPI:
-    """The app `serve` runs; without `witnesses`, `statements`, `tasks`, `market` and `dashboard` (tests of other
-    routers; the operator dashboard off) their routes are absent. Its OpenAPI document is served at OPENAPI_PATH."""
+    """The app `serve` runs; without `witnesses`, `statements`, `tasks`, `market`, `dashboard` and `knob_policy` (tests
+    of other routers; the operator dashboard off) their routes are absent. Its OpenAPI document is served at
+    OPENAPI_PATH."""
     app = FastAPI(title="midgate coordinator", docs_url=None, redoc_url=None, openapi_url=OPENAPI_PATH)
     app.include_router(enrolment_router(enroller, on_refusal))
     app.include_router(ledger_router(ledger, witnesses, on_refusal))
@@ -64,6 +70,8 @@ def build_http_app(
         app.include_router(dashboard, include_in_schema=False)
     if market is not None:
         app.include_router(market_router(market, on_refusal))
+    if knob_policy is not None:
+        app.include_router(knob_router(*knob_policy, on_refusal, purposes))
 
     @app.get("/metrics")
     def prometheus() -> Response:

@@ -179,6 +179,173 @@ def unstrike(
     _control(config, mid, step, "strike withdrawn")
 
 
+knob_app = typer.Typer(no_args_is_help=True, help="The one price knob: get it, or set it in [-1, 1].")
+app.add_typer(knob_app, name="knob")
+
+
+def _knob_milli(value: str) -> int:
+    """`0.25`, `-1`, `+0.5` -> milli-units; BadParameter outside [-1, 1] or finer than a thousandth."""
+    from decimal import Decimal, InvalidOperation
+
+    try:
+        number = Decimal(value)
+    except InvalidOperation:
+        raise typer.BadParameter(f"the knob is a number in [-1, 1], found {value!r}") from None
+    milli = number * 1000
+    if not number.is_finite() or milli != milli.to_integral_value() or not -1000 <= milli <= 1000:
+        raise typer.BadParameter(f"the knob is a number in [-1, 1] in steps of 0.001, found {value!r}")
+    return int(milli)
+
+
+def _show_knob(directory: Path) -> None:
+    """One line per membership: the knob, and what it means under the MID's policy (asked of the MID)."""
+    from edge.agent.controls.state import load_member_state
+    from edge.agent.ledger_client import LedgerClient, ProofUnavailableError
+    from edge.agent.membership import load_membership
+    from protocol.errors import ProtocolError
+
+    state = load_member_state(directory)
+    knob = 0 if state.knob_milli is None else state.knob_milli
+    said = f"{knob / 1000:+.3f}" + (" (default: never set)" if state.knob_milli is None else "")
+    client = LedgerClient(load_membership(directory).record.enrolment_url)
+    try:
+        price = client.knob_price(knob)
+    except (ProofUnavailableError, ProtocolError) as exc:
+        typer.echo(f"{directory.name}: knob {said}; price unknown (the MID did not answer: {exc})")
+        return
+    c = price.currency
+    typer.echo(
+        f"{directory.name}: knob {said}: your price {price.price_minor} {c} minor units per job"
+        f" (policy v{price.policy_version}: knob -1 -> {price.lowest_minor}, 0 -> {price.base_price_minor},"
+        f" +1 -> {price.highest_minor})"
+    )
+
+
+@knob_app.command("get")
+def knob_get(mid: str | None = MidNameOption, config: Path | None = ConfigOption) -> None:
+    """Show the knob of each membership and the price per job it yields under the MID's policy."""
+    from edge.agent.config import AgentSettings
+
+    for directory in _chosen(AgentSettings.load(config), mid):
+        _show_knob(directory)
+
+
+@knob_app.command("set")
+def knob_set(
+    value: str = typer.Argument(..., help="in [-1, 1]: -1 asks the MID's lowest price, +1 its highest, 0 its base"),
+    mid: str | None = MidNameOption,
+    config: Path | None = ConfigOption,
+) -> None:
+    """Set the price knob: the agent signs a KnobUpdate for the MID's ledger; quotes use it from the next job."""
+    from edge.agent.config import AgentSettings
+    from edge.agent.controls.state import MemberState, set_knob
+
+    milli = _knob_milli(value)
+
+    def step(state: MemberState, now: int) -> MemberState:
+        return set_knob(state, now, milli)
+
+    _control(config, mid, step, "knob set")
+    for directory in _chosen(AgentSettings.load(config), mid):
+        _show_knob(directory)
+
+
+consent_app = typer.Typer(
+    no_args_is_help=True, help="Consent: which purposes your data may train models for, which buyers never."
+)
+app.add_typer(consent_app, name="consent")
+PurposeOption = typer.Option([], "--purpose", help="a purpose from the MID's vocabulary (repeat for more)")
+BuyerOption = typer.Option([], "--buyer", help="a buyer (repeat for more)")
+
+
+@consent_app.command("show")
+def consent_show(mid: str | None = MidNameOption, config: Path | None = ConfigOption) -> None:
+    """Show the consent of each membership and where its signed ConsentPolicy is (queued, receipted)."""
+    from edge.agent.config import AgentSettings
+    from edge.agent.controls.commands import vote_states
+    from edge.agent.controls.state import load_member_state
+    from edge.agent.membership import OUTBOX_FILE
+
+    for directory in _chosen(AgentSettings.load(config), mid):
+        state = load_member_state(directory)
+        purposes = "every purpose" if state.allowed_purposes is None else ", ".join(state.allowed_purposes) or "none"
+        buyers = ", ".join(state.denied_buyers) or "none"
+        sent = "default (never changed): nothing sent"
+        if state.consent_ms is not None:
+            name = f"consent-{state.consent_ms}"
+            sent = f"signed policy {vote_states(directory / OUTBOX_FILE, [name])[name]}"
+        typer.echo(f"{directory.name}: purposes allowed: {purposes}; buyers denied: {buyers}; {sent}")
+
+
+@consent_app.command("allow")
+def consent_allow(
+    purpose: list[str] = PurposeOption,
+    buyer: list[str] = BuyerOption,
+    any_purpose: bool = typer.Option(False, "--any-purpose", help="allow every purpose of the MID's vocabulary"),
+    mid: str | None = MidNameOption,
+    config: Path | None = ConfigOption,
+) -> None:
+    """Allow purposes (the first one narrows "every purpose" to the ones you list) or stop denying buyers. Applies
+    from the next job."""
+    from edge.agent.controls.state import MemberState, allow, allow_every_purpose
+
+    if not (purpose or buyer or any_purpose):
+        raise typer.BadParameter("name a --purpose, a --buyer or --any-purpose")
+    if purpose:
+        _check_vocabulary(config, mid, purpose)
+
+    def step(state: MemberState, now: int) -> MemberState:
+        if any_purpose:
+            state = allow_every_purpose(state, now)
+        return allow(state, now, purpose, buyer)
+
+    _control(config, mid, step, "consent changed")
+
+
+def _check_vocabulary(config: Path | None, mid: str | None, purposes: list[str]) -> None:
+    """Each purpose must be in the vocabulary of each chosen MID's policy in force (asked of the MID): exit 2
+    naming the MID's purposes when one is not, exit 1 when the MID cannot be asked (nothing is changed)."""
+    from edge.agent.config import AgentSettings
+    from edge.agent.ledger_client import LedgerClient, ProofUnavailableError
+    from edge.agent.membership import load_membership
+    from protocol.errors import ProtocolError
+
+    for directory in _chosen(AgentSettings.load(config), mid):
+        try:
+            listed = LedgerClient(load_membership(directory).record.enrolment_url).purposes()
+        except (ProofUnavailableError, ProtocolError) as exc:
+            typer.echo(f"{directory.name}: cannot check the MID's purposes now, nothing changed: {exc}", err=True)
+            raise typer.Exit(code=1) from None
+        codes = [p.code for p in listed.purposes]
+        unknown = [p for p in purposes if p not in codes]
+        if unknown:
+            typer.echo(
+                f"{directory.name}: not in the MID's purposes (policy v{listed.policy_version}): "
+                f"{', '.join(unknown)}; its purposes: {', '.join(codes)}",
+                err=True,
+            )
+            raise typer.Exit(code=2)
+
+
+@consent_app.command("deny")
+def consent_deny(
+    purpose: list[str] = PurposeOption,
+    buyer: list[str] = BuyerOption,
+    mid: str | None = MidNameOption,
+    config: Path | None = ConfigOption,
+) -> None:
+    """Deny buyers, or withdraw purposes from the ones you allow. Applies from the next job."""
+    from edge.agent.controls.state import MemberState, deny
+
+    if not (purpose or buyer):
+        raise typer.BadParameter("name a --purpose or a --buyer")
+
+    def step(state: MemberState, now: int) -> MemberState:
+        return deny(state, now, purpose, buyer)
+
+    _control(config, mid, step, "consent changed")
+
+
 @app.command()
 def status(mid: str | None = MidNameOption, config: Path | None = ConfigOption) -> None:
     """Show per MID the device, the daemon's connection to the MID (and why it failed), the outbox, the latest
@@ -278,4 +445,38 @@ def statement(
             continue
         typer.echo(render_statement(membership.mid, membership.record.member, verified), nl=False)
     if failed:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def portfolio(config: Path | None = ConfigOption) -> None:
+    """Everything this member earns across its MIDs: each membership's settlement and royalty lines fetched with its
+    own key and verified against its own MID's ledger (as `statement` does), totals per currency over the verified
+    lines only. Exit 1 if any membership's statement is refused or cannot be fetched."""
+    import time
+
+    from edge.agent.config import AgentSettings
+    from edge.agent.ledger_client import LedgerClient
+    from edge.agent.membership import Membership, load_membership
+    from edge.agent.outbox import Outbox
+    from edge.agent.portfolio import collect, render_portfolio
+    from edge.agent.statement import fetch_statement
+    from protocol.ledger_api import VerifiedStatement
+    from protocol.messages import MAX_TIME_MS, MIN_TIME_MS
+
+    settings = AgentSettings.load(config)
+    memberships = [load_membership(d) for d in _chosen(settings, None)]
+
+    def fetch(membership: Membership) -> VerifiedStatement:
+        outbox = Outbox(membership.outbox_path, settings.outbox_max_bytes)
+        try:
+            trusted = outbox.get_meta("trusted_checkpoint")
+        finally:
+            outbox.close()
+        client = LedgerClient(membership.record.enrolment_url)
+        return fetch_statement(membership, client, trusted, (MIN_TIME_MS, MAX_TIME_MS), time.time_ns() // 1_000_000)
+
+    earnings = collect(memberships, fetch)
+    typer.echo(render_portfolio(earnings), nl=False)
+    if any(e.statement is None for e in earnings):
         raise typer.Exit(code=1)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from edge.agent.config import AgentSettings
-from edge.agent.controls.decisions import OwedVote, owed_votes, strike_vote
+from edge.agent.controls.decisions import OwedChoice, OwedVote, owed_choices, owed_votes, strike_vote
 from edge.agent.controls.watch import MemberControls
 from edge.agent.daemon_status import DaemonStatus, read_daemon_status, with_job, write_daemon_status
 from edge.agent.job_node import JobNode
@@ -356,6 +356,8 @@ class MembershipRunner:
                 self._votes_due = queued < owed  # the outbox was full: try again next time
                 if queued:
                     self._wake.set()
+            if await self._in_db(self._queue_choices):
+                self._wake.set()
             await _sleep_or(stop, self.settings.member_poll_s)
 
     def _queue_votes(self) -> tuple[int, int]:
@@ -373,6 +375,30 @@ class MembershipRunner:
         for name, seq in taken:
             log.info("strike vote queued: %s, seq %d", name, seq)
         return len(taken), len(items)
+
+    def _queue_choices(self) -> int:
+        """Sign and queue the KnobUpdate, ConsentPolicy or LeaveNotice the member's choices call for (named in the
+        outbox like strike votes, so each is queued once); returns how many were queued."""
+        delivered = self.outbox.usage().pending == 0 and not pending_files(
+            self.settings.spool_root / self.membership.mid, 1
+        )
+        owed = owed_choices(self.controls.state, self.outbox.knows_spool_name, delivered)
+        if not owed:
+            return 0
+        items: list[tuple[str, Callable[[int], bytes], str | None]] = [
+            (choice.kind, functools.partial(self._sign_choice, choice), choice.name) for choice in owed
+        ]
+        try:
+            taken = self.outbox.enqueue_many(items, _now_ms())
+        except OutboxFullError as exc:
+            log.error("outbox full; member choices wait", extra={"mid": self.membership.mid, "error": str(exc)})
+            return 0
+        for name, seq in taken:
+            log.info("member choice queued: %s, seq %d", name, seq)
+        return len(taken)
+
+    def _sign_choice(self, choice: OwedChoice, seq: int) -> bytes:
+        return choice.make(seq, _now_ms()).seal(self.membership.key)
 
     def _sign_vote(self, vote: OwedVote, seq: int) -> bytes:
         return strike_vote(vote, seq, _now_ms()).seal(self.membership.key)

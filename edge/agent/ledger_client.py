@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 
 from protocol.errors import MalformedError, TooLargeError
-from protocol.ledger_api import MAX_STATEMENT_BYTES, StatementProof, WitnessList
+from protocol.ledger_api import MAX_STATEMENT_BYTES, KnobPrice, PurposeList, StatementProof, WitnessList
 from protocol.merkle import HASH_SIZE
 from protocol.note import MAX_NOTE_SIZE
 from protocol.tasks.signed import MAX_SIGNED_TASK_SPEC_BYTES
@@ -74,6 +74,14 @@ class LedgerClient:
     def task_spec(self, task_id: str, version: int) -> bytes:
         """The MID's signed spec of task_id@version (a DSSE envelope, not verified; protocol.tasks.signed)."""
         return self._call("GET", f"/v1/tasks/{task_id}@{version}", limit=MAX_SIGNED_TASK_SPEC_BYTES)
+
+    def knob_price(self, knob_milli: int) -> KnobPrice:
+        """What `knob_milli` means under the MID's current policy: the price it yields and the knob's range."""
+        return KnobPrice.parse(self._call("GET", f"/v1/member/knob-price?knob_milli={knob_milli}", limit=4096))
+
+    def purposes(self) -> PurposeList:
+        """The purposes the MID's policy in force lets a job name: what consent chooses from."""
+        return PurposeList.parse(self._call("GET", "/v1/member/purposes", limit=256 * 1024))
 
     def statement(self, request_envelope: bytes) -> StatementProof:
         """The member's settlement and royalty leaves with their proofs, for a signed StatementRequest."""

@@ -69,6 +69,9 @@ LEAF_KIND = {
     UpKind.REPORT.value: LeafKind.CONTRIBUTION,
     UpKind.STRIKE.value: LeafKind.STRIKE,
     UpKind.ENROL.value: LeafKind.ENROL,
+    UpKind.LEAVE.value: LeafKind.LEAVE,
+    UpKind.KNOB.value: LeafKind.KNOB,
+    UpKind.CONSENT.value: LeafKind.CONSENT,
 }
 """The ledger leaf each kind of kept message is logged as: its receipt proves `Leaf(LEAF_KIND[kind], envelope)`."""
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from edge.agent.controls.state import MemberState, Strike
-from protocol.messages import DeviceStatus, StrikeVote
+from protocol.messages import ConsentPolicy, DeviceStatus, KnobUpdate, LeaveNotice, StrikeVote, consent_excludes
 
 
 class DeclineReason(StrEnum):
@@ -22,6 +22,8 @@ class DeclineReason(StrEnum):
     MEMBER_LEFT = "member_left"
     MEMBER_PAUSED = "member_paused"
     MEMBER_STRIKING = "member_striking"
+    CONSENT_EXCLUDES = "consent_excludes"
+    """The member's consent does not allow the job's purpose, or denies its buyer."""
     STATE_UNREADABLE = "member_state_unreadable"
     """The member file could not be read when the daemon started: it takes part in nothing until the file is
     fixed, because it cannot know whether the member paused, left or struck."""
@@ -68,6 +70,9 @@ def decide(state: MemberState | None, buyer: str, purpose: str, now_ms: int) -> 
     for strike in state.active_strikes(now_ms):
         if strike.covers(buyer, purpose):
             return Decision(False, DeclineReason.MEMBER_STRIKING, strike)
+    excluded = consent_excludes(state.allowed_purposes, state.denied_buyers, buyer, purpose)
+    if excluded is not None:
+        return Decision(False, DeclineReason.CONSENT_EXCLUDES, detail=excluded)
     return RUN
 
 
@@ -135,3 +140,64 @@ def strike_vote(owed: OwedVote, seq: int, now_ms: int) -> StrikeVote:
         end_ms=end_ms,
         withdraw=owed.withdraw,
     )
+
+
+# --- the member's other signed choices: leaving, the knob, consent ----------------------------------------------------
+
+LEAVE_NAME = "leave"
+"""The outbox name of the membership's one LeaveNotice."""
+
+
+@dataclass(frozen=True)
+class OwedChoice:
+    """A signed message the member's choices call for: its up kind, outbox name and how to make it for a seq."""
+
+    kind: str
+    name: str
+    make: Callable[[int, int], KnobUpdate | ConsentPolicy | LeaveNotice]
+    """(seq, now_ms) -> the message."""
+
+
+def owed_choices(state: MemberState | None, known: Callable[[str], bool], delivered: bool) -> list[OwedChoice]:
+    """The KnobUpdate, ConsentPolicy and LeaveNotice the member's choices call for that the outbox does not hold yet.
+
+    Only the latest knob and consent are sent (each names the time it was set, so a change made while the daemon was
+    down is sent once it runs). The LeaveNotice waits until `delivered` (nothing left in the outbox or the spool):
+    the MID revokes the device's key when it logs the notice, and what is still queued must reach it first."""
+    if state is None:
+        return []
+    owed: list[OwedChoice] = []
+    if state.left_ms is not None:
+        left_ms = state.left_ms
+        if delivered and not known(LEAVE_NAME):
+            owed.append(
+                OwedChoice(
+                    "leave", LEAVE_NAME, lambda seq, now: LeaveNotice(seq=seq, device_time_ms=now, left_ms=left_ms)
+                )
+            )
+        return owed
+    if state.knob_milli is not None and state.knob_ms is not None and not known(f"knob-{state.knob_ms}"):
+        knob = state.knob_milli
+        owed.append(
+            OwedChoice(
+                "knob",
+                f"knob-{state.knob_ms}",
+                lambda seq, now: KnobUpdate(seq=seq, device_time_ms=now, bias_milli=knob),
+            )
+        )
+    if state.consent_ms is not None and not known(f"consent-{state.consent_ms}"):
+        allowed, denied = state.allowed_purposes, state.denied_buyers
+        owed.append(
+            OwedChoice(
+                "consent",
+                f"consent-{state.consent_ms}",
+                lambda seq, now: ConsentPolicy(
+                    seq=seq,
+                    device_time_ms=now,
+                    allowed_purposes=allowed or (),
+                    denied_buyers=denied,
+                    any_purpose=allowed is None,
+                ),
+            )
+        )
+    return owed

@@ -44,6 +44,8 @@ class ControlReason(StrEnum):
     BAD_SPAN = "bad_span"
     NO_SUCH_STRIKE = "no_such_strike"
     TOO_MANY_STRIKES = "too_many_strikes"
+    BAD_KNOB = "bad_knob"
+    NO_PURPOSE_LIST = "no_purpose_list"
 
 
 class MemberControlError(Exception):
@@ -106,6 +108,15 @@ class MemberState(BaseModel):
     """When the member left this MID; final. None: still a member."""
     strikes: Annotated[tuple[Strike, ...], Field(max_length=MAX_STRIKES)] = ()
     changed_ms: int = 0
+    knob_milli: Annotated[int, Field(ge=-1000, le=1000)] | None = None
+    """The member's price knob in milli-units (None: never set, the MID's default)."""
+    knob_ms: TimeMs | None = None
+    """When the knob was last set: names its signed KnobUpdate (`knob-{knob_ms}` in the outbox)."""
+    allowed_purposes: Annotated[tuple[Ident, ...], Field(max_length=64)] | None = None
+    """Purposes the member allows (None: every purpose of the MID's vocabulary)."""
+    denied_buyers: Annotated[tuple[Ident, ...], Field(max_length=256)] = ()
+    consent_ms: TimeMs | None = None
+    """When the consent was last changed: names its signed ConsentPolicy (`consent-{consent_ms}`)."""
 
     def active_strikes(self, now_ms: int) -> list[Strike]:
         return [s for s in self.strikes if s.active(now_ms)]
@@ -233,8 +244,10 @@ def unstrike(
 ) -> tuple[MemberState, list[Strike]]:
     """Withdraw every active strike whose target matches (`buyer`/`purpose` None: any); returns the withdrawn ones.
 
-    Raises no_such_strike when nothing matches.
+    Raises no_such_strike when nothing matches, already_left after leaving: the MID revokes a departed member's key
+    and no longer counts its votes, so a withdrawal could neither be logged nor change anything.
     """
+    _still_member(state, "withdraw a strike")
     hits = [
         s
         for s in state.active_strikes(now_ms)
@@ -245,3 +258,64 @@ def unstrike(
     ids = {s.id for s in hits}
     strikes = tuple(s.model_copy(update={"withdrawn_ms": now_ms}) if s.id in ids else s for s in state.strikes)
     return state.model_copy(update={"strikes": strikes, "changed_ms": now_ms}), hits
+
+
+def set_knob(state: MemberState, now_ms: int, knob_milli: int) -> MemberState:
+    """Set the price knob (milli-units in [-1000, 1000]); the daemon signs a KnobUpdate for the MID."""
+    _still_member(state, "set the knob")
+    if isinstance(knob_milli, bool) or not -1000 <= knob_milli <= 1000:
+        raise MemberControlError(ControlReason.BAD_KNOB, "the knob is in [-1, 1]", found=knob_milli / 1000)
+    if state.knob_milli == knob_milli:
+        return state
+    return state.model_copy(update={"knob_milli": knob_milli, "knob_ms": now_ms, "changed_ms": now_ms})
+
+
+def _consent(state: MemberState, now_ms: int, allowed: tuple[str, ...] | None, denied: tuple[str, ...]) -> MemberState:
+    if (allowed, denied) == (state.allowed_purposes, state.denied_buyers):
+        return state
+    try:
+        return MemberState.model_validate(
+            {
+                **state.model_dump(),
+                "allowed_purposes": allowed,
+                "denied_buyers": denied,
+                "consent_ms": now_ms,
+                "changed_ms": now_ms,
+            }
+        )
+    except ValidationError as exc:
+        raise MemberControlError(ControlReason.MALFORMED, "not a valid consent", found=exc.errors()[0]["msg"]) from None
+
+
+def allow(state: MemberState, now_ms: int, purposes: list[str], buyers: list[str]) -> MemberState:
+    """Allow `purposes` (the first allow turns "every purpose" into "only the purposes allowed") and stop denying
+    `buyers`. Applies from the next job: a running one is not stopped by a consent change."""
+    _still_member(state, "change consent")
+    allowed = state.allowed_purposes
+    if purposes:
+        allowed = tuple(dict.fromkeys((*(allowed or ()), *purposes)))
+    denied = tuple(b for b in state.denied_buyers if b not in buyers)
+    return _consent(state, now_ms, allowed, denied)
+
+
+def deny(state: MemberState, now_ms: int, purposes: list[str], buyers: list[str]) -> MemberState:
+    """Deny `buyers` and withdraw `purposes` from the allowed ones. Withdrawing a purpose needs a list of allowed
+    purposes first (the device does not know the MID's whole vocabulary), so "every purpose" refuses it."""
+    _still_member(state, "change consent")
+    allowed = state.allowed_purposes
+    if purposes:
+        if allowed is None:
+            raise MemberControlError(
+                ControlReason.NO_PURPOSE_LIST,
+                "every purpose is allowed: say which ones you allow first (`consent allow --purpose ...`)",
+                purposes=purposes,
+            )
+        allowed = tuple(p for p in allowed if p not in purposes)
+    denied = tuple(dict.fromkeys((*state.denied_buyers, *buyers)))
+    return _consent(state, now_ms, allowed, denied)
+
+
+def allow_every_purpose(state: MemberState, now_ms: int) -> MemberState:
+    """Back to the default: every purpose of the MID's vocabulary (denied buyers stay denied)."""
+    _still_member(state, "change consent")
+    return _consent(state, now_ms, None, state.denied_buyers)

@@ -45,6 +45,12 @@ def describe(state: MemberState | None, now_ms: int) -> str:
         return "left"
     parts = ["paused" if state.paused_ms is not None else "taking part"]
     parts += [f"striking against {s.target_text()}" for s in state.active_strikes(now_ms)]
+    if state.knob_milli is not None:
+        parts.append(f"knob {state.knob_milli / 1000:+.3f}")
+    if state.allowed_purposes is not None:
+        parts.append(f"purposes allowed: {', '.join(state.allowed_purposes) or 'none'}")
+    if state.denied_buyers:
+        parts.append(f"buyers denied: {', '.join(state.denied_buyers)}")
     return "; ".join(parts)
 
 

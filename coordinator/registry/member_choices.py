@@ -1,0 +1,57 @@
+"""What members chose in signed, logged messages besides strikes: leaving, the price knob, consent.
+
+Ingest keeps each as the ledger logged it (coordinator/ingest/member_records.py writes them into the registry): a
+`Departure` per device a LeaveNotice revoked, the latest `KnobSetting` and the latest `ConsentRecord` per member.
+Job start, quotes and `coordinator members` read them here; the rules they apply are the functions below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from protocol.messages import consent_excludes
+
+DEFAULT_KNOB_MILLI = 0
+"""The knob of a member who never set one: the policy's base price."""
+
+
+@dataclass(frozen=True)
+class Departure:
+    """A device revoked because its member left: `leaf_index` is the member's logged LeaveNotice."""
+
+    device_id: str
+    member_id: str
+    leaf_index: int
+    left_ms: int
+
+
+@dataclass(frozen=True)
+class KnobSetting:
+    member_id: str
+    bias_milli: int
+    leaf_index: int
+    device_time_ms: int
+
+
+@dataclass(frozen=True)
+class ConsentRecord:
+    """The member's latest ConsentPolicy: purposes allowed (None: the member never said, so every purpose of the
+    MID's vocabulary) and buyers denied."""
+
+    member_id: str
+    allowed_purposes: tuple[str, ...] | None
+    denied_buyers: tuple[str, ...]
+    leaf_index: int
+
+    def excludes(self, buyer: str, purpose: str) -> str | None:
+        """Why this consent rules out a job of `buyer` for `purpose`, or None when it allows it."""
+        return consent_excludes(self.allowed_purposes, self.denied_buyers, buyer, purpose)
+
+
+def knobs_for(members: list[str], settings: Mapping[str, KnobSetting]) -> dict[str, int]:
+    """Member -> knob in milli-units for a quote: each member's latest logged knob, DEFAULT_KNOB_MILLI if none."""
+    return {m: settings[m].bias_milli if m in settings else DEFAULT_KNOB_MILLI for m in members}
+
+
+__all__ = ["DEFAULT_KNOB_MILLI", "ConsentRecord", "Departure", "KnobSetting", "knobs_for"]
