@@ -69,6 +69,41 @@ def test_a_paused_member_is_not_quoted_and_too_few_members_is_refused(market: Ma
     _refused(market.call(market.acme, "POST", f"/v1/jobs/{made.json()['job_id']}/quote"), 409, "job_state")
 
 
+def test_a_quote_prices_each_member_at_its_logged_knob_and_leaves_out_members_whose_consent_excludes_the_job(
+    market: Market, tmp_path: Path
+) -> None:
+    from coordinator.registry.member_choices import ConsentRecord, KnobSetting
+
+    market.registry.record_knob(KnobSetting("ann", 500, leaf_index=7, device_time_ms=now_ms()))
+    market.registry.record_consent(ConsentRecord("cy", None, ("acme",), leaf_index=8))
+    quote = market.quoted_job(market.acme, tmp_path)["quote"]
+    assert quote["members"] == ["ann", "bob"]
+    expected = quote_job({"ann": 500, "bob": 0}, market.settings.royalties.policy())
+    assert quote["member_prices"] == expected.member_prices and quote["total_minor"] == expected.total_minor
+    assert quote["member_prices"]["ann"] > quote["member_prices"]["bob"]
+    # cy denied acme only: globex's job may have it.
+    assert market.quoted_job(market.globex, tmp_path)["quote"]["members"] == ["ann", "bob", "cy"]
+
+
+def test_a_quote_is_refused_with_strike_while_a_strike_at_quorum_covers_the_buyer(
+    market: Market, tmp_path: Path
+) -> None:
+    from coordinator.registry.presence import StrikeVoteRecord
+
+    def vote(index: int, device: str, withdraw: bool = False) -> StrikeVoteRecord:
+        return StrikeVoteRecord(index, device, "acme", None, now_ms() - 1_000, None, withdraw)
+
+    # One striker of three is below the policy's quorum: acme is quoted, without the striker.
+    market.registry.record_strike_votes([vote(20, "d-cy")])
+    assert market.quoted_job(market.acme, tmp_path)["quote"]["members"] == ["ann", "bob"]
+    market.registry.record_strike_votes([vote(21, "d-ann"), vote(22, "d-bob")])
+    made = market.call(market.acme, "POST", "/v1/jobs", {"task": TASK, "purpose": "research"}).json()
+    _refused(market.call(market.acme, "POST", f"/v1/jobs/{made['job_id']}/quote"), 409, "strike")
+    assert market.call(market.acme, "GET", f"/v1/jobs/{made['job_id']}").json()["state"] == "requested"
+    # The strike is against acme only.
+    assert market.quoted_job(market.globex, tmp_path)["quote"]["members"] == ["ann", "bob", "cy"]
+
+
 def test_unsigned_bad_unknown_stale_and_replayed_requests_are_refused_with_their_reasons(market: Market) -> None:
     client, acme = market.client, market.acme
     _refused(client.get("/v1/jobs"), 401, "unsigned")

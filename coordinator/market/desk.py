@@ -6,10 +6,12 @@
 
 - **request** stores what the buyer asked for (idempotent by the buyer's `Idempotency-Key`);
 - **validation data** (`PUT .../validation`) is the buyer's window file for the task, checked against the spec;
-- **quote** picks the eligible members (enrolled devices with a Flower node whose members are not paused, striking
-  against this buyer or purpose, gone or offline: coordinator.registry.presence.absence), at most `max_members` of
-  them, and prices them with coordinator.royalties.quote.quote_job at their knobs (the MID holds no knob of a member
-  yet: every member is quoted at the default knob 0) under the MID's royalty policy;
+- **quote** is refused with reason `strike` while a strike at the policy's quorum covers the buyer or purpose
+  (coordinator.registry.strikes); it picks the eligible members (enrolled devices with a Flower node whose members
+  are not paused, striking against this buyer or purpose, gone or offline: coordinator.registry.presence.absence,
+  and whose logged consent allows the buyer and purpose), at most `max_members` of them, and prices them with
+  coordinator.royalties.quote.quote_job at their latest logged knobs (the default knob 0 for a member who never set
+  one) under the MID's royalty policy;
 - **accept** takes the quote's total into escrow: an ESCROW leaf holding the buyer's signed accept request;
 - the worker thread runs the job on serve's SuperLink with the federation's own `JobRun` (the `JobLauncher`), then
   records the escrowed amount as the job's payment in the job book, where serve's `JobLedger` settles it under the
@@ -49,9 +51,12 @@ from coordinator.market.models import (
     Progress,
 )
 from coordinator.market.store import MarketStore
+from coordinator.policy.document import StrikePolicy
 from coordinator.policy.ledger_records import PolicyLog
+from coordinator.registry.member_choices import knobs_for
 from coordinator.registry.presence import absence, active_strikes
 from coordinator.registry.store import Registry
+from coordinator.registry.strikes import refuse_if_struck
 from coordinator.royalties.policy import RoyaltyPolicy
 from coordinator.royalties.quote import quote_job
 from coordinator.tasks.catalogue import TaskCatalogue
@@ -73,7 +78,6 @@ from protocol.tasks.windows import load_window_file
 
 log = logging.getLogger("midgate.market")
 
-DEFAULT_KNOB_MILLI = 0
 MAX_REQUEST_BYTES = 16 * 1024
 
 
@@ -208,6 +212,8 @@ class JobDesk:
             job = self._own(buyer, job_id)
             _require(job, ("requested", "quoted"), "a job is quoted before it is accepted")
             now = self.clock_ms()
+            strikes = self._strikes()
+            refuse_if_struck(self.registry, buyer, job.request.purpose, strikes.quorum_bps, now, strikes.min_members)
             devices = self._eligible(buyer, job.request.purpose, now)
             members = sorted({member for _, member in devices})[: job.request.max_members]
             if len(members) < job.request.min_members:
@@ -217,7 +223,7 @@ class JobDesk:
                     found=len(members),
                 )
             policy = self._policy()
-            priced = quote_job(dict.fromkeys(members, DEFAULT_KNOB_MILLI), policy)
+            priced = quote_job(knobs_for(members, self.registry.knobs()), policy)
             job.quote = JobQuote(
                 job_id=job_id,
                 members=members,
@@ -517,6 +523,11 @@ class JobDesk:
         current = self.policies.current() if self.policies is not None else None
         return current.royalty() if current is not None else self.terms.policy
 
+    def _strikes(self) -> StrikePolicy:
+        """The strike quorum a quote made now honours: the latest POLICY leaf's, else the policy's default."""
+        current = self.policies.current() if self.policies is not None else None
+        return current.record.policy.strikes if current is not None else StrikePolicy()
+
     def _append(self, record: EscrowRecord) -> int:
         return self.ledger.append_leaves([Leaf(record.kind, record.canonical_json())]).first_index
 
@@ -550,6 +561,7 @@ class JobDesk:
         """(device, member) of every device that could train a job of `buyer` for `purpose` now."""
         heard = self.registry.presence()
         striking = active_strikes(self.registry.strike_votes(), now_ms)
+        consents = self.registry.consents()
         offline_after_ms = int(self.terms.offline_after_s * 1000)
         found = []
         for device in self.registry.devices():
@@ -563,6 +575,9 @@ class JobDesk:
                 now_ms,
                 offline_after_ms,
             )
+            consent = consents.get(device.member_id)
+            if why is None and consent is not None:
+                why = consent.excludes(buyer, purpose)
             if why is None:
                 found.append((device.device_id, device.member_id))
         return found

@@ -16,6 +16,8 @@ from coordinator.federation.flower_cli import FlowerCli, FlowerCliError
 from coordinator.federation.job_start import BrokerLogin, InvitationSender, JobBook, JobRecord, JobRequest, JobRun
 from coordinator.federation.mid_superlink import job_flower_cli
 from coordinator.market.models import Progress
+from coordinator.policy.document import StrikePolicy
+from coordinator.policy.ledger_records import PolicyLog
 from coordinator.provenance.issue import issue_manifest
 from coordinator.provenance.shelf import ManifestShelf
 from coordinator.registry.store import Registry
@@ -44,9 +46,10 @@ class ServeManifests:
 class FlowerJobLauncher:
     """Runs buyer jobs on the MID's SuperLink (coordinator.market.desk.JobLauncher)."""
 
-    def __init__(self, settings: CoordinatorSettings, mid_key: SignerKey) -> None:
+    def __init__(self, settings: CoordinatorSettings, mid_key: SignerKey, policies: PolicyLog | None = None) -> None:
         self.settings = settings
         self.mid_key = mid_key
+        self.policies = policies
         self.book = JobBook(settings.job_book_dir)
         self._clis: dict[str, FlowerCli] = {}
         self._lock = threading.Lock()
@@ -65,6 +68,8 @@ class FlowerJobLauncher:
         cli = job_flower_cli(s)
         with self._lock:
             self._clis[request.job_id] = cli
+        current = self.policies.current() if self.policies is not None else None
+        strikes = current.record.policy.strikes if current is not None else StrikePolicy()
         registry = Registry(s.registry_path)
         try:
             with InvitationSender(login) as sender:
@@ -81,6 +86,8 @@ class FlowerJobLauncher:
                     offline_after_s=s.ingest.heartbeat_offline_s,
                     flower_acceleration=s.federation.flower_acceleration,
                     task=spec,
+                    strike_quorum_bps=strikes.quorum_bps,
+                    strike_min_members=strikes.min_members,
                 ).run()
         finally:
             registry.close()

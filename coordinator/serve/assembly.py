@@ -298,7 +298,7 @@ def build_job_desk(settings: CoordinatorSettings, storage: Storage, policies: Po
         offline_after_s=settings.ingest.heartbeat_offline_s,
         settle_timeout_s=m.settle_timeout_s,
     )
-    launcher = FlowerJobLauncher(settings, storage.mid_key) if settings.federation.enabled else None
+    launcher = FlowerJobLauncher(settings, storage.mid_key, policies) if settings.federation.enabled else None
     desk = JobDesk(
         MarketStore(settings.market_path),
         storage.tasks,
