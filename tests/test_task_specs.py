@@ -70,23 +70,31 @@ def spec_bytes(**changes: object) -> bytes:
     return json.dumps({**VIBRATION, **changes}).encode()
 
 
-# Measured with the task registry written in code (main at 7ab87fb): the initial model of each task (seed 0) and the
-# same model after one epoch on fixed random windows on one torch thread (the convolutions' gradients sum in another
-# order on more threads), and the PLAID windows' fingerprint.
+# The initial model of each task (seed 0), measured with the task registry written in code (main at 7ab87fb): bit
+# for bit, as it depends only on the seeded initialisation. After one epoch on fixed random windows on one torch
+# thread, the trained weights are compared by the size of the training step and the weights' L1 sum, measured on
+# 2026-12-07 with this spec-built code (which had matched 7ab87fb's hash of the trained weights on the machine that
+# hash was taken on): the weights' last bits depend on the CPU's kernels (AVX-512 or AVX2 sum in another order), so a
+# hash of them failed on another machine, while a changed loss, optimiser, learning rate or layer moves both figures
+# by far more than the tolerance.
 BUILT_IN_MODELS = {
     ("env-forecast", 1): (
         "53ba4908bc33305085e6fa011606d0bd50429e86c8980c53a429070a4fb2d66d",
-        "05f841f7fd991e67c620ad548b1d07a862bc27ec6083bbe27b1607624c44b3a1",
+        0.4001705554,
+        319.6245973,
     ),
     ("host-anomaly", 1): (
         "d8b698f9affc0863594b569860a9d7758322a2cedee9acfceb6683f4b8ed3d7f",
-        "542b8c42580b19714012624a1a33ce94ab6fc8cc674fcf526a6b50951db907e6",
+        0.2550828856,
+        229.8344231,
     ),
     ("plaid-appliance", 1): (
         "adbe344a71645b205f098ef8056324852b3eca2bf87ae81f6206ee8a1e7af15d",
-        "88d87364030cf1920264b5a483a7f91611b106cf822b50b616c75d9f7d95d461",
+        0.6548269149,
+        544.3214582,
     ),
 }
+TRAINED_REL_TOLERANCE = 1e-4
 PLAID_40_FINGERPRINT = "merkle-sha256:d224619879c36243009ed0346eeb52ae73597c1b6edd7eba32f29799f34fc1a3"
 
 
@@ -113,9 +121,15 @@ def test_a_built_in_task_builds_and_trains_the_same_model_as_when_it_was_code(
         y = rng.integers(0, len(spec.labels), 20)
     elif spec.kind is TaskKind.FORECAST:
         y = rng.normal(size=(20, spec.channels)).astype(np.float32)
-    initial = arrays_sha256(model_arrays(model))
+    before = model_arrays(model)
     train_epochs(spec, model, x, y, epochs=1, batch_size=8, lr=0.003, seed=5)
-    assert (initial, arrays_sha256(model_arrays(model))) == BUILT_IN_MODELS[key]
+    after = model_arrays(model)
+    step = float(np.sqrt(sum(np.sum((after[k].astype(np.float64) - before[k]) ** 2) for k in after)))
+    l1 = sum(float(np.abs(a.astype(np.float64)).sum()) for a in after.values())
+    initial_sha, expected_step, expected_l1 = BUILT_IN_MODELS[key]
+    assert arrays_sha256(before) == initial_sha
+    assert step == pytest.approx(expected_step, rel=TRAINED_REL_TOLERANCE)
+    assert l1 == pytest.approx(expected_l1, rel=TRAINED_REL_TOLERANCE)
     assert spec.parameter_count() == sum(p.numel() for p in model.parameters())
 
 
