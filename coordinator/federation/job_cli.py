@@ -270,7 +270,7 @@ def _now_ms() -> int:
 def _run(settings: CoordinatorSettings, request: JobRequest, spec: TaskSpec | None, console: Console) -> JobRecord:
     from coordinator.broker.logins import coordinator_password, coordinator_password_path
     from coordinator.federation.job_start import BrokerLogin, InvitationSender, JobRun
-    from coordinator.federation.mid_superlink import job_flower_cli
+    from coordinator.federation.mid_superlink import job_control_api
     from coordinator.mid_key import load_or_create_mid_key
     from coordinator.registry.store import Registry
 
@@ -284,6 +284,7 @@ def _run(settings: CoordinatorSettings, request: JobRequest, spec: TaskSpec | No
         ca_file=str(s.broker.ca_file) if s.broker.tls and s.broker.ca_file else None,
         mqtt5=s.broker.mqtt5,
     )
+    control = job_control_api(s)
     registry = Registry(s.registry_path)
     try:
         with InvitationSender(login) as sender:
@@ -292,7 +293,7 @@ def _run(settings: CoordinatorSettings, request: JobRequest, spec: TaskSpec | No
                 registry=registry,
                 mid_key=load_or_create_mid_key(s.mid_key_file, s.mid),
                 mid=s.mid,
-                cli=job_flower_cli(s),
+                control=control,
                 sender=sender,
                 jobs_dir=s.jobs_dir,
                 book=_book(s),
@@ -304,6 +305,7 @@ def _run(settings: CoordinatorSettings, request: JobRequest, spec: TaskSpec | No
             with console.status(f"job {request.job_id}: {request.task_id}@{request.task_version}"):
                 return run.run()
     finally:
+        control.close()
         registry.close()
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator.config import CoordinatorSettings
+from coordinator.federation.control_api import ControlApi
 from coordinator.federation.fleet_front import FleetFrontProcess
 from coordinator.federation.flower_cli import FlowerCli
 from coordinator.federation.superlink_process import SuperLinkProcess, free_loopback_port
@@ -40,9 +41,8 @@ def superlink_address_file(settings: CoordinatorSettings) -> Path:
     return settings.federation_dir / "superlink-address"
 
 
-def job_flower_cli(settings: CoordinatorSettings) -> FlowerCli:
-    """The `flwr` connection `job start` uses: its own FLWR_HOME (`serve` registers devices through another), the
-    SuperLink `serve` runs, trusted through the MID CA."""
+def job_control_api(settings: CoordinatorSettings) -> ControlApi:
+    """The Control API of the SuperLink `serve` runs, as `job start` calls it, trusted through the MID CA."""
     ca_cert = mid_ca_dir(settings) / "ca.crt"
     address_file = superlink_address_file(settings)
     if not ca_cert.exists() or not address_file.exists():
@@ -50,9 +50,7 @@ def job_flower_cli(settings: CoordinatorSettings) -> FlowerCli:
             f"no MID CA at {ca_cert} or no SuperLink address at {address_file}: "
             "start `midgate coordinator serve` with [federation] enabled first"
         )
-    cli = FlowerCli(settings.federation_dir / "job-cli", address_file.read_text().strip(), ca_cert)
-    cli.write_config()
-    return cli
+    return ControlApi(address_file.read_text().strip(), ca_cert)
 
 
 @dataclass
