@@ -4,7 +4,9 @@
 measured on the 2-core machine (7 s under load), taken from the job when the SuperLink shares the machine. This
 client makes the same requests with Flower's own client (flwr.supercore.control.ControlHttpClient, the CLI's, over
 TLS trusting the MID CA) and builds the app's FAB with Flower's own builder (flwr.cli.build), once per command:
-Flower is neither copied nor patched. The requests are the CLI's: `StartRun` with the FAB and the run config as
+Flower is neither copied nor patched. Importing them costs about as much as one CLI call (Flower's package imports
+FastAPI and numpy), so `prepare` does it in a worker thread while `job start` connects to the broker and invites
+the devices. The requests are the CLI's: `StartRun` with the FAB and the run config as
 override config (no federation: the SuperLink's default), `ListRuns` for one run id, `StopRun`.
 
 `flwr run` exits 0 even when the ServerApp fails, and so does `StartRun`: a run's result is its status here
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
@@ -46,13 +49,26 @@ class RunControl(Protocol):
 class ControlApi:
     """The Control API of the SuperLink at `address` (host:port), trusted through `ca_cert` (the MID CA).
 
-    One HTTP client for every request (opened at the first, closed by `close`); each request waits at most
-    `timeout_s` seconds (default 30)."""
+    One HTTP client for every request (opened at the first, closed by `close`)."""
 
     address: str
     ca_cert: Path
-    timeout_s: float = 30.0
     _client: ControlHttpClient | None = field(default=None, init=False, repr=False)
+    _fabs: dict[Path, Future[bytes]] = field(default_factory=dict, init=False, repr=False)
+    _worker: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
+
+    def prepare(self, app_dir: Path) -> None:
+        """Import Flower's client and build the FAB of `app_dir` in a worker thread, for a `submit_run` to come."""
+        if app_dir not in self._fabs:
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="control-api")
+            self._fabs[app_dir] = self._worker.submit(self._build, app_dir)
+
+    def _build(self, app_dir: Path) -> bytes:
+        from flwr.cli.build import build_fab_from_disk
+
+        self._control()
+        return build_fab_from_disk(app_dir)
 
     def _control(self) -> ControlHttpClient:
         if self._client is None:
@@ -70,12 +86,12 @@ class ControlApi:
     def submit_run(self, app_dir: Path, run_config: dict[str, str | int | float]) -> int:
         """Start a run of the Flower app in `app_dir` with `run_config` (keys and values as in the app's
         `[tool.flwr.app.config]`); returns its run id. Raises RunControlError."""
-        from flwr.cli.build import build_fab_from_disk
         from flwr.common.serde import fab_to_proto, user_config_to_proto
         from flwr.proto.control_pb2 import StartRunRequest
         from flwr.supercore.fab import Fab
 
-        content = build_fab_from_disk(app_dir)
+        self.prepare(app_dir)
+        content = self._fabs[app_dir].result()
         fab = Fab(hashlib.sha256(content).hexdigest(), content, {})
         request = StartRunRequest(fab=fab_to_proto(fab), override_config=user_config_to_proto(dict(run_config)))
         response = self._call("StartRun", lambda control: control.StartRun(request))
@@ -114,6 +130,9 @@ class ControlApi:
             raise RunControlError(f"{name} failed: {type(exc).__name__}: {exc}") from None
 
     def close(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
         if self._client is not None:
             self._client.close()
             self._client = None

@@ -178,7 +178,7 @@ def _print_logged(console: Console, settings: CoordinatorSettings, record: JobRe
 
 
 LOGGED_WAIT_S = 30.0
-"""How long `job start` and `job settle` wait for `serve` to append what they recorded (it looks every second)."""
+"""How long `job start` and `job settle` wait for `serve` to append what they recorded (it looks every 0.25 s)."""
 
 
 @app.command()
@@ -269,7 +269,7 @@ def _now_ms() -> int:
 
 def _run(settings: CoordinatorSettings, request: JobRequest, spec: TaskSpec | None, console: Console) -> JobRecord:
     from coordinator.broker.logins import coordinator_password, coordinator_password_path
-    from coordinator.federation.job_start import BrokerLogin, InvitationSender, JobRun
+    from coordinator.federation.job_start import APP_DIR, BrokerLogin, InvitationSender, JobRun
     from coordinator.federation.mid_superlink import job_control_api
     from coordinator.mid_key import load_or_create_mid_key
     from coordinator.registry.store import Registry
@@ -285,6 +285,7 @@ def _run(settings: CoordinatorSettings, request: JobRequest, spec: TaskSpec | No
         mqtt5=s.broker.mqtt5,
     )
     control = job_control_api(s)
+    control.prepare(APP_DIR)  # Flower's imports and the FAB, while the broker connects and the devices are invited
     registry = Registry(s.registry_path)
     try:
         with InvitationSender(login) as sender:

@@ -36,6 +36,11 @@ def superlink_tls(settings: CoordinatorSettings) -> ServerTls:
     return issue_server_tls(ca, cert, key, settings.federation.tls_hostnames)
 
 
+SUPERLINK_ACCELERATION_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
+"""The SuperLink's SuperExec looks for a run to launch a ServerApp for every 0.2 s instead of Flower's 1 s: a
+submitted job's ServerApp starts up to 0.8 s sooner, for five small requests a second to the SuperLink."""
+
+
 def superlink_address_file(settings: CoordinatorSettings) -> Path:
     """Where `serve` writes the address of the SuperLink's own API (Control, ServerAppIo), for `job start`."""
     return settings.federation_dir / "superlink-address"
@@ -83,7 +88,14 @@ class MidSuperLink:
             host, port = "127.0.0.1", f.superlink_port or free_loopback_port()
         else:
             host, port = f.host, f.port
-        self.process = SuperLinkProcess(flwr_home=home, tls=tls, port=port, host=host, log_path=home / "superlink.log")
+        self.process = SuperLinkProcess(
+            flwr_home=home,
+            tls=tls,
+            port=port,
+            host=host,
+            log_path=home / "superlink.log",
+            extra_env=SUPERLINK_ACCELERATION_ENV if f.flower_acceleration else None,
+        )
         self.process.start(timeout=f.start_timeout_s)
         if f.fleet_front:
             self.front = FleetFrontProcess.beside(
