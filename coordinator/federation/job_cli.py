@@ -5,6 +5,7 @@ Imports live inside the commands: every `midgate` invocation (the agent's too) i
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -85,7 +86,7 @@ def start(
     from pydantic import ValidationError
     from rich.console import Console
 
-    from coordinator.federation.flower_cli import FlowerCliError
+    from coordinator.federation.control_api import RunControlError
     from coordinator.federation.job_start import JobRequest, JobRequestError
     from protocol.errors import ProtocolError
     from protocol.settings import validation_problems
@@ -136,12 +137,15 @@ def start(
     ledger_size = _ledger_size(settings)
     try:
         record = _run(settings, request, spec, console)
-    except (JobRequestError, FlowerCliError, OSError) as error:  # OSError: no broker, no MID CA yet
-        typer.echo(f"job failed: {' '.join(str(error).split())}", err=True)  # flwr's output, on one line
+    except (JobRequestError, RunControlError, OSError) as error:  # OSError: no broker, no MID CA yet
+        typer.echo(f"job failed: {' '.join(str(error).split())}", err=True)  # the SuperLink's answer, on one line
         raise typer.Exit(1) from None
     _print_outcome(console, record)
     if record.status in ("completed", "failed"):
         _print_logged(console, settings, record, ledger_size)
+    # Everything is written and closed: spare the exit the interpreter's last collection over Flower's imports
+    # (0.5 s of the command's end measured; 0.1 s with it frozen).
+    gc.freeze()
     raise typer.Exit(0 if record.status == "completed" else 1)
 
 

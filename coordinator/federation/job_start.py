@@ -311,7 +311,7 @@ class BrokerLogin:
 
 class InvitationSender:
     """Publishes invitations with the coordinator's login (its ACL writes `dev/+/down/#`) on its own client id, so it
-    never takes over `serve`'s persistent session. `JobRun` is synchronous (it polls the flwr CLI between rounds), so
+    never takes over `serve`'s persistent session. `JobRun` is synchronous (it polls the SuperLink between rounds), so
     each burst of invitations is one short aiomqtt connection on an event loop of its own; `with` checks up front that
     the broker takes the login, before the job is recorded."""
 
