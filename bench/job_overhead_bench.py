@@ -3,7 +3,9 @@
 Setup (the same as tests/fl_stack.py): Mosquitto, `midgate coordinator serve` with its SuperLink, D enrolled
 `midgate agent run` daemons each replaying its share of PLAID (split by label), all on this machine. Then
 `midgate coordinator job start` with only a task, the devices' defaults and `--rounds R`, timed from the command's
-start to its exit (Python start-up included), each line it prints stamped with the time it arrived.
+start to its exit (Python start-up included), each line it prints stamped with the time it arrived. The job starts
+once every agent has said its warm executor is ready (agent.toml's keep_warm_executor, on by default: a device that
+has been up for a while), unless `--cold`: then at once, the devices' imports competing with the job.
 
 Printed, from the same run:
 - total: the command's wall time;
@@ -14,13 +16,14 @@ Printed, from the same run:
 - outside, strict: total - R x the median of rounds 2..R, so that round 1's one-time start counts as outside too;
 - the time of each printed line (where the time outside goes).
 
-Run: .venv/bin/python bench/job_overhead_bench.py [--devices 5] [--rounds 3]   (about 2 minutes on 2 cores)
+Run: .venv/bin/python bench/job_overhead_bench.py [--devices 5] [--rounds 3] [--cold]   (about 2 minutes on 2 cores)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -34,7 +37,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from fl_stack import start_federated_coordinator, start_plaid_agents, stopping_federation  # noqa: E402
 from flower_fixtures import plaid_windows  # noqa: E402
-from mqtt_fixtures import PYTHON, MessagingStack  # noqa: E402
+from mqtt_fixtures import PYTHON, MessagingStack, wait_until  # noqa: E402
 
 from coordinator.federation.job import JobOutcome  # noqa: E402
 from coordinator.federation.job_start import JobBook  # noqa: E402
@@ -65,9 +68,12 @@ def timed_job(stack: MessagingStack, rounds: int | None, job: str = JOB) -> tupl
     return time.monotonic() - started, lines, code
 
 
-def job_on_real_processes(devices: int, rounds: int | None, job: str, keep: Path | None) -> tuple[float, JobOutcome]:
-    """Start the MID and `devices` PLAID agents, run `timed_job`, print its lines as they were stamped, stop every
-    process; the job's wall seconds and outcome. `keep`: run in this (new) folder and keep it."""
+def job_on_real_processes(
+    devices: int, rounds: int | None, job: str, keep: Path | None, cold: bool = False
+) -> tuple[float, JobOutcome]:
+    """Start the MID and `devices` PLAID agents, wait for their warm executors unless `cold`, run `timed_job`, print
+    its lines as they were stamped, stop every process; the job's wall seconds and outcome. `keep`: run in this (new)
+    folder and keep it."""
     with tempfile.TemporaryDirectory(prefix="bench-job-") as tmp:
         root = Path(tmp) if keep is None else keep
         root.mkdir(parents=True, exist_ok=True)
@@ -75,6 +81,11 @@ def job_on_real_processes(devices: int, rounds: int | None, job: str, keep: Path
         try:
             start_federated_coordinator(stack)
             agents = start_plaid_agents(stack, devices)
+            if not cold:
+                for handle, _ in agents:
+                    log = handle.workdir / "agent.log"
+                    wait_until(lambda log=log: "warm executor ready" in log.read_text(), 180, "warm executor")
+            print(f"load average at the job's start: {os.getloadavg()[0]:.1f}")
             with stopping_federation(stack, agents):
                 total, lines, code = timed_job(stack, rounds, job)
         finally:
@@ -93,8 +104,9 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--keep", type=Path, help="run in this (new) folder and keep it: every process's log")
+    parser.add_argument("--cold", action="store_true", help="start the job before the agents' warm executors are up")
     args = parser.parse_args()
-    total, outcome = job_on_real_processes(args.devices, args.rounds, JOB, args.keep)
+    total, outcome = job_on_real_processes(args.devices, args.rounds, JOB, args.keep, args.cold)
     seconds = [outcome.round_seconds[r] for r in sorted(outcome.round_seconds)]
     rounds_s = sum(seconds)
     steady = statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0]

@@ -106,11 +106,24 @@ class Device:
         return _supernodes(self.agent.proc.pid)
 
     def note_tree(self) -> set[int]:
-        """Every process below the agent right now (the SuperNode, its SuperExec and whatever they started)."""
+        """Every process below the agent right now (the SuperNode, its SuperExec and whatever they started), but
+        the warm executor the agent keeps between jobs (keep_warm_executor): what it forked for the job is noted."""
         if self.agent is not None and self.agent.proc is not None:
             with contextlib.suppress(psutil.Error):
-                self.tree |= {p.pid for p in psutil.Process(self.agent.proc.pid).children(recursive=True)}
+                below = psutil.Process(self.agent.proc.pid).children(recursive=True)
+                self.tree |= {p.pid for p in below if p not in self.warm_executors()}
         return set(self.tree)
+
+    def warm_executors(self) -> list[psutil.Process]:
+        """The warm executor parents below the agent."""
+        assert self.agent is not None and self.agent.proc is not None
+        found = []
+        with contextlib.suppress(psutil.Error):
+            for proc in psutil.Process(self.agent.proc.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    if "edge.federated.acceleration.warm_executor" in proc.cmdline():
+                        found.append(proc)
+        return found
 
     def _below(self) -> list[str]:
         """Command lines of every process below the agent."""
@@ -174,6 +187,8 @@ class Device:
         alive = [pid for pid in tree if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
         assert alive == [], f"still running: {alive}"
         assert self.supernodes() == []
+        # The kept warm executor runs no Flower process between jobs: nothing forked is left below it.
+        assert [child.pid for warm in self.warm_executors() for child in warm.children(recursive=True)] == []
 
     def close(self, failed: bool) -> None:
         if failed:

@@ -9,6 +9,7 @@ import stat
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -111,3 +112,47 @@ def test_a_folder_too_deep_for_a_unix_socket_gets_a_private_socket_folder(tmp_pa
         executor.stop()
         print((deep / "warm.log").read_text(errors="replace")[-4000:])
     assert not socket_dir.exists()
+
+
+def test_a_kept_warm_executor_starts_once_and_outlives_what_it_forked(tmp_path: Path) -> None:
+    """The agent's kept executor (keep_warm_executor): a second `ensure_started` and two started at once find one
+    parent; `stop_children` ends a forked SuperExec and leaves the parent listening for the next job's."""
+    executor = WarmExecutor(tmp_path / "warm")
+    launchers: list[subprocess.Popen[bytes]] = []
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda _: executor.ensure_started(), range(2)))
+        parent = executor.pids()
+        assert len(parent) == 1
+        executor.ensure_started()
+        assert executor.pids() == parent
+
+        def fork_superexec() -> psutil.Process:
+            launchers.append(
+                subprocess.Popen(
+                    [str(executor.bin_dir / "flower-superexec"), "--runtime-api-address", "127.0.0.1:9", "--insecure"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(tmp_path / "home")},
+                )
+            )
+            deadline = time.monotonic() + 30
+            while not executor.child_pids() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            (child,) = executor.child_pids()
+            return psutil.Process(child)
+
+        child = fork_superexec()
+        executor.stop_children(grace=5.0)
+        gone, _ = psutil.wait_procs([child], timeout=30)
+        assert gone == [child] and executor.pids() == parent
+        assert launchers[0].wait(timeout=30) != 0  # the launcher exits with its child's (killed) status
+        second = fork_superexec()  # the same parent forks the next job's
+        assert second.pid != child.pid and executor.pids() == [*parent, second.pid]
+    finally:
+        executor.stop()
+        for launcher in launchers:
+            if launcher.poll() is None:
+                launcher.kill()
+            launcher.wait()
+    assert executor.pids() == []

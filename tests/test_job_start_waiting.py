@@ -107,7 +107,7 @@ def _job_run(tmp_path: Path, registry: Registry, request: JobRequest, came: list
         registry=registry,
         mid_key=SignerKey.generate(mid_key_name("riverside")),
         mid="riverside",
-        cli=FakeRun(tmp_path / "jobs", came),  # type: ignore[arg-type]
+        control=FakeRun(tmp_path / "jobs", came),
         sender=Invitations(),  # type: ignore[arg-type]
         jobs_dir=tmp_path / "jobs",
         book=JobBook(tmp_path / "job-book"),
@@ -130,7 +130,7 @@ def test_the_job_invites_and_selects_only_the_members_who_may_come_and_says_whom
     }
     assert [d.device_id for d in record.invited] == ["d-ann", "d-bob"]
     assert sorted(record.selected_node_ids) == [11, 22]
-    assert run.cli.submitted[0]["selected-nodes"] == "11 22"  # type: ignore[attr-defined]
+    assert run.control.submitted[0]["selected-nodes"] == "11 22"  # type: ignore[attr-defined]
     assert run.sender.sent == [["d-ann", "d-bob"], ["d-ann", "d-bob"]]  # type: ignore[attr-defined]
     assert lines[0] == (
         "not waiting for 3 device(s): d-cid (paused), d-dan (striking against buyer acme),"
@@ -166,7 +166,7 @@ def test_with_fewer_members_able_to_come_than_min_nodes_nothing_is_invited_or_su
     run, lines = _job_run(tmp_path, registry, request, came=[])
     record = run.run()
     assert (record.status, record.reason, record.run_id) == ("failed", "too_few_nodes", None)
-    assert run.sender.sent == [] and run.cli.submitted == []  # type: ignore[attr-defined]
+    assert run.sender.sent == [] and run.control.submitted == []  # type: ignore[attr-defined]
     assert lines[-1] == "1 device(s) can take part, fewer than min_nodes 2"
 
 

@@ -5,6 +5,7 @@ Imports live inside the commands: every `midgate` invocation (the agent's too) i
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -85,7 +86,7 @@ def start(
     from pydantic import ValidationError
     from rich.console import Console
 
-    from coordinator.federation.flower_cli import FlowerCliError
+    from coordinator.federation.control_api import RunControlError
     from coordinator.federation.job_start import JobRequest, JobRequestError
     from coordinator.policy.in_force import policy_in_force
     from protocol.errors import ProtocolError
@@ -144,12 +145,15 @@ def start(
         verdict = "refused" if error.reason == "strike" else "failed"
         typer.echo(f"job {verdict}: {error}", err=True)
         raise typer.Exit(2 if verdict == "refused" else 1) from None
-    except (FlowerCliError, OSError) as error:  # OSError: no broker, no MID CA yet
-        typer.echo(f"job failed: {' '.join(str(error).split())}", err=True)  # flwr's output, on one line
+    except (RunControlError, OSError) as error:  # OSError: no broker, no MID CA yet
+        typer.echo(f"job failed: {' '.join(str(error).split())}", err=True)  # the SuperLink's answer, on one line
         raise typer.Exit(1) from None
     _print_outcome(console, record)
     if record.status in ("completed", "failed"):
         _print_logged(console, settings, record, ledger_size)
+    # Everything is written and closed: spare the exit the interpreter's last collection over Flower's imports
+    # (0.5 s of the command's end measured; 0.1 s with it frozen).
+    gc.freeze()
     raise typer.Exit(0 if record.status == "completed" else 1)
 
 
@@ -186,7 +190,7 @@ def _print_logged(console: Console, settings: CoordinatorSettings, record: JobRe
 
 
 LOGGED_WAIT_S = 30.0
-"""How long `job start` and `job settle` wait for `serve` to append what they recorded (it looks every second)."""
+"""How long `job start` and `job settle` wait for `serve` to append what they recorded (it looks every 0.25 s)."""
 
 
 @app.command()
@@ -302,8 +306,8 @@ def _run(
 ) -> JobRecord:
     """Run the job; `strikes`: the (quorum_bps, min_members) of the policy in force."""
     from coordinator.broker.logins import coordinator_password, coordinator_password_path
-    from coordinator.federation.job_start import BrokerLogin, InvitationSender, JobRun
-    from coordinator.federation.mid_superlink import job_flower_cli
+    from coordinator.federation.job_start import APP_DIR, BrokerLogin, InvitationSender, JobRun
+    from coordinator.federation.mid_superlink import job_control_api
     from coordinator.mid_key import load_or_create_mid_key
     from coordinator.registry.store import Registry
 
@@ -317,6 +321,8 @@ def _run(
         ca_file=str(s.broker.ca_file) if s.broker.tls and s.broker.ca_file else None,
         mqtt5=s.broker.mqtt5,
     )
+    control = job_control_api(s)
+    control.prepare(APP_DIR)  # Flower's imports and the FAB, while the broker connects and the devices are invited
     registry = Registry(s.registry_path)
     try:
         with InvitationSender(login) as sender:
@@ -325,7 +331,7 @@ def _run(
                 registry=registry,
                 mid_key=load_or_create_mid_key(s.mid_key_file, s.mid),
                 mid=s.mid,
-                cli=job_flower_cli(s),
+                control=control,
                 sender=sender,
                 jobs_dir=s.jobs_dir,
                 book=_book(s),
@@ -339,6 +345,7 @@ def _run(
             with console.status(f"job {request.job_id}: {request.task_id}@{request.task_version}"):
                 return run.run()
     finally:
+        control.close()
         registry.close()
 
 

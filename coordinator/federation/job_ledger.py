@@ -53,7 +53,9 @@ from protocol.leaves import Leaf, LeafKind, decode_leaf
 log = logging.getLogger("midgate.federation")
 T = TypeVar("T")
 
-FOLLOW_PERIOD_S = 1.0
+FOLLOW_PERIOD_S = 0.25
+"""Seconds between `serve`'s looks at the job book: a pass that finds nothing new lists two folders, and a job's
+JOB leaf is what `job start` waits for before it exits."""
 _TEXT = 256  # protocol.messages.ShortText
 
 

@@ -7,12 +7,13 @@ has not heard from lately are not invited and not waited for (`expected_devices`
 devices' signed heartbeats and strike votes: coordinator/registry/presence.py); the command says whom it waits for
 and whom not, and why.
 
-The command invites the others and submits the run with `flwr run` (FlowerCli) at once: the ServerApp starts while
-the devices start their SuperNodes, and its first round waits for them up to the join timeout (NodeSelection), so no
-second of the job goes to polling the SuperLink for joins. While the run lives it re-invites every selected device
-with a later deadline, one lease ahead, and prints each round as it ends (elapsed time, nodes, the buyer's
-validation metrics). `flwr run` exits 0 even when the ServerApp fails, so the job's result is the run's status on
-the SuperLink (`finished:completed`) together with the ServerApp's outcome.json, never the CLI's exit code. The run's
+The command invites the others and submits the run through the SuperLink's Control API at once (ControlApi, in
+process: each `flwr` CLI call cost seconds of Python start-up): the ServerApp starts while the devices start their
+SuperNodes, and its first round waits for them up to the join timeout (NodeSelection), so no second of the job goes
+to polling the SuperLink for joins. While the run lives it re-invites every selected device with a later deadline,
+one lease ahead, and prints each round as it ends (elapsed time, nodes, the buyer's validation metrics). A run is
+submitted successfully even when its ServerApp then fails, so the job's result is the run's status on the SuperLink
+(`finished:completed`) together with the ServerApp's outcome.json, never the submission's success. The run's
 output goes to the coordinator's `jobs_dir` (`run-<id>/`, where ingest cross-checks contribution reports with the
 round captures), and every job is recorded in `job-book/<job id>.json` under the federation folder (`JobBook`),
 which `job list` and `job show` read.
@@ -36,7 +37,7 @@ import aiomqtt
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 from coordinator.capture.directory import capture_summary_path, read_round_summary, read_validation
-from coordinator.federation.flower_cli import FlowerCli, FlowerCliError
+from coordinator.federation.control_api import RunControl, RunControlError
 from coordinator.federation.job import TASKS_DIR, Aggregation, JobOutcome, aggregation_conflict
 from coordinator.registry.member_choices import knobs_for
 from coordinator.registry.presence import absence, active_strikes
@@ -325,7 +326,7 @@ class BrokerLogin:
 
 class InvitationSender:
     """Publishes invitations with the coordinator's login (its ACL writes `dev/+/down/#`) on its own client id, so it
-    never takes over `serve`'s persistent session. `JobRun` is synchronous (it polls the flwr CLI between rounds), so
+    never takes over `serve`'s persistent session. `JobRun` is synchronous (it polls the SuperLink between rounds), so
     each burst of invitations is one short aiomqtt connection on an event loop of its own; `with` checks up front that
     the broker takes the login, before the job is recorded."""
 
@@ -511,7 +512,7 @@ class JobRun:
     registry: the MID's device registry (device -> member -> Flower node id).
     mid_key: signs the invitations.
     mid: the MID's id (topics).
-    cli: the `flwr` CLI connection to the MID's SuperLink.
+    control: the MID's SuperLink (coordinator.federation.control_api.ControlApi).
     sender: an open InvitationSender.
     jobs_dir: the ServerApp's output folder (the coordinator's `jobs_dir`); the run writes `run-<id>/` there.
     book: where the job is recorded.
@@ -519,8 +520,8 @@ class JobRun:
     offline_after_s: a device not heard from for this long is not waited for (the MID's
         `[ingest] heartbeat_offline_s`; default 180).
     poll_s: seconds between looks at the run's folder (round captures, validations, outcome.json) (default 0.25).
-    status_every_s: seconds between `flwr ls` calls while the run has no outcome yet (default 15): each is a fresh
-        Python process costing about 1 s of CPU, taken from the job when the SuperLink shares the machine.
+    status_every_s: seconds between looks at the run's status on the SuperLink while the run has no outcome yet
+        (default 2; once the outcome is written, every `poll_s`).
     flower_acceleration: the run's `flower-acceleration` (the MID's `[federation] flower_acceleration`; default True).
     task: the job's spec from the MID's catalogue, handed to the ServerApp under `jobs_dir/tasks/`; default None: the
         built-in spec the request names.
@@ -533,14 +534,14 @@ class JobRun:
     registry: Registry
     mid_key: SignerKey
     mid: str
-    cli: FlowerCli
+    control: RunControl
     sender: InvitationSender
     jobs_dir: Path
     book: JobBook
     report: Callable[[str], None]
     offline_after_s: float = 180.0
     poll_s: float = 0.25
-    status_every_s: float = 15.0
+    status_every_s: float = 2.0
     flower_acceleration: bool = True
     task: TaskSpec | None = None
     strike_quorum_bps: int = 5000
@@ -583,8 +584,8 @@ class JobRun:
             return self._run(record)
         except BaseException as exc:
             if record.run_id is not None and record.status == "running":
-                with contextlib.suppress(FlowerCliError, OSError):
-                    self.cli.stop_run(record.run_id)
+                with contextlib.suppress(RunControlError, OSError):
+                    self.control.stop_run(record.run_id)
             self._finish(record, "failed", getattr(exc, "reason", type(exc).__name__))
             raise
 
@@ -607,7 +608,7 @@ class JobRun:
         if self.task is not None:
             (self.jobs_dir / TASKS_DIR).mkdir(parents=True, exist_ok=True)
             write_task_file(self.jobs_dir / TASKS_DIR, self.task)
-        record.run_id = self.cli.submit_run(APP_DIR, run_config)
+        record.run_id = self.control.submit_run(APP_DIR, run_config)
         record.status = "running"
         record.submitted_ms = _now_ms()
         self.book.write(record)
@@ -637,13 +638,13 @@ class JobRun:
             progress.show()
             outcome_written = (run_dir / "outcome.json").exists()
             if outcome_written or self.clock() >= next_status:
-                status = self.cli.run_status(record.run_id)
+                status = self.control.run_status(record.run_id)
                 # After the outcome the ServerApp is exiting: the SuperLink says so within a second.
-                next_status = self.clock() + (0.5 if outcome_written else self.status_every_s)
+                next_status = self.clock() + (self.poll_s if outcome_written else self.status_every_s)
                 if status.startswith(TERMINAL_PREFIX):
                     break
             if self.clock() >= deadline:
-                self.cli.stop_run(record.run_id)
+                self.control.stop_run(record.run_id)
                 record.flower_status = status
                 return self._finish(record, "failed", "timeout")
             if self.clock() - last_invite >= reinvite_every:

@@ -36,7 +36,7 @@ from typing import Protocol, TypeVar
 
 from pydantic import ValidationError
 
-from coordinator.federation.flower_cli import FlowerCliError
+from coordinator.federation.control_api import RunControlError
 from coordinator.federation.job_ledger import is_job_leaf, is_settlement_leaf
 from coordinator.federation.job_start import JobBook, JobPayment, JobRecord, JobRequest, JobRequestError
 from coordinator.ledger.store import LedgerStore
@@ -389,7 +389,7 @@ class JobDesk:
                 context={"task": spec},
             )
             record = self.launcher.run(request, spec, lambda line: self._report(job_id, line))
-        except (ProtocolError, ValidationError, OSError, RuntimeError, JobRequestError, FlowerCliError) as error:
+        except (ProtocolError, ValidationError, OSError, RuntimeError, JobRequestError, RunControlError) as error:
             self._fail(job_id, _reason(error))
             return
         with self._lock:

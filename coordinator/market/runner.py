@@ -12,9 +12,9 @@ from pathlib import Path
 from coordinator.broker.logins import coordinator_password, coordinator_password_path
 from coordinator.capture.directory import read_validation
 from coordinator.config import CoordinatorSettings
-from coordinator.federation.flower_cli import FlowerCli, FlowerCliError
+from coordinator.federation.control_api import ControlApi, RunControlError
 from coordinator.federation.job_start import BrokerLogin, InvitationSender, JobBook, JobRecord, JobRequest, JobRun
-from coordinator.federation.mid_superlink import job_flower_cli
+from coordinator.federation.mid_superlink import job_control_api
 from coordinator.market.models import Progress
 from coordinator.policy.document import StrikePolicy
 from coordinator.policy.ledger_records import PolicyLog
@@ -51,7 +51,7 @@ class FlowerJobLauncher:
         self.mid_key = mid_key
         self.policies = policies
         self.book = JobBook(settings.job_book_dir)
-        self._clis: dict[str, FlowerCli] = {}
+        self._controls: dict[str, ControlApi] = {}
         self._lock = threading.Lock()
 
     def run(self, request: JobRequest, spec: TaskSpec, report: Callable[[str], None]) -> JobRecord:
@@ -65,9 +65,9 @@ class FlowerJobLauncher:
             ca_file=str(s.broker.ca_file) if s.broker.tls and s.broker.ca_file else None,
             mqtt5=s.broker.mqtt5,
         )
-        cli = job_flower_cli(s)
+        control = job_control_api(s)
         with self._lock:
-            self._clis[request.job_id] = cli
+            self._controls[request.job_id] = control
         current = self.policies.current() if self.policies is not None else None
         strikes = current.record.policy.strikes if current is not None else StrikePolicy()
         registry = Registry(s.registry_path)
@@ -78,7 +78,7 @@ class FlowerJobLauncher:
                     registry=registry,
                     mid_key=self.mid_key,
                     mid=s.mid,
-                    cli=cli,
+                    control=control,
                     sender=sender,
                     jobs_dir=s.jobs_dir,
                     book=self.book,
@@ -92,16 +92,17 @@ class FlowerJobLauncher:
         finally:
             registry.close()
             with self._lock:
-                self._clis.pop(request.job_id, None)
+                self._controls.pop(request.job_id, None)
+            control.close()
 
     def stop(self, job_id: str) -> None:
         """Stop the job's run on the SuperLink (JobRun then ends it failed); nothing when it has no run yet."""
         with self._lock:
-            cli = self._clis.get(job_id)
+            control = self._controls.get(job_id)
         record = self.book.read(job_id)
-        if cli is not None and record is not None and record.run_id is not None:
-            with contextlib.suppress(FlowerCliError, OSError):
-                cli.stop_run(record.run_id)
+        if control is not None and record is not None and record.run_id is not None:
+            with contextlib.suppress(RunControlError, OSError):
+                control.stop_run(record.run_id)
 
     def progress(self, job_id: str) -> Progress | None:
         record = self.book.read(job_id)

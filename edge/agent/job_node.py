@@ -4,7 +4,10 @@ A `RoundInvitation` on the device's own `down/invite` topic, signed by the MID k
 docs/federated.md). The first invitation of a job starts a SuperNodeSupervisor (edge.federated.supervisor) with the
 device's Flower key from enrolment; later invitations of the same job extend its `deadline_ms`. The node is stopped,
 with everything below it, when the deadline passes without a further invitation (the job ended) or the agent stops.
-Between jobs no Flower process runs.
+Between jobs no Flower process runs; with Flower acceleration and `keep_warm_executor` (agent.toml, default true) the
+agent keeps one warm executor per membership from its start (edge.federated.acceleration.warm_executor: a parent
+that imported torch, Flower and the ClientApp, runs none of them and connects nowhere), so that a job's SuperNode is
+forked at once rather than after 6 s of imports per device (BENCHMARKS.md, "A job's time outside its rounds").
 
 The member's choices gate every job (`admit`, edge.agent.controls.decisions): an invitation for a job the member does
 not take part in (paused, left, on strike against its buyer or purpose) is declined -- logged, counted, nothing
@@ -42,6 +45,7 @@ from edge.agent.job_task import TaskSpecFetch, job_task
 from edge.agent.membership import Membership
 from edge.durable_file import replace_file
 from edge.federated.acceleration.device import accelerated
+from edge.federated.acceleration.warm_executor import WarmExecutor
 from edge.federated.supernode import NodeKey, SuperNodeProcess
 from edge.federated.supervisor import SuperNodeSupervisor
 from edge.sensors.errors import MissingInputsError, TooFewWindowsError
@@ -118,11 +122,14 @@ class JobNode:
         recheck: Admit = _admit_all,
         flower_acceleration: bool = True,
         task_specs: TaskSpecFetch | None = None,
+        keep_warm_executor: bool = True,
     ) -> None:
         """`windows`: where a job's windows are cut from. `admit` decides each verified invitation (and counts
         declines); `recheck` asks the same of a running job without counting. Both default to taking part in every
         job. `flower_acceleration` (agent.toml's) runs each job's SuperNode through edge.federated.acceleration.
-        `task_specs` fetches the MID's signed task specs (edge.agent.job_task); None: the built-in tasks only."""
+        `task_specs` fetches the MID's signed task specs (edge.agent.job_task); None: the built-in tasks only.
+        `keep_warm_executor` (agent.toml's; with acceleration only): one warm executor from `run`'s start to its end,
+        shared by every job's SuperNode, instead of one started for each job."""
         self.membership = membership
         self.spool_dir = spool_dir
         self.windows = windows
@@ -130,6 +137,12 @@ class JobNode:
         self.recheck = recheck
         self.flower_acceleration = flower_acceleration
         self.task_specs = task_specs
+        directory = membership.directory
+        self.warm = (
+            WarmExecutor(directory / "warm", log_path=directory / "warm.log")
+            if flower_acceleration and keep_warm_executor
+            else None
+        )
         self.job: _Job | None = None
         self.refused = 0
         self.declined = 0
@@ -172,7 +185,9 @@ class JobNode:
             clientappio_port=_free_port(),
             log_path=run_dir / "supernode.log",
         )
-        return accelerated(process, run_dir / "warm", run_dir / "warm.log") if self.flower_acceleration else process
+        if not self.flower_acceleration:
+            return process
+        return accelerated(process, run_dir / "warm", run_dir / "warm.log", kept=self.warm)
 
     async def invited(self, payload: bytes) -> None:
         async with self._lock:
@@ -318,8 +333,22 @@ class JobNode:
             if not decision.run:
                 await self.stop(str(decision))
 
+    async def _warm_up(self) -> None:
+        """Start the kept warm executor (a device without a Flower node never runs a job: none)."""
+        if self.warm is None or not self.membership.record.flower_node_id:
+            return
+        started = time.monotonic()
+        try:
+            await asyncio.to_thread(self.warm.ensure_started)
+        except (OSError, RuntimeError) as exc:  # TimeoutError included; a job's SuperNode will try again
+            log.warning("warm executor did not start", extra={"error": str(exc)[:300]})
+            return
+        log.info("warm executor ready in %.1f s", time.monotonic() - started, extra={"mid": self.membership.mid})
+
     async def run(self, stop: asyncio.Event) -> None:
-        """Ends the job's SuperNode when its deadline passes; the agent stopping ends it too."""
+        """Ends the job's SuperNode when its deadline passes; the agent stopping ends it too, and the kept warm
+        executor after it."""
+        warming = asyncio.create_task(self._warm_up())
         try:
             while not stop.is_set():
                 if self.job is not None and time.time_ns() // 1_000_000 >= self.job.deadline_ms:
@@ -331,3 +360,6 @@ class JobNode:
                     await asyncio.wait_for(self._wake.wait(), 0.5)
         finally:
             await self.stop("agent stopping")
+            if self.warm is not None:
+                await asyncio.wait([warming])  # its thread keeps starting anyway: stop what it started
+                await asyncio.to_thread(self.warm.stop)

@@ -107,8 +107,10 @@ class SuperNodeProcess:
     extra_env: more environment for Flower's processes.
     warm: when given, the SuperNode runs with `--isolation process` and its SuperExec and ClientApps are forked
         from this warm executor (Flower acceleration: edge.federated.acceleration.device.accelerated sets it), which
-        `start` starts and `stop` stops; otherwise Flower's default: the SuperNode starts its own SuperExec, which
-        starts a fresh ClientApp per message.
+        `start` starts (unless it lives) and `stop` stops; otherwise Flower's default: the SuperNode starts its own
+        SuperExec, which starts a fresh ClientApp per message.
+    warm_kept: the warm executor outlives this SuperNode (the agent keeps it between jobs): `stop` and `kill` end
+        only what it forked, and `pids` lists only that.
     """
 
     flwr_home: Path
@@ -121,6 +123,7 @@ class SuperNodeProcess:
     extra_env: dict[str, str] | None = None
     log_path: Path | None = None
     warm: WarmExecutor | None = None
+    warm_kept: bool = False
     proc: subprocess.Popen[bytes] | None = None
     superexec: subprocess.Popen[bytes] | None = None
 
@@ -162,8 +165,8 @@ class SuperNodeProcess:
     def start(self) -> None:
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         self.spool_dir.mkdir(parents=True, exist_ok=True)
-        if self.warm is not None and not self.warm.pids():
-            self.warm.start()
+        if self.warm is not None:
+            self.warm.ensure_started()
         log = (self.log_path or self.flwr_home / "supernode.log").open("ab")
         env = self.env()
         self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -182,20 +185,21 @@ class SuperNodeProcess:
         log.close()
 
     def pids(self) -> list[int]:
-        """Every live process of this SuperNode: launchers, SuperNode, SuperExec, ClientApps, warm executor."""
+        """Every live process of this SuperNode: launchers, SuperNode, SuperExec, ClientApps, and the warm executor
+        unless it is kept."""
         found: list[int] = []
         for proc in (self.proc, self.superexec):
             if proc is not None and proc.poll() is None:
                 with contextlib.suppress(psutil.Error):
                     found += [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
         if self.warm is not None:
-            found += self.warm.pids()
+            found += self.warm.child_pids() if self.warm_kept else self.warm.pids()
         return found
 
     def stop(self, grace: float = 10.0) -> int | None:
         """SIGTERM the SuperNode (and SuperExec), SIGKILL what is left after `grace`, end detached descendants
-        (Flower starts its SuperExec in a new session) by PID, stop the warm executor; returns the SuperNode's
-        exit code."""
+        (Flower starts its SuperExec in a new session) by PID, stop the warm executor (a kept one: what it forked);
+        returns the SuperNode's exit code."""
         if self.proc is None:
             return None
         below = self.pids()
@@ -210,20 +214,24 @@ class SuperNodeProcess:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=grace)
-        if self.warm is not None:
+        if self.warm is not None and self.warm_kept:
+            self.warm.stop_children(grace)
+        elif self.warm is not None:
             self.warm.stop(grace)
         kill_pids(below, grace)
         return self.proc.returncode
 
     def kill(self) -> list[int]:
-        """SIGKILL every process of this SuperNode at once, as a power cut would; returns the PIDs killed."""
+        """SIGKILL every process of this SuperNode at once, as a power cut would (a kept warm executor is not the
+        SuperNode's: it stays); returns the PIDs killed."""
         if self.proc is None:
             return []
         victims = self.pids()
         for pid in victims:
             with contextlib.suppress(psutil.Error):
                 psutil.Process(pid).kill()
-        for proc in (self.proc, self.superexec, self.warm.proc if self.warm else None):
+        warm = self.warm.proc if self.warm is not None and not self.warm_kept else None
+        for proc in (self.proc, self.superexec, warm):
             if proc is not None:
                 proc.wait(timeout=10)
         psutil.wait_procs([p for p in (_process(pid) for pid in victims) if p is not None], timeout=10)

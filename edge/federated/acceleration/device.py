@@ -14,11 +14,15 @@ from edge.federated.supernode import SuperNodeProcess
 SUPEREXEC_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
 
 
-def accelerated(process: SuperNodeProcess, directory: Path, log_path: Path | None = None) -> SuperNodeProcess:
-    """`process` (not yet started) run through a warm executor in `directory` (log `log_path`), with the SuperExec's
-    0.2 s task poll."""
+def accelerated(
+    process: SuperNodeProcess, directory: Path, log_path: Path | None = None, kept: WarmExecutor | None = None
+) -> SuperNodeProcess:
+    """`process` (not yet started) run through a warm executor, with the SuperExec's 0.2 s task poll: `kept`, the
+    agent's, which outlives the process (started if it is not running), or else a new one of its own in `directory`
+    (log `log_path`), stopped with it."""
     return dataclasses.replace(
         process,
-        warm=WarmExecutor(directory, log_path=log_path),
+        warm=kept if kept is not None else WarmExecutor(directory, log_path=log_path),
+        warm_kept=kept is not None,
         extra_env={**(process.extra_env or {}), **SUPEREXEC_ENV},
     )

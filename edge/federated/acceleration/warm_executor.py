@@ -29,6 +29,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -229,7 +230,12 @@ def _stop_children(waiting: dict[int, socket.socket], grace: float = 5.0) -> Non
 
 @dataclass
 class WarmExecutor:
-    """The agent's handle on one warm parent: `start()` waits until it listens; `stop()` ends it and its children."""
+    """The agent's handle on one warm parent: `start()` waits until it listens; `stop()` ends it and its children.
+
+    The agent keeps one warm parent per membership from its start to its stop when `keep_warm_executor` is on
+    (edge.agent.job_node): a job's SuperNode then starts at once instead of after the parent's imports, and
+    `stop_children()` ends what a job forked while the parent stays. `ensure_started()` is what both the agent's
+    warm-up and a job's SuperNode call: one start at a time, none while the parent lives."""
 
     directory: Path
     log_path: Path | None = None
@@ -237,6 +243,7 @@ class WarmExecutor:
     env: dict[str, str] = field(default_factory=dict)
     _socket: Path | None = None
     _socket_dir: Path | None = None  # a private temporary folder, when `directory` is too deep for a socket path
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def socket_path(self) -> Path:
@@ -285,16 +292,39 @@ class WarmExecutor:
                 if self.socket_path.exists() and probe.connect_ex(str(self.socket_path)) == 0:
                     return  # the probe's empty request is refused by the parent and costs nothing
             time.sleep(0.05)
+        kill_pids([self.proc.pid], 5.0)  # never a parent that might listen later beside the next start's
+        self.proc.wait(timeout=5.0)
         raise TimeoutError("warm executor did not start listening")
+
+    def ensure_started(self, timeout: float = 120.0) -> None:
+        """Start the warm parent unless it lives; a caller arriving during another's start waits for that start.
+        Blocking: run it in a worker thread."""
+        with self._lock:
+            if self.proc is None or self.proc.poll() is not None:
+                self.start(timeout)
 
     def pids(self) -> list[int]:
         if self.proc is None or self.proc.poll() is not None:
             return []
+        return [self.proc.pid, *self.child_pids()]
+
+    def child_pids(self) -> list[int]:
+        """Every live process the parent forked (and their descendants): a job's SuperNode, SuperExec, ClientApps."""
+        if self.proc is None or self.proc.poll() is not None:
+            return []
         with contextlib.suppress(psutil.Error):
-            return [self.proc.pid, *(c.pid for c in psutil.Process(self.proc.pid).children(recursive=True))]
+            return [c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)]
         return []
 
+    def stop_children(self, grace: float = 10.0) -> None:
+        """End every process the parent forked (SIGTERM, SIGKILL after `grace`); the parent stays warm."""
+        kill_pids(self.child_pids(), grace)
+
     def stop(self, grace: float = 10.0) -> None:
+        with self._lock:
+            self._stop(grace)
+
+    def _stop(self, grace: float) -> None:
         if self.proc is None:
             return
         if self.proc.poll() is None:
@@ -308,6 +338,7 @@ class WarmExecutor:
             self.proc.wait(timeout=grace)
         if self._socket_dir is not None:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._socket = self._socket_dir = None  # a later start makes a fresh one
 
 
 def main() -> None:
