@@ -1,11 +1,13 @@
 """The operator dashboard under /operator, served by the coordinator's real HTTP app: every page refuses without a
 session (a redirect to the login form), a wrong password is refused `bad_login` and counted, a flood of wrong
-passwords is refused `rate_limited`, the session cookie is HttpOnly and SameSite=Strict, and once logged in each page
-shows what the registry, the ledger and the metrics hold."""
+passwords is refused `rate_limited`, a login or logout POST without its form's CSRF token is refused `csrf` and changes
+nothing, the session cookie is HttpOnly and SameSite=Strict, and once logged in each page shows what the registry, the
+ledger and the metrics hold."""
 
 from __future__ import annotations
 
 import os
+import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,10 +44,21 @@ class Dashboard:
     def __init__(self, client: TestClient, metrics: IngestMetrics, refused: list[Reason], ledger: LedgerStore) -> None:
         self.client, self.metrics, self.refused, self.ledger = client, metrics, refused, ledger
 
-    def log_in(self, password: str = PASSWORD) -> Any:
-        return self.client.post("/operator/login", content=f"password={password.replace(' ', '+')}",
-                                headers={"content-type": "application/x-www-form-urlencoded"},
+    def log_in(self, password: str = PASSWORD, token: str | None = None) -> Any:
+        """POST the login form as a browser would: with the token of the form just served (unless `token`)."""
+        form = self.client.get("/operator/login").text
+        token = form_token(form) if token is None else token
+        return self.post("/operator/login", f"csrf={token}&password={password.replace(' ', '+')}")
+
+    def post(self, path: str, body: str) -> Any:
+        return self.client.post(path, content=body, headers={"content-type": "application/x-www-form-urlencoded"},
                                 follow_redirects=False)  # fmt: skip
+
+
+def form_token(html: str) -> str:
+    found = re.search(r'<input type="hidden" name="csrf" value="([A-Za-z0-9_-]+)">', html)
+    assert found is not None, "no CSRF token in the form"
+    return found.group(1)
 
 
 @pytest.fixture
@@ -135,9 +148,33 @@ def test_after_login_the_pages_show_devices_jobs_payouts_ledger_and_refusals(das
     assert '<th scope="row">bad_signature</th><td class="num">1</td><td class="num">3</td>' in rejections
     assert dashboard.client.get("/operator/jobs/nope").status_code == 404
 
-    out = dashboard.client.post("/operator/logout", follow_redirects=False)
+    out = dashboard.post("/operator/logout", f"csrf={form_token(pages['/operator'].text)}")
     assert out.status_code == 303
     assert dashboard.client.get("/operator/jobs", follow_redirects=False).status_code == 303
+
+
+def test_a_login_or_logout_without_its_form_s_token_is_refused_csrf_and_changes_nothing(dashboard: Dashboard) -> None:
+    never_served = dashboard.post("/operator/login", f"csrf=&password={PASSWORD.replace(' ', '+')}")
+    assert never_served.status_code == 403 and "set-cookie" in never_served.headers
+    assert "midgate_operator" not in never_served.headers["set-cookie"]  # only a fresh login nonce
+    wrong = dashboard.log_in(token="A" * 43)
+    assert wrong.status_code == 403 and 'role="alert"' in wrong.text
+    assert dashboard.refused == [Reason.CSRF, Reason.CSRF]
+    assert dashboard.client.get("/operator/jobs", follow_redirects=False).status_code == 303  # not logged in
+
+    answer = dashboard.log_in()
+    assert answer.status_code == 303 and "midgate_login=" in answer.headers["set-cookie"]  # the nonce is dropped
+    overview = dashboard.client.get("/operator").text
+    token = form_token(overview)
+    assert '<form method="post" action="/operator/logout"' in overview
+    for body in ("", "csrf=", f"csrf={token[:-1]}x", f"csrf={'A' * 500}"):
+        refused = dashboard.post("/operator/logout", body)
+        assert refused.status_code == 403, body
+    assert dashboard.refused == [Reason.CSRF] * 6
+    assert dashboard.client.get("/operator/jobs", follow_redirects=False).status_code == 200  # still logged in
+    assert dashboard.post("/operator/logout", f"csrf={token}").status_code == 303
+    assert dashboard.client.get("/operator/jobs", follow_redirects=False).status_code == 303
+    assert dashboard.metrics.rejected.labels(reason="csrf")._value.get() == 6
 
 
 def test_the_password_hash_is_scrypt_salted_and_passwd_writes_it_0600(tmp_path: Path) -> None:
