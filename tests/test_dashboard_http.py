@@ -27,6 +27,9 @@ from coordinator.dashboard.refusal_history import RefusalHistory
 from coordinator.federation.job_start import JobBook
 from coordinator.ingest.metrics import IngestMetrics
 from coordinator.ledger.store import LedgerStore
+from coordinator.market.dashboard_rows import buyer_job_rows
+from coordinator.market.models import Escrow, JobQuote, JobRequestBody, LedgerIndices, MarketJob
+from coordinator.market.store import MarketStore
 from coordinator.registry.presence import Presence
 from coordinator.registry.store import Registry
 from coordinator.serve.http import build_http_app
@@ -85,6 +88,9 @@ def dashboard(tmp_path: Path) -> Iterator[Dashboard]:
         history.sample()  # a minute before the test's refusals
         sources = DashboardSources("test-mid", registry, ledger, JobBook(tmp_path / "job-book"), tmp_path / "jobs",
                                    metrics.registry, 180.0, history=history)  # fmt: skip
+        market = MarketStore(tmp_path / "market.sqlite")
+        buyer_jobs(market)
+        sources.buyer_jobs = lambda: buyer_job_rows(market)
         router = dashboard_router(sources, OperatorLogin(password_file), on_refusal, secure_cookie=False)
         placeholder: Any = object()
         app = build_http_app(enroller=placeholder, ledger=ledger, revenue=placeholder, metrics=CollectorRegistry(),
@@ -94,6 +100,24 @@ def dashboard(tmp_path: Path) -> Iterator[Dashboard]:
         with TestClient(app) as client:
             yield Dashboard(client, metrics, refused, ledger)
         registry.close()
+        market.close()
+
+
+def buyer_jobs(market: MarketStore) -> None:
+    """Two buyer jobs in a real market.sqlite: one just requested, one delivered (quoted, paid into escrow)."""
+    request = JobRequestBody(task="har@1", purpose="research")
+    asked = MarketJob(job_id="bj-1", buyer="acme", created_ms=NOW_MS - 9_000, updated_ms=NOW_MS - 9_000,
+                      request=request)  # fmt: skip
+    market.insert_job("bj-1", "acme", None, "0" * 64, asked.model_dump_json(), NOW_MS - 9_000)
+    quote = JobQuote(job_id="bj-2", members=["ann", "bob"], devices=["d-a", "d-c"],
+                     member_prices={"ann": 500, "bob": 700}, members_minor=1200, fee_minor=120, total_minor=1320,
+                     currency="EUR", policy_version=1,
+                     fee_bps=1000, issued_ms=NOW_MS, expires_ms=NOW_MS + 60_000)  # fmt: skip
+    paid = MarketJob(job_id="bj-2", buyer="zeta", state="delivered", created_ms=NOW_MS - 5_000, updated_ms=NOW_MS,
+                     request=request, quote=quote, escrow=Escrow(amount_minor=1320, currency="EUR",
+                     quote_sha256=quote.sha256(), index=7), ledger=LedgerIndices(escrow=7, job=8))  # fmt: skip
+    market.insert_job("bj-2", "zeta", None, "1" * 64, paid.model_dump_json(), NOW_MS - 5_000)
+    market.update_job("bj-2", "delivered", paid.model_dump_json(), NOW_MS)
 
 
 def test_every_page_refuses_without_a_session_and_shows_only_the_login_form(dashboard: Dashboard) -> None:
@@ -132,6 +156,10 @@ def test_after_login_the_pages_show_devices_jobs_payouts_ledger_and_refusals(das
     assert '<th scope="row">d-c</th><td>bob</td><td>never heard</td>' in devices
     jobs = pages["/operator/jobs"].text
     assert f'<a href="/operator/jobs/{JOB}">{JOB}</a>' in jobs and "settled" in jobs
+    market = jobs.split("<caption>Buyer jobs (newest first)</caption>", 1)[1]
+    assert market.index('<th scope="row">bj-2</th>') < market.index('<th scope="row">bj-1</th>')
+    assert '<th scope="row">bj-2</th><td>delivered</td><td>zeta</td><td>har@1</td><td>1320 EUR</td><td>7</td>' in market
+    assert '<th scope="row">bj-1</th><td>requested</td><td>acme</td><td>har@1</td><td>-</td><td>-</td>' in market
     job = pages[f"/operator/jobs/{JOB}"].text
     assert "Value per member per round" in job and "Payouts per member" in job and "Rounds (ROUND leaves)" in job
     payouts = pages["/operator/payouts"].text

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -87,6 +88,23 @@ class BookCache:
         return next((r for r in self.records() if r.request.job_id == job_id), None)
 
 
+@dataclass(frozen=True)
+class BuyerJobRow:
+    """One buyer-market job as the jobs page lists it (coordinator/market/dashboard_rows.py reads them)."""
+
+    job_id: str
+    buyer: str
+    state: str
+    reason: str
+    task: str
+    total_minor: int | None
+    """The quote's total (member pool and MID fee); None before a quote."""
+    currency: str | None
+    escrow_index: int | None
+    """The ESCROW leaf that holds the buyer's payment; None before acceptance."""
+    created_ms: int
+
+
 @dataclass
 class DashboardSources:
     """What the pages read; all shared with the rest of `serve` (each is safe to use from several threads).
@@ -113,6 +131,8 @@ class DashboardSources:
     books: BookCache | None = None
     history: RefusalHistory | None = None
     """serve's minute samples of the refusal counters (None: only the totals are shown)."""
+    buyer_jobs: Callable[[], list[BuyerJobRow]] | None = None
+    """The buyer market's jobs, newest first (None: no market; the jobs page then lists the job book only)."""
 
     def __post_init__(self) -> None:
         self.books = self.books or BookCache(self.book)
@@ -225,7 +245,31 @@ def jobs_page(sources: DashboardSources, csrf: str) -> str:
         table = table.replace(
             f'<th scope="row">{job_id}</th>', f'<th scope="row"><a href="/operator/jobs/{job_id}">{job_id}</a></th>', 1
         )
+    if sources.buyer_jobs is not None:
+        table += "\n" + buyer_jobs_table(sources.buyer_jobs())
     return _page(sources, "jobs", "Jobs", table, csrf)
+
+
+def buyer_jobs_table(rows: list[BuyerJobRow]) -> str:
+    """The buyer market's jobs (`/v1/jobs`): requested, quoted, paid into escrow, run, delivered or failed."""
+    cells = [
+        [
+            r.job_id,
+            r.state + (f": {r.reason}" if r.reason else ""),
+            r.buyer,
+            r.task,
+            "-" if r.total_minor is None else f"{r.total_minor} {r.currency}",
+            "-" if r.escrow_index is None else r.escrow_index,
+            _when(r.created_ms),
+        ]
+        for r in rows
+    ]
+    return data_table(
+        "Buyer jobs (newest first)",
+        ["job", "state", "buyer", "task", "quote total (minor units)", "ESCROW leaf", "requested"],
+        cells,
+        numeric_from=99,
+    )
 
 
 def _rounds_seen(sources: DashboardSources, record: JobRecord) -> int:
