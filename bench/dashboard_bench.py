@@ -157,7 +157,9 @@ def main() -> None:
                                                         secure_cookie=False))  # fmt: skip
         print(f"MID built in {built:.1f} s: {args.devices} devices, {args.jobs} jobs, ledger {ledger.size} leaves")
         with TestClient(app) as client:
-            login = client.post("/operator/login", content=f"password={PASSWORD.replace(' ', '+')}",
+            form = client.get("/operator/login").text
+            csrf = form.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+            login = client.post("/operator/login", content=f"csrf={csrf}&password={PASSWORD.replace(' ', '+')}",
                                 headers={"content-type": "application/x-www-form-urlencoded"},
                                 follow_redirects=False)  # fmt: skip
             assert login.status_code == 303, login.text

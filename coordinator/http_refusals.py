@@ -33,6 +33,7 @@ HTTP_STATUS: dict[Reason, int] = {
     Reason.INCONSISTENT: 409,
     Reason.QUORUM_NOT_MET: 503,
     Reason.BAD_LOGIN: 401,
+    Reason.CSRF: 403,
     Reason.UNSIGNED: 401,
     Reason.UNKNOWN_JOB: 404,
     Reason.JOB_STATE: 409,

@@ -55,6 +55,7 @@ class Reason(StrEnum):
     MODEL_MISMATCH = "model_mismatch"
     MANIFEST_MISMATCH = "manifest_mismatch"
     STRIKE = "strike"
+    CSRF = "csrf"
 
 
 class ProtocolError(Exception):

@@ -118,6 +118,9 @@ def test_after_a_real_job_the_report_dashboard_and_member_page_show_it(messaging
             return done.returncode == 0
 
         wait_until(statement_verified, 60, "the member's statement verified (witnessed checkpoint)", 1.0)
+        choices = [_midgate("agent", *command, "--config", str(member.config)) for command in
+                   (("knob", "get"), ("consent", "show"))]  # fmt: skip
+        assert all(c.returncode == 0 for c in choices), [c.stderr for c in choices]
 
         with chromium(stack.root) as driver:
             text = visit(driver, report.as_uri(), shots, "job-report")
@@ -136,6 +139,7 @@ def test_after_a_real_job_the_report_dashboard_and_member_page_show_it(messaging
             assert all(f"{handle.device} {handle.name} online" in devices for handle, _ in agents), devices
             jobs = visit(driver, base + "/operator/jobs", shots, "jobs")
             assert f"{JOB} completed" in jobs and f"{ROUNDS} of {ROUNDS}" in jobs and "settled" in jobs
+            assert "Buyer jobs (newest first)" in jobs
             driver.find_element("link text", JOB).click()
             job = visit(driver, None, shots, "job")
             rounds = driver.find_elements("css selector", "table:first-of-type ~ table tbody tr")
@@ -148,6 +152,12 @@ def test_after_a_real_job_the_report_dashboard_and_member_page_show_it(messaging
             # The agents cosigned (the statement above verified under a witnessed checkpoint): the page names them.
             assert "Witnesses that cosigned the latest cosigned checkpoint" in ledger
             visit(driver, base + "/operator/rejections", shots, "rejections")
+            # Logging out posts the page's CSRF token: the session ends, the pages lead to the login form again.
+            driver.find_element("css selector", "form[action='/operator/logout'] button").click()
+            visit(driver, None, shots, "logged-out")
+            assert driver.current_url == base + "/operator/login"
+            visit(driver, base + "/operator/jobs", shots, "after-logout")
+            assert driver.current_url == base + "/operator/login"
 
             shown = visit(driver, page_url, shots, "member-page")
         printed = [(what, int(amount)) for what, amount in
@@ -156,5 +166,7 @@ def test_after_a_real_job_the_report_dashboard_and_member_page_show_it(messaging
         total = re.search(r"^Total: (\d+) EUR minor units", statement[0], re.M)
         assert total is not None and f"EUR {total.group(1)}" in shown
         assert record.member in shown
+        # The knob and consent shown are the lines `agent knob get` and `agent consent show` print.
+        assert all(c.stdout.strip() and c.stdout.strip() in shown for c in choices), (shown, choices)
     for name in ("job-report", "login", "overview", "jobs", "job", "payouts", "member-page"):
         assert (shots / f"{name}.png").stat().st_size > 5_000, name

@@ -1,7 +1,7 @@
 """The member page (edge/agent/member_page.py) against a real MID HTTP endpoint (tests/test_member_ledger_api.py's):
 its statement table holds exactly the lines and totals `agent statement` prints, it is served by the agent's own
 server on loopback only, answers only loopback Host names, only GET, and a non-loopback address needs the member's
-explicit choice."""
+explicit choice. Its knob and consent are the lines `agent knob get` and `agent consent show` print."""
 
 from __future__ import annotations
 
@@ -14,11 +14,16 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 from test_member_ledger_api import ALL_TIME, MID, Mid, _now_ms, mid  # noqa: F401  (mid: the fixture)
+from typer.testing import CliRunner
 
+from edge.agent.cli import app as agent_app
 from edge.agent.config import AgentSettings
+from edge.agent.controls.state import allow, deny, load_member_state, save_member_state, set_knob
 from edge.agent.ledger_client import LedgerClient
 from edge.agent.member_page import gather, render_member_page, serving_member_page
+from edge.agent.membership import save_membership
 from edge.agent.statement import fetch_statement, render_statement
+from protocol.identity import save_signer_key
 
 
 def _statement_rows(html: str) -> list[tuple[str, str, str]]:
@@ -55,6 +60,48 @@ def test_the_page_shows_what_agent_statement_prints(mid: Mid, tmp_path: Path) ->
     assert total is not None and f'<th scope="row">EUR</th><td class="num">{total.group(1)}</td>' in html
     assert "Every kept receipt verified on this device (0)." in html
     assert "<script" not in html and 'role="img"' in html  # the earnings chart
+
+
+def _pre(html: str, kind: str) -> str:
+    found = re.search(rf'<pre class="{kind}">([^<]*)</pre>', html)
+    assert found is not None, kind
+    return found.group(1).replace("&#x27;", "'").replace("&quot;", '"').replace("&gt;", ">").replace("&amp;", "&")
+
+
+def test_the_page_shows_the_knob_and_consent_agent_knob_get_and_consent_show_print(mid: Mid, tmp_path: Path) -> None:  # noqa: F811
+    membership = mid.membership("ann", tmp_path)
+    save_membership(membership.directory, membership.record)
+    save_signer_key(membership.directory / "device.key", membership.key)
+    config = tmp_path / "agent.toml"
+    config.write_text(f'data_dir = "{tmp_path}"\n')
+    settings = AgentSettings(data_dir=tmp_path)
+
+    def commands() -> tuple[str, str]:
+        knob = CliRunner().invoke(agent_app, ["knob", "get", "--config", str(config)])
+        consent = CliRunner().invoke(agent_app, ["consent", "show", "--config", str(config)])
+        assert knob.exit_code == consent.exit_code == 0, knob.output + consent.output
+        return knob.output.strip(), consent.output.strip()
+
+    def page() -> tuple[str, str]:
+        html = render_member_page(gather(settings, [membership], _now_ms()), _now_ms())
+        return _pre(html, "knob"), _pre(html, "consent")
+
+    default = commands()
+    assert page() == default
+    assert "knob +0.000 (default: never set): your price" in default[0]
+    assert "purposes allowed: every purpose; buyers denied: none; default (never changed)" in default[1]
+
+    state = load_member_state(membership.directory)
+    state = deny(allow(set_knob(state, _now_ms(), -250), _now_ms(), ["research"], []), _now_ms(), [], ["acme"])
+    save_member_state(membership.directory, state)
+    chosen = commands()
+    assert page() == chosen != default
+    assert "knob -0.250: your price" in chosen[0]
+    assert "purposes allowed: research; buyers denied: acme; signed policy not queued yet" in chosen[1]
+
+    (membership.directory / "member.json").write_text("{not json")
+    html = render_member_page(gather(settings, [membership], _now_ms()), _now_ms())
+    assert "member file unusable" in _pre(html, "knob") and "member file unusable" in _pre(html, "consent")
 
 
 def test_a_statement_the_mid_cannot_give_is_said_not_raised(tmp_path: Path, mid: Mid) -> None:  # noqa: F811

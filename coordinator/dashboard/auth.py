@@ -5,10 +5,13 @@ one line `scrypt$<log2 n>$<r>$<p>$<salt b64>$<hash b64>`. scrypt (RFC 7914, in t
 n = 2^15, r = 8 costs 32 MiB and about 0.1 s per guess on this class of machine, which is the point. Comparisons are
 constant-time. A session is a random 256-bit token kept only in the serving process's memory (a restart logs the
 operator out) and sent as a cookie that scripts cannot read (HttpOnly), that no other site's request carries
-(SameSite=Strict, which is also what protects the logout and login forms from cross-site posts) and, behind the TLS
-proxy, only over HTTPS (Secure). Failed logins are counted (reason `bad_login`); after `MAX_FAILURES` within
-`FAILURE_WINDOW_S` every login is refused `rate_limited` until the window passes, so a guesser gets a few tries a
-minute whatever the password.
+(SameSite=Strict) and, behind the TLS proxy, only over HTTPS (Secure). The login and logout forms also carry a CSRF
+token, because SameSite alone leaves them open to a same-site page (another service on a sibling host) and to
+browsers that ignore it: the logout form's is an HMAC of the session under a key only this process holds, the login
+form's an HMAC of a random nonce in a short-lived cookie for the login path (a page elsewhere can neither read the
+cookie nor compute the token). A POST without the right one is refused `csrf` and counted. Failed logins are
+counted (reason `bad_login`); after `MAX_FAILURES` within `FAILURE_WINDOW_S` every login is refused
+`rate_limited` until the window passes, so a guesser gets a few tries a minute whatever the password.
 """
 
 from __future__ import annotations
@@ -37,6 +40,11 @@ MAX_PASSWORD_CHARS = 1024
 MAX_FAILURES = 5
 FAILURE_WINDOW_S = 60.0
 SESSION_COOKIE = "midgate_operator"
+LOGIN_COOKIE = "midgate_login"
+"""The login form's nonce cookie (Path=/operator/login), set when the form is served."""
+LOGIN_COOKIE_TTL_S = 3600
+CSRF_FIELD = "csrf"
+MAX_TOKEN_CHARS = 128
 
 
 class BadLoginError(ProtocolError):
@@ -45,6 +53,10 @@ class BadLoginError(ProtocolError):
 
 class LoginRateLimitedError(ProtocolError):
     reason = Reason.RATE_LIMITED
+
+
+class CsrfError(ProtocolError):
+    reason = Reason.CSRF
 
 
 def _b64(data: bytes) -> str:
@@ -117,6 +129,24 @@ class OperatorLogin:
     _sessions: dict[str, float] = field(default_factory=dict)
     _failures: deque[float] = field(default_factory=deque)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _form_key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    """Keys the forms' CSRF tokens; in memory only, so a restart voids every form served before, as every session."""
+
+    @staticmethod
+    def login_nonce() -> str:
+        return secrets.token_urlsafe(32)
+
+    def form_token(self, form: str, bound_to: str) -> str:
+        """The CSRF token of `form` ("login" or "logout") bound to a login nonce or a session."""
+        digest = hmac.new(self._form_key, f"{form}\n{bound_to}".encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+    def check_form_token(self, form: str, bound_to: str | None, token: str | None) -> None:
+        """Raises CsrfError unless `token` is `form`'s token for `bound_to` (constant-time)."""
+        if not bound_to or not token or len(bound_to) > MAX_TOKEN_CHARS or len(token) > MAX_TOKEN_CHARS:
+            raise CsrfError(f"the {form} form's token is missing", cookie=bool(bound_to), token=bool(token))
+        if not hmac.compare_digest(self.form_token(form, bound_to), token):
+            raise CsrfError(f"the {form} form's token is not this session's: reload the page", form=form)
 
     @property
     def configured(self) -> bool:

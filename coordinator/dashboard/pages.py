@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -87,6 +88,23 @@ class BookCache:
         return next((r for r in self.records() if r.request.job_id == job_id), None)
 
 
+@dataclass(frozen=True)
+class BuyerJobRow:
+    """One buyer-market job as the jobs page lists it (coordinator/market/dashboard_rows.py reads them)."""
+
+    job_id: str
+    buyer: str
+    state: str
+    reason: str
+    task: str
+    total_minor: int | None
+    """The quote's total (member pool and MID fee); None before a quote."""
+    currency: str | None
+    escrow_index: int | None
+    """The ESCROW leaf that holds the buyer's payment; None before acceptance."""
+    created_ms: int
+
+
 @dataclass
 class DashboardSources:
     """What the pages read; all shared with the rest of `serve` (each is safe to use from several threads).
@@ -113,6 +131,8 @@ class DashboardSources:
     books: BookCache | None = None
     history: RefusalHistory | None = None
     """serve's minute samples of the refusal counters (None: only the totals are shown)."""
+    buyer_jobs: Callable[[], list[BuyerJobRow]] | None = None
+    """The buyer market's jobs, newest first (None: no market; the jobs page then lists the job book only)."""
 
     def __post_init__(self) -> None:
         self.books = self.books or BookCache(self.book)
@@ -121,7 +141,8 @@ class DashboardSources:
         return self.digest.refresh(self.ledger)
 
 
-def nav(current: str) -> str:
+def nav(current: str, csrf: str) -> str:
+    """The pages' links and the logout form, which carries the session's CSRF token `csrf`."""
     links = []
     for slug, title in PAGES:
         href = f"/operator/{slug}" if slug else "/operator"
@@ -129,16 +150,17 @@ def nav(current: str) -> str:
         links.append(f'<a href="{href}"{here}>{escape(title)}</a>')
     links.append(
         '<form method="post" action="/operator/logout" style="display:inline">'
-        '<button type="submit">Log out</button></form>'
+        f'<input type="hidden" name="csrf" value="{escape(csrf)}"><button type="submit">Log out</button></form>'
     )
     return " ".join(links)
 
 
-def _page(sources: DashboardSources, current: str, title: str, body: str) -> str:
-    return page(f"{title} - midgate {sources.mid} operator", f"<h1>{escape(title)}</h1>\n{body}", nav=nav(current))
+def _page(sources: DashboardSources, current: str, title: str, body: str, csrf: str) -> str:
+    heading = f"<h1>{escape(title)}</h1>\n{body}"
+    return page(f"{title} - midgate {sources.mid} operator", heading, nav=nav(current, csrf))
 
 
-def overview_page(sources: DashboardSources, now_ms: int) -> str:
+def overview_page(sources: DashboardSources, now_ms: int, csrf: str) -> str:
     digest = sources.refreshed()
     devices = sources.registry.roster()
     presence = sources.registry.presence()
@@ -156,10 +178,10 @@ def overview_page(sources: DashboardSources, now_ms: int) -> str:
         ["ledger leaves", digest.size],
         ["messages refused", int(refused)],
     ]
-    return _page(sources, "", f"MID {sources.mid}", data_table("At a glance", ["what", "count"], rows))
+    return _page(sources, "", f"MID {sources.mid}", data_table("At a glance", ["what", "count"], rows), csrf)
 
 
-def devices_page(sources: DashboardSources, now_ms: int) -> str:
+def devices_page(sources: DashboardSources, now_ms: int, csrf: str) -> str:
     devices = sources.registry.roster()
     presence = sources.registry.presence()
     offline_ms = int(sources.offline_after_s * 1000)
@@ -187,10 +209,10 @@ def devices_page(sources: DashboardSources, now_ms: int) -> str:
     body += data_table(
         "Devices", ["device", "member", "state", "last status", "last heard", "enrolled"], rows, numeric_from=99
     )
-    return _page(sources, "devices", "Devices", body)
+    return _page(sources, "devices", "Devices", body, csrf)
 
 
-def jobs_page(sources: DashboardSources) -> str:
+def jobs_page(sources: DashboardSources, csrf: str) -> str:
     digest = sources.refreshed()
     rows = []
     for record in sorted(sources.books.records() if sources.books else [], key=lambda r: -r.started_ms):
@@ -223,7 +245,31 @@ def jobs_page(sources: DashboardSources) -> str:
         table = table.replace(
             f'<th scope="row">{job_id}</th>', f'<th scope="row"><a href="/operator/jobs/{job_id}">{job_id}</a></th>', 1
         )
-    return _page(sources, "jobs", "Jobs", table)
+    if sources.buyer_jobs is not None:
+        table += "\n" + buyer_jobs_table(sources.buyer_jobs())
+    return _page(sources, "jobs", "Jobs", table, csrf)
+
+
+def buyer_jobs_table(rows: list[BuyerJobRow]) -> str:
+    """The buyer market's jobs (`/v1/jobs`): requested, quoted, paid into escrow, run, delivered or failed."""
+    cells = [
+        [
+            r.job_id,
+            r.state + (f": {r.reason}" if r.reason else ""),
+            r.buyer,
+            r.task,
+            "-" if r.total_minor is None else f"{r.total_minor} {r.currency}",
+            "-" if r.escrow_index is None else r.escrow_index,
+            _when(r.created_ms),
+        ]
+        for r in rows
+    ]
+    return data_table(
+        "Buyer jobs (newest first)",
+        ["job", "state", "buyer", "task", "quote total (minor units)", "ESCROW leaf", "requested"],
+        cells,
+        numeric_from=99,
+    )
 
 
 def _rounds_seen(sources: DashboardSources, record: JobRecord) -> int:
@@ -265,7 +311,7 @@ def live_rounds(sources: DashboardSources, record: JobRecord) -> str:
     )
 
 
-def job_page(sources: DashboardSources, job_id: str) -> str | None:
+def job_page(sources: DashboardSources, job_id: str, csrf: str) -> str | None:
     """None: no such job in the job book or the ledger."""
     digest = sources.refreshed()
     record = sources.books.record(job_id) if sources.books else None
@@ -276,7 +322,7 @@ def job_page(sources: DashboardSources, job_id: str) -> str | None:
         assert record is not None
         body = f"<p>Status: {escape(record.status)}. Not in the ledger yet: shown from the ServerApp's files.</p>"
         body += live_rounds(sources, record)
-        return _page(sources, "jobs", f"Job {job_id}", body)
+        return _page(sources, "jobs", f"Job {job_id}", body, csrf)
     growth = ledger_growth(sources.ledger)
     report = JobReport.of(sources.mid, logged, record, growth, digest.size)
     rounds = data_table(
@@ -297,10 +343,10 @@ def job_page(sources: DashboardSources, job_id: str) -> str | None:
             payouts_section(report),
         ]
     )
-    return _page(sources, "jobs", f"Job {job_id}", body)
+    return _page(sources, "jobs", f"Job {job_id}", body, csrf)
 
 
-def payouts_page(sources: DashboardSources) -> str:
+def payouts_page(sources: DashboardSources, csrf: str) -> str:
     digest = sources.refreshed()
     per_member: dict[tuple[str, str], list[int]] = {}  # (member, currency) -> [settlements, royalties]
     rows = []
@@ -346,7 +392,7 @@ def payouts_page(sources: DashboardSources) -> str:
         numeric_from=2,
     )
     body = f'<figure class="figure">{chart}<figcaption>{member_table}</figcaption></figure>\n{splits_table}'
-    return _page(sources, "payouts", "Payouts and royalties", body)
+    return _page(sources, "payouts", "Payouts and royalties", body, csrf)
 
 
 def _latest_cosigned(ledger: LedgerReader, sizes: list[int], origin: str) -> tuple[int, list[str]] | None:
@@ -359,7 +405,7 @@ def _latest_cosigned(ledger: LedgerReader, sizes: list[int], origin: str) -> tup
     return None
 
 
-def ledger_page(sources: DashboardSources) -> str:
+def ledger_page(sources: DashboardSources, csrf: str) -> str:
     digest = sources.refreshed()
     growth = ledger_growth(sources.ledger)
     rows: list[list[object]] = [["leaves", digest.size]]
@@ -395,10 +441,10 @@ def ledger_page(sources: DashboardSources) -> str:
                 numeric_from=99,
             )
     body += growth_section(thin(growth, MAX_GROWTH_POINTS), digest.size)
-    return _page(sources, "ledger", "Ledger", body)
+    return _page(sources, "ledger", "Ledger", body, csrf)
 
 
-def rejections_page(sources: DashboardSources) -> str:
+def rejections_page(sources: DashboardSources, csrf: str) -> str:
     counts = sorted(refusal_totals(sources.metrics).items(), key=lambda kv: (-kv[1], kv[0]))
     chart = bar_chart(
         "Refused messages by reason",
@@ -414,7 +460,7 @@ def rejections_page(sources: DashboardSources) -> str:
     body = f'<figure class="figure">{chart}<figcaption>{table}</figcaption></figure>'
     body += over_time(sources.history.snapshot() if sources.history else [], [r for r, _ in counts][:8])
     body += f'<p class="muted">Counted since this process started ({_when(time.time_ns() // 1_000_000)} now).</p>'
-    return _page(sources, "rejections", "Refused messages", body)
+    return _page(sources, "rejections", "Refused messages", body, csrf)
 
 
 def over_time(samples: list[tuple[int, dict[str, float]]], reasons: list[str]) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import time
@@ -42,6 +43,7 @@ from coordinator.ingest.service import IngestService
 from coordinator.ledger.dedup import DedupIndex
 from coordinator.ledger.store import LedgerStore
 from coordinator.ledger.witnesses import WitnessDesk
+from coordinator.market.dashboard_rows import buyer_job_rows
 from coordinator.market.desk import JobDesk, MarketTerms
 from coordinator.market.runner import FlowerJobLauncher, ServeManifests
 from coordinator.market.store import MarketStore
@@ -400,6 +402,8 @@ class CoordinatorProcess:
                 self.dashboard = dashboard[1] if dashboard else None
                 market = await asyncio.to_thread(build_job_desk, s, self.storage, self.policies)
                 stack.push_async_callback(asyncio.to_thread, close_job_desk, market)
+                if self.dashboard is not None:
+                    self.dashboard.buyer_jobs = functools.partial(buyer_job_rows, market.store)
                 app = build_http_app(
                     enroller=build_enroller(s, self.storage, self.superlink),
                     ledger=self.storage.ledger,

@@ -199,26 +199,10 @@ def _knob_milli(value: str) -> int:
 
 def _show_knob(directory: Path) -> None:
     """One line per membership: the knob, and what it means under the MID's policy (asked of the MID)."""
-    from edge.agent.controls.state import load_member_state
-    from edge.agent.ledger_client import LedgerClient, ProofUnavailableError
+    from edge.agent.controls.shown import knob_line
     from edge.agent.membership import load_membership
-    from protocol.errors import ProtocolError
 
-    state = load_member_state(directory)
-    knob = 0 if state.knob_milli is None else state.knob_milli
-    said = f"{knob / 1000:+.3f}" + (" (default: never set)" if state.knob_milli is None else "")
-    client = LedgerClient(load_membership(directory).record.enrolment_url)
-    try:
-        price = client.knob_price(knob)
-    except (ProofUnavailableError, ProtocolError) as exc:
-        typer.echo(f"{directory.name}: knob {said}; price unknown (the MID did not answer: {exc})")
-        return
-    c = price.currency
-    typer.echo(
-        f"{directory.name}: knob {said}: your price {price.price_minor} {c} minor units per job"
-        f" (policy v{price.policy_version}: knob -1 -> {price.lowest_minor}, 0 -> {price.base_price_minor},"
-        f" +1 -> {price.highest_minor})"
-    )
+    typer.echo(knob_line(directory, load_membership(directory).record.enrolment_url))
 
 
 @knob_app.command("get")
@@ -262,19 +246,10 @@ BuyerOption = typer.Option([], "--buyer", help="a buyer (repeat for more)")
 def consent_show(mid: str | None = MidNameOption, config: Path | None = ConfigOption) -> None:
     """Show the consent of each membership and where its signed ConsentPolicy is (queued, receipted)."""
     from edge.agent.config import AgentSettings
-    from edge.agent.controls.commands import vote_states
-    from edge.agent.controls.state import load_member_state
-    from edge.agent.membership import OUTBOX_FILE
+    from edge.agent.controls.shown import consent_line
 
     for directory in _chosen(AgentSettings.load(config), mid):
-        state = load_member_state(directory)
-        purposes = "every purpose" if state.allowed_purposes is None else ", ".join(state.allowed_purposes) or "none"
-        buyers = ", ".join(state.denied_buyers) or "none"
-        sent = "default (never changed): nothing sent"
-        if state.consent_ms is not None:
-            name = f"consent-{state.consent_ms}"
-            sent = f"signed policy {vote_states(directory / OUTBOX_FILE, [name])[name]}"
-        typer.echo(f"{directory.name}: purposes allowed: {purposes}; buyers denied: {buyers}; {sent}")
+        typer.echo(consent_line(directory))
 
 
 @consent_app.command("allow")

@@ -1,9 +1,11 @@
 """The member page: what `agent run` shows the member in a browser, for every MID it belongs to -- the statement,
-the receipts it kept and whether they verify, and the earnings over time.
+the knob and the consent, the receipts it kept and whether they verify, and the earnings over time.
 
 Every number comes from the same code as the member's commands: the statement is fetched and verified by
 `fetch_membership_statement` and laid out by `statement_view`, exactly as `midgate agent statement` prints it; the
-receipts are checked by `verify_membership_receipts` against the witnessed log, as `agent receipts --verify` does.
+receipts are checked by `verify_membership_receipts` against the witnessed log, as `agent receipts --verify` does;
+the knob and consent lines are the very lines `agent knob get` and `agent consent show` print
+(edge.agent.controls.shown), read-only: the page shows them, the commands change them.
 Nothing is cached: each visit asks the MID again, signed with the device key, and verifies on the device.
 
 It listens on loopback by default (`member_page_host`); serving it to the home network, e.g. from a Pi hub, is the
@@ -28,6 +30,8 @@ from typing import Any
 import uvicorn
 
 from edge.agent.config import AgentSettings, is_loopback
+from edge.agent.controls.shown import consent_line, knob_line
+from edge.agent.controls.state import MemberControlError
 from edge.agent.ledger_client import ProofUnavailableError
 from edge.agent.membership import Membership
 from edge.agent.receipts import MembershipReceipts, ReceiptStatus, verify_membership_receipts
@@ -63,6 +67,10 @@ class MembershipPage:
     statement: StatementView | None
     statement_problem: str
     receipts: MembershipReceipts
+    knob: str = ""
+    """What `agent knob get` prints for this membership (or why the member file cannot be read)."""
+    consent: str = ""
+    """What `agent consent show` prints for this membership (or why the member file cannot be read)."""
 
 
 def gather(settings: AgentSettings, memberships: list[Membership], now_ms: int) -> list[MembershipPage]:
@@ -79,8 +87,17 @@ def gather(settings: AgentSettings, memberships: list[Membership], now_ms: int) 
         except ProtocolError as exc:
             problem = f"statement refused: {exc}"
         receipts = verify_membership_receipts(m, settings.outbox_max_bytes, True)
-        found.append(MembershipPage(m, view, problem, receipts))
+        found.append(MembershipPage(m, view, problem, receipts, *choices(m)))
     return found
+
+
+def choices(m: Membership) -> tuple[str, str]:
+    """The knob and consent lines the member's commands print; a member file that cannot be trusted is said."""
+    try:
+        return knob_line(m.directory, m.record.enrolment_url), consent_line(m.directory)
+    except MemberControlError as exc:
+        said = f"{m.directory.name}: member file unusable: {exc}"
+        return said, said
 
 
 def statement_section(view: StatementView) -> str:
@@ -136,6 +153,15 @@ def receipts_section(receipts: MembershipReceipts) -> str:
     return verdict + problems + table
 
 
+def choices_section(p: MembershipPage) -> str:
+    return (
+        f'<p>Knob (<code>midgate agent knob get</code>):</p><pre class="knob">{escape(p.knob)}</pre>\n'
+        f'<p>Consent (<code>midgate agent consent show</code>):</p><pre class="consent">{escape(p.consent)}</pre>\n'
+        "<p>Change them with <code>midgate agent knob set</code> and <code>midgate agent consent allow|deny</code>."
+        "</p>"
+    )
+
+
 def render_member_page(pages: list[MembershipPage], now_ms: int) -> str:
     parts = [
         "<h1>Your midgate agent</h1>",
@@ -148,6 +174,8 @@ def render_member_page(pages: list[MembershipPage], now_ms: int) -> str:
         m = p.membership
         parts.append(f'<section aria-labelledby="mid-{i}"><h2 id="mid-{i}">{escape(m.mid)}</h2>')
         parts.append(f"<p>Device {escape(m.device)}, member {escape(m.record.member)}.</p>")
+        parts.append("<h3>Your choices</h3>")
+        parts.append(choices_section(p))
         parts.append("<h3>Statement</h3>")
         if p.statement is None:
             parts.append(f'<p class="error" role="alert">{escape(p.statement_problem)}</p>')
