@@ -28,7 +28,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from coordinator.ledger.store import LedgerReader, LedgerStore
-from coordinator.policy.document import MidPolicy
+from coordinator.policy.document import LeaveDefaults, MidPolicy
 from coordinator.royalties.policy import RoyaltyPolicy
 from protocol.errors import MalformedError, ProtocolError
 from protocol.leaves import MAX_SIGNED_SIZE, Leaf, LeafKind, decode_leaf
@@ -192,6 +192,13 @@ class PolicyLog:
             "policy logged",
             extra={"version": record.version, "leaf_index": index, "policy_sha256": digest, "fee_bps": policy.fee_bps},
         )
+        if policy.leave != LeaveDefaults():
+            # Logged with the policy, read by nothing yet: say so rather than let the operator believe it applies.
+            log.warning(
+                "policy [leave] logged but not applied yet: a departure revokes the member's keys at once and its"
+                " royalties continue",
+                extra={"royalties_continue": policy.leave.royalties_continue, "notice_days": policy.leave.notice_days},
+            )
         return logged
 
     def follow(self) -> LoggedPolicy | None:

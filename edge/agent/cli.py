@@ -18,6 +18,7 @@ app.add_typer(sensors_app, name="sensors")
 if TYPE_CHECKING:
     from edge.agent.config import AgentSettings
     from edge.agent.controls.commands import Transition
+    from edge.agent.controls.state import MemberState as StateOfMember
 
 
 ConfigOption = typer.Option(None, "--config", "-c", help="agent.toml (env MIDGATE_AGENT_* overrides)")
@@ -243,13 +244,45 @@ BuyerOption = typer.Option([], "--buyer", help="a buyer (repeat for more)")
 
 
 @consent_app.command("show")
-def consent_show(mid: str | None = MidNameOption, config: Path | None = ConfigOption) -> None:
+def consent_show(
+    mid: str | None = MidNameOption,
+    config: Path | None = ConfigOption,
+    format: str = typer.Option(
+        "text", "--format", help="text, or 27560: one ISO/IEC TS 27560 consent record (JSON) per membership"
+    ),
+) -> None:
     """Show the consent of each membership and where its signed ConsentPolicy is (queued, receipted)."""
     from edge.agent.config import AgentSettings
     from edge.agent.controls.shown import consent_line
+    from edge.agent.controls.state import load_member_state
 
+    if format not in ("text", "27560"):
+        raise typer.BadParameter("text or 27560", param_hint="--format")
     for directory in _chosen(AgentSettings.load(config), mid):
+        if format == "27560":
+            _print_consent_record(directory, load_member_state(directory))
+            continue
         typer.echo(consent_line(directory))
+
+
+def _print_consent_record(directory: Path, state: StateOfMember) -> None:
+    """The membership's consent as a TS 27560 record, its purposes' DPV concepts asked of the MID (exit 1 when the
+    MID cannot be asked: the record would name no concepts)."""
+    import json
+
+    from edge.agent.consent_record import consent_record
+    from edge.agent.ledger_client import LedgerClient, ProofUnavailableError
+    from edge.agent.membership import load_membership
+    from protocol.errors import ProtocolError
+
+    membership = load_membership(directory)
+    try:
+        vocabulary = LedgerClient(membership.record.enrolment_url).purposes().purposes
+    except (ProofUnavailableError, ProtocolError) as exc:
+        typer.echo(f"{directory.name}: cannot ask the MID for its purposes' DPV concepts: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    record = consent_record(membership.mid, membership.record.member, membership.device, state, vocabulary)
+    typer.echo(json.dumps(record, sort_keys=True))
 
 
 @consent_app.command("allow")

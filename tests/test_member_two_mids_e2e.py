@@ -1,0 +1,127 @@
+"""One member in two MIDs, on real processes: two `coordinator serve`s (riverside and hillside, each with its own
+Mosquitto, data dir, SuperLink and MID key) and one `agent run` enrolled in both, with a separate device key and
+member name per MID. Consent the member sets at riverside only (purpose `ads`, so not `research`) keeps it out of
+riverside's research job, while hillside's job for the same buyer and purpose still selects it. `agent portfolio`
+shows both memberships verified against their own ledgers, and neither ledger names the other MID, its device, its
+member name or its key."""
+
+from __future__ import annotations
+
+import base64
+import json
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from fl_stack import start_federated_coordinator
+from mqtt_fixtures import MessagingStack, wait_until
+from test_member_choices_e2e import _heard, _job_start, _member, _member_choices
+
+from edge.agent.membership import load_membership
+from protocol.identity import ALG_ED25519, VerifierKey
+
+pytest_plugins = ["mqtt_fixtures"]
+
+
+def _ledger_bytes(stack: MessagingStack) -> bytes:
+    """Every leaf of the MID's ledger and the database files themselves (a name could hide in either)."""
+    db = sqlite3.connect(f"file:{stack.data_dir / 'ledger.sqlite'}?mode=ro", uri=True, timeout=30)
+    try:
+        leaves = b"".join(bytes(data) for (data,) in db.execute("SELECT data FROM leaves ORDER BY idx"))
+    finally:
+        db.close()
+    files = b"".join(p.read_bytes() for p in sorted(stack.data_dir.glob("ledger.sqlite*")))
+    return leaves + files
+
+
+def _traces(mid: str, device: str, member: str, key: VerifierKey) -> dict[str, bytes]:
+    """What would link a membership to another MID: its names, its key id and its public key (raw and as text)."""
+    return {
+        "mid": mid.encode(),
+        "device": device.encode(),
+        "member": member.encode(),
+        "key id": key.key_id.hex().encode(),
+        "public key": key.public_key,
+        "public key text": base64.b64encode(bytes([ALG_ED25519]) + key.public_key).decode().rstrip("=").encode(),
+    }
+
+
+def _invited(stack: MessagingStack, job_id: str) -> list[str]:
+    record = json.loads((stack.data_dir / "federation" / "job-book" / f"{job_id}.json").read_text())
+    return sorted(d["device_id"] for d in record["invited"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_consent_at_one_mid_leaves_the_member_out_there_only_and_the_two_memberships_stay_unlinked(
+    messaging_stack: MessagingStack, tmp_path: Path
+) -> None:
+    from edge.agent.config import AgentSettings
+    from edge.agent.enrolment import enrol
+
+    river = messaging_stack
+    hill = MessagingStack(tmp_path / "hillside-mid", mid="hillside")
+    failed = True
+    try:
+        with ThreadPoolExecutor(2) as starting:  # the two MIDs start side by side (each waits for its SuperLink)
+            list(starting.map(start_federated_coordinator, (river, hill)))
+        ann = river.enrol_agent("ann", "member_poll_s = 0.2\nwitness_every_s = 1.0")
+        record = enrol(AgentSettings.load(ann.config), f"http://127.0.0.1:{hill.http_port}", hill.invite("h-member-7"))
+        hill_device = record.device
+        river.start_agent(ann)
+        wait_until(lambda: _heard(river) == 1 and _heard(hill) == 1, 60, "both MIDs hear the agent", poll_s=0.5)
+
+        # Consent at riverside only: purpose ads, so research is no longer allowed there.
+        consent = _member(ann, "consent", "allow", "--purpose", "ads", "--mid", "riverside")
+        assert consent.returncode == 0, consent.stderr
+        wait_until(lambda: _member_choices(river, "ann")[1] == ("ads",), 60, "riverside to log the consent")
+        assert _member_choices(hill, "h-member-7") == (None, "none")  # hillside heard nothing of it
+        # The consent as an ISO/IEC TS 27560 record: riverside's, of its pseudonymous member, with the DPV concept.
+        shown = _member(ann, "consent", "show", "--format", "27560", "--mid", "riverside")
+        assert shown.returncode == 0, shown.stderr
+        record = json.loads(shown.stdout)
+        assert (record["controller"], record["data_subject"]["id"], record["status"]) == (
+            {"id": "riverside"},
+            "ann",
+            "given",
+        )
+        assert [(p["code"], p["dpv"]) for p in record["purposes"]] == [("ads", "dpv:Advertising")]
+        assert record["identifier"].startswith("consent-") and "hillside" not in shown.stdout
+
+        # riverside leaves the member out of acme's research job; hillside selects it for the same job.
+        job = _job_start(river, "job-r", "--min-nodes", "1")
+        said = " ".join(job.stdout.split())
+        assert job.returncode == 1, job.stdout + job.stderr
+        assert f"not waiting for 1 device(s): {ann.device} (consent does not allow purpose research)" in said, said
+        assert _invited(river, "job-r") == []
+        # min_nodes 2 of one member: hillside selects it, then stops before any Flower run (too few nodes).
+        job = _job_start(hill, "job-h", "--min-nodes", "2")
+        said = " ".join(job.stdout.split())
+        assert job.returncode == 1, job.stdout + job.stderr
+        assert "not waiting for" not in said and "1 device(s) can take part, fewer than min_nodes 2" in said, said
+        assert _invited(hill, "job-h") == [hill_device]
+
+        # The portfolio: both memberships, each verified under its own MID's witnessed log.
+        verified = "both memberships' statements to verify"
+        wait_until(lambda: _member(ann, "portfolio").returncode == 0, 60, verified, poll_s=1.0)
+        shown = _member(ann, "portfolio").stdout
+        assert "hillside (member h-member-7), verified under its witnessed log of size" in shown, shown
+        assert "riverside (member ann), verified under its witnessed log of size" in shown, shown
+        assert shown.count("no earnings yet") == 2 and shown.endswith("Total across MIDs: nothing verified yet\n")
+
+        # Separate keys per MID, and neither ledger names the other membership.
+        river_key = load_membership(ann.data_dir / "mids" / "riverside").key.verifier
+        hill_key = load_membership(ann.data_dir / "mids" / "hillside").key.verifier
+        assert river_key.public_key != hill_key.public_key
+        river_traces = _traces("riverside", ann.device, "ann", river_key)
+        hill_traces = _traces("hillside", hill_device, "h-member-7", hill_key)
+        river_ledger, hill_ledger = _ledger_bytes(river), _ledger_bytes(hill)
+        # The check can see a membership where it is logged: each ledger names its own device and key id.
+        for traces, ledger in ((river_traces, river_ledger), (hill_traces, hill_ledger)):
+            assert traces["device"] in ledger and traces["key id"] in ledger
+        assert [what for what, trace in hill_traces.items() if trace in river_ledger] == []
+        assert [what for what, trace in river_traces.items() if trace in hill_ledger] == []
+        failed = False
+    finally:
+        hill.close(failed=failed)
