@@ -305,22 +305,13 @@ def _run(
     strikes: tuple[int, int],
 ) -> JobRecord:
     """Run the job; `strikes`: the (quorum_bps, min_members) of the policy in force."""
-    from coordinator.broker.logins import coordinator_password, coordinator_password_path
-    from coordinator.federation.job_start import APP_DIR, BrokerLogin, InvitationSender, JobRun
-    from coordinator.federation.mid_superlink import job_control_api
+    from coordinator.federation.job_start import APP_DIR, InvitationSender, JobRun
+    from coordinator.federation.mid_superlink import job_broker_login, job_control_api
     from coordinator.mid_key import load_or_create_mid_key
     from coordinator.registry.store import Registry
 
     s = settings
-    login = BrokerLogin(
-        host=s.broker.host,
-        port=s.broker.port,
-        username=s.broker.username,
-        password=coordinator_password(coordinator_password_path(s)),
-        client_id=f"{s.broker.client_id}-job-{request.job_id}",
-        ca_file=str(s.broker.ca_file) if s.broker.tls and s.broker.ca_file else None,
-        mqtt5=s.broker.mqtt5,
-    )
+    login = job_broker_login(s, request.job_id)
     control = job_control_api(s)
     control.prepare(APP_DIR)  # Flower's imports and the FAB, while the broker connects and the devices are invited
     registry = Registry(s.registry_path)

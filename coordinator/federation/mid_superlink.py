@@ -8,10 +8,12 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coordinator.broker.logins import coordinator_password, coordinator_password_path
 from coordinator.config import CoordinatorSettings
 from coordinator.federation.control_api import ControlApi
 from coordinator.federation.fleet_front import FleetFrontProcess
 from coordinator.federation.flower_cli import FlowerCli
+from coordinator.federation.job_start import BrokerLogin
 from coordinator.federation.superlink_process import SuperLinkProcess, free_loopback_port
 from coordinator.mid_ca import ServerTls, ensure_mid_ca, issue_server_tls
 
@@ -44,6 +46,21 @@ submitted job's ServerApp starts up to 0.8 s sooner, for five small requests a s
 def superlink_address_file(settings: CoordinatorSettings) -> Path:
     """Where `serve` writes the address of the SuperLink's own API (Control, ServerAppIo), for `job start`."""
     return settings.federation_dir / "superlink-address"
+
+
+def job_broker_login(settings: CoordinatorSettings, job_id: str) -> BrokerLogin:
+    """The coordinator's broker login as a job's invitations use it (`job start` and the buyer market's runner), with a
+    client id of the job's own."""
+    s = settings
+    return BrokerLogin(
+        host=s.broker.host,
+        port=s.broker.port,
+        username=s.broker.username,
+        password=coordinator_password(coordinator_password_path(s)),
+        client_id=f"{s.broker.client_id}-job-{job_id}",
+        ca_file=str(s.broker.ca_file) if s.broker.tls and s.broker.ca_file else None,
+        mqtt5=s.broker.mqtt5,
+    )
 
 
 def job_control_api(settings: CoordinatorSettings) -> ControlApi:

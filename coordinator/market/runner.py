@@ -9,12 +9,11 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from coordinator.broker.logins import coordinator_password, coordinator_password_path
 from coordinator.capture.directory import read_validation
 from coordinator.config import CoordinatorSettings
 from coordinator.federation.control_api import ControlApi, RunControlError
-from coordinator.federation.job_start import BrokerLogin, InvitationSender, JobBook, JobRecord, JobRequest, JobRun
-from coordinator.federation.mid_superlink import job_control_api
+from coordinator.federation.job_start import APP_DIR, InvitationSender, JobBook, JobRecord, JobRequest, JobRun
+from coordinator.federation.mid_superlink import job_broker_login, job_control_api
 from coordinator.market.models import Progress
 from coordinator.policy.document import StrikePolicy
 from coordinator.policy.ledger_records import PolicyLog
@@ -56,16 +55,9 @@ class FlowerJobLauncher:
 
     def run(self, request: JobRequest, spec: TaskSpec, report: Callable[[str], None]) -> JobRecord:
         s = self.settings
-        login = BrokerLogin(
-            host=s.broker.host,
-            port=s.broker.port,
-            username=s.broker.username,
-            password=coordinator_password(coordinator_password_path(s)),
-            client_id=f"{s.broker.client_id}-job-{request.job_id}",
-            ca_file=str(s.broker.ca_file) if s.broker.tls and s.broker.ca_file else None,
-            mqtt5=s.broker.mqtt5,
-        )
+        login = job_broker_login(s, request.job_id)
         control = job_control_api(s)
+        control.prepare(APP_DIR)  # Flower's imports and the FAB, while the broker connects and the devices are invited
         with self._lock:
             self._controls[request.job_id] = control
         current = self.policies.current() if self.policies is not None else None
