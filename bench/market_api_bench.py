@@ -131,7 +131,8 @@ async def run_job(
     serve: psutil.Process,
 ) -> dict[str, Any]:
     """One job through the API, `load` polling beside it from the accept to the delivery; its figures, with the CPU
-    seconds the `serve` process (every thread of it, not its SuperLink) used meanwhile."""
+    seconds the `serve` process (every thread of it, not its SuperLink) and this process (the buyers' side, which on
+    one machine competes with the devices for the same cores) used meanwhile."""
     spec = {"task": TASK, "purpose": "research", "rounds": rounds, "min_members": devices}
     job_id = (await call(client, owner, "POST", "/v1/jobs", spec))["job_id"]
     await call(client, owner, "POST", f"/v1/jobs/{job_id}/validation", validation)
@@ -140,7 +141,7 @@ async def run_job(
     stop, polled, owned = asyncio.Event(), Latencies(), Latencies()
     rng = random.Random(18)
     await call(client, owner, "POST", f"/v1/jobs/{job_id}/accept", accept)
-    started, cpu = time.monotonic(), serve.cpu_times()
+    started, cpu, mine = time.monotonic(), serve.cpu_times(), psutil.Process().cpu_times()
     tasks = [asyncio.create_task(poller(client, b, j, stop, polled, rng)) for b, j in load]
     target = f"/v1/jobs/{job_id}"
     state = ""
@@ -157,8 +158,9 @@ async def run_job(
     finally:
         stop.set()
         await asyncio.gather(*tasks)
-    wall, used = time.monotonic() - started, serve.cpu_times()
+    wall, used, mine_used = time.monotonic() - started, serve.cpu_times(), psutil.Process().cpu_times()
     serve_cpu = used.user + used.system - cpu.user - cpu.system
+    client_cpu = mine_used.user + mine_used.system - mine.user - mine.system
     if state != "delivered":
         raise SystemExit(f"job {job_id} ended {state}: {answer.json().get('reason')}")
     requests = len(polled.seconds) + len(owned.seconds)
@@ -169,6 +171,7 @@ async def run_job(
         "owner": owned.summary(),
         "serve_cpu_s": round(serve_cpu, 1),
         "serve_cpu_ms_per_request": round(1000 * serve_cpu / requests, 2),
+        "client_cpu_s": round(client_cpu, 1),
     }
 
 
