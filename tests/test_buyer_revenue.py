@@ -24,6 +24,7 @@ from coordinator.buyer.http import RevenueDesk
 from coordinator.config import CoordinatorSettings
 from coordinator.enrolment.enroller import Enroller
 from coordinator.ledger.store import LedgerReader, LedgerStore
+from coordinator.market.store import MarketStore
 from coordinator.mid_key import mid_key_name
 from coordinator.registry.store import Registry
 from coordinator.royalties import KnobPolicy, MemberAttribution, ModelAttribution, RoyaltyPolicy, settle_job
@@ -54,6 +55,7 @@ class Coordinator:
     log_key: VerifierKey
     buyer_key: Path
     refusals: list[Reason]
+    market: MarketStore | None = None
 
 
 def _no_broker(device: str, password: str) -> BrokerCredentials:
@@ -83,7 +85,8 @@ def coordinator(tmp_path: Path) -> Iterator[Coordinator]:
     registry = Registry(tmp_path / "registry.sqlite")
     enroller = Enroller(MID, registry, ledger, log_key, _no_broker, lambda device: None, 16 * 1024)
     keys = {"acme": keygen.stdout.strip(), "globex": stranger.verifier.text()}
-    desk = RevenueDesk(MID, "EUR", keys, ledger, 16 * 1024)
+    market = MarketStore(tmp_path / "market.sqlite")  # the buyers `coordinator buyer add` registers
+    desk = RevenueDesk(MID, "EUR", keys, ledger, 16 * 1024, registered=market)
     refusals: list[Reason] = []
     app = build_http_app(
         enroller=enroller, ledger=ledger, revenue=desk, metrics=CollectorRegistry(), on_refusal=refusals.append
@@ -94,10 +97,13 @@ def coordinator(tmp_path: Path) -> Iterator[Coordinator]:
     thread.start()
     try:
         wait_for_port(port)
-        yield Coordinator(f"http://127.0.0.1:{port}", ledger_path, ledger, log_key.verifier, buyer_key, refusals)
+        yield Coordinator(
+            f"http://127.0.0.1:{port}", ledger_path, ledger, log_key.verifier, buyer_key, refusals, market
+        )
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+        market.close()
         registry.close()
         ledger.close()
 
@@ -217,6 +223,30 @@ def test_forged_and_off_policy_reports_are_refused_over_http(coordinator: Coordi
     assert [str(r) for r in c.refusals] == [reason for _, _, reason in cases]
 
 
+def test_registered_buyers_report_and_revoked_ones_are_refused(coordinator: Coordinator) -> None:
+    """A buyer the operator registered (`coordinator buyer add`, not in `[buyers.keys]`) reports revenue under its
+    registered name, from the next report on; once revoked its reports are refused `revoked_key` and log nothing."""
+    c = coordinator
+    assert c.market is not None
+    initech = SignerKey.generate("initech")
+    before = _post(c, _signed(initech, buyer="initech"))
+    assert (before[0], before[1]["reason"]) == (403, "unknown_key")
+    c.market.add_buyer("initech", initech.verifier, NOW)
+    accepted = _post(c, _signed(initech, buyer="initech"))
+    assert accepted[0] == 200 and accepted[1]["index"] == 1, accepted
+    impostor = _post(c, _signed(initech, buyer="acme", seq=8))  # a registered key reporting as another buyer
+    assert (impostor[0], impostor[1]["reason"]) == (403, "unknown_key")
+    replayed = _post(c, _signed(initech, buyer="initech"))
+    assert (replayed[0], replayed[1]["reason"]) == (409, "replayed")
+    c.market.revoke_buyer("initech", NOW + 1)
+    revoked = _post(c, _signed(initech, buyer="initech", seq=9))
+    assert (revoked[0], revoked[1]["reason"]) == (403, "revoked_key")
+    assert c.ledger.size == 2
+    assert [str(r) for r in c.refusals] == ["unknown_key", "unknown_key", "replayed", "revoked_key"]
+    # `[buyers.keys]` keeps working beside the registered buyers.
+    assert _cli(*_report(c)).returncode == 0 and c.ledger.size == 3
+
+
 def test_keygen_refuses_to_overwrite(coordinator: Coordinator) -> None:
     before = coordinator.buyer_key.read_text()
     result = _cli("buyer", "keygen", "--key", str(coordinator.buyer_key))
@@ -224,7 +254,8 @@ def test_keygen_refuses_to_overwrite(coordinator: Coordinator) -> None:
 
 
 def test_serve_mounts_the_revenue_endpoint(tmp_path: Path, mosquitto: MosquittoProcess) -> None:
-    """The real coordinator service, configured from settings with a `[buyers.keys]` entry, takes a buyer's report."""
+    """The real coordinator service, configured from settings with a `[buyers.keys]` entry, takes a buyer's report,
+    and one from a buyer registered while it runs (in the market store `coordinator buyer add` writes)."""
     buyer_key = tmp_path / "buyer.key"
     keygen = _cli("buyer", "keygen", "--key", str(buyer_key), "--name", "acme")
     assert keygen.returncode == 0, keygen.stderr
@@ -241,16 +272,25 @@ def test_serve_mounts_the_revenue_endpoint(tmp_path: Path, mosquitto: MosquittoP
     attribution = ModelAttribution(job_id="job-1", model_version="plaid-v1", policy=POLICY, members=members)
     settled = settle_job(attribution, 10_000, record_id="job-1.settlement", created_ms=NOW, currency="EUR")
 
-    async def scenario() -> tuple[subprocess.CompletedProcess[str], int]:
+    initech = SignerKey.generate("initech")
+
+    async def scenario() -> tuple[subprocess.CompletedProcess[str], tuple[int, dict[str, str]], int]:
         async with CoordinatorProcess(settings) as process:
             service = process.storage
             await asyncio.to_thread(append_split, service.ledger, settled)
             url = f"http://127.0.0.1:{port}"
             coordinator = Coordinator(url, tmp_path, service.ledger, service.mid_key.verifier, buyer_key, [])
             result = await asyncio.to_thread(_cli, *_report(coordinator))
-            return result, service.ledger.size
+            market = MarketStore(settings.market_path)
+            try:
+                market.add_buyer("initech", initech.verifier, NOW)
+            finally:
+                market.close()
+            registered = await asyncio.to_thread(_post, coordinator, _signed(initech, buyer="initech"))
+            return result, registered, service.ledger.size
 
-    result, size = asyncio.run(scenario())
+    result, registered, size = asyncio.run(scenario())
     assert result.returncode == 0, result.stderr
-    # Leaf 0 is the POLICY leaf serve logs when it starts, 1 the settlement, 2 the royalty.
-    assert json.loads(result.stdout)["index"] == 2 and size == 3
+    # Leaf 0 is the POLICY leaf serve logs when it starts, 1 the settlement, 2 and 3 the royalties.
+    assert json.loads(result.stdout)["index"] == 2 and registered[0] == 200 and registered[1]["index"] == 3, registered
+    assert size == 4

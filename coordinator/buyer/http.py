@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -20,13 +21,14 @@ from coordinator.http_refusals import read_bounded_body, refusal
 from coordinator.ledger.store import LedgerStore
 from coordinator.provenance.shelf import ManifestShelf
 from coordinator.royalties.ledger_records import iter_splits, report_revenue
-from protocol.envelope import decode, open_envelope
+from protocol.envelope import decode, open_envelope, peek_envelope
 from protocol.errors import (
     BadKeyError,
     PolicyViolationError,
     ProtocolError,
     Reason,
     ReplayedError,
+    RevokedKeyError,
     TooLargeError,
     UnknownKeyError,
     UnknownModelError,
@@ -36,6 +38,24 @@ from protocol.messages import RevenueReport
 from protocol.provenance import is_manifest_reference
 
 REVENUE_PATH = "/v1/buyer/revenue"
+
+
+class RegisteredBuyer(Protocol):
+    """A buyer the operator registered (`midgate coordinator buyer add`; coordinator.market.store.Buyer)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def key(self) -> VerifierKey: ...
+    @property
+    def revoked_ms(self) -> int | None: ...
+
+
+class RegisteredBuyers(Protocol):
+    """Where the registered buyers are looked up by key id, on every report (coordinator.market.store.MarketStore):
+    an addition or revocation holds from the next report on, without a restart. Blocking."""
+
+    def buyer_by_key_id(self, key_id_hex: str) -> RegisteredBuyer | None: ...
 
 
 @dataclass(frozen=True)
@@ -61,8 +81,10 @@ class RevenueDesk:
         ledger: LedgerStore,
         max_body_bytes: int,
         manifests: ManifestShelf | None = None,
+        registered: RegisteredBuyers | None = None,
     ) -> None:
         self.mid = mid
+        self.registered = registered
         self.manifests = manifests
         self.currency = currency
         self.ledger = ledger
@@ -80,10 +102,11 @@ class RevenueDesk:
     def accept(self, envelope: bytes, now_ms: int) -> RoyaltyReceipt:
         if len(envelope) > self.max_body_bytes:
             raise TooLargeError("revenue report too large", limit=self.max_body_bytes, size=len(envelope))
-        verified = open_envelope(envelope, self._trusted, RevenueReport.PAYLOAD_TYPE)
+        trusted, names = self._signers(envelope)
+        verified = open_envelope(envelope, trusted, RevenueReport.PAYLOAD_TYPE)
         report = decode(verified, RevenueReport)
-        buyer_key = self._by_buyer.get(report.buyer)
-        if buyer_key is None or buyer_key.key_id != verified.signer.key_id:
+        buyer_key = verified.signer
+        if report.buyer not in names.get(buyer_key.key_id.hex(), ()):
             raise UnknownKeyError("report is not signed by the key configured for its buyer", buyer=report.buyer)
         if report.mid != self.mid:
             raise PolicyViolationError("report is for another MID", expected=self.mid, found=report.mid)
@@ -105,6 +128,31 @@ class RevenueDesk:
                 currency=report.currency,
             )
         return RoyaltyReceipt(record_id, index, self.ledger.receipt(index))
+
+    def _signers(self, envelope: bytes) -> tuple[dict[str, VerifierKey], dict[str, set[str]]]:
+        """The keys that may have signed this envelope (by its unverified key ids) and the buyer names each key
+        reports for: `[buyers.keys]`, then the registered buyers. A registered key that is revoked is refused
+        `revoked_key` when no other trusted key is named."""
+        trusted = dict(self._trusted)
+        names: dict[str, set[str]] = {}
+        for buyer, key in self._by_buyer.items():
+            names.setdefault(key.key_id.hex(), set()).add(buyer)
+        if self.registered is None:
+            return trusted, names
+        key_ids = peek_envelope(envelope, max_size=self.max_body_bytes)[2][:4]
+        revoked = None
+        for key_id in key_ids:
+            found = self.registered.buyer_by_key_id(key_id)
+            if found is None:
+                continue
+            if found.revoked_ms is not None:
+                revoked = revoked or found
+                continue
+            trusted[key_id] = found.key
+            names.setdefault(key_id, set()).add(found.name)
+        if revoked is not None and not any(key_id in trusted for key_id in key_ids):
+            raise RevokedKeyError("the buyer's key is revoked", buyer=revoked.name, revoked_ms=revoked.revoked_ms)
+        return trusted, names
 
     def model_version(self, named: str) -> str:
         """The model version a report names: as in its settlement, or by its provenance manifest

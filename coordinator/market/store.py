@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS nonces (
     issued_ms INTEGER NOT NULL,
     PRIMARY KEY (buyer, nonce)
 );
+CREATE INDEX IF NOT EXISTS nonces_by_issued ON nonces (issued_ms);
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY,
     buyer TEXT NOT NULL,

@@ -270,7 +270,11 @@ def build_job_ledger(settings: CoordinatorSettings, storage: Storage, policies: 
     )
 
 
-def build_revenue_desk(settings: CoordinatorSettings, storage: Storage) -> RevenueDesk:
+def build_revenue_desk(
+    settings: CoordinatorSettings, storage: Storage, registered: MarketStore | None = None
+) -> RevenueDesk:
+    """Revenue reports signed by a key of `[buyers.keys]` or, with `registered`, by a buyer the operator registered
+    (`coordinator buyer add`, not revoked)."""
     return RevenueDesk(
         settings.mid,
         settings.royalties.currency,
@@ -278,6 +282,7 @@ def build_revenue_desk(settings: CoordinatorSettings, storage: Storage) -> Reven
         storage.ledger,
         settings.buyers.max_body_bytes,
         manifests=ManifestShelf(settings.manifests_dir, storage.mid_key.verifier),
+        registered=registered,
     )
 
 
@@ -407,7 +412,7 @@ class CoordinatorProcess:
                 app = build_http_app(
                     enroller=build_enroller(s, self.storage, self.superlink),
                     ledger=self.storage.ledger,
-                    revenue=build_revenue_desk(s, self.storage),
+                    revenue=build_revenue_desk(s, self.storage, market.store),
                     metrics=self.metrics.registry,
                     on_refusal=self._count_refusal,
                     witnesses=witnesses,
