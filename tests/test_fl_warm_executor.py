@@ -7,6 +7,8 @@ import os
 import signal
 import stat
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -156,3 +158,45 @@ def test_a_kept_warm_executor_starts_once_and_outlives_what_it_forked(tmp_path: 
                 launcher.kill()
             launcher.wait()
     assert executor.pids() == []
+
+
+def test_a_warm_parent_whose_agent_dies_during_its_imports_exits(tmp_path: Path) -> None:
+    """An agent killed while its warm parent still imports torch and Flower: the parent notices once it is up and
+    exits, instead of listening for ever with nobody to fork for (seen: one left behind for 40 minutes)."""
+    socket_path = Path(tempfile.mkdtemp(prefix="mg-warm-")) / "warm.sock"  # short: a unix socket path has 108 bytes
+    # A stand-in agent: starts the warm parent as WarmExecutor.start does and dies at once, before the parent's
+    # imports are done (here: before its interpreter has even started serve()).
+    agent = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os, subprocess, sys; p = subprocess.Popen([sys.executable, '-P', '-m',"
+            " 'edge.federated.acceleration.warm_executor', 'serve', '--socket', sys.argv[1],"
+            " '--agent-pid', str(os.getpid())], stdout=open(sys.argv[2], 'w'), stderr=subprocess.STDOUT); print(p.pid)",
+            str(socket_path),
+            str(tmp_path / "warm.log"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    orphan = psutil.Process(int(agent.stdout))
+    try:
+        deadline = time.monotonic() + 120
+        while _alive(orphan) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(orphan), "the orphaned warm parent is still running"
+        assert not socket_path.exists()
+    finally:
+        if orphan.is_running():
+            orphan.kill()
+        print((tmp_path / "warm.log").read_text(errors="replace")[-4000:])
+
+
+def _alive(process: psutil.Process) -> bool:
+    """Running and not a zombie (an orphan's exit is reaped by whoever adopted it, maybe never in a container)."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

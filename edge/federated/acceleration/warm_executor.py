@@ -149,10 +149,15 @@ def _run_child(request: dict[str, object], fds: list[int], entry: Callable[[], N
         os._exit(code)
 
 
-def serve(socket_path: Path) -> None:
-    """The warm parent: preload, then fork one child per launcher request until SIGTERM or the agent exits."""
+def serve(socket_path: Path, agent_pid: int | None = None) -> None:
+    """The warm parent: preload, then fork one child per launcher request until SIGTERM or the agent exits.
+
+    `agent_pid`: the agent that started it (default: our parent now). Named by the agent rather than read here, so
+    that an agent that dies before this process gets here, or during the imports (seconds on a small board), never
+    leaves a parent holding torch's pages for ever: once orphaned, getppid() names whoever adopted us instead."""
     import importlib
 
+    parent = os.getppid() if agent_pid is None else agent_pid
     entries: dict[str, Callable[[], None]] = {}
     for module_name in PRELOAD:
         importlib.import_module(module_name)
@@ -162,7 +167,6 @@ def serve(socket_path: Path) -> None:
     # Python's cyclic GC writes to every tracked object it visits; freezing the preloaded objects keeps the
     # children's collections from copying the parent's pages, so they stay shared.
     gc.freeze()
-    parent = os.getppid()
     stopping = False
 
     def request_stop(signum: int, frame: object) -> None:
@@ -277,6 +281,8 @@ class WarmExecutor:
                 "serve",
                 "--socket",
                 str(self.socket_path),
+                "--agent-pid",
+                str(os.getpid()),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -345,8 +351,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="midgate warm executor for Flower processes")
     parser.add_argument("command", choices=["serve"])
     parser.add_argument("--socket", type=Path, required=True)
+    parser.add_argument("--agent-pid", type=int, default=None, help="exit once this process is no longer our parent")
     args = parser.parse_args()
-    serve(args.socket)
+    serve(args.socket, args.agent_pid)
 
 
 if __name__ == "__main__":
