@@ -70,7 +70,7 @@ from protocol.errors import (
     TooLargeError,
     UnknownJobError,
 )
-from protocol.escrow import EscrowRecord
+from protocol.escrow import EscrowEvent, EscrowRecord
 from protocol.leaves import Leaf, decode_leaf
 from protocol.settings import validation_problems
 from protocol.tasks.spec import TaskSpec
@@ -453,17 +453,7 @@ class JobDesk:
         with self._lock:
             job = self._stored(job_id)
             assert job.escrow is not None
-            release = EscrowRecord(
-                event="release",
-                job_id=job_id,
-                buyer=job.buyer,
-                amount_minor=job.escrow.amount_minor,
-                currency=job.escrow.currency,
-                quote_sha256=job.escrow.quote_sha256,
-                created_ms=self.clock_ms(),
-                settlement_record_id=f"settlement-{job_id}",
-                settlement_index=settled,
-            )
+            release = self._moved(job, "release", settlement_record_id=f"settlement-{job_id}", settlement_index=settled)
             job.ledger.job, job.ledger.settlement = logged, settled
             job.ledger.release = self._append(release)
             job.reason = ""
@@ -502,17 +492,7 @@ class JobDesk:
                 return
             job.reason = reason[:256]
             if job.escrow is not None and job.ledger.refund is None:
-                refund = EscrowRecord(
-                    event="refund",
-                    job_id=job_id,
-                    buyer=job.buyer,
-                    amount_minor=job.escrow.amount_minor,
-                    currency=job.escrow.currency,
-                    quote_sha256=job.escrow.quote_sha256,
-                    created_ms=self.clock_ms(),
-                    reason=job.reason,
-                )
-                job.ledger.refund = self._append(refund)
+                job.ledger.refund = self._append(self._moved(job, "refund", reason=job.reason))
             self._save(job, "failed")
         log.warning("job failed", extra={"job": job_id, "reason": reason[:256]})
 
@@ -527,6 +507,22 @@ class JobDesk:
         """The strike quorum a quote made now honours: the latest POLICY leaf's, else the policy's default."""
         current = self.policies.current() if self.policies is not None else None
         return current.record.policy.strikes if current is not None else StrikePolicy()
+
+    def _moved(self, job: MarketJob, event: EscrowEvent, **details: object) -> EscrowRecord:
+        """The record of the job's escrowed amount leaving escrow (`release` or `refund`), made now."""
+        assert job.escrow is not None
+        return EscrowRecord.model_validate(
+            {
+                "event": event,
+                "job_id": job.job_id,
+                "buyer": job.buyer,
+                "amount_minor": job.escrow.amount_minor,
+                "currency": job.escrow.currency,
+                "quote_sha256": job.escrow.quote_sha256,
+                "created_ms": self.clock_ms(),
+                **details,
+            }
+        )
 
     def _append(self, record: EscrowRecord) -> int:
         return self.ledger.append_leaves([Leaf(record.kind, record.canonical_json())]).first_index
