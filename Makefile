@@ -61,8 +61,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy protocol coordinator
 
+# Two workers (pytest-xdist) by default, as many as CI's cores; PYTEST_WORKERS=0 runs the suite in one process.
+PYTEST_WORKERS ?= 2
+
 pytest: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):/usr/sbin:$$PATH" $(BIN)/pytest -q $(PYTEST_ARGS)
+	PATH="$(CURDIR)/$(BIN):/usr/sbin:$$PATH" $(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	@for b in bench/*_bench.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

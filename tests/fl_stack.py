@@ -103,7 +103,8 @@ def enrol_agent(
     started) and record. spool_poll_s, extra: as for enrol_plaid_agent."""
     handle = AgentHandle(name, workdir)
     # Top-level keys before the [[sensors]] table, or TOML files them under it.
-    toml = agent_toml(handle.data_dir, f"{extra}\n{sensors}")
+    # The agents of these stacks run jobs: each keeps its warm executor, as a device that has been up for a while does.
+    toml = agent_toml(handle.data_dir, f"{extra}\n{sensors}", warm_executor=True)
     handle.config.write_text(toml.replace("spool_poll_s = 0.05", f"spool_poll_s = {spool_poll_s}"))
     record = enrol(AgentSettings.load(handle.config), f"http://127.0.0.1:{stack.http_port}", stack.invite(name))
     assert record.flower_node_id != 0

@@ -280,16 +280,20 @@ user = "root"
 """
 
 
-def agent_toml(data_dir: Path, extra: str = "", heartbeat_s: float | None = 5.0) -> str:
+def agent_toml(data_dir: Path, extra: str = "", heartbeat_s: float | None = 5.0, warm_executor: bool = False) -> str:
     """An agent.toml for the tests: quick heartbeats, spool polls, resends and reconnects; `heartbeat_s` None keeps
-    the agent's default heartbeat period."""
+    the agent's default heartbeat period. `warm_executor` False (unless `extra` sets keep_warm_executor): the agent
+    does not import torch and Flower into a kept executor when it starts, which costs about 6 s of CPU per agent and
+    is wasted in the tests that run no job (most of them); a job then starts its executor when invited."""
     beat = "" if heartbeat_s is None else f"heartbeat_s = {heartbeat_s}"
+    warm = "" if "keep_warm_executor" in extra else f"keep_warm_executor = {str(warm_executor).lower()}"
     # Several agents share this host: each serves its member page on a free port (member-page.url says which).
     page = "" if "member_page_port" in extra else "member_page_port = 0"
     return f"""
 data_dir = "{data_dir}"
 {beat}
 {page}
+{warm}
 spool_poll_s = 0.05
 resend_after_s = 2.0
 resend_max_s = 4.0

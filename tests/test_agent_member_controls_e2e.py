@@ -44,7 +44,9 @@ class Device:
         self.coordinator_dir = data_dir
         self.settings, self.record = _enrol(tmp_path, "ann", _http_port(data_dir), _invite(data_dir, "ann"))
         self.config = tmp_path / "agent-ann.toml"  # the member's recordings: windows to cut when a job invites it
-        self.config.write_text(agent_toml(tmp_path / "agent-ann", "member_poll_s = 0.2\n" + plaid_sensor_toml("0:20")))
+        self.config.write_text(
+            agent_toml(tmp_path / "agent-ann", "member_poll_s = 0.2\n" + plaid_sensor_toml("0:20"), warm_executor=True)
+        )
         self.membership_dir = self.settings.membership_dir(MID)
         self.device_key = load_signer_key(self.membership_dir / "device.key").verifier
         self.mid_key: SignerKey = load_or_create_mid_key(data_dir / "mid.key", MID)
