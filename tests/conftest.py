@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
+
 def pytest_configure(config: pytest.Config) -> None:
     """One torch thread in the test processes. The suite runs two workers on CI's two cores, beside the services the
     tests start: with torch's default of a thread per core, the workers' tiny models spin on each other's cores and
