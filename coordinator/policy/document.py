@@ -17,7 +17,7 @@ The file is the operator's whole policy, in one place (README, "The MID's policy
     min_members = 3
     [leave]
     royalties_continue = true           # a member who leaves keeps earning from models already trained
-    notice_days = 0
+    notice_days = 0                     # with royalties_continue = false: days its royalties still flow
     [[purposes]]                        # the purposes a buyer may name, as W3C DPV concepts, with licence terms
     code = "research"
     dpv = "dpv:ResearchAndDevelopment"
@@ -91,14 +91,22 @@ class StrikePolicy(BaseModel):
 
 
 class LeaveDefaults(BaseModel):
-    """What happens when a member leaves, unless the member chose otherwise."""
+    """What a member's departure means for the royalties of models it helped train (README, "Leaving").
+
+    Leaving itself always takes effect at once: the member's keys and broker login are revoked and it is never
+    invited again when its LeaveNotice is logged (its own agent declines every invitation from then on anyway, and
+    keeping a leaving member's keys alive against its signed wish would serve nobody). The terms below travel with
+    each job's settlement (RoyaltyPolicy), so a member keeps the terms its models were trained under."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     royalties_continue: bool = True
-    """Revenue from models already trained keeps flowing to the member (attribution is kept in the log)."""
+    """Revenue from models already trained keeps flowing to the member after it left (attribution is kept in the
+    log). False: revenue reported more than `notice_days` after the leave was logged pays the member nothing; its
+    share goes to the model's other members (the MID's fee does not grow)."""
     notice_days: int = Field(default=0, ge=0, le=365)
-    """Days between a member's leave request and the end of its participation in new jobs."""
+    """Days after a member's leave is logged during which its royalties still flow when `royalties_continue` is
+    false; no effect when royalties continue."""
 
 
 DEFAULT_PURPOSES: tuple[Purpose, ...] = (
@@ -175,6 +183,8 @@ class MidPolicy(BaseModel):
             knob=self.knob,
             majority_excluded_earns_nothing=self.majority_excluded_earns_nothing,
             data_free_earns_nothing=self.data_free_earns_nothing,
+            royalties_continue=self.leave.royalties_continue,
+            leave_notice_days=self.leave.notice_days,
         )
 
     def purpose(self, code: str) -> Purpose:

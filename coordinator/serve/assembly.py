@@ -283,6 +283,7 @@ def build_revenue_desk(
         settings.buyers.max_body_bytes,
         manifests=ManifestShelf(settings.manifests_dir, storage.mid_key.verifier),
         registered=registered,
+        departures=lambda: storage.registry.departures().values(),
     )
 
 
