@@ -214,15 +214,17 @@ def test_coordinator_strikes_shows_each_target_its_count_and_whether_it_is_in_fo
     result = CliRunner().invoke(coordinator_app, ["strikes", "--config", str(config)])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[0] == "3 active member(s); quorum 2 (50 % of them, at least 1)"
+    assert lines[0] == (
+        "3 active member(s); quorum 2 (50 % of them, at least 1); running jobs finish when a strike comes into force"
+    )
     # The policy's min_members raises the quorum above the share: with 3 members and at least 3, not in force.
     (tmp_path / "data" / "policy.toml").write_text(strike_policy_toml(5000, 3))
     result = CliRunner().invoke(coordinator_app, ["strikes", "--config", str(config)])
-    assert result.output.splitlines()[2] == "buyer acme\t2\t3\tno\tm-d-ann,m-d-bob"
+    assert result.output.splitlines()[2] == "buyer acme\t2\t3\tno\tm-d-ann,m-d-bob\t-"
     assert lines[1:] == [
-        "target\tstrikers\tquorum\tin_force\tmembers",
-        "buyer acme\t2\t2\tyes\tm-d-ann,m-d-bob",
-        "purpose ads\t1\t2\tno\tm-d-cid",
+        "target\tstrikers\tquorum\tin_force\tmembers\tlogged",
+        "buyer acme\t2\t2\tyes\tm-d-ann,m-d-bob\t-",  # no serve has logged it (no ledger here)
+        "purpose ads\t1\t2\tno\tm-d-cid\t-",
     ]
 
 

@@ -528,6 +528,9 @@ class JobRun:
     strike_quorum_bps, strike_min_members: the strike quorum of the MID policy in force (`[strikes] quorum_bps`,
         `min_members`; defaults 5000 and 1): a job whose buyer and purpose a strike in force covers is refused with
         reason `strike` (coordinator.registry.strikes).
+    strike_stops_running: the policy's `[strikes] running_jobs = "stop"` (default False, "finish"): while the run
+        goes on, each look at its status also asks whether a strike in force now covers the job, and if one does
+        the run is stopped and the job ends failed with reason `strike`.
     """
 
     request: JobRequest
@@ -546,6 +549,7 @@ class JobRun:
     task: TaskSpec | None = None
     strike_quorum_bps: int = 5000
     strike_min_members: int = 1
+    strike_stops_running: bool = False
     clock: Callable[[], float] = time.monotonic
     _started: float = field(default=0.0, init=False)
 
@@ -554,14 +558,7 @@ class JobRun:
         if self.book.read(self.request.job_id) is not None:
             raise JobRequestError("job_exists", "a job with this id was already run", job=self.request.job_id)
         now = _now_ms()
-        struck = strike_refusal(
-            self.registry,
-            self.request.buyer,
-            self.request.purpose,
-            self.strike_quorum_bps,
-            now,
-            self.strike_min_members,
-        )
+        struck = self._struck(now)
         if struck is not None:
             raise JobRequestError("strike", struck, buyer=self.request.buyer, purpose=self.request.purpose)
         devices, absent = expected_devices(
@@ -588,6 +585,17 @@ class JobRun:
                     self.control.stop_run(record.run_id)
             self._finish(record, "failed", getattr(exc, "reason", type(exc).__name__))
             raise
+
+    def _struck(self, now_ms: int) -> str | None:
+        """Why a strike in force now covers this job's buyer and purpose, or None."""
+        return strike_refusal(
+            self.registry,
+            self.request.buyer,
+            self.request.purpose,
+            self.strike_quorum_bps,
+            now_ms,
+            self.strike_min_members,
+        )
 
     def _run(self, record: JobRecord) -> JobRecord:
         request = self.request
@@ -643,6 +651,12 @@ class JobRun:
                 next_status = self.clock() + (self.poll_s if outcome_written else self.status_every_s)
                 if status.startswith(TERMINAL_PREFIX):
                     break
+                struck = self._struck(_now_ms()) if self.strike_stops_running and not outcome_written else None
+                if struck is not None:
+                    self.control.stop_run(record.run_id)
+                    self.report(f"run {record.run_id} stopped: {struck}")
+                    record.flower_status = status
+                    return self._finish(record, "failed", "strike")
             if self.clock() >= deadline:
                 self.control.stop_run(record.run_id)
                 record.flower_status = status

@@ -15,6 +15,7 @@ The file is the operator's whole policy, in one place (README, "The MID's policy
     [strikes]
     quorum_bps = 5000                   # share of the MID's members whose signed strike stops sales to a target
     min_members = 3
+    running_jobs = "finish"             # or "stop": what a strike at quorum does to the target's running jobs
     [leave]
     royalties_continue = true           # a member who leaves keeps earning from models already trained
     notice_days = 0                     # with royalties_continue = false: days its royalties still flow
@@ -35,7 +36,7 @@ import hashlib
 import json
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
@@ -82,12 +83,17 @@ class ReputationPolicy(BaseModel):
 
 class StrikePolicy(BaseModel):
     """When members' signed strikes stop sales to a target: at least `quorum_bps` of the MID's members, and at
-    least `min_members` of them."""
+    least `min_members` of them; and what a strike reaching its quorum does to the target's jobs already running."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     quorum_bps: int = Field(default=5000, ge=1, le=10_000)
     min_members: int = Field(default=3, ge=1)
+    running_jobs: Literal["finish", "stop"] = "finish"
+    """`finish`: a job of the target already running when the strike reaches its quorum runs to its end (the buyer
+    paid for it before the strike). `stop`: the job's run is stopped within seconds and the job ends failed with
+    reason `strike` (it is not settled: a failed job's escrow is refunded). A job takes the policy in force when it
+    started."""
 
 
 class LeaveDefaults(BaseModel):
