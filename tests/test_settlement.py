@@ -309,6 +309,12 @@ def test_member_statement_lists_earnings_with_record_hashes() -> None:
     text = render_statement(statement)
     assert "Total: 800 EUR minor units" in text
     assert "job job-7: 600" in text
+    # Each line shows the knob in force for the job and the price it gave (knob 0: the base price).
+    assert [(line.knob_milli, line.price_minor) for line in statement.lines] == [(0, 10_000), (0, 10_000)]
+    assert "(paid; knob +0.000, price 10000 EUR; record s-1" in text
+    priced = settle(attribution([member("ann", 1, knob=500)]), 1_000, record_id="s-3", created_ms=3_000)
+    (line,) = member_statement("ann", [priced], period_start_ms=0, period_end_ms=5_000).lines
+    assert (line.knob_milli, line.price_minor) == (500, reservation_price(500, KNOB))
 
 
 def test_policy_in_a_toml_config_file_with_a_high_fee_is_refused(tmp_path: Path) -> None:
