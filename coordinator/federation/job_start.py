@@ -46,7 +46,7 @@ from coordinator.registry.strikes import strike_refusal
 from protocol.errors import ProtocolError
 from protocol.identity import SignerKey
 from protocol.job_log import model_version
-from protocol.messages import RoundInvitation
+from protocol.messages import RoundInvitation, usable_sensors
 from protocol.tasks.schedule import LrSchedule
 from protocol.tasks.spec import TaskSpec, get_task, write_task_file
 from protocol.topics import DownKind, down_topic
@@ -267,11 +267,19 @@ def select_devices(registry: Registry, names: tuple[str, ...]) -> list[JobDevice
 
 
 def expected_devices(
-    registry: Registry, devices: list[JobDevice], request: JobRequest, now_ms: int, offline_after_ms: int
+    registry: Registry,
+    devices: list[JobDevice],
+    request: JobRequest,
+    now_ms: int,
+    offline_after_ms: int,
+    task: TaskSpec | None = None,
 ) -> tuple[list[JobDevice], dict[str, str]]:
     """Split `devices` into those the job invites and waits for, and those it knows will not come (device id -> why:
-    the member's logged consent excludes the job's buyer or purpose (coordinator.registry.member_choices), or
-    coordinator.registry.presence.absence, from what the devices last said in signed messages)."""
+    the member's logged consent excludes the job's buyer or purpose, or gives the job's task no sensor of its inputs
+    (coordinator.registry.member_choices), or coordinator.registry.presence.absence, from what the devices last said
+    in signed messages). `task`: the job's spec (default the built-in one the request names)."""
+    spec = task if task is not None else get_task(request.task_id, request.task_version)
+    usable = usable_sensors([i.sources for i in spec.inputs])
     heard = registry.presence()
     striking = active_strikes(registry.strike_votes(), now_ms)
     consents = registry.consents()
@@ -281,7 +289,7 @@ def expected_devices(
     for device in devices:
         strikes = striking.get(device.device_id, [])
         consent = consents.get(device.member_id)
-        why = consent.excludes(request.buyer, request.purpose) if consent is not None else None
+        why = None if consent is None else consent.excludes(request.buyer, request.purpose, spec.id, usable)
         if device.device_id in departed:
             why = "left"
         if why is None:
@@ -567,6 +575,7 @@ class JobRun:
             self.request,
             now,
             int(self.offline_after_s * 1000),
+            self.task,
         )
         record = JobRecord(
             request=self.request,

@@ -90,6 +90,7 @@ class MembershipRunner:
             flower_acceleration=settings.flower_acceleration,
             task_specs=self.ledger_api.task_spec,
             keep_warm_executor=settings.keep_warm_executor,
+            sensors=self.controls.sensors_for,
         )
         self._beat_now = asyncio.Event()
         self._votes_due = True  # at start: a strike chosen while the daemon was down still needs its vote
