@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 import subprocess
+from pathlib import Path
 
 import pytest
 from fl_stack import midgate, start_federated_coordinator
@@ -16,6 +17,7 @@ from mqtt_fixtures import PYTHON, REPO, AgentHandle, MessagingStack, wait_until
 from test_member_choices import strike_policy_toml
 
 from coordinator.registry.store import Registry
+from edge.agent.daemon_status import read_daemon_status
 from protocol.leaves import LeafKind, decode_leaf
 from protocol.strike_quorum import check_counted_votes, decode_strike_quorum
 
@@ -70,6 +72,11 @@ def _quorum_leaves(stack: MessagingStack) -> list[bool]:
             check_counted_votes(record, leaves)
             found.append(record.in_force)
     return found
+
+
+def _closed(directory: Path) -> str:
+    status = read_daemon_status(directory)
+    return "" if status is None else status.closed
 
 
 def _revoked(stack: MessagingStack, device: str) -> bool:
@@ -160,6 +167,11 @@ def test_a_strike_at_quorum_refuses_the_job_and_a_member_who_left_is_revoked_and
         "1 active member(s); quorum 1 (100 % of them, at least 1); running jobs finish when a strike comes into force",
         "no strike votes in force",
     ]
+    # bob's agent closes that membership's connection for good rather than retry a login the MID revoked.
+    bob_dir = bob.data_dir / "mids" / stack.mid
+    wait_until(lambda: _closed(bob_dir) != "", 30, "bob's agent to close its connection", poll_s=0.5)
+    assert "leave notice was receipted" in _closed(bob_dir)
+    assert "closed since" in _member(bob, "status").stdout
     statement = _member(bob, "statement", "--mid", "riverside")
     assert statement.returncode == 0, statement.stderr
     assert statement.stdout.startswith("Statement for member bob of riverside, verified under the witnessed log")
