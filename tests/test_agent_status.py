@@ -162,7 +162,17 @@ def test_a_membership_left_and_receipted_is_not_connected_again_and_status_says_
     db.commit()
     db.close()
     runner = MembershipRunner(AgentSettings(data_dir=tmp_path / "agent"), load_membership(directory))
-    asyncio.run(asyncio.wait_for(runner.run(asyncio.Event()), 30))
+
+    async def closed_then_stopped() -> None:
+        stop = asyncio.Event()
+        running = asyncio.create_task(runner.run(stop))
+        while (status := read_daemon_status(directory)) is None or not status.closed:
+            assert not running.done(), running  # it waits for the agent to stop (the member page stays up)
+            await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.wait_for(running, 30)
+
+    asyncio.run(asyncio.wait_for(closed_then_stopped(), 60))
     assert runner.session is None  # no session, so no reconnect attempts
     connection = _shown(directory)["connection"]
     assert connection.startswith("closed since "), connection

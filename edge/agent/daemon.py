@@ -125,6 +125,7 @@ class MembershipRunner:
         if closed is not None:  # left before this start: nothing to connect for
             try:
                 await self._close_for_good(closed)
+                await stop.wait()  # the agent still serves the member page (statement) until it stops
             finally:
                 await self._in_db(self.outbox.close)
                 self._db.shutdown(wait=True)
@@ -164,6 +165,7 @@ class MembershipRunner:
                     await asyncio.gather(*tasks, *ended, return_exceptions=True)
             if self._left.is_set() and not stop.is_set():
                 await self._close_for_good(self._left_reason)
+                await stop.wait()  # the agent still serves the member page (statement) until it stops
         finally:
             await self._in_db(self.outbox.close)
             self._db.shutdown(wait=True)
