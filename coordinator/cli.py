@@ -248,9 +248,12 @@ def devices(config: Path | None = ConfigOption) -> None:
 def strikes(config: Path | None = ConfigOption) -> None:
     """Strikes members vote now, one target a line under a header (tab-separated): how many members strike against
     it, how many the quorum needs (the policy's `[strikes]`: quorum_bps of the active members, at least min_members),
-    whether it is in force (new
-    jobs for the target are refused with reason `strike`) and who strikes. Every vote is a strike leaf in the ledger."""
+    whether it is in force (new jobs for the target are refused with reason `strike`), who strikes, and what the
+    ledger last logged about it (the STRIKE_QUORUM leaf `serve` appends within a second of a strike coming into force
+    or ending). Every vote is a strike leaf in the ledger."""
+    from coordinator.ledger.store import LedgerReader
     from coordinator.policy.in_force import policy_in_force
+    from coordinator.policy.strike_quorum import logged_strikes
     from coordinator.registry.store import Registry
     from coordinator.registry.strikes import StrikeTally
 
@@ -262,22 +265,30 @@ def strikes(config: Path | None = ConfigOption) -> None:
         tally = StrikeTally(votes, devices, strikes.quorum_bps, _now_ms(), strikes.min_members)
     finally:
         registry.close()
+    logged = {}
+    if settings.ledger_path.exists():
+        with LedgerReader.open_existing(settings.ledger_path) as reader:
+            logged = logged_strikes(reader)
     counts = tally.counts()
     typer.echo(
         f"{tally.active_members} active member(s); quorum {tally.needed}"
-        f" ({strikes.quorum_bps / 100:g} % of them, at least {strikes.min_members})"
+        f" ({strikes.quorum_bps / 100:g} % of them, at least {strikes.min_members}); running jobs"
+        f" {strikes.running_jobs} when a strike comes into force"
     )
     if not counts:
         typer.echo("no strike votes in force")
         return
-    typer.echo("\t".join(("target", "strikers", "quorum", "in_force", "members")))
+    typer.echo("\t".join(("target", "strikers", "quorum", "in_force", "members", "logged")))
     for count in counts:
+        last = logged.get(count.target)
+        said = "-" if last is None else f"{'in force' if last[1].in_force else 'ended'} at leaf {last[0]}"
         row = (
             count.target.text(),
             str(len(count.strikers)),
             str(count.needed),
             "yes" if count.in_force else "no",
             ",".join(count.strikers),
+            said,
         )
         typer.echo("\t".join(row))
 

@@ -43,6 +43,8 @@ class LeafKind(IntEnum):
     """A member's signed KnobUpdate."""
     CONSENT = 15
     """A member's signed ConsentPolicy."""
+    STRIKE_QUORUM = 16
+    """A data strike came into force at the MID's quorum, or ended (protocol.strike_quorum)."""
 
 
 @dataclass(frozen=True)

@@ -157,6 +157,11 @@ class PaidLine:
     currency: str
     amount_minor: int
     reason: str
+    knob_milli: int | None = None
+    """The member's knob the record priced it at (the knob in force for the job, kept with the model), None when
+    the record does not carry it."""
+    price_minor: int | None = None
+    """The reservation price that knob gave under the record's policy."""
 
 
 @dataclass(frozen=True)
@@ -219,12 +224,20 @@ class _PayoutView(BaseModel):
     member: str
     amount_minor: int
     reason: str
+    price_minor: int | None = None
+
+
+class _MemberView(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+    member: str
+    knob_milli: int
 
 
 class _AttributionView(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
     job_id: str
     model_version: str
+    members: list[_MemberView] = []
 
 
 class _InputsView(BaseModel):
@@ -262,6 +275,7 @@ def paid_lines(index: int, leaf: bytes, member: str, period: tuple[int, int]) ->
     if not period[0] <= inputs.created_ms < period[1]:
         raise MalformedError("record lies outside the period asked for", created_ms=inputs.created_ms)
     digest = hashlib.sha256(decoded.signed).hexdigest()
+    knobs = {m.member: m.knob_milli for m in inputs.attribution.members}
     lines = [
         PaidLine(
             index=index,
@@ -274,6 +288,8 @@ def paid_lines(index: int, leaf: bytes, member: str, period: tuple[int, int]) ->
             currency=inputs.currency,
             amount_minor=payout.amount_minor,
             reason=payout.reason,
+            knob_milli=knobs.get(member),
+            price_minor=payout.price_minor,
         )
         for payout in record.payouts
         if payout.member == member

@@ -30,10 +30,12 @@ from pydantic import (
     Field,
     PlainSerializer,
     PlainValidator,
+    SerializerFunctionWrapHandler,
     StringConstraints,
     ValidationError,
     ValidationInfo,
     WithJsonSchema,
+    model_serializer,
     model_validator,
 )
 
@@ -277,9 +279,28 @@ class KnobUpdate(WireMessage):
     bias_milli: Annotated[int, Field(ge=-1000, le=1000)]
 
 
+SensorKind = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_.:-]{0,63}$")]
+"""A kind of sensor, as a task input's `sources` name it and the sample store records it (protocol.tasks.spec)."""
+
+
+class TaskSensors(CanonicalModel):
+    """The kinds of sensor a member lets one task (by id, every version) train on; empty: none."""
+
+    task_id: Ident
+    sensors: Annotated[tuple[SensorKind, ...], Field(max_length=16)]
+
+    @model_validator(mode="after")
+    def _sorted_unique(self) -> Self:
+        if list(self.sensors) != sorted(set(self.sensors)):
+            raise ValueError("sensors must be sorted and unique")
+        return self
+
+
 class ConsentPolicy(WireMessage):
     """Which purposes the member allows and which buyers they refuse; replaces the previous policy as a whole.
-    `any_purpose`: every purpose of the MID's vocabulary is allowed (then `allowed_purposes` is empty)."""
+    `any_purpose`: every purpose of the MID's vocabulary is allowed (then `allowed_purposes` is empty).
+    `task_sensors`: per task, the kinds of sensor it may train on; a task not listed may use every sensor (left out
+    of the encoding when empty, so a policy without it keeps its bytes)."""
 
     PAYLOAD_TYPE: ClassVar[str] = _media_type("consent-policy")
     v: Literal[1] = 1
@@ -288,6 +309,7 @@ class ConsentPolicy(WireMessage):
     allowed_purposes: Annotated[tuple[Ident, ...], Field(max_length=64)]
     denied_buyers: Annotated[tuple[Ident, ...], Field(max_length=256)] = ()
     any_purpose: bool = False
+    task_sensors: Annotated[tuple[TaskSensors, ...], Field(max_length=64)] = ()
 
     @model_validator(mode="after")
     def _no_duplicates(self) -> Self:
@@ -297,7 +319,17 @@ class ConsentPolicy(WireMessage):
             raise ValueError("allowed_purposes has duplicates")
         if len(set(self.denied_buyers)) != len(self.denied_buyers):
             raise ValueError("denied_buyers has duplicates")
+        tasks = [t.task_id for t in self.task_sensors]
+        if tasks != sorted(set(tasks)):
+            raise ValueError("task_sensors must be sorted by task_id and unique")
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_task_sensors_when_none(self, handler: SerializerFunctionWrapHandler) -> object:
+        dumped = handler(self)
+        if isinstance(dumped, dict) and not self.task_sensors:
+            dumped.pop("task_sensors", None)
+        return dumped
 
 
 def check_strike_span(target_buyer: str | None, target_purpose: str | None, start_ms: int, end_ms: int | None) -> None:
@@ -319,6 +351,29 @@ def consent_excludes(
     if allowed_purposes is not None and purpose not in allowed_purposes:
         return f"consent does not allow purpose {purpose}"
     return None
+
+
+def usable_sensors(sources_per_input: Sequence[Sequence[str]]) -> tuple[str, ...]:
+    """The kinds of sensor a task can train on: those every one of its inputs takes (a sensor must have all of a
+    task's inputs, protocol.tasks.spec.TaskInput), in the first input's order."""
+    first, *others = sources_per_input
+    return tuple(s for s in first if all(s in other for other in others))
+
+
+def consent_sensor_gap(
+    task_sensors: Sequence[TaskSensors], task_id: str, usable: Sequence[str]
+) -> tuple[tuple[str, ...] | None, str | None]:
+    """(the kinds of sensor the member's consent lets task `task_id` use among `usable` -- None: every one, the task
+    is not listed --, why the consent rules the task out or None). The agent cuts windows only from those kinds and
+    declines when there is none; the MID never selects a member whose consent gives the task no sensor."""
+    for entry in task_sensors:
+        if entry.task_id == task_id:
+            allowed = tuple(s for s in usable if s in entry.sensors)
+            if allowed:
+                return allowed, None
+            given, takes = ", ".join(entry.sensors) or "none", ", ".join(usable)
+            return (), f"consent gives task {task_id} no sensor of its inputs (allowed: {given}; it takes: {takes})"
+    return None, None
 
 
 def strike_covers(target_buyer: str | None, target_purpose: str | None, buyer: str, purpose: str) -> bool:

@@ -281,3 +281,34 @@ def test_a_task_the_mid_does_not_have_is_declined_and_an_unreachable_mid_leaves_
     assert agent.data_declines == {DeclineReason.UNKNOWN_TASK: 2}
     invite(agent, mid_key, "job-12", "plaid-appliance@1")
     assert agent.job is not None and agent.job.job_id == "job-12"
+
+
+def test_windows_are_cut_only_from_the_sensors_the_members_consent_lets_the_task_use(
+    node: tuple[JobNode, SignerKey], tmp_path: Path
+) -> None:
+    """env-forecast takes simulated or bme280 data; the store has a simulated sensor. Consent that lets the task use
+    linux data only declines the job (consent_excludes, nothing cut); bme280 only: the simulated sensor is not
+    offered (no fitting data); simulated allowed: the job is cut from it."""
+    from edge.agent.controls.state import MemberState, allow_sensors, every_sensor
+    from protocol.messages import consent_sensor_gap
+
+    agent, mid_key = node
+    env = SimulatedEnvironmentSensor("env", device="a", dropout=0)
+    with SampleStore(agent.windows.store_path) as store:
+        store.register("env", env.channels, source=env.source)
+        write_all(store, (env.read(t) for t in range(0, 660_000, 1000)))
+    now = 1_790_000_000_000
+    chosen = {"state": allow_sensors(MemberState(), now, "env-forecast", ["linux"])}
+    agent.sensors = lambda task, usable: consent_sensor_gap(chosen["state"].task_sensors, task, usable)
+    invite(agent, mid_key, "job-5", "env-forecast@1")
+    assert agent.job is None and agent.data_declines == {DeclineReason.CONSENT_EXCLUDES: 1}
+    assert not (agent.membership.directory / "jobs" / "job-5" / WINDOW_FILE).exists()
+    chosen["state"] = allow_sensors(
+        every_sensor(chosen["state"], now + 1, "env-forecast"), now + 2, "env-forecast", ["bme280"]
+    )
+    invite(agent, mid_key, "job-6", "env-forecast@1")
+    assert agent.job is None and agent.data_declines[DeclineReason.NO_FITTING_DATA] == 1
+    chosen["state"] = allow_sensors(chosen["state"], now + 3, "env-forecast", [env.source])
+    invite(agent, mid_key, "job-7", "env-forecast@1")
+    cut = load_window_file(job_windows(agent, "job-7"), get_task("env-forecast", 1))
+    assert cut.x.shape == (20, 3, 32)

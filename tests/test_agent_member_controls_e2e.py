@@ -314,15 +314,19 @@ def test_leave_stops_the_supernode_for_good_and_the_outbox_still_delivers(device
     refused = device.command("unstrike")
     assert refused.returncode == 1 and "already_left" in refused.stderr
 
-    # For good: a restarted agent reads the file and still declines.
+    # The leave notice receipted, the agent closes that membership's session for good (the MID revokes the broker
+    # login with it): it stops retrying, and `agent status` says why.
+    device.wait_log("connection closed for good: left the MID", "the agent to close the membership's connection")
+    status = device.command("status")
+    assert status.returncode == 0 and "closed" in status.stdout, status.stdout + status.stderr
+
+    # For good: a restarted agent reads the file and does not connect for this membership at all.
     device.stop_agent()
     subscribed = f"Received SUBSCRIBE from {device.record.device}"
     before = device.mosquitto.log_text().count(subscribed)
+    closed = device.log().count("connection closed for good")  # the log is appended to across restarts
     device.agent = ServiceProcess("agent", ["agent", "run", "--config", str(device.config)], device.log_path)
     device.agent.start()
-    device.wait_log("member controls for riverside: left", "the restarted agent reads the leave")
-    wait_until(lambda: device.mosquitto.log_text().count(subscribed) > before, 60, "the restarted agent subscribed")
-    declined = device.log().count("invitation declined: job job-3")
-    device.invite("job-3")
-    wait_until(lambda: device.log().count("invitation declined: job job-3") > declined, 60, "decline after restart")
+    wait_until(lambda: device.log().count("connection closed for good") > closed, 60, "the restart to stay closed")
+    assert device.mosquitto.log_text().count(subscribed) == before  # it never subscribed again
     assert device.supernodes() == []

@@ -137,3 +137,43 @@ def test_an_unreadable_outbox_is_said_not_raised(tmp_path: Path, broken: bytes) 
     path.write_bytes(broken)
     state = outbox_state(path)
     assert state.problem.startswith("outbox unreadable") or (state.waiting, state.last_receipt) == (0, None)
+
+
+def test_a_membership_left_and_receipted_is_not_connected_again_and_status_says_why(tmp_path: Path) -> None:
+    """The member left and the MID receipted the leave notice (then revoked the device's broker login): the daemon
+    does not open a session for that membership at all (the broker at mid.example is never tried: `run` returns),
+    and `agent status` says the connection is closed for good and why."""
+    import asyncio
+
+    from edge.agent.config import AgentSettings
+    from edge.agent.controls.state import MemberState, save_member_state
+    from edge.agent.daemon import MembershipRunner
+    from edge.agent.membership import load_membership
+
+    directory = _membership(tmp_path / "agent")
+    save_member_state(directory, MemberState(left_ms=NOW_MS))
+    Outbox(directory / OUTBOX_FILE, 1 << 20).close()
+    db = sqlite3.connect(directory / OUTBOX_FILE)
+    db.execute(
+        "INSERT INTO receipts (seq, leaf_index, tree_size, envelope_sha256, received_ms, spool_name)"
+        " VALUES (9, 77, 80, 'cc', ?, 'leave')",
+        (NOW_MS,),
+    )
+    db.commit()
+    db.close()
+    runner = MembershipRunner(AgentSettings(data_dir=tmp_path / "agent"), load_membership(directory))
+
+    async def closed_then_stopped() -> None:
+        stop = asyncio.Event()
+        running = asyncio.create_task(runner.run(stop))
+        while (status := read_daemon_status(directory)) is None or not status.closed:
+            assert not running.done(), running  # it waits for the agent to stop (the member page stays up)
+            await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.wait_for(running, 30)
+
+    asyncio.run(asyncio.wait_for(closed_then_stopped(), 60))
+    assert runner.session is None  # no session, so no reconnect attempts
+    connection = _shown(directory)["connection"]
+    assert connection.startswith("closed since "), connection
+    assert connection.endswith("left the MID; its leave notice was receipted (seq 9, leaf 77), so no broker retries")

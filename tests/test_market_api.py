@@ -83,6 +83,13 @@ def test_a_quote_prices_each_member_at_its_logged_knob_and_leaves_out_members_wh
     assert quote["member_prices"]["ann"] > quote["member_prices"]["bob"]
     # cy denied acme only: globex's job may have it.
     assert market.quoted_job(market.globex, tmp_path)["quote"]["members"] == ["ann", "bob", "cy"]
+    # bob lets the job's task train on bme280 data only, no source of its inputs: no longer quoted.
+    from protocol.messages import TaskSensors
+
+    task_id = TASK.split("@")[0]
+    narrowed = (TaskSensors(task_id=task_id, sensors=("bme280",)),)
+    market.registry.record_consent(ConsentRecord("bob", None, (), leaf_index=9, task_sensors=narrowed))
+    assert market.quoted_job(market.globex, tmp_path)["quote"]["members"] == ["ann", "cy"]
 
 
 def test_a_quote_is_refused_with_strike_while_a_strike_at_quorum_covers_the_buyer(

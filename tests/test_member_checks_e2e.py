@@ -38,7 +38,9 @@ def _settlement(job: str, payment: int, *members: str) -> bytes:
         model_version=f"{job}-v1",
         policy=POLICY,
         members=[
-            MemberAttribution(member=m, value_units=10 * (i + 1), knob_milli=0, rounds=5, excluded_rounds=0)
+            MemberAttribution(
+                member=m, value_units=10 * (i + 1), knob_milli=500 if m == "bob" else 0, rounds=5, excluded_rounds=0
+            )
             for i, m in enumerate(members)
         ],
     )
@@ -77,6 +79,7 @@ def test_each_member_verifies_its_receipts_and_statement_on_its_own_agent(messag
         append_split(ledger, _settlement("job-ann", 30_000, "ann"))
         record = decode_record(decode_leaf(ledger.leaf(shared)).signed)
     paid = {p.member: p.amount_minor for p in record.payouts}
+    prices = {p.member: p.price_minor for p in record.payouts}
     stack.start_coordinator()
 
     for agent in agents:
@@ -104,6 +107,9 @@ def test_each_member_verifies_its_receipts_and_statement_on_its_own_agent(messag
     for name, result in statements.items():
         assert result.returncode == 0, result.stdout + result.stderr
         assert f"job job-both: {paid[name]} EUR minor units" in result.stdout
+        # The line shows the knob the job priced the member at (bob's +0.5), and the price it gave.
+        knob = "+0.500" if name == "bob" else "+0.000"
+        assert f"(paid; knob {knob}, price {prices[name]} EUR; record job-both.settlement" in result.stdout
     assert "job job-ann" in statements["ann"].stdout
     assert "job job-ann" not in statements["bob"].stdout  # a member gets its own lines only
 

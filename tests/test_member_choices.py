@@ -24,12 +24,22 @@ from coordinator.registry.strikes import StrikeTally, StrikeTarget, quorum_neede
 from coordinator.royalties.knob_http import knob_price
 from coordinator.royalties.policy import KnobPolicy, RoyaltyPolicy
 from edge.agent.controls.decisions import LEAVE_NAME, DeclineReason, decide, owed_choices
-from edge.agent.controls.state import MemberControlError, MemberState, allow, allow_every_purpose, deny, set_knob
+from edge.agent.controls.state import (
+    MemberControlError,
+    MemberState,
+    allow,
+    allow_every_purpose,
+    allow_sensors,
+    deny,
+    deny_sensors,
+    every_sensor,
+    set_knob,
+)
 from edge.agent.controls.watch import describe
 from protocol.errors import PolicyViolationError, Reason, StrikeInForceError
 from protocol.identity import SignerKey
 from protocol.leaves import LeafKind, decode_leaf
-from protocol.messages import ConsentPolicy, DeviceStatus, KnobUpdate, LeaveNotice
+from protocol.messages import ConsentPolicy, DeviceStatus, KnobUpdate, LeaveNotice, TaskSensors, consent_sensor_gap
 from protocol.topics import UpKind
 
 
@@ -214,15 +224,17 @@ def test_coordinator_strikes_shows_each_target_its_count_and_whether_it_is_in_fo
     result = CliRunner().invoke(coordinator_app, ["strikes", "--config", str(config)])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[0] == "3 active member(s); quorum 2 (50 % of them, at least 1)"
+    assert lines[0] == (
+        "3 active member(s); quorum 2 (50 % of them, at least 1); running jobs finish when a strike comes into force"
+    )
     # The policy's min_members raises the quorum above the share: with 3 members and at least 3, not in force.
     (tmp_path / "data" / "policy.toml").write_text(strike_policy_toml(5000, 3))
     result = CliRunner().invoke(coordinator_app, ["strikes", "--config", str(config)])
-    assert result.output.splitlines()[2] == "buyer acme\t2\t3\tno\tm-d-ann,m-d-bob"
+    assert result.output.splitlines()[2] == "buyer acme\t2\t3\tno\tm-d-ann,m-d-bob\t-"
     assert lines[1:] == [
-        "target\tstrikers\tquorum\tin_force\tmembers",
-        "buyer acme\t2\t2\tyes\tm-d-ann,m-d-bob",
-        "purpose ads\t1\t2\tno\tm-d-cid",
+        "target\tstrikers\tquorum\tin_force\tmembers\tlogged",
+        "buyer acme\t2\t2\tyes\tm-d-ann,m-d-bob\t-",  # no serve has logged it (no ledger here)
+        "purpose ads\t1\t2\tno\tm-d-cid\t-",
     ]
 
 
@@ -276,6 +288,52 @@ def test_the_coordinator_never_selects_a_member_whose_consent_excludes_the_job(t
     coming, absent = expected_devices(registry, select_devices(registry, ()), request, _now_ms(), 180_000)
     assert [d.device_id for d in coming] == ["d-cid"]
     assert absent == {"d-ann": "consent does not allow purpose research", "d-bob": "consent denies buyer acme"}
+
+
+def test_sensors_per_task_are_logged_kept_and_a_member_whose_consent_gives_the_task_no_sensor_is_not_selected(
+    fx: Fixture, tmp_path: Path
+) -> None:
+    # Logged and kept from the signed ConsentPolicy, as ingest keeps it.
+    key = fx.keys["dev-a"]
+    sensors = (TaskSensors(task_id="env-forecast", sensors=("bme280",)),)
+    consent = ConsentPolicy(seq=1, device_time_ms=NOW_MS, allowed_purposes=(), any_purpose=True, task_sensors=sensors)
+    index = _logged(fx, "dev-a", UpKind.CONSENT, consent.seal(key))
+    assert fx.registry.consents()["member-dev-a"] == ConsentRecord("member-dev-a", None, (), index, sensors)
+    # Without sensors per task the policy's bytes are what they were before the field existed.
+    plain = ConsentPolicy(seq=1, device_time_ms=NOW_MS, allowed_purposes=(), any_purpose=True)
+    assert b"task_sensors" not in plain.canonical_json()
+
+    # Selection: plaid-appliance takes plaid data only (job_request's task).
+    registry = _registry(tmp_path, ["d-ann", "d-bob", "d-cid"])
+    registry.record_consent(
+        ConsentRecord("m-d-ann", None, (), 1, (TaskSensors(task_id="plaid-appliance", sensors=("bme280",)),))
+    )
+    registry.record_consent(
+        ConsentRecord("m-d-bob", None, (), 2, (TaskSensors(task_id="plaid-appliance", sensors=("plaid",)),))
+    )
+    registry.record_consent(ConsentRecord("m-d-cid", None, (), 3, (TaskSensors(task_id="env-forecast", sensors=()),)))
+    request = job_request(tmp_path)
+    assert request.task_id == "plaid-appliance"
+    coming, absent = expected_devices(registry, select_devices(registry, ()), request, _now_ms(), 180_000)
+    assert [d.device_id for d in coming] == ["d-bob", "d-cid"]  # cid narrowed another task only
+    assert absent == {
+        "d-ann": "consent gives task plaid-appliance no sensor of its inputs (allowed: bme280; it takes: plaid)"
+    }
+
+
+def test_the_member_narrows_and_widens_the_sensors_a_task_may_use_and_the_agent_sends_them() -> None:
+    state = allow_sensors(MemberState(), NOW_MS, "env-forecast", ["simulated", "bme280"])
+    assert state.task_sensors == (TaskSensors(task_id="env-forecast", sensors=("bme280", "simulated")),)
+    assert state.consent_ms == NOW_MS
+    state = deny_sensors(state, NOW_MS + 1, "env-forecast", ["bme280"])
+    assert consent_sensor_gap(state.task_sensors, "env-forecast", ("simulated", "bme280")) == (("simulated",), None)
+    assert consent_sensor_gap(state.task_sensors, "host-anomaly", ("linux",)) == (None, None)  # not listed: every
+    (owed,) = owed_choices(state, lambda name: False, delivered=True)
+    assert owed.make(1, NOW_MS).task_sensors == state.task_sensors  # type: ignore[union-attr]
+    with pytest.raises(MemberControlError, match="no_sensor_list"):
+        deny_sensors(state, NOW_MS, "host-anomaly", ["linux"])
+    assert every_sensor(state, NOW_MS + 2, "env-forecast").task_sensors == ()
+    assert "task env-forecast may use: simulated" in describe(state, NOW_MS)
 
 
 def test_the_knob_price_is_the_quote_s_reservation_price_and_spans_the_policy_s_bounds() -> None:

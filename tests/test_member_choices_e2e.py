@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 import subprocess
+from pathlib import Path
 
 import pytest
 from fl_stack import midgate, start_federated_coordinator
@@ -16,7 +17,9 @@ from mqtt_fixtures import PYTHON, REPO, AgentHandle, MessagingStack, wait_until
 from test_member_choices import strike_policy_toml
 
 from coordinator.registry.store import Registry
+from edge.agent.daemon_status import read_daemon_status
 from protocol.leaves import LeafKind, decode_leaf
+from protocol.strike_quorum import check_counted_votes, decode_strike_quorum
 
 pytest_plugins = ["mqtt_fixtures"]
 
@@ -52,6 +55,28 @@ def _votes_logged(stack: MessagingStack) -> int:
         return len(registry.strike_votes())
     finally:
         registry.close()
+
+
+def _quorum_leaves(stack: MessagingStack) -> list[bool]:
+    """`in_force` of each STRIKE_QUORUM leaf serve logged, in order; each one's counted votes check against the log."""
+    db = sqlite3.connect(f"file:{stack.data_dir / 'ledger.sqlite'}?mode=ro", uri=True, timeout=30)
+    try:
+        leaves = {int(i): bytes(d) for i, d in db.execute("SELECT idx, data FROM leaves ORDER BY idx")}
+    finally:
+        db.close()
+    found = []
+    for data in leaves.values():
+        leaf = decode_leaf(data)
+        if leaf.kind is LeafKind.STRIKE_QUORUM:
+            record = decode_strike_quorum(leaf.signed)
+            check_counted_votes(record, leaves)
+            found.append(record.in_force)
+    return found
+
+
+def _closed(directory: Path) -> str:
+    status = read_daemon_status(directory)
+    return "" if status is None else status.closed
 
 
 def _revoked(stack: MessagingStack, device: str) -> bool:
@@ -108,15 +133,16 @@ def test_a_strike_at_quorum_refuses_the_job_and_a_member_who_left_is_revoked_and
     assert _member(ann, "strike", "--buyer", "acme").returncode == 0
     wait_until(lambda: _votes_logged(stack) == 1, 60, "the MID to log ann's vote", poll_s=0.5)
     assert _strikes(stack) == [
-        "2 active member(s); quorum 2 (100 % of them, at least 1)",
-        "target\tstrikers\tquorum\tin_force\tmembers",
-        "buyer acme\t1\t2\tno\tann",
+        "2 active member(s); quorum 2 (100 % of them, at least 1); running jobs finish when a strike comes into force",
+        "target\tstrikers\tquorum\tin_force\tmembers\tlogged",
+        "buyer acme\t1\t2\tno\tann\t-",
     ]
 
     # The second member's vote reaches the quorum: the buyer's next job is refused with reason `strike`.
     assert _member(bob, "strike", "--buyer", "acme", "--purpose", "research").returncode == 0
     wait_until(lambda: _votes_logged(stack) == 2, 60, "the MID to log bob's vote", poll_s=0.5)
-    assert "buyer acme, purpose research\t2\t2\tyes\tann,bob" in _strikes(stack)
+    wait_until(lambda: _quorum_leaves(stack) == [True], 30, "serve to log the strike in force", poll_s=0.5)
+    assert "buyer acme, purpose research\t2\t2\tyes\tann,bob\tin force at leaf" in "\n".join(_strikes(stack))
     refused = _job_start(stack)
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert "job refused: strike: 2 of 2 members strike against buyer acme; buyer acme, purpose research" in (
@@ -127,7 +153,9 @@ def test_a_strike_at_quorum_refuses_the_job_and_a_member_who_left_is_revoked_and
     # ann withdraws: the strike ends by the same rule.
     assert _member(ann, "unstrike", "--buyer", "acme").returncode == 0
     wait_until(lambda: _votes_logged(stack) == 3, 60, "the MID to log ann's withdrawal", poll_s=0.5)
-    assert _strikes(stack)[2:] == ["buyer acme, purpose research\t1\t2\tno\tbob"]
+    wait_until(lambda: _quorum_leaves(stack) == [True, False], 30, "serve to log the strike's end", poll_s=0.5)
+    (ended,) = _strikes(stack)[2:]
+    assert ended.startswith("buyer acme, purpose research\t1\t2\tno\tbob\tended at leaf"), ended
 
     # bob leaves: the notice is receipted, its key revoked, its vote no longer counts, its statement still answers.
     assert _member(bob, "leave", "--yes").returncode == 0
@@ -135,14 +163,26 @@ def test_a_strike_at_quorum_refuses_the_job_and_a_member_who_left_is_revoked_and
     assert _revoked(stack, bob.device)  # in the same step as logging the notice
     shown = _devices(stack)
     assert (shown[bob.device]["key"], shown[ann.device]["key"]) == ("revoked", "active")
-    assert _strikes(stack) == ["1 active member(s); quorum 1 (100 % of them, at least 1)", "no strike votes in force"]
+    assert _strikes(stack) == [
+        "1 active member(s); quorum 1 (100 % of them, at least 1); running jobs finish when a strike comes into force",
+        "no strike votes in force",
+    ]
+    # bob's agent closes that membership's connection for good rather than retry a login the MID revoked.
+    bob_dir = bob.data_dir / "mids" / stack.mid
+    wait_until(lambda: _closed(bob_dir) != "", 30, "bob's agent to close its connection", poll_s=0.5)
+    assert "leave notice was receipted" in _closed(bob_dir)
+    assert "closed" in _member(bob, "status").stdout  # (rich folds the table to the terminal width)
     statement = _member(bob, "statement", "--mid", "riverside")
     assert statement.returncode == 0, statement.stderr
     assert statement.stdout.startswith("Statement for member bob of riverside, verified under the witnessed log")
 
     wait_until(lambda: LeafKind.KEY_REVOKE in _leaf_kinds(stack), 30, "the key-revoke leaf", poll_s=0.5)
     kinds = [k for k in _leaf_kinds(stack) if k not in (LeafKind.ENROL, LeafKind.POLICY)]
-    assert kinds == [LeafKind.STRIKE, LeafKind.STRIKE, LeafKind.STRIKE, LeafKind.LEAVE, LeafKind.KEY_REVOKE]
+    assert kinds == [
+        *(LeafKind.STRIKE, LeafKind.STRIKE, LeafKind.STRIKE_QUORUM),  # bob's vote brings the strike into force
+        *(LeafKind.STRIKE, LeafKind.STRIKE_QUORUM),  # ann's withdrawal ends it
+        *(LeafKind.LEAVE, LeafKind.KEY_REVOKE),
+    ]
 
 
 def _member_choices(stack: MessagingStack, member: str) -> tuple[int | None, tuple[str, ...] | str | None]:

@@ -271,6 +271,9 @@ def test_a_member_gets_its_own_lines_and_verifies_each(mid: Mid, tmp_path: Path)
         assert all(line.reason == "paid" and line.amount_minor > 0 for line in statement.lines)
         printed = render_statement(MID, member, statement)
         assert all(f"job {job}" in printed for job in jobs) and "Total:" in printed
+        # Each line says the knob the job priced the member at, and the price it gave, as the record holds them.
+        assert {(line.knob_milli, line.price_minor) for line in statement.lines} == {(0, 1_000)}
+        assert printed.count("(paid; knob +0.000, price 1000 EUR; record ") == len(jobs)
     # ann's lines are what the records pay her: a third of 80 % of 50,000 (bob, with twice her value, also gets the
     # leftover unit of the larger remainder) and a third of 80 % of 9,000.
     ann = fetch_statement(mid.membership("ann", tmp_path), LedgerClient(mid.url), None, ALL_TIME, _now_ms())

@@ -18,6 +18,7 @@ from fl_stack import start_federated_coordinator
 from mqtt_fixtures import MessagingStack, wait_until
 from test_member_choices_e2e import _heard, _job_start, _member, _member_choices
 
+from coordinator.registry.store import Registry
 from edge.agent.membership import load_membership
 from protocol.identity import ALG_ED25519, VerifierKey
 
@@ -45,6 +46,16 @@ def _traces(mid: str, device: str, member: str, key: VerifierKey) -> dict[str, b
         "public key": key.public_key,
         "public key text": base64.b64encode(bytes([ALG_ED25519]) + key.public_key).decode().rstrip("=").encode(),
     }
+
+
+def _task_sensors(stack: MessagingStack, member: str) -> dict[str, list[str]] | None:
+    """The sensors per task of `member`'s consent as the MID keeps it (None: no consent kept)."""
+    registry = Registry(stack.data_dir / "registry.sqlite")
+    try:
+        consent = registry.consents().get(member)
+    finally:
+        registry.close()
+    return None if consent is None else {t.task_id: list(t.sensors) for t in consent.task_sensors}
 
 
 def _invited(stack: MessagingStack, job_id: str) -> list[str]:
@@ -101,6 +112,21 @@ def test_consent_at_one_mid_leaves_the_member_out_there_only_and_the_two_members
         assert job.returncode == 1, job.stdout + job.stderr
         assert "not waiting for" not in said and "1 device(s) can take part, fewer than min_nodes 2" in said, said
         assert _invited(hill, "job-h") == [hill_device]
+
+        # Sensors per task, at hillside: plaid-appliance may use only bme280 data, which is no source of its inputs
+        # (plaid). Hillside no longer selects the member for it, and the agent refuses hillside's invitation too.
+        sensors = _member(ann, "consent", "allow-sensor", "plaid-appliance", "bme280", "--mid", "hillside")
+        assert sensors.returncode == 0, sensors.stderr
+        wait_until(lambda: _task_sensors(hill, "h-member-7") == {"plaid-appliance": ["bme280"]}, 60, "the sensors")
+        gap = "consent gives task plaid-appliance no sensor of its inputs (allowed: bme280; it takes: plaid)"
+        job = _job_start(hill, "job-h2", "--min-nodes", "1")
+        said = " ".join(job.stdout.split())
+        assert job.returncode == 1 and f"not waiting for 1 device(s): {hill_device} ({gap})" in said, said
+        assert _invited(hill, "job-h2") == []
+        hill.publish_invitation(hill_device)
+        agent = ann.process
+        assert agent is not None
+        wait_until(lambda: gap in agent.log_text(), 60, "the agent to decline the invitation for its sensors")
 
         # The portfolio: both memberships, each verified under its own MID's witnessed log.
         verified = "both memberships' statements to verify"

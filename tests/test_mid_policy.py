@@ -209,7 +209,7 @@ def test_a_policy_change_reaches_only_quotes_made_after_it(tmp_path: Path) -> No
         storage.close()
 
 
-def test_leave_defaults_other_than_the_built_in_ones_are_logged_with_a_warning_that_they_are_not_applied(
+def test_a_notice_without_an_end_of_royalties_is_logged_with_a_warning_that_it_does_nothing(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = CoordinatorSettings.load(_config(tmp_path))
@@ -218,7 +218,7 @@ def test_leave_defaults_other_than_the_built_in_ones_are_logged_with_a_warning_t
     try:
         with caplog.at_level("WARNING", logger="midgate.policy"):
             policies = build_policy_log(settings, storage)
-            warned = [r for r in caplog.records if "policy [leave] logged but not applied yet" in r.getMessage()]
+            warned = [r for r in caplog.records if "notice_days has no effect" in r.getMessage()]
             assert len(warned) == 1 and (
                 warned[0].__dict__["notice_days"],
                 warned[0].__dict__["royalties_continue"],
@@ -230,7 +230,7 @@ def test_leave_defaults_other_than_the_built_in_ones_are_logged_with_a_warning_t
             (tmp_path / "policy.toml").write_text(
                 POLICY.format(fee=1500).replace("notice_days = 14", "notice_days = 0")
             )
-            assert policies.sync() is not None  # the built-in leave defaults: logged, nothing to warn about
+            assert policies.sync() is not None  # no notice: logged, nothing to warn about
             assert not [r for r in caplog.records if "[leave]" in r.getMessage()]
     finally:
         storage.close()

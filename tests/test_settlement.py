@@ -28,7 +28,7 @@ from coordinator.royalties import (
     split_royalty,
     verify_settlement,
 )
-from coordinator.royalties.settlement import MAX_RECORD_BYTES
+from coordinator.royalties.settlement import DAY_MS, MAX_RECORD_BYTES, DepartedMember
 from protocol.errors import MalformedError, PolicyViolationError, Reason, SettlementMismatchError, TooLargeError
 
 KNOB = KnobPolicy(base_price_minor=10_000, alpha_milli=693, min_price_minor=2_000, max_price_minor=50_000)
@@ -236,6 +236,40 @@ def test_royalty_pays_members_who_left_by_the_stored_vector() -> None:
     assert {p.member: p.amount_minor for p in record.payouts} == {"left-long-ago": 4_000, "still-here": 4_000}
 
 
+def test_royalties_of_a_departed_member_end_after_the_notice_only_when_the_models_policy_says_so() -> None:
+    ending = RoyaltyPolicy(version=2, fee_bps=2000, knob=KNOB, royalties_continue=False, leave_notice_days=30)
+    members = [member("gone", 5), member("stays", 5)]
+    model = ModelAttribution(job_id="job-7", model_version="job-7.v1", policy=ending, members=members)
+    left = DepartedMember(member="gone", leave_leaf_index=42, left_ms=1_000)
+    elsewhere = DepartedMember(member="not-in-this-model", leave_leaf_index=43, left_ms=1_000)
+
+    def split(created_ms: int, attr: ModelAttribution = model) -> bytes:
+        return split_royalty(attr, 10_000, record_id="r-1", created_ms=created_ms, currency="EUR", departed=[left])
+
+    during_notice = decode_record(split(1_000 + 30 * DAY_MS - 1))
+    assert {p.member: (p.amount_minor, p.reason) for p in during_notice.payouts} == {
+        "gone": (4_000, "paid"),
+        "stays": (4_000, "paid"),
+    }
+    after = split_royalty(
+        model, 10_000, record_id="r-2", created_ms=1_000 + 30 * DAY_MS, currency="EUR", departed=[left, elsewhere]
+    )
+    record = verify_settlement(after)  # the record alone recomputes, departure included
+    assert [d.member for d in record.inputs.departed] == ["gone"]  # only the model's own members are named
+    assert {p.member: (p.amount_minor, p.reason) for p in record.payouts} == {
+        "gone": (0, "royalties_ended"),
+        "stays": (8_000, "paid"),  # the share stays with members: the fee is 20 % as before
+    }
+    assert record.fee_minor == 2_000
+    # The default terms (royalties continue) name no departure and keep the record's bytes as before the field.
+    kept = attribution(members)
+    assert split(10**12, kept) == split_royalty(kept, 10_000, record_id="r-1", created_ms=10**12, currency="EUR")
+    assert b"departed" not in split(10**12, kept) and b"royalties_continue" not in split(10**12, kept)
+    # A departure on a settlement record is malformed: a job's settlement always pays what was trained.
+    with pytest.raises(MalformedError):
+        decode_record(after.replace(b'"kind":"royalty"', b'"kind":"settlement"'))
+
+
 def test_reservation_price_is_bounded_and_deterministic() -> None:
     assert reservation_price(0, KNOB) == 10_000
     assert reservation_price(1000, KNOB) == 19_997  # 10000 * e^0.693 = 19997.1
@@ -275,6 +309,12 @@ def test_member_statement_lists_earnings_with_record_hashes() -> None:
     text = render_statement(statement)
     assert "Total: 800 EUR minor units" in text
     assert "job job-7: 600" in text
+    # Each line shows the knob in force for the job and the price it gave (knob 0: the base price).
+    assert [(line.knob_milli, line.price_minor) for line in statement.lines] == [(0, 10_000), (0, 10_000)]
+    assert "(paid; knob +0.000, price 10000 EUR; record s-1" in text
+    priced = settle(attribution([member("ann", 1, knob=500)]), 1_000, record_id="s-3", created_ms=3_000)
+    (line,) = member_statement("ann", [priced], period_start_ms=0, period_end_ms=5_000).lines
+    assert (line.knob_milli, line.price_minor) == (500, reservation_price(500, KNOB))
 
 
 def test_policy_in_a_toml_config_file_with_a_high_fee_is_refused(tmp_path: Path) -> None:

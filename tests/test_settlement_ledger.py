@@ -172,3 +172,47 @@ def test_record_revenue_and_ledger_recompute_commands(tmp_path: Path) -> None:
     with LedgerReader.open_existing(path) as reader:
         assert reader.size == 2
         assert sum(p.amount_minor for p in find_split(reader, "rev-1").record.payouts) == 3000 - 450
+
+
+def test_record_revenue_ends_a_departed_members_royalties_only_under_a_policy_that_says_so(tmp_path: Path) -> None:
+    """The operator's `royalties record-revenue` reads departures from the registry beside the ledger: under
+    `[leave] royalties_continue = false` (no notice) bob, who left, gets `royalties_ended` and ann his share; a model
+    trained under the default terms keeps paying bob."""
+    from coordinator.registry.store import Registry
+
+    path = tmp_path / "ledger.sqlite"
+    key_path = tmp_path / "mid.key"
+    key = SignerKey.generate("midgate/test-mid")
+    save_signer_key(key_path, key)
+    ending = POLICY.model_copy(update={"royalties_continue": False})
+    ended_model = attribution().model_copy(update={"policy": ending, "model_version": "ending-v1", "job_id": "job-2"})
+    with LedgerStore.open(path, key) as store:
+        append_split(store, settle_job(attribution(), 10_000, record_id="s", created_ms=1, currency="EUR"))
+        append_split(store, settle_job(ended_model, 10_000, record_id="s2", created_ms=1, currency="EUR"))
+    registry = Registry(tmp_path / "registry.sqlite")
+    try:
+        registry.add_invite("inv-bob", "bob", 1, 10**13)
+        registry.redeem_invite("inv-bob", 1, "dev-bob", SignerKey.generate("dev-bob").verifier, "$7$101$x$y")
+        assert registry.record_departure("bob", 7, 2) == ["dev-bob"]
+    finally:
+        registry.close()
+    runner = CliRunner()
+    common = ["--currency", "EUR", "--db", str(path), "--log-key", str(key_path)]
+    for model, record_id in (("plaid-v1", "rev-kept"), ("ending-v1", "rev-ended")):
+        logged = runner.invoke(app, ["record-revenue", model, "3000", "--record-id", record_id, *common])
+        assert logged.exit_code == 0, logged.output
+    with LedgerReader.open_existing(path) as reader:
+        kept, ended = find_split(reader, "rev-kept").record, find_split(reader, "rev-ended").record
+        assert recompute_from_ledger(reader, "rev-ended").matches
+        bob = statement_from_ledger(reader, "bob", period_start_ms=0, period_end_ms=2**62).statement
+    assert {p.member: p.reason for p in kept.payouts}["bob"] == "paid" and kept.inputs.departed == []
+    assert {p.member: (p.amount_minor, p.reason) for p in ended.payouts} == {
+        "ann": (2550, "paid"),  # the whole members' pool: 3000 - 15 % fee
+        "bob": (0, "royalties_ended"),
+        "eve": (0, "screened"),
+    }
+    assert [(d.member, d.leave_leaf_index, d.left_ms) for d in ended.inputs.departed] == [("bob", 7, 2)]
+    assert [(line.record_id, line.reason) for line in bob.lines if line.kind == "royalty"] == [
+        ("rev-kept", "paid"),
+        ("rev-ended", "royalties_ended"),
+    ]

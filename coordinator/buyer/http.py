@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,7 +20,8 @@ from fastapi.responses import JSONResponse, Response
 from coordinator.http_refusals import read_bounded_body, refusal
 from coordinator.ledger.store import LedgerStore
 from coordinator.provenance.shelf import ManifestShelf
-from coordinator.royalties.ledger_records import iter_splits, report_revenue
+from coordinator.registry.member_choices import Departure
+from coordinator.royalties.ledger_records import departed_members, iter_splits, report_revenue
 from protocol.envelope import decode, open_envelope, peek_envelope
 from protocol.errors import (
     BadKeyError,
@@ -82,8 +83,11 @@ class RevenueDesk:
         max_body_bytes: int,
         manifests: ManifestShelf | None = None,
         registered: RegisteredBuyers | None = None,
+        departures: Callable[[], Iterable[Departure]] = lambda: (),
     ) -> None:
         self.mid = mid
+        self.departures = departures
+        """The MID's departed members (the registry's), whose royalties the model's policy may end."""
         self.registered = registered
         self.manifests = manifests
         self.currency = currency
@@ -126,6 +130,7 @@ class RevenueDesk:
                 record_id=record_id,
                 created_ms=now_ms,
                 currency=report.currency,
+                departed=departed_members(self.departures()),
             )
         return RoyaltyReceipt(record_id, index, self.ledger.receipt(index))
 

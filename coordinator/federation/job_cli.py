@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
     from coordinator.config import CoordinatorSettings
     from coordinator.federation.job_start import JobBook, JobRecord, JobRequest
+    from coordinator.policy.document import StrikePolicy
     from protocol.tasks.spec import TaskSpec
 
 app = typer.Typer(no_args_is_help=True, help="Training jobs on the MID's Flower SuperLink (`serve` runs it).")
@@ -140,7 +141,7 @@ def start(
         raise typer.Exit(2)
     ledger_size = _ledger_size(settings)
     try:
-        record = _run(settings, request, spec, console, (policy.strikes.quorum_bps, policy.strikes.min_members))
+        record = _run(settings, request, spec, console, policy.strikes)
     except JobRequestError as error:
         verdict = "refused" if error.reason == "strike" else "failed"
         typer.echo(f"job {verdict}: {error}", err=True)
@@ -302,9 +303,9 @@ def _run(
     request: JobRequest,
     spec: TaskSpec | None,
     console: Console,
-    strikes: tuple[int, int],
+    strikes: StrikePolicy,
 ) -> JobRecord:
-    """Run the job; `strikes`: the (quorum_bps, min_members) of the policy in force."""
+    """Run the job; `strikes`: the `[strikes]` of the policy in force."""
     from coordinator.federation.job_start import APP_DIR, InvitationSender, JobRun
     from coordinator.federation.mid_superlink import job_broker_login, job_control_api
     from coordinator.mid_key import load_or_create_mid_key
@@ -330,8 +331,9 @@ def _run(
                 offline_after_s=s.ingest.heartbeat_offline_s,
                 flower_acceleration=s.federation.flower_acceleration,
                 task=spec,
-                strike_quorum_bps=strikes[0],
-                strike_min_members=strikes[1],
+                strike_quorum_bps=strikes.quorum_bps,
+                strike_min_members=strikes.min_members,
+                strike_stops_running=strikes.running_jobs == "stop",
             )
             with console.status(f"job {request.job_id}: {request.task_id}@{request.task_version}"):
                 return run.run()

@@ -46,7 +46,7 @@ from coordinator.registry.strikes import strike_refusal
 from protocol.errors import ProtocolError
 from protocol.identity import SignerKey
 from protocol.job_log import model_version
-from protocol.messages import RoundInvitation
+from protocol.messages import RoundInvitation, usable_sensors
 from protocol.tasks.schedule import LrSchedule
 from protocol.tasks.spec import TaskSpec, get_task, write_task_file
 from protocol.topics import DownKind, down_topic
@@ -267,11 +267,19 @@ def select_devices(registry: Registry, names: tuple[str, ...]) -> list[JobDevice
 
 
 def expected_devices(
-    registry: Registry, devices: list[JobDevice], request: JobRequest, now_ms: int, offline_after_ms: int
+    registry: Registry,
+    devices: list[JobDevice],
+    request: JobRequest,
+    now_ms: int,
+    offline_after_ms: int,
+    task: TaskSpec | None = None,
 ) -> tuple[list[JobDevice], dict[str, str]]:
     """Split `devices` into those the job invites and waits for, and those it knows will not come (device id -> why:
-    the member's logged consent excludes the job's buyer or purpose (coordinator.registry.member_choices), or
-    coordinator.registry.presence.absence, from what the devices last said in signed messages)."""
+    the member's logged consent excludes the job's buyer or purpose, or gives the job's task no sensor of its inputs
+    (coordinator.registry.member_choices), or coordinator.registry.presence.absence, from what the devices last said
+    in signed messages). `task`: the job's spec (default the built-in one the request names)."""
+    spec = task if task is not None else get_task(request.task_id, request.task_version)
+    usable = usable_sensors([i.sources for i in spec.inputs])
     heard = registry.presence()
     striking = active_strikes(registry.strike_votes(), now_ms)
     consents = registry.consents()
@@ -281,7 +289,7 @@ def expected_devices(
     for device in devices:
         strikes = striking.get(device.device_id, [])
         consent = consents.get(device.member_id)
-        why = consent.excludes(request.buyer, request.purpose) if consent is not None else None
+        why = None if consent is None else consent.excludes(request.buyer, request.purpose, spec.id, usable)
         if device.device_id in departed:
             why = "left"
         if why is None:
@@ -528,6 +536,9 @@ class JobRun:
     strike_quorum_bps, strike_min_members: the strike quorum of the MID policy in force (`[strikes] quorum_bps`,
         `min_members`; defaults 5000 and 1): a job whose buyer and purpose a strike in force covers is refused with
         reason `strike` (coordinator.registry.strikes).
+    strike_stops_running: the policy's `[strikes] running_jobs = "stop"` (default False, "finish"): while the run
+        goes on, each look at its status also asks whether a strike in force now covers the job, and if one does
+        the run is stopped and the job ends failed with reason `strike`.
     """
 
     request: JobRequest
@@ -546,6 +557,7 @@ class JobRun:
     task: TaskSpec | None = None
     strike_quorum_bps: int = 5000
     strike_min_members: int = 1
+    strike_stops_running: bool = False
     clock: Callable[[], float] = time.monotonic
     _started: float = field(default=0.0, init=False)
 
@@ -554,14 +566,7 @@ class JobRun:
         if self.book.read(self.request.job_id) is not None:
             raise JobRequestError("job_exists", "a job with this id was already run", job=self.request.job_id)
         now = _now_ms()
-        struck = strike_refusal(
-            self.registry,
-            self.request.buyer,
-            self.request.purpose,
-            self.strike_quorum_bps,
-            now,
-            self.strike_min_members,
-        )
+        struck = self._struck(now)
         if struck is not None:
             raise JobRequestError("strike", struck, buyer=self.request.buyer, purpose=self.request.purpose)
         devices, absent = expected_devices(
@@ -570,6 +575,7 @@ class JobRun:
             self.request,
             now,
             int(self.offline_after_s * 1000),
+            self.task,
         )
         record = JobRecord(
             request=self.request,
@@ -588,6 +594,17 @@ class JobRun:
                     self.control.stop_run(record.run_id)
             self._finish(record, "failed", getattr(exc, "reason", type(exc).__name__))
             raise
+
+    def _struck(self, now_ms: int) -> str | None:
+        """Why a strike in force now covers this job's buyer and purpose, or None."""
+        return strike_refusal(
+            self.registry,
+            self.request.buyer,
+            self.request.purpose,
+            self.strike_quorum_bps,
+            now_ms,
+            self.strike_min_members,
+        )
 
     def _run(self, record: JobRecord) -> JobRecord:
         request = self.request
@@ -643,6 +660,12 @@ class JobRun:
                 next_status = self.clock() + (self.poll_s if outcome_written else self.status_every_s)
                 if status.startswith(TERMINAL_PREFIX):
                     break
+                struck = self._struck(_now_ms()) if self.strike_stops_running and not outcome_written else None
+                if struck is not None:
+                    self.control.stop_run(record.run_id)
+                    self.report(f"run {record.run_id} stopped: {struck}")
+                    record.flower_status = status
+                    return self._finish(record, "failed", "strike")
             if self.clock() >= deadline:
                 self.control.stop_run(record.run_id)
                 record.flower_status = status

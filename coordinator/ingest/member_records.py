@@ -66,6 +66,7 @@ def record_member_choices(registry: Registry, logged: list[LoggedChoice], now_ms
                     None if consent.any_purpose else consent.allowed_purposes,
                     consent.denied_buyers,
                     choice.leaf_index,
+                    consent.task_sensors,
                 )
             )
             log.info(
@@ -74,6 +75,7 @@ def record_member_choices(registry: Registry, logged: list[LoggedChoice], now_ms
                     "member": device.member_id,
                     "allowed_purposes": "any" if consent.any_purpose else ",".join(consent.allowed_purposes),
                     "denied_buyers": ",".join(consent.denied_buyers),
+                    "task_sensors": ";".join(f"{t.task_id}:{','.join(t.sensors)}" for t in consent.task_sensors),
                     "leaf_index": choice.leaf_index,
                 },
             )

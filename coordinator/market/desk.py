@@ -72,6 +72,7 @@ from protocol.errors import (
 )
 from protocol.escrow import EscrowEvent, EscrowRecord
 from protocol.leaves import Leaf, decode_leaf
+from protocol.messages import usable_sensors
 from protocol.settings import validation_problems
 from protocol.tasks.spec import TaskSpec
 from protocol.tasks.windows import load_window_file
@@ -214,7 +215,10 @@ class JobDesk:
             now = self.clock_ms()
             strikes = self._strikes()
             refuse_if_struck(self.registry, buyer, job.request.purpose, strikes.quorum_bps, now, strikes.min_members)
-            devices = self._eligible(buyer, job.request.purpose, now)
+            spec = self.catalogue.get(job.request.task_id, job.request.task_version).spec
+            devices = self._eligible(
+                buyer, job.request.purpose, now, (spec.id, usable_sensors([i.sources for i in spec.inputs]))
+            )
             members = sorted({member for _, member in devices})[: job.request.max_members]
             if len(members) < job.request.min_members:
                 raise JobStateError(
@@ -553,8 +557,11 @@ class JobDesk:
                 job = job.model_copy(update={"progress": progress})
         return job
 
-    def _eligible(self, buyer: str, purpose: str, now_ms: int) -> list[tuple[str, str]]:
-        """(device, member) of every device that could train a job of `buyer` for `purpose` now."""
+    def _eligible(
+        self, buyer: str, purpose: str, now_ms: int, task: tuple[str, tuple[str, ...]] | None = None
+    ) -> list[tuple[str, str]]:
+        """(device, member) of every device that could train a job of `buyer` for `purpose` now; with `task` (its id
+        and the kinds of sensor its inputs take), only members whose consent gives it a sensor."""
         heard = self.registry.presence()
         striking = active_strikes(self.registry.strike_votes(), now_ms)
         consents = self.registry.consents()
@@ -573,7 +580,7 @@ class JobDesk:
             )
             consent = consents.get(device.member_id)
             if why is None and consent is not None:
-                why = consent.excludes(buyer, purpose)
+                why = consent.excludes(buyer, purpose) if task is None else consent.excludes(buyer, purpose, *task)
             if why is None:
                 found.append((device.device_id, device.member_id))
         return found

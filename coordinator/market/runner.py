@@ -80,6 +80,7 @@ class FlowerJobLauncher:
                     task=spec,
                     strike_quorum_bps=strikes.quorum_bps,
                     strike_min_members=strikes.min_members,
+                    strike_stops_running=strikes.running_jobs == "stop",
                 ).run()
         finally:
             registry.close()

@@ -15,9 +15,10 @@ The file is the operator's whole policy, in one place (README, "The MID's policy
     [strikes]
     quorum_bps = 5000                   # share of the MID's members whose signed strike stops sales to a target
     min_members = 3
+    running_jobs = "finish"             # or "stop": what a strike at quorum does to the target's running jobs
     [leave]
     royalties_continue = true           # a member who leaves keeps earning from models already trained
-    notice_days = 0
+    notice_days = 0                     # with royalties_continue = false: days its royalties still flow
     [[purposes]]                        # the purposes a buyer may name, as W3C DPV concepts, with licence terms
     code = "research"
     dpv = "dpv:ResearchAndDevelopment"
@@ -35,7 +36,7 @@ import hashlib
 import json
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
@@ -82,23 +83,36 @@ class ReputationPolicy(BaseModel):
 
 class StrikePolicy(BaseModel):
     """When members' signed strikes stop sales to a target: at least `quorum_bps` of the MID's members, and at
-    least `min_members` of them."""
+    least `min_members` of them; and what a strike reaching its quorum does to the target's jobs already running."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     quorum_bps: int = Field(default=5000, ge=1, le=10_000)
     min_members: int = Field(default=3, ge=1)
+    running_jobs: Literal["finish", "stop"] = "finish"
+    """`finish`: a job of the target already running when the strike reaches its quorum runs to its end (the buyer
+    paid for it before the strike). `stop`: the job's run is stopped within seconds and the job ends failed with
+    reason `strike` (it is not settled: a failed job's escrow is refunded). A job takes the policy in force when it
+    started."""
 
 
 class LeaveDefaults(BaseModel):
-    """What happens when a member leaves, unless the member chose otherwise."""
+    """What a member's departure means for the royalties of models it helped train (README, "Leaving").
+
+    Leaving itself always takes effect at once: the member's keys and broker login are revoked and it is never
+    invited again when its LeaveNotice is logged (its own agent declines every invitation from then on anyway, and
+    keeping a leaving member's keys alive against its signed wish would serve nobody). The terms below travel with
+    each job's settlement (RoyaltyPolicy), so a member keeps the terms its models were trained under."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     royalties_continue: bool = True
-    """Revenue from models already trained keeps flowing to the member (attribution is kept in the log)."""
+    """Revenue from models already trained keeps flowing to the member after it left (attribution is kept in the
+    log). False: revenue reported more than `notice_days` after the leave was logged pays the member nothing; its
+    share goes to the model's other members (the MID's fee does not grow)."""
     notice_days: int = Field(default=0, ge=0, le=365)
-    """Days between a member's leave request and the end of its participation in new jobs."""
+    """Days after a member's leave is logged during which its royalties still flow when `royalties_continue` is
+    false; no effect when royalties continue."""
 
 
 DEFAULT_PURPOSES: tuple[Purpose, ...] = (
@@ -175,6 +189,8 @@ class MidPolicy(BaseModel):
             knob=self.knob,
             majority_excluded_earns_nothing=self.majority_excluded_earns_nothing,
             data_free_earns_nothing=self.data_free_earns_nothing,
+            royalties_continue=self.leave.royalties_continue,
+            leave_notice_days=self.leave.notice_days,
         )
 
     def purpose(self, code: str) -> Purpose:

@@ -192,11 +192,10 @@ class PolicyLog:
             "policy logged",
             extra={"version": record.version, "leaf_index": index, "policy_sha256": digest, "fee_bps": policy.fee_bps},
         )
-        if policy.leave != LeaveDefaults():
-            # Logged with the policy, read by nothing yet: say so rather than let the operator believe it applies.
+        if policy.leave.royalties_continue and policy.leave.notice_days != LeaveDefaults().notice_days:
+            # notice_days only delays the end of a departed member's royalties; while they continue it does nothing.
             log.warning(
-                "policy [leave] logged but not applied yet: a departure revokes the member's keys at once and its"
-                " royalties continue",
+                "policy [leave] notice_days has no effect while royalties_continue = true",
                 extra={"royalties_continue": policy.leave.royalties_continue, "notice_days": policy.leave.notice_days},
             )
         return logged

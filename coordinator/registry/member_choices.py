@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from protocol.messages import consent_excludes
+from protocol.messages import TaskSensors, consent_excludes, consent_sensor_gap
 
 DEFAULT_KNOB_MILLI = 0
 """The knob of a member who never set one: the policy's base price."""
@@ -43,10 +43,18 @@ class ConsentRecord:
     allowed_purposes: tuple[str, ...] | None
     denied_buyers: tuple[str, ...]
     leaf_index: int
+    task_sensors: tuple[TaskSensors, ...] = ()
+    """Per task, the kinds of sensor the member lets it train on (a task not listed: every kind)."""
 
-    def excludes(self, buyer: str, purpose: str) -> str | None:
-        """Why this consent rules out a job of `buyer` for `purpose`, or None when it allows it."""
-        return consent_excludes(self.allowed_purposes, self.denied_buyers, buyer, purpose)
+    def excludes(
+        self, buyer: str, purpose: str, task_id: str | None = None, usable: tuple[str, ...] = ()
+    ) -> str | None:
+        """Why this consent rules out a job of `buyer` for `purpose` -- on task `task_id`, whose inputs take the
+        sensor kinds `usable` (protocol.messages.usable_sensors), when given -- or None when it allows it."""
+        why = consent_excludes(self.allowed_purposes, self.denied_buyers, buyer, purpose)
+        if why is None and task_id is not None:
+            why = consent_sensor_gap(self.task_sensors, task_id, usable)[1]
+        return why
 
 
 def knobs_for(members: list[str], settings: Mapping[str, KnobSetting]) -> dict[str, int]:

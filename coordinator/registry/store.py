@@ -21,7 +21,7 @@ from coordinator.registry.member_choices import ConsentRecord, Departure, KnobSe
 from coordinator.registry.presence import Presence, StrikeVoteRecord
 from protocol.errors import InviteExpiredError, InviteInvalidError, InviteUsedError, MalformedError
 from protocol.identity import VerifierKey
-from protocol.messages import DeviceStatus
+from protocol.messages import DeviceStatus, TaskSensors
 from protocol.private_files import private_file
 
 _SCHEMA = """
@@ -104,6 +104,13 @@ CREATE TABLE IF NOT EXISTS member_consents (
     member_id TEXT PRIMARY KEY REFERENCES members(member_id),
     allowed_purposes TEXT NOT NULL,
     denied_buyers TEXT NOT NULL,
+    leaf_index INTEGER NOT NULL
+);
+-- The sensors per task of each member's latest consent (a table of its own, so registries made before it need no
+-- migration): JSON [{"task_id": .., "sensors": [..]}], written with member_consents in one transaction.
+CREATE TABLE IF NOT EXISTS member_consent_sensors (
+    member_id TEXT PRIMARY KEY REFERENCES members(member_id),
+    task_sensors TEXT NOT NULL,
     leaf_index INTEGER NOT NULL
 );
 """
@@ -430,12 +437,32 @@ class Registry:
                     consent.leaf_index,
                 ),
             )
+            db.execute(
+                "INSERT INTO member_consent_sensors VALUES (?, ?, ?) ON CONFLICT(member_id) DO UPDATE SET"
+                " task_sensors = excluded.task_sensors, leaf_index = excluded.leaf_index"
+                " WHERE excluded.leaf_index > leaf_index",
+                (
+                    consent.member_id,
+                    json.dumps([t.model_dump(mode="json") for t in consent.task_sensors]),
+                    consent.leaf_index,
+                ),
+            )
 
     def consents(self) -> dict[str, ConsentRecord]:
-        rows = self._rows("SELECT member_id, allowed_purposes, denied_buyers, leaf_index FROM member_consents")
+        rows = self._rows(
+            "SELECT c.member_id, c.allowed_purposes, c.denied_buyers, c.leaf_index, s.task_sensors"
+            " FROM member_consents c LEFT JOIN member_consent_sensors s"
+            " ON s.member_id = c.member_id AND s.leaf_index = c.leaf_index"
+        )
         return {
-            member: ConsentRecord(member, _purposes(json.loads(allowed)), tuple(json.loads(denied)), index)
-            for member, allowed, denied, index in rows
+            member: ConsentRecord(
+                member,
+                _purposes(json.loads(allowed)),
+                tuple(json.loads(denied)),
+                index,
+                tuple(TaskSensors.model_validate_json(json.dumps(t)) for t in json.loads(sensors or "[]")),
+            )
+            for member, allowed, denied, index, sensors in rows
         }
 
     def active_password_hashes(self) -> dict[str, str]:

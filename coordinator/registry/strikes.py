@@ -83,6 +83,10 @@ class StrikeTally:
         strikers = tuple(sorted({member for member, vote in self._votes if target.covered_by(vote)}))
         return StrikeCount(target, strikers, self.needed, self.active_members)
 
+    def counted_votes(self, target: StrikeTarget) -> tuple[int, ...]:
+        """Leaf indices of the votes in force, by active members, that cover `target` (ascending)."""
+        return tuple(sorted({vote.leaf_index for _, vote in self._votes if target.covered_by(vote)}))
+
     def counts(self) -> list[StrikeCount]:
         """One count per target some member votes against now, most strikers first."""
         targets = {StrikeTarget(v.target_buyer, v.target_purpose) for _, v in self._votes}

@@ -7,6 +7,7 @@ commands: 0 and `ok` when the stored record reproduces, 1 and the reason when no
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -81,11 +82,25 @@ def record_revenue_command(
     currency: Annotated[str, typer.Option(help="ISO 4217 code")],
     db: Annotated[Path, typer.Option("--db", dir_okay=False, help="ledger file (the coordinator's)")],
     log_key: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="the MID's log signing key file")],
+    registry: Annotated[
+        Path | None,
+        typer.Option(
+            dir_okay=False,
+            help="the MID's registry, for departed members (default: registry.sqlite beside the ledger, if there)",
+        ),
+    ] = None,
 ) -> None:
-    """Operator side of a buyer's revenue report: split it by the model's stored attribution and log the split."""
-    from coordinator.royalties.ledger_records import report_revenue
+    """Operator side of a buyer's revenue report: split it by the model's stored attribution and log the split
+    (a departed member's royalties end when the model's policy says so: README, "Leaving")."""
+    from coordinator.registry.store import Registry
+    from coordinator.royalties.ledger_records import departed_members, report_revenue
 
+    registry_path = registry if registry is not None else db.parent / "registry.sqlite"
     try:
+        departed = []
+        if registry_path.is_file():
+            with contextlib.closing(Registry(registry_path)) as opened:
+                departed = departed_members(opened.departures().values())
         key = load_signer_key(log_key)
         with LedgerStore.open(db, key) as store:
             index = report_revenue(
@@ -95,6 +110,7 @@ def record_revenue_command(
                 record_id=record_id,
                 created_ms=time.time_ns() // 1_000_000,
                 currency=currency,
+                departed=departed,
             )
     except ProtocolError as error:
         typer.echo(f"invalid: {error}", err=True)

@@ -11,13 +11,15 @@ These functions do blocking SQLite reads and writes: async callers run them with
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from coordinator.ledger.store import LedgerReader, LedgerStore
+from coordinator.registry.member_choices import Departure
 from coordinator.royalties.attribution_record import job_attribution
 from coordinator.royalties.policy import RoyaltyPolicy
 from coordinator.royalties.settlement import (
+    DepartedMember,
     ModelAttribution,
     SplitRecord,
     compute_split,
@@ -124,13 +126,35 @@ def settle_logged_job(
     return append_split(store, record_bytes)
 
 
+def departed_members(departures: Iterable[Departure]) -> list[DepartedMember]:
+    """The registry's departures (one per revoked device) as one DepartedMember per member: its first logged leave."""
+    first: dict[str, Departure] = {}
+    for departure in departures:
+        kept = first.get(departure.member_id)
+        if kept is None or departure.leaf_index < kept.leaf_index:
+            first[departure.member_id] = departure
+    return [
+        DepartedMember(member=d.member_id, leave_leaf_index=d.leaf_index, left_ms=d.left_ms)
+        for d in sorted(first.values(), key=lambda d: d.member_id)
+    ]
+
+
 def report_revenue(
-    store: LedgerStore, model_version: str, revenue_minor: int, *, record_id: str, created_ms: int, currency: str
+    store: LedgerStore,
+    model_version: str,
+    revenue_minor: int,
+    *,
+    record_id: str,
+    created_ms: int,
+    currency: str,
+    departed: Sequence[DepartedMember] = (),
 ) -> int:
-    """Split revenue a buyer reports for a model by the model's stored attribution and log it; returns the index."""
+    """Split revenue a buyer reports for a model by the model's stored attribution and log it; returns the index.
+    `departed`: the MID's departed members (`departed_members(registry.departures().values())`); the model's policy
+    decides whether their royalties end (settlement.split_royalty)."""
     attribution = model_attribution_from_ledger(store, model_version)
     record_bytes = split_royalty(
-        attribution, revenue_minor, record_id=record_id, created_ms=created_ms, currency=currency
+        attribution, revenue_minor, record_id=record_id, created_ms=created_ms, currency=currency, departed=departed
     )
     return append_split(store, record_bytes)
 

@@ -85,6 +85,8 @@ class RoyaltyPolicy(BaseModel):
     knob: KnobPolicy
     majority_excluded_earns_nothing: bool = False
     data_free_earns_nothing: bool = True
+    royalties_continue: bool = True
+    leave_notice_days: int = Field(default=0, ge=0, le=365)
 
     @model_validator(mode="before")
     @classmethod
@@ -99,6 +101,12 @@ class RoyaltyPolicy(BaseModel):
         dumped = handler(self)
         if isinstance(dumped, dict) and not self.data_free_earns_nothing:
             dumped.pop("data_free_earns_nothing", None)
+        # Leave terms at their defaults are left out, so records made before the terms existed keep their bytes
+        # (and read back as the defaults, which is what they were computed under).
+        if isinstance(dumped, dict) and self.royalties_continue:
+            dumped.pop("royalties_continue", None)
+        if isinstance(dumped, dict) and self.leave_notice_days == 0:
+            dumped.pop("leave_notice_days", None)
         return dumped
 
     @model_validator(mode="after")

@@ -13,6 +13,11 @@ Split of a payment P under policy fee f (basis points):
   remainders pool * w_i mod W, ties broken by member id (largest-remainder / Hamilton method), so the parts sum
   exactly to the pool; with no eligible member the pool is unallocated (returned to the payer);
 - fee + sum(parts) + unallocated = P exactly.
+
+A royalty record also holds the departures of the model's members who left (`departed`: the leave leaf and when it
+was logged) when the model's policy says royalties do not continue after a departure: a departed member then has
+weight 0 (reason `royalties_ended`) in revenue reported `leave_notice_days` or more after its leave, so its share goes
+to the model's other members. The record alone still recomputes; the leave leaf it names proves the departure.
 """
 
 from __future__ import annotations
@@ -22,7 +27,16 @@ import json
 from collections.abc import Sequence
 from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from coordinator.royalties.policy import BPS, KNOB_MAX_MILLI, KNOB_MIN_MILLI, RoyaltyPolicy, reservation_price
 from protocol.errors import MalformedError, SettlementMismatchError, TooLargeError
@@ -33,7 +47,8 @@ SCHEMA = "midgate.split.v1"
 MAX_RECORD_BYTES = MAX_SIGNED_SIZE
 _ID_PATTERN = r"^[A-Za-z0-9._:\-]{1,128}$"
 
-PayoutReason = Literal["paid", "no_positive_value", "screened"]
+PayoutReason = Literal["paid", "no_positive_value", "screened", "royalties_ended"]
+DAY_MS = 86_400_000
 
 DATA_FREE_PROOFS = frozenset({"data_free", "random_weights", "stale_update", "zero_update"})
 """The screens that prove an update was not trained on data: coordinator.attribution.screens.DATA_FREE_PROOFS by
@@ -78,6 +93,20 @@ class ModelAttribution(BaseModel):
         return self
 
 
+class DepartedMember(BaseModel):
+    """A member of the model who left the MID: its logged LeaveNotice's leaf index and when the MID logged it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    member: str = Field(pattern=_ID_PATTERN)
+    leave_leaf_index: int = Field(ge=0)
+    left_ms: int = Field(ge=0)
+
+    def royalties_ended(self, policy: RoyaltyPolicy, created_ms: int) -> bool:
+        """Whether revenue reported at `created_ms` no longer pays this member under the model's `policy`."""
+        return not policy.royalties_continue and created_ms >= self.left_ms + policy.leave_notice_days * DAY_MS
+
+
 class SplitInputs(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
@@ -87,6 +116,25 @@ class SplitInputs(BaseModel):
     currency: str = Field(pattern=r"^[A-Z]{3}$")
     payment_minor: int = Field(ge=0, le=10**15)
     attribution: ModelAttribution
+    departed: list[DepartedMember] = Field(default_factory=list, max_length=100_000)
+    """Departed members of the model whose royalties the policy may end (royalty records only; left out when
+    empty, so records made before it existed keep their bytes)."""
+
+    @model_validator(mode="after")
+    def _departed_of_a_royalty(self) -> Self:
+        names = [d.member for d in self.departed]
+        if names != sorted(set(names)):
+            raise MalformedError("departed members must be sorted by id and unique", departed=len(names))
+        if names and self.kind != "royalty":
+            raise MalformedError("only a royalty record names departed members", kind=self.kind)
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_departed_when_none(self, handler: SerializerFunctionWrapHandler) -> object:
+        dumped = handler(self)
+        if isinstance(dumped, dict) and not self.departed:
+            dumped.pop("departed", None)
+        return dumped
 
 
 class MemberPayout(BaseModel):
@@ -145,7 +193,10 @@ def compute_split(inputs: SplitInputs) -> SplitRecord:
     pool = payment - fee
     members = inputs.attribution.members
     prices = [reservation_price(m.knob_milli, policy.knob) for m in members]
-    reasons = [_payout_reason(m, policy) for m in members]
+    ended = {d.member for d in inputs.departed if d.royalties_ended(policy, inputs.created_ms)}
+    reasons: list[PayoutReason] = [
+        "royalties_ended" if m.member in ended else _payout_reason(m, policy) for m in members
+    ]
     weights = [
         m.value_units * price if reason == "paid" else 0
         for m, price, reason in zip(members, prices, reasons, strict=True)
@@ -221,10 +272,24 @@ def settle_job(
 
 
 def split_royalty(
-    attribution: ModelAttribution, revenue_minor: int, *, record_id: str, created_ms: int, currency: str
+    attribution: ModelAttribution,
+    revenue_minor: int,
+    *,
+    record_id: str,
+    created_ms: int,
+    currency: str,
+    departed: Sequence[DepartedMember] = (),
 ) -> bytes:
     """The royalty record of later revenue from a model version: split by the attribution stored with the model
-    (its policy version and knobs as they were), so members who have since left are paid too."""
+    (its policy version and knobs as they were), so members who have since left are paid too, unless the model's
+    policy ends a departed member's royalties (`departed`: the departures among the model's members; recorded only
+    when the policy can end royalties)."""
+    named = {m.member for m in attribution.members}
+    kept = (
+        []
+        if attribution.policy.royalties_continue
+        else sorted((d for d in departed if d.member in named), key=lambda d: d.member)
+    )
     inputs = SplitInputs(
         kind="royalty",
         record_id=record_id,
@@ -232,5 +297,6 @@ def split_royalty(
         currency=currency,
         payment_minor=revenue_minor,
         attribution=attribution,
+        departed=kept,
     )
     return encode_record(compute_split(inputs))

@@ -26,6 +26,10 @@ class StatementLine(BaseModel):
     currency: str
     amount_minor: int
     reason: str
+    knob_milli: int
+    """The member's knob the record priced it at: the knob in force when the job started, kept with the model."""
+    price_minor: int
+    """The reservation price that knob gave under the record's policy."""
 
 
 class MemberStatement(BaseModel):
@@ -50,6 +54,7 @@ def member_statement(
         inputs = record.inputs
         if not period_start_ms <= inputs.created_ms < period_end_ms:
             continue
+        knobs = {m.member: m.knob_milli for m in inputs.attribution.members}
         for payout in record.payouts:
             if payout.member == member:
                 lines.append(
@@ -63,6 +68,8 @@ def member_statement(
                         currency=inputs.currency,
                         amount_minor=payout.amount_minor,
                         reason=payout.reason,
+                        knob_milli=knobs[member],
+                        price_minor=payout.price_minor,
                     )
                 )
     lines.sort(key=lambda line: (line.created_ms, line.record_id))
@@ -82,7 +89,8 @@ def render_statement(statement: MemberStatement) -> str:
         name = line.job_id if line.kind == "settlement" else line.model_version
         out.append(
             f"  {line.created_ms}  {what} {name}: {line.amount_minor} {line.currency} minor units"
-            f" ({line.reason}; record {line.record_id}, sha256 {line.record_sha256[:16]}...)"
+            f" ({line.reason}; knob {line.knob_milli / 1000:+.3f}, price {line.price_minor} {line.currency};"
+            f" record {line.record_id}, sha256 {line.record_sha256[:16]}...)"
         )
     if not statement.lines:
         out.append("  no earnings in this period")

@@ -50,6 +50,7 @@ from coordinator.market.store import MarketStore
 from coordinator.mid_key import load_or_create_mid_key
 from coordinator.policy.document import configured_policy
 from coordinator.policy.ledger_records import PolicyLog
+from coordinator.policy.strike_quorum import StrikePolicyInForce, StrikeQuorumLog
 from coordinator.provenance.shelf import ManifestShelf
 from coordinator.registry.device_keys import DeviceKeys
 from coordinator.registry.ledger_records import log_enrolments
@@ -226,6 +227,16 @@ def build_policy_log(settings: CoordinatorSettings, storage: Storage) -> PolicyL
     return policies
 
 
+def build_strike_quorum_log(storage: Storage, policies: PolicyLog) -> StrikeQuorumLog:
+    """STRIKE_QUORUM leaves under the `[strikes]` of the policy version current at each look."""
+
+    def strikes() -> StrikePolicyInForce:
+        logged = policies.current() or policies.versions[0]
+        return StrikePolicyInForce(logged.policy.strikes, logged.version)
+
+    return StrikeQuorumLog(storage.ledger, storage.registry, strikes)
+
+
 def policy_in_force_now(policies: PolicyLog) -> Callable[[], RoyaltyPolicy]:
     """The money policy in force now (the latest POLICY leaf), read at each call: what `GET /v1/member/knob-price`
     prices a knob under."""
@@ -283,6 +294,7 @@ def build_revenue_desk(
         settings.buyers.max_body_bytes,
         manifests=ManifestShelf(settings.manifests_dir, storage.mid_key.verifier),
         registered=registered,
+        departures=lambda: storage.registry.departures().values(),
     )
 
 
@@ -378,6 +390,7 @@ class CoordinatorProcess:
             self.storage = await asyncio.to_thread(open_storage, s)
             stack.callback(self.storage.close)
             self.policies = await asyncio.to_thread(build_policy_log, s, self.storage)
+            self.strike_quorum = await asyncio.to_thread(build_strike_quorum_log, self.storage, self.policies)
             pipeline = await asyncio.to_thread(build_pipeline, s, self.storage)
             gate = None
             if s.federation.enabled:
@@ -453,9 +466,12 @@ class CoordinatorProcess:
         self.ingest.stop()
 
     async def run(self) -> None:
-        """Ingest, and beside it the policy file's follower, the job book's (federation on) and the dashboard's refusal
-        sampler and first read of the log (dashboard on), until `stop()`."""
-        helpers: list[Awaitable[object]] = [asyncio.create_task(self.policies.run(self._stopped))]
+        """Ingest, and beside it the followers of the policy file, the strike quorum and the job book (federation
+        on) and the dashboard's refusal sampler and first read of the log (dashboard on), until `stop()`."""
+        helpers: list[Awaitable[object]] = [
+            asyncio.create_task(self.policies.run(self._stopped)),
+            asyncio.create_task(self.strike_quorum.run(self._stopped)),
+        ]
         if self.job_ledger is not None:
             helpers.append(asyncio.create_task(self.job_ledger.run(self._stopped)))
         if self.dashboard is not None:

@@ -354,6 +354,58 @@ def consent_deny(
     _control(config, mid, step, "consent changed")
 
 
+TaskArgument = typer.Argument(help="a task id, e.g. env-forecast (every version of it)")
+SensorArgument = typer.Argument(help="kinds of sensor, as tasks name their inputs' sources (simulated, bme280, linux)")
+
+
+@consent_app.command("allow-sensor")
+def consent_allow_sensor(
+    task: str = TaskArgument,
+    sensors: list[str] = SensorArgument,
+    mid: str | None = MidNameOption,
+    config: Path | None = ConfigOption,
+) -> None:
+    """Let a task train on these kinds of sensor (the first one narrows "every sensor" to the ones you list). The
+    agent cuts the task's windows only from them, and the MID does not select you for the task when none of them is
+    a source of its inputs. Applies from the next job."""
+    from edge.agent.controls.state import MemberState, allow_sensors
+
+    def step(state: MemberState, now: int) -> MemberState:
+        return allow_sensors(state, now, task, sensors)
+
+    _control(config, mid, step, "consent changed")
+
+
+@consent_app.command("deny-sensor")
+def consent_deny_sensor(
+    task: str = TaskArgument,
+    sensors: list[str] = SensorArgument,
+    mid: str | None = MidNameOption,
+    config: Path | None = ConfigOption,
+) -> None:
+    """Stop a task training on these kinds of sensor (with none left, the task gets no data of yours). Applies from
+    the next job."""
+    from edge.agent.controls.state import MemberState, deny_sensors
+
+    def step(state: MemberState, now: int) -> MemberState:
+        return deny_sensors(state, now, task, sensors)
+
+    _control(config, mid, step, "consent changed")
+
+
+@consent_app.command("every-sensor")
+def consent_every_sensor(
+    task: str = TaskArgument, mid: str | None = MidNameOption, config: Path | None = ConfigOption
+) -> None:
+    """Back to the default for a task: every sensor whose data fits its inputs. Applies from the next job."""
+    from edge.agent.controls.state import MemberState, every_sensor
+
+    def step(state: MemberState, now: int) -> MemberState:
+        return every_sensor(state, now, task)
+
+    _control(config, mid, step, "consent changed")
+
+
 @app.command()
 def status(mid: str | None = MidNameOption, config: Path | None = ConfigOption) -> None:
     """Show per MID the device, the daemon's connection to the MID (and why it failed), the outbox, the latest

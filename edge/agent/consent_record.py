@@ -56,6 +56,9 @@ def consent_record(
         "purposes": purposes,
         "processing": list(PROCESSING),
         "recipients_excluded": list(state.denied_buyers),
+        # TS 27560's personal data categories, per task: the kinds of sensor whose data each listed task may use
+        # (a task not listed may use every sensor that fits its inputs).
+        "data_sources_per_task": {t.task_id: list(t.sensors) for t in state.task_sensors},
         "timestamps": {
             "given": _iso(state.consent_ms) if state.consent_ms is not None else None,
             "withdrawn": _iso(state.left_ms) if state.left_ms is not None else None,

@@ -27,7 +27,14 @@ from pathlib import Path
 from typing import TypeVar
 
 from edge.agent.config import AgentSettings
-from edge.agent.controls.decisions import OwedChoice, OwedVote, owed_choices, owed_votes, strike_vote
+from edge.agent.controls.decisions import (
+    LEAVE_NAME,
+    OwedChoice,
+    OwedVote,
+    owed_choices,
+    owed_votes,
+    strike_vote,
+)
 from edge.agent.controls.watch import MemberControls
 from edge.agent.daemon_status import DaemonStatus, read_daemon_status, with_job, write_daemon_status
 from edge.agent.job_node import JobNode
@@ -90,8 +97,12 @@ class MembershipRunner:
             flower_acceleration=settings.flower_acceleration,
             task_specs=self.ledger_api.task_spec,
             keep_warm_executor=settings.keep_warm_executor,
+            sensors=self.controls.sensors_for,
         )
         self._beat_now = asyncio.Event()
+        self._left = asyncio.Event()
+        """Set once the member left and the MID receipted the leave notice: the session closes for good."""
+        self._left_reason = ""
         self._votes_due = True  # at start: a strike chosen while the daemon was down still needs its vote
         self._job_tasks: set[asyncio.Task[None]] = set()
 
@@ -110,6 +121,15 @@ class MembershipRunner:
 
     async def run(self, stop: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()
+        closed = await self._in_db(self._leave_receipted)
+        if closed is not None:  # left before this start: nothing to connect for
+            try:
+                await self._close_for_good(closed)
+                await stop.wait()  # the agent still serves the member page (statement) until it stops
+            finally:
+                await self._in_db(self.outbox.close)
+                self._db.shutdown(wait=True)
+            return
         will_seq = await self._in_db(self.outbox.next_ephemeral_seq)
         will = (self._topic(UpKind.HEARTBEAT), self._heartbeat(will_seq, DeviceStatus.OFFLINE))
         s = self.settings
@@ -136,15 +156,46 @@ class MembershipRunner:
                 )
                 tasks = [asyncio.create_task(self._supervised(loop, stop)) for loop in loops]
                 tasks.append(asyncio.create_task(self.job_node.run(stop)))
+                ended = [asyncio.create_task(stop.wait()), asyncio.create_task(self._left.wait())]
                 try:
-                    await stop.wait()
+                    await asyncio.wait(ended, return_when=asyncio.FIRST_COMPLETED)
                 finally:
-                    for task in tasks:
+                    for task in (*tasks, *ended):
                         task.cancel()
-                    await asyncio.gather(*tasks, return_exceptions=True)
+                    await asyncio.gather(*tasks, *ended, return_exceptions=True)
+            if self._left.is_set() and not stop.is_set():
+                await self._close_for_good(self._left_reason)
+                await stop.wait()  # the agent still serves the member page (statement) until it stops
         finally:
             await self._in_db(self.outbox.close)
             self._db.shutdown(wait=True)
+
+    def _leave_receipted(self) -> str | None:
+        """Why this membership needs no connection any more: the member left and the MID receipted its LeaveNotice
+        (it then revoked the device's key and broker login, so every reconnect would be refused); None otherwise."""
+        if not self.controls.left:
+            return None
+        receipt = self.outbox.receipt_of(LEAVE_NAME)
+        if receipt is None:
+            return None
+        seq, leaf = receipt
+        return f"left the MID; its leave notice was receipted (seq {seq}, leaf {leaf}), so no broker retries"
+
+    async def _close_for_good(self, reason: str) -> None:
+        """Say in the status file that the connection is closed for good, and why (`agent status` shows it)."""
+        log.info("connection closed for good: %s", reason, extra={"mid": self.membership.mid})
+        broker = self.membership.record.broker
+        kept = await asyncio.to_thread(read_daemon_status, self.membership.directory)
+        status = DaemonStatus(
+            pid=os.getpid(),
+            broker=f"{broker.host}:{broker.port}",
+            connected=False,
+            since_ms=_now_ms(),
+            jobs_joined=kept.jobs_joined if kept else (),
+            jobs_joined_count=kept.jobs_joined_count if kept else 0,
+            closed=reason,
+        )
+        await asyncio.to_thread(write_daemon_status, self.membership.directory, status)
 
     async def _supervised(self, loop: Callable[[asyncio.Event], Awaitable[None]], stop: asyncio.Event) -> None:
         """Run one loop until `stop`; an unexpected error (a full disk, a bug) is logged and the loop restarted,
@@ -359,6 +410,13 @@ class MembershipRunner:
                     self._wake.set()
             if await self._in_db(self._queue_choices):
                 self._wake.set()
+            left = await self._in_db(self._leave_receipted)
+            if left is not None:
+                await self.job_node.enforce()  # no SuperNode outlives the membership
+                self._left_reason = left
+                self._left.set()
+                await stop.wait()  # `run` cancels this loop with the others
+                return
             await _sleep_or(stop, self.settings.member_poll_s)
 
     def _queue_votes(self) -> tuple[int, int]:

@@ -41,6 +41,9 @@ class DaemonStatus(BaseModel):
     jobs_joined: Annotated[tuple[Ident, ...], Field(max_length=MAX_JOBS_KEPT)] = ()
     """The latest jobs this agent started a SuperNode for, oldest first."""
     jobs_joined_count: int = 0
+    closed: str = ""
+    """Why the daemon closed this membership's connection for good and stopped retrying it (the member left and the
+    MID receipted the leave notice); "" while it keeps one."""
 
 
 def read_daemon_status(directory: Path) -> DaemonStatus | None:

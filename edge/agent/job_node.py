@@ -52,7 +52,7 @@ from edge.sensors.errors import MissingInputsError, TooFewWindowsError
 from edge.sensors.export import WindowSource
 from protocol.envelope import decode, open_envelope
 from protocol.errors import InviteExpiredError, MalformedError, ProtocolError
-from protocol.messages import Nonce, RoundInvitation
+from protocol.messages import Nonce, RoundInvitation, usable_sensors
 from protocol.tasks.spec import UnknownTaskError, write_task_file
 
 log = logging.getLogger("midgate.agent.job")
@@ -110,6 +110,15 @@ def _admit_all(buyer: str, purpose: str) -> Decision:
     return RUN
 
 
+SensorConsent = Callable[[str, tuple[str, ...]], tuple[tuple[str, ...] | None, str | None]]
+"""(task id, the kinds of sensor its inputs take) -> (the kinds the member's consent lets it use, None: every one;
+why the consent gives it none, or None): protocol.messages.consent_sensor_gap over the member's choices."""
+
+
+def _every_sensor(task_id: str, usable: tuple[str, ...]) -> tuple[tuple[str, ...] | None, str | None]:
+    return None, None
+
+
 class JobNode:
     """Owned by one MembershipRunner; all methods run on the agent's event loop."""
 
@@ -123,14 +132,17 @@ class JobNode:
         flower_acceleration: bool = True,
         task_specs: TaskSpecFetch | None = None,
         keep_warm_executor: bool = True,
+        sensors: SensorConsent = _every_sensor,
     ) -> None:
         """`windows`: where a job's windows are cut from. `admit` decides each verified invitation (and counts
         declines); `recheck` asks the same of a running job without counting. Both default to taking part in every
         job. `flower_acceleration` (agent.toml's) runs each job's SuperNode through edge.federated.acceleration.
         `task_specs` fetches the MID's signed task specs (edge.agent.job_task); None: the built-in tasks only.
         `keep_warm_executor` (agent.toml's; with acceleration only): one warm executor from `run`'s start to its end,
-        shared by every job's SuperNode, instead of one started for each job."""
+        shared by every job's SuperNode, instead of one started for each job. `sensors`: which kinds of sensor the
+        member lets a task use (default every kind); windows are cut from those only."""
         self.membership = membership
+        self.sensors = sensors
         self.spool_dir = spool_dir
         self.windows = windows
         self.admit = admit
@@ -259,8 +271,11 @@ class JobNode:
             return Decision(False, DeclineReason.UNKNOWN_TASK, detail=_detail(exc))
         except ProtocolError as exc:
             return Decision(False, DeclineReason.TASK_SPEC_REFUSED, detail=f"{exc.reason}: {_detail(exc)}")
+        allowed, refused = self.sensors(task.id, usable_sensors([i.sources for i in task.inputs]))
+        if refused is not None:
+            return Decision(False, DeclineReason.CONSENT_EXCLUDES, detail=refused)
         try:
-            cut = await asyncio.to_thread(self.windows.cut, task, path)
+            cut = await asyncio.to_thread(self.windows.cut, task, path, allowed)
         except TooFewWindowsError as exc:
             return Decision(False, DeclineReason.TOO_FEW_WINDOWS, detail=_detail(exc))
         except (MissingInputsError, ProtocolError, OSError, sqlite3.Error) as exc:  # no store, or an unreadable one

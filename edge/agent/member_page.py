@@ -101,11 +101,11 @@ def choices(m: Membership) -> tuple[str, str]:
 
 
 def statement_section(view: StatementView) -> str:
-    rows = [[r.day, r.what, r.amount_minor, r.currency, r.reason, r.record_id, r.index] for r in view.rows]
+    rows = [[r.day, r.what, r.amount_minor, r.currency, r.reason, r.knob, r.record_id, r.index] for r in view.rows]
     table = data_table(
         f"Statement for member {view.member} of {view.mid}, verified under the witnessed log of size "
         f"{view.checkpoint_size}",
-        ["day", "for", "amount (minor units)", "currency", "reason", "record", "leaf"],
+        ["day", "for", "amount (minor units)", "currency", "reason", "knob", "record", "leaf"],
         rows,
         numeric_from=2,
     )

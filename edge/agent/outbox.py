@@ -342,5 +342,10 @@ class Outbox:
         refused = int(self._db.execute("SELECT COUNT(*) FROM refused").fetchone()[0])
         return OutboxUsage(pending, self._pending_bytes, receipted, refused)
 
+    def receipt_of(self, spool_name: str) -> tuple[int, int] | None:
+        """(seq, leaf index) of the verified receipt of the message named `spool_name`, or None while it has none."""
+        row = self._db.execute("SELECT seq, leaf_index FROM receipts WHERE spool_name = ?", (spool_name,)).fetchone()
+        return None if row is None else (int(row[0]), int(row[1]))
+
     def receipted_seqs(self) -> list[int]:
         return [int(r[0]) for r in self._db.execute("SELECT seq FROM receipts ORDER BY seq")]

@@ -79,6 +79,8 @@ class StatementRow:
     reason: str
     record_id: str
     index: int
+    knob: str = "-"
+    """The knob in force for the job the line pays for (`+0.500`) and the price it gave, as the record holds them."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,7 @@ def statement_view(mid: str, member: str, statement: VerifiedStatement) -> State
             line.reason,
             line.record_id,
             line.index,
+            knob_text(line.knob_milli, line.price_minor, line.currency),
         )
         for line in statement.lines
     ]
@@ -119,13 +122,21 @@ def render_statement(mid: str, member: str, statement: VerifiedStatement) -> str
     for row in view.rows:
         out.append(
             f"  {row.day}  {row.what}: {row.amount_minor} {row.currency} minor units"
-            f" ({row.reason}; record {row.record_id}, leaf {row.index})"
+            f" ({row.reason}; {row.knob}; record {row.record_id}, leaf {row.index})"
         )
     if not view.rows:
         out.append("  no earnings in this period")
     for currency, total in view.totals_minor:
         out.append(f"Total: {total} {currency} minor units")
     return "\n".join(out) + "\n"
+
+
+def knob_text(knob_milli: int | None, price_minor: int | None, currency: str) -> str:
+    """`knob +0.500, price 1414 EUR`: the knob a line was priced at, or `knob not recorded`."""
+    if knob_milli is None:
+        return "knob not recorded"
+    price = "" if price_minor is None else f", price {price_minor} {currency}"
+    return f"knob {knob_milli / 1000:+.3f}{price}"
 
 
 def _day(ms: int) -> str:

@@ -18,6 +18,7 @@ How a task's windows are cut is the task spec's to say (`window_mode`, `window_s
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,13 @@ def window_spec_for(task: TaskSpec, sensor: str, *, max_gap_ms: int | None = Non
         sources=tuple(s for s in first.sources if all(s in other.sources for other in others)),
         max_gap_ms=max_gap_ms,
     )
+
+
+def _only(spec: WindowSpec, allowed_sources: tuple[str, ...] | None) -> WindowSpec:
+    """`spec` restricted to sensors of the kinds the member allows for the task (None: as it is)."""
+    if allowed_sources is None:
+        return spec
+    return dataclasses.replace(spec, sources=tuple(s for s in (spec.sources or ()) if s in allowed_sources))
 
 
 def task_window_set(task: TaskSpec, windows: Windows) -> WindowSet:
@@ -121,15 +129,16 @@ class WindowSource:
     min_windows: int = 1
     max_windows: int | None = None
 
-    def cut(self, task: TaskSpec, path: Path) -> CutWindows:
+    def cut(self, task: TaskSpec, path: Path, allowed_sources: tuple[str, ...] | None = None) -> CutWindows:
         """Cut `task`'s windows from the store's best fitting sensor (the one giving the most windows) into `path`.
+        `allowed_sources`: only sensors of these kinds (the member's consent for the task); None: every kind.
 
         Raises MissingInputsError (no sensor has the task's inputs, units, sources and class names; its details say
         why, per sensor, or that there is no store), TooFewWindowsError (fewer than `min_windows`). Blocking: run it
         in a worker thread."""
         if not self.store_path.is_file():
             raise MissingInputsError("no sample store", path=str(self.store_path), task=task.key)
-        inputs = window_spec_for(task, "")
+        inputs = _only(window_spec_for(task, ""), allowed_sources)
         with SampleStore(self.store_path, readonly=True) as store:
             fitting, misfits = store.fitting_sensors(inputs)
             if not fitting:
@@ -141,7 +150,7 @@ class WindowSource:
                 )
             best: tuple[str, Windows] | None = None
             for sensor in fitting:
-                windows = store.windows(window_spec_for(task, sensor), limit=self.max_windows)
+                windows = store.windows(_only(window_spec_for(task, sensor), allowed_sources), limit=self.max_windows)
                 if best is None or len(windows) > len(best[1]):
                     best = (sensor, windows)
         assert best is not None

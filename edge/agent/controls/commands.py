@@ -188,6 +188,8 @@ def outbox_state(outbox: Path) -> OutboxState:
 def _connection(status: DaemonStatus | None) -> str:
     if status is None:
         return "agent not run yet (`midgate agent run`)"
+    if status.closed:
+        return f"closed since {_when(status.since_ms)}: {status.closed}"
     state = f"connected to {status.broker}" if status.connected else f"not connected to {status.broker}"
     said = f"{state} since {_when(status.since_ms)}" + (f": {status.failure}" if status.failure else "")
     if not daemon_running(status.pid):

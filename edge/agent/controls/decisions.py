@@ -186,7 +186,7 @@ def owed_choices(state: MemberState | None, known: Callable[[str], bool], delive
             )
         )
     if state.consent_ms is not None and not known(f"consent-{state.consent_ms}"):
-        allowed, denied = state.allowed_purposes, state.denied_buyers
+        allowed, denied, sensors = state.allowed_purposes, state.denied_buyers, state.task_sensors
         owed.append(
             OwedChoice(
                 "consent",
@@ -197,6 +197,7 @@ def owed_choices(state: MemberState | None, known: Callable[[str], bool], delive
                     allowed_purposes=allowed or (),
                     denied_buyers=denied,
                     any_purpose=allowed is None,
+                    task_sensors=sensors,
                 ),
             )
         )

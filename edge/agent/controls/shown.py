@@ -40,4 +40,5 @@ def consent_line(directory: Path) -> str:
     if state.consent_ms is not None:
         name = f"consent-{state.consent_ms}"
         sent = f"signed policy {vote_states(directory / OUTBOX_FILE, [name])[name]}"
-    return f"{directory.name}: purposes allowed: {purposes}; buyers denied: {buyers}; {sent}"
+    sensors = "".join(f"; task {t.task_id} may use: {', '.join(t.sensors) or 'no sensor'}" for t in state.task_sensors)
+    return f"{directory.name}: purposes allowed: {purposes}; buyers denied: {buyers}{sensors}; {sent}"

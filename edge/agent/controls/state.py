@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from edge.durable_file import replace_file
-from protocol.messages import Ident, TimeMs, check_strike_span, strike_covers
+from protocol.messages import Ident, TaskSensors, TimeMs, check_strike_span, strike_covers
 from protocol.private_files import private_dir
 
 MEMBER_FILE = "member.json"
@@ -46,6 +46,7 @@ class ControlReason(StrEnum):
     TOO_MANY_STRIKES = "too_many_strikes"
     BAD_KNOB = "bad_knob"
     NO_PURPOSE_LIST = "no_purpose_list"
+    NO_SENSOR_LIST = "no_sensor_list"
 
 
 class MemberControlError(Exception):
@@ -117,6 +118,8 @@ class MemberState(BaseModel):
     denied_buyers: Annotated[tuple[Ident, ...], Field(max_length=256)] = ()
     consent_ms: TimeMs | None = None
     """When the consent was last changed: names its signed ConsentPolicy (`consent-{consent_ms}`)."""
+    task_sensors: Annotated[tuple[TaskSensors, ...], Field(max_length=64)] = ()
+    """Per task (by id), the kinds of sensor the member lets it train on; a task not listed may use every sensor."""
 
     def active_strikes(self, now_ms: int) -> list[Strike]:
         return [s for s in self.strikes if s.active(now_ms)]
@@ -270,8 +273,15 @@ def set_knob(state: MemberState, now_ms: int, knob_milli: int) -> MemberState:
     return state.model_copy(update={"knob_milli": knob_milli, "knob_ms": now_ms, "changed_ms": now_ms})
 
 
-def _consent(state: MemberState, now_ms: int, allowed: tuple[str, ...] | None, denied: tuple[str, ...]) -> MemberState:
-    if (allowed, denied) == (state.allowed_purposes, state.denied_buyers):
+def _consent(
+    state: MemberState,
+    now_ms: int,
+    allowed: tuple[str, ...] | None,
+    denied: tuple[str, ...],
+    task_sensors: tuple[TaskSensors, ...] | None = None,
+) -> MemberState:
+    sensors = state.task_sensors if task_sensors is None else task_sensors
+    if (allowed, denied, sensors) == (state.allowed_purposes, state.denied_buyers, state.task_sensors):
         return state
     try:
         return MemberState.model_validate(
@@ -279,6 +289,7 @@ def _consent(state: MemberState, now_ms: int, allowed: tuple[str, ...] | None, d
                 **state.model_dump(),
                 "allowed_purposes": allowed,
                 "denied_buyers": denied,
+                "task_sensors": tuple(sensors),
                 "consent_ms": now_ms,
                 "changed_ms": now_ms,
             }
@@ -319,3 +330,51 @@ def allow_every_purpose(state: MemberState, now_ms: int) -> MemberState:
     """Back to the default: every purpose of the MID's vocabulary (denied buyers stay denied)."""
     _still_member(state, "change consent")
     return _consent(state, now_ms, None, state.denied_buyers)
+
+
+def _with_task_sensors(state: MemberState, task_id: str, sensors: tuple[str, ...] | None) -> tuple[TaskSensors, ...]:
+    """The member's sensors per task with `task_id`'s entry replaced by `sensors` (None: removed), sorted by task."""
+    try:
+        kept = [t for t in state.task_sensors if t.task_id != task_id]
+        if sensors is not None:
+            kept.append(TaskSensors(task_id=task_id, sensors=tuple(sorted(set(sensors)))))
+    except ValidationError as exc:
+        raise MemberControlError(
+            ControlReason.MALFORMED, "not a task id and sensor kinds", found=exc.errors()[0]["msg"], task=task_id
+        ) from None
+    return tuple(sorted(kept, key=lambda t: t.task_id))
+
+
+def _sensors_of(state: MemberState, task_id: str) -> tuple[str, ...] | None:
+    return next((t.sensors for t in state.task_sensors if t.task_id == task_id), None)
+
+
+def allow_sensors(state: MemberState, now_ms: int, task_id: str, sensors: list[str]) -> MemberState:
+    """Let task `task_id` train on these kinds of sensor (the first allow turns "every sensor" into "only the sensors
+    allowed"). Applies from the next job: a running one keeps the windows it was given."""
+    _still_member(state, "change consent")
+    given = _sensors_of(state, task_id) or ()
+    updated = _with_task_sensors(state, task_id, (*given, *sensors))
+    return _consent(state, now_ms, state.allowed_purposes, state.denied_buyers, updated)
+
+
+def deny_sensors(state: MemberState, now_ms: int, task_id: str, sensors: list[str]) -> MemberState:
+    """Stop task `task_id` training on these kinds of sensor. With every sensor allowed (the default) there is no
+    list to take them from, so it is refused: say which ones the task may use first."""
+    _still_member(state, "change consent")
+    given = _sensors_of(state, task_id)
+    if given is None:
+        raise MemberControlError(
+            ControlReason.NO_SENSOR_LIST,
+            f"task {task_id} may use every sensor: say which ones it may use first (`consent allow-sensor`)",
+            task=task_id,
+        )
+    updated = _with_task_sensors(state, task_id, tuple(s for s in given if s not in sensors))
+    return _consent(state, now_ms, state.allowed_purposes, state.denied_buyers, updated)
+
+
+def every_sensor(state: MemberState, now_ms: int, task_id: str) -> MemberState:
+    """Back to the default for task `task_id`: every sensor whose data fits its inputs."""
+    _still_member(state, "change consent")
+    updated = _with_task_sensors(state, task_id, None)
+    return _consent(state, now_ms, state.allowed_purposes, state.denied_buyers, updated)

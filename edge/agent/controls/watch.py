@@ -18,7 +18,7 @@ from pathlib import Path
 
 from edge.agent.controls.decisions import Decision, DeclineReason, decide, heartbeat_status
 from edge.agent.controls.state import MEMBER_FILE, MemberControlError, MemberState, load_member_state
-from protocol.messages import DeviceStatus
+from protocol.messages import DeviceStatus, consent_sensor_gap
 
 log = logging.getLogger("midgate.agent.member")
 
@@ -51,6 +51,8 @@ def describe(state: MemberState | None, now_ms: int) -> str:
         parts.append(f"purposes allowed: {', '.join(state.allowed_purposes) or 'none'}")
     if state.denied_buyers:
         parts.append(f"buyers denied: {', '.join(state.denied_buyers)}")
+    for entry in state.task_sensors:
+        parts.append(f"task {entry.task_id} may use: {', '.join(entry.sensors) or 'no sensor'}")
     return "; ".join(parts)
 
 
@@ -117,6 +119,13 @@ class MemberControls:
     def recheck(self, buyer: str, purpose: str) -> Decision:
         """`admit` for a job already running, without counting: the question is whether to stop it."""
         return decide(self.state, buyer, purpose, _now_ms())
+
+    def sensors_for(self, task_id: str, usable: tuple[str, ...]) -> tuple[tuple[str, ...] | None, str | None]:
+        """The kinds of sensor the member lets task `task_id` use among `usable` (None: every one) and why it has
+        none, under the choices read now: a change applies from the next job's windows."""
+        if self.state is None:
+            return (), "member file unreadable"
+        return consent_sensor_gap(self.state.task_sensors, task_id, usable)
 
     def heartbeat_status(self, training: bool) -> DeviceStatus:
         return heartbeat_status(self.state, _now_ms(), training)
