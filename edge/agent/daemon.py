@@ -38,6 +38,7 @@ from edge.agent.membership import Membership, load_memberships
 from edge.agent.outbox import LEAF_KIND, Outbox, OutboxFullError
 from edge.agent.refusals import settle_refusal
 from edge.agent.session import DeviceSession
+from edge.agent.systemd_notify import systemd_service
 from edge.agent.witnessing import cosign_candidate
 from edge.federated.spool import SpooledRecord, pending_files, read_record, reject_file
 from edge.sensors.collection import open_collection
@@ -461,5 +462,6 @@ async def run_agent(settings: AgentSettings, stop: asyncio.Event | None = None) 
     async with (
         open_collection(settings.sensors, settings.sample_store, settings.sensor_health_s),
         serving_member_page(settings, memberships),
+        systemd_service(),
     ):
         await asyncio.gather(*(r.run(stop) for r in runners))
