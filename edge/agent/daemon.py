@@ -10,7 +10,8 @@ they no longer allow and queues the StrikeVotes they call for. A sixth, the witn
 log's witnesses (edge.agent.witnessing): it cosigns the checkpoints it has checked. The outbox, proofs and the MID's
 ledger API run on one dedicated thread per membership, so fsyncs, crypto and HTTP never block the event loop. Beside
 them the status loop keeps `daemon-status.json` (edge.agent.daemon_status) true for `agent status`: connection, its
-failure, jobs joined.
+failure, jobs joined. Under systemd (`Type=notify`) it says READY=1 once every membership is served and pings the
+watchdog from the event loop (edge.agent.systemd_notify).
 """
 
 from __future__ import annotations
