@@ -2,7 +2,7 @@
 # Install, upgrade or remove the midgate agent on a Raspberry Pi (Raspberry Pi OS / Debian bookworm, Python 3.11)
 # or any Debian box. Run as root. Every step checks before it acts, so running it twice changes nothing.
 #
-#   install.sh [--hub] [--source DIR | --wheel FILE] [--wheelhouse DIR]   first install (or repair)
+#   install.sh [--hub] [--source DIR | --wheel FILE] [--wheelhouse DIR]   first install (a re-run changes nothing)
 #   install.sh --upgrade [--source DIR | --wheel FILE] [--wheelhouse DIR]  new version; keys, config, outbox and
 #                                                                          sample store kept; rolled back when the
 #                                                                          new version fails its health check
@@ -20,7 +20,9 @@ CONF=$CONF_DIR/agent.toml
 DATA=/var/lib/midgate
 UNIT=/etc/systemd/system/midgate-agent.service
 DROPIN_DIR=/etc/systemd/system/midgate-agent.service.d
-HUB_CONF=/etc/mosquitto/conf.d/midgate-hub.conf
+# Hub mode's bridge, kept out of /etc/mosquitto/conf.d until the member has filled it in: Mosquitto refuses to start
+# with its placeholders (no password file, no CA), and the member may run a Mosquitto of their own.
+HUB_CONF=$CONF_DIR/mosquitto-hub-bridge.conf
 USER_NAME=midgate
 # One torch for both architectures: the CPU build. On x86_64 PyPI's default torch is the multi-GB CUDA build, so
 # it comes from PyTorch's CPU index; on aarch64 PyPI's wheel is the CPU build.
@@ -172,8 +174,9 @@ write_units() {
 write_hub() {
   ensure_packages mosquitto
   if [ ! -f "$HUB_CONF" ]; then
-    install -m 0644 "$PREFIX/deploy/mosquitto-hub-bridge.conf" "$HUB_CONF"
-    say "hub mode: fill in the MID's broker host, the hub's credentials and the CA in $HUB_CONF"
+    install -m 0640 "$PREFIX/deploy/mosquitto-hub-bridge.conf" "$HUB_CONF"
+    say "hub mode: fill in the MID's broker host, the hub's credentials and the CA in $HUB_CONF," \
+      "then copy it to /etc/mosquitto/conf.d/ and restart mosquitto"
   fi
 }
 
