@@ -6,7 +6,7 @@ STAMP := $(VENV)/.midgate-installed
 # torch is installed first and pinned: an unpinned torch makes pip fetch a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: demo test lint typecheck pytest mosquitto chromium bench clean
+.PHONY: demo test lint typecheck pytest mosquitto chromium deploy-tools bench clean
 
 # The demo runs the Mosquitto `make test` installs; only where it cannot be installed, an embedded broker (amqtt, in a
 # venv of its own so that its dependencies never touch midgate's), and the demo says so.
@@ -22,7 +22,7 @@ demo: $(STAMP)
 		PATH="$(CURDIR)/$(EMBEDDED_BROKER)/bin:$$PATH" $(BIN)/midgate demo --broker embedded; \
 	fi
 
-test: $(STAMP) mosquitto chromium lint typecheck pytest
+test: $(STAMP) mosquitto chromium deploy-tools lint typecheck pytest
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,18 @@ chromium:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	else \
 		echo "chromium is missing and this is not root: the browser tests will skip ('sudo apt-get install chromium chromium-driver' runs them)" >&2; \
+	fi
+
+# The Raspberry Pi installer's tests (tests/test_deploy_files.py, tests/test_pi_install_e2e.py): shellcheck,
+# systemd-analyze verify, and a throwaway Debian root built with debootstrap; without root they skip and say so.
+deploy-tools:
+	@if command -v shellcheck >/dev/null 2>&1 && command -v systemd-analyze >/dev/null 2>&1 && \
+		{ command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ]; }; then :; \
+	elif [ "$$(id -u)" = "0" ]; then \
+		echo "installing shellcheck, systemd and debootstrap (the Raspberry Pi installer's tests)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck systemd debootstrap >/dev/null; \
+	else \
+		echo "shellcheck, systemd-analyze or debootstrap is missing and this is not root: the installer's tests will skip ('sudo apt-get install shellcheck systemd debootstrap' runs them)" >&2; \
 	fi
 
 lint: $(STAMP)

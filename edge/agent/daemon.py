@@ -10,7 +10,8 @@ they no longer allow and queues the StrikeVotes they call for. A sixth, the witn
 log's witnesses (edge.agent.witnessing): it cosigns the checkpoints it has checked. The outbox, proofs and the MID's
 ledger API run on one dedicated thread per membership, so fsyncs, crypto and HTTP never block the event loop. Beside
 them the status loop keeps `daemon-status.json` (edge.agent.daemon_status) true for `agent status`: connection, its
-failure, jobs joined.
+failure, jobs joined. Under systemd (`Type=notify`) it says READY=1 once every membership is served and pings the
+watchdog from the event loop (edge.agent.systemd_notify).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from edge.agent.membership import Membership, load_memberships
 from edge.agent.outbox import LEAF_KIND, Outbox, OutboxFullError
 from edge.agent.refusals import settle_refusal
 from edge.agent.session import DeviceSession
+from edge.agent.systemd_notify import systemd_service
 from edge.agent.witnessing import cosign_candidate
 from edge.federated.spool import SpooledRecord, pending_files, read_record, reject_file
 from edge.sensors.collection import open_collection
@@ -519,5 +521,6 @@ async def run_agent(settings: AgentSettings, stop: asyncio.Event | None = None) 
     async with (
         open_collection(settings.sensors, settings.sample_store, settings.sensor_health_s),
         serving_member_page(settings, memberships),
+        systemd_service(),
     ):
         await asyncio.gather(*(r.run(stop) for r in runners))

@@ -24,15 +24,20 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from edge.sensors.config import ReplayConfig, SampleStoreConfig, SensorConfig, build_sensor
 from edge.sensors.driver import Sensor
 from edge.sensors.errors import ReplayEndedError
-from edge.sensors.replay import CsvReplaySensor, TsReplaySensor
 from edge.sensors.sample import Sample
 from edge.sensors.scheduler import SamplingScheduler, SensorStatus
 from edge.sensors.store import SampleStore, SensorHealth
 from protocol.errors import ProtocolError
+
+if TYPE_CHECKING:
+    # Replays read recordings with numpy: imported by build_sensor for a replay only, so a Pi with live sensors
+    # never loads it.
+    from edge.sensors.replay import CsvReplaySensor, TsReplaySensor
 
 log = logging.getLogger("midgate.sensors")
 
@@ -122,6 +127,8 @@ class SampleCollection:
         started = time.monotonic()
         for config, sensor in built:
             if isinstance(config, ReplayConfig) and config.fast:
+                from edge.sensors.replay import CsvReplaySensor, TsReplaySensor
+
                 assert isinstance(sensor, TsReplaySensor | CsvReplaySensor)
                 self.loads.append(_Load(config, sensor))
             else:

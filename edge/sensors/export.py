@@ -22,14 +22,19 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from edge.sensors.errors import MissingInputsError, TooFewWindowsError
 from edge.sensors.store import SampleStore
-from edge.sensors.windows import Windows, WindowSpec
 from protocol.tasks.spec import TaskKind, TaskSpec
-from protocol.tasks.windows import WindowSet
+
+if TYPE_CHECKING:
+    # Imported when windows are cut, not by the idle agent that holds a WindowSource (BENCHMARKS.md, "Raspberry Pi
+    # hub": numpy is 20 MB of a 512 MB board).
+    import numpy as np
+
+    from edge.sensors.windows import Windows, WindowSpec
+    from protocol.tasks.windows import WindowSet
 
 FINGERPRINT_PREFIX = "merkle-sha256:"
 
@@ -37,6 +42,8 @@ FINGERPRINT_PREFIX = "merkle-sha256:"
 def window_spec_for(task: TaskSpec, sensor: str, *, max_gap_ms: int | None = None) -> WindowSpec:
     """How `task`'s windows are cut from `sensor`'s samples (see the module docstring): only from a version of the
     sensor with the task's inputs in their units, of a source every input takes."""
+    from edge.sensors.windows import WindowSpec
+
     length = task.window_length + 1 if task.kind is TaskKind.FORECAST else task.window_length
     classification = task.kind is TaskKind.CLASSIFICATION
     first, *others = task.inputs
@@ -63,6 +70,10 @@ def _only(spec: WindowSpec, allowed_sources: tuple[str, ...] | None) -> WindowSp
 
 def task_window_set(task: TaskSpec, windows: Windows) -> WindowSet:
     """Windows cut by `window_spec_for(task, ...)` as the WindowSet a ClientApp trains on."""
+    import numpy as np
+
+    from protocol.tasks.windows import WindowSet
+
     fingerprint = FINGERPRINT_PREFIX + windows.fingerprint().hex()
     if task.kind is TaskKind.CLASSIFICATION:
         return WindowSet(x=windows.X, y=windows.y.astype(np.int64), fingerprint=fingerprint)
@@ -77,6 +88,8 @@ def task_window_set(task: TaskSpec, windows: Windows) -> WindowSet:
 
 def write_window_file(path: Path, window_set: WindowSet, windows: Windows) -> None:
     """Write (x, y, fingerprint, hashes) atomically to `path`, so a ClientApp never reads a half-written file."""
+    import numpy as np
+
     payload: dict[str, np.ndarray] = {
         "x": window_set.x,
         "fingerprint": np.array(window_set.fingerprint),
@@ -167,6 +180,8 @@ class WindowSource:
         write_window_file(path, window_set, windows)
         per_class: dict[str, int] = {}
         if task.labels:
+            import numpy as np
+
             counts = np.bincount(windows.y, minlength=len(task.labels))
             per_class = {name: int(n) for name, n in zip(task.labels, counts, strict=True) if n}
         return CutWindows(task.key, sensor, path, len(windows), window_set.fingerprint, per_class)

@@ -30,13 +30,17 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from edge.sensors.errors import MalformedError, MissingInputsError, StoreNotReadyError
 from edge.sensors.sample import ChannelSpec, Quality, Sample
-from edge.sensors.windows import WindowCutter, Windows, WindowSpec
+
+if TYPE_CHECKING:
+    # numpy and the window cutter are imported by the reads that need them, not by the agent that only records
+    # samples: 20 MB of an idle agent on a 512 MB board (BENCHMARKS.md, "Raspberry Pi hub").
+    import numpy as np
+
+    from edge.sensors.windows import Windows, WindowSpec
 
 SCHEMA_VERSION = "3"
 MAX_CHANNELS = 64
@@ -204,6 +208,8 @@ def _decode_classes(text: str) -> tuple[str, ...]:
 
 def _label_map(classes: tuple[str, ...], wanted: tuple[str, ...]) -> np.ndarray:
     """Each stored label index's position in `wanted` (by name). Requires set(classes) <= set(wanted)."""
+    import numpy as np
+
     return np.array([wanted.index(c) for c in classes], dtype=np.int64)
 
 
@@ -527,7 +533,7 @@ class SampleStore:
                 (row.id, n),
             ).fetchall()
         return [
-            Sample(sensor, t, tuple(float(v) for v in np.frombuffer(blob, "<f4")), Quality(q), lab, seg, err)
+            Sample(sensor, t, struct.unpack(f"<{len(blob) // 4}f", blob), Quality(q), lab, seg, err)
             for t, q, lab, seg, blob, err in found
         ]
 
@@ -555,6 +561,10 @@ class SampleStore:
 
     def windows(self, spec: WindowSpec, limit: int | None = None) -> Windows:
         """All windows of `spec` (at most `limit`) as arrays; see `iter_windows` for bounded memory."""
+        import numpy as np
+
+        from edge.sensors.windows import Windows
+
         parts: list[Windows] = []
         got = 0
         for part in self.iter_windows(spec):
@@ -573,6 +583,8 @@ class SampleStore:
         segment (one recording) whose samples are all good becomes one window, resampled to `length`; labelled
         windows need every sample of the window to carry the same label. Raises MissingInputsError when no
         version of the sensor has the features (and, with `spec.classes`, class names among them)."""
+        from edge.sensors.windows import WindowCutter
+
         versions = self._versions_with(spec)
         cutter = WindowCutter(spec)
         reader = self._reader()
@@ -614,6 +626,8 @@ class SampleStore:
     def _versions_with(self, spec: WindowSpec) -> list[tuple[int, np.ndarray, np.ndarray | None]]:
         """(version id, feature columns, label map) of each version of the sensor that fits `spec`; raises
         MissingInputsError saying, per version, why none does."""
+        import numpy as np
+
         out: list[tuple[int, np.ndarray, np.ndarray | None]] = []
         misfits: list[str] = []
         with self._lock:

@@ -1,7 +1,18 @@
-"""Versioned training tasks both sides agree on. Torch-free: models are in `protocol.tasks.models`."""
+"""Versioned training tasks both sides agree on. Torch-free: models are in `protocol.tasks.models`.
 
-from protocol.tasks.arrays import arrays_sha256, canonical_bytes
+numpy-free too until an array is hashed: the idle agent imports the task registry (to check invitations) but must
+not pay numpy's 20 MB for it on a 512 MB board (BENCHMARKS.md, "Raspberry Pi hub"); `arrays_sha256` and
+`canonical_bytes` are imported from `protocol.tasks.arrays` on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from protocol.tasks.spec import REGISTRY, TaskKind, TaskSpec, UnknownTaskError, get_task
+
+if TYPE_CHECKING:
+    from protocol.tasks.arrays import arrays_sha256, canonical_bytes
 
 __all__ = [
     "REGISTRY",
@@ -12,3 +23,11 @@ __all__ = [
     "canonical_bytes",
     "get_task",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("arrays_sha256", "canonical_bytes"):
+        from protocol.tasks import arrays
+
+        return getattr(arrays, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
