@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +16,13 @@ from pathlib import Path
 import pytest
 from market_fixtures import TASK, Buyer, Market, market, now_ms, validation_bytes
 
+from coordinator.market.http import authenticate
 from coordinator.market.models import Escrow
+from coordinator.market.store import MARK_STEP_MS, MarketStore
 from coordinator.royalties.quote import quote_job
 from protocol.buyer_request import MAX_SKEW_MS, SIGNATURE_HEADER, BuyerRequestStatement
 from protocol.envelope import decode, open_envelope
+from protocol.errors import ReplayedError
 from protocol.escrow import decode_escrow_record
 from protocol.identity import SignerKey
 from protocol.leaves import LeafKind, decode_leaf
@@ -135,6 +139,54 @@ def test_unsigned_bad_unknown_stale_and_replayed_requests_are_refused_with_their
         "unsigned", "malformed", "bad_signature", "bad_signature", "bad_signature", "unknown_key", "stale_request",
         "replayed", "bad_signature",
     ]  # fmt: skip
+
+
+def test_a_request_used_before_a_restart_is_refused_after_it_and_a_fresh_one_is_served(
+    market: Market, tmp_path: Path
+) -> None:
+    """Nonces live in memory only (coordinator/market/store.py): what keeps a replay out after a restart is the
+    buyer's durable request mark, moved past every accepted statement before it is acted on."""
+    acme = market.acme
+    used, unsent = acme.headers("GET", "/v1/jobs"), acme.headers("GET", "/v1/jobs", at_ms=now_ms() + 2_000)
+    assert market.client.get("/v1/jobs", headers=used).status_code == 200
+    # Signed ahead of the coordinator's clock (within the window): its mark is moved past it too.
+    ahead = acme.headers("GET", "/v1/jobs", at_ms=now_ms() + 60_000)
+    assert market.client.get("/v1/jobs", headers=ahead).status_code == 200
+    restarted = MarketStore(market.settings.market_path)  # what serve opens when it starts again
+    try:
+        for headers in (used, ahead, unsent):  # unsent: signed before the restart, never used, refused all the same
+            with pytest.raises(ReplayedError):
+                authenticate(restarted, "GET", "/v1/jobs", headers[SIGNATURE_HEADER], b"")
+        fresh = acme.headers("GET", "/v1/jobs", at_ms=now_ms() + 60_000 + MARK_STEP_MS + 1)
+        assert authenticate(restarted, "GET", "/v1/jobs", fresh[SIGNATURE_HEADER], b"").buyer == "acme"
+        with pytest.raises(ReplayedError):
+            authenticate(restarted, "GET", "/v1/jobs", fresh[SIGNATURE_HEADER], b"")
+        # globex, who sent nothing before, is not held back by acme's mark.
+        assert (
+            authenticate(
+                restarted, "GET", "/v1/jobs", market.globex.headers("GET", "/v1/jobs")[SIGNATURE_HEADER], b""
+            ).buyer
+            == "globex"
+        )
+    finally:
+        restarted.close()
+
+
+def test_a_store_that_kept_nonces_in_a_table_carries_them_into_the_request_marks(tmp_path: Path) -> None:
+    path = tmp_path / "market.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE nonces (buyer TEXT NOT NULL, nonce TEXT NOT NULL, issued_ms INTEGER NOT NULL,"
+        " PRIMARY KEY (buyer, nonce)); INSERT INTO nonces VALUES ('acme', 'a', 5), ('acme', 'b', 9), ('bo', 'c', 7);"
+    )
+    old.commit()
+    old.close()
+    store = MarketStore(path)
+    store.close()
+    db = sqlite3.connect(path)
+    assert sorted(db.execute("SELECT * FROM request_marks")) == [("acme", 9), ("bo", 7)]
+    assert not db.execute("SELECT 1 FROM sqlite_master WHERE name='nonces'").fetchone()
+    db.close()
 
 
 def _cli(market: Market, *args: str) -> subprocess.CompletedProcess[str]:
