@@ -89,6 +89,43 @@ def test_a_quote_prices_each_member_at_its_logged_knob_and_leaves_out_members_wh
     assert market.quoted_job(market.globex, tmp_path)["quote"]["members"] == ["ann", "bob", "cy"]
 
 
+def test_members_below_the_policys_reputation_minimum_for_the_jobs_class_are_not_quoted(
+    market: Market, tmp_path: Path
+) -> None:
+    from coordinator.market.reputation import LoggedReputation
+    from protocol.job_log import JobDeviceEntry, JobLogRecord, MemberValue
+    from protocol.leaves import Leaf, LeafKind
+
+    terms = 'dpv = "dpv:ResearchAndDevelopment"\nlabel = "x"\nlicence = "y"'
+    market.settings.policy_path.write_text(
+        "fee_bps = 1500\n[knob]\nbase_price_minor = 1000\nalpha_milli = 693\nmin_price_minor = 100\n"
+        "max_price_minor = 100000\n[reputation]\nmin_milli = { default = 0, health = 600 }\n"
+        f'[[purposes]]\ncode = "research"\n{terms}\n[[purposes]]\ncode = "health"\n{terms}\n'
+    )
+    assert market.desk.policies is not None
+    market.desk.policies.sync()  # serve logs the changed policy file as a POLICY leaf
+    # A logged job: ann valued in 10 rounds, bob excluded from 3 of his 4; cy has no logged job (500).
+    job = JobLogRecord(
+        job_id="job-old", run_id=1, task_id="plaid-appliance", task_version=1, purpose="research", buyer="globex",
+        status="failed", rounds=10, rounds_completed=10, started_ms=now_ms() - 9, ended_ms=now_ms(),
+        devices=tuple(JobDeviceEntry(device=f"d-{m}", member=m, node_id=i, selected=True) for i, m in enumerate("ab")),
+        attribution=(
+            MemberValue(member="ann", value_units=900, rounds=10, excluded_rounds=0),
+            MemberValue(member="bob", value_units=100, rounds=4, excluded_rounds=3),
+        ),
+    )  # fmt: skip
+    market.ledger.append_leaves([Leaf(LeafKind.JOB, job.canonical_json())])
+    scores = LoggedReputation(market.ledger).scores(["ann", "bob", "cy"])
+    assert scores["ann"] > 600 > scores["cy"] == 500 > scores["bob"], scores
+    # A health job quotes ann alone; a research job (the default class, minimum 0) all three.
+    assert market.quoted_job(market.acme, tmp_path, purpose="health", min_members=1)["quote"]["members"] == ["ann"]
+    assert market.quoted_job(market.acme, tmp_path)["quote"]["members"] == ["ann", "bob", "cy"]
+    made = market.call(market.acme, "POST", "/v1/jobs", {"task": TASK, "purpose": "health", "min_members": 2})
+    refused = market.call(market.acme, "POST", f"/v1/jobs/{made.json()['job_id']}/quote")
+    _refused(refused, 409, "job_state")
+    assert "2 below the policy's minimum reputation for a 'health' job" in refused.json()["message"]
+
+
 def test_a_quote_is_refused_with_strike_while_a_strike_at_quorum_covers_the_buyer(
     market: Market, tmp_path: Path
 ) -> None:

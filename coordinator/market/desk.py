@@ -50,6 +50,7 @@ from coordinator.market.models import (
     MarketJob,
     Progress,
 )
+from coordinator.market.reputation import LoggedReputation
 from coordinator.market.store import MarketStore
 from coordinator.policy.document import StrikePolicy
 from coordinator.policy.ledger_records import PolicyLog
@@ -154,6 +155,7 @@ class JobDesk:
         self._lock = threading.RLock()  # every read-modify-write of a job document
         self._stopping = threading.Event()
         self._workers: dict[str, threading.Thread] = {}
+        self._reputation = LoggedReputation(ledger)
 
     # The steps a buyer takes
 
@@ -215,10 +217,12 @@ class JobDesk:
             strikes = self._strikes()
             refuse_if_struck(self.registry, buyer, job.request.purpose, strikes.quorum_bps, now, strikes.min_members)
             devices = self._eligible(buyer, job.request.purpose, now)
+            devices, below = self._reputable(devices, job.request.purpose)
             members = sorted({member for _, member in devices})[: job.request.max_members]
             if len(members) < job.request.min_members:
+                why = f" ({below} below the policy's minimum reputation for a '{job.request.purpose}' job)"
                 raise JobStateError(
-                    "too few eligible members for this job now",
+                    "too few eligible members for this job now" + (why if below else ""),
                     expected=f">= {job.request.min_members}",
                     found=len(members),
                 )
@@ -502,6 +506,17 @@ class JobDesk:
         """The policy a quote made now is priced under: the latest POLICY leaf's, else the configured one."""
         current = self.policies.current() if self.policies is not None else None
         return current.royalty() if current is not None else self.terms.policy
+
+    def _reputable(self, devices: list[tuple[str, str]], purpose: str) -> tuple[list[tuple[str, str]], int]:
+        """The devices whose member's reputation (coordinator/market/reputation.py) meets the policy's minimum for
+        the job's class (its purpose), and how many members fell below it."""
+        current = self.policies.current() if self.policies is not None else None
+        minimum = current.record.policy.min_reputation_milli(purpose) if current is not None else 0
+        if minimum <= 0:
+            return devices, 0
+        scores = self._reputation.scores(sorted({member for _, member in devices}))
+        below = {member for member, score in scores.items() if score < minimum}
+        return [(d, m) for d, m in devices if m not in below], len(below)
 
     def _strikes(self) -> StrikePolicy:
         """The strike quorum a quote made now honours: the latest POLICY leaf's, else the policy's default."""
