@@ -226,11 +226,11 @@ def test_a_store_that_kept_nonces_in_a_table_carries_them_into_the_request_marks
     db.close()
 
 
-def _cli(market: Market, *args: str) -> subprocess.CompletedProcess[str]:
+def _cli(market: Market, *args: str, group: str = "buyer") -> subprocess.CompletedProcess[str]:
     config = market.settings.data_dir.parent / "coordinator.toml"
     config.write_text(f'mid = "riverside"\ndata_dir = "{market.settings.data_dir}"\n')
     return subprocess.run(
-        [sys.executable, "-c", "from midgate_cli import app; app()", "coordinator", "buyer", *args, "-c", str(config)],
+        [sys.executable, "-c", "from midgate_cli import app; app()", "coordinator", group, *args, "-c", str(config)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -299,7 +299,7 @@ def test_a_request_repeated_under_its_idempotency_key_is_the_same_job(market: Ma
         ({"task": "no-such-task@1", "purpose": "research"}, 404, "unknown_task"),
         ({"task": TASK, "purpose": "advertising"}, 422, "policy_violation"),  # not in the MID's purpose vocabulary
         ({"task": TASK, "purpose": "research", "rounds": 0}, 400, "malformed"),
-        (b"x" * 20_000, 413, "too_large"),
+        (b"x" * 60_000, 413, "too_large"),
     ],
 )
 def test_a_bad_job_request_is_a_4xx_with_a_message(
@@ -391,3 +391,36 @@ def test_events_stream_the_job_until_it_ends(market: Market, tmp_path: Path) -> 
     assert streamed.status_code == 200 and streamed.headers["content-type"].startswith("text/event-stream")
     events = [json.loads(line[len("data: ") :]) for line in streamed.text.splitlines() if line.startswith("data: ")]
     assert [e["state"] for e in events] == ["cancelled"] and events[0]["job_id"] == job_id
+
+
+def test_a_task_a_buyer_proposes_with_its_job_is_quoted_once_the_operator_approves_it(
+    market: Market, tmp_path: Path
+) -> None:
+    from protocol.tasks.spec import get_task
+
+    spec = get_task("plaid-appliance", 1).model_dump(mode="json")
+    spec.update(id="acme-appliance", description="acme's appliance classes")
+    request = {"task": "acme-appliance@1", "purpose": "research", "task_spec": spec}
+    wrong = market.call(market.acme, "POST", "/v1/jobs", {**request, "task": "acme-appliance@2"})
+    _refused(wrong, 400, "malformed")  # the spec is not the task the request names
+    made = market.call(market.acme, "POST", "/v1/jobs", request)
+    assert made.status_code == 201, made.text
+    job = made.json()
+    assert job["task_proposed"] is True and job["request"]["rounds"] == spec["recipe"]["rounds"]
+    uploaded = market.call(market.acme, "POST", f"/v1/jobs/{job['job_id']}/validation", validation_bytes(tmp_path))
+    assert uploaded.status_code == 200, uploaded.text  # checked against the proposed task's windows
+    refused = market.call(market.acme, "POST", f"/v1/jobs/{job['job_id']}/quote")
+    _refused(refused, 409, "job_state")
+    assert "awaits the operator's approval" in refused.json()["message"]
+    listed = _cli(market, "proposals", group="task")
+    assert listed.returncode == 0 and f"{job['job_id']}  acme  acme-appliance@1" in listed.stdout, listed
+    approved = _cli(market, "approve", job["job_id"], group="task")
+    assert approved.returncode == 0 and "approved: acme-appliance@1" in approved.stdout, approved
+    assert _cli(market, "proposals", group="task").stdout == ""
+    quoted = market.call(market.acme, "POST", f"/v1/jobs/{job['job_id']}/quote")
+    assert quoted.status_code == 200 and quoted.json()["quote"]["members"] == ["ann", "bob", "cy"], quoted.text
+    # Proposing another spec under a task the MID has is refused; a job without a proposal has none to approve.
+    other = {**request, "task_spec": {**spec, "description": "something else"}}
+    _refused(market.call(market.acme, "POST", "/v1/jobs", other), 422, "policy_violation")
+    plain = market.call(market.acme, "POST", "/v1/jobs", {"task": TASK, "purpose": "research"}).json()
+    assert _cli(market, "approve", plain["job_id"], group="task").returncode == 2

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from coordinator.http_refusals import read_bounded_body, refusal
-from coordinator.market.desk import MAX_REQUEST_BYTES, JobDesk
+from coordinator.market.desk import MAX_JOB_REQUEST_BYTES, MAX_REQUEST_BYTES, JobDesk
 from coordinator.market.models import TERMINAL, AcceptBody, JobList, JobRequestBody, MarketJob
 from coordinator.market.store import MarketStore
 from protocol.buyer_request import SIGNATURE_HEADER, SignedRequest, signature_key_ids, verify_request
@@ -99,7 +99,7 @@ def market_router(desk: JobDesk, on_refusal: Callable[[Reason], None] = lambda r
         Idempotency-Key created."""
         try:
             job, created = await signed_call(
-                request, MAX_REQUEST_BYTES, lambda s, body: desk.request(s.buyer, body, idempotency_key)
+                request, MAX_JOB_REQUEST_BYTES, lambda s, body: desk.request(s.buyer, body, idempotency_key)
             )
         except ProtocolError as error:
             return refusal(error, on_refusal)
