@@ -123,6 +123,14 @@ def request(
     min_members: Annotated[int, typer.Option(help="fewest members that must train it")] = 2,
     max_members: Annotated[int, typer.Option(help="most members it may use")] = 100,
     dp: Annotated[bool, typer.Option("--dp/--no-dp", help="require differential privacy")] = False,
+    task_spec: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="propose the task: its spec (JSON, id@version = --task); quoted once the MID's operator approves it",
+        ),
+    ] = None,
     validation: Annotated[
         Path | None, typer.Option(exists=True, dir_okay=False, help="your validation window file, uploaded at once")
     ] = None,
@@ -146,6 +154,12 @@ def request(
     }
     if rounds is not None:
         spec["rounds"] = rounds
+    if task_spec is not None:
+        try:
+            spec["task_spec"] = json.loads(task_spec.read_bytes()[: 64 * 1024])
+        except ValueError:
+            typer.echo(f"refused: {task_spec} is not a JSON task spec", err=True)
+            raise typer.Exit(2) from None
     try:
         job = client.request_job(spec, idempotency_key)
         if validation is not None:
