@@ -367,7 +367,9 @@ def test_a_manifest_built_through_the_log_index_is_the_one_a_scan_builds(settled
         index.update(settled.ledger)
         other = SignerKey.generate("dev-cy")
         settled.ledger.append([_report(other, RUN, 5, 3)])  # after the settlement: seen by the update, not cited
+        settled.ledger.append([_report(other, 2**64 - 1, 6, 1)])  # Flower run ids are u64, beyond SQLite's INTEGER
         index.update(settled.ledger)
+        assert index.contributions(2**64 - 1, settled.ledger.size) == [settled.ledger.size - 1]
         assert len(index.contributions(RUN, settled.ledger.size)) == len(settled.contributions) + 2
         built = build_manifest(
             settled.ledger,

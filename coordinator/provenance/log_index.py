@@ -3,6 +3,7 @@ CONTRIBUTION leaf by Flower run id. A manifest build looked these up by reading 
 manifest; the index reads each leaf once, ever, and a build then reads only the leaves it cites.
 
 The index is derived from the log alone (append-only, so the leaves past `scanned_to` are all it has not seen) and
+Flower run ids are unsigned 64-bit, beyond SQLite's INTEGER: they are kept as text. The index is
 rebuilt from scratch when it does not match the log it is given (another origin, or a log shorter than it scanned).
 It is a cache: losing it costs one scan, so it is written with synchronous=NORMAL. `serve` and `coordinator job
 manifest` may both update it; each update is one transaction. Blocking.
@@ -23,7 +24,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (job_id TEXT NOT NULL, idx INTEGER NOT NULL, PRIMARY KEY (job_id, idx));
 CREATE TABLE IF NOT EXISTS settlements (record_id TEXT NOT NULL, idx INTEGER NOT NULL, PRIMARY KEY (record_id, idx));
-CREATE TABLE IF NOT EXISTS contributions (run_id INTEGER NOT NULL, idx INTEGER NOT NULL, PRIMARY KEY (run_id, idx));
+CREATE TABLE IF NOT EXISTS contributions (run_id TEXT NOT NULL, idx INTEGER NOT NULL, PRIMARY KEY (run_id, idx));
 """
 
 
@@ -57,7 +58,7 @@ class LogIndex:
                 else:
                     run_id = contribution_run_id(leaf)
                     if run_id is not None:
-                        db.execute("INSERT OR IGNORE INTO contributions VALUES (?, ?)", (run_id, index))
+                        db.execute("INSERT OR IGNORE INTO contributions VALUES (?, ?)", (str(run_id), index))
             db.execute("INSERT OR REPLACE INTO meta VALUES ('origin', ?)", (reader.origin,))
             db.execute("INSERT OR REPLACE INTO meta VALUES ('scanned_to', ?)", (str(reader.size),))
 
@@ -76,6 +77,6 @@ class LogIndex:
     def contributions(self, run_id: int, before_index: int) -> list[int]:
         """The indices, in log order, of the CONTRIBUTION leaves naming `run_id` below `before_index`."""
         rows = self._db.execute(
-            "SELECT idx FROM contributions WHERE run_id=? AND idx < ? ORDER BY idx", (run_id, before_index)
+            "SELECT idx FROM contributions WHERE run_id=? AND idx < ? ORDER BY idx", (str(run_id), before_index)
         ).fetchall()
         return [int(r[0]) for r in rows]
