@@ -109,7 +109,8 @@ async def call(client: httpx.AsyncClient, buyer: Buyer, method: str, target: str
 class KeepAlive:
     """One HTTP/1.1 keep-alive connection, GET only, answers with a Content-Length: the pollers' client. httpx cost
     this process ~8 ms CPU per request (48 s during one loaded job, 3x what `serve` used, on the cores the devices
-    train on); this costs ~0.3 ms, so the rounds measure the server's cost, as they would with buyers elsewhere."""
+    train on); this costs ~0.5 ms with the signing, so the rounds measure mostly the server's cost, as they would with
+    buyers elsewhere."""
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
