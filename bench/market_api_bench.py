@@ -5,21 +5,22 @@ Setup (tests/test_market_job_e2e.py's): Mosquitto, `midgate coordinator serve` w
 enrolled `midgate agent run` daemons each replaying its share of PLAID (split by label), all on this machine. The
 owner, a buyer registered like `midgate coordinator buyer add` does (the market store, from this process), requests
 a job of R rounds through the API with its validation windows (PLAID test), gets it quoted, accepts it and polls
-`GET /v1/jobs/{id}` every second until it is delivered. Jobs run one after the other in the same `serve`, in the order
-unloaded, loaded, unloaded (so warm-up and drift fall on both sides); in a loaded job 50 more registered buyers, each
-with a job of its own (requested, never accepted: a buyer sees only its own jobs), poll `GET /v1/jobs/{own id}` every
-0.5-1 s (uniform per buyer, staggered starts), every request signed (protocol/buyer_request.py, a fresh nonce each),
-each over its own keep-alive connection (KeepAlive: a lean client, not httpx), from the accept to the delivery; with
+`GET /v1/jobs/{id}` every second until it is delivered. Jobs run one after the other in the same `serve`: unloaded,
+then `--pairs` times loaded, unloaded (so warm-up and drift fall on both sides; each loaded job is also compared with
+its two neighbours); in a loaded job 50 more registered buyers, each with a job of its own (requested, never
+accepted: a buyer sees only its own jobs), poll `GET /v1/jobs/{own id}` every 0.5-1 s (uniform per buyer, staggered
+starts), every request signed (protocol/buyer_request.py, a fresh nonce each), each over its own keep-alive
+connection (KeepAlive: a lean client, not httpx), from the accept to the delivery; with
 `--mode sse` they follow `GET /v1/jobs/{own id}/events` instead (one signed request each, the server pushes changes).
 
 Printed, from the same run: per job its round times (the run's own `outcome.json` round_seconds, the wall time
 between consecutive global models as the ServerApp measured them), their sum and the median of rounds 2..R (round 1
 holds the ClientApps' start); the pollers' request latency p50/p99/max, requests per second, non-200 answers; the
-owner's latency in each job; and the ratio loaded / unloaded (the mean of the two unloaded jobs) of the rounds' sum
-and of the steady median.
+owner's latency in each job; and the ratio loaded / unloaded (the means over the jobs) of the rounds' sum and of the
+steady median, and each loaded job's against its two unloaded neighbours.
 
 Run: flock /tmp/bench.lock .venv/bin/python bench/market_api_bench.py [--devices 3] [--rounds 5] [--buyers 50]
-[--mode poll|sse] (about 6 minutes on 2 cores)
+[--mode poll|sse] [--pairs 2] (about 8 minutes on 2 cores)
 """
 
 from __future__ import annotations
@@ -241,6 +242,7 @@ async def run_job(
         "job_id": job_id,
         "wall_s": wall,
         "polled": polled.summary(wall),
+        "polled_seconds": polled.seconds,
         "owner": owned.summary(),
         "serve_cpu_s": round(serve_cpu, 1),
         "serve_cpu_ms_per_request": round(1000 * serve_cpu / requests, 2),
@@ -255,7 +257,9 @@ def round_seconds(stack: MessagingStack, job_id: str) -> list[float]:
     return [outcome.round_seconds[r] for r in sorted(outcome.round_seconds)]
 
 
-async def bench(stack: MessagingStack, devices: int, rounds: int, buyers: int, mode: str) -> list[dict[str, Any]]:
+async def bench(
+    stack: MessagingStack, devices: int, rounds: int, buyers: int, mode: str, pairs: int
+) -> list[dict[str, Any]]:
     settings = CoordinatorSettings.load_for_command(stack.config)
     store = MarketStore(settings.market_path)  # what `midgate coordinator buyer add` writes; serve reads it per request
     now = time.time_ns() // 1_000_000
@@ -275,7 +279,7 @@ async def bench(stack: MessagingStack, devices: int, rounds: int, buyers: int, m
         assert stack.coordinator is not None and stack.coordinator.proc is not None
         serve = psutil.Process(stack.coordinator.proc.pid)
         results = []
-        for loaded in (False, True, False):
+        for loaded in (False, *[True, False] * pairs):
             load_avg = os.getloadavg()[0]
             result = await run_job(client, owner, validation, rounds, devices, load if loaded else [], serve, mode)
             result.update(loaded=loaded, load_before=round(load_avg, 2), load_after=round(os.getloadavg()[0], 2))
@@ -288,7 +292,7 @@ async def bench(stack: MessagingStack, devices: int, rounds: int, buyers: int, m
 def _rounded(result: dict[str, Any]) -> dict[str, Any]:
     seconds = result["round_seconds"]
     return {
-        **{k: v for k, v in result.items() if k != "round_seconds"},
+        **{k: v for k, v in result.items() if k not in ("round_seconds", "polled_seconds")},
         "wall_s": round(result["wall_s"], 1),
         "round_seconds": [round(s, 2) for s in seconds],
         "rounds_s": round(sum(seconds), 2),
@@ -306,6 +310,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--buyers", type=int, default=50)
     parser.add_argument(
+        "--pairs", type=int, default=2, help="loaded jobs, each followed by an unloaded one (after a first unloaded)"
+    )
+    parser.add_argument(
         "--mode", choices=("poll", "sse"), default="poll", help="the 50 buyers poll, or follow server-sent events"
     )
     args = parser.parse_args()
@@ -316,14 +323,19 @@ def main() -> None:
             start_federated_coordinator(stack, "[royalties]\nfee_bps = 2000\n[market]\njoin_timeout_s = 60")
             agents = start_plaid_agents(stack, args.devices)
             with stopping_federation(stack, agents):
-                results = asyncio.run(bench(stack, args.devices, args.rounds, args.buyers, args.mode))
+                results = asyncio.run(bench(stack, args.devices, args.rounds, args.buyers, args.mode, args.pairs))
             failed = False
         finally:
             stack.close(failed=failed)
     base = [r for r in results if not r["loaded"]]
-    [loaded] = [r for r in results if r["loaded"]]
-    base_sum = statistics.mean(sum(r["round_seconds"]) for r in base)
+    loaded = [r for r in results if r["loaded"]]
+    base_sums = [sum(r["round_seconds"]) for r in base]
+    loaded_sums = [sum(r["round_seconds"]) for r in loaded]
     base_steady = statistics.mean(_steady(r["round_seconds"]) for r in base)
+    loaded_steady = statistics.mean(_steady(r["round_seconds"]) for r in loaded)
+    latency = Latencies()
+    for r in loaded:
+        latency.seconds += r["polled_seconds"]
     print(
         json.dumps(
             {
@@ -331,11 +343,15 @@ def main() -> None:
                 "rounds": args.rounds,
                 "buyers": args.buyers,
                 "mode": args.mode,
-                "latency_loaded": loaded["polled"],
-                "rounds_s_unloaded": round(base_sum, 2),
-                "rounds_s_loaded": round(sum(loaded["round_seconds"]), 2),
-                "ratio_rounds": round(sum(loaded["round_seconds"]) / base_sum, 3),
-                "ratio_steady": round(_steady(loaded["round_seconds"]) / base_steady, 3),
+                "latency_loaded": latency.summary(),
+                "rounds_s_unloaded": [round(x, 2) for x in base_sums],
+                "rounds_s_loaded": [round(x, 2) for x in loaded_sums],
+                "ratio_rounds": round(statistics.mean(loaded_sums) / statistics.mean(base_sums), 3),
+                # Each loaded job against the mean of the unloaded jobs just before and after it: drift cancels.
+                "ratio_rounds_neighbours": [
+                    round(loaded_sums[i] / statistics.mean(base_sums[i : i + 2]), 3) for i in range(len(loaded))
+                ],
+                "ratio_steady": round(loaded_steady / base_steady, 3),
             }
         )
     )
