@@ -139,9 +139,11 @@ class MarketStore:
         """Remember a request nonce; ReplayedError when this buyer used it before (within the signature window, or
         possibly before the store was opened: module docstring). The caller refused statements outside the window."""
         with self._nonce_lock:
-            if issued_ms <= self._floors.get(buyer, -1):
+            floor = self._floors.get(buyer, -1)
+            if issued_ms <= floor:
                 raise ReplayedError(
-                    "signed before the coordinator restarted (it may have been used then): sign it again",
+                    "signed before the coordinator restarted (it may have been used then): sign it again with"
+                    f" issued_ms after {floor}",
                     buyer=buyer,
                     issued_ms=issued_ms,
                 )
