@@ -5,20 +5,22 @@ Setup (tests/test_market_job_e2e.py's): Mosquitto, `midgate coordinator serve` w
 enrolled `midgate agent run` daemons each replaying its share of PLAID (split by label), all on this machine. The
 owner, a buyer registered like `midgate coordinator buyer add` does (the market store, from this process), requests
 a job of R rounds through the API with its validation windows (PLAID test), gets it quoted, accepts it and polls
-`GET /v1/jobs/{id}` every second until it is delivered. Jobs run one after the other in the same `serve`, in the order
-unloaded, loaded, unloaded (so warm-up and drift fall on both sides); in a loaded job 50 more registered buyers, each
-with a job of its own (requested, never accepted: a buyer sees only its own jobs), poll `GET /v1/jobs/{own id}` every
-0.5-1 s (uniform per buyer, staggered starts), every request signed (protocol/buyer_request.py, a fresh nonce each),
-over one httpx async client, from the accept to the delivery.
+`GET /v1/jobs/{id}` every second until it is delivered. Jobs run one after the other in the same `serve`: unloaded,
+then `--pairs` times loaded, unloaded (so warm-up and drift fall on both sides; each loaded job is also compared with
+its two neighbours); in a loaded job 50 more registered buyers, each with a job of its own (requested, never
+accepted: a buyer sees only its own jobs), poll `GET /v1/jobs/{own id}` every 0.5-1 s (uniform per buyer, staggered
+starts), every request signed (protocol/buyer_request.py, a fresh nonce each), each over its own keep-alive
+connection (KeepAlive: a lean client, not httpx), from the accept to the delivery; with
+`--mode sse` they follow `GET /v1/jobs/{own id}/events` instead (one signed request each, the server pushes changes).
 
 Printed, from the same run: per job its round times (the run's own `outcome.json` round_seconds, the wall time
 between consecutive global models as the ServerApp measured them), their sum and the median of rounds 2..R (round 1
 holds the ClientApps' start); the pollers' request latency p50/p99/max, requests per second, non-200 answers; the
-owner's latency in each job; and the ratio loaded / unloaded (the mean of the two unloaded jobs) of the rounds' sum
-and of the steady median.
+owner's latency in each job; and the ratio loaded / unloaded (the means over the jobs) of the rounds' sum and of the
+steady median, and each loaded job's against its two unloaded neighbours.
 
 Run: flock /tmp/bench.lock .venv/bin/python bench/market_api_bench.py [--devices 3] [--rounds 5] [--buyers 50]
-(about 3 minutes on 2 cores)
+[--mode poll|sse] [--pairs 2] (about 8 minutes on 2 cores)
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class Buyer:
 class Latencies:
     seconds: list[float] = field(default_factory=list)
     failed: dict[str, int] = field(default_factory=dict)
+    events: int = 0  # server-sent events received (--mode sse)
 
     def add(self, started: float, status: int | str) -> None:
         self.seconds.append(time.perf_counter() - started)
@@ -89,6 +92,8 @@ class Latencies:
             "max_ms": round(1000 * s[-1], 1),
             "failed": self.failed,
         }
+        if self.events:
+            found["events"] = self.events
         if wall_s:
             found["per_s"] = round(len(s) / wall_s, 1)
         return found
@@ -102,23 +107,89 @@ async def call(client: httpx.AsyncClient, buyer: Buyer, method: str, target: str
     return answer.json()
 
 
+class KeepAlive:
+    """One HTTP/1.1 keep-alive connection, GET only, answers with a Content-Length: the pollers' client. httpx cost
+    this process ~8 ms CPU per request (48 s during one loaded job, 3x what `serve` used, on the cores the devices
+    train on); this costs ~0.5 ms with the signing, so the rounds measure mostly the server's cost, as they would with
+    buyers elsewhere."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def get(self, target: str, headers: dict[str, str]) -> tuple[int, bytes]:
+        if self.streams is None:
+            self.streams = await asyncio.open_connection(self.host, self.port)
+        reader, writer = self.streams
+        lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: {self.host}\r\n{lines}\r\n".encode("latin-1"))
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            body = await reader.readexactly(length)
+        except Exception:
+            writer.close()
+            self.streams = None
+            raise
+        return int(head.split(b" ", 2)[1]), body
+
+    def close(self) -> None:
+        if self.streams is not None:
+            self.streams[1].close()
+
+
 async def poller(
-    client: httpx.AsyncClient, buyer: Buyer, job_id: str, stop: asyncio.Event, into: Latencies, rng: random.Random
+    base: tuple[str, int], buyer: Buyer, job_id: str, stop: asyncio.Event, into: Latencies, rng: random.Random
 ) -> None:
     """Poll the buyer's own job on a fixed period (0.5-1 s) from a random start, until `stop`."""
     period = rng.uniform(0.5, 1.0)
     target = f"/v1/jobs/{job_id}"
+    connection = KeepAlive(*base)
     await asyncio.sleep(rng.uniform(0, period))
     due = time.monotonic()
     while not stop.is_set():
         started = time.perf_counter()
         try:
-            answer = await client.get(target, headers=buyer.headers("GET", target))
-            into.add(started, answer.status_code)
-        except httpx.HTTPError as error:
+            status, _ = await connection.get(target, buyer.headers("GET", target))
+            into.add(started, status)
+        except (OSError, asyncio.IncompleteReadError, StopIteration, ValueError) as error:
             into.add(started, type(error).__name__)
         due += period
         await asyncio.sleep(max(0.0, due - time.monotonic()))
+    connection.close()
+
+
+async def follower(
+    base: tuple[str, int], buyer: Buyer, job_id: str, stop: asyncio.Event, into: Latencies, rng: random.Random
+) -> None:
+    """Follow the buyer's own job over server-sent events (`GET /v1/jobs/{id}/events`, one signed request) until
+    `stop`; the latency is the stream's opening (to its headers), the events are counted."""
+    target = f"/v1/jobs/{job_id}/events"
+    await asyncio.sleep(rng.uniform(0, 1.0))
+    reader, writer = await asyncio.open_connection(*base)
+    lines = "".join(f"{k}: {v}\r\n" for k, v in buyer.headers("GET", target).items())
+    writer.write(f"GET {target} HTTP/1.1\r\nHost: {base[0]}\r\n{lines}\r\n".encode("latin-1"))
+    started = time.perf_counter()
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    into.add(started, status)
+    reading = asyncio.create_task(_events_read(reader, into))
+    await stop.wait()
+    reading.cancel()
+    writer.close()
+
+
+async def _events_read(reader: asyncio.StreamReader, into: Latencies) -> None:
+    while True:
+        line = await reader.readline()
+        if not line:
+            return
+        if line.startswith(b"event: job"):
+            into.events += 1
 
 
 async def run_job(
@@ -129,6 +200,7 @@ async def run_job(
     devices: int,
     load: list[tuple[Buyer, str]],
     serve: psutil.Process,
+    mode: str,
 ) -> dict[str, Any]:
     """One job through the API, `load` polling beside it from the accept to the delivery; its figures, with the CPU
     seconds the `serve` process (every thread of it, not its SuperLink) and this process (the buyers' side, which on
@@ -142,7 +214,9 @@ async def run_job(
     rng = random.Random(18)
     await call(client, owner, "POST", f"/v1/jobs/{job_id}/accept", accept)
     started, cpu, mine = time.monotonic(), serve.cpu_times(), psutil.Process().cpu_times()
-    tasks = [asyncio.create_task(poller(client, b, j, stop, polled, rng)) for b, j in load]
+    base = (client.base_url.host, int(client.base_url.port or 80))
+    watch = poller if mode == "poll" else follower
+    tasks = [asyncio.create_task(watch(base, b, j, stop, polled, rng)) for b, j in load]
     target = f"/v1/jobs/{job_id}"
     state = ""
     try:
@@ -168,6 +242,7 @@ async def run_job(
         "job_id": job_id,
         "wall_s": wall,
         "polled": polled.summary(wall),
+        "polled_seconds": polled.seconds,
         "owner": owned.summary(),
         "serve_cpu_s": round(serve_cpu, 1),
         "serve_cpu_ms_per_request": round(1000 * serve_cpu / requests, 2),
@@ -182,7 +257,9 @@ def round_seconds(stack: MessagingStack, job_id: str) -> list[float]:
     return [outcome.round_seconds[r] for r in sorted(outcome.round_seconds)]
 
 
-async def bench(stack: MessagingStack, devices: int, rounds: int, buyers: int) -> list[dict[str, Any]]:
+async def bench(
+    stack: MessagingStack, devices: int, rounds: int, buyers: int, mode: str, pairs: int
+) -> list[dict[str, Any]]:
     settings = CoordinatorSettings.load_for_command(stack.config)
     store = MarketStore(settings.market_path)  # what `midgate coordinator buyer add` writes; serve reads it per request
     now = time.time_ns() // 1_000_000
@@ -202,9 +279,9 @@ async def bench(stack: MessagingStack, devices: int, rounds: int, buyers: int) -
         assert stack.coordinator is not None and stack.coordinator.proc is not None
         serve = psutil.Process(stack.coordinator.proc.pid)
         results = []
-        for loaded in (False, True, False):
+        for loaded in (False, *[True, False] * pairs):
             load_avg = os.getloadavg()[0]
-            result = await run_job(client, owner, validation, rounds, devices, load if loaded else [], serve)
+            result = await run_job(client, owner, validation, rounds, devices, load if loaded else [], serve, mode)
             result.update(loaded=loaded, load_before=round(load_avg, 2), load_after=round(os.getloadavg()[0], 2))
             result["round_seconds"] = round_seconds(stack, result["job_id"])
             results.append(result)
@@ -215,7 +292,7 @@ async def bench(stack: MessagingStack, devices: int, rounds: int, buyers: int) -
 def _rounded(result: dict[str, Any]) -> dict[str, Any]:
     seconds = result["round_seconds"]
     return {
-        **{k: v for k, v in result.items() if k != "round_seconds"},
+        **{k: v for k, v in result.items() if k not in ("round_seconds", "polled_seconds")},
         "wall_s": round(result["wall_s"], 1),
         "round_seconds": [round(s, 2) for s in seconds],
         "rounds_s": round(sum(seconds), 2),
@@ -232,6 +309,12 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--buyers", type=int, default=50)
+    parser.add_argument(
+        "--pairs", type=int, default=2, help="loaded jobs, each followed by an unloaded one (after a first unloaded)"
+    )
+    parser.add_argument(
+        "--mode", choices=("poll", "sse"), default="poll", help="the 50 buyers poll, or follow server-sent events"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-market-api-") as tmp:
         stack = MessagingStack(Path(tmp))
@@ -240,25 +323,35 @@ def main() -> None:
             start_federated_coordinator(stack, "[royalties]\nfee_bps = 2000\n[market]\njoin_timeout_s = 60")
             agents = start_plaid_agents(stack, args.devices)
             with stopping_federation(stack, agents):
-                results = asyncio.run(bench(stack, args.devices, args.rounds, args.buyers))
+                results = asyncio.run(bench(stack, args.devices, args.rounds, args.buyers, args.mode, args.pairs))
             failed = False
         finally:
             stack.close(failed=failed)
     base = [r for r in results if not r["loaded"]]
-    [loaded] = [r for r in results if r["loaded"]]
-    base_sum = statistics.mean(sum(r["round_seconds"]) for r in base)
+    loaded = [r for r in results if r["loaded"]]
+    base_sums = [sum(r["round_seconds"]) for r in base]
+    loaded_sums = [sum(r["round_seconds"]) for r in loaded]
     base_steady = statistics.mean(_steady(r["round_seconds"]) for r in base)
+    loaded_steady = statistics.mean(_steady(r["round_seconds"]) for r in loaded)
+    latency = Latencies()
+    for r in loaded:
+        latency.seconds += r["polled_seconds"]
     print(
         json.dumps(
             {
                 "devices": args.devices,
                 "rounds": args.rounds,
                 "buyers": args.buyers,
-                "latency_loaded": loaded["polled"],
-                "rounds_s_unloaded": round(base_sum, 2),
-                "rounds_s_loaded": round(sum(loaded["round_seconds"]), 2),
-                "ratio_rounds": round(sum(loaded["round_seconds"]) / base_sum, 3),
-                "ratio_steady": round(_steady(loaded["round_seconds"]) / base_steady, 3),
+                "mode": args.mode,
+                "latency_loaded": latency.summary(),
+                "rounds_s_unloaded": [round(x, 2) for x in base_sums],
+                "rounds_s_loaded": [round(x, 2) for x in loaded_sums],
+                "ratio_rounds": round(statistics.mean(loaded_sums) / statistics.mean(base_sums), 3),
+                # Each loaded job against the mean of the unloaded jobs just before and after it: drift cancels.
+                "ratio_rounds_neighbours": [
+                    round(loaded_sums[i] / statistics.mean(base_sums[i : i + 2]), 3) for i in range(len(loaded))
+                ],
+                "ratio_steady": round(loaded_steady / base_steady, 3),
             }
         )
     )

@@ -11,6 +11,7 @@ import typer
 from coordinator.dashboard.cli import operator_app, report_command
 from coordinator.federation.job_cli import app as job_app
 from coordinator.market.cli import operator_app as buyer_app
+from coordinator.market.cli import task_approve, task_proposals
 from coordinator.policy.cli import app as policy_app
 from coordinator.royalties.cli import app as royalties_app
 from coordinator.tasks.cli import app as task_app
@@ -34,7 +35,10 @@ job_app.command("report")(report_command)
 app.add_typer(job_app, name="job")
 # The dashboard's login: `operator passwd`.
 app.add_typer(operator_app, name="operator")
-# Task specs the MID signs and serves: `task add`, `task list`, `task show`.
+# Task specs the MID signs and serves: `task add`, `task list`, `task show`; `task proposals` and `task approve JOB`
+# (specs buyers proposed) are the market's (it sits above the task commands' module in the layers).
+task_app.command("proposals")(task_proposals)
+task_app.command("approve")(task_approve)
 app.add_typer(task_app, name="task")
 # Buyers allowed to use the buyer job API: `buyer add`, `buyer revoke`, `buyer list`.
 app.add_typer(buyer_app, name="buyer")

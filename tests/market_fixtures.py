@@ -32,7 +32,7 @@ from coordinator.serve.http import build_http_app
 from coordinator.tasks.catalogue import TaskCatalogue
 from protocol.buyer_request import sign_request
 from protocol.errors import Reason
-from protocol.identity import SignerKey
+from protocol.identity import SignerKey, save_signer_key
 from protocol.messages import DeviceStatus
 from protocol.private_files import private_dir, private_file
 from protocol.tasks.spec import get_task
@@ -112,6 +112,7 @@ def market(tmp_path: Path) -> Iterator[Market]:
     settings = CoordinatorSettings(mid=MID, data_dir=data, federation={"enabled": True})  # type: ignore[arg-type]
     private_dir(data)
     mid_key = SignerKey.generate(mid_key_name(MID))
+    save_signer_key(settings.mid_key_file, mid_key)  # the operator's commands (`task approve`) sign with it too
     ledger = LedgerStore.open(private_file(settings.ledger_path), mid_key)
     catalogue = TaskCatalogue(settings.tasks_path, mid_key, now_ms())
     registry = Registry(settings.registry_path)

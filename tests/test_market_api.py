@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +16,13 @@ from pathlib import Path
 import pytest
 from market_fixtures import TASK, Buyer, Market, market, now_ms, validation_bytes
 
+from coordinator.market.http import authenticate
 from coordinator.market.models import Escrow
+from coordinator.market.store import MARK_STEP_MS, MarketStore
 from coordinator.royalties.quote import quote_job
 from protocol.buyer_request import MAX_SKEW_MS, SIGNATURE_HEADER, BuyerRequestStatement
 from protocol.envelope import decode, open_envelope
+from protocol.errors import ReplayedError
 from protocol.escrow import decode_escrow_record
 from protocol.identity import SignerKey
 from protocol.leaves import LeafKind, decode_leaf
@@ -92,6 +96,43 @@ def test_a_quote_prices_each_member_at_its_logged_knob_and_leaves_out_members_wh
     assert market.quoted_job(market.globex, tmp_path)["quote"]["members"] == ["ann", "cy"]
 
 
+def test_members_below_the_policys_reputation_minimum_for_the_jobs_class_are_not_quoted(
+    market: Market, tmp_path: Path
+) -> None:
+    from coordinator.market.reputation import LoggedReputation
+    from protocol.job_log import JobDeviceEntry, JobLogRecord, MemberValue
+    from protocol.leaves import Leaf, LeafKind
+
+    terms = 'dpv = "dpv:ResearchAndDevelopment"\nlabel = "x"\nlicence = "y"'
+    market.settings.policy_path.write_text(
+        "fee_bps = 1500\n[knob]\nbase_price_minor = 1000\nalpha_milli = 693\nmin_price_minor = 100\n"
+        "max_price_minor = 100000\n[reputation]\nmin_milli = { default = 0, health = 600 }\n"
+        f'[[purposes]]\ncode = "research"\n{terms}\n[[purposes]]\ncode = "health"\n{terms}\n'
+    )
+    assert market.desk.policies is not None
+    market.desk.policies.sync()  # serve logs the changed policy file as a POLICY leaf
+    # A logged job: ann valued in 10 rounds, bob excluded from 3 of his 4; cy has no logged job (500).
+    job = JobLogRecord(
+        job_id="job-old", run_id=1, task_id="plaid-appliance", task_version=1, purpose="research", buyer="globex",
+        status="failed", rounds=10, rounds_completed=10, started_ms=now_ms() - 9, ended_ms=now_ms(),
+        devices=tuple(JobDeviceEntry(device=f"d-{m}", member=m, node_id=i, selected=True) for i, m in enumerate("ab")),
+        attribution=(
+            MemberValue(member="ann", value_units=900, rounds=10, excluded_rounds=0),
+            MemberValue(member="bob", value_units=100, rounds=4, excluded_rounds=3),
+        ),
+    )  # fmt: skip
+    market.ledger.append_leaves([Leaf(LeafKind.JOB, job.canonical_json())])
+    scores = LoggedReputation(market.ledger).scores(["ann", "bob", "cy"])
+    assert scores["ann"] > 600 > scores["cy"] == 500 > scores["bob"], scores
+    # A health job quotes ann alone; a research job (the default class, minimum 0) all three.
+    assert market.quoted_job(market.acme, tmp_path, purpose="health", min_members=1)["quote"]["members"] == ["ann"]
+    assert market.quoted_job(market.acme, tmp_path)["quote"]["members"] == ["ann", "bob", "cy"]
+    made = market.call(market.acme, "POST", "/v1/jobs", {"task": TASK, "purpose": "health", "min_members": 2})
+    refused = market.call(market.acme, "POST", f"/v1/jobs/{made.json()['job_id']}/quote")
+    _refused(refused, 409, "job_state")
+    assert "2 below the policy's minimum reputation for a 'health' job" in refused.json()["message"]
+
+
 def test_a_quote_is_refused_with_strike_while_a_strike_at_quorum_covers_the_buyer(
     market: Market, tmp_path: Path
 ) -> None:
@@ -144,11 +185,59 @@ def test_unsigned_bad_unknown_stale_and_replayed_requests_are_refused_with_their
     ]  # fmt: skip
 
 
-def _cli(market: Market, *args: str) -> subprocess.CompletedProcess[str]:
+def test_a_request_used_before_a_restart_is_refused_after_it_and_a_fresh_one_is_served(
+    market: Market, tmp_path: Path
+) -> None:
+    """Nonces live in memory only (coordinator/market/store.py): what keeps a replay out after a restart is the
+    buyer's durable request mark, moved past every accepted statement before it is acted on."""
+    acme = market.acme
+    used, unsent = acme.headers("GET", "/v1/jobs"), acme.headers("GET", "/v1/jobs", at_ms=now_ms() + 2_000)
+    assert market.client.get("/v1/jobs", headers=used).status_code == 200
+    # Signed ahead of the coordinator's clock (within the window): its mark is moved past it too.
+    ahead = acme.headers("GET", "/v1/jobs", at_ms=now_ms() + 60_000)
+    assert market.client.get("/v1/jobs", headers=ahead).status_code == 200
+    restarted = MarketStore(market.settings.market_path)  # what serve opens when it starts again
+    try:
+        for headers in (used, ahead, unsent):  # unsent: signed before the restart, never used, refused all the same
+            with pytest.raises(ReplayedError):
+                authenticate(restarted, "GET", "/v1/jobs", headers[SIGNATURE_HEADER], b"")
+        fresh = acme.headers("GET", "/v1/jobs", at_ms=now_ms() + 60_000 + MARK_STEP_MS + 1)
+        assert authenticate(restarted, "GET", "/v1/jobs", fresh[SIGNATURE_HEADER], b"").buyer == "acme"
+        with pytest.raises(ReplayedError):
+            authenticate(restarted, "GET", "/v1/jobs", fresh[SIGNATURE_HEADER], b"")
+        # globex, who sent nothing before, is not held back by acme's mark.
+        assert (
+            authenticate(
+                restarted, "GET", "/v1/jobs", market.globex.headers("GET", "/v1/jobs")[SIGNATURE_HEADER], b""
+            ).buyer
+            == "globex"
+        )
+    finally:
+        restarted.close()
+
+
+def test_a_store_that_kept_nonces_in_a_table_carries_them_into_the_request_marks(tmp_path: Path) -> None:
+    path = tmp_path / "market.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE nonces (buyer TEXT NOT NULL, nonce TEXT NOT NULL, issued_ms INTEGER NOT NULL,"
+        " PRIMARY KEY (buyer, nonce)); INSERT INTO nonces VALUES ('acme', 'a', 5), ('acme', 'b', 9), ('bo', 'c', 7);"
+    )
+    old.commit()
+    old.close()
+    store = MarketStore(path)
+    store.close()
+    db = sqlite3.connect(path)
+    assert sorted(db.execute("SELECT * FROM request_marks")) == [("acme", 9), ("bo", 7)]
+    assert not db.execute("SELECT 1 FROM sqlite_master WHERE name='nonces'").fetchone()
+    db.close()
+
+
+def _cli(market: Market, *args: str, group: str = "buyer") -> subprocess.CompletedProcess[str]:
     config = market.settings.data_dir.parent / "coordinator.toml"
     config.write_text(f'mid = "riverside"\ndata_dir = "{market.settings.data_dir}"\n')
     return subprocess.run(
-        [sys.executable, "-c", "from midgate_cli import app; app()", "coordinator", "buyer", *args, "-c", str(config)],
+        [sys.executable, "-c", "from midgate_cli import app; app()", "coordinator", group, *args, "-c", str(config)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -217,7 +306,7 @@ def test_a_request_repeated_under_its_idempotency_key_is_the_same_job(market: Ma
         ({"task": "no-such-task@1", "purpose": "research"}, 404, "unknown_task"),
         ({"task": TASK, "purpose": "advertising"}, 422, "policy_violation"),  # not in the MID's purpose vocabulary
         ({"task": TASK, "purpose": "research", "rounds": 0}, 400, "malformed"),
-        (b"x" * 20_000, 413, "too_large"),
+        (b"x" * 60_000, 413, "too_large"),
     ],
 )
 def test_a_bad_job_request_is_a_4xx_with_a_message(
@@ -309,3 +398,36 @@ def test_events_stream_the_job_until_it_ends(market: Market, tmp_path: Path) -> 
     assert streamed.status_code == 200 and streamed.headers["content-type"].startswith("text/event-stream")
     events = [json.loads(line[len("data: ") :]) for line in streamed.text.splitlines() if line.startswith("data: ")]
     assert [e["state"] for e in events] == ["cancelled"] and events[0]["job_id"] == job_id
+
+
+def test_a_task_a_buyer_proposes_with_its_job_is_quoted_once_the_operator_approves_it(
+    market: Market, tmp_path: Path
+) -> None:
+    from protocol.tasks.spec import get_task
+
+    spec = get_task("plaid-appliance", 1).model_dump(mode="json")
+    spec.update(id="acme-appliance", description="acme's appliance classes")
+    request = {"task": "acme-appliance@1", "purpose": "research", "task_spec": spec}
+    wrong = market.call(market.acme, "POST", "/v1/jobs", {**request, "task": "acme-appliance@2"})
+    _refused(wrong, 400, "malformed")  # the spec is not the task the request names
+    made = market.call(market.acme, "POST", "/v1/jobs", request)
+    assert made.status_code == 201, made.text
+    job = made.json()
+    assert job["task_proposed"] is True and job["request"]["rounds"] == spec["recipe"]["rounds"]
+    uploaded = market.call(market.acme, "POST", f"/v1/jobs/{job['job_id']}/validation", validation_bytes(tmp_path))
+    assert uploaded.status_code == 200, uploaded.text  # checked against the proposed task's windows
+    refused = market.call(market.acme, "POST", f"/v1/jobs/{job['job_id']}/quote")
+    _refused(refused, 409, "job_state")
+    assert "awaits the operator's approval" in refused.json()["message"]
+    listed = _cli(market, "proposals", group="task")
+    assert listed.returncode == 0 and f"{job['job_id']}  acme  acme-appliance@1" in listed.stdout, listed
+    approved = _cli(market, "approve", job["job_id"], group="task")
+    assert approved.returncode == 0 and "approved: acme-appliance@1" in approved.stdout, approved
+    assert _cli(market, "proposals", group="task").stdout == ""
+    quoted = market.call(market.acme, "POST", f"/v1/jobs/{job['job_id']}/quote")
+    assert quoted.status_code == 200 and quoted.json()["quote"]["members"] == ["ann", "bob", "cy"], quoted.text
+    # Proposing another spec under a task the MID has is refused; a job without a proposal has none to approve.
+    other = {**request, "task_spec": {**spec, "description": "something else"}}
+    _refused(market.call(market.acme, "POST", "/v1/jobs", other), 422, "policy_violation")
+    plain = market.call(market.acme, "POST", "/v1/jobs", {"task": TASK, "purpose": "research"}).json()
+    assert _cli(market, "approve", plain["job_id"], group="task").returncode == 2

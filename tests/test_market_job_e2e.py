@@ -25,6 +25,7 @@ from protocol.escrow import decode_escrow_record
 from protocol.job_log import decode_job_record
 from protocol.leaves import LeafKind, decode_leaf
 from protocol.tasks.arrays import arrays_sha256
+from protocol.tasks.spec import get_task
 from protocol.tasks.windows import save_window_file
 
 pytest_plugins = ["mqtt_fixtures"]
@@ -112,6 +113,23 @@ def test_a_buyer_requests_pays_follows_and_downloads_a_settled_job(messaging_sta
             [*verify, str(other), str(manifest), "--mid-key", mid_key], cwd=REPO, capture_output=True, text=True
         )
         assert refused.returncode == 1 and "model_mismatch" in refused.stdout + refused.stderr
+
+        # A task the buyer proposes with its request: quoted once the operator approves it through `task approve`.
+        spec = get_task("plaid-appliance", 1).model_dump(mode="json")
+        spec.update(id="acme-appliance", description="acme's appliance classes")
+        spec_file = stack.root / "acme-appliance.json"
+        spec_file.write_text(json.dumps(spec))
+        proposed = buyer(
+            "request", "--task", "acme-appliance@1", "--purpose", "research", "--task-spec", str(spec_file)
+        )
+        assert proposed.returncode == 0, proposed.stderr
+        proposed_id = json.loads(proposed.stdout)["job_id"]
+        assert buyer("quote", proposed_id).returncode != 0  # awaits the operator's approval
+        task = ["coordinator", "task"]
+        assert proposed_id in midgate(*task, "proposals", "--config", str(stack.config))
+        assert "approved: acme-appliance@1" in midgate(*task, "approve", proposed_id, "--config", str(stack.config))
+        requoted = buyer("quote", proposed_id)
+        assert requoted.returncode == 0, requoted.stderr
 
         # The money: escrow in, the job settled under the policy for exactly the escrowed amount, escrow released.
         leaves = _leaves(stack)

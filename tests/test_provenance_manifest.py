@@ -16,13 +16,14 @@ import pytest
 from typer.testing import CliRunner
 
 from coordinator.ledger.store import LedgerStore
-from coordinator.provenance.builder import build_manifest
+from coordinator.provenance.builder import build_manifest, find_settled_job
+from coordinator.provenance.log_index import LogIndex
 from coordinator.royalties.ledger_records import settle_logged_job
 from coordinator.royalties.policy import KnobPolicy, RoyaltyPolicy
 from midgate_cli import app as midgate
 from protocol.checkpoint import Checkpoint, sign_checkpoint
 from protocol.envelope import peek_envelope
-from protocol.errors import ProtocolError, Reason
+from protocol.errors import ProtocolError, Reason, UnknownModelError
 from protocol.identity import SignerKey, save_signer_key
 from protocol.job_log import JobDeviceEntry, JobLogRecord, MemberValue, model_version
 from protocol.leaves import Leaf, LeafKind
@@ -356,3 +357,49 @@ def test_a_manifest_built_while_serve_appends_is_against_the_tree_the_reader_kno
         )
     verified = verify_manifest(envelope, settled.model, settled.mid_key.verifier)
     assert verified.checkpoint.checkpoint.size == known < settled.ledger.size
+
+
+def test_a_manifest_built_through_the_log_index_is_the_one_a_scan_builds(settled: Settled, tmp_path: Path) -> None:
+    """The index (coordinator/provenance/log_index.py) finds the same JOB, SETTLEMENT and contribution leaves as a
+    scan of the whole log, updated incrementally as the log grows and rebuilt for another log."""
+    index = LogIndex(tmp_path / "log-index.sqlite")
+    try:
+        index.update(settled.ledger)
+        other = SignerKey.generate("dev-cy")
+        settled.ledger.append([_report(other, RUN, 5, 3)])  # after the settlement: seen by the update, not cited
+        settled.ledger.append([_report(other, 2**64 - 1, 6, 1)])  # Flower run ids are u64, beyond SQLite's INTEGER
+        index.update(settled.ledger)
+        assert index.contributions(2**64 - 1, settled.ledger.size) == [settled.ledger.size - 1]
+        assert len(index.contributions(RUN, settled.ledger.size)) == len(settled.contributions) + 2
+        built = build_manifest(
+            settled.ledger,
+            JOB,
+            mid=MID,
+            mid_key=settled.mid_key,
+            model_path=settled.model,
+            spec=REGISTRY[("plaid-appliance", 1)],
+            purpose=_purpose(),
+            now_ms=NOW + 80_000,
+            index=index,
+        )
+        scanned = build_manifest(
+            settled.ledger,
+            JOB,
+            mid=MID,
+            mid_key=settled.mid_key,
+            model_path=settled.model,
+            spec=REGISTRY[("plaid-appliance", 1)],
+            purpose=_purpose(),
+            now_ms=NOW + 80_000,
+        )
+        assert built == scanned
+        assert _manifest(built).contributions.count == len(settled.contributions)
+        with pytest.raises(UnknownModelError):
+            find_settled_job(settled.ledger, "no-such-job", index)
+        # Another log (a fresh data_dir) under the same index file: rebuilt, nothing of the first log kept.
+        with LedgerStore.open(tmp_path / "other.sqlite", SignerKey.generate("midgate/other")) as fresh:
+            fresh.append([_report(other, RUN, 1, 1)])
+            index.update(fresh)
+        assert index.first_job(JOB) is None and index.contributions(RUN, 10**9) == [0]
+    finally:
+        index.close()

@@ -1,5 +1,6 @@
-"""`midgate coordinator buyer add|revoke|list` (the operator registers buyers) and `midgate buyer job ...` (a buyer's
-jobs through the signed API).
+"""`midgate coordinator buyer add|revoke|list` (the operator registers buyers), `midgate coordinator task proposals|
+approve JOB` (task specs buyers proposed with a job request) and `midgate buyer job ...` (a buyer's jobs through the
+signed API).
 
 Imports live inside the commands: every `midgate` invocation (the agent's too) imports the CLI modules.
 """
@@ -122,6 +123,14 @@ def request(
     min_members: Annotated[int, typer.Option(help="fewest members that must train it")] = 2,
     max_members: Annotated[int, typer.Option(help="most members it may use")] = 100,
     dp: Annotated[bool, typer.Option("--dp/--no-dp", help="require differential privacy")] = False,
+    task_spec: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="propose the task: its spec (JSON, id@version = --task); quoted once the MID's operator approves it",
+        ),
+    ] = None,
     validation: Annotated[
         Path | None, typer.Option(exists=True, dir_okay=False, help="your validation window file, uploaded at once")
     ] = None,
@@ -145,6 +154,12 @@ def request(
     }
     if rounds is not None:
         spec["rounds"] = rounds
+    if task_spec is not None:
+        try:
+            spec["task_spec"] = json.loads(task_spec.read_bytes()[: 64 * 1024])
+        except ValueError:
+            typer.echo(f"refused: {task_spec} is not a JSON task spec", err=True)
+            raise typer.Exit(2) from None
     try:
         job = client.request_job(spec, idempotency_key)
         if validation is not None:
@@ -316,3 +331,46 @@ def manifest(
         _refused(error)
     output.write_bytes(data)
     typer.echo(f"{output}: verify with `midgate buyer verify-model MODEL {output} --mid-key VKEY`")
+
+
+def task_proposals(config: Path | None = ConfigOption) -> None:
+    """Task specs buyers proposed with a job request, awaiting approval: job, buyer, then the task's line."""
+    from coordinator.config import CoordinatorSettings
+    from coordinator.market.proposals import proposals as awaiting
+    from coordinator.market.store import MarketStore
+    from coordinator.tasks.cli import open_catalogue
+
+    settings = CoordinatorSettings.load_for_command(config)
+    store = MarketStore(settings.market_path)
+    try:
+        with open_catalogue(settings) as catalogue:
+            for proposal in awaiting(store, catalogue):
+                s = proposal.spec
+                typer.echo(f"{proposal.job_id}  {proposal.buyer}  {s.key}  {s.kind}  {s.model.family}  {s.description}")
+    finally:
+        store.close()
+
+
+def task_approve(
+    job: str = typer.Argument(..., help="the job whose proposed task spec to approve (`task proposals`)"),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Approve the task spec a buyer proposed with job JOB: checked like `task add`, signed with the MID key and
+    kept; the job can then be quoted. `task proposals` lists what awaits approval."""
+    from coordinator.config import CoordinatorSettings
+    from coordinator.market.proposals import approve as approve_proposal
+    from coordinator.market.store import MarketStore
+    from coordinator.tasks.cli import open_catalogue
+    from protocol.errors import ProtocolError
+
+    settings = CoordinatorSettings.load_for_command(config)
+    store = MarketStore(settings.market_path)
+    try:
+        with open_catalogue(settings) as catalogue:
+            added = approve_proposal(store, catalogue, job, time.time_ns() // 1_000_000)
+    except ProtocolError as error:
+        typer.echo(f"task refused: {error}", err=True)
+        raise typer.Exit(2) from None
+    finally:
+        store.close()
+    typer.echo(f"approved: {added.spec.key}  {added.spec.kind}  {added.spec.model.family}  {added.spec.description}")

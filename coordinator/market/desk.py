@@ -25,6 +25,7 @@ Blocking (SQLite, threads): async callers use asyncio.to_thread.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import secrets
 import threading
@@ -50,6 +51,7 @@ from coordinator.market.models import (
     MarketJob,
     Progress,
 )
+from coordinator.market.reputation import LoggedReputation
 from coordinator.market.store import MarketStore
 from coordinator.policy.document import StrikePolicy
 from coordinator.policy.ledger_records import PolicyLog
@@ -74,12 +76,14 @@ from protocol.escrow import EscrowEvent, EscrowRecord
 from protocol.leaves import Leaf, decode_leaf
 from protocol.messages import usable_sensors
 from protocol.settings import validation_problems
-from protocol.tasks.spec import TaskSpec
+from protocol.tasks.spec import MAX_TASK_SPEC_BYTES, TaskSpec, UnknownTaskError, parse_task_spec
 from protocol.tasks.windows import load_window_file
 
 log = logging.getLogger("midgate.market")
 
 MAX_REQUEST_BYTES = 16 * 1024
+MAX_JOB_REQUEST_BYTES = MAX_REQUEST_BYTES + 2 * MAX_TASK_SPEC_BYTES
+"""`POST /v1/jobs`: room for a proposed task spec (its JSON may be spelled larger than its canonical form)."""
 
 
 class JobLauncher(Protocol):
@@ -155,16 +159,17 @@ class JobDesk:
         self._lock = threading.RLock()  # every read-modify-write of a job document
         self._stopping = threading.Event()
         self._workers: dict[str, threading.Thread] = {}
+        self._reputation = LoggedReputation(ledger)
 
     # The steps a buyer takes
 
     def request(self, buyer: str, body: bytes, idempotency_key: str | None) -> tuple[MarketJob, bool]:
         """Store a job request; (the job, True) when created, (the job first created under this key, False) for a
         repeat. The same key with another body is refused `idempotency_mismatch`."""
-        if len(body) > MAX_REQUEST_BYTES:
-            raise TooLargeError("job request too large", limit=MAX_REQUEST_BYTES, found=len(body))
+        if len(body) > MAX_JOB_REQUEST_BYTES:
+            raise TooLargeError("job request too large", limit=MAX_JOB_REQUEST_BYTES, found=len(body))
         request = _parse(JobRequestBody, body)
-        spec = self.catalogue.get(request.task_id, request.task_version).spec
+        spec = self._requested_spec(request)
         current = self.policies.current() if self.policies is not None else None
         if current is not None:
             current.policy.purpose(request.purpose)  # policy_violation: not in the MID's purpose vocabulary
@@ -172,7 +177,12 @@ class JobDesk:
             request = request.model_copy(update={"rounds": spec.recipe.rounds})
         now = self.clock_ms()
         job = MarketJob(
-            job_id=f"job-{secrets.token_hex(6)}", buyer=buyer, created_ms=now, updated_ms=now, request=request
+            job_id=f"job-{secrets.token_hex(6)}",
+            buyer=buyer,
+            created_ms=now,
+            updated_ms=now,
+            request=request,
+            task_proposed=request.task_spec is not None,
         )
         digest = hashlib.sha256(body).hexdigest()
         earlier = self.store.insert_job(job.job_id, buyer, idempotency_key, digest, job.model_dump_json(), now)
@@ -191,7 +201,7 @@ class JobDesk:
         with self._lock:
             job = self._own(buyer, job_id)
             _require(job, ("requested", "quoted"), "validation data is set before the job is accepted")
-            spec = self.catalogue.get(job.request.task_id, job.request.task_version).spec
+            spec = self._job_spec(job)
             path = self.validation_path(job_id)
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
@@ -212,17 +222,20 @@ class JobDesk:
         with self._lock:
             job = self._own(buyer, job_id)
             _require(job, ("requested", "quoted"), "a job is quoted before it is accepted")
+            self._approved(job)
             now = self.clock_ms()
             strikes = self._strikes()
             refuse_if_struck(self.registry, buyer, job.request.purpose, strikes.quorum_bps, now, strikes.min_members)
-            spec = self.catalogue.get(job.request.task_id, job.request.task_version).spec
+            spec = self._job_spec(job)
             devices = self._eligible(
                 buyer, job.request.purpose, now, (spec.id, usable_sensors([i.sources for i in spec.inputs]))
             )
+            devices, below = self._reputable(devices, job.request.purpose)
             members = sorted({member for _, member in devices})[: job.request.max_members]
             if len(members) < job.request.min_members:
+                why = f" ({below} below the policy's minimum reputation for a '{job.request.purpose}' job)"
                 raise JobStateError(
-                    "too few eligible members for this job now",
+                    "too few eligible members for this job now" + (why if below else ""),
                     expected=f">= {job.request.min_members}",
                     found=len(members),
                 )
@@ -506,6 +519,59 @@ class JobDesk:
         """The policy a quote made now is priced under: the latest POLICY leaf's, else the configured one."""
         current = self.policies.current() if self.policies is not None else None
         return current.royalty() if current is not None else self.terms.policy
+
+    def _requested_spec(self, request: JobRequestBody) -> TaskSpec:
+        """The task a request names: the catalogue's; or, for a request that proposes its task, the proposed spec,
+        checked as `coordinator task add` checks one (and refused when the catalogue has another under its name)."""
+        if request.task_spec is None:
+            return self.catalogue.get(request.task_id, request.task_version).spec
+        proposed = parse_task_spec(json.dumps(request.task_spec).encode())
+        if proposed.key != request.task:
+            raise MalformedError("the proposed task spec is not the task the request names", found=proposed.key)
+        try:
+            kept = self.catalogue.get(request.task_id, request.task_version).spec
+        except UnknownTaskError:
+            return proposed
+        if kept.canonical_json() != proposed.canonical_json():
+            raise PolicyViolationError("the MID has another task under this id@version", task=request.task)
+        return kept
+
+    def _job_spec(self, job: MarketJob) -> TaskSpec:
+        """The job's task: the catalogue's, or the one its request proposed while it awaits approval."""
+        try:
+            return self.catalogue.get(job.request.task_id, job.request.task_version).spec
+        except UnknownTaskError:
+            if job.request.task_spec is None:
+                raise
+            return parse_task_spec(json.dumps(job.request.task_spec).encode())
+
+    def _approved(self, job: MarketJob) -> None:
+        """Refuse `job_state` while the task the job proposed is not in the catalogue (approved by the operator)."""
+        if job.task_proposed:
+            try:
+                self.catalogue.get(job.request.task_id, job.request.task_version)
+            except UnknownTaskError:
+                raise JobStateError(
+                    "the task this job proposed awaits the operator's approval", job=job.job_id, task=job.request.task
+                ) from None
+
+    def proposed_spec(self, job_id: str) -> TaskSpec:
+        """The task spec a job's request proposed (`midgate coordinator task approve JOB`)."""
+        job = self._stored(job_id)
+        if job.request.task_spec is None:
+            raise UnknownTaskError("this job proposed no task", job=job_id)
+        return parse_task_spec(json.dumps(job.request.task_spec).encode())
+
+    def _reputable(self, devices: list[tuple[str, str]], purpose: str) -> tuple[list[tuple[str, str]], int]:
+        """The devices whose member's reputation (coordinator/market/reputation.py) meets the policy's minimum for
+        the job's class (its purpose), and how many members fell below it."""
+        current = self.policies.current() if self.policies is not None else None
+        minimum = current.record.policy.min_reputation_milli(purpose) if current is not None else 0
+        if minimum <= 0:
+            return devices, 0
+        scores = self._reputation.scores(sorted({member for _, member in devices}))
+        below = {member for member, score in scores.items() if score < minimum}
+        return [(d, m) for d, m in devices if m not in below], len(below)
 
     def _strikes(self) -> StrikePolicy:
         """The strike quorum a quote made now honours: the latest POLICY leaf's, else the policy's default."""

@@ -7,7 +7,7 @@ document plus the progress read from the running job.
 from __future__ import annotations
 
 import hashlib
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
@@ -31,6 +31,9 @@ class JobRequestBody(BaseModel):
     purpose: what the model is for, a purpose code ([a-z0-9-]); members' strikes against it are honoured.
     dp_required: train with differential privacy (client-side clipping and Gaussian noise, the MID's `[market]`
         parameters).
+    task_spec: a task the MID does not have yet, proposed by the buyer: a task spec document (protocol.tasks.spec)
+        whose id@version is `task`. The job waits for the operator's approval (`midgate coordinator task approve
+        JOB`) before it is quoted.
     """
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
@@ -41,6 +44,7 @@ class JobRequestBody(BaseModel):
     max_members: int = Field(default=100, ge=1, le=10_000)
     purpose: Ident
     dp_required: bool = False
+    task_spec: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _bounds(self) -> Self:
@@ -142,6 +146,7 @@ class MarketJob(BaseModel):
     quote_sha256: str | None = None
     escrow: Escrow | None = None
     cancel_requested: bool = False
+    task_proposed: bool = False  # the request proposed its task; quoted once the operator approved it
     progress: Progress = Field(default_factory=Progress)
     model_version: str | None = None
     model_sha256: str | None = None

@@ -52,6 +52,8 @@ class FlowerJobLauncher:
         self.book = JobBook(settings.job_book_dir)
         self._controls: dict[str, ControlApi] = {}
         self._lock = threading.Lock()
+        # Progress is what buyers poll: parsed once per change of the job's record, not once per request.
+        self._progress: dict[str, tuple[tuple[int, int, int], Progress]] = {}
 
     def run(self, request: JobRequest, spec: TaskSpec, report: Callable[[str], None]) -> JobRecord:
         s = self.settings
@@ -98,6 +100,26 @@ class FlowerJobLauncher:
                 control.stop_run(record.run_id)
 
     def progress(self, job_id: str) -> Progress | None:
+        """The job's progress from its record in the job book, re-read only when the record's file changed (the book
+        replaces it on every write) or while the last round's validation metrics are not written yet."""
+        try:
+            stat = self.book.path(job_id).stat()
+        except FileNotFoundError:
+            return None
+        key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        with self._lock:
+            cached = self._progress.get(job_id)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        found = self._read_progress(job_id)
+        if found is not None and (found.round == 0 or found.metrics):
+            with self._lock:
+                if len(self._progress) > 1024:
+                    self._progress.clear()
+                self._progress[job_id] = (key, found)
+        return found
+
+    def _read_progress(self, job_id: str) -> Progress | None:
         record = self.book.read(job_id)
         if record is None:
             return None

@@ -3,8 +3,14 @@
 - `buyers`: the buyers the operator registered (`midgate coordinator buyer add|revoke`), each with its Ed25519 key.
   `serve` reads this table on every request, so an addition or revocation by the CLI (another process, another
   connection) holds from the next request on, without a restart.
-- `nonces`: the request nonces seen per buyer within the signature window (protocol.buyer_request.MAX_SKEW_MS);
-  older ones are pruned, since their statements are refused as stale anyway.
+- `request_marks`: per buyer, a time at or after the `issued_ms` of every request of that buyer ever accepted. The
+  nonces themselves live in memory only (a poll writes nothing, bench/market_api_bench.py): a statement is refused
+  `replayed` when its nonce is in memory, and when its `issued_ms` is at or before the buyer's mark as the store found
+  it when it opened (those statements may have been used before a restart, their nonces lost with the memory).
+  The mark is moved forward, durably, before a request signed after it is accepted, in steps of MARK_STEP_MS so a
+  buyer polling every second writes one row every few seconds. So a replay is refused after a restart too, whatever
+  the server's clock did meanwhile; a request signed before the restart but not sent until after it is refused as
+  well (the client signs it again), and a buyer's mark holds only that buyer's requests back.
 - `jobs`: one row per buyer job, its state and everything the API shows of it (coordinator/market/desk.py).
 
 Blocking: async callers use asyncio.to_thread. One connection, one lock: every call is a short transaction.
@@ -33,13 +39,10 @@ CREATE TABLE IF NOT EXISTS buyers (
     added_ms INTEGER NOT NULL,
     revoked_ms INTEGER
 );
-CREATE TABLE IF NOT EXISTS nonces (
-    buyer TEXT NOT NULL,
-    nonce TEXT NOT NULL,
-    issued_ms INTEGER NOT NULL,
-    PRIMARY KEY (buyer, nonce)
+CREATE TABLE IF NOT EXISTS request_marks (
+    buyer TEXT PRIMARY KEY,
+    mark_ms INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS nonces_by_issued ON nonces (issued_ms);
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY,
     buyer TEXT NOT NULL,
@@ -67,12 +70,23 @@ class Buyer:
         return self.revoked_ms is not None
 
 
+MARK_STEP_MS = 10_000
+"""How far past a request's `issued_ms` a buyer's request mark is moved (one durable write per step per buyer)."""
+
+
 class MarketStore:
     """Buyers, request nonces and buyer jobs (module docstring)."""
 
     def __init__(self, path: Path) -> None:
         self._db = open_wal(path, "FULL", _SCHEMA)
         self._lock = threading.Lock()
+        self._nonce_lock = threading.Lock()
+        self._nonces: dict[tuple[str, str], int] = {}  # (buyer, nonce) -> issued_ms, within the signature window
+        self._pruned_ms = 0
+        with self._write() as db:
+            _carry_old_nonces(db)
+            self._floors: dict[str, int] = {str(b): int(m) for b, m in db.execute("SELECT * FROM request_marks")}
+        self._marks = dict(self._floors)
 
     def close(self) -> None:
         self._db.close()
@@ -122,13 +136,29 @@ class MarketStore:
     # Nonces
 
     def use_nonce(self, buyer: str, nonce: str, issued_ms: int, now_ms: int) -> None:
-        """Remember a request nonce; ReplayedError when this buyer used it before (within the window)."""
-        with self._write() as db:
-            db.execute("DELETE FROM nonces WHERE issued_ms < ?", (now_ms - 2 * MAX_SKEW_MS,))
-            try:
-                db.execute("INSERT INTO nonces VALUES (?, ?, ?)", (buyer, nonce, issued_ms))
-            except sqlite3.IntegrityError:
-                raise ReplayedError("this request nonce was used before", buyer=buyer, nonce=nonce) from None
+        """Remember a request nonce; ReplayedError when this buyer used it before (within the signature window, or
+        possibly before the store was opened: module docstring). The caller refused statements outside the window."""
+        with self._nonce_lock:
+            floor = self._floors.get(buyer, -1)
+            if issued_ms <= floor:
+                raise ReplayedError(
+                    "signed before the coordinator restarted (it may have been used then): sign it again with"
+                    f" issued_ms after {floor}",
+                    buyer=buyer,
+                    issued_ms=issued_ms,
+                )
+            if (buyer, nonce) in self._nonces:
+                raise ReplayedError("this request nonce was used before", buyer=buyer, nonce=nonce)
+            if issued_ms > self._marks.get(buyer, -1):
+                mark = issued_ms + MARK_STEP_MS
+                with self._write() as db:  # durable before the request is acted on
+                    db.execute("INSERT OR REPLACE INTO request_marks VALUES (?, ?)", (buyer, mark))
+                self._marks[buyer] = mark
+            self._nonces[(buyer, nonce)] = issued_ms
+            if now_ms - self._pruned_ms > MAX_SKEW_MS:  # a statement older than the window is refused stale anyway
+                oldest = now_ms - 2 * MAX_SKEW_MS
+                self._nonces = {k: t for k, t in self._nonces.items() if t >= oldest}
+                self._pruned_ms = now_ms
 
     # Jobs
 
@@ -174,6 +204,18 @@ class MarketStore:
             sql += f" AND state IN ({', '.join('?' * len(states))})"
             args += list(states)
         return [str(r[0]) for r in self._rows(sql + " ORDER BY created_ms, job_id", tuple(args))]
+
+
+def _carry_old_nonces(db: sqlite3.Connection) -> None:
+    """A store written before `request_marks` kept its nonces in a `nonces` table: each buyer's mark becomes the last
+    `issued_ms` there, so none of them is accepted again; then the table goes."""
+    if db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='nonces'").fetchone():
+        db.execute(
+            "INSERT OR REPLACE INTO request_marks SELECT buyer, MAX(mark, issued) FROM (SELECT n.buyer AS buyer,"
+            " MAX(n.issued_ms) AS issued, COALESCE(m.mark_ms, 0) AS mark FROM nonces n"
+            " LEFT JOIN request_marks m ON m.buyer = n.buyer GROUP BY n.buyer)"
+        )
+        db.execute("DROP TABLE nonces")
 
 
 def _buyer(row: tuple[Any, ...]) -> Buyer:

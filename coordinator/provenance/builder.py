@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.ledger.store import LedgerReader
+from coordinator.provenance.log_index import LogIndex
 from coordinator.royalties.ledger_records import settlement_record_id
 from coordinator.royalties.settlement import decode_record
 from protocol.checkpoint import parse_checkpoint_text
@@ -52,24 +53,45 @@ class SettledJob:
     members: tuple[str, ...]
 
 
-def find_settled_job(reader: LedgerReader, job_id: str) -> SettledJob:
+def find_settled_job(reader: LedgerReader, job_id: str, index: LogIndex | None = None) -> SettledJob:
     """The job's JOB leaf and its SETTLEMENT leaf; UnknownModelError when the log holds no completed job of this id
-    or no settlement of it yet."""
+    or no settlement of it yet. With `index` (updated to the reader's size) only those two leaves are read."""
+    if index is not None:
+        return _indexed_settled_job(reader, job_id, index)
     record_id = settlement_record_id(job_id)
     job: tuple[int, bytes, JobLogRecord] | None = None
-    for index, data in reader.leaves(0, reader.size):
+    for index_, data in reader.leaves(0, reader.size):
         leaf = decode_leaf(data)
         if leaf.kind is LeafKind.JOB and job is None:
             logged = decode_job_record(leaf.signed)
             if logged.job_id == job_id:
-                job = (index, data, logged)
+                job = (index_, data, logged)
         elif leaf.kind is LeafKind.SETTLEMENT and job is not None:
             record = decode_record(leaf.signed)
             if record.inputs.record_id == record_id:
                 members = tuple(m.member for m in record.inputs.attribution.members)
-                return SettledJob(job[2], job[0], job[1], index, data, members)
+                return SettledJob(job[2], job[0], job[1], index_, data, members)
+    return _unsettled(job, job_id, reader.size)
+
+
+def _indexed_settled_job(reader: LedgerReader, job_id: str, index: LogIndex) -> SettledJob:
+    found = index.first_job(job_id)
+    if found is None:
+        return _unsettled(None, job_id, reader.size)
+    job_leaf = reader.leaf(found)
+    logged = decode_job_record(decode_leaf(job_leaf).signed)
+    settled = index.settlement_after(settlement_record_id(job_id), found)
+    if settled is None:
+        return _unsettled((found, job_leaf, logged), job_id, reader.size)
+    data = reader.leaf(settled)
+    record = decode_record(decode_leaf(data).signed)
+    members = tuple(m.member for m in record.inputs.attribution.members)
+    return SettledJob(logged, found, job_leaf, settled, data, members)
+
+
+def _unsettled(job: tuple[int, bytes, JobLogRecord] | None, job_id: str, size: int) -> SettledJob:
     if job is None:
-        raise UnknownModelError("no JOB leaf for this job in the log", job=job_id, size=reader.size)
+        raise UnknownModelError("no JOB leaf for this job in the log", job=job_id, size=size)
     if job[2].status != "completed":
         raise UnknownModelError("the job did not complete: it has no model", job=job_id, status=job[2].status)
     raise UnknownModelError("the job is not settled yet (`midgate coordinator job settle`)", job=job_id)
@@ -90,13 +112,15 @@ def build_manifest(
     spec: TaskSpec,
     purpose: PurposeTerms,
     now_ms: int,
+    index: LogIndex | None = None,
 ) -> bytes:
     """The signed manifest (DSSE envelope bytes) of a settled job, against the log's latest checkpoint.
 
     Raises UnknownModelError (no such completed, settled job), ModelMismatchError (the model file's arrays are not
-    the JOB leaf's model), MalformedError (the spec is not the job's task).
+    the JOB leaf's model), MalformedError (the spec is not the job's task). With `index` (updated to the reader's
+    size) the log is not scanned: only the leaves the manifest cites are read.
     """
-    settled = find_settled_job(reader, job_id)
+    settled = find_settled_job(reader, job_id, index)
     job = settled.job
     if (spec.id, spec.version) != (job.task_id, job.task_version):
         raise ModelMismatchError("the task spec is not the job's", expected=f"{job.task_id}@{job.task_version}")
@@ -112,9 +136,11 @@ def build_manifest(
     # this reader can prove inclusion only in the tree it knows.
     note = reader.checkpoint(reader.size)
     size_now = parse_checkpoint_text(parse_note(note).text).size
-    root, count = contribution_root(
-        job_contribution_leaves(reader.leaves(0, settled.settlement_index), job.run_id, settled.settlement_index)
-    )
+    if index is None:
+        leaves = reader.leaves(0, settled.settlement_index)
+    else:
+        leaves = ((i, reader.leaf(i)) for i in index.contributions(job.run_id, settled.settlement_index))
+    root, count = contribution_root(job_contribution_leaves(leaves, job.run_id, settled.settlement_index))
     manifest = Manifest(
         mid=mid,
         log_origin=reader.origin,

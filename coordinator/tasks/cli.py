@@ -1,4 +1,5 @@
-"""`midgate coordinator task add FILE | list | show ID@VERSION`: the operator's approval of task specs.
+"""`midgate coordinator task add FILE | list | show ID@VERSION`: the operator's approval of task specs (`task proposals`
+and `task approve JOB`, of specs buyers proposed, are coordinator/market/cli.py's).
 
 Imports live inside the commands: every `midgate` invocation (the agent's too) imports the CLI modules.
 """
