@@ -59,7 +59,7 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
-	$(BIN)/mypy protocol coordinator
+	$(BIN)/mypy protocol runtime coordinator
 
 pytest: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):/usr/sbin:$$PATH" $(BIN)/pytest -q $(PYTEST_ARGS)
