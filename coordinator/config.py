@@ -341,10 +341,11 @@ class FederationSettings(BaseModel):
     )
     keep_warm_serverapp: bool = Field(
         default=True,
-        description="`serve` keeps a warm parent beside the SuperLink (coordinator.federation.warm_serverapp: "
-        "Flower's ServerApp entry point, torch and midgate's ServerApp imported; about 350 MB resident) from which "
-        "each job's `flwr-serverapp` is forked instead of started fresh (5 s of CPU per job measured); if it is not up "
-        "or fails, the ServerApp starts the ordinary way. False: every job's ServerApp is a fresh process",
+        description="with flower_acceleration: `serve` keeps a warm parent beside the SuperLink "
+        "(coordinator.federation.warm_serverapp: Flower's ServerApp entry point, torch and midgate's ServerApp "
+        "imported; about 350 MB resident) from which each job's `flwr-serverapp` is forked instead of started fresh "
+        "(5 s of CPU per job measured); if it is not up or fails, the ServerApp starts the ordinary way. False: every "
+        "job's ServerApp is a fresh process",
     )
     public_host: str | None = Field(default=None, description="host devices' SuperNodes connect to; defaults to `host`")
     tls_hostnames: list[str] = Field(

@@ -112,7 +112,7 @@ class MidSuperLink:
         else:
             host, port = f.host, f.port
         extra_env = dict(SUPERLINK_ACCELERATION_ENV) if f.flower_acceleration else {}
-        if f.keep_warm_serverapp:
+        if f.flower_acceleration and f.keep_warm_serverapp:
             extra_env["PATH"] = self._start_warm_serverapp(home, extra_env)
         self.process = SuperLinkProcess(
             flwr_home=home,
