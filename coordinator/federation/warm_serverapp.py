@@ -15,9 +15,10 @@ SuperLink's log and starts `flwr-serverapp` the ordinary way.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from runtime.fork_server import READY_LINE, ForkServer, ForkTable
+from runtime.fork_server import ForkServer, ForkTable
 
 SERVERAPP_TABLE = ForkTable(
     entry_points={"flwr-serverapp": "flwr.superlink.cli.flwr_serverapp:flwr_serverapp"},
@@ -33,7 +34,4 @@ def warm_serverapp(directory: Path, env: dict[str, str]) -> ForkServer:
 
 def warm_path(directory: Path, path: str) -> str:
     """`path` (a PATH value) with the warm parent's launchers first."""
-    return f"{directory / 'bin'}:{path}" if path else str(directory / "bin")
-
-
-__all__ = ["READY_LINE", "SERVERAPP_TABLE", "warm_path", "warm_serverapp"]
+    return os.pathsep.join([str(directory / "bin"), path]) if path else str(directory / "bin")
