@@ -71,7 +71,7 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
-	$(BIN)/mypy protocol coordinator
+	$(BIN)/mypy protocol runtime coordinator
 
 # Two workers (pytest-xdist) by default, as many as CI's cores; PYTEST_WORKERS=0 runs the suite in one process.
 PYTEST_WORKERS ?= 2

@@ -5,7 +5,8 @@ Setup (the same as tests/fl_stack.py): Mosquitto, `midgate coordinator serve` wi
 `midgate coordinator job start` with only a task, the devices' defaults and `--rounds R`, timed from the command's
 start to its exit (Python start-up included), each line it prints stamped with the time it arrived. The job starts
 once every agent has said its warm executor is ready (agent.toml's keep_warm_executor, on by default: a device that
-has been up for a while), unless `--cold`: then at once, the devices' imports competing with the job.
+has been up for a while) and `serve`'s warm ServerApp parent is listening (keep_warm_serverapp, on by default), unless
+`--cold`: then at once, the devices' imports competing with the job.
 
 Printed, from the same run:
 - total: the command's wall time;
@@ -42,6 +43,7 @@ from mqtt_fixtures import PYTHON, MessagingStack, wait_until  # noqa: E402
 from coordinator.federation.job import JobOutcome  # noqa: E402
 from coordinator.federation.job_start import JobBook  # noqa: E402
 from protocol.tasks.windows import save_window_file  # noqa: E402
+from runtime.fork_server import READY_LINE  # noqa: E402
 
 JOB = "bench-overhead"
 
@@ -85,6 +87,9 @@ def job_on_real_processes(
                 for handle, _ in agents:
                     log = handle.workdir / "agent.log"
                     wait_until(lambda log=log: "warm executor ready" in log.read_text(), 180, "warm executor")
+                # serve's warm ServerApp parent (keep_warm_serverapp, on by default), up long before the devices'
+                warm = stack.data_dir / "federation" / "warm-serverapp" / "warm.log"
+                wait_until(lambda: warm.exists() and READY_LINE in warm.read_text(), 180, "warm serverapp")
             print(f"load average at the job's start: {os.getloadavg()[0]:.1f}")
             with stopping_federation(stack, agents):
                 total, lines, code = timed_job(stack, rounds, job)

@@ -339,6 +339,14 @@ class FederationSettings(BaseModel):
         description="how long the fleet front holds a device's pull that found no message (with flower_acceleration; "
         "0: no holding)",
     )
+    keep_warm_serverapp: bool = Field(
+        default=True,
+        description="with flower_acceleration: `serve` keeps a warm parent beside the SuperLink "
+        "(coordinator.federation.warm_serverapp: Flower's ServerApp entry point, torch and midgate's ServerApp "
+        "imported; about 350 MB resident) from which each job's `flwr-serverapp` is forked instead of started fresh "
+        "(5 s of CPU per job measured); if it is not up or fails, the ServerApp starts the ordinary way. False: every "
+        "job's ServerApp is a fresh process",
+    )
     public_host: str | None = Field(default=None, description="host devices' SuperNodes connect to; defaults to `host`")
     tls_hostnames: list[str] = Field(
         default_factory=lambda: ["localhost", "127.0.0.1"], description="names in the SuperLink's server certificate"

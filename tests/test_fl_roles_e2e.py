@@ -28,6 +28,7 @@ from mqtt_fixtures import MessagingStack, wait_until
 
 from coordinator.capture.directory import CaptureDirectory
 from coordinator.federation.job import JobOutcome
+from runtime.fork_server import READY_LINE
 
 pytest_plugins = ["mqtt_fixtures"]
 
@@ -42,6 +43,9 @@ def test_two_round_job_reports_reach_the_ledger_and_match_the_strategys_updates(
     switch = f"flower_acceleration = {str(accelerated).lower()}"
     start_federated_coordinator(stack, switch)
     agents = start_plaid_agents(stack, 3, extra=switch)
+    warm_log = stack.data_dir / "federation" / "warm-serverapp" / "warm.log"
+    if accelerated:  # the job's ServerApp is to be forked from serve's warm parent: wait for its imports
+        wait_until(lambda: warm_log.exists() and READY_LINE in warm_log.read_text(), 120, "warm serverapp ready")
 
     with stopping_federation(stack, agents) as teardown:
         # The MID operator's command: it invites every enrolled device with a Flower node ("all online": no
@@ -81,3 +85,8 @@ def test_two_round_job_reports_reach_the_ledger_and_match_the_strategys_updates(
         assert ("pulls_held" in json.loads(stats_file.read_text())) is accelerated
         for handle, _ in agents:
             assert (handle.data_dir / "mids" / handle.mid / "warm.log").exists() is accelerated  # kept between jobs
+        # ... and the ServerApp was forked from serve's warm parent (keep_warm_serverapp, on by default), not started
+        # fresh as the launcher does when it cannot reach it; or, with the switch off, Flower's own process.
+        superlink_log = (stack.data_dir / "federation" / "superlink" / "superlink.log").read_text()
+        assert "midgate fork server for flwr-serverapp" not in superlink_log  # no fallback, no lost parent
+        assert ("forked flwr-serverapp as pid" in warm_log.read_text()) if accelerated else not warm_log.exists()

@@ -19,6 +19,7 @@ from flwr.superlink.routers.fleet import router as fleet_router
 from flwr.supernode import start_client_internal
 
 from coordinator.federation.acceleration.pull_hold import PULL_MESSAGES, PULL_OBJECT, PUSH_MESSAGES
+from coordinator.federation.warm_serverapp import SERVERAPP_TABLE
 from edge.federated.acceleration.device import SUPEREXEC_ENV
 from edge.federated.acceleration.message_wait import RECEIVED_LINES, RECEIVING_LINE
 from edge.federated.acceleration.warm_executor import ENTRY_POINTS
@@ -63,3 +64,12 @@ def test_the_warm_executor_forks_flowers_own_entry_points_and_the_superexec_read
     assert constant.TASK_TYPE_TO_COMMAND[constant.TaskType.CLIENT_APP] == "flwr-clientapp"  # looked up on PATH
     assert run_superexec._TASK_POLL_INTERVAL_ENV in SUPEREXEC_ENV
     assert run_superexec._DEFAULT_TASK_POLL_INTERVAL_SECONDS == 1.0
+
+
+def test_the_warm_serverapp_forks_flowers_own_entry_point_under_the_name_the_superexec_starts() -> None:
+    """serve's warm ServerApp (coordinator.federation.warm_serverapp): the SuperLink's SuperExec starts
+    `flwr-serverapp` by bare name from PATH, where the fork server's launcher of that name comes first."""
+    (name,) = SERVERAPP_TABLE.entry_points
+    assert constant.TASK_TYPE_TO_COMMAND[constant.TaskType.SERVER_APP] == name == "flwr-serverapp"
+    module, _, attribute = SERVERAPP_TABLE.entry_points[name].partition(":")
+    assert callable(getattr(importlib.import_module(module), attribute))

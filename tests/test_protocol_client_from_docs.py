@@ -367,7 +367,7 @@ class TrustedLog:
 
 # --- the harness --------------------------------------------------------------------------------------------------
 
-_MIDGATE = ("protocol", "edge", "coordinator", "midgate_cli", "demo", "mqtt_fixtures")
+_MIDGATE = ("protocol", "runtime", "edge", "coordinator", "midgate_cli", "demo", "mqtt_fixtures")
 
 
 def test_the_client_imports_nothing_of_midgate() -> None:

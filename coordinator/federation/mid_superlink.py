@@ -4,6 +4,7 @@ loopback only), and the `flwr` CLI connection the coordinator uses to register d
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,8 +15,12 @@ from coordinator.federation.control_api import ControlApi
 from coordinator.federation.fleet_front import FleetFrontProcess
 from coordinator.federation.flower_cli import FlowerCli
 from coordinator.federation.job_start import BrokerLogin
-from coordinator.federation.superlink_process import SuperLinkProcess, free_loopback_port
+from coordinator.federation.superlink_process import SuperLinkProcess, flower_env, free_loopback_port
+from coordinator.federation.warm_serverapp import warm_path, warm_serverapp
 from coordinator.mid_ca import ServerTls, ensure_mid_ca, issue_server_tls
+from runtime.fork_server import ForkServer
+
+log = logging.getLogger("midgate.federation")
 
 
 def mid_ca_dir(settings: CoordinatorSettings) -> Path:
@@ -83,6 +88,7 @@ class MidSuperLink:
     settings: CoordinatorSettings
     process: SuperLinkProcess | None = None
     front: FleetFrontProcess | None = None
+    warm: ForkServer | None = None
     cli: FlowerCli | None = None
     _register_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -105,13 +111,16 @@ class MidSuperLink:
             host, port = "127.0.0.1", f.superlink_port or free_loopback_port()
         else:
             host, port = f.host, f.port
+        extra_env = dict(SUPERLINK_ACCELERATION_ENV) if f.flower_acceleration else {}
+        if f.flower_acceleration and f.keep_warm_serverapp:
+            extra_env["PATH"] = self._start_warm_serverapp(home, extra_env)
         self.process = SuperLinkProcess(
             flwr_home=home,
             tls=tls,
             port=port,
             host=host,
             log_path=home / "superlink.log",
-            extra_env=SUPERLINK_ACCELERATION_ENV if f.flower_acceleration else None,
+            extra_env=extra_env or None,
         )
         self.process.start(timeout=f.start_timeout_s)
         if f.fleet_front:
@@ -132,12 +141,27 @@ class MidSuperLink:
         self.cli = FlowerCli(s.federation_dir / "cli", self.process.address, tls.ca_cert)
         self.cli.write_config()
 
+    def _start_warm_serverapp(self, home: Path, extra_env: dict[str, str]) -> str:
+        """Launch the warm ServerApp parent (its imports run beside the SuperLink's start; a job submitted before they
+        end starts `flwr-serverapp` the ordinary way) and return the SuperLink's PATH with its launcher first."""
+        env = flower_env(home, extra_env)
+        self.warm = warm_serverapp(self.settings.federation_dir / "warm-serverapp", env)
+        self.warm.start(wait=False)
+        assert self.warm.proc is not None
+        log.info(
+            "warm serverapp starting",
+            extra={"pid": self.warm.proc.pid, "log": str(self.warm.log_path), "bin": str(self.warm.bin_dir)},
+        )
+        return warm_path(self.warm.directory, env["PATH"])
+
     def stop(self) -> None:
         superlink_address_file(self.settings).unlink(missing_ok=True)
         if self.front is not None:
             self.front.stop()
         if self.process is not None:
             self.process.stop()
+        if self.warm is not None:
+            self.warm.stop()  # after the SuperLink: a ServerApp still running was ended through its launcher
 
     def register_node(self, public_key_openssh: str) -> int:
         """Register a device's Flower EC public key (OpenSSH text); returns the SuperLink's node id."""
