@@ -82,6 +82,10 @@ class JobRunConfig(BaseModel):
     tail_average: the job's final model is the mean of the last K rounds' global models (default 1: the last one);
         it is evaluated on the buyer's validation set (JobOutcome.final_validation) and is `final-model.npz`. The
         rounds' own global models, and so every contribution record and capture, are unchanged.
+    torch_threads: torch's intra-op threads in the ServerApp (its evaluations and the attribution's valuations), as on
+        the devices (`torch-threads`, default 1): the models are tiny, and the ServerApp shares the MID's cores with
+        the SuperLink and `serve`; with a thread per core, its evaluations spun 5-25 times slower on a loaded 2-core
+        machine (tests/conftest.py has the measurement).
     aggregation: `fedavg` (default) or a robust strategy of Flower's: `fedmedian`, `fedtrimmedavg` (beta 0.2),
         `krum` or `bulyan` (both assuming (selected nodes - 3) // 4 malicious nodes). Refused with DP (its accountant
         assumes FedAvg) and with server momentum (FedAvgM is FedAvg's).
@@ -109,6 +113,7 @@ class JobRunConfig(BaseModel):
     flower_acceleration: bool = Field(alias="flower-acceleration", default=True)
     lr_schedule: LrSchedule = Field(alias="lr-schedule", default=LrSchedule.CONSTANT)
     tail_average: int = Field(alias="tail-average", default=1, ge=1, le=1000)
+    torch_threads: int = Field(alias="torch-threads", default=1, ge=1, le=256)
     aggregation: Aggregation = Aggregation.FEDAVG
 
     @model_validator(mode="after")

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import (
@@ -375,4 +376,5 @@ def main(grid: Grid, context: Context) -> None:
     except ValidationError as err:
         record_refused_config(context.run_id, context.run_config, err)
         raise
+    torch.set_num_threads(job.torch_threads)
     run_job(grid, context.run_id, job)
