@@ -4,4 +4,5 @@
   started by name (Flower's `flwr-clientapp` on a device, `flwr-serverapp` on the MID) skips its imports. The device's
   warm executor (edge.federated.acceleration.warm_executor) and the MID's warm ServerApp
   (coordinator.federation.warm_serverapp) are its two users.
+- `processes.kill_pids`: SIGTERM, a grace period, SIGKILL; how the services stop what they started.
 """

@@ -44,6 +44,8 @@ from pathlib import Path
 
 import psutil
 
+from runtime.processes import kill_pids
+
 MAX_REQUEST_BYTES = 1 << 20
 MAX_SOCKET_PATH_BYTES = 100  # sun_path holds 108 bytes on Linux (104 on BSDs), terminating NUL included
 READY_LINE = "fork server ready on"
@@ -141,21 +143,6 @@ def install_launchers(bin_dir: Path, socket_path: Path, names: Sequence[str], fa
         path.write_text(text)
         path.chmod(0o755)
     return bin_dir
-
-
-def kill_pids(pids: list[int], grace: float) -> None:
-    """SIGTERM each live PID, then SIGKILL those still alive after `grace` seconds."""
-    procs = []
-    for pid in pids:
-        with contextlib.suppress(psutil.Error):
-            proc = psutil.Process(pid)
-            proc.terminate()
-            procs.append(proc)
-    _, alive = psutil.wait_procs(procs, timeout=grace)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=grace)
 
 
 def _recv_request(conn: socket.socket, names: Mapping[str, object]) -> tuple[dict[str, object], list[int]]:

@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 
 from coordinator.mid_ca import ServerTls
+from runtime.processes import kill_pids
 
 
 def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -68,21 +69,6 @@ def descendants(pid: int) -> list[int]:
     with contextlib.suppress(psutil.Error):
         return [child.pid for child in psutil.Process(pid).children(recursive=True)]
     return []
-
-
-def kill_pids(pids: list[int], grace: float) -> None:
-    """SIGTERM each PID, then SIGKILL those still alive after `grace` seconds."""
-    procs = []
-    for pid in pids:
-        with contextlib.suppress(psutil.Error):
-            proc = psutil.Process(pid)
-            proc.terminate()
-            procs.append(proc)
-    _, alive = psutil.wait_procs(procs, timeout=grace)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=grace)
 
 
 def stop_process_group(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:

@@ -186,18 +186,23 @@ class MembershipRunner:
     async def _close_for_good(self, reason: str) -> None:
         """Say in the status file that the connection is closed for good, and why (`agent status` shows it)."""
         log.info("connection closed for good: %s", reason, extra={"mid": self.membership.mid})
+        status = await self._disconnected_status()
+        await asyncio.to_thread(
+            write_daemon_status, self.membership.directory, status.model_copy(update={"closed": reason})
+        )
+
+    async def _disconnected_status(self) -> DaemonStatus:
+        """This daemon's status before it connects: the jobs joined carried over from the status file it finds."""
         broker = self.membership.record.broker
         kept = await asyncio.to_thread(read_daemon_status, self.membership.directory)
-        status = DaemonStatus(
+        return DaemonStatus(
             pid=os.getpid(),
             broker=f"{broker.host}:{broker.port}",
             connected=False,
             since_ms=_now_ms(),
             jobs_joined=kept.jobs_joined if kept else (),
             jobs_joined_count=kept.jobs_joined_count if kept else 0,
-            closed=reason,
         )
-        await asyncio.to_thread(write_daemon_status, self.membership.directory, status)
 
     async def _supervised(self, loop: Callable[[asyncio.Event], Awaitable[None]], stop: asyncio.Event) -> None:
         """Run one loop until `stop`; an unexpected error (a full disk, a bug) is logged and the loop restarted,
@@ -467,16 +472,7 @@ class MembershipRunner:
     async def _status_loop(self, stop: asyncio.Event) -> None:
         """Rewrite the membership's daemon-status.json whenever the connection or the running job changes."""
         assert self.session is not None
-        broker = self.membership.record.broker
-        kept = await asyncio.to_thread(read_daemon_status, self.membership.directory)
-        status = DaemonStatus(
-            pid=os.getpid(),
-            broker=f"{broker.host}:{broker.port}",
-            connected=False,
-            since_ms=_now_ms(),
-            jobs_joined=kept.jobs_joined if kept else (),
-            jobs_joined_count=kept.jobs_joined_count if kept else 0,
-        )
+        status = await self._disconnected_status()
         written = None
         while not stop.is_set():
             connected = self.session.connected.is_set()

@@ -23,6 +23,8 @@ import psutil
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from runtime.processes import kill_pids
+
 if TYPE_CHECKING:  # edge.federated.acceleration builds on this module
     from edge.federated.acceleration.warm_executor import WarmExecutor
 
@@ -71,19 +73,6 @@ def _process(pid: int) -> psutil.Process | None:
         return psutil.Process(pid)
     except psutil.Error:
         return None
-
-
-def kill_pids(pids: list[int], grace: float) -> None:
-    """SIGTERM each live PID, then SIGKILL those still alive after `grace` seconds."""
-    procs = [p for p in (_process(pid) for pid in pids) if p is not None]
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            proc.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=grace)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=grace)
 
 
 def _quote(value: str) -> str:
