@@ -111,7 +111,7 @@ def test_a_job_is_valued_logged_settled_and_its_model_version_earns_royalties(me
     # Witnessing every second: the portfolio below verifies under a witnessed checkpoint of the latest leaves.
     agents = start_plaid_agents(stack, 3, extra="member_poll_s = 0.2\nwitness_every_s = 1.0")
     members = {record.device: handle.name for handle, record in agents}
-    m0, m1 = agents[0][0], agents[1][0]
+    m0, m1 = agents[0][0], agents[1][0]  # m1 turns its knob, m0 does not
 
     with stopping_federation(stack, agents) as teardown:
         job = start_job(stack, teardown, JOB, ROUNDS)
@@ -204,10 +204,13 @@ def test_a_job_is_valued_logged_settled_and_its_model_version_earns_royalties(me
         )
         assert refused.returncode == 1 and "refused: model hash: model_mismatch" in refused.stderr, refused.stderr
 
-        # m0 leaves the MID (its LeaveNotice logged, its key revoked); the model it helped train still pays it.
-        left = _agent(m0, "leave", "--yes")
+        # The member the settlement paid most leaves the MID (its LeaveNotice logged, its key revoked); the model it
+        # helped train still pays it. (One its valuation paid at all: a member of no value earns nothing anyway.)
+        handles = {handle.name: handle for handle, _ in agents}
+        gone = handles[max(record.payouts, key=lambda p: p.amount_minor).member]
+        left = _agent(gone, "leave", "--yes")
         assert left.returncode == 0, left.stderr
-        wait_until(lambda: _leaves(stack, LeafKind.LEAVE) != [], 60, "serve to log m0's leave", poll_s=0.5)
+        wait_until(lambda: _leaves(stack, LeafKind.LEAVE) != [], 60, "serve to log the leave", poll_s=0.5)
 
         # The buyer reports revenue against the model version; a version no settlement names is refused.
         accepted = _report_revenue(stack, str(buyer_key), book.model_version, seq=1)
@@ -216,7 +219,7 @@ def test_a_job_is_valued_logged_settled_and_its_model_version_earns_royalties(me
         assert json.loads(accepted.stdout)["index"] == royalty_index
         royalty = decode_record(royalty_body)
         assert royalty.inputs.attribution == record.inputs.attribution
-        assert {p.member: p.amount_minor for p in royalty.payouts}[m0.name] > 0  # reported after m0 left
+        assert {p.member: p.amount_minor for p in royalty.payouts}[gone.name] > 0  # reported after it left
         unknown = _report_revenue(stack, str(buyer_key), f"{JOB}:0000000000000000", seq=2)
         assert unknown.returncode == 1 and "refused: unknown_model" in unknown.stderr, unknown.stderr
         assert len(_leaves(stack, LeafKind.ROYALTY)) == 1
@@ -224,14 +227,14 @@ def test_a_job_is_valued_logged_settled_and_its_model_version_earns_royalties(me
         assert by_manifest.returncode == 0, by_manifest.stderr
         assert decode_record(_leaves(stack, LeafKind.ROYALTY)[-1][1]).inputs.attribution == record.inputs.attribution
 
-        # m0's portfolio, on its own device after leaving: each line verified against the MID's witnessed log, and
-        # the total their sum: its share of the settlement and of both royalties, as the ledger's records pay it.
-        earned = {settlement_index: {p.member: p.amount_minor for p in record.payouts}[m0.name]}
+        # The portfolio of the member who left, on its own device: each line verified against the MID's witnessed
+        # log, and the total their sum: its share of the settlement and of both royalties, as the ledger pays it.
+        earned = {settlement_index: {p.member: p.amount_minor for p in record.payouts}[gone.name]}
         for index, body in _leaves(stack, LeafKind.ROYALTY):
-            earned[index] = {p.member: p.amount_minor for p in decode_record(body).payouts}[m0.name]
+            earned[index] = {p.member: p.amount_minor for p in decode_record(body).payouts}[gone.name]
         last = f"(leaf {max(earned)})"
-        wait_until(lambda: last in _agent(m0, "portfolio").stdout, 60, "a witnessed log with m0's lines", poll_s=1)
-        shown = _agent(m0, "portfolio")
+        wait_until(lambda: last in _agent(gone, "portfolio").stdout, 60, "a witnessed log with its lines", poll_s=1)
+        shown = _agent(gone, "portfolio")
         assert shown.returncode == 0, shown.stdout + shown.stderr
         lines = {int(i): int(a) for a, i in re.findall(r": (\d+) EUR minor units \(leaf (\d+)\)", shown.stdout)}
         assert lines == earned, shown.stdout
@@ -240,15 +243,15 @@ def test_a_job_is_valued_logged_settled_and_its_model_version_earns_royalties(me
         # A line changed in the MID's database: the portfolio refuses that membership and counts nothing of it.
         tampered_index = max(earned)
         amount = earned[tampered_index]
-        old = f'"amount_minor":{amount},"member":"{m0.name}"'.encode()  # m0's payout, in the record's sorted keys
-        new = f'"amount_minor":{amount + 9},"member":"{m0.name}"'.encode()
+        old = f'"amount_minor":{amount},"member":"{gone.name}"'.encode()  # its payout, in the record's sorted keys
+        new = f'"amount_minor":{amount + 9},"member":"{gone.name}"'.encode()
         db = sqlite3.connect(stack.data_dir / "ledger.sqlite")
         (data,) = db.execute("SELECT data FROM leaves WHERE idx = ?", (tampered_index,)).fetchone()
         assert old in bytes(data)
         db.execute("UPDATE leaves SET data = ? WHERE idx = ?", (bytes(data).replace(old, new), tampered_index))
         db.commit()
         db.close()
-        refused_portfolio = _agent(m0, "portfolio")
+        refused_portfolio = _agent(gone, "portfolio")
         assert refused_portfolio.returncode == 1, refused_portfolio.stdout + refused_portfolio.stderr
         assert "NOT COUNTED, refused:" in refused_portfolio.stdout, refused_portfolio.stdout
         assert refused_portfolio.stdout.endswith("Total across MIDs: nothing verified yet\n"), refused_portfolio.stdout
