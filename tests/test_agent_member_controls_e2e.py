@@ -2,7 +2,10 @@
 real `midgate agent run`, and the commands run as CLI subprocesses. While the agent's SuperNode runs for a job,
 pause / strike / leave stop it with every process below it (asserted by PID), invitations the member does not allow
 start nothing, resume lets the next one start it again, and a StrikeVote (and its withdrawal) reaches the MID's
-ledger with a receipt the agent verified. A leave is sent to the MID as a signed LeaveNotice and survives a restart
+ledger with a receipt the agent verified. Under a policy (`coordinator policy apply`) whose quorum the one member's
+strike reaches and whose `[strikes] running_jobs = "stop"`, the MID stops that buyer's job `coordinator job start`
+is running: the command ends it failed with reason `strike`, as its JOB leaf says, after serve logged the strike in
+force (STRIKE_QUORUM leaf). A leave is sent to the MID as a signed LeaveNotice and survives a restart
 of the agent."""
 
 from __future__ import annotations
@@ -19,15 +22,21 @@ import paho.mqtt.client as mqtt
 import psutil
 import pytest
 from agent_sensing import plaid_sensor_toml, wait_loaded
+from fl_stack import midgate
+from flower_fixtures import plaid_windows
 from mqtt_fixtures import PYTHON, REPO, MosquittoProcess, ServiceProcess, agent_toml, signed_invitation, wait_until
 from test_fl_roles import _enrol, _http_port, _invite, _supernodes, serve_with_superlink
+from test_member_choices import strike_policy_toml
 
 from coordinator.federation.superlink_process import kill_pids
 from coordinator.mid_key import load_or_create_mid_key
 from protocol.envelope import decode, open_envelope, peek_envelope
 from protocol.identity import SignerKey, load_signer_key
+from protocol.job_log import decode_job_record
 from protocol.leaves import LeafKind, decode_leaf
 from protocol.messages import StrikeVote
+from protocol.strike_quorum import decode_strike_quorum
+from protocol.tasks.windows import save_window_file
 from protocol.topics import DownKind, UpKind, down_topic, up_topic
 
 pytest_plugins = ["mqtt_fixtures"]
@@ -60,6 +69,7 @@ class Device:
         self.mqtt.loop_start()
         self.mosquitto = mosquitto
         self.runs = 0
+        self.jobs: list[ServiceProcess] = []
 
     def _on_heartbeat(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         _, payload, _ = peek_envelope(bytes(message.payload))
@@ -180,6 +190,33 @@ class Device:
                 found.append((leaf.signed, vote))
         return found
 
+    def leaves(self, kind: LeafKind) -> list[bytes]:
+        """The signed bytes of every leaf of `kind` in the MID's ledger, in order."""
+        db = sqlite3.connect(f"file:{self.coordinator_dir / 'ledger.sqlite'}?mode=ro", uri=True, timeout=30)
+        try:
+            leaves = [decode_leaf(bytes(data)) for (data,) in db.execute("SELECT data FROM leaves ORDER BY idx")]
+        finally:
+            db.close()
+        return [leaf.signed for leaf in leaves if leaf.kind is kind]
+
+    def start_job(self, job_id: str, buyer: str, config: Path) -> ServiceProcess:
+        """The operator's `coordinator job start` of a research job for `buyer` on this one device (stopped at the
+        end of the test); a real run on serve's SuperLink, validated on PLAID's test windows."""
+        validation = self.tmp_path / "validation.npz"
+        save_window_file(validation, plaid_windows("test"))
+        job = ServiceProcess(
+            "job",
+            [
+                "coordinator", "job", "start", job_id, "--config", str(config), "--task", "plaid-appliance@1",
+                "--rounds", "3", "--min-nodes", "1", "--validation", str(validation), "--purpose", "research",
+                "--buyer", buyer,
+            ],
+            self.tmp_path / f"job-{job_id}.log",
+        )  # fmt: skip
+        self.jobs.append(job)
+        job.start()
+        return job
+
     def strike_id(self) -> str:
         state = json.loads((self.membership_dir / "member.json").read_text())
         return str(state["strikes"][-1]["id"])
@@ -193,6 +230,10 @@ class Device:
         assert [child.pid for warm in self.warm_executors() for child in warm.children(recursive=True)] == []
 
     def close(self, failed: bool) -> None:
+        for job in self.jobs:
+            if failed:
+                print(f"---- {job.name} log ----\n{job.log_text()[-6000:]}")
+            job.stop()
         if failed:
             print(f"---- agent log ----\n{self.log()[-10000:]}")
             for log in (self.tmp_path / "agent-ann").glob("**/supernode.log"):
@@ -250,15 +291,34 @@ def test_pause_stops_the_supernode_and_declines_until_resume(device: Device) -> 
 
 @pytest.mark.slow
 def test_strike_against_the_jobs_buyer_stops_it_and_the_vote_is_receipted(device: Device) -> None:
+    # The MID's policy: a strike of every active member (here the one) is in force, and stops the target's running
+    # jobs. The operator applies it through the real command while serve runs.
+    config = device.tmp_path / "coordinator.toml"
+    policy = device.tmp_path / "policy.toml"
+    policy.write_text(strike_policy_toml(10_000, 1, running_jobs="stop"))
+    midgate("coordinator", "policy", "apply", str(policy), "--config", str(config))
     device.start_agent()
-    device.invite("job-1", buyer="acme")
+    job = device.start_job("job-1", "acme", config)
     tree = device.wait_supernode("SuperNode started for acme's job")
+    wait_until(lambda: "submitted with 1 node(s)" in job.log_text() or not job.alive, 60, "the run submitted")
 
     struck = device.command("strike", "--buyer", "acme")
     assert struck.returncode == 0, struck.stderr
     device.wait_log("supernode stopped: member_striking (buyer acme)", "the strike stops acme's job")
     device.assert_tree_gone(tree)
     device.wait_status("striking")
+
+    # At the quorum the MID stops the running job too: `job start` ends it failed with reason `strike`, serve logs
+    # the strike in force (STRIKE_QUORUM, running jobs stop) and the job's JOB leaf says why it ended.
+    assert job.proc is not None and job.proc.wait(timeout=120) == 1, job.log_text()
+    said = " ".join(job.log_text().split())
+    assert "stopped: 1 of 1 members strike against buyer acme" in said and "job-1: failed (strike)" in said, said
+    (quorum,) = device.leaves(LeafKind.STRIKE_QUORUM)
+    record = decode_strike_quorum(quorum)
+    assert (record.target_buyer, record.in_force, record.running_jobs, record.strikers) == ("acme", True, "stop", 1)
+    wait_until(lambda: device.leaves(LeafKind.JOB) != [], 30, "serve to log the stopped job")
+    (logged,) = [decode_job_record(body) for body in device.leaves(LeafKind.JOB)]
+    assert (logged.job_id, logged.status, logged.reason) == ("job-1", "failed", "strike")
 
     # The signed vote went through the outbox to the MID's ledger; the agent holds a receipt it verified.
     vote_name = f"strike-{device.strike_id()}-vote"

@@ -195,15 +195,17 @@ def test_job_start_refuses_a_job_a_strike_in_force_covers_with_reason_strike(tmp
     assert run.sender.sent == []  # type: ignore[attr-defined]
 
 
-def strike_policy_toml(quorum_bps: int, min_members: int) -> str:
-    """A MID policy file (coordinator/policy) with this strike quorum, the default money terms, research and ads."""
+def strike_policy_toml(quorum_bps: int, min_members: int, running_jobs: str = "finish") -> str:
+    """A MID policy file (coordinator/policy) with this strike quorum and what it does to running jobs, the default
+    money terms, research and ads."""
     purposes = "".join(
         f'[[purposes]]\ncode = "{code}"\ndpv = "{dpv}"\nlabel = "{code}"\nlicence = "{code} only"\n'
         for code, dpv in (("research", "dpv:ResearchAndDevelopment"), ("ads", "dpv:Advertising"))
     )
     return (
         "fee_bps = 1500\n[knob]\nbase_price_minor = 1000\nalpha_milli = 693\nmin_price_minor = 100\n"
-        f"max_price_minor = 100000\n[strikes]\nquorum_bps = {quorum_bps}\nmin_members = {min_members}\n{purposes}"
+        f"max_price_minor = 100000\n[strikes]\nquorum_bps = {quorum_bps}\nmin_members = {min_members}\n"
+        f'running_jobs = "{running_jobs}"\n{purposes}'
     )
 
 

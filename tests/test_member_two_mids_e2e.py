@@ -1,26 +1,36 @@
 """One member in two MIDs, on real processes: two `coordinator serve`s (riverside and hillside, each with its own
 Mosquitto, data dir, SuperLink and MID key) and one `agent run` enrolled in both, with a separate device key and
 member name per MID. Consent the member sets at riverside only (purpose `ads`, so not `research`) keeps it out of
-riverside's research job, while hillside's job for the same buyer and purpose still selects it. `agent portfolio`
-shows both memberships verified against their own ledgers, and neither ledger names the other MID, its device, its
-member name or its key."""
+riverside's research job, while hillside's job for the same buyer and purpose still selects it, runs (one real round)
+and is settled (`coordinator job settle`). `agent portfolio` shows both memberships verified against their own
+ledgers, hillside's settlement line the member's share in its ledger and the total across MIDs their sum, and
+refuses hillside's membership (counting nothing of it) once that line is changed in hillside's database; neither
+ledger names the other MID, its device, its member name or its key."""
 
 from __future__ import annotations
 
 import base64
 import json
+import re
 import sqlite3
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from fl_stack import start_federated_coordinator
-from mqtt_fixtures import MessagingStack, wait_until
+from agent_sensing import plaid_sensor_toml, wait_loaded
+from fl_stack import midgate, start_federated_coordinator
+from flower_fixtures import plaid_windows
+from mqtt_fixtures import PYTHON, REPO, MessagingStack, wait_until
 from test_member_choices_e2e import _heard, _job_start, _member, _member_choices
 
+from coordinator.ledger.store import LedgerReader
 from coordinator.registry.store import Registry
+from coordinator.royalties.settlement import decode_record
 from edge.agent.membership import load_membership
 from protocol.identity import ALG_ED25519, VerifierKey
+from protocol.leaves import decode_leaf
+from protocol.tasks.windows import save_window_file
 
 pytest_plugins = ["mqtt_fixtures"]
 
@@ -63,6 +73,23 @@ def _invited(stack: MessagingStack, job_id: str) -> list[str]:
     return sorted(d["device_id"] for d in record["invited"])
 
 
+def _paid_job(stack: MessagingStack, job_id: str) -> subprocess.CompletedProcess[str]:
+    """`coordinator job start` of buyer acme for research, one round on one node, validated on PLAID's test windows."""
+    validation = stack.root / "validation-plaid.npz"
+    save_window_file(validation, plaid_windows("test"))
+    argv = [PYTHON, "-c", "from midgate_cli import app; app()", "coordinator", "job", "start", job_id, "--min-nodes"]
+    argv += ["1", "--config", str(stack.config), "--task", "plaid-appliance@1", "--rounds", "1"]
+    argv += ["--validation", str(validation), "--purpose", "research", "--buyer", "acme"]
+    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=180)
+
+
+def _paid(stack: MessagingStack, index: int, member: str) -> int:
+    """What the settlement at leaf `index` of the MID's ledger pays `member`."""
+    with LedgerReader.open_existing(stack.data_dir / "ledger.sqlite") as reader:
+        record = decode_record(decode_leaf(reader.leaf(index)).signed)
+    return {p.member: p.amount_minor for p in record.payouts}[member]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_consent_at_one_mid_leaves_the_member_out_there_only_and_the_two_memberships_stay_unlinked(
@@ -77,10 +104,12 @@ def test_consent_at_one_mid_leaves_the_member_out_there_only_and_the_two_members
     try:
         with ThreadPoolExecutor(2) as starting:  # the two MIDs start side by side (each waits for its SuperLink)
             list(starting.map(start_federated_coordinator, (river, hill)))
-        ann = river.enrol_agent("ann", "member_poll_s = 0.2\nwitness_every_s = 1.0")
+        # The member's recordings: windows its agent cuts when hillside's job invites it.
+        ann = river.enrol_agent("ann", "member_poll_s = 0.2\nwitness_every_s = 1.0\n" + plaid_sensor_toml("0:20"))
         record = enrol(AgentSettings.load(ann.config), f"http://127.0.0.1:{hill.http_port}", hill.invite("h-member-7"))
         hill_device = record.device
         river.start_agent(ann)
+        wait_loaded(ann.data_dir / "samples.db")
         wait_until(lambda: _heard(river) == 1 and _heard(hill) == 1, 60, "both MIDs hear the agent", poll_s=0.5)
 
         # Consent at riverside only: purpose ads, so research is no longer allowed there.
@@ -106,12 +135,18 @@ def test_consent_at_one_mid_leaves_the_member_out_there_only_and_the_two_members
         assert job.returncode == 1, job.stdout + job.stderr
         assert f"not waiting for 1 device(s): {ann.device} (consent does not allow purpose research)" in said, said
         assert _invited(river, "job-r") == []
-        # min_nodes 2 of one member: hillside selects it, then stops before any Flower run (too few nodes).
-        job = _job_start(hill, "job-h", "--min-nodes", "2")
+        # hillside runs the job with the member (a real run of one round on its SuperLink) and the operator records
+        # the buyer's payment: the member earns there.
+        job = _paid_job(hill, "job-h")
         said = " ".join(job.stdout.split())
-        assert job.returncode == 1, job.stdout + job.stderr
-        assert "not waiting for" not in said and "1 device(s) can take part, fewer than min_nodes 2" in said, said
+        assert job.returncode == 0, job.stdout + job.stderr
+        assert "not waiting for" not in said and "job job-h: completed" in said, said
         assert _invited(hill, "job-h") == [hill_device]
+        settled = midgate("coordinator", "job", "settle", "job-h", "--payment", "10000", "--currency", "EUR",
+                          "--config", str(hill.config))  # fmt: skip
+        settlement = re.search(r"SETTLEMENT leaf (\d+)", settled)
+        assert settlement is not None, settled
+        earned = _paid(hill, int(settlement[1]), "h-member-7")
 
         # Sensors per task, at hillside: plaid-appliance may use only bme280 data, which is no source of its inputs
         # (plaid). Hillside no longer selects the member for it, and the agent refuses hillside's invitation too.
@@ -128,13 +163,17 @@ def test_consent_at_one_mid_leaves_the_member_out_there_only_and_the_two_members
         assert agent is not None
         wait_until(lambda: gap in agent.log_text(), 60, "the agent to decline the invitation for its sensors")
 
-        # The portfolio: both memberships, each verified under its own MID's witnessed log.
-        verified = "both memberships' statements to verify"
-        wait_until(lambda: _member(ann, "portfolio").returncode == 0, 60, verified, poll_s=1.0)
-        shown = _member(ann, "portfolio").stdout
-        assert "hillside (member h-member-7), verified under its witnessed log of size" in shown, shown
-        assert "riverside (member ann), verified under its witnessed log of size" in shown, shown
-        assert shown.count("no earnings yet") == 2 and shown.endswith("Total across MIDs: nothing verified yet\n")
+        # The portfolio: both memberships, each verified under its own MID's witnessed log; hillside's settlement
+        # line is the member's share the ledger records, and the total across MIDs is the sum of the verified lines.
+        line = f"job job-h: {earned} EUR minor units (leaf {settlement[1]})"
+        verified = "both memberships' statements to verify, hillside's with the settlement"
+        wait_until(lambda: line in _member(ann, "portfolio").stdout, 60, verified, poll_s=1.0)
+        shown = _member(ann, "portfolio")
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        assert "hillside (member h-member-7), verified under its witnessed log of size" in shown.stdout, shown.stdout
+        assert "riverside (member ann), verified under its witnessed log of size" in shown.stdout, shown.stdout
+        assert shown.stdout.count("no earnings yet") == 1  # riverside's
+        assert shown.stdout.endswith(f"Total across MIDs: {earned} EUR minor units\n"), shown.stdout
 
         # Separate keys per MID, and neither ledger names the other membership.
         river_key = load_membership(ann.data_dir / "mids" / "riverside").key.verifier
@@ -148,6 +187,23 @@ def test_consent_at_one_mid_leaves_the_member_out_there_only_and_the_two_members
             assert traces["device"] in ledger and traces["key id"] in ledger
         assert [what for what, trace in hill_traces.items() if trace in river_ledger] == []
         assert [what for what, trace in river_traces.items() if trace in hill_ledger] == []
+
+        # hillside's settlement line changed in its database: that membership is refused and counts nothing, the
+        # other is still verified.
+        index = int(settlement[1])
+        old = f'"amount_minor":{earned},"member":"h-member-7"'.encode()  # the payout, in the record's sorted keys
+        db = sqlite3.connect(hill.data_dir / "ledger.sqlite")
+        (data,) = db.execute("SELECT data FROM leaves WHERE idx = ?", (index,)).fetchone()
+        assert old in bytes(data)
+        tampered = bytes(data).replace(old, old.replace(f":{earned},".encode(), f":{earned + 9},".encode()))
+        db.execute("UPDATE leaves SET data = ? WHERE idx = ?", (tampered, index))
+        db.commit()
+        db.close()
+        refused = _member(ann, "portfolio")
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert "hillside (member h-member-7): NOT COUNTED, refused:" in refused.stdout, refused.stdout
+        assert "riverside (member ann), verified under its witnessed log of size" in refused.stdout, refused.stdout
+        assert refused.stdout.endswith("Total across MIDs: nothing verified yet\n"), refused.stdout
         failed = False
     finally:
         hill.close(failed=failed)
