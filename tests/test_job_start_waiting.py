@@ -5,6 +5,7 @@ tests/test_job_presence_e2e.py."""
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -23,10 +24,15 @@ from coordinator.federation.job_start import (
     expected_devices,
     select_devices,
 )
+from coordinator.ledger.store import LedgerStore
 from coordinator.mid_key import mid_key_name
+from coordinator.policy.document import parse_policy
+from coordinator.policy.reputation import logged_scores
 from coordinator.registry.presence import Presence, StrikeVoteRecord
 from coordinator.registry.store import Registry
 from protocol.identity import SignerKey
+from protocol.job_log import JobDeviceEntry, JobLogRecord, MemberValue
+from protocol.leaves import Leaf, LeafKind
 from protocol.messages import DeviceStatus
 
 NODES = {"d-ann": 11, "d-bob": 22, "d-cid": 33, "d-dan": 44, "d-eve": 55}
@@ -157,6 +163,46 @@ def test_a_buyer_nobody_strikes_against_waits_for_the_striker_too(tmp_path: Path
     coming, absent = expected_devices(registry, devices, _request(tmp_path, buyer="globex"), _now_ms(), 180_000)
     assert [d.device_id for d in coming] == ["d-ann", "d-bob", "d-dan"]
     assert set(absent) == {"d-cid", "d-eve"}
+
+
+def test_a_member_below_the_policys_reputation_minimum_for_the_jobs_purpose_is_not_invited_and_named(
+    tmp_path: Path, registry: Registry
+) -> None:
+    # The log's one job: ann valued in all 10 rounds, bob screened out of 3 of his 4 (cid, dan, eve: 500, no job).
+    job = JobLogRecord(
+        job_id="job-old", run_id=1, task_id="plaid-appliance", task_version=1, purpose="research", buyer="acme",
+        status="completed", rounds=10, rounds_completed=10, started_ms=_now_ms() - 9, ended_ms=_now_ms(),
+        devices=tuple(JobDeviceEntry(device=f"d-{m}", member=f"m-d-{m}", node_id=n, selected=True)
+                      for m, n in (("ann", 11), ("bob", 22))),
+        attribution=(
+            MemberValue(member="m-d-ann", value_units=900, rounds=10, excluded_rounds=0),
+            MemberValue(member="m-d-bob", value_units=100, rounds=4, excluded_rounds=3),
+        ),
+    )  # fmt: skip
+    ledger_path = tmp_path / "ledger.sqlite"
+    with LedgerStore.open(ledger_path, SignerKey.generate("midgate/riverside")) as ledger:
+        ledger.append_leaves([Leaf(LeafKind.JOB, job.canonical_json())])
+    scores = functools.partial(logged_scores, ledger_path)  # what `job start` passes (job_cli._run)
+    bob = scores(["m-d-bob"])["m-d-bob"]
+    assert bob < 500 < scores(["m-d-ann"])["m-d-ann"]
+    policy = parse_policy(
+        b"fee_bps = 1000\n[knob]\nbase_price_minor = 1000\nmin_price_minor = 100\nmax_price_minor = 10000\n"
+        b"[reputation]\nmin_milli = { default = 0, health = 400 }\n"
+    )
+    run, lines = _job_run(tmp_path, registry, _request(tmp_path, purpose="health"), came=[11])
+    run.reputation = (policy, scores)
+    record = run.run()
+    assert record.status == "completed", (record.reason, lines)
+    assert [d.device_id for d in record.invited] == ["d-ann"]
+    why = f"reputation {bob} below the policy's minimum 400 for purpose health"
+    assert record.not_waited_for["d-bob"] == why
+    assert lines[0].startswith("not waiting for 4 device(s): d-bob (" + why + "), d-cid (paused)")
+    # A research job (the default class, minimum 0) waits for bob as before; so does a job run with no policy.
+    for request, reputation in ((_request(tmp_path), (policy, scores)), (_request(tmp_path, purpose="health"), None)):
+        coming, absent = expected_devices(
+            registry, select_devices(registry, ()), request, _now_ms(), 180_000, reputation=reputation
+        )
+        assert [d.device_id for d in coming] == ["d-ann", "d-bob"], absent
 
 
 def test_with_fewer_members_able_to_come_than_min_nodes_nothing_is_invited_or_submitted(

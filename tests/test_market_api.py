@@ -99,7 +99,7 @@ def test_a_quote_prices_each_member_at_its_logged_knob_and_leaves_out_members_wh
 def test_members_below_the_policys_reputation_minimum_for_the_jobs_class_are_not_quoted(
     market: Market, tmp_path: Path
 ) -> None:
-    from coordinator.market.reputation import LoggedReputation
+    from coordinator.policy.reputation import LoggedReputation
     from protocol.job_log import JobDeviceEntry, JobLogRecord, MemberValue
     from protocol.leaves import Leaf, LeafKind
 

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
     from coordinator.config import CoordinatorSettings
     from coordinator.federation.job_start import JobBook, JobRecord, JobRequest
-    from coordinator.policy.document import StrikePolicy
+    from coordinator.policy.document import MidPolicy
     from protocol.tasks.spec import TaskSpec
 
 app = typer.Typer(no_args_is_help=True, help="Training jobs on the MID's Flower SuperLink (`serve` runs it).")
@@ -141,7 +141,7 @@ def start(
         raise typer.Exit(2)
     ledger_size = _ledger_size(settings)
     try:
-        record = _run(settings, request, spec, console, policy.strikes)
+        record = _run(settings, request, spec, console, policy)
     except JobRequestError as error:
         verdict = "refused" if error.reason == "strike" else "failed"
         typer.echo(f"job {verdict}: {error}", err=True)
@@ -303,15 +303,20 @@ def _run(
     request: JobRequest,
     spec: TaskSpec | None,
     console: Console,
-    strikes: StrikePolicy,
+    policy: MidPolicy,
 ) -> JobRecord:
-    """Run the job; `strikes`: the `[strikes]` of the policy in force."""
+    """Run the job under `policy`, the MID policy in force: its `[strikes]`, and its `[reputation]` minimum for the
+    job's purpose against the members' reputation in the ledger."""
+    import functools
+
     from coordinator.federation.job_start import APP_DIR, InvitationSender, JobRun
     from coordinator.federation.mid_superlink import job_broker_login, job_control_api
     from coordinator.mid_key import load_or_create_mid_key
+    from coordinator.policy.reputation import logged_scores
     from coordinator.registry.store import Registry
 
     s = settings
+    strikes = policy.strikes
     login = job_broker_login(s, request.job_id)
     control = job_control_api(s)
     control.prepare(APP_DIR)  # Flower's imports and the FAB, while the broker connects and the devices are invited
@@ -334,6 +339,7 @@ def _run(
                 strike_quorum_bps=strikes.quorum_bps,
                 strike_min_members=strikes.min_members,
                 strike_stops_running=strikes.running_jobs == "stop",
+                reputation=(policy, functools.partial(logged_scores, s.ledger_path)),
             )
             with console.status(f"job {request.job_id}: {request.task_id}@{request.task_version}"):
                 return run.run()

@@ -2,10 +2,12 @@
 
 A job is announced to each selected device by a MID-signed `RoundInvitation` on its `down/invite` topic; the agent
 starts its SuperNode for the job and keeps it until the invitation's deadline (edge/agent/job_node.py). Devices whose
-members said they will not come -- paused, striking against the job's buyer or purpose, left -- and devices the MID
-has not heard from lately are not invited and not waited for (`expected_devices`, from what `serve` keeps of the
-devices' signed heartbeats and strike votes: coordinator/registry/presence.py); the command says whom it waits for
-and whom not, and why.
+members said they will not come -- paused, striking against the job's buyer or purpose, left, consent excluding
+the job -- devices whose member's reputation is below the MID policy's minimum for the job's purpose
+(coordinator/policy/reputation.py, the rule the buyer market's quotes apply too) and devices the MID has not heard
+from lately are not invited and not waited for (`expected_devices`, from what `serve` keeps of the devices' signed
+heartbeats and strike votes: coordinator/registry/presence.py); the command says whom it waits for and whom not, and
+why.
 
 The command invites the others and submits the run through the SuperLink's Control API at once (ControlApi, in
 process: each `flwr` CLI call cost seconds of Python start-up): the ServerApp starts while the devices start their
@@ -39,6 +41,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validat
 from coordinator.capture.directory import capture_summary_path, read_round_summary, read_validation
 from coordinator.federation.control_api import RunControl, RunControlError
 from coordinator.federation.job import TASKS_DIR, Aggregation, JobOutcome, aggregation_conflict
+from coordinator.policy.document import MidPolicy
+from coordinator.policy.reputation import Scores, below_minimum
 from coordinator.registry.member_choices import knobs_for
 from coordinator.registry.presence import absence, active_strikes
 from coordinator.registry.store import Registry
@@ -273,17 +277,22 @@ def expected_devices(
     now_ms: int,
     offline_after_ms: int,
     task: TaskSpec | None = None,
+    reputation: tuple[MidPolicy, Scores] | None = None,
 ) -> tuple[list[JobDevice], dict[str, str]]:
     """Split `devices` into those the job invites and waits for, and those it knows will not come (device id -> why:
     the member's logged consent excludes the job's buyer or purpose, or gives the job's task no sensor of its inputs
-    (coordinator.registry.member_choices), or coordinator.registry.presence.absence, from what the devices last said
-    in signed messages). `task`: the job's spec (default the built-in one the request names)."""
+    (coordinator.registry.member_choices), the member left, its reputation is below the policy's minimum for the
+    job's purpose (coordinator.policy.reputation.below_minimum), or coordinator.registry.presence.absence, from what
+    the devices last said in signed messages). `task`: the job's spec (default the built-in one the request names).
+    `reputation`: the policy in force and the members' logged scores (default None: no minimum applied)."""
     spec = task if task is not None else get_task(request.task_id, request.task_version)
     usable = usable_sensors([i.sources for i in spec.inputs])
     heard = registry.presence()
     striking = active_strikes(registry.strike_votes(), now_ms)
     consents = registry.consents()
     departed = registry.departures()
+    members = (d.member_id for d in devices)
+    low = {} if reputation is None else below_minimum(reputation[0], request.purpose, members, reputation[1])
     coming: list[JobDevice] = []
     absent: dict[str, str] = {}
     for device in devices:
@@ -292,6 +301,8 @@ def expected_devices(
         why = None if consent is None else consent.excludes(request.buyer, request.purpose, spec.id, usable)
         if device.device_id in departed:
             why = "left"
+        if why is None:
+            why = low.get(device.member_id)
         if why is None:
             why = absence(
                 heard.get(device.device_id), strikes, request.buyer, request.purpose, now_ms, offline_after_ms
@@ -539,6 +550,9 @@ class JobRun:
     strike_stops_running: the policy's `[strikes] running_jobs = "stop"` (default False, "finish"): while the run
         goes on, each look at its status also asks whether a strike in force now covers the job, and if one does
         the run is stopped and the job ends failed with reason `strike`.
+    reputation: the MID policy in force and the members' scores (coordinator.policy.reputation.logged_scores on the
+        ledger): a device whose member's reputation is below the policy's `[reputation] min_milli` for the job's
+        purpose is not invited (`expected_devices`); default None, no minimum applied.
     """
 
     request: JobRequest
@@ -558,6 +572,7 @@ class JobRun:
     strike_quorum_bps: int = 5000
     strike_min_members: int = 1
     strike_stops_running: bool = False
+    reputation: tuple[MidPolicy, Scores] | None = None
     clock: Callable[[], float] = time.monotonic
     _started: float = field(default=0.0, init=False)
 
@@ -576,6 +591,7 @@ class JobRun:
             now,
             int(self.offline_after_s * 1000),
             self.task,
+            self.reputation,
         )
         record = JobRecord(
             request=self.request,

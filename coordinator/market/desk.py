@@ -51,10 +51,10 @@ from coordinator.market.models import (
     MarketJob,
     Progress,
 )
-from coordinator.market.reputation import LoggedReputation
 from coordinator.market.store import MarketStore
 from coordinator.policy.document import StrikePolicy
 from coordinator.policy.ledger_records import PolicyLog
+from coordinator.policy.reputation import LoggedReputation, below_minimum
 from coordinator.registry.member_choices import knobs_for
 from coordinator.registry.presence import absence, active_strikes
 from coordinator.registry.store import Registry
@@ -563,14 +563,11 @@ class JobDesk:
         return parse_task_spec(json.dumps(job.request.task_spec).encode())
 
     def _reputable(self, devices: list[tuple[str, str]], purpose: str) -> tuple[list[tuple[str, str]], int]:
-        """The devices whose member's reputation (coordinator/market/reputation.py) meets the policy's minimum for
-        the job's class (its purpose), and how many members fell below it."""
+        """The devices whose member meets the policy's minimum reputation for the job's class, its purpose
+        (coordinator.policy.reputation.below_minimum, as `job start` selects), and how many members fell below."""
         current = self.policies.current() if self.policies is not None else None
-        minimum = current.record.policy.min_reputation_milli(purpose) if current is not None else 0
-        if minimum <= 0:
-            return devices, 0
-        scores = self._reputation.scores(sorted({member for _, member in devices}))
-        below = {member for member, score in scores.items() if score < minimum}
+        policy = current.record.policy if current is not None else None
+        below = below_minimum(policy, purpose, (member for _, member in devices), self._reputation.scores)
         return [(d, m) for d, m in devices if m not in below], len(below)
 
     def _strikes(self) -> StrikePolicy:
