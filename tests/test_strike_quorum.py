@@ -181,3 +181,38 @@ def test_the_policy_file_says_what_a_strike_does_to_running_jobs() -> None:
     assert parse_policy(base + b'[strikes]\nrunning_jobs = "stop"\n').strikes.running_jobs == "stop"
     with pytest.raises(MalformedError, match="running_jobs"):
         parse_policy(base + b'[strikes]\nrunning_jobs = "pause"\n')
+
+
+class StrikersLeftRun(StruckMidRun):
+    """A run the strikers' devices leave at once (each agent stops its SuperNode at its own strike): it fails for want
+    of them at the first status look, which is also the first look at which the strike is in force."""
+
+    def run_status(self, run_id: int) -> str:
+        now = _now_ms()
+        self.registry.record_strike_votes([StrikeVoteRecord(9, "d-ann", "acme", None, now - 1000, None, False)])
+        outcome = JobOutcome(run_id=run_id, status="failed", rounds_completed=0, reason="too_few_replies")
+        (self.jobs_dir / f"run-{run_id}").mkdir(parents=True, exist_ok=True)
+        outcome.write(self.jobs_dir / f"run-{run_id}")
+        return "finished:failed"
+
+
+@pytest.mark.parametrize("running_jobs", ["finish", "stop"])
+def test_a_run_the_strikers_left_before_a_look_could_stop_it_failed_by_the_strike_when_the_policy_stops_jobs(
+    tmp_path: Path, running_jobs: str
+) -> None:
+    registry, _ = _members(tmp_path / "registry.sqlite", ["d-ann", "d-bob"])
+    try:
+        run, lines = _job_run(tmp_path, registry, job_request(tmp_path, rounds=1), came=[])
+        run.control = StrikersLeftRun(tmp_path / "jobs", registry)
+        run.status_every_s = 0.0
+        run.strike_quorum_bps, run.strike_min_members = 5000, 1
+        run.strike_stops_running = running_jobs == "stop"
+        record = run.run()
+        assert record.status == "failed" and run.control.stopped == []  # nothing left to stop
+        if running_jobs == "stop":
+            assert record.reason == "strike"
+            assert f"run {FakeRun.RUN_ID} stopped: 1 of 2 members strike against buyer acme (quorum 1)" in lines
+        else:
+            assert record.reason == "too_few_replies"
+    finally:
+        registry.close()

@@ -697,6 +697,12 @@ class JobRun:
             record.rounds_completed = record.outcome.rounds_completed
         if job_succeeded(status, record.outcome, self.request.rounds):
             return self._finish(record, "completed", "")
+        struck = self._struck(_now_ms()) if self.strike_stops_running else None
+        if struck is not None:
+            # The strikers' devices left the run (each agent stops its SuperNode at its own strike) and the run failed
+            # for want of them before a status look could stop it: the strike in force ended it, as the policy says.
+            self.report(f"run {record.run_id} stopped: {struck}")
+            return self._finish(record, "failed", "strike")
         reason = record.outcome.reason if record.outcome is not None and record.outcome.reason else status
         return self._finish(record, "failed", reason or "no_outcome")
 
