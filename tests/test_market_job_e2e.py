@@ -1,5 +1,5 @@
 """A buyer's job from request to delivered model through `midgate buyer job`, on real processes: Mosquitto +
-`coordinator serve` (its SuperLink, its buyer API) + 2 enrolled `agent run`s replaying PLAID. The operator registers
+`coordinator serve` (its SuperLink, its buyer API) + 3 enrolled `agent run`s replaying PLAID. The operator registers
 the buyer with `midgate coordinator buyer add` while serve runs; the buyer requests a job with its validation data,
 gets a quote, accepts it (ESCROW leaf), follows it over server-sent events until serve has run it, settled it under
 the MID's policy (SETTLEMENT leaf) and released the escrow into the settlement (ESCROW_RELEASE leaf), and downloads
@@ -49,7 +49,7 @@ def test_a_buyer_requests_pays_follows_and_downloads_a_settled_job(messaging_sta
     key = stack.root / "acme.key"
     verifier = midgate("buyer", "keygen", "--key", str(key), "--name", "acme-key").strip()
     start_federated_coordinator(stack, "[royalties]\nfee_bps = 2000\n[market]\njoin_timeout_s = 60")
-    agents = start_plaid_agents(stack, 2)
+    agents = start_plaid_agents(stack, 3)
     midgate("coordinator", "buyer", "add", "acme", "--key", verifier, "--config", str(stack.config))
     env = {
         **os.environ,
@@ -69,14 +69,14 @@ def test_a_buyer_requests_pays_follows_and_downloads_a_settled_job(messaging_sta
     with stopping_federation(stack, agents):
         requested = buyer(
             "request", "--task", "plaid-appliance@1", "--purpose", "research", "--rounds", str(ROUNDS),
-            "--min-members", "2", "--validation", str(validation), "--idempotency-key", "order-1",
+            "--min-members", "3", "--validation", str(validation), "--idempotency-key", "order-1",
         )  # fmt: skip
         assert requested.returncode == 0, requested.stderr
         job_id = json.loads(requested.stdout)["job_id"]
         quoted = buyer("quote", job_id)
         assert quoted.returncode == 0, quoted.stderr
         quote = json.loads(quoted.stdout)["quote"]
-        assert len(quote["members"]) == 2 and quote["total_minor"] == quote["members_minor"] + quote["fee_minor"]
+        assert len(quote["members"]) == 3 and quote["total_minor"] == quote["members_minor"] + quote["fee_minor"]
         accepted = buyer("accept", job_id)
         assert accepted.returncode == 0, accepted.stderr
         assert json.loads(accepted.stdout)["state"] in ("accepted", "running")
@@ -84,7 +84,7 @@ def test_a_buyer_requests_pays_follows_and_downloads_a_settled_job(messaging_sta
         followed = buyer("follow", job_id, timeout_s=240)
         assert followed.returncode == 0, followed.stdout + followed.stderr
         lines = followed.stdout.splitlines()
-        assert lines[-1].startswith(f"{job_id}: delivered, round {ROUNDS}/{ROUNDS}, 2 member(s), accuracy"), lines
+        assert lines[-1].startswith(f"{job_id}: delivered, round {ROUNDS}/{ROUNDS}, 3 member(s), accuracy"), lines
         assert any(": running" in line for line in lines), lines
 
         shown = json.loads(buyer("status", job_id).stdout)
