@@ -105,6 +105,26 @@ def test_a_member_far_from_the_others_is_kept_when_it_learns_what_it_learnt_last
     assert reasons(off.flags, 5) == {ScreenReason.RANDOM_DIRECTION}
 
 
+def test_a_pair_grouped_last_round_stays_one_player_at_a_lower_similarity() -> None:
+    # Member 6 trained part of member 0's data: one round's similarity is noisy, here between same_data_persisting
+    # and same_data_similarity. Alone this round it is a player of its own; grouped with member 0 last round, it
+    # stays in one player with it.
+    _, deltas = honest_updates(6)
+    noise = np.random.default_rng(5).standard_normal(D).astype(np.float32)
+    partial = deltas[0] + 1.55 * noise * float(np.linalg.norm(deltas[0])) / np.sqrt(D)
+    updates = np.concatenate([deltas, partial[None, :]])
+    unit = updates / np.linalg.norm(updates, axis=1, keepdims=True)
+    similarity = float(groups.pair_similarities(unit.astype(np.float64), [(0, 6)])[0])
+    assert SETTINGS.same_data_persisting <= similarity < SETTINGS.same_data_similarity
+
+    assert screen_updates(updates, settings=SETTINGS).players == [(i,) for i in range(7)]
+    report = screen_updates(updates, settings=SETTINGS, grouped_before=[(0, 6)])
+    assert report.players == [(0, 6), *[(i,) for i in range(1, 6)]]
+    assert reasons(report.flags, 6) == {ScreenReason.SAME_DATA}
+    # An honest pair of different data grouped last round is not kept together.
+    assert screen_updates(updates, settings=SETTINGS, grouped_before=[(1, 2)]).players == [(i,) for i in range(7)]
+
+
 def test_near_duplicates_form_one_player() -> None:
     deltas = honest_updates(5)[1]
     copy = deltas[2] * 1.0001

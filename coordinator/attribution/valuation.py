@@ -69,7 +69,8 @@ class RoundUpdates:
     could build its update from (data_free.py). `reported_losses` are the members' own (before, after) training
     loss claims, never trusted, only checked against the update. `previous_updates` are each member's own update of
     the previous round (None for a member that sent none): an update that keeps learning the same data is not noise
-    (screens: random direction)."""
+    (screens: random direction). `previous_groups` are the previous round's players of more than one member (member
+    ids): same data persists, so such a pair stays one player at a lower similarity (screens: same data)."""
 
     round_index: int
     members: Sequence[str]
@@ -81,6 +82,7 @@ class RoundUpdates:
     earlier_globals: Sequence[FloatVector] = ()
     reported_losses: Sequence[tuple[float, float] | None] | None = None
     previous_updates: Sequence[FloatVector | None] | None = None
+    previous_groups: Sequence[Sequence[str]] = ()
 
 
 @dataclass(frozen=True)
@@ -192,6 +194,17 @@ def _value_players(
     return _PlayerValues(method, values, errors, game.evaluations, game.grand_utility(), game.base_loss)
 
 
+def _grouped_before(updates: RoundUpdates) -> list[tuple[int, int]]:
+    """Index pairs of this round's members that were in one player of the previous round (members absent now are
+    left out)."""
+    index = {member: i for i, member in enumerate(updates.members)}
+    pairs = []
+    for group in updates.previous_groups:
+        present = sorted(index[member] for member in group if member in index)
+        pairs += [(a, b) for k, a in enumerate(present) for b in present[k + 1 :]]
+    return pairs
+
+
 def value_round(
     updates: RoundUpdates,
     loss: LossFunction,
@@ -217,6 +230,7 @@ def value_round(
         verified_examples=updates.verified_examples,
         reported_losses=updates.reported_losses,
         previous_updates=updates.previous_updates,
+        grouped_before=_grouped_before(updates),
     )
     players = report.players
     weights = _player_weights(players, updates.verified_examples, settings.example_count_cap)
