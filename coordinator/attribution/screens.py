@@ -338,12 +338,13 @@ def _random_directions(
     remaining: npt.NDArray[np.float64],
     settings: ScreenSettings,
     validation_gradient: FloatVector | None,
-    persistence: npt.NDArray[np.float64],
+    basis: npt.NDArray[np.float64],
+    previous_updates: Sequence[FloatVector | None] | None,
 ) -> list[tuple[int, ...]]:
     """Step 3: a player (its members' share-weighted residual) that is noise against the other players' consensus
     and against the validation gradient, in a round where the other players agree with one another, unless one of
-    its members' residual persists from its previous round's update (`persistence`: noise_z per member, 0 when
-    unknown)."""
+    its members' residual persists from its own update of the previous round (`previous_updates`, projected out of
+    this round's data-free `basis`)."""
     if len(players) < 3 or settings.noise_z <= 0.0:
         return players
     rows = remaining[[g[0] for g in players]] * np.array([shares[g[0]] for g in players])[:, None]
@@ -365,12 +366,16 @@ def _random_directions(
     # Armed only where the other players carry evidence of data themselves: where they are noise-like too, being
     # noise-like proves nothing about this one.
     others = leave_one_out_medians(evidence)
-    for p, group in enumerate(players):
-        # A member that keeps learning what it learnt last round has data, however different from the others' it
-        # is: fresh noise does not persist (an honest PLAID member whose residual is noise-like against the
-        # others and the gradient persisted at noise_z >= 23).
-        persists = settings.persistence_z > 0.0 and max(persistence[i] for i in group) >= settings.persistence_z
-        if float(others[p]) >= settings.consensus_z and evidence[p] < settings.noise_z and not persists:
+    suspects = [p for p in range(len(players)) if others[p] >= settings.consensus_z and evidence[p] < settings.noise_z]
+    # A member that keeps learning what it learnt last round has data, however different from the others' it is:
+    # fresh noise does not persist (an honest PLAID member whose residual is noise-like against the others and the
+    # gradient persisted at noise_z >= 23). Measured for the suspects only: one more residual per suspect member.
+    persistence = np.zeros(remaining.shape[0])
+    if settings.persistence_z > 0.0:
+        persistence = _persistence(basis, remaining, previous_updates, [i for p in suspects for i in players[p]])
+    for p in suspects:
+        group = players[p]
+        if max(persistence[i] for i in group) < settings.persistence_z or settings.persistence_z <= 0.0:
             for i in group:
                 state.flag(i, ScreenReason.RANDOM_DIRECTION, float(evidence[p]))
     return [g for g in players if not any(f.excludes for i in g for f in state.flags[i])]
@@ -380,14 +385,14 @@ def _persistence(
     basis: npt.NDArray[np.float64],
     remaining: npt.NDArray[np.float64],
     previous_updates: Sequence[FloatVector | None] | None,
-    candidates: list[int],
+    members: list[int],
 ) -> npt.NDArray[np.float64]:
-    """Per member, noise_z of its residual against the residual (in this round's data-free span) of its own update of
-    the previous round; 0 where there is none."""
+    """For the listed members, noise_z of the residual against the residual (outside this round's data-free span) of
+    the member's own update of the previous round; 0 for everyone else and where there is none."""
     persistence = np.zeros(remaining.shape[0])
     if previous_updates is None:
         return persistence
-    known = [i for i in candidates if previous_updates[i] is not None]
+    known = [i for i in members if previous_updates[i] is not None]
     if not known:
         return persistence
     earlier = residuals(basis, np.stack([np.asarray(previous_updates[i], dtype=np.float32) for i in known]))
@@ -470,8 +475,9 @@ def screen_updates(
     kept = _take(remaining, candidates)
     unit_residuals = kept / np.maximum(_row_norms(kept), 1e-30)[:, None]
     players, shares = _groups(state, candidates, unit_residuals, settings, grouped_before)
-    persistence = _persistence(basis, remaining, previous_updates, candidates)
-    players = _random_directions(state, players, shares, remaining, settings, validation_gradient, persistence)
+    players = _random_directions(
+        state, players, shares, remaining, settings, validation_gradient, basis, previous_updates
+    )
     _self_reports(state, settings, reported_examples, verified_examples, reported_losses)
     admitted = {i for g in players for i in g}
     return ScreenReport(
