@@ -10,7 +10,8 @@ once alone ("clean") and once with one adversary. Worlds:
 Per adversary kind:
 - data-free (scaled, shrunk, noised, stale, mixed copies of global models): its share of the member pool;
 - same data (re-seeded training of a member's data, 70 % of it): the pair's pay over what the member alone earns;
-- copycat (half of a member's update, with noise): the share of its pay the member loses, and the copy's share.
+- copycat (half of a member's update, with noise): the share of its pay the member loses, and the copy's share;
+- every kind: the share of their pay the honest members lose together (a second table).
 Adversaries marked * are adaptive attacks beyond issue 17's list: their results are published, they are not
 targets. Honest false exclusions count every honest member-round a screen excluded, clean and attacked jobs alike.
 With --aggregation, the same jobs run on Flower's robust strategies (accuracy and attribution per strategy).
@@ -69,6 +70,11 @@ class Cell:
             return f"{np.mean(groups):.2f} / {max(groups):.2f}x"
         losses = [o.victim_loss for o in self.outcomes]
         return f"{100 * np.mean(losses):.1f} / {100 * max(losses):.1f} (copy {100 * max(shares):.1f})"
+
+    def honest_loss(self) -> str:
+        """Mean / max share of their pay the honest members (the copied member included) lose together."""
+        losses = [o.honest_loss for o in self.outcomes]
+        return f"{100 * np.mean(losses):.2f} / {100 * max(losses):.2f}"
 
     def meets_target(self) -> bool | None:
         adversary = self.outcomes[0].adversary
@@ -155,6 +161,12 @@ def print_tables(
             missed.append(f"{title}: honest false exclusions at {m} members: {excluded} / {total}")
     print("| honest member-rounds excluded | | " + " | ".join(rates) + " |")
     print("| clean accuracy (mean) | | " + " | ".join(f"{np.mean(accuracy[m]):.3f}" for m in members) + " |")
+    print("\nhonest pay lost: mean / max share of their pay the honest members lose together with the adversary (%)\n")
+    print("| adversary | " + " | ".join(f"{m} members" for m in members) + " |")
+    print("|---|" + "---|" * len(members))
+    for adversary in adversaries:
+        name = adversary.name + (" *" if adversary.published else "")
+        print(f"| {name} | " + " | ".join(cells[(m, adversary.name)].honest_loss() for m in members) + " |")
     return missed
 
 

@@ -382,6 +382,8 @@ class Job:
         earlier: list[Vector] = []
         account = AttributionAccount()
         valuations = []
+        previous: dict[str, Vector] = {}
+        groups: list[tuple[str, ...]] = []
         for rnd in range(1, self.rounds + 1):
             # Every honest device trains with the same per-round seed (base seed + round), as production does.
             honest = [self.world.train(global_params, d, 1000 * self.seed + rnd) for d in self.data]
@@ -399,6 +401,8 @@ class Job:
                     updates=matrix,
                     previous_global_delta=global_params - earlier[0] if earlier else None,
                     earlier_globals=tuple(earlier),
+                    previous_updates=[previous.get(n) for n in members],
+                    previous_groups=groups,
                 ),
                 self.world.loss,
                 self.settings,
@@ -406,6 +410,8 @@ class Job:
             )
             account.add(valuation)
             valuations.append(valuation)
+            previous = dict(zip(members, matrix, strict=True))
+            groups = [g for g in valuation.players if len(g) > 1]
             earlier = [global_params, *earlier][: self.settings.screens.history_rounds]
             global_params = self._aggregate(global_params, members, matrix, valuation)
         return JobResult(account, valuations, self.world.accuracy(global_params))

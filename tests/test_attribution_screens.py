@@ -80,6 +80,51 @@ def test_each_free_rider_gets_its_reason() -> None:
     assert not any(report.excluded(i) for i in range(6))
 
 
+def test_a_member_far_from_the_others_is_kept_when_it_learns_what_it_learnt_last_round() -> None:
+    # Member 5 holds data no one else has: its update is noise-like against the others' consensus and the
+    # validation gradient (here: none), as honest PLAID members were in later rounds. Fresh noise of the same size
+    # (member 6) is not kept; neither is member 5 without its previous update, which is what proves it has data.
+    global_params, deltas = honest_updates(5)
+    rng = np.random.default_rng(7)
+    size = float(np.linalg.norm(deltas[0])) / np.sqrt(D)
+    own_data = rng.standard_normal(D).astype(np.float32) * size
+    different = own_data + 0.3 * size * rng.standard_normal(D).astype(np.float32)
+    noise = rng.standard_normal(D).astype(np.float32) * size
+    updates = np.concatenate([deltas, different[None, :], noise[None, :]])
+    last_round = [*deltas[::-1], own_data, rng.standard_normal(D).astype(np.float32) * size]
+
+    with_history = screen_updates(updates, settings=SETTINGS, global_params=global_params, previous_updates=last_round)
+    assert not with_history.excluded(5)
+    assert reasons(with_history.flags, 6) == {ScreenReason.RANDOM_DIRECTION}
+    without = screen_updates(updates, settings=SETTINGS, global_params=global_params)
+    assert reasons(without.flags, 5) == {ScreenReason.RANDOM_DIRECTION}
+    # Off switch: persistence_z 0 gives the screen without the rescue.
+    off = screen_updates(
+        updates, settings=ScreenSettings(persistence_z=0.0), global_params=global_params, previous_updates=last_round
+    )
+    assert reasons(off.flags, 5) == {ScreenReason.RANDOM_DIRECTION}
+
+
+def test_a_pair_grouped_last_round_stays_one_player_at_a_lower_similarity() -> None:
+    # Member 6 trained part of member 0's data: one round's similarity is noisy, here between same_data_persisting
+    # and same_data_similarity. Alone this round it is a player of its own; grouped with member 0 last round, it
+    # stays in one player with it.
+    _, deltas = honest_updates(6)
+    noise = np.random.default_rng(5).standard_normal(D).astype(np.float32)
+    partial = deltas[0] + 1.55 * noise * float(np.linalg.norm(deltas[0])) / np.sqrt(D)
+    updates = np.concatenate([deltas, partial[None, :]])
+    unit = updates / np.linalg.norm(updates, axis=1, keepdims=True)
+    similarity = float(groups.pair_similarities(unit.astype(np.float64), [(0, 6)])[0])
+    assert SETTINGS.same_data_persisting <= similarity < SETTINGS.same_data_similarity
+
+    assert screen_updates(updates, settings=SETTINGS).players == [(i,) for i in range(7)]
+    report = screen_updates(updates, settings=SETTINGS, grouped_before=[(0, 6)])
+    assert report.players == [(0, 6), *[(i,) for i in range(1, 6)]]
+    assert reasons(report.flags, 6) == {ScreenReason.SAME_DATA}
+    # An honest pair of different data grouped last round is not kept together.
+    assert screen_updates(updates, settings=SETTINGS, grouped_before=[(1, 2)]).players == [(i,) for i in range(7)]
+
+
 def test_near_duplicates_form_one_player() -> None:
     deltas = honest_updates(5)[1]
     copy = deltas[2] * 1.0001

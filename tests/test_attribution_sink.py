@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coordinator.attribution import ScreenReason, ValuationMethod, ValuationSettings
+from coordinator.attribution import (
+    RoundUpdates,
+    RoundValuation,
+    ScreenReason,
+    ValuationMethod,
+    ValuationSettings,
+    value_round,
+)
 from coordinator.attribution.round_sink import AttributionSink
 from coordinator.attribution.task_loss import TaskValidationLoss
 from coordinator.capture.round import CapturedUpdate, RoundCapture
@@ -113,3 +120,36 @@ def test_unknown_global_or_malformed_reply_is_skipped_not_raised(data: Data) -> 
     assert "malformed" in sink.skipped[1].reason
     assert recorder.rounds == [1, 2]
     assert sink.valuations == []
+
+
+def test_sink_hands_each_round_the_members_previous_updates_and_groups(
+    data: tuple[TaskValidationLoss, np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import coordinator.attribution.round_sink as round_sink
+
+    seen: list[RoundUpdates] = []
+
+    def spy(updates: RoundUpdates, *args: object, **kwargs: object) -> RoundValuation:
+        seen.append(updates)
+        return value_round(updates, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(round_sink, "value_round", spy)
+    val, x, y = data
+    parts = np.array_split(np.random.default_rng(1).permutation(len(y))[:480], 4)
+    sink = AttributionSink(val, ValuationSettings(), member_of=lambda node: f"member-{node}")
+    global_arrays = model_arrays(build_model(SPEC, 0))
+    sink.observe_global(global_arrays)
+    for rnd in (1, 2):
+        replies = {10 + i: trained(global_arrays, x[p], y[p], rnd) for i, p in enumerate(parts)}
+        replies[20] = {k: v.copy() for k, v in replies[10].items()}  # a copy of node 10's model: one player with it
+        sink.on_round(capture(rnd, global_arrays, replies))
+        global_arrays = val.unflatten(np.mean([val.flatten(replies[10 + i]) for i in range(4)], axis=0))
+        sink.observe_global(global_arrays)
+
+    first, second = seen
+    assert first.previous_updates == [None] * 5 and list(first.previous_groups) == []
+    assert second.previous_updates is not None
+    for member, previous in zip(second.members, second.previous_updates, strict=True):
+        assert previous is not None
+        np.testing.assert_array_equal(previous, first.updates[list(first.members).index(member)])
+    assert [tuple(g) for g in second.previous_groups] == [("member-10", "member-20")]

@@ -127,6 +127,20 @@ def same_data_pairs(unit_residuals: npt.NDArray[np.float64], threshold: float) -
     return [(int(r), int(c), float(v)) for r, c, v in zip(rows[keep], cols[keep], values[keep], strict=True)]
 
 
+def pair_similarities(unit_residuals: npt.NDArray[np.float64], pairs: list[tuple[int, int]]) -> npt.NDArray[np.float64]:
+    """The leave-pair-out centred similarity of the listed pairs of unit residual rows (as same_data_pairs measures
+    it), computed exactly for these pairs only; 0 for every pair when there are fewer than 4 rows."""
+    m = unit_residuals.shape[0]
+    if m < 4 or not pairs:
+        return np.zeros(len(pairs))
+    total = unit_residuals.sum(axis=0)
+    to_sum = unit_residuals @ total
+    rows = np.array([a for a, _ in pairs], dtype=np.intp)
+    cols = np.array([b for _, b in pairs], dtype=np.intp)
+    cosines = _exact_cosines(unit_residuals, rows, cols)
+    return _centred_terms(cosines, to_sum[rows], to_sum[cols], float(total @ total), m - 2)
+
+
 def union_groups(candidates: list[int], pairs: list[tuple[int, int]]) -> list[tuple[int, ...]]:
     """Connected components of `candidates` under `pairs`, each sorted, ordered by their smallest member."""
     parent = {c: c for c in candidates}

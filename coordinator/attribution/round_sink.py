@@ -76,6 +76,11 @@ class AttributionSink:
         self._globals: dict[str, npt.NDArray[np.float32]] = {}
         self._excluded: dict[int, frozenset[int]] = {}
         self._weights: dict[int, dict[int, float]] = {}
+        # Each member's update of the last valued round: an update that keeps learning the same data is not noise
+        # (screens: random direction). One (d,) float32 row per member of that round.
+        self._previous: dict[str, npt.NDArray[np.float32]] = {}
+        # The last valued round's players of more than one member: same data stays one player (screens: same data).
+        self._previous_groups: list[tuple[str, ...]] = []
 
     def observe_global(self, arrays: Mapping[str, npt.NDArray[np.generic]]) -> None:
         """Remember a global model the strategy may send out (keeps the last `history_rounds` + 1)."""
@@ -132,6 +137,8 @@ class AttributionSink:
                 previous_global_delta=global_flat - earlier[0] if earlier else None,
                 earlier_globals=earlier,
                 reported_losses=[_reported_losses(u.metrics) for u in capture.updates],
+                previous_updates=[self._previous.get(member) for member in members],
+                previous_groups=self._previous_groups,
             ),
             self.loss,
             self.settings,
@@ -140,6 +147,8 @@ class AttributionSink:
         self.account.add(valuation)
         self.reputation.record(valuation)
         self.valuations.append(valuation)
+        self._previous = {member: updates[i] for i, member in enumerate(members)}
+        self._previous_groups = [group for group in valuation.players if len(group) > 1]
         nodes = {member: u.node_id for member, u in zip(members, capture.updates, strict=True)}
         self._excluded[capture.round] = frozenset(
             nodes[member] for member, flags in valuation.flags.items() if any(f.excludes for f in flags)

@@ -67,7 +67,10 @@ class RoundUpdates:
     counts the coordinator checked itself (never the device's claim). `earlier_globals` are the global models of
     earlier rounds, most recent first, and `previous_global_delta` the last global step: what a member without data
     could build its update from (data_free.py). `reported_losses` are the members' own (before, after) training
-    loss claims, never trusted, only checked against the update."""
+    loss claims, never trusted, only checked against the update. `previous_updates` are each member's own update of
+    the previous round (None for a member that sent none): an update that keeps learning the same data is not noise
+    (screens: random direction). `previous_groups` are the previous round's players of more than one member (member
+    ids): same data persists, so such a pair stays one player at a lower similarity (screens: same data)."""
 
     round_index: int
     members: Sequence[str]
@@ -78,6 +81,8 @@ class RoundUpdates:
     previous_global_delta: FloatVector | None = None
     earlier_globals: Sequence[FloatVector] = ()
     reported_losses: Sequence[tuple[float, float] | None] | None = None
+    previous_updates: Sequence[FloatVector | None] | None = None
+    previous_groups: Sequence[Sequence[str]] = ()
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,16 @@ def _check(updates: RoundUpdates) -> None:
             raise MalformedError(f"one {name} example count per member", members=m, counts=len(counts))
     if updates.reported_losses is not None and len(updates.reported_losses) != m:
         raise MalformedError("one reported loss pair per member", members=m, losses=len(updates.reported_losses))
+    if updates.previous_updates is not None:
+        if len(updates.previous_updates) != m:
+            raise MalformedError(
+                "one previous update (or None) per member", members=m, found=len(updates.previous_updates)
+            )
+        for previous in updates.previous_updates:
+            if previous is not None and previous.shape != updates.global_params.shape:
+                raise MalformedError(
+                    "a previous update differs in size", global_shape=updates.global_params.shape, found=previous.shape
+                )
     for earlier in updates.earlier_globals:
         if earlier.shape != updates.global_params.shape:
             raise MalformedError(
@@ -179,6 +194,17 @@ def _value_players(
     return _PlayerValues(method, values, errors, game.evaluations, game.grand_utility(), game.base_loss)
 
 
+def _grouped_before(updates: RoundUpdates) -> list[tuple[int, int]]:
+    """Index pairs of this round's members that were in one player of the previous round (members absent now are
+    left out)."""
+    index = {member: i for i, member in enumerate(updates.members)}
+    pairs = []
+    for group in updates.previous_groups:
+        present = sorted(index[member] for member in group if member in index)
+        pairs += [(a, b) for k, a in enumerate(present) for b in present[k + 1 :]]
+    return pairs
+
+
 def value_round(
     updates: RoundUpdates,
     loss: LossFunction,
@@ -203,6 +229,8 @@ def value_round(
         reported_examples=updates.reported_examples,
         verified_examples=updates.verified_examples,
         reported_losses=updates.reported_losses,
+        previous_updates=updates.previous_updates,
+        grouped_before=_grouped_before(updates),
     )
     players = report.players
     weights = _player_weights(players, updates.verified_examples, settings.example_count_cap)
