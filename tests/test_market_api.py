@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from market_fixtures import TASK, Buyer, Market, market, now_ms, validation_bytes
@@ -431,3 +432,32 @@ def test_a_task_a_buyer_proposes_with_its_job_is_quoted_once_the_operator_approv
     _refused(market.call(market.acme, "POST", "/v1/jobs", other), 422, "policy_violation")
     plain = market.call(market.acme, "POST", "/v1/jobs", {"task": TASK, "purpose": "research"}).json()
     assert _cli(market, "approve", plain["job_id"], group="task").returncode == 2
+
+
+@pytest.mark.parametrize("dp_required", [True, False])
+def test_a_job_that_requires_dp_is_launched_with_the_mids_dp_and_one_that_does_not_without(
+    market: Market, tmp_path: Path, dp_required: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    launched = []
+    launcher = market.desk.launcher
+    run = launcher.run
+
+    def recording(request: Any, spec: Any, report: Any) -> Any:
+        launched.append(request)
+        return run(request, spec, report)
+
+    monkeypatch.setattr(launcher, "run", recording)
+    job = market.quoted_job(market.acme, tmp_path, dp_required=dp_required)
+    body = {"quote_sha256": job["quote_sha256"], "amount_minor": job["quote"]["total_minor"]}
+    assert market.call(market.acme, "POST", f"/v1/jobs/{job['job_id']}/accept", body).status_code == 200
+    market.wait_state(market.acme, job["job_id"], ("failed", "delivered"))  # no SuperLink: it fails at its start
+    [request] = launched
+    terms = market.desk.terms
+    if dp_required:
+        assert terms.dp_clipping_norm > 0 and terms.dp_noise_multiplier > 0
+        assert (request.dp_clipping_norm, request.dp_noise_multiplier) == (
+            terms.dp_clipping_norm,
+            terms.dp_noise_multiplier,
+        )
+    else:
+        assert (request.dp_clipping_norm, request.dp_noise_multiplier) == (0.0, 0.0)
