@@ -679,9 +679,8 @@ class JobRun:
                 struck = self._struck(_now_ms()) if self.strike_stops_running and not outcome_written else None
                 if struck is not None:
                     self.control.stop_run(record.run_id)
-                    self.report(f"run {record.run_id} stopped: {struck}")
                     record.flower_status = status
-                    return self._finish(record, "failed", "strike")
+                    return self._stopped_by_strike(record, struck)
             if self.clock() >= deadline:
                 self.control.stop_run(record.run_id)
                 record.flower_status = status
@@ -701,10 +700,15 @@ class JobRun:
         if struck is not None:
             # The strikers' devices left the run (each agent stops its SuperNode at its own strike) and the run failed
             # for want of them before a status look could stop it: the strike in force ended it, as the policy says.
-            self.report(f"run {record.run_id} stopped: {struck}")
-            return self._finish(record, "failed", "strike")
+            return self._stopped_by_strike(record, struck)
         reason = record.outcome.reason if record.outcome is not None and record.outcome.reason else status
         return self._finish(record, "failed", reason or "no_outcome")
+
+    def _stopped_by_strike(self, record: JobRecord, struck: str) -> JobRecord:
+        """The job ended by the strike in force `struck` (the policy's `running_jobs = "stop"`): said, and failed."""
+        assert record.run_id is not None
+        self.report(f"run {record.run_id} stopped: {struck}")
+        return self._finish(record, "failed", "strike")
 
     def _invite(self, record: JobRecord, devices: list[JobDevice], run_id: int, server_round: int) -> None:
         now = _now_ms()
