@@ -12,7 +12,7 @@ from job_requests import job_request
 from test_job_start_waiting import FakeRun, _job_run
 
 from coordinator.federation.job import JobOutcome
-from coordinator.federation.job_start import COMPLETED
+from coordinator.federation.job_start import COMPLETED, JobRecord
 from coordinator.ledger.store import LedgerReader, LedgerStore
 from coordinator.policy.document import StrikePolicy, parse_policy
 from coordinator.policy.strike_quorum import StrikePolicyInForce, StrikeQuorumLog, logged_strikes, strikes_in_force
@@ -153,19 +153,26 @@ class StruckMidRun(FakeRun):
         self.stopped.append(run_id)
 
 
+def _run_struck(
+    tmp_path: Path, registry: Registry, control: type[StruckMidRun], running_jobs: str
+) -> tuple[JobRecord, list[str], list[int]]:
+    """A one-round job on `control`'s run under a strike quorum of half the members, with the policy's running_jobs:
+    its record, the lines it said, the runs it stopped."""
+    run, lines = _job_run(tmp_path, registry, job_request(tmp_path, rounds=1), came=[])
+    run.control = struck = control(tmp_path / "jobs", registry)
+    run.status_every_s = 0.0
+    run.strike_quorum_bps, run.strike_min_members = 5000, 1
+    run.strike_stops_running = running_jobs == "stop"
+    return run.run(), lines, struck.stopped
+
+
 @pytest.mark.parametrize("running_jobs", ["finish", "stop"])
 def test_a_running_job_finishes_or_is_stopped_with_reason_strike_as_the_policy_says(
     tmp_path: Path, running_jobs: str
 ) -> None:
     registry, _ = _members(tmp_path / "registry.sqlite", ["d-ann", "d-bob"])
     try:
-        run, lines = _job_run(tmp_path, registry, job_request(tmp_path, rounds=1), came=[])
-        run.control = StruckMidRun(tmp_path / "jobs", registry)
-        run.status_every_s = 0.0
-        run.strike_quorum_bps, run.strike_min_members = 5000, 1
-        run.strike_stops_running = running_jobs == "stop"
-        record = run.run()
-        stopped = run.control.stopped
+        record, lines, stopped = _run_struck(tmp_path, registry, StruckMidRun, running_jobs)
         if running_jobs == "stop":
             assert (record.status, record.reason, stopped) == ("failed", "strike", [FakeRun.RUN_ID])
             assert f"run {FakeRun.RUN_ID} stopped: 1 of 2 members strike against buyer acme (quorum 1)" in lines
@@ -202,13 +209,8 @@ def test_a_run_the_strikers_left_before_a_look_could_stop_it_failed_by_the_strik
 ) -> None:
     registry, _ = _members(tmp_path / "registry.sqlite", ["d-ann", "d-bob"])
     try:
-        run, lines = _job_run(tmp_path, registry, job_request(tmp_path, rounds=1), came=[])
-        run.control = StrikersLeftRun(tmp_path / "jobs", registry)
-        run.status_every_s = 0.0
-        run.strike_quorum_bps, run.strike_min_members = 5000, 1
-        run.strike_stops_running = running_jobs == "stop"
-        record = run.run()
-        assert record.status == "failed" and run.control.stopped == []  # nothing left to stop
+        record, lines, stopped = _run_struck(tmp_path, registry, StrikersLeftRun, running_jobs)
+        assert record.status == "failed" and stopped == []  # nothing left to stop
         if running_jobs == "stop":
             assert record.reason == "strike"
             assert f"run {FakeRun.RUN_ID} stopped: 1 of 2 members strike against buyer acme (quorum 1)" in lines
