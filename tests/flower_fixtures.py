@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -220,3 +221,16 @@ class Federation:
             print("\n".join(lines))
         for outcome in sorted(self.root.glob("jobs/*/outcome.json")):
             print(f"===== {outcome} =====\n{json.dumps(json.loads(outcome.read_text()), indent=1)[:4000]}")
+
+
+@contextlib.contextmanager
+def running_federation(root: Path, front_hold_s: float | None = None) -> Iterator[Federation]:
+    """A started Federation under `root` (devices through a fleet front holding empty pulls `front_hold_s`, as under
+    `serve`; None: directly), stopped and its logs printed when the test ends, also when it fails."""
+    fed = Federation(root, front_hold_s=front_hold_s)
+    try:
+        fed.start()
+        yield fed
+    finally:
+        fed.stop()
+        fed.print_logs()

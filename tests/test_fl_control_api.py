@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from flower_fixtures import Federation, issue_superlink_tls, plaid_windows
+from flower_fixtures import Federation, issue_superlink_tls, plaid_windows, running_federation
 
 from coordinator.federation.control_api import ControlApi, RunControlError
 from coordinator.federation.job import JobOutcome
@@ -21,13 +21,8 @@ pytestmark = pytest.mark.slow  # a real SuperLink and ServerApp processes
 
 @pytest.fixture
 def federation(tmp_path: Path) -> Iterator[Federation]:
-    fed = Federation(tmp_path)
-    try:
-        fed.start()
+    with running_federation(tmp_path) as fed:
         yield fed
-    finally:
-        fed.stop()
-        fed.print_logs()
 
 
 @pytest.fixture

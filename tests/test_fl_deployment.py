@@ -17,6 +17,7 @@ from flower_fixtures import (
     Federation,
     plaid_store_windows,
     plaid_windows,
+    running_federation,
     split_by_label,
     split_indices_by_label,
 )
@@ -39,13 +40,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def federation(tmp_path: Path) -> Iterator[Federation]:
-    fed = Federation(tmp_path, front_hold_s=5.0)  # devices connect through a fleet front, as under `serve`
-    try:
-        fed.start()
+    with running_federation(tmp_path, front_hold_s=5.0) as fed:  # devices through a fleet front, as under serve
         yield fed
-    finally:
-        fed.stop()
-        fed.print_logs()
 
 
 def _start_devices(fed: Federation, count: int, accelerated: bool = False, via_store: bool = False) -> None:

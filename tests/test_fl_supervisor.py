@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from flower_fixtures import Federation, plaid_windows, split_by_label
+from flower_fixtures import Federation, plaid_windows, running_federation, split_by_label
 
 from coordinator.capture.directory import CaptureDirectory
 from edge.federated.supernode import EXIT_NODE_NOT_REGISTERED, SuperNodeProcess
@@ -22,13 +22,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def federation(tmp_path: Path) -> Iterator[Federation]:
-    fed = Federation(tmp_path)
-    try:
-        fed.start()
+    with running_federation(tmp_path) as fed:
         yield fed
-    finally:
-        fed.stop()
-        fed.print_logs()
 
 
 def _fresh(template: SuperNodeProcess) -> SuperNodeProcess:
