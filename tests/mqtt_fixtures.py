@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import psutil
 import pytest
 
 if TYPE_CHECKING:
@@ -184,6 +185,19 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, poll_
             return
         time.sleep(poll_s)
     raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def wait_exited(process: psutil.Process, timeout_s: float, what: str) -> None:
+    """Wait until `process` has exited: gone, or a zombie (an orphan's exit is reaped by whoever adopted it, maybe
+    never in a container); fail naming `what` after `timeout_s`."""
+
+    def exited() -> bool:
+        try:
+            return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    wait_until(exited, timeout_s, what)
 
 
 class ServiceProcess:

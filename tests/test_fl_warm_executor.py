@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from mqtt_fixtures import wait_until
+from mqtt_fixtures import wait_exited, wait_until
 
 from edge.federated.acceleration.warm_executor import WarmExecutor, install_launchers
 
@@ -191,20 +191,9 @@ def test_a_warm_parent_whose_agent_dies_during_its_imports_exits(tmp_path: Path)
     )
     orphan = psutil.Process(int(agent.stdout))
     try:
-        deadline = time.monotonic() + 120
-        while _alive(orphan) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not _alive(orphan), "the orphaned warm parent is still running"
+        wait_exited(orphan, 120, "the orphaned warm parent to exit")
         assert not socket_path.exists()
     finally:
         if orphan.is_running():
             orphan.kill()
         print((tmp_path / "warm.log").read_text(errors="replace")[-4000:])
-
-
-def _alive(process: psutil.Process) -> bool:
-    """Running and not a zombie (an orphan's exit is reaped by whoever adopted it, maybe never in a container)."""
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False

@@ -9,12 +9,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
+from mqtt_fixtures import wait_exited
 
 from runtime.fork_server import ForkServer, ForkTable, install_launchers
 
@@ -143,18 +143,8 @@ def test_a_warm_parent_whose_owner_is_gone_exits(tmp_path: Path) -> None:
     )
     orphan = psutil.Process(int(owner.stdout))
     try:
-        deadline = time.monotonic() + 60
-        while _alive(orphan) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not _alive(orphan), "the orphaned warm parent is still running"
+        wait_exited(orphan, 60, "the orphaned warm parent to exit")
     finally:
         if orphan.is_running():
             orphan.kill()
         print((tmp_path / "warm.log").read_text(errors="replace")[-4000:])
-
-
-def _alive(process: psutil.Process) -> bool:
-    try:
-        return bool(process.is_running() and process.status() != psutil.STATUS_ZOMBIE)
-    except psutil.NoSuchProcess:
-        return False
