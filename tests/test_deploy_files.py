@@ -5,6 +5,7 @@ so, where the tool is missing (`make test` installs both)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -39,6 +40,16 @@ def test_systemd_unit_runs_the_installed_agent_as_a_notify_service() -> None:
     for line in ("Type=notify", "WatchdogSec=", "ProtectSystem=strict", "PrivateTmp=true", "NoNewPrivileges=true"):
         assert line in unit
     assert "\nCapabilityBoundingSet=\n" in unit and "\nPrivateDevices=true\n" in unit and "MemoryMax=" in unit
+
+
+def test_install_script_pins_the_cpu_torch_on_every_architecture() -> None:
+    """PyPI's torch 2.13.0 wheels are CUDA builds on aarch64 too (they require cuda-toolkit and nvidia-cudnn-cu13):
+    only the local label `+cpu` keeps a Pi's resolve on PyTorch's CPU index, whatever `uname -m` says."""
+    installer = (DEPLOY / "install.sh").read_text()
+    version = re.search(r"^TORCH_VERSION=(\S+)$", installer, re.MULTILINE)
+    assert version is not None and version.group(1).endswith("+cpu"), "torch must be pinned with its +cpu label"
+    pip_args = installer.split("pip_args() {")[1].split("\n}\n")[0]
+    assert "TORCH_CPU_INDEX" in pip_args and "uname" not in pip_args, pip_args
 
 
 def test_install_script_is_shellcheck_clean() -> None:

@@ -24,9 +24,10 @@ DROPIN_DIR=/etc/systemd/system/midgate-agent.service.d
 # with its placeholders (no password file, no CA), and the member may run a Mosquitto of their own.
 HUB_CONF=$CONF_DIR/mosquitto-hub-bridge.conf
 USER_NAME=midgate
-# One torch for both architectures: the CPU build. On x86_64 PyPI's default torch is the multi-GB CUDA build, so
-# it comes from PyTorch's CPU index; on aarch64 PyPI's wheel is the CPU build.
-TORCH_VERSION=2.13.0
+# One torch for both architectures: the CPU build, from PyTorch's CPU index, pinned with its local label. PyPI's
+# torch 2.13.0 is a CUDA build on aarch64 as on x86_64 (its aarch64 wheel requires cuda-toolkit and nvidia-cudnn-cu13,
+# several GB a Pi can neither hold nor use), so an unlabelled pin could resolve to it; `+cpu` cannot.
+TORCH_VERSION=2.13.0+cpu
 TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 HEALTH_TIMEOUT_S=${MIDGATE_HEALTH_TIMEOUT_S:-120}
 
@@ -82,7 +83,7 @@ ensure_user() {
 
 pip_args() {
   if [ -n "$wheelhouse" ]; then printf '%s\n' --no-index --find-links "$wheelhouse"; return; fi
-  if [ "$(uname -m)" = x86_64 ]; then printf '%s\n' --extra-index-url "$TORCH_CPU_INDEX"; fi
+  printf '%s\n' --extra-index-url "$TORCH_CPU_INDEX"
 }
 
 # Install midgate and its dependencies into $VENV. torch is pinned in the same resolve: an unpinned torch makes
