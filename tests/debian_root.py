@@ -18,7 +18,17 @@ PACKAGES = ("python3", "python3-venv", "systemd", "i2c-tools", "ca-certificates"
 """What a fresh Raspberry Pi OS Lite has that matters to install.sh (it apt-installs what is missing)."""
 MIRROR = os.environ.get("MIDGATE_TEST_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 CACHE = Path(os.environ.get("MIDGATE_TEST_ROOT_CACHE", "/var/tmp/midgate-test-roots"))
-TORCH_PIN = "torch==2.13.0"
+
+
+def _installer_torch_pin() -> str:
+    """The torch install.sh pins (its `TORCH_VERSION=` line), so the wheelhouse holds the build it asks for."""
+    for line in (REPO / "deploy/raspberrypi/install.sh").read_text().splitlines():
+        if line.startswith("TORCH_VERSION="):
+            return "torch==" + line.removeprefix("TORCH_VERSION=")
+    raise LookupError("deploy/raspberrypi/install.sh has no TORCH_VERSION= line")
+
+
+TORCH_PIN = _installer_torch_pin()
 
 
 def missing_tools() -> str | None:
