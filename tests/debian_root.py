@@ -4,6 +4,7 @@ and chroot (CI runs as root; `make test` installs debootstrap)."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -45,10 +46,26 @@ def root_tarball() -> Path:
     """The cached tarball of a minbase bookworm with PACKAGES, built on first use."""
     key = hashlib.sha256(" ".join(("bookworm", MIRROR, *PACKAGES)).encode()).hexdigest()[:12]
     tarball = CACHE / f"bookworm-{key}.tar"
-    if tarball.exists():
-        return tarball
+    with _cache_lock():
+        if not tarball.exists():
+            _debootstrap(tarball, CACHE / f"build-{key}")
+    return tarball
+
+
+@contextmanager
+def _cache_lock() -> Iterator[None]:
+    """One builder at a time: two test workers (or two checkouts) first needing the root or the wheelhouse would
+    otherwise debootstrap into the same folder or download into the same wheelhouse at once."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    build = CACHE / f"build-{key}"
+    with (CACHE / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _debootstrap(tarball: Path, build: Path) -> None:
     shutil.rmtree(build, ignore_errors=True)
     subprocess.run(
         ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", "bookworm", str(build), MIRROR],
@@ -59,7 +76,6 @@ def root_tarball() -> Path:
     subprocess.run(["tar", "-C", str(build), "-cf", str(partial), "."], check=True)
     partial.rename(tarball)
     shutil.rmtree(build)
-    return tarball
 
 
 @contextmanager
@@ -91,9 +107,10 @@ def project_wheels(out: Path) -> tuple[Path, Path]:
     )
     (wheel,) = out.glob("midgate-*.whl")
     wheelhouse = CACHE / "wheelhouse"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "-q", "-d", str(wheelhouse), TORCH_PIN, str(wheel)],
-        check=True,
-        capture_output=True,
-    )
+    with _cache_lock():
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "-d", str(wheelhouse), TORCH_PIN, str(wheel)],
+            check=True,
+            capture_output=True,
+        )
     return wheel, wheelhouse
