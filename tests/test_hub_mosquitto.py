@@ -32,29 +32,39 @@ def secret(secrets: Path, login: str) -> str:
     return (secrets / f"{login}.secret").read_text().strip()
 
 
-async def exchange(port: int, secrets: Path) -> list[tuple[str, bytes]]:
-    """The agent subscribes to sensors/#; the kitchen sensor publishes on its own topic, on another sensor's and on
-    a topic the bridge would forward. What the agent receives, up to a closing marker on the kitchen's topic."""
-    agent = aiomqtt.Client("127.0.0.1", port, username="midgate-agent", password=secret(secrets, "agent"))
-    kitchen = aiomqtt.Client("127.0.0.1", port, username="kitchen", password=secret(secrets, "kitchen"))
-    received: list[tuple[str, bytes]] = []
-    async with agent, kitchen:
+async def exchange(port: int, secrets: Path) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
+    """The agent and the kitchen sensor subscribe to sensors/#; the kitchen publishes on its own topic, on another
+    sensor's and on a topic the bridge would forward, the hall sensor on its own, and the kitchen a closing marker.
+    What the agent and the kitchen receive, up to that marker."""
+
+    def login(name: str, file: str) -> aiomqtt.Client:
+        return aiomqtt.Client("127.0.0.1", port, username=name, password=secret(secrets, file), identifier=name)
+
+    agent, kitchen, hall = login("midgate-agent", "agent"), login("kitchen", "kitchen"), login("hall", "hall")
+    async with agent, kitchen, hall:
         await agent.subscribe("sensors/#", qos=1)
         await agent.subscribe("mid/#", qos=1)  # denied by the ACL: nothing arrives from it
+        await kitchen.subscribe("sensors/#", qos=1)  # allowed for its own topics only
         for topic, payload in [
             ("sensors/kitchen/state", b'{"temperature": 21.5}'),
             ("sensors/hall/state", b'{"temperature": 99}'),  # passing for another sensor
             ("mid/riverside/dev/d-1/up/report", b"forged"),  # into what the bridge forwards
-            ("sensors/kitchen/state", b"end"),
         ]:
             await kitchen.publish(topic, payload, qos=1)
-        async with asyncio.timeout(20):
-            async for message in agent.messages:
-                assert isinstance(message.payload, bytes)
-                received.append((message.topic.value, message.payload))
-                if message.payload == b"end":
-                    break
-    return received
+        await hall.publish("sensors/hall/state", b'{"temperature": 18}', qos=1)  # acknowledged: routed before `end`
+        await kitchen.publish("sensors/kitchen/state", b"end", qos=1)
+        return await _until_end(agent), await _until_end(kitchen)
+
+
+async def _until_end(client: aiomqtt.Client) -> list[tuple[str, bytes]]:
+    received: list[tuple[str, bytes]] = []
+    async with asyncio.timeout(20):
+        async for message in client.messages:
+            assert isinstance(message.payload, bytes)
+            received.append((message.topic.value, message.payload))
+            if message.payload == b"end":
+                return received
+    raise AssertionError("the message iteration ended")
 
 
 async def refused(port: int, username: str | None, password: str | None) -> bool:
@@ -67,12 +77,14 @@ async def refused(port: int, username: str | None, password: str | None) -> bool
 
 def test_the_generated_config_runs_and_holds_each_login_to_its_topics(tmp_path: Path) -> None:
     conf, secrets, port = tmp_path / "conf.d", tmp_path / "secrets", free_port()
-    generate(conf, secrets, "--port", str(port), "--sensor", "kitchen")
+    generate(conf, secrets, "--port", str(port), "--sensor", "kitchen", "--sensor", "hall")
     assert f"listener {port} 127.0.0.1\n" in (conf / "midgate-hub.conf").read_text()  # loopback unless --lan
     assert oct((secrets / "kitchen.secret").stat().st_mode & 0o777) == "0o600"
     with running_mosquitto(tmp_path / "broker", f"include_dir {conf}\n", port) as broker:
-        received = asyncio.run(exchange(port, secrets))
-        assert received == [("sensors/kitchen/state", b'{"temperature": 21.5}'), ("sensors/kitchen/state", b"end")]
+        to_agent, to_kitchen = asyncio.run(exchange(port, secrets))
+        kitchen_own = [("sensors/kitchen/state", b'{"temperature": 21.5}'), ("sensors/kitchen/state", b"end")]
+        assert to_agent == [kitchen_own[0], ("sensors/hall/state", b'{"temperature": 18}'), kitchen_own[1]]
+        assert to_kitchen == kitchen_own  # not the hall's readings
         assert asyncio.run(refused(port, None, None)), broker.log_text()  # anonymous
         assert asyncio.run(refused(port, "kitchen", "not-its-password")), broker.log_text()
 

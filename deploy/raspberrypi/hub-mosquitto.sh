@@ -13,9 +13,9 @@
 # - No anonymous client: anything on the network could otherwise feed the agent readings that end up in training.
 # - The listener is on loopback unless --lan: the Pi may sit on a network that is not the member's (a shared house,
 #   a guest Wi-Fi), and MQTT on port 1883 carries logins and readings in clear; opening it is the member's choice.
-# - Each sensor has its own login and may publish only under sensors/NAME/ (a sensor cannot pass for another, nor
-#   write to any other topic, in particular the mid/ topics the bridge forwards); only the agent's login reads
-#   sensors/#. Readings are never bridged: they stay on the hub, as every sample does.
+# - Each sensor has its own login and may publish (and subscribe) only under sensors/NAME/: a sensor cannot pass
+#   for another, nor write to any other topic, in particular the mid/ topics the bridge forwards; only the agent's
+#   login reads all of sensors/#. Readings are never bridged: they stay on the hub, as every sample does.
 set -euo pipefail
 
 conf_dir=""
@@ -68,11 +68,12 @@ ensure_login() {
 write_acl() {
   cat >"$ACL.new" <<EOF
 # Written by hub-mosquitto.sh (install.sh --hub). The agent reads every small sensor's readings; each sensor's login
-# publishes only under sensors/<its login>/. No one else reads or writes anything.
+# publishes (and reads its own commands, as Tasmota and Zigbee2MQTT do) only under sensors/<its login>/. No one else
+# reads or writes anything.
 user $AGENT_LOGIN
 topic read sensors/#
 
-pattern write sensors/%u/#
+pattern readwrite sensors/%u/#
 EOF
   chmod 0640 "$ACL.new"
   mv "$ACL.new" "$ACL"
