@@ -145,6 +145,7 @@ def test_retained_and_repeated_readings_are_refused_and_the_next_good_one_is_tak
         {"channels": []},
         {"channels": [{"name": "t", "field": "a..b"}]},
         {"channels": [{"name": "Temperature", "field": "t"}]},
+        {"channels": [{"name": "t", "field": "a"}, {"name": "t", "field": "b"}]},
         {"port": 0},
         {"qos": 2},  # unknown keys are refused, not ignored
     ],

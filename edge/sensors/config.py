@@ -6,9 +6,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edge.sensors.driver import PushedSensor, Sensor
 from edge.sensors.errors import SensorUnavailableError
@@ -94,6 +94,13 @@ class MqttConfig(_Strict):
     time_unit: Literal["s", "ms"] = "s"
     max_skew_s: float = Field(default=300.0, gt=0, description="refuse a sensor time further than this from the hub's")
     max_message_bytes: int = Field(default=4096, ge=64, le=1_048_576, description="refuse larger messages unread")
+
+    @model_validator(mode="after")
+    def _distinct_channels(self) -> Self:
+        names = [c.name for c in self.channels]
+        if len(set(names)) != len(names):
+            raise ValueError(f"channel names must be distinct, found {names}")
+        return self
 
     def shape(self) -> ReadingShape:
         fields = tuple(ChannelField(ChannelSpec(c.name, c.unit), tuple(c.field.split("."))) for c in self.channels)

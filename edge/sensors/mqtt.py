@@ -28,6 +28,11 @@ BROKER_LOST = "broker_lost"
 """The reason counted when the connection to the hub's broker fails or is lost."""
 
 
+INCOMING_BOUND = 1000
+"""Messages held while the store is behind; beyond it aiomqtt drops new ones, so a sensor flooding the hub costs
+bounded memory (the sample queue behind it is bounded too)."""
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -117,6 +122,7 @@ class MqttSensor:
             protocol=aiomqtt.ProtocolVersion.V311,
             clean_session=True,
             keepalive=30,
+            max_queued_incoming_messages=INCOMING_BOUND,
         )
 
     def close(self) -> None:
