@@ -127,9 +127,10 @@ def check_hub(root: Path, installer: str, offline: tuple[str, ...]) -> None:
 
 
 READS_HUB_CONFIG = f"""
+from pathlib import Path
 from edge.agent.config import AgentSettings
 from edge.sensors.config import build_sensor
-sensors = [build_sensor(s) for s in AgentSettings.load("{CONF}").sensors if s.driver == "mqtt"]
+sensors = [build_sensor(s) for s in AgentSettings.load(Path("{CONF}")).sensors if s.driver == "mqtt"]
 assert [s.name for s in sensors] == ["kitchen", "hall"] and all(s.password for s in sensors)
 """
 
