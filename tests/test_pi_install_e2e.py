@@ -104,8 +104,9 @@ def broken_wheel(wheel: Path, out: Path) -> Path:
 
 def check_hub(root: Path, installer: str, offline: tuple[str, ...]) -> None:
     """`--hub --hub-sensor kitchen` writes the hub's Mosquitto config with a login per sensor readable by the right
-    users only, and the sensor's [[sensors]] table; a re-run with a new sensor keeps the first one's password and
-    table and adds the second's. (tests/test_hub_mosquitto.py runs what hub-mosquitto.sh writes in a real Mosquitto.)"""
+    users only, and the sensor's [[sensors]] table; a re-run with a new sensor and the bridge's settings keeps the
+    first one's password and table, adds the second's, and fills in the bridge. (tests/test_hub_mosquitto.py runs
+    what hub-mosquitto.sh writes in a real Mosquitto.)"""
     hub = run_in(root, installer, *offline, "--hub", "--hub-sensor", "kitchen")
     secrets = root / "etc/midgate/hub"
     kitchen_password = (secrets / "kitchen.secret").read_text().strip()
@@ -118,7 +119,23 @@ def check_hub(root: Path, installer: str, offline: tuple[str, ...]) -> None:
         (root / "etc/mosquitto/midgate-hub/midgate-hub.passwd", 0o640, "mosquitto"),
     ]:
         assert (path.stat().st_mode & 0o777, groups[str(path.stat().st_gid)]) == (mode, group), path
-    run_in(root, installer, *offline, "--hub", "--hub-sensor", "kitchen", "--hub-sensor", "hall")
+    assert (root / "etc/midgate/mosquitto-hub-bridge.conf").exists()  # the bridge waits to be filled in
+    (root / "tmp/hub-password").write_text("p&ss|w/rd\n")  # characters sed or bash 5.2 would take as syntax
+    (root / "tmp/mid-ca.pem").write_text("a CA\n")
+    two = ("--hub", "--hub-sensor", "kitchen", "--hub-sensor", "hall")
+    bridge = ("--bridge", "mid.example:8883", "--bridge-login", "hub-7", "--bridge-password-file", "/tmp/hub-password")
+    run_in(root, installer, *offline, *two, *bridge, "--bridge-ca", "/tmp/mid-ca.pem")
+    bridged = (root / "etc/mosquitto/conf.d/midgate-bridge.conf").read_text()
+    for line in (
+        "address mid.example:8883",
+        "remote_username hub-7",
+        "remote_password p&ss|w/rd",
+        "bridge_cafile /etc/mosquitto/midgate-hub/mid-ca.pem",
+        "topic mid/+/dev/+/up/# out 1",
+    ):
+        assert f"\n{line}\n" in bridged, bridged
+    assert "sensors" not in bridged.split("connection midgate-mid")[1]  # readings are never bridged
+    assert not (root / "etc/midgate/mosquitto-hub-bridge.conf").exists()
     toml = (root / CONF.lstrip("/")).read_text()
     assert toml.count('driver = "mqtt"') == 2 and 'topic = "sensors/hall/state"' in toml
     assert (secrets / "kitchen.secret").read_text().strip() == kitchen_password
