@@ -89,7 +89,7 @@ def test_the_generated_config_runs_and_holds_each_login_to_its_topics(tmp_path: 
         assert asyncio.run(refused(port, "kitchen", "not-its-password")), broker.log_text()
 
 
-def test_a_re_run_keeps_every_password_and_adds_new_sensors(tmp_path: Path) -> None:
+def test_a_re_run_keeps_every_password_and_the_listener_and_adds_new_sensors(tmp_path: Path) -> None:
     conf, secrets = tmp_path / "conf.d", tmp_path / "secrets"
     generate(conf, secrets, "--sensor", "kitchen")
     before = {login: secret(secrets, login) for login in ("agent", "kitchen")}
@@ -100,6 +100,10 @@ def test_a_re_run_keeps_every_password_and_adds_new_sensors(tmp_path: Path) -> N
         conf / "midgate-hub.passwd"
     ).read_text()
     assert "listener 1883 0.0.0.0\n" in (conf / "midgate-hub.conf").read_text()
+    generate(conf, secrets, "--sensor", "kitchen")  # a re-run without --lan keeps the listener open
+    assert "listener 1883 0.0.0.0\n" in (conf / "midgate-hub.conf").read_text()
+    generate(conf, secrets, "--loopback")
+    assert "listener 1883 127.0.0.1\n" in (conf / "midgate-hub.conf").read_text()
 
 
 @pytest.mark.parametrize("bad", [["--sensor", "Kitchen"], ["--sensor", "midgate-agent"], ["--port", "0"]])

@@ -2,12 +2,13 @@
 # The hub's own Mosquitto configuration for the home's small sensors (ESP32 and the like), written by
 # `install.sh --hub` and testable on its own (tests/test_hub_mosquitto.py starts Mosquitto with what it writes).
 #
-#   hub-mosquitto.sh --conf-dir DIR --secret-dir DIR [--port N] [--lan] [--sensor NAME]...
+#   hub-mosquitto.sh --conf-dir DIR --secret-dir DIR [--port N] [--lan | --loopback] [--sensor NAME]...
 #
 # Writes into --conf-dir: midgate-hub.conf (listener, logins required, the ACL), midgate-hub.passwd (hashed by
 # mosquitto_passwd) and midgate-hub.acl; into --secret-dir: agent.secret (the agent's password, for agent.toml's
 # password_file) and NAME.secret per --sensor (the password to flash into that sensor). Passwords are made once, on
-# this hub (never a default shared by every hub): a re-run keeps every login and adds only new ones.
+# this hub (never a default shared by every hub): a re-run keeps every login and adds only new ones, and keeps the
+# listener where it was (--lan opens it to the home network, --loopback closes it again).
 #
 # Safe defaults, and why:
 # - No anonymous client: anything on the network could otherwise feed the agent readings that end up in training.
@@ -21,7 +22,7 @@ set -euo pipefail
 conf_dir=""
 secret_dir=""
 port=1883
-lan=0
+lan=""
 sensors=()
 
 die() { echo "hub-mosquitto.sh: $*" >&2; exit 1; }
@@ -32,6 +33,7 @@ while [ $# -gt 0 ]; do
     --secret-dir) secret_dir=${2:?--secret-dir needs a folder}; shift ;;
     --port) port=${2:?--port needs a number}; shift ;;
     --lan) lan=1 ;;
+    --loopback) lan=0 ;;
     --sensor) sensors+=("${2:?--sensor needs a name}"); shift ;;
     -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
@@ -81,6 +83,7 @@ EOF
 
 write_conf() {
   local address=127.0.0.1
+  if [ -z "$lan" ] && [ -f "$CONF" ] && grep -q '^listener [0-9]* 0\.0\.0\.0$' "$CONF"; then lan=1; fi
   if [ "$lan" = 1 ]; then address=0.0.0.0; fi
   cat >"$CONF.new" <<EOF
 # The midgate hub's listener for the home's small sensors. Written by hub-mosquitto.sh (install.sh --hub); a re-run

@@ -15,7 +15,8 @@
 # --hub: a Mosquitto on the Pi for the home's small sensors (ESP32 and the like), read by the agent. Hub options:
 #   --hub-sensor NAME   a login for one sensor (publishes on sensors/NAME/...) and its [[sensors]] table in
 #                       agent.toml; repeat for more; a re-run with a new name adds it, keeping the others
-#   --hub-lan           listen on the home network (default: on this Pi only, e.g. for Zigbee2MQTT on it)
+#   --hub-lan           listen on the home network (default: on this Pi only, e.g. for Zigbee2MQTT on it); a
+#                       re-run keeps it open, --hub-loopback closes it again
 #   --bridge HOST:PORT --bridge-login USER --bridge-password-file FILE --bridge-ca FILE
 #                       bridge the mid/ topics to the MID's broker over TLS with the hub's login from the MID
 set -euo pipefail
@@ -44,7 +45,7 @@ HEALTH_TIMEOUT_S=${MIDGATE_HEALTH_TIMEOUT_S:-120}
 here=$(cd "$(dirname "$0")" && pwd)
 mode=install
 hub=0
-hub_lan=0
+hub_lan=""
 hub_sensors=()
 bridge=""
 bridge_login=""
@@ -65,6 +66,7 @@ while [ $# -gt 0 ]; do
     --purge-data) purge=1 ;;
     --hub) hub=1 ;;
     --hub-lan) hub_lan=1 ;;
+    --hub-loopback) hub_lan=0 ;;
     --hub-sensor) hub_sensors+=("${2:?--hub-sensor needs a name}"); shift ;;
     --bridge) bridge=${2:?--bridge needs HOST:PORT}; shift ;;
     --bridge-login) bridge_login=${2:?--bridge-login needs a user}; shift ;;
@@ -73,15 +75,15 @@ while [ $# -gt 0 ]; do
     --source) source_dir=${2:?--source needs a folder}; shift ;;
     --wheel) wheel=${2:?--wheel needs a file}; shift ;;
     --wheelhouse) wheelhouse=${2:?--wheelhouse needs a folder}; shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
   shift
 done
 [ "$(id -u)" = 0 ] || die "run as root (sudo $0)"
 [ "$purge" = 0 ] || [ "$mode" = uninstall ] || die "--purge-data goes with --uninstall"
-if [ "$hub" = 0 ] && { [ "$hub_lan" = 1 ] || [ ${#hub_sensors[@]} -gt 0 ] || [ -n "$bridge" ]; }; then
-  die "--hub-lan, --hub-sensor and --bridge go with --hub"
+if [ "$hub" = 0 ] && { [ -n "$hub_lan" ] || [ ${#hub_sensors[@]} -gt 0 ] || [ -n "$bridge" ]; }; then
+  die "--hub-lan, --hub-loopback, --hub-sensor and --bridge go with --hub"
 fi
 if [ -n "$bridge" ] && { [ -z "$bridge_login" ] || [ ! -f "$bridge_password_file" ] || [ ! -f "$bridge_ca" ]; }; then
   die "--bridge needs --bridge-login, --bridge-password-file FILE and --bridge-ca FILE (both files must exist)"
@@ -205,7 +207,7 @@ write_units() {
 write_hub() {
   ensure_packages mosquitto
   local args=(--conf-dir "$HUB_MOSQUITTO_DIR" --secret-dir "$HUB_SECRETS") name new=()
-  if [ "$hub_lan" = 1 ]; then args+=(--lan); fi
+  case $hub_lan in 1) args+=(--lan) ;; 0) args+=(--loopback) ;; esac
   for name in "${hub_sensors[@]}"; do
     [ -f "$HUB_SECRETS/$name.secret" ] || new+=("$name")
     args+=(--sensor "$name")
@@ -226,7 +228,9 @@ write_hub() {
   for name in "${new[@]}"; do
     say "hub sensor $name: login $name, password $(cat "$HUB_SECRETS/$name.secret"), topic sensors/$name/state"
   done
-  if [ "$hub_lan" = 1 ]; then say "hub: small sensors reach Mosquitto at $(hostname -I 2>/dev/null | cut -d' ' -f1):1883"; fi
+  if grep -q '^listener 1883 0\.0\.0\.0$' "$HUB_MOSQUITTO_DIR/midgate-hub.conf"; then
+    say "hub: small sensors reach Mosquitto at $(hostname -I 2>/dev/null | cut -d' ' -f1):1883"
+  fi
 }
 
 # The bridge to the MID's broker: filled in from --bridge*, else left in $HUB_CONF for the member to fill in.
