@@ -10,7 +10,9 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
-from mqtt_fixtures import free_port, running_mosquitto
+from mqtt_fixtures import free_port, running_mosquitto, wait_until
+
+from coordinator.broker.tls import ensure_broker_tls
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -116,3 +118,66 @@ def test_bad_arguments_are_refused(tmp_path: Path, bad: list[str]) -> None:
         check=False,
     )
     assert done.returncode != 0 and "hub-mosquitto.sh:" in done.stderr
+
+
+def test_the_bridge_reaches_the_mid_s_broker_over_tls_and_never_carries_readings(tmp_path: Path) -> None:
+    """The MID's broker: TLS with a certificate of the MID's CA, a login for the hub. The hub's Mosquitto runs the
+    generated listener and bridge; a relay login (made by the test: the installer makes none) stands for a device
+    at home sending a report. The report crosses the bridge; the kitchen's reading sent before it does not."""
+    mid_dir, conf, secrets = tmp_path / "mid", tmp_path / "conf.d", tmp_path / "secrets"
+    tls = ensure_broker_tls(mid_dir / "tls", "riverside", ["127.0.0.1"])
+    (tmp_path / "hub-password").write_text("p&ss|w/rd\n")
+    mid_passwd = mid_dir / "passwd"
+    for login, password in (("hub-7", "p&ss|w/rd"), ("observer", "observer-password")):
+        subprocess.run(
+            ["mosquitto_passwd", *(["-c"] if login == "hub-7" else []), "-b", str(mid_passwd), login, password],
+            check=True,
+            timeout=30,
+        )
+    tls_port, observer_port, hub_port = free_port(), free_port(), free_port()
+    mid_conf = (
+        f"per_listener_settings false\nallow_anonymous false\npassword_file {mid_passwd}\n"
+        f"listener {observer_port} 127.0.0.1\n"
+        f"listener {tls_port} 127.0.0.1\ncafile {tls.ca_cert}\ncertfile {tls.server_cert}\nkeyfile {tls.server_key}\n"
+        "log_type all\nconnection_messages true\n"
+    )
+    generate(
+        conf,
+        secrets,
+        "--port",
+        str(hub_port),
+        "--sensor",
+        "kitchen",
+        "--bridge",
+        f"127.0.0.1:{tls_port}",
+        "--bridge-login",
+        "hub-7",
+        "--bridge-password-file",
+        str(tmp_path / "hub-password"),
+        "--bridge-ca",
+        str(tls.ca_cert),
+    )
+    bridge = (conf / "midgate-bridge.conf").read_text()
+    assert f"\nbridge_cafile {conf}/mid-ca.pem\n" in bridge and "\nremote_password p&ss|w/rd\n" in bridge
+    (secrets / "relay.secret").write_text("relay-password\n")
+    subprocess.run(["mosquitto_passwd", "-b", str(conf / "midgate-hub.passwd"), "relay", "relay-password"], check=True)
+    with (conf / "midgate-hub.acl").open("a") as acl:
+        acl.write("\nuser relay\ntopic write mid/#\n")
+
+    async def observe() -> list[tuple[str, bytes]]:
+        observer = aiomqtt.Client("127.0.0.1", observer_port, username="observer", password="observer-password")
+        kitchen = aiomqtt.Client("127.0.0.1", hub_port, username="kitchen", password=secret(secrets, "kitchen"))
+        relay = aiomqtt.Client("127.0.0.1", hub_port, username="relay", password="relay-password")
+        async with observer, kitchen, relay:
+            await observer.subscribe("#", qos=1)
+            await kitchen.publish("sensors/kitchen/state", b'{"temperature": 21.5}', qos=1)
+            await relay.publish("mid/riverside/dev/d-1/up/report", b"end", qos=1)
+            return await _until_end(observer)
+
+    with (
+        running_mosquitto(mid_dir / "broker", mid_conf, observer_port) as mid_broker,
+        running_mosquitto(tmp_path / "hub", f"include_dir {conf}\n", hub_port) as hub_broker,
+    ):
+        wait_until(lambda: "u'hub-7'" in mid_broker.log_text(), 30, "the hub's bridge logged in over TLS")
+        seen = asyncio.run(observe())
+        assert seen == [("mid/riverside/dev/d-1/up/report", b"end")], hub_broker.log_text()

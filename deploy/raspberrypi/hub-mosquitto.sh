@@ -3,12 +3,14 @@
 # `install.sh --hub` and testable on its own (tests/test_hub_mosquitto.py starts Mosquitto with what it writes).
 #
 #   hub-mosquitto.sh --conf-dir DIR --secret-dir DIR [--port N] [--lan | --loopback] [--sensor NAME]...
+#                    [--bridge HOST:PORT --bridge-login USER --bridge-password-file FILE --bridge-ca FILE]
 #
 # Writes into --conf-dir: midgate-hub.conf (listener, logins required, the ACL), midgate-hub.passwd (hashed by
 # mosquitto_passwd) and midgate-hub.acl; into --secret-dir: agent.secret (the agent's password, for agent.toml's
 # password_file) and NAME.secret per --sensor (the password to flash into that sensor). Passwords are made once, on
 # this hub (never a default shared by every hub): a re-run keeps every login and adds only new ones, and keeps the
-# listener where it was (--lan opens it to the home network, --loopback closes it again).
+# listener where it was (--lan opens it to the home network, --loopback closes it again). With --bridge it also writes
+# midgate-bridge.conf (from mosquitto-hub-bridge.conf beside this script) and a copy of the MID's CA, mid-ca.pem.
 #
 # Safe defaults, and why:
 # - No anonymous client: anything on the network could otherwise feed the agent readings that end up in training.
@@ -24,6 +26,11 @@ secret_dir=""
 port=1883
 lan=""
 sensors=()
+bridge=""
+bridge_login=""
+bridge_password_file=""
+bridge_ca=""
+here=$(cd "$(dirname "$0")" && pwd)
 
 die() { echo "hub-mosquitto.sh: $*" >&2; exit 1; }
 
@@ -35,13 +42,20 @@ while [ $# -gt 0 ]; do
     --lan) lan=1 ;;
     --loopback) lan=0 ;;
     --sensor) sensors+=("${2:?--sensor needs a name}"); shift ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    --bridge) bridge=${2:?--bridge needs HOST:PORT}; shift ;;
+    --bridge-login) bridge_login=${2:?--bridge-login needs a user}; shift ;;
+    --bridge-password-file) bridge_password_file=${2:?--bridge-password-file needs a file}; shift ;;
+    --bridge-ca) bridge_ca=${2:?--bridge-ca needs a file}; shift ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
   shift
 done
 if [ -z "$conf_dir" ] || [ -z "$secret_dir" ]; then die "--conf-dir and --secret-dir are required"; fi
 if ! [[ $port =~ ^[0-9]+$ ]] || [ "$port" -lt 1 ] || [ "$port" -gt 65535 ]; then die "--port must be 1..65535"; fi
+if [ -n "$bridge" ] && { [ -z "$bridge_login" ] || [ ! -f "$bridge_password_file" ] || [ ! -f "$bridge_ca" ]; }; then
+  die "--bridge needs --bridge-login, --bridge-password-file FILE and --bridge-ca FILE (both files must exist)"
+fi
 for name in "${sensors[@]}"; do
   # The name is a login, a topic level and an agent.toml sensor name: lower case letters, digits, - and _.
   [[ $name =~ ^[a-z][a-z0-9_-]{0,31}$ ]] || die "sensor name $name: lower case letters, digits, - and _ (1-32)"
@@ -98,6 +112,24 @@ EOF
   mv "$CONF.new" "$CONF"
 }
 
+# The bridge to the MID's broker over TLS, trusting only the MID's CA. Quoted replacements: bash 5.2 would otherwise
+# read an & in the password as the matched text.
+write_bridge() {
+  local line password
+  password=$(head -n 1 "$bridge_password_file")
+  install -m 0640 "$bridge_ca" "$conf_dir/mid-ca.pem"
+  (
+    umask 027
+    while IFS= read -r line; do
+      line=${line//MID_BROKER/"$bridge"}
+      line=${line//HUB_USERNAME/"$bridge_login"}
+      line=${line//\/etc\/mosquitto\/midgate-hub/"$conf_dir"}
+      printf '%s\n' "${line//HUB_PASSWORD/"$password"}"
+    done <"$here/mosquitto-hub-bridge.conf" >"$conf_dir/midgate-bridge.conf.new"
+  )
+  mv "$conf_dir/midgate-bridge.conf.new" "$conf_dir/midgate-bridge.conf"
+}
+
 mkdir -p "$conf_dir" "$secret_dir"
 ensure_login "$AGENT_LOGIN" "$secret_dir/agent.secret"
 for name in "${sensors[@]}"; do
@@ -106,3 +138,4 @@ for name in "${sensors[@]}"; do
 done
 write_acl
 write_conf
+if [ -n "$bridge" ]; then write_bridge; fi

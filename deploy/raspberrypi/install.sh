@@ -85,9 +85,6 @@ done
 if [ "$hub" = 0 ] && { [ -n "$hub_lan" ] || [ ${#hub_sensors[@]} -gt 0 ] || [ -n "$bridge" ]; }; then
   die "--hub-lan, --hub-loopback, --hub-sensor and --bridge go with --hub"
 fi
-if [ -n "$bridge" ] && { [ -z "$bridge_login" ] || [ ! -f "$bridge_password_file" ] || [ ! -f "$bridge_ca" ]; }; then
-  die "--bridge needs --bridge-login, --bridge-password-file FILE and --bridge-ca FILE (both files must exist)"
-fi
 
 systemd_running() { [ -d /run/systemd/system ]; }
 
@@ -212,6 +209,10 @@ write_hub() {
     [ -f "$HUB_SECRETS/$name.secret" ] || new+=("$name")
     args+=(--sensor "$name")
   done
+  if [ -n "$bridge" ]; then
+    args+=(--bridge "$bridge" --bridge-login "$bridge_login" --bridge-password-file "$bridge_password_file")
+    args+=(--bridge-ca "$bridge_ca")
+  fi
   bash "$PREFIX/deploy/hub-mosquitto.sh" "${args[@]}"
   chgrp -R mosquitto "$HUB_MOSQUITTO_DIR"
   chmod 0750 "$HUB_MOSQUITTO_DIR"
@@ -219,11 +220,16 @@ write_hub() {
   chmod 0750 "$HUB_SECRETS"
   chmod 0640 "$HUB_SECRETS/agent.secret"
   install -m 0644 "$HUB_MOSQUITTO_DIR/midgate-hub.conf" /etc/mosquitto/conf.d/midgate-hub.conf
+  if [ -n "$bridge" ]; then
+    install -m 0640 -g mosquitto "$HUB_MOSQUITTO_DIR/midgate-bridge.conf" /etc/mosquitto/conf.d/midgate-bridge.conf
+    rm -f "$HUB_CONF"
+  else
+    offer_bridge
+  fi
   for name in "${hub_sensors[@]}"; do
     grep -q "^topic = \"sensors/$name/" "$CONF" ||
       sed "s/@NAME@/$name/g" "$PREFIX/deploy/hub-sensor.toml.template" >>"$CONF"
   done
-  write_bridge
   if systemd_running; then systemctl restart mosquitto; fi
   for name in "${new[@]}"; do
     say "hub sensor $name: login $name, password $(cat "$HUB_SECRETS/$name.secret"), topic sensors/$name/state"
@@ -233,29 +239,13 @@ write_hub() {
   fi
 }
 
-# The bridge to the MID's broker: filled in from --bridge*, else left in $HUB_CONF for the member to fill in.
-write_bridge() {
-  local line password
-  if [ -z "$bridge" ]; then
-    if [ ! -f "$HUB_CONF" ] && [ ! -f /etc/mosquitto/conf.d/midgate-bridge.conf ]; then
-      install -m 0640 "$PREFIX/deploy/mosquitto-hub-bridge.conf" "$HUB_CONF"
-      say "hub: to bridge to the MID's broker, rerun with --bridge (or fill in $HUB_CONF and copy it to" \
-        "/etc/mosquitto/conf.d/midgate-bridge.conf)"
-    fi
-    return 0
+# Without --bridge, the bridge template waits in $HUB_CONF for the member to fill in (unless a bridge is installed).
+offer_bridge() {
+  if [ ! -f "$HUB_CONF" ] && [ ! -f /etc/mosquitto/conf.d/midgate-bridge.conf ]; then
+    install -m 0640 "$PREFIX/deploy/mosquitto-hub-bridge.conf" "$HUB_CONF"
+    say "hub: to bridge to the MID's broker, rerun with --bridge (or fill in $HUB_CONF and copy it to" \
+      "/etc/mosquitto/conf.d/midgate-bridge.conf)"
   fi
-  password=$(head -n 1 "$bridge_password_file")
-  install -m 0640 -g mosquitto "$bridge_ca" "$HUB_MOSQUITTO_DIR/mid-ca.pem"
-  # Quoted replacements: bash 5.2 would otherwise read an & in the password as the matched text.
-  while IFS= read -r line; do
-    line=${line//MID_BROKER/"$bridge"}
-    line=${line//HUB_USERNAME/"$bridge_login"}
-    printf '%s\n' "${line//HUB_PASSWORD/"$password"}"
-  done <"$PREFIX/deploy/mosquitto-hub-bridge.conf" >/etc/mosquitto/conf.d/midgate-bridge.conf.new
-  chgrp mosquitto /etc/mosquitto/conf.d/midgate-bridge.conf.new
-  chmod 0640 /etc/mosquitto/conf.d/midgate-bridge.conf.new
-  mv /etc/mosquitto/conf.d/midgate-bridge.conf.new /etc/mosquitto/conf.d/midgate-bridge.conf
-  rm -f "$HUB_CONF"
 }
 
 # Run the installed agent as the service would (same user, same config) until it says READY=1 over a notify
