@@ -7,10 +7,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from mqtt_fixtures import wait_until
+from mqtt_fixtures import free_port, wait_until
 
+from edge.agent.membership import MembershipRecord, save_membership
 from edge.sensors.errors import MalformedError
 from edge.sensors.store import SampleStore
+from protocol.enrolment import BrokerCredentials
+from protocol.identity import SignerKey, save_signer_key
 
 
 def plaid_sensor_toml(series: str | Sequence[int], name: str = "plaid") -> str:
@@ -33,3 +36,20 @@ def sensor_state(store: Path, sensor: str) -> str | None:
 def wait_loaded(store: Path, sensor: str = "plaid", timeout_s: float = 90) -> None:
     """Until the agent has loaded `sensor`'s replay into its store (polls the store's health table)."""
     wait_until(lambda: sensor_state(store, sensor) == "loaded", timeout_s, f"{sensor} loaded into {store}", 0.2)
+
+
+def member_of_an_unreachable_mid(data_dir: Path) -> None:
+    """A membership under `data_dir` whose MID's broker and enrolment URL answer nothing: `agent run` serves its
+    sensors while it keeps trying to connect."""
+    directory = data_dir / "mids" / "riverside"
+    record = MembershipRecord(
+        mid="riverside",
+        device="d-1",
+        member="ann",
+        mid_key=SignerKey.generate("riverside").verifier.text(),
+        enrolment_url="http://127.0.0.1:1",
+        broker=BrokerCredentials(host="127.0.0.1", port=free_port(), username="d-1", password="x" * 16, tls=False),
+        enrolled_ms=1,
+    )
+    save_membership(directory, record)
+    save_signer_key(directory / "device.key", SignerKey.generate("d-1"))

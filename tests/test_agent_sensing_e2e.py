@@ -10,30 +10,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from mqtt_fixtures import PYTHON, REPO, ServiceProcess, free_port, wait_until
+from agent_sensing import member_of_an_unreachable_mid
+from mqtt_fixtures import PYTHON, REPO, ServiceProcess, wait_until
 
-from edge.agent.membership import MembershipRecord, save_membership
 from edge.sensors.errors import StoreNotReadyError
 from edge.sensors.store import SampleStore
-from protocol.enrolment import BrokerCredentials
-from protocol.identity import SignerKey, save_signer_key
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
-
-
-def _member_of_an_unreachable_mid(data_dir: Path) -> None:
-    directory = data_dir / "mids" / "riverside"
-    record = MembershipRecord(
-        mid="riverside",
-        device="d-1",
-        member="ann",
-        mid_key=SignerKey.generate("riverside").verifier.text(),
-        enrolment_url="http://127.0.0.1:1",
-        broker=BrokerCredentials(host="127.0.0.1", port=free_port(), username="d-1", password="x" * 16, tls=False),
-        enrolled_ms=1,
-    )
-    save_membership(directory, record)
-    save_signer_key(directory / "device.key", SignerKey.generate("d-1"))
 
 
 def _status(config: Path) -> str:
@@ -49,7 +32,7 @@ def _status(config: Path) -> str:
 
 def test_agent_run_fills_the_store_from_its_config_and_status_shows_each_sensor(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    _member_of_an_unreachable_mid(data_dir)
+    member_of_an_unreachable_mid(data_dir)
     meter = tmp_path / "meter.csv"
     meter.write_text(
         "t_ms,power_w[W],label\n"

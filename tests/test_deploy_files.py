@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from edge.agent.config import AgentSettings
-from edge.sensors.config import Bme280Config, LinuxConfig
+from edge.sensors.config import Bme280Config, LinuxConfig, MqttConfig
+from protocol.tasks.spec import get_task
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "raspberrypi"
 UNIT = "midgate-agent.service"
@@ -52,10 +53,26 @@ def test_install_script_pins_the_cpu_torch_on_every_architecture() -> None:
     assert "TORCH_CPU_INDEX" in pip_args and "uname" not in pip_args, pip_args
 
 
-def test_install_script_is_shellcheck_clean() -> None:
+def test_a_hub_sensor_table_loads_as_an_mqtt_sensor_that_env_forecast_can_use(tmp_path: Path) -> None:
+    """install.sh --hub-sensor kitchen appends hub-sensor.toml.template with the name filled in."""
+    installer = (DEPLOY / "install.sh").read_text()
+    assert 'sed "s/@NAME@/$name/g" "$PREFIX/deploy/hub-sensor.toml.template" >>"$CONF"' in installer
+    config = tmp_path / "agent.toml"
+    table = (DEPLOY / "hub-sensor.toml.template").read_text().replace("@NAME@", "kitchen")
+    config.write_text((DEPLOY / "agent.toml.template").read_text() + table)
+    _host, kitchen = AgentSettings.load(config).sensors
+    assert isinstance(kitchen, MqttConfig) and kitchen.topic == "sensors/kitchen/state"
+    assert kitchen.password_file == Path("/etc/midgate/hub/agent.secret") and "HUB_SECRETS=$CONF_DIR/hub" in installer
+    forecast = get_task("env-forecast", 1)
+    assert [(c.name, c.unit) for c in kitchen.shape().channels] == [(i.name, i.unit) for i in forecast.inputs]
+    assert all(kitchen.source in i.sources for i in forecast.inputs)
+
+
+@pytest.mark.parametrize("script", ["install.sh", "hub-mosquitto.sh"])
+def test_install_scripts_are_shellcheck_clean(script: str) -> None:
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is missing: 'apt-get install shellcheck' (make test installs it)")
-    script = str(DEPLOY / "install.sh")
+    script = str(DEPLOY / script)
     done = subprocess.run(["shellcheck", "--severity=style", script], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
 

@@ -1,5 +1,6 @@
 """deploy/raspberrypi/install.sh end to end in a throwaway Debian bookworm root (tests/debian_root.py), offline from a
-local wheel of this checkout and a wheelhouse with the pinned CPU torch: install (twice: nothing changes), enrol
+local wheel of this checkout and a wheelhouse with the pinned CPU torch: install (twice: nothing changes), hub mode
+with a login and a [[sensors]] table per small sensor (a re-run adds a sensor and keeps the first one's password), enrol
 the installed agent against a real coordinator and Mosquitto and have it deliver a signed KnobUpdate with a verified
 receipt; `--upgrade` keeps keys, config and outbox; a broken upgrade is rolled back; `--uninstall --purge-data`
 leaves the root as it was. The agent runs inside the root as the `midgate` user, on the host's network."""
@@ -101,6 +102,56 @@ def broken_wheel(wheel: Path, out: Path) -> Path:
     return broken
 
 
+def check_hub(root: Path, installer: str, offline: tuple[str, ...]) -> None:
+    """`--hub --hub-sensor kitchen` writes the hub's Mosquitto config with a login per sensor readable by the right
+    users only, and the sensor's [[sensors]] table; a re-run with a new sensor and the bridge's settings keeps the
+    first one's password and table, adds the second's, and fills in the bridge. (tests/test_hub_mosquitto.py runs
+    what hub-mosquitto.sh writes in a real Mosquitto.)"""
+    hub = run_in(root, installer, *offline, "--hub", "--hub-sensor", "kitchen")
+    secrets = root / "etc/midgate/hub"
+    kitchen_password = (secrets / "kitchen.secret").read_text().strip()
+    assert f"hub sensor kitchen: login kitchen, password {kitchen_password}" in hub.stdout
+    assert "listener 1883 127.0.0.1" in (root / "etc/mosquitto/conf.d/midgate-hub.conf").read_text()
+    groups = {line.split(":")[2]: line.split(":")[0] for line in (root / "etc/group").read_text().splitlines()}
+    for path, mode, group in [
+        (secrets / "agent.secret", 0o640, "midgate"),
+        (secrets / "kitchen.secret", 0o600, "root"),
+        (root / "etc/mosquitto/midgate-hub/midgate-hub.passwd", 0o640, "mosquitto"),
+    ]:
+        assert (path.stat().st_mode & 0o777, groups[str(path.stat().st_gid)]) == (mode, group), path
+    assert (root / "etc/midgate/mosquitto-hub-bridge.conf").exists()  # the bridge waits to be filled in
+    (root / "tmp/hub-password").write_text("p&ss|w/rd\n")  # characters sed or bash 5.2 would take as syntax
+    (root / "tmp/mid-ca.pem").write_text("a CA\n")
+    two = ("--hub", "--hub-sensor", "kitchen", "--hub-sensor", "hall")
+    bridge = ("--bridge", "mid.example:8883", "--bridge-login", "hub-7", "--bridge-password-file", "/tmp/hub-password")
+    run_in(root, installer, *offline, *two, *bridge, "--bridge-ca", "/tmp/mid-ca.pem")
+    bridged = (root / "etc/mosquitto/conf.d/midgate-bridge.conf").read_text()
+    for line in (
+        "address mid.example:8883",
+        "remote_username hub-7",
+        "remote_password p&ss|w/rd",
+        "bridge_cafile /etc/mosquitto/midgate-hub/mid-ca.pem",
+        "topic mid/+/dev/+/up/# out 1",
+    ):
+        assert f"\n{line}\n" in bridged, bridged
+    assert "sensors" not in bridged.split("connection midgate-mid")[1]  # readings are never bridged
+    assert not (root / "etc/midgate/mosquitto-hub-bridge.conf").exists()
+    toml = (root / CONF.lstrip("/")).read_text()
+    assert toml.count('driver = "mqtt"') == 2 and 'topic = "sensors/hall/state"' in toml
+    assert (secrets / "kitchen.secret").read_text().strip() == kitchen_password
+    # The agent (as the midgate user) reads its config with both tables and its password on the hub's broker.
+    run_in(root, *AS_MIDGATE, "/opt/midgate/venv/bin/python", "-c", READS_HUB_CONFIG)
+
+
+READS_HUB_CONFIG = f"""
+from pathlib import Path
+from edge.agent.config import AgentSettings
+from edge.sensors.config import build_sensor
+sensors = [build_sensor(s) for s in AgentSettings.load(Path("{CONF}")).sensors if s.driver == "mqtt"]
+assert [s.name for s in sensors] == ["kitchen", "hall"] and all(s.password for s in sensors)
+"""
+
+
 @pytest.fixture
 def pi_root(tmp_path: Path) -> Iterator[Path]:
     with debian_root(tmp_path) as root:
@@ -112,6 +163,9 @@ def test_install_enrol_report_upgrade_rollback_uninstall(
 ) -> None:
     root = pi_root
     wheel, wheelhouse = project_wheels(tmp_path / "dist")
+    # Mosquitto as the member's apt would install it for --hub; --uninstall leaves Debian's packages alone.
+    run_in(root, "apt-get", "update", "-qq")
+    run_in(root, "apt-get", "install", "-y", "-qq", "--no-install-recommends", "mosquitto")
     before = tree(root)
     (root / "tmp/dist").mkdir()
     subprocess.run(["cp", "-a", str(wheel), str(wheelhouse), str(REPO / "deploy/raspberrypi"), f"{root}/tmp/dist/"])
@@ -128,6 +182,7 @@ def test_install_enrol_report_upgrade_rollback_uninstall(
     again = run_in(root, installer, *offline)
     assert f"keeping {CONF}" in again.stdout and "keeping the installed midgate" in again.stdout
     assert digest(conf) == conf_digest
+    check_hub(root, installer, offline)
 
     # The member page of the agent in the root listens on the host's network: a free port, not 8490.
     conf.write_text("member_page_port = 0\n" + conf.read_text())

@@ -17,6 +17,8 @@ from edge.sensors.collection import LOAD_KEY, SampleCollection
 from edge.sensors.config import SensorConfig
 from edge.sensors.sample import Sample
 from edge.sensors.store import SampleStore
+from edge.sensors.windows import WindowSpec
+from protocol.tasks.spec import get_task
 
 pytestmark = pytest.mark.timeout(60)
 SENSORS = TypeAdapter(list[SensorConfig])
@@ -64,6 +66,16 @@ def test_every_sensor_is_collected_and_its_health_is_stored(tmp_path: Path) -> N
     after = {h.name: h.state for h in store.health()}
     assert after == {"env": "stopped", "meter": "stopped", "rec": "loaded", "bme": "unavailable"}
     assert store.classes("rec") == ("a", "b") and store.classes("env") == ()
+    # A live sensor is stored with its source, so a task whose inputs name that source can use its data.
+    forecast = get_task("env-forecast", 1)
+    inputs = WindowSpec(
+        "",
+        tuple(i.name for i in forecast.inputs),
+        forecast.window_length,
+        units=tuple(i.unit for i in forecast.inputs),
+        sources=forecast.inputs[0].sources,
+    )
+    assert store.fitting_sensors(inputs)[0] == ["env"]
     store.close()
 
 

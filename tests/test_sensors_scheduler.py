@@ -24,6 +24,7 @@ class FlakySensor:
 
     channels = (ChannelSpec("x", ""),)
     class_names: tuple[str, ...] = ()
+    source = "flaky"
     blocking = False
 
     def __init__(self, name: str, period_ms: float, failing: Callable[[int], bool]) -> None:

@@ -2,7 +2,8 @@
 # Install, upgrade or remove the midgate agent on a Raspberry Pi (Raspberry Pi OS / Debian bookworm, Python 3.11)
 # or any Debian box. Run as root. Every step checks before it acts, so running it twice changes nothing.
 #
-#   install.sh [--hub] [--source DIR | --wheel FILE] [--wheelhouse DIR]   first install (a re-run changes nothing)
+#   install.sh [--hub [hub options]] [--source DIR | --wheel FILE] [--wheelhouse DIR]
+#                                                                          first install (a re-run changes nothing)
 #   install.sh --upgrade [--source DIR | --wheel FILE] [--wheelhouse DIR]  new version; keys, config, outbox and
 #                                                                          sample store kept; rolled back when the
 #                                                                          new version fails its health check
@@ -11,6 +12,13 @@
 #
 # --source DIR: a checkout of midgate (default: the one this script is in); --wheel FILE: a built midgate wheel.
 # --wheelhouse DIR: install every Python package from DIR only (no index), e.g. on a device without internet.
+# --hub: a Mosquitto on the Pi for the home's small sensors (ESP32 and the like), read by the agent. Hub options:
+#   --hub-sensor NAME   a login for one sensor (publishes on sensors/NAME/...) and its [[sensors]] table in
+#                       agent.toml; repeat for more; a re-run with a new name adds it, keeping the others
+#   --hub-lan           listen on the home network (default: on this Pi only, e.g. for Zigbee2MQTT on it); a
+#                       re-run keeps it open, --hub-loopback closes it again
+#   --bridge HOST:PORT --bridge-login USER --bridge-password-file FILE --bridge-ca FILE
+#                       bridge the mid/ topics to the MID's broker over TLS with the hub's login from the MID
 set -euo pipefail
 
 PREFIX=/opt/midgate
@@ -23,6 +31,10 @@ DROPIN_DIR=/etc/systemd/system/midgate-agent.service.d
 # Hub mode's bridge, kept out of /etc/mosquitto/conf.d until the member has filled it in: Mosquitto refuses to start
 # with its placeholders (no password file, no CA), and the member may run a Mosquitto of their own.
 HUB_CONF=$CONF_DIR/mosquitto-hub-bridge.conf
+# The hub's listener, logins and topic rules (hub-mosquitto.sh); Mosquitto reads them as user mosquitto.
+HUB_MOSQUITTO_DIR=/etc/mosquitto/midgate-hub
+# The agent's password on the hub's broker (group midgate) and each small sensor's (root only).
+HUB_SECRETS=$CONF_DIR/hub
 USER_NAME=midgate
 # One torch for both architectures: the CPU build, from PyTorch's CPU index, pinned with its local label. PyPI's
 # torch 2.13.0 is a CUDA build on aarch64 as on x86_64 (its aarch64 wheel requires cuda-toolkit and nvidia-cudnn-cu13,
@@ -34,6 +46,12 @@ HEALTH_TIMEOUT_S=${MIDGATE_HEALTH_TIMEOUT_S:-120}
 here=$(cd "$(dirname "$0")" && pwd)
 mode=install
 hub=0
+hub_lan=""
+hub_sensors=()
+bridge=""
+bridge_login=""
+bridge_password_file=""
+bridge_ca=""
 purge=0
 source_dir=""
 wheel=""
@@ -48,16 +66,26 @@ while [ $# -gt 0 ]; do
     --uninstall) mode=uninstall ;;
     --purge-data) purge=1 ;;
     --hub) hub=1 ;;
+    --hub-lan) hub_lan=1 ;;
+    --hub-loopback) hub_lan=0 ;;
+    --hub-sensor) hub_sensors+=("${2:?--hub-sensor needs a name}"); shift ;;
+    --bridge) bridge=${2:?--bridge needs HOST:PORT}; shift ;;
+    --bridge-login) bridge_login=${2:?--bridge-login needs a user}; shift ;;
+    --bridge-password-file) bridge_password_file=${2:?--bridge-password-file needs a file}; shift ;;
+    --bridge-ca) bridge_ca=${2:?--bridge-ca needs a file}; shift ;;
     --source) source_dir=${2:?--source needs a folder}; shift ;;
     --wheel) wheel=${2:?--wheel needs a file}; shift ;;
     --wheelhouse) wheelhouse=${2:?--wheelhouse needs a folder}; shift ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
   shift
 done
 [ "$(id -u)" = 0 ] || die "run as root (sudo $0)"
 [ "$purge" = 0 ] || [ "$mode" = uninstall ] || die "--purge-data goes with --uninstall"
+if [ "$hub" = 0 ] && { [ -n "$hub_lan" ] || [ ${#hub_sensors[@]} -gt 0 ] || [ -n "$bridge" ]; }; then
+  die "--hub-lan, --hub-loopback, --hub-sensor and --bridge go with --hub"
+fi
 
 systemd_running() { [ -d /run/systemd/system ]; }
 
@@ -106,7 +134,7 @@ install_midgate() {
     install -d -m 0755 "$PREFIX/deploy"
     install -m 0644 "$from"/health_check.py "$from"/*.template "$from"/*.conf "$from"/*.service "$from"/README.md \
       "$PREFIX/deploy/"
-    install -m 0755 "$from/install.sh" "$PREFIX/deploy/"
+    install -m 0755 "$from/install.sh" "$from/hub-mosquitto.sh" "$PREFIX/deploy/"
   fi
 }
 
@@ -172,12 +200,52 @@ write_units() {
   systemctl enable midgate-agent.service 2>/dev/null
 }
 
+# The hub's Mosquitto: listener and logins (hub-mosquitto.sh), the bridge when its settings are given, and an
+# [[sensors]] table in agent.toml for each sensor login not yet there (the member's own edits are kept).
 write_hub() {
   ensure_packages mosquitto
-  if [ ! -f "$HUB_CONF" ]; then
+  local args=(--conf-dir "$HUB_MOSQUITTO_DIR" --secret-dir "$HUB_SECRETS") name new=()
+  case $hub_lan in 1) args+=(--lan) ;; 0) args+=(--loopback) ;; esac
+  for name in "${hub_sensors[@]}"; do
+    [ -f "$HUB_SECRETS/$name.secret" ] || new+=("$name")
+    args+=(--sensor "$name")
+  done
+  if [ -n "$bridge" ]; then
+    args+=(--bridge "$bridge" --bridge-login "$bridge_login" --bridge-password-file "$bridge_password_file")
+    args+=(--bridge-ca "$bridge_ca")
+  fi
+  bash "$PREFIX/deploy/hub-mosquitto.sh" "${args[@]}"
+  chgrp -R mosquitto "$HUB_MOSQUITTO_DIR"
+  chmod 0750 "$HUB_MOSQUITTO_DIR"
+  chgrp "$USER_NAME" "$HUB_SECRETS" "$HUB_SECRETS/agent.secret"
+  chmod 0750 "$HUB_SECRETS"
+  chmod 0640 "$HUB_SECRETS/agent.secret"
+  install -m 0644 "$HUB_MOSQUITTO_DIR/midgate-hub.conf" /etc/mosquitto/conf.d/midgate-hub.conf
+  if [ -n "$bridge" ]; then
+    install -m 0640 -g mosquitto "$HUB_MOSQUITTO_DIR/midgate-bridge.conf" /etc/mosquitto/conf.d/midgate-bridge.conf
+    rm -f "$HUB_CONF"
+  else
+    offer_bridge
+  fi
+  for name in "${hub_sensors[@]}"; do
+    grep -q "^topic = \"sensors/$name/" "$CONF" ||
+      sed "s/@NAME@/$name/g" "$PREFIX/deploy/hub-sensor.toml.template" >>"$CONF"
+  done
+  if systemd_running; then systemctl restart mosquitto; fi
+  for name in "${new[@]}"; do
+    say "hub sensor $name: login $name, password $(cat "$HUB_SECRETS/$name.secret"), topic sensors/$name/state"
+  done
+  if grep -q '^listener 1883 0\.0\.0\.0$' "$HUB_MOSQUITTO_DIR/midgate-hub.conf"; then
+    say "hub: small sensors reach Mosquitto at $(hostname -I 2>/dev/null | cut -d' ' -f1):1883"
+  fi
+}
+
+# Without --bridge, the bridge template waits in $HUB_CONF for the member to fill in (unless a bridge is installed).
+offer_bridge() {
+  if [ ! -f "$HUB_CONF" ] && [ ! -f /etc/mosquitto/conf.d/midgate-bridge.conf ]; then
     install -m 0640 "$PREFIX/deploy/mosquitto-hub-bridge.conf" "$HUB_CONF"
-    say "hub mode: fill in the MID's broker host, the hub's credentials and the CA in $HUB_CONF," \
-      "then copy it to /etc/mosquitto/conf.d/ and restart mosquitto"
+    say "hub: to bridge to the MID's broker, rerun with --bridge (or fill in $HUB_CONF and copy it to" \
+      "/etc/mosquitto/conf.d/midgate-bridge.conf)"
   fi
 }
 
@@ -256,7 +324,9 @@ do_uninstall() {
   if systemd_running; then systemctl disable --now midgate-agent.service 2>/dev/null || true; else
     systemctl disable midgate-agent.service 2>/dev/null || true
   fi
-  rm -rf "$UNIT" "$DROPIN_DIR" "$PREFIX" "$CONF_DIR" "$HUB_CONF"
+  rm -rf "$UNIT" "$DROPIN_DIR" "$PREFIX" "$CONF_DIR" "$HUB_CONF" "$HUB_MOSQUITTO_DIR" \
+    /etc/mosquitto/conf.d/midgate-hub.conf /etc/mosquitto/conf.d/midgate-bridge.conf
+  if systemd_running; then systemctl try-restart mosquitto 2>/dev/null || true; fi
   systemctl daemon-reload 2>/dev/null || true
   if [ "$purge" = 1 ]; then
     rm -rf "$DATA"

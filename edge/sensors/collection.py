@@ -1,7 +1,8 @@
 """Collection: every configured sensor sampled into the sample store for as long as its owner runs.
 
 `midgate agent run` owns one (entered before the memberships start, left after they stop), and so does
-`midgate agent sensors sample --config`. Live sensors run under one SamplingScheduler. A replay with
+`midgate agent sensors sample --config`. Live sensors run under one SamplingScheduler: polled ones at their
+period, pushed ones (a small sensor's topic on the hub's broker) as their messages come. A replay with
 `speed = "max"` is loaded instead: played once in a worker thread, as fast as the store takes it, stamped at its
 recorded rate so that it ends when the load began (past data, never future data), and the store remembers how far
 it got (meta key `replay-load:NAME`), so a restart neither loads the same recordings twice nor starts over (a crash
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from edge.sensors.config import ReplayConfig, SampleStoreConfig, SensorConfig, build_sensor
-from edge.sensors.driver import Sensor
+from edge.sensors.driver import PushedSensor, Sensor
 from edge.sensors.errors import ReplayEndedError
 from edge.sensors.sample import Sample
 from edge.sensors.scheduler import SamplingScheduler, SensorStatus
@@ -62,13 +63,16 @@ class _Load:
     last_sample: Sample | None = None
 
 
-def start_sensors(configs: Sequence[SensorConfig]) -> tuple[list[tuple[SensorConfig, Sensor]], list[SensorHealth]]:
+Built = list[tuple[SensorConfig, Sensor | PushedSensor]]
+
+
+def start_sensors(configs: Sequence[SensorConfig]) -> tuple[Built, list[SensorHealth]]:
     """Build each configured driver; a sensor that cannot start (hardware or file missing, a configuration its data
     contradicts) is reported as unavailable with its reason, and the others go on. Blocking: call in a thread."""
     names = [c.name for c in configs]
     if len(set(names)) != len(names):
         raise ValueError(f"sensor names must be unique: {names}")
-    built: list[tuple[SensorConfig, Sensor]] = []
+    built: Built = []
     unavailable: list[SensorHealth] = []
     for config in configs:
         try:
@@ -104,7 +108,7 @@ class SampleCollection:
         self.health_interval_s = health_interval_s
         self.flush_interval_s = flush_interval_s
         self.scheduler: SamplingScheduler | None = None
-        self.live: list[tuple[SensorConfig, Sensor]] = []
+        self.live: Built = []
         self.loads: list[_Load] = []
         self.unavailable: list[SensorHealth] = []
         self._stopping = threading.Event()
@@ -119,7 +123,7 @@ class SampleCollection:
         return not live and all(load.state != "loading" for load in self.loads)
 
     @property
-    def sensors(self) -> list[Sensor]:
+    def sensors(self) -> list[Sensor | PushedSensor]:
         return [s for _, s in self.live] + [load.sensor for load in self.loads]
 
     async def __aenter__(self) -> SampleCollection:
@@ -183,7 +187,7 @@ class SampleCollection:
     def _report(
         self,
         config: SensorConfig,
-        sensor: Sensor,
+        sensor: Sensor | PushedSensor,
         state: str,
         samples: int,
         seen: SensorStatus | _Load,

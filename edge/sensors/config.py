@@ -6,13 +6,15 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from edge.sensors.driver import Sensor
+from edge.sensors.driver import PushedSensor, Sensor
 from edge.sensors.errors import SensorUnavailableError
+from edge.sensors.hub_reading import ChannelField, ReadingShape
 from edge.sensors.linux import THERMAL_ROOT
+from edge.sensors.sample import ChannelSpec
 from edge.sensors.store import Retention, SampleStore
 from protocol.private_files import private_file
 from protocol.tasks.spec import SourceName
@@ -50,6 +52,65 @@ class Bme280Config(_Strict):
     bus_number: int = Field(default=1, ge=0, le=255)
     address: Literal[0x76, 0x77] = 0x76
     period_ms: PeriodMs = 1000.0
+
+
+class MqttChannel(_Strict):
+    """One channel of a small sensor: its name (the task feature it feeds), the JSON field it is read from, its unit."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
+    field: Annotated[str, Field(pattern=r"^[^.\s]+(\.[^.\s]+)*$", max_length=128)] = Field(
+        description='the JSON field, `a.b` inside nested objects (Tasmota: "BME280.Temperature")'
+    )
+    unit: str = Field(default="", max_length=16)
+
+
+MqttTopic = Annotated[str, Field(pattern=r"^[^#+\x00]{1,256}$")]
+"""One exact topic, no wildcards: one topic is one device's series (edge.sensors.mqtt)."""
+
+
+class MqttConfig(_Strict):
+    """A home's small sensor read through the hub's Mosquitto: one exact topic, its JSON fields mapped to channels
+    (edge.sensors.hub_reading documents the payload)."""
+
+    driver: Literal["mqtt"] = "mqtt"
+    name: SensorName
+    topic: MqttTopic = Field(description='the topic the sensor publishes its readings on, e.g. "sensors/kitchen"')
+    channels: tuple[MqttChannel, ...] = Field(min_length=1, max_length=64)
+    source: SourceName = Field(
+        default="mqtt",
+        description='the kind of sensor on the device (e.g. "bme280"), which tasks match; default "mqtt": of '
+        "unstated kind, which no task takes",
+    )
+    host: str = Field(default="127.0.0.1", description="the hub's Mosquitto")
+    port: int = Field(default=1883, ge=1, le=65535)
+    username: str | None = Field(default=None, max_length=128, description="the agent's login on the hub's broker")
+    password_file: Path | None = Field(default=None, description="a file holding that login's password")
+    period_ms: PeriodMs = Field(default=10_000.0, description="how often the sensor publishes (its health's rate)")
+    time_field: str | None = Field(
+        default=None,
+        max_length=128,
+        description="a field with the sensor's own time since the epoch; default none: the time the message arrives",
+    )
+    time_unit: Literal["s", "ms"] = "s"
+    max_skew_s: float = Field(default=300.0, gt=0, description="refuse a sensor time further than this from the hub's")
+    max_message_bytes: int = Field(default=4096, ge=64, le=1_048_576, description="refuse larger messages unread")
+
+    @model_validator(mode="after")
+    def _distinct_channels(self) -> Self:
+        names = [c.name for c in self.channels]
+        if len(set(names)) != len(names):
+            raise ValueError(f"channel names must be distinct, found {names}")
+        return self
+
+    def shape(self) -> ReadingShape:
+        fields = tuple(ChannelField(ChannelSpec(c.name, c.unit), tuple(c.field.split("."))) for c in self.channels)
+        return ReadingShape(
+            fields,
+            time_path=tuple(self.time_field.split(".")) if self.time_field else (),
+            time_unit=self.time_unit,
+            max_bytes=self.max_message_bytes,
+            max_skew_ms=int(self.max_skew_s * 1000),
+        )
 
 
 SeriesSlice = Annotated[str, Field(pattern=r"^\d*:\d*(:[1-9]\d*)?$")]
@@ -101,7 +162,8 @@ class ReplayConfig(_Strict):
         return range(start or 0, sys.maxsize if stop is None else stop, step or 1)
 
 
-SensorConfig = Annotated[SimulatedConfig | LinuxConfig | Bme280Config | ReplayConfig, Field(discriminator="driver")]
+AnySensorConfig = SimulatedConfig | LinuxConfig | Bme280Config | ReplayConfig | MqttConfig
+SensorConfig = Annotated[AnySensorConfig, Field(discriminator="driver")]
 
 
 class SampleStoreConfig(_Strict):
@@ -124,8 +186,10 @@ class SampleStoreConfig(_Strict):
         return SampleStore(private_file(self.path), retention=retention, batch_size=self.batch_size)
 
 
-def build_sensor(config: SimulatedConfig | LinuxConfig | Bme280Config | ReplayConfig) -> Sensor:
+def build_sensor(config: AnySensorConfig) -> Sensor | PushedSensor:
     """The driver a config describes; raises SensorUnavailableError when its hardware or data is not there."""
+    if isinstance(config, MqttConfig):
+        return _mqtt(config)
     if isinstance(config, SimulatedConfig):
         from edge.sensors.simulated import SimulatedEnvironmentSensor
 
@@ -149,6 +213,30 @@ def build_sensor(config: SimulatedConfig | LinuxConfig | Bme280Config | ReplayCo
             config.name, bus_number=config.bus_number, address=config.address, period_ms=config.period_ms
         )
     return _replay(config)
+
+
+def _mqtt(config: MqttConfig) -> PushedSensor:
+    from edge.sensors.mqtt import MqttSensor
+
+    password = None
+    if config.password_file is not None:
+        try:
+            password = config.password_file.read_text().strip()
+        except OSError as exc:
+            raise SensorUnavailableError(
+                "cannot read the broker password", path=str(config.password_file), error=exc.strerror
+            ) from exc
+    return MqttSensor(
+        config.name,
+        host=config.host,
+        port=config.port,
+        topic=config.topic,
+        shape=config.shape(),
+        source=config.source,
+        period_ms=config.period_ms,
+        username=config.username,
+        password=password,
+    )
 
 
 def _replay(config: ReplayConfig) -> Sensor:

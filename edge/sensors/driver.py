@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Protocol, runtime_checkable
 
 from edge.sensors.sample import ChannelSpec, Sample
@@ -34,10 +35,35 @@ class Sensor(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class PushedSensor(Protocol):
+    """A source whose readings come when the sensor sends them (a subscription on the hub's broker), not when the
+    scheduler asks: one sample per message, stamped by the message.
+
+    `receive(deliver, reject)` runs until it is cancelled, keeping its connection with backoff: it awaits
+    `deliver(sample)` for each good reading (which waits while the store falls behind) and calls
+    `reject(reason, text)` for each message refused and each lost connection, which the scheduler counts by reason,
+    logs and never stores. `period_ms` is how often the sensor is expected to send (for its health).
+    """
+
+    name: str
+    channels: tuple[ChannelSpec, ...]
+    class_names: tuple[str, ...]
+    source: str
+    period_ms: float
+
+    async def receive(
+        self, deliver: Callable[[Sample], Awaitable[None]], reject: Callable[[str, str], None]
+    ) -> None: ...
+
+    def close(self) -> None: ...
+
+
 DRIVERS: dict[str, str] = {
     "simulated": "environment (temperature, humidity, pressure, CO2, power) with daily cycles, per-device "
     "differences, noise, dropouts, spikes and stuck values; deterministic for a seed",
     "linux": "host sensors: CPU load, memory, load average, network counters, thermal zones in /sys/class/thermal",
     "bme280": "Bosch BME280 temperature/humidity/pressure over I2C (smbus2), datasheet integer compensation",
+    "mqtt": "a home's small sensors (ESP32, Tasmota, Zigbee2MQTT) publishing JSON readings to the hub's Mosquitto",
     "replay": "recorded data (CSV or UCR/UEA .ts, e.g. PLAID from the sktime wheel) at original or accelerated rate",
 }

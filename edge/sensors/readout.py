@@ -32,6 +32,8 @@ def availability(driver: str) -> str:
     if driver == "bme280":
         buses = sorted(p.name for p in Path("/dev").glob("i2c-*"))
         return f"I2C buses: {', '.join(buses)}" if buses else "no I2C bus (/dev/i2c-*)"
+    if driver == "mqtt":
+        return "configured in agent.toml: a topic and its JSON fields (deploy/raspberrypi/README.md, hub mode)"
     try:
         from edge.sensors.plaid import plaid_dir
 

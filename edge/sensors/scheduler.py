@@ -12,6 +12,9 @@
   done, not failing: its task ends.
 - Blocking drivers (I2C, file replay) are read in a worker thread, and store writes always are, so the loop keeps
   its timing.
+- Pushed sensors (a small sensor's topic on the hub's broker: edge.sensors.driver.PushedSensor) have no ticks: each
+  message is one sample, queued like a polled one (so the same backpressure holds them back). A message they refuse
+  is counted by reason, logged (the 1st, 2nd, 4th, 8th, ... time) and never stored; the next good one is taken.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from edge.sensors.driver import Sensor
+from edge.sensors.driver import PushedSensor, Sensor
 from edge.sensors.errors import MalformedError, ReplayEndedError
 from edge.sensors.sample import ChannelSpec, Quality, Sample
 from edge.sensors.store import EncodedSample
@@ -37,7 +40,9 @@ log = logging.getLogger("midgate.sensors")
 class SampleSink(Protocol):
     """Where samples go; `SampleStore` is one. `encode` runs on the event loop, `write_encoded` in a thread."""
 
-    def register(self, sensor: str, channels: Sequence[ChannelSpec], classes: Sequence[str] = ()) -> None: ...
+    def register(
+        self, sensor: str, channels: Sequence[ChannelSpec], classes: Sequence[str] = (), source: str = ""
+    ) -> None: ...
 
     def encode(self, sample: Sample) -> EncodedSample: ...
 
@@ -79,7 +84,7 @@ class SamplingScheduler:
 
     Parameters
     ----------
-    sensors: the sensors; names must be unique.
+    sensors: the sensors, polled or pushed; names must be unique.
     sink: where batches go (a SampleStore), written from a worker thread.
     queue_size: bound of the sample queue (backpressure beyond it); default 10,000.
     batch_size: samples per write; default 2,000.
@@ -89,7 +94,7 @@ class SamplingScheduler:
 
     def __init__(
         self,
-        sensors: Sequence[Sensor],
+        sensors: Sequence[Sensor | PushedSensor],
         sink: SampleSink,
         *,
         queue_size: int = 10_000,
@@ -119,14 +124,17 @@ class SamplingScheduler:
 
     async def __aenter__(self) -> SamplingScheduler:
         for sensor in self.sensors:
-            await asyncio.to_thread(self.sink.register, sensor.name, sensor.channels, sensor.class_names)
+            await asyncio.to_thread(self.sink.register, sensor.name, sensor.channels, sensor.class_names, sensor.source)
         start = time.monotonic_ns()
         n = len(self.sensors)
         # Sensors' grids are staggered across one period so that ten 100 Hz sensors do not all wake at one instant
         # and queue behind each other.
         self._sensor_tasks = [
             asyncio.create_task(
-                self._sample_forever(s, start + (i * int(s.period_ms * 1_000_000)) // n), name=f"sensor:{s.name}"
+                self._receive_forever(s)
+                if isinstance(s, PushedSensor)
+                else self._sample_forever(s, start + (i * int(s.period_ms * 1_000_000)) // n),
+                name=f"sensor:{s.name}",
             )
             for i, s in enumerate(self.sensors)
         ]
@@ -220,6 +228,23 @@ class SamplingScheduler:
             status.samples += 1
             status.last_sample = sample
             await self._queue.put(sample)
+
+    async def _receive_forever(self, sensor: PushedSensor) -> None:
+        status = self.status[sensor.name]
+
+        async def deliver(sample: Sample) -> None:
+            status.samples += 1
+            status.last_sample = sample
+            await self._queue.put(sample)
+
+        def reject(reason: str, text: str) -> None:
+            status.failures += 1
+            status.errors[reason] += 1
+            status.last_error = text
+            if status.failures & (status.failures - 1) == 0:  # 1st, 2nd, 4th, 8th, ...
+                log.warning("sensor %s: %s (%d refused or lost so far)", sensor.name, text, status.failures)
+
+        await sensor.receive(deliver, reject)
 
     async def _write_forever(self) -> None:
         """Collect up to `batch_size` samples or `flush_interval_s`, write them; ends at the `None` sentinel.
