@@ -121,9 +121,7 @@ def test_a_same_data_pair_is_paid_as_one_member_in_every_round(
 @PROPERTY
 @example(series=[0.47] * 10 + [0.0] * 2, values=[(0.3, 0.3)] * 12)  # alike as much as they ever were, 10 rounds
 @given(
-    series=st.lists(similarity_of_different_data, min_size=1, max_size=12).filter(
-        lambda s: sum(s) / len(s) <= 0.41
-    ),
+    series=st.lists(similarity_of_different_data, min_size=1, max_size=12).filter(lambda s: sum(s) / len(s) <= 0.41),
     values=st.lists(st.tuples(value, value), min_size=12, max_size=12),
 )
 def test_members_with_different_data_are_never_paid_as_one(
