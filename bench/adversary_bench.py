@@ -12,6 +12,9 @@ Per adversary kind:
 - same data (re-seeded training of a member's data, 70 % of it): the pair's pay over what the member alone earns;
 - copycat (half of a member's update, with noise): the share of its pay the member loses, and the copy's share;
 - every kind: the share of their pay the honest members lose together (a second table).
+Same-data cells are settled twice, with the job's same-data groups (coordinator.attribution.history) and with the
+per-round groups alone (the baseline, the same jobs); each world also prints the honest pairs paid as one member (both
+ways) and the largest share of its pay an honest member lost to the job-level grouping.
 Adversaries marked * are adaptive attacks beyond issue 17's list: their results are published, they are not
 targets. Honest false exclusions count every honest member-round a screen excluded, clean and attacked jobs alike.
 With --aggregation, the same jobs run on Flower's robust strategies (accuracy and attribution per strategy).
