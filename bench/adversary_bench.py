@@ -12,6 +12,9 @@ Per adversary kind:
 - same data (re-seeded training of a member's data, 70 % of it): the pair's pay over what the member alone earns;
 - copycat (half of a member's update, with noise): the share of its pay the member loses, and the copy's share;
 - every kind: the share of their pay the honest members lose together (a second table).
+Same-data cells are settled twice, with the job's same-data groups (coordinator.attribution.history) and with the
+per-round groups alone (the baseline, the same jobs); each world also prints the honest pairs paid as one member (both
+ways) and the largest share of its pay an honest member lost to the job-level grouping.
 Adversaries marked * are adaptive attacks beyond issue 17's list: their results are published, they are not
 targets. Honest false exclusions count every honest member-round a screen excluded, clean and attacked jobs alike.
 With --aggregation, the same jobs run on Flower's robust strategies (accuracy and attribution per strategy).
@@ -41,6 +44,7 @@ from planted_adversaries import (
     attack,
     honest_exclusion_reasons,
     honest_exclusions,
+    honest_grouping,
 )
 
 PLAID_EXAMPLES = {5: 30, 10: 30, 50: 10}
@@ -67,7 +71,9 @@ class Cell:
             return f"{100 * np.mean(shares):.2f} / {100 * max(shares):.2f}"
         if kind == "same-data":
             groups = [o.group_ratio for o in self.outcomes]
-            return f"{np.mean(groups):.2f} / {max(groups):.2f}x"
+            baseline = [o.group_ratio_round_groups_only for o in self.outcomes]
+            before = f"{np.mean(baseline):.2f} / {max(baseline):.2f}x"
+            return f"{np.mean(groups):.2f} / {max(groups):.2f}x (round groups: {before})"
         losses = [o.victim_loss for o in self.outcomes]
         return f"{100 * np.mean(losses):.1f} / {100 * max(losses):.1f} (copy {100 * max(shares):.1f})"
 
@@ -126,6 +132,13 @@ def run_world(
                 jobs.append(outcome.attacked)
         exclusions[m] = honest_exclusions(jobs, m)
         print(f"{name}, {m} members: honest exclusions by screen {honest_exclusion_reasons(jobs, m)}", flush=True)
+        grouping = honest_grouping(jobs, m)
+        print(
+            f"{name}, {m} members: honest pair-rounds paid as one {grouping.paid} / {grouping.pair_rounds} "
+            f"(round groups only: {grouping.by_round}); largest share of its pay an honest member lost to the "
+            f"job-level grouping {100 * grouping.largest_loss:.2f} %",
+            flush=True,
+        )
     return cells, exclusions, accuracy, time.perf_counter() - started
 
 
@@ -203,7 +216,9 @@ def main() -> None:
                 title = f"{world}, {aggregation}, {rounds} rounds, {label} {seeds} ({seconds:.0f} s)"
                 missed += print_tables(title, cells, exclusions, accuracy, members, chosen)
     print("\ncells: data-free = mean / max share of the member pool (%); same data = mean / max pay of the pair over")
-    print("the member alone; copycat = mean / max share of its pay the member loses (max share of the copy, %).")
+    print("the member alone, settled with the job's groups (round groups: the same jobs settled by the per-round")
+    print("groups alone, the baseline); copycat = mean / max share of its pay the member loses (max share of the")
+    print("copy, %).")
     print("\ntargets missed:" if missed else "\nevery target met")
     for line in missed:
         print(f"- {line}")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Protocol
 
@@ -263,6 +263,14 @@ def _partial_data(v: RoundView) -> Vector:
     return v.world.train(v.global_params, (x[keep], y[keep]), 7919 + v.round)
 
 
+def _reseeded_then_noise(v: RoundView) -> Vector:
+    """The same data retrained in rounds 1-2, then a random direction of the step's size: a same-data node that
+    changes behaviour once it could have been grouped, to escape the job's grouping."""
+    if v.round <= 2:
+        return v.world.train(v.global_params, v.victim_data, 104729 + v.round)
+    return v.noise(v.step_size())
+
+
 ADVERSARIES: dict[str, Adversary] = {
     a.name: a
     for a in (
@@ -289,6 +297,7 @@ ADVERSARIES: dict[str, Adversary] = {
         Adversary("sign of last step", "data-free", _sign_momentum, published=True),
         Adversary("re-seeded", "same-data", lambda v: v.world.train(v.global_params, v.victim_data, 104729 + v.round)),
         Adversary("70 % of the data", "same-data", _partial_data),
+        Adversary("re-seeded then noise", "same-data", _reseeded_then_noise, published=True),
         Adversary("half copy", "copycat", lambda v: (0.5 * v.victim_update).astype(np.float32)),
         Adversary("noisy half copy", "copycat", lambda v: _noisy(0.5 * v.victim_update, v, 0.2)),
         Adversary("exact copy", "copycat", lambda v: v.victim_update.copy(), published=True),
@@ -307,15 +316,26 @@ class JobResult:
 
     @cached_property
     def pay(self) -> dict[str, int]:
-        attribution = model_attribution(
-            self.account, dict.fromkeys(self.account.totals, 0), job_id="job", model_version="job:0", policy=POLICY
-        )
-        record = decode_record(settle_job(attribution, PAYMENT, record_id="settle", created_ms=1, currency="EUR"))
-        return {p.member: p.amount_minor for p in record.payouts}
+        """Each member's pay, settled with the job's same-data groups (history.AttributionAccount)."""
+        return _settle(self.account)
+
+    @cached_property
+    def pay_round_groups_only(self) -> dict[str, int]:
+        """The same job settled with the per-round groups alone (job-level grouping off): the baseline."""
+        screens = self.account.screen_settings.model_copy(update={"same_data_reference": 1.0})
+        return _settle(replace(self.account, screen_settings=screens))
 
     def excluded(self, member: str) -> int:
         """Rounds in which a screen excluded `member`."""
         return sum(any(f.excludes for f in v.flags.get(member, [])) for v in self.valuations)
+
+
+def _settle(account: AttributionAccount) -> dict[str, int]:
+    attribution = model_attribution(
+        account, dict.fromkeys(account.totals, 0), job_id="job", model_version="job:0", policy=POLICY
+    )
+    record = decode_record(settle_job(attribution, PAYMENT, record_id="settle", created_ms=1, currency="EUR"))
+    return {p.member: p.amount_minor for p in record.payouts}
 
 
 def flower_aggregate(aggregation: str, global_params: Vector, updates: Sequence[Vector]) -> Vector | None:
@@ -380,7 +400,7 @@ class Job:
         rng = np.random.default_rng([self.seed, 5])
         global_params = self.world.initial()
         earlier: list[Vector] = []
-        account = AttributionAccount()
+        account = AttributionAccount(screen_settings=self.settings.screens)
         valuations = []
         previous: dict[str, Vector] = {}
         groups: list[tuple[str, ...]] = []
@@ -453,6 +473,13 @@ class AttackOutcome:
         return together / alone if alone else float("nan")
 
     @property
+    def group_ratio_round_groups_only(self) -> float:
+        """group_ratio with both jobs settled by the per-round groups alone (the baseline)."""
+        alone = self.clean.pay_round_groups_only.get(VICTIM, 0)
+        attacked = self.attacked.pay_round_groups_only
+        return (attacked.get(VICTIM, 0) + attacked.get(ADVERSARY, 0)) / alone if alone else float("nan")
+
+    @property
     def victim_loss(self) -> float:
         """The share of its pay the victim loses to the adversary."""
         alone = self.clean.pay.get(VICTIM, 0)
@@ -499,3 +526,38 @@ def honest_exclusion_reasons(results: Sequence[JobResult], members: int) -> dict
                     if flag.excludes:
                         counts[flag.reason.value] = counts.get(flag.reason.value, 0) + 1
     return counts
+
+
+@dataclass(frozen=True)
+class HonestGrouping:
+    """Honest member pairs paid as one member: pair-rounds with the job's groups (`paid`) and with the per-round
+    groups alone (`by_round`) out of all honest pair-rounds; and the largest share of its pay an honest member lost
+    by being in a job group with another honest member (its pay with the job's groups against the per-round groups
+    alone; only a job group's members can lose pay to it)."""
+
+    paid: int
+    by_round: int
+    pair_rounds: int
+    largest_loss: float
+
+
+def honest_grouping(results: Sequence[JobResult], members: int) -> HonestGrouping:
+    """Pairs of two honest members paid as one, over the jobs (the adversary's pairs left out)."""
+    honest = {f"m{i:03d}" for i in range(members)}
+    paid = by_round = pair_rounds = 0
+    largest_loss = 0.0
+    for result in results:
+        pair_rounds += len(result.valuations) * members * (members - 1) // 2
+        paid += sum(_honest_pairs(group, honest) for groups in result.account.paid_as_one() for group in groups)
+        by_round += sum(_honest_pairs(player, honest) for v in result.valuations for player in v.players)
+        joined = {member for pair in result.account.job_pairs() if set(pair) <= honest for member in pair}
+        for member in joined:
+            before = result.pay_round_groups_only.get(member, 0)
+            if before > 0:
+                largest_loss = max(largest_loss, 1.0 - result.pay.get(member, 0) / before)
+    return HonestGrouping(paid, by_round, pair_rounds, largest_loss)
+
+
+def _honest_pairs(group: Sequence[str], honest: set[str]) -> int:
+    inside = sum(member in honest for member in group)
+    return inside * (inside - 1) // 2

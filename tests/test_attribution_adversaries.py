@@ -98,6 +98,16 @@ def test_nodes_training_the_same_data_earn_together_at_most_1_1x_one_member(
     assert _honest_exclusions(outcome.attacked, len(data)) == []
 
 
+@PROPERTY
+@given(honest=honest_members())
+def test_a_same_data_node_that_changes_behaviour_keeps_the_pair_within_1_1x(honest: Honest) -> None:
+    # Same data in rounds 1-2, a random direction after: the job's grouping (history.AttributionAccount) is not
+    # undone by what the node does once the evidence is in. On PLAID: 1.05x at most (1.26x per round groups only).
+    world, data = honest.build()
+    outcome = attack(world, ADVERSARIES["re-seeded then noise"], data, ROUNDS, honest.seed)
+    assert outcome.group_ratio <= MAX_GROUP_RATIO, (outcome.group_ratio, outcome.clean.pay, outcome.attacked.pay)
+
+
 @pytest.mark.parametrize("adversary", COPYCATS, ids=lambda a: a.name)
 @PROPERTY
 @given(honest=honest_members())
@@ -119,6 +129,9 @@ def test_honest_members_with_few_examples_are_never_screened_out(honest: Honest)
     result = Job(world, data, ROUNDS, honest.seed).run()
     assert _honest_exclusions(result, len(data)) == []
     assert all(result.pay.get(f"m{i:03d}", 0) >= 0 for i in range(len(data)))
+    # No two of them are a same-data group over the job: the job's grouping takes nothing from honest members.
+    assert result.account.job_pairs() == []
+    assert result.pay == result.pay_round_groups_only
 
 
 @pytest.mark.xfail(strict=True, reason="known limits of issue 17's defences (docs/attribution.md, section 7)")

@@ -153,3 +153,6 @@ def test_sink_hands_each_round_the_members_previous_updates_and_groups(
         assert previous is not None
         np.testing.assert_array_equal(previous, first.updates[list(first.members).index(member)])
     assert [tuple(g) for g in second.previous_groups] == [("member-10", "member-20")]
+    # The job's account judges same data over the rounds with the job's screens settings: the copy is a job group.
+    assert sink.account.screen_settings == sink.settings.screens
+    assert sink.account.job_pairs() == [("member-10", "member-20")]

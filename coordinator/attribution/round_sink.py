@@ -66,7 +66,7 @@ class AttributionSink:
         self.settings = settings
         self.member_of = member_of
         self.verified_examples = verified_examples
-        self.account = AttributionAccount(decay=decay)
+        self.account = AttributionAccount(decay=decay, screen_settings=settings.screens)
         self.reputation = reputation if reputation is not None else ReputationBook()
         self.valuations: list[RoundValuation] = []
         self.skipped: list[SkippedRound] = []

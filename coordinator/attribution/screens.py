@@ -105,6 +105,14 @@ class ScreenSettings(BaseModel):
       with different data reached 0.47 in a round and never the 0.5 that groups them first. The cost: a pair of
       honest members grouped once stays grouped more easily (synthetic, 5 members: 60 honest pairs grouped in 1,710
       member-rounds instead of 54). 1.0 turns it off.
+    - same_data_reference (0.45) and same_data_evidence (0.3): the job-level grouping (history.AttributionAccount).
+      Each round a pair's similarity s adds s - same_data_reference to a running sum that never drops below 0 (a
+      CUSUM); a pair whose sum reaches same_data_evidence anywhere in the job trained the same data, and in every
+      round of the job where its similarity is at least same_data_persisting the pair is paid as one member. Pairs of
+      PLAID members with different data averaged <= 0.41 over a job (one pair 0.35-0.47 every round: its sum stays
+      <= 0.02); same-data pairs >= 0.54 (seeds 0-2: sums 0.36-1.22 by the 4th round). 1.0 as the reference turns it
+      off. Pairs at or above the lower of same_data_reference and same_data_persisting are reported each round
+      (ScreenReport.similarities); below, a pair counts as 0.
     - copy_falloff (8.0): a group member's share is ∝ min(its size, the typical size) ** copy_falloff (groups.py):
       a half-size copy of a typical update takes 0.5^8 / (1 + 0.5^8) = 0.4 % of the group.
     - self_report_tolerance (0.1): relative difference allowed between reported and verified example counts.
@@ -124,6 +132,8 @@ class ScreenSettings(BaseModel):
     duplicate_cosine: float = Field(default=0.999, gt=0.0, le=1.0)
     same_data_similarity: float = Field(default=0.5, gt=0.0, le=1.0)
     same_data_persisting: float = Field(default=0.42, gt=0.0, le=1.0)
+    same_data_reference: float = Field(default=0.45, ge=0.0, le=1.0)
+    same_data_evidence: float = Field(default=0.3, gt=0.0)
     copy_falloff: float = Field(default=8.0, ge=0.0)
     self_report_tolerance: float = Field(default=0.1, ge=0.0)
 
@@ -146,11 +156,14 @@ class ScreenFlag:
 class ScreenReport:
     """Flags per member index, the players left for valuation (tuples of member indices, a tuple of more than one
     being a group of copies or of the same data, ordered by their smallest index), and each admitted member's share
-    of its player (1.0 alone; a group's shares sum to 1)."""
+    of its player (1.0 alone; a group's shares sum to 1). `similarities` holds the same-data similarity (groups.py)
+    of every pair (a < b) of members left after the own screens at or above the lower of `same_data_reference` and
+    `same_data_persisting`: the round's evidence for a grouping over the whole job."""
 
     flags: dict[int, list[ScreenFlag]] = field(default_factory=dict)
     players: list[tuple[int, ...]] = field(default_factory=list)
     shares: dict[int, float] = field(default_factory=dict)
+    similarities: dict[tuple[int, int], float] = field(default_factory=dict)
 
     def excluded(self, member: int) -> bool:
         return any(flag.excludes for flag in self.flags.get(member, []))
@@ -267,16 +280,22 @@ def _groups(
     unit_residuals: npt.NDArray[np.float64],
     settings: ScreenSettings,
     grouped_before: Sequence[tuple[int, int]] = (),
-) -> tuple[list[tuple[int, ...]], dict[int, float]]:
-    """Step 2: near-duplicates and same-data pairs joined into players; each member's share of its player.
+) -> tuple[list[tuple[int, ...]], dict[int, float], dict[tuple[int, int], float]]:
+    """Step 2: near-duplicates and same-data pairs joined into players; each member's share of its player; the
+    similarity of every pair reported as the job's evidence (member indices, a < b).
     `unit_residuals` has one row per candidate, in the order of `candidates`; `grouped_before` are pairs of member
     indices that were one player in the previous round (they stay one at `same_data_persisting`)."""
     unit = _take(state.safe, candidates) / state.norms[candidates, None].astype(np.float32)
     duplicates = [(candidates[a], candidates[b]) for a, b in near_duplicate_pairs(unit, settings.duplicate_cosine)]
     same: list[tuple[int, int, float]] = []
+    evidence: dict[tuple[int, int], float] = {}
     if settings.same_data_similarity < 1.0:
-        pairs = same_data_pairs(unit_residuals, settings.same_data_similarity)
-        same = [(candidates[a], candidates[b], v) for a, b, v in pairs]
+        # One pair search at the lower of the two thresholds gives both the groups and the job's evidence.
+        reported = min(settings.same_data_reference, settings.same_data_persisting)
+        floor = min(settings.same_data_similarity, reported)
+        similar = [(candidates[a], candidates[b], v) for a, b, v in same_data_pairs(unit_residuals, floor)]
+        evidence = {(a, b): v for a, b, v in similar if v >= reported}
+        same = [(a, b, v) for a, b, v in similar if v >= settings.same_data_similarity]
         position = {c: k for k, c in enumerate(candidates)}
         linked = {(a, b) for a, b, _ in same} | set(duplicates)
         recheck = [
@@ -306,7 +325,7 @@ def _groups(
                 state.flag(i, ScreenReason.NEAR_DUPLICATE, float(len(group)))
             else:
                 state.flag(i, ScreenReason.SAME_DATA, strongest.get(i, 0.0))
-    return players, shares
+    return players, shares, evidence
 
 
 def _norm_outliers(
@@ -474,7 +493,7 @@ def screen_updates(
 
     kept = _take(remaining, candidates)
     unit_residuals = kept / np.maximum(_row_norms(kept), 1e-30)[:, None]
-    players, shares = _groups(state, candidates, unit_residuals, settings, grouped_before)
+    players, shares, similarities = _groups(state, candidates, unit_residuals, settings, grouped_before)
     players = _random_directions(
         state, players, shares, remaining, settings, validation_gradient, basis, previous_updates
     )
@@ -484,4 +503,5 @@ def screen_updates(
         flags={i: f for i, f in state.flags.items() if f},
         players=players,
         shares={i: s for i, s in shares.items() if i in admitted},
+        similarities=similarities,
     )

@@ -87,6 +87,10 @@ class RoundUpdates:
 
 @dataclass(frozen=True)
 class RoundValuation:
+    """One round's values, flags and players (member ids); `similarities` are the same-data similarities the
+    screens reported (ScreenReport.similarities) by pair of member ids in sorted order: the evidence the job's
+    account accumulates (history.AttributionAccount)."""
+
     round_index: int
     method: ValuationMethod
     values: dict[str, float]
@@ -97,6 +101,7 @@ class RoundValuation:
     grand_utility: float
     base_loss: float
     weights: dict[str, float] = field(default_factory=dict)
+    similarities: dict[tuple[str, str], float] = field(default_factory=dict)
 
 
 def round_seed(root: int, round_index: int) -> int:
@@ -263,4 +268,10 @@ def value_round(
         grand_utility=outcome.grand,
         base_loss=outcome.base_loss,
         weights=member_weights,
+        similarities={_member_pair(updates.members, a, b): v for (a, b), v in report.similarities.items()},
     )
+
+
+def _member_pair(members: Sequence[str], a: int, b: int) -> tuple[str, str]:
+    first, second = sorted((members[a], members[b]))
+    return first, second
