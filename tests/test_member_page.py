@@ -20,7 +20,8 @@ from edge.agent.cli import app as agent_app
 from edge.agent.config import AgentSettings
 from edge.agent.controls.state import allow, deny, load_member_state, save_member_state, set_knob
 from edge.agent.ledger_client import LedgerClient
-from edge.agent.member_page import gather, render_member_page, serving_member_page
+from edge.agent.member_page import serving_member_page
+from edge.agent.member_page_view import gather, render_member_page
 from edge.agent.membership import save_membership
 from edge.agent.statement import fetch_statement, render_statement
 from protocol.identity import save_signer_key
