@@ -28,9 +28,6 @@ def run_daemon(config: Path | None) -> None:
             loop.add_signal_handler(sig, stop.set)
         await run_agent(settings, stop)
 
-    try:
-        import uvloop
-
-        uvloop.run(main())
-    except ImportError:
-        asyncio.run(main())
+    # asyncio's own loop, not uvloop (which the coordinator runs): the agent's loop carries a few messages a second,
+    # and uvloop's library would add about 1.6 MB to the idle agent (BENCHMARKS.md, "Raspberry Pi hub").
+    asyncio.run(main())
