@@ -99,3 +99,11 @@ def test_help_and_every_other_command_go_to_the_typer_app() -> None:
     assert helped.returncode == 0 and "Run the agent daemon" in helped.stdout and "--config" in helped.stdout
     listed = _run(CONSOLE, "agent", "--help")
     assert listed.returncode == 0 and "enrol" in listed.stdout and "statement" in listed.stdout
+
+
+def test_a_visit_to_the_member_page_imports_no_cli_stack() -> None:
+    """The page's view (imported at the first visit) shares the member commands' code, not their tables."""
+    done = _run("import edge.agent.member_page_view", importtime=True)
+    imported = _imported(done.stderr)
+    assert done.returncode == 0 and "edge.agent.receipts" in imported and "edge.agent.controls.commands" in imported
+    assert sorted(m for m in imported if m.split(".")[0] in ("rich", "typer", "click", "uvicorn")) == []

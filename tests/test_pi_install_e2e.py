@@ -158,7 +158,7 @@ def test_install_enrol_report_upgrade_rollback_uninstall(
 
     kept = {p: digest(root / p) for p in ("etc/midgate/agent.toml", f"var/lib/midgate/mids/{MID}/device.key")}
     upgraded = run_in(root, INSTALLER, "--upgrade", *offline)
-    assert "`agent run` is ready" in upgraded.stdout + upgraded.stderr
+    assert "`midgate-agent` is ready" in upgraded.stdout + upgraded.stderr
     assert {p: digest(root / p) for p in kept} == kept and receipted_reports(root) == 1
 
     daemon_py = next((root / "opt/midgate/venv/lib").glob("python3*/site-packages/edge/agent/daemon.py"))

@@ -59,6 +59,7 @@ def main(config: Path, timeout_s: float) -> int:
     try:
         # Every module the agent needs at its start, and those it imports only when a job starts or the member
         # page is visited (edge.agent.job_node, edge.agent.member_page): a broken install shows here, not mid-job.
+        import edge.agent.daemon
         import edge.agent.job_task
         import edge.agent.member_page_view
         import edge.agent.run
