@@ -54,7 +54,7 @@ class MemberPage:
     async def answer(self, method: str, path: str, host: str) -> tuple[HTTPStatus, str]:
         from protocol.svg_charts import page
 
-        if self.loopback_only and not is_loopback(host.rsplit(":", 1)[0].strip("[]")):
+        if self.loopback_only and not is_loopback(host_name(host)):
             return HTTPStatus.MISDIRECTED_REQUEST, page("Wrong host", "<h1>This page answers only on localhost</h1>")
         if path.split("?", 1)[0] not in ("/", "/index.html"):
             return HTTPStatus.NOT_FOUND, page("Not found", "<h1>Not found</h1>")
@@ -101,6 +101,13 @@ def parse_request_head(head: bytes) -> tuple[str, str, str] | None:
         if colon and name.strip().lower() == "host":
             host = value.strip()
     return parts[0], parts[1], host
+
+
+def host_name(host: str) -> str:
+    """The name in a Host header, without its port: `[::1]:8490` -> `::1`, `localhost:8490` -> `localhost`."""
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.partition(":")[0]
 
 
 async def _respond(writer: asyncio.StreamWriter, status: HTTPStatus, body: str, with_body: bool = True) -> None:
