@@ -2,8 +2,8 @@
 
 Errors a user can cause or meet -- a missing or invalid config file, an unreachable broker or coordinator, a refused
 invite, an unreadable database -- end the command with one line on stderr and exit code 1 (2 for an invalid
-config), never a traceback: `MidgateApp` says them. Anything else is a bug and keeps its traceback, printed without
-local variables (they hold invite tokens, passwords and settings).
+config), never a traceback: `MidgateApp` says them (midgate_errors). Anything else is a bug and keeps its traceback,
+printed without local variables (they hold invite tokens, passwords and settings).
 """
 
 from __future__ import annotations
@@ -19,52 +19,18 @@ from coordinator.market.cli import buyer_job_app
 from coordinator.royalties.cli import recompute_settlement_command
 from demo.cli import app as demo_app
 from edge.agent.cli import app as agent_app
+from midgate_errors import exit_if_expected
 
 
 class MidgateApp(typer.Typer):
-    """The top-level app: runs a command and says an expected error in one line (`expected_error`)."""
+    """The top-level app: runs a command and says an expected error in one line (midgate_errors)."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return super().__call__(*args, **kwargs)
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise SystemExit(130) from None
-        except Exception as error:
-            said = expected_error(error)
-            if said is None:
-                raise
-            typer.echo(f"error: {said[0]}", err=True)
-            raise SystemExit(said[1]) from None
-
-
-def expected_error(error: Exception) -> tuple[str, int] | None:
-    """(one line, exit code) for an error the user can cause or meet; None for a bug. The line never holds the
-    values a settings model was given, only where and what is wrong (protocol.settings.validation_problems)."""
-    import sqlite3
-    import urllib.error
-
-    from pydantic import ValidationError
-
-    from protocol.errors import ProtocolError
-    from protocol.settings import validation_problems
-
-    if isinstance(error, ValidationError):
-        what = "config" if error.title.endswith("Settings") else error.title
-        return f"invalid {what}: {validation_problems(error)}", 2
-    if isinstance(error, ProtocolError):
-        return str(error), 1
-    if isinstance(error, urllib.error.URLError):
-        return f"cannot reach the server: {error.reason}", 1
-    if isinstance(error, FileNotFoundError) and error.filename is not None:
-        return f"no such file or folder: {error.filename}", 1
-    if isinstance(error, PermissionError) and error.filename is not None:
-        return f"permission denied: {error.filename}", 1
-    if isinstance(error, OSError):
-        return str(error) or type(error).__name__, 1
-    if isinstance(error, sqlite3.Error):
-        return f"database: {error}", 1
-    return None
+        except (KeyboardInterrupt, Exception) as error:
+            exit_if_expected(error)
+            raise
 
 
 app = MidgateApp(

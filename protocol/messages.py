@@ -91,9 +91,13 @@ FlowerPublicKey = Annotated[str, StringConstraints(pattern=r"^(ecdsa-sha2-nistp2
 
 
 class CanonicalModel(BaseModel):
-    """Strict, frozen, no unknown fields, and one byte encoding (`canonical_json`)."""
+    """Strict, frozen, no unknown fields, and one byte encoding (`canonical_json`).
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    Each message's validator is built at its first use (`defer_build`), not at import: a process uses few of the
+    protocol's messages, and building them all left the idle agent 0.7 MB larger (BENCHMARKS.md, "Raspberry Pi hub").
+    What a message accepts is the same either way."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, defer_build=True)
 
     def canonical_json(self) -> bytes:
         """Sorted keys, no whitespace, UTF-8: the exact bytes that get signed."""
@@ -173,7 +177,7 @@ class DpParams(BaseModel):
     """Client-side fixed-clipping DP as applied by the ClientApp (Flower's fixedclipping_mod); noise is added at the
     server."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, defer_build=True)
     clipping_norm: Annotated[float, Field(allow_inf_nan=False, gt=0.0, le=1e6)]
     noise_multiplier: Annotated[float, Field(allow_inf_nan=False, ge=0.0, le=1e6)]
 
@@ -459,7 +463,7 @@ MAX_RECEIPT_BATCH_BYTES = 256 * 1024
 class ReceiptPath(BaseModel):
     """One report in a ReceiptBatch: its seq, where it sits in the log, and its RFC 9162 inclusion path."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, defer_build=True)
     seq: U64
     leaf_index: U64
     path: Annotated[tuple[B64Hash, ...], Field(max_length=64)]
@@ -570,7 +574,7 @@ class Refusal(WireMessage):
 
 
 class StatementLine(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, defer_build=True)
     kind: Literal["training", "royalty", "fee", "adjustment"]
     job_id: Ident | None = None
     model_version: ShortText = ""

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from test_agent_member_controls import _membership
 
-import edge.agent.job_node as job_node_module
+import edge.federated.supervisor as supervisor_module
 from edge.agent.controls.decisions import DeclineReason
 from edge.agent.job_node import WINDOW_FILE, JobNode
 from edge.agent.ledger_client import ProofUnavailableError, RefusedByMidError
@@ -67,7 +67,8 @@ class StandInSupervisor:
 
 @pytest.fixture
 def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[JobNode, SignerKey]:
-    monkeypatch.setattr(job_node_module, "SuperNodeSupervisor", StandInSupervisor)
+    # JobNode imports its supervisor when a job starts (edge.agent.job_node): the stand-in is found there.
+    monkeypatch.setattr(supervisor_module, "SuperNodeSupervisor", StandInSupervisor)
     StandInSupervisor.started = []
     membership, mid_key = _membership(tmp_path)  # the device of a MID that runs a SuperLink
     return JobNode(membership, tmp_path / "spool", WindowSource(tmp_path / "samples.db", min_windows=5)), mid_key

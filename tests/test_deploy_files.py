@@ -35,7 +35,9 @@ def test_config_template_loads_with_and_without_a_bme280(tmp_path: Path) -> None
 
 def test_systemd_unit_runs_the_installed_agent_as_a_notify_service() -> None:
     unit = (DEPLOY / UNIT).read_text()
-    assert "ExecStart=/opt/midgate/venv/bin/midgate agent run --config /etc/midgate/agent.toml" in unit
+    # The lean daemon script (midgate_agent.py), which pyproject installs beside `midgate`.
+    assert "ExecStart=/opt/midgate/venv/bin/midgate-agent --config /etc/midgate/agent.toml" in unit
+    assert 'midgate-agent = "midgate_agent:main"' in (DEPLOY.parents[1] / "pyproject.toml").read_text()
     installer = (DEPLOY / "install.sh").read_text()
     assert "PREFIX=/opt/midgate\nVENV=$PREFIX/venv\n" in installer
     for line in ("Type=notify", "WatchdogSec=", "ProtectSystem=strict", "PrivateTmp=true", "NoNewPrivileges=true"):
@@ -88,7 +90,7 @@ def _verify_root(tmp_path: Path, dropin: str | None) -> Path:
     if dropin is not None:
         (system / f"{UNIT}.d").mkdir()
         (system / f"{UNIT}.d" / "i2c.conf").write_text(dropin)
-    binary = root / "opt/midgate/venv/bin/midgate"
+    binary = root / "opt/midgate/venv/bin/midgate-agent"
     binary.parent.mkdir(parents=True)
     binary.write_text("#!/bin/sh\n")
     binary.chmod(0o755)

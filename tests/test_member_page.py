@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -20,7 +21,8 @@ from edge.agent.cli import app as agent_app
 from edge.agent.config import AgentSettings
 from edge.agent.controls.state import allow, deny, load_member_state, save_member_state, set_knob
 from edge.agent.ledger_client import LedgerClient
-from edge.agent.member_page import gather, render_member_page, serving_member_page
+from edge.agent.member_page import serving_member_page
+from edge.agent.member_page_view import gather, render_member_page
 from edge.agent.membership import save_membership
 from edge.agent.statement import fetch_statement, render_statement
 from protocol.identity import save_signer_key
@@ -136,6 +138,43 @@ def test_the_agent_serves_it_on_loopback_and_refuses_other_hosts_and_methods(mid
 
     asyncio.run(visit())
     assert not (tmp_path / "agent" / "member-page.url").exists()
+
+
+def _raw(port: int, request: bytes) -> bytes:
+    """What the page's server answers to `request` sent as is, until it closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(request)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_the_pages_server_refuses_what_is_not_a_small_http_request(tmp_path: Path) -> None:
+    settings = AgentSettings(data_dir=tmp_path / "agent", member_page_port=0)
+
+    async def visit() -> None:
+        async with serving_member_page(settings, []) as url:
+            assert url is not None
+            port = int(url.rsplit(":", 1)[1].strip("/"))
+            answers = await asyncio.gather(
+                asyncio.to_thread(_raw, port, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"),
+                asyncio.to_thread(_raw, port, b"HEAD / HTTP/1.1\r\nHost: [::1]:8490\r\n\r\n"),
+                asyncio.to_thread(_raw, port, b"GET / HTTP/1.1\r\nHost: [::1]\r\n\r\n"),
+                asyncio.to_thread(_raw, port, b"not http at all\r\n\r\n"),
+                asyncio.to_thread(_raw, port, b"GET / HTTP/1.1\r\nX: " + b"a" * 20_000 + b"\r\n\r\n"),
+            )
+            get, head, bare_v6, garbage, huge = answers
+            assert get.startswith(b"HTTP/1.1 200 OK\r\n") and b"belongs to no MID yet" in get
+            length = int(get.split(b"content-length: ")[1].split(b"\r\n")[0])
+            assert head.startswith(b"HTTP/1.1 200 OK\r\n") and head.endswith(
+                f"content-length: {length}\r\n\r\n".encode()
+            )
+            assert bare_v6.startswith(b"HTTP/1.1 200 OK\r\n")
+            assert garbage.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+            assert huge.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+
+    asyncio.run(visit())
 
 
 def test_beyond_loopback_only_when_the_member_turns_it_on(tmp_path: Path) -> None:

@@ -43,7 +43,8 @@ AS_MIDGATE = ("setpriv", "--reuid=midgate", "--regid=midgate", "--init-groups", 
 
 
 class ChrootAgent(ServiceProcess):
-    """`midgate agent run` inside the root as the midgate user (chroot and setpriv exec: the PID is the agent's)."""
+    """The installed unit's ExecStart (`midgate-agent --config ...`) inside the root as the midgate user (chroot and
+    setpriv exec: the PID is the agent's)."""
 
     def __init__(self, root: Path, log_path: Path) -> None:
         super().__init__("agent-pi", [], log_path)
@@ -52,11 +53,17 @@ class ChrootAgent(ServiceProcess):
     def start(self) -> None:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                ["chroot", str(self.root), *AS_MIDGATE, MIDGATE, "agent", "run", "--config", CONF],
+                ["chroot", str(self.root), *AS_MIDGATE, *unit_exec_start(self.root)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=CLEAN_ENV,
             )
+
+
+def unit_exec_start(root: Path) -> list[str]:
+    """The command the installed systemd unit starts."""
+    unit = (root / "etc/systemd/system/midgate-agent.service").read_text()
+    return next(line for line in unit.splitlines() if line.startswith("ExecStart=")).removeprefix("ExecStart=").split()
 
 
 def run_in(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -206,7 +213,7 @@ def test_install_enrol_report_upgrade_rollback_uninstall(
 
     kept = {p: digest(root / p) for p in ("etc/midgate/agent.toml", f"var/lib/midgate/mids/{MID}/device.key")}
     upgraded = run_in(root, INSTALLER, "--upgrade", *offline)
-    assert "`agent run` is ready" in upgraded.stdout + upgraded.stderr
+    assert "`midgate-agent` is ready" in upgraded.stdout + upgraded.stderr
     assert {p: digest(root / p) for p in kept} == kept and receipted_reports(root) == 1
 
     daemon_py = next((root / "opt/midgate/venv/lib").glob("python3*/site-packages/edge/agent/daemon.py"))

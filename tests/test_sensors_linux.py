@@ -1,12 +1,15 @@
-"""Linux host sensor: real psutil readings, thermal zones from a sysfs tree in tmp_path, and a zone that vanishes."""
+"""Linux host sensor: real /proc readings that agree with psutil's, the arithmetic on a /proc tree in tmp_path, thermal
+zones from a sysfs tree in tmp_path, and a zone that vanishes."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import psutil
 import pytest
 
-from edge.sensors.linux import LinuxHostSensor
+from edge.sensors.linux import LinuxHostSensor, cpu_times, memory_percent, net_bytes
 from edge.sensors.sample import Quality
 
 
@@ -27,6 +30,51 @@ def test_host_channels_are_real_readings(tmp_path: Path) -> None:
     assert 0.0 <= values["cpu_percent"] <= 100.0
     assert values["load1"] >= 0.0
     assert sample.quality == Quality.OK
+
+
+def test_proc_readings_agree_with_psutil() -> None:
+    """Ours read between two of psutil's: the counters lie between them, memory within a point of both."""
+    cpu_before, net_before, memory_before = psutil.cpu_times(), psutil.net_io_counters(), psutil.virtual_memory()
+    (busy, total), (rx, tx), memory = cpu_times(), net_bytes(), memory_percent()
+    cpu_after, net_after, memory_after = psutil.cpu_times(), psutil.net_io_counters(), psutil.virtual_memory()
+    assert net_before.bytes_recv <= rx <= net_after.bytes_recv and net_before.bytes_sent <= tx <= net_after.bytes_sent
+    tick = 1 / os.sysconf("SC_CLK_TCK")
+    seconds = [sum(t[:8]) for t in (cpu_before, cpu_after)]
+    assert seconds[0] - tick <= total * tick <= seconds[1] + tick
+    busy_seconds = [s - t.idle - t.iowait for s, t in zip(seconds, (cpu_before, cpu_after), strict=True)]
+    assert busy_seconds[0] - tick <= busy * tick <= busy_seconds[1] + tick
+    assert (
+        min(memory_before.percent, memory_after.percent) - 1
+        <= memory
+        <= max(memory_before.percent, memory_after.percent) + 1
+    )
+
+
+def _proc_tree(root: Path, cpu: str, available_kib: int, rx: int, tx: int) -> None:
+    (root / "net").mkdir(parents=True, exist_ok=True)
+    (root / "stat").write_text(f"cpu  {cpu}\ncpu0 1 2 3 4 5 6 7 8 0 0\nintr 1\n")
+    (root / "meminfo").write_text(
+        f"MemTotal:        1000 kB\nMemFree:          100 kB\nMemAvailable:     {available_kib} kB\n"
+    )
+    (root / "net" / "dev").write_text(
+        "Inter-|   Receive                                                |  Transmit\n"
+        " face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls"
+        " carrier compressed\n"
+        f"    lo: {rx} 1 0 0 0 0 0 0 {tx} 1 0 0 0 0 0 0\n"
+        f"  eth0: {rx} 1 0 0 0 0 0 0 {tx} 1 0 0 0 0 0 0\n"
+    )
+
+
+def test_cpu_memory_and_network_from_a_proc_tree(tmp_path: Path) -> None:
+    # user nice system idle iowait irq softirq steal guest guest_nice: guest time is inside user, not added again
+    _proc_tree(tmp_path, "100 0 100 700 100 0 0 0 50 0", 250, 1000, 500)
+    sensor = LinuxHostSensor(thermal_root=tmp_path / "no-thermal", proc_root=tmp_path)
+    _proc_tree(tmp_path, "160 0 120 780 140 0 0 0 90 0", 400, 3000, 1500)
+    values = dict(zip([c.name for c in sensor.channels], sensor.read(1).values, strict=True))
+    assert values["cpu_percent"] == pytest.approx(100 * 80 / 200)  # busy 200 -> 280 of total 1000 -> 1200
+    assert values["memory_percent"] == pytest.approx(60.0)  # (1000 - 400) / 1000
+    assert values["net_rx_bps"] > 0 and values["net_tx_bps"] > 0
+    assert values["net_rx_bps"] / values["net_tx_bps"] == pytest.approx(2.0)  # lo and eth0 summed: 4000 and 2000
 
 
 def test_thermal_zones_in_millidegrees(tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
 """install.sh's health check of an installed agent, run with the venv's Python as the agent's user.
 
-Exit 0 when the agent is sound: before enrolment, its config loads and every module `agent run` imports does; once
-enrolled, `midgate agent run` with that config says READY=1 on a notify socket, as it does to systemd
-(edge/agent/systemd_notify.py), within the timeout. Otherwise exit 1 with the reason and the agent's last output.
+Exit 0 when the agent is sound: before enrolment, its config loads and every module the agent imports does; once
+enrolled, `midgate-agent` (what the systemd unit runs: `midgate agent run` without the CLI stack) with that config
+says READY=1 on a notify socket, as it does to systemd (edge/agent/systemd_notify.py), within the timeout. Otherwise
+exit 1 with the reason and the agent's last output.
 Usage: python health_check.py CONFIG TIMEOUT_S
 """
 
@@ -18,8 +19,8 @@ from pathlib import Path
 
 
 def ready_within(config: Path, timeout_s: float) -> tuple[bool, str]:
-    """Run `midgate agent run` until READY=1 (True) or its exit or the timeout (False); stop it either way."""
-    midgate = Path(sys.executable).parent / "midgate"
+    """Run `midgate-agent` until READY=1 (True) or its exit or the timeout (False); stop it either way."""
+    agent_command = Path(sys.executable).parent / "midgate-agent"
     with tempfile.TemporaryDirectory() as tmp, socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         address = os.path.join(tmp, "notify")
         sock.bind(address)
@@ -27,7 +28,7 @@ def ready_within(config: Path, timeout_s: float) -> tuple[bool, str]:
         log = Path(tmp) / "agent.log"
         with log.open("wb") as out:
             agent = subprocess.Popen(
-                [str(midgate), "agent", "run", "--config", str(config)],
+                [str(agent_command), "--config", str(config)],
                 env={**os.environ, "NOTIFY_SOCKET": address},
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -56,8 +57,15 @@ def ready_within(config: Path, timeout_s: float) -> tuple[bool, str]:
 
 def main(config: Path, timeout_s: float) -> int:
     try:
+        # Every module the agent needs at its start, and those it imports only when a job starts or the member
+        # page is visited (edge.agent.job_node, edge.agent.member_page): a broken install shows here, not mid-job.
+        import edge.agent.daemon
+        import edge.agent.job_task
+        import edge.agent.member_page_view
+        import edge.agent.run
+        import edge.federated.acceleration.device
+        import edge.federated.supervisor  # noqa: F401
         from edge.agent.config import AgentSettings
-        from edge.agent.daemon import run_agent  # noqa: F401  (every module `agent run` needs at its start)
         from edge.agent.membership import load_memberships
 
         settings = AgentSettings.load(config)
@@ -70,9 +78,9 @@ def main(config: Path, timeout_s: float) -> int:
         return 0
     ready, output = ready_within(config, timeout_s)
     if not ready:
-        print(f"health check: `agent run` was not ready within {timeout_s:.0f} s:\n{output}", file=sys.stderr)
+        print(f"health check: `midgate-agent` was not ready within {timeout_s:.0f} s:\n{output}", file=sys.stderr)
         return 1
-    print("health check: `agent run` is ready")
+    print("health check: `midgate-agent` is ready")
     return 0
 
 

@@ -250,7 +250,7 @@ offer_bridge() {
 }
 
 # Run the installed agent as the service would (same user, same config) until it says READY=1 over a notify
-# socket, or, before enrolment, until it has loaded its config and every module `agent run` imports.
+# socket, or, before enrolment, until it has loaded its config and every module the agent imports.
 health_check() {
   setpriv --reuid="$USER_NAME" --regid="$USER_NAME" --init-groups --reset-env -- "$VENV/bin/python" "$PREFIX/deploy/health_check.py" "$CONF" "$HEALTH_TIMEOUT_S"
 }

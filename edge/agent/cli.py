@@ -39,29 +39,9 @@ def enrol(mid: str = MidOption, invite: str = InviteOption, config: Path | None 
 @app.command()
 def run(config: Path | None = ConfigOption) -> None:
     """Run the agent daemon for every MID this agent belongs to (until SIGTERM/SIGINT)."""
-    import asyncio
-    import logging
-    import signal
+    from edge.agent.run import run_daemon
 
-    from edge.agent.config import AgentSettings
-    from edge.agent.daemon import run_agent
-
-    settings = AgentSettings.load(config)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await run_agent(settings, stop)
-
-    try:
-        import uvloop
-
-        uvloop.run(main())
-    except ImportError:
-        asyncio.run(main())
+    run_daemon(config)
 
 
 # --- member controls (edge.agent.controls.commands): work whether the daemon runs or not ------------------------------

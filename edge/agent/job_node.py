@@ -36,24 +36,27 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
 from edge.agent.controls.decisions import RUN, Decision, DeclineReason
-from edge.agent.job_task import TaskSpecFetch, job_task
 from edge.agent.membership import Membership
 from edge.durable_file import replace_file
-from edge.federated.acceleration.device import accelerated
-from edge.federated.acceleration.warm_executor import WarmExecutor
-from edge.federated.supernode import NodeKey, SuperNodeProcess
-from edge.federated.supervisor import SuperNodeSupervisor
 from edge.sensors.errors import MissingInputsError, TooFewWindowsError
 from edge.sensors.export import WindowSource
 from protocol.envelope import decode, open_envelope
 from protocol.errors import InviteExpiredError, MalformedError, ProtocolError
 from protocol.messages import Nonce, RoundInvitation, usable_sensors
 from protocol.tasks.spec import UnknownTaskError, write_task_file
+
+# What runs a job -- the SuperNode, its supervisor and warm executor, the task's signed spec -- is imported when a job
+# first needs it: an idle agent on a Raspberry Pi hub keeps none of it resident (BENCHMARKS.md, "Raspberry Pi hub").
+if TYPE_CHECKING:
+    from edge.agent.job_task import TaskSpecFetch
+    from edge.federated.acceleration.warm_executor import WarmExecutor
+    from edge.federated.supernode import SuperNodeProcess
+    from edge.federated.supervisor import SuperNodeSupervisor
 
 log = logging.getLogger("midgate.agent.job")
 
@@ -119,6 +122,12 @@ def _every_sensor(task_id: str, usable: tuple[str, ...]) -> tuple[tuple[str, ...
     return None, None
 
 
+def _kept_warm_executor(directory: Path) -> WarmExecutor:
+    from edge.federated.acceleration.warm_executor import WarmExecutor
+
+    return WarmExecutor(directory / "warm", log_path=directory / "warm.log")
+
+
 class JobNode:
     """Owned by one MembershipRunner; all methods run on the agent's event loop."""
 
@@ -149,12 +158,7 @@ class JobNode:
         self.recheck = recheck
         self.flower_acceleration = flower_acceleration
         self.task_specs = task_specs
-        directory = membership.directory
-        self.warm = (
-            WarmExecutor(directory / "warm", log_path=directory / "warm.log")
-            if flower_acceleration and keep_warm_executor
-            else None
-        )
+        self.warm = _kept_warm_executor(membership.directory) if flower_acceleration and keep_warm_executor else None
         self.job: _Job | None = None
         self.refused = 0
         self.declined = 0
@@ -183,6 +187,9 @@ class JobNode:
         return invitation
 
     def _make_process(self, run_dir: Path) -> SuperNodeProcess:
+        from edge.federated.acceleration.device import accelerated
+        from edge.federated.supernode import NodeKey, SuperNodeProcess
+
         record = self.membership.record
         ca = self.membership.superlink_ca_file
         assert ca is not None
@@ -240,6 +247,8 @@ class JobNode:
             self._declined(invitation, fit)
             return
         await self.stop("replaced by a new job")  # one SuperNode per device
+        from edge.federated.supervisor import SuperNodeSupervisor
+
         supervisor = SuperNodeSupervisor(lambda: self._make_process(run_dir))
         await supervisor.__aenter__()
         i = invitation
@@ -263,6 +272,8 @@ class JobNode:
     async def _cut_windows(self, invitation: RoundInvitation, path: Path) -> Decision:
         """Cut the job's windows from the sample store into `path` (in a thread: it reads the whole store), or say
         why the data cannot take part."""
+        from edge.agent.job_task import job_task
+
         mid_key = self.membership.mid_key
         try:
             i = invitation

@@ -17,8 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-
-from rich.table import Table
+from typing import TYPE_CHECKING
 
 from edge.agent.ledger_client import LedgerClient, ProofUnavailableError
 from edge.agent.ledger_view import LedgerView
@@ -32,6 +31,11 @@ from protocol.leaves import Leaf
 from protocol.merkle import leaf_hash, verify_inclusion
 from protocol.topics import MESSAGE_BY_UP_KIND, UpKind
 from protocol.witness import verify_older_checkpoint
+
+# rich only for the command's table: the member page lays receipts out itself, and an agent whose page was visited
+# would keep rich resident (BENCHMARKS.md, "Raspberry Pi hub").
+if TYPE_CHECKING:
+    from rich.table import Table
 
 
 class ReceiptStatus(StrEnum):
@@ -147,6 +151,8 @@ class MembershipReceipts:
         return not self.problems and all(c.status is not ReceiptStatus.REFUSED for c in self.checks)
 
     def table(self) -> Table:
+        from rich.table import Table
+
         title = f"{self.mid}: {len(self.checks)} receipts kept"
         if self.witnessed_size is not None:
             title += f"; latest witnessed checkpoint: size {self.witnessed_size}"

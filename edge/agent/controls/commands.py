@@ -15,8 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-
-from rich.table import Table
+from typing import TYPE_CHECKING
 
 from edge.agent.config import AgentSettings
 from edge.agent.controls.decisions import vote_name
@@ -32,9 +31,13 @@ from edge.agent.controls.watch import describe
 from edge.agent.daemon_status import DaemonStatus, daemon_running, read_daemon_status
 from edge.agent.membership import MEMBERSHIP_FILE, OUTBOX_FILE, load_membership
 from edge.sensors.errors import StoreNotReadyError
-from edge.sensors.readout import health_table
 from edge.sensors.store import SampleStore
 from protocol.errors import ProtocolError
+
+# rich only for the commands' tables: the member page reads vote_states here, and an agent whose page was visited
+# would keep rich resident (BENCHMARKS.md, "Raspberry Pi hub").
+if TYPE_CHECKING:
+    from rich.table import Table
 
 Transition = Callable[[MemberState, int], MemberState]
 
@@ -207,6 +210,8 @@ def _jobs(status: DaemonStatus | None) -> str:
 def agent_table(directories: list[Path]) -> Table:
     """One row per membership: the device, the daemon's connection to the MID's broker (and why it failed), reports
     waiting in the outbox, the latest verified receipt, jobs joined."""
+    from rich.table import Table
+
     table = Table(title="agent")
     for column in ("MID", "device", "connection", "outbox", "last verified receipt", "jobs joined"):
         table.add_column(column, overflow="fold")
@@ -229,6 +234,8 @@ def agent_table(directories: list[Path]) -> Table:
 
 def status_table(directories: list[Path]) -> Table:
     """One row per membership: what the member chose, each strike and where its vote is."""
+    from rich.table import Table
+
     now = now_ms()
     table = Table(title="member controls")
     for column in ("MID", "choices", "since", "strikes"):
@@ -250,6 +257,10 @@ def status_table(directories: list[Path]) -> Table:
 def sensors_table(settings: AgentSettings) -> Table:
     """Each configured sensor's rate, last sample and errors by kind, as the running daemon last wrote them into
     the sample store (read-only: the daemon keeps writing)."""
+    from rich.table import Table
+
+    from edge.sensors.readout import health_table
+
     path = settings.sample_store.path
     if not path.is_file():
         table = Table(title="sensors")
