@@ -34,7 +34,7 @@ class ValuationSettings(BaseModel):
     """How rounds are valued.
 
     - exact_max_players (10, at most 12): exact Shapley up to this many players (2**m loss evaluations; 1,024 at
-      m = 10 is about 13 s for the PLAID model on one core, 4,096 at m = 12 four times that).
+      m = 10 is about 7 s for the PLAID model on one core, 4,096 at m = 12 four times that).
     - sampled_max_players (50): permutation sampling up to this many (at most 25 m evaluations; at m = 50 the
       PLAID model's rounds stop after 3 antithetic pairs, about 290 evaluations); first-order values above, where
       each w_i = 1/m is small enough that the linearisation is accurate (bench/attribution_bench.py measures it
