@@ -18,10 +18,14 @@ Baselines measured in the same run:
   archive and run in its own process, alternating with the current code `--repeats` times; medians shown, ratio
   = REV's seconds / current seconds);
 - accuracy: exact Shapley at n = 10 (1,024 evaluations); sampling at smaller budgets is reported as Spearman rank
-  correlation and max error relative to max |exact value|, and as a fraction of the exact evaluation count.
+  correlation and max error relative to max |exact value|, and as a fraction of the exact evaluation count;
+- sampling at 50 players (the 50-member round: the players a round over 50 members' data is grouped into): a long
+  run without early stop (two seeds of --reference-evaluations / 2, averaged) is the reference; the sampler as
+  ValuationSettings runs it, and the rule before (no early stop within 25 evaluations per player: the rule compared
+  estimates 10 pairs apart from the 20th pair on, beyond that budget) on the same seeds, are compared with it.
 
 Run: .venv/bin/python bench/attribution_bench.py [--sizes 5,10,50,100,1000,1000c] [--seeds 3] [--threads 1]
-     [--baseline-rev 7755380] [--repeats 2] [--recordings 32] [--no-accuracy]
+     [--baseline-rev 7755380] [--repeats 2] [--recordings 32] [--no-accuracy] [--reference-evaluations 4000]
 
 torch runs single-threaded by default: on a shared machine, two intra-op threads under contention made one
 evaluation 3-4x slower than one thread (measured 217-339 ms vs 49-67 ms at load average 8 on 2 cores).
@@ -288,6 +292,58 @@ def accuracy_table(
     print(f"exact values (x1e3), best first: {np.round(exact[order_exact] * 1e3, 3).tolist()}")
 
 
+class RememberedLoss:
+    """The validation loss, each parameter vector evaluated once: runs of one seed share their coalitions (the
+    sampler with early stop evaluates a prefix of what the run without it evaluates), so comparing them costs one."""
+
+    def __init__(self, val: TaskValidationLoss) -> None:
+        self._val = val
+        self._known: dict[bytes, float] = {}
+
+    def __call__(self, flat: np.ndarray) -> float:
+        key = flat.tobytes()
+        if key not in self._known:
+            self._known[key] = self._val(flat)
+        return self._known[key]
+
+
+def sampling_at_50_table(
+    args: argparse.Namespace, val: TaskValidationLoss, global_flat: np.ndarray, base: np.ndarray
+) -> None:
+    print()
+    print(f"sampling at {BASE_MEMBERS} players against a long run without early stop (reference)")
+    updates = members_updates(base, BASE_MEMBERS, seed=BASE_MEMBERS)
+    weights = [1.0 / BASE_MEMBERS] * BASE_MEMBERS
+    settings = ValuationSettings()
+    halves = []
+    for seed in (10_001, 10_002):
+        game = CoalitionGame(val, global_flat, updates, weights)
+        halves.append(
+            sampled_shapley(game, budget=args.reference_evaluations // 2, seed=seed, convergence_tolerance=0.0)
+        )
+    reference = (halves[0].values + halves[1].values) / 2
+    scale = float(np.max(np.abs(reference)))
+    print(
+        f"reference: {sum(h.evaluations for h in halves)} evaluations, {sum(h.pairs for h in halves)} pairs; "
+        f"its two halves agree at Spearman {spearman(halves[0].values, halves[1].values):.4f}, max difference "
+        f"{float(np.max(np.abs(halves[0].values - halves[1].values))) / scale:.4f} of max |value|"
+    )
+    header = ("sampler", "seed", "evaluations", "pairs", "spearman", "max err/max|v|")
+    print(f"{header[0]:>24} {header[1]:>5} {header[2]:>12} {header[3]:>6} {header[4]:>9} {header[5]:>15}")
+    budget = settings.evaluations_per_player * BASE_MEMBERS
+    for seed in range(args.seeds):
+        loss = RememberedLoss(val)
+        for name, tolerance in (("before: no early stop", 0.0), ("now: early stop", settings.convergence_tolerance)):
+            game = CoalitionGame(loss, global_flat, updates, weights)
+            sampled = sampled_shapley(game, budget=budget, seed=seed, convergence_tolerance=tolerance)
+            error = float(np.max(np.abs(sampled.values - reference))) / scale
+            print(
+                f"{name:>24} {seed:>5} {sampled.evaluations:>12} {sampled.pairs:>6} "
+                f"{spearman(reference, sampled.values):>9.4f} {error:>15.4f}",
+                flush=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="5,10,50,100,1000,1000c", help="member counts; 'c': copies of 50 data")
@@ -296,7 +352,10 @@ def main() -> None:
     parser.add_argument("--baseline-rev", default="", help="also value every round with this commit's code")
     parser.add_argument("--repeats", type=int, default=1, help="runs per round and code, alternating; medians")
     parser.add_argument("--recordings", type=int, default=32, help="train recordings per member above 50 members")
-    parser.add_argument("--no-accuracy", action="store_true", help="skip the accuracy table")
+    parser.add_argument("--no-accuracy", action="store_true", help="skip the accuracy tables")
+    parser.add_argument(
+        "--reference-evaluations", type=int, default=4000, help="evaluations of the reference run at 50 players"
+    )
     parser.add_argument("--worker", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -319,6 +378,7 @@ def main() -> None:
     cost_table(args, val, global_flat, base)
     if not args.no_accuracy:
         accuracy_table(args, val, global_flat, base)
+        sampling_at_50_table(args, val, global_flat, base)
 
 
 if __name__ == "__main__":

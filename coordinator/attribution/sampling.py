@@ -7,7 +7,9 @@ Three things keep the number of utility evaluations small:
   marginals are taken as 0 without evaluating them (later players add almost nothing once the model is there);
 - guided, antithetic permutations: pair k starts with player k mod m (so every player is measured early, where
   marginals are large), and each permutation is followed by its reverse, which cancels much of the position noise.
-The standard error per player is computed over antithetic pairs, which are independent of each other.
+The standard error per player is computed over antithetic pairs, which are independent of each other; sampling stops
+as soon as they are small (`_converged`), which at 50 players of the PLAID model is after 3 pairs instead of a whole
+budget of 25 evaluations per player.
 """
 
 from __future__ import annotations
@@ -55,6 +57,26 @@ def _marginals(
     return marginals
 
 
+def _converged(samples: list[npt.NDArray[np.float64]], tolerance: float, min_pairs: int) -> bool:
+    """True when the players' standard errors over the pairs so far are below `tolerance` times the largest
+    |estimate| on average.
+
+    Antithetic pairs are independent, so their spread measures the estimate's error directly (the rule before compared
+    estimates 10 pairs apart, so it could not stop before 20 pairs: about 1,800 evaluations at 50 players). For a
+    quadratic game one pair is exact (a player's marginals in an order and its reverse sum to its Shapley value), and
+    the PLAID model's games are close to it: at 50 players 3 pairs rank the players as 84 pairs do (Spearman 0.999;
+    bench/attribution_bench.py, "sampling at 50 players"). The average, not the largest, because truncation leaves a
+    few players with one large and one zero marginal in a pair (measured: the largest standard error 0.04 of the scale
+    after 3 pairs, 0.02 after 6, while the average was 0.002).
+    """
+    if len(samples) < max(min_pairs, 2):
+        return False
+    stacked = np.asarray(samples)
+    scale = max(float(np.max(np.abs(stacked.mean(axis=0)))), 1e-12)
+    errors = stacked.std(axis=0, ddof=1) / np.sqrt(len(samples))
+    return float(np.mean(errors)) < tolerance * scale
+
+
 def sampled_shapley(
     game: CoalitionGame,
     *,
@@ -63,13 +85,13 @@ def sampled_shapley(
     within_epsilon: float = 0.01,
     between_epsilon: float = 1e-4,
     convergence_tolerance: float = 0.01,
-    min_passes: int = 2,
+    min_pairs: int = 3,
 ) -> SampledValues:
     """Estimate Shapley values within `budget` evaluations (counting U(empty) and U(N)); deterministic for `seed`.
 
     `between_epsilon` is relative to the global model's validation loss; `within_epsilon` relative to |U(N)|.
-    Stops early when the last min(m, 10) pairs changed the estimates by less than `convergence_tolerance` on average
-    (relative to the largest estimate), after at least `min_passes` such checks.
+    Stops early, after each pair from the `min_pairs`-th on, once the players' standard errors are below
+    `convergence_tolerance` times the largest |estimate| on average (0 never stops early).
     """
     m = game.players
     zeros = np.zeros(m)
@@ -80,26 +102,14 @@ def sampled_shapley(
         return SampledValues(zeros, zeros, 0, game.evaluations, True)
     rng = np.random.default_rng(seed)
     samples: list[npt.NDArray[np.float64]] = []
-    previous_estimate: npt.NDArray[np.float64] | None = None
-    # Convergence is checked every `check_every` pairs: a full guided pass for small m, every 10 pairs for large m
-    # (where one pass of m permutations would cost far more than any budget).
-    check_every = min(m, 10)
     try:
-        while game.evaluations < budget:
+        while game.evaluations < budget and not _converged(samples, convergence_tolerance, min_pairs):
             first = len(samples) % m
             rest = [int(p) for p in rng.permutation([p for p in range(m) if p != first])]
             order = [first, *rest]
             forward = _marginals(game, order, grand, within_epsilon, budget)
             backward = _marginals(game, order[::-1], grand, within_epsilon, budget)
             samples.append((forward + backward) / 2)
-            if len(samples) % check_every:
-                continue
-            estimate = np.mean(samples, axis=0)
-            if previous_estimate is not None and len(samples) >= min_passes * check_every:
-                scale = max(float(np.max(np.abs(estimate))), 1e-12)
-                if float(np.mean(np.abs(estimate - previous_estimate))) / scale < convergence_tolerance:
-                    break
-            previous_estimate = estimate
     except _BudgetSpent:
         pass
     if not samples:

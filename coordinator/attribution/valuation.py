@@ -34,13 +34,15 @@ class ValuationSettings(BaseModel):
     """How rounds are valued.
 
     - exact_max_players (10, at most 12): exact Shapley up to this many players (2**m loss evaluations; 1,024 at
-      m = 10 is about 13 s for the PLAID model on one core, 4,096 at m = 12 four times that).
-    - sampled_max_players (50): permutation sampling up to this many (at most 25 m evaluations, about 16 s at
-      m = 50 for the PLAID model); first-order values above, where each w_i = 1/m is small enough that the
-      linearisation is accurate (bench/attribution_bench.py measures it against exact).
+      m = 10 is about 7 s for the PLAID model on one core, 4,096 at m = 12 four times that).
+    - sampled_max_players (50): permutation sampling up to this many (at most 25 m evaluations; at m = 50 the
+      PLAID model's rounds stop after 3 antithetic pairs, about 290 evaluations); first-order values above, where
+      each w_i = 1/m is small enough that the linearisation is accurate (bench/attribution_bench.py measures it
+      against exact).
     - evaluations_per_player (25): sampling budget is this times m loss evaluations (25 % of 2**10 at m = 10).
-    - within_epsilon (0.01), between_epsilon (1e-4), convergence_tolerance (0.01): GTG-Shapley truncation and
-      stopping, see coordinator.attribution.sampling.
+    - within_epsilon (0.01), between_epsilon (1e-4): GTG-Shapley truncation; convergence_tolerance (0.01): sampling
+      stops once the players' standard errors average less than this fraction of the largest value (after at least
+      3 pairs), see coordinator.attribution.sampling.
     - example_count_cap (None): when set, and the coordinator verified each member's example count, weights are the
       verified counts capped at this value (normalised); otherwise every player weighs 1/m. Self-reported counts
       are never used.
