@@ -43,11 +43,13 @@ from coordinator.federation.acceleration import GridAcceleration
 from coordinator.federation.job import (
     TASKS_DIR,
     Aggregation,
+    JobGroup,
     JobOutcome,
     JobRunConfig,
     NodeDropRecord,
     NodeHistory,
     RoundAttribution,
+    SameDataSimilarity,
 )
 from coordinator.federation.strategy.drift_correction import DriftCorrection
 from coordinator.federation.strategy.participation import JobFailedError, Participation
@@ -55,6 +57,7 @@ from coordinator.federation.strategy.selection import NodeSelection
 from coordinator.federation.strategy.update_capture import UpdateCapture
 from coordinator.federation.strategy.valued_aggregation import RoundVerdict, ValuedAggregation
 from coordinator.federation.strategy.weights import AggregationWeighting, RoundWeights
+from protocol.job_attribution import similarity_milli
 from protocol.tasks.arrays import arrays_sha256
 from protocol.tasks.models import build_model, evaluate, load_arrays, model_arrays
 from protocol.tasks.spec import TaskSpec, load_task
@@ -349,10 +352,16 @@ def record_attribution(outcome: JobOutcome, sink: AttributionSink) -> None:
             values={node: to_value_units(value) for node, value in sorted(v.values.items())},
             screens={node: sorted({str(f.reason) for f in flags}) for node, flags in sorted(v.flags.items()) if flags},
             excluded=sorted(node for node, flags in v.flags.items() if any(f.excludes for f in flags)),
+            groups=[list(player) for player in v.players if len(player) > 1],
+            same_data=[
+                SameDataSimilarity(pair=pair, similarity_milli=similarity_milli(s))
+                for pair, s in sorted(v.similarities.items())
+            ],
         )
         for v in sink.valuations
     }
     outcome.attribution_skipped = {r.round: r.reason for r in sink.skipped}
+    outcome.job_groups = [JobGroup(pair=pair, rounds=rounds) for pair, rounds in account.job_groups().items()]
 
 
 def record_refused_config(run_id: int, run_config: Mapping[str, object], error: ValidationError) -> Path | None:
