@@ -17,8 +17,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from protocol.errors import MalformedError
-from protocol.job_log import JobLogRecord, RoundLogRecord
+from protocol.errors import MalformedError, SettlementMismatchError, UnknownJobError
+from protocol.job_log import JobLogRecord, RoundLogRecord, decode_job_record, decode_round_record
+from protocol.leaves import LeafKind, decode_leaf
 
 SIMILARITY_SCALE = 1000
 SAME_DATA_REFERENCE_MILLI = 450
@@ -235,6 +236,44 @@ def check_job_attribution(job: JobLogRecord, rounds: Sequence[RoundLogRecord]) -
                 f" {recomputed.job_groups.get(nodes)}"
             )
     return None
+
+
+def verify_job_attribution(job: JobLogRecord, rounds: Sequence[RoundLogRecord]) -> None:
+    """Raises SettlementMismatchError naming the first difference when the JOB leaf's attribution (what its
+    settlement splits by) is not what its ROUND leaves compute."""
+    difference = check_job_attribution(job, rounds)
+    if difference is not None:
+        raise SettlementMismatchError("the JOB leaf's attribution is not what its ROUND leaves compute",
+                                      job=job.job_id, first_difference=difference)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class JobLeaves:
+    """A job's JOB leaf (and its index in the log) and its ROUND leaves, in log order."""
+
+    index: int
+    job: JobLogRecord
+    rounds: list[RoundLogRecord]
+
+
+def find_job_leaves(leaves: Iterable[tuple[int, bytes]], job_id: str) -> JobLeaves:
+    """The JOB and ROUND leaves of `job_id` among a log's (index, leaf) pairs; UnknownJobError when no JOB leaf
+    names it."""
+    found: tuple[int, JobLogRecord] | None = None
+    rounds = []
+    for index, data in leaves:
+        leaf = decode_leaf(data)
+        if leaf.kind is LeafKind.JOB and found is None:
+            job = decode_job_record(leaf.signed)
+            if job.job_id == job_id:
+                found = (index, job)
+        elif leaf.kind is LeafKind.ROUND:
+            record = decode_round_record(leaf.signed)
+            if record.job_id == job_id:
+                rounds.append(record)
+    if found is None:
+        raise UnknownJobError("no JOB leaf for this job in the log", job=job_id)
+    return JobLeaves(found[0], found[1], rounds)
 
 
 def _pair(a: int, b: int) -> Pair:

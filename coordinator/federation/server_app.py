@@ -33,10 +33,10 @@ from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from pydantic import ValidationError
 
-from coordinator.attribution.history import to_value_units
+from coordinator.attribution.history import AttributionAccount, to_value_units
 from coordinator.attribution.round_sink import AttributionSink
 from coordinator.attribution.task_loss import TaskValidationLoss
-from coordinator.attribution.valuation import ValuationSettings
+from coordinator.attribution.valuation import RoundValuation, ValuationSettings
 from coordinator.capture.directory import CaptureDirectory
 from coordinator.capture.round import UpdateSink
 from coordinator.federation.acceleration import GridAcceleration
@@ -334,9 +334,19 @@ def run_job(grid: Grid, run_id: int, job: JobRunConfig, aggregate: Aggregator = 
 
 
 def record_attribution(outcome: JobOutcome, sink: AttributionSink) -> None:
-    """The job's valuation in its outcome: each node's accumulated value and history, and each round's values and
-    screens (what `serve` logs in the job's ROUND leaves and settles the job by)."""
-    account = sink.account
+    """The job's valuation in its outcome (`record_valuations` of the sink's account and rounds)."""
+    record_valuations(outcome, sink.account, sink.valuations, [(r.round, r.reason) for r in sink.skipped])
+
+
+def record_valuations(
+    outcome: JobOutcome,
+    account: AttributionAccount,
+    valuations: Sequence[RoundValuation],
+    skipped: Sequence[tuple[int, str]] = (),
+) -> None:
+    """The job's valuation in its outcome: each node's accumulated value and history, each round's values, screens,
+    players and same-data similarities, and the job's same-data groups (what `serve` logs in the job's JOB and ROUND
+    leaves and settles the job by)."""
     outcome.attribution = account.attribution_vector()
     outcome.attribution_history = {
         node: NodeHistory(
@@ -358,9 +368,9 @@ def record_attribution(outcome: JobOutcome, sink: AttributionSink) -> None:
                 for pair, s in sorted(v.similarities.items())
             ],
         )
-        for v in sink.valuations
+        for v in valuations
     }
-    outcome.attribution_skipped = {r.round: r.reason for r in sink.skipped}
+    outcome.attribution_skipped = dict(skipped)
     outcome.job_groups = [JobGroup(pair=pair, rounds=rounds) for pair, rounds in account.job_groups().items()]
 
 
