@@ -85,6 +85,8 @@ class AttributionAccount:
         if not 0.0 < self.decay <= 1.0:
             raise MalformedError("decay must be in (0, 1]", decay=self.decay)
         self._evidence = SameDataEvidence(same_data_rules(self.screen_settings))
+        for valued in self._valued:  # an account copied with other settings (dataclasses.replace) judges anew
+            self._evidence.add(valued)
 
     def add(self, valuation: RoundValuation) -> None:
         """Add one round's values. Requires round indexes to be strictly increasing and >= 1."""
