@@ -180,6 +180,12 @@ class RoundLogRecord(CanonicalModel):
             raise ValueError("groups must be sorted node ids, ordered by their first node")
         if [p.nodes for p in self.same_data] != sorted({p.nodes for p in self.same_data}):
             raise ValueError("same_data must be sorted by nodes and unique")
+        admitted = {u.node_id for u in self.updates if not u.excluded}
+        grouped = [node for group in self.groups for node in group]
+        if len(set(grouped)) != len(grouped) or not admitted.issuperset(grouped):
+            raise ValueError("groups must name admitted updates' nodes, each in one group at most")
+        if not {u.node_id for u in self.updates}.issuperset(n for p in self.same_data for n in p.nodes):
+            raise ValueError("same_data must name the round's updates' nodes")
         return self
 
     @model_serializer(mode="wrap")

@@ -238,10 +238,22 @@ def test_leaves_from_before_the_evidence_fields_decode_in_their_bytes() -> None:
         decode_job_record(OLD_JOB_LEAF.replace(b'"job_id"', b'"job_groups":[],"job_id"'))
 
 
-def test_a_logged_pair_names_its_nodes_smaller_first() -> None:
-    evidence = b',"same_data":[{"nodes":["17","11"],"similarity_milli":900}]'
+@pytest.mark.parametrize(
+    "evidence",
+    [
+        b',"same_data":[{"nodes":["17","11"],"similarity_milli":900}]',  # smaller node first
+        b',"same_data":[{"nodes":["11","17"],"similarity_milli":900}]',  # node 17 sent no update this round
+        b',"same_data":[{"nodes":["11","11"],"similarity_milli":900}]',
+    ],
+)
+def test_a_logged_pair_names_two_of_the_round_s_nodes_smaller_first(evidence: bytes) -> None:
     with pytest.raises(MalformedError):
         decode_round_record(OLD_ROUND_LEAF.replace(b',"schema_id"', evidence + b',"schema_id"'))
+
+
+def test_a_logged_group_names_admitted_nodes() -> None:
+    with pytest.raises(MalformedError):
+        decode_round_record(OLD_ROUND_LEAF.replace(b'"global_sha256"', b'"groups":[["11","17"]],"global_sha256"'))
 
 
 def test_the_ledger_check_runs_the_screens_default_thresholds() -> None:
