@@ -16,9 +16,9 @@ part lets a buyer check that the model it holds is the one the version names.
 from __future__ import annotations
 
 import re
-from typing import Annotated, ClassVar, Literal, TypeVar
+from typing import Annotated, ClassVar, Literal, Self, TypeVar
 
-from pydantic import Field, ValidationError
+from pydantic import Field, SerializerFunctionWrapHandler, ValidationError, model_serializer, model_validator
 
 from protocol.errors import MalformedError, TooLargeError
 from protocol.leaves import MAX_SIGNED_SIZE
@@ -57,9 +57,28 @@ class MemberValue(CanonicalModel):
     screens: ScreenReasons = ()
 
 
+class JobGroupEntry(CanonicalModel):
+    """A job group: a pair of the job's nodes (smaller id first) whose same-data evidence over the job's rounds
+    reached the threshold (protocol/job_attribution.py), their members, and the valued rounds in which the pair was
+    paid as one member."""
+
+    nodes: tuple[U64, U64]
+    members: tuple[Ident, Ident]
+    rounds: Annotated[tuple[int, ...], Field(max_length=10_000)]
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.nodes[0] >= self.nodes[1]:
+            raise ValueError("a job group's nodes must be two, smaller id first")
+        if list(self.rounds) != sorted(set(self.rounds)) or any(r < 1 for r in self.rounds):
+            raise ValueError("a job group's rounds must be increasing round numbers")
+        return self
+
+
 class JobLogRecord(CanonicalModel):
     """The body of a JOB leaf. `model_version` and `final_model_sha256` are set only for a completed job;
-    `attribution` is empty for a job run without attribution."""
+    `attribution` is empty for a job run without attribution. `job_groups` (left out of the encoding when empty, so a
+    leaf from before it keeps its bytes) names the job's same-data groups, sorted by nodes."""
 
     SCHEMA: ClassVar[str] = "midgate.job.v1"
     schema_id: Literal["midgate.job.v1"] = "midgate.job.v1"
@@ -80,6 +99,18 @@ class JobLogRecord(CanonicalModel):
     model_version: ModelVersion | None = None
     final_validation: dict[ShortText, Measurement] = Field(default_factory=dict, max_length=16)
     attribution: tuple[MemberValue, ...] = Field(default=(), max_length=100_000)
+    job_groups: tuple[JobGroupEntry, ...] = Field(default=(), max_length=100_000)
+
+    @model_validator(mode="after")
+    def _groups_sorted(self) -> Self:
+        nodes = [g.nodes for g in self.job_groups]
+        if nodes != sorted(set(nodes)):
+            raise ValueError("job_groups must be sorted by nodes and unique")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_job_groups_when_none(self, handler: SerializerFunctionWrapHandler) -> object:
+        return _without_empty(handler(self), "job_groups")
 
 
 class RoundUpdateEntry(CanonicalModel):
@@ -105,9 +136,26 @@ class RoundDropEntry(CanonicalModel):
     detail: ShortText = ""
 
 
+class RoundSameDataPair(CanonicalModel):
+    """A pair of the round's nodes (smaller id first) whose same-data similarity the screens reported, in integer
+    milli-units (rounded half to even): the evidence the job's grouping adds up (protocol/job_attribution.py)."""
+
+    nodes: tuple[U64, U64]
+    similarity_milli: int = Field(ge=-1000, le=1000)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.nodes[0] >= self.nodes[1]:
+            raise ValueError("a same-data pair's nodes must be two, smaller id first")
+        return self
+
+
 class RoundLogRecord(CanonicalModel):
     """The body of a ROUND leaf. `valuation` is the method that valued it (`exact`, `sampled`, `first_order`,
-    `none`), or empty with `skipped` saying why it was not valued."""
+    `none`), or empty with `skipped` saying why it was not valued. `groups` are the round's players of more than one
+    node (each sorted, ordered by their first node) and `same_data` the similarities its screens reported (sorted by
+    nodes): with the updates' values, all a job's settlement reads of the round. Both are left out of the encoding
+    when empty, so a leaf from before them keeps its bytes."""
 
     SCHEMA: ClassVar[str] = "midgate.round.v1"
     schema_id: Literal["midgate.round.v1"] = "midgate.round.v1"
@@ -119,6 +167,39 @@ class RoundLogRecord(CanonicalModel):
     drops: tuple[RoundDropEntry, ...] = Field(max_length=100_000)
     valuation: ShortText = ""
     skipped: ShortText = ""
+    groups: tuple[Annotated[tuple[U64, ...], Field(min_length=2, max_length=100_000)], ...] = Field(
+        default=(), max_length=100_000
+    )
+    same_data: tuple[RoundSameDataPair, ...] = Field(default=(), max_length=100_000)
+
+    @model_validator(mode="after")
+    def _evidence_sorted(self) -> Self:
+        if any(list(g) != sorted(set(g)) for g in self.groups) or [g[0] for g in self.groups] != sorted(
+            {g[0] for g in self.groups}
+        ):
+            raise ValueError("groups must be sorted node ids, ordered by their first node")
+        if [p.nodes for p in self.same_data] != sorted({p.nodes for p in self.same_data}):
+            raise ValueError("same_data must be sorted by nodes and unique")
+        admitted = {u.node_id for u in self.updates if not u.excluded}
+        grouped = [node for group in self.groups for node in group]
+        if len(set(grouped)) != len(grouped) or not admitted.issuperset(grouped):
+            raise ValueError("groups must name admitted updates' nodes, each in one group at most")
+        if not {u.node_id for u in self.updates}.issuperset(n for p in self.same_data for n in p.nodes):
+            raise ValueError("same_data must name the round's updates' nodes")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_evidence_when_none(self, handler: SerializerFunctionWrapHandler) -> object:
+        return _without_empty(handler(self), "groups", "same_data")
+
+
+def _without_empty(dumped: object, *names: str) -> object:
+    """A dump without the named fields when they are empty: fields added later keep older leaves' bytes."""
+    if isinstance(dumped, dict):
+        for name in names:
+            if not dumped.get(name, True):
+                dumped.pop(name)
+    return dumped
 
 
 def decode_job_record(data: bytes) -> JobLogRecord:

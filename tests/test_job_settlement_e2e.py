@@ -1,12 +1,13 @@
 """A job ends in attribution and a settlement, on real processes: Mosquitto + `coordinator serve` (its SuperLink, its
 buyer API) + 3 enrolled `agent run`s replaying PLAID. `midgate coordinator job start` runs a job with only a task,
 its rounds and the devices' defaults (attribution on: the task's recipe), `serve` logs it as a JOB leaf and a ROUND
-leaf per round, `midgate coordinator job settle` records the buyer's payment and `serve` appends its SETTLEMENT leaf,
-`job show` prints the model version, and a buyer's signed revenue report for that version is split as a ROYALTY leaf
-while one for an unknown version is refused `unknown_model`. `serve` logged its policy as the first POLICY leaf;
-`midgate coordinator job manifest` issues the job's signed provenance manifest, the real `midgate buyer verify-model`
-verifies it offline with only the MID's key and refuses another model file, and a revenue report naming the model by
-its manifest (`manifest:<sha256>`) is split by the same attribution.
+leaf per round (from which `midgate ledger recompute-job` reproduces the JOB leaf's attribution), `midgate
+coordinator job settle` records the buyer's payment and `serve` appends its SETTLEMENT leaf, `job show` prints the
+model version, and a buyer's signed revenue report for that version is split as a ROYALTY leaf while one for an
+unknown version is refused `unknown_model`. `serve` logged its policy as the first POLICY leaf; `midgate coordinator
+job manifest` issues the job's signed provenance manifest, the real `midgate buyer verify-model` verifies it
+offline with only the MID's key and refuses another model file, and a revenue report naming the model by its manifest
+(`manifest:<sha256>`) is split by the same attribution.
 
 The members' side of the same money: a member who turns its knob (`agent knob set`) while the job runs is paid at
 the knob the job started with, and the buyer's next quote (`buyer job request`, `buyer job quote`) prices it at the
@@ -150,6 +151,9 @@ def test_a_job_is_valued_logged_settled_and_its_model_version_earns_royalties(me
                 (u.node_id, u.update_sha256) for u in captured.updates
             }
             assert all(u.value_units is not None for u in rnd.updates)
+        # Anyone holding the ledger redoes the JOB leaf's attribution from its ROUND leaves (the real command).
+        recomputed = midgate("ledger", "recompute-job", JOB, "--db", str(stack.data_dir / "ledger.sqlite"))
+        assert recomputed == "ok\n", recomputed
 
         # The operator records the buyer's payment; serve settles it under the MID's policy.
         settled = midgate(

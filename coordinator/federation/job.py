@@ -162,9 +162,19 @@ class NodeDropRecord(BaseModel):
     detail: str = ""
 
 
+class SameDataSimilarity(BaseModel):
+    """A pair of node ids (as text) the round's screens reported alike, and its similarity in milli-units."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    pair: tuple[str, str]
+    similarity_milli: int
+
+
 class RoundAttribution(BaseModel):
     """One valued round: the method, and per node id (as text, like JSON object keys) its value in nano-units
-    (undecayed), the screens that flagged it and whether one of them excluded it."""
+    (undecayed), the screens that flagged it and whether one of them excluded it; the round's players of more than
+    one node (`groups`) and the same-data similarities its screens reported: what the job's settlement read of it."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -172,6 +182,17 @@ class RoundAttribution(BaseModel):
     values: dict[str, int] = Field(default_factory=dict)
     screens: dict[str, list[str]] = Field(default_factory=dict)
     excluded: list[str] = Field(default_factory=list)
+    groups: list[list[str]] = Field(default_factory=list)
+    same_data: list[SameDataSimilarity] = Field(default_factory=list)
+
+
+class JobGroup(BaseModel):
+    """A job pair of node ids (as text) and the valued rounds in which it was paid as one member."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    pair: tuple[str, str]
+    rounds: list[int]
 
 
 class NodeHistory(BaseModel):
@@ -208,6 +229,7 @@ class JobOutcome(BaseModel):
     attribution_history: dict[str, NodeHistory] = Field(default_factory=dict)  # node id -> its rounds and screens
     attribution_rounds: dict[int, RoundAttribution] = Field(default_factory=dict)  # round -> its valuation
     attribution_skipped: dict[int, str] = Field(default_factory=dict)
+    job_groups: list[JobGroup] = Field(default_factory=list)  # the job's same-data pairs (history.job_groups)
     seconds: float = 0.0
 
     def write(self, directory: Path) -> Path:

@@ -32,7 +32,7 @@ from typing import TypeVar
 
 from coordinator.capture.directory import capture_summary_path, read_round_summary
 from coordinator.capture.round import RoundCapture
-from coordinator.federation.job import JobOutcome
+from coordinator.federation.job import JobOutcome, RoundAttribution
 from coordinator.federation.job_start import JobBook, JobRecord
 from coordinator.ledger.store import LedgerReader, LedgerStore
 from coordinator.royalties.ledger_records import settle_logged_job, settlement_record_id
@@ -41,10 +41,12 @@ from coordinator.royalties.settlement import decode_record
 from protocol.errors import MalformedError, ProtocolError
 from protocol.job_log import (
     JobDeviceEntry,
+    JobGroupEntry,
     JobLogRecord,
     MemberValue,
     RoundDropEntry,
     RoundLogRecord,
+    RoundSameDataPair,
     RoundUpdateEntry,
     decode_job_record,
 )
@@ -100,6 +102,7 @@ def job_log_records(record: JobRecord, jobs_dir: Path) -> tuple[JobLogRecord, li
         model_version=record.model_version,
         final_validation={k: v for k, v in outcome.final_validation.items() if math.isfinite(v) and v >= 0},
         attribution=_member_values(outcome, lambda node: device_of(node)[1]),
+        job_groups=_job_groups(outcome, lambda node: device_of(node)[1]),
     )
     rounds = []
     server_round = 1
@@ -130,6 +133,39 @@ def _member_values(outcome: JobOutcome, member_of: Callable[[str], str]) -> tupl
     )
 
 
+def _job_groups(outcome: JobOutcome, member_of: Callable[[str], str]) -> tuple[JobGroupEntry, ...]:
+    """The job's same-data pairs by node id, smaller first, with their members and the rounds paid as one."""
+    entries = []
+    for group in outcome.job_groups:
+        first, second = sorted(int(node) for node in group.pair)
+        entries.append(
+            JobGroupEntry(
+                nodes=(first, second),
+                members=(member_of(str(first)), member_of(str(second))),
+                rounds=tuple(group.rounds),
+            )
+        )
+    return tuple(sorted(entries, key=lambda entry: entry.nodes))
+
+
+NodeGroups = tuple[tuple[int, ...], ...]
+
+
+def _round_evidence(valued: RoundAttribution | None) -> tuple[NodeGroups, tuple[RoundSameDataPair, ...]]:
+    """A valued round's players of more than one node and its same-data similarities, by node id in the ROUND
+    leaf's order (what the job's settlement read of the round)."""
+    if valued is None:
+        return (), ()
+    groups = sorted(tuple(sorted(int(node) for node in group)) for group in valued.groups)
+    pairs = [RoundSameDataPair(nodes=_node_pair(s.pair), similarity_milli=s.similarity_milli) for s in valued.same_data]
+    return tuple(groups), tuple(sorted(pairs, key=lambda pair: pair.nodes))
+
+
+def _node_pair(pair: tuple[str, str]) -> tuple[int, int]:
+    first, second = sorted(int(node) for node in pair)
+    return first, second
+
+
 def _round_record(
     record: JobRecord, outcome: JobOutcome, capture: RoundCapture, device_of: Callable[[int | str], tuple[str, str]]
 ) -> RoundLogRecord:
@@ -155,6 +191,7 @@ def _round_record(
         RoundDropEntry(device=invited.get(d.node_id), node_id=d.node_id, reason=str(d.reason), detail=d.detail[:_TEXT])
         for d in capture.drops
     )
+    groups, same_data = _round_evidence(valued)
     skipped = ""
     if valued is None:
         skipped = outcome.attribution_skipped.get(capture.round, "") or (
@@ -169,6 +206,8 @@ def _round_record(
         drops=drops,
         valuation="" if valued is None else valued.method,
         skipped=skipped[:_TEXT],
+        groups=groups,
+        same_data=same_data,
     )
 
 

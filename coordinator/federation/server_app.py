@@ -33,21 +33,23 @@ from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from pydantic import ValidationError
 
-from coordinator.attribution.history import to_value_units
+from coordinator.attribution.history import AttributionAccount, to_value_units
 from coordinator.attribution.round_sink import AttributionSink
 from coordinator.attribution.task_loss import TaskValidationLoss
-from coordinator.attribution.valuation import ValuationSettings
+from coordinator.attribution.valuation import RoundValuation, ValuationSettings
 from coordinator.capture.directory import CaptureDirectory
 from coordinator.capture.round import UpdateSink
 from coordinator.federation.acceleration import GridAcceleration
 from coordinator.federation.job import (
     TASKS_DIR,
     Aggregation,
+    JobGroup,
     JobOutcome,
     JobRunConfig,
     NodeDropRecord,
     NodeHistory,
     RoundAttribution,
+    SameDataSimilarity,
 )
 from coordinator.federation.strategy.drift_correction import DriftCorrection
 from coordinator.federation.strategy.participation import JobFailedError, Participation
@@ -55,6 +57,7 @@ from coordinator.federation.strategy.selection import NodeSelection
 from coordinator.federation.strategy.update_capture import UpdateCapture
 from coordinator.federation.strategy.valued_aggregation import RoundVerdict, ValuedAggregation
 from coordinator.federation.strategy.weights import AggregationWeighting, RoundWeights
+from protocol.job_attribution import similarity_milli
 from protocol.tasks.arrays import arrays_sha256
 from protocol.tasks.models import build_model, evaluate, load_arrays, model_arrays
 from protocol.tasks.spec import TaskSpec, load_task
@@ -331,9 +334,19 @@ def run_job(grid: Grid, run_id: int, job: JobRunConfig, aggregate: Aggregator = 
 
 
 def record_attribution(outcome: JobOutcome, sink: AttributionSink) -> None:
-    """The job's valuation in its outcome: each node's accumulated value and history, and each round's values and
-    screens (what `serve` logs in the job's ROUND leaves and settles the job by)."""
-    account = sink.account
+    """The job's valuation in its outcome (`record_valuations` of the sink's account and rounds)."""
+    record_valuations(outcome, sink.account, sink.valuations, [(r.round, r.reason) for r in sink.skipped])
+
+
+def record_valuations(
+    outcome: JobOutcome,
+    account: AttributionAccount,
+    valuations: Sequence[RoundValuation],
+    skipped: Sequence[tuple[int, str]] = (),
+) -> None:
+    """The job's valuation in its outcome: each node's accumulated value and history, each round's values, screens,
+    players and same-data similarities, and the job's same-data groups (what `serve` logs in the job's JOB and ROUND
+    leaves and settles the job by)."""
     outcome.attribution = account.attribution_vector()
     outcome.attribution_history = {
         node: NodeHistory(
@@ -349,10 +362,16 @@ def record_attribution(outcome: JobOutcome, sink: AttributionSink) -> None:
             values={node: to_value_units(value) for node, value in sorted(v.values.items())},
             screens={node: sorted({str(f.reason) for f in flags}) for node, flags in sorted(v.flags.items()) if flags},
             excluded=sorted(node for node, flags in v.flags.items() if any(f.excludes for f in flags)),
+            groups=[list(player) for player in v.players if len(player) > 1],
+            same_data=[
+                SameDataSimilarity(pair=pair, similarity_milli=similarity_milli(s))
+                for pair, s in sorted(v.similarities.items())
+            ],
         )
-        for v in sink.valuations
+        for v in valuations
     }
-    outcome.attribution_skipped = {r.round: r.reason for r in sink.skipped}
+    outcome.attribution_skipped = dict(skipped)
+    outcome.job_groups = [JobGroup(pair=pair, rounds=rounds) for pair, rounds in account.job_groups().items()]
 
 
 def record_refused_config(run_id: int, run_config: Mapping[str, object], error: ValidationError) -> Path | None:

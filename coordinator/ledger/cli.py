@@ -1,7 +1,8 @@
 """`midgate ledger` commands.
 
 Offline checks take their inputs in the C2SP text formats (tlog-checkpoint, tlog-proof, tlog-witness add-checkpoint
-body), so any tool can produce them. Exit codes: 0 and `ok` when valid, 1 and the reason when not, 2 on usage errors.
+body), so any tool can produce them. `recompute-job` redoes a JOB leaf's attribution from its ROUND leaves
+(protocol/job_attribution.py). Exit codes: 0 and `ok` when valid, 1 and the reason when not, 2 on usage errors.
 """
 
 from __future__ import annotations
@@ -213,3 +214,24 @@ def verify_consistency_cmd(
     except ProtocolError as exc:
         raise _fail(exc) from None
     _ok(f"size {accepted.checkpoint.size} extends the trusted size {old_size}")
+
+
+@app.command("recompute-job")
+def recompute_job(
+    job_id: Annotated[str, typer.Argument(help="the job id of a JOB leaf")],
+    db: Annotated[Path, typer.Option("--db", exists=True, dir_okay=False, readable=True, help="ledger file")],
+) -> None:
+    """Recompute a JOB leaf's attribution and job groups from the job's ROUND leaves alone (integer arithmetic, the
+    settlement's own rules) and name the first difference."""
+    from protocol.job_attribution import find_job_leaves, verify_job_attribution
+
+    try:
+        with LedgerReader.open_existing(db) as ledger:
+            found = find_job_leaves(ledger.leaves(0, ledger.size), job_id)
+        verify_job_attribution(found.job, found.rounds)
+    except ProtocolError as exc:
+        raise _fail(exc) from None
+    _ok(
+        f"leaf {found.index}: job {job_id}'s attribution ({len(found.job.attribution)} members,"
+        f" {len(found.job.job_groups)} job groups) reproduces from its {len(found.rounds)} ROUND leaves"
+    )

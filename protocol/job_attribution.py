@@ -1,0 +1,281 @@
+"""A job's same-data groups and settled values in integer arithmetic, and their recomputation from the ledger.
+
+The coordinator's account (coordinator/attribution/history.py) settles a job with these functions, over each
+round's values in nano-units and its same-data similarities in milli-units, exactly as the job's ROUND leaves log
+them (protocol/job_log.py). So anyone holding a job's JOB and ROUND leaves redoes the settlement with the same
+integers (`check_job_attribution`, `midgate ledger recompute-job`) and gets the JOB leaf's values or a difference.
+
+The rules (docs/attribution.md, section 1): each round, a pair's similarity s adds s - reference to a running sum
+that never drops below 0 (a CUSUM); a pair whose sum reaches `evidence` anywhere in the job is a job pair. In every
+valued round where both were admitted and s >= `persisting` it is linked, and every connected set of the round's
+players and links of more than one member is paid as one member: it keeps its most valuable player's value, the
+excess taken from its members valued above 0 in proportion (floored), negative values left as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from protocol.errors import MalformedError, SettlementMismatchError, UnknownJobError
+from protocol.job_log import JobLogRecord, RoundLogRecord, decode_job_record, decode_round_record
+from protocol.leaves import LeafKind, decode_leaf
+
+SIMILARITY_SCALE = 1000
+SAME_DATA_REFERENCE_MILLI = 450
+SAME_DATA_EVIDENCE_MILLI = 300
+SAME_DATA_PERSISTING_MILLI = 420
+
+Pair = tuple[str, str]
+
+
+def similarity_milli(similarity: float) -> int:
+    """A similarity in integer milli-units, rounded half to even: the form the ledger logs and the CUSUM adds."""
+    return round(similarity * SIMILARITY_SCALE)
+
+
+@dataclass(frozen=True)
+class SameDataRules:
+    """The job-level grouping's thresholds in milli-units (coordinator ScreenSettings: same_data_reference,
+    same_data_evidence, same_data_persisting). The defaults are what `job start` runs; a reference of 1000 turns the
+    grouping off."""
+
+    reference_milli: int = SAME_DATA_REFERENCE_MILLI
+    evidence_milli: int = SAME_DATA_EVIDENCE_MILLI
+    persisting_milli: int = SAME_DATA_PERSISTING_MILLI
+
+    @property
+    def enabled(self) -> bool:
+        return self.reference_milli < SIMILARITY_SCALE
+
+
+@dataclass(frozen=True)
+class ValuedRound:
+    """One valued round: every member's value (nano-units, undecayed), the players the screens admitted (a tuple of
+    more than one member is one player) and the same-data similarities they reported, by sorted member pair."""
+
+    round_index: int
+    values: Mapping[str, int]
+    players: Sequence[tuple[str, ...]]
+    similarities: Mapping[Pair, int] = field(default_factory=dict)
+
+    def admitted(self) -> set[str]:
+        return {member for player in self.players for member in player}
+
+
+def cusum_step(running: int, largest: int, similarity: int, reference: int) -> tuple[int, int]:
+    """One round of a pair's evidence: the CUSUM max(0, S + similarity - reference) and the largest it reached."""
+    running = max(0, running + similarity - reference)
+    return running, max(largest, running)
+
+
+@dataclass
+class SameDataEvidence:
+    """Per pair with any evidence so far: (the running CUSUM, the largest it reached), in milli-units."""
+
+    rules: SameDataRules = field(default_factory=SameDataRules)
+    sums: dict[Pair, tuple[int, int]] = field(default_factory=dict)
+
+    def add(self, valued: ValuedRound) -> None:
+        """Add one round; a round in which a pair was not both admitted leaves it as it is."""
+        if not self.rules.enabled:
+            return
+        admitted = valued.admitted()
+        for pair in set(self.sums) | set(valued.similarities):
+            if pair[0] in admitted and pair[1] in admitted:
+                running, largest = self.sums.get(pair, (0, 0))
+                running, largest = cusum_step(
+                    running, largest, valued.similarities.get(pair, 0), self.rules.reference_milli
+                )
+                if running > 0 or largest >= self.rules.evidence_milli:
+                    self.sums[pair] = (running, largest)
+                else:  # back where a pair without evidence starts: nothing to remember
+                    self.sums.pop(pair, None)
+
+    def job_pairs(self) -> list[Pair]:
+        """Pairs whose evidence reached `evidence_milli`, sorted."""
+        return sorted(pair for pair, (_, largest) in self.sums.items() if largest >= self.rules.evidence_milli)
+
+
+def linked(pair: Pair, valued: ValuedRound, rules: SameDataRules) -> bool:
+    """Whether a job pair is paid as one member in this round: both admitted, similarity at least `persisting`."""
+    admitted = valued.admitted()
+    return pair[0] in admitted and pair[1] in admitted and valued.similarities.get(pair, 0) >= rules.persisting_milli
+
+
+def paid_as_one(valued: ValuedRound, pairs: Sequence[Pair], rules: SameDataRules) -> list[tuple[str, ...]]:
+    """The round's sets of more than one member paid as one member: its players joined by the linked job pairs;
+    each sorted, ordered by their first member."""
+    links = [(player[0], member) for player in valued.players for member in player[1:]]
+    links += [pair for pair in pairs if linked(pair, valued, rules)]
+    return [group for group in _components(sorted(valued.admitted()), links) if len(group) > 1]
+
+
+def settled_round(valued: ValuedRound, groups: Iterable[tuple[str, ...]]) -> dict[str, int]:
+    """The round's values with each set in `groups` paid as one member."""
+    values = dict(valued.values)
+    for group in groups:
+        values.update(_one_member(group, valued))
+    return values
+
+
+def settle_rounds(rounds: Sequence[ValuedRound], rules: SameDataRules) -> tuple[list[Pair], list[dict[str, int]]]:
+    """The job pairs of a whole job and each round's settled values (undecayed, in the rounds' order)."""
+    evidence = SameDataEvidence(rules)
+    for valued in rounds:
+        evidence.add(valued)
+    pairs = evidence.job_pairs()
+    return pairs, [settled_round(valued, paid_as_one(valued, pairs, rules)) for valued in rounds]
+
+
+def _one_member(group: tuple[str, ...], valued: ValuedRound) -> dict[str, int]:
+    """A set paid as one member: what it earned above its most valuable player (a player of several members already
+    weighs as one) is taken from its members valued above 0, in proportion, floored. A value is never raised."""
+    inside = set(group)
+    largest = max(sum(valued.values[m] for m in player) for player in valued.players if inside.intersection(player))
+    values = {member: valued.values[member] for member in group}
+    excess = sum(values.values()) - largest
+    positive = sum(v for v in values.values() if v > 0)
+    if excess <= 0 or positive <= 0:
+        return values
+    kept = positive - excess
+    return {member: v * kept // positive if v > 0 else v for member, v in values.items()}
+
+
+def _components(members: list[str], links: list[Pair]) -> list[tuple[str, ...]]:
+    parent = {m: m for m in members}
+
+    def root(x: str) -> str:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in links:
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    grouped: dict[str, list[str]] = {}
+    for m in members:
+        grouped.setdefault(root(m), []).append(m)
+    return sorted((tuple(sorted(g)) for g in grouped.values()), key=lambda g: g[0])
+
+
+# --- From the ledger: a job's JOB leaf against its ROUND leaves --------------------------------------------------
+
+
+def valued_round(record: RoundLogRecord) -> ValuedRound | None:
+    """What the settlement used of a ROUND leaf, members named by node id (the account's players are the job's
+    Flower nodes); None for a round not valued."""
+    if not record.valuation:
+        return None
+    values = {str(u.node_id): u.value_units or 0 for u in record.updates}
+    grouped = {node for group in record.groups for node in group}
+    singles: list[tuple[str, ...]] = [
+        (str(u.node_id),) for u in record.updates if not u.excluded and u.node_id not in grouped
+    ]
+    return ValuedRound(
+        round_index=record.round,
+        values=values,
+        players=[tuple(str(n) for n in group) for group in record.groups] + singles,
+        similarities={_pair(p.nodes[0], p.nodes[1]): p.similarity_milli for p in record.same_data},
+    )
+
+
+@dataclass(frozen=True)
+class RecomputedJob:
+    """A JOB leaf's attribution as its ROUND leaves give it: per member (value units, rounds, excluded rounds) and
+    the job groups (node pair, smaller first -> its members and the rounds it was paid as one)."""
+
+    members: dict[str, tuple[int, int, int]]
+    job_groups: dict[tuple[int, int], tuple[tuple[str, str], tuple[int, ...]]]
+
+
+def recompute_job_attribution(
+    job: JobLogRecord, rounds: Sequence[RoundLogRecord], rules: SameDataRules | None = None
+) -> RecomputedJob:
+    """The attribution of `job` recomputed from its ROUND leaves alone (plain sum over rounds: `job start` runs its
+    account at decay 1). Requires the rounds to be the job's, each once."""
+    rules = rules or SameDataRules()
+    ordered = sorted(rounds, key=lambda r: r.round)
+    if any(r.job_id != job.job_id for r in ordered) or len({r.round for r in ordered}) != len(ordered):
+        raise MalformedError("not the job's ROUND leaves, each once", job=job.job_id)
+    member_of = {str(u.node_id): u.member for r in ordered for u in r.updates}
+    valued = [v for v in map(valued_round, ordered) if v is not None]
+    pairs, settled = settle_rounds(valued, rules)
+    members: dict[str, tuple[int, int, int]] = {}
+    for round_values, record in zip(settled, (r for r in ordered if r.valuation), strict=True):
+        excluded = {str(u.node_id) for u in record.updates if u.excluded}
+        for node, units in round_values.items():
+            value, count, out = members.get(member_of[node], (0, 0, 0))
+            members[member_of[node]] = (value + units, count + 1, out + (node in excluded))
+    groups = {}
+    for a, b in pairs:
+        nodes = (min(int(a), int(b)), max(int(a), int(b)))
+        rounds_linked = tuple(v.round_index for v in valued if linked((a, b), v, rules))
+        groups[nodes] = ((member_of[str(nodes[0])], member_of[str(nodes[1])]), rounds_linked)
+    return RecomputedJob(members=dict(sorted(members.items())), job_groups=dict(sorted(groups.items())))
+
+
+def check_job_attribution(job: JobLogRecord, rounds: Sequence[RoundLogRecord]) -> str | None:
+    """The first difference between the JOB leaf's attribution and job groups and what its ROUND leaves give, or
+    None when they agree."""
+    recomputed = recompute_job_attribution(job, rounds)
+    logged = {m.member: (m.value_units, m.rounds, m.excluded_rounds) for m in job.attribution}
+    for member in sorted(set(logged) | set(recomputed.members)):
+        if logged.get(member) != recomputed.members.get(member):
+            return (
+                f"member {member}: the JOB leaf has (value_units, rounds, excluded_rounds) {logged.get(member)}, its"
+                f" ROUND leaves give {recomputed.members.get(member)}"
+            )
+    groups = {g.nodes: (g.members, g.rounds) for g in job.job_groups}
+    for nodes in sorted(set(groups) | set(recomputed.job_groups)):
+        if groups.get(nodes) != recomputed.job_groups.get(nodes):
+            return (
+                f"job group {nodes}: the JOB leaf has (members, rounds) {groups.get(nodes)}, its ROUND leaves give"
+                f" {recomputed.job_groups.get(nodes)}"
+            )
+    return None
+
+
+def verify_job_attribution(job: JobLogRecord, rounds: Sequence[RoundLogRecord]) -> None:
+    """Raises SettlementMismatchError naming the first difference when the JOB leaf's attribution (what its
+    settlement splits by) is not what its ROUND leaves compute."""
+    difference = check_job_attribution(job, rounds)
+    if difference is not None:
+        raise SettlementMismatchError("the JOB leaf's attribution is not what its ROUND leaves compute",
+                                      job=job.job_id, first_difference=difference)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class JobLeaves:
+    """A job's JOB leaf (and its index in the log) and its ROUND leaves, in log order."""
+
+    index: int
+    job: JobLogRecord
+    rounds: list[RoundLogRecord]
+
+
+def find_job_leaves(leaves: Iterable[tuple[int, bytes]], job_id: str) -> JobLeaves:
+    """The JOB and ROUND leaves of `job_id` among a log's (index, leaf) pairs; UnknownJobError when no JOB leaf
+    names it."""
+    found: tuple[int, JobLogRecord] | None = None
+    rounds = []
+    for index, data in leaves:
+        leaf = decode_leaf(data)
+        if leaf.kind is LeafKind.JOB and found is None:
+            job = decode_job_record(leaf.signed)
+            if job.job_id == job_id:
+                found = (index, job)
+        elif leaf.kind is LeafKind.ROUND:
+            record = decode_round_record(leaf.signed)
+            if record.job_id == job_id:
+                rounds.append(record)
+    if found is None:
+        raise UnknownJobError("no JOB leaf for this job in the log", job=job_id)
+    return JobLeaves(found[0], found[1], rounds)
+
+
+def _pair(a: int, b: int) -> Pair:
+    first, second = sorted((str(a), str(b)))
+    return first, second
