@@ -34,7 +34,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -162,45 +162,51 @@ class DeviceSampler:
         }
 
 
-def one_job(rounds: int, limit_mb: int | None) -> dict[str, object]:
+def one_job(rounds: int, limit_mb: int | None, timeout_s: float) -> dict[str, object]:
     """In a child whose sys.path starts with the tree under test: the stack, the job, device m0 sampled (inside a
     memory group of `limit_mb` when given); the figures, and whether the job completed."""
     from fl_stack import finished_job, start_federated_coordinator, start_job, start_plaid_agents, stopping_federation
-    from mqtt_fixtures import MessagingStack
+    from mqtt_fixtures import AgentHandle, MessagingStack
 
     with tempfile.TemporaryDirectory(prefix="bench-devmem-") as tmp:
         stack = MessagingStack(Path(tmp))
         try:
             start_federated_coordinator(stack)
-            agents = start_plaid_agents(stack, 2, extra=PI_SETTINGS)
-            device = agents[0][0]
-            assert device.process is not None and device.process.proc is not None
-            agent_pid = device.process.proc.pid
-            with grouped(agent_pid, limit_mb) as group, stopping_federation(stack, agents) as teardown:
-                sampler = DeviceSampler(agent_pid, device.data_dir)
-                with sampler.sampling():
-                    job = start_job(stack, teardown, JOB, rounds)
-                    try:
-                        completed = finished_job(stack, job, JOB, timeout_s=600).flower_status == "finished:completed"
-                    except (AssertionError, subprocess.TimeoutExpired) as exc:
-                        print(f"job did not complete: {str(exc)[-2000:]}", file=sys.stderr)
-                        completed = False
-                result: dict[str, object] = {"completed": completed, **sampler.report()}
-                if group is not None:
-                    result["cgroup"] = {
-                        "limit_mb": limit_mb,
-                        "max_usage_mb": round(group.max_usage_bytes / MB, 1),
-                        "failcnt": group.failcnt,
-                        "oom_kills": group.oom_kills,
-                    }
+            with memory_group_of(limit_mb) as group:
+
+                def start(handle: AgentHandle) -> None:
+                    with group.joined() if group is not None and handle.name == "m0" else nullcontext():
+                        stack.start_agent(handle)
+
+                agents = start_plaid_agents(stack, 2, extra=PI_SETTINGS, start=start)
+                device = agents[0][0]
+                assert device.process is not None and device.process.proc is not None
+                with stopping_federation(stack, agents) as teardown:
+                    sampler = DeviceSampler(device.process.proc.pid, device.data_dir)
+                    with sampler.sampling():
+                        job = start_job(stack, teardown, JOB, rounds)
+                        try:
+                            book = finished_job(stack, job, JOB, timeout_s=timeout_s)
+                            completed = book.flower_status == "finished:completed"
+                        except (AssertionError, subprocess.TimeoutExpired) as exc:
+                            print(f"job did not complete: {str(exc)[-2000:]}", file=sys.stderr)
+                            completed = False
+                    result: dict[str, object] = {"completed": completed, **sampler.report()}
+                    if group is not None:
+                        result["cgroup"] = {
+                            "limit_mb": limit_mb,
+                            "max_usage_mb": round(group.max_usage_bytes / MB, 1),
+                            "failcnt": group.failcnt,
+                            "oom_kills": group.oom_kills,
+                        }
         finally:
             stack.close(failed=False)
     return result
 
 
 @contextmanager
-def grouped(pid: int, limit_mb: int | None) -> Iterator[MemoryGroup | None]:
-    """`pid` moved into a fresh memory group of `limit_mb` (yielded), or nothing when None."""
+def memory_group_of(limit_mb: int | None) -> Iterator[MemoryGroup | None]:
+    """A fresh memory group of `limit_mb` (tests/memory_cgroup.py) that device m0's agent will start in, or None."""
     if limit_mb is None:
         yield None
         return
@@ -210,7 +216,6 @@ def grouped(pid: int, limit_mb: int | None) -> Iterator[MemoryGroup | None]:
     if reason is not None:
         raise SystemExit(reason)
     with memory_group(f"midgate-bench-{os.getpid()}", limit_mb * MB) as group:
-        group.add(pid)
         yield group
 
 
@@ -221,9 +226,11 @@ def baseline_tree(commit: str, into: Path) -> Path:
     return into
 
 
-def run_child(tree: Path, rounds: int, limit_mb: int | None) -> dict[str, object]:
-    """One job in a child process whose code (the agent's, Flower processes', the fixtures') is `tree`'s."""
+def run_child(tree: Path, rounds: int, limit_mb: int | None, timeout_s: float = 600) -> dict[str, object]:
+    """One job in a child process whose code (the agent's, Flower processes', the fixtures') is `tree`'s; a job
+    not finished after `timeout_s` did not complete."""
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", str(tree), "--rounds", str(rounds)]
+    argv += ["--job-timeout", str(timeout_s)]
     if limit_mb is not None:
         argv += ["--limit-mb", str(limit_mb)]
     env = {**os.environ, "PYTHONPATH": str(tree)}
@@ -250,7 +257,7 @@ def bisect(low: int, high: int, step: int, rounds: int) -> int | None:
     best = None
     while high - low > step:
         middle = (low + high) // 2
-        result = run_child(HERE, rounds, middle)
+        result = run_child(HERE, rounds, middle, timeout_s=180)
         cgroup = dict(result.get("cgroup", {}))  # type: ignore[call-overload]
         ok = bool(result["completed"]) and cgroup.get("oom_kills", 1) == 0
         print(f"limit {middle} MB: completed {result['completed']}, cgroup {cgroup}", flush=True)
@@ -269,11 +276,12 @@ def main() -> None:
     parser.add_argument("--limit-mb", type=int, default=None, help="run current's device m0 in a memory cgroup")
     parser.add_argument("--bisect", type=int, nargs=2, metavar=("LOW", "HIGH"), help="smallest limit search, MB")
     parser.add_argument("--step", type=int, default=16)
+    parser.add_argument("--job-timeout", type=float, default=600, help=argparse.SUPPRESS)
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
         sys.path[:0] = [str(args.child), str(args.child / "tests"), str(HERE / "tests")]
-        print(json.dumps(one_job(args.rounds, args.limit_mb)))
+        print(json.dumps(one_job(args.rounds, args.limit_mb, args.job_timeout)))
         return
     print(f"load average at start: {os.getloadavg()}")
     if args.bisect:

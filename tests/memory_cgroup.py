@@ -3,12 +3,11 @@ bench/device_memory_bench.py.
 
 The Pi runs the agent under `MemoryMax=` of deploy/raspberrypi/midgate-agent.service; systemd enforces it with the
 memory controller. This machine has no systemd as PID 1 and its cgroup2 hierarchy has no memory controller, but the
-cgroup v1 one is writable as root: a group gets the limit (and the same memory+swap limit, so nothing escapes to
-swap, as `MemorySwapMax=0` says), the agent is moved in after its start and everything it starts later inherits the
-group. What the group counts is anonymous memory plus the page cache its processes bring in first: a shared
-library another process on this machine already read is charged to that process's group, not to ours, where on a
-Pi the agent is the first reader of torch's libraries.
-"""
+cgroup v1 one is writable as root: a group gets the limit (and the same memory+swap limit, so nothing escapes to swap,
+as `MemorySwapMax=0` says), the agent starts inside it (`joined`) as systemd starts it inside its unit's, and everything
+it starts inherits the group. What the group counts is anonymous memory plus the page cache its processes bring in
+first: a shared library another process on this machine already read is charged to that process's group, not to ours,
+where on a Pi the agent is the first reader of torch's libraries."""
 
 from __future__ import annotations
 
@@ -40,6 +39,15 @@ def unit_memory_bytes(key: str, unit: Path = UNIT_FILE) -> int:
     raise ValueError(f"{unit} sets no {key}=")
 
 
+def _memory_cgroup_of(pid: int) -> Path:
+    """The memory group `pid` is in (/proc/PID/cgroup's "N:memory:/path" line)."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return MEMORY_ROOT / path.lstrip("/")
+    return MEMORY_ROOT
+
+
 def unwritable_reason() -> str | None:
     """Why a memory group cannot be made here, or None when it can."""
     if not (MEMORY_ROOT / "memory.limit_in_bytes").exists():
@@ -68,7 +76,19 @@ class MemoryGroup:
             self._write("memory.memsw.limit_in_bytes", limit_bytes)
 
     def add(self, pid: int) -> None:
+        """Moves `pid` in. Only its later charges count: the kernel (6.x) no longer moves what it already holds."""
         self._write("cgroup.procs", pid)
+
+    @contextlib.contextmanager
+    def joined(self) -> Iterator[None]:
+        """This process inside the group for the block, so that what it starts there begins in the group with every
+        page it will ever touch charged to it; then back where it was."""
+        home = _memory_cgroup_of(os.getpid())
+        self.add(os.getpid())
+        try:
+            yield
+        finally:
+            (home / "cgroup.procs").write_text(str(os.getpid()))
 
     def pids(self) -> list[int]:
         return [int(line) for line in self._read("cgroup.procs").split()]
@@ -105,13 +125,10 @@ class MemoryGroup:
 
 @contextlib.contextmanager
 def memory_group(name: str, limit_bytes: int) -> Iterator[MemoryGroup]:
-    """A fresh group `name` under MEMORY_ROOT limited to `limit_bytes`, removed on exit. Charges a process had before
-    it was moved in move with it (move_charge_at_immigrate), so the agent's start-up counts too."""
+    """A fresh group `name` under MEMORY_ROOT limited to `limit_bytes`, removed on exit."""
     group = MemoryGroup(MEMORY_ROOT / name)
     group.path.mkdir()
     try:
-        with contextlib.suppress(OSError):  # kernels since 6.x refuse it: then only later charges count
-            group._write("memory.move_charge_at_immigrate", 3)
         group.limit(limit_bytes)
         yield group
     finally:
