@@ -178,7 +178,9 @@ def one_job(rounds: int, limit_mb: int | None, timeout_s: float) -> dict[str, ob
                     with group.joined() if group is not None and handle.name == "m0" else nullcontext():
                         stack.start_agent(handle)
 
-                agents = start_plaid_agents(stack, 2, extra=PI_SETTINGS, start=start)
+                # Without a group, the fixtures' own start: a baseline commit's start_plaid_agents may predate `start`.
+                starting = {} if group is None else {"start": start}
+                agents = start_plaid_agents(stack, 2, extra=PI_SETTINGS, **starting)
                 device = agents[0][0]
                 assert device.process is not None and device.process.proc is not None
                 with stopping_federation(stack, agents) as teardown:
