@@ -96,6 +96,7 @@ class DeviceSampler:
     peak: dict[str, PartSample] = field(default_factory=dict)
     part_peaks: dict[str, PartSample] = field(default_factory=dict)
     samples: int = 0
+    dropped: int = 0
     _programs: dict[int, str] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -116,9 +117,16 @@ class DeviceSampler:
             return program
         return "warm parent" if "warm_executor" in cmdline else "other"
 
+    def _tree(self) -> list[psutil.Process]:
+        agent = psutil.Process(self.agent_pid)
+        return [agent, *agent.children(recursive=True)]
+
     def sample(self) -> None:
+        """One look at every process of the tree; a look during which a process forked or exited is dropped, since a
+        page then counted with another number of sharers than it has (a parent read before its fork, its child
+        after) would inflate the sum."""
         try:
-            procs = [psutil.Process(self.agent_pid), *psutil.Process(self.agent_pid).children(recursive=True)]
+            procs = self._tree()
         except psutil.Error:
             return
         parts = {name: PartSample() for name in PARTS}
@@ -130,6 +138,12 @@ class DeviceSampler:
                 continue
             if with_figures is not None:
                 parts[name].add(with_figures)
+        try:
+            if {p.pid for p in self._tree()} != {p.pid for p in procs}:
+                self.dropped += 1
+                return
+        except psutil.Error:
+            return
         self.samples += 1
         if sum(p.pss for p in parts.values()) > sum(p.pss for p in self.peak.values()):
             self.peak = parts
@@ -159,6 +173,7 @@ class DeviceSampler:
             "at_peak": {name: part.as_mb() for name, part in self.peak.items() if part.pss},
             "part_peaks": {name: part.as_mb() for name, part in self.part_peaks.items() if part.pss},
             "samples": self.samples,
+            "dropped": self.dropped,
         }
 
 
@@ -246,6 +261,7 @@ def run_child(tree: Path, rounds: int, limit_mb: int | None, timeout_s: float = 
 def print_result(name: str, result: dict[str, object]) -> None:
     peak = result.get("peak", {})
     print(f"{name}: job completed {result['completed']}, device peak PSS {peak}")
+    print(f"    samples {result.get('samples')}, dropped (a fork or exit during the look) {result.get('dropped')}")
     for part, figures in dict(result.get("at_peak", {})).items():  # type: ignore[call-overload]
         print(f"    at the peak  {part:12s} {figures}")
     for part, figures in dict(result.get("part_peaks", {})).items():  # type: ignore[call-overload]
