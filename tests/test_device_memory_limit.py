@@ -46,10 +46,13 @@ def test_a_pi_configured_device_completes_a_job_under_the_units_memory_max(messa
             job = start_job(stack, teardown, "job-bounded", ROUNDS)
             # The job's processes (warm parent, launchers, SuperNode) join the agent's group, or it bounds nothing.
             wait_until(lambda: len(group.pids()) > 2, 180, "the job's processes in the agent's memory group")
-            book = finished_job(stack, job, "job-bounded", timeout_s=360)
+            assert job.proc is not None
+            job.proc.wait(timeout=360)
             peak, hits, kills = group.max_usage_bytes, group.failcnt, group.oom_kills
+            print(f"device m0 under MemoryMax {limit >> 20} MB: peak {peak >> 20} MB, limit hits {hits}, kills {kills}")
+            # The kills first: a job whose ClientApp the OOM killer ended also fails, for a less telling reason.
+            assert kills == 0, f"the OOM killer ended {kills} process(es) of the device under {limit >> 20} MB"
+            book = finished_job(stack, job, "job-bounded")
 
-    print(f"device m0 under MemoryMax {limit >> 20} MB: peak {peak >> 20} MB, limit hits {hits}")
     assert book.flower_status == "finished:completed"
-    assert kills == 0, f"the OOM killer ended {kills} process(es) of the device under {limit >> 20} MB"
     assert 0 < peak <= limit
