@@ -12,7 +12,7 @@ import contextlib
 import json
 import sqlite3
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,7 +114,11 @@ def enrol_agent(
 
 
 def start_plaid_agents(
-    stack: MessagingStack, devices: int, spool_poll_s: dict[str, float] | None = None, extra: str = ""
+    stack: MessagingStack,
+    devices: int,
+    spool_poll_s: dict[str, float] | None = None,
+    extra: str = "",
+    start: Callable[[AgentHandle], object] | None = None,
 ) -> list[PlaidAgent]:
     """Splits PLAID's training recordings by label (seed 1) among devices m0, m1, ..., enrols each with a replay of
     its share in its agent.toml and starts its `agent run`; returns once every agent has loaded its recordings and
@@ -122,6 +126,7 @@ def start_plaid_agents(
 
     spool_poll_s: device name -> its agent's spool poll period, where not the default 0.05 s.
     extra: more agent.toml settings for every agent, one `key = value` a line.
+    start: starts one enrolled agent (default `stack.start_agent`), e.g. inside a memory cgroup.
     """
     from edge.sensors.plaid import load_plaid_series
 
@@ -133,7 +138,7 @@ def start_plaid_agents(
         workdir.mkdir()
         poll = (spool_poll_s or {}).get(name, 0.05)
         handle, record = enrol_plaid_agent(stack, name, workdir, series.tolist(), poll, extra)
-        stack.start_agent(handle)
+        (start or stack.start_agent)(handle)
         agents.append((handle, record))
     broker = stack.broker
     assert broker is not None

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
+import torch
 
 from protocol.errors import MalformedError
 from protocol.tasks import REGISTRY, TaskKind, arrays_sha256
-from protocol.tasks.models import build_model, evaluate, load_arrays, model_arrays, train_epochs
+from protocol.tasks.models import (
+    PlainAdam,
+    build_model,
+    evaluate,
+    load_arrays,
+    minibatches,
+    model_arrays,
+    to_tensors,
+    train_epochs,
+    train_step,
+)
 from protocol.tasks.spec import TaskSpec
 
 
@@ -75,3 +89,33 @@ def test_training_refuses_windows_of_the_wrong_shape_or_labels() -> None:
         train_epochs(
             spec, model, np.zeros((4, 1, 128), np.float32), np.full(4, 11), epochs=1, batch_size=2, lr=0.1, seed=0
         )
+
+
+@pytest.mark.parametrize("key", sorted(REGISTRY), ids=lambda k: f"{k[0]}@{k[1]}")
+def test_plain_adam_trains_bit_for_bit_as_torch_adam(key: tuple[str, int]) -> None:
+    spec = REGISTRY[key]
+    x, y = _data(spec, 64, seed=1)
+    xt, yt = to_tensors(spec, x, y)
+    trained = []
+    for make in (lambda m: PlainAdam(m.parameters(), lr=0.01), lambda m: torch.optim.Adam(m.parameters(), lr=0.01)):
+        model = build_model(spec, seed=2)
+        optimiser = make(model)
+        for batch in minibatches(len(xt), 2, 16, seed=5):
+            train_step(spec, model, optimiser, xt[batch], yt[batch])
+        trained.append(arrays_sha256(model_arrays(model)))
+    assert trained[0] == trained[1]
+
+
+def test_training_imports_no_compiler() -> None:
+    """train_epochs in a fresh process leaves torch._dynamo and sympy unimported (PlainAdam's reason to exist)."""
+    program = (
+        "import sys, numpy as np\n"
+        "from protocol.tasks import REGISTRY\n"
+        "from protocol.tasks.models import build_model, train_epochs\n"
+        "spec = REGISTRY[('plaid-appliance', 1)]\n"
+        "x = np.random.default_rng(0).standard_normal((8, spec.channels, spec.window_length)).astype(np.float32)\n"
+        "train_epochs(spec, build_model(spec), x, np.zeros(8, np.int64), epochs=1, batch_size=4, lr=0.01, seed=0)\n"
+        "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -67,7 +67,7 @@ class AgentSettings(RoleSettings):
     keep_warm_executor: bool = Field(
         default=True,
         description="with flower_acceleration: start the warm executor (torch, Flower and the ClientApp imported; "
-        "no Flower process, no connection; about 330 MB of memory) with the agent and keep it between jobs, so a "
+        "no Flower process, no connection; about 225 MB of memory) with the agent and keep it between jobs, so a "
         "job's SuperNode starts at once instead of after the imports (6 s of CPU per device measured); false: "
         "started for each job and stopped after it",
     )

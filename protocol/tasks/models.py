@@ -7,12 +7,14 @@ Imported only by code that trains or evaluates (ClientApp, ServerApp evaluation,
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 import torch
 from torch import nn
+from torch.optim.adam import adam
 
 from protocol.errors import MalformedError
 from protocol.tasks.spec import ModelFamily, TaskKind, TaskSpec
@@ -212,7 +214,7 @@ def train_epochs(
     if len(xt) == 0:
         raise MalformedError("no windows to train on")
     offsets = parameter_offsets(model, gradient_offset) if gradient_offset is not None else []
-    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    optimiser = PlainAdam(model.parameters(), lr=lr)
     model.train()
     for batch in minibatches(len(xt), epochs, batch_size, seed):
         train_step(spec, model, optimiser, xt[batch], yt[batch], offsets)
@@ -228,10 +230,67 @@ def minibatches(count: int, epochs: int, batch_size: int, seed: int) -> Iterator
             yield order[start : start + batch_size]
 
 
+class Optimiser(Protocol):
+    """What train_step needs of an optimiser: PlainAdam, or any torch.optim.Optimizer (the bench's kept-state Adam)."""
+
+    def zero_grad(self) -> None: ...
+
+    def step(self) -> object: ...
+
+
+class PlainAdam:
+    """torch.optim.Adam with its defaults (betas 0.9 / 0.999, eps 1e-8, no weight decay, one tensor at a time as on
+    the CPU), the same update bit for bit, through torch's functional `torch.optim.adam.adam`.
+
+    Why not torch.optim.Adam itself: building any torch.optim.Optimizer imports torch._dynamo and with it sympy
+    (`add_param_group` is wrapped in torch._disable_dynamo, which imports dynamo at its first call): about 70 MB of
+    anonymous memory and 800 modules in every process that trains, a quarter of what a Raspberry Pi hub may spend on
+    a job (BENCHMARKS.md, "Device during a job"), for a compiler no round uses."""
+
+    def __init__(self, params: Iterable[nn.Parameter], lr: float) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        self.lr = lr
+        self.exp_avgs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+        self.exp_avg_sqs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+        self.steps = [torch.tensor(0.0) for _ in self.params]
+
+    def zero_grad(self) -> None:
+        for param in self.params:
+            param.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One Adam step of every parameter that has a gradient (as torch.optim.Adam, the others keep their state)."""
+        live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        adam(
+            [self.params[i] for i in live],
+            [self.params[i].grad for i in live],  # type: ignore[misc]
+            [self.exp_avgs[i] for i in live],
+            [self.exp_avg_sqs[i] for i in live],
+            [],
+            [self.steps[i] for i in live],
+            foreach=False,
+            capturable=False,
+            differentiable=False,
+            fused=None,
+            grad_scale=None,
+            found_inf=None,
+            has_complex=False,
+            decoupled_weight_decay=False,
+            amsgrad=False,
+            beta1=0.9,
+            beta2=0.999,
+            lr=self.lr,
+            weight_decay=0.0,
+            eps=1e-8,
+            maximize=False,
+        )
+
+
 def train_step(
     spec: TaskSpec,
     model: nn.Module,
-    optimiser: torch.optim.Optimizer,
+    optimiser: Optimiser,
     x: torch.Tensor,
     y: torch.Tensor,
     offsets: Sequence[tuple[nn.Parameter, torch.Tensor]] = (),

@@ -27,8 +27,9 @@ ENTRY_POINTS: dict[str, tuple[str, str]] = {
     "flower-superexec": ("flwr.supercore.cli.flower_superexec", "flower_superexec"),
     "flower-supernode": ("flwr.supernode.cli.flower_supernode", "flower_supernode"),
 }
-# torch._dynamo: the first optimiser a process builds imports it (about 800 modules, 1.3 s measured here).
-PRELOAD = ("torch", "torch._dynamo", "edge.federated.client_app")
+# Not torch._dynamo: the ClientApp trains with protocol.tasks.models.PlainAdam, which never imports it (torch.optim's
+# optimisers do: about 800 modules and 70 MB that every process forked from here would carry).
+PRELOAD = ("torch", "edge.federated.client_app")
 MODULE = "edge.federated.acceleration.warm_executor"
 
 
