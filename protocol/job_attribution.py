@@ -16,10 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from protocol.errors import MalformedError, SettlementMismatchError, UnknownJobError
 from protocol.job_log import JobLogRecord, RoundLogRecord, decode_job_record, decode_round_record
 from protocol.leaves import LeafKind, decode_leaf
+
+T = TypeVar("T", int, str)
 
 SIMILARITY_SCALE = 1000
 SAME_DATA_REFERENCE_MILLI = 450
@@ -108,7 +111,7 @@ def paid_as_one(valued: ValuedRound, pairs: Sequence[Pair], rules: SameDataRules
     each sorted, ordered by their first member."""
     links = [(player[0], member) for player in valued.players for member in player[1:]]
     links += [pair for pair in pairs if linked(pair, valued, rules)]
-    return [group for group in _components(sorted(valued.admitted()), links) if len(group) > 1]
+    return [group for group in union_groups(sorted(valued.admitted()), links) if len(group) > 1]
 
 
 def settled_round(valued: ValuedRound, groups: Iterable[tuple[str, ...]]) -> dict[str, int]:
@@ -142,10 +145,12 @@ def _one_member(group: tuple[str, ...], valued: ValuedRound) -> dict[str, int]:
     return {member: v * kept // positive if v > 0 else v for member, v in values.items()}
 
 
-def _components(members: list[str], links: list[Pair]) -> list[tuple[str, ...]]:
+def union_groups(members: Sequence[T], links: Iterable[tuple[T, T]]) -> list[tuple[T, ...]]:
+    """Connected components of `members` under `links`, each sorted, ordered by their smallest member: the groups of
+    a round's screens (node indices) and of a job's same-data evidence (member ids) alike."""
     parent = {m: m for m in members}
 
-    def root(x: str) -> str:
+    def root(x: T) -> T:
         while parent[x] != x:
             parent[x] = parent[parent[x]]
             x = parent[x]
@@ -155,7 +160,7 @@ def _components(members: list[str], links: list[Pair]) -> list[tuple[str, ...]]:
         ra, rb = root(a), root(b)
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)
-    grouped: dict[str, list[str]] = {}
+    grouped: dict[T, list[T]] = {}
     for m in members:
         grouped.setdefault(root(m), []).append(m)
     return sorted((tuple(sorted(g)) for g in grouped.values()), key=lambda g: g[0])

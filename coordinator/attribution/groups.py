@@ -141,26 +141,6 @@ def pair_similarities(unit_residuals: npt.NDArray[np.float64], pairs: list[tuple
     return _centred_terms(cosines, to_sum[rows], to_sum[cols], float(total @ total), m - 2)
 
 
-def union_groups(candidates: list[int], pairs: list[tuple[int, int]]) -> list[tuple[int, ...]]:
-    """Connected components of `candidates` under `pairs`, each sorted, ordered by their smallest member."""
-    parent = {c: c for c in candidates}
-
-    def root(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for a, b in pairs:
-        ra, rb = root(a), root(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    grouped: dict[int, list[int]] = {}
-    for c in candidates:
-        grouped.setdefault(root(c), []).append(c)
-    return sorted((tuple(sorted(g)) for g in grouped.values()), key=lambda g: g[0])
-
-
 def group_shares(deltas: FloatVector, group: tuple[int, ...], typical_norm: float, falloff: float) -> list[float]:
     """Each member's share of its group (summing to 1), ∝ min(size along the group's direction, `typical_norm`) **
     falloff; equal shares when the sizes cannot be told apart (the median size stands in when no typical size is

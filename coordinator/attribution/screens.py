@@ -31,13 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from coordinator.attribution.data_free import data_free_basis, explained_fraction, noise_z_rows, residuals
 from coordinator.attribution.game import FloatVector
-from coordinator.attribution.groups import (
-    group_shares,
-    near_duplicate_pairs,
-    pair_similarities,
-    same_data_pairs,
-    union_groups,
-)
+from coordinator.attribution.groups import group_shares, near_duplicate_pairs, pair_similarities, same_data_pairs
+from protocol.job_attribution import union_groups
 
 
 class ScreenReason(StrEnum):
