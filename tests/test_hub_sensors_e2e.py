@@ -13,7 +13,8 @@ from pathlib import Path
 import aiomqtt
 import pytest
 from agent_sensing import member_of_an_unreachable_mid, sensor_state
-from mqtt_fixtures import PYTHON, REPO, ServiceProcess, free_port, running_mosquitto, wait_until
+from fl_stack import midgate
+from mqtt_fixtures import REPO, ServiceProcess, free_port, running_mosquitto, wait_until
 
 from edge.sensors.store import SampleStore
 
@@ -61,18 +62,6 @@ async def _esp32(port: int, password: str, payloads: list[bytes]) -> None:
             await esp32.publish("sensors/kitchen/state", payload, qos=1)
 
 
-def _midgate(*args: str) -> str:
-    done = subprocess.run(
-        [PYTHON, "-c", "from midgate_cli import app; app()", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return done.stdout
-
-
 def test_agent_run_takes_an_esp32_s_readings_from_the_hub_s_mosquitto(tmp_path: Path) -> None:
     conf, secrets, port = tmp_path / "mosquitto-hub", tmp_path / "hub-secrets", free_port()
     _hub_config(conf, secrets, port)
@@ -103,10 +92,10 @@ def test_agent_run_takes_an_esp32_s_readings_from_the_hub_s_mosquitto(tmp_path: 
             wait_until(taken, 60, "five readings stored and three refused", 0.2)
             assert agent.alive, agent.log_text()
 
-            stats = _midgate("agent", "sensors", "stats", "--config", str(config))
+            stats = midgate("agent", "sensors", "stats", "--config", str(config))
             [row] = [line for line in stats.splitlines() if "kitchen" in line]
             assert "temperature_c" in row and row.split("│")[4].strip() == "5", stats
-            status = " ".join(_midgate("agent", "status", "--config", str(config)).split())
+            status = " ".join(midgate("agent", "status", "--config", str(config)).split())
             assert "not_json 1" in status and "missing_field 1" in status and "wrong_type 1" in status, status
         finally:
             agent.stop()
