@@ -103,12 +103,19 @@ class MidSuperLink:
             raise RuntimeError("SuperLink not started")
         return self.process.tls.ca_cert.read_text()
 
+    def _own_ports(self) -> set[int]:
+        """The ports `serve` binds after its SuperLink has started (the fleet front's, the HTTP endpoint's): free to
+        the OS until then, so a free port picked for the SuperLink could be one of them (seen in CI: the SuperLink
+        took the configured HTTP port and `serve` then failed to bind it)."""
+        s = self.settings
+        return {port for port in (s.federation.port, s.enrolment.port) if port}
+
     def start(self) -> None:
         s, f = self.settings, self.settings.federation
         tls = superlink_tls(s)
         home = s.federation_dir / "superlink"
         if f.fleet_front:
-            host, port = "127.0.0.1", f.superlink_port or free_loopback_port()
+            host, port = "127.0.0.1", f.superlink_port or free_loopback_port(avoid=self._own_ports())
         else:
             host, port = f.host, f.port
         extra_env = dict(SUPERLINK_ACCELERATION_ENV) if f.flower_acceleration else {}

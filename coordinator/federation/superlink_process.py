@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,9 @@ def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str
     return env
 
 
+_FREE_PORT_TRIES = 100
+
+
 def flower_executable(name: str) -> str:
     """The Flower entry point installed beside this interpreter (a venv need not be on PATH)."""
     local = Path(sys.executable).with_name(name)
@@ -43,11 +47,16 @@ def flower_executable(name: str) -> str:
     return found
 
 
-def free_loopback_port() -> int:
-    """A TCP port on 127.0.0.1 that the OS reports free now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_loopback_port(avoid: Collection[int] = ()) -> int:
+    """A TCP port on 127.0.0.1 that the OS reports free now and that is not in `avoid`: ports the caller's own
+    service will bind later (a port configured but not yet listening is free to the OS, which may hand it out)."""
+    for _ in range(_FREE_PORT_TRIES):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in avoid:
+            return port
+    raise OSError(f"no free loopback port outside {sorted(avoid)} in {_FREE_PORT_TRIES} tries")
 
 
 def wait_for_port(host: str, port: int, deadline: float, alive: subprocess.Popen[bytes] | None = None) -> None:
