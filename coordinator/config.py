@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic_settings import SettingsConfigDict
 
 from coordinator.royalties.policy import KnobPolicy, RoyaltyPolicy
 from protocol.settings import RoleSettings
@@ -373,7 +372,7 @@ class FederationSettings(BaseModel):
 class CoordinatorSettings(RoleSettings):
     """The MID's coordinator: its identity and data folder, broker, enrolment endpoint, ingest, money policy."""
 
-    model_config = SettingsConfigDict(env_prefix="MIDGATE_COORDINATOR_", env_nested_delimiter="__", extra="forbid")
+    ENV_PREFIX = "MIDGATE_COORDINATOR_"
 
     mid: str = Field(
         default="demo",

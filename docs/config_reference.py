@@ -17,11 +17,13 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
+from protocol.settings import RoleSettings
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 
 
-def _roles() -> list[tuple[str, str, type[BaseModel]]]:
+def _roles() -> list[tuple[str, str, type[RoleSettings]]]:
     from coordinator.config import CoordinatorSettings
     from edge.agent.config import AgentSettings
 
@@ -71,7 +73,7 @@ def _rows(model: type[BaseModel], prefix: str, env: str) -> list[str]:
 def reference() -> str:
     parts = []
     for filename, usage, model in _roles():
-        env_prefix = str(model.model_config.get("env_prefix", ""))
+        env_prefix = model.ENV_PREFIX
         doc = (model.__doc__ or "").strip().splitlines()[0] if model.__doc__ else ""
         parts.append(f"### `{filename}` ({usage})\n\n{doc}\n".rstrip() + "\n")
         parts.append("| key | type | default | environment | meaning |\n|---|---|---|---|---|")

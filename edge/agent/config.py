@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Literal, Self
 
 from pydantic import Field, model_validator
-from pydantic_settings import SettingsConfigDict
 
 from edge.sensors.config import SampleStoreConfig, SensorConfig
 from edge.sensors.export import WindowSource
@@ -39,7 +38,7 @@ def is_loopback(host: str) -> bool:
 class AgentSettings(RoleSettings):
     """The member daemon: where it keeps its state, how it talks MQTT, its outbox bounds, its sensors."""
 
-    model_config = SettingsConfigDict(env_prefix="MIDGATE_AGENT_", env_nested_delimiter="__", extra="forbid")
+    ENV_PREFIX = "MIDGATE_AGENT_"
 
     data_dir: Path = Field(
         default=Path("agent-data"), description="keys, memberships, outboxes; keep it private to the agent (0700)"
