@@ -32,9 +32,11 @@ NOT_IN_THE_IDLE_AGENT = (
     "edge.agent.member_page_view",
     "edge.agent.receipts",
     "edge.agent.statement",
+    "pydantic_settings",
+    "dotenv",
 )
 """Imported by `midgate agent run` before (the CLI stack, the member page's uvicorn and view, a job's SuperNode
-stack, uvloop, psutil), or never needed by an idle agent."""
+stack, uvloop, psutil, pydantic-settings for a config without env overrides), or never needed by an idle agent."""
 
 LEAN = "from midgate_agent import main; main()"
 CONSOLE = "import sys; from midgate_agent import console; sys.argv[0] = 'midgate'; console()"

@@ -13,6 +13,7 @@ light; the models live in `protocol.tasks.models`, imported only by code that tr
 
 from __future__ import annotations
 
+import functools
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal, Self
@@ -246,14 +247,35 @@ def _load_builtin(key: str) -> TaskSpec:
 # was measured in BENCHMARKS.md ("Accuracy, session 6"; docs/federated.md, "Accuracy"): on 5 label-skewed devices it
 # reached PLAID test accuracy 0.78-0.83, a mean 1.6 points below central training over 7 deployed runs. Five rounds
 # of the old defaults (constant lr 0.003, batch 32, plain FedAvg) reached 0.32.
-PLAID_APPLIANCE = _load_builtin("plaid-appliance@1")
-ENV_FORECAST = _load_builtin("env-forecast@1")
-HOST_ANOMALY = _load_builtin("host-anomaly@1")
-
-REGISTRY: dict[tuple[str, int], TaskSpec] = {
-    (s.id, s.version): s for s in (PLAID_APPLIANCE, ENV_FORECAST, HOST_ANOMALY)
-}
+PLAID_APPLIANCE: TaskSpec
+ENV_FORECAST: TaskSpec
+HOST_ANOMALY: TaskSpec
+REGISTRY: dict[tuple[str, int], TaskSpec]
 """The built-in tasks, which every MID signs into its catalogue at first start (coordinator.tasks)."""
+
+_BUILTIN_NAMES = {
+    "PLAID_APPLIANCE": ("plaid-appliance", 1),
+    "ENV_FORECAST": ("env-forecast", 1),
+    "HOST_ANOMALY": ("host-anomaly", 1),
+}
+"""The module's names of the built-in specs (and `REGISTRY`), parsed at their first use by `_builtin_registry`."""
+
+
+@functools.cache
+def _builtin_registry() -> dict[tuple[str, int], TaskSpec]:
+    """The built-in specs, parsed once at first use rather than at import: an idle agent imports this module for
+    its types and limits, and parsing the specs builds their validators, 0.6 MB it would keep for nothing
+    (BENCHMARKS.md, "Idle agent")."""
+    specs = [_load_builtin(f"{task_id}@{version}") for task_id, version in _BUILTIN_NAMES.values()]
+    return {(s.id, s.version): s for s in specs}
+
+
+def __getattr__(name: str) -> object:
+    if name == "REGISTRY":
+        return _builtin_registry()
+    if name in _BUILTIN_NAMES:
+        return _builtin_registry()[_BUILTIN_NAMES[name]]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class UnknownTaskError(MalformedError):
@@ -264,10 +286,11 @@ class UnknownTaskError(MalformedError):
 
 def get_task(task_id: str, version: int) -> TaskSpec:
     """The built-in spec for (task_id, version); raises UnknownTaskError naming what is known."""
-    spec = REGISTRY.get((task_id, version))
+    registry = _builtin_registry()
+    spec = registry.get((task_id, version))
     if spec is None:
         raise UnknownTaskError(
-            "unknown task", task_id=task_id, version=version, known=sorted(s.key for s in REGISTRY.values())
+            "unknown task", task_id=task_id, version=version, known=sorted(s.key for s in registry.values())
         )
     return spec
 
