@@ -7,8 +7,8 @@ the TOML file, the model's defaults.
 pydantic-settings does the loading, imported only when it has something to do: an environment variable naming a
 field, or a top-level key that names a field in another case (pydantic-settings matches those case-insensitively).
 Otherwise its sources give exactly the file's table with the arguments on top, which is validated here directly:
-the idle agent then does not keep pydantic-settings (with dotenv, its CLI source, importlib's metadata through
-it) resident, about 4 MB of its 50 MB budget (BENCHMARKS.md, "Idle agent").
+the idle agent then does not keep pydantic-settings (with dotenv, its CLI and cloud sources) resident: 1.7 MB of
+its 50 MB budget (BENCHMARKS.md, "Idle agent").
 """
 
 from __future__ import annotations

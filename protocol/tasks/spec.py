@@ -264,7 +264,7 @@ _BUILTIN_NAMES = {
 @functools.cache
 def _builtin_registry() -> dict[tuple[str, int], TaskSpec]:
     """The built-in specs, parsed once at first use rather than at import: an idle agent imports this module for
-    its types and limits, and parsing the specs builds their validators, 0.6 MB it would keep for nothing
+    its types and limits, and parsing the specs builds their validators, 0.5 MB it would keep for nothing
     (BENCHMARKS.md, "Idle agent")."""
     specs = [_load_builtin(f"{task_id}@{version}") for task_id, version in _BUILTIN_NAMES.values()]
     return {(s.id, s.version): s for s in specs}
