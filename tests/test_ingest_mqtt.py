@@ -35,6 +35,7 @@ from coordinator.ingest.mqtt import (
     ChunkedReceivePaho,
     ManualAckClient,
     _fresh_in_packet,
+    _pending_socket_error,
     decode_publish,
     paho_version,
     split_packet,
@@ -382,3 +383,23 @@ def test_settling_a_batch_acks_and_frees_each_message_once() -> None:
     client._paho.places = 0
     client.settle(AckToken(1, 8, 1))
     assert acks == [1, 2, 5]
+
+
+def test_a_reset_connection_is_seen_as_a_pending_socket_error() -> None:
+    """The keepalive's look for a connection uvloop stopped watching (its poll handle closed on the error): a peer's
+    reset leaves SO_ERROR set on the socket; a healthy or half-closed one has none."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        peer, _ = server.accept()
+        try:
+            assert not _pending_socket_error(client)
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            peer.close()  # linger 0: the close sends a reset
+            deadline = time.monotonic() + 5.0
+            while not _pending_socket_error(client) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert time.monotonic() < deadline, "the reset never showed as a socket error"
+        finally:
+            client.close()
+            peer.close()
+    assert not _pending_socket_error(None)  # no socket (between connections): nothing to look at

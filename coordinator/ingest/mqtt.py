@@ -426,6 +426,8 @@ class ManualAckClient:
 
     async def _keepalive(self) -> None:
         while self._paho.loop_misc() == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            if self._fd >= 0 and _pending_socket_error(self._paho.socket()):
+                self._socket_failed(self._fd, "reset")
             await asyncio.sleep(1.0)
 
     async def _answered(self, answer: asyncio.Future[Any]) -> Any:
@@ -468,9 +470,10 @@ class ManualAckClient:
         assert self._loop is not None
         if fd != self._fd:
             return
-        if self._reading:
-            self._loop.remove_reader(fd)
-        self._loop.remove_writer(fd)
+        with contextlib.suppress(RuntimeError):  # uvloop: the poll handle already closed on a poll error
+            if self._reading:
+                self._loop.remove_reader(fd)
+            self._loop.remove_writer(fd)
         self._fd = -1
         self._reading = False
         self._closed.set()
@@ -481,7 +484,10 @@ class ManualAckClient:
     def _add_writer(self, fd: int) -> None:
         assert self._loop is not None
         if fd == self._fd:
-            self._loop.add_writer(fd, self._paho.loop_write)
+            try:
+                self._loop.add_writer(fd, self._paho.loop_write)
+            except RuntimeError:
+                self._socket_failed(fd, "poll handle closed")
 
     def _on_socket_unregister_write(self, client: paho.Client, userdata: object, sock: Any) -> None:
         self._on_loop(self._remove_writer, sock.fileno())
@@ -489,7 +495,25 @@ class ManualAckClient:
     def _remove_writer(self, fd: int) -> None:
         assert self._loop is not None
         if fd == self._fd:
-            self._loop.remove_writer(fd)
+            with contextlib.suppress(RuntimeError):  # uvloop: the poll handle already closed on a poll error
+                self._loop.remove_writer(fd)
+
+    def _socket_failed(self, fd: int, why: str) -> None:
+        """The connection on `fd` failed where its watcher cannot say so: uvloop closes a socket's poll handle on a
+        poll error (a connection reset, e.g. a broker killed) without calling its reader, and then refuses to watch
+        the socket again ("the handler is closed"). Shut it down and let paho read it: paho meets the end of the
+        stream and closes the connection as after any network failure, and the reconnect follows (seen on CI: a
+        worker whose broker was SIGKILLed never noticed, and its acknowledgement raised)."""
+        if fd != self._fd:
+            return
+        log.warning("connection failed under its watcher (%s); closing it", why,
+                    extra={"client": self.endpoint.client_id})  # fmt: skip
+        sock = self._paho.socket()
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self._reading = False
+        self._paho.loop_read()
 
     def _readable(self) -> None:
         client = self._paho
@@ -513,7 +537,11 @@ class ManualAckClient:
     def _watch_socket(self) -> None:
         assert self._loop is not None
         if self._fd >= 0 and not self._reading:
-            self._loop.add_reader(self._fd, self._readable)
+            try:
+                self._loop.add_reader(self._fd, self._readable)
+            except RuntimeError:
+                self._socket_failed(self._fd, "poll handle closed")
+                return
             self._reading = True
 
     def _read_again(self) -> None:
@@ -705,6 +733,17 @@ class ManualAckClient:
                 sock.shutdown(socket.SHUT_RDWR)
             self._dropping = True  # read to the end even without a place left
             self._watch_socket()
+
+
+def _pending_socket_error(sock: object) -> bool:
+    """Whether the kernel holds an error for `sock` (SO_ERROR: a reset connection), which a closed watcher would
+    never report. Reading SO_ERROR clears it; the caller then closes the connection."""
+    if not isinstance(sock, socket.socket):
+        return False
+    try:
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0
+    except OSError:
+        return True
 
 
 __all__ = [
