@@ -58,7 +58,21 @@ _LAUNCHER = """#!{python} -IS
 # midgate fork-server launcher for `{name}` (runtime/fork_server.py); generated, do not edit.
 import json, os, signal, socket, struct, sys, time
 SOCKET, FALLBACK, NAME, PID_TIMEOUT = {socket!r}, {fallback!r}, {name!r}, {pid_timeout!r}
+pid, held = None, []
+def forward(signum, frame):
+    # Installed before the request: a signal that comes before the child's pid is held, then passed on.
+    if pid is None:
+        held.append(signum)
+        return
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(signum, forward)
 def fall_back(why):
+    if held:
+        sys.exit(128 + held[0])  # asked to stop before anything started
     print(f"midgate fork server for {{NAME}}: {{why}}; starting {{FALLBACK}} without it", file=sys.stderr, flush=True)
     os.execv(FALLBACK, [FALLBACK, *sys.argv[1:]])
 def recv_exact(conn, n):
@@ -80,15 +94,10 @@ except OSError as err:
     fall_back(f"unreachable at {{SOCKET}} ({{err}})")
 if head is None:
     fall_back("the warm parent closed the connection without forking")
-pid = struct.unpack(">I", head)[0]
 conn.settimeout(None)
-def forward(signum, frame):
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
-for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-    signal.signal(signum, forward)
+pid = struct.unpack(">I", head)[0]
+for signum in held:
+    forward(signum, None)
 try:
     tail = recv_exact(conn, 4)
 except OSError:
@@ -178,8 +187,16 @@ def _recv_request(conn: socket.socket, names: Mapping[str, object]) -> tuple[dic
     return request, fds
 
 
+# What a launcher passes on to its child (and the child, once forked, takes with the default action).
+_FORWARDED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
 def _run_child(
-    request: dict[str, object], fds: list[int], entry: Callable[[], object], prepare: Callable[[str], object] | None
+    request: dict[str, object],
+    fds: list[int],
+    entry: Callable[[], object],
+    prepare: Callable[[str], object] | None,
+    mask: set[signal.Signals],
 ) -> None:
     """In the forked child: become the requested program. Never returns."""
     code = 1
@@ -187,8 +204,9 @@ def _run_child(
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        for signum in (*_FORWARDED, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.chdir(str(request["cwd"]))
         env = request["env"]
         assert isinstance(env, dict)
@@ -256,12 +274,16 @@ def serve(socket_path: Path, table: ForkTable, parent_pid: int | None = None) ->
                 continue
             argv = request["argv"]
             assert isinstance(argv, list)
+            # Blocked across the fork: a signal the launcher forwards the moment it learns the pid waits in the child
+            # until the child has dropped our handlers for the defaults, instead of running request_stop there.
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
             pid = os.fork()
             if pid == 0:
                 selector.close()
                 listener.close()
                 conn.close()
-                _run_child(request, fds, entries[str(argv[0])], prepare)
+                _run_child(request, fds, entries[str(argv[0])], prepare, mask)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             for fd in fds:
                 os.close(fd)
             try:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from mqtt_fixtures import wait_exited
+from mqtt_fixtures import wait_exited, wait_until
 
 from runtime.fork_server import ForkServer, ForkTable, install_launchers
 
@@ -85,6 +85,25 @@ def test_a_signal_to_the_launcher_reaches_the_child(server: ForkServer) -> None:
         gone, _ = psutil.wait_procs([child], timeout=30)
         assert gone == [child]
     finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+
+
+def test_a_signal_before_the_fork_is_held_and_reaches_the_child(server: ForkServer) -> None:
+    # The warm parent is stopped, so the launcher's request waits unanswered: the signal comes before any child.
+    (parent,) = server.pids()
+    os.kill(parent, signal.SIGSTOP)
+    launcher = subprocess.Popen([str(server.bin_dir / "mg-wait")], stdout=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: psutil.Process(launcher.pid).net_connections(kind="unix") != [], 30, "launcher connected")
+        launcher.send_signal(signal.SIGTERM)
+        os.kill(parent, signal.SIGCONT)
+        assert launcher.wait(timeout=30) == 128 + signal.SIGTERM  # the child was forked, then ended by the signal
+        assert "forked mg-wait" in (server.directory / "warm.log").read_text()
+        wait_until(lambda: server.child_pids() == [], 30, "the child reaped")
+    finally:
+        os.kill(parent, signal.SIGCONT)
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait()
