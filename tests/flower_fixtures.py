@@ -13,20 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from mqtt_fixtures import free_port
 
 from coordinator.federation.fleet_front import FleetFrontProcess
 from coordinator.federation.flower_cli import FlowerCli
 from coordinator.federation.job import JobOutcome
-from coordinator.federation.superlink_process import SuperLinkProcess, free_loopback_port
+from coordinator.federation.superlink_process import SuperLinkProcess
 from coordinator.mid_ca import ServerTls, ensure_mid_ca, issue_server_tls
 from edge.federated.acceleration.device import accelerated as accelerated_supernode
 from edge.federated.supernode import NodeKey, SuperNodeProcess, generate_node_key
 from protocol.tasks.windows import WindowSet, save_window_file, window_fingerprint
 
 APP_DIR = Path(__file__).resolve().parents[1] / "coordinator" / "federation" / "app"
-
-
-free_port = free_loopback_port
 
 
 def issue_superlink_tls(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import shutil
 import signal
@@ -30,11 +31,52 @@ MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 _READY_TIMEOUT_S = 20.0
 
 
-def free_port() -> int:
-    """A TCP port the OS reports free on 127.0.0.1 right now."""
+# The ports tests hand to the processes they start come from below the kernel's ephemeral range, one slice of
+# _PORT_SLICE ports per xdist worker, walked from a random start. A port the OS hands out by bind(0) is in the
+# ephemeral range, where in the seconds before the process binds it the OS may give it to another worker's service
+# asking for port 0 or as the local port of any outgoing loopback connection (seen on CI: a coordinator's HTTP port,
+# chosen free, was in use when the coordinator bound it). Below that range only this picker hands ports out.
+_PORT_FLOOR = 10_000
+_PORT_SLICE = 1_000
+
+
+def _ephemeral_floor() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
+
+
+def _port_slice() -> range:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    slices = max(1, (_ephemeral_floor() - _PORT_FLOOR) // _PORT_SLICE)
+    start = _PORT_FLOOR + (int(worker) if worker.isdigit() else 0) % slices * _PORT_SLICE
+    return range(start, start + _PORT_SLICE)
+
+
+_PORTS = _port_slice()
+_next_port = _PORTS.start + random.randrange(len(_PORTS))
+
+
+def _bindable(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, from this worker's slice below the ephemeral range; not handed out again
+    until the walk has gone round the slice."""
+    global _next_port
+    for _ in range(len(_PORTS)):
+        port = _next_port
+        _next_port = _PORTS.start + (_next_port + 1 - _PORTS.start) % len(_PORTS)
+        if _bindable(port):
+            return port
+    raise OSError(f"no free port in {_PORTS.start}-{_PORTS.stop - 1}")
 
 
 def wait_for_port(port: int, timeout_s: float = _READY_TIMEOUT_S, proc: subprocess.Popen[bytes] | None = None) -> None:
