@@ -196,7 +196,7 @@ def _run_child(
     fds: list[int],
     entry: Callable[[], object],
     prepare: Callable[[str], object] | None,
-    mask: set[signal.Signals],
+    mask: set[int | signal.Signals],
 ) -> None:
     """In the forked child: become the requested program. Never returns."""
     code = 1
