@@ -58,10 +58,11 @@ class Reason(StrEnum):
     CSRF = "csrf"
 
 
-class ProtocolError(Exception):
-    """Base of every protocol rejection. `reason` is stable; `details` name the offending values."""
+class ReasonedError(Exception):
+    """A refusal with a stable `reason` code (a class's own, or given per instance) and `details` naming the
+    offending values; said as `reason: message (key=value, ...)`."""
 
-    reason: Reason = Reason.MALFORMED
+    reason: StrEnum
 
     def __init__(self, message: str, **details: Any) -> None:
         super().__init__(message)
@@ -73,6 +74,12 @@ class ProtocolError(Exception):
             return f"{self.reason}: {self.message}"
         shown = ", ".join(f"{k}={v!r}" for k, v in self.details.items())
         return f"{self.reason}: {self.message} ({shown})"
+
+
+class ProtocolError(ReasonedError):
+    """Base of every protocol rejection. `reason` is stable; `details` name the offending values."""
+
+    reason: Reason = Reason.MALFORMED
 
 
 class TooLargeError(ProtocolError):

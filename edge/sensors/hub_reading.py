@@ -20,6 +20,7 @@ from enum import StrEnum
 from typing import Any, Literal
 
 from edge.sensors.sample import ChannelSpec, Sample
+from protocol.errors import ReasonedError
 
 
 class RejectReason(StrEnum):
@@ -36,18 +37,14 @@ class RejectReason(StrEnum):
     RETAINED = "retained"
 
 
-class ReadingRejectedError(Exception):
+class ReadingRejectedError(ReasonedError):
     """A message refused as a reading: `reason` is stable, `details` name the offending values."""
 
-    def __init__(self, reason: RejectReason, message: str, **details: Any) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-        self.details = details
+    reason: RejectReason
 
-    def __str__(self) -> str:
-        shown = ", ".join(f"{k}={v!r}" for k, v in self.details.items())
-        return f"{self.reason}: {self.message}" + (f" ({shown})" if shown else "")
+    def __init__(self, reason: RejectReason, message: str, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)

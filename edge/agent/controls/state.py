@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from edge.durable_file import replace_file
+from protocol.errors import ReasonedError
 from protocol.messages import Ident, TaskSensors, TimeMs, check_strike_span, strike_covers
 from protocol.private_files import private_dir
 
@@ -49,18 +50,14 @@ class ControlReason(StrEnum):
     NO_SENSOR_LIST = "no_sensor_list"
 
 
-class MemberControlError(Exception):
+class MemberControlError(ReasonedError):
     """A refused member command or an unusable member file; `details` name what was expected and what was found."""
 
-    def __init__(self, reason: ControlReason, message: str, **details: Any) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-        self.details = details
+    reason: ControlReason
 
-    def __str__(self) -> str:
-        shown = ", ".join(f"{k}={v!r}" for k, v in self.details.items())
-        return f"{self.reason}: {self.message}" + (f" ({shown})" if shown else "")
+    def __init__(self, reason: ControlReason, message: str, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.reason = reason
 
 
 class Strike(BaseModel):
