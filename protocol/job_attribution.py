@@ -7,7 +7,7 @@ integers (`check_job_attribution`, `midgate ledger recompute-job`) and gets the 
 
 The rules (docs/attribution.md, section 1): each round, a pair's similarity s adds s - reference to a running sum
 that never drops below 0 (a CUSUM); a pair whose sum reaches `evidence` anywhere in the job is a job pair. In every
-valued round where both were admitted and s >= `persisting` it is linked, and every connected set of the round's
+valued round where both were admitted and s >= `linked` it is linked, and every connected set of the round's
 players and links of more than one member is paid as one member: it keeps its most valuable player's value, the
 excess taken from its members valued above 0 in proportion (floored), negative values left as they are.
 """
@@ -27,7 +27,7 @@ T = TypeVar("T", int, str)
 SIMILARITY_SCALE = 1000
 SAME_DATA_REFERENCE_MILLI = 450
 SAME_DATA_EVIDENCE_MILLI = 300
-SAME_DATA_PERSISTING_MILLI = 420
+SAME_DATA_LINKED_MILLI = 300
 
 Pair = tuple[str, str]
 
@@ -40,12 +40,12 @@ def similarity_milli(similarity: float) -> int:
 @dataclass(frozen=True)
 class SameDataRules:
     """The job-level grouping's thresholds in milli-units (coordinator ScreenSettings: same_data_reference,
-    same_data_evidence, same_data_persisting). The defaults are what `job start` runs; a reference of 1000 turns the
+    same_data_evidence, same_data_linked). The defaults are what `job start` runs; a reference of 1000 turns the
     grouping off."""
 
     reference_milli: int = SAME_DATA_REFERENCE_MILLI
     evidence_milli: int = SAME_DATA_EVIDENCE_MILLI
-    persisting_milli: int = SAME_DATA_PERSISTING_MILLI
+    linked_milli: int = SAME_DATA_LINKED_MILLI
 
     @property
     def enabled(self) -> bool:
@@ -101,9 +101,9 @@ class SameDataEvidence:
 
 
 def linked(pair: Pair, valued: ValuedRound, rules: SameDataRules) -> bool:
-    """Whether a job pair is paid as one member in this round: both admitted, similarity at least `persisting`."""
+    """Whether a job pair is paid as one member in this round: both admitted, similarity at least `linked`."""
     admitted = valued.admitted()
-    return pair[0] in admitted and pair[1] in admitted and valued.similarities.get(pair, 0) >= rules.persisting_milli
+    return pair[0] in admitted and pair[1] in admitted and valued.similarities.get(pair, 0) >= rules.linked_milli
 
 
 def paid_as_one(valued: ValuedRound, pairs: Sequence[Pair], rules: SameDataRules) -> list[tuple[str, ...]]:

@@ -216,9 +216,8 @@ def test_a_round_paid_as_one_member_only_by_the_job_evidence_recomputes_exactly(
     # ...and still what the ROUND leaves give, to the unit.
     assert check_job_attribution(job, rounds) is None
     assert recompute_job(path)[0] == 0
-    # A MID logging round 1's similarity below the round admission (0.42) would have paid round 1 twice.
-    low = rounds[0].same_data[0].model_copy(update={"similarity_milli": 410})
-    changed = [rounds[0].model_copy(update={"same_data": (low,)}), *rounds[1:]]
+    # A MID leaving the pair's similarities of rounds 2-4 out of their leaves would have paid round 1 twice.
+    changed = [rounds[0], *(r.model_copy(update={"same_data": ()}) for r in rounds[1:])]
     assert recompute_job_attribution(job, changed).members["syb"][0] == logged["syb"] + 150_000_000
     assert (check_job_attribution(job, changed) or "").startswith("member syb")
 

@@ -10,10 +10,12 @@ Same data is judged over the whole job as well as per round. One round's similar
 round (<= 0.47), but training noise is fresh every round while the shared data is not: a running sum of each round's
 similarity above a reference (a CUSUM, screens.ScreenSettings.same_data_reference) grows for a same-data pair and
 stays near 0 for others. A pair whose sum reaches `same_data_evidence` anywhere in the job is a job group, and at
-settlement it is paid as one member in every round where its similarity is at least `same_data_persisting`, earlier
-rounds included (round 1 has no previous round to carry a grouping) and later rounds too (diverging after the
-evidence is in does not undo it). In such a round the pair was two players: it keeps the larger of its two values
-(what one member with that data earned there), the excess taken from its positive values in proportion.
+settlement it is paid as one member in every round where both were admitted and its similarity is at least
+`same_data_linked` (0.3): earlier rounds included (round 1 has no previous round to carry a grouping), a round where
+its similarity dipped (PLAID: a node holding 70 % of a member's data at 0.39 in one round of four, paid twice there
+while only rounds at 0.42 were linked) and later rounds too (diverging after the evidence is in does not undo it).
+In such a round the pair was two players: it keeps the larger of its two values (what one member with that data
+earned there), the excess taken from its positive values in proportion.
 
 The settlement itself is integer arithmetic (protocol/job_attribution.py) over exactly what the job's ROUND leaves
 log: each round's values in nano-units and its same-data similarities in milli-units (the CUSUM adds milli-units).
@@ -62,7 +64,7 @@ def same_data_rules(settings: ScreenSettings) -> SameDataRules:
     return SameDataRules(
         reference_milli=similarity_milli(settings.same_data_reference),
         evidence_milli=similarity_milli(settings.same_data_evidence),
-        persisting_milli=similarity_milli(settings.same_data_persisting),
+        linked_milli=similarity_milli(settings.same_data_linked),
     )
 
 

@@ -102,11 +102,16 @@ class ScreenSettings(BaseModel):
       member-rounds instead of 54). 1.0 turns it off.
     - same_data_reference (0.45) and same_data_evidence (0.3): the job-level grouping (history.AttributionAccount).
       Each round a pair's similarity s adds s - same_data_reference to a running sum that never drops below 0 (a
-      CUSUM); a pair whose sum reaches same_data_evidence anywhere in the job trained the same data, and in every
-      round of the job where its similarity is at least same_data_persisting the pair is paid as one member. Pairs of
+      CUSUM); a pair whose sum reaches same_data_evidence anywhere in the job trained the same data. Pairs of
       PLAID members with different data averaged <= 0.41 over a job (one pair 0.35-0.47 every round: its sum stays
       <= 0.02); same-data pairs >= 0.54 (seeds 0-2: sums 0.36-1.22 by the 4th round). 1.0 as the reference turns it
-      off. Pairs at or above the lower of same_data_reference and same_data_persisting are reported each round
+      off.
+    - same_data_linked (0.3): such a job pair is paid as one member in every round of the job where its similarity
+      is at least this. One round's similarity of a same-data pair dips (PLAID, 10 members: a node training 70 % of
+      a member's data at 0.39 in a round between rounds of 0.56-0.63, as low as pairs with different data reach);
+      only the job's evidence tells them apart, and a pair of honest members it joined by mistake (synthetic world,
+      classes no one else holds) keeps its own pay in the rounds where it is unlike. Pairs at or above the lowest of
+      same_data_reference, same_data_persisting and same_data_linked are reported each round
       (ScreenReport.similarities); below, a pair counts as 0.
     - copy_falloff (8.0): a group member's share is ∝ min(its size, the typical size) ** copy_falloff (groups.py):
       a half-size copy of a typical update takes 0.5^8 / (1 + 0.5^8) = 0.4 % of the group.
@@ -129,6 +134,7 @@ class ScreenSettings(BaseModel):
     same_data_persisting: float = Field(default=0.42, gt=0.0, le=1.0)
     same_data_reference: float = Field(default=0.45, ge=0.0, le=1.0)
     same_data_evidence: float = Field(default=0.3, gt=0.0)
+    same_data_linked: float = Field(default=0.3, gt=0.0, le=1.0)
     copy_falloff: float = Field(default=8.0, ge=0.0)
     self_report_tolerance: float = Field(default=0.1, ge=0.0)
 
@@ -286,7 +292,7 @@ def _groups(
     evidence: dict[tuple[int, int], float] = {}
     if settings.same_data_similarity < 1.0:
         # One pair search at the lower of the two thresholds gives both the groups and the job's evidence.
-        reported = min(settings.same_data_reference, settings.same_data_persisting)
+        reported = min(settings.same_data_reference, settings.same_data_persisting, settings.same_data_linked)
         floor = min(settings.same_data_similarity, reported)
         similar = [(candidates[a], candidates[b], v) for a, b, v in same_data_pairs(unit_residuals, floor)]
         evidence = {(a, b): v for a, b, v in similar if v >= reported}
