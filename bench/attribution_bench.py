@@ -166,6 +166,7 @@ def worker(inputs: Path, output: Path, threads: int) -> None:
         "players": len(valuation.players),
         "excluded": excluded,
         "values": [valuation.values[f"m{i:04d}"] for i in range(n)],
+        "pairs": len(valuation.similarities),  # what the round's ROUND leaf lists under same_data
     }
     output.write_text(json.dumps(result))
 
@@ -237,6 +238,9 @@ def cost_table(args: argparse.Namespace, val: TaskValidationLoss, global_flat: n
                 same = all(base_first[key] == first[key] for key in ("players", "excluded", "method"))
                 gap = float(np.max(np.abs(np.array(base_first["values"]) - np.array(first["values"]))))
                 line += f"   same players/method: {same}, max |value difference| {gap:.1e}"
+                line += f"; same-data pairs logged {first.get('pairs')} (base {base_first.get('pairs', '-')})"
+            else:
+                line += f"   same-data pairs logged {first.get('pairs')}"
             print(line, flush=True)
 
 

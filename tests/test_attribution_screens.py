@@ -319,3 +319,28 @@ def test_reputation_survives_a_snapshot_and_rejects_garbage() -> None:
         ReputationBook.from_json(b'{"forgetting": 2.0, "exclusion_weight": 1.0, "members": {}}')
     with pytest.raises(MalformedError):
         ReputationBook.from_json(b"not json")
+
+
+def test_pairs_below_the_round_thresholds_are_reported_only_between_each_others_most_similar() -> None:
+    # Triples of members: the first two share much of their update, the third a little of the first's. Every pair
+    # of a triple is in [same_data_linked, same_data_persisting); a round reports the first two, each other's most
+    # similar, and not the third, whose best partner is taken: at most one such pair per member, whatever m is.
+    rng = np.random.default_rng(3)
+    m, d = 60, 3000
+    updates, shared = rng.standard_normal((m, d)), rng.standard_normal((m // 3, d))
+    for k in range(m // 3):
+        updates[3 * k : 3 * k + 3] += np.outer([0.75, 0.75, 0.55], shared[k])
+    updates = (0.01 * updates).astype(np.float32)
+    global_params = rng.standard_normal(d).astype(np.float32)
+    reported = screen_updates(updates, settings=SETTINGS, global_params=global_params).similarities
+    # With the round's own threshold lowered to same_data_linked, every pair down to it is reported.
+    lowered = SETTINGS.model_copy(update={"same_data_persisting": SETTINGS.same_data_linked})
+    every = screen_updates(updates, settings=lowered, global_params=global_params).similarities
+    below = {pair: v for pair, v in every.items() if v < SETTINGS.same_data_persisting}
+    assert len(below) > m // 3 and all(v >= SETTINGS.same_data_linked for v in below.values())
+    best = {
+        member: max((v, pair) for pair, v in every.items() if member in pair)[1] for pair in every for member in pair
+    }
+    mutual = {pair for pair in below if best[pair[0]] == pair == best[pair[1]]}
+    assert mutual == {(3 * k, 3 * k + 1) for k in range(m // 3)}
+    assert reported == {pair: v for pair, v in every.items() if pair in mutual or v >= SETTINGS.same_data_persisting}
