@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from git_revision import export_revision
 
 from coordinator.attribution import (
     CoalitionGame,
@@ -180,18 +181,6 @@ def run_worker(inputs: Path, code_root: Path, threads: int) -> dict[str, object]
     return result
 
 
-def export_revision(revision: str, into: Path) -> Path:
-    root = into / f"rev-{revision}"
-    root.mkdir()
-    archive = subprocess.run(
-        ["git", "-C", str(REPO), "archive", revision, "coordinator", "protocol", "edge"],
-        check=True,
-        capture_output=True,
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
-    return root
-
-
 def median(values: list[float]) -> float:
     return float(np.median(values))
 
@@ -201,7 +190,7 @@ def cost_table(args: argparse.Namespace, val: TaskValidationLoss, global_flat: n
     with tempfile.TemporaryDirectory(prefix="attribution-bench-") as scratch:
         roots = [REPO]
         if args.baseline_rev:
-            roots.append(export_revision(args.baseline_rev, Path(scratch)))
+            roots.append(export_revision(args.baseline_rev, Path(scratch), "coordinator", "protocol", "edge"))
         columns = f"{'n':>14} {'players':>8} {'excluded':>8} {'method':>12} {'evals':>6} {'x eval':>7}"
         columns += f" {'round s':>8} {'CPU s':>6} {'screens s':>9} {'CPU s':>6}"
         if args.baseline_rev:

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import psutil
+from git_revision import export_revision
 
 if TYPE_CHECKING:
     from memory_cgroup import MemoryGroup
@@ -236,13 +237,6 @@ def memory_group_of(limit_mb: int | None) -> Iterator[MemoryGroup | None]:
         yield group
 
 
-def baseline_tree(commit: str, into: Path) -> Path:
-    """The files of `commit` (git archive), to run the baseline's code beside this tree's."""
-    archive = subprocess.run(["git", "-C", str(HERE), "archive", commit], check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    return into
-
-
 def run_child(tree: Path, rounds: int, limit_mb: int | None, timeout_s: float = 600) -> dict[str, object]:
     """One job in a child process whose code (the agent's, Flower processes', the fixtures') is `tree`'s; a job
     not finished after `timeout_s` did not complete."""
@@ -320,7 +314,7 @@ def main() -> None:
                     ).stdout.strip()
                 )
                 print(f"baseline: commit {commit}")
-                results[name] = run_child(baseline_tree(commit, Path(tmp)), args.rounds, None)
+                results[name] = run_child(export_revision(commit, Path(tmp)), args.rounds, None)
             else:
                 results[name] = run_child(HERE, args.rounds, args.limit_mb)
             print_result(name, results[name])
