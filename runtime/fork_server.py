@@ -51,6 +51,9 @@ MAX_SOCKET_PATH_BYTES = 100  # sun_path holds 108 bytes on Linux (104 on BSDs), 
 READY_LINE = "fork server ready on"
 PID_TIMEOUT_S = 15.0  # a launcher whose request got no child after this long starts the program itself
 
+# What a launcher passes on to its child (and the child, once forked, takes with the default action).
+_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
 # -I: the caller's PYTHONPATH and working directory cannot change what the launcher runs; -S: it needs only the
 # standard library, and skipping site (the venv's .pth hooks) saves about 1 MB in each of the three launchers that
 # stand for a device's SuperNode, SuperExec and ClientApp during a job (bench/device_memory_bench.py).
@@ -68,7 +71,7 @@ def forward(signum, frame):
         os.kill(pid, signum)
     except ProcessLookupError:
         pass
-for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+for signum in ({forwarded}):
     signal.signal(signum, forward)
 def fall_back(why):
     if held:
@@ -150,7 +153,12 @@ def install_launchers(bin_dir: Path, socket_path: Path, names: Sequence[str], fa
         fallback = (fallback_dir or Path(sys.executable).parent) / name
         path = bin_dir / name
         text = _LAUNCHER.format(
-            python=sys.executable, name=name, socket=str(socket_path), fallback=str(fallback), pid_timeout=PID_TIMEOUT_S
+            python=sys.executable,
+            name=name,
+            socket=str(socket_path),
+            fallback=str(fallback),
+            pid_timeout=PID_TIMEOUT_S,
+            forwarded=", ".join(f"signal.{signum.name}" for signum in _FORWARDED),
         )
         path.write_text(text)
         path.chmod(0o755)
@@ -185,10 +193,6 @@ def _recv_request(conn: socket.socket, names: Mapping[str, object]) -> tuple[dic
             os.close(fd)
         raise
     return request, fds
-
-
-# What a launcher passes on to its child (and the child, once forked, takes with the default action).
-_FORWARDED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 def _run_child(
