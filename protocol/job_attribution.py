@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from protocol.errors import MalformedError, SettlementMismatchError, UnknownJobError
-from protocol.job_log import JobLogRecord, RoundLogRecord, decode_job_record, decode_round_record
+from protocol.job_log import (
+    JobLogRecord,
+    JobPairs,
+    RoundLogRecord,
+    decode_job_record,
+    decode_round_record,
+    join_round_parts,
+)
 from protocol.leaves import LeafKind, decode_leaf
 
 T = TypeVar("T", int, str)
@@ -193,7 +200,7 @@ class RecomputedJob:
     the job groups (node pair, smaller first -> its members and the rounds it was paid as one)."""
 
     members: dict[str, tuple[int, int, int]]
-    job_groups: dict[tuple[int, int], tuple[tuple[str, str], tuple[int, ...]]]
+    job_groups: JobPairs
 
 
 def recompute_job_attribution(
@@ -233,7 +240,7 @@ def check_job_attribution(job: JobLogRecord, rounds: Sequence[RoundLogRecord]) -
                 f"member {member}: the JOB leaf has (value_units, rounds, excluded_rounds) {logged.get(member)}, its"
                 f" ROUND leaves give {recomputed.members.get(member)}"
             )
-    groups = {g.nodes: (g.members, g.rounds) for g in job.job_groups}
+    groups = job.job_pairs()
     for nodes in sorted(set(groups) | set(recomputed.job_groups)):
         if groups.get(nodes) != recomputed.job_groups.get(nodes):
             return (
@@ -254,7 +261,8 @@ def verify_job_attribution(job: JobLogRecord, rounds: Sequence[RoundLogRecord]) 
 
 @dataclass(frozen=True)
 class JobLeaves:
-    """A job's JOB leaf (and its index in the log) and its ROUND leaves, in log order."""
+    """A job's JOB leaf (and its index in the log) and its rounds as its ROUND leaves give them (a round logged in
+    parts joined), in round order."""
 
     index: int
     job: JobLogRecord
@@ -278,7 +286,7 @@ def find_job_leaves(leaves: Iterable[tuple[int, bytes]], job_id: str) -> JobLeav
                 rounds.append(record)
     if found is None:
         raise UnknownJobError("no JOB leaf for this job in the log", job=job_id)
-    return JobLeaves(found[0], found[1], rounds)
+    return JobLeaves(found[0], found[1], join_round_parts(rounds))
 
 
 def _pair(a: int, b: int) -> Pair:

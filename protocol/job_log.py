@@ -15,7 +15,10 @@ part lets a buyer check that the model it holds is the one the version names.
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Iterable, Sequence
+from itertools import combinations
 from typing import Annotated, ClassVar, Literal, Self, TypeVar
 
 from pydantic import Field, SerializerFunctionWrapHandler, ValidationError, model_serializer, model_validator
@@ -75,10 +78,33 @@ class JobGroupEntry(CanonicalModel):
         return self
 
 
+class JobGroupSet(CanonicalModel):
+    """Job groups written as one: every pair of `nodes` (more than two, sorted) is a job group, paid as one member in
+    the same valued `rounds`; their members are the nodes' in the JOB leaf's `devices`. A set of 20 copies of one
+    data set is 20 node ids here, not 190 pairs."""
+
+    nodes: Annotated[tuple[U64, ...], Field(min_length=3, max_length=100_000)]
+    rounds: Annotated[tuple[int, ...], Field(max_length=10_000)]
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if list(self.nodes) != sorted(set(self.nodes)):
+            raise ValueError("a job group set's nodes must be sorted and distinct")
+        if list(self.rounds) != sorted(set(self.rounds)) or any(r < 1 for r in self.rounds):
+            raise ValueError("a job group set's rounds must be increasing round numbers")
+        return self
+
+
+JobPairs = dict[tuple[int, int], tuple[tuple[str, str], tuple[int, ...]]]
+"""Job groups by node pair (smaller first): their members and the rounds paid as one."""
+
+
 class JobLogRecord(CanonicalModel):
     """The body of a JOB leaf. `model_version` and `final_model_sha256` are set only for a completed job;
-    `attribution` is empty for a job run without attribution. `job_groups` (left out of the encoding when empty, so a
-    leaf from before it keeps its bytes) names the job's same-data groups, sorted by nodes."""
+    `attribution` is empty for a job run without attribution. `job_groups` names the job's same-data groups, sorted by
+    nodes, except those `job_group_sets` writes as sets (sorted by nodes; a pair in one is in no other, nor in
+    `job_groups`); `job_pairs()` gives them all. Both are left out of the encoding when empty, so a leaf from before
+    them keeps its bytes."""
 
     SCHEMA: ClassVar[str] = "midgate.job.v1"
     schema_id: Literal["midgate.job.v1"] = "midgate.job.v1"
@@ -100,17 +126,36 @@ class JobLogRecord(CanonicalModel):
     final_validation: dict[ShortText, Measurement] = Field(default_factory=dict, max_length=16)
     attribution: tuple[MemberValue, ...] = Field(default=(), max_length=100_000)
     job_groups: tuple[JobGroupEntry, ...] = Field(default=(), max_length=100_000)
+    job_group_sets: tuple[JobGroupSet, ...] = Field(default=(), max_length=100_000)
 
     @model_validator(mode="after")
     def _groups_sorted(self) -> Self:
         nodes = [g.nodes for g in self.job_groups]
         if nodes != sorted(set(nodes)):
             raise ValueError("job_groups must be sorted by nodes and unique")
+        if [s.nodes for s in self.job_group_sets] != sorted({s.nodes for s in self.job_group_sets}):
+            raise ValueError("job_group_sets must be sorted by nodes and unique")
+        if self.job_group_sets:
+            named = {d.node_id for d in self.devices}
+            if not named.issuperset(n for s in self.job_group_sets for n in s.nodes):
+                raise ValueError("job_group_sets must name the job's devices' nodes")
+            pairs = [pair for s in self.job_group_sets for pair in combinations(s.nodes, 2)]
+            if len(set(pairs).union(nodes)) != len(pairs) + len(nodes):
+                raise ValueError("a job group must be named once, in job_groups or in one job group set")
         return self
 
     @model_serializer(mode="wrap")
     def _without_job_groups_when_none(self, handler: SerializerFunctionWrapHandler) -> object:
-        return _without_empty(handler(self), "job_groups")
+        return _without_empty(handler(self), "job_groups", "job_group_sets")
+
+    def job_pairs(self) -> JobPairs:
+        """Every job group, from `job_groups` and `job_group_sets`, sorted by nodes."""
+        member_of = {d.node_id: d.member for d in self.devices}
+        pairs: JobPairs = {g.nodes: (g.members, g.rounds) for g in self.job_groups}
+        for group_set in self.job_group_sets:
+            for a, b in combinations(group_set.nodes, 2):
+                pairs[(a, b)] = ((member_of[a], member_of[b]), group_set.rounds)
+        return dict(sorted(pairs.items()))
 
 
 class RoundUpdateEntry(CanonicalModel):
@@ -150,12 +195,19 @@ class RoundSameDataPair(CanonicalModel):
         return self
 
 
+MAX_ROUND_PARTS = 10_000
+
+
 class RoundLogRecord(CanonicalModel):
     """The body of a ROUND leaf. `valuation` is the method that valued it (`exact`, `sampled`, `first_order`,
     `none`), or empty with `skipped` saying why it was not valued. `groups` are the round's players of more than one
     node (each sorted, ordered by their first node) and `same_data` the similarities its screens reported (sorted by
     nodes): with the updates' values, all a job's settlement reads of the round. Both are left out of the encoding
-    when empty, so a leaf from before them keeps its bytes."""
+    when empty, so a leaf from before them keeps its bytes.
+
+    A round too large for one leaf is logged as `parts` ROUND leaves (`split_round_record`), numbered by `part` from
+    1, each with the round's header and a consecutive slice of its four lists; `join_round_parts` puts them back
+    together. Both are left out of the encoding of a round in one leaf."""
 
     SCHEMA: ClassVar[str] = "midgate.round.v1"
     schema_id: Literal["midgate.round.v1"] = "midgate.round.v1"
@@ -171,15 +223,21 @@ class RoundLogRecord(CanonicalModel):
         default=(), max_length=100_000
     )
     same_data: tuple[RoundSameDataPair, ...] = Field(default=(), max_length=100_000)
+    part: int = Field(default=1, ge=1, le=MAX_ROUND_PARTS)
+    parts: int = Field(default=1, ge=1, le=MAX_ROUND_PARTS)
 
     @model_validator(mode="after")
     def _evidence_sorted(self) -> Self:
+        if self.part > self.parts:
+            raise ValueError("a round's part must be at most its number of parts")
         if any(list(g) != sorted(set(g)) for g in self.groups) or [g[0] for g in self.groups] != sorted(
             {g[0] for g in self.groups}
         ):
             raise ValueError("groups must be sorted node ids, ordered by their first node")
         if [p.nodes for p in self.same_data] != sorted({p.nodes for p in self.same_data}):
             raise ValueError("same_data must be sorted by nodes and unique")
+        if self.parts > 1:
+            return self  # what a part's evidence names may be in another part: checked once joined
         admitted = {u.node_id for u in self.updates if not u.excluded}
         grouped = [node for group in self.groups for node in group]
         if len(set(grouped)) != len(grouped) or not admitted.issuperset(grouped):
@@ -190,7 +248,81 @@ class RoundLogRecord(CanonicalModel):
 
     @model_serializer(mode="wrap")
     def _without_evidence_when_none(self, handler: SerializerFunctionWrapHandler) -> object:
-        return _without_empty(handler(self), "groups", "same_data")
+        dumped = _without_empty(handler(self), "groups", "same_data")
+        if isinstance(dumped, dict) and dumped.get("parts") == 1:
+            dumped.pop("part")
+            dumped.pop("parts")
+        return dumped
+
+
+_ROUND_LISTS = ("updates", "drops", "groups", "same_data")
+
+
+def split_round_record(record: RoundLogRecord, limit: int = MAX_SIGNED_SIZE) -> tuple[RoundLogRecord, ...]:
+    """The ROUND leaves of a round: the record itself when its canonical JSON fits in `limit` bytes, else parts, each
+    with the round's header and the next consecutive items of its lists (updates, then drops, groups, same_data)
+    that fit. TooLargeError when one item cannot fit a part on its own."""
+    if record.parts != 1:
+        raise MalformedError("only a whole round is split", job=record.job_id, round=record.round)
+    if len(record.canonical_json()) <= limit:
+        return (record,)
+    bare = {**dict.fromkeys(_ROUND_LISTS, ()), "part": MAX_ROUND_PARTS, "parts": MAX_ROUND_PARTS}
+    header = len(record.model_copy(update=bare).canonical_json())
+    budget = limit - header - sum(len(f',"{name}":[]') for name in _ROUND_LISTS)
+    chunks: list[dict[str, list[object]]] = []
+    used = budget  # starts a part at the first item
+    dumped = record.model_dump(mode="json")
+    for name in _ROUND_LISTS:
+        for item, doc in zip(getattr(record, name), dumped[name], strict=True):
+            size = len(json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()) + 1
+            if size > budget:
+                raise TooLargeError("a round's entry does not fit in a leaf", job=record.job_id, list=name, found=size)
+            if used + size > budget:
+                chunks.append({n: [] for n in _ROUND_LISTS})
+                used = 0
+            chunks[-1][name].append(item)
+            used += size
+    if len(chunks) > MAX_ROUND_PARTS:
+        raise TooLargeError("a round does not fit in its most parts", job=record.job_id, limit=MAX_ROUND_PARTS)
+    parts = tuple(
+        record.model_copy(update={**{n: tuple(items) for n, items in chunk.items()}, "part": i, "parts": len(chunks)})
+        for i, chunk in enumerate(chunks, start=1)
+    )
+    if max(len(p.canonical_json()) for p in parts) > limit:  # the sizes above are exact or larger: their check
+        raise TooLargeError("a round's part is larger than a leaf", job=record.job_id, limit=limit)
+    return parts
+
+
+def join_round_parts(records: Iterable[RoundLogRecord]) -> list[RoundLogRecord]:
+    """The whole rounds of ROUND records (one job's, in any order), ordered by round: a round in one leaf as it is,
+    a round in parts joined and checked as a whole. MalformedError when a round comes twice, a part is missing or
+    comes twice, or its parts' headers differ."""
+    by_round: dict[int, list[RoundLogRecord]] = {}
+    for record in records:
+        by_round.setdefault(record.round, []).append(record)
+    return [_joined(number, parts) for number, parts in sorted(by_round.items())]
+
+
+def _joined(number: int, records: Sequence[RoundLogRecord]) -> RoundLogRecord:
+    first = records[0]
+    if sorted(r.part for r in records) != list(range(1, first.parts + 1)):
+        raise MalformedError(
+            "a round's ROUND leaves are not its parts, each once",
+            job=first.job_id, round=number, parts=first.parts, found=sorted(r.part for r in records),
+        )  # fmt: skip
+    if len(records) == 1:
+        return first
+    header = {"part", "parts", *_ROUND_LISTS}
+    if any(r.model_dump(exclude=header) != first.model_dump(exclude=header) or r.parts != first.parts for r in records):
+        raise MalformedError("a round's parts differ in their header", job=first.job_id, round=number)
+    ordered = sorted(records, key=lambda r: r.part)
+    lists = {name: tuple(item for r in ordered for item in getattr(r, name)) for name in _ROUND_LISTS}
+    try:
+        return RoundLogRecord(**{**first.model_dump(exclude=header), **lists})
+    except ValidationError as error:
+        raise MalformedError(
+            "a round's parts do not make a round", job=first.job_id, round=number, first=error.errors()[0]["msg"]
+        ) from None
 
 
 def _without_empty(dumped: object, *names: str) -> object:

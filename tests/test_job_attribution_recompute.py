@@ -154,7 +154,7 @@ def test_a_job_with_a_same_data_group_recomputes_from_its_round_leaves_with_the_
     assert recomputed.members == {m.member: (m.value_units, m.rounds, m.excluded_rounds) for m in job.attribution}
     assert recomputed.members["ann"][1] == 8  # two devices, four rounds: one payee
     assert recompute_job(path) == (0, "ok\n" + f"leaf 0: job {JOB_ID}'s attribution (6 members, 1 job groups)"
-                                   " reproduces from its 4 ROUND leaves\n")  # fmt: skip
+                                   " reproduces from its 4 rounds' ROUND leaves\n")  # fmt: skip
 
 
 def test_a_changed_similarity_or_value_in_the_ledger_fails_the_command(

@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 from coordinator.ledger.store import LedgerReader
 from coordinator.royalties.settlement import SplitRecord, decode_record
 from protocol.errors import ProtocolError
-from protocol.job_log import JobLogRecord, RoundLogRecord, decode_job_record, decode_round_record
+from protocol.job_log import JobLogRecord, RoundLogRecord, decode_job_record, decode_round_record, join_round_parts
 from protocol.leaves import LeafKind, decode_leaf
 
 
 @dataclass
 class LoggedJob:
-    """One job as its leaves tell it: the JOB leaf, its ROUND leaves, its settlement and the royalties on its model."""
+    """One job as its leaves tell it: the JOB leaf, its rounds (by the index of their first ROUND leaf; a round logged
+    in parts joined), its settlement and the royalties on its model."""
 
     index: int
     record: JobLogRecord
@@ -37,6 +38,8 @@ class LedgerDigest:
     jobs: dict[str, LoggedJob] = field(default_factory=dict)
     undecodable: int = 0
     """Leaves of a known kind whose body did not decode (counted, never fatal: a page still renders)."""
+    _parts: dict[tuple[str, int], list[tuple[int, RoundLogRecord]]] = field(default_factory=dict, repr=False)
+    """The parts of a round logged in parts, until the last is read."""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def refresh(self, reader: LedgerReader) -> LedgerDigest:
@@ -60,8 +63,16 @@ class LedgerDigest:
         elif leaf.kind is LeafKind.ROUND:
             round_record = decode_round_record(leaf.signed)
             job = self.jobs.get(round_record.job_id)
-            if job is not None:
+            if job is None:
+                return
+            if round_record.parts == 1:
                 job.rounds.append((index, round_record))
+                return
+            parts = self._parts.setdefault((round_record.job_id, round_record.round), [])
+            parts.append((index, round_record))
+            if len(parts) == round_record.parts:
+                del self._parts[(round_record.job_id, round_record.round)]
+                job.rounds.append((min(i for i, _ in parts), join_round_parts(r for _, r in parts)[0]))
         elif leaf.kind in (LeafKind.SETTLEMENT, LeafKind.ROYALTY):
             split = decode_record(leaf.signed)
             job = self.jobs.get(split.inputs.attribution.job_id)

@@ -25,6 +25,7 @@ import contextlib
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +40,11 @@ from coordinator.royalties.ledger_records import settle_logged_job, settlement_r
 from coordinator.royalties.policy import RoyaltyPolicy
 from coordinator.royalties.settlement import decode_record
 from protocol.errors import MalformedError, ProtocolError
+from protocol.job_attribution import union_groups
 from protocol.job_log import (
     JobDeviceEntry,
     JobGroupEntry,
+    JobGroupSet,
     JobLogRecord,
     MemberValue,
     RoundDropEntry,
@@ -49,6 +52,7 @@ from protocol.job_log import (
     RoundSameDataPair,
     RoundUpdateEntry,
     decode_job_record,
+    split_round_record,
 )
 from protocol.leaves import Leaf, LeafKind, decode_leaf
 
@@ -76,6 +80,7 @@ def job_log_records(record: JobRecord, jobs_dir: Path) -> tuple[JobLogRecord, li
         return device.device_id, device.member_id
 
     request = record.request
+    job_groups, job_group_sets = _job_groups(outcome, lambda node: device_of(node)[1])
     job = JobLogRecord(
         job_id=request.job_id,
         run_id=record.run_id,
@@ -102,7 +107,8 @@ def job_log_records(record: JobRecord, jobs_dir: Path) -> tuple[JobLogRecord, li
         model_version=record.model_version,
         final_validation={k: v for k, v in outcome.final_validation.items() if math.isfinite(v) and v >= 0},
         attribution=_member_values(outcome, lambda node: device_of(node)[1]),
-        job_groups=_job_groups(outcome, lambda node: device_of(node)[1]),
+        job_groups=job_groups,
+        job_group_sets=job_group_sets,
     )
     rounds = []
     server_round = 1
@@ -133,19 +139,28 @@ def _member_values(outcome: JobOutcome, member_of: Callable[[str], str]) -> tupl
     )
 
 
-def _job_groups(outcome: JobOutcome, member_of: Callable[[str], str]) -> tuple[JobGroupEntry, ...]:
-    """The job's same-data pairs by node id, smaller first, with their members and the rounds paid as one."""
-    entries = []
+def _job_groups(
+    outcome: JobOutcome, member_of: Callable[[str], str]
+) -> tuple[tuple[JobGroupEntry, ...], tuple[JobGroupSet, ...]]:
+    """The job's same-data pairs by node id, smaller first, with the rounds paid as one: every set of three or more
+    nodes of which each pair is a job group paid as one in the same rounds (a data set's copies) written once, as a
+    JobGroupSet; the other pairs with their members."""
+    by_rounds: dict[tuple[int, ...], list[tuple[int, int]]] = {}
     for group in outcome.job_groups:
-        first, second = sorted(int(node) for node in group.pair)
-        entries.append(
-            JobGroupEntry(
-                nodes=(first, second),
-                members=(member_of(str(first)), member_of(str(second))),
-                rounds=tuple(group.rounds),
-            )
-        )
-    return tuple(sorted(entries, key=lambda entry: entry.nodes))
+        by_rounds.setdefault(tuple(group.rounds), []).append(_node_pair(group.pair))
+    entries, sets = [], []
+    for rounds, pairs in by_rounds.items():
+        components = union_groups(sorted({node for pair in pairs for node in pair}), pairs)
+        component_of = {node: i for i, component in enumerate(components) for node in component}
+        inside = Counter(component_of[first] for first, _ in pairs)
+        whole = {i for i, c in enumerate(components) if len(c) > 2 and inside[i] == len(c) * (len(c) - 1) // 2}
+        sets += [JobGroupSet(nodes=components[i], rounds=rounds) for i in sorted(whole)]
+        entries += [
+            JobGroupEntry(nodes=pair, members=(member_of(str(pair[0])), member_of(str(pair[1]))), rounds=rounds)
+            for pair in pairs
+            if component_of[pair[0]] not in whole
+        ]
+    return tuple(sorted(entries, key=lambda entry: entry.nodes)), tuple(sorted(sets, key=lambda s: s.nodes))
 
 
 NodeGroups = tuple[tuple[int, ...], ...]
@@ -215,7 +230,8 @@ def _round_record(
 class LoggedJob:
     job_id: str
     first_index: int
-    rounds: int
+    round_leaves: int
+    """One per round, or a round's parts (protocol.job_log.split_round_record)."""
     model_version: str | None
 
 
@@ -262,7 +278,7 @@ class JobLedger:
                 continue
             logged = self._attempt(self.book.path(job_id), self._log_job, job_id)
             if logged is not None:
-                appended += range(logged.first_index, logged.first_index + 1 + logged.rounds)
+                appended += range(logged.first_index, logged.first_index + 1 + logged.round_leaves)
         for job_id in self.book.paid_job_ids():
             index = self._attempt(self.book.payments_dir / f"{job_id}.json", self._settle, job_id)
             if index is not None:
@@ -304,15 +320,16 @@ class JobLedger:
         if record is None or record.status not in ("completed", "failed"):
             return None
         job, rounds = job_log_records(record, self.jobs_dir)
-        leaves = [Leaf(LeafKind.JOB, job.canonical_json())] + [Leaf(LeafKind.ROUND, r.canonical_json()) for r in rounds]
+        leaves = [Leaf(LeafKind.JOB, job.canonical_json())]
+        leaves += [Leaf(LeafKind.ROUND, part.canonical_json()) for r in rounds for part in split_round_record(r)]
         first = self.ledger.append_leaves(leaves).first_index
         jobs[job_id] = first
         log.info(
             "job logged",
-            extra={"job": job_id, "status": job.status, "leaves": f"{first}..{first + len(rounds)}",
-                   "model_version": job.model_version or "-"},
+            extra={"job": job_id, "status": job.status, "leaves": f"{first}..{first + len(leaves) - 1}",
+                   "rounds": len(rounds), "model_version": job.model_version or "-"},
         )  # fmt: skip
-        return LoggedJob(job_id, first, len(rounds), job.model_version)
+        return LoggedJob(job_id, first, len(leaves) - 1, job.model_version)
 
     def _settle(self, job_id: str) -> int | None:
         jobs = self._known_jobs()

@@ -49,7 +49,8 @@ from coordinator.registry.store import Registry
 from coordinator.registry.strikes import strike_refusal
 from protocol.errors import ProtocolError
 from protocol.identity import SignerKey
-from protocol.job_log import model_version
+from protocol.job_log import JobDeviceEntry, JobLogRecord, MemberValue, model_version
+from protocol.leaves import MAX_SIGNED_SIZE
 from protocol.messages import RoundInvitation, usable_sensors
 from protocol.tasks.schedule import LrSchedule
 from protocol.tasks.spec import TaskSpec, get_task, write_task_file
@@ -268,6 +269,37 @@ def select_devices(registry: Registry, names: tuple[str, ...]) -> list[JobDevice
             raise JobRequestError("no_flower_node", "the device enrolled without a Flower key", device=name)
         chosen.append(JobDevice(device_id=name, member_id=device.member_id, node_id=node.node_id))
     return chosen
+
+
+JOB_LEAF_SHARE = 0.75
+"""Of a leaf's 1 MiB, what a job's devices and members may fill in its JOB leaf at most: the rest is room for the
+screens named and the job's same-data groups."""
+
+
+def check_job_leaf_room(request: JobRequest, devices: list[JobDevice]) -> None:
+    """Raises JobRequestError `too_many_devices` when the JOB leaf that would log a job of these devices, with every
+    value at its widest, fills more than JOB_LEAF_SHARE of a leaf: such a job could never be logged, so never settled
+    (docs/attribution.md, section 3). About 3,800 devices of one member each fit (ids of 9 to 12 characters)."""
+    members: dict[str, int] = {}
+    for device in devices:
+        members[device.member_id] = members.get(device.member_id, 0) + request.rounds
+    widest = JobLogRecord(
+        job_id=request.job_id, run_id=(1 << 64) - 1, task_id=request.task_id, task_version=request.task_version,
+        purpose=request.purpose, buyer=request.buyer, status="completed", rounds=request.rounds,
+        rounds_completed=request.rounds, started_ms=_now_ms(), ended_ms=_now_ms(),
+        devices=tuple(JobDeviceEntry(device=d.device_id, member=d.member_id, node_id=d.node_id, selected=True)
+                      for d in devices),
+        final_model_sha256="0" * 64, model_version=model_version(request.job_id, "0" * 64),
+        attribution=tuple(MemberValue(member=m, value_units=-(1 << 62), rounds=r, excluded_rounds=r)
+                          for m, r in sorted(members.items())),
+    )  # fmt: skip
+    size = len(widest.canonical_json())
+    if size > JOB_LEAF_SHARE * MAX_SIGNED_SIZE:
+        raise JobRequestError(
+            "too_many_devices",
+            "the job's JOB leaf could not name this many devices and members: run it on fewer (--device)",
+            devices=len(devices), members=len(members), bytes=size, limit=int(JOB_LEAF_SHARE * MAX_SIGNED_SIZE),
+        )  # fmt: skip
 
 
 def expected_devices(
@@ -593,6 +625,7 @@ class JobRun:
             self.task,
             self.reputation,
         )
+        check_job_leaf_room(self.request, devices)
         record = JobRecord(
             request=self.request,
             invited=devices,

@@ -233,5 +233,5 @@ def recompute_job(
         raise _fail(exc) from None
     _ok(
         f"leaf {found.index}: job {job_id}'s attribution ({len(found.job.attribution)} members,"
-        f" {len(found.job.job_groups)} job groups) reproduces from its {len(found.rounds)} ROUND leaves"
+        f" {len(found.job.job_pairs())} job groups) reproduces from its {len(found.rounds)} rounds' ROUND leaves"
     )
