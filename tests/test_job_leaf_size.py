@@ -300,6 +300,15 @@ def test_a_job_of_1100_members_holding_55_data_sets_is_logged_settled_and_recomp
         f"job {JOB}'s attribution (1103 members, 10452 job groups) reproduces from its 2 rounds'" in recomputed.output
     )
 
+    shown = CliRunner().invoke(midgate, ["ledger", "show", str(data / "ledger.sqlite")])
+    assert shown.exit_code == 0, shown.output
+    about = [line.split("\t")[4] for line in shown.output.splitlines() if line.count("\t") == 4]
+    assert about[0] == f"job {JOB} completed, 2/2 rounds, 1103 devices"
+    assert [line.split(",")[0] for line in about[1:]] == [
+        f"job {JOB} round {r} (part {p} of 2)" for r in (1, 2) for p in (1, 2)
+    ]
+    assert sum(int(line.split(", ")[1].split()[0]) for line in about[1:]) == 2 * 1_103  # each update once
+
     with LedgerReader.open_existing(data / "ledger.sqlite") as reader:
         digest = LedgerDigest().refresh(reader)
     rounds = digest.jobs[JOB].rounds

@@ -146,6 +146,13 @@ def test_a_buyer_requests_pays_follows_and_downloads_a_settled_job(messaging_sta
         assert settlement.inputs.attribution.model_version == shown["model_version"]
         assert decode_job_record(job_body).buyer == "acme"
         assert settlement.fee_minor <= deposit.amount_minor * 2000 // 10_000
+        # What the operator's `ledger show` says of the leaves: the job, its escrow in and out.
+        listed = midgate("ledger", "show", str(stack.data_dir / "ledger.sqlite"), "--count", "1000").splitlines()
+        about = {int(line.split("\t")[0]): line.split("\t")[4] for line in listed if line.count("\t") == 4}
+        total = f"{deposit.amount_minor} {deposit.currency}"
+        assert about[escrow_index] == f"job {job_id} deposit {total} by acme"
+        assert about[release_index] == f"job {job_id} release {total} by acme into leaf {settlement_index}"
+        assert about[job_index].startswith(f"job {job_id} completed, ")
         ledger = shown["ledger"]
         assert (ledger["escrow"], ledger["settlement"], ledger["release"]) == (
             escrow_index,
