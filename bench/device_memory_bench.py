@@ -5,7 +5,8 @@ enrolled `midgate agent run` devices replaying PLAID with the Pi's agent.toml se
 (deploy/raspberrypi/agent.toml.template), and `midgate coordinator job start --rounds R`. Device m0's process tree
 is sampled every 0.2 s from the invitation to the job's end: PSS, and its anonymous and file-backed shares
 (/proc/PID/smaps_rollup: Pss_Anon, Pss_File), per part -- the agent, the warm parent the job's Flower processes are
-forked from, SuperNode, SuperExec, ClientApp, and the fork server's launcher scripts -- and the peak of the sum.
+forked from, SuperNode, SuperExec (a thread of the SuperNode's process since midgate-supernode: 0 MB), ClientApp,
+and the fork server's launcher scripts -- and the peak of the sum.
 
 PSS divides each page among the processes that map it: the forked parts share the warm parent's pages, so their sum
 counts those once. File-backed pages (the libraries' code) are also shared with any other process on this machine
@@ -49,7 +50,14 @@ HERE = Path(__file__).resolve().parents[1]
 JOB = "bench-device-memory"
 PI_SETTINGS = "keep_warm_executor = false"
 PARTS = ("agent", "warm parent", "SuperNode", "SuperExec", "ClientApp", "launchers", "other")
-FORKED = {"flower-supernode": "SuperNode", "flower-superexec": "SuperExec", "flwr-clientapp": "ClientApp"}
+# midgate-supernode: the SuperNode with its SuperExec in a thread (edge/federated/supernode_main.py); a baseline
+# before it forks flower-supernode and flower-superexec.
+FORKED = {
+    "midgate-supernode": "SuperNode",
+    "flower-supernode": "SuperNode",
+    "flower-superexec": "SuperExec",
+    "flwr-clientapp": "ClientApp",
+}
 _FORK_LINE = re.compile(r"fork server: forked (\S+) as pid (\d+)")
 MB = 1 << 20
 

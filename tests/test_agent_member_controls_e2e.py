@@ -148,12 +148,24 @@ class Device:
         return found
 
     def wait_supernode(self, what: str) -> set[int]:
-        """Wait for the job's SuperNode and its SuperExec (started by the SuperNode, or beside it by the agent when
-        ClientApps are forked from a warm executor); returns every process below the agent then."""
+        """Wait for the job's SuperNode and its SuperExec (a process the SuperNode starts, or, when the SuperNode is
+        forked from a warm executor, a thread of that fork); returns every process below the agent then."""
         wait_until(lambda: bool(self.supernodes()) or not self.alive, 60, what)
         assert self.alive
-        wait_until(lambda: any("superexec" in cmd for cmd in self._below()), 60, "the SuperNode's SuperExec")
+        wait_until(
+            lambda: any("superexec" in cmd for cmd in self._below()) or bool(self.forked()),
+            60,
+            "the SuperNode's SuperExec, or its SuperNode forked warm",
+        )
         return self.note_tree()
+
+    def forked(self) -> list[psutil.Process]:
+        """What the warm executors below the agent forked (their children carrying their command line)."""
+        found = []
+        for parent in self.warm_executors():
+            with contextlib.suppress(psutil.Error):
+                found += [c for c in parent.children() if c.cmdline() == parent.cmdline()]
+        return found
 
     def wait_log(self, text: str, what: str, timeout: float = 60) -> None:
         wait_until(lambda: text in self.log() or not self.alive, timeout, what)

@@ -236,13 +236,14 @@ def test_enrolment_with_a_bad_flower_key_is_refused_and_leaves_the_invite_unused
 
 
 def _supernodes(pid: int) -> list[psutil.Process]:
-    """The SuperNodes below `pid`: not the warm executor, whose command line names the programs it forks
-    (`--entry flower-supernode=...`), nor what it forked (a fork keeps its parent's command line)."""
+    """The SuperNodes below `pid` (Flower's `flower-supernode`, or the launcher of a warm executor's
+    `midgate-supernode`): not the warm executor, whose command line names the programs it forks
+    (`--entry midgate-supernode=...`), nor what it forked (a fork keeps its parent's command line)."""
     with contextlib.suppress(psutil.Error):
         return [
             p
             for p in psutil.Process(pid).children(recursive=True)
-            if "flower-supernode" in (cmdline := " ".join(p.cmdline())) and WARM_EXECUTOR not in cmdline
+            if "-supernode" in (cmdline := " ".join(p.cmdline())) and WARM_EXECUTOR not in cmdline
         ]
     return []
 

@@ -27,7 +27,7 @@ def federation(tmp_path: Path) -> Iterator[Federation]:
 
 
 def _fresh(template: SuperNodeProcess) -> SuperNodeProcess:
-    return dataclasses.replace(template, proc=None, superexec=None)
+    return dataclasses.replace(template, proc=None)
 
 
 def _joined_again(supervisor: SuperNodeSupervisor) -> bool:

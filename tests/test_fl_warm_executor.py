@@ -17,11 +17,19 @@ from pathlib import Path
 
 import psutil
 import pytest
-from mqtt_fixtures import wait_exited, wait_until
+from mqtt_fixtures import free_port, wait_exited, wait_until
 
 from edge.federated.acceleration.warm_executor import WarmExecutor, install_launchers
 
 pytestmark = pytest.mark.slow  # real processes
+
+
+def _retrying_supernode(bin_dir: Path) -> list[str]:
+    """A SuperNode (with its SuperExec) that retries a closed SuperLink port until it is told to stop."""
+    return [
+        str(bin_dir / "midgate-supernode"), "--superlink", "127.0.0.1:9", "--insecure", "--isolation", "process",
+        "--host", "127.0.0.1", "--port", str(free_port()),
+    ]  # fmt: skip
 
 
 @pytest.fixture
@@ -37,7 +45,7 @@ def warm(tmp_path: Path) -> Iterator[WarmExecutor]:
 
 def test_launcher_runs_the_flower_entry_point_in_a_forked_child(warm: WarmExecutor, tmp_path: Path) -> None:
     out = subprocess.run(
-        [str(warm.bin_dir / "flower-superexec"), "--help"],
+        [str(warm.bin_dir / "midgate-supernode"), "--help"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -45,7 +53,7 @@ def test_launcher_runs_the_flower_entry_point_in_a_forked_child(warm: WarmExecut
         check=False,
     )
     assert out.returncode == 0
-    assert "usage: flower-superexec" in out.stdout  # argv[0] and the stdout descriptor reached the child
+    assert "usage: midgate-supernode" in out.stdout  # argv[0] and the stdout descriptor reached the child
     children = psutil.Process(warm.pids()[0]).children()
     assert children == []  # the child was reaped
 
@@ -63,9 +71,9 @@ def test_launcher_returns_the_child_exit_status_and_stderr(warm: WarmExecutor) -
 
 
 def test_launcher_forwards_sigterm_to_the_child(warm: WarmExecutor, tmp_path: Path) -> None:
-    # A SuperExec pointed at a closed port keeps retrying until it is told to stop.
+    # A SuperNode pointed at a closed port keeps retrying until it is told to stop.
     launcher = subprocess.Popen(
-        [str(warm.bin_dir / "flower-superexec"), "--runtime-api-address", "127.0.0.1:9", "--insecure"],
+        _retrying_supernode(warm.bin_dir),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(tmp_path / "home")},
@@ -90,9 +98,9 @@ def test_launcher_forwards_sigterm_to_the_child(warm: WarmExecutor, tmp_path: Pa
 def test_launcher_falls_back_to_the_plain_command_without_a_warm_parent(tmp_path: Path) -> None:
     bin_dir = install_launchers(tmp_path / "bin", tmp_path / "absent.sock")
     out = subprocess.run(
-        [str(bin_dir / "flower-superexec"), "--help"], capture_output=True, text=True, timeout=60, check=False
+        [str(bin_dir / "midgate-supernode"), "--help"], capture_output=True, text=True, timeout=60, check=False
     )
-    assert out.returncode == 0 and "usage: flower-superexec" in out.stdout
+    assert out.returncode == 0 and "usage: midgate-supernode" in out.stdout
 
 
 # The SuperNode's own log lines around a message pull (flwr/supernode/start_client_internal.py), as its log holds them.
@@ -105,13 +113,13 @@ def test_a_folder_too_deep_for_a_unix_socket_gets_a_private_socket_folder(tmp_pa
     try:
         assert socket_dir != deep and stat.S_IMODE(socket_dir.stat().st_mode) == 0o700
         out = subprocess.run(
-            [str(executor.bin_dir / "flower-superexec"), "--help"],
+            [str(executor.bin_dir / "midgate-supernode"), "--help"],
             capture_output=True,
             text=True,
             timeout=60,
             check=False,
         )
-        assert out.returncode == 0 and "usage: flower-superexec" in out.stdout
+        assert out.returncode == 0 and "usage: midgate-supernode" in out.stdout
     finally:
         executor.stop()
         print((deep / "warm.log").read_text(errors="replace")[-4000:])
@@ -120,7 +128,7 @@ def test_a_folder_too_deep_for_a_unix_socket_gets_a_private_socket_folder(tmp_pa
 
 def test_a_kept_warm_executor_starts_once_and_outlives_what_it_forked(tmp_path: Path) -> None:
     """The agent's kept executor (keep_warm_executor): a second `ensure_started` and two started at once find one
-    parent; `stop_children` ends a forked SuperExec and leaves the parent listening for the next job's."""
+    parent; `stop_children` ends a forked SuperNode and leaves the parent listening for the next job's."""
     executor = WarmExecutor(tmp_path / "warm")
     launchers: list[subprocess.Popen[bytes]] = []
     try:
@@ -131,10 +139,10 @@ def test_a_kept_warm_executor_starts_once_and_outlives_what_it_forked(tmp_path: 
         executor.ensure_started()
         assert executor.pids() == parent
 
-        def fork_superexec() -> psutil.Process:
+        def fork_supernode() -> psutil.Process:
             launchers.append(
                 subprocess.Popen(
-                    [str(executor.bin_dir / "flower-superexec"), "--runtime-api-address", "127.0.0.1:9", "--insecure"],
+                    _retrying_supernode(executor.bin_dir),
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                     env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(tmp_path / "home")},
@@ -152,12 +160,12 @@ def test_a_kept_warm_executor_starts_once_and_outlives_what_it_forked(tmp_path: 
                 return [c for c in warm.children() if c.cmdline() == warm.cmdline()]
             return []
 
-        child = fork_superexec()
+        child = fork_supernode()
         executor.stop_children(grace=5.0)
         gone, _ = psutil.wait_procs([child], timeout=30)
         assert gone == [child] and executor.pids() == parent
         assert launchers[0].wait(timeout=30) != 0  # the launcher exits with its child's (killed) status
-        second = fork_superexec()  # the same parent forks the next job's
+        second = fork_supernode()  # the same parent forks the next job's
         assert second.pid != child.pid and second.ppid() == parent[0] and executor.pids()[0] == parent[0]
     finally:
         executor.stop()

@@ -94,10 +94,11 @@ class SuperNodeProcess:
     data_path, spool_dir: handed to the ClientApp as node config `data-path` and `spool-dir`.
     clientappio_port: the SuperNode's local port for its ClientApps (Flower's default 9094 would collide).
     extra_env: more environment for Flower's processes.
-    warm: when given, the SuperNode runs with `--isolation process` and its SuperExec and ClientApps are forked
-        from this warm executor (Flower acceleration: edge.federated.acceleration.device.accelerated sets it), which
-        `start` starts (unless it lives) and `stop` stops; otherwise Flower's default: the SuperNode starts its own
-        SuperExec, which starts a fresh ClientApp per message.
+    warm: when given, the SuperNode runs as `midgate-supernode` (`--isolation process` with its SuperExec in a thread,
+        edge/federated/supernode_main.py), forked like its ClientApps from this warm executor (Flower acceleration:
+        edge.federated.acceleration.device.accelerated sets it), which `start` starts (unless it lives) and `stop`
+        stops; otherwise Flower's default: the SuperNode starts its own SuperExec process, which starts a fresh
+        ClientApp per message.
     warm_kept: the warm executor outlives this SuperNode (the agent keeps it between jobs): `stop` and `kill` end
         only what it forked, and `pids` lists only that.
     """
@@ -114,7 +115,6 @@ class SuperNodeProcess:
     warm: WarmExecutor | None = None
     warm_kept: bool = False
     proc: subprocess.Popen[bytes] | None = None
-    superexec: subprocess.Popen[bytes] | None = None
 
     def _command(self, name: str) -> str:
         return str(self.warm.bin_dir / name) if self.warm is not None else _flower_executable(name)
@@ -122,7 +122,7 @@ class SuperNodeProcess:
     def argv(self) -> list[str]:
         node_config = f"data-path={_quote(str(self.data_path))} spool-dir={_quote(str(self.spool_dir))}"
         return [
-            self._command("flower-supernode"),
+            self._command("midgate-supernode" if self.warm is not None else "flower-supernode"),
             "--superlink",
             self.superlink,
             "--root-certificates",
@@ -159,50 +159,35 @@ class SuperNodeProcess:
         log = (self.log_path or self.flwr_home / "supernode.log").open("ab")
         env = self.env()
         self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        if self.warm is not None:
-            superexec = [
-                self._command("flower-superexec"),
-                "--runtime-api-address",
-                f"127.0.0.1:{self.clientappio_port}",
-                "--insecure",
-                "--parent-pid",
-                str(self.proc.pid),
-            ]
-            self.superexec = subprocess.Popen(
-                superexec, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
         log.close()
 
     def pids(self) -> list[int]:
         """Every live process of this SuperNode: launchers, SuperNode, SuperExec, ClientApps, and the warm executor
         unless it is kept."""
         found: list[int] = []
-        for proc in (self.proc, self.superexec):
-            if proc is not None and proc.poll() is None:
-                with contextlib.suppress(psutil.Error):
-                    found += [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                found += [self.proc.pid, *(c.pid for c in psutil.Process(self.proc.pid).children(recursive=True))]
         if self.warm is not None:
             found += self.warm.child_pids() if self.warm_kept else self.warm.pids()
         return found
 
     def stop(self, grace: float = 10.0) -> int | None:
-        """SIGTERM the SuperNode (and SuperExec), SIGKILL what is left after `grace`, end detached descendants
-        (Flower starts its SuperExec in a new session) by PID, stop the warm executor (a kept one: what it forked);
+        """SIGTERM the SuperNode, SIGKILL what is left after `grace`, end detached descendants (Flower starts its
+        SuperExec in a new session) by PID, stop the warm executor (a kept one: what it forked);
         returns the SuperNode's exit code."""
         if self.proc is None:
             return None
         below = self.pids()
-        for proc in (self.superexec, self.proc):
-            if proc is not None and proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        for proc in (self.superexec, self.proc):
-            if proc is not None:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=grace)
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=grace)
+        proc = self.proc
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=grace)
         if self.warm is not None and self.warm_kept:
             self.warm.stop_children(grace)
         elif self.warm is not None:
@@ -220,7 +205,7 @@ class SuperNodeProcess:
             with contextlib.suppress(psutil.Error):
                 psutil.Process(pid).kill()
         warm = self.warm.proc if self.warm is not None and not self.warm_kept else None
-        for proc in (self.proc, self.superexec, warm):
+        for proc in (self.proc, warm):
             if proc is not None:
                 proc.wait(timeout=10)
         psutil.wait_procs([p for p in (_process(pid) for pid in victims) if p is not None], timeout=10)

@@ -5,8 +5,9 @@ torch before it trains for a fraction of a second. The agent instead keeps a war
 imports torch, Flower and the midgate ClientApp once and then forks a child per request. Flower is used as shipped:
 its SuperExec launches `flwr-clientapp` by name from PATH, and the SuperExec's PATH starts with the fork server's
 launchers, which ask the warm parent to fork the real Flower entry point
-(`flwr.supernode.cli.flwr_clientapp.flwr_clientapp`). SuperNode and SuperExec are forked the same way, so every
-Flower process of the device shares the one copy of torch, numpy and Flower in memory.
+(`flwr.supernode.cli.flwr_clientapp.flwr_clientapp`). The SuperNode, with its SuperExec in a thread
+(`midgate-supernode`, edge/federated/supernode_main.py), is forked the same way, so every Flower process of the
+device shares the one copy of torch, numpy and Flower in memory.
 
 What is the device's here: which Flower programs are forked, what is preloaded, and that a forked ClientApp first
 waits until the SuperNode's log shows its message pulled (message_wait.py). The mechanism is runtime.fork_server's.
@@ -24,8 +25,7 @@ from runtime.fork_server import main as _fork_server_main
 
 ENTRY_POINTS: dict[str, tuple[str, str]] = {
     "flwr-clientapp": ("flwr.supernode.cli.flwr_clientapp", "flwr_clientapp"),
-    "flower-superexec": ("flwr.supercore.cli.flower_superexec", "flower_superexec"),
-    "flower-supernode": ("flwr.supernode.cli.flower_supernode", "flower_supernode"),
+    "midgate-supernode": ("edge.federated.supernode_main", "main"),
 }
 # Not torch._dynamo: the ClientApp trains with protocol.tasks.models.PlainAdam, which never imports it (torch.optim's
 # optimisers do: about 800 modules and 70 MB that every process forked from here would carry).

@@ -1,0 +1,64 @@
+"""`midgate-supernode` (edge/federated/supernode_main.py): Flower's SuperNode with its SuperExec in a thread. A job
+through it runs in tests/test_fl_deployment.py and the agent's e2e tests (the warm executor forks it); here what it
+refuses and that a SuperExec thread that ends takes the SuperNode with it rather than leaving a node nobody trains on.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mqtt_fixtures import free_port
+
+from edge.federated.supernode_main import runtime_api_address
+
+pytestmark = pytest.mark.slow  # real processes
+
+SCRIPTS = Path(sys.executable).parent
+FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0"}
+
+
+def _args(port: int) -> list[str]:
+    return ["--superlink", "127.0.0.1:9", "--insecure", "--isolation", "process", "--host", "127.0.0.1", "--port",
+            str(port)]  # fmt: skip
+
+
+def test_it_needs_process_isolation_and_its_runtime_api_on_loopback_at_a_port() -> None:
+    assert runtime_api_address(_args(9101)) == "127.0.0.1:9101"
+    for wrong in (
+        ["--isolation", "subprocess", "--host", "127.0.0.1", "--port", "9101"],  # Flower would start a SuperExec too
+        ["--isolation", "process", "--host", "0.0.0.0", "--port", "9101"],  # the Runtime API is not TLS
+        ["--isolation", "process", "--host", "127.0.0.1"],
+    ):
+        with pytest.raises(SystemExit, match=r"needs --isolation process --host 127\.0\.0\.1 --port PORT"):
+            runtime_api_address(wrong)
+    refused = subprocess.run(
+        [str(SCRIPTS / "midgate-supernode"), "--superlink", "127.0.0.1:9", "--insecure"],
+        capture_output=True, text=True, timeout=60, check=False, env={**os.environ, **FLOWER_ENV},
+    )  # fmt: skip
+    assert refused.returncode == 1 and "needs --isolation process" in refused.stderr
+
+
+def test_a_superexec_thread_that_ends_ends_the_supernode(tmp_path: Path) -> None:
+    # Flower's SuperExec loop replaced by one that fails at once; the SuperNode alone would retry its SuperLink for
+    # ever, so only the thread's end can end this process.
+    program = (
+        "import sys\n"
+        "from flwr.supercore.superexec import run_superexec as module\n"
+        "def failing(**kwargs):\n"
+        "    raise RuntimeError('the Runtime API refused us')\n"
+        "module.run_superexec = failing\n"
+        "from edge.federated.supernode_main import main\n"
+        f"sys.argv = ['midgate-supernode', *{_args(free_port())!r}]\n"
+        "main()\n"
+    )
+    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(tmp_path / "home")}
+    ended = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120, env=env)
+    output = ended.stdout + ended.stderr
+    assert "RuntimeError: the Runtime API refused us" in output, output
+    assert "midgate-supernode: the SuperExec thread ended; ending the SuperNode" in output, output
+    # SIGTERM: Flower's graceful exit once its handler is in place, the default action before (here, at once).
+    assert ended.returncode in (-15, 0), output
