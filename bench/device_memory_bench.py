@@ -6,7 +6,9 @@ enrolled `midgate agent run` devices replaying PLAID with the Pi's agent.toml se
 is sampled every 0.2 s from the invitation to the job's end: PSS, and its anonymous and file-backed shares
 (/proc/PID/smaps_rollup: Pss_Anon, Pss_File), per part -- the agent, the warm parent the job's Flower processes are
 forked from, SuperNode, SuperExec (a thread of the SuperNode's process since midgate-supernode: 0 MB), ClientApp,
-and the fork server's launcher scripts -- and the peak of the sum.
+and the fork server's launcher scripts -- and the peak of the sum. With the Pi's setting the device now runs a job
+as one process (`midgate-supernode --clientapp-threads`: SuperNode, SuperExec and ClientApps in it, no warm
+parent), so every part but the agent and the SuperNode is 0 there.
 
 PSS divides each page among the processes that map it: the forked parts share the warm parent's pages, so their sum
 counts those once. File-backed pages (the libraries' code) are also shared with any other process on this machine
@@ -124,7 +126,11 @@ class DeviceSampler:
         program = self._programs.get(proc.pid) or self._forked().get(proc.pid)
         if program is not None:
             return program
-        return "warm parent" if "warm_executor" in cmdline else "other"
+        if "warm_executor" in cmdline:
+            return "warm parent"
+        # Started, not forked: a SuperNode with its SuperExec and ClientApps in threads (keep_warm_executor = false),
+        # or Flower's own processes (flower_acceleration = false).
+        return next((part for name, part in FORKED.items() if f"/{name} " in f"{cmdline} "), "other")
 
     def _tree(self) -> list[psutil.Process]:
         agent = psutil.Process(self.agent_pid)

@@ -1,21 +1,21 @@
-"""`midgate-supernode` (edge/federated/supernode_main.py): Flower's SuperNode with its SuperExec in a thread. A job
-through it runs in tests/test_fl_deployment.py and the agent's e2e tests (the warm executor forks it); here what it
-refuses and that a SuperExec thread that ends takes the SuperNode with it rather than leaving a node nobody trains on.
-"""
+"""`midgate-supernode` (edge/federated/supernode_main.py): Flower's SuperNode with its SuperExec in a thread, and with
+`--clientapp-threads` its ClientApps too. Jobs run through it in tests/test_fl_deployment.py (forked by the warm
+executor) and in the agent e2e tests whose agents keep no warm executor (one process); here what it refuses, that a
+SuperExec thread that ends takes the SuperNode with it rather than leaving a node nobody trains on, and that Flower's
+exit in a ClientApp thread ends that thread alone."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 from mqtt_fixtures import free_port
 
 from edge.federated.supernode_main import runtime_api_address
-
-pytestmark = pytest.mark.slow  # real processes
 
 SCRIPTS = Path(sys.executable).parent
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0"}
@@ -26,6 +26,7 @@ def _args(port: int) -> list[str]:
             str(port)]  # fmt: skip
 
 
+@pytest.mark.slow  # a real process
 def test_it_needs_process_isolation_and_its_runtime_api_on_loopback_at_a_port() -> None:
     assert runtime_api_address(_args(9101)) == "127.0.0.1:9101"
     for wrong in (
@@ -42,6 +43,7 @@ def test_it_needs_process_isolation_and_its_runtime_api_on_loopback_at_a_port() 
     assert refused.returncode == 1 and "needs --isolation process" in refused.stderr
 
 
+@pytest.mark.slow  # a real process
 def test_a_superexec_thread_that_ends_ends_the_supernode(tmp_path: Path) -> None:
     # Flower's SuperExec loop replaced by one that fails at once; the SuperNode alone would retry its SuperLink for
     # ever, so only the thread's end can end this process.
@@ -62,3 +64,41 @@ def test_a_superexec_thread_that_ends_ends_the_supernode(tmp_path: Path) -> None
     assert "midgate-supernode: the SuperExec thread ended; ending the SuperNode" in output, output
     # SIGTERM: Flower's graceful exit once its handler is in place, the default action before (here, at once).
     assert ended.returncode in (-15, 0), output
+
+
+def test_flowers_exit_in_a_clientapp_thread_runs_that_threads_handlers_only_and_ends_the_thread() -> None:
+    from flwr.supercore.exit import exit_handler
+
+    from edge.federated.supernode_main import _register_thread_exit_handlers, _thread_exit, _ThreadExit
+
+    process_handlers = list(exit_handler.registered_exit_handlers)  # the SuperNode's, which must not run here
+    ran: list[str] = []
+    ended: list[int] = []
+
+    def clientapp(name: str) -> None:
+        _register_thread_exit_handlers(None, exit_handlers=[lambda: ran.append(f"{name} first")])
+        _register_thread_exit_handlers(None, exit_handlers=[lambda: ran.append(f"{name} second")])
+        try:
+            _thread_exit(0)
+        except _ThreadExit as done:
+            ended.append(done.code)
+
+    for name in ("a", "b"):  # one after the other, as a SuperNode's messages come
+        thread = threading.Thread(target=clientapp, args=(name,))
+        thread.start()
+        thread.join()
+    assert ran == ["a second", "a first", "b second", "b first"]  # last registered first, each thread its own
+    assert ended == [0, 0] and exit_handler.registered_exit_handlers == process_handlers
+
+
+def test_the_clientapp_executor_launches_clientapps_only() -> None:
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResultStatus
+
+    from edge.federated.supernode_main import ClientAppThreads
+
+    spec = ExecutionSpec(task_type=TaskType.SERVER_APP, runtime_api_address="127.0.0.1:9", token="t", insecure=True,
+                         root_certificates_path=None, runtime_dependency_install=False, parent_pid=None,
+                         suppress_output=False, task_id=7)  # fmt: skip
+    result = ClientAppThreads().launch(spec)
+    assert result.status is LaunchResultStatus.FAILED and "ClientApps only" in (result.message or "")

@@ -67,8 +67,10 @@ class AgentSettings(RoleSettings):
         default=True,
         description="with flower_acceleration: start the warm executor (torch, Flower and the ClientApp imported; "
         "no Flower process, no connection; about 225 MB of memory) with the agent and keep it between jobs, so a "
-        "job's SuperNode starts at once instead of after the imports (6 s of CPU per device measured); false: "
-        "started for each job and stopped after it",
+        "job's SuperNode starts at once instead of after the imports (6 s of CPU per device measured), and fork each "
+        "job's SuperNode and ClientApps from it; false: each job runs as one process (midgate-supernode "
+        "--clientapp-threads: the SuperNode imports torch and the ClientApp, its SuperExec and ClientApps are "
+        "threads), the least memory a job takes (320 MB PSS for the device against 422, BENCHMARKS.md)",
     )
     mqtt_protocol: Literal["auto", "5", "3.1.1"] = Field(
         default="auto", description="MQTT version; auto tries 5 and falls back to 3.1.1"

@@ -187,7 +187,7 @@ class JobNode:
         return invitation
 
     def _make_process(self, run_dir: Path) -> SuperNodeProcess:
-        from edge.federated.acceleration.device import accelerated
+        from edge.federated.acceleration.device import accelerated, in_one_process
         from edge.federated.supernode import NodeKey, SuperNodeProcess
 
         record = self.membership.record
@@ -206,6 +206,8 @@ class JobNode:
         )
         if not self.flower_acceleration:
             return process
+        if self.warm is None:  # no warm executor kept between jobs: the leanest device, one process
+            return in_one_process(process)
         return accelerated(process, run_dir / "warm", run_dir / "warm.log", kept=self.warm)
 
     async def invited(self, payload: bytes) -> None:

@@ -101,6 +101,9 @@ class SuperNodeProcess:
         ClientApp per message.
     warm_kept: the warm executor outlives this SuperNode (the agent keeps it between jobs): `stop` and `kill` end
         only what it forked, and `pids` lists only that.
+    one_process: without `warm`, the SuperNode runs as `midgate-supernode --clientapp-threads`: one process that
+        imports torch and the ClientApp, with its SuperExec and ClientApps in threads (the least memory a job takes,
+        edge/federated/supernode_main.py).
     """
 
     flwr_home: Path
@@ -114,6 +117,7 @@ class SuperNodeProcess:
     log_path: Path | None = None
     warm: WarmExecutor | None = None
     warm_kept: bool = False
+    one_process: bool = False
     proc: subprocess.Popen[bytes] | None = None
 
     def _command(self, name: str) -> str:
@@ -121,8 +125,14 @@ class SuperNodeProcess:
 
     def argv(self) -> list[str]:
         node_config = f"data-path={_quote(str(self.data_path))} spool-dir={_quote(str(self.spool_dir))}"
+        if self.warm is not None:
+            program = [self._command("midgate-supernode")]
+        elif self.one_process:
+            program = [self._command("midgate-supernode"), "--clientapp-threads"]
+        else:
+            program = [self._command("flower-supernode")]
         return [
-            self._command("midgate-supernode" if self.warm is not None else "flower-supernode"),
+            *program,
             "--superlink",
             self.superlink,
             "--root-certificates",
@@ -132,7 +142,7 @@ class SuperNodeProcess:
             "--node-config",
             node_config,
             "--isolation",
-            "process" if self.warm is not None else "subprocess",
+            "process" if self.warm is not None or self.one_process else "subprocess",
             "--host",
             "127.0.0.1",
             "--port",

@@ -20,13 +20,16 @@ the Runtime API at `--host`:`--port` (127.0.0.1 only: the API carries the Client
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
+import logging
 import os
 import signal
 import sys
 import threading
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 RUNTIME_HOST = "127.0.0.1"
 
@@ -47,23 +50,155 @@ def runtime_api_address(argv: list[str]) -> str:
     return f"{RUNTIME_HOST}:{known.port}"
 
 
-def _superexec(address: str, exiting: threading.Event) -> None:
-    from flwr.supercore.exit import add_exit_handler
+CLIENTAPP_THREADS = "--clientapp-threads"
+"""midgate-supernode's own flag (taken out before Flower reads the arguments): ClientApps run in threads."""
+PRELOAD = ("torch", "edge.federated.client_app")
+"""What a SuperNode whose ClientApps run in its threads imports before it joins: what its first message needs."""
+
+
+class _ThreadExit(Exception):
+    """Flower's `flwr_exit` in one of this process's threads: it must neither run the process's exit handlers (the
+    SuperNode's) nor raise SystemExit there, only end that thread with the code."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+_handlers = threading.local()  # one ClientApp thread's exit handlers, which Flower would run at its process's exit
+
+
+def _register_thread_exit_handlers(
+    event_type: Any,
+    exit_message: str | None = None,
+    grpc_servers: list[Any] | None = None,
+    bckg_threads: list[threading.Thread] | None = None,
+    exit_handlers: list[Callable[[], None]] | None = None,
+) -> None:
+    """In place of Flower's register_signal_handlers in a thread (only the main thread may install signal handlers):
+    the handlers are this thread's, run by `_thread_exit` (Flower passes no servers or threads here)."""
+    _handlers.exit = [*getattr(_handlers, "exit", []), *(exit_handlers or [])]
+
+
+def _thread_exit(
+    code: int,
+    message: str | None = None,
+    event_type: Any = None,
+    event_details: dict[str, Any] | None = None,
+    *,
+    emit_telemetry: bool = True,
+) -> NoReturn:
+    """In place of Flower's flwr_exit in a thread: say what Flower says, run this thread's exit handlers (last
+    registered first), end the thread."""
+    from flwr.supercore import log
+
+    failed = not 0 <= code < 100
+    log(logging.ERROR if failed else logging.DEBUG, f"Exit Code: {code}\n{message or ''}" if failed else message or "")
+    for handler in reversed(getattr(_handlers, "exit", [])):
+        with contextlib.suppress(Exception):  # as Flower's trigger_exit_handlers
+            handler()
+    _handlers.exit = []
+    raise _ThreadExit(code)
+
+
+class ClientAppThreads:
+    """A SuperExec executor (flwr.supercore.superexec.executor.types.Executor) that runs each ClientApp task in a
+    thread of this process, through Flower's own `run_clientapp`, rather than as a `flwr-clientapp` process: what a
+    ClientApp process costs of its own (its interpreter, its copies of torch's and Flower's pages) is not paid per
+    message. Each thread first waits until the SuperNode's log shows its message pulled (message_wait.py), as a
+    forked ClientApp does."""
+
+    def __init__(self) -> None:
+        self.threads: list[threading.Thread] = []
+
+    def get_eligible_capacity(
+        self, supported_task_types: set[Any], *, insecure: bool = False, root_certificates_path: str | None = None
+    ) -> tuple[set[Any], set[str]]:
+        return supported_task_types, set()
+
+    def wait_for_capacity(
+        self,
+        task_type: Any = None,
+        *,
+        fab_hash: str | None = None,
+        insecure: bool = False,
+        root_certificates_path: str | None = None,
+    ) -> None:
+        return None
+
+    def launch(self, spec: Any) -> Any:
+        from flwr.supercore.constant import TaskType
+        from flwr.supercore.superexec.executor import LaunchResult
+
+        if spec.task_type != TaskType.CLIENT_APP:
+            return LaunchResult.failed(f"midgate-supernode runs ClientApps only, not {spec.task_type}")
+        thread = threading.Thread(target=_clientapp, args=(spec,), name=f"clientapp-{spec.task_id}", daemon=True)
+        thread.start()
+        self.threads = [t for t in self.threads if t.is_alive()] + [thread]
+        return LaunchResult.accepted()
+
+    def reconcile(self) -> None:
+        self.threads = [t for t in self.threads if t.is_alive()]
+
+    def close(self) -> None:
+        return None
+
+
+def _clientapp(spec: Any) -> None:
+    from flwr.supernode.runtime import run_clientapp as clientapp_module
+
+    from edge.federated.acceleration.message_wait import wait_for_message
+
+    waited = wait_for_message(1)
+    print(f"midgate-supernode: ClientApp task {spec.task_id} started after {waited:.3f} s waiting for its message",
+          flush=True)  # fmt: skip
+    try:
+        clientapp_module.run_clientapp(
+            runtime_api_address=spec.runtime_api_address,
+            token=spec.token,
+            insecure=spec.insecure,
+            runtime_dependency_install=False,
+        )
+    except _ThreadExit as done:
+        print(f"midgate-supernode: ClientApp task {spec.task_id} ended with exit code {done.code}", flush=True)
+    except BaseException:
+        traceback.print_exc()
+
+
+def _use_in_threads(clientapp_threads: bool) -> None:
+    """Flower's SuperExec (and, with `clientapp_threads`, its ClientApp runtime) as this process's threads run them:
+    the module globals their functions look up (flwr 1.42: `register_signal_handlers`, `flwr_exit`, and the SuperExec's
+    `get_executor`) replaced in those two modules only; the SuperNode's own, in the main thread, are Flower's."""
     from flwr.supercore.superexec import run_superexec as superexec_module
 
-    def register_exit_handlers(
-        event_type: Any,
-        exit_message: str | None = None,
-        grpc_servers: list[Any] | None = None,
-        bckg_threads: list[threading.Thread] | None = None,
-        exit_handlers: list[Callable[[], None]] | None = None,
-    ) -> None:
-        # In place of Flower's register_signal_handlers (main thread only): the SuperNode's handlers run these. The
-        # SuperExec passes no servers or threads (no health server here).
-        for handler in exit_handlers or []:
-            add_exit_handler(handler)
+    superexec_module.register_signal_handlers = _register_superexec_exit_handlers  # type: ignore[attr-defined]
+    superexec_module.flwr_exit = _thread_exit  # type: ignore[attr-defined]
+    if clientapp_threads:
+        from flwr.supernode.runtime import run_clientapp as clientapp_module
 
-    superexec_module.register_signal_handlers = register_exit_handlers  # type: ignore[attr-defined]  # not in its __all__
+        clientapp_module.register_signal_handlers = _register_thread_exit_handlers  # type: ignore[attr-defined]
+        clientapp_module.flwr_exit = _thread_exit  # type: ignore[attr-defined]
+        superexec_module.get_executor = lambda *args, **kwargs: ClientAppThreads()  # type: ignore[attr-defined]
+
+
+def _register_superexec_exit_handlers(
+    event_type: Any,
+    exit_message: str | None = None,
+    grpc_servers: list[Any] | None = None,
+    bckg_threads: list[threading.Thread] | None = None,
+    exit_handlers: list[Callable[[], None]] | None = None,
+) -> None:
+    """In place of Flower's register_signal_handlers for the SuperExec's thread: the SuperNode's handlers run these
+    (closing its Runtime API client and executor) when the process exits. No servers or threads are passed here."""
+    from flwr.supercore.exit import add_exit_handler
+
+    for handler in exit_handlers or []:
+        add_exit_handler(handler)
+
+
+def _superexec(address: str, exiting: threading.Event) -> None:
+    from flwr.supercore.superexec import run_superexec as superexec_module
+
     try:
         superexec_module.run_superexec(runtime_api_address=address, insecure=True)
     except BaseException:
@@ -76,14 +211,21 @@ def _superexec(address: str, exiting: threading.Event) -> None:
 
 
 def main() -> None:
-    """`midgate-supernode ARGS`: `flower-supernode ARGS` with its SuperExec in a thread (module docstring)."""
+    """`midgate-supernode [--clientapp-threads] ARGS`: `flower-supernode ARGS` with its SuperExec in a thread, and
+    with `--clientapp-threads` its ClientApps in threads too, torch and the ClientApp imported first (module
+    docstring)."""
+    clientapp_threads = CLIENTAPP_THREADS in sys.argv[1:]
+    sys.argv = [arg for arg in sys.argv if arg != CLIENTAPP_THREADS]
     from flwr.supercore.exit import add_exit_handler
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     if {"-h", "--help", "-V", "--version"} & set(sys.argv[1:]):
         flower_supernode()  # Flower's own usage or version, and exit
     address = runtime_api_address(sys.argv[1:])
-
+    if clientapp_threads:
+        for module in PRELOAD:
+            importlib.import_module(module)
+    _use_in_threads(clientapp_threads)
     exiting = threading.Event()
     add_exit_handler(exiting.set, run_before_force_exit=True)  # the first of Flower's exit handlers to run
     threading.Thread(target=_superexec, args=(address, exiting), name="superexec", daemon=True).start()
