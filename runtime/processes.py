@@ -3,8 +3,25 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import subprocess
 
 import psutil
+
+
+def end_process_group(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM the process group `proc` leads (started with `start_new_session`), wait up to `grace` seconds for
+    `proc`, then SIGKILL the group: its children that outlived their leader."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    if proc.poll() is None:
+        proc.wait(timeout=grace)
 
 
 def kill_pids(pids: list[int], grace: float) -> None:

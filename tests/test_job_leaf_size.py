@@ -81,17 +81,6 @@ def _update(i: int, node: int) -> RoundUpdateEntry:
     )
 
 
-def _update(i: int, node: int) -> RoundUpdateEntry:
-    return RoundUpdateEntry(
-        device=f"dev-{i:05d}",
-        member=f"member-{i:05d}",
-        node_id=node,
-        update_sha256=f"{i:064x}",
-        examples_reported=400,
-        value_units=1_000_000 + i,
-    )
-
-
 def _round(members: int, *, copies: int = COPIES, number: int = 1, drops: int = 0) -> RoundLogRecord:
     """A valued round of `members` updates whose nodes hold data sets `copies` times over (the last maybe fewer):
     each data set's nodes one player, every pair of them reported alike."""

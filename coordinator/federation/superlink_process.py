@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 import psutil
 
 from coordinator.mid_ca import ServerTls
-from runtime.processes import kill_pids
+from runtime.processes import end_process_group, kill_pids
 
 
 def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -83,15 +82,7 @@ def descendants(pid: int) -> list[int]:
 def stop_process_group(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
     """SIGTERM the process group led by `proc`, then SIGKILL; then end any detached descendants by PID."""
     below = descendants(proc.pid)
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=grace)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # children that outlived their leader
-    if proc.poll() is None:
-        proc.wait(timeout=grace)
+    end_process_group(proc, grace)
     kill_pids(below, grace)
 
 

@@ -11,7 +11,6 @@ import contextlib
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import psutil
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from runtime.processes import kill_pids
+from runtime.processes import end_process_group, kill_pids
 
 if TYPE_CHECKING:  # edge.federated.acceleration builds on this module
     from edge.federated.acceleration.warm_executor import WarmExecutor
@@ -189,15 +188,7 @@ class SuperNodeProcess:
         if self.proc is None:
             return None
         below = self.pids()
-        proc = self.proc
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=grace)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=grace)
+        end_process_group(self.proc, grace)
         if self.warm is not None and self.warm_kept:
             self.warm.stop_children(grace)
         elif self.warm is not None:

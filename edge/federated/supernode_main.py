@@ -68,16 +68,41 @@ class _ThreadExit(Exception):
 _handlers = threading.local()  # one ClientApp thread's exit handlers, which Flower would run at its process's exit
 
 
-def _register_thread_exit_handlers(
-    event_type: Any,
-    exit_message: str | None = None,
-    grpc_servers: list[Any] | None = None,
-    bckg_threads: list[threading.Thread] | None = None,
-    exit_handlers: list[Callable[[], None]] | None = None,
-) -> None:
-    """In place of Flower's register_signal_handlers in a thread (only the main thread may install signal handlers):
-    the handlers are this thread's, run by `_thread_exit` (Flower passes no servers or threads here)."""
-    _handlers.exit = [*getattr(_handlers, "exit", []), *(exit_handlers or [])]
+RegisterSignalHandlers = Callable[..., None]
+
+
+def _registrar(keep: Callable[[Callable[[], None]], None]) -> RegisterSignalHandlers:
+    """In place of Flower's register_signal_handlers (flwr.supercore.exit) in a thread, where signal handlers cannot
+    be installed (only the main thread may): one with its signature that only keeps the exit handlers, by `keep`.
+    Flower passes no servers or threads to it from the SuperExec or a ClientApp."""
+
+    def register_signal_handlers(
+        event_type: Any,
+        exit_message: str | None = None,
+        grpc_servers: list[Any] | None = None,
+        bckg_threads: list[threading.Thread] | None = None,
+        exit_handlers: list[Callable[[], None]] | None = None,
+    ) -> None:
+        for handler in exit_handlers or []:
+            keep(handler)
+
+    return register_signal_handlers
+
+
+def _keep_for_this_thread(handler: Callable[[], None]) -> None:
+    _handlers.exit = [*getattr(_handlers, "exit", []), handler]
+
+
+def _keep_for_the_process(handler: Callable[[], None]) -> None:
+    from flwr.supercore.exit import add_exit_handler
+
+    add_exit_handler(handler)  # the SuperNode's handlers run it when the process exits
+
+
+_register_thread_exit_handlers = _registrar(_keep_for_this_thread)
+"""A ClientApp thread's: its handlers are run by `_thread_exit` when Flower ends the task."""
+_register_superexec_exit_handlers = _registrar(_keep_for_the_process)
+"""The SuperExec thread's: its handlers (closing its Runtime API client and executor) run at the process's exit."""
 
 
 def _thread_exit(
@@ -179,21 +204,6 @@ def _use_in_threads(clientapp_threads: bool) -> None:
         clientapp_module.register_signal_handlers = _register_thread_exit_handlers  # type: ignore[attr-defined]
         clientapp_module.flwr_exit = _thread_exit  # type: ignore[attr-defined]
         superexec_module.get_executor = lambda *args, **kwargs: ClientAppThreads()  # type: ignore[attr-defined]
-
-
-def _register_superexec_exit_handlers(
-    event_type: Any,
-    exit_message: str | None = None,
-    grpc_servers: list[Any] | None = None,
-    bckg_threads: list[threading.Thread] | None = None,
-    exit_handlers: list[Callable[[], None]] | None = None,
-) -> None:
-    """In place of Flower's register_signal_handlers for the SuperExec's thread: the SuperNode's handlers run these
-    (closing its Runtime API client and executor) when the process exits. No servers or threads are passed here."""
-    from flwr.supercore.exit import add_exit_handler
-
-    for handler in exit_handlers or []:
-        add_exit_handler(handler)
 
 
 def _superexec(address: str, exiting: threading.Event) -> None:
