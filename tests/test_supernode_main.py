@@ -6,6 +6,7 @@ exit in a ClientApp thread ends that thread alone."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -102,3 +103,26 @@ def test_the_clientapp_executor_launches_clientapps_only() -> None:
                          suppress_output=False, task_id=7)  # fmt: skip
     result = ClientAppThreads().launch(spec)
     assert result.status is LaunchResultStatus.FAILED and "ClientApps only" in (result.message or "")
+
+
+@pytest.mark.slow  # a fresh interpreter
+def test_the_supernode_imports_no_sql_store_and_keeps_its_objects_in_memory() -> None:
+    """Flower's SuperNode keeps its object store in memory, so the placeholder for the SQL store (and SQLAlchemy and
+    Alembic, 29 MB) is never used: checked against the Flower installed, in case a release changes either."""
+    program = (
+        "import sys\n"
+        "from edge.federated.supernode_main import _without_sql_object_store\n"
+        "_without_sql_object_store()\n"
+        "import flwr.supernode.cli.flower_supernode, flwr.supernode.runtime.run_clientapp\n"
+        "import flwr.supercore.superexec.run_superexec, edge.federated.client_app\n"
+        "from flwr.supercore.object_store import ObjectStoreFactory\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'sqlalchemy', 'alembic'}))\n"
+        "print(type(ObjectStoreFactory().store()).__name__)\n"
+    )
+    ran = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120, check=False)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.splitlines() == ["[]", "InMemoryObjectStore"]
+    spec = importlib.util.find_spec("flwr.supernode.cli.flower_supernode")
+    assert spec is not None and spec.origin is not None
+    source = Path(spec.origin).read_text()
+    assert "ObjectStoreFactory()" in source  # the SuperNode's store: the factory's default, in memory

@@ -70,7 +70,7 @@ class AgentSettings(RoleSettings):
         "job's SuperNode starts at once instead of after the imports (6 s of CPU per device measured), and fork each "
         "job's SuperNode and ClientApps from it; false: each job runs as one process (midgate-supernode "
         "--clientapp-threads: the SuperNode imports torch and the ClientApp, its SuperExec and ClientApps are "
-        "threads), the least memory a job takes (320 MB PSS for the device against 422, BENCHMARKS.md)",
+        "threads), the least memory a job takes (292 MB PSS for the device against 418, BENCHMARKS.md)",
     )
     mqtt_protocol: Literal["auto", "5", "3.1.1"] = Field(
         default="auto", description="MQTT version; auto tries 5 and falls back to 3.1.1"

@@ -28,6 +28,7 @@ import signal
 import sys
 import threading
 import traceback
+import types
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -54,6 +55,26 @@ CLIENTAPP_THREADS = "--clientapp-threads"
 """midgate-supernode's own flag (taken out before Flower reads the arguments): ClientApps run in threads."""
 PRELOAD = ("torch", "edge.federated.client_app")
 """What a SuperNode whose ClientApps run in its threads imports before it joins: what its first message needs."""
+
+
+SQL_OBJECT_STORE = "flwr.supercore.object_store.sql_object_store"
+
+
+def _without_sql_object_store() -> None:
+    """A placeholder for Flower's SQL object store module, before Flower is imported. A SuperNode keeps its object
+    store in memory (flwr 1.42 `flower_supernode`: `ObjectStoreFactory()`, whose default is the in-memory store), yet
+    the factory's module imports the SQL store, and through it SQLAlchemy and Alembic: 29 MB of a device's memory
+    during a job (BENCHMARKS.md, "Raspberry Pi hub"). Using the placeholder's `SqlObjectStore` raises."""
+    if SQL_OBJECT_STORE in sys.modules:
+        return  # imported already (a warm parent's preload): nothing to save
+    placeholder = types.ModuleType(SQL_OBJECT_STORE, "midgate-supernode's placeholder: the SQL object store unused")
+
+    class SqlObjectStore:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            raise RuntimeError("midgate-supernode keeps Flower's object store in memory; the SQL store is not imported")
+
+    placeholder.SqlObjectStore = SqlObjectStore  # type: ignore[attr-defined]
+    sys.modules[SQL_OBJECT_STORE] = placeholder
 
 
 class _ThreadExit(Exception):
@@ -226,6 +247,7 @@ def main() -> None:
     docstring)."""
     clientapp_threads = CLIENTAPP_THREADS in sys.argv[1:]
     sys.argv = [arg for arg in sys.argv if arg != CLIENTAPP_THREADS]
+    _without_sql_object_store()
     from flwr.supercore.exit import add_exit_handler
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
