@@ -217,13 +217,16 @@ def one_job(rounds: int, limit_mb: int | None, timeout_s: float) -> dict[str, ob
                     sampler = DeviceSampler(device.process.proc.pid, device.data_dir)
                     with sampler.sampling():
                         job = start_job(stack, teardown, JOB, rounds)
+                        job_s = None
                         try:
                             book = finished_job(stack, job, JOB, timeout_s=timeout_s)
                             completed = book.flower_status == "finished:completed"
+                            if book.ended_ms is not None:  # from `job start` to its end: joins and rounds
+                                job_s = round((book.ended_ms - book.started_ms) / 1000, 1)
                         except (AssertionError, subprocess.TimeoutExpired) as exc:
                             print(f"job did not complete: {str(exc)[-2000:]}", file=sys.stderr)
                             completed = False
-                    result: dict[str, object] = {"completed": completed, **sampler.report()}
+                    result: dict[str, object] = {"completed": completed, "job_s": job_s, **sampler.report()}
                     if group is not None:
                         result["cgroup"] = {
                             "limit_mb": limit_mb,
@@ -268,7 +271,7 @@ def run_child(tree: Path, rounds: int, limit_mb: int | None, timeout_s: float = 
 
 def print_result(name: str, result: dict[str, object]) -> None:
     peak = result.get("peak", {})
-    print(f"{name}: job completed {result['completed']}, device peak PSS {peak}")
+    print(f"{name}: job completed {result['completed']} in {result.get('job_s')} s, device peak PSS {peak}")
     print(f"    samples {result.get('samples')}, dropped (a fork or exit during the look) {result.get('dropped')}")
     for part, figures in dict(result.get("at_peak", {})).items():  # type: ignore[call-overload]
         print(f"    at the peak  {part:12s} {figures}")

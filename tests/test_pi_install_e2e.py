@@ -185,6 +185,9 @@ def test_install_enrol_report_upgrade_rollback_uninstall(
     assert "keep_warm_executor = false" in conf.read_text() and "bme280" not in conf.read_text()
     assert (root / "etc/systemd/system/multi-user.target.wants/midgate-agent.service").is_symlink()
     assert (root / "var/lib/midgate").stat().st_mode & 0o777 == 0o700
+    # What a job runs with the Pi's keep_warm_executor = false: midgate-supernode, beside the agent's own command.
+    supernode = str(Path(unit_exec_start(root)[0]).with_name("midgate-supernode"))
+    assert "usage: midgate-supernode" in run_in(root, *AS_MIDGATE, supernode, "--help").stdout
     conf_digest = digest(conf)
     again = run_in(root, installer, *offline)
     assert f"keeping {CONF}" in again.stdout and "keeping the installed midgate" in again.stdout
