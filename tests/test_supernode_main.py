@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from mqtt_fixtures import free_port
@@ -126,3 +127,26 @@ def test_the_supernode_imports_no_sql_store_and_keeps_its_objects_in_memory() ->
     assert spec is not None and spec.origin is not None
     source = Path(spec.origin).read_text()
     assert "ObjectStoreFactory()" in source  # the SuperNode's store: the factory's default, in memory
+
+
+def test_a_clientapp_task_that_raises_before_flowers_exit_still_runs_its_exit_handlers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Flower ends a task's heartbeat and client in the exit handlers it registers; a task that raised before
+    Flower's exit (here, at once) must not leave them running for a task that is gone."""
+    from flwr.supernode.runtime import run_clientapp as clientapp_module
+
+    from edge.federated.supernode_main import _clientapp, _register_thread_exit_handlers
+
+    ended: list[str] = []
+
+    def raising(**kwargs: object) -> None:
+        _register_thread_exit_handlers(None, exit_handlers=[lambda: ended.append("heartbeat stopped, client closed")])
+        raise KeyboardInterrupt("not an Exception: Flower's own handler would not catch it")
+
+    monkeypatch.setattr(clientapp_module, "run_clientapp", raising)
+    spec = SimpleNamespace(task_id=3, runtime_api_address="127.0.0.1:9", token="t", insecure=True)
+    thread = threading.Thread(target=_clientapp, args=(spec,))
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive() and ended == ["heartbeat stopped, client closed"]

@@ -13,6 +13,13 @@ registers its exit handlers (closing its Runtime API client and its executor) wi
 when the SuperNode exits; and a SuperExec that ends (an error, or Flower's `flwr_exit` raising SystemExit in its
 thread) ends the process with SIGTERM, so the SuperNode does not run on without anyone to train its messages.
 
+With `--clientapp-threads` (the agent's one-process device, `keep_warm_executor = false`) the process also imports
+torch and the ClientApp before it joins, and the SuperExec runs each ClientApp task in a thread through Flower's own
+`run_clientapp` (`ClientAppThreads`): Flower's `flwr_exit` and `register_signal_handlers`, as `run_clientapp` and
+`run_superexec` look them up, end only the calling thread and keep its exit handlers to it. And before Flower is
+imported a placeholder stands for its SQL object store module, which a SuperNode never uses
+(`_without_sql_object_store`).
+
 Takes `flower-supernode`'s arguments; `--isolation process` is required, and the SuperExec connects without TLS to
 the Runtime API at `--host`:`--port` (127.0.0.1 only: the API carries the ClientApps' messages in the clear).
 """
@@ -140,11 +147,16 @@ def _thread_exit(
 
     failed = not 0 <= code < 100
     log(logging.ERROR if failed else logging.DEBUG, f"Exit Code: {code}\n{message or ''}" if failed else message or "")
-    for handler in reversed(getattr(_handlers, "exit", [])):
+    _run_exit_handlers()
+    raise _ThreadExit(code)
+
+
+def _run_exit_handlers() -> None:
+    """This thread's exit handlers, last registered first, each once; one that fails does not stop the others."""
+    handlers, _handlers.exit = getattr(_handlers, "exit", []), []
+    for handler in reversed(handlers):
         with contextlib.suppress(Exception):  # as Flower's trigger_exit_handlers
             handler()
-    _handlers.exit = []
-    raise _ThreadExit(code)
 
 
 class ClientAppThreads:
@@ -209,6 +221,8 @@ def _clientapp(spec: Any) -> None:
         print(f"midgate-supernode: ClientApp task {spec.task_id} ended with exit code {done.code}", flush=True)
     except BaseException:
         traceback.print_exc()
+    finally:
+        _run_exit_handlers()  # left by a task that raised before Flower's exit: its heartbeat and client end here
 
 
 def _use_in_threads(clientapp_threads: bool) -> None:
