@@ -59,8 +59,9 @@ class AgentSettings(RoleSettings):
     )
     flower_acceleration: bool = Field(
         default=True,
-        description="run the SuperNode of a job through the warm executor, with the SuperExec's 0.2 s task poll and "
-        "ClientApps that wait for their message (edge.federated.acceleration); false: Flower's own device processes "
+        description="run the SuperNode of a job accelerated: forked from the warm executor (keep_warm_executor) or "
+        "as one process, with the SuperExec's 0.2 s task poll and ClientApps that wait for their message "
+        "(edge.federated.acceleration); false: Flower's own device processes "
         '(docs/federated.md, "Flower acceleration")',
     )
     keep_warm_executor: bool = Field(
