@@ -15,7 +15,6 @@ part lets a buyer check that the model it holds is the one the version names.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Sequence
 from itertools import combinations
@@ -25,7 +24,7 @@ from pydantic import Field, SerializerFunctionWrapHandler, ValidationError, mode
 
 from protocol.errors import MalformedError, TooLargeError
 from protocol.leaves import MAX_SIGNED_SIZE
-from protocol.messages import U64, CanonicalModel, Ident, Measurement, Sha256Hex, ShortText, TimeMs
+from protocol.messages import U64, CanonicalModel, Ident, Measurement, Sha256Hex, ShortText, TimeMs, canonical_text
 
 MODEL_VERSION_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}:[0-9a-f]{16}$"
 ModelVersion = Annotated[str, Field(pattern=MODEL_VERSION_PATTERN)]
@@ -274,7 +273,7 @@ def split_round_record(record: RoundLogRecord, limit: int = MAX_SIGNED_SIZE) -> 
     dumped = record.model_dump(mode="json")
     for name in _ROUND_LISTS:
         for item, doc in zip(getattr(record, name), dumped[name], strict=True):
-            size = len(json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()) + 1
+            size = len(canonical_text(doc).encode()) + 1
             if size > budget:
                 raise TooLargeError("a round's entry does not fit in a leaf", job=record.job_id, list=name, found=size)
             if used + size > budget:

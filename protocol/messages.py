@@ -101,7 +101,7 @@ class CanonicalModel(BaseModel):
 
     def canonical_json(self) -> bytes:
         """Sorted keys, no whitespace, UTF-8: the exact bytes that get signed."""
-        return _canonical_text(self.model_dump(mode="json")).encode()
+        return canonical_text(self.model_dump(mode="json")).encode()
 
 
 class WireMessage(CanonicalModel):
@@ -118,8 +118,9 @@ def _no_default(value: object) -> NoReturn:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-def _canonical_text(doc: object) -> str:
-    """`json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)`."""
+def canonical_text(doc: object) -> str:
+    """`json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)`: a dump's
+    canonical text, as `CanonicalModel.canonical_json` encodes it (protocol.job_log sizes a record's items by it)."""
     if _CANONICAL_ENCODER is None:
         return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     return "".join(_CANONICAL_ENCODER(doc, 0))

@@ -614,16 +614,16 @@ _JSON_LEAF = (
 @given(st.recursive(_JSON_LEAF, lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner), max_leaves=30))
 @settings(max_examples=300, deadline=None)
 def test_canonical_encoder_is_json_dumps_with_the_canonical_options(doc: object) -> None:
-    from protocol.messages import _canonical_text
+    from protocol.messages import canonical_text
 
-    assert _canonical_text(doc) == json.dumps(
+    assert canonical_text(doc) == json.dumps(
         doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     )
 
 
 def test_canonical_encoder_refuses_what_json_dumps_refuses() -> None:
-    from protocol.messages import _canonical_text
+    from protocol.messages import canonical_text
 
     for bad in [float("nan"), {"x": float("inf")}, {"b": b"bytes"}, {1: object()}]:
         with pytest.raises((ValueError, TypeError)):
-            _canonical_text(bad)
+            canonical_text(bad)
