@@ -125,11 +125,11 @@ class SuperNodeProcess:
     def argv(self) -> list[str]:
         node_config = f"data-path={_quote(str(self.data_path))} spool-dir={_quote(str(self.spool_dir))}"
         if self.warm is not None:
-            program = [self._command("midgate-supernode")]
+            program, isolation = [self._command("midgate-supernode")], "process"
         elif self.one_process:
-            program = [self._command("midgate-supernode"), "--clientapp-threads"]
+            program, isolation = [self._command("midgate-supernode"), "--clientapp-threads"], "process"
         else:
-            program = [self._command("flower-supernode")]
+            program, isolation = [self._command("flower-supernode")], "subprocess"
         return [
             *program,
             "--superlink",
@@ -141,7 +141,7 @@ class SuperNodeProcess:
             "--node-config",
             node_config,
             "--isolation",
-            "process" if self.warm is not None or self.one_process else "subprocess",
+            isolation,
             "--host",
             "127.0.0.1",
             "--port",

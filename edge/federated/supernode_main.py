@@ -10,7 +10,7 @@ from PATH) as before.
 
 Two things a thread changes, both handled here: only the main thread may install signal handlers, so the SuperExec
 registers its exit handlers (closing its Runtime API client and its executor) with the SuperNode's, which run them
-when the SuperNode exits; and a SuperExec that ends (an error, or Flower's `flwr_exit` raising SystemExit in its
+when the SuperNode exits; and a SuperExec that ends (an error, or Flower's `flwr_exit`, which here ends only its
 thread) ends the process with SIGTERM, so the SuperNode does not run on without anyone to train its messages.
 
 With `--clientapp-threads` (the agent's one-process device, `keep_warm_executor = false`) the process also imports
@@ -166,9 +166,6 @@ class ClientAppThreads:
     message. Each thread first waits until the SuperNode's log shows its message pulled (message_wait.py), as a
     forked ClientApp does."""
 
-    def __init__(self) -> None:
-        self.threads: list[threading.Thread] = []
-
     def get_eligible_capacity(
         self, supported_task_types: set[Any], *, insecure: bool = False, root_certificates_path: str | None = None
     ) -> tuple[set[Any], set[str]]:
@@ -190,13 +187,11 @@ class ClientAppThreads:
 
         if spec.task_type != TaskType.CLIENT_APP:
             return LaunchResult.failed(f"midgate-supernode runs ClientApps only, not {spec.task_type}")
-        thread = threading.Thread(target=_clientapp, args=(spec,), name=f"clientapp-{spec.task_id}", daemon=True)
-        thread.start()
-        self.threads = [t for t in self.threads if t.is_alive()] + [thread]
+        threading.Thread(target=_clientapp, args=(spec,), name=f"clientapp-{spec.task_id}", daemon=True).start()
         return LaunchResult.accepted()
 
     def reconcile(self) -> None:
-        self.threads = [t for t in self.threads if t.is_alive()]
+        return None  # nothing to keep: a task's thread ends with its task
 
     def close(self) -> None:
         return None
