@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from coordinator.broker.cli import app as relay_app
 from coordinator.dashboard.cli import operator_app, report_command
 from coordinator.federation.job_cli import app as job_app
 from coordinator.market.cli import operator_app as buyer_app
@@ -44,6 +45,8 @@ app.add_typer(task_app, name="task")
 app.add_typer(buyer_app, name="buyer")
 # The MID's policy file and its POLICY leaves: `policy show`, `policy apply FILE`.
 app.add_typer(policy_app, name="policy")
+# Members' hubs that bridge their other devices to the broker: `relay add`, `relay list`, `relay revoke`.
+app.add_typer(relay_app, name="relay")
 
 
 # Imports live inside the commands: every `midgate` invocation (the agent's too) imports this module.
@@ -107,7 +110,7 @@ def broker_config(
     """Write a complete Mosquitto configuration (TLS listener, password file, ACLs, queue sizing, persistence, log,
     pid file) owned for the account Mosquitto runs as, and a systemd drop-in for Debian's mosquitto.service."""
     from coordinator.broker.config import broker_files, write_broker_files
-    from coordinator.broker.logins import service_password_hashes
+    from coordinator.broker.logins import broker_password_hashes
     from coordinator.broker.owners import BrokerFilesError, broker_account, folders_the_broker_cannot_enter
     from coordinator.broker.tls import ensure_broker_tls
     from coordinator.registry.store import Registry
@@ -122,13 +125,19 @@ def broker_config(
     tls_files = ensure_broker_tls(files.tls_dir, settings.mid, settings.broker_config.tls_hostnames) if tls else None
     registry = Registry(settings.registry_path)
     try:
-        hashes = registry.active_password_hashes()
+        hashes, relays = broker_password_hashes(registry, settings), registry.relay_devices()
     finally:
         registry.close()
-    hashes.update(service_password_hashes(settings))
-    workers = settings.ingest.worker_ids
     write_broker_files(
-        files, settings.broker_config, settings.mid, settings.broker.username, hashes, tls_files, account, workers
+        files,
+        settings.broker_config,
+        settings.mid,
+        settings.broker.username,
+        hashes,
+        tls_files,
+        account,
+        settings.ingest.worker_ids,
+        relays,
     )
     typer.echo(f"wrote {files.config}, {files.acl}, {files.passwords} ({len(hashes)} logins)")
     if tls_files is not None:

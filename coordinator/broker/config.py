@@ -4,7 +4,9 @@ Debian's packaged `mosquitto.service` with it.
 
 The ACL is the broker's half of topic ownership (the coordinator checks the signer against the topic as well;
 broker auth never replaces signature checks): a device, whose broker username is its device id, may write only
-`mid/{mid}/dev/{its id}/up/#` and read only its own `down/#`, the MID's broadcasts and the retained checkpoint.
+`mid/{mid}/dev/{its id}/up/#` and read only its own `down/#`, the MID's broadcasts and the retained checkpoint. A
+member's hub, whose Mosquitto bridges the member's other devices at home to this broker, logs in as `relay.{name}`
+and may carry the `up` and `down` topics of that member's devices only.
 """
 
 from __future__ import annotations
@@ -77,11 +79,29 @@ def device_ca_file(settings: CoordinatorSettings) -> Path:
     return settings.broker.ca_file or broker_files(settings).tls_dir / "ca.crt"
 
 
-def render_acl(mid: str, coordinator_user: str, worker_ids: Sequence[str] = ()) -> str:
+def relay_username(name: str) -> str:
+    """A hub's relay login: `relay.` + its name. A device id never contains a dot, so no device is given it."""
+    return f"relay.{check_id(name, 'relay')}"
+
+
+def render_acl(
+    mid: str,
+    coordinator_user: str,
+    worker_ids: Sequence[str] = (),
+    relays: Mapping[str, Sequence[str]] | None = None,
+) -> str:
     """The ACL file: the coordinator reads every device's `up` and writes `down`, checkpoints and broadcasts; each
     screening worker reads the device `up` topics (through its shared subscription), writes only its own hand-off
-    topic and reads only its own commit notices."""
+    topic and reads only its own commit notices; each hub's relay login (`relays`: relay name -> the devices of its
+    member) writes the `up` and reads the `down` topics of those devices only, and reads what every device reads."""
     base = f"mid/{mid}"
+    carried: list[str] = []
+    for name, devices in sorted((relays or {}).items()):
+        carried += [f"user {relay_username(name)}"]
+        for device in devices:
+            check_id(device, "device")
+            carried += [f"topic write {base}/dev/{device}/up/#", f"topic read {base}/dev/{device}/down/#"]
+        carried += [f"topic read {base}/broadcast/#", f"topic read {base}/ledger/checkpoint", ""]
     workers: list[str] = []
     for worker_id in worker_ids:
         workers += [
@@ -105,6 +125,8 @@ def render_acl(mid: str, coordinator_user: str, worker_ids: Sequence[str] = ()) 
             "",
             "# Screening workers (ingest.worker_ids), one login each: `user` blocks end at the next `user` line.",
             *workers,
+            "# Hubs' relay logins (`midgate coordinator relay add`): each carries its member's devices only.",
+            *carried,
             "# Every device: its broker username is its device id (%u); mosquitto refuses %u values with / + #.",
             f"pattern write {base}/dev/%u/up/#",
             f"pattern read {base}/dev/%u/down/#",
@@ -194,6 +216,7 @@ def write_broker_files(
     tls: BrokerTlsFiles | None,
     account: BrokerAccount | None,
     worker_ids: Sequence[str] = (),
+    relays: Mapping[str, Sequence[str]] | None = None,
 ) -> None:
     """Write mosquitto.conf, the ACL, the password file and the systemd drop-in, and give every file and folder the
     broker uses its owner and mode (`account` None: all stay with the user running this, as Mosquitto will too)."""
@@ -211,7 +234,7 @@ def write_broker_files(
         files.pid_file.parent.mkdir(exist_ok=True)
         # The coordinator reads the pid it signals; a pid is no secret.
         set_owner(files.pid_file.parent, 0o755, broker)
-    replace_file(files.acl, render_acl(mid, coordinator_user, worker_ids).encode(), 0o600, broker)
+    replace_file(files.acl, render_acl(mid, coordinator_user, worker_ids, relays).encode(), 0o600, broker)
     replace_file(files.passwords, render_password_file(password_hashes).encode(), 0o600, broker)
     replace_file(files.config, render_mosquitto_conf(settings, files, tls).encode(), 0o640, readable)
     if tls is not None:

@@ -4,7 +4,9 @@ Besides the devices (username = device id), the broker knows the MID's own servi
 each screening worker listed in `ingest.worker_ids`, whose username is `ingest.{worker id}`. A device id never
 contains a dot, so no device can be given a worker's username, and a worker's ACL (coordinator/broker/config.py)
 is far narrower than the coordinator's: a stolen worker password cannot write commit notices or another worker's
-hand-offs.
+hand-offs. A member's hub relays its member's other devices as `relay.{name}` (`midgate coordinator relay add`); its
+ACL lists those devices, so it is rewritten with the password file whenever a device of a member with a hub comes or
+goes.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 import signal
 from pathlib import Path
 
-from coordinator.broker.config import broker_files, render_password_file
+from coordinator.broker.config import broker_files, relay_username, render_acl, render_password_file
 from coordinator.broker.owners import rewrite_file
 from coordinator.broker.passwords import hash_password, new_password
 from coordinator.config import CoordinatorSettings
@@ -61,15 +63,29 @@ def service_password_hashes(settings: CoordinatorSettings) -> dict[str, str]:
     return hashes
 
 
+def broker_password_hashes(registry: Registry, settings: CoordinatorSettings) -> dict[str, str]:
+    """Every login the broker knows: active devices, active hubs' relays, the coordinator and screening workers."""
+    hashes = registry.active_password_hashes()
+    hashes.update({relay_username(r.name): r.password_hash for r in registry.relays() if not r.revoked})
+    hashes.update(service_password_hashes(settings))
+    return hashes
+
+
+def broker_acl(registry: Registry, settings: CoordinatorSettings) -> str:
+    return render_acl(settings.mid, settings.broker.username, settings.ingest.worker_ids, registry.relay_devices())
+
+
 def sync_broker_logins(registry: Registry, settings: CoordinatorSettings) -> int:
-    """Rewrite the password file `broker-config` wrote from the registry (revoked devices lose their login) plus the
-    service logins, keeping the owner and mode the broker reads it with, and SIGHUP the broker. Returns the number of
+    """Rewrite the password file and the ACL `broker-config` wrote from the registry (revoked devices and relays
+    lose their login; a hub's relay carries its member's devices as they are now) plus the service logins, keeping
+    the owner and mode the broker reads them with, and SIGHUP the broker, which rereads both. Returns the number of
     logins written; 0, touching nothing, when there is no password file to keep in step."""
     files = broker_files(settings)
     if not files.passwords.exists():
         return 0
-    hashes = registry.active_password_hashes()
-    hashes.update(service_password_hashes(settings))
+    hashes = broker_password_hashes(registry, settings)
+    if files.acl.exists():
+        rewrite_file(files.acl, broker_acl(registry, settings).encode())
     rewrite_file(files.passwords, render_password_file(hashes).encode())
     reload_broker(files.pid_file)
     return len(hashes)

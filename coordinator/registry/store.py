@@ -51,6 +51,15 @@ CREATE TABLE IF NOT EXISTS devices (
     rate_burst INTEGER
 );
 CREATE INDEX IF NOT EXISTS devices_by_key_id ON devices(key_id);
+-- A member's hub (a Pi whose Mosquitto bridges the member's other devices to the MID's broker) logs in with one
+-- login that may carry only the messages of that member's devices (coordinator.broker.config.render_acl).
+CREATE TABLE IF NOT EXISTS relays (
+    name TEXT PRIMARY KEY,
+    member_id TEXT NOT NULL REFERENCES members(member_id),
+    password_hash TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    revoked_ms INTEGER
+);
 -- Which registry facts are in the ledger yet. The two files cannot share a transaction, so the registry remembers
 -- what still has to be logged and the ledger's writer (coordinator serve) logs it, also after a crash.
 CREATE TABLE IF NOT EXISTS ledger_records (
@@ -140,6 +149,25 @@ class Device:
     @property
     def revoked(self) -> bool:
         return self.revoked_ms is not None
+
+
+@dataclass(frozen=True)
+class Relay:
+    """A hub's login on the MID's broker, carrying the messages of its member's devices."""
+
+    name: str
+    member_id: str
+    password_hash: str
+    created_ms: int
+    revoked_ms: int | None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_ms is not None
+
+
+class RelayError(ValueError):
+    """A relay that cannot be added: its member was never invited, or its name is taken."""
 
 
 @dataclass(frozen=True)
@@ -469,6 +497,41 @@ class Registry:
         """Broker logins of every device that is not revoked."""
         rows = self._rows("SELECT device_id, broker_password_hash FROM devices WHERE revoked_ms IS NULL")
         return {device_id: hashed for device_id, hashed in rows}
+
+    def add_relay(self, name: str, member_id: str, password_hash: str, now_ms: int) -> Relay:
+        """Record a hub's relay login for `member_id`'s devices. A name is never reused, also once revoked: the
+        broker's ACL and the operator's records then always mean one hub by one name."""
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM members WHERE member_id = ?", (member_id,)).fetchone() is None:
+                raise RelayError(f"no member {member_id}: invite them first (`midgate coordinator invite`)")
+            if db.execute("SELECT 1 FROM relays WHERE name = ?", (name,)).fetchone() is not None:
+                raise RelayError(f"relay {name} exists already (names are not reused, also after a revoke)")
+            db.execute("INSERT INTO relays VALUES (?, ?, ?, ?, NULL)", (name, member_id, password_hash, now_ms))
+        return Relay(name, member_id, password_hash, now_ms, None)
+
+    def revoke_relay(self, name: str, now_ms: int) -> bool:
+        """True when the relay was active; its broker login goes at the next config write."""
+        with self._write() as db:
+            cur = db.execute("UPDATE relays SET revoked_ms = ? WHERE name = ? AND revoked_ms IS NULL", (now_ms, name))
+            return cur.rowcount == 1
+
+    def relays(self) -> list[Relay]:
+        rows = self._rows("SELECT name, member_id, password_hash, created_ms, revoked_ms FROM relays ORDER BY name")
+        return [Relay(*row) for row in rows]
+
+    def relay_devices(self) -> dict[str, list[str]]:
+        """Each active relay's name -> the devices of its member that are not revoked (sorted): what it may carry."""
+        rows = self._rows(
+            "SELECT r.name, d.device_id FROM relays r LEFT JOIN devices d"
+            " ON d.member_id = r.member_id AND d.revoked_ms IS NULL WHERE r.revoked_ms IS NULL"
+            " ORDER BY r.name, d.device_id"
+        )
+        carried: dict[str, list[str]] = {}
+        for name, device_id in rows:
+            devices = carried.setdefault(name, [])
+            if device_id is not None:
+                devices.append(device_id)
+        return carried
 
 
 def _purposes(stored: list[str] | None) -> tuple[str, ...] | None:
