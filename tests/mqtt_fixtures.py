@@ -15,11 +15,13 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import paho.mqtt.client as paho
 import psutil
 import pytest
 
@@ -336,6 +338,42 @@ user = "root"
 """
 
 
+class DeviceClient:
+    """A bare MQTT 5 client with a device's credentials, recording PUBACK/SUBACK reason codes."""
+
+    def __init__(self, port: int, username: str, password: str, ca_file: Path | None) -> None:
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"probe-{username}", protocol=paho.MQTTv5)
+        self.client.username_pw_set(username, password)
+        if ca_file is not None:
+            self.client.tls_set(ca_certs=str(ca_file))
+        self.connack: list[int] = []
+        self.pubacks: dict[int, int] = {}
+        self.subacks: list[int] = []
+        self.received: list[str] = []
+        self.lock = threading.Lock()
+        self.client.on_connect = lambda c, u, f, rc, p: self.connack.append(rc.value)
+        self.client.on_publish = self._on_publish
+        self.client.on_message = lambda c, u, m: self.received.append(m.topic)
+        self.client.on_subscribe = lambda c, u, mid, rcs, p: self.subacks.extend(r.value for r in rcs)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        wait_until(lambda: bool(self.connack), 10, "CONNACK")
+
+    def _on_publish(self, c: object, u: object, mid: int, rc: paho.ReasonCode, p: object) -> None:
+        with self.lock:
+            self.pubacks[mid] = rc.value
+
+    def publish(self, topic: str, payload: bytes) -> int:
+        info = self.client.publish(topic, payload, qos=1)
+        wait_until(lambda: info.mid in self.pubacks, 10, f"PUBACK for {topic}")
+        return self.pubacks[info.mid]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.mark.slow
 def agent_toml(data_dir: Path, extra: str = "", heartbeat_s: float | None = 5.0, warm_executor: bool = False) -> str:
     """An agent.toml for the tests: quick heartbeats, spool polls, resends and reconnects; `heartbeat_s` None keeps
     the agent's default heartbeat period. `warm_executor` False (unless `extra` sets keep_warm_executor): the agent

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
-from mqtt_fixtures import free_port, running_mosquitto, wait_until
+from mqtt_fixtures import DeviceClient, free_port, running_mosquitto, wait_until
 
 from coordinator.broker.tls import ensure_broker_tls
 
@@ -108,7 +108,51 @@ def test_a_re_run_keeps_every_password_and_the_listener_and_adds_new_sensors(tmp
     assert "listener 1883 127.0.0.1\n" in (conf / "midgate-hub.conf").read_text()
 
 
-@pytest.mark.parametrize("bad", [["--sensor", "Kitchen"], ["--sensor", "midgate-agent"], ["--port", "0"]])
+def test_a_device_login_writes_only_its_own_mid_topics_and_names_never_clash(tmp_path: Path) -> None:
+    """Another midgate device at home (--device, its device id) publishes on its own up topics only, which the bridge
+    carries; a sensor cannot write them, nor it a sensor's. A re-run adds devices and keeps the others' logins."""
+    conf, secrets, port = tmp_path / "conf.d", tmp_path / "secrets", free_port()
+    generate(conf, secrets, "--port", str(port), "--sensor", "kitchen", "--device", "d-1")
+    first = secret(secrets, "d-1")
+    generate(conf, secrets, "--port", str(port), "--device", "d-2", "--device", "d-1")
+    assert secret(secrets, "d-1") == first and (conf / "midgate-hub.devices").read_text() == "d-1\nd-2\n"
+    assert oct((secrets / "d-2.secret").stat().st_mode & 0o777) == "0o600"
+    for clash in (["--sensor", "d-1"], ["--device", "kitchen"]):
+        done = subprocess.run(
+            ["bash", str(SCRIPT), "--conf-dir", str(conf), "--secret-dir", str(secrets), *clash],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode != 0 and "login" in done.stderr, done.stderr
+    with running_mosquitto(tmp_path / "broker", f"include_dir {conf}\n", port) as broker:
+        d1 = DeviceClient(port, "d-1", first, None)
+        kitchen = DeviceClient(port, "kitchen", secret(secrets, "kitchen"), None)
+        try:
+            # Accepted: 16, "no matching subscribers" (no bridge here); refused: 135, "not authorized".
+            assert d1.publish("mid/riverside/dev/d-1/up/report", b"signed") == 16, broker.log_text()
+            assert d1.publish("mid/riverside/dev/d-2/up/report", b"passing for d-2") == 135  # not authorised
+            assert d1.publish("mid/riverside/dev/d-1/down/receipt", b"a receipt of its own") == 135
+            assert d1.publish("sensors/kitchen/state", b'{"temperature": 99}') == 135
+            assert kitchen.publish("mid/riverside/dev/d-1/up/report", b"forged") == 135
+        finally:
+            d1.close()
+            kitchen.close()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--sensor", "Kitchen"],
+        ["--sensor", "midgate-agent"],
+        ["--sensor", "agent"],
+        ["--device", "D-1"],
+        ["--device", "-d"],
+        ["--device", "agent"],
+        ["--port", "0"],
+    ],
+)
 def test_bad_arguments_are_refused(tmp_path: Path, bad: list[str]) -> None:
     done = subprocess.run(
         ["bash", str(SCRIPT), "--conf-dir", str(tmp_path / "c"), "--secret-dir", str(tmp_path / "s"), *bad],
@@ -122,8 +166,8 @@ def test_bad_arguments_are_refused(tmp_path: Path, bad: list[str]) -> None:
 
 def test_the_bridge_reaches_the_mid_s_broker_over_tls_and_never_carries_readings(tmp_path: Path) -> None:
     """The MID's broker: TLS with a certificate of the MID's CA, a login for the hub. The hub's Mosquitto runs the
-    generated listener and bridge; a relay login (made by the test: the installer makes none) stands for a device
-    at home sending a report. The report crosses the bridge; the kitchen's reading sent before it does not."""
+    generated listener and bridge; a device at home (--device, its login made by the script) sends a report. The
+    report crosses the bridge; the kitchen's reading sent before it does not."""
     mid_dir, conf, secrets = tmp_path / "mid", tmp_path / "conf.d", tmp_path / "secrets"
     tls = ensure_broker_tls(mid_dir / "tls", "riverside", ["127.0.0.1"])
     (tmp_path / "hub-password").write_text("p&ss|w/rd\n")
@@ -148,6 +192,8 @@ def test_the_bridge_reaches_the_mid_s_broker_over_tls_and_never_carries_readings
         str(hub_port),
         "--sensor",
         "kitchen",
+        "--device",
+        "d-1",
         "--bridge",
         f"127.0.0.1:{tls_port}",
         "--bridge-login",
@@ -159,19 +205,15 @@ def test_the_bridge_reaches_the_mid_s_broker_over_tls_and_never_carries_readings
     )
     bridge = (conf / "midgate-bridge.conf").read_text()
     assert f"\nbridge_cafile {conf}/mid-ca.pem\n" in bridge and "\nremote_password p&ss|w/rd\n" in bridge
-    (secrets / "relay.secret").write_text("relay-password\n")
-    subprocess.run(["mosquitto_passwd", "-b", str(conf / "midgate-hub.passwd"), "relay", "relay-password"], check=True)
-    with (conf / "midgate-hub.acl").open("a") as acl:
-        acl.write("\nuser relay\ntopic write mid/#\n")
 
     async def observe() -> list[tuple[str, bytes]]:
         observer = aiomqtt.Client("127.0.0.1", observer_port, username="observer", password="observer-password")
         kitchen = aiomqtt.Client("127.0.0.1", hub_port, username="kitchen", password=secret(secrets, "kitchen"))
-        relay = aiomqtt.Client("127.0.0.1", hub_port, username="relay", password="relay-password")
-        async with observer, kitchen, relay:
+        device = aiomqtt.Client("127.0.0.1", hub_port, username="d-1", password=secret(secrets, "d-1"))
+        async with observer, kitchen, device:
             await observer.subscribe("#", qos=1)
             await kitchen.publish("sensors/kitchen/state", b'{"temperature": 21.5}', qos=1)
-            await relay.publish("mid/riverside/dev/d-1/up/report", b"end", qos=1)
+            await device.publish("mid/riverside/dev/d-1/up/report", b"end", qos=1)
             return await _until_end(observer)
 
     with (

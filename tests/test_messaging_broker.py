@@ -4,14 +4,13 @@ with enrolment and revocation, and ACLs that keep each device to its own topics.
 from __future__ import annotations
 
 import json
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
-import paho.mqtt.client as paho
 import pytest
 from mqtt_fixtures import (
+    DeviceClient,
     MessagingStack,
     MosquittoProcess,
     contribution_report,
@@ -21,7 +20,6 @@ from mqtt_fixtures import (
     wait_until,
     write_bodies,
 )
-from paho.mqtt.enums import CallbackAPIVersion
 from typer.testing import CliRunner
 
 from coordinator.cli import app as coordinator_app
@@ -39,42 +37,6 @@ from protocol.topics import UpKind, up_topic
 pytest_plugins = ["mqtt_fixtures"]
 
 
-class DeviceClient:
-    """A bare MQTT 5 client with a device's credentials, recording PUBACK/SUBACK reason codes."""
-
-    def __init__(self, port: int, username: str, password: str, ca_file: Path | None) -> None:
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"probe-{username}", protocol=paho.MQTTv5)
-        self.client.username_pw_set(username, password)
-        if ca_file is not None:
-            self.client.tls_set(ca_certs=str(ca_file))
-        self.connack: list[int] = []
-        self.pubacks: dict[int, int] = {}
-        self.subacks: list[int] = []
-        self.received: list[str] = []
-        self.lock = threading.Lock()
-        self.client.on_connect = lambda c, u, f, rc, p: self.connack.append(rc.value)
-        self.client.on_publish = self._on_publish
-        self.client.on_message = lambda c, u, m: self.received.append(m.topic)
-        self.client.on_subscribe = lambda c, u, mid, rcs, p: self.subacks.extend(r.value for r in rcs)
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-        wait_until(lambda: bool(self.connack), 10, "CONNACK")
-
-    def _on_publish(self, c: object, u: object, mid: int, rc: paho.ReasonCode, p: object) -> None:
-        with self.lock:
-            self.pubacks[mid] = rc.value
-
-    def publish(self, topic: str, payload: bytes) -> int:
-        info = self.client.publish(topic, payload, qos=1)
-        wait_until(lambda: info.mid in self.pubacks, 10, f"PUBACK for {topic}")
-        return self.pubacks[info.mid]
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-@pytest.mark.slow
 def test_broker_config_tls_logins_and_acls(tmp_path: Path) -> None:
     stack = MessagingStack(tmp_path)
     broker_dir = tmp_path / "coordinator" / "broker"

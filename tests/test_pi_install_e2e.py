@@ -129,13 +129,21 @@ def check_hub(root: Path, installer: str, offline: tuple[str, ...]) -> None:
     assert (root / "etc/midgate/mosquitto-hub-bridge.conf").exists()  # the bridge waits to be filled in
     (root / "tmp/hub-password").write_text("p&ss|w/rd\n")  # characters sed or bash 5.2 would take as syntax
     (root / "tmp/mid-ca.pem").write_text("a CA\n")
-    two = ("--hub", "--hub-sensor", "kitchen", "--hub-sensor", "hall")
-    bridge = ("--bridge", "mid.example:8883", "--bridge-login", "hub-7", "--bridge-password-file", "/tmp/hub-password")
-    run_in(root, installer, *offline, *two, *bridge, "--bridge-ca", "/tmp/mid-ca.pem")
+    two = ("--hub", "--hub-sensor", "kitchen", "--hub-sensor", "hall", "--hub-device", LAPTOP)
+    bridge = ("--bridge", "mid.example:8883", "--bridge-login", "relay.home")
+    bridge += ("--bridge-password-file", "/tmp/hub-password")
+    second = run_in(root, installer, *offline, *two, *bridge, "--bridge-ca", "/tmp/mid-ca.pem")
+    # Another midgate device at home: its login on the hub, held to its own topics, and how its agent names the hub.
+    laptop_password = (secrets / f"{LAPTOP}.secret").read_text().strip()
+    assert f"hub device {LAPTOP}: login {LAPTOP}, password {laptop_password}; in its agent.toml:" in second.stdout
+    assert "[[via_hub]]" in second.stdout and "rerun with --hub-lan" in second.stdout
+    assert (secrets / f"{LAPTOP}.secret").stat().st_mode & 0o777 == 0o600
+    hub_acl = (root / "etc/mosquitto/midgate-hub/midgate-hub.acl").read_text()
+    assert f"user {LAPTOP}\ntopic write mid/+/dev/{LAPTOP}/up/#\n" in hub_acl
     bridged = (root / "etc/mosquitto/conf.d/midgate-bridge.conf").read_text()
     for line in (
         "address mid.example:8883",
-        "remote_username hub-7",
+        "remote_username relay.home",
         "remote_password p&ss|w/rd",
         "bridge_cafile /etc/mosquitto/midgate-hub/mid-ca.pem",
         "topic mid/+/dev/+/up/# out 1",
@@ -149,6 +157,8 @@ def check_hub(root: Path, installer: str, offline: tuple[str, ...]) -> None:
     # The agent (as the midgate user) reads its config with both tables and its password on the hub's broker.
     run_in(root, *AS_MIDGATE, "/opt/midgate/venv/bin/python", "-c", READS_HUB_CONFIG)
 
+
+LAPTOP = "d-3f2a9c0b1e4d5f60"
 
 READS_HUB_CONFIG = f"""
 from pathlib import Path

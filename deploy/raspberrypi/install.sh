@@ -17,8 +17,11 @@
 #                       agent.toml; repeat for more; a re-run with a new name adds it, keeping the others
 #   --hub-lan           listen on the home network (default: on this Pi only, e.g. for Zigbee2MQTT on it); a
 #                       re-run keeps it open, --hub-loopback closes it again
+#   --hub-device ID     a login for another midgate device at home (its device id), whose messages the bridge
+#                       carries to the MID: that device's agent.toml names the hub in a [[via_hub]] table
 #   --bridge HOST:PORT --bridge-login USER --bridge-password-file FILE --bridge-ca FILE
-#                       bridge the mid/ topics to the MID's broker over TLS with the hub's login from the MID
+#                       bridge the mid/ topics to the MID's broker over TLS with the hub's relay login from the MID
+#                       (`midgate coordinator relay add`)
 set -euo pipefail
 
 PREFIX=/opt/midgate
@@ -48,6 +51,7 @@ mode=install
 hub=0
 hub_lan=""
 hub_sensors=()
+hub_devices=()
 bridge=""
 bridge_login=""
 bridge_password_file=""
@@ -69,6 +73,7 @@ while [ $# -gt 0 ]; do
     --hub-lan) hub_lan=1 ;;
     --hub-loopback) hub_lan=0 ;;
     --hub-sensor) hub_sensors+=("${2:?--hub-sensor needs a name}"); shift ;;
+    --hub-device) hub_devices+=("${2:?--hub-device needs a device id}"); shift ;;
     --bridge) bridge=${2:?--bridge needs HOST:PORT}; shift ;;
     --bridge-login) bridge_login=${2:?--bridge-login needs a user}; shift ;;
     --bridge-password-file) bridge_password_file=${2:?--bridge-password-file needs a file}; shift ;;
@@ -76,15 +81,16 @@ while [ $# -gt 0 ]; do
     --source) source_dir=${2:?--source needs a folder}; shift ;;
     --wheel) wheel=${2:?--wheel needs a file}; shift ;;
     --wheelhouse) wheelhouse=${2:?--wheelhouse needs a folder}; shift ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
   shift
 done
 [ "$(id -u)" = 0 ] || die "run as root (sudo $0)"
 [ "$purge" = 0 ] || [ "$mode" = uninstall ] || die "--purge-data goes with --uninstall"
-if [ "$hub" = 0 ] && { [ -n "$hub_lan" ] || [ ${#hub_sensors[@]} -gt 0 ] || [ -n "$bridge" ]; }; then
-  die "--hub-lan, --hub-loopback, --hub-sensor and --bridge go with --hub"
+if [ "$hub" = 0 ] && { [ -n "$hub_lan" ] || [ ${#hub_sensors[@]} -gt 0 ] || [ ${#hub_devices[@]} -gt 0 ] ||
+  [ -n "$bridge" ]; }; then
+  die "--hub-lan, --hub-loopback, --hub-sensor, --hub-device and --bridge go with --hub"
 fi
 
 systemd_running() { [ -d /run/systemd/system ]; }
@@ -204,11 +210,15 @@ write_units() {
 # [[sensors]] table in agent.toml for each sensor login not yet there (the member's own edits are kept).
 write_hub() {
   ensure_packages mosquitto
-  local args=(--conf-dir "$HUB_MOSQUITTO_DIR" --secret-dir "$HUB_SECRETS") name new=()
+  local args=(--conf-dir "$HUB_MOSQUITTO_DIR" --secret-dir "$HUB_SECRETS") name new=() new_devices=() address
   case $hub_lan in 1) args+=(--lan) ;; 0) args+=(--loopback) ;; esac
   for name in "${hub_sensors[@]}"; do
     [ -f "$HUB_SECRETS/$name.secret" ] || new+=("$name")
     args+=(--sensor "$name")
+  done
+  for name in "${hub_devices[@]}"; do
+    [ -f "$HUB_SECRETS/$name.secret" ] || new_devices+=("$name")
+    args+=(--device "$name")
   done
   if [ -n "$bridge" ]; then
     args+=(--bridge "$bridge" --bridge-login "$bridge_login" --bridge-password-file "$bridge_password_file")
@@ -235,8 +245,15 @@ write_hub() {
   for name in "${new[@]}"; do
     say "hub sensor $name: login $name, password $(cat "$HUB_SECRETS/$name.secret"), topic sensors/$name/state"
   done
+  address=$(hostname -I 2>/dev/null | cut -d' ' -f1)
+  for name in "${new_devices[@]}"; do
+    say "hub device $name: login $name, password $(cat "$HUB_SECRETS/$name.secret"); in its agent.toml:" \
+      "[[via_hub]] mid = \"MID\", host = \"${address:-THIS-PI}\", password_file = \"FILE WITH THAT PASSWORD\""
+  done
   if grep -q '^listener 1883 0\.0\.0\.0$' "$HUB_MOSQUITTO_DIR/midgate-hub.conf"; then
-    say "hub: small sensors reach Mosquitto at $(hostname -I 2>/dev/null | cut -d' ' -f1):1883"
+    say "hub: small sensors and devices at home reach Mosquitto at ${address:-this Pi}:1883"
+  elif [ ${#hub_devices[@]} -gt 0 ]; then
+    say "hub: Mosquitto listens on this Pi only; rerun with --hub-lan for devices at home to reach it"
   fi
 }
 
