@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Self
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edge.sensors.config import SampleStoreConfig, SensorConfig
 from edge.sensors.export import WindowSource
@@ -33,6 +33,35 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+MAX_HUB_PASSWORD_FILE = 4096
+
+
+class HubRoute(BaseModel):
+    """`[[via_hub]]`: reach one MID's broker through a Pi hub's Mosquitto at home, whose bridge carries this device's
+    messages to the MID (deploy/raspberrypi/README.md, "The bridge to your MID"). The device logs in to the hub with
+    its device id and the password the hub's installer made for it (`install.sh --hub --hub-device ID`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mid: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="the MID whose messages go through the hub")
+    host: str = Field(min_length=1, max_length=253, description="the hub's address on the home network")
+    port: int = Field(default=1883, ge=1, le=65535, description="the hub's Mosquitto listener")
+    password_file: Path = Field(description="file holding this device's password on the hub's Mosquitto")
+
+    def password(self) -> str:
+        """The first line of `password_file`; ValueError saying what is wrong with the file otherwise."""
+        try:
+            with self.password_file.open("rb") as file:
+                text = file.read(MAX_HUB_PASSWORD_FILE + 1)
+        except OSError as error:
+            raise ValueError(f"[[via_hub]] {self.mid}: cannot read {self.password_file}: {error.strerror}") from None
+        lines = text.decode(errors="replace").splitlines()
+        password = lines[0].strip() if lines else ""
+        if len(text) > MAX_HUB_PASSWORD_FILE or not 16 <= len(password) <= 128:
+            raise ValueError(f"[[via_hub]] {self.mid}: {self.password_file} holds no password of 16-128 characters")
+        return password
 
 
 class AgentSettings(RoleSettings):
@@ -127,6 +156,12 @@ class AgentSettings(RoleSettings):
         description="`[[sensors]]` tables, one per sensor, sampled by `agent run` into the sample store "
         "(docs/sensors.md)",
     )
+    via_hub: list[HubRoute] = Field(
+        default_factory=list,
+        description="`[[via_hub]]` tables: MIDs whose broker this device reaches through a Pi hub at home "
+        "(mid, host, port = 1883, password_file) rather than directly; plain MQTT on the home network, each message "
+        "still signed",
+    )
     # A relative `sample_store.path` is under data_dir: the store is the member's data and stays in the agent's
     # private folder, wherever the daemon was started from.
     sample_store: SampleStoreConfig = Field(default_factory=SampleStoreConfig)
@@ -136,6 +171,9 @@ class AgentSettings(RoleSettings):
         names = [s.name for s in self.sensors]
         if len(set(names)) != len(names):
             raise ValueError(f"[[sensors]] names must be unique, found {names}")
+        mids = [route.mid for route in self.via_hub]
+        if len(set(mids)) != len(mids):
+            raise ValueError(f"[[via_hub]] names each MID once, found {mids}")
         if not self.member_page_home_network and not is_loopback(self.member_page_host):
             raise ValueError(
                 f"member_page_host {self.member_page_host!r} is not loopback: set member_page_home_network = true to "
@@ -153,6 +191,9 @@ class AgentSettings(RoleSettings):
     @property
     def spool_root(self) -> Path:
         return self.spool_dir if self.spool_dir is not None else self.data_dir / "spool"
+
+    def hub_route(self, mid: str) -> HubRoute | None:
+        return next((route for route in self.via_hub if route.mid == mid), None)
 
     def membership_dir(self, mid: str) -> Path:
         return self.data_dir / "mids" / mid

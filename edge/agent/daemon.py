@@ -45,7 +45,7 @@ from edge.agent.member_page import serving_member_page
 from edge.agent.membership import Membership, load_memberships
 from edge.agent.outbox import LEAF_KIND, Outbox, OutboxFullError
 from edge.agent.refusals import settle_refusal
-from edge.agent.session import DeviceSession
+from edge.agent.session import DeviceSession, broker_route
 from edge.agent.systemd_notify import systemd_service
 from edge.agent.witnessing import cosign_candidate
 from edge.federated.spool import SpooledRecord, pending_files, read_record, reject_file
@@ -71,6 +71,7 @@ class MembershipRunner:
     def __init__(self, settings: AgentSettings, membership: Membership) -> None:
         self.settings = settings
         self.membership = membership
+        self.route = broker_route(membership, settings.hub_route(membership.mid))
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"outbox-{membership.mid}")
         self.outbox = Outbox(membership.outbox_path, settings.outbox_max_bytes)
         self.ledger_api = LedgerClient(membership.record.enrolment_url)
@@ -137,6 +138,7 @@ class MembershipRunner:
         s = self.settings
         self.session = DeviceSession(
             self.membership,
+            self.route,
             deliver=self._deliver,
             on_connected=self._reconnected,
             will=will,
@@ -193,11 +195,10 @@ class MembershipRunner:
 
     async def _disconnected_status(self) -> DaemonStatus:
         """This daemon's status before it connects: the jobs joined carried over from the status file it finds."""
-        broker = self.membership.record.broker
         kept = await asyncio.to_thread(read_daemon_status, self.membership.directory)
         return DaemonStatus(
             pid=os.getpid(),
-            broker=f"{broker.host}:{broker.port}",
+            broker=str(self.route),
             connected=False,
             since_ms=_now_ms(),
             jobs_joined=kept.jobs_joined if kept else (),
@@ -502,16 +503,20 @@ async def run_agent(settings: AgentSettings, stop: asyncio.Event | None = None) 
     if not memberships:
         raise SystemExit(f"no memberships under {settings.data_dir / 'mids'}: run `midgate agent enrol` first")
     stop = stop or asyncio.Event()
-    runners = [MembershipRunner(settings, m) for m in memberships]
-    for m in memberships:
-        broker = m.record.broker
+    try:
+        runners = [MembershipRunner(settings, m) for m in memberships]
+    except ValueError as error:  # a [[via_hub]] password file it cannot use
+        raise SystemExit(str(error)) from None
+    for route in settings.via_hub:
+        if route.mid not in {m.mid for m in memberships}:
+            log.warning("[[via_hub]] names %s, which this device has not joined", route.mid, extra={"mid": route.mid})
+    for r in runners:
+        m = r.membership
         log.info(
-            "agent running for %s as device %s; broker %s:%s%s",
+            "agent running for %s as device %s; broker %s",
             m.mid,
             m.device,
-            broker.host,
-            broker.port,
-            " (TLS)" if broker.tls else "",
+            r.route,
             extra={"mid": m.mid, "device": m.device},
         )
     async with (

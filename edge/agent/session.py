@@ -3,7 +3,9 @@
 MQTT 5 with a persistent session (clean start off, long session expiry) so receipts published while the device is
 away wait at the broker; 3.1.1 with clean session off when the broker or the config says so ("auto" falls back after
 an "unsupported protocol version" refusal). TLS trusts only the CA the MID handed out at enrolment. The last will is
-a heartbeat signed at connect time with status `offline`.
+a heartbeat signed at connect time with status `offline`. A membership named in `[[via_hub]]` connects to a Pi hub's
+Mosquitto at home instead, with the login the hub made for this device; the hub's bridge carries its topics to the
+MID's broker over TLS, and everything the agent checks (receipts, checkpoints) it checks as before.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import logging
 import math
 import ssl
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
@@ -21,6 +25,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edge.agent.config import HubRoute
 from edge.agent.membership import Membership
 from protocol.reconnect import staying_connected
 from protocol.topics import device_filters
@@ -29,6 +34,30 @@ log = logging.getLogger("midgate.agent.mqtt")
 
 SESSION_EXPIRY_S = 30 * 24 * 3600
 _UNSUPPORTED_PROTOCOL = (132, 1)  # MQTT 5 reason code, MQTT 3.1.1 CONNACK return code
+
+
+@dataclass(frozen=True)
+class BrokerRoute:
+    """Where a membership's session connects, and as whom."""
+
+    host: str
+    port: int
+    username: str
+    password: str
+    ca_file: Path | None
+    via_hub: bool
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}" + (" (through a hub)" if self.via_hub else " (TLS)" if self.ca_file else "")
+
+
+def broker_route(membership: Membership, hub: HubRoute | None) -> BrokerRoute:
+    """The MID's broker as enrolment gave it, or the hub `[[via_hub]]` names for this MID (its password read now:
+    ValueError saying what is wrong with its file)."""
+    if hub is not None:
+        return BrokerRoute(hub.host, hub.port, membership.device, hub.password(), None, via_hub=True)
+    broker = membership.record.broker
+    return BrokerRoute(broker.host, broker.port, broker.username, broker.password, membership.ca_file, via_hub=False)
 
 
 class DeviceSession:
@@ -41,6 +70,7 @@ class DeviceSession:
     def __init__(
         self,
         membership: Membership,
+        route: BrokerRoute,
         deliver: Callable[[str, bytes], None],
         on_connected: Callable[[], None],
         will: tuple[str, bytes] | None,
@@ -50,6 +80,7 @@ class DeviceSession:
         reconnect: tuple[float, float] = (1.0, 120.0),
     ) -> None:
         self.membership = membership
+        self.route = route
         self._deliver = deliver
         self._on_connected = on_connected
         self._will = will
@@ -66,8 +97,7 @@ class DeviceSession:
         self._session: contextlib.AbstractAsyncContextManager[None] | None = None
 
     async def __aenter__(self) -> Self:
-        broker = self.membership.record.broker
-        what = f"broker {broker.host}:{broker.port} of {self.membership.mid}"
+        what = f"broker {self.route} of {self.membership.mid}"
         self._session = staying_connected(self._connect, self._serve, (aiomqtt.MqttError,), self._reconnect, log, what)
         await self._session.__aenter__()
         return self
@@ -118,12 +148,11 @@ class DeviceSession:
             raise
 
     def _client_for(self, mqtt5: bool) -> aiomqtt.Client:
-        m = self.membership
-        broker = m.record.broker
+        route = self.route
         will = aiomqtt.Will(self._will[0], self._will[1], qos=1, retain=False) if self._will else None
         tls = (
-            aiomqtt.TLSParameters(ca_certs=str(m.ca_file), tls_version=ssl.PROTOCOL_TLS_CLIENT)
-            if m.ca_file is not None
+            aiomqtt.TLSParameters(ca_certs=str(route.ca_file), tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            if route.ca_file is not None
             else None
         )
         if mqtt5:
@@ -133,11 +162,11 @@ class DeviceSession:
         else:
             persistence = {"clean_session": False}
         client = aiomqtt.Client(
-            broker.host,
-            broker.port,
-            username=broker.username,
-            password=broker.password,
-            identifier=m.device,
+            route.host,
+            route.port,
+            username=route.username,
+            password=route.password,
+            identifier=self.membership.device,
             protocol=aiomqtt.ProtocolVersion.V5 if mqtt5 else aiomqtt.ProtocolVersion.V311,
             will=will,
             keepalive=self._keepalive,
