@@ -8,7 +8,6 @@ itself enters through `console`, so `midgate agent run` is as lean; every other 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,16 +20,33 @@ HELP_FLAGS = {"--help", "-h"}
 
 def main(argv: Sequence[str] | None = None, prog: str = "midgate-agent") -> None:
     """Run the agent daemon for every MID this agent belongs to (until SIGTERM/SIGINT)."""
-    parser = argparse.ArgumentParser(prog=prog, description=main.__doc__)
-    parser.add_argument("--config", "-c", type=Path, default=None, help="agent.toml (env MIDGATE_AGENT_* overrides)")
-    args = parser.parse_args(argv)
+    config = _config_path(sys.argv[1:] if argv is None else argv, prog)
     from edge.agent.run import run_daemon
 
     try:
-        run_daemon(args.config)
+        run_daemon(config)
     except (KeyboardInterrupt, Exception) as error:
         exit_if_expected(error)
         raise
+
+
+def _config_path(argv: Sequence[str], prog: str) -> Path | None:
+    """The config file of the command lines a service runs (none, `--config PATH`, `-c PATH`, `--config=PATH`) read
+    without argparse, which would stay resident in the daemon (0.4 MB of its 50 MB budget on a Pi hub: BENCHMARKS.md,
+    "Raspberry Pi hub"); anything else (--help, a mistake) goes to argparse, which says it as it always has."""
+    match list(argv):
+        case []:
+            return None
+        case ["--config" | "-c", value] if value and not value.startswith("-"):
+            return Path(value)
+        case [option] if option.startswith("--config=") and option != "--config=":
+            return Path(option.removeprefix("--config="))
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, description=main.__doc__)
+    parser.add_argument("--config", "-c", type=Path, default=None, help="agent.toml (env MIDGATE_AGENT_* overrides)")
+    config: Path | None = parser.parse_args(argv).config
+    return config
 
 
 def console() -> None:

@@ -34,9 +34,11 @@ NOT_IN_THE_IDLE_AGENT = (
     "edge.agent.statement",
     "pydantic_settings",
     "dotenv",
+    "argparse",
 )
 """Imported by `midgate agent run` before (the CLI stack, the member page's uvicorn and view, a job's SuperNode
-stack, uvloop, psutil, pydantic-settings for a config without env overrides), or never needed by an idle agent."""
+stack, uvloop, psutil, pydantic-settings for a config without env overrides, argparse for `--config PATH`), or never
+needed by an idle agent."""
 
 LEAN = "from midgate_agent import main; main()"
 CONSOLE = "import sys; from midgate_agent import console; sys.argv[0] = 'midgate'; console()"
@@ -94,6 +96,25 @@ def test_the_lean_entry_says_errors_as_the_typer_app_does(
     }
     for name, done in runs.items():
         assert (done.returncode, done.stderr.strip()) == (code, said.format(path=path)), name
+
+
+@pytest.mark.parametrize("args", [["-c", "{path}"], ["--config={path}"]], ids=["-c", "--config="])
+def test_the_lean_entry_reads_every_form_of_the_config_option(tmp_path: Path, args: list[str]) -> None:
+    path = tmp_path / "missing.toml"
+    done = _run(LEAN, *(a.format(path=path) for a in args))
+    assert (done.returncode, done.stderr.strip()) == (1, f"error: config file {path} not found")
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [(["--config"], "expected one argument"), (["--bogus"], "unrecognized arguments: --bogus")],
+    ids=["no-value", "unknown"],
+)
+def test_anything_else_is_argparse_s_to_say(args: list[str], said: str) -> None:
+    done = _run(LEAN, *args)
+    assert done.returncode == 2 and said in done.stderr and done.stderr.startswith("usage: midgate-agent")
+    helped = _run(LEAN, "--help")
+    assert helped.returncode == 0 and "--config CONFIG, -c CONFIG" in helped.stdout
 
 
 def test_help_and_every_other_command_go_to_the_typer_app() -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge.agent.ledger_view import SettledReport
+from edge.sqlite_cache import bound_page_cache
 from protocol.envelope import envelope_digest
 from protocol.leaves import LeafKind
 from protocol.topics import UpKind
@@ -134,6 +135,7 @@ class Outbox:
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        bound_page_cache(self._db)
         self._db.executescript(_SCHEMA)
         present = {row[1] for row in self._db.execute("PRAGMA table_info(receipts)")}
         for name, sql_type in _RECEIPT_COLUMNS:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from edge.sensors.errors import MalformedError, MissingInputsError, StoreNotReadyError
 from edge.sensors.sample import ChannelSpec, Quality, Sample
+from edge.sqlite_cache import bound_page_cache
 
 if TYPE_CHECKING:
     # numpy and the window cutter are imported by the reads that need them, not by the agent that only records
@@ -272,6 +273,7 @@ class SampleStore:
             return
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        bound_page_cache(self._db)
         if version in ("1", "2"):
             self._db.execute("PRAGMA foreign_keys=OFF")  # the rebuild drops the table samples refer to
             steps = (_MIGRATE_FROM_1 if version == "1" else "") + _MIGRATE_FROM_2
