@@ -19,14 +19,18 @@ pytestmark = pytest.mark.timeout(120)
 SCRIPT = Path(__file__).resolve().parents[1] / "deploy" / "raspberrypi" / "hub-mosquitto.sh"
 
 
-def generate(conf: Path, secrets: Path, *args: str) -> None:
-    done = subprocess.run(
+def run_script(conf: Path, secrets: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         ["bash", str(SCRIPT), "--conf-dir", str(conf), "--secret-dir", str(secrets), *args],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def generate(conf: Path, secrets: Path, *args: str) -> None:
+    done = run_script(conf, secrets, *args)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -118,13 +122,7 @@ def test_a_device_login_writes_only_its_own_mid_topics_and_names_never_clash(tmp
     assert secret(secrets, "d-1") == first and (conf / "midgate-hub.devices").read_text() == "d-1\nd-2\n"
     assert oct((secrets / "d-2.secret").stat().st_mode & 0o777) == "0o600"
     for clash in (["--sensor", "d-1"], ["--device", "kitchen"]):
-        done = subprocess.run(
-            ["bash", str(SCRIPT), "--conf-dir", str(conf), "--secret-dir", str(secrets), *clash],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        done = run_script(conf, secrets, *clash)
         assert done.returncode != 0 and "login" in done.stderr, done.stderr
     with running_mosquitto(tmp_path / "broker", f"include_dir {conf}\n", port) as broker:
         d1 = DeviceClient(port, "d-1", first, None)
@@ -154,13 +152,7 @@ def test_a_device_login_writes_only_its_own_mid_topics_and_names_never_clash(tmp
     ],
 )
 def test_bad_arguments_are_refused(tmp_path: Path, bad: list[str]) -> None:
-    done = subprocess.run(
-        ["bash", str(SCRIPT), "--conf-dir", str(tmp_path / "c"), "--secret-dir", str(tmp_path / "s"), *bad],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_script(tmp_path / "c", tmp_path / "s", *bad)
     assert done.returncode != 0 and "hub-mosquitto.sh:" in done.stderr
 
 
