@@ -30,7 +30,7 @@ class DaemonStatus(BaseModel):
 
     pid: int
     broker: str
-    """`host:port` of the MID's broker, as enrolment gave it."""
+    """`host:port` the session connects to, with " (TLS)" or " (through a hub)" (edge.agent.session.BrokerRoute)."""
     connected: bool
     since_ms: int
     """When `connected` took its value."""

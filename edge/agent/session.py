@@ -16,7 +16,7 @@ import logging
 import math
 import ssl
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -43,7 +43,7 @@ class BrokerRoute:
     host: str
     port: int
     username: str
-    password: str
+    password: str = field(repr=False)  # never in a log line or traceback
     ca_file: Path | None
     via_hub: bool
 
