@@ -187,23 +187,9 @@ def invite(
 def revoke(device: str = typer.Argument(...), config: Path | None = ConfigOption) -> None:
     """Revoke a device key: ingest refuses it from the next batch, and its broker login is removed. `serve` (the
     ledger's one writer) logs a MID-signed key-revoke leaf within a second, or at its next start if it is down."""
-    from coordinator.broker.logins import sync_broker_logins
-    from coordinator.broker.owners import BrokerFilesError
-    from coordinator.registry.store import Registry
+    from coordinator.broker.cli import revoke_login
 
-    settings = _settings(config)
-    registry = Registry(settings.registry_path)
-    try:
-        if not registry.revoke(device, _now_ms()):
-            typer.echo(f"no active device {device}", err=True)
-            raise typer.Exit(1)
-        sync_broker_logins(registry, settings)
-    except BrokerFilesError as error:
-        typer.echo(f"revoked {device}, but its broker login stays until the logins are rewritten: {error}", err=True)
-        raise typer.Exit(1) from None
-    finally:
-        registry.close()
-    typer.echo(f"revoked {device}")
+    revoke_login(_settings(config), lambda registry, now_ms: registry.revoke(device, now_ms), f"device {device}")
 
 
 DEVICE_COLUMNS = ("device", "member", "key", "online", "last_seen", "status", "paused", "striking", "left", "verifier")

@@ -14,7 +14,10 @@ from typing import TYPE_CHECKING
 import typer
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from coordinator.config import CoordinatorSettings
+    from coordinator.registry.store import Registry
 
 app = typer.Typer(no_args_is_help=True, help="Members' hubs: relay logins that carry their devices to the broker.")
 
@@ -110,20 +113,26 @@ def list_relays(config: Path | None = ConfigOption) -> None:
 @app.command("revoke")
 def revoke(name: str = typer.Argument(...), config: Path | None = ConfigOption) -> None:
     """Remove a hub's relay login from the broker (its devices can still connect on their own)."""
+    revoke_login(_settings(config), lambda registry, now_ms: registry.revoke_relay(name, now_ms), f"relay {name}")
+
+
+def revoke_login(settings: CoordinatorSettings, revoke: Callable[[Registry, int], bool], what: str) -> None:
+    """Revoke `what` in the registry with `revoke(registry, now_ms)` (False: nothing active by that name, exit 1),
+    then rewrite the broker's logins and ACL and reload it; a broker file it cannot rewrite is said, exit 1. For a
+    device (`midgate coordinator revoke`) and a hub's relay alike."""
     from coordinator.broker.logins import sync_broker_logins
     from coordinator.broker.owners import BrokerFilesError
     from coordinator.registry.store import Registry
 
-    settings = _settings(config)
     registry = Registry(settings.registry_path)
     try:
-        if not registry.revoke_relay(name, time.time_ns() // 1_000_000):
-            typer.echo(f"no active relay {name}", err=True)
+        if not revoke(registry, time.time_ns() // 1_000_000):
+            typer.echo(f"no active {what}", err=True)
             raise typer.Exit(1)
         sync_broker_logins(registry, settings)
     except BrokerFilesError as error:
-        typer.echo(f"revoked relay {name}, but its login stays until the logins are rewritten: {error}", err=True)
+        typer.echo(f"revoked {what}, but its broker login stays until the logins are rewritten: {error}", err=True)
         raise typer.Exit(1) from None
     finally:
         registry.close()
-    typer.echo(f"revoked relay {name}")
+    typer.echo(f"revoked {what}")
