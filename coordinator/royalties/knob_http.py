@@ -54,7 +54,8 @@ def knob_router(
     @router.get(KNOB_PRICE_PATH)
     def price(knob_milli: str = "0") -> Response:
         try:
-            if not (knob_milli.lstrip("-").isdigit() and len(knob_milli) <= 6):
+            digits = knob_milli.removeprefix("-")  # one sign; ASCII digits only (int() refuses "¹", isdigit() not)
+            if not (digits.isascii() and digits.isdigit() and len(knob_milli) <= 6):
                 raise MalformedError("knob_milli is an integer in [-1000, 1000]", found=knob_milli[:20])
             answer = knob_price(policy(), currency, int(knob_milli))
         except ProtocolError as error:
