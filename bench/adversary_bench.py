@@ -12,9 +12,10 @@ Per adversary kind:
 - same data (re-seeded training of a member's data, 70 % of it): the pair's pay over what the member alone earns;
 - copycat (half of a member's update, with noise): the share of its pay the member loses, and the copy's share;
 - every kind: the share of their pay the honest members lose together (a second table).
-Same-data cells are settled twice, with the job's same-data groups (coordinator.attribution.history) and with the
-per-round groups alone (the baseline, the same jobs); each world also prints the honest pairs paid as one member (both
-ways) and the largest share of its pay an honest member lost to the job-level grouping.
+Same-data cells are settled three ways: with the job's same-data groups (coordinator.attribution.history), with the
+per-round groups alone (the baseline, the same jobs), and keeping the larger value of a linked pair's two players (the
+settlement rule before the smaller; copycat cells too); each world also prints the honest pairs paid as one member
+(both ways) and the largest share of its pay an honest member lost to the job-level grouping (under both rules).
 Adversaries marked * are adaptive attacks beyond issue 17's list: their results are published, they are not
 targets. Honest false exclusions count every honest member-round a screen excluded, clean and attacked jobs alike.
 With --aggregation, the same jobs run on Flower's robust strategies (accuracy and attribution per strategy).
@@ -72,10 +73,18 @@ class Cell:
         if kind == "same-data":
             groups = [o.group_ratio for o in self.outcomes]
             baseline = [o.group_ratio_round_groups_only for o in self.outcomes]
+            larger = [o.group_ratio_larger_kept for o in self.outcomes]
             before = f"{np.mean(baseline):.2f} / {max(baseline):.2f}x"
-            return f"{np.mean(groups):.2f} / {max(groups):.2f}x (round groups: {before})"
+            return (
+                f"{np.mean(groups):.2f} / {max(groups):.2f}x (round groups: {before}; larger value:"
+                f" {np.mean(larger):.2f} / {max(larger):.2f}x)"
+            )
         losses = [o.victim_loss for o in self.outcomes]
-        return f"{100 * np.mean(losses):.1f} / {100 * max(losses):.1f} (copy {100 * max(shares):.1f})"
+        larger = [o.victim_loss_larger_kept for o in self.outcomes]
+        return (
+            f"{100 * np.mean(losses):.1f} / {100 * max(losses):.1f} (copy {100 * max(shares):.1f}; larger value:"
+            f" {100 * np.mean(larger):.1f} / {100 * max(larger):.1f})"
+        )
 
     def honest_loss(self) -> str:
         """Mean / max share of their pay the honest members (the copied member included) lose together."""
@@ -136,7 +145,8 @@ def run_world(
         print(
             f"{name}, {m} members: honest pair-rounds paid as one {grouping.paid} / {grouping.pair_rounds} "
             f"(round groups only: {grouping.by_round}); largest share of its pay an honest member lost to the "
-            f"job-level grouping {100 * grouping.largest_loss:.2f} %",
+            f"job-level grouping {100 * grouping.largest_loss:.2f} % ({100 * grouping.largest_loss_larger_kept:.2f} %"
+            " keeping the larger value)",
             flush=True,
         )
     return cells, exclusions, accuracy, time.perf_counter() - started
@@ -217,8 +227,9 @@ def main() -> None:
                 missed += print_tables(title, cells, exclusions, accuracy, members, chosen)
     print("\ncells: data-free = mean / max share of the member pool (%); same data = mean / max pay of the pair over")
     print("the member alone, settled with the job's groups (round groups: the same jobs settled by the per-round")
-    print("groups alone, the baseline); copycat = mean / max share of its pay the member loses (max share of the")
-    print("copy, %).")
+    print("groups alone, the baseline; larger value: the same jobs settled keeping the larger value of a linked")
+    print("pair's two players, the rule before the smaller); copycat = mean / max share of its pay the member loses")
+    print("(max share of the copy; larger value: the member's loss under that rule, %).")
     print("\ntargets missed:" if missed else "\nevery target met")
     for line in missed:
         print(f"- {line}")

@@ -271,6 +271,20 @@ def _reseeded_then_noise(v: RoundView) -> Vector:
     return v.noise(v.step_size())
 
 
+def _noisy_reseeded(v: RoundView) -> Vector:
+    """The member's data trained with another seed, 70 % of the energy noise: alike enough to be grouped every round
+    (0.57-0.70 on the synthetic world), and longer than the member's own update, so the group's share by size is its."""
+    return _noisy(v.world.train(v.global_params, v.victim_data, 104729 + v.round), v, 0.7)
+
+
+def _copy_then_faint(v: RoundView) -> Vector:
+    """A copy while the job gathers its evidence (rounds 1-2, 10 % noise), then the member's update drowned in noise
+    (96 % of the energy): alike enough for the job to link the pair (0.38-0.45 on the synthetic world), too little
+    for a round to make it one player, and worth little itself. Against a settlement that keeps the smaller value of
+    a linked pair's two players, it drags the member it copies down to its own value in those rounds."""
+    return _noisy(v.victim_update.copy(), v, 0.1 if v.round <= 2 else 0.96)
+
+
 ADVERSARIES: dict[str, Adversary] = {
     a.name: a
     for a in (
@@ -298,10 +312,12 @@ ADVERSARIES: dict[str, Adversary] = {
         Adversary("re-seeded", "same-data", lambda v: v.world.train(v.global_params, v.victim_data, 104729 + v.round)),
         Adversary("70 % of the data", "same-data", _partial_data),
         Adversary("re-seeded then noise", "same-data", _reseeded_then_noise, published=True),
+        Adversary("noisy re-seeded", "same-data", _noisy_reseeded, published=True),
         Adversary("half copy", "copycat", lambda v: (0.5 * v.victim_update).astype(np.float32)),
         Adversary("noisy half copy", "copycat", lambda v: _noisy(0.5 * v.victim_update, v, 0.2)),
         Adversary("exact copy", "copycat", lambda v: v.victim_update.copy(), published=True),
         Adversary("1.5x copy", "copycat", lambda v: (1.5 * v.victim_update).astype(np.float32), published=True),
+        Adversary("copy then faint", "copycat", _copy_then_faint, published=True),
     )
 }
 VICTIM = "m000"
@@ -324,6 +340,12 @@ class JobResult:
         """The same job settled with the per-round groups alone (job-level grouping off): the baseline."""
         screens = self.account.screen_settings.model_copy(update={"same_data_reference": 1.0})
         return _settle(replace(self.account, screen_settings=screens))
+
+    @cached_property
+    def pay_larger_kept(self) -> dict[str, int]:
+        """The same job settled by the rule before the smaller value (a linked pair's two players keep the larger of
+        their values): the baseline of the settlement rule."""
+        return _settle(replace(self.account, same_data_kept="larger"))
 
     def excluded(self, member: str) -> int:
         """Rounds in which a screen excluded `member`."""
@@ -480,6 +502,19 @@ class AttackOutcome:
         return (attacked.get(VICTIM, 0) + attacked.get(ADVERSARY, 0)) / alone if alone else float("nan")
 
     @property
+    def group_ratio_larger_kept(self) -> float:
+        """group_ratio with both jobs settled keeping the larger value of a linked pair's two players."""
+        alone = self.clean.pay_larger_kept.get(VICTIM, 0)
+        attacked = self.attacked.pay_larger_kept
+        return (attacked.get(VICTIM, 0) + attacked.get(ADVERSARY, 0)) / alone if alone else float("nan")
+
+    @property
+    def victim_loss_larger_kept(self) -> float:
+        """victim_loss with both jobs settled keeping the larger value of a linked pair's two players."""
+        alone = self.clean.pay_larger_kept.get(VICTIM, 0)
+        return 1.0 - self.attacked.pay_larger_kept.get(VICTIM, 0) / alone if alone else float("nan")
+
+    @property
     def victim_loss(self) -> float:
         """The share of its pay the victim loses to the adversary."""
         alone = self.clean.pay.get(VICTIM, 0)
@@ -539,13 +574,14 @@ class HonestGrouping:
     by_round: int
     pair_rounds: int
     largest_loss: float
+    largest_loss_larger_kept: float  # the same, settled keeping the larger value of a linked pair's two players
 
 
 def honest_grouping(results: Sequence[JobResult], members: int) -> HonestGrouping:
     """Pairs of two honest members paid as one, over the jobs (the adversary's pairs left out)."""
     honest = {f"m{i:03d}" for i in range(members)}
     paid = by_round = pair_rounds = 0
-    largest_loss = 0.0
+    largest_loss = largest_loss_larger_kept = 0.0
     for result in results:
         pair_rounds += len(result.valuations) * members * (members - 1) // 2
         paid += sum(_honest_pairs(group, honest) for groups in result.account.paid_as_one() for group in groups)
@@ -555,7 +591,9 @@ def honest_grouping(results: Sequence[JobResult], members: int) -> HonestGroupin
             before = result.pay_round_groups_only.get(member, 0)
             if before > 0:
                 largest_loss = max(largest_loss, 1.0 - result.pay.get(member, 0) / before)
-    return HonestGrouping(paid, by_round, pair_rounds, largest_loss)
+                larger_kept = 1.0 - result.pay_larger_kept.get(member, 0) / before
+                largest_loss_larger_kept = max(largest_loss_larger_kept, larger_kept)
+    return HonestGrouping(paid, by_round, pair_rounds, largest_loss, largest_loss_larger_kept)
 
 
 def _honest_pairs(group: Sequence[str], honest: set[str]) -> int:

@@ -8,8 +8,11 @@ integers (`check_job_attribution`, `midgate ledger recompute-job`) and gets the 
 The rules (docs/attribution.md, section 1): each round, a pair's similarity s adds s - reference to a running sum
 that never drops below 0 (a CUSUM); a pair whose sum reaches `evidence` anywhere in the job is a job pair. In every
 valued round where both were admitted and s >= `linked` it is linked, and every connected set of the round's
-players and links of more than one member is paid as one member: it keeps its most valuable player's value, the
-excess taken from its members valued above 0 in proportion (floored), negative values left as they are.
+players and links of more than one member is paid as one member: it keeps the value of its least valuable player
+valued above 0 (`kept="smaller"`, what jobs are settled by; a set of one player keeps that player's value), the
+excess taken from its members valued above 0 in proportion (floored), negative values left as they are. JOB leaves
+from before the rule was named were settled keeping the most valuable player's value (`kept="larger"`) and
+recompute so (docs/attribution.md, section 7: why the smaller).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from protocol.job_log import (
     JobLogRecord,
     JobPairs,
     RoundLogRecord,
+    SameDataKept,
     decode_job_record,
     decode_round_record,
     join_round_parts,
@@ -35,6 +39,7 @@ SIMILARITY_SCALE = 1000
 SAME_DATA_REFERENCE_MILLI = 450
 SAME_DATA_EVIDENCE_MILLI = 300
 SAME_DATA_LINKED_MILLI = 300
+SAME_DATA_KEPT: SameDataKept = "smaller"
 
 Pair = tuple[str, str]
 
@@ -47,12 +52,13 @@ def similarity_milli(similarity: float) -> int:
 @dataclass(frozen=True)
 class SameDataRules:
     """The job-level grouping's thresholds in milli-units (coordinator ScreenSettings: same_data_reference,
-    same_data_evidence, same_data_linked). The defaults are what `job start` runs; a reference of 1000 turns the
-    grouping off."""
+    same_data_evidence, same_data_linked) and what a set paid as one member keeps of a round (module docstring; the
+    JOB leaf names it). The defaults are what `job start` runs; a reference of 1000 turns the grouping off."""
 
     reference_milli: int = SAME_DATA_REFERENCE_MILLI
     evidence_milli: int = SAME_DATA_EVIDENCE_MILLI
     linked_milli: int = SAME_DATA_LINKED_MILLI
+    kept: SameDataKept = SAME_DATA_KEPT
 
     @property
     def enabled(self) -> bool:
@@ -121,11 +127,13 @@ def paid_as_one(valued: ValuedRound, pairs: Sequence[Pair], rules: SameDataRules
     return [group for group in union_groups(sorted(valued.admitted()), links) if len(group) > 1]
 
 
-def settled_round(valued: ValuedRound, groups: Iterable[tuple[str, ...]]) -> dict[str, int]:
+def settled_round(
+    valued: ValuedRound, groups: Iterable[tuple[str, ...]], kept: SameDataKept = SAME_DATA_KEPT
+) -> dict[str, int]:
     """The round's values with each set in `groups` paid as one member."""
     values = dict(valued.values)
     for group in groups:
-        values.update(_one_member(group, valued))
+        values.update(_one_member(group, valued, kept))
     return values
 
 
@@ -135,21 +143,24 @@ def settle_rounds(rounds: Sequence[ValuedRound], rules: SameDataRules) -> tuple[
     for valued in rounds:
         evidence.add(valued)
     pairs = evidence.job_pairs()
-    return pairs, [settled_round(valued, paid_as_one(valued, pairs, rules)) for valued in rounds]
+    return pairs, [settled_round(valued, paid_as_one(valued, pairs, rules), rules.kept) for valued in rounds]
 
 
-def _one_member(group: tuple[str, ...], valued: ValuedRound) -> dict[str, int]:
-    """A set paid as one member: what it earned above its most valuable player (a player of several members already
-    weighs as one) is taken from its members valued above 0, in proportion, floored. A value is never raised."""
+def _one_member(group: tuple[str, ...], valued: ValuedRound, kept: SameDataKept) -> dict[str, int]:
+    """A set paid as one member: what it earned above what it keeps (`kept`: its most valuable player's value, or its
+    least valuable player's among those valued above 0; a player of several members already weighs as one) is
+    taken from its members valued above 0, in proportion, floored. A value is never raised."""
     inside = set(group)
-    largest = max(sum(valued.values[m] for m in player) for player in valued.players if inside.intersection(player))
+    players = [sum(valued.values[m] for m in player) for player in valued.players if inside.intersection(player)]
+    positive_players = [v for v in players if v > 0]
+    target = min(positive_players) if kept == "smaller" and positive_players else max(players)
     values = {member: valued.values[member] for member in group}
-    excess = sum(values.values()) - largest
+    excess = sum(values.values()) - target
     positive = sum(v for v in values.values() if v > 0)
     if excess <= 0 or positive <= 0:
         return values
-    kept = positive - excess
-    return {member: v * kept // positive if v > 0 else v for member, v in values.items()}
+    remaining = positive - excess
+    return {member: v * remaining // positive if v > 0 else v for member, v in values.items()}
 
 
 def union_groups(members: Sequence[T], links: Iterable[tuple[T, T]]) -> list[tuple[T, ...]]:
@@ -207,8 +218,8 @@ def recompute_job_attribution(
     job: JobLogRecord, rounds: Sequence[RoundLogRecord], rules: SameDataRules | None = None
 ) -> RecomputedJob:
     """The attribution of `job` recomputed from its ROUND leaves alone (plain sum over rounds: `job start` runs its
-    account at decay 1). Requires the rounds to be the job's, each once."""
-    rules = rules or SameDataRules()
+    account at decay 1) and the rule the JOB leaf names. Requires the rounds to be the job's, each once."""
+    rules = rules or SameDataRules(kept=job.kept())
     ordered = sorted(rounds, key=lambda r: r.round)
     if any(r.job_id != job.job_id for r in ordered) or len({r.round for r in ordered}) != len(ordered):
         raise MalformedError("not the job's ROUND leaves, each once", job=job.job_id)

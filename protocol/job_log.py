@@ -97,13 +97,17 @@ class JobGroupSet(CanonicalModel):
 JobPairs = dict[tuple[int, int], tuple[tuple[str, str], tuple[int, ...]]]
 """Job groups by node pair (smaller first): their members and the rounds paid as one."""
 
+SameDataKept = Literal["larger", "smaller"]
+"""What a set of several players paid as one member keeps of a round: the larger or the smaller of its players'
+values (protocol/job_attribution.py). A JOB leaf that names none was settled by "larger", the rule before it."""
+
 
 class JobLogRecord(CanonicalModel):
     """The body of a JOB leaf. `model_version` and `final_model_sha256` are set only for a completed job;
     `attribution` is empty for a job run without attribution. `job_groups` names the job's same-data groups, sorted by
     nodes, except those `job_group_sets` writes as sets (sorted by nodes; a pair in one is in no other, nor in
     `job_groups`); `job_pairs()` gives them all. Both are left out of the encoding when empty, so a leaf from before
-    them keeps its bytes."""
+    them keeps its bytes; so is `same_data_kept` when None, which a leaf from before it reads as "larger"."""
 
     SCHEMA: ClassVar[str] = "midgate.job.v1"
     schema_id: Literal["midgate.job.v1"] = "midgate.job.v1"
@@ -126,6 +130,7 @@ class JobLogRecord(CanonicalModel):
     attribution: tuple[MemberValue, ...] = Field(default=(), max_length=100_000)
     job_groups: tuple[JobGroupEntry, ...] = Field(default=(), max_length=100_000)
     job_group_sets: tuple[JobGroupSet, ...] = Field(default=(), max_length=100_000)
+    same_data_kept: SameDataKept | None = None
 
     @model_validator(mode="after")
     def _groups_sorted(self) -> Self:
@@ -145,7 +150,11 @@ class JobLogRecord(CanonicalModel):
 
     @model_serializer(mode="wrap")
     def _without_job_groups_when_none(self, handler: SerializerFunctionWrapHandler) -> object:
-        return _without_empty(handler(self), "job_groups", "job_group_sets")
+        return _without_empty(handler(self), "job_groups", "job_group_sets", "same_data_kept")
+
+    def kept(self) -> SameDataKept:
+        """The rule this job was settled by (a leaf from before the field: "larger")."""
+        return self.same_data_kept or "larger"
 
     def job_pairs(self) -> JobPairs:
         """Every job group, from `job_groups` and `job_group_sets`, sorted by nodes."""

@@ -55,6 +55,13 @@ def pair_total(totals: dict[str, float]) -> float:
     return totals[VICTIM] + totals[SYBIL]
 
 
+def kept(*players: float) -> float:
+    """What two players paid as one member keep (protocol.job_attribution, kept="smaller"): the settlement reads
+    values in nano-units, so a value that rounds to 0 is not above 0."""
+    positive = [v for v in players if round(v * 1e9) > 0]
+    return min(positive) if positive else max(players)
+
+
 def test_a_pair_alike_over_the_job_is_paid_as_one_member_in_round_1_too() -> None:
     # PLAID, seed 2: a re-seeded pair at 0.49 in round 1 (below same_data_similarity, no round before it), then
     # 0.71, 0.61, 0.67. Round 1 paid both (0.3 each); as one member the pair keeps 0.3.
@@ -72,12 +79,16 @@ def test_a_pair_alike_over_the_job_is_paid_as_one_member_in_round_1_too() -> Non
 
 def test_a_round_whose_similarity_dips_is_paid_as_one_member_too() -> None:
     # PLAID, 10 members, seed 0: a node holding 70 % of a member's data at 0.56, 0.39, 0.63, 0.59. Round 2 is below
-    # what keeps a round's pair one player (0.42), yet not below same_data_linked: the job pays it as one member.
+    # what keeps a round's pair one player (0.42), yet not below same_data_linked: the job pays it as one member,
+    # which keeps the smaller of its two players' values.
     values = [(0.0028, 0.0046), (0.0048, 0.0066), (0.0017, 0.0028), (0.0029, 0.0021)]
     account = job([0.56, 0.39, 0.63, 0.59], values)
     assert account.job_pairs() == [(VICTIM, SYBIL)]
     assert account.job_groups() == {(VICTIM, SYBIL): [1, 2, 3, 4]}
-    assert pair_total(account.settled_totals()) == pytest.approx(0.0074 + 0.0066 + 0.0045 + 0.0050)
+    settled = account.settled_totals()
+    assert pair_total(settled) == pytest.approx(0.0074 + 0.0048 + 0.0045 + 0.0050)
+    # Round 2's 0.0048 is split as the two were valued: neither is raised, neither keeps more than its share.
+    assert settled[VICTIM] - account.totals[VICTIM] == pytest.approx(0.0048 * 0.0048 / 0.0114 - 0.0048)
     # Below same_data_linked, the round is the members' own, as for members with different data.
     lower = job([0.56, SETTINGS.same_data_linked - 0.01, 0.63, 0.59], values)
     assert lower.job_groups() == {(VICTIM, SYBIL): [1, 3, 4]}
@@ -94,12 +105,12 @@ def test_a_pair_alike_only_as_much_as_members_with_different_data_is_never_group
 
 def test_changing_behaviour_after_the_evidence_does_not_undo_the_group() -> None:
     # Alike in rounds 1-3 (round 1 below same_data_similarity), then different: the job group stays, round 1 is
-    # paid as one member and the rounds after are the members' own.
+    # paid as one member (the smaller of its two players' values) and the rounds after are the members' own.
     account = job([0.49, 0.6, 0.6, None, None], [(0.3, 0.2)] * 3 + [(0.1, 0.1)] * 2)
     assert account.job_pairs() == [(VICTIM, SYBIL)]
     settled = account.settled_totals()
-    assert pair_total(settled) == pytest.approx(0.3 + 0.5 + 0.5 + 0.2 + 0.2)
-    assert settled[SYBIL] == pytest.approx(0.3 * 0.2 / 0.5 + 0.2 + 0.2 + 0.1 + 0.1)
+    assert pair_total(settled) == pytest.approx(0.2 + 0.5 + 0.5 + 0.2 + 0.2)
+    assert settled[SYBIL] == pytest.approx(0.2 * 0.2 / 0.5 + 0.2 + 0.2 + 0.1 + 0.1)
     # Diverging early enough escapes: one round alike at 0.49 is no more than members with different data reach.
     assert job([0.49, None, None], [(0.3, 0.2)] * 3).job_pairs() == []
 
@@ -127,9 +138,10 @@ def test_a_same_data_pair_is_paid_as_one_member_in_every_round(
 ) -> None:
     account = job(list(series), values[: len(series)])
     assert account.job_pairs() == [(VICTIM, SYBIL)]
-    # A round's one player already weighs as one member; two players of the pair keep the better one's value.
+    # A round's one player already weighs as one member; two players of the pair keep the smaller value of those
+    # valued above 0 (one below 0 lowers nothing).
     one_member = sum(
-        victim + sybil if similarity >= SETTINGS.same_data_similarity else min(victim + sybil, max(victim, sybil))
+        victim + sybil if similarity >= SETTINGS.same_data_similarity else min(victim + sybil, kept(victim, sybil))
         for similarity, (victim, sybil) in zip(series, values, strict=False)
     )
     assert pair_total(account.settled_totals()) <= one_member + ROUNDING

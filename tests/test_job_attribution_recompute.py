@@ -222,6 +222,37 @@ def test_a_round_paid_as_one_member_only_by_the_job_evidence_recomputes_exactly(
     assert (check_job_attribution(job, changed) or "").startswith("member syb")
 
 
+def test_the_job_leaf_names_its_rule_and_a_leaf_from_before_it_recomputes_by_the_larger_value(tmp_path: Path) -> None:
+    # Round 1 at 0.49 (two players, 0.3 and 0.2), then one player: paid as one member, the pair keeps 0.2 there.
+    values = [(0.3, 0.2), (0.1, 0.1), (0.05, 0.05), (0.05, 0.05)]
+    valuations = [
+        _round(t, {"11": a, "12": b, "13": 0.2, "14": 0.2}, s, s >= 0.5)
+        for t, ((a, b), s) in enumerate(zip(values, [0.49, 0.71, 0.61, 0.67], strict=True), start=1)
+    ]
+    member_of = {11: "vic", 12: "syb", 13: "ann", 14: "bob"}
+    path, job, rounds = logged_job(tmp_path, valuations, member_of)
+    assert job.same_data_kept == "smaller" and b'"same_data_kept":"smaller"' in job.canonical_json()
+    logged = {m.member: m.value_units for m in job.attribution}
+    assert logged["vic"] + logged["syb"] == 200_000_000 + 400_000_000
+    assert recompute_job(path)[0] == 0
+    # A leaf from before the rule was named was settled keeping the larger value, and recomputes so.
+    larger = recompute_job_attribution(job, rounds, SameDataRules(kept="larger")).members
+    assert larger["vic"][0] + larger["syb"][0] == 300_000_000 + 400_000_000
+    old = job.model_copy(
+        update={
+            "same_data_kept": None,
+            "attribution": tuple(m.model_copy(update={"value_units": larger[m.member][0]}) for m in job.attribution),
+        }
+    )
+    assert b"same_data_kept" not in old.canonical_json() and old.kept() == "larger"
+    assert check_job_attribution(old, rounds) is None
+    # The rule is part of what the leaf proves: the same values under the other rule are a difference.
+    assert (check_job_attribution(job.model_copy(update={"same_data_kept": None}), rounds) or "").startswith("member")
+    assert (check_job_attribution(old.model_copy(update={"same_data_kept": "smaller"}), rounds) or "").startswith(
+        "member"
+    )
+
+
 # --- Formats -----------------------------------------------------------------------------------------------------
 
 

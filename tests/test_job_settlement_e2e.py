@@ -140,6 +140,7 @@ def test_a_job_is_valued_logged_settled_and_its_model_version_earns_royalties(me
         assert (logged.status, logged.model_version, logged.rounds_completed) == ("completed", book.model_version, 2)
         assert {d.device for d in logged.devices} == set(members)
         assert {m.member for m in logged.attribution} == {d.member for d in logged.devices}
+        assert logged.same_data_kept == "smaller"  # the settlement rule the ServerApp's account ran, named
         rounds = _leaves(stack, LeafKind.ROUND)
         assert [index for index, _ in rounds] == [job_index + 1, job_index + 2]
         captures = CaptureDirectory(job_run_dir(stack, book))

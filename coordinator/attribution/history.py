@@ -14,8 +14,11 @@ settlement it is paid as one member in every round where both were admitted and 
 `same_data_linked` (0.3): earlier rounds included (round 1 has no previous round to carry a grouping), a round where
 its similarity dipped (PLAID: a node holding 70 % of a member's data at 0.39 in one round of four, paid twice there
 while only rounds at 0.42 were linked) and later rounds too (diverging after the evidence is in does not undo it).
-In such a round the pair was two players: it keeps the larger of its two values (what one member with that data
-earned there), the excess taken from its positive values in proportion.
+In such a round the pair was two players: it keeps the smaller of its two values above 0, the excess taken from its
+positive values in proportion. Keeping the larger (the rule before) paid a node holding 70 % of a member's data
+1.38x its member at 50 PLAID members: valued as a player of its own before any evidence joined them, the part was
+worth 3x the whole in that round. A value below 0 lowers nothing: it earns nothing anyway (docs/attribution.md,
+section 7: what the smaller costs a member that a linked copy drags down).
 
 The settlement itself is integer arithmetic (protocol/job_attribution.py) over exactly what the job's ROUND leaves
 log: each round's values in nano-units and its same-data similarities in milli-units (the CUSUM adds milli-units).
@@ -24,12 +27,13 @@ So a member recomputes the JOB leaf's values from the ROUND leaves alone (`midga
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from coordinator.attribution.screens import ScreenReason, ScreenSettings
 from coordinator.attribution.valuation import RoundValuation
 from protocol.errors import MalformedError
 from protocol.job_attribution import (
+    SAME_DATA_KEPT,
     Pair,
     SameDataEvidence,
     SameDataRules,
@@ -39,6 +43,7 @@ from protocol.job_attribution import (
     settled_round,
     similarity_milli,
 )
+from protocol.job_log import SameDataKept
 
 VALUE_SCALE = 1_000_000_000
 
@@ -80,13 +85,15 @@ class AttributionAccount:
     member_rounds: dict[str, int] = field(default_factory=dict)
     screens: dict[str, set[str]] = field(default_factory=dict)
     rounds: list[int] = field(default_factory=list)
+    same_data_kept: SameDataKept = SAME_DATA_KEPT  # what the JOB leaf names; "larger" recomputes older jobs
     _valued: list[ValuedRound] = field(default_factory=list)
     _evidence: SameDataEvidence = field(init=False)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.decay <= 1.0:
             raise MalformedError("decay must be in (0, 1]", decay=self.decay)
-        self._evidence = SameDataEvidence(same_data_rules(self.screen_settings))
+        rules = replace(same_data_rules(self.screen_settings), kept=self.same_data_kept)
+        self._evidence = SameDataEvidence(rules)
         for valued in self._valued:  # an account copied with other settings (dataclasses.replace) judges anew
             self._evidence.add(valued)
 
@@ -142,7 +149,7 @@ class AttributionAccount:
         vector = dict.fromkeys(self.totals, 0)
         for valued, groups in zip(self._valued, self.paid_as_one(), strict=True):
             weight = self._weight(valued.round_index)
-            for member, units in settled_round(valued, groups).items():
+            for member, units in settled_round(valued, groups, self.same_data_kept).items():
                 vector[member] += units if weight == 1.0 else round(weight * units)
         return dict(sorted(vector.items()))
 

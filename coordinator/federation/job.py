@@ -16,6 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from protocol.job_log import SameDataKept
 from protocol.tasks.schedule import LrSchedule
 
 TASKS_DIR = "tasks"
@@ -230,6 +231,8 @@ class JobOutcome(BaseModel):
     attribution_rounds: dict[int, RoundAttribution] = Field(default_factory=dict)  # round -> its valuation
     attribution_skipped: dict[int, str] = Field(default_factory=dict)
     job_groups: list[JobGroup] = Field(default_factory=list)  # the job's same-data pairs (history.job_groups)
+    # what a set paid as one member kept of a round (protocol.job_attribution); an outcome that names none: "larger"
+    same_data_kept: SameDataKept = "larger"
     seconds: float = 0.0
 
     def write(self, directory: Path) -> Path:

@@ -109,6 +109,7 @@ def job_log_records(record: JobRecord, jobs_dir: Path) -> tuple[JobLogRecord, li
         attribution=_member_values(outcome, lambda node: device_of(node)[1]),
         job_groups=job_groups,
         job_group_sets=job_group_sets,
+        same_data_kept=outcome.same_data_kept if outcome.attribution else None,
     )
     rounds = []
     server_round = 1

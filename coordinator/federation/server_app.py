@@ -372,6 +372,7 @@ def record_valuations(
     }
     outcome.attribution_skipped = dict(skipped)
     outcome.job_groups = [JobGroup(pair=pair, rounds=rounds) for pair, rounds in account.job_groups().items()]
+    outcome.same_data_kept = account.same_data_kept
 
 
 def record_refused_config(run_id: int, run_config: Mapping[str, object], error: ValidationError) -> Path | None:
