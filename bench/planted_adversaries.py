@@ -279,9 +279,10 @@ def _noisy_reseeded(v: RoundView) -> Vector:
 
 def _copy_then_faint(v: RoundView) -> Vector:
     """A copy while the job gathers its evidence (rounds 1-2, 10 % noise), then the member's update drowned in noise
-    (96 % of the energy): alike enough for the job to link the pair (0.38-0.45 on the synthetic world), too little
-    for a round to make it one player, and worth little itself. Against a settlement that keeps the smaller value of
-    a linked pair's two players, it drags the member it copies down to its own value in those rounds."""
+    (96 % of the energy): alike enough for the job to link the pair (0.38-0.47 on the synthetic world), in most
+    rounds too little for a round to make it one player, and worth little itself. Against a settlement that keeps
+    the smaller value of a linked pair's two players, it drags the member it copies down to its own value in those
+    rounds."""
     return _noisy(v.victim_update.copy(), v, 0.1 if v.round <= 2 else 0.96)
 
 
