@@ -196,15 +196,24 @@ def _round(index: int, values: dict[str, float], similarity: float, grouped: boo
     )  # fmt: skip
 
 
-def test_a_round_paid_as_one_member_only_by_the_job_evidence_recomputes_exactly(tmp_path: Path) -> None:
-    # PLAID, seed 2: 0.49 in round 1 (two players), then 0.71, 0.61, 0.67 (one player). Round 1 pays the pair 0.3.
-    values = [(0.3, 0.3), (0.1, 0.1), (0.05, 0.05), (0.05, 0.05)]
+def _pair_job(
+    tmp_path: Path, round_1: tuple[float, float]
+) -> tuple[Path, JobLogRecord, list[RoundLogRecord], dict[int, str]]:
+    """PLAID, seed 2: the pair (nodes 11 and 12) at 0.49 in round 1 (two players valued `round_1`), then 0.71, 0.61,
+    0.67 (one player), logged through the real path."""
+    values = [round_1, (0.1, 0.1), (0.05, 0.05), (0.05, 0.05)]
     valuations = [
         _round(t, {"11": a, "12": b, "13": 0.2, "14": 0.2}, s, s >= 0.5)
         for t, ((a, b), s) in enumerate(zip(values, [0.49, 0.71, 0.61, 0.67], strict=True), start=1)
     ]
     member_of = {11: "vic", 12: "syb", 13: "ann", 14: "bob"}
     path, job, rounds = logged_job(tmp_path, valuations, member_of)
+    return path, job, rounds, member_of
+
+
+def test_a_round_paid_as_one_member_only_by_the_job_evidence_recomputes_exactly(tmp_path: Path) -> None:
+    # Round 1 pays the pair 0.3.
+    path, job, rounds, member_of = _pair_job(tmp_path, (0.3, 0.3))
     logged = {m.member: m.value_units for m in job.attribution}
     as_valued = {member_of[u.node_id]: 0 for r in rounds for u in r.updates}
     for r in rounds:
@@ -223,14 +232,8 @@ def test_a_round_paid_as_one_member_only_by_the_job_evidence_recomputes_exactly(
 
 
 def test_the_job_leaf_names_its_rule_and_a_leaf_from_before_it_recomputes_by_the_larger_value(tmp_path: Path) -> None:
-    # Round 1 at 0.49 (two players, 0.3 and 0.2), then one player: paid as one member, the pair keeps 0.2 there.
-    values = [(0.3, 0.2), (0.1, 0.1), (0.05, 0.05), (0.05, 0.05)]
-    valuations = [
-        _round(t, {"11": a, "12": b, "13": 0.2, "14": 0.2}, s, s >= 0.5)
-        for t, ((a, b), s) in enumerate(zip(values, [0.49, 0.71, 0.61, 0.67], strict=True), start=1)
-    ]
-    member_of = {11: "vic", 12: "syb", 13: "ann", 14: "bob"}
-    path, job, rounds = logged_job(tmp_path, valuations, member_of)
+    # Round 1's two players valued 0.3 and 0.2: paid as one member, the pair keeps 0.2 there.
+    path, job, rounds, _ = _pair_job(tmp_path, (0.3, 0.2))
     assert job.same_data_kept == "smaller" and b'"same_data_kept":"smaller"' in job.canonical_json()
     logged = {m.member: m.value_units for m in job.attribution}
     assert logged["vic"] + logged["syb"] == 200_000_000 + 400_000_000
