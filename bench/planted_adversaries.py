@@ -273,7 +273,7 @@ def _reseeded_then_noise(v: RoundView) -> Vector:
 
 def _noisy_reseeded(v: RoundView) -> Vector:
     """The member's data trained with another seed, 70 % of the energy noise: alike enough to be grouped every round
-    (0.57-0.70 on the synthetic world), and longer than the member's own update, so the group's share by size is its."""
+    (0.57-0.70 on the synthetic world), and longer than the member's own update (half of the group's share or more)."""
     return _noisy(v.world.train(v.global_params, v.victim_data, 104729 + v.round), v, 0.7)
 
 
