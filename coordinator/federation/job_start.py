@@ -292,6 +292,7 @@ def check_job_leaf_room(request: JobRequest, devices: list[JobDevice]) -> None:
         final_model_sha256="0" * 64, model_version=model_version(request.job_id, "0" * 64),
         attribution=tuple(MemberValue(member=m, value_units=-(1 << 62), rounds=r, excluded_rounds=r)
                           for m, r in sorted(members.items())),
+        same_data_kept="smaller",
     )  # fmt: skip
     size = len(widest.canonical_json())
     if size > JOB_LEAF_SHARE * MAX_SIGNED_SIZE:
