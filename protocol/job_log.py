@@ -98,8 +98,9 @@ JobPairs = dict[tuple[int, int], tuple[tuple[str, str], tuple[int, ...]]]
 """Job groups by node pair (smaller first): their members and the rounds paid as one."""
 
 SameDataKept = Literal["larger", "smaller"]
-"""What a set of several players paid as one member keeps of a round: the larger or the smaller of its players'
-values (protocol/job_attribution.py). A JOB leaf that names none was settled by "larger", the rule before it."""
+"""What a set of several players paid as one member keeps of a round: the larger of its players' values, or the
+smaller of those above 0 (protocol/job_attribution.py). A JOB leaf that names none was settled by "larger", the rule
+before it."""
 
 
 class JobLogRecord(CanonicalModel):
