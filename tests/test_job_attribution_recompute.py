@@ -211,6 +211,14 @@ def _pair_job(
     return path, job, rounds, member_of
 
 
+def logged_before_the_rule(job: JobLogRecord, rounds: Sequence[RoundLogRecord]) -> JobLogRecord:
+    """`job` as a MID logged it before JOB leaves named their rule: no `same_data_kept`, and the attribution its
+    ROUND leaves give keeping the larger value of a linked pair's two players."""
+    larger = recompute_job_attribution(job, rounds, SameDataRules(kept="larger")).members
+    attribution = tuple(m.model_copy(update={"value_units": larger[m.member][0]}) for m in job.attribution)
+    return job.model_copy(update={"same_data_kept": None, "attribution": attribution})
+
+
 def test_a_round_paid_as_one_member_only_by_the_job_evidence_recomputes_exactly(tmp_path: Path) -> None:
     # Round 1 pays the pair 0.3.
     path, job, rounds, member_of = _pair_job(tmp_path, (0.3, 0.3))
@@ -239,14 +247,9 @@ def test_the_job_leaf_names_its_rule_and_a_leaf_from_before_it_recomputes_by_the
     assert logged["vic"] + logged["syb"] == 200_000_000 + 400_000_000
     assert recompute_job(path)[0] == 0
     # A leaf from before the rule was named was settled keeping the larger value, and recomputes so.
-    larger = recompute_job_attribution(job, rounds, SameDataRules(kept="larger")).members
-    assert larger["vic"][0] + larger["syb"][0] == 300_000_000 + 400_000_000
-    old = job.model_copy(
-        update={
-            "same_data_kept": None,
-            "attribution": tuple(m.model_copy(update={"value_units": larger[m.member][0]}) for m in job.attribution),
-        }
-    )
+    old = logged_before_the_rule(job, rounds)
+    assert {m.member: m.value_units for m in old.attribution}.keys() == logged.keys()
+    assert sum(m.value_units for m in old.attribution if m.member in ("vic", "syb")) == 300_000_000 + 400_000_000
     assert b"same_data_kept" not in old.canonical_json() and old.kept() == "larger"
     assert check_job_attribution(old, rounds) is None
     # The rule is part of what the leaf proves: the same values under the other rule are a difference.

@@ -122,12 +122,12 @@ def logged(job_body: bytes) -> tuple[dict[str, Member], dict[Pair, list[int]]]:
 
 from test_job_attribution_recompute import (  # noqa: E402
     _pair_job,
+    logged_before_the_rule,
     logged_job,
     planted,  # noqa: F401 (the fixture)
 )
 
 from coordinator.attribution import RoundValuation  # noqa: E402
-from protocol.job_attribution import SameDataRules, recompute_job_attribution  # noqa: E402
 from protocol.job_log import JobLogRecord, RoundLogRecord  # noqa: E402
 
 
@@ -160,9 +160,7 @@ def test_the_rule_the_job_leaf_names_is_the_rule_the_client_runs(tmp_path: Path,
     # Round 1's pair two players valued 0.3 and 0.2, then one player: 0.2 kept there, or 0.3 by a leaf from before.
     _, job, rounds, _ = _pair_job(tmp_path, (0.3, 0.2))
     if kept == "larger":  # a leaf from before the rule was named, settled keeping the larger value
-        larger = recompute_job_attribution(job, rounds, SameDataRules(kept="larger")).members
-        attribution = tuple(m.model_copy(update={"value_units": larger[m.member][0]}) for m in job.attribution)
-        job = job.model_copy(update={"same_data_kept": None, "attribution": attribution})
+        job = logged_before_the_rule(job, rounds)
     job_body, round_bodies = _bodies(job, rounds)
     members, groups = recompute(job_body, round_bodies)
     assert (members, groups) == logged(job_body)
