@@ -127,10 +127,8 @@ def paid_as_one(valued: ValuedRound, pairs: Sequence[Pair], rules: SameDataRules
     return [group for group in union_groups(sorted(valued.admitted()), links) if len(group) > 1]
 
 
-def settled_round(
-    valued: ValuedRound, groups: Iterable[tuple[str, ...]], kept: SameDataKept = SAME_DATA_KEPT
-) -> dict[str, int]:
-    """The round's values with each set in `groups` paid as one member."""
+def settled_round(valued: ValuedRound, groups: Iterable[tuple[str, ...]], kept: SameDataKept) -> dict[str, int]:
+    """The round's values with each set in `groups` paid as one member, keeping what `kept` says."""
     values = dict(valued.values)
     for group in groups:
         values.update(_one_member(group, valued, kept))
