@@ -263,18 +263,23 @@ def _partial_data(v: RoundView) -> Vector:
     return v.world.train(v.global_params, (x[keep], y[keep]), 7919 + v.round)
 
 
+def _reseeded(v: RoundView) -> Vector:
+    """The member's data trained with another shuffling seed than the member's own."""
+    return v.world.train(v.global_params, v.victim_data, 104729 + v.round)
+
+
 def _reseeded_then_noise(v: RoundView) -> Vector:
     """The same data retrained in rounds 1-2, then a random direction of the step's size: a same-data node that
     changes behaviour once it could have been grouped, to escape the job's grouping."""
     if v.round <= 2:
-        return v.world.train(v.global_params, v.victim_data, 104729 + v.round)
+        return _reseeded(v)
     return v.noise(v.step_size())
 
 
 def _noisy_reseeded(v: RoundView) -> Vector:
     """The member's data trained with another seed, 70 % of the energy noise: alike enough to be grouped every round
     (0.57-0.70 on the synthetic world), and longer than the member's own update (half of the group's share or more)."""
-    return _noisy(v.world.train(v.global_params, v.victim_data, 104729 + v.round), v, 0.7)
+    return _noisy(_reseeded(v), v, 0.7)
 
 
 def _copy_then_faint(v: RoundView) -> Vector:
@@ -310,7 +315,7 @@ ADVERSARIES: dict[str, Adversary] = {
             published=True,
         ),
         Adversary("sign of last step", "data-free", _sign_momentum, published=True),
-        Adversary("re-seeded", "same-data", lambda v: v.world.train(v.global_params, v.victim_data, 104729 + v.round)),
+        Adversary("re-seeded", "same-data", _reseeded),
         Adversary("70 % of the data", "same-data", _partial_data),
         Adversary("re-seeded then noise", "same-data", _reseeded_then_noise, published=True),
         Adversary("noisy re-seeded", "same-data", _noisy_reseeded, published=True),
@@ -491,35 +496,27 @@ class AttackOutcome:
     @property
     def group_ratio(self) -> float:
         """What the victim and the adversary earn together over what the victim earns alone (same data, copies)."""
-        alone = self.clean.pay.get(VICTIM, 0)
-        together = self.attacked.pay.get(VICTIM, 0) + self.attacked.pay.get(ADVERSARY, 0)
-        return together / alone if alone else float("nan")
+        return _group_ratio(self.clean.pay, self.attacked.pay)
 
     @property
     def group_ratio_round_groups_only(self) -> float:
         """group_ratio with both jobs settled by the per-round groups alone (the baseline)."""
-        alone = self.clean.pay_round_groups_only.get(VICTIM, 0)
-        attacked = self.attacked.pay_round_groups_only
-        return (attacked.get(VICTIM, 0) + attacked.get(ADVERSARY, 0)) / alone if alone else float("nan")
+        return _group_ratio(self.clean.pay_round_groups_only, self.attacked.pay_round_groups_only)
 
     @property
     def group_ratio_larger_kept(self) -> float:
         """group_ratio with both jobs settled keeping the larger value of a linked pair's two players."""
-        alone = self.clean.pay_larger_kept.get(VICTIM, 0)
-        attacked = self.attacked.pay_larger_kept
-        return (attacked.get(VICTIM, 0) + attacked.get(ADVERSARY, 0)) / alone if alone else float("nan")
-
-    @property
-    def victim_loss_larger_kept(self) -> float:
-        """victim_loss with both jobs settled keeping the larger value of a linked pair's two players."""
-        alone = self.clean.pay_larger_kept.get(VICTIM, 0)
-        return 1.0 - self.attacked.pay_larger_kept.get(VICTIM, 0) / alone if alone else float("nan")
+        return _group_ratio(self.clean.pay_larger_kept, self.attacked.pay_larger_kept)
 
     @property
     def victim_loss(self) -> float:
         """The share of its pay the victim loses to the adversary."""
-        alone = self.clean.pay.get(VICTIM, 0)
-        return 1.0 - self.attacked.pay.get(VICTIM, 0) / alone if alone else float("nan")
+        return _victim_loss(self.clean.pay, self.attacked.pay)
+
+    @property
+    def victim_loss_larger_kept(self) -> float:
+        """victim_loss with both jobs settled keeping the larger value of a linked pair's two players."""
+        return _victim_loss(self.clean.pay_larger_kept, self.attacked.pay_larger_kept)
 
     @property
     def honest_loss(self) -> float:
@@ -527,6 +524,16 @@ class AttackOutcome:
         alone = sum(v for k, v in self.clean.pay.items() if k != ADVERSARY)
         with_adversary = sum(v for k, v in self.attacked.pay.items() if k != ADVERSARY)
         return 1.0 - with_adversary / alone if alone else float("nan")
+
+
+def _group_ratio(clean: dict[str, int], attacked: dict[str, int]) -> float:
+    alone = clean.get(VICTIM, 0)
+    return (attacked.get(VICTIM, 0) + attacked.get(ADVERSARY, 0)) / alone if alone else float("nan")
+
+
+def _victim_loss(clean: dict[str, int], attacked: dict[str, int]) -> float:
+    alone = clean.get(VICTIM, 0)
+    return 1.0 - attacked.get(VICTIM, 0) / alone if alone else float("nan")
 
 
 def attack(
