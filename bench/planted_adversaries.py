@@ -467,10 +467,15 @@ class Job:
     def _aggregate(
         self, global_params: Vector, members: list[str], matrix: Vector, valuation: RoundValuation
     ) -> Vector:
-        """What ValuedAggregation hands the job's strategy: excluded updates left out, the rest weighed as valued."""
+        """What ValuedAggregation hands the job's strategy: excluded updates left out, a norm outlier clipped as it
+        was valued, the rest weighed as valued."""
         admitted = [i for i, n in enumerate(members) if valuation.weights[n] > 0.0]
         if not admitted:
             return global_params
+        if valuation.clipped:
+            matrix = matrix.copy()
+            for i, member in enumerate(members):
+                matrix[i] *= np.float32(valuation.clipped.get(member, 1.0))
         if self.aggregation == "fedavg":
             step = sum(valuation.weights[members[i]] * matrix[i].astype(np.float64) for i in admitted)
             return (global_params + np.asarray(step)).astype(np.float32)

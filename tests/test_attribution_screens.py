@@ -59,25 +59,41 @@ def test_each_free_rider_gets_its_reason() -> None:
     riders = np.stack(
         [
             np.zeros(D, np.float32),  # 6: zero
-            deltas[0] * 30,  # 7: a plausible direction at thirty times the size
-            rng.standard_normal(D).astype(np.float32) * float(np.linalg.norm(deltas[0])) / np.sqrt(D),  # 8: random
-            previous + 1e-4 * rng.standard_normal(D).astype(np.float32),  # 9: stale
-            np.full(D, np.nan, np.float32),  # 10: non-finite
-            rng.standard_normal(D).astype(np.float32) * 10 - global_params,  # 11: a fresh random model
+            rng.standard_normal(D).astype(np.float32) * float(np.linalg.norm(deltas[0])) / np.sqrt(D),  # 7: random
+            previous + 1e-4 * rng.standard_normal(D).astype(np.float32),  # 8: stale
+            np.full(D, np.nan, np.float32),  # 9: non-finite
+            rng.standard_normal(D).astype(np.float32) * 10 - global_params,  # 10: a fresh random model
         ]
     )
     report = screen_updates(
         np.concatenate([deltas, riders]), settings=SETTINGS, global_params=global_params, previous_global_delta=previous
     )
     assert reasons(report.flags, 6) == {ScreenReason.ZERO_UPDATE}
-    assert reasons(report.flags, 7) == {ScreenReason.NORM_OUTLIER}
-    assert reasons(report.flags, 8) == {ScreenReason.RANDOM_DIRECTION}
-    assert reasons(report.flags, 9) == {ScreenReason.STALE_UPDATE}
-    assert reasons(report.flags, 10) == {ScreenReason.NON_FINITE}
-    assert reasons(report.flags, 11) == {ScreenReason.RANDOM_WEIGHTS}
-    assert all(report.excluded(i) for i in range(6, 12))
+    assert reasons(report.flags, 7) == {ScreenReason.RANDOM_DIRECTION}
+    assert reasons(report.flags, 8) == {ScreenReason.STALE_UPDATE}
+    assert reasons(report.flags, 9) == {ScreenReason.NON_FINITE}
+    assert reasons(report.flags, 10) == {ScreenReason.RANDOM_WEIGHTS}
+    assert all(report.excluded(i) for i in range(6, 11))
     assert [g for g in report.players] == [(i,) for i in range(6)]
     assert not any(report.excluded(i) for i in range(6))
+
+
+def test_an_update_far_longer_than_the_others_is_clipped_to_the_limit_not_excluded() -> None:
+    # Member 5 sends its own direction at thirty times the size: an honest member with far more data than the
+    # others (more local steps) and a booster look alike without verified example counts. Neither is excluded;
+    # the update is valued and aggregated at the limit's length.
+    global_params, deltas = honest_updates(6)
+    norms = np.linalg.norm(deltas, axis=1)
+    deltas[5] *= 30
+    report = screen_updates(deltas, settings=SETTINGS, global_params=global_params)
+    ratio = float(np.linalg.norm(deltas[5])) / float(np.median(norms[:5]))
+    assert reasons(report.flags, 5) == {ScreenReason.NORM_OUTLIER}
+    assert not report.excluded(5) and (5,) in report.players
+    assert report.clipped == {5: pytest.approx(SETTINGS.norm_ratio_limit / ratio, rel=1e-5)}
+    assert report.clipped[5] * float(np.linalg.norm(deltas[5])) == pytest.approx(10 * float(np.median(norms[:5])))
+    assert float(np.linalg.norm(deltas[5])) == pytest.approx(30 * norms[5])  # the caller's array is left as it was
+    within = screen_updates(deltas[:5], settings=SETTINGS, global_params=global_params)
+    assert within.clipped == {} and within.flags == {}
 
 
 def test_a_member_far_from_the_others_is_kept_when_it_learns_what_it_learnt_last_round() -> None:

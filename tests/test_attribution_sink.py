@@ -42,10 +42,12 @@ def data() -> Data:
     return TaskValidationLoss(SPEC, build_model(SPEC, 0), test.X[:, None, :], test.y), train.X[:, None, :], train.y
 
 
-def trained(global_arrays: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, rnd: int) -> dict[str, np.ndarray]:
+def trained(
+    global_arrays: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, rnd: int, lr: float = 3e-3
+) -> dict[str, np.ndarray]:
     model = build_model(SPEC, 0)
     load_arrays(model, global_arrays)
-    train_epochs(SPEC, model, x, y, epochs=1, batch_size=16, lr=3e-3, seed=rnd)
+    train_epochs(SPEC, model, x, y, epochs=1, batch_size=16, lr=lr, seed=rnd)
     return model_arrays(model)
 
 
@@ -101,6 +103,30 @@ def test_sink_values_captured_rounds_and_passes_them_on(
     assert sum(sum(v.values.values()) for v in outcome.attribution_rounds.values()) == pytest.approx(
         sum(outcome.attribution.values()), abs=8
     )
+
+
+def test_a_far_longer_update_is_valued_and_handed_to_aggregation_clipped(data: Data) -> None:
+    val, x, y = data
+    parts = np.array_split(np.random.default_rng(1).permutation(len(y))[:480], 4)
+    sink = AttributionSink(val, ValuationSettings(), member_of=lambda node: f"member-{node}")
+    global_arrays = model_arrays(build_model(SPEC, 0))
+    sink.observe_global(global_arrays)
+    # Small steps (a tenth of the usual rate): fifteen of them still point where the global model does, where the
+    # first step at the usual rate is a fifth of the model and fifteen of it a model unrelated to it (random weights).
+    replies = {10 + i: trained(global_arrays, x[p], y[p], 1, lr=3e-4) for i, p in enumerate(parts)}
+    start = val.flatten(global_arrays)
+    boosted = start + 15 * (val.flatten(replies[13]) - start)  # node 13's own step, fifteen times as long
+    replies[13] = val.unflatten(boosted.astype(np.float32))
+    sink.on_round(capture(1, global_arrays, replies))
+
+    (valuation,) = sink.valuations
+    assert ScreenReason.NORM_OUTLIER in {f.reason for f in valuation.flags["member-13"]}
+    factor = sink.clip_factors(1)[13]
+    assert set(sink.clip_factors(1)) == {13} and valuation.clipped == {"member-13": factor}
+    norms = [float(np.linalg.norm(val.flatten(replies[10 + i]) - start)) for i in range(4)]
+    assert factor * norms[3] == pytest.approx(10 * float(np.median(norms[:3])), rel=1e-4)
+    assert 13 not in sink.excluded_nodes(1) and sink.member_weights(1)[13] > 0
+    assert sink.clip_factors(2) == {}
 
 
 def test_unknown_global_or_malformed_reply_is_skipped_not_raised(data: Data) -> None:

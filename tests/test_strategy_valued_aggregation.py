@@ -1,6 +1,7 @@
 """ValuedAggregation: the job's strategy aggregates attribution's verdict. An excluded update never moves the model
 (left out under FIXED weights, replaced by the global model under DP), a group weighs as its valuation weights say,
-a robust strategy never sees an excluded update, and a round the sink did not value is aggregated as delivered."""
+a robust strategy never sees an excluded update, an update the valuation clipped is aggregated clipped, and a round
+the sink did not value is aggregated as delivered."""
 
 from __future__ import annotations
 
@@ -18,14 +19,17 @@ GLOBAL = {"w": np.zeros(3, dtype=np.float32)}
 
 
 class Verdict:
-    def __init__(self, excluded: set[int], weights: dict[int, float]) -> None:
-        self.excluded, self.weights = frozenset(excluded), weights
+    def __init__(self, excluded: set[int], weights: dict[int, float], clipped: dict[int, float] | None = None) -> None:
+        self.excluded, self.weights, self.clipped = frozenset(excluded), weights, clipped or {}
 
     def excluded_nodes(self, server_round: int) -> frozenset[int]:
         return self.excluded
 
     def member_weights(self, server_round: int) -> dict[int, float]:
         return self.weights
+
+    def clip_factors(self, server_round: int) -> dict[int, float]:
+        return self.clipped
 
 
 def _replies(values: dict[int, float]) -> list[Message]:
@@ -68,6 +72,17 @@ def test_under_dp_an_excluded_update_is_the_global_model_so_the_reply_count_hold
     assert [m.metadata.src_node_id for m in inner.handed] == [11, 12, 13]
     assert np.allclose(inner.handed[2].content.array_records["arrays"]["w"].numpy(), 0.0)
     assert arrays is not None and np.allclose(arrays["w"].numpy(), 2.0)  # (3 + 3 + 0) / 3: the outlier moved nothing
+
+
+@pytest.mark.parametrize("reweigh", [True, False], ids=["fixed-weights", "dp"])
+def test_a_clipped_update_is_aggregated_at_the_length_it_was_valued_at(reweigh: bool) -> None:
+    inner = HandedReplies()
+    verdict = Verdict(set(), {11: 0.5, 12: 0.5}, clipped={12: 0.25})
+    strategy = _started(ValuedAggregation(inner, verdict, weighted_by_key=WEIGHT_KEY, reweigh=reweigh))
+    arrays, _ = strategy.aggregate_train(1, _replies({11: 1.0, 12: 20.0}))
+    assert np.allclose(inner.handed[1].content.array_records["arrays"]["w"].numpy(), 5.0)  # 0 + 0.25 × 20
+    assert inner.handed[1].content.array_records["arrays"]["w"].numpy().dtype == np.float32
+    assert arrays is not None and np.allclose(arrays["w"].numpy(), 3.0)  # (1 + 5) / 2, where unclipped: 10.5
 
 
 def test_a_robust_strategy_never_sees_an_excluded_update() -> None:

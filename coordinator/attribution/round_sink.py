@@ -76,6 +76,7 @@ class AttributionSink:
         self._globals: dict[str, npt.NDArray[np.float32]] = {}
         self._excluded: dict[int, frozenset[int]] = {}
         self._weights: dict[int, dict[int, float]] = {}
+        self._clipped: dict[int, dict[int, float]] = {}
         # Each member's update of the last valued round: an update that keeps learning the same data is not noise
         # (screens: random direction). One (d,) float32 row per member of that round.
         self._previous: dict[str, npt.NDArray[np.float32]] = {}
@@ -101,6 +102,11 @@ class AttributionSink:
         """Node id -> the weight the round's valuation gave its update (0 when excluded); empty for a round not
         valued."""
         return dict(self._weights.get(server_round, {}))
+
+    def clip_factors(self, server_round: int) -> dict[int, float]:
+        """Node id -> the factor (< 1) its update was valued at, being longer than the norm limit (screens: norm
+        outlier): the strategy aggregates it so scaled. Empty when none was, or the round was not valued."""
+        return dict(self._clipped.get(server_round, {}))
 
     def on_round(self, capture: RoundCapture) -> None:
         try:
@@ -154,6 +160,7 @@ class AttributionSink:
             nodes[member] for member, flags in valuation.flags.items() if any(f.excludes for f in flags)
         )
         self._weights[capture.round] = {nodes[member]: w for member, w in valuation.weights.items()}
+        self._clipped[capture.round] = {nodes[member]: f for member, f in valuation.clipped.items()}
 
 
 def _reported_losses(metrics: Mapping[str, float]) -> tuple[float, float] | None:

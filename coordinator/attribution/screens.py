@@ -10,8 +10,11 @@ an order that keeps the consensus honest (issue 17):
 3. random direction: a player whose residual is noise against both the other players and the validation gradient,
    only in a round where the other players agree with one another, and whose members do not keep learning what
    they learnt in the previous round (data persists from round to round, fresh noise does not).
-The norm outlier screen (limit scaled by verified example counts) runs between 1 and 2: it compares with the
-median norm, which a few copies do not move.
+The norm outlier screen runs between 1 and 2: it compares with the median norm, which a few copies do not move,
+and excludes no one: an update longer than the limit is clipped to it (`ScreenReport.clipped`), valued and
+aggregated at that length. An honest member holding far more data than the median takes more local steps and may
+be longer than the limit without verified example counts to raise it (issue 17: never exclude the honest for being
+different); a boosted update gains nothing a member just under the limit does not have.
 Excluded updates take no part in the game and get aggregation weight 0. The screens of step 1 except non-finite
 prove that an update carries no data (`DATA_FREE_PROOFS`): settlement pays nothing to a member they excluded in most
 of its rounds. Consensus screens prove nothing about data (an honest member can simply be different), so a member
@@ -53,7 +56,6 @@ EXCLUDING_REASONS = frozenset(
     {
         ScreenReason.NON_FINITE,
         ScreenReason.ZERO_UPDATE,
-        ScreenReason.NORM_OUTLIER,
         ScreenReason.STALE_UPDATE,
         ScreenReason.DATA_FREE,
         ScreenReason.RANDOM_DIRECTION,
@@ -75,9 +77,10 @@ class ScreenSettings(BaseModel):
     - min_global_cosine (0.5): the returned parameters (global + update) must point roughly where the global model
       does; a training step keeps this cosine near 1, a freshly drawn random model gives about 0. The bound is scaled by
       the median update's cosine when that is below 1 (a first step from a small initial model may turn it more).
-    - norm_ratio_limit (10.0): an update more than this many times the others' median norm is an outlier
-      (random weights are orders of magnitude larger than a training step); with verified example counts the limit
-      grows with the update's count over the median count (more data, more local steps, a longer update).
+    - norm_ratio_limit (10.0): an update more than this many times the others' median norm is an outlier, clipped
+      to this length (random weights, orders of magnitude larger than a training step, are excluded by
+      min_global_cosine before); with verified example counts the limit grows with the update's count over the
+      median count (more data, more local steps, a longer update).
     - stale_cosine (0.99): cosine with the previous round's global change at or above this is a replayed step.
     - data_free_explained (0.95): an update with at least this share of its energy in the span of the current and
       earlier global models is data-free (updates from data: at most 0.47 in bench/adversary_bench.py).
@@ -162,12 +165,14 @@ class ScreenReport:
     of its player (1.0 alone; a group's shares sum to 1). `similarities` holds the same-data similarity (groups.py)
     of every pair (a < b) of members left after the own screens at or above the lower of `same_data_reference` and
     `same_data_persisting`, and of a pair down to `same_data_linked` whose members are each other's most similar: the
-    round's evidence for a grouping over the whole job."""
+    round's evidence for a grouping over the whole job. `clipped` maps each norm outlier to the factor (< 1) that
+    brings its update to the limit: the screens after it, the game and the aggregation see the update so scaled."""
 
     flags: dict[int, list[ScreenFlag]] = field(default_factory=dict)
     players: list[tuple[int, ...]] = field(default_factory=list)
     shares: dict[int, float] = field(default_factory=dict)
     similarities: dict[tuple[int, int], float] = field(default_factory=dict)
+    clipped: dict[int, float] = field(default_factory=dict)
 
     def excluded(self, member: int) -> bool:
         return any(flag.excludes for flag in self.flags.get(member, []))
@@ -234,6 +239,7 @@ class _Round:
     safe: npt.NDArray[np.float32]
     norms: npt.NDArray[np.float64]
     flags: dict[int, list[ScreenFlag]]
+    clipped: dict[int, float] = field(default_factory=dict)
 
     def flag(self, member: int, reason: ScreenReason, measured: float) -> None:
         self.flags[member].append(ScreenFlag(reason, measured))
@@ -346,10 +352,11 @@ def _mutual_best(pairs: Sequence[tuple[int, int, float]]) -> dict[tuple[int, int
 
 def _norm_outliers(
     state: _Round, candidates: list[int], settings: ScreenSettings, verified_examples: Sequence[int | None] | None
-) -> list[int]:
-    """Updates far longer than the others'. It runs before grouping: a median is not moved by a few copies."""
+) -> None:
+    """Updates far longer than the others', flagged and clipped to the limit (`state.clipped`; the caller scales its
+    rows). It runs before grouping: a median is not moved by a few copies."""
     if len(candidates) < 3:
-        return candidates
+        return
     counts = None
     if verified_examples is not None and all(verified_examples[i] is not None for i in candidates):
         counts = {i: float(verified_examples[i] or 0) for i in candidates}
@@ -363,7 +370,7 @@ def _norm_outliers(
         ratio = float(state.norms[i]) / peer_median if peer_median > 0.0 else 0.0
         if ratio > limit:
             state.flag(i, ScreenReason.NORM_OUTLIER, ratio)
-    return state.unflagged(candidates)
+            state.clipped[i] = limit / ratio
 
 
 def _random_directions(
@@ -505,7 +512,14 @@ def screen_updates(
     remaining = residuals(basis, safe)
     explained = explained_fraction(safe, remaining)
     candidates = _own_screens(state, candidates, settings, global_params, previous_global_delta, explained)
-    candidates = _norm_outliers(state, candidates, settings, verified_examples)
+    _norm_outliers(state, candidates, settings, verified_examples)
+    if state.clipped:
+        state.safe = state.safe.copy()  # `safe` may be the caller's own array
+    for i, factor in state.clipped.items():
+        # What every later screen, the game and the aggregation see: the update at the limit's length.
+        state.safe[i] *= np.float32(factor)
+        state.norms[i] *= factor
+        remaining[i] *= factor
 
     kept = _take(remaining, candidates)
     unit_residuals = kept / np.maximum(_row_norms(kept), 1e-30)[:, None]
@@ -520,4 +534,5 @@ def screen_updates(
         players=players,
         shares={i: s for i, s in shares.items() if i in admitted},
         similarities=similarities,
+        clipped={i: f for i, f in state.clipped.items() if i in admitted},
     )

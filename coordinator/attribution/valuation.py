@@ -91,7 +91,8 @@ class RoundUpdates:
 class RoundValuation:
     """One round's values, flags and players (member ids); `similarities` are the same-data similarities the
     screens reported (ScreenReport.similarities) by pair of member ids in sorted order: the evidence the job's
-    account accumulates (history.AttributionAccount)."""
+    account accumulates (history.AttributionAccount). `clipped` maps a member whose update was longer than the norm
+    limit to the factor its update was valued at, and is to be aggregated at (ScreenReport.clipped)."""
 
     round_index: int
     method: ValuationMethod
@@ -104,6 +105,7 @@ class RoundValuation:
     base_loss: float
     weights: dict[str, float] = field(default_factory=dict)
     similarities: dict[tuple[str, str], float] = field(default_factory=dict)
+    clipped: dict[str, float] = field(default_factory=dict)
 
 
 def round_seed(root: int, round_index: int) -> int:
@@ -219,7 +221,8 @@ def value_round(
     gradient: GradientFunction | None = None,
 ) -> RoundValuation:
     """Screen, then value each member's update in this round; excluded members get 0 and weight 0, a group's
-    members share its value and its weight by their shares (screens.ScreenReport.shares).
+    members share its value and its weight by their shares (screens.ScreenReport.shares), a norm outlier's update is
+    valued clipped to the limit (screens.ScreenReport.clipped).
 
     `gradient`, when given, is evaluated once at the global model: the screens judge residuals against it, and above
     `sampled_max_players` it gives the first-order values.
@@ -242,11 +245,16 @@ def value_round(
     players = report.players
     weights = _player_weights(players, updates.verified_examples, settings.example_count_cap)
     # A group is one member's data: valued (and aggregated) as its members' updates weighed by their shares. A
-    # player alone (share 1) is its update as it is: one gather for all of them, a sum only for the groups.
+    # player alone (share 1) is its update as it is (clipped if it was a norm outlier): one gather for all of them,
+    # a sum only for the groups.
     deltas = np.asarray(updates.updates[[group[0] for group in players]], dtype=np.float32)
     for p, group in enumerate(players):
         if len(group) > 1:
-            deltas[p] = sum(report.shares[i] * updates.updates[i].astype(np.float64) for i in group)
+            deltas[p] = sum(
+                report.shares[i] * report.clipped.get(i, 1.0) * updates.updates[i].astype(np.float64) for i in group
+            )
+        elif group[0] in report.clipped:
+            deltas[p] *= np.float32(report.clipped[group[0]])
 
     outcome = _value_players(updates, deltas, weights, loss, settings, validation_gradient)
 
@@ -271,6 +279,7 @@ def value_round(
         base_loss=outcome.base_loss,
         weights=member_weights,
         similarities={_member_pair(updates.members, a, b): v for (a, b), v in report.similarities.items()},
+        clipped={updates.members[i]: f for i, f in report.clipped.items()},
     )
 
 

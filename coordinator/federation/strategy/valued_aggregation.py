@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -21,6 +22,7 @@ class RoundVerdict(Protocol):
 
     def excluded_nodes(self, server_round: int) -> frozenset[int]: ...
     def member_weights(self, server_round: int) -> dict[int, float]: ...
+    def clip_factors(self, server_round: int) -> dict[int, float]: ...
 
 
 class ValuedAggregation(StrategyWrapper):
@@ -35,7 +37,9 @@ class ValuedAggregation(StrategyWrapper):
       reply): an excluded update is replaced by the global model itself, an update of zero, so the reply count and
       the clipping bound hold and the update moves nothing.
 
-    A round the sink did not value (its verdict is empty) is aggregated as delivered.
+    In both, an update the valuation clipped (a norm outlier) is handed on clipped: the global model plus its update
+    times the factor, what was valued. A round the sink did not value (its verdict is empty) is aggregated as
+    delivered.
     """
 
     def __init__(self, strategy: Strategy, verdict: RoundVerdict, *, weighted_by_key: str, reweigh: bool) -> None:
@@ -59,13 +63,15 @@ class ValuedAggregation(StrategyWrapper):
         weights = self.verdict.member_weights(server_round)
         if not weights:
             return self.strategy.aggregate_train(server_round, replies)
+        clipped = self.verdict.clip_factors(server_round)
         kept = []
         for reply in replies:
             node = reply.metadata.src_node_id
+            if node in clipped and node not in excluded:
+                self._scale_update(reply, clipped[node])
             if not self.reweigh:
                 if node in excluded:
-                    key = next(iter(reply.content.array_records))
-                    reply.content[key] = ArrayRecord({n: Array(a.numpy()) for n, a in self._global.items()})
+                    self._scale_update(reply, 0.0)
                 kept.append(reply)
                 continue
             weight = round(weights.get(node, 0.0) * WEIGHT_SCALE)
@@ -76,3 +82,14 @@ class ValuedAggregation(StrategyWrapper):
         if not kept:
             return None, None  # Flower keeps the global model: no admitted update this round
         return self.strategy.aggregate_train(server_round, kept)
+
+    def _scale_update(self, reply: Message, factor: float) -> None:
+        """Replace the reply's model by the global model plus `factor` times its update (0: the global model)."""
+        key = next(iter(reply.content.array_records))
+        sent = reply.content.array_records[key]
+        scaled = {}
+        for name, start in self._global.items():
+            base = start.numpy()
+            update = sent[name].numpy() - base if factor else 0
+            scaled[name] = Array(np.asarray(base + factor * update, dtype=base.dtype))
+        reply.content[key] = ArrayRecord(scaled)
