@@ -263,6 +263,14 @@ def _partial_data(v: RoundView) -> Vector:
     return v.world.train(v.global_params, (x[keep], y[keep]), 7919 + v.round)
 
 
+def _same_noise(v: RoundView) -> Vector:
+    """One random direction, drawn once for the job, sent every round at the last global step's size: noise that
+    persists from round to round as data does (the random-direction screen's persistence rescue keeps a member whose
+    residual repeats its previous one)."""
+    direction = np.random.default_rng(104729).standard_normal(v.global_params.shape)
+    return (v.step_size() * direction / np.linalg.norm(direction)).astype(np.float32)
+
+
 def _reseeded(v: RoundView) -> Vector:
     """The member's data trained with another shuffling seed than the member's own."""
     return v.world.train(v.global_params, v.victim_data, 104729 + v.round)
@@ -315,6 +323,7 @@ ADVERSARIES: dict[str, Adversary] = {
             published=True,
         ),
         Adversary("sign of last step", "data-free", _sign_momentum, published=True),
+        Adversary("same noise every round", "data-free", _same_noise, published=True),
         Adversary("re-seeded", "same-data", _reseeded),
         Adversary("70 % of the data", "same-data", _partial_data),
         Adversary("re-seeded then noise", "same-data", _reseeded_then_noise, published=True),
