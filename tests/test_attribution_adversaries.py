@@ -163,8 +163,11 @@ def test_a_member_with_far_more_data_than_the_others_is_clipped_not_screened_out
         # A same-data node adding noise (70 % of the energy): one player with its member here, and the pair paid
         # 1.20x one member; on PLAID it stays below what groups a pair and is paid 1.87x at most (published).
         (ADVERSARIES["noisy re-seeded"], Honest((8, 8, 8, 8, 8), 20, 2), "pair <= 1.1x"),
+        # One random direction sent every round: it persists as data does, so the random-direction screen keeps
+        # it, and where the direction happens to lower the validation loss it is paid (0.8 % of the pool here).
+        (ADVERSARIES["same noise every round"], Honest((8, 8, 8, 8, 8), 10, 0), "data-free <= 0.5 %"),
     ],
-    ids=["copy-of-a-larger-than-typical-member", "noisy-same-data-node"],
+    ids=["copy-of-a-larger-than-typical-member", "noisy-same-data-node", "persistent-noise"],
 )
 def test_known_limits(adversary: Adversary, honest: Honest, bound: str) -> None:
     world, data = honest.build()
@@ -172,3 +175,4 @@ def test_known_limits(adversary: Adversary, honest: Honest, bound: str) -> None:
     assert _honest_exclusions(outcome.attacked, len(data)) == [], bound
     assert outcome.victim_loss <= MAX_COPY_LOSS or adversary.kind != "copycat", bound
     assert outcome.group_ratio <= MAX_GROUP_RATIO or adversary.kind != "same-data", bound
+    assert outcome.adversary_share <= MAX_DATA_FREE_SHARE or adversary.kind != "data-free", bound
