@@ -18,10 +18,14 @@ settlement rule before the smaller; copycat cells too); each world also prints t
 (both ways) and the largest share of its pay an honest member lost to the job-level grouping (under both rules).
 Adversaries marked * are adaptive attacks beyond issue 17's list: their results are published, they are not
 targets. Honest false exclusions count every honest member-round a screen excluded, clean and attacked jobs alike.
-With --aggregation, the same jobs run on Flower's robust strategies (accuracy and attribution per strategy).
+With --aggregation, the same jobs run on Flower's robust strategies (accuracy and attribution per strategy). With
+--victims-device, the adversary is a second device of the member it copies (docs/attribution.md, section 3: one
+member's devices are one player); by default it is a member of its own. A data-free cell then holds what the member
+gains by the device (share of the member pool, may be negative), the honest pay lost is the other members'.
 
 Run: flock /tmp/bench.lock nice -n 19 .venv/bin/python bench/adversary_bench.py [--worlds synthetic,plaid]
      [--members 5,10,50] [--seeds 0,1,2] [--holdout 100,101,102] [--aggregation fedavg,fedmedian,...] [--quick]
+     [--victims-device]
 """
 
 from __future__ import annotations
@@ -122,6 +126,7 @@ def run_world(
     rounds: int,
     adversaries: Sequence[Adversary],
     aggregation: str,
+    victims_device: bool = False,
 ) -> tuple[dict[tuple[int, str], Cell], dict[int, tuple[int, int]], dict[int, list[float]], float]:
     cells: dict[tuple[int, str], Cell] = {}
     exclusions: dict[int, tuple[int, int]] = {}
@@ -136,7 +141,9 @@ def run_world(
             jobs.append(clean)
             accuracy[m].append(clean.accuracy)
             for adversary in adversaries:
-                outcome = attack(world, adversary, data, rounds, seed, clean, aggregation=aggregation)
+                outcome = attack(
+                    world, adversary, data, rounds, seed, clean, aggregation=aggregation, victims_device=victims_device
+                )
                 cells.setdefault((m, adversary.name), Cell([])).outcomes.append(outcome)
                 jobs.append(outcome.attacked)
         exclusions[m] = honest_exclusions(jobs, m)
@@ -203,6 +210,7 @@ def main() -> None:
     parser.add_argument("--plaid-rounds", type=int, default=4)
     parser.add_argument("--adversaries", default="", help="comma-separated names (default: all)")
     parser.add_argument("--aggregation", default="fedavg", help="fedavg and/or fedmedian,fedtrimmedavg,krum,bulyan")
+    parser.add_argument("--victims-device", action="store_true", help="the adversary is the victim's second device")
     parser.add_argument("--quick", action="store_true", help="for iteration: synthetic, 5 members, seed 0, 3 rounds")
     args = parser.parse_args()
     if args.quick:
@@ -221,9 +229,11 @@ def main() -> None:
                     continue
                 chosen_seeds = [int(s) for s in seeds.split(",")]
                 cells, exclusions, accuracy, seconds = run_world(
-                    world, members, chosen_seeds, rounds, chosen, aggregation
+                    world, members, chosen_seeds, rounds, chosen, aggregation, args.victims_device
                 )
                 title = f"{world}, {aggregation}, {rounds} rounds, {label} {seeds} ({seconds:.0f} s)"
+                if args.victims_device:
+                    title += ", the adversary a device of its victim's"
                 missed += print_tables(title, cells, exclusions, accuracy, members, chosen)
     print("\ncells: data-free = mean / max share of the member pool (%); same data = mean / max pay of the pair over")
     print("the member alone, settled with the job's groups (round groups: the same jobs settled by the per-round")

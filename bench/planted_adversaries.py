@@ -421,8 +421,10 @@ def flower_aggregate(aggregation: str, global_params: Vector, updates: Sequence[
 
 @dataclass
 class Job:
-    """One job: `data` per honest member (named m000, m001, ...), optionally one adversary, `rounds` rounds,
-    aggregated with the valuation's weights (`fedavg`) or by one of Flower's robust strategies."""
+    """One job: `data` per honest device (named m000, m001, ...), optionally one adversary, `rounds` rounds,
+    aggregated with the valuation's weights (`fedavg`) or by one of Flower's robust strategies. `owners` maps a
+    device to the member it belongs to (default: each device is a member of its own); one member's devices are one
+    player, as `job start` values them."""
 
     world: World
     data: list[Data]
@@ -431,6 +433,7 @@ class Job:
     adversary: Adversary | None = None
     settings: ValuationSettings = field(default_factory=ValuationSettings)
     aggregation: str = "fedavg"
+    owners: dict[str, str] = field(default_factory=dict)
 
     def run(self) -> JobResult:
         names = [f"m{i:03d}" for i in range(len(self.data))]
@@ -460,6 +463,7 @@ class Job:
                     earlier_globals=tuple(earlier),
                     previous_updates=[previous.get(n) for n in members],
                     previous_groups=groups,
+                    owners=[self.owners.get(n, n) for n in members] if self.owners else None,
                 ),
                 self.world.loss,
                 self.settings,
@@ -476,15 +480,15 @@ class Job:
     def _aggregate(
         self, global_params: Vector, members: list[str], matrix: Vector, valuation: RoundValuation
     ) -> Vector:
-        """What ValuedAggregation hands the job's strategy: excluded updates left out, a norm outlier clipped as it
-        was valued, the rest weighed as valued."""
+        """What ValuedAggregation hands the job's strategy: excluded updates left out, a norm outlier clipped and one
+        member's devices scaled as they were valued, the rest weighed as valued."""
         admitted = [i for i, n in enumerate(members) if valuation.weights[n] > 0.0]
         if not admitted:
             return global_params
-        if valuation.clipped:
+        if valuation.clipped or valuation.combined:
             matrix = matrix.copy()
             for i, member in enumerate(members):
-                matrix[i] *= np.float32(valuation.clipped.get(member, 1.0))
+                matrix[i] *= np.float32(valuation.clipped.get(member, 1.0) * valuation.combined.get(member, 1.0))
         if self.aggregation == "fedavg":
             step = sum(valuation.weights[members[i]] * matrix[i].astype(np.float64) for i in admitted)
             return (global_params + np.asarray(step)).astype(np.float32)
@@ -494,17 +498,29 @@ class Job:
 
 @dataclass(frozen=True)
 class AttackOutcome:
-    """One adversary against one set of honest members, compared with the same members alone."""
+    """One adversary against one set of honest members, compared with the same members alone. With
+    `victims_device` the adversary is the victim's own second device: the victim's pay is then its two devices'
+    (the copycat's victim loses what the member loses, the honest members' loss counts it)."""
 
     adversary: Adversary
     members: int
     seed: int
     clean: JobResult
     attacked: JobResult
+    victims_device: bool = False
+
+    def _member_pay(self, pay: dict[str, int]) -> dict[str, int]:
+        if not self.victims_device:
+            return pay
+        merged = {k: v for k, v in pay.items() if k != ADVERSARY}
+        merged[VICTIM] = merged.get(VICTIM, 0) + pay.get(ADVERSARY, 0)
+        return merged
 
     @property
     def adversary_share(self) -> float:
-        """The adversary's pay as a share of the member pool."""
+        """The adversary's pay as a share of the member pool; as the victim's device, what the member gains by it."""
+        if self.victims_device:
+            return (self._member_pay(self.attacked.pay).get(VICTIM, 0) - self.clean.pay.get(VICTIM, 0)) / POOL
         return self.attacked.pay.get(ADVERSARY, 0) / POOL
 
     @property
@@ -525,18 +541,20 @@ class AttackOutcome:
     @property
     def victim_loss(self) -> float:
         """The share of its pay the victim loses to the adversary."""
-        return _victim_loss(self.clean.pay, self.attacked.pay)
+        return _victim_loss(self.clean.pay, self._member_pay(self.attacked.pay))
 
     @property
     def victim_loss_larger_kept(self) -> float:
         """victim_loss with both jobs settled keeping the larger value of a linked pair's two players."""
-        return _victim_loss(self.clean.pay_larger_kept, self.attacked.pay_larger_kept)
+        return _victim_loss(self.clean.pay_larger_kept, self._member_pay(self.attacked.pay_larger_kept))
 
     @property
     def honest_loss(self) -> float:
-        """The share of their pay the honest members (the victim included) lose together."""
-        alone = sum(v for k, v in self.clean.pay.items() if k != ADVERSARY)
-        with_adversary = sum(v for k, v in self.attacked.pay.items() if k != ADVERSARY)
+        """The share of their pay the honest members (the victim included; as the victim's device, the others) lose
+        together."""
+        left_out = {ADVERSARY, VICTIM} if self.victims_device else {ADVERSARY}
+        alone = sum(v for k, v in self.clean.pay.items() if k not in left_out)
+        with_adversary = sum(v for k, v in self.attacked.pay.items() if k not in left_out)
         return 1.0 - with_adversary / alone if alone else float("nan")
 
 
@@ -558,12 +576,16 @@ def attack(
     seed: int,
     clean: JobResult | None = None,
     aggregation: str = "fedavg",
+    victims_device: bool = False,
 ) -> AttackOutcome:
-    """Run the job without and with the adversary (the clean run may be passed in, it does not depend on it)."""
+    """Run the job without and with the adversary (the clean run may be passed in, it does not depend on it). With
+    `victims_device` the adversary is a second device of the member it copies (one player with it), else a member
+    of its own."""
     if clean is None:
         clean = Job(world, data, rounds, seed, aggregation=aggregation).run()
-    attacked = Job(world, data, rounds, seed, adversary, aggregation=aggregation).run()
-    return AttackOutcome(adversary, len(data), seed, clean, attacked)
+    owners = {ADVERSARY: VICTIM} if victims_device else {}
+    attacked = Job(world, data, rounds, seed, adversary, aggregation=aggregation, owners=owners).run()
+    return AttackOutcome(adversary, len(data), seed, clean, attacked, victims_device)
 
 
 def honest_exclusions(results: Sequence[JobResult], members: int) -> tuple[int, int]:

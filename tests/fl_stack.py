@@ -85,28 +85,42 @@ def start_federated_coordinator(stack: MessagingStack, extra: str = "") -> int:
 
 
 def enrol_plaid_agent(
-    stack: MessagingStack, name: str, workdir: Path, series: list[int], spool_poll_s: float = 0.05, extra: str = ""
+    stack: MessagingStack,
+    name: str,
+    workdir: Path,
+    series: list[int],
+    spool_poll_s: float = 0.05,
+    extra: str = "",
+    member: str | None = None,
 ) -> PlaidAgent:
     """Enrols one device over HTTP whose agent replays PLAID training recordings `series` into its sample store;
     returns its handle (not started) and record.
 
     spool_poll_s: how often its agent reads the ClientApp's records from its spool (agent_toml's 0.05 s by default).
     extra: more agent.toml settings, one `key = value` a line.
+    member: the member the operator's invite names (default `name`: a member with this one device).
     """
-    return enrol_agent(stack, name, workdir, plaid_sensor_toml(series), spool_poll_s, extra)
+    return enrol_agent(stack, name, workdir, plaid_sensor_toml(series), spool_poll_s, extra, member)
 
 
 def enrol_agent(
-    stack: MessagingStack, name: str, workdir: Path, sensors: str, spool_poll_s: float = 0.05, extra: str = ""
+    stack: MessagingStack,
+    name: str,
+    workdir: Path,
+    sensors: str,
+    spool_poll_s: float = 0.05,
+    extra: str = "",
+    member: str | None = None,
 ) -> PlaidAgent:
     """Enrols one device over HTTP whose agent.toml has the `[[sensors]]` tables `sensors`; returns its handle (not
-    started) and record. spool_poll_s, extra: as for enrol_plaid_agent."""
+    started) and record. spool_poll_s, extra, member: as for enrol_plaid_agent."""
     handle = AgentHandle(name, workdir)
     # Top-level keys before the [[sensors]] table, or TOML files them under it.
     # The agents of these stacks run jobs: each keeps its warm executor, as a device that has been up for a while does.
     toml = agent_toml(handle.data_dir, f"{extra}\n{sensors}", warm_executor=True)
     handle.config.write_text(toml.replace("spool_poll_s = 0.05", f"spool_poll_s = {spool_poll_s}"))
-    record = enrol(AgentSettings.load(handle.config), f"http://127.0.0.1:{stack.http_port}", stack.invite(name))
+    invite = stack.invite(member or name)
+    record = enrol(AgentSettings.load(handle.config), f"http://127.0.0.1:{stack.http_port}", invite)
     assert record.flower_node_id != 0
     handle.mid, handle.device = record.mid, record.device
     stack.agents.append(handle)
@@ -119,6 +133,7 @@ def start_plaid_agents(
     spool_poll_s: dict[str, float] | None = None,
     extra: str = "",
     start: Callable[[AgentHandle], object] | None = None,
+    members: dict[str, str] | None = None,
 ) -> list[PlaidAgent]:
     """Splits PLAID's training recordings by label (seed 1) among devices m0, m1, ..., enrols each with a replay of
     its share in its agent.toml and starts its `agent run`; returns once every agent has loaded its recordings and
@@ -127,6 +142,7 @@ def start_plaid_agents(
     spool_poll_s: device name -> its agent's spool poll period, where not the default 0.05 s.
     extra: more agent.toml settings for every agent, one `key = value` a line.
     start: starts one enrolled agent (default `stack.start_agent`), e.g. inside a memory cgroup.
+    members: device name -> the member it is enrolled for, where not a member of its own (a second device).
     """
     from edge.sensors.plaid import load_plaid_series
 
@@ -137,7 +153,8 @@ def start_plaid_agents(
         workdir = stack.root / f"agent-{name}"
         workdir.mkdir()
         poll = (spool_poll_s or {}).get(name, 0.05)
-        handle, record = enrol_plaid_agent(stack, name, workdir, series.tolist(), poll, extra)
+        member = (members or {}).get(name)
+        handle, record = enrol_plaid_agent(stack, name, workdir, series.tolist(), poll, extra, member)
         (start or stack.start_agent)(handle)
         agents.append((handle, record))
     broker = stack.broker

@@ -243,6 +243,80 @@ def test_group_shares_one_value_and_excluded_get_zero() -> None:
     assert sum(valuation.values.values()) == pytest.approx(valuation.grand_utility, rel=1e-9)
 
 
+def _orthogonal_to(rng: np.random.Generator, vector: np.ndarray, norm: float) -> np.ndarray:
+    other = rng.standard_normal(D)
+    other -= (other @ vector) / (vector @ vector) * vector
+    return (norm * other / np.linalg.norm(other)).astype(np.float32)
+
+
+def test_one_members_devices_are_one_player_valued_as_the_sum_of_their_updates() -> None:
+    rng = np.random.default_rng(8)
+    target = rng.standard_normal(D)
+    global_params = np.zeros(D, np.float32)
+    # Member m's data spread over two devices: each learns half of what one device holding all of it would (the
+    # common direction at half the step, its own examples), and the one device's update is their sum.
+    halves = (0.02 * (target + 1.4 * rng.standard_normal((2, D)))).astype(np.float32)
+    base = np.concatenate([0.05 * (target + rng.standard_normal((3, D))), halves.sum(axis=0)[None, :]])
+    base = base.astype(np.float32)
+    on_one = value_round(
+        RoundUpdates(1, ["a", "b", "c", "m"], global_params, base), quadratic_loss(target), ValuationSettings()
+    )
+    names = ["a", "b", "c", "m-phone", "m-hub"]
+    on_two = value_round(
+        RoundUpdates(1, names, global_params, np.concatenate([base[:3], halves]), owners=["a", "b", "c", "m", "m"]),
+        quadratic_loss(target),
+        ValuationSettings(),
+    )
+    assert on_two.players == [("a",), ("b",), ("c",), ("m-phone", "m-hub")]
+    assert on_two.values["m-phone"] + on_two.values["m-hub"] == pytest.approx(on_one.values["m"], rel=1e-5)
+    assert on_two.values["m-phone"] == on_two.values["m-hub"]
+    assert on_two.combined == {"m-phone": 2.0, "m-hub": 2.0}
+    assert on_two.weights["m-phone"] + on_two.weights["m-hub"] == pytest.approx(0.25)
+    assert {f.reason for f in on_two.flags["m-hub"]} == {ScreenReason.SAME_MEMBER}
+
+
+def test_a_members_second_device_sending_its_data_again_under_noise_earns_nothing_more() -> None:
+    rng = np.random.default_rng(9)
+    target = rng.standard_normal(D)
+    global_params = np.zeros(D, np.float32)
+    base = (0.05 * (target + rng.standard_normal((5, D)))).astype(np.float32)
+    mine = base[4].astype(np.float64)
+    # The member's data trained again, 70 % of the energy noise, at the length of an update: too noisy to group.
+    size = float(np.linalg.norm(mine))
+    again = (np.sqrt(0.3) * mine + _orthogonal_to(rng, mine, np.sqrt(0.7) * size)).astype(np.float32)
+    deltas = np.concatenate([base, again[None, :]])
+    names = ["a", "b", "c", "d", "m", "m-again"]
+    alone = value_round(RoundUpdates(1, names[:5], global_params, base), quadratic_loss(target), ValuationSettings())
+    as_two = value_round(RoundUpdates(1, names, global_params, deltas), quadratic_loss(target), ValuationSettings())
+    as_one = value_round(
+        RoundUpdates(1, names, global_params, deltas, owners=["a", "b", "c", "d", "m", "m"]),
+        quadratic_loss(target),
+        ValuationSettings(),
+    )
+    assert len(as_two.players) == 6  # the noise hides the same data: paid as two members
+    pair = as_two.values["m"] + as_two.values["m-again"]
+    assert pair > 1.2 * alone.values["m"]
+    member = as_one.values["m"] + as_one.values["m-again"]
+    assert ("m", "m-again") in as_one.players
+    assert member <= 1.1 * alone.values["m"]  # 0.87×, where as two members 1.27×
+    # The sum (1.55 times the data plus the noise) is valued no longer than the longest device's update.
+    factor = as_one.combined["m"] / 2
+    assert factor < 1.0
+    summed = factor * (mine + again.astype(np.float64))
+    assert float(np.linalg.norm(summed)) == pytest.approx(max(size, float(np.linalg.norm(again))), rel=0.05)
+    # A device of the member sending noise is screened on its own, not hidden in its member's data.
+    noise = _orthogonal_to(rng, mine, size)
+    screened = value_round(
+        RoundUpdates(
+            1, names, global_params, np.concatenate([base, noise[None, :]]), owners=["a", "b", "c", "d", "m", "m"]
+        ),
+        quadratic_loss(target),
+        ValuationSettings(),
+    )
+    assert {f.reason for f in screened.flags["m-again"]} == {ScreenReason.RANDOM_DIRECTION}
+    assert ("m",) in screened.players and screened.values["m"] == pytest.approx(alone.values["m"], rel=0.2)
+
+
 def test_verified_counts_set_weights_and_self_reports_do_not() -> None:
     rng = np.random.default_rng(7)
     target = rng.standard_normal(D)
@@ -274,6 +348,12 @@ def test_bad_round_input_is_refused() -> None:
     with pytest.raises(MalformedError):
         value_round(
             RoundUpdates(1, ["a", "b"], np.zeros(3, np.float32), np.zeros((3, 3), np.float32)),
+            lambda p: 0.0,
+            ValuationSettings(),
+        )
+    with pytest.raises(MalformedError, match="one owner per member"):
+        value_round(
+            RoundUpdates(1, ["a", "b"], np.zeros(3, np.float32), np.zeros((2, 3), np.float32), owners=["a"]),
             lambda p: 0.0,
             ValuationSettings(),
         )

@@ -24,6 +24,7 @@ from coordinator.federation.job_start import (
     JobRequest,
     JobRequestError,
     job_succeeded,
+    member_groups,
     round_invitation,
     rounds_captured,
     select_devices,
@@ -190,6 +191,24 @@ def test_what_the_operator_gives_overrides_the_recipe_which_fits_around_it(tmp_p
     assert job_request(tmp_path, dp_clipping_norm=1.0).drift_correction == 0.0
     # What the book stored reads back unchanged, not re-filled from a recipe that may have changed since.
     assert JobRequest.model_validate_json(short.model_dump_json()) == short
+
+
+def test_a_members_devices_reach_the_serverapp_as_one_owner(tmp_path: Path) -> None:
+    invited = [
+        JobDevice(device_id="pi-1", member_id="alice", node_id=11),
+        JobDevice(device_id="phone", member_id="bob", node_id=22),
+        JobDevice(device_id="pi-2", member_id="alice", node_id=33),
+        JobDevice(device_id="pi-3", member_id="alice", node_id=44),
+    ]
+    assert member_groups(invited) == [[11, 33, 44]]
+    config = job_request(tmp_path).run_config([11, 22, 33, 44], tmp_path, member_groups=member_groups(invited))
+    assert config["member-groups"] == "11,33,44"
+    owners = JobRunConfig.from_run_config(config).owner_of()
+    assert owners[11] == owners[33] == owners[44] != owners[22]
+    assert JobRunConfig.from_run_config(job_request(tmp_path).run_config([11, 22], tmp_path)).member_groups == ()
+    for wrong in ("11", "11,55", "11,22 22,33", "11,x"):
+        with pytest.raises(ValidationError, match="member-groups"):
+            JobRunConfig.from_run_config({**config, "member-groups": wrong})
 
 
 @pytest.mark.parametrize("accelerated", [True, False])

@@ -1,7 +1,8 @@
 """ValuedAggregation: the job's strategy aggregates attribution's verdict. An excluded update never moves the model
 (left out under FIXED weights, replaced by the global model under DP), a group weighs as its valuation weights say,
 a robust strategy never sees an excluded update, an update the valuation clipped is aggregated clipped, and a round
-the sink did not value is aggregated as delivered."""
+the sink did not value is aggregated as delivered. One member's devices add up as they were valued (not under
+DP)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,15 @@ GLOBAL = {"w": np.zeros(3, dtype=np.float32)}
 
 
 class Verdict:
-    def __init__(self, excluded: set[int], weights: dict[int, float], clipped: dict[int, float] | None = None) -> None:
+    def __init__(
+        self,
+        excluded: set[int],
+        weights: dict[int, float],
+        clipped: dict[int, float] | None = None,
+        combined: dict[int, float] | None = None,
+    ) -> None:
         self.excluded, self.weights, self.clipped = frozenset(excluded), weights, clipped or {}
+        self.combined = combined or {}
 
     def excluded_nodes(self, server_round: int) -> frozenset[int]:
         return self.excluded
@@ -30,6 +38,9 @@ class Verdict:
 
     def clip_factors(self, server_round: int) -> dict[int, float]:
         return self.clipped
+
+    def combine_factors(self, server_round: int) -> dict[int, float]:
+        return self.combined
 
 
 def _replies(values: dict[int, float]) -> list[Message]:
@@ -83,6 +94,23 @@ def test_a_clipped_update_is_aggregated_at_the_length_it_was_valued_at(reweigh: 
     assert np.allclose(inner.handed[1].content.array_records["arrays"]["w"].numpy(), 5.0)  # 0 + 0.25 × 20
     assert inner.handed[1].content.array_records["arrays"]["w"].numpy().dtype == np.float32
     assert arrays is not None and np.allclose(arrays["w"].numpy(), 3.0)  # (1 + 5) / 2, where unclipped: 10.5
+
+
+def test_one_members_devices_are_aggregated_as_the_sum_they_were_valued_at_but_not_scaled_up_under_dp() -> None:
+    # Nodes 12 and 13 are one member's: one player of weight 0.5, shares 1/2 each, valued as 0.8 × (their sum):
+    # combine factor 0.8 × 2 = 1.6 each (screens: `owners`).
+    verdict = Verdict(set(), {11: 0.5, 12: 0.25, 13: 0.25}, clipped={13: 0.5}, combined={12: 1.6, 13: 1.6})
+    inner = HandedReplies()
+    strategy = _started(ValuedAggregation(inner, verdict, weighted_by_key=WEIGHT_KEY, reweigh=True))
+    arrays, _ = strategy.aggregate_train(1, _replies({11: 1.0, 12: 2.0, 13: 4.0}))
+    assert np.allclose(inner.handed[1].content.array_records["arrays"]["w"].numpy(), 3.2)  # 1.6 × 2
+    assert np.allclose(inner.handed[2].content.array_records["arrays"]["w"].numpy(), 3.2)  # 0.5 × 1.6 × 4
+    # The member's player: 0.8 × (2 + 0.5 × 4) = 3.2 at weight 0.5; the other member 1 at 0.5.
+    assert arrays is not None and np.allclose(arrays["w"].numpy(), 0.5 * 1.0 + 0.5 * 3.2)
+    under_dp = HandedReplies()
+    strategy = _started(ValuedAggregation(under_dp, verdict, weighted_by_key=WEIGHT_KEY, reweigh=False))
+    strategy.aggregate_train(1, _replies({11: 1.0, 12: 2.0, 13: 4.0}))
+    assert [m.content.array_records["arrays"]["w"].numpy()[0] for m in under_dp.handed] == [1.0, 2.0, 2.0]
 
 
 def test_a_robust_strategy_never_sees_an_excluded_update() -> None:

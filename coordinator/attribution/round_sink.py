@@ -41,6 +41,9 @@ class AttributionSink:
         Valuation settings (method thresholds, screens, seed).
     member_of:
         Maps a SuperLink node id to the member id that attribution and pay are recorded under (default: str).
+    owner_of:
+        Maps a node id to the member its device belongs to, when the job knows it: one member's devices are one
+        player (screens: `owners`). Default None: every node is its own member's.
     verified_examples:
         (round, node id) -> the example count the coordinator verified itself, or None; never the node's claim.
     decay:
@@ -57,6 +60,7 @@ class AttributionSink:
         settings: ValuationSettings,
         *,
         member_of: Callable[[int], str] = str,
+        owner_of: Callable[[int], str] | None = None,
         verified_examples: Callable[[int, int], int | None] | None = None,
         decay: float = 1.0,
         reputation: ReputationBook | None = None,
@@ -65,6 +69,7 @@ class AttributionSink:
         self.loss = loss
         self.settings = settings
         self.member_of = member_of
+        self.owner_of = owner_of
         self.verified_examples = verified_examples
         self.account = AttributionAccount(decay=decay, screen_settings=settings.screens)
         self.reputation = reputation if reputation is not None else ReputationBook()
@@ -77,6 +82,7 @@ class AttributionSink:
         self._excluded: dict[int, frozenset[int]] = {}
         self._weights: dict[int, dict[int, float]] = {}
         self._clipped: dict[int, dict[int, float]] = {}
+        self._combined: dict[int, dict[int, float]] = {}
         # Each member's update of the last valued round: an update that keeps learning the same data is not noise
         # (screens: random direction). One (d,) float32 row per member of that round.
         self._previous: dict[str, npt.NDArray[np.float32]] = {}
@@ -107,6 +113,11 @@ class AttributionSink:
         """Node id -> the factor (< 1) its update was valued at, being longer than the norm limit (screens: norm
         outlier): the strategy aggregates it so scaled. Empty when none was, or the round was not valued."""
         return dict(self._clipped.get(server_round, {}))
+
+    def combine_factors(self, server_round: int) -> dict[int, float]:
+        """Node id -> the factor, on top of its clip, its update is aggregated at so that one member's devices add up
+        as they were valued (screens: `owners`); empty when no member sent more than one admitted update."""
+        return dict(self._combined.get(server_round, {}))
 
     def on_round(self, capture: RoundCapture) -> None:
         try:
@@ -145,6 +156,7 @@ class AttributionSink:
                 reported_losses=[_reported_losses(u.metrics) for u in capture.updates],
                 previous_updates=[self._previous.get(member) for member in members],
                 previous_groups=self._previous_groups,
+                owners=None if self.owner_of is None else [self.owner_of(u.node_id) for u in capture.updates],
             ),
             self.loss,
             self.settings,
@@ -161,6 +173,7 @@ class AttributionSink:
         )
         self._weights[capture.round] = {nodes[member]: w for member, w in valuation.weights.items()}
         self._clipped[capture.round] = {nodes[member]: f for member, f in valuation.clipped.items()}
+        self._combined[capture.round] = {nodes[member]: f for member, f in valuation.combined.items()}
 
 
 def _reported_losses(metrics: Mapping[str, float]) -> tuple[float, float] | None:

@@ -9,7 +9,10 @@ an order that keeps the consensus honest (issue 17):
    every consensus below and in the game;
 3. random direction: a player whose residual is noise against both the other players and the validation gradient,
    only in a round where the other players agree with one another, and whose members do not keep learning what
-   they learnt in the previous round (data persists from round to round, fresh noise does not).
+   they learnt in the previous round (data persists from round to round, fresh noise does not);
+4. members: the players holding one member's devices (`owners`) become one, whatever their updates: a member is
+   one player of a job, and a second device training the member's data again earns nothing twice however much noise
+   hides it (issue 17: the noisy same-data node). After the screens, so that each device is screened on its own.
 The norm outlier screen runs between 1 and 2: it compares with the median norm, which a few copies do not move,
 and excludes no one: an update longer than the limit is clipped to it (`ScreenReport.clipped`), valued and
 aggregated at that length. An honest member holding far more data than the median takes more local steps and may
@@ -48,6 +51,7 @@ class ScreenReason(StrEnum):
     RANDOM_WEIGHTS = "random_weights"
     NEAR_DUPLICATE = "near_duplicate"
     SAME_DATA = "same_data"
+    SAME_MEMBER = "same_member"
     SELF_REPORT_MISMATCH = "self_report_mismatch"
     LOSS_CLAIM_UNSUPPORTED = "loss_claim_unsupported"
 
@@ -166,13 +170,17 @@ class ScreenReport:
     of every pair (a < b) of members left after the own screens at or above the lower of `same_data_reference` and
     `same_data_persisting`, and of a pair down to `same_data_linked` whose members are each other's most similar: the
     round's evidence for a grouping over the whole job. `clipped` maps each norm outlier to the factor (< 1) that
-    brings its update to the limit: the screens after it, the game and the aggregation see the update so scaled."""
+    brings its update to the limit: the screens after it, the game and the aggregation see the update so scaled.
+    `combined` maps each device of a player that is one member's devices alone (`owners`) to the factor (times its
+    share, 1 / devices) its update is valued and aggregated at: the player's update is the sum of its devices'
+    updates, no longer than the longest of them or the round's typical update (`_member_player`)."""
 
     flags: dict[int, list[ScreenFlag]] = field(default_factory=dict)
     players: list[tuple[int, ...]] = field(default_factory=list)
     shares: dict[int, float] = field(default_factory=dict)
     similarities: dict[tuple[int, int], float] = field(default_factory=dict)
     clipped: dict[int, float] = field(default_factory=dict)
+    combined: dict[int, float] = field(default_factory=dict)
 
     def excluded(self, member: int) -> bool:
         return any(flag.excludes for flag in self.flags.get(member, []))
@@ -240,6 +248,7 @@ class _Round:
     norms: npt.NDArray[np.float64]
     flags: dict[int, list[ScreenFlag]]
     clipped: dict[int, float] = field(default_factory=dict)
+    combined: dict[int, float] = field(default_factory=dict)
 
     def flag(self, member: int, reason: ScreenReason, measured: float) -> None:
         self.flags[member].append(ScreenFlag(reason, measured))
@@ -327,16 +336,73 @@ def _groups(
     for group in players:
         if len(group) == 1:
             continue
-        inside = set(group)
-        outside = state.norms[[i for i in candidates if i not in inside]]
-        typical = float(np.median(outside)) if outside.size else 0.0
-        for i, share in zip(group, group_shares(state.safe, group, typical, settings.copy_falloff), strict=True):
+        for i, share in zip(
+            group,
+            group_shares(state.safe, group, _typical(state, candidates, group), settings.copy_falloff),
+            strict=True,
+        ):
             shares[i] = share
             if i in copied:
                 state.flag(i, ScreenReason.NEAR_DUPLICATE, float(len(group)))
             else:
                 state.flag(i, ScreenReason.SAME_DATA, strongest.get(i, 0.0))
     return players, shares, evidence
+
+
+def _typical(state: _Round, candidates: Sequence[int], group: Sequence[int]) -> float:
+    """The median norm of the candidates outside `group` (0 when there are none)."""
+    inside = set(group)
+    outside = state.norms[[i for i in candidates if i not in inside]]
+    return float(np.median(outside)) if outside.size else 0.0
+
+
+def _members(
+    state: _Round,
+    players: list[tuple[int, ...]],
+    shares: dict[int, float],
+    owners: Sequence[str] | None,
+    settings: ScreenSettings,
+) -> list[tuple[int, ...]]:
+    """Step 4: the players holding one member's devices joined into one (`owners`). After the random-direction
+    screen, so that a device sending noise is judged on its own and not hidden in its member's data."""
+    if owners is None:
+        return players
+    owner_of_player = {owners[i]: p for p in reversed(range(len(players))) for i in players[p]}
+    links = [(p, owner_of_player[owners[i]]) for p, group in enumerate(players) for i in group]
+    joined = [
+        tuple(sorted(i for p in component for i in players[p]))
+        for component in union_groups(list(range(len(players))), links)
+    ]
+    joined.sort(key=lambda group: group[0])
+    admitted = [i for group in joined for i in group]
+    for group in joined:
+        mates = {i for i in group if any(owners[j] == owners[i] for j in group if j != i)}
+        if not mates:
+            continue
+        typical = _typical(state, admitted, group)
+        if len({owners[i] for i in group}) == 1:
+            _member_player(state, group, shares, typical)
+        else:
+            for i, share in zip(group, group_shares(state.safe, group, typical, settings.copy_falloff), strict=True):
+                shares[i] = share
+        for i in mates:
+            state.flag(i, ScreenReason.SAME_MEMBER, float(len(group)))
+    return joined
+
+
+def _member_player(state: _Round, group: tuple[int, ...], shares: dict[int, float], typical: float) -> None:
+    """One member's devices as one player: their updates add up, as one device training all of the member's data
+    would, but the sum is no longer than the longest of them or the round's `typical` update, whichever is longer:
+    a second device training the same data again (with any noise) then adds no length a single device could not
+    have sent, while a member whose data is spread over devices keeps the step of all of it. Each device's share
+    is 1 / devices; `state.combined` holds the factor its update is scaled by so that the shares give the sum."""
+    rows = np.asarray(state.safe[list(group)], dtype=np.float64)
+    length = float(np.linalg.norm(rows.sum(axis=0)))
+    cap = max(typical, float(state.norms[list(group)].max()))
+    scale = min(1.0, cap / length) if length > 0.0 else 1.0
+    for i in group:
+        shares[i] = 1.0 / len(group)
+        state.combined[i] = scale * len(group)
 
 
 def _mutual_best(pairs: Sequence[tuple[int, int, float]]) -> dict[tuple[int, int], float]:
@@ -480,6 +546,7 @@ def screen_updates(
     reported_losses: Sequence[tuple[float, float] | None] | None = None,
     previous_updates: Sequence[FloatVector | None] | None = None,
     grouped_before: Sequence[tuple[int, int]] = (),
+    owners: Sequence[str] | None = None,
 ) -> ScreenReport:
     """Screen the (m, d) matrix of observed updates (each member's parameters minus the global model).
 
@@ -487,7 +554,8 @@ def screen_updates(
     used); `validation_gradient` is the validation loss gradient at the global model; `reported_losses` are the
     members' own (loss before, loss after) training claims; `previous_updates` each member's own update of the
     previous round (None for a member that sent none); `grouped_before` pairs of members that were one player in
-    the previous round.
+    the previous round; `owners` the member each update's device belongs to (None: every update its own member):
+    a member's devices that pass the own screens are one player.
     """
     m = deltas.shape[0]
     finite: npt.NDArray[np.bool_] = np.asarray(np.isfinite(deltas).all(axis=1))
@@ -527,6 +595,7 @@ def screen_updates(
     players = _random_directions(
         state, players, shares, remaining, settings, validation_gradient, basis, previous_updates
     )
+    players = _members(state, players, shares, owners, settings)
     _self_reports(state, settings, reported_examples, verified_examples, reported_losses)
     admitted = {i for g in players for i in g}
     return ScreenReport(
@@ -535,4 +604,5 @@ def screen_updates(
         shares={i: s for i, s in shares.items() if i in admitted},
         similarities=similarities,
         clipped={i: f for i, f in state.clipped.items() if i in admitted},
+        combined={i: f for i, f in state.combined.items() if i in admitted},
     )

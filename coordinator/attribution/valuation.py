@@ -72,7 +72,9 @@ class RoundUpdates:
     loss claims, never trusted, only checked against the update. `previous_updates` are each member's own update of
     the previous round (None for a member that sent none): an update that keeps learning the same data is not noise
     (screens: random direction). `previous_groups` are the previous round's players of more than one member (member
-    ids): same data persists, so such a pair stays one player at a lower similarity (screens: same data)."""
+    ids): same data persists, so such a pair stays one player at a lower similarity (screens: same data). `owners`
+    name the member each update's device belongs to (None: each update is its own member's): one member's devices
+    are one player (screens: `owners`)."""
 
     round_index: int
     members: Sequence[str]
@@ -85,6 +87,7 @@ class RoundUpdates:
     reported_losses: Sequence[tuple[float, float] | None] | None = None
     previous_updates: Sequence[FloatVector | None] | None = None
     previous_groups: Sequence[Sequence[str]] = ()
+    owners: Sequence[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,9 @@ class RoundValuation:
     """One round's values, flags and players (member ids); `similarities` are the same-data similarities the
     screens reported (ScreenReport.similarities) by pair of member ids in sorted order: the evidence the job's
     account accumulates (history.AttributionAccount). `clipped` maps a member whose update was longer than the norm
-    limit to the factor its update was valued at, and is to be aggregated at (ScreenReport.clipped)."""
+    limit to the factor its update was valued at, and is to be aggregated at (ScreenReport.clipped); `combined` maps
+    each device of a player made of one member's devices to the factor, on top of its clip and its weight, that
+    makes the player's update their sum (ScreenReport.combined)."""
 
     round_index: int
     method: ValuationMethod
@@ -106,6 +111,7 @@ class RoundValuation:
     weights: dict[str, float] = field(default_factory=dict)
     similarities: dict[tuple[str, str], float] = field(default_factory=dict)
     clipped: dict[str, float] = field(default_factory=dict)
+    combined: dict[str, float] = field(default_factory=dict)
 
 
 def round_seed(root: int, round_index: int) -> int:
@@ -140,6 +146,8 @@ def _check(updates: RoundUpdates) -> None:
     for name, counts in (("reported", updates.reported_examples), ("verified", updates.verified_examples)):
         if counts is not None and len(counts) != m:
             raise MalformedError(f"one {name} example count per member", members=m, counts=len(counts))
+    if updates.owners is not None and len(updates.owners) != m:
+        raise MalformedError("one owner per member", members=m, owners=len(updates.owners))
     if updates.reported_losses is not None and len(updates.reported_losses) != m:
         raise MalformedError("one reported loss pair per member", members=m, losses=len(updates.reported_losses))
     if updates.previous_updates is not None:
@@ -222,7 +230,8 @@ def value_round(
 ) -> RoundValuation:
     """Screen, then value each member's update in this round; excluded members get 0 and weight 0, a group's
     members share its value and its weight by their shares (screens.ScreenReport.shares), a norm outlier's update is
-    valued clipped to the limit (screens.ScreenReport.clipped).
+    valued clipped to the limit (screens.ScreenReport.clipped), one member's devices as the sum of their updates
+    (screens.ScreenReport.combined).
 
     `gradient`, when given, is evaluated once at the global model: the screens judge residuals against it, and above
     `sampled_max_players` it gives the first-order values.
@@ -241,6 +250,7 @@ def value_round(
         reported_losses=updates.reported_losses,
         previous_updates=updates.previous_updates,
         grouped_before=_grouped_before(updates),
+        owners=updates.owners,
     )
     players = report.players
     weights = _player_weights(players, updates.verified_examples, settings.example_count_cap)
@@ -251,7 +261,11 @@ def value_round(
     for p, group in enumerate(players):
         if len(group) > 1:
             deltas[p] = sum(
-                report.shares[i] * report.clipped.get(i, 1.0) * updates.updates[i].astype(np.float64) for i in group
+                report.shares[i]
+                * report.clipped.get(i, 1.0)
+                * report.combined.get(i, 1.0)
+                * updates.updates[i].astype(np.float64)
+                for i in group
             )
         elif group[0] in report.clipped:
             deltas[p] *= np.float32(report.clipped[group[0]])
@@ -280,6 +294,7 @@ def value_round(
         weights=member_weights,
         similarities={_member_pair(updates.members, a, b): v for (a, b), v in report.similarities.items()},
         clipped={updates.members[i]: f for i, f in report.clipped.items()},
+        combined={updates.members[i]: f for i, f in report.combined.items()},
     )
 
 

@@ -87,6 +87,10 @@ class JobRunConfig(BaseModel):
         the devices (`torch-threads`, default 1): the models are tiny, and the ServerApp shares the MID's cores with
         the SuperLink and `serve`; with a thread per core, its evaluations spun 5-25 times slower on a loaded 2-core
         machine (tests/conftest.py has the measurement).
+    member_groups: the selected nodes of each member with more than one device, space-separated groups of
+        comma-separated node ids (`job start` writes them from whom it invited): with attribution, one member's
+        devices are one player (coordinator.attribution.screens, `owners`). Default none: every node is a member of
+        its own.
     aggregation: `fedavg` (default) or a robust strategy of Flower's: `fedmedian`, `fedtrimmedavg` (beta 0.2),
         `krum` or `bulyan` (both assuming (selected nodes - 3) // 4 malicious nodes). Refused with DP (its accountant
         assumes FedAvg) and with server momentum (FedAvgM is FedAvg's).
@@ -116,6 +120,7 @@ class JobRunConfig(BaseModel):
     tail_average: int = Field(alias="tail-average", default=1, ge=1, le=1000)
     torch_threads: int = Field(alias="torch-threads", default=1, ge=1, le=256)
     aggregation: Aggregation = Aggregation.FEDAVG
+    member_groups: tuple[tuple[int, ...], ...] = Field(alias="member-groups", default=())
 
     @model_validator(mode="after")
     def _robust_aggregation_alone(self) -> JobRunConfig:
@@ -138,6 +143,32 @@ class JobRunConfig(BaseModel):
                 "unclipped, unnoised gradients"
             )
         return self
+
+    @model_validator(mode="after")
+    def _member_groups_name_selected_nodes(self) -> JobRunConfig:
+        grouped = [node for group in self.member_groups for node in group]
+        if any(len(group) < 2 for group in self.member_groups) or len(set(grouped)) != len(grouped):
+            raise ValueError("member-groups must be groups of two or more nodes, each node in one group at most")
+        if not set(self.selected_nodes).issuperset(grouped):
+            raise ValueError("member-groups must name selected nodes")
+        return self
+
+    @field_validator("member_groups", mode="before")
+    @classmethod
+    def _split_groups(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                return tuple(tuple(int(node) for node in group.split(",")) for group in value.split())
+            except ValueError:
+                raise ValueError("member-groups: space-separated groups of comma-separated node ids") from None
+        return value
+
+    def owner_of(self) -> dict[int, str]:
+        """Node id -> an owner key shared by one member's nodes (`member_groups`); a node alone keys itself."""
+        owners = {node: str(node) for node in self.selected_nodes}
+        for group in self.member_groups:
+            owners.update((node, f"member-of-{group[0]}") for node in group)
+        return owners
 
     @field_validator("selected_nodes", mode="before")
     @classmethod

@@ -30,7 +30,7 @@ import os
 import secrets
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Self
@@ -186,10 +186,15 @@ class JobRequest(BaseModel):
         return self
 
     def run_config(
-        self, node_ids: list[int], output_dir: Path, flower_acceleration: bool = True
+        self,
+        node_ids: list[int],
+        output_dir: Path,
+        flower_acceleration: bool = True,
+        member_groups: Sequence[Sequence[int]] = (),
     ) -> dict[str, str | int | float]:
         """The Flower app's run config (coordinator.federation.job.JobRunConfig) for these nodes; the MID's
-        `[federation] flower_acceleration` goes in as `flower-acceleration`."""
+        `[federation] flower_acceleration` goes in as `flower-acceleration`, and the nodes of each member with more
+        than one device (`member_groups`) as `member-groups`."""
         return {
             "task-id": self.task_id,
             "task-version": self.task_version,
@@ -213,6 +218,7 @@ class JobRequest(BaseModel):
             "attribution": self.attribution,
             "aggregation": self.aggregation.value,
             "flower-acceleration": flower_acceleration,
+            "member-groups": " ".join(",".join(str(node) for node in group) for group in member_groups),
         }
 
     def wait_bound_s(self) -> float:
@@ -242,6 +248,15 @@ class JobDevice(BaseModel):
     device_id: str
     member_id: str
     node_id: int
+
+
+def member_groups(devices: Sequence[JobDevice]) -> list[list[int]]:
+    """The node ids of each member with more than one of `devices`, in the order they come: one player each in the
+    job's attribution (docs/attribution.md, section 3)."""
+    nodes: dict[str, list[int]] = {}
+    for device in devices:
+        nodes.setdefault(device.member_id, []).append(device.node_id)
+    return [group for group in nodes.values() if len(group) > 1]
 
 
 def select_devices(registry: Registry, names: tuple[str, ...]) -> list[JobDevice]:
@@ -671,7 +686,9 @@ class JobRun:
             f"invited {len(selected)} device(s); the first round waits up to {request.join_timeout_s:.0f} s for them"
             f" to join: {', '.join(d.device_id for d in selected)}"
         )
-        run_config = request.run_config(record.selected_node_ids, self.jobs_dir, self.flower_acceleration)
+        run_config = request.run_config(
+            record.selected_node_ids, self.jobs_dir, self.flower_acceleration, member_groups(selected)
+        )
         if self.task is not None:
             (self.jobs_dir / TASKS_DIR).mkdir(parents=True, exist_ok=True)
             write_task_file(self.jobs_dir / TASKS_DIR, self.task)

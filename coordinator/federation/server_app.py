@@ -268,8 +268,12 @@ def run_job(grid: Grid, run_id: int, job: JobRunConfig, aggregate: Aggregator = 
     attribution = None
     valuation = ValuationSettings(seed=job.seed)
     if job.attribution:
+        owners = job.owner_of()
         attribution = AttributionSink(
-            TaskValidationLoss(spec, build_model(spec), validation.x, validation.y), valuation, then=capture
+            TaskValidationLoss(spec, build_model(spec), validation.x, validation.y),
+            valuation,
+            owner_of=lambda node: owners.get(node, str(node)),
+            then=capture,
         )
         sink = attribution
     evaluator = ValidationEvaluator(

@@ -23,6 +23,7 @@ class RoundVerdict(Protocol):
     def excluded_nodes(self, server_round: int) -> frozenset[int]: ...
     def member_weights(self, server_round: int) -> dict[int, float]: ...
     def clip_factors(self, server_round: int) -> dict[int, float]: ...
+    def combine_factors(self, server_round: int) -> dict[int, float]: ...
 
 
 class ValuedAggregation(StrategyWrapper):
@@ -38,8 +39,10 @@ class ValuedAggregation(StrategyWrapper):
       the clipping bound hold and the update moves nothing.
 
     In both, an update the valuation clipped (a norm outlier) is handed on clipped: the global model plus its update
-    times the factor, what was valued. A round the sink did not value (its verdict is empty) is aggregated as
-    delivered.
+    times the factor, what was valued. With `reweigh`, one member's devices are handed on scaled too (their combine
+    factors): weighed by their shares, they add up to the sum the member was valued at. Under DP they are not: a
+    reply scaled up would leave the clipping bound the accountant relies on. A round the sink did not value (its
+    verdict is empty) is aggregated as delivered.
     """
 
     def __init__(self, strategy: Strategy, verdict: RoundVerdict, *, weighted_by_key: str, reweigh: bool) -> None:
@@ -64,11 +67,13 @@ class ValuedAggregation(StrategyWrapper):
         if not weights:
             return self.strategy.aggregate_train(server_round, replies)
         clipped = self.verdict.clip_factors(server_round)
+        combined = self.verdict.combine_factors(server_round) if self.reweigh else {}
         kept = []
         for reply in replies:
             node = reply.metadata.src_node_id
-            if node in clipped and node not in excluded:
-                self._scale_update(reply, clipped[node])
+            factor = clipped.get(node, 1.0) * combined.get(node, 1.0)
+            if factor != 1.0 and node not in excluded:
+                self._scale_update(reply, factor)
             if not self.reweigh:
                 if node in excluded:
                     self._scale_update(reply, 0.0)
