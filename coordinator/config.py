@@ -317,6 +317,14 @@ class FederationSettings(BaseModel):
         "0.1 s reply poll, packed arrays, prompt object pulls in every job `job start` runs; the fleet front holding "
         'empty pulls). False: Flower\'s own grid and an unholding front (docs/federated.md, "Flower acceleration")',
     )
+    one_player_per_member: bool = Field(
+        default=True,
+        description="with attribution, a member's devices in a job are one player: their updates add up, no longer "
+        "than the longest of them or the typical update, and the member is paid once for them (a second device "
+        "training the member's data again earns nothing, however much noise it adds; a member holding more than the "
+        "typical data over several devices is valued at the typical length). False: every device is a player of its "
+        "own (docs/attribution.md, section 3)",
+    )
     fleet_front: bool = Field(
         default=True,
         description="devices reach only the SuperLink's Fleet API, through the fleet front on host:port "

@@ -317,6 +317,26 @@ def test_a_members_second_device_sending_its_data_again_under_noise_earns_nothin
     assert ("m",) in screened.players and screened.values["m"] == pytest.approx(alone.values["m"], rel=0.2)
 
 
+def test_a_members_device_copying_another_member_stays_that_members_copy() -> None:
+    rng = np.random.default_rng(10)
+    target = rng.standard_normal(D)
+    global_params = np.zeros(D, np.float32)
+    base = (0.05 * (target + rng.standard_normal((5, D)))).astype(np.float32)
+    names = ["a", "b", "c", "d", "e", "a-copy"]
+    deltas = np.concatenate([base, 0.5 * base[1][None, :]])
+    alone = value_round(RoundUpdates(1, names[:5], global_params, base), quadratic_loss(target), ValuationSettings())
+    copied = value_round(
+        RoundUpdates(1, names, global_params, deltas, owners=["a", "b", "c", "d", "e", "a"]),
+        quadratic_loss(target),
+        ValuationSettings(),
+    )
+    # Joining a's devices would put half of b's update in a's player: the copy stays with b, shared by size.
+    assert ("a",) in copied.players and ("b", "a-copy") in copied.players
+    assert {f.reason for f in copied.flags["a-copy"]} == {ScreenReason.NEAR_DUPLICATE}
+    assert copied.values["a"] == pytest.approx(alone.values["a"], rel=1e-3)
+    assert copied.values["a-copy"] < 0.01 * copied.values["b"]
+
+
 def test_verified_counts_set_weights_and_self_reports_do_not() -> None:
     rng = np.random.default_rng(7)
     target = rng.standard_normal(D)

@@ -233,3 +233,20 @@ def test_round_progress_prints_a_round_only_once_both_its_capture_and_its_valida
         "round 1/3: 10.0 s (the round 4.0 s), 1 node(s), accuracy 0.2500",
         "not joined within 600 s: d-bob",
     ]
+
+
+@pytest.mark.parametrize("one_player", [True, False])
+def test_a_members_devices_reach_the_serverapp_as_one_member_unless_the_mid_turns_it_off(
+    tmp_path: Path, registry: Registry, one_player: bool
+) -> None:
+    # Ann's hub: a second device enrolled with a second invite of Ann's member id, heard from just now.
+    now = _now_ms()
+    registry.add_invite("inv-d-ann-hub", "m-d-ann", now, now + 10_000)
+    registry.redeem_invite("inv-d-ann-hub", now, "d-ann-hub", SignerKey.generate("d-ann-hub").verifier, "$7$101$x$y")
+    registry.add_flower_node("d-ann-hub", 66, "ecdsa-sha2-nistp256 d-ann-hub", now)
+    registry.record_presence([Presence("d-ann-hub", DeviceStatus.IDLE, now - 60_000, now - 1000, offline=False)])
+    run, lines = _job_run(tmp_path, registry, _request(tmp_path, rounds=1), came=[11, 22, 66])
+    run.one_player_per_member = one_player
+    record = run.run()
+    assert record.status == "completed", (record.reason, lines)
+    assert run.control.submitted[0]["member-groups"] == ("11,66" if one_player else "")  # type: ignore[attr-defined]

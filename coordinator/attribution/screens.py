@@ -10,9 +10,10 @@ an order that keeps the consensus honest (issue 17):
 3. random direction: a player whose residual is noise against both the other players and the validation gradient,
    only in a round where the other players agree with one another, and whose members do not keep learning what
    they learnt in the previous round (data persists from round to round, fresh noise does not);
-4. members: the players holding one member's devices (`owners`) become one, whatever their updates: a member is
-   one player of a job, and a second device training the member's data again earns nothing twice however much noise
-   hides it (issue 17: the noisy same-data node). After the screens, so that each device is screened on its own.
+4. members: the players holding devices of one member only (`owners`) become one, whatever their updates: a member
+   is one player of a job, and a second device training the member's data again earns nothing twice however much
+   noise hides it (issue 17: the noisy same-data node). After the screens, so that each device is screened on its
+   own; a device the data links joined with another member's stays with it (a copy is shared by size).
 The norm outlier screen runs between 1 and 2: it compares with the median norm, which a few copies do not move,
 and excludes no one: an update longer than the limit is clipped to it (`ScreenReport.clipped`), valued and
 aggregated at that length. An honest member holding far more data than the median takes more local steps and may
@@ -361,33 +362,30 @@ def _members(
     players: list[tuple[int, ...]],
     shares: dict[int, float],
     owners: Sequence[str] | None,
-    settings: ScreenSettings,
 ) -> list[tuple[int, ...]]:
-    """Step 4: the players holding one member's devices joined into one (`owners`). After the random-direction
-    screen, so that a device sending noise is judged on its own and not hidden in its member's data."""
+    """Step 4: the players holding devices of one member only joined into one (`owners`). After the random-direction
+    screen, so that a device sending noise is judged on its own and not hidden in its member's data. A player that
+    the data links made of several members' devices stays as it is: a device sending another member's update is
+    that member's copy (groups.py shares it by size), not its own member's data."""
     if owners is None:
         return players
-    owner_of_player = {owners[i]: p for p in reversed(range(len(players))) for i in players[p]}
-    links = [(p, owner_of_player[owners[i]]) for p, group in enumerate(players) for i in group]
-    joined = [
-        tuple(sorted(i for p in component for i in players[p]))
-        for component in union_groups(list(range(len(players))), links)
-    ]
-    joined.sort(key=lambda group: group[0])
-    admitted = [i for group in joined for i in group]
-    for group in joined:
-        mates = {i for i in group if any(owners[j] == owners[i] for j in group if j != i)}
-        if not mates:
-            continue
-        typical = _typical(state, admitted, group)
-        if len({owners[i] for i in group}) == 1:
-            _member_player(state, group, shares, typical)
+    joined: dict[str, list[int]] = {}
+    kept: list[tuple[int, ...]] = []
+    for group in players:
+        members = {owners[i] for i in group}
+        if len(members) == 1:
+            joined.setdefault(members.pop(), []).extend(group)
         else:
-            for i, share in zip(group, group_shares(state.safe, group, typical, settings.copy_falloff), strict=True):
-                shares[i] = share
-        for i in mates:
-            state.flag(i, ScreenReason.SAME_MEMBER, float(len(group)))
-    return joined
+            kept.append(group)
+    admitted = [i for group in players for i in group]
+    for devices in joined.values():
+        group = tuple(sorted(devices))
+        kept.append(group)
+        if len(group) > 1:
+            _member_player(state, group, shares, _typical(state, admitted, group))
+            for i in group:
+                state.flag(i, ScreenReason.SAME_MEMBER, float(len(group)))
+    return sorted(kept, key=lambda group: group[0])
 
 
 def _member_player(state: _Round, group: tuple[int, ...], shares: dict[int, float], typical: float) -> None:
@@ -595,7 +593,7 @@ def screen_updates(
     players = _random_directions(
         state, players, shares, remaining, settings, validation_gradient, basis, previous_updates
     )
-    players = _members(state, players, shares, owners, settings)
+    players = _members(state, players, shares, owners)
     _self_reports(state, settings, reported_examples, verified_examples, reported_losses)
     admitted = {i for g in players for i in g}
     return ScreenReport(

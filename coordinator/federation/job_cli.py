@@ -335,6 +335,7 @@ def _run(
                 report=lambda line: console.print(f"[cyan]{request.job_id}[/cyan] {line}"),
                 offline_after_s=s.ingest.heartbeat_offline_s,
                 flower_acceleration=s.federation.flower_acceleration,
+                one_player_per_member=s.federation.one_player_per_member,
                 task=spec,
                 strike_quorum_bps=strikes.quorum_bps,
                 strike_min_members=strikes.min_members,

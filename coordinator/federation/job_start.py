@@ -590,6 +590,8 @@ class JobRun:
     status_every_s: seconds between looks at the run's status on the SuperLink while the run has no outcome yet
         (default 2; once the outcome is written, every `poll_s`).
     flower_acceleration: the run's `flower-acceleration` (the MID's `[federation] flower_acceleration`; default True).
+    one_player_per_member: hand the ServerApp the nodes of each member with several invited devices
+        (`member-groups`), valued as one player (the MID's `[federation] one_player_per_member`; default True).
     task: the job's spec from the MID's catalogue, handed to the ServerApp under `jobs_dir/tasks/`; default None: the
         built-in spec the request names.
     strike_quorum_bps, strike_min_members: the strike quorum of the MID policy in force (`[strikes] quorum_bps`,
@@ -616,6 +618,7 @@ class JobRun:
     poll_s: float = 0.25
     status_every_s: float = 2.0
     flower_acceleration: bool = True
+    one_player_per_member: bool = True
     task: TaskSpec | None = None
     strike_quorum_bps: int = 5000
     strike_min_members: int = 1
@@ -687,7 +690,10 @@ class JobRun:
             f" to join: {', '.join(d.device_id for d in selected)}"
         )
         run_config = request.run_config(
-            record.selected_node_ids, self.jobs_dir, self.flower_acceleration, member_groups(selected)
+            record.selected_node_ids,
+            self.jobs_dir,
+            self.flower_acceleration,
+            member_groups(selected) if self.one_player_per_member else [],
         )
         if self.task is not None:
             (self.jobs_dir / TASKS_DIR).mkdir(parents=True, exist_ok=True)
