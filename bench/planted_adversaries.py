@@ -444,6 +444,7 @@ class Job:
         valuations = []
         previous: dict[str, Vector] = {}
         groups: list[tuple[str, ...]] = []
+        evidenced: set[str] = set()
         for rnd in range(1, self.rounds + 1):
             # Every honest device trains with the same per-round seed (base seed + round), as production does.
             honest = [self.world.train(global_params, d, 1000 * self.seed + rnd) for d in self.data]
@@ -464,6 +465,7 @@ class Job:
                     previous_updates=[previous.get(n) for n in members],
                     previous_groups=groups,
                     owners=[self.owners.get(n, n) for n in members] if self.owners else None,
+                    evidenced=[n in evidenced for n in members],
                 ),
                 self.world.loss,
                 self.settings,
@@ -473,6 +475,7 @@ class Job:
             valuations.append(valuation)
             previous = dict(zip(members, matrix, strict=True))
             groups = [g for g in valuation.players if len(g) > 1]
+            evidenced |= valuation.evidenced
             earlier = [global_params, *earlier][: self.settings.screens.history_rounds]
             global_params = self._aggregate(global_params, members, matrix, valuation)
         return JobResult(account, valuations, self.world.accuracy(global_params))

@@ -119,6 +119,19 @@ def test_a_member_far_from_the_others_is_kept_when_it_learns_what_it_learnt_last
         updates, settings=ScreenSettings(persistence_z=0.0), global_params=global_params, previous_updates=last_round
     )
     assert reasons(off.flags, 5) == {ScreenReason.RANDOM_DIRECTION}
+    # Member 5 had shown evidence of data in an earlier round: rescued. A member that never showed any is not: one
+    # noise direction sent every round persists as data does.
+    for shown, kept in ((True, True), (False, False)):
+        report = screen_updates(
+            updates,
+            settings=SETTINGS,
+            global_params=global_params,
+            previous_updates=last_round,
+            evidenced=[True] * 5 + [shown, True],
+        )
+        assert report.excluded(5) is not kept
+    # The members whose players showed evidence this round are reported: the honest ones, not the noise.
+    assert set(range(5)) <= with_history.evidenced and 6 not in with_history.evidenced
 
 
 def test_a_pair_grouped_last_round_stays_one_player_at_a_lower_similarity() -> None:

@@ -129,6 +129,28 @@ def test_a_far_longer_update_is_valued_and_handed_to_aggregation_clipped(data: D
     assert sink.clip_factors(2) == {}
 
 
+def test_one_members_nodes_are_valued_as_one_player_and_handed_to_aggregation_as_their_sum(data: Data) -> None:
+    val, x, y = data
+    # Recordings split by label: four devices holding different appliances, so no two are alike by their data.
+    parts = [part[:120] for part in np.array_split(np.argsort(y, kind="stable"), 4)]
+    owners = {10: "ann", 11: "bob", 12: "cid", 13: "cid"}  # cid's data is on two devices
+    sink = AttributionSink(
+        val, ValuationSettings(), member_of=lambda node: f"member-{node}", owner_of=lambda node: owners[node]
+    )
+    global_arrays = model_arrays(build_model(SPEC, 0))
+    sink.observe_global(global_arrays)
+    replies = {10 + i: trained(global_arrays, x[p], y[p], 1) for i, p in enumerate(parts)}
+    sink.on_round(capture(1, global_arrays, replies))
+
+    (valuation,) = sink.valuations
+    assert ("member-12", "member-13") in valuation.players and len(valuation.players) == 3
+    assert ScreenReason.SAME_MEMBER in {f.reason for f in valuation.flags["member-13"]}
+    weights, combined = sink.member_weights(1), sink.combine_factors(1)
+    assert weights[12] == weights[13] == pytest.approx(weights[10] / 2)
+    assert set(combined) == {12, 13} and combined[12] == combined[13] and 0 < combined[12] <= 2
+    assert valuation.values["member-12"] == valuation.values["member-13"]
+
+
 def test_unknown_global_or_malformed_reply_is_skipped_not_raised(data: Data) -> None:
     val, _, _ = data
     recorder = Recorder()

@@ -88,6 +88,9 @@ class AttributionSink:
         self._previous: dict[str, npt.NDArray[np.float32]] = {}
         # The last valued round's players of more than one member: same data stays one player (screens: same data).
         self._previous_groups: list[tuple[str, ...]] = []
+        # Members that showed evidence of data in a valued round: only they are rescued for persisting (screens:
+        # random direction).
+        self._evidenced: set[str] = set()
 
     def observe_global(self, arrays: Mapping[str, npt.NDArray[np.generic]]) -> None:
         """Remember a global model the strategy may send out (keeps the last `history_rounds` + 1)."""
@@ -157,6 +160,7 @@ class AttributionSink:
                 previous_updates=[self._previous.get(member) for member in members],
                 previous_groups=self._previous_groups,
                 owners=None if self.owner_of is None else [self.owner_of(u.node_id) for u in capture.updates],
+                evidenced=[member in self._evidenced for member in members],
             ),
             self.loss,
             self.settings,
@@ -167,6 +171,7 @@ class AttributionSink:
         self.valuations.append(valuation)
         self._previous = {member: updates[i] for i, member in enumerate(members)}
         self._previous_groups = [group for group in valuation.players if len(group) > 1]
+        self._evidenced |= valuation.evidenced
         nodes = {member: u.node_id for member, u in zip(members, capture.updates, strict=True)}
         self._excluded[capture.round] = frozenset(
             nodes[member] for member, flags in valuation.flags.items() if any(f.excludes for f in flags)

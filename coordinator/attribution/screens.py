@@ -98,7 +98,9 @@ class ScreenSettings(BaseModel):
       |noise_z| of the two) is at least this: where they are noise-like too, being different proves nothing.
     - persistence_z (4.0): a member whose residual has noise_z at least this against the residual of its own update
       of the previous round keeps learning the same data and is not noise (honest PLAID members: >= 23; fresh noise:
-      about N(0, 1), so at 4 one noise update in 16,000 passes by chance). 0 turns the rescue off.
+      about N(0, 1), so at 4 one noise update in 16,000 passes by chance), provided it showed evidence of data in an
+      earlier round (noise_z at least `noise_z` against the consensus or the gradient): one noise direction sent
+      every round persists too, and never shows it. 0 turns the rescue off.
     - duplicate_cosine (0.999): pairs at or above this cosine are one player.
     - same_data_similarity (0.5): pairs whose centred residual similarity (groups.py) is at or above this trained the
       same data: one player. 1.0 turns the test off.
@@ -172,6 +174,9 @@ class ScreenReport:
     `same_data_persisting`, and of a pair down to `same_data_linked` whose members are each other's most similar: the
     round's evidence for a grouping over the whole job. `clipped` maps each norm outlier to the factor (< 1) that
     brings its update to the limit: the screens after it, the game and the aggregation see the update so scaled.
+    `evidenced` are the members whose player showed evidence of data this round (the random-direction screen's
+    noise_z at least `noise_z` against the others' consensus or the validation gradient): what the caller keeps
+    for the next rounds' `evidenced`.
     `combined` maps each device of a player that is one member's devices alone (`owners`) to the factor (times its
     share, 1 / devices) its update is valued and aggregated at: the player's update is the sum of its devices'
     updates, no longer than the longest of them or the round's typical update (`_member_player`)."""
@@ -182,6 +187,7 @@ class ScreenReport:
     similarities: dict[tuple[int, int], float] = field(default_factory=dict)
     clipped: dict[int, float] = field(default_factory=dict)
     combined: dict[int, float] = field(default_factory=dict)
+    evidenced: frozenset[int] = frozenset()
 
     def excluded(self, member: int) -> bool:
         return any(flag.excludes for flag in self.flags.get(member, []))
@@ -250,6 +256,7 @@ class _Round:
     flags: dict[int, list[ScreenFlag]]
     clipped: dict[int, float] = field(default_factory=dict)
     combined: dict[int, float] = field(default_factory=dict)
+    evidenced: set[int] = field(default_factory=set)
 
     def flag(self, member: int, reason: ScreenReason, measured: float) -> None:
         self.flags[member].append(ScreenFlag(reason, measured))
@@ -446,6 +453,7 @@ def _random_directions(
     validation_gradient: FloatVector | None,
     basis: npt.NDArray[np.float64],
     previous_updates: Sequence[FloatVector | None] | None,
+    evidenced: Sequence[bool] | None = None,
 ) -> list[tuple[int, ...]]:
     """Step 3: a player (its members' share-weighted residual) that is noise against the other players' consensus
     and against the validation gradient, in a round where the other players agree with one another, unless one of
@@ -479,9 +487,15 @@ def _random_directions(
     persistence = np.zeros(remaining.shape[0])
     if settings.persistence_z > 0.0:
         persistence = _persistence(basis, remaining, previous_updates, [i for p in suspects for i in players[p]])
+    # Only data persists by itself, but one noise direction sent every round persists too: the rescue needs a
+    # member that showed evidence of data in an earlier round (`evidenced`).
+    for p in range(len(players)):
+        if evidence[p] >= settings.noise_z:
+            state.evidenced.update(players[p])
     for p in suspects:
         group = players[p]
-        if max(persistence[i] for i in group) < settings.persistence_z or settings.persistence_z <= 0.0:
+        rescued = [i for i in group if persistence[i] >= settings.persistence_z and (evidenced is None or evidenced[i])]
+        if not rescued or settings.persistence_z <= 0.0:
             for i in group:
                 state.flag(i, ScreenReason.RANDOM_DIRECTION, float(evidence[p]))
     return [g for g in players if not any(f.excludes for i in g for f in state.flags[i])]
@@ -545,6 +559,7 @@ def screen_updates(
     previous_updates: Sequence[FloatVector | None] | None = None,
     grouped_before: Sequence[tuple[int, int]] = (),
     owners: Sequence[str] | None = None,
+    evidenced: Sequence[bool] | None = None,
 ) -> ScreenReport:
     """Screen the (m, d) matrix of observed updates (each member's parameters minus the global model).
 
@@ -553,7 +568,9 @@ def screen_updates(
     members' own (loss before, loss after) training claims; `previous_updates` each member's own update of the
     previous round (None for a member that sent none); `grouped_before` pairs of members that were one player in
     the previous round; `owners` the member each update's device belongs to (None: every update its own member):
-    a member's devices that pass the own screens are one player.
+    a member's devices that pass the own screens are one player; `evidenced` whether each member showed evidence of
+    data in an earlier round (`ScreenReport.evidenced`; None: every member counts as having shown it), which the
+    random-direction screen's persistence rescue requires.
     """
     m = deltas.shape[0]
     finite: npt.NDArray[np.bool_] = np.asarray(np.isfinite(deltas).all(axis=1))
@@ -591,7 +608,7 @@ def screen_updates(
     unit_residuals = kept / np.maximum(_row_norms(kept), 1e-30)[:, None]
     players, shares, similarities = _groups(state, candidates, unit_residuals, settings, grouped_before)
     players = _random_directions(
-        state, players, shares, remaining, settings, validation_gradient, basis, previous_updates
+        state, players, shares, remaining, settings, validation_gradient, basis, previous_updates, evidenced
     )
     players = _members(state, players, shares, owners)
     _self_reports(state, settings, reported_examples, verified_examples, reported_losses)
@@ -603,4 +620,5 @@ def screen_updates(
         similarities=similarities,
         clipped={i: f for i, f in state.clipped.items() if i in admitted},
         combined={i: f for i, f in state.combined.items() if i in admitted},
+        evidenced=frozenset(state.evidenced),
     )

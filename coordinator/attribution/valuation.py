@@ -74,7 +74,9 @@ class RoundUpdates:
     (screens: random direction). `previous_groups` are the previous round's players of more than one member (member
     ids): same data persists, so such a pair stays one player at a lower similarity (screens: same data). `owners`
     name the member each update's device belongs to (None: each update is its own member's): one member's devices
-    are one player (screens: `owners`)."""
+    are one player (screens: `owners`). `evidenced` says whether each member showed evidence of data in an earlier
+    round (the union of the earlier rounds' `RoundValuation.evidenced`; None: all did): the random-direction screen
+    rescues only such a member for persisting."""
 
     round_index: int
     members: Sequence[str]
@@ -88,6 +90,7 @@ class RoundUpdates:
     previous_updates: Sequence[FloatVector | None] | None = None
     previous_groups: Sequence[Sequence[str]] = ()
     owners: Sequence[str] | None = None
+    evidenced: Sequence[bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,8 @@ class RoundValuation:
     account accumulates (history.AttributionAccount). `clipped` maps a member whose update was longer than the norm
     limit to the factor its update was valued at, and is to be aggregated at (ScreenReport.clipped); `combined` maps
     each device of a player made of one member's devices to the factor, on top of its clip and its weight, that
-    makes the player's update their sum (ScreenReport.combined)."""
+    makes the player's update their sum (ScreenReport.combined); `evidenced` the members that showed evidence of
+    data in this round (ScreenReport.evidenced), for the next rounds' `RoundUpdates.evidenced`."""
 
     round_index: int
     method: ValuationMethod
@@ -112,6 +116,7 @@ class RoundValuation:
     similarities: dict[tuple[str, str], float] = field(default_factory=dict)
     clipped: dict[str, float] = field(default_factory=dict)
     combined: dict[str, float] = field(default_factory=dict)
+    evidenced: frozenset[str] = frozenset()
 
 
 def round_seed(root: int, round_index: int) -> int:
@@ -148,6 +153,8 @@ def _check(updates: RoundUpdates) -> None:
             raise MalformedError(f"one {name} example count per member", members=m, counts=len(counts))
     if updates.owners is not None and len(updates.owners) != m:
         raise MalformedError("one owner per member", members=m, owners=len(updates.owners))
+    if updates.evidenced is not None and len(updates.evidenced) != m:
+        raise MalformedError("one evidence flag per member", members=m, evidenced=len(updates.evidenced))
     if updates.reported_losses is not None and len(updates.reported_losses) != m:
         raise MalformedError("one reported loss pair per member", members=m, losses=len(updates.reported_losses))
     if updates.previous_updates is not None:
@@ -251,6 +258,7 @@ def value_round(
         previous_updates=updates.previous_updates,
         grouped_before=_grouped_before(updates),
         owners=updates.owners,
+        evidenced=updates.evidenced,
     )
     players = report.players
     weights = _player_weights(players, updates.verified_examples, settings.example_count_cap)
@@ -295,6 +303,7 @@ def value_round(
         similarities={_member_pair(updates.members, a, b): v for (a, b), v in report.similarities.items()},
         clipped={updates.members[i]: f for i, f in report.clipped.items()},
         combined={updates.members[i]: f for i, f in report.combined.items()},
+        evidenced=frozenset(updates.members[i] for i in report.evidenced),
     )
 
 
