@@ -8,7 +8,8 @@ with the valuation's weights, settlement under the MID's default policy), same h
   one device).
 Each row prints m000's pay with its two devices as one player and as two players, over its pay with the data on
 one device (mean / min / max over the seeds), and what the other members' pay moves by (mean / max of their
-losses, negative: they gain).
+losses, negative: they gain). Two more rows measure what one device alone gets by sending its own update scaled
+(boosted x1.5, x2): what a member's devices together may not exceed, and an open limit of its own (issue 17).
 
 Run: flock /tmp/bench.lock nice -n 19 .venv/bin/python bench/member_devices_bench.py [--worlds synthetic,plaid]
      [--members 5,10] [--seeds 0,1,2,100,101,102]
@@ -52,6 +53,29 @@ def _pays(world: World, data: list[Data], rounds: int, seed: int) -> tuple[float
     return on_one.get(MEMBER, 0), member_one, member_two, lost(as_one), lost(as_two)
 
 
+class _Boosted:
+    """`world` with the device holding `target` sending its own update times `factor`."""
+
+    def __init__(self, world: World, target: Data, factor: float) -> None:
+        self.world, self.target, self.factor = world, target, factor
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.world, name)
+
+    def train(self, params: np.ndarray, data: Data, seed: int) -> np.ndarray:
+        update = self.world.train(params, data, seed)
+        return (self.factor * update).astype(np.float32) if data[0] is self.target[0] else update
+
+
+def _boosted(world: World, data: list[Data], rounds: int, seed: int, factor: float) -> tuple[float, float]:
+    """m000's pay with its update boosted over its pay honest, and the others' loss."""
+    honest = Job(world, data, rounds, seed).run().pay
+    boosted = Job(_Boosted(world, data[0], factor), data, rounds, seed).run().pay  # type: ignore[arg-type]
+    others = [f"m{i:03d}" for i in range(1, len(data))]
+    before = sum(honest.get(n, 0) for n in others)
+    return boosted.get(MEMBER, 0) / honest[MEMBER], 1.0 - sum(boosted.get(n, 0) for n in others) / before
+
+
 def _cell(values: Sequence[float]) -> str:
     return f"{np.mean(values):.2f} / {min(values):.2f} / {max(values):.2f}"
 
@@ -88,6 +112,19 @@ def main() -> None:
                 print(
                     f"| {name} | {m} | {scenario} | {_cell(one)} | {_cell(two)} | {np.mean(lost_one):.2f} /"
                     f" {np.mean(lost_two):.2f} | ({time.perf_counter() - started:.0f} s)",
+                    flush=True,
+                )
+            for factor in (1.5, 2.0):
+                started = time.perf_counter()
+                ratios, lost = [], []
+                for seed in seeds:
+                    world = plaid or SyntheticWorld(classes=max(20, 2 * m), classes_per_member=2, seed=seed)
+                    ratio, others = _boosted(world, world.member_data([EXAMPLES[name]] * m, seed), rounds, seed, factor)
+                    ratios.append(ratio)
+                    lost.append(100 * others)
+                print(
+                    f"| {name} | {m} | one device, its update x{factor} | {_cell(ratios)} | | {np.mean(lost):.2f} |"
+                    f" ({time.perf_counter() - started:.0f} s)",
                     flush=True,
                 )
     print("\ncells: m000's pay over its pay with all of its data on one device, mean / min / max over the seeds")

@@ -376,38 +376,43 @@ def _members(
     that member's copy (groups.py shares it by size), not its own member's data."""
     if owners is None:
         return players
-    joined: dict[str, list[int]] = {}
+    parts: dict[str, list[tuple[int, ...]]] = {}
     kept: list[tuple[int, ...]] = []
     for group in players:
         members = {owners[i] for i in group}
         if len(members) == 1:
-            joined.setdefault(members.pop(), []).extend(group)
+            parts.setdefault(members.pop(), []).append(group)
         else:
             kept.append(group)
     admitted = [i for group in players for i in group]
-    for devices in joined.values():
-        group = tuple(sorted(devices))
+    for member_parts in parts.values():
+        group = tuple(sorted(i for part in member_parts for i in part))
         kept.append(group)
         if len(group) > 1:
-            _member_player(state, group, shares, _typical(state, admitted, group))
+            _member_player(state, member_parts, shares, _typical(state, admitted, group))
             for i in group:
                 state.flag(i, ScreenReason.SAME_MEMBER, float(len(group)))
     return sorted(kept, key=lambda group: group[0])
 
 
-def _member_player(state: _Round, group: tuple[int, ...], shares: dict[int, float], typical: float) -> None:
-    """One member's devices as one player: their updates add up, as one device training all of the member's data
-    would, but the sum is no longer than the longest of them or the round's `typical` update, whichever is longer:
-    a second device training the same data again (with any noise) then adds no length a single device could not
-    have sent, while a member whose data is spread over devices keeps the step of all of it. Each device's share
-    is 1 / devices; `state.combined` holds the factor its update is scaled by so that the shares give the sum."""
-    rows = np.asarray(state.safe[list(group)], dtype=np.float64)
-    length = float(np.linalg.norm(rows.sum(axis=0)))
-    cap = max(typical, float(state.norms[list(group)].max()))
+def _member_player(state: _Round, parts: list[tuple[int, ...]], shares: dict[int, float], typical: float) -> None:
+    """One member's devices as one player. Its `parts` are the players the screens left (a part of several devices
+    is the same data, combined by its shares as groups.py says); the parts' updates add up, as one device training
+    all of the member's data would send, but the sum is no longer than the longest part or the round's `typical`
+    update, whichever is longer: a member whose data is spread over devices keeps the step of all of it, and a
+    second device training the member's data again adds no more than one device could send alone (however much
+    noise hides the data). Each part's share of the player is 1 / parts, split by its own shares; `state.combined`
+    holds the factor each device's update is scaled by so that the shares give the sum."""
+    combined = [
+        np.asarray([shares[i] for i in part]) @ np.asarray(state.safe[list(part)], dtype=np.float64) for part in parts
+    ]
+    length = float(np.linalg.norm(np.sum(combined, axis=0)))
+    cap = max(typical, max(float(np.linalg.norm(c)) for c in combined))
     scale = min(1.0, cap / length) if length > 0.0 else 1.0
-    for i in group:
-        shares[i] = 1.0 / len(group)
-        state.combined[i] = scale * len(group)
+    for part in parts:
+        for i in part:
+            shares[i] /= len(parts)
+            state.combined[i] = scale * len(parts)
 
 
 def _mutual_best(pairs: Sequence[tuple[int, int, float]]) -> dict[tuple[int, int], float]:
