@@ -178,8 +178,8 @@ class ScreenReport:
     noise_z at least `noise_z` against the others' consensus or the validation gradient): what the caller keeps
     for the next rounds' `evidenced`.
     `combined` maps each device of a player that is one member's devices alone (`owners`) to the factor (times its
-    share, 1 / devices) its update is valued and aggregated at: the player's update is the sum of its devices'
-    updates, no longer than the longest of them or the round's typical update (`_member_player`)."""
+    share) its update is valued and aggregated at: the player's update is the sum of its parts' updates, no longer
+    than the longest part or the round's typical update (`_member_player`)."""
 
     flags: dict[int, list[ScreenFlag]] = field(default_factory=dict)
     players: list[tuple[int, ...]] = field(default_factory=list)
