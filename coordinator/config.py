@@ -319,11 +319,11 @@ class FederationSettings(BaseModel):
     )
     one_player_per_member: bool = Field(
         default=True,
-        description="with attribution, a member's devices in a job are one player: their updates add up, no longer "
-        "than the longest of them or the typical update, and the member is paid once for them (a second device "
-        "training the member's data again earns nothing, however much noise it adds; a member holding more than the "
-        "typical data over several devices is valued at the typical length). False: every device is a player of its "
-        "own (docs/attribution.md, section 3)",
+        description="with attribution, a member's devices in a job are one player: their updates add up (those "
+        "alike by their data combined first), no longer than the longest of them or the typical update, and the "
+        "member is paid once for them (a second device training the member's data again earns about nothing, "
+        "however much noise it adds; a member holding more than the typical data over several devices is valued at "
+        "the typical length). False: every device is a player of its own (docs/attribution.md, section 3)",
     )
     fleet_front: bool = Field(
         default=True,

@@ -190,7 +190,7 @@ def test_a_member_with_far_more_data_than_the_others_is_clipped_not_screened_out
         # 1.20x one member; on PLAID it stays below what groups a pair and is paid 1.87x at most (published).
         (ADVERSARIES["noisy re-seeded"], Honest((8, 8, 8, 8, 8), 20, 2), "pair <= 1.1x", False),
         # The same node as a second device of its member: one player with it whatever its noise, but the noise in
-        # the member's update still moves its pay (1.14x here; on PLAID, where as a member of its own it is paid
+        # the member's update still moves its pay (1.20x here; on PLAID, where as a member of its own it is paid
         # up to 1.87x, BENCHMARKS.md has what it is paid as a device of its member's).
         (ADVERSARIES["noisy re-seeded"], Honest((8, 8, 8, 8, 8), 20, 2), "member <= 1.1x", True),
     ],

@@ -146,9 +146,9 @@ def test_one_members_nodes_are_valued_as_one_player_and_handed_to_aggregation_as
     assert ("member-12", "member-13") in valuation.players and len(valuation.players) == 3
     assert ScreenReason.SAME_MEMBER in {f.reason for f in valuation.flags["member-13"]}
     weights, combined = sink.member_weights(1), sink.combine_factors(1)
-    assert weights[12] == weights[13] == pytest.approx(weights[10] / 2)
+    # One member's weight between them (in halves, or by their shares when the screens find them alike too).
+    assert weights[12] + weights[13] == pytest.approx(weights[10]) and weights[12] > 0 and weights[13] > 0
     assert set(combined) == {12, 13} and combined[12] == combined[13] and 0 < combined[12] <= 2
-    assert valuation.values["member-12"] == valuation.values["member-13"]
 
 
 def test_unknown_global_or_malformed_reply_is_skipped_not_raised(data: Data) -> None:

@@ -369,11 +369,16 @@ def _members(
     players: list[tuple[int, ...]],
     shares: dict[int, float],
     owners: Sequence[str] | None,
+    similarities: dict[tuple[int, int], float],
+    settings: ScreenSettings,
 ) -> list[tuple[int, ...]]:
     """Step 4: the players holding devices of one member only joined into one (`owners`). After the random-direction
     screen, so that a device sending noise is judged on its own and not hidden in its member's data. A player that
     the data links made of several members' devices stays as it is: a device sending another member's update is
-    that member's copy (groups.py shares it by size), not its own member's data."""
+    that member's copy (groups.py shares it by size), not its own member's data. Within one member, players whose
+    devices the round measured alike (`similarities`) at `same_data_linked` or more are one part, combined by their
+    shares (groups.py): one round's similarity of a device holding part of its member's data dips below
+    `same_data_similarity`, and a member's own devices need no job-long evidence to be suspected of the same data."""
     if owners is None:
         return players
     parts: dict[str, list[tuple[int, ...]]] = {}
@@ -386,6 +391,8 @@ def _members(
             kept.append(group)
     admitted = [i for group in players for i in group]
     for member_parts in parts.values():
+        if len(member_parts) > 1:
+            member_parts = _alike_parts(state, member_parts, shares, similarities, settings, admitted)
         group = tuple(sorted(i for part in member_parts for i in part))
         kept.append(group)
         if len(group) > 1:
@@ -393,6 +400,35 @@ def _members(
             for i in group:
                 state.flag(i, ScreenReason.SAME_MEMBER, float(len(group)))
     return sorted(kept, key=lambda group: group[0])
+
+
+def _alike_parts(
+    state: _Round,
+    parts: list[tuple[int, ...]],
+    shares: dict[int, float],
+    similarities: dict[tuple[int, int], float],
+    settings: ScreenSettings,
+    admitted: list[int],
+) -> list[tuple[int, ...]]:
+    """One member's parts, those whose devices are alike at `same_data_linked` or more joined into one part with
+    shares by size (groups.group_shares)."""
+    part_of = {i: k for k, part in enumerate(parts) for i in part}
+    links = [
+        (part_of[a], part_of[b])
+        for (a, b), similarity in similarities.items()
+        if a in part_of and b in part_of and part_of[a] != part_of[b] and similarity >= settings.same_data_linked
+    ]
+    if not links:
+        return parts
+    joined = []
+    for component in union_groups(list(range(len(parts))), links):
+        devices = tuple(sorted(i for k in component for i in parts[k]))
+        if len(component) > 1:
+            typical = _typical(state, admitted, devices)
+            sized = group_shares(state.safe, devices, typical, settings.copy_falloff)
+            shares.update(zip(devices, sized, strict=True))
+        joined.append(devices)
+    return joined
 
 
 def _member_player(state: _Round, parts: list[tuple[int, ...]], shares: dict[int, float], typical: float) -> None:
@@ -615,7 +651,7 @@ def screen_updates(
     players = _random_directions(
         state, players, shares, remaining, settings, validation_gradient, basis, previous_updates, evidenced
     )
-    players = _members(state, players, shares, owners)
+    players = _members(state, players, shares, owners, similarities, settings)
     _self_reports(state, settings, reported_examples, verified_examples, reported_losses)
     admitted = {i for g in players for i in g}
     return ScreenReport(
